@@ -1,0 +1,194 @@
+"""Checkpoints: resolve a path or hub id, build the model on `meta`, fill it from memory-mapped safetensors.
+
+Our parameter names are the multimodal checkpoint keys (`model.language_model.layers.0...`). The one exception is
+the text-only layout (`Gemma4ForCausalLM`), whose keys lack the `language_model.` level: see `checkpoint_key`.
+Only safetensors are read (never pickle).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import Config
+from .model.gemma4 import Model
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "auto": None}
+HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
+# Released checkpoints store K/V weights for KV-shared layers, which never use them (they read the producer's K/V).
+UNUSED_SHARED_KV = re.compile(r"layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm|v_norm)\.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as it is."""
+
+
+def resolve_dtype(dtype, device: torch.device, config: Config | None = None) -> torch.dtype:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unsupported dtype {dtype!r}; use one of float32, bfloat16, float16")
+        dtype = DTYPES[dtype]
+    if dtype is None:  # "auto": the checkpoint's own dtype on accelerators, fp32 on CPU
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"unsupported dtype {dtype}; use torch.float32, torch.bfloat16 or torch.float16")
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"{torch.cuda.get_device_name(device)} cannot run bfloat16; use dtype=torch.float16")
+    return dtype
+
+
+def resolve_device(device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but no CUDA GPU is visible; use device='cpu'")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device='mps' was asked for but MPS is not available; use device='cpu'")
+    return device
+
+
+def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
+    """A local directory, or a hub id downloaded through huggingface_hub (honours HF_HOME and HF_HUB_OFFLINE)."""
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise FileNotFoundError(f"{path} is a file; pass the checkpoint directory that holds config.json")
+    text = str(path_or_id)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith((".", "/")):
+        from huggingface_hub import snapshot_download
+        try:
+            return Path(snapshot_download(text, allow_patterns=HUB_FILES))
+        except Exception as e:  # offline, unknown repo, gated model, ...
+            raise FileNotFoundError(f"could not fetch {text!r} from the Hugging Face Hub ({type(e).__name__}: "
+                                    f"{e}); download it first or pass a local directory") from None
+    raise FileNotFoundError(f"no checkpoint directory at {path}; pass a directory with config.json and "
+                            "*.safetensors, or a hub id such as google/gemma-4-E2B-it")
+
+
+def checkpoint_key(name: str, layout: str) -> str:
+    """Our parameter name -> the key in a checkpoint of `layout` ("multimodal" or "text")."""
+    if layout == "text":
+        return name.replace("model.language_model.", "model.", 1)
+    return name
+
+
+def safetensors_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index} is malformed ({e}); re-download the checkpoint") from None
+        files = [directory / f for f in sorted(set(weight_map.values()))]
+    else:
+        files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        extra = " (found PyTorch .bin files, which are not loaded: convert them to safetensors)" \
+            if list(directory.glob("*.bin")) else ""
+        raise CheckpointError(f"no *.safetensors files in {directory}{extra}")
+    if missing := [f.name for f in files if not f.is_file()]:
+        raise CheckpointError(f"{directory} lacks {', '.join(missing)} listed in its index; re-download it")
+    return files
+
+
+def load_model(path_or_id, dtype=None, device="cpu", with_towers: bool = True, progress: bool | None = None) -> Model:
+    device = resolve_device(device)
+    directory = resolve_checkpoint(path_or_id)
+    config = Config.from_file(directory)
+    dtype = resolve_dtype(dtype, device, config)
+    with torch.device("meta"):
+        model = Model(config, with_towers=with_towers)
+    expected = {checkpoint_key(name, config.layout): name for name in model.state_dict()}
+    state: dict[str, torch.Tensor] = {}
+    files = safetensors_files(directory)
+    total = sum(f.stat().st_size for f in files)
+    bar = _progress(total, progress)
+    for file in files:
+        try:
+            with safe_open(file, framework="pt", device="cpu") as reader:
+                for key in reader.keys():
+                    name = expected.get(key)
+                    if name is None:
+                        if _deliberately_unused(key, config, with_towers):
+                            continue
+                        raise CheckpointError(f"unexpected tensor {key!r} in {file.name}: this checkpoint does "
+                                              "not match its config.json")
+                    tensor = reader.get_tensor(key)
+                    state[name] = tensor.to(device=device, dtype=dtype)
+                    bar.update(tensor.numel() * tensor.element_size())
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{file} is truncated or corrupt ({e}); re-download it") from None
+    bar.close()
+    if missing := [checkpoint_key(n, config.layout) for n in expected.values() if n not in state]:
+        raise CheckpointError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[0]!r}")
+    shapes = {name: t.shape for name, t in model.state_dict().items()}
+    for name, tensor in state.items():
+        if tensor.shape != shapes[name]:
+            raise CheckpointError(f"{checkpoint_key(name, config.layout)} has shape {tuple(tensor.shape)}, "
+                                  f"config.json implies {tuple(shapes[name])}")
+    model.load_state_dict(state, assign=True, strict=True)
+    return model.eval().requires_grad_(False)
+
+
+def _deliberately_unused(key: str, config: Config, with_towers: bool) -> bool:
+    match = UNUSED_SHARED_KV.search(key)
+    if match and config.text_config.is_kv_shared(int(match.group(1))):
+        return True
+    if key == "lm_head.weight" and config.text_config.tie_word_embeddings:  # tied: the embedding serves
+        return True
+    # Towers of a multimodal checkpoint loaded text-only.
+    return not with_towers and key.startswith(("model.vision_tower.", "model.audio_tower.", "model.embed_vision.",
+                                               "model.embed_audio."))
+
+
+def _progress(total_bytes: int, enabled: bool | None):
+    if enabled is None:
+        enabled = total_bytes > 2**30
+    if enabled:
+        from tqdm import tqdm
+        return tqdm(total=total_bytes, unit="B", unit_scale=True, desc="loading weights")
+
+    class _Silent:
+        def update(self, n): pass
+
+        def close(self): pass
+    return _Silent()
+
+
+def save_model(model: Model, directory, max_shard_bytes: int = 5 * 2**30, generation_config: dict | None = None):
+    """Write config.json and safetensors (sharded with an index when large) in the layout transformers writes."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    config.save(directory)
+    tensors = {checkpoint_key(name, config.layout): t.detach().contiguous().cpu()
+               for name, t in model.state_dict().items()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], directory / "model.safetensors", metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, directory / name, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, name))
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                 "weight_map": weight_map}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    if generation_config is not None:
+        (directory / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")

@@ -1,0 +1,90 @@
+"""Position-based attention masks, the per-forward context, and the attention op itself.
+
+Every key carries the absolute position of its token (-1 for an empty slot or a padding token). A query at position
+p may read a key at position k when 0 <= k <= p and, on sliding layers, p - k < window. Because masks depend only on
+positions, the same rule serves a full forward, a ring-buffer cache (whose slots are out of order) and a left-padded
+batch (each row has its own positions), with no special cases.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..config import SLIDING
+
+
+def attention_mask(query_positions: torch.Tensor, query_valid: torch.Tensor, key_positions: torch.Tensor,
+                   window: int | None, query_blocks: torch.Tensor | None = None,
+                   key_blocks: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean mask [batch, 1, queries, keys]; True means "may attend".
+
+    `*_blocks` (0 = text, n > 0 = the n-th image of the row) let tokens of one image see each other in both
+    directions, as the reference does with `use_bidirectional_attention="vision"`."""
+    q = query_positions[:, :, None]  # [B, Lq, 1]
+    k = key_positions[:, None, :]  # [B, 1, Lk]
+    allowed = (k >= 0) & (k <= q)
+    if window is not None:
+        allowed &= q - k < window
+    if query_blocks is not None:
+        same_image = (query_blocks[:, :, None] == key_blocks[:, None, :]) & (query_blocks[:, :, None] > 0)
+        if window is not None:
+            same_image &= (q - k).abs() < window
+        allowed |= same_image & (k >= 0)
+    # Padding queries may look anywhere: their outputs are discarded, and an all-False row would make NaNs.
+    allowed |= ~query_valid[:, :, None]
+    return allowed[:, None]
+
+
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """query [B, H, Lq, D], key/value [B, Hkv, Lk, D] -> [B, Lq, H * D].
+
+    The scale is 1.0: q_norm and k_norm already fix the logits' magnitude."""
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # grouped-query attention: each KV head serves `groups` query heads
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=1.0)
+    batch, heads, length, dim = out.shape
+    return out.transpose(1, 2).reshape(batch, length, heads * dim)
+
+
+@dataclass
+class ForwardContext:
+    """What every layer of one forward shares: positions, padding, the cache, and K/V handed to KV-shared layers."""
+
+    positions: torch.Tensor  # [B, L] absolute position of each token
+    valid: torch.Tensor  # [B, L] False on padding
+    cache: object | None = None  # a KVCache (see cache.py) or None for a cache-free forward
+    blocks: torch.Tensor | None = None  # [B, L] image block ids for bidirectional vision attention
+    sliding_window: int = 0
+    masks: dict = field(default_factory=dict)  # layer type -> mask, built once per forward
+    shared_kv: dict = field(default_factory=dict)  # producer layer index -> (key, value)
+
+    def keys_and_values(self, layer_idx: int, layer_type: str, key: torch.Tensor, value: torch.Tensor):
+        """Store this layer's new K/V and return everything the layer attends to, with the mask."""
+        if self.cache is None:
+            if layer_type not in self.masks:
+                key_positions = torch.where(self.valid, self.positions, -1)
+                self.masks[layer_type] = self._mask(layer_type, key_positions, self.blocks)
+            return key, value, self.masks[layer_type]
+        key, value = self.cache.update(layer_idx, key, value)
+        if layer_type not in self.masks:
+            key_positions = self.cache.key_positions(layer_type)
+            key_blocks = self._key_blocks(layer_type, key_positions.shape[1]) if self.blocks is not None else None
+            self.masks[layer_type] = self._mask(layer_type, key_positions, key_blocks)
+        return key, value, self.masks[layer_type]
+
+    def _mask(self, layer_type: str, key_positions: torch.Tensor, key_blocks: torch.Tensor | None):
+        window = self.sliding_window if layer_type == SLIDING else None
+        blocks = self.blocks if key_blocks is not None else None
+        return attention_mask(self.positions, self.valid, key_positions, window, blocks, key_blocks)
+
+    def _key_blocks(self, layer_type: str, num_keys: int) -> torch.Tensor:
+        # Image tokens see each other bidirectionally only within one forward: cached keys count as text.
+        slots = self.cache.new_key_slots(layer_type)  # [B, L] where each new token sits among the keys
+        key_blocks = torch.zeros(self.blocks.shape[0], num_keys, dtype=self.blocks.dtype, device=self.blocks.device)
+        # amax: a padding token (block 0) sharing a slot with a real token never erases the real token's block.
+        return key_blocks.scatter_reduce(1, slots, self.blocks, reduce="amax")

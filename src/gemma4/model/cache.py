@@ -1,0 +1,114 @@
+"""KV caches shaped by layer type.
+
+* Sliding layers keep a ring buffer of `sliding_window` slots: a token at position p lives in slot p % window.
+  Memory is constant in the context length.
+* Global layers keep a static buffer indexed by position, so each row of a left-padded batch simply fills its
+  own positions.
+* KV-shared layers own nothing: they read the K/V their producer layer just returned.
+
+Each buffer has one extra "trash" slot at the end: padding tokens, and tokens of a long chunk that fall out of the
+window before the chunk ends, are written there instead of branching, and the trash slot is never attended to.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import FULL, SLIDING, TextConfig
+
+
+class KVCache:
+    def __init__(self, config: TextConfig, batch_size: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        if max_len > config.max_position_embeddings:
+            raise ValueError(f"max_len={max_len} exceeds max_position_embeddings={config.max_position_embeddings}")
+        self.window = config.sliding_window
+        self.max_len = max_len
+        self.batch_size = batch_size
+        self.layer_types = config.layer_types
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        for i, layer_type in enumerate(config.layer_types):
+            if config.is_kv_shared(i):
+                continue
+            slots = (self.window if layer_type == SLIDING else max_len) + 1  # + trash slot
+            shape = (batch_size, config.layer_num_kv_heads[i], slots, config.layer_head_dims[i])
+            self.keys[i] = torch.zeros(shape, dtype=dtype, device=device)
+            # K=V layers store values separately too: values are v_norm(k) without k_norm and RoPE.
+            self.values[i] = torch.zeros(shape, dtype=dtype, device=device)
+        # Position held by each ring slot (-1 = empty); the same for every sliding layer.
+        self.ring_positions = torch.full((batch_size, self.window + 1), -1, dtype=torch.long, device=device)
+        self.length = 0  # global slots [0, length) may hold keys
+        self.row_lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # tokens seen per row
+        self._plan: dict | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))
+
+    def next_positions(self, valid: torch.Tensor) -> torch.Tensor:
+        """Positions that continue each row: padding takes no position (and gets 0)."""
+        positions = self.row_lengths[:, None] + valid.long().cumsum(dim=1) - 1
+        return positions.masked_fill(~valid, 0)
+
+    def begin(self, positions: torch.Tensor, valid: torch.Tensor) -> None:
+        """Plan where this forward's tokens go. positions/valid: [B, L]."""
+        if positions.shape[0] != self.batch_size:
+            raise ValueError(f"cache was made for batch {self.batch_size}, got {positions.shape[0]}")
+        top = int(torch.where(valid, positions, -1).max()) if valid.any() else -1
+        if top >= self.max_len:
+            raise ValueError(f"position {top} does not fit a cache of max_len={self.max_len}")
+        end = max(self.length, top + 1)
+        length = positions.shape[1]
+        # Of a chunk longer than the window only the last `window` tokens of each row stay in the ring.
+        row_top = torch.where(valid, positions, -1).amax(dim=1, keepdim=True)
+        keep = valid & (positions > row_top - self.window)
+        ring_slots = torch.where(keep, positions % self.window, self.window)
+        new_positions = torch.where(valid, positions, -1)
+        self._plan = {
+            "end": end,
+            "row_top": row_top,
+            "ring_slots": ring_slots,
+            "global_slots": torch.where(valid, positions, self.max_len),
+            SLIDING: torch.cat([self.ring_positions[:, : self.window], new_positions], dim=1),
+            FULL: torch.arange(end, device=positions.device).expand(self.batch_size, end),
+            ("slots", SLIDING): self.window + torch.arange(length, device=positions.device).expand_as(positions),
+            ("slots", FULL): torch.where(valid, positions, 0),
+        }
+
+    def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor):
+        """Write this forward's K/V ([B, Hkv, L, D]) and return all K/V the layer attends to."""
+        plan = self._plan
+        cache_k, cache_v = self.keys[layer_idx], self.values[layer_idx]
+        if self.layer_types[layer_idx] == SLIDING:
+            # Attend over the ring as it was plus the whole chunk, then keep the chunk's tail in the ring.
+            all_k = torch.cat([cache_k[:, :, : self.window], key], dim=2)
+            all_v = torch.cat([cache_v[:, :, : self.window], value], dim=2)
+            _scatter_slots(cache_k, plan["ring_slots"], key)
+            _scatter_slots(cache_v, plan["ring_slots"], value)
+            return all_k, all_v
+        _scatter_slots(cache_k, plan["global_slots"], key)
+        _scatter_slots(cache_v, plan["global_slots"], value)
+        return cache_k[:, :, : plan["end"]], cache_v[:, :, : plan["end"]]
+
+    def key_positions(self, layer_type: str) -> torch.Tensor:
+        return self._plan[layer_type]
+
+    def new_key_slots(self, layer_type: str) -> torch.Tensor:
+        return self._plan[("slots", layer_type)]
+
+    def end(self) -> None:
+        """Commit the forward: the ring now holds the new tokens, the global buffers are longer."""
+        plan, self._plan = self._plan, None
+        new_positions = plan[SLIDING][:, self.window:]
+        self.ring_positions.scatter_(1, plan["ring_slots"], new_positions)
+        self.ring_positions[:, self.window] = -1  # the trash slot never holds a visible key
+        self.length = plan["end"]
+        self.row_lengths = torch.maximum(self.row_lengths, plan["row_top"][:, 0] + 1)
+
+
+def _scatter_slots(buffer: torch.Tensor, slots: torch.Tensor, new: torch.Tensor) -> None:
+    """buffer[b, :, slots[b, t]] = new[b, :, t] for every row b and token t."""
+    batch, heads, length, dim = new.shape
+    index = slots[:, None, :, None].expand(batch, heads, length, dim)
+    buffer.scatter_(2, index, new.to(buffer.dtype))

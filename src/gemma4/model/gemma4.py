@@ -1,0 +1,115 @@
+"""The top-level Gemma 4 model: text decoder, optional vision/audio towers, tied LM head with logit softcap."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import Config
+from .attention import ForwardContext
+from .cache import KVCache
+from .text import TextModel
+
+
+class Backbone(nn.Module):
+    """Holds the submodules under the names the multimodal checkpoints use (`model.language_model`, ...)."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.language_model = TextModel(config.text_config)
+        self.vision_tower = self.embed_vision = self.audio_tower = self.embed_audio = None
+        if config.vision_config is not None:
+            from .vision import MultimodalEmbedder, VisionTower
+            self.vision_tower = VisionTower(config.vision_config)
+            self.embed_vision = MultimodalEmbedder(config.vision_config.hidden_size, config.text_config)
+        if config.audio_config is not None:
+            from .audio import AudioTower
+            from .vision import MultimodalEmbedder
+            self.audio_tower = AudioTower(config.audio_config)
+            self.embed_audio = MultimodalEmbedder(config.audio_config.output_proj_dims, config.text_config)
+
+
+class Model(nn.Module):
+    """`model(input_ids) -> logits [batch, seq, vocab]` (fp32, softcapped like the reference).
+
+    Build with `Model.from_pretrained(path)` (see loading.py) or `Model(config)` for random/empty weights."""
+
+    def __init__(self, config: Config, with_towers: bool = True):
+        super().__init__()
+        if not with_towers:
+            config.vision_config = config.audio_config = None
+        self.config = config
+        self.model = Backbone(config)
+        text = config.text_config
+        self.lm_head = None if text.tie_word_embeddings else nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+
+    # --- construction and loading -----------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+                        **kwargs) -> "Model":
+        from ..loading import load_model
+        return load_model(path, dtype=dtype, device=device, **kwargs)
+
+    def save_pretrained(self, directory: str, **kwargs) -> None:
+        from ..loading import save_model
+        save_model(self, directory, **kwargs)
+
+    @property
+    def text(self) -> TextModel:
+        return self.model.language_model
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.text.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.text.embed_tokens.weight.device
+
+    def make_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """Sliding layers get a ring buffer of `sliding_window` slots, global layers `max_len`, KV-shared none."""
+        return KVCache(self.config.text_config, batch_size, max_len, self.dtype, self.device)
+
+    # --- forward ----------------------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor, **media) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Token embeddings with image/audio soft tokens merged in.
+
+        Returns (embeds, ids for the per-layer-embedding lookup, image block ids or None)."""
+        embeds = self.text.embed_tokens(input_ids)
+        if not any(v is not None for v in media.values()):
+            return embeds, input_ids, None
+        from .multimodal import merge_media
+        return merge_media(self, input_ids, embeds, **media)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.lm_head.weight if self.lm_head is not None else self.text.embed_tokens.weight
+        logits = (hidden @ weight.T).float()
+        cap = self.config.text_config.final_logit_softcapping
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None, last_only: bool = False,
+                **media) -> torch.Tensor:
+        """input_ids [B, L]; attention_mask [B, L] (1 = token, 0 = padding, left or right); position_ids default to
+        the count of real tokens before each one, continuing from the cache."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        valid = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
+                 else attention_mask.to(device=input_ids.device, dtype=torch.bool))
+        if position_ids is None:
+            if cache is not None:
+                position_ids = cache.next_positions(valid)
+            else:
+                position_ids = (valid.long().cumsum(dim=1) - 1).masked_fill(~valid, 0)
+        limit = self.config.text_config.max_position_embeddings
+        if int(position_ids.max()) >= limit:
+            raise ValueError(f"sequence reaches position {int(position_ids.max())}, beyond this model's "
+                             f"max_position_embeddings={limit}")
+        embeds, ple_ids, blocks = self.embed(input_ids, **media)
+        ctx = ForwardContext(position_ids, valid, cache, blocks, self.config.text_config.sliding_window)
+        if cache is not None:
+            cache.begin(position_ids, valid)
+        hidden = self.text(embeds, ctx, ple_ids, last_only=last_only)
+        if cache is not None:
+            cache.end()
+        return self.logits(hidden)

@@ -1,0 +1,289 @@
+"""The Gemma 4 text decoder: one module for E2B, E4B, 26B-A4B and 31B, the variants being config switches.
+
+Parameter names equal the checkpoint keys under `model.language_model.` (see loading.py for the one exception).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TextConfig
+from .attention import ForwardContext, attend
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {"gelu_pytorch_tanh": gelu_tanh, "gelu": F.gelu, "silu": F.silu}
+
+
+def activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32. Gemma 4 multiplies by `weight` itself (not 1 + weight, as Gemma 1-3 did);
+    `with_scale=False` gives the weightless norm used for values and the router."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, with_scale: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        # pow(-0.5) rather than rsqrt, like the reference, to stay bit-close to it.
+        normed = x32 * torch.pow(x32.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        if self.weight is not None:
+            normed = normed * self.weight.float()
+        return normed.type_as(x)
+
+
+def rope_inverse_frequencies(head_dim: int, rope: dict) -> torch.Tensor:
+    """Inverse frequencies, one per rotated pair (head_dim / 2 of them).
+
+    "proportional" RoPE (global layers) rotates only the first `partial_rotary_factor` share of the pairs, but with
+    the frequencies a full-width RoPE would give them (exponents over head_dim); the other pairs get frequency 0,
+    i.e. they are not rotated at all."""
+    theta = rope["rope_theta"]
+    if rope.get("rope_type", "default") == "proportional":
+        rotated_pairs = int(rope.get("partial_rotary_factor", 1.0) * head_dim // 2)
+    else:
+        rotated_pairs = head_dim // 2
+    # Explicitly on the CPU: models are built under `torch.device("meta")`, and this table is derived, not loaded.
+    exponents = torch.arange(0, 2 * rotated_pairs, 2, dtype=torch.float, device="cpu") / head_dim
+    inv_freq = torch.zeros(head_dim // 2, device="cpu")
+    inv_freq[:rotated_pairs] = 1.0 / theta**exponents
+    return inv_freq / rope.get("factor", 1.0)
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """cos/sin [B, L, 1, head_dim] for rotate-half RoPE (pair i is dims i and i + head_dim/2)."""
+    angles = positions[..., None].float() * inv_freq.to(positions.device)  # [B, L, head_dim/2]
+    angles = torch.cat([angles, angles], dim=-1)[:, :, None, :]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.layer_type = config.layer_types[layer_idx]
+        self.head_dim = config.layer_head_dims[layer_idx]
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.layer_num_kv_heads[layer_idx]
+        self.is_kv_shared = config.is_kv_shared(layer_idx)
+        self.kv_source = config.kv_source_layer[layer_idx]
+        self.stores_shared_kv = config.kv_sharing_modes[layer_idx] == "store"
+        hidden, bias, eps = config.hidden_size, config.attention_bias, config.rms_norm_eps
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.q_norm = RMSNorm(self.head_dim, eps)
+        if not self.is_kv_shared:  # KV-shared layers read their producer's K/V and own no K/V weights
+            self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+            self.v_proj = (nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+                           if config.has_v_proj(layer_idx) else None)
+            self.k_norm = RMSNorm(self.head_dim, eps)
+            self.v_norm = RMSNorm(self.head_dim, eps, with_scale=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext):
+        batch, length, _ = x.shape
+        cos, sin = rope
+        query = self.q_norm(self.q_proj(x).view(batch, length, -1, self.head_dim))
+        query = apply_rope(query, cos, sin).transpose(1, 2)  # [B, H, L, D]
+
+        if self.is_kv_shared:
+            key, value, mask = ctx.shared_kv[self.kv_source]
+        else:
+            raw_key = self.k_proj(x).view(batch, length, -1, self.head_dim)
+            # K=V (global layers of 26B/31B): values are the raw key projection, before k_norm and RoPE.
+            raw_value = self.v_proj(x).view(batch, length, -1, self.head_dim) if self.v_proj is not None else raw_key
+            key = apply_rope(self.k_norm(raw_key), cos, sin).transpose(1, 2)  # [B, Hkv, L, D]
+            value = self.v_norm(raw_value).transpose(1, 2)
+            key, value, mask = ctx.keys_and_values(self.layer_idx, self.layer_type, key, value)
+            if self.stores_shared_kv:
+                ctx.shared_kv[self.layer_idx] = key, value, mask
+        return self.o_proj(attend(query, key, value, mask))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, width: int, act: str):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, width, bias=False)
+        self.up_proj = nn.Linear(hidden, width, bias=False)
+        self.down_proj = nn.Linear(width, hidden, bias=False)
+        self.act = activation(act)
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Chooses top-k experts per token: weightless RMSNorm, learned scale, fp32 softmax, top-k, renormalize,
+    then a learned per-expert scale on the chosen weights."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.top_k = config.top_k_experts
+        self.root_size = config.hidden_size**-0.5
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, with_scale=False)
+        self.proj = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.scale = nn.Parameter(torch.ones(config.hidden_size))
+        self.per_expert_scale = nn.Parameter(torch.ones(config.num_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = self.proj(self.norm(x) * self.scale * self.root_size)
+        probs = scores.softmax(dim=-1, dtype=torch.float32)
+        weights, experts = probs.topk(self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * self.per_expert_scale[experts], experts  # [T, k] each
+
+
+class Experts(nn.Module):
+    """Expert weights as 3-D tensors: gate and up projections fused in `gate_up_proj`."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        e, h, w = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * w, h))
+        self.down_proj = nn.Parameter(torch.empty(e, h, w))
+        self.act = activation(config.hidden_activation)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """x [T, H]; weights, experts [T, k]. Reference path: loop over the experts that were chosen."""
+        out = torch.zeros_like(x)
+        for expert in experts.unique().tolist():
+            token, choice = torch.where(experts == expert)
+            gate, up = F.linear(x[token], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            y = F.linear(self.act(gate) * up, self.down_proj[expert]) * weights[token, choice, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: TextConfig, layer_idx: int):
+        super().__init__()
+        hidden, eps = config.hidden_size, config.rms_norm_eps
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MLP(hidden, config.mlp_width(layer_idx), config.hidden_activation)
+        self.input_layernorm = RMSNorm(hidden, eps)
+        self.post_attention_layernorm = RMSNorm(hidden, eps)
+        self.pre_feedforward_layernorm = RMSNorm(hidden, eps)
+        self.post_feedforward_layernorm = RMSNorm(hidden, eps)
+        self.register_buffer("layer_scalar", torch.ones(1))
+        self.enable_moe_block = config.enable_moe_block
+        if self.enable_moe_block:  # 26B-A4B: a 128-expert MoE beside the dense MLP, in every layer
+            self.router = Router(config)
+            self.experts = Experts(config)
+            self.pre_feedforward_layernorm_2 = RMSNorm(hidden, eps)
+            self.post_feedforward_layernorm_1 = RMSNorm(hidden, eps)
+            self.post_feedforward_layernorm_2 = RMSNorm(hidden, eps)
+        self.has_per_layer_input = bool(config.hidden_size_per_layer_input)
+        if self.has_per_layer_input:  # E2B/E4B: a gated residual from this layer's slice of the PLE
+            ple = config.hidden_size_per_layer_input
+            self.act = activation(config.hidden_activation)
+            self.per_layer_input_gate = nn.Linear(hidden, ple, bias=False)
+            self.per_layer_projection = nn.Linear(ple, hidden, bias=False)
+            self.post_per_layer_input_norm = RMSNorm(hidden, eps)
+
+    def forward(self, x, rope, ctx: ForwardContext, per_layer_input: torch.Tensor | None = None):
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, ctx))
+
+        dense = self.mlp(self.pre_feedforward_layernorm(x))
+        if self.enable_moe_block:
+            # The router and the experts read the residual stream, not the dense MLP's input norm.
+            flat = x.reshape(-1, x.shape[-1])
+            weights, experts = self.router(flat)
+            sparse = self.experts(self.pre_feedforward_layernorm_2(flat), weights, experts).reshape(x.shape)
+            dense = self.post_feedforward_layernorm_1(dense) + self.post_feedforward_layernorm_2(sparse)
+        x = x + self.post_feedforward_layernorm(dense)
+
+        if self.has_per_layer_input:
+            gated = self.act(self.per_layer_input_gate(x)) * per_layer_input
+            x = x + self.post_per_layer_input_norm(self.per_layer_projection(gated))
+        return x * self.layer_scalar
+
+
+class ScaledEmbedding(nn.Embedding):
+    """Embedding multiplied by sqrt(width). The factor is rounded to the weight dtype first, as in the reference
+    (in bf16, sqrt(1536) = 39.19 becomes 39.25)."""
+
+    def __init__(self, num: int, dim: int, scale: float):
+        super().__init__(num, dim)
+        self.scale = scale
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) * torch.tensor(self.scale, dtype=self.weight.dtype)
+
+
+class TextModel(nn.Module):
+    """Embeddings, decoder layers and final norm; `Model` adds the tied LM head and the logit softcap."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = ScaledEmbedding(config.vocab_size, config.hidden_size, config.hidden_size**0.5)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.ple_dim = config.hidden_size_per_layer_input
+        if self.ple_dim:
+            # Per-Layer Embeddings: one packed table holding a `ple_dim` slice for every layer.
+            layers_x_ple = config.num_hidden_layers * self.ple_dim
+            self.embed_tokens_per_layer = ScaledEmbedding(config.vocab_size_per_layer_input, layers_x_ple,
+                                                          self.ple_dim**0.5)
+            self.per_layer_model_projection = nn.Linear(config.hidden_size, layers_x_ple, bias=False)
+            self.per_layer_projection_norm = RMSNorm(self.ple_dim, config.rms_norm_eps)
+        self.inv_freq = {layer_type: rope_inverse_frequencies(
+            config.layer_head_dims[config.layer_types.index(layer_type)], config.rope_parameters[layer_type])
+            for layer_type in set(config.layer_types)}
+
+    def per_layer_inputs(self, ple_ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """[B, L, layers, ple_dim]: the token's own PLE slice plus a projection of its main embedding.
+
+        Both halves are RMS-scale quantities; their sum is scaled by 1/sqrt(2) to keep that scale."""
+        batch, length = ple_ids.shape
+        token_part = self.embed_tokens_per_layer(ple_ids).view(batch, length, -1, self.ple_dim)
+        context_part = self.per_layer_model_projection(embeds) * self.config.hidden_size**-0.5
+        context_part = self.per_layer_projection_norm(context_part.view(batch, length, -1, self.ple_dim))
+        return (context_part + token_part) * 2.0**-0.5
+
+    def forward(self, embeds: torch.Tensor, ctx: ForwardContext, ple_ids: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """embeds [B, L, H] (already scaled; images merged in) -> final hidden states [B, L, H].
+
+        `ple_ids`: the token ids used for the per-layer embedding lookup (multimodal positions hold the pad id).
+        `last_only`: return only the last position; KV-shared layers then run on that position alone, since no later
+        layer reads their keys."""
+        per_layer = self.per_layer_inputs(ple_ids, embeds) if self.ple_dim else None
+        ropes = {t: rope_cos_sin(ctx.positions, f, embeds.dtype) for t, f in self.inv_freq.items()}
+        first_shared = self.config.num_hidden_layers - self.config.num_kv_shared_layers
+        x = embeds
+        for i, layer in enumerate(self.layers):
+            if last_only and i == first_shared and x.shape[1] > 1:
+                x, ropes, per_layer, ctx = _last_position_only(x, ropes, per_layer, ctx)
+            layer_input = per_layer[:, :, i] if per_layer is not None else None
+            x = layer(x, ropes[layer.self_attn.layer_type], ctx, layer_input)
+        x = self.norm(x)
+        return x[:, -1:] if last_only else x
+
+
+def _last_position_only(x, ropes, per_layer, ctx: ForwardContext):
+    """Cut a forward down to its last position before the KV-shared layers (their K/V come from earlier layers)."""
+    ctx.positions, ctx.valid = ctx.positions[:, -1:], ctx.valid[:, -1:]
+    ctx.masks = {}
+    ctx.shared_kv = {i: (k, v, m[:, :, -1:]) for i, (k, v, m) in ctx.shared_kv.items()}
+    ropes = {t: (cos[:, -1:], sin[:, -1:]) for t, (cos, sin) in ropes.items()}
+    per_layer = per_layer[:, -1:] if per_layer is not None else None
+    return x[:, -1:], ropes, per_layer, ctx
+

@@ -1,0 +1,297 @@
+"""One-shot parsing of a Gemma 4 model response into an OpenAI-style assistant message.
+
+Output format written by the model (after the prompt's `<|turn>model\\n`):
+
+    <|channel>thought\\n REASONING <channel|>            thinking (only with enable_thinking)
+    CONTENT                                             the answer
+    <|tool_call>call:NAME{key:VALUE,...}<tool_call|>    zero or more tool calls
+    <turn|> | <|tool_response> | <eos>                  end of the turn (or a request for tool results)
+
+Tool-call values: `<|"|>text<|"|>` strings, JSON numbers, true/false/null, `{key:value}` objects with bare
+keys, `[...]` arrays. The parser keeps every value's type, and also accepts drifted forms: no `call:` prefix,
+`name(...)` with `key=value` or `{...}` inside, JSON-quoted keys and strings, `{"name":..,"arguments":..}`,
+a missing `<tool_call|>` when the arguments are complete. A call it cannot read is returned as content,
+with a logged warning, never dropped.
+
+`parse_response` runs the streaming parser (`stream_parse.StreamParser`) over the whole text, so one-shot
+and streamed results agree by construction.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+STRING_DELIM = '<|"|>'
+_NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?")
+_NAME = re.compile(r"[A-Za-z_][\w\-.]*")
+_CALL_PREFIX = re.compile(r"call\s*:\s*")
+# A bare (unquoted) value runs until the next structural character.
+_BARE_END = re.compile(r"[,}\])]")
+_BARE_LITERALS = {"true": True, "false": False, "null": None, "none": None}
+
+
+class ArgumentSyntaxError(ValueError):
+    """A tool call's arguments are malformed or cut off."""
+
+
+class _Reader:
+    """Recursive-descent reader for Gemma 4 tool-call values (a lenient superset of JSON)."""
+
+    def __init__(self, text: str, pos: int = 0):
+        self.text = text
+        self.pos = pos
+
+    def fail(self, what: str):
+        raise ArgumentSyntaxError(f"{what} at char {self.pos}")
+
+    def skip_ws(self) -> None:
+        while self.pos < len(self.text) and self.text[self.pos].isspace():
+            self.pos += 1
+
+    def peek(self, token: str) -> bool:
+        return self.text.startswith(token, self.pos)
+
+    def expect(self, token: str) -> None:
+        self.skip_ws()
+        if not self.peek(token):
+            self.fail(f"expected {token!r}")
+        self.pos += len(token)
+
+    def at_end(self) -> bool:
+        self.skip_ws()
+        return self.pos >= len(self.text)
+
+    def value(self) -> Any:
+        self.skip_ws()
+        if self.pos >= len(self.text):
+            self.fail("unexpected end")
+        if self.peek("{"):
+            return self.object("{", "}")
+        if self.peek("["):
+            return self.array()
+        if self.peek(STRING_DELIM) or self.peek('"') or self.peek("'"):
+            return self.string()
+        return self.bare()
+
+    def string(self) -> str:
+        if self.peek(STRING_DELIM):
+            end = self.text.find(STRING_DELIM, self.pos + len(STRING_DELIM))
+            if end < 0:
+                self.fail("unterminated <|\"|> string")
+            value = self.text[self.pos + len(STRING_DELIM) : end]
+            self.pos = end + len(STRING_DELIM)
+            return value
+        if self.peek('"'):
+            try:
+                value, self.pos = json.decoder.scanstring(self.text, self.pos + 1)
+            except json.JSONDecodeError:
+                self.fail("malformed JSON string")
+            return value
+        end = self.text.find("'", self.pos + 1)
+        if end < 0:
+            self.fail("unterminated ' string")
+        value = self.text[self.pos + 1 : end]
+        self.pos = end + 1
+        return value
+
+    def bare(self) -> Any:
+        match = _BARE_END.search(self.text, self.pos)
+        end = match.start() if match else len(self.text)
+        raw = self.text[self.pos : end].strip()
+        if match is None:
+            # Nothing closes the value: the call was cut off and the value may be incomplete.
+            self.fail("unterminated value")
+        if not raw:
+            self.fail("missing value")
+        self.pos = end
+        return _bare_value(raw)
+
+    def key(self, separators: str) -> str:
+        self.skip_ws()
+        if self.peek(STRING_DELIM) or self.peek('"') or self.peek("'"):
+            return self.string()
+        start = self.pos
+        while self.pos < len(self.text) and self.text[self.pos] not in separators + "{}[],()\"":
+            self.pos += 1
+        if self.pos >= len(self.text):
+            self.fail("unterminated key")
+        name = self.text[start : self.pos].strip()
+        if not name:
+            self.fail("missing key")
+        return name
+
+    def object(self, open_: str, close: str, separators: str = ":") -> dict:
+        """`{k:v,...}`; also `(k=v,...)` for the parenthesised drift (open_="(", separators=":=")."""
+        self.expect(open_)
+        result: dict[str, Any] = {}
+        self.skip_ws()
+        while not self.peek(close):
+            key = self.key(separators)
+            self.skip_ws()
+            if self.pos >= len(self.text) or self.text[self.pos] not in separators:
+                self.fail(f"expected one of {separators!r} after key {key!r}")
+            self.pos += 1
+            result[key] = self.value()
+            self.skip_ws()
+            if self.peek(","):
+                self.pos += 1
+                self.skip_ws()
+            elif not self.peek(close):
+                self.fail(f"expected ',' or {close!r}")
+        self.pos += len(close)
+        return result
+
+    def array(self) -> list:
+        self.expect("[")
+        items = []
+        self.skip_ws()
+        while not self.peek("]"):
+            items.append(self.value())
+            self.skip_ws()
+            if self.peek(","):
+                self.pos += 1
+                self.skip_ws()
+            elif not self.peek("]"):
+                self.fail("expected ',' or ']'")
+        self.pos += 1
+        return items
+
+
+def _bare_value(raw: str) -> Any:
+    """An unquoted scalar: JSON number, true/false/null (also Python's True/False/None), else the text."""
+    if _NUMBER.fullmatch(raw):
+        return json.loads(raw)
+    lowered = raw.lower()
+    if lowered in _BARE_LITERALS and (raw == lowered or raw in ("True", "False", "None")):
+        return _BARE_LITERALS[lowered]
+    return raw
+
+
+def parse_arguments(text: str) -> dict:
+    """Gemma 4 argument text `{key:value,...}` -> dict. Raises ArgumentSyntaxError when malformed."""
+    reader = _Reader(text)
+    value = reader.object("{", "}")
+    if not reader.at_end():
+        reader.fail("trailing text after arguments")
+    return value
+
+
+def _json_style_call(reader: _Reader) -> tuple[str, dict]:
+    """`{"name": "f", "arguments": {...}}` (OpenAI-style drift)."""
+    obj = reader.object("{", "}")
+    name = obj.get("name")
+    args = next((obj[k] for k in ("arguments", "parameters", "args") if k in obj), {})
+    if isinstance(args, str):
+        args = json.loads(args) if args.strip() else {}
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or not isinstance(args, dict):
+        reader.fail("a JSON-style call needs a 'name' and object 'arguments'")
+    return name, args
+
+
+def _one_call(reader: _Reader, terminated: bool) -> tuple[str, dict]:
+    reader.skip_ws()
+    prefix = _CALL_PREFIX.match(reader.text, reader.pos)
+    if prefix:
+        reader.pos = prefix.end()
+    if reader.peek("{"):
+        return _json_style_call(reader)
+    match = _NAME.match(reader.text, reader.pos)
+    if not match:
+        reader.fail("expected a function name")
+    name = match.group()
+    reader.pos = match.end()
+    reader.skip_ws()
+    if reader.peek("{"):
+        return name, reader.object("{", "}")
+    if reader.peek("("):
+        after = _Reader(reader.text, reader.pos + 1)
+        if after.at_end():
+            reader.fail("unterminated '('")
+        if after.peek("{"):  # name({...})
+            args = after.object("{", "}")
+            after.expect(")")
+            reader.pos = after.pos
+            return name, args
+        return name, reader.object("(", ")", separators=":=")
+    # A bare name is a call without arguments only when the call was visibly finished.
+    if terminated and reader.at_end():
+        return name, {}
+    reader.fail("expected '{' or '(' after the function name")
+
+
+def parse_tool_call_body(body: str, terminated: bool = True) -> list[tuple[str, dict]]:
+    """The calls written between `<|tool_call>` and `<tool_call|>` (usually one).
+
+    `terminated` says whether the body was ended by `<tool_call|>` or another marker rather than cut off;
+    only then is a bare `name` accepted as a call without arguments. Raises ArgumentSyntaxError.
+    """
+    reader = _Reader(body)
+    calls = [_one_call(reader, terminated)]
+    while not reader.at_end():
+        if reader.peek(","):  # some drifts separate several calls with commas
+            reader.pos += 1
+        calls.append(_one_call(reader, terminated))
+    return calls
+
+
+# ------------------------------------------------------------------------------------------- public API
+def default_call_id(index: int) -> str:
+    return "call_" + secrets.token_hex(12)
+
+
+def parse_response(
+    text: str,
+    *,
+    complete: bool = False,
+    make_id: Callable[[int], str] | None = None,
+) -> dict:
+    """Parse a Gemma 4 model output (special tokens kept in the decoded text) into
+    {"role": "assistant", "content": str|None, "reasoning_content": str|None, "tool_calls": [...]}.
+
+    `tool_calls` is a list (empty when there are none) of
+    {"id", "type": "function", "function": {"name", "arguments": dict}}; see `to_openai_tool_calls` for
+    JSON-string arguments. `content` is None only when the model wrote no answer.
+
+    `complete=True` says the generation stopped on an end-of-turn token that is not in `text` (finish
+    reason "stop" with the stop token stripped). It matters only for a thought channel that was never
+    closed: a finished turn then also returns the channel's text as content, while a cut-off one keeps it
+    as reasoning only. `make_id(index)` makes tool-call ids (default: random "call_...").
+    """
+    from .stream_parse import StreamParser, accumulate
+
+    parser = StreamParser(make_id=make_id)
+    events = parser.feed(text) + parser.finish(complete=complete)
+    return accumulate(events)
+
+
+def arguments_to_json(arguments: Any) -> str:
+    """Arguments as the JSON string OpenAI responses carry (a string is assumed to be JSON already)."""
+    if isinstance(arguments, str):
+        return arguments
+    return json.dumps(arguments, ensure_ascii=False)
+
+
+def to_openai_tool_calls(tool_calls: Iterable[Mapping]) -> list[dict]:
+    """Parsed tool calls with `arguments` as JSON strings, as in OpenAI chat-completions responses."""
+    return [
+        {
+            "id": call.get("id"),
+            "type": "function",
+            "function": {"name": call["function"]["name"], "arguments": arguments_to_json(call["function"]["arguments"])},
+        }
+        for call in tool_calls
+    ]
+
+
+def to_openai_message(parsed: Mapping) -> dict:
+    """A `parse_response` result as an OpenAI assistant message (tool_calls omitted when empty)."""
+    message = {"role": "assistant", "content": parsed.get("content")}
+    if parsed.get("reasoning_content") is not None:
+        message["reasoning_content"] = parsed["reasoning_content"]
+    if parsed.get("tool_calls"):
+        message["tool_calls"] = to_openai_tool_calls(parsed["tool_calls"])
+    return message

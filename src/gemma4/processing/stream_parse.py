@@ -1,0 +1,293 @@
+"""Streaming parser for Gemma 4 model output.
+
+    parser = StreamParser()
+    for delta_text in generated_text_deltas:
+        for event in parser.feed(delta_text):
+            ...                                   # ReasoningDelta / ContentDelta / ToolCallStart / ToolCallArguments
+    for event in parser.finish():
+        ...
+
+Delimiters split across deltas (`<|"`, `<|chann`, `<|tool_c`) are held back until they resolve. A tool call is
+reported once it is complete (OpenAI style: `ToolCallStart` with index, id and name, then the arguments as a
+JSON fragment), so a call that turns out to be unreadable can still be reported as content instead.
+Content and reasoning are reported stripped of leading and trailing whitespace, as the one-shot parser
+returns them: whitespace is held back until something follows it.
+
+`accumulate(events)` folds events into the `parse_response` dict; for any chunking of a text,
+`accumulate(all events) == parse_response(text)`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from .parse import ArgumentSyntaxError, default_call_id, parse_tool_call_body
+
+logger = logging.getLogger(__name__)
+
+CHANNEL_OPEN, CHANNEL_CLOSE = "<|channel>", "<channel|>"
+CALL_OPEN, CALL_CLOSE = "<|tool_call>", "<tool_call|>"
+# Any of these ends the model's turn: what follows is not part of the answer.
+TURN_ENDS = ("<turn|>", "<eos>", "<|tool_response>", "<|turn>")
+THOUGHT = "thought"  # name of the reasoning channel: `<|channel>thought\n...`
+
+_WATCH = {
+    "content": (CHANNEL_OPEN, CALL_OPEN, *TURN_ENDS, CHANNEL_CLOSE, CALL_CLOSE),
+    "channel": (CHANNEL_CLOSE, CALL_OPEN, *TURN_ENDS, CHANNEL_OPEN),
+    "call": (CALL_CLOSE, CALL_OPEN, *TURN_ENDS),
+}
+_WATCH_RE = {state: re.compile("|".join(map(re.escape, delims))) for state, delims in _WATCH.items()}
+_ALL_DELIMS = tuple({d for delims in _WATCH.values() for d in delims})
+
+
+# ------------------------------------------------------------------------------------------------- events
+@dataclass(frozen=True)
+class ReasoningDelta:
+    text: str
+
+    def openai_delta(self) -> dict:
+        return {"reasoning_content": self.text}
+
+
+@dataclass(frozen=True)
+class ContentDelta:
+    text: str
+
+    def openai_delta(self) -> dict:
+        return {"content": self.text}
+
+
+@dataclass(frozen=True)
+class ToolCallStart:
+    index: int
+    id: str
+    name: str
+
+    def openai_delta(self) -> dict:
+        call = {"index": self.index, "id": self.id, "type": "function", "function": {"name": self.name, "arguments": ""}}
+        return {"tool_calls": [call]}
+
+
+@dataclass(frozen=True)
+class ToolCallArguments:
+    index: int
+    arguments: str  # a fragment of the call's arguments JSON; fragments concatenate to the full object
+
+    def openai_delta(self) -> dict:
+        return {"tool_calls": [{"index": self.index, "function": {"arguments": self.arguments}}]}
+
+
+Event = ReasoningDelta | ContentDelta | ToolCallStart | ToolCallArguments
+
+
+@dataclass
+class _Stripped:
+    """Emits text with leading/trailing whitespace removed overall: whitespace waits for what follows."""
+
+    started: bool = False
+    pending: str = ""
+
+    def push(self, text: str) -> str:
+        if not self.started:
+            text = text.lstrip()
+            if not text:
+                return ""
+        body = text.rstrip()
+        trailing = text[len(body) :]
+        out = ""
+        if body:
+            out, self.pending, self.started = self.pending + body, "", True
+        self.pending += trailing
+        return out
+
+
+@dataclass
+class _State:
+    mode: str = "content"  # content | channel | call | done
+    buffer: str = ""
+    channel_head_pending: bool = False  # the channel name ("thought") is not decided yet
+    channel_text: str = ""  # the open channel's text, for the unterminated-channel fallback
+    ended_in_channel: bool = False
+    call_body: str = ""
+    calls: int = 0
+    content: _Stripped = field(default_factory=_Stripped)
+    reasoning: _Stripped = field(default_factory=_Stripped)
+
+
+class StreamParser:
+    """Incremental Gemma 4 response parser; see the module docstring."""
+
+    def __init__(self, make_id: Callable[[int], str] | None = None):
+        self._make_id = make_id or default_call_id
+        self._s = _State()
+        self._events: list[Event] = []
+        self._finished = False
+        self.warnings: list[str] = []
+
+    # ------------------------------------------------------------------------------------------ public
+    def feed(self, text: str) -> list[Event]:
+        if self._finished:
+            raise RuntimeError("StreamParser.feed() called after finish()")
+        self._s.buffer += text
+        self._process(final=False)
+        return self._take()
+
+    def finish(self, complete: bool = False) -> list[Event]:
+        """Flush everything held back. `complete`: generation stopped on an end-of-turn token that is not in
+        the text (see `parse_response`)."""
+        if self._finished:
+            raise RuntimeError("StreamParser.finish() called twice")
+        self._finished = True
+        self._process(final=True)
+        s = self._s
+        if s.mode == "call":
+            self._end_call(terminated=False)
+        unterminated = s.ended_in_channel or (s.mode == "channel" and complete)
+        if unterminated and not s.content.started and s.channel_text.strip():
+            self._warn("the thought channel was never closed; its text is returned as content too")
+            self._content(s.channel_text)
+        return self._take()
+
+    # ----------------------------------------------------------------------------------------- scanning
+    def _process(self, final: bool) -> None:
+        s = self._s
+        while s.buffer and s.mode != "done":
+            if s.mode == "channel" and s.channel_head_pending and not self._channel_head(final):
+                return
+            match = _WATCH_RE[s.mode].search(s.buffer)
+            if match:
+                self._route(s.buffer[: match.start()])
+                s.buffer = s.buffer[match.end() :]
+                self._on_delimiter(match.group())
+                continue
+            hold = len(s.buffer) if final else _partial_delimiter_start(s.buffer)
+            self._route(s.buffer[:hold])
+            s.buffer = s.buffer[hold:]
+            return
+        if s.mode == "done":
+            s.buffer = ""
+
+    def _channel_head(self, final: bool) -> bool:
+        """Drop the channel name `thought` (kept if it is the start of a word like "thoughtful").
+        Returns False while too little text has arrived to tell."""
+        s = self._s
+        head = s.buffer.split("<", 1)[0]
+        decidable = final or "<" in s.buffer or len(head) > len(THOUGHT)
+        if not decidable and THOUGHT.startswith(head[: len(THOUGHT)]):
+            return False
+        rest = head[len(THOUGHT) :]
+        if head.startswith(THOUGHT) and not (rest[:1].isalnum() or rest[:1] == "_"):
+            s.buffer = s.buffer[len(THOUGHT) :]
+        s.channel_head_pending = False
+        return True
+
+    def _route(self, text: str) -> None:
+        if not text:
+            return
+        s = self._s
+        if s.mode == "content":
+            self._content(text)
+        elif s.mode == "channel":
+            s.channel_text += text
+            out = s.reasoning.push(text)
+            if out:
+                self._events.append(ReasoningDelta(out))
+        elif s.mode == "call":
+            s.call_body += text
+
+    def _on_delimiter(self, delim: str) -> None:
+        s = self._s
+        if s.mode == "call":
+            if delim == CALL_OPEN:  # a new call before the previous one was closed
+                self._end_call(terminated=True)
+                s.mode = "call"
+                return
+            self._end_call(terminated=True)
+            s.mode = "done" if delim in TURN_ENDS else "content"
+            return
+        if delim in TURN_ENDS:
+            s.ended_in_channel = s.mode == "channel"
+            s.mode = "done"
+        elif delim == CHANNEL_OPEN and s.mode == "content":
+            s.mode, s.channel_head_pending, s.channel_text = "channel", True, ""
+            if s.reasoning.started:
+                s.reasoning.pending += "\n"  # separates the text of successive thought channels
+        elif delim == CHANNEL_CLOSE and s.mode == "channel":
+            s.mode = "content"
+        elif delim == CALL_OPEN:
+            s.mode, s.call_body = "call", ""
+        # Anything else is a stray marker (a closer with nothing open, a nested opener): dropped.
+
+    # ----------------------------------------------------------------------------------------- emitting
+    def _content(self, text: str) -> None:
+        out = self._s.content.push(text)
+        if out:
+            self._events.append(ContentDelta(out))
+
+    def _end_call(self, terminated: bool) -> None:
+        s = self._s
+        body, s.call_body = s.call_body, ""
+        try:
+            calls = parse_tool_call_body(body, terminated=terminated)
+        except (ArgumentSyntaxError, json.JSONDecodeError) as e:
+            how = "cut off" if not terminated else "malformed"
+            self._warn(f"tool call {how} ({e}); returned as content: {body[:120]!r}")
+            self._content(CALL_OPEN + body)
+            return
+        for name, arguments in calls:
+            index = s.calls
+            s.calls += 1
+            self._events.append(ToolCallStart(index, self._make_id(index), name))
+            self._events.append(ToolCallArguments(index, json.dumps(arguments, ensure_ascii=False)))
+
+    def _warn(self, message: str) -> None:
+        self.warnings.append(message)
+        logger.warning("gemma4 response parsing: %s", message)
+
+    def _take(self) -> list[Event]:
+        events, self._events = self._events, []
+        return events
+
+
+def _partial_delimiter_start(buffer: str) -> int:
+    """Where a possibly incomplete delimiter begins at the end of `buffer` (len(buffer) if none).
+    Every delimiter has a single '<', at its start, so only the last '<' can begin one."""
+    start = buffer.rfind("<")
+    if start < 0:
+        return len(buffer)
+    tail = buffer[start:]
+    if any(d.startswith(tail) and d != tail for d in _ALL_DELIMS):
+        return start
+    return len(buffer)
+
+
+def accumulate(events: Iterable[Event]) -> dict:
+    """Fold events into {"role", "content", "reasoning_content", "tool_calls"} (the `parse_response` shape)."""
+    content, reasoning = [], []
+    calls: dict[int, dict] = {}
+    arguments: dict[int, list[str]] = {}
+    for event in events:
+        if isinstance(event, ContentDelta):
+            content.append(event.text)
+        elif isinstance(event, ReasoningDelta):
+            reasoning.append(event.text)
+        elif isinstance(event, ToolCallStart):
+            calls[event.index] = {"id": event.id, "type": "function", "function": {"name": event.name}}
+            arguments[event.index] = []
+        elif isinstance(event, ToolCallArguments):
+            arguments[event.index].append(event.arguments)
+    tool_calls = []
+    for index in sorted(calls):
+        call = calls[index]
+        call["function"]["arguments"] = json.loads("".join(arguments[index]) or "{}")
+        tool_calls.append(call)
+    return {
+        "role": "assistant",
+        "content": "".join(content) or None,
+        "reasoning_content": "".join(reasoning) or None,
+        "tool_calls": tool_calls,
+    }

@@ -1,0 +1,347 @@
+"""Gemma 4 tokenizer: a thin, explicit wrapper around `tokenizers.Tokenizer`.
+
+Loads `tokenizer.json` (the BPE model), `tokenizer_config.json` (bos/eos/pad names, whether bos is added,
+multimodal token names) and the chat template (`chat_template.jinja`, `chat_template.json` or the config's
+`chat_template` key) from a checkpoint directory or a Hugging Face hub id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+
+# Files fetched from the hub: everything the tokenizer and the chat template need, nothing else.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "special_tokens_map.json",
+)
+
+# Gemma 4 control tokens, by attribute stem: `tok.turn_start_id` is the id of "<|turn>".
+# Multimodal names are read from tokenizer_config.json when present (see `_config_token_names`).
+GEMMA4_TOKENS = {
+    "turn_start": "<|turn>",
+    "turn_end": "<turn|>",
+    "channel_start": "<|channel>",
+    "channel_end": "<channel|>",
+    "think": "<|think|>",
+    "tool_start": "<|tool>",
+    "tool_end": "<tool|>",
+    "tool_call_start": "<|tool_call>",
+    "tool_call_end": "<tool_call|>",
+    "tool_response_start": "<|tool_response>",
+    "tool_response_end": "<tool_response|>",
+    "string_delimiter": '<|"|>',
+    "image_start": "<|image>",
+    "image_end": "<image|>",
+    "image_token": "<|image|>",
+    "audio_start": "<|audio>",
+    "audio_end": "<audio|>",
+    "audio_token": "<|audio|>",
+    "video_token": "<|video|>",
+}
+
+# tokenizer_config.json key -> attribute stem above.
+_CONFIG_TOKEN_KEYS = {
+    "boi_token": "image_start",
+    "eoi_token": "image_end",
+    "image_token": "image_token",
+    "boa_token": "audio_start",
+    "eoa_token": "audio_end",
+    "audio_token": "audio_token",
+    "video_token": "video_token",
+}
+
+_BASIC_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token")
+
+
+def _token_content(value: Any) -> str | None:
+    """Config entries are either a string or an AddedToken-like dict {"content": ...}."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); re-download the checkpoint's tokenizer files.") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object; re-download the checkpoint's tokenizer files.")
+    return data
+
+
+def resolve_tokenizer_dir(path_or_repo: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local directory as is; otherwise a hub id (`org/name`) downloaded with only the tokenizer files."""
+    path = Path(path_or_repo).expanduser()
+    if path.is_dir():
+        return path
+    text = str(path_or_repo)
+    looks_like_repo = text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.exists()
+    if not looks_like_repo:
+        raise FileNotFoundError(
+            f"Tokenizer directory {text!r} does not exist: pass a checkpoint directory or a hub id like 'google/gemma-4-E2B-it'."
+        )
+    from huggingface_hub import snapshot_download  # imported lazily: only hub ids need it
+
+    return Path(snapshot_download(text, revision=revision, allow_patterns=list(TOKENIZER_FILES)))
+
+
+def _load_chat_template(directory: Path, config: dict) -> str | dict[str, str] | None:
+    jinja_file = directory / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    json_file = directory / "chat_template.json"
+    if json_file.is_file():
+        template = _read_json(json_file).get("chat_template")
+        if template is not None:
+            return template
+    template = config.get("chat_template")
+    if isinstance(template, list):  # legacy multi-template form: [{"name": ..., "template": ...}, ...]
+        return {entry["name"]: entry["template"] for entry in template}
+    return template
+
+
+class Tokenizer:
+    """Gemma 4 tokenizer. Ids equal transformers' `AutoTokenizer` for the same files."""
+
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        config: dict | None = None,
+        chat_template: str | dict[str, str] | None = None,
+    ):
+        self.backend = backend
+        self.config = dict(config or {})
+        self.chat_template = chat_template
+        self._added = {tok.content: tok for tok in backend.get_added_tokens_decoder().values()}
+
+        self.bos_token = self._config_token("bos_token")
+        self.eos_token = self._config_token("eos_token")
+        self.pad_token = self._config_token("pad_token")
+        self.unk_token = self._config_token("unk_token")
+        self.mask_token = self._config_token("mask_token")
+        self.token_names = dict(GEMMA4_TOKENS)
+        self.token_names.update(self._config_token_names())
+
+        # transformers skips the special added tokens of tokenizer.json *and* the named special tokens of the
+        # config (e.g. "<mask>", which tokenizer.json does not flag as special).
+        named = [self._config_token(key) for key in _BASIC_SPECIAL_KEYS] + list(self._extra_special_tokens().values())
+        self.special_ids = frozenset(
+            {tid for tid, tok in backend.get_added_tokens_decoder().items() if tok.special}
+            | {tid for tid in (self.token_to_id(t) for t in named if t) if tid is not None}
+        )
+
+    # ----------------------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, path_or_repo: str | os.PathLike, *, revision: str | None = None) -> Tokenizer:
+        directory = resolve_tokenizer_dir(path_or_repo, revision)
+        tokenizer_file = directory / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise FileNotFoundError(
+                f"No tokenizer.json in {directory}: point to a Gemma 4 checkpoint directory that contains it."
+            )
+        config_file = directory / "tokenizer_config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(
+                f"No tokenizer_config.json in {directory}: copy it from the checkpoint next to tokenizer.json."
+            )
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise ValueError(f"Cannot load {tokenizer_file} ({e}); re-download the checkpoint's tokenizer files.") from e
+        config = _read_json(config_file)
+        special_map = directory / "special_tokens_map.json"
+        if special_map.is_file():  # older checkpoints keep bos/eos names here; tokenizer_config.json wins
+            config = {**_read_json(special_map), **config}
+        return cls(backend, config, _load_chat_template(directory, config))
+
+    def _config_token(self, key: str) -> str | None:
+        return _token_content(self.config.get(key))
+
+    def _extra_special_tokens(self) -> dict[str, str]:
+        extra = self.config.get("extra_special_tokens") or {}
+        names = {}
+        if isinstance(extra, dict):
+            names.update({k: _token_content(v) for k, v in extra.items()})
+        for key in _CONFIG_TOKEN_KEYS:
+            if key in self.config and _token_content(self.config[key]):
+                names[key] = _token_content(self.config[key])
+        return {k: v for k, v in names.items() if v}
+
+    def _config_token_names(self) -> dict[str, str]:
+        extra = self._extra_special_tokens()
+        return {stem: extra[key] for key, stem in _CONFIG_TOKEN_KEYS.items() if key in extra}
+
+    # -------------------------------------------------------------------------------------------- vocabulary
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(int(token_id))
+
+    def _named_id(self, stem: str) -> int | None:
+        token = self.token_names.get(stem)
+        return self.token_to_id(token) if token else None
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.token_to_id(self.bos_token) if self.bos_token else None
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.token_to_id(self.eos_token) if self.eos_token else None
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.token_to_id(self.pad_token) if self.pad_token else None
+
+    @property
+    def unk_token_id(self) -> int | None:
+        return self.token_to_id(self.unk_token) if self.unk_token else None
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Tokens that end a chat generation: eos, end of turn, and the start of a tool response
+        (the model stops there and waits for the tool's result)."""
+        ids = [self.eos_token_id, self.turn_end_id, self.tool_response_start_id]
+        return list(dict.fromkeys(i for i in ids if i is not None))
+
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        """Named special tokens, as the chat template sees them (bos_token, eos_token, image_token, ...)."""
+        names = {key: self._config_token(key) for key in _BASIC_SPECIAL_KEYS}
+        names.update(self._extra_special_tokens())
+        return {k: v for k, v in names.items() if v}
+
+    @property
+    def padding_side(self) -> str:
+        return self.config.get("padding_side", "left")
+
+    # --------------------------------------------------------------------------------------- encode / decode
+    def _adds_bos_eos(self) -> tuple[bool, bool] | None:
+        """(add bos, add eos) from the config, or None to let tokenizer.json's post-processor decide."""
+        if "add_bos_token" not in self.config and "add_eos_token" not in self.config:
+            return None
+        return bool(self.config.get("add_bos_token", False)), bool(self.config.get("add_eos_token", False))
+
+    def _wrap(self, ids: list[int]) -> list[int]:
+        add_bos, add_eos = self._adds_bos_eos()
+        if add_bos and self.bos_token_id is not None:
+            ids = [self.bos_token_id, *ids]
+        if add_eos and self.eos_token_id is not None:
+            ids = [*ids, self.eos_token_id]
+        return ids
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`. Special tokens written in the text (e.g. "<|turn>") map to their ids."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode() takes a str, got {type(text).__name__}")
+        if add_special_tokens and self._adds_bos_eos() is not None:
+            return self._wrap(self.backend.encode(text, add_special_tokens=False).ids)
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def batch_encode(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
+        if add_special_tokens and self._adds_bos_eos() is not None:
+            return [self._wrap(e.ids) for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        ids = _as_int_list(ids)
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self.special_ids]
+        return self.backend.decode(ids, skip_special_tokens=False)
+
+    def batch_decode(self, sequences: Iterable[Iterable[int]], skip_special_tokens: bool = False) -> list[str]:
+        if hasattr(sequences, "tolist"):
+            sequences = sequences.tolist()
+        return [self.decode(seq, skip_special_tokens=skip_special_tokens) for seq in sequences]
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.encode(text, add_special_tokens=add_special_tokens)
+
+    # --------------------------------------------------------------------------------------------- chat
+    def get_chat_template(self, chat_template: str | None = None, tools: list | None = None) -> str:
+        """The template to render: an explicit one, else the checkpoint's (its "tool_use" variant when tools
+        are given and the checkpoint ships named templates)."""
+        template = chat_template if chat_template is not None else self.chat_template
+        if isinstance(template, dict):
+            if chat_template is not None and chat_template in template:
+                return template[chat_template]
+            key = "tool_use" if tools and "tool_use" in template else "default"
+            if key not in template:
+                raise ValueError(f"The checkpoint has chat templates {sorted(template)} but no 'default' one: pass chat_template=NAME.")
+            return template[key]
+        if not template:
+            raise ValueError(
+                "This tokenizer has no chat template: pass chat_template=... or load a checkpoint with chat_template.jinja."
+            )
+        return template
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[dict],
+        tools: Sequence[dict | Any] | None = None,
+        add_generation_prompt: bool = True,
+        tokenize: bool = False,
+        enable_thinking: bool = False,
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ) -> str | list[int]:
+        """Render `messages` with the checkpoint's chat template, exactly as transformers does.
+
+        Returns the prompt text, or its token ids with `tokenize=True` (the template writes `<bos>` itself,
+        so no special tokens are added on encoding).
+        """
+        from .chat import render_chat_template
+
+        text = render_chat_template(
+            self.get_chat_template(chat_template, tools),
+            messages,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            special_tokens=self.special_tokens_map,
+            enable_thinking=enable_thinking,
+            **kwargs,
+        )
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r})"
+
+
+def _as_int_list(ids: Iterable[int]) -> list[int]:
+    if hasattr(ids, "tolist"):  # torch tensors and numpy arrays
+        ids = ids.tolist()
+    if isinstance(ids, int):
+        return [ids]
+    return [int(i) for i in ids]
+
+
+def _token_id_property(stem: str) -> property:
+    def getter(self: Tokenizer) -> int | None:
+        return self._named_id(stem)
+
+    getter.__doc__ = f"Id of the Gemma 4 {stem.replace('_', ' ')} token ({GEMMA4_TOKENS[stem]} by default), or None."
+    return property(getter)
+
+
+for _stem in GEMMA4_TOKENS:
+    setattr(Tokenizer, f"{_stem}_id", _token_id_property(_stem))
+del _stem

@@ -1,0 +1,98 @@
+"""Random weights of any size: how users, tests and benchmarks get a Gemma 4 model without a download.
+
+Values are varied on purpose (norm weights, layer scalars, router scales and clip bounds are not left at their
+neutral 1 / +-inf), so that a term dropped by an implementation changes the logits."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from .config import Config, PRESET_DIR
+
+
+# Matrices get std GAIN / sqrt(fan_in). Below 1 the random network is less chaotic, so float rounding (e.g. another
+# attention kernel's summation order) is not amplified layer after layer into visible logit differences.
+GAIN = 0.5
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+
+    def uniform(t, low, high):
+        t.copy_(torch.rand(t.shape, generator=generator) * (high - low) + low)
+
+    # state_dict() holds what a checkpoint holds (not derived buffers such as RoPE tables), sharing storage.
+    for name, tensor in model.state_dict().items():
+        leaf = name.rsplit(".", 1)[-1]
+        if not tensor.is_floating_point():
+            continue
+        if leaf.endswith("_min"):  # clip bounds of clippable linears: finite, so clipping really happens
+            uniform(tensor, -3.0, -1.5)
+        elif leaf.endswith("_max"):
+            uniform(tensor, 1.5, 3.0)
+        elif leaf == "layer_scalar":
+            uniform(tensor, 0.5, 1.0)
+        elif tensor.dim() <= 1:  # norm weights, router scales, biases: around 1 (or small for biases)
+            if leaf == "bias":
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.02)
+            else:
+                uniform(tensor, 0.5, 1.5)
+        else:  # matrices: unit-variance outputs for unit-variance inputs
+            fan_in = tensor.shape[-1]
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * (GAIN * fan_in**-0.5))
+    return model
+
+
+def random_config(preset: str, num_layers: int | None = None, text_only: bool = False) -> Config:
+    config = Config.preset(preset)
+    text = config.text_config
+    if num_layers is not None and num_layers != text.num_hidden_layers:
+        data = text.to_dict()
+        # Keep the layer pattern and the share of KV-shared layers; the last layer stays global.
+        pattern = text.layer_types
+        data["layer_types"] = [pattern[i % len(pattern)] for i in range(num_layers)]
+        data["num_hidden_layers"] = num_layers
+        shared = round(text.num_kv_shared_layers * num_layers / text.num_hidden_layers)
+        data["num_kv_shared_layers"] = min(shared, max(num_layers - 6, 0)) if shared else 0
+        data["per_layer_config"] = None
+        data["global_head_dim"] = text.global_head_dim
+        data["num_global_key_value_heads"] = text.num_global_key_value_heads
+        config.text_config = type(text).from_dict(data)
+    if text_only:
+        config.vision_config = config.audio_config = None
+    return config
+
+
+def write_random_checkpoint(preset: str, out: str | Path, num_layers: int | None = None, text_only: bool = False,
+                            dtype: torch.dtype = torch.bfloat16, tokenizer: str | Path | None = None,
+                            seed: int = 0) -> Path:
+    from .model.gemma4 import Model
+
+    config = random_config(preset, num_layers, text_only)
+    if text_only:
+        config.layout = "text"
+    with torch.device("meta"):
+        model = Model(config)
+    model = model.to_empty(device="cpu")
+    randomize_(model, seed)
+    model = model.to(dtype)
+    out = Path(out)
+    generation = json.loads((PRESET_DIR / _preset_dir(preset) / "generation_config.json").read_text())
+    model.save_pretrained(out, generation_config=generation)
+    shutil.copy(PRESET_DIR / _preset_dir(preset) / "processor_config.json", out / "processor_config.json")
+    if tokenizer is not None:
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer) / name).is_file():
+                shutil.copy(Path(tokenizer) / name, out / name)
+    return out
+
+
+def _preset_dir(preset: str) -> str:
+    from .config import PRESETS
+    return {p.lower(): p for p in PRESETS}[preset.lower()]
