@@ -2,3 +2,20 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests import their shared helpers (reference.py)
+
+
+# ---- BEGIN gemma4_tokenizer_dir fixture (chat/tokenizer tests) ----
+import os as _os
+
+import pytest as _pytest
+
+
+@_pytest.fixture(scope="session")
+def gemma4_tokenizer_dir() -> Path:
+    """The Gemma 4 tokenizer files: $GEMMA4_TOKENIZER_DIR, else <repo>/../shared/tokenizer; skips if absent."""
+    env = _os.environ.get("GEMMA4_TOKENIZER_DIR")
+    directory = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "tokenizer"
+    if not (directory / "tokenizer.json").is_file():
+        _pytest.skip(f"Gemma 4 tokenizer files not found in {directory} (set GEMMA4_TOKENIZER_DIR)")
+    return directory
+# ---- END gemma4_tokenizer_dir fixture ----
