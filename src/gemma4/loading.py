@@ -134,6 +134,10 @@ def load_model(path_or_id, dtype=None, device="cpu", with_towers: bool = True, p
             raise CheckpointError(f"{checkpoint_key(name, config.layout)} has shape {tuple(tensor.shape)}, "
                                   f"config.json implies {tuple(shapes[name])}")
     model.load_state_dict(state, assign=True, strict=True)
+    generation_config = directory / "generation_config.json"
+    if generation_config.is_file():
+        model.generation_config = json.loads(generation_config.read_text())
+    model.checkpoint_dir = directory
     return model.eval().requires_grad_(False)
 
 

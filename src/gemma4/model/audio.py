@@ -223,8 +223,9 @@ class AudioTower(nn.Module):
         """valid (B, T) -> allowed (B, 1, N, chunk, W): may query i of block n attend to context key j?
 
         Query step s = n*chunk + i, key step u = n*chunk - past + j. Allowed when both lie inside the sequence,
-        the key is real audio, and -context_right < s - u < context_left - 1 (the reference's sliding window:
-        the oldest step of the context, s - u = context_left - 1, is never attended)."""
+        the key is real audio, and 0 <= s - u < context_left - 1 or 0 < u - s < context_right (the reference's
+        sliding window: the oldest step of the context, s - u = context_left - 1, is never attended, and with
+        context_right = 0 neither is any future step)."""
         c = self.config
         chunk, past, right = c.attention_chunk_size, c.attention_context_left - 1, c.attention_context_right
         b, t = valid.shape
@@ -234,7 +235,8 @@ class AudioTower(nn.Module):
         key = (torch.arange(num_blocks, device=valid.device) * chunk - past).view(num_blocks, 1, 1) + torch.arange(
             width, device=valid.device)  # (N, 1, W)
         distance = query - key  # (N, C, W)
-        in_window = (distance > -right) & (distance < past) & (query < t) & (key >= 0) & (key < t)
+        in_window = ((distance >= 0) & (distance < past)) | ((distance < 0) & (-distance < right))
+        in_window &= (query < t) & (key >= 0) & (key < t)
         key_valid = valid[:, key.clamp(0, t - 1).squeeze(1)]  # (B, N, W)
         return (in_window[None] & key_valid[:, :, None, :])[:, None]
 

@@ -39,6 +39,7 @@ class Model(nn.Module):
         if not with_towers:
             config.vision_config = config.audio_config = None
         self.config = config
+        self.generation_config: dict = {}  # the checkpoint's generation_config.json, when loaded from one
         self.model = Backbone(config)
         text = config.text_config
         self.lm_head = None if text.tie_word_embeddings else nn.Linear(text.hidden_size, text.vocab_size, bias=False)
@@ -65,6 +66,11 @@ class Model(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.text.embed_tokens.weight.device
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """transformers-style generation; see engine/generate.py for the arguments."""
+        from ..engine.generate import generate
+        return generate(self, input_ids, attention_mask, **kwargs)
 
     def make_cache(self, batch_size: int, max_len: int) -> KVCache:
         """Sliding layers get a ring buffer of `sliding_window` slots, global layers `max_len`, KV-shared none."""

@@ -17,6 +17,7 @@ import dataclasses
 import inspect
 import json
 import re
+import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
@@ -118,9 +119,7 @@ def _plain(value: Any) -> Any:
     whether media keys exist."""
     if value is None or type(value) in (str, int, float, bool):
         return value
-    if isinstance(value, bool):
-        return bool(value)
-    if isinstance(value, str):
+    if isinstance(value, str):  # subclasses (enums, ...) carry extra methods: keep only the base value
         return str.__str__(value)
     if isinstance(value, int):
         return int.__int__(value)
@@ -270,7 +269,7 @@ def _type_schema(hint: Any) -> dict:
         return {}
     origin = typing.get_origin(hint)
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, getattr(types, "UnionType", None)):
         schema = _type_schema(args[0]) if len(args) == 1 else {"type": [_type_schema(a).get("type") for a in args]}
         if len(args) < len(typing.get_args(hint)):
             schema["nullable"] = True
@@ -454,7 +453,8 @@ def openai_to_gemma_messages(messages: Sequence[Mapping]) -> list[dict]:
       made the calls: the template then continues the model turn with `<|tool_response>...<tool_response|>`.
       The function name comes from the matching `tool_call_id`, else the message's `name`, else the next
       unanswered call. An assistant reply right after tool results joins that same message, so the history
-      reads exactly as the model generated it (one model turn: calls, responses, answer).
+      reads exactly as the model generated it (one model turn: calls, responses, answer). Text the assistant
+      wrote before its calls is dropped once results follow: the template has no place for it there.
     - earlier turns' reasoning is passed as `reasoning_content`; the template keeps it only where it means
       to (tool-calling turns after the last user message) and strips thinking from assistant text.
     """
@@ -522,9 +522,14 @@ def _append_tool_result(out: list[dict], message: Mapping, where: str, call_name
         pending.remove(name)
     response = {"name": name, "response": _tool_response_value(message.get("content"), where)}
     previous = out[-1] if out else None
-    if previous and previous["role"] == "assistant" and "content" not in previous and (
+    answered = previous is not None and bool(previous.get("tool_responses")) and "content" in previous
+    if previous and previous["role"] == "assistant" and not answered and (
         previous.get("tool_calls") or previous.get("tool_responses")
     ):
+        if not previous.get("tool_responses"):
+            # The template writes a turn's text after its tool responses and then closes the turn, so text
+            # written before the calls ("Let me check.") cannot stay in a turn that goes on with results.
+            previous.pop("content", None)
         previous.setdefault("tool_responses", []).append(response)
     else:  # a result with no call before it still belongs to a model turn
         out.append({"role": "assistant", "tool_responses": [response]})

@@ -172,7 +172,7 @@ class StreamParser:
             s.buffer = ""
 
     def _channel_head(self, final: bool) -> bool:
-        """Drop the channel name `thought` (kept if it is the start of a word like "thoughtful").
+        """Drop the channel name `thought` and the newline after it (kept if it starts a word: "thoughtful").
         Returns False while too little text has arrived to tell."""
         s = self._s
         head = s.buffer.split("<", 1)[0]
@@ -181,7 +181,7 @@ class StreamParser:
             return False
         rest = head[len(THOUGHT) :]
         if head.startswith(THOUGHT) and not (rest[:1].isalnum() or rest[:1] == "_"):
-            s.buffer = s.buffer[len(THOUGHT) :]
+            s.buffer = s.buffer[len(THOUGHT) + rest.startswith("\n") :]
         s.channel_head_pending = False
         return True
 

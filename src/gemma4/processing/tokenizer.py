@@ -93,7 +93,13 @@ def resolve_tokenizer_dir(path_or_repo: str | os.PathLike, revision: str | None 
         )
     from huggingface_hub import snapshot_download  # imported lazily: only hub ids need it
 
-    return Path(snapshot_download(text, revision=revision, allow_patterns=list(TOKENIZER_FILES)))
+    try:
+        return Path(snapshot_download(text, revision=revision, allow_patterns=list(TOKENIZER_FILES)))
+    except Exception as e:  # offline, unknown repo, gated model, ...
+        raise FileNotFoundError(
+            f"{text!r} is not a local directory and could not be fetched from the hub ({type(e).__name__}: {e}); "
+            "pass a checkpoint directory, or log in / go online for a hub id."
+        ) from e
 
 
 def _load_chat_template(directory: Path, config: dict) -> str | dict[str, str] | None:

@@ -1,0 +1,151 @@
+"""Sampling: per-request parameters and a pure function from logits to the next token.
+
+Order of operations (as in transformers and vLLM): penalties -> temperature -> top-k -> top-p -> min-p -> draw.
+Logprobs reported are those of the model's own distribution (log-softmax of the raw logits), as vLLM reports them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+# Gemma 4's generation_config.json: temperature 1.0, top_p 0.95, top_k 64; stop on <eos>, <turn|>, <|tool_response>.
+GEMMA4_DEFAULTS = {"temperature": 1.0, "top_p": 0.95, "top_k": 64}
+GEMMA4_STOP_IDS = (1, 106, 50)
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # transformers' rule, over prompt and output
+    presence_penalty: float = 0.0  # OpenAI's rules, over the output
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] | None = None  # None: the checkpoint's own stop ids
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; 0: the chosen token's; n: plus the top n
+    min_tokens: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.validate()
+
+    def validate(self) -> None:
+        def fail(message):
+            raise ValueError(message)
+
+        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+            fail(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not 0 <= self.temperature <= 100:
+            fail(f"temperature must be in [0, 100], got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            fail(f"top_p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            fail(f"top_k must be a non-negative integer (0 = off), got {self.top_k!r}")
+        if not 0 <= self.min_p <= 1:
+            fail(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            fail(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                fail(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            fail(f"logprobs must be in [0, 20], got {self.logprobs}")
+        if self.min_tokens < 0:
+            fail(f"min_tokens must be >= 0, got {self.min_tokens}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SamplingParams":
+        names = {f.name for f in dataclasses.fields(cls)}
+        if unknown := sorted(set(data) - names):
+            raise ValueError(f"unknown sampling parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        return cls(**data)
+
+    @classmethod
+    def defaults_for(cls, checkpoint_dir: str | Path | None, **overrides) -> "SamplingParams":
+        """The checkpoint's generation_config.json defaults, then `overrides`."""
+        values = dict(GEMMA4_DEFAULTS)
+        path = Path(checkpoint_dir, "generation_config.json") if checkpoint_dir else None
+        if path is not None and path.is_file():
+            config = json.loads(path.read_text())
+            values = {k: config[k] for k in ("temperature", "top_p", "top_k") if k in config}
+            if not config.get("do_sample", True):
+                values["temperature"] = 0.0
+        return cls.from_dict({**values, **overrides})
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: torch.Tensor,
+                    output_ids: torch.Tensor) -> torch.Tensor:
+    """logits [V] of one sequence; ids 1-D."""
+    if params.repetition_penalty != 1.0:
+        seen = torch.cat([prompt_ids, output_ids]).unique()
+        picked = logits[seen]
+        # Make seen tokens less likely whatever their sign: divide positive logits, multiply negative ones.
+        logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
+    if (params.presence_penalty or params.frequency_penalty) and output_ids.numel():
+        counts = torch.bincount(output_ids, minlength=logits.shape[-1])[: logits.shape[-1]].to(logits.dtype)
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def next_token_distribution(logits: torch.Tensor, params: SamplingParams, prompt_ids: torch.Tensor | None = None,
+                            output_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The probabilities [V] that the next token is drawn from (a one-hot for greedy). Pure: `logits` is not changed."""
+    logits = logits.float().clone()
+    empty = torch.empty(0, dtype=torch.long, device=logits.device)
+    logits = apply_penalties(logits, params, prompt_ids if prompt_ids is not None else empty,
+                             output_ids if output_ids is not None else empty)
+    if params.greedy:
+        return torch.nn.functional.one_hot(logits.argmax(), logits.shape[-1]).float()
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = logits.topk(params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if params.top_p < 1.0:
+        # Keep the smallest set of most likely tokens whose mass reaches top_p (the token that crosses it included).
+        sorted_probs, order = probs.sort(descending=True)
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs
+        drop = torch.zeros_like(probs, dtype=torch.bool).scatter(0, order, mass_before >= params.top_p)
+        probs = probs.masked_fill(drop, 0.0)
+    if params.min_p > 0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+    return probs / probs.sum()
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+@dataclass
+class TokenLogprobs:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the n most likely (token id, logprob), most likely first
+
+
+def token_logprobs(logits: torch.Tensor, token: int, n: int) -> TokenLogprobs:
+    logprobs = logits.float().log_softmax(-1)
+    top = logprobs.topk(n) if n else None
+    pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+    return TokenLogprobs(token, float(logprobs[token]), pairs)
