@@ -18,6 +18,124 @@ def cmd_init(args) -> None:
     print(f"wrote a RANDOM-WEIGHT {args.preset} checkpoint to {out}")
 
 
+def _sampling_overrides(args) -> dict:
+    values = {"max_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+              "top_k": args.top_k, "seed": args.seed}
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _load_llm(args):
+    from .llm import LLM
+
+    return LLM(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer)
+
+
+def cmd_generate(args) -> None:
+    import time
+
+    llm = _load_llm(args)
+    params = llm._params(_sampling_overrides(args))
+    start, count = time.perf_counter(), 0
+    prompt = llm.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    for delta in llm.stream(prompt, params):
+        count += 1
+        print(delta, end="", flush=True)
+    elapsed = time.perf_counter() - start
+    print(f"\n[{count} chunks in {elapsed:.1f}s]", file=sys.stderr)
+
+
+def cmd_chat(args) -> None:
+    from .processing.stream_parse import ContentDelta, ReasoningDelta, StreamParser
+
+    llm = _load_llm(args)
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    dim, reset = ("\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "")
+    print("gemma4 chat — /reset clears the history, /exit quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if line.strip() == "/exit":
+            break
+        if line.strip() == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        history.append({"role": "user", "content": line})
+        prompt = llm.chat_prompt(history, enable_thinking=args.think)
+        parser, answer = StreamParser(), []
+        params = llm._params(_sampling_overrides(args))
+        for delta in llm.stream(prompt, params, skip_special_tokens=False):
+            for event in parser.feed(delta):
+                if isinstance(event, ReasoningDelta):
+                    print(f"{dim}{event.text}{reset}", end="", flush=True)
+                elif isinstance(event, ContentDelta):
+                    answer.append(event.text)
+                    print(event.text, end="", flush=True)
+        for event in parser.finish():
+            if isinstance(event, ContentDelta):
+                answer.append(event.text)
+                print(event.text, end="", flush=True)
+        print()
+        # Thoughts stay out of the history, as the chat template intends.
+        history.append({"role": "assistant", "content": "".join(answer)})
+
+
+def cmd_demo(args) -> None:
+    """Random weights of an official size through the whole stack: template, tokenizer, model, sampler, parser."""
+    import os
+    import time
+
+    import torch
+
+    from .llm import LLM
+    from .model.gemma4 import Model
+    from .random_init import random_config, randomize_
+
+    tokenizer = args.tokenizer or os.environ.get("GEMMA4_TOKENIZER_DIR") or "../shared/tokenizer"
+    if not os.path.isfile(os.path.join(tokenizer, "tokenizer.json")):
+        raise FileNotFoundError(f"no tokenizer.json in {tokenizer}; pass --tokenizer DIR")
+    start = time.perf_counter()
+    config = random_config(args.preset, args.num_layers, text_only=True)
+    with torch.device("meta"):
+        model = Model(config)
+    model = randomize_(model.to_empty(device="cpu"), seed=0).to(torch.bfloat16).eval().requires_grad_(False)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"built {args.preset} ({params / 1e9:.2f}B parameters, {config.text_config.num_hidden_layers} layers) "
+          f"with RANDOM WEIGHTS in {time.perf_counter() - start:.0f}s", file=sys.stderr)
+    llm = LLM(model, tokenizer=tokenizer)
+    start = time.perf_counter()
+    reply = llm.chat([{"role": "user", "content": args.prompt}], params={"max_tokens": args.max_new_tokens,
+                                                                          "seed": 0})
+    elapsed = time.perf_counter() - start
+    print(f"user: {args.prompt}")
+    print(f"model (random weights, so this is noise): {reply['content']!r}")
+    usage = reply["usage"]
+    print(f"[{usage['prompt_tokens']} prompt + {usage['completion_tokens']} new tokens in {elapsed:.1f}s, "
+          f"finish_reason={reply['finish_reason']}]", file=sys.stderr)
+
+
+def _add_model_arguments(p, sampling: bool = True) -> None:
+    p.add_argument("model", help="checkpoint directory or hub id")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the checkpoint's)")
+    if sampling:
+        p.add_argument("--max-new-tokens", type=int, default=None)
+        p.add_argument("--temperature", type=float, default=None)
+        p.add_argument("--top-p", type=float, default=None)
+        p.add_argument("--top-k", type=int, default=None)
+        p.add_argument("--seed", type=int, default=None)
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemma4", description="Run Gemma 4 models: generate, chat, serve, bench.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -31,6 +149,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="directory whose tokenizer files are copied in")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_init)
+
+    p = sub.add_parser("generate", help="stream a completion of a prompt")
+    _add_model_arguments(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
+    p.set_defaults(run=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat in the terminal")
+    _add_model_arguments(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--think", action="store_true", help="enable thinking; thoughts are shown dimmed")
+    p.set_defaults(run=cmd_chat)
+
+    p = sub.add_parser("demo", help="random weights of an official size, run through the whole stack")
+    p.add_argument("--preset", default="E2B")
+    p.add_argument("--num-layers", type=int, default=None)
+    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--prompt", default="Why is the sky blue?")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.set_defaults(run=cmd_demo)
     return parser
 
 

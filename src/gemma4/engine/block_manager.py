@@ -1,0 +1,75 @@
+"""KV memory: global layers' K/V in fixed-size blocks (paged), sliding layers in one ring of `window` slots per
+running sequence, KV-shared layers nothing.
+
+Every global layer shares one block table per sequence (block j holds positions [j*B, (j+1)*B)), so one free list
+serves all of them. Pools are flat: [Hkv, slots, D] per layer, with one trailing trash block / trash slot that
+padding tokens write to and that is never visible (its positions are -1)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import SLIDING, TextConfig
+from .sequence import Sequence
+
+
+class BlockManager:
+    def __init__(self, config: TextConfig, num_blocks: int, block_size: int, max_num_seqs: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+        self.config, self.block_size, self.num_blocks = config, block_size, num_blocks
+        self.window = config.sliding_window
+        self.max_num_seqs = max_num_seqs
+        self.layer_types = config.layer_types
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        for i, layer_type in enumerate(config.layer_types):
+            if config.is_kv_shared(i):
+                continue
+            slots = (max_num_seqs * self.window if layer_type == SLIDING else num_blocks * block_size) + \
+                (1 if layer_type == SLIDING else block_size)  # + trash
+            shape = (config.layer_num_kv_heads[i], slots, config.layer_head_dims[i])
+            self.keys[i] = torch.zeros(shape, dtype=dtype, device=device)
+            self.values[i] = torch.zeros(shape, dtype=dtype, device=device)
+        self.ring_trash = max_num_seqs * self.window
+        self.ring_positions = torch.full((self.ring_trash + 1,), -1, dtype=torch.long, device=device)
+        self.free_blocks = list(range(num_blocks))
+        self.free_rings = list(range(max_num_seqs))
+
+    @property
+    def trash_block(self) -> int:
+        return self.num_blocks
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - len(self.free_blocks) / max(self.num_blocks, 1)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def can_admit(self, seq: Sequence) -> bool:
+        """Room for the whole known sequence plus one decode token."""
+        return bool(self.free_rings) and self.blocks_for(len(seq) + 1) <= len(self.free_blocks)
+
+    def admit(self, seq: Sequence) -> None:
+        seq.ring_slot = self.free_rings.pop()
+        start = seq.ring_slot * self.window
+        self.ring_positions[start:start + self.window] = -1
+        self.reserve(seq, len(seq))
+        seq.num_cached = 0
+
+    def reserve(self, seq: Sequence, num_tokens: int) -> bool:
+        """Make sure blocks exist for positions [0, num_tokens). False when out of blocks."""
+        need = self.blocks_for(num_tokens) - len(seq.block_table)
+        if need > len(self.free_blocks):
+            return False
+        for _ in range(max(need, 0)):
+            seq.block_table.append(self.free_blocks.pop())
+        return True
+
+    def release(self, seq: Sequence) -> None:
+        self.free_blocks.extend(reversed(seq.block_table))
+        seq.block_table = []
+        if seq.ring_slot >= 0:
+            self.free_rings.append(seq.ring_slot)
+        seq.ring_slot = -1
+        seq.num_cached = 0

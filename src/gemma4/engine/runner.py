@@ -1,0 +1,59 @@
+"""ModelRunner: turns a scheduled step into one forward (left-padded chunks, explicit positions, the paged cache
+view) and samples the rows whose chunk reached the end of their known tokens."""
+
+from __future__ import annotations
+
+import torch
+
+from ..model.paged_cache import PagedCacheView
+from .block_manager import BlockManager
+from .sampling import draw, next_token_distribution, token_logprobs
+from .scheduler import Scheduled
+
+
+class ModelRunner:
+    def __init__(self, model, blocks: BlockManager):
+        self.model, self.blocks = model, blocks
+        self.device = model.device
+
+    @torch.no_grad()
+    def run(self, batch: list[Scheduled]) -> list[tuple[int, object] | None]:
+        """One forward over the batch; returns (token, logprobs) per row that samples, else None."""
+        samples = [item.samples for item in batch]  # decided before the forward advances num_cached
+        logits = self.forward(batch)
+        return [self.sample(item, logits[row]) if s else None for row, (item, s) in enumerate(zip(batch, samples))]
+
+    def forward(self, batch: list[Scheduled]) -> torch.Tensor:
+        width = max(item.num_tokens for item in batch)
+        num_blocks = max(max(len(item.seq.block_table) for item in batch), 1)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        positions = torch.zeros(len(batch), width, dtype=torch.long)
+        valid = torch.zeros(len(batch), width, dtype=torch.bool)
+        tables = torch.full((len(batch), num_blocks), self.blocks.trash_block, dtype=torch.long)
+        for row, item in enumerate(batch):
+            seq, n = item.seq, item.num_tokens
+            start = seq.num_cached
+            ids[row, width - n:] = torch.tensor(seq.tokens[start:start + n])  # left padding
+            positions[row, width - n:] = torch.arange(start, start + n)
+            valid[row, width - n:] = True
+            tables[row, :len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.long)
+        ring_slots = torch.tensor([item.seq.ring_slot for item in batch], dtype=torch.long)
+        num_cached = torch.tensor([item.seq.num_cached for item in batch], dtype=torch.long)
+        dev = self.device
+        cache = PagedCacheView(self.blocks, tables.to(dev), ring_slots.to(dev), num_cached.to(dev))
+        logits = self.model(ids.to(dev), attention_mask=valid.to(dev), position_ids=positions.to(dev), cache=cache,
+                            last_only=True)
+        for item in batch:
+            item.seq.num_cached += item.num_tokens
+        return logits[:, -1].float().cpu()
+
+    def sample(self, item: Scheduled, logits: torch.Tensor):
+        seq, params = item.seq, item.seq.params
+        if len(seq.output_ids) < params.min_tokens and seq.stop_ids:  # too early to stop: forbid stop tokens
+            logits = logits.clone()
+            logits[list(seq.stop_ids)] = float("-inf")
+        output = torch.tensor(seq.output_ids, dtype=torch.long)
+        probs = next_token_distribution(logits, params, seq.prompt_tensor(), output)
+        token = int(probs.argmax()) if params.greedy else draw(probs, seq.generator)
+        logprobs = token_logprobs(logits, token, params.logprobs) if params.logprobs is not None else None
+        return token, logprobs

@@ -1,0 +1,82 @@
+"""Continuous batching. Each step schedules every running sequence's next chunk under one token budget:
+decodes (1 token) first, then prefill chunks of running sequences, then newly admitted ones. Admission needs a free
+sliding ring and enough free KV blocks for the whole known sequence; when a decode cannot get a block, the most
+recently admitted sequence is preempted (its KV freed; it is recomputed later from its tokens)."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from .block_manager import BlockManager
+from .sequence import Sequence, Status
+
+
+@dataclass
+class Scheduled:
+    seq: Sequence
+    num_tokens: int  # this step computes tokens [seq.num_cached, seq.num_cached + num_tokens)
+
+    @property
+    def samples(self) -> bool:  # the chunk reaches the end of the known tokens: the step yields a new token
+        return self.seq.num_cached + self.num_tokens == len(self.seq)
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.blocks = blocks
+        self.max_num_seqs, self.budget = max_num_seqs, max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[Scheduled]:
+        budget, batch = self.budget, []
+        for seq in sorted(self.running, key=lambda s: s.num_uncached):  # decodes first
+            if seq not in self.running or budget <= 0:
+                continue
+            n = min(seq.num_uncached, budget)
+            while not self.blocks.reserve(seq, seq.num_cached + n):
+                if not self._preempt_other(seq, batch):
+                    break
+            if seq in self.running and len(seq.block_table) * self.blocks.block_size >= seq.num_cached + n:
+                batch.append(Scheduled(seq, n))
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not self.blocks.can_admit(seq):
+                break
+            self.waiting.popleft()
+            self.blocks.admit(seq)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            n = min(len(seq), budget)
+            batch.append(Scheduled(seq, n))
+            budget -= n
+        return batch
+
+    def _preempt_other(self, keep: Sequence, batch: list[Scheduled]) -> bool:
+        """Free the newest running sequence other than `keep`; False if there is none."""
+        victims = [s for s in reversed(self.running) if s is not keep]
+        if not victims:
+            return False
+        victim = victims[0]
+        batch[:] = [item for item in batch if item.seq is not victim]
+        self.running.remove(victim)
+        self.blocks.release(victim)
+        victim.status = Status.WAITING
+        self.waiting.appendleft(victim)
+        return True
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+        if seq in self.running:
+            self.running.remove(seq)
+            self.blocks.release(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)

@@ -1,0 +1,71 @@
+"""A request as the engine sees it: token ids in, token ids out. The engine never sees text."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from .sampling import SamplingParams, TokenLogprobs, make_generator
+
+_ids = itertools.count()
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    prompt_ids: list[int]
+    params: SamplingParams
+    stop_ids: frozenset[int] = frozenset()
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    status: Status = Status.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    num_cached: int = 0  # tokens whose K/V are in the cache (global blocks and sliding ring)
+    block_table: list[int] = field(default_factory=list)  # global-layer KV blocks, in position order
+    ring_slot: int = -1  # which sliding-window ring this sequence owns (-1: none)
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    generator: torch.Generator | None = None
+    _prompt_tensor: torch.Tensor | None = None
+
+    def __post_init__(self):
+        self.generator = make_generator(self.params.seed, torch.device("cpu"))
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_uncached(self) -> int:
+        return len(self) - self.num_cached
+
+    @property
+    def finished(self) -> bool:
+        return self.status == Status.FINISHED
+
+    def prompt_tensor(self) -> torch.Tensor:
+        if self._prompt_tensor is None:
+            self._prompt_tensor = torch.tensor(self.prompt_ids, dtype=torch.long)
+        return self._prompt_tensor
+
+
+@dataclass
+class StepOutput:
+    """What one engine step produced for one sequence."""
+
+    seq_id: int
+    token: int | None  # None when the sequence was aborted or only prefilled
+    logprobs: TokenLogprobs | None
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0

@@ -1,0 +1,107 @@
+"""`gemma4.LLM` and the generate/chat CLI on a tiny random model with the real Gemma 4 vocabulary."""
+
+import copy
+import shutil
+
+import pytest
+import torch
+
+from gemma4 import Config, Model
+from gemma4.cli import main as cli_main
+from gemma4.llm import LLM, IncrementalText
+from gemma4.random_init import randomize_
+from reference import text_config_dict
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, gemma4_tokenizer_dir):
+    data = copy.deepcopy(text_config_dict("31B"))
+    data.update(vocab_size=262_144, vocab_size_per_layer_input=262_144)
+    config = Config.from_dict(data)
+    model = randomize_(Model(config), seed=5)
+    path = tmp_path_factory.mktemp("tiny-full-vocab")
+    model.save_pretrained(path, generation_config={"temperature": 1.0, "top_p": 0.95, "top_k": 64,
+                                                   "eos_token_id": [1, 106, 50], "pad_token_id": 0})
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(gemma4_tokenizer_dir / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="module")
+def llm(checkpoint):
+    return LLM(checkpoint, dtype="float32")
+
+
+GREEDY = {"temperature": 0.0, "max_tokens": 12}
+
+
+def test_batching_does_not_change_greedy_results(llm):
+    prompts = ["The capital of France is", [2, 818, 5279, 529], "Once upon a time, in a land far away,", "Hi"]
+    together = llm.generate(prompts, GREEDY)
+    for prompt, result in zip(prompts, together):
+        alone = llm.generate(prompt, GREEDY)[0]
+        assert alone.token_ids == result.token_ids
+        assert alone.text == result.text
+    assert together[1].prompt_tokens == 4
+
+
+def test_stream_concatenates_to_generate(llm):
+    streamed = "".join(llm.stream("Tell me a story", GREEDY))
+    assert streamed == llm.generate("Tell me a story", GREEDY)[0].text
+
+
+def test_incremental_text_never_splits_a_character(llm):
+    text = "héllo 😀 世界 — ∑ ok"
+    ids = llm.tokenizer.encode(text, add_special_tokens=False)
+    stream = IncrementalText(llm.tokenizer)
+    deltas = [stream.add(t) for t in ids] + [stream.finish()]
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == text
+
+
+def test_stop_strings(llm):
+    free = llm.generate("Count: one two", {**GREEDY, "max_tokens": 16})[0]
+    assert len(free.text) > 6
+    stop = free.text[3:6]
+    stopped = llm.generate("Count: one two", {**GREEDY, "max_tokens": 16, "stop": [stop]})[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == free.text[: free.text.find(stop)]
+    streamed = "".join(llm.stream("Count: one two", {**GREEDY, "max_tokens": 16, "stop": [stop]}))
+    assert streamed == stopped.text
+
+
+def test_seeded_sampling_and_logprobs(llm):
+    params = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "max_tokens": 8, "seed": 11, "logprobs": 2}
+    a, b = llm.generate(["Hello", "Hello"], params)
+    assert a.token_ids == b.token_ids  # same seed, same tokens, whatever the batch
+    assert len(a.logprobs) == len(a.token_ids) and len(a.logprobs[0].top) == 2
+
+
+def test_chat_returns_a_parsed_turn(llm):
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather",
+                                               "parameters": {"type": "object",
+                                                              "properties": {"city": {"type": "string"}}}}}]
+    reply = llm.chat([{"role": "user", "content": "Weather in Paris?"}], tools=tools, enable_thinking=True,
+                     params=GREEDY)
+    assert set(reply) >= {"role", "content", "reasoning_content", "tool_calls", "finish_reason", "usage"}
+    assert reply["usage"]["completion_tokens"] <= 12
+
+
+def test_defaults_and_errors(llm):
+    assert (llm.default_params.temperature, llm.default_params.top_k) == (1.0, 64)
+    with pytest.raises(ValueError, match="unknown sampling parameter"):
+        llm.generate("x", {"temprature": 0.1})
+    with pytest.raises(ValueError, match="empty prompt"):
+        llm.generate([[]], GREEDY)
+
+
+def test_cli_generate(checkpoint, capsys):
+    assert cli_main(["generate", str(checkpoint), "--prompt", "Hello", "--max-new-tokens", "5",
+                     "--temperature", "0", "--dtype", "float32"]) == 0
+    captured = capsys.readouterr()
+    assert "chunks in" in captured.err
+
+
+def test_cli_missing_model(capsys):
+    assert cli_main(["generate", "/no/such/dir", "--prompt", "x"]) == 1
+    assert "no checkpoint directory" in capsys.readouterr().err
