@@ -89,17 +89,14 @@ def cmd_demo(args) -> None:
     import torch
 
     from .llm import LLM
-    from .model.gemma4 import Model
-    from .random_init import random_config, randomize_
+    from .random_init import random_config, random_model
 
     tokenizer = args.tokenizer or os.environ.get("GEMMA4_TOKENIZER_DIR") or "../shared/tokenizer"
     if not os.path.isfile(os.path.join(tokenizer, "tokenizer.json")):
         raise FileNotFoundError(f"no tokenizer.json in {tokenizer}; pass --tokenizer DIR")
     start = time.perf_counter()
     config = random_config(args.preset, args.num_layers, text_only=True)
-    with torch.device("meta"):
-        model = Model(config)
-    model = randomize_(model.to_empty(device="cpu"), seed=0).to(torch.bfloat16).eval().requires_grad_(False)
+    model = random_model(config, torch.bfloat16)
     params = sum(p.numel() for p in model.parameters())
     print(f"built {args.preset} ({params / 1e9:.2f}B parameters, {config.text_config.num_hidden_layers} layers) "
           f"with RANDOM WEIGHTS in {time.perf_counter() - start:.0f}s", file=sys.stderr)

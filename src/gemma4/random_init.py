@@ -24,8 +24,19 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     generator = torch.Generator().manual_seed(seed)
 
-    def uniform(t, low, high):
-        t.copy_(torch.rand(t.shape, generator=generator) * (high - low) + low)
+    def fill(tensor, make):
+        # Row blocks of at most ~32M values: a full-size PLE table (2.3B values) never exists in fp32 at once.
+        rows = max(1, (1 << 25) // max(1, tensor[0].numel())) if tensor.dim() else 1
+        flat = tensor if tensor.dim() else tensor.view(1)
+        for start in range(0, flat.shape[0], rows):
+            block = flat[start:start + rows]
+            block.copy_(make(block.shape))
+
+    def uniform(low, high):
+        return lambda shape: torch.rand(shape, generator=generator) * (high - low) + low
+
+    def normal(std):
+        return lambda shape: torch.randn(shape, generator=generator) * std
 
     # state_dict() holds what a checkpoint holds (not derived buffers such as RoPE tables), sharing storage.
     for name, tensor in model.state_dict().items():
@@ -33,19 +44,15 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
         if not tensor.is_floating_point():
             continue
         if leaf.endswith("_min"):  # clip bounds of clippable linears: finite, so clipping really happens
-            uniform(tensor, -3.0, -1.5)
+            fill(tensor, uniform(-3.0, -1.5))
         elif leaf.endswith("_max"):
-            uniform(tensor, 1.5, 3.0)
+            fill(tensor, uniform(1.5, 3.0))
         elif leaf == "layer_scalar":
-            uniform(tensor, 0.5, 1.0)
-        elif tensor.dim() <= 1:  # norm weights, router scales, biases: around 1 (or small for biases)
-            if leaf == "bias":
-                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.02)
-            else:
-                uniform(tensor, 0.5, 1.5)
-        else:  # matrices: unit-variance outputs for unit-variance inputs
-            fan_in = tensor.shape[-1]
-            tensor.copy_(torch.randn(tensor.shape, generator=generator) * (GAIN * fan_in**-0.5))
+            fill(tensor, uniform(0.5, 1.0))
+        elif tensor.dim() <= 1:  # norm weights, router scales: around 1; biases: small
+            fill(tensor, normal(0.02) if leaf == "bias" else uniform(0.5, 1.5))
+        else:  # matrices: std GAIN / sqrt(fan_in)
+            fill(tensor, normal(GAIN * tensor.shape[-1] ** -0.5))
     return model
 
 
@@ -69,19 +76,22 @@ def random_config(preset: str, num_layers: int | None = None, text_only: bool = 
     return config
 
 
+def random_model(config: Config, dtype: torch.dtype = torch.bfloat16, seed: int = 0, device: str = "cpu"):
+    """A Model of `config` with random weights, allocated directly in `dtype` (a full-size E2B fits in 10 GB)."""
+    from .model.gemma4 import Model
+
+    with torch.device("meta"):
+        model = Model(config).to(dtype)
+    return randomize_(model.to_empty(device=device), seed).eval().requires_grad_(False)
+
+
 def write_random_checkpoint(preset: str, out: str | Path, num_layers: int | None = None, text_only: bool = False,
                             dtype: torch.dtype = torch.bfloat16, tokenizer: str | Path | None = None,
                             seed: int = 0) -> Path:
-    from .model.gemma4 import Model
-
     config = random_config(preset, num_layers, text_only)
     if text_only:
         config.layout = "text"
-    with torch.device("meta"):
-        model = Model(config)
-    model = model.to_empty(device="cpu")
-    randomize_(model, seed)
-    model = model.to(dtype)
+    model = random_model(config, dtype, seed)
     out = Path(out)
     generation = json.loads((PRESET_DIR / _preset_dir(preset) / "generation_config.json").read_text())
     model.save_pretrained(out, generation_config=generation)
