@@ -128,3 +128,21 @@ def test_errors(pair):
         model.generate(ids, max_new_tokens=model.config.text_config.max_position_embeddings)
     with pytest.raises(ValueError, match="top_p must be in"):
         model.generate(ids, max_new_tokens=2, do_sample=True, top_p=1.5)
+
+
+def test_e2b_cache_at_128k_is_a_small_fraction_of_a_full_cache(capsys):
+    """E2B at 128K context: sliding layers hold 512 positions, KV-shared layers nothing, only 3 global layers grow."""
+    from gemma4 import Config
+    from gemma4.model.cache import KVCache
+
+    text = Config.preset("E2B").text_config
+    context = 128 * 1024
+    cache = KVCache(text, 1, context, torch.bfloat16, "meta")
+    ours = cache.nbytes
+    # What a cache of the full context on every layer would take (K and V, bf16).
+    full = sum(2 * context * kv * hd * 2 for kv, hd in zip(text.layer_num_kv_heads, text.layer_head_dims))
+    with capsys.disabled():
+        print(f"\nE2B KV cache at {context} tokens: {ours / 2**20:.0f} MiB "
+              f"({ours / context:.0f} B/token) vs {full / 2**20:.0f} MiB full-length on every layer "
+              f"({full / context:.0f} B/token): {ours / full:.1%}")
+    assert ours < full / 6  # only the 3 storing global layers of 35 grow with the context
