@@ -166,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="Why is the sky blue?")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.set_defaults(run=cmd_demo)
+
+    from .server.cli import add_serve_arguments, run_serve
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    add_serve_arguments(p)
+    p.set_defaults(run=run_serve)
     return parser
 
 

@@ -28,6 +28,7 @@ class Scheduler:
         self.max_num_seqs, self.budget = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -66,6 +67,7 @@ class Scheduler:
         if not victims:
             return False
         victim = victims[0]
+        self.num_preemptions += 1
         batch[:] = [item for item in batch if item.seq is not victim]
         self.running.remove(victim)
         self.blocks.release(victim)

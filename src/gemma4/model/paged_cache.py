@@ -1,0 +1,86 @@
+"""A one-forward view of the paged KV memory (engine/block_manager.py), with KVCache's duck-typed interface.
+
+Per row of the batch: a block table for the global layers, a ring for the sliding layers and how many tokens are
+already cached. `update` gathers the row's cached K/V into a contiguous [B, Hkv, T, D] tensor, appends this forward's
+K/V, and writes the new K/V into the pools. The gather is the simple, portable part a fused paged-attention kernel
+would replace; masks stay position-based (every gathered slot carries its position, -1 = empty)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import FULL, SLIDING
+
+
+class PagedCacheView:
+    def __init__(self, pools, block_tables: torch.Tensor, ring_slots: torch.Tensor, num_cached: torch.Tensor):
+        """pools: a BlockManager (keys/values dicts, ring_positions, window, block_size, trash ids).
+        block_tables [B, nb] (padded with the trash block), ring_slots [B], num_cached [B]."""
+        self.pools = pools
+        self.window, self.block_size = pools.window, pools.block_size
+        self.layer_types = pools.layer_types
+        self.block_tables, self.ring_slots, self.num_cached = block_tables, ring_slots, num_cached
+        device = block_tables.device
+        batch, nb = block_tables.shape
+        bs = self.block_size
+        # Global layers: flat pool slot and position of every cached slot of each row.
+        offsets = torch.arange(nb * bs, device=device)
+        self.global_gather = (block_tables[:, :, None] * bs + torch.arange(bs, device=device)).reshape(batch, nb * bs)
+        self.global_cached_pos = torch.where(offsets[None] < num_cached[:, None], offsets[None], -1)
+        # Sliding layers: flat pool slot of each row's ring.
+        self.ring_gather = ring_slots[:, None] * self.window + torch.arange(self.window, device=device)
+        self._plan: dict | None = None
+
+    def next_positions(self, valid: torch.Tensor) -> torch.Tensor:
+        positions = self.num_cached[:, None] + valid.long().cumsum(dim=1) - 1
+        return positions.masked_fill(~valid, 0)
+
+    def begin(self, positions: torch.Tensor, valid: torch.Tensor) -> None:
+        bs, pools = self.block_size, self.pools
+        new_positions = torch.where(valid, positions, -1)
+        row_top = new_positions.amax(dim=1, keepdim=True)
+        keep = valid & (positions > row_top - self.window)  # a long chunk leaves only its tail in the ring
+        ring_write = torch.where(keep, self.ring_slots[:, None] * self.window + positions % self.window,
+                                 pools.ring_trash)
+        block_index = (positions // bs).clamp(max=self.block_tables.shape[1] - 1)
+        block = torch.gather(self.block_tables, 1, block_index)
+        global_write = torch.where(valid, block * bs + positions % bs, pools.trash_block * bs)
+        length = positions.shape[1]
+        arange = torch.arange(length, device=positions.device).expand_as(positions)
+        self._plan = {
+            "ring_write": ring_write, "global_write": global_write, "new_positions": new_positions,
+            SLIDING: torch.cat([pools.ring_positions[self.ring_gather], new_positions], dim=1),
+            FULL: torch.cat([self.global_cached_pos, new_positions], dim=1),
+            ("slots", SLIDING): self.window + arange,
+            ("slots", FULL): self.global_cached_pos.shape[1] + arange,
+        }
+
+    def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor):
+        """key/value [B, Hkv, L, D] -> all K/V the layer attends to: the row's cached K/V, then this chunk's."""
+        sliding = self.layer_types[layer_idx] == SLIDING
+        gather = self.ring_gather if sliding else self.global_gather
+        write = self._plan["ring_write" if sliding else "global_write"]
+        out = []
+        for pool, new in ((self.pools.keys[layer_idx], key), (self.pools.values[layer_idx], value)):
+            cached = pool[:, gather].permute(1, 0, 2, 3)  # [Hkv, B, T, D] -> [B, Hkv, T, D]
+            out.append(torch.cat([cached.to(new.dtype), new], dim=2))
+            _write(pool, write, new)
+        return out[0], out[1]
+
+    def key_positions(self, layer_type: str) -> torch.Tensor:
+        return self._plan[layer_type]
+
+    def new_key_slots(self, layer_type: str) -> torch.Tensor:
+        return self._plan[("slots", layer_type)]
+
+    def end(self) -> None:
+        plan, self._plan = self._plan, None
+        ring_positions = self.pools.ring_positions
+        ring_positions[plan["ring_write"].reshape(-1)] = plan["new_positions"].reshape(-1)
+        ring_positions[self.pools.ring_trash] = -1
+
+
+def _write(pool: torch.Tensor, slots: torch.Tensor, new: torch.Tensor) -> None:
+    """pool[:, slots[b, t]] = new[b, :, t] (pool [Hkv, S, D], new [B, Hkv, L, D])."""
+    heads, dim = new.shape[1], new.shape[3]
+    pool[:, slots.reshape(-1)] = new.permute(1, 0, 2, 3).reshape(heads, -1, dim).to(pool.dtype)

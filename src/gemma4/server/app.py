@@ -1,0 +1,350 @@
+"""The OpenAI-compatible HTTP layer (FastAPI). The engine runs in a background thread (async_engine.py)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..processing.chat import collect_media, openai_to_gemma_messages, validate_tools
+from ..processing.parse import parse_response, to_openai_tool_calls
+from ..processing.stream_parse import ReasoningDelta, StreamParser
+from . import protocol as p
+from .async_engine import EngineDead
+from .generation import Choice, merged
+from .media import check_media
+from .state import ServerState
+
+
+def create_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="gemma4", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = state
+
+    @app.exception_handler(p.APIError)
+    async def api_error(request, exc: p.APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(p.APIError(exc.status_code, str(exc.detail), kind).body(), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, exc):
+        return JSONResponse(p.bad(str(exc)).body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, exc):
+        return JSONResponse(p.APIError(500, f"internal error: {type(exc).__name__}", "internal_error").body(), 500)
+
+    @app.middleware("http")
+    async def auth_and_metrics(request: Request, call_next):
+        path = request.url.path
+        if state.api_key and path.startswith("/v1") and \
+                request.headers.get("authorization", "") != f"Bearer {state.api_key}":
+            response = JSONResponse(p.APIError(401, "invalid or missing API key", "authentication_error").body(), 401)
+        else:
+            response = await call_next(request)
+        endpoint = path if path in _ENDPOINTS else "other"
+        state.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        return response
+
+    @app.get("/health")
+    async def health():
+        if state.engine.error is not None:
+            return JSONResponse({"status": "error"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        stats = state.engine.stats()
+        state.metrics.running.set(stats["running"])
+        state.metrics.waiting.set(stats["waiting"])
+        state.metrics.kv_usage.set(stats["kv_usage"])
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": state.created,
+                                            "owned_by": "gemma4", "max_model_len": state.max_model_len}
+                                           for name in state.model_names]}
+
+    @app.post("/v1/audio/transcriptions")
+    async def transcriptions():
+        if not state.has_audio:
+            raise p.APIError(404, "this model has no audio tower: /v1/audio/transcriptions is not available",
+                             "not_found_error")
+        raise p.APIError(501, "audio transcription is not implemented by this server yet", "not_implemented")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await _json_body(request, state)
+        return await _chat(state, body, request)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await _json_body(request, state)
+        return await _completion(state, body, request)
+
+    return app
+
+
+_ENDPOINTS = {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions",
+              "/v1/audio/transcriptions"}
+
+
+async def _json_body(request: Request, state: ServerState) -> dict:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise p.bad(f"the request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise p.bad("the request body must be a JSON object")
+    model = body.get("model")
+    if model is not None and model not in state.model_names:
+        raise p.APIError(404, f"the model {model!r} does not exist; this server serves {state.model_names}",
+                         "not_found_error", "model", "model_not_found")
+    return body
+
+
+def _check_prompt(state: ServerState, prompt_ids: list[int], body: dict, chat: bool):
+    room = state.max_model_len - len(prompt_ids)
+    if room <= 0:
+        raise p.bad(f"the prompt has {len(prompt_ids)} tokens, more than this server's maximum context length of "
+                    f"{state.max_model_len} tokens (--max-model-len)", "messages" if chat else "prompt")
+    params = p.sampling_params(body, state.sampling_defaults, room, chat)
+    if len(prompt_ids) + params.max_tokens > state.max_model_len:
+        raise p.bad(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the maximum "
+                    f"context length of {state.max_model_len} tokens", "max_tokens")
+    return params
+
+
+def _start(state: ServerState, n: int, prompt_ids, params, stops) -> list[Choice]:
+    choices = []
+    try:
+        for i in range(n):
+            seeded = params if params.seed is None or i == 0 else _with_seed(params, params.seed + i)
+            choices.append(Choice(i, state.engine, state.tokenizer, prompt_ids, seeded, stops))
+    except EngineDead as e:
+        for c in choices:
+            c.abort()
+        raise p.APIError(503, str(e), "server_error") from None
+    except ValueError as e:
+        for c in choices:
+            c.abort()
+        raise p.bad(str(e)) from None
+    state.metrics.prompt_tokens.inc(len(prompt_ids) * n)
+    return choices
+
+
+def _with_seed(params, seed):
+    import dataclasses
+    return dataclasses.replace(params, seed=seed % 2**63)
+
+
+# ----------------------------------------------------------------------------------------------------- chat
+async def _chat(state: ServerState, body: dict, request: Request):
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise p.bad("'messages' must be a non-empty list", "messages")
+    try:
+        gemma_messages = openai_to_gemma_messages(messages)
+        tools = validate_tools(body.get("tools")) if body.get("tools") is not None else None
+    except (ValueError, TypeError) as e:
+        raise p.bad(str(e), "messages") from None
+    choice = p.tool_choice(body, tools)
+    media = collect_media(gemma_messages)
+    if media:
+        check_media(media, state)
+    enable_thinking = p.thinking(body, state.default_enable_thinking)
+    stream = p.get_bool(body, "stream")
+    options = p.stream_options(body)
+    n = p.get_n(body)
+    stops = p.get_stop(body)
+    try:
+        prompt = state.tokenizer.apply_chat_template(gemma_messages, tools=tools if choice != "none" else None,
+                                                     add_generation_prompt=True, enable_thinking=enable_thinking)
+    except (ValueError, TypeError) as e:
+        raise p.bad(f"cannot render these messages with the chat template: {e}", "messages") from None
+    # tool_choice required / named: start the answer with the call, so the model can only complete it.
+    forced = "" if choice in ("none", "auto") else "<|tool_call>call:" + ("" if choice == "required" else choice + "{")
+    prompt_ids = state.tokenizer.encode(prompt + forced, add_special_tokens=False)
+    params = _check_prompt(state, prompt_ids, body, chat=True)
+    started = time.monotonic()
+    choices = _start(state, n, prompt_ids, params, stops)
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    name = body.get("model") or state.model_names[0]
+    if stream:
+        gen = _chat_stream(state, choices, forced, rid, created, name, options.get("include_usage"), started, request)
+        return StreamingResponse(gen, media_type="text/event-stream")
+    try:
+        async for choice_, out in merged(choices, request):
+            choice_.consume(out)
+    except EngineDead as e:
+        raise p.APIError(503, str(e), "server_error") from None
+    _observe(state, choices, started)
+    results = []
+    for c in choices:
+        parsed = parse_response(forced + c.text, complete=c.finish_reason == "stop")
+        message = {"role": "assistant", "content": parsed.get("content")}
+        if parsed.get("reasoning_content") is not None:
+            message["reasoning_content"] = message["reasoning"] = parsed["reasoning_content"]
+        finish = c.finish_reason
+        if parsed.get("tool_calls"):
+            message["tool_calls"] = to_openai_tool_calls(parsed["tool_calls"])
+            finish = "tool_calls"
+        entry = {"index": c.index, "message": message, "finish_reason": finish, "logprobs": None}
+        if params.logprobs is not None:
+            entry["logprobs"] = {"content": [_chat_logprob(state.tokenizer, lp) for lp in c.logprobs]}
+        results.append(entry)
+    return {"id": rid, "object": "chat.completion", "created": created, "model": name, "choices": results,
+            "usage": _usage(choices)}
+
+
+async def _chat_stream(state, choices, forced, rid, created, name, include_usage, started, request):
+    def chunk(choices_, usage=None):
+        data = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
+                "choices": choices_}
+        if include_usage:
+            data["usage"] = usage
+        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    parsers = {c.index: StreamParser() for c in choices}
+    saw_call = {c.index: False for c in choices}
+    first = True
+    prefixed: set[int] = set()
+
+    def deltas(c, text, final):
+        events = parsers[c.index].feed(text) if text else []
+        if final:
+            events += parsers[c.index].finish(complete=c.finish_reason == "stop")
+        out = []
+        for event in events:
+            delta = event.openai_delta()
+            if isinstance(event, ReasoningDelta):
+                delta["reasoning"] = event.text
+            if "tool_calls" in delta:
+                saw_call[c.index] = True
+            out.append(delta)
+        return out
+
+    try:
+        for c in choices:
+            yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}])
+        async for c, out in merged(choices, request):
+            text, logprobs = c.consume(out)
+            if first and text:
+                state.metrics.ttft.observe(time.monotonic() - started)
+                first = False
+            if forced and c.index not in prefixed and (text or c.done):
+                text = forced + text
+                prefixed.add(c.index)
+            pieces = deltas(c, text, c.done) if (text or c.done) else []
+            lp = {"content": [_chat_logprob(state.tokenizer, x) for x in logprobs]} if logprobs else None
+            for i, delta in enumerate(pieces):
+                yield chunk([{"index": c.index, "delta": delta, "logprobs": lp if i == 0 else None,
+                              "finish_reason": None}])
+            if c.done:
+                finish = "tool_calls" if saw_call[c.index] else c.finish_reason
+                yield chunk([{"index": c.index, "delta": {}, "logprobs": None, "finish_reason": finish}])
+        _observe(state, choices, started)
+        if include_usage:
+            yield chunk([], _usage(choices))
+    except EngineDead as e:
+        yield f"data: {json.dumps(p.APIError(503, str(e), 'server_error').body())}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def _chat_logprob(tokenizer, lp) -> dict:
+    def entry(token_id, logprob):
+        text = tokenizer.decode([token_id])
+        return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(text.encode("utf-8"))}
+
+    return {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+
+
+def _usage(choices: list[Choice]) -> dict:
+    prompt = choices[0].num_prompt if choices else 0
+    completion = sum(c.num_output for c in choices)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _observe(state: ServerState, choices: list[Choice], started: float) -> None:
+    state.metrics.latency.observe(time.monotonic() - started)
+    state.metrics.generation_tokens.inc(sum(c.num_output for c in choices))
+
+
+# ----------------------------------------------------------------------------------------------- completions
+async def _completion(state: ServerState, body: dict, request: Request):
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        prompt_ids = state.tokenizer.encode(prompt)
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        vocab = state.tokenizer.vocab_size
+        if not all(0 <= t < vocab for t in prompt):
+            raise p.bad(f"token ids must be in [0, {vocab})", "prompt")
+        prompt_ids = list(prompt)
+    else:
+        raise p.bad("'prompt' must be a string or a list of token ids (one prompt per request)", "prompt")
+    if not prompt_ids:
+        raise p.bad("the prompt is empty", "prompt")
+    for unsupported in ("echo", "suffix", "best_of"):
+        if body.get(unsupported) not in (None, False, 1):
+            raise p.bad(f"'{unsupported}' is not supported", unsupported)
+    stream = p.get_bool(body, "stream")
+    options = p.stream_options(body)
+    n = p.get_n(body)
+    stops = p.get_stop(body)
+    params = _check_prompt(state, prompt_ids, body, chat=False)
+    started = time.monotonic()
+    choices = _start(state, n, prompt_ids, params, stops)
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    name = body.get("model") or state.model_names[0]
+    want_lp = params.logprobs is not None
+
+    def logprobs_of(items):
+        if not want_lp:
+            return None
+        tokens = [state.tokenizer.decode([x.token_id]) for x in items]
+        return {"tokens": tokens, "token_logprobs": [x.logprob for x in items],
+                "top_logprobs": [{state.tokenizer.decode([t]): v for t, v in x.top} for x in items],
+                "text_offset": [0] * len(items)}
+
+    def data(choices_, usage=None):
+        return {"id": rid, "object": "text_completion", "created": created, "model": name, "choices": choices_,
+                **({"usage": usage} if usage is not None else {})}
+
+    if stream:
+        async def events():
+            try:
+                async for c, out in merged(choices, request):
+                    text, lps = c.consume(out)
+                    if text or c.done:
+                        item = {"index": c.index, "text": text, "logprobs": logprobs_of(lps),
+                                "finish_reason": c.finish_reason}
+                        yield f"data: {json.dumps(data([item]), ensure_ascii=False)}\n\n"
+                _observe(state, choices, started)
+                if options.get("include_usage"):
+                    yield f"data: {json.dumps(data([], _usage(choices)))}\n\n"
+            except EngineDead as e:
+                yield f"data: {json.dumps(p.APIError(503, str(e), 'server_error').body())}\n\n"
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(events(), media_type="text/event-stream")
+    try:
+        async for c, out in merged(choices, request):
+            c.consume(out)
+    except EngineDead as e:
+        raise p.APIError(503, str(e), "server_error") from None
+    _observe(state, choices, started)
+    return data([{"index": c.index, "text": c.text, "logprobs": logprobs_of(c.logprobs),
+                  "finish_reason": c.finish_reason} for c in choices], _usage(choices))

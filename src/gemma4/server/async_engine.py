@@ -1,0 +1,82 @@
+"""The engine in a background thread; asyncio callers get each request's StepOutputs on an asyncio.Queue."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+from ..engine.engine import LLMEngine
+from ..engine.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDead(RuntimeError):
+    pass
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.queues: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.stopped = False
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="gemma4-engine", daemon=True)
+        self.thread.start()
+
+    def add(self, prompt_ids: list[int], params: SamplingParams) -> tuple[int, asyncio.Queue]:
+        if self.error is not None or self.stopped:
+            raise EngineDead(f"the engine stopped: {self.error!r}")
+        queue: asyncio.Queue = asyncio.Queue()
+        with self.lock:
+            seq_id = self.engine.add_request(prompt_ids, params)
+            self.queues[seq_id] = (asyncio.get_running_loop(), queue)
+        self.wake.set()
+        return seq_id, queue
+
+    def abort(self, seq_id: int) -> None:
+        with self.lock:
+            if self.queues.pop(seq_id, None) is not None:
+                self.engine.abort(seq_id)
+        self.wake.set()
+
+    def stats(self) -> dict:
+        scheduler = self.engine.scheduler
+        return {"running": len(scheduler.running), "waiting": len(scheduler.waiting), "kv_usage": self.engine.kv_usage}
+
+    def shutdown(self) -> None:
+        self.stopped = True
+        self.wake.set()
+        self.thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self.stopped:
+            with self.lock:
+                busy = self.engine.has_unfinished()
+                if busy:
+                    try:
+                        outputs = self.engine.step()
+                    except BaseException as e:  # a bug or OOM: fail every request instead of hanging them
+                        logger.exception("engine step failed")
+                        self.error = e
+                        for loop, queue in self.queues.values():
+                            loop.call_soon_threadsafe(queue.put_nowait, e)
+                        self.queues.clear()
+                        return
+                    for out in outputs:
+                        target = self.queues.get(out.seq_id)
+                        if target is None:
+                            continue
+                        if out.finished:
+                            del self.queues[out.seq_id]
+                        loop, queue = target
+                        try:
+                            loop.call_soon_threadsafe(queue.put_nowait, out)
+                        except RuntimeError:  # the caller's loop is closed
+                            pass
+            if not busy:
+                self.wake.wait(timeout=0.5)
+                self.wake.clear()

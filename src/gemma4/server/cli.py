@@ -1,0 +1,50 @@
+"""`gemma4 serve MODEL`: arguments and entry point (cli.py adds the subcommand)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="checkpoint directory (with tokenizer files)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: the checkpoint's)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-model-len", type=int, default=None, help="longest prompt + completion, in tokens")
+    parser.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one engine step")
+    parser.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks of 16 tokens for global layers")
+    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    parser.add_argument("--served-model-name", default=None, help="model id clients use (default: the path)")
+    parser.add_argument("--default-enable-thinking", action="store_true", help="think unless a request says not to")
+    parser.add_argument("--allowed-media-domains", default="", help="comma-separated hosts media URLs may use")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+
+
+def build_app_from_args(args):
+    from ..model.gemma4 import Model
+    from ..processing.tokenizer import Tokenizer
+    from .app import create_app
+    from .state import build_state
+
+    dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(args.dtype, args.dtype)
+    model = Model.from_pretrained(args.model, dtype=dtype, device=args.device)
+    tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
+    state = build_state(model, tokenizer, args.served_model_name or args.model, max_model_len=args.max_model_len,
+                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                        num_blocks=args.num_kv_blocks, default_enable_thinking=args.default_enable_thinking,
+                        api_key=args.api_key,
+                        allowed_media_domains=[d.strip().lower() for d in args.allowed_media_domains.split(",")
+                                               if d.strip()])
+    return create_app(state)
+
+
+def run_serve(args) -> None:
+    import uvicorn
+
+    app = build_app_from_args(args)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    finally:
+        app.state.server.engine.shutdown()

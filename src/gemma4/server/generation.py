@@ -1,0 +1,82 @@
+"""One choice of a request: its engine sequence, incremental detokenization, stop strings, logprobs."""
+
+from __future__ import annotations
+
+import asyncio
+
+from ..engine.sequence import StepOutput
+from .async_engine import AsyncEngine
+
+
+class Choice:
+    def __init__(self, index: int, engine: AsyncEngine, tokenizer, prompt_ids, params, stops: list[str]):
+        self.index, self.engine, self.tokenizer = index, engine, tokenizer
+        self.seq_id, self.queue = engine.add(prompt_ids, params)
+        self.num_prompt = len(prompt_ids)
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.ids: list[int] = []
+        self.text, self.sent = "", 0
+        self.num_output = 0
+        self.finish_reason: str | None = None
+        self.logprobs: list = []  # TokenLogprobs of each token whose text was emitted
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    async def next(self, timeout: float | None = None) -> StepOutput:
+        item = await asyncio.wait_for(self.queue.get(), timeout) if timeout else await self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def consume(self, out: StepOutput) -> tuple[str, list]:
+        """Apply one engine output; returns (new text safe to emit, logprobs of its tokens)."""
+        self.num_output = out.num_output_tokens
+        new_logprobs = []
+        if out.token is not None and not (out.finished and out.finish_reason == "stop"):  # stop tokens: no text
+            self.ids.append(out.token)
+            if out.logprobs is not None:
+                new_logprobs.append(out.logprobs)
+            decoded = self.tokenizer.decode(self.ids)
+            if not decoded.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                self.text = decoded
+        if out.finished:
+            self.finish_reason = "stop" if out.finish_reason in ("stop", "abort") else out.finish_reason
+        hit = min((i for i in (self.text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if hit >= 0:
+            self.text = self.text[:hit]
+            self.finish_reason = "stop"
+            if not out.finished:
+                self.engine.abort(self.seq_id)
+        end = len(self.text) if self.done else max(len(self.text) - self.hold, self.sent)
+        delta, self.sent = self.text[self.sent:end], max(end, self.sent)
+        self.logprobs.extend(new_logprobs)
+        return delta, new_logprobs
+
+    def abort(self) -> None:
+        if not self.done:
+            self.engine.abort(self.seq_id)
+            self.finish_reason = "abort"
+
+
+async def merged(choices: list[Choice], request=None):
+    """Yield (choice, StepOutput) from all choices as outputs arrive; stops early if the client disconnects."""
+    pending = {asyncio.ensure_future(c.next()): c for c in choices if not c.done}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+            if not done and request is not None and await request.is_disconnected():
+                raise asyncio.CancelledError("client disconnected")
+            for task in done:
+                choice = pending.pop(task)
+                out = task.result()
+                yield choice, out
+                if not choice.done:
+                    pending[asyncio.ensure_future(choice.next())] = choice
+    finally:
+        for task in pending:
+            task.cancel()
+        for choice in choices:
+            choice.abort()

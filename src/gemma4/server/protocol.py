@@ -1,0 +1,142 @@
+"""OpenAI request validation: JSON bodies -> checked values, and errors in OpenAI's error shape."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..engine.sampling import SamplingParams
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code if self.code is not None else self.status}}
+
+
+def bad(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, param=param)
+
+
+def get_number(body: dict, name: str, default=None, low=None, high=None, integer=False):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        raise bad(f"'{name}' must be {'an integer' if integer else 'a number'}, got {value!r}", name)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise bad(f"'{name}' must be finite", name)
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise bad(f"'{name}' must be in [{low}, {high}], got {value}", name)
+    return value
+
+
+def get_bool(body: dict, name: str, default: bool = False) -> bool:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise bad(f"'{name}' must be a boolean", name)
+    return value
+
+
+def get_stop(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or len(stop) > 16 or not all(isinstance(s, str) and s for s in stop):
+        raise bad("'stop' must be a non-empty string or a list of up to 16 non-empty strings", "stop")
+    return stop
+
+
+def sampling_params(body: dict, defaults: dict, max_tokens_default: int, chat: bool) -> SamplingParams:
+    """SamplingParams from an OpenAI request (stop strings are applied by the server, on text)."""
+    max_tokens = get_number(body, "max_completion_tokens", None, 1, None, integer=True) if chat else None
+    max_tokens = max_tokens or get_number(body, "max_tokens", None, 1, None, integer=True) or max_tokens_default
+    logprobs = None
+    if chat:
+        if get_bool(body, "logprobs"):
+            logprobs = get_number(body, "top_logprobs", 0, 0, 20, integer=True)
+        elif body.get("top_logprobs") is not None:
+            raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    else:
+        logprobs = get_number(body, "logprobs", None, 0, 20, integer=True)
+    seed = get_number(body, "seed", None, -(2**63), 2**63 - 1, integer=True)
+    values = dict(
+        max_tokens=max_tokens,
+        temperature=get_number(body, "temperature", defaults.get("temperature", 1.0), 0, 2),
+        top_p=get_number(body, "top_p", defaults.get("top_p", 1.0), 0, 1),
+        top_k=get_number(body, "top_k", defaults.get("top_k", 0), -1, None, integer=True),
+        min_p=get_number(body, "min_p", 0.0, 0, 1),
+        presence_penalty=get_number(body, "presence_penalty", 0.0, -2, 2),
+        frequency_penalty=get_number(body, "frequency_penalty", 0.0, -2, 2),
+        repetition_penalty=get_number(body, "repetition_penalty", 1.0, 0.01, 10),
+        seed=seed % 2**63 if seed is not None else None,
+        logprobs=logprobs,
+        min_tokens=get_number(body, "min_tokens", 0, 0, max_tokens, integer=True),
+        ignore_eos=get_bool(body, "ignore_eos"),
+    )
+    if values["top_k"] == -1:
+        values["top_k"] = 0
+    if values["top_p"] == 0:
+        raise bad("'top_p' must be > 0", "top_p")
+    try:
+        return SamplingParams(**values)
+    except ValueError as e:
+        raise bad(str(e)) from None
+
+
+def get_n(body: dict) -> int:
+    return get_number(body, "n", 1, 1, 16, integer=True)
+
+
+def stream_options(body: dict) -> dict:
+    options = body.get("stream_options")
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise bad("'stream_options' must be an object", "stream_options")
+    if not get_bool(body, "stream"):
+        raise bad("'stream_options' is only allowed with 'stream': true", "stream_options")
+    get_bool(options, "include_usage")
+    return options
+
+
+def thinking(body: dict, default: bool) -> bool:
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise bad("'chat_template_kwargs' must be an object", "chat_template_kwargs")
+    if kwargs and "enable_thinking" in kwargs:
+        return get_bool(kwargs, "enable_thinking")
+    effort = body.get("reasoning_effort")
+    if effort is not None:
+        if effort not in ("none", "minimal", "low", "medium", "high"):
+            raise bad("'reasoning_effort' must be none, minimal, low, medium or high", "reasoning_effort")
+        return effort != "none"
+    return default
+
+
+def tool_choice(body: dict, tools: list | None) -> Any:
+    """'none' | 'auto' | 'required' | a function name."""
+    choice = body.get("tool_choice")
+    if choice is None:
+        return "auto" if tools else "none"
+    if choice in ("none", "auto", "required"):
+        if choice == "required" and not tools:
+            raise bad("tool_choice 'required' needs 'tools'", "tool_choice")
+        return choice
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        names = [t.get("function", {}).get("name") for t in tools or [] if isinstance(t, dict)]
+        if not isinstance(name, str) or name not in names:
+            raise bad(f"tool_choice names function {name!r}, which is not in 'tools'", "tool_choice")
+        return name
+    raise bad("'tool_choice' must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}",
+              "tool_choice")
