@@ -94,3 +94,21 @@ def test_clips_and_logit_cap_matter():
                 m.input_min.fill_(-float("inf")), m.input_max.fill_(float("inf"))
                 m.output_min.fill_(-float("inf")), m.output_max.fill_(float("inf"))
         assert (tower(x, mask)[0] - base).abs().max() > 1e-2
+
+
+def test_processed_audio_end_to_end():
+    """Feature-extractor output through both towers; the kept tokens equal the processor's per-clip counts."""
+    import numpy as np
+
+    from gemma4.processing.audio import process_audio
+
+    ref_tower, ref_embed, tower, embed = build_pair({}, seed=9)
+    rng = np.random.default_rng(0)
+    clips = [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in (4_000, 9_999)]
+    batch = process_audio(clips, sampling_rate=16_000)
+    with torch.no_grad():
+        ref = ref_tower(batch.input_features, batch.input_features_mask, return_dict=True)
+        ref_tokens = ref_embed(ref.last_hidden_state)[ref.attention_mask.bool()]
+        mine = audio_features(tower, embed, batch.input_features, batch.input_features_mask)
+    assert [t.shape[0] for t in mine] == batch.num_soft_tokens == [6, 16]
+    assert (torch.cat(mine) - ref_tokens).abs().max().item() <= 1e-4

@@ -163,3 +163,50 @@ def test_padding_does_not_change_an_image_tokens():
         batched = tower(pixels, pos)[:2]
         alone = tower(pixels[:1, :18], pos[:1, :18])
     assert (batched - alone).abs().max().item() <= 1e-4
+
+
+def test_processed_images_end_to_end():
+    """Real processor output (two budgets' worth of shapes) through both towers."""
+    from PIL import Image
+
+    from gemma4.processing.image import process_images
+
+    ref_tower, ref_embed, tower, embed = build_pair("26B", seed=11)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((60, 200), (90, 90))]
+    batch = process_images(images, max_soft_tokens=70)
+    with torch.no_grad():
+        ref = ref_embed(ref_tower(pixel_values=batch.pixel_values,
+                                  pixel_position_ids=batch.pixel_position_ids).last_hidden_state)
+        mine = image_features(tower, embed, batch.pixel_values, batch.pixel_position_ids)
+    assert [t.shape[0] for t in mine] == batch.num_soft_tokens
+    assert (torch.cat(mine) - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("preset", ["E2B", "E4B", "26B-A4B", "31B"])
+def test_official_configs_give_checkpoint_keys_and_shapes(preset):
+    """Towers and embedders built from the released configs have exactly the keys and shapes that
+    Gemma4ForConditionalGeneration stores under model.vision_tower. / embed_vision. / audio_tower. / embed_audio."""
+    import json
+    from pathlib import Path
+
+    from gemma4.config import Config
+    from gemma4.model.audio import AudioTower
+
+    path = Path("/work/shared/configs") / preset / "config.json"
+    if not path.is_file():
+        pytest.skip("official configs not available")
+    raw = json.loads(path.read_text())
+    with torch.device("meta"):
+        ref = transformers.Gemma4ForConditionalGeneration(transformers.Gemma4Config(**raw))
+        ours_cfg = Config.from_dict(raw)
+        parts = {"model.vision_tower.": VisionTower(ours_cfg.vision_config),
+                 "model.embed_vision.": MultimodalEmbedder.for_vision(ours_cfg.vision_config, ours_cfg.text_config)}
+        if ours_cfg.audio_config is not None:
+            parts["model.audio_tower."] = AudioTower(ours_cfg.audio_config)
+            parts["model.embed_audio."] = MultimodalEmbedder.for_audio(ours_cfg.audio_config, ours_cfg.text_config)
+    ref_state = ref.state_dict()
+    assert ("model.audio_tower." in parts) == any(k.startswith("model.audio_tower.") for k in ref_state)
+    for prefix, module in parts.items():
+        expected = {k[len(prefix):]: v.shape for k, v in ref_state.items() if k.startswith(prefix)}
+        assert {k: v.shape for k, v in module.state_dict().items()} == expected, prefix

@@ -4,4 +4,12 @@ from .config import AudioConfig, Config, ConfigError, TextConfig, VisionConfig
 from .model.gemma4 import Model
 
 __version__ = "0.1.0"
-__all__ = ["Model", "Config", "TextConfig", "VisionConfig", "AudioConfig", "ConfigError"]
+__all__ = ["Model", "Processor", "Config", "TextConfig", "VisionConfig", "AudioConfig", "ConfigError"]
+
+
+def __getattr__(name):
+    # Imported on first use: the processor pulls in tokenizers, PIL and the audio/video code.
+    if name == "Processor":
+        from .processing.processor import Processor
+        return Processor
+    raise AttributeError(f"module 'gemma4' has no attribute {name!r}")

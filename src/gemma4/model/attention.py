@@ -21,18 +21,19 @@ def attention_mask(query_positions: torch.Tensor, query_valid: torch.Tensor, key
                    key_blocks: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean mask [batch, 1, queries, keys]; True means "may attend".
 
-    `*_blocks` (0 = text, n > 0 = the n-th image of the row) let tokens of one image see each other in both
-    directions, as the reference does with `use_bidirectional_attention="vision"`."""
+    `*_blocks` (0 = text, n > 0 = the n-th run of image / video-frame tokens of the row) let tokens of one image
+    see each other in both directions, as the reference does with `use_bidirectional_attention="vision"`:
+    AND(window, OR(causal, same block)). The window bounds only how far back a key may lie (q - k < window), so a
+    token of an image longer than the window still sees every later token of its image. Callers pass blocks for
+    sliding layers only: the reference keeps global layers causal."""
     q = query_positions[:, :, None]  # [B, Lq, 1]
     k = key_positions[:, None, :]  # [B, 1, Lk]
-    allowed = (k >= 0) & (k <= q)
+    allowed = k <= q
+    if query_blocks is not None:
+        allowed |= (query_blocks[:, :, None] == key_blocks[:, None, :]) & (query_blocks[:, :, None] > 0)
+    allowed &= k >= 0
     if window is not None:
         allowed &= q - k < window
-    if query_blocks is not None:
-        same_image = (query_blocks[:, :, None] == key_blocks[:, None, :]) & (query_blocks[:, :, None] > 0)
-        if window is not None:
-            same_image &= (q - k).abs() < window
-        allowed |= same_image & (k >= 0)
     # Padding queries may look anywhere: their outputs are discarded, and an all-False row would make NaNs.
     allowed |= ~query_valid[:, :, None]
     return allowed[:, None]
@@ -79,6 +80,8 @@ class ForwardContext:
 
     def _mask(self, layer_type: str, key_positions: torch.Tensor, key_blocks: torch.Tensor | None):
         window = self.sliding_window if layer_type == SLIDING else None
+        if window is None:  # global layers stay causal, images included (as in the reference)
+            key_blocks = None
         blocks = self.blocks if key_blocks is not None else None
         return attention_mask(self.positions, self.valid, key_positions, window, blocks, key_blocks)
 

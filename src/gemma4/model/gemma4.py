@@ -19,14 +19,15 @@ class Backbone(nn.Module):
         self.language_model = TextModel(config.text_config)
         self.vision_tower = self.embed_vision = self.audio_tower = self.embed_audio = None
         if config.vision_config is not None:
-            from .vision import MultimodalEmbedder, VisionTower
+            from .common import MultimodalEmbedder
+            from .vision import VisionTower
             self.vision_tower = VisionTower(config.vision_config)
-            self.embed_vision = MultimodalEmbedder(config.vision_config.hidden_size, config.text_config)
+            self.embed_vision = MultimodalEmbedder.for_vision(config.vision_config, config.text_config)
         if config.audio_config is not None:
             from .audio import AudioTower
-            from .vision import MultimodalEmbedder
+            from .common import MultimodalEmbedder
             self.audio_tower = AudioTower(config.audio_config)
-            self.embed_audio = MultimodalEmbedder(config.audio_config.output_proj_dims, config.text_config)
+            self.embed_audio = MultimodalEmbedder.for_audio(config.audio_config, config.text_config)
 
 
 class Model(nn.Module):
@@ -78,14 +79,13 @@ class Model(nn.Module):
 
     # --- forward ----------------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor, **media) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Token embeddings with image/audio soft tokens merged in.
+        """Token embeddings with image/video/audio soft tokens merged in (see multimodal.py for `media`).
 
         Returns (embeds, ids for the per-layer-embedding lookup, image block ids or None)."""
-        embeds = self.text.embed_tokens(input_ids)
         if not any(v is not None for v in media.values()):
-            return embeds, input_ids, None
+            return self.text.embed_tokens(input_ids), input_ids, None
         from .multimodal import merge_media
-        return merge_media(self, input_ids, embeds, **media)
+        return merge_media(self, input_ids, **media)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.lm_head.weight if self.lm_head is not None else self.text.embed_tokens.weight
@@ -97,7 +97,12 @@ class Model(nn.Module):
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None, last_only: bool = False,
                 **media) -> torch.Tensor:
         """input_ids [B, L]; attention_mask [B, L] (1 = token, 0 = padding, left or right); position_ids default to
-        the count of real tokens before each one, continuing from the cache."""
+        the count of real tokens before each one, continuing from the cache.
+
+        `media`: what `gemma4.Processor` returns besides input_ids/attention_mask (pixel_values, image_position_ids,
+        pixel_values_videos, video_position_ids, input_features, input_features_mask, ...); their soft tokens fill
+        the placeholder tokens of `input_ids`. Pass them only with the forward that holds the placeholders (the
+        prefill), not with later decode steps."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         valid = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None

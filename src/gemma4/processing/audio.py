@@ -154,7 +154,7 @@ def decode_audio(data: bytes, format: str | None = None) -> tuple[np.ndarray, in
     if not data:
         raise ValueError("cannot read audio: the data is empty")
     fmt = _sniff_format(data)
-    if fmt == "wav" or (format or "").lower() == "wav" and fmt == "unknown":
+    if fmt == "wav" or (fmt == "unknown" and (format or "").lower() == "wav"):
         samples, rate = _decode_wav(data)
     else:
         samples, rate = _decode_with_optional_packages(data, (format or fmt).lower())

@@ -135,11 +135,15 @@ def process_videos(videos, fps=None, sampling: str = "uniform", num_frames: int 
     return VideoBatch(torch.cat(pixels), torch.cat(positions), frames, tokens, stamps)
 
 
+_VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
+
+
 def _is_video(item) -> bool:
-    """Inside a list: is this item a whole video (rather than one frame of a single video)?"""
-    if isinstance(item, (str, os.PathLike, bytes, bytearray)):
-        return os.path.splitext(os.fspath(item))[1].lower() in (".mp4", ".mov", ".mkv", ".webm", ".avi") \
-            if not isinstance(item, (bytes, bytearray)) else False
+    """Inside a list: is this item a whole video (rather than one frame of a single video)?
+
+    Whole videos are frame lists, (T, H, W, C) arrays and video file paths; anything else is a frame."""
+    if isinstance(item, (str, os.PathLike)):
+        return os.fspath(item).lower().endswith(_VIDEO_SUFFIXES)
     if isinstance(item, (np.ndarray, torch.Tensor)):
         return item.ndim == 4
     return isinstance(item, (list, tuple))
