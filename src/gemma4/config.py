@@ -213,8 +213,19 @@ class TextConfig:
         return out
 
 
+class _JsonConfig:
+    """from_dict / to_dict for the tower configs: config.json key names, unknown keys kept in `extra`."""
+
+    @classmethod
+    def from_dict(cls, data):
+        return _from_dict(cls, data)
+
+    def to_dict(self):
+        return _to_dict(self)
+
+
 @dataclass
-class VisionConfig:
+class VisionConfig(_JsonConfig):
     """`vision_config` (`model_type: gemma4_vision`)."""
 
     model_type: str = "gemma4_vision"
@@ -242,16 +253,9 @@ class VisionConfig:
         if self.rope_parameters is None:
             self.rope_parameters = {"rope_type": "default", "rope_theta": 100.0}
 
-    @classmethod
-    def from_dict(cls, data):
-        return _from_dict(cls, data)
-
-    def to_dict(self):
-        return _to_dict(self)
-
 
 @dataclass
-class AudioConfig:
+class AudioConfig(_JsonConfig):
     """`audio_config` (`model_type: gemma4_audio`), a Conformer encoder."""
 
     model_type: str = "gemma4_audio"
@@ -277,13 +281,6 @@ class AudioConfig:
         if self.model_type != "gemma4_audio":
             raise ConfigError(f"audio_config.model_type is {self.model_type!r}, expected 'gemma4_audio'")
         self.subsampling_conv_channels = list(self.subsampling_conv_channels)
-
-    @classmethod
-    def from_dict(cls, data):
-        return _from_dict(cls, data)
-
-    def to_dict(self):
-        return _to_dict(self)
 
 
 @dataclass

@@ -11,37 +11,7 @@ from torch import nn
 
 from ..config import TextConfig
 from .attention import ForwardContext, attend
-
-
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
-
-
-ACTIVATIONS = {"gelu_pytorch_tanh": gelu_tanh, "gelu": F.gelu, "silu": F.silu}
-
-
-def activation(name: str):
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unsupported activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
-    return ACTIVATIONS[name]
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32. Gemma 4 multiplies by `weight` itself (not 1 + weight, as Gemma 1-3 did);
-    `with_scale=False` gives the weightless norm used for values and the router."""
-
-    def __init__(self, dim: int, eps: float = 1e-6, with_scale: bool = True):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        # pow(-0.5) rather than rsqrt, like the reference, to stay bit-close to it.
-        normed = x32 * torch.pow(x32.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
-        if self.weight is not None:
-            normed = normed * self.weight.float()
-        return normed.type_as(x)
+from .common import RMSNorm, activation
 
 
 def rope_inverse_frequencies(head_dim: int, rope: dict) -> torch.Tensor:
