@@ -4,7 +4,7 @@ from .config import AudioConfig, Config, ConfigError, TextConfig, VisionConfig
 from .model.gemma4 import Model
 
 __version__ = "0.1.0"
-__all__ = ["Model", "Processor", "Config", "TextConfig", "VisionConfig", "AudioConfig", "ConfigError"]
+__all__ = ["Model", "Processor", "LLM", "SamplingParams", "Config", "TextConfig", "VisionConfig", "AudioConfig", "ConfigError"]
 
 
 def __getattr__(name):
@@ -12,4 +12,10 @@ def __getattr__(name):
     if name == "Processor":
         from .processing.processor import Processor
         return Processor
+    if name == "LLM":
+        from .llm import LLM
+        return LLM
+    if name == "SamplingParams":
+        from .engine.sampling import SamplingParams
+        return SamplingParams
     raise AttributeError(f"module 'gemma4' has no attribute {name!r}")

@@ -82,8 +82,10 @@ class Model(nn.Module):
         """Token embeddings with image/video/audio soft tokens merged in (see multimodal.py for `media`).
 
         Returns (embeds, ids for the per-layer-embedding lookup, image block ids or None)."""
-        if not any(v is not None for v in media.values()):
+        if self.config.layout == "text" and not any(v is not None for v in media.values()):
             return self.text.embed_tokens(input_ids), input_ids, None
+        # Multimodal checkpoints read placeholder ids as the pad token in every forward, media or not (as the
+        # reference does, e.g. for a placeholder id the model generates).
         from .multimodal import merge_media
         return merge_media(self, input_ids, **media)
 
