@@ -11,8 +11,8 @@ from typing import Iterator
 
 import torch
 
-from .sampling import (GEMMA4_DEFAULTS, GEMMA4_STOP_IDS, SamplingParams, TokenLogprobs, draw, make_generator,
-                       next_token_distribution, token_logprobs)
+from .sampling import (GEMMA4_DEFAULTS, GEMMA4_STOP_IDS, SamplingParams, TokenLogprobs, make_generator,
+                       sample_token)
 
 _FROM_CONFIG = object()  # "use the checkpoint's generation_config" (None means "never stop early")
 
@@ -60,18 +60,9 @@ def token_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
         logits = model(sequence, attention_mask=seq_valid, **media)[:, -1]
 
     for step in range(max_new):
-        tokens, logprobs = [], []
-        for b in range(batch):
-            p = params[b]
-            row_logits = logits[b]
-            if len(outputs[b]) < p.min_tokens and not p.ignore_eos:  # too early to stop: forbid stop tokens
-                row_logits = row_logits.clone()
-                row_logits[list(stop_ids[b])] = float("-inf")
-            output_ids = torch.tensor(outputs[b], dtype=torch.long, device=device)
-            probs = next_token_distribution(row_logits, p, prompts[b], output_ids)
-            token = int(probs.argmax()) if p.greedy else draw(probs, generators[b])
-            tokens.append(token)
-            logprobs.append(token_logprobs(logits[b], token, p.logprobs) if p.logprobs is not None else None)
+        sampled = [sample_token(logits[b], params[b], prompts[b], outputs[b], stop_ids[b], generators[b])
+                   for b in range(batch)]
+        tokens, logprobs = [t for t, _ in sampled], [lp for _, lp in sampled]
         for b, token in enumerate(tokens):
             if not finished[b]:
                 outputs[b].append(token)

@@ -7,7 +7,7 @@ import torch
 
 from ..model.paged_cache import PagedCacheView
 from .block_manager import BlockManager
-from .sampling import draw, next_token_distribution, token_logprobs
+from .sampling import sample_token
 from .scheduler import Scheduled
 
 
@@ -48,12 +48,5 @@ class ModelRunner:
         return logits[:, -1].float().cpu()
 
     def sample(self, item: Scheduled, logits: torch.Tensor):
-        seq, params = item.seq, item.seq.params
-        if len(seq.output_ids) < params.min_tokens and seq.stop_ids:  # too early to stop: forbid stop tokens
-            logits = logits.clone()
-            logits[list(seq.stop_ids)] = float("-inf")
-        output = torch.tensor(seq.output_ids, dtype=torch.long)
-        probs = next_token_distribution(logits, params, seq.prompt_tensor(), output)
-        token = int(probs.argmax()) if params.greedy else draw(probs, seq.generator)
-        logprobs = token_logprobs(logits, token, params.logprobs) if params.logprobs is not None else None
-        return token, logprobs
+        seq = item.seq
+        return sample_token(logits, seq.params, seq.prompt_tensor(), seq.output_ids, seq.stop_ids, seq.generator)

@@ -131,6 +131,18 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def sample_token(logits: torch.Tensor, params: SamplingParams, prompt_ids: torch.Tensor, output_ids: list[int],
+                 stop_ids, generator: torch.Generator | None) -> tuple[int, TokenLogprobs | None]:
+    """The next token of one sequence (and its logprobs if asked): the one sampling step of every generator."""
+    if len(output_ids) < params.min_tokens and stop_ids and not params.ignore_eos:
+        logits = logits.clone()  # too early to stop: forbid the stop tokens
+        logits[list(stop_ids)] = float("-inf")
+    output = torch.tensor(output_ids, dtype=torch.long, device=logits.device)
+    probs = next_token_distribution(logits, params, prompt_ids.to(logits.device), output)
+    token = int(probs.argmax()) if params.greedy else draw(probs, generator)
+    return token, token_logprobs(logits, token, params.logprobs) if params.logprobs is not None else None
+
+
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
     if seed is None:
         return None
