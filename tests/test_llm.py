@@ -4,11 +4,11 @@ import copy
 import shutil
 
 import pytest
-import torch
 
 from gemma4 import Config, Model
 from gemma4.cli import main as cli_main
-from gemma4.llm import LLM, IncrementalText
+from gemma4.llm import LLM
+from gemma4.processing.detokenize import IncrementalText
 from gemma4.random_init import randomize_
 from reference import text_config_dict
 

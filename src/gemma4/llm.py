@@ -12,6 +12,7 @@ import torch
 from .engine.generate import token_steps
 from .engine.sampling import GEMMA4_STOP_IDS, SamplingParams, TokenLogprobs
 from .model.gemma4 import Model
+from .processing.detokenize import IncrementalText
 
 
 @dataclass
@@ -21,47 +22,6 @@ class Completion:
     finish_reason: str  # "stop" (a stop token or string) or "length"
     prompt_tokens: int
     logprobs: list[TokenLogprobs] | None = None
-
-
-class IncrementalText:
-    """Turns a growing list of token ids into text deltas that never split a UTF-8 character, and holds back
-    text that might be the start of a stop string."""
-
-    def __init__(self, tokenizer, stop: Sequence[str] = (), skip_special_tokens: bool = True):
-        self.tokenizer, self.stop, self.skip = tokenizer, list(stop), skip_special_tokens
-        self.ids: list[int] = []
-        self.emitted = 0
-        self.text = ""
-        self.stopped = False
-
-    def add(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip)
-        for stop in self.stop:
-            if (at := text.find(stop)) >= 0:  # cut at the stop string: it is not part of the output
-                self.text, self.stopped = text[:at], True
-                return self._flush(len(self.text))
-        self.text = text
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for its other bytes
-            return ""
-        return self._flush(len(text) - self._partial_stop_length(text))
-
-    def finish(self) -> str:
-        return self._flush(len(self.text.rstrip("\ufffd")))
-
-    def _partial_stop_length(self, text: str) -> int:
-        longest = 0
-        for stop in self.stop:
-            for n in range(min(len(stop) - 1, len(text)), 0, -1):
-                if text.endswith(stop[:n]):
-                    longest = max(longest, n)
-                    break
-        return longest
-
-    def _flush(self, upto: int) -> str:
-        delta = self.text[self.emitted: upto] if upto > self.emitted else ""
-        self.emitted = max(self.emitted, upto)
-        return delta
 
 
 class LLM:

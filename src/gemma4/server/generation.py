@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from ..engine.sequence import StepOutput
+from ..processing.detokenize import IncrementalText
 from .async_engine import AsyncEngine
 
 
@@ -13,13 +14,14 @@ class Choice:
         self.index, self.engine, self.tokenizer = index, engine, tokenizer
         self.seq_id, self.queue = engine.add(prompt_ids, params)
         self.num_prompt = len(prompt_ids)
-        self.stops = stops
-        self.hold = max((len(s) for s in stops), default=1) - 1
-        self.ids: list[int] = []
-        self.text, self.sent = "", 0
+        self.detok = IncrementalText(tokenizer, stops, skip_special_tokens=False)
         self.num_output = 0
         self.finish_reason: str | None = None
         self.logprobs: list = []  # TokenLogprobs of each token whose text was emitted
+
+    @property
+    def text(self) -> str:
+        return self.detok.text
 
     @property
     def done(self) -> bool:
@@ -34,24 +36,19 @@ class Choice:
     def consume(self, out: StepOutput) -> tuple[str, list]:
         """Apply one engine output; returns (new text safe to emit, logprobs of its tokens)."""
         self.num_output = out.num_output_tokens
-        new_logprobs = []
-        if out.token is not None and not (out.finished and out.finish_reason == "stop"):  # stop tokens: no text
-            self.ids.append(out.token)
+        new_logprobs, delta = [], ""
+        stop_token = out.finished and out.finish_reason == "stop"  # a stop token has no text
+        if out.token is not None and not stop_token and not self.detok.stopped:
             if out.logprobs is not None:
                 new_logprobs.append(out.logprobs)
-            decoded = self.tokenizer.decode(self.ids)
-            if not decoded.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                self.text = decoded
+            delta = self.detok.add(out.token)
         if out.finished:
             self.finish_reason = "stop" if out.finish_reason in ("stop", "abort") else out.finish_reason
-        hit = min((i for i in (self.text.find(s) for s in self.stops) if i >= 0), default=-1)
-        if hit >= 0:
-            self.text = self.text[:hit]
+        if self.detok.stopped and self.finish_reason is None:
             self.finish_reason = "stop"
-            if not out.finished:
-                self.engine.abort(self.seq_id)
-        end = len(self.text) if self.done else max(len(self.text) - self.hold, self.sent)
-        delta, self.sent = self.text[self.sent:end], max(end, self.sent)
+            self.engine.abort(self.seq_id)
+        if self.done:
+            delta += self.detok.finish()
         self.logprobs.extend(new_logprobs)
         return delta, new_logprobs
 

@@ -1,0 +1,47 @@
+"""Incremental detokenization shared by `LLM.stream` and the server."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+
+class IncrementalText:
+    """Turns a growing list of token ids into text deltas that never split a UTF-8 character, and holds back
+    text that might be the start of a stop string."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] = (), skip_special_tokens: bool = True):
+        self.tokenizer, self.stop, self.skip = tokenizer, list(stop), skip_special_tokens
+        self.ids: list[int] = []
+        self.emitted = 0
+        self.text = ""
+        self.stopped = False
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip)
+        hits = [at for at in (text.find(stop) for stop in self.stop) if at >= 0]
+        if hits:  # cut at the earliest stop string: it is not part of the output
+            self.text, self.stopped = text[:min(hits)], True
+            return self._flush(len(self.text))
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for its other bytes
+            return ""
+        self.text = text
+        return self._flush(len(text) - self._partial_stop_length(text))
+
+    def finish(self) -> str:
+        """The text held back for a possible stop string, once nothing more will come."""
+        return self._flush(len(self.text))
+
+    def _partial_stop_length(self, text: str) -> int:
+        longest = 0
+        for stop in self.stop:
+            for n in range(min(len(stop) - 1, len(text)), 0, -1):
+                if text.endswith(stop[:n]):
+                    longest = max(longest, n)
+                    break
+        return longest
+
+    def _flush(self, upto: int) -> str:
+        delta = self.text[self.emitted: upto] if upto > self.emitted else ""
+        self.emitted = max(self.emitted, upto)
+        return delta
