@@ -15,8 +15,6 @@ Resampling: a polyphase windowed-sinc filter (Kaiser window, beta 8.6, 16 zero c
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import math
 import os
@@ -25,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from .data_url import decode_base64, decode_data_url
 
 SAMPLING_RATE = 16_000
 MAX_SECONDS = 30
@@ -163,11 +162,7 @@ def decode_audio(data: bytes, format: str | None = None) -> tuple[np.ndarray, in
 
 def audio_from_base64(data: str, format: str | None = None) -> tuple[np.ndarray, int]:
     """OpenAI `input_audio` style: base64 text plus a format name ("wav", "mp3", ...)."""
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("cannot read audio: invalid base64 data") from None
-    return decode_audio(raw, format)
+    return decode_audio(decode_base64(data, "audio"), format)
 
 
 def load_audio(source, sampling_rate: int | None = None, format: str | None = None) -> np.ndarray:
@@ -185,10 +180,8 @@ def load_audio(source, sampling_rate: int | None = None, format: str | None = No
     elif isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
         if text.startswith("data:"):
-            header, sep, payload = text.partition(",")
-            if not sep or not header.endswith(";base64"):
-                raise ValueError("cannot read audio from data URL: expected 'data:<mime>;base64,<data>'")
-            samples, rate = audio_from_base64(payload, format or header[5:-7].rpartition("/")[2] or None)
+            mime, raw = decode_data_url(text, "audio")
+            samples, rate = decode_audio(raw, format or mime.rpartition("/")[2] or None)
         elif os.path.isfile(text):
             with open(text, "rb") as f:
                 samples, rate = decode_audio(f.read(), format or os.path.splitext(text)[1].lstrip(".") or None)

@@ -10,8 +10,6 @@ raw encoded bytes, and data URLs (`data:image/png;base64,...`).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import math
 import os
@@ -20,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from .data_url import decode_data_url
 
 SUPPORTED_SOFT_TOKENS = (70, 140, 280, 560, 1120)
 PATCH_SIZE = 16
@@ -79,13 +78,7 @@ def load_image(source) -> Image.Image:
     elif isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
         if text.startswith("data:"):
-            header, sep, payload = text.partition(",")
-            if not sep or not header.endswith(";base64"):
-                raise ValueError("cannot read image from data URL: expected 'data:<mime>;base64,<data>'")
-            try:
-                data = base64.b64decode(payload, validate=True)
-            except (binascii.Error, ValueError):
-                raise ValueError("cannot read image from data URL: invalid base64 payload") from None
+            _, data = decode_data_url(text, "image")
             image = _decode_bytes(data, "data URL")
         elif text.startswith(("http://", "https://")):
             raise ValueError("image URLs are not fetched; download the image and pass its bytes or path")

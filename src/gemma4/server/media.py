@@ -5,12 +5,11 @@ name an IP address (no requests to private networks). data: URLs must carry vali
 
 from __future__ import annotations
 
-import base64
-import binascii
 import ipaddress
 from urllib.parse import urlsplit
 
 from .protocol import APIError, bad
+from ..processing.data_url import decode_base64
 
 
 def check_media(media: list[dict], state) -> None:
@@ -50,6 +49,6 @@ def check_url(url: str, allowed_domains: list[str]) -> None:
 
 def _b64(data) -> bytes:
     try:
-        return base64.b64decode(str(data), validate=True)
-    except (binascii.Error, ValueError):
+        return decode_base64(str(data), "media")
+    except ValueError:
         raise bad("media data is not valid base64", "messages") from None
