@@ -34,7 +34,7 @@ def rope_inverse_frequencies(head_dim: int, rope: dict) -> torch.Tensor:
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
     """cos/sin [B, L, 1, head_dim] for rotate-half RoPE (pair i is dims i and i + head_dim/2)."""
-    angles = positions[..., None].float() * inv_freq.to(positions.device)  # [B, L, head_dim/2]
+    angles = positions[..., None].float() * inv_freq  # [B, L, head_dim/2]
     angles = torch.cat([angles, angles], dim=-1)[:, :, None, :]
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -236,6 +236,8 @@ class TextModel(nn.Module):
         `last_only`: return only the last position; KV-shared layers then run on that position alone, since no later
         layer reads their keys."""
         per_layer = self.per_layer_inputs(ple_ids, embeds) if self.ple_dim else None
+        if next(iter(self.inv_freq.values())).device != embeds.device:  # once per device, not per forward
+            self.inv_freq = {t: f.to(embeds.device) for t, f in self.inv_freq.items()}
         ropes = {t: rope_cos_sin(ctx.positions, f, embeds.dtype) for t, f in self.inv_freq.items()}
         first_shared = self.config.num_hidden_layers - self.config.num_kv_shared_layers
         x = embeds

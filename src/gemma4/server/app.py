@@ -184,12 +184,7 @@ async def _chat(state: ServerState, body: dict, request: Request):
     if stream:
         gen = _chat_stream(state, choices, forced, rid, created, name, options.get("include_usage"), started, request)
         return StreamingResponse(gen, media_type="text/event-stream")
-    try:
-        async for choice_, out in merged(choices, request):
-            choice_.consume(out)
-    except EngineDead as e:
-        raise p.APIError(503, str(e), "server_error") from None
-    _observe(state, choices, started)
+    await _run_to_end(state, choices, request, started)
     results = []
     for c in choices:
         parsed = parse_response(forced + c.text, complete=c.finish_reason == "stop")
@@ -277,6 +272,16 @@ def _usage(choices: list[Choice]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+async def _run_to_end(state, choices, request, started) -> None:
+    """Consume every output of a non-streamed request."""
+    try:
+        async for choice, out in merged(choices, request):
+            choice.consume(out)
+    except EngineDead as e:
+        raise p.APIError(503, str(e), "server_error") from None
+    _observe(state, choices, started)
+
+
 def _observe(state: ServerState, choices: list[Choice], started: float) -> None:
     state.metrics.latency.observe(time.monotonic() - started)
     state.metrics.generation_tokens.inc(sum(c.num_output for c in choices))
@@ -340,11 +345,6 @@ async def _completion(state: ServerState, body: dict, request: Request):
                 yield f"data: {json.dumps(p.APIError(503, str(e), 'server_error').body())}\n\n"
             yield "data: [DONE]\n\n"
         return StreamingResponse(events(), media_type="text/event-stream")
-    try:
-        async for c, out in merged(choices, request):
-            c.consume(out)
-    except EngineDead as e:
-        raise p.APIError(503, str(e), "server_error") from None
-    _observe(state, choices, started)
+    await _run_to_end(state, choices, request, started)
     return data([{"index": c.index, "text": c.text, "logprobs": logprobs_of(c.logprobs),
                   "finish_reason": c.finish_reason} for c in choices], _usage(choices))
