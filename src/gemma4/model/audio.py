@@ -39,7 +39,9 @@ class SubsampleLayer(nn.Module):
     def forward(self, x, mask):
         """x (B, C, T, F), mask (B, T) -> (B, C', ceil(T/2), ceil(F/2)), mask of every other frame."""
         x = self.conv((x * mask[:, None, :, None]).to(self.conv.weight.dtype))
-        x = F.relu(self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))  # LayerNorm over channels
+        # LayerNorm over channels. Back to a contiguous NCHW tensor: the layout picks the next conv's kernel, and
+        # this one sums in the reference's order.
+        x = F.relu(self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)).contiguous()
         return x, mask[:, ::2]
 
 
@@ -155,8 +157,8 @@ class ChunkedAttention(nn.Module):
         """x (B, T, D); rel_embedding (R, D); allowed (B, 1, N, chunk, W) bool from `AudioTower.block_mask`."""
         b, t, _ = x.shape
         shape = (b, t, self.num_heads, self.head_dim)
-        q_scale = self.head_dim**-0.5 / math.log(2) * F.softplus(self.per_dim_scale)
-        q = self.q_proj(x).float().view(shape) * q_scale
+        # Scaled in the reference's order (by the constant, then by softplus), so the rounding matches too.
+        q = self.q_proj(x).float().view(shape) * (self.head_dim**-0.5 / math.log(2)) * F.softplus(self.per_dim_scale)
         k = self.k_proj(x).float().view(shape) * (math.log1p(math.e) / math.log(2))
         v = self.v_proj(x).float().view(shape)
 

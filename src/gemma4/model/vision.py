@@ -175,8 +175,10 @@ class VisionTower(nn.Module):
         pos = position_ids.clamp(min=0)
         blocks_per_row = (pos[..., 0].amax(dim=-1, keepdim=True) + 1) // k  # (B, 1): W / k
         slot = pos[..., 0] // k + blocks_per_row * (pos[..., 1] // k)  # (B, P); padding rows -> slot 0, adds 0
-        pooled = hidden.new_zeros(b, num_slots, d).index_put_(
-            (torch.arange(b, device=hidden.device)[:, None], slot), hidden, accumulate=True) / k**2
+        # The average as a matmul with a (B, P, slots) matrix of 1/k**2 entries: this is how the reference sums,
+        # and the same order of float additions keeps the soft tokens bit-identical to it.
+        weights = torch.nn.functional.one_hot(slot, num_slots).float() / k**2
+        pooled = weights.transpose(1, 2) @ hidden
         real = (~padding).sum(dim=-1, keepdim=True)
         valid = torch.arange(num_slots, device=hidden.device)[None] < real // k**2  # (B, P/k**2)
         return pooled, valid
