@@ -309,3 +309,27 @@ def test_more_images_than_fit_the_context(pair):
     with pytest.raises(ValueError, match="exceeds this model's context"):
         ours.generate(torch.tensor([row]), max_new_tokens=4, pixel_values=images.pixel_values,
                       image_position_ids=images.pixel_position_ids)
+
+
+def test_video_frames_match_reference(pair):
+    """A 3-frame video between text: frames go through the vision tower at the video budget and fill the
+    <|video|> slots; on the 26B-like model each frame is its own bidirectional block."""
+    kind, ref, ours = pair
+    from gemma4.processing.video import process_videos
+
+    VID = IDS["video_token_id"]
+    frames = np.stack([np.asarray(random_image(64, 96, s)) for s in range(3)])
+    video = process_videos(frames, fps=1.0)
+    rng = np.random.default_rng(5)
+    row = [2, *text(4, rng)]
+    for _ in range(video.num_frames_per_video[0]):
+        row += [*text(2, rng), BOI, *[VID] * video.num_soft_tokens_per_frame[0], EOI]
+    row += text(3, rng)
+    ids = torch.tensor([row])
+    media = dict(pixel_values_videos=video.pixel_values_videos, video_position_ids=video.video_position_ids)
+    with torch.no_grad():
+        expected = ref(input_ids=ids, mm_token_type_ids=2 * (ids == VID).long(),
+                       num_frames_per_video=torch.tensor(video.num_frames_per_video), use_cache=False,
+                       **media).logits
+        got = ours(ids, **media)
+    assert (got - expected).abs().max().item() <= 1e-4
