@@ -292,7 +292,7 @@ def test_processor_output_drives_the_model(processors, pair):
         expected = ref(**inputs, position_ids=positions(inputs), use_cache=False).logits
         got = model(**inputs)
     valid = inputs["attention_mask"].bool()
-    assert (got[valid] - expected[valid]).abs().max().item() < 2e-3
+    assert (got[valid] - expected[valid]).abs().max().item() <= 1e-4
     generated = model.generate(**inputs, max_new_tokens=3, do_sample=False, eos_token_id=EOS, pad_token_id=0)
     assert generated.shape == (2, ids.shape[1] + 3)
 
