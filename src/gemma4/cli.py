@@ -35,13 +35,19 @@ def cmd_generate(args) -> None:
 
     llm = _load_llm(args)
     params = llm._params(_sampling_overrides(args))
-    start, count = time.perf_counter(), 0
     prompt = llm.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
-    for delta in llm.stream(prompt, params):
-        count += 1
+    usage: dict = {}
+    start = time.perf_counter()
+    first = None
+    for delta in llm.stream(prompt, params, usage=usage):
+        first = first or time.perf_counter()
         print(delta, end="", flush=True)
-    elapsed = time.perf_counter() - start
-    print(f"\n[{count} chunks in {elapsed:.1f}s]", file=sys.stderr)
+    end = time.perf_counter()
+    new = usage["completion_tokens"]
+    # Decode speed over the tokens after the first (the first one's time is the prompt's prefill).
+    rate = (new - 1) / (end - first) if first and new > 1 and end > first else float("nan")
+    print(f"\n[{usage['prompt_tokens']} prompt tokens, {new} new tokens in {end - start:.2f}s, "
+          f"{rate:.1f} tok/s after the first]", file=sys.stderr)
 
 
 def cmd_chat(args) -> None:

@@ -121,16 +121,21 @@ class LLM:
                            logprobs[r] if params[r].logprobs is not None else None) for r in range(len(prompts))]
 
     def stream(self, prompt: str | Sequence[int], params: SamplingParams | dict | None = None,
-               skip_special_tokens: bool = True) -> Iterator[str]:
-        """Yield text deltas as tokens arrive (never a partial UTF-8 character or a partial stop string)."""
+               skip_special_tokens: bool = True, usage: dict | None = None) -> Iterator[str]:
+        """Yield text deltas as tokens arrive (never a partial UTF-8 character or a partial stop string).
+
+        `usage`, if given, is filled with prompt_tokens and completion_tokens as the stream goes."""
         if self.tokenizer is None:
             raise ValueError("streaming text needs a tokenizer")
         params = self._params(params)
         ids = torch.tensor([self._ids(prompt)])
         text = IncrementalText(self.tokenizer, params.stop, skip_special_tokens)
         stops = self._stops(params)
+        usage = usage if usage is not None else {}
+        usage.update(prompt_tokens=ids.shape[1], completion_tokens=0)
         for step in token_steps(self.model, ids, None, [params], [stops]):
             token = step.tokens[0]
+            usage["completion_tokens"] += 1
             if token in stops and not params.ignore_eos:
                 break
             if delta := text.add(token):
