@@ -333,3 +333,12 @@ def test_video_frames_match_reference(pair):
                        **media).logits
         got = ours(ids, **media)
     assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_processor_takes_audio_as_sample_rate_pairs(processors):
+    ours, _, _, _ = processors
+    clip = (waveform(0.5, 3), 16_000)
+    one = ours(text="Listen: <|audio|>", audio=[clip])
+    two = ours(text=["A <|audio|>", "B <|audio|>"], audio=[clip, clip])
+    assert one["input_features"].shape[0] == 1 and two["input_features"].shape[0] == 2
+    assert torch.equal(one["input_features"][0], two["input_features"][1])

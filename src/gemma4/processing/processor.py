@@ -38,12 +38,19 @@ class ProcessorOutput(dict):
         return out
 
 
+def _is_group(item, what: str) -> bool:
+    """A prompt's own list of items, as opposed to one item. An audio clip given as (samples, rate) is one item."""
+    if what == "audio clips" and isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], (int, float)):
+        return False
+    return isinstance(item, (list, tuple))
+
+
 def _per_prompt(items, texts: list[str], token: str, what: str) -> list[list]:
     """Split the media of a batch among its prompts by their placeholders (a nested list is taken as is)."""
     counts = [t.count(token) for t in texts]
     if items is None:
         return [[] for _ in texts]
-    if isinstance(items, (list, tuple)) and items and all(isinstance(i, (list, tuple)) for i in items) \
+    if isinstance(items, (list, tuple)) and items and all(_is_group(i, what) for i in items) \
             and len(items) == len(texts) and what != "videos":
         nested = [list(i) for i in items]
     else:
