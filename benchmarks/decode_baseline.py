@@ -1,15 +1,24 @@
-"""Baseline decode/prefill speed of gemma4 (current eager path) vs transformers 5.23, same weights, same device.
+"""Decode/prefill speed of gemma4 (its decode modes) vs transformers 5.23: same weights, same device, same run.
 
 Writes a random-weight checkpoint of an official preset (bf16), loads it with both, and times greedy generation:
-decode tok/s = new tokens / (time of generate(prompt, n+1) - time of generate(prompt, 1)).
+decode tok/s = batch x steps / (time of generate(prompt, steps+1) - time of generate(prompt, 1)), best of --repeat.
 
-    python benchmarks/decode_baseline.py --preset E2B --batch 1 8 --context 1024 --steps 64 --compare transformers
+    python benchmarks/decode_baseline.py --preset E2B --batch 1 8 --context 1024 --steps 64 \\
+        --engines dynamic graph transformers --profile
+
+Engines: "dynamic" (the eager reference path), "static" (static cache, eager), "graph" (CUDA graphs + batched
+device sampling), "compile" (graph, with the step compiled by torch.compile first), "transformers".
+--profile adds, per gemma4 graph engine and batch: the replay time of the captured step alone (CUDA events, median
+of 50) with the bytes it must read (weights read per token + the KV cache) and the bandwidth that implies, and
+the kernel count and top kernels of one eager static step (torch.profiler).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import tempfile
 import time
 
@@ -19,24 +28,81 @@ from gemma4 import Model
 from gemma4.random_init import write_random_checkpoint
 
 
+DEVICE = "cuda"
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 def timed(fn, repeat: int = 1) -> float:
     best = float("inf")
     for _ in range(repeat):
-        torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         best = min(best, time.perf_counter() - start)
     return best
 
 
-def measure(generate, batch: int, context: int, steps: int) -> dict:
-    ids = torch.randint(10, 200_000, (batch, context), device="cuda")
-    generate(ids, 2)  # warm-up
-    first = timed(lambda: generate(ids, 1))
-    full = timed(lambda: generate(ids, steps + 1))
+def measure(generate, batch: int, context: int, steps: int, repeat: int) -> dict:
+    ids = torch.randint(10, 200_000, (batch, context), device=DEVICE)
+    generate(ids, steps + 1)  # warm-up (captures / compiles the decode step for this batch)
+    first = timed(lambda: generate(ids, 1), repeat)
+    full = timed(lambda: generate(ids, steps + 1), repeat)
     return {"prefill_tok_s": batch * context / first, "ttft_s": first,
-            "decode_tok_s": batch * steps / (full - first)}
+            "decode_tok_s": batch * steps / (full - first), "step_ms": (full - first) / steps * 1e3}
+
+
+def bytes_per_step(model, runner) -> int:
+    """The fewest bytes one decode step must read: every weight except the embedding tables (one row each; the
+    tied LM head reads the main table whole), plus the whole static KV cache (attended over in full)."""
+    text = model.text
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if text.ple_dim:
+        table = text.embed_tokens_per_layer.weight
+        total -= table.numel() * table.element_size()
+    if model.config.text_config.enable_moe_block:  # only top-k of the experts are read per token (batch 1)
+        for layer in text.layers:
+            for p in (layer.experts.gate_up_proj, layer.experts.down_proj):
+                cfg = model.config.text_config
+                total -= p.numel() * p.element_size() * (1 - cfg.top_k_experts / cfg.num_experts)
+    return int(total + runner.cache.nbytes)
+
+
+def profile(model, batch: int, context: int, steps: int) -> dict:
+    from gemma4.engine.generate import decode_runner
+
+    ids = torch.randint(10, 200_000, (batch, context), device="cuda")
+    model.generate(ids, max_new_tokens=3, do_sample=False, eos_token_id=None, decode="graph")
+    runner = decode_runner(model, batch, context + steps + 1, graph=True)
+    runner.capture()
+    tokens = torch.randint(10, 200_000, (batch,), device="cuda")
+    times = []
+    for _ in range(60):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        runner.ids.copy_(tokens[:, None])
+        start.record()
+        runner.graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    replay_ms = statistics.median(times[10:])
+    need = bytes_per_step(model, runner)
+    eager = decode_runner(model, batch, context + steps + 1, graph=False)
+    eager.step(tokens)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        eager.step(tokens)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = sum(e.count for e in events)
+    gpu_ms = sum(e.self_device_time_total for e in events) / 1e3
+    top = sorted(events, key=lambda e: -e.self_device_time_total)[:8]
+    return {"replay_ms": replay_ms, "bytes_per_step_GB": need / 1e9, "replay_GB_s": need / replay_ms / 1e6,
+            "kernels_per_step": kernels, "eager_kernel_ms": gpu_ms,
+            "top_kernels": [(e.key[:60], e.count, round(e.self_device_time_total / 1e3, 3)) for e in top]}
 
 
 def main() -> None:
@@ -45,49 +111,82 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1])
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=64)
-    parser.add_argument("--compare", choices=["transformers"], default=None)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--engines", nargs="+", default=["graph", "transformers"],
+                        choices=["dynamic", "static", "graph", "compile", "transformers"])
+    parser.add_argument("--compare", choices=["transformers"], default=None, help="same as adding the engine")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--num-layers", type=int, default=None)
     parser.add_argument("--out", default=None, help="write results as JSON here")
+    parser.add_argument("--device", default="cuda", help="cpu: a smoke test of this script, not a benchmark")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = args.device
+    cuda = DEVICE == "cuda"
+    engines = args.engines + (["transformers"] if args.compare and "transformers" not in args.engines else [])
 
     directory = tempfile.mkdtemp()
     start = time.perf_counter()
-    write_random_checkpoint(args.preset, directory, text_only=True, dtype=torch.bfloat16)
+    write_random_checkpoint(args.preset, directory, num_layers=args.num_layers, text_only=True, dtype=torch.bfloat16)
     print(f"wrote random {args.preset} in {time.perf_counter() - start:.0f}s", flush=True)
-    rows = []
-    ours = Model.from_pretrained(directory, dtype=torch.bfloat16, device="cuda")
+    rows, profiles = [], {}
+    ours = Model.from_pretrained(directory, dtype=torch.bfloat16, device=DEVICE)
+    load_peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    for engine in engines:  # in the order given: put slow or risky ones (compile) last
+        start = time.perf_counter()
+        if engine == "transformers":
+            import transformers
 
-    def ours_generate(ids, n):
-        return ours.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None)
+            reference = transformers.Gemma4ForCausalLM.from_pretrained(
+                directory, dtype=torch.bfloat16, **({"device_map": DEVICE} if cuda else {})).eval()
 
-    for batch in args.batch:
-        rows.append({"engine": "gemma4", "batch": batch, **measure(ours_generate, batch, args.context, args.steps)})
-        print(rows[-1], flush=True)
-    peak = torch.cuda.max_memory_allocated() / 2**30
-    del ours
-    torch.cuda.empty_cache()
-    if args.compare == "transformers":
-        import transformers
+            def reference_generate(ids, n):
+                return reference.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                          eos_token_id=None, pad_token_id=0)
 
-        reference = transformers.Gemma4ForCausalLM.from_pretrained(directory, dtype=torch.bfloat16,
-                                                                   device_map="cuda").eval()
+            for batch in args.batch:
+                rows.append({"engine": f"transformers-{transformers.__version__}", "batch": batch,
+                             **measure(reference_generate, batch, args.context, args.steps, 1)})
+                print(rows[-1], flush=True)
+            del reference
+            if cuda:
+                torch.cuda.empty_cache()
+            continue
+        os.environ["GEMMA4_COMPILE"] = "1" if engine == "compile" else "0"
+        mode = "graph" if engine == "compile" else engine
 
-        def reference_generate(ids, n):
-            return reference.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                      eos_token_id=None, pad_token_id=0)
+        def ours_generate(ids, n, mode=mode):
+            return ours.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None, decode=mode)
 
         for batch in args.batch:
-            rows.append({"engine": "transformers", "batch": batch,
-                         **measure(reference_generate, batch, args.context, args.steps)})
+            start = time.perf_counter()
+            repeat = 1 if engine == "dynamic" else args.repeat
+            rows.append({"engine": f"gemma4-{engine}", "batch": batch,
+                         **measure(ours_generate, batch, args.context, args.steps, repeat),
+                         "wall_s": time.perf_counter() - start})
             print(rows[-1], flush=True)
-    print(f"\n{args.preset} bf16 on {torch.cuda.get_device_name()}, context {args.context}, {args.steps} steps; "
-          f"gemma4 peak memory {peak:.1f} GiB")
-    print(f"{'engine':<14}{'batch':>6}{'decode tok/s':>14}{'prefill tok/s':>15}{'TTFT s':>9}")
+            if args.profile and cuda and engine in ("graph", "compile"):
+                profiles[f"{engine} b{batch}"] = profile(ours, batch, args.context, args.steps)
+                print(profiles[f"{engine} b{batch}"], flush=True)
+        ours.__dict__.pop("_decode_runners", None)
+        if cuda:
+            torch.cuda.empty_cache()
+    peak = max(load_peak, torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    print(f"\n{args.preset} bf16 on {name}, torch {torch.__version__}, context "
+          f"{args.context}, {args.steps} steps; peak GPU memory of the run {peak:.1f} GiB")
+    for name, p in profiles.items():
+        print(f"profile {name}: replay {p['replay_ms']:.3f} ms/step, needs {p['bytes_per_step_GB']:.2f} GB/step -> "
+              f"{p['replay_GB_s']:.0f} GB/s; eager step: {p['kernels_per_step']} kernels, "
+              f"{p['eager_kernel_ms']:.2f} ms of kernel time")
+    print(f"{'engine':<22}{'batch':>6}{'decode tok/s':>14}{'ms/step':>9}{'prefill tok/s':>15}{'TTFT s':>9}")
     for row in rows:
-        print(f"{row['engine']:<14}{row['batch']:>6}{row['decode_tok_s']:>14.1f}{row['prefill_tok_s']:>15.0f}"
-              f"{row['ttft_s']:>9.3f}")
+        print(f"{row['engine']:<22}{row['batch']:>6}{row['decode_tok_s']:>14.1f}{row['step_ms']:>9.2f}"
+              f"{row['prefill_tok_s']:>15.0f}{row['ttft_s']:>9.3f}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"preset": args.preset, "device": torch.cuda.get_device_name(), "rows": rows}, f, indent=2)
+            json.dump({"preset": args.preset, "device": name, "torch": torch.__version__,
+                       "rows": rows, "profiles": profiles}, f, indent=2, default=str)
 
 
 if __name__ == "__main__":

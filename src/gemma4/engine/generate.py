@@ -2,17 +2,33 @@
 
 Two paths produce the same tokens: the cached one (prefill, possibly in chunks, then one token per step) and the
 naive reference (`use_cache=False`: a full forward over everything each step), kept for tests.
+
+The cached path decodes in one of three modes (`decode=` or the environment variable GEMMA4_DECODE):
+
+* "dynamic": the reference; the cache attends over what was written so far (a few host syncs per step).
+* "static": a static cache (fixed shapes, no host syncs in the step), run eagerly; the debugging twin of "graph".
+* "graph": the static step (embedding -> logits -> greedy argmax) captured once per (batch, cache size) in a CUDA
+  graph and replayed; sampling runs batched on the device (`sample_batch`) where the parameters allow. CUDA only.
+  With GEMMA4_COMPILE=1 the step is compiled with torch.compile (fused kernels) before capture.
+
+"auto" (the default) is "graph" on CUDA and "dynamic" elsewhere; GEMMA4_EAGER=1 turns "graph" into "static".
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
-from .sampling import (GEMMA4_DEFAULTS, GEMMA4_STOP_IDS, SamplingParams, TokenLogprobs, make_generator,
-                       sample_token)
+from .sampling import (GEMMA4_DEFAULTS, GEMMA4_STOP_IDS, SamplingParams, TokenLogprobs, batchable, make_generator,
+                       sample_batch, sample_token)
+
+DECODE_MODES = ("auto", "dynamic", "static", "graph")
+CACHE_BUCKET = 256  # static caches are sized up to a multiple of this, so nearby lengths share one graph
+MAX_RUNNERS = 4  # captured (batch, cache size) pairs kept per model
 
 _FROM_CONFIG = object()  # "use the checkpoint's generation_config" (None means "never stop early")
 
@@ -35,11 +51,95 @@ def check_lengths(model, prompt_len: int, max_new_tokens: int) -> None:
                          f"context of {limit} tokens; shorten the prompt or lower max_new_tokens")
 
 
+def decode_mode(model, requested: str | None = None) -> str:
+    mode = requested or os.environ.get("GEMMA4_DECODE", "auto")
+    if mode not in DECODE_MODES:
+        raise ValueError(f"decode mode must be one of {DECODE_MODES}, got {mode!r}")
+    if mode == "auto":
+        mode = "graph" if model.device.type == "cuda" else "dynamic"
+    if mode == "graph" and (model.device.type != "cuda" or os.environ.get("GEMMA4_EAGER", "0") not in ("", "0")):
+        mode = "static"
+    return mode
+
+
+class DecodeRunner:
+    """One decode step (one token per row) over a static cache, for a fixed batch size and cache size.
+
+    `step(tokens)` feeds last step's tokens [B] (on the device) and returns (logits [B, V] fp32, greedy tokens [B]).
+    With `graph=True` the step is captured in a CUDA graph on first use and replayed: its outputs are static buffers,
+    overwritten by the next step, so read them before calling `step` again."""
+
+    def __init__(self, model, batch: int, max_len: int, graph: bool, compile: bool = False):
+        self.model, self.batch, self.max_len = model, batch, max_len
+        self.cache = model.make_cache(batch, max_len, static=True)
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
+        self.graph = None
+        self.busy = False
+        self.want_graph = graph
+        self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.fn = self._step
+        if compile:
+            self.fn = torch.compile(self._step, dynamic=False)
+
+    def _step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(self.ids, cache=self.cache, last_only=True)[:, -1]
+        return logits, logits.argmax(-1)
+
+    def reset(self) -> None:
+        self.cache.reset()
+
+    def capture(self) -> None:
+        """Warm up (compiles, lazy inits) and capture; leaves the cache empty. Call before the prefill."""
+        if self.graph is not None or not self.want_graph:
+            return
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                self.fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self.outputs = self.fn()
+            self.graph = graph
+        except Exception as error:  # noqa: BLE001 - anything the capture trips on: run the same step eagerly
+            warnings.warn(f"CUDA graph capture of the decode step failed ({error}); decoding eagerly")
+            self.want_graph, self.outputs = False, None
+            torch.cuda.synchronize()
+        self.cache.reset()
+
+    def step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.ids.copy_(tokens.view(self.batch, 1))
+        if self.graph is None:
+            return self.fn()
+        self.graph.replay()
+        return self.outputs
+
+
+def decode_runner(model, batch: int, max_len: int, graph: bool) -> DecodeRunner:
+    """The model's runner for this batch size and a cache of at least max_len (kept for later calls)."""
+    limit = model.config.text_config.max_position_embeddings
+    size = min(-(-max_len // CACHE_BUCKET) * CACHE_BUCKET, limit)
+    compile = os.environ.get("GEMMA4_COMPILE", "0") not in ("", "0")
+    runners: dict = model.__dict__.setdefault("_decode_runners", {})
+    key = (batch, size, graph, compile, model.device)
+    runner = runners.pop(key, None)  # re-inserted below: most recently used last
+    if runner is None:
+        while len(runners) >= MAX_RUNNERS:
+            runners.pop(next(iter(runners)))
+        runner = DecodeRunner(model, batch, size, graph, compile)
+    runners[key] = runner
+    return runner
+
+
 @torch.no_grad()
 def token_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, params: list[SamplingParams],
                 stop_ids: list[set[int]], use_cache: bool = True, prefill_chunk_size: int | None = None,
-                **media) -> Iterator[Step]:
-    """Yield one Step per generated position until every row has stopped or used its max_tokens."""
+                decode: str | None = None, **media) -> Iterator[Step]:
+    """Yield one Step per generated position until every row has stopped or used its max_tokens.
+
+    `decode`: "auto", "dynamic", "static" or "graph" (see the module's docstring)."""
     batch, prompt_len = input_ids.shape
     device = model.device
     input_ids = input_ids.to(device)
@@ -52,6 +152,11 @@ def token_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     outputs: list[list[int]] = [[] for _ in range(batch)]
     finished = [False] * batch
 
+    mode = decode_mode(model, decode) if use_cache else "naive"
+    if mode in ("static", "graph"):
+        yield from _static_steps(model, input_ids, valid, params, stop_ids, prefill_chunk_size, media, mode,
+                                 generators, prompts)
+        return
     if use_cache:
         cache = model.make_cache(batch, prompt_len + max_new)
         logits = _prefill(model, input_ids, valid, cache, prefill_chunk_size, media)
@@ -80,6 +185,53 @@ def token_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
             logits = model(sequence, attention_mask=seq_valid, **media)[:, -1]
 
 
+def _static_steps(model, input_ids, valid, params, stop_ids, chunk_size, media, mode, generators,
+                  prompts) -> Iterator[Step]:
+    """The token loop over a static cache: one host sync per step (reading the tokens back), none inside it."""
+    batch, prompt_len = input_ids.shape
+    max_new = max(p.max_tokens for p in params)
+    runner = decode_runner(model, batch, prompt_len + max_new, graph=mode == "graph")
+    if runner.busy:  # another token loop (an unfinished stream) holds it: use a private one
+        runner = DecodeRunner(model, batch, runner.max_len, graph=False)
+    runner.busy = True
+    try:
+        yield from _run_static(runner, model, input_ids, valid, params, stop_ids, chunk_size, media, generators,
+                               prompts)
+    finally:
+        runner.busy = False
+
+
+def _run_static(runner, model, input_ids, valid, params, stop_ids, chunk_size, media, generators,
+                prompts) -> Iterator[Step]:
+    batch = input_ids.shape[0]
+    max_new = max(p.max_tokens for p in params)
+    if max_new > 1:
+        runner.capture()  # before the prefill: its warm-up steps write into the cache, which it then empties
+    runner.reset()
+    logits = _prefill(model, input_ids, valid, runner.cache, chunk_size, media)
+    greedy = logits.argmax(-1)
+    outputs: list[list[int]] = [[] for _ in range(batch)]
+    finished = [False] * batch
+    for step in range(max_new):
+        if all(batchable(params[b], len(outputs[b]), stop_ids[b]) for b in range(batch)):
+            chosen = greedy if all(p.greedy for p in params) else sample_batch(logits, params, generators)
+            tokens, logprobs = chosen.tolist(), [None] * batch
+        else:
+            sampled = [sample_token(logits[b], params[b], prompts[b], outputs[b], stop_ids[b], generators[b])
+                       for b in range(batch)]
+            tokens, logprobs = [t for t, _ in sampled], [lp for _, lp in sampled]
+            chosen = torch.tensor(tokens, dtype=torch.long, device=logits.device)
+        for b, token in enumerate(tokens):
+            if not finished[b]:
+                outputs[b].append(token)
+                hit_stop = token in stop_ids[b] and not params[b].ignore_eos
+                finished[b] = hit_stop or len(outputs[b]) >= params[b].max_tokens
+        yield Step(tokens, list(finished), logprobs)
+        if all(finished) or step == max_new - 1:
+            return
+        logits, greedy = runner.step(chosen)
+
+
 def _prefill(model, input_ids, valid, cache, chunk_size, media) -> torch.Tensor:
     """Run the prompt through the cache, in chunks if asked; return the last position's logits."""
     length = input_ids.shape[1]
@@ -99,11 +251,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
              top_p: float | None = None, top_k: int | None = None, min_p: float | None = None,
              repetition_penalty: float | None = None, eos_token_id=_FROM_CONFIG, pad_token_id: int | None = None,
              seed: int | None = None, use_cache: bool = True, prefill_chunk_size: int | None = None,
-             **media) -> torch.Tensor:
+             decode: str | None = None, **media) -> torch.Tensor:
     """transformers-style generate: returns prompt + new tokens [B, L + n]; finished rows are padded.
 
     Unset sampling arguments come from the checkpoint's generation_config.json, as in transformers;
-    `eos_token_id=None` means never stop early."""
+    `eos_token_id=None` means never stop early. `decode`: see token_steps."""
     check_lengths(model, input_ids.shape[1], max_new_tokens)
     defaults = {**GEMMA4_DEFAULTS, "do_sample": True, **getattr(model, "generation_config", {})}
     do_sample = defaults.get("do_sample", True) if do_sample is None else do_sample
@@ -123,7 +275,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     columns = []
     done = [False] * batch
     for step in token_steps(model, input_ids, attention_mask, params, [stop] * batch, use_cache,
-                            prefill_chunk_size, **media):
+                            prefill_chunk_size, decode=decode, **media):
         columns.append([pad if done[b] else t for b, t in enumerate(step.tokens)])
         done = step.finished
     new = torch.tensor(columns, dtype=input_ids.dtype).T.to(input_ids.device)

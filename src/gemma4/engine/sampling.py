@@ -161,3 +161,52 @@ def token_logprobs(logits: torch.Tensor, token: int, n: int) -> TokenLogprobs:
     top = logprobs.topk(n) if n else None
     pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
     return TokenLogprobs(token, float(logprobs[token]), pairs)
+
+
+# --- batched sampling on the device (the static-batch fast path) ---------------------------------------------------
+
+def batchable(params: SamplingParams, num_output: int, stop_ids) -> bool:
+    """Whether `sample_batch` serves this row now: no penalties, no logprobs, and min_tokens not holding back a stop."""
+    return (params.repetition_penalty == 1.0 and not params.presence_penalty and not params.frequency_penalty
+            and params.logprobs is None
+            and (num_output >= params.min_tokens or not stop_ids or params.ignore_eos))
+
+
+def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
+                 generators: list[torch.Generator | None]) -> torch.Tensor:
+    """The next token of every row [B] (long, on logits' device) from logits [B, V], without leaving the device.
+
+    The same rules as `next_token_distribution` (temperature -> top-k -> top-p -> min-p -> draw; greedy rows take the
+    argmax of the raw logits, identical to `sample_token`), batched over rows with per-row parameters. Only for rows
+    that `batchable` accepts. Seeded rows draw from their own generator, one call per seeded row; unseeded rows
+    draw together. A seeded draw here may differ from `sample_token`'s (other float summation order); it
+    reproduces itself."""
+    logits = logits.float()
+    greedy_tokens = logits.argmax(-1)
+    if all(p.greedy for p in params):
+        return greedy_tokens
+    device, (batch, vocab) = logits.device, logits.shape
+    greedy = torch.tensor([p.greedy for p in params], device=device)
+    temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
+    scaled = logits / temperature[:, None]
+    ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    if min(ks) < vocab:
+        top = scaled.topk(max(ks), dim=-1).values
+        kth = top.gather(1, torch.tensor(ks, device=device)[:, None] - 1)
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = scaled.softmax(-1)
+    if any(p.top_p < 1.0 for p in params):
+        top_p = torch.tensor([p.top_p for p in params], device=device)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs
+        drop = torch.zeros_like(probs, dtype=torch.bool).scatter(1, order, mass_before >= top_p[:, None])
+        probs = probs.masked_fill(drop, 0.0)
+    if any(p.min_p > 0 for p in params):
+        min_p = torch.tensor([p.min_p for p in params], device=device)
+        probs = probs.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), 0.0)
+    probs = probs / probs.sum(-1, keepdim=True)
+    if all(g is None for g in generators):
+        drawn = torch.multinomial(probs, 1)[:, 0]
+    else:
+        drawn = torch.cat([torch.multinomial(probs[b], 1, generator=generators[b]) for b in range(batch)])
+    return torch.where(greedy, greedy_tokens, drawn)

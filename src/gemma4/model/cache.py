@@ -8,6 +8,12 @@
 
 Each buffer has one extra "trash" slot at the end: padding tokens, and tokens of a long chunk that fall out of the
 window before the chunk ends, are written there instead of branching, and the trash slot is never attended to.
+
+`static=True` makes every forward's shapes depend only on (batch, tokens per forward, max_len), and keeps every bit
+of state on the device, updated in place: global layers attend over the whole preallocated buffer (slot s holds
+position s; the position-based masks hide the slots not yet written), `begin` reads nothing back to the host, and
+the caller guarantees that positions stay below `max_len` (check it once, up front). That is what a CUDA graph of a
+decode step needs (engine/generate.py); the dynamic default attends over the written prefix only.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from ..config import FULL, SLIDING, TextConfig
 
 class KVCache:
     def __init__(self, config: TextConfig, batch_size: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", static: bool = False):
         if max_len > config.max_position_embeddings:
             raise ValueError(f"max_len={max_len} exceeds max_position_embeddings={config.max_position_embeddings}")
         self.window = config.sliding_window
@@ -41,6 +47,18 @@ class KVCache:
         self.length = 0  # global slots [0, length) may hold keys
         self.row_lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # tokens seen per row
         self._plan: dict | None = None
+        self.static = static
+        # Static mode: the position each global slot holds, fixed (the trash slot holds none).
+        self._global_positions = (torch.cat([torch.arange(max_len, device=device),
+                                             torch.full((1,), -1, device=device)]).expand(batch_size, max_len + 1)
+                                  if static else None)
+
+    def reset(self) -> None:
+        """Empty the cache in place (a static cache keeps its buffers, so a captured graph stays valid)."""
+        self.ring_positions.fill_(-1)
+        self.row_lengths.zero_()
+        self.length = 0
+        self._plan = None
 
     @property
     def nbytes(self) -> int:
@@ -55,10 +73,13 @@ class KVCache:
         """Plan where this forward's tokens go. positions/valid: [B, L]."""
         if positions.shape[0] != self.batch_size:
             raise ValueError(f"cache was made for batch {self.batch_size}, got {positions.shape[0]}")
-        top = int(torch.where(valid, positions, -1).max()) if valid.any() else -1
-        if top >= self.max_len:
-            raise ValueError(f"position {top} does not fit a cache of max_len={self.max_len}")
-        end = max(self.length, top + 1)
+        if self.static:  # no host syncs: the whole buffer is attended to, positions were checked by the caller
+            end = self.max_len + 1
+        else:
+            top = int(torch.where(valid, positions, -1).max()) if valid.any() else -1
+            if top >= self.max_len:
+                raise ValueError(f"position {top} does not fit a cache of max_len={self.max_len}")
+            end = max(self.length, top + 1)
         length = positions.shape[1]
         # Of a chunk longer than the window only the last `window` tokens of each row stay in the ring.
         row_top = torch.where(valid, positions, -1).amax(dim=1, keepdim=True)
@@ -71,7 +92,8 @@ class KVCache:
             "ring_slots": ring_slots,
             "global_slots": torch.where(valid, positions, self.max_len),
             SLIDING: torch.cat([self.ring_positions[:, : self.window], new_positions], dim=1),
-            FULL: torch.arange(end, device=positions.device).expand(self.batch_size, end),
+            FULL: (self._global_positions if self.static
+                   else torch.arange(end, device=positions.device).expand(self.batch_size, end)),
             ("slots", SLIDING): self.window + torch.arange(length, device=positions.device).expand_as(positions),
             ("slots", FULL): torch.where(valid, positions, 0),
         }
@@ -103,8 +125,11 @@ class KVCache:
         new_positions = plan[SLIDING][:, self.window:]
         self.ring_positions.scatter_(1, plan["ring_slots"], new_positions)
         self.ring_positions[:, self.window] = -1  # the trash slot never holds a visible key
-        self.length = plan["end"]
-        self.row_lengths = torch.maximum(self.row_lengths, plan["row_top"][:, 0] + 1)
+        if self.static:
+            self.row_lengths.copy_(torch.maximum(self.row_lengths, plan["row_top"][:, 0] + 1))
+        else:
+            self.length = plan["end"]
+            self.row_lengths = torch.maximum(self.row_lengths, plan["row_top"][:, 0] + 1)
 
 
 def _scatter_slots(buffer: torch.Tensor, slots: torch.Tensor, new: torch.Tensor) -> None:

@@ -73,15 +73,28 @@ class Model(nn.Module):
         from ..engine.generate import generate
         return generate(self, input_ids, attention_mask, **kwargs)
 
-    def make_cache(self, batch_size: int, max_len: int) -> KVCache:
-        """Sliding layers get a ring buffer of `sliding_window` slots, global layers `max_len`, KV-shared none."""
-        return KVCache(self.config.text_config, batch_size, max_len, self.dtype, self.device)
+    def make_cache(self, batch_size: int, max_len: int, static: bool = False) -> KVCache:
+        """Sliding layers get a ring buffer of `sliding_window` slots, global layers `max_len`, KV-shared none.
+
+        `static`: fixed shapes and no host syncs, for CUDA graphs (see cache.py)."""
+        return KVCache(self.config.text_config, batch_size, max_len, self.dtype, self.device, static=static)
 
     # --- forward ----------------------------------------------------------------------------------
-    def embed(self, input_ids: torch.Tensor, **media) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def embed(self, input_ids: torch.Tensor, media_embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
+              **media) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Token embeddings with image/video/audio soft tokens merged in (see multimodal.py for `media`).
 
+        `media_embeds` (also accepted by `forward`): (mask [B, L] bool, features [N, text hidden size]), soft tokens
+        computed earlier (`multimodal.compute_soft_tokens`) that fill the True positions of `mask` in row-major
+        order, instead of raw media run through the towers; the serving engine passes them per prefill chunk.
+        Image block ids (bidirectional vision attention) cover the filled image/video tokens of this forward only.
+
         Returns (embeds, ids for the per-layer-embedding lookup, image block ids or None)."""
+        if media_embeds is not None:
+            from .multimodal import merge_soft_tokens
+            if any(v is not None for v in media.values()):
+                raise ValueError("pass either media_embeds or raw media inputs, not both")
+            return merge_soft_tokens(self, input_ids, *media_embeds)
         if self.config.layout == "text" and not any(v is not None for v in media.values()):
             return self.text.embed_tokens(input_ids), input_ids, None
         # Multimodal checkpoints read placeholder ids as the pad token in every forward, media or not (as the
@@ -115,7 +128,8 @@ class Model(nn.Module):
             else:
                 position_ids = (valid.long().cumsum(dim=1) - 1).masked_fill(~valid, 0)
         limit = self.config.text_config.max_position_embeddings
-        if int(position_ids.max()) >= limit:
+        # A static cache's caller checked the lengths up front (a host sync here would break CUDA-graph capture).
+        if not getattr(cache, "static", False) and int(position_ids.max()) >= limit:
             raise ValueError(f"sequence reaches position {int(position_ids.max())}, beyond this model's "
                              f"max_position_embeddings={limit}")
         embeds, ple_ids, blocks = self.embed(input_ids, **media)

@@ -130,8 +130,30 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, h, w))
         self.act = activation(config.hidden_activation)
 
+    # "auto": the gathered path on accelerators for small batches (decode steps), the loop otherwise;
+    # "loop" / "gathered" force one (tests).
+    path = "auto"
+    GATHER_MAX_PAIRS = 64  # token x choice pairs: batch 8 x top-8
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """x [T, H]; weights, experts [T, k]. Reference path: loop over the experts that were chosen."""
+        """x [T, H]; weights, experts [T, k] -> [T, H]."""
+        gathered = self.path == "gathered" or (
+            self.path == "auto" and x.device.type != "cpu" and experts.numel() <= self.GATHER_MAX_PAIRS)
+        return self.forward_gathered(x, weights, experts) if gathered else self.forward_loop(x, weights, experts)
+
+    def forward_gathered(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """No host syncs and fixed shapes (CUDA-graph friendly): gather each (token, choice)'s expert weights and
+        run them as a batch of matrix-vector products. Costs T*k expert copies, so only for small T."""
+        tokens, k = experts.shape
+        chosen = experts.reshape(-1)  # token-major, as weights.reshape(-1)
+        inputs = x.repeat_interleave(k, dim=0)[:, :, None]  # [T*k, H, 1]
+        gate, up = torch.bmm(self.gate_up_proj[chosen], inputs)[..., 0].chunk(2, dim=-1)
+        y = torch.bmm(self.down_proj[chosen], (self.act(gate) * up)[:, :, None])[..., 0]  # [T*k, H]
+        y = y * weights.reshape(-1, 1)
+        return y.view(tokens, k, -1).sum(dim=1).to(x.dtype)
+
+    def forward_loop(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Reference path: loop over the experts that were chosen (one host sync for the list of experts)."""
         out = torch.zeros_like(x)
         for expert in experts.unique().tolist():
             token, choice = torch.where(experts == expert)

@@ -1,0 +1,115 @@
+"""CUDA-only checks of the fast decode path: the CUDA-graph step equals the same step run eagerly, and the
+device-side MoE and sampler paths equal their references. Skipped where there is no CUDA device."""
+
+import os
+
+import pytest
+import torch
+
+from gemma4 import Model
+from gemma4.model.text import Experts, Router
+from reference import FAMILIES, VOCAB, reference_model, text_config_dict
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+STEPS = 40  # >= 32 decode steps, past several sliding windows (8) of the tiny configs
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def checkpoint(request, tmp_path_factory):
+    reference = reference_model(text_config_dict(request.param), seed=7)
+    path = tmp_path_factory.mktemp(request.param)
+    reference.save_pretrained(path)
+    return path
+
+
+def padded_prompts(lengths, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    longest = max(lengths)
+    ids = torch.zeros(len(lengths), longest, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, longest - n:] = torch.randint(3, VOCAB, (n,), generator=gen)
+        mask[row, longest - n:] = 1
+    return ids.cuda(), mask.cuda()
+
+
+@pytest.mark.parametrize("lengths", [(9,), (4, 12, 7)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_graph_greedy_tokens_equal_eager(checkpoint, lengths, dtype):
+    """Graph replay runs the very kernels of the eager static step, so greedy tokens are identical, in bf16 too."""
+    model = Model.from_pretrained(checkpoint, dtype=dtype, device="cuda")
+    ids, mask = padded_prompts(lengths)
+    kwargs = dict(attention_mask=mask, max_new_tokens=STEPS, do_sample=False, eos_token_id=None)
+    eager = model.generate(ids, decode="static", **kwargs)
+    graph = model.generate(ids, decode="graph", **kwargs)
+    again = model.generate(ids, decode="graph", **kwargs)  # the kept graph, its cache reset in place
+    assert torch.equal(eager, graph) and torch.equal(graph, again)
+    assert model._decode_runners and any(r.graph is not None for r in model._decode_runners.values())
+    if dtype == torch.float32:  # and the static path keeps the dynamic reference's tokens
+        assert torch.equal(graph, model.generate(ids, decode="dynamic", **kwargs))
+
+
+def test_graph_logits_close_to_eager_bf16(checkpoint):
+    """bf16 logits of 32 graph steps vs the same steps run eagerly on their own static cache. Both run the same
+    kernels on the same inputs, so they should agree to the bit; the bound (1e-2 of the logits' scale, about two
+    bf16 ulps of the hidden states after softcapping) only leaves room for a cuBLAS heuristic choosing another
+    algorithm inside capture, and is far below what a stale or wrongly-written cache slot does (O(1))."""
+    from gemma4.engine.generate import DecodeRunner
+
+    model = Model.from_pretrained(checkpoint, dtype=torch.bfloat16, device="cuda")
+    ids, mask = padded_prompts((5, 11), seed=2)
+    graph, eager = DecodeRunner(model, 2, 64, graph=True), DecodeRunner(model, 2, 64, graph=False)
+    graph.capture()
+    with torch.no_grad():
+        a = model(ids, attention_mask=mask, cache=graph.cache, last_only=True)[:, -1]
+        b = model(ids, attention_mask=mask, cache=eager.cache, last_only=True)[:, -1]
+        for _ in range(32):
+            token = b.argmax(-1)
+            a, _ = graph.step(token)
+            b, _ = eager.step(token)
+            scale = b.abs().max()
+            assert ((a - b).abs().max() / scale) <= 1e-2
+
+
+@pytest.mark.parametrize("tokens", [1, 4, 8])
+def test_gathered_moe_equals_loop_on_cuda(tokens):
+    """bf16 on the device: the two paths round differently (the loop accumulates experts in bf16, the gathered path
+    in fp32), so the bound is bf16's: 1e-2 relative to the output's scale."""
+    from gemma4.config import TextConfig
+
+    data = dict(FAMILIES["26B-A4B"])
+    data.pop("model_type")
+    config = TextConfig.from_dict(data)
+    torch.manual_seed(tokens)
+    experts, router = Experts(config).cuda(), Router(config).cuda()
+    with torch.no_grad():
+        for p in (*experts.parameters(), *router.parameters()):
+            p.copy_(torch.randn_like(p) * p.shape[-1] ** -0.5)
+        experts, router = experts.bfloat16(), router.bfloat16()
+        x = torch.randn(tokens, config.hidden_size, device="cuda", dtype=torch.bfloat16)
+        weights, chosen = router(x)
+        loop = experts.forward_loop(x, weights, chosen).float()
+        gathered = experts.forward_gathered(x, weights, chosen).float()
+    assert ((loop - gathered).abs().max() / loop.abs().max()) <= 1e-2
+
+
+def test_sampled_graph_decode_reproduces_with_seed(checkpoint):
+    model = Model.from_pretrained(checkpoint, dtype=torch.bfloat16, device="cuda")
+    ids, mask = padded_prompts((6, 9), seed=4)
+    kwargs = dict(attention_mask=mask, max_new_tokens=STEPS, do_sample=True, temperature=0.9, top_k=30, top_p=0.9,
+                  decode="graph")
+    a, b, c = (model.generate(ids, seed=s, **kwargs) for s in (1, 1, 2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert (a[:, ids.shape[1]:] < VOCAB).all()
+
+
+@pytest.mark.skipif(os.environ.get("GEMMA4_TEST_COMPILE", "0") == "0", reason="set GEMMA4_TEST_COMPILE=1 (slow)")
+def test_compiled_graph_greedy_equals_eager_fp32(checkpoint, monkeypatch):
+    model = Model.from_pretrained(checkpoint, dtype=torch.float32, device="cuda")
+    ids, mask = padded_prompts((4, 10))
+    kwargs = dict(attention_mask=mask, max_new_tokens=STEPS, do_sample=False, eos_token_id=None)
+    eager = model.generate(ids, decode="static", **kwargs)
+    monkeypatch.setenv("GEMMA4_COMPILE", "1")
+    assert torch.equal(eager, model.generate(ids, decode="graph", **kwargs))
