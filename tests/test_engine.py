@@ -74,3 +74,76 @@ def test_rejects_too_long(model):
     engine = LLMEngine(model, max_num_seqs=2, max_model_len=32)
     with pytest.raises(ValueError, match="maximum context length"):
         engine.add_request(list(range(3, 30)), SamplingParams(max_tokens=10))
+
+
+# --- images and audio ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=["E2B", "26B"])
+def mm(request):
+    """Tiny multimodal models of test_multimodal.py: E2B-like (vision + audio towers, KV sharing) and 26B-like
+    (MoE, bidirectional attention among an image's tokens)."""
+    from test_multimodal import config_dict
+    return request.param, randomize_(Model(Config.from_dict(config_dict(request.param))), 7).eval()
+
+
+def mm_prompt(kind, seed):
+    """One prompt: text, image, text, image[, audio], text; with its processor outputs."""
+    from gemma4.processing.audio import process_audio
+    from gemma4.processing.image import process_images
+    from test_multimodal import AUD, BOA, BOI, EOA, EOI, IMG, random_image, text, waveform
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    images = process_images([random_image(64, 120, seed), random_image(50, 50, seed + 1)], max_soft_tokens=70)
+    a, b = images.num_soft_tokens
+    ids = [2, *text(5, rng), BOI, *[IMG] * a, EOI, *text(4, rng), BOI, *[IMG] * b, EOI, *text(3, rng)]
+    media = dict(pixel_values=images.pixel_values, image_position_ids=images.pixel_position_ids)
+    if kind == "E2B":
+        clip = process_audio([waveform(0.45, seed)], sampling_rate=16_000)
+        ids += [BOA, *[AUD] * clip.num_soft_tokens[0], EOA, *text(3, rng)]
+        media.update(input_features=clip.input_features, input_features_mask=clip.input_features_mask)
+    return ids, media
+
+
+def test_media_requests_equal_model_generate(mm):
+    """Image/audio prompts served by the engine equal model.generate(**inputs), alone and batched with text
+    requests under a small token budget (chunks end at image boundaries) and few KV blocks (preemption)."""
+    kind, model = mm
+    requests = [mm_prompt(kind, seed) for seed in (0, 1)]
+    params = SamplingParams(max_tokens=8, temperature=0, stop_token_ids=[])
+    expected = []
+    for ids, media in requests:
+        out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=None, **media)
+        expected.append(out[0, len(ids):].tolist())
+        assert LLMEngine(model, max_num_seqs=1, max_model_len=256).generate([ids], params, [media])[0] == \
+            expected[-1]
+    texts = prompts(6, seed=9)
+    alone = [LLMEngine(model, max_num_seqs=1, max_model_len=256).generate([p], params)[0] for p in texts]
+    longest = max(len(ids) for ids, _ in requests) + 8
+    blocks = -(-(longest + 1) // 16) + 2  # one longest sequence and two blocks more: preemptions
+    engine = LLMEngine(model, max_num_seqs=8, max_model_len=longest, max_num_batched_tokens=72, num_blocks=blocks)
+    soft = engine.encode_media(*requests[0])  # one encoding shared by two sequences (the n choices of a request)
+    batch = [requests[0][0], texts[0], requests[1][0], requests[0][0], *texts[1:]]
+    media = [soft, None, requests[1][1], soft] + [None] * 5
+    got = engine.generate(batch, params, media)
+    assert got == [expected[0], alone[0], expected[1], expected[0], *alone[1:]]
+    assert engine.scheduler.num_preemptions > 0
+    assert engine.blocks.usage == 0
+
+
+def test_image_chunks_never_split(mm):
+    kind, model = mm
+    ids, media = mm_prompt(kind, 0)
+    engine = LLMEngine(model, max_num_seqs=2, max_model_len=256, max_num_batched_tokens=70)
+    soft = engine.encode_media(ids, media)
+    assert len(soft.vision_runs) == 2 and soft.vision_runs[0][1] - soft.vision_runs[0][0] == 66
+    seq_id = engine.add_request(ids, GREEDY, soft)
+    seq = engine.seqs[seq_id]
+    ends = []
+    while seq.num_cached < len(ids):
+        engine.step()
+        ends.append(seq.num_cached)
+    assert all(not (a < e < b) for e in ends for a, b in soft.vision_runs)
+    with pytest.raises(ValueError, match="max-num-batched-tokens"):
+        LLMEngine(model, max_num_seqs=2, max_model_len=256, max_num_batched_tokens=64).add_request(ids, GREEDY, media)
+    with pytest.raises(ValueError, match="placeholder"):
+        engine.encode_media(ids[:-20] if kind == "E2B" else ids[:40], media)

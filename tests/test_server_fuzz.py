@@ -74,3 +74,19 @@ def test_still_healthy(client):
     assert client.get("/health").json() == {"status": "ok"}
     r = client.post("/v1/completions", json={"model": "stub", "prompt": "hi", "max_tokens": 2})
     assert r.status_code == 200
+
+
+def test_oversized_body_is_refused(client, monkeypatch):
+    import gemma4.server.app as app_module
+
+    monkeypatch.setattr(app_module, "MAX_BODY_BYTES", 1000)
+    big = json.dumps({"model": "stub", "prompt": "x" * 5000, "max_tokens": 2}).encode()
+    response = client.post("/v1/completions", content=big)
+    assert response.status_code == 413 and "larger than 1000 bytes" in response.json()["error"]["message"]
+
+    def chunks():  # no content-length: refused while streaming in
+        for _ in range(10):
+            yield b" " * 500
+    response = client.post("/v1/completions", content=chunks())
+    assert response.status_code == 413
+    assert client.get("/health").status_code == 200

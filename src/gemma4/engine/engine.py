@@ -9,6 +9,9 @@ Not thread-safe: one thread drives it (server/async_engine.py runs it in a backg
 
 from __future__ import annotations
 
+import threading
+
+from ..model.multimodal import SoftTokens, compute_soft_tokens, vision_runs
 from .block_manager import BlockManager
 from .runner import ModelRunner
 from .sampling import GEMMA4_STOP_IDS, SamplingParams
@@ -32,6 +35,7 @@ class LLMEngine:
                                    [default] if isinstance(default, int) else default)
         self.seqs: dict[int, Sequence] = {}
         self.aborted: list[Sequence] = []
+        self._encode_lock = threading.Lock()
 
     def check_request(self, num_prompt_tokens: int, params: SamplingParams) -> None:
         if num_prompt_tokens == 0:
@@ -40,11 +44,43 @@ class LLMEngine:
             raise ValueError(f"prompt of {num_prompt_tokens} tokens + max_tokens {params.max_tokens} exceeds the "
                              f"maximum context length of {self.max_model_len} tokens")
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
+    def encode_media(self, prompt_ids: list[int], media: dict) -> SoftTokens:
+        """Run the towers once for one prompt: `media` are its processor outputs (pixel_values, image_position_ids,
+        input_features, input_features_mask, ...); `prompt_ids` hold the expanded placeholders. ValueError when they
+        do not match or an image has more tokens than one step's budget (it must be prefilled in one forward).
+        Thread-safe against `step()` (one tower forward at a time), so servers may call it off the engine thread."""
+        config = self.runner.model.config
+        vision = {config.image_token_id, config.video_token_id}
+        self._check_runs(vision_runs([t in vision for t in prompt_ids]))  # before running any tower
+        with self._encode_lock:
+            soft = compute_soft_tokens(self.runner.model, prompt_ids, **media)
+        self.check_media(soft)
+        return soft
+
+    def check_media(self, soft: SoftTokens) -> None:
+        self._check_runs(soft.vision_runs)
+
+    def _check_runs(self, runs: list[tuple[int, int]]) -> None:
+        longest = max((b - a for a, b in runs), default=0)
+        if longest > self.scheduler.budget:
+            raise ValueError(f"an image gives {longest} soft tokens, more than this engine's token budget per step "
+                             f"of {self.scheduler.budget} (--max-num-batched-tokens); an image is prefilled in one "
+                             "step: use a smaller image budget or raise the limit")
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, media: dict | SoftTokens | None = None
+                    ) -> int:
+        """`media`: the prompt's processor outputs (run through the towers now) or `encode_media`'s result (which
+        several requests may share, e.g. the n choices of one prompt)."""
         self.check_request(len(prompt_ids), params)
+        if isinstance(media, dict):
+            media = self.encode_media(prompt_ids, media) if media else None
+        elif media is not None:
+            self.check_media(media)
+            if len(media) and int(media.positions[-1]) >= len(prompt_ids):
+                raise ValueError("the media's soft tokens lie beyond the prompt")
         stops = [] if params.ignore_eos else (params.stop_token_ids if params.stop_token_ids is not None
                                                else self.stop_token_ids)
-        seq = Sequence(list(prompt_ids), params, frozenset(stops))
+        seq = Sequence(list(prompt_ids), params, frozenset(stops), media=media)
         self.seqs[seq.seq_id] = seq
         self.scheduler.add(seq)
         return seq.seq_id
@@ -87,10 +123,13 @@ class LLMEngine:
     def kv_usage(self) -> float:
         return self.blocks.usage
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
-        """Run prompts to completion (all submitted at once); returns each one's output token ids."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 media: list | None = None) -> list[list[int]]:
+        """Run prompts to completion (all submitted at once); returns each one's output token ids.
+        `media`: per prompt, None or what `add_request` takes."""
         params = params if isinstance(params, list) else [params] * len(prompts)
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        media = media or [None] * len(prompts)
+        ids = [self.add_request(p, sp, m) for p, sp, m in zip(prompts, params, media)]
         results: dict[int, list[int]] = {i: [] for i in ids}
         while self.has_unfinished():
             for out in self.step():

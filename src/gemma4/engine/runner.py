@@ -1,5 +1,6 @@
 """ModelRunner: turns a scheduled step into one forward (left-padded chunks, explicit positions, the paged cache
-view) and samples the rows whose chunk reached the end of their known tokens."""
+view) and samples the rows whose chunk reached the end of their known tokens. Image/audio soft tokens, computed
+once per request (`Sequence.media`), go in as `media_embeds` for the prompt positions each chunk covers."""
 
 from __future__ import annotations
 
@@ -37,15 +38,34 @@ class ModelRunner:
             positions[row, width - n:] = torch.arange(start, start + n)
             valid[row, width - n:] = True
             tables[row, :len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.long)
+        media_embeds = self._media_embeds(batch, width)
         ring_slots = torch.tensor([item.seq.ring_slot for item in batch], dtype=torch.long)
         num_cached = torch.tensor([item.seq.num_cached for item in batch], dtype=torch.long)
         dev = self.device
         cache = PagedCacheView(self.blocks, tables.to(dev), ring_slots.to(dev), num_cached.to(dev))
+        extra = {} if media_embeds is None else {"media_embeds": tuple(t.to(dev) for t in media_embeds)}
         logits = self.model(ids.to(dev), attention_mask=valid.to(dev), position_ids=positions.to(dev), cache=cache,
-                            last_only=True)
+                            last_only=True, **extra)
         for item in batch:
             item.seq.num_cached += item.num_tokens
         return logits[:, -1].float().cpu()
+
+    @staticmethod
+    def _media_embeds(batch: list[Scheduled], width: int):
+        """(mask [B, width], soft tokens [N, H]) for the media positions of this step's chunks, or None."""
+        mask, features = None, []
+        for row, item in enumerate(batch):
+            media, start, n = item.seq.media, item.seq.num_cached, item.num_tokens
+            if media is None or not len(media):
+                continue
+            lo, hi = torch.searchsorted(media.positions, torch.tensor([start, start + n])).tolist()
+            if hi <= lo:
+                continue
+            if mask is None:
+                mask = torch.zeros(len(batch), width, dtype=torch.bool)
+            mask[row, media.positions[lo:hi] - start + (width - n)] = True
+            features.append(media.features[lo:hi])
+        return None if mask is None else (mask, torch.cat(features))
 
     def sample(self, item: Scheduled, logits: torch.Tensor):
         seq = item.seq

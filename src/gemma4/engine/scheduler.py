@@ -1,7 +1,11 @@
 """Continuous batching. Each step schedules every running sequence's next chunk under one token budget:
 decodes (1 token) first, then prefill chunks of running sequences, then newly admitted ones. Admission needs a free
 sliding ring and enough free KV blocks for the whole known sequence; when a decode cannot get a block, the most
-recently admitted sequence is preempted (its KV freed; it is recomputed later from its tokens)."""
+recently admitted sequence is preempted (its KV freed; it is recomputed later from its tokens).
+
+A chunk never ends inside an image's soft tokens (`Sequence.chunk_size`): an image is prefilled in one forward, as
+its bidirectional attention needs. A prefill that must wait for room for a whole image stops admissions that step,
+so it cannot be starved by newer requests."""
 
 from __future__ import annotations
 
@@ -38,25 +42,29 @@ class Scheduler:
 
     def schedule(self) -> list[Scheduled]:
         budget, batch = self.budget, []
+        held = False  # a prefill waits for room for a whole image: admit no one before it
         for seq in sorted(self.running, key=lambda s: s.num_uncached):  # decodes first
             if seq not in self.running or budget <= 0:
                 continue
-            n = min(seq.num_uncached, budget)
+            n = seq.chunk_size(seq.num_cached, min(seq.num_uncached, budget))
+            if n == 0:
+                held = True
+                continue
             while not self.blocks.reserve(seq, seq.num_cached + n):
                 if not self._preempt_other(seq, batch):
                     break
             if seq in self.running and len(seq.block_table) * self.blocks.block_size >= seq.num_cached + n:
                 batch.append(Scheduled(seq, n))
                 budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while not held and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not self.blocks.can_admit(seq):
+            n = seq.chunk_size(0, min(len(seq), budget))
+            if n == 0 or not self.blocks.can_admit(seq):
                 break
             self.waiting.popleft()
             self.blocks.admit(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)
-            n = min(len(seq), budget)
             batch.append(Scheduled(seq, n))
             budget -= n
         return batch

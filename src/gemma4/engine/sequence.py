@@ -32,6 +32,7 @@ class Sequence:
     ring_slot: int = -1  # which sliding-window ring this sequence owns (-1: none)
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     generator: torch.Generator | None = None
+    media: object | None = None  # multimodal.SoftTokens: the prompt's image/audio soft tokens, shared by n choices
     _prompt_tensor: torch.Tensor | None = None
 
     def __post_init__(self):
@@ -51,6 +52,17 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.status == Status.FINISHED
+
+    def chunk_size(self, start: int, limit: int) -> int:
+        """The longest chunk [start, start + m), m <= limit, that ends at no point inside an image (a vision run
+        must be embedded in one forward); 0 when the next image does not fit in `limit` tokens."""
+        end = start + limit
+        if self.media is not None:
+            for a, b in self.media.vision_runs:
+                if a < end < b:
+                    end = a
+                    break
+        return max(end - start, 0)
 
     def prompt_tensor(self) -> torch.Tensor:
         if self._prompt_tensor is None:

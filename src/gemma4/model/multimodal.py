@@ -132,3 +132,74 @@ def merge_media(model, input_ids: torch.Tensor, embeds: torch.Tensor | None = No
             pixel_values is not None or pixel_values_videos is not None):
         blocks = vision_blocks(masks["image"] | masks["video"])
     return embeds, ple_ids, blocks
+
+
+# --- precomputed soft tokens (the serving engine) ---------------------------------------------------------------
+
+@dataclasses.dataclass
+class SoftTokens:
+    """One prompt's media, already through the towers: `features[i]` fills prompt position `positions[i]`.
+
+    positions: [N] long, ascending; features: [N, text hidden size]; vision_runs: [start, end) of each run of
+    consecutive image/video tokens (one image, or one video frame). A run must be embedded within one forward for
+    the bidirectional vision mask to match a single full forward, so the engine never splits one across chunks."""
+
+    positions: torch.Tensor
+    features: torch.Tensor
+    vision_runs: list[tuple[int, int]]
+
+    def __len__(self) -> int:
+        return int(self.positions.shape[0])
+
+
+@torch.no_grad()
+def compute_soft_tokens(model, input_ids: list[int] | torch.Tensor, **media) -> SoftTokens:
+    """Run the towers once for one prompt (processor outputs for that prompt) and keep the soft tokens with the
+    positions they fill; the same checks as a forward with these media (a ValueError on any mismatch)."""
+    ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1).to(model.device)
+    embeds, _, _ = merge_media(model, ids, **media)
+    masks = placeholder_masks(model.config, ids)
+    filled = torch.zeros_like(ids, dtype=torch.bool)
+    vision = torch.zeros_like(ids, dtype=torch.bool)
+    if media.get("pixel_values") is not None:
+        filled |= masks["image"]
+        vision |= masks["image"]
+    if media.get("pixel_values_videos") is not None:
+        filled |= masks["video"]
+        vision |= masks["video"]
+    if media.get("input_features") is not None:
+        filled |= masks["audio"]
+    positions = filled[0].nonzero().flatten()
+    return SoftTokens(positions.cpu(), embeds[0, positions].detach(), vision_runs(vision[0].tolist()))
+
+
+def vision_runs(is_vision: list[bool]) -> list[tuple[int, int]]:
+    """[start, end) of each run of consecutive True values (the tokens of one image or video frame)."""
+    runs, start = [], None
+    for i, flag in enumerate(list(is_vision) + [False]):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+def merge_soft_tokens(model, input_ids: torch.Tensor, mask: torch.Tensor, features: torch.Tensor,
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Like `merge_media`, with precomputed soft tokens: `features` [N, H] fill the True positions of `mask`
+    [B, L] in row-major order (placeholders elsewhere read as pad). With `use_bidirectional_attention ==
+    "vision"`, runs of filled image/video placeholders get block ids, so each must lie whole in this forward."""
+    embeds, ple_ids, _ = merge_media(model, input_ids)
+    mask = mask.to(device=input_ids.device, dtype=torch.bool)
+    if int(mask.sum()) != features.shape[0]:
+        raise ValueError(f"media_embeds: the mask has {int(mask.sum())} positions but {features.shape[0]} "
+                         "soft tokens were given")
+    embeds = embeds.masked_scatter(mask[..., None], features.to(device=embeds.device, dtype=embeds.dtype))
+    blocks = None
+    if model.config.text_config.use_bidirectional_attention == "vision":
+        masks = placeholder_masks(model.config, input_ids)
+        vision = mask & (masks["image"] | masks["video"])
+        if bool(vision.any()):
+            blocks = vision_blocks(vision)
+    return embeds, ple_ids, blocks

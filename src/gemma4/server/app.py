@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..processing.chat import collect_media, openai_to_gemma_messages, validate_tools
+from ..processing.image import SUPPORTED_SOFT_TOKENS
 from ..processing.parse import parse_response, to_openai_tool_calls
 from ..processing.stream_parse import ReasoningDelta, StreamParser
 from . import protocol as p
 from .async_engine import EngineDead
 from .generation import Choice, merged
-from .media import check_media
+from .media import check_media, load_media
 from .state import ServerState
 
 
@@ -76,11 +78,11 @@ def create_app(state: ServerState) -> FastAPI:
                                            for name in state.model_names]}
 
     @app.post("/v1/audio/transcriptions")
-    async def transcriptions():
+    async def transcriptions(request: Request):
         if not state.has_audio:
             raise p.APIError(404, "this model has no audio tower: /v1/audio/transcriptions is not available",
                              "not_found_error")
-        raise p.APIError(501, "audio transcription is not implemented by this server yet", "not_implemented")
+        return await _transcription(state, request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -99,8 +101,25 @@ _ENDPOINTS = {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/
               "/v1/audio/transcriptions"}
 
 
+MAX_BODY_BYTES = 64 * 1024 * 1024  # room for a few inline images or clips; more is refused before it is read
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, read in chunks and refused with a 413 as soon as it passes `limit` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise p.APIError(413, f"the request body is larger than {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise p.APIError(413, f"the request body is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _json_body(request: Request, state: ServerState) -> dict:
-    raw = await request.body()
+    raw = await _read_body(request, MAX_BODY_BYTES)
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
@@ -126,12 +145,12 @@ def _check_prompt(state: ServerState, prompt_ids: list[int], body: dict, chat: b
     return params
 
 
-def _start(state: ServerState, n: int, prompt_ids, params, stops) -> list[Choice]:
+def _start(state: ServerState, n: int, prompt_ids, params, stops, media=None) -> list[Choice]:
     choices = []
     try:
         for i in range(n):
             seeded = params if params.seed is None or i == 0 else _with_seed(params, params.seed + i)
-            choices.append(Choice(i, state.engine, state.tokenizer, prompt_ids, seeded, stops))
+            choices.append(Choice(i, state.engine, state.tokenizer, prompt_ids, seeded, stops, media))
     except EngineDead as e:
         for c in choices:
             c.abort()
@@ -163,6 +182,7 @@ async def _chat(state: ServerState, body: dict, request: Request):
     media = collect_media(gemma_messages)
     if media:
         check_media(media, state)
+    image_budget = _image_budget(body) if media else None
     enable_thinking = p.thinking(body, state.default_enable_thinking)
     stream = p.get_bool(body, "stream")
     options = p.stream_options(body)
@@ -175,10 +195,15 @@ async def _chat(state: ServerState, body: dict, request: Request):
         raise p.bad(f"cannot render these messages with the chat template: {e}", "messages") from None
     # tool_choice required / named: start the answer with the call, so the model can only complete it.
     forced = "" if choice in ("none", "auto") else "<|tool_call>call:" + ("" if choice == "required" else choice + "{")
-    prompt_ids = state.tokenizer.encode(prompt + forced, add_special_tokens=False)
-    params = _check_prompt(state, prompt_ids, body, chat=True)
     started = time.monotonic()
-    choices = _start(state, n, prompt_ids, params, stops)
+    if media:
+        prompt_ids, inputs = await _process_media(state, prompt + forced, media, image_budget)
+        params = _check_prompt(state, prompt_ids, body, chat=True)
+        soft = await _encode(state, prompt_ids, inputs)
+    else:
+        prompt_ids, soft = state.tokenizer.encode(prompt + forced, add_special_tokens=False), None
+        params = _check_prompt(state, prompt_ids, body, chat=True)
+    choices = _start(state, n, prompt_ids, params, stops, soft)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     name = body.get("model") or state.model_names[0]
     if stream:
@@ -348,3 +373,158 @@ async def _completion(state: ServerState, body: dict, request: Request):
     await _run_to_end(state, choices, request, started)
     return data([{"index": c.index, "text": c.text, "logprobs": logprobs_of(c.logprobs),
                   "finish_reason": c.finish_reason} for c in choices], _usage(choices))
+
+
+# ----------------------------------------------------------------------------------------------------- media
+def _image_budget(body: dict) -> int | None:
+    """Extension: `mm_processor_kwargs: {"max_soft_tokens": 70|140|280|560|1120}` (image tokens per image)."""
+    kwargs = body.get("mm_processor_kwargs")
+    if kwargs is None:
+        return None
+    if not isinstance(kwargs, dict) or set(kwargs) - {"max_soft_tokens"}:
+        raise p.bad("'mm_processor_kwargs' must be an object with only 'max_soft_tokens'", "mm_processor_kwargs")
+    budget = kwargs.get("max_soft_tokens")
+    if budget is not None and (isinstance(budget, bool) or budget not in SUPPORTED_SOFT_TOKENS):
+        raise p.bad(f"'mm_processor_kwargs.max_soft_tokens' must be one of {list(SUPPORTED_SOFT_TOKENS)}",
+                    "mm_processor_kwargs")
+    return budget
+
+
+async def _process_media(state: ServerState, prompt: str, media: list[dict], image_budget: int | None):
+    """Fetch/decode the media and expand the prompt's placeholders: (prompt ids, the processor's media tensors)."""
+    def work():
+        images, clips = load_media(media, state.allowed_media_domains)
+        try:
+            # audio as one list per prompt: a flat list of (samples, rate) tuples would read as nested lists
+            out = state.processor(text=prompt, images=images or None, audio=[clips] if clips else None,
+                                  max_soft_tokens=image_budget, add_special_tokens=False)
+        except ValueError as e:
+            raise p.bad(f"cannot process the media: {e}", "messages") from None
+        ids = out.pop("input_ids")[0].tolist()
+        for key in ("attention_mask", "mm_token_type_ids"):
+            out.pop(key, None)
+        return ids, dict(out)
+
+    return await asyncio.to_thread(_limited, state, work)
+
+
+def _limited(state: ServerState, work):
+    """Run media work in a worker thread, a few requests at a time (decoded media can be large)."""
+    with state.media_slots:
+        return work()
+
+
+async def _encode(state: ServerState, prompt_ids: list[int], inputs: dict):
+    """Run the towers once (off the event loop); shared by the request's n choices."""
+    try:
+        return await asyncio.to_thread(state.engine.engine.encode_media, prompt_ids, inputs)
+    except ValueError as e:
+        raise p.bad(str(e), "messages") from None
+
+
+# --------------------------------------------------------------------------------------------- transcriptions
+MAX_UPLOAD_BYTES = 25 * 1024 * 1024  # OpenAI's limit for audio files
+TRANSCRIPT_MAX_TOKENS = 448  # default cap of a transcript (Whisper's), unless the form's max_tokens says otherwise
+
+
+def _parse_form(content_type: str, raw: bytes) -> dict[str, tuple[str | None, bytes]]:
+    """multipart/form-data -> {field: (filename or None, bytes)} with the standard library's MIME parser."""
+    from email.parser import BytesParser
+    from email.policy import HTTP
+
+    if not content_type.lower().startswith("multipart/form-data") or "boundary=" not in content_type:
+        raise p.bad("send the audio as multipart/form-data (fields: file, model, prompt, language, "
+                    "response_format, temperature)")
+    message = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode("latin-1", "replace")
+                                                  + b"\r\n\r\n" + raw)
+    if not message.is_multipart():
+        raise p.bad("the multipart/form-data body cannot be parsed")
+    fields: dict[str, tuple[str | None, bytes]] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if not isinstance(name, str) or name in fields:
+            continue
+        payload = part.get_payload(decode=True)
+        fields[name] = (part.get_filename(), payload if isinstance(payload, bytes) else b"")
+    return fields
+
+
+async def _transcription(state: ServerState, request: Request):
+    chunks, size = [], 0
+    async for chunk in request.stream():  # stop reading as soon as the upload is too large
+        size += len(chunk)
+        if size > MAX_UPLOAD_BYTES:
+            raise p.APIError(413, f"the upload is larger than {MAX_UPLOAD_BYTES} bytes", param="file")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    fields = _parse_form(request.headers.get("content-type", ""), raw)
+
+    def text_field(name: str) -> str | None:
+        if name not in fields:
+            return None
+        try:
+            return fields[name][1].decode("utf-8")
+        except UnicodeDecodeError:
+            raise p.bad(f"'{name}' must be UTF-8 text", name) from None
+
+    if "file" not in fields or not fields["file"][1]:
+        raise p.bad("'file' (the audio) is required", "file")
+    model = text_field("model")
+    if model is not None and model not in state.model_names and model != "whisper-1":
+        raise p.APIError(404, f"the model {model!r} does not exist; this server serves {state.model_names}",
+                         "not_found_error", "model", "model_not_found")
+    response_format = text_field("response_format") or "json"
+    if response_format not in ("json", "text"):
+        raise p.bad("'response_format' must be json or text", "response_format")
+    temperature = text_field("temperature")
+    body: dict = {"temperature": 0.0}  # greedy by default
+    if temperature is not None:
+        try:
+            body["temperature"] = float(temperature)
+        except ValueError:
+            raise p.bad("'temperature' must be a number", "temperature") from None
+    max_tokens = text_field("max_tokens")  # extension: cap the transcript's length in tokens (default 448)
+    try:
+        body["max_tokens"] = int(max_tokens) if max_tokens is not None else None
+    except ValueError:
+        raise p.bad("'max_tokens' must be an integer", "max_tokens") from None
+    instruction = "Transcribe this audio."
+    language, prompt = text_field("language"), text_field("prompt")
+    if language:
+        instruction += f" The speech is in {language.strip()[:64]}."
+    if prompt:
+        instruction += f" Context (earlier speech or spelling hints): {prompt.strip()[:2000]}"
+
+    filename, data = fields["file"]
+    audio_format = filename.rsplit(".", 1)[-1].lower() if filename and "." in filename else None
+    messages = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": instruction}]}]
+    prompt_text = state.tokenizer.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=False)
+
+    def work():
+        from ..processing.audio import decode_audio
+        try:
+            clip = decode_audio(data, audio_format)
+            out = state.processor(text=prompt_text, audio=[[clip]], add_special_tokens=False)
+        except ValueError as e:
+            raise p.bad(f"cannot decode the audio file: {e}", "file") from None
+        except Exception as e:  # noqa: BLE001  (a decoder library's own error types on hostile input)
+            raise p.bad(f"cannot decode the audio file: {type(e).__name__}: {e}", "file") from None
+        ids = out.pop("input_ids")[0].tolist()
+        for key in ("attention_mask", "mm_token_type_ids"):
+            out.pop(key, None)
+        return ids, dict(out)
+
+    prompt_ids, inputs = await asyncio.to_thread(_limited, state, work)
+    if body["max_tokens"] is None:
+        body["max_tokens"] = max(1, min(TRANSCRIPT_MAX_TOKENS, state.max_model_len - len(prompt_ids)))
+    params = _check_prompt(state, prompt_ids, body, chat=True)  # greedy unless a temperature is given
+    soft = await _encode(state, prompt_ids, inputs)
+    started = time.monotonic()
+    choices = _start(state, 1, prompt_ids, params, [], soft)
+    await _run_to_end(state, choices, request, started)
+    text = (parse_response(choices[0].text, complete=choices[0].finish_reason == "stop").get("content") or "").strip()
+    if response_format == "text":
+        return PlainTextResponse(text)
+    return {"text": text, "usage": {"type": "tokens", "input_tokens": choices[0].num_prompt,
+                                    "output_tokens": choices[0].num_output,
+                                    "total_tokens": choices[0].num_prompt + choices[0].num_output}}

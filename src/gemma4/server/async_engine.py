@@ -27,12 +27,13 @@ class AsyncEngine:
         self.thread = threading.Thread(target=self._loop, name="gemma4-engine", daemon=True)
         self.thread.start()
 
-    def add(self, prompt_ids: list[int], params: SamplingParams) -> tuple[int, asyncio.Queue]:
+    def add(self, prompt_ids: list[int], params: SamplingParams, media=None) -> tuple[int, asyncio.Queue]:
+        """`media`: the prompt's soft tokens from `engine.encode_media` (run the towers before, not under the lock)."""
         if self.error is not None or self.stopped:
             raise EngineDead(f"the engine stopped: {self.error!r}")
         queue: asyncio.Queue = asyncio.Queue()
         with self.lock:
-            seq_id = self.engine.add_request(prompt_ids, params)
+            seq_id = self.engine.add_request(prompt_ids, params, media)
             self.queues[seq_id] = (asyncio.get_running_loop(), queue)
         self.wake.set()
         return seq_id, queue

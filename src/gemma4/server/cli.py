@@ -24,17 +24,18 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_app_from_args(args):
     from ..model.gemma4 import Model
-    from ..processing.tokenizer import Tokenizer
+    from ..processing.processor import Processor
     from .app import create_app
     from .state import build_state
 
     dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(args.dtype, args.dtype)
     model = Model.from_pretrained(args.model, dtype=dtype, device=args.device)
-    tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
+    processor = Processor.from_pretrained(args.tokenizer or args.model)  # tokenizer + processor_config.json
+    tokenizer = processor.tokenizer
     state = build_state(model, tokenizer, args.served_model_name or args.model, max_model_len=args.max_model_len,
                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                         num_blocks=args.num_kv_blocks, default_enable_thinking=args.default_enable_thinking,
-                        api_key=args.api_key,
+                        api_key=args.api_key, processor=processor,
                         allowed_media_domains=[d.strip().lower() for d in args.allowed_media_domains.split(",")
                                                if d.strip()])
     return create_app(state)

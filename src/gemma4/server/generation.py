@@ -10,9 +10,10 @@ from .async_engine import AsyncEngine
 
 
 class Choice:
-    def __init__(self, index: int, engine: AsyncEngine, tokenizer, prompt_ids, params, stops: list[str]):
+    def __init__(self, index: int, engine: AsyncEngine, tokenizer, prompt_ids, params, stops: list[str],
+                 media=None):
         self.index, self.engine, self.tokenizer = index, engine, tokenizer
-        self.seq_id, self.queue = engine.add(prompt_ids, params)
+        self.seq_id, self.queue = engine.add(prompt_ids, params, media)
         self.num_prompt = len(prompt_ids)
         self.detok = IncrementalText(tokenizer, stops, skip_special_tokens=False)
         self.num_output = 0

@@ -1,15 +1,29 @@
-"""Media policy: what image/audio inputs the server accepts, checked before anything is fetched or decoded.
+"""Media in requests: what image/audio inputs the server accepts, fetching them, and decoding them.
 
-Never fetched: local files (file:, paths), and http(s) URLs whose host is not in --allowed-media-domains or that
-name an IP address (no requests to private networks). data: URLs must carry valid base64."""
+Policy, checked before anything is fetched or decoded (`check_media`):
+  * never fetched: local files (file:, paths), other schemes, and http(s) URLs whose host is not in
+    --allowed-media-domains (a domain also allows its subdomains) or that name an IP address;
+  * an allowed host must not resolve to a private, loopback, link-local or otherwise non-public address
+    (checked again for every redirect, which must stay on allowed hosts);
+  * data: URLs and `input_audio.data` must carry valid base64.
+Fetches use the standard library with a timeout and a size cap (`MAX_MEDIA_BYTES`). Decode failures are a 400."""
 
 from __future__ import annotations
 
 import ipaddress
+import socket
+import urllib.error
+import urllib.request
 from urllib.parse import urlsplit
 
-from .protocol import APIError, bad
-from ..processing.data_url import decode_base64
+from ..processing.audio import decode_audio
+from ..processing.data_url import decode_base64, decode_data_url
+from ..processing.image import load_image
+from .protocol import bad
+
+MAX_MEDIA_BYTES = 20 * 1024 * 1024  # per item, fetched or inline
+FETCH_TIMEOUT_S = 10.0
+AUDIO_FORMATS = {"wav", "mp3", "flac", "ogg", "opus", "webm", "m4a", "mp4", "aac", "pcm16"}
 
 
 def check_media(media: list[dict], state) -> None:
@@ -20,11 +34,16 @@ def check_media(media: list[dict], state) -> None:
         if kind in ("audio", "video") and not (state.has_audio if kind == "audio" else state.has_vision):
             raise bad(f"this model has no {'audio' if kind == 'audio' else 'vision'} tower: {kind} inputs are "
                       "not supported", "messages")
+        if kind == "video":
+            raise bad("video inputs are not supported by this server (send frames as images)", "messages")
         if "url" in part:
             check_url(str(part["url"]), state.allowed_media_domains)
         elif "data" in part:
             _b64(part["data"])
-    raise APIError(400, "image/audio inputs are not wired into this server yet (text only)", param="messages")
+        else:
+            raise bad(f"a {kind} part needs a url or data (the server reads no local files)", "messages")
+        if kind == "audio" and "data" in part and str(part.get("format", "wav")).lower() not in AUDIO_FORMATS:
+            raise bad(f"input_audio.format must be one of {sorted(AUDIO_FORMATS)}", "messages")
 
 
 def check_url(url: str, allowed_domains: list[str]) -> None:
@@ -43,8 +62,96 @@ def check_url(url: str, allowed_domains: list[str]) -> None:
         raise bad("media URLs may not name an IP address", "messages")
     except ValueError:
         pass
-    if not any(host == d or host.endswith("." + d) for d in allowed_domains):
+    if not host or not any(host == d or host.endswith("." + d) for d in allowed_domains):
         raise bad(f"media host {host!r} is not in --allowed-media-domains", "messages")
+
+
+def check_resolves_public(host: str) -> None:
+    """Refuse hosts that resolve to non-public addresses (an allowed name pointing at the server's network)."""
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        raise bad(f"cannot resolve media host {host!r}", "messages") from None
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0].split("%")[0])
+        if not address.is_global or address.is_multicast:
+            raise bad(f"media host {host!r} resolves to a non-public address", "messages")
+
+
+class _Redirects(urllib.request.HTTPRedirectHandler):
+    def __init__(self, allowed_domains: list[str]):
+        self.allowed_domains = allowed_domains
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        check_url(newurl, self.allowed_domains)
+        if newurl.startswith("data:"):
+            raise bad("media URLs may not redirect to data:", "messages")
+        check_resolves_public(urlsplit(newurl).hostname or "")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def fetch(url: str, allowed_domains: list[str], max_bytes: int = MAX_MEDIA_BYTES,
+          timeout: float = FETCH_TIMEOUT_S) -> tuple[str, bytes]:
+    """(content type, body) of an allowed http(s) URL; blocking (call it in a worker thread)."""
+    check_url(url, allowed_domains)
+    check_resolves_public(urlsplit(url).hostname or "")
+    opener = urllib.request.build_opener(_Redirects(allowed_domains))
+    request = urllib.request.Request(url, headers={"User-Agent": "gemma4-server"})
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            data = response.read(max_bytes + 1)
+            kind = response.headers.get_content_type() or ""
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise bad(f"cannot fetch media URL {url[:200]!r}: {e}", "messages") from None
+    if len(data) > max_bytes:
+        raise bad(f"media at {url[:200]!r} is larger than {max_bytes} bytes", "messages")
+    return kind, data
+
+
+def _payload(part: dict, allowed_domains: list[str]) -> tuple[str, bytes]:
+    """(mime type or format hint, raw bytes) of one media part."""
+    if "url" in part:
+        url = str(part["url"])
+        if url.startswith("data:"):
+            try:
+                mime, data = decode_data_url(url, part.get("type", "media"))
+            except ValueError as e:
+                raise bad(str(e), "messages") from None
+        else:
+            mime, data = fetch(url, allowed_domains)
+            if part.get("type") == "audio" and "." in urlsplit(url).path.rsplit("/", 1)[-1]:
+                mime = mime or urlsplit(url).path.rsplit(".", 1)[-1]
+    else:
+        mime, data = str(part.get("format", "wav")), _b64(part["data"])
+    if len(data) > MAX_MEDIA_BYTES:
+        raise bad(f"a media item is larger than {MAX_MEDIA_BYTES} bytes", "messages")
+    return mime, data
+
+
+def _audio_format(hint: str) -> str | None:
+    hint = hint.lower()
+    if "/" in hint:  # a mime type: audio/wav, audio/x-wav, audio/mpeg, ...
+        sub = hint.rsplit("/", 1)[-1].removeprefix("x-")
+        return {"mpeg": "mp3", "wave": "wav", "vnd.wave": "wav"}.get(sub, sub or None)
+    return hint or None
+
+
+def load_media(media: list[dict], allowed_domains: list[str]) -> tuple[list, list]:
+    """Fetch and decode every part (blocking): (PIL images, (samples, sampling rate) per audio clip), in order."""
+    images, clips = [], []
+    for part in media:
+        hint, data = _payload(part, allowed_domains)
+        try:
+            if part.get("type") == "image":
+                images.append(load_image(data))
+            else:
+                samples, rate = decode_audio(data, _audio_format(hint))
+                clips.append((samples, rate))
+        except ValueError as e:
+            raise bad(f"cannot decode the {part.get('type')} input: {e}", "messages") from None
+        except Exception as e:  # noqa: BLE001  (a decoder library's own error types on hostile input)
+            raise bad(f"cannot decode the {part.get('type')} input: {type(e).__name__}: {e}", "messages") from None
+    return images, clips
 
 
 def _b64(data) -> bytes:

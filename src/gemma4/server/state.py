@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -40,6 +41,13 @@ class ServerState:
     has_audio: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
     metrics: Metrics = field(default_factory=Metrics)
+    processor: object = None  # gemma4.Processor (image/audio inputs); built from the tokenizer when not given
+    media_slots: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(2))
+
+    def __post_init__(self):
+        if self.processor is None and (self.has_vision or self.has_audio):
+            from ..processing.processor import Processor
+            self.processor = Processor(self.tokenizer)
 
 
 def build_state(model, tokenizer, model_name: str, max_model_len: int | None = None, max_num_seqs: int = 16,
