@@ -25,7 +25,8 @@ import time
 import torch
 
 from gemma4 import Model
-from gemma4.random_init import write_random_checkpoint
+from gemma4.loading import checkpoint_key
+from gemma4.random_init import random_config, random_model, write_random_checkpoint
 
 
 DEVICE = "cuda"
@@ -105,6 +106,26 @@ def profile(model, batch: int, context: int, steps: int) -> dict:
             "top_kernels": [(e.key[:60], e.count, round(e.self_device_time_total / 1e3, 3)) for e in top]}
 
 
+def reference_sharing_weights(ours):
+    """transformers' Gemma4ForCausalLM built on the device, then given our tensors (copied in by key)."""
+    import transformers
+
+    config = transformers.Gemma4TextConfig(**ours.config.text_config.to_dict())
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(DEVICE):
+            reference = transformers.Gemma4ForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    reference.config._attn_implementation = "sdpa"
+    state = {checkpoint_key(name, "text"): tensor for name, tensor in ours.state_dict().items()}
+    missing, unexpected = reference.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise RuntimeError(f"weights do not line up: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return reference.eval()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="E2B")
@@ -119,26 +140,39 @@ def main() -> None:
     parser.add_argument("--num-layers", type=int, default=None)
     parser.add_argument("--out", default=None, help="write results as JSON here")
     parser.add_argument("--device", default="cuda", help="cpu: a smoke test of this script, not a benchmark")
+    parser.add_argument("--in-memory", action="store_true",
+                        help="draw the random weights on the device and hand transformers the same tensors, instead "
+                             "of writing and loading a checkpoint (for 26B/31B: no 50-60 GB of disk traffic)")
     args = parser.parse_args()
     global DEVICE
     DEVICE = args.device
     cuda = DEVICE == "cuda"
     engines = args.engines + (["transformers"] if args.compare and "transformers" not in args.engines else [])
 
-    directory = tempfile.mkdtemp()
     start = time.perf_counter()
-    write_random_checkpoint(args.preset, directory, num_layers=args.num_layers, text_only=True, dtype=torch.bfloat16)
-    print(f"wrote random {args.preset} in {time.perf_counter() - start:.0f}s", flush=True)
+    if args.in_memory:
+        directory = None
+        ours = random_model(random_config(args.preset, args.num_layers, text_only=True), torch.bfloat16,
+                            device=DEVICE)
+        print(f"drew random {args.preset} on {DEVICE} in {time.perf_counter() - start:.0f}s", flush=True)
+    else:
+        directory = tempfile.mkdtemp()
+        write_random_checkpoint(args.preset, directory, num_layers=args.num_layers, text_only=True,
+                                dtype=torch.bfloat16)
+        print(f"wrote random {args.preset} in {time.perf_counter() - start:.0f}s", flush=True)
+        ours = Model.from_pretrained(directory, dtype=torch.bfloat16, device=DEVICE)
     rows, profiles = [], {}
-    ours = Model.from_pretrained(directory, dtype=torch.bfloat16, device=DEVICE)
     load_peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
     for engine in engines:  # in the order given: put slow or risky ones (compile) last
         start = time.perf_counter()
         if engine == "transformers":
             import transformers
 
-            reference = transformers.Gemma4ForCausalLM.from_pretrained(
-                directory, dtype=torch.bfloat16, **({"device_map": DEVICE} if cuda else {})).eval()
+            if directory is None:
+                reference = reference_sharing_weights(ours)
+            else:
+                reference = transformers.Gemma4ForCausalLM.from_pretrained(
+                    directory, dtype=torch.bfloat16, **({"device_map": DEVICE} if cuda else {})).eval()
 
             def reference_generate(ids, n):
                 return reference.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,

@@ -22,21 +22,22 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 
 @torch.no_grad()
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    generator = torch.Generator().manual_seed(seed)
+    generators: dict[torch.device, torch.Generator] = {}  # one per device: values are drawn where they live
 
     def fill(tensor, make):
         # Row blocks of at most ~32M values: a full-size PLE table (2.3B values) never exists in fp32 at once.
         rows = max(1, (1 << 25) // max(1, tensor[0].numel())) if tensor.dim() else 1
         flat = tensor if tensor.dim() else tensor.view(1)
+        generator = generators.setdefault(tensor.device, torch.Generator(tensor.device).manual_seed(seed))
         for start in range(0, flat.shape[0], rows):
             block = flat[start:start + rows]
-            block.copy_(make(block.shape))
+            block.copy_(make(block.shape, generator, tensor.device))
 
     def uniform(low, high):
-        return lambda shape: torch.rand(shape, generator=generator) * (high - low) + low
+        return lambda shape, g, device: torch.rand(shape, generator=g, device=device) * (high - low) + low
 
     def normal(std):
-        return lambda shape: torch.randn(shape, generator=generator) * std
+        return lambda shape, g, device: torch.randn(shape, generator=g, device=device) * std
 
     # state_dict() holds what a checkpoint holds (not derived buffers such as RoPE tables), sharing storage.
     for name, tensor in model.state_dict().items():
