@@ -73,8 +73,8 @@ def test_graph_logits_close_to_eager_bf16(checkpoint):
             assert ((a - b).abs().max() / scale) <= 1e-2
 
 
-@pytest.mark.parametrize("tokens", [1, 4, 8])
-def test_gathered_moe_equals_loop_on_cuda(tokens):
+@pytest.mark.parametrize("tokens", [1, 4, 8, 300])
+def test_gathered_and_grouped_moe_equal_loop_on_cuda(tokens):
     """bf16 on the device: the two paths round differently (the loop accumulates experts in bf16, the gathered path
     in fp32), so the bound is bf16's: 1e-2 relative to the output's scale."""
     from gemma4.config import TextConfig
@@ -92,7 +92,9 @@ def test_gathered_moe_equals_loop_on_cuda(tokens):
         weights, chosen = router(x)
         loop = experts.forward_loop(x, weights, chosen).float()
         gathered = experts.forward_gathered(x, weights, chosen).float()
+        grouped = experts.forward_grouped(x, weights, chosen).float()
     assert ((loop - gathered).abs().max() / loop.abs().max()) <= 1e-2
+    assert ((loop - grouped).abs().max() / loop.abs().max()) <= 1e-2
 
 
 def test_sampled_graph_decode_reproduces_with_seed(checkpoint):

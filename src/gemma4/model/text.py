@@ -130,16 +130,36 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, h, w))
         self.act = activation(config.hidden_activation)
 
-    # "auto": the gathered path on accelerators for small batches (decode steps), the loop otherwise;
-    # "loop" / "gathered" force one (tests).
+    # "auto": on accelerators the gathered path for small batches (decode steps) and the grouped GEMM for large
+    # ones (prefill); the loop on the CPU. "loop" / "gathered" / "grouped" force one (tests).
     path = "auto"
     GATHER_MAX_PAIRS = 64  # token x choice pairs: batch 8 x top-8
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x [T, H]; weights, experts [T, k] -> [T, H]."""
-        gathered = self.path == "gathered" or (
-            self.path == "auto" and x.device.type != "cpu" and experts.numel() <= self.GATHER_MAX_PAIRS)
-        return self.forward_gathered(x, weights, experts) if gathered else self.forward_loop(x, weights, experts)
+        path = self.path
+        if path == "auto":
+            small = experts.numel() <= self.GATHER_MAX_PAIRS
+            path = "loop" if x.device.type == "cpu" else "gathered" if small else \
+                "grouped" if hasattr(torch, "_grouped_mm") else "loop"
+        return {"gathered": self.forward_gathered, "grouped": self.forward_grouped,
+                "loop": self.forward_loop}[path](x, weights, experts)
+
+    def forward_grouped(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Large batches: sort the (token, choice) pairs by expert, then one grouped GEMM per projection runs every
+        expert on its own rows (each expert's weights read once; no host sync)."""
+        k = experts.shape[1]
+        chosen = experts.reshape(-1)
+        order = chosen.argsort(stable=True)  # pairs grouped by expert
+        token = order // k
+        ends = torch.bincount(chosen, minlength=self.gate_up_proj.shape[0]).cumsum(0).to(torch.int32)
+
+        def grouped(rows, weight):  # rows [P, in] @ weight[e].T for each expert's slice of rows
+            return torch._grouped_mm(rows, weight.transpose(1, 2), offs=ends)
+
+        gate, up = grouped(x[token], self.gate_up_proj).chunk(2, dim=-1)
+        y = grouped(self.act(gate) * up, self.down_proj) * weights.reshape(-1)[order, None]
+        return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
 
     def forward_gathered(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """No host syncs and fixed shapes (CUDA-graph friendly): gather each (token, choice)'s expert weights and
