@@ -165,14 +165,8 @@ def token_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
         logits = model(sequence, attention_mask=seq_valid, **media)[:, -1]
 
     for step in range(max_new):
-        sampled = [sample_token(logits[b], params[b], prompts[b], outputs[b], stop_ids[b], generators[b])
-                   for b in range(batch)]
-        tokens, logprobs = [t for t, _ in sampled], [lp for _, lp in sampled]
-        for b, token in enumerate(tokens):
-            if not finished[b]:
-                outputs[b].append(token)
-                hit_stop = token in stop_ids[b] and not params[b].ignore_eos
-                finished[b] = hit_stop or len(outputs[b]) >= params[b].max_tokens
+        tokens, logprobs = _sample_rows(logits, params, prompts, outputs, stop_ids, generators)
+        _advance(tokens, outputs, finished, params, stop_ids)
         yield Step(tokens, list(finished), logprobs)
         if all(finished) or step == max_new - 1:
             return
@@ -217,19 +211,29 @@ def _run_static(runner, model, input_ids, valid, params, stop_ids, chunk_size, m
             chosen = greedy if all(p.greedy for p in params) else sample_batch(logits, params, generators)
             tokens, logprobs = chosen.tolist(), [None] * batch
         else:
-            sampled = [sample_token(logits[b], params[b], prompts[b], outputs[b], stop_ids[b], generators[b])
-                       for b in range(batch)]
-            tokens, logprobs = [t for t, _ in sampled], [lp for _, lp in sampled]
+            tokens, logprobs = _sample_rows(logits, params, prompts, outputs, stop_ids, generators)
             chosen = torch.tensor(tokens, dtype=torch.long, device=logits.device)
-        for b, token in enumerate(tokens):
-            if not finished[b]:
-                outputs[b].append(token)
-                hit_stop = token in stop_ids[b] and not params[b].ignore_eos
-                finished[b] = hit_stop or len(outputs[b]) >= params[b].max_tokens
+        _advance(tokens, outputs, finished, params, stop_ids)
         yield Step(tokens, list(finished), logprobs)
         if all(finished) or step == max_new - 1:
             return
         logits, greedy = runner.step(chosen)
+
+
+def _sample_rows(logits, params, prompts, outputs, stop_ids, generators):
+    """Each row's next token (and logprobs) through the full per-row sampler."""
+    sampled = [sample_token(logits[b], params[b], prompts[b], outputs[b], stop_ids[b], generators[b])
+               for b in range(len(params))]
+    return [t for t, _ in sampled], [lp for _, lp in sampled]
+
+
+def _advance(tokens, outputs, finished, params, stop_ids) -> None:
+    """Append each unfinished row's token; a row finishes on a stop token or at its max_tokens."""
+    for b, token in enumerate(tokens):
+        if not finished[b]:
+            outputs[b].append(token)
+            hit_stop = token in stop_ids[b] and not params[b].ignore_eos
+            finished[b] = hit_stop or len(outputs[b]) >= params[b].max_tokens
 
 
 def _prefill(model, input_ids, valid, cache, chunk_size, media) -> torch.Tensor:
