@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gemma4 import Model
+from gemma4.engine.generate import left_pad
 from reference import FAMILIES, VOCAB, reference_model, text_config_dict
 
 WINDOW = 8  # the tiny configs' sliding window
@@ -70,12 +71,8 @@ def test_naive_path_equals_cached_path(pair):
 def test_left_padded_batch_equals_prompts_alone(pair):
     _, _, model = pair
     prompts = [prompt(1, n, seed=n)[0] for n in (4, 12, 7)]
-    longest = max(len(p) for p in prompts)
-    ids = torch.zeros(3, longest, dtype=torch.long)
-    mask = torch.zeros(3, longest, dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, longest - len(p):] = p
-        mask[row, longest - len(p):] = 1
+    ids, mask = left_pad(prompts)
+    longest = ids.shape[1]
     batched = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, eos_token_id=None)
     for row, p in enumerate(prompts):
         alone = model.generate(p[None], max_new_tokens=24, do_sample=False, eos_token_id=None)

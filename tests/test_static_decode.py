@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gemma4 import Model
-from gemma4.engine.generate import DecodeRunner, decode_mode
+from gemma4.engine.generate import DecodeRunner, decode_mode, left_pad
 from gemma4.engine.sampling import SamplingParams, batchable, next_token_distribution, sample_batch
 from reference import FAMILIES, VOCAB, reference_model, text_config_dict
 
@@ -53,12 +53,7 @@ def test_static_generate_equals_dynamic_generate(model):
     """Greedy tokens, left-padded batch, chunked prefill: identical on both paths (and twice on the same
     kept runner, whose cache is reset in place between calls)."""
     prompts = [prompt(1, n, seed=n)[0] for n in (4, 12, 7)]
-    longest = max(len(p) for p in prompts)
-    ids = torch.zeros(3, longest, dtype=torch.long)
-    mask = torch.zeros(3, longest, dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, longest - len(p):] = p
-        mask[row, longest - len(p):] = 1
+    ids, mask = left_pad(prompts)
     kwargs = dict(attention_mask=mask, max_new_tokens=3 * WINDOW, do_sample=False, eos_token_id=None)
     dynamic = model.generate(ids, decode="dynamic", **kwargs)
     for _ in range(2):

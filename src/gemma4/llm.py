@@ -9,7 +9,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .engine.generate import token_steps
+from .engine.generate import left_pad, token_steps
 from .engine.sampling import GEMMA4_STOP_IDS, SamplingParams, TokenLogprobs
 from .model.gemma4 import Model
 from .processing.detokenize import IncrementalText
@@ -88,12 +88,7 @@ class LLM:
         return results
 
     def _generate_batch(self, prompts: list[list[int]], params: list[SamplingParams], skip: bool):
-        longest = max(len(p) for p in prompts)
-        ids = torch.zeros(len(prompts), longest, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, prompt in enumerate(prompts):  # left padding: every row ends at the last column
-            ids[row, longest - len(prompt):] = torch.tensor(prompt)
-            mask[row, longest - len(prompt):] = 1
+        ids, mask = left_pad(prompts)
         texts = [IncrementalText(self.tokenizer, p.stop, skip) if self.tokenizer else None for p in params]
         outputs: list[list[int]] = [[] for _ in prompts]
         logprobs: list[list] = [[] for _ in prompts]

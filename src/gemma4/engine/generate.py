@@ -42,6 +42,18 @@ class Step:
     logprobs: list[TokenLogprobs | None]
 
 
+def left_pad(prompts, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists (or 1-D tensors) of different lengths -> (ids [B, L], attention_mask [B, L]), left-padded so that
+    every row ends at the last column."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), longest, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, longest - len(prompt):] = torch.as_tensor(prompt, dtype=torch.long)
+        mask[row, longest - len(prompt):] = 1
+    return ids, mask
+
+
 def check_lengths(model, prompt_len: int, max_new_tokens: int) -> None:
     if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
