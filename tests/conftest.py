@@ -19,3 +19,13 @@ def gemma4_tokenizer_dir() -> Path:
         _pytest.skip(f"Gemma 4 tokenizer files not found in {directory} (set GEMMA4_TOKENIZER_DIR)")
     return directory
 # ---- END gemma4_tokenizer_dir fixture ----
+
+
+# Without a GPU, Triton kernels run in Triton's CPU interpreter; the variable must be set before Triton is imported.
+try:
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        _os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:
+    pass

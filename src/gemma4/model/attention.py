@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .. import kernels
 from ..config import SLIDING
 
 
@@ -64,6 +65,25 @@ class ForwardContext:
     masks: dict = field(default_factory=dict)  # layer type -> mask, built once per forward
     shared_kv: dict = field(default_factory=dict)  # producer layer index -> (key, value)
 
+    def __post_init__(self):
+        # One token per row over a cache, on CUDA: the split-K decode kernel reads only the keys a row may see (up
+        # to the written prefix of a global layer's buffer), maps query heads to KV heads without copies, and needs
+        # no mask tensors.
+        self.decode_kernel = self.cache is not None and self.positions.shape[1] == 1 and kernels.enabled(self.positions)
+
+    def attend(self, layer_type: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               mask: torch.Tensor | None) -> torch.Tensor:
+        """query [B, H, Lq, D] over key/value [B, Hkv, Lk, D] -> [B, Lq, H * D]."""
+        if not self.decode_kernel:
+            return attend(query, key, value, mask)
+        from ..kernels.attention import decode_attention
+        window = self.sliding_window if layer_type == SLIDING else None
+        query_positions = self.positions[:, 0]
+        out = decode_attention(query[:, :, 0], key, value, self.cache.key_positions(layer_type), query_positions,
+                               window, slots=self.cache.key_slots(layer_type),
+                               num_keys=self.cache.num_keys(layer_type, query_positions))
+        return out.reshape(query.shape[0], 1, -1)
+
     def keys_and_values(self, layer_idx: int, layer_type: str, key: torch.Tensor, value: torch.Tensor):
         """Store this layer's new K/V and return everything the layer attends to, with the mask."""
         if self.cache is None:
@@ -72,6 +92,8 @@ class ForwardContext:
                 self.masks[layer_type] = self._mask(layer_type, key_positions, self.blocks)
             return key, value, self.masks[layer_type]
         key, value = self.cache.update(layer_idx, key, value)
+        if self.decode_kernel:
+            return key, value, None
         if layer_type not in self.masks:
             key_positions = self.cache.key_positions(layer_type)
             key_blocks = self._key_blocks(layer_type, key_positions.shape[1]) if self.blocks is not None else None

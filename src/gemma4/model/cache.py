@@ -119,6 +119,14 @@ class KVCache:
     def new_key_slots(self, layer_type: str) -> torch.Tensor:
         return self._plan[("slots", layer_type)]
 
+    def num_keys(self, layer_type: str, query_positions: torch.Tensor) -> torch.Tensor | None:
+        """How many leading key slots a query at each position [B] may need: a global buffer holds position s in slot
+        s, so nothing past the query's own position (the decode kernel skips the rest, unread)."""
+        return query_positions + 1 if layer_type == FULL else None
+
+    def key_slots(self, layer_type: str) -> None:
+        return None  # keys are read from the [B, Hkv, slots, D] tensors `update` returns
+
     def end(self) -> None:
         """Commit the forward: the ring now holds the new tokens, the global buffers are longer."""
         plan, self._plan = self._plan, None

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
+
 _ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "gelu": F.gelu,
@@ -37,6 +39,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.enabled(x):
+            from ..kernels.norm import rms_norm
+            return rms_norm(x, self.weight, self.eps)
         h = x.float()
         # pow(-0.5) rather than rsqrt: that is what the reference (and its JAX origin) computes.
         h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)

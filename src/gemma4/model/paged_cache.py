@@ -1,18 +1,23 @@
 """A one-forward view of the paged KV memory (engine/block_manager.py), with KVCache's duck-typed interface.
 
 Per row of the batch: a block table for the global layers, a ring for the sliding layers and how many tokens are
-already cached. `update` gathers the row's cached K/V into a contiguous [B, Hkv, T, D] tensor, appends this forward's
-K/V, and writes the new K/V into the pools. The gather is the simple, portable part a fused paged-attention kernel
-would replace; masks stay position-based (every gathered slot carries its position, -1 = empty)."""
+already cached. A prefill chunk gathers the row's cached K/V into a contiguous [B, Hkv, T, D] tensor, appends this
+forward's K/V, and writes the new K/V into the pools; masks stay position-based (every gathered slot carries its
+position, -1 = empty). A decode step on CUDA gathers nothing: the new K/V are written first, and the decode kernel
+reads the pools through each row's own slots (`key_slots`): its ring, with the new position in the new token's slot,
+and its blocks in position order, scanned only up to the query's position (`num_keys`)."""
 
 from __future__ import annotations
 
 import torch
 
+from .. import kernels
 from ..config import FULL, SLIDING
 
 
 class PagedCacheView:
+    static = True  # positions were checked by the engine (Model.forward then reads nothing back to the host)
+
     def __init__(self, pools, block_tables: torch.Tensor, ring_slots: torch.Tensor, num_cached: torch.Tensor):
         """pools: a BlockManager (keys/values dicts, ring_positions, window, block_size, trash ids).
         block_tables [B, nb] (padded with the trash block), ring_slots [B], num_cached [B]."""
@@ -54,12 +59,26 @@ class PagedCacheView:
             ("slots", SLIDING): self.window + arange,
             ("slots", FULL): self.global_cached_pos.shape[1] + arange,
         }
+        # One token per row on CUDA: attend in place over the pools (see the module's docstring). The candidates
+        # are the row's own slots, the new token's included (written before attending): the ring with the new
+        # position at its slot, and the global blocks in position order, visible up to the query's position.
+        self.in_place = length == 1 and kernels.enabled(positions)
+        if self.in_place:
+            query = new_positions[:, :1]  # -1 for a padding row: it sees nothing
+            ring = pools.ring_positions[self.ring_gather].scatter(1, positions % self.window, query)
+            offsets = torch.arange(self.global_gather.shape[1], device=positions.device)[None]
+            self._plan.update({SLIDING: ring, FULL: torch.where(offsets <= query, offsets, -1),
+                               "num_keys": query[:, 0] + 1})
 
     def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor):
         """key/value [B, Hkv, L, D] -> all K/V the layer attends to: the row's cached K/V, then this chunk's."""
         sliding = self.layer_types[layer_idx] == SLIDING
         gather = self.ring_gather if sliding else self.global_gather
         write = self._plan["ring_write" if sliding else "global_write"]
+        if self.in_place:
+            _write(self.pools.keys[layer_idx], write, key)
+            _write(self.pools.values[layer_idx], write, value)
+            return self.pools.keys[layer_idx], self.pools.values[layer_idx]
         out = []
         for pool, new in ((self.pools.keys[layer_idx], key), (self.pools.values[layer_idx], value)):
             cached = pool[:, gather].permute(1, 0, 2, 3)  # [Hkv, B, T, D] -> [B, Hkv, T, D]
@@ -72,6 +91,16 @@ class PagedCacheView:
 
     def new_key_slots(self, layer_type: str) -> torch.Tensor:
         return self._plan[("slots", layer_type)]
+
+    def num_keys(self, layer_type: str, query_positions: torch.Tensor) -> torch.Tensor | None:
+        """In-place decode, global layers: slot j of a row's blocks holds position j, so j <= query suffices."""
+        return self._plan["num_keys"] if self.in_place and layer_type == FULL else None
+
+    def key_slots(self, layer_type: str) -> torch.Tensor | None:
+        """In-place decode: each row's candidate keys as flat pool slots (its ring, or its blocks in order)."""
+        if not self.in_place:
+            return None
+        return self.ring_gather if layer_type == SLIDING else self.global_gather
 
     def end(self) -> None:
         plan, self._plan = self._plan, None

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..config import TextConfig
-from .attention import ForwardContext, attend
+from .attention import ForwardContext
 from .common import RMSNorm, activation
 
 
@@ -70,8 +71,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext):
         batch, length, _ = x.shape
         cos, sin = rope
-        query = self.q_norm(self.q_proj(x).view(batch, length, -1, self.head_dim))
-        query = apply_rope(query, cos, sin).transpose(1, 2)  # [B, H, L, D]
+        query = norm_rope(self.q_proj(x).view(batch, length, -1, self.head_dim), self.q_norm, cos, sin)
 
         if self.is_kv_shared:
             key, value, mask = ctx.shared_kv[self.kv_source]
@@ -79,12 +79,21 @@ class Attention(nn.Module):
             raw_key = self.k_proj(x).view(batch, length, -1, self.head_dim)
             # K=V (global layers of 26B/31B): values are the raw key projection, before k_norm and RoPE.
             raw_value = self.v_proj(x).view(batch, length, -1, self.head_dim) if self.v_proj is not None else raw_key
-            key = apply_rope(self.k_norm(raw_key), cos, sin).transpose(1, 2)  # [B, Hkv, L, D]
-            value = self.v_norm(raw_value).transpose(1, 2)
+            key = norm_rope(raw_key, self.k_norm, cos, sin)  # [B, Hkv, L, D]
+            value = norm_rope(raw_value, self.v_norm)
             key, value, mask = ctx.keys_and_values(self.layer_idx, self.layer_type, key, value)
             if self.stores_shared_kv:
                 ctx.shared_kv[self.layer_idx] = key, value, mask
-        return self.o_proj(attend(query, key, value, mask))
+        return self.o_proj(ctx.attend(self.layer_type, query, key, value, mask))
+
+
+def norm_rope(x: torch.Tensor, norm: RMSNorm, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None):
+    """Per-head RMSNorm then RoPE (when cos/sin are given): [B, L, heads, D] -> [B, heads, L, D]."""
+    if kernels.enabled(x):
+        from ..kernels.norm import qk_norm_rope
+        return qk_norm_rope(x, norm.weight, norm.eps, cos, sin)
+    x = norm(x)
+    return (apply_rope(x, cos, sin) if cos is not None else x).transpose(1, 2)
 
 
 class MLP(nn.Module):
@@ -128,10 +137,12 @@ class Experts(nn.Module):
         e, h, w = config.num_experts, config.hidden_size, config.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * w, h))
         self.down_proj = nn.Parameter(torch.empty(e, h, w))
+        self.activation = config.hidden_activation
         self.act = activation(config.hidden_activation)
 
-    # "auto": on accelerators the gathered path for small batches (decode steps) and the grouped GEMM for large
-    # ones (prefill); the loop on the CPU. "loop" / "gathered" / "grouped" force one (tests).
+    # "auto": on accelerators, for small batches (decode steps) the Triton kernel (else the gathered path), and the
+    # grouped GEMM for large ones (prefill); the loop on the CPU. "loop" / "gathered" / "grouped" / "kernel" force
+    # one (tests).
     path = "auto"
     GATHER_MAX_PAIRS = 64  # token x choice pairs: batch 8 x top-8
 
@@ -140,10 +151,19 @@ class Experts(nn.Module):
         path = self.path
         if path == "auto":
             small = experts.numel() <= self.GATHER_MAX_PAIRS
-            path = "loop" if x.device.type == "cpu" else "gathered" if small else \
-                "grouped" if hasattr(torch, "_grouped_mm") else "loop"
-        return {"gathered": self.forward_gathered, "grouped": self.forward_grouped,
-                "loop": self.forward_loop}[path](x, weights, experts)
+            if small and kernels.enabled(x):
+                path = "kernel"
+            elif x.device.type == "cpu":
+                path = "loop"
+            else:
+                path = "gathered" if small else "grouped" if hasattr(torch, "_grouped_mm") else "loop"
+        return {"gathered": self.forward_gathered, "grouped": self.forward_grouped, "loop": self.forward_loop,
+                "kernel": self.forward_kernel}[path](x, weights, experts)
+
+    def forward_kernel(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Small batches on CUDA: a Triton kernel reads each chosen expert's weights in place, once."""
+        from ..kernels.moe import moe_experts
+        return moe_experts(x, weights, experts, self.gate_up_proj, self.down_proj, self.activation)
 
     def forward_grouped(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Large batches: sort the (token, choice) pairs by expert, then one grouped GEMM per projection runs every
@@ -152,7 +172,9 @@ class Experts(nn.Module):
         chosen = experts.reshape(-1)
         order = chosen.argsort(stable=True)  # pairs grouped by expert
         token = order // k
-        ends = torch.bincount(chosen, minlength=self.gate_up_proj.shape[0]).cumsum(0).to(torch.int32)
+        # Pairs per expert, counted without bincount (whose output size needs a host sync: no CUDA graphs).
+        counts = torch.zeros(self.gate_up_proj.shape[0], dtype=torch.int32, device=x.device)
+        ends = counts.index_add_(0, chosen, torch.ones_like(chosen, dtype=torch.int32)).cumsum(0, dtype=torch.int32)
 
         def grouped(rows, weight):  # rows [P, in] @ weight[e].T for each expert's slice of rows
             return torch._grouped_mm(rows, weight.transpose(1, 2), offs=ends)
@@ -210,21 +232,39 @@ class DecoderLayer(nn.Module):
             self.post_per_layer_input_norm = RMSNorm(hidden, eps)
 
     def forward(self, x, rope, ctx: ForwardContext, per_layer_input: torch.Tensor | None = None):
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, ctx))
+        attn = self.self_attn(self.input_layernorm(x), rope, ctx)
+        x, h = add_normed(x, attn, self.post_attention_layernorm, next_norm=self.pre_feedforward_layernorm)
 
-        dense = self.mlp(self.pre_feedforward_layernorm(x))
+        dense = self.mlp(h)
         if self.enable_moe_block:
             # The router and the experts read the residual stream, not the dense MLP's input norm.
             flat = x.reshape(-1, x.shape[-1])
             weights, experts = self.router(flat)
             sparse = self.experts(self.pre_feedforward_layernorm_2(flat), weights, experts).reshape(x.shape)
             dense = self.post_feedforward_layernorm_1(dense) + self.post_feedforward_layernorm_2(sparse)
-        x = x + self.post_feedforward_layernorm(dense)
+        if not self.has_per_layer_input:
+            return add_normed(x, dense, self.post_feedforward_layernorm, scalar=self.layer_scalar)[0]
 
-        if self.has_per_layer_input:
-            gated = self.act(self.per_layer_input_gate(x)) * per_layer_input
-            x = x + self.post_per_layer_input_norm(self.per_layer_projection(gated))
-        return x * self.layer_scalar
+        x = add_normed(x, dense, self.post_feedforward_layernorm)[0]
+        gated = self.act(self.per_layer_input_gate(x)) * per_layer_input
+        return add_normed(x, self.per_layer_projection(gated), self.post_per_layer_input_norm,
+                          scalar=self.layer_scalar)[0]
+
+
+def add_normed(residual: torch.Tensor, x: torch.Tensor, norm: RMSNorm, scalar: torch.Tensor | None = None,
+               next_norm: RMSNorm | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(residual + norm(x)) [* scalar], and `next_norm` of that (None without one): one fused kernel on CUDA.
+
+    In the model's dtype each step rounds, as in the reference: norm(x) is rounded before the add."""
+    if kernels.enabled(x):
+        from ..kernels.norm import residual_rms_norm
+        return residual_rms_norm(residual, x, norm.weight, norm.eps, scalar,
+                                 next_norm.weight if next_norm is not None else None,
+                                 next_norm.eps if next_norm is not None else None)
+    out = residual + norm(x)
+    if scalar is not None:
+        out = out * scalar
+    return out, next_norm(out) if next_norm is not None else None
 
 
 class ScaledEmbedding(nn.Embedding):

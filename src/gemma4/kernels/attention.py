@@ -1,0 +1,206 @@
+"""Split-K ("flash-decoding") attention for one query token per row: the decode twin of `model.attention.attend`.
+
+A decode step has one query per row, so a kernel that gives each (row, head) one program leaves most of a GPU idle at
+batch 1. Here the candidate keys of each row are cut into `num_splits` ranges; program (row * Hkv + kv head, split)
+runs an online softmax over its range for all G query heads sharing that kv head (a [G_pad, D] tile, so the K/V
+block is read once per kv head and both products run on tl.dot), and writes an fp32 partial output with its
+log-sum-exp. A second small kernel merges the splits.
+
+Masking is `attention_mask`'s rule, from positions only: key j is visible iff 0 <= kpos <= qpos and, with a window,
+qpos - kpos < window. The grid depends on shapes only and the per-row bound `num_keys` is read on the device, so a
+launch can be captured in a CUDA graph: keys past the bound are never loaded, they just leave splits idle.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_SPLITS = 64
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr):
+    # fp32 operands get exact fp32 products ("ieee", not tf32); bf16 ones run on tensor cores either way.
+    if UPCAST:  # Triton's interpreter multiplies bf16 tiles as raw bits; fp32 holds their values exactly
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _attend_block(block, end, m_i, l_i, acc, q, qpos, window, kpos_row, stride_pn, slots_row, stride_sn,
+                  k_row, stride_kn, v_row, stride_vn, d_mask,
+                  BLOCK_N: tl.constexpr, PAGED: tl.constexpr, HAS_WINDOW: tl.constexpr, INTERPRET: tl.constexpr):
+    """One step of the online softmax over candidates [block, block + BLOCK_N) of one row and kv head."""
+    offs_n = block + tl.arange(0, BLOCK_N)
+    in_range = offs_n < end
+    kpos = tl.load(kpos_row + offs_n * stride_pn, mask=in_range, other=-1)
+    visible = (kpos >= 0) & (kpos <= qpos)
+    if HAS_WINDOW:
+        visible = visible & (qpos - kpos < window)
+    if PAGED:  # candidate j lives at pool row slots[b, j] (the pools' batch stride is 0)
+        rows = tl.load(slots_row + offs_n * stride_sn, mask=in_range, other=0).to(tl.int64)
+    else:
+        rows = offs_n.to(tl.int64)
+    # Invisible keys are not loaded (zeros instead), so empty slots cost no bandwidth and their garbage
+    # (even NaN) cannot leak in through 0 * NaN.
+    kv_mask = visible[:, None] & d_mask[None, :]
+    k = tl.load(k_row + rows[:, None] * stride_kn, mask=kv_mask, other=0.0)
+    v = tl.load(v_row + rows[:, None] * stride_vn, mask=kv_mask, other=0.0)
+    s = _dot(q, tl.trans(k), INTERPRET)  # [G_PAD, BLOCK_N] fp32, scale 1.0
+    s = tl.where(visible[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # While a head has seen no visible key m stays -inf; subtract 0 instead so exp gives 0, not NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)  # rescales the old state to the new max
+    p = tl.exp(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    # p is rounded to V's dtype for the tensor-core product (as flash attention does); the sum stays fp32.
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, INTERPRET)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _split_kernel(q_ptr, k_ptr, v_ptr, kpos_ptr, qpos_ptr, slots_ptr, nkeys_ptr, part_ptr, lse_ptr,
+                  stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                  stride_pb, stride_pn, stride_sb, stride_sn,
+                  num_kv_heads, num_candidates, head_dim, window,
+                  GROUPS: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  NUM_SPLITS: tl.constexpr, PAGED: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                  HAS_NUM_KEYS: tl.constexpr, INTERPRET: tl.constexpr):
+    pid, split = tl.program_id(0), tl.program_id(1)
+    b, hk = (pid // num_kv_heads).to(tl.int64), (pid % num_kv_heads).to(tl.int64)  # int64: pools can be huge
+    offs_g, offs_d = tl.arange(0, G_PAD), tl.arange(0, BLOCK_D)
+    heads = hk * GROUPS + offs_g  # query heads of this kv head (rows >= GROUPS are padding for tl.dot)
+    g_mask, d_mask = offs_g < GROUPS, offs_d < head_dim
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    qpos = tl.load(qpos_ptr + b)
+
+    # This split's share of the row's candidates [0, n), in whole blocks; n is read here, never on the host.
+    n = num_candidates
+    if HAS_NUM_KEYS:
+        n = tl.minimum(tl.load(nkeys_ptr + b).to(tl.int32), n)
+    per_split = tl.cdiv(tl.cdiv(n, BLOCK_N), NUM_SPLITS) * BLOCK_N
+    start = split * per_split
+    end = tl.minimum(start + per_split, n)
+
+    # Online softmax state per query head: running max m, running sum l of exp(s - m), acc = sum exp(s - m) v.
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+    k_row = k_ptr + b * stride_kb + hk * stride_kh + offs_d[None, :]
+    v_row = v_ptr + b * stride_vb + hk * stride_vh + offs_d[None, :]
+    kpos_row, slots_row = kpos_ptr + b * stride_pb, slots_ptr + b * stride_sb
+    if INTERPRET:  # the interpreter (with numpy 2) cannot take a tensor as a range() bound
+        block = start
+        while block < end:
+            m_i, l_i, acc = _attend_block(block, end, m_i, l_i, acc, q, qpos, window, kpos_row, stride_pn,
+                                          slots_row, stride_sn, k_row, stride_kn, v_row, stride_vn, d_mask,
+                                          BLOCK_N, PAGED, HAS_WINDOW, INTERPRET)
+            block += BLOCK_N
+    else:  # a for loop is software-pipelined: the next block's K/V loads overlap this block's math
+        for block in range(start, end, BLOCK_N):
+            m_i, l_i, acc = _attend_block(block, end, m_i, l_i, acc, q, qpos, window, kpos_row, stride_pn,
+                                          slots_row, stride_sn, k_row, stride_kn, v_row, stride_vn, d_mask,
+                                          BLOCK_N, PAGED, HAS_WINDOW, INTERPRET)
+
+    # Partial output normalised by its own sum, with lse = m + log(l); a split that saw nothing has lse = -inf.
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
+    row = (b * num_kv_heads * GROUPS + heads) * NUM_SPLITS + split  # part [B, H, splits, D], lse [B, H, splits]
+    tl.store(part_ptr + row[:, None] * head_dim + offs_d[None, :], out, mask=g_mask[:, None] & d_mask[None, :])
+    tl.store(lse_ptr + row, lse, mask=g_mask)
+
+
+@triton.jit
+def _combine_kernel(part_ptr, lse_ptr, out_ptr, head_dim,
+                    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)  # one (row, query head)
+    offs_s, offs_d = tl.arange(0, SPLITS_PAD), tl.arange(0, BLOCK_D)
+    s_mask, d_mask = offs_s < NUM_SPLITS, offs_d < head_dim
+    lse = tl.load(lse_ptr + pid * NUM_SPLITS + offs_s, mask=s_mask, other=float("-inf"))
+    # out = sum_i exp(lse_i) o_i / sum_i exp(lse_i), shifted by the max lse; a row that saw no key at all has every
+    # weight 0 and gets 0 (where the reference, an all-False mask row, would give NaN).
+    m = tl.max(lse, 0)
+    weight = tl.exp(lse - tl.where(m == float("-inf"), 0.0, m))
+    part = tl.load(part_ptr + (pid * NUM_SPLITS + offs_s[:, None]) * head_dim + offs_d[None, :],
+                   mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+    total = tl.sum(weight, 0)
+    out = tl.sum(weight[:, None] * part, 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + pid * head_dim + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the CPU interpreter runs programs one by one: a few splits suffice to exercise the merge
+
+
+def _block_n(head_dim: int, itemsize: int) -> int:
+    """Keys per block: a [BLOCK_N, D] tile of K (and one of V) of at most 32 KiB, so three pipeline stages of both
+    fit in shared memory: 64 at D = 256 and 32 at D = 512 in bf16; between 16 and 64."""
+    block_n = 64
+    while block_n > 16 and block_n * head_dim * itemsize > 32768:
+        block_n //= 2
+    return block_n
+
+
+def _num_splits(programs: int, candidates: int, block_n: int, device: torch.device) -> int:
+    """From shapes only: about two programs per SM in all, never more splits than blocks of keys, at most 64."""
+    want = triton.cdiv(2 * _sm_count(device), programs)
+    return max(1, min(want, triton.cdiv(candidates, block_n), MAX_SPLITS))
+
+
+def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_positions: torch.Tensor,
+                     query_positions: torch.Tensor, window: int | None = None, slots: torch.Tensor | None = None,
+                     num_keys: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
+    """One query token per row -> [B, H, D] in query's dtype (scale 1.0, as `attend`).
+
+    query [B, H, D]; key/value [B, Hkv, S_buf, D] (candidate j = key[b, :, j]), or with `slots` [B, S] pools
+    [Hkv, N, D] (candidate j = pool[:, slots[b, j]]). key_positions [B, S] (-1 = empty), query_positions [B].
+    H = G * Hkv, query head h reads kv head h // G. num_keys [B] (on the device): only candidates
+    [0, num_keys[b]) of row b are read. num_splits overrides the shape-based split count (tuning, tests).
+    A row that sees no key gets zeros."""
+    batch, num_heads, head_dim = query.shape
+    num_kv_heads = key.shape[-3]
+    candidates = key_positions.shape[1]
+    groups = num_heads // num_kv_heads
+    assert groups * num_kv_heads == num_heads, "query heads must be a multiple of kv heads"
+    assert query.dtype == key.dtype == value.dtype, "query, key and value must share a dtype"
+    assert query.stride(-1) == 1 and key.stride(-1) == 1 and value.stride(-1) == 1, "last dim must be contiguous"
+    if slots is None:
+        assert key.dim() == 4 and value.dim() == 4 and key.shape[0] == batch and key.shape[2] >= candidates
+        kb, kh, kn = key.stride(0), key.stride(1), key.stride(2)
+        vb, vh, vn = value.stride(0), value.stride(1), value.stride(2)
+        sb = sn = 0
+    else:
+        assert key.dim() == 3 and value.dim() == 3 and slots.shape == key_positions.shape
+        kb, kh, kn = 0, key.stride(0), key.stride(1)
+        vb, vh, vn = 0, value.stride(0), value.stride(1)
+        sb, sn = slots.stride(0), slots.stride(1)
+
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_n = _block_n(block_d, key.element_size())
+    splits = num_splits or _num_splits(batch * num_kv_heads, candidates, block_n, query.device)
+    part = torch.empty(batch, num_heads, splits, head_dim, dtype=torch.float32, device=query.device)
+    lse = torch.empty(batch, num_heads, splits, dtype=torch.float32, device=query.device)
+    out = torch.empty(batch, num_heads, head_dim, dtype=query.dtype, device=query.device)
+    _split_kernel[(batch * num_kv_heads, splits)](
+        query, key, value, key_positions, query_positions, slots if slots is not None else key_positions,
+        num_keys if num_keys is not None else query_positions, part, lse,
+        query.stride(0), query.stride(1), kb, kh, kn, vb, vh, vn,
+        key_positions.stride(0), key_positions.stride(1), sb, sn,
+        num_kv_heads, candidates, head_dim, window if window is not None else 0,
+        GROUPS=groups, G_PAD=max(16, triton.next_power_of_2(groups)), BLOCK_N=block_n, BLOCK_D=block_d,
+        NUM_SPLITS=splits, PAGED=slots is not None, HAS_WINDOW=window is not None,
+        HAS_NUM_KEYS=num_keys is not None, INTERPRET=not query.is_cuda,
+        num_warps=4, num_stages=3)
+    _combine_kernel[(batch * num_heads,)](part, lse, out, head_dim, NUM_SPLITS=splits,
+                                          SPLITS_PAD=triton.next_power_of_2(splits), BLOCK_D=block_d)
+    return out

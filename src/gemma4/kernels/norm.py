@@ -1,0 +1,162 @@
+"""Fused RMSNorm kernels: plain, residual add (+ layer scalar, + the next layer's input norm), and q/k/v norm + RoPE.
+
+Each reproduces the rounding of its eager PyTorch twin (`RMSNorm.forward`, `apply_rope`, the residual adds of
+`DecoderLayer.forward`): statistics and products in fp32, and a rounding to the model dtype wherever the eager code
+materializes a tensor. bf16 results therefore equal the reference except where the different fp32 summation order of
+mean(x^2) moves a value across a bf16 rounding boundary (rare, one ulp).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .rounding import round_to
+
+
+@triton.jit
+def _store(ptrs, x, mask):
+    dtype = ptrs.dtype.element_ty
+    tl.store(ptrs, round_to(x, dtype).to(dtype), mask=mask)  # the value is exact in dtype: the cast cannot round
+
+
+@triton.jit
+def _rstd(sum_sq, D, eps):
+    # (mean(h^2) + eps)^-0.5 with a correctly rounded sqrt, as torch's pow(-0.5) on the CPU.
+    return 1.0 / tl.sqrt_rn(sum_sq / D + eps)
+
+
+@triton.jit
+def _normalize(h, w_ptr, offs, mask, D, eps, HAS_WEIGHT: tl.constexpr):
+    # RMSNorm.forward on an fp32 row: normalize, then scale by the weight, both before any rounding.
+    h = h * _rstd(tl.sum(h * h, axis=0), D, eps)
+    if HAS_WEIGHT:
+        h = h * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return h
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, x_stride, D, eps, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < D
+    h = tl.load(x_ptr + row * x_stride + offs, mask=mask, other=0.0).to(tl.float32)
+    _store(out_ptr + row * D + offs, _normalize(h, w_ptr, offs, mask, D, eps, HAS_WEIGHT), mask)
+
+
+@triton.jit
+def _residual_rms_norm_kernel(res_ptr, x_ptr, w_ptr, scalar_ptr, next_w_ptr, out_ptr, next_out_ptr,
+                              res_stride, x_stride, D, eps, next_eps, HAS_WEIGHT: tl.constexpr,
+                              HAS_SCALAR: tl.constexpr, HAS_NEXT: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < D
+    dtype = out_ptr.dtype.element_ty
+    # As the eager ops: the norm's output is a tensor of the model dtype, then the add and the scaling each round.
+    h = tl.load(x_ptr + row * x_stride + offs, mask=mask, other=0.0).to(tl.float32)
+    normed = round_to(_normalize(h, w_ptr, offs, mask, D, eps, HAS_WEIGHT), dtype)
+    residual = tl.load(res_ptr + row * res_stride + offs, mask=mask, other=0.0).to(tl.float32)
+    new = round_to(residual + normed, dtype)
+    if HAS_SCALAR:
+        new = round_to(new * tl.load(scalar_ptr).to(tl.float32), dtype)
+    _store(out_ptr + row * D + offs, new, mask)
+    if HAS_NEXT:
+        _store(next_out_ptr + row * D + offs, _normalize(new, next_w_ptr, offs, mask, D, next_eps, True), mask)
+
+
+@triton.jit
+def _qk_norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, H, L, x_sb, x_sl, x_sh, c_sb, c_sl, D, eps,
+                         HAS_WEIGHT: tl.constexpr, HAS_ROPE: tl.constexpr, HALF_BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)  # one program per (b, l, h) row, h fastest
+    head, pos, batch = pid % H, (pid // H) % L, pid // (H * L)
+    dtype = out_ptr.dtype.element_ty
+    # The row as its two halves: the pairs (i, i + D/2) of rotate-half RoPE.
+    half = D // 2
+    offs = tl.arange(0, HALF_BLOCK)
+    mask = offs < half
+    x_row = x_ptr + batch * x_sb + pos * x_sl + head * x_sh
+    x1 = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_row + half + offs, mask=mask, other=0.0).to(tl.float32)
+    rstd = _rstd(tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0), D, eps)
+    n1, n2 = x1 * rstd, x2 * rstd
+    if HAS_WEIGHT:
+        n1 *= tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        n2 *= tl.load(w_ptr + half + offs, mask=mask, other=0.0).to(tl.float32)
+    n1, n2 = round_to(n1, dtype), round_to(n2, dtype)
+    if HAS_ROPE:
+        # apply_rope in the model dtype: x*cos + rotate_half(x)*sin, each product rounded, then the sum.
+        c_row = batch * c_sb + pos * c_sl
+        c1 = tl.load(cos_ptr + c_row + offs, mask=mask, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_ptr + c_row + half + offs, mask=mask, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_ptr + c_row + offs, mask=mask, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_ptr + c_row + half + offs, mask=mask, other=0.0).to(tl.float32)
+        n1, n2 = (round_to(n1 * c1, dtype) + round_to(-n2 * s1, dtype),
+                  round_to(n2 * c2, dtype) + round_to(n1 * s2, dtype))
+    out_row = out_ptr + ((batch * H + head) * L + pos) * D  # [B, H, L, D], contiguous
+    _store(out_row + offs, n1, mask)
+    _store(out_row + half + offs, n2, mask)
+
+
+def _warps(block: int) -> int:
+    return min(8, max(1, block // 256))
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, D] with unit stride along D (a view where possible)."""
+    x = x.reshape(-1, x.shape[-1])
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm.forward over the last dim of x (weight None: the weightless norm); same dtype and shape as x."""
+    rows, D = _rows(x), x.shape[-1]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    block = triton.next_power_of_2(D)
+    _rms_norm_kernel[(rows.shape[0],)](rows, weight if weight is not None else rows, out, rows.stride(0), D, eps,
+                                       HAS_WEIGHT=weight is not None, BLOCK=block, num_warps=_warps(block))
+    return out
+
+
+def residual_rms_norm(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, eps: float,
+                      scalar: torch.Tensor | None = None, next_weight: torch.Tensor | None = None,
+                      next_eps: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """new = residual + rms_norm(x, weight), then new * scalar (a 1-element tensor, read on the device) if given.
+
+    Returns (new, rms_norm(new, next_weight, next_eps) if next_weight is given else None), rounded to the residual's
+    dtype at the same points as the eager ops, in one launch."""
+    res_rows, x_rows, D = _rows(residual), _rows(x), residual.shape[-1]
+    out = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
+    next_out = torch.empty_like(out) if next_weight is not None else None
+    block = triton.next_power_of_2(D)
+    _residual_rms_norm_kernel[(res_rows.shape[0],)](
+        res_rows, x_rows, weight if weight is not None else x_rows, scalar if scalar is not None else x_rows,
+        next_weight if next_weight is not None else x_rows, out, next_out if next_out is not None else out,
+        res_rows.stride(0), x_rows.stride(0), D, eps, eps if next_eps is None else next_eps,
+        HAS_WEIGHT=weight is not None, HAS_SCALAR=scalar is not None, HAS_NEXT=next_weight is not None,
+        BLOCK=block, num_warps=_warps(block))
+    return out, next_out
+
+
+def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor | None = None,
+                 sin: torch.Tensor | None = None) -> torch.Tensor:
+    """apply_rope(rms_norm(x, weight), cos, sin).transpose(1, 2) as a new contiguous [B, H, L, D] tensor.
+
+    x: [B, L, H, D], any strides but unit stride along D (e.g. a view of a projection's output). cos/sin: [B, L, 1, D]
+    or [B, L, D] from rope_cos_sin (a batch of 1 broadcasts); None skips RoPE (the v_norm)."""
+    B, L, H, D = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = torch.empty(B, H, L, D, dtype=x.dtype, device=x.device)
+    if cos is not None:
+        cos, sin = (t.reshape(t.shape[0], L, D).expand(B, L, D) for t in (cos, sin))
+        cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (cos, sin))
+        assert cos.stride() == sin.stride(), "cos and sin must share a layout"
+    half_block = triton.next_power_of_2(D // 2)
+    _qk_norm_rope_kernel[(B * L * H,)](
+        x, weight if weight is not None else x, cos if cos is not None else x, sin if sin is not None else x, out,
+        H, L, x.stride(0), x.stride(1), x.stride(2), cos.stride(0) if cos is not None else 0,
+        cos.stride(1) if cos is not None else 0, D, eps,
+        HAS_WEIGHT=weight is not None, HAS_ROPE=cos is not None, HALF_BLOCK=half_block,
+        num_warps=_warps(half_block))
+    return out

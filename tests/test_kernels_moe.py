@@ -1,0 +1,143 @@
+"""The Triton MoE decode kernels (gemma4.kernels.moe) equal the torch expert paths of `Experts`.
+
+Without a GPU they run in Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1 before Triton is imported)."""
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+import triton.language as tl  # noqa: E402
+
+from gemma4.config import TextConfig  # noqa: E402
+from gemma4.kernels import moe  # noqa: E402
+from gemma4.kernels.moe import moe_experts  # noqa: E402
+from gemma4.kernels.rounding import round_to  # noqa: E402
+from gemma4.model.text import Experts  # noqa: E402
+from reference import FAMILIES  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_experts(hidden=64, width=32, num_experts=8, activation="gelu_pytorch_tanh", dtype=torch.float32, seed=0):
+    data = dict(FAMILIES["26B-A4B"], hidden_size=hidden, moe_intermediate_size=width, num_experts=num_experts,
+                hidden_activation=activation)
+    data.pop("model_type")
+    module = Experts(TextConfig.from_dict(data))
+    torch.manual_seed(seed)
+    with torch.no_grad():  # fan-in scaled: outputs of order 1, so absolute tolerances mean something
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * p.shape[-1] ** -0.5)
+    return module.to(DEVICE, dtype)
+
+
+def routing(tokens, k, num_experts, seed=0):
+    """Router-like routing: k distinct experts per token, fp32 weights."""
+    g = torch.Generator().manual_seed(seed)
+    experts = torch.rand(tokens, num_experts, generator=g).argsort(dim=-1)[:, :k]
+    weights = torch.rand(tokens, k, generator=g) + 0.1
+    return weights.to(DEVICE), experts.to(DEVICE)
+
+
+def run(module, x, weights, experts, activation="gelu_pytorch_tanh"):
+    return moe_experts(x, weights, experts, module.gate_up_proj, module.down_proj, activation)
+
+
+def build(tokens, k, dtype=torch.float32, **kwargs):
+    module = make_experts(dtype=dtype, **kwargs)
+    torch.manual_seed(tokens)
+    x = torch.randn(tokens, module.down_proj.shape[1], device=DEVICE).to(dtype)
+    return module, x, *routing(tokens, k, module.down_proj.shape[0], seed=tokens)
+
+
+@pytest.mark.parametrize("activation", ["gelu_pytorch_tanh", "silu"])
+@pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+def test_fp32_equals_torch_paths(tokens, k, activation):
+    module, x, weights, experts = build(tokens, k, activation=activation)
+    with torch.no_grad():
+        out = run(module, x, weights, experts, activation)
+        assert out.dtype == x.dtype and out.shape == x.shape
+        torch.testing.assert_close(out, module.forward_loop(x, weights, experts), rtol=0, atol=1e-5)
+        torch.testing.assert_close(out, module.forward_gathered(x, weights, experts), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_non_power_of_two_sides(tokens, monkeypatch):
+    """Masked rows and columns in both kernels, and several steps of each loop over columns (with a ragged tail)."""
+    for name, value in dict(GU_BLOCK_W=16, GU_BLOCK_H=32, DOWN_BLOCK_H=32, DOWN_BLOCK_W=16).items():
+        monkeypatch.setattr(moe, name, value)
+    module, x, weights, experts = build(tokens, 3, hidden=48, width=24)
+    with torch.no_grad():
+        torch.testing.assert_close(run(module, x, weights, experts), module.forward_loop(x, weights, experts),
+                                   rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [1, 8])
+def test_bf16_equals_gathered(tokens):
+    module, x, weights, experts = build(tokens, 4, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = run(module, x, weights, experts)
+        ref = module.forward_gathered(x, weights, experts)
+    assert out.dtype == torch.bfloat16
+    # Same rounding points as the bmm path; only the fp32 summation order differs, which can flip a rounded
+    # intermediate (gate, up, h, y) by one bf16 ulp (2^-8 relative) and so the output by a few ulps of its
+    # magnitude (~1 here). Most elements agree exactly.
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2**-7, atol=2**-6)
+    assert (out == ref).float().mean() > 0.9
+
+
+def test_bf16_rounding_is_round_to_nearest_even():
+    """The kernels round fp32 -> bf16 by hand (the interpreter's cast truncates): same bits as torch, ties included."""
+    ties = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 3.3895e38, float("inf"), float("nan"), 0.0, -0.0])
+    src = torch.cat([torch.randn(248) * 10.0 ** torch.randint(-30, 30, (248,)), ties]).to(DEVICE)
+    dst = torch.empty_like(src)
+    _round_bf16_kernel[(1,)](src, dst, src.numel())
+    torch.testing.assert_close(dst, src.bfloat16().float(), rtol=0, atol=0, equal_nan=True)
+
+
+@triton.jit
+def _round_bf16_kernel(src, dst, N: tl.constexpr):
+    tl.store(dst + tl.arange(0, N), round_to(tl.load(src + tl.arange(0, N)), tl.bfloat16))
+
+
+def test_repeated_experts():
+    """Every token on the same experts, and one token choosing an expert twice: each pair is independent."""
+    module, x, weights, _ = build(5, 3)
+    experts = torch.tensor([[2, 5, 7]] * 4 + [[5, 5, 1]], device=DEVICE)
+    with torch.no_grad():
+        out = run(module, x, weights, experts)
+        torch.testing.assert_close(out, module.forward_gathered(x, weights, experts), rtol=0, atol=1e-5)
+        torch.testing.assert_close(out, module.forward_loop(x, weights, experts), rtol=0, atol=1e-5)
+
+
+def test_routing_matters():
+    """The kernels follow the expert ids they are given: other ids, other output, equal to torch's for those."""
+    module, x, weights, experts = build(3, 2)
+    wrong = (experts + 1) % module.down_proj.shape[0]
+    with torch.no_grad():
+        right_out, wrong_out = run(module, x, weights, experts), run(module, x, weights, wrong)
+        swapped_out = run(module, x, weights, experts.flip(1))  # same experts, weights on the other one
+        assert (right_out - wrong_out).abs().max() > 1e-2
+        assert (right_out - swapped_out).abs().max() > 1e-2
+        torch.testing.assert_close(wrong_out, module.forward_loop(x, weights, wrong), rtol=0, atol=1e-5)
+
+
+def test_unsupported_activation():
+    module, x, weights, experts = build(1, 2)
+    with pytest.raises(ValueError, match="unsupported activation"):
+        moe_experts(x, weights, experts, module.gate_up_proj, module.down_proj, "relu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_capture():
+    module, x, weights, experts = build(2, 4, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = run(module, x, weights, experts)  # also compiles the kernels before capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = run(module, x, weights, experts)
+        experts.copy_(experts.flip(1))  # new routing, replayed without recapture
+        graph.replay()
+        torch.testing.assert_close(out, run(module, x, weights, experts), rtol=0, atol=0)
+        assert not torch.equal(out, expected)

@@ -1,0 +1,173 @@
+"""The fused norm kernels of gemma4.kernels.norm against their eager PyTorch twins.
+
+Without a GPU they run on CPU tensors through Triton's interpreter (conftest sets TRITON_INTERPRET=1)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from gemma4.kernels.norm import qk_norm_rope, residual_rms_norm, rms_norm  # noqa: E402
+from gemma4.model.common import RMSNorm  # noqa: E402
+from gemma4.model.text import apply_rope, rope_cos_sin, rope_inverse_frequencies  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+EPS = 1e-6
+DTYPES = [torch.float32, torch.bfloat16]
+ROPES = {
+    "default": {"rope_type": "default", "rope_theta": 10_000.0},
+    "proportional": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6},
+}
+
+
+@pytest.fixture(autouse=True)
+def eager_reference(monkeypatch):
+    """The references are the eager ops, also on CUDA, where RMSNorm.forward would otherwise take these kernels."""
+    monkeypatch.setenv("GEMMA4_KERNELS", "0")
+
+
+def assert_matches(out: torch.Tensor, ref: torch.Tensor):
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    if out.dtype == torch.float32:
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        return
+    # The kernels round at the same points as the eager ops, so bf16 results are equal, except where their fp32 sum
+    # of squares (another summation order, results a few fp32 ulps apart) puts a value on the other side of a bf16
+    # rounding boundary: allow that on at most 1% of the elements, by one bf16 ulp of the largest magnitude.
+    diff = (out.float() - ref.float()).abs()
+    assert (diff > 0).float().mean() <= 0.01, f"{int((diff > 0).sum())} of {diff.numel()} elements differ"
+    assert diff.max() <= 2.0**-7 * ref.float().abs().max()
+
+
+def randn(*shape, dtype, scale=1.0, offset=0.0):
+    return (torch.randn(*shape) * scale + offset).to(device=DEVICE, dtype=dtype)
+
+
+def norm(dim: int, weight: torch.Tensor | None, eps: float = EPS) -> RMSNorm:
+    module = RMSNorm(dim, eps, with_scale=weight is not None).to(DEVICE)
+    if weight is not None:
+        module.weight.data = weight  # in the model dtype, as loaded from a checkpoint
+    return module
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", [16, 32, 48, 256])
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_rms_norm(dtype, dim, with_weight):
+    torch.manual_seed(dim)
+    x = randn(2, 3, dim + 8, dtype=dtype, scale=3.0)[..., :dim]  # leading dims and a row stride other than dim
+    weight = randn(dim, dtype=dtype, scale=0.5, offset=1.0) if with_weight else None
+    out = rms_norm(x, weight, EPS)
+    assert out.shape == x.shape
+    assert_matches(out, norm(dim, weight)(x))
+
+
+def test_eps_where_it_matters():
+    """Inputs whose mean square is of the order of eps; the next norm has an eps of its own."""
+    torch.manual_seed(2)
+    x = randn(4, 48, dtype=torch.float32, scale=1e-3)
+    assert_matches(rms_norm(x, None, EPS), norm(48, None)(x))
+    assert_matches(qk_norm_rope(x.view(1, 2, 2, 48), None, EPS), eager_qk(x.view(1, 2, 2, 48), None, None, None))
+    residual, weight = randn(4, 48, dtype=torch.float32, scale=1e-3), randn(48, dtype=torch.float32, scale=1e-3)
+    new, next_normed = residual_rms_norm(residual, x, weight, EPS, next_weight=weight, next_eps=1e-4)
+    ref_new, ref_next = eager_residual(residual, x, weight, None, weight, 1e-4)
+    assert_matches(new, ref_new)
+    assert_matches(next_normed, ref_next)
+
+
+def eager_residual(residual, x, weight, scalar, next_weight, next_eps):
+    """The DecoderLayer sequence the kernel fuses: x + post_norm(y), times layer_scalar, the next input_norm."""
+    new = residual + norm(x.shape[-1], weight)(x)
+    if scalar is not None:
+        new = new * scalar
+    return new, (norm(x.shape[-1], next_weight, next_eps)(new) if next_weight is not None else None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", [48, 256])
+@pytest.mark.parametrize("with_scalar", [True, False])
+@pytest.mark.parametrize("with_next", [True, False])
+def test_residual_rms_norm(dtype, dim, with_scalar, with_next):
+    torch.manual_seed(dim)
+    residual = randn(2, 4, dim, dtype=dtype, scale=8.0)
+    x = randn(2, 4, dim, dtype=dtype, scale=2.0)
+    weight = randn(dim, dtype=dtype, scale=0.5, offset=1.0)
+    scalar = torch.tensor([0.37], device=DEVICE, dtype=dtype) if with_scalar else None
+    next_weight = randn(dim, dtype=dtype, scale=0.5, offset=1.0) if with_next else None
+    new, next_normed = residual_rms_norm(residual, x, weight, EPS, scalar, next_weight, 1e-5)
+    ref_new, ref_next = eager_residual(residual, x, weight, scalar, next_weight, 1e-5)
+    assert_matches(new, ref_new)
+    if with_next:
+        assert_matches(next_normed, ref_next)
+    else:
+        assert next_normed is None
+
+
+def test_residual_rms_norm_weightless():
+    residual, x = randn(3, 32, dtype=torch.bfloat16, scale=4.0), randn(3, 32, dtype=torch.bfloat16)
+    new, _ = residual_rms_norm(residual, x, None, EPS)
+    assert_matches(new, eager_residual(residual, x, None, None, None, None)[0])
+
+
+def test_residual_rms_norm_checks_what_it_claims():
+    """The comparison is sharp enough to see a missing scalar or a rounding point left out."""
+    torch.manual_seed(0)
+    dtype, dim = torch.bfloat16, 256
+    residual, x = randn(8, dim, dtype=dtype, scale=8.0), randn(8, dim, dtype=dtype, scale=2.0)
+    weight = randn(dim, dtype=dtype, scale=0.5, offset=1.0)
+    scalar = torch.tensor([0.37], device=DEVICE, dtype=dtype)
+    new, _ = residual_rms_norm(residual, x, weight, EPS, scalar)
+    assert not torch.equal(new, eager_residual(residual, x, weight, None, None, None)[0])
+    # The norm's output rounded to bf16 before the add, as eager does: skipping that rounding changes results.
+    unrounded = norm(dim, weight.float())(x.float())
+    assert not torch.equal(new, ((residual.float() + unrounded).to(dtype) * scalar))
+    assert torch.equal(new, eager_residual(residual, x, weight, scalar, None, None)[0])
+
+
+def eager_qk(x, weight, cos, sin):
+    """Attention.forward's path: q/k_norm, RoPE, then [B, L, H, D] -> [B, H, L, D]."""
+    normed = norm(x.shape[-1], weight)(x)
+    return (apply_rope(normed, cos, sin) if cos is not None else normed).transpose(1, 2)
+
+
+def left_padded_rope(batch, length, dim, rope, dtype, pads):
+    """cos/sin [B, L, 1, D] for a left-padded batch: row b starts at position 0 after pads[b] pad tokens."""
+    pads = torch.tensor(pads)[:, None]
+    positions = (torch.arange(length)[None, :] - pads).clamp(min=0).expand(batch, length)
+    cos, sin = rope_cos_sin(positions, rope_inverse_frequencies(dim, ROPES[rope]), dtype)
+    return cos.to(DEVICE), sin.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", [16, 48, 256])
+@pytest.mark.parametrize("rope", ["default", "proportional", None])
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_qk_norm_rope(dtype, dim, rope, with_weight):
+    torch.manual_seed(dim)
+    batch, length, heads = 2, 3, 2
+    # A view of one slice of a fused projection's output: rows of D are contiguous, the other strides are not.
+    projection = randn(batch, length, 3 * heads * dim, dtype=dtype, scale=3.0)
+    x = projection[..., heads * dim:2 * heads * dim].view(batch, length, heads, dim)
+    weight = randn(dim, dtype=dtype, scale=0.5, offset=1.0) if with_weight else None
+    cos = sin = None
+    if rope is not None:
+        cos, sin = left_padded_rope(batch, length, dim, rope, dtype, pads=[2, 0])
+    out = qk_norm_rope(x, weight, EPS, cos, sin)
+    assert out.is_contiguous()
+    assert_matches(out, eager_qk(x, weight, cos, sin))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_qk_norm_rope_decode_global_layer(dtype):
+    """A decode step (L=1) of a 512-wide global head, cos/sin given as [B, L, D] and for one batch row only."""
+    torch.manual_seed(1)
+    batch, heads, dim = 3, 2, 512
+    x = randn(batch, 1, heads, dim, dtype=dtype, scale=3.0)
+    weight = randn(dim, dtype=dtype, scale=0.5, offset=1.0)
+    cos, sin = rope_cos_sin(torch.tensor([[7]]), rope_inverse_frequencies(dim, ROPES["proportional"]), dtype)
+    cos, sin = cos[:, :, 0].to(DEVICE), sin[:, :, 0].to(DEVICE)  # [1, 1, D]: broadcast over the batch
+    out = qk_norm_rope(x, weight, EPS, cos, sin)
+    assert_matches(out, eager_qk(x, weight, cos[:, :, None], sin[:, :, None]))
+    assert not torch.equal(out, qk_norm_rope(x, weight, EPS))  # the rotation did something
