@@ -115,3 +115,29 @@ def test_compiled_graph_greedy_equals_eager_fp32(checkpoint, monkeypatch):
     eager = model.generate(ids, decode="static", **kwargs)
     monkeypatch.setenv("GEMMA4_COMPILE", "1")
     assert torch.equal(eager, model.generate(ids, decode="graph", **kwargs))
+
+
+def test_serving_engine_graph_decode_equals_eager(checkpoint, monkeypatch):
+    """The serving engine's decode steps replayed from CUDA graphs (padded batch buckets, in-place paged
+    attention) give the eager engine's greedy tokens, while rows finish at different lengths (buckets shrink).
+    In fp32: the decode kernel's split count follows the shapes (padded batch, block-table width), so in bf16 the
+    two paths round differently and a tiny random model's greedy tokens may part."""
+    dtype = torch.float32
+    from gemma4.engine.engine import LLMEngine
+    from gemma4.engine.sampling import SamplingParams
+
+    model = Model.from_pretrained(checkpoint, dtype=dtype, device="cuda")
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (5, 17, 9, 1, 30)]
+    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in (STEPS, 7, 23, 12, 3)]
+
+    def serve():
+        engine = LLMEngine(model, max_num_seqs=5, max_model_len=96, max_num_batched_tokens=16)
+        return engine.generate(prompts, params), engine.runner.graphs
+
+    graphed, graphs = serve()
+    assert graphs is not None and graphs.usable and len(graphs.graphs) >= 3
+    monkeypatch.setenv("GEMMA4_EAGER", "1")
+    eager, no_graphs = serve()
+    assert no_graphs is None
+    assert graphed == eager

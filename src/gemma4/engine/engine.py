@@ -29,7 +29,7 @@ class LLMEngine:
         num_blocks = max(num_blocks or min_blocks * max_num_seqs, min_blocks)
         self.blocks = BlockManager(text, num_blocks, block_size, max_num_seqs, model.dtype, model.device)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max(max_num_batched_tokens, 1))
-        self.runner = ModelRunner(model, self.blocks)
+        self.runner = ModelRunner(model, self.blocks, self.max_model_len)
         default = getattr(model, "generation_config", {}).get("eos_token_id", list(GEMMA4_STOP_IDS))
         self.stop_token_ids = list(stop_token_ids if stop_token_ids is not None else
                                    [default] if isinstance(default, int) else default)

@@ -1,30 +1,66 @@
 """ModelRunner: turns a scheduled step into one forward (left-padded chunks, explicit positions, the paged cache
 view) and samples the rows whose chunk reached the end of their known tokens. Image/audio soft tokens, computed
-once per request (`Sequence.media`), go in as `media_embeds` for the prompt positions each chunk covers."""
+once per request (`Sequence.media`), go in as `media_embeds` for the prompt positions each chunk covers.
+
+Sampling stays on the model's device: the rows that `batchable` accepts are sampled together (`sample_batch`; greedy
+rows take the argmax) and only their token ids come back to the host; the others (penalties, logprobs, min_tokens
+holding back a stop) go through `sample_token` one by one, on the device too.
+
+On CUDA (with the Triton kernels), steps where every row decodes one token replay a CUDA graph captured for the
+batch size rounded up to a bucket (`GraphedDecode`): the paged view, the forward and the logits all run from static
+buffers, the padding rows writing only to the trash slots."""
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 
+from .. import kernels
 from ..model.paged_cache import PagedCacheView
 from .block_manager import BlockManager
-from .sampling import sample_token
+from .sampling import batchable, sample_batch, sample_token
 from .scheduler import Scheduled
 
 
 class ModelRunner:
-    def __init__(self, model, blocks: BlockManager):
+    def __init__(self, model, blocks: BlockManager, max_model_len: int | None = None):
         self.model, self.blocks = model, blocks
         self.device = model.device
+        eager = os.environ.get("GEMMA4_EAGER", "0") not in ("", "0")
+        use_graphs = self.device.type == "cuda" and kernels.enabled(torch.empty(0, device=self.device)) \
+            and max_model_len is not None and not eager
+        self.graphs = GraphedDecode(model, blocks, max_model_len) if use_graphs else None
 
     @torch.no_grad()
     def run(self, batch: list[Scheduled]) -> list[tuple[int, object] | None]:
         """One forward over the batch; returns (token, logprobs) per row that samples, else None."""
-        samples = [item.samples for item in batch]  # decided before the forward advances num_cached
+        sampling = [row for row, item in enumerate(batch) if item.samples]  # before the forward moves num_cached
         logits = self.forward(batch)
-        return [self.sample(item, logits[row]) if s else None for row, (item, s) in enumerate(zip(batch, samples))]
+        results: list[tuple[int, object] | None] = [None] * len(batch)
+        fast = [row for row in sampling if batchable(batch[row].seq.params, len(batch[row].seq.output_ids),
+                                                      batch[row].seq.stop_ids)]
+        if fast:  # together, on the device; only the chosen ids [n] come back to the host (one sync)
+            seqs = [batch[row].seq for row in fast]
+            chosen = sample_batch(logits if len(fast) == len(batch) else logits[fast], [s.params for s in seqs],
+                                  [s.generator_on(logits.device) for s in seqs])
+            for row, token in zip(fast, chosen.tolist()):
+                results[row] = (token, None)
+        for row in sampling:
+            if results[row] is None:  # penalties, logprobs or min_tokens: the full sampler, row by row
+                results[row] = self.sample(batch[row], logits[row])
+        return results
 
     def forward(self, batch: list[Scheduled]) -> torch.Tensor:
+        """The last position's logits of every row [B, V], fp32, left on the model's device."""
+        if self.graphs is not None and self.graphs.usable and len(batch) <= self.graphs.sizes[-1] and \
+                all(item.num_tokens == 1 for item in batch):
+            logits = self.graphs.run([item.seq for item in batch])
+            if logits is not None:
+                for item in batch:
+                    item.seq.num_cached += 1
+                return logits
         width = max(item.num_tokens for item in batch)
         num_blocks = max(max(len(item.seq.block_table) for item in batch), 1)
         ids = torch.zeros(len(batch), width, dtype=torch.long)
@@ -48,7 +84,7 @@ class ModelRunner:
                             last_only=True, **extra)
         for item in batch:
             item.seq.num_cached += item.num_tokens
-        return logits[:, -1].float().cpu()
+        return logits[:, -1].float()
 
     @staticmethod
     def _media_embeds(batch: list[Scheduled], width: int):
@@ -68,5 +104,82 @@ class ModelRunner:
         return None if mask is None else (mask, torch.cat(features))
 
     def sample(self, item: Scheduled, logits: torch.Tensor):
-        seq = item.seq
-        return sample_token(logits, seq.params, seq.prompt_tensor(), seq.output_ids, seq.stop_ids, seq.generator)
+        """One row through the full sampler, where its logits [V] are (the prompt's ids are kept there too)."""
+        seq, device = item.seq, logits.device
+        return sample_token(logits, seq.params, seq.prompt_tensor(device), seq.output_ids, seq.stop_ids,
+                            seq.generator_on(device))
+
+
+class GraphedDecode:
+    """Decode steps (one token per row) replayed from CUDA graphs, one per bucket of batch sizes.
+
+    Inputs live in static buffers sized for the largest bucket; rows past the real batch are padding (invalid, trash
+    block table, no position): they write only to the trash slots and see no key."""
+
+    def __init__(self, model, blocks: BlockManager, max_model_len: int):
+        self.model, self.blocks = model, blocks
+        most = blocks.max_num_seqs
+        self.sizes = sorted({s for s in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256) if s < most} | {most})
+        width = blocks.blocks_for(max_model_len + 1)
+        device = model.device
+        self.ids = torch.zeros(most, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(most, 1, dtype=torch.long, device=device)
+        self.valid = torch.zeros(most, 1, dtype=torch.bool, device=device)
+        self.tables = torch.full((most, width), blocks.trash_block, dtype=torch.long, device=device)
+        self.ring_slots = torch.zeros(most, dtype=torch.long, device=device)
+        self.num_cached = torch.zeros(most, dtype=torch.long, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+        self.usable = True
+
+    def _step(self, size: int) -> torch.Tensor:
+        cache = PagedCacheView(self.blocks, self.tables[:size], self.ring_slots[:size], self.num_cached[:size])
+        logits = self.model(self.ids[:size], attention_mask=self.valid[:size], position_ids=self.positions[:size],
+                            cache=cache, last_only=True)
+        return logits[:, -1].float()
+
+    def _capture(self, size: int) -> None:
+        self.pool = self.pool or torch.cuda.graph_pool_handle()  # one memory pool for every bucket's graph
+        self.valid.zero_()  # warm-up and capture run on padding rows only: nothing but the trash is written
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._step(size)  # compiles the Triton kernels for these shapes
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                logits = self._step(size)
+        except Exception as error:  # noqa: BLE001 - anything the capture trips on: decode eagerly from now on
+            warnings.warn(f"CUDA graph capture of the serving decode step failed ({error}); decoding eagerly")
+            self.usable = False
+            torch.cuda.synchronize()
+            return
+        self.graphs[size] = graph, logits
+
+    def run(self, seqs) -> torch.Tensor | None:
+        """The logits [n, V] of n sequences' next token each (None when capture failed: run them eagerly)."""
+        size = next(s for s in self.sizes if s >= len(seqs))
+        captured = self.model.device.type == "cuda"  # elsewhere (tests): the same padded step, run eagerly
+        if captured and size not in self.graphs:
+            self._capture(size)
+            if not self.usable:
+                return None
+        n, width = len(seqs), self.tables.shape[1]
+        ids = torch.tensor([seq.token_at(seq.num_cached) for seq in seqs] + [0] * (size - n))
+        cached = torch.tensor([seq.num_cached for seq in seqs] + [0] * (size - n))
+        tables = torch.full((size, width), self.blocks.trash_block, dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            tables[row, :len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.long)
+        rings = torch.tensor([seq.ring_slot for seq in seqs] + [0] * (size - n))
+        self.ids[:size, 0].copy_(ids, non_blocking=True)
+        self.positions[:size, 0].copy_(cached, non_blocking=True)
+        self.num_cached[:size].copy_(cached, non_blocking=True)
+        self.valid[:size, 0] = torch.arange(size) < n
+        self.tables[:size].copy_(tables, non_blocking=True)
+        self.ring_slots[:size].copy_(rings, non_blocking=True)
+        if not captured:
+            return self._step(size)[:n]
+        graph, logits = self.graphs[size]
+        graph.replay()
+        return logits[:n]

@@ -172,6 +172,9 @@ def batchable(params: SamplingParams, num_output: int, stop_ids) -> bool:
             and (num_output >= params.min_tokens or not stop_ids or params.ignore_eos))
 
 
+TOP_K_CANDIDATES = 1024  # top-k up to this runs sample_batch on the candidates only
+
+
 def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
                  generators: list[torch.Generator | None]) -> torch.Tensor:
     """The next token of every row [B] (long, on logits' device) from logits [B, V], without leaving the device.
@@ -190,23 +193,36 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
     temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
     scaled = logits / temperature[:, None]
     ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    # With a top-k on every row (Gemma's default is 64), everything after it runs on the max(k) best candidates of
+    # each row, sorted, instead of on the whole vocabulary: the same distribution, without a full-vocab sort.
+    candidates = None
+    if max(ks) <= TOP_K_CANDIDATES:
+        scaled, candidates = scaled.topk(max(ks), dim=-1)  # [B, kmax], descending
+        vocab = scaled.shape[1]
     if min(ks) < vocab:
-        top = scaled.topk(max(ks), dim=-1).values
+        top = scaled if candidates is not None else scaled.topk(max(ks), dim=-1).values
         kth = top.gather(1, torch.tensor(ks, device=device)[:, None] - 1)
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     probs = scaled.softmax(-1)
     if any(p.top_p < 1.0 for p in params):
         top_p = torch.tensor([p.top_p for p in params], device=device)
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        sorted_probs, order = (probs, None) if candidates is not None else probs.sort(dim=-1, descending=True)
         mass_before = sorted_probs.cumsum(-1) - sorted_probs
-        drop = torch.zeros_like(probs, dtype=torch.bool).scatter(1, order, mass_before >= top_p[:, None])
+        drop = mass_before >= top_p[:, None]
+        if order is not None:
+            drop = torch.zeros_like(probs, dtype=torch.bool).scatter(1, order, drop)
         probs = probs.masked_fill(drop, 0.0)
     if any(p.min_p > 0 for p in params):
         min_p = torch.tensor([p.min_p for p in params], device=device)
         probs = probs.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), 0.0)
     probs = probs / probs.sum(-1, keepdim=True)
-    if all(g is None for g in generators):
-        drawn = torch.multinomial(probs, 1)[:, 0]
+    if candidates is None:
+        drawn = torch.multinomial(probs, 1)[:, 0] if all(g is None for g in generators) else \
+            torch.cat([torch.multinomial(probs[b], 1, generator=generators[b]) for b in range(batch)])
     else:
-        drawn = torch.cat([torch.multinomial(probs[b], 1, generator=generators[b]) for b in range(batch)])
+        drawn = candidates.gather(1, torch.multinomial(probs, 1))[:, 0]
+        for b, generator in enumerate(generators):
+            if generator is not None:  # over the whole vocabulary, as any batch would: a seed's draw is its own
+                full = torch.zeros(logits.shape[1], device=device).scatter_(0, candidates[b], probs[b])
+                drawn[b] = torch.multinomial(full, 1, generator=generator)[0]
     return torch.where(greedy, greedy_tokens, drawn)

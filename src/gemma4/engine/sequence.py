@@ -19,7 +19,7 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: identity, not a field-by-field comparison (O(1) `in` checks)
 class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
@@ -31,16 +31,18 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)  # global-layer KV blocks, in position order
     ring_slot: int = -1  # which sliding-window ring this sequence owns (-1: none)
     finish_reason: str | None = None  # "stop" | "length" | "abort"
-    generator: torch.Generator | None = None
+    generator: torch.Generator | None = None  # the seed's generator, made where the logits are (generator_on)
     media: object | None = None  # multimodal.SoftTokens: the prompt's image/audio soft tokens, shared by n choices
     _prompt_tensor: torch.Tensor | None = None
-
-    def __post_init__(self):
-        self.generator = make_generator(self.params.seed, torch.device("cpu"))
 
     @property
     def tokens(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    def token_at(self, index: int) -> int:
+        """tokens[index] without building the whole list."""
+        prompt = len(self.prompt_ids)
+        return self.prompt_ids[index] if index < prompt else self.output_ids[index - prompt]
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
@@ -64,9 +66,17 @@ class Sequence:
                     break
         return max(end - start, 0)
 
-    def prompt_tensor(self) -> torch.Tensor:
+    def generator_on(self, device: torch.device) -> torch.Generator | None:
+        """The seeded generator (None if unseeded), made on `device` (that of the logits it samples) at first use:
+        one generator per sequence, so its draws do not depend on what it is batched with."""
+        if self.generator is None and self.params.seed is not None:
+            self.generator = make_generator(self.params.seed, device)
+        return self.generator
+
+    def prompt_tensor(self, device: torch.device | None = None) -> torch.Tensor:
+        """The prompt's ids, made once on `device` (the penalties read them every step)."""
         if self._prompt_tensor is None:
-            self._prompt_tensor = torch.tensor(self.prompt_ids, dtype=torch.long)
+            self._prompt_tensor = torch.tensor(self.prompt_ids, dtype=torch.long, device=device)
         return self._prompt_tensor
 
 
