@@ -118,6 +118,30 @@ def cmd_demo(args) -> None:
           f"finish_reason={reply['finish_reason']}]", file=sys.stderr)
 
 
+def cmd_bench(args) -> None:
+    import json
+
+    from .bench import BenchSpec, bench, table
+    if args.device == "cuda" and not _cuda():
+        raise ValueError("no CUDA GPU here: gemma4 bench measures on a GPU (--device cpu runs a tiny smoke test)")
+    if args.compare == "transformers":
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            raise ValueError("--compare transformers needs transformers==5.23.0 installed") from None
+    spec = BenchSpec(preset=args.preset, batches=args.batch, context=args.context, steps=args.steps,
+                     repeat=args.repeat, concurrency=args.concurrency, serve_in=args.serve_in,
+                     serve_out=args.serve_out, prefill=args.prefill, prefill_chunk=args.prefill_chunk,
+                     num_layers=args.num_layers, device=args.device)
+    mine, theirs = bench(spec, args.compare, log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(table(spec, mine, theirs))
+    if args.out:
+        rows = [{"metric": m, "shape": s, "gemma4": v, "transformers": (theirs or {}).get((m, s))}
+                for (m, s), v in mine.items()]
+        with open(args.out, "w") as f:
+            json.dump({"spec": spec.__dict__, "rows": rows}, f, indent=2)
+
+
 def _add_model_arguments(p, sampling: bool = True) -> None:
     p.add_argument("model", help="checkpoint directory or hub id")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)")
@@ -172,6 +196,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="Why is the sky blue?")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.set_defaults(run=cmd_demo)
+
+    p = sub.add_parser("bench", help="speed of an official size with random weights, optionally vs transformers")
+    p.add_argument("--preset", default="E2B", help="E2B, E4B, 26B-A4B or 31B")
+    p.add_argument("--batch", type=int, nargs="*", default=[1, 8, 32, 64], help="decode batch sizes")
+    p.add_argument("--context", type=int, default=1024, help="prompt tokens before the timed decode steps")
+    p.add_argument("--steps", type=int, default=64, help="timed decode steps")
+    p.add_argument("--repeat", type=int, default=2, help="best of this many timings")
+    p.add_argument("--concurrency", type=int, default=64, help="serving requests at once (0 skips)")
+    p.add_argument("--serve-in", type=int, default=512)
+    p.add_argument("--serve-out", type=int, default=512)
+    p.add_argument("--prefill", type=int, nargs="*", default=[2048, 16384, 32768], help="prompt lengths")
+    p.add_argument("--prefill-chunk", type=int, default=4096, help="prefill in chunks of this many tokens")
+    p.add_argument("--num-layers", type=int, default=None, help="fewer layers than the official model")
+    p.add_argument("--compare", choices=["transformers"], default=None)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--out", default=None, help="also write the figures as JSON here")
+    p.set_defaults(run=cmd_bench)
 
     from .server.cli import add_serve_arguments, run_serve
 

@@ -1,0 +1,221 @@
+"""`gemma4 bench`: how fast an official preset runs here, with random weights (nothing to download), in bf16.
+
+    gemma4 bench --preset 26B-A4B --compare transformers
+
+Measures, in this order (each part can be skipped):
+
+* decode tok/s at batch 1, 8, 32, 64 over a 1K-token context: batch x steps / (time of generating steps + 1 tokens
+  - time of generating 1), greedy, so the prefill and the first token cancel out; best of --repeat (transformers:
+  one timing);
+* the serving engine (`LLMEngine`, continuous batching) at concurrency 64, 512 prompt / 512 output tokens, with
+  Gemma's default sampling (temperature 1, top-p 0.95, top-k 64) and no early stop: output tok/s of the whole run;
+* prefill tok/s and time to first token of one prompt of 2K, 16K, 32K tokens;
+* peak GPU memory of each engine.
+
+`--compare transformers` then frees our model and runs transformers' Gemma4ForCausalLM (random weights of its own:
+speed does not depend on the values) on the same shapes, in the same process; transformers has no serving engine, so
+its serving figure is one static batch of the 64 prompts through `generate`. transformers is imported only then.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .engine.sampling import SamplingParams
+
+DEFAULT_SAMPLING = {"temperature": 1.0, "top_p": 0.95, "top_k": 64}
+
+
+@dataclass
+class BenchSpec:
+    preset: str = "E2B"
+    batches: list[int] = field(default_factory=lambda: [1, 8, 32, 64])
+    context: int = 1024
+    steps: int = 64
+    repeat: int = 2
+    concurrency: int = 64
+    serve_in: int = 512
+    serve_out: int = 512
+    prefill: list[int] = field(default_factory=lambda: [2048, 16384, 32768])
+    prefill_chunk: int = 4096
+    num_layers: int | None = None
+    device: str = "cuda"
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device: str, repeat: int = 1) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _random_ids(shape, device, vocab: int) -> torch.Tensor:
+    return torch.randint(10, min(200_000, vocab), shape, device=device)
+
+
+class Engine:
+    """What a benchmark needs of an implementation: greedy generate, a serving run, its name."""
+
+    name = ""
+    vocab = 0
+
+    def generate(self, ids: torch.Tensor, new_tokens: int, chunk: int | None = None) -> None:
+        raise NotImplementedError
+
+    def serve(self, prompts: torch.Tensor, new_tokens: int) -> int:
+        raise NotImplementedError
+
+
+class Gemma4Engine(Engine):
+    name = "gemma4"
+
+    def __init__(self, spec: BenchSpec):
+        from .random_init import random_config, random_model
+
+        config = random_config(spec.preset, spec.num_layers, text_only=True)
+        self.model = random_model(config, torch.bfloat16, device=spec.device)
+        self.vocab = config.text_config.vocab_size
+        self.engine = None
+        self.max_new = spec.serve_out
+
+    def generate(self, ids, new_tokens, chunk=None):
+        self.model.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                            prefill_chunk_size=chunk)
+
+    def serve(self, prompts, new_tokens):
+        from .engine.engine import LLMEngine
+
+        batch, length = prompts.shape
+        if self.engine is None:  # a server starts once (the warm-up run captures its CUDA graphs)
+            self.engine = LLMEngine(self.model, max_num_seqs=batch, max_model_len=length + self.max_new,
+                                    max_num_batched_tokens=8192)
+        params = SamplingParams(max_tokens=new_tokens, ignore_eos=True, **DEFAULT_SAMPLING)
+        outputs = self.engine.generate(prompts.tolist(), params)
+        return sum(len(o) for o in outputs)
+
+
+class TransformersEngine(Engine):
+    def __init__(self, spec: BenchSpec):
+        import transformers
+
+        from .random_init import random_config
+
+        self.name = f"transformers {transformers.__version__}"
+        config = transformers.Gemma4TextConfig(**random_config(spec.preset, spec.num_layers).text_config.to_dict())
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            with torch.device(spec.device):
+                self.model = transformers.Gemma4ForCausalLM(config).eval()
+        finally:
+            torch.set_default_dtype(default)
+        self.model.config._attn_implementation = "sdpa"
+        self.vocab = config.vocab_size
+
+    def generate(self, ids, new_tokens, chunk=None):
+        self.model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                            eos_token_id=None, pad_token_id=0)
+
+    def serve(self, prompts, new_tokens):
+        out = self.model.generate(prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
+                                  eos_token_id=None, pad_token_id=0, **DEFAULT_SAMPLING)
+        return (out.shape[1] - prompts.shape[1]) * prompts.shape[0]
+
+
+def run_engine(engine: Engine, spec: BenchSpec, log=print) -> dict:
+    """Every figure of one engine: {(metric, shape): value}."""
+    device, results = spec.device, {}
+    repeat = spec.repeat if isinstance(engine, Gemma4Engine) else 1  # transformers: one timing (slow enough)
+
+    def record(metric, shape, value):
+        results[(metric, shape)] = value
+        log(f"  {engine.name:<22} {metric:<22} {shape:<18} {value:,.2f}")
+
+    for batch in spec.batches:
+        ids = _random_ids((batch, spec.context), device, engine.vocab)
+        try:
+            engine.generate(ids, spec.steps + 1)  # warm-up: captures / compiles this batch size
+            first = _timed(lambda: engine.generate(ids, 1), device, repeat)
+            full = _timed(lambda: engine.generate(ids, spec.steps + 1), device, repeat)
+            record("decode tok/s", f"b{batch} ctx{spec.context}", batch * spec.steps / (full - first))
+        except torch.OutOfMemoryError:
+            record("decode tok/s", f"b{batch} ctx{spec.context}", float("nan"))
+        _free()
+    if spec.concurrency:
+        prompts = _random_ids((spec.concurrency, spec.serve_in), device, engine.vocab)
+        shape = f"c{spec.concurrency} {spec.serve_in}/{spec.serve_out}"
+        try:
+            engine.serve(prompts, min(8, spec.serve_out))  # warm-up: a server's start-up (engine, graphs), not part of the figure
+            start = time.perf_counter()
+            produced = engine.serve(prompts, spec.serve_out)
+            record("serving output tok/s", shape, produced / (time.perf_counter() - start))
+        except torch.OutOfMemoryError:
+            record("serving output tok/s", shape, float("nan"))
+        _free()
+    for length in spec.prefill:
+        ids = _random_ids((1, length), device, engine.vocab)
+        label = f"{length // 1024}K" if length % 1024 == 0 else str(length)
+        try:
+            engine.generate(ids, 1, spec.prefill_chunk)  # warm-up: kernels compiled for these very shapes
+            ttft = _timed(lambda: engine.generate(ids, 1, spec.prefill_chunk), device, repeat)
+            record("prefill tok/s", label, length / ttft)
+            record("TTFT s", label, ttft)
+        except torch.OutOfMemoryError:
+            record("prefill tok/s", label, float("nan"))
+        _free()
+    if device == "cuda":
+        record("peak memory GiB", "", torch.cuda.max_memory_allocated() / 2**30)
+    return results
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def bench(spec: BenchSpec, compare: str | None = None, log=print) -> tuple[dict, dict | None]:
+    if spec.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    ours = Gemma4Engine(spec)
+    mine = run_engine(ours, spec, log)
+    del ours
+    _free()
+    theirs = None
+    if compare == "transformers":
+        if spec.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        reference = TransformersEngine(spec)
+        theirs = run_engine(reference, spec, log)
+        del reference
+        _free()
+    return mine, theirs
+
+
+def table(spec: BenchSpec, mine: dict, theirs: dict | None) -> str:
+    device = torch.cuda.get_device_name() if spec.device == "cuda" else "cpu"
+    lines = [f"{spec.preset} bf16, random weights, on {device}, torch {torch.__version__}",
+             f"| metric | shape | gemma4 |" + (" transformers | ratio |" if theirs else ""),
+             "| --- | --- | ---: |" + (" ---: | ---: |" if theirs else "")]
+    for (metric, shape), value in mine.items():
+        row = f"| {metric} | {shape} | {value:,.2f} |"
+        if theirs is not None:
+            other = theirs.get((metric, shape), float("nan"))
+            lower_is_better = metric in ("TTFT s", "peak memory GiB")
+            ratio = (other / value if lower_is_better else value / other) if other and value else float("nan")
+            row += f" {other:,.2f} | {ratio:.1f}x |"
+        lines.append(row)
+    return "\n".join(lines)
