@@ -67,3 +67,9 @@ def reference_logits(model, ids, attention_mask=None, position_ids=None):
     with torch.no_grad():
         return model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
                      use_cache=False).logits.float()
+
+
+def saved_reference(family: str, directory, seed: int = 0):
+    """A tiny random transformers model of `family` written as a checkpoint to `directory` (returned)."""
+    reference_model(text_config_dict(family), seed=seed).save_pretrained(directory)
+    return directory

@@ -8,7 +8,7 @@ import torch
 
 from gemma4 import Model
 from gemma4.model.text import Experts, Router
-from reference import FAMILIES, VOCAB, reference_model, text_config_dict
+from reference import FAMILIES, VOCAB, saved_reference
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -18,10 +18,7 @@ STEPS = 40  # >= 32 decode steps, past several sliding windows (8) of the tiny c
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def checkpoint(request, tmp_path_factory):
-    reference = reference_model(text_config_dict(request.param), seed=7)
-    path = tmp_path_factory.mktemp(request.param)
-    reference.save_pretrained(path)
-    return path
+    return saved_reference(request.param, tmp_path_factory.mktemp(request.param), seed=7)
 
 
 def padded_prompts(lengths, seed=0):

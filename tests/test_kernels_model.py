@@ -12,7 +12,7 @@ pytest.importorskip("triton")
 
 from gemma4 import Model, kernels  # noqa: E402
 from gemma4.engine.generate import left_pad  # noqa: E402
-from reference import FAMILIES, VOCAB, reference_model, text_config_dict  # noqa: E402
+from reference import FAMILIES, VOCAB, saved_reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 WINDOW = 8
@@ -20,9 +20,7 @@ WINDOW = 8
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def model(request, tmp_path_factory):
-    reference = reference_model(text_config_dict(request.param), seed=7)
-    path = tmp_path_factory.mktemp(request.param)
-    reference.save_pretrained(path)
+    path = saved_reference(request.param, tmp_path_factory.mktemp(request.param), seed=7)
     return Model.from_pretrained(path, dtype=torch.float32, device=DEVICE)
 
 

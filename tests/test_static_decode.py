@@ -9,16 +9,14 @@ import torch
 from gemma4 import Model
 from gemma4.engine.generate import DecodeRunner, decode_mode, left_pad
 from gemma4.engine.sampling import SamplingParams, batchable, next_token_distribution, sample_batch
-from reference import FAMILIES, VOCAB, reference_model, text_config_dict
+from reference import FAMILIES, VOCAB, saved_reference
 
 WINDOW = 8
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def model(request, tmp_path_factory):
-    reference = reference_model(text_config_dict(request.param), seed=5)
-    path = tmp_path_factory.mktemp(request.param)
-    reference.save_pretrained(path)
+    path = saved_reference(request.param, tmp_path_factory.mktemp(request.param), seed=5)
     return Model.from_pretrained(path, dtype=torch.float32)
 
 

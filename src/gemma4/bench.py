@@ -188,27 +188,23 @@ def _free() -> None:
 
 
 def bench(spec: BenchSpec, compare: str | None = None, log=print) -> tuple[dict, dict | None]:
-    if spec.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    ours = Gemma4Engine(spec)
-    mine = run_engine(ours, spec, log)
-    del ours
-    _free()
-    theirs = None
-    if compare == "transformers":
+    """Our figures, then (with compare="transformers") transformers' on the same shapes: one model at a time."""
+    engines = [Gemma4Engine] + ([TransformersEngine] if compare == "transformers" else [])
+    results = []
+    for make in engines:
         if spec.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        reference = TransformersEngine(spec)
-        theirs = run_engine(reference, spec, log)
-        del reference
+        engine = make(spec)
+        results.append(run_engine(engine, spec, log))
+        del engine
         _free()
-    return mine, theirs
+    return results[0], results[1] if len(results) > 1 else None
 
 
 def table(spec: BenchSpec, mine: dict, theirs: dict | None) -> str:
     device = torch.cuda.get_device_name() if spec.device == "cuda" else "cpu"
     lines = [f"{spec.preset} bf16, random weights, on {device}, torch {torch.__version__}",
-             f"| metric | shape | gemma4 |" + (" transformers | ratio |" if theirs else ""),
+             "| metric | shape | gemma4 |" + (" transformers | ratio |" if theirs else ""),
              "| --- | --- | ---: |" + (" ---: | ---: |" if theirs else "")]
     for (metric, shape), value in mine.items():
         row = f"| {metric} | {shape} | {value:,.2f} |"
