@@ -92,7 +92,7 @@ def test_serving_decode_in_padded_buckets_equals_unpadded(model, request):
     if request.node.callspec.params["model"] != "E2B":
         pytest.skip("one family: the interpreter is slow")
     from gemma4.engine.engine import LLMEngine
-    from gemma4.engine.runner import GraphedDecode
+    from gemma4.engine.graphs import GraphedDecode
     from gemma4.engine.sampling import SamplingParams
 
     gen = torch.Generator().manual_seed(3)

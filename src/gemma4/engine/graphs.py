@@ -1,0 +1,85 @@
+"""Decode steps of the serving engine replayed from CUDA graphs (see runner.py for when they are used)."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ..model.paged_cache import PagedCacheView
+from .block_manager import BlockManager
+
+
+class GraphedDecode:
+    """Decode steps (one token per row) replayed from CUDA graphs, one per bucket of batch sizes.
+
+    Inputs live in static buffers sized for the largest bucket; rows past the real batch are padding (invalid, trash
+    block table, no position): they write only to the trash slots and see no key."""
+
+    def __init__(self, model, blocks: BlockManager, max_model_len: int):
+        self.model, self.blocks = model, blocks
+        most = blocks.max_num_seqs
+        self.sizes = sorted({s for s in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256) if s < most} | {most})
+        width = blocks.blocks_for(max_model_len + 1)
+        device = model.device
+        self.ids = torch.zeros(most, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(most, 1, dtype=torch.long, device=device)
+        self.valid = torch.zeros(most, 1, dtype=torch.bool, device=device)
+        self.tables = torch.full((most, width), blocks.trash_block, dtype=torch.long, device=device)
+        self.ring_slots = torch.zeros(most, dtype=torch.long, device=device)
+        self.num_cached = torch.zeros(most, dtype=torch.long, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+        self.usable = True
+
+    def _step(self, size: int) -> torch.Tensor:
+        cache = PagedCacheView(self.blocks, self.tables[:size], self.ring_slots[:size], self.num_cached[:size])
+        logits = self.model(self.ids[:size], attention_mask=self.valid[:size], position_ids=self.positions[:size],
+                            cache=cache, last_only=True)
+        return logits[:, -1].float()
+
+    def _capture(self, size: int) -> None:
+        self.pool = self.pool or torch.cuda.graph_pool_handle()  # one memory pool for every bucket's graph
+        self.valid.zero_()  # warm-up and capture run on padding rows only: nothing but the trash is written
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._step(size)  # compiles the Triton kernels for these shapes
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                logits = self._step(size)
+        except Exception as error:  # noqa: BLE001 - anything the capture trips on: decode eagerly from now on
+            warnings.warn(f"CUDA graph capture of the serving decode step failed ({error}); decoding eagerly")
+            self.usable = False
+            torch.cuda.synchronize()
+            return
+        self.graphs[size] = graph, logits
+
+    def run(self, seqs) -> torch.Tensor | None:
+        """The logits [n, V] of n sequences' next token each (None when capture failed: run them eagerly)."""
+        size = next(s for s in self.sizes if s >= len(seqs))
+        captured = self.model.device.type == "cuda"  # elsewhere (tests): the same padded step, run eagerly
+        if captured and size not in self.graphs:
+            self._capture(size)
+            if not self.usable:
+                return None
+        n, width = len(seqs), self.tables.shape[1]
+        ids = torch.tensor([seq.token_at(seq.num_cached) for seq in seqs] + [0] * (size - n))
+        cached = torch.tensor([seq.num_cached for seq in seqs] + [0] * (size - n))
+        tables = torch.full((size, width), self.blocks.trash_block, dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            tables[row, :len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.long)
+        rings = torch.tensor([seq.ring_slot for seq in seqs] + [0] * (size - n))
+        self.ids[:size, 0].copy_(ids, non_blocking=True)
+        self.positions[:size, 0].copy_(cached, non_blocking=True)
+        self.num_cached[:size].copy_(cached, non_blocking=True)
+        self.valid[:size, 0] = torch.arange(size) < n
+        self.tables[:size].copy_(tables, non_blocking=True)
+        self.ring_slots[:size].copy_(rings, non_blocking=True)
+        if not captured:
+            return self._step(size)[:n]
+        graph, logits = self.graphs[size]
+        graph.replay()
+        return logits[:n]
