@@ -171,3 +171,13 @@ def test_qk_norm_rope_decode_global_layer(dtype):
     out = qk_norm_rope(x, weight, EPS, cos, sin)
     assert_matches(out, eager_qk(x, weight, cos[:, :, None], sin[:, :, None]))
     assert not torch.equal(out, qk_norm_rope(x, weight, EPS))  # the rotation did something
+
+
+def test_empty_inputs_give_empty_outputs():
+    """No rows (e.g. a batch with nothing to normalize): empty results of the right shapes, no launch."""
+    x = torch.empty(0, 3, 16, device=DEVICE)
+    w = torch.ones(16, device=DEVICE)
+    assert rms_norm(x, w, 1e-6).shape == (0, 3, 16)
+    new, nxt = residual_rms_norm(x, x, w, 1e-6, next_weight=w)
+    assert new.shape == nxt.shape == (0, 3, 16)
+    assert qk_norm_rope(torch.empty(0, 1, 2, 16, device=DEVICE), w, 1e-6).shape == (0, 2, 1, 16)

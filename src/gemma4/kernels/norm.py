@@ -112,6 +112,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     """RMSNorm.forward over the last dim of x (weight None: the weightless norm); same dtype and shape as x."""
     rows, D = _rows(x), x.shape[-1]
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
     block = triton.next_power_of_2(D)
     _rms_norm_kernel[(rows.shape[0],)](rows, weight if weight is not None else rows, out, rows.stride(0), D, eps,
                                        HAS_WEIGHT=weight is not None, BLOCK=block, num_warps=_warps(block))
@@ -128,6 +130,8 @@ def residual_rms_norm(residual: torch.Tensor, x: torch.Tensor, weight: torch.Ten
     res_rows, x_rows, D = _rows(residual), _rows(x), residual.shape[-1]
     out = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
     next_out = torch.empty_like(out) if next_weight is not None else None
+    if out.numel() == 0:
+        return out, next_out
     block = triton.next_power_of_2(D)
     _residual_rms_norm_kernel[(res_rows.shape[0],)](
         res_rows, x_rows, weight if weight is not None else x_rows, scalar if scalar is not None else x_rows,
@@ -148,6 +152,8 @@ def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: 
     if x.stride(-1) != 1:
         x = x.contiguous()
     out = torch.empty(B, H, L, D, dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
     if cos is not None:
         cos, sin = (t.reshape(t.shape[0], L, D).expand(B, L, D) for t in (cos, sin))
         cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (cos, sin))
