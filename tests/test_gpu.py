@@ -133,7 +133,7 @@ def test_serving_engine_graph_decode_equals_eager(checkpoint, monkeypatch):
         return engine.generate(prompts, params), engine.runner.graphs
 
     graphed, graphs = serve()
-    assert graphs is not None and graphs.usable and len(graphs.graphs) >= 3
+    assert graphs is not None and graphs.usable and len(graphs.graphs) >= 3, graphs and graphs.describe()
     monkeypatch.setenv("GEMMA4_EAGER", "1")
     eager, no_graphs = serve()
     assert no_graphs is None

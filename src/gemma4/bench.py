@@ -162,6 +162,9 @@ def run_engine(engine: Engine, spec: BenchSpec, log=print) -> dict:
             start = time.perf_counter()
             produced = engine.serve(prompts, spec.serve_out)
             record("serving output tok/s", shape, produced / (time.perf_counter() - start))
+            if getattr(engine, "engine", None) is not None:  # how our engine decoded: graphs or eager (and why)
+                graphs = engine.engine.runner.graphs
+                log(f"  serving decode steps: {graphs.describe() if graphs is not None else 'eager'}")
         except torch.OutOfMemoryError:
             record("serving output tok/s", shape, float("nan"))
         _free()

@@ -31,6 +31,7 @@ class GraphedDecode:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
         self.usable = True
+        self.failure: str | None = None  # why capture failed, if it did
 
     def _step(self, size: int) -> torch.Tensor:
         cache = PagedCacheView(self.blocks, self.tables[:size], self.ring_slots[:size], self.num_cached[:size])
@@ -44,7 +45,8 @@ class GraphedDecode:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self._step(size)  # compiles the Triton kernels for these shapes
+            for _ in range(3):  # compiles the Triton kernels for these shapes, lazy initializations (as generate.py)
+                self._step(size)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         try:
@@ -52,7 +54,7 @@ class GraphedDecode:
                 logits = self._step(size)
         except Exception as error:  # noqa: BLE001 - anything the capture trips on: decode eagerly from now on
             warnings.warn(f"CUDA graph capture of the serving decode step failed ({error}); decoding eagerly")
-            self.usable = False
+            self.usable, self.failure = False, f"{type(error).__name__}: {error}"
             torch.cuda.synchronize()
             return
         self.graphs[size] = graph, logits
@@ -83,3 +85,8 @@ class GraphedDecode:
         graph, logits = self.graphs[size]
         graph.replay()
         return logits[:n]
+
+    def describe(self) -> str:
+        if not self.usable:
+            return f"eager (CUDA graph capture failed: {self.failure})"
+        return f"CUDA graphs for batch sizes {sorted(self.graphs)}" if self.graphs else "no decode step yet"
