@@ -138,3 +138,13 @@ def test_serving_engine_graph_decode_equals_eager(checkpoint, monkeypatch):
     eager, no_graphs = serve()
     assert no_graphs is None
     assert graphed == eager
+
+
+def test_fused_projections_graph_decode_equals_unfused(checkpoint):
+    """Opt-in fused q/k/v and gate/up matmuls on the CUDA-graph path: the unfused greedy tokens (fp32)."""
+    model = Model.from_pretrained(checkpoint, dtype=torch.float32, device="cuda")
+    ids, mask = padded_prompts((4, 12, 7))
+    kwargs = dict(attention_mask=mask, max_new_tokens=STEPS, do_sample=False, eos_token_id=None, decode="graph")
+    plain = model.generate(ids, **kwargs)
+    model.__dict__.pop("_decode_runners", None)
+    assert torch.equal(plain, model.fuse_projections_().generate(ids, **kwargs))

@@ -138,7 +138,7 @@ def load_model(path_or_id, dtype=None, device="cpu", with_towers: bool = True, p
     if generation_config.is_file():
         model.generation_config = json.loads(generation_config.read_text())
     model.checkpoint_dir = directory
-    return model.eval().requires_grad_(False)
+    return model.ready_()
 
 
 def _deliberately_unused(key: str, config: Config, with_towers: bool) -> bool:
@@ -166,13 +166,19 @@ def _progress(total_bytes: int, enabled: bool | None):
     return _Silent()
 
 
+def _own_memory(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor safetensors can write: a view into a larger buffer (fused projections) is copied out."""
+    whole = tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    return tensor if whole else tensor.clone()
+
+
 def save_model(model: Model, directory, max_shard_bytes: int = 5 * 2**30, generation_config: dict | None = None):
     """Write config.json and safetensors (sharded with an index when large) in the layout transformers writes."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = model.config
     config.save(directory)
-    tensors = {checkpoint_key(name, config.layout): t.detach().contiguous().cpu()
+    tensors = {checkpoint_key(name, config.layout): _own_memory(t.detach().contiguous().cpu())
                for name, t in model.state_dict().items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0

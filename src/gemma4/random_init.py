@@ -83,7 +83,7 @@ def random_model(config: Config, dtype: torch.dtype = torch.bfloat16, seed: int 
 
     with torch.device("meta"):
         model = Model(config).to(dtype)
-    return randomize_(model.to_empty(device=device), seed).eval().requires_grad_(False)
+    return randomize_(model.to_empty(device=device), seed).ready_()
 
 
 def write_random_checkpoint(preset: str, out: str | Path, num_layers: int | None = None, text_only: bool = False,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -73,6 +75,24 @@ class Model(nn.Module):
         """transformers-style generation; see engine/generate.py for the arguments."""
         from ..engine.generate import generate
         return generate(self, input_ids, attention_mask, **kwargs)
+
+    def fuse_projections_(self) -> "Model":
+        """Run q/k/v and gate/up as one matmul each (fewer, larger GEMVs at decode). Parameters keep their names
+        and values (they become views of the fused weights). Call after the model is on its device and dtype:
+        a later `.to()` keeps the results right but gives the views their own memory again.
+
+        Opt-in (`GEMMA4_FUSE_PROJECTIONS=1` when loading) until its speed has been measured on a GPU."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "fuse_projections_"):
+                module.fuse_projections_()
+        return self
+
+    def ready_(self) -> "Model":
+        """What every loader does last: inference mode, no gradients, fused projections if the environment asks."""
+        self.eval().requires_grad_(False)
+        if os.environ.get("GEMMA4_FUSE_PROJECTIONS", "0") not in ("", "0"):
+            self.fuse_projections_()
+        return self
 
     def make_cache(self, batch_size: int, max_len: int, static: bool = False) -> KVCache:
         """Sliding layers get a ring buffer of `sliding_window` slots, global layers `max_len`, KV-shared none.

@@ -67,18 +67,36 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, eps)
             self.v_norm = RMSNorm(self.head_dim, eps, with_scale=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        self.register_buffer("qkv_weight", None, persistent=False)  # see fuse_projections_
+
+    def fuse_projections_(self) -> None:
+        """q, k and v in one matmul (k alone on K=V layers; nothing to fuse on KV-shared layers)."""
+        if not self.is_kv_shared and self.q_proj.bias is None:
+            self.qkv_weight = fuse_linears([self.q_proj, self.k_proj] + ([self.v_proj] if self.v_proj else []))
+
+    def project(self, x: torch.Tensor):
+        """(q, k, v) of x: k and v None on KV-shared layers, v None on K=V layers."""
+        if self.qkv_weight is not None:
+            q, k, *v = F.linear(x, self.qkv_weight).split(
+                [self.q_proj.out_features, self.k_proj.out_features] + ([self.v_proj.out_features] if self.v_proj
+                                                                        else []), dim=-1)
+            return q, k, v[0] if v else None
+        if self.is_kv_shared:
+            return self.q_proj(x), None, None
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x) if self.v_proj is not None else None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext):
         batch, length, _ = x.shape
         cos, sin = rope
-        query = norm_rope(self.q_proj(x).view(batch, length, -1, self.head_dim), self.q_norm, cos, sin)
+        q, k, v = self.project(x)
+        query = norm_rope(q.view(batch, length, -1, self.head_dim), self.q_norm, cos, sin)
 
         if self.is_kv_shared:
             key, value, mask = ctx.shared_kv[self.kv_source]
         else:
-            raw_key = self.k_proj(x).view(batch, length, -1, self.head_dim)
+            raw_key = k.view(batch, length, -1, self.head_dim)
             # K=V (global layers of 26B/31B): values are the raw key projection, before k_norm and RoPE.
-            raw_value = self.v_proj(x).view(batch, length, -1, self.head_dim) if self.v_proj is not None else raw_key
+            raw_value = v.view(batch, length, -1, self.head_dim) if v is not None else raw_key
             key = norm_rope(raw_key, self.k_norm, cos, sin)  # [B, Hkv, L, D]
             value = norm_rope(raw_value, self.v_norm)
             key, value, mask = ctx.keys_and_values(self.layer_idx, self.layer_type, key, value)
@@ -103,9 +121,27 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden, width, bias=False)
         self.down_proj = nn.Linear(width, hidden, bias=False)
         self.act = activation(act)
+        self.register_buffer("gate_up_weight", None, persistent=False)  # see fuse_projections_
+
+    def fuse_projections_(self) -> None:
+        """gate and up in one matmul."""
+        self.gate_up_weight = fuse_linears([self.gate_proj, self.up_proj])
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_weight is not None:
+            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self.act(gate) * up)
+
+
+def fuse_linears(linears: list[nn.Linear]) -> torch.Tensor:
+    """One [sum of outputs, inputs] weight whose row blocks become the linears' weights (views, no second copy):
+    one matmul then serves them all, and each parameter keeps its name (its checkpoint key) and its values."""
+    fused = torch.cat([linear.weight.detach() for linear in linears])
+    for linear, block in zip(linears, fused.split([linear.out_features for linear in linears])):
+        linear.weight = nn.Parameter(block, requires_grad=False)
+    return fused
 
 
 class Router(nn.Module):

@@ -1,0 +1,62 @@
+"""Fused projections (`Model.fuse_projections_`: q/k/v and gate/up as one matmul each) change nothing but the number
+of matmuls: same logits and tokens on every family, the same state_dict (names and values), checkpoints that save
+and load, and the fused path through the Triton kernels (strided q/k/v views)."""
+
+import copy
+
+import pytest
+import torch
+
+from gemma4 import Model, kernels
+from gemma4.model.text import MLP, Attention
+from reference import FAMILIES, VOCAB, saved_reference
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def checkpoint(request, tmp_path_factory):
+    return saved_reference(request.param, tmp_path_factory.mktemp(request.param), seed=11)
+
+
+def _ids():
+    return torch.randint(3, VOCAB, (2, 13), generator=torch.Generator().manual_seed(0))
+
+
+def test_fused_model_equals_unfused(checkpoint):
+    plain = Model.from_pretrained(checkpoint, dtype=torch.float32)
+    fused = copy.deepcopy(plain).fuse_projections_()
+    attention = [m for m in fused.modules() if isinstance(m, Attention)]
+    assert any(m.qkv_weight is not None for m in attention)
+    assert all(m.gate_up_weight is not None for m in fused.modules() if isinstance(m, MLP))
+    # The parameters are views into the fused weights: one copy of the memory, the checkpoint keys unchanged.
+    first = next(m for m in attention if m.qkv_weight is not None)
+    assert first.q_proj.weight.data_ptr() == first.qkv_weight.data_ptr()
+    assert plain.state_dict().keys() == fused.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), fused.state_dict().values()))
+    ids = _ids()
+    # Same products, other matrix shapes: only the BLAS blocking (summation order) may differ.
+    assert (plain(ids) - fused(ids)).abs().max() <= 1e-5
+    kwargs = dict(max_new_tokens=12, do_sample=False, eos_token_id=None, decode="static")
+    assert torch.equal(plain.generate(ids, **kwargs), fused.generate(ids, **kwargs))
+
+
+def test_fused_checkpoint_saves_and_loads(checkpoint, tmp_path, monkeypatch):
+    fused = Model.from_pretrained(checkpoint, dtype=torch.float32).fuse_projections_()
+    fused.save_pretrained(tmp_path)  # views of one buffer are written as separate tensors
+    again = Model.from_pretrained(tmp_path, dtype=torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(fused.state_dict().values(), again.state_dict().values()))
+    monkeypatch.setenv("GEMMA4_FUSE_PROJECTIONS", "1")
+    loaded = Model.from_pretrained(tmp_path, dtype=torch.float32)
+    assert all(m.gate_up_weight is not None for m in loaded.modules() if isinstance(m, MLP))
+    assert torch.equal(loaded(_ids()), fused(_ids()))
+
+
+def test_fused_projections_through_the_kernels(checkpoint, request):
+    """q, k and v arrive as strided slices of one matmul's output at the fused norm + RoPE kernel."""
+    if request.node.callspec.params["checkpoint"] not in ("E2B", "31B"):
+        pytest.skip("two families (one with K=V) suffice; the interpreter is slow")
+    pytest.importorskip("triton")
+    plain = Model.from_pretrained(checkpoint, dtype=torch.float32)
+    fused = copy.deepcopy(plain).fuse_projections_()
+    ids = _ids()
+    with kernels.force():
+        assert (plain(ids) - fused(ids)).abs().max() <= 1e-5
