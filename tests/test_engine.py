@@ -147,3 +147,26 @@ def test_image_chunks_never_split(mm):
         LLMEngine(model, max_num_seqs=2, max_model_len=256, max_num_batched_tokens=64).add_request(ids, GREEDY, media)
     with pytest.raises(ValueError, match="placeholder"):
         engine.encode_media(ids[:-20] if kind == "E2B" else ids[:40], media)
+
+
+def test_decodes_are_not_padded_to_a_prefill_chunk(model, monkeypatch):
+    """A step mixing decodes with a prefill chunk runs them as two forwards (decode rows one token wide), with the
+    same tokens as each request alone."""
+    from gemma4.engine.runner import ModelRunner
+
+    widths = []
+    forward = ModelRunner._forward_group
+    monkeypatch.setattr(ModelRunner, "_forward_group", lambda self, items, decode: widths.append(
+        (decode, max(item.num_tokens for item in items))) or forward(self, items, decode))
+    engine = LLMEngine(model, max_num_seqs=4, max_model_len=64, max_num_batched_tokens=16)
+    first = engine.add_request(prompts(1, seed=3)[0], GREEDY)
+    engine.step()  # its prefill
+    second = engine.add_request(list(range(3, 33)), GREEDY)  # 30 tokens: two chunks while the first decodes
+    outputs = {first: [], second: []}
+    while engine.has_unfinished():
+        for out in engine.step():
+            outputs[out.seq_id].append(out.token)
+    assert (True, 1) in widths and any(not decode and width > 1 for decode, width in widths)
+    assert all(width == 1 for decode, width in widths if decode)
+    for seq_id, prompt in ((first, prompts(1, seed=3)[0]), (second, list(range(3, 33)))):
+        assert outputs[seq_id] == LLMEngine(model, max_num_seqs=1, max_model_len=64).generate([prompt], GREEDY)[0]

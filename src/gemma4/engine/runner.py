@@ -53,9 +53,22 @@ class ModelRunner:
         return results
 
     def forward(self, batch: list[Scheduled]) -> torch.Tensor:
-        """The last position's logits of every row [B, V], fp32, left on the model's device."""
-        if self.graphs is not None and self.graphs.usable and len(batch) <= self.graphs.sizes[-1] and \
-                all(item.num_tokens == 1 for item in batch):
+        """The last position's logits of every row [B, V], fp32, left on the model's device.
+
+        Rows that feed one text token (decodes) and prefill chunks run as two forwards: one left-padded forward
+        would widen every decode row to the chunk's width (and could not replay the decode graph)."""
+        single = [item.num_tokens == 1 and not _media_at(item) for item in batch]
+        if all(single) or not any(single):
+            return self._forward_group(batch, decode=all(single))
+        groups = [[row for row, flag in enumerate(single) if flag == decode] for decode in (True, False)]
+        parts = [self._forward_group([batch[row] for row in rows], decode=not i) for i, rows in enumerate(groups)]
+        logits = torch.empty(len(batch), parts[0].shape[1], dtype=parts[0].dtype, device=parts[0].device)
+        for rows, part in zip(groups, parts):
+            logits[rows] = part
+        return logits
+
+    def _forward_group(self, batch: list[Scheduled], decode: bool) -> torch.Tensor:
+        if decode and self.graphs is not None and self.graphs.usable and len(batch) <= self.graphs.sizes[-1]:
             logits = self.graphs.run([item.seq for item in batch])
             if logits is not None:
                 for item in batch:
@@ -109,3 +122,9 @@ class ModelRunner:
         return sample_token(logits, seq.params, seq.prompt_tensor(device), seq.output_ids, seq.stop_ids,
                             seq.generator_on(device))
 
+
+
+def _media_at(item: Scheduled) -> bool:
+    """Whether a one-token chunk is an image/audio position (it then needs the media path, not the decode step)."""
+    media = item.seq.media
+    return media is not None and len(media) > 0 and bool((media.positions == item.seq.num_cached).any())
