@@ -142,3 +142,19 @@ def test_batchable():
     assert not batchable(SamplingParams(min_tokens=3), 1, {1})
     assert batchable(SamplingParams(min_tokens=3), 3, {1})
     assert batchable(SamplingParams(min_tokens=3), 0, set())
+
+
+def test_static_prefill_attends_over_the_written_prefix_only(model):
+    """A static cache's prefill chunk (never captured) plans the global keys up to its last position; a decode step
+    (what the CUDA graph captures) plans the whole buffer, reading nothing back to the host."""
+    from gemma4.config import FULL
+
+    cache = model.make_cache(2, 64, static=True)
+    positions = torch.arange(10).expand(2, 10)
+    valid = torch.ones(2, 10, dtype=torch.bool)
+    valid[1, :4] = False  # left padding
+    cache.begin(positions, valid)
+    assert cache.key_positions(FULL).tolist() == [list(range(10))] * 2
+    cache.end()
+    cache.begin(torch.full((2, 1), 10), torch.ones(2, 1, dtype=torch.bool))
+    assert cache.key_positions(FULL).shape == (2, 64 + 1)

@@ -9,11 +9,12 @@
 Each buffer has one extra "trash" slot at the end: padding tokens, and tokens of a long chunk that fall out of the
 window before the chunk ends, are written there instead of branching, and the trash slot is never attended to.
 
-`static=True` makes every forward's shapes depend only on (batch, tokens per forward, max_len), and keeps every bit
-of state on the device, updated in place: global layers attend over the whole preallocated buffer (slot s holds
-position s; the position-based masks hide the slots not yet written), `begin` reads nothing back to the host, and
-the caller guarantees that positions stay below `max_len` (check it once, up front). That is what a CUDA graph of a
-decode step needs (engine/generate.py); the dynamic default attends over the written prefix only.
+`static=True` keeps every bit of state on the device, updated in place, and makes a decode step's shapes depend only
+on (batch, max_len): its global layers attend over the whole preallocated buffer (slot s holds position s; the
+position-based masks hide the slots not yet written), `begin` reads nothing back to the host, and the caller
+guarantees that positions stay below `max_len` (check it once, up front). That is what a CUDA graph of a decode step
+needs (engine/generate.py). Prefill chunks (never captured) attend over the slots up to their last position, as the
+dynamic default always does.
 """
 
 from __future__ import annotations
@@ -73,13 +74,16 @@ class KVCache:
         """Plan where this forward's tokens go. positions/valid: [B, L]."""
         if positions.shape[0] != self.batch_size:
             raise ValueError(f"cache was made for batch {self.batch_size}, got {positions.shape[0]}")
-        if self.static:  # no host syncs: the whole buffer is attended to, positions were checked by the caller
+        if self.static and positions.shape[1] == 1:
+            # A decode step (what a CUDA graph captures): no host syncs, the whole buffer is attended to (the
+            # decode kernel reads only the written prefix); positions were checked by the caller.
             end = self.max_len + 1
         else:
             top = int(torch.where(valid, positions, -1).max()) if valid.any() else -1
             if top >= self.max_len:
                 raise ValueError(f"position {top} does not fit a cache of max_len={self.max_len}")
-            end = max(self.length, top + 1)
+            # Slot s holds position s: a prefill chunk needs the slots up to its last position only.
+            end = top + 1 if self.static else max(self.length, top + 1)
         length = positions.shape[1]
         # Of a chunk longer than the window only the last `window` tokens of each row stay in the ring.
         row_top = torch.where(valid, positions, -1).amax(dim=1, keepdim=True)
@@ -92,7 +96,7 @@ class KVCache:
             "ring_slots": ring_slots,
             "global_slots": torch.where(valid, positions, self.max_len),
             SLIDING: torch.cat([self.ring_positions[:, : self.window], new_positions], dim=1),
-            FULL: (self._global_positions if self.static
+            FULL: (self._global_positions[:, :end] if self.static
                    else torch.arange(end, device=positions.device).expand(self.batch_size, end)),
             ("slots", SLIDING): self.window + torch.arange(length, device=positions.device).expand_as(positions),
             ("slots", FULL): torch.where(valid, positions, 0),
