@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
 import time
 
@@ -26,6 +25,7 @@ import torch
 
 from gemma4 import Model
 from gemma4.loading import checkpoint_key
+from gemma4.bench import profile_decode as profile
 from gemma4.random_init import random_config, random_model, write_random_checkpoint
 
 
@@ -55,55 +55,6 @@ def measure(generate, batch: int, context: int, steps: int, repeat: int) -> dict
     full = timed(lambda: generate(ids, steps + 1), repeat)
     return {"prefill_tok_s": batch * context / first, "ttft_s": first,
             "decode_tok_s": batch * steps / (full - first), "step_ms": (full - first) / steps * 1e3}
-
-
-def bytes_per_step(model, runner) -> int:
-    """The fewest bytes one decode step must read: every weight except the embedding tables (one row each; the
-    tied LM head reads the main table whole), plus the whole static KV cache (attended over in full)."""
-    text = model.text
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    if text.ple_dim:
-        table = text.embed_tokens_per_layer.weight
-        total -= table.numel() * table.element_size()
-    if model.config.text_config.enable_moe_block:  # only top-k of the experts are read per token (batch 1)
-        for layer in text.layers:
-            for p in (layer.experts.gate_up_proj, layer.experts.down_proj):
-                cfg = model.config.text_config
-                total -= p.numel() * p.element_size() * (1 - cfg.top_k_experts / cfg.num_experts)
-    return int(total + runner.cache.nbytes)
-
-
-def profile(model, batch: int, context: int, steps: int) -> dict:
-    from gemma4.engine.generate import decode_runner
-
-    ids = torch.randint(10, 200_000, (batch, context), device="cuda")
-    model.generate(ids, max_new_tokens=3, do_sample=False, eos_token_id=None, decode="graph")
-    runner = decode_runner(model, batch, context + steps + 1, graph=True)
-    runner.capture()
-    tokens = torch.randint(10, 200_000, (batch,), device="cuda")
-    times = []
-    for _ in range(60):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        runner.ids.copy_(tokens[:, None])
-        start.record()
-        runner.graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    replay_ms = statistics.median(times[10:])
-    need = bytes_per_step(model, runner)
-    eager = decode_runner(model, batch, context + steps + 1, graph=False)
-    eager.step(tokens)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        eager.step(tokens)
-        torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    kernels = sum(e.count for e in events)
-    gpu_ms = sum(e.self_device_time_total for e in events) / 1e3
-    top = sorted(events, key=lambda e: -e.self_device_time_total)[:8]
-    return {"replay_ms": replay_ms, "bytes_per_step_GB": need / 1e9, "replay_GB_s": need / replay_ms / 1e6,
-            "kernels_per_step": kernels, "eager_kernel_ms": gpu_ms,
-            "top_kernels": [(e.key[:60], e.count, round(e.self_device_time_total / 1e3, 3)) for e in top]}
 
 
 def reference_sharing_weights(ours):

@@ -10,7 +10,9 @@ Measures, in this order (each part can be skipped):
 * the serving engine (`LLMEngine`, continuous batching) at concurrency 64, 512 prompt / 512 output tokens, with
   Gemma's default sampling (temperature 1, top-p 0.95, top-k 64) and no early stop: output tok/s of the whole run;
 * prefill tok/s and time to first token of one prompt of 2K, 16K, 32K tokens;
-* peak GPU memory of each engine.
+* peak GPU memory of each engine;
+* with --profile, per decode batch size: the captured step's replay time against the bytes it must read, and the
+  kernel count and top kernels of one eager step (torch.profiler).
 
 `--compare transformers` then frees our model and runs transformers' Gemma4ForCausalLM (random weights of its own:
 speed does not depend on the values) on the same shapes, in the same process; transformers has no serving engine, so
@@ -20,6 +22,7 @@ its serving figure is one static batch of the 64 prompts through `generate`. tra
 from __future__ import annotations
 
 import gc
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -44,6 +47,7 @@ class BenchSpec:
     prefill_chunk: int = 4096
     num_layers: int | None = None
     device: str = "cuda"
+    profile: bool = False  # per decode batch: replay time vs bytes read, kernel count and top kernels (CUDA only)
 
 
 def _sync(device: str) -> None:
@@ -135,6 +139,58 @@ class TransformersEngine(Engine):
         return (out.shape[1] - prompts.shape[1]) * prompts.shape[0]
 
 
+def bytes_per_step(model, runner) -> int:
+    """The fewest bytes one decode step must read: every weight except the embedding tables (one row each; the
+    tied LM head reads the main table whole), plus the whole static KV cache (attended over in full)."""
+    text = model.text
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if text.ple_dim:
+        table = text.embed_tokens_per_layer.weight
+        total -= table.numel() * table.element_size()
+    if model.config.text_config.enable_moe_block:  # only top-k of the experts are read per token (batch 1)
+        for layer in text.layers:
+            for p in (layer.experts.gate_up_proj, layer.experts.down_proj):
+                cfg = model.config.text_config
+                total -= p.numel() * p.element_size() * (1 - cfg.top_k_experts / cfg.num_experts)
+    return int(total + runner.cache.nbytes)
+
+
+def profile_decode(model, batch: int, context: int, steps: int) -> dict:
+    """The captured decode step alone (CUDA events, median of 50 replays) against the bytes it must read, and the
+    kernels of one eager static step (torch.profiler): count, GPU time, the top 8."""
+    from .engine.generate import decode_runner
+
+    vocab = model.config.text_config.vocab_size
+    ids = torch.randint(10, min(200_000, vocab), (batch, context), device="cuda")
+    model.generate(ids, max_new_tokens=3, do_sample=False, eos_token_id=None, decode="graph")
+    runner = decode_runner(model, batch, context + steps + 1, graph=True)
+    runner.capture()
+    tokens = torch.randint(10, min(200_000, vocab), (batch,), device="cuda")
+    times = []
+    for _ in range(60):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        runner.ids.copy_(tokens[:, None])
+        start.record()
+        runner.graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    replay_ms = statistics.median(times[10:])
+    need = bytes_per_step(model, runner)
+    eager = decode_runner(model, batch, context + steps + 1, graph=False)
+    eager.step(tokens)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        eager.step(tokens)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = sum(e.count for e in events)
+    gpu_ms = sum(e.self_device_time_total for e in events) / 1e3
+    top = sorted(events, key=lambda e: -e.self_device_time_total)[:8]
+    return {"replay_ms": replay_ms, "bytes_per_step_GB": need / 1e9, "replay_GB_s": need / replay_ms / 1e6,
+            "kernels_per_step": kernels, "eager_kernel_ms": gpu_ms,
+            "top_kernels": [(e.key[:60], e.count, round(e.self_device_time_total / 1e3, 3)) for e in top]}
+
+
 def run_engine(engine: Engine, spec: BenchSpec, log=print) -> dict:
     """Every figure of one engine: {(metric, shape): value}."""
     device, results = spec.device, {}
@@ -151,6 +207,11 @@ def run_engine(engine: Engine, spec: BenchSpec, log=print) -> dict:
             first = _timed(lambda: engine.generate(ids, 1), device, repeat)
             full = _timed(lambda: engine.generate(ids, spec.steps + 1), device, repeat)
             record("decode tok/s", f"b{batch} ctx{spec.context}", batch * spec.steps / (full - first))
+            if spec.profile and isinstance(engine, Gemma4Engine):
+                p = profile_decode(engine.model, batch, spec.context, spec.steps)
+                log(f"  profile b{batch}: replay {p['replay_ms']:.3f} ms/step, reads {p['bytes_per_step_GB']:.2f} GB "
+                    f"-> {p['replay_GB_s']:.0f} GB/s; eager step {p['kernels_per_step']} kernels, "
+                    f"{p['eager_kernel_ms']:.2f} ms of kernel time; top: {p['top_kernels']}")
         except torch.OutOfMemoryError:
             record("decode tok/s", f"b{batch} ctx{spec.context}", float("nan"))
         _free()

@@ -124,6 +124,8 @@ def cmd_bench(args) -> None:
     from .bench import BenchSpec, bench, table
     if args.device == "cuda" and not _cuda():
         raise ValueError("no CUDA GPU here: gemma4 bench measures on a GPU (--device cpu runs a tiny smoke test)")
+    if args.profile and args.device != "cuda":
+        raise ValueError("--profile needs a CUDA GPU")
     if args.compare == "transformers":
         try:
             import transformers  # noqa: F401
@@ -132,7 +134,7 @@ def cmd_bench(args) -> None:
     spec = BenchSpec(preset=args.preset, batches=args.batch, context=args.context, steps=args.steps,
                      repeat=args.repeat, concurrency=args.concurrency, serve_in=args.serve_in,
                      serve_out=args.serve_out, prefill=args.prefill, prefill_chunk=args.prefill_chunk,
-                     num_layers=args.num_layers, device=args.device)
+                     num_layers=args.num_layers, device=args.device, profile=args.profile)
     mine, theirs = bench(spec, args.compare, log=lambda line: print(line, file=sys.stderr, flush=True))
     print(table(spec, mine, theirs))
     if args.out:
@@ -212,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", choices=["transformers"], default=None)
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None, help="also write the figures as JSON here")
+    p.add_argument("--profile", action="store_true", help="also profile each decode batch size (CUDA only)")
     p.set_defaults(run=cmd_bench)
 
     from .server.cli import add_serve_arguments, run_serve
