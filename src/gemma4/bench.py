@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .config import SLIDING
 from .engine.sampling import SamplingParams
 
 DEFAULT_SAMPLING = {"temperature": 1.0, "top_p": 0.95, "top_k": 64}
@@ -139,9 +140,10 @@ class TransformersEngine(Engine):
         return (out.shape[1] - prompts.shape[1]) * prompts.shape[0]
 
 
-def bytes_per_step(model, runner) -> int:
+def bytes_per_step(model, runner, written: int) -> int:
     """The fewest bytes one decode step must read: every weight except the embedding tables (one row each; the
-    tied LM head reads the main table whole), plus the whole static KV cache (attended over in full)."""
+    tied LM head reads the main table whole), the sliding rings whole and the global buffers' first `written` slots
+    (what the decode kernel reads)."""
     text = model.text
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     if text.ple_dim:
@@ -152,7 +154,11 @@ def bytes_per_step(model, runner) -> int:
             for p in (layer.experts.gate_up_proj, layer.experts.down_proj):
                 cfg = model.config.text_config
                 total -= p.numel() * p.element_size() * (1 - cfg.top_k_experts / cfg.num_experts)
-    return int(total + runner.cache.nbytes)
+    cache = runner.cache
+    for i, keys in cache.keys.items():
+        slots = keys.shape[2] if cache.layer_types[i] == SLIDING else min(written, keys.shape[2])
+        total += 2 * keys[:, :, :1].numel() * keys.element_size() * slots  # K and V
+    return int(total)
 
 
 def profile_decode(model, batch: int, context: int, steps: int) -> dict:
@@ -176,7 +182,7 @@ def profile_decode(model, batch: int, context: int, steps: int) -> dict:
         end.synchronize()
         times.append(start.elapsed_time(end))
     replay_ms = statistics.median(times[10:])
-    need = bytes_per_step(model, runner)
+    need = bytes_per_step(model, runner, context + 62)  # the prompt, 2 generated tokens, 60 replays
     eager = decode_runner(model, batch, context + steps + 1, graph=False)
     eager.step(tokens)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
