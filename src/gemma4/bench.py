@@ -225,7 +225,7 @@ def run_engine(engine: Engine, spec: BenchSpec, log=print) -> dict:
         prompts = _random_ids((spec.concurrency, spec.serve_in), device, engine.vocab)
         shape = f"c{spec.concurrency} {spec.serve_in}/{spec.serve_out}"
         try:
-            engine.serve(prompts, min(8, spec.serve_out))  # warm-up: a server's start-up (engine, graphs), not part of the figure
+            engine.serve(prompts, min(8, spec.serve_out))  # warm-up, as a server's start-up: not in the figure
             start = time.perf_counter()
             produced = engine.serve(prompts, spec.serve_out)
             record("serving output tok/s", shape, produced / (time.perf_counter() - start))
