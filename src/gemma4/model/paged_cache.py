@@ -28,10 +28,8 @@ class PagedCacheView:
         device = block_tables.device
         batch, nb = block_tables.shape
         bs = self.block_size
-        # Global layers: flat pool slot and position of every cached slot of each row.
-        offsets = torch.arange(nb * bs, device=device)
+        # Global layers: flat pool slot of every slot of each row's blocks (slot j holds position j).
         self.global_gather = (block_tables[:, :, None] * bs + torch.arange(bs, device=device)).reshape(batch, nb * bs)
-        self.global_cached_pos = torch.where(offsets[None] < num_cached[:, None], offsets[None], -1)
         # Sliding layers: flat pool slot of each row's ring.
         self.ring_gather = ring_slots[:, None] * self.window + torch.arange(self.window, device=device)
         self._plan: dict | None = None
@@ -51,14 +49,8 @@ class PagedCacheView:
         block = torch.gather(self.block_tables, 1, block_index)
         global_write = torch.where(valid, block * bs + positions % bs, pools.trash_block * bs)
         length = positions.shape[1]
-        arange = torch.arange(length, device=positions.device).expand_as(positions)
-        self._plan = {
-            "ring_write": ring_write, "global_write": global_write, "new_positions": new_positions,
-            SLIDING: torch.cat([pools.ring_positions[self.ring_gather], new_positions], dim=1),
-            FULL: torch.cat([self.global_cached_pos, new_positions], dim=1),
-            ("slots", SLIDING): self.window + arange,
-            ("slots", FULL): self.global_cached_pos.shape[1] + arange,
-        }
+        self._plan = {"ring_write": ring_write, "global_write": global_write, "new_positions": new_positions}
+        offsets = torch.arange(self.global_gather.shape[1], device=positions.device)[None]
         # One token per row on CUDA: attend in place over the pools (see the module's docstring). The candidates
         # are the row's own slots, the new token's included (written before attending): the ring with the new
         # position at its slot, and the global blocks in position order, visible up to the query's position.
@@ -66,9 +58,18 @@ class PagedCacheView:
         if self.in_place:
             query = new_positions[:, :1]  # -1 for a padding row: it sees nothing
             ring = pools.ring_positions[self.ring_gather].scatter(1, positions % self.window, query)
-            offsets = torch.arange(self.global_gather.shape[1], device=positions.device)[None]
             self._plan.update({SLIDING: ring, FULL: torch.where(offsets <= query, offsets, -1),
                                "num_keys": query[:, 0] + 1})
+            return
+        # Otherwise the row's cached K/V are gathered, then this chunk's appended: positions in that order.
+        cached = torch.where(offsets < self.num_cached[:, None], offsets, -1)
+        arange = torch.arange(length, device=positions.device).expand_as(positions)
+        self._plan.update({
+            SLIDING: torch.cat([pools.ring_positions[self.ring_gather], new_positions], dim=1),
+            FULL: torch.cat([cached, new_positions], dim=1),
+            ("slots", SLIDING): self.window + arange,
+            ("slots", FULL): cached.shape[1] + arange,
+        })
 
     def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor):
         """key/value [B, Hkv, L, D] -> all K/V the layer attends to: the row's cached K/V, then this chunk's."""
