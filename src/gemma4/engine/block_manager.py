@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..config import SLIDING, TextConfig
+from ..model.cache import kv_buffers
 from .sequence import Sequence
 
 
@@ -20,16 +21,12 @@ class BlockManager:
         self.window = config.sliding_window
         self.max_num_seqs = max_num_seqs
         self.layer_types = config.layer_types
-        self.keys: dict[int, torch.Tensor] = {}
-        self.values: dict[int, torch.Tensor] = {}
-        for i, layer_type in enumerate(config.layer_types):
-            if config.is_kv_shared(i):
-                continue
-            slots = (max_num_seqs * self.window if layer_type == SLIDING else num_blocks * block_size) + \
-                (1 if layer_type == SLIDING else block_size)  # + trash
-            shape = (config.layer_num_kv_heads[i], slots, config.layer_head_dims[i])
-            self.keys[i] = torch.zeros(shape, dtype=dtype, device=device)
-            self.values[i] = torch.zeros(shape, dtype=dtype, device=device)
+
+        def pool_shape(layer_type, heads, dim):  # a ring per sequence + a trash slot, or the blocks + a trash block
+            slots = max_num_seqs * self.window + 1 if layer_type == SLIDING else (num_blocks + 1) * block_size
+            return heads, slots, dim
+
+        self.keys, self.values = kv_buffers(config, pool_shape, dtype, device)
         self.ring_trash = max_num_seqs * self.window
         self.ring_positions = torch.full((self.ring_trash + 1,), -1, dtype=torch.long, device=device)
         self.free_blocks = list(range(num_blocks))
@@ -38,6 +35,12 @@ class BlockManager:
     @property
     def trash_block(self) -> int:
         return self.num_blocks
+
+    def block_tables(self, seqs: list[Sequence], width: int, rows: int | None = None) -> torch.Tensor:
+        """[rows, width] (host): each sequence's blocks padded with the trash block; rows past them all trash."""
+        trash = self.trash_block
+        padded = [seq.block_table + [trash] * (width - len(seq.block_table)) for seq in seqs]
+        return torch.tensor(padded + [[trash] * width] * ((rows or len(seqs)) - len(seqs)), dtype=torch.long)
 
     @property
     def usage(self) -> float:

@@ -70,9 +70,7 @@ class GraphedDecode:
         n, width = len(seqs), self.tables.shape[1]
         ids = torch.tensor([seq.token_at(seq.num_cached) for seq in seqs] + [0] * (size - n))
         cached = torch.tensor([seq.num_cached for seq in seqs] + [0] * (size - n))
-        trash = self.blocks.trash_block
-        tables = torch.tensor([seq.block_table + [trash] * (width - len(seq.block_table)) for seq in seqs] +
-                              [[trash] * width] * (size - n), dtype=torch.long)  # one tensor: ~0.2 ms at 64 rows
+        tables = self.blocks.block_tables(seqs, width, size)
         rings = torch.tensor([seq.ring_slot for seq in seqs] + [0] * (size - n))
         self.ids[:size, 0].copy_(ids, non_blocking=True)
         self.positions[:size, 0].copy_(cached, non_blocking=True)

@@ -79,14 +79,13 @@ class ModelRunner:
         ids = torch.zeros(len(batch), width, dtype=torch.long)
         positions = torch.zeros(len(batch), width, dtype=torch.long)
         valid = torch.zeros(len(batch), width, dtype=torch.bool)
-        tables = torch.full((len(batch), num_blocks), self.blocks.trash_block, dtype=torch.long)
+        tables = self.blocks.block_tables([item.seq for item in batch], num_blocks)
         for row, item in enumerate(batch):
             seq, n = item.seq, item.num_tokens
             start = seq.num_cached
             ids[row, width - n:] = torch.tensor(seq.tokens[start:start + n])  # left padding
             positions[row, width - n:] = torch.arange(start, start + n)
             valid[row, width - n:] = True
-            tables[row, :len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.long)
         media_embeds = self._media_embeds(batch, width)
         ring_slots = torch.tensor([item.seq.ring_slot for item in batch], dtype=torch.long)
         num_cached = torch.tensor([item.seq.num_cached for item in batch], dtype=torch.long)

@@ -33,16 +33,9 @@ class KVCache:
         self.max_len = max_len
         self.batch_size = batch_size
         self.layer_types = config.layer_types
-        self.keys: dict[int, torch.Tensor] = {}
-        self.values: dict[int, torch.Tensor] = {}
-        for i, layer_type in enumerate(config.layer_types):
-            if config.is_kv_shared(i):
-                continue
-            slots = (self.window if layer_type == SLIDING else max_len) + 1  # + trash slot
-            shape = (batch_size, config.layer_num_kv_heads[i], slots, config.layer_head_dims[i])
-            self.keys[i] = torch.zeros(shape, dtype=dtype, device=device)
-            # K=V layers store values separately too: values are v_norm(k) without k_norm and RoPE.
-            self.values[i] = torch.zeros(shape, dtype=dtype, device=device)
+        slots = {SLIDING: self.window + 1, FULL: max_len + 1}  # + the trash slot
+        self.keys, self.values = kv_buffers(config, lambda kind, heads, dim: (batch_size, heads, slots[kind], dim),
+                                            dtype, device)
         # Position held by each ring slot (-1 = empty); the same for every sliding layer.
         self.ring_positions = torch.full((batch_size, self.window + 1), -1, dtype=torch.long, device=device)
         self.length = 0  # global slots [0, length) may hold keys
@@ -142,6 +135,19 @@ class KVCache:
         else:
             self.length = plan["end"]
             self.row_lengths = torch.maximum(self.row_lengths, plan["row_top"][:, 0] + 1)
+
+
+def kv_buffers(config: TextConfig, shape, dtype: torch.dtype, device) -> tuple[dict, dict]:
+    """Zeroed K and V buffers {layer: tensor} of every layer that owns K/V (KV-shared layers own none), shaped
+    `shape(layer_type, kv_heads, head_dim)`. K=V layers store values separately too: v_norm(k) lacks k_norm and
+    RoPE."""
+    keys, values = {}, {}
+    for i, layer_type in enumerate(config.layer_types):
+        if not config.is_kv_shared(i):
+            size = shape(layer_type, config.layer_num_kv_heads[i], config.layer_head_dims[i])
+            keys[i] = torch.zeros(size, dtype=dtype, device=device)
+            values[i] = torch.zeros(size, dtype=dtype, device=device)
+    return keys, values
 
 
 def _scatter_slots(buffer: torch.Tensor, slots: torch.Tensor, new: torch.Tensor) -> None:
