@@ -25,34 +25,18 @@ import torch
 
 from gemma4 import Model
 from gemma4.loading import checkpoint_key
-from gemma4.bench import profile_decode as profile
+from gemma4.bench import profile_decode as profile, timed
 from gemma4.random_init import random_config, random_model, write_random_checkpoint
 
 
 DEVICE = "cuda"
 
 
-def sync() -> None:
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, repeat: int = 1) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def measure(generate, batch: int, context: int, steps: int, repeat: int) -> dict:
     ids = torch.randint(10, 200_000, (batch, context), device=DEVICE)
     generate(ids, steps + 1)  # warm-up (captures / compiles the decode step for this batch)
-    first = timed(lambda: generate(ids, 1), repeat)
-    full = timed(lambda: generate(ids, steps + 1), repeat)
+    first = timed(lambda: generate(ids, 1), DEVICE, repeat)
+    full = timed(lambda: generate(ids, steps + 1), DEVICE, repeat)
     return {"prefill_tok_s": batch * context / first, "ttft_s": first,
             "decode_tok_s": batch * steps / (full - first), "step_ms": (full - first) / steps * 1e3}
 

@@ -56,7 +56,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(fn, device: str, repeat: int = 1) -> float:
+def timed(fn, device: str, repeat: int = 1) -> float:
+    """Best wall time of `repeat` calls of fn, the device synchronized around each."""
     best = float("inf")
     for _ in range(repeat):
         _sync(device)
@@ -210,8 +211,8 @@ def run_engine(engine: Engine, spec: BenchSpec, log=print) -> dict:
         ids = _random_ids((batch, spec.context), device, engine.vocab)
         try:
             engine.generate(ids, spec.steps + 1)  # warm-up: captures / compiles this batch size
-            first = _timed(lambda: engine.generate(ids, 1), device, repeat)
-            full = _timed(lambda: engine.generate(ids, spec.steps + 1), device, repeat)
+            first = timed(lambda: engine.generate(ids, 1), device, repeat)
+            full = timed(lambda: engine.generate(ids, spec.steps + 1), device, repeat)
             record("decode tok/s", f"b{batch} ctx{spec.context}", batch * spec.steps / (full - first))
             if spec.profile and isinstance(engine, Gemma4Engine):
                 p = profile_decode(engine.model, batch, spec.context, spec.steps)
@@ -240,7 +241,7 @@ def run_engine(engine: Engine, spec: BenchSpec, log=print) -> dict:
         label = f"{length // 1024}K" if length % 1024 == 0 else str(length)
         try:
             engine.generate(ids, 1, spec.prefill_chunk)  # warm-up: kernels compiled for these very shapes
-            ttft = _timed(lambda: engine.generate(ids, 1, spec.prefill_chunk), device, repeat)
+            ttft = timed(lambda: engine.generate(ids, 1, spec.prefill_chunk), device, repeat)
             record("prefill tok/s", label, length / ttft)
             record("TTFT s", label, ttft)
         except torch.OutOfMemoryError:
