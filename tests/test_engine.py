@@ -88,20 +88,11 @@ def mm(request):
 
 def mm_prompt(kind, seed):
     """One prompt: text, image, text, image[, audio], text; with its processor outputs."""
-    from gemma4.processing.audio import process_audio
     from gemma4.processing.image import process_images
-    from test_multimodal import AUD, BOA, BOI, EOA, EOI, IMG, random_image, text, waveform
+    from test_multimodal import random_image, two_image_row
     import numpy as np
-    rng = np.random.default_rng(seed)
     images = process_images([random_image(64, 120, seed), random_image(50, 50, seed + 1)], max_soft_tokens=70)
-    a, b = images.num_soft_tokens
-    ids = [2, *text(5, rng), BOI, *[IMG] * a, EOI, *text(4, rng), BOI, *[IMG] * b, EOI, *text(3, rng)]
-    media = dict(pixel_values=images.pixel_values, image_position_ids=images.pixel_position_ids)
-    if kind == "E2B":
-        clip = process_audio([waveform(0.45, seed)], sampling_rate=16_000)
-        ids += [BOA, *[AUD] * clip.num_soft_tokens[0], EOA, *text(3, rng)]
-        media.update(input_features=clip.input_features, input_features_mask=clip.input_features_mask)
-    return ids, media
+    return two_image_row(kind, images, np.random.default_rng(seed), seed)
 
 
 def test_media_requests_equal_model_generate(mm):

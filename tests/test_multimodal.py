@@ -71,6 +71,19 @@ def text(n: int, rng) -> list[int]:
     return rng.integers(3, TEXT_MAX, n).tolist()
 
 
+def two_image_row(kind: str, images, rng, seed: int) -> tuple[list[int], dict]:
+    """text, image, text, image, text[, audio clip (E2B)], text: the ids for the first two of `images` (processor
+    outputs), and the row's media (the images' pixels, the clip's features)."""
+    a, b = images.num_soft_tokens[:2]
+    row = [2, *text(5, rng), BOI, *[IMG] * a, EOI, *text(4, rng), BOI, *[IMG] * b, EOI, *text(3, rng)]
+    media = dict(pixel_values=images.pixel_values, image_position_ids=images.pixel_position_ids)
+    if kind == "E2B":
+        clip = process_audio([waveform(0.45, seed)], sampling_rate=16_000)
+        row += [BOA, *[AUD] * clip.num_soft_tokens[0], EOA, *text(3, rng)]
+        media.update(input_features=clip.input_features, input_features_mask=clip.input_features_mask)
+    return row, media
+
+
 def build_inputs(kind: str, seed: int = 0) -> dict:
     """A batch of two left-padded prompts mixing text and images (and, for E2B, an audio clip in row 0).
 
@@ -78,14 +91,8 @@ def build_inputs(kind: str, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     images = process_images([random_image(64, 120, seed), random_image(90, 60, seed + 1),
                              random_image(50, 50, seed + 2)], max_soft_tokens=70)
-    a, b, c = images.num_soft_tokens
-    row0 = [2, *text(5, rng), BOI, *[IMG] * a, EOI, *text(4, rng), BOI, *[IMG] * b, EOI, *text(3, rng)]
-    media = dict(pixel_values=images.pixel_values, image_position_ids=images.pixel_position_ids)
-    if kind == "E2B":
-        clip = process_audio([waveform(0.45, seed)], sampling_rate=16_000)
-        row0 += [BOA, *[AUD] * clip.num_soft_tokens[0], EOA, *text(3, rng)]
-        media.update(input_features=clip.input_features, input_features_mask=clip.input_features_mask)
-    row1 = [2, *text(3, rng), BOI, *[IMG] * c, EOI, *text(6, rng)]
+    row0, media = two_image_row(kind, images, rng, seed)
+    row1 = [2, *text(3, rng), BOI, *[IMG] * images.num_soft_tokens[2], EOI, *text(6, rng)]
     width = max(len(row0), len(row1))
     ids = torch.zeros(2, width, dtype=torch.long)
     mask = torch.zeros(2, width, dtype=torch.long)
