@@ -55,8 +55,9 @@ def test_fused_projections_through_the_kernels(checkpoint, request):
     if request.node.callspec.params["checkpoint"] not in ("E2B", "31B"):
         pytest.skip("two families (one with K=V) suffice; the interpreter is slow")
     pytest.importorskip("triton")
-    plain = Model.from_pretrained(checkpoint, dtype=torch.float32)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # compiled on a GPU, interpreted on the CPU
+    plain = Model.from_pretrained(checkpoint, dtype=torch.float32, device=device)
     fused = copy.deepcopy(plain).fuse_projections_()
-    ids = _ids()
+    ids = _ids().to(device)
     with kernels.force():
         assert (plain(ids) - fused(ids)).abs().max() <= 1e-5

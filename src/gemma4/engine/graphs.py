@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import traceback
 import warnings
 
 import torch
@@ -53,8 +54,10 @@ class GraphedDecode:
             with torch.cuda.graph(graph, pool=self.pool):
                 logits = self._step(size)
         except Exception as error:  # noqa: BLE001 - anything the capture trips on: decode eagerly from now on
-            warnings.warn(f"CUDA graph capture of the serving decode step failed ({error}); decoding eagerly")
-            self.usable, self.failure = False, f"{type(error).__name__}: {error}"
+            where = [f for f in traceback.extract_tb(error.__traceback__) if "gemma4" in f.filename][-1:]
+            at = f" at {where[0].filename.rsplit('/', 1)[-1]}:{where[0].lineno} ({where[0].line})" if where else ""
+            self.usable, self.failure = False, f"{type(error).__name__}: {error}{at}"
+            warnings.warn(f"CUDA graph capture of the serving decode step failed ({self.failure}); decoding eagerly")
             torch.cuda.synchronize()
             return
         self.graphs[size] = graph, logits

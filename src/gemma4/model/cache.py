@@ -15,12 +15,17 @@ position-based masks hide the slots not yet written), `begin` reads nothing back
 guarantees that positions stay below `max_len` (check it once, up front). That is what a CUDA graph of a decode step
 needs (engine/generate.py). Prefill chunks (never captured) attend over the slots up to their last position, as the
 dynamic default always does.
+
+A decode step on CUDA (one token per row, kernels enabled) copies nothing: the new K/V are written into the ring and
+the buffers first, and the decode kernel reads them in place. Writing first is safe on a ring: the slot the new token
+takes held position p - window, which a query at p no longer sees.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .. import kernels
 from ..config import FULL, SLIDING, TextConfig
 
 
@@ -83,12 +88,18 @@ class KVCache:
         keep = valid & (positions > row_top - self.window)
         ring_slots = torch.where(keep, positions % self.window, self.window)
         new_positions = torch.where(valid, positions, -1)
+        self.in_place = length == 1 and kernels.enabled(positions)
+        # Sliding keys: in place, the ring with the new position at its slot; otherwise the ring as it was, then the
+        # whole chunk.
+        sliding = (self.ring_positions.scatter(1, ring_slots, new_positions) if self.in_place
+                   else torch.cat([self.ring_positions[:, : self.window], new_positions], dim=1))
         self._plan = {
             "end": end,
             "row_top": row_top,
             "ring_slots": ring_slots,
             "global_slots": torch.where(valid, positions, self.max_len),
-            SLIDING: torch.cat([self.ring_positions[:, : self.window], new_positions], dim=1),
+            "new_positions": new_positions,
+            SLIDING: sliding,
             FULL: (self._global_positions[:, :end] if self.static
                    else torch.arange(end, device=positions.device).expand(self.batch_size, end)),
             ("slots", SLIDING): self.window + torch.arange(length, device=positions.device).expand_as(positions),
@@ -99,6 +110,10 @@ class KVCache:
         """Write this forward's K/V ([B, Hkv, L, D]) and return all K/V the layer attends to."""
         plan = self._plan
         cache_k, cache_v = self.keys[layer_idx], self.values[layer_idx]
+        if self.layer_types[layer_idx] == SLIDING and self.in_place:
+            _scatter_slots(cache_k, plan["ring_slots"], key)
+            _scatter_slots(cache_v, plan["ring_slots"], value)
+            return cache_k, cache_v
         if self.layer_types[layer_idx] == SLIDING:
             # Attend over the ring as it was plus the whole chunk, then keep the chunk's tail in the ring.
             all_k = torch.cat([cache_k[:, :, : self.window], key], dim=2)
@@ -127,9 +142,8 @@ class KVCache:
     def end(self) -> None:
         """Commit the forward: the ring now holds the new tokens, the global buffers are longer."""
         plan, self._plan = self._plan, None
-        new_positions = plan[SLIDING][:, self.window:]
-        self.ring_positions.scatter_(1, plan["ring_slots"], new_positions)
-        self.ring_positions[:, self.window] = -1  # the trash slot never holds a visible key
+        self.ring_positions.scatter_(1, plan["ring_slots"], plan["new_positions"])
+        self.ring_positions[:, self.window].fill_(-1)  # the trash slot never holds a visible key
         if self.static:
             self.row_lengths.copy_(torch.maximum(self.row_lengths, plan["row_top"][:, 0] + 1))
         else:

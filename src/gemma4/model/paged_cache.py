@@ -107,7 +107,9 @@ class PagedCacheView:
         plan, self._plan = self._plan, None
         ring_positions = self.pools.ring_positions
         ring_positions[plan["ring_write"].reshape(-1)] = plan["new_positions"].reshape(-1)
-        ring_positions[self.pools.ring_trash] = -1
+        # fill_, not `[i] = -1`: assigning a Python number to one element copies a CPU scalar tensor, which a CUDA
+        # graph capture refuses.
+        ring_positions[self.pools.ring_trash:].fill_(-1)
 
 
 def _write(pool: torch.Tensor, slots: torch.Tensor, new: torch.Tensor) -> None:
