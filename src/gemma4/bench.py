@@ -12,7 +12,7 @@ Measures, in this order (each part can be skipped):
 * prefill tok/s and time to first token of one prompt of 2K, 16K, 32K tokens;
 * peak GPU memory of each engine;
 * with --profile, per decode batch size: the captured step's replay time against the bytes it must read, and the
-  kernel count and top kernels of one eager step (torch.profiler).
+  kernel count and top kernels of one eager step (torch.profiler); per prefill length, the top kernels.
 
 `--compare transformers` then frees our model and runs transformers' Gemma4ForCausalLM (random weights of its own:
 speed does not depend on the values) on the same shapes, in the same process; transformers has no serving engine, so
@@ -186,16 +186,20 @@ def profile_decode(model, batch: int, context: int, steps: int) -> dict:
     need = bytes_per_step(model, runner, context + 62)  # the prompt, 2 generated tokens, 60 replays
     eager = decode_runner(model, batch, context + steps + 1, graph=False)
     eager.step(tokens)
+    kernels = kernel_profile(lambda: eager.step(tokens))
+    return {"replay_ms": replay_ms, "bytes_per_step_GB": need / 1e9, "replay_GB_s": need / replay_ms / 1e6,
+            "kernels_per_step": kernels["kernels"], "eager_kernel_ms": kernels["kernel_ms"], "top_kernels": kernels["top"]}
+
+
+def kernel_profile(fn, top: int = 8) -> dict:
+    """The CUDA kernels of one call of fn (torch.profiler): how many, their summed GPU time, the `top` longest."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        eager.step(tokens)
+        fn()
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    kernels = sum(e.count for e in events)
-    gpu_ms = sum(e.self_device_time_total for e in events) / 1e3
-    top = sorted(events, key=lambda e: -e.self_device_time_total)[:8]
-    return {"replay_ms": replay_ms, "bytes_per_step_GB": need / 1e9, "replay_GB_s": need / replay_ms / 1e6,
-            "kernels_per_step": kernels, "eager_kernel_ms": gpu_ms,
-            "top_kernels": [(e.key[:60], e.count, round(e.self_device_time_total / 1e3, 3)) for e in top]}
+    longest = sorted(events, key=lambda e: -e.self_device_time_total)[:top]
+    return {"kernels": sum(e.count for e in events), "kernel_ms": sum(e.self_device_time_total for e in events) / 1e3,
+            "top": [(e.key[:60], e.count, round(e.self_device_time_total / 1e3, 3)) for e in longest]}
 
 
 def run_engine(engine: Engine, spec: BenchSpec, log=print) -> dict:
@@ -244,6 +248,10 @@ def run_engine(engine: Engine, spec: BenchSpec, log=print) -> dict:
             ttft = timed(lambda: engine.generate(ids, 1, spec.prefill_chunk), device, repeat)
             record("prefill tok/s", label, length / ttft)
             record("TTFT s", label, ttft)
+            if spec.profile and isinstance(engine, Gemma4Engine):
+                p = kernel_profile(lambda: engine.generate(ids, 1, spec.prefill_chunk))
+                log(f"  profile prefill {label}: {p['kernels']} kernels, {p['kernel_ms']:.1f} ms of kernel time; "
+                    f"top: {p['top']}")
         except torch.OutOfMemoryError:
             record("prefill tok/s", label, float("nan"))
         _free()
