@@ -50,14 +50,20 @@ def test_fused_checkpoint_saves_and_loads(checkpoint, tmp_path, monkeypatch):
     assert torch.equal(loaded(_ids()), fused(_ids()))
 
 
-def test_fused_projections_through_the_kernels(checkpoint, request):
-    """q, k and v arrive as strided slices of one matmul's output at the fused norm + RoPE kernel."""
+def test_fused_projections_through_the_kernels(checkpoint, request, monkeypatch):
+    """q, k and v arrive as strided slices of one matmul's output at the fused norm + RoPE kernel.
+
+    On the CPU the interpreted kernels give the unfused logits to 1e-5. On a GPU cuBLAS picks other algorithms (other
+    split-K summation orders) for the fused shapes, and the post-norms of these random models amplify that fp32
+    rounding (as in test_kernels_model): 1e-3 there, still far below what a misplaced q/k/v slice does (O(1))."""
     if request.node.callspec.params["checkpoint"] not in ("E2B", "31B"):
         pytest.skip("two families (one with K=V) suffice; the interpreter is slow")
     pytest.importorskip("triton")
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # compiled on a GPU, interpreted on the CPU
-    plain = Model.from_pretrained(checkpoint, dtype=torch.float32, device=device)
+    cuda = torch.cuda.is_available()  # compiled on a GPU, interpreted on the CPU
+    monkeypatch.setenv("GEMMA4_FUSE_PROJECTIONS", "0")
+    plain = Model.from_pretrained(checkpoint, dtype=torch.float32, device="cuda" if cuda else "cpu")
     fused = copy.deepcopy(plain).fuse_projections_()
-    ids = _ids().to(device)
+    ids = _ids().to(plain.device)
     with kernels.force():
-        assert (plain(ids) - fused(ids)).abs().max() <= 1e-5
+        difference = (plain(ids) - fused(ids)).abs().max()
+    assert difference <= (1e-3 if cuda else 1e-5), difference

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gemma4 import Model
-from gemma4.model.text import Experts, Router
+from gemma4.model.text import MLP, Experts, Router
 from reference import FAMILIES, VOCAB, saved_reference
 
 pytestmark = [pytest.mark.gpu,
@@ -140,9 +140,11 @@ def test_serving_engine_graph_decode_equals_eager(checkpoint, monkeypatch):
     assert graphed == eager
 
 
-def test_fused_projections_graph_decode_equals_unfused(checkpoint):
-    """Opt-in fused q/k/v and gate/up matmuls on the CUDA-graph path: the unfused greedy tokens (fp32)."""
+def test_fused_projections_graph_decode_equals_unfused(checkpoint, monkeypatch):
+    """Fused q/k/v and gate/up matmuls (the CUDA default) on the CUDA-graph path: the unfused greedy tokens (fp32)."""
+    monkeypatch.setenv("GEMMA4_FUSE_PROJECTIONS", "0")
     model = Model.from_pretrained(checkpoint, dtype=torch.float32, device="cuda")
+    assert all(m.gate_up_weight is None for m in model.modules() if isinstance(m, MLP))
     ids, mask = padded_prompts((4, 12, 7))
     kwargs = dict(attention_mask=mask, max_new_tokens=STEPS, do_sample=False, eos_token_id=None, decode="graph")
     plain = model.generate(ids, **kwargs)

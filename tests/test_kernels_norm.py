@@ -181,3 +181,58 @@ def test_empty_inputs_give_empty_outputs():
     new, nxt = residual_rms_norm(x, x, w, 1e-6, next_weight=w)
     assert new.shape == nxt.shape == (0, 3, 16)
     assert qk_norm_rope(torch.empty(0, 1, 2, 16, device=DEVICE), w, 1e-6).shape == (0, 2, 1, 16)
+
+
+from gemma4.kernels.norm import moe_residual_norm  # noqa: E402
+from gemma4.model.text import add_normed  # noqa: E402
+
+
+def eager_moe_residual(residual, dense, sparse, dense_weight, sparse_weight, weight, scalar):
+    """DecoderLayer's MoE tail: the two branch norms, their sum, then add_normed with the layer scalar."""
+    dim = residual.shape[-1]
+    combined = norm(dim, dense_weight)(dense) + norm(dim, sparse_weight)(sparse)
+    return add_normed(residual, combined, norm(dim, weight), scalar=scalar)[0]
+
+
+def moe_inputs(shape, dtype, seed):
+    """residual, dense (a strided view), sparse, the three norm weights: branches of different scales, as the dense
+    MLP's and the experts' outputs are."""
+    torch.manual_seed(seed)
+    dim = shape[-1]
+    residual = randn(*shape, dtype=dtype, scale=8.0)
+    dense = randn(*shape[:-1], dim + 16, dtype=dtype, scale=3.0)[..., 8:dim + 8]
+    sparse = randn(*shape, dtype=dtype, scale=0.5)
+    weights = [randn(dim, dtype=dtype, scale=0.5, offset=1.0) for _ in range(3)]
+    return residual, dense, sparse, *weights
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 3, 48), (1, 2816), (3, 2816)])
+@pytest.mark.parametrize("with_scalar", [True, False])
+def test_moe_residual_norm(dtype, shape, with_scalar):
+    residual, dense, sparse, dense_weight, sparse_weight, weight = moe_inputs(shape, dtype, seed=shape[-2])
+    scalar = torch.tensor([0.37], device=DEVICE, dtype=dtype) if with_scalar else None
+    out = moe_residual_norm(residual, dense, sparse, dense_weight, sparse_weight, weight, EPS, scalar)
+    assert_matches(out, eager_moe_residual(residual, dense, sparse, dense_weight, sparse_weight, weight, scalar))
+
+
+def test_moe_residual_norm_checks_what_it_claims():
+    """bf16 bits equal to eager here; each rounding point left out, or the scalar, would be seen."""
+    dtype, dim = torch.bfloat16, 2816
+    residual, dense, sparse, dense_weight, sparse_weight, weight = moe_inputs((4, dim), dtype, seed=0)
+    scalar = torch.tensor([0.37], device=DEVICE, dtype=dtype)
+    out = moe_residual_norm(residual, dense, sparse, dense_weight, sparse_weight, weight, EPS, scalar)
+    assert torch.equal(out, eager_moe_residual(residual, dense, sparse, dense_weight, sparse_weight, weight, scalar))
+    assert not torch.equal(out, eager_moe_residual(residual, dense, sparse, dense_weight, sparse_weight, weight, None))
+    fp32 = [t.float() for t in (dense, sparse, dense_weight, sparse_weight, weight)]
+    d, s = norm(dim, fp32[2])(fp32[0]), norm(dim, fp32[3])(fp32[1])
+    unrounded_branches = (d + s).to(dtype)  # the branch norms summed before rounding
+    unrounded_sum = d.to(dtype).float() + s.to(dtype).float()  # the sum kept in fp32 for the outer norm
+    for combined in (unrounded_branches, unrounded_sum):
+        wrong = (residual.float() + norm(dim, fp32[4])(combined.float())).to(dtype) * scalar
+        assert not torch.equal(out, wrong)
+
+
+def test_moe_residual_norm_empty():
+    x, w = torch.empty(0, 16, device=DEVICE), torch.ones(16, device=DEVICE)
+    assert moe_residual_norm(x, x, x, w, w, w, EPS, torch.ones(1, device=DEVICE)).shape == (0, 16)

@@ -166,3 +166,45 @@ def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: 
         HAS_WEIGHT=weight is not None, HAS_ROPE=cos is not None, HALF_BLOCK=half_block,
         num_warps=_warps(half_block))
     return out
+
+
+@triton.jit
+def _moe_residual_norm_kernel(res_ptr, dense_ptr, sparse_ptr, dense_w_ptr, sparse_w_ptr, w_ptr, scalar_ptr, out_ptr,
+                              res_stride, dense_stride, sparse_stride, D, eps, HAS_SCALAR: tl.constexpr,
+                              BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < D
+    dtype = out_ptr.dtype.element_ty
+    # DecoderLayer's MoE tail, rounded where its eager ops materialize tensors of the model dtype: the two branch
+    # norms and their sum, then as add_normed: the norm of the sum, the residual add, the layer scalar.
+    dense = tl.load(dense_ptr + row * dense_stride + offs, mask=mask, other=0.0).to(tl.float32)
+    sparse = tl.load(sparse_ptr + row * sparse_stride + offs, mask=mask, other=0.0).to(tl.float32)
+    combined = round_to(round_to(_normalize(dense, dense_w_ptr, offs, mask, D, eps, True), dtype)
+                        + round_to(_normalize(sparse, sparse_w_ptr, offs, mask, D, eps, True), dtype), dtype)
+    normed = round_to(_normalize(combined, w_ptr, offs, mask, D, eps, True), dtype)
+    residual = tl.load(res_ptr + row * res_stride + offs, mask=mask, other=0.0).to(tl.float32)
+    new = round_to(residual + normed, dtype)
+    if HAS_SCALAR:
+        new = new * tl.load(scalar_ptr).to(tl.float32)
+    _store(out_ptr + row * D + offs, new, mask)
+
+
+def moe_residual_norm(residual: torch.Tensor, dense: torch.Tensor, sparse: torch.Tensor, dense_weight: torch.Tensor,
+                      sparse_weight: torch.Tensor, weight: torch.Tensor, eps: float,
+                      scalar: torch.Tensor | None) -> torch.Tensor:
+    """(residual + rms_norm(rms_norm(dense, dense_weight) + rms_norm(sparse, sparse_weight), weight)) * scalar, in
+    one launch: DecoderLayer's post_feedforward_layernorm_1/_2, their sum, and add_normed with layer_scalar (a
+    1-element tensor in the model dtype, read on the device; None: no scaling). residual, dense, sparse [..., D] of
+    one shape; the result has residual's shape and dtype, rounded at the same points as the eager ops."""
+    res_rows, dense_rows, sparse_rows, D = _rows(residual), _rows(dense), _rows(sparse), residual.shape[-1]
+    assert dense.shape == sparse.shape == residual.shape, (residual.shape, dense.shape, sparse.shape)
+    out = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
+    if out.numel() == 0:
+        return out
+    block = triton.next_power_of_2(D)
+    _moe_residual_norm_kernel[(res_rows.shape[0],)](
+        res_rows, dense_rows, sparse_rows, dense_weight, sparse_weight, weight,
+        scalar if scalar is not None else res_rows, out, res_rows.stride(0), dense_rows.stride(0),
+        sparse_rows.stride(0), D, eps, HAS_SCALAR=scalar is not None, BLOCK=block, num_warps=_warps(block))
+    return out

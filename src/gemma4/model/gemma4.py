@@ -81,16 +81,19 @@ class Model(nn.Module):
         and values (they become views of the fused weights). Call after the model is on its device and dtype:
         a later `.to()` keeps the results right but gives the views their own memory again.
 
-        Opt-in (`GEMMA4_FUSE_PROJECTIONS=1` when loading) until its speed has been measured on a GPU."""
+        Loaders do it on CUDA (measured on an H200 at batch 1: 26B-A4B +13%, E2B +7%); GEMMA4_FUSE_PROJECTIONS=0
+        turns it off, =1 turns it on for other devices too. Not on the CPU by default: same products, but another
+        summation order than the reference's separate matmuls."""
         for module in self.modules():
             if module is not self and hasattr(module, "fuse_projections_"):
                 module.fuse_projections_()
         return self
 
     def ready_(self) -> "Model":
-        """What every loader does last: inference mode, no gradients, fused projections if the environment asks."""
+        """What every loader does last: inference mode, no gradients, fused projections (see fuse_projections_)."""
         self.eval().requires_grad_(False)
-        if os.environ.get("GEMMA4_FUSE_PROJECTIONS", "0") not in ("", "0"):
+        setting = os.environ.get("GEMMA4_FUSE_PROJECTIONS", "auto")
+        if setting == "1" or (setting == "auto" and self.device.type == "cuda"):
             self.fuse_projections_()
         return self
 

@@ -158,6 +158,10 @@ class Router(nn.Module):
         self.per_expert_scale = nn.Parameter(torch.ones(config.num_experts))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if kernels.enabled(x):  # the same steps in two launches around the matmul (decode is launch-bound)
+            from ..kernels.router import route, router_input
+            return route(self.proj(router_input(x, self.scale, self.root_size, self.norm.eps)), self.per_expert_scale,
+                         self.top_k)
         scores = self.proj(self.norm(x) * self.scale * self.root_size)
         probs = scores.softmax(dim=-1, dtype=torch.float32)
         weights, experts = probs.topk(self.top_k, dim=-1)
@@ -216,8 +220,11 @@ class Experts(nn.Module):
             return torch._grouped_mm(rows, weight.transpose(1, 2), offs=ends)
 
         gate, up = grouped(x[token], self.gate_up_proj).chunk(2, dim=-1)
-        y = grouped(self.act(gate) * up, self.down_proj) * weights.reshape(-1)[order, None]
-        return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
+        y = (grouped(self.act(gate) * up, self.down_proj) * weights.reshape(-1)[order, None]).to(x.dtype)
+        # Back to token-major order (pair t*k + j), then each token's k outputs summed: a scatter without atomics
+        # (index_add_ into the model dtype was slow and summed in a nondeterministic order).
+        pairs = torch.empty_like(y).index_copy_(0, order, y)
+        return pairs.view(-1, k, x.shape[-1]).sum(dim=1)
 
     def forward_gathered(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """No host syncs and fixed shapes (CUDA-graph friendly): gather each (token, choice)'s expert weights and
@@ -277,6 +284,12 @@ class DecoderLayer(nn.Module):
             flat = x.reshape(-1, x.shape[-1])
             weights, experts = self.router(flat)
             sparse = self.experts(self.pre_feedforward_layernorm_2(flat), weights, experts).reshape(x.shape)
+            if kernels.enabled(x) and not self.has_per_layer_input:  # the three norms and two adds in one launch
+                from ..kernels.norm import moe_residual_norm
+                return moe_residual_norm(x, dense, sparse, self.post_feedforward_layernorm_1.weight,
+                                         self.post_feedforward_layernorm_2.weight,
+                                         self.post_feedforward_layernorm.weight, self.post_feedforward_layernorm.eps,
+                                         self.layer_scalar)
             dense = self.post_feedforward_layernorm_1(dense) + self.post_feedforward_layernorm_2(sparse)
         if not self.has_per_layer_input:
             return add_normed(x, dense, self.post_feedforward_layernorm, scalar=self.layer_scalar)[0]

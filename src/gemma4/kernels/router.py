@@ -1,0 +1,97 @@
+"""The MoE router (`Router.forward`) around its projection, as two kernels: the input scaling and the routing.
+
+  router_input: round(round(round(rms_norm(x)) * scale) * root_size)          the projection's input, model dtype
+  route:        softmax in fp32, top-k, renormalize, times per_expert_scale   fp32 weights, int64 experts
+
+Each replaces a chain of small eager ops (a decode step at batch 1 is launch-bound) and reproduces their rounding:
+fp32 math, and a rounding to the model dtype wherever the eager code materializes a tensor of that dtype. Grids and
+sizes come from tensor shapes only, and nothing is read back to the host: both are CUDA-graph capturable.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .norm import _normalize, _rows, _store, _warps
+from .rounding import round_to
+
+
+@triton.jit
+def _router_input_kernel(x_ptr, scale_ptr, out_ptr, x_stride, D, eps, root_size, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < D
+    dtype = out_ptr.dtype.element_ty
+    h = tl.load(x_ptr + row * x_stride + offs, mask=mask, other=0.0).to(tl.float32)
+    normed = round_to(_normalize(h, x_ptr, offs, mask, D, eps, False), dtype)  # the weightless norm's tensor
+    scaled = round_to(normed * tl.load(scale_ptr + offs, mask=mask, other=0.0).to(tl.float32), dtype)
+    # A tensor times a python float: torch applies the scalar in fp32 (opmath), not rounded to the dtype first, and
+    # rounds the product once. root_size arrives here as an fp32 argument, the same fp32 value.
+    _store(out_ptr + row * D + offs, scaled * root_size, mask)
+
+
+@triton.jit
+def _route_kernel(scores_ptr, pes_ptr, weights_ptr, experts_ptr, scores_stride, E,
+                  TOP_K: tl.constexpr, BLOCK: tl.constexpr, K_BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < E
+    s = tl.load(scores_ptr + row * scores_stride + offs, mask=mask, other=float("-inf")).to(tl.float32)
+    # softmax(dtype=float32): exp(s - max) / sum, as CUDA's softmax epilogue divides (the CPU multiplies by the
+    # reciprocal: an ulp apart at most). Padding lanes hold -inf: exp gives 0, they add nothing to the sum.
+    e = tl.exp(s - tl.max(s, axis=0))
+    probs = e / tl.sum(e, axis=0)
+    # torch.topk on the probabilities, largest first, by repeated argmax. Equal probabilities go lowest index first
+    # (torch leaves that order unspecified). Taken and padding lanes get -1, below any probability, so TOP_K distinct
+    # experts of [0, E) come out. A NaN or +inf score makes every probability NaN: NaN counts as the largest value
+    # (as in torch.topk), here as +inf, and the weights come out NaN (inf / inf) as torch's do.
+    cand = tl.where(mask, tl.where(probs != probs, float("inf"), probs), -1.0)
+    k_offs = tl.arange(0, K_BLOCK)
+    top = tl.zeros([K_BLOCK], dtype=tl.float32)
+    idx = tl.zeros([K_BLOCK], dtype=tl.int32)
+    for j in range(TOP_K):  # a loop of static trip count: static_range would unroll up to 256 iterations
+        best = tl.max(cand, axis=0)
+        i = tl.min(tl.where(cand == best, offs, BLOCK), axis=0)
+        top = tl.where(k_offs == j, best, top)
+        idx = tl.where(k_offs == j, i, idx)
+        cand = tl.where(offs == i, -1.0, cand)
+    k_mask = k_offs < TOP_K
+    top = top / tl.sum(top, axis=0)  # lanes past TOP_K are 0: the sum is over the k chosen
+    # fp32 weights times the gathered model-dtype scale: the product promotes to fp32, no rounding to the dtype.
+    scale = tl.load(pes_ptr + idx, mask=k_mask, other=0.0).to(tl.float32)
+    tl.store(weights_ptr + row * TOP_K + k_offs, top * scale, mask=k_mask)
+    tl.store(experts_ptr + row * TOP_K + k_offs, idx.to(tl.int64), mask=k_mask)
+
+
+def router_input(x: torch.Tensor, scale: torch.Tensor, root_size: float, eps: float) -> torch.Tensor:
+    """RMSNorm(with_scale=False)(x) * scale * root_size, as Router.forward computes it in x's dtype: x [T, H] (any
+    leading dims), scale [H] -> same shape and dtype as x."""
+    rows, D = _rows(x), x.shape[-1]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    block = triton.next_power_of_2(D)
+    _router_input_kernel[(rows.shape[0],)](rows, scale, out, rows.stride(0), D, eps, float(root_size),
+                                           BLOCK=block, num_warps=_warps(block))
+    return out
+
+
+def route(scores: torch.Tensor, per_expert_scale: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rest of Router.forward on the projection's output scores [T, E] (E <= 256):
+
+    probs = scores.softmax(-1, dtype=float32); weights, experts = probs.topk(top_k); weights /= weights.sum(-1);
+    returns (weights * per_expert_scale[experts] as fp32 [T, k], experts as int64 [T, k]), experts in descending
+    order of probability, equal probabilities lowest index first."""
+    E = scores.shape[-1]
+    assert 1 <= top_k <= E <= 256, f"top_k={top_k} of {E} experts: need 1 <= top_k <= experts <= 256"
+    rows = _rows(scores)
+    weights = torch.empty(*scores.shape[:-1], top_k, dtype=torch.float32, device=scores.device)
+    experts = torch.empty(*scores.shape[:-1], top_k, dtype=torch.int64, device=scores.device)
+    if weights.numel() == 0:
+        return weights, experts
+    block = triton.next_power_of_2(E)
+    _route_kernel[(rows.shape[0],)](rows, per_expert_scale, weights, experts, rows.stride(0), E,
+                                    TOP_K=top_k, BLOCK=block, K_BLOCK=triton.next_power_of_2(top_k), num_warps=1)
+    return weights, experts
