@@ -120,7 +120,8 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, width, bias=False)
         self.up_proj = nn.Linear(hidden, width, bias=False)
         self.down_proj = nn.Linear(width, hidden, bias=False)
-        self.act = activation(act)
+        activation(act)  # an unknown name fails when the model is built, not at its first forward
+        self.activation = act
         self.register_buffer("gate_up_weight", None, persistent=False)  # see fuse_projections_
 
     def fuse_projections_(self) -> None:
@@ -132,7 +133,15 @@ class MLP(nn.Module):
             gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(self.act(gate) * up)
+        return self.down_proj(gated(gate, up, self.activation))
+
+
+def gated(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
+    """act(gate) * up, each rounded to the dtype as eager ops do: one kernel on CUDA (strided halves read in place)."""
+    if kernels.enabled(gate):
+        from ..kernels.activation import gated_activation
+        return gated_activation(gate, up, act)
+    return activation(act)(gate) * up
 
 
 def fuse_linears(linears: list[nn.Linear]) -> torch.Tensor:
@@ -220,7 +229,7 @@ class Experts(nn.Module):
             return torch._grouped_mm(rows, weight.transpose(1, 2), offs=ends)
 
         gate, up = grouped(x[token], self.gate_up_proj).chunk(2, dim=-1)
-        y = (grouped(self.act(gate) * up, self.down_proj) * weights.reshape(-1)[order, None]).to(x.dtype)
+        y = (grouped(gated(gate, up, self.activation), self.down_proj) * weights.reshape(-1)[order, None]).to(x.dtype)
         # Back to token-major order (pair t*k + j), then each token's k outputs summed: a scatter without atomics
         # (index_add_ into the model dtype was slow and summed in a nondeterministic order).
         pairs = torch.empty_like(y).index_copy_(0, order, y)
@@ -269,7 +278,7 @@ class DecoderLayer(nn.Module):
         self.has_per_layer_input = bool(config.hidden_size_per_layer_input)
         if self.has_per_layer_input:  # E2B/E4B: a gated residual from this layer's slice of the PLE
             ple = config.hidden_size_per_layer_input
-            self.act = activation(config.hidden_activation)
+            self.activation = config.hidden_activation
             self.per_layer_input_gate = nn.Linear(hidden, ple, bias=False)
             self.per_layer_projection = nn.Linear(ple, hidden, bias=False)
             self.post_per_layer_input_norm = RMSNorm(hidden, eps)
@@ -295,8 +304,8 @@ class DecoderLayer(nn.Module):
             return add_normed(x, dense, self.post_feedforward_layernorm, scalar=self.layer_scalar)[0]
 
         x = add_normed(x, dense, self.post_feedforward_layernorm)[0]
-        gated = self.act(self.per_layer_input_gate(x)) * per_layer_input
-        return add_normed(x, self.per_layer_projection(gated), self.post_per_layer_input_norm,
+        ple = gated(self.per_layer_input_gate(x), per_layer_input, self.activation)
+        return add_normed(x, self.per_layer_projection(ple), self.post_per_layer_input_norm,
                           scalar=self.layer_scalar)[0]
 
 
