@@ -84,6 +84,10 @@ class Engine:
     def serve(self, prompts: torch.Tensor, new_tokens: int) -> int:
         raise NotImplementedError
 
+    def free_caches(self) -> None:
+        """Drop KV caches and captured graphs kept for reuse, so that one measurement's memory does not add to the
+        next one's (the peak then is that of the largest single measurement, as for one user's workload)."""
+
 
 class Gemma4Engine(Engine):
     name = "gemma4"
@@ -111,6 +115,10 @@ class Gemma4Engine(Engine):
         params = SamplingParams(max_tokens=new_tokens, ignore_eos=True, **DEFAULT_SAMPLING)
         outputs = self.engine.generate(prompts.tolist(), params)
         return sum(len(o) for o in outputs)
+
+    def free_caches(self):
+        self.model.__dict__.pop("_decode_runners", None)  # static caches + decode graphs, per batch size
+        self.engine = None
 
 
 class TransformersEngine(Engine):
@@ -225,6 +233,7 @@ def run_engine(engine: Engine, spec: BenchSpec, log=print) -> dict:
                     f"{p['eager_kernel_ms']:.2f} ms of kernel time; top: {p['top_kernels']}")
         except torch.OutOfMemoryError:
             record("decode tok/s", f"b{batch} ctx{spec.context}", float("nan"))
+        engine.free_caches()
         _free()
     if spec.concurrency:
         prompts = _random_ids((spec.concurrency, spec.serve_in), device, engine.vocab)
@@ -239,6 +248,7 @@ def run_engine(engine: Engine, spec: BenchSpec, log=print) -> dict:
                 log(f"  serving decode steps: {graphs.describe() if graphs is not None else 'eager'}")
         except torch.OutOfMemoryError:
             record("serving output tok/s", shape, float("nan"))
+        engine.free_caches()
         _free()
     for length in spec.prefill:
         ids = _random_ids((1, length), device, engine.vocab)
@@ -254,6 +264,7 @@ def run_engine(engine: Engine, spec: BenchSpec, log=print) -> dict:
                     f"top: {p['top']}")
         except torch.OutOfMemoryError:
             record("prefill tok/s", label, float("nan"))
+        engine.free_caches()
         _free()
     if device == "cuda":
         record("peak memory GiB", "", torch.cuda.max_memory_allocated() / 2**30)
