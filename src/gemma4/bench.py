@@ -4,9 +4,9 @@
 
 Measures, in this order (each part can be skipped):
 
-* decode tok/s at batch 1, 8, 32, 64 over a 1K-token context: batch x steps / (time of generating steps + 1 tokens
-  - time of generating 1), greedy, so the prefill and the first token cancel out; best of --repeat (transformers:
-  one timing);
+* decode tok/s at batch 1, 8, 32, 64 over a 1K-token context, greedy: batch x steps / the time from the first
+  generated token to the last (gemma4: clocked inside one generation; transformers: generating steps + 1 tokens
+  minus generating 1); best of --repeat (transformers: one timing);
 * the serving engine (`LLMEngine`, continuous batching) at concurrency 64, 512 prompt / 512 output tokens, with
   Gemma's default sampling (temperature 1, top-p 0.95, top-k 64) and no early stop: output tok/s of the whole run;
 * prefill tok/s and time to first token of one prompt of 2K, 16K, 32K tokens;
@@ -84,6 +84,12 @@ class Engine:
     def serve(self, prompts: torch.Tensor, new_tokens: int) -> int:
         raise NotImplementedError
 
+    def decode_seconds(self, ids: torch.Tensor, steps: int, chunk: int, device: str, repeat: int) -> float:
+        """Time of `steps` decode steps after the prompt: generating steps + 1 tokens minus generating 1 (the
+        prefill and the first token cancel out)."""
+        first = timed(lambda: self.generate(ids, 1, chunk), device, repeat)
+        return timed(lambda: self.generate(ids, steps + 1, chunk), device, repeat) - first
+
     def free_caches(self) -> None:
         """Drop KV caches and captured graphs kept for reuse, so that one measurement's memory does not add to the
         next one's (the peak then is that of the largest single measurement, as for one user's workload)."""
@@ -115,6 +121,23 @@ class Gemma4Engine(Engine):
         params = SamplingParams(max_tokens=new_tokens, ignore_eos=True, **DEFAULT_SAMPLING)
         outputs = self.engine.generate(prompts.tolist(), params)
         return sum(len(o) for o in outputs)
+
+    def decode_seconds(self, ids, steps, chunk, device, repeat):
+        """Measured inside one generation, from its first token to its last: no difference of two runs, so the
+        prefill's own variation (large for a chunked 64 x 1K prompt) cannot leak into the figure. Each step ends
+        with its tokens read back to the host, so the clock stops on finished work."""
+        from .engine.generate import token_steps
+
+        best = float("inf")
+        for _ in range(repeat):
+            params = [SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True)] * ids.shape[0]
+            stream = token_steps(self.model, ids, None, params, [set()] * ids.shape[0], prefill_chunk_size=chunk)
+            next(stream)  # the prefill and the first token
+            start = time.perf_counter()
+            for _ in stream:
+                pass
+            best = min(best, time.perf_counter() - start)
+        return best
 
     def free_caches(self):
         self.model.__dict__.pop("_decode_runners", None)  # static caches + decode graphs, per batch size
@@ -226,9 +249,8 @@ def run_engine(engine: Engine, spec: BenchSpec, log=print) -> dict:
         chunk = max(1, spec.prefill_chunk // batch)
         try:
             engine.generate(ids, spec.steps + 1, chunk)  # warm-up: captures / compiles this batch size
-            first = timed(lambda: engine.generate(ids, 1, chunk), device, repeat)
-            full = timed(lambda: engine.generate(ids, spec.steps + 1, chunk), device, repeat)
-            record("decode tok/s", f"b{batch} ctx{spec.context}", batch * spec.steps / (full - first))
+            seconds = engine.decode_seconds(ids, spec.steps, chunk, device, repeat)
+            record("decode tok/s", f"b{batch} ctx{spec.context}", batch * spec.steps / seconds)
             if spec.profile and isinstance(engine, Gemma4Engine):
                 p = profile_decode(engine.model, batch, spec.context, spec.steps)
                 log(f"  profile b{batch}: replay {p['replay_ms']:.3f} ms/step, reads {p['bytes_per_step_GB']:.2f} GB "
