@@ -32,9 +32,9 @@ def test_bench_measures_both_engines(tiny_presets, tmp_path, capsys):
     assert {(r["metric"], r["shape"]) for r in rows} == {
         ("decode tok/s", "b1 ctx12"), ("decode tok/s", "b2 ctx12"), ("serving output tok/s", "c2 6/3"),
         ("prefill tok/s", "20"), ("TTFT s", "20")}
-    # Decode figures are differences of two timings: on a tiny CPU model only their presence is meaningful.
+    # Every figure is one clocked span (decode: first token to last within one generation), so always positive.
     assert all(math.isfinite(r["gemma4"]) and math.isfinite(r["transformers"]) for r in rows)
-    assert all(r["gemma4"] > 0 and r["transformers"] > 0 for r in rows if r["metric"] != "decode tok/s")
+    assert all(r["gemma4"] > 0 and r["transformers"] > 0 for r in rows)
 
 
 @pytest.mark.parametrize("argv, message", [

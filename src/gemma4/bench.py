@@ -5,8 +5,8 @@
 Measures, in this order (each part can be skipped):
 
 * decode tok/s at batch 1, 8, 32, 64 over a 1K-token context, greedy: batch x steps / the time from the first
-  generated token to the last (gemma4: clocked inside one generation; transformers: generating steps + 1 tokens
-  minus generating 1); best of --repeat (transformers: one timing);
+  generated token to the last, clocked inside one generation of steps + 1 tokens (transformers: through a
+  streamer); best of --repeat (transformers: one timing);
 * the serving engine (`LLMEngine`, continuous batching) at concurrency 64, 512 prompt / 512 output tokens, with
   Gemma's default sampling (temperature 1, top-p 0.95, top-k 64) and no early stop: output tok/s of the whole run;
 * prefill tok/s and time to first token of one prompt of 2K, 16K, 32K tokens;
@@ -85,10 +85,19 @@ class Engine:
         raise NotImplementedError
 
     def decode_seconds(self, ids: torch.Tensor, steps: int, chunk: int, device: str, repeat: int) -> float:
-        """Time of `steps` decode steps after the prompt: generating steps + 1 tokens minus generating 1 (the
-        prefill and the first token cancel out)."""
-        first = timed(lambda: self.generate(ids, 1, chunk), device, repeat)
-        return timed(lambda: self.generate(ids, steps + 1, chunk), device, repeat) - first
+        """Time of `steps` decode steps, clocked inside one generation from its first token to its last: no
+        difference of two runs, so the prefill's own variation (large for a chunked 64 x 1K prompt) cannot leak into
+        the figure. Each token is read back to the host as it comes, so the clock stops on finished work. Best of
+        `repeat`."""
+        best = float("inf")
+        for _ in range(repeat):
+            token_times = self.token_times(ids, steps + 1, chunk)
+            best = min(best, token_times[-1] - token_times[0])
+        return best
+
+    def token_times(self, ids: torch.Tensor, new_tokens: int, chunk: int) -> list[float]:
+        """perf_counter() as each of the `new_tokens` generated tokens reaches the host (greedy)."""
+        raise NotImplementedError
 
     def free_caches(self) -> None:
         """Drop KV caches and captured graphs kept for reuse, so that one measurement's memory does not add to the
@@ -122,22 +131,12 @@ class Gemma4Engine(Engine):
         outputs = self.engine.generate(prompts.tolist(), params)
         return sum(len(o) for o in outputs)
 
-    def decode_seconds(self, ids, steps, chunk, device, repeat):
-        """Measured inside one generation, from its first token to its last: no difference of two runs, so the
-        prefill's own variation (large for a chunked 64 x 1K prompt) cannot leak into the figure. Each step ends
-        with its tokens read back to the host, so the clock stops on finished work."""
+    def token_times(self, ids, new_tokens, chunk):
         from .engine.generate import token_steps
 
-        best = float("inf")
-        for _ in range(repeat):
-            params = [SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True)] * ids.shape[0]
-            stream = token_steps(self.model, ids, None, params, [set()] * ids.shape[0], prefill_chunk_size=chunk)
-            next(stream)  # the prefill and the first token
-            start = time.perf_counter()
-            for _ in stream:
-                pass
-            best = min(best, time.perf_counter() - start)
-        return best
+        params = [SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)] * ids.shape[0]
+        return [time.perf_counter() for _ in token_steps(self.model, ids, None, params, [set()] * ids.shape[0],
+                                                          prefill_chunk_size=chunk)]
 
     def free_caches(self):
         self.model.__dict__.pop("_decode_runners", None)  # static caches + decode graphs, per batch size
@@ -165,6 +164,25 @@ class TransformersEngine(Engine):
     def generate(self, ids, new_tokens, chunk=None):
         self.model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                             eos_token_id=None, pad_token_id=0)
+
+    def token_times(self, ids, new_tokens, chunk):
+        from transformers.generation.streamers import BaseStreamer
+
+        class Clock(BaseStreamer):  # generate() hands over the prompt, then each step's tokens, moved to the host
+            def __init__(self):
+                self.times = []
+
+            def put(self, value):
+                value.cpu()
+                self.times.append(time.perf_counter())
+
+            def end(self):
+                pass
+
+        clock = Clock()
+        self.model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                            eos_token_id=None, pad_token_id=0, streamer=clock)
+        return clock.times[1:]  # the first put() is the prompt
 
     def serve(self, prompts, new_tokens):
         out = self.model.generate(prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
