@@ -104,16 +104,17 @@ _ENDPOINTS = {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/
 MAX_BODY_BYTES = 64 * 1024 * 1024  # room for a few inline images or clips; more is refused before it is read
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, what: str = "the request body", param: str | None = None) -> bytes:
     """The body, read in chunks and refused with a 413 as soon as it passes `limit` bytes."""
+    too_large = p.APIError(413, f"{what} is larger than {limit} bytes", param=param)
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise p.APIError(413, f"the request body is larger than {limit} bytes")
+        raise too_large
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise p.APIError(413, f"the request body is larger than {limit} bytes")
+            raise too_large
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -400,12 +401,18 @@ async def _process_media(state: ServerState, prompt: str, media: list[dict], ima
                                   max_soft_tokens=image_budget, add_special_tokens=False)
         except ValueError as e:
             raise p.bad(f"cannot process the media: {e}", "messages") from None
-        ids = out.pop("input_ids")[0].tolist()
-        for key in ("attention_mask", "mm_token_type_ids"):
-            out.pop(key, None)
-        return ids, dict(out)
+        return _ids_and_media(out)
 
     return await asyncio.to_thread(_limited, state, work)
+
+
+def _ids_and_media(processed) -> tuple[list[int], dict]:
+    """The processor's output for one prompt -> (its token ids, the media tensors the towers take)."""
+    out = dict(processed)
+    ids = out.pop("input_ids")[0].tolist()
+    for key in ("attention_mask", "mm_token_type_ids"):
+        out.pop(key, None)
+    return ids, out
 
 
 def _limited(state: ServerState, work):
@@ -450,13 +457,7 @@ def _parse_form(content_type: str, raw: bytes) -> dict[str, tuple[str | None, by
 
 
 async def _transcription(state: ServerState, request: Request):
-    chunks, size = [], 0
-    async for chunk in request.stream():  # stop reading as soon as the upload is too large
-        size += len(chunk)
-        if size > MAX_UPLOAD_BYTES:
-            raise p.APIError(413, f"the upload is larger than {MAX_UPLOAD_BYTES} bytes", param="file")
-        chunks.append(chunk)
-    raw = b"".join(chunks)
+    raw = await _read_body(request, MAX_UPLOAD_BYTES, "the upload", param="file")
     fields = _parse_form(request.headers.get("content-type", ""), raw)
 
     def text_field(name: str) -> str | None:
@@ -509,10 +510,7 @@ async def _transcription(state: ServerState, request: Request):
             raise p.bad(f"cannot decode the audio file: {e}", "file") from None
         except Exception as e:  # noqa: BLE001  (a decoder library's own error types on hostile input)
             raise p.bad(f"cannot decode the audio file: {type(e).__name__}: {e}", "file") from None
-        ids = out.pop("input_ids")[0].tolist()
-        for key in ("attention_mask", "mm_token_type_ids"):
-            out.pop(key, None)
-        return ids, dict(out)
+        return _ids_and_media(out)
 
     prompt_ids, inputs = await asyncio.to_thread(_limited, state, work)
     if body["max_tokens"] is None:
