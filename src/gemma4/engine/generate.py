@@ -23,6 +23,7 @@ from typing import Iterator
 
 import torch
 
+from .graphs import CaptureFailed, capture_graph
 from .sampling import (GEMMA4_DEFAULTS, GEMMA4_STOP_IDS, SamplingParams, TokenLogprobs, batchable, make_generator,
                        sample_batch, sample_token)
 
@@ -104,21 +105,11 @@ class DecodeRunner:
         """Warm up (compiles, lazy inits) and capture; leaves the cache empty. Call before the prefill."""
         if self.graph is not None or not self.want_graph:
             return
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                self.fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
-                self.outputs = self.fn()
-            self.graph = graph
-        except Exception as error:  # noqa: BLE001 - anything the capture trips on: run the same step eagerly
-            warnings.warn(f"CUDA graph capture of the decode step failed ({error}); decoding eagerly")
-            self.want_graph, self.outputs = False, None
-            torch.cuda.synchronize()
+            self.graph, self.outputs = capture_graph(self.fn)
+        except CaptureFailed as failure:  # run the same step eagerly
+            warnings.warn(f"CUDA graph capture of the decode step failed ({failure}); decoding eagerly")
+            self.want_graph = False
         self.cache.reset()
 
     def step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Decode steps of the serving engine replayed from CUDA graphs (see runner.py for when they are used)."""
+"""CUDA-graph capture (`capture_graph`, shared with engine/generate.py's static decode) and the serving engine's
+decode steps replayed from CUDA graphs (see runner.py for when they are used)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,32 @@ import torch
 
 from ..model.paged_cache import PagedCacheView
 from .block_manager import BlockManager
+
+
+class CaptureFailed(RuntimeError):
+    """A step could not be captured (the message names the error and the line of ours it came from)."""
+
+
+def capture_graph(fn, pool=None):
+    """Warm `fn` up three times on a side stream (Triton compiles for these shapes, lazy initializations), then
+    capture one call in a CUDA graph. Returns (graph, fn's outputs: static buffers that each replay overwrites);
+    raises CaptureFailed when capture trips on anything (the caller then runs fn eagerly)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            outputs = fn()
+    except Exception as error:  # noqa: BLE001 - anything the capture trips on
+        torch.cuda.synchronize()
+        where = [f for f in traceback.extract_tb(error.__traceback__) if "gemma4" in f.filename][-1:]
+        at = f" at {where[0].filename.rsplit('/', 1)[-1]}:{where[0].lineno} ({where[0].line})" if where else ""
+        raise CaptureFailed(f"{type(error).__name__}: {error}{at}") from error
+    return graph, outputs
 
 
 class GraphedDecode:
@@ -43,24 +70,11 @@ class GraphedDecode:
     def _capture(self, size: int) -> None:
         self.pool = self.pool or torch.cuda.graph_pool_handle()  # one memory pool for every bucket's graph
         self.valid.zero_()  # warm-up and capture run on padding rows only: nothing but the trash is written
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):  # compiles the Triton kernels for these shapes, lazy initializations (as generate.py)
-                self._step(size)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self.pool):
-                logits = self._step(size)
-        except Exception as error:  # noqa: BLE001 - anything the capture trips on: decode eagerly from now on
-            where = [f for f in traceback.extract_tb(error.__traceback__) if "gemma4" in f.filename][-1:]
-            at = f" at {where[0].filename.rsplit('/', 1)[-1]}:{where[0].lineno} ({where[0].line})" if where else ""
-            self.usable, self.failure = False, f"{type(error).__name__}: {error}{at}"
-            warnings.warn(f"CUDA graph capture of the serving decode step failed ({self.failure}); decoding eagerly")
-            torch.cuda.synchronize()
-            return
-        self.graphs[size] = graph, logits
+            self.graphs[size] = capture_graph(lambda: self._step(size), self.pool)
+        except CaptureFailed as failure:  # decode eagerly from now on
+            self.usable, self.failure = False, str(failure)
+            warnings.warn(f"CUDA graph capture of the serving decode step failed ({failure}); decoding eagerly")
 
     def run(self, seqs) -> torch.Tensor | None:
         """The logits [n, V] of n sequences' next token each (None when capture failed: run them eagerly)."""
