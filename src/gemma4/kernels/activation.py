@@ -32,8 +32,8 @@ GELU_ERF = tl.constexpr(1)
 SILU = tl.constexpr(2)
 RELU = tl.constexpr(3)
 
-_ACTIVATIONS = {"gelu_pytorch_tanh": GELU_TANH.value, "gelu": GELU_ERF.value, "silu": SILU.value, "swish": SILU.value,
-                "relu": RELU.value}
+ACTIVATION_CODES = {"gelu_pytorch_tanh": GELU_TANH.value, "gelu": GELU_ERF.value, "silu": SILU.value,
+                    "swish": SILU.value, "relu": RELU.value}
 
 # torch's constants, computed in double and rounded to fp32 as its `constexpr opmath_t` ones are.
 _BETA = tl.constexpr(0.7978845608028654)  # sqrt(2) * (2 / sqrt(pi)) * 0.5 = sqrt(2 / pi)
@@ -93,7 +93,8 @@ def _tanh(y):
 
 
 @triton.jit
-def _activation(x, ACT: tl.constexpr):
+def activation_fp32(x, ACT: tl.constexpr):
+    """act(x) on fp32 values (the MoE kernel's too), before the rounding to the model dtype."""
     if ACT == GELU_TANH:
         # torch's CUDA kernel contracts x + kKappa * x^3 into an fma (nvcc); the interpreter's fma rounds twice.
         inner = _BETA * tl.fma(_KAPPA, x * x * x, x)
@@ -115,7 +116,7 @@ def _gated_activation_kernel(gate_ptr, up_ptr, out_ptr, gate_stride, up_stride, 
     dtype = out_ptr.dtype.element_ty
     gate = tl.load(gate_ptr + row * gate_stride + offs, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(up_ptr + row * up_stride + offs, mask=mask, other=0.0).to(tl.float32)
-    act = round_to(_activation(gate, ACT), dtype)  # the eager act(gate) is a tensor of the model dtype
+    act = round_to(activation_fp32(gate, ACT), dtype)  # the eager act(gate) is a tensor of the model dtype
     tl.store(out_ptr + row * W + offs, round_to(act * up, dtype).to(dtype), mask=mask)  # exact in dtype
 
 
@@ -147,9 +148,10 @@ def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str) -> t
     can be addressed with one stride (no copy), else it is made contiguous. Returns a new contiguous tensor shaped
     like gate."""
     try:
-        act = _ACTIVATIONS[activation]
+        act = ACTIVATION_CODES[activation]
     except KeyError:
-        raise ValueError(f"unsupported activation {activation!r}; expected one of {sorted(_ACTIVATIONS)}") from None
+        raise ValueError(f"unsupported activation {activation!r}; "
+                         f"expected one of {sorted(ACTIVATION_CODES)}") from None
     if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
         raise ValueError(f"gate and up differ: {tuple(gate.shape)} {gate.dtype} {gate.device} vs "
                          f"{tuple(up.shape)} {up.dtype} {up.device}")

@@ -12,9 +12,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .activation import ACTIVATION_CODES, activation_fp32
 from .rounding import round_to
 
-_ACTIVATIONS = {"gelu_pytorch_tanh": 0, "silu": 1, "swish": 1}
+_ACTIVATIONS = {name: ACTIVATION_CODES[name] for name in ("gelu_pytorch_tanh", "silu", "swish")}
 
 # Both kernels are memory-bound matrix-vector products (~95 MB of bf16 weights per layer at T=1, k=8): each program
 # streams a few rows along the contiguous axis (H for gate_up_proj, W for down_proj), so that warps issue wide,
@@ -26,16 +27,6 @@ GU_BLOCK_W, GU_BLOCK_H, GU_WARPS = 4, 256, 4
 DOWN_BLOCK_H, DOWN_BLOCK_W, DOWN_WARPS = 2, 1024, 4
 # The sizes H, W, k are compile-time constants (one compilation per model shape): the loops get static trip counts,
 # which the interpreter also needs (its runtime-bounded range() breaks under NumPy >= 2.4).
-
-
-@triton.jit
-def _act(v, ACT: tl.constexpr):
-    # fp32 in, fp32 out, as torch computes the activation of a bf16 tensor (then rounds it).
-    if ACT == 0:  # gelu, tanh approximation: 0.5 v (1 + tanh(u)) = v * sigmoid(2u), which never cancels
-        u = 0.7978845608028654 * (v + 0.044715 * v * v * v)  # sqrt(2 / pi)
-        return v / (1.0 + tl.exp(-2.0 * u))
-    else:  # silu
-        return v / (1.0 + tl.exp(-v))
 
 
 @triton.jit
@@ -59,7 +50,8 @@ def _gate_up_kernel(x_ptr, experts_ptr, gu_ptr, h_ptr, H: tl.constexpr, W: tl.co
         up += tl.sum(tl.load(up_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32) * xv, axis=1)
     dtype = h_ptr.dtype.element_ty
     # Round where torch rounds: the bmm outputs, the activation's output, the product (the store is then exact).
-    h = round_to(round_to(_act(round_to(gate, dtype), ACT), dtype) * round_to(up, dtype), dtype)
+    # The activation is the gated-activation kernel's (torch's CUDA formulas, fp32 in and out).
+    h = round_to(round_to(activation_fp32(round_to(gate, dtype), ACT), dtype) * round_to(up, dtype), dtype)
     tl.store(h_ptr + p * W + rows, h.to(dtype), mask=row_ok)
 
 
