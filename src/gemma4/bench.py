@@ -161,9 +161,9 @@ class TransformersEngine(Engine):
         self.model.config._attn_implementation = "sdpa"
         self.vocab = config.vocab_size
 
-    def generate(self, ids, new_tokens, chunk=None):
+    def generate(self, ids, new_tokens, chunk=None, streamer=None):
         self.model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                            eos_token_id=None, pad_token_id=0)
+                            eos_token_id=None, pad_token_id=0, streamer=streamer)
 
     def token_times(self, ids, new_tokens, chunk):
         from transformers.generation.streamers import BaseStreamer
@@ -180,8 +180,7 @@ class TransformersEngine(Engine):
                 pass
 
         clock = Clock()
-        self.model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                            eos_token_id=None, pad_token_id=0, streamer=clock)
+        self.generate(ids, new_tokens, streamer=clock)
         return clock.times[1:]  # the first put() is the prompt
 
     def serve(self, prompts, new_tokens):
@@ -237,7 +236,8 @@ def profile_decode(model, batch: int, context: int, steps: int) -> dict:
     eager.step(tokens)
     kernels = kernel_profile(lambda: eager.step(tokens))
     return {"replay_ms": replay_ms, "bytes_per_step_GB": need / 1e9, "replay_GB_s": need / replay_ms / 1e6,
-            "kernels_per_step": kernels["kernels"], "eager_kernel_ms": kernels["kernel_ms"], "top_kernels": kernels["top"]}
+            "kernels_per_step": kernels["kernels"], "eager_kernel_ms": kernels["kernel_ms"],
+            "top_kernels": kernels["top"]}
 
 
 def kernel_profile(fn, top: int = 8) -> dict:
