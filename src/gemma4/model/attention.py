@@ -68,7 +68,8 @@ class ForwardContext:
     def __post_init__(self):
         # One token per row over a cache, on CUDA: the split-K decode kernel reads only the keys a row may see (up
         # to the written prefix of a global layer's buffer), maps query heads to KV heads without copies, and needs
-        # no mask tensors.
+        # no mask tensors. The cache follows this decision (`begin(..., in_place=...)`): it writes the new K/V first
+        # and hands over its buffers as they are.
         self.decode_kernel = self.cache is not None and self.positions.shape[1] == 1 and kernels.enabled(self.positions)
 
     def attend(self, layer_type: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -16,8 +16,8 @@ guarantees that positions stay below `max_len` (check it once, up front). That i
 needs (engine/generate.py). Prefill chunks (never captured) attend over the slots up to their last position, as the
 dynamic default always does.
 
-A decode step on CUDA (one token per row, kernels enabled) copies nothing: the new K/V are written into the ring and
-the buffers first, and the decode kernel reads them in place. Writing first is safe on a ring: the slot the new token
+A decode step through the decode kernel (`begin(..., in_place=True)`: one token per row on CUDA) copies nothing: the
+new K/V are written into the ring and the buffers first, and the kernel reads them in place. Writing first is safe on a ring: the slot the new token
 takes held position p - window, which a query at p no longer sees.
 """
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import torch
 
-from .. import kernels
 from ..config import FULL, SLIDING, TextConfig
 
 
@@ -68,8 +67,9 @@ class KVCache:
         positions = self.row_lengths[:, None] + valid.long().cumsum(dim=1) - 1
         return positions.masked_fill(~valid, 0)
 
-    def begin(self, positions: torch.Tensor, valid: torch.Tensor) -> None:
-        """Plan where this forward's tokens go. positions/valid: [B, L]."""
+    def begin(self, positions: torch.Tensor, valid: torch.Tensor, in_place: bool = False) -> None:
+        """Plan where this forward's tokens go. positions/valid: [B, L]. `in_place`: the decode kernel attends (one
+        token per row; ForwardContext.decode_kernel decides)."""
         if positions.shape[0] != self.batch_size:
             raise ValueError(f"cache was made for batch {self.batch_size}, got {positions.shape[0]}")
         if self.static and positions.shape[1] == 1:
@@ -88,7 +88,7 @@ class KVCache:
         keep = valid & (positions > row_top - self.window)
         ring_slots = torch.where(keep, positions % self.window, self.window)
         new_positions = torch.where(valid, positions, -1)
-        self.in_place = length == 1 and kernels.enabled(positions)
+        self.in_place = in_place
         # Sliding keys: in place, the ring with the new position at its slot; otherwise the ring as it was, then the
         # whole chunk.
         sliding = (self.ring_positions.scatter(1, ring_slots, new_positions) if self.in_place

@@ -161,7 +161,7 @@ class Model(nn.Module):
         embeds, ple_ids, blocks = self.embed(input_ids, **media)
         ctx = ForwardContext(position_ids, valid, cache, blocks, self.config.text_config.sliding_window)
         if cache is not None:
-            cache.begin(position_ids, valid)
+            cache.begin(position_ids, valid, in_place=ctx.decode_kernel)
         hidden = self.text(embeds, ctx, ple_ids, last_only=last_only)
         if cache is not None:
             cache.end()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from .. import kernels
 from ..config import FULL, SLIDING
 
 
@@ -38,7 +37,8 @@ class PagedCacheView:
         positions = self.num_cached[:, None] + valid.long().cumsum(dim=1) - 1
         return positions.masked_fill(~valid, 0)
 
-    def begin(self, positions: torch.Tensor, valid: torch.Tensor) -> None:
+    def begin(self, positions: torch.Tensor, valid: torch.Tensor, in_place: bool = False) -> None:
+        """As KVCache.begin; `in_place` (ForwardContext.decode_kernel): attend over the pools without gathering."""
         bs, pools = self.block_size, self.pools
         new_positions = torch.where(valid, positions, -1)
         row_top = new_positions.amax(dim=1, keepdim=True)
@@ -51,10 +51,10 @@ class PagedCacheView:
         length = positions.shape[1]
         self._plan = {"ring_write": ring_write, "global_write": global_write, "new_positions": new_positions}
         offsets = torch.arange(self.global_gather.shape[1], device=positions.device)[None]
-        # One token per row on CUDA: attend in place over the pools (see the module's docstring). The candidates
-        # are the row's own slots, the new token's included (written before attending): the ring with the new
-        # position at its slot, and the global blocks in position order, visible up to the query's position.
-        self.in_place = length == 1 and kernels.enabled(positions)
+        # The decode kernel attends in place over the pools (see the module's docstring). The candidates are the
+        # row's own slots, the new token's included (written before attending): the ring with the new position at
+        # its slot, and the global blocks in position order, visible up to the query's position.
+        self.in_place = in_place
         if self.in_place:
             query = new_positions[:, :1]  # -1 for a padding row: it sees nothing
             ring = pools.ring_positions[self.ring_gather].scatter(1, positions % self.window, query)
