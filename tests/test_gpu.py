@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from gemma4 import Model
+from gemma4.engine.generate import left_pad
 from gemma4.model.text import MLP, Experts, Router
 from reference import FAMILIES, VOCAB, saved_reference
 
@@ -23,12 +24,7 @@ def checkpoint(request, tmp_path_factory):
 
 def padded_prompts(lengths, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    longest = max(lengths)
-    ids = torch.zeros(len(lengths), longest, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, longest - n:] = torch.randint(3, VOCAB, (n,), generator=gen)
-        mask[row, longest - n:] = 1
+    ids, mask = left_pad([torch.randint(3, VOCAB, (n,), generator=gen) for n in lengths])
     return ids.cuda(), mask.cuda()
 
 
