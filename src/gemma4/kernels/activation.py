@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .norm import _rows  # [rows, W] with one row stride: a view where the leading dims collapse, else a copy
 from .rounding import round_to
 
 GELU_TANH = tl.constexpr(0)
@@ -118,18 +119,6 @@ def _gated_activation_kernel(gate_ptr, up_ptr, out_ptr, gate_stride, up_stride, 
     up = tl.load(up_ptr + row * up_stride + offs, mask=mask, other=0.0).to(tl.float32)
     act = round_to(activation_fp32(gate, ACT), dtype)  # the eager act(gate) is a tensor of the model dtype
     tl.store(out_ptr + row * W + offs, round_to(act * up, dtype).to(dtype), mask=mask)  # exact in dtype
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """x as [rows, W] with unit stride along W and one stride between rows: a view where the leading dims collapse
-    (halves of a [..., 2W] tensor, a slice [:, :, i] of [B, L, layers, W]), else a contiguous copy."""
-    W = x.shape[-1]
-    if x.stride(-1) == 1 or W <= 1:
-        try:
-            return x.view(-1, W)
-        except RuntimeError:
-            pass
-    return x.contiguous().view(-1, W)
 
 
 def _block(rows: int, W: int) -> int:
