@@ -148,22 +148,26 @@ def test_fused_projections_graph_decode_equals_unfused(checkpoint, monkeypatch):
     assert torch.equal(plain, model.fuse_projections_().generate(ids, **kwargs))
 
 
-@pytest.mark.parametrize("preset", ["E2B", "26B-A4B"])
-def test_full_size_fast_path_close_to_plain_ops(preset, monkeypatch):
-    """Official shapes with random weights, bf16: what tiny configs cannot show (grids, tiles and offsets at head_dim
-    512, a 262K vocabulary, 128 experts, 1,024-slot rings). The CUDA default path (Triton kernels, static cache,
-    CUDA-graph decode) against plain PyTorch ops on the reference cache path (GEMMA4_KERNELS=0), over a prompt longer
-    than the sliding window, then 8 decode steps both fed the plain path's greedy tokens.
+@pytest.mark.parametrize("preset, dtype, num_layers, bound", [("E2B", torch.bfloat16, None, 0.99),
+                                                               ("26B-A4B", torch.float32, 6, 0.999)])
+def test_full_size_fast_path_close_to_plain_ops(preset, dtype, num_layers, bound, monkeypatch):
+    """Official shapes with random weights: what tiny configs cannot show (grids, tiles and offsets at head_dim 512,
+    a 262K vocabulary, 128 experts, 1,024-slot rings). The CUDA default path (Triton kernels incl. the flash prefill
+    attention, static cache, CUDA-graph decode) against plain PyTorch ops on the reference cache path
+    (GEMMA4_KERNELS=0), over a prompt longer than the sliding window, then 8 decode steps both fed the plain path's
+    greedy tokens.
 
-    Both round to bf16 at the same points, but the attention and the norms sum in other orders, so hidden states part
-    by bf16 ulps that 30-35 layers compound: the bound asks each step's logit vector to point the same way (cosine
-    >= 0.99). A wrong slot, mask, expert or offset at these shapes gives garbage or NaNs, far below it.
-    Written after this session's device time was spent: not yet run on a GPU."""
+    The paths sum in other orders, so hidden states part by rounding that the layers compound: the bound asks each
+    step's logit vector to point the same way. E2B in bf16, all 35 layers: cosine >= 0.99 (measured on an H200).
+    26B-A4B: a random router's top-8 of 128 has near-ties that bf16 rounding flips (3 layers on the CPU: bf16 vs
+    fp32 logits at cosine 0.982; the whole bf16 model fast vs plain at 0.38 on an H200), each flip swapping an
+    expert; so fp32, where flips are rare, on 6 layers (5 sliding + 1 global, every shape of the model), cosine >=
+    0.999. A wrong slot, mask, expert or offset gives garbage or NaNs, far below either bound."""
     from gemma4.engine.generate import DecodeRunner
     from gemma4.random_init import random_config, random_model
 
-    config = random_config(preset, text_only=True)
-    model = random_model(config, torch.bfloat16, device="cuda")
+    config = random_config(preset, num_layers, text_only=True)
+    model = random_model(config, dtype, device="cuda")
     length = config.text_config.sliding_window + 100
     ids = torch.randint(10, 200_000, (1, length), generator=torch.Generator().manual_seed(0)).cuda()
     steps, max_len = 8, length + 16
@@ -183,7 +187,8 @@ def test_full_size_fast_path_close_to_plain_ops(preset, monkeypatch):
         fast = [model(ids, cache=runner.cache, last_only=True)[:, -1].float()]
         for logits in plain[:-1]:
             fast.append(runner.step(logits.argmax(-1))[0].clone())
-    for step, (a, b) in enumerate(zip(fast, plain)):
+    cosines = [torch.nn.functional.cosine_similarity(a, b, dim=-1).min().item() for a, b in zip(fast, plain)]
+    print(f"{preset} {dtype}: cosine per step {[round(c, 5) for c in cosines]}")  # shown with pytest -s
+    for step, (a, cosine) in enumerate(zip(fast, cosines)):
         assert torch.isfinite(a).all(), step
-        cosine = torch.nn.functional.cosine_similarity(a, b, dim=-1).min()
-        assert cosine >= 0.99, (step, cosine)
+        assert cosine >= bound, (step, cosine)

@@ -131,3 +131,13 @@ def test_head_dim_256_strided_views():
     query_positions = torch.tensor([length - 1], device=DEVICE)
     out = decode_attention(q, k, v, positions, query_positions, window=12)
     check(out, reference(q, k[:, :, :length], v[:, :, :length], positions, query_positions, 12), torch.bfloat16)
+
+
+def test_decode_attention_reads_strided_query_positions():
+    """A column of a [B, L] positions tensor (stride L) is read per row, not as if contiguous."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = make(2, 2, 1, 12, 16, torch.float32, g)
+    key_positions = torch.tensor([list(range(12)), [-1] * 5 + list(range(7))], device=DEVICE)
+    positions = torch.tensor([[9, 11], [4, 6]], device=DEVICE)  # the last column is the query's
+    out = decode_attention(q, k, v, key_positions, positions[:, -1], window=4)
+    check(out, reference(q, k, v, key_positions, positions[:, -1].contiguous(), window=4), torch.float32)

@@ -41,8 +41,11 @@ def test_sharded_checkpoint_with_index(tmp_path):
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
     assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
     again = Model.from_pretrained(tmp_path / "sharded", dtype=torch.float32)
+    loaded, saved = again.state_dict(), ours.state_dict()
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
+    # Equal weights, but buffers at other addresses may take other (SIMD-aligned) code paths: last-bit differences.
     ids = ids_for_test()
-    assert torch.equal(again(ids), ours(ids))
+    torch.testing.assert_close(again(ids), ours(ids), atol=1e-5, rtol=0)
 
 
 def test_released_checkpoints_with_kv_weights_on_shared_layers(tmp_path):

@@ -21,6 +21,7 @@ its serving figure is one static batch of the 64 prompts through `generate`. tra
 
 from __future__ import annotations
 
+import functools
 import gc
 import statistics
 import time
@@ -254,6 +255,9 @@ def kernel_profile(fn, top: int = 8) -> dict:
 def run_engine(engine: Engine, spec: BenchSpec, log=print) -> dict:
     """Every figure of one engine: {(metric, shape): value}."""
     device, results = spec.device, {}
+    # Profiles run after every timing: once a profiler session has run, CUPTI stays attached and slows kernel
+    # launches (transformers' E2B b1 decode: 8.5 tok/s measured after one, 23.6 without; an H200 and an H100 run).
+    profiles = []
     repeat = spec.repeat if isinstance(engine, Gemma4Engine) else 1  # transformers: one timing (slow enough)
 
     def record(metric, shape, value):
@@ -270,10 +274,7 @@ def run_engine(engine: Engine, spec: BenchSpec, log=print) -> dict:
             seconds = engine.decode_seconds(ids, spec.steps, chunk, device, repeat)
             record("decode tok/s", f"b{batch} ctx{spec.context}", batch * spec.steps / seconds)
             if spec.profile and isinstance(engine, Gemma4Engine):
-                p = profile_decode(engine.model, batch, spec.context, spec.steps)
-                log(f"  profile b{batch}: replay {p['replay_ms']:.3f} ms/step, reads {p['bytes_per_step_GB']:.2f} GB "
-                    f"-> {p['replay_GB_s']:.0f} GB/s; eager step {p['kernels_per_step']} kernels, "
-                    f"{p['eager_kernel_ms']:.2f} ms of kernel time; top: {p['top_kernels']}")
+                profiles.append(functools.partial(_log_decode_profile, engine, spec, batch, log))
         except torch.OutOfMemoryError:
             record("decode tok/s", f"b{batch} ctx{spec.context}", float("nan"))
         engine.free_caches()
@@ -302,16 +303,33 @@ def run_engine(engine: Engine, spec: BenchSpec, log=print) -> dict:
             record("prefill tok/s", label, length / ttft)
             record("TTFT s", label, ttft)
             if spec.profile and isinstance(engine, Gemma4Engine):
-                p = kernel_profile(lambda: engine.generate(ids, 1, spec.prefill_chunk))
-                log(f"  profile prefill {label}: {p['kernels']} kernels, {p['kernel_ms']:.1f} ms of kernel time; "
-                    f"top: {p['top']}")
+                profiles.append(functools.partial(_log_prefill_profile, engine, spec, ids, label, log))
         except torch.OutOfMemoryError:
             record("prefill tok/s", label, float("nan"))
         engine.free_caches()
         _free()
     if device == "cuda":
         record("peak memory GiB", "", torch.cuda.max_memory_allocated() / 2**30)
+    for profile in profiles:
+        try:
+            profile()
+        except torch.OutOfMemoryError:
+            log("  profile: out of memory")
+        engine.free_caches()
+        _free()
     return results
+
+
+def _log_decode_profile(engine, spec, batch, log):
+    p = profile_decode(engine.model, batch, spec.context, spec.steps)
+    log(f"  profile b{batch}: replay {p['replay_ms']:.3f} ms/step, reads {p['bytes_per_step_GB']:.2f} GB "
+        f"-> {p['replay_GB_s']:.0f} GB/s; eager step {p['kernels_per_step']} kernels, "
+        f"{p['eager_kernel_ms']:.2f} ms of kernel time; top: {p['top_kernels']}")
+
+
+def _log_prefill_profile(engine, spec, ids, label, log):
+    p = kernel_profile(lambda: engine.generate(ids, 1, spec.prefill_chunk))
+    log(f"  profile prefill {label}: {p['kernels']} kernels, {p['kernel_ms']:.1f} ms of kernel time; top: {p['top']}")
 
 
 def _free() -> None:

@@ -122,6 +122,9 @@ def cmd_bench(args) -> None:
     import json
 
     from .bench import BenchSpec, bench, table
+    if args.profile and args.compare:
+        raise ValueError("--profile slows whatever runs after it (the profiler stays attached to the GPU): "
+                         "profile in a run of its own, without --compare")
     if args.device == "cuda" and not _cuda():
         raise ValueError("no CUDA GPU here: gemma4 bench measures on a GPU (--device cpu runs a tiny smoke test)")
     if args.profile and args.device != "cuda":

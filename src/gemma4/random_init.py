@@ -41,7 +41,7 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
     # state_dict() holds what a checkpoint holds (not derived buffers such as RoPE tables), sharing storage.
     for name, tensor in model.state_dict().items():
-        leaf = name.rsplit(".", 1)[-1]
+        module, _, leaf = name.rpartition(".")
         if not tensor.is_floating_point():
             continue
         if leaf.endswith("_min"):  # clip bounds of clippable linears: finite, so clipping really happens
@@ -50,6 +50,12 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             fill(tensor, uniform(1.5, 3.0))
         elif leaf == "layer_scalar":
             fill(tensor, uniform(0.5, 1.0))
+        elif module.endswith(("q_norm", "k_norm")):
+            # Attention scale is 1.0, so trained q/k norm weights set the logits' spread. Weights around 1 would
+            # give q.k a std of sqrt(head_dim) (16 at head_dim 256): near-hard argmax attention that makes the random
+            # network chaotic (bf16 rounding alone left a 10-layer E2B's logits uncorrelated with fp32: cosine 0.19).
+            # Around head_dim ** -0.25 each, q.k has unit spread.
+            fill(tensor, uniform(0.5 * tensor.shape[0] ** -0.25, 1.5 * tensor.shape[0] ** -0.25))
         elif tensor.dim() <= 1:  # norm weights, router scales: around 1; biases: small
             fill(tensor, normal(0.02) if leaf == "bias" else uniform(0.5, 1.5))
         else:  # matrices: std GAIN / sqrt(fan_in)

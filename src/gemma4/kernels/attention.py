@@ -185,6 +185,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         vb, vh, vn = 0, value.stride(0), value.stride(1)
         sb, sn = slots.stride(0), slots.stride(1)
 
+    query_positions = query_positions.contiguous()  # read as qpos[b]: a column of a [B, L] tensor is strided
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_n = _block_n(block_d, key.element_size())
     splits = num_splits or _num_splits(batch * num_kv_heads, candidates, block_n, query.device)

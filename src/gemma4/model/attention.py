@@ -8,6 +8,7 @@ batch (each row has its own positions), with no special cases.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +54,37 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
     return out.transpose(1, 2).reshape(batch, length, heads * dim)
 
 
+@dataclass(frozen=True)
+class MaskRule:
+    """What `attention_mask` would materialize, for a kernel that applies the rule itself from positions."""
+
+    query_positions: torch.Tensor  # [B, Lq]
+    query_valid: torch.Tensor  # [B, Lq]
+    key_positions: torch.Tensor  # [B, Lk]
+    window: int | None
+    query_blocks: torch.Tensor | None = None  # [B, Lq] / [B, Lk] image block ids on sliding layers with images
+    key_blocks: torch.Tensor | None = None
+    plans: dict = field(default_factory=dict)  # the kernel's per-tile key ranges, shared by the layers of a forward
+
+    def last_query_only(self) -> MaskRule:
+        blocks = self.query_blocks[:, -1:] if self.query_blocks is not None else None
+        return MaskRule(self.query_positions[:, -1:], self.query_valid[:, -1:], self.key_positions, self.window,
+                        blocks, self.key_blocks)
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        if query.shape[2] == 1 and self.query_blocks is None:
+            # One query per row (KV-shared layers of a last-position-only prefill): the split-K decode kernel
+            # spreads the keys over the SMs, where the prefill kernel would scan them all in one program per head.
+            # A padding query sees what position 0 sees; its output is discarded.
+            from ..kernels.attention import decode_attention
+            out = decode_attention(query[:, :, 0], key, value, self.key_positions, self.query_positions[:, 0],
+                                   self.window)
+            return out.reshape(query.shape[0], 1, -1)
+        from ..kernels.prefill_attention import prefill_attention
+        return prefill_attention(query, key, value, self.query_positions, self.query_valid, self.key_positions,
+                                 self.window, self.query_blocks, self.key_blocks, self.plans)
+
+
 @dataclass
 class ForwardContext:
     """What every layer of one forward shares: positions, padding, the cache, and K/V handed to KV-shared layers."""
@@ -71,10 +103,17 @@ class ForwardContext:
         # no mask tensors. The cache follows this decision (`begin(..., in_place=...)`): it writes the new K/V first
         # and hands over its buffers as they are.
         self.decode_kernel = self.cache is not None and self.positions.shape[1] == 1 and kernels.enabled(self.positions)
+        # Any other forward on CUDA: the flash prefill kernel, which applies the mask rule from positions itself
+        # (the "mask" handed around is then a MaskRule, never a [B, 1, Lq, Lk] tensor).
+        # GEMMA4_PREFILL_KERNEL=0: SDPA with a boolean mask instead (comparisons, debugging).
+        self.prefill_kernel = (not self.decode_kernel and kernels.enabled(self.positions)
+                               and os.environ.get("GEMMA4_PREFILL_KERNEL", "1") != "0")
 
     def attend(self, layer_type: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                mask: torch.Tensor | None) -> torch.Tensor:
         """query [B, H, Lq, D] over key/value [B, Hkv, Lk, D] -> [B, Lq, H * D]."""
+        if isinstance(mask, MaskRule):
+            return mask.attend(query, key, value)
         if not self.decode_kernel:
             return attend(query, key, value, mask)
         from ..kernels.attention import decode_attention
@@ -106,6 +145,8 @@ class ForwardContext:
         if window is None:  # global layers stay causal, images included (as in the reference)
             key_blocks = None
         blocks = self.blocks if key_blocks is not None else None
+        if self.prefill_kernel:
+            return MaskRule(self.positions, self.valid, key_positions, window, blocks, key_blocks)
         return attention_mask(self.positions, self.valid, key_positions, window, blocks, key_blocks)
 
     def _key_blocks(self, layer_type: str, num_keys: int) -> torch.Tensor:

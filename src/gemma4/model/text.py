@@ -11,7 +11,7 @@ from torch import nn
 
 from .. import kernels
 from ..config import TextConfig
-from .attention import ForwardContext
+from .attention import ForwardContext, MaskRule
 from .common import RMSNorm, activation
 
 
@@ -394,7 +394,8 @@ def _last_position_only(x, ropes, per_layer, ctx: ForwardContext):
     """Cut a forward down to its last position before the KV-shared layers (their K/V come from earlier layers)."""
     ctx.positions, ctx.valid = ctx.positions[:, -1:], ctx.valid[:, -1:]
     ctx.masks = {}
-    ctx.shared_kv = {i: (k, v, m[:, :, -1:]) for i, (k, v, m) in ctx.shared_kv.items()}
+    ctx.shared_kv = {i: (k, v, m.last_query_only() if isinstance(m, MaskRule) else m[:, :, -1:])
+                     for i, (k, v, m) in ctx.shared_kv.items()}
     ropes = {t: (cos[:, -1:], sin[:, -1:]) for t, (cos, sin) in ropes.items()}
     per_layer = per_layer[:, -1:] if per_layer is not None else None
     return x[:, -1:], ropes, per_layer, ctx
