@@ -60,10 +60,16 @@ def main():
     parser.add_argument("--preset", default="26B-A4B")
     parser.add_argument("--context", type=int, default=16384)
     parser.add_argument("--chunk", type=int, default=4096)
+    parser.add_argument("--tiles", nargs="*", default=["64,64,128,4", "128,64,128,8", "64,32,128,4", "128,32,128,8"],
+                        help="BLOCK_M,BLOCK_N,BLOCK_DV,warps choices to time beside the default")
+    parser.add_argument("--stages", type=int, nargs="*", default=[2, 3])
+    parser.add_argument("--layers", nargs="*", default=["sliding", "global"])
     args = parser.parse_args()
     print(f"{args.preset}, last {args.chunk}-token chunk of {args.context}, {torch.cuda.get_device_name()}")
     print("| layer | variant | ms | max abs diff vs SDPA |\n| --- | --- | ---: | ---: |")
     for kind, (heads, kv_heads, dim, window) in layer_shapes(args.preset).items():
+        if kind not in args.layers:
+            continue
         q, k, v, qpos, qvalid, kpos = inputs(heads, kv_heads, dim, window, args.context, args.chunk, "cuda")
 
         def sdpa():
@@ -71,9 +77,9 @@ def main():
 
         expected = sdpa()
         print(f"| {kind} D{dim} | SDPA + bool mask | {median_ms(sdpa):.2f} | |")
-        tile_choices = [None, (64, 64, 128, 4), (128, 64, 128, 8), (64, 32, 128, 4), (128, 32, 128, 8), (128, 64, 64, 4)]
+        tile_choices = [None] + [tuple(int(n) for n in t.split(",")) for t in args.tiles]
         for tiles in tile_choices:
-            for stages in (2, 3):
+            for stages in args.stages:
                 def kernel():
                     return prefill_attention(q, k, v, qpos, qvalid, kpos, window, tiles=tiles, num_stages=stages)
                 try:

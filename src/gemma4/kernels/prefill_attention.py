@@ -10,8 +10,8 @@ Visibility is `attention_mask`'s: key j is visible to query i iff kpos_j >= 0 an
 lie in one image block, blocks > 0), and with a window qpos_i - kpos_j < window. Padding queries see nothing and
 get zeros (`attention_mask` lets them see everything to avoid NaNs; their outputs are discarded either way).
 
-head_dim 256/512: a [BLOCK_M, head_dim] fp32 accumulator does not fit in registers, so each program accumulates a
-BLOCK_DV slice of the value dims, and QK^T (over all dims) is computed once per slice.
+A program may accumulate a BLOCK_DV slice of the value dims only (QK^T, over all dims, is then computed once per
+slice): the tile choice below trades that recomputation against the fp32 accumulator's registers.
 """
 
 from __future__ import annotations
@@ -115,18 +115,18 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, qpos_ptr, kpos_ptr, qblock_ptr
 def _tiles(head_dim: int, itemsize: int, is_cuda: bool) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_DV, num_warps) for a head_dim (padded to a power of two).
 
-    On the GPU, the fastest of the choices timed by benchmarks/prefill_attention.py on an H200 (26B-A4B shapes, last
-    4K chunk of a 16K prompt, docs/benchmarks.md): head_dim 256 (64, 32, 128, 4) 1.19 ms (64, 64, 256, 8: 1.47);
-    head_dim 512 (128, 32, 128, 8) 18.7 ms (64, 32, 256, 8: 22.7; BLOCK_N 64 runs out of shared memory). Value
-    slices of 128 recompute QK^T per slice but keep the fp32 accumulator small. On the CPU (the interpreter, tests):
-    small tiles, so short test sequences still span several tiles."""
+    On the GPU in bf16, the fastest of the choices timed by benchmarks/prefill_attention.py on an H200 (26B-A4B shapes,
+    last 4K chunk of a 16K prompt, docs/benchmarks.md): head_dim 256 (64, 32, 256, 4) 0.92 ms (SDPA 1.71; value
+    slices of 128: 1.07); head_dim 512 (64, 32, 512, 8) 12.7 ms (SDPA 18.2; slices of 128 or 256, which recompute
+    QK^T per slice: 19.0 / 14.3). fp32 (tests) takes small tiles: Q alone would not fit shared memory. On the CPU
+    (the interpreter, tests): small tiles, so short test sequences still span several tiles."""
     if not is_cuda:
         return 16, 16, min(head_dim, 32), 1
-    if head_dim <= 256:
-        return 64, 32, min(head_dim, 128), 4
-    if itemsize > 2:  # fp32 (tests): Q alone would take 256 KiB of shared memory at BLOCK_M 128
+    if itemsize > 2:
         return 32, 16, 128, 4
-    return 128, 32, 128, 8
+    if head_dim <= 256:
+        return 64, 32, head_dim, 4
+    return 64, 32, head_dim, 8
 
 
 def _key_tile_ranges(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None, qblocks: torch.Tensor | None,
