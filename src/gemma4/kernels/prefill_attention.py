@@ -1,10 +1,12 @@
 """Flash attention for many queries per row (prefill, chunked prefill, a cache-free forward): the twin of
 `model.attention.attend` with `attention_mask`'s rule computed from positions inside the kernel.
 
-Program (query tile, row * H + head, value slice) runs an online softmax over the row's keys tile by tile. Before a
-key tile's K/V are loaded, its [BLOCK_M, BLOCK_N] visibility is computed from positions alone; a tile no query of the
-program may see is skipped. So a sliding layer reads about window + BLOCK_M keys per query tile instead of all of them
-(the ring plus a 4K chunk is 5x a 1K window), and a causal global layer half its keys; no mask tensor is built.
+Program (query tile, row * H + head, value slice) runs an online softmax over the row's keys tile by tile, and only
+over the span of key tiles that some query of its tile may see: `_key_tile_ranges` works the spans out from per-tile
+position bounds once per forward, on the device. So a sliding layer reads about window + BLOCK_M keys per query tile
+instead of all of them (the ring plus a 4K chunk is 5x a 1K window), and a causal global layer half its keys. Inside
+the span each tile's [BLOCK_M, BLOCK_N] visibility is computed from positions; no mask tensor is built. (Deciding per
+tile inside the loop whether to skip it was 2x slower: loads under a branch are not software-pipelined.)
 
 Visibility is `attention_mask`'s: key j is visible to query i iff kpos_j >= 0 and (kpos_j <= qpos_i, or both tokens
 lie in one image block, blocks > 0), and with a window qpos_i - kpos_j < window. Padding queries see nothing and
@@ -91,7 +93,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, qpos_ptr, kpos_ptr, qblock_ptr
     k_head = k_ptr + b * stride_kb + kv_head * stride_kh
     v_head = v_ptr + b * stride_vb + kv_head * stride_vh
     kpos_row, kblock_row = kpos_ptr + b * stride_kpb, kblock_ptr + b * stride_kpb
-    # Only the key tiles some query of this tile may see (worked out on the host, see `_key_tile_ranges`).
+    # Only the key tiles some query of this tile may see (worked out before the launch: `_key_tile_ranges`).
     key_start = tl.load(ranges_ptr + (b * num_tiles + tile) * 2)
     key_end = tl.load(ranges_ptr + (b * num_tiles + tile) * 2 + 1)
     if INTERPRET:  # the interpreter (with numpy 2) cannot take a tensor as a range() bound
