@@ -19,7 +19,7 @@ def reference(query, key, value, qpos, qvalid, kpos, window, qblocks=None, kbloc
     return attend(query.float(), key.float(), value.float(), mask)
 
 
-def ring_layout(batch, window, chunk, start, generator):
+def ring_layout(batch, window, chunk, start):
     """Keys as a sliding layer's cache hands them over for a chunk: the ring (slot p % window holds p; empty slots
     -1) then the chunk itself. Rows are left-padded by different amounts."""
     pad = torch.tensor([0, 3])[:batch]
@@ -42,7 +42,7 @@ def test_prefill_attention_matches_reference(case, dtype):
     qblocks = kblocks = None
     if case == "sliding_ring":  # a chunk after 21 earlier tokens: the ring is out of order and partly empty
         window = 12
-        qpos, qvalid, kpos = ring_layout(batch, window, 40, 21, g)
+        qpos, qvalid, kpos = ring_layout(batch, window, 40, 21)
     else:  # a whole left-padded prompt, no cache
         length = 45
         qpos = torch.arange(length)[None].repeat(batch, 1) - torch.tensor([0, 5])[:, None]
@@ -81,7 +81,7 @@ def test_prefill_attention_rule_is_sharp():
     """The comparison above can fail: a window one shorter, or causality off by one, moves outputs far beyond the
     fp32 tolerance on these inputs."""
     g = torch.Generator().manual_seed(1)
-    qpos, qvalid, kpos = ring_layout(1, 12, 30, 17, g)
+    qpos, qvalid, kpos = ring_layout(1, 12, 30, 17)
     query, key, value = (torch.randn(1, 2, n, 32, generator=g).to(DEVICE) for n in (30, 42, 42))
     args = [t.to(DEVICE) for t in (qpos, qvalid, kpos)]
     out = prefill_attention(query, key, value, *args, 12)
@@ -95,8 +95,7 @@ def test_key_tile_ranges_cover_every_visible_key_and_skip_the_rest():
     the comparisons above would catch it too), and a sliding chunk's late tiles skip the ring entirely."""
     from gemma4.kernels.prefill_attention import _key_tile_ranges
 
-    g = torch.Generator().manual_seed(2)
-    qpos, qvalid, kpos = ring_layout(2, 12, 64, 30, g)
+    qpos, qvalid, kpos = ring_layout(2, 12, 64, 30)
     qblocks = torch.zeros_like(qpos)
     qblocks[:, 20:31] = 1
     qblocks = torch.where(qvalid, qblocks, 0)

@@ -51,9 +51,15 @@ def _attend_block(block, end, m_i, l_i, acc, q, qpos, window, kpos_row, stride_p
     k = tl.load(k_row + rows[:, None] * stride_kn, mask=kv_mask, other=0.0)
     v = tl.load(v_row + rows[:, None] * stride_vn, mask=kv_mask, other=0.0)
     s = _dot(q, tl.trans(k), INTERPRET)  # [G_PAD, BLOCK_N] fp32, scale 1.0
-    s = tl.where(visible[None, :], s, float("-inf"))
+    return _online_softmax_step(tl.where(visible[None, :], s, float("-inf")), v, m_i, l_i, acc, INTERPRET)
+
+
+@triton.jit
+def _online_softmax_step(s, v, m_i, l_i, acc, INTERPRET: tl.constexpr):
+    """Fold one block of scores s [M, N] (-inf where a key is invisible) and its values v [N, Dv] into each query
+    row's running max m_i [M], running sum l_i of exp(s - m) and output acc [M, Dv] = sum exp(s - m) v."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    # While a head has seen no visible key m stays -inf; subtract 0 instead so exp gives 0, not NaN.
+    # While a row has seen no visible key m stays -inf; subtract 0 instead so exp gives 0, not NaN.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp(m_i - m_safe)  # rescales the old state to the new max
     p = tl.exp(s - m_safe[:, None])

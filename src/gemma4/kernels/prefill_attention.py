@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import _dot
+from .attention import _dot, _online_softmax_step
 
 
 @triton.jit
@@ -45,20 +45,10 @@ def _attend_tile(start, m_i, l_i, acc, q, qpos, qblock, window, num_keys, kpos_r
     rows = offs_n.to(tl.int64)[:, None]
     k = tl.load(k_head + rows * stride_kn + offs_d[None, :], mask=key_used[:, None] & d_mask[None, :],
                 other=0.0)
-    s = _dot(q, tl.trans(k), INTERPRET)  # [BLOCK_M, BLOCK_N] fp32; scale 1.0 (q/k norms set the scale)
-    s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # A query that has seen no visible key keeps m = -inf; subtract 0 instead so exp gives 0, not NaN.
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m_i - m_safe)
-    p = tl.exp(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(v_head + rows * stride_vn + offs_dv[None, :], mask=key_used[:, None] & dv_mask[None, :],
                 other=0.0)
-    # p is rounded to V's dtype for the tensor-core product (as flash attention does); sums stay fp32.
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, INTERPRET)
-    m_i = m_new
-    return m_i, l_i, acc
+    s = _dot(q, tl.trans(k), INTERPRET)  # [BLOCK_M, BLOCK_N] fp32; scale 1.0 (q/k norms set the scale)
+    return _online_softmax_step(tl.where(visible, s, float("-inf")), v, m_i, l_i, acc, INTERPRET)
 
 
 @triton.jit

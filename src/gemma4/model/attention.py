@@ -54,6 +54,14 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
     return out.transpose(1, 2).reshape(batch, length, heads * dim)
 
 
+def attend_one_query(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_positions: torch.Tensor,
+                     query_positions: torch.Tensor, window: int | None, **keys) -> torch.Tensor:
+    """query [B, H, 1, D] -> [B, 1, H * D] through the split-K decode kernel (`keys`: its slots / num_keys)."""
+    from ..kernels.attention import decode_attention
+    out = decode_attention(query[:, :, 0], key, value, key_positions, query_positions, window, **keys)
+    return out.reshape(query.shape[0], 1, -1)
+
+
 @dataclass(frozen=True)
 class MaskRule:
     """What `attention_mask` would materialize, for a kernel that applies the rule itself from positions."""
@@ -76,10 +84,7 @@ class MaskRule:
             # One query per row (KV-shared layers of a last-position-only prefill): the split-K decode kernel
             # spreads the keys over the SMs, where the prefill kernel would scan them all in one program per head.
             # A padding query sees what position 0 sees; its output is discarded.
-            from ..kernels.attention import decode_attention
-            out = decode_attention(query[:, :, 0], key, value, self.key_positions, self.query_positions[:, 0],
-                                   self.window)
-            return out.reshape(query.shape[0], 1, -1)
+            return attend_one_query(query, key, value, self.key_positions, self.query_positions[:, 0], self.window)
         from ..kernels.prefill_attention import prefill_attention
         return prefill_attention(query, key, value, self.query_positions, self.query_valid, self.key_positions,
                                  self.window, self.query_blocks, self.key_blocks, self.plans)
@@ -116,13 +121,11 @@ class ForwardContext:
             return mask.attend(query, key, value)
         if not self.decode_kernel:
             return attend(query, key, value, mask)
-        from ..kernels.attention import decode_attention
         window = self.sliding_window if layer_type == SLIDING else None
         query_positions = self.positions[:, 0]
-        out = decode_attention(query[:, :, 0], key, value, self.cache.key_positions(layer_type), query_positions,
-                               window, slots=self.cache.key_slots(layer_type),
-                               num_keys=self.cache.num_keys(layer_type, query_positions))
-        return out.reshape(query.shape[0], 1, -1)
+        return attend_one_query(query, key, value, self.cache.key_positions(layer_type), query_positions, window,
+                                slots=self.cache.key_slots(layer_type),
+                                num_keys=self.cache.num_keys(layer_type, query_positions))
 
     def keys_and_values(self, layer_idx: int, layer_type: str, key: torch.Tensor, value: torch.Tensor):
         """Store this layer's new K/V and return everything the layer attends to, with the mask."""
