@@ -141,3 +141,47 @@ def test_cuda_graph_capture():
         graph.replay()
         torch.testing.assert_close(out, run(module, x, weights, experts), rtol=0, atol=0)
         assert not torch.equal(out, expected)
+
+
+def eager_combine(y, order, weights):
+    """forward_grouped's eager tail: weight each sorted row, back to token order, sum each token's k rows."""
+    tokens, k = weights.shape
+    weighted = (y * weights.reshape(-1)[order, None]).to(y.dtype)
+    return torch.empty_like(weighted).index_copy_(0, order, weighted).view(tokens, k, -1).sum(dim=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens,k,hidden", [(1, 8, 64), (5, 3, 100), (7, 8, 4100)])
+def test_combine_pairs_equals_eager(tokens, k, hidden, dtype):
+    """Ragged column tails (100, 4100 > one CPU block), one token, and k = 8 as in the 26B-A4B."""
+    torch.manual_seed(tokens)
+    y = torch.randn(tokens * k, hidden, device=DEVICE).to(dtype)
+    weights, experts = routing(tokens, k, 16, seed=tokens)
+    order = experts.reshape(-1).argsort(stable=True)
+    out = moe.combine_pairs(y, order, weights)
+    expected = eager_combine(y, order, weights)
+    assert out.dtype == dtype and out.shape == (tokens, hidden)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    else:  # same rounding points; the fp32 sum over k may run in another order: one ulp at most
+        torch.testing.assert_close(out.float(), expected.float(), rtol=2**-8, atol=0)
+        assert (out == expected).float().mean() > 0.99
+    # The permutation matters: the identity order would sum other rows.
+    assert (out.float() - eager_combine(y, torch.arange(tokens * k, device=DEVICE), weights).float()).abs().max() > 0.1
+
+
+def test_grouped_path_takes_combine_kernel(monkeypatch):
+    """Experts.forward_grouped with the kernels on (CPU: forced) equals its eager form."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm missing")
+    from gemma4 import kernels
+    module, x, weights, experts = build(6, 4)
+    calls = []
+    real = moe.combine_pairs
+    monkeypatch.setattr(moe, "combine_pairs", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        expected = module.forward_grouped(x, weights, experts)
+        with kernels.force():
+            out = module.forward_grouped(x, weights, experts)
+    assert calls == [1]
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)

@@ -236,3 +236,44 @@ def test_moe_residual_norm_checks_what_it_claims():
 def test_moe_residual_norm_empty():
     x, w = torch.empty(0, 16, device=DEVICE), torch.ones(16, device=DEVICE)
     assert moe_residual_norm(x, x, x, w, w, w, EPS, torch.ones(1, device=DEVICE)).shape == (0, 16)
+
+
+from gemma4.kernels.norm import qkv_norm_rope_store  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["buffers", "pools"])
+@pytest.mark.parametrize("k_equals_v", [False, True])
+def test_qkv_norm_rope_store(dtype, layout, k_equals_v):
+    """The query, and the key and value written at their slots, equal qk_norm_rope's (v: weightless, no RoPE);
+    every other cache slot keeps its contents. Two tokens per row, one of them sent to a trash slot."""
+    torch.manual_seed(3)
+    batch, length, q_heads, kv_heads, dim, slots_per_row = 2, 2, 4, 2, 48, 6
+    widths = [q_heads * dim, kv_heads * dim] + ([] if k_equals_v else [kv_heads * dim])
+    projection = randn(batch, length, sum(widths), dtype=dtype, scale=3.0)
+    q, k, *v = projection.split(widths, dim=-1)  # views of one fused projection, as on the GPU
+    v = v[0] if v else None
+    q_weight, k_weight = (randn(dim, dtype=dtype, scale=0.5, offset=1.0) for _ in range(2))
+    cos, sin = left_padded_rope(batch, length, dim, "default", dtype, pads=[1, 0])
+    slots = torch.tensor([[5, 2], [0, 3]], device=DEVICE)  # row 0's first token is padding: the trash slot 5
+    if layout == "buffers":
+        key_cache = randn(batch, kv_heads, slots_per_row, dim, dtype=dtype)
+    else:  # one pool for both rows: row b's slot s is pool row b * slots_per_row + s
+        key_cache = randn(kv_heads, batch * slots_per_row, dim, dtype=dtype)
+        slots = slots + torch.arange(batch, device=DEVICE)[:, None] * slots_per_row
+    value_cache = torch.randn_like(key_cache)
+    expected_k, expected_v = key_cache.clone(), value_cache.clone()
+
+    query = qkv_norm_rope_store(q, k, v, q_weight, k_weight, EPS, cos, sin, key_cache, value_cache, slots)
+
+    assert_matches(query, eager_qk(q.view(batch, length, q_heads, dim), q_weight, cos, sin))
+    new_k = eager_qk(k.view(batch, length, kv_heads, dim), k_weight, cos, sin)  # [B, Hkv, L, D]
+    new_v = eager_qk((v if v is not None else k).view(batch, length, kv_heads, dim), None, None, None)
+    for b in range(batch):
+        for t in range(length):
+            if layout == "buffers":
+                expected_k[b, :, slots[b, t]], expected_v[b, :, slots[b, t]] = new_k[b, :, t], new_v[b, :, t]
+            else:
+                expected_k[:, slots[b, t]], expected_v[:, slots[b, t]] = new_k[b, :, t], new_v[b, :, t]
+    assert_matches(key_cache, expected_k)
+    assert_matches(value_cache, expected_v)

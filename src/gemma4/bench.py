@@ -235,7 +235,7 @@ def profile_decode(model, batch: int, context: int, steps: int) -> dict:
     need = bytes_per_step(model, runner, context + 62)  # the prompt, 2 generated tokens, 60 replays
     eager = decode_runner(model, batch, context + steps + 1, graph=False)
     eager.step(tokens)
-    kernels = kernel_profile(lambda: eager.step(tokens))
+    kernels = kernel_profile(lambda: eager.step(tokens), top=25)
     return {"replay_ms": replay_ms, "bytes_per_step_GB": need / 1e9, "replay_GB_s": need / replay_ms / 1e6,
             "kernels_per_step": kernels["kernels"], "eager_kernel_ms": kernels["kernel_ms"],
             "top_kernels": kernels["top"]}
@@ -324,7 +324,9 @@ def _log_decode_profile(engine, spec, batch, log):
     p = profile_decode(engine.model, batch, spec.context, spec.steps)
     log(f"  profile b{batch}: replay {p['replay_ms']:.3f} ms/step, reads {p['bytes_per_step_GB']:.2f} GB "
         f"-> {p['replay_GB_s']:.0f} GB/s; eager step {p['kernels_per_step']} kernels, "
-        f"{p['eager_kernel_ms']:.2f} ms of kernel time; top: {p['top_kernels']}")
+        f"{p['eager_kernel_ms']:.2f} ms of kernel time; top (name, count, ms):")
+    for name, count, ms in p["top_kernels"]:
+        log(f"    {ms:8.3f} ms {count:5d}x  {name}")
 
 
 def _log_prefill_profile(engine, spec, ids, label, log):

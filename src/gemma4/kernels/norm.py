@@ -66,16 +66,11 @@ def _residual_rms_norm_kernel(res_ptr, x_ptr, w_ptr, scalar_ptr, next_w_ptr, out
 
 
 @triton.jit
-def _qk_norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, H, L, x_sb, x_sl, x_sh, c_sb, c_sl, D, eps,
-                         HAS_WEIGHT: tl.constexpr, HAS_ROPE: tl.constexpr, HALF_BLOCK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)  # one program per (b, l, h) row, h fastest
-    head, pos, batch = pid % H, (pid // H) % L, pid // (H * L)
-    dtype = out_ptr.dtype.element_ty
-    # The row as its two halves: the pairs (i, i + D/2) of rotate-half RoPE.
+def _norm_rope_row(x_row, w_ptr, cos_row, sin_row, offs, mask, D, eps, dtype: tl.constexpr,
+                   HAS_WEIGHT: tl.constexpr, HAS_ROPE: tl.constexpr, HALF_BLOCK: tl.constexpr):
+    """One head row as its two halves (the pairs (i, i + D/2) of rotate-half RoPE): RMSNorm, then RoPE; values of
+    `dtype`, kept in fp32."""
     half = D // 2
-    offs = tl.arange(0, HALF_BLOCK)
-    mask = offs < half
-    x_row = x_ptr + batch * x_sb + pos * x_sl + head * x_sh
     x1 = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_row + half + offs, mask=mask, other=0.0).to(tl.float32)
     rstd = _rstd(tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0), D, eps)
@@ -86,16 +81,59 @@ def _qk_norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, H, L, x_sb, x_
     n1, n2 = round_to(n1, dtype), round_to(n2, dtype)
     if HAS_ROPE:
         # apply_rope in the model dtype: x*cos + rotate_half(x)*sin, each product rounded, then the sum.
-        c_row = batch * c_sb + pos * c_sl
-        c1 = tl.load(cos_ptr + c_row + offs, mask=mask, other=0.0).to(tl.float32)
-        c2 = tl.load(cos_ptr + c_row + half + offs, mask=mask, other=0.0).to(tl.float32)
-        s1 = tl.load(sin_ptr + c_row + offs, mask=mask, other=0.0).to(tl.float32)
-        s2 = tl.load(sin_ptr + c_row + half + offs, mask=mask, other=0.0).to(tl.float32)
+        c1 = tl.load(cos_row + offs, mask=mask, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_row + half + offs, mask=mask, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_row + offs, mask=mask, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_row + half + offs, mask=mask, other=0.0).to(tl.float32)
         n1, n2 = (round_to(n1 * c1, dtype) + round_to(-n2 * s1, dtype),
                   round_to(n2 * c2, dtype) + round_to(n1 * s2, dtype))
+    return n1, n2
+
+
+@triton.jit
+def _qk_norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, H, L, x_sb, x_sl, x_sh, c_sb, c_sl, D, eps,
+                         HAS_WEIGHT: tl.constexpr, HAS_ROPE: tl.constexpr, HALF_BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)  # one program per (b, l, h) row, h fastest
+    head, pos, batch = pid % H, (pid // H) % L, pid // (H * L)
+    offs = tl.arange(0, HALF_BLOCK)
+    mask = offs < D // 2
+    c_row = batch * c_sb + pos * c_sl
+    n1, n2 = _norm_rope_row(x_ptr + batch * x_sb + pos * x_sl + head * x_sh, w_ptr, cos_ptr + c_row, sin_ptr + c_row,
+                            offs, mask, D, eps, out_ptr.dtype.element_ty, HAS_WEIGHT, HAS_ROPE, HALF_BLOCK)
     out_row = out_ptr + ((batch * H + head) * L + pos) * D  # [B, H, L, D], contiguous
     _store(out_row + offs, n1, mask)
-    _store(out_row + half + offs, n2, mask)
+    _store(out_row + D // 2 + offs, n2, mask)
+
+
+@triton.jit
+def _qkv_norm_rope_store_kernel(q_ptr, k_ptr, v_ptr, q_w_ptr, k_w_ptr, cos_ptr, sin_ptr, query_ptr, key_cache_ptr,
+                                value_cache_ptr, slots_ptr, Hq, Hkv, L, q_sb, q_sl, k_sb, k_sl, v_sb, v_sl, c_sb, c_sl,
+                                cache_sb, cache_sh, cache_ss, D, eps, HALF_BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)  # one program per (b, l, head) row over Hq query, Hkv key, Hkv value heads
+    heads = Hq + 2 * Hkv
+    head, pos, batch = pid % heads, (pid // heads) % L, pid // (heads * L)
+    offs = tl.arange(0, HALF_BLOCK)
+    mask = offs < D // 2
+    dtype = query_ptr.dtype.element_ty
+    c_row = batch * c_sb + pos * c_sl
+    if head < Hq:  # q_norm + RoPE -> query [B, Hq, L, D]
+        n1, n2 = _norm_rope_row(q_ptr + batch * q_sb + pos * q_sl + head * D, q_w_ptr, cos_ptr + c_row,
+                                sin_ptr + c_row, offs, mask, D, eps, dtype, True, True, HALF_BLOCK)
+        out_row = query_ptr + ((batch * Hq + head) * L + pos) * D
+    else:  # into the cache, at this token's slot
+        slot = tl.load(slots_ptr + batch * L + pos).to(tl.int64)
+        if head < Hq + Hkv:  # k_norm + RoPE
+            kv_head = head - Hq
+            n1, n2 = _norm_rope_row(k_ptr + batch * k_sb + pos * k_sl + kv_head * D, k_w_ptr, cos_ptr + c_row,
+                                    sin_ptr + c_row, offs, mask, D, eps, dtype, True, True, HALF_BLOCK)
+            out_row = key_cache_ptr + batch * cache_sb + kv_head * cache_sh + slot * cache_ss
+        else:  # the weightless v_norm, no RoPE
+            kv_head = head - Hq - Hkv
+            n1, n2 = _norm_rope_row(v_ptr + batch * v_sb + pos * v_sl + kv_head * D, k_w_ptr, cos_ptr, sin_ptr,
+                                    offs, mask, D, eps, dtype, False, False, HALF_BLOCK)
+            out_row = value_cache_ptr + batch * cache_sb + kv_head * cache_sh + slot * cache_ss
+    _store(out_row + offs, n1, mask)
+    _store(out_row + D // 2 + offs, n2, mask)
 
 
 def _warps(block: int) -> int:
@@ -142,6 +180,14 @@ def residual_rms_norm(residual: torch.Tensor, x: torch.Tensor, weight: torch.Ten
     return out, next_out
 
 
+def _rope_tables(cos: torch.Tensor, sin: torch.Tensor, B: int, L: int, D: int):
+    """cos/sin ([B or 1, L, 1, D] or [B or 1, L, D]) as [B, L, D] views with unit stride along D and one layout."""
+    cos, sin = (t.reshape(t.shape[0], L, D).expand(B, L, D) for t in (cos, sin))
+    cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (cos, sin))
+    assert cos.stride() == sin.stride(), "cos and sin must share a layout"
+    return cos, sin
+
+
 def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor | None = None,
                  sin: torch.Tensor | None = None) -> torch.Tensor:
     """apply_rope(rms_norm(x, weight), cos, sin).transpose(1, 2) as a new contiguous [B, H, L, D] tensor.
@@ -155,9 +201,7 @@ def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: 
     if out.numel() == 0:
         return out
     if cos is not None:
-        cos, sin = (t.reshape(t.shape[0], L, D).expand(B, L, D) for t in (cos, sin))
-        cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (cos, sin))
-        assert cos.stride() == sin.stride(), "cos and sin must share a layout"
+        cos, sin = _rope_tables(cos, sin, B, L, D)
     half_block = triton.next_power_of_2(D // 2)
     _qk_norm_rope_kernel[(B * L * H,)](
         x, weight if weight is not None else x, cos if cos is not None else x, sin if sin is not None else x, out,
@@ -208,3 +252,38 @@ def moe_residual_norm(residual: torch.Tensor, dense: torch.Tensor, sparse: torch
         scalar if scalar is not None else res_rows, out, res_rows.stride(0), dense_rows.stride(0),
         sparse_rows.stride(0), D, eps, HAS_SCALAR=scalar is not None, BLOCK=block, num_warps=_warps(block))
     return out
+
+
+def qkv_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, q_weight: torch.Tensor,
+                        k_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                        key_cache: torch.Tensor, value_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """One launch for a layer's new query, key and value (decode steps, which write the cache in place):
+
+    query = qk_norm_rope(q, q_weight, eps, cos, sin), returned as [B, Hq, L, D];
+    the key qk_norm_rope(k, k_weight, ...) and the value rms_norm(v) (weightless, no RoPE; v None: K=V, the value
+    is the raw key projection) written into the caches at row b, token t's slot slots[b, t].
+
+    q [B, L, Hq*D], k and v [B, L, Hkv*D]: unit stride along the last dim (views of a fused projection do).
+    Caches: [B, Hkv, S, D] buffers, or [Hkv, S, D] pools shared by every row (slots are then pool rows)."""
+    B, L = q.shape[:2]
+    D = key_cache.shape[-1]
+    Hq, Hkv = q.shape[2] // D, k.shape[2] // D
+    v = k if v is None else v
+    for t in (q, k, v):
+        assert t.stride(-1) == 1, "projections need unit stride along their last dim"
+    if key_cache.dim() == 4:
+        cache_strides = key_cache.stride()[:3]
+    else:  # pools: no batch stride
+        cache_strides = (0, *key_cache.stride()[:2])
+    assert value_cache.stride() == key_cache.stride() and value_cache.dtype == key_cache.dtype == q.dtype
+    cos, sin = _rope_tables(cos, sin, B, L, D)
+    slots = slots.contiguous()
+    query = torch.empty(B, Hq, L, D, dtype=q.dtype, device=q.device)
+    if query.numel() == 0:
+        return query
+    half_block = triton.next_power_of_2(D // 2)
+    _qkv_norm_rope_store_kernel[(B * L * (Hq + 2 * Hkv),)](
+        q, k, v, q_weight, k_weight, cos, sin, query, key_cache, value_cache, slots, Hq, Hkv, L,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), cos.stride(1),
+        *cache_strides, D, eps, HALF_BLOCK=half_block, num_warps=_warps(half_block))
+    return query

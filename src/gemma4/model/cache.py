@@ -108,22 +108,29 @@ class KVCache:
 
     def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor):
         """Write this forward's K/V ([B, Hkv, L, D]) and return all K/V the layer attends to."""
-        plan = self._plan
-        cache_k, cache_v = self.keys[layer_idx], self.values[layer_idx]
-        if self.layer_types[layer_idx] == SLIDING and self.in_place:
-            _scatter_slots(cache_k, plan["ring_slots"], key)
-            _scatter_slots(cache_v, plan["ring_slots"], value)
-            return cache_k, cache_v
-        if self.layer_types[layer_idx] == SLIDING:
+        cache_k, cache_v, slots = self.write_target(layer_idx)
+        if self.layer_types[layer_idx] == SLIDING and not self.in_place:
             # Attend over the ring as it was plus the whole chunk, then keep the chunk's tail in the ring.
             all_k = torch.cat([cache_k[:, :, : self.window], key], dim=2)
             all_v = torch.cat([cache_v[:, :, : self.window], value], dim=2)
-            _scatter_slots(cache_k, plan["ring_slots"], key)
-            _scatter_slots(cache_v, plan["ring_slots"], value)
+            _scatter_slots(cache_k, slots, key)
+            _scatter_slots(cache_v, slots, value)
             return all_k, all_v
-        _scatter_slots(cache_k, plan["global_slots"], key)
-        _scatter_slots(cache_v, plan["global_slots"], value)
-        return cache_k[:, :, : plan["end"]], cache_v[:, :, : plan["end"]]
+        _scatter_slots(cache_k, slots, key)
+        _scatter_slots(cache_v, slots, value)
+        return self.stored(layer_idx)
+
+    def write_target(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(key buffer, value buffer, slots [B, L]): token t of row b goes to buffer[b, :, slots[b, t]]."""
+        slots = self._plan["ring_slots" if self.layer_types[layer_idx] == SLIDING else "global_slots"]
+        return self.keys[layer_idx], self.values[layer_idx], slots
+
+    def stored(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Once this forward's K/V are written (in place, on sliding layers): all K/V the layer attends to."""
+        cache_k, cache_v = self.keys[layer_idx], self.values[layer_idx]
+        if self.layer_types[layer_idx] == SLIDING:
+            return cache_k, cache_v
+        return cache_k[:, :, : self._plan["end"]], cache_v[:, :, : self._plan["end"]]
 
     def key_positions(self, layer_type: str) -> torch.Tensor:
         return self._plan[layer_type]

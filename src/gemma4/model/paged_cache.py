@@ -73,19 +73,27 @@ class PagedCacheView:
 
     def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor):
         """key/value [B, Hkv, L, D] -> all K/V the layer attends to: the row's cached K/V, then this chunk's."""
-        sliding = self.layer_types[layer_idx] == SLIDING
-        gather = self.ring_gather if sliding else self.global_gather
-        write = self._plan["ring_write" if sliding else "global_write"]
+        key_pool, value_pool, write = self.write_target(layer_idx)
         if self.in_place:
-            _write(self.pools.keys[layer_idx], write, key)
-            _write(self.pools.values[layer_idx], write, value)
-            return self.pools.keys[layer_idx], self.pools.values[layer_idx]
+            _write(key_pool, write, key)
+            _write(value_pool, write, value)
+            return self.stored(layer_idx)
+        gather = self.ring_gather if self.layer_types[layer_idx] == SLIDING else self.global_gather
         out = []
-        for pool, new in ((self.pools.keys[layer_idx], key), (self.pools.values[layer_idx], value)):
+        for pool, new in ((key_pool, key), (value_pool, value)):
             cached = pool[:, gather].permute(1, 0, 2, 3)  # [Hkv, B, T, D] -> [B, Hkv, T, D]
             out.append(torch.cat([cached.to(new.dtype), new], dim=2))
             _write(pool, write, new)
         return out[0], out[1]
+
+    def write_target(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(key pool, value pool, slots [B, L]): token t of row b goes to pool[:, slots[b, t]]."""
+        write = self._plan["ring_write" if self.layer_types[layer_idx] == SLIDING else "global_write"]
+        return self.pools.keys[layer_idx], self.pools.values[layer_idx], write
+
+    def stored(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """In-place decode, once this step's K/V are written: the pools, read through `key_slots`."""
+        return self.pools.keys[layer_idx], self.pools.values[layer_idx]
 
     def key_positions(self, layer_type: str) -> torch.Tensor:
         return self._plan[layer_type]

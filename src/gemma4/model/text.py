@@ -89,19 +89,25 @@ class Attention(nn.Module):
         batch, length, _ = x.shape
         cos, sin = rope
         q, k, v = self.project(x)
-        query = norm_rope(q.view(batch, length, -1, self.head_dim), self.q_norm, cos, sin)
-
         if self.is_kv_shared:
+            query = norm_rope(q.view(batch, length, -1, self.head_dim), self.q_norm, cos, sin)
             key, value, mask = ctx.shared_kv[self.kv_source]
+        elif ctx.decode_kernel:  # one launch: the three norms, RoPE, and the new K/V written into the cache
+            from ..kernels.norm import qkv_norm_rope_store
+            query = qkv_norm_rope_store(q, k, v, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin,
+                                        *ctx.cache.write_target(self.layer_idx))
+            key, value = ctx.cache.stored(self.layer_idx)
+            mask = None
         else:
+            query = norm_rope(q.view(batch, length, -1, self.head_dim), self.q_norm, cos, sin)
             raw_key = k.view(batch, length, -1, self.head_dim)
             # K=V (global layers of 26B/31B): values are the raw key projection, before k_norm and RoPE.
             raw_value = v.view(batch, length, -1, self.head_dim) if v is not None else raw_key
             key = norm_rope(raw_key, self.k_norm, cos, sin)  # [B, Hkv, L, D]
             value = norm_rope(raw_value, self.v_norm)
             key, value, mask = ctx.keys_and_values(self.layer_idx, self.layer_type, key, value)
-            if self.stores_shared_kv:
-                ctx.shared_kv[self.layer_idx] = key, value, mask
+        if self.stores_shared_kv:
+            ctx.shared_kv[self.layer_idx] = key, value, mask
         return self.o_proj(ctx.attend(self.layer_type, query, key, value, mask))
 
 
@@ -229,7 +235,11 @@ class Experts(nn.Module):
             return torch._grouped_mm(rows, weight.transpose(1, 2), offs=ends)
 
         gate, up = grouped(x[token], self.gate_up_proj).chunk(2, dim=-1)
-        y = (grouped(gated(gate, up, self.activation), self.down_proj) * weights.reshape(-1)[order, None]).to(x.dtype)
+        y = grouped(gated(gate, up, self.activation), self.down_proj)  # [T*k, H], pairs in expert order
+        if kernels.enabled(x):  # the weighting, the reordering and the sum below in one kernel
+            from ..kernels.moe import combine_pairs
+            return combine_pairs(y, order, weights)
+        y = (y * weights.reshape(-1)[order, None]).to(x.dtype)
         # Back to token-major order (pair t*k + j), then each token's k outputs summed: a scatter without atomics
         # (index_add_ into the model dtype was slow and summed in a nondeterministic order).
         pairs = torch.empty_like(y).index_copy_(0, order, y)
