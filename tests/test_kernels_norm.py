@@ -212,8 +212,14 @@ def moe_inputs(shape, dtype, seed):
 def test_moe_residual_norm(dtype, shape, with_scalar):
     residual, dense, sparse, dense_weight, sparse_weight, weight = moe_inputs(shape, dtype, seed=shape[-2])
     scalar = torch.tensor([0.37], device=DEVICE, dtype=dtype) if with_scalar else None
-    out = moe_residual_norm(residual, dense, sparse, dense_weight, sparse_weight, weight, EPS, scalar)
-    assert_matches(out, eager_moe_residual(residual, dense, sparse, dense_weight, sparse_weight, weight, scalar))
+    next_weight = randn(shape[-1], dtype=dtype, scale=0.5, offset=1.0)
+    out, next_normed = moe_residual_norm(residual, dense, sparse, dense_weight, sparse_weight, weight, EPS, scalar,
+                                         next_weight, 1e-5)
+    expected = eager_moe_residual(residual, dense, sparse, dense_weight, sparse_weight, weight, scalar)
+    assert_matches(out, expected)
+    # The next layer's input norm of the (rounded, scaled) result.
+    assert_matches(next_normed, norm(shape[-1], next_weight, 1e-5)(expected))
+    assert moe_residual_norm(residual, dense, sparse, dense_weight, sparse_weight, weight, EPS, scalar)[1] is None
 
 
 def test_moe_residual_norm_checks_what_it_claims():
@@ -221,7 +227,7 @@ def test_moe_residual_norm_checks_what_it_claims():
     dtype, dim = torch.bfloat16, 2816
     residual, dense, sparse, dense_weight, sparse_weight, weight = moe_inputs((4, dim), dtype, seed=0)
     scalar = torch.tensor([0.37], device=DEVICE, dtype=dtype)
-    out = moe_residual_norm(residual, dense, sparse, dense_weight, sparse_weight, weight, EPS, scalar)
+    out = moe_residual_norm(residual, dense, sparse, dense_weight, sparse_weight, weight, EPS, scalar)[0]
     assert torch.equal(out, eager_moe_residual(residual, dense, sparse, dense_weight, sparse_weight, weight, scalar))
     assert not torch.equal(out, eager_moe_residual(residual, dense, sparse, dense_weight, sparse_weight, weight, None))
     fp32 = [t.float() for t in (dense, sparse, dense_weight, sparse_weight, weight)]
@@ -235,7 +241,7 @@ def test_moe_residual_norm_checks_what_it_claims():
 
 def test_moe_residual_norm_empty():
     x, w = torch.empty(0, 16, device=DEVICE), torch.ones(16, device=DEVICE)
-    assert moe_residual_norm(x, x, x, w, w, w, EPS, torch.ones(1, device=DEVICE)).shape == (0, 16)
+    assert moe_residual_norm(x, x, x, w, w, w, EPS, torch.ones(1, device=DEVICE))[0].shape == (0, 16)
 
 
 from gemma4.kernels.norm import qkv_norm_rope_store  # noqa: E402
@@ -277,3 +283,22 @@ def test_qkv_norm_rope_store(dtype, layout, k_equals_v):
                 expected_k[:, slots[b, t]], expected_v[:, slots[b, t]] = new_k[b, :, t], new_v[b, :, t]
     assert_matches(key_cache, expected_k)
     assert_matches(value_cache, expected_v)
+
+
+from gemma4.kernels.norm import residual_moe_norms  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_residual_moe_norms(dtype):
+    """A MoE layer's attention tail: the residual add, then the dense MLP's, the experts' and the router's inputs."""
+    from test_kernels_router import make_router
+    dim = 2816
+    residual, attn, _, weight, mlp_weight, experts_weight = moe_inputs((3, dim), dtype, seed=5)
+    router = make_router(hidden=dim, dtype=dtype)
+    new, h, expert_input, router_input = residual_moe_norms(residual, attn, weight, EPS, mlp_weight, experts_weight,
+                                                            router.scale, router.root_size)
+    expected, expected_h = add_normed(residual, attn, norm(dim, weight), next_norm=norm(dim, mlp_weight))
+    assert_matches(new, expected)
+    assert_matches(h, expected_h)
+    assert_matches(expert_input, norm(dim, experts_weight)(expected))
+    assert_matches(router_input, router.scaled_input(expected))

@@ -46,9 +46,21 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, x_stride, D, eps, HAS_WEIGHT: tl.con
 
 
 @triton.jit
+def _router_scaled(h, scale_ptr, offs, mask, D, eps, root_size, dtype: tl.constexpr):
+    """Router.forward's projection input from an fp32 row: round(round(round(rms_norm(h)) * scale) * root_size)."""
+    normed = round_to(_normalize(h, scale_ptr, offs, mask, D, eps, False), dtype)  # the weightless norm's tensor
+    scaled = round_to(normed * tl.load(scale_ptr + offs, mask=mask, other=0.0).to(tl.float32), dtype)
+    # A tensor times a python float: torch applies the scalar in fp32 (opmath), not rounded to the dtype first, and
+    # rounds the product once. root_size arrives here as an fp32 argument, the same fp32 value.
+    return round_to(scaled * root_size, dtype)
+
+
+@triton.jit
 def _residual_rms_norm_kernel(res_ptr, x_ptr, w_ptr, scalar_ptr, next_w_ptr, out_ptr, next_out_ptr,
-                              res_stride, x_stride, D, eps, next_eps, HAS_WEIGHT: tl.constexpr,
-                              HAS_SCALAR: tl.constexpr, HAS_NEXT: tl.constexpr, BLOCK: tl.constexpr):
+                              next2_w_ptr, next2_out_ptr, router_scale_ptr, router_out_ptr,
+                              res_stride, x_stride, D, eps, next_eps, root_size, HAS_WEIGHT: tl.constexpr,
+                              HAS_SCALAR: tl.constexpr, HAS_NEXT: tl.constexpr, HAS_MOE: tl.constexpr,
+                              BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < D
@@ -63,6 +75,10 @@ def _residual_rms_norm_kernel(res_ptr, x_ptr, w_ptr, scalar_ptr, next_w_ptr, out
     _store(out_ptr + row * D + offs, new, mask)
     if HAS_NEXT:
         _store(next_out_ptr + row * D + offs, _normalize(new, next_w_ptr, offs, mask, D, next_eps, True), mask)
+    if HAS_MOE:  # the experts' input norm and the router's input, both from the same new row
+        _store(next2_out_ptr + row * D + offs, _normalize(new, next2_w_ptr, offs, mask, D, next_eps, True), mask)
+        _store(router_out_ptr + row * D + offs, _router_scaled(new, router_scale_ptr, offs, mask, D, next_eps,
+                                                               root_size, dtype), mask)
 
 
 @triton.jit
@@ -165,19 +181,39 @@ def residual_rms_norm(residual: torch.Tensor, x: torch.Tensor, weight: torch.Ten
 
     Returns (new, rms_norm(new, next_weight, next_eps) if next_weight is given else None), rounded to the residual's
     dtype at the same points as the eager ops, in one launch."""
+    new, next_out, _, _ = _residual_norms(residual, x, weight, eps, scalar, next_weight, next_eps)
+    return new, next_out
+
+
+def residual_moe_norms(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                       mlp_weight: torch.Tensor, experts_weight: torch.Tensor, router_scale: torch.Tensor,
+                       root_size: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A MoE layer's attention tail in one launch: new = residual + rms_norm(x, weight), and the three inputs read from
+    it: rms_norm(new, mlp_weight) (dense MLP), rms_norm(new, experts_weight) (experts) and the router's
+    round(rms_norm(new) * router_scale * root_size). All norms take `eps`."""
+    return _residual_norms(residual, x, weight, eps, None, mlp_weight, eps, (experts_weight, router_scale, root_size))
+
+
+def _residual_norms(residual, x, weight, eps, scalar, next_weight, next_eps, moe=None):
     res_rows, x_rows, D = _rows(residual), _rows(x), residual.shape[-1]
     out = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
     next_out = torch.empty_like(out) if next_weight is not None else None
+    next2_weight, router_scale, root_size = moe if moe is not None else (None, None, 1.0)
+    next2_out, router_out = (torch.empty_like(out), torch.empty_like(out)) if moe is not None else (None, None)
     if out.numel() == 0:
-        return out, next_out
+        return out, next_out, next2_out, router_out
+
+    def given(t):  # a placeholder pointer for an absent tensor (its kernel branch is compiled out)
+        return t if t is not None else x_rows
+
     block = triton.next_power_of_2(D)
     _residual_rms_norm_kernel[(res_rows.shape[0],)](
-        res_rows, x_rows, weight if weight is not None else x_rows, scalar if scalar is not None else x_rows,
-        next_weight if next_weight is not None else x_rows, out, next_out if next_out is not None else out,
-        res_rows.stride(0), x_rows.stride(0), D, eps, eps if next_eps is None else next_eps,
+        res_rows, x_rows, given(weight), given(scalar), given(next_weight), out, given(next_out),
+        given(next2_weight), given(next2_out), given(router_scale), given(router_out),
+        res_rows.stride(0), x_rows.stride(0), D, eps, eps if next_eps is None else next_eps, float(root_size),
         HAS_WEIGHT=weight is not None, HAS_SCALAR=scalar is not None, HAS_NEXT=next_weight is not None,
-        BLOCK=block, num_warps=_warps(block))
-    return out, next_out
+        HAS_MOE=moe is not None, BLOCK=block, num_warps=_warps(block))
+    return out, next_out, next2_out, router_out
 
 
 def _rope_tables(cos: torch.Tensor, sin: torch.Tensor, B: int, L: int, D: int):
@@ -214,8 +250,8 @@ def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: 
 
 @triton.jit
 def _moe_residual_norm_kernel(res_ptr, dense_ptr, sparse_ptr, dense_w_ptr, sparse_w_ptr, w_ptr, scalar_ptr, out_ptr,
-                              res_stride, dense_stride, sparse_stride, D, eps, HAS_SCALAR: tl.constexpr,
-                              BLOCK: tl.constexpr):
+                              next_w_ptr, next_out_ptr, res_stride, dense_stride, sparse_stride, D, eps, next_eps,
+                              HAS_SCALAR: tl.constexpr, HAS_NEXT: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < D
@@ -230,28 +266,37 @@ def _moe_residual_norm_kernel(res_ptr, dense_ptr, sparse_ptr, dense_w_ptr, spars
     residual = tl.load(res_ptr + row * res_stride + offs, mask=mask, other=0.0).to(tl.float32)
     new = round_to(residual + normed, dtype)
     if HAS_SCALAR:
-        new = new * tl.load(scalar_ptr).to(tl.float32)
+        new = round_to(new * tl.load(scalar_ptr).to(tl.float32), dtype)
     _store(out_ptr + row * D + offs, new, mask)
+    if HAS_NEXT:  # the next layer's input norm
+        _store(next_out_ptr + row * D + offs, _normalize(new, next_w_ptr, offs, mask, D, next_eps, True), mask)
 
 
 def moe_residual_norm(residual: torch.Tensor, dense: torch.Tensor, sparse: torch.Tensor, dense_weight: torch.Tensor,
-                      sparse_weight: torch.Tensor, weight: torch.Tensor, eps: float,
-                      scalar: torch.Tensor | None) -> torch.Tensor:
+                      sparse_weight: torch.Tensor, weight: torch.Tensor, eps: float, scalar: torch.Tensor | None,
+                      next_weight: torch.Tensor | None = None,
+                      next_eps: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(residual + rms_norm(rms_norm(dense, dense_weight) + rms_norm(sparse, sparse_weight), weight)) * scalar, in
     one launch: DecoderLayer's post_feedforward_layernorm_1/_2, their sum, and add_normed with layer_scalar (a
     1-element tensor in the model dtype, read on the device; None: no scaling). residual, dense, sparse [..., D] of
-    one shape; the result has residual's shape and dtype, rounded at the same points as the eager ops."""
+    one shape; the result has residual's shape and dtype, rounded at the same points as the eager ops.
+
+    Returns (new, rms_norm(new, next_weight, next_eps) if next_weight is given else None), as residual_rms_norm."""
     res_rows, dense_rows, sparse_rows, D = _rows(residual), _rows(dense), _rows(sparse), residual.shape[-1]
     assert dense.shape == sparse.shape == residual.shape, (residual.shape, dense.shape, sparse.shape)
     out = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
+    next_out = torch.empty_like(out) if next_weight is not None else None
     if out.numel() == 0:
-        return out
+        return out, next_out
     block = triton.next_power_of_2(D)
     _moe_residual_norm_kernel[(res_rows.shape[0],)](
         res_rows, dense_rows, sparse_rows, dense_weight, sparse_weight, weight,
-        scalar if scalar is not None else res_rows, out, res_rows.stride(0), dense_rows.stride(0),
-        sparse_rows.stride(0), D, eps, HAS_SCALAR=scalar is not None, BLOCK=block, num_warps=_warps(block))
-    return out
+        scalar if scalar is not None else res_rows, out,
+        next_weight if next_weight is not None else res_rows, next_out if next_out is not None else out,
+        res_rows.stride(0), dense_rows.stride(0), sparse_rows.stride(0), D, eps,
+        eps if next_eps is None else next_eps, HAS_SCALAR=scalar is not None, HAS_NEXT=next_weight is not None,
+        BLOCK=block, num_warps=_warps(block))
+    return out, next_out
 
 
 def qkv_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, q_weight: torch.Tensor,

@@ -14,8 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .norm import _normalize, _rows, _store, _warps
-from .rounding import round_to
+from .norm import _router_scaled, _rows, _store, _warps
 
 
 @triton.jit
@@ -23,13 +22,9 @@ def _router_input_kernel(x_ptr, scale_ptr, out_ptr, x_stride, D, eps, root_size,
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < D
-    dtype = out_ptr.dtype.element_ty
     h = tl.load(x_ptr + row * x_stride + offs, mask=mask, other=0.0).to(tl.float32)
-    normed = round_to(_normalize(h, x_ptr, offs, mask, D, eps, False), dtype)  # the weightless norm's tensor
-    scaled = round_to(normed * tl.load(scale_ptr + offs, mask=mask, other=0.0).to(tl.float32), dtype)
-    # A tensor times a python float: torch applies the scalar in fp32 (opmath), not rounded to the dtype first, and
-    # rounds the product once. root_size arrives here as an fp32 argument, the same fp32 value.
-    _store(out_ptr + row * D + offs, scaled * root_size, mask)
+    _store(out_ptr + row * D + offs, _router_scaled(h, scale_ptr, offs, mask, D, eps, root_size,
+                                                    out_ptr.dtype.element_ty), mask)
 
 
 @triton.jit

@@ -173,11 +173,20 @@ class Router(nn.Module):
         self.per_expert_scale = nn.Parameter(torch.ones(config.num_experts))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if kernels.enabled(x):  # the same steps in two launches around the matmul (decode is launch-bound)
-            from ..kernels.router import route, router_input
-            return route(self.proj(router_input(x, self.scale, self.root_size, self.norm.eps)), self.per_expert_scale,
-                         self.top_k)
-        scores = self.proj(self.norm(x) * self.scale * self.root_size)
+        return self.route(self.scaled_input(x))
+
+    def scaled_input(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.enabled(x):  # one launch (decode is launch-bound)
+            from ..kernels.router import router_input
+            return router_input(x, self.scale, self.root_size, self.norm.eps)
+        return self.norm(x) * self.scale * self.root_size
+
+    def route(self, scaled_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights fp32, experts) [T, k] from scaled_input(x) [T, H]."""
+        scores = self.proj(scaled_input)
+        if kernels.enabled(scores):  # softmax, top-k, renormalization and per-expert scale in one launch
+            from ..kernels.router import route
+            return route(scores, self.per_expert_scale, self.top_k)
         probs = scores.softmax(dim=-1, dtype=torch.float32)
         weights, experts = probs.topk(self.top_k, dim=-1)
         weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -293,30 +302,45 @@ class DecoderLayer(nn.Module):
             self.per_layer_projection = nn.Linear(ple, hidden, bias=False)
             self.post_per_layer_input_norm = RMSNorm(hidden, eps)
 
-    def forward(self, x, rope, ctx: ForwardContext, per_layer_input: torch.Tensor | None = None):
-        attn = self.self_attn(self.input_layernorm(x), rope, ctx)
-        x, h = add_normed(x, attn, self.post_attention_layernorm, next_norm=self.pre_feedforward_layernorm)
+    def forward(self, x, h, rope, ctx: ForwardContext, per_layer_input: torch.Tensor | None = None,
+                next_norm: RMSNorm | None = None):
+        """x: the residual stream, h: input_layernorm(x). Returns the new residual stream and `next_norm` of it (the
+        next layer's input norm, or the final norm; None without one): fused into this layer's last kernel on CUDA."""
+        attn = self.self_attn(h, rope, ctx)
+        if self.enable_moe_block and kernels.enabled(x):  # the residual add and all three norms of it in one launch
+            from ..kernels.norm import residual_moe_norms
+            x, h, expert_input, router_input = residual_moe_norms(
+                x, attn, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps,
+                self.pre_feedforward_layernorm.weight, self.pre_feedforward_layernorm_2.weight, self.router.scale,
+                self.router.root_size)
+        else:
+            x, h = add_normed(x, attn, self.post_attention_layernorm, next_norm=self.pre_feedforward_layernorm)
+            if self.enable_moe_block:  # the router and the experts read the residual stream, not the MLP's input
+                expert_input, router_input = self.pre_feedforward_layernorm_2(x), self.router.scaled_input(x)
 
         dense = self.mlp(h)
         if self.enable_moe_block:
-            # The router and the experts read the residual stream, not the dense MLP's input norm.
-            flat = x.reshape(-1, x.shape[-1])
-            weights, experts = self.router(flat)
-            sparse = self.experts(self.pre_feedforward_layernorm_2(flat), weights, experts).reshape(x.shape)
+            hidden = x.shape[-1]
+            weights, experts = self.router.route(router_input.reshape(-1, hidden))
+            sparse = self.experts(expert_input.reshape(-1, hidden), weights, experts).reshape(x.shape)
             if kernels.enabled(x) and not self.has_per_layer_input:  # the three norms and two adds in one launch
                 from ..kernels.norm import moe_residual_norm
                 return moe_residual_norm(x, dense, sparse, self.post_feedforward_layernorm_1.weight,
                                          self.post_feedforward_layernorm_2.weight,
                                          self.post_feedforward_layernorm.weight, self.post_feedforward_layernorm.eps,
-                                         self.layer_scalar)
+                                         self.layer_scalar, *_weight_eps(next_norm))
             dense = self.post_feedforward_layernorm_1(dense) + self.post_feedforward_layernorm_2(sparse)
         if not self.has_per_layer_input:
-            return add_normed(x, dense, self.post_feedforward_layernorm, scalar=self.layer_scalar)[0]
+            return add_normed(x, dense, self.post_feedforward_layernorm, scalar=self.layer_scalar, next_norm=next_norm)
 
         x = add_normed(x, dense, self.post_feedforward_layernorm)[0]
         ple = gated(self.per_layer_input_gate(x), per_layer_input, self.activation)
         return add_normed(x, self.per_layer_projection(ple), self.post_per_layer_input_norm,
-                          scalar=self.layer_scalar)[0]
+                          scalar=self.layer_scalar, next_norm=next_norm)
+
+
+def _weight_eps(norm: RMSNorm | None) -> tuple[torch.Tensor | None, float | None]:
+    return (norm.weight, norm.eps) if norm is not None else (None, None)
 
 
 def add_normed(residual: torch.Tensor, x: torch.Tensor, norm: RMSNorm, scalar: torch.Tensor | None = None,
@@ -326,9 +350,7 @@ def add_normed(residual: torch.Tensor, x: torch.Tensor, norm: RMSNorm, scalar: t
     In the model's dtype each step rounds, as in the reference: norm(x) is rounded before the add."""
     if kernels.enabled(x):
         from ..kernels.norm import residual_rms_norm
-        return residual_rms_norm(residual, x, norm.weight, norm.eps, scalar,
-                                 next_norm.weight if next_norm is not None else None,
-                                 next_norm.eps if next_norm is not None else None)
+        return residual_rms_norm(residual, x, norm.weight, norm.eps, scalar, *_weight_eps(next_norm))
     out = residual + norm(x)
     if scalar is not None:
         out = out * scalar
@@ -390,17 +412,18 @@ class TextModel(nn.Module):
             self.inv_freq = {t: f.to(embeds.device) for t, f in self.inv_freq.items()}
         ropes = {t: rope_cos_sin(ctx.positions, f, embeds.dtype) for t, f in self.inv_freq.items()}
         first_shared = self.config.num_hidden_layers - self.config.num_kv_shared_layers
-        x = embeds
-        for i, layer in enumerate(self.layers):
+        # Each layer also returns the next one's input norm of its output (the last one: the final norm).
+        x, h = embeds, self.layers[0].input_layernorm(embeds)
+        next_norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
+        for i, (layer, next_norm) in enumerate(zip(self.layers, next_norms)):
             if last_only and i == first_shared and x.shape[1] > 1:
-                x, ropes, per_layer, ctx = _last_position_only(x, ropes, per_layer, ctx)
+                x, h, ropes, per_layer, ctx = _last_position_only(x, h, ropes, per_layer, ctx)
             layer_input = per_layer[:, :, i] if per_layer is not None else None
-            x = layer(x, ropes[layer.self_attn.layer_type], ctx, layer_input)
-        x = self.norm(x)
-        return x[:, -1:] if last_only else x
+            x, h = layer(x, h, ropes[layer.self_attn.layer_type], ctx, layer_input, next_norm)
+        return h[:, -1:] if last_only else h
 
 
-def _last_position_only(x, ropes, per_layer, ctx: ForwardContext):
+def _last_position_only(x, h, ropes, per_layer, ctx: ForwardContext):
     """Cut a forward down to its last position before the KV-shared layers (their K/V come from earlier layers)."""
     ctx.positions, ctx.valid = ctx.positions[:, -1:], ctx.valid[:, -1:]
     ctx.masks = {}
@@ -408,5 +431,5 @@ def _last_position_only(x, ropes, per_layer, ctx: ForwardContext):
                      for i, (k, v, m) in ctx.shared_kv.items()}
     ropes = {t: (cos[:, -1:], sin[:, -1:]) for t, (cos, sin) in ropes.items()}
     per_layer = per_layer[:, -1:] if per_layer is not None else None
-    return x[:, -1:], ropes, per_layer, ctx
+    return x[:, -1:], h[:, -1:], ropes, per_layer, ctx
 
