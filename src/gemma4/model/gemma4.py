@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config
 from .attention import ForwardContext
 from .cache import KVCache
-from .text import TextModel
+from .text import TextModel, linear
 
 
 class Backbone(nn.Module):
@@ -130,7 +129,7 @@ class Model(nn.Module):
         weight = self.lm_head.weight if self.lm_head is not None else self.text.embed_tokens.weight
         # As a 2-D product: a 3-D non-contiguous `hidden` (the last position of a prefill) would make matmul expand
         # the [V, H] table into a batched product, which copies it on the CPU.
-        logits = F.linear(hidden.reshape(-1, hidden.shape[-1]), weight).view(*hidden.shape[:-1], -1).float()
+        logits = linear(hidden.reshape(-1, hidden.shape[-1]), weight).view(*hidden.shape[:-1], -1).float()
         cap = self.config.text_config.final_logit_softcapping
         return torch.tanh(logits / cap) * cap if cap else logits
 

@@ -1,0 +1,107 @@
+"""Decode GEMVs alone (one activation row, bf16, CUDA): cuBLAS (F.linear) against the Triton GEMV kernel and its
+tile choices, at every distinct projection shape of a preset's decode step, each timed inside a CUDA graph of 50
+calls (no launch gaps, as in the captured decode step).
+
+    python benchmarks/gemv.py --preset E2B [--sweep]
+
+Prints us per call and GB/s for each shape (N outputs x K inputs, and how many of them one decode step runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+from gemma4.config import Config
+from gemma4.kernels.gemv import TILES, gemv
+from gemma4.model.gemma4 import Model
+
+
+def decode_shapes(preset: str) -> collections.Counter:
+    """(N, K) of every matmul weight one decode step reads, with its count (fused q/k/v and gate/up as on CUDA)."""
+    with torch.device("meta"):
+        model = Model(Config.preset(preset))
+    model.fuse_projections_()
+    shapes = collections.Counter()
+    for layer in model.text.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        shapes[tuple((attn.qkv_weight if attn.qkv_weight is not None else attn.q_proj.weight).shape)] += 1
+        shapes[tuple(attn.o_proj.weight.shape)] += 1
+        shapes[tuple(mlp.gate_up_weight.shape)] += 1
+        shapes[tuple(mlp.down_proj.weight.shape)] += 1
+        if layer.has_per_layer_input:
+            shapes[tuple(layer.per_layer_input_gate.weight.shape)] += 1
+            shapes[tuple(layer.per_layer_projection.weight.shape)] += 1
+        if layer.enable_moe_block:
+            shapes[tuple(layer.router.proj.weight.shape)] += 1
+    if model.text.ple_dim:
+        shapes[tuple(model.text.per_layer_model_projection.weight.shape)] += 1
+    shapes[tuple(model.text.embed_tokens.weight.shape)] += 1  # the tied LM head
+    return shapes
+
+
+CALLS = 50
+
+
+def graph_us(fn, calls=CALLS, repeat=5) -> float:
+    """fn(i) for i in range(calls), captured in one CUDA graph: best of `repeat` replays, us per call."""
+    fn(0)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i)
+    best = float("inf")
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) * 1e3 / calls)
+    return best
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="E2B")
+    parser.add_argument("--sweep", action="store_true", help="also try other tiles (BLOCK_N, BLOCK_K, warps, stages)")
+    args = parser.parse_args()
+    candidates = [TILES]
+    if args.sweep:
+        candidates += [t for t in itertools.product((2, 4, 8, 16), (256, 512, 1024), (4, 8), (3,)) if t != TILES]
+        candidates += [(4, 1024, 8, 4), (4, 2048, 8, 3)]
+    print(f"{args.preset} on {torch.cuda.get_device_name()}: us per call (GB/s)")
+    total = collections.Counter()
+    for (n, k), count in sorted(decode_shapes(args.preset).items()):
+        # Enough copies of the weight that the graph's calls cycle through ~256 MB: each call reads its weight from
+        # memory, as in a decode step (whose weights are far larger than the 50 MB L2), not from the L2 cache.
+        copies = max(1, min(CALLS, -(-256_000_000 // (n * k * 2))))
+        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5 for _ in range(copies)]
+        x = torch.randn(1, 1, k, device="cuda", dtype=torch.bfloat16)
+        gb = n * k * 2 / 1e3  # bytes per us = GB/s * 1e-3
+        ref = F.linear(x, weights[0])
+        cublas = graph_us(lambda i: F.linear(x, weights[i % copies]))
+        results = []
+        for tiles in candidates:
+            try:
+                err = (gemv(x, weights[0], tiles).float() - ref.float()).abs().max().item()
+                results.append((graph_us(lambda i: gemv(x, weights[i % copies], tiles)), tiles, err))
+            except Exception as exc:  # out of resources
+                print(f"  {tiles}: {type(exc).__name__}")
+        best = min(results)
+        default = results[0]
+        total["cublas"] += cublas * count
+        total["triton default"] += default[0] * count
+        total["triton best"] += best[0] * count
+        print(f"N={n:6d} K={k:5d} x{count:3d} | cuBLAS {cublas:7.2f} ({gb / cublas:5.0f}) | default {default[0]:7.2f} "
+              f"({gb / default[0]:5.0f}) err {default[2]:.1e} | best {best[0]:7.2f} ({gb / best[0]:5.0f}) {best[1]}")
+    print("per decode step, us: " + ", ".join(f"{name} {us:.0f}" for name, us in total.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Matrix-vector products of decode steps at batch 1: out[n] = sum_k x[k] * weight[n, k].
+
+cuBLAS picks tiles for matrix products; for one activation row it often splits K and adds a reduce kernel, or runs
+tiles too few to fill the GPU, and its small products (under ~8 MB of weights) take 4-12 us where the bandwidth
+floor is 1-3 us. Here each program streams BLOCK_N whole weight rows in BLOCK_K steps (16-byte loads along the
+contiguous K axis) and keeps their dot products in fp32 registers: no second kernel, one rounding at the end,
+as cuBLAS rounds its fp32 accumulator.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# (BLOCK_N, BLOCK_K, warps, stages): the best of benchmarks/gemv.py's sweep on an H100 for most projections of
+# E2B and 26B-A4B (weights read from memory, not L2).
+TILES = (4, 2048, 8, 3)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, stride_wn, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    # K is a compile-time constant (one compilation per weight shape): a static trip count, which the interpreter
+    # also needs.
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # per-lane partial sums: one reduction at the end
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        if K % BLOCK_K == 0:
+            x = tl.load(x_ptr + cols).to(tl.float32)
+            w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None], other=0.0)
+        else:
+            x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+            w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
+        acc += w.to(tl.float32) * x[None, :]
+    out = tl.sum(acc, axis=1)
+    tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, tiles: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """F.linear(x, weight) for x [..., K] holding one row; weight [N, K] with unit stride along K."""
+    assert weight.stride(-1) == 1 and x.shape[-1] == weight.shape[1] and x.numel() == x.shape[-1]
+    n_out, k_in = weight.shape
+    block_n, block_k, warps, stages = tiles or TILES
+    if not x.is_cuda:  # the interpreter runs programs one by one; a row's arithmetic depends on BLOCK_K alone
+        block_n = 64
+    block_k = min(block_k, triton.next_power_of_2(k_in))
+    x = x.contiguous()
+    out = torch.empty(*x.shape[:-1], n_out, dtype=x.dtype, device=x.device)
+    _gemv_kernel[(triton.cdiv(n_out, block_n),)](x, weight, out, n_out, weight.stride(0), k_in, BLOCK_N=block_n,
+                                                 BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    return out

@@ -1,0 +1,49 @@
+"""The decode GEMV kernel (gemma4.kernels.gemv) against F.linear; the model routes one-row products through it."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from gemma4 import kernels  # noqa: E402
+from gemma4.kernels import gemv as gemv_module  # noqa: E402
+from gemma4.kernels.gemv import gemv  # noqa: E402
+from gemma4.model.text import linear  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k", [(37, 100), (256, 1536), (130, 4100), (8, 2048)])
+def test_gemv_equals_linear(n, k, dtype):
+    """Ragged N (masked rows), ragged K (a masked last step), K over one BLOCK_K step, and an exact fit."""
+    torch.manual_seed(n)
+    weight = (torch.randn(n, k) * k**-0.5).to(DEVICE, dtype)
+    x = torch.randn(1, 1, k).to(DEVICE, dtype)
+    out, ref = gemv(x, weight), F.linear(x, weight)
+    assert out.shape == ref.shape == (1, 1, n) and out.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    else:  # fp32 accumulation in another order, one rounding: at most an ulp apart
+        torch.testing.assert_close(out.float(), ref.float(), rtol=2**-7, atol=1e-5)
+
+
+def test_gemv_tiles_do_not_change_results():
+    """Other tiles: same products up to fp32 summation order (rows masked differently, other K steps)."""
+    torch.manual_seed(0)
+    weight, x = torch.randn(70, 600, device=DEVICE), torch.randn(600, device=DEVICE)
+    ref = F.linear(x, weight)
+    for tiles in [(2, 256, 4, 2), (16, 512, 8, 3), (4, 2048, 8, 3)]:
+        torch.testing.assert_close(gemv(x, weight, tiles), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_takes_gemv_for_one_row_only(monkeypatch):
+    calls = []
+    monkeypatch.setattr(gemv_module, "gemv", lambda x, w: calls.append(x.shape) or F.linear(x, w))
+    weight = torch.randn(8, 16, device=DEVICE)
+    with kernels.force():
+        linear(torch.randn(1, 1, 16, device=DEVICE), weight)  # a batch-1 decode step
+        linear(torch.randn(2, 1, 16, device=DEVICE), weight)  # two rows: cuBLAS
+        linear(torch.randn(1, 3, 16, device=DEVICE), weight)  # a prefill: cuBLAS
+    assert calls == [(1, 1, 16)]
