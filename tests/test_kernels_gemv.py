@@ -47,3 +47,32 @@ def test_linear_takes_gemv_for_one_row_only(monkeypatch):
         linear(torch.randn(2, 1, 16, device=DEVICE), weight)  # two rows: cuBLAS
         linear(torch.randn(1, 3, 16, device=DEVICE), weight)  # a prefill: cuBLAS
     assert calls == [(1, 1, 16)]
+
+
+from gemma4.kernels.gemv import gemv_gated  # noqa: E402
+from gemma4.model.common import activation  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act", ["gelu_pytorch_tanh", "silu"])
+@pytest.mark.parametrize("with_multiplier", [False, True])
+def test_gemv_gated_equals_eager(dtype, act, with_multiplier):
+    """MLP (fused gate/up weight) and PLE (gate weight, up given) forms against the eager ops' rounding: products
+    rounded, act(gate) rounded, the product rounded."""
+    torch.manual_seed(1)
+    width, k = 70, 300  # a ragged last tile of rows, a ragged K
+    weight = (torch.randn(width if with_multiplier else 2 * width, k) * k**-0.5 * 2).to(DEVICE, dtype)
+    x = torch.randn(1, 1, k).to(DEVICE, dtype)
+    up = torch.randn(1, 1, width).to(DEVICE, dtype) if with_multiplier else None
+    out = gemv_gated(x, weight, act, up)
+    if with_multiplier:
+        gate = F.linear(x, weight)
+    else:
+        gate, up = F.linear(x, weight).chunk(2, dim=-1)
+    expected = activation(act)(gate) * up
+    assert out.shape == expected.shape == (1, 1, width) and out.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    else:  # a product an ulp off (summation order) moves act(gate) * up by about an ulp
+        torch.testing.assert_close(out.float(), expected.float(), rtol=2**-6, atol=1e-3)
+        assert (out == expected).float().mean() > 0.9

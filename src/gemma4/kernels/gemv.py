@@ -13,43 +13,94 @@ import torch
 import triton
 import triton.language as tl
 
+from .activation import ACTIVATION_CODES, activation_fp32
+from .rounding import round_to
+
 # (BLOCK_N, BLOCK_K, warps, stages): the best of benchmarks/gemv.py's sweep on an H100 for most projections of
 # E2B and 26B-A4B (weights read from memory, not L2).
 TILES = (4, 2048, 8, 3)
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, stride_wn, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
-    # K is a compile-time constant (one compilation per weight shape): a static trip count, which the interpreter
-    # also needs.
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
+def _dot_rows(x_ptr, w_rows, row_ok, K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """fp32 dot products of x [K] with the weight rows at w_rows [BLOCK_N] (pointers to their first element)."""
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # per-lane partial sums: one reduction at the end
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         if K % BLOCK_K == 0:
             x = tl.load(x_ptr + cols).to(tl.float32)
-            w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None], other=0.0)
+            w = tl.load(w_rows[:, None] + cols[None, :], mask=row_ok[:, None], other=0.0)
         else:
             x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-            w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
+            w = tl.load(w_rows[:, None] + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
         acc += w.to(tl.float32) * x[None, :]
-    out = tl.sum(acc, axis=1)
+    return tl.sum(acc, axis=1)
+
+
+# K is a compile-time constant in both kernels (one compilation per weight shape): a static trip count, which the
+# interpreter also needs.
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, stride_wn, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    out = _dot_rows(x_ptr, w_ptr + rows.to(tl.int64) * stride_wn, row_ok, K, BLOCK_K, BLOCK_N)
     tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _gemv_gated_kernel(x_ptr, w_ptr, mult_ptr, out_ptr, W, stride_wn, K: tl.constexpr, ACT: tl.constexpr,
+                       HAS_UP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < W
+    dtype = out_ptr.dtype.element_ty
+    w_rows = w_ptr + rows.to(tl.int64) * stride_wn
+    # Rounded as the eager ops: the product(s), act(gate), and act(gate) * up each a tensor of the model dtype.
+    gate = round_to(_dot_rows(x_ptr, w_rows, row_ok, K, BLOCK_K, BLOCK_N), dtype)
+    if HAS_UP:  # up is row W + i of the same weight
+        up = round_to(_dot_rows(x_ptr, w_rows + W * stride_wn, row_ok, K, BLOCK_K, BLOCK_N), dtype)
+    else:
+        up = tl.load(mult_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    act = round_to(activation_fp32(gate, ACT), dtype)
+    tl.store(out_ptr + rows, round_to(act * up, dtype).to(dtype), mask=row_ok)
+
+
+def _tiles(x: torch.Tensor, k_in: int, tiles):
+    block_n, block_k, warps, stages = tiles or TILES
+    if not x.is_cuda:  # the interpreter runs programs one by one; a row's arithmetic depends on BLOCK_K alone
+        block_n = 64
+    return block_n, min(block_k, triton.next_power_of_2(k_in)), warps, stages
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, tiles: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """F.linear(x, weight) for x [..., K] holding one row; weight [N, K] with unit stride along K."""
     assert weight.stride(-1) == 1 and x.shape[-1] == weight.shape[1] and x.numel() == x.shape[-1]
     n_out, k_in = weight.shape
-    block_n, block_k, warps, stages = tiles or TILES
-    if not x.is_cuda:  # the interpreter runs programs one by one; a row's arithmetic depends on BLOCK_K alone
-        block_n = 64
-    block_k = min(block_k, triton.next_power_of_2(k_in))
+    block_n, block_k, warps, stages = _tiles(x, k_in, tiles)
     x = x.contiguous()
     out = torch.empty(*x.shape[:-1], n_out, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n_out, block_n),)](x, weight, out, n_out, weight.stride(0), k_in, BLOCK_N=block_n,
                                                  BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    return out
+
+
+def gemv_gated(x: torch.Tensor, weight: torch.Tensor, activation: str,
+               multiplier: torch.Tensor | None = None) -> torch.Tensor:
+    """`gated(gate, up, activation)` of one row x [..., K], in one kernel with the product:
+    multiplier None: [gate; up] = F.linear(x, weight), weight [2W, K] (a fused gate/up projection);
+    else gate = F.linear(x, weight), weight [W, K], and up = multiplier [..., W]. Returns [..., W]."""
+    try:
+        act = ACTIVATION_CODES[activation]
+    except KeyError:
+        raise ValueError(f"unsupported activation {activation!r}; expected one of {sorted(ACTIVATION_CODES)}") from None
+    assert weight.stride(-1) == 1 and x.shape[-1] == weight.shape[1] and x.numel() == x.shape[-1]
+    width = weight.shape[0] // 2 if multiplier is None else weight.shape[0]
+    assert multiplier is None or multiplier.numel() == width
+    block_n, block_k, warps, stages = _tiles(x, weight.shape[1], None)
+    x = x.contiguous()
+    out = torch.empty(*x.shape[:-1], width, dtype=x.dtype, device=x.device)
+    _gemv_gated_kernel[(triton.cdiv(width, block_n),)](
+        x, weight, multiplier.contiguous() if multiplier is not None else x, out, width, weight.stride(0),
+        weight.shape[1], ACT=act, HAS_UP=multiplier is None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        num_stages=stages)
     return out
