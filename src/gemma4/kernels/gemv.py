@@ -9,11 +9,15 @@ as cuBLAS rounds its fp32 accumulator.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
+
 from .activation import ACTIVATION_CODES, activation_fp32
+from .norm import _residual_norms_row, _warps, residual_norm_args, residual_outputs
 from .rounding import round_to
 
 # (BLOCK_N, BLOCK_K, warps, stages): the best of benchmarks/gemv.py's sweep on an H100 for most projections of
@@ -65,6 +69,27 @@ def _gemv_gated_kernel(x_ptr, w_ptr, mult_ptr, out_ptr, W, stride_wn, K: tl.cons
     tl.store(out_ptr + rows, round_to(act * up, dtype).to(dtype), mask=row_ok)
 
 
+@triton.jit
+def _gemv_residual_norms_kernel(x_ptr, w_ptr, y_ptr, counter_ptr, res_ptr, nw_ptr, scalar_ptr, next_w_ptr, out_ptr,
+                                next_out_ptr, next2_w_ptr, next2_out_ptr, router_scale_ptr, router_out_ptr, N,
+                                stride_wn, eps, next_eps, root_size, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                                BLOCK_K: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SCALAR: tl.constexpr,
+                                HAS_NEXT: tl.constexpr, HAS_MOE: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    y = _dot_rows(x_ptr, w_ptr + rows.to(tl.int64) * stride_wn, row_ok, K, BLOCK_K, BLOCK_N)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+    # The norms need the whole output row: the last program to finish computes them. Its acquire pairs with every
+    # other program's release (acq_rel atomics), so their y stores are visible to it. It then re-arms the counter
+    # for the next launch (CUDA-graph replays included).
+    finished = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    if finished == tl.num_programs(0) - 1:
+        _residual_norms_row(res_ptr, y_ptr, nw_ptr, scalar_ptr, next_w_ptr, out_ptr, next_out_ptr, next2_w_ptr,
+                            next2_out_ptr, router_scale_ptr, router_out_ptr, N, eps, next_eps, root_size, HAS_WEIGHT,
+                            HAS_SCALAR, HAS_NEXT, HAS_MOE, BLOCK)
+        tl.atomic_xchg(counter_ptr, 0, sem="relaxed")
+
+
 def _tiles(x: torch.Tensor, k_in: int, tiles):
     block_n, block_k, warps, stages = tiles or TILES
     if not x.is_cuda:  # the interpreter runs programs one by one; a row's arithmetic depends on BLOCK_K alone
@@ -104,3 +129,34 @@ def gemv_gated(x: torch.Tensor, weight: torch.Tensor, activation: str,
         weight.shape[1], ACT=act, HAS_UP=multiplier is None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
         num_stages=stages)
     return out
+
+
+@functools.cache
+def _counter(device: torch.device) -> torch.Tensor:
+    """The finished-programs counter of _gemv_residual_norms_kernel: zero between launches (each launch's last
+    program resets it), so one per device serves every launch of a stream."""
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
+def gemv_residual_norms(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
+                        eps: float, scalar: torch.Tensor | None = None, next_weight: torch.Tensor | None = None,
+                        next_eps: float | None = None, moe: tuple | None = None) -> tuple:
+    """residual_rms_norm(residual, gemv(x, weight), norm_weight, eps, scalar, next_weight, next_eps), or with
+    moe = (experts_weight, router_scale, root_size) residual_moe_norms's four outputs, in one kernel: the GEMV's last
+    program to finish applies the norms to the whole product. One row (x [..., K], residual [..., N]).
+    Returns (new, next norm or None, experts' norm or None, router input or None)."""
+    assert weight.stride(-1) == 1 and x.shape[-1] == weight.shape[1] and x.numel() == x.shape[-1]
+    n_out, k_in = weight.shape
+    assert residual.numel() == n_out and residual.stride(-1) == 1
+    block_n, block_k, warps, stages = _tiles(x, k_in, None)
+    outputs = residual_outputs(residual, next_weight, moe)
+    y = torch.empty(n_out, dtype=x.dtype, device=x.device)
+    block = triton.next_power_of_2(n_out)
+    _gemv_residual_norms_kernel[(triton.cdiv(n_out, block_n),)](
+        x.contiguous(), weight, y, _counter(x.device), residual,
+        *residual_norm_args(y, outputs, norm_weight, scalar, next_weight, moe), n_out, weight.stride(0), eps,
+        eps if next_eps is None else next_eps, float(moe[2]) if moe is not None else 1.0, k_in, BLOCK_N=block_n,
+        BLOCK_K=block_k, HAS_WEIGHT=norm_weight is not None, HAS_SCALAR=scalar is not None,
+        HAS_NEXT=next_weight is not None, HAS_MOE=moe is not None, BLOCK=block,
+        num_warps=max(warps, _warps(block)), num_stages=stages)
+    return outputs

@@ -56,29 +56,42 @@ def _router_scaled(h, scale_ptr, offs, mask, D, eps, root_size, dtype: tl.conste
 
 
 @triton.jit
+def _residual_norms_row(res_row, x_row, w_ptr, scalar_ptr, next_w_ptr, out_row, next_out_row, next2_w_ptr,
+                        next2_out_row, router_scale_ptr, router_out_row, D, eps, next_eps, root_size,
+                        HAS_WEIGHT: tl.constexpr, HAS_SCALAR: tl.constexpr, HAS_NEXT: tl.constexpr,
+                        HAS_MOE: tl.constexpr, BLOCK: tl.constexpr):
+    """One row of residual_rms_norm / residual_moe_norms (pointers to the row's first element)."""
+    offs = tl.arange(0, BLOCK)
+    mask = offs < D
+    dtype = out_row.dtype.element_ty
+    # As the eager ops: the norm's output is a tensor of the model dtype, then the add and the scaling each round.
+    # x is read past L1 (.cg): in the GEMV kernel's epilogue other programs have just written it.
+    h = tl.load(x_row + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+    normed = round_to(_normalize(h, w_ptr, offs, mask, D, eps, HAS_WEIGHT), dtype)
+    residual = tl.load(res_row + offs, mask=mask, other=0.0).to(tl.float32)
+    new = round_to(residual + normed, dtype)
+    if HAS_SCALAR:
+        new = round_to(new * tl.load(scalar_ptr).to(tl.float32), dtype)
+    _store(out_row + offs, new, mask)
+    if HAS_NEXT:
+        _store(next_out_row + offs, _normalize(new, next_w_ptr, offs, mask, D, next_eps, True), mask)
+    if HAS_MOE:  # the experts' input norm and the router's input, both from the same new row
+        _store(next2_out_row + offs, _normalize(new, next2_w_ptr, offs, mask, D, next_eps, True), mask)
+        _store(router_out_row + offs, _router_scaled(new, router_scale_ptr, offs, mask, D, next_eps, root_size, dtype),
+               mask)
+
+
+@triton.jit
 def _residual_rms_norm_kernel(res_ptr, x_ptr, w_ptr, scalar_ptr, next_w_ptr, out_ptr, next_out_ptr,
                               next2_w_ptr, next2_out_ptr, router_scale_ptr, router_out_ptr,
                               res_stride, x_stride, D, eps, next_eps, root_size, HAS_WEIGHT: tl.constexpr,
                               HAS_SCALAR: tl.constexpr, HAS_NEXT: tl.constexpr, HAS_MOE: tl.constexpr,
                               BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    mask = offs < D
-    dtype = out_ptr.dtype.element_ty
-    # As the eager ops: the norm's output is a tensor of the model dtype, then the add and the scaling each round.
-    h = tl.load(x_ptr + row * x_stride + offs, mask=mask, other=0.0).to(tl.float32)
-    normed = round_to(_normalize(h, w_ptr, offs, mask, D, eps, HAS_WEIGHT), dtype)
-    residual = tl.load(res_ptr + row * res_stride + offs, mask=mask, other=0.0).to(tl.float32)
-    new = round_to(residual + normed, dtype)
-    if HAS_SCALAR:
-        new = round_to(new * tl.load(scalar_ptr).to(tl.float32), dtype)
-    _store(out_ptr + row * D + offs, new, mask)
-    if HAS_NEXT:
-        _store(next_out_ptr + row * D + offs, _normalize(new, next_w_ptr, offs, mask, D, next_eps, True), mask)
-    if HAS_MOE:  # the experts' input norm and the router's input, both from the same new row
-        _store(next2_out_ptr + row * D + offs, _normalize(new, next2_w_ptr, offs, mask, D, next_eps, True), mask)
-        _store(router_out_ptr + row * D + offs, _router_scaled(new, router_scale_ptr, offs, mask, D, next_eps,
-                                                               root_size, dtype), mask)
+    _residual_norms_row(res_ptr + row * res_stride, x_ptr + row * x_stride, w_ptr, scalar_ptr, next_w_ptr,
+                        out_ptr + row * D, next_out_ptr + row * D, next2_w_ptr, next2_out_ptr + row * D,
+                        router_scale_ptr, router_out_ptr + row * D, D, eps, next_eps, root_size, HAS_WEIGHT,
+                        HAS_SCALAR, HAS_NEXT, HAS_MOE, BLOCK)
 
 
 @triton.jit
@@ -196,24 +209,33 @@ def residual_moe_norms(residual: torch.Tensor, x: torch.Tensor, weight: torch.Te
 
 def _residual_norms(residual, x, weight, eps, scalar, next_weight, next_eps, moe=None):
     res_rows, x_rows, D = _rows(residual), _rows(x), residual.shape[-1]
-    out = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
-    next_out = torch.empty_like(out) if next_weight is not None else None
-    next2_weight, router_scale, root_size = moe if moe is not None else (None, None, 1.0)
-    next2_out, router_out = (torch.empty_like(out), torch.empty_like(out)) if moe is not None else (None, None)
-    if out.numel() == 0:
-        return out, next_out, next2_out, router_out
-
-    def given(t):  # a placeholder pointer for an absent tensor (its kernel branch is compiled out)
-        return t if t is not None else x_rows
-
+    outputs = residual_outputs(residual, next_weight, moe)
+    if residual.numel() == 0:
+        return outputs
     block = triton.next_power_of_2(D)
     _residual_rms_norm_kernel[(res_rows.shape[0],)](
-        res_rows, x_rows, given(weight), given(scalar), given(next_weight), out, given(next_out),
-        given(next2_weight), given(next2_out), given(router_scale), given(router_out),
-        res_rows.stride(0), x_rows.stride(0), D, eps, eps if next_eps is None else next_eps, float(root_size),
-        HAS_WEIGHT=weight is not None, HAS_SCALAR=scalar is not None, HAS_NEXT=next_weight is not None,
-        HAS_MOE=moe is not None, BLOCK=block, num_warps=_warps(block))
+        res_rows, x_rows, *residual_norm_args(x_rows, outputs, weight, scalar, next_weight, moe),
+        res_rows.stride(0), x_rows.stride(0), D, eps, eps if next_eps is None else next_eps,
+        float(moe[2]) if moe is not None else 1.0, HAS_WEIGHT=weight is not None, HAS_SCALAR=scalar is not None,
+        HAS_NEXT=next_weight is not None, HAS_MOE=moe is not None, BLOCK=block, num_warps=_warps(block))
+    return outputs
+
+
+def residual_outputs(residual: torch.Tensor, next_weight, moe) -> tuple:
+    """(new, next norm or None, experts' norm or None, router input or None), allocated like residual."""
+    out = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
+    next_out = torch.empty_like(out) if next_weight is not None else None
+    next2_out, router_out = (torch.empty_like(out), torch.empty_like(out)) if moe is not None else (None, None)
     return out, next_out, next2_out, router_out
+
+
+def residual_norm_args(placeholder, outputs, weight, scalar, next_weight, moe) -> tuple:
+    """The pointer arguments of _residual_norms_row after (residual, x), in its order; absent tensors become
+    `placeholder` (their kernel branches are compiled out)."""
+    out, next_out, next2_out, router_out = outputs
+    next2_weight, router_scale = moe[:2] if moe is not None else (None, None)
+    return tuple(t if t is not None else placeholder for t in (weight, scalar, next_weight, out, next_out,
+                                                                next2_weight, next2_out, router_scale, router_out))
 
 
 def _rope_tables(cos: torch.Tensor, sin: torch.Tensor, B: int, L: int, D: int):

@@ -125,7 +125,7 @@ class Attention(nn.Module):
             key, value, mask = ctx.keys_and_values(self.layer_idx, self.layer_type, key, value)
         if self.stores_shared_kv:
             ctx.shared_kv[self.layer_idx] = key, value, mask
-        return self.o_proj(ctx.attend(self.layer_type, query, key, value, mask))
+        return ctx.attend(self.layer_type, query, key, value, mask)  # [B, L, H * D]: o_proj is the caller's
 
 
 def norm_rope(x: torch.Tensor, norm: RMSNorm, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None):
@@ -152,9 +152,13 @@ class MLP(nn.Module):
         self.gate_up_weight = fuse_linears([self.gate_proj, self.up_proj])
 
     def forward(self, x):
+        return self.down_proj(self.hidden(x))
+
+    def hidden(self, x):
+        """act(gate_proj(x)) * up_proj(x): the down projection's input."""
         if self.gate_up_weight is not None:
-            return self.down_proj(gated_linear(x, self.gate_up_weight, self.activation))
-        return self.down_proj(gated(self.gate_proj(x), self.up_proj(x), self.activation))
+            return gated_linear(x, self.gate_up_weight, self.activation)
+        return gated(self.gate_proj(x), self.up_proj(x), self.activation)
 
 
 def gated(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
@@ -333,42 +337,70 @@ class DecoderLayer(nn.Module):
     def forward(self, x, h, rope, ctx: ForwardContext, per_layer_input: torch.Tensor | None = None,
                 next_norm: RMSNorm | None = None):
         """x: the residual stream, h: input_layernorm(x). Returns the new residual stream and `next_norm` of it (the
-        next layer's input norm, or the final norm; None without one): fused into this layer's last kernel on CUDA."""
+        next layer's input norm, or the final norm; None without one): fused into this layer's last kernel on CUDA.
+        Each projection that feeds a residual add runs in one kernel with the norms after it at batch 1 (see
+        add_normed_linear)."""
         attn = self.self_attn(h, rope, ctx)
-        if self.enable_moe_block and kernels.enabled(x):  # the residual add and all three norms of it in one launch
-            from ..kernels.norm import residual_moe_norms
-            x, h, expert_input, router_input = residual_moe_norms(
-                x, attn, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps,
-                self.pre_feedforward_layernorm.weight, self.pre_feedforward_layernorm_2.weight, self.router.scale,
-                self.router.root_size)
-        else:
-            x, h = add_normed(x, attn, self.post_attention_layernorm, next_norm=self.pre_feedforward_layernorm)
-            if self.enable_moe_block:  # the router and the experts read the residual stream, not the MLP's input
-                expert_input, router_input = self.pre_feedforward_layernorm_2(x), self.router.scaled_input(x)
+        if not self.enable_moe_block:
+            x, h = add_normed_linear(x, attn, self.self_attn.o_proj, self.post_attention_layernorm,
+                                     next_norm=self.pre_feedforward_layernorm)
+            if not self.has_per_layer_input:
+                return add_normed_linear(x, self.mlp.hidden(h), self.mlp.down_proj, self.post_feedforward_layernorm,
+                                         scalar=self.layer_scalar, next_norm=next_norm)
+            x = add_normed_linear(x, self.mlp.hidden(h), self.mlp.down_proj, self.post_feedforward_layernorm)[0]
+            ple = gated_linear(x, self.per_layer_input_gate.weight, self.activation, per_layer_input)
+            return add_normed_linear(x, ple, self.per_layer_projection, self.post_per_layer_input_norm,
+                                     scalar=self.layer_scalar, next_norm=next_norm)
 
+        # 26B-A4B: the router and the experts read the residual stream, not the dense MLP's input norm.
+        moe = (self.pre_feedforward_layernorm_2, self.router)
+        x, h, expert_input, router_input = add_normed_linear(x, attn, self.self_attn.o_proj,
+                                                             self.post_attention_layernorm,
+                                                             next_norm=self.pre_feedforward_layernorm, moe=moe)
         dense = self.mlp(h)
-        if self.enable_moe_block:
-            hidden = x.shape[-1]
-            weights, experts = self.router.route(router_input.reshape(-1, hidden))
-            sparse = self.experts(expert_input.reshape(-1, hidden), weights, experts).reshape(x.shape)
-            if kernels.enabled(x) and not self.has_per_layer_input:  # the three norms and two adds in one launch
-                from ..kernels.norm import moe_residual_norm
-                return moe_residual_norm(x, dense, sparse, self.post_feedforward_layernorm_1.weight,
-                                         self.post_feedforward_layernorm_2.weight,
-                                         self.post_feedforward_layernorm.weight, self.post_feedforward_layernorm.eps,
-                                         self.layer_scalar, *_weight_eps(next_norm))
-            dense = self.post_feedforward_layernorm_1(dense) + self.post_feedforward_layernorm_2(sparse)
+        hidden = x.shape[-1]
+        weights, experts = self.router.route(router_input.reshape(-1, hidden))
+        sparse = self.experts(expert_input.reshape(-1, hidden), weights, experts).reshape(x.shape)
+        if kernels.enabled(x) and not self.has_per_layer_input:  # the three norms and two adds in one launch
+            from ..kernels.norm import moe_residual_norm
+            return moe_residual_norm(x, dense, sparse, self.post_feedforward_layernorm_1.weight,
+                                     self.post_feedforward_layernorm_2.weight,
+                                     self.post_feedforward_layernorm.weight, self.post_feedforward_layernorm.eps,
+                                     self.layer_scalar, *_weight_eps(next_norm))
+        dense = self.post_feedforward_layernorm_1(dense) + self.post_feedforward_layernorm_2(sparse)
         if not self.has_per_layer_input:
             return add_normed(x, dense, self.post_feedforward_layernorm, scalar=self.layer_scalar, next_norm=next_norm)
-
         x = add_normed(x, dense, self.post_feedforward_layernorm)[0]
         ple = gated_linear(x, self.per_layer_input_gate.weight, self.activation, per_layer_input)
-        return add_normed(x, self.per_layer_projection(ple), self.post_per_layer_input_norm,
-                          scalar=self.layer_scalar, next_norm=next_norm)
+        return add_normed_linear(x, ple, self.per_layer_projection, self.post_per_layer_input_norm,
+                                 scalar=self.layer_scalar, next_norm=next_norm)
 
 
 def _weight_eps(norm: RMSNorm | None) -> tuple[torch.Tensor | None, float | None]:
     return (norm.weight, norm.eps) if norm is not None else (None, None)
+
+
+def add_normed_linear(residual: torch.Tensor, x: torch.Tensor, projection: nn.Linear, norm: RMSNorm,
+                      scalar: torch.Tensor | None = None, next_norm: RMSNorm | None = None,
+                      moe: tuple[RMSNorm, Router] | None = None) -> tuple:
+    """add_normed(residual, projection(x), norm, scalar, next_norm); with moe = (experts' norm, router) also that norm
+    and the router's scaled input of the new residual stream (four results, else two). A batch-1 decode step on CUDA
+    runs the product and the norms in one kernel (its last program applies the norms)."""
+    if x.numel() == x.shape[-1] and projection.bias is None and kernels.enabled(x):
+        from ..kernels.gemv import gemv_residual_norms
+        moe_args = (moe[0].weight, moe[1].scale, moe[1].root_size) if moe is not None else None
+        outputs = gemv_residual_norms(x, projection.weight, residual, norm.weight, norm.eps, scalar,
+                                      *_weight_eps(next_norm), moe_args)
+        return outputs if moe is not None else outputs[:2]
+    y = projection(x)
+    if moe is None:
+        return add_normed(residual, y, norm, scalar, next_norm)
+    if kernels.enabled(y):  # the residual add and all three norms of it in one launch
+        from ..kernels.norm import residual_moe_norms
+        return residual_moe_norms(residual, y, norm.weight, norm.eps, next_norm.weight, moe[0].weight, moe[1].scale,
+                                  moe[1].root_size)
+    new, h = add_normed(residual, y, norm, scalar, next_norm)
+    return new, h, moe[0](new), moe[1].scaled_input(new)
 
 
 def add_normed(residual: torch.Tensor, x: torch.Tensor, norm: RMSNorm, scalar: torch.Tensor | None = None,
