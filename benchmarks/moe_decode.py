@@ -61,7 +61,7 @@ def main():
         try:
             us = time_us()
         except Exception as exc:  # out of resources
-            print(f"{config}: {type(exc).__name__}")
+            print(f"{config}: {type(exc).__name__}: {exc}")
             continue
         print(f"{config}: {us:7.2f} us ({bytes_per_call / us / 1e3:5.0f} GB/s)")
 

@@ -114,5 +114,8 @@ def test_gemv_residual_norms_equals_two_kernels(dtype, variant):
                 assert got is None
             else:
                 assert got.shape == want.shape == residual.shape
-                torch.testing.assert_close(got, want, rtol=0, atol=0)  # same y, same row code
+                # The same row code on the same y, up to the order of the GEMV's final fp32 sum, which the compiler
+                # may lay out differently in the two kernels (bit-equal under the interpreter).
+                torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-5)
+                assert (got == want).float().mean() > 0.9
         assert _counter(weight.device).item() == 0
