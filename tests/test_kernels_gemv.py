@@ -116,6 +116,9 @@ def test_gemv_residual_norms_equals_two_kernels(dtype, variant):
                 assert got.shape == want.shape == residual.shape
                 # The same row code on the same y, up to the order of the GEMV's final fp32 sum, which the compiler
                 # may lay out differently in the two kernels (bit-equal under the interpreter).
-                torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-5)
-                assert (got == want).float().mean() > 0.9
+                if dtype == torch.float32:
+                    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+                else:  # one rounding of y: equal but where the fp32 sum lands on the other side of a boundary
+                    torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-5)
+                    assert (got == want).float().mean() > 0.9
         assert _counter(weight.device).item() == 0
