@@ -52,9 +52,9 @@ def main():
     configs = [(moe.GU_BLOCK_W, moe.GU_BLOCK_H, moe.GU_WARPS, moe.DOWN_BLOCK_H, moe.DOWN_BLOCK_W, moe.DOWN_WARPS)]
     if args.sweep:
         # One kernel's tiles at a time, the other's at their defaults.
-        gu, down = configs[0][:3], configs[0][3:]
-        configs += [c + down for c in itertools.product((2, 4, 8), (256, 512, 1024), (4, 8)) if c != gu]
-        configs += [gu + c for c in itertools.product((1, 2, 4, 8), (1024,), (4, 8)) if c != down]
+        gu_tiles, down_tiles = configs[0][:3], configs[0][3:]
+        configs += [c + down_tiles for c in itertools.product((2, 4, 8), (256, 512, 1024), (4, 8)) if c != gu_tiles]
+        configs += [gu_tiles + c for c in itertools.product((1, 2, 4, 8), (1024,), (4, 8)) if c != down_tiles]
     print(f"26B-A4B experts, T={args.tokens}, on {torch.cuda.get_device_name()}: us per call (GB/s, distinct experts)")
     for config in configs:
         (moe.GU_BLOCK_W, moe.GU_BLOCK_H, moe.GU_WARPS, moe.DOWN_BLOCK_H, moe.DOWN_BLOCK_W, moe.DOWN_WARPS) = config
