@@ -122,3 +122,16 @@ def test_gemv_residual_norms_equals_two_kernels(dtype, variant):
                     torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-5)
                     assert (got == want).float().mean() > 0.9
         assert _counter(weight.device).item() == 0
+
+
+def test_takes_gemv_only_where_measured_faster():
+    """One row, and not the big 31B matrices cuBLAS reads faster (benchmarks/gemv.py); shapes only (meta tensors)."""
+    from gemma4.model.text import takes_gemv
+    row = torch.empty(1, 1, 1, device="meta")
+    with kernels.force():
+        def takes(n, k):
+            return takes_gemv(row.expand(1, 1, k), torch.empty(n, k, device="meta"))
+        assert takes(2560, 1536) and takes(1536, 12288) and takes(262144, 2816)  # E2B, E2B's down, an LM head
+        assert takes(5376, 8192)  # 31B's q projection: 44M elements
+        assert not takes(43008, 5376) and not takes(5376, 21504) and not takes(262144, 5376)  # 31B's MLP, LM head
+        assert not takes_gemv(torch.empty(2, 1, 1536, device="meta"), torch.empty(2560, 1536, device="meta"))

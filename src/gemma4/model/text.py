@@ -46,11 +46,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether x @ weight.T runs in the Triton GEMV kernels (kernels/gemv.py): one row on CUDA (a batch-1 decode step),
+    and a weight where they beat cuBLAS. Measured with benchmarks/gemv.py on an H100: faster for every projection of
+    E2B, E4B and 26B-A4B (E2B's step: 2.32 -> ~1.9 ms) and the LM heads with K <= 4096; cuBLAS reads 31B's matrices
+    of over 64M elements faster (2.8-2.9 TB/s against 2.6), its LM head (K = 5376) too."""
+    n_out, k_in = weight.shape
+    return (x.numel() == x.shape[-1] and (k_in <= 4096 or n_out * k_in <= 64 * 2**20) and weight.stride(-1) == 1
+            and kernels.enabled(x))
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, weight) without bias. One row on CUDA (a batch-1 decode step) takes the Triton GEMV kernel,
-    which reads the weight closer to bandwidth than cuBLAS, which splits K or underfills the GPU at one row
-    (benchmarks/gemv.py, H100: the projections of an E2B decode step 2.32 -> ~1.9 ms, 26B-A4B's 2.22 -> ~1.9)."""
-    if x.numel() == x.shape[-1] and kernels.enabled(x):
+    """F.linear(x, weight) without bias, through the GEMV kernel where `takes_gemv`."""
+    if takes_gemv(x, weight):
         from ..kernels.gemv import gemv
         return gemv(x, weight)
     return F.linear(x, weight)
@@ -170,9 +178,9 @@ def gated(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
 
 
 def gated_linear(x: torch.Tensor, weight: torch.Tensor, act: str, up: torch.Tensor | None = None) -> torch.Tensor:
-    """gated(gate, up, act) with [gate; up] = linear(x, weight) (up None), or gate = linear(x, weight): one kernel for
-    a batch-1 decode step on CUDA, the product and the activation together."""
-    if x.numel() == x.shape[-1] and kernels.enabled(x):
+    """gated(gate, up, act) with [gate; up] = linear(x, weight) (up None), or gate = linear(x, weight): the product and
+    the activation in one kernel where `takes_gemv`."""
+    if takes_gemv(x, weight):
         from ..kernels.gemv import gemv_gated
         return gemv_gated(x, weight, act, up)
     if up is None:
@@ -384,9 +392,9 @@ def add_normed_linear(residual: torch.Tensor, x: torch.Tensor, projection: nn.Li
                       scalar: torch.Tensor | None = None, next_norm: RMSNorm | None = None,
                       moe: tuple[RMSNorm, Router] | None = None) -> tuple:
     """add_normed(residual, projection(x), norm, scalar, next_norm); with moe = (experts' norm, router) also that norm
-    and the router's scaled input of the new residual stream (four results, else two). A batch-1 decode step on CUDA
-    runs the product and the norms in one kernel (its last program applies the norms)."""
-    if x.numel() == x.shape[-1] and projection.bias is None and kernels.enabled(x):
+    and the router's scaled input of the new residual stream (four results, else two). The product and the norms in
+    one kernel where `takes_gemv` (the GEMV's last program to finish applies the norms)."""
+    if projection.bias is None and takes_gemv(x, projection.weight):
         from ..kernels.gemv import gemv_residual_norms
         moe_args = (moe[0].weight, moe[1].scale, moe[1].root_size) if moe is not None else None
         outputs = gemv_residual_norms(x, projection.weight, residual, norm.weight, norm.eps, scalar,
