@@ -14,6 +14,7 @@ import torch
 
 from gemma4.config import Config
 from gemma4.kernels import moe
+from gemv import graph_us  # benchmarks/gemv.py: a 50-call CUDA graph, best replay
 
 
 def main():
@@ -32,22 +33,7 @@ def main():
     bytes_per_call = len(torch.cat(routes[:1]).unique()) * (3 * w * h * 2)
 
     def time_us():
-        for r in routes[:2]:
-            moe.moe_experts(x, weights, r, gate_up, down)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for r in routes:
-                moe.moe_experts(x, weights, r, gate_up, down)
-        best = float("inf")
-        for _ in range(5):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            best = min(best, start.elapsed_time(end) * 1e3 / calls)
-        return best
+        return graph_us(lambda i: moe.moe_experts(x, weights, routes[i], gate_up, down), calls=calls)
 
     configs = [(moe.GU_BLOCK_W, moe.GU_BLOCK_H, moe.GU_WARPS, moe.DOWN_BLOCK_H, moe.DOWN_BLOCK_W, moe.DOWN_WARPS)]
     if args.sweep:
