@@ -345,22 +345,29 @@ class DecoderLayer(nn.Module):
     def forward(self, x, h, rope, ctx: ForwardContext, per_layer_input: torch.Tensor | None = None,
                 next_norm: RMSNorm | None = None):
         """x: the residual stream, h: input_layernorm(x). Returns the new residual stream and `next_norm` of it (the
-        next layer's input norm, or the final norm; None without one): fused into this layer's last kernel on CUDA.
-        Each projection that feeds a residual add runs in one kernel with the norms after it at batch 1 (see
+        next layer's input norm, or the final norm; None without one), computed by this layer's last kernel on CUDA.
+        At batch 1 each projection that feeds a residual add runs in one kernel with the norms after it (see
         add_normed_linear)."""
         attn = self.self_attn(h, rope, ctx)
-        if not self.enable_moe_block:
+        # Without PLE the feed-forward's residual add ends the layer: it applies the layer scalar and next_norm.
+        tail = {} if self.has_per_layer_input else dict(scalar=self.layer_scalar, next_norm=next_norm)
+        if self.enable_moe_block:
+            x, h = self.moe_feedforward(x, attn, **tail)
+        else:
             x, h = add_normed_linear(x, attn, self.self_attn.o_proj, self.post_attention_layernorm,
                                      next_norm=self.pre_feedforward_layernorm)
-            if not self.has_per_layer_input:
-                return add_normed_linear(x, self.mlp.hidden(h), self.mlp.down_proj, self.post_feedforward_layernorm,
-                                         scalar=self.layer_scalar, next_norm=next_norm)
-            x = add_normed_linear(x, self.mlp.hidden(h), self.mlp.down_proj, self.post_feedforward_layernorm)[0]
-            ple = gated_linear(x, self.per_layer_input_gate.weight, self.activation, per_layer_input)
-            return add_normed_linear(x, ple, self.per_layer_projection, self.post_per_layer_input_norm,
-                                     scalar=self.layer_scalar, next_norm=next_norm)
+            x, h = add_normed_linear(x, self.mlp.hidden(h), self.mlp.down_proj, self.post_feedforward_layernorm,
+                                     **tail)
+        if not self.has_per_layer_input:
+            return x, h
+        ple = gated_linear(x, self.per_layer_input_gate.weight, self.activation, per_layer_input)
+        return add_normed_linear(x, ple, self.per_layer_projection, self.post_per_layer_input_norm,
+                                 scalar=self.layer_scalar, next_norm=next_norm)
 
-        # 26B-A4B: the router and the experts read the residual stream, not the dense MLP's input norm.
+    def moe_feedforward(self, x, attn, scalar: torch.Tensor | None = None, next_norm: RMSNorm | None = None):
+        """26B-A4B: the attention's residual add, then the dense MLP and the experts side by side, their branch norms
+        summed into the second residual add. The router and the experts read the residual stream, not the dense
+        MLP's input norm."""
         moe = (self.pre_feedforward_layernorm_2, self.router)
         x, h, expert_input, router_input = add_normed_linear(x, attn, self.self_attn.o_proj,
                                                              self.post_attention_layernorm,
@@ -369,19 +376,14 @@ class DecoderLayer(nn.Module):
         hidden = x.shape[-1]
         weights, experts = self.router.route(router_input.reshape(-1, hidden))
         sparse = self.experts(expert_input.reshape(-1, hidden), weights, experts).reshape(x.shape)
-        if kernels.enabled(x) and not self.has_per_layer_input:  # the three norms and two adds in one launch
+        if kernels.enabled(x):  # the three norms and two adds in one launch
             from ..kernels.norm import moe_residual_norm
             return moe_residual_norm(x, dense, sparse, self.post_feedforward_layernorm_1.weight,
                                      self.post_feedforward_layernorm_2.weight,
                                      self.post_feedforward_layernorm.weight, self.post_feedforward_layernorm.eps,
-                                     self.layer_scalar, *_weight_eps(next_norm))
+                                     scalar, *_weight_eps(next_norm))
         dense = self.post_feedforward_layernorm_1(dense) + self.post_feedforward_layernorm_2(sparse)
-        if not self.has_per_layer_input:
-            return add_normed(x, dense, self.post_feedforward_layernorm, scalar=self.layer_scalar, next_norm=next_norm)
-        x = add_normed(x, dense, self.post_feedforward_layernorm)[0]
-        ple = gated_linear(x, self.per_layer_input_gate.weight, self.activation, per_layer_input)
-        return add_normed_linear(x, ple, self.per_layer_projection, self.post_per_layer_input_norm,
-                                 scalar=self.layer_scalar, next_norm=next_norm)
+        return add_normed(x, dense, self.post_feedforward_layernorm, scalar=scalar, next_norm=next_norm)
 
 
 def _weight_eps(norm: RMSNorm | None) -> tuple[torch.Tensor | None, float | None]:
