@@ -9,8 +9,6 @@ as cuBLAS rounds its fp32 accumulator.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -131,11 +129,18 @@ def gemv_gated(x: torch.Tensor, weight: torch.Tensor, activation: str,
     return out
 
 
-@functools.cache
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
 def _counter(device: torch.device) -> torch.Tensor:
     """The finished-programs counter of _gemv_residual_norms_kernel: zero between launches (each launch's last
-    program resets it), so one per device serves every launch of a stream."""
-    return torch.zeros(1, dtype=torch.int32, device=device)
+    program resets it), so one per device serves every launch of a stream. Made by an eager call: inside a CUDA-graph
+    capture its zeroing would only be recorded (capture_graph warms every step up eagerly first)."""
+    if device not in _counters:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("gemv_residual_norms must run once outside CUDA-graph capture first")
+        _counters[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return _counters[device]
 
 
 def gemv_residual_norms(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
