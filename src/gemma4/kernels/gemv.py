@@ -1,10 +1,12 @@
-"""Matrix-vector products of decode steps at batch 1: out[n] = sum_k x[k] * weight[n, k].
+"""Matrix-vector products of decode steps at batch 1: out[n] = sum_k x[k] * weight[n, k], alone (`gemv`), with the
+gated activation (`gemv_gated`) or with the residual norms that follow a projection (`gemv_residual_norms`).
 
 cuBLAS picks tiles for matrix products; for one activation row it often splits K and adds a reduce kernel, or runs
-tiles too few to fill the GPU, and its small products (under ~8 MB of weights) take 4-12 us where the bandwidth
+tiles too few to fill the GPU, and its small products (under ~8 MB of weights) take 4-6 us where the bandwidth
 floor is 1-3 us. Here each program streams BLOCK_N whole weight rows in BLOCK_K steps (16-byte loads along the
 contiguous K axis) and keeps their dot products in fp32 registers: no second kernel, one rounding at the end,
-as cuBLAS rounds its fp32 accumulator.
+as cuBLAS rounds its fp32 accumulator. Where cuBLAS is still faster (big 31B matrices) the model does not call these
+(`model.text.takes_gemv`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 
 from .activation import ACTIVATION_CODES, activation_fp32
 from .norm import _residual_norms_row, _warps, residual_norm_args, residual_outputs
