@@ -105,8 +105,9 @@ class ForwardContext:
     def __post_init__(self):
         # One token per row over a cache, on CUDA: the split-K decode kernel reads only the keys a row may see (up
         # to the written prefix of a global layer's buffer), maps query heads to KV heads without copies, and needs
-        # no mask tensors. The cache follows this decision (`begin(..., in_place=...)`): it writes the new K/V first
-        # and hands over its buffers as they are.
+        # no mask tensors. The cache follows this decision (`begin(..., in_place=...)`): each layer writes its new K/V
+        # into the cache's buffers first (in the kernel of its q/k/v norms, Attention.forward), and the attention
+        # reads the buffers as they are.
         self.decode_kernel = self.cache is not None and self.positions.shape[1] == 1 and kernels.enabled(self.positions)
         # Any other forward on CUDA: the flash prefill kernel, which applies the mask rule from positions itself
         # (the "mask" handed around is then a MaskRule, never a [B, 1, Lq, Lk] tensor).
@@ -135,8 +136,6 @@ class ForwardContext:
                 self.masks[layer_type] = self._mask(layer_type, key_positions, self.blocks)
             return key, value, self.masks[layer_type]
         key, value = self.cache.update(layer_idx, key, value)
-        if self.decode_kernel:
-            return key, value, None
         if layer_type not in self.masks:
             key_positions = self.cache.key_positions(layer_type)
             key_blocks = self._key_blocks(layer_type, key_positions.shape[1]) if self.blocks is not None else None

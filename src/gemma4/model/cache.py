@@ -107,9 +107,11 @@ class KVCache:
         }
 
     def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor):
-        """Write this forward's K/V ([B, Hkv, L, D]) and return all K/V the layer attends to."""
+        """Write this forward's K/V ([B, Hkv, L, D]) and return all K/V the layer attends to. Not for in-place decode
+        steps: their layers write the new K/V straight to `write_target` (kernels.norm.qkv_norm_rope_store)."""
+        assert not self.in_place, "in-place decode steps write through write_target"
         cache_k, cache_v, slots = self.write_target(layer_idx)
-        if self.layer_types[layer_idx] == SLIDING and not self.in_place:
+        if self.layer_types[layer_idx] == SLIDING:
             # Attend over the ring as it was plus the whole chunk, then keep the chunk's tail in the ring.
             all_k = torch.cat([cache_k[:, :, : self.window], key], dim=2)
             all_v = torch.cat([cache_v[:, :, : self.window], value], dim=2)
@@ -126,7 +128,8 @@ class KVCache:
         return self.keys[layer_idx], self.values[layer_idx], slots
 
     def stored(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Once this forward's K/V are written (in place, on sliding layers): all K/V the layer attends to."""
+        """Once this forward's K/V are written (on sliding layers: by an in-place decode step): all K/V the layer
+        attends to."""
         cache_k, cache_v = self.keys[layer_idx], self.values[layer_idx]
         if self.layer_types[layer_idx] == SLIDING:
             return cache_k, cache_v

@@ -72,12 +72,10 @@ class PagedCacheView:
         })
 
     def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor):
-        """key/value [B, Hkv, L, D] -> all K/V the layer attends to: the row's cached K/V, then this chunk's."""
+        """key/value [B, Hkv, L, D] -> all K/V the layer attends to: the row's cached K/V, then this chunk's. Not for
+        in-place decode steps: their layers write straight to `write_target` (kernels.norm.qkv_norm_rope_store)."""
+        assert not self.in_place, "in-place decode steps write through write_target"
         key_pool, value_pool, write = self.write_target(layer_idx)
-        if self.in_place:
-            _write(key_pool, write, key)
-            _write(value_pool, write, value)
-            return self.stored(layer_idx)
         gather = self.ring_gather if self.layer_types[layer_idx] == SLIDING else self.global_gather
         out = []
         for pool, new in ((key_pool, key), (value_pool, value)):

@@ -184,9 +184,9 @@ def gated_linear(x: torch.Tensor, weight: torch.Tensor, act: str, up: torch.Tens
         from ..kernels.gemv import gemv_gated
         return gemv_gated(x, weight, act, up)
     if up is None:
-        gate, up = linear(x, weight).chunk(2, dim=-1)
+        gate, up = F.linear(x, weight).chunk(2, dim=-1)
     else:
-        gate = linear(x, weight)
+        gate = F.linear(x, weight)
     return gated(gate, up, act)
 
 
@@ -402,7 +402,7 @@ def add_normed_linear(residual: torch.Tensor, x: torch.Tensor, projection: nn.Li
         outputs = gemv_residual_norms(x, projection.weight, residual, norm.weight, norm.eps, scalar,
                                       *_weight_eps(next_norm), moe_args)
         return outputs if moe is not None else outputs[:2]
-    y = projection(x)
+    y = F.linear(x, projection.weight, projection.bias)
     if moe is None:
         return add_normed(residual, y, norm, scalar, next_norm)
     if kernels.enabled(y):  # the residual add and all three norms of it in one launch
