@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from .norm import _rows  # [rows, W] with one row stride: a view where the leading dims collapse, else a copy
+from .pdl import after_previous_kernel, launch_options
 from .rounding import round_to
 
 GELU_TANH = tl.constexpr(0)
@@ -110,7 +111,8 @@ def activation_fp32(x, ACT: tl.constexpr):
 
 @triton.jit
 def _gated_activation_kernel(gate_ptr, up_ptr, out_ptr, gate_stride, up_stride, W, ACT: tl.constexpr,
-                             BLOCK: tl.constexpr):
+                             BLOCK: tl.constexpr, PDL: tl.constexpr):
+    after_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < W
@@ -153,5 +155,5 @@ def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str) -> t
     block = _block(rows, W)
     _gated_activation_kernel[(rows, triton.cdiv(W, block))](
         gate_rows, up_rows, out, gate_rows.stride(0), up_rows.stride(0), W, ACT=act, BLOCK=block,
-        num_warps=max(1, min(4, block // 256)))
+        num_warps=max(1, min(4, block // 256)), **launch_options(out))
     return out

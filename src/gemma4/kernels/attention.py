@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import after_previous_kernel, launch_options
+
 MAX_SPLITS = 64
 
 
@@ -76,7 +78,8 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, kpos_ptr, qpos_ptr, slots_ptr, nkeys_ptr,
                   num_kv_heads, num_candidates, head_dim, window,
                   GROUPS: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   NUM_SPLITS: tl.constexpr, PAGED: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                  HAS_NUM_KEYS: tl.constexpr, INTERPRET: tl.constexpr):
+                  HAS_NUM_KEYS: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr):
+    after_previous_kernel(PDL)
     pid, split = tl.program_id(0), tl.program_id(1)
     b, hk = (pid // num_kv_heads).to(tl.int64), (pid % num_kv_heads).to(tl.int64)  # int64: pools can be huge
     offs_g, offs_d = tl.arange(0, G_PAD), tl.arange(0, BLOCK_D)
@@ -125,7 +128,8 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, kpos_ptr, qpos_ptr, slots_ptr, nkeys_ptr,
 
 @triton.jit
 def _combine_kernel(part_ptr, lse_ptr, out_ptr, head_dim,
-                    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+                    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    after_previous_kernel(PDL)
     pid = tl.program_id(0).to(tl.int64)  # one (row, query head)
     offs_s, offs_d = tl.arange(0, SPLITS_PAD), tl.arange(0, BLOCK_D)
     s_mask, d_mask = offs_s < NUM_SPLITS, offs_d < head_dim
@@ -207,7 +211,8 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         GROUPS=groups, G_PAD=max(16, triton.next_power_of_2(groups)), BLOCK_N=block_n, BLOCK_D=block_d,
         NUM_SPLITS=splits, PAGED=slots is not None, HAS_WINDOW=window is not None,
         HAS_NUM_KEYS=num_keys is not None, INTERPRET=not query.is_cuda,
-        num_warps=4, num_stages=3)
+        num_warps=4, num_stages=3, **launch_options(query))
     _combine_kernel[(batch * num_heads,)](part, lse, out, head_dim, NUM_SPLITS=splits,
-                                          SPLITS_PAD=triton.next_power_of_2(splits), BLOCK_D=block_d)
+                                          SPLITS_PAD=triton.next_power_of_2(splits), BLOCK_D=block_d,
+                                          **launch_options(query))
     return out

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .activation import ACTIVATION_CODES, activation_fp32
+from .pdl import after_previous_kernel, launch_options
 from .norm import _residual_norms_row, _warps, residual_norm_args, residual_outputs
 from .rounding import round_to
 
@@ -25,10 +26,17 @@ TILES = (4, 2048, 8, 3)
 
 
 @triton.jit
-def _dot_rows(x_ptr, w_rows, row_ok, K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """fp32 dot products of x [K] with the weight rows at w_rows [BLOCK_N] (pointers to their first element)."""
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # per-lane partial sums: one reduction at the end
-    for k0 in range(0, K, BLOCK_K):
+def _dot_rows(x_ptr, w_rows, row_ok, K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+              PDL: tl.constexpr):
+    """fp32 dot products of x [K] with the weight rows at w_rows [BLOCK_N] (pointers to their first element).
+    The first BLOCK_K columns of the weights are loaded before waiting for the previous kernel (PDL): x is its
+    output, the weights are no kernel's."""
+    cols = tl.arange(0, BLOCK_K)
+    w = tl.load(w_rows[:, None] + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
+    after_previous_kernel(PDL)
+    x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+    acc = w.to(tl.float32) * x[None, :]  # per-lane partial sums [BLOCK_N, BLOCK_K]: one reduction at the end
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         if K % BLOCK_K == 0:
             x = tl.load(x_ptr + cols).to(tl.float32)
@@ -44,24 +52,25 @@ def _dot_rows(x_ptr, w_rows, row_ok, K: tl.constexpr, BLOCK_K: tl.constexpr, BLO
 # interpreter also needs.
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, stride_wn, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+                 BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    out = _dot_rows(x_ptr, w_ptr + rows.to(tl.int64) * stride_wn, row_ok, K, BLOCK_K, BLOCK_N)
+    out = _dot_rows(x_ptr, w_ptr + rows.to(tl.int64) * stride_wn, row_ok, K, BLOCK_K, BLOCK_N, PDL)
     tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
 @triton.jit
 def _gemv_gated_kernel(x_ptr, w_ptr, mult_ptr, out_ptr, W, stride_wn, K: tl.constexpr, ACT: tl.constexpr,
-                       HAS_UP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       HAS_UP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       PDL: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < W
     dtype = out_ptr.dtype.element_ty
     w_rows = w_ptr + rows.to(tl.int64) * stride_wn
     # Rounded as the eager ops: the product(s), act(gate), and act(gate) * up each a tensor of the model dtype.
-    gate = round_to(_dot_rows(x_ptr, w_rows, row_ok, K, BLOCK_K, BLOCK_N), dtype)
+    gate = round_to(_dot_rows(x_ptr, w_rows, row_ok, K, BLOCK_K, BLOCK_N, PDL), dtype)
     if HAS_UP:  # up is row W + i of the same weight
-        up = round_to(_dot_rows(x_ptr, w_rows + W * stride_wn, row_ok, K, BLOCK_K, BLOCK_N), dtype)
+        up = round_to(_dot_rows(x_ptr, w_rows + W * stride_wn, row_ok, K, BLOCK_K, BLOCK_N, False), dtype)
     else:
         up = tl.load(mult_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     act = round_to(activation_fp32(gate, ACT), dtype)
@@ -73,10 +82,11 @@ def _gemv_residual_norms_kernel(x_ptr, w_ptr, y_ptr, counter_ptr, res_ptr, nw_pt
                                 next_out_ptr, next2_w_ptr, next2_out_ptr, router_scale_ptr, router_out_ptr, N,
                                 stride_wn, eps, next_eps, root_size, K: tl.constexpr, BLOCK_N: tl.constexpr,
                                 BLOCK_K: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SCALAR: tl.constexpr,
-                                HAS_NEXT: tl.constexpr, HAS_MOE: tl.constexpr, BLOCK: tl.constexpr):
+                                HAS_NEXT: tl.constexpr, HAS_MOE: tl.constexpr, BLOCK: tl.constexpr,
+                                PDL: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    y = _dot_rows(x_ptr, w_ptr + rows.to(tl.int64) * stride_wn, row_ok, K, BLOCK_K, BLOCK_N)
+    y = _dot_rows(x_ptr, w_ptr + rows.to(tl.int64) * stride_wn, row_ok, K, BLOCK_K, BLOCK_N, PDL)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
     # The norms need the whole output row: the last program to finish computes them. Its acquire pairs with every
     # other program's release (acq_rel atomics), so their y stores are visible to it. It then re-arms the counter
@@ -104,7 +114,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, tiles: tuple[int, int, int, int]
     x = x.contiguous()
     out = torch.empty(*x.shape[:-1], n_out, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n_out, block_n),)](x, weight, out, n_out, weight.stride(0), k_in, BLOCK_N=block_n,
-                                                 BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+                                                 BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+                                                 **launch_options(x))
     return out
 
 
@@ -126,7 +137,7 @@ def gemv_gated(x: torch.Tensor, weight: torch.Tensor, activation: str,
     _gemv_gated_kernel[(triton.cdiv(width, block_n),)](
         x, weight, multiplier.contiguous() if multiplier is not None else x, out, width, weight.stride(0),
         weight.shape[1], ACT=act, HAS_UP=multiplier is None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-        num_stages=stages)
+        num_stages=stages, **launch_options(x))
     return out
 
 
@@ -164,5 +175,5 @@ def gemv_residual_norms(x: torch.Tensor, weight: torch.Tensor, residual: torch.T
         eps if next_eps is None else next_eps, float(moe[2]) if moe is not None else 1.0, k_in, BLOCK_N=block_n,
         BLOCK_K=block_k, HAS_WEIGHT=norm_weight is not None, HAS_SCALAR=scalar is not None,
         HAS_NEXT=next_weight is not None, HAS_MOE=moe is not None, BLOCK=block,
-        num_warps=max(warps, _warps(block)), num_stages=stages)
+        num_warps=max(warps, _warps(block)), num_stages=stages, **launch_options(x))
     return outputs

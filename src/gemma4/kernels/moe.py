@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from .activation import ACTIVATION_CODES, activation_fp32
+from .pdl import after_previous_kernel, launch_options
 from .rounding import round_to
 
 _ACTIVATIONS = {name: ACTIVATION_CODES[name] for name in ("gelu_pytorch_tanh", "silu", "swish")}
@@ -31,7 +32,8 @@ DOWN_BLOCK_H, DOWN_BLOCK_W, DOWN_WARPS = 2, 1024, 4
 
 @triton.jit
 def _gate_up_kernel(x_ptr, experts_ptr, gu_ptr, h_ptr, H: tl.constexpr, W: tl.constexpr, K: tl.constexpr,
-                    ACT: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_H: tl.constexpr):
+                    ACT: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
+    after_previous_kernel(PDL)
     p = tl.program_id(0)  # (token, choice) pair, token-major
     rows = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)  # rows i of gate (and W + i of up)
     row_ok = rows < W
@@ -57,7 +59,8 @@ def _gate_up_kernel(x_ptr, experts_ptr, gu_ptr, h_ptr, H: tl.constexpr, W: tl.co
 
 @triton.jit
 def _down_kernel(h_ptr, weights_ptr, experts_ptr, down_ptr, out_ptr, H: tl.constexpr, W: tl.constexpr,
-                 K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+                 K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, PDL: tl.constexpr):
+    after_previous_kernel(PDL)
     t = tl.program_id(0)  # one token, all its k choices: the sum over choices stays in registers (no atomics)
     rows = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # output channels
     row_ok = rows < H
@@ -105,9 +108,11 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, g
     dn_h, dn_w = min(dn_rows, triton.next_power_of_2(h_size)), min(DOWN_BLOCK_W, triton.next_power_of_2(w_size))
     _gate_up_kernel[(tokens * k, triton.cdiv(w_size, gu_w))](
         x, experts, gate_up_proj, hidden, h_size, w_size, k,
-        ACT=_ACTIVATIONS[activation], BLOCK_W=gu_w, BLOCK_H=gu_h, num_warps=GU_WARPS)
+        ACT=_ACTIVATIONS[activation], BLOCK_W=gu_w, BLOCK_H=gu_h, num_warps=GU_WARPS,
+        **launch_options(x))
     _down_kernel[(tokens, triton.cdiv(h_size, dn_h))](
-        hidden, weights, experts, down_proj, out, h_size, w_size, k, BLOCK_H=dn_h, BLOCK_W=dn_w, num_warps=DOWN_WARPS)
+        hidden, weights, experts, down_proj, out, h_size, w_size, k, BLOCK_H=dn_h, BLOCK_W=dn_w, num_warps=DOWN_WARPS,
+        **launch_options(x))
     return out
 
 
@@ -119,7 +124,9 @@ COMBINE_BLOCK_H = 1024
 
 
 @triton.jit
-def _combine_pairs_kernel(y_ptr, slots_ptr, weights_ptr, out_ptr, H, K: tl.constexpr, BLOCK_H: tl.constexpr):
+def _combine_pairs_kernel(y_ptr, slots_ptr, weights_ptr, out_ptr, H, K: tl.constexpr, BLOCK_H: tl.constexpr,
+                          PDL: tl.constexpr):
+    after_previous_kernel(PDL)
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     col_ok = cols < H
@@ -146,5 +153,5 @@ def combine_pairs(y: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -
         return out
     block = min(COMBINE_BLOCK_H if y.is_cuda else 4096, triton.next_power_of_2(h_size))
     _combine_pairs_kernel[(tokens, triton.cdiv(h_size, block))](y, slots, weights.float().contiguous(), out, h_size, k,
-                                                               BLOCK_H=block, num_warps=4)
+                                                               BLOCK_H=block, num_warps=4, **launch_options(y))
     return out

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import after_previous_kernel, launch_options
 from .rounding import round_to
 
 
@@ -37,7 +38,9 @@ def _normalize(h, w_ptr, offs, mask, D, eps, HAS_WEIGHT: tl.constexpr):
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, x_stride, D, eps, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, x_stride, D, eps, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr):
+    after_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < D
@@ -86,7 +89,8 @@ def _residual_rms_norm_kernel(res_ptr, x_ptr, w_ptr, scalar_ptr, next_w_ptr, out
                               next2_w_ptr, next2_out_ptr, router_scale_ptr, router_out_ptr,
                               res_stride, x_stride, D, eps, next_eps, root_size, HAS_WEIGHT: tl.constexpr,
                               HAS_SCALAR: tl.constexpr, HAS_NEXT: tl.constexpr, HAS_MOE: tl.constexpr,
-                              BLOCK: tl.constexpr):
+                              BLOCK: tl.constexpr, PDL: tl.constexpr):
+    after_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     _residual_norms_row(res_ptr + row * res_stride, x_ptr + row * x_stride, w_ptr, scalar_ptr, next_w_ptr,
                         out_ptr + row * D, next_out_ptr + row * D, next2_w_ptr, next2_out_ptr + row * D,
@@ -121,7 +125,8 @@ def _norm_rope_row(x_row, w_ptr, cos_row, sin_row, offs, mask, D, eps, dtype: tl
 
 @triton.jit
 def _qk_norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, H, L, x_sb, x_sl, x_sh, c_sb, c_sl, D, eps,
-                         HAS_WEIGHT: tl.constexpr, HAS_ROPE: tl.constexpr, HALF_BLOCK: tl.constexpr):
+                         HAS_WEIGHT: tl.constexpr, HAS_ROPE: tl.constexpr, HALF_BLOCK: tl.constexpr, PDL: tl.constexpr):
+    after_previous_kernel(PDL)
     pid = tl.program_id(0).to(tl.int64)  # one program per (b, l, h) row, h fastest
     head, pos, batch = pid % H, (pid // H) % L, pid // (H * L)
     offs = tl.arange(0, HALF_BLOCK)
@@ -137,7 +142,8 @@ def _qk_norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, H, L, x_sb, x_
 @triton.jit
 def _qkv_norm_rope_store_kernel(q_ptr, k_ptr, v_ptr, q_w_ptr, k_w_ptr, cos_ptr, sin_ptr, query_ptr, key_cache_ptr,
                                 value_cache_ptr, slots_ptr, Hq, Hkv, L, q_sb, q_sl, k_sb, k_sl, v_sb, v_sl, c_sb, c_sl,
-                                cache_sb, cache_sh, cache_ss, D, eps, HALF_BLOCK: tl.constexpr):
+                                cache_sb, cache_sh, cache_ss, D, eps, HALF_BLOCK: tl.constexpr, PDL: tl.constexpr):
+    after_previous_kernel(PDL)
     pid = tl.program_id(0).to(tl.int64)  # one program per (b, l, head) row over Hq query, Hkv key, Hkv value heads
     heads = Hq + 2 * Hkv
     head, pos, batch = pid % heads, (pid // heads) % L, pid // (heads * L)
@@ -183,7 +189,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
         return out
     block = triton.next_power_of_2(D)
     _rms_norm_kernel[(rows.shape[0],)](rows, weight if weight is not None else rows, out, rows.stride(0), D, eps,
-                                       HAS_WEIGHT=weight is not None, BLOCK=block, num_warps=_warps(block))
+                                       HAS_WEIGHT=weight is not None, BLOCK=block, num_warps=_warps(block),
+                                       **launch_options(out))
     return out
 
 
@@ -217,7 +224,8 @@ def _residual_norms(residual, x, weight, eps, scalar, next_weight, next_eps, moe
         res_rows, x_rows, *residual_norm_args(x_rows, outputs, weight, scalar, next_weight, moe),
         res_rows.stride(0), x_rows.stride(0), D, eps, eps if next_eps is None else next_eps,
         float(moe[2]) if moe is not None else 1.0, HAS_WEIGHT=weight is not None, HAS_SCALAR=scalar is not None,
-        HAS_NEXT=next_weight is not None, HAS_MOE=moe is not None, BLOCK=block, num_warps=_warps(block))
+        HAS_NEXT=next_weight is not None, HAS_MOE=moe is not None, BLOCK=block, num_warps=_warps(block),
+        **launch_options(res_rows))
     return outputs
 
 
@@ -266,14 +274,15 @@ def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: 
         H, L, x.stride(0), x.stride(1), x.stride(2), cos.stride(0) if cos is not None else 0,
         cos.stride(1) if cos is not None else 0, D, eps,
         HAS_WEIGHT=weight is not None, HAS_ROPE=cos is not None, HALF_BLOCK=half_block,
-        num_warps=_warps(half_block))
+        num_warps=_warps(half_block), **launch_options(out))
     return out
 
 
 @triton.jit
 def _moe_residual_norm_kernel(res_ptr, dense_ptr, sparse_ptr, dense_w_ptr, sparse_w_ptr, w_ptr, scalar_ptr, out_ptr,
                               next_w_ptr, next_out_ptr, res_stride, dense_stride, sparse_stride, D, eps, next_eps,
-                              HAS_SCALAR: tl.constexpr, HAS_NEXT: tl.constexpr, BLOCK: tl.constexpr):
+                              HAS_SCALAR: tl.constexpr, HAS_NEXT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    after_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < D
@@ -317,7 +326,7 @@ def moe_residual_norm(residual: torch.Tensor, dense: torch.Tensor, sparse: torch
         next_weight if next_weight is not None else res_rows, next_out if next_out is not None else out,
         res_rows.stride(0), dense_rows.stride(0), sparse_rows.stride(0), D, eps,
         eps if next_eps is None else next_eps, HAS_SCALAR=scalar is not None, HAS_NEXT=next_weight is not None,
-        BLOCK=block, num_warps=_warps(block))
+        BLOCK=block, num_warps=_warps(block), **launch_options(res_rows))
     return out, next_out
 
 
@@ -352,5 +361,5 @@ def qkv_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None
     _qkv_norm_rope_store_kernel[(B * L * (Hq + 2 * Hkv),)](
         q, k, v, q_weight, k_weight, cos, sin, query, key_cache, value_cache, slots, Hq, Hkv, L,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), cos.stride(1),
-        *cache_strides, D, eps, HALF_BLOCK=half_block, num_warps=_warps(half_block))
+        *cache_strides, D, eps, HALF_BLOCK=half_block, num_warps=_warps(half_block), **launch_options(query))
     return query

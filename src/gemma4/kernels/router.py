@@ -15,10 +15,13 @@ import triton
 import triton.language as tl
 
 from .norm import _router_scaled, _rows, _store, _warps
+from .pdl import after_previous_kernel, launch_options
 
 
 @triton.jit
-def _router_input_kernel(x_ptr, scale_ptr, out_ptr, x_stride, D, eps, root_size, BLOCK: tl.constexpr):
+def _router_input_kernel(x_ptr, scale_ptr, out_ptr, x_stride, D, eps, root_size, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr):
+    after_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < D
@@ -29,7 +32,8 @@ def _router_input_kernel(x_ptr, scale_ptr, out_ptr, x_stride, D, eps, root_size,
 
 @triton.jit
 def _route_kernel(scores_ptr, pes_ptr, weights_ptr, experts_ptr, scores_stride, E,
-                  TOP_K: tl.constexpr, BLOCK: tl.constexpr, K_BLOCK: tl.constexpr):
+                  TOP_K: tl.constexpr, BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, PDL: tl.constexpr):
+    after_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < E
@@ -69,7 +73,7 @@ def router_input(x: torch.Tensor, scale: torch.Tensor, root_size: float, eps: fl
         return out
     block = triton.next_power_of_2(D)
     _router_input_kernel[(rows.shape[0],)](rows, scale, out, rows.stride(0), D, eps, float(root_size),
-                                           BLOCK=block, num_warps=_warps(block))
+                                           BLOCK=block, num_warps=_warps(block), **launch_options(out))
     return out
 
 
@@ -88,5 +92,6 @@ def route(scores: torch.Tensor, per_expert_scale: torch.Tensor, top_k: int) -> t
         return weights, experts
     block = triton.next_power_of_2(E)
     _route_kernel[(rows.shape[0],)](rows, per_expert_scale, weights, experts, rows.stride(0), E,
-                                    TOP_K=top_k, BLOCK=block, K_BLOCK=triton.next_power_of_2(top_k), num_warps=1)
+                                    TOP_K=top_k, BLOCK=block, K_BLOCK=triton.next_power_of_2(top_k), num_warps=1,
+                                    **launch_options(weights))
     return weights, experts
