@@ -2,9 +2,12 @@
 tile choices, at every distinct projection shape of a preset's decode step, each timed inside a CUDA graph of 50
 calls (no launch gaps, as in the captured decode step).
 
-    python benchmarks/gemv.py --preset E2B [--sweep]
+    python benchmarks/gemv.py --preset E2B [--sweep] [--epilogue]
 
 Prints us per call and GB/s for each shape (N outputs x K inputs, and how many of them one decode step runs).
+--epilogue: for the products whose output is the residual stream (N = hidden), the plain GEMV against the GEMV with
+its residual-norm epilogue (`gemv_residual_norms`, which the model runs there), and that kernel's best tiles: what
+the last program's norms cost.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from gemma4.config import Config
-from gemma4.kernels.gemv import TILES, gemv
+from gemma4.kernels.gemv import TILES, gemv, gemv_residual_norms
 from gemma4.model.gemma4 import Model
 
 
@@ -70,7 +73,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="E2B")
     parser.add_argument("--sweep", action="store_true", help="also try other tiles (BLOCK_N, BLOCK_K, warps, stages)")
+    parser.add_argument("--epilogue", action="store_true", help="time the residual-norm epilogue instead")
     args = parser.parse_args()
+    if args.epilogue:
+        return epilogue(args.preset)
     candidates = [TILES]
     if args.sweep:
         candidates += [t for t in itertools.product((2, 4, 8, 16), (256, 512, 1024), (4, 8), (3,)) if t != TILES]
@@ -100,6 +106,31 @@ def main():
         total["triton best"] += best[0] * count
         print(f"N={n:6d} K={k:5d} x{count:3d} | cuBLAS {cublas:7.2f} ({gb / cublas:5.0f}) | default {default[0]:7.2f} "
               f"({gb / default[0]:5.0f}) err {default[2]:.1e} | best {best[0]:7.2f} ({gb / best[0]:5.0f}) {best[1]}")
+    print("per decode step, us: " + ", ".join(f"{name} {us:.0f}" for name, us in total.items()))
+
+
+def epilogue(preset: str) -> None:
+    hidden = Config.preset(preset).text_config.hidden_size
+    tiles = [TILES] + [t for t in itertools.product((1, 2, 4, 8), (1024, 2048), (4, 8), (3,)) if t != TILES]
+    print(f"{preset} on {torch.cuda.get_device_name()}: us per call (GB/s), products into the residual stream")
+    total = collections.Counter()
+    for (n, k), count in sorted(decode_shapes(preset).items()):
+        if n != hidden:
+            continue
+        copies = max(1, min(CALLS, -(-256_000_000 // (n * k * 2))))
+        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5 for _ in range(copies)]
+        x = torch.randn(1, 1, k, device="cuda", dtype=torch.bfloat16)
+        residual = torch.randn(1, 1, n, device="cuda", dtype=torch.bfloat16)
+        norm_weight, next_weight = torch.ones(n, device="cuda", dtype=torch.bfloat16), torch.ones_like(residual[0, 0])
+        gb = n * k * 2 / 1e3
+        plain = graph_us(lambda i: gemv(x, weights[i % copies]))
+        fused = [(graph_us(lambda i: gemv_residual_norms(x, weights[i % copies], residual, norm_weight, 1e-6, None,
+                                                          next_weight, 1e-6, tiles=t)), t) for t in tiles]
+        total["gemv"] += plain * count
+        total["with norms"] += fused[0][0] * count
+        total["with norms, best tiles"] += min(fused)[0] * count
+        print(f"N={n:6d} K={k:5d} x{count:3d} | gemv {plain:6.2f} ({gb / plain:5.0f}) | with norms {fused[0][0]:6.2f} "
+              f"({gb / fused[0][0]:5.0f}) | best {min(fused)[0]:6.2f} {min(fused)[1]}")
     print("per decode step, us: " + ", ".join(f"{name} {us:.0f}" for name, us in total.items()))
 
 

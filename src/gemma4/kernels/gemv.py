@@ -26,26 +26,38 @@ TILES = (4, 2048, 8, 3)
 
 
 @triton.jit
-def _dot_rows(x_ptr, w_rows, row_ok, K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-              PDL: tl.constexpr):
-    """fp32 dot products of x [K] with the weight rows at w_rows [BLOCK_N] (pointers to their first element).
-    The first BLOCK_K columns of the weights are loaded before waiting for the previous kernel (PDL): x is its
-    output, the weights are no kernel's."""
+def _dot_rows(x_ptr, w_rows, row_ok, up_offset, K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+              HAS_UP: tl.constexpr, PDL: tl.constexpr):
+    """fp32 dot products of x [K] with the weight rows at w_rows [BLOCK_N] (pointers to their first element) and,
+    if HAS_UP, with the rows up_offset elements further (the up half of a fused gate/up weight): (gate, up), with
+    up = gate without HAS_UP. The first BLOCK_K columns of the weights are loaded before waiting for the previous
+    kernel (PDL): x is its output, the weights are no kernel's."""
     cols = tl.arange(0, BLOCK_K)
-    w = tl.load(w_rows[:, None] + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
+    mask = row_ok[:, None] & (cols < K)[None, :]
+    w = tl.load(w_rows[:, None] + cols[None, :], mask=mask, other=0.0)
+    if HAS_UP:
+        u = tl.load(w_rows[:, None] + up_offset + cols[None, :], mask=mask, other=0.0)
     after_previous_kernel(PDL)
-    x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-    acc = w.to(tl.float32) * x[None, :]  # per-lane partial sums [BLOCK_N, BLOCK_K]: one reduction at the end
+    x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
+    acc = w.to(tl.float32) * x  # per-lane partial sums [BLOCK_N, BLOCK_K]: one reduction at the end
+    if HAS_UP:
+        acc_up = u.to(tl.float32) * x
     for k0 in range(BLOCK_K, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         if K % BLOCK_K == 0:
-            x = tl.load(x_ptr + cols).to(tl.float32)
-            w = tl.load(w_rows[:, None] + cols[None, :], mask=row_ok[:, None], other=0.0)
+            step_mask = row_ok[:, None]
         else:
-            x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-            w = tl.load(w_rows[:, None] + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
-        acc += w.to(tl.float32) * x[None, :]
-    return tl.sum(acc, axis=1)
+            step_mask = row_ok[:, None] & (cols < K)[None, :]
+        x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(w_rows[:, None] + cols[None, :], mask=step_mask, other=0.0).to(tl.float32) * x
+        if HAS_UP:
+            u = tl.load(w_rows[:, None] + up_offset + cols[None, :], mask=step_mask, other=0.0)
+            acc_up += u.to(tl.float32) * x
+    gate = tl.sum(acc, axis=1)
+    up = gate
+    if HAS_UP:
+        up = tl.sum(acc_up, axis=1)
+    return gate, up
 
 
 # K is a compile-time constant in both kernels (one compilation per weight shape): a static trip count, which the
@@ -55,7 +67,7 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, stride_wn, K: tl.constexpr, BLOCK_N: 
                  BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    out = _dot_rows(x_ptr, w_ptr + rows.to(tl.int64) * stride_wn, row_ok, K, BLOCK_K, BLOCK_N, PDL)
+    out, _ = _dot_rows(x_ptr, w_ptr + rows.to(tl.int64) * stride_wn, row_ok, 0, K, BLOCK_K, BLOCK_N, False, PDL)
     tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
@@ -68,9 +80,11 @@ def _gemv_gated_kernel(x_ptr, w_ptr, mult_ptr, out_ptr, W, stride_wn, K: tl.cons
     dtype = out_ptr.dtype.element_ty
     w_rows = w_ptr + rows.to(tl.int64) * stride_wn
     # Rounded as the eager ops: the product(s), act(gate), and act(gate) * up each a tensor of the model dtype.
-    gate = round_to(_dot_rows(x_ptr, w_rows, row_ok, K, BLOCK_K, BLOCK_N, PDL), dtype)
-    if HAS_UP:  # up is row W + i of the same weight
-        up = round_to(_dot_rows(x_ptr, w_rows + W * stride_wn, row_ok, K, BLOCK_K, BLOCK_N, False), dtype)
+    # With HAS_UP, up is row W + i of the same weight.
+    gate, up = _dot_rows(x_ptr, w_rows, row_ok, W * stride_wn, K, BLOCK_K, BLOCK_N, HAS_UP, PDL)
+    gate = round_to(gate, dtype)
+    if HAS_UP:
+        up = round_to(up, dtype)
     else:
         up = tl.load(mult_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     act = round_to(activation_fp32(gate, ACT), dtype)
@@ -86,7 +100,7 @@ def _gemv_residual_norms_kernel(x_ptr, w_ptr, y_ptr, counter_ptr, res_ptr, nw_pt
                                 PDL: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    y = _dot_rows(x_ptr, w_ptr + rows.to(tl.int64) * stride_wn, row_ok, K, BLOCK_K, BLOCK_N, PDL)
+    y, _ = _dot_rows(x_ptr, w_ptr + rows.to(tl.int64) * stride_wn, row_ok, 0, K, BLOCK_K, BLOCK_N, False, PDL)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
     # The norms need the whole output row: the last program to finish computes them. Its acquire pairs with every
     # other program's release (acq_rel atomics), so their y stores are visible to it. It then re-arms the counter
@@ -157,7 +171,8 @@ def _counter(device: torch.device) -> torch.Tensor:
 
 def gemv_residual_norms(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
                         eps: float, scalar: torch.Tensor | None = None, next_weight: torch.Tensor | None = None,
-                        next_eps: float | None = None, moe: tuple | None = None) -> tuple:
+                        next_eps: float | None = None, moe: tuple | None = None,
+                        tiles: tuple[int, int, int, int] | None = None) -> tuple:
     """residual_rms_norm(residual, gemv(x, weight), norm_weight, eps, scalar, next_weight, next_eps), or with
     moe = (experts_weight, router_scale, root_size) residual_moe_norms's four outputs, in one kernel: the GEMV's last
     program to finish applies the norms to the whole product. One row (x [..., K], residual [..., N]).
@@ -165,7 +180,7 @@ def gemv_residual_norms(x: torch.Tensor, weight: torch.Tensor, residual: torch.T
     assert weight.stride(-1) == 1 and x.shape[-1] == weight.shape[1] and x.numel() == x.shape[-1]
     n_out, k_in = weight.shape
     assert residual.numel() == n_out and residual.stride(-1) == 1
-    block_n, block_k, warps, stages = _tiles(x, k_in, None)
+    block_n, block_k, warps, stages = _tiles(x, k_in, tiles)
     outputs = residual_outputs(residual, next_weight, moe)
     y = torch.empty(n_out, dtype=x.dtype, device=x.device)
     block = triton.next_power_of_2(n_out)
