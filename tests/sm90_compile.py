@@ -1,0 +1,101 @@
+"""Compile the decode kernels for a Hopper GPU (sm_90, PDL on) on a machine without one: Triton's front end and the
+ptxas it ships. The interpreter runs kernels as Python and cannot see what only compilation rejects (a loop-carried
+value that changes type, an op the interpreter emulates but the compiler does not take). Run by
+test_kernels_compile.py in a process without TRITON_INTERPRET; each wrapper below is called on small CPU tensors and
+its launch is compiled instead of run (the outputs stay garbage)."""
+
+from __future__ import annotations
+
+import sys
+from types import SimpleNamespace
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+from gemma4.kernels import activation, attention, gemv, moe, norm, pdl, router
+
+TARGET = GPUTarget("cuda", 90, 32)
+TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
+         torch.int64: "i64", torch.bool: "i1", torch.int8: "i8"}
+compiled: list[str] = []
+
+
+def _compile_launch(self: JITFunction, *args, grid, warmup, **kwargs):
+    """Stands in for JITFunction.run: the launch's signature and constexprs from its arguments, then compile."""
+    names = [p.name for p in self.params]
+    bound = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
+    options = {k: v for k, v in kwargs.items() if k not in names}
+    signature, constexprs = {}, {}
+    for p in self.params:
+        value = bound[p.name]
+        if p.name == "INTERPRET":
+            value = False  # the compiled path, whatever the CPU tensors say
+        if p.is_constexpr or value is None:
+            signature[p.name], constexprs[p.name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[p.name] = "*" + TYPES[value.dtype]
+        elif isinstance(value, bool):
+            signature[p.name] = "i1"
+        elif isinstance(value, int):
+            signature[p.name] = "i32" if -2**31 <= value < 2**31 else "i64"
+        else:
+            signature[p.name] = "fp32"
+    triton.compile(ASTSource(self, signature, constexprs), target=TARGET, options=options)
+    compiled.append(f"{self.fn.__name__} {sorted((k, v) for k, v in constexprs.items() if v is not None)}")
+
+
+def main() -> None:
+    JITFunction.run = _compile_launch
+    for module in (activation, attention, gemv, moe, norm, router):
+        module.launch_options = lambda x: {"PDL": True, "launch_pdl": True}
+    real_tiles = gemv._tiles
+    gemv._tiles = lambda x, k_in, tiles: real_tiles(SimpleNamespace(is_cuda=True), k_in, tiles)  # GPU tiles
+    bf16 = torch.bfloat16
+
+    def rand(*shape, dtype=bf16):
+        return torch.randn(*shape).to(dtype)
+
+    # GEMVs: K over one BLOCK_K step (a loop), ragged and exact.
+    for k in (1000, 4096, 5000):
+        x, w = rand(1, 1, k), rand(96, k)
+        gemv.gemv(x, w)
+        gemv.gemv_gated(x, w, "gelu_pytorch_tanh")
+        gemv.gemv_gated(x, w, "gelu_pytorch_tanh", rand(96))
+        res, nw = rand(1, 1, 96), rand(96)
+        gemv.gemv_residual_norms(x, w, res, nw, 1e-6, rand(1), nw, 1e-6)
+        gemv.gemv_residual_norms(x, w, res, nw, 1e-6, None, nw, 1e-6, moe=(nw, nw, 0.1))
+    # Norms, RoPE and the fused cache write.
+    rows = rand(2, 3, 256)
+    norm.rms_norm(rows, rand(256), 1e-6)
+    norm.residual_rms_norm(rows, rand(2, 3, 256), rand(256), 1e-6, rand(1), rand(256), 1e-6)
+    norm.moe_residual_norm(rows, rand(2, 3, 256), rand(2, 3, 256), rand(256), rand(256), rand(256), 1e-6, rand(1),
+                           rand(256), 1e-6)
+    cos, sin = rand(2, 1, 64), rand(2, 1, 64)
+    norm.qk_norm_rope(rand(2, 1, 4, 64), rand(64), 1e-6, cos, sin)
+    cache = rand(2, 2, 16, 64)
+    norm.qkv_norm_rope_store(rand(2, 1, 4 * 64), rand(2, 1, 2 * 64), rand(2, 1, 2 * 64), rand(64), rand(64), 1e-6,
+                             cos, sin, cache, cache.clone(), torch.zeros(2, 1, dtype=torch.int64))
+    # Decode attention, static and paged, with a window.
+    q, kv = rand(2, 4, 64), rand(2, 2, 200, 64)
+    positions = torch.arange(200).expand(2, 200).contiguous()
+    attention.decode_attention(q, kv, kv, positions, torch.full((2,), 199), window=128)
+    pool = rand(2, 400, 64)
+    attention.decode_attention(q, pool, pool, positions, torch.full((2,), 199), slots=positions.clone(),
+                               num_keys=torch.full((2,), 150))
+    # MoE, router, gated activation.
+    x = rand(3, 256)
+    experts = torch.zeros(3, 2, dtype=torch.int64)
+    moe.moe_experts(x, rand(3, 2, dtype=torch.float32), experts, rand(4, 2 * 96, 256), rand(4, 256, 96))
+    moe.combine_pairs(rand(6, 256), torch.arange(6), rand(3, 2, dtype=torch.float32))
+    router.router_input(x, rand(256), 0.0625, 1e-6)
+    router.route(rand(3, 128), rand(128), 8)
+    activation.gated_activation(rand(3, 96), rand(3, 96), "gelu_pytorch_tanh")
+    print("\n".join(compiled))
+    print(f"{len(compiled)} launches compiled for sm_90")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
