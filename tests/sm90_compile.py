@@ -1,8 +1,8 @@
-"""Compile the decode kernels for a Hopper GPU (sm_90, PDL on) on a machine without one: Triton's front end and the
-ptxas it ships. The interpreter runs kernels as Python and cannot see what only compilation rejects (a loop-carried
-value that changes type, an op the interpreter emulates but the compiler does not take). Run by
-test_kernels_compile.py in a process without TRITON_INTERPRET; each wrapper below is called on small CPU tensors and
-its launch is compiled instead of run (the outputs stay garbage)."""
+"""Compile the Triton kernels (the decode ones with PDL on, the prefill attention) for a Hopper GPU (sm_90) on a
+machine without one: Triton's front end and the ptxas it ships. The interpreter runs kernels as Python and cannot see
+what only compilation rejects (a loop-carried value that changes type, an op the interpreter emulates but the
+compiler does not take). Run by test_kernels_compile.py in a process without TRITON_INTERPRET; each wrapper below is
+called on small CPU tensors and its launch is compiled instead of run (the outputs stay garbage)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from gemma4.kernels import activation, attention, gemv, moe, norm, pdl, router
+from gemma4.kernels import activation, attention, gemv, moe, norm, prefill_attention, router
 
 TARGET = GPUTarget("cuda", 90, 32)
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
@@ -93,6 +93,13 @@ def main() -> None:
     router.router_input(x, rand(256), 0.0625, 1e-6)
     router.route(rand(3, 128), rand(128), 8)
     activation.gated_activation(rand(3, 96), rand(3, 96), "gelu_pytorch_tanh")
+    # Prefill attention at both head dims (the GPU's tiles), sliding with image blocks and global.
+    qpos = torch.arange(40).expand(1, 40)
+    for head_dim, window in ((256, 16), (512, None)):
+        q, kv = rand(1, 4, 40, head_dim), rand(1, 2, 40, head_dim)
+        blocks = torch.zeros(1, 40, dtype=torch.int64) if window else None
+        prefill_attention.prefill_attention(q, kv, kv, qpos, qpos >= 0, qpos, window, blocks, blocks,
+                                            tiles=prefill_attention._tiles(head_dim, 2, True))
     print("\n".join(compiled))
     print(f"{len(compiled)} launches compiled for sm_90")
 
