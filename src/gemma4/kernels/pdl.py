@@ -28,6 +28,8 @@ def _supported(device_index: int) -> bool:
 def launch_options(x: torch.Tensor) -> dict:
     """Keyword arguments for a kernel launch: PDL on CUDA devices that have it, unless GEMMA4_PDL=0. The kernel takes
     the `PDL` constexpr; Triton takes `launch_pdl`."""
+    if torch.compiler.is_compiling():  # GEMMA4_COMPILE=1: the kernels launch through the compiler's own launcher
+        return {"PDL": False}
     if x.is_cuda and os.environ.get("GEMMA4_PDL", "1") not in ("0", "") and _supported(x.device.index or 0):
         return {"PDL": True, "launch_pdl": True}
     return {"PDL": False}  # CPU / interpreter: griddepcontrol is PTX, and programs run one by one anyway
