@@ -69,6 +69,15 @@ def graph_us(fn, calls=CALLS, repeat=5) -> float:
     return best
 
 
+def cycled_weights(n: int, k: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Enough copies of an [n, k] bf16 weight that a graph's calls cycle through ~256 MB, so each call reads its
+    weight from memory, as in a decode step (whose weights are far larger than the 50 MB L2), not from the L2 cache;
+    and one activation row [1, 1, k]."""
+    copies = max(1, min(CALLS, -(-256_000_000 // (n * k * 2))))
+    weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5 for _ in range(copies)]
+    return weights, torch.randn(1, 1, k, device="cuda", dtype=torch.bfloat16)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="E2B")
@@ -84,11 +93,8 @@ def main():
     print(f"{args.preset} on {torch.cuda.get_device_name()}: us per call (GB/s)")
     total = collections.Counter()
     for (n, k), count in sorted(decode_shapes(args.preset).items()):
-        # Enough copies of the weight that the graph's calls cycle through ~256 MB: each call reads its weight from
-        # memory, as in a decode step (whose weights are far larger than the 50 MB L2), not from the L2 cache.
-        copies = max(1, min(CALLS, -(-256_000_000 // (n * k * 2))))
-        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5 for _ in range(copies)]
-        x = torch.randn(1, 1, k, device="cuda", dtype=torch.bfloat16)
+        weights, x = cycled_weights(n, k)
+        copies = len(weights)
         gb = n * k * 2 / 1e3  # bytes per us = GB/s * 1e-3
         ref = F.linear(x, weights[0])
         cublas = graph_us(lambda i: F.linear(x, weights[i % copies]))
@@ -117,9 +123,8 @@ def epilogue(preset: str) -> None:
     for (n, k), count in sorted(decode_shapes(preset).items()):
         if n != hidden:
             continue
-        copies = max(1, min(CALLS, -(-256_000_000 // (n * k * 2))))
-        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5 for _ in range(copies)]
-        x = torch.randn(1, 1, k, device="cuda", dtype=torch.bfloat16)
+        weights, x = cycled_weights(n, k)
+        copies = len(weights)
         residual = torch.randn(1, 1, n, device="cuda", dtype=torch.bfloat16)
         norm_weight, next_weight = torch.ones(n, device="cuda", dtype=torch.bfloat16), torch.ones_like(residual[0, 0])
         gb = n * k * 2 / 1e3

@@ -11,7 +11,7 @@ import pytest
 triton = pytest.importorskip("triton")
 
 
-def test_decode_kernels_compile_for_sm90():
+def test_kernels_compile_for_sm90():
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     if not ptxas.exists():
         pytest.skip("this Triton ships no ptxas")

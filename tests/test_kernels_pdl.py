@@ -22,7 +22,8 @@ def test_launch_options(monkeypatch):
 
 
 def _chain(x, layers):
-    """Each kernel reads the previous one's output (and the residual stream that a later kernel overwrites)."""
+    """Each kernel reads the previous one's output; the residual-norm kernels also read the residual stream and
+    return its next state."""
     residual = x
     h = rms_norm(x, None, 1e-6)
     for up, down, norm_weight in layers:

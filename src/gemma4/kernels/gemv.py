@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from .activation import ACTIVATION_CODES, activation_fp32
-from .pdl import after_previous_kernel, launch_options
 from .norm import _residual_norms_row, _warps, residual_norm_args, residual_outputs
+from .pdl import after_previous_kernel, launch_options
 from .rounding import round_to
 
 # (BLOCK_N, BLOCK_K, warps, stages): the best of benchmarks/gemv.py's sweep on an H100 for most projections of
