@@ -2,12 +2,15 @@
 tile choices, at every distinct projection shape of a preset's decode step, each timed inside a CUDA graph of 50
 calls (no launch gaps, as in the captured decode step).
 
-    python benchmarks/gemv.py --preset E2B [--sweep] [--epilogue]
+    python benchmarks/gemv.py --preset E2B [--sweep] [--epilogue] [--deferred]
 
 Prints us per call and GB/s for each shape (N outputs x K inputs, and how many of them one decode step runs).
 --epilogue: for the products whose output is the residual stream (N = hidden), the plain GEMV against the GEMV with
 its residual-norm epilogue (`gemv_residual_norms`, which the model runs there), and that kernel's best tiles: what
 the last program's norms cost.
+--deferred: for each product whose residual norms the model may defer (`model.text.DEFERRABLE`) and the GEMV that
+reads them, the pair with the norms in the producer's epilogue against the plain producer and a consumer that
+normalizes its own input (`norms=`), with the consumer's tiles swept.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from gemma4.config import Config
-from gemma4.kernels.gemv import TILES, gemv, gemv_residual_norms
+from gemma4.kernels.gemv import TILES, gemv, gemv_gated, gemv_residual_norms
 from gemma4.model.gemma4 import Model
 
 
@@ -82,14 +85,20 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="E2B")
     parser.add_argument("--sweep", action="store_true", help="also try other tiles (BLOCK_N, BLOCK_K, warps, stages)")
+    parser.add_argument("--tiles", nargs="*", default=[], metavar="N,K,WARPS,STAGES",
+                        help="also try these tiles (a BLOCK_K over the row's width means one step)")
     parser.add_argument("--epilogue", action="store_true", help="time the residual-norm epilogue instead")
+    parser.add_argument("--deferred", action="store_true", help="time deferred residual norms instead")
     args = parser.parse_args()
     if args.epilogue:
         return epilogue(args.preset)
+    if args.deferred:
+        return deferred(args.preset)
     candidates = [TILES]
     if args.sweep:
         candidates += [t for t in itertools.product((2, 4, 8, 16), (256, 512, 1024), (4, 8), (3,)) if t != TILES]
         candidates += [(4, 1024, 8, 4), (4, 2048, 8, 3)]
+    candidates += [tuple(int(v) for v in t.split(",")) for t in args.tiles]
     print(f"{args.preset} on {torch.cuda.get_device_name()}: us per call (GB/s)")
     total = collections.Counter()
     for (n, k), count in sorted(decode_shapes(args.preset).items()):
@@ -136,6 +145,76 @@ def epilogue(preset: str) -> None:
         total["with norms, best tiles"] += min(fused)[0] * count
         print(f"N={n:6d} K={k:5d} x{count:3d} | gemv {plain:6.2f} ({gb / plain:5.0f}) | with norms {fused[0][0]:6.2f} "
               f"({gb / fused[0][0]:5.0f}) | best {min(fused)[0]:6.2f} {min(fused)[1]}")
+    print("per decode step, us: " + ", ".join(f"{name} {us:.0f}" for name, us in total.items()))
+
+
+def deferred_sites(preset: str) -> collections.Counter:
+    """(site, producer [N, K], consumer [N, K], consumer kind, scalar?, next norm?) of every deferrable residual norm
+    of a decode step (as DecoderLayer.forward defers them), with its count."""
+    with torch.device("meta"):
+        model = Model(Config.preset(preset))
+    model.fuse_projections_()
+    layers = model.text.layers
+    sites = collections.Counter()
+    for i, layer in enumerate(layers):
+        if layer.enable_moe_block:
+            continue
+        mlp = layer.mlp
+        later = layers[i + 1].self_attn if i + 1 < len(layers) else None
+        reader = tuple((later.qkv_weight if later.qkv_weight is not None else later.q_proj.weight).shape) if later \
+            else None
+        sites["o_proj", tuple(layer.self_attn.o_proj.weight.shape), tuple(mlp.gate_up_weight.shape), "gate/up", False,
+              True] += 1
+        if layer.has_per_layer_input:
+            sites["down_proj", tuple(mlp.down_proj.weight.shape), tuple(layer.per_layer_input_gate.weight.shape),
+                  "gated", False, False] += 1
+            if reader:
+                sites["per_layer_projection", tuple(layer.per_layer_projection.weight.shape), reader, "gemv", True,
+                      True] += 1
+        elif reader:
+            sites["down_proj", tuple(mlp.down_proj.weight.shape), reader, "gemv", True, True] += 1
+    return sites
+
+
+def deferred(preset: str) -> None:
+    consumer_tiles = [None, (4, 2048, 8, 3), (2, 2048, 8, 3), (8, 2048, 8, 3), (16, 2048, 8, 3), (4, 2048, 4, 3),
+                      (8, 2048, 4, 3), (2, 2048, 4, 3)]  # None: the kernels' NORMED_TILES
+    print(f"{preset} on {torch.cuda.get_device_name()}: us per (producer, consumer) pair: the norms in the producer's "
+          "epilogue, or deferred to the consumer (its tiles: default, best)")
+    total = collections.Counter()
+    for (site, (pn, pk), (cn, ck), kind, has_scalar, has_next), count in sorted(deferred_sites(preset).items()):
+        producers, x = cycled_weights(pn, pk)
+        consumers, _ = cycled_weights(cn, ck)
+        bf16 = dict(device="cuda", dtype=torch.bfloat16)
+        residual, new = torch.randn(1, 1, pn, **bf16), torch.empty(1, 1, pn, **bf16)
+        norm_weight, next_weight = torch.ones(pn, **bf16), (torch.ones(pn, **bf16) if has_next else None)
+        scalar = torch.ones(1, **bf16) if has_scalar else None
+        multiplier = torch.randn(1, 1, cn, **bf16) if kind == "gated" else None
+
+        def consume(row, i, norms=None, tiles=None):
+            weight = consumers[i % len(consumers)]
+            if kind == "gemv":
+                return gemv(row, weight, tiles, norms=norms)
+            return gemv_gated(row, weight, "gelu_pytorch_tanh", multiplier, norms=norms, tiles=tiles)
+
+        def fused(i):
+            new_row, next_row, _, _ = gemv_residual_norms(x, producers[i % len(producers)], residual, norm_weight,
+                                                          1e-6, scalar, next_weight, 1e-6)
+            consume(next_row if has_next else new_row, i)
+
+        def deferred_pair(tiles):
+            norms = (residual, norm_weight, 1e-6, scalar, next_weight, 1e-6, new)
+            return lambda i: consume(gemv(x, producers[i % len(producers)]), i, norms, tiles)
+
+        before = graph_us(fused)
+        after = [(graph_us(deferred_pair(t)), t or "default") for t in consumer_tiles]
+        best = min(after, key=lambda result: result[0])
+        total["epilogue"] += before * count
+        total["deferred"] += after[0][0] * count
+        total["deferred, best tiles"] += best[0] * count
+        print(f"{site:20s} {pn}x{pk} -> {kind:7s} {cn}x{ck} x{count:3d} | epilogue {before:6.2f} | deferred "
+              f"{after[0][0]:6.2f} | best {best[0]:6.2f} {best[1]} | "
+              + " ".join(f"{us:.2f}" for us, _ in after))
     print("per decode step, us: " + ", ".join(f"{name} {us:.0f}" for name, us in total.items()))
 
 

@@ -52,7 +52,7 @@ def main() -> None:
     for module in (activation, attention, gemv, moe, norm, router):
         module.launch_options = lambda x: {"PDL": True, "launch_pdl": True}
     real_tiles = gemv._tiles
-    gemv._tiles = lambda x, k_in, tiles: real_tiles(SimpleNamespace(is_cuda=True), k_in, tiles)  # GPU tiles
+    gemv._tiles = lambda x, *args, **kwargs: real_tiles(SimpleNamespace(is_cuda=True), *args, **kwargs)  # GPU tiles
     bf16 = torch.bfloat16
 
     def rand(*shape, dtype=bf16):
@@ -67,6 +67,13 @@ def main() -> None:
         res, nw = rand(1, 1, 96), rand(96)
         gemv.gemv_residual_norms(x, w, res, nw, 1e-6, rand(1), nw, 1e-6)
         gemv.gemv_residual_norms(x, w, res, nw, 1e-6, None, nw, 1e-6, moe=(nw, nw, 0.1))
+    # GEMVs that normalize their input (one tile as wide as the row): E2B's and E4B's widths.
+    for k in (1536, 2560):
+        y, w, res, nw = rand(1, 1, k), rand(96, k), rand(1, 1, k), rand(k)
+        gemv.gemv(y, w, norms=(res, nw, 1e-6, rand(1), nw, 1e-6, torch.empty_like(res)))
+        gemv.gemv_gated(y, w, "gelu_pytorch_tanh", norms=(res, nw, 1e-6, None, nw, 1e-6, torch.empty_like(res)))
+        gemv.gemv_gated(y, w, "gelu_pytorch_tanh", rand(96), norms=(res, nw, 1e-6, None, None, None,
+                                                                    torch.empty_like(res)))
     # Norms, RoPE and the fused cache write.
     rows = rand(2, 3, 256)
     norm.rms_norm(rows, rand(256), 1e-6)

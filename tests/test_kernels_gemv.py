@@ -40,7 +40,7 @@ def test_gemv_tiles_do_not_change_results():
 
 def test_linear_takes_gemv_for_one_row_only(monkeypatch):
     calls = []
-    monkeypatch.setattr(gemv_module, "gemv", lambda x, w: calls.append(x.shape) or F.linear(x, w))
+    monkeypatch.setattr(gemv_module, "gemv", lambda x, w, norms=None: calls.append(x.shape) or F.linear(x, w))
     weight = torch.randn(8, 16, device=DEVICE)
     with kernels.force():
         linear(torch.randn(1, 1, 16, device=DEVICE), weight)  # a batch-1 decode step
@@ -135,3 +135,42 @@ def test_takes_gemv_only_where_measured_faster():
         assert takes(5376, 8192)  # 31B's q projection: 44M elements
         assert not takes(43008, 5376) and not takes(5376, 21504) and not takes(262144, 5376)  # 31B's MLP, LM head
         assert not takes_gemv(torch.empty(2, 1, 1536, device="meta"), torch.empty(2560, 1536, device="meta"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["gemv scalar+next", "gemv next", "gated", "gated multiplier no-next"])
+def test_gemv_with_normed_input_equals_norm_kernel_then_gemv(dtype, variant):
+    """The GEMV whose programs apply the residual norms of an earlier product y to their input (norms=) equals the
+    norm kernel followed by the plain GEMV: the same outputs and the same residual stream `new` (written by program 0).
+    A ragged row (K = 300 of a 512-wide tile) and ragged N."""
+    torch.manual_seed(3)
+    n, k = 70, 300
+
+    def rand(*shape, scale=1.0, offset=0.0):
+        return (torch.randn(*shape) * scale + offset).to(DEVICE, dtype)
+
+    y, residual = rand(1, 1, k), rand(1, 1, k, scale=4.0)
+    norm_weight, next_weight = rand(k, scale=0.5, offset=1.0), rand(k, scale=0.5, offset=1.0)
+    scalar = torch.tensor([0.37], device=DEVICE, dtype=dtype) if "scalar" in variant else None
+    has_next = "no-next" not in variant
+    new = torch.full_like(residual, float("nan"))
+    norms = (residual, norm_weight, 1e-6, scalar, next_weight if has_next else None, 1e-5, new)
+    want_new, want_next = residual_rms_norm(residual, y, norm_weight, 1e-6, scalar,
+                                            next_weight if has_next else None, 1e-5)
+    gemv_input = want_next if has_next else want_new
+    if variant.startswith("gemv"):
+        weight = rand(n, k, scale=k**-0.5)
+        got, want = gemv(y, weight, norms=norms), gemv(gemv_input, weight)
+    else:
+        multiplier = rand(1, 1, n) if "multiplier" in variant else None
+        weight = rand(n if multiplier is not None else 2 * n, k, scale=k**-0.5 * 2)
+        got = gemv_gated(y, weight, "gelu_pytorch_tanh", multiplier, norms=norms)
+        want = gemv_gated(gemv_input, weight, "gelu_pytorch_tanh", multiplier)
+    assert got.shape == want.shape and new.shape == want_new.shape
+    if dtype == torch.float32 or DEVICE == "cpu":  # the interpreter sums in one order: bit-equal
+        torch.testing.assert_close(new, want_new, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:  # compiled, the two kernels' fp32 reductions may differ by an ulp before the bf16 rounding
+        torch.testing.assert_close(new.float(), want_new.float(), rtol=2**-7, atol=1e-5)
+        torch.testing.assert_close(got.float(), want.float(), rtol=2**-6, atol=1e-3)
+        assert (got == want).float().mean() > 0.9

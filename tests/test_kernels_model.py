@@ -70,6 +70,47 @@ def test_decode_logits_and_tokens_equal(model, rows):
     assert torch.equal(logits["fused"].argmax(-1), logits["plain"].argmax(-1))
 
 
+def test_deferred_norms_change_no_value(model, request):
+    """At batch 1 the residual norms after o_proj, down_proj and the PLE projection are left to the GEMV that reads
+    them (DeferredNorms) instead of the producing GEMV's last program. The same ops on the same values: decode logits
+    equal those with no norm deferred (bit-equal under the interpreter; compiled, the two kernels' reductions may
+    differ by an fp32 ulp), and the deferred path was taken where it applies (not on the MoE family)."""
+    from gemma4.kernels import gemv as gemv_module
+    ids, mask = _ids()
+    ids = ids[1:, mask[1].bool()]  # the unpadded 6-token prompt
+    counted = {"normed": 0}
+
+    def counting(kernel):
+        def wrapper(*args, norms=None, **kwargs):
+            counted["normed"] += norms is not None
+            return kernel(*args, norms=norms, **kwargs)
+        return wrapper
+
+    logits = {}
+    for sites in ("", "o_proj,down_proj,per_layer_projection"):
+        cache = model.make_cache(1, ids.shape[1] + 4, static=True)
+        with kernels.force(), mock.patch.dict(os.environ, {"GEMMA4_DEFER_NORMS": sites}), \
+                mock.patch.object(gemv_module, "gemv", counting(gemv_module.gemv)), \
+                mock.patch.object(gemv_module, "gemv_gated", counting(gemv_module.gemv_gated)):
+            out = model(ids, cache=cache, last_only=True)
+            steps = []
+            for _ in range(3):
+                out = model(out[:, -1].argmax(-1, keepdim=True), cache=cache, last_only=True)
+                steps.append(out[:, -1])
+        logits[sites] = torch.stack(steps)
+        if not sites:
+            assert counted["normed"] == 0
+    layers = model.config.text_config.num_hidden_layers
+    if request.node.callspec.params["model"] == "26B-A4B":
+        assert counted["normed"] == 0
+    else:  # at least the attention's residual norms in every layer of every step
+        assert counted["normed"] >= 3 * layers
+    if DEVICE == "cpu":
+        assert torch.equal(logits[""], logits["o_proj,down_proj,per_layer_projection"])
+    else:
+        torch.testing.assert_close(logits[""], logits["o_proj,down_proj,per_layer_projection"], rtol=1e-4, atol=1e-4)
+
+
 def test_serving_engine_decodes_in_place_over_the_paged_pools(model, request):
     """The serving engine's decode steps (one token per row) read the paged pools in place through the kernel's slot
     lists: greedy outputs equal the engine without kernels, with chunked prefill, several rows and a prompt longer

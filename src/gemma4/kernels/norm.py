@@ -59,6 +59,39 @@ def _router_scaled(h, scale_ptr, offs, mask, D, eps, root_size, dtype: tl.conste
 
 
 @triton.jit
+def _norm_weights(w_ptr, scalar_ptr, next_w_ptr, offs, mask, HAS_WEIGHT: tl.constexpr, HAS_SCALAR: tl.constexpr,
+                  HAS_NEXT: tl.constexpr):
+    """The weights _residual_norms_values takes, as fp32 values (those a flag leaves out: 1.0)."""
+    w, scalar, next_w = 1.0, 1.0, 1.0
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALAR:
+        scalar = tl.load(scalar_ptr).to(tl.float32)
+    if HAS_NEXT:
+        next_w = tl.load(next_w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return w, scalar, next_w
+
+
+@triton.jit
+def _residual_norms_values(h, residual, w, scalar, next_w, D, eps, next_eps, dtype: tl.constexpr,
+                           HAS_WEIGHT: tl.constexpr, HAS_SCALAR: tl.constexpr, HAS_NEXT: tl.constexpr):
+    """(new, next) of residual_rms_norm from fp32 rows h (the product) and residual, and _norm_weights's values:
+    new = residual + rms_norm(h) [* scalar], rounded to `dtype` as the eager ops round (the norm's output is a tensor
+    of the model dtype, then the add and the scaling each round); next = rms_norm(new) * next_w, unrounded (new
+    without HAS_NEXT)."""
+    normed = h * _rstd(tl.sum(h * h, axis=0), D, eps)
+    if HAS_WEIGHT:
+        normed = normed * w
+    new = round_to(residual + round_to(normed, dtype), dtype)
+    if HAS_SCALAR:
+        new = round_to(new * scalar, dtype)
+    next_row = new
+    if HAS_NEXT:
+        next_row = new * _rstd(tl.sum(new * new, axis=0), D, next_eps) * next_w
+    return new, next_row
+
+
+@triton.jit
 def _residual_norms_row(res_row, x_row, w_ptr, scalar_ptr, next_w_ptr, out_row, next_out_row, next2_w_ptr,
                         next2_out_row, router_scale_ptr, router_out_row, D, eps, next_eps, root_size,
                         HAS_WEIGHT: tl.constexpr, HAS_SCALAR: tl.constexpr, HAS_NEXT: tl.constexpr,
@@ -67,17 +100,15 @@ def _residual_norms_row(res_row, x_row, w_ptr, scalar_ptr, next_w_ptr, out_row, 
     offs = tl.arange(0, BLOCK)
     mask = offs < D
     dtype = out_row.dtype.element_ty
-    # As the eager ops: the norm's output is a tensor of the model dtype, then the add and the scaling each round.
     # x is read past L1 (.cg): in the GEMV kernel's epilogue other programs have just written it.
+    w, scalar, next_w = _norm_weights(w_ptr, scalar_ptr, next_w_ptr, offs, mask, HAS_WEIGHT, HAS_SCALAR, HAS_NEXT)
     h = tl.load(x_row + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-    normed = round_to(_normalize(h, w_ptr, offs, mask, D, eps, HAS_WEIGHT), dtype)
     residual = tl.load(res_row + offs, mask=mask, other=0.0).to(tl.float32)
-    new = round_to(residual + normed, dtype)
-    if HAS_SCALAR:
-        new = round_to(new * tl.load(scalar_ptr).to(tl.float32), dtype)
+    new, next_row = _residual_norms_values(h, residual, w, scalar, next_w, D, eps, next_eps, dtype, HAS_WEIGHT,
+                                           HAS_SCALAR, HAS_NEXT)
     _store(out_row + offs, new, mask)
     if HAS_NEXT:
-        _store(next_out_row + offs, _normalize(new, next_w_ptr, offs, mask, D, next_eps, True), mask)
+        _store(next_out_row + offs, next_row, mask)
     if HAS_MOE:  # the experts' input norm and the router's input, both from the same new row
         _store(next2_out_row + offs, _normalize(new, next2_w_ptr, offs, mask, D, next_eps, True), mask)
         _store(router_out_row + offs, _router_scaled(new, router_scale_ptr, offs, mask, D, next_eps, root_size, dtype),
@@ -196,12 +227,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
 
 def residual_rms_norm(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, eps: float,
                       scalar: torch.Tensor | None = None, next_weight: torch.Tensor | None = None,
-                      next_eps: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      next_eps: float | None = None,
+                      out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """new = residual + rms_norm(x, weight), then new * scalar (a 1-element tensor, read on the device) if given.
 
     Returns (new, rms_norm(new, next_weight, next_eps) if next_weight is given else None), rounded to the residual's
-    dtype at the same points as the eager ops, in one launch."""
-    new, next_out, _, _ = _residual_norms(residual, x, weight, eps, scalar, next_weight, next_eps)
+    dtype at the same points as the eager ops, in one launch; new is written into `out` if given."""
+    new, next_out, _, _ = _residual_norms(residual, x, weight, eps, scalar, next_weight, next_eps, out=out)
     return new, next_out
 
 
@@ -214,9 +246,9 @@ def residual_moe_norms(residual: torch.Tensor, x: torch.Tensor, weight: torch.Te
     return _residual_norms(residual, x, weight, eps, None, mlp_weight, eps, (experts_weight, router_scale, root_size))
 
 
-def _residual_norms(residual, x, weight, eps, scalar, next_weight, next_eps, moe=None):
+def _residual_norms(residual, x, weight, eps, scalar, next_weight, next_eps, moe=None, out=None):
     res_rows, x_rows, D = _rows(residual), _rows(x), residual.shape[-1]
-    outputs = residual_outputs(residual, next_weight, moe)
+    outputs = residual_outputs(residual, next_weight, moe, out)
     if residual.numel() == 0:
         return outputs
     block = triton.next_power_of_2(D)
@@ -229,9 +261,12 @@ def _residual_norms(residual, x, weight, eps, scalar, next_weight, next_eps, moe
     return outputs
 
 
-def residual_outputs(residual: torch.Tensor, next_weight, moe) -> tuple:
-    """(new, next norm or None, experts' norm or None, router input or None), allocated like residual."""
-    out = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
+def residual_outputs(residual: torch.Tensor, next_weight, moe, out: torch.Tensor | None = None) -> tuple:
+    """(new, next norm or None, experts' norm or None, router input or None), allocated like residual (new: `out`
+    if given)."""
+    if out is None:
+        out = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
+    assert out.shape == residual.shape and out.is_contiguous()
     next_out = torch.empty_like(out) if next_weight is not None else None
     next2_out, router_out = (torch.empty_like(out), torch.empty_like(out)) if moe is not None else (None, None)
     return out, next_out, next2_out, router_out

@@ -5,6 +5,9 @@ Parameter names equal the checkpoint keys under `model.language_model.` (see loa
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,19 +59,62 @@ def takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and kernels.enabled(x))
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, weight) without bias, through the GEMV kernel where `takes_gemv`."""
-    if takes_gemv(x, weight):
+def linear(x, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight) without bias, through the GEMV kernel where `takes_gemv`. x: a tensor or DeferredNorms."""
+    row = x.y if isinstance(x, DeferredNorms) else x
+    if takes_gemv(row, weight):
         from ..kernels.gemv import gemv
-        return gemv(x, weight)
-    return F.linear(x, weight)
+        return gemv(row, weight, norms=x.kernel_args() if row is not x else None)
+    return F.linear(materialized(x), weight)
 
 
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same checkpoint keys) whose bias-free products go through `linear`."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight) if self.bias is None else super().forward(x)
+    def forward(self, x) -> torch.Tensor:
+        return linear(x, self.weight) if self.bias is None else super().forward(materialized(x))
+
+
+@dataclass
+class DeferredNorms:
+    """add_normed(residual, y, norm, scalar, next_norm) not computed yet (batch-1 decode): the GEMV that reads it
+    applies it to its own input, each of its programs to a copy of the row (`kernels.gemv`), where a product with the
+    norms in its epilogue (`gemv_residual_norms`) must wait for its whole output row in one program. The value is
+    next_norm(new), or new without next_norm; `new`, the residual stream, is written by that GEMV (or by
+    `materialize`): read it only after."""
+    residual: torch.Tensor
+    y: torch.Tensor
+    norm: RMSNorm
+    scalar: torch.Tensor | None
+    next_norm: RMSNorm | None
+    new: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.y.shape
+
+    def kernel_args(self) -> tuple:
+        return (self.residual, self.norm.weight, self.norm.eps, self.scalar, *_weight_eps(self.next_norm), self.new)
+
+    def materialize(self) -> torch.Tensor:
+        """The value as a tensor, for a consumer that is not a GEMV (it also fills `new`)."""
+        from ..kernels.norm import residual_rms_norm
+        new, h = residual_rms_norm(self.residual, self.y, self.norm.weight, self.norm.eps, self.scalar,
+                                   *_weight_eps(self.next_norm), out=self.new)
+        return h if h is not None else new
+
+
+def materialized(x) -> torch.Tensor:
+    return x.materialize() if isinstance(x, DeferredNorms) else x
+
+
+# The products whose residual norms are left to the next GEMV (GEMMA4_DEFER_NORMS: a comma-separated list of these
+# names, or "" for none): the attention's output projection, the MLP's down projection, the PLE projection.
+DEFERRABLE = ("o_proj", "down_proj", "per_layer_projection")
+
+
+def defers(site: str) -> bool:
+    return site in os.environ.get("GEMMA4_DEFER_NORMS", ",".join(DEFERRABLE)).split(",")
 
 
 class Attention(nn.Module):
@@ -177,12 +223,14 @@ def gated(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
     return activation(act)(gate) * up
 
 
-def gated_linear(x: torch.Tensor, weight: torch.Tensor, act: str, up: torch.Tensor | None = None) -> torch.Tensor:
+def gated_linear(x, weight: torch.Tensor, act: str, up: torch.Tensor | None = None) -> torch.Tensor:
     """gated(gate, up, act) with [gate; up] = linear(x, weight) (up None), or gate = linear(x, weight): the product and
-    the activation in one kernel where `takes_gemv`."""
-    if takes_gemv(x, weight):
+    the activation in one kernel where `takes_gemv`. x: a tensor or DeferredNorms."""
+    row = x.y if isinstance(x, DeferredNorms) else x
+    if takes_gemv(row, weight):
         from ..kernels.gemv import gemv_gated
-        return gemv_gated(x, weight, act, up)
+        return gemv_gated(row, weight, act, up, norms=x.kernel_args() if row is not x else None)
+    x = materialized(x)
     if up is None:
         gate, up = F.linear(x, weight).chunk(2, dim=-1)
     else:
@@ -343,11 +391,12 @@ class DecoderLayer(nn.Module):
             self.post_per_layer_input_norm = RMSNorm(hidden, eps)
 
     def forward(self, x, h, rope, ctx: ForwardContext, per_layer_input: torch.Tensor | None = None,
-                next_norm: RMSNorm | None = None):
+                next_norm: RMSNorm | None = None, defer_next: bool = False):
         """x: the residual stream, h: input_layernorm(x). Returns the new residual stream and `next_norm` of it (the
         next layer's input norm, or the final norm; None without one), computed by this layer's last kernel on CUDA.
-        At batch 1 each projection that feeds a residual add runs in one kernel with the norms after it (see
-        add_normed_linear)."""
+        At batch 1 each projection that feeds a residual add runs in one kernel with the norms after it, or leaves
+        them to the GEMV that reads them (DeferredNorms: inside the layer; at its end if `defer_next`, and h is then
+        that)."""
         attn = self.self_attn(h, rope, ctx)
         # Without PLE the feed-forward's residual add ends the layer: it applies the layer scalar and next_norm.
         tail = {} if self.has_per_layer_input else dict(scalar=self.layer_scalar, next_norm=next_norm)
@@ -355,14 +404,17 @@ class DecoderLayer(nn.Module):
             x, h = self.moe_feedforward(x, attn, **tail)
         else:
             x, h = add_normed_linear(x, attn, self.self_attn.o_proj, self.post_attention_layernorm,
-                                     next_norm=self.pre_feedforward_layernorm)
+                                     next_norm=self.pre_feedforward_layernorm, defer=defers("o_proj"))
             x, h = add_normed_linear(x, self.mlp.hidden(h), self.mlp.down_proj, self.post_feedforward_layernorm,
-                                     **tail)
+                                     **tail, defer=defers("down_proj") and (self.has_per_layer_input or defer_next))
         if not self.has_per_layer_input:
             return x, h
-        ple = gated_linear(x, self.per_layer_input_gate.weight, self.activation, per_layer_input)
+        # h is None here, or x deferred to the PLE gate's GEMV (no norm after this residual add)
+        ple = gated_linear(h if h is not None else x, self.per_layer_input_gate.weight, self.activation,
+                           per_layer_input)
         return add_normed_linear(x, ple, self.per_layer_projection, self.post_per_layer_input_norm,
-                                 scalar=self.layer_scalar, next_norm=next_norm)
+                                 scalar=self.layer_scalar, next_norm=next_norm,
+                                 defer=defers("per_layer_projection") and defer_next)
 
     def moe_feedforward(self, x, attn, scalar: torch.Tensor | None = None, next_norm: RMSNorm | None = None):
         """26B-A4B: the attention's residual add, then the dense MLP and the experts side by side, their branch norms
@@ -392,12 +444,16 @@ def _weight_eps(norm: RMSNorm | None) -> tuple[torch.Tensor | None, float | None
 
 def add_normed_linear(residual: torch.Tensor, x: torch.Tensor, projection: nn.Linear, norm: RMSNorm,
                       scalar: torch.Tensor | None = None, next_norm: RMSNorm | None = None,
-                      moe: tuple[RMSNorm, Router] | None = None) -> tuple:
+                      moe: tuple[RMSNorm, Router] | None = None, defer: bool = False) -> tuple:
     """add_normed(residual, projection(x), norm, scalar, next_norm); with moe = (experts' norm, router) also that norm
-    and the router's scaled input of the new residual stream (four results, else two). The product and the norms in
-    one kernel where `takes_gemv` (the GEMV's last program to finish applies the norms)."""
+    and the router's scaled input of the new residual stream (four results, else two). Where `takes_gemv`, the
+    product and the norms in one kernel (the GEMV's last program to finish applies the norms), or with `defer` the
+    product alone and (new, DeferredNorms) for the GEMV that reads it (without next_norm too: then its value is new)."""
     if projection.bias is None and takes_gemv(x, projection.weight):
-        from ..kernels.gemv import gemv_residual_norms
+        from ..kernels.gemv import NORMED_MAX_K, gemv, gemv_residual_norms
+        if defer and moe is None and residual.shape[-1] <= NORMED_MAX_K:
+            new = torch.empty_like(residual)
+            return new, DeferredNorms(residual, gemv(x, projection.weight), norm, scalar, next_norm, new)
         moe_args = (moe[0].weight, moe[1].scale, moe[1].root_size) if moe is not None else None
         outputs = gemv_residual_norms(x, projection.weight, residual, norm.weight, norm.eps, scalar,
                                       *_weight_eps(next_norm), moe_args)
@@ -489,7 +545,9 @@ class TextModel(nn.Module):
             if last_only and i == first_shared and x.shape[1] > 1:
                 x, h, ropes, per_layer, ctx = _last_position_only(x, h, ropes, per_layer, ctx)
             layer_input = per_layer[:, :, i] if per_layer is not None else None
-            x, h = layer(x, h, ropes[layer.self_attn.layer_type], ctx, layer_input, next_norm)
+            # the final norm's reader is the LM head: too many programs to each normalize the row
+            x, h = layer(x, h, ropes[layer.self_attn.layer_type], ctx, layer_input, next_norm,
+                         defer_next=next_norm is not self.norm)
         return h[:, -1:] if last_only else h
 
 
