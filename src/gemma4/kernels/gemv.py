@@ -159,8 +159,9 @@ NORMED_TILES = {False: (8, NORMED_MAX_K, 4, 3), True: (4, NORMED_MAX_K, 4, 3)}
 
 
 # Rows of 2049-4096 inputs (E4B, 26B-A4B) in one BLOCK_K step, where TILES take two (the second mostly masked), and
-# 4 warps, each thread with 128 weights in flight: `benchmarks/gemv.py --tiles 4,4096,4,3` on an H200, E4B's
-# projections 2822 -> ~2510 us per step (its LM head 361 -> 294 us), 26B-A4B's 1467 -> ~1360.
+# 4 warps, each thread with 128 weights in flight: the tiles that won most of these shapes in `benchmarks/gemv.py
+# --tiles ...` on an H200 (E4B's LM head 361 -> 294 us, its 6144x2560 10.0 -> 9.2; with every shape at its best of
+# 7 tiles, E4B's projections take 2822 -> 2513 us per step, 26B-A4B's 1467 -> 1354).
 WIDE_TILES = (4, 4096, 4, 3)
 
 
