@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 from .activation import ACTIVATION_CODES, activation_fp32
-from .norm import _norm_weights, _residual_norms_row, _residual_norms_values, _warps, residual_norm_args, residual_outputs
+from .norm import (_norm_weights, _residual_norms_row, _residual_norms_values, _warps, residual_norm_args,
+                   residual_outputs)
 from .pdl import after_previous_kernel, launch_options
 from .rounding import round_to
 
