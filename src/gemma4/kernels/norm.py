@@ -29,9 +29,15 @@ def _rstd(sum_sq, D, eps):
 
 
 @triton.jit
+def _unit_rms(h, D, eps):
+    # An fp32 row divided by its RMS (RMSNorm.forward before its weight).
+    return h * _rstd(tl.sum(h * h, axis=0), D, eps)
+
+
+@triton.jit
 def _normalize(h, w_ptr, offs, mask, D, eps, HAS_WEIGHT: tl.constexpr):
     # RMSNorm.forward on an fp32 row: normalize, then scale by the weight, both before any rounding.
-    h = h * _rstd(tl.sum(h * h, axis=0), D, eps)
+    h = _unit_rms(h, D, eps)
     if HAS_WEIGHT:
         h = h * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     return h
@@ -79,7 +85,7 @@ def _residual_norms_values(h, residual, w, scalar, next_w, D, eps, next_eps, dty
     new = residual + rms_norm(h) [* scalar], rounded to `dtype` as the eager ops round (the norm's output is a tensor
     of the model dtype, then the add and the scaling each round); next = rms_norm(new) * next_w, unrounded (new
     without HAS_NEXT)."""
-    normed = h * _rstd(tl.sum(h * h, axis=0), D, eps)
+    normed = _unit_rms(h, D, eps)
     if HAS_WEIGHT:
         normed = normed * w
     new = round_to(residual + round_to(normed, dtype), dtype)
@@ -87,7 +93,7 @@ def _residual_norms_values(h, residual, w, scalar, next_w, D, eps, next_eps, dty
         new = round_to(new * scalar, dtype)
     next_row = new
     if HAS_NEXT:
-        next_row = new * _rstd(tl.sum(new * new, axis=0), D, next_eps) * next_w
+        next_row = _unit_rms(new, D, next_eps) * next_w
     return new, next_row
 
 

@@ -61,10 +61,10 @@ def takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def linear(x, weight: torch.Tensor) -> torch.Tensor:
     """F.linear(x, weight) without bias, through the GEMV kernel where `takes_gemv`. x: a tensor or DeferredNorms."""
-    row = x.y if isinstance(x, DeferredNorms) else x
+    row, norms = gemv_operands(x)
     if takes_gemv(row, weight):
         from ..kernels.gemv import gemv
-        return gemv(row, weight, norms=x.kernel_args() if row is not x else None)
+        return gemv(row, weight, norms=norms)
     return F.linear(materialized(x), weight)
 
 
@@ -106,6 +106,11 @@ class DeferredNorms:
 
 def materialized(x) -> torch.Tensor:
     return x.materialize() if isinstance(x, DeferredNorms) else x
+
+
+def gemv_operands(x) -> tuple[torch.Tensor, tuple | None]:
+    """(the row a GEMV kernel reads, its `norms` argument): a DeferredNorms' product and norms, or x and None."""
+    return (x.y, x.kernel_args()) if isinstance(x, DeferredNorms) else (x, None)
 
 
 # The products whose residual norms are left to the next GEMV (GEMMA4_DEFER_NORMS: a comma-separated list of these
@@ -226,10 +231,10 @@ def gated(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
 def gated_linear(x, weight: torch.Tensor, act: str, up: torch.Tensor | None = None) -> torch.Tensor:
     """gated(gate, up, act) with [gate; up] = linear(x, weight) (up None), or gate = linear(x, weight): the product and
     the activation in one kernel where `takes_gemv`. x: a tensor or DeferredNorms."""
-    row = x.y if isinstance(x, DeferredNorms) else x
+    row, norms = gemv_operands(x)
     if takes_gemv(row, weight):
         from ..kernels.gemv import gemv_gated
-        return gemv_gated(row, weight, act, up, norms=x.kernel_args() if row is not x else None)
+        return gemv_gated(row, weight, act, up, norms=norms)
     x = materialized(x)
     if up is None:
         gate, up = F.linear(x, weight).chunk(2, dim=-1)
