@@ -141,3 +141,16 @@ def test_decode_attention_reads_strided_query_positions():
     positions = torch.tensor([[9, 11], [4, 6]], device=DEVICE)  # the last column is the query's
     out = decode_attention(q, k, v, key_positions, positions[:, -1], window=4)
     check(out, reference(q, k, v, key_positions, positions[:, -1].contiguous(), window=4), torch.float32)
+
+
+def test_keys_per_block_follow_the_wanted_splits(monkeypatch):
+    """Blocks shrink (to 16 keys, at D <= 256 only) until the candidates give the splits an H200 wants (two programs
+    per SM): the choices measured fastest in benchmarks/decode_attention.py."""
+    from gemma4.kernels import attention
+    monkeypatch.setattr(attention, "_sm_count", lambda device: 132)
+    cuda = torch.device("cuda")
+    assert attention._block_n(256, 2, 1, 513, cuda) == 16  # E2B sliding, batch 1: 33 splits
+    assert attention._block_n(256, 2, 8, 1025, cuda) == 32  # 26B-A4B sliding (8 kv heads): 33 splits
+    assert attention._block_n(512, 2, 1, 1088, cuda) == 32  # global layers keep 32
+    assert attention._block_n(256, 2, 64, 513, cuda) == 64  # batch 64: programs enough without splitting finer
+    assert attention._block_n(256, 4, 1, 513, cuda) == 16  # fp32: 32 at most, then down to 16

@@ -152,11 +152,18 @@ def _sm_count(device: torch.device) -> int:
     return 4  # the CPU interpreter runs programs one by one: a few splits suffice to exercise the merge
 
 
-def _block_n(head_dim: int, itemsize: int) -> int:
-    """Keys per block: a [BLOCK_N, D] tile of K (and one of V) of at most 32 KiB, so three pipeline stages of both
-    fit in shared memory: 64 at D = 256 and 32 at D = 512 in bf16; between 16 and 64."""
+def _block_n(head_dim: int, itemsize: int, programs: int, candidates: int, device: torch.device) -> int:
+    """Keys per block. At most a [BLOCK_N, D] tile of K (and one of V) of 32 KiB, so three pipeline stages of both
+    fit in shared memory (64 keys at D = 256, 32 at D = 512 in bf16); at D <= 256 smaller, down to 16 keys, while the
+    candidates have fewer blocks than `_num_splits` wants splits. Batch 1 on an H200
+    (benchmarks/decode_attention.py, 1K context): E2B's sliding layers (513 candidates, one kv head) take 5.4 us in
+    blocks of 16 (33 splits) against 7.0 in blocks of 64 (9 splits), 26B-A4B's (1,025, eight kv heads) 8.0 us in
+    blocks of 32 against 9.9; at D = 512 blocks of 16 were slower than 32 (E2B 9.9 against 8.2 us)."""
     block_n = 64
     while block_n > 16 and block_n * head_dim * itemsize > 32768:
+        block_n //= 2
+    wanted = min(triton.cdiv(2 * _sm_count(device), programs), MAX_SPLITS)
+    while block_n > 16 and head_dim <= 256 and triton.cdiv(candidates, block_n) < wanted:
         block_n //= 2
     return block_n
 
@@ -169,13 +176,15 @@ def _num_splits(programs: int, candidates: int, block_n: int, device: torch.devi
 
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_positions: torch.Tensor,
                      query_positions: torch.Tensor, window: int | None = None, slots: torch.Tensor | None = None,
-                     num_keys: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
+                     num_keys: torch.Tensor | None = None, num_splits: int | None = None,
+                     block_n: int | None = None) -> torch.Tensor:
     """One query token per row -> [B, H, D] in query's dtype (scale 1.0, as `attend`).
 
     query [B, H, D]; key/value [B, Hkv, S_buf, D] (candidate j = key[b, :, j]), or with `slots` [B, S] pools
     [Hkv, N, D] (candidate j = pool[:, slots[b, j]]). key_positions [B, S] (-1 = empty), query_positions [B].
     H = G * Hkv, query head h reads kv head h // G. num_keys [B] (on the device): only candidates
-    [0, num_keys[b]) of row b are read. num_splits overrides the shape-based split count (tuning, tests).
+    [0, num_keys[b]) of row b are read. num_splits and block_n override the shape-based split count and keys per
+    block (tuning, tests).
     A row that sees no key gets zeros."""
     batch, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[-3]
@@ -197,7 +206,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 
     query_positions = query_positions.contiguous()  # read as qpos[b]: a column of a [B, L] tensor is strided
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block_n = _block_n(block_d, key.element_size())
+    block_n = block_n or _block_n(block_d, key.element_size(), batch * num_kv_heads, candidates, query.device)
     splits = num_splits or _num_splits(batch * num_kv_heads, candidates, block_n, query.device)
     part = torch.empty(batch, num_heads, splits, head_dim, dtype=torch.float32, device=query.device)
     lse = torch.empty(batch, num_heads, splits, dtype=torch.float32, device=query.device)
