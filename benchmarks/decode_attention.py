@@ -1,6 +1,7 @@
 """Decode attention alone (one query token per row, bf16, CUDA): the split-K kernel at a preset's sliding and global
-layer shapes, over its split counts and keys per block, each timed inside a CUDA graph of calls that cycle through K/V copies of ~200 MB (read from memory, as in a decode step,
-whose ~4 GB of weights evict the 50 MB L2 between a layer's steps).
+layer shapes, over its split counts and keys per block, each timed inside a CUDA graph of calls that cycle through
+K/V copies of ~200 MB (read from memory, as in a decode step, whose ~4 GB of weights evict the 50 MB L2 between a
+layer's steps).
 
     python benchmarks/decode_attention.py --preset E2B [--batch 1] [--context 1024]
 """

@@ -36,8 +36,8 @@ from gemma4.kernels.gemv import gemv  # noqa: E402
 
 
 @triton.jit
-def _loop_kernel(x_ptr, w_ptr, out_ptr, N, stride, BLOCKS, PROGRAMS, ITERS: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 STAGES: tl.constexpr):
+def _loop_kernel(x_ptr, w_ptr, out_ptr, N, stride, BLOCKS, PROGRAMS, ITERS: tl.constexpr, K: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
     cols = tl.arange(0, BLOCK_K)
     k_ok = cols < K
     x = tl.load(x_ptr + cols, mask=k_ok, other=0.0).to(tl.float32)[None, :]
@@ -50,7 +50,8 @@ def _loop_kernel(x_ptr, w_ptr, out_ptr, N, stride, BLOCKS, PROGRAMS, ITERS: tl.c
 
 
 @triton.jit
-def _prefetch_kernel(x_ptr, w_ptr, out_ptr, N, stride, BLOCKS, PROGRAMS, ITERS: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
+def _prefetch_kernel(x_ptr, w_ptr, out_ptr, N, stride, BLOCKS, PROGRAMS, ITERS: tl.constexpr, K: tl.constexpr,
+                     BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr):
     cols = tl.arange(0, BLOCK_K)
     k_ok = cols < K
@@ -72,8 +73,8 @@ def _prefetch_kernel(x_ptr, w_ptr, out_ptr, N, stride, BLOCKS, PROGRAMS, ITERS: 
 
 
 @triton.jit
-def _tma_kernel(x_ptr, w_desc, out_ptr, N, BLOCKS, PROGRAMS, ITERS: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
-                CHUNK: tl.constexpr, STAGES: tl.constexpr):
+def _tma_kernel(x_ptr, w_desc, out_ptr, N, BLOCKS, PROGRAMS, ITERS: tl.constexpr, K: tl.constexpr,
+                BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, CHUNK: tl.constexpr, STAGES: tl.constexpr):
     # w_desc views the weight as [N, K / CHUNK, CHUNK]; a block [BLOCK_N, CHUNKS, CHUNK] (CHUNKS a power of two)
     # reads zeros past K, which cost no bandwidth
     cols = tl.arange(0, CHUNKS)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]
@@ -96,7 +97,8 @@ def loop(x, w, block_n, warps, stages, per_sm):
     blocks = triton.cdiv(n, block_n)
     programs = _programs(blocks, per_sm)
     _loop_kernel[(programs,)](
-        x, w, out, n, w.stride(0), blocks, programs, triton.cdiv(blocks, programs), k, BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(k), STAGES=stages,
+        x, w, out, n, w.stride(0), blocks, programs, triton.cdiv(blocks, programs), k, BLOCK_N=block_n,
+        BLOCK_K=triton.next_power_of_2(k), STAGES=stages,
         num_warps=warps)
     return out
 
@@ -107,7 +109,8 @@ def prefetch(x, w, block_n, warps, per_sm):
     blocks = triton.cdiv(n, block_n)
     programs = _programs(blocks, per_sm)
     _prefetch_kernel[(programs,)](
-        x, w, out, n, w.stride(0), blocks, programs, triton.cdiv(blocks, programs), k, BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(k), num_warps=warps)
+        x, w, out, n, w.stride(0), blocks, programs, triton.cdiv(blocks, programs), k, BLOCK_N=block_n,
+        BLOCK_K=triton.next_power_of_2(k), num_warps=warps)
     return out
 
 
@@ -125,7 +128,8 @@ def tma(x, desc, n, k, block_n, warps, stages, per_sm):
     blocks = triton.cdiv(n, block_n)
     programs = _programs(blocks, per_sm)
     _tma_kernel[(programs,)](
-        x, desc, out, n, blocks, programs, triton.cdiv(blocks, programs), k, BLOCK_N=block_n, CHUNKS=triton.next_power_of_2(k // CHUNK), CHUNK=CHUNK, STAGES=stages,
+        x, desc, out, n, blocks, programs, triton.cdiv(blocks, programs), k, BLOCK_N=block_n,
+        CHUNKS=triton.next_power_of_2(k // CHUNK), CHUNK=CHUNK, STAGES=stages,
         num_warps=warps)
     return out
 
