@@ -91,27 +91,23 @@ def _programs(blocks: int, per_sm: int) -> int:
     return min(blocks, per_sm * torch.cuda.get_device_properties(0).multi_processor_count)
 
 
-def loop(x, w, block_n, warps, stages, per_sm):
+def _persistent(kernel, x, w, block_n, warps, per_sm, **meta):
+    """Launch a persistent pointer-load variant: a few programs per SM, each ITERS row blocks apart by the grid."""
     n, k = w.shape
     out = torch.empty(n, dtype=x.dtype, device=x.device)
     blocks = triton.cdiv(n, block_n)
     programs = _programs(blocks, per_sm)
-    _loop_kernel[(programs,)](
-        x, w, out, n, w.stride(0), blocks, programs, triton.cdiv(blocks, programs), k, BLOCK_N=block_n,
-        BLOCK_K=triton.next_power_of_2(k), STAGES=stages,
-        num_warps=warps)
+    kernel[(programs,)](x, w, out, n, w.stride(0), blocks, programs, triton.cdiv(blocks, programs), k,
+                        BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(k), num_warps=warps, **meta)
     return out
+
+
+def loop(x, w, block_n, warps, stages, per_sm):
+    return _persistent(_loop_kernel, x, w, block_n, warps, per_sm, STAGES=stages)
 
 
 def prefetch(x, w, block_n, warps, per_sm):
-    n, k = w.shape
-    out = torch.empty(n, dtype=x.dtype, device=x.device)
-    blocks = triton.cdiv(n, block_n)
-    programs = _programs(blocks, per_sm)
-    _prefetch_kernel[(programs,)](
-        x, w, out, n, w.stride(0), blocks, programs, triton.cdiv(blocks, programs), k, BLOCK_N=block_n,
-        BLOCK_K=triton.next_power_of_2(k), num_warps=warps)
-    return out
+    return _persistent(_prefetch_kernel, x, w, block_n, warps, per_sm)
 
 
 CHUNK = 256
