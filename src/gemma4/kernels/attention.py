@@ -155,23 +155,27 @@ def _sm_count(device: torch.device) -> int:
 def _block_n(head_dim: int, itemsize: int, programs: int, candidates: int, device: torch.device) -> int:
     """Keys per block. At most a [BLOCK_N, D] tile of K (and one of V) of 32 KiB, so three pipeline stages of both
     fit in shared memory (64 keys at D = 256, 32 at D = 512 in bf16); at D <= 256 smaller, down to 16 keys, while the
-    candidates have fewer blocks than `_num_splits` wants splits. Batch 1 on an H200
+    candidates have fewer blocks than `_wanted_splits`. Batch 1 on an H200
     (benchmarks/decode_attention.py, 1K context): E2B's sliding layers (513 candidates, one kv head) take 5.4 us in
     blocks of 16 (33 splits) against 7.0 in blocks of 64 (9 splits), 26B-A4B's (1,025, eight kv heads) 8.0 us in
     blocks of 32 against 9.9; at D = 512 blocks of 16 were slower than 32 (E2B 9.9 against 8.2 us)."""
     block_n = 64
     while block_n > 16 and block_n * head_dim * itemsize > 32768:
         block_n //= 2
-    wanted = min(triton.cdiv(2 * _sm_count(device), programs), MAX_SPLITS)
+    wanted = _wanted_splits(programs, device)
     while block_n > 16 and head_dim <= 256 and triton.cdiv(candidates, block_n) < wanted:
         block_n //= 2
     return block_n
 
 
+def _wanted_splits(programs: int, device: torch.device) -> int:
+    """Splits per (row, kv head) for about two programs per SM in all, at most MAX_SPLITS."""
+    return min(triton.cdiv(2 * _sm_count(device), programs), MAX_SPLITS)
+
+
 def _num_splits(programs: int, candidates: int, block_n: int, device: torch.device) -> int:
-    """From shapes only: about two programs per SM in all, never more splits than blocks of keys, at most 64."""
-    want = triton.cdiv(2 * _sm_count(device), programs)
-    return max(1, min(want, triton.cdiv(candidates, block_n), MAX_SPLITS))
+    """From shapes only: the wanted splits, never more than blocks of keys."""
+    return max(1, min(_wanted_splits(programs, device), triton.cdiv(candidates, block_n)))
 
 
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_positions: torch.Tensor,
