@@ -15,7 +15,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from gemma4.kernels import activation, attention, gemv, moe, norm, prefill_attention, router
+from gemma4.kernels import activation, attention, gemv, logits, moe, norm, prefill_attention, router, step_inputs
 
 TARGET = GPUTarget("cuda", 90, 32)
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
@@ -49,7 +49,7 @@ def _compile_launch(self: JITFunction, *args, grid, warmup, **kwargs):
 
 def main() -> None:
     JITFunction.run = _compile_launch
-    for module in (activation, attention, gemv, moe, norm, router):
+    for module in (activation, attention, gemv, logits, moe, norm, router, step_inputs):
         module.launch_options = lambda x: {"PDL": True, "launch_pdl": True}
     real_tiles = gemv._tiles
     gemv._tiles = lambda x, *args, **kwargs: real_tiles(SimpleNamespace(is_cuda=True), *args, **kwargs)  # GPU tiles
@@ -74,6 +74,16 @@ def main() -> None:
         gemv.gemv_gated(y, w, "gelu_pytorch_tanh", norms=(res, nw, 1e-6, None, nw, 1e-6, torch.empty_like(res)))
         gemv.gemv_gated(y, w, "gelu_pytorch_tanh", rand(96), norms=(res, nw, 1e-6, None, None, None,
                                                                     torch.empty_like(res)))
+    logits.softcap(rand(2, 1000), 30.0)
+    logits.argmax(rand(2, 10000, dtype=torch.float32))
+    # A forward's inputs: embeddings, per-layer inputs, RoPE tables, a static cache's decode slots.
+    ids = torch.zeros(2, 1, dtype=torch.int64)
+    step_inputs.scaled_embedding(ids, rand(8, 1536), 39.25)
+    step_inputs.scaled_embedding(ids, rand(8, 1536), 39.25, placeholders=(5, 6, 7), pad_id=0)
+    step_inputs.per_layer_inputs(rand(2, 1, 4 * 256), ids, rand(8, 4 * 256), rand(256), 1e-6, 0.025, 16.0)
+    step_inputs.rope_cos_sin(ids, torch.rand(128), bf16)
+    step_inputs.decode_slots(ids, ids >= 0, torch.zeros(2, dtype=torch.int64), torch.zeros(2, 9, dtype=torch.int64),
+                             8, 100)
     # Norms, RoPE and the fused cache write.
     rows = rand(2, 3, 256)
     norm.rms_norm(rows, rand(256), 1e-6)

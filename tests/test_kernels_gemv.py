@@ -78,7 +78,7 @@ def test_gemv_gated_equals_eager(dtype, act, with_multiplier):
         assert (out == expected).float().mean() > 0.9
 
 
-from gemma4.kernels.gemv import _counter, gemv_residual_norms  # noqa: E402
+from gemma4.kernels.gemv import finished_counters, gemv_residual_norms  # noqa: E402
 from gemma4.kernels.norm import residual_moe_norms, residual_rms_norm  # noqa: E402
 
 
@@ -121,7 +121,7 @@ def test_gemv_residual_norms_equals_two_kernels(dtype, variant):
                 else:  # one rounding of y: equal but where the fp32 sum lands on the other side of a boundary
                     torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-5)
                     assert (got == want).float().mean() > 0.9
-        assert _counter(weight.device).item() == 0
+        assert finished_counters("gemv_residual_norms", weight.device).item() == 0
 
 
 def test_takes_gemv_only_where_measured_faster():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gemma4 import Model
-from gemma4.engine.generate import DecodeRunner, decode_mode, left_pad
+from gemma4.engine.generate import DecodeRunner, decode_mode, left_pad, token_steps
 from gemma4.engine.sampling import SamplingParams, batchable, next_token_distribution, sample_batch
 from reference import FAMILIES, VOCAB, saved_reference
 
@@ -71,6 +71,29 @@ def test_static_path_per_row_fallback_and_stops(model):
     reference = model.generate(ids[:1], max_new_tokens=10, do_sample=False, eos_token_id=stop, pad_token_id=0,
                                decode="dynamic")
     assert torch.equal(stopped, reference)
+
+
+def test_static_path_runs_one_step_ahead(model, monkeypatch):
+    """Where the device samples, the next step is launched before a step's tokens reach the caller (the GPU then
+    never waits for the host); where the per-row sampler runs, only after. Stops mid-way give the reference's
+    tokens either way."""
+    launched = []
+    step = DecodeRunner.step
+    monkeypatch.setattr(DecodeRunner, "step", lambda self, tokens: launched.append(1) or step(self, tokens))
+    ids = prompt(1, 6, seed=2)
+    free = model.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=None, decode="static")
+    stop = int(free[0, 6 + 4])
+    for penalty, ahead in ((1.0, 1), (1.3, 0)):
+        params = [SamplingParams(max_tokens=10, temperature=0.0, repetition_penalty=penalty)]
+        launched.clear()
+        seen = []
+        for n, s in enumerate(token_steps(model, ids, None, params, [{stop}], decode="static"), start=1):
+            seen.append(s.tokens[0])
+            assert len(launched) == min(n - 1 + ahead, 9)
+        reference = model.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=stop,
+                                   repetition_penalty=penalty, decode="dynamic")
+        assert seen[-1] == stop and seen == reference[0, 6:6 + len(seen)].tolist()
+    assert len(launched) == len(seen) - 1  # with the penalty: no step after the stop
 
 
 def test_seeded_sampling_on_static_path_reproduces(model):

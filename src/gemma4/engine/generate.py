@@ -8,7 +8,8 @@ The cached path decodes in one of three modes (`decode=` or the environment vari
 * "dynamic": the reference; the cache attends over what was written so far (a few host syncs per step).
 * "static": a static cache (fixed shapes, no host syncs in the step), run eagerly; the debugging twin of "graph".
 * "graph": the static step (embedding -> logits -> greedy argmax) captured once per (batch, cache size) in a CUDA
-  graph and replayed; sampling runs batched on the device (`sample_batch`) where the parameters allow. CUDA only.
+  graph and replayed; sampling runs batched on the device (`sample_batch`) where the parameters allow, and then
+  the next step is queued before the host reads this one's tokens (the device never waits for the host). CUDA only.
   With GEMMA4_COMPILE=1 the step is compiled with torch.compile (fused kernels) before capture.
 
 "auto" (the default) is "graph" on CUDA and "dynamic" elsewhere; GEMMA4_EAGER=1 turns "graph" into "static".
@@ -23,6 +24,7 @@ from typing import Iterator
 
 import torch
 
+from .. import kernels
 from .graphs import CaptureFailed, capture_graph
 from .sampling import (GEMMA4_DEFAULTS, GEMMA4_STOP_IDS, SamplingParams, TokenLogprobs, batchable, make_generator,
                        sample_batch, sample_token)
@@ -86,6 +88,7 @@ class DecodeRunner:
         self.model, self.batch, self.max_len = model, batch, max_len
         self.cache = model.make_cache(batch, max_len, static=True)
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
+        self.valid = torch.ones(batch, 1, dtype=torch.bool, device=model.device)  # a static mask: no launch per step
         self.graph = None
         self.busy = False
         self.want_graph = graph
@@ -95,7 +98,10 @@ class DecodeRunner:
             self.fn = torch.compile(self._step, dynamic=False)
 
     def _step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(self.ids, cache=self.cache, last_only=True)[:, -1]
+        logits = self.model(self.ids, attention_mask=self.valid, cache=self.cache, last_only=True)[:, -1]
+        if kernels.enabled(logits):
+            from ..kernels.logits import argmax
+            return logits, argmax(logits)
         return logits, logits.argmax(-1)
 
     def reset(self) -> None:
@@ -209,18 +215,36 @@ def _run_static(runner, model, input_ids, valid, params, stop_ids, chunk_size, m
     greedy = logits.argmax(-1)
     outputs: list[list[int]] = [[] for _ in range(batch)]
     finished = [False] * batch
+    on_cuda = logits.is_cuda
+    tokens_on_host = torch.empty(batch, dtype=torch.long, pin_memory=on_cuda)
+    copied = torch.cuda.Event() if on_cuda else None
     for step in range(max_new):
+        more = step < max_new - 1
         if all(batchable(params[b], len(outputs[b]), stop_ids[b]) for b in range(batch)):
             chosen = greedy if all(p.greedy for p in params) else sample_batch(logits, params, generators)
-            tokens, logprobs = chosen.tolist(), [None] * batch
+            # One step ahead: the next step is queued on the device (it reads `chosen` there, and its replay
+            # overwrites `greedy` only after this copy) before the host waits for these tokens, so the GPU runs it
+            # while the host handles them. If every row stops here, that step is wasted: it only writes the cache
+            # slot after the last token.
+            tokens_on_host.copy_(chosen, non_blocking=True)
+            if copied is not None:
+                copied.record()
+            if more:
+                logits, greedy = runner.step(chosen)
+            launched = more
+            if copied is not None:
+                copied.synchronize()
+            tokens, logprobs = tokens_on_host.tolist(), [None] * batch
         else:
             tokens, logprobs = _sample_rows(logits, params, prompts, outputs, stop_ids, generators)
             chosen = torch.tensor(tokens, dtype=torch.long, device=logits.device)
+            launched = False
         _advance(tokens, outputs, finished, params, stop_ids)
         yield Step(tokens, list(finished), logprobs)
-        if all(finished) or step == max_new - 1:
+        if all(finished) or not more:
             return
-        logits, greedy = runner.step(chosen)
+        if not launched:
+            logits, greedy = runner.step(chosen)
 
 
 def _sample_rows(logits, params, prompts, outputs, stop_ids, generators):

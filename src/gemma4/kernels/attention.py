@@ -22,6 +22,9 @@ import triton.language as tl
 from .pdl import after_previous_kernel, launch_options
 
 MAX_SPLITS = 64
+# Dims per merge program: a (row, head) of D = 256 or 512 spread over 4 or 8 programs, so that its [splits, D] fp32
+# partials (up to 128 KB) are read by several SMs at once.
+COMBINE_BLOCK_D = 64
 
 
 @triton.jit
@@ -130,8 +133,8 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, kpos_ptr, qpos_ptr, slots_ptr, nkeys_ptr,
 def _combine_kernel(part_ptr, lse_ptr, out_ptr, head_dim,
                     NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     after_previous_kernel(PDL)
-    pid = tl.program_id(0).to(tl.int64)  # one (row, query head)
-    offs_s, offs_d = tl.arange(0, SPLITS_PAD), tl.arange(0, BLOCK_D)
+    pid = tl.program_id(0).to(tl.int64)  # one (row, query head); program_id(1): a BLOCK_D slice of its dims
+    offs_s, offs_d = tl.arange(0, SPLITS_PAD), tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     s_mask, d_mask = offs_s < NUM_SPLITS, offs_d < head_dim
     lse = tl.load(lse_ptr + pid * NUM_SPLITS + offs_s, mask=s_mask, other=float("-inf"))
     # out = sum_i exp(lse_i) o_i / sum_i exp(lse_i), shifted by the max lse; a row that saw no key at all has every
@@ -225,7 +228,8 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         NUM_SPLITS=splits, PAGED=slots is not None, HAS_WINDOW=window is not None,
         HAS_NUM_KEYS=num_keys is not None, INTERPRET=not query.is_cuda,
         num_warps=4, num_stages=3, **launch_options(query))
-    _combine_kernel[(batch * num_heads,)](part, lse, out, head_dim, NUM_SPLITS=splits,
-                                          SPLITS_PAD=triton.next_power_of_2(splits), BLOCK_D=block_d,
-                                          **launch_options(query))
+    combine_d = min(block_d, COMBINE_BLOCK_D)
+    _combine_kernel[(batch * num_heads, triton.cdiv(head_dim, combine_d))](
+        part, lse, out, head_dim, NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), BLOCK_D=combine_d,
+        **launch_options(query))
     return out

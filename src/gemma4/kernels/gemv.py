@@ -232,18 +232,20 @@ def gemv_gated(x: torch.Tensor, weight: torch.Tensor, activation: str, multiplie
     return out
 
 
-_counters: dict[torch.device, torch.Tensor] = {}
+_counters: dict[tuple[str, torch.device], torch.Tensor] = {}
 
 
-def _counter(device: torch.device) -> torch.Tensor:
-    """The finished-programs counter of _gemv_residual_norms_kernel: zero between launches (each launch's last
-    program resets it), so one per device serves every launch of a stream. Made by an eager call: inside a CUDA-graph
-    capture its zeroing would only be recorded (capture_graph warms every step up eagerly first)."""
-    if device not in _counters:
+def finished_counters(owner: str, device: torch.device, size: int = 1) -> torch.Tensor:
+    """`size` finished-programs counters (int32) of one kernel (`owner`) whose last program to finish does the rest
+    of the work: zero between launches (each launch's last program resets its own), so one set per device serves
+    every launch of a stream. Made (and grown) by eager calls: inside a CUDA-graph capture their zeroing would only
+    be recorded (capture_graph warms every step up eagerly first)."""
+    key = (owner, device)
+    if key not in _counters or _counters[key].numel() < size:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("gemv_residual_norms must run once outside CUDA-graph capture first")
-        _counters[device] = torch.zeros(1, dtype=torch.int32, device=device)
-    return _counters[device]
+            raise RuntimeError(f"{owner} must run once outside CUDA-graph capture first (its counters)")
+        _counters[key] = torch.zeros(size, dtype=torch.int32, device=device)
+    return _counters[key][:size]
 
 
 def gemv_residual_norms(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
@@ -262,7 +264,7 @@ def gemv_residual_norms(x: torch.Tensor, weight: torch.Tensor, residual: torch.T
     y = torch.empty(n_out, dtype=x.dtype, device=x.device)
     block = triton.next_power_of_2(n_out)
     _gemv_residual_norms_kernel[(triton.cdiv(n_out, block_n),)](
-        x.contiguous(), weight, y, _counter(x.device), residual,
+        x.contiguous(), weight, y, finished_counters("gemv_residual_norms", x.device), residual,
         *residual_norm_args(y, outputs, norm_weight, scalar, next_weight, moe), n_out, weight.stride(0), eps,
         eps if next_eps is None else next_eps, float(moe[2]) if moe is not None else 1.0, k_in, BLOCK_N=block_n,
         BLOCK_K=block_k, HAS_WEIGHT=norm_weight is not None, HAS_SCALAR=scalar is not None,

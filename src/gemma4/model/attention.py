@@ -101,6 +101,7 @@ class ForwardContext:
     sliding_window: int = 0
     masks: dict = field(default_factory=dict)  # layer type -> mask, built once per forward
     shared_kv: dict = field(default_factory=dict)  # producer layer index -> (key, value)
+    num_keys: dict = field(default_factory=dict)  # layer type -> the decode kernel's per-row key bound
 
     def __post_init__(self):
         # One token per row over a cache, on CUDA: the split-K decode kernel reads only the keys a row may see (up
@@ -124,9 +125,10 @@ class ForwardContext:
             return attend(query, key, value, mask)
         window = self.sliding_window if layer_type == SLIDING else None
         query_positions = self.positions[:, 0]
+        if layer_type not in self.num_keys:  # once per forward, not per layer (a launch each)
+            self.num_keys[layer_type] = self.cache.num_keys(layer_type, query_positions)
         return attend_one_query(query, key, value, self.cache.key_positions(layer_type), query_positions, window,
-                                slots=self.cache.key_slots(layer_type),
-                                num_keys=self.cache.num_keys(layer_type, query_positions))
+                                slots=self.cache.key_slots(layer_type), num_keys=self.num_keys[layer_type])
 
     def keys_and_values(self, layer_idx: int, layer_type: str, key: torch.Tensor, value: torch.Tensor):
         """Store this layer's new K/V and return everything the layer attends to, with the mask."""

@@ -18,7 +18,9 @@ dynamic default always does.
 
 A decode step through the decode kernel (`begin(..., in_place=True)`: one token per row on CUDA) copies nothing: the
 new K/V are written into the ring and the buffers first, and the kernel reads them in place. Writing first is safe on a ring: the slot the new token
-takes held position p - window, which a query at p no longer sees.
+takes held position p - window, which a query at p no longer sees. On a static cache one kernel
+(`kernels.step_inputs.decode_slots`) plans such a step and commits it at once: the ring's position table gets the new
+positions (and is itself the sliding layers' key positions), the rows their lengths, and `end` has nothing left to do.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ class KVCache:
 
     def next_positions(self, valid: torch.Tensor) -> torch.Tensor:
         """Positions that continue each row: padding takes no position (and gets 0)."""
+        if valid.shape[1] == 1:  # a decode step: one launch
+            return torch.where(valid, self.row_lengths[:, None], 0)
         positions = self.row_lengths[:, None] + valid.long().cumsum(dim=1) - 1
         return positions.masked_fill(~valid, 0)
 
@@ -72,6 +76,16 @@ class KVCache:
         token per row; ForwardContext.decode_kernel decides)."""
         if positions.shape[0] != self.batch_size:
             raise ValueError(f"cache was made for batch {self.batch_size}, got {positions.shape[0]}")
+        self.in_place = in_place
+        if self.static and in_place and positions.shape[1] == 1:
+            # A captured decode step: one kernel plans the slots and commits at once (the ring's table gets the new
+            # positions, the rows their lengths); the ring's table itself is then the sliding layers' key positions.
+            from ..kernels.step_inputs import decode_slots
+            ring_slots, global_slots = decode_slots(positions, valid, self.row_lengths, self.ring_positions,
+                                                    self.window, self.max_len)
+            self._plan = {"end": self.max_len + 1, "ring_slots": ring_slots, "global_slots": global_slots,
+                          SLIDING: self.ring_positions, FULL: self._global_positions, "committed": True}
+            return
         if self.static and positions.shape[1] == 1:
             # A decode step (what a CUDA graph captures): no host syncs, the whole buffer is attended to (the
             # decode kernel reads only the written prefix); positions were checked by the caller.
@@ -88,7 +102,6 @@ class KVCache:
         keep = valid & (positions > row_top - self.window)
         ring_slots = torch.where(keep, positions % self.window, self.window)
         new_positions = torch.where(valid, positions, -1)
-        self.in_place = in_place
         # Sliding keys: in place, the ring with the new position at its slot; otherwise the ring as it was, then the
         # whole chunk.
         sliding = (self.ring_positions.scatter(1, ring_slots, new_positions) if self.in_place
@@ -152,6 +165,8 @@ class KVCache:
     def end(self) -> None:
         """Commit the forward: the ring now holds the new tokens, the global buffers are longer."""
         plan, self._plan = self._plan, None
+        if plan.get("committed"):
+            return
         self.ring_positions.scatter_(1, plan["ring_slots"], plan["new_positions"])
         self.ring_positions[:, self.window].fill_(-1)  # the trash slot never holds a visible key
         if self.static:

@@ -7,6 +7,7 @@ import os
 import torch
 from torch import nn
 
+from .. import kernels
 from ..config import Config
 from .attention import ForwardContext
 from .cache import KVCache
@@ -122,6 +123,12 @@ class Model(nn.Module):
             return self.text.embed_tokens(input_ids), input_ids, None
         # Multimodal checkpoints read placeholder ids as the pad token in every forward, media or not (as the
         # reference does, e.g. for a placeholder id the model generates).
+        if not media:  # e.g. every decode step: the lookup and the padding in one launch
+            config = self.config
+            placeholders = (config.image_token_id, config.video_token_id, config.audio_token_id)
+            embeds, ple_ids = self.text.embed_tokens.padding_placeholders(
+                input_ids, placeholders, config.text_config.pad_token_id or 0)
+            return embeds, ple_ids, None
         from .multimodal import merge_media
         return merge_media(self, input_ids, **media)
 
@@ -129,8 +136,12 @@ class Model(nn.Module):
         weight = self.lm_head.weight if self.lm_head is not None else self.text.embed_tokens.weight
         # As a 2-D product: a 3-D non-contiguous `hidden` (the last position of a prefill) would make matmul expand
         # the [V, H] table into a batched product, which copies it on the CPU.
-        logits = linear(hidden.reshape(-1, hidden.shape[-1]), weight).view(*hidden.shape[:-1], -1).float()
+        logits = linear(hidden.reshape(-1, hidden.shape[-1]), weight).view(*hidden.shape[:-1], -1)
         cap = self.config.text_config.final_logit_softcapping
+        if cap and kernels.enabled(logits):
+            from ..kernels.logits import softcap
+            return softcap(logits, cap)
+        logits = logits.float()
         return torch.tanh(logits / cap) * cap if cap else logits
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

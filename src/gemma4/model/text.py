@@ -38,6 +38,9 @@ def rope_inverse_frequencies(head_dim: int, rope: dict) -> torch.Tensor:
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
     """cos/sin [B, L, 1, head_dim] for rotate-half RoPE (pair i is dims i and i + head_dim/2)."""
+    if kernels.enabled(positions):
+        from ..kernels.step_inputs import rope_cos_sin as rope_kernel
+        return rope_kernel(positions, inv_freq, dtype)
     angles = positions[..., None].float() * inv_freq  # [B, L, head_dim/2]
     angles = torch.cat([angles, angles], dim=-1)[:, :, None, :]
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -497,7 +500,21 @@ class ScaledEmbedding(nn.Embedding):
         self.scale = scale
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if kernels.enabled(self.weight):
+            from ..kernels.step_inputs import scaled_embedding
+            return scaled_embedding(ids, self.weight, self.rounded_scale())
         return super().forward(ids) * torch.tensor(self.scale, dtype=self.weight.dtype)
+
+    def padding_placeholders(self, ids: torch.Tensor, placeholders: tuple[int, int, int], pad_id: int):
+        """(forward(ids'), ids') where ids' holds pad_id at the placeholder ids: one launch on CUDA."""
+        if kernels.enabled(self.weight):
+            from ..kernels.step_inputs import scaled_embedding
+            return scaled_embedding(ids, self.weight, self.rounded_scale(), placeholders, pad_id)
+        padded = ids.masked_fill(sum(ids == p for p in placeholders).bool(), pad_id)
+        return self(padded), padded
+
+    def rounded_scale(self) -> float:
+        return float(torch.tensor(self.scale, dtype=self.weight.dtype))
 
 
 class TextModel(nn.Module):
@@ -526,9 +543,14 @@ class TextModel(nn.Module):
 
         Both halves are RMS-scale quantities; their sum is scaled by 1/sqrt(2) to keep that scale."""
         batch, length = ple_ids.shape
-        token_part = self.embed_tokens_per_layer(ple_ids).view(batch, length, -1, self.ple_dim)
+        table, norm = self.embed_tokens_per_layer, self.per_layer_projection_norm
+        if kernels.enabled(embeds):  # the gather, the scales, the norm and the sum in one launch
+            from ..kernels.step_inputs import per_layer_inputs
+            return per_layer_inputs(self.per_layer_model_projection(embeds), ple_ids, table.weight, norm.weight,
+                                    norm.eps, self.config.hidden_size**-0.5, table.rounded_scale())
+        token_part = table(ple_ids).view(batch, length, -1, self.ple_dim)
         context_part = self.per_layer_model_projection(embeds) * self.config.hidden_size**-0.5
-        context_part = self.per_layer_projection_norm(context_part.view(batch, length, -1, self.ple_dim))
+        context_part = norm(context_part.view(batch, length, -1, self.ple_dim))
         return (context_part + token_part) * 2.0**-0.5
 
     def forward(self, embeds: torch.Tensor, ctx: ForwardContext, ple_ids: torch.Tensor | None = None,
@@ -559,7 +581,7 @@ class TextModel(nn.Module):
 def _last_position_only(x, h, ropes, per_layer, ctx: ForwardContext):
     """Cut a forward down to its last position before the KV-shared layers (their K/V come from earlier layers)."""
     ctx.positions, ctx.valid = ctx.positions[:, -1:], ctx.valid[:, -1:]
-    ctx.masks = {}
+    ctx.masks, ctx.num_keys = {}, {}
     ctx.shared_kv = {i: (k, v, m.last_query_only() if isinstance(m, MaskRule) else m[:, :, -1:])
                      for i, (k, v, m) in ctx.shared_kv.items()}
     ropes = {t: (cos[:, -1:], sin[:, -1:]) for t, (cos, sin) in ropes.items()}

@@ -1,0 +1,124 @@
+"""The captured batch-1 decode step as a timeline: every kernel of one CUDA-graph replay in launch order, with the
+time each one adds to the step (its end minus the previous kernel's end: with programmatic dependent launch the next
+kernel starts before the previous one ends, so durations overlap and only these increments sum to the step).
+
+    python benchmarks/decode_timeline.py --preset E2B [--context 1024] [--layers 0,20]
+
+Prints the step time, the increments summed per kernel name (count, us, share), then the kernels before the first
+decoder layer, of the listed layers, and after the last one. Also times the generation loop's token rate against
+the replay alone: the difference is what the host adds between steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+import time
+
+import torch
+
+from gemma4.engine.generate import decode_runner, token_steps
+from gemma4.engine.sampling import SamplingParams
+from gemma4.random_init import random_config, random_model
+
+
+def replay_ms(runner, replays: int = 60) -> float:
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        runner.graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times[10:])
+
+
+def replay_kernels(runner) -> list[tuple[str, float, float]]:
+    """(name, start us, end us) of the kernels of one replay, in start order (the middle of three replays)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            runner.graph.replay()
+        torch.cuda.synchronize()
+    kernels = sorted(((e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+                      if e.device_type == torch.autograd.DeviceType.CUDA and "Memcpy" not in e.name),
+                     key=lambda k: k[1])
+    per_replay = len(kernels) // 3
+    return kernels[per_replay:2 * per_replay]
+
+
+def short(name: str) -> str:
+    return name.split("(")[0].split("<")[0].removeprefix("void ")[:48]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="E2B")
+    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--layers", default="0,-2", help="decoder layers to list kernel by kernel")
+    parser.add_argument("--ops", action="store_true", help="also list the PyTorch ops of an eager step that launch kernels")
+    args = parser.parse_args()
+
+    model = random_model(random_config(args.preset, text_only=True), torch.bfloat16, device="cuda")
+    vocab = model.config.text_config.vocab_size
+    ids = torch.randint(10, min(200_000, vocab), (1, args.context), device="cuda")
+    steps = 64
+    params = [SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True)]
+    for _ in range(2):  # the first run captures the graph
+        times = [time.perf_counter() for _ in token_steps(model, ids, None, params, [set()], decode="graph")]
+    runner = decode_runner(model, 1, args.context + steps, graph=True)
+    loop_ms = (times[-1] - times[1]) / (len(times) - 2) * 1e3
+    step_ms = replay_ms(runner)
+    print(f"{args.preset} b1 ctx{args.context}: replay {step_ms * 1e3:.1f} us/step; generation loop "
+          f"{loop_ms * 1e3:.1f} us/token ({1 / loop_ms * 1e3:.1f} tok/s): the host adds "
+          f"{(loop_ms - step_ms) * 1e3:.1f} us")
+
+    if args.ops:  # the PyTorch ops of one eager step that launch kernels, in order, with their kernels
+        from gemma4.engine.generate import DecodeRunner
+        eager = DecodeRunner(model, 1, runner.max_len, graph=False)
+        eager.step(torch.zeros(1, dtype=torch.long, device="cuda"))
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            eager.step(torch.zeros(1, dtype=torch.long, device="cuda"))
+            torch.cuda.synchronize()
+        for event in prof.events():
+            if event.device_type == torch.autograd.DeviceType.CPU and event.kernels and event.name.startswith("aten"):
+                print(f"  op {event.name:32} -> {', '.join(short(k.name) for k in event.kernels)}")
+    kernels = replay_kernels(runner)
+    origin = kernels[0][1]
+    rows, previous_end = [], origin
+    for name, begin, end in kernels:
+        rows.append((short(name), begin - origin, end - begin, max(0.0, end - max(begin, previous_end))))
+        previous_end = max(previous_end, end)
+    total = previous_end - origin
+    print(f"one replay under the profiler: {len(rows)} kernels, {total:.1f} us from first start to last end")
+    summed = collections.defaultdict(lambda: [0, 0.0, 0.0])
+    for name, _, duration, added in rows:
+        summed[name][0] += 1
+        summed[name][1] += added
+        summed[name][2] += duration
+    print(f"{'kernel':48} {'count':>5} {'adds us':>8} {'share':>6} {'runs us':>8}")
+    for name, (count, added, duration) in sorted(summed.items(), key=lambda kv: -kv[1][1]):
+        print(f"{name:48} {count:5d} {added:8.1f} {added / total:6.1%} {duration:8.1f}")
+
+    # Each layer runs one attention kernel, two launches after its first (q/k/v GEMV, norm + RoPE).
+    layer_start = [max(0, i - 2) for i, row in enumerate(rows) if row[0] == "_split_kernel"]
+    if not layer_start:
+        return
+
+    def show(title, selected):
+        print(title)
+        for name, begin, duration, added in selected:
+            print(f"  {name:48} start {begin:8.1f} runs {duration:6.1f} adds {added:6.1f}")
+
+    show("before the first layer:", rows[:layer_start[0]])
+    for spec in args.layers.split(","):
+        i = int(spec) % len(layer_start)
+        if i + 1 < len(layer_start):
+            show(f"layer {i}:", rows[layer_start[i]:layer_start[i + 1]])
+    show("the last layer and after it:", rows[layer_start[-1]:])
+
+
+if __name__ == "__main__":
+    main()

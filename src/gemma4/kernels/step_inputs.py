@@ -1,0 +1,156 @@
+"""What a forward computes before its first decoder layer, in one launch each: the scaled token embedding, the
+per-layer inputs (PLE) of E2B/E4B, the RoPE tables, and a static cache's slots for a decode step.
+
+Eagerly these are ~35 small PyTorch kernels per decode step (gathers, casts, cos/sin, wheres, a scatter, a scan),
+~1.3 us each in a CUDA graph: ~90-120 us of a 2 ms E2B step measured on an H200 (benchmarks/decode_timeline.py).
+Each kernel rounds where its eager twin (`model.text`, `model.cache`) materializes a tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from .norm import _normalize, _warps
+from .pdl import after_previous_kernel, launch_options
+from .rounding import round_to
+
+
+@triton.jit
+def _scaled_embedding_kernel(ids_ptr, table_ptr, out_ptr, used_ids_ptr, D, scale, first_placeholder,
+                             second_placeholder, third_placeholder, pad_id, BLOCK: tl.constexpr,
+                             PADS_PLACEHOLDERS: tl.constexpr, PDL: tl.constexpr):
+    after_previous_kernel(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < D
+    token = tl.load(ids_ptr + row)
+    if PADS_PLACEHOLDERS:
+        placeholder = (token == first_placeholder) | (token == second_placeholder) | (token == third_placeholder)
+        token = tl.where(placeholder, pad_id, token)
+        if tl.program_id(1) == 0:
+            tl.store(used_ids_ptr + row, token)
+    x = tl.load(table_ptr + token * D + offs, mask=mask, other=0.0).to(tl.float32)
+    dtype = out_ptr.dtype.element_ty
+    tl.store(out_ptr + row * D + offs, round_to(x * scale, dtype).to(dtype), mask=mask)
+
+
+def scaled_embedding(ids: torch.Tensor, table: torch.Tensor, scale: float,
+                     placeholders: tuple[int, int, int] | None = None, pad_id: int = 0):
+    """ScaledEmbedding.forward: table[ids] * scale [..., D], with scale already a value of table's dtype.
+    With `placeholders` (three ids) the lookup reads pad_id where ids holds one of them, and returns
+    (embeddings, the ids it read), as multimodal checkpoints embed placeholders without their media."""
+    D = table.shape[1]
+    out = torch.empty(*ids.shape, D, dtype=table.dtype, device=table.device)
+    used = torch.empty_like(ids) if placeholders is not None else ids
+    if ids.numel() > 0:
+        block = min(1024, triton.next_power_of_2(D))
+        _scaled_embedding_kernel[(ids.numel(), triton.cdiv(D, block))](
+            ids.contiguous(), table, out, used, D, scale, *(placeholders or (-1, -1, -1)), pad_id, BLOCK=block,
+            PADS_PLACEHOLDERS=placeholders is not None, **launch_options(out))
+    return out if placeholders is None else (out, used)
+
+
+@triton.jit
+def _per_layer_inputs_kernel(context_ptr, ids_ptr, table_ptr, norm_w_ptr, out_ptr, layers_x_dim, D, context_scale,
+                             table_scale, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """One (token, layer) slice of D: ((rms_norm(context * context_scale) + table[id] * table_scale) * 2^-0.5)."""
+    token, layer = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < D
+    dtype = out_ptr.dtype.element_ty
+    after_previous_kernel(PDL)
+    at = token * layers_x_dim + layer * D + offs
+    context = round_to(tl.load(context_ptr + at, mask=mask, other=0.0).to(tl.float32) * context_scale, dtype)
+    normed = round_to(_normalize(context, norm_w_ptr, offs, mask, D, eps, True), dtype)
+    row = tl.load(ids_ptr + token)
+    own = tl.load(table_ptr + row * layers_x_dim + layer * D + offs, mask=mask, other=0.0).to(tl.float32)
+    summed = round_to(normed + round_to(own * table_scale, dtype), dtype)
+    tl.store(out_ptr + at, round_to(summed * 0.7071067811865476, dtype).to(dtype), mask=mask)
+
+
+def per_layer_inputs(context: torch.Tensor, ple_ids: torch.Tensor, table: torch.Tensor, norm_weight: torch.Tensor,
+                     eps: float, context_scale: float, table_scale: float) -> torch.Tensor:
+    """TextModel.per_layer_inputs after the projection: context [B, L, layers * D] (per_layer_model_projection of
+    the embeddings), ple_ids [B, L], table [vocab, layers * D]; table_scale already a value of the table's dtype.
+    Returns [B, L, layers, D]."""
+    batch, length = ple_ids.shape
+    D = norm_weight.shape[0]
+    layers = table.shape[1] // D
+    out = torch.empty(batch, length, layers, D, dtype=table.dtype, device=table.device)
+    if out.numel() == 0:
+        return out
+    block = triton.next_power_of_2(D)
+    _per_layer_inputs_kernel[(batch * length, layers)](
+        context.contiguous(), ple_ids.contiguous(), table, norm_weight, out, layers * D, D, context_scale,
+        table_scale, eps, BLOCK=block, num_warps=_warps(block), **launch_options(out))
+    return out
+
+
+@triton.jit
+def _rope_kernel(positions_ptr, inv_freq_ptr, cos_ptr, sin_ptr, HALF, HALF_BLOCK: tl.constexpr,
+                 INTERPRET: tl.constexpr, PDL: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, HALF_BLOCK)
+    mask = offs < HALF
+    inv_freq = tl.load(inv_freq_ptr + offs, mask=mask, other=0.0)
+    after_previous_kernel(PDL)
+    angle = tl.load(positions_ptr + token).to(tl.float32) * inv_freq  # as positions.float() * inv_freq
+    dtype = cos_ptr.dtype.element_ty
+    # libdevice's cosf/sinf, which torch's CUDA kernels call (tl.cos is the approximate instruction on the GPU,
+    # whose error grows with the angle, and positions reach 131K radians); numpy's under the interpreter.
+    if INTERPRET:
+        cos, sin = tl.cos(angle), tl.sin(angle)
+    else:
+        cos, sin = libdevice.cos(angle), libdevice.sin(angle)
+    cos, sin = round_to(cos, dtype).to(dtype), round_to(sin, dtype).to(dtype)
+    base = token * 2 * HALF
+    for half in tl.static_range(2):  # rotate-half layout: dims i and i + HALF share a frequency
+        tl.store(cos_ptr + base + half * HALF + offs, cos, mask=mask)
+        tl.store(sin_ptr + base + half * HALF + offs, sin, mask=mask)
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """model.text.rope_cos_sin: cos/sin [B, L, 1, head_dim] of positions [B, L] (inv_freq fp32 [head_dim / 2])."""
+    batch, length = positions.shape
+    half = inv_freq.shape[0]
+    cos = torch.empty(batch, length, 1, 2 * half, dtype=dtype, device=positions.device)
+    sin = torch.empty_like(cos)
+    if cos.numel() == 0:
+        return cos, sin
+    _rope_kernel[(batch * length,)](positions.contiguous(), inv_freq, cos, sin, half,
+                                    HALF_BLOCK=triton.next_power_of_2(half), INTERPRET=not cos.is_cuda,
+                                    **launch_options(cos))
+    return cos, sin
+
+
+@triton.jit
+def _decode_slots_kernel(positions_ptr, valid_ptr, row_lengths_ptr, ring_ptr, ring_slots_ptr, global_slots_ptr,
+                         window, max_len, PDL: tl.constexpr):
+    """One row of a decode step over a static cache: its ring slot (the trash slot `window` for padding) and global
+    slot (the trash slot `max_len`); the ring's position table and the row's length are updated in place, as
+    KVCache.end would."""
+    row = tl.program_id(0).to(tl.int64)
+    after_previous_kernel(PDL)
+    valid = tl.load(valid_ptr + row) != 0
+    position = tl.load(positions_ptr + row)
+    ring_slot = tl.where(valid, position % window, window)
+    tl.store(ring_slots_ptr + row, ring_slot)
+    tl.store(global_slots_ptr + row, tl.where(valid, position, max_len))
+    tl.store(ring_ptr + row * (window + 1) + ring_slot, tl.where(valid, position, -1))
+    seen = tl.load(row_lengths_ptr + row)
+    tl.store(row_lengths_ptr + row, tl.where(valid, tl.maximum(seen, position + 1), seen))
+
+
+def decode_slots(positions: torch.Tensor, valid: torch.Tensor, row_lengths: torch.Tensor,
+                 ring_positions: torch.Tensor, window: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ring slots, global slots), each [B, 1], of a one-token-per-row step (positions, valid [B, 1]) over a static
+    KVCache; its ring_positions [B, window + 1] and row_lengths [B] are updated in place (see KVCache.begin)."""
+    batch = positions.shape[0]
+    ring_slots, global_slots = torch.empty(2, batch, 1, dtype=torch.long, device=positions.device)
+    _decode_slots_kernel[(batch,)](positions.contiguous(), valid.contiguous(), row_lengths, ring_positions,
+                                   ring_slots, global_slots, window, max_len, num_warps=1,
+                                   **launch_options(positions))
+    return ring_slots, global_slots

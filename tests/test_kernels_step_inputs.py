@@ -1,0 +1,141 @@
+"""The kernels of a forward's inputs (gemma4.kernels.step_inputs) and of its end (kernels.logits) against their
+eager twins.
+
+Without a GPU they run on CPU tensors through Triton's interpreter (conftest sets TRITON_INTERPRET=1)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from gemma4 import kernels  # noqa: E402
+from gemma4.config import FULL, SLIDING, TextConfig  # noqa: E402
+from gemma4.kernels.logits import argmax, softcap  # noqa: E402
+from gemma4.kernels.step_inputs import decode_slots, per_layer_inputs, rope_cos_sin, scaled_embedding  # noqa: E402
+from gemma4.model.cache import KVCache  # noqa: E402
+from gemma4.model.text import TextModel, rope_inverse_frequencies  # noqa: E402
+from gemma4.model.text import rope_cos_sin as eager_rope  # noqa: E402
+from reference import FAMILIES, text_config_dict  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def eager_reference(monkeypatch):
+    """The references are the eager ops, also on CUDA, where the model would otherwise take these kernels."""
+    monkeypatch.setenv("GEMMA4_KERNELS", "0")
+
+
+def test_scaled_embedding_and_placeholder_padding():
+    """bf16: the product of two bf16 values rounded once, as the eager multiply: bit-equal. Placeholder ids read the
+    pad row and are returned as the pad id."""
+    table = torch.randn(50, 96, device=DEVICE).to(torch.bfloat16)
+    scale = float(torch.tensor(96**0.5, dtype=torch.bfloat16))
+    ids = torch.tensor([[3, 7, 41, 0], [49, 44, 7, 45]], device=DEVICE)
+    expected = torch.nn.functional.embedding(ids, table) * torch.tensor(96**0.5, dtype=torch.bfloat16)
+    assert torch.equal(scaled_embedding(ids, table, scale), expected)
+    padded = torch.where((ids == 41) | (ids == 44) | (ids == 45), 1, ids)
+    embeds, used = scaled_embedding(ids, table, scale, placeholders=(41, 44, 45), pad_id=1)
+    assert torch.equal(used, padded)
+    assert torch.equal(embeds, torch.nn.functional.embedding(padded, table) * torch.tensor(scale, dtype=table.dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_per_layer_inputs_equal_eager(dtype):
+    config = TextConfig(**text_config_dict("E2B"))
+    with torch.device(DEVICE):
+        model = TextModel(config).to(dtype)
+    torch.manual_seed(0)
+    for p in model.parameters():
+        p.data.normal_(0, 1.0)
+    ple_ids = torch.randint(0, config.vocab_size_per_layer_input, (2, 5), device=DEVICE)
+    embeds = torch.randn(2, 5, config.hidden_size, device=DEVICE).to(dtype)
+    expected = model.per_layer_inputs(ple_ids, embeds)
+    table, norm = model.embed_tokens_per_layer, model.per_layer_projection_norm
+    got = per_layer_inputs(model.per_layer_model_projection(embeds), ple_ids, table.weight, norm.weight, norm.eps,
+                           config.hidden_size**-0.5, table.rounded_scale())
+    assert got.shape == expected.shape
+    # The norm's mean of squares sums in another order (and fp32 keeps every product unrounded): one bf16 ulp at
+    # most, and rarely; a few fp32 ulps.
+    ulps = 2**-7 if dtype == torch.bfloat16 else 2**-20
+    error = ((got - expected).abs() / expected.abs().clamp(min=1)).max()
+    assert error <= ulps, error
+
+
+@pytest.mark.parametrize("rope", [{"rope_theta": 10_000.0},
+                                  {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6}])
+def test_rope_tables_equal_eager(rope):
+    """Positions up to 131K radians: cos/sin must be range-reduced correctly. bf16 bit-equal; fp32 within an ulp
+    (the interpreter's numpy cos against torch's)."""
+    head_dim = 512 if "partial_rotary_factor" in rope else 256
+    inv_freq = rope_inverse_frequencies(head_dim, rope).to(DEVICE)
+    positions = torch.tensor([[0, 1, 7, 511], [1024, 4095, 65_537, 131_071]], device=DEVICE)
+    for dtype in (torch.bfloat16, torch.float32):
+        got, expected = rope_cos_sin(positions, inv_freq, dtype), eager_rope(positions, inv_freq, dtype)
+        for a, b in zip(got, expected):
+            assert a.shape == b.shape == (2, 4, 1, head_dim)
+            if dtype == torch.bfloat16:
+                assert torch.equal(a, b)
+            else:
+                assert (a - b).abs().max() <= 2.4e-7
+
+
+def test_decode_slots_plan_and_commit_as_the_eager_cache():
+    """A static cache's decode steps through the one-kernel plan: the slots written to, the key positions the
+    layers see and the cache's state after each step equal the eager plan's, a padding row included, past the
+    window (the ring wraps)."""
+    config = dataclasses.replace(TextConfig(**text_config_dict("E2B")), sliding_window=4)
+    caches = [KVCache(config, 2, 16, torch.float32, DEVICE, static=True) for _ in range(2)]
+    valid = torch.tensor([[True], [False]], device=DEVICE)
+    for step in range(7):
+        plans = []
+        for i, cache in enumerate(caches):
+            positions = cache.next_positions(valid)
+            with kernels.force() if i == 0 else torch.device(DEVICE):
+                cache.begin(positions, valid, in_place=i == 0)
+            plans.append({key: cache.write_target(layer)[2].clone() for key, layer in (("ring", 0), ("global", 4))}
+                         | {t: cache.key_positions(t).clone() for t in (SLIDING, FULL)})
+            cache.end()
+        fused, eager = plans
+        assert torch.equal(fused["ring"], eager["ring"]) and torch.equal(fused["global"], eager["global"])
+        # eager, not in place: the ring as it was, then the new position; fused: the ring with it at its slot
+        new_slot = fused["ring"][0, 0]
+        assert fused[SLIDING][0, new_slot] == step and (fused[SLIDING][1] == -1).all()
+        assert torch.equal(fused[FULL], eager[FULL])
+        assert torch.equal(caches[0].ring_positions, caches[1].ring_positions)
+        assert torch.equal(caches[0].row_lengths, caches[1].row_lengths)
+    assert caches[0].row_lengths.tolist() == [7, 0]
+
+
+def test_decode_slots_takes_given_positions():
+    rows, ring = torch.tensor([3, 9], device=DEVICE), torch.full((2, 5), -1, device=DEVICE)
+    ring_slots, global_slots = decode_slots(torch.tensor([[6], [2]], device=DEVICE),
+                                            torch.tensor([[True], [True]], device=DEVICE), rows, ring, 4, 16)
+    assert ring_slots.tolist() == [[2], [2]] and global_slots.tolist() == [[6], [2]]
+    assert rows.tolist() == [7, 9] and ring[:, 2].tolist() == [6, 2]  # a length never shrinks
+
+
+def test_softcap_equals_eager():
+    x = (torch.randn(3, 1000, device=DEVICE) * 40).to(torch.bfloat16)
+    expected = torch.tanh(x.float() / 30.0) * 30.0
+    got = softcap(x, 30.0)
+    assert got.dtype == torch.float32 and got.shape == x.shape
+    assert (got - expected).abs().max() <= 4e-6  # tanh within an ulp or two of fp32 at |values| < 30
+
+
+def test_argmax_equals_torch():
+    """First index of the largest value, across and within blocks (ties planted), NaN the largest, a row of -inf;
+    twice, since the last block re-arms the row's counter."""
+    x = torch.randn(4, 10_000, device=DEVICE)
+    x[0, 9_000] = x[0, 123] = 10.0  # a tie across blocks: the first wins
+    x[1, 5] = x[1, 6] = 10.0  # within one block
+    x[2, 7_777] = float("nan")
+    x[3] = float("-inf")
+    for _ in range(2):
+        got = argmax(x)
+        assert got.tolist() == [123, 5, 7_777, 0] == x.argmax(-1).tolist()
