@@ -161,3 +161,15 @@ def test_decodes_are_not_padded_to_a_prefill_chunk(model, monkeypatch):
     assert all(width == 1 for decode, width in widths if decode)
     for seq_id, prompt in ((first, prompts(1, seed=3)[0]), (second, list(range(3, 33)))):
         assert outputs[seq_id] == LLMEngine(model, max_num_seqs=1, max_model_len=64).generate([prompt], GREEDY)[0]
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(model):
+    """The embedding kernel would read outside its table: every entry point refuses such ids with a ValueError."""
+    vocab = model.config.text_config.vocab_size
+    engine = LLMEngine(model, max_num_seqs=1, max_model_len=64)
+    for bad in (vocab, -1):
+        ids = torch.tensor([[3, 4, bad]])
+        for call in (lambda: model(ids), lambda: generate(model, ids, max_new_tokens=2, decode="static"),
+                     lambda: engine.add_request(ids[0].tolist(), GREEDY)):
+            with pytest.raises(ValueError, match=f"token id {bad} is outside this model's vocabulary"):
+                call()

@@ -156,6 +156,7 @@ def token_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
              else attention_mask.to(device=device, dtype=torch.bool))
     max_new = max(p.max_tokens for p in params)
     check_lengths(model, prompt_len, max_new)
+    model.check_token_ids(input_ids)
     generators = [make_generator(p.seed, device) for p in params]
     prompts = [input_ids[b][valid[b]] for b in range(batch)]
     outputs: list[list[int]] = [[] for _ in range(batch)]

@@ -132,6 +132,15 @@ class Model(nn.Module):
         from .multimodal import merge_media
         return merge_media(self, input_ids, **media)
 
+    def check_token_ids(self, ids) -> None:
+        """ValueError unless every id (a tensor or a list) is in the vocabulary: the embedding kernel would read
+        outside its table."""
+        vocab = self.config.text_config.vocab_size
+        ids = torch.as_tensor(ids)
+        if ids.numel() and bool(((ids < 0) | (ids >= vocab)).any()):
+            bad = ids[(ids < 0) | (ids >= vocab)][0]
+            raise ValueError(f"token id {int(bad)} is outside this model's vocabulary of {vocab} ids")
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.lm_head.weight if self.lm_head is not None else self.text.embed_tokens.weight
         # As a 2-D product: a 3-D non-contiguous `hidden` (the last position of a prefill) would make matmul expand
@@ -164,10 +173,13 @@ class Model(nn.Module):
             else:
                 position_ids = (valid.long().cumsum(dim=1) - 1).masked_fill(~valid, 0)
         limit = self.config.text_config.max_position_embeddings
-        # A static cache's caller checked the lengths up front (a host sync here would break CUDA-graph capture).
-        if not getattr(cache, "static", False) and int(position_ids.max()) >= limit:
-            raise ValueError(f"sequence reaches position {int(position_ids.max())}, beyond this model's "
-                             f"max_position_embeddings={limit}")
+        # A static cache's caller checked the lengths and ids up front (a host sync here would break CUDA-graph
+        # capture).
+        if not getattr(cache, "static", False):
+            if int(position_ids.max()) >= limit:
+                raise ValueError(f"sequence reaches position {int(position_ids.max())}, beyond this model's "
+                                 f"max_position_embeddings={limit}")
+            self.check_token_ids(input_ids)
         embeds, ple_ids, blocks = self.embed(input_ids, **media)
         ctx = ForwardContext(position_ids, valid, cache, blocks, self.config.text_config.sliding_window)
         if cache is not None:
