@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 
+from ..model.gemma4 import check_token_ids
 from ..model.multimodal import SoftTokens, compute_soft_tokens, vision_runs
 from .block_manager import BlockManager
 from .runner import ModelRunner
@@ -72,7 +73,7 @@ class LLMEngine:
         """`media`: the prompt's processor outputs (run through the towers now) or `encode_media`'s result (which
         several requests may share, e.g. the n choices of one prompt)."""
         self.check_request(len(prompt_ids), params)
-        self.runner.model.check_token_ids(prompt_ids)
+        check_token_ids(self.runner.model.config, prompt_ids)
         if isinstance(media, dict):
             media = self.encode_media(prompt_ids, media) if media else None
         elif media is not None:

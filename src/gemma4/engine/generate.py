@@ -25,6 +25,7 @@ from typing import Iterator
 import torch
 
 from .. import kernels
+from ..model.gemma4 import check_token_ids
 from .graphs import CaptureFailed, capture_graph
 from .sampling import (GEMMA4_DEFAULTS, GEMMA4_STOP_IDS, SamplingParams, TokenLogprobs, batchable, make_generator,
                        sample_batch, sample_token)
@@ -156,7 +157,6 @@ def token_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
              else attention_mask.to(device=device, dtype=torch.bool))
     max_new = max(p.max_tokens for p in params)
     check_lengths(model, prompt_len, max_new)
-    model.check_token_ids(input_ids)
     generators = [make_generator(p.seed, device) for p in params]
     prompts = [input_ids[b][valid[b]] for b in range(batch)]
     outputs: list[list[int]] = [[] for _ in range(batch)]
@@ -194,6 +194,7 @@ def _static_steps(model, input_ids, valid, params, stop_ids, chunk_size, media, 
     """The token loop over a static cache: one host sync per step (reading the tokens back), none inside it."""
     batch, prompt_len = input_ids.shape
     max_new = max(p.max_tokens for p in params)
+    check_token_ids(model.config, input_ids)  # Model.forward does not over a static cache (no host syncs there)
     runner = decode_runner(model, batch, prompt_len + max_new, graph=mode == "graph")
     if runner.busy:  # another token loop (an unfinished stream) holds it: use a private one
         runner = DecodeRunner(model, batch, runner.max_len, graph=False)

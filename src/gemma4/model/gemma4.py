@@ -14,6 +14,16 @@ from .cache import KVCache
 from .text import TextModel, linear
 
 
+def check_token_ids(config: Config, ids) -> None:
+    """ValueError unless every id (a tensor or a list) is in the model's vocabulary: the embedding kernel would read
+    outside its table."""
+    vocab = config.text_config.vocab_size
+    ids = torch.as_tensor(ids)
+    outside = (ids < 0) | (ids >= vocab)
+    if bool(outside.any()):
+        raise ValueError(f"token id {int(ids[outside][0])} is outside this model's vocabulary of {vocab} ids")
+
+
 class Backbone(nn.Module):
     """Holds the submodules under the names the multimodal checkpoints use (`model.language_model`, ...)."""
 
@@ -123,23 +133,16 @@ class Model(nn.Module):
             return self.text.embed_tokens(input_ids), input_ids, None
         # Multimodal checkpoints read placeholder ids as the pad token in every forward, media or not (as the
         # reference does, e.g. for a placeholder id the model generates).
-        if not media:  # e.g. every decode step: the lookup and the padding in one launch
+        table = self.text.embed_tokens
+        if not media and kernels.enabled(table.weight):  # merge_media without media (every decode step): one launch
+            from ..kernels.step_inputs import scaled_embedding
             config = self.config
             placeholders = (config.image_token_id, config.video_token_id, config.audio_token_id)
-            embeds, ple_ids = self.text.embed_tokens.padding_placeholders(
-                input_ids, placeholders, config.text_config.pad_token_id or 0)
+            embeds, ple_ids = scaled_embedding(input_ids, table.weight, table.rounded_scale(), placeholders,
+                                               config.text_config.pad_token_id or 0)
             return embeds, ple_ids, None
         from .multimodal import merge_media
         return merge_media(self, input_ids, **media)
-
-    def check_token_ids(self, ids) -> None:
-        """ValueError unless every id (a tensor or a list) is in the vocabulary: the embedding kernel would read
-        outside its table."""
-        vocab = self.config.text_config.vocab_size
-        ids = torch.as_tensor(ids)
-        if ids.numel() and bool(((ids < 0) | (ids >= vocab)).any()):
-            bad = ids[(ids < 0) | (ids >= vocab)][0]
-            raise ValueError(f"token id {int(bad)} is outside this model's vocabulary of {vocab} ids")
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.lm_head.weight if self.lm_head is not None else self.text.embed_tokens.weight
@@ -179,7 +182,7 @@ class Model(nn.Module):
             if int(position_ids.max()) >= limit:
                 raise ValueError(f"sequence reaches position {int(position_ids.max())}, beyond this model's "
                                  f"max_position_embeddings={limit}")
-            self.check_token_ids(input_ids)
+            check_token_ids(self.config, input_ids)
         embeds, ple_ids, blocks = self.embed(input_ids, **media)
         ctx = ForwardContext(position_ids, valid, cache, blocks, self.config.text_config.sliding_window)
         if cache is not None:

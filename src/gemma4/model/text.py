@@ -505,15 +505,8 @@ class ScaledEmbedding(nn.Embedding):
             return scaled_embedding(ids, self.weight, self.rounded_scale())
         return super().forward(ids) * torch.tensor(self.scale, dtype=self.weight.dtype)
 
-    def padding_placeholders(self, ids: torch.Tensor, placeholders: tuple[int, int, int], pad_id: int):
-        """(forward(ids'), ids') where ids' holds pad_id at the placeholder ids: one launch on CUDA."""
-        if kernels.enabled(self.weight):
-            from ..kernels.step_inputs import scaled_embedding
-            return scaled_embedding(ids, self.weight, self.rounded_scale(), placeholders, pad_id)
-        padded = ids.masked_fill(sum(ids == p for p in placeholders).bool(), pad_id)
-        return self(padded), padded
-
     def rounded_scale(self) -> float:
+        """The factor forward multiplies by: sqrt(width) as a value of the weight dtype."""
         return float(torch.tensor(self.scale, dtype=self.weight.dtype))
 
 
