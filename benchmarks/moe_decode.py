@@ -1,8 +1,9 @@
-"""The MoE decode kernels alone (26B-A4B shapes, bf16, CUDA): us per call of `moe_experts` at T tokens, each call
-of a 50-call CUDA graph routing to other random experts (weights read from memory, not L2), for tile choices of
-its two kernels.
+"""The MoE expert paths alone (26B-A4B shapes, bf16, CUDA): us per call at T tokens, each call of a 50-call CUDA graph
+routing to other random experts (weights read from memory, not L2): the decode kernels (`moe_experts`, T*k <= 64
+pairs), the sorted-pairs kernels (`sorted_experts`), the grouped GEMMs (`Experts.forward_grouped`), and with
+--sweep the tile choices of the decode kernels (T*k <= 64) or of the sorted ones.
 
-    python benchmarks/moe_decode.py [--tokens 1] [--sweep]
+    python benchmarks/moe_decode.py [--tokens 1 16 64 256] [--sweep] [--block-m 16 32 64]
 """
 
 from __future__ import annotations
@@ -14,42 +15,74 @@ import torch
 
 from gemma4.config import Config
 from gemma4.kernels import moe
+from gemma4.model.text import Experts
 from gemv import graph_us  # benchmarks/gemv.py: a 50-call CUDA graph, best replay
+
+DECODE_TILES = ("GU_BLOCK_W", "GU_BLOCK_H", "GU_WARPS", "DOWN_BLOCK_H", "DOWN_BLOCK_W", "DOWN_WARPS")
+SORTED_TILES = ("SORTED_GU_BLOCK_N", "SORTED_GU_BLOCK_K", "SORTED_GU_WARPS", "SORTED_DOWN_BLOCK_N",
+                "SORTED_DOWN_BLOCK_K", "SORTED_DOWN_WARPS")
+
+
+def sweep(names, first_half, second_half):
+    """The current tiles, then each kernel's (first three names, last three) alternatives, the other's at defaults."""
+    current = tuple(getattr(moe, name) for name in names)
+    configs = [current]
+    configs += [c + current[3:] for c in itertools.product(*first_half) if c != current[:3]]
+    configs += [current[:3] + c for c in itertools.product(*second_half) if c != current[3:]]
+    return configs
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tokens", type=int, default=1)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 16, 32, 64, 128, 256])
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--block-m", type=int, nargs="*", default=[], help="also the sorted path at these BLOCK_M")
     args = parser.parse_args()
     text = Config.preset("26B-A4B").text_config
     e, h, w, k = text.num_experts, text.hidden_size, text.moe_intermediate_size, text.top_k_experts
-    gate_up = torch.randn(e, 2 * w, h, device="cuda", dtype=torch.bfloat16) * h**-0.5
-    down = torch.randn(e, h, w, device="cuda", dtype=torch.bfloat16) * w**-0.5
-    x = torch.randn(args.tokens, h, device="cuda", dtype=torch.bfloat16)
+    with torch.device("meta"):
+        module = Experts(text)
+    module.gate_up_proj = torch.nn.Parameter(torch.randn(e, 2 * w, h, device="cuda", dtype=torch.bfloat16) * h**-0.5)
+    module.down_proj = torch.nn.Parameter(torch.randn(e, h, w, device="cuda", dtype=torch.bfloat16) * w**-0.5)
     calls = 50
-    routes = [torch.rand(args.tokens, e, device="cuda").argsort(dim=-1)[:, :k] for _ in range(calls)]
-    weights = torch.rand(args.tokens, k, device="cuda")
-    bytes_per_call = len(torch.cat(routes[:1]).unique()) * (3 * w * h * 2)
+    print(f"26B-A4B experts on {torch.cuda.get_device_name()}: us per call (GB/s of the chosen experts' weights)")
+    for tokens in args.tokens:
+        x = torch.randn(tokens, h, device="cuda", dtype=torch.bfloat16)
+        routes = [torch.rand(tokens, e, device="cuda").argsort(dim=-1)[:, :k] for _ in range(calls)]
+        weights = torch.rand(tokens, k, device="cuda")
+        bytes_per_call = sum(len(r.unique()) for r in routes) / calls * (3 * w * h * 2)
 
-    def time_us():
-        return graph_us(lambda i: moe.moe_experts(x, weights, routes[i], gate_up, down), calls=calls)
+        def report(label, forward):
+            try:
+                with torch.no_grad():
+                    us = graph_us(lambda i: forward(x, weights, routes[i]), calls=calls)
+            except Exception as exc:  # out of resources
+                print(f"  T={tokens:4d} {label}: {type(exc).__name__}: {exc}")
+                return
+            print(f"  T={tokens:4d} {label}: {us:8.2f} us ({bytes_per_call / us / 1e3:5.0f} GB/s)")
 
-    configs = [(moe.GU_BLOCK_W, moe.GU_BLOCK_H, moe.GU_WARPS, moe.DOWN_BLOCK_H, moe.DOWN_BLOCK_W, moe.DOWN_WARPS)]
-    if args.sweep:
-        # One kernel's tiles at a time, the other's at their defaults.
-        gu_tiles, down_tiles = configs[0][:3], configs[0][3:]
-        configs += [c + down_tiles for c in itertools.product((2, 4, 8), (256, 512, 1024), (4, 8)) if c != gu_tiles]
-        configs += [gu_tiles + c for c in itertools.product((1, 2, 4, 8), (1024,), (4, 8)) if c != down_tiles]
-    print(f"26B-A4B experts, T={args.tokens}, on {torch.cuda.get_device_name()}: us per call (GB/s, distinct experts)")
-    for config in configs:
-        (moe.GU_BLOCK_W, moe.GU_BLOCK_H, moe.GU_WARPS, moe.DOWN_BLOCK_H, moe.DOWN_BLOCK_W, moe.DOWN_WARPS) = config
-        try:
-            us = time_us()
-        except Exception as exc:  # out of resources
-            print(f"{config}: {type(exc).__name__}: {exc}")
+        paths = (["kernel"] if tokens * k <= 64 else []) + ["sorted", "grouped"]
+        for path in paths:
+            report(path, getattr(module, f"forward_{path}"))
+        for block_m in args.block_m:
+            moe.SORTED_BLOCK_M = block_m
+            report(f"sorted BLOCK_M={block_m}", module.forward_sorted)
+            moe.SORTED_BLOCK_M = None
+        if not args.sweep:
             continue
-        print(f"{config}: {us:7.2f} us ({bytes_per_call / us / 1e3:5.0f} GB/s)")
+        if tokens * k <= 64:
+            names, path = DECODE_TILES, "kernel"
+            configs = sweep(names, [(2, 4, 8), (256, 512, 1024), (4, 8)], [(1, 2, 4, 8), (1024,), (4, 8)])
+        else:
+            names, path = SORTED_TILES, "sorted"
+            configs = sweep(names, [(32, 64, 128), (64, 128, 256), (4, 8)], [(32, 64, 128), (64, 128, 256), (4, 8)])
+        defaults = tuple(getattr(moe, name) for name in names)
+        for config in configs:
+            for name, value in zip(names, config):
+                setattr(moe, name, value)
+            report(f"{path} {config}", getattr(module, f"forward_{path}"))
+        for name, value in zip(names, defaults):
+            setattr(moe, name, value)
 
 
 if __name__ == "__main__":

@@ -107,6 +107,7 @@ def main() -> None:
     experts = torch.zeros(3, 2, dtype=torch.int64)
     moe.moe_experts(x, rand(3, 2, dtype=torch.float32), experts, rand(4, 2 * 96, 256), rand(4, 256, 96))
     moe.combine_pairs(rand(6, 256), torch.arange(6), rand(3, 2, dtype=torch.float32))
+    moe.sorted_experts(x, rand(3, 2, dtype=torch.float32), experts, rand(4, 2 * 96, 256), rand(4, 256, 96))
     router.router_input(x, rand(256), 0.0625, 1e-6)
     router.route(rand(3, 128), rand(128), 8)
     activation.gated_activation(rand(3, 96), rand(3, 96), "gelu_pytorch_tanh")

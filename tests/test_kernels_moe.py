@@ -187,3 +187,107 @@ def test_grouped_path_takes_combine_kernel(monkeypatch):
             out = module.forward_grouped(x, weights, experts)
     assert calls == [1]
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+# The sorted-pairs kernels (serving-sized batches): the pairs sorted by expert, each expert's tile read once for all
+# of its pairs.
+
+@pytest.mark.parametrize("tokens,k,num_experts", [(1, 2, 8), (12, 4, 8), (40, 3, 8), (100, 8, 128), (3, 2, 64)])
+def test_sort_pairs_is_a_stable_sort_by_expert(tokens, k, num_experts):
+    """Unused experts (count 0), a pair count that is not a power of 2, experts chosen by more pairs than others."""
+    _, experts = routing(tokens, k, num_experts, seed=tokens)
+    order, slots, counts, starts = moe.sort_pairs(experts, num_experts)
+    chosen = experts.reshape(-1)
+    assert torch.equal(order.long(), chosen.argsort(stable=True))
+    assert torch.equal(slots.long()[order.long()], torch.arange(tokens * k, device=DEVICE))
+    expected_counts = torch.bincount(chosen, minlength=num_experts)
+    assert torch.equal(counts.long(), expected_counts)
+    assert torch.equal(starts.long(), expected_counts.cumsum(0) - expected_counts)
+
+
+def run_sorted(module, x, weights, experts, activation="gelu_pytorch_tanh"):
+    return moe.sorted_experts(x, weights, experts, module.gate_up_proj, module.down_proj, activation)
+
+
+@pytest.mark.parametrize("activation", ["gelu_pytorch_tanh", "silu"])
+@pytest.mark.parametrize("tokens,k", [(1, 2), (12, 4), (40, 3)])
+def test_sorted_fp32_equals_torch_paths(tokens, k, activation):
+    """40 x 3 pairs over 8 experts: ~15 each, some experts past one 16-row block (a second pass over their tiles)."""
+    module, x, weights, experts = build(tokens, k, activation=activation)
+    counts = torch.bincount(experts.reshape(-1), minlength=8)
+    with torch.no_grad():
+        out = run_sorted(module, x, weights, experts, activation)
+        assert out.dtype == x.dtype and out.shape == x.shape
+        torch.testing.assert_close(out, module.forward_loop(x, weights, experts), rtol=0, atol=1e-5)
+    if tokens == 40:
+        assert counts.max() > 16
+
+
+def test_sorted_ragged_tiles(monkeypatch):
+    """Sides that are not multiples of the tiles, several steps over each reduction, an expert nobody chose."""
+    for name, value in dict(SORTED_GU_BLOCK_N=16, SORTED_GU_BLOCK_K=16, SORTED_DOWN_BLOCK_N=16,
+                            SORTED_DOWN_BLOCK_K=16).items():
+        monkeypatch.setattr(moe, name, value)
+    module, x, weights, experts = build(9, 3, hidden=48, width=24)
+    experts[experts == 5] = 6
+    with torch.no_grad():
+        torch.testing.assert_close(run_sorted(module, x, weights, experts), module.forward_loop(x, weights, experts),
+                                   rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [8, 24])
+def test_sorted_bf16_equals_grouped_rounding(tokens, monkeypatch):
+    """Same rounding points as the grouped GEMMs' eager path (each weighted pair rounded before the sum): outputs
+    agree to a few ulps, most exactly."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm missing")
+    monkeypatch.setenv("GEMMA4_KERNELS", "0")  # the eager tail of forward_grouped
+    module, x, weights, experts = build(tokens, 4, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = run_sorted(module, x, weights, experts)
+        ref = module.forward_grouped(x, weights, experts)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2**-7, atol=2**-6)
+    assert (out == ref).float().mean() > 0.9
+
+
+def test_sorted_routing_matters():
+    module, x, weights, experts = build(10, 2)
+    wrong = (experts + 1) % module.down_proj.shape[0]
+    experts[0] = torch.tensor([3, 3])  # a token choosing one expert twice: two independent pairs
+    with torch.no_grad():
+        right_out, wrong_out = run_sorted(module, x, weights, experts), run_sorted(module, x, weights, wrong)
+        assert (right_out - wrong_out).abs().max() > 1e-2
+        torch.testing.assert_close(right_out, module.forward_loop(x, weights, experts), rtol=0, atol=1e-5)
+        torch.testing.assert_close(wrong_out, module.forward_loop(x, weights, wrong), rtol=0, atol=1e-5)
+
+
+def test_experts_auto_path_by_batch(monkeypatch):
+    """With the kernels on: up to KERNEL_MAX_PAIRS the decode kernels, then the sorted kernels, past
+    SORTED_MAX_PAIRS the grouped GEMMs (or the loop on CPU)."""
+    from gemma4 import kernels
+    module, x, weights, experts = build(20, 4)
+    taken = []
+    for name in ("forward_kernel", "forward_sorted", "forward_grouped", "forward_loop"):
+        monkeypatch.setattr(module, name, lambda *a, name=name: taken.append(name))
+    monkeypatch.setattr(module, "KERNEL_MAX_PAIRS", 64)
+    monkeypatch.setattr(module, "SORTED_MAX_PAIRS", 72)
+    with kernels.force():
+        for tokens in (16, 17, 18, 19):  # 64, 68, 72, 76 pairs
+            module(x[:tokens], weights[:tokens], experts[:tokens])
+    large = "forward_grouped" if x.is_cuda else "forward_loop"
+    assert taken == ["forward_kernel", "forward_sorted", "forward_sorted", large]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_sorted_cuda_graph_capture():
+    module, x, weights, experts = build(32, 8, dtype=torch.bfloat16, num_experts=16)
+    with torch.no_grad():
+        expected = run_sorted(module, x, weights, experts)  # also compiles the kernels before capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = run_sorted(module, x, weights, experts)
+        experts.copy_((experts + 3) % 16)  # new routing, replayed without recapture
+        graph.replay()
+        torch.testing.assert_close(out, run_sorted(module, x, weights, experts), rtol=0, atol=0)
+        assert not torch.equal(out, expected)

@@ -75,7 +75,7 @@ def _online_softmax_step(s, v, m_i, l_i, acc, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _split_kernel(q_ptr, k_ptr, v_ptr, kpos_ptr, qpos_ptr, slots_ptr, nkeys_ptr, part_ptr, lse_ptr,
+def _split_kernel(q_ptr, k_ptr, v_ptr, kpos_ptr, qpos_ptr, slots_ptr, nkeys_ptr, part_ptr, lse_ptr, out_ptr,
                   stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                   stride_pb, stride_pn, stride_sb, stride_sn,
                   num_kv_heads, num_candidates, head_dim, window,
@@ -125,8 +125,12 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, kpos_ptr, qpos_ptr, slots_ptr, nkeys_ptr,
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
     row = (b * num_kv_heads * GROUPS + heads) * NUM_SPLITS + split  # part [B, H, splits, D], lse [B, H, splits]
-    tl.store(part_ptr + row[:, None] * head_dim + offs_d[None, :], out, mask=g_mask[:, None] & d_mask[None, :])
-    tl.store(lse_ptr + row, lse, mask=g_mask)
+    o_mask = g_mask[:, None] & d_mask[None, :]
+    if NUM_SPLITS == 1:  # the partial is the answer (large batches): to out [B, H, D] directly, no merge launch
+        tl.store(out_ptr + row[:, None] * head_dim + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=o_mask)
+    else:
+        tl.store(part_ptr + row[:, None] * head_dim + offs_d[None, :], out, mask=o_mask)
+        tl.store(lse_ptr + row, lse, mask=g_mask)
 
 
 @triton.jit
@@ -220,7 +224,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     out = torch.empty(batch, num_heads, head_dim, dtype=query.dtype, device=query.device)
     _split_kernel[(batch * num_kv_heads, splits)](
         query, key, value, key_positions, query_positions, slots if slots is not None else key_positions,
-        num_keys if num_keys is not None else query_positions, part, lse,
+        num_keys if num_keys is not None else query_positions, part, lse, out,
         query.stride(0), query.stride(1), kb, kh, kn, vb, vh, vn,
         key_positions.stride(0), key_positions.stride(1), sb, sn,
         num_kv_heads, candidates, head_dim, window if window is not None else 0,
@@ -228,6 +232,8 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         NUM_SPLITS=splits, PAGED=slots is not None, HAS_WINDOW=window is not None,
         HAS_NUM_KEYS=num_keys is not None, INTERPRET=not query.is_cuda,
         num_warps=4, num_stages=3, **launch_options(query))
+    if splits == 1:
+        return out
     combine_d = min(block_d, COMBINE_BLOCK_D)
     _combine_kernel[(batch * num_heads, triton.cdiv(head_dim, combine_d))](
         part, lse, out, head_dim, NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), BLOCK_D=combine_d,

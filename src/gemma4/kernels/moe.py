@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from .activation import ACTIVATION_CODES, activation_fp32
+from .attention import _dot
 from .pdl import after_previous_kernel, launch_options
 from .rounding import round_to
 
@@ -82,19 +83,24 @@ def _down_kernel(h_ptr, weights_ptr, experts_ptr, down_ptr, out_ptr, H: tl.const
     tl.store(out_ptr + t * H + rows, round_to(total, dtype).to(dtype), mask=row_ok)
 
 
+def _checked(x, experts, gate_up_proj, down_proj, activation):
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"unsupported activation {activation!r}; expected one of {sorted(_ACTIVATIONS)}")
+    if not (x.dtype == gate_up_proj.dtype == down_proj.dtype):
+        raise ValueError(f"dtype mismatch: x {x.dtype}, gate_up_proj {gate_up_proj.dtype}, down {down_proj.dtype}")
+    num_experts, h_size, w_size = down_proj.shape
+    assert x.shape == (experts.shape[0], h_size) and gate_up_proj.shape == (num_experts, 2 * w_size, h_size)
+    return x.contiguous(), gate_up_proj.contiguous(), down_proj.contiguous()
+
+
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, gate_up_proj: torch.Tensor,
                 down_proj: torch.Tensor, activation: str = "gelu_pytorch_tanh") -> torch.Tensor:
     """x [T, H]; weights (fp32), experts (integer ids) [T, k]; gate_up_proj [E, 2W, H]; down_proj [E, H, W] -> [T, H].
 
     Expert ids are not range-checked (that would need a host sync)."""
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"unsupported activation {activation!r}; expected one of {sorted(_ACTIVATIONS)}")
-    if not (x.dtype == gate_up_proj.dtype == down_proj.dtype):
-        raise ValueError(f"dtype mismatch: x {x.dtype}, gate_up_proj {gate_up_proj.dtype}, down {down_proj.dtype}")
+    x, gate_up_proj, down_proj = _checked(x, experts, gate_up_proj, down_proj, activation)
     tokens, k = experts.shape
     num_experts, h_size, w_size = down_proj.shape
-    assert x.shape == (tokens, h_size) and gate_up_proj.shape == (num_experts, 2 * w_size, h_size)
-    x, gate_up_proj, down_proj = x.contiguous(), gate_up_proj.contiguous(), down_proj.contiguous()
     weights, experts = weights.float().contiguous(), experts.contiguous()
     hidden = torch.empty(tokens * k, w_size, dtype=x.dtype, device=x.device)  # h for every (token, choice) pair
     out = torch.empty_like(x)
@@ -114,6 +120,151 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, g
         hidden, weights, experts, down_proj, out, h_size, w_size, k, BLOCK_H=dn_h, BLOCK_W=dn_w, num_warps=DOWN_WARPS,
         **launch_options(x))
     return out
+
+
+# Batches between the decode kernels' and the grouped GEMMs' (serving decode steps: ~9-256 tokens). At 64 tokens x 8
+# choices nearly every expert is chosen (98% of 128) by ~4 pairs on average: the step reads every expert's weights
+# once, and what matters is reading them at bandwidth. One program per (expert, tile of output rows) reads its tile
+# once and multiplies it by all the expert's pairs at a time (tensor-core dots of BLOCK_M rows, padded: the rows cost
+# nothing beside the weight reads). The pairs come sorted by expert from `sort_pairs`, one small kernel, where
+# argsort + index_add + cumsum were ~6 launches. Every size is known without a host sync: CUDA-graph capturable.
+SORTED_GU_BLOCK_N, SORTED_GU_BLOCK_K, SORTED_GU_WARPS = 64, 128, 4
+SORTED_DOWN_BLOCK_N, SORTED_DOWN_BLOCK_K, SORTED_DOWN_WARPS = 64, 128, 4
+SORTED_BLOCK_M = None  # pairs per tl.dot; None: from the mean pairs per expert (tuning overrides it)
+
+
+@triton.jit
+def _sort_pairs_kernel(chosen_ptr, order_ptr, slots_ptr, counts_ptr, starts_ptr, P, NUM_EXPERTS: tl.constexpr,
+                       BLOCK_P: tl.constexpr, PDL: tl.constexpr):
+    """Program e: the pairs that chose expert e, in pair order (a stable sort by expert), placed after every pair
+    of a lower expert."""
+    after_previous_kernel(PDL)
+    e = tl.program_id(0)
+    p = tl.arange(0, BLOCK_P)
+    chosen = tl.load(chosen_ptr + p, mask=p < P, other=NUM_EXPERTS).to(tl.int32)  # padding sorts after everything
+    mine = chosen == e
+    start = tl.sum((chosen < e).to(tl.int32), axis=0)
+    slot = start + tl.cumsum(mine.to(tl.int32), axis=0) - 1
+    tl.store(order_ptr + slot, p, mask=mine)  # order[slot] = pair
+    tl.store(slots_ptr + p, slot, mask=mine)  # slots[pair] = slot
+    tl.store(counts_ptr + e, tl.sum(mine.to(tl.int32), axis=0))
+    tl.store(starts_ptr + e, start)
+
+
+def sort_pairs(experts: torch.Tensor, num_experts: int):
+    """experts [T, k] -> (order, slots, counts, starts): the token-major pairs p = t*k + c sorted by expert
+    (order[i] = p, slots[p] = i; stable, as argsort(stable=True)), how many pairs chose each expert, where its run of
+    sorted pairs starts. int32."""
+    chosen = experts.reshape(-1).contiguous()
+    pairs = chosen.numel()
+    order = torch.empty(pairs, dtype=torch.int32, device=chosen.device)
+    slots = torch.empty_like(order)
+    counts = torch.empty(num_experts, dtype=torch.int32, device=chosen.device)
+    starts = torch.empty_like(counts)
+    if pairs:
+        _sort_pairs_kernel[(num_experts,)](chosen, order, slots, counts, starts, pairs, num_experts,
+                                           BLOCK_P=triton.next_power_of_2(pairs), num_warps=4, **launch_options(chosen))
+    return order, slots, counts, starts
+
+
+@triton.jit
+def _sorted_gate_up_kernel(x_ptr, order_ptr, counts_ptr, starts_ptr, gu_ptr, h_ptr, H: tl.constexpr,
+                           W: tl.constexpr, K: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr):
+    after_previous_kernel(PDL)
+    e = tl.program_id(0)
+    count = tl.load(counts_ptr + e)
+    if count == 0:
+        return
+    start = tl.load(starts_ptr + e)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # rows i of gate (and W + i of up)
+    col_ok = cols < W
+    gate_rows = gu_ptr + e.to(tl.int64) * (2 * W) * H + cols.to(tl.int64)[:, None] * H
+    up_rows = gate_rows + W * H
+    dtype = h_ptr.dtype.element_ty
+    m0 = 0
+    while m0 < count:  # more pairs than BLOCK_M: the tile again, mostly from L2
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < count
+        token = tl.load(order_ptr + start + rows, mask=row_ok, other=0) // K
+        x_rows = x_ptr + token.to(tl.int64)[:, None] * H
+        gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < H
+            xs = tl.load(x_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [M, K]
+            w_mask = col_ok[:, None] & k_ok[None, :]
+            wg = tl.load(gate_rows + ks[None, :], mask=w_mask, other=0.0)  # [N, K]
+            wu = tl.load(up_rows + ks[None, :], mask=w_mask, other=0.0)
+            gate += _dot(xs, tl.trans(wg), INTERPRET)
+            up += _dot(xs, tl.trans(wu), INTERPRET)
+        # Round where the grouped path rounds: the GEMM outputs, the activation's output, the product.
+        h = round_to(round_to(activation_fp32(round_to(gate, dtype), ACT), dtype) * round_to(up, dtype), dtype)
+        h_rows = h_ptr + (start + rows).to(tl.int64)[:, None] * W
+        tl.store(h_rows + cols[None, :], h.to(dtype), mask=row_ok[:, None] & col_ok[None, :])
+        m0 += BLOCK_M
+
+
+@triton.jit
+def _sorted_down_kernel(h_ptr, counts_ptr, starts_ptr, down_ptr, y_ptr, H: tl.constexpr, W: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr,
+                        PDL: tl.constexpr):
+    after_previous_kernel(PDL)
+    e = tl.program_id(0)
+    count = tl.load(counts_ptr + e)
+    if count == 0:
+        return
+    start = tl.load(starts_ptr + e)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels
+    col_ok = cols < H
+    down_rows = down_ptr + e.to(tl.int64) * H * W + cols.to(tl.int64)[:, None] * W
+    dtype = y_ptr.dtype.element_ty
+    m0 = 0
+    while m0 < count:
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < count
+        h_rows = h_ptr + (start + rows).to(tl.int64)[:, None] * W
+        y = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, W, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < W
+            hs = tl.load(h_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [M, K]
+            wd = tl.load(down_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # [N, K]
+            y += _dot(hs, tl.trans(wd), INTERPRET)
+        y_rows = y_ptr + (start + rows).to(tl.int64)[:, None] * H
+        tl.store(y_rows + cols[None, :], round_to(y, dtype).to(dtype), mask=row_ok[:, None] & col_ok[None, :])
+        m0 += BLOCK_M
+
+
+def sorted_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, gate_up_proj: torch.Tensor,
+                   down_proj: torch.Tensor, activation: str = "gelu_pytorch_tanh") -> torch.Tensor:
+    """As `moe_experts` (same arguments, same result up to fp32 summation order), for batches of tens to hundreds of
+    tokens: each chosen expert's weights are read once for all the pairs that chose it."""
+    x, gate_up_proj, down_proj = _checked(x, experts, gate_up_proj, down_proj, activation)
+    tokens, k = experts.shape
+    num_experts, h_size, w_size = down_proj.shape
+    order, slots, counts, starts = sort_pairs(experts, num_experts)
+    hidden = torch.empty(tokens * k, w_size, dtype=x.dtype, device=x.device)  # h of every pair, in sorted order
+    y = torch.empty(tokens * k, h_size, dtype=x.dtype, device=x.device)
+    if tokens == 0:
+        return torch.empty_like(x)
+    # Pairs per tl.dot: 16 at least (the tensor cores' tile), twice the mean pairs per expert up to 64, so that most
+    # experts take one pass over their tiles. H200, 26B-A4B shapes (benchmarks/moe_decode.py --block-m): batch 128
+    # (mean 8) 371 us at 16 vs 379 at 32; 256 (mean 16) 390 at 32 vs 527 at 16; 512 (mean 32) 471 at 64 vs 564 at 32.
+    block_m = SORTED_BLOCK_M or max(16, min(64, triton.next_power_of_2(-(-2 * tokens * k // num_experts))))
+    # Tiles shrink to the (power-of-2 rounded, >= 16 for tl.dot) matrix sides of small models.
+    w_side, h_side = max(16, triton.next_power_of_2(w_size)), max(16, triton.next_power_of_2(h_size))
+    gu_n, gu_k = min(SORTED_GU_BLOCK_N, w_side), min(SORTED_GU_BLOCK_K, h_side)
+    dn_n, dn_k = min(SORTED_DOWN_BLOCK_N, h_side), min(SORTED_DOWN_BLOCK_K, w_side)
+    options = launch_options(x)
+    _sorted_gate_up_kernel[(num_experts, triton.cdiv(w_size, gu_n))](
+        x, order, counts, starts, gate_up_proj, hidden, h_size, w_size, k, ACT=_ACTIVATIONS[activation],
+        BLOCK_M=block_m, BLOCK_N=gu_n, BLOCK_K=gu_k, INTERPRET=not x.is_cuda, num_warps=SORTED_GU_WARPS, **options)
+    _sorted_down_kernel[(num_experts, triton.cdiv(h_size, dn_n))](
+        hidden, counts, starts, down_proj, y, h_size, w_size, BLOCK_M=block_m, BLOCK_N=dn_n, BLOCK_K=dn_k,
+        INTERPRET=not x.is_cuda, num_warps=SORTED_DOWN_WARPS, **options)
+    return _combine(y, slots, weights)
 
 
 # Prefill and large batches (Experts.forward_grouped): the grouped GEMMs leave one output row per (token, choice)
@@ -143,11 +294,16 @@ def _combine_pairs_kernel(y_ptr, slots_ptr, weights_ptr, out_ptr, H, K: tl.const
 def combine_pairs(y: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """out[t] = sum_c round(y[slot(t, c)] * weights[t, c]), with y [T*k, H] the pairs' outputs in `order` (y[i] belongs
     to pair order[i] = t*k + c, as from a sort of the token-major pairs); weights [T, k] fp32 -> [T, H] in y's dtype."""
+    assert y.shape[0] == order.numel() == weights.numel(), (y.shape, order.shape, weights.shape)
+    slots = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    return _combine(y, slots, weights)
+
+
+def _combine(y: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """out[t] = sum_c round(y[slots[t*k + c]] * weights[t, c])."""
     tokens, k = weights.shape
     h_size = y.shape[1]
-    assert y.shape[0] == order.numel() == tokens * k, (y.shape, order.shape, weights.shape)
     y = y.contiguous()
-    slots = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     out = torch.empty(tokens, h_size, dtype=y.dtype, device=y.device)
     if tokens == 0:
         return out
