@@ -108,6 +108,8 @@ def main() -> None:
     moe.moe_experts(x, rand(3, 2, dtype=torch.float32), experts, rand(4, 2 * 96, 256), rand(4, 256, 96))
     moe.combine_pairs(rand(6, 256), torch.arange(6), rand(3, 2, dtype=torch.float32))
     moe.sorted_experts(x, rand(3, 2, dtype=torch.float32), experts, rand(4, 2 * 96, 256), rand(4, 256, 96))
+    values, ids = torch.randn(3, 64).sort(dim=-1, descending=True)
+    logits.sample_candidates(values, ids, torch.rand(4, 3), torch.rand(3))
     router.router_input(x, rand(256), 0.0625, 1e-6)
     router.route(rand(3, 128), rand(128), 8)
     activation.gated_activation(rand(3, 96), rand(3, 96), "gelu_pytorch_tanh")

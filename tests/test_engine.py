@@ -173,3 +173,32 @@ def test_token_ids_outside_the_vocabulary_are_refused(model):
                      lambda: engine.add_request(ids[0].tolist(), GREEDY)):
             with pytest.raises(ValueError, match=f"token id {bad} is outside this model's vocabulary"):
                 call()
+
+
+def test_graphed_decode_table_rows_follow_their_sequences(model):
+    """GraphedDecode keeps a host mirror of the block tables and rewrites a row only when its blocks change: after
+    growth, a sequence moving to another row, a freed and re-admitted sequence (same length, other blocks), and a
+    smaller batch, the mirror equals the tables built from scratch."""
+    from types import SimpleNamespace
+
+    from gemma4.engine.graphs import GraphedDecode
+
+    engine = LLMEngine(model, max_num_seqs=4, max_model_len=64)
+    graphs = GraphedDecode(model, engine.blocks, engine.max_model_len)
+    width = graphs.host_tables.shape[1]
+    a, b, c = (SimpleNamespace(block_table=t) for t in ([3, 4], [5], [6, 7, 8]))
+
+    def check(seqs, size):
+        graphs._update_table_rows(seqs, size)
+        expected = engine.blocks.block_tables(seqs, width, size)
+        assert torch.equal(graphs.host_tables[:size], expected)
+
+    check([a, b, c], 4)
+    a.block_table.append(9)  # growth
+    check([a, b, c], 4)
+    check([c, a], 2)  # rows move; a smaller bucket
+    check([c, a, b], 4)
+    b.block_table = [10]  # freed and re-admitted: same length, another block
+    check([c, a, b], 4)
+    check([b], 1)
+    check([b, a], 4)  # rows 2..3 must be trash again

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .. import kernels
+
 # Gemma 4's generation_config.json: temperature 1.0, top_p 0.95, top_k 64; stop on <eos>, <turn|>, <|tool_response>.
 GEMMA4_DEFAULTS = {"temperature": 1.0, "top_p": 0.95, "top_k": 64}
 GEMMA4_STOP_IDS = (1, 106, 50)
@@ -185,14 +187,18 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
     draw together. A seeded draw here may differ from `sample_token`'s (other float summation order); it
     reproduces itself."""
     logits = logits.float()
-    greedy_tokens = logits.argmax(-1)
     if all(p.greedy for p in params):
-        return greedy_tokens
-    device, (batch, vocab) = logits.device, logits.shape
+        return logits.argmax(-1)
+    vocab = logits.shape[1]
+    # Greedy rows take the argmax below: their top-k is moot.
+    ks = [1 if p.greedy else p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    if max(ks) <= TOP_K_CANDIDATES and all(g is None for g in generators) and kernels.enabled(logits):
+        return _sample_batch_fused(logits, params, ks)
+    greedy_tokens = logits.argmax(-1)
+    device, batch = logits.device, logits.shape[0]
     greedy = torch.tensor([p.greedy for p in params], device=device)
     temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
     scaled = logits / temperature[:, None]
-    ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     # With a top-k on every row (Gemma's default is 64), everything after it runs on the max(k) best candidates of
     # each row, sorted, instead of on the whole vocabulary: the same distribution, without a full-vocab sort.
     candidates = None
@@ -226,3 +232,20 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
                 full = torch.zeros(logits.shape[1], device=device).scatter_(0, candidates[b], probs[b])
                 drawn[b] = torch.multinomial(full, 1, generator=generator)[0]
     return torch.where(greedy, greedy_tokens, drawn)
+
+
+def _sample_batch_fused(logits: torch.Tensor, params: list[SamplingParams], ks: list[int]) -> torch.Tensor:
+    """sample_batch for rows without seeds, each with a top-k: the candidates by torch.topk, then one kernel for the
+    rest (the same rules; the draw inverts the CDF at a uniform number instead of calling torch.multinomial). The
+    rows' parameters travel in one host-to-device copy."""
+    from ..kernels.logits import sample_candidates
+
+    values, ids = logits.topk(max(ks), dim=-1)  # [B, kmax], descending (temperature > 0 keeps the order)
+    table = torch.tensor([[1.0 if p.greedy else p.temperature for p in params], ks, [p.top_p for p in params],
+                          [p.min_p for p in params], [float(p.greedy) for p in params]], dtype=torch.float32)
+    table = table.to(logits.device, non_blocking=True)
+    uniform = torch.rand(len(params), device=logits.device)
+    drawn = sample_candidates(values, ids, table[:4], uniform, top_p=any(p.top_p < 1.0 for p in params))
+    if any(p.greedy for p in params):
+        drawn = torch.where(table[4] > 0, logits.argmax(-1), drawn)
+    return drawn

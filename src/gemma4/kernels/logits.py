@@ -76,3 +76,45 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
                                    NUM_BLOCKS=blocks, BLOCKS_PAD=triton.next_power_of_2(blocks), BLOCK=ARGMAX_BLOCK,
                                    num_warps=8, **launch_options(x))
     return out
+
+
+# Sampling from each row's top candidates (the serving engine's rows without seeds): temperature, top-k, top-p,
+# min-p and the draw in one launch per step, where the eager ops were ~15 launches (0.43 ms of an E2B decode step
+# at batch 1 on an H200, 0.9 ms at 64). The draw is the inverse of the kept candidates' CDF at a uniform number.
+@triton.jit
+def _sample_candidates_kernel(values_ptr, ids_ptr, params_ptr, uniform_ptr, out_ptr, B, C,
+                              TOP_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, BLOCK_C)
+    in_row = j < C
+    values = tl.load(values_ptr + b * C + j, mask=in_row, other=float("-inf"))  # raw logits, descending
+    temperature = tl.load(params_ptr + b)
+    top_k = tl.load(params_ptr + B + b).to(tl.int32)
+    top_p, min_p = tl.load(params_ptr + 2 * B + b), tl.load(params_ptr + 3 * B + b)
+    scaled = tl.div_rn(values, temperature)
+    kth = tl.max(tl.where(j == top_k - 1, scaled, float("-inf")), 0)
+    scaled = tl.where(scaled < kth, float("-inf"), scaled)  # ties with the k-th value stay, as in the eager rule
+    p = tl.exp(scaled - tl.max(scaled, 0))
+    p = tl.div_rn(p, tl.sum(p, 0))
+    if TOP_P:  # as the eager path: only when some row of the batch asks for it
+        p = tl.where(tl.cumsum(p, 0) - p >= top_p, 0.0, p)  # drop what lies past the top_p mass before it
+    p = tl.where(p < min_p * tl.max(p, 0), 0.0, p)
+    cdf = tl.cumsum(p, 0)
+    # The first candidate whose CDF exceeds u * total; rounding can leave u * total at the very end: the last kept.
+    chosen = tl.sum((cdf <= tl.load(uniform_ptr + b) * tl.sum(p, 0)).to(tl.int32), 0)
+    chosen = tl.minimum(chosen, tl.max(tl.where(p > 0, j, 0), 0))
+    tl.store(out_ptr + b, tl.load(ids_ptr + b * C + chosen))
+
+
+def sample_candidates(values: torch.Tensor, ids: torch.Tensor, params: torch.Tensor, uniform: torch.Tensor,
+                      top_p: bool = True) -> torch.Tensor:
+    """values [B, C] fp32: each row's C largest logits, descending, and their token ids [B, C]; params [4, B] fp32:
+    temperature (> 0), top_k (1..C), top_p, min_p per row; uniform [B] in [0, 1) -> the drawn token ids [B] (int64).
+    top_p False skips the top-p rule for every row (the eager path applies it only when some row asks)."""
+    batch, count = values.shape
+    out = torch.empty(batch, dtype=torch.long, device=values.device)
+    if batch:
+        _sample_candidates_kernel[(batch,)](values.float().contiguous(), ids.contiguous(), params.contiguous(),
+                                           uniform.contiguous(), out, batch, count, TOP_P=top_p,
+                                           BLOCK_C=triton.next_power_of_2(count), num_warps=4)
+    return out

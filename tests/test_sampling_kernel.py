@@ -1,0 +1,99 @@
+"""The fused sampler (gemma4.kernels.logits.sample_candidates, taken by `sample_batch` for unseeded top-k rows on
+the kernels path) draws from exactly the distribution `next_token_distribution` defines.
+
+Without a GPU it runs in Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1 before Triton is imported)."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from gemma4 import kernels  # noqa: E402
+from gemma4.engine import sampling  # noqa: E402
+from gemma4.engine.sampling import SamplingParams, next_token_distribution, sample_batch  # noqa: E402
+from gemma4.kernels import logits as logit_kernels  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ROWS = [SamplingParams(temperature=1.0, top_p=0.95, top_k=64),  # Gemma's defaults
+        SamplingParams(temperature=0.7, top_k=5),
+        SamplingParams(temperature=1.3, top_p=0.5, top_k=40),
+        SamplingParams(temperature=1.0, top_k=64, min_p=0.05),
+        SamplingParams(temperature=2.0, top_p=0.9, top_k=1),
+        SamplingParams(temperature=0.5, top_p=0.8, top_k=64, min_p=0.1)]
+
+
+def table(params):
+    return torch.tensor([[p.temperature for p in params], [p.top_k for p in params], [p.top_p for p in params],
+                         [p.min_p for p in params]], dtype=torch.float32, device=DEVICE)
+
+
+def inverse_cdf(probs, order, u):
+    """The token whose CDF interval (candidates in descending-logit order) holds u, or None within 1e-5 of a
+    boundary (where float summation order may decide either way)."""
+    cdf = probs[order].cumsum(0)
+    if ((cdf - u).abs() < 1e-5).any():
+        return None
+    return int(order[min(int((cdf <= u).sum()), int((probs[order] > 0).nonzero().max()))])
+
+
+def test_draw_inverts_the_reference_distribution():
+    """For each row and uniform number, the kernel's token is the reference distribution's inverse CDF at u."""
+    torch.manual_seed(0)
+    logits = torch.randn(len(ROWS), 3000, device=DEVICE) * 3
+    values, ids = logits.topk(64, dim=-1)
+    checked = 0
+    for u in torch.linspace(0.003, 0.997, 41).tolist():
+        uniform = torch.full((len(ROWS),), u, device=DEVICE)
+        out = logit_kernels.sample_candidates(values, ids, table(ROWS), uniform)
+        for row, params in enumerate(ROWS):
+            probs = next_token_distribution(logits[row], params)
+            expected = inverse_cdf(probs, logits[row].argsort(descending=True), u)
+            if expected is not None:
+                assert int(out[row]) == expected, (row, u)
+                checked += 1
+    assert checked > 0.9 * 41 * len(ROWS)
+
+
+def test_top_p_rule_only_when_asked():
+    """top_p False skips the rule for every row: a row with top_p 0.5 then keeps its whole top-k."""
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]], device=DEVICE)
+    values, ids = logits.topk(5, dim=-1)
+    params = table([SamplingParams(top_p=0.5, top_k=5)])
+    u = torch.tensor([0.999], device=DEVICE)
+    assert int(logit_kernels.sample_candidates(values, ids, params, u)) == 0  # only the top token is kept
+    assert int(logit_kernels.sample_candidates(values, ids, params, u, top_p=False)) == 4
+
+
+def test_draws_follow_the_distribution():
+    """Many independent draws of one row (torch.rand's uniforms): frequencies within 5 sigma of the probabilities."""
+    torch.manual_seed(1)
+    logits = torch.randn(1, 200, device=DEVICE) * 2
+    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=16)
+    rows = 3000
+    with kernels.force():
+        tokens = sample_batch(logits.expand(rows, -1), [params] * rows, [None] * rows)
+    probs = next_token_distribution(logits[0], params)
+    counts = torch.bincount(tokens, minlength=200).float() / rows
+    assert (counts[probs == 0] == 0).all()
+    sigma = (probs * (1 - probs) / rows).sqrt()
+    assert ((counts - probs).abs() <= 5 * sigma + 1e-9).all()
+
+
+def test_sample_batch_path_choice(monkeypatch):
+    """The fused kernel for unseeded rows with a top-k (greedy rows still take the raw argmax); rows with a seed or
+    without a top-k take the eager path."""
+    calls = []
+    real = logit_kernels.sample_candidates
+    monkeypatch.setattr(logit_kernels, "sample_candidates", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(2)
+    logits = torch.randn(3, 2000, device=DEVICE)  # a vocabulary larger than TOP_K_CANDIDATES
+    greedy = SamplingParams(temperature=0)
+    with kernels.force():
+        out = sample_batch(logits, [ROWS[0], greedy, ROWS[1]], [None] * 3)
+        assert len(calls) == 1 and int(out[1]) == int(logits[1].argmax())
+        for row, params in ((0, ROWS[0]), (2, ROWS[1])):
+            assert next_token_distribution(logits[row], params)[out[row]] > 0
+        sample_batch(logits, [ROWS[0]] * 3, [None, torch.Generator(DEVICE).manual_seed(0), None])
+        sample_batch(logits, [SamplingParams(temperature=1.0)] * 3, [None] * 3)  # no top-k
+        assert len(calls) == 1
+    assert sampling.TOP_K_CANDIDATES >= 64
