@@ -168,16 +168,20 @@ def sort_pairs(experts: torch.Tensor, num_experts: int):
 
 
 @triton.jit
+def _expert_tile(counts_ptr, starts_ptr, BLOCK_N: tl.constexpr):
+    """Program (e, n): expert e, how many sorted pairs chose it and where they start, output rows [n*BLOCK_N, ...)."""
+    e = tl.program_id(0)
+    return e, tl.load(counts_ptr + e), tl.load(starts_ptr + e), tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
 def _sorted_gate_up_kernel(x_ptr, order_ptr, counts_ptr, starts_ptr, gu_ptr, h_ptr, H: tl.constexpr,
                            W: tl.constexpr, K: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr):
     after_previous_kernel(PDL)
-    e = tl.program_id(0)
-    count = tl.load(counts_ptr + e)
+    e, count, start, cols = _expert_tile(counts_ptr, starts_ptr, BLOCK_N)  # cols: rows i of gate (and W + i of up)
     if count == 0:
         return
-    start = tl.load(starts_ptr + e)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # rows i of gate (and W + i of up)
     col_ok = cols < W
     gate_rows = gu_ptr + e.to(tl.int64) * (2 * W) * H + cols.to(tl.int64)[:, None] * H
     up_rows = gate_rows + W * H
@@ -211,12 +215,9 @@ def _sorted_down_kernel(h_ptr, counts_ptr, starts_ptr, down_ptr, y_ptr, H: tl.co
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr,
                         PDL: tl.constexpr):
     after_previous_kernel(PDL)
-    e = tl.program_id(0)
-    count = tl.load(counts_ptr + e)
+    e, count, start, cols = _expert_tile(counts_ptr, starts_ptr, BLOCK_N)  # cols: output channels
     if count == 0:
         return
-    start = tl.load(starts_ptr + e)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels
     col_ok = cols < H
     down_rows = down_ptr + e.to(tl.int64) * H * W + cols.to(tl.int64)[:, None] * W
     dtype = y_ptr.dtype.element_ty
