@@ -52,7 +52,7 @@ class GraphedDecode:
         device = model.device
         # The step's inputs: rows ids, positions (= tokens already cached), ring slots, valid (0/1); and the block
         # tables. Each has a host mirror (pinned on CUDA) that one asynchronous copy per step sends over; the
-        # mirror's table rows are rewritten only when their sequence or its number of blocks changed.
+        # mirror's table rows are rewritten only when their blocks changed.
         self.inputs = torch.zeros(4, most, dtype=torch.long, device=device)
         self.tables = torch.full((most, width), blocks.trash_block, dtype=torch.long, device=device)
         pinned = device.type == "cuda"

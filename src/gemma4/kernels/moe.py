@@ -122,7 +122,7 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, g
     return out
 
 
-# Batches between the decode kernels' and the grouped GEMMs' (serving decode steps: ~9-256 tokens). At 64 tokens x 8
+# Batches between the decode kernels' and the grouped GEMMs' (serving decode steps: 8 to 512 tokens). At 64 tokens x 8
 # choices nearly every expert is chosen (98% of 128) by ~4 pairs on average: the step reads every expert's weights
 # once, and what matters is reading them at bandwidth. One program per (expert, tile of output rows) reads its tile
 # once and multiplies it by all the expert's pairs at a time (tensor-core dots of BLOCK_M rows, padded: the rows cost
@@ -245,11 +245,11 @@ def sorted_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
     x, gate_up_proj, down_proj = _checked(x, experts, gate_up_proj, down_proj, activation)
     tokens, k = experts.shape
     num_experts, h_size, w_size = down_proj.shape
+    if tokens == 0:
+        return torch.empty_like(x)
     order, slots, counts, starts = sort_pairs(experts, num_experts)
     hidden = torch.empty(tokens * k, w_size, dtype=x.dtype, device=x.device)  # h of every pair, in sorted order
     y = torch.empty(tokens * k, h_size, dtype=x.dtype, device=x.device)
-    if tokens == 0:
-        return torch.empty_like(x)
     # Pairs per tl.dot: 16 at least (the tensor cores' tile), twice the mean pairs per expert up to 64, so that most
     # experts take one pass over their tiles. H200, 26B-A4B shapes (benchmarks/moe_decode.py --block-m): batch 128
     # (mean 8) 371 us at 16 vs 379 at 32; 256 (mean 16) 390 at 32 vs 527 at 16; 512 (mean 32) 471 at 64 vs 564 at 32.
