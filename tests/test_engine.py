@@ -147,8 +147,8 @@ def test_decodes_are_not_padded_to_a_prefill_chunk(model, monkeypatch):
 
     widths = []
     forward = ModelRunner._forward_group
-    monkeypatch.setattr(ModelRunner, "_forward_group", lambda self, items, decode: widths.append(
-        (decode, max(item.num_tokens for item in items))) or forward(self, items, decode))
+    monkeypatch.setattr(ModelRunner, "_forward_group", lambda self, items, decode, ahead=None: widths.append(
+        (decode, max(item.num_tokens for item in items))) or forward(self, items, decode, ahead))
     engine = LLMEngine(model, max_num_seqs=4, max_model_len=64, max_num_batched_tokens=16)
     first = engine.add_request(prompts(1, seed=3)[0], GREEDY)
     engine.step()  # its prefill
@@ -202,3 +202,84 @@ def test_graphed_decode_table_rows_follow_their_sequences(model):
     check([c, a, b], 4)
     check([b], 1)
     check([b, a], 4)  # rows 2..3 must be trash again
+
+
+# --- the host one step ahead of the device -------------------------------------------------------------------------
+
+def run_events(engine, batch, params):
+    """Generate, recording each step's StepOutputs per sequence and the order of launches and token reads."""
+    from gemma4.engine.runner import Launched
+
+    events, launch, collect = [], engine.runner.launch, Launched.collect
+
+    def logged_collect(self):
+        if self._collected is None:
+            events.append("read")
+        return collect(self)
+
+    engine.runner.launch = lambda batch, ahead=None: events.append("launch") or launch(batch, ahead)
+    Launched.collect = logged_collect
+    try:
+        ids = [engine.add_request(p, sp) for p, sp in zip(batch, params)]
+        outputs = {i: [] for i in ids}
+        while engine.has_unfinished():
+            for out in engine.step():
+                outputs[out.seq_id].append((out.token, out.finished, out.finish_reason, out.num_output_tokens))
+    finally:
+        Launched.collect = collect
+    return [outputs[i] for i in ids], events
+
+
+def test_running_ahead_changes_no_output(model):
+    """Engines running one step ahead (with and without the graphed decode step's inputs, run eagerly here) give
+    every sequence the same outputs as an engine that reads each step's tokens before the next: greedy and seeded
+    rows, rows stopping on a token mid-way (their extra step dropped), max_tokens 1 and 2, min_tokens, penalties
+    (sampled at once), chunked prefill and preemption. The device reads the pending tokens: a PENDING id (-1) reaching
+    the embedding would raise."""
+    from dataclasses import replace
+
+    from gemma4.engine.graphs import GraphedDecode
+
+    batch = prompts(12, seed=11)
+    free = LLMEngine(model, max_num_seqs=12, max_model_len=64).generate(batch, GREEDY)
+    greedy = SamplingParams(max_tokens=10, temperature=0, stop_token_ids=[])
+    seeded = SamplingParams(max_tokens=10, temperature=0.9, top_k=20, stop_token_ids=[])
+    params = [replace(greedy, stop_token_ids=[free[0][3]]),  # stops on its 4th token: one step dropped
+              replace(greedy, max_tokens=1), replace(seeded, seed=2, max_tokens=2),
+              replace(greedy, stop_token_ids=[free[3][2]]), replace(seeded, seed=4),
+              replace(greedy, stop_token_ids=[free[5][1]], min_tokens=5),  # sampled at once while the stop is held back
+              replace(greedy, repetition_penalty=1.3),  # sampled at once
+              replace(greedy, stop_token_ids=[free[7][5]]), replace(seeded, seed=8, max_tokens=3),
+              replace(greedy, max_tokens=2), replace(seeded, seed=10), greedy]
+    results = {}
+    for name, ahead, graphed in (("step by step", False, False), ("ahead", True, False), ("graphed", True, True)):
+        engine = LLMEngine(model, max_num_seqs=12, max_model_len=64, max_num_batched_tokens=40, num_blocks=14,
+                           run_ahead=ahead)
+        if graphed:
+            engine.runner.graphs = GraphedDecode(model, engine.blocks, engine.max_model_len)
+        results[name], events = run_events(engine, batch, params)
+        assert engine.scheduler.num_preemptions > 0
+        assert engine.blocks.usage == 0 and not engine.seqs and engine.in_flight is None
+        if ahead:  # a step's tokens are read after the next step is launched
+            assert "launch launch read launch read" in " ".join(events)
+    assert results["ahead"] == results["step by step"] == results["graphed"]
+    lengths = [len(out) for out in results["ahead"]]
+    assert [out[-1][2] for out in results["ahead"]][:4:3] == ["stop", "stop"] and lengths[:4] == [4, 1, 2, 3]
+
+
+def test_abort_while_a_token_is_in_flight(model):
+    engine = LLMEngine(model, max_num_seqs=2, max_model_len=64)
+    keep = engine.add_request(prompts(1, seed=2)[0], GREEDY)
+    drop = engine.add_request(prompts(1, seed=3)[0], GREEDY)
+    engine.step()
+    engine.step()
+    seq = engine.seqs[drop]
+    assert seq.pending and seq.output_ids[-1] == -1 and engine.in_flight is not None
+    engine.abort(drop)
+    assert not seq.pending and -1 not in seq.output_ids
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    assert [o.finish_reason for o in outs if o.seq_id == drop] == ["abort"]
+    assert [o.token for o in outs if o.seq_id == keep][-1] is not None
+    assert engine.blocks.usage == 0

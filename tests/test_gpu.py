@@ -112,9 +112,11 @@ def test_compiled_graph_greedy_equals_eager_fp32(checkpoint, monkeypatch):
 
 def test_serving_engine_graph_decode_equals_eager(checkpoint, monkeypatch):
     """The serving engine's decode steps replayed from CUDA graphs (padded batch buckets, in-place paged
-    attention) give the eager engine's greedy tokens, while rows finish at different lengths (buckets shrink).
-    In fp32: the decode kernel's split count follows the shapes (padded batch, block-table width), so in bf16 the
-    two paths round differently and a tiny random model's greedy tokens may part."""
+    attention) give the eager engine's tokens, while rows finish at different lengths (buckets shrink), one stops on
+    a token, one is sampled with a seed; and running one step ahead (the default: the graph reads the last step's
+    tokens on the device) changes nothing. In fp32: the decode kernel's split count follows the shapes (padded
+    batch, block-table width), so in bf16 the two paths round differently and a tiny random model's greedy tokens
+    may part."""
     dtype = torch.float32
     from gemma4.engine.engine import LLMEngine
     from gemma4.engine.sampling import SamplingParams
@@ -123,13 +125,18 @@ def test_serving_engine_graph_decode_equals_eager(checkpoint, monkeypatch):
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (5, 17, 9, 1, 30)]
     params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in (STEPS, 7, 23, 12, 3)]
+    params[2] = SamplingParams(max_tokens=23, temperature=1.0, top_k=40, seed=5, ignore_eos=True)
 
-    def serve():
-        engine = LLMEngine(model, max_num_seqs=5, max_model_len=96, max_num_batched_tokens=16)
+    def serve(run_ahead=True):
+        engine = LLMEngine(model, max_num_seqs=5, max_model_len=96, max_num_batched_tokens=16, run_ahead=run_ahead)
         return engine.generate(prompts, params), engine.runner.graphs
 
+    first, _ = serve()
+    params[0] = SamplingParams(max_tokens=STEPS, temperature=0.0, stop_token_ids=[first[0][9]])
     graphed, graphs = serve()
     assert graphs is not None and graphs.usable and len(graphs.graphs) >= 3, graphs and graphs.describe()
+    assert len(graphed[0]) <= 10 and graphed[0][-1] == first[0][9]
+    assert serve(run_ahead=False)[0] == graphed
     monkeypatch.setenv("GEMMA4_EAGER", "1")
     eager, no_graphs = serve()
     assert no_graphs is None

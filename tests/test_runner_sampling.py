@@ -35,17 +35,18 @@ class CheckingRunner(ModelRunner):
         super().__init__(model, blocks)
         self.checked = self.batch_calls = 0
 
-    def forward(self, batch):
-        self.logits = super().forward(batch)
+    def forward(self, batch, ahead=None):
+        self.logits = super().forward(batch, ahead)
         return self.logits
 
-    def run(self, batch):
+    def launch(self, batch, ahead=None):
         device = self.device
         before = [(item.samples, list(item.seq.output_ids),
                    None if item.seq.params.seed is None else item.seq.generator_on(device).get_state())
                   for item in batch]
         calls = runner_module.sample_batch.calls
-        results = super().run(batch)
+        launched = super().launch(batch, ahead)
+        results = launched.all_results()
         fast = [b for b, (samples, out, _) in zip(batch, before)
                 if samples and batchable(b.seq.params, len(out), b.seq.stop_ids)]
         assert runner_module.sample_batch.calls - calls == (1 if fast else 0)
@@ -62,7 +63,7 @@ class CheckingRunner(ModelRunner):
                                     seq.stop_ids, generator)
             assert results[row] == expected
             self.checked += 1
-        return results
+        return launched
 
 
 def counting(monkeypatch):
@@ -120,7 +121,7 @@ def test_no_full_logits_reach_the_host(model, monkeypatch):
         engine = LLMEngine(model, max_num_seqs=4, max_model_len=64)
         forward = engine.runner.forward
         results = []
-        engine.runner.forward = lambda batch: results.append(forward(batch)) or results[-1]
+        engine.runner.forward = lambda batch, ahead=None: results.append(forward(batch, ahead)) or results[-1]
         engine.generate(prompts(4, seed=8), [MIXED[0], MIXED[2], MIXED[4], MIXED[0]])
     finally:
         hook.remove()

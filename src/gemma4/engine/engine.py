@@ -5,7 +5,14 @@
     while engine.has_unfinished():
         for out in engine.step(): ...
 
-Not thread-safe: one thread drives it (server/async_engine.py runs it in a background thread)."""
+Not thread-safe: one thread drives it (server/async_engine.py runs it in a background thread).
+
+The host runs one step ahead of the device: `step()` queues the next forward before it reads the tokens of the one in
+flight, so the GPU is not idle while Python schedules, builds inputs and hands out outputs. A sequence whose token is
+still on the device holds a PENDING placeholder as its last output id (`Sequence.pending`); the next step reads that
+token on the device. A step's tokens therefore come out of the next `step()` call, and a sequence that stops on a
+token costs the device one step it did not need (its result is dropped). Rows that need the full sampler (penalties,
+logprobs, min_tokens) are sampled at once, which waits for the device."""
 
 from __future__ import annotations
 
@@ -14,16 +21,16 @@ import threading
 from ..model.gemma4 import check_token_ids
 from ..model.multimodal import SoftTokens, compute_soft_tokens, vision_runs
 from .block_manager import BlockManager
-from .runner import ModelRunner
+from .runner import Launched, ModelRunner
 from .sampling import GEMMA4_STOP_IDS, SamplingParams
 from .scheduler import Scheduler
-from .sequence import Sequence, StepOutput
+from .sequence import PENDING, Sequence, StepOutput
 
 
 class LLMEngine:
     def __init__(self, model, max_num_seqs: int = 64, max_model_len: int | None = None, block_size: int = 16,
                  num_blocks: int | None = None, max_num_batched_tokens: int = 512,
-                 stop_token_ids: list[int] | None = None):
+                 stop_token_ids: list[int] | None = None, run_ahead: bool = True):
         text = model.config.text_config
         self.max_model_len = min(max_model_len or text.max_position_embeddings, text.max_position_embeddings)
         min_blocks = -(-(self.max_model_len + 1) // block_size)  # one sequence of max_model_len always fits
@@ -36,6 +43,8 @@ class LLMEngine:
                                    [default] if isinstance(default, int) else default)
         self.seqs: dict[int, Sequence] = {}
         self.aborted: list[Sequence] = []
+        self.run_ahead = run_ahead
+        self.in_flight: Launched | None = None  # a step whose batch-sampled tokens the host has not read
         self._encode_lock = threading.Lock()
 
     def check_request(self, num_prompt_tokens: int, params: SamplingParams) -> None:
@@ -89,29 +98,60 @@ class LLMEngine:
 
     def abort(self, seq_id: int) -> None:
         if (seq := self.seqs.pop(seq_id, None)) is not None:
+            if seq.pending:
+                seq.output_ids.pop()
+                seq.pending = False
             self.scheduler.finish(seq, "abort")
             self.aborted.append(seq)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work() or bool(self.aborted)
+        return self.scheduler.has_work() or bool(self.aborted) or self.in_flight is not None
 
     def step(self) -> list[StepOutput]:
         outputs = [self._output(seq, None, None) for seq in self.aborted]
         self.aborted = []
+        ahead, self.in_flight = self.in_flight, None
         batch = self.scheduler.schedule()
-        if batch:
-            for item, sampled in zip(batch, self.runner.run(batch)):
-                if sampled is not None:
-                    outputs.append(self._append(item.seq, *sampled))
+        launched = self.runner.launch(batch, ahead) if batch else None
+        if ahead is not None:  # the device now has the next step queued: read this one's tokens
+            outputs += self._accept(ahead, ahead.collect())
+        if launched is not None:
+            if self.run_ahead and launched.fast:
+                outputs += self._accept(launched, launched.results)  # the rows sampled at once
+                self._hold(launched)
+            else:
+                outputs += self._accept(launched, launched.all_results())
         return outputs
 
-    def _append(self, seq: Sequence, token: int, logprobs) -> StepOutput:
-        seq.output_ids.append(token)
-        if token in seq.stop_ids and len(seq.output_ids) > seq.params.min_tokens - 1:
-            self._finish(seq, "stop")
-        elif len(seq.output_ids) >= seq.params.max_tokens:
-            self._finish(seq, "length")
-        return self._output(seq, token, logprobs)
+    def _accept(self, launched: Launched, results) -> list[StepOutput]:
+        outputs = []
+        for item, sampled in zip(launched.batch, results):
+            seq = item.seq
+            if sampled is None or seq.finished:  # no sample, or dropped: stopped, aborted or finished meanwhile
+                continue
+            token, logprobs = sampled
+            if seq.pending:
+                seq.output_ids[-1] = token
+                seq.pending = False
+            else:
+                seq.output_ids.append(token)
+            if token in seq.stop_ids and len(seq.output_ids) > seq.params.min_tokens - 1:
+                self._finish(seq, "stop")
+            elif len(seq.output_ids) >= seq.params.max_tokens:
+                self._finish(seq, "length")
+            outputs.append(self._output(seq, token, logprobs))
+        return outputs
+
+    def _hold(self, launched: Launched) -> None:
+        """Keep `launched` in flight; its sequences that will go on hold a PENDING token, which the scheduler then
+        schedules (and the runner reads on the device) as any other. One that reaches max_tokens with it does not:
+        it is not scheduled again before its token is read."""
+        self.in_flight = launched
+        for row in launched.fast:
+            seq = launched.batch[row].seq
+            if not seq.finished and len(seq.output_ids) + 1 < seq.params.max_tokens:
+                seq.output_ids.append(PENDING)
+                seq.pending = True
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)

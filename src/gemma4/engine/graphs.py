@@ -50,13 +50,15 @@ class GraphedDecode:
         self.sizes = sorted({s for s in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256) if s < most} | {most})
         width = blocks.blocks_for(max_model_len + 1)
         device = model.device
-        # The step's inputs: rows ids, positions (= tokens already cached), ring slots, valid (0/1); and the block
-        # tables. Each has a host mirror (pinned on CUDA) that one asynchronous copy per step sends over; the
-        # mirror's table rows are rewritten only when their blocks changed.
-        self.inputs = torch.zeros(4, most, dtype=torch.long, device=device)
+        # The step's inputs, rows of `inputs`: 0 the last step's sampled tokens (written on the device), 1 the ids
+        # the host knows, 2 positions (= tokens already cached), 3 ring slots, 4 valid (0/1), 5 where each row's id
+        # is (a flat index into rows 0-1: a token still pending on the device is read from row 0); and the block
+        # tables. Rows 1-5 and the tables have host mirrors (pinned on CUDA) that one asynchronous copy per step
+        # sends over; the mirror's table rows are rewritten only when their blocks changed.
+        self.inputs = torch.zeros(6, most, dtype=torch.long, device=device)
         self.tables = torch.full((most, width), blocks.trash_block, dtype=torch.long, device=device)
         pinned = device.type == "cuda"
-        self.host_inputs = torch.zeros(4, most, dtype=torch.long, pin_memory=pinned)
+        self.host_inputs = torch.zeros(6, most, dtype=torch.long, pin_memory=pinned)
         self.host_tables = torch.full((most, width), blocks.trash_block, dtype=torch.long, pin_memory=pinned)
         self.table_rows: list[list[int] | None] = [None] * most  # the block list each host row holds (None: trash)
         self.copied = torch.cuda.Event() if pinned else None  # the last copies out of the mirrors are done
@@ -66,7 +68,8 @@ class GraphedDecode:
         self.failure: str | None = None  # why capture failed, if it did
 
     def _step(self, size: int) -> torch.Tensor:
-        ids, positions, rings, valid = self.inputs[:, :size]
+        positions, rings, valid, source = self.inputs[2:, :size]
+        ids = self.inputs.view(-1)[source]
         cache = PagedCacheView(self.blocks, self.tables[:size], rings, positions)
         logits = self.model(ids[:, None], attention_mask=valid[:, None] != 0, position_ids=positions[:, None],
                             cache=cache, last_only=True)
@@ -74,32 +77,38 @@ class GraphedDecode:
 
     def _capture(self, size: int) -> None:
         self.pool = self.pool or torch.cuda.graph_pool_handle()  # one memory pool for every bucket's graph
-        self.inputs[3].zero_()  # warm-up and capture run on padding rows only: nothing but the trash is written
+        self.inputs[4].zero_()  # warm-up and capture run on padding rows only: nothing but the trash is written
         try:
             self.graphs[size] = capture_graph(lambda: self._step(size), self.pool)
         except CaptureFailed as failure:  # decode eagerly from now on
             self.usable, self.failure = False, str(failure)
             warnings.warn(f"CUDA graph capture of the serving decode step failed ({failure}); decoding eagerly")
 
-    def run(self, seqs) -> torch.Tensor | None:
-        """The logits [n, V] of n sequences' next token each (None when capture failed: run them eagerly)."""
+    def run(self, seqs, ahead=None) -> torch.Tensor | None:
+        """The logits [n, V] of n sequences' next token each (None when capture failed: run them eagerly).
+        `ahead` (runner.Launched): the step still in flight, which sampled the PENDING tokens of some of `seqs`."""
         size = next(s for s in self.sizes if s >= len(seqs))
         captured = self.model.device.type == "cuda"  # elsewhere (tests): the same padded step, run eagerly
         if captured and size not in self.graphs:
             self._capture(size)
             if not self.usable:
                 return None
-        n, pad = len(seqs), [0] * (size - len(seqs))
+        n, pad, most = len(seqs), [0] * (size - len(seqs)), self.inputs.shape[1]
         if self.copied is not None:
             self.copied.synchronize()  # the mirrors are free again (at once, in the engine: it read the last tokens)
-        self.host_inputs[:, :size] = torch.tensor([[seq.token_at(seq.num_cached) for seq in seqs] + pad,
-                                                   [seq.num_cached for seq in seqs] + pad,
-                                                   [seq.ring_slot for seq in seqs] + pad, [1] * n + pad])
+        sources = [ahead.source(seq) if seq.pending else most + row for row, seq in enumerate(seqs)]
+        sources += range(most + n, most + size)  # padding rows: their own (0) ids
+        self.host_inputs[1:, :size] = torch.tensor([[seq.token_at(seq.num_cached) for seq in seqs] + pad,
+                                                    [seq.num_cached for seq in seqs] + pad,
+                                                    [seq.ring_slot for seq in seqs] + pad, [1] * n + pad,
+                                                    sources])
         self._update_table_rows(seqs, size)
-        self.inputs.copy_(self.host_inputs, non_blocking=True)  # whole (contiguous): 4 x max_num_seqs ints
+        self.inputs[1:].copy_(self.host_inputs[1:], non_blocking=True)  # one copy: 5 x max_num_seqs ints
         self.tables[:size].copy_(self.host_tables[:size], non_blocking=True)
         if self.copied is not None:
             self.copied.record()
+        if ahead is not None and ahead.tokens is not None:
+            self.inputs[0, :len(ahead.tokens)].copy_(ahead.tokens)
         if not captured:
             return self._step(size)[:n]
         graph, logits = self.graphs[size]

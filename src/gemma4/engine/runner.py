@@ -33,43 +33,49 @@ class ModelRunner:
             and max_model_len is not None and not eager
         self.graphs = GraphedDecode(model, blocks, max_model_len) if use_graphs else None
 
-    @torch.no_grad()
     def run(self, batch: list[Scheduled]) -> list[tuple[int, object] | None]:
         """One forward over the batch; returns (token, logprobs) per row that samples, else None."""
+        return self.launch(batch).all_results()
+
+    @torch.no_grad()
+    def launch(self, batch: list[Scheduled], ahead: Launched | None = None) -> Launched:
+        """Queue one forward over the batch and its batched sampling on the device; rows that need the full sampler
+        are sampled now (that waits for the device). `ahead`: the step still in flight, whose sampled tokens are
+        the inputs of this batch's rows holding a PENDING token (their ids are read on the device)."""
         sampling = [row for row, item in enumerate(batch) if item.samples]  # before the forward moves num_cached
-        logits = self.forward(batch)
+        logits = self.forward(batch, ahead)
         results: list[tuple[int, object] | None] = [None] * len(batch)
         fast = [row for row in sampling if batchable(batch[row].seq.params, len(batch[row].seq.output_ids),
                                                       batch[row].seq.stop_ids)]
-        if fast:  # together, on the device; only the chosen ids [n] come back to the host (one sync)
+        tokens = None
+        if fast:  # together, on the device; only the chosen ids [n] come back to the host
             seqs = [batch[row].seq for row in fast]
-            chosen = sample_batch(logits if len(fast) == len(batch) else logits[fast], [s.params for s in seqs],
+            tokens = sample_batch(logits if len(fast) == len(batch) else logits[fast], [s.params for s in seqs],
                                   [s.generator_on(logits.device) for s in seqs])
-            for row, token in zip(fast, chosen.tolist()):
-                results[row] = (token, None)
+        batched = set(fast)
         for row in sampling:
-            if results[row] is None:  # penalties, logprobs or min_tokens: the full sampler, row by row
+            if row not in batched:  # penalties, logprobs or min_tokens: the full sampler, row by row
                 results[row] = self.sample(batch[row], logits[row])
-        return results
+        return Launched(batch, results, fast, tokens)
 
-    def forward(self, batch: list[Scheduled]) -> torch.Tensor:
+    def forward(self, batch: list[Scheduled], ahead: Launched | None = None) -> torch.Tensor:
         """The last position's logits of every row [B, V], fp32, left on the model's device.
 
         Rows that feed one text token (decodes) and prefill chunks run as two forwards: one left-padded forward
         would widen every decode row to the chunk's width (and could not replay the decode graph)."""
         single = [item.num_tokens == 1 and not _media_at(item) for item in batch]
         if all(single) or not any(single):
-            return self._forward_group(batch, decode=all(single))
+            return self._forward_group(batch, all(single), ahead)
         groups = [[row for row, flag in enumerate(single) if flag == decode] for decode in (True, False)]
-        parts = [self._forward_group([batch[row] for row in rows], decode=not i) for i, rows in enumerate(groups)]
+        parts = [self._forward_group([batch[row] for row in rows], not i, ahead) for i, rows in enumerate(groups)]
         logits = torch.empty(len(batch), parts[0].shape[1], dtype=parts[0].dtype, device=parts[0].device)
         for rows, part in zip(groups, parts):
             logits[rows] = part
         return logits
 
-    def _forward_group(self, batch: list[Scheduled], decode: bool) -> torch.Tensor:
+    def _forward_group(self, batch: list[Scheduled], decode: bool, ahead: Launched | None = None) -> torch.Tensor:
         if decode and self.graphs is not None and self.graphs.usable and len(batch) <= self.graphs.sizes[-1]:
-            logits = self.graphs.run([item.seq for item in batch])
+            logits = self.graphs.run([item.seq for item in batch], ahead)
             if logits is not None:
                 for item in batch:
                     item.seq.num_cached += 1
@@ -80,19 +86,26 @@ class ModelRunner:
         positions = torch.zeros(len(batch), width, dtype=torch.long)
         valid = torch.zeros(len(batch), width, dtype=torch.bool)
         tables = self.blocks.block_tables([item.seq for item in batch], num_blocks)
+        on_device = []  # (row, source in ahead.tokens): a chunk ending at its sequence's PENDING token
         for row, item in enumerate(batch):
             seq, n = item.seq, item.num_tokens
             start = seq.num_cached
             ids[row, width - n:] = torch.tensor(seq.tokens[start:start + n])  # left padding
             positions[row, width - n:] = torch.arange(start, start + n)
             valid[row, width - n:] = True
+            if seq.pending and start + n == len(seq):
+                on_device.append((row, ahead.source(seq)))
         media_embeds = self._media_embeds(batch, width)
         ring_slots = torch.tensor([item.seq.ring_slot for item in batch], dtype=torch.long)
         num_cached = torch.tensor([item.seq.num_cached for item in batch], dtype=torch.long)
         dev = self.device
         cache = PagedCacheView(self.blocks, tables.to(dev), ring_slots.to(dev), num_cached.to(dev))
         extra = {} if media_embeds is None else {"media_embeds": tuple(t.to(dev) for t in media_embeds)}
-        logits = self.model(ids.to(dev), attention_mask=valid.to(dev), position_ids=positions.to(dev), cache=cache,
+        ids = ids.to(dev)
+        if on_device:
+            rows, sources = zip(*on_device)
+            ids[list(rows), -1] = ahead.tokens[list(sources)]
+        logits = self.model(ids, attention_mask=valid.to(dev), position_ids=positions.to(dev), cache=cache,
                             last_only=True, **extra)
         for item in batch:
             item.seq.num_cached += item.num_tokens
@@ -116,6 +129,7 @@ class ModelRunner:
         return None if mask is None else (mask, torch.cat(features))
 
     def sample(self, item: Scheduled, logits: torch.Tensor):
+        assert not item.seq.pending, "the full sampler reads the output ids: the engine resolves them first"
         """One row through the full sampler, where its logits [V] are (the prompt's ids are kept there too)."""
         seq, device = item.seq, logits.device
         return sample_token(logits, seq.params, seq.prompt_tensor(device), seq.output_ids, seq.stop_ids,
@@ -127,3 +141,37 @@ def _media_at(item: Scheduled) -> bool:
     """Whether a one-token chunk is an image/audio position (it then needs the media path, not the decode step)."""
     media = item.seq.media
     return media is not None and len(media) > 0 and bool((media.positions == item.seq.num_cached).any())
+
+
+class Launched:
+    """A step queued on the device. `results` per row: (token, logprobs) for the rows sampled at once, else None.
+    The rows in `fast` were sampled together on the device ([len(fast)] `tokens` there); `collect()` waits for
+    them. Their copy to the host is queued at once (pinned memory on CUDA), so the wait is for the step alone."""
+
+    def __init__(self, batch: list[Scheduled], results: list, fast: list[int], tokens: torch.Tensor | None):
+        self.batch, self.results, self.fast, self.tokens = batch, results, fast, tokens
+        self._sources = {batch[row].seq.seq_id: i for i, row in enumerate(fast)}
+        self._host, self._copied, self._collected = tokens, None, None
+        if tokens is not None and tokens.is_cuda:
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+
+    def source(self, seq) -> int:
+        """Where `seq`'s token is in `tokens`."""
+        return self._sources[seq.seq_id]
+
+    def collect(self) -> list[tuple[int, None] | None]:
+        """The rows in `fast`: (token, None); None elsewhere."""
+        if self._collected is None:
+            self._collected = [None] * len(self.batch)
+            if self._host is not None:
+                if self._copied is not None:
+                    self._copied.synchronize()
+                for row, token in zip(self.fast, self._host.tolist()):
+                    self._collected[row] = (token, None)
+        return self._collected
+
+    def all_results(self) -> list[tuple[int, object] | None]:
+        return [late or now for now, late in zip(self.results, self.collect())]

@@ -44,7 +44,7 @@ class Scheduler:
         budget, batch = self.budget, []
         held = False  # a prefill waits for room for a whole image: admit no one before it
         for seq in sorted(self.running, key=lambda s: s.num_uncached):  # decodes first
-            if seq not in self.running or budget <= 0:
+            if seq not in self.running or budget <= 0 or seq.num_uncached == 0:  # 0: its last token is in flight
                 continue
             n = seq.chunk_size(seq.num_cached, min(seq.num_uncached, budget))
             if n == 0:

@@ -12,6 +12,8 @@ from .sampling import SamplingParams, TokenLogprobs, make_generator
 
 _ids = itertools.count()
 
+PENDING = -1  # in output_ids: a token sampled on the device that the host has not read yet (engine.py: run ahead)
+
 
 class Status(enum.Enum):
     WAITING = "waiting"
@@ -33,6 +35,7 @@ class Sequence:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     generator: torch.Generator | None = None  # the seed's generator, made where the logits are (generator_on)
     media: object | None = None  # multimodal.SoftTokens: the prompt's image/audio soft tokens, shared by n choices
+    pending: bool = False  # output_ids[-1] is PENDING: the step that samples it is still on the device
     _prompt_tensor: torch.Tensor | None = None
 
     @property
