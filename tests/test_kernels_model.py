@@ -148,7 +148,7 @@ def test_serving_decode_in_padded_buckets_equals_unpadded(model, request):
         engine.runner.graphs = GraphedDecode(model, engine.blocks, engine.max_model_len)
         calls = []
         run = engine.runner.graphs.run
-        engine.runner.graphs.run = lambda seqs: calls.append(len(seqs)) or run(seqs)
+        engine.runner.graphs.run = lambda seqs, ahead=None: calls.append(len(seqs)) or run(seqs, ahead)
         padded = engine.generate(prompts, params)
     with no_kernels():
         plain = LLMEngine(model, max_num_seqs=4, max_model_len=48, max_num_batched_tokens=4).generate(prompts, params)

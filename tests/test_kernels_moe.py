@@ -62,10 +62,12 @@ def test_fp32_equals_torch_paths(tokens, k, activation):
         torch.testing.assert_close(out, module.forward_gathered(x, weights, experts), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("down_block_w", [16, 1024])
 @pytest.mark.parametrize("tokens", [1, 3])
-def test_non_power_of_two_sides(tokens, monkeypatch):
-    """Masked rows and columns in both kernels, and several steps of each loop over columns (with a ragged tail)."""
-    for name, value in dict(GU_BLOCK_W=16, GU_BLOCK_H=32, DOWN_BLOCK_H=32, DOWN_BLOCK_W=16).items():
+def test_non_power_of_two_sides(tokens, down_block_w, monkeypatch):
+    """Masked rows and columns in both kernels, and several steps of each loop over columns (with a ragged tail);
+    with wide down blocks and one token, the down kernel's single load of all k (= 3, padded to 4) experts' rows."""
+    for name, value in dict(GU_BLOCK_W=16, GU_BLOCK_H=32, DOWN_BLOCK_H=32, DOWN_BLOCK_W=down_block_w).items():
         monkeypatch.setattr(moe, name, value)
     module, x, weights, experts = build(tokens, 3, hidden=48, width=24)
     with torch.no_grad():
