@@ -323,19 +323,22 @@ def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: 
 def _moe_residual_norm_kernel(res_ptr, dense_ptr, sparse_ptr, dense_w_ptr, sparse_w_ptr, w_ptr, scalar_ptr, out_ptr,
                               next_w_ptr, next_out_ptr, res_stride, dense_stride, sparse_stride, D, eps, next_eps,
                               HAS_SCALAR: tl.constexpr, HAS_NEXT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    after_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < D
     dtype = out_ptr.dtype.element_ty
     # DecoderLayer's MoE tail, rounded where its eager ops materialize tensors of the model dtype: the two branch
     # norms and their sum, then as add_normed: the norm of the sum, the residual add, the layer scalar.
-    dense = tl.load(dense_ptr + row * dense_stride + offs, mask=mask, other=0.0).to(tl.float32)
-    sparse = tl.load(sparse_ptr + row * sparse_stride + offs, mask=mask, other=0.0).to(tl.float32)
-    combined = round_to(round_to(_normalize(dense, dense_w_ptr, offs, mask, D, eps, True), dtype)
-                        + round_to(_normalize(sparse, sparse_w_ptr, offs, mask, D, eps, True), dtype), dtype)
-    normed = round_to(_normalize(combined, w_ptr, offs, mask, D, eps, True), dtype)
+    # Before the wait (see moe_residual_norm): the residual, the dense branch and its norm, the norm weights.
     residual = tl.load(res_ptr + row * res_stride + offs, mask=mask, other=0.0).to(tl.float32)
+    dense = tl.load(dense_ptr + row * dense_stride + offs, mask=mask, other=0.0).to(tl.float32)
+    dense_normed = round_to(_normalize(dense, dense_w_ptr, offs, mask, D, eps, True), dtype)
+    sparse_w = tl.load(sparse_w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    after_previous_kernel(PDL)
+    sparse = tl.load(sparse_ptr + row * sparse_stride + offs, mask=mask, other=0.0).to(tl.float32)
+    combined = round_to(dense_normed + round_to(_unit_rms(sparse, D, eps) * sparse_w, dtype), dtype)
+    normed = round_to(_unit_rms(combined, D, eps) * w, dtype)
     new = round_to(residual + normed, dtype)
     if HAS_SCALAR:
         new = round_to(new * tl.load(scalar_ptr).to(tl.float32), dtype)
@@ -353,7 +356,11 @@ def moe_residual_norm(residual: torch.Tensor, dense: torch.Tensor, sparse: torch
     1-element tensor in the model dtype, read on the device; None: no scaling). residual, dense, sparse [..., D] of
     one shape; the result has residual's shape and dtype, rounded at the same points as the eager ops.
 
-    Returns (new, rms_norm(new, next_weight, next_eps) if next_weight is given else None), as residual_rms_norm."""
+    Returns (new, rms_norm(new, next_weight, next_eps) if next_weight is given else None), as residual_rms_norm.
+
+    With PDL the kernel reads `residual` and `dense` (and computes the dense branch's norm) before it waits for the
+    previous kernel: only `sparse` may be that kernel's output (DecoderLayer.moe_feedforward runs the dense MLP
+    before the router and the experts, whose last kernel writes `sparse`)."""
     res_rows, dense_rows, sparse_rows, D = _rows(residual), _rows(dense), _rows(sparse), residual.shape[-1]
     assert dense.shape == sparse.shape == residual.shape, (residual.shape, dense.shape, sparse.shape)
     out = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)

@@ -444,7 +444,7 @@ class DecoderLayer(nn.Module):
         x, h, expert_input, router_input = add_normed_linear(x, attn, self.self_attn.o_proj,
                                                              self.post_attention_layernorm,
                                                              next_norm=self.pre_feedforward_layernorm, moe=moe)
-        dense = self.mlp(h)
+        dense = self.mlp(h)  # before the experts: moe_residual_norm reads it before waiting for their last kernel
         hidden = x.shape[-1]
         weights, experts = self.router.route(router_input.reshape(-1, hidden))
         sparse = self.experts(expert_input.reshape(-1, hidden), weights, experts).reshape(x.shape)
