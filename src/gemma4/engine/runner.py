@@ -3,8 +3,9 @@ view) and samples the rows whose chunk reached the end of their known tokens. Im
 once per request (`Sequence.media`), go in as `media_embeds` for the prompt positions each chunk covers.
 
 Sampling stays on the model's device: the rows that `batchable` accepts are sampled together (`sample_batch`; greedy
-rows take the argmax) and only their token ids come back to the host; the others (penalties, logprobs, min_tokens
-holding back a stop) go through `sample_token` one by one, on the device too.
+rows take the argmax) and only their token ids come back to the host, when the engine asks (`Launched.collect`:
+after it has queued the next step, whose inputs read those ids on the device); the others (penalties, logprobs,
+min_tokens holding back a stop) go through `sample_token` one by one, on the device too, at once.
 
 On CUDA (with the Triton kernels), steps where every row decodes one token replay a CUDA graph captured for the
 batch size rounded up to a bucket (`GraphedDecode`): the paged view, the forward and the logits all run from static
@@ -129,8 +130,9 @@ class ModelRunner:
         return None if mask is None else (mask, torch.cat(features))
 
     def sample(self, item: Scheduled, logits: torch.Tensor):
-        assert not item.seq.pending, "the full sampler reads the output ids: the engine resolves them first"
-        """One row through the full sampler, where its logits [V] are (the prompt's ids are kept there too)."""
+        """One row through the full sampler, where its logits [V] are (the prompt's ids are kept there too). Its
+        output ids hold no PENDING token: only rows that `batchable` takes run ahead, and those stay batchable."""
+        assert not item.seq.pending
         seq, device = item.seq, logits.device
         return sample_token(logits, seq.params, seq.prompt_tensor(device), seq.output_ids, seq.stop_ids,
                             seq.generator_on(device))
