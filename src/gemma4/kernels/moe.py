@@ -72,7 +72,7 @@ def _down_kernel(h_ptr, weights_ptr, experts_ptr, down_ptr, out_ptr, H: tl.const
         # wait for the gate/up kernel. The expert ids and routing weights come from a kernel before that one
         # (complete once this one is scheduled: every gate/up program has passed its own wait), and weights are
         # never written. So the down weights stream in while gate/up finishes. (Slower at 4-8 tokens: 98 vs 93 us
-        # at 4, 179 vs 166 at 8, where the loop below keeps more programs resident.)
+        # at 4, 179 vs 166 at 8: there the loop below stays.)
         pairs = t * K + tl.arange(0, K_POW2)
         pair_ok = tl.arange(0, K_POW2) < K
         e = tl.load(experts_ptr + pairs, mask=pair_ok, other=0).to(tl.int64)
