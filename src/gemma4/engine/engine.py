@@ -100,7 +100,6 @@ class LLMEngine:
         if (seq := self.seqs.pop(seq_id, None)) is not None:
             if seq.pending:
                 seq.output_ids.pop()
-                seq.pending = False
             self.scheduler.finish(seq, "abort")
             self.aborted.append(seq)
 
@@ -132,7 +131,6 @@ class LLMEngine:
             token, logprobs = sampled
             if seq.pending:
                 seq.output_ids[-1] = token
-                seq.pending = False
             else:
                 seq.output_ids.append(token)
             if token in seq.stop_ids and len(seq.output_ids) > seq.params.min_tokens - 1:
@@ -151,7 +149,6 @@ class LLMEngine:
             seq = launched.batch[row].seq
             if not seq.finished and len(seq.output_ids) + 1 < seq.params.max_tokens:
                 seq.output_ids.append(PENDING)
-                seq.pending = True
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)

@@ -34,10 +34,6 @@ class ModelRunner:
             and max_model_len is not None and not eager
         self.graphs = GraphedDecode(model, blocks, max_model_len) if use_graphs else None
 
-    def run(self, batch: list[Scheduled]) -> list[tuple[int, object] | None]:
-        """One forward over the batch; returns (token, logprobs) per row that samples, else None."""
-        return self.launch(batch).all_results()
-
     @torch.no_grad()
     def launch(self, batch: list[Scheduled], ahead: Launched | None = None) -> Launched:
         """Queue one forward over the batch and its batched sampling on the device; rows that need the full sampler
@@ -176,4 +172,5 @@ class Launched:
         return self._collected
 
     def all_results(self) -> list[tuple[int, object] | None]:
+        """(token, logprobs) per row that samples, else None (waits for the batched rows)."""
         return [late or now for now, late in zip(self.results, self.collect())]

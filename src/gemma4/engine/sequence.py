@@ -35,8 +35,12 @@ class Sequence:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     generator: torch.Generator | None = None  # the seed's generator, made where the logits are (generator_on)
     media: object | None = None  # multimodal.SoftTokens: the prompt's image/audio soft tokens, shared by n choices
-    pending: bool = False  # output_ids[-1] is PENDING: the step that samples it is still on the device
     _prompt_tensor: torch.Tensor | None = None
+
+    @property
+    def pending(self) -> bool:
+        """Whether output_ids[-1] is PENDING: the step that samples it is still on the device."""
+        return bool(self.output_ids) and self.output_ids[-1] == PENDING
 
     @property
     def tokens(self) -> list[int]:
