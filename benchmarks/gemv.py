@@ -177,8 +177,9 @@ def deferred_sites(preset: str) -> collections.Counter:
 
 
 def deferred(preset: str) -> None:
-    consumer_tiles = [None, (4, 2048, 8, 3), (2, 2048, 8, 3), (8, 2048, 8, 3), (16, 2048, 8, 3), (4, 2048, 4, 3),
-                      (8, 2048, 4, 3), (2, 2048, 4, 3)]  # None: the kernels' NORMED_TILES
+    # None: the kernels' NORMED_TILES; (BLOCK_N, BLOCK_K: the row's width, warps, stages, GROUPS of rows a program)
+    consumer_tiles = [None] + [(n, 4096, warps, 3, groups) for n, warps, groups in
+                               itertools.product((1, 2, 4, 8), (4, 8), (1, 2, 4, 8))]
     print(f"{preset} on {torch.cuda.get_device_name()}: us per (producer, consumer) pair: the norms in the producer's "
           "epilogue, or deferred to the consumer (its tiles: default, best)")
     total = collections.Counter()
@@ -213,8 +214,8 @@ def deferred(preset: str) -> None:
         total["deferred"] += after[0][0] * count
         total["deferred, best tiles"] += best[0] * count
         print(f"{site:20s} {pn}x{pk} -> {kind:7s} {cn}x{ck} x{count:3d} | epilogue {before:6.2f} | deferred "
-              f"{after[0][0]:6.2f} | best {best[0]:6.2f} {best[1]} | "
-              + " ".join(f"{us:.2f}" for us, _ in after))
+              f"{after[0][0]:6.2f} | best {best[0]:6.2f} {best[1]} | next: "
+              + ", ".join(f"{us:.2f} {t}" for us, t in sorted(after, key=lambda r: r[0])[1:4]))
     print("per decode step, us: " + ", ".join(f"{name} {us:.0f}" for name, us in total.items()))
 
 

@@ -30,12 +30,17 @@ def test_gemv_equals_linear(n, k, dtype):
 
 
 def test_gemv_tiles_do_not_change_results():
-    """Other tiles: same products up to fp32 summation order (rows masked differently, other K steps)."""
+    """Other tiles: same products up to fp32 summation order (rows masked differently, other K steps, several
+    groups of rows per program: on the CPU 64 rows a group, so 70 rows end in a ragged second group, and a third
+    group is all masked)."""
     torch.manual_seed(0)
-    weight, x = torch.randn(70, 600, device=DEVICE), torch.randn(600, device=DEVICE)
+    weight, x = torch.randn(70, 600, device=DEVICE) * 600**-0.5, torch.randn(600, device=DEVICE)
+    up = torch.randn(70, device=DEVICE)
     ref = F.linear(x, weight)
-    for tiles in [(2, 256, 4, 2), (16, 512, 8, 3), (4, 2048, 8, 3)]:
+    for tiles in [(2, 256, 4, 2), (16, 512, 8, 3), (4, 2048, 8, 3), (8, 256, 4, 3, 3), (16, 1024, 4, 3, 2)]:
         torch.testing.assert_close(gemv(x, weight, tiles), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gemv_module.gemv_gated(x, weight, "gelu_pytorch_tanh", up, tiles=tiles),
+                                   F.gelu(ref, approximate="tanh") * up, rtol=1e-5, atol=1e-5)
 
 
 def test_linear_takes_gemv_for_one_row_only(monkeypatch):
@@ -139,10 +144,13 @@ def test_takes_gemv_only_where_measured_faster():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("variant", ["gemv scalar+next", "gemv next", "gated", "gated multiplier no-next"])
-def test_gemv_with_normed_input_equals_norm_kernel_then_gemv(dtype, variant):
+@pytest.mark.parametrize("groups", [None, 3])
+def test_gemv_with_normed_input_equals_norm_kernel_then_gemv(dtype, variant, groups):
     """The GEMV whose programs apply the residual norms of an earlier product y to their input (norms=) equals the
     norm kernel followed by the plain GEMV: the same outputs and the same residual stream `new` (written by program 0).
-    A ragged row (K = 300 of a 512-wide tile) and ragged N."""
+    A ragged row (K = 300 of a 512-wide tile) and ragged N; the default row groups and three (on the CPU 64 rows a
+    group: the second ragged, the third masked)."""
+    tiles = (8, 512, 4, 3, groups) if groups else None
     torch.manual_seed(3)
     n, k = 70, 300
 
@@ -160,11 +168,11 @@ def test_gemv_with_normed_input_equals_norm_kernel_then_gemv(dtype, variant):
     gemv_input = want_next if has_next else want_new
     if variant.startswith("gemv"):
         weight = rand(n, k, scale=k**-0.5)
-        got, want = gemv(y, weight, norms=norms), gemv(gemv_input, weight)
+        got, want = gemv(y, weight, tiles, norms=norms), gemv(gemv_input, weight)
     else:
         multiplier = rand(1, 1, n) if "multiplier" in variant else None
         weight = rand(n if multiplier is not None else 2 * n, k, scale=k**-0.5 * 2)
-        got = gemv_gated(y, weight, "gelu_pytorch_tanh", multiplier, norms=norms)
+        got = gemv_gated(y, weight, "gelu_pytorch_tanh", multiplier, norms=norms, tiles=tiles)
         want = gemv_gated(gemv_input, weight, "gelu_pytorch_tanh", multiplier)
     assert got.shape == want.shape and new.shape == want_new.shape
     if dtype == torch.float32 or DEVICE == "cpu":  # the interpreter sums in one order: bit-equal

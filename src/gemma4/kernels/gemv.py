@@ -29,15 +29,20 @@ TILES = (4, 2048, 8, 3)
 
 
 @triton.jit
-def _input_row(x_ptr, res_ptr, new_ptr, norm_weights, eps, next_eps, K: tl.constexpr, BLOCK_K: tl.constexpr,
-               NORMED: tl.constexpr, HAS_SCALAR: tl.constexpr, HAS_NEXT: tl.constexpr):
-    """The first BLOCK_K inputs as fp32 [1, BLOCK_K]. With NORMED, x_ptr holds an earlier product y and the input is
-    residual_rms_norm(res, y, nw, eps, scalar, next_w, next_eps)'s second result (its first without HAS_NEXT; the
-    weights are `norm_weights`, from _norm_weights), which this program computes from the whole row (K <= BLOCK_K);
-    program 0 also stores the first, the residual stream, at new_ptr. Every program repeats the norms (a few KB
-    from L2) so that no program waits for another's output."""
+def _input_row(x_ptr, res_ptr, nw_ptr, scalar_ptr, next_w_ptr, new_ptr, eps, next_eps, K: tl.constexpr,
+               BLOCK_K: tl.constexpr, NORMED: tl.constexpr, HAS_SCALAR: tl.constexpr, HAS_NEXT: tl.constexpr,
+               PDL: tl.constexpr):
+    """Waits for the previous kernel (PDL: the input is its output; the norm weights are loaded first), then returns
+    the first BLOCK_K inputs as fp32 [1, BLOCK_K]. With NORMED, x_ptr holds an earlier product y and the input is
+    residual_rms_norm(res, y, nw, eps, scalar, next_w, next_eps)'s second result (its first without HAS_NEXT), which
+    this program computes from the whole row (K <= BLOCK_K); program 0 also stores the first, the residual stream,
+    at new_ptr. Every program repeats the norms (a few KB from L2) so that no program waits for another's output."""
     cols = tl.arange(0, BLOCK_K)
     mask = cols < K
+    norm_weights = (1.0, 1.0, 1.0)
+    if NORMED:
+        norm_weights = _norm_weights(nw_ptr, scalar_ptr, next_w_ptr, cols, mask, True, HAS_SCALAR, HAS_NEXT)
+    after_previous_kernel(PDL)
     x = tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if NORMED:
         dtype = new_ptr.dtype.element_ty
@@ -52,27 +57,32 @@ def _input_row(x_ptr, res_ptr, new_ptr, norm_weights, eps, next_eps, K: tl.const
 
 
 @triton.jit
-def _dot_rows(x_ptr, w_rows, row_ok, up_offset, res_ptr, nw_ptr, scalar_ptr, next_w_ptr, new_ptr, eps, next_eps,
-              K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, HAS_UP: tl.constexpr,
-              NORMED: tl.constexpr, HAS_SCALAR: tl.constexpr, HAS_NEXT: tl.constexpr, PDL: tl.constexpr):
-    """fp32 dot products of the input row (see _input_row) with the weight rows at w_rows [BLOCK_N] (pointers to
-    their first element) and, if HAS_UP, with the rows up_offset elements further (the up half of a fused gate/up
-    weight): (gate, up), with up = gate without HAS_UP. The first BLOCK_K columns of the weights (and the norm
-    weights) are loaded before waiting for the previous kernel (PDL): the input is its output, weights are no
-    kernel's."""
+def _first_tiles(w_ptr, rows, N, stride_wn, up_offset, K: tl.constexpr, BLOCK_K: tl.constexpr,
+                 HAS_UP: tl.constexpr):
+    """The first BLOCK_K columns of weight rows `rows` [BLOCK_N] and, with HAS_UP, of the rows up_offset elements
+    further (the up half of a fused gate/up weight): (gate, up), up = gate without HAS_UP."""
     cols = tl.arange(0, BLOCK_K)
-    mask = row_ok[:, None] & (cols < K)[None, :]
-    w = tl.load(w_rows[:, None] + cols[None, :], mask=mask, other=0.0)
+    mask = (rows < N)[:, None] & (cols < K)[None, :]
+    ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + cols[None, :]
+    w = tl.load(ptrs, mask=mask, other=0.0)
+    u = w
     if HAS_UP:
-        u = tl.load(w_rows[:, None] + up_offset + cols[None, :], mask=mask, other=0.0)
-    norm_weights = (1.0, 1.0, 1.0)
-    if NORMED:
-        norm_weights = _norm_weights(nw_ptr, scalar_ptr, next_w_ptr, cols, cols < K, True, HAS_SCALAR, HAS_NEXT)
-    after_previous_kernel(PDL)
-    x = _input_row(x_ptr, res_ptr, new_ptr, norm_weights, eps, next_eps, K, BLOCK_K, NORMED, HAS_SCALAR, HAS_NEXT)
+        u = tl.load(ptrs + up_offset, mask=mask, other=0.0)
+    return w, u
+
+
+@triton.jit
+def _dots(w, u, x, x_ptr, w_ptr, rows, N, stride_wn, up_offset, K: tl.constexpr, BLOCK_K: tl.constexpr,
+          HAS_UP: tl.constexpr):
+    """fp32 dot products of the input row with weight rows `rows`, given their first tiles (w, u) from _first_tiles
+    and the first inputs x (from _input_row); the columns past BLOCK_K are read here: (gate, up), up = gate without
+    HAS_UP."""
     acc = w.to(tl.float32) * x  # per-lane partial sums [BLOCK_N, BLOCK_K]: one reduction at the end
+    acc_up = acc
     if HAS_UP:
         acc_up = u.to(tl.float32) * x
+    row_ok = rows < N
+    w_rows = w_ptr + rows.to(tl.int64) * stride_wn
     for k0 in range(BLOCK_K, K, BLOCK_K):  # never with NORMED (K <= BLOCK_K)
         cols = k0 + tl.arange(0, BLOCK_K)
         if K % BLOCK_K == 0:
@@ -91,41 +101,50 @@ def _dot_rows(x_ptr, w_rows, row_ok, up_offset, res_ptr, nw_ptr, scalar_ptr, nex
     return gate, up
 
 
+@triton.jit
+def _store_rows(out_ptr, rows, N, gate, up, mult_ptr, ACT: tl.constexpr, GATED: tl.constexpr, HAS_UP: tl.constexpr):
+    """Stores the products of rows `rows` (gate) or, with GATED, act(gate) * up, rounded as the eager ops round: the
+    product(s), act(gate), and act(gate) * up each a tensor of the model dtype. Without HAS_UP, up is the
+    multiplier's row."""
+    dtype = out_ptr.dtype.element_ty
+    row_ok = rows < N
+    if GATED:
+        gate = round_to(gate, dtype)
+        if HAS_UP:
+            up = round_to(up, dtype)
+        else:
+            up = tl.load(mult_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        gate = round_to(round_to(activation_fp32(gate, ACT), dtype) * up, dtype)
+    tl.store(out_ptr + rows, gate.to(dtype), mask=row_ok)
+
+
 # K is a compile-time constant in both kernels (one compilation per weight shape): a static trip count, which the
 # interpreter also needs. The arguments from res_ptr to HAS_NEXT are _input_row's (NORMED: the input is the residual
-# norms of an earlier product).
+# norms of an earlier product). A program takes GROUPS blocks of BLOCK_N rows, num_programs * BLOCK_N rows apart,
+# and computes its input once for all of them: a program normalizing its input reads ~4 rows of K from L2 for it,
+# as many bytes as 2-4 rows of weights. Each group's weights are loaded before the previous group's are multiplied.
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, stride_wn, res_ptr, nw_ptr, scalar_ptr, next_w_ptr, new_ptr, eps,
-                 next_eps, K: tl.constexpr, NORMED: tl.constexpr, HAS_SCALAR: tl.constexpr, HAS_NEXT: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, out_ptr, mult_ptr, N, stride_wn, res_ptr, nw_ptr, scalar_ptr, next_w_ptr, new_ptr,
+                 eps, next_eps, K: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, HAS_UP: tl.constexpr,
+                 NORMED: tl.constexpr, HAS_SCALAR: tl.constexpr, HAS_NEXT: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, GROUPS: tl.constexpr, PDL: tl.constexpr):
+    """out = x @ weight.T, or with GATED act(gate) * up (gate/up: rows i and N + i with HAS_UP, else up from
+    mult_ptr); N is the output width."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    out, _ = _dot_rows(x_ptr, w_ptr + rows.to(tl.int64) * stride_wn, row_ok, 0, res_ptr, nw_ptr, scalar_ptr,
-                       next_w_ptr, new_ptr, eps, next_eps, K, BLOCK_K, BLOCK_N, False, NORMED, HAS_SCALAR, HAS_NEXT,
-                       PDL)
-    tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_ok)
-
-
-@triton.jit
-def _gemv_gated_kernel(x_ptr, w_ptr, mult_ptr, out_ptr, W, stride_wn, res_ptr, nw_ptr, scalar_ptr, next_w_ptr,
-                       new_ptr, eps, next_eps, K: tl.constexpr, ACT: tl.constexpr, HAS_UP: tl.constexpr,
-                       NORMED: tl.constexpr, HAS_SCALAR: tl.constexpr, HAS_NEXT: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < W
-    dtype = out_ptr.dtype.element_ty
-    w_rows = w_ptr + rows.to(tl.int64) * stride_wn
-    # Rounded as the eager ops: the product(s), act(gate), and act(gate) * up each a tensor of the model dtype.
-    # With HAS_UP, up is row W + i of the same weight.
-    gate, up = _dot_rows(x_ptr, w_rows, row_ok, W * stride_wn, res_ptr, nw_ptr, scalar_ptr, next_w_ptr, new_ptr, eps,
-                         next_eps, K, BLOCK_K, BLOCK_N, HAS_UP, NORMED, HAS_SCALAR, HAS_NEXT, PDL)
-    gate = round_to(gate, dtype)
-    if HAS_UP:
-        up = round_to(up, dtype)
-    else:
-        up = tl.load(mult_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    act = round_to(activation_fp32(gate, ACT), dtype)
-    tl.store(out_ptr + rows, round_to(act * up, dtype).to(dtype), mask=row_ok)
+    group_step = tl.num_programs(0) * BLOCK_N
+    up_offset = N * stride_wn
+    w, u = _first_tiles(w_ptr, rows, N, stride_wn, up_offset, K, BLOCK_K, HAS_UP)
+    x = _input_row(x_ptr, res_ptr, nw_ptr, scalar_ptr, next_w_ptr, new_ptr, eps, next_eps, K, BLOCK_K, NORMED,
+                   HAS_SCALAR, HAS_NEXT, PDL)
+    for group in tl.static_range(GROUPS):
+        if group + 1 < GROUPS:
+            next_w, next_u = _first_tiles(w_ptr, rows + group_step, N, stride_wn, up_offset, K, BLOCK_K, HAS_UP)
+            gate, up = _dots(w, u, x, x_ptr, w_ptr, rows, N, stride_wn, up_offset, K, BLOCK_K, HAS_UP)
+            _store_rows(out_ptr, rows, N, gate, up, mult_ptr, ACT, GATED, HAS_UP)
+            w, u, rows = next_w, next_u, rows + group_step
+        else:
+            gate, up = _dots(w, u, x, x_ptr, w_ptr, rows, N, stride_wn, up_offset, K, BLOCK_K, HAS_UP)
+            _store_rows(out_ptr, rows, N, gate, up, mult_ptr, ACT, GATED, HAS_UP)
 
 
 @triton.jit
@@ -136,10 +155,10 @@ def _gemv_residual_norms_kernel(x_ptr, w_ptr, y_ptr, counter_ptr, res_ptr, nw_pt
                                 HAS_NEXT: tl.constexpr, HAS_MOE: tl.constexpr, BLOCK: tl.constexpr,
                                 PDL: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    y, _ = _dot_rows(x_ptr, w_ptr + rows.to(tl.int64) * stride_wn, row_ok, 0, x_ptr, x_ptr, x_ptr, x_ptr, y_ptr, eps,
-                     eps, K, BLOCK_K, BLOCK_N, False, False, False, False, PDL)
-    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+    w, _ = _first_tiles(w_ptr, rows, N, stride_wn, 0, K, BLOCK_K, False)
+    x = _input_row(x_ptr, x_ptr, x_ptr, x_ptr, x_ptr, y_ptr, eps, eps, K, BLOCK_K, False, False, False, PDL)
+    y, _ = _dots(w, w, x, x_ptr, w_ptr, rows, N, stride_wn, 0, K, BLOCK_K, False)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
     # The norms need the whole output row: the last program to finish computes them. Its acquire pairs with every
     # other program's release (acq_rel atomics), so their y stores are visible to it. It then re-arms the counter
     # for the next launch (CUDA-graph replays included).
@@ -153,10 +172,13 @@ def _gemv_residual_norms_kernel(x_ptr, w_ptr, y_ptr, counter_ptr, res_ptr, nw_pt
 
 # Widest input row a GEMV normalizes itself (`norms`): it holds the row in one tile of registers.
 NORMED_MAX_K = 4096
-# Tiles of a GEMV that normalizes its input (its one BLOCK_K step as wide as the row), plain and gated: the best of
-# `benchmarks/gemv.py --deferred` on an H200 for the readers of E2B's and E4B's residual norms (E4B's gate/up
-# 20480x2560: 37.1 us against 44.4 with TILES).
-NORMED_TILES = {False: (8, NORMED_MAX_K, 4, 3), True: (4, NORMED_MAX_K, 4, 3)}
+# Tiles of a GEMV that normalizes its input (its one BLOCK_K step as wide as the row), plain and gated, with GROUPS
+# of rows a program: the best of `benchmarks/gemv.py --deferred` on an H200 for the readers of E2B's and E4B's residual
+# norms (pairs with their producer, us: E4B's gate/up 20480x2560 37.20 -> 33.39, its q/k/v 3072x2560 9.87 -> 8.50,
+# E2B's gate/up 24576x1536 26.91 -> 25.19). Outputs narrower than NORMED_GROUPS_MIN_WIDTH take one group: the
+# per-layer input gates (256 outputs) need every program they can get (E4B's 19.67 us with four groups, 17.05 with one).
+NORMED_TILES = {False: (4, NORMED_MAX_K, 4, 3, 2), True: (2, NORMED_MAX_K, 4, 3, 4)}
+NORMED_GROUPS_MIN_WIDTH = 2048
 
 
 # Rows of 2049-4096 inputs (E4B, 26B-A4B) in one BLOCK_K step, where TILES take two (the second mostly masked), and
@@ -166,15 +188,20 @@ NORMED_TILES = {False: (8, NORMED_MAX_K, 4, 3), True: (4, NORMED_MAX_K, 4, 3)}
 WIDE_TILES = (4, 4096, 4, 3)
 
 
-def _tiles(x: torch.Tensor, k_in: int, tiles, normed: bool = False, gated: bool = False):
+def _tiles(x: torch.Tensor, k_in: int, tiles: tuple | None, normed: bool = False, gated: bool = False,
+           width: int = 0) -> tuple:
+    """(BLOCK_N, BLOCK_K, warps, stages, GROUPS) from `tiles` (GROUPS 1 when it has four entries) or the defaults
+    for `width` outputs."""
     default = NORMED_TILES[gated] if normed else WIDE_TILES if 2048 < k_in <= 4096 else TILES
-    block_n, block_k, warps, stages = tiles or default
+    if tiles is None and normed and width < NORMED_GROUPS_MIN_WIDTH:
+        default = default[:4]
+    block_n, block_k, warps, stages, groups = (*(tiles or default), 1)[:5]
     if not x.is_cuda:  # the interpreter runs programs one by one; a row's arithmetic depends on BLOCK_K alone
         block_n = 64
     if normed:
         assert k_in <= NORMED_MAX_K, f"a GEMV normalizes rows of up to {NORMED_MAX_K} inputs, not {k_in}"
         block_k = triton.next_power_of_2(k_in)
-    return block_n, min(block_k, triton.next_power_of_2(k_in)), warps, stages
+    return block_n, min(block_k, triton.next_power_of_2(k_in)), warps, stages, groups
 
 
 def _input_args(x: torch.Tensor, norms: tuple | None) -> tuple[tuple, dict]:
@@ -189,27 +216,34 @@ def _input_args(x: torch.Tensor, norms: tuple | None) -> tuple[tuple, dict]:
     return args, dict(NORMED=True, HAS_SCALAR=scalar is not None, HAS_NEXT=next_weight is not None)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, tiles: tuple[int, int, int, int] | None = None,
-         norms: tuple | None = None) -> torch.Tensor:
+def _launch_gemv(x: torch.Tensor, weight: torch.Tensor, width: int, tiles: tuple | None, norms: tuple | None,
+                 gated: bool = False, act: int = 0, multiplier: torch.Tensor | None = None) -> torch.Tensor:
+    assert weight.stride(-1) == 1 and x.shape[-1] == weight.shape[1] and x.numel() == x.shape[-1]
+    k_in = weight.shape[1]
+    block_n, block_k, warps, stages, groups = _tiles(x, k_in, tiles, norms is not None, gated, width)
+    x = x.contiguous()
+    input_args, input_flags = _input_args(x, norms)
+    out = torch.empty(*x.shape[:-1], width, dtype=x.dtype, device=x.device)
+    _gemv_kernel[(triton.cdiv(width, block_n * groups),)](
+        x, weight, out, multiplier.contiguous() if multiplier is not None else x, width, weight.stride(0),
+        *input_args, k_in, ACT=act, GATED=gated, HAS_UP=gated and multiplier is None, **input_flags,
+        BLOCK_N=block_n, BLOCK_K=block_k, GROUPS=groups, num_warps=warps, num_stages=stages, **launch_options(x))
+    return out
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, tiles: tuple | None = None, norms: tuple | None = None
+         ) -> torch.Tensor:
     """F.linear(x, weight) for x [..., K] holding one row; weight [N, K] with unit stride along K.
+    tiles: (BLOCK_N, BLOCK_K, warps, stages[, GROUPS]), by default the best measured.
 
     norms = (residual, norm_weight, eps, scalar, next_weight, next_eps, new): the input is not x but
     residual_rms_norm(residual, x, norm_weight, eps, scalar, next_weight, next_eps)'s normed row (new itself without
     next_weight), computed by every program from x; the new residual stream is written into `new`. K <= NORMED_MAX_K."""
-    assert weight.stride(-1) == 1 and x.shape[-1] == weight.shape[1] and x.numel() == x.shape[-1]
-    n_out, k_in = weight.shape
-    block_n, block_k, warps, stages = _tiles(x, k_in, tiles, normed=norms is not None)
-    x = x.contiguous()
-    input_args, input_flags = _input_args(x, norms)
-    out = torch.empty(*x.shape[:-1], n_out, dtype=x.dtype, device=x.device)
-    _gemv_kernel[(triton.cdiv(n_out, block_n),)](x, weight, out, n_out, weight.stride(0), *input_args, k_in,
-                                                 **input_flags, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-                                                 num_stages=stages, **launch_options(x))
-    return out
+    return _launch_gemv(x, weight, weight.shape[0], tiles, norms)
 
 
 def gemv_gated(x: torch.Tensor, weight: torch.Tensor, activation: str, multiplier: torch.Tensor | None = None,
-               norms: tuple | None = None, tiles: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+               norms: tuple | None = None, tiles: tuple | None = None) -> torch.Tensor:
     """`gated(gate, up, activation)` of one row x [..., K], in one kernel with the product:
     multiplier None: [gate; up] = F.linear(x, weight), weight [2W, K] (a fused gate/up projection);
     else gate = F.linear(x, weight), weight [W, K], and up = multiplier [..., W]. Returns [..., W].
@@ -218,18 +252,9 @@ def gemv_gated(x: torch.Tensor, weight: torch.Tensor, activation: str, multiplie
         act = ACTIVATION_CODES[activation]
     except KeyError:
         raise ValueError(f"unsupported activation {activation!r}; expected one of {sorted(ACTIVATION_CODES)}") from None
-    assert weight.stride(-1) == 1 and x.shape[-1] == weight.shape[1] and x.numel() == x.shape[-1]
     width = weight.shape[0] // 2 if multiplier is None else weight.shape[0]
     assert multiplier is None or multiplier.numel() == width
-    block_n, block_k, warps, stages = _tiles(x, weight.shape[1], tiles, normed=norms is not None, gated=True)
-    x = x.contiguous()
-    input_args, input_flags = _input_args(x, norms)
-    out = torch.empty(*x.shape[:-1], width, dtype=x.dtype, device=x.device)
-    _gemv_gated_kernel[(triton.cdiv(width, block_n),)](
-        x, weight, multiplier.contiguous() if multiplier is not None else x, out, width, weight.stride(0),
-        *input_args, weight.shape[1], ACT=act, HAS_UP=multiplier is None, **input_flags, BLOCK_N=block_n,
-        BLOCK_K=block_k, num_warps=warps, num_stages=stages, **launch_options(x))
-    return out
+    return _launch_gemv(x, weight, width, tiles, norms, gated=True, act=act, multiplier=multiplier)
 
 
 _counters: dict[tuple[str, torch.device], torch.Tensor] = {}
@@ -251,7 +276,7 @@ def finished_counters(owner: str, device: torch.device, size: int = 1) -> torch.
 def gemv_residual_norms(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
                         eps: float, scalar: torch.Tensor | None = None, next_weight: torch.Tensor | None = None,
                         next_eps: float | None = None, moe: tuple | None = None,
-                        tiles: tuple[int, int, int, int] | None = None) -> tuple:
+                        tiles: tuple | None = None) -> tuple:
     """residual_rms_norm(residual, gemv(x, weight), norm_weight, eps, scalar, next_weight, next_eps), or with
     moe = (experts_weight, router_scale, root_size) residual_moe_norms's four outputs, in one kernel: the GEMV's last
     program to finish applies the norms to the whole product. One row (x [..., K], residual [..., N]).
@@ -259,7 +284,7 @@ def gemv_residual_norms(x: torch.Tensor, weight: torch.Tensor, residual: torch.T
     assert weight.stride(-1) == 1 and x.shape[-1] == weight.shape[1] and x.numel() == x.shape[-1]
     n_out, k_in = weight.shape
     assert residual.numel() == n_out and residual.stride(-1) == 1
-    block_n, block_k, warps, stages = _tiles(x, k_in, tiles)
+    block_n, block_k, warps, stages, _ = _tiles(x, k_in, tiles)  # one group: its programs count as they finish
     outputs = residual_outputs(residual, next_weight, moe)
     y = torch.empty(n_out, dtype=x.dtype, device=x.device)
     block = triton.next_power_of_2(n_out)
