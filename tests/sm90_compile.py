@@ -6,6 +6,8 @@ called on small CPU tensors and its launch is compiled instead of run (the outpu
 
 from __future__ import annotations
 
+import itertools
+
 import sys
 from types import SimpleNamespace
 
@@ -67,13 +69,18 @@ def main() -> None:
         res, nw = rand(1, 1, 96), rand(96)
         gemv.gemv_residual_norms(x, w, res, nw, 1e-6, rand(1), nw, 1e-6)
         gemv.gemv_residual_norms(x, w, res, nw, 1e-6, None, nw, 1e-6, moe=(nw, nw, 0.1))
-    # GEMVs that normalize their input (one tile as wide as the row): E2B's and E4B's widths.
-    for k in (1536, 2560):
-        y, w, res, nw = rand(1, 1, k), rand(96, k), rand(1, 1, k), rand(k)
+    # GEMVs that normalize their input (one tile as wide as the row): E2B's and E4B's widths; narrow outputs (one
+    # group of rows a program) and wide ones (several).
+    for k, n in itertools.product((1536, 2560), (96, 2 * gemv.GROUPS_MIN_WIDTH)):
+        y, w, res, nw = rand(1, 1, k), rand(n, k), rand(1, 1, k), rand(k)
         gemv.gemv(y, w, norms=(res, nw, 1e-6, rand(1), nw, 1e-6, torch.empty_like(res)))
         gemv.gemv_gated(y, w, "gelu_pytorch_tanh", norms=(res, nw, 1e-6, None, nw, 1e-6, torch.empty_like(res)))
-        gemv.gemv_gated(y, w, "gelu_pytorch_tanh", rand(96), norms=(res, nw, 1e-6, None, None, None,
-                                                                    torch.empty_like(res)))
+        gemv.gemv_gated(y, w, "gelu_pytorch_tanh", rand(n), norms=(res, nw, 1e-6, None, None, None,
+                                                                   torch.empty_like(res)))
+    for k in (1000, 4096):  # wide outputs, rows of one step: several groups
+        x, w = rand(1, 1, k), rand(2 * gemv.GROUPS_MIN_WIDTH, k)
+        gemv.gemv(x, w)
+        gemv.gemv_gated(x, w, "gelu_pytorch_tanh")
     logits.softcap(rand(2, 1000), 30.0)
     logits.argmax(rand(2, 10000, dtype=torch.float32))
     # A forward's inputs: embeddings, per-layer inputs, RoPE tables, a static cache's decode slots.

@@ -23,9 +23,10 @@ from .norm import (_norm_weights, _residual_norms_row, _residual_norms_values, _
 from .pdl import after_previous_kernel, launch_options
 from .rounding import round_to
 
-# (BLOCK_N, BLOCK_K, warps, stages): the best of benchmarks/gemv.py's sweep on an H100 for most projections of
-# E2B and 26B-A4B (weights read from memory, not L2).
-TILES = (4, 2048, 8, 3)
+# (BLOCK_N, BLOCK_K, warps, stages, GROUPS): the best of benchmarks/gemv.py's sweep on an H100 for most projections
+# of E2B and 26B-A4B (weights read from memory, not L2); GROUPS of BLOCK_N rows a program (see _gemv_kernel) where
+# the row fits one BLOCK_K step and the output has GROUPS_MIN_WIDTH rows or more (_tiles), else one.
+TILES = (4, 2048, 8, 3, 2)
 
 
 @triton.jit
@@ -175,17 +176,20 @@ NORMED_MAX_K = 4096
 # Tiles of a GEMV that normalizes its input (its one BLOCK_K step as wide as the row), plain and gated, with GROUPS
 # of rows a program: the best of `benchmarks/gemv.py --deferred` on an H200 for the readers of E2B's and E4B's residual
 # norms (pairs with their producer, us: E4B's gate/up 20480x2560 37.20 -> 33.39, its q/k/v 3072x2560 9.87 -> 8.50,
-# E2B's gate/up 24576x1536 26.91 -> 25.19). Outputs narrower than NORMED_GROUPS_MIN_WIDTH take one group: the
-# per-layer input gates (256 outputs) need every program they can get (E4B's 19.67 us with four groups, 17.05 with one).
+# E2B's gate/up 24576x1536 26.91 -> 25.19).
 NORMED_TILES = {False: (4, NORMED_MAX_K, 4, 3, 2), True: (2, NORMED_MAX_K, 4, 3, 4)}
-NORMED_GROUPS_MIN_WIDTH = 2048
+# Outputs narrower than this take one group of rows: the per-layer input gates (256 outputs) need every program they
+# can get (E4B's 19.67 us with four groups, 17.05 with one).
+GROUPS_MIN_WIDTH = 2048
 
 
 # Rows of 2049-4096 inputs (E4B, 26B-A4B) in one BLOCK_K step, where TILES take two (the second mostly masked), and
 # 4 warps, each thread with 128 weights in flight: the tiles that won most of these shapes in `benchmarks/gemv.py
 # --tiles ...` on an H200 (E4B's LM head 361 -> 294 us, its 6144x2560 10.0 -> 9.2; with every shape at its best of
-# 7 tiles, E4B's projections take 2822 -> 2513 us per step, 26B-A4B's 1467 -> 1354).
-WIDE_TILES = (4, 4096, 4, 3)
+# 7 tiles, E4B's projections take 2822 -> 2513 us per step, 26B-A4B's 1467 -> 1354). Two groups of rows where the
+# input is one step (decode b1 in the whole step on an H200: E4B 308.1 -> 310.0, 26B-A4B 340.5 -> 345.1, E2B
+# 534.2 -> 536.1 tok/s with TILES' two groups).
+WIDE_TILES = (4, 4096, 4, 3, 2)
 
 
 def _tiles(x: torch.Tensor, k_in: int, tiles: tuple | None, normed: bool = False, gated: bool = False,
@@ -193,7 +197,8 @@ def _tiles(x: torch.Tensor, k_in: int, tiles: tuple | None, normed: bool = False
     """(BLOCK_N, BLOCK_K, warps, stages, GROUPS) from `tiles` (GROUPS 1 when it has four entries) or the defaults
     for `width` outputs."""
     default = NORMED_TILES[gated] if normed else WIDE_TILES if 2048 < k_in <= 4096 else TILES
-    if tiles is None and normed and width < NORMED_GROUPS_MIN_WIDTH:
+    # Groups share the program's input only when it is one BLOCK_K step; a longer row is reloaded for each group.
+    if tiles is None and (width < GROUPS_MIN_WIDTH or k_in > default[1]):
         default = default[:4]
     block_n, block_k, warps, stages, groups = (*(tiles or default), 1)[:5]
     if not x.is_cuda:  # the interpreter runs programs one by one; a row's arithmetic depends on BLOCK_K alone
