@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from gemma4.config import Config
-from gemma4.kernels.gemv import TILES, gemv, gemv_gated, gemv_residual_norms
+from gemma4.kernels.gemv import gemv, gemv_gated, gemv_residual_norms
 from gemma4.model.gemma4 import Model
 
 
@@ -94,9 +94,9 @@ def main():
         return epilogue(args.preset)
     if args.deferred:
         return deferred(args.preset)
-    candidates = [TILES]
+    candidates = [None]  # the kernel's default tiles for each shape (as the model runs it)
     if args.sweep:
-        candidates += [t for t in itertools.product((2, 4, 8, 16), (256, 512, 1024), (4, 8), (3,)) if t != TILES]
+        candidates += list(itertools.product((2, 4, 8, 16), (256, 512, 1024), (4, 8), (3,)))
         candidates += [(4, 1024, 8, 4), (4, 2048, 8, 3)]
     candidates += [tuple(int(v) for v in t.split(",")) for t in args.tiles]
     print(f"{args.preset} on {torch.cuda.get_device_name()}: us per call (GB/s)")
@@ -114,19 +114,20 @@ def main():
                 results.append((graph_us(lambda i: gemv(x, weights[i % copies], tiles)), tiles, err))
             except Exception as exc:  # out of resources
                 print(f"  {tiles}: {type(exc).__name__}")
-        best = min(results)
+        best = min(results, key=lambda result: result[0])
         default = results[0]
         total["cublas"] += cublas * count
         total["triton default"] += default[0] * count
         total["triton best"] += best[0] * count
         print(f"N={n:6d} K={k:5d} x{count:3d} | cuBLAS {cublas:7.2f} ({gb / cublas:5.0f}) | default {default[0]:7.2f} "
-              f"({gb / default[0]:5.0f}) err {default[2]:.1e} | best {best[0]:7.2f} ({gb / best[0]:5.0f}) {best[1]}")
+              f"({gb / default[0]:5.0f}) err {default[2]:.1e} | best {best[0]:7.2f} ({gb / best[0]:5.0f}) "
+              f"{best[1] or 'default'}")
     print("per decode step, us: " + ", ".join(f"{name} {us:.0f}" for name, us in total.items()))
 
 
 def epilogue(preset: str) -> None:
     hidden = Config.preset(preset).text_config.hidden_size
-    tiles = [TILES] + [t for t in itertools.product((1, 2, 4, 8), (1024, 2048), (4, 8), (3,)) if t != TILES]
+    tiles = [None] + list(itertools.product((1, 2, 4, 8), (1024, 2048), (4, 8), (3,)))  # None: the default tiles
     print(f"{preset} on {torch.cuda.get_device_name()}: us per call (GB/s), products into the residual stream")
     total = collections.Counter()
     for (n, k), count in sorted(decode_shapes(preset).items()):
@@ -142,9 +143,10 @@ def epilogue(preset: str) -> None:
                                                           next_weight, 1e-6, tiles=t)), t) for t in tiles]
         total["gemv"] += plain * count
         total["with norms"] += fused[0][0] * count
-        total["with norms, best tiles"] += min(fused)[0] * count
+        best = min(fused, key=lambda result: result[0])
+        total["with norms, best tiles"] += best[0] * count
         print(f"N={n:6d} K={k:5d} x{count:3d} | gemv {plain:6.2f} ({gb / plain:5.0f}) | with norms {fused[0][0]:6.2f} "
-              f"({gb / fused[0][0]:5.0f}) | best {min(fused)[0]:6.2f} {min(fused)[1]}")
+              f"({gb / fused[0][0]:5.0f}) | best {best[0]:6.2f} {best[1] or 'default'}")
     print("per decode step, us: " + ", ".join(f"{name} {us:.0f}" for name, us in total.items()))
 
 

@@ -7,7 +7,6 @@ called on small CPU tensors and its launch is compiled instead of run (the outpu
 from __future__ import annotations
 
 import itertools
-
 import sys
 from types import SimpleNamespace
 
