@@ -283,3 +283,70 @@ def test_abort_while_a_token_is_in_flight(model):
     assert [o.finish_reason for o in outs if o.seq_id == drop] == ["abort"]
     assert [o.token for o in outs if o.seq_id == keep][-1] is not None
     assert engine.blocks.usage == 0
+
+
+# --- one request cannot take the others down -----------------------------------------------------------------------
+
+class Poisoned(torch.nn.Module):
+    """`model` whose logits turn NaN (or whose forward raises `error`) for rows at positions >= `position`."""
+
+    def __init__(self, model, position, error=None):
+        super().__init__()
+        self.inner, self.position, self.error = model, position, error
+        self.config, self.dtype, self.device = model.config, model.dtype, model.device
+        self.generation_config = {}
+
+    def forward(self, input_ids, position_ids=None, **kwargs):
+        logits = self.inner(input_ids, position_ids=position_ids, **kwargs)
+        bad = position_ids[:, -1] >= self.position
+        if bad.any() and self.error is not None:
+            raise self.error
+        return logits.masked_fill(bad[:, None, None], float("nan"))
+
+
+@pytest.mark.parametrize("params", [GREEDY, SamplingParams(max_tokens=10, temperature=1.0, stop_token_ids=[]),
+                                    SamplingParams(max_tokens=10, temperature=0, repetition_penalty=1.2,
+                                                   stop_token_ids=[])],
+                         ids=["greedy batched", "sampled batched", "full sampler"])
+@pytest.mark.parametrize("run_ahead", [True, False])
+def test_a_sequence_that_cannot_be_sampled_fails_alone(model, params, run_ahead):
+    """NaN logits for one sequence (from its fourth token on): it ends with finish_reason "error" and a message;
+    the sequences batched with it give what they give alone, and the engine takes new requests after."""
+    others = prompts(5, seed=21, longest=10)  # positions < 20: never poisoned
+    poisoned = [7] * 30
+    engine = LLMEngine(Poisoned(model, len(poisoned) + 2), max_num_seqs=8, max_model_len=64, run_ahead=run_ahead)
+    ids = [engine.add_request(p, params if p is poisoned else GREEDY) for p in [*others[:3], poisoned, *others[3:]]]
+    outputs = {i: [] for i in ids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            outputs[out.seq_id].append(out)
+    bad = outputs[ids[3]]
+    assert bad[-1].finished and bad[-1].finish_reason == "error" and "NaN" in bad[-1].error
+    assert [o.token is not None for o in bad] == [True, True, True, False]
+    alone = LLMEngine(model, max_num_seqs=1, max_model_len=64).generate(others, GREEDY)
+    assert [[o.token for o in outputs[i] if o.token is not None] for i in ids[:3] + ids[4:]] == alone
+    assert engine.blocks.usage == 0 and not engine.seqs
+    assert engine.generate([others[0]], GREEDY) == alone[:1]
+
+
+def test_a_failing_forward_fails_its_batch_and_the_engine_goes_on(model):
+    short, long = prompts(1, seed=23, longest=10)[0], prompts(1, seed=24, longest=10)[0] + [5] * 30
+    engine = LLMEngine(Poisoned(model, 35, error=torch.cuda.OutOfMemoryError("out of memory")), max_num_seqs=1,
+                       max_model_len=64)
+    ids = [engine.add_request(p, GREEDY) for p in (long, short)]  # one at a time: the long one fails alone
+    outputs = {i: [] for i in ids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            outputs[out.seq_id].append(out)
+    assert outputs[ids[0]][-1].finish_reason == "error" and "out of memory" in outputs[ids[0]][-1].error
+    assert [o.token for o in outputs[ids[1]]] == LLMEngine(model, max_num_seqs=1, max_model_len=64).generate(
+        [short], GREEDY)[0]
+    assert engine.blocks.usage == 0
+
+
+def test_a_device_error_stops_the_engine(model):
+    engine = LLMEngine(Poisoned(model, 0, error=torch.AcceleratorError("CUDA error: an illegal memory access")),
+                       max_num_seqs=2, max_model_len=64)
+    engine.add_request(prompts(1)[0], GREEDY)
+    with pytest.raises(torch.AcceleratorError):
+        engine.step()

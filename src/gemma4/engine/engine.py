@@ -12,19 +12,32 @@ flight, so the GPU is not idle while Python schedules, builds inputs and hands o
 still on the device holds a PENDING placeholder as its last output id (`Sequence.pending`); the next step reads that
 token on the device. A step's tokens therefore come out of the next `step()` call, and a sequence that stops on a
 token costs the device one step it did not need (its result is dropped). Rows that need the full sampler (penalties,
-logprobs, min_tokens) are sampled at once, which waits for the device."""
+logprobs, min_tokens) are sampled at once, which waits for the device.
+
+One request cannot take the others down: a row that cannot be sampled (NaN logits), or a forward that raises (out
+of memory), ends the sequences concerned with finish_reason "error" and a message (`StepOutput.error`); the engine
+goes on. Only a device error (CUDA's are sticky) propagates out of `step()`."""
 
 from __future__ import annotations
 
+import logging
 import threading
+
+import torch
 
 from ..model.gemma4 import check_token_ids
 from ..model.multimodal import SoftTokens, compute_soft_tokens, vision_runs
 from .block_manager import BlockManager
-from .runner import Launched, ModelRunner
+from .runner import Launched, ModelRunner, SampleError
 from .sampling import GEMMA4_STOP_IDS, SamplingParams
 from .scheduler import Scheduler
 from .sequence import PENDING, Sequence, StepOutput
+
+logger = logging.getLogger(__name__)
+
+# Errors after which the device cannot be trusted (CUDA's errors are sticky): the engine stops instead of failing
+# one batch after another.
+_FATAL = tuple(kind for kind in [getattr(torch, "AcceleratorError", None)] if kind is not None)
 
 
 class LLMEngine:
@@ -111,7 +124,14 @@ class LLMEngine:
         self.aborted = []
         ahead, self.in_flight = self.in_flight, None
         batch = self.scheduler.schedule()
-        launched = self.runner.launch(batch, ahead) if batch else None
+        launched = None
+        try:
+            launched = self.runner.launch(batch, ahead) if batch else None
+        except _FATAL:
+            raise
+        except Exception as e:  # noqa: BLE001  (out of memory, a bug on one input: those sequences fail, not all)
+            logger.exception("a step over %d sequences failed; they are ended with an error", len(batch))
+            outputs += [self._fail(item.seq, f"{type(e).__name__}: {e}") for item in batch if not item.seq.finished]
         if ahead is not None:  # the device now has the next step queued: read this one's tokens
             outputs += self._accept(ahead, ahead.collect())
         if launched is not None:
@@ -127,6 +147,9 @@ class LLMEngine:
         for item, sampled in zip(launched.batch, results):
             seq = item.seq
             if sampled is None or seq.finished:  # no sample, or dropped: stopped, aborted or finished meanwhile
+                continue
+            if isinstance(sampled, SampleError):
+                outputs.append(self._fail(seq, sampled))
                 continue
             token, logprobs = sampled
             if seq.pending:
@@ -154,9 +177,16 @@ class LLMEngine:
         self.scheduler.finish(seq, reason)
         self.seqs.pop(seq.seq_id, None)
 
-    def _output(self, seq, token, logprobs) -> StepOutput:
+    def _fail(self, seq: Sequence, error: str) -> StepOutput:
+        """End `seq` alone with finish_reason "error" (its blocks freed); the engine goes on with the others."""
+        if seq.pending:
+            seq.output_ids.pop()
+        self._finish(seq, "error")
+        return self._output(seq, None, None, error)
+
+    def _output(self, seq, token, logprobs, error: str | None = None) -> StepOutput:
         return StepOutput(seq.seq_id, token, logprobs, seq.finished, seq.finish_reason, len(seq.prompt_ids),
-                          len(seq.output_ids))
+                          len(seq.output_ids), error)
 
     @property
     def kv_usage(self) -> float:

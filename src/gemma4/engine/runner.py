@@ -44,16 +44,25 @@ class ModelRunner:
         results: list[tuple[int, object] | None] = [None] * len(batch)
         fast = [row for row in sampling if batchable(batch[row].seq.params, len(batch[row].seq.output_ids),
                                                       batch[row].seq.stop_ids)]
-        tokens = None
+        tokens = checked = None
         if fast:  # together, on the device; only the chosen ids [n] come back to the host
             seqs = [batch[row].seq for row in fast]
-            tokens = sample_batch(logits if len(fast) == len(batch) else logits[fast], [s.params for s in seqs],
-                                  [s.generator_on(logits.device) for s in seqs])
+            rows = logits if len(fast) == len(batch) else logits[fast]
+            try:
+                tokens = sample_batch(rows, [s.params for s in seqs], [s.generator_on(logits.device) for s in seqs])
+                # What the host reads: NAN_ROW where a row's logits hold a NaN (its token means nothing; the next
+                # step may still read it on the device, a valid id, before the engine fails that sequence).
+                checked = tokens.masked_fill(rows.isnan().any(-1), NAN_ROW)
+            except Exception:  # one row's logits: sample the rows one by one below, so that only that row fails
+                fast, tokens = [], None
         batched = set(fast)
         for row in sampling:
             if row not in batched:  # penalties, logprobs or min_tokens: the full sampler, row by row
-                results[row] = self.sample(batch[row], logits[row])
-        return Launched(batch, results, fast, tokens)
+                try:
+                    results[row] = self.sample(batch[row], logits[row])
+                except Exception as e:  # noqa: BLE001  (the engine fails this sequence alone: engine._accept)
+                    results[row] = SampleError(f"{type(e).__name__}: {e}")
+        return Launched(batch, results, fast, tokens, checked)
 
     def forward(self, batch: list[Scheduled], ahead: Launched | None = None) -> torch.Tensor:
         """The last position's logits of every row [B, V], fp32, left on the model's device.
@@ -127,8 +136,8 @@ class ModelRunner:
 
     def sample(self, item: Scheduled, logits: torch.Tensor):
         """One row through the full sampler, where its logits [V] are (the prompt's ids are kept there too). Its
-        output ids hold no PENDING token: only rows that `batchable` takes run ahead, and those stay batchable."""
-        assert not item.seq.pending
+        output ids hold a PENDING token only if `batchable` takes it (it ran ahead), which no rule here then reads:
+        such a row comes here only when the batched sampler failed."""
         seq, device = item.seq, logits.device
         return sample_token(logits, seq.params, seq.prompt_tensor(device), seq.output_ids, seq.stop_ids,
                             seq.generator_on(device))
@@ -141,18 +150,29 @@ def _media_at(item: Scheduled) -> bool:
     return media is not None and len(media) > 0 and bool((media.positions == item.seq.num_cached).any())
 
 
-class Launched:
-    """A step queued on the device. `results` per row: (token, logprobs) for the rows sampled at once, else None.
-    The rows in `fast` were sampled together on the device ([len(fast)] `tokens` there); `collect()` waits for
-    them. Their copy to the host is queued at once (pinned memory on CUDA), so the wait is for the step alone."""
+class SampleError(str):
+    """In `Launched.results`: why this row could not be sampled (the engine fails its sequence alone)."""
 
-    def __init__(self, batch: list[Scheduled], results: list, fast: list[int], tokens: torch.Tensor | None):
+
+NAN_ROW = -1  # in Launched's host copy of the batched tokens: that row's logits held a NaN
+
+
+class Launched:
+    """A step queued on the device. `results` per row: (token, logprobs) for the rows sampled at once, a
+    SampleError, or None. The rows in `fast` were sampled together on the device ([len(fast)] `tokens` there, which
+    the next step may read; `checked`, the same with NAN_ROW where the logits held a NaN, is what the host reads);
+    `collect()` waits for them. Their copy to the host is queued at once (pinned memory on CUDA), so the wait is for
+    the step alone."""
+
+    def __init__(self, batch: list[Scheduled], results: list, fast: list[int], tokens: torch.Tensor | None,
+                 checked: torch.Tensor | None = None):
         self.batch, self.results, self.fast, self.tokens = batch, results, fast, tokens
         self._sources = {batch[row].seq.seq_id: i for i, row in enumerate(fast)}
-        self._host, self._copied, self._collected = tokens, None, None
-        if tokens is not None and tokens.is_cuda:
-            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            self._host.copy_(tokens, non_blocking=True)
+        checked = tokens if checked is None else checked
+        self._host, self._copied, self._collected = checked, None, None
+        if checked is not None and checked.is_cuda:
+            self._host = torch.empty(checked.shape, dtype=checked.dtype, pin_memory=True)
+            self._host.copy_(checked, non_blocking=True)
             self._copied = torch.cuda.Event()
             self._copied.record()
 
@@ -160,15 +180,16 @@ class Launched:
         """Where `seq`'s token is in `tokens`."""
         return self._sources[seq.seq_id]
 
-    def collect(self) -> list[tuple[int, None] | None]:
-        """The rows in `fast`: (token, None); None elsewhere."""
+    def collect(self) -> list[tuple[int, None] | SampleError | None]:
+        """The rows in `fast`: (token, None), or a SampleError where the logits held a NaN; None elsewhere."""
         if self._collected is None:
             self._collected = [None] * len(self.batch)
             if self._host is not None:
                 if self._copied is not None:
                     self._copied.synchronize()
                 for row, token in zip(self.fast, self._host.tolist()):
-                    self._collected[row] = (token, None)
+                    self._collected[row] = (token, None) if token != NAN_ROW else \
+                        SampleError("the model's logits for this sequence hold a NaN")
         return self._collected
 
     def all_results(self) -> list[tuple[int, object] | None]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,13 @@ from .. import kernels
 # Gemma 4's generation_config.json: temperature 1.0, top_p 0.95, top_k 64; stop on <eos>, <turn|>, <|tool_response>.
 GEMMA4_DEFAULTS = {"temperature": 1.0, "top_p": 0.95, "top_k": 64}
 GEMMA4_STOP_IDS = (1, 106, 50)
+
+# Below this a temperature is greedy (as vLLM's _SAMPLING_EPS): logits / 1e-40 overflow fp32 to inf, and softmax
+# then gives NaN. A top_p below MIN_TOP_P keeps the most likely token alone either way (any token of a 262,144-way
+# distribution has mass >= 1/262,144 when it is the most likely), but below fp32's range it would read as 0 and
+# drop every token; it is raised to MIN_TOP_P.
+MIN_TEMPERATURE = 1e-5
+MIN_TOP_P = 1e-6
 
 
 @dataclass
@@ -41,11 +49,21 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.validate()
+        if self.temperature < MIN_TEMPERATURE:
+            self.temperature = 0.0
+        self.top_p = max(self.top_p, MIN_TOP_P)
 
     def validate(self) -> None:
         def fail(message):
             raise ValueError(message)
 
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                fail(f"{name} must be a finite number, got {value!r}")
+        for name in ("top_k", "min_tokens"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
+                fail(f"{name} must be an integer, got {getattr(self, name)!r}")
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
             fail(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if not 0 <= self.temperature <= 100:
@@ -56,8 +74,8 @@ class SamplingParams:
             fail(f"top_k must be a non-negative integer (0 = off), got {self.top_k!r}")
         if not 0 <= self.min_p <= 1:
             fail(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            fail(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0.01 <= self.repetition_penalty <= 100:  # seen logits are divided by it: a tiny one overflows fp32
+            fail(f"repetition_penalty must be in [0.01, 100], got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 fail(f"{name} must be in [-2, 2], got {getattr(self, name)}")
@@ -136,6 +154,8 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
 def sample_token(logits: torch.Tensor, params: SamplingParams, prompt_ids: torch.Tensor, output_ids: list[int],
                  stop_ids, generator: torch.Generator | None) -> tuple[int, TokenLogprobs | None]:
     """The next token of one sequence (and its logprobs if asked): the one sampling step of every generator."""
+    if bool(torch.isnan(logits).any() | torch.isposinf(logits).any()):
+        raise ValueError("the model's logits for this sequence are NaN or +inf: it cannot be sampled")
     if len(output_ids) < params.min_tokens and stop_ids and not params.ignore_eos:
         logits = logits.clone()  # too early to stop: forbid the stop tokens
         logits[list(stop_ids)] = float("-inf")

@@ -32,7 +32,7 @@ class Sequence:
     num_cached: int = 0  # tokens whose K/V are in the cache (global blocks and sliding ring)
     block_table: list[int] = field(default_factory=list)  # global-layer KV blocks, in position order
     ring_slot: int = -1  # which sliding-window ring this sequence owns (-1: none)
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     generator: torch.Generator | None = None  # the seed's generator, made where the logits are (generator_on)
     media: object | None = None  # multimodal.SoftTokens: the prompt's image/audio soft tokens, shared by n choices
     _prompt_tensor: torch.Tensor | None = None
@@ -98,3 +98,4 @@ class StepOutput:
     finish_reason: str | None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    error: str | None = None  # why the sequence failed (finish_reason "error"); the engine goes on with the others

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 import uuid
@@ -17,8 +18,11 @@ from ..processing.chat import collect_media, openai_to_gemma_messages, validate_
 from ..processing.image import SUPPORTED_SOFT_TOKENS
 from ..processing.parse import parse_response, to_openai_tool_calls
 from ..processing.stream_parse import ReasoningDelta, StreamParser
-from . import protocol as p
-from .async_engine import EngineDead
+from .protocol import (
+    COMPLETION_FIELDS, CHAT_FIELDS, APIError, bad, check_fields, get_bool, get_n, get_stop, parse_json,
+    sampling_params, stream_options, thinking, tool_choice,
+)
+from .async_engine import EngineDead, RequestFailed
 from .generation import Choice, merged
 from .media import check_media, load_media
 from .state import ServerState
@@ -28,29 +32,28 @@ def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="gemma4", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
 
-    @app.exception_handler(p.APIError)
-    async def api_error(request, exc: p.APIError):
+    @app.exception_handler(APIError)
+    async def api_error(request, exc: APIError):
         return JSONResponse(exc.body(), status_code=exc.status)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(p.APIError(exc.status_code, str(exc.detail), kind).body(), status_code=exc.status_code)
+        return JSONResponse(APIError(exc.status_code, str(exc.detail), kind).body(), status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, exc):
-        return JSONResponse(p.bad(str(exc)).body(), status_code=400)
+        return JSONResponse(bad(str(exc)).body(), status_code=400)
 
     @app.exception_handler(Exception)
     async def internal_error(request, exc):
-        return JSONResponse(p.APIError(500, f"internal error: {type(exc).__name__}", "internal_error").body(), 500)
+        return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}", "internal_error").body(), 500)
 
     @app.middleware("http")
     async def auth_and_metrics(request: Request, call_next):
         path = request.url.path
-        if state.api_key and path.startswith("/v1") and \
-                request.headers.get("authorization", "") != f"Bearer {state.api_key}":
-            response = JSONResponse(p.APIError(401, "invalid or missing API key", "authentication_error").body(), 401)
+        if state.api_key and path.startswith("/v1") and not _authorized(request, state.api_key):
+            response = JSONResponse(APIError(401, "invalid or missing API key", "authentication_error").body(), 401)
         else:
             response = await call_next(request)
         endpoint = path if path in _ENDPOINTS else "other"
@@ -59,8 +62,8 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        if state.engine.error is not None:
-            return JSONResponse({"status": "error"}, status_code=503)
+        if state.engine.error is not None:  # the process is exiting (server/cli.py): a supervisor restarts it
+            return JSONResponse({"status": "error", "message": f"the engine stopped: {state.engine.error!r}"}, 503)
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -80,18 +83,18 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(request: Request):
         if not state.has_audio:
-            raise p.APIError(404, "this model has no audio tower: /v1/audio/transcriptions is not available",
+            raise APIError(404, "this model has no audio tower: /v1/audio/transcriptions is not available",
                              "not_found_error")
         return await _transcription(state, request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await _json_body(request, state)
+        body = await _json_body(request, state, CHAT_FIELDS)
         return await _chat(state, body, request)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await _json_body(request, state)
+        body = await _json_body(request, state, COMPLETION_FIELDS)
         return await _completion(state, body, request)
 
     return app
@@ -106,7 +109,7 @@ MAX_BODY_BYTES = 64 * 1024 * 1024  # room for a few inline images or clips; more
 
 async def _read_body(request: Request, limit: int, what: str = "the request body", param: str | None = None) -> bytes:
     """The body, read in chunks and refused with a 413 as soon as it passes `limit` bytes."""
-    too_large = p.APIError(413, f"{what} is larger than {limit} bytes", param=param)
+    too_large = APIError(413, f"{what} is larger than {limit} bytes", param=param)
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large
@@ -119,17 +122,18 @@ async def _read_body(request: Request, limit: int, what: str = "the request body
     return b"".join(chunks)
 
 
-async def _json_body(request: Request, state: ServerState) -> dict:
-    raw = await _read_body(request, MAX_BODY_BYTES)
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise p.bad(f"the request body is not valid JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise p.bad("the request body must be a JSON object")
+def _authorized(request: Request, api_key: str) -> bool:
+    """'Authorization: Bearer KEY', compared in constant time (no timing oracle on the key's prefix)."""
+    given = request.headers.get("authorization", "").encode("utf-8", "surrogateescape")
+    return hmac.compare_digest(given, f"Bearer {api_key}".encode())
+
+
+async def _json_body(request: Request, state: ServerState, fields: dict) -> dict:
+    body = parse_json(await _read_body(request, MAX_BODY_BYTES))
+    check_fields(body, fields)
     model = body.get("model")
     if model is not None and model not in state.model_names:
-        raise p.APIError(404, f"the model {model!r} does not exist; this server serves {state.model_names}",
+        raise APIError(404, f"the model {model!r} does not exist; this server serves {state.model_names}",
                          "not_found_error", "model", "model_not_found")
     return body
 
@@ -137,11 +141,11 @@ async def _json_body(request: Request, state: ServerState) -> dict:
 def _check_prompt(state: ServerState, prompt_ids: list[int], body: dict, chat: bool):
     room = state.max_model_len - len(prompt_ids)
     if room <= 0:
-        raise p.bad(f"the prompt has {len(prompt_ids)} tokens, more than this server's maximum context length of "
+        raise bad(f"the prompt has {len(prompt_ids)} tokens, more than this server's maximum context length of "
                     f"{state.max_model_len} tokens (--max-model-len)", "messages" if chat else "prompt")
-    params = p.sampling_params(body, state.sampling_defaults, room, chat)
+    params = sampling_params(body, state.sampling_defaults, room, chat)
     if len(prompt_ids) + params.max_tokens > state.max_model_len:
-        raise p.bad(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the maximum "
+        raise bad(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the maximum "
                     f"context length of {state.max_model_len} tokens", "max_tokens")
     return params
 
@@ -155,11 +159,11 @@ def _start(state: ServerState, n: int, prompt_ids, params, stops, media=None) ->
     except EngineDead as e:
         for c in choices:
             c.abort()
-        raise p.APIError(503, str(e), "server_error") from None
+        raise APIError(503, str(e), "server_error") from None
     except ValueError as e:
         for c in choices:
             c.abort()
-        raise p.bad(str(e)) from None
+        raise bad(str(e)) from None
     state.metrics.prompt_tokens.inc(len(prompt_ids) * n)
     return choices
 
@@ -173,27 +177,27 @@ def _with_seed(params, seed):
 async def _chat(state: ServerState, body: dict, request: Request):
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise p.bad("'messages' must be a non-empty list", "messages")
+        raise bad("'messages' must be a non-empty list", "messages")
     try:
         gemma_messages = openai_to_gemma_messages(messages)
         tools = validate_tools(body.get("tools")) if body.get("tools") is not None else None
     except (ValueError, TypeError) as e:
-        raise p.bad(str(e), "messages") from None
-    choice = p.tool_choice(body, tools)
+        raise bad(str(e), "messages") from None
+    choice = tool_choice(body, tools)
     media = collect_media(gemma_messages)
     if media:
         check_media(media, state)
     image_budget = _image_budget(body) if media else None
-    enable_thinking = p.thinking(body, state.default_enable_thinking)
-    stream = p.get_bool(body, "stream")
-    options = p.stream_options(body)
-    n = p.get_n(body)
-    stops = p.get_stop(body)
+    enable_thinking = thinking(body, state.default_enable_thinking)
+    stream = get_bool(body, "stream")
+    options = stream_options(body)
+    n = get_n(body)
+    stops = get_stop(body)
     try:
         prompt = state.tokenizer.apply_chat_template(gemma_messages, tools=tools if choice != "none" else None,
                                                      add_generation_prompt=True, enable_thinking=enable_thinking)
     except (ValueError, TypeError) as e:
-        raise p.bad(f"cannot render these messages with the chat template: {e}", "messages") from None
+        raise bad(f"cannot render these messages with the chat template: {e}", "messages") from None
     # tool_choice required / named: start the answer with the call, so the model can only complete it.
     forced = "" if choice in ("none", "auto") else "<|tool_call>call:" + ("" if choice == "required" else choice + "{")
     started = time.monotonic()
@@ -279,8 +283,8 @@ async def _chat_stream(state, choices, forced, rid, created, name, include_usage
         _observe(state, choices, started)
         if include_usage:
             yield chunk([], _usage(choices))
-    except EngineDead as e:
-        yield f"data: {json.dumps(p.APIError(503, str(e), 'server_error').body())}\n\n"
+    except (EngineDead, RequestFailed) as e:
+        yield f"data: {json.dumps(_engine_error(e).body())}\n\n"
     yield "data: [DONE]\n\n"
 
 
@@ -303,9 +307,14 @@ async def _run_to_end(state, choices, request, started) -> None:
     try:
         async for choice, out in merged(choices, request):
             choice.consume(out)
-    except EngineDead as e:
-        raise p.APIError(503, str(e), "server_error") from None
+    except (EngineDead, RequestFailed) as e:
+        raise _engine_error(e) from None
     _observe(state, choices, started)
+
+
+def _engine_error(e: EngineDead | RequestFailed) -> APIError:
+    """503 when the engine is gone (for every request), 500 when this request alone failed in it."""
+    return APIError(503, str(e), "server_error") if isinstance(e, EngineDead) else APIError(500, str(e), "server_error")
 
 
 def _observe(state: ServerState, choices: list[Choice], started: float) -> None:
@@ -323,19 +332,19 @@ async def _completion(state: ServerState, body: dict, request: Request):
     elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         vocab = state.tokenizer.vocab_size
         if not all(0 <= t < vocab for t in prompt):
-            raise p.bad(f"token ids must be in [0, {vocab})", "prompt")
+            raise bad(f"token ids must be in [0, {vocab})", "prompt")
         prompt_ids = list(prompt)
     else:
-        raise p.bad("'prompt' must be a string or a list of token ids (one prompt per request)", "prompt")
+        raise bad("'prompt' must be a string or a list of token ids (one prompt per request)", "prompt")
     if not prompt_ids:
-        raise p.bad("the prompt is empty", "prompt")
+        raise bad("the prompt is empty", "prompt")
     for unsupported in ("echo", "suffix", "best_of"):
         if body.get(unsupported) not in (None, False, 1):
-            raise p.bad(f"'{unsupported}' is not supported", unsupported)
-    stream = p.get_bool(body, "stream")
-    options = p.stream_options(body)
-    n = p.get_n(body)
-    stops = p.get_stop(body)
+            raise bad(f"'{unsupported}' is not supported", unsupported)
+    stream = get_bool(body, "stream")
+    options = stream_options(body)
+    n = get_n(body)
+    stops = get_stop(body)
     params = _check_prompt(state, prompt_ids, body, chat=False)
     started = time.monotonic()
     choices = _start(state, n, prompt_ids, params, stops)
@@ -367,8 +376,8 @@ async def _completion(state: ServerState, body: dict, request: Request):
                 _observe(state, choices, started)
                 if options.get("include_usage"):
                     yield f"data: {json.dumps(data([], _usage(choices)))}\n\n"
-            except EngineDead as e:
-                yield f"data: {json.dumps(p.APIError(503, str(e), 'server_error').body())}\n\n"
+            except (EngineDead, RequestFailed) as e:
+                yield f"data: {json.dumps(_engine_error(e).body())}\n\n"
             yield "data: [DONE]\n\n"
         return StreamingResponse(events(), media_type="text/event-stream")
     await _run_to_end(state, choices, request, started)
@@ -383,10 +392,10 @@ def _image_budget(body: dict) -> int | None:
     if kwargs is None:
         return None
     if not isinstance(kwargs, dict) or set(kwargs) - {"max_soft_tokens"}:
-        raise p.bad("'mm_processor_kwargs' must be an object with only 'max_soft_tokens'", "mm_processor_kwargs")
+        raise bad("'mm_processor_kwargs' must be an object with only 'max_soft_tokens'", "mm_processor_kwargs")
     budget = kwargs.get("max_soft_tokens")
     if budget is not None and (isinstance(budget, bool) or budget not in SUPPORTED_SOFT_TOKENS):
-        raise p.bad(f"'mm_processor_kwargs.max_soft_tokens' must be one of {list(SUPPORTED_SOFT_TOKENS)}",
+        raise bad(f"'mm_processor_kwargs.max_soft_tokens' must be one of {list(SUPPORTED_SOFT_TOKENS)}",
                     "mm_processor_kwargs")
     return budget
 
@@ -400,7 +409,7 @@ async def _process_media(state: ServerState, prompt: str, media: list[dict], ima
             out = state.processor(text=prompt, images=images or None, audio=[clips] if clips else None,
                                   max_soft_tokens=image_budget, add_special_tokens=False)
         except ValueError as e:
-            raise p.bad(f"cannot process the media: {e}", "messages") from None
+            raise bad(f"cannot process the media: {e}", "messages") from None
         return _ids_and_media(out)
 
     return await asyncio.to_thread(_limited, state, work)
@@ -426,7 +435,7 @@ async def _encode(state: ServerState, prompt_ids: list[int], inputs: dict):
     try:
         return await asyncio.to_thread(state.engine.engine.encode_media, prompt_ids, inputs)
     except ValueError as e:
-        raise p.bad(str(e), "messages") from None
+        raise bad(str(e), "messages") from None
 
 
 # --------------------------------------------------------------------------------------------- transcriptions
@@ -440,12 +449,12 @@ def _parse_form(content_type: str, raw: bytes) -> dict[str, tuple[str | None, by
     from email.policy import HTTP
 
     if not content_type.lower().startswith("multipart/form-data") or "boundary=" not in content_type:
-        raise p.bad("send the audio as multipart/form-data (fields: file, model, prompt, language, "
+        raise bad("send the audio as multipart/form-data (fields: file, model, prompt, language, "
                     "response_format, temperature)")
     message = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode("latin-1", "replace")
                                                   + b"\r\n\r\n" + raw)
     if not message.is_multipart():
-        raise p.bad("the multipart/form-data body cannot be parsed")
+        raise bad("the multipart/form-data body cannot be parsed")
     fields: dict[str, tuple[str | None, bytes]] = {}
     for part in message.iter_parts():
         name = part.get_param("name", header="content-disposition")
@@ -466,29 +475,29 @@ async def _transcription(state: ServerState, request: Request):
         try:
             return fields[name][1].decode("utf-8")
         except UnicodeDecodeError:
-            raise p.bad(f"'{name}' must be UTF-8 text", name) from None
+            raise bad(f"'{name}' must be UTF-8 text", name) from None
 
     if "file" not in fields or not fields["file"][1]:
-        raise p.bad("'file' (the audio) is required", "file")
+        raise bad("'file' (the audio) is required", "file")
     model = text_field("model")
     if model is not None and model not in state.model_names and model != "whisper-1":
-        raise p.APIError(404, f"the model {model!r} does not exist; this server serves {state.model_names}",
+        raise APIError(404, f"the model {model!r} does not exist; this server serves {state.model_names}",
                          "not_found_error", "model", "model_not_found")
     response_format = text_field("response_format") or "json"
     if response_format not in ("json", "text"):
-        raise p.bad("'response_format' must be json or text", "response_format")
+        raise bad("'response_format' must be json or text", "response_format")
     temperature = text_field("temperature")
     body: dict = {"temperature": 0.0}  # greedy by default
     if temperature is not None:
         try:
             body["temperature"] = float(temperature)
         except ValueError:
-            raise p.bad("'temperature' must be a number", "temperature") from None
+            raise bad("'temperature' must be a number", "temperature") from None
     max_tokens = text_field("max_tokens")  # extension: cap the transcript's length in tokens (default 448)
     try:
         body["max_tokens"] = int(max_tokens) if max_tokens is not None else None
     except ValueError:
-        raise p.bad("'max_tokens' must be an integer", "max_tokens") from None
+        raise bad("'max_tokens' must be an integer", "max_tokens") from None
     instruction = "Transcribe this audio."
     language, prompt = text_field("language"), text_field("prompt")
     if language:
@@ -507,9 +516,9 @@ async def _transcription(state: ServerState, request: Request):
             clip = decode_audio(data, audio_format)
             out = state.processor(text=prompt_text, audio=[[clip]], add_special_tokens=False)
         except ValueError as e:
-            raise p.bad(f"cannot decode the audio file: {e}", "file") from None
+            raise bad(f"cannot decode the audio file: {e}", "file") from None
         except Exception as e:  # noqa: BLE001  (a decoder library's own error types on hostile input)
-            raise p.bad(f"cannot decode the audio file: {type(e).__name__}: {e}", "file") from None
+            raise bad(f"cannot decode the audio file: {type(e).__name__}: {e}", "file") from None
         return _ids_and_media(out)
 
     prompt_ids, inputs = await asyncio.to_thread(_limited, state, work)

@@ -1,10 +1,15 @@
-"""The engine in a background thread; asyncio callers get each request's StepOutputs on an asyncio.Queue."""
+"""The engine in a background thread; asyncio callers get each request's StepOutputs on an asyncio.Queue.
+
+A request that fails inside the engine (StepOutput.error) raises RequestFailed in its caller alone. An error that
+escapes `engine.step()` (a device error) stops the engine: every request gets EngineDead, `error` is set (the
+server's /health reports it) and `on_fatal` is called (`gemma4 serve` then exits non-zero for a supervisor)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import threading
+from collections.abc import Callable
 
 from ..engine.engine import LLMEngine
 from ..engine.sampling import SamplingParams
@@ -16,9 +21,14 @@ class EngineDead(RuntimeError):
     pass
 
 
+class RequestFailed(RuntimeError):
+    """This request failed inside the engine (the message says why); the engine serves the others."""
+
+
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, on_fatal: Callable[[], None] | None = None):
         self.engine = engine
+        self.on_fatal = on_fatal
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.queues: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -60,12 +70,15 @@ class AsyncEngine:
                 if busy:
                     try:
                         outputs = self.engine.step()
-                    except BaseException as e:  # a bug or OOM: fail every request instead of hanging them
-                        logger.exception("engine step failed")
+                    except BaseException as e:  # a device error: fail every request instead of hanging them
+                        logger.exception("the engine stopped")
                         self.error = e
+                        dead = EngineDead(f"the engine stopped: {e!r}")
                         for loop, queue in self.queues.values():
-                            loop.call_soon_threadsafe(queue.put_nowait, e)
+                            loop.call_soon_threadsafe(queue.put_nowait, dead)
                         self.queues.clear()
+                        if self.on_fatal is not None:
+                            self.on_fatal()
                         return
                     for out in outputs:
                         target = self.queues.get(out.seq_id)

@@ -42,10 +42,17 @@ def build_app_from_args(args):
 
 
 def run_serve(args) -> None:
+    """Serve until interrupted. If the engine dies (a device error), the server stops and the process exits with
+    status 1, so that a supervisor (systemd, Kubernetes, Docker's restart policy) starts a fresh one."""
     import uvicorn
 
     app = build_app_from_args(args)
+    engine = app.state.server.engine
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
+    engine.on_fatal = lambda: setattr(server, "should_exit", True)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+        server.run()
     finally:
-        app.state.server.engine.shutdown()
+        engine.shutdown()
+    if engine.error is not None:
+        raise SystemExit(f"gemma4 serve: the engine stopped ({engine.error!r}); exiting with status 1")

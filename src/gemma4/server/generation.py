@@ -6,7 +6,7 @@ import asyncio
 
 from ..engine.sequence import StepOutput
 from ..processing.detokenize import IncrementalText
-from .async_engine import AsyncEngine
+from .async_engine import AsyncEngine, RequestFailed
 
 
 class Choice:
@@ -32,6 +32,9 @@ class Choice:
         item = await asyncio.wait_for(self.queue.get(), timeout) if timeout else await self.queue.get()
         if isinstance(item, BaseException):
             raise item
+        if item.error is not None:
+            self.finish_reason = "error"
+            raise RequestFailed(f"generation failed inside the engine: {item.error}")
         return item
 
     def consume(self, out: StepOutput) -> tuple[str, list]:

@@ -1,11 +1,23 @@
-"""OpenAI request validation: JSON bodies -> checked values, and errors in OpenAI's error shape."""
+"""OpenAI request validation: JSON bodies -> checked values, and errors in OpenAI's error shape.
+
+Every accepted field of an endpoint has a JSON type (`CHAT_FIELDS`, `COMPLETION_FIELDS`): a value of another type
+is a 400 naming the field, `null` means "not given". Unknown fields are ignored, as vLLM and OpenAI's own SDKs'
+`extra_body` expect. A body is refused before any of it is used when it nests deeper than `MAX_JSON_DEPTH` or holds
+a lone UTF-16 surrogate (`"\\ud800"`: not text, and not encodable as UTF-8) in any string or key."""
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from typing import Any
 
 from ..engine.sampling import SamplingParams
+
+MAX_JSON_DEPTH = 64  # tool schemas nest ~10 deep; the chat template renders schemas recursively
+
+_CODES = {400: "invalid_request", 401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed",
+          413: "request_too_large", 500: "internal_error", 503: "engine_unavailable"}
 
 
 class APIError(Exception):
@@ -15,12 +27,96 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code if self.code is not None else self.status}}
+        """OpenAI's shape: `code` a string (a given one, else one per status), `param` the field or null."""
+        code = self.code if self.code is not None else _CODES.get(self.status, f"http_{self.status}")
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": code}}
 
 
 def bad(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param=param)
+
+
+def parse_json(raw: bytes) -> dict:
+    """The request body as a JSON object, or a 400 (not JSON, not UTF-8, too deep, a lone surrogate)."""
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise bad(f"the request body nests JSON deeper than {MAX_JSON_DEPTH} levels") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad(f"the request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
+    check_json_tree(body)
+    return body
+
+
+_SURROGATE = re.compile(r"[\ud800-\udfff]")  # json.loads joins valid pairs: what is left is a lone half
+
+
+def check_json_tree(body: Any) -> None:
+    """Depth and text of every node, without recursion (a deep body must not reach recursive code)."""
+    stack = [(body, 1, None)]
+    while stack:
+        node, depth, path = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise bad(f"the request body nests JSON deeper than {MAX_JSON_DEPTH} levels", path)
+        if isinstance(node, dict):
+            items = node.items()
+        elif isinstance(node, list):
+            items = ((f"[{i}]", v) for i, v in enumerate(node))
+        else:
+            if isinstance(node, str) and _SURROGATE.search(node):
+                raise bad(f"'{path}' holds a lone UTF-16 surrogate (\\ud800-\\udfff): send valid Unicode text", path)
+            continue
+        for key, value in items:
+            if _SURROGATE.search(key):
+                raise bad(f"a key of '{path or 'the body'}' holds a lone UTF-16 surrogate: send valid Unicode text",
+                          path)
+            child = key if path is None else path + key if key.startswith("[") else f"{path}.{key}"
+            stack.append((value, depth + 1, child))
+
+
+# JSON types of the accepted fields (None is always allowed: "not given").
+_NUMBER, _INT, _BOOL, _STR, _OBJECT, _ARRAY = "a number", "an integer", "a boolean", "a string", "an object", "an array"
+_SAMPLING = {"model": _STR, "max_tokens": _INT, "temperature": _NUMBER, "top_p": _NUMBER, "top_k": _INT,
+             "min_p": _NUMBER, "seed": _INT, "stop": (_STR, _ARRAY), "n": _INT, "stream": _BOOL,
+             "stream_options": _OBJECT, "presence_penalty": _NUMBER, "frequency_penalty": _NUMBER,
+             "repetition_penalty": _NUMBER, "min_tokens": _INT, "ignore_eos": _BOOL, "user": _STR,
+             "logit_bias": _OBJECT}
+CHAT_FIELDS = {**_SAMPLING, "messages": _ARRAY, "max_completion_tokens": _INT, "logprobs": _BOOL,
+               "top_logprobs": _INT, "tools": _ARRAY, "tool_choice": (_STR, _OBJECT), "chat_template_kwargs": _OBJECT,
+               "reasoning_effort": _STR, "mm_processor_kwargs": _OBJECT, "parallel_tool_calls": _BOOL,
+               "response_format": _OBJECT, "metadata": _OBJECT, "store": _BOOL}
+COMPLETION_FIELDS = {**_SAMPLING, "prompt": (_STR, _ARRAY), "logprobs": _INT, "echo": _BOOL, "suffix": _STR,
+                     "best_of": _INT}
+
+
+def _is(value: Any, kind: str) -> bool:
+    if kind == _NUMBER:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == _INT:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, {_BOOL: bool, _STR: str, _OBJECT: dict, _ARRAY: list}[kind])
+
+
+def check_fields(body: dict, fields: dict[str, Any]) -> None:
+    """A 400 naming the first accepted field whose value has the wrong JSON type; refuses what we accept but do not
+    apply (a non-empty logit_bias, structured output) rather than ignoring it."""
+    for name, kinds in fields.items():
+        value = body.get(name)
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        if value is not None and not any(_is(value, kind) for kind in kinds):
+            raise bad(f"'{name}' must be {' or '.join(kinds)}, got {type(value).__name__}", name)
+    if body.get("logit_bias"):
+        raise bad("'logit_bias' is not supported", "logit_bias")
+    response_format = body.get("response_format")
+    if response_format is not None:
+        kind = response_format.get("type")
+        if kind not in ("text", "json_object", "json_schema"):
+            raise bad("'response_format.type' must be text, json_object or json_schema", "response_format")
+        if kind != "text":
+            raise bad(f"'response_format' {kind} (structured output) is not supported yet; use 'text'",
+                      "response_format")
 
 
 def get_number(body: dict, name: str, default=None, low=None, high=None, integer=False):
