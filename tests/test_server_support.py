@@ -48,6 +48,9 @@ def serve_args(model_dir, *extra: str):
                               "--served-model-name", "tiny", *extra])
 
 
+NAN_TOKEN = -1  # in a script: that step's logits are NaN (a sequence that cannot be sampled)
+
+
 class ScriptedModel(nn.Module):
     """Same forward signature as Model; its logits spell `scripts[start]` for a generation starting at position
     `start` (the prompt's length), then `<turn|>`. Ignores the cache."""
@@ -70,7 +73,10 @@ class ScriptedModel(nn.Module):
                 script = self.scripts[max(starts)]
                 if target - max(starts) < len(script):
                     token = script[target - max(starts)]
-            logits[row, 0, token] = 30.0
+            if token == NAN_TOKEN:
+                logits[row] = float("nan")
+            else:
+                logits[row, 0, token] = 30.0
         return logits
 
 
