@@ -338,8 +338,8 @@ async def _completion(state: ServerState, body: dict, request: Request):
         raise bad("'prompt' must be a string or a list of token ids (one prompt per request)", "prompt")
     if not prompt_ids:
         raise bad("the prompt is empty", "prompt")
-    for unsupported in ("echo", "suffix", "best_of"):
-        if body.get(unsupported) not in (None, False, 1):
+    for unsupported, default in (("echo", False), ("suffix", ""), ("best_of", 1)):  # types checked: True != 1 here
+        if body.get(unsupported) not in (None, default):
             raise bad(f"'{unsupported}' is not supported", unsupported)
     stream = get_bool(body, "stream")
     options = stream_options(body)
