@@ -106,3 +106,15 @@ def test_cli_generate(checkpoint, capsys):
 def test_cli_missing_model(capsys):
     assert cli_main(["generate", "/no/such/dir", "--prompt", "x"]) == 1
     assert "no checkpoint directory" in capsys.readouterr().err
+
+
+def test_chat_parses_with_the_prompt_as_prefix(llm, monkeypatch):
+    """A prompt that ends inside an open thought channel: `LLM.chat` reads the answer from there."""
+    from gemma4.llm import Completion
+
+    prompt = llm.tokenizer.encode("<|turn>user\nHi<turn|>\n<|turn>model\n<|channel>thought\n", add_special_tokens=False)
+    monkeypatch.setattr(llm, "chat_prompt", lambda *a, **k: prompt)
+    monkeypatch.setattr(llm, "generate", lambda prompts, params, skip_special_tokens: [
+        Completion("Hmm.<channel|>Hello!", [5, 6], "stop", len(prompts[0]))])
+    reply = llm.chat([{"role": "user", "content": "Hi"}], enable_thinking=True)
+    assert (reply["reasoning_content"], reply["content"]) == ("Hmm.", "Hello!")

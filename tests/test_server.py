@@ -217,3 +217,27 @@ def test_client_disconnect_frees_slot(server):
     while engine.stats()["running"] and time.time() < deadline:
         time.sleep(0.05)
     assert engine.stats() == {"running": 0, "waiting": 0, "kv_usage": 0.0}
+
+
+def test_a_prompt_ending_inside_a_thought_channel(stub, monkeypatch):
+    """Newer chat templates open `<|channel>thought\n` after the generation prompt (after tool results with
+    thinking on): the answer starts inside the channel, so the server parses it with the prompt as prefix —
+    reasoning stays reasoning and `<channel|>` is honoured, streamed and not."""
+    from gemma4.processing.chat import openai_to_gemma_messages
+
+    srv, model, tokenizer = stub
+    render = tokenizer.apply_chat_template
+    monkeypatch.setattr(tokenizer, "apply_chat_template",
+                        lambda *a, **k: render(*a, **k) + "<|channel>thought\n")
+    messages = [{"role": "user", "content": "Are you thinking?"}]
+    prompt = render(openai_to_gemma_messages(messages), add_generation_prompt=True,
+                    enable_thinking=True) + "<|channel>thought\n"
+    start = len(tokenizer.encode(prompt, add_special_tokens=False))
+    model.scripts[start] = tokenizer.encode("Let me see.<channel|>Yes.", add_special_tokens=False) + [106]
+    client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0)
+    kw = dict(model="stub", messages=messages, extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+    message = client.chat.completions.create(**kw).choices[0].message
+    assert (message.content, message.reasoning_content) == ("Yes.", "Let me see.")
+    deltas = [c.choices[0].delta for c in client.chat.completions.create(**kw, stream=True) if c.choices]
+    assert "".join(d.content or "" for d in deltas) == "Yes."
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == "Let me see."

@@ -21,12 +21,20 @@ def make_id(index):
     return f"call_{index}"
 
 
-def stream(chunks, complete=False):
-    parser = StreamParser(make_id=make_id)
+def stream(chunks, complete=False, prefix=None):
+    parser = StreamParser(make_id=make_id, prefix=prefix)
     events = []
     for chunk in chunks:
         events += parser.feed(chunk)
     return events + parser.finish(complete=complete)
+
+
+def check_every_chunking(text, expected, complete=False, prefix=None):
+    """One-shot, streamed in two chunks split at every index, and streamed char by char all give `expected`."""
+    assert parse_response(text, make_id=make_id, complete=complete, prefix=prefix) == expected
+    for cut in range(len(text) + 1):
+        assert accumulate(stream([text[:cut], text[cut:]], complete, prefix)) == expected, cut
+    assert accumulate(stream(list(text), complete, prefix)) == expected
 
 
 def test_events_in_order():
@@ -52,9 +60,7 @@ def test_partial_delimiters_are_held_back(partial):
 
 def test_delimiter_split_across_every_boundary():
     text = f"<|channel>thought\nr<channel|>c<|tool_call>call:g{{s:{S}a{S}}}<tool_call|><turn|>"
-    expected = parse_response(text, make_id=make_id)
-    for cut in range(len(text) + 1):
-        assert accumulate(stream([text[:cut], text[cut:]])) == expected, cut
+    check_every_chunking(text, parse_response(text, make_id=make_id))
 
 
 def test_openai_deltas():
@@ -90,6 +96,8 @@ scalar = st.one_of(
     st.integers(-1000, 1000).map(str),
     st.sampled_from(["1.5", "-0.25", "1e3", "true", "false", "null", "celsius", "New York"]),
     text_piece.map(lambda t: S + t + S),
+    text_piece.map(lambda t: t + S),  # drift: the opening delimiter dropped
+    text_piece.map(lambda t: S + t),  # drift: the closing delimiter dropped
     text_piece.filter(lambda t: '"' not in t and "\\" not in t).map(lambda t: '"' + t + '"'),
 )
 value = st.recursive(
@@ -114,6 +122,8 @@ segment = st.one_of(
     text_piece.map(lambda t: "<|channel>thought\n" + t + "<channel|>"),
     text_piece.map(lambda t: "<|channel>" + t),
     st.tuples(call_body, st.sampled_from(["<tool_call|>", "", "<tool_call|>\n"])).map(lambda x: "<|tool_call>" + x[0] + x[1]),
+    # drift: a call right after `<channel|>`, without `<|tool_call>`
+    st.tuples(st.sampled_from(["<channel|>", "<channel|>\n"]), call_body, st.sampled_from(["<tool_call|>", "", " x"])).map("".join),
     st.sampled_from(["<turn|>", "<eos>", "<|tool_response>", "<channel|>", "<tool_call|>", S, "<|turn>", "<|tool"]),
 )
 outputs = st.lists(segment, max_size=6).map("".join)
@@ -127,12 +137,41 @@ def chunked(draw):
     return text, [text[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
+# Prompts ending the ways the chat template and the server leave them.
+EARLIER = f"<bos><|turn>user\nq<turn|>\n<|turn>model\n<|channel>thought\nprior<channel|>prior answer<|tool_call>call:f{{a:1}}<tool_call|>"
+prefixes = st.sampled_from([
+    None,
+    "",
+    "<bos><|turn>user\nq<turn|>\n<|turn>model\n",
+    "<bos><|turn>user\nq<turn|>\n<|turn>model\n<|channel>thought\n<channel|>",
+    "<bos><|turn>user\nq<turn|>\n<|turn>model\n<|channel>thought\n",
+    "<|turn>model\n<|channel>",
+    EARLIER + "<|tool_response>response:f{v:1}<tool_response|><|channel>thought\n",
+    EARLIER + "<|tool_response>response:f{v:1}<tool_response|>",
+    "<|turn>model\n<|tool_call>call:",
+    "<|turn>model\n<|tool_call>call:get_weather{",
+])
+
+
+def strings(value):
+    """Every string (keys included) in a parsed argument value."""
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in [k, *strings(v)]]
+    if isinstance(value, list):
+        return [s for v in value for s in strings(v)]
+    return [value] if isinstance(value, str) else []
+
+
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(chunked(), st.booleans())
-def test_streamed_equals_one_shot(case, complete):
+@given(chunked(), st.booleans(), prefixes)
+def test_streamed_equals_one_shot(case, complete, prefix):
     text, chunks = case
     assert "".join(chunks) == text
-    one_shot = parse_response(text, make_id=make_id, complete=complete)
-    assert accumulate(stream(chunks, complete=complete)) == one_shot
+    one_shot = parse_response(text, make_id=make_id, complete=complete, prefix=prefix)
+    assert accumulate(stream(chunks, complete=complete, prefix=prefix)) == one_shot
     # Single characters: the finest chunking.
-    assert accumulate(stream(list(text), complete=complete)) == one_shot
+    assert accumulate(stream(list(text), complete=complete, prefix=prefix)) == one_shot
+    # A string delimiter never ends up inside a value, and nothing of the prompt's earlier turns leaks.
+    for call in one_shot["tool_calls"]:
+        assert not any(S in s for s in strings(call["function"]["arguments"]))
+    assert "prior" not in (one_shot["content"] or "") + (one_shot["reasoning_content"] or "")

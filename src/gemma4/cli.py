@@ -69,7 +69,7 @@ def cmd_chat(args) -> None:
             continue
         history.append({"role": "user", "content": line})
         prompt = llm.chat_prompt(history, enable_thinking=args.think)
-        parser, answer = StreamParser(), []
+        parser, answer = StreamParser(prefix=llm.tokenizer.decode(prompt, skip_special_tokens=False)), []
         params = llm._params(_sampling_overrides(args))
         for delta in llm.stream(prompt, params, skip_special_tokens=False):
             for event in parser.feed(delta):

@@ -154,11 +154,11 @@ class LLM:
     def chat(self, messages: list[dict], tools: list | None = None, enable_thinking: bool = False,
              params: SamplingParams | dict | None = None, **template_kwargs) -> dict:
         """One assistant turn: {"role", "content", "reasoning_content", "tool_calls", "finish_reason", "usage"}."""
-        from .processing.parse import parse_response
-
         prompt = self.chat_prompt(messages, tools, enable_thinking, **template_kwargs)
         completion = self.generate([prompt], params, skip_special_tokens=False)[0]
-        message = parse_response(completion.text, complete=completion.finish_reason == "stop")
+        # The prompt's end says where the answer starts (e.g. inside a thought channel the template opened).
+        message = self.tokenizer.parse_response(completion.text, prefix=prompt,
+                                                complete=completion.finish_reason == "stop")
         finish = "tool_calls" if message.get("tool_calls") else completion.finish_reason
         usage = {"prompt_tokens": completion.prompt_tokens, "completion_tokens": len(completion.token_ids)}
         return {**message, "finish_reason": finish, "usage": usage}

@@ -10,8 +10,11 @@ Output format written by the model (after the prompt's `<|turn>model\\n`):
 Tool-call values: `<|"|>text<|"|>` strings, JSON numbers, true/false/null, `{key:value}` objects with bare
 keys, `[...]` arrays. The parser keeps every value's type, and also accepts drifted forms: no `call:` prefix,
 `name(...)` with `key=value` or `{...}` inside, JSON-quoted keys and strings, `{"name":..,"arguments":..}`,
-a missing `<tool_call|>` when the arguments are complete. A call it cannot read is returned as content,
-with a logged warning, never dropped.
+a missing `<tool_call|>` when the arguments are complete, a string missing its opening `<|"|>`
+(`q:text<|"|>}`, as SGLang documents), a string missing its closing `<|"|>` right before the arguments'
+`}` in a finished call (`q:<|"|>text}`), and a call written without `<|tool_call>` right after `<channel|>`
+(`<channel|>call:f{...}`). A call it cannot read, or whose strings cannot be told apart unambiguously, is
+returned as content, with a logged warning, never dropped; no parsed value ever contains `<|"|>`.
 
 `parse_response` runs the streaming parser (`stream_parse.StreamParser`) over the whole text, so one-shot
 and streamed results agree by construction.
@@ -29,8 +32,9 @@ STRING_DELIM = '<|"|>'
 _NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?")
 _NAME = re.compile(r"[A-Za-z_][\w\-.]*")
 _CALL_PREFIX = re.compile(r"call\s*:\s*")
-# A bare (unquoted) value runs until the next structural character.
-_BARE_END = re.compile(r"[,}\])]")
+# A bare (unquoted) value runs until the next structural character, or a string's closing delimiter.
+_BARE_END = re.compile(r'[,}\])]|<\|"\|>')
+_STRUCTURAL_NEXT = re.compile(r"\s*[,}\])]")
 _BARE_LITERALS = {"true": True, "false": False, "null": None, "none": None}
 
 
@@ -39,11 +43,14 @@ class ArgumentSyntaxError(ValueError):
 
 
 class _Reader:
-    """Recursive-descent reader for Gemma 4 tool-call values (a lenient superset of JSON)."""
+    """Recursive-descent reader for Gemma 4 tool-call values (a lenient superset of JSON).
 
-    def __init__(self, text: str, pos: int = 0):
+    `terminated`: the text was visibly finished (not cut off), which some repairs need to be safe."""
+
+    def __init__(self, text: str, pos: int = 0, terminated: bool = False):
         self.text = text
         self.pos = pos
+        self.terminated = terminated
 
     def fail(self, what: str):
         raise ArgumentSyntaxError(f"{what} at char {self.pos}")
@@ -79,12 +86,18 @@ class _Reader:
 
     def string(self) -> str:
         if self.peek(STRING_DELIM):
-            end = self.text.find(STRING_DELIM, self.pos + len(STRING_DELIM))
-            if end < 0:
+            start = self.pos + len(STRING_DELIM)
+            end = self.text.find(STRING_DELIM, start)
+            if end >= 0:
+                self.pos = end + len(STRING_DELIM)
+                return self.text[start:end]
+            # No closing delimiter: in a finished call, a string directly before `}` ends there, unless a
+            # `,`, `{` or `[` in it leaves open where it really ends.
+            end = self.text.find("}", start)
+            if not self.terminated or end < 0 or any(c in self.text[start:end] for c in ",{["):
                 self.fail("unterminated <|\"|> string")
-            value = self.text[self.pos + len(STRING_DELIM) : end]
-            self.pos = end + len(STRING_DELIM)
-            return value
+            self.pos = end
+            return self.text[start:end]
         if self.peek('"'):
             try:
                 value, self.pos = json.decoder.scanstring(self.text, self.pos + 1)
@@ -100,15 +113,20 @@ class _Reader:
 
     def bare(self) -> Any:
         match = _BARE_END.search(self.text, self.pos)
-        end = match.start() if match else len(self.text)
-        raw = self.text[self.pos : end].strip()
         if match is None:
             # Nothing closes the value: the call was cut off and the value may be incomplete.
             self.fail("unterminated value")
-        if not raw:
+        raw = self.text[self.pos : match.start()]
+        if match.group() == STRING_DELIM:
+            # A string whose opening delimiter was dropped (`q:text<|"|>,` or `}`) is the text before it.
+            if not _STRUCTURAL_NEXT.match(self.text, match.end()):
+                self.fail("stray <|\"|> in a value")
+            self.pos = match.end()
+            return raw
+        if not raw.strip():
             self.fail("missing value")
-        self.pos = end
-        return _bare_value(raw)
+        self.pos = match.start()
+        return _bare_value(raw.strip())
 
     def key(self, separators: str) -> str:
         self.skip_ws()
@@ -171,13 +189,27 @@ def _bare_value(raw: str) -> Any:
     return raw
 
 
+def _check_no_delimiter(value: Any) -> Any:
+    """`value`, or ArgumentSyntaxError if a `<|"|>` ended up in one of its strings (a misread string)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_no_delimiter(key)
+            _check_no_delimiter(item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_no_delimiter(item)
+    elif isinstance(value, str) and STRING_DELIM in value:
+        raise ArgumentSyntaxError(f"a {STRING_DELIM} delimiter inside the value {value[:60]!r}")
+    return value
+
+
 def parse_arguments(text: str) -> dict:
     """Gemma 4 argument text `{key:value,...}` -> dict. Raises ArgumentSyntaxError when malformed."""
     reader = _Reader(text)
     value = reader.object("{", "}")
     if not reader.at_end():
         reader.fail("trailing text after arguments")
-    return value
+    return _check_no_delimiter(value)
 
 
 def _json_style_call(reader: _Reader) -> tuple[str, dict]:
@@ -208,7 +240,7 @@ def _one_call(reader: _Reader, terminated: bool) -> tuple[str, dict]:
     if reader.peek("{"):
         return name, reader.object("{", "}")
     if reader.peek("("):
-        after = _Reader(reader.text, reader.pos + 1)
+        after = _Reader(reader.text, reader.pos + 1, reader.terminated)
         if after.at_end():
             reader.fail("unterminated '('")
         if after.peek("{"):  # name({...})
@@ -227,14 +259,17 @@ def parse_tool_call_body(body: str, terminated: bool = True) -> list[tuple[str, 
     """The calls written between `<|tool_call>` and `<tool_call|>` (usually one).
 
     `terminated` says whether the body was ended by `<tool_call|>` or another marker rather than cut off;
-    only then is a bare `name` accepted as a call without arguments. Raises ArgumentSyntaxError.
+    only then is a bare `name` accepted as a call without arguments, or a string missing its closing
+    delimiter repaired. Raises ArgumentSyntaxError.
     """
-    reader = _Reader(body)
+    reader = _Reader(body, terminated=terminated)
     calls = [_one_call(reader, terminated)]
     while not reader.at_end():
         if reader.peek(","):  # some drifts separate several calls with commas
             reader.pos += 1
         calls.append(_one_call(reader, terminated))
+    for _, arguments in calls:
+        _check_no_delimiter(arguments)
     return calls
 
 
@@ -246,6 +281,7 @@ def default_call_id(index: int) -> str:
 def parse_response(
     text: str,
     *,
+    prefix: str | None = None,
     complete: bool = False,
     make_id: Callable[[int], str] | None = None,
 ) -> dict:
@@ -257,13 +293,19 @@ def parse_response(
     JSON-string arguments. `content` is None only when the model wrote no answer.
 
     `complete=True` says the generation stopped on an end-of-turn token that is not in `text` (finish
-    reason "stop" with the stop token stripped). It matters only for a thought channel that was never
-    closed: a finished turn then also returns the channel's text as content, while a cut-off one keeps it
-    as reasoning only. `make_id(index)` makes tool-call ids (default: random "call_...").
+    reason "stop" with the stop token stripped). It matters only for what was left open: a thought channel
+    that was never closed (a finished turn also returns its text as content, a cut-off one keeps it as
+    reasoning only) and a call without `<tool_call|>` (read as finished rather than cut off).
+    `make_id(index)` makes tool-call ids (default: random "call_...").
+
+    `prefix` is the prompt the text continues (whole, or just its end): the parser starts in the state the
+    prompt's pre-written part of the answer leaves, e.g. inside a thought channel the template opened, or
+    inside a tool call the server forced with `<|tool_call>call:NAME{`. Only the generated text is reported,
+    and a call the prompt started once `text` completes it (see `stream_parse.generation_prefix`).
     """
     from .stream_parse import StreamParser, accumulate
 
-    parser = StreamParser(make_id=make_id)
+    parser = StreamParser(make_id=make_id, prefix=prefix)
     events = parser.feed(text) + parser.finish(complete=complete)
     return accumulate(events)
 

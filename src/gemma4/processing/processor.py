@@ -106,6 +106,10 @@ class Processor:
         placeholder each, which `__call__` expands."""
         return self.tokenizer.apply_chat_template(messages, **kwargs)
 
+    def parse_response(self, response, *, prefix=None, complete: bool = False) -> dict:
+        """The generated answer as an assistant message (see `Tokenizer.parse_response`)."""
+        return self.tokenizer.parse_response(response, prefix=prefix, complete=complete)
+
     def __repr__(self) -> str:
         return (f"Processor({self.tokenizer!r}, image_max_soft_tokens={self.image_max_soft_tokens}, "
                 f"video_max_soft_tokens={self.video_max_soft_tokens})")

@@ -15,6 +15,12 @@ returns them: whitespace is held back until something follows it.
 
 `accumulate(events)` folds events into the `parse_response` dict; for any chunking of a text,
 `accumulate(all events) == parse_response(text)`.
+
+`StreamParser(prefix=prompt)` starts where the prompt leaves the answer: `generation_prefix(prompt)`, the
+prompt's text after its last turn boundary (e.g. `<|channel>thought\n` that a template wrote after the
+generation prompt, or a tool call the server forced: `<|tool_call>call:NAME{`), is read first for its state
+only. It was not generated, so none of it is reported, except as part of a call that the generated text
+completes; nothing of the prompt's earlier turns can reach the output.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from .parse import ArgumentSyntaxError, default_call_id, parse_tool_call_body
+from .parse import _NAME, ArgumentSyntaxError, default_call_id, parse_tool_call_body
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +40,9 @@ CALL_OPEN, CALL_CLOSE = "<|tool_call>", "<tool_call|>"
 # Any of these ends the model's turn: what follows is not part of the answer.
 TURN_ENDS = ("<turn|>", "<eos>", "<|tool_response>", "<|turn>")
 THOUGHT = "thought"  # name of the reasoning channel: `<|channel>thought\n...`
+MODEL_TURN = "<|turn>model\n"
+BARE_CALL = "call:"  # a call written without `<|tool_call>`, recognised right after `<channel|>`
+_BARE_CALL_START = re.compile(BARE_CALL + _NAME.pattern + r"\{")
 
 _WATCH = {
     "content": (CHANNEL_OPEN, CALL_OPEN, *TURN_ENDS, CHANNEL_CLOSE, CALL_CLOSE),
@@ -42,6 +51,19 @@ _WATCH = {
 }
 _WATCH_RE = {state: re.compile("|".join(map(re.escape, delims))) for state, delims in _WATCH.items()}
 _ALL_DELIMS = tuple({d for delims in _WATCH.values() for d in delims})
+# The answer a prompt leaves to the model starts after the last of these: the model turn's start, a tool
+# result the model continues from (inside its turn), or any other turn boundary.
+_ANSWER_STARTS = re.compile("|".join(map(re.escape, (MODEL_TURN, "<tool_response|>", *TURN_ENDS))))
+
+
+def generation_prefix(prompt: str) -> str:
+    """The part of `prompt` that the generated text continues: what follows its last turn boundary, e.g. ""
+    after `<|turn>model\n`, `<|channel>thought\n`, or a forced `<|tool_call>call:`. A prompt without any
+    boundary is all continued (a caller may pass just that part)."""
+    last = None
+    for last in _ANSWER_STARTS.finditer(prompt):
+        pass
+    return prompt[last.end() :] if last else prompt
 
 
 # ------------------------------------------------------------------------------------------------- events
@@ -110,23 +132,28 @@ class _State:
     mode: str = "content"  # content | channel | call | done
     buffer: str = ""
     channel_head_pending: bool = False  # the channel name ("thought") is not decided yet
+    call_may_follow: bool = False  # just after `<channel|>`: a call may follow without `<|tool_call>`
     channel_text: str = ""  # the open channel's text, for the unterminated-channel fallback
     ended_in_channel: bool = False
     call_body: str = ""
+    bare_call: bool = False  # the call being read had no `<|tool_call>` before it
     calls: int = 0
     content: _Stripped = field(default_factory=_Stripped)
     reasoning: _Stripped = field(default_factory=_Stripped)
 
 
 class StreamParser:
-    """Incremental Gemma 4 response parser; see the module docstring."""
+    """Incremental Gemma 4 response parser; see the module docstring. `prefix`: the prompt the text continues
+    (whole, or its `generation_prefix`)."""
 
-    def __init__(self, make_id: Callable[[int], str] | None = None):
+    def __init__(self, make_id: Callable[[int], str] | None = None, prefix: str | None = None):
         self._make_id = make_id or default_call_id
         self._s = _State()
         self._events: list[Event] = []
         self._finished = False
         self.warnings: list[str] = []
+        if prefix:
+            self._start_after(generation_prefix(prefix))
 
     # ------------------------------------------------------------------------------------------ public
     def feed(self, text: str) -> list[Event]:
@@ -145,18 +172,29 @@ class StreamParser:
         self._process(final=True)
         s = self._s
         if s.mode == "call":
-            self._end_call(terminated=False)
+            self._end_call(terminated=complete)
         unterminated = s.ended_in_channel or (s.mode == "channel" and complete)
         if unterminated and not s.content.started and s.channel_text.strip():
             self._warn("the thought channel was never closed; its text is returned as content too")
             self._content(s.channel_text)
         return self._take()
 
+    def _start_after(self, written: str) -> None:
+        """Read the answer's pre-written start for the state it leaves (mode, open channel or call); what it
+        says is not reported and does not count as generated text."""
+        s = self._s
+        s.buffer = written
+        self._process(final=False)
+        s.channel_text, s.calls, s.content, s.reasoning = "", 0, _Stripped(), _Stripped()
+        self._events, self.warnings = [], []
+
     # ----------------------------------------------------------------------------------------- scanning
     def _process(self, final: bool) -> None:
         s = self._s
         while s.buffer and s.mode != "done":
             if s.mode == "channel" and s.channel_head_pending and not self._channel_head(final):
+                return
+            if s.mode == "content" and s.call_may_follow and not self._bare_call_head(final):
                 return
             match = _WATCH_RE[s.mode].search(s.buffer)
             if match:
@@ -183,6 +221,19 @@ class StreamParser:
         if head.startswith(THOUGHT) and not (rest[:1].isalnum() or rest[:1] == "_"):
             s.buffer = s.buffer[len(THOUGHT) + rest.startswith("\n") :]
         s.channel_head_pending = False
+        return True
+
+    def _bare_call_head(self, final: bool) -> bool:
+        """After `<channel|>`, `call:NAME{` starts a call whose `<|tool_call>` the model left out (vLLM issue
+        #54256). Returns False while too little text has arrived to tell."""
+        s = self._s
+        head = s.buffer.lstrip()
+        name = head[len(BARE_CALL) :]
+        if _BARE_CALL_START.match(head):
+            s.mode, s.call_body, s.bare_call = "call", "", True
+        elif not final and BARE_CALL.startswith(head[: len(BARE_CALL)]) and (not name or _NAME.fullmatch(name)):
+            return False  # still the beginning of `call:NAME`
+        s.call_may_follow = False
         return True
 
     def _route(self, text: str) -> None:
@@ -212,15 +263,16 @@ class StreamParser:
         if delim in TURN_ENDS:
             s.ended_in_channel = s.mode == "channel"
             s.mode = "done"
-        elif delim == CHANNEL_OPEN and s.mode == "content":
-            s.mode, s.channel_head_pending, s.channel_text = "channel", True, ""
-            if s.reasoning.started:
-                s.reasoning.pending += "\n"  # separates the text of successive thought channels
-        elif delim == CHANNEL_CLOSE and s.mode == "channel":
-            s.mode = "content"
+        elif delim == CHANNEL_OPEN:  # also one nested in an open channel: its name is dropped again
+            if s.mode == "content":
+                s.channel_text = ""
+            s.mode, s.channel_head_pending = "channel", True
+            self._route("\n")  # separates the text of successive thoughts
+        elif delim == CHANNEL_CLOSE:  # also a stray one, with no channel open
+            s.mode, s.call_may_follow = "content", True
         elif delim == CALL_OPEN:
             s.mode, s.call_body = "call", ""
-        # Anything else is a stray marker (a closer with nothing open, a nested opener): dropped.
+        # Anything else is a stray `<tool_call|>` with no call open: dropped.
 
     # ----------------------------------------------------------------------------------------- emitting
     def _content(self, text: str) -> None:
@@ -230,13 +282,15 @@ class StreamParser:
 
     def _end_call(self, terminated: bool) -> None:
         s = self._s
-        body, s.call_body = s.call_body, ""
+        body, bare, s.call_body, s.bare_call = s.call_body, s.bare_call, "", False
         try:
             calls = parse_tool_call_body(body, terminated=terminated)
+            if bare and len(calls) != 1:
+                raise ArgumentSyntaxError("text after a call written without <|tool_call>")
         except (ArgumentSyntaxError, json.JSONDecodeError) as e:
             how = "cut off" if not terminated else "malformed"
             self._warn(f"tool call {how} ({e}); returned as content: {body[:120]!r}")
-            self._content(CALL_OPEN + body)
+            self._content(body if bare else CALL_OPEN + body)
             return
         for name, arguments in calls:
             index = s.calls

@@ -328,6 +328,18 @@ class Tokenizer:
         )
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
+    def parse_response(self, response: str | Iterable[int], *, prefix: str | Iterable[int] | None = None,
+                       complete: bool = False) -> dict:
+        """A generated answer (text, or token ids decoded with their special tokens) as an assistant message
+        {"role", "content", "reasoning_content", "tool_calls"}; see `processing.parse.parse_response`.
+        `prefix`: the prompt (text or ids) the answer continues, as in transformers' `parse_response`."""
+        from .parse import parse_response
+
+        def text(value):
+            return value if isinstance(value, str) or value is None else self.decode(value, skip_special_tokens=False)
+
+        return parse_response(text(response), prefix=text(prefix), complete=complete)
+
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r})"
 

@@ -212,12 +212,14 @@ async def _chat(state: ServerState, body: dict, request: Request):
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     name = body.get("model") or state.model_names[0]
     if stream:
-        gen = _chat_stream(state, choices, forced, rid, created, name, options.get("include_usage"), started, request)
+        gen = _chat_stream(state, choices, prompt + forced, rid, created, name, options.get("include_usage"), started,
+                           request)
         return StreamingResponse(gen, media_type="text/event-stream")
     await _run_to_end(state, choices, request, started)
     results = []
     for c in choices:
-        parsed = parse_response(forced + c.text, complete=c.finish_reason == "stop")
+        # The prompt's end sets where the answer starts: an open thought channel, the forced call.
+        parsed = parse_response(c.text, prefix=prompt + forced, complete=c.finish_reason == "stop")
         message = {"role": "assistant", "content": parsed.get("content")}
         if parsed.get("reasoning_content") is not None:
             message["reasoning_content"] = message["reasoning"] = parsed["reasoning_content"]
@@ -233,7 +235,7 @@ async def _chat(state: ServerState, body: dict, request: Request):
             "usage": _usage(choices)}
 
 
-async def _chat_stream(state, choices, forced, rid, created, name, include_usage, started, request):
+async def _chat_stream(state, choices, prefix, rid, created, name, include_usage, started, request):
     def chunk(choices_, usage=None):
         data = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
                 "choices": choices_}
@@ -241,10 +243,9 @@ async def _chat_stream(state, choices, forced, rid, created, name, include_usage
             data["usage"] = usage
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
-    parsers = {c.index: StreamParser() for c in choices}
+    parsers = {c.index: StreamParser(prefix=prefix) for c in choices}
     saw_call = {c.index: False for c in choices}
     first = True
-    prefixed: set[int] = set()
 
     def deltas(c, text, final):
         events = parsers[c.index].feed(text) if text else []
@@ -269,9 +270,6 @@ async def _chat_stream(state, choices, forced, rid, created, name, include_usage
             if first and text:
                 state.metrics.ttft.observe(time.monotonic() - started)
                 first = False
-            if forced and c.index not in prefixed and (text or c.done):
-                text = forced + text
-                prefixed.add(c.index)
             pieces = deltas(c, text, c.done) if (text or c.done) else []
             lp = {"content": [_chat_logprob(state.tokenizer, x) for x in logprobs]} if logprobs else None
             for i, delta in enumerate(pieces):
@@ -529,7 +527,8 @@ async def _transcription(state: ServerState, request: Request):
     started = time.monotonic()
     choices = _start(state, 1, prompt_ids, params, [], soft)
     await _run_to_end(state, choices, request, started)
-    text = (parse_response(choices[0].text, complete=choices[0].finish_reason == "stop").get("content") or "").strip()
+    parsed = parse_response(choices[0].text, prefix=prompt_text, complete=choices[0].finish_reason == "stop")
+    text = (parsed.get("content") or "").strip()
     if response_format == "text":
         return PlainTextResponse(text)
     return {"text": text, "usage": {"type": "tokens", "input_tokens": choices[0].num_prompt,
