@@ -20,6 +20,7 @@ from gemv import graph_us  # noqa: E402
 
 from gemma4.config import Config  # noqa: E402
 from gemma4.kernels.attention import _block_n, decode_attention  # noqa: E402
+from gemma4.kernels.tuning import tile  # noqa: E402
 
 
 def layer_shapes(preset: str, context: int) -> list[tuple]:
@@ -59,7 +60,7 @@ def main():
         default_block = _block_n(dim, 2, args.batch * kv_heads, candidates, torch.device("cuda"))
         results = []
         for block_n, splits in itertools.product(sorted({16, 32, 64, default_block}), (None, 8, 16, 32, 64)):
-            if block_n * dim > 16384:  # over the kernel's shared memory at three stages
+            if block_n * dim * 2 > tile("attention", "MAX_TILE_BYTES", torch.device("cuda")):  # shared memory
                 continue
 
             def call(i, block_n=block_n, splits=splits):

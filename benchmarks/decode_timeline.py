@@ -1,4 +1,4 @@
-"""The captured batch-1 decode step as a timeline: every kernel of one CUDA-graph replay in launch order, with the
+"""The engine's captured batch-1 decode step as a timeline: every kernel of one CUDA-graph replay in launch order, with the
 time each one adds to the step (its end minus the previous kernel's end: with programmatic dependent launch the next
 kernel starts before the previous one ends, so durations overlap and only these increments sum to the step).
 
@@ -18,28 +18,28 @@ import time
 
 import torch
 
-from gemma4.engine.generate import decode_runner, token_steps
+from gemma4.engine.generate import engine_for
 from gemma4.engine.sampling import SamplingParams
 from gemma4.random_init import random_config, random_model
 
 
-def replay_ms(runner, replays: int = 60) -> float:
+def replay_ms(graph, replays: int = 60) -> float:
     times = []
     for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        runner.graph.replay()
+        graph.replay()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times[10:])
 
 
-def replay_kernels(runner) -> list[tuple[str, float, float]]:
+def replay_kernels(graph) -> list[tuple[str, float, float]]:
     """(name, start us, end us) of the kernels of one replay, in start order (the middle of three replays)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
-            runner.graph.replay()
+            graph.replay()
         torch.cuda.synchronize()
     kernels = sorted(((e.name, e.time_range.start, e.time_range.end) for e in prof.events()
                       if e.device_type == torch.autograd.DeviceType.CUDA and "Memcpy" not in e.name),
@@ -64,28 +64,29 @@ def main() -> None:
     vocab = model.config.text_config.vocab_size
     ids = torch.randint(10, min(200_000, vocab), (1, args.context), device="cuda")
     steps = 64
-    params = [SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True)]
+    params = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True)
+    engine = engine_for(model, 1, args.context + steps)
     for _ in range(2):  # the first run captures the graph
-        times = [time.perf_counter() for _ in token_steps(model, ids, None, params, [set()], decode="graph")]
-    runner = decode_runner(model, 1, args.context + steps, graph=True)
+        seq_id = engine.add_request(ids[0].tolist(), params)
+        times = [time.perf_counter() for out in engine.run([seq_id]) if out.token is not None]
+    graphs = engine.runner.graphs
+    graph = graphs.graphs[1][0]
     loop_ms = (times[-1] - times[1]) / (len(times) - 2) * 1e3
-    step_ms = replay_ms(runner)
+    step_ms = replay_ms(graph)
     print(f"{args.preset} b1 ctx{args.context}: replay {step_ms * 1e3:.1f} us/step; generation loop "
           f"{loop_ms * 1e3:.1f} us/token ({1 / loop_ms * 1e3:.1f} tok/s): the host adds "
           f"{(loop_ms - step_ms) * 1e3:.1f} us")
 
     if args.ops:  # the PyTorch ops of one eager step that launch kernels, in order, with their kernels
-        from gemma4.engine.generate import DecodeRunner
-        eager = DecodeRunner(model, 1, runner.max_len, graph=False)
-        eager.step(torch.zeros(1, dtype=torch.long, device="cuda"))
+        graphs._step(1)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                 torch.profiler.ProfilerActivity.CUDA]) as prof:
-            eager.step(torch.zeros(1, dtype=torch.long, device="cuda"))
+            graphs._step(1)  # the captured step's code, run eagerly
             torch.cuda.synchronize()
         for event in prof.events():
             if event.device_type == torch.autograd.DeviceType.CPU and event.kernels and event.name.startswith("aten"):
                 print(f"  op {event.name:32} -> {', '.join(short(k.name) for k in event.kernels)}")
-    kernels = replay_kernels(runner)
+    kernels = replay_kernels(graph)
     origin = kernels[0][1]
     rows, previous_end = [], origin
     for name, begin, end in kernels:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from gemma4.config import Config
 from gemma4.kernels.gemv import gemv, gemv_gated, gemv_residual_norms
-from gemma4.model.gemma4 import Model
+from gemma4 import Model
 
 
 def decode_shapes(preset: str) -> collections.Counter:
@@ -179,7 +179,8 @@ def deferred_sites(preset: str) -> collections.Counter:
 
 
 def deferred(preset: str) -> None:
-    # None: the kernels' NORMED_TILES; (BLOCK_N, BLOCK_K: the row's width, warps, stages, GROUPS of rows a program)
+    # None: the tuned NORMED_TILES (kernels/tuning.py); (BLOCK_N, BLOCK_K: the row's width, warps, stages, GROUPS of
+    # rows a program)
     consumer_tiles = [None] + [(n, 4096, warps, 3, groups) for n, warps, groups in
                                itertools.product((1, 2, 4, 8), (4, 8), (1, 2, 4, 8))]
     print(f"{preset} on {torch.cuda.get_device_name()}: us per (producer, consumer) pair: the norms in the producer's "

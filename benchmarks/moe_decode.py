@@ -14,7 +14,7 @@ import itertools
 import torch
 
 from gemma4.config import Config
-from gemma4.kernels import moe
+from gemma4.kernels.tuning import config
 from gemma4.model.text import Experts
 from gemv import graph_us  # benchmarks/gemv.py: a 50-call CUDA graph, best replay
 
@@ -23,9 +23,9 @@ SORTED_TILES = ("SORTED_GU_BLOCK_N", "SORTED_GU_BLOCK_K", "SORTED_GU_WARPS", "SO
                 "SORTED_DOWN_BLOCK_K", "SORTED_DOWN_WARPS")
 
 
-def sweep(names, first_half, second_half):
+def sweep(tiles, names, first_half, second_half):
     """The current tiles, then each kernel's (first three names, last three) alternatives, the other's at defaults."""
-    current = tuple(getattr(moe, name) for name in names)
+    current = tuple(tiles[name] for name in names)
     configs = [current]
     configs += [c + current[3:] for c in itertools.product(*first_half) if c != current[:3]]
     configs += [current[:3] + c for c in itertools.product(*second_half) if c != current[3:]]
@@ -45,6 +45,7 @@ def main():
     module.gate_up_proj = torch.nn.Parameter(torch.randn(e, 2 * w, h, device="cuda", dtype=torch.bfloat16) * h**-0.5)
     module.down_proj = torch.nn.Parameter(torch.randn(e, h, w, device="cuda", dtype=torch.bfloat16) * w**-0.5)
     calls = 50
+    tiles = config("moe", torch.device("cuda"))  # the tuned tiles (tuning.py), overridden in place while sweeping
     print(f"26B-A4B experts on {torch.cuda.get_device_name()}: us per call (GB/s of the chosen experts' weights)")
     for tokens in args.tokens:
         x = torch.randn(tokens, h, device="cuda", dtype=torch.bfloat16)
@@ -65,24 +66,23 @@ def main():
         for path in paths:
             report(path, getattr(module, f"forward_{path}"))
         for block_m in args.block_m:
-            moe.SORTED_BLOCK_M = block_m
+            default, tiles["SORTED_BLOCK_M"] = tiles["SORTED_BLOCK_M"], block_m
             report(f"sorted BLOCK_M={block_m}", module.forward_sorted)
-            moe.SORTED_BLOCK_M = None
+            tiles["SORTED_BLOCK_M"] = default
         if not args.sweep:
             continue
         if tokens * k <= 64:
             names, path = DECODE_TILES, "kernel"
-            configs = sweep(names, [(2, 4, 8), (256, 512, 1024), (4, 8)], [(1, 2, 4, 8), (1024,), (4, 8)])
+            configs = sweep(tiles, names, [(2, 4, 8), (256, 512, 1024), (4, 8)], [(1, 2, 4, 8), (1024,), (4, 8)])
         else:
             names, path = SORTED_TILES, "sorted"
-            configs = sweep(names, [(32, 64, 128), (64, 128, 256), (4, 8)], [(32, 64, 128), (64, 128, 256), (4, 8)])
-        defaults = tuple(getattr(moe, name) for name in names)
-        for config in configs:
-            for name, value in zip(names, config):
-                setattr(moe, name, value)
-            report(f"{path} {config}", getattr(module, f"forward_{path}"))
-        for name, value in zip(names, defaults):
-            setattr(moe, name, value)
+            configs = sweep(tiles, names, [(32, 64, 128), (64, 128, 256), (4, 8)],
+                            [(32, 64, 128), (64, 128, 256), (4, 8)])
+        defaults = {name: tiles[name] for name in names}
+        for values in configs:
+            tiles.update(zip(names, values))
+            report(f"{path} {values}", getattr(module, f"forward_{path}"))
+        tiles.update(defaults)
 
 
 if __name__ == "__main__":

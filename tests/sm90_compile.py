@@ -16,7 +16,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from gemma4.kernels import activation, attention, gemv, logits, moe, norm, prefill_attention, router, step_inputs
+from gemma4.kernels import (activation, attention, gemv, logits, moe, norm, prefill_attention, router, step_inputs,
+                            tuning)
 
 TARGET = GPUTarget("cuda", 90, 32)
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
@@ -70,26 +71,24 @@ def main() -> None:
         gemv.gemv_residual_norms(x, w, res, nw, 1e-6, None, nw, 1e-6, moe=(nw, nw, 0.1))
     # GEMVs that normalize their input (one tile as wide as the row): E2B's and E4B's widths; narrow outputs (one
     # group of rows a program) and wide ones (several).
-    for k, n in itertools.product((1536, 2560), (96, 2 * gemv.GROUPS_MIN_WIDTH)):
+    for k, n in itertools.product((1536, 2560), (96, 2 * tuning.tile("gemv", "GROUPS_MIN_WIDTH"))):
         y, w, res, nw = rand(1, 1, k), rand(n, k), rand(1, 1, k), rand(k)
         gemv.gemv(y, w, norms=(res, nw, 1e-6, rand(1), nw, 1e-6, torch.empty_like(res)))
         gemv.gemv_gated(y, w, "gelu_pytorch_tanh", norms=(res, nw, 1e-6, None, nw, 1e-6, torch.empty_like(res)))
         gemv.gemv_gated(y, w, "gelu_pytorch_tanh", rand(n), norms=(res, nw, 1e-6, None, None, None,
                                                                    torch.empty_like(res)))
     for k in (1000, 4096):  # wide outputs, rows of one step: several groups
-        x, w = rand(1, 1, k), rand(2 * gemv.GROUPS_MIN_WIDTH, k)
+        x, w = rand(1, 1, k), rand(2 * tuning.tile("gemv", "GROUPS_MIN_WIDTH"), k)
         gemv.gemv(x, w)
         gemv.gemv_gated(x, w, "gelu_pytorch_tanh")
     logits.softcap(rand(2, 1000), 30.0)
     logits.argmax(rand(2, 10000, dtype=torch.float32))
-    # A forward's inputs: embeddings, per-layer inputs, RoPE tables, a static cache's decode slots.
+    # A forward's inputs: embeddings, per-layer inputs, RoPE tables.
     ids = torch.zeros(2, 1, dtype=torch.int64)
     step_inputs.scaled_embedding(ids, rand(8, 1536), 39.25)
     step_inputs.scaled_embedding(ids, rand(8, 1536), 39.25, placeholders=(5, 6, 7), pad_id=0)
     step_inputs.per_layer_inputs(rand(2, 1, 4 * 256), ids, rand(8, 4 * 256), rand(256), 1e-6, 0.025, 16.0)
     step_inputs.rope_cos_sin(ids, torch.rand(128), bf16)
-    step_inputs.decode_slots(ids, ids >= 0, torch.zeros(2, dtype=torch.int64), torch.zeros(2, 9, dtype=torch.int64),
-                             8, 100)
     # Norms, RoPE and the fused cache write.
     rows = rand(2, 3, 256)
     norm.rms_norm(rows, rand(256), 1e-6)
@@ -125,7 +124,7 @@ def main() -> None:
         q, kv = rand(1, 4, 40, head_dim), rand(1, 2, 40, head_dim)
         blocks = torch.zeros(1, 40, dtype=torch.int64) if window else None
         prefill_attention.prefill_attention(q, kv, kv, qpos, qpos >= 0, qpos, window, blocks, blocks,
-                                            tiles=prefill_attention._tiles(head_dim, 2, True))
+                                            tiles=prefill_attention._tiles(head_dim, 2, torch.device("cuda")))
     print("\n".join(compiled))
     print(f"{len(compiled)} launches compiled for sm_90")
 

@@ -9,7 +9,7 @@ from gemma4.config import Config
 from gemma4.engine.engine import LLMEngine
 from gemma4.engine.generate import generate
 from gemma4.engine.sampling import SamplingParams
-from gemma4.model.gemma4 import Model
+from gemma4 import Model
 from gemma4.random_init import randomize_
 
 
@@ -30,9 +30,10 @@ def prompts(count, seed=1, longest=40):
 GREEDY = SamplingParams(max_tokens=10, temperature=0, stop_token_ids=[])
 
 
-def test_single_request_matches_static_generate(model):
+def test_single_request_matches_reference_generate(model):
     for prompt in prompts(3, seed=5):
-        ref = generate(model, torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=None)
+        ref = generate(model, torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=None,
+                       use_cache=False)
         assert LLMEngine(model, max_num_seqs=2, max_model_len=64).generate([prompt], GREEDY)[0] == \
             ref[0, len(prompt):].tolist()
 
@@ -169,7 +170,7 @@ def test_token_ids_outside_the_vocabulary_are_refused(model):
     engine = LLMEngine(model, max_num_seqs=1, max_model_len=64)
     for bad in (vocab, -1):
         ids = torch.tensor([[3, 4, bad]])
-        for call in (lambda: model(ids), lambda: generate(model, ids, max_new_tokens=2, decode="static"),
+        for call in (lambda: model(ids), lambda: generate(model, ids, max_new_tokens=2),
                      lambda: engine.add_request(ids[0].tolist(), GREEDY)):
             with pytest.raises(ValueError, match=f"token id {bad} is outside this model's vocabulary"):
                 call()

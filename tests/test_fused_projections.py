@@ -9,6 +9,7 @@ import torch
 
 from gemma4 import Model, kernels
 from gemma4.model.text import MLP, Attention
+from gemma4.options import override
 from reference import FAMILIES, VOCAB, saved_reference
 
 
@@ -35,22 +36,22 @@ def test_fused_model_equals_unfused(checkpoint):
     ids = _ids()
     # Same products, other matrix shapes: only the BLAS blocking (summation order) may differ.
     assert (plain(ids) - fused(ids)).abs().max() <= 1e-5
-    kwargs = dict(max_new_tokens=12, do_sample=False, eos_token_id=None, decode="static")
+    kwargs = dict(max_new_tokens=12, do_sample=False, eos_token_id=None)
     assert torch.equal(plain.generate(ids, **kwargs), fused.generate(ids, **kwargs))
 
 
-def test_fused_checkpoint_saves_and_loads(checkpoint, tmp_path, monkeypatch):
+def test_fused_checkpoint_saves_and_loads(checkpoint, tmp_path):
     fused = Model.from_pretrained(checkpoint, dtype=torch.float32).fuse_projections_()
     fused.save_pretrained(tmp_path)  # views of one buffer are written as separate tensors
     again = Model.from_pretrained(tmp_path, dtype=torch.float32)
     assert all(torch.equal(a, b) for a, b in zip(fused.state_dict().values(), again.state_dict().values()))
-    monkeypatch.setenv("GEMMA4_FUSE_PROJECTIONS", "1")
-    loaded = Model.from_pretrained(tmp_path, dtype=torch.float32)
+    with override(fuse_projections=True):
+        loaded = Model.from_pretrained(tmp_path, dtype=torch.float32)
     assert all(m.gate_up_weight is not None for m in loaded.modules() if isinstance(m, MLP))
     assert torch.equal(loaded(_ids()), fused(_ids()))
 
 
-def test_fused_projections_through_the_kernels(checkpoint, request, monkeypatch):
+def test_fused_projections_through_the_kernels(checkpoint, request):
     """q, k and v arrive as strided slices of one matmul's output at the fused norm + RoPE kernel.
 
     On the CPU the interpreted kernels give the unfused logits to 1e-5. On a GPU cuBLAS picks other algorithms (other
@@ -60,8 +61,8 @@ def test_fused_projections_through_the_kernels(checkpoint, request, monkeypatch)
         pytest.skip("two families (one with K=V) suffice; the interpreter is slow")
     pytest.importorskip("triton")
     cuda = torch.cuda.is_available()  # compiled on a GPU, interpreted on the CPU
-    monkeypatch.setenv("GEMMA4_FUSE_PROJECTIONS", "0")
-    plain = Model.from_pretrained(checkpoint, dtype=torch.float32, device="cuda" if cuda else "cpu")
+    with override(fuse_projections=False):
+        plain = Model.from_pretrained(checkpoint, dtype=torch.float32, device="cuda" if cuda else "cpu")
     fused = copy.deepcopy(plain).fuse_projections_()
     ids = _ids().to(plain.device)
     with kernels.force():

@@ -1,14 +1,13 @@
 """CUDA-only checks of the fast decode path: the CUDA-graph step equals the same step run eagerly, and the
 device-side MoE and sampler paths equal their references. Skipped where there is no CUDA device."""
 
-import os
-
 import pytest
 import torch
 
 from gemma4 import Model
-from gemma4.engine.generate import left_pad
+from gemma4.engine.generate import free_engine, left_pad
 from gemma4.model.text import MLP, Experts, Router
+from gemma4.options import override
 from reference import FAMILIES, VOCAB, saved_reference
 
 pytestmark = [pytest.mark.gpu,
@@ -31,39 +30,53 @@ def padded_prompts(lengths, seed=0):
 @pytest.mark.parametrize("lengths", [(9,), (4, 12, 7)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_graph_greedy_tokens_equal_eager(checkpoint, lengths, dtype):
-    """Graph replay runs the very kernels of the eager static step, so greedy tokens are identical, in bf16 too."""
+    """`Model.generate` on CUDA: the engine's decode steps replayed from CUDA graphs run the very kernels of the eager
+    engine, so greedy tokens are identical, in bf16 too; twice on the kept engine; in fp32 also the reference's."""
     model = Model.from_pretrained(checkpoint, dtype=dtype, device="cuda")
     ids, mask = padded_prompts(lengths)
     kwargs = dict(attention_mask=mask, max_new_tokens=STEPS, do_sample=False, eos_token_id=None)
-    eager = model.generate(ids, decode="static", **kwargs)
-    graph = model.generate(ids, decode="graph", **kwargs)
-    again = model.generate(ids, decode="graph", **kwargs)  # the kept graph, its cache reset in place
+    graph, again = model.generate(ids, **kwargs), model.generate(ids, **kwargs)
+    graphs = model.__dict__["_engine"].engine.runner.graphs
+    assert graphs is not None and graphs.usable and graphs.graphs, graphs and graphs.describe()
+    free_engine(model)
+    with override(cuda_graphs=False):
+        eager = model.generate(ids, **kwargs)
+        assert model.__dict__["_engine"].engine.runner.graphs is None
+    free_engine(model)
     assert torch.equal(eager, graph) and torch.equal(graph, again)
-    assert model._decode_runners and any(r.graph is not None for r in model._decode_runners.values())
-    if dtype == torch.float32:  # and the static path keeps the dynamic reference's tokens
-        assert torch.equal(graph, model.generate(ids, decode="dynamic", **kwargs))
+    if dtype == torch.float32:
+        assert torch.equal(graph, model.generate(ids, use_cache=False, **kwargs))
 
 
 def test_graph_logits_close_to_eager_bf16(checkpoint):
-    """bf16 logits of 32 graph steps vs the same steps run eagerly on their own static cache. Both run the same
-    kernels on the same inputs, so they should agree to the bit; the bound (1e-2 of the logits' scale, about two
+    """bf16 logits of 32 graph steps vs the same steps run eagerly, on two engines fed the same tokens. Both run the
+    same kernels on the same inputs, so they should agree to the bit; the bound (1e-2 of the logits' scale, about two
     bf16 ulps of the hidden states after softcapping) only leaves room for a cuBLAS heuristic choosing another
     algorithm inside capture, and is far below what a stale or wrongly-written cache slot does (O(1))."""
-    from gemma4.engine.generate import DecodeRunner
+    from gemma4.engine.engine import LLMEngine
+    from gemma4.engine.sampling import SamplingParams
 
     model = Model.from_pretrained(checkpoint, dtype=torch.bfloat16, device="cuda")
-    ids, mask = padded_prompts((5, 11), seed=2)
-    graph, eager = DecodeRunner(model, 2, 64, graph=True), DecodeRunner(model, 2, 64, graph=False)
-    graph.capture()
-    with torch.no_grad():
-        a = model(ids, attention_mask=mask, cache=graph.cache, last_only=True)[:, -1]
-        b = model(ids, attention_mask=mask, cache=eager.cache, last_only=True)[:, -1]
-        for _ in range(32):
-            token = b.argmax(-1)
-            a, _ = graph.step(token)
-            b, _ = eager.step(token)
-            scale = b.abs().max()
-            assert ((a - b).abs().max() / scale) <= 1e-2
+    graph = LLMEngine(model, max_num_seqs=2, max_model_len=64, run_ahead=False)
+    with override(cuda_graphs=False):
+        eager = LLMEngine(model, max_num_seqs=2, max_model_len=64, run_ahead=False)
+    logits = {}
+    for name, engine in (("graph", graph), ("eager", eager)):  # each step's logits, as the runner returns them
+        forward = engine.runner.forward
+        engine.runner.forward = lambda batch, ahead=None, f=forward, n=name: logits.setdefault(n, []).append(
+            f(batch, ahead).clone()) or logits[n][-1]
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (5, 11)]
+    params = SamplingParams(max_tokens=33, temperature=0.0, ignore_eos=True)
+    pairs = [(graph.seqs[graph.add_request(p, params)], eager.seqs[eager.add_request(p, params)]) for p in prompts]
+    while eager.has_unfinished():  # in lockstep, the graph engine fed the eager engine's tokens
+        graph.step()
+        eager.step()
+        for ours, theirs in pairs:
+            ours.output_ids[-1:] = theirs.output_ids[-1:]
+    assert graph.runner.graphs.graphs and len(logits["graph"]) == len(logits["eager"]) > 30
+    for a, b in zip(logits["graph"], logits["eager"]):
+        assert ((a - b).abs().max() / b.abs().max()) <= 1e-2
 
 
 @pytest.mark.parametrize("tokens", [1, 4, 8, 300])
@@ -93,24 +106,13 @@ def test_gathered_and_grouped_moe_equal_loop_on_cuda(tokens):
 def test_sampled_graph_decode_reproduces_with_seed(checkpoint):
     model = Model.from_pretrained(checkpoint, dtype=torch.bfloat16, device="cuda")
     ids, mask = padded_prompts((6, 9), seed=4)
-    kwargs = dict(attention_mask=mask, max_new_tokens=STEPS, do_sample=True, temperature=0.9, top_k=30, top_p=0.9,
-                  decode="graph")
+    kwargs = dict(attention_mask=mask, max_new_tokens=STEPS, do_sample=True, temperature=0.9, top_k=30, top_p=0.9)
     a, b, c = (model.generate(ids, seed=s, **kwargs) for s in (1, 1, 2))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert (a[:, ids.shape[1]:] < VOCAB).all()
 
 
-@pytest.mark.skipif(os.environ.get("GEMMA4_TEST_COMPILE", "0") == "0", reason="set GEMMA4_TEST_COMPILE=1 (slow)")
-def test_compiled_graph_greedy_equals_eager_fp32(checkpoint, monkeypatch):
-    model = Model.from_pretrained(checkpoint, dtype=torch.float32, device="cuda")
-    ids, mask = padded_prompts((4, 10))
-    kwargs = dict(attention_mask=mask, max_new_tokens=STEPS, do_sample=False, eos_token_id=None)
-    eager = model.generate(ids, decode="static", **kwargs)
-    monkeypatch.setenv("GEMMA4_COMPILE", "1")
-    assert torch.equal(eager, model.generate(ids, decode="graph", **kwargs))
-
-
-def test_serving_engine_graph_decode_equals_eager(checkpoint, monkeypatch):
+def test_serving_engine_graph_decode_equals_eager(checkpoint):
     """The serving engine's decode steps replayed from CUDA graphs (padded batch buckets, in-place paged
     attention) give the eager engine's tokens, while rows finish at different lengths (buckets shrink), one stops on
     a token, one is sampled with a seed; and running one step ahead (the default: the graph reads the last step's
@@ -137,32 +139,32 @@ def test_serving_engine_graph_decode_equals_eager(checkpoint, monkeypatch):
     assert graphs is not None and graphs.usable and len(graphs.graphs) >= 3, graphs and graphs.describe()
     assert len(graphed[0]) <= 10 and graphed[0][-1] == first[0][9]
     assert serve(run_ahead=False)[0] == graphed
-    monkeypatch.setenv("GEMMA4_EAGER", "1")
-    eager, no_graphs = serve()
+    with override(cuda_graphs=False):
+        eager, no_graphs = serve()
     assert no_graphs is None
     assert graphed == eager
 
 
-def test_fused_projections_graph_decode_equals_unfused(checkpoint, monkeypatch):
+def test_fused_projections_graph_decode_equals_unfused(checkpoint):
     """Fused q/k/v and gate/up matmuls (the CUDA default) on the CUDA-graph path: the unfused greedy tokens (fp32)."""
-    monkeypatch.setenv("GEMMA4_FUSE_PROJECTIONS", "0")
-    model = Model.from_pretrained(checkpoint, dtype=torch.float32, device="cuda")
+    with override(fuse_projections=False):
+        model = Model.from_pretrained(checkpoint, dtype=torch.float32, device="cuda")
     assert all(m.gate_up_weight is None for m in model.modules() if isinstance(m, MLP))
     ids, mask = padded_prompts((4, 12, 7))
-    kwargs = dict(attention_mask=mask, max_new_tokens=STEPS, do_sample=False, eos_token_id=None, decode="graph")
+    kwargs = dict(attention_mask=mask, max_new_tokens=STEPS, do_sample=False, eos_token_id=None)
     plain = model.generate(ids, **kwargs)
-    model.__dict__.pop("_decode_runners", None)
+    free_engine(model)  # its graphs hold the unfused weights
     assert torch.equal(plain, model.fuse_projections_().generate(ids, **kwargs))
 
 
 @pytest.mark.parametrize("preset, dtype, num_layers, bound", [("E2B", torch.bfloat16, None, 0.99),
                                                                ("26B-A4B", torch.float32, 6, 0.999)])
-def test_full_size_fast_path_close_to_plain_ops(preset, dtype, num_layers, bound, monkeypatch):
+def test_full_size_fast_path_close_to_plain_ops(preset, dtype, num_layers, bound):
     """Official shapes with random weights: what tiny configs cannot show (grids, tiles and offsets at head_dim 512,
     a 262K vocabulary, 128 experts, 1,024-slot rings). The CUDA default path (Triton kernels incl. the flash prefill
-    attention, static cache, CUDA-graph decode) against plain PyTorch ops on the reference cache path
-    (GEMMA4_KERNELS=0), over a prompt longer than the sliding window, then 8 decode steps both fed the plain path's
-    greedy tokens.
+    attention, the paged cache, CUDA-graph decode) against plain PyTorch ops on the reference cache path (the `kernels`
+    option off), over a prompt longer than the sliding window, then 8 decode steps both fed the plain path's greedy
+    tokens.
 
     The paths sum in other orders, so hidden states part by rounding that the layers compound: the bound asks each
     step's logit vector to point the same way. E2B in bf16, all 35 layers: cosine >= 0.99 (measured on an H200).
@@ -170,7 +172,8 @@ def test_full_size_fast_path_close_to_plain_ops(preset, dtype, num_layers, bound
     fp32 logits at cosine 0.982; the whole bf16 model fast vs plain at 0.38 on an H200), each flip swapping an
     expert; so fp32, where flips are rare, on 6 layers (5 sliding + 1 global, every shape of the model), cosine >=
     0.999. A wrong slot, mask, expert or offset gives garbage or NaNs, far below either bound."""
-    from gemma4.engine.generate import DecodeRunner
+    from gemma4.engine.engine import LLMEngine
+    from gemma4.engine.sampling import SamplingParams
     from gemma4.random_init import random_config, random_model
 
     config = random_config(preset, num_layers, text_only=True)
@@ -179,23 +182,26 @@ def test_full_size_fast_path_close_to_plain_ops(preset, dtype, num_layers, bound
     ids = torch.randint(10, 200_000, (1, length), generator=torch.Generator().manual_seed(0)).cuda()
     steps, max_len = 8, length + 16
 
-    monkeypatch.setenv("GEMMA4_KERNELS", "0")
-    cache = model.make_cache(1, max_len)
-    with torch.no_grad():
+    with torch.no_grad(), override(kernels=False):
+        cache = model.make_cache(1, max_len)
         plain = [model(ids, cache=cache, last_only=True)[:, -1].float()]
         for _ in range(steps):
             plain.append(model(plain[-1].argmax(-1, keepdim=True), cache=cache, last_only=True)[:, -1].float())
 
-    monkeypatch.delenv("GEMMA4_KERNELS")
-    runner = DecodeRunner(model, 1, max_len, graph=True)
-    runner.capture()
-    runner.reset()
-    with torch.no_grad():
-        fast = [model(ids, cache=runner.cache, last_only=True)[:, -1].float()]
-        for logits in plain[:-1]:
-            fast.append(runner.step(logits.argmax(-1))[0].clone())
+    # The engine's path (its prefill, then decode steps replayed from a CUDA graph), fed the plain path's tokens.
+    engine = LLMEngine(model, max_num_seqs=1, max_model_len=max_len, max_num_batched_tokens=4096, run_ahead=False)
+    fast, forward = [], engine.runner.forward
+    engine.runner.forward = lambda batch, ahead=None: fast.append(forward(batch, ahead).clone()) or fast[-1]
+    seq_id = engine.add_request(ids[0].tolist(), SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True))
+    seq = engine.seqs[seq_id]
+    for logits in plain[:-1]:
+        engine.step()
+        seq.output_ids[-1] = int(logits.argmax(-1))
+    engine.step()
+    assert engine.runner.graphs is not None and engine.runner.graphs.graphs
     cosines = [torch.nn.functional.cosine_similarity(a, b, dim=-1).min().item() for a, b in zip(fast, plain)]
     print(f"{preset} {dtype}: cosine per step {[round(c, 5) for c in cosines]}")  # shown with pytest -s
+    assert len(fast) == len(plain)
     for step, (a, cosine) in enumerate(zip(fast, cosines)):
         assert torch.isfinite(a).all(), step
         assert cosine >= bound, (step, cosine)

@@ -28,6 +28,7 @@ pytest.importorskip("triton")
 
 from gemma4.kernels.activation import _rows, gated_activation  # noqa: E402
 from gemma4.model.common import _ACTIVATIONS, activation  # noqa: E402
+from gemma4.options import override  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16]
@@ -43,9 +44,10 @@ TOLERANCES = {
 
 
 @pytest.fixture(autouse=True)
-def eager_reference(monkeypatch):
+def eager_reference():
     """The references are the eager ops, also on CUDA, should the model ever route them to this kernel."""
-    monkeypatch.setenv("GEMMA4_KERNELS", "0")
+    with override(kernels=False):
+        yield
 
 
 def bf16_ulp(v: torch.Tensor) -> torch.Tensor:

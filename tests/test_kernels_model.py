@@ -2,7 +2,6 @@
 without them: tiny random models of the four families, fp32. Without a GPU the kernels run in Triton's interpreter
 on the CPU (`kernels.force()`); on a GPU they run compiled, as in production."""
 
-import os
 from unittest import mock
 
 import pytest
@@ -12,6 +11,7 @@ pytest.importorskip("triton")
 
 from gemma4 import Model, kernels  # noqa: E402
 from gemma4.engine.generate import left_pad  # noqa: E402
+from gemma4.options import DEFERRABLE, override  # noqa: E402
 from reference import FAMILIES, VOCAB, saved_reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -31,7 +31,7 @@ def _ids():
 
 
 def no_kernels():
-    return mock.patch.dict(os.environ, {"GEMMA4_KERNELS": "0"})
+    return override(kernels=False)
 
 
 def test_prefill_logits_equal(model):
@@ -47,15 +47,15 @@ def test_prefill_logits_equal(model):
 
 @pytest.mark.parametrize("rows", [2, 1])
 def test_decode_logits_and_tokens_equal(model, rows):
-    """Decode steps past the window over a static cache (the CUDA-graph path) with every kernel, against the dynamic
-    path without any: logits within 1e-3 at each step and identical greedy tokens. The kernels sum in another
+    """Decode steps past the window over the cache with every kernel (the in-place decode attention), against the
+    same cache path without any: logits within 1e-3 at each step and identical greedy tokens. The kernels sum in another
     order (split-K softmax, fused reductions); Gemma's post-norms amplify that fp32 rounding to ~2e-4 over a dozen steps
     of these random models, while a wrong mask, key bound or expert moves logits by 1e-2 or more. One row: every
     projection of a decode step goes through the GEMV kernel."""
     ids, mask = _ids()
     ids, mask = ids[:rows], mask[:rows]
     steps = WINDOW + 3
-    caches = {"fused": model.make_cache(rows, ids.shape[1] + steps + 7, static=True),
+    caches = {"fused": model.make_cache(rows, ids.shape[1] + steps + 7),
               "plain": model.make_cache(rows, ids.shape[1] + steps)}
     logits = {}
     for name, cache in caches.items():
@@ -87,9 +87,9 @@ def test_deferred_norms_change_no_value(model, request):
         return wrapper
 
     logits = {}
-    for sites in ("", "o_proj,down_proj,per_layer_projection"):
-        cache = model.make_cache(1, ids.shape[1] + 4, static=True)
-        with kernels.force(), mock.patch.dict(os.environ, {"GEMMA4_DEFER_NORMS": sites}), \
+    for sites in (frozenset(), DEFERRABLE):
+        cache = model.make_cache(1, ids.shape[1] + 4)
+        with kernels.force(), override(defer_norms=sites), \
                 mock.patch.object(gemv_module, "gemv", counting(gemv_module.gemv)), \
                 mock.patch.object(gemv_module, "gemv_gated", counting(gemv_module.gemv_gated)):
             out = model(ids, cache=cache, last_only=True)
@@ -106,9 +106,9 @@ def test_deferred_norms_change_no_value(model, request):
     else:  # at least the attention's residual norms in every layer of every step
         assert counted["normed"] >= 3 * layers
     if DEVICE == "cpu":
-        assert torch.equal(logits[""], logits["o_proj,down_proj,per_layer_projection"])
+        assert torch.equal(logits[frozenset()], logits[DEFERRABLE])
     else:
-        torch.testing.assert_close(logits[""], logits["o_proj,down_proj,per_layer_projection"], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(logits[frozenset()], logits[DEFERRABLE], rtol=1e-4, atol=1e-4)
 
 
 def test_serving_engine_decodes_in_place_over_the_paged_pools(model, request):

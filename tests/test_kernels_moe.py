@@ -13,7 +13,9 @@ from gemma4.config import TextConfig  # noqa: E402
 from gemma4.kernels import moe  # noqa: E402
 from gemma4.kernels.moe import moe_experts  # noqa: E402
 from gemma4.kernels.rounding import round_to  # noqa: E402
+from gemma4.kernels.tuning import config  # noqa: E402
 from gemma4.model.text import Experts  # noqa: E402
+from gemma4.options import override  # noqa: E402
 from reference import FAMILIES  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -68,7 +70,7 @@ def test_non_power_of_two_sides(tokens, down_block_w, monkeypatch):
     """Masked rows and columns in both kernels, and several steps of each loop over columns (with a ragged tail);
     with wide down blocks and one token, the down kernel's single load of all k (= 3, padded to 4) experts' rows."""
     for name, value in dict(GU_BLOCK_W=16, GU_BLOCK_H=32, DOWN_BLOCK_H=32, DOWN_BLOCK_W=down_block_w).items():
-        monkeypatch.setattr(moe, name, value)
+        monkeypatch.setitem(config("moe", torch.device(DEVICE)), name, value)
     module, x, weights, experts = build(tokens, 3, hidden=48, width=24)
     with torch.no_grad():
         torch.testing.assert_close(run(module, x, weights, experts), module.forward_loop(x, weights, experts),
@@ -186,10 +188,9 @@ def test_grouped_path_takes_combine_kernel(monkeypatch):
     real = moe.combine_pairs
     monkeypatch.setattr(moe, "combine_pairs", lambda *a: calls.append(1) or real(*a))
     with torch.no_grad():
-        monkeypatch.setenv("GEMMA4_KERNELS", "0")  # the eager tail, also on CUDA
-        expected = module.forward_grouped(x, weights, experts)
-        monkeypatch.setenv("GEMMA4_KERNELS", "1")
-        with kernels.force():
+        with override(kernels=False):  # the eager tail, also on CUDA
+            expected = module.forward_grouped(x, weights, experts)
+        with override(kernels=True), kernels.force():
             out = module.forward_grouped(x, weights, experts)
     assert calls == [1]
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
@@ -233,7 +234,7 @@ def test_sorted_ragged_tiles(monkeypatch):
     """Sides that are not multiples of the tiles, several steps over each reduction, an expert nobody chose."""
     for name, value in dict(SORTED_GU_BLOCK_N=16, SORTED_GU_BLOCK_K=16, SORTED_DOWN_BLOCK_N=16,
                             SORTED_DOWN_BLOCK_K=16).items():
-        monkeypatch.setattr(moe, name, value)
+        monkeypatch.setitem(config("moe", torch.device(DEVICE)), name, value)
     module, x, weights, experts = build(9, 3, hidden=48, width=24)
     experts[experts == 5] = 6
     with torch.no_grad():
@@ -242,14 +243,13 @@ def test_sorted_ragged_tiles(monkeypatch):
 
 
 @pytest.mark.parametrize("tokens", [8, 24])
-def test_sorted_bf16_equals_grouped_rounding(tokens, monkeypatch):
+def test_sorted_bf16_equals_grouped_rounding(tokens):
     """Same rounding points as the grouped GEMMs' eager path (each weighted pair rounded before the sum): outputs
     agree to a few ulps, most exactly."""
     if not hasattr(torch, "_grouped_mm"):
         pytest.skip("torch._grouped_mm missing")
-    monkeypatch.setenv("GEMMA4_KERNELS", "0")  # the eager tail of forward_grouped
     module, x, weights, experts = build(tokens, 4, dtype=torch.bfloat16)
-    with torch.no_grad():
+    with torch.no_grad(), override(kernels=False):  # the eager tail of forward_grouped
         out = run_sorted(module, x, weights, experts)
         ref = module.forward_grouped(x, weights, experts)
     assert_same_rounding(out, ref)

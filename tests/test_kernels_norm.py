@@ -12,6 +12,7 @@ pytest.importorskip("triton")
 from gemma4.kernels.norm import qk_norm_rope, residual_rms_norm, rms_norm  # noqa: E402
 from gemma4.model.common import RMSNorm  # noqa: E402
 from gemma4.model.text import apply_rope, rope_cos_sin, rope_inverse_frequencies  # noqa: E402
+from gemma4.options import override  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-6
@@ -23,9 +24,10 @@ ROPES = {
 
 
 @pytest.fixture(autouse=True)
-def eager_reference(monkeypatch):
+def eager_reference():
     """The references are the eager ops, also on CUDA, where RMSNorm.forward would otherwise take these kernels."""
-    monkeypatch.setenv("GEMMA4_KERNELS", "0")
+    with override(kernels=False):
+        yield
 
 
 def assert_matches(out: torch.Tensor, ref: torch.Tensor):

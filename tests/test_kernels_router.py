@@ -12,6 +12,7 @@ pytest.importorskip("triton")
 from gemma4.config import TextConfig  # noqa: E402
 from gemma4.kernels.router import route, router_input  # noqa: E402
 from gemma4.model.text import Router  # noqa: E402
+from gemma4.options import override  # noqa: E402
 from reference import FAMILIES  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -24,9 +25,10 @@ WEIGHT_TOL = dict(atol=1e-6, rtol=1e-6)
 
 
 @pytest.fixture(autouse=True)
-def eager_reference(monkeypatch):
+def eager_reference():
     """The references are the eager ops, also on CUDA, where RMSNorm.forward would otherwise take the norm kernel."""
-    monkeypatch.setenv("GEMMA4_KERNELS", "0")
+    with override(kernels=False):
+        yield
 
 
 def make_router(hidden=HIDDEN, num_experts=128, top_k=8, dtype=torch.float32, seed=0) -> Router:

@@ -15,19 +15,20 @@ pytest.importorskip("triton")
 from gemma4 import kernels  # noqa: E402
 from gemma4.config import FULL, SLIDING, TextConfig  # noqa: E402
 from gemma4.kernels.logits import argmax, softcap  # noqa: E402
-from gemma4.kernels.step_inputs import decode_slots, per_layer_inputs, rope_cos_sin, scaled_embedding  # noqa: E402
-from gemma4.model.cache import KVCache  # noqa: E402
+from gemma4.kernels.step_inputs import per_layer_inputs, rope_cos_sin, scaled_embedding  # noqa: E402
 from gemma4.model.text import TextModel, rope_inverse_frequencies  # noqa: E402
 from gemma4.model.text import rope_cos_sin as eager_rope  # noqa: E402
+from gemma4.options import override  # noqa: E402
 from reference import FAMILIES, text_config_dict  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=True)
-def eager_reference(monkeypatch):
+def eager_reference():
     """The references are the eager ops, also on CUDA, where the model would otherwise take these kernels."""
-    monkeypatch.setenv("GEMMA4_KERNELS", "0")
+    with override(kernels=False):
+        yield
 
 
 def test_scaled_embedding_and_placeholder_padding():
@@ -83,41 +84,6 @@ def test_rope_tables_equal_eager(rope):
                 assert torch.equal(a, b)
             else:
                 assert (a - b).abs().max() <= 2.4e-7
-
-
-def test_decode_slots_plan_and_commit_as_the_eager_cache():
-    """A static cache's decode steps through the one-kernel plan: the slots written to, the key positions the
-    layers see and the cache's state after each step equal the eager plan's, a padding row included, past the
-    window (the ring wraps)."""
-    config = dataclasses.replace(TextConfig(**text_config_dict("E2B")), sliding_window=4)
-    caches = [KVCache(config, 2, 16, torch.float32, DEVICE, static=True) for _ in range(2)]
-    valid = torch.tensor([[True], [False]], device=DEVICE)
-    for step in range(7):
-        plans = []
-        for i, cache in enumerate(caches):
-            positions = cache.next_positions(valid)
-            with kernels.force() if i == 0 else torch.device(DEVICE):
-                cache.begin(positions, valid, in_place=i == 0)
-            plans.append({key: cache.write_target(layer)[2].clone() for key, layer in (("ring", 0), ("global", 4))}
-                         | {t: cache.key_positions(t).clone() for t in (SLIDING, FULL)})
-            cache.end()
-        fused, eager = plans
-        assert torch.equal(fused["ring"], eager["ring"]) and torch.equal(fused["global"], eager["global"])
-        # eager, not in place: the ring as it was, then the new position; fused: the ring with it at its slot
-        new_slot = fused["ring"][0, 0]
-        assert fused[SLIDING][0, new_slot] == step and (fused[SLIDING][1] == -1).all()
-        assert torch.equal(fused[FULL], eager[FULL])
-        assert torch.equal(caches[0].ring_positions, caches[1].ring_positions)
-        assert torch.equal(caches[0].row_lengths, caches[1].row_lengths)
-    assert caches[0].row_lengths.tolist() == [7, 0]
-
-
-def test_decode_slots_takes_given_positions():
-    rows, ring = torch.tensor([3, 9], device=DEVICE), torch.full((2, 5), -1, device=DEVICE)
-    ring_slots, global_slots = decode_slots(torch.tensor([[6], [2]], device=DEVICE),
-                                            torch.tensor([[True], [True]], device=DEVICE), rows, ring, 4, 16)
-    assert ring_slots.tolist() == [[2], [2]] and global_slots.tolist() == [[6], [2]]
-    assert rows.tolist() == [7, 9] and ring[:, 2].tolist() == [6, 2]  # a length never shrinks
 
 
 def test_softcap_equals_eager():

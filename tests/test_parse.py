@@ -5,15 +5,8 @@ import logging
 
 import pytest
 
-from gemma4.processing.parse import (
-    ArgumentSyntaxError,
-    arguments_to_json,
-    parse_arguments,
-    parse_response,
-    parse_tool_call_body,
-    to_openai_message,
-    to_openai_tool_calls,
-)
+from gemma4.processing.parse import arguments_to_json, parse_response, to_openai_message, to_openai_tool_calls
+from gemma4.processing.tool_calls import ArgumentSyntaxError, parse_arguments, parse_tool_call_body
 
 S = '<|"|>'
 

@@ -23,7 +23,7 @@ from test_vision import TOWERS
 from reference import text_config_dict
 
 from gemma4.config import Config
-from gemma4.model.gemma4 import Model
+from gemma4 import Model
 from gemma4.processing.chat import openai_to_gemma_messages
 from gemma4.processing.image import load_image
 from gemma4.processing.parse import parse_response

@@ -17,7 +17,7 @@ from torch import nn
 from reference import text_config_dict
 
 from gemma4.config import Config
-from gemma4.model.gemma4 import Model
+from gemma4 import Model
 from gemma4.random_init import randomize_
 from gemma4.server.app import create_app
 from gemma4.server.cli import add_serve_arguments, build_app_from_args

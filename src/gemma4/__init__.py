@@ -1,7 +1,7 @@
 """gemma4: run Google's Gemma 4 models faithfully and fast."""
 
 from .config import AudioConfig, Config, ConfigError, TextConfig, VisionConfig
-from .model.gemma4 import Model
+from .pretrained import Model
 
 __version__ = "0.1.0"
 __all__ = ["Model", "Processor", "LLM", "SamplingParams", "Config", "TextConfig", "VisionConfig", "AudioConfig", "ConfigError"]

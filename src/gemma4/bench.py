@@ -133,14 +133,18 @@ class Gemma4Engine(Engine):
         return sum(len(o) for o in outputs)
 
     def token_times(self, ids, new_tokens, chunk):
-        from .engine.generate import token_steps
+        from .engine.generate import engine_for
 
-        params = [SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)] * ids.shape[0]
-        return [time.perf_counter() for _ in token_steps(self.model, ids, None, params, [set()] * ids.shape[0],
-                                                          prefill_chunk_size=chunk)]
+        engine = engine_for(self.model, ids.shape[0], ids.shape[1] + new_tokens, chunk * ids.shape[0])
+        params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+        seq_ids = [engine.add_request(row, params) for row in ids.tolist()]
+        # One time a step: when the first row's token reaches the host (every row's comes from the same step).
+        return [time.perf_counter() for out in engine.run(seq_ids) if out.seq_id == seq_ids[0] and out.token is not None]
 
     def free_caches(self):
-        self.model.__dict__.pop("_decode_runners", None)  # static caches + decode graphs, per batch size
+        from .engine.generate import free_engine
+
+        free_engine(self.model)  # the engine kept for model.generate: KV pools and decode graphs
         self.engine = None
 
 
@@ -190,10 +194,10 @@ class TransformersEngine(Engine):
         return (out.shape[1] - prompts.shape[1]) * prompts.shape[0]
 
 
-def bytes_per_step(model, runner, written: int, batch: int = 1) -> int:
+def bytes_per_step(model, engine, written: int, batch: int = 1) -> int:
     """The fewest bytes one decode step must read: every weight except the embedding tables (one row each; the
-    tied LM head reads the main table whole) and the experts no token chose, the sliding rings whole and the global
-    buffers' first `written` slots (what the decode kernel reads)."""
+    tied LM head reads the main table whole) and the experts no token chose, each row's sliding ring whole and the
+    first `written` positions of its global layers (what the decode kernel reads)."""
     text = model.text
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     if text.ple_dim:
@@ -207,38 +211,36 @@ def bytes_per_step(model, runner, written: int, batch: int = 1) -> int:
         for layer in text.layers:
             for p in (layer.experts.gate_up_proj, layer.experts.down_proj):
                 total -= p.numel() * p.element_size() * (1 - chosen)
-    cache = runner.cache
-    for i, keys in cache.keys.items():
-        slots = keys.shape[2] if cache.layer_types[i] == SLIDING else min(written, keys.shape[2])
-        total += 2 * keys[:, :, :1].numel() * keys.element_size() * slots  # K and V
+    blocks = engine.blocks
+    for i, keys in blocks.keys.items():
+        slots = blocks.window if blocks.layer_types[i] == SLIDING else written
+        total += 2 * keys[:, :1].numel() * keys.element_size() * slots * batch  # K and V
     return int(total)
 
 
 def profile_decode(model, batch: int, context: int, steps: int) -> dict:
-    """The captured decode step alone (CUDA events, median of 50 replays) against the bytes it must read, and the
-    kernels of one eager static step (torch.profiler): count, GPU time, the top 8."""
-    from .engine.generate import decode_runner
+    """The engine's captured decode step alone (CUDA events, median of 50 replays) against the bytes it must read,
+    and the kernels of one eager run of the same step (torch.profiler): count, GPU time, the top 8."""
+    from .engine.generate import engine_for
 
     vocab = model.config.text_config.vocab_size
     ids = torch.randint(10, min(200_000, vocab), (batch, context), device="cuda")
-    model.generate(ids, max_new_tokens=3, do_sample=False, eos_token_id=None, decode="graph")
-    runner = decode_runner(model, batch, context + steps + 1, graph=True)
-    runner.capture()
-    tokens = torch.randint(10, min(200_000, vocab), (batch,), device="cuda")
+    model.generate(ids, max_new_tokens=3, do_sample=False, eos_token_id=None)  # the engine, its graph for `batch`
+    engine = engine_for(model, batch, context + steps + 1)
+    graphs = engine.runner.graphs
+    size = next(s for s in graphs.sizes if s >= batch)
+    graph, _ = graphs.graphs[size]
     times = []
     for _ in range(60):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        runner.ids.copy_(tokens[:, None])
         start.record()
-        runner.graph.replay()
+        graph.replay()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
     replay_ms = statistics.median(times[10:])
-    need = bytes_per_step(model, runner, context + 62, batch)  # the prompt, 2 generated tokens, 60 replays
-    eager = decode_runner(model, batch, context + steps + 1, graph=False)
-    eager.step(tokens)
-    kernels = kernel_profile(lambda: eager.step(tokens), top=25)
+    need = bytes_per_step(model, engine, context, batch)
+    kernels = kernel_profile(lambda: graphs._step(size), top=25)
     return {"replay_ms": replay_ms, "bytes_per_step_GB": need / 1e9, "replay_GB_s": need / replay_ms / 1e6,
             "kernels_per_step": kernels["kernels"], "eager_kernel_ms": kernels["kernel_ms"],
             "top_kernels": kernels["top"]}

@@ -9,10 +9,20 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .engine.generate import left_pad, token_steps
+from .engine.generate import engine_for
 from .engine.sampling import GEMMA4_STOP_IDS, SamplingParams, TokenLogprobs
-from .model.gemma4 import Model
+from .model.gemma4 import Gemma4
+from .pretrained import Model
 from .processing.detokenize import IncrementalText
+
+
+PREFILL_BUDGET = 8192  # prompt tokens per engine step (chunked prefill beyond it), as vLLM's default
+WARM_CONTEXT = 8192  # the context the engine is made (and its graphs captured) for at start; longer rebuilds it
+
+
+def _check(out) -> None:
+    if out.error is not None:
+        raise RuntimeError(f"generation failed: {out.error}")
 
 
 @dataclass
@@ -29,11 +39,11 @@ class LLM:
 
     `model` is a checkpoint directory, a hub id, or a ready `Model` (then pass `tokenizer`)."""
 
-    def __init__(self, model: str | Path | Model, dtype=None, device: str = "cpu", tokenizer=None,
+    def __init__(self, model: str | Path | Gemma4, dtype=None, device: str = "cpu", tokenizer=None,
                  max_batch_size: int = 16):
         from .processing.tokenizer import Tokenizer
 
-        if isinstance(model, Model):
+        if isinstance(model, Gemma4):
             self.model = model
         else:
             self.model = Model.from_pretrained(model, dtype=dtype, device=device)
@@ -47,6 +57,9 @@ class LLM:
         stops = self.model.generation_config.get("eos_token_id", list(GEMMA4_STOP_IDS))
         self.stop_ids = {stops} if isinstance(stops, int) else set(stops)
         self.max_batch_size = max_batch_size
+        if self.model.device.type == "cuda":  # compile the kernels and capture the graphs before the first request
+            limit = self.model.config.text_config.max_position_embeddings
+            engine_for(self.model, max_batch_size, min(WARM_CONTEXT, limit), PREFILL_BUDGET).warm_up()
 
     # --- prompts ----------------------------------------------------------------------------------
     def _ids(self, prompt: str | Sequence[int]) -> list[int]:
@@ -70,50 +83,50 @@ class LLM:
         return set(params.stop_token_ids) if params.stop_token_ids is not None else self.stop_ids
 
     # --- generation -------------------------------------------------------------------------------
+    def _engine(self, prompts: list[list[int]], params: list[SamplingParams]):
+        longest = max(len(p) + sp.max_tokens for p, sp in zip(prompts, params))
+        return engine_for(self.model, self.max_batch_size, longest, PREFILL_BUDGET)
+
+    def _requests(self, prompts: list[list[int]], params: list[SamplingParams]) -> tuple[object, list[int]]:
+        engine = self._engine(prompts, params)
+        stops = [list(self._stops(p)) for p in params]
+        return engine, [engine.add_request(ids, dataclasses.replace(p, stop_token_ids=s))
+                        for ids, p, s in zip(prompts, params, stops)]
+
     def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
                  params: SamplingParams | dict | Sequence[SamplingParams] | None = None,
                  skip_special_tokens: bool = True) -> list[Completion]:
-        """Complete every prompt. Prompts of different lengths are left-padded into batches; greedy results do not
-        depend on the batching."""
+        """Complete every prompt, up to `max_batch_size` at a time (continuous batching: a finished one makes room
+        for the next); results do not depend on what runs beside them (greedy, or seeded)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         ids = [self._ids(p) for p in prompts]
         per_prompt = list(params) if isinstance(params, (list, tuple)) else [self._params(params)] * len(ids)
         if len(per_prompt) != len(ids):
             raise ValueError(f"{len(per_prompt)} SamplingParams for {len(ids)} prompts")
-        results: list[Completion] = []
-        for start in range(0, len(ids), self.max_batch_size):
-            batch = slice(start, start + self.max_batch_size)
-            results += self._generate_batch(ids[batch], per_prompt[batch], skip_special_tokens)
-        return results
-
-    def _generate_batch(self, prompts: list[list[int]], params: list[SamplingParams], skip: bool):
-        ids, mask = left_pad(prompts)
-        texts = [IncrementalText(self.tokenizer, p.stop, skip) if self.tokenizer else None for p in params]
-        outputs: list[list[int]] = [[] for _ in prompts]
-        logprobs: list[list] = [[] for _ in prompts]
-        reasons = ["length"] * len(prompts)
-        done = [False] * len(prompts)
-        stops = [self._stops(p) for p in params]
-        for step in token_steps(self.model, ids, mask, params, stops):
-            for row, token in enumerate(step.tokens):
-                if done[row]:
-                    continue
-                if token in stops[row] and not params[row].ignore_eos:
-                    reasons[row], done[row] = "stop", True
-                    continue
-                outputs[row].append(token)
-                if step.logprobs[row] is not None:
-                    logprobs[row].append(step.logprobs[row])
-                if texts[row] is not None:
-                    texts[row].add(token)
-                    if texts[row].stopped:
-                        reasons[row], done[row] = "stop", True
-                done[row] = done[row] or step.finished[row]
-            if all(done):
-                break
-        return [Completion(texts[r].text if texts[r] else "", outputs[r], reasons[r], len(prompts[r]),
-                           logprobs[r] if params[r].logprobs is not None else None) for r in range(len(prompts))]
+        engine, seq_ids = self._requests(ids, per_prompt)
+        rows = {seq_id: row for row, seq_id in enumerate(seq_ids)}
+        texts = [IncrementalText(self.tokenizer, p.stop, skip_special_tokens) if self.tokenizer else None
+                 for p in per_prompt]
+        outputs: list[list[int]] = [[] for _ in ids]
+        logprobs: list[list] = [[] for _ in ids]
+        reasons = ["length"] * len(ids)
+        for out in engine.run(seq_ids):
+            row = rows[out.seq_id]
+            _check(out)
+            if out.token is not None and not (out.finished and out.finish_reason == "stop"):
+                outputs[row].append(out.token)
+                if out.logprobs is not None:
+                    logprobs[row].append(out.logprobs)
+                if texts[row] is not None and not texts[row].stopped:
+                    texts[row].add(out.token)
+                    if texts[row].stopped:  # a stop string: the request ends here
+                        reasons[row] = "stop"
+                        engine.abort(out.seq_id)
+            if out.finished and out.finish_reason != "abort":
+                reasons[row] = out.finish_reason
+        return [Completion(texts[r].text if texts[r] else "", outputs[r], reasons[r], len(ids[r]),
+                           logprobs[r] if per_prompt[r].logprobs is not None else None) for r in range(len(ids))]
 
     def stream(self, prompt: str | Sequence[int], params: SamplingParams | dict | None = None,
                skip_special_tokens: bool = True, usage: dict | None = None) -> Iterator[str]:
@@ -123,19 +136,21 @@ class LLM:
         if self.tokenizer is None:
             raise ValueError("streaming text needs a tokenizer")
         params = self._params(params)
-        ids = torch.tensor([self._ids(prompt)])
+        ids = self._ids(prompt)
         text = IncrementalText(self.tokenizer, params.stop, skip_special_tokens)
-        stops = self._stops(params)
         usage = usage if usage is not None else {}
-        usage.update(prompt_tokens=ids.shape[1], completion_tokens=0)
-        for step in token_steps(self.model, ids, None, [params], [stops]):
-            token = step.tokens[0]
-            usage["completion_tokens"] += 1
-            if token in stops and not params.ignore_eos:
+        usage.update(prompt_tokens=len(ids), completion_tokens=0)
+        engine, (seq_id,) = self._requests([ids], [params])
+        for out in engine.run([seq_id]):  # leaving the loop early (a stop string) aborts the request
+            _check(out)
+            if out.token is None:
+                continue
+            usage["completion_tokens"] = out.num_output_tokens
+            if out.finished and out.finish_reason == "stop":
                 break
-            if delta := text.add(token):
+            if delta := text.add(out.token):
                 yield delta
-            if text.stopped or step.finished[0]:
+            if text.stopped:
                 break
         if delta := text.finish():
             yield delta

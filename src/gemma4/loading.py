@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import Config
-from .model.gemma4 import Model
+from .model.gemma4 import Gemma4
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "auto": None}
@@ -98,13 +98,14 @@ def safetensors_files(directory: Path) -> list[Path]:
     return files
 
 
-def load_model(path_or_id, dtype=None, device="cpu", with_towers: bool = True, progress: bool | None = None) -> Model:
+def load_model(path_or_id, dtype=None, device="cpu", with_towers: bool = True, progress: bool | None = None,
+               model_class: type[Gemma4] = Gemma4) -> Gemma4:
     device = resolve_device(device)
     directory = resolve_checkpoint(path_or_id)
     config = Config.from_file(directory)
     dtype = resolve_dtype(dtype, device, config)
     with torch.device("meta"):
-        model = Model(config, with_towers=with_towers)
+        model = model_class(config, with_towers=with_towers)
     expected = {checkpoint_key(name, config.layout): name for name in model.state_dict()}
     state: dict[str, torch.Tensor] = {}
     files = safetensors_files(directory)
@@ -172,7 +173,7 @@ def _own_memory(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if whole else tensor.clone()
 
 
-def save_model(model: Model, directory, max_shard_bytes: int = 5 * 2**30, generation_config: dict | None = None):
+def save_model(model: Gemma4, directory, max_shard_bytes: int = 5 * 2**30, generation_config: dict | None = None):
     """Write config.json and safetensors (sharded with an index when large) in the layout transformers writes."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -85,7 +85,7 @@ def random_config(preset: str, num_layers: int | None = None, text_only: bool = 
 
 def random_model(config: Config, dtype: torch.dtype = torch.bfloat16, seed: int = 0, device: str = "cpu"):
     """A Model of `config` with random weights, allocated directly in `dtype` (a full-size E2B fits in 10 GB)."""
-    from .model.gemma4 import Model
+    from .pretrained import Model
 
     with torch.device("meta"):
         model = Model(config).to(dtype)

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
+from collections.abc import Iterator
 
 import torch
 
@@ -29,7 +31,7 @@ from ..model.gemma4 import check_token_ids
 from ..model.multimodal import SoftTokens, compute_soft_tokens, vision_runs
 from .block_manager import BlockManager
 from .runner import Launched, ModelRunner, SampleError
-from .sampling import GEMMA4_STOP_IDS, SamplingParams
+from .sampling import GEMMA4_STOP_IDS, SamplingParams, finish_reason
 from .scheduler import Scheduler
 from .sequence import PENDING, Sequence, StepOutput
 
@@ -58,6 +60,7 @@ class LLMEngine:
         self.aborted: list[Sequence] = []
         self.run_ahead = run_ahead
         self.in_flight: Launched | None = None  # a step whose batch-sampled tokens the host has not read
+        self.mailbox: dict[int, deque[StepOutput]] = {}  # outputs waiting for their `run` (see there)
         self._encode_lock = threading.Lock()
 
     def check_request(self, num_prompt_tokens: int, params: SamplingParams) -> None:
@@ -109,12 +112,14 @@ class LLMEngine:
         self.scheduler.add(seq)
         return seq.seq_id
 
-    def abort(self, seq_id: int) -> None:
+    def abort(self, seq_id: int, output: bool = True) -> None:
+        """End a request; the next step reports it (finish_reason "abort") unless `output` is False."""
         if (seq := self.seqs.pop(seq_id, None)) is not None:
             if seq.pending:
                 seq.output_ids.pop()
             self.scheduler.finish(seq, "abort")
-            self.aborted.append(seq)
+            if output:
+                self.aborted.append(seq)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or bool(self.aborted) or self.in_flight is not None
@@ -156,10 +161,8 @@ class LLMEngine:
                 seq.output_ids[-1] = token
             else:
                 seq.output_ids.append(token)
-            if token in seq.stop_ids and len(seq.output_ids) > seq.params.min_tokens - 1:
-                self._finish(seq, "stop")
-            elif len(seq.output_ids) >= seq.params.max_tokens:
-                self._finish(seq, "length")
+            if reason := finish_reason(token, len(seq.output_ids), seq.params, seq.stop_ids):
+                self._finish(seq, reason)
             outputs.append(self._output(seq, token, logprobs))
         return outputs
 
@@ -192,16 +195,57 @@ class LLMEngine:
     def kv_usage(self) -> float:
         return self.blocks.usage
 
+    @property
+    def max_num_seqs(self) -> int:
+        return self.scheduler.max_num_seqs
+
+    def run(self, seq_ids: list[int]) -> Iterator[StepOutput]:
+        """Step until the requests `seq_ids` finish, yielding their outputs as they come. Outputs of the other
+        requests that this stepping produces wait in their mailboxes for their own `run` (an unfinished
+        `LLM.stream` beside a `generate`). Closing the iterator early aborts the requests still running."""
+        mine = set(seq_ids)
+        try:
+            while mine:
+                for seq_id in [i for i in seq_ids if i in mine]:
+                    box = self.mailbox.get(seq_id)
+                    while box:
+                        out = box.popleft()
+                        if out.finished:
+                            mine.discard(seq_id)
+                            del self.mailbox[seq_id]
+                        yield out
+                if mine:
+                    for out in self.step():
+                        self.mailbox.setdefault(out.seq_id, deque()).append(out)
+        finally:
+            for seq_id in mine:  # closed early: nobody reads these any more
+                self.mailbox.pop(seq_id, None)
+                self.abort(seq_id, output=False)
+
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
                  media: list | None = None) -> list[list[int]]:
-        """Run prompts to completion (all submitted at once); returns each one's output token ids.
-        `media`: per prompt, None or what `add_request` takes."""
+        """Run prompts to completion (all submitted at once); returns each one's output token ids. `media`: per
+        prompt, None or what `add_request` takes. A request that fails in the engine raises RuntimeError."""
         params = params if isinstance(params, list) else [params] * len(prompts)
         media = media or [None] * len(prompts)
         ids = [self.add_request(p, sp, m) for p, sp, m in zip(prompts, params, media)]
         results: dict[int, list[int]] = {i: [] for i in ids}
-        while self.has_unfinished():
-            for out in self.step():
-                if out.token is not None and out.seq_id in results:
-                    results[out.seq_id].append(out.token)
+        for out in self.run(ids):
+            if out.error is not None:
+                raise RuntimeError(f"generation failed: {out.error}")
+            if out.token is not None:
+                results[out.seq_id].append(out.token)
         return [results[i] for i in ids]
+
+    def warm_up(self) -> None:
+        """Compile the kernels and capture the decode step of every batch bucket now (CUDA), so that no request
+        pays for them: prompts of a few lengths (a multiple of 16 and not, one past twice the sliding window,
+        chunked by the step budget) run through prefill and decode, greedy and sampled; then each bucket's graph
+        is captured."""
+        window = self.runner.model.config.text_config.sliding_window
+        lengths = [16, 23, min(2 * window + 37, self.max_model_len - 4)]
+        greedy = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+        sampled = SamplingParams(max_tokens=3, temperature=1.0, top_k=64, top_p=0.95, ignore_eos=True)
+        self.generate([[0] * n for n in lengths], [greedy, sampled, greedy])
+        if self.runner.graphs is not None:
+            self.runner.graphs.capture_all()

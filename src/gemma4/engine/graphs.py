@@ -1,5 +1,5 @@
-"""CUDA-graph capture (`capture_graph`, shared with engine/generate.py's static decode) and the serving engine's
-decode steps replayed from CUDA graphs (see runner.py for when they are used)."""
+"""The engine's decode steps replayed from CUDA graphs, one per bucket of batch sizes (see runner.py for when they
+are used), and `capture_graph`."""
 
 from __future__ import annotations
 
@@ -83,6 +83,12 @@ class GraphedDecode:
         except CaptureFailed as failure:  # decode eagerly from now on
             self.usable, self.failure = False, str(failure)
             warnings.warn(f"CUDA graph capture of the serving decode step failed ({failure}); decoding eagerly")
+
+    def capture_all(self) -> None:
+        """Capture every bucket's step now (CUDA; at start-up, before any request)."""
+        for size in self.sizes:
+            if self.usable and size not in self.graphs and self.model.device.type == "cuda":
+                self._capture(size)
 
     def run(self, seqs, ahead=None) -> torch.Tensor | None:
         """The logits [n, V] of n sequences' next token each (None when capture failed: run them eagerly).

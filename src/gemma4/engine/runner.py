@@ -13,11 +13,10 @@ buffers, the padding rows writing only to the trash slots."""
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .. import kernels
+from ..options import options
 from ..model.paged_cache import PagedCacheView
 from .block_manager import BlockManager
 from .graphs import GraphedDecode
@@ -29,9 +28,8 @@ class ModelRunner:
     def __init__(self, model, blocks: BlockManager, max_model_len: int | None = None):
         self.model, self.blocks = model, blocks
         self.device = model.device
-        eager = os.environ.get("GEMMA4_EAGER", "0") not in ("", "0")
         use_graphs = self.device.type == "cuda" and kernels.enabled(torch.empty(0, device=self.device)) \
-            and max_model_len is not None and not eager
+            and max_model_len is not None and options().cuda_graphs
         self.graphs = GraphedDecode(model, blocks, max_model_len) if use_graphs else None
 
     @torch.no_grad()

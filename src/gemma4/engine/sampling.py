@@ -165,6 +165,14 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, prompt_ids: torch
     return token, token_logprobs(logits, token, params.logprobs) if params.logprobs is not None else None
 
 
+def finish_reason(token: int, num_output: int, params: SamplingParams, stop_ids) -> str | None:
+    """The one stop rule: "stop" on a stop token once min_tokens are out, "length" at max_tokens, else None.
+    `num_output` counts `token`; `stop_ids` are empty when the request ignores EOS."""
+    if token in stop_ids and num_output >= params.min_tokens:
+        return "stop"
+    return "length" if num_output >= params.max_tokens else None
+
+
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
     if seed is None:
         return None
@@ -208,6 +216,9 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
     reproduces itself."""
     logits = logits.float()
     if all(p.greedy for p in params):
+        if kernels.enabled(logits):  # one launch
+            from ..kernels.logits import argmax
+            return argmax(logits.contiguous())
         return logits.argmax(-1)
     vocab = logits.shape[1]
     # Greedy rows take the argmax below: their top-k is moot.

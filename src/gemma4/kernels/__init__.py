@@ -1,7 +1,8 @@
 """Triton kernels for the CUDA fast path: fused norms and RoPE, decode attention, MoE experts.
 
 Every kernel has a plain PyTorch twin in `gemma4.model` (the reference the tests compare against). The model takes
-the kernels only where `enabled(tensor)` says so: on CUDA tensors with Triton importable, unless GEMMA4_KERNELS=0.
+the kernels only where `enabled(tensor)` says so: on CUDA tensors with Triton importable, unless the `kernels` option
+is off (GEMMA4_KERNELS=0, see gemma4.options).
 Tests on machines without a GPU run the kernels themselves through Triton's interpreter (TRITON_INTERPRET=1, set
 before Triton is imported) on CPU tensors, and `force()` makes a model take them there too.
 """
@@ -10,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
+
+from .. import options as _options
 
 _forced = False
 
@@ -26,7 +28,7 @@ def triton_available() -> bool:
 
 def enabled(x) -> bool:
     """Whether the model should run its fused kernels on tensor `x`."""
-    if os.environ.get("GEMMA4_KERNELS", "1") in ("0", ""):
+    if not _options.current.kernels:  # a module attribute, not options(): this runs once per op
         return False
     return (x.is_cuda or _forced) and triton_available()
 

@@ -20,11 +20,7 @@ import triton
 import triton.language as tl
 
 from .pdl import after_previous_kernel, launch_options
-
-MAX_SPLITS = 64
-# Dims per merge program: a (row, head) of D = 256 or 512 spread over 4 or 8 programs, so that its [splits, D] fp32
-# partials (up to 128 KB) are read by several SMs at once.
-COMBINE_BLOCK_D = 64
+from .tuning import config
 
 
 @triton.jit
@@ -160,24 +156,23 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _block_n(head_dim: int, itemsize: int, programs: int, candidates: int, device: torch.device) -> int:
-    """Keys per block. At most a [BLOCK_N, D] tile of K (and one of V) of 32 KiB, so three pipeline stages of both
-    fit in shared memory (64 keys at D = 256, 32 at D = 512 in bf16); at D <= 256 smaller, down to 16 keys, while the
-    candidates have fewer blocks than `_wanted_splits`. Batch 1 on an H200
-    (benchmarks/decode_attention.py, 1K context): E2B's sliding layers (513 candidates, one kv head) take 5.4 us in
-    blocks of 16 (33 splits) against 7.0 in blocks of 64 (9 splits), 26B-A4B's (1,025, eight kv heads) 8.0 us in
-    blocks of 32 against 9.9; at D = 512 blocks of 16 were slower than 32 (E2B 9.9 against 8.2 us)."""
-    block_n = 64
-    while block_n > 16 and block_n * head_dim * itemsize > 32768:
+    """Keys per block (tuning.py, attention): MAX_BLOCK_N, halved while a [BLOCK_N, D] tile of K (and one of V)
+    exceeds MAX_TILE_BYTES, so that the pipeline stages of both fit in shared memory; at D <= SHRINK_MAX_HEAD_DIM
+    halved on, down to 16 keys (tl.dot's least), while the candidates have fewer blocks than `_wanted_splits`."""
+    tuned = config("attention", device)
+    block_n = tuned["MAX_BLOCK_N"]
+    while block_n > 16 and block_n * head_dim * itemsize > tuned["MAX_TILE_BYTES"]:
         block_n //= 2
     wanted = _wanted_splits(programs, device)
-    while block_n > 16 and head_dim <= 256 and triton.cdiv(candidates, block_n) < wanted:
+    while block_n > 16 and head_dim <= tuned["SHRINK_MAX_HEAD_DIM"] and triton.cdiv(candidates, block_n) < wanted:
         block_n //= 2
     return block_n
 
 
 def _wanted_splits(programs: int, device: torch.device) -> int:
-    """Splits per (row, kv head) for about two programs per SM in all, at most MAX_SPLITS."""
-    return min(triton.cdiv(2 * _sm_count(device), programs), MAX_SPLITS)
+    """Splits per (row, kv head) for about PROGRAMS_PER_SM programs per SM in all, at most MAX_SPLITS."""
+    tuned = config("attention", device)
+    return min(triton.cdiv(tuned["PROGRAMS_PER_SM"] * _sm_count(device), programs), tuned["MAX_SPLITS"])
 
 
 def _num_splits(programs: int, candidates: int, block_n: int, device: torch.device) -> int:
@@ -216,6 +211,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         sb, sn = slots.stride(0), slots.stride(1)
 
     query_positions = query_positions.contiguous()  # read as qpos[b]: a column of a [B, L] tensor is strided
+    tuned = config("attention", query.device)
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_n = block_n or _block_n(block_d, key.element_size(), batch * num_kv_heads, candidates, query.device)
     splits = num_splits or _num_splits(batch * num_kv_heads, candidates, block_n, query.device)
@@ -231,10 +227,12 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         GROUPS=groups, G_PAD=max(16, triton.next_power_of_2(groups)), BLOCK_N=block_n, BLOCK_D=block_d,
         NUM_SPLITS=splits, PAGED=slots is not None, HAS_WINDOW=window is not None,
         HAS_NUM_KEYS=num_keys is not None, INTERPRET=not query.is_cuda,
-        num_warps=4, num_stages=3, **launch_options(query))
+        num_warps=tuned["num_warps"], num_stages=tuned["num_stages"], **launch_options(query))
     if splits == 1:
         return out
-    combine_d = min(block_d, COMBINE_BLOCK_D)
+    # Dims per merge program: a (row, head) spread over several, so that its [splits, D] fp32 partials (up to 128 KB)
+    # are read by several SMs at once.
+    combine_d = min(block_d, tuned["COMBINE_BLOCK_D"])
     _combine_kernel[(batch * num_heads, triton.cdiv(head_dim, combine_d))](
         part, lse, out, head_dim, NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), BLOCK_D=combine_d,
         **launch_options(query))

@@ -22,11 +22,7 @@ from .norm import (_norm_weights, _residual_norms_row, _residual_norms_values, _
                    residual_outputs)
 from .pdl import after_previous_kernel, launch_options
 from .rounding import round_to
-
-# (BLOCK_N, BLOCK_K, warps, stages, GROUPS): the best of benchmarks/gemv.py's sweep on an H100 for most projections
-# of E2B and 26B-A4B (weights read from memory, not L2); GROUPS of BLOCK_N rows a program (see _gemv_kernel) where
-# the row fits one BLOCK_K step and the output has GROUPS_MIN_WIDTH rows or more (_tiles), else one.
-TILES = (4, 2048, 8, 3, 2)
+from .tuning import tile
 
 
 @triton.jit
@@ -173,34 +169,26 @@ def _gemv_residual_norms_kernel(x_ptr, w_ptr, y_ptr, counter_ptr, res_ptr, nw_pt
 
 # Widest input row a GEMV normalizes itself (`norms`): it holds the row in one tile of registers.
 NORMED_MAX_K = 4096
-# Tiles of a GEMV that normalizes its input (its one BLOCK_K step as wide as the row), plain and gated, with GROUPS
-# of rows a program: the best of `benchmarks/gemv.py --deferred` on an H200 for the readers of E2B's and E4B's residual
-# norms (pairs with their producer, us: E4B's gate/up 20480x2560 37.20 -> 33.39, its q/k/v 3072x2560 9.87 -> 8.50,
-# E2B's gate/up 24576x1536 26.91 -> 25.19).
-NORMED_TILES = {False: (4, NORMED_MAX_K, 4, 3, 2), True: (2, NORMED_MAX_K, 4, 3, 4)}
-# Outputs narrower than this take one group of rows: the per-layer input gates (256 outputs) need every program they
-# can get (E4B's 19.67 us with four groups, 17.05 with one).
-GROUPS_MIN_WIDTH = 2048
 
 
-# Rows of 2049-4096 inputs (E4B, 26B-A4B) in one BLOCK_K step, where TILES take two (the second mostly masked), and
-# 4 warps, each thread with 128 weights in flight: the tiles that won most of these shapes in `benchmarks/gemv.py
-# --tiles ...` on an H200 (E4B's LM head 361 -> 294 us, its 6144x2560 10.0 -> 9.2; with every shape at its best of
-# 7 tiles, E4B's projections take 2822 -> 2513 us per step, 26B-A4B's 1467 -> 1354). Two groups of rows where the
-# input is one step (decode b1 in the whole step on an H200: E4B 308.1 -> 310.0, 26B-A4B 340.5 -> 345.1, E2B
-# 534.2 -> 536.1 tok/s with TILES' two groups).
-WIDE_TILES = (4, 4096, 4, 3, 2)
-
-
-def _tiles(x: torch.Tensor, k_in: int, tiles: tuple | None, normed: bool = False, gated: bool = False,
-           width: int = 0) -> tuple:
-    """(BLOCK_N, BLOCK_K, warps, stages, GROUPS) from `tiles` (GROUPS 1 when it has four entries) or the defaults
-    for `width` outputs."""
-    default = NORMED_TILES[gated] if normed else WIDE_TILES if 2048 < k_in <= 4096 else TILES
+def _default_tiles(device: torch.device, k_in: int, normed: bool = False, gated: bool = False, width: int = 0
+                   ) -> tuple:
+    """The tuned (BLOCK_N, BLOCK_K, warps, stages[, GROUPS]) of a GEMV of `width` outputs over rows of k_in inputs
+    (tuning.py: gemv)."""
+    if normed:
+        tiles = tile("gemv", "NORMED_GATED_TILES" if gated else "NORMED_TILES", device)
+    else:
+        tiles, wide = tile("gemv", "TILES", device), tile("gemv", "WIDE_TILES", device)
+        tiles = wide if tiles[1] < k_in <= wide[1] else tiles
     # Groups share the program's input only when it is one BLOCK_K step; a longer row is reloaded for each group.
-    if tiles is None and (width < GROUPS_MIN_WIDTH or k_in > default[1]):
-        default = default[:4]
-    block_n, block_k, warps, stages, groups = (*(tiles or default), 1)[:5]
+    if width < tile("gemv", "GROUPS_MIN_WIDTH", device) or k_in > tiles[1]:
+        return tiles[:4]
+    return tiles
+
+
+def _tiles(x: torch.Tensor, k_in: int, tiles: tuple, normed: bool = False) -> tuple:
+    """(BLOCK_N, BLOCK_K, warps, stages, GROUPS) to launch `tiles` with (GROUPS 1 when it has four entries)."""
+    block_n, block_k, warps, stages, groups = (*tiles, 1)[:5]
     if not x.is_cuda:  # the interpreter runs programs one by one; a row's arithmetic depends on BLOCK_K alone
         block_n = 64
     if normed:
@@ -224,8 +212,9 @@ def _input_args(x: torch.Tensor, norms: tuple | None) -> tuple[tuple, dict]:
 def _launch_gemv(x: torch.Tensor, weight: torch.Tensor, width: int, tiles: tuple | None, norms: tuple | None,
                  gated: bool = False, act: int = 0, multiplier: torch.Tensor | None = None) -> torch.Tensor:
     assert weight.stride(-1) == 1 and x.shape[-1] == weight.shape[1] and x.numel() == x.shape[-1]
-    k_in = weight.shape[1]
-    block_n, block_k, warps, stages, groups = _tiles(x, k_in, tiles, norms is not None, gated, width)
+    k_in, normed = weight.shape[1], norms is not None
+    tiles = tiles or _default_tiles(x.device, k_in, normed, gated, width)
+    block_n, block_k, warps, stages, groups = _tiles(x, k_in, tiles, normed)
     x = x.contiguous()
     input_args, input_flags = _input_args(x, norms)
     out = torch.empty(*x.shape[:-1], width, dtype=x.dtype, device=x.device)
@@ -239,7 +228,7 @@ def _launch_gemv(x: torch.Tensor, weight: torch.Tensor, width: int, tiles: tuple
 def gemv(x: torch.Tensor, weight: torch.Tensor, tiles: tuple | None = None, norms: tuple | None = None
          ) -> torch.Tensor:
     """F.linear(x, weight) for x [..., K] holding one row; weight [N, K] with unit stride along K.
-    tiles: (BLOCK_N, BLOCK_K, warps, stages[, GROUPS]), by default the best measured.
+    tiles: (BLOCK_N, BLOCK_K, warps, stages[, GROUPS]), by default the tuned ones (tuning.py).
 
     norms = (residual, norm_weight, eps, scalar, next_weight, next_eps, new): the input is not x but
     residual_rms_norm(residual, x, norm_weight, eps, scalar, next_weight, next_eps)'s normed row (new itself without
@@ -289,7 +278,8 @@ def gemv_residual_norms(x: torch.Tensor, weight: torch.Tensor, residual: torch.T
     assert weight.stride(-1) == 1 and x.shape[-1] == weight.shape[1] and x.numel() == x.shape[-1]
     n_out, k_in = weight.shape
     assert residual.numel() == n_out and residual.stride(-1) == 1
-    block_n, block_k, warps, stages, _ = _tiles(x, k_in, tiles)  # one group: its programs count as they finish
+    tiles = tiles or _default_tiles(x.device, k_in)  # one group: its programs count as they finish
+    block_n, block_k, warps, stages, _ = _tiles(x, k_in, tiles)
     outputs = residual_outputs(residual, next_weight, moe)
     y = torch.empty(n_out, dtype=x.dtype, device=x.device)
     block = triton.next_power_of_2(n_out)

@@ -10,9 +10,7 @@ import triton.language as tl
 from .activation import _tanh
 from .gemv import finished_counters
 from .pdl import after_previous_kernel, launch_options
-
-SOFTCAP_BLOCK = 512  # values per program: one wave of programs on the GPU for a row of 262,144
-ARGMAX_BLOCK = 4096
+from .tuning import tile
 
 
 @triton.jit
@@ -30,8 +28,9 @@ def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     if out.numel() > 0:
-        _softcap_kernel[(triton.cdiv(x.numel(), SOFTCAP_BLOCK),)](x, out, x.numel(), cap, BLOCK=SOFTCAP_BLOCK,
-                                                                  num_warps=4, **launch_options(out))
+        block = tile("logits", "SOFTCAP_BLOCK", x.device)  # a row of 262,144 logits: about one wave of programs
+        _softcap_kernel[(triton.cdiv(x.numel(), block),)](x, out, x.numel(), cap, BLOCK=block, num_warps=4,
+                                                          **launch_options(out))
     return out
 
 
@@ -68,12 +67,13 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     """x.argmax(-1) of x [B, V] (unit stride along V): [B] long."""
     rows, V = x.shape
     assert x.stride(-1) == 1 and V < 2**31
-    blocks = triton.cdiv(V, ARGMAX_BLOCK)
+    block = tile("logits", "ARGMAX_BLOCK", x.device)
+    blocks = triton.cdiv(V, block)
     best = torch.empty(rows, blocks, dtype=torch.float32, device=x.device)
     best_at = torch.empty(rows, blocks, dtype=torch.int32, device=x.device)
     out = torch.empty(rows, dtype=torch.long, device=x.device)
     _argmax_kernel[(rows, blocks)](x, best, best_at, finished_counters("argmax", x.device, rows), out, V, x.stride(0),
-                                   NUM_BLOCKS=blocks, BLOCKS_PAD=triton.next_power_of_2(blocks), BLOCK=ARGMAX_BLOCK,
+                                   NUM_BLOCKS=blocks, BLOCKS_PAD=triton.next_power_of_2(blocks), BLOCK=block,
                                    num_warps=8, **launch_options(x))
     return out
 

@@ -16,18 +16,15 @@ from .activation import ACTIVATION_CODES, activation_fp32
 from .attention import _dot
 from .pdl import after_previous_kernel, launch_options
 from .rounding import round_to
+from .tuning import config
 
 _ACTIVATIONS = {name: ACTIVATION_CODES[name] for name in ("gelu_pytorch_tanh", "silu", "swish")}
 
 # Both kernels are memory-bound matrix-vector products (~95 MB of bf16 weights per layer at T=1, k=8): each program
 # streams a few rows along the contiguous axis (H for gate_up_proj, W for down_proj), so that warps issue wide,
 # coalesced loads, and the grids stay large (T=1: ~1400 programs per kernel) to keep every SM's loads in flight.
-# Swept on an H200 at the 26B-A4B shapes, T=1: 31 us vs 96 us for forward_gathered, vs 84 us for 16-row tiles.
-# Kernel 1: 4 rows of gate + 4 of up, 256 columns (512 B of bf16 per row and load) per step over H.
-GU_BLOCK_W, GU_BLOCK_H, GU_WARPS = 4, 256, 4
-# Kernel 2: 2 output rows, each read whole in one step (1024 >= W=704 columns), for each of the token's k experts.
-DOWN_BLOCK_H, DOWN_BLOCK_W, DOWN_WARPS = 2, 1024, 4
-DOWN_ONE_TOKEN_BLOCK_H = 1  # one token: 1 row (29.8 us for both kernels) rather than 2 (31.0)
+# Their tiles (tuning.py, moe: GU_*, DOWN_*): a few rows of gate and of up a program, a few hundred columns a step
+# over H; a few output rows a program, each read whole in one step where W allows, for each of the token's k experts.
 # The sizes H, W, k are compile-time constants (one compilation per model shape): the loops get static trip counts,
 # which the interpreter also needs (its runtime-bounded range() breaks under NumPy >= 2.4).
 
@@ -71,8 +68,8 @@ def _down_kernel(h_ptr, weights_ptr, experts_ptr, down_ptr, out_ptr, H: tl.const
         # One token (W <= BLOCK_W; 26B-A4B: W = 704): its row of every chosen expert in one load, issued before the
         # wait for the gate/up kernel. The expert ids and routing weights come from a kernel before that one
         # (complete once this one is scheduled: every gate/up program has passed its own wait), and weights are
-        # never written. So the down weights stream in while gate/up finishes. (Slower at 4-8 tokens: 98 vs 93 us
-        # at 4, 179 vs 166 at 8: there the loop below stays.)
+        # never written. So the down weights stream in while gate/up finishes. (Slower at 4-8 tokens: there the
+        # loop below stays.)
         pairs = t * K + tl.arange(0, K_POW2)
         pair_ok = tl.arange(0, K_POW2) < K
         e = tl.load(experts_ptr + pairs, mask=pair_ok, other=0).to(tl.int64)
@@ -130,17 +127,21 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, g
     # Blocks shrink to the (power-of-2 rounded) matrix sides for small models: fewer masked lanes.
     # Triton's CPU interpreter runs programs one by one in Python: there, 64-row tiles (the rows of a tile do not
     # change any row's arithmetic).
-    one_load = tokens == 1 and w_size <= DOWN_BLOCK_W  # see _down_kernel
-    gu_rows, dn_rows = (GU_BLOCK_W, DOWN_ONE_TOKEN_BLOCK_H if one_load else DOWN_BLOCK_H) if x.is_cuda else (64, 64)
-    gu_w, gu_h = min(gu_rows, triton.next_power_of_2(w_size)), min(GU_BLOCK_H, triton.next_power_of_2(h_size))
-    dn_h, dn_w = min(dn_rows, triton.next_power_of_2(h_size)), min(DOWN_BLOCK_W, triton.next_power_of_2(w_size))
+    tuned = config("moe", x.device)
+    one_load = tokens == 1 and w_size <= tuned["DOWN_BLOCK_W"]  # see _down_kernel
+    gu_rows, dn_rows = 64, 64
+    if x.is_cuda:
+        gu_rows, dn_rows = tuned["GU_BLOCK_W"], tuned["DOWN_ONE_TOKEN_BLOCK_H" if one_load else "DOWN_BLOCK_H"]
+    w_side, h_side = triton.next_power_of_2(w_size), triton.next_power_of_2(h_size)
+    gu_w, gu_h = min(gu_rows, w_side), min(tuned["GU_BLOCK_H"], h_side)
+    dn_h, dn_w = min(dn_rows, h_side), min(tuned["DOWN_BLOCK_W"], w_side)
     _gate_up_kernel[(tokens * k, triton.cdiv(w_size, gu_w))](
         x, experts, gate_up_proj, hidden, h_size, w_size, k,
-        ACT=_ACTIVATIONS[activation], BLOCK_W=gu_w, BLOCK_H=gu_h, num_warps=GU_WARPS,
+        ACT=_ACTIVATIONS[activation], BLOCK_W=gu_w, BLOCK_H=gu_h, num_warps=tuned["GU_WARPS"],
         **launch_options(x))
     _down_kernel[(tokens, triton.cdiv(h_size, dn_h))](
         hidden, weights, experts, down_proj, out, h_size, w_size, k, triton.next_power_of_2(k), BLOCK_H=dn_h,
-        BLOCK_W=dn_w, ONE_LOAD=one_load, num_warps=DOWN_WARPS, **launch_options(x))
+        BLOCK_W=dn_w, ONE_LOAD=one_load, num_warps=tuned["DOWN_WARPS"], **launch_options(x))
     return out
 
 
@@ -150,9 +151,7 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, g
 # once and multiplies it by all the expert's pairs at a time (tensor-core dots of BLOCK_M rows, padded: the rows cost
 # nothing beside the weight reads). The pairs come sorted by expert from `sort_pairs`, one small kernel, where
 # argsort + index_add + cumsum were ~6 launches. Every size is known without a host sync: CUDA-graph capturable.
-SORTED_GU_BLOCK_N, SORTED_GU_BLOCK_K, SORTED_GU_WARPS = 64, 128, 4
-SORTED_DOWN_BLOCK_N, SORTED_DOWN_BLOCK_K, SORTED_DOWN_WARPS = 64, 128, 4
-SORTED_BLOCK_M = None  # pairs per tl.dot; None: from the mean pairs per expert (tuning overrides it)
+# Tiles: tuning.py, moe: SORTED_*.
 
 
 @triton.jit
@@ -272,21 +271,23 @@ def sorted_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
     order, slots, counts, starts = sort_pairs(experts, num_experts)
     hidden = torch.empty(tokens * k, w_size, dtype=x.dtype, device=x.device)  # h of every pair, in sorted order
     y = torch.empty(tokens * k, h_size, dtype=x.dtype, device=x.device)
+    tuned = config("moe", x.device)
     # Pairs per tl.dot: 16 at least (the tensor cores' tile), twice the mean pairs per expert up to 64, so that most
-    # experts take one pass over their tiles. H200, 26B-A4B shapes (benchmarks/moe_decode.py --block-m): batch 128
-    # (mean 8) 371 us at 16 vs 379 at 32; 256 (mean 16) 390 at 32 vs 527 at 16; 512 (mean 32) 471 at 64 vs 564 at 32.
-    block_m = SORTED_BLOCK_M or max(16, min(64, triton.next_power_of_2(-(-2 * tokens * k // num_experts))))
+    # experts take one pass over their tiles.
+    twice_mean = -(-2 * tokens * k // num_experts)  # rounded up
+    block_m = tuned["SORTED_BLOCK_M"] or max(16, min(64, triton.next_power_of_2(twice_mean)))
     # Tiles shrink to the (power-of-2 rounded, >= 16 for tl.dot) matrix sides of small models.
     w_side, h_side = max(16, triton.next_power_of_2(w_size)), max(16, triton.next_power_of_2(h_size))
-    gu_n, gu_k = min(SORTED_GU_BLOCK_N, w_side), min(SORTED_GU_BLOCK_K, h_side)
-    dn_n, dn_k = min(SORTED_DOWN_BLOCK_N, h_side), min(SORTED_DOWN_BLOCK_K, w_side)
+    gu_n, gu_k = min(tuned["SORTED_GU_BLOCK_N"], w_side), min(tuned["SORTED_GU_BLOCK_K"], h_side)
+    dn_n, dn_k = min(tuned["SORTED_DOWN_BLOCK_N"], h_side), min(tuned["SORTED_DOWN_BLOCK_K"], w_side)
     options = launch_options(x)
     _sorted_gate_up_kernel[(num_experts, triton.cdiv(w_size, gu_n))](
         x, order, counts, starts, gate_up_proj, hidden, h_size, w_size, k, ACT=_ACTIVATIONS[activation],
-        BLOCK_M=block_m, BLOCK_N=gu_n, BLOCK_K=gu_k, INTERPRET=not x.is_cuda, num_warps=SORTED_GU_WARPS, **options)
+        BLOCK_M=block_m, BLOCK_N=gu_n, BLOCK_K=gu_k, INTERPRET=not x.is_cuda, num_warps=tuned["SORTED_GU_WARPS"],
+        **options)
     _sorted_down_kernel[(num_experts, triton.cdiv(h_size, dn_n))](
         hidden, counts, starts, down_proj, y, h_size, w_size, BLOCK_M=block_m, BLOCK_N=dn_n, BLOCK_K=dn_k,
-        INTERPRET=not x.is_cuda, num_warps=SORTED_DOWN_WARPS, **options)
+        INTERPRET=not x.is_cuda, num_warps=tuned["SORTED_DOWN_WARPS"], **options)
     return _combine(y, slots, weights)
 
 
@@ -294,7 +295,6 @@ def sorted_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
 # pair, sorted by expert. One kernel weights, rounds and sums each token's k rows, where eager PyTorch needs a
 # broadcast multiply (bf16 x fp32 -> fp32), a cast, an index_copy back to token order and a sum: 26B-A4B at 4K
 # tokens moves ~1.3 GB through those per layer, the kernel ~0.4 GB.
-COMBINE_BLOCK_H = 1024
 
 
 @triton.jit
@@ -330,7 +330,7 @@ def _combine(y: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> tor
     out = torch.empty(tokens, h_size, dtype=y.dtype, device=y.device)
     if tokens == 0:
         return out
-    block = min(COMBINE_BLOCK_H if y.is_cuda else 4096, triton.next_power_of_2(h_size))
+    block = min(config("moe", y.device)["COMBINE_BLOCK_H"] if y.is_cuda else 4096, triton.next_power_of_2(h_size))
     _combine_pairs_kernel[(tokens, triton.cdiv(h_size, block))](y, slots, weights.float().contiguous(), out, h_size, k,
                                                                BLOCK_H=block, num_warps=4, **launch_options(y))
     return out

@@ -12,12 +12,13 @@ stays ordered however far back a dependency lies. Kernels launched without PDL (
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from .. import options as _options
 
 
 @functools.cache
@@ -26,11 +27,11 @@ def _supported(device_index: int) -> bool:
 
 
 def launch_options(x: torch.Tensor) -> dict:
-    """Keyword arguments for a kernel launch: PDL on CUDA devices that have it, unless GEMMA4_PDL=0. The kernel takes
-    the `PDL` constexpr; Triton takes `launch_pdl`."""
-    if torch.compiler.is_compiling():  # GEMMA4_COMPILE=1: the kernels launch through the compiler's own launcher
+    """Keyword arguments for a kernel launch: PDL on CUDA devices that have it, unless the `pdl` option
+    is off (GEMMA4_PDL=0). The kernel takes the `PDL` constexpr; Triton takes `launch_pdl`."""
+    if torch.compiler.is_compiling():  # under torch.compile the kernels launch through the compiler's own launcher
         return {"PDL": False}
-    if x.is_cuda and os.environ.get("GEMMA4_PDL", "1") not in ("0", "") and _supported(x.device.index or 0):
+    if x.is_cuda and _options.current.pdl and _supported(x.device.index or 0):
         return {"PDL": True, "launch_pdl": True}
     return {"PDL": False}  # CPU / interpreter: griddepcontrol is PTX, and programs run one by one anyway
 

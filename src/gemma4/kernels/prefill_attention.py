@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from .attention import _dot, _online_softmax_step
+from .tuning import tile
 
 
 @triton.jit
@@ -104,21 +105,17 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, qpos_ptr, kpos_ptr, qblock_ptr
     tl.store(out_rows + offs_dv[None, :], out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & dv_mask[None, :])
 
 
-def _tiles(head_dim: int, itemsize: int, is_cuda: bool) -> tuple[int, int, int, int]:
+def _tiles(head_dim: int, itemsize: int, device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_DV, num_warps) for a head_dim (padded to a power of two).
 
-    On the GPU in bf16, the fastest of the choices timed by benchmarks/prefill_attention.py on an H200 (26B-A4B shapes,
-    last 4K chunk of a 16K prompt, docs/benchmarks.md): head_dim 256 (64, 32, 256, 4) 0.92 ms (SDPA 1.71; value
-    slices of 128: 1.07); head_dim 512 (64, 32, 512, 8) 12.7 ms (SDPA 18.2; slices of 128 or 256, which recompute
-    QK^T per slice: 19.0 / 14.3). fp32 (tests) takes small tiles: Q alone would not fit shared memory. On the CPU
-    (the interpreter, tests): small tiles, so short test sequences still span several tiles."""
-    if not is_cuda:
+    On the GPU the tuned ones (tuning.py, prefill_attention); fp32 (tests) takes small tiles: Q alone would not fit
+    shared memory. On the CPU (the interpreter, tests): small tiles, so short test sequences still span several
+    tiles."""
+    if device.type != "cuda":
         return 16, 16, min(head_dim, 32), 1
-    if itemsize > 2:
-        return 32, 16, 128, 4
-    if head_dim <= 256:
-        return 64, 32, head_dim, 4
-    return 64, 32, head_dim, 8
+    key = "FP32_TILES" if itemsize > 2 else "TILES" if head_dim <= 256 else "WIDE_HEAD_TILES"
+    block_m, block_n, block_dv, warps = tile("prefill_attention", key, device)
+    return block_m, block_n, block_dv or head_dim, warps
 
 
 def _key_tile_ranges(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None, qblocks: torch.Tensor | None,
@@ -159,14 +156,14 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
                       query_valid: torch.Tensor, key_positions: torch.Tensor, window: int | None = None,
                       query_blocks: torch.Tensor | None = None, key_blocks: torch.Tensor | None = None,
                       plans: dict | None = None, tiles: tuple[int, int, int, int] | None = None,
-                      num_stages: int = 2) -> torch.Tensor:
+                      num_stages: int | None = None) -> torch.Tensor:
     """query [B, H, Lq, D] over key/value [B, Hkv, Lk, D] -> [B, Lq, H * D] in query's dtype (scale 1.0).
 
     query_positions/query_valid [B, Lq]; key_positions [B, Lk] (-1 = empty slot or padding); query_blocks [B, Lq]
     and key_blocks [B, Lk] (image block ids, 0 = text) for bidirectional image attention; `window` for sliding
     layers. H = G * Hkv: query head h reads kv head h // G. `plans`: a dict kept by the caller for as long as these
     positions hold (one forward), where the per-tile key ranges are kept between layers. `tiles` overrides
-    (BLOCK_M, BLOCK_N, BLOCK_DV, warps)."""
+    (BLOCK_M, BLOCK_N, BLOCK_DV, warps), num_stages the tuned stages."""
     batch, num_heads, num_queries, head_dim = query.shape
     num_kv_heads, num_keys = key.shape[1], key.shape[2]
     groups = num_heads // num_kv_heads
@@ -177,7 +174,7 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
 
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block_m, block_n, block_dv, warps = tiles or _tiles(block_d, query.element_size(), query.is_cuda)
+    block_m, block_n, block_dv, warps = tiles or _tiles(block_d, query.element_size(), query.device)
     plans = {} if plans is None else plans
     if (block_m, block_n) not in plans:
         qpos = torch.where(query_valid, query_positions, -1).to(torch.int32).contiguous()
@@ -199,5 +196,5 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
         num_heads, num_queries, num_keys, head_dim, window if window is not None else 0, num_tiles,
         GROUPS=groups, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
         HAS_WINDOW=window is not None, HAS_BLOCKS=qblocks is not None, INTERPRET=not query.is_cuda,
-        num_warps=warps, num_stages=num_stages)
+        num_warps=warps, num_stages=num_stages or tile("prefill_attention", "num_stages", query.device))
     return out

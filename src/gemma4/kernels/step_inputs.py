@@ -1,5 +1,5 @@
 """What a forward computes before its first decoder layer, in one launch each: the scaled token embedding, the
-per-layer inputs (PLE) of E2B/E4B, the RoPE tables, and a static cache's slots for a decode step.
+per-layer inputs (PLE) of E2B/E4B, and the RoPE tables.
 
 Eagerly these are ~35 small PyTorch kernels per decode step (gathers, casts, cos/sin, wheres, a scatter, a scan),
 ~1.3 us each in a CUDA graph: ~90-120 us of a 2 ms E2B step measured on an H200 (benchmarks/decode_timeline.py).
@@ -124,33 +124,3 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
                                     HALF_BLOCK=triton.next_power_of_2(half), INTERPRET=not cos.is_cuda,
                                     **launch_options(cos))
     return cos, sin
-
-
-@triton.jit
-def _decode_slots_kernel(positions_ptr, valid_ptr, row_lengths_ptr, ring_ptr, ring_slots_ptr, global_slots_ptr,
-                         window, max_len, PDL: tl.constexpr):
-    """One row of a decode step over a static cache: its ring slot (the trash slot `window` for padding) and global
-    slot (the trash slot `max_len`); the ring's position table and the row's length are updated in place, as
-    KVCache.end would."""
-    row = tl.program_id(0).to(tl.int64)
-    after_previous_kernel(PDL)
-    valid = tl.load(valid_ptr + row) != 0
-    position = tl.load(positions_ptr + row)
-    ring_slot = tl.where(valid, position % window, window)
-    tl.store(ring_slots_ptr + row, ring_slot)
-    tl.store(global_slots_ptr + row, tl.where(valid, position, max_len))
-    tl.store(ring_ptr + row * (window + 1) + ring_slot, tl.where(valid, position, -1))
-    seen = tl.load(row_lengths_ptr + row)
-    tl.store(row_lengths_ptr + row, tl.where(valid, tl.maximum(seen, position + 1), seen))
-
-
-def decode_slots(positions: torch.Tensor, valid: torch.Tensor, row_lengths: torch.Tensor,
-                 ring_positions: torch.Tensor, window: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ring slots, global slots), each [B, 1], of a one-token-per-row step (positions, valid [B, 1]) over a static
-    KVCache; its ring_positions [B, window + 1] and row_lengths [B] are updated in place (see KVCache.begin)."""
-    batch = positions.shape[0]
-    ring_slots, global_slots = torch.empty(2, batch, 1, dtype=torch.long, device=positions.device)
-    _decode_slots_kernel[(batch,)](positions.contiguous(), valid.contiguous(), row_lengths, ring_positions,
-                                   ring_slots, global_slots, window, max_len, num_warps=1,
-                                   **launch_options(positions))
-    return ring_slots, global_slots

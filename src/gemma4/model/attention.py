@@ -8,7 +8,6 @@ batch (each row has its own positions), with no special cases.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 
 from .. import kernels
 from ..config import SLIDING
+from ..options import options
 
 
 def attention_mask(query_positions: torch.Tensor, query_valid: torch.Tensor, key_positions: torch.Tensor,
@@ -112,9 +112,8 @@ class ForwardContext:
         self.decode_kernel = self.cache is not None and self.positions.shape[1] == 1 and kernels.enabled(self.positions)
         # Any other forward on CUDA: the flash prefill kernel, which applies the mask rule from positions itself
         # (the "mask" handed around is then a MaskRule, never a [B, 1, Lq, Lk] tensor).
-        # GEMMA4_PREFILL_KERNEL=0: SDPA with a boolean mask instead (comparisons, debugging).
-        self.prefill_kernel = (not self.decode_kernel and kernels.enabled(self.positions)
-                               and os.environ.get("GEMMA4_PREFILL_KERNEL", "1") != "0")
+        # The prefill_kernel option off: SDPA with a boolean mask instead (comparisons).
+        self.prefill_kernel = not self.decode_kernel and kernels.enabled(self.positions) and options().prefill_kernel
 
     def attend(self, layer_type: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                mask: torch.Tensor | None) -> torch.Tensor:

@@ -9,18 +9,14 @@
 Each buffer has one extra "trash" slot at the end: padding tokens, and tokens of a long chunk that fall out of the
 window before the chunk ends, are written there instead of branching, and the trash slot is never attended to.
 
-`static=True` keeps every bit of state on the device, updated in place, and makes a decode step's shapes depend only
-on (batch, max_len): its global layers attend over the whole preallocated buffer (slot s holds position s; the
-position-based masks hide the slots not yet written), `begin` reads nothing back to the host, and the caller
-guarantees that positions stay below `max_len` (check it once, up front). That is what a CUDA graph of a decode step
-needs (engine/generate.py). Prefill chunks (never captured) attend over the slots up to their last position, as the
-dynamic default always does.
+This is the cache `Model.forward(cache=...)` takes for incremental forwards by hand (and the parity tests); the
+engine keeps its K/V in paged pools instead (engine/block_manager.py, viewed per forward by paged_cache.py). Both
+offer the interface `attention.ForwardContext` reads (begin / update / write_target / stored / key_positions /
+new_key_slots / num_keys / key_slots / end).
 
 A decode step through the decode kernel (`begin(..., in_place=True)`: one token per row on CUDA) copies nothing: the
-new K/V are written into the ring and the buffers first, and the kernel reads them in place. Writing first is safe on a ring: the slot the new token
-takes held position p - window, which a query at p no longer sees. On a static cache one kernel
-(`kernels.step_inputs.decode_slots`) plans such a step and commits it at once: the ring's position table gets the new
-positions (and is itself the sliding layers' key positions), the rows their lengths, and `end` has nothing left to do.
+new K/V are written into the ring and the buffers first, and the kernel reads them in place. Writing first is safe on
+a ring: the slot the new token takes held position p - window, which a query at p no longer sees.
 """
 
 from __future__ import annotations
@@ -32,7 +28,7 @@ from ..config import FULL, SLIDING, TextConfig
 
 class KVCache:
     def __init__(self, config: TextConfig, batch_size: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", static: bool = False):
+                 device: torch.device | str = "cpu"):
         if max_len > config.max_position_embeddings:
             raise ValueError(f"max_len={max_len} exceeds max_position_embeddings={config.max_position_embeddings}")
         self.window = config.sliding_window
@@ -47,18 +43,6 @@ class KVCache:
         self.length = 0  # global slots [0, length) may hold keys
         self.row_lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # tokens seen per row
         self._plan: dict | None = None
-        self.static = static
-        # Static mode: the position each global slot holds, fixed (the trash slot holds none).
-        self._global_positions = (torch.cat([torch.arange(max_len, device=device),
-                                             torch.full((1,), -1, device=device)]).expand(batch_size, max_len + 1)
-                                  if static else None)
-
-    def reset(self) -> None:
-        """Empty the cache in place (a static cache keeps its buffers, so a captured graph stays valid)."""
-        self.ring_positions.fill_(-1)
-        self.row_lengths.zero_()
-        self.length = 0
-        self._plan = None
 
     @property
     def nbytes(self) -> int:
@@ -77,25 +61,10 @@ class KVCache:
         if positions.shape[0] != self.batch_size:
             raise ValueError(f"cache was made for batch {self.batch_size}, got {positions.shape[0]}")
         self.in_place = in_place
-        if self.static and in_place and positions.shape[1] == 1:
-            # A captured decode step: one kernel plans the slots and commits at once (the ring's table gets the new
-            # positions, the rows their lengths); the ring's table itself is then the sliding layers' key positions.
-            from ..kernels.step_inputs import decode_slots
-            ring_slots, global_slots = decode_slots(positions, valid, self.row_lengths, self.ring_positions,
-                                                    self.window, self.max_len)
-            self._plan = {"end": self.max_len + 1, "ring_slots": ring_slots, "global_slots": global_slots,
-                          SLIDING: self.ring_positions, FULL: self._global_positions, "committed": True}
-            return
-        if self.static and positions.shape[1] == 1:
-            # A decode step (what a CUDA graph captures): no host syncs, the whole buffer is attended to (the
-            # decode kernel reads only the written prefix); positions were checked by the caller.
-            end = self.max_len + 1
-        else:
-            top = int(torch.where(valid, positions, -1).max()) if valid.any() else -1
-            if top >= self.max_len:
-                raise ValueError(f"position {top} does not fit a cache of max_len={self.max_len}")
-            # Slot s holds position s: a prefill chunk needs the slots up to its last position only.
-            end = top + 1 if self.static else max(self.length, top + 1)
+        top = int(torch.where(valid, positions, -1).max()) if valid.any() else -1
+        if top >= self.max_len:
+            raise ValueError(f"position {top} does not fit a cache of max_len={self.max_len}")
+        end = max(self.length, top + 1)  # slot s holds position s
         length = positions.shape[1]
         # Of a chunk longer than the window only the last `window` tokens of each row stay in the ring.
         row_top = torch.where(valid, positions, -1).amax(dim=1, keepdim=True)
@@ -113,8 +82,7 @@ class KVCache:
             "global_slots": torch.where(valid, positions, self.max_len),
             "new_positions": new_positions,
             SLIDING: sliding,
-            FULL: (self._global_positions[:, :end] if self.static
-                   else torch.arange(end, device=positions.device).expand(self.batch_size, end)),
+            FULL: torch.arange(end, device=positions.device).expand(self.batch_size, end),
             ("slots", SLIDING): self.window + torch.arange(length, device=positions.device).expand_as(positions),
             ("slots", FULL): torch.where(valid, positions, 0),
         }
@@ -165,15 +133,10 @@ class KVCache:
     def end(self) -> None:
         """Commit the forward: the ring now holds the new tokens, the global buffers are longer."""
         plan, self._plan = self._plan, None
-        if plan.get("committed"):
-            return
         self.ring_positions.scatter_(1, plan["ring_slots"], plan["new_positions"])
         self.ring_positions[:, self.window].fill_(-1)  # the trash slot never holds a visible key
-        if self.static:
-            self.row_lengths.copy_(torch.maximum(self.row_lengths, plan["row_top"][:, 0] + 1))
-        else:
-            self.length = plan["end"]
-            self.row_lengths = torch.maximum(self.row_lengths, plan["row_top"][:, 0] + 1)
+        self.length = plan["end"]
+        self.row_lengths = torch.maximum(self.row_lengths, plan["row_top"][:, 0] + 1)
 
 
 def kv_buffers(config: TextConfig, shape, dtype: torch.dtype, device) -> tuple[dict, dict]:

@@ -1,8 +1,9 @@
-"""The top-level Gemma 4 model: text decoder, optional vision/audio towers, tied LM head with logit softcap."""
+"""The Gemma 4 network: text decoder, optional vision/audio towers, tied LM head with logit softcap.
+
+It knows nothing of checkpoints files or generation: `gemma4.Model` (pretrained.py) adds loading, saving and
+`generate` on top, and the engine drives `forward` with its paged cache."""
 
 from __future__ import annotations
-
-import os
 
 import torch
 from torch import nn
@@ -43,10 +44,8 @@ class Backbone(nn.Module):
             self.embed_audio = MultimodalEmbedder.for_audio(config.audio_config, config.text_config)
 
 
-class Model(nn.Module):
-    """`model(input_ids) -> logits [batch, seq, vocab]` (fp32, softcapped like the reference).
-
-    Build with `Model.from_pretrained(path)` (see loading.py) or `Model(config)` for random/empty weights."""
+class Gemma4(nn.Module):
+    """`model(input_ids) -> logits [batch, seq, vocab]` (fp32, softcapped like the reference)."""
 
     def __init__(self, config: Config, with_towers: bool = True):
         super().__init__()
@@ -57,17 +56,6 @@ class Model(nn.Module):
         self.model = Backbone(config)
         text = config.text_config
         self.lm_head = None if text.tie_word_embeddings else nn.Linear(text.hidden_size, text.vocab_size, bias=False)
-
-    # --- construction and loading -----------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, path: str, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
-                        **kwargs) -> "Model":
-        from ..loading import load_model
-        return load_model(path, dtype=dtype, device=device, **kwargs)
-
-    def save_pretrained(self, directory: str, **kwargs) -> None:
-        from ..loading import save_model
-        save_model(self, directory, **kwargs)
 
     @property
     def text(self) -> TextModel:
@@ -81,37 +69,32 @@ class Model(nn.Module):
     def device(self) -> torch.device:
         return self.text.embed_tokens.weight.device
 
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        """transformers-style generation; see engine/generate.py for the arguments."""
-        from ..engine.generate import generate
-        return generate(self, input_ids, attention_mask, **kwargs)
-
-    def fuse_projections_(self) -> "Model":
+    def fuse_projections_(self) -> "Gemma4":
         """Run q/k/v and gate/up as one matmul each (fewer, larger GEMVs at decode). Parameters keep their names
         and values (they become views of the fused weights). Call after the model is on its device and dtype:
         a later `.to()` keeps the results right but gives the views their own memory again.
 
-        Loaders do it on CUDA (measured on an H200 at batch 1: 26B-A4B +13%, E2B +7%); GEMMA4_FUSE_PROJECTIONS=0
-        turns it off, =1 turns it on for other devices too. Not on the CPU by default: same products, but another
-        summation order than the reference's separate matmuls."""
+        Loaders do it on CUDA (measured on an H200 at batch 1: 26B-A4B +13%, E2B +7%); the option
+        `fuse_projections` (gemma4.options) turns it off (False) or on for every device (True). Not on the CPU by
+        default: same products, but another summation order than the reference's separate matmuls."""
         for module in self.modules():
             if module is not self and hasattr(module, "fuse_projections_"):
                 module.fuse_projections_()
         return self
 
-    def ready_(self) -> "Model":
+    def ready_(self) -> "Gemma4":
         """What every loader does last: inference mode, no gradients, fused projections (see fuse_projections_)."""
+        from ..options import options
         self.eval().requires_grad_(False)
-        setting = os.environ.get("GEMMA4_FUSE_PROJECTIONS", "auto")
-        if setting == "1" or (setting == "auto" and self.device.type == "cuda"):
+        fuse = options().fuse_projections
+        if fuse is True or (fuse == "auto" and self.device.type == "cuda"):
             self.fuse_projections_()
         return self
 
-    def make_cache(self, batch_size: int, max_len: int, static: bool = False) -> KVCache:
-        """Sliding layers get a ring buffer of `sliding_window` slots, global layers `max_len`, KV-shared none.
-
-        `static`: fixed shapes and no host syncs, for CUDA graphs (see cache.py)."""
-        return KVCache(self.config.text_config, batch_size, max_len, self.dtype, self.device, static=static)
+    def make_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """A cache for incremental forwards: sliding layers get a ring buffer of `sliding_window` slots, global
+        layers `max_len`, KV-shared none (see cache.py)."""
+        return KVCache(self.config.text_config, batch_size, max_len, self.dtype, self.device)
 
     # --- forward ----------------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor, media_embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -176,9 +159,9 @@ class Model(nn.Module):
             else:
                 position_ids = (valid.long().cumsum(dim=1) - 1).masked_fill(~valid, 0)
         limit = self.config.text_config.max_position_embeddings
-        # A static cache's caller checked the lengths and ids up front (a host sync here would break CUDA-graph
+        # The engine checked the lengths and ids of its requests up front (a host sync here would break CUDA-graph
         # capture).
-        if not getattr(cache, "static", False):
+        if not getattr(cache, "prechecked", False):
             if int(position_ids.max()) >= limit:
                 raise ValueError(f"sequence reaches position {int(position_ids.max())}, beyond this model's "
                                  f"max_position_embeddings={limit}")

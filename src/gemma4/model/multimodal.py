@@ -156,7 +156,16 @@ class SoftTokens:
 def compute_soft_tokens(model, input_ids: list[int] | torch.Tensor, **media) -> SoftTokens:
     """Run the towers once for one prompt (processor outputs for that prompt) and keep the soft tokens with the
     positions they fill; the same checks as a forward with these media (a ValueError on any mismatch)."""
-    ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1).to(model.device)
+    ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1)
+    return batch_soft_tokens(model, ids, None, **media)[0]
+
+
+@torch.no_grad()
+def batch_soft_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      **media) -> list[SoftTokens]:
+    """`compute_soft_tokens` for a (left-padded) batch and its processor outputs: one SoftTokens per row, its
+    positions counted in the row's prompt without the padding."""
+    ids = input_ids.to(model.device)
     embeds, _, _ = merge_media(model, ids, **media)
     masks = placeholder_masks(model.config, ids)
     filled = torch.zeros_like(ids, dtype=torch.bool)
@@ -169,8 +178,14 @@ def compute_soft_tokens(model, input_ids: list[int] | torch.Tensor, **media) -> 
         vision |= masks["video"]
     if media.get("input_features") is not None:
         filled |= masks["audio"]
-    positions = filled[0].nonzero().flatten()
-    return SoftTokens(positions.cpu(), embeds[0, positions].detach(), vision_runs(vision[0].tolist()))
+    valid = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(ids.device).bool()
+    result = []
+    for row in range(ids.shape[0]):
+        keep = valid[row]
+        positions = filled[row][keep].nonzero().flatten()
+        result.append(SoftTokens(positions.cpu(), embeds[row][keep][positions].detach(),
+                                 vision_runs(vision[row][keep].tolist())))
+    return result
 
 
 def vision_runs(is_vision: list[bool]) -> list[tuple[int, int]]:

@@ -15,7 +15,7 @@ from ..config import FULL, SLIDING
 
 
 class PagedCacheView:
-    static = True  # positions were checked by the engine (Model.forward then reads nothing back to the host)
+    prechecked = True  # positions and ids were checked by the engine (Model.forward then reads nothing back)
 
     def __init__(self, pools, block_tables: torch.Tensor, ring_slots: torch.Tensor, num_cached: torch.Tensor):
         """pools: a BlockManager (keys/values dicts, ring_positions, window, block_size, trash ids).

@@ -5,7 +5,6 @@ Parameter names equal the checkpoint keys under `model.language_model.` (see loa
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +13,7 @@ from torch import nn
 
 from .. import kernels
 from ..config import TextConfig
+from ..options import DEFERRABLE, options  # noqa: F401 (DEFERRABLE: re-exported)
 from .attention import ForwardContext, MaskRule
 from .common import RMSNorm, activation
 
@@ -116,13 +116,10 @@ def gemv_operands(x) -> tuple[torch.Tensor, tuple | None]:
     return (x.y, x.kernel_args()) if isinstance(x, DeferredNorms) else (x, None)
 
 
-# The products whose residual norms are left to the next GEMV (GEMMA4_DEFER_NORMS: a comma-separated list of these
-# names, or "" for none): the attention's output projection, the MLP's down projection, the PLE projection.
-DEFERRABLE = ("o_proj", "down_proj", "per_layer_projection")
-
-
 def defers(site: str) -> bool:
-    return site in os.environ.get("GEMMA4_DEFER_NORMS", ",".join(DEFERRABLE)).split(",")
+    """Whether the residual norms after product `site` (one of DEFERRABLE) are left to the next GEMV: the
+    `defer_norms` option, all of them by default."""
+    return site in options().defer_norms
 
 
 class Attention(nn.Module):

@@ -1,4 +1,4 @@
-"""Streaming parser for Gemma 4 model output.
+"""Streaming parser for Gemma 4 model output: text deltas in, OpenAI-style delta events out.
 
     parser = StreamParser()
     for delta_text in generated_text_deltas:
@@ -9,7 +9,8 @@
 
 Delimiters split across deltas (`<|"`, `<|chann`, `<|tool_c`) are held back until they resolve. A tool call is
 reported once it is complete (OpenAI style: `ToolCallStart` with index, id and name, then the arguments as a
-JSON fragment), so a call that turns out to be unreadable can still be reported as content instead.
+JSON fragment), so a call that turns out to be unreadable can still be reported as content instead; its body
+is read by `tool_calls.parse_tool_call_body`.
 Content and reasoning are reported stripped of leading and trailing whitespace, as the one-shot parser
 returns them: whitespace is held back until something follows it.
 
@@ -31,7 +32,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from .parse import _NAME, ArgumentSyntaxError, default_call_id, parse_tool_call_body
+from .tool_calls import FUNCTION_NAME, ArgumentSyntaxError, default_call_id, parse_tool_call_body
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ TURN_ENDS = ("<turn|>", "<eos>", "<|tool_response>", "<|turn>")
 THOUGHT = "thought"  # name of the reasoning channel: `<|channel>thought\n...`
 MODEL_TURN = "<|turn>model\n"
 BARE_CALL = "call:"  # a call written without `<|tool_call>`, recognised right after `<channel|>`
-_BARE_CALL_START = re.compile(BARE_CALL + _NAME.pattern + r"\{")
+_BARE_CALL_START = re.compile(BARE_CALL + FUNCTION_NAME.pattern + r"\{")
 
 _WATCH = {
     "content": (CHANNEL_OPEN, CALL_OPEN, *TURN_ENDS, CHANNEL_CLOSE, CALL_CLOSE),
@@ -231,7 +232,7 @@ class StreamParser:
         name = head[len(BARE_CALL) :]
         if _BARE_CALL_START.match(head):
             s.mode, s.call_body, s.bare_call = "call", "", True
-        elif not final and BARE_CALL.startswith(head[: len(BARE_CALL)]) and (not name or _NAME.fullmatch(name)):
+        elif not final and BARE_CALL.startswith(head[: len(BARE_CALL)]) and (not name or FUNCTION_NAME.fullmatch(name)):
             return False  # still the beginning of `call:NAME`
         s.call_may_follow = False
         return True

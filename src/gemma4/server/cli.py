@@ -23,7 +23,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_app_from_args(args):
-    from ..model.gemma4 import Model
+    from ..pretrained import Model
     from ..processing.processor import Processor
     from .app import create_app
     from .state import build_state

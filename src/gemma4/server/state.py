@@ -55,6 +55,8 @@ def build_state(model, tokenizer, model_name: str, max_model_len: int | None = N
     stops = tokenizer.stop_token_ids
     engine = LLMEngine(model, max_num_seqs=max_num_seqs, max_model_len=max_model_len, num_blocks=num_blocks,
                        max_num_batched_tokens=max_num_batched_tokens, stop_token_ids=stops)
+    if model.device.type == "cuda":  # compile the kernels and capture the graphs before the server reports ready
+        engine.warm_up()
     generation = getattr(model, "generation_config", {}) or {}
     defaults = {k: generation[k] for k in ("temperature", "top_p", "top_k") if k in generation}
     if generation.get("do_sample") is False:

@@ -1,0 +1,85 @@
+"""The kernels' tuned launch parameters, as data: one JSON file per device in `configs/`, named after
+torch.cuda.get_device_name with spaces as underscores (`NVIDIA_H200.json`). `default.json` serves any other device
+and the CPU interpreter, and any key a device's file leaves out. A file maps kernel -> key -> value; lists are tile
+tuples. The values so far were tuned on an H200 and an H100 (the benchmarks/ scripts sweep them).
+
+    tile("gemv", "TILES", x.device)   # one value
+    config("moe", x.device)           # a kernel's whole table (mutable: tests and benchmarks override entries)
+
+Keys. A tile tuple names its entries; warps and stages are Triton's num_warps and num_stages.
+
+gemv: (BLOCK_N weight rows a program, BLOCK_K inputs a step, warps, stages, GROUPS of BLOCK_N rows a program, which
+  share its input only where the row is one BLOCK_K step)
+  TILES               the default
+  WIDE_TILES          rows longer than TILES' BLOCK_K, up to its own (in one step, where TILES would take two)
+  NORMED_TILES        a GEMV that normalizes its input (`norms=`); BLOCK_K is then the row's width
+  NORMED_GATED_TILES  the same, gated
+  GROUPS_MIN_WIDTH    outputs narrower than this take one group of rows (small GEMVs need every program)
+moe:
+  GU_BLOCK_W, GU_BLOCK_H, GU_WARPS       decode gate/up kernel: gate (and up) rows a program, columns a step, warps
+  DOWN_BLOCK_H, DOWN_BLOCK_W, DOWN_WARPS decode down kernel: output rows a program, columns a step, warps
+  DOWN_ONE_TOKEN_BLOCK_H                 its output rows a program for one token (all k experts in one load)
+  SORTED_GU_BLOCK_N, SORTED_GU_BLOCK_K, SORTED_GU_WARPS        sorted-pairs gate/up kernel: output columns a
+  SORTED_DOWN_BLOCK_N, SORTED_DOWN_BLOCK_K, SORTED_DOWN_WARPS  program, reduction step, warps; and its down kernel
+  SORTED_BLOCK_M      pairs per tl.dot; null: from the mean pairs per expert
+  COMBINE_BLOCK_H     columns per program of the pairs' weighted sum
+attention (decode):
+  MAX_BLOCK_N         keys per block at most
+  MAX_TILE_BYTES      bytes of a [BLOCK_N, D] K (or V) tile at most, so that num_stages of both fit shared memory
+  SHRINK_MAX_HEAD_DIM head dims up to which blocks shrink (to 16 keys) while there are too few for the wanted splits
+  PROGRAMS_PER_SM     programs in all the splits aim for, per SM
+  MAX_SPLITS          splits of a row's keys at most
+  num_warps, num_stages  of the split kernel
+  COMBINE_BLOCK_D     head dims per program of the merge
+prefill_attention: (BLOCK_M queries, BLOCK_N keys, BLOCK_DV value dims (null: the whole head), warps)
+  TILES               16-bit dtypes, head dims up to 256
+  WIDE_HEAD_TILES     16-bit dtypes, larger head dims
+  FP32_TILES          fp32
+  num_stages
+logits:
+  SOFTCAP_BLOCK, ARGMAX_BLOCK  values per program
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+CONFIGS = Path(__file__).with_name("configs")
+_names: dict[torch.device, str] = {}
+_tables: dict[str, dict] = {}
+
+
+def device_name(device: torch.device | None) -> str:
+    """The config file's stem for `device`: its CUDA name with spaces as underscores, "default" off CUDA."""
+    if device is None or device.type != "cuda" or not torch.cuda.is_available():
+        return "default"
+    if device not in _names:
+        _names[device] = torch.cuda.get_device_name(device).replace(" ", "_")
+    return _names[device]
+
+
+def _load(name: str) -> dict:
+    """default.json with the device's file (if any) over it, lists as tuples."""
+    table = json.loads((CONFIGS / "default.json").read_text())
+    path = CONFIGS / f"{name}.json"
+    if name != "default" and path.exists():
+        for kernel, values in json.loads(path.read_text()).items():
+            table.setdefault(kernel, {}).update(values)
+    return {kernel: {key: tuple(v) if isinstance(v, list) else v for key, v in values.items()}
+            for kernel, values in table.items()}
+
+
+def config(kernel: str, device: torch.device | None = None) -> dict:
+    """`kernel`'s table for `device` (None: default.json's), loaded once per device name."""
+    name = device_name(device)
+    if name not in _tables:
+        _tables[name] = _load(name)
+    return _tables[name][kernel]
+
+
+def tile(kernel: str, key: str, device: torch.device | None = None):
+    """One tuned value of `kernel` for `device` (see the module docstring for the keys)."""
+    return config(kernel, device)[key]

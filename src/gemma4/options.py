@@ -1,0 +1,73 @@
+"""Runtime switches, in one place: one `Options` object, built once from the environment at import and read through
+`options()`, never from os.environ inside a forward. Tests and benchmarks swap it with `override(**fields)`."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Literal
+
+# The products whose residual norms may be left to the next GEMV (model/text.py `defers`): the attention's output
+# projection, the MLP's down projection, the PLE projection.
+DEFERRABLE = frozenset({"o_proj", "down_proj", "per_layer_projection"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Every runtime switch. Environment variables exist only for user-facing debugging switches; the others
+    exist to compare two paths and are set by tests and benchmarks through `override`.
+
+    | field            | environment      | default    | meaning                                                      |
+    |------------------|------------------|------------|--------------------------------------------------------------|
+    | kernels          | GEMMA4_KERNELS=0 | True       | the Triton kernels on CUDA tensors; False: plain PyTorch ops |
+    | pdl              | GEMMA4_PDL=0     | True       | programmatic dependent launch on Hopper and newer (pdl.py)   |
+    | cuda_graphs      | GEMMA4_EAGER=1   | True       | decode steps replayed from CUDA graphs; False: eager steps   |
+    | defer_norms      | -                | DEFERRABLE | the products whose residual norms the next GEMV applies      |
+    | fuse_projections | -                | "auto"     | q/k/v and gate/up as one matmul each when loading: "auto" on |
+    |                  |                  |            | CUDA only, True on every device, False never                 |
+    | prefill_kernel   | -                | True       | the flash prefill attention kernel; False: SDPA with a mask  |
+    """
+
+    kernels: bool = True
+    pdl: bool = True
+    cuda_graphs: bool = True
+    defer_norms: frozenset[str] = DEFERRABLE
+    fuse_projections: Literal["auto"] | bool = "auto"
+    prefill_kernel: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "defer_norms", frozenset(self.defer_norms))  # any iterable of site names
+        if not self.defer_norms <= DEFERRABLE:
+            raise ValueError(f"defer_norms: unknown sites {sorted(self.defer_norms - DEFERRABLE)}")
+        if self.fuse_projections not in ("auto", True, False):
+            raise ValueError(f"fuse_projections must be 'auto', True or False, not {self.fuse_projections!r}")
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] = os.environ) -> Options:
+        def flag(name: str, default: str) -> bool:  # unset, "" and "0" are off
+            return environ.get(name, default) not in ("", "0")
+
+        return cls(kernels=flag("GEMMA4_KERNELS", "1"), pdl=flag("GEMMA4_PDL", "1"),
+                   cuda_graphs=not flag("GEMMA4_EAGER", "0"))
+
+
+# The one place the options live. Hot paths (kernels.enabled, once per op) read this attribute directly.
+current = Options.from_environ()
+
+
+def options() -> Options:
+    """The options in effect."""
+    return current
+
+
+@contextlib.contextmanager
+def override(**fields):
+    """The options with `fields` replaced, until the block ends (tests, benchmarks); yields them."""
+    global current
+    previous, current = current, dataclasses.replace(current, **fields)
+    try:
+        yield current
+    finally:
+        current = previous
