@@ -240,12 +240,13 @@ class LLMEngine:
     def warm_up(self) -> None:
         """Compile the kernels and capture the decode step of every batch bucket now (CUDA), so that no request
         pays for them: prompts of a few lengths (a multiple of 16 and not, one past twice the sliding window,
-        chunked by the step budget) run through prefill and decode, greedy and sampled; then each bucket's graph
-        is captured."""
+        chunked by the step budget; alone and two together) run through prefill and decode, greedy and sampled;
+        then each bucket's graph is captured."""
         window = self.runner.model.config.text_config.sliding_window
-        lengths = [16, 23, min(2 * window + 37, self.max_model_len - 4)]
         greedy = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
         sampled = SamplingParams(max_tokens=3, temperature=1.0, top_k=64, top_p=0.95, ignore_eos=True)
-        self.generate([[0] * n for n in lengths], [greedy, sampled, greedy])
+        for n in (256, min(2 * window + 37, self.max_model_len - 4)):  # one row at a time (kernels specialize on 1)
+            self.generate([[0] * n], greedy)
+        self.generate([[0] * 16, [0] * 23], [greedy, sampled])
         if self.runner.graphs is not None:
             self.runner.graphs.capture_all()

@@ -17,9 +17,12 @@ from ..config import FULL, SLIDING
 class PagedCacheView:
     prechecked = True  # positions and ids were checked by the engine (Model.forward then reads nothing back)
 
-    def __init__(self, pools, block_tables: torch.Tensor, ring_slots: torch.Tensor, num_cached: torch.Tensor):
+    def __init__(self, pools, block_tables: torch.Tensor, ring_slots: torch.Tensor, num_cached: torch.Tensor,
+                 max_cached: int | None = None):
         """pools: a BlockManager (keys/values dicts, ring_positions, window, block_size, trash ids).
-        block_tables [B, nb] (padded with the trash block), ring_slots [B], num_cached [B]."""
+        block_tables [B, nb] (padded with the trash block), ring_slots [B], num_cached [B]. `max_cached`: the most
+        tokens any row has cached (known to the host): a prefill chunk gathers no global slot past it (None: every
+        slot of the tables; the graphed decode step, which gathers nothing)."""
         self.pools = pools
         self.window, self.block_size = pools.window, pools.block_size
         self.layer_types = pools.layer_types
@@ -29,6 +32,8 @@ class PagedCacheView:
         bs = self.block_size
         # Global layers: flat pool slot of every slot of each row's blocks (slot j holds position j).
         self.global_gather = (block_tables[:, :, None] * bs + torch.arange(bs, device=device)).reshape(batch, nb * bs)
+        # A prefill chunk's cached global keys: the slots below max_cached (the rest hold no position yet).
+        self.prefix_gather = self.global_gather if max_cached is None else self.global_gather[:, :max_cached]
         # Sliding layers: flat pool slot of each row's ring.
         self.ring_gather = ring_slots[:, None] * self.window + torch.arange(self.window, device=device)
         self._plan: dict | None = None
@@ -62,6 +67,7 @@ class PagedCacheView:
                                "num_keys": query[:, 0] + 1})
             return
         # Otherwise the row's cached K/V are gathered, then this chunk's appended: positions in that order.
+        offsets = offsets[:, :self.prefix_gather.shape[1]]
         cached = torch.where(offsets < self.num_cached[:, None], offsets, -1)
         arange = torch.arange(length, device=positions.device).expand_as(positions)
         self._plan.update({
@@ -76,7 +82,7 @@ class PagedCacheView:
         in-place decode steps: their layers write straight to `write_target` (kernels.norm.qkv_norm_rope_store)."""
         assert not self.in_place, "in-place decode steps write through write_target"
         key_pool, value_pool, write = self.write_target(layer_idx)
-        gather = self.ring_gather if self.layer_types[layer_idx] == SLIDING else self.global_gather
+        gather = self.ring_gather if self.layer_types[layer_idx] == SLIDING else self.prefix_gather
         out = []
         for pool, new in ((key_pool, key), (value_pool, value)):
             cached = pool[:, gather].permute(1, 0, 2, 3)  # [Hkv, B, T, D] -> [B, Hkv, T, D]
