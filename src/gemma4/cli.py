@@ -97,7 +97,9 @@ def cmd_demo(args) -> None:
     from .llm import LLM
     from .random_init import random_config, random_model
 
-    tokenizer = args.tokenizer or os.environ.get("GEMMA4_TOKENIZER_DIR") or "../shared/tokenizer"
+    from .options import options
+
+    tokenizer = args.tokenizer or options().tokenizer_dir or "../shared/tokenizer"
     if not os.path.isfile(os.path.join(tokenizer, "tokenizer.json")):
         raise FileNotFoundError(f"no tokenizer.json in {tokenizer}; pass --tokenizer DIR")
     start = time.perf_counter()

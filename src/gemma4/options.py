@@ -28,6 +28,7 @@ class Options:
     | fuse_projections | -                | "auto"     | q/k/v and gate/up as one matmul each when loading: "auto" on |
     |                  |                  |            | CUDA only, True on every device, False never                 |
     | prefill_kernel   | -                | True       | the flash prefill attention kernel; False: SDPA with a mask  |
+    | tokenizer_dir    | GEMMA4_TOKENIZER_DIR | None   | where `gemma4 demo` finds a tokenizer without --tokenizer    |
     """
 
     kernels: bool = True
@@ -36,6 +37,7 @@ class Options:
     defer_norms: frozenset[str] = DEFERRABLE
     fuse_projections: Literal["auto"] | bool = "auto"
     prefill_kernel: bool = True
+    tokenizer_dir: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "defer_norms", frozenset(self.defer_norms))  # any iterable of site names
@@ -50,7 +52,7 @@ class Options:
             return environ.get(name, default) not in ("", "0")
 
         return cls(kernels=flag("GEMMA4_KERNELS", "1"), pdl=flag("GEMMA4_PDL", "1"),
-                   cuda_graphs=not flag("GEMMA4_EAGER", "0"))
+                   cuda_graphs=not flag("GEMMA4_EAGER", "0"), tokenizer_dir=environ.get("GEMMA4_TOKENIZER_DIR") or None)
 
 
 # The one place the options live. Hot paths (kernels.enabled, once per op) read this attribute directly.
