@@ -182,3 +182,13 @@ def test_gemv_with_normed_input_equals_norm_kernel_then_gemv(dtype, variant, gro
         torch.testing.assert_close(new.float(), want_new.float(), rtol=2**-7, atol=1e-5)
         torch.testing.assert_close(got.float(), want.float(), rtol=2**-6, atol=1e-3)
         assert (got == want).float().mean() > 0.9
+
+
+def test_outgrown_finished_counters_stay_allocated():
+    """CUDA graphs captured with a smaller set of counters keep its address: growing the set must not free it (the
+    argmax kernel's set grows with the batch buckets an engine captures)."""
+    from gemma4.kernels import gemv as gemv_module
+
+    small = gemv_module.finished_counters("test-owner", torch.device("cpu"), 2)
+    large = gemv_module.finished_counters("test-owner", torch.device("cpu"), 8)
+    assert large.numel() == 8 and any(t.data_ptr() == small.data_ptr() for t in gemv_module._retired)

@@ -8,11 +8,8 @@ import warnings
 
 import torch
 
-from .. import kernels
 from ..model.paged_cache import PagedCacheView
 from .block_manager import BlockManager
-
-NAN_ROW = -1  # a host copy's token id where the row's logits held a NaN (the engine fails that sequence)
 
 
 class CaptureFailed(RuntimeError):
@@ -39,19 +36,6 @@ def capture_graph(fn, pool=None):
         at = f" at {where[0].filename.rsplit('/', 1)[-1]}:{where[0].lineno} ({where[0].line})" if where else ""
         raise CaptureFailed(f"{type(error).__name__}: {error}{at}") from error
     return graph, outputs
-
-
-def greedy_tokens(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each row's argmax [B] twice, for the device (the next step may read it: 0 where the row's logits hold a NaN,
-    so that the id stays valid) and for the host (NAN_ROW there, which fails that sequence), and the NaN rows [B]
-    (which sampled rows need too)."""
-    if kernels.enabled(logits):
-        from ..kernels.logits import argmax
-        best = argmax(logits)
-    else:
-        best = logits.argmax(-1)
-    nan = logits.isnan().any(-1)
-    return best.masked_fill(nan, 0), best.masked_fill(nan, NAN_ROW), nan
 
 
 class GraphedDecode:
@@ -82,17 +66,14 @@ class GraphedDecode:
         self.pool = None
         self.usable = True
         self.failure: str | None = None  # why capture failed, if it did
-        self.greedy: tuple[torch.Tensor, ...] | None = None  # the last run's greedy_tokens
 
-    def _step(self, size: int) -> tuple[torch.Tensor, ...]:
-        """The step's logits [size, V] and, inside the graph too, each row's greedy token for the device and for
-        the host (`greedy_tokens`)."""
+    def _step(self, size: int) -> torch.Tensor:
         positions, rings, valid, source = self.inputs[2:, :size]
         ids = self.inputs.view(-1)[source]
         cache = PagedCacheView(self.blocks, self.tables[:size], rings, positions)
         logits = self.model(ids[:, None], attention_mask=valid[:, None] != 0, position_ids=positions[:, None],
-                            cache=cache, last_only=True)[:, -1].float()
-        return (logits, *greedy_tokens(logits))
+                            cache=cache, last_only=True)
+        return logits[:, -1].float()
 
     def _capture(self, size: int) -> None:
         self.pool = self.pool or torch.cuda.graph_pool_handle()  # one memory pool for every bucket's graph
@@ -110,9 +91,8 @@ class GraphedDecode:
                 self._capture(size)
 
     def run(self, seqs, ahead=None) -> torch.Tensor | None:
-        """The logits [n, V] of n sequences' next token each (None when capture failed: run them eagerly); their
-        greedy tokens are then in `self.greedy` (see `greedy_tokens`). `ahead` (runner.Launched): the step still in
-        flight, which sampled the PENDING tokens of some of `seqs`."""
+        """The logits [n, V] of n sequences' next token each (None when capture failed: run them eagerly).
+        `ahead` (runner.Launched): the step still in flight, which sampled the PENDING tokens of some of `seqs`."""
         size = next(s for s in self.sizes if s >= len(seqs))
         captured = self.model.device.type == "cuda"  # elsewhere (tests): the same padded step, run eagerly
         if captured and size not in self.graphs:
@@ -136,11 +116,9 @@ class GraphedDecode:
         if ahead is not None and ahead.tokens is not None:
             self.inputs[0, :len(ahead.tokens)].copy_(ahead.tokens)
         if not captured:
-            logits, *greedy = self._step(size)
-        else:
-            graph, (logits, *greedy) = self.graphs[size]
-            graph.replay()
-        self.greedy = tuple(t[:n] for t in greedy)
+            return self._step(size)[:n]
+        graph, logits = self.graphs[size]
+        graph.replay()
         return logits[:n]
 
     def _update_table_rows(self, seqs, size: int) -> None:

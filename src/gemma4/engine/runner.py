@@ -19,7 +19,7 @@ from .. import kernels
 from ..options import options
 from ..model.paged_cache import PagedCacheView
 from .block_manager import BlockManager
-from .graphs import NAN_ROW, GraphedDecode
+from .graphs import GraphedDecode
 from .sampling import batchable, sample_batch, sample_token
 from .scheduler import Scheduled
 
@@ -31,7 +31,6 @@ class ModelRunner:
         use_graphs = self.device.type == "cuda" and kernels.enabled(torch.empty(0, device=self.device)) \
             and max_model_len is not None and options().cuda_graphs
         self.graphs = GraphedDecode(model, blocks, max_model_len) if use_graphs else None
-        self.greedy: tuple[torch.Tensor, ...] | None = None  # see forward
 
     @torch.no_grad()
     def launch(self, batch: list[Scheduled], ahead: Launched | None = None) -> Launched:
@@ -48,15 +47,10 @@ class ModelRunner:
             seqs = [batch[row].seq for row in fast]
             rows = logits if len(fast) == len(batch) else logits[fast]
             try:
-                graphed = self.greedy is not None and len(fast) == len(batch)  # its outputs cover every row
-                if graphed and all(s.params.greedy for s in seqs):
-                    tokens, checked, _ = self.greedy  # taken inside the graphed step
-                else:
-                    tokens = sample_batch(rows, [s.params for s in seqs],
-                                          [s.generator_on(logits.device) for s in seqs])
-                    # What the host reads: NAN_ROW where a row's logits hold a NaN (its token means nothing; the
-                    # next step may still read it on the device before the engine fails that sequence).
-                    checked = tokens.masked_fill(self.greedy[2] if graphed else rows.isnan().any(-1), NAN_ROW)
+                tokens = sample_batch(rows, [s.params for s in seqs], [s.generator_on(logits.device) for s in seqs])
+                # What the host reads: NAN_ROW where a row's logits hold a NaN (its token means nothing; the next
+                # step may still read it on the device, a valid id, before the engine fails that sequence).
+                checked = tokens.masked_fill(rows.isnan().any(-1), NAN_ROW)
             except Exception:  # one row's logits: sample the rows one by one below, so that only that row fails
                 fast, tokens = [], None
         batched = set(fast)
@@ -72,17 +66,12 @@ class ModelRunner:
         """The last position's logits of every row [B, V], fp32, left on the model's device.
 
         Rows that feed one text token (decodes) and prefill chunks run as two forwards: one left-padded forward
-        would widen every decode row to the chunk's width (and could not replay the decode graph). When one graphed
-        step ran the whole batch, `self.greedy` holds its rows' greedy tokens (GraphedDecode.run), else None."""
-        self.greedy = None
+        would widen every decode row to the chunk's width (and could not replay the decode graph)."""
         single = [item.num_tokens == 1 and not _media_at(item) for item in batch]
         if all(single) or not any(single):
             return self._forward_group(batch, all(single), ahead)
-        # Prefill chunks first: they read the last step's tokens on the device (`ahead`, possibly the graphed step's
-        # output buffers) before the decode group's replay overwrites those buffers.
-        groups = [[row for row, flag in enumerate(single) if flag == decode] for decode in (False, True)]
-        parts = [self._forward_group([batch[row] for row in rows], bool(i), ahead) for i, rows in enumerate(groups)]
-        self.greedy = None  # the graphed step ran only part of the batch
+        groups = [[row for row, flag in enumerate(single) if flag == decode] for decode in (True, False)]
+        parts = [self._forward_group([batch[row] for row in rows], not i, ahead) for i, rows in enumerate(groups)]
         logits = torch.empty(len(batch), parts[0].shape[1], dtype=parts[0].dtype, device=parts[0].device)
         for rows, part in zip(groups, parts):
             logits[rows] = part
@@ -94,7 +83,6 @@ class ModelRunner:
             if logits is not None:
                 for item in batch:
                     item.seq.num_cached += 1
-                self.greedy = self.graphs.greedy
                 return logits
         width = max(item.num_tokens for item in batch)
         num_blocks = max(max(len(item.seq.block_table) for item in batch), 1)
@@ -163,6 +151,9 @@ def _media_at(item: Scheduled) -> bool:
 
 class SampleError(str):
     """In `Launched.results`: why this row could not be sampled (the engine fails its sequence alone)."""
+
+
+NAN_ROW = -1  # in Launched's host copy of the batched tokens: that row's logits held a NaN
 
 
 class Launched:

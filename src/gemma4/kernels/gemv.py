@@ -252,6 +252,7 @@ def gemv_gated(x: torch.Tensor, weight: torch.Tensor, activation: str, multiplie
 
 
 _counters: dict[tuple[str, torch.device], torch.Tensor] = {}
+_retired: list[torch.Tensor] = []  # outgrown counters that captured CUDA graphs may still point to
 
 
 def finished_counters(owner: str, device: torch.device, size: int = 1) -> torch.Tensor:
@@ -263,6 +264,8 @@ def finished_counters(owner: str, device: torch.device, size: int = 1) -> torch.
     if key not in _counters or _counters[key].numel() < size:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"{owner} must run once outside CUDA-graph capture first (its counters)")
+        if key in _counters:  # graphs captured with the smaller set keep its address: it must stay allocated
+            _retired.append(_counters[key])
         _counters[key] = torch.zeros(size, dtype=torch.int32, device=device)
     return _counters[key][:size]
 
