@@ -60,6 +60,17 @@ def test_greedy_equals_transformers_generate(pair):
     assert torch.equal(ours, theirs), family
 
 
+def test_padded_batch_greedy_equals_transformers_generate(pair):
+    """A left-padded batch through the engine (each row its own request) against transformers' generate on the same
+    padded batch and mask."""
+    family, reference, model = pair
+    ids, mask = left_pad([prompt(1, n, seed=n)[0] for n in (4, 12, 7)])
+    ours = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, eos_token_id=None)
+    theirs = reference.generate(ids, attention_mask=mask, max_new_tokens=24, min_new_tokens=24, do_sample=False,
+                                eos_token_id=None, pad_token_id=0)
+    assert torch.equal(ours, theirs), family
+
+
 def test_naive_path_equals_cached_path(pair):
     _, _, model = pair
     ids = prompt(2, 9, seed=4)

@@ -241,3 +241,26 @@ def test_a_prompt_ending_inside_a_thought_channel(stub, monkeypatch):
     deltas = [c.choices[0].delta for c in client.chat.completions.create(**kw, stream=True) if c.choices]
     assert "".join(d.content or "" for d in deltas) == "Yes."
     assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == "Let me see."
+
+
+def test_llm_and_server_give_the_same_greedy_tokens(tmp_path_factory, gemma4_tokenizer_dir):
+    """One engine under both: the same checkpoint's greedy completion and chat answer through `gemma4.LLM` and
+    through the server are the same text."""
+    from gemma4.llm import LLM
+
+    directory = tmp_path_factory.mktemp("same")
+    write_checkpoint(directory, gemma4_tokenizer_dir)
+    llm = LLM(directory, dtype="float32")
+    srv = Server(build_app_from_args(serve_args(directory)))
+    try:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        for prompt in ("Once upon a time", "The capital of France is"):
+            ours = llm.generate(prompt, {"temperature": 0.0, "max_tokens": 12}, skip_special_tokens=False)[0]
+            served = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
+            assert served.choices[0].text == ours.text and served.usage.completion_tokens >= len(ours.token_ids)
+        messages = [{"role": "user", "content": "Hello there"}]
+        reply = llm.chat(messages, params={"temperature": 0.0, "max_tokens": 12})
+        served = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+        assert served.choices[0].message.content == reply["content"]
+    finally:
+        srv.stop()
