@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 
-from .engine.generate import engine_for
+from .engine.generate import engine_for, free_engine
 from .engine.sampling import GEMMA4_STOP_IDS, SamplingParams, TokenLogprobs
 from .model.gemma4 import Gemma4
 from .pretrained import Model
@@ -59,7 +60,13 @@ class LLM:
         self.max_batch_size = max_batch_size
         if self.model.device.type == "cuda":  # compile the kernels and capture the graphs before the first request
             limit = self.model.config.text_config.max_position_embeddings
-            engine_for(self.model, max_batch_size, min(WARM_CONTEXT, limit), PREFILL_BUDGET).warm_up()
+            try:
+                engine_for(self.model, max_batch_size, min(WARM_CONTEXT, limit), PREFILL_BUDGET).warm_up()
+            except torch.OutOfMemoryError:  # KV for max_batch_size x WARM_CONTEXT does not fit beside the weights
+                free_engine(self.model)
+                warnings.warn(f"not enough GPU memory for an engine of {max_batch_size} sequences of "
+                              f"{min(WARM_CONTEXT, limit)} tokens: no warm-up; each call sizes its own engine and "
+                              "the first pays for compilation and graph capture")
 
     # --- prompts ----------------------------------------------------------------------------------
     def _ids(self, prompt: str | Sequence[int]) -> list[int]:

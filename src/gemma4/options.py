@@ -19,16 +19,16 @@ class Options:
     """Every runtime switch. Environment variables exist only for user-facing debugging switches; the others
     exist to compare two paths and are set by tests and benchmarks through `override`.
 
-    | field            | environment      | default    | meaning                                                      |
-    |------------------|------------------|------------|--------------------------------------------------------------|
-    | kernels          | GEMMA4_KERNELS=0 | True       | the Triton kernels on CUDA tensors; False: plain PyTorch ops |
-    | pdl              | GEMMA4_PDL=0     | True       | programmatic dependent launch on Hopper and newer (pdl.py)   |
-    | cuda_graphs      | GEMMA4_EAGER=1   | True       | decode steps replayed from CUDA graphs; False: eager steps   |
-    | defer_norms      | -                | DEFERRABLE | the products whose residual norms the next GEMV applies      |
-    | fuse_projections | -                | "auto"     | q/k/v and gate/up as one matmul each when loading: "auto" on |
-    |                  |                  |            | CUDA only, True on every device, False never                 |
-    | prefill_kernel   | -                | True       | the flash prefill attention kernel; False: SDPA with a mask  |
-    | tokenizer_dir    | GEMMA4_TOKENIZER_DIR | None   | where `gemma4 demo` finds a tokenizer without --tokenizer    |
+    | field            | environment          | default    | meaning                                                  |
+    |------------------|----------------------|------------|----------------------------------------------------------|
+    | kernels          | GEMMA4_KERNELS=0     | True       | the Triton kernels on CUDA tensors; False: PyTorch ops   |
+    | pdl              | GEMMA4_PDL=0         | True       | programmatic dependent launch on Hopper and newer        |
+    | cuda_graphs      | GEMMA4_EAGER=1       | True       | decode steps replayed from CUDA graphs; False: eager     |
+    | defer_norms      | -                    | DEFERRABLE | the products whose residual norms the next GEMV applies  |
+    | fuse_projections | -                    | "auto"     | q/k/v and gate/up as one matmul each when loading: "auto"|
+    |                  |                      |            | on CUDA only, True on every device, False never          |
+    | prefill_kernel   | -                    | True       | the flash prefill attention kernel; False: SDPA + a mask |
+    | tokenizer_dir    | GEMMA4_TOKENIZER_DIR | None       | where `gemma4 demo` finds a tokenizer without --tokenizer|
     """
 
     kernels: bool = True
