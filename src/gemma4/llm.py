@@ -21,11 +21,6 @@ PREFILL_BUDGET = 8192  # prompt tokens per engine step (chunked prefill beyond i
 WARM_CONTEXT = 8192  # the context the engine is made (and its graphs captured) for at start; longer rebuilds it
 
 
-def _check(out) -> None:
-    if out.error is not None:
-        raise RuntimeError(f"generation failed: {out.error}")
-
-
 @dataclass
 class Completion:
     text: str
@@ -90,12 +85,9 @@ class LLM:
         return set(params.stop_token_ids) if params.stop_token_ids is not None else self.stop_ids
 
     # --- generation -------------------------------------------------------------------------------
-    def _engine(self, prompts: list[list[int]], params: list[SamplingParams]):
-        longest = max(len(p) + sp.max_tokens for p, sp in zip(prompts, params))
-        return engine_for(self.model, self.max_batch_size, longest, PREFILL_BUDGET)
-
     def _requests(self, prompts: list[list[int]], params: list[SamplingParams]) -> tuple[object, list[int]]:
-        engine = self._engine(prompts, params)
+        longest = max(len(p) + sp.max_tokens for p, sp in zip(prompts, params))
+        engine = engine_for(self.model, self.max_batch_size, longest, PREFILL_BUDGET)
         stops = [list(self._stops(p)) for p in params]
         return engine, [engine.add_request(ids, dataclasses.replace(p, stop_token_ids=s))
                         for ids, p, s in zip(prompts, params, stops)]
@@ -120,7 +112,7 @@ class LLM:
         reasons = ["length"] * len(ids)
         for out in engine.run(seq_ids):
             row = rows[out.seq_id]
-            _check(out)
+            out.raise_error()
             if out.token is not None and not (out.finished and out.finish_reason == "stop"):
                 outputs[row].append(out.token)
                 if out.logprobs is not None:
@@ -149,7 +141,7 @@ class LLM:
         usage.update(prompt_tokens=len(ids), completion_tokens=0)
         engine, (seq_id,) = self._requests([ids], [params])
         for out in engine.run([seq_id]):  # leaving the loop early (a stop string) aborts the request
-            _check(out)
+            out.raise_error()
             if out.token is None:
                 continue
             usage["completion_tokens"] = out.num_output_tokens

@@ -114,10 +114,8 @@ class LLMEngine:
 
     def abort(self, seq_id: int, output: bool = True) -> None:
         """End a request; the next step reports it (finish_reason "abort") unless `output` is False."""
-        if (seq := self.seqs.pop(seq_id, None)) is not None:
-            if seq.pending:
-                seq.output_ids.pop()
-            self.scheduler.finish(seq, "abort")
+        if (seq := self.seqs.get(seq_id)) is not None:
+            self._finish(seq, "abort")
             if output:
                 self.aborted.append(seq)
 
@@ -177,13 +175,13 @@ class LLMEngine:
                 seq.output_ids.append(PENDING)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
+        if seq.pending:  # its token, still on the device, is dropped
+            seq.output_ids.pop()
         self.scheduler.finish(seq, reason)
         self.seqs.pop(seq.seq_id, None)
 
     def _fail(self, seq: Sequence, error: str) -> StepOutput:
         """End `seq` alone with finish_reason "error" (its blocks freed); the engine goes on with the others."""
-        if seq.pending:
-            seq.output_ids.pop()
         self._finish(seq, "error")
         return self._output(seq, None, None, error)
 
@@ -231,8 +229,7 @@ class LLMEngine:
         ids = [self.add_request(p, sp, m) for p, sp, m in zip(prompts, params, media)]
         results: dict[int, list[int]] = {i: [] for i in ids}
         for out in self.run(ids):
-            if out.error is not None:
-                raise RuntimeError(f"generation failed: {out.error}")
+            out.raise_error()
             if out.token is not None:
                 results[out.seq_id].append(out.token)
         return [results[i] for i in ids]

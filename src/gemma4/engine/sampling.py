@@ -70,7 +70,7 @@ class SamplingParams:
             fail(f"temperature must be in [0, 100], got {self.temperature}")
         if not 0 < self.top_p <= 1:
             fail(f"top_p must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if self.top_k < 0:
             fail(f"top_k must be a non-negative integer (0 = off), got {self.top_k!r}")
         if not 0 <= self.min_p <= 1:
             fail(f"min_p must be in [0, 1], got {self.min_p}")

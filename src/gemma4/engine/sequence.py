@@ -99,3 +99,8 @@ class StepOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     error: str | None = None  # why the sequence failed (finish_reason "error"); the engine goes on with the others
+
+    def raise_error(self) -> None:
+        """RuntimeError if the sequence failed in the engine (for callers that report failures by raising)."""
+        if self.error is not None:
+            raise RuntimeError(f"generation failed: {self.error}")

@@ -1,6 +1,6 @@
 """The Gemma 4 network: text decoder, optional vision/audio towers, tied LM head with logit softcap.
 
-It knows nothing of checkpoints files or generation: `gemma4.Model` (pretrained.py) adds loading, saving and
+It knows nothing of checkpoint files or generation: `gemma4.Model` (pretrained.py) adds loading, saving and
 `generate` on top, and the engine drives `forward` with its paged cache."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from torch import nn
 
 from .. import kernels
 from ..config import Config
+from ..options import options
 from .attention import ForwardContext
 from .cache import KVCache
 from .text import TextModel, linear
@@ -84,7 +85,6 @@ class Gemma4(nn.Module):
 
     def ready_(self) -> "Gemma4":
         """What every loader does last: inference mode, no gradients, fused projections (see fuse_projections_)."""
-        from ..options import options
         self.eval().requires_grad_(False)
         fuse = options().fuse_projections
         if fuse is True or (fuse == "auto" and self.device.type == "cuda"):
