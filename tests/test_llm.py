@@ -108,6 +108,18 @@ def test_cli_missing_model(capsys):
     assert "no checkpoint directory" in capsys.readouterr().err
 
 
+def test_cli_reports_a_failed_generation_in_one_line(checkpoint, capsys, monkeypatch):
+    """A request the engine fails (here: NaN logits from the model) is a one-line error, not a traceback."""
+    from gemma4.pretrained import Model
+
+    forward = Model.forward
+    monkeypatch.setattr(Model, "forward", lambda self, *a, **k: forward(self, *a, **k) * float("nan"))
+    assert cli_main(["generate", str(checkpoint), "--prompt", "Hello", "--max-new-tokens", "5",
+                     "--temperature", "0", "--dtype", "float32"]) == 1
+    err = capsys.readouterr().err
+    assert "gemma4 generate: error: generation failed" in err and "NaN" in err and "Traceback" not in err
+
+
 def test_chat_parses_with_the_prompt_as_prefix(llm, monkeypatch):
     """A prompt that ends inside an open thought channel: `LLM.chat` reads the answer from there."""
     from gemma4.llm import Completion

@@ -236,11 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .engine.sequence import GenerationError
+
     try:
         args.run(args)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError, NotImplementedError, OSError) as e:
+    except (ValueError, FileNotFoundError, NotImplementedError, OSError, GenerationError) as e:
         print(f"gemma4 {args.command}: error: {e}", file=sys.stderr)
         return 1
     return 0

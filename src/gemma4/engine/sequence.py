@@ -101,6 +101,10 @@ class StepOutput:
     error: str | None = None  # why the sequence failed (finish_reason "error"); the engine goes on with the others
 
     def raise_error(self) -> None:
-        """RuntimeError if the sequence failed in the engine (for callers that report failures by raising)."""
+        """GenerationError if the sequence failed in the engine (for callers that report failures by raising)."""
         if self.error is not None:
-            raise RuntimeError(f"generation failed: {self.error}")
+            raise GenerationError(f"generation failed: {self.error}")
+
+
+class GenerationError(RuntimeError):
+    """A request failed inside the engine (NaN logits, a forward that raised); the engine serves the others."""
