@@ -5,12 +5,15 @@ stopped padded with `pad_token_id`; unset sampling arguments come from the check
 transformers; `eos_token_id=None` never stops; `min_new_tokens` holds the stop back; row b draws from `seed + b`.
 Each row is one request of the model's `LLMEngine` (`engine_for`: kept on the model and reused, so its CUDA graphs
 are captured once). `use_cache=False` runs `reference_generate` instead: a full forward over everything at every
-step, no cache, the same sampler and stop rule.
+step, no cache, the same sampler and stop rule. `return_dict_in_generate=True` returns a `GenerateOutput` instead of
+the tensor, with the scores and logits of every step when `output_scores` / `output_logits` ask for them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+from collections.abc import Mapping
 
 import torch
 
@@ -41,6 +44,38 @@ def left_pad(prompts, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         ids[row, longest - len(prompt):] = torch.as_tensor(prompt, dtype=torch.long)
         mask[row, longest - len(prompt):] = 1
     return ids, mask
+
+
+@dataclasses.dataclass(eq=False)
+class GenerateOutput(Mapping):
+    """`Model.generate(..., return_dict_in_generate=True)`, as transformers' GenerateDecoderOnlyOutput.
+
+    `sequences` [batch, prompt + new]. `scores` (output_scores): one [batch, vocab] fp32 tensor per new token, the
+    scores it was chosen by (sampling.processed_scores: penalties and, when sampling, temperature, then -inf where
+    top-k, top-p or min-p drop a token). `logits` (output_logits): the raw logits, likewise. A row's entries after
+    it stopped are 0 (transformers keeps what its model computed on the padding). Read as attributes, as keys
+    (`out["scores"]`) or by position over the fields that are set (`out[0]` is `sequences`), as transformers'
+    ModelOutput."""
+
+    sequences: torch.Tensor
+    scores: tuple[torch.Tensor, ...] | None = None
+    logits: tuple[torch.Tensor, ...] | None = None
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            if key not in self.keys():
+                raise KeyError(key)
+            return getattr(self, key)
+        return tuple(self.values())[key]
+
+    def keys(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
 
 
 class _Kept:
@@ -108,36 +143,61 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
              temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
              min_p: float | None = None, repetition_penalty: float | None = None, eos_token_id=_FROM_CONFIG,
              pad_token_id: int | None = None, seed: int | None = None, use_cache: bool = True,
-             prefill_chunk_size: int | None = None, **media) -> torch.Tensor:
+             prefill_chunk_size: int | None = None, return_dict_in_generate: bool = False,
+             output_scores: bool = False, output_logits: bool = False, **media) -> torch.Tensor | GenerateOutput:
     """`Model.generate`; see the module docstring. `prefill_chunk_size`: prompt tokens per row and step (default:
-    the whole prompt in one step)."""
+    the whole prompt in one step). `output_scores` / `output_logits` count only with `return_dict_in_generate`
+    (as in transformers); otherwise nothing is kept."""
     batch, length = input_ids.shape
     check_lengths(model, length, max_new_tokens)
     params = generation_params(model, batch, max_new_tokens, min_new_tokens, do_sample, temperature, top_p, top_k,
                                min_p, repetition_penalty, eos_token_id, seed)
+    if return_dict_in_generate:
+        params = [dataclasses.replace(p, output_scores=output_scores, output_logits=output_logits) for p in params]
     pad = pad_token_id if pad_token_id is not None else getattr(model, "generation_config", {}).get("pad_token_id", 0)
     valid = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
              else attention_mask.to(input_ids.device, torch.bool))
     media = {k: v for k, v in media.items() if v is not None}
+    kept: list[list] = [[] for _ in range(batch)]  # per row: (scores, logits) per new token, when asked
     if not use_cache:
-        outputs = reference_generate(model, input_ids, valid, params, **media)
+        outputs = reference_generate(model, input_ids, valid, params, kept, **media)
     else:
         prompts = [row[keep].tolist() for row, keep in zip(input_ids.cpu(), valid.cpu())]
-        soft = batch_soft_tokens(model, input_ids, valid, **media) if media else None
+        soft = batch_soft_tokens(model, input_ids, valid, **media) if media else [None] * batch
         engine = engine_for(model, batch, length + max_new_tokens,
                             prefill_chunk_size * batch if prefill_chunk_size else None)
-        outputs = engine.generate(prompts, params, soft)
+        seq_ids = [engine.add_request(p, sp, m) for p, sp, m in zip(prompts, params, soft)]
+        seqs = [engine.seqs[i] for i in seq_ids]  # held here: the engine lets go of a sequence when it ends
+        for out in engine.run(seq_ids):
+            out.raise_error()
+        outputs, kept = [seq.output_ids for seq in seqs], [seq.kept_rows for seq in seqs]
     new = torch.full((batch, max(len(o) for o in outputs)), pad, dtype=input_ids.dtype)
     for row, tokens in enumerate(outputs):
         new[row, :len(tokens)] = torch.tensor(tokens, dtype=input_ids.dtype)
-    return torch.cat([input_ids, new.to(input_ids.device)], dim=1)
+    sequences = torch.cat([input_ids, new.to(input_ids.device)], dim=1)
+    if not return_dict_in_generate:
+        return sequences
+    return GenerateOutput(sequences, _per_step(kept, 0, new.shape[1]) if output_scores else None,
+                          _per_step(kept, 1, new.shape[1]) if output_logits else None)
+
+
+def _per_step(kept: list[list], which: int, steps: int) -> tuple[torch.Tensor, ...]:
+    """Rows' kept (scores, logits) pairs -> one [batch, vocab] tensor per step (`which`: 0 scores, 1 logits); 0 for
+    the steps after a row stopped."""
+    first = next(rows[0][which] for rows in kept if rows)
+    out = torch.zeros(steps, len(kept), first.shape[-1], dtype=first.dtype, device=first.device)
+    for row, rows in enumerate(kept):
+        if rows:
+            out[:len(rows), row] = torch.stack([pair[which] for pair in rows])
+    return tuple(out.unbind(0))
 
 
 @torch.no_grad()
 def reference_generate(model, input_ids: torch.Tensor, valid: torch.Tensor, params: list[SamplingParams],
-                       **media) -> list[list[int]]:
+                       kept: list[list] | None = None, **media) -> list[list[int]]:
     """Each row's new tokens, from a full forward over the prompt and everything generated so far at every step (no
-    cache): the reference that the engine's tokens are tested against."""
+    cache): the reference that the engine's tokens are tested against. `kept`: per row, where sample_token keeps
+    the scores and logits its params ask for."""
     device = model.device
     sequence, valid = input_ids.to(device), valid.to(device)
     prompts = [row[keep] for row, keep in zip(sequence, valid)]
@@ -151,7 +211,8 @@ def reference_generate(model, input_ids: torch.Tensor, valid: torch.Tensor, para
             token = 0
             if not done[row]:
                 stops = set() if p.ignore_eos else set(p.stop_token_ids or ())
-                token, _ = sample_token(logits[row], p, prompts[row], outputs[row], stops, generators[row])
+                token, _ = sample_token(logits[row], p, prompts[row], outputs[row], stops, generators[row],
+                                        kept[row] if kept else None)
                 outputs[row].append(token)
                 done[row] = finish_reason(token, len(outputs[row]), p, stops) is not None
             tokens.append(token)

@@ -139,7 +139,7 @@ class ModelRunner:
         such a row comes here only when the batched sampler failed."""
         seq, device = item.seq, logits.device
         return sample_token(logits, seq.params, seq.prompt_tensor(device), seq.output_ids, seq.stop_ids,
-                            seq.generator_on(device))
+                            seq.generator_on(device), seq.kept_rows)
 
 
 

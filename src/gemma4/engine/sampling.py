@@ -44,6 +44,10 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; 0: the chosen token's; n: plus the top n
     min_tokens: int = 0
+    # Keep each step's processed scores / raw logits row [V] on the Sequence (Model.generate's output_scores /
+    # output_logits); such a row takes the per-row sampler.
+    output_scores: bool = False
+    output_logits: bool = False
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -122,29 +126,40 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: to
     return logits
 
 
-def next_token_distribution(logits: torch.Tensor, params: SamplingParams, prompt_ids: torch.Tensor | None = None,
-                            output_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """The probabilities [V] that the next token is drawn from (a one-hot for greedy). Pure: `logits` is not changed."""
+def processed_scores(logits: torch.Tensor, params: SamplingParams, prompt_ids: torch.Tensor | None = None,
+                     output_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The scores [V] (fp32) the next token is chosen by, as transformers' generate reports them (`output_scores`):
+    the penalized logits; when sampling, divided by the temperature, with -inf where top-k, top-p or min-p drop a
+    token. Greedy takes their argmax, sampling draws from their softmax. Pure: `logits` is not changed."""
     logits = logits.float().clone()
     empty = torch.empty(0, dtype=torch.long, device=logits.device)
     logits = apply_penalties(logits, params, prompt_ids if prompt_ids is not None else empty,
                              output_ids if output_ids is not None else empty)
     if params.greedy:
-        return torch.nn.functional.one_hot(logits.argmax(), logits.shape[-1]).float()
+        return logits
     logits = logits / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = logits.topk(params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(-1)
     if params.top_p < 1.0:
         # Keep the smallest set of most likely tokens whose mass reaches top_p (the token that crosses it included).
-        sorted_probs, order = probs.sort(descending=True)
+        sorted_probs, order = logits.softmax(-1).sort(descending=True)
         mass_before = sorted_probs.cumsum(-1) - sorted_probs
-        drop = torch.zeros_like(probs, dtype=torch.bool).scatter(0, order, mass_before >= params.top_p)
-        probs = probs.masked_fill(drop, 0.0)
+        drop = torch.zeros_like(logits, dtype=torch.bool).scatter(0, order, mass_before >= params.top_p)
+        logits = logits.masked_fill(drop, float("-inf"))
     if params.min_p > 0:
-        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
-    return probs / probs.sum()
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
+    return logits
+
+
+def next_token_distribution(logits: torch.Tensor, params: SamplingParams, prompt_ids: torch.Tensor | None = None,
+                            output_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The probabilities [V] that the next token is drawn from (a one-hot for greedy). Pure: `logits` is not changed."""
+    scores = processed_scores(logits, params, prompt_ids, output_ids)
+    if params.greedy:
+        return torch.nn.functional.one_hot(scores.argmax(), scores.shape[-1]).float()
+    return scores.softmax(-1)
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
@@ -152,16 +167,23 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, prompt_ids: torch.Tensor, output_ids: list[int],
-                 stop_ids, generator: torch.Generator | None) -> tuple[int, TokenLogprobs | None]:
-    """The next token of one sequence (and its logprobs if asked): the one sampling step of every generator."""
+                 stop_ids, generator: torch.Generator | None, kept: list | None = None
+                 ) -> tuple[int, TokenLogprobs | None]:
+    """The next token of one sequence (and its logprobs if asked): the one sampling step of every generator.
+    `kept`: where this step's (scores, raw logits) rows go when the request asks for them (`output_scores`,
+    `output_logits`; None for the one not asked)."""
     if bool(torch.isnan(logits).any() | torch.isposinf(logits).any()):
         raise ValueError("the model's logits for this sequence are NaN or +inf: it cannot be sampled")
+    raw = logits
     if len(output_ids) < params.min_tokens and stop_ids and not params.ignore_eos:
         logits = logits.clone()  # too early to stop: forbid the stop tokens
         logits[list(stop_ids)] = float("-inf")
     output = torch.tensor(output_ids, dtype=torch.long, device=logits.device)
-    probs = next_token_distribution(logits, params, prompt_ids.to(logits.device), output)
-    token = int(probs.argmax()) if params.greedy else draw(probs, generator)
+    scores = processed_scores(logits, params, prompt_ids.to(logits.device), output)
+    token = int(scores.argmax()) if params.greedy else draw(scores.softmax(-1), generator)
+    if kept is not None and (params.output_scores or params.output_logits):
+        # copies: the runner's logits may be a CUDA graph's buffer, rewritten by the next step
+        kept.append((scores if params.output_scores else None, raw.float().clone() if params.output_logits else None))
     return token, token_logprobs(logits, token, params.logprobs) if params.logprobs is not None else None
 
 
@@ -196,9 +218,10 @@ def token_logprobs(logits: torch.Tensor, token: int, n: int) -> TokenLogprobs:
 # --- batched sampling on the device (the static-batch fast path) ---------------------------------------------------
 
 def batchable(params: SamplingParams, num_output: int, stop_ids) -> bool:
-    """Whether `sample_batch` serves this row now: no penalties, no logprobs, and min_tokens not holding back a stop."""
+    """Whether `sample_batch` serves this row now: no penalties, no logprobs or kept scores, and min_tokens not
+    holding back a stop."""
     return (params.repetition_penalty == 1.0 and not params.presence_penalty and not params.frequency_penalty
-            and params.logprobs is None
+            and params.logprobs is None and not params.output_scores and not params.output_logits
             and (num_output >= params.min_tokens or not stop_ids or params.ignore_eos))
 
 

@@ -35,6 +35,7 @@ class Sequence:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     generator: torch.Generator | None = None  # the seed's generator, made where the logits are (generator_on)
     media: object | None = None  # multimodal.SoftTokens: the prompt's image/audio soft tokens, shared by n choices
+    kept_rows: list = field(default_factory=list)  # per sampled token, (scores, logits) if params.output_scores/_logits
     _prompt_tensor: torch.Tensor | None = None
 
     @property
