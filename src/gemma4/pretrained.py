@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .engine.generate import generate
+from .engine.generate import GenerateOutput, generate
 from .loading import load_model, save_model
 from .model.gemma4 import Gemma4
 
@@ -23,6 +23,9 @@ class Model(Gemma4):
     def save_pretrained(self, directory, **kwargs) -> None:
         save_model(self, directory, **kwargs)
 
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        """transformers-style generation on the engine; see engine/generate.py for the arguments."""
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 **kwargs) -> torch.Tensor | GenerateOutput:
+        """transformers-style generation on the engine: the [batch, prompt + new] tensor, or with
+        `return_dict_in_generate=True` a GenerateOutput (sequences, and scores / logits per step when asked); see
+        engine/generate.py for the arguments."""
         return generate(self, input_ids, attention_mask, **kwargs)
