@@ -3,7 +3,7 @@
 Every ```python and ```bash block of README.md runs, with these substitutions and nothing else changed:
 
 - the model id "google/gemma-4-E2B-it" -> a tiny random checkpoint (the full Gemma 4 vocabulary and tokenizer,
-  3 layers of width 64): README snippets name that model, the test swaps in the checkpoint;
+  E2B's context of 128K tokens, 3 layers of width 64): README snippets name that model, the test swaps it in;
 - "../shared/tokenizer" -> the tests' tokenizer directory (the `gemma4_tokenizer_dir` fixture);
 - port 8000 -> a free port (in `gemma4 serve --port 8000` and in the client's base_url);
 - a leading `gemma4` -> `python -m gemma4.cli` with this interpreter (the console script is that function).
@@ -19,9 +19,9 @@ table must exist in the `gemma4` parser.
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -31,7 +31,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from test_server_support import write_checkpoint
+from test_server_support import TOKENIZER_FILES, tiny_config
+
+from gemma4 import Model
+from gemma4.random_init import randomize_
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -94,7 +97,11 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, gemma4_tokenizer_dir) -> Path:
     directory = tmp_path_factory.mktemp("readme-model")
-    write_checkpoint(directory, gemma4_tokenizer_dir)
+    config = tiny_config()
+    config.text_config.max_position_embeddings = 131_072  # as E2B's: the README's --max-model-len must fit
+    randomize_(Model(config), 0).save_pretrained(str(directory))
+    for name in TOKENIZER_FILES:
+        shutil.copy(gemma4_tokenizer_dir / name, directory / name)
     return directory
 
 
