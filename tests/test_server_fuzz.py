@@ -16,7 +16,7 @@ from starlette.testclient import TestClient
 from test_server_support import NAN_TOKEN, Server, stub_app
 
 from gemma4.processing.tokenizer import Tokenizer
-from gemma4.server.protocol import CHAT_FIELDS, COMPLETION_FIELDS, MAX_JSON_DEPTH
+from gemma4.server.protocol import CHAT_FIELDS, COMPLETION_FIELDS, DETOKENIZE_FIELDS, MAX_JSON_DEPTH, TOKENIZE_FIELDS
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +81,8 @@ HOSTILE = [None, True, False, 0, -1, 1, 2, 17, 2**31, 2**63, 10**30, -10**30, 0.
            deep(MAX_JSON_DEPTH + 5), DEEP]
 CHAT = {"model": "stub", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 COMPLETION = {"model": "stub", "prompt": "hi", "max_tokens": 3}
+TOKENIZE = {"model": "stub", "messages": [{"role": "user", "content": "hi"}]}
+DETOKENIZE = {"model": "stub", "tokens": [2, 100]}
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
     "a": {"type": "string"}}}}}
 UNKNOWN = ["best_of_n", "extra", "guided_json", "functions"]
@@ -120,10 +122,16 @@ NESTED = [  # (endpoint body, path) of nested fields the server reads
     (dict(CHAT, mm_processor_kwargs={}), ("mm_processor_kwargs", "max_soft_tokens")),
     (dict(CHAT, response_format={}), ("response_format", "type")),
     (dict(COMPLETION, prompt=[2, 100]), ("prompt", 1)),
+    (dict(COMPLETION, prompt=[[2, 100], "hi"]), ("prompt", 0, 1)),
+    (dict(COMPLETION, prompt=[[2, 100], "hi"]), ("prompt", 1)),
 ]
 CASES = [("/v1/chat/completions", CHAT, (field,)) for field in [*CHAT_FIELDS, *UNKNOWN]] + \
         [("/v1/completions", COMPLETION, (field,)) for field in [*COMPLETION_FIELDS, *UNKNOWN]] + \
-        [("/v1/completions" if "prompt" in base else "/v1/chat/completions", base, path) for base, path in NESTED]
+        [("/v1/completions" if "prompt" in base else "/v1/chat/completions", base, path) for base, path in NESTED] + \
+        [("/tokenize", TOKENIZE, (field,)) for field in [*TOKENIZE_FIELDS, *UNKNOWN]] + \
+        [("/tokenize", TOKENIZE, ("messages", 0, "content")), ("/tokenize", dict(COMPLETION), ("prompt",)),
+         ("/detokenize", DETOKENIZE, ("tokens", 1))] + \
+        [("/detokenize", DETOKENIZE, (field,)) for field in [*DETOKENIZE_FIELDS, *UNKNOWN]]
 
 
 @pytest.mark.parametrize("path,base,field", CASES, ids=[f"{p.split('/')[-2 if 'chat' in p else -1]}:"
@@ -143,7 +151,7 @@ RAW = [b"", b"{", b"[]", b"null", b"1", b'"x"', b"{not json", b"\xff\xfe\x00", b
        b'{"model": "stub", "prompt": "hi", "max_tokens": 2, "max_tokens": "x"}', "{\"prompt\": \"é\"}".encode("utf-16")]
 
 
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"])
 def test_raw_bodies(client, path):
     for content in RAW:
         check(post(client, path, content))
@@ -166,10 +174,10 @@ def test_transcription_form(client):
         "content-type": "multipart/form-data; boundary=x"}))
 
 
-@pytest.mark.parametrize("method", ["GET", "POST", "PUT", "DELETE", "PATCH"])
+@pytest.mark.parametrize("method", ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
 def test_every_endpoint_and_method(client, method):
-    for path in ["/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions",
-                 "/v1/audio/transcriptions", "/v1/nope", "/", "/v1/models/stub"]:
+    for path in ["/health", "/metrics", "/version", "/tokenize", "/detokenize", "/v1/models", "/v1/chat/completions",
+                 "/v1/completions", "/v1/audio/transcriptions", "/v1/nope", "/", "/v1/models/stub"]:
         response = client.request(method, path, content=b"{}")
         check(response)
 
@@ -208,7 +216,7 @@ def fuzz_raw(client, path, content):
     check(client.post(path, content=content))
 
 
-RAW_PATHS = st.sampled_from([*PATHS, "/v1/models", "/v1/audio/transcriptions", "/nope"])
+RAW_PATHS = st.sampled_from([*PATHS, "/v1/models", "/v1/audio/transcriptions", "/tokenize", "/detokenize", "/nope"])
 test_fuzz_json = settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))(
     given(path=st.sampled_from(PATHS), data=body)(fuzz_json))
 test_fuzz_raw_bytes = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))(
@@ -322,7 +330,7 @@ def test_a_dead_engine_reports_unhealthy_and_stops_the_server(gemma4_tokenizer_d
     def broken(*args, **kwargs):
         raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
 
-    args = type("Args", (), {"host": "127.0.0.1", "port": 0})()
+    args = type("Args", (), {"host": "127.0.0.1", "port": 0, "allowed_origins": "*", "shutdown_timeout": 30.0})()
     result = {}
 
     def serve():

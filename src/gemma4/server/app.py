@@ -10,6 +10,7 @@ import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -18,12 +19,13 @@ from ..processing.chat import collect_media, openai_to_gemma_messages, validate_
 from ..processing.image import SUPPORTED_SOFT_TOKENS
 from ..processing.parse import parse_response, to_openai_tool_calls
 from ..processing.stream_parse import ReasoningDelta, StreamParser
+from .. import __version__
 from .protocol import (
-    COMPLETION_FIELDS, CHAT_FIELDS, APIError, bad, check_fields, get_bool, get_n, get_stop, parse_json,
-    sampling_params, stream_options, thinking, tool_choice,
+    COMPLETION_FIELDS, CHAT_FIELDS, DETOKENIZE_FIELDS, TOKENIZE_FIELDS, APIError, bad, check_fields, get_bool, get_n,
+    get_stop, parse_json, sampling_params, stream_options, thinking, tool_choice,
 )
 from .async_engine import EngineDead, RequestFailed
-from .generation import Choice, merged
+from .generation import Choice, ClientDisconnected, merged
 from .media import check_media, load_media
 from .state import ServerState
 
@@ -49,16 +51,15 @@ def create_app(state: ServerState) -> FastAPI:
     async def internal_error(request, exc):
         return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}", "internal_error").body(), 500)
 
-    @app.middleware("http")
-    async def auth_and_metrics(request: Request, call_next):
-        path = request.url.path
-        if state.api_key and path.startswith("/v1") and not _authorized(request, state.api_key):
-            response = JSONResponse(APIError(401, "invalid or missing API key", "authentication_error").body(), 401)
-        else:
-            response = await call_next(request)
-        endpoint = path if path in _ENDPOINTS else "other"
-        state.metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        return response
+    @app.exception_handler(ClientDisconnected)
+    async def client_gone(request, exc):  # nobody reads it: the status (nginx's "client closed request") is for metrics
+        return Response(status_code=499)
+
+    app.add_middleware(AuthAndMetrics, state=state)
+    # Added last, so outermost: it answers a browser's preflight (an OPTIONS without the API key) before the key is
+    # checked, and adds its headers to every response, errors included. vLLM's defaults, origins from --allowed-origins.
+    app.add_middleware(CORSMiddleware, allow_origins=state.allowed_origins, allow_credentials=False,
+                       allow_methods=["*"], allow_headers=["*"])
 
     @app.get("/health")
     async def health():
@@ -73,6 +74,21 @@ def create_app(state: ServerState) -> FastAPI:
         state.metrics.waiting.set(stats["waiting"])
         state.metrics.kv_usage.set(stats["kv_usage"])
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        return _tokenize(state, await _json_body(request, state, TOKENIZE_FIELDS))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        body = await _json_body(request, state, DETOKENIZE_FIELDS)
+        if body.get("tokens") is None:
+            raise bad("'tokens' (a list of token ids) is required", "tokens")
+        return {"prompt": state.tokenizer.decode(_token_ids(state, body["tokens"], "tokens"))}
 
     @app.get("/v1/models")
     async def models():
@@ -100,11 +116,12 @@ def create_app(state: ServerState) -> FastAPI:
     return app
 
 
-_ENDPOINTS = {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions",
-              "/v1/audio/transcriptions"}
+_ENDPOINTS = {"/health", "/metrics", "/version", "/tokenize", "/detokenize", "/v1/models", "/v1/chat/completions",
+              "/v1/completions", "/v1/audio/transcriptions"}
 
 
 MAX_BODY_BYTES = 64 * 1024 * 1024  # room for a few inline images or clips; more is refused before it is read
+MAX_CHOICES = 256  # of one completions request: prompts x n
 
 
 async def _read_body(request: Request, limit: int, what: str = "the request body", param: str | None = None) -> bytes:
@@ -120,6 +137,37 @@ async def _read_body(request: Request, limit: int, what: str = "the request body
             raise too_large
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+class AuthAndMetrics:
+    """The API key, one rule as vLLM: with --api-key, every /v1/* request needs it; the other endpoints are open. And
+    the request counter of /metrics, by endpoint and status. Plain ASGI (not BaseHTTPMiddleware, which runs the
+    handler in a task of its own): the handler runs in the server's task, so when uvicorn cancels it at the end of
+    the shutdown grace period, `_run_to_end` can still answer a 503."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500  # unless a response starts
+
+        async def send_counted(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        path = scope["path"]
+        try:
+            if self.state.api_key and path.startswith("/v1") and not _authorized(Request(scope), self.state.api_key):
+                error = APIError(401, "invalid or missing API key", "authentication_error")
+                await JSONResponse(error.body(), 401)(scope, receive, send_counted)
+            else:
+                await self.app(scope, receive, send_counted)
+        finally:
+            self.state.metrics.requests.labels(path if path in _ENDPOINTS else "other", str(status)).inc()
 
 
 def _authorized(request: Request, api_key: str) -> bool:
@@ -150,12 +198,13 @@ def _check_prompt(state: ServerState, prompt_ids: list[int], body: dict, chat: b
     return params
 
 
-def _start(state: ServerState, n: int, prompt_ids, params, stops, media=None) -> list[Choice]:
+def _start(state: ServerState, n: int, prompt_ids, params, stops, media=None, first: int = 0) -> list[Choice]:
+    """The n choices of one prompt, numbered from `first`."""
     choices = []
     try:
         for i in range(n):
             seeded = params if params.seed is None or i == 0 else _with_seed(params, params.seed + i)
-            choices.append(Choice(i, state.engine, state.tokenizer, prompt_ids, seeded, stops, media))
+            choices.append(Choice(first + i, state.engine, state.tokenizer, prompt_ids, seeded, stops, media))
     except EngineDead as e:
         for c in choices:
             c.abort()
@@ -174,7 +223,8 @@ def _with_seed(params, seed):
 
 
 # ----------------------------------------------------------------------------------------------------- chat
-async def _chat(state: ServerState, body: dict, request: Request):
+def _messages(body: dict) -> tuple[list, list | None]:
+    """The request's messages in Gemma's form, and its tools (checked)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty list", "messages")
@@ -183,6 +233,19 @@ async def _chat(state: ServerState, body: dict, request: Request):
         tools = validate_tools(body.get("tools")) if body.get("tools") is not None else None
     except (ValueError, TypeError) as e:
         raise bad(str(e), "messages") from None
+    return gemma_messages, tools
+
+
+def _render(state: ServerState, gemma_messages, tools, add_generation_prompt: bool, enable_thinking: bool) -> str:
+    try:
+        return state.tokenizer.apply_chat_template(gemma_messages, tools=tools, enable_thinking=enable_thinking,
+                                                   add_generation_prompt=add_generation_prompt)
+    except (ValueError, TypeError) as e:
+        raise bad(f"cannot render these messages with the chat template: {e}", "messages") from None
+
+
+async def _chat(state: ServerState, body: dict, request: Request):
+    gemma_messages, tools = _messages(body)
     choice = tool_choice(body, tools)
     media = collect_media(gemma_messages)
     if media:
@@ -193,11 +256,7 @@ async def _chat(state: ServerState, body: dict, request: Request):
     options = stream_options(body)
     n = get_n(body)
     stops = get_stop(body)
-    try:
-        prompt = state.tokenizer.apply_chat_template(gemma_messages, tools=tools if choice != "none" else None,
-                                                     add_generation_prompt=True, enable_thinking=enable_thinking)
-    except (ValueError, TypeError) as e:
-        raise bad(f"cannot render these messages with the chat template: {e}", "messages") from None
+    prompt = _render(state, gemma_messages, tools if choice != "none" else None, True, enable_thinking)
     # tool_choice required / named: start the answer with the call, so the model can only complete it.
     forced = "" if choice in ("none", "auto") else "<|tool_call>call:" + ("" if choice == "required" else choice + "{")
     started = time.monotonic()
@@ -227,6 +286,8 @@ async def _chat(state: ServerState, body: dict, request: Request):
         if parsed.get("tool_calls"):
             message["tool_calls"] = to_openai_tool_calls(parsed["tool_calls"])
             finish = "tool_calls"
+        elif message["content"] is None:  # an empty answer (a stop string at once) is "", as vLLM; null is for calls
+            message["content"] = ""
         entry = {"index": c.index, "message": message, "finish_reason": finish, "logprobs": None}
         if params.logprobs is not None:
             entry["logprobs"] = {"content": [_chat_logprob(state.tokenizer, lp) for lp in c.logprobs]}
@@ -281,6 +342,8 @@ async def _chat_stream(state, choices, prefix, rid, created, name, include_usage
         _observe(state, choices, started)
         if include_usage:
             yield chunk([], _usage(choices))
+    except ClientDisconnected:
+        return
     except (EngineDead, RequestFailed) as e:
         yield f"data: {json.dumps(_engine_error(e).body())}\n\n"
     yield "data: [DONE]\n\n"
@@ -294,8 +357,9 @@ def _chat_logprob(tokenizer, lp) -> dict:
     return {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
 
 
-def _usage(choices: list[Choice]) -> dict:
-    prompt = choices[0].num_prompt if choices else 0
+def _usage(choices: list[Choice], n: int | None = None) -> dict:
+    """`n` choices per prompt (default: all of them share one prompt), each prompt counted once."""
+    prompt = sum(c.num_prompt for c in choices[::n or len(choices) or 1])
     completion = sum(c.num_output for c in choices)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -307,6 +371,8 @@ async def _run_to_end(state, choices, request, started) -> None:
             choice.consume(out)
     except (EngineDead, RequestFailed) as e:
         raise _engine_error(e) from None
+    except asyncio.CancelledError:  # only uvicorn cancels a request: --shutdown-timeout passed with it in flight
+        raise APIError(503, "the server shut down before this request finished", "server_error") from None
     _observe(state, choices, started)
 
 
@@ -321,42 +387,67 @@ def _observe(state: ServerState, choices: list[Choice], started: float) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- completions
+def _token_ids(state: ServerState, value, param: str) -> list[int]:
+    """A list of token ids of this tokenizer's vocabulary, or a 400 naming `param`."""
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        raise bad(f"'{param}' must be a list of token ids", param)
+    vocab = state.tokenizer.vocab_size
+    if not all(0 <= t < vocab for t in value):
+        raise bad(f"token ids must be in [0, {vocab})", param)
+    return value
+
+
+def _prompts(state: ServerState, prompt) -> list[list[int]]:
+    """`prompt` as vLLM takes it (a string, a list of token ids, or a list of strings or of token-id lists) -> the
+    token ids of each prompt."""
+    def is_ids(value):
+        return isinstance(value, list) and bool(value) and all(isinstance(t, int) for t in value)
+
+    if isinstance(prompt, str) or is_ids(prompt):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt or not all(isinstance(p, (str, list)) for p in prompt):
+        raise bad("'prompt' must be a string, a list of token ids, or a non-empty list of strings or of token-id "
+                  "lists", "prompt")
+    prompts = [state.tokenizer.encode(p) if isinstance(p, str) else _token_ids(state, p, "prompt") for p in prompt]
+    if not all(prompts):
+        raise bad("a prompt is empty", "prompt")
+    return prompts
+
+
 async def _completion(state: ServerState, body: dict, request: Request):
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        prompt_ids = state.tokenizer.encode(prompt)
-    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        vocab = state.tokenizer.vocab_size
-        if not all(0 <= t < vocab for t in prompt):
-            raise bad(f"token ids must be in [0, {vocab})", "prompt")
-        prompt_ids = list(prompt)
-    else:
-        raise bad("'prompt' must be a string or a list of token ids (one prompt per request)", "prompt")
-    if not prompt_ids:
-        raise bad("the prompt is empty", "prompt")
+    prompts = _prompts(state, body.get("prompt"))
     for unsupported, default in (("echo", False), ("suffix", ""), ("best_of", 1)):  # types checked: True != 1 here
         if body.get(unsupported) not in (None, default):
             raise bad(f"'{unsupported}' is not supported", unsupported)
     stream = get_bool(body, "stream")
     options = stream_options(body)
     n = get_n(body)
+    if len(prompts) * n > MAX_CHOICES:
+        raise bad(f"{len(prompts)} prompts x n={n} is more than {MAX_CHOICES} choices in one request", "prompt")
     stops = get_stop(body)
-    params = _check_prompt(state, prompt_ids, body, chat=False)
+    params = [_check_prompt(state, ids, body, chat=False) for ids in prompts]  # all checked before any starts
     started = time.monotonic()
-    choices = _start(state, n, prompt_ids, params, stops)
+    choices: list[Choice] = []
+    try:
+        for k, (ids, p) in enumerate(zip(prompts, params)):  # choice k*n + i: the i-th of prompt k, as vLLM
+            choices += _start(state, n, ids, p, stops, first=k * n)
+    except APIError:
+        for c in choices:
+            c.abort()
+        raise
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     name = body.get("model") or state.model_names[0]
-    want_lp = params.logprobs is not None
+    want_lp = params[0].logprobs is not None
 
-    def logprobs_of(items):
+    def logprobs_of(c: Choice, start: int = 0):
+        """The logprobs of c's tokens from the `start`-th on; text_offset: where each token's text starts in c.text."""
         if not want_lp:
             return None
-        tokens = [state.tokenizer.decode([x.token_id]) for x in items]
-        return {"tokens": tokens, "token_logprobs": [x.logprob for x in items],
+        items = c.logprobs[start:]
+        return {"tokens": [state.tokenizer.decode([x.token_id]) for x in items],
+                "token_logprobs": [x.logprob for x in items],
                 "top_logprobs": [{state.tokenizer.decode([t]): v for t, v in x.top} for x in items],
-                "text_offset": [0] * len(items)}
+                "text_offset": c.text_offsets[start:]}
 
     def data(choices_, usage=None):
         return {"id": rid, "object": "text_completion", "created": created, "model": name, "choices": choices_,
@@ -364,23 +455,45 @@ async def _completion(state: ServerState, body: dict, request: Request):
 
     if stream:
         async def events():
+            sent = {c.index: 0 for c in choices}  # logprobs sent: those of a token whose text is held back come later
             try:
                 async for c, out in merged(choices, request):
-                    text, lps = c.consume(out)
+                    text, _ = c.consume(out)
                     if text or c.done:
-                        item = {"index": c.index, "text": text, "logprobs": logprobs_of(lps),
+                        item = {"index": c.index, "text": text, "logprobs": logprobs_of(c, sent[c.index]),
                                 "finish_reason": c.finish_reason}
+                        sent[c.index] = len(c.logprobs)
                         yield f"data: {json.dumps(data([item]), ensure_ascii=False)}\n\n"
                 _observe(state, choices, started)
                 if options.get("include_usage"):
-                    yield f"data: {json.dumps(data([], _usage(choices)))}\n\n"
+                    yield f"data: {json.dumps(data([], _usage(choices, n)))}\n\n"
+            except ClientDisconnected:
+                return
             except (EngineDead, RequestFailed) as e:
                 yield f"data: {json.dumps(_engine_error(e).body())}\n\n"
             yield "data: [DONE]\n\n"
         return StreamingResponse(events(), media_type="text/event-stream")
     await _run_to_end(state, choices, request, started)
-    return data([{"index": c.index, "text": c.text, "logprobs": logprobs_of(c.logprobs),
-                  "finish_reason": c.finish_reason} for c in choices], _usage(choices))
+    return data([{"index": c.index, "text": c.text, "logprobs": logprobs_of(c), "finish_reason": c.finish_reason}
+                 for c in choices], _usage(choices, n))
+
+
+# -------------------------------------------------------------------------------------------------- tokenize
+def _tokenize(state: ServerState, body: dict) -> dict:
+    """vLLM's /tokenize: {"prompt": text} or {"messages": [...]} (rendered with the chat template, media refused)."""
+    if (body.get("prompt") is None) == (body.get("messages") is None):
+        raise bad("send either 'prompt' (a string) or 'messages' (a chat)", "prompt")
+    if body.get("prompt") is not None:
+        ids = state.tokenizer.encode(body["prompt"], add_special_tokens=get_bool(body, "add_special_tokens", True))
+    else:
+        gemma_messages, tools = _messages(body)
+        if collect_media(gemma_messages):
+            raise bad("/tokenize does not expand images or audio into their tokens; send text only", "messages")
+        text = _render(state, gemma_messages, tools, get_bool(body, "add_generation_prompt", True),
+                       thinking(body, state.default_enable_thinking))
+        ids = state.tokenizer.encode(text, add_special_tokens=get_bool(body, "add_special_tokens", False))
+    strings = [state.tokenizer.id_to_token(t) for t in ids] if get_bool(body, "return_token_strs") else None
+    return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids, "token_strs": strings}
 
 
 # ----------------------------------------------------------------------------------------------------- media

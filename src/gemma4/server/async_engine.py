@@ -2,13 +2,17 @@
 
 A request that fails inside the engine (StepOutput.error) raises RequestFailed in its caller alone. An error that
 escapes `engine.step()` (a device error) stops the engine: every request gets EngineDead, `error` is set (the
-server's /health reports it) and `on_fatal` is called (`gemma4 serve` then exits non-zero for a supervisor)."""
+server's /health reports it) and `on_fatal` is called (`gemma4 serve` then exits non-zero for a supervisor).
+
+`abort` only queues the sequence id and the engine thread ends it before its next step: an abort never waits for a
+step to finish, and the aborted sequence's blocks are free within one step."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable
 
 from ..engine.engine import LLMEngine
@@ -32,6 +36,7 @@ class AsyncEngine:
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.queues: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.aborts: deque[int] = deque()  # filled by any thread, emptied by the engine thread
         self.stopped = False
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._loop, name="gemma4-engine", daemon=True)
@@ -49,9 +54,7 @@ class AsyncEngine:
         return seq_id, queue
 
     def abort(self, seq_id: int) -> None:
-        with self.lock:
-            if self.queues.pop(seq_id, None) is not None:
-                self.engine.abort(seq_id)
+        self.aborts.append(seq_id)
         self.wake.set()
 
     def stats(self) -> dict:
@@ -59,13 +62,28 @@ class AsyncEngine:
         return {"running": len(scheduler.running), "waiting": len(scheduler.waiting), "kv_usage": self.engine.kv_usage}
 
     def shutdown(self) -> None:
+        """Stop stepping; requests still waiting for outputs get EngineDead rather than waiting forever."""
         self.stopped = True
         self.wake.set()
         self.thread.join(timeout=5)
+        with self.lock:
+            self._fail_all(EngineDead("the engine was shut down"))
+
+    def _fail_all(self, error: EngineDead) -> None:
+        for loop, queue in self.queues.values():
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, error)
+            except RuntimeError:  # the caller's loop is closed
+                pass
+        self.queues.clear()
 
     def _loop(self) -> None:
         while not self.stopped:
             with self.lock:
+                while self.aborts:
+                    seq_id = self.aborts.popleft()
+                    if self.queues.pop(seq_id, None) is not None:  # not finished meanwhile
+                        self.engine.abort(seq_id)
                 busy = self.engine.has_unfinished()
                 if busy:
                     try:
@@ -73,10 +91,7 @@ class AsyncEngine:
                     except BaseException as e:  # a device error: fail every request instead of hanging them
                         logger.exception("the engine stopped")
                         self.error = e
-                        dead = EngineDead(f"the engine stopped: {e!r}")
-                        for loop, queue in self.queues.values():
-                            loop.call_soon_threadsafe(queue.put_nowait, dead)
-                        self.queues.clear()
+                        self._fail_all(EngineDead(f"the engine stopped: {e!r}"))
                         if self.on_fatal is not None:
                             self.on_fatal()
                         return

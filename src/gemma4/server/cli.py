@@ -20,6 +20,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--default-enable-thinking", action="store_true", help="think unless a request says not to")
     parser.add_argument("--allowed-media-domains", default="", help="comma-separated hosts media URLs may use")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    parser.add_argument("--allowed-origins", default="*", help="comma-separated CORS origins ('*': any, as vLLM)")
+    parser.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds SIGTERM lets requests finish")
 
 
 def build_app_from_args(args):
@@ -42,17 +44,36 @@ def build_app_from_args(args):
 
 
 def run_serve(args) -> None:
-    """Serve until interrupted. If the engine dies (a device error), the server stops and the process exits with
+    """Serve until SIGTERM (or Ctrl-C): uvicorn then stops accepting connections, lets the requests in flight finish
+    for up to --shutdown-timeout seconds and cancels the rest (their sequences are aborted); the engine shuts down and
+    the process exits with status 0. If the engine dies (a device error), the server stops and the process exits with
     status 1, so that a supervisor (systemd, Kubernetes, Docker's restart policy) starts a fresh one."""
+    import signal
+    import threading
+
     import uvicorn
 
+    from .app import create_app
+
     app = build_app_from_args(args)
-    engine = app.state.server.engine
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
+    state = app.state.server
+    origins = [origin.strip() for origin in args.allowed_origins.split(",") if origin.strip()]
+    if origins != state.allowed_origins:  # create_app installs CORS with the state's origins: build it with these
+        state.allowed_origins = origins
+        app = create_app(state)
+    engine = state.engine
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                                           timeout_graceful_shutdown=args.shutdown_timeout))
     engine.on_fatal = lambda: setattr(server, "should_exit", True)
+    # uvicorn drains on SIGTERM, then raises it again for the handler that was there before it: a no-op one lets this
+    # function return (status 0) instead of the process dying by the signal.
+    main = threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None) if main else None
     try:
         server.run()
     finally:
         engine.shutdown()
+        if main:
+            signal.signal(signal.SIGTERM, previous)
     if engine.error is not None:
         raise SystemExit(f"gemma4 serve: the engine stopped ({engine.error!r}); exiting with status 1")

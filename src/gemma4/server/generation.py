@@ -1,4 +1,5 @@
-"""One choice of a request: its engine sequence, incremental detokenization, stop strings, logprobs."""
+"""One choice of a request: its engine sequence, incremental detokenization, stop strings, logprobs; `merged` reads
+a request's choices together and aborts them as soon as its client disconnects."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ class Choice:
         self.num_output = 0
         self.finish_reason: str | None = None
         self.logprobs: list = []  # TokenLogprobs of each token whose text was emitted
+        self.text_offsets: list[int] = []  # where each of those tokens' text starts in `text`
 
     @property
     def text(self) -> str:
@@ -45,6 +47,7 @@ class Choice:
         if out.token is not None and not stop_token and not self.detok.stopped:
             if out.logprobs is not None:
                 new_logprobs.append(out.logprobs)
+                self.text_offsets.append(len(self.detok.text))
             delta = self.detok.add(out.token)
         if out.finished:
             self.finish_reason = "stop" if out.finish_reason in ("stop", "abort") else out.finish_reason
@@ -62,14 +65,26 @@ class Choice:
             self.finish_reason = "abort"
 
 
+class ClientDisconnected(Exception):
+    """The HTTP client went away before its request finished; its choices are aborted."""
+
+
+async def _disconnect(request) -> None:
+    """Returns when the client disconnects. The body has been read: what the server sends now is the disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def merged(choices: list[Choice], request=None):
-    """Yield (choice, StepOutput) from all choices as outputs arrive; stops early if the client disconnects."""
+    """Yield (choice, StepOutput) from all choices as outputs arrive. If the client of `request` disconnects, raise
+    ClientDisconnected at once; the choices are aborted whichever way this ends."""
     pending = {asyncio.ensure_future(c.next()): c for c in choices if not c.done}
+    gone = asyncio.ensure_future(_disconnect(request)) if request is not None else None
     try:
         while pending:
-            done, _ = await asyncio.wait(pending, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
-            if not done and request is not None and await request.is_disconnected():
-                raise asyncio.CancelledError("client disconnected")
+            done, _ = await asyncio.wait([*pending, gone] if gone else pending, return_when=asyncio.FIRST_COMPLETED)
+            if gone in done:
+                raise ClientDisconnected()
             for task in done:
                 choice = pending.pop(task)
                 out = task.result()
@@ -77,7 +92,7 @@ async def merged(choices: list[Choice], request=None):
                 if not choice.done:
                     pending[asyncio.ensure_future(choice.next())] = choice
     finally:
-        for task in pending:
+        for task in [*pending, gone] if gone else pending:
             task.cancel()
         for choice in choices:
             choice.abort()

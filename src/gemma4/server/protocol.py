@@ -88,7 +88,12 @@ CHAT_FIELDS = {**_SAMPLING, "messages": _ARRAY, "max_completion_tokens": _INT, "
                "reasoning_effort": _STR, "mm_processor_kwargs": _OBJECT, "parallel_tool_calls": _BOOL,
                "response_format": _OBJECT, "metadata": _OBJECT, "store": _BOOL}
 COMPLETION_FIELDS = {**_SAMPLING, "prompt": (_STR, _ARRAY), "logprobs": _INT, "echo": _BOOL, "suffix": _STR,
-                     "best_of": _INT}
+                     "best_of": _INT, "response_format": _OBJECT}
+# vLLM's /tokenize and /detokenize
+TOKENIZE_FIELDS = {"model": _STR, "prompt": _STR, "messages": _ARRAY, "tools": _ARRAY, "add_generation_prompt": _BOOL,
+                   "add_special_tokens": _BOOL, "return_token_strs": _BOOL, "chat_template_kwargs": _OBJECT,
+                   "reasoning_effort": _STR}
+DETOKENIZE_FIELDS = {"model": _STR, "tokens": _ARRAY}
 
 
 def _is(value: Any, kind: str) -> bool:
@@ -107,9 +112,9 @@ def check_fields(body: dict, fields: dict[str, Any]) -> None:
         kinds = kinds if isinstance(kinds, tuple) else (kinds,)
         if value is not None and not any(_is(value, kind) for kind in kinds):
             raise bad(f"'{name}' must be {' or '.join(kinds)}, got {type(value).__name__}", name)
-    if body.get("logit_bias"):
+    if "logit_bias" in fields and body.get("logit_bias"):
         raise bad("'logit_bias' is not supported", "logit_bias")
-    response_format = body.get("response_format")
+    response_format = body.get("response_format") if "response_format" in fields else None
     if response_format is not None:
         kind = response_format.get("type")
         if kind not in ("text", "json_object", "json_schema"):

@@ -37,6 +37,7 @@ class ServerState:
     default_enable_thinking: bool = False
     api_key: str | None = None
     allowed_media_domains: list[str] = field(default_factory=list)
+    allowed_origins: list[str] = field(default_factory=lambda: ["*"])  # CORS origins (--allowed-origins), as vLLM
     has_vision: bool = False
     has_audio: bool = False
     created: int = field(default_factory=lambda: int(time.time()))

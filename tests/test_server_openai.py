@@ -1,0 +1,361 @@
+"""The server's lifecycle and OpenAI details: a disconnected client's request is aborted within an engine step;
+`gemma4 serve` drains on SIGTERM and exits 0; completions' prompt lists and text offsets; empty answers; CORS;
+/tokenize, /detokenize and /version."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx2 as httpx
+import pytest
+
+from test_server_support import Server, serve_args, stub_app, write_checkpoint
+
+from gemma4 import __version__
+from gemma4.processing.tokenizer import Tokenizer
+from gemma4.server.app import create_app
+from gemma4.server.cli import build_app_from_args
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, gemma4_tokenizer_dir):
+    directory = tmp_path_factory.mktemp("tiny")
+    write_checkpoint(directory, gemma4_tokenizer_dir)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    srv = Server(build_app_from_args(serve_args(checkpoint)))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(gemma4_tokenizer_dir):
+    tokenizer = Tokenizer.from_pretrained(gemma4_tokenizer_dir)
+    app, model = stub_app(tokenizer)
+    srv = Server(app)
+    yield srv, model, tokenizer
+    srv.stop()
+
+
+def wait_for(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+# --- a client that disconnects -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_a_disconnected_request_is_aborted_within_a_step(server, stream):
+    """The client sends a long request and closes its socket: the engine ends the sequence before its next step or
+    the one after (the step running meanwhile may finish), and every KV block is free again."""
+    llm_engine = server.app.state.server.engine.engine
+    steps, step = [0], llm_engine.step
+
+    def counted():
+        steps[0] += 1
+        return step()
+
+    llm_engine.step = counted
+    try:
+        body = json.dumps({"model": "tiny", "prompt": "Go on", "max_tokens": 900, "ignore_eos": True,
+                           "stream": stream}).encode()
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert wait_for(lambda: steps[0] >= 3)  # decoding
+        sock.close()
+        at = steps[0]
+        assert wait_for(lambda: llm_engine.blocks.usage == 0 and not llm_engine.scheduler.running)
+        assert steps[0] - at <= 2, f"{steps[0] - at} steps ran after the disconnect"
+    finally:
+        del llm_engine.step
+
+
+# --- SIGTERM ---------------------------------------------------------------------------------------------------------
+def _drain(url, send_sigterm, grace, alive):
+    """Two requests in flight when SIGTERM comes: a streamed one that ends within the grace period gets its whole
+    answer; one that does not is answered 503 when the period ends. New connections are refused meanwhile."""
+    cut_off = {}
+
+    def long_request():  # 1000 tokens: it is still running when the grace period ends
+        cut_off["response"] = httpx.post(f"{url}/v1/completions", timeout=60, json={
+            "model": "tiny", "prompt": "Go on", "max_tokens": 1000, "ignore_eos": True})
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 12, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+        lines = (line for line in response.iter_lines() if line.startswith("data: "))
+        first = next(lines)
+        send_sigterm()
+        sent = time.monotonic()
+        rest = list(lines)
+    events = [json.loads(line[6:]) for line in [first, *rest[:-1]]]
+    assert rest[-1] == "data: [DONE]" and events[-1]["choices"][0]["finish_reason"] == "length"
+    assert sum(len(e["choices"]) for e in events) == 12
+    assert wait_for(lambda: not _healthy(url), 5) and alive()  # refuses connections, still draining
+    thread.join(timeout=grace + 15)
+    cut = cut_off["response"]
+    assert cut.status_code == 503 and "shut down" in cut.json()["error"]["message"], cut.text
+    assert grace - 0.5 < time.monotonic() - sent < grace + 10
+
+
+def _healthy(url):
+    try:
+        return httpx.get(f"{url}/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigterm_drains_then_main_returns_0(gemma4_tokenizer_dir, monkeypatch):
+    """`gemma4 serve` (gemma4.cli.main, in this process, over the scripted model slowed to 10 ms a step) on SIGTERM:
+    drains for --shutdown-timeout, shuts the engine down and returns status 0. uvicorn raises the SIGTERM again once
+    stopped: this test's own handler would see it if run_serve did not catch it (the process would die by it)."""
+    import gemma4.server.cli as serve_cli
+    from gemma4.cli import main
+
+    app, model = stub_app(Tokenizer.from_pretrained(gemma4_tokenizer_dir))
+    app.state.server.model_names = ["tiny"]
+    forward = model.forward
+    model.forward = lambda *a, **k: (time.sleep(0.01), forward(*a, **k))[1]
+    monkeypatch.setattr(serve_cli, "build_app_from_args", lambda args: app)
+    port, grace, reraised, result = _free_port(), 1.5, [], {}
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: reraised.append(signum))
+    url = f"http://127.0.0.1:{port}"
+
+    def client():
+        try:
+            assert wait_for(lambda: _healthy(url), 30)
+            _drain(url, lambda: os.kill(os.getpid(), signal.SIGTERM), grace, lambda: "status" not in result)
+        except BaseException as e:  # reported by the main thread
+            result["error"] = e
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        result["status"] = main(["serve", "ckpt", "--port", str(port), "--shutdown-timeout", str(grace)])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        thread.join(timeout=30)
+    if "error" in result:
+        raise result["error"]
+    assert result["status"] == 0 and not reraised
+    assert app.state.server.engine.stopped and not app.state.server.engine.thread.is_alive()
+
+
+@pytest.mark.slow  # ~20 s on 2 busy cores, most of it starting the process (torch, the checkpoint, the tokenizer)
+def test_sigterm_drains_then_the_process_exits_0(checkpoint):
+    """The same through a real `gemma4 serve` process on the tiny random checkpoint: exit status 0 (and
+    --allowed-origins reaches the CORS middleware)."""
+    port, grace = _free_port(), 4.0
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "gemma4.cli", "serve", str(checkpoint), "--dtype", "fp32",
+                             "--max-model-len", "1024", "--served-model-name", "tiny", "--port", str(port),
+                             "--shutdown-timeout", str(grace), "--allowed-origins", "https://app.example"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert wait_for(lambda: proc.poll() is not None or _healthy(url), 60) and proc.poll() is None, \
+            proc.stderr.read().decode() if proc.poll() is not None else "not ready after 60 s"
+        preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+        r = httpx.options(f"{url}/v1/completions", headers={"Origin": "https://app.example", **preflight})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+        assert httpx.options(f"{url}/v1/completions", headers={"Origin": "https://x.example", **preflight}
+                             ).status_code == 400
+        _drain(url, lambda: proc.send_signal(signal.SIGTERM), grace, lambda: proc.poll() is None)
+        assert proc.wait(timeout=15) == 0, proc.stderr.read().decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# --- OpenAI details --------------------------------------------------------------------------------------------------
+def _words(tokenizer, text):
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def test_completion_text_offsets(stub):
+    """logprobs.text_offset: where each token's text starts in the completion text, streamed or not."""
+    srv, model, tokenizer = stub
+    prompt = [2] + [100] * 59  # 60 tokens: its own script
+    model.scripts[60] = _words(tokenizer, " one two three, four") + [106]
+    body = {"model": "stub", "prompt": prompt, "max_tokens": 20, "logprobs": 1}
+    choice = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=30).json()["choices"][0]
+    text, lp = choice["text"], choice["logprobs"]
+    assert text == " one two three, four" and len(lp["tokens"]) == len(lp["text_offset"]) > 1
+    assert lp["text_offset"] == [len("".join(lp["tokens"][:i])) for i in range(len(lp["tokens"]))]
+    assert all(text[at:].startswith(token) for at, token in zip(lp["text_offset"], lp["tokens"]))
+    events = _events(httpx.post(f"{srv.url}/v1/completions", json=dict(body, stream=True), timeout=30))
+    assert [at for e in events for c in e["choices"] for at in c["logprobs"]["text_offset"]] == lp["text_offset"]
+
+
+def _events(response):
+    return [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
+
+
+def test_completion_prompt_lists(stub):
+    """A list of prompts (strings or token-id lists) as vLLM: n choices per prompt, `index` prompt-major, usage
+    summed over the prompts; a single token-id list is one prompt."""
+    srv, model, tokenizer = stub
+    short, long = [2, 100, 101], [2] + [100] * 79  # 3 and 80 tokens: a script each
+    model.scripts[3], model.scripts[80] = _words(tokenizer, " short") + [106], _words(tokenizer, " long one") + [106]
+    url = f"{srv.url}/v1/completions"
+    r = httpx.post(url, json={"model": "stub", "prompt": [short, long], "n": 2, "max_tokens": 8}, timeout=30).json()
+    assert [(c["index"], c["text"]) for c in r["choices"]] == [(0, " short"), (1, " short"), (2, " long one"),
+                                                              (3, " long one")]
+    completion = 2 * len(_words(tokenizer, " short")) + 2 * len(_words(tokenizer, " long one")) + 4  # + stop tokens
+    assert r["usage"] == {"prompt_tokens": 83, "completion_tokens": completion, "total_tokens": 83 + completion}
+    assert [c["text"] for c in httpx.post(url, json={"model": "stub", "prompt": short}, timeout=30).json()[
+        "choices"]] == [" short"]
+    texts = [tokenizer.decode(short[1:]), tokenizer.decode(long[1:])]  # as strings: encode adds the BOS again
+    assert tokenizer.encode(texts[0]) == short and tokenizer.encode(texts[1]) == long
+    r = httpx.post(url, json={"model": "stub", "prompt": texts, "max_tokens": 8}, timeout=30).json()
+    assert [(c["index"], c["text"]) for c in r["choices"]] == [(0, " short"), (1, " long one")]
+    events = _events(httpx.post(url, json={"model": "stub", "prompt": texts, "n": 2, "max_tokens": 8, "stream": True,
+                                           "stream_options": {"include_usage": True}}, timeout=30))
+    streamed = {}
+    for e in events:
+        for c in e["choices"]:
+            streamed[c["index"]] = streamed.get(c["index"], "") + c["text"]
+    assert streamed == {0: " short", 1: " short", 2: " long one", 3: " long one"}
+    assert events[-1]["usage"]["prompt_tokens"] == 83
+    for bad_prompt in ([], [[]], [short, 5], [[2, -1]], [[True]], [None], {"a": 1}):
+        r = httpx.post(url, json={"model": "stub", "prompt": bad_prompt}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", (bad_prompt, r.text)
+    r = httpx.post(url, json={"model": "stub", "prompt": [short] * 17, "n": 16}, timeout=30)
+    assert r.status_code == 400 and "256 choices" in r.json()["error"]["message"]
+
+
+def test_a_stop_string_at_once_gives_empty_text(stub):
+    """The first token already holds a stop string: chat content is "" (not null, as vLLM), completion text ""."""
+    from gemma4.processing.chat import openai_to_gemma_messages
+
+    srv, model, tokenizer = stub
+    messages = [{"role": "user", "content": "Say hello, stop at once"}]
+    rendered = tokenizer.apply_chat_template(openai_to_gemma_messages(messages), add_generation_prompt=True,
+                                             enable_thinking=False)
+    model.scripts[len(_words(tokenizer, rendered))] = _words(tokenizer, "Hello there") + [106]
+    model.scripts[120] = _words(tokenizer, "Hello there") + [106]
+    chat = {"model": "stub", "messages": messages, "stop": ["Hel"]}
+    choice = httpx.post(f"{srv.url}/v1/chat/completions", json=chat, timeout=30).json()["choices"][0]
+    assert choice["message"]["content"] == "" and choice["finish_reason"] == "stop"
+    deltas = [c["delta"] for e in _events(httpx.post(f"{srv.url}/v1/chat/completions", json=dict(chat, stream=True),
+                                                      timeout=30)) for c in e["choices"]]
+    assert "".join(d.get("content") or "" for d in deltas) == ""
+    completion = {"model": "stub", "prompt": [2] + [100] * 119, "stop": "Hel"}
+    choice = httpx.post(f"{srv.url}/v1/completions", json=completion, timeout=30).json()["choices"][0]
+    assert choice["text"] == "" and choice["finish_reason"] == "stop"
+
+
+def test_refused_fields(stub):
+    """What is not applied is refused with a 400 naming the field: structured output (json_object / json_schema,
+    chat and completions), an unknown response_format type, echo, a non-empty logit_bias."""
+    srv, _, _ = stub
+    chat = {"model": "stub", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    completion = {"model": "stub", "prompt": "hi", "max_tokens": 2}
+    cases = [("chat/completions", chat, "response_format", {"type": "json_schema", "json_schema": {"name": "x"}}),
+             ("chat/completions", chat, "response_format", {"type": "yaml"}),
+             ("completions", completion, "response_format", {"type": "json_object"}),
+             ("completions", completion, "echo", True), ("completions", completion, "logit_bias", {"7": 5})]
+    for path, body, field, value in cases:
+        r = httpx.post(f"{srv.url}/v1/{path}", json=dict(body, **{field: value}), timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, (path, field, r.text)
+    r = httpx.post(f"{srv.url}/v1/completions", json=dict(completion, response_format={"type": "text"}), timeout=30)
+    assert r.status_code == 200
+
+
+# --- CORS ------------------------------------------------------------------------------------------------------------
+PREFLIGHT = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+
+
+def test_cors(stub):
+    """A browser's preflight is answered (any origin by default, as vLLM), before and without the API key; the
+    API key still guards /v1/*, and its 401 carries the CORS header so the page can read it."""
+    from starlette.testclient import TestClient
+
+    srv, _, _ = stub
+    state = srv.app.state.server
+    r = httpx.options(f"{srv.url}/v1/chat/completions", headers={"Origin": "https://a.example", **PREFLIGHT})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+    assert "authorization" in r.headers["access-control-allow-headers"].lower()
+    state.api_key = "sekret"
+    try:
+        r = httpx.options(f"{srv.url}/v1/chat/completions", headers={"Origin": "https://a.example", **PREFLIGHT})
+        assert r.status_code == 200
+        r = httpx.get(f"{srv.url}/v1/models", headers={"Origin": "https://a.example"})
+        assert r.status_code == 401 and r.headers["access-control-allow-origin"] == "*"
+        r = httpx.get(f"{srv.url}/v1/models", headers={"Origin": "https://a.example",
+                                                       "Authorization": "Bearer sekret"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+    finally:
+        state.api_key = None
+    state.allowed_origins = ["https://a.example"]
+    try:
+        client = TestClient(create_app(state))
+        r = client.options("/v1/completions", headers={"Origin": "https://a.example", **PREFLIGHT})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://a.example"
+        assert client.options("/v1/completions", headers={"Origin": "https://b.example", **PREFLIGHT}
+                              ).status_code == 400
+    finally:
+        state.allowed_origins = ["*"]
+
+
+# --- /tokenize, /detokenize, /version --------------------------------------------------------------------------------
+def test_tokenize_detokenize_version(stub):
+    from gemma4.processing.chat import openai_to_gemma_messages
+
+    srv, _, tokenizer = stub
+    url = srv.url
+    assert httpx.get(f"{url}/version").json() == {"version": __version__}
+    r = httpx.post(f"{url}/tokenize", json={"prompt": "Hello world"}).json()
+    ids = tokenizer.encode("Hello world")
+    assert r == {"tokens": ids, "count": len(ids), "max_model_len": 2048, "token_strs": None}
+    r = httpx.post(f"{url}/tokenize", json={"model": "stub", "prompt": "Hello world", "add_special_tokens": False,
+                                            "return_token_strs": True}).json()
+    assert r["tokens"] == ids[1:] and r["token_strs"] == [tokenizer.id_to_token(t) for t in ids[1:]]
+    messages = [{"role": "user", "content": "Hi"}]
+    for generation_prompt in (True, False):
+        text = tokenizer.apply_chat_template(openai_to_gemma_messages(messages), enable_thinking=False,
+                                             add_generation_prompt=generation_prompt)
+        r = httpx.post(f"{url}/tokenize", json={"messages": messages, "add_generation_prompt": generation_prompt})
+        assert r.json()["tokens"] == tokenizer.encode(text, add_special_tokens=False)
+    assert httpx.post(f"{url}/detokenize", json={"tokens": ids}).json() == {"prompt": tokenizer.decode(ids)}
+    assert httpx.post(f"{url}/detokenize", json={"tokens": []}).json() == {"prompt": ""}
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}]}]
+    refused = [("/tokenize", {}, "prompt"), ("/tokenize", {"prompt": "a", "messages": messages}, "prompt"),
+               ("/tokenize", {"prompt": 5}, "prompt"), ("/tokenize", {"messages": []}, "messages"),
+               ("/tokenize", {"messages": image}, "messages"), ("/detokenize", {}, "tokens"),
+               ("/detokenize", {"tokens": "abc"}, "tokens"), ("/detokenize", {"tokens": [1.5]}, "tokens"),
+               ("/detokenize", {"tokens": [True]}, "tokens"), ("/detokenize", {"tokens": [-1]}, "tokens"),
+               ("/detokenize", {"tokens": [tokenizer.vocab_size]}, "tokens")]
+    for path, body, param in refused:
+        r = httpx.post(f"{url}{path}", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (path, body, r.text)
+    assert httpx.post(f"{url}/tokenize", json={"model": "nope", "prompt": "a"}).status_code == 404
+    state = srv.app.state.server
+    state.api_key = "sekret"
+    try:  # one rule, as vLLM: only /v1/* needs the key
+        assert httpx.post(f"{url}/tokenize", json={"prompt": "a"}).status_code == 200
+        assert httpx.get(f"{url}/version").status_code == 200
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+    finally:
+        state.api_key = None
