@@ -5,6 +5,7 @@ Without a GPU they run on CPU tensors through Triton's interpreter (conftest set
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -105,3 +106,30 @@ def test_argmax_equals_torch():
     for _ in range(2):
         got = argmax(x)
         assert got.tolist() == [123, 5, 7_777, 0] == x.argmax(-1).tolist()
+
+
+def test_decode_plan_equals_the_paged_views_eager_plan():
+    """A decode step's paged-cache plan (write slots, each row's ring and global candidates with their positions,
+    key counts) from the one kernel equals the eager ops', padding rows and a ring's wrap included."""
+    from gemma4.engine.block_manager import BlockManager
+    from gemma4.model.paged_cache import PagedCacheView
+    config = TextConfig(**text_config_dict("E2B"))
+    pools = BlockManager(config, num_blocks=12, block_size=4, max_num_seqs=3, dtype=torch.float32, device=DEVICE)
+    window = pools.window
+    pools.ring_positions[:-1] = torch.randint(-1, 50, (pools.ring_trash,), device=DEVICE)
+    tables = torch.tensor([[3, 0, 7, 12], [5, 1, 12, 12], [12, 12, 12, 12]], device=DEVICE)
+    rings = torch.tensor([2, 0, 1], device=DEVICE)
+    positions = torch.tensor([[14], [window + 3], [0]], device=DEVICE)
+    valid = torch.tensor([[True], [True], [False]], device=DEVICE)
+    plans = []
+    for fused in (False, True):
+        view = PagedCacheView(pools, tables, rings, positions[:, 0])
+        with override(kernels=fused), (kernels.force() if fused else contextlib.nullcontext()):
+            view.begin(positions, valid, in_place=True)
+        plans.append((view._plan, view.ring_gather, view.global_gather))
+    (eager, eager_ring, eager_global), (fused, fused_ring, fused_global) = plans
+    assert torch.equal(eager_ring, fused_ring) and torch.equal(eager_global, fused_global)
+    assert eager.keys() == fused.keys()
+    for key in eager:
+        assert torch.equal(eager[key], fused[key]), key
+    assert fused[SLIDING][1, 3].item() == window + 3 and fused["num_keys"].tolist() == [15, window + 4, 0]

@@ -31,6 +31,7 @@ import torch
 
 from .config import SLIDING
 from .engine.sampling import SamplingParams
+from .llm import PREFILL_BUDGET
 
 DEFAULT_SAMPLING = {"temperature": 1.0, "top_p": 0.95, "top_k": 64}
 
@@ -46,7 +47,7 @@ class BenchSpec:
     serve_in: int = 512
     serve_out: int = 512
     prefill: list[int] = field(default_factory=lambda: [2048, 16384, 32768])
-    prefill_chunk: int = 4096
+    prefill_chunk: int = PREFILL_BUDGET  # tokens per prefill step, as `LLM` runs them
     num_layers: int | None = None
     device: str = "cuda"
     profile: bool = False  # per decode batch: replay time vs bytes read, kernel count and top kernels (CUDA only)

@@ -70,13 +70,17 @@ def _online_softmax_step(s, v, m_i, l_i, acc, INTERPRET: tl.constexpr):
     return m_new, l_i, acc
 
 
-@triton.jit
+# Arguments that follow the number of keys or a query's offset are never specialized (each value class would compile
+# a kernel of its own, on a user's request, for the last-position-only prefill of a new prompt length); none of them
+# addresses a vector load.
+@triton.jit(do_not_specialize=["qpos_ptr", "nkeys_ptr", "stride_pb", "stride_sb", "num_candidates", "window",
+                               "num_splits"])
 def _split_kernel(q_ptr, k_ptr, v_ptr, kpos_ptr, qpos_ptr, slots_ptr, nkeys_ptr, part_ptr, lse_ptr, out_ptr,
                   stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                   stride_pb, stride_pn, stride_sb, stride_sn,
-                  num_kv_heads, num_candidates, head_dim, window,
+                  num_kv_heads, num_candidates, head_dim, window, num_splits,
                   GROUPS: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                  NUM_SPLITS: tl.constexpr, PAGED: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                  PAGED: tl.constexpr, HAS_WINDOW: tl.constexpr,
                   HAS_NUM_KEYS: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr):
     after_previous_kernel(PDL)
     pid, split = tl.program_id(0), tl.program_id(1)
@@ -92,7 +96,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, kpos_ptr, qpos_ptr, slots_ptr, nkeys_ptr,
     n = num_candidates
     if HAS_NUM_KEYS:
         n = tl.minimum(tl.load(nkeys_ptr + b).to(tl.int32), n)
-    per_split = tl.cdiv(tl.cdiv(n, BLOCK_N), NUM_SPLITS) * BLOCK_N
+    per_split = tl.cdiv(tl.cdiv(n, BLOCK_N), num_splits) * BLOCK_N
     start = split * per_split
     end = tl.minimum(start + per_split, n)
 
@@ -120,28 +124,28 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, kpos_ptr, qpos_ptr, slots_ptr, nkeys_ptr,
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
-    row = (b * num_kv_heads * GROUPS + heads) * NUM_SPLITS + split  # part [B, H, splits, D], lse [B, H, splits]
+    row = (b * num_kv_heads * GROUPS + heads) * num_splits + split  # part [B, H, splits, D], lse [B, H, splits]
     o_mask = g_mask[:, None] & d_mask[None, :]
-    if NUM_SPLITS == 1:  # the partial is the answer (large batches): to out [B, H, D] directly, no merge launch
+    if num_splits == 1:  # the partial is the answer (large batches): to out [B, H, D] directly, no merge launch
         tl.store(out_ptr + row[:, None] * head_dim + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=o_mask)
     else:
         tl.store(part_ptr + row[:, None] * head_dim + offs_d[None, :], out, mask=o_mask)
         tl.store(lse_ptr + row, lse, mask=g_mask)
 
 
-@triton.jit
-def _combine_kernel(part_ptr, lse_ptr, out_ptr, head_dim,
-                    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+@triton.jit(do_not_specialize=["num_splits"])
+def _combine_kernel(part_ptr, lse_ptr, out_ptr, head_dim, num_splits,
+                    SPLITS_PAD: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     after_previous_kernel(PDL)
     pid = tl.program_id(0).to(tl.int64)  # one (row, query head); program_id(1): a BLOCK_D slice of its dims
     offs_s, offs_d = tl.arange(0, SPLITS_PAD), tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    s_mask, d_mask = offs_s < NUM_SPLITS, offs_d < head_dim
-    lse = tl.load(lse_ptr + pid * NUM_SPLITS + offs_s, mask=s_mask, other=float("-inf"))
+    s_mask, d_mask = offs_s < num_splits, offs_d < head_dim
+    lse = tl.load(lse_ptr + pid * num_splits + offs_s, mask=s_mask, other=float("-inf"))
     # out = sum_i exp(lse_i) o_i / sum_i exp(lse_i), shifted by the max lse; a row that saw no key at all has every
     # weight 0 and gets 0 (where the reference, an all-False mask row, would give NaN).
     m = tl.max(lse, 0)
     weight = tl.exp(lse - tl.where(m == float("-inf"), 0.0, m))
-    part = tl.load(part_ptr + (pid * NUM_SPLITS + offs_s[:, None]) * head_dim + offs_d[None, :],
+    part = tl.load(part_ptr + (pid * num_splits + offs_s[:, None]) * head_dim + offs_d[None, :],
                    mask=s_mask[:, None] & d_mask[None, :], other=0.0)
     total = tl.sum(weight, 0)
     out = tl.sum(weight[:, None] * part, 0) / tl.where(total > 0, total, 1.0)
@@ -155,16 +159,19 @@ def _sm_count(device: torch.device) -> int:
     return 4  # the CPU interpreter runs programs one by one: a few splits suffice to exercise the merge
 
 
-def _block_n(head_dim: int, itemsize: int, programs: int, candidates: int, device: torch.device) -> int:
+def _block_n(head_dim: int, itemsize: int, programs: int, candidates: int, device: torch.device,
+             shrink: bool = True) -> int:
     """Keys per block (tuning.py, attention): MAX_BLOCK_N, halved while a [BLOCK_N, D] tile of K (and one of V)
-    exceeds MAX_TILE_BYTES, so that the pipeline stages of both fit in shared memory; at D <= SHRINK_MAX_HEAD_DIM
-    halved on, down to 16 keys (tl.dot's least), while the candidates have fewer blocks than `_wanted_splits`."""
+    exceeds MAX_TILE_BYTES, so that the pipeline stages of both fit in shared memory; with `shrink`, at
+    D <= SHRINK_MAX_HEAD_DIM halved on, down to 16 keys (tl.dot's least), while the candidates have fewer blocks than
+    `_wanted_splits`."""
     tuned = config("attention", device)
     block_n = tuned["MAX_BLOCK_N"]
     while block_n > 16 and block_n * head_dim * itemsize > tuned["MAX_TILE_BYTES"]:
         block_n //= 2
     wanted = _wanted_splits(programs, device)
-    while block_n > 16 and head_dim <= tuned["SHRINK_MAX_HEAD_DIM"] and triton.cdiv(candidates, block_n) < wanted:
+    while shrink and block_n > 16 and head_dim <= tuned["SHRINK_MAX_HEAD_DIM"] and \
+            triton.cdiv(candidates, block_n) < wanted:
         block_n //= 2
     return block_n
 
@@ -183,14 +190,16 @@ def _num_splits(programs: int, candidates: int, block_n: int, device: torch.devi
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_positions: torch.Tensor,
                      query_positions: torch.Tensor, window: int | None = None, slots: torch.Tensor | None = None,
                      num_keys: torch.Tensor | None = None, num_splits: int | None = None,
-                     block_n: int | None = None) -> torch.Tensor:
+                     block_n: int | None = None, any_length: bool = False) -> torch.Tensor:
     """One query token per row -> [B, H, D] in query's dtype (scale 1.0, as `attend`).
 
     query [B, H, D]; key/value [B, Hkv, S_buf, D] (candidate j = key[b, :, j]), or with `slots` [B, S] pools
     [Hkv, N, D] (candidate j = pool[:, slots[b, j]]). key_positions [B, S] (-1 = empty), query_positions [B].
     H = G * Hkv, query head h reads kv head h // G. num_keys [B] (on the device): only candidates
     [0, num_keys[b]) of row b are read. num_splits and block_n override the shape-based split count and keys per
-    block (tuning, tests).
+    block (tuning, tests). `any_length`: blocks of keys as wide as the tile allows whatever their number, so that
+    calls with ever new numbers of keys (a prefill's last position) share one compiled kernel; a decode step's
+    number is fixed by its engine, and it takes the narrower blocks that spread short rows over more SMs.
     A row that sees no key gets zeros."""
     batch, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[-3]
@@ -213,7 +222,8 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     query_positions = query_positions.contiguous()  # read as qpos[b]: a column of a [B, L] tensor is strided
     tuned = config("attention", query.device)
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block_n = block_n or _block_n(block_d, key.element_size(), batch * num_kv_heads, candidates, query.device)
+    block_n = block_n or _block_n(block_d, key.element_size(), batch * num_kv_heads, candidates, query.device,
+                                  shrink=not any_length)
     splits = num_splits or _num_splits(batch * num_kv_heads, candidates, block_n, query.device)
     part = torch.empty(batch, num_heads, splits, head_dim, dtype=torch.float32, device=query.device)
     lse = torch.empty(batch, num_heads, splits, dtype=torch.float32, device=query.device)
@@ -223,9 +233,9 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         num_keys if num_keys is not None else query_positions, part, lse, out,
         query.stride(0), query.stride(1), kb, kh, kn, vb, vh, vn,
         key_positions.stride(0), key_positions.stride(1), sb, sn,
-        num_kv_heads, candidates, head_dim, window if window is not None else 0,
+        num_kv_heads, candidates, head_dim, window if window is not None else 0, splits,
         GROUPS=groups, G_PAD=max(16, triton.next_power_of_2(groups)), BLOCK_N=block_n, BLOCK_D=block_d,
-        NUM_SPLITS=splits, PAGED=slots is not None, HAS_WINDOW=window is not None,
+        PAGED=slots is not None, HAS_WINDOW=window is not None,
         HAS_NUM_KEYS=num_keys is not None, INTERPRET=not query.is_cuda,
         num_warps=tuned["num_warps"], num_stages=tuned["num_stages"], **launch_options(query))
     if splits == 1:
@@ -234,6 +244,6 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     # are read by several SMs at once.
     combine_d = min(block_d, tuned["COMBINE_BLOCK_D"])
     _combine_kernel[(batch * num_heads, triton.cdiv(head_dim, combine_d))](
-        part, lse, out, head_dim, NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), BLOCK_D=combine_d,
+        part, lse, out, head_dim, splits, SPLITS_PAD=triton.next_power_of_2(max(splits, tuned["MAX_SPLITS"])), BLOCK_D=combine_d,
         **launch_options(query))
     return out

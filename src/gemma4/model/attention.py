@@ -84,7 +84,8 @@ class MaskRule:
             # One query per row (KV-shared layers of a last-position-only prefill): the split-K decode kernel
             # spreads the keys over the SMs, where the prefill kernel would scan them all in one program per head.
             # A padding query sees what position 0 sees; its output is discarded.
-            return attend_one_query(query, key, value, self.key_positions, self.query_positions[:, 0], self.window)
+            return attend_one_query(query, key, value, self.key_positions, self.query_positions[:, 0], self.window,
+                                    any_length=True)
         from ..kernels.prefill_attention import prefill_attention
         return prefill_attention(query, key, value, self.query_positions, self.query_valid, self.key_positions,
                                  self.window, self.query_blocks, self.key_blocks, self.plans)

@@ -9,8 +9,11 @@ and its blocks in position order, scanned only up to the query's position (`num_
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from .. import kernels
 from ..config import FULL, SLIDING
 
 
@@ -27,16 +30,25 @@ class PagedCacheView:
         self.window, self.block_size = pools.window, pools.block_size
         self.layer_types = pools.layer_types
         self.block_tables, self.ring_slots, self.num_cached = block_tables, ring_slots, num_cached
-        device = block_tables.device
-        batch, nb = block_tables.shape
-        bs = self.block_size
-        # Global layers: flat pool slot of every slot of each row's blocks (slot j holds position j).
-        self.global_gather = (block_tables[:, :, None] * bs + torch.arange(bs, device=device)).reshape(batch, nb * bs)
-        # A prefill chunk's cached global keys: the slots below max_cached (the rest hold no position yet).
-        self.prefix_gather = self.global_gather if max_cached is None else self.global_gather[:, :max_cached]
-        # Sliding layers: flat pool slot of each row's ring.
-        self.ring_gather = ring_slots[:, None] * self.window + torch.arange(self.window, device=device)
+        self.max_cached = max_cached
         self._plan: dict | None = None
+
+    @functools.cached_property
+    def global_gather(self) -> torch.Tensor:
+        """Global layers: flat pool slot of every slot of each row's blocks (slot j holds position j)."""
+        batch, nb = self.block_tables.shape
+        offsets = torch.arange(self.block_size, device=self.block_tables.device)
+        return (self.block_tables[:, :, None] * self.block_size + offsets).reshape(batch, nb * self.block_size)
+
+    @property
+    def prefix_gather(self) -> torch.Tensor:
+        """A prefill chunk's cached global keys: the slots below max_cached (the rest hold no position yet)."""
+        return self.global_gather if self.max_cached is None else self.global_gather[:, :self.max_cached]
+
+    @functools.cached_property
+    def ring_gather(self) -> torch.Tensor:
+        """Sliding layers: flat pool slot of each row's ring."""
+        return self.ring_slots[:, None] * self.window + torch.arange(self.window, device=self.ring_slots.device)
 
     def next_positions(self, valid: torch.Tensor) -> torch.Tensor:
         positions = self.num_cached[:, None] + valid.long().cumsum(dim=1) - 1
@@ -44,6 +56,9 @@ class PagedCacheView:
 
     def begin(self, positions: torch.Tensor, valid: torch.Tensor, in_place: bool = False) -> None:
         """As KVCache.begin; `in_place` (ForwardContext.decode_kernel): attend over the pools without gathering."""
+        self.in_place = in_place
+        if in_place and kernels.enabled(positions):  # the same plan in one launch (kernels.step_inputs)
+            return self._decode_plan_kernel(positions, valid)
         bs, pools = self.block_size, self.pools
         new_positions = torch.where(valid, positions, -1)
         row_top = new_positions.amax(dim=1, keepdim=True)
@@ -59,8 +74,7 @@ class PagedCacheView:
         # The decode kernel attends in place over the pools (see the module's docstring). The candidates are the
         # row's own slots, the new token's included (written before attending): the ring with the new position at
         # its slot, and the global blocks in position order, visible up to the query's position.
-        self.in_place = in_place
-        if self.in_place:
+        if in_place:
             query = new_positions[:, :1]  # -1 for a padding row: it sees nothing
             ring = pools.ring_positions[self.ring_gather].scatter(1, positions % self.window, query)
             self._plan.update({SLIDING: ring, FULL: torch.where(offsets <= query, offsets, -1),
@@ -76,6 +90,16 @@ class PagedCacheView:
             ("slots", SLIDING): self.window + arange,
             ("slots", FULL): cached.shape[1] + arange,
         })
+
+    def _decode_plan_kernel(self, positions: torch.Tensor, valid: torch.Tensor) -> None:
+        from ..kernels.step_inputs import decode_plan
+        pools = self.pools
+        self.ring_gather, ring, self.global_gather, full, scalars = decode_plan(
+            positions, valid, self.ring_slots, self.block_tables, pools.ring_positions, self.window, self.block_size,
+            pools.ring_trash, pools.trash_block)
+        ring_write, global_write, new_positions, num_keys = scalars[:, :, None].unbind(0)
+        self._plan = {"ring_write": ring_write, "global_write": global_write, "new_positions": new_positions,
+                      SLIDING: ring, FULL: full, "num_keys": num_keys[:, 0]}
 
     def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor):
         """key/value [B, Hkv, L, D] -> all K/V the layer attends to: the row's cached K/V, then this chunk's. Not for
