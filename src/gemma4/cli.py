@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 
@@ -27,7 +28,8 @@ def _sampling_overrides(args) -> dict:
 def _load_llm(args):
     from .llm import LLM
 
-    return LLM(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer)
+    return LLM(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer,
+               max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization)
 
 
 def cmd_generate(args) -> None:
@@ -94,21 +96,24 @@ def cmd_demo(args) -> None:
 
     import torch
 
+    from .engine.memory import summary
     from .llm import LLM
-    from .random_init import random_config, random_model
-
+    from .loading import resolve_device
     from .options import options
+    from .random_init import random_config, random_model
 
     tokenizer = args.tokenizer or options().tokenizer_dir or "../shared/tokenizer"
     if not os.path.isfile(os.path.join(tokenizer, "tokenizer.json")):
         raise FileNotFoundError(f"no tokenizer.json in {tokenizer}; pass --tokenizer DIR")
     start = time.perf_counter()
     config = random_config(args.preset, args.num_layers, text_only=True)
-    model = random_model(config, torch.bfloat16)
+    model = random_model(config, torch.bfloat16, device=resolve_device(args.device))
     params = sum(p.numel() for p in model.parameters())
     print(f"built {args.preset} ({params / 1e9:.2f}B parameters, {config.text_config.num_hidden_layers} layers) "
           f"with RANDOM WEIGHTS in {time.perf_counter() - start:.0f}s", file=sys.stderr)
-    llm = LLM(model, tokenizer=tokenizer)
+    start = time.perf_counter()
+    llm = LLM(model, tokenizer=tokenizer, max_model_len=args.max_model_len)
+    print(f"engine: {summary(llm.engine, time.perf_counter() - start)}", file=sys.stderr)
     start = time.perf_counter()
     reply = llm.chat([{"role": "user", "content": args.prompt}], params={"max_tokens": args.max_new_tokens,
                                                                           "seed": 0})
@@ -127,6 +132,8 @@ def cmd_bench(args) -> None:
     if args.profile and args.compare:
         raise ValueError("--profile slows whatever runs after it (the profiler stays attached to the GPU): "
                          "profile in a run of its own, without --compare")
+    if args.device == "auto":  # a GPU; without one, the CPU only when asked (official sizes take hours there)
+        args.device = "cuda"
     if args.device == "cuda" and not _cuda():
         raise ValueError("no CUDA GPU here: gemma4 bench measures on a GPU (--device cpu runs a tiny smoke test)")
     if args.profile and args.device != "cuda":
@@ -149,17 +156,23 @@ def cmd_bench(args) -> None:
             json.dump({"spec": spec.__dict__, "rows": rows}, f, indent=2)
 
 
-def _add_model_arguments(p, sampling: bool = True) -> None:
+DEVICE_HELP = "cuda, cpu, or auto: CUDA when present, else the CPU"
+
+
+def _add_model_arguments(p) -> None:
     p.add_argument("model", help="checkpoint directory or hub id")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the checkpoint's)")
-    if sampling:
-        p.add_argument("--max-new-tokens", type=int, default=None)
-        p.add_argument("--temperature", type=float, default=None)
-        p.add_argument("--top-p", type=float, default=None)
-        p.add_argument("--top-k", type=int, default=None)
-        p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16, or auto: the checkpoint's")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (None: the checkpoint's)")
+    p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + completion (None: what fits)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="share of the GPU's memory for weights, activations and KV cache")
+    # Sampling: None takes the checkpoint's generation_config.json.
+    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens (0: all)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
 
 
 def _cuda() -> bool:
@@ -171,64 +184,74 @@ def _cuda() -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gemma4", description="Run Gemma 4 models: generate, chat, serve, bench.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from . import __version__
 
-    p = sub.add_parser("init", help="write a random-weight checkpoint of an official size (no download)")
+    parser = argparse.ArgumentParser(prog="gemma4", description="Run Gemma 4 models: generate, chat, serve, bench.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    # --help shows each option's default (every option has a help string, which the formatter extends).
+    add = functools.partial(sub.add_parser, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    p = add("init", help="write a random-weight checkpoint of an official size (no download)")
     p.add_argument("--preset", required=True, help="E2B, E4B, 26B-A4B or 31B")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--num-layers", type=int, default=None, help="fewer layers than the official model")
     p.add_argument("--text-only", action="store_true", help="text decoder only, in the Gemma4ForCausalLM layout")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "bfloat16", "fp32", "float32", "fp16", "float16"])
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "bfloat16", "fp32", "float32", "fp16", "float16"],
+                   help="dtype of the weights written")
     p.add_argument("--tokenizer", default=None, help="directory whose tokenizer files are copied in")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.set_defaults(run=cmd_init)
 
-    p = sub.add_parser("generate", help="stream a completion of a prompt")
+    p = add("generate", help="stream a completion of a prompt")
     _add_model_arguments(p)
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="the text to complete")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
     p.set_defaults(run=cmd_generate)
 
-    p = sub.add_parser("chat", help="interactive chat in the terminal")
+    p = add("chat", help="interactive chat in the terminal")
     _add_model_arguments(p)
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--think", action="store_true", help="enable thinking; thoughts are shown dimmed")
     p.set_defaults(run=cmd_chat)
 
-    p = sub.add_parser("demo", help="random weights of an official size, run through the whole stack")
-    p.add_argument("--preset", default="E2B")
-    p.add_argument("--num-layers", type=int, default=None)
-    p.add_argument("--tokenizer", default=None)
-    p.add_argument("--prompt", default="Why is the sky blue?")
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p = add("demo", help="random weights of an official size, run through the whole stack")
+    p.add_argument("--preset", default="E2B", help="E2B, E4B, 26B-A4B or 31B")
+    p.add_argument("--num-layers", type=int, default=None, help="fewer layers than the official model")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer directory (None: $GEMMA4_TOKENIZER_DIR, else ../shared/tokenizer)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--max-model-len", type=int, default=4096, help="context of the engine")
+    p.add_argument("--prompt", default="Why is the sky blue?", help="the user's message")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate")
     p.set_defaults(run=cmd_demo)
 
     from .bench import BenchSpec
 
     spec = BenchSpec()  # the defaults live there
-    p = sub.add_parser("bench", help="speed of an official size with random weights, optionally vs transformers")
+    p = add("bench", help="speed of an official size with random weights, optionally vs transformers")
     p.add_argument("--preset", default=spec.preset, help="E2B, E4B, 26B-A4B or 31B")
     p.add_argument("--batch", type=int, nargs="*", default=spec.batches, help="decode batch sizes")
     p.add_argument("--context", type=int, default=spec.context, help="prompt tokens before the timed decode steps")
     p.add_argument("--steps", type=int, default=spec.steps, help="timed decode steps")
     p.add_argument("--repeat", type=int, default=spec.repeat, help="best of this many timings")
     p.add_argument("--concurrency", type=int, default=spec.concurrency, help="serving requests at once (0 skips)")
-    p.add_argument("--serve-in", type=int, default=spec.serve_in)
-    p.add_argument("--serve-out", type=int, default=spec.serve_out)
+    p.add_argument("--serve-in", type=int, default=spec.serve_in, help="prompt tokens of each serving request")
+    p.add_argument("--serve-out", type=int, default=spec.serve_out, help="new tokens of each serving request")
     p.add_argument("--prefill", type=int, nargs="*", default=spec.prefill, help="prompt lengths")
     p.add_argument("--prefill-chunk", type=int, default=spec.prefill_chunk,
                    help="prefill in chunks of this many tokens")
     p.add_argument("--num-layers", type=int, default=spec.num_layers, help="fewer layers than the official model")
-    p.add_argument("--compare", choices=["transformers"], default=None)
-    p.add_argument("--device", default=spec.device)
+    p.add_argument("--compare", choices=["transformers"], default=None, help="also measure this implementation")
+    p.add_argument("--device", default="auto", help="cuda, cpu, or auto: CUDA (without a GPU, an error: the CPU "
+                   "only when asked)")
     p.add_argument("--out", default=None, help="also write the figures as JSON here")
     p.add_argument("--profile", action="store_true", help="also profile each decode batch size (CUDA only)")
     p.set_defaults(run=cmd_bench)
 
     from .server.cli import add_serve_arguments, run_serve
 
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    p = add("serve", help="OpenAI-compatible HTTP server")
     add_serve_arguments(p)
     p.set_defaults(run=run_serve)
     return parser

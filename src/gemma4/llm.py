@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
-import warnings
+import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import torch
-
-from .engine.generate import engine_for, free_engine
+from .engine.engine import LLMEngine
+from .engine.memory import summary
 from .engine.sampling import GEMMA4_STOP_IDS, SamplingParams, TokenLogprobs
 from .model.gemma4 import Gemma4
 from .pretrained import Model
 from .processing.detokenize import IncrementalText
 
+logger = logging.getLogger(__name__)
 
 PREFILL_BUDGET = 8192  # prompt tokens per engine step (chunked prefill beyond it), as vLLM's default
-WARM_CONTEXT = 8192  # the context the engine is made (and its graphs captured) for at start; longer rebuilds it
 
 
 @dataclass
@@ -33,12 +33,20 @@ class Completion:
 class LLM:
     """Load once, then `generate`, `stream` or `chat`.
 
-    `model` is a checkpoint directory, a hub id, or a ready `Model` (then pass `tokenizer`)."""
+    `model` is a checkpoint directory, a hub id, or a ready `Model` (then pass `tokenizer`). `dtype` None: the
+    checkpoint's; `device` "auto": CUDA when present, else the CPU. One engine serves every call, made here as
+    `gemma4 serve` makes its own: up to `max_batch_size` sequences (None: 16, fewer if the KV cache of 16 does not
+    fit) of up to `max_model_len` tokens (None: the longest that fits), its KV cache sized from the memory that the
+    weights and the largest prefill step leave of `gpu_memory_utilization` x the GPU's (on the CPU: 4 GiB at most; see
+    engine/memory.py). On CUDA it is warmed up (kernels compiled, decode graphs captured) before the first call. A
+    summary is logged at INFO level."""
 
-    def __init__(self, model: str | Path | Gemma4, dtype=None, device: str = "cpu", tokenizer=None,
-                 max_batch_size: int = 16):
+    def __init__(self, model: str | Path | Gemma4, dtype=None, device: str = "auto", tokenizer=None,
+                 max_batch_size: int | None = None, max_model_len: int | None = None,
+                 gpu_memory_utilization: float = 0.9):
         from .processing.tokenizer import Tokenizer
 
+        start = time.perf_counter()
         if isinstance(model, Gemma4):
             self.model = model
         else:
@@ -52,16 +60,21 @@ class LLM:
         self.default_params = SamplingParams.defaults_for(checkpoint)
         stops = self.model.generation_config.get("eos_token_id", list(GEMMA4_STOP_IDS))
         self.stop_ids = {stops} if isinstance(stops, int) else set(stops)
-        self.max_batch_size = max_batch_size
-        if self.model.device.type == "cuda":  # compile the kernels and capture the graphs before the first request
-            limit = self.model.config.text_config.max_position_embeddings
+        seqs = max_batch_size or 16
+        while True:  # each sequence holds sliding-window rings: 800 MiB for 31B, so 16 may not fit beside it
             try:
-                engine_for(self.model, max_batch_size, min(WARM_CONTEXT, limit), PREFILL_BUDGET).warm_up()
-            except torch.OutOfMemoryError:  # KV for max_batch_size x WARM_CONTEXT does not fit beside the weights
-                free_engine(self.model)
-                warnings.warn(f"not enough GPU memory for an engine of {max_batch_size} sequences of "
-                              f"{min(WARM_CONTEXT, limit)} tokens: no warm-up; each call sizes its own engine and "
-                              "the first pays for compilation and graph capture")
+                self.engine = LLMEngine(self.model, max_num_seqs=seqs, max_model_len=max_model_len,
+                                        max_num_batched_tokens=PREFILL_BUDGET,
+                                        gpu_memory_utilization=gpu_memory_utilization)
+                break
+            except ValueError:
+                if max_batch_size is not None or seqs == 1:
+                    raise
+                seqs //= 2
+        self.max_batch_size = seqs
+        if self.model.device.type == "cuda":  # compile the kernels and capture the graphs before the first request
+            self.engine.warm_up()
+        logger.info("gemma4.LLM: %s", summary(self.engine, time.perf_counter() - start))
 
     # --- prompts ----------------------------------------------------------------------------------
     def _ids(self, prompt: str | Sequence[int]) -> list[int]:
@@ -85,12 +98,17 @@ class LLM:
         return set(params.stop_token_ids) if params.stop_token_ids is not None else self.stop_ids
 
     # --- generation -------------------------------------------------------------------------------
-    def _requests(self, prompts: list[list[int]], params: list[SamplingParams]) -> tuple[object, list[int]]:
-        longest = max(len(p) + sp.max_tokens for p, sp in zip(prompts, params))
-        engine = engine_for(self.model, self.max_batch_size, longest, PREFILL_BUDGET)
-        stops = [list(self._stops(p)) for p in params]
-        return engine, [engine.add_request(ids, dataclasses.replace(p, stop_token_ids=s))
-                        for ids, p, s in zip(prompts, params, stops)]
+    def _requests(self, prompts: list[list[int]], params: list[SamplingParams]) -> tuple[LLMEngine, list[int]]:
+        """Add the requests to the engine, all or none (one it refuses, e.g. longer than max_model_len, raises)."""
+        engine, seq_ids = self.engine, []
+        try:
+            for ids, p in zip(prompts, params):
+                seq_ids.append(engine.add_request(ids, dataclasses.replace(p, stop_token_ids=list(self._stops(p)))))
+        except Exception:
+            for seq_id in seq_ids:
+                engine.abort(seq_id, output=False)
+            raise
+        return engine, seq_ids
 
     def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
                  params: SamplingParams | dict | Sequence[SamplingParams] | None = None,

@@ -30,13 +30,15 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as it is."""
 
 
-def resolve_dtype(dtype, device: torch.device, config: Config | None = None) -> torch.dtype:
+def resolve_dtype(dtype, device: torch.device, default: torch.dtype = torch.bfloat16) -> torch.dtype:
+    """`dtype` (a torch dtype or its name); None or "auto": `default`, the checkpoint's own (on every device: fp32
+    only when asked for)."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"unsupported dtype {dtype!r}; use one of float32, bfloat16, float16")
         dtype = DTYPES[dtype]
-    if dtype is None:  # "auto": the checkpoint's own dtype on accelerators, fp32 on CPU
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype is None:
+        dtype = default
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"unsupported dtype {dtype}; use torch.float32, torch.bfloat16 or torch.float16")
     if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
@@ -45,12 +47,33 @@ def resolve_dtype(dtype, device: torch.device, config: Config | None = None) -> 
 
 
 def resolve_device(device) -> torch.device:
+    """A torch device; None or "auto": CUDA when a GPU is visible, else the CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' was asked for but no CUDA GPU is visible; use device='cpu'")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError("device='mps' was asked for but MPS is not available; use device='cpu'")
     return device
+
+
+def checkpoint_dtype(config: Config, files: list[Path]) -> torch.dtype:
+    """The dtype a checkpoint was saved in: config.json's `dtype` (`torch_dtype` in older files), else that of its
+    first floating tensor (read from the header), else bfloat16 (the official checkpoints')."""
+    for extra in (config.extra, config.text_config.extra):
+        for key in ("dtype", "torch_dtype"):
+            if isinstance(name := extra.get(key), str) and DTYPES.get(name) is not None:
+                return DTYPES[name]
+    names = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+    try:
+        with safe_open(files[0], framework="pt", device="cpu") as reader:
+            for key in reader.keys():
+                if (kind := reader.get_slice(key).get_dtype()) in names:
+                    return names[kind]
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{files[0]} is truncated or corrupt ({e}); re-download it") from None
+    return torch.bfloat16
 
 
 def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
@@ -98,19 +121,21 @@ def safetensors_files(directory: Path) -> list[Path]:
     return files
 
 
-def load_model(path_or_id, dtype=None, device="cpu", with_towers: bool = True, progress: bool | None = None,
+def load_model(path_or_id, dtype=None, device="auto", with_towers: bool = True, progress: bool | None = None,
                model_class: type[Gemma4] = Gemma4) -> Gemma4:
+    """`dtype` None or "auto": the checkpoint's; `device` "auto": CUDA when present, else the CPU. `progress`: a bar
+    on stderr (None: for checkpoints over 1 GiB, on a terminal)."""
     device = resolve_device(device)
     directory = resolve_checkpoint(path_or_id)
     config = Config.from_file(directory)
-    dtype = resolve_dtype(dtype, device, config)
+    files = safetensors_files(directory)
+    dtype = resolve_dtype(dtype, device, checkpoint_dtype(config, files))
     with torch.device("meta"):
         model = model_class(config, with_towers=with_towers)
     expected = {checkpoint_key(name, config.layout): name for name in model.state_dict()}
     state: dict[str, torch.Tensor] = {}
-    files = safetensors_files(directory)
     total = sum(f.stat().st_size for f in files)
-    bar = _progress(total, progress)
+    bar = progress_bar(total, "loading weights", progress)
     for file in files:
         try:
             with safe_open(file, framework="pt", device="cpu") as reader:
@@ -153,18 +178,12 @@ def _deliberately_unused(key: str, config: Config, with_towers: bool) -> bool:
                                                "model.embed_audio."))
 
 
-def _progress(total_bytes: int, enabled: bool | None):
-    if enabled is None:
-        enabled = total_bytes > 2**30
-    if enabled:
-        from tqdm import tqdm
-        return tqdm(total=total_bytes, unit="B", unit_scale=True, desc="loading weights")
+def progress_bar(total_bytes: int, desc: str, enabled: bool | None = None):
+    """A tqdm bar over bytes, on stderr. `enabled` None: for work over 1 GiB, when stderr is a terminal."""
+    from tqdm import tqdm
 
-    class _Silent:
-        def update(self, n): pass
-
-        def close(self): pass
-    return _Silent()
+    disable = (None if total_bytes > 2**30 else True) if enabled is None else not enabled
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, disable=disable)
 
 
 def _own_memory(tensor: torch.Tensor) -> torch.Tensor:
@@ -173,7 +192,8 @@ def _own_memory(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if whole else tensor.clone()
 
 
-def save_model(model: Gemma4, directory, max_shard_bytes: int = 5 * 2**30, generation_config: dict | None = None):
+def save_model(model: Gemma4, directory, max_shard_bytes: int = 5 * 2**30, generation_config: dict | None = None,
+               progress: bool | None = None):
     """Write config.json and safetensors (sharded with an index when large) in the layout transformers writes."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -190,16 +210,20 @@ def save_model(model: Gemma4, directory, max_shard_bytes: int = 5 * 2**30, gener
             size = 0
         shards[-1][key] = tensor
         size += nbytes
+    nbytes = lambda shard: sum(t.numel() * t.element_size() for t in shard.values())  # noqa: E731
+    bar = progress_bar(nbytes(tensors), "writing weights", progress)
     if len(shards) == 1:
         save_file(shards[0], directory / "model.safetensors", metadata={"format": "pt"})
+        bar.update(nbytes(tensors))
     else:
         weight_map = {}
         for i, shard in enumerate(shards, 1):
             name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
             save_file(shard, directory / name, metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(shard, name))
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-                 "weight_map": weight_map}
+            bar.update(nbytes(shard))
+        index = {"metadata": {"total_size": nbytes(tensors)}, "weight_map": weight_map}
         (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    bar.close()
     if generation_config is not None:
         (directory / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")

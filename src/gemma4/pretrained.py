@@ -16,7 +16,7 @@ class Model(Gemma4):
     for random/empty weights."""
 
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+    def from_pretrained(cls, path, dtype: torch.dtype | str | None = None, device: str | torch.device = "auto",
                         **kwargs) -> "Model":
         return load_model(path, dtype=dtype, device=device, model_class=cls, **kwargs)
 

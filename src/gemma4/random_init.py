@@ -21,26 +21,42 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 
 
 @torch.no_grad()
-def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    generators: dict[torch.device, torch.Generator] = {}  # one per device: values are drawn where they live
+def randomize_(model: torch.nn.Module, seed: int = 0, progress: bool | None = None) -> torch.nn.Module:
+    """Fill every weight in place. `progress`: a bar on stderr (None: for models over 1 GiB, on a terminal)."""
+    from .loading import progress_bar
 
-    def fill(tensor, make):
-        # Row blocks of at most ~32M values: a full-size PLE table (2.3B values) never exists in fp32 at once.
-        rows = max(1, (1 << 25) // max(1, tensor[0].numel())) if tensor.dim() else 1
+    generators: dict[torch.device, torch.Generator] = {}  # one per device: values are drawn where they live
+    scratch: dict[torch.device, torch.Tensor] = {}  # one fp32 block per device, drawn into again and again
+    block_values = 1 << 25
+
+    def fill(tensor, draw):
+        # Row blocks of at most ~32M values: a full-size PLE table (2.3B values) never exists in fp32 at once. The
+        # values are drawn in place into one reused buffer (a fresh one per block cost as much time in page faults
+        # as the drawing itself).
+        rows = max(1, block_values // max(1, tensor[0].numel())) if tensor.dim() else 1
         flat = tensor if tensor.dim() else tensor.view(1)
-        generator = generators.setdefault(tensor.device, torch.Generator(tensor.device).manual_seed(seed))
+        device = tensor.device
+        generator = generators.setdefault(device, torch.Generator(device).manual_seed(seed))
         for start in range(0, flat.shape[0], rows):
             block = flat[start:start + rows]
-            block.copy_(make(block.shape, generator, tensor.device))
+            if scratch.get(device) is None or scratch[device].numel() < block.numel():
+                scratch[device] = torch.empty(block.numel(), device=device)
+            out = scratch[device][:block.numel()].view(block.shape)
+            draw(out, generator)
+            block.copy_(out)
+        bar.update(tensor.numel() * tensor.element_size())
 
     def uniform(low, high):
-        return lambda shape, g, device: torch.rand(shape, generator=g, device=device) * (high - low) + low
+        return lambda out, g: torch.rand(out.shape, generator=g, out=out).mul_(high - low).add_(low)
 
     def normal(std):
-        return lambda shape, g, device: torch.randn(shape, generator=g, device=device) * std
+        return lambda out, g: torch.randn(out.shape, generator=g, out=out).mul_(std)
 
+    states = model.state_dict()
+    bar = progress_bar(sum(t.numel() * t.element_size() for t in states.values() if t.is_floating_point()),
+                       "random weights", progress)
     # state_dict() holds what a checkpoint holds (not derived buffers such as RoPE tables), sharing storage.
-    for name, tensor in model.state_dict().items():
+    for name, tensor in states.items():
         module, _, leaf = name.rpartition(".")
         if not tensor.is_floating_point():
             continue
@@ -60,6 +76,7 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             fill(tensor, normal(0.02) if leaf == "bias" else uniform(0.5, 1.5))
         else:  # matrices: std GAIN / sqrt(fan_in)
             fill(tensor, normal(GAIN * tensor.shape[-1] ** -0.5))
+    bar.close()
     return model
 
 

@@ -30,6 +30,7 @@ import torch
 from ..model.gemma4 import check_token_ids
 from ..model.multimodal import SoftTokens, compute_soft_tokens, vision_runs
 from .block_manager import BlockManager
+from .memory import kv_budget, plan_kv
 from .runner import Launched, ModelRunner, SampleError
 from .sampling import GEMMA4_STOP_IDS, SamplingParams, finish_reason
 from .scheduler import Scheduler
@@ -45,11 +46,15 @@ _FATAL = tuple(kind for kind in [getattr(torch, "AcceleratorError", None)] if ki
 class LLMEngine:
     def __init__(self, model, max_num_seqs: int = 64, max_model_len: int | None = None, block_size: int = 16,
                  num_blocks: int | None = None, max_num_batched_tokens: int = 512,
-                 stop_token_ids: list[int] | None = None, run_ahead: bool = True):
+                 stop_token_ids: list[int] | None = None, run_ahead: bool = True,
+                 gpu_memory_utilization: float = 0.9, kv_cache_memory: int | None = None):
+        # KV sized from the memory there is (memory.py), unless num_blocks or kv_cache_memory (bytes) say otherwise;
+        # max_model_len None: the longest one sequence fits. ValueError when one sequence of max_model_len cannot.
         text = model.config.text_config
-        self.max_model_len = min(max_model_len or text.max_position_embeddings, text.max_position_embeddings)
-        min_blocks = -(-(self.max_model_len + 1) // block_size)  # one sequence of max_model_len always fits
-        num_blocks = max(num_blocks or min_blocks * max_num_seqs, min_blocks)
+        if num_blocks is None and kv_cache_memory is None:
+            kv_cache_memory = kv_budget(model, gpu_memory_utilization, max_num_batched_tokens)
+        self.max_model_len, num_blocks = plan_kv(text, model.dtype, max_num_seqs, block_size, max_model_len,
+                                                 num_blocks, kv_cache_memory)
         self.blocks = BlockManager(text, num_blocks, block_size, max_num_seqs, model.dtype, model.device)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max(max_num_batched_tokens, 1))
         self.runner = ModelRunner(model, self.blocks, self.max_model_len)

@@ -85,9 +85,14 @@ class GraphedDecode:
             warnings.warn(f"CUDA graph capture of the serving decode step failed ({failure}); decoding eagerly")
 
     def capture_all(self) -> None:
-        """Capture every bucket's step now (CUDA; at start-up, before any request)."""
-        for size in self.sizes:
-            if self.usable and size not in self.graphs and self.model.device.type == "cuda":
+        """Capture every bucket's step now (CUDA; at start-up, before any request), with a progress bar on stderr
+        when it is a terminal."""
+        from tqdm import tqdm
+
+        if self.model.device.type != "cuda":
+            return
+        for size in tqdm(self.sizes, desc="capturing decode graphs", unit="graph", disable=None):
+            if self.usable and size not in self.graphs:
                 self._capture(size)
 
     def run(self, seqs, ahead=None) -> torch.Tensor | None:

@@ -6,40 +6,54 @@ import argparse
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    # Every option has a help string, so that --help (ArgumentDefaultsHelpFormatter) shows its default.
     parser.add_argument("model", help="checkpoint directory (with tokenizer files)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: the checkpoint's)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--max-model-len", type=int, default=None, help="longest prompt + completion, in tokens")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+    parser.add_argument("--dtype", default="auto", help="bf16, fp16, fp32, or auto: the checkpoint's")
+    parser.add_argument("--device", default="auto", help="cuda, cpu, or auto: CUDA when present, else the CPU")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="longest prompt + completion, in tokens (None: the longest that fits, at most the "
+                             "model's max_position_embeddings)")
     parser.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together")
     parser.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one engine step")
-    parser.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks of 16 tokens for global layers")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="share of the GPU's memory for weights, activations and KV cache: the KV cache gets "
+                             "what the weights and the largest prefill step leave (on the CPU: 4 GiB at most)")
+    parser.add_argument("--num-kv-blocks", type=int, default=None,
+                        help="KV blocks of 16 tokens for global layers (None: sized from the memory)")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
-    parser.add_argument("--served-model-name", default=None, help="model id clients use (default: the path)")
+    parser.add_argument("--served-model-name", default=None, help="model id clients use (None: the path)")
     parser.add_argument("--default-enable-thinking", action="store_true", help="think unless a request says not to")
     parser.add_argument("--allowed-media-domains", default="", help="comma-separated hosts media URLs may use")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (None: the model's)")
     parser.add_argument("--allowed-origins", default="*", help="comma-separated CORS origins ('*': any, as vLLM)")
     parser.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds SIGTERM lets requests finish")
 
 
 def build_app_from_args(args):
+    """The app of `gemma4 serve`, its engine warmed up; prints the start-up summary (stderr)."""
+    import sys
+    import time
+
+    from ..engine.memory import summary
     from ..pretrained import Model
     from ..processing.processor import Processor
     from .app import create_app
     from .state import build_state
 
-    dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(args.dtype, args.dtype)
-    model = Model.from_pretrained(args.model, dtype=dtype, device=args.device)
+    start = time.perf_counter()
+    model = Model.from_pretrained(args.model, dtype=args.dtype, device=args.device)
     processor = Processor.from_pretrained(args.tokenizer or args.model)  # tokenizer + processor_config.json
     tokenizer = processor.tokenizer
     state = build_state(model, tokenizer, args.served_model_name or args.model, max_model_len=args.max_model_len,
                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                        num_blocks=args.num_kv_blocks, default_enable_thinking=args.default_enable_thinking,
+                        num_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
+                        default_enable_thinking=args.default_enable_thinking,
                         api_key=args.api_key, processor=processor,
                         allowed_media_domains=[d.strip().lower() for d in args.allowed_media_domains.split(",")
                                                if d.strip()])
+    print(f"gemma4 serve: {summary(state.engine.engine, time.perf_counter() - start)}", file=sys.stderr, flush=True)
     return create_app(state)
 
 
