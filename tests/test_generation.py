@@ -116,15 +116,17 @@ def test_cache_memory_by_layer_type():
     from gemma4.model.cache import KVCache
 
     text = Config.preset("E2B").text_config
-    short = KVCache(text, 1, 4096, torch.bfloat16, "meta")
-    long = KVCache(text, 1, 8192, torch.bfloat16, "meta")
+    short = KVCache(text, 1, 4096, torch.bfloat16, "meta").pools
+    long = KVCache(text, 1, 8192, torch.bfloat16, "meta").pools
     shared = [i for i in range(text.num_hidden_layers) if text.is_kv_shared(i)]
     assert shared and not any(i in short.keys for i in shared)
+    trash = short.block_size
     for i, t in enumerate(text.layer_types):
         if i in short.keys and t == "sliding_attention":
-            assert short.keys[i].shape == long.keys[i].shape  # window + 1 slots either way
+            assert short.keys[i].shape == long.keys[i].shape == (text.num_key_value_heads, text.sliding_window + 1,
+                                                                 text.head_dim)  # window + 1 slots either way
         elif i in short.keys:
-            assert long.keys[i].shape[2] - 1 == 2 * (short.keys[i].shape[2] - 1)
+            assert long.keys[i].shape[1] - trash == 2 * (short.keys[i].shape[1] - trash) == 8192
 
 
 def test_errors(pair):

@@ -1,40 +1,22 @@
-"""KV memory: global layers' K/V in fixed-size blocks (paged), sliding layers in one ring of `window` slots per
-running sequence, KV-shared layers nothing.
+"""The engine's KV memory (model/paged_cache.py's KVPools) with its free lists: global layers' K/V in fixed-size
+blocks (paged), sliding layers in one ring of `window` slots per running sequence, KV-shared layers nothing.
 
 Every global layer shares one block table per sequence (block j holds positions [j*B, (j+1)*B)), so one free list
-serves all of them. Pools are flat: [Hkv, slots, D] per layer, with one trailing trash block / trash slot that
-padding tokens write to and that is never visible (its positions are -1)."""
+serves all of them."""
 
 from __future__ import annotations
 
 import torch
 
-from ..config import SLIDING, TextConfig
-from ..model.cache import kv_buffers
+from ..model.paged_cache import KVPools
 from .sequence import Sequence
 
 
-class BlockManager:
-    def __init__(self, config: TextConfig, num_blocks: int, block_size: int, max_num_seqs: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu"):
-        self.config, self.block_size, self.num_blocks = config, block_size, num_blocks
-        self.window = config.sliding_window
-        self.max_num_seqs = max_num_seqs
-        self.layer_types = config.layer_types
-
-        def pool_shape(layer_type, heads, dim):  # a ring per sequence + a trash slot, or the blocks + a trash block
-            slots = max_num_seqs * self.window + 1 if layer_type == SLIDING else (num_blocks + 1) * block_size
-            return heads, slots, dim
-
-        self.keys, self.values = kv_buffers(config, pool_shape, dtype, device)
-        self.ring_trash = max_num_seqs * self.window
-        self.ring_positions = torch.full((self.ring_trash + 1,), -1, dtype=torch.long, device=device)
-        self.free_blocks = list(range(num_blocks))
-        self.free_rings = list(range(max_num_seqs))
-
-    @property
-    def trash_block(self) -> int:
-        return self.num_blocks
+class BlockManager(KVPools):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.free_blocks = list(range(self.num_blocks))
+        self.free_rings = list(range(self.max_num_seqs))
 
     def block_tables(self, seqs: list[Sequence], width: int, rows: int | None = None) -> torch.Tensor:
         """[rows, width] (host): each sequence's blocks padded with the trash block; rows past them all trash."""
@@ -45,9 +27,6 @@ class BlockManager:
     @property
     def usage(self) -> float:
         return 1.0 - len(self.free_blocks) / max(self.num_blocks, 1)
-
-    def blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
 
     def can_admit(self, seq: Sequence) -> bool:
         """Room for the whole known sequence plus one decode token."""

@@ -1,4 +1,5 @@
-"""A one-forward view of the paged KV memory (engine/block_manager.py), with KVCache's duck-typed interface.
+"""Paged KV memory (`KVPools`: the engine's, through its BlockManager, and KVCache's) and its view for one forward
+(`PagedCacheView`: the interface `attention.ForwardContext` reads).
 
 Per row of the batch: a block table for the global layers, a ring for the sliding layers and how many tokens are
 already cached. A prefill chunk gathers the row's cached K/V into a contiguous [B, Hkv, T, D] tensor, appends this
@@ -14,7 +15,53 @@ import functools
 import torch
 
 from .. import kernels
-from ..config import FULL, SLIDING
+from ..config import FULL, SLIDING, TextConfig
+
+
+class KVPools:
+    """Paged KV memory: per layer that owns K/V a flat pool [Hkv, slots, D]. Global layers: `num_blocks` blocks of
+    `block_size` slots (a sequence's block table says which hold its positions); sliding layers: one ring of
+    `window` slots per sequence (`max_num_seqs` rings), with the position each slot holds (-1 = empty) in
+    `ring_positions`, shared by the sliding layers. Each pool ends with a trash block / trash slot that padding
+    writes to and that no query sees."""
+
+    def __init__(self, config: TextConfig, num_blocks: int, block_size: int, max_num_seqs: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+        self.config, self.num_blocks, self.block_size, self.max_num_seqs = config, num_blocks, block_size, max_num_seqs
+        self.window = config.sliding_window
+        self.layer_types = config.layer_types
+
+        def pool_shape(layer_type, heads, dim):
+            slots = max_num_seqs * self.window + 1 if layer_type == SLIDING else (num_blocks + 1) * block_size
+            return heads, slots, dim
+
+        self.keys, self.values = kv_buffers(config, pool_shape, dtype, device)
+        self.ring_trash = max_num_seqs * self.window
+        self.ring_positions = torch.full((self.ring_trash + 1,), -1, dtype=torch.long, device=device)
+
+    @property
+    def trash_block(self) -> int:
+        return self.num_blocks
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+
+def kv_buffers(config: TextConfig, shape, dtype: torch.dtype, device) -> tuple[dict, dict]:
+    """Zeroed K and V buffers {layer: tensor} of every layer that owns K/V (KV-shared layers own none), shaped
+    `shape(layer_type, kv_heads, head_dim)`. K=V layers store values separately too: v_norm(k) lacks k_norm and
+    RoPE."""
+    keys, values = {}, {}
+    for i, layer_type in enumerate(config.layer_types):
+        if not config.is_kv_shared(i):
+            size = shape(layer_type, config.layer_num_kv_heads[i], config.layer_head_dims[i])
+            keys[i] = torch.zeros(size, dtype=dtype, device=device)
+            values[i] = torch.zeros(size, dtype=dtype, device=device)
+    return keys, values
 
 
 class PagedCacheView:
@@ -22,7 +69,7 @@ class PagedCacheView:
 
     def __init__(self, pools, block_tables: torch.Tensor, ring_slots: torch.Tensor, num_cached: torch.Tensor,
                  max_cached: int | None = None):
-        """pools: a BlockManager (keys/values dicts, ring_positions, window, block_size, trash ids).
+        """pools: KVPools (the engine's BlockManager, or a KVCache's).
         block_tables [B, nb] (padded with the trash block), ring_slots [B], num_cached [B]. `max_cached`: the most
         tokens any row has cached (known to the host): a prefill chunk gathers no global slot past it (None: every
         slot of the tables; the graphed decode step, which gathers nothing)."""
