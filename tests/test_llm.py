@@ -130,3 +130,18 @@ def test_chat_parses_with_the_prompt_as_prefix(llm, monkeypatch):
         Completion("Hmm.<channel|>Hello!", [5, 6], "stop", len(prompts[0]))])
     reply = llm.chat([{"role": "user", "content": "Hi"}], enable_thinking=True)
     assert (reply["reasoning_content"], reply["content"]) == ("Hmm.", "Hello!")
+
+
+def test_model_generate_shares_the_llms_engine(llm):
+    """`llm.model.generate` runs on LLM's engine (no second KV pool beside it) and gives LLM's greedy tokens; LLM's
+    next call prefills at its own step budget again."""
+    import torch
+
+    from gemma4.llm import PREFILL_BUDGET
+    ids = [2, 818, 5279, 529]
+    out = llm.model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=None)
+    assert llm.model.__dict__["_engine"].engine is llm.engine
+    assert llm.engine.scheduler.budget != PREFILL_BUDGET  # Model.generate set its own
+    assert llm.generate(ids, {"temperature": 0.0, "max_tokens": 6, "ignore_eos": True})[0].token_ids == \
+        out[0, len(ids):].tolist()
+    assert llm.engine.scheduler.budget == PREFILL_BUDGET

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from .engine.engine import LLMEngine
+from .engine.generate import keep_engine
 from .engine.memory import summary
 from .engine.sampling import GEMMA4_STOP_IDS, SamplingParams, TokenLogprobs
 from .model.gemma4 import Gemma4
@@ -72,6 +73,7 @@ class LLM:
                     raise
                 seqs //= 2
         self.max_batch_size = seqs
+        keep_engine(self.model, self.engine)
         if self.model.device.type == "cuda":  # compile the kernels and capture the graphs before the first request
             self.engine.warm_up()
         logger.info("gemma4.LLM: %s", summary(self.engine, time.perf_counter() - start))
@@ -101,6 +103,7 @@ class LLM:
     def _requests(self, prompts: list[list[int]], params: list[SamplingParams]) -> tuple[LLMEngine, list[int]]:
         """Add the requests to the engine, all or none (one it refuses, e.g. longer than max_model_len, raises)."""
         engine, seq_ids = self.engine, []
+        engine.scheduler.budget = PREFILL_BUDGET  # Model.generate on the same engine may have set its own
         try:
             for ids, p in zip(prompts, params):
                 seq_ids.append(engine.add_request(ids, dataclasses.replace(p, stop_token_ids=list(self._stops(p)))))

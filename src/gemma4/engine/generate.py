@@ -105,6 +105,12 @@ def engine_for(model, num_seqs: int, length: int, budget: int | None = None) -> 
     return engine
 
 
+def keep_engine(model, engine: LLMEngine) -> None:
+    """Make `engine` the one `engine_for` hands out for `model` while calls fit it (LLM's: `llm.model.generate`
+    then shares its KV pools and graphs instead of allocating a second engine beside them)."""
+    model.__dict__["_engine"] = _Kept(engine)
+
+
 def free_engine(model) -> None:
     """Drop the engine kept on `model` (its KV pools and CUDA graphs)."""
     model.__dict__.pop("_engine", None)
