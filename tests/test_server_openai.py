@@ -16,6 +16,7 @@ import time
 import httpx2 as httpx
 import pytest
 
+from test_server import stub  # noqa: F401  (the fixture: a server over a scripted model)
 from test_server_support import Server, serve_args, stub_app, write_checkpoint
 
 from gemma4 import __version__
@@ -35,15 +36,6 @@ def checkpoint(tmp_path_factory, gemma4_tokenizer_dir):
 def server(checkpoint):
     srv = Server(build_app_from_args(serve_args(checkpoint)))
     yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def stub(gemma4_tokenizer_dir):
-    tokenizer = Tokenizer.from_pretrained(gemma4_tokenizer_dir)
-    app, model = stub_app(tokenizer)
-    srv = Server(app)
-    yield srv, model, tokenizer
     srv.stop()
 
 
