@@ -52,7 +52,8 @@ def build_app_from_args(args):
                         default_enable_thinking=args.default_enable_thinking,
                         api_key=args.api_key, processor=processor,
                         allowed_media_domains=[d.strip().lower() for d in args.allowed_media_domains.split(",")
-                                               if d.strip()])
+                                               if d.strip()],
+                        allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()])
     print(f"gemma4 serve: {summary(state.engine.engine, time.perf_counter() - start)}", file=sys.stderr, flush=True)
     return create_app(state)
 
@@ -67,15 +68,8 @@ def run_serve(args) -> None:
 
     import uvicorn
 
-    from .app import create_app
-
     app = build_app_from_args(args)
-    state = app.state.server
-    origins = [origin.strip() for origin in args.allowed_origins.split(",") if origin.strip()]
-    if origins != state.allowed_origins:  # create_app installs CORS with the state's origins: build it with these
-        state.allowed_origins = origins
-        app = create_app(state)
-    engine = state.engine
+    engine = app.state.server.engine
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                                            timeout_graceful_shutdown=args.shutdown_timeout))
     engine.on_fatal = lambda: setattr(server, "should_exit", True)
