@@ -120,9 +120,8 @@ def plan_kv(config: TextConfig, dtype: torch.dtype, max_num_seqs: int, block_siz
 def summary(engine, seconds: float) -> str:
     """One line on what an engine holds: device, dtype, context, sequences, KV pool, decode graphs, time to ready."""
     model, blocks = engine.runner.model, engine.blocks
-    kv = sum(t.numel() * t.element_size() for t in (*blocks.keys.values(), *blocks.values.values()))
     graphs = engine.runner.graphs
     decode = graphs.describe() if graphs is not None else "eager decode"
     return (f"device {model.device}, dtype {str(model.dtype).removeprefix('torch.')}, context {engine.max_model_len} "
             f"tokens, {engine.max_num_seqs} sequences at most, KV cache {blocks.num_blocks} blocks of "
-            f"{blocks.block_size} tokens ({kv / GiB:.2f} GiB), {decode}; ready in {seconds:.1f}s")
+            f"{blocks.block_size} tokens ({blocks.nbytes / GiB:.2f} GiB), {decode}; ready in {seconds:.1f}s")
