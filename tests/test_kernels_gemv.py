@@ -9,7 +9,7 @@ pytest.importorskip("triton")
 from gemma4 import kernels  # noqa: E402
 from gemma4.kernels import gemv as gemv_module  # noqa: E402
 from gemma4.kernels.gemv import gemv  # noqa: E402
-from gemma4.model.text import linear  # noqa: E402
+from gemma4.model.fused import linear  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -131,7 +131,7 @@ def test_gemv_residual_norms_equals_two_kernels(dtype, variant):
 
 def test_takes_gemv_only_where_measured_faster():
     """One row, and not the big 31B matrices cuBLAS reads faster (benchmarks/gemv.py); shapes only (meta tensors)."""
-    from gemma4.model.text import takes_gemv
+    from gemma4.model.fused import takes_gemv
     row = torch.empty(1, 1, 1, device="meta")
     with kernels.force():
         def takes(n, k):

@@ -186,7 +186,7 @@ def test_empty_inputs_give_empty_outputs():
 
 
 from gemma4.kernels.norm import moe_residual_norm  # noqa: E402
-from gemma4.model.text import add_normed  # noqa: E402
+from gemma4.model.fused import add_normed  # noqa: E402
 
 
 def eager_moe_residual(residual, dense, sparse, dense_weight, sparse_weight, weight, scalar):

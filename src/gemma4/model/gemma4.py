@@ -13,7 +13,8 @@ from ..config import Config
 from ..options import options
 from .attention import ForwardContext
 from .cache import KVCache
-from .text import TextModel, linear
+from .fused import linear
+from .text import TextModel
 
 
 def check_token_ids(config: Config, ids) -> None:

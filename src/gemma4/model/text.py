@@ -1,11 +1,11 @@
 """The Gemma 4 text decoder: one module for E2B, E4B, 26B-A4B and 31B, the variants being config switches.
 
 Parameter names equal the checkpoint keys under `model.language_model.` (see loading.py for the one exception).
+The products and residual norms go through fused.py, where each op's plain PyTorch twin and its CUDA kernels sit
+behind one dispatch.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -13,9 +13,9 @@ from torch import nn
 
 from .. import kernels
 from ..config import TextConfig
-from ..options import DEFERRABLE, options  # noqa: F401 (DEFERRABLE: re-exported)
 from .attention import ForwardContext, MaskRule
 from .common import RMSNorm, activation
+from .fused import Linear, add_normed_branches, add_normed_linear, defers, gated, gated_linear, linear
 
 
 def rope_inverse_frequencies(head_dim: int, rope: dict) -> torch.Tensor:
@@ -50,76 +50,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
-
-
-def takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether x @ weight.T runs in the Triton GEMV kernels (kernels/gemv.py): one row on CUDA (a batch-1 decode step),
-    and a weight where they beat cuBLAS. Measured with benchmarks/gemv.py on an H100: faster for every projection of
-    E2B, E4B and 26B-A4B (E2B's step: 2.32 -> ~1.9 ms) and the LM heads with K <= 4096; cuBLAS reads 31B's matrices
-    of over 64M elements faster (2.8-2.9 TB/s against 2.6), its LM head (K = 5376) too."""
-    n_out, k_in = weight.shape
-    return (x.numel() == x.shape[-1] and (k_in <= 4096 or n_out * k_in <= 64 * 2**20) and weight.stride(-1) == 1
-            and kernels.enabled(x))
-
-
-def linear(x, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, weight) without bias, through the GEMV kernel where `takes_gemv`. x: a tensor or DeferredNorms."""
-    row, norms = gemv_operands(x)
-    if takes_gemv(row, weight):
-        from ..kernels.gemv import gemv
-        return gemv(row, weight, norms=norms)
-    return F.linear(materialized(x), weight)
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters, same checkpoint keys) whose bias-free products go through `linear`."""
-
-    def forward(self, x) -> torch.Tensor:
-        return linear(x, self.weight) if self.bias is None else super().forward(materialized(x))
-
-
-@dataclass
-class DeferredNorms:
-    """add_normed(residual, y, norm, scalar, next_norm) not computed yet (batch-1 decode): the GEMV that reads it
-    applies it to its own input, each of its programs to a copy of the row (`kernels.gemv`), where a product with the
-    norms in its epilogue (`gemv_residual_norms`) must wait for its whole output row in one program. The value is
-    next_norm(new), or new without next_norm; `new`, the residual stream, is written by that GEMV (or by
-    `materialize`): read it only after."""
-    residual: torch.Tensor
-    y: torch.Tensor
-    norm: RMSNorm
-    scalar: torch.Tensor | None
-    next_norm: RMSNorm | None
-    new: torch.Tensor
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.y.shape
-
-    def kernel_args(self) -> tuple:
-        return (self.residual, self.norm.weight, self.norm.eps, self.scalar, *_weight_eps(self.next_norm), self.new)
-
-    def materialize(self) -> torch.Tensor:
-        """The value as a tensor, for a consumer that is not a GEMV (it also fills `new`)."""
-        from ..kernels.norm import residual_rms_norm
-        new, h = residual_rms_norm(self.residual, self.y, self.norm.weight, self.norm.eps, self.scalar,
-                                   *_weight_eps(self.next_norm), out=self.new)
-        return h if h is not None else new
-
-
-def materialized(x) -> torch.Tensor:
-    return x.materialize() if isinstance(x, DeferredNorms) else x
-
-
-def gemv_operands(x) -> tuple[torch.Tensor, tuple | None]:
-    """(the row a GEMV kernel reads, its `norms` argument): a DeferredNorms' product and norms, or x and None."""
-    return (x.y, x.kernel_args()) if isinstance(x, DeferredNorms) else (x, None)
-
-
-def defers(site: str) -> bool:
-    """Whether the residual norms after product `site` (one of DEFERRABLE) are left to the next GEMV: the
-    `defer_norms` option, all of them by default."""
-    return site in options().defer_norms
 
 
 class Attention(nn.Module):
@@ -220,35 +150,12 @@ class MLP(nn.Module):
         return gated(self.gate_proj(x), self.up_proj(x), self.activation)
 
 
-def gated(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
-    """act(gate) * up, each rounded to the dtype as eager ops do: one kernel on CUDA (strided halves read in place)."""
-    if kernels.enabled(gate):
-        from ..kernels.activation import gated_activation
-        return gated_activation(gate, up, act)
-    return activation(act)(gate) * up
-
-
-def gated_linear(x, weight: torch.Tensor, act: str, up: torch.Tensor | None = None) -> torch.Tensor:
-    """gated(gate, up, act) with [gate; up] = linear(x, weight) (up None), or gate = linear(x, weight): the product and
-    the activation in one kernel where `takes_gemv`. x: a tensor or DeferredNorms."""
-    row, norms = gemv_operands(x)
-    if takes_gemv(row, weight):
-        from ..kernels.gemv import gemv_gated
-        return gemv_gated(row, weight, act, up, norms=norms)
-    x = materialized(x)
-    if up is None:
-        gate, up = F.linear(x, weight).chunk(2, dim=-1)
-    else:
-        gate = F.linear(x, weight)
-    return gated(gate, up, act)
-
-
 def fuse_linears(linears: list[nn.Linear]) -> torch.Tensor:
     """One [sum of outputs, inputs] weight whose row blocks become the linears' weights (views, no second copy):
     one matmul then serves them all, and each parameter keeps its name (its checkpoint key) and its values."""
-    fused = torch.cat([linear.weight.detach() for linear in linears])
-    for linear, block in zip(linears, fused.split([linear.out_features for linear in linears])):
-        linear.weight = nn.Parameter(block, requires_grad=False)
+    fused = torch.cat([layer.weight.detach() for layer in linears])
+    for layer, block in zip(linears, fused.split([layer.out_features for layer in linears])):
+        layer.weight = nn.Parameter(block, requires_grad=False)
     return fused
 
 
@@ -441,63 +348,12 @@ class DecoderLayer(nn.Module):
         x, h, expert_input, router_input = add_normed_linear(x, attn, self.self_attn.o_proj,
                                                              self.post_attention_layernorm,
                                                              next_norm=self.pre_feedforward_layernorm, moe=moe)
-        dense = self.mlp(h)  # before the experts: moe_residual_norm reads it before waiting for their last kernel
+        dense = self.mlp(h)  # before the experts: the fused tail reads it before waiting for their last kernel
         hidden = x.shape[-1]
         weights, experts = self.router.route(router_input.reshape(-1, hidden))
         sparse = self.experts(expert_input.reshape(-1, hidden), weights, experts).reshape(x.shape)
-        if kernels.enabled(x):  # the three norms and two adds in one launch
-            from ..kernels.norm import moe_residual_norm
-            return moe_residual_norm(x, dense, sparse, self.post_feedforward_layernorm_1.weight,
-                                     self.post_feedforward_layernorm_2.weight,
-                                     self.post_feedforward_layernorm.weight, self.post_feedforward_layernorm.eps,
-                                     scalar, *_weight_eps(next_norm))
-        dense = self.post_feedforward_layernorm_1(dense) + self.post_feedforward_layernorm_2(sparse)
-        return add_normed(x, dense, self.post_feedforward_layernorm, scalar=scalar, next_norm=next_norm)
-
-
-def _weight_eps(norm: RMSNorm | None) -> tuple[torch.Tensor | None, float | None]:
-    return (norm.weight, norm.eps) if norm is not None else (None, None)
-
-
-def add_normed_linear(residual: torch.Tensor, x: torch.Tensor, projection: nn.Linear, norm: RMSNorm,
-                      scalar: torch.Tensor | None = None, next_norm: RMSNorm | None = None,
-                      moe: tuple[RMSNorm, Router] | None = None, defer: bool = False) -> tuple:
-    """add_normed(residual, projection(x), norm, scalar, next_norm); with moe = (experts' norm, router) also that norm
-    and the router's scaled input of the new residual stream (four results, else two). Where `takes_gemv`, the
-    product and the norms in one kernel (the GEMV's last program to finish applies the norms), or with `defer` the
-    product alone and (new, DeferredNorms) for the GEMV that reads it (without next_norm too: then its value is new)."""
-    if projection.bias is None and takes_gemv(x, projection.weight):
-        from ..kernels.gemv import NORMED_MAX_K, gemv, gemv_residual_norms
-        if defer and moe is None and residual.shape[-1] <= NORMED_MAX_K:
-            new = torch.empty_like(residual)
-            return new, DeferredNorms(residual, gemv(x, projection.weight), norm, scalar, next_norm, new)
-        moe_args = (moe[0].weight, moe[1].scale, moe[1].root_size) if moe is not None else None
-        outputs = gemv_residual_norms(x, projection.weight, residual, norm.weight, norm.eps, scalar,
-                                      *_weight_eps(next_norm), moe_args)
-        return outputs if moe is not None else outputs[:2]
-    y = F.linear(x, projection.weight, projection.bias)
-    if moe is None:
-        return add_normed(residual, y, norm, scalar, next_norm)
-    if kernels.enabled(y):  # the residual add and all three norms of it in one launch
-        from ..kernels.norm import residual_moe_norms
-        return residual_moe_norms(residual, y, norm.weight, norm.eps, next_norm.weight, moe[0].weight, moe[1].scale,
-                                  moe[1].root_size)
-    new, h = add_normed(residual, y, norm, scalar, next_norm)
-    return new, h, moe[0](new), moe[1].scaled_input(new)
-
-
-def add_normed(residual: torch.Tensor, x: torch.Tensor, norm: RMSNorm, scalar: torch.Tensor | None = None,
-               next_norm: RMSNorm | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(residual + norm(x)) [* scalar], and `next_norm` of that (None without one): one fused kernel on CUDA.
-
-    In the model's dtype each step rounds, as in the reference: norm(x) is rounded before the add."""
-    if kernels.enabled(x):
-        from ..kernels.norm import residual_rms_norm
-        return residual_rms_norm(residual, x, norm.weight, norm.eps, scalar, *_weight_eps(next_norm))
-    out = residual + norm(x)
-    if scalar is not None:
-        out = out * scalar
-    return out, next_norm(out) if next_norm is not None else None
+        return add_normed_branches(x, dense, sparse, self.post_feedforward_layernorm_1,
+                                   self.post_feedforward_layernorm_2, self.post_feedforward_layernorm, scalar, next_norm)
 
 
 class ScaledEmbedding(nn.Embedding):
