@@ -351,3 +351,20 @@ def test_tokenize_detokenize_version(stub):
         assert httpx.get(f"{url}/v1/models").status_code == 401
     finally:
         state.api_key = None
+
+
+def test_chat_stream_keeps_every_token_logprob(stub):
+    """Streamed chat with logprobs: a token whose text the parser holds back (a thinking or tool-call marker in the
+    making) still has its logprob sent, with the next delta: as many entries as completion tokens, as unstreamed."""
+    from test_server import SCRIPT, TOOLS, _script
+    srv, model, tokenizer = stub
+    messages = [{"role": "user", "content": "Weather in Rome, with logprobs?"}]
+    _script(model, tokenizer, messages, SCRIPT, 50)
+    body = {"model": "stub", "messages": messages, "tools": TOOLS, "logprobs": True, "top_logprobs": 1,
+            "chat_template_kwargs": {"enable_thinking": True}}
+    whole = httpx.post(f"{srv.url}/v1/chat/completions", json=body, timeout=30).json()
+    tokens = whole["usage"]["completion_tokens"]
+    events = _events(httpx.post(f"{srv.url}/v1/chat/completions", json=dict(body, stream=True), timeout=30))
+    streamed = [e for ev in events for c in ev["choices"] if c.get("logprobs") for e in c["logprobs"]["content"]]
+    assert len(whole["choices"][0]["logprobs"]["content"]) == len(streamed) == tokens - 1  # the stop id has none
+    assert [e["token"] for e in streamed] == [e["token"] for e in whole["choices"][0]["logprobs"]["content"]]

@@ -306,6 +306,8 @@ async def _chat_stream(state, choices, prefix, rid, created, name, include_usage
 
     parsers = {c.index: StreamParser(prefix=prefix) for c in choices}
     saw_call = {c.index: False for c in choices}
+    # Logprobs of tokens whose text the parser still holds back (a marker in the making): sent with the next delta.
+    pending_logprobs: dict[int, list] = {c.index: [] for c in choices}
     first = True
 
     def deltas(c, text, final):
@@ -332,10 +334,13 @@ async def _chat_stream(state, choices, prefix, rid, created, name, include_usage
                 state.metrics.ttft.observe(time.monotonic() - started)
                 first = False
             pieces = deltas(c, text, c.done) if (text or c.done) else []
-            lp = {"content": [_chat_logprob(state.tokenizer, x) for x in logprobs]} if logprobs else None
-            for i, delta in enumerate(pieces):
-                yield chunk([{"index": c.index, "delta": delta, "logprobs": lp if i == 0 else None,
-                              "finish_reason": None}])
+            pending_logprobs[c.index] += [_chat_logprob(state.tokenizer, x) for x in logprobs]
+            if c.done and pending_logprobs[c.index] and not pieces:
+                pieces = [{}]
+            for delta in pieces:
+                lp = {"content": pending_logprobs[c.index]} if pending_logprobs[c.index] else None
+                pending_logprobs[c.index] = []
+                yield chunk([{"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": None}])
             if c.done:
                 finish = "tool_calls" if saw_call[c.index] else c.finish_reason
                 yield chunk([{"index": c.index, "delta": {}, "logprobs": None, "finish_reason": finish}])
