@@ -263,7 +263,7 @@ def run_engine(engine: Engine, spec: BenchSpec, log=print) -> dict:
     device, results = spec.device, {}
     # Profiles run after every timing: once a profiler session has run, CUPTI stays attached and slows kernel
     # launches (transformers' E2B b1 decode: 8.5 tok/s measured after one, 23.6 without; an H200 and an H100 run).
-    profiles = []
+    profiles, peaks = [], []  # peaks: each phase's peak memory (see _free)
     repeat = spec.repeat if isinstance(engine, Gemma4Engine) else 1  # transformers: one timing (slow enough)
 
     def record(metric, shape, value):
@@ -284,7 +284,7 @@ def run_engine(engine: Engine, spec: BenchSpec, log=print) -> dict:
         except torch.OutOfMemoryError:
             record("decode tok/s", f"b{batch} ctx{spec.context}", float("nan"))
         engine.free_caches()
-        _free()
+        _free(peaks)
     if spec.concurrency:
         prompts = _random_ids((spec.concurrency, spec.serve_in), device, engine.vocab)
         shape = f"c{spec.concurrency} {spec.serve_in}/{spec.serve_out}"
@@ -299,7 +299,7 @@ def run_engine(engine: Engine, spec: BenchSpec, log=print) -> dict:
         except torch.OutOfMemoryError:
             record("serving output tok/s", shape, float("nan"))
         engine.free_caches()
-        _free()
+        _free(peaks)
     for length in spec.prefill:
         ids = _random_ids((1, length), device, engine.vocab)
         label = f"{length // 1024}K" if length % 1024 == 0 else str(length)
@@ -313,9 +313,9 @@ def run_engine(engine: Engine, spec: BenchSpec, log=print) -> dict:
         except torch.OutOfMemoryError:
             record("prefill tok/s", label, float("nan"))
         engine.free_caches()
-        _free()
+        _free(peaks)
     if device == "cuda":
-        record("peak memory GiB", "", torch.cuda.max_memory_allocated() / 2**30)
+        record("peak memory GiB", "", max(peaks + [torch.cuda.max_memory_allocated()]) / 2**30)
     for profile in profiles:
         try:
             profile()
@@ -340,7 +340,11 @@ def _log_prefill_profile(engine, spec, ids, label, log):
     log(f"  profile prefill {label}: {p['kernels']} kernels, {p['kernel_ms']:.1f} ms of kernel time; top: {p['top']}")
 
 
-def _free() -> None:
+def _free(peaks: list | None = None) -> None:
+    """Release a phase's memory; `peaks` first gets the phase's peak (an engine made in a later phase resets the
+    device's peak counter when it measures its largest prefill step: engine/memory.py)."""
+    if peaks is not None and torch.cuda.is_available():
+        peaks.append(torch.cuda.max_memory_allocated())
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
