@@ -4,8 +4,9 @@ kernel starts before the previous one ends, so durations overlap and only these 
 
     python benchmarks/decode_timeline.py --preset E2B [--context 1024] [--layers 0,20]
 
-Prints the step time, the increments summed per kernel name (count, us, share), then the kernels before the first
-decoder layer, of the listed layers, and after the last one. Also times the generation loop's token rate against
+Prints the step time and the bandwidth it reaches (the bytes the step must read over the replay time), the
+increments summed per kernel name (count, us, share), then the kernels before the first decoder layer, of the listed
+layers, and after the last one. Also times the generation loop's token rate against
 the replay alone: the difference is what the host adds between steps.
 """
 
@@ -19,6 +20,7 @@ import time
 import torch
 
 from gemma4.engine.generate import engine_for
+from gemma4.config import SLIDING
 from gemma4.engine.sampling import SamplingParams
 from gemma4.random_init import random_config, random_model
 
@@ -46,6 +48,30 @@ def replay_kernels(graph) -> list[tuple[str, float, float]]:
                      key=lambda k: k[1])
     per_replay = len(kernels) // 3
     return kernels[per_replay:2 * per_replay]
+
+
+def bytes_per_step(model, engine, written: int, batch: int = 1) -> int:
+    """The fewest bytes one decode step must read: every weight except the embedding tables (one row each; the
+    tied LM head reads the main table whole) and the experts no token chose, each row's sliding ring whole and the
+    first `written` positions of its global layers (what the decode kernel reads)."""
+    text = model.text
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if text.ple_dim:
+        table = text.embed_tokens_per_layer.weight
+        total -= table.numel() * table.element_size()
+    cfg = model.config.text_config
+    if cfg.enable_moe_block:
+        # Experts some token of the batch chose, expected under uniform routing (random weights route near it):
+        # k/E of them at batch 1, 1 - (1 - k/E)^B at batch B (26B-A4B: 6% at b1, 40% at b8, 98% at b64).
+        chosen = 1 - (1 - cfg.top_k_experts / cfg.num_experts) ** batch
+        for layer in text.layers:
+            for p in (layer.experts.gate_up_proj, layer.experts.down_proj):
+                total -= p.numel() * p.element_size() * (1 - chosen)
+    blocks = engine.blocks
+    for i, keys in blocks.keys.items():
+        slots = blocks.window if blocks.layer_types[i] == SLIDING else written
+        total += 2 * keys[:, :1].numel() * keys.element_size() * slots * batch  # K and V
+    return int(total)
 
 
 def short(name: str) -> str:
@@ -76,6 +102,8 @@ def main() -> None:
     print(f"{args.preset} b1 ctx{args.context}: replay {step_ms * 1e3:.1f} us/step; generation loop "
           f"{loop_ms * 1e3:.1f} us/token ({1 / loop_ms * 1e3:.1f} tok/s): the host adds "
           f"{(loop_ms - step_ms) * 1e3:.1f} us")
+    need = bytes_per_step(model, engine, args.context)
+    print(f"the step must read {need / 1e9:.3f} GB: {need / step_ms / 1e6:.0f} GB/s during the replay")
 
     if args.ops:  # the PyTorch ops of one eager step that launch kernels, in order, with their kernels
         graphs._step(1)

@@ -39,8 +39,6 @@ def test_bench_measures_both_engines(tiny_presets, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--preset", "E3B", "--device", "cpu"], "unknown preset"),
-    (["--preset", "E2B", "--device", "cpu", "--profile"], "--profile needs a CUDA GPU"),
-    (["--preset", "E2B", "--profile", "--compare", "transformers"], "profile in a run of its own"),
     (["--preset", "E2B"] + ([] if not torch.cuda.is_available() else ["--device", "nope"]), ""),
 ])
 def test_bench_bad_arguments_are_one_line_errors(argv, message, capsys):

@@ -10,9 +10,9 @@ Measures, in this order (each part can be skipped):
 * the serving engine (`LLMEngine`, continuous batching) at concurrency 64, 512 prompt / 512 output tokens, with
   Gemma's default sampling (temperature 1, top-p 0.95, top-k 64) and no early stop: output tok/s of the whole run;
 * prefill tok/s and time to first token of one prompt of 2K, 16K, 32K tokens;
-* peak GPU memory of each engine;
-* with --profile, per decode batch size: the captured step's replay time against the bytes it must read, and the
-  kernel count and top kernels of one eager step (torch.profiler); per prefill length, the top kernels.
+* peak GPU memory of each engine.
+
+Where the time of a step goes (kernel by kernel, bandwidth reached): benchmarks/decode_timeline.py.
 
 `--compare transformers` then frees our model and runs transformers' Gemma4ForCausalLM (random weights of its own:
 speed does not depend on the values) on the same shapes, in the same process; transformers has no serving engine, so
@@ -21,15 +21,12 @@ its serving figure is one static batch of the 64 prompts through `generate`. tra
 
 from __future__ import annotations
 
-import functools
 import gc
-import statistics
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from .config import SLIDING
 from .engine.sampling import SamplingParams
 from .llm import PREFILL_BUDGET
 
@@ -50,7 +47,6 @@ class BenchSpec:
     prefill_chunk: int = PREFILL_BUDGET  # tokens per prefill step, as `LLM` runs them
     num_layers: int | None = None
     device: str = "cuda"
-    profile: bool = False  # per decode batch: replay time vs bytes read, kernel count and top kernels (CUDA only)
 
 
 def _sync(device: str) -> None:
@@ -195,75 +191,10 @@ class TransformersEngine(Engine):
         return (out.shape[1] - prompts.shape[1]) * prompts.shape[0]
 
 
-def bytes_per_step(model, engine, written: int, batch: int = 1) -> int:
-    """The fewest bytes one decode step must read: every weight except the embedding tables (one row each; the
-    tied LM head reads the main table whole) and the experts no token chose, each row's sliding ring whole and the
-    first `written` positions of its global layers (what the decode kernel reads)."""
-    text = model.text
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    if text.ple_dim:
-        table = text.embed_tokens_per_layer.weight
-        total -= table.numel() * table.element_size()
-    cfg = model.config.text_config
-    if cfg.enable_moe_block:
-        # Experts some token of the batch chose, expected under uniform routing (random weights route near it):
-        # k/E of them at batch 1, 1 - (1 - k/E)^B at batch B (26B-A4B: 6% at b1, 40% at b8, 98% at b64).
-        chosen = 1 - (1 - cfg.top_k_experts / cfg.num_experts) ** batch
-        for layer in text.layers:
-            for p in (layer.experts.gate_up_proj, layer.experts.down_proj):
-                total -= p.numel() * p.element_size() * (1 - chosen)
-    blocks = engine.blocks
-    for i, keys in blocks.keys.items():
-        slots = blocks.window if blocks.layer_types[i] == SLIDING else written
-        total += 2 * keys[:, :1].numel() * keys.element_size() * slots * batch  # K and V
-    return int(total)
-
-
-def profile_decode(model, batch: int, context: int, steps: int) -> dict:
-    """The engine's captured decode step alone (CUDA events, median of 50 replays) against the bytes it must read,
-    and the kernels of one eager run of the same step (torch.profiler): count, GPU time, the top 8."""
-    from .engine.generate import engine_for
-
-    vocab = model.config.text_config.vocab_size
-    ids = torch.randint(10, min(200_000, vocab), (batch, context), device="cuda")
-    model.generate(ids, max_new_tokens=3, do_sample=False, eos_token_id=None)  # the engine, its graph for `batch`
-    engine = engine_for(model, batch, context + steps + 1)
-    graphs = engine.runner.graphs
-    size = next(s for s in graphs.sizes if s >= batch)
-    graph, _ = graphs.graphs[size]
-    times = []
-    for _ in range(60):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    replay_ms = statistics.median(times[10:])
-    need = bytes_per_step(model, engine, context, batch)
-    kernels = kernel_profile(lambda: graphs._step(size), top=25)
-    return {"replay_ms": replay_ms, "bytes_per_step_GB": need / 1e9, "replay_GB_s": need / replay_ms / 1e6,
-            "kernels_per_step": kernels["kernels"], "eager_kernel_ms": kernels["kernel_ms"],
-            "top_kernels": kernels["top"]}
-
-
-def kernel_profile(fn, top: int = 8) -> dict:
-    """The CUDA kernels of one call of fn (torch.profiler): how many, their summed GPU time, the `top` longest."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    longest = sorted(events, key=lambda e: -e.self_device_time_total)[:top]
-    return {"kernels": sum(e.count for e in events), "kernel_ms": sum(e.self_device_time_total for e in events) / 1e3,
-            "top": [(e.key[:60], e.count, round(e.self_device_time_total / 1e3, 3)) for e in longest]}
-
-
 def run_engine(engine: Engine, spec: BenchSpec, log=print) -> dict:
     """Every figure of one engine: {(metric, shape): value}."""
     device, results = spec.device, {}
-    # Profiles run after every timing: once a profiler session has run, CUPTI stays attached and slows kernel
-    # launches (transformers' E2B b1 decode: 8.5 tok/s measured after one, 23.6 without; an H200 and an H100 run).
-    profiles, peaks = [], []  # peaks: each phase's peak memory (see _free)
+    peaks = []  # each phase's peak memory (see _free)
     repeat = spec.repeat if isinstance(engine, Gemma4Engine) else 1  # transformers: one timing (slow enough)
 
     def record(metric, shape, value):
@@ -279,8 +210,6 @@ def run_engine(engine: Engine, spec: BenchSpec, log=print) -> dict:
             engine.generate(ids, spec.steps + 1, chunk)  # warm-up: captures / compiles this batch size
             seconds = engine.decode_seconds(ids, spec.steps, chunk, device, repeat)
             record("decode tok/s", f"b{batch} ctx{spec.context}", batch * spec.steps / seconds)
-            if spec.profile and isinstance(engine, Gemma4Engine):
-                profiles.append(functools.partial(_log_decode_profile, engine, spec, batch, log))
         except torch.OutOfMemoryError:
             record("decode tok/s", f"b{batch} ctx{spec.context}", float("nan"))
         engine.free_caches()
@@ -308,36 +237,13 @@ def run_engine(engine: Engine, spec: BenchSpec, log=print) -> dict:
             ttft = timed(lambda: engine.generate(ids, 1, spec.prefill_chunk), device, repeat)
             record("prefill tok/s", label, length / ttft)
             record("TTFT s", label, ttft)
-            if spec.profile and isinstance(engine, Gemma4Engine):
-                profiles.append(functools.partial(_log_prefill_profile, engine, spec, ids, label, log))
         except torch.OutOfMemoryError:
             record("prefill tok/s", label, float("nan"))
         engine.free_caches()
         _free(peaks)
     if device == "cuda":
         record("peak memory GiB", "", max(peaks + [torch.cuda.max_memory_allocated()]) / 2**30)
-    for profile in profiles:
-        try:
-            profile()
-        except torch.OutOfMemoryError:
-            log("  profile: out of memory")
-        engine.free_caches()
-        _free()
     return results
-
-
-def _log_decode_profile(engine, spec, batch, log):
-    p = profile_decode(engine.model, batch, spec.context, spec.steps)
-    log(f"  profile b{batch}: replay {p['replay_ms']:.3f} ms/step, reads {p['bytes_per_step_GB']:.2f} GB "
-        f"-> {p['replay_GB_s']:.0f} GB/s; eager step {p['kernels_per_step']} kernels, "
-        f"{p['eager_kernel_ms']:.2f} ms of kernel time; top (name, count, ms):")
-    for name, count, ms in p["top_kernels"]:
-        log(f"    {ms:8.3f} ms {count:5d}x  {name}")
-
-
-def _log_prefill_profile(engine, spec, ids, label, log):
-    p = kernel_profile(lambda: engine.generate(ids, 1, spec.prefill_chunk))
-    log(f"  profile prefill {label}: {p['kernels']} kernels, {p['kernel_ms']:.1f} ms of kernel time; top: {p['top']}")
 
 
 def _free(peaks: list | None = None) -> None:

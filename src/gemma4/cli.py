@@ -129,15 +129,10 @@ def cmd_bench(args) -> None:
     import json
 
     from .bench import BenchSpec, bench, table
-    if args.profile and args.compare:
-        raise ValueError("--profile slows whatever runs after it (the profiler stays attached to the GPU): "
-                         "profile in a run of its own, without --compare")
     if args.device == "auto":  # a GPU; without one, the CPU only when asked (official sizes take hours there)
         args.device = "cuda"
     if args.device == "cuda" and not _cuda():
         raise ValueError("no CUDA GPU here: gemma4 bench measures on a GPU (--device cpu runs a tiny smoke test)")
-    if args.profile and args.device != "cuda":
-        raise ValueError("--profile needs a CUDA GPU")
     if args.compare == "transformers":
         try:
             import transformers  # noqa: F401
@@ -146,7 +141,7 @@ def cmd_bench(args) -> None:
     spec = BenchSpec(preset=args.preset, batches=args.batch, context=args.context, steps=args.steps,
                      repeat=args.repeat, concurrency=args.concurrency, serve_in=args.serve_in,
                      serve_out=args.serve_out, prefill=args.prefill, prefill_chunk=args.prefill_chunk,
-                     num_layers=args.num_layers, device=args.device, profile=args.profile)
+                     num_layers=args.num_layers, device=args.device)
     mine, theirs = bench(spec, args.compare, log=lambda line: print(line, file=sys.stderr, flush=True))
     print(table(spec, mine, theirs))
     if args.out:
@@ -246,7 +241,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cuda, cpu, or auto: CUDA (without a GPU, an error: the CPU "
                    "only when asked)")
     p.add_argument("--out", default=None, help="also write the figures as JSON here")
-    p.add_argument("--profile", action="store_true", help="also profile each decode batch size (CUDA only)")
     p.set_defaults(run=cmd_bench)
 
     from .server.cli import add_serve_arguments, run_serve
