@@ -192,6 +192,7 @@ def test_serve_prints_a_startup_summary(bf16_checkpoint, capsys):
         blocks = engine.engine.blocks.num_blocks
         assert (f"gemma4 serve: device cpu, dtype bfloat16, context 256 tokens, 16 sequences at most, KV cache "
                 f"{blocks} blocks of 16 tokens (") in err and "eager decode; ready in" in err
+        assert engine.engine.scheduler.budget == 2048  # the CPU's default step (8192 on a GPU): a 1120-token image fits
     finally:
         engine.shutdown()
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 
 
+# Tokens per engine step by default: long prompts prefill in few chunks, and an image of up to 1120 soft tokens fits.
+STEP_TOKENS = {"cuda": 8192, "cpu": 2048}
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     # Every option has a help string, so that --help (ArgumentDefaultsHelpFormatter) shows its default.
     parser.add_argument("model", help="checkpoint directory (with tokenizer files)")
@@ -16,7 +20,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="longest prompt + completion, in tokens (None: the longest that fits, at most the "
                              "model's max_position_embeddings)")
     parser.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one engine step")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="token budget of one engine step: the prefill chunk, at least one image's soft tokens "
+                             f"(None: {STEP_TOKENS['cuda']} on a GPU, as vLLM's server, {STEP_TOKENS['cpu']} on the CPU)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                         help="share of the GPU's memory for weights, activations and KV cache: the KV cache gets "
                              "what the weights and the largest prefill step leave (on the CPU: 4 GiB at most)")
@@ -46,8 +52,9 @@ def build_app_from_args(args):
     model = Model.from_pretrained(args.model, dtype=args.dtype, device=args.device)
     processor = Processor.from_pretrained(args.tokenizer or args.model)  # tokenizer + processor_config.json
     tokenizer = processor.tokenizer
+    step_tokens = args.max_num_batched_tokens or STEP_TOKENS.get(model.device.type, STEP_TOKENS["cpu"])
     state = build_state(model, tokenizer, args.served_model_name or args.model, max_model_len=args.max_model_len,
-                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=step_tokens,
                         num_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
                         default_enable_thinking=args.default_enable_thinking,
                         api_key=args.api_key, processor=processor,
