@@ -327,13 +327,16 @@ class DecoderLayer(nn.Module):
         if self.enable_moe_block:
             x, h = self.moe_feedforward(x, attn, **tail)
         else:
+            # x += post_attention_layernorm(o_proj(attn)); h = pre_feedforward_layernorm(x)
             x, h = add_normed_linear(x, attn, self.self_attn.o_proj, self.post_attention_layernorm,
                                      next_norm=self.pre_feedforward_layernorm, defer=defers("o_proj"))
+            # x += post_feedforward_layernorm(mlp(h))  [then * layer_scalar and next_norm, without PLE]
             x, h = add_normed_linear(x, self.mlp.hidden(h), self.mlp.down_proj, self.post_feedforward_layernorm,
                                      **tail, defer=defers("down_proj") and (self.has_per_layer_input or defer_next))
         if not self.has_per_layer_input:
             return x, h
-        # h is None here, or x deferred to the PLE gate's GEMV (no norm after this residual add)
+        # E2B/E4B: x = (x + post_per_layer_input_norm(per_layer_projection(act(per_layer_input_gate(x)) *
+        # per_layer_input))) * layer_scalar. h is None here, or x deferred to the gate's GEMV (no norm after the add).
         ple = gated_linear(h if h is not None else x, self.per_layer_input_gate.weight, self.activation,
                            per_layer_input)
         return add_normed_linear(x, ple, self.per_layer_projection, self.post_per_layer_input_norm,
