@@ -202,27 +202,26 @@ def save_model(model: Gemma4, directory, max_shard_bytes: int = 5 * 2**30, gener
     tensors = {checkpoint_key(name, config.layout): _own_memory(t.detach().contiguous().cpu())
                for name, t in model.state_dict().items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
+    sizes = [0]  # bytes of each shard
     for key, tensor in tensors.items():
         nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
+        if shards[-1] and sizes[-1] + nbytes > max_shard_bytes:
             shards.append({})
-            size = 0
+            sizes.append(0)
         shards[-1][key] = tensor
-        size += nbytes
-    nbytes = lambda shard: sum(t.numel() * t.element_size() for t in shard.values())  # noqa: E731
-    bar = progress_bar(nbytes(tensors), "writing weights", progress)
+        sizes[-1] += nbytes
+    bar = progress_bar(sum(sizes), "writing weights", progress)
     if len(shards) == 1:
         save_file(shards[0], directory / "model.safetensors", metadata={"format": "pt"})
-        bar.update(nbytes(tensors))
+        bar.update(sizes[0])
     else:
         weight_map = {}
-        for i, shard in enumerate(shards, 1):
+        for i, (shard, size) in enumerate(zip(shards, sizes), 1):
             name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
             save_file(shard, directory / name, metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(shard, name))
-            bar.update(nbytes(shard))
-        index = {"metadata": {"total_size": nbytes(tensors)}, "weight_map": weight_map}
+            bar.update(size)
+        index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
         (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     bar.close()
     if generation_config is not None:

@@ -306,8 +306,9 @@ async def _chat_stream(state, choices, prefix, rid, created, name, include_usage
 
     parsers = {c.index: StreamParser(prefix=prefix) for c in choices}
     saw_call = {c.index: False for c in choices}
-    # Logprobs of tokens whose text the parser still holds back (a marker in the making): sent with the next delta.
-    pending_logprobs: dict[int, list] = {c.index: [] for c in choices}
+    # Logprobs sent so far (c.logprobs[:sent]): those of tokens whose text the parser still holds back (a marker in
+    # the making) go with the next delta, as in completions' stream.
+    sent = {c.index: 0 for c in choices}
     first = True
 
     def deltas(c, text, final):
@@ -329,17 +330,16 @@ async def _chat_stream(state, choices, prefix, rid, created, name, include_usage
             yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None}])
         async for c, out in merged(choices, request):
-            text, logprobs = c.consume(out)
+            text, _ = c.consume(out)
             if first and text:
                 state.metrics.ttft.observe(time.monotonic() - started)
                 first = False
             pieces = deltas(c, text, c.done) if (text or c.done) else []
-            pending_logprobs[c.index] += [_chat_logprob(state.tokenizer, x) for x in logprobs]
-            if c.done and pending_logprobs[c.index] and not pieces:
+            if c.done and len(c.logprobs) > sent[c.index] and not pieces:
                 pieces = [{}]
             for delta in pieces:
-                lp = {"content": pending_logprobs[c.index]} if pending_logprobs[c.index] else None
-                pending_logprobs[c.index] = []
+                unsent, sent[c.index] = c.logprobs[sent[c.index]:], len(c.logprobs)
+                lp = {"content": [_chat_logprob(state.tokenizer, x) for x in unsent]} if unsent else None
                 yield chunk([{"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": None}])
             if c.done:
                 finish = "tool_calls" if saw_call[c.index] else c.finish_reason
