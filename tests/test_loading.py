@@ -149,3 +149,10 @@ def test_cli_errors_are_one_line(capsys):
     assert cli_main(["init", "--preset", "7B", "--out", "/tmp/x"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown preset" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cli_init_on_a_device_the_machine_lacks_is_one_line(tmp_path, capsys):
+    assert cli_main(["init", "--preset", "E2B", "--num-layers", "1", "--device", "cuda", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no CUDA GPU" in err

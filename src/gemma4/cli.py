@@ -15,7 +15,8 @@ def cmd_init(args) -> None:
     dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
              "fp16": torch.float16, "float16": torch.float16}[args.dtype]
     out = write_random_checkpoint(args.preset, args.out, num_layers=args.num_layers, text_only=args.text_only,
-                                  dtype=dtype, tokenizer=args.tokenizer, seed=args.seed)
+                                  dtype=dtype, tokenizer=args.tokenizer, seed=args.seed,
+                                  device=args.device)
     print(f"wrote a RANDOM-WEIGHT {args.preset} checkpoint to {out}")
 
 
@@ -195,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "bfloat16", "fp32", "float32", "fp16", "float16"],
                    help="dtype of the weights written")
     p.add_argument("--tokenizer", default=None, help="directory whose tokenizer files are copied in")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (values differ between devices)")
+    p.add_argument("--device", default="auto", help="where the weights are drawn: " + DEVICE_HELP)
     p.set_defaults(run=cmd_init)
 
     p = add("generate", help="stream a completion of a prompt")

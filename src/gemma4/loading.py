@@ -199,28 +199,26 @@ def save_model(model: Gemma4, directory, max_shard_bytes: int = 5 * 2**30, gener
     directory.mkdir(parents=True, exist_ok=True)
     config = model.config
     config.save(directory)
-    tensors = {checkpoint_key(name, config.layout): _own_memory(t.detach().contiguous().cpu())
-               for name, t in model.state_dict().items()}
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    # Shards are planned from the sizes alone and copied to host memory one at a time: a model on the GPU is written
+    # with one shard's worth of host memory.
+    shards: list[dict[str, torch.Tensor]] = [{}]  # checkpoint key -> the model's tensor, wherever it lives
     sizes = [0]  # bytes of each shard
-    for key, tensor in tensors.items():
+    for name, tensor in model.state_dict().items():
         nbytes = tensor.numel() * tensor.element_size()
         if shards[-1] and sizes[-1] + nbytes > max_shard_bytes:
             shards.append({})
             sizes.append(0)
-        shards[-1][key] = tensor
+        shards[-1][checkpoint_key(name, config.layout)] = tensor
         sizes[-1] += nbytes
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
     bar = progress_bar(sum(sizes), "writing weights", progress)
-    if len(shards) == 1:
-        save_file(shards[0], directory / "model.safetensors", metadata={"format": "pt"})
-        bar.update(sizes[0])
-    else:
-        weight_map = {}
-        for i, (shard, size) in enumerate(zip(shards, sizes), 1):
-            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, directory / name, metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, name))
-            bar.update(size)
+    for name, shard, size in zip(names, shards, sizes):
+        host = {key: _own_memory(t.detach().contiguous().cpu()) for key, t in shard.items()}
+        save_file(host, directory / name, metadata={"format": "pt"})
+        bar.update(size)
+    if len(shards) > 1:
+        weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
         index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
         (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     bar.close()

@@ -111,11 +111,14 @@ def random_model(config: Config, dtype: torch.dtype = torch.bfloat16, seed: int 
 
 def write_random_checkpoint(preset: str, out: str | Path, num_layers: int | None = None, text_only: bool = False,
                             dtype: torch.dtype = torch.bfloat16, tokenizer: str | Path | None = None,
-                            seed: int = 0) -> Path:
+                            seed: int = 0, device: str = "cpu") -> Path:
+    """The weights are drawn on `device` (the GPU draws a 31B model in seconds) and written a shard at a time."""
+    from .loading import resolve_device
+
     config = random_config(preset, num_layers, text_only)
     if text_only:
         config.layout = "text"
-    model = random_model(config, dtype, seed)
+    model = random_model(config, dtype, seed, resolve_device(device))
     out = Path(out)
     generation = json.loads((PRESET_DIR / _preset_dir(preset) / "generation_config.json").read_text())
     model.save_pretrained(out, generation_config=generation)
