@@ -19,7 +19,8 @@ import os
 
 import torch
 
-from ..config import SLIDING, TextConfig
+from ..config import TextConfig
+from ..model.paged_cache import KVPools
 
 GiB = 2**30
 CPU_KV_BYTES = 4 * GiB
@@ -28,18 +29,13 @@ HINT = ("lower --max-model-len or --max-num-seqs, or raise --gpu-memory-utilizat
 
 
 def kv_bytes(config: TextConfig, dtype: torch.dtype, block_size: int) -> tuple[int, int]:
-    """(bytes of one block across every global layer, bytes of one sequence's rings across every sliding layer)."""
-    size = torch.empty(0, dtype=dtype).element_size()
-    per_block = per_ring = 0
-    for i, kind in enumerate(config.layer_types):
-        if config.is_kv_shared(i):
-            continue
-        per_token = 2 * config.layer_num_kv_heads[i] * config.layer_head_dims[i] * size  # K and V
-        if kind == SLIDING:
-            per_ring += per_token * config.sliding_window
-        else:
-            per_block += per_token * block_size
-    return per_block, per_ring
+    """(bytes of one block across every global layer, bytes of one sequence's rings across every sliding layer),
+    read off pools built on the meta device: the layout is KVPools' own."""
+    def pools(num_blocks: int, max_num_seqs: int) -> int:
+        return KVPools(config, num_blocks, block_size, max_num_seqs, dtype, "meta").nbytes
+
+    empty = pools(0, 0)
+    return pools(1, 0) - empty, pools(0, 1) - empty
 
 
 def free_ram() -> int | None:
