@@ -1,8 +1,8 @@
-"""The engine's captured batch-1 decode step as a timeline: every kernel of one CUDA-graph replay in launch order, with the
+"""The engine's captured decode step (batch 1 unless --batch) as a timeline: every kernel of one CUDA-graph replay in launch order, with the
 time each one adds to the step (its end minus the previous kernel's end: with programmatic dependent launch the next
 kernel starts before the previous one ends, so durations overlap and only these increments sum to the step).
 
-    python benchmarks/decode_timeline.py --preset E2B [--context 1024] [--layers 0,20]
+    python benchmarks/decode_timeline.py --preset E2B [--batch 1] [--context 1024] [--layers 0,20]
 
 Prints the step time and the bandwidth it reaches (the bytes the step must read over the replay time), the
 increments summed per kernel name (count, us, share), then the kernels before the first decoder layer, of the listed
@@ -81,6 +81,7 @@ def short(name: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="E2B")
+    parser.add_argument("--batch", type=int, default=1, help="rows of the step (a graph bucket of the engine)")
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--layers", default="0,-2", help="decoder layers to list kernel by kernel")
     parser.add_argument("--ops", action="store_true", help="also list the PyTorch ops of an eager step that launch kernels")
@@ -88,28 +89,29 @@ def main() -> None:
 
     model = random_model(random_config(args.preset, text_only=True), torch.bfloat16, device="cuda")
     vocab = model.config.text_config.vocab_size
-    ids = torch.randint(10, min(200_000, vocab), (1, args.context), device="cuda")
+    batch = args.batch
+    ids = torch.randint(10, min(200_000, vocab), (batch, args.context), device="cuda")
     steps = 64
     params = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True)
-    engine = engine_for(model, 1, args.context + steps)
+    engine = engine_for(model, batch, args.context + steps)
     for _ in range(2):  # the first run captures the graph
-        seq_id = engine.add_request(ids[0].tolist(), params)
-        times = [time.perf_counter() for out in engine.run([seq_id]) if out.token is not None]
+        seq_ids = [engine.add_request(row.tolist(), params) for row in ids]
+        times = [time.perf_counter() for out in engine.run(seq_ids) if out.token is not None and out.seq_id == seq_ids[0]]
     graphs = engine.runner.graphs
-    graph = graphs.graphs[1][0]
+    graph = graphs.graphs[batch][0]
     loop_ms = (times[-1] - times[1]) / (len(times) - 2) * 1e3
     step_ms = replay_ms(graph)
-    print(f"{args.preset} b1 ctx{args.context}: replay {step_ms * 1e3:.1f} us/step; generation loop "
+    print(f"{args.preset} b{batch} ctx{args.context}: replay {step_ms * 1e3:.1f} us/step; generation loop "
           f"{loop_ms * 1e3:.1f} us/token ({1 / loop_ms * 1e3:.1f} tok/s): the host adds "
           f"{(loop_ms - step_ms) * 1e3:.1f} us")
-    need = bytes_per_step(model, engine, args.context)
+    need = bytes_per_step(model, engine, args.context, batch)
     print(f"the step must read {need / 1e9:.3f} GB: {need / step_ms / 1e6:.0f} GB/s during the replay")
 
     if args.ops:  # the PyTorch ops of one eager step that launch kernels, in order, with their kernels
-        graphs._step(1)
+        graphs._step(batch)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                 torch.profiler.ProfilerActivity.CUDA]) as prof:
-            graphs._step(1)  # the captured step's code, run eagerly
+            graphs._step(batch)  # the captured step's code, run eagerly
             torch.cuda.synchronize()
         for event in prof.events():
             if event.device_type == torch.autograd.DeviceType.CPU and event.kernels and event.name.startswith("aten"):
