@@ -33,13 +33,8 @@ class IncrementalText:
         return self._flush(len(self.text))
 
     def _partial_stop_length(self, text: str) -> int:
-        longest = 0
-        for stop in self.stop:
-            for n in range(min(len(stop) - 1, len(text)), 0, -1):
-                if text.endswith(stop[:n]):
-                    longest = max(longest, n)
-                    break
-        return longest
+        """Length of the longest end of `text` that begins (but is not all of) a stop string."""
+        return max((n for stop in self.stop for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0)
 
     def _flush(self, upto: int) -> str:
         delta = self.text[self.emitted: upto] if upto > self.emitted else ""

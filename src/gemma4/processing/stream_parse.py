@@ -61,10 +61,8 @@ def generation_prefix(prompt: str) -> str:
     """The part of `prompt` that the generated text continues: what follows its last turn boundary, e.g. ""
     after `<|turn>model\n`, `<|channel>thought\n`, or a forced `<|tool_call>call:`. A prompt without any
     boundary is all continued (a caller may pass just that part)."""
-    last = None
-    for last in _ANSWER_STARTS.finditer(prompt):
-        pass
-    return prompt[last.end() :] if last else prompt
+    starts = [match.end() for match in _ANSWER_STARTS.finditer(prompt)]
+    return prompt[starts[-1] :] if starts else prompt
 
 
 # ------------------------------------------------------------------------------------------------- events
@@ -254,12 +252,9 @@ class StreamParser:
     def _on_delimiter(self, delim: str) -> None:
         s = self._s
         if s.mode == "call":
-            if delim == CALL_OPEN:  # a new call before the previous one was closed
-                self._end_call(terminated=True)
-                s.mode = "call"
-                return
             self._end_call(terminated=True)
-            s.mode = "done" if delim in TURN_ENDS else "content"
+            if delim != CALL_OPEN:  # a `<|tool_call>` before this call was closed starts the next one
+                s.mode = "done" if delim in TURN_ENDS else "content"
             return
         if delim in TURN_ENDS:
             s.ended_in_channel = s.mode == "channel"
@@ -312,10 +307,8 @@ def _partial_delimiter_start(buffer: str) -> int:
     """Where a possibly incomplete delimiter begins at the end of `buffer` (len(buffer) if none).
     Every delimiter has a single '<', at its start, so only the last '<' can begin one."""
     start = buffer.rfind("<")
-    if start < 0:
-        return len(buffer)
     tail = buffer[start:]
-    if any(d.startswith(tail) and d != tail for d in _ALL_DELIMS):
+    if start >= 0 and any(d.startswith(tail) and d != tail for d in _ALL_DELIMS):
         return start
     return len(buffer)
 
@@ -335,14 +328,11 @@ def accumulate(events: Iterable[Event]) -> dict:
             arguments[event.index] = []
         elif isinstance(event, ToolCallArguments):
             arguments[event.index].append(event.arguments)
-    tool_calls = []
-    for index in sorted(calls):
-        call = calls[index]
+    for index, call in calls.items():
         call["function"]["arguments"] = json.loads("".join(arguments[index]) or "{}")
-        tool_calls.append(call)
     return {
         "role": "assistant",
         "content": "".join(content) or None,
         "reasoning_content": "".join(reasoning) or None,
-        "tool_calls": tool_calls,
+        "tool_calls": [calls[index] for index in sorted(calls)],
     }

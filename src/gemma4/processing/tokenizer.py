@@ -129,7 +129,6 @@ class Tokenizer:
         self.backend = backend
         self.config = dict(config or {})
         self.chat_template = chat_template
-        self._added = {tok.content: tok for tok in backend.get_added_tokens_decoder().values()}
 
         self.bos_token = self._config_token("bos_token")
         self.eos_token = self._config_token("eos_token")
@@ -175,13 +174,9 @@ class Tokenizer:
         return _token_content(self.config.get(key))
 
     def _extra_special_tokens(self) -> dict[str, str]:
-        extra = self.config.get("extra_special_tokens") or {}
-        names = {}
-        if isinstance(extra, dict):
-            names.update({k: _token_content(v) for k, v in extra.items()})
-        for key in _CONFIG_TOKEN_KEYS:
-            if key in self.config and _token_content(self.config[key]):
-                names[key] = _token_content(self.config[key])
+        extra = self.config.get("extra_special_tokens")
+        names = {k: _token_content(v) for k, v in extra.items()} if isinstance(extra, dict) else {}
+        names.update({key: self._config_token(key) for key in _CONFIG_TOKEN_KEYS if self._config_token(key)})
         return {k: v for k, v in names.items() if v}
 
     def _config_token_names(self) -> dict[str, str]:

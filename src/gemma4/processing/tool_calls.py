@@ -141,12 +141,7 @@ class _Reader:
                 self.fail(f"expected one of {separators!r} after key {key!r}")
             self.pos += 1
             result[key] = self.value()
-            self.skip_ws()
-            if self.peek(","):
-                self.pos += 1
-                self.skip_ws()
-            elif not self.peek(close):
-                self.fail(f"expected ',' or {close!r}")
+            self.separator(close)
         self.pos += len(close)
         return result
 
@@ -156,14 +151,18 @@ class _Reader:
         self.skip_ws()
         while not self.peek("]"):
             items.append(self.value())
-            self.skip_ws()
-            if self.peek(","):
-                self.pos += 1
-                self.skip_ws()
-            elif not self.peek("]"):
-                self.fail("expected ',' or ']'")
+            self.separator("]")
         self.pos += 1
         return items
+
+    def separator(self, close: str) -> None:
+        """After an item of an object or array: a ',' (and the whitespace after it), or `close` next."""
+        self.skip_ws()
+        if self.peek(","):
+            self.pos += 1
+            self.skip_ws()
+        elif not self.peek(close):
+            self.fail(f"expected ',' or {close!r}")
 
 
 def _bare_value(raw: str) -> Any:
