@@ -75,7 +75,7 @@ def _decode_wav(data: bytes) -> tuple[np.ndarray, int]:
         pos += 8 + size + (size & 1)  # chunks are word-aligned
     if fmt is None or len(fmt) < 16 or payload is None:
         raise ValueError("cannot read audio: WAV file lacks a fmt or data chunk")
-    tag, channels, rate, _, block_align, bits = struct.unpack("<HHIIHH", fmt[:16])
+    tag, channels, rate, _, _, bits = struct.unpack("<HHIIHH", fmt[:16])  # byte rate and block align unused
     if tag == 0xFFFE and len(fmt) >= 26:  # WAVE_FORMAT_EXTENSIBLE: the real tag starts the sub-format GUID
         tag = struct.unpack("<H", fmt[24:26])[0]
     if channels == 0 or rate == 0:
@@ -120,8 +120,7 @@ def _decode_with_optional_packages(data: bytes, fmt: str) -> tuple[np.ndarray, i
         soundfile = None
     if soundfile is not None:
         try:
-            samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
-            return samples, rate
+            return soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
         except Exception as e:  # noqa: BLE001 - fall through to PyAV, then report
             error = e
     try:

@@ -82,9 +82,9 @@ def load_image(source) -> Image.Image:
             image = _decode_bytes(data, "data URL")
         elif text.startswith(("http://", "https://")):
             raise ValueError("image URLs are not fetched; download the image and pass its bytes or path")
+        elif not os.path.isfile(text):
+            raise ValueError(f"cannot read image: no such file {text!r}")
         else:
-            if not os.path.isfile(text):
-                raise ValueError(f"cannot read image: no such file {text!r}")
             with open(text, "rb") as f:
                 image = _decode_bytes(f.read(), f"file {text!r}")
     else:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -58,14 +59,17 @@ def _per_prompt(items, texts: list[str], token: str, what: str) -> list[list]:
         if sum(counts) != len(flat):
             raise ValueError(f"the prompt{'s have' if len(texts) > 1 else ' has'} {sum(counts)} {token} "
                              f"placeholders but {len(flat)} {what} were given")
-        nested, start = [], 0
-        for n in counts:
-            nested.append(flat[start:start + n])
-            start += n
+        nested = _split(flat, counts)
     for i, (n, group) in enumerate(zip(counts, nested)):
         if n != len(group):
             raise ValueError(f"prompt {i} has {n} {token} placeholders but {len(group)} {what} were given")
     return nested
+
+
+def _split(items, sizes) -> list[list]:
+    """`items` cut into consecutive runs of the given sizes."""
+    it = iter(items)
+    return [list(islice(it, n)) for n in sizes]
 
 
 class Processor:
@@ -157,27 +161,20 @@ class Processor:
             video_batch = process_videos(flat_videos, fps=video_fps, sampling=video_sampling,
                                          num_frames=self.video_num_frames, max_soft_tokens=self.video_max_soft_tokens)
 
+        # Each prompt's share of the batch's soft-token counts (per video: tokens per frame and timestamps).
+        image_tokens = _split(image_batch.num_soft_tokens if image_batch else [], map(len, image_groups))
+        audio_tokens = _split(audio_batch.num_soft_tokens if audio_batch else [], map(len, audio_groups))
+        video_tokens = _split(zip(video_batch.num_soft_tokens_per_frame, video_batch.timestamps) if video_batch else [],
+                              map(len, video_groups))
         ids = []
-        counters = {"image": 0, "audio": 0, "video": 0}
         bos = self.tokenizer.bos_token
-        for prompt, imgs, clips, vids in zip(texts, image_groups, audio_groups, video_groups):
-            take = {}
-            for kind, group, batch_tokens in (
-                    ("image", imgs, image_batch.num_soft_tokens if image_batch else []),
-                    ("audio", clips, audio_batch.num_soft_tokens if audio_batch else []),
-                    ("video", vids, list(zip(video_batch.num_soft_tokens_per_frame, video_batch.timestamps))
-                     if video_batch else [])):
-                start = counters[kind]
-                take[kind] = batch_tokens[start:start + len(group)]
-                counters[kind] += len(group)
-            expanded, _ = expand_prompt(prompt, image_tokens=take["image"], audio_tokens=take["audio"],
-                                        videos=take["video"])
+        for prompt, imgs, clips, vids in zip(texts, image_tokens, audio_tokens, video_tokens):
+            expanded, _ = expand_prompt(prompt, image_tokens=imgs, audio_tokens=clips, videos=vids)
             special = add_special_tokens if add_special_tokens is not None else not (bos and prompt.startswith(bos))
             ids.append(self.tokenizer.encode(expanded, add_special_tokens=special))
 
-        special_ids = {"image": self.tokenizer.token_to_id(IMAGE_TOKEN), "video": self.tokenizer.token_to_id(VIDEO_TOKEN),
-                       "audio": self.tokenizer.token_to_id(AUDIO_TOKEN)}
-        type_of = {special_ids["image"]: 1, special_ids["video"]: 2, special_ids["audio"]: 3}
+        type_of = {self.tokenizer.token_to_id(token): kind
+                   for token, kind in ((IMAGE_TOKEN, 1), (VIDEO_TOKEN, 2), (AUDIO_TOKEN, 3))}
         type_ids = [[type_of.get(t, 0) for t in row] for row in ids]
         mask = [[1] * len(row) for row in ids]
         if return_tensors is None:

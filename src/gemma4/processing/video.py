@@ -115,8 +115,7 @@ def process_video(video, fps: float | None = None, sampling: str = "uniform", nu
         raise ValueError(f"unsupported video input of type {type(video).__name__}")
     if isinstance(frames, np.ndarray) and frames.ndim != 4:
         raise ValueError(f"a video array must be (frames, height, width, channels), got shape {frames.shape}")
-    total = len(frames)
-    indices = sample_frame_indices(total, fps, sampling, num_frames)
+    indices = sample_frame_indices(len(frames), fps, sampling, num_frames)
     batch = process_images([frames[i] for i in indices], max_soft_tokens=max_soft_tokens)
     timestamps = [float(i) / (fps or DEFAULT_FPS) for i in indices]
     return batch.pixel_values, batch.pixel_position_ids, batch.num_soft_tokens[0], timestamps
