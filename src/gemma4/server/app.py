@@ -181,9 +181,13 @@ async def _json_body(request: Request, state: ServerState, fields: dict) -> dict
     check_fields(body, fields)
     model = body.get("model")
     if model is not None and model not in state.model_names:
-        raise APIError(404, f"the model {model!r} does not exist; this server serves {state.model_names}",
-                         "not_found_error", "model", "model_not_found")
+        raise _unknown_model(state, model)
     return body
+
+
+def _unknown_model(state: ServerState, model: str) -> APIError:
+    return APIError(404, f"the model {model!r} does not exist; this server serves {state.model_names}",
+                    "not_found_error", "model", "model_not_found")
 
 
 def _check_prompt(state: ServerState, prompt_ids: list[int], body: dict, chat: bool):
@@ -205,14 +209,10 @@ def _start(state: ServerState, n: int, prompt_ids, params, stops, media=None, fi
         for i in range(n):
             seeded = params if params.seed is None or i == 0 else _with_seed(params, params.seed + i)
             choices.append(Choice(first + i, state.engine, state.tokenizer, prompt_ids, seeded, stops, media))
-    except EngineDead as e:
+    except (EngineDead, ValueError) as e:
         for c in choices:
             c.abort()
-        raise APIError(503, str(e), "server_error") from None
-    except ValueError as e:
-        for c in choices:
-            c.abort()
-        raise bad(str(e)) from None
+        raise (_engine_error(e) if isinstance(e, EngineDead) else bad(str(e))) from None
     state.metrics.prompt_tokens.inc(len(prompt_ids) * n)
     return choices
 
@@ -383,7 +383,7 @@ async def _run_to_end(state, choices, request, started) -> None:
 
 def _engine_error(e: EngineDead | RequestFailed) -> APIError:
     """503 when the engine is gone (for every request), 500 when this request alone failed in it."""
-    return APIError(503, str(e), "server_error") if isinstance(e, EngineDead) else APIError(500, str(e), "server_error")
+    return APIError(503 if isinstance(e, EngineDead) else 500, str(e), "server_error")
 
 
 def _observe(state: ServerState, choices: list[Choice], started: float) -> None:
@@ -597,8 +597,7 @@ async def _transcription(state: ServerState, request: Request):
         raise bad("'file' (the audio) is required", "file")
     model = text_field("model")
     if model is not None and model not in state.model_names and model != "whisper-1":
-        raise APIError(404, f"the model {model!r} does not exist; this server serves {state.model_names}",
-                         "not_found_error", "model", "model_not_found")
+        raise _unknown_model(state, model)
     response_format = text_field("response_format") or "json"
     if response_format not in ("json", "text"):
         raise bad("'response_format' must be json or text", "response_format")

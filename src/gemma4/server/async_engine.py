@@ -10,6 +10,7 @@ step to finish, and the aborted sequence's blocks are free within one step."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections import deque
@@ -71,10 +72,7 @@ class AsyncEngine:
 
     def _fail_all(self, error: EngineDead) -> None:
         for loop, queue in self.queues.values():
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, error)
-            except RuntimeError:  # the caller's loop is closed
-                pass
+            _deliver(loop, queue, error)
         self.queues.clear()
 
     def _loop(self) -> None:
@@ -96,16 +94,15 @@ class AsyncEngine:
                             self.on_fatal()
                         return
                     for out in outputs:
-                        target = self.queues.get(out.seq_id)
-                        if target is None:
-                            continue
-                        if out.finished:
-                            del self.queues[out.seq_id]
-                        loop, queue = target
-                        try:
-                            loop.call_soon_threadsafe(queue.put_nowait, out)
-                        except RuntimeError:  # the caller's loop is closed
-                            pass
+                        target = self.queues.pop(out.seq_id, None) if out.finished else self.queues.get(out.seq_id)
+                        if target is not None:
+                            _deliver(*target, out)
             if not busy:
                 self.wake.wait(timeout=0.5)
                 self.wake.clear()
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, item) -> None:
+    """Put `item` on a caller's queue from the engine thread."""
+    with contextlib.suppress(RuntimeError):  # the caller's loop is closed
+        loop.call_soon_threadsafe(queue.put_nowait, item)

@@ -145,8 +145,7 @@ def load_media(media: list[dict], allowed_domains: list[str]) -> tuple[list, lis
             if part.get("type") == "image":
                 images.append(load_image(data))
             else:
-                samples, rate = decode_audio(data, _audio_format(hint))
-                clips.append((samples, rate))
+                clips.append(decode_audio(data, _audio_format(hint)))
         except ValueError as e:
             raise bad(f"cannot decode the {part.get('type')} input: {e}", "messages") from None
         except Exception as e:  # noqa: BLE001  (a decoder library's own error types on hostile input)
