@@ -8,14 +8,11 @@ import sys
 
 
 def cmd_init(args) -> None:
-    import torch
-
+    from .loading import DTYPES
     from .random_init import write_random_checkpoint
 
-    dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
-             "fp16": torch.float16, "float16": torch.float16}[args.dtype]
     out = write_random_checkpoint(args.preset, args.out, num_layers=args.num_layers, text_only=args.text_only,
-                                  dtype=dtype, tokenizer=args.tokenizer, seed=args.seed,
+                                  dtype=DTYPES[args.dtype], tokenizer=args.tokenizer, seed=args.seed,
                                   device=args.device)
     print(f"wrote a RANDOM-WEIGHT {args.preset} checkpoint to {out}")
 

@@ -45,8 +45,19 @@ def _to_dict(obj) -> dict[str, Any]:
     return out
 
 
+class _JsonConfig:
+    """from_dict / to_dict: config.json key names, unknown keys kept in `extra`."""
+
+    @classmethod
+    def from_dict(cls, data):
+        return _from_dict(cls, data)
+
+    def to_dict(self):
+        return _to_dict(self)
+
+
 @dataclass
-class TextConfig:
+class TextConfig(_JsonConfig):
     """`text_config` of a Gemma 4 checkpoint (`model_type: gemma4_text`). Defaults are transformers' defaults."""
 
     model_type: str = "gemma4_text"
@@ -154,10 +165,10 @@ class TextConfig:
             if self.num_attention_heads % kv:
                 raise ConfigError(f"layer {i}: num_attention_heads is not a multiple of its {kv} KV heads")
         # Keep the released-form keys consistent, so that either form can be written back.
-        global_layers = [i for i, t in enumerate(self.layer_types) if t == FULL]
-        self.global_head_dim = self.layer_head_dims[global_layers[0]]
+        first_global = self.layer_types.index(FULL)
+        self.global_head_dim = self.layer_head_dims[first_global]
         if self.attention_k_eq_v:
-            self.num_global_key_value_heads = self.layer_num_kv_heads[global_layers[0]]
+            self.num_global_key_value_heads = self.layer_num_kv_heads[first_global]
 
     def _derive_kv_sharing(self) -> None:
         """Which layers compute K/V ("store" marks the producer a later layer reads), which reuse it.
@@ -196,10 +207,6 @@ class TextConfig:
         eos = self.eos_token_id
         return [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TextConfig":
-        return _from_dict(cls, data)
-
     def to_dict(self) -> dict[str, Any]:
         """The transformers 5.23 form (`per_layer_config`), which transformers and we both read."""
         out = _to_dict(self)
@@ -211,17 +218,6 @@ class TextConfig:
             if (hd, kv) != (self.head_dim, self.num_key_value_heads)
         }
         return out
-
-
-class _JsonConfig:
-    """from_dict / to_dict for the tower configs: config.json key names, unknown keys kept in `extra`."""
-
-    @classmethod
-    def from_dict(cls, data):
-        return _from_dict(cls, data)
-
-    def to_dict(self):
-        return _to_dict(self)
 
 
 @dataclass

@@ -97,9 +97,7 @@ def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
 
 def checkpoint_key(name: str, layout: str) -> str:
     """Our parameter name -> the key in a checkpoint of `layout` ("multimodal" or "text")."""
-    if layout == "text":
-        return name.replace("model.language_model.", "model.", 1)
-    return name
+    return name.replace("model.language_model.", "model.", 1) if layout == "text" else name
 
 
 def safetensors_files(directory: Path) -> list[Path]:

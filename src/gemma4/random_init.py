@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, PRESET_DIR
+from .config import PRESET_DIR, PRESETS, Config
 
 
 # Matrices get std GAIN / sqrt(fan_in). Below 1 the random network is less chaotic, so float rounding (e.g. another
@@ -120,16 +120,12 @@ def write_random_checkpoint(preset: str, out: str | Path, num_layers: int | None
         config.layout = "text"
     model = random_model(config, dtype, seed, resolve_device(device))
     out = Path(out)
-    generation = json.loads((PRESET_DIR / _preset_dir(preset) / "generation_config.json").read_text())
+    preset_dir = PRESET_DIR / {p.lower(): p for p in PRESETS}[preset.lower()]
+    generation = json.loads((preset_dir / "generation_config.json").read_text())
     model.save_pretrained(out, generation_config=generation)
-    shutil.copy(PRESET_DIR / _preset_dir(preset) / "processor_config.json", out / "processor_config.json")
+    shutil.copy(preset_dir / "processor_config.json", out / "processor_config.json")
     if tokenizer is not None:
         for name in TOKENIZER_FILES:
             if (Path(tokenizer) / name).is_file():
                 shutil.copy(Path(tokenizer) / name, out / name)
     return out
-
-
-def _preset_dir(preset: str) -> str:
-    from .config import PRESETS
-    return {p.lower(): p for p in PRESETS}[preset.lower()]
