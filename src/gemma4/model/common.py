@@ -1,4 +1,4 @@
-"""Small building blocks shared by the vision and audio towers.
+"""Small building blocks shared by the text decoder and the vision and audio towers.
 
 Parameter and buffer names follow the transformers 5.23 checkpoint layout, so a tower's `state_dict()` keys are
 exactly the checkpoint keys below its prefix (`model.vision_tower.`, `model.audio_tower.`, ...).
@@ -26,6 +26,13 @@ def activation(name: str):
         return _ACTIVATIONS[name]
     except KeyError:
         raise ValueError(f"unsupported activation {name!r}; expected one of {sorted(_ACTIVATIONS)}") from None
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE: pair i is dims i and i + D/2 of x's last dim (D); cos/sin broadcast to x."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
 
 
 class RMSNorm(nn.Module):

@@ -14,7 +14,7 @@ from torch import nn
 from .. import kernels
 from ..config import TextConfig
 from .attention import ForwardContext, MaskRule
-from .common import RMSNorm, activation
+from .common import RMSNorm, activation, apply_rope
 from .fused import Linear, add_normed_branches, add_normed_linear, defers, gated, gated_linear, linear
 
 
@@ -44,12 +44,6 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
     angles = positions[..., None].float() * inv_freq  # [B, L, head_dim/2]
     angles = torch.cat([angles, angles], dim=-1)[:, :, None, :]
     return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
 
 
 class Attention(nn.Module):

@@ -18,12 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from gemma4.config import VisionConfig
-from gemma4.model.common import ClippableLinear, MultimodalEmbedder, RMSNorm, activation
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
+from gemma4.model.attention import attend
+from gemma4.model.common import ClippableLinear, MultimodalEmbedder, RMSNorm, activation, apply_rope
 
 
 class VisionRotary(nn.Module):
@@ -49,8 +45,7 @@ class VisionRotary(nn.Module):
         cos, sin = cos[:, :, None], sin[:, :, None]
         x_axis, y_axis = x.chunk(2, dim=-1)
         (cos_x, cos_y), (sin_x, sin_y) = cos.chunk(2, dim=-1), sin.chunk(2, dim=-1)
-        return torch.cat([x_axis * cos_x + _rotate_half(x_axis) * sin_x,
-                          y_axis * cos_y + _rotate_half(y_axis) * sin_y], dim=-1)
+        return torch.cat([apply_rope(x_axis, cos_x, sin_x), apply_rope(y_axis, cos_y, sin_y)], dim=-1)
 
 
 class VisionAttention(nn.Module):
@@ -77,11 +72,7 @@ class VisionAttention(nn.Module):
         k = VisionRotary.apply(self.k_norm(self.k_proj(x).view(b, p, self.num_kv_heads, self.head_dim)), cos, sin)
         v = self.v_norm(self.v_proj(x).view(b, p, self.num_kv_heads, self.head_dim))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, P, head_dim)
-        if self.num_kv_heads != self.num_heads:
-            k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
-            v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_valid[:, None, None, :], scale=1.0)
-        return self.o_proj(out.transpose(1, 2).reshape(b, p, -1))
+        return self.o_proj(attend(q, k, v, key_valid[:, None, None, :]))
 
 
 class VisionMLP(nn.Module):
@@ -177,7 +168,7 @@ class VisionTower(nn.Module):
         slot = pos[..., 0] // k + blocks_per_row * (pos[..., 1] // k)  # (B, P); padding rows -> slot 0, adds 0
         # The average as a matmul with a (B, P, slots) matrix of 1/k**2 entries: this is how the reference sums,
         # and the same order of float additions keeps the soft tokens bit-identical to it.
-        weights = torch.nn.functional.one_hot(slot, num_slots).float() / k**2
+        weights = F.one_hot(slot, num_slots).float() / k**2
         pooled = weights.transpose(1, 2) @ hidden
         real = (~padding).sum(dim=-1, keepdim=True)
         valid = torch.arange(num_slots, device=hidden.device)[None] < real // k**2  # (B, P/k**2)
