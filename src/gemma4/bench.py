@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .engine.sampling import SamplingParams
+from .engine.engine import LLMEngine
+from .engine.generate import engine_for, free_engine
+from .engine.sampling import GEMMA4_DEFAULTS, SamplingParams
 from .llm import PREFILL_BUDGET
-
-DEFAULT_SAMPLING = {"temperature": 1.0, "top_p": 0.95, "top_k": 64}
 
 
 @dataclass
@@ -119,28 +119,23 @@ class Gemma4Engine(Engine):
                             prefill_chunk_size=chunk)
 
     def serve(self, prompts, new_tokens):
-        from .engine.engine import LLMEngine
-
         batch, length = prompts.shape
         if self.engine is None:  # a server starts once (the warm-up run captures its CUDA graphs)
             self.engine = LLMEngine(self.model, max_num_seqs=batch, max_model_len=length + self.max_new,
                                     max_num_batched_tokens=8192)
-        params = SamplingParams(max_tokens=new_tokens, ignore_eos=True, **DEFAULT_SAMPLING)
+        params = SamplingParams(max_tokens=new_tokens, ignore_eos=True, **GEMMA4_DEFAULTS)
         outputs = self.engine.generate(prompts.tolist(), params)
         return sum(len(o) for o in outputs)
 
     def token_times(self, ids, new_tokens, chunk):
-        from .engine.generate import engine_for
-
         engine = engine_for(self.model, ids.shape[0], ids.shape[1] + new_tokens, chunk * ids.shape[0])
         params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
         seq_ids = [engine.add_request(row, params) for row in ids.tolist()]
         # One time a step: when the first row's token reaches the host (every row's comes from the same step).
-        return [time.perf_counter() for out in engine.run(seq_ids) if out.seq_id == seq_ids[0] and out.token is not None]
+        return [time.perf_counter() for out in engine.run(seq_ids)
+                if out.seq_id == seq_ids[0] and out.token is not None]
 
     def free_caches(self):
-        from .engine.generate import free_engine
-
         free_engine(self.model)  # the engine kept for model.generate: KV pools and decode graphs
         self.engine = None
 
@@ -187,7 +182,7 @@ class TransformersEngine(Engine):
 
     def serve(self, prompts, new_tokens):
         out = self.model.generate(prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
-                                  eos_token_id=None, pad_token_id=0, **DEFAULT_SAMPLING)
+                                  eos_token_id=None, pad_token_id=0, **GEMMA4_DEFAULTS)
         return (out.shape[1] - prompts.shape[1]) * prompts.shape[0]
 
 

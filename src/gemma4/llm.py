@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 from .engine.engine import LLMEngine
 from .engine.generate import keep_engine
 from .engine.memory import summary
-from .engine.sampling import GEMMA4_STOP_IDS, SamplingParams, TokenLogprobs
+from .engine.sampling import SamplingParams, TokenLogprobs
 from .model.gemma4 import Gemma4
 from .pretrained import Model
 from .processing.detokenize import IncrementalText
@@ -48,10 +48,7 @@ class LLM:
         from .processing.tokenizer import Tokenizer
 
         start = time.perf_counter()
-        if isinstance(model, Gemma4):
-            self.model = model
-        else:
-            self.model = Model.from_pretrained(model, dtype=dtype, device=device)
+        self.model = model if isinstance(model, Gemma4) else Model.from_pretrained(model, dtype=dtype, device=device)
         checkpoint = getattr(self.model, "checkpoint_dir", None)
         if tokenizer is None and checkpoint is not None and Path(checkpoint, "tokenizer.json").is_file():
             tokenizer = Tokenizer.from_pretrained(checkpoint)
@@ -59,8 +56,6 @@ class LLM:
             tokenizer = Tokenizer.from_pretrained(tokenizer)
         self.tokenizer = tokenizer
         self.default_params = SamplingParams.defaults_for(checkpoint)
-        stops = self.model.generation_config.get("eos_token_id", list(GEMMA4_STOP_IDS))
-        self.stop_ids = {stops} if isinstance(stops, int) else set(stops)
         seqs = max_batch_size or 16
         while True:  # each sequence holds sliding-window rings: 800 MiB for 31B, so 16 may not fit beside it
             try:
@@ -73,6 +68,7 @@ class LLM:
                     raise
                 seqs //= 2
         self.max_batch_size = seqs
+        self.stop_ids = set(self.engine.stop_token_ids)  # the checkpoint's (generation_config.json)
         keep_engine(self.model, self.engine)
         if self.model.device.type == "cuda":  # compile the kernels and capture the graphs before the first request
             self.engine.warm_up()

@@ -142,7 +142,6 @@ class ModelRunner:
                             seq.generator_on(device), seq.kept_rows)
 
 
-
 def _media_at(item: Scheduled) -> bool:
     """Whether a one-token chunk is an image/audio position (it then needs the media path, not the decode step)."""
     media = item.seq.media
@@ -164,10 +163,9 @@ class Launched:
     the step alone."""
 
     def __init__(self, batch: list[Scheduled], results: list, fast: list[int], tokens: torch.Tensor | None,
-                 checked: torch.Tensor | None = None):
+                 checked: torch.Tensor | None):
         self.batch, self.results, self.fast, self.tokens = batch, results, fast, tokens
         self._sources = {batch[row].seq.seq_id: i for i, row in enumerate(fast)}
-        checked = tokens if checked is None else checked
         self._host, self._copied, self._collected = checked, None, None
         if checked is not None and checked.is_cuda:
             self._host = torch.empty(checked.shape, dtype=checked.dtype, pin_memory=True)

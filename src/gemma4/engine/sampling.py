@@ -196,9 +196,7 @@ def finish_reason(token: int, num_output: int, params: SamplingParams, stop_ids)
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
-    if seed is None:
-        return None
-    return torch.Generator(device=device).manual_seed(seed)
+    return None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
 
 @dataclass

@@ -71,10 +71,9 @@ class Scheduler:
 
     def _preempt_other(self, keep: Sequence, batch: list[Scheduled]) -> bool:
         """Free the newest running sequence other than `keep`; False if there is none."""
-        victims = [s for s in reversed(self.running) if s is not keep]
-        if not victims:
+        victim = next((s for s in reversed(self.running) if s is not keep), None)
+        if victim is None:
             return False
-        victim = victims[0]
         self.num_preemptions += 1
         batch[:] = [item for item in batch if item.seq is not victim]
         self.running.remove(victim)
