@@ -132,15 +132,14 @@ class ForwardContext:
 
     def keys_and_values(self, layer_idx: int, layer_type: str, key: torch.Tensor, value: torch.Tensor):
         """Store this layer's new K/V and return everything the layer attends to, with the mask."""
-        if self.cache is None:
-            if layer_type not in self.masks:
-                key_positions = torch.where(self.valid, self.positions, -1)
-                self.masks[layer_type] = self._mask(layer_type, key_positions, self.blocks)
-            return key, value, self.masks[layer_type]
-        key, value = self.cache.update(layer_idx, key, value)
+        if self.cache is not None:
+            key, value = self.cache.update(layer_idx, key, value)
         if layer_type not in self.masks:
-            key_positions = self.cache.key_positions(layer_type)
-            key_blocks = self._key_blocks(layer_type, key_positions.shape[1]) if self.blocks is not None else None
+            if self.cache is None:
+                key_positions, key_blocks = torch.where(self.valid, self.positions, -1), self.blocks
+            else:
+                key_positions = self.cache.key_positions(layer_type)
+                key_blocks = self._key_blocks(layer_type, key_positions.shape[1]) if self.blocks is not None else None
             self.masks[layer_type] = self._mask(layer_type, key_positions, key_blocks)
         return key, value, self.masks[layer_type]
 

@@ -251,7 +251,6 @@ class AudioTower(nn.Module):
             input_features_mask = torch.ones(input_features.shape[:2], dtype=torch.bool,
                                              device=input_features.device)
         x, valid = self.subsample_conv_projection(input_features, input_features_mask.bool())
-        valid = valid.bool()
         rel_embedding = self.relative_position_embedding(x.dtype)
         allowed = self.block_mask(valid)
         for layer in self.layers:

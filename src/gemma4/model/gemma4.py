@@ -13,6 +13,7 @@ from ..config import Config
 from ..options import options
 from .attention import ForwardContext
 from .cache import KVCache
+from .common import MultimodalEmbedder
 from .fused import linear
 from .text import TextModel
 
@@ -35,13 +36,11 @@ class Backbone(nn.Module):
         self.language_model = TextModel(config.text_config)
         self.vision_tower = self.embed_vision = self.audio_tower = self.embed_audio = None
         if config.vision_config is not None:
-            from .common import MultimodalEmbedder
             from .vision import VisionTower
             self.vision_tower = VisionTower(config.vision_config)
             self.embed_vision = MultimodalEmbedder.for_vision(config.vision_config, config.text_config)
         if config.audio_config is not None:
             from .audio import AudioTower
-            from .common import MultimodalEmbedder
             self.audio_tower = AudioTower(config.audio_config)
             self.embed_audio = MultimodalEmbedder.for_audio(config.audio_config, config.text_config)
 
@@ -155,10 +154,8 @@ class Gemma4(nn.Module):
         valid = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
                  else attention_mask.to(device=input_ids.device, dtype=torch.bool))
         if position_ids is None:
-            if cache is not None:
-                position_ids = cache.next_positions(valid)
-            else:
-                position_ids = (valid.long().cumsum(dim=1) - 1).masked_fill(~valid, 0)
+            position_ids = (cache.next_positions(valid) if cache is not None
+                            else (valid.long().cumsum(dim=1) - 1).masked_fill(~valid, 0))
         limit = self.config.text_config.max_position_embeddings
         # The engine checked the lengths and ids of its requests up front (a host sync here would break CUDA-graph
         # capture).

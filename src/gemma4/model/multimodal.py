@@ -87,8 +87,7 @@ def merge_media(model, input_ids: torch.Tensor, embeds: torch.Tensor | None = No
         raise TypeError(f"unexpected model inputs {sorted(unknown)}; multimodal inputs are pixel_values, "
                         "image_position_ids, pixel_values_videos, video_position_ids, input_features, "
                         "input_features_mask")
-    config = model.config
-    backbone = model.model
+    config, backbone = model.config, model.model
     masks = placeholder_masks(config, input_ids)
     placeholders = masks["image"] | masks["video"] | masks["audio"]
     pad_id = config.text_config.pad_token_id or 0
@@ -101,20 +100,18 @@ def merge_media(model, input_ids: torch.Tensor, embeds: torch.Tensor | None = No
 
     for kind, pixels, positions, what in (("image", pixel_values, image_position_ids, "images"),
                                           ("video", pixel_values_videos, video_position_ids, "video frames")):
-        mask, token = masks[kind], f"<|{kind}|>"
         if pixels is None:  # placeholders without media keep the pad embedding, as in the reference
             continue
         if backbone.vision_tower is None:
             raise ValueError(f"{what} were given but this model has no vision tower (its config has no "
                              "vision_config, or it was loaded with with_towers=False)")
         if positions is None:
-            raise ValueError(f"{what} need their patch positions: pass "
-                             f"{'image_position_ids' if kind == 'image' else 'video_position_ids'} "
-                             "as the processor returns them")
+            raise ValueError(f"{what} need their patch positions: pass {kind}_position_ids as the processor "
+                             "returns them")
         prepare_tower(backbone.vision_tower, model.device)
         features = image_features(backbone.vision_tower, backbone.embed_vision, pixels.to(model.device),
                                   positions.to(model.device))
-        embeds = _scatter(embeds, mask, features, what, token)
+        embeds = _scatter(embeds, masks[kind], features, what, f"<|{kind}|>")
 
     if input_features is not None:
         if backbone.audio_tower is None:
@@ -168,16 +165,13 @@ def batch_soft_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     ids = input_ids.to(model.device)
     embeds, _, _ = merge_media(model, ids, **media)
     masks = placeholder_masks(model.config, ids)
-    filled = torch.zeros_like(ids, dtype=torch.bool)
-    vision = torch.zeros_like(ids, dtype=torch.bool)
-    if media.get("pixel_values") is not None:
-        filled |= masks["image"]
-        vision |= masks["image"]
-    if media.get("pixel_values_videos") is not None:
-        filled |= masks["video"]
-        vision |= masks["video"]
-    if media.get("input_features") is not None:
-        filled |= masks["audio"]
+    # Only placeholders of given media are filled (the others keep the pad embedding).
+    none = torch.zeros_like(ids, dtype=torch.bool)
+    image = masks["image"] if media.get("pixel_values") is not None else none
+    video = masks["video"] if media.get("pixel_values_videos") is not None else none
+    audio = masks["audio"] if media.get("input_features") is not None else none
+    vision = image | video
+    filled = vision | audio
     valid = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(ids.device).bool()
     result = []
     for row in range(ids.shape[0]):

@@ -350,7 +350,8 @@ class DecoderLayer(nn.Module):
         weights, experts = self.router.route(router_input.reshape(-1, hidden))
         sparse = self.experts(expert_input.reshape(-1, hidden), weights, experts).reshape(x.shape)
         return add_normed_branches(x, dense, sparse, self.post_feedforward_layernorm_1,
-                                   self.post_feedforward_layernorm_2, self.post_feedforward_layernorm, scalar, next_norm)
+                                   self.post_feedforward_layernorm_2, self.post_feedforward_layernorm, scalar,
+                                   next_norm)
 
 
 class ScaledEmbedding(nn.Embedding):
