@@ -58,35 +58,32 @@ class SamplingParams:
         self.top_p = max(self.top_p, MIN_TOP_P)
 
     def validate(self) -> None:
-        def fail(message):
-            raise ValueError(message)
-
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                fail(f"{name} must be a finite number, got {value!r}")
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         for name in ("top_k", "min_tokens"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
-                fail(f"{name} must be an integer, got {getattr(self, name)!r}")
+                raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
-            fail(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if not 0 <= self.temperature <= 100:
-            fail(f"temperature must be in [0, 100], got {self.temperature}")
+            raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            fail(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            fail(f"top_k must be a non-negative integer (0 = off), got {self.top_k!r}")
+            raise ValueError(f"top_k must be a non-negative integer (0 = off), got {self.top_k!r}")
         if not 0 <= self.min_p <= 1:
-            fail(f"min_p must be in [0, 1], got {self.min_p}")
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if not 0.01 <= self.repetition_penalty <= 100:  # seen logits are divided by it: a tiny one overflows fp32
-            fail(f"repetition_penalty must be in [0.01, 100], got {self.repetition_penalty}")
+            raise ValueError(f"repetition_penalty must be in [0.01, 100], got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
-                fail(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            fail(f"logprobs must be in [0, 20], got {self.logprobs}")
+            raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
         if self.min_tokens < 0:
-            fail(f"min_tokens must be >= 0, got {self.min_tokens}")
+            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "SamplingParams":
