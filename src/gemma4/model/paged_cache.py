@@ -30,13 +30,16 @@ class KVPools:
         self.config, self.num_blocks, self.block_size, self.max_num_seqs = config, num_blocks, block_size, max_num_seqs
         self.window = config.sliding_window
         self.layer_types = config.layer_types
-
-        def pool_shape(layer_type, heads, dim):
-            slots = max_num_seqs * self.window + 1 if layer_type == SLIDING else (num_blocks + 1) * block_size
-            return heads, slots, dim
-
-        self.keys, self.values = kv_buffers(config, pool_shape, dtype, device)
         self.ring_trash = max_num_seqs * self.window
+        # Zeroed K and V of every layer that owns K/V (KV-shared layers own none). K=V layers store values separately
+        # too: v_norm(k) lacks k_norm and RoPE.
+        self.keys, self.values = {}, {}
+        for i, layer_type in enumerate(config.layer_types):
+            if not config.is_kv_shared(i):
+                slots = self.ring_trash + 1 if layer_type == SLIDING else (num_blocks + 1) * block_size
+                shape = (config.layer_num_kv_heads[i], slots, config.layer_head_dims[i])
+                self.keys[i] = torch.zeros(shape, dtype=dtype, device=device)
+                self.values[i] = torch.zeros(shape, dtype=dtype, device=device)
         self.ring_positions = torch.full((self.ring_trash + 1,), -1, dtype=torch.long, device=device)
 
     @property
@@ -49,19 +52,6 @@ class KVPools:
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
-
-
-def kv_buffers(config: TextConfig, shape, dtype: torch.dtype, device) -> tuple[dict, dict]:
-    """Zeroed K and V buffers {layer: tensor} of every layer that owns K/V (KV-shared layers own none), shaped
-    `shape(layer_type, kv_heads, head_dim)`. K=V layers store values separately too: v_norm(k) lacks k_norm and
-    RoPE."""
-    keys, values = {}, {}
-    for i, layer_type in enumerate(config.layer_types):
-        if not config.is_kv_shared(i):
-            size = shape(layer_type, config.layer_num_kv_heads[i], config.layer_head_dims[i])
-            keys[i] = torch.zeros(size, dtype=dtype, device=device)
-            values[i] = torch.zeros(size, dtype=dtype, device=device)
-    return keys, values
 
 
 class PagedCacheView:
