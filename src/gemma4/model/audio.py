@@ -230,7 +230,7 @@ class AudioTower(nn.Module):
         context_right = 0 neither is any future step)."""
         c = self.config
         chunk, past, right = c.attention_chunk_size, c.attention_context_left - 1, c.attention_context_right
-        b, t = valid.shape
+        t = valid.shape[1]
         num_blocks = -(-t // chunk)
         width = chunk + past + right
         query = torch.arange(num_blocks * chunk, device=valid.device).view(num_blocks, chunk, 1)
@@ -248,8 +248,7 @@ class AudioTower(nn.Module):
 
         Positions where the mask is False are padding: their values are meaningless and must be dropped."""
         if input_features_mask is None:
-            input_features_mask = torch.ones(input_features.shape[:2], dtype=torch.bool,
-                                             device=input_features.device)
+            input_features_mask = torch.ones(input_features.shape[:2], dtype=torch.bool, device=input_features.device)
         x, valid = self.subsample_conv_projection(input_features, input_features_mask.bool())
         rel_embedding = self.relative_position_embedding(x.dtype)
         allowed = self.block_mask(valid)
