@@ -134,8 +134,9 @@ def test_dtype_or_device_the_machine_cannot_run(small_checkpoint, dtype, device,
         Model.from_pretrained(small_checkpoint, dtype=dtype, device=device)
 
 
-def test_cli_init_writes_a_loadable_random_checkpoint(tmp_path, capsys):
-    assert cli_main(["init", "--preset", "E2B", "--num-layers", "2", "--text-only", "--out", str(tmp_path)]) == 0
+@pytest.mark.parametrize("preset", ["E2B", "gemma-4-e2b-it"])  # the names Config.preset reads, one resolver
+def test_cli_init_writes_a_loadable_random_checkpoint(tmp_path, capsys, preset):
+    assert cli_main(["init", "--preset", preset, "--num-layers", "2", "--text-only", "--out", str(tmp_path)]) == 0
     assert "RANDOM-WEIGHT" in capsys.readouterr().out
     model = Model.from_pretrained(tmp_path, dtype="bfloat16")
     text = model.config.text_config

@@ -22,6 +22,15 @@ PRESETS = ("E2B", "E4B", "26B-A4B", "31B")
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
+def preset_dir(name: str) -> Path:
+    """The folder of a released size's official files (config, generation and processor configs): E2B, E4B, 26B-A4B
+    or 31B, in any case, also as gemma-4-E2B-it."""
+    canonical = {p.lower(): p for p in PRESETS}.get(name.lower().removeprefix("gemma-4-").removesuffix("-it"))
+    if canonical is None:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESET_DIR / canonical
+
+
 class ConfigError(ValueError):
     """A config.json that cannot describe a Gemma 4 model."""
 
@@ -356,10 +365,7 @@ class Config:
     @classmethod
     def preset(cls, name: str) -> "Config":
         """The official config of a released size: E2B, E4B, 26B-A4B or 31B."""
-        canonical = {p.lower(): p for p in PRESETS}.get(name.lower().removeprefix("gemma-4-").removesuffix("-it"))
-        if canonical is None:
-            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-        return cls.from_file(PRESET_DIR / canonical / "config.json")
+        return cls.from_file(preset_dir(name) / "config.json")
 
     @property
     def eos_token_ids(self) -> list[int]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .config import PRESET_DIR, PRESETS, Config
+from .config import Config, preset_dir
 
 
 # Matrices get std GAIN / sqrt(fan_in). Below 1 the random network is less chaotic, so float rounding (e.g. another
@@ -112,18 +112,18 @@ def random_model(config: Config, dtype: torch.dtype = torch.bfloat16, seed: int 
 def write_random_checkpoint(preset: str, out: str | Path, num_layers: int | None = None, text_only: bool = False,
                             dtype: torch.dtype = torch.bfloat16, tokenizer: str | Path | None = None,
                             seed: int = 0, device: str = "cpu") -> Path:
-    """The weights are drawn on `device` (the GPU draws a 31B model in seconds) and written a shard at a time."""
+    """The weights are drawn on `device` and written a shard at a time."""
     from .loading import resolve_device
 
+    official = preset_dir(preset)
     config = random_config(preset, num_layers, text_only)
     if text_only:
         config.layout = "text"
     model = random_model(config, dtype, seed, resolve_device(device))
     out = Path(out)
-    preset_dir = PRESET_DIR / {p.lower(): p for p in PRESETS}[preset.lower()]
-    generation = json.loads((preset_dir / "generation_config.json").read_text())
+    generation = json.loads((official / "generation_config.json").read_text())
     model.save_pretrained(out, generation_config=generation)
-    shutil.copy(preset_dir / "processor_config.json", out / "processor_config.json")
+    shutil.copy(official / "processor_config.json", out / "processor_config.json")
     if tokenizer is not None:
         for name in TOKENIZER_FILES:
             if (Path(tokenizer) / name).is_file():
