@@ -1,6 +1,7 @@
-"""The engine's captured decode step (batch 1 unless --batch) as a timeline: every kernel of one CUDA-graph replay in launch order, with the
-time each one adds to the step (its end minus the previous kernel's end: with programmatic dependent launch the next
-kernel starts before the previous one ends, so durations overlap and only these increments sum to the step).
+"""The engine's captured decode step (batch 1 unless --batch) as a timeline: every kernel of one CUDA-graph replay in
+launch order, with the time each one adds to the step (its end minus the previous kernel's end: with programmatic
+dependent launch the next kernel starts before the previous one ends, so durations overlap and only these increments
+sum to the step).
 
     python benchmarks/decode_timeline.py --preset E2B [--batch 1] [--context 1024] [--layers 0,20]
 
@@ -81,7 +82,7 @@ def short(name: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="E2B")
-    parser.add_argument("--batch", type=int, default=1, help="rows of the step (a graph bucket of the engine)")
+    parser.add_argument("--batch", type=int, default=1, help="rows of the step (replayed in the graph of its bucket)")
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--layers", default="0,-2", help="decoder layers to list kernel by kernel")
     parser.add_argument("--ops", action="store_true", help="also list the PyTorch ops of an eager step that launch kernels")
@@ -96,9 +97,11 @@ def main() -> None:
     engine = engine_for(model, batch, args.context + steps)
     for _ in range(2):  # the first run captures the graph
         seq_ids = [engine.add_request(row.tolist(), params) for row in ids]
-        times = [time.perf_counter() for out in engine.run(seq_ids) if out.token is not None and out.seq_id == seq_ids[0]]
+        times = [time.perf_counter() for out in engine.run(seq_ids)
+                 if out.token is not None and out.seq_id == seq_ids[0]]
     graphs = engine.runner.graphs
-    graph = graphs.graphs[batch][0]
+    size = next(s for s in graphs.sizes if s >= batch)  # the bucket the engine replays `batch` rows in
+    graph = graphs.graphs[size][0]
     loop_ms = (times[-1] - times[1]) / (len(times) - 2) * 1e3
     step_ms = replay_ms(graph)
     print(f"{args.preset} b{batch} ctx{args.context}: replay {step_ms * 1e3:.1f} us/step; generation loop "
@@ -108,10 +111,10 @@ def main() -> None:
     print(f"the step must read {need / 1e9:.3f} GB: {need / step_ms / 1e6:.0f} GB/s during the replay")
 
     if args.ops:  # the PyTorch ops of one eager step that launch kernels, in order, with their kernels
-        graphs._step(batch)
+        graphs._step(size)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                 torch.profiler.ProfilerActivity.CUDA]) as prof:
-            graphs._step(batch)  # the captured step's code, run eagerly
+            graphs._step(size)  # the captured step's code, run eagerly
             torch.cuda.synchronize()
         for event in prof.events():
             if event.device_type == torch.autograd.DeviceType.CPU and event.kernels and event.name.startswith("aten"):
