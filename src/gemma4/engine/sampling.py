@@ -67,21 +67,17 @@ class SamplingParams:
                 raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if not 0 <= self.temperature <= 100:
-            raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be a non-negative integer (0 = off), got {self.top_k!r}")
-        if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if not 0.01 <= self.repetition_penalty <= 100:  # seen logits are divided by it: a tiny one overflows fp32
-            raise ValueError(f"repetition_penalty must be in [0.01, 100], got {self.repetition_penalty}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2 <= getattr(self, name) <= 2:
-                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
+        # repetition_penalty divides seen logits: a tiny one overflows fp32.
+        ranges = {"temperature": (0, 100), "min_p": (0, 1), "repetition_penalty": (0.01, 100),
+                  "presence_penalty": (-2, 2), "frequency_penalty": (-2, 2), "logprobs": (0, 20)}
+        for name, (low, high) in ranges.items():
+            value = getattr(self, name)
+            if value is not None and not low <= value <= high:
+                raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
         if self.min_tokens < 0:
             raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
 
@@ -109,20 +105,6 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: torch.Tensor,
-                    output_ids: torch.Tensor) -> torch.Tensor:
-    """logits [V] of one sequence; ids 1-D."""
-    if params.repetition_penalty != 1.0:
-        seen = torch.cat([prompt_ids, output_ids]).unique()
-        picked = logits[seen]
-        # Make seen tokens less likely whatever their sign: divide positive logits, multiply negative ones.
-        logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
-    if (params.presence_penalty or params.frequency_penalty) and output_ids.numel():
-        counts = torch.bincount(output_ids, minlength=logits.shape[-1])[: logits.shape[-1]].to(logits.dtype)
-        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
-    return logits
-
-
 def processed_scores(logits: torch.Tensor, params: SamplingParams, prompt_ids: torch.Tensor | None = None,
                      output_ids: torch.Tensor | None = None) -> torch.Tensor:
     """The scores [V] (fp32) the next token is chosen by, as transformers' generate reports them (`output_scores`):
@@ -130,8 +112,15 @@ def processed_scores(logits: torch.Tensor, params: SamplingParams, prompt_ids: t
     token. Greedy takes their argmax, sampling draws from their softmax. Pure: `logits` is not changed."""
     logits = logits.float().clone()
     empty = torch.empty(0, dtype=torch.long, device=logits.device)
-    logits = apply_penalties(logits, params, prompt_ids if prompt_ids is not None else empty,
-                             output_ids if output_ids is not None else empty)
+    output_ids = output_ids if output_ids is not None else empty
+    if params.repetition_penalty != 1.0:
+        seen = torch.cat([prompt_ids if prompt_ids is not None else empty, output_ids]).unique()
+        picked = logits[seen]
+        # Make seen tokens less likely whatever their sign: divide positive logits, multiply negative ones.
+        logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
+    if (params.presence_penalty or params.frequency_penalty) and output_ids.numel():
+        counts = torch.bincount(output_ids, minlength=logits.shape[-1])[: logits.shape[-1]].to(logits.dtype)
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
     if params.greedy:
         return logits
     logits = logits / params.temperature
@@ -205,9 +194,8 @@ class TokenLogprobs:
 
 def token_logprobs(logits: torch.Tensor, token: int, n: int) -> TokenLogprobs:
     logprobs = logits.float().log_softmax(-1)
-    top = logprobs.topk(n) if n else None
-    pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
-    return TokenLogprobs(token, float(logprobs[token]), pairs)
+    top = logprobs.topk(n)
+    return TokenLogprobs(token, float(logprobs[token]), list(zip(top.indices.tolist(), top.values.tolist())))
 
 
 # --- batched sampling on the device (the static-batch fast path) ---------------------------------------------------
