@@ -35,34 +35,23 @@ class ConfigError(ValueError):
     """A config.json that cannot describe a Gemma 4 model."""
 
 
-def _from_dict(cls, data: dict[str, Any]):
-    """Build a dataclass from a dict, keeping unknown keys in `extra` instead of failing."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{cls.__name__} expects a JSON object, got {type(data).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-    known = {k: v for k, v in data.items() if k in names}
-    extra = {k: v for k, v in data.items() if k not in names}
-    try:
-        return cls(**known, extra=extra)
-    except TypeError as e:  # a value of the wrong kind, e.g. a string where a number belongs
-        raise ConfigError(f"invalid {cls.__name__}: {e}") from None
-
-
-def _to_dict(obj) -> dict[str, Any]:
-    out = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init and f.name != "extra"}
-    out.update(obj.extra)
-    return out
-
-
 class _JsonConfig:
-    """from_dict / to_dict: config.json key names, unknown keys kept in `extra`."""
+    """from_dict / to_dict: config.json key names, unknown keys kept in `extra` instead of failing."""
 
     @classmethod
-    def from_dict(cls, data):
-        return _from_dict(cls, data)
+    def from_dict(cls, data: dict[str, Any]):
+        if not isinstance(data, dict):
+            raise ConfigError(f"{cls.__name__} expects a JSON object, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        try:
+            return cls(**{k: v for k, v in data.items() if k in names},
+                       extra={k: v for k, v in data.items() if k not in names})
+        except TypeError as e:  # a value of the wrong kind, e.g. a string where a number belongs
+            raise ConfigError(f"invalid {cls.__name__}: {e}") from None
 
-    def to_dict(self):
-        return _to_dict(self)
+    def to_dict(self) -> dict[str, Any]:
+        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init and f.name != "extra"},
+                **self.extra}
 
 
 @dataclass
@@ -211,14 +200,9 @@ class TextConfig(_JsonConfig):
         # K=V: global layers take their values from the key projection.
         return not (self.attention_k_eq_v and self.layer_types[layer_idx] == FULL)
 
-    @property
-    def eos_token_ids(self) -> list[int]:
-        eos = self.eos_token_id
-        return [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
-
     def to_dict(self) -> dict[str, Any]:
         """The transformers 5.23 form (`per_layer_config`), which transformers and we both read."""
-        out = _to_dict(self)
+        out = super().to_dict()
         for key in ("global_head_dim", "num_global_key_value_heads"):
             out.pop(key)
         out["per_layer_config"] = {
@@ -289,7 +273,7 @@ class AudioConfig(_JsonConfig):
 
 
 @dataclass
-class Config:
+class Config(_JsonConfig):
     """Top-level `config.json`. A text-only file (`model_type: gemma4_text`) becomes a Config without towers."""
 
     model_type: str = "gemma4"
@@ -323,26 +307,20 @@ class Config:
             raise ConfigError(
                 f"config.json has model_type {model_type!r}; gemma4 loads only Gemma 4 checkpoints "
                 "(model_type 'gemma4' or 'gemma4_text')")
-        data = dict(data)
         if not isinstance(data.get("text_config"), dict):
             raise ConfigError("config.json of model_type 'gemma4' needs a 'text_config' object")
-        text = TextConfig.from_dict(data.pop("text_config"))
-        vision = data.pop("vision_config", None)
-        audio = data.pop("audio_config", None)
-        config = _from_dict(cls, data)
-        config.text_config = text
-        config.vision_config = VisionConfig.from_dict(vision) if vision else None
-        config.audio_config = AudioConfig.from_dict(audio) if audio else None
-        return config
+        vision, audio = data.get("vision_config"), data.get("audio_config")
+        return super().from_dict({**data, "text_config": TextConfig.from_dict(data["text_config"]),
+                                  "vision_config": VisionConfig.from_dict(vision) if vision else None,
+                                  "audio_config": AudioConfig.from_dict(audio) if audio else None})
 
     def to_dict(self) -> dict[str, Any]:
         if self.layout == "text":
             return {**self.text_config.to_dict(), "architectures": ["Gemma4ForCausalLM"]}
-        out = _to_dict(self)
+        out = super().to_dict()
         out.pop("layout")
-        out["text_config"] = self.text_config.to_dict()
-        out["vision_config"] = self.vision_config.to_dict() if self.vision_config else None
-        out["audio_config"] = self.audio_config.to_dict() if self.audio_config else None
+        for key in ("text_config", "vision_config", "audio_config"):
+            out[key] = out[key].to_dict() if out[key] else None
         out.setdefault("architectures", ["Gemma4ForConditionalGeneration"])
         return out
 
@@ -366,8 +344,3 @@ class Config:
     def preset(cls, name: str) -> "Config":
         """The official config of a released size: E2B, E4B, 26B-A4B or 31B."""
         return cls.from_file(preset_dir(name) / "config.json")
-
-    @property
-    def eos_token_ids(self) -> list[int]:
-        eos = self.eos_token_id if self.eos_token_id is not None else self.text_config.eos_token_id
-        return [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
