@@ -90,22 +90,13 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
-def _strftime_now(fmt):
-    return datetime.now().strftime(fmt)
-
-
 @lru_cache(maxsize=16)
 def compile_chat_template(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
-    )
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
-    env.globals.update(
-        raise_exception=_raise_exception,
-        strftime_now=_strftime_now,
-        dict=_TemplateDict(),
-        namespace=_TemplateNamespace,
-    )
+    env.globals.update(raise_exception=_raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt),
+                       dict=_TemplateDict(), namespace=_TemplateNamespace)
     try:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
@@ -208,56 +199,24 @@ def _check_tool_schema(index: int, tool: Any) -> None:
         raise ValueError(f"{where} ({name}): 'parameters.required' must be a list of property names.")
 
 
-def render_chat_template(
-    template: str,
-    messages: Sequence[dict],
-    *,
-    tools: Sequence[Any] | None = None,
-    add_generation_prompt: bool = True,
-    special_tokens: Mapping[str, str] | None = None,
-    **kwargs: Any,
-) -> str:
+def render_chat_template(template: str, messages: Sequence[dict], *, tools: Sequence[Any] | None = None,
+                         add_generation_prompt: bool = True, special_tokens: Mapping[str, str] | None = None,
+                         **kwargs: Any) -> str:
     """Render `template` like transformers' `apply_chat_template(..., tokenize=False)`.
 
     `special_tokens` (bos_token, eos_token, ...) and `kwargs` (e.g. enable_thinking) become template
     variables; kwargs win over special tokens of the same name.
     """
     compiled = compile_chat_template(template)
-    context = {**(special_tokens or {}), **_plain(kwargs)}
-    context.update(
-        messages=_prepare_messages(messages),
-        tools=_plain(validate_tools(tools)),
-        documents=None,
-        add_generation_prompt=add_generation_prompt,
-    )
+    context = {**(special_tokens or {}), **_plain(kwargs), "messages": _prepare_messages(messages),
+               "tools": _plain(validate_tools(tools)), "documents": None,
+               "add_generation_prompt": add_generation_prompt}
     try:
         return compiled.render(**context)
     except jinja2.TemplateError as e:
         raise ChatTemplateError(f"Chat template error: {e.message or e}") from e
     except Exception as e:  # a template bug (e.g. `'a' + 1`) surfaces as a plain Python error
         raise ChatTemplateError(f"Chat template failed: {type(e).__name__}: {e}") from e
-
-
-def apply_chat_template(
-    tokenizer: Any,
-    messages: Sequence[dict],
-    tools: Sequence[Any] | None = None,
-    add_generation_prompt: bool = True,
-    tokenize: bool = False,
-    enable_thinking: bool = False,
-    chat_template: str | None = None,
-    **kwargs: Any,
-) -> str | list[int]:
-    """Module-level form of `Tokenizer.apply_chat_template`."""
-    return tokenizer.apply_chat_template(
-        messages,
-        tools=tools,
-        add_generation_prompt=add_generation_prompt,
-        tokenize=tokenize,
-        enable_thinking=enable_thinking,
-        chat_template=chat_template,
-        **kwargs,
-    )
 
 
 # ------------------------------------------------------------------------------ python function -> schema
@@ -416,13 +375,9 @@ def _convert_tool_calls(tool_calls: Any, where: str) -> list[dict]:
         function = call.get("function") if isinstance(call, Mapping) else None
         if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
             raise ValueError(f"{here} needs function.name.")
-        converted.append(
-            {
-                "id": call.get("id"),
-                "type": "function",
-                "function": {"name": function["name"], "arguments": _parse_arguments(function.get("arguments"), here)},
-            }
-        )
+        arguments = _parse_arguments(function.get("arguments"), here)
+        converted.append({"id": call.get("id"), "type": "function",
+                          "function": {"name": function["name"], "arguments": arguments}})
     return converted
 
 
@@ -509,10 +464,7 @@ def _append_assistant(out: list[dict], message: Mapping, where: str, call_names:
 
 def _append_tool_result(out: list[dict], message: Mapping, where: str, call_names: dict, pending: list) -> None:
     call_id = message.get("tool_call_id")
-    name = call_names.get(call_id) if call_id else None
-    name = name or message.get("name")
-    if not name and pending:
-        name = pending[0]
+    name = (call_names.get(call_id) if call_id else None) or message.get("name") or next(iter(pending), None)
     if not name:
         raise ValueError(
             f"{where}: tool result with tool_call_id {call_id!r} matches no earlier assistant tool call; "
