@@ -16,46 +16,28 @@ from typing import Any
 import tokenizers
 
 # Files fetched from the hub: everything the tokenizer and the chat template need, nothing else.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "special_tokens_map.json",
-)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
+                   "special_tokens_map.json")
 
 # Gemma 4 control tokens, by attribute stem: `tok.turn_start_id` is the id of "<|turn>".
-# Multimodal names are read from tokenizer_config.json when present (see `_config_token_names`).
+# Multimodal names are read from tokenizer_config.json when present (see `_CONFIG_TOKEN_KEYS`).
 GEMMA4_TOKENS = {
-    "turn_start": "<|turn>",
-    "turn_end": "<turn|>",
-    "channel_start": "<|channel>",
-    "channel_end": "<channel|>",
+    "turn_start": "<|turn>", "turn_end": "<turn|>",
+    "channel_start": "<|channel>", "channel_end": "<channel|>",
     "think": "<|think|>",
-    "tool_start": "<|tool>",
-    "tool_end": "<tool|>",
-    "tool_call_start": "<|tool_call>",
-    "tool_call_end": "<tool_call|>",
-    "tool_response_start": "<|tool_response>",
-    "tool_response_end": "<tool_response|>",
+    "tool_start": "<|tool>", "tool_end": "<tool|>",
+    "tool_call_start": "<|tool_call>", "tool_call_end": "<tool_call|>",
+    "tool_response_start": "<|tool_response>", "tool_response_end": "<tool_response|>",
     "string_delimiter": '<|"|>',
-    "image_start": "<|image>",
-    "image_end": "<image|>",
-    "image_token": "<|image|>",
-    "audio_start": "<|audio>",
-    "audio_end": "<audio|>",
-    "audio_token": "<|audio|>",
+    "image_start": "<|image>", "image_end": "<image|>", "image_token": "<|image|>",
+    "audio_start": "<|audio>", "audio_end": "<audio|>", "audio_token": "<|audio|>",
     "video_token": "<|video|>",
 }
 
 # tokenizer_config.json key -> attribute stem above.
 _CONFIG_TOKEN_KEYS = {
-    "boi_token": "image_start",
-    "eoi_token": "image_end",
-    "image_token": "image_token",
-    "boa_token": "audio_start",
-    "eoa_token": "audio_end",
-    "audio_token": "audio_token",
+    "boi_token": "image_start", "eoi_token": "image_end", "image_token": "image_token",
+    "boa_token": "audio_start", "eoa_token": "audio_end", "audio_token": "audio_token",
     "video_token": "video_token",
 }
 
@@ -120,12 +102,8 @@ def _load_chat_template(directory: Path, config: dict) -> str | dict[str, str] |
 class Tokenizer:
     """Gemma 4 tokenizer. Ids equal transformers' `AutoTokenizer` for the same files."""
 
-    def __init__(
-        self,
-        backend: tokenizers.Tokenizer,
-        config: dict | None = None,
-        chat_template: str | dict[str, str] | None = None,
-    ):
+    def __init__(self, backend: tokenizers.Tokenizer, config: dict | None = None,
+                 chat_template: str | dict[str, str] | None = None):
         self.backend = backend
         self.config = dict(config or {})
         self.chat_template = chat_template
@@ -133,14 +111,13 @@ class Tokenizer:
         self.bos_token = self._config_token("bos_token")
         self.eos_token = self._config_token("eos_token")
         self.pad_token = self._config_token("pad_token")
-        self.unk_token = self._config_token("unk_token")
-        self.mask_token = self._config_token("mask_token")
-        self.token_names = dict(GEMMA4_TOKENS)
-        self.token_names.update(self._config_token_names())
+        extra = self._extra_special_tokens()
+        self.token_names = {**GEMMA4_TOKENS,
+                            **{stem: extra[key] for key, stem in _CONFIG_TOKEN_KEYS.items() if key in extra}}
 
         # transformers skips the special added tokens of tokenizer.json *and* the named special tokens of the
         # config (e.g. "<mask>", which tokenizer.json does not flag as special).
-        named = [self._config_token(key) for key in _BASIC_SPECIAL_KEYS] + list(self._extra_special_tokens().values())
+        named = [self._config_token(key) for key in _BASIC_SPECIAL_KEYS] + list(extra.values())
         self.special_ids = frozenset(
             {tid for tid, tok in backend.get_added_tokens_decoder().items() if tok.special}
             | {tid for tid in (self.token_to_id(t) for t in named if t) if tid is not None}
@@ -150,16 +127,11 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, path_or_repo: str | os.PathLike, *, revision: str | None = None) -> Tokenizer:
         directory = resolve_tokenizer_dir(path_or_repo, revision)
-        tokenizer_file = directory / "tokenizer.json"
-        if not tokenizer_file.is_file():
-            raise FileNotFoundError(
-                f"No tokenizer.json in {directory}: point to a Gemma 4 checkpoint directory that contains it."
-            )
-        config_file = directory / "tokenizer_config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(
-                f"No tokenizer_config.json in {directory}: copy it from the checkpoint next to tokenizer.json."
-            )
+        tokenizer_file, config_file = directory / "tokenizer.json", directory / "tokenizer_config.json"
+        for file, hint in ((tokenizer_file, "point to a Gemma 4 checkpoint directory that contains it"),
+                           (config_file, "copy it from the checkpoint next to tokenizer.json")):
+            if not file.is_file():
+                raise FileNotFoundError(f"No {file.name} in {directory}: {hint}.")
         try:
             backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
@@ -178,10 +150,6 @@ class Tokenizer:
         names = {k: _token_content(v) for k, v in extra.items()} if isinstance(extra, dict) else {}
         names.update({key: self._config_token(key) for key in _CONFIG_TOKEN_KEYS if self._config_token(key)})
         return {k: v for k, v in names.items() if v}
-
-    def _config_token_names(self) -> dict[str, str]:
-        extra = self._extra_special_tokens()
-        return {stem: extra[key] for key, stem in _CONFIG_TOKEN_KEYS.items() if key in extra}
 
     # -------------------------------------------------------------------------------------------- vocabulary
     @property
@@ -212,10 +180,6 @@ class Tokenizer:
     @property
     def pad_token_id(self) -> int | None:
         return self.token_to_id(self.pad_token) if self.pad_token else None
-
-    @property
-    def unk_token_id(self) -> int | None:
-        return self.token_to_id(self.unk_token) if self.unk_token else None
 
     @property
     def stop_token_ids(self) -> list[int]:
@@ -264,7 +228,9 @@ class Tokenizer:
         return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        ids = _as_int_list(ids)
+        if hasattr(ids, "tolist"):  # torch tensors and numpy arrays
+            ids = ids.tolist()
+        ids = [ids] if isinstance(ids, int) else [int(i) for i in ids]
         if skip_special_tokens:
             ids = [i for i in ids if i not in self.special_ids]
         return self.backend.decode(ids, skip_special_tokens=False)
@@ -287,24 +253,17 @@ class Tokenizer:
                 return template[chat_template]
             key = "tool_use" if tools and "tool_use" in template else "default"
             if key not in template:
-                raise ValueError(f"The checkpoint has chat templates {sorted(template)} but no 'default' one: pass chat_template=NAME.")
+                raise ValueError(f"The checkpoint has chat templates {sorted(template)} but no 'default' one: "
+                                 "pass chat_template=NAME.")
             return template[key]
         if not template:
-            raise ValueError(
-                "This tokenizer has no chat template: pass chat_template=... or load a checkpoint with chat_template.jinja."
-            )
+            raise ValueError("This tokenizer has no chat template: pass chat_template=... or load a checkpoint with "
+                             "chat_template.jinja.")
         return template
 
-    def apply_chat_template(
-        self,
-        messages: Sequence[dict],
-        tools: Sequence[dict | Any] | None = None,
-        add_generation_prompt: bool = True,
-        tokenize: bool = False,
-        enable_thinking: bool = False,
-        chat_template: str | None = None,
-        **kwargs: Any,
-    ) -> str | list[int]:
+    def apply_chat_template(self, messages: Sequence[dict], tools: Sequence[dict | Any] | None = None,
+                            add_generation_prompt: bool = True, tokenize: bool = False, enable_thinking: bool = False,
+                            chat_template: str | None = None, **kwargs: Any) -> str | list[int]:
         """Render `messages` with the checkpoint's chat template, exactly as transformers does.
 
         Returns the prompt text, or its token ids with `tokenize=True` (the template writes `<bos>` itself,
@@ -312,15 +271,9 @@ class Tokenizer:
         """
         from .chat import render_chat_template
 
-        text = render_chat_template(
-            self.get_chat_template(chat_template, tools),
-            messages,
-            tools=tools,
-            add_generation_prompt=add_generation_prompt,
-            special_tokens=self.special_tokens_map,
-            enable_thinking=enable_thinking,
-            **kwargs,
-        )
+        text = render_chat_template(self.get_chat_template(chat_template, tools), messages, tools=tools,
+                                    add_generation_prompt=add_generation_prompt, special_tokens=self.special_tokens_map,
+                                    enable_thinking=enable_thinking, **kwargs)
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
     def parse_response(self, response: str | Iterable[int], *, prefix: str | Iterable[int] | None = None,
@@ -337,14 +290,6 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r})"
-
-
-def _as_int_list(ids: Iterable[int]) -> list[int]:
-    if hasattr(ids, "tolist"):  # torch tensors and numpy arrays
-        ids = ids.tolist()
-    if isinstance(ids, int):
-        return [ids]
-    return [int(i) for i in ids]
 
 
 def _token_id_property(stem: str) -> property:
