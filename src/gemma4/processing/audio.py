@@ -159,11 +159,6 @@ def decode_audio(data: bytes, format: str | None = None) -> tuple[np.ndarray, in
     return _to_mono_float(np.asarray(samples, np.float64)), int(rate)
 
 
-def audio_from_base64(data: str, format: str | None = None) -> tuple[np.ndarray, int]:
-    """OpenAI `input_audio` style: base64 text plus a format name ("wav", "mp3", ...)."""
-    return decode_audio(decode_base64(data, "audio"), format)
-
-
 def load_audio(source, sampling_rate: int | None = None, format: str | None = None) -> np.ndarray:
     """Any accepted source -> mono float32 samples at 16 kHz, no longer than 30 s."""
     if isinstance(source, tuple) and len(source) == 2 and not isinstance(source[0], (str, bytes)):
@@ -184,8 +179,8 @@ def load_audio(source, sampling_rate: int | None = None, format: str | None = No
         elif os.path.isfile(text):
             with open(text, "rb") as f:
                 samples, rate = decode_audio(f.read(), format or os.path.splitext(text)[1].lstrip(".") or None)
-        elif format is not None:
-            samples, rate = audio_from_base64(text, format)
+        elif format is not None:  # OpenAI `input_audio` style: base64 text plus a format name ("wav", "mp3", ...)
+            samples, rate = decode_audio(decode_base64(text, "audio"), format)
         else:
             raise ValueError(f"cannot read audio: no such file {text!r} (pass format= for base64 data)")
     else:
@@ -279,11 +274,8 @@ def log_mel(samples: np.ndarray, total_frames: int | None = None) -> tuple[np.nd
     # The reference's analysis span is 321 samples (one extra, used only by pre-emphasis, which is off);
     # a frame is valid iff that span's last sample, padded index 160 i + 320, is real audio.
     valid = starts + FRAME_LENGTH - FRAME_LENGTH // 2 < n
-    out = np.zeros((total_frames, NUM_MEL_BINS), np.float32)
-    mask = np.zeros(total_frames, bool)
-    out[:frames_here] = features * valid[:, None]
-    mask[:frames_here] = valid
-    return out, mask
+    padding = total_frames - frames_here
+    return np.pad(features * valid[:, None], ((0, padding), (0, 0))), np.pad(valid, (0, padding))
 
 
 def num_soft_tokens(num_samples: int) -> int:
