@@ -26,13 +26,8 @@ from typing import Any
 from .stream_parse import StreamParser, accumulate
 
 
-def parse_response(
-    text: str,
-    *,
-    prefix: str | None = None,
-    complete: bool = False,
-    make_id: Callable[[int], str] | None = None,
-) -> dict:
+def parse_response(text: str, *, prefix: str | None = None, complete: bool = False,
+                   make_id: Callable[[int], str] | None = None) -> dict:
     """Parse a Gemma 4 model output (special tokens kept in the decoded text) into
     {"role": "assistant", "content": str|None, "reasoning_content": str|None, "tool_calls": [...]}.
 
@@ -52,27 +47,20 @@ def parse_response(
     and a call the prompt started once `text` completes it (see `stream_parse.generation_prefix`).
     """
     parser = StreamParser(make_id=make_id, prefix=prefix)
-    events = parser.feed(text) + parser.finish(complete=complete)
-    return accumulate(events)
+    return accumulate(parser.feed(text) + parser.finish(complete=complete))
 
 
 def arguments_to_json(arguments: Any) -> str:
     """Arguments as the JSON string OpenAI responses carry (a string is assumed to be JSON already)."""
-    if isinstance(arguments, str):
-        return arguments
-    return json.dumps(arguments, ensure_ascii=False)
+    return arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
 
 
 def to_openai_tool_calls(tool_calls: Iterable[Mapping]) -> list[dict]:
     """Parsed tool calls with `arguments` as JSON strings, as in OpenAI chat-completions responses."""
-    return [
-        {
-            "id": call.get("id"),
-            "type": "function",
-            "function": {"name": call["function"]["name"], "arguments": arguments_to_json(call["function"]["arguments"])},
-        }
-        for call in tool_calls
-    ]
+    return [{"id": call.get("id"), "type": "function",
+             "function": {"name": call["function"]["name"],
+                          "arguments": arguments_to_json(call["function"]["arguments"])}}
+            for call in tool_calls]
 
 
 def to_openai_message(parsed: Mapping) -> dict:
