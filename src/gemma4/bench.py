@@ -71,16 +71,12 @@ def _random_ids(shape, device, vocab: int) -> torch.Tensor:
 
 
 class Engine:
-    """What a benchmark needs of an implementation: greedy generate, a serving run, its name."""
+    """What a benchmark needs of an implementation: its name and vocabulary size; `generate(ids, new_tokens, chunk)`
+    (greedy); `serve(prompts, new_tokens)`, a serving run returning the tokens it produced; `token_times(ids,
+    new_tokens, chunk)`, perf_counter() as each of the `new_tokens` generated tokens reaches the host (greedy)."""
 
     name = ""
     vocab = 0
-
-    def generate(self, ids: torch.Tensor, new_tokens: int, chunk: int | None = None) -> None:
-        raise NotImplementedError
-
-    def serve(self, prompts: torch.Tensor, new_tokens: int) -> int:
-        raise NotImplementedError
 
     def decode_seconds(self, ids: torch.Tensor, steps: int, chunk: int, device: str, repeat: int) -> float:
         """Time of `steps` decode steps, clocked inside one generation from its first token to its last: no
@@ -92,10 +88,6 @@ class Engine:
             token_times = self.token_times(ids, steps + 1, chunk)
             best = min(best, token_times[-1] - token_times[0])
         return best
-
-    def token_times(self, ids: torch.Tensor, new_tokens: int, chunk: int) -> list[float]:
-        """perf_counter() as each of the `new_tokens` generated tokens reaches the host (greedy)."""
-        raise NotImplementedError
 
     def free_caches(self) -> None:
         """Drop KV caches and captured graphs kept for reuse, so that one measurement's memory does not add to the

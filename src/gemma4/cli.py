@@ -126,10 +126,12 @@ def cmd_demo(args) -> None:
 def cmd_bench(args) -> None:
     import json
 
+    import torch
+
     from .bench import BenchSpec, bench, table
     if args.device == "auto":  # a GPU; without one, the CPU only when asked (official sizes take hours there)
         args.device = "cuda"
-    if args.device == "cuda" and not _cuda():
+    if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("no CUDA GPU here: gemma4 bench measures on a GPU (--device cpu runs a tiny smoke test)")
     if args.compare == "transformers":
         try:
@@ -166,14 +168,6 @@ def _add_model_arguments(p) -> None:
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens (0: all)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
-
-
-def _cuda() -> bool:
-    try:
-        import torch
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
 
 
 def build_parser() -> argparse.ArgumentParser:

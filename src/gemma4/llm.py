@@ -68,7 +68,6 @@ class LLM:
                     raise
                 seqs //= 2
         self.max_batch_size = seqs
-        self.stop_ids = set(self.engine.stop_token_ids)  # the checkpoint's (generation_config.json)
         keep_engine(self.model, self.engine)
         if self.model.device.type == "cuda":  # compile the kernels and capture the graphs before the first request
             self.engine.warm_up()
@@ -92,9 +91,6 @@ class LLM:
             return SamplingParams.from_dict({**dataclasses.asdict(self.default_params), **params})
         return params
 
-    def _stops(self, params: SamplingParams) -> set[int]:
-        return set(params.stop_token_ids) if params.stop_token_ids is not None else self.stop_ids
-
     # --- generation -------------------------------------------------------------------------------
     def _requests(self, prompts: list[list[int]], params: list[SamplingParams]) -> tuple[LLMEngine, list[int]]:
         """Add the requests to the engine, all or none (one it refuses, e.g. longer than max_model_len, raises)."""
@@ -102,7 +98,7 @@ class LLM:
         engine.scheduler.budget = PREFILL_BUDGET  # Model.generate on the same engine may have set its own
         try:
             for ids, p in zip(prompts, params):
-                seq_ids.append(engine.add_request(ids, dataclasses.replace(p, stop_token_ids=list(self._stops(p)))))
+                seq_ids.append(engine.add_request(ids, p))  # stop_token_ids None: the checkpoint's
         except Exception:
             for seq_id in seq_ids:
                 engine.abort(seq_id, output=False)

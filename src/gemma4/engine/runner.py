@@ -39,15 +39,14 @@ class ModelRunner:
         the inputs of this batch's rows holding a PENDING token (their ids are read on the device)."""
         sampling = [row for row, item in enumerate(batch) if item.samples]  # before the forward moves num_cached
         logits = self.forward(batch, ahead)
+        seqs, device = [item.seq for item in batch], logits.device
         results: list[tuple[int, object] | None] = [None] * len(batch)
-        fast = [row for row in sampling if batchable(batch[row].seq.params, len(batch[row].seq.output_ids),
-                                                      batch[row].seq.stop_ids)]
+        fast = [row for row in sampling if batchable(seqs[row].params, len(seqs[row].output_ids), seqs[row].stop_ids)]
         tokens = checked = None
         if fast:  # together, on the device; only the chosen ids [n] come back to the host
-            seqs = [batch[row].seq for row in fast]
-            rows = logits if len(fast) == len(batch) else logits[fast]
+            rows, chosen = logits if len(fast) == len(batch) else logits[fast], [seqs[row] for row in fast]
             try:
-                tokens = sample_batch(rows, [s.params for s in seqs], [s.generator_on(logits.device) for s in seqs])
+                tokens = sample_batch(rows, [s.params for s in chosen], [s.generator_on(device) for s in chosen])
                 # What the host reads: NAN_ROW where a row's logits hold a NaN (its token means nothing; the next
                 # step may still read it on the device, a valid id, before the engine fails that sequence).
                 checked = tokens.masked_fill(rows.isnan().any(-1), NAN_ROW)
@@ -56,8 +55,12 @@ class ModelRunner:
         batched = set(fast)
         for row in sampling:
             if row not in batched:  # penalties, logprobs or min_tokens: the full sampler, row by row
+                # Output ids end in PENDING only for a row that batchable takes (it ran ahead), which no rule here
+                # reads: such a row comes here only when the batched sampler failed.
+                seq = seqs[row]
                 try:
-                    results[row] = self.sample(batch[row], logits[row])
+                    results[row] = sample_token(logits[row], seq.params, seq.prompt_tensor(device), seq.output_ids,
+                                                seq.stop_ids, seq.generator_on(device), seq.kept_rows)
                 except Exception as e:  # noqa: BLE001  (the engine fails this sequence alone: engine._accept)
                     results[row] = SampleError(f"{type(e).__name__}: {e}")
         return Launched(batch, results, fast, tokens, checked)
@@ -86,8 +89,7 @@ class ModelRunner:
                 return logits
         width = max(item.num_tokens for item in batch)
         num_blocks = max(max(len(item.seq.block_table) for item in batch), 1)
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        positions = torch.zeros(len(batch), width, dtype=torch.long)
+        ids, positions = torch.zeros(2, len(batch), width, dtype=torch.long)
         valid = torch.zeros(len(batch), width, dtype=torch.bool)
         tables = self.blocks.block_tables([item.seq for item in batch], num_blocks)
         on_device = []  # (row, source in ahead.tokens): a chunk ending at its sequence's PENDING token
@@ -132,14 +134,6 @@ class ModelRunner:
             mask[row, media.positions[lo:hi] - start + (width - n)] = True
             features.append(media.features[lo:hi])
         return None if mask is None else (mask, torch.cat(features))
-
-    def sample(self, item: Scheduled, logits: torch.Tensor):
-        """One row through the full sampler, where its logits [V] are (the prompt's ids are kept there too). Its
-        output ids hold a PENDING token only if `batchable` takes it (it ran ahead), which no rule here then reads:
-        such a row comes here only when the batched sampler failed."""
-        seq, device = item.seq, logits.device
-        return sample_token(logits, seq.params, seq.prompt_tensor(device), seq.output_ids, seq.stop_ids,
-                            seq.generator_on(device), seq.kept_rows)
 
 
 def _media_at(item: Scheduled) -> bool:
