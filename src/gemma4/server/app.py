@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import time
 import uuid
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -43,10 +43,6 @@ def create_app(state: ServerState) -> FastAPI:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return JSONResponse(APIError(exc.status_code, str(exc.detail), kind).body(), status_code=exc.status_code)
 
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request, exc):
-        return JSONResponse(bad(str(exc)).body(), status_code=400)
-
     @app.exception_handler(Exception)
     async def internal_error(request, exc):
         return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}", "internal_error").body(), 500)
@@ -69,10 +65,8 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
-        stats = state.engine.stats()
-        state.metrics.running.set(stats["running"])
-        state.metrics.waiting.set(stats["waiting"])
-        state.metrics.kv_usage.set(stats["kv_usage"])
+        for gauge, value in state.engine.stats().items():  # running, waiting, kv_usage: gauges of the same names
+            getattr(state.metrics, gauge).set(value)
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/version")
@@ -105,13 +99,11 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await _json_body(request, state, CHAT_FIELDS)
-        return await _chat(state, body, request)
+        return await _chat(state, await _json_body(request, state, CHAT_FIELDS), request)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await _json_body(request, state, COMPLETION_FIELDS)
-        return await _completion(state, body, request)
+        return await _completion(state, await _json_body(request, state, COMPLETION_FIELDS), request)
 
     return app
 
@@ -207,19 +199,15 @@ def _start(state: ServerState, n: int, prompt_ids, params, stops, media=None, fi
     choices = []
     try:
         for i in range(n):
-            seeded = params if params.seed is None or i == 0 else _with_seed(params, params.seed + i)
-            choices.append(Choice(first + i, state.engine, state.tokenizer, prompt_ids, seeded, stops, media))
+            seed = params.seed if params.seed is None or i == 0 else (params.seed + i) % 2**63
+            choices.append(Choice(first + i, state.engine, state.tokenizer, prompt_ids,
+                                  dataclasses.replace(params, seed=seed), stops, media))
     except (EngineDead, ValueError) as e:
         for c in choices:
             c.abort()
         raise (_engine_error(e) if isinstance(e, EngineDead) else bad(str(e))) from None
     state.metrics.prompt_tokens.inc(len(prompt_ids) * n)
     return choices
-
-
-def _with_seed(params, seed):
-    import dataclasses
-    return dataclasses.replace(params, seed=seed % 2**63)
 
 
 # ----------------------------------------------------------------------------------------------------- chat
@@ -256,29 +244,27 @@ async def _chat(state: ServerState, body: dict, request: Request):
     options = stream_options(body)
     n = get_n(body)
     stops = get_stop(body)
-    prompt = _render(state, gemma_messages, tools if choice != "none" else None, True, enable_thinking)
     # tool_choice required / named: start the answer with the call, so the model can only complete it.
     forced = "" if choice in ("none", "auto") else "<|tool_call>call:" + ("" if choice == "required" else choice + "{")
+    prompt = _render(state, gemma_messages, tools if choice != "none" else None, True, enable_thinking) + forced
     started = time.monotonic()
     if media:
-        prompt_ids, inputs = await _process_media(state, prompt + forced, media, image_budget)
-        params = _check_prompt(state, prompt_ids, body, chat=True)
-        soft = await _encode(state, prompt_ids, inputs)
+        prompt_ids, inputs = await _process_media(state, prompt, media, image_budget)
     else:
-        prompt_ids, soft = state.tokenizer.encode(prompt + forced, add_special_tokens=False), None
-        params = _check_prompt(state, prompt_ids, body, chat=True)
+        prompt_ids = state.tokenizer.encode(prompt, add_special_tokens=False)
+    params = _check_prompt(state, prompt_ids, body, chat=True)
+    soft = await _encode(state, prompt_ids, inputs) if media else None
     choices = _start(state, n, prompt_ids, params, stops, soft)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     name = body.get("model") or state.model_names[0]
     if stream:
-        gen = _chat_stream(state, choices, prompt + forced, rid, created, name, options.get("include_usage"), started,
-                           request)
-        return StreamingResponse(gen, media_type="text/event-stream")
+        return _sse(_chat_stream(state, choices, prompt, rid, created, name, options.get("include_usage"), started,
+                                 request))
     await _run_to_end(state, choices, request, started)
     results = []
     for c in choices:
         # The prompt's end sets where the answer starts: an open thought channel, the forced call.
-        parsed = parse_response(c.text, prefix=prompt + forced, complete=c.finish_reason == "stop")
+        parsed = parse_response(c.text, prefix=prompt, complete=c.finish_reason == "stop")
         message = {"role": "assistant", "content": parsed.get("content")}
         if parsed.get("reasoning_content") is not None:
             message["reasoning_content"] = message["reasoning"] = parsed["reasoning_content"]
@@ -298,11 +284,8 @@ async def _chat(state: ServerState, body: dict, request: Request):
 
 async def _chat_stream(state, choices, prefix, rid, created, name, include_usage, started, request):
     def chunk(choices_, usage=None):
-        data = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
-                "choices": choices_}
-        if include_usage:
-            data["usage"] = usage
-        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+        data = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name, "choices": choices_}
+        return {**data, "usage": usage} if include_usage else data
 
     parsers = {c.index: StreamParser(prefix=prefix) for c in choices}
     saw_call = {c.index: False for c in choices}
@@ -325,33 +308,43 @@ async def _chat_stream(state, choices, prefix, rid, created, name, include_usage
             out.append(delta)
         return out
 
-    try:
-        for c in choices:
-            yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None}])
-        async for c, out in merged(choices, request):
-            text, _ = c.consume(out)
-            if first and text:
-                state.metrics.ttft.observe(time.monotonic() - started)
-                first = False
-            pieces = deltas(c, text, c.done) if (text or c.done) else []
-            if c.done and len(c.logprobs) > sent[c.index] and not pieces:
-                pieces = [{}]
-            for delta in pieces:
-                unsent, sent[c.index] = c.logprobs[sent[c.index]:], len(c.logprobs)
-                lp = {"content": [_chat_logprob(state.tokenizer, x) for x in unsent]} if unsent else None
-                yield chunk([{"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": None}])
-            if c.done:
-                finish = "tool_calls" if saw_call[c.index] else c.finish_reason
-                yield chunk([{"index": c.index, "delta": {}, "logprobs": None, "finish_reason": finish}])
-        _observe(state, choices, started)
-        if include_usage:
-            yield chunk([], _usage(choices))
-    except ClientDisconnected:
-        return
-    except (EngineDead, RequestFailed) as e:
-        yield f"data: {json.dumps(_engine_error(e).body())}\n\n"
-    yield "data: [DONE]\n\n"
+    for c in choices:
+        yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None}])
+    async for c, out in merged(choices, request):
+        text = c.consume(out)
+        if first and text:
+            state.metrics.ttft.observe(time.monotonic() - started)
+            first = False
+        pieces = deltas(c, text, c.done) if (text or c.done) else []
+        if c.done and len(c.logprobs) > sent[c.index] and not pieces:
+            pieces = [{}]
+        for delta in pieces:
+            unsent, sent[c.index] = c.logprobs[sent[c.index]:], len(c.logprobs)
+            lp = {"content": [_chat_logprob(state.tokenizer, x) for x in unsent]} if unsent else None
+            yield chunk([{"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": None}])
+        if c.done:
+            finish = "tool_calls" if saw_call[c.index] else c.finish_reason
+            yield chunk([{"index": c.index, "delta": {}, "logprobs": None, "finish_reason": finish}])
+    _observe(state, choices, started)
+    if include_usage:
+        yield chunk([], _usage(choices))
+
+
+def _sse(events) -> StreamingResponse:
+    """Server-sent events: each of `events` (dicts); if the engine fails, its error's body; then [DONE]. Nothing more
+    once the client has gone."""
+    async def lines():
+        try:
+            async for event in events:
+                yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+        except ClientDisconnected:
+            return
+        except (EngineDead, RequestFailed) as e:
+            yield f"data: {json.dumps(_engine_error(e).body())}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(lines(), media_type="text/event-stream")
 
 
 def _chat_logprob(tokenizer, lp) -> dict:
@@ -461,23 +454,16 @@ async def _completion(state: ServerState, body: dict, request: Request):
     if stream:
         async def events():
             sent = {c.index: 0 for c in choices}  # logprobs sent: those of a token whose text is held back come later
-            try:
-                async for c, out in merged(choices, request):
-                    text, _ = c.consume(out)
-                    if text or c.done:
-                        item = {"index": c.index, "text": text, "logprobs": logprobs_of(c, sent[c.index]),
-                                "finish_reason": c.finish_reason}
-                        sent[c.index] = len(c.logprobs)
-                        yield f"data: {json.dumps(data([item]), ensure_ascii=False)}\n\n"
-                _observe(state, choices, started)
-                if options.get("include_usage"):
-                    yield f"data: {json.dumps(data([], _usage(choices, n)))}\n\n"
-            except ClientDisconnected:
-                return
-            except (EngineDead, RequestFailed) as e:
-                yield f"data: {json.dumps(_engine_error(e).body())}\n\n"
-            yield "data: [DONE]\n\n"
-        return StreamingResponse(events(), media_type="text/event-stream")
+            async for c, out in merged(choices, request):
+                text = c.consume(out)
+                if text or c.done:
+                    yield data([{"index": c.index, "text": text, "logprobs": logprobs_of(c, sent[c.index]),
+                                 "finish_reason": c.finish_reason}])
+                    sent[c.index] = len(c.logprobs)
+            _observe(state, choices, started)
+            if options.get("include_usage"):
+                yield data([], _usage(choices, n))
+        return _sse(events())
     await _run_to_end(state, choices, request, started)
     return data([{"index": c.index, "text": c.text, "logprobs": logprobs_of(c), "finish_reason": c.finish_reason}
                  for c in choices], _usage(choices, n))
@@ -504,9 +490,7 @@ def _tokenize(state: ServerState, body: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------- media
 def _image_budget(body: dict) -> int | None:
     """Extension: `mm_processor_kwargs: {"max_soft_tokens": 70|140|280|560|1120}` (image tokens per image)."""
-    kwargs = body.get("mm_processor_kwargs")
-    if kwargs is None:
-        return None
+    kwargs = body.get("mm_processor_kwargs") or {}
     if not isinstance(kwargs, dict) or set(kwargs) - {"max_soft_tokens"}:
         raise bad("'mm_processor_kwargs' must be an object with only 'max_soft_tokens'", "mm_processor_kwargs")
     budget = kwargs.get("max_soft_tokens")
@@ -522,28 +506,26 @@ async def _process_media(state: ServerState, prompt: str, media: list[dict], ima
         images, clips = load_media(media, state.allowed_media_domains)
         try:
             # audio as one list per prompt: a flat list of (samples, rate) tuples would read as nested lists
-            out = state.processor(text=prompt, images=images or None, audio=[clips] if clips else None,
-                                  max_soft_tokens=image_budget, add_special_tokens=False)
+            return state.processor(text=prompt, images=images or None, audio=[clips] if clips else None,
+                                   max_soft_tokens=image_budget, add_special_tokens=False)
         except ValueError as e:
             raise bad(f"cannot process the media: {e}", "messages") from None
-        return _ids_and_media(out)
 
-    return await asyncio.to_thread(_limited, state, work)
-
-
-def _ids_and_media(processed) -> tuple[list[int], dict]:
-    """The processor's output for one prompt -> (its token ids, the media tensors the towers take)."""
-    out = dict(processed)
-    ids = out.pop("input_ids")[0].tolist()
-    for key in ("attention_mask", "mm_token_type_ids"):
-        out.pop(key, None)
-    return ids, out
+    return await _run_processor(state, work)
 
 
-def _limited(state: ServerState, work):
-    """Run media work in a worker thread, a few requests at a time (decoded media can be large)."""
-    with state.media_slots:
-        return work()
+async def _run_processor(state: ServerState, work) -> tuple[list[int], dict]:
+    """Run `work` (decode media, run the processor on one prompt) in a worker thread, a few requests at a time (decoded
+    media can be large) -> (the prompt's token ids, the media tensors the towers take)."""
+    def limited():
+        with state.media_slots:
+            out = dict(work())
+        ids = out.pop("input_ids")[0].tolist()
+        for key in ("attention_mask", "mm_token_type_ids"):
+            out.pop(key, None)
+        return ids, out
+
+    return await asyncio.to_thread(limited)
 
 
 async def _encode(state: ServerState, prompt_ids: list[int], inputs: dict):
@@ -601,18 +583,17 @@ async def _transcription(state: ServerState, request: Request):
     response_format = text_field("response_format") or "json"
     if response_format not in ("json", "text"):
         raise bad("'response_format' must be json or text", "response_format")
-    temperature = text_field("temperature")
-    body: dict = {"temperature": 0.0}  # greedy by default
-    if temperature is not None:
+    def number_field(name: str, kind: type, what: str):
+        value = text_field(name)
         try:
-            body["temperature"] = float(temperature)
+            return None if value is None else kind(value)
         except ValueError:
-            raise bad("'temperature' must be a number", "temperature") from None
-    max_tokens = text_field("max_tokens")  # extension: cap the transcript's length in tokens (default 448)
-    try:
-        body["max_tokens"] = int(max_tokens) if max_tokens is not None else None
-    except ValueError:
-        raise bad("'max_tokens' must be an integer", "max_tokens") from None
+            raise bad(f"'{name}' must be {what}", name) from None
+
+    temperature = number_field("temperature", float, "a number")
+    body = {"temperature": 0.0 if temperature is None else temperature,  # greedy by default
+            # extension: cap the transcript's length in tokens (default 448)
+            "max_tokens": number_field("max_tokens", int, "an integer")}
     instruction = "Transcribe this audio."
     language, prompt = text_field("language"), text_field("prompt")
     if language:
@@ -629,14 +610,13 @@ async def _transcription(state: ServerState, request: Request):
         from ..processing.audio import decode_audio
         try:
             clip = decode_audio(data, audio_format)
-            out = state.processor(text=prompt_text, audio=[[clip]], add_special_tokens=False)
+            return state.processor(text=prompt_text, audio=[[clip]], add_special_tokens=False)
         except ValueError as e:
             raise bad(f"cannot decode the audio file: {e}", "file") from None
         except Exception as e:  # noqa: BLE001  (a decoder library's own error types on hostile input)
             raise bad(f"cannot decode the audio file: {type(e).__name__}: {e}", "file") from None
-        return _ids_and_media(out)
 
-    prompt_ids, inputs = await asyncio.to_thread(_limited, state, work)
+    prompt_ids, inputs = await _run_processor(state, work)
     if body["max_tokens"] is None:
         body["max_tokens"] = max(1, min(TRANSCRIPT_MAX_TOKENS, state.max_model_len - len(prompt_ids)))
     params = _check_prompt(state, prompt_ids, body, chat=True)  # greedy unless a temperature is given

@@ -30,8 +30,8 @@ class Choice:
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    async def next(self, timeout: float | None = None) -> StepOutput:
-        item = await asyncio.wait_for(self.queue.get(), timeout) if timeout else await self.queue.get()
+    async def next(self) -> StepOutput:
+        item = await self.queue.get()
         if isinstance(item, BaseException):
             raise item
         if item.error is not None:
@@ -39,14 +39,14 @@ class Choice:
             raise RequestFailed(f"generation failed inside the engine: {item.error}")
         return item
 
-    def consume(self, out: StepOutput) -> tuple[str, list]:
-        """Apply one engine output; returns (new text safe to emit, logprobs of its tokens)."""
+    def consume(self, out: StepOutput) -> str:
+        """Apply one engine output; returns the new text safe to emit."""
         self.num_output = out.num_output_tokens
-        new_logprobs, delta = [], ""
+        delta = ""
         stop_token = out.finished and out.finish_reason == "stop"  # a stop token has no text
         if out.token is not None and not stop_token and not self.detok.stopped:
             if out.logprobs is not None:
-                new_logprobs.append(out.logprobs)
+                self.logprobs.append(out.logprobs)
                 self.text_offsets.append(len(self.detok.text))
             delta = self.detok.add(out.token)
         if out.finished:
@@ -56,8 +56,7 @@ class Choice:
             self.engine.abort(self.seq_id)
         if self.done:
             delta += self.detok.finish()
-        self.logprobs.extend(new_logprobs)
-        return delta, new_logprobs
+        return delta
 
     def abort(self) -> None:
         if not self.done:

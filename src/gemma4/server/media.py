@@ -29,11 +29,9 @@ AUDIO_FORMATS = {"wav", "mp3", "flac", "ogg", "opus", "webm", "m4a", "mp4", "aac
 def check_media(media: list[dict], state) -> None:
     for part in media:
         kind = part.get("type")
-        if kind == "image" and not state.has_vision:
-            raise bad("this model has no vision tower: image inputs are not supported", "messages")
-        if kind in ("audio", "video") and not (state.has_audio if kind == "audio" else state.has_vision):
-            raise bad(f"this model has no {'audio' if kind == 'audio' else 'vision'} tower: {kind} inputs are "
-                      "not supported", "messages")
+        tower = "audio" if kind == "audio" else "vision"  # kind: image, audio or video (collect_media)
+        if not (state.has_audio if kind == "audio" else state.has_vision):
+            raise bad(f"this model has no {tower} tower: {kind} inputs are not supported", "messages")
         if kind == "video":
             raise bad("video inputs are not supported by this server (send frames as images)", "messages")
         if "url" in part:
@@ -90,21 +88,20 @@ class _Redirects(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-def fetch(url: str, allowed_domains: list[str], max_bytes: int = MAX_MEDIA_BYTES,
-          timeout: float = FETCH_TIMEOUT_S) -> tuple[str, bytes]:
+def fetch(url: str, allowed_domains: list[str]) -> tuple[str, bytes]:
     """(content type, body) of an allowed http(s) URL; blocking (call it in a worker thread)."""
     check_url(url, allowed_domains)
     check_resolves_public(urlsplit(url).hostname or "")
     opener = urllib.request.build_opener(_Redirects(allowed_domains))
     request = urllib.request.Request(url, headers={"User-Agent": "gemma4-server"})
     try:
-        with opener.open(request, timeout=timeout) as response:
-            data = response.read(max_bytes + 1)
+        with opener.open(request, timeout=FETCH_TIMEOUT_S) as response:
+            data = response.read(MAX_MEDIA_BYTES + 1)
             kind = response.headers.get_content_type() or ""
     except (urllib.error.URLError, OSError, ValueError) as e:
         raise bad(f"cannot fetch media URL {url[:200]!r}: {e}", "messages") from None
-    if len(data) > max_bytes:
-        raise bad(f"media at {url[:200]!r} is larger than {max_bytes} bytes", "messages")
+    if len(data) > MAX_MEDIA_BYTES:
+        raise bad(f"media at {url[:200]!r} is larger than {MAX_MEDIA_BYTES} bytes", "messages")
     return kind, data
 
 
