@@ -98,9 +98,8 @@ class Processor:
                 raise ValueError(f"{config_file} is not valid JSON ({e}); re-download the checkpoint") from None
         image = settings.get("image_processor") or {}
         video = settings.get("video_processor") or {}
-        return cls(tokenizer,
-                   image_max_soft_tokens=image.get("max_soft_tokens", settings.get("image_seq_length",
-                                                                                   DEFAULT_MAX_SOFT_TOKENS)),
+        image_max_soft_tokens = image.get("max_soft_tokens", settings.get("image_seq_length", DEFAULT_MAX_SOFT_TOKENS))
+        return cls(tokenizer, image_max_soft_tokens=image_max_soft_tokens,
                    video_max_soft_tokens=video.get("max_soft_tokens", VIDEO_MAX_SOFT_TOKENS),
                    video_num_frames=video.get("num_frames", DEFAULT_NUM_FRAMES),
                    audio_seq_length=settings.get("audio_seq_length", AUDIO_MAX_SOFT_TOKENS))
@@ -144,22 +143,17 @@ class Processor:
         image_groups = _per_prompt(images, texts, IMAGE_TOKEN, "images")
         audio_groups = _per_prompt(audio, texts, AUDIO_TOKEN, "audio clips")
         video_groups = _per_prompt(videos, texts, VIDEO_TOKEN, "videos")
-        out = ProcessorOutput()
+        flat_images, flat_audio, flat_videos = ([item for group in groups for item in group]
+                                                for groups in (image_groups, audio_groups, video_groups))
         budget = max_soft_tokens or self.image_max_soft_tokens
-        image_batch = audio_batch = video_batch = None
-        flat_images = [i for g in image_groups for i in g]
-        flat_audio = [a for g in audio_groups for a in g]
-        flat_videos = [v for g in video_groups for v in g]
-        if flat_images:
-            image_batch = process_images(flat_images, max_soft_tokens=budget)
-        if flat_audio:
-            audio_batch = process_audio(flat_audio, sampling_rate=sampling_rate)
-            if max(audio_batch.num_soft_tokens) > self.audio_seq_length:
-                raise ValueError(f"an audio clip gives {max(audio_batch.num_soft_tokens)} soft tokens, more than "
-                                 f"this processor's audio_seq_length={self.audio_seq_length}; shorten it")
-        if flat_videos:
-            video_batch = process_videos(flat_videos, fps=video_fps, sampling=video_sampling,
-                                         num_frames=self.video_num_frames, max_soft_tokens=self.video_max_soft_tokens)
+        image_batch = process_images(flat_images, max_soft_tokens=budget) if flat_images else None
+        audio_batch = process_audio(flat_audio, sampling_rate=sampling_rate) if flat_audio else None
+        if flat_audio and max(audio_batch.num_soft_tokens) > self.audio_seq_length:
+            raise ValueError(f"an audio clip gives {max(audio_batch.num_soft_tokens)} soft tokens, more than "
+                             f"this processor's audio_seq_length={self.audio_seq_length}; shorten it")
+        video_batch = process_videos(flat_videos, fps=video_fps, sampling=video_sampling,
+                                     num_frames=self.video_num_frames,
+                                     max_soft_tokens=self.video_max_soft_tokens) if flat_videos else None
 
         # Each prompt's share of the batch's soft-token counts (per video: tokens per frame and timestamps).
         image_tokens = _split(image_batch.num_soft_tokens if image_batch else [], map(len, image_groups))
@@ -177,6 +171,7 @@ class Processor:
                    for token, kind in ((IMAGE_TOKEN, 1), (VIDEO_TOKEN, 2), (AUDIO_TOKEN, 3))}
         type_ids = [[type_of.get(t, 0) for t in row] for row in ids]
         mask = [[1] * len(row) for row in ids]
+        out = ProcessorOutput()
         if return_tensors is None:
             out.update(input_ids=ids, attention_mask=mask, mm_token_type_ids=type_ids)
         else:
