@@ -241,11 +241,7 @@ def _type_schema(hint: Any) -> dict:
         if args:
             schema["items"] = _type_schema(args[0])
         return schema
-    if origin is dict:
-        return {"type": "object"}
-    if hint in _JSON_TYPES:
-        return {"type": _JSON_TYPES[hint]}
-    return {"type": "object"}
+    return {"type": _JSON_TYPES.get(hint, "object")}  # dict[...] and unknown classes are objects
 
 
 def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
@@ -307,10 +303,6 @@ def _text_of(content: Any, where: str) -> str:
     raise ValueError(f"{where}: content must be a string or a list of parts, got {type(content).__name__}.")
 
 
-def _url_of(value: Any) -> Any:
-    return value.get("url") if isinstance(value, Mapping) else value
-
-
 def _convert_part(part: Any, where: str) -> dict:
     if isinstance(part, str):
         return {"type": "text", "text": part}
@@ -319,21 +311,17 @@ def _convert_part(part: Any, where: str) -> dict:
     kind = part.get("type")
     if kind == "text":
         return {"type": "text", "text": str(part.get("text", ""))}
-    if kind == "image_url":
-        url = _url_of(part.get("image_url"))
+    if kind in ("image_url", "audio_url", "video_url"):
+        url = part.get(kind)
+        url = url.get("url") if isinstance(url, Mapping) else url
         if not url:
-            raise ValueError(f"{where}: image_url part needs image_url.url.")
-        return {"type": "image", "url": url}
+            raise ValueError(f"{where}: {kind} part needs {kind}.url.")
+        return {"type": kind.split("_")[0], "url": url}
     if kind == "input_audio":
         audio = part.get("input_audio")
         if not isinstance(audio, Mapping) or not audio.get("data"):
             raise ValueError(f"{where}: input_audio part needs input_audio.data (base64) and input_audio.format.")
         return {"type": "audio", "data": audio["data"], "format": audio.get("format", "wav")}
-    if kind in ("audio_url", "video_url"):
-        url = _url_of(part.get(kind))
-        if not url:
-            raise ValueError(f"{where}: {kind} part needs {kind}.url.")
-        return {"type": kind.split("_")[0], "url": url}
     if kind in ("image", "audio", "video"):  # already in Gemma / transformers form
         return dict(part)
     raise ValueError(f"{where}: unsupported content part type {kind!r} (use text, image_url, input_audio, video_url).")
@@ -393,10 +381,6 @@ def _tool_response_value(content: Any, where: str) -> Any:
     return text
 
 
-def _reasoning_of(message: Mapping) -> str | None:
-    return next((message[k] for k in REASONING_KEYS if isinstance(message.get(k), str) and message[k]), None)
-
-
 def openai_to_gemma_messages(messages: Sequence[Mapping]) -> list[dict]:
     """Convert OpenAI chat-completions messages to messages for the Gemma 4 chat template.
 
@@ -441,7 +425,7 @@ def _append_assistant(out: list[dict], message: Mapping, where: str, call_names:
     content = _convert_content(message.get("content"), where)
     if content:
         converted["content"] = content
-    reasoning = _reasoning_of(message)
+    reasoning = next((message[k] for k in REASONING_KEYS if isinstance(message.get(k), str) and message[k]), None)
     if reasoning:
         converted["reasoning_content"] = reasoning
     if message.get("tool_calls"):
