@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from gemma4.processing.audio import AUDIO_TOKEN, audio_prompt
-from gemma4.processing.image import BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN, image_prompt, process_images
+from gemma4.processing.image import BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN, ImageBatch, image_prompt, process_images
 
 VIDEO_TOKEN = "<|video|>"
 VIDEO_MAX_SOFT_TOKENS = 70
@@ -97,8 +97,8 @@ class VideoBatch:
 
 
 def process_video(video, fps: float | None = None, sampling: str = "uniform", num_frames: int = DEFAULT_NUM_FRAMES,
-                  max_soft_tokens: int = VIDEO_MAX_SOFT_TOKENS):
-    """One video -> (frames pixel_values (F, P, 768), position ids (F, P, 2), tokens per frame, timestamps).
+                  max_soft_tokens: int = VIDEO_MAX_SOFT_TOKENS) -> tuple[ImageBatch, list[float]]:
+    """One video -> (an ImageBatch of its sampled frames, their timestamps in seconds).
 
     `video`: a file path or bytes (needs PyAV), a (T, H, W, 3) uint8 array / tensor, or a list of frames (any
     image source accepted by `gemma4.processing.image`). `fps` is the source frame rate when frames are given."""
@@ -116,9 +116,8 @@ def process_video(video, fps: float | None = None, sampling: str = "uniform", nu
     if isinstance(frames, np.ndarray) and frames.ndim != 4:
         raise ValueError(f"a video array must be (frames, height, width, channels), got shape {frames.shape}")
     indices = sample_frame_indices(len(frames), fps, sampling, num_frames)
-    batch = process_images([frames[i] for i in indices], max_soft_tokens=max_soft_tokens)
     timestamps = [float(i) / (fps or DEFAULT_FPS) for i in indices]
-    return batch.pixel_values, batch.pixel_position_ids, batch.num_soft_tokens[0], timestamps
+    return process_images([frames[i] for i in indices], max_soft_tokens=max_soft_tokens), timestamps
 
 
 def process_videos(videos, fps=None, sampling: str = "uniform", num_frames: int = DEFAULT_NUM_FRAMES,
@@ -127,11 +126,11 @@ def process_videos(videos, fps=None, sampling: str = "uniform", num_frames: int 
     if not isinstance(videos, list) or (videos and not _is_video(videos[0])):
         videos = [videos]  # a single video given as a list of frames
     fps_list = fps if isinstance(fps, (list, tuple)) else [fps] * len(videos)
-    pixels, positions, frames, tokens, stamps = [], [], [], [], []
-    for video, rate in zip(videos, fps_list):
-        p, pos, n, ts = process_video(video, rate, sampling, num_frames, max_soft_tokens)
-        pixels.append(p), positions.append(pos), frames.append(len(p)), tokens.append(n), stamps.append(ts)
-    return VideoBatch(torch.cat(pixels), torch.cat(positions), frames, tokens, stamps)
+    results = [process_video(video, rate, sampling, num_frames, max_soft_tokens)
+               for video, rate in zip(videos, fps_list)]
+    batches = [batch for batch, _ in results]
+    return VideoBatch(torch.cat([b.pixel_values for b in batches]), torch.cat([b.pixel_position_ids for b in batches]),
+                      [len(b) for b in batches], [b.num_soft_tokens[0] for b in batches], [ts for _, ts in results])
 
 
 _VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
