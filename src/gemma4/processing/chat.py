@@ -193,9 +193,8 @@ def _check_tool_schema(index: int, tool: Any) -> None:
         if not isinstance(schema, Mapping):
             raise ValueError(f"{where} ({name}): property {key!r} must be a schema object, got {type(schema).__name__}.")
     required = parameters.get("required")
-    if required is not None and (
-        isinstance(required, str) or not isinstance(required, Sequence) or not all(isinstance(r, str) for r in required)
-    ):
+    if required is not None and (isinstance(required, str) or not isinstance(required, Sequence)
+                                 or not all(isinstance(r, str) for r in required)):
         raise ValueError(f"{where} ({name}): 'parameters.required' must be a list of property names.")
 
 
@@ -450,18 +449,15 @@ def _append_tool_result(out: list[dict], message: Mapping, where: str, call_name
     call_id = message.get("tool_call_id")
     name = (call_names.get(call_id) if call_id else None) or message.get("name") or next(iter(pending), None)
     if not name:
-        raise ValueError(
-            f"{where}: tool result with tool_call_id {call_id!r} matches no earlier assistant tool call; "
-            "send the assistant message with its tool_calls first, or give the result a 'name'."
-        )
+        raise ValueError(f"{where}: tool result with tool_call_id {call_id!r} matches no earlier assistant tool call; "
+                         "send the assistant message with its tool_calls first, or give the result a 'name'.")
     if name in pending:
         pending.remove(name)
     response = {"name": name, "response": _tool_response_value(message.get("content"), where)}
-    previous = out[-1] if out else None
-    answered = previous is not None and bool(previous.get("tool_responses")) and "content" in previous
-    if previous and previous["role"] == "assistant" and not answered and (
-        previous.get("tool_calls") or previous.get("tool_responses")
-    ):
+    previous = out[-1] if out else {}
+    answered = bool(previous.get("tool_responses")) and "content" in previous
+    call_turn = previous.get("role") == "assistant" and (previous.get("tool_calls") or previous.get("tool_responses"))
+    if call_turn and not answered:
         if not previous.get("tool_responses"):
             # The template writes a turn's text after its tool responses and then closes the turn, so text
             # written before the calls ("Let me check.") cannot stay in a turn that goes on with results.

@@ -330,9 +330,5 @@ def accumulate(events: Iterable[Event]) -> dict:
             arguments[event.index].append(event.arguments)
     for index, call in calls.items():
         call["function"]["arguments"] = json.loads("".join(arguments[index]) or "{}")
-    return {
-        "role": "assistant",
-        "content": "".join(content) or None,
-        "reasoning_content": "".join(reasoning) or None,
-        "tool_calls": [calls[index] for index in sorted(calls)],
-    }
+    return {"role": "assistant", "content": "".join(content) or None, "reasoning_content": "".join(reasoning) or None,
+            "tool_calls": [calls[index] for index in sorted(calls)]}

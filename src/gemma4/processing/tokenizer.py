@@ -70,18 +70,16 @@ def resolve_tokenizer_dir(path_or_repo: str | os.PathLike, revision: str | None 
     text = str(path_or_repo)
     looks_like_repo = text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.exists()
     if not looks_like_repo:
-        raise FileNotFoundError(
-            f"Tokenizer directory {text!r} does not exist: pass a checkpoint directory or a hub id like 'google/gemma-4-E2B-it'."
-        )
+        raise FileNotFoundError(f"Tokenizer directory {text!r} does not exist: pass a checkpoint directory or a hub id "
+                                "like 'google/gemma-4-E2B-it'.")
     from huggingface_hub import snapshot_download  # imported lazily: only hub ids need it
 
     try:
         return Path(snapshot_download(text, revision=revision, allow_patterns=list(TOKENIZER_FILES)))
     except Exception as e:  # offline, unknown repo, gated model, ...
-        raise FileNotFoundError(
-            f"{text!r} is not a local directory and could not be fetched from the hub ({type(e).__name__}: {e}); "
-            "pass a checkpoint directory, or log in / go online for a hub id."
-        ) from e
+        raise FileNotFoundError(f"{text!r} is not a local directory and could not be fetched from the hub "
+                                f"({type(e).__name__}: {e}); pass a checkpoint directory, or log in / go online "
+                                "for a hub id.") from e
 
 
 def _load_chat_template(directory: Path, config: dict) -> str | dict[str, str] | None:
