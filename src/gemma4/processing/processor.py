@@ -180,8 +180,7 @@ class Processor:
 
             def padded(rows, value):
                 fill = [[value] * (width - len(r)) for r in rows]
-                return torch.tensor([f + r if side == "left" else r + f for r, f in zip(rows, fill)],
-                                    dtype=torch.long)
+                return torch.tensor([f + r if side == "left" else r + f for r, f in zip(rows, fill)], dtype=torch.long)
             out.update(input_ids=padded(ids, pad), attention_mask=padded(mask, 0),
                        mm_token_type_ids=padded(type_ids, 0))
         if image_batch is not None:

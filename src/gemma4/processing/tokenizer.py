@@ -116,10 +116,8 @@ class Tokenizer:
         # transformers skips the special added tokens of tokenizer.json *and* the named special tokens of the
         # config (e.g. "<mask>", which tokenizer.json does not flag as special).
         named = [self._config_token(key) for key in _BASIC_SPECIAL_KEYS] + list(extra.values())
-        self.special_ids = frozenset(
-            {tid for tid, tok in backend.get_added_tokens_decoder().items() if tok.special}
-            | {tid for tid in (self.token_to_id(t) for t in named if t) if tid is not None}
-        )
+        self.special_ids = frozenset({tid for tid, tok in backend.get_added_tokens_decoder().items() if tok.special}
+                                     | {tid for tid in (self.token_to_id(t) for t in named if t) if tid is not None})
 
     # ----------------------------------------------------------------------------------------------- loading
     @classmethod

@@ -18,7 +18,8 @@ from typing import Any
 STRING_DELIM = '<|"|>'
 _NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?")
 FUNCTION_NAME = re.compile(r"[A-Za-z_][\w\-.]*")  # a tool's name as the model writes it
-_CALL_PREFIX = re.compile(r"call\s*:\s*")
+_CALL_PREFIX = re.compile(r"\s*(?:call\s*:\s*)?")  # optional; the whitespace around it is skipped too
+_SPACES = re.compile(r"\s*")
 # A bare (unquoted) value runs until the next structural character, or a string's closing delimiter.
 _BARE_END = re.compile(r'[,}\])]|<\|"\|>')
 _STRUCTURAL_NEXT = re.compile(r"\s*[,}\])]")
@@ -43,8 +44,7 @@ class _Reader:
         raise ArgumentSyntaxError(f"{what} at char {self.pos}")
 
     def skip_ws(self) -> None:
-        while self.pos < len(self.text) and self.text[self.pos].isspace():
-            self.pos += 1
+        self.pos = _SPACES.match(self.text, self.pos).end()
 
     def peek(self, token: str) -> bool:
         return self.text.startswith(token, self.pos)
@@ -178,10 +178,8 @@ def _bare_value(raw: str) -> Any:
 def _check_no_delimiter(value: Any) -> Any:
     """`value`, or ArgumentSyntaxError if a `<|"|>` ended up in one of its strings (a misread string)."""
     if isinstance(value, dict):
-        for key, item in value.items():
-            _check_no_delimiter(key)
-            _check_no_delimiter(item)
-    elif isinstance(value, list):
+        _check_no_delimiter(list(value.items()))  # each key, then its value
+    elif isinstance(value, (list, tuple)):
         for item in value:
             _check_no_delimiter(item)
     elif isinstance(value, str) and STRING_DELIM in value:
@@ -211,10 +209,7 @@ def _json_style_call(reader: _Reader) -> tuple[str, dict]:
 
 
 def _one_call(reader: _Reader, terminated: bool) -> tuple[str, dict]:
-    reader.skip_ws()
-    prefix = _CALL_PREFIX.match(reader.text, reader.pos)
-    if prefix:
-        reader.pos = prefix.end()
+    reader.pos = _CALL_PREFIX.match(reader.text, reader.pos).end()
     if reader.peek("{"):
         return _json_style_call(reader)
     match = FUNCTION_NAME.match(reader.text, reader.pos)
