@@ -102,7 +102,6 @@ class ForwardContext:
     sliding_window: int = 0
     masks: dict = field(default_factory=dict)  # layer type -> mask, built once per forward
     shared_kv: dict = field(default_factory=dict)  # producer layer index -> (key, value)
-    num_keys: dict = field(default_factory=dict)  # layer type -> the decode kernel's per-row key bound
 
     def __post_init__(self):
         # One token per row over a cache, on CUDA: the split-K decode kernel reads only the keys a row may see (up
@@ -124,37 +123,25 @@ class ForwardContext:
         if not self.decode_kernel:
             return attend(query, key, value, mask)
         window = self.sliding_window if layer_type == SLIDING else None
-        query_positions = self.positions[:, 0]
-        if layer_type not in self.num_keys:  # once per forward, not per layer (a launch each)
-            self.num_keys[layer_type] = self.cache.num_keys(layer_type, query_positions)
-        return attend_one_query(query, key, value, self.cache.key_positions(layer_type), query_positions, window,
-                                slots=self.cache.key_slots(layer_type), num_keys=self.num_keys[layer_type])
+        return attend_one_query(query, key, value, self.cache.key_positions(layer_type), self.positions[:, 0], window,
+                                slots=self.cache.key_slots(layer_type), num_keys=self.cache.num_keys(layer_type))
 
     def keys_and_values(self, layer_idx: int, layer_type: str, key: torch.Tensor, value: torch.Tensor):
         """Store this layer's new K/V and return everything the layer attends to, with the mask."""
         if self.cache is not None:
             key, value = self.cache.update(layer_idx, key, value)
         if layer_type not in self.masks:
-            if self.cache is None:
-                key_positions, key_blocks = torch.where(self.valid, self.positions, -1), self.blocks
-            else:
-                key_positions = self.cache.key_positions(layer_type)
-                key_blocks = self._key_blocks(layer_type, key_positions.shape[1]) if self.blocks is not None else None
-            self.masks[layer_type] = self._mask(layer_type, key_positions, key_blocks)
+            window = self.sliding_window if layer_type == SLIDING else None
+            key_positions = (self.cache.key_positions(layer_type) if self.cache is not None
+                             else torch.where(self.valid, self.positions, -1))
+            # Image blocks on sliding layers only: global layers stay causal, images included (as in the reference).
+            blocks = key_blocks = self.blocks if window is not None else None
+            if blocks is not None and self.cache is not None:
+                # Image tokens see each other bidirectionally only within one forward: cached keys count as text.
+                slots = self.cache.new_key_slots(layer_type)  # [B, L] where each new token sits among the keys
+                # amax: a padding token (block 0) sharing a slot with a real token never erases its block.
+                key_blocks = torch.zeros_like(key_positions, dtype=blocks.dtype).scatter_reduce(
+                    1, slots, blocks, reduce="amax")
+            rule = MaskRule if self.prefill_kernel else attention_mask
+            self.masks[layer_type] = rule(self.positions, self.valid, key_positions, window, blocks, key_blocks)
         return key, value, self.masks[layer_type]
-
-    def _mask(self, layer_type: str, key_positions: torch.Tensor, key_blocks: torch.Tensor | None):
-        window = self.sliding_window if layer_type == SLIDING else None
-        if window is None:  # global layers stay causal, images included (as in the reference)
-            key_blocks = None
-        blocks = self.blocks if key_blocks is not None else None
-        if self.prefill_kernel:
-            return MaskRule(self.positions, self.valid, key_positions, window, blocks, key_blocks)
-        return attention_mask(self.positions, self.valid, key_positions, window, blocks, key_blocks)
-
-    def _key_blocks(self, layer_type: str, num_keys: int) -> torch.Tensor:
-        # Image tokens see each other bidirectionally only within one forward: cached keys count as text.
-        slots = self.cache.new_key_slots(layer_type)  # [B, L] where each new token sits among the keys
-        key_blocks = torch.zeros(self.blocks.shape[0], num_keys, dtype=self.blocks.dtype, device=self.blocks.device)
-        # amax: a padding token (block 0) sharing a slot with a real token never erases the real token's block.
-        return key_blocks.scatter_reduce(1, slots, self.blocks, reduce="amax")

@@ -53,8 +53,7 @@ class KVCache:
         self.row_lengths = torch.maximum(self.row_lengths, torch.where(valid, positions + 1, 0).amax(dim=1))
 
     def __getattr__(self, name: str):
-        """update / write_target / stored / key_positions / new_key_slots / num_keys / key_slots: this forward's
-        view's."""
+        """update / write_target / key_positions / new_key_slots / num_keys / key_slots: this forward's view's."""
         if name.startswith("_") or self.__dict__.get("view") is None:
             raise AttributeError(name)
         return getattr(self.view, name)

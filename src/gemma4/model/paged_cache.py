@@ -87,10 +87,6 @@ class PagedCacheView:
         """Sliding layers: flat pool slot of each row's ring."""
         return self.ring_slots[:, None] * self.window + torch.arange(self.window, device=self.ring_slots.device)
 
-    def next_positions(self, valid: torch.Tensor) -> torch.Tensor:
-        positions = self.num_cached[:, None] + valid.long().cumsum(dim=1) - 1
-        return positions.masked_fill(~valid, 0)
-
     def begin(self, positions: torch.Tensor, valid: torch.Tensor, in_place: bool = False) -> None:
         """As KVCache.begin; `in_place` (ForwardContext.decode_kernel): attend over the pools without gathering."""
         self.in_place = in_place
@@ -156,24 +152,18 @@ class PagedCacheView:
         write = self._plan["ring_write" if self.layer_types[layer_idx] == SLIDING else "global_write"]
         return self.pools.keys[layer_idx], self.pools.values[layer_idx], write
 
-    def stored(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """In-place decode, once this step's K/V are written: the pools, read through `key_slots`."""
-        return self.pools.keys[layer_idx], self.pools.values[layer_idx]
-
     def key_positions(self, layer_type: str) -> torch.Tensor:
         return self._plan[layer_type]
 
     def new_key_slots(self, layer_type: str) -> torch.Tensor:
         return self._plan[("slots", layer_type)]
 
-    def num_keys(self, layer_type: str, query_positions: torch.Tensor) -> torch.Tensor | None:
+    def num_keys(self, layer_type: str) -> torch.Tensor | None:
         """In-place decode, global layers: slot j of a row's blocks holds position j, so j <= query suffices."""
-        return self._plan["num_keys"] if self.in_place and layer_type == FULL else None
+        return self._plan["num_keys"] if layer_type == FULL else None
 
-    def key_slots(self, layer_type: str) -> torch.Tensor | None:
+    def key_slots(self, layer_type: str) -> torch.Tensor:
         """In-place decode: each row's candidate keys as flat pool slots (its ring, or its blocks in order)."""
-        if not self.in_place:
-            return None
         return self.ring_gather if layer_type == SLIDING else self.global_gather
 
     def end(self) -> None:

@@ -94,9 +94,9 @@ class Attention(nn.Module):
             key, value, mask = ctx.shared_kv[self.kv_source]
         elif ctx.decode_kernel:  # one launch: the three norms, RoPE, and the new K/V written into the cache
             from ..kernels.norm import qkv_norm_rope_store
+            key, value, slots = ctx.cache.write_target(self.layer_idx)  # then read in place, through `key_slots`
             query = qkv_norm_rope_store(q, k, v, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin,
-                                        *ctx.cache.write_target(self.layer_idx))
-            key, value = ctx.cache.stored(self.layer_idx)
+                                        key, value, slots)
             mask = None
         else:
             query = norm_rope(q.view(batch, length, -1, self.head_dim), self.q_norm, cos, sin)
@@ -437,7 +437,7 @@ class TextModel(nn.Module):
 def _last_position_only(x, h, ropes, per_layer, ctx: ForwardContext):
     """Cut a forward down to its last position before the KV-shared layers (their K/V come from earlier layers)."""
     ctx.positions, ctx.valid = ctx.positions[:, -1:], ctx.valid[:, -1:]
-    ctx.masks, ctx.num_keys = {}, {}
+    ctx.masks = {}
     ctx.shared_kv = {i: (k, v, m.last_query_only() if isinstance(m, MaskRule) else m[:, :, -1:])
                      for i, (k, v, m) in ctx.shared_kv.items()}
     ropes = {t: (cos[:, -1:], sin[:, -1:]) for t, (cos, sin) in ropes.items()}
