@@ -204,8 +204,7 @@ def render_chat_template(template: str, messages: Sequence[dict], *, tools: Sequ
     """Render `template` like transformers' `apply_chat_template(..., tokenize=False)`.
 
     `special_tokens` (bos_token, eos_token, ...) and `kwargs` (e.g. enable_thinking) become template
-    variables; kwargs win over special tokens of the same name.
-    """
+    variables; kwargs win over special tokens of the same name."""
     compiled = compile_chat_template(template)
     context = {**(special_tokens or {}), **_plain(kwargs), "messages": _prepare_messages(messages),
                "tools": _plain(validate_tools(tools)), "documents": None,
@@ -394,8 +393,7 @@ def openai_to_gemma_messages(messages: Sequence[Mapping]) -> list[dict]:
       reads exactly as the model generated it (one model turn: calls, responses, answer). Text the assistant
       wrote before its calls is dropped once results follow: the template has no place for it there.
     - earlier turns' reasoning is passed as `reasoning_content`; the template keeps it only where it means
-      to (tool-calling turns after the last user message) and strips thinking from assistant text.
-    """
+      to (tool-calling turns after the last user message) and strips thinking from assistant text."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise ValueError("messages must be a list of OpenAI message dicts.")
     out: list[dict] = []

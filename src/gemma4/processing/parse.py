@@ -41,11 +41,10 @@ def parse_response(text: str, *, prefix: str | None = None, complete: bool = Fal
     reasoning only) and a call without `<tool_call|>` (read as finished rather than cut off).
     `make_id(index)` makes tool-call ids (default: random "call_...").
 
-    `prefix` is the prompt the text continues (whole, or just its end): the parser starts in the state the
-    prompt's pre-written part of the answer leaves, e.g. inside a thought channel the template opened, or
-    inside a tool call the server forced with `<|tool_call>call:NAME{`. Only the generated text is reported,
-    and a call the prompt started once `text` completes it (see `stream_parse.generation_prefix`).
-    """
+    `prefix` is the prompt the text continues (whole, or just its end): parsing starts in the state its
+    pre-written part of the answer leaves, e.g. inside a thought channel the template opened or a tool call the
+    server forced (`<|tool_call>call:NAME{`). Only the generated text is reported, and a call the prompt started
+    once `text` completes it (see `stream_parse.generation_prefix`)."""
     parser = StreamParser(make_id=make_id, prefix=prefix)
     return accumulate(parser.feed(text) + parser.finish(complete=complete))
 

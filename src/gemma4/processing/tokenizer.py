@@ -263,8 +263,7 @@ class Tokenizer:
         """Render `messages` with the checkpoint's chat template, exactly as transformers does.
 
         Returns the prompt text, or its token ids with `tokenize=True` (the template writes `<bos>` itself,
-        so no special tokens are added on encoding).
-        """
+        so no special tokens are added on encoding)."""
         from .chat import render_chat_template
 
         text = render_chat_template(self.get_chat_template(chat_template, tools), messages, tools=tools,

@@ -241,8 +241,7 @@ def parse_tool_call_body(body: str, terminated: bool = True) -> list[tuple[str, 
 
     `terminated` says whether the body was ended by `<tool_call|>` or another marker rather than cut off;
     only then is a bare `name` accepted as a call without arguments, or a string missing its closing
-    delimiter repaired. Raises ArgumentSyntaxError.
-    """
+    delimiter repaired. Raises ArgumentSyntaxError."""
     reader = _Reader(body, terminated=terminated)
     calls = [_one_call(reader, terminated)]
     while not reader.at_end():
