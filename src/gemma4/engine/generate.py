@@ -212,16 +212,14 @@ def reference_generate(model, input_ids: torch.Tensor, valid: torch.Tensor, para
     done = [False] * len(params)
     while not all(done):
         logits = model(sequence, attention_mask=valid, **media)[:, -1]
-        tokens = []
+        tokens = [0] * len(params)  # rows that are done: padding
         for row, p in enumerate(params):
-            token = 0
             if not done[row]:
                 stops = set() if p.ignore_eos else set(p.stop_token_ids or ())
-                token, _ = sample_token(logits[row], p, prompts[row], outputs[row], stops, generators[row],
-                                        kept[row] if kept else None)
-                outputs[row].append(token)
-                done[row] = finish_reason(token, len(outputs[row]), p, stops) is not None
-            tokens.append(token)
+                tokens[row], _ = sample_token(logits[row], p, prompts[row], outputs[row], stops, generators[row],
+                                              kept[row] if kept else None)
+                outputs[row].append(tokens[row])
+                done[row] = finish_reason(tokens[row], len(outputs[row]), p, stops) is not None
         sequence = torch.cat([sequence, torch.tensor(tokens, device=device)[:, None]], dim=1)
         valid = torch.cat([valid, torch.ones(len(params), 1, dtype=torch.bool, device=device)], dim=1)
     return outputs

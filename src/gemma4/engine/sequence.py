@@ -67,11 +67,8 @@ class Sequence:
         """The longest chunk [start, start + m), m <= limit, that ends at no point inside an image (a vision run
         must be embedded in one forward); 0 when the next image does not fit in `limit` tokens."""
         end = start + limit
-        if self.media is not None:
-            for a, b in self.media.vision_runs:
-                if a < end < b:
-                    end = a
-                    break
+        runs = self.media.vision_runs if self.media is not None else []
+        end = next((a for a, b in runs if a < end < b), end)
         return max(end - start, 0)
 
     def generator_on(self, device: torch.device) -> torch.Generator | None:
