@@ -75,7 +75,21 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
-        return _tokenize(state, await _json_body(request, state, TOKENIZE_FIELDS))
+        """vLLM's: {"prompt": text} or {"messages": [...]} (rendered with the chat template, media refused)."""
+        body = await _json_body(request, state, TOKENIZE_FIELDS)
+        if (body.get("prompt") is None) == (body.get("messages") is None):
+            raise bad("send either 'prompt' (a string) or 'messages' (a chat)", "prompt")
+        if body.get("prompt") is not None:
+            ids = state.tokenizer.encode(body["prompt"], add_special_tokens=get_bool(body, "add_special_tokens", True))
+        else:
+            gemma_messages, tools = _messages(body)
+            if collect_media(gemma_messages):
+                raise bad("/tokenize does not expand images or audio into their tokens; send text only", "messages")
+            text = _render(state, gemma_messages, tools, get_bool(body, "add_generation_prompt", True),
+                           thinking(body, state.default_enable_thinking))
+            ids = state.tokenizer.encode(text, add_special_tokens=get_bool(body, "add_special_tokens", False))
+        strings = [state.tokenizer.id_to_token(t) for t in ids] if get_bool(body, "return_token_strs") else None
+        return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids, "token_strs": strings}
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
@@ -194,19 +208,21 @@ def _check_prompt(state: ServerState, prompt_ids: list[int], body: dict, chat: b
     return params
 
 
-def _start(state: ServerState, n: int, prompt_ids, params, stops, media=None, first: int = 0) -> list[Choice]:
-    """The n choices of one prompt, numbered from `first`."""
+def _start(state: ServerState, n: int, prompts: list[tuple], stops, media=None) -> list[Choice]:
+    """n choices of each (prompt ids, sampling params): choice k*n + i is the i-th of prompt k, as vLLM. All start, or
+    none (an error aborts those started)."""
     choices = []
     try:
-        for i in range(n):
-            seed = params.seed if params.seed is None or i == 0 else (params.seed + i) % 2**63
-            choices.append(Choice(first + i, state.engine, state.tokenizer, prompt_ids,
-                                  dataclasses.replace(params, seed=seed), stops, media))
+        for k, (prompt_ids, params) in enumerate(prompts):
+            for i in range(n):
+                seed = None if params.seed is None else (params.seed + i) % 2**63  # choice i samples with seed + i
+                choices.append(Choice(k * n + i, state.engine, state.tokenizer, prompt_ids,
+                                      dataclasses.replace(params, seed=seed), stops, media))
+            state.metrics.prompt_tokens.inc(len(prompt_ids) * n)
     except (EngineDead, ValueError) as e:
         for c in choices:
             c.abort()
         raise (_engine_error(e) if isinstance(e, EngineDead) else bad(str(e))) from None
-    state.metrics.prompt_tokens.inc(len(prompt_ids) * n)
     return choices
 
 
@@ -254,7 +270,7 @@ async def _chat(state: ServerState, body: dict, request: Request):
         prompt_ids = state.tokenizer.encode(prompt, add_special_tokens=False)
     params = _check_prompt(state, prompt_ids, body, chat=True)
     soft = await _encode(state, prompt_ids, inputs) if media else None
-    choices = _start(state, n, prompt_ids, params, stops, soft)
+    choices = _start(state, n, [(prompt_ids, params)], stops, soft)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     name = body.get("model") or state.model_names[0]
     if stream:
@@ -425,21 +441,13 @@ async def _completion(state: ServerState, body: dict, request: Request):
     stops = get_stop(body)
     params = [_check_prompt(state, ids, body, chat=False) for ids in prompts]  # all checked before any starts
     started = time.monotonic()
-    choices: list[Choice] = []
-    try:
-        for k, (ids, p) in enumerate(zip(prompts, params)):  # choice k*n + i: the i-th of prompt k, as vLLM
-            choices += _start(state, n, ids, p, stops, first=k * n)
-    except APIError:
-        for c in choices:
-            c.abort()
-        raise
+    choices = _start(state, n, list(zip(prompts, params)), stops)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     name = body.get("model") or state.model_names[0]
-    want_lp = params[0].logprobs is not None
 
     def logprobs_of(c: Choice, start: int = 0):
         """The logprobs of c's tokens from the `start`-th on; text_offset: where each token's text starts in c.text."""
-        if not want_lp:
+        if params[0].logprobs is None:
             return None
         items = c.logprobs[start:]
         return {"tokens": [state.tokenizer.decode([x.token_id]) for x in items],
@@ -467,24 +475,6 @@ async def _completion(state: ServerState, body: dict, request: Request):
     await _run_to_end(state, choices, request, started)
     return data([{"index": c.index, "text": c.text, "logprobs": logprobs_of(c), "finish_reason": c.finish_reason}
                  for c in choices], _usage(choices, n))
-
-
-# -------------------------------------------------------------------------------------------------- tokenize
-def _tokenize(state: ServerState, body: dict) -> dict:
-    """vLLM's /tokenize: {"prompt": text} or {"messages": [...]} (rendered with the chat template, media refused)."""
-    if (body.get("prompt") is None) == (body.get("messages") is None):
-        raise bad("send either 'prompt' (a string) or 'messages' (a chat)", "prompt")
-    if body.get("prompt") is not None:
-        ids = state.tokenizer.encode(body["prompt"], add_special_tokens=get_bool(body, "add_special_tokens", True))
-    else:
-        gemma_messages, tools = _messages(body)
-        if collect_media(gemma_messages):
-            raise bad("/tokenize does not expand images or audio into their tokens; send text only", "messages")
-        text = _render(state, gemma_messages, tools, get_bool(body, "add_generation_prompt", True),
-                       thinking(body, state.default_enable_thinking))
-        ids = state.tokenizer.encode(text, add_special_tokens=get_bool(body, "add_special_tokens", False))
-    strings = [state.tokenizer.id_to_token(t) for t in ids] if get_bool(body, "return_token_strs") else None
-    return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids, "token_strs": strings}
 
 
 # ----------------------------------------------------------------------------------------------------- media
@@ -575,6 +565,13 @@ async def _transcription(state: ServerState, request: Request):
         except UnicodeDecodeError:
             raise bad(f"'{name}' must be UTF-8 text", name) from None
 
+    def number_field(name: str, kind: type, what: str):
+        value = text_field(name)
+        try:
+            return None if value is None else kind(value)
+        except ValueError:
+            raise bad(f"'{name}' must be {what}", name) from None
+
     if "file" not in fields or not fields["file"][1]:
         raise bad("'file' (the audio) is required", "file")
     model = text_field("model")
@@ -583,17 +580,8 @@ async def _transcription(state: ServerState, request: Request):
     response_format = text_field("response_format") or "json"
     if response_format not in ("json", "text"):
         raise bad("'response_format' must be json or text", "response_format")
-    def number_field(name: str, kind: type, what: str):
-        value = text_field(name)
-        try:
-            return None if value is None else kind(value)
-        except ValueError:
-            raise bad(f"'{name}' must be {what}", name) from None
-
-    temperature = number_field("temperature", float, "a number")
-    body = {"temperature": 0.0 if temperature is None else temperature,  # greedy by default
-            # extension: cap the transcript's length in tokens (default 448)
-            "max_tokens": number_field("max_tokens", int, "an integer")}
+    body = {"temperature": number_field("temperature", float, "a number") or 0.0,  # greedy by default
+            "max_tokens": number_field("max_tokens", int, "an integer")}  # extension: the transcript's cap in tokens
     instruction = "Transcribe this audio."
     language, prompt = text_field("language"), text_field("prompt")
     if language:
@@ -622,12 +610,12 @@ async def _transcription(state: ServerState, request: Request):
     params = _check_prompt(state, prompt_ids, body, chat=True)  # greedy unless a temperature is given
     soft = await _encode(state, prompt_ids, inputs)
     started = time.monotonic()
-    choices = _start(state, 1, prompt_ids, params, [], soft)
-    await _run_to_end(state, choices, request, started)
-    parsed = parse_response(choices[0].text, prefix=prompt_text, complete=choices[0].finish_reason == "stop")
+    [choice] = _start(state, 1, [(prompt_ids, params)], [], soft)
+    await _run_to_end(state, [choice], request, started)
+    parsed = parse_response(choice.text, prefix=prompt_text, complete=choice.finish_reason == "stop")
     text = (parsed.get("content") or "").strip()
     if response_format == "text":
         return PlainTextResponse(text)
-    return {"text": text, "usage": {"type": "tokens", "input_tokens": choices[0].num_prompt,
-                                    "output_tokens": choices[0].num_output,
-                                    "total_tokens": choices[0].num_prompt + choices[0].num_output}}
+    return {"text": text, "usage": {"type": "tokens", "input_tokens": choice.num_prompt,
+                                    "output_tokens": choice.num_output,
+                                    "total_tokens": choice.num_prompt + choice.num_output}}
