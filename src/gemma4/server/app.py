@@ -125,7 +125,6 @@ def create_app(state: ServerState) -> FastAPI:
 _ENDPOINTS = {"/health", "/metrics", "/version", "/tokenize", "/detokenize", "/v1/models", "/v1/chat/completions",
               "/v1/completions", "/v1/audio/transcriptions"}
 
-
 MAX_BODY_BYTES = 64 * 1024 * 1024  # room for a few inline images or clips; more is refused before it is read
 MAX_CHOICES = 256  # of one completions request: prompts x n
 
@@ -252,8 +251,7 @@ async def _chat(state: ServerState, body: dict, request: Request):
     gemma_messages, tools = _messages(body)
     choice = tool_choice(body, tools)
     media = collect_media(gemma_messages)
-    if media:
-        check_media(media, state)
+    check_media(media, state)
     image_budget = _image_budget(body) if media else None
     enable_thinking = thinking(body, state.default_enable_thinking)
     stream = get_bool(body, "stream")

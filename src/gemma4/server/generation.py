@@ -74,24 +74,23 @@ async def _disconnect(request) -> None:
         pass
 
 
-async def merged(choices: list[Choice], request=None):
+async def merged(choices: list[Choice], request):
     """Yield (choice, StepOutput) from all choices as outputs arrive. If the client of `request` disconnects, raise
     ClientDisconnected at once; the choices are aborted whichever way this ends."""
     pending = {asyncio.ensure_future(c.next()): c for c in choices if not c.done}
-    gone = asyncio.ensure_future(_disconnect(request)) if request is not None else None
+    gone = asyncio.ensure_future(_disconnect(request))
     try:
         while pending:
-            done, _ = await asyncio.wait([*pending, gone] if gone else pending, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait([*pending, gone], return_when=asyncio.FIRST_COMPLETED)
             if gone in done:
                 raise ClientDisconnected()
             for task in done:
                 choice = pending.pop(task)
-                out = task.result()
-                yield choice, out
+                yield choice, task.result()
                 if not choice.done:
                     pending[asyncio.ensure_future(choice.next())] = choice
     finally:
-        for task in [*pending, gone] if gone else pending:
+        for task in [*pending, gone]:
             task.cancel()
         for choice in choices:
             choice.abort()
