@@ -68,13 +68,6 @@ class LLMEngine:
         self.mailbox: dict[int, deque[StepOutput]] = {}  # outputs waiting for their `run` (see there)
         self._encode_lock = threading.Lock()
 
-    def check_request(self, num_prompt_tokens: int, params: SamplingParams) -> None:
-        if num_prompt_tokens == 0:
-            raise ValueError("the prompt is empty")
-        if num_prompt_tokens + params.max_tokens > self.max_model_len:
-            raise ValueError(f"prompt of {num_prompt_tokens} tokens + max_tokens {params.max_tokens} exceeds the "
-                             f"maximum context length of {self.max_model_len} tokens")
-
     def encode_media(self, prompt_ids: list[int], media: dict) -> SoftTokens:
         """Run the towers once for one prompt: `media` are its processor outputs (pixel_values, image_position_ids,
         input_features, input_features_mask, ...); `prompt_ids` hold the expanded placeholders. ValueError when they
@@ -102,7 +95,11 @@ class LLMEngine:
                     ) -> int:
         """`media`: the prompt's processor outputs (run through the towers now) or `encode_media`'s result (which
         several requests may share, e.g. the n choices of one prompt)."""
-        self.check_request(len(prompt_ids), params)
+        if len(prompt_ids) == 0:
+            raise ValueError("the prompt is empty")
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens + max_tokens {params.max_tokens} exceeds the "
+                             f"maximum context length of {self.max_model_len} tokens")
         check_token_ids(self.runner.model.config, prompt_ids)
         if isinstance(media, dict):
             media = self.encode_media(prompt_ids, media) if media else None
@@ -191,8 +188,7 @@ class LLMEngine:
         return self._output(seq, None, None, error)
 
     def _output(self, seq, token, logprobs, error: str | None = None) -> StepOutput:
-        return StepOutput(seq.seq_id, token, logprobs, seq.finished, seq.finish_reason, len(seq.prompt_ids),
-                          len(seq.output_ids), error)
+        return StepOutput(seq.seq_id, token, logprobs, seq.finished, seq.finish_reason, len(seq.output_ids), error)
 
     @property
     def kv_usage(self) -> float:

@@ -94,7 +94,6 @@ class StepOutput:
     logprobs: TokenLogprobs | None
     finished: bool
     finish_reason: str | None
-    num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     error: str | None = None  # why the sequence failed (finish_reason "error"); the engine goes on with the others
 
