@@ -49,19 +49,15 @@ class BenchSpec:
     device: str = "cuda"
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def timed(fn, device: str, repeat: int = 1) -> float:
     """Best wall time of `repeat` calls of fn, the device synchronized around each."""
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
     best = float("inf")
     for _ in range(repeat):
-        _sync(device)
+        sync()
         start = time.perf_counter()
         fn()
-        _sync(device)
+        sync()
         best = min(best, time.perf_counter() - start)
     return best
 
