@@ -264,5 +264,4 @@ def audio_features(tower: AudioTower, embed_audio: MultimodalEmbedder, input_fea
     Equals transformers' `embed_audio(get_audio_features(...).last_hidden_state)[mask]` per clip, which is what
     `Gemma4Model.forward` scatters into the `<|audio|>` positions (clips in order)."""
     hidden, valid = tower(input_features, input_features_mask)
-    tokens = embed_audio(hidden)
-    return [tokens[i][valid[i]] for i in range(tokens.shape[0])]
+    return [tokens[keep] for tokens, keep in zip(embed_audio(hidden), valid)]

@@ -12,13 +12,8 @@ from torch import nn
 
 from .. import kernels
 
-_ACTIVATIONS = {
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu": F.gelu,
-    "silu": F.silu,
-    "swish": F.silu,
-    "relu": F.relu,
-}
+_ACTIVATIONS = {"gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu, "silu": F.silu,
+                "swish": F.silu, "relu": F.relu}
 
 
 def activation(name: str):
@@ -68,10 +63,9 @@ class ClippableLinear(nn.Module):
         self.linear = nn.Linear(in_features, out_features, bias=False)
         self.clip = clip
         if clip:
-            self.register_buffer("input_min", torch.tensor(-float("inf")))
-            self.register_buffer("input_max", torch.tensor(float("inf")))
-            self.register_buffer("output_min", torch.tensor(-float("inf")))
-            self.register_buffer("output_max", torch.tensor(float("inf")))
+            for side in ("input", "output"):
+                self.register_buffer(f"{side}_min", torch.tensor(-float("inf")))
+                self.register_buffer(f"{side}_max", torch.tensor(float("inf")))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.clip:

@@ -52,13 +52,9 @@ def prepare_tower(tower: torch.nn.Module, device: torch.device) -> None:
         small = dataclasses.replace(small, position_embedding_size=1)
     with torch.device("cpu"):
         fresh = dict(type(tower)(small).named_buffers())
-    persistent = set(tower.state_dict())
-    for name, _ in list(tower.named_buffers()):
-        if name in persistent:
-            continue
-        owner_name, _, leaf = name.rpartition(".")
-        owner = tower.get_submodule(owner_name) if owner_name else tower
-        owner._buffers[leaf] = fresh[name].to(device)
+    for name in set(fresh) - set(tower.state_dict()):  # the derived (non-persistent) buffers
+        owner, _, leaf = name.rpartition(".")
+        tower.get_submodule(owner)._buffers[leaf] = fresh[name].to(device)
     tower._derived_buffers_device = device
 
 
@@ -82,8 +78,7 @@ def merge_media(model, input_ids: torch.Tensor, embeds: torch.Tensor | None = No
 
     `embeds`, if given, are the token embeddings of `input_ids`; the placeholder positions are recomputed.
     `mm_token_type_ids` and `num_frames_per_video` (processor outputs) are accepted and not needed."""
-    unknown = set(ignored) - _UNUSED
-    if unknown:
+    if unknown := set(ignored) - _UNUSED:
         raise TypeError(f"unexpected model inputs {sorted(unknown)}; multimodal inputs are pixel_values, "
                         "image_position_ids, pixel_values_videos, video_position_ids, input_features, "
                         "input_features_mask")
@@ -164,14 +159,12 @@ def batch_soft_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     positions counted in the row's prompt without the padding."""
     ids = input_ids.to(model.device)
     embeds, _, _ = merge_media(model, ids, **media)
-    masks = placeholder_masks(model.config, ids)
     # Only placeholders of given media are filled (the others keep the pad embedding).
-    none = torch.zeros_like(ids, dtype=torch.bool)
-    image = masks["image"] if media.get("pixel_values") is not None else none
-    video = masks["video"] if media.get("pixel_values_videos") is not None else none
-    audio = masks["audio"] if media.get("input_features") is not None else none
-    vision = image | video
-    filled = vision | audio
+    given = {"image": "pixel_values", "video": "pixel_values_videos", "audio": "input_features"}
+    masks = {kind: mask & (media.get(given[kind]) is not None)
+             for kind, mask in placeholder_masks(model.config, ids).items()}
+    vision = masks["image"] | masks["video"]
+    filled = vision | masks["audio"]
     valid = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(ids.device).bool()
     result = []
     for row in range(ids.shape[0]):
