@@ -173,9 +173,9 @@ def test_decode_matches_transformers(real_pair):
 
 def test_real_special_ids(real_pair):
     ours, reference = real_pair
-    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (2, 1, 0)
-    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (
-        reference.bos_token_id, reference.eos_token_id, reference.pad_token_id)
+    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id, ours.unk_token_id) == (2, 1, 0, 3)
+    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id, ours.unk_token_id) == (
+        reference.bos_token_id, reference.eos_token_id, reference.pad_token_id, reference.unk_token_id)
     assert (ours.image_token_id, ours.audio_token_id, ours.video_token_id) == (258880, 258881, 258884)
     assert (ours.image_start_id, ours.image_end_id, ours.audio_start_id, ours.audio_end_id) == (255999, 258882, 256000, 258883)
     assert (ours.turn_start_id, ours.turn_end_id, ours.channel_start_id, ours.channel_end_id) == (105, 106, 100, 101)

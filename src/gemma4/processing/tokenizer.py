@@ -109,6 +109,7 @@ class Tokenizer:
         self.bos_token = self._config_token("bos_token")
         self.eos_token = self._config_token("eos_token")
         self.pad_token = self._config_token("pad_token")
+        self.unk_token = self._config_token("unk_token")
         extra = self._extra_special_tokens()
         self.token_names = {**GEMMA4_TOKENS,
                             **{stem: extra[key] for key, stem in _CONFIG_TOKEN_KEYS.items() if key in extra}}
@@ -176,6 +177,10 @@ class Tokenizer:
     @property
     def pad_token_id(self) -> int | None:
         return self.token_to_id(self.pad_token) if self.pad_token else None
+
+    @property
+    def unk_token_id(self) -> int | None:
+        return self.token_to_id(self.unk_token) if self.unk_token else None
 
     @property
     def stop_token_ids(self) -> list[int]:
