@@ -115,8 +115,7 @@ def plan_kv(config: TextConfig, dtype: torch.dtype, max_num_seqs: int, block_siz
 
 def summary(engine, seconds: float) -> str:
     """One line on what an engine holds: device, dtype, context, sequences, KV pool, decode graphs, time to ready."""
-    model, blocks = engine.runner.model, engine.blocks
-    graphs = engine.runner.graphs
+    model, blocks, graphs = engine.runner.model, engine.blocks, engine.runner.graphs
     decode = graphs.describe() if graphs is not None else "eager decode"
     return (f"device {model.device}, dtype {str(model.dtype).removeprefix('torch.')}, context {engine.max_model_len} "
             f"tokens, {engine.max_num_seqs} sequences at most, KV cache {blocks.num_blocks} blocks of "
