@@ -32,9 +32,9 @@ def _dot(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _attend_block(block, end, m_i, l_i, acc, q, qpos, window, kpos_row, stride_pn, slots_row, stride_sn,
-                  k_row, stride_kn, v_row, stride_vn, d_mask,
-                  BLOCK_N: tl.constexpr, PAGED: tl.constexpr, HAS_WINDOW: tl.constexpr, INTERPRET: tl.constexpr):
+def _attend_block(block, end, m_i, l_i, acc, q, qpos, window, kpos_row, stride_pn, slots_row, stride_sn, k_row,
+                  stride_kn, v_row, stride_vn, d_mask, BLOCK_N: tl.constexpr, PAGED: tl.constexpr,
+                  HAS_WINDOW: tl.constexpr, INTERPRET: tl.constexpr):
     """One step of the online softmax over candidates [block, block + BLOCK_N) of one row and kv head."""
     offs_n = block + tl.arange(0, BLOCK_N)
     in_range = offs_n < end
@@ -76,12 +76,11 @@ def _online_softmax_step(s, v, m_i, l_i, acc, INTERPRET: tl.constexpr):
 @triton.jit(do_not_specialize=["qpos_ptr", "nkeys_ptr", "stride_pb", "stride_sb", "num_candidates", "window",
                                "num_splits"])
 def _split_kernel(q_ptr, k_ptr, v_ptr, kpos_ptr, qpos_ptr, slots_ptr, nkeys_ptr, part_ptr, lse_ptr, out_ptr,
-                  stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                  stride_pb, stride_pn, stride_sb, stride_sn,
-                  num_kv_heads, num_candidates, head_dim, window, num_splits,
+                  stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_pb,
+                  stride_pn, stride_sb, stride_sn, num_kv_heads, num_candidates, head_dim, window, num_splits,
                   GROUPS: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                  PAGED: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                  HAS_NUM_KEYS: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr):
+                  PAGED: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_NUM_KEYS: tl.constexpr, INTERPRET: tl.constexpr,
+                  PDL: tl.constexpr):
     after_previous_kernel(PDL)
     pid, split = tl.program_id(0), tl.program_id(1)
     b, hk = (pid // num_kv_heads).to(tl.int64), (pid % num_kv_heads).to(tl.int64)  # int64: pools can be huge
@@ -134,8 +133,8 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, kpos_ptr, qpos_ptr, slots_ptr, nkeys_ptr,
 
 
 @triton.jit(do_not_specialize=["num_splits"])
-def _combine_kernel(part_ptr, lse_ptr, out_ptr, head_dim, num_splits,
-                    SPLITS_PAD: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+def _combine_kernel(part_ptr, lse_ptr, out_ptr, head_dim, num_splits, SPLITS_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+                    PDL: tl.constexpr):
     after_previous_kernel(PDL)
     pid = tl.program_id(0).to(tl.int64)  # one (row, query head); program_id(1): a BLOCK_D slice of its dims
     offs_s, offs_d = tl.arange(0, SPLITS_PAD), tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -182,11 +181,6 @@ def _wanted_splits(programs: int, device: torch.device) -> int:
     return min(triton.cdiv(tuned["PROGRAMS_PER_SM"] * _sm_count(device), programs), tuned["MAX_SPLITS"])
 
 
-def _num_splits(programs: int, candidates: int, block_n: int, device: torch.device) -> int:
-    """From shapes only: the wanted splits, never more than blocks of keys."""
-    return max(1, min(_wanted_splits(programs, device), triton.cdiv(candidates, block_n)))
-
-
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_positions: torch.Tensor,
                      query_positions: torch.Tensor, window: int | None = None, slots: torch.Tensor | None = None,
                      num_keys: torch.Tensor | None = None, num_splits: int | None = None,
@@ -202,41 +196,36 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     number is fixed by its engine, and it takes the narrower blocks that spread short rows over more SMs.
     A row that sees no key gets zeros."""
     batch, num_heads, head_dim = query.shape
-    num_kv_heads = key.shape[-3]
-    candidates = key_positions.shape[1]
+    num_kv_heads, candidates = key.shape[-3], key_positions.shape[1]
     groups = num_heads // num_kv_heads
     assert groups * num_kv_heads == num_heads, "query heads must be a multiple of kv heads"
     assert query.dtype == key.dtype == value.dtype, "query, key and value must share a dtype"
     assert query.stride(-1) == 1 and key.stride(-1) == 1 and value.stride(-1) == 1, "last dim must be contiguous"
     if slots is None:
         assert key.dim() == 4 and value.dim() == 4 and key.shape[0] == batch and key.shape[2] >= candidates
-        kb, kh, kn = key.stride(0), key.stride(1), key.stride(2)
-        vb, vh, vn = value.stride(0), value.stride(1), value.stride(2)
-        sb = sn = 0
-    else:
+        (kb, kh, kn), (vb, vh, vn), (sb, sn) = key.stride()[:3], value.stride()[:3], (0, 0)
+    else:  # pools [Hkv, N, D]: batch stride 0
         assert key.dim() == 3 and value.dim() == 3 and slots.shape == key_positions.shape
-        kb, kh, kn = 0, key.stride(0), key.stride(1)
-        vb, vh, vn = 0, value.stride(0), value.stride(1)
-        sb, sn = slots.stride(0), slots.stride(1)
+        (kb, kh, kn), (vb, vh, vn), (sb, sn) = (0, *key.stride()[:2]), (0, *value.stride()[:2]), slots.stride()[:2]
 
     query_positions = query_positions.contiguous()  # read as qpos[b]: a column of a [B, L] tensor is strided
     tuned = config("attention", query.device)
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_n = block_n or _block_n(block_d, key.element_size(), batch * num_kv_heads, candidates, query.device,
                                   shrink=not any_length)
-    splits = num_splits or _num_splits(batch * num_kv_heads, candidates, block_n, query.device)
+    # From shapes only: the wanted splits, never more than blocks of keys.
+    splits = num_splits or max(1, min(_wanted_splits(batch * num_kv_heads, query.device),
+                                      triton.cdiv(candidates, block_n)))
     part = torch.empty(batch, num_heads, splits, head_dim, dtype=torch.float32, device=query.device)
     lse = torch.empty(batch, num_heads, splits, dtype=torch.float32, device=query.device)
     out = torch.empty(batch, num_heads, head_dim, dtype=query.dtype, device=query.device)
     _split_kernel[(batch * num_kv_heads, splits)](
         query, key, value, key_positions, query_positions, slots if slots is not None else key_positions,
-        num_keys if num_keys is not None else query_positions, part, lse, out,
-        query.stride(0), query.stride(1), kb, kh, kn, vb, vh, vn,
-        key_positions.stride(0), key_positions.stride(1), sb, sn,
-        num_kv_heads, candidates, head_dim, window if window is not None else 0, splits,
-        GROUPS=groups, G_PAD=max(16, triton.next_power_of_2(groups)), BLOCK_N=block_n, BLOCK_D=block_d,
-        PAGED=slots is not None, HAS_WINDOW=window is not None,
-        HAS_NUM_KEYS=num_keys is not None, INTERPRET=not query.is_cuda,
+        num_keys if num_keys is not None else query_positions, part, lse, out, query.stride(0), query.stride(1),
+        kb, kh, kn, vb, vh, vn, key_positions.stride(0), key_positions.stride(1), sb, sn, num_kv_heads, candidates,
+        head_dim, window if window is not None else 0, splits, GROUPS=groups,
+        G_PAD=max(16, triton.next_power_of_2(groups)), BLOCK_N=block_n, BLOCK_D=block_d, PAGED=slots is not None,
+        HAS_WINDOW=window is not None, HAS_NUM_KEYS=num_keys is not None, INTERPRET=not query.is_cuda,
         num_warps=tuned["num_warps"], num_stages=tuned["num_stages"], **launch_options(query))
     if splits == 1:
         return out
@@ -244,6 +233,6 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     # are read by several SMs at once.
     combine_d = min(block_d, tuned["COMBINE_BLOCK_D"])
     _combine_kernel[(batch * num_heads, triton.cdiv(head_dim, combine_d))](
-        part, lse, out, head_dim, splits, SPLITS_PAD=triton.next_power_of_2(max(splits, tuned["MAX_SPLITS"])), BLOCK_D=combine_d,
-        **launch_options(query))
+        part, lse, out, head_dim, splits, SPLITS_PAD=triton.next_power_of_2(max(splits, tuned["MAX_SPLITS"])),
+        BLOCK_D=combine_d, **launch_options(query))
     return out

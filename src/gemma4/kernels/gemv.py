@@ -54,8 +54,7 @@ def _input_row(x_ptr, res_ptr, nw_ptr, scalar_ptr, next_w_ptr, new_ptr, eps, nex
 
 
 @triton.jit
-def _first_tiles(w_ptr, rows, N, stride_wn, up_offset, K: tl.constexpr, BLOCK_K: tl.constexpr,
-                 HAS_UP: tl.constexpr):
+def _first_tiles(w_ptr, rows, N, stride_wn, up_offset, K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_UP: tl.constexpr):
     """The first BLOCK_K columns of weight rows `rows` [BLOCK_N] and, with HAS_UP, of the rows up_offset elements
     further (the up half of a fused gate/up weight): (gate, up), up = gate without HAS_UP."""
     cols = tl.arange(0, BLOCK_K)
@@ -71,9 +70,8 @@ def _first_tiles(w_ptr, rows, N, stride_wn, up_offset, K: tl.constexpr, BLOCK_K:
 @triton.jit
 def _dots(w, u, x, x_ptr, w_ptr, rows, N, stride_wn, up_offset, K: tl.constexpr, BLOCK_K: tl.constexpr,
           HAS_UP: tl.constexpr):
-    """fp32 dot products of the input row with weight rows `rows`, given their first tiles (w, u) from _first_tiles
-    and the first inputs x (from _input_row); the columns past BLOCK_K are read here: (gate, up), up = gate without
-    HAS_UP."""
+    """fp32 dot products of the input row with weight rows `rows`, given their first tiles (w, u) and inputs x; the
+    columns past BLOCK_K are read here: (gate, up), up = gate without HAS_UP."""
     acc = w.to(tl.float32) * x  # per-lane partial sums [BLOCK_N, BLOCK_K]: one reduction at the end
     acc_up = acc
     if HAS_UP:
@@ -136,12 +134,10 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, mult_ptr, N, stride_wn, res_ptr, nw_ptr,
     for group in tl.static_range(GROUPS):
         if group + 1 < GROUPS:
             next_w, next_u = _first_tiles(w_ptr, rows + group_step, N, stride_wn, up_offset, K, BLOCK_K, HAS_UP)
-            gate, up = _dots(w, u, x, x_ptr, w_ptr, rows, N, stride_wn, up_offset, K, BLOCK_K, HAS_UP)
-            _store_rows(out_ptr, rows, N, gate, up, mult_ptr, ACT, GATED, HAS_UP)
+        gate, up = _dots(w, u, x, x_ptr, w_ptr, rows, N, stride_wn, up_offset, K, BLOCK_K, HAS_UP)
+        _store_rows(out_ptr, rows, N, gate, up, mult_ptr, ACT, GATED, HAS_UP)
+        if group + 1 < GROUPS:
             w, u, rows = next_w, next_u, rows + group_step
-        else:
-            gate, up = _dots(w, u, x, x_ptr, w_ptr, rows, N, stride_wn, up_offset, K, BLOCK_K, HAS_UP)
-            _store_rows(out_ptr, rows, N, gate, up, mult_ptr, ACT, GATED, HAS_UP)
 
 
 @triton.jit

@@ -42,27 +42,26 @@ logits:
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import torch
 
 CONFIGS = Path(__file__).with_name("configs")
-_names: dict[torch.device, str] = {}
-_tables: dict[str, dict] = {}
 
 
+@functools.cache
 def device_name(device: torch.device | None) -> str:
     """The config file's stem for `device`: its CUDA name with spaces as underscores, "default" off CUDA."""
     if device is None or device.type != "cuda" or not torch.cuda.is_available():
         return "default"
-    if device not in _names:
-        _names[device] = torch.cuda.get_device_name(device).replace(" ", "_")
-    return _names[device]
+    return torch.cuda.get_device_name(device).replace(" ", "_")
 
 
+@functools.cache
 def _load(name: str) -> dict:
-    """default.json with the device's file (if any) over it, lists as tuples."""
+    """default.json with the device's file (if any) over it, lists as tuples; loaded once per device name."""
     table = json.loads((CONFIGS / "default.json").read_text())
     path = CONFIGS / f"{name}.json"
     if name != "default" and path.exists():
@@ -73,11 +72,8 @@ def _load(name: str) -> dict:
 
 
 def config(kernel: str, device: torch.device | None = None) -> dict:
-    """`kernel`'s table for `device` (None: default.json's), loaded once per device name."""
-    name = device_name(device)
-    if name not in _tables:
-        _tables[name] = _load(name)
-    return _tables[name][kernel]
+    """`kernel`'s table for `device` (None: default.json's)."""
+    return _load(device_name(device))[kernel]
 
 
 def tile(kernel: str, key: str, device: torch.device | None = None):
