@@ -138,22 +138,17 @@ def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str) -> t
     gate, up: same shape [..., W] and dtype, unit stride along W; other strides are free where each operand's rows
     can be addressed with one stride (no copy), else it is made contiguous. Returns a new contiguous tensor shaped
     like gate."""
-    try:
-        act = ACTIVATION_CODES[activation]
-    except KeyError:
-        raise ValueError(f"unsupported activation {activation!r}; "
-                         f"expected one of {sorted(ACTIVATION_CODES)}") from None
+    if activation not in ACTIVATION_CODES:
+        raise ValueError(f"unsupported activation {activation!r}; expected one of {sorted(ACTIVATION_CODES)}")
     if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
         raise ValueError(f"gate and up differ: {tuple(gate.shape)} {gate.dtype} {gate.device} vs "
                          f"{tuple(up.shape)} {up.dtype} {up.device}")
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     if out.numel() == 0:
         return out
-    W = gate.shape[-1]
-    gate_rows, up_rows = _rows(gate), _rows(up)
-    rows = gate_rows.shape[0]
-    block = _block(rows, W)
-    _gated_activation_kernel[(rows, triton.cdiv(W, block))](
-        gate_rows, up_rows, out, gate_rows.stride(0), up_rows.stride(0), W, ACT=act, BLOCK=block,
-        num_warps=max(1, min(4, block // 256)), **launch_options(out))
+    W, gate_rows, up_rows = gate.shape[-1], _rows(gate), _rows(up)
+    block = _block(gate_rows.shape[0], W)
+    _gated_activation_kernel[(gate_rows.shape[0], triton.cdiv(W, block))](
+        gate_rows, up_rows, out, gate_rows.stride(0), up_rows.stride(0), W, ACT=ACTIVATION_CODES[activation],
+        BLOCK=block, num_warps=max(1, min(4, block // 256)), **launch_options(out))
     return out

@@ -145,8 +145,7 @@ def _gemv_residual_norms_kernel(x_ptr, w_ptr, y_ptr, counter_ptr, res_ptr, nw_pt
                                 next_out_ptr, next2_w_ptr, next2_out_ptr, router_scale_ptr, router_out_ptr, N,
                                 stride_wn, eps, next_eps, root_size, K: tl.constexpr, BLOCK_N: tl.constexpr,
                                 BLOCK_K: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SCALAR: tl.constexpr,
-                                HAS_NEXT: tl.constexpr, HAS_MOE: tl.constexpr, BLOCK: tl.constexpr,
-                                PDL: tl.constexpr):
+                                HAS_NEXT: tl.constexpr, HAS_MOE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     w, _ = _first_tiles(w_ptr, rows, N, stride_wn, 0, K, BLOCK_K, False)
     x = _input_row(x_ptr, x_ptr, x_ptr, x_ptr, x_ptr, y_ptr, eps, eps, K, BLOCK_K, False, False, False, PDL)
@@ -238,13 +237,12 @@ def gemv_gated(x: torch.Tensor, weight: torch.Tensor, activation: str, multiplie
     multiplier None: [gate; up] = F.linear(x, weight), weight [2W, K] (a fused gate/up projection);
     else gate = F.linear(x, weight), weight [W, K], and up = multiplier [..., W]. Returns [..., W].
     norms: the input is residual norms of the product x, as in `gemv`."""
-    try:
-        act = ACTIVATION_CODES[activation]
-    except KeyError:
-        raise ValueError(f"unsupported activation {activation!r}; expected one of {sorted(ACTIVATION_CODES)}") from None
+    if activation not in ACTIVATION_CODES:
+        raise ValueError(f"unsupported activation {activation!r}; expected one of {sorted(ACTIVATION_CODES)}")
     width = weight.shape[0] // 2 if multiplier is None else weight.shape[0]
     assert multiplier is None or multiplier.numel() == width
-    return _launch_gemv(x, weight, width, tiles, norms, gated=True, act=act, multiplier=multiplier)
+    return _launch_gemv(x, weight, width, tiles, norms, gated=True, act=ACTIVATION_CODES[activation],
+                        multiplier=multiplier)
 
 
 _counters: dict[tuple[str, torch.device], torch.Tensor] = {}
@@ -268,8 +266,7 @@ def finished_counters(owner: str, device: torch.device, size: int = 1) -> torch.
 
 def gemv_residual_norms(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
                         eps: float, scalar: torch.Tensor | None = None, next_weight: torch.Tensor | None = None,
-                        next_eps: float | None = None, moe: tuple | None = None,
-                        tiles: tuple | None = None) -> tuple:
+                        next_eps: float | None = None, moe: tuple | None = None, tiles: tuple | None = None) -> tuple:
     """residual_rms_norm(residual, gemv(x, weight), norm_weight, eps, scalar, next_weight, next_eps), or with
     moe = (experts_weight, router_scale, root_size) residual_moe_norms's four outputs, in one kernel: the GEMV's last
     program to finish applies the norms to the whole product. One row (x [..., K], residual [..., N]).

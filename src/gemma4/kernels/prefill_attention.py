@@ -44,10 +44,8 @@ def _attend_tile(start, m_i, l_i, acc, q, qpos, qblock, window, num_keys, kpos_r
     # Empty slots (position -1) are not loaded (zeros instead): their contents, even NaN, never leak in.
     key_used = kpos >= 0
     rows = offs_n.to(tl.int64)[:, None]
-    k = tl.load(k_head + rows * stride_kn + offs_d[None, :], mask=key_used[:, None] & d_mask[None, :],
-                other=0.0)
-    v = tl.load(v_head + rows * stride_vn + offs_dv[None, :], mask=key_used[:, None] & dv_mask[None, :],
-                other=0.0)
+    k = tl.load(k_head + rows * stride_kn + offs_d[None, :], mask=key_used[:, None] & d_mask[None, :], other=0.0)
+    v = tl.load(v_head + rows * stride_vn + offs_dv[None, :], mask=key_used[:, None] & dv_mask[None, :], other=0.0)
     s = _dot(q, tl.trans(k), INTERPRET)  # [BLOCK_M, BLOCK_N] fp32; scale 1.0 (q/k norms set the scale)
     return _online_softmax_step(tl.where(visible, s, float("-inf")), v, m_i, l_i, acc, INTERPRET)
 
@@ -55,11 +53,10 @@ def _attend_tile(start, m_i, l_i, acc, q, qpos, qblock, window, num_keys, kpos_r
 @triton.jit
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, qpos_ptr, kpos_ptr, qblock_ptr, kblock_ptr, ranges_ptr,
                     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
-                    stride_vn, stride_ob, stride_om, stride_qpb, stride_kpb,
-                    num_heads, num_queries, num_keys, head_dim, window, num_tiles,
-                    GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_DV: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_BLOCKS: tl.constexpr,
-                    INTERPRET: tl.constexpr):
+                    stride_vn, stride_ob, stride_om, stride_qpb, stride_kpb, num_heads, num_queries, num_keys,
+                    head_dim, window, num_tiles, GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                    HAS_BLOCKS: tl.constexpr, INTERPRET: tl.constexpr):
     # The last query tiles see the most keys (causal): launch them first, so the short ones fill the tail.
     tile = num_tiles - 1 - tl.program_id(0)
     row_head, value_slice = tl.program_id(1), tl.program_id(2)
@@ -106,11 +103,9 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, qpos_ptr, kpos_ptr, qblock_ptr
 
 
 def _tiles(head_dim: int, itemsize: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_DV, num_warps) for a head_dim (padded to a power of two).
-
-    On the GPU the tuned ones (tuning.py, prefill_attention); fp32 (tests) takes small tiles: Q alone would not fit
-    shared memory. On the CPU (the interpreter, tests): small tiles, so short test sequences still span several
-    tiles."""
+    """(BLOCK_M, BLOCK_N, BLOCK_DV, num_warps) for a head_dim (padded to a power of two): on the GPU the tuned ones
+    (tuning.py; fp32's are small: Q alone would not fit shared memory), on the CPU (the interpreter, tests) small
+    ones, so that short test sequences still span several tiles."""
     if device.type != "cuda":
         return 16, 16, min(head_dim, 32), 1
     key = "FP32_TILES" if itemsize > 2 else "TILES" if head_dim <= 256 else "WIDE_HEAD_TILES"
@@ -189,12 +184,10 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     num_tiles = triton.cdiv(num_queries, block_m)
     _prefill_kernel[(num_tiles, batch * num_heads, triton.cdiv(head_dim, block_dv))](
         query, key, value, out, qpos, kpos, qblocks if qblocks is not None else qpos,
-        kblocks if kblocks is not None else kpos, ranges,
-        query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
-        value.stride(0), value.stride(1), value.stride(2), out.stride(0), out.stride(1),
-        qpos.stride(0), kpos.stride(0),
-        num_heads, num_queries, num_keys, head_dim, window if window is not None else 0, num_tiles,
-        GROUPS=groups, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        HAS_WINDOW=window is not None, HAS_BLOCKS=qblocks is not None, INTERPRET=not query.is_cuda,
-        num_warps=warps, num_stages=num_stages or tile("prefill_attention", "num_stages", query.device))
+        kblocks if kblocks is not None else kpos, ranges, *query.stride()[:3], *key.stride()[:3], *value.stride()[:3],
+        out.stride(0), out.stride(1), qpos.stride(0), kpos.stride(0), num_heads, num_queries, num_keys, head_dim,
+        window if window is not None else 0, num_tiles, GROUPS=groups, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=block_d, BLOCK_DV=block_dv, HAS_WINDOW=window is not None, HAS_BLOCKS=qblocks is not None,
+        INTERPRET=not query.is_cuda, num_warps=warps,
+        num_stages=num_stages or tile("prefill_attention", "num_stages", query.device))
     return out

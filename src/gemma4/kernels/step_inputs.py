@@ -127,10 +127,9 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
 
 
 @triton.jit
-def _decode_plan_kernel(positions_ptr, valid_ptr, rings_ptr, tables_ptr, ring_positions_ptr,
-                        ring_gather_ptr, ring_keys_ptr, global_gather_ptr, global_keys_ptr, scalars_ptr,
-                        B, table_width, window, block_size, ring_trash, trash_block,
-                        BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _decode_plan_kernel(positions_ptr, valid_ptr, rings_ptr, tables_ptr, ring_positions_ptr, ring_gather_ptr,
+                        ring_keys_ptr, global_gather_ptr, global_keys_ptr, scalars_ptr, B, table_width, window,
+                        block_size, ring_trash, trash_block, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Program (row, chunk): `BLOCK` candidates of the row's ring and of its global blocks; chunk 0 also the row's
     write slots, position and key count (`scalars`)."""
     b, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)
