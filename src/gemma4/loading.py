@@ -130,7 +130,8 @@ def load_model(path_or_id, dtype=None, device="auto", with_towers: bool = True, 
     dtype = resolve_dtype(dtype, device, checkpoint_dtype(config, files))
     with torch.device("meta"):
         model = model_class(config, with_towers=with_towers)
-    expected = {checkpoint_key(name, config.layout): name for name in model.state_dict()}
+    shapes = {name: t.shape for name, t in model.state_dict().items()}
+    expected = {checkpoint_key(name, config.layout): name for name in shapes}
     state: dict[str, torch.Tensor] = {}
     total = sum(f.stat().st_size for f in files)
     bar = progress_bar(total, "loading weights", progress)
@@ -145,6 +146,9 @@ def load_model(path_or_id, dtype=None, device="auto", with_towers: bool = True, 
                         raise CheckpointError(f"unexpected tensor {key!r} in {file.name}: this checkpoint does "
                                               "not match its config.json")
                     tensor = reader.get_tensor(key)
+                    if tensor.shape != shapes[name]:
+                        raise CheckpointError(f"{key} has shape {tuple(tensor.shape)}, config.json implies "
+                                              f"{tuple(shapes[name])}")
                     state[name] = tensor.to(device=device, dtype=dtype)
                     bar.update(tensor.numel() * tensor.element_size())
         except (SafetensorError, OSError) as e:
@@ -152,11 +156,6 @@ def load_model(path_or_id, dtype=None, device="auto", with_towers: bool = True, 
     bar.close()
     if missing := [checkpoint_key(n, config.layout) for n in expected.values() if n not in state]:
         raise CheckpointError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[0]!r}")
-    shapes = {name: t.shape for name, t in model.state_dict().items()}
-    for name, tensor in state.items():
-        if tensor.shape != shapes[name]:
-            raise CheckpointError(f"{checkpoint_key(name, config.layout)} has shape {tuple(tensor.shape)}, "
-                                  f"config.json implies {tuple(shapes[name])}")
     model.load_state_dict(state, assign=True, strict=True)
     generation_config = directory / "generation_config.json"
     if generation_config.is_file():

@@ -35,11 +35,6 @@ class KVCache:
     def nbytes(self) -> int:
         return self.pools.nbytes
 
-    def next_positions(self, valid: torch.Tensor) -> torch.Tensor:
-        """Positions that continue each row: padding takes no position (and gets 0)."""
-        positions = self.row_lengths[:, None] + valid.long().cumsum(dim=1) - 1
-        return positions.masked_fill(~valid, 0)
-
     def begin(self, positions: torch.Tensor, valid: torch.Tensor, in_place: bool = False) -> None:
         """Plan where this forward's tokens go. positions/valid: [B, L]. `in_place`: the decode kernel attends (one
         token per row; ForwardContext.decode_kernel decides)."""

@@ -92,8 +92,7 @@ class Gemma4(nn.Module):
         return self
 
     def make_cache(self, batch_size: int, max_len: int) -> KVCache:
-        """A cache for incremental forwards: sliding layers get a ring buffer of `sliding_window` slots, global
-        layers `max_len`, KV-shared none (see cache.py)."""
+        """A cache for incremental forwards: sliding layers get a ring of `sliding_window` slots (see cache.py)."""
         return KVCache(self.config.text_config, batch_size, max_len, self.dtype, self.device)
 
     # --- forward ----------------------------------------------------------------------------------
@@ -153,9 +152,9 @@ class Gemma4(nn.Module):
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         valid = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
                  else attention_mask.to(device=input_ids.device, dtype=torch.bool))
-        if position_ids is None:
-            position_ids = (cache.next_positions(valid) if cache is not None
-                            else (valid.long().cumsum(dim=1) - 1).masked_fill(~valid, 0))
+        if position_ids is None:  # padding takes no position (and gets 0)
+            cached = cache.row_lengths[:, None] if cache is not None else 0
+            position_ids = (cached + valid.long().cumsum(dim=1) - 1).masked_fill(~valid, 0)
         limit = self.config.text_config.max_position_embeddings
         # The engine checked the lengths and ids of its requests up front (a host sync here would break CUDA-graph
         # capture).
