@@ -29,10 +29,7 @@ from .norm import _rows  # [rows, W] with one row stride: a view where the leadi
 from .pdl import after_previous_kernel, launch_options
 from .rounding import round_to
 
-GELU_TANH = tl.constexpr(0)
-GELU_ERF = tl.constexpr(1)
-SILU = tl.constexpr(2)
-RELU = tl.constexpr(3)
+GELU_TANH, GELU_ERF, SILU, RELU = (tl.constexpr(code) for code in range(4))
 
 ACTIVATION_CODES = {"gelu_pytorch_tanh": GELU_TANH.value, "gelu": GELU_ERF.value, "silu": SILU.value,
                     "swish": SILU.value, "relu": RELU.value}
@@ -123,15 +120,6 @@ def _gated_activation_kernel(gate_ptr, up_ptr, out_ptr, gate_stride, up_stride, 
     tl.store(out_ptr + row * W + offs, round_to(act * up, dtype).to(dtype), mask=mask)  # exact in dtype
 
 
-def _block(rows: int, W: int) -> int:
-    """Columns per program: up to 1024, halved (down to 64) until there are >= 512 programs, so that a decode step
-    (one row of 256..12288) is still spread over many SMs, while prefill keeps wide blocks."""
-    block = min(1024, max(64, triton.next_power_of_2(W)))
-    while block > 64 and rows * triton.cdiv(W, block) < 512:
-        block //= 2
-    return block
-
-
 def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
     """`activation(name)(gate) * up` (gemma4.model.common) in one kernel, rounded as the eager ops round.
 
@@ -147,8 +135,13 @@ def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str) -> t
     if out.numel() == 0:
         return out
     W, gate_rows, up_rows = gate.shape[-1], _rows(gate), _rows(up)
-    block = _block(gate_rows.shape[0], W)
-    _gated_activation_kernel[(gate_rows.shape[0], triton.cdiv(W, block))](
+    rows = gate_rows.shape[0]
+    # Columns per program: up to 1024, halved (down to 64) until there are >= 512 programs, so that a decode step
+    # (one row of 256..12288) is still spread over many SMs, while prefill keeps wide blocks.
+    block = min(1024, max(64, triton.next_power_of_2(W)))
+    while block > 64 and rows * triton.cdiv(W, block) < 512:
+        block //= 2
+    _gated_activation_kernel[(rows, triton.cdiv(W, block))](
         gate_rows, up_rows, out, gate_rows.stride(0), up_rows.stride(0), W, ACT=ACTIVATION_CODES[activation],
         BLOCK=block, num_warps=max(1, min(4, block // 256)), **launch_options(out))
     return out

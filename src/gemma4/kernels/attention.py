@@ -99,7 +99,6 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, kpos_ptr, qpos_ptr, slots_ptr, nkeys_ptr,
     start = split * per_split
     end = tl.minimum(start + per_split, n)
 
-    # Online softmax state per query head: running max m, running sum l of exp(s - m), acc = sum exp(s - m) v.
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
@@ -168,9 +167,8 @@ def _block_n(head_dim: int, itemsize: int, programs: int, candidates: int, devic
     block_n = tuned["MAX_BLOCK_N"]
     while block_n > 16 and block_n * head_dim * itemsize > tuned["MAX_TILE_BYTES"]:
         block_n //= 2
-    wanted = _wanted_splits(programs, device)
     while shrink and block_n > 16 and head_dim <= tuned["SHRINK_MAX_HEAD_DIM"] and \
-            triton.cdiv(candidates, block_n) < wanted:
+            triton.cdiv(candidates, block_n) < _wanted_splits(programs, device):
         block_n //= 2
     return block_n
 

@@ -166,8 +166,7 @@ def _gemv_residual_norms_kernel(x_ptr, w_ptr, y_ptr, counter_ptr, res_ptr, nw_pt
 NORMED_MAX_K = 4096
 
 
-def _default_tiles(device: torch.device, k_in: int, normed: bool = False, gated: bool = False, width: int = 0
-                   ) -> tuple:
+def _default_tiles(device: torch.device, k_in: int, normed: bool = False, gated: bool = False, width: int = 0) -> tuple:
     """The tuned (BLOCK_N, BLOCK_K, warps, stages[, GROUPS]) of a GEMV of `width` outputs over rows of k_in inputs
     (tuning.py: gemv)."""
     if normed:
@@ -193,8 +192,7 @@ def _tiles(x: torch.Tensor, k_in: int, tiles: tuple, normed: bool = False) -> tu
 
 
 def _input_args(x: torch.Tensor, norms: tuple | None) -> tuple[tuple, dict]:
-    """(pointer/scalar arguments, constexprs) of _input_row for a GEMV's input: x itself, or with
-    norms = (residual, norm_weight, eps, scalar, next_weight, next_eps, new) the residual norms of the product x."""
+    """_input_row's (pointer/scalar arguments, constexprs) for the input x itself, or for `norms` (as in `gemv`)."""
     if norms is None:
         return (x, x, x, x, x, 1e-6, 1e-6), dict(NORMED=False, HAS_SCALAR=False, HAS_NEXT=False)
     residual, norm_weight, eps, scalar, next_weight, next_eps, new = norms
@@ -220,11 +218,9 @@ def _launch_gemv(x: torch.Tensor, weight: torch.Tensor, width: int, tiles: tuple
     return out
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, tiles: tuple | None = None, norms: tuple | None = None
-         ) -> torch.Tensor:
+def gemv(x: torch.Tensor, weight: torch.Tensor, tiles: tuple | None = None, norms: tuple | None = None) -> torch.Tensor:
     """F.linear(x, weight) for x [..., K] holding one row; weight [N, K] with unit stride along K.
     tiles: (BLOCK_N, BLOCK_K, warps, stages[, GROUPS]), by default the tuned ones (tuning.py).
-
     norms = (residual, norm_weight, eps, scalar, next_weight, next_eps, new): the input is not x but
     residual_rms_norm(residual, x, norm_weight, eps, scalar, next_weight, next_eps)'s normed row (new itself without
     next_weight), computed by every program from x; the new residual stream is written into `new`. K <= NORMED_MAX_K."""

@@ -74,7 +74,6 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, qpos_ptr, kpos_ptr, qblock_ptr
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
                 mask=m_mask[:, None] & d_mask[None, :], other=0.0)
 
-    # Online softmax state per query: running max m, running sum l of exp(s - m), acc = sum exp(s - m) v.
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
