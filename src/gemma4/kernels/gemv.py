@@ -30,10 +30,9 @@ def _input_row(x_ptr, res_ptr, nw_ptr, scalar_ptr, next_w_ptr, new_ptr, eps, nex
                BLOCK_K: tl.constexpr, NORMED: tl.constexpr, HAS_SCALAR: tl.constexpr, HAS_NEXT: tl.constexpr,
                PDL: tl.constexpr):
     """Waits for the previous kernel (PDL: the input is its output; the norm weights are loaded first), then returns
-    the first BLOCK_K inputs as fp32 [1, BLOCK_K]. With NORMED, x_ptr holds an earlier product y and the input is
-    residual_rms_norm(res, y, nw, eps, scalar, next_w, next_eps)'s second result (its first without HAS_NEXT), which
-    this program computes from the whole row (K <= BLOCK_K); program 0 also stores the first, the residual stream,
-    at new_ptr. Every program repeats the norms (a few KB from L2) so that no program waits for another's output."""
+    the first BLOCK_K inputs as fp32 [1, BLOCK_K]. With NORMED, x_ptr holds an earlier product and the input is its
+    residual norms (`gemv`'s `norms`), which every program computes from the whole row (K <= BLOCK_K; a few KB from
+    L2, so that no program waits for another's output); program 0 also stores the new residual stream at new_ptr."""
     cols = tl.arange(0, BLOCK_K)
     mask = cols < K
     norm_weights = (1.0, 1.0, 1.0)
