@@ -28,9 +28,8 @@ class KVPools:
     def __init__(self, config: TextConfig, num_blocks: int, block_size: int, max_num_seqs: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu"):
         self.config, self.num_blocks, self.block_size, self.max_num_seqs = config, num_blocks, block_size, max_num_seqs
-        self.window = config.sliding_window
-        self.layer_types = config.layer_types
-        self.ring_trash = max_num_seqs * self.window
+        self.window, self.layer_types = config.sliding_window, config.layer_types
+        self.ring_trash, self.trash_block = max_num_seqs * self.window, num_blocks
         # Zeroed K and V of every layer that owns K/V (KV-shared layers own none). K=V layers store values separately
         # too: v_norm(k) lacks k_norm and RoPE.
         self.keys, self.values = {}, {}
@@ -41,10 +40,6 @@ class KVPools:
                 self.keys[i] = torch.zeros(shape, dtype=dtype, device=device)
                 self.values[i] = torch.zeros(shape, dtype=dtype, device=device)
         self.ring_positions = torch.full((self.ring_trash + 1,), -1, dtype=torch.long, device=device)
-
-    @property
-    def trash_block(self) -> int:
-        return self.num_blocks
 
     @property
     def nbytes(self) -> int:
@@ -144,7 +139,7 @@ class PagedCacheView:
         for pool, new in ((key_pool, key), (value_pool, value)):
             cached = pool[:, gather].permute(1, 0, 2, 3)  # [Hkv, B, T, D] -> [B, Hkv, T, D]
             out.append(torch.cat([cached.to(new.dtype), new], dim=2))
-            _write(pool, write, new)
+            pool[:, write.reshape(-1)] = new.transpose(0, 1).flatten(1, 2).to(pool.dtype)  # new[b, :, t] to write[b, t]
         return out[0], out[1]
 
     def write_target(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -173,9 +168,3 @@ class PagedCacheView:
         # fill_, not `[i] = -1`: assigning a Python number to one element copies a CPU scalar tensor, which a CUDA
         # graph capture refuses.
         ring_positions[self.pools.ring_trash:].fill_(-1)
-
-
-def _write(pool: torch.Tensor, slots: torch.Tensor, new: torch.Tensor) -> None:
-    """pool[:, slots[b, t]] = new[b, :, t] (pool [Hkv, S, D], new [B, Hkv, L, D])."""
-    heads, dim = new.shape[1], new.shape[3]
-    pool[:, slots.reshape(-1)] = new.permute(1, 0, 2, 3).reshape(heads, -1, dim).to(pool.dtype)

@@ -25,10 +25,8 @@ def rope_inverse_frequencies(head_dim: int, rope: dict) -> torch.Tensor:
     the frequencies a full-width RoPE would give them (exponents over head_dim); the other pairs get frequency 0,
     i.e. they are not rotated at all."""
     theta = rope["rope_theta"]
-    if rope.get("rope_type", "default") == "proportional":
-        rotated_pairs = int(rope.get("partial_rotary_factor", 1.0) * head_dim // 2)
-    else:
-        rotated_pairs = head_dim // 2
+    proportional = rope.get("rope_type", "default") == "proportional"
+    rotated_pairs = int(rope.get("partial_rotary_factor", 1.0) * head_dim // 2) if proportional else head_dim // 2
     # Explicitly on the CPU: models are built under `torch.device("meta")`, and this table is derived, not loaded.
     exponents = torch.arange(0, 2 * rotated_pairs, 2, dtype=torch.float, device="cpu") / head_dim
     inv_freq = torch.zeros(head_dim // 2, device="cpu")
@@ -77,9 +75,8 @@ class Attention(nn.Module):
     def project(self, x: torch.Tensor):
         """(q, k, v) of x: k and v None on KV-shared layers, v None on K=V layers."""
         if self.qkv_weight is not None:
-            q, k, *v = linear(x, self.qkv_weight).split(
-                [self.q_proj.out_features, self.k_proj.out_features] + ([self.v_proj.out_features] if self.v_proj
-                                                                        else []), dim=-1)
+            sizes = [p.out_features for p in (self.q_proj, self.k_proj, self.v_proj) if p is not None]
+            q, k, *v = linear(x, self.qkv_weight).split(sizes, dim=-1)
             return q, k, v[0] if v else None
         if self.is_kv_shared:
             return self.q_proj(x), None, None
@@ -221,8 +218,7 @@ class Experts(nn.Module):
                 path = "gathered"
             else:
                 path = "grouped" if hasattr(torch, "_grouped_mm") else "loop"
-        return {"gathered": self.forward_gathered, "grouped": self.forward_grouped, "loop": self.forward_loop,
-                "kernel": self.forward_kernel, "sorted": self.forward_sorted}[path](x, weights, experts)
+        return getattr(self, f"forward_{path}")(x, weights, experts)
 
     def forward_kernel(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Small batches on CUDA: a Triton kernel reads each chosen expert's weights in place, once."""
@@ -341,10 +337,9 @@ class DecoderLayer(nn.Module):
         """26B-A4B: the attention's residual add, then the dense MLP and the experts side by side, their branch norms
         summed into the second residual add. The router and the experts read the residual stream, not the dense
         MLP's input norm."""
-        moe = (self.pre_feedforward_layernorm_2, self.router)
-        x, h, expert_input, router_input = add_normed_linear(x, attn, self.self_attn.o_proj,
-                                                             self.post_attention_layernorm,
-                                                             next_norm=self.pre_feedforward_layernorm, moe=moe)
+        x, h, expert_input, router_input = add_normed_linear(
+            x, attn, self.self_attn.o_proj, self.post_attention_layernorm, next_norm=self.pre_feedforward_layernorm,
+            moe=(self.pre_feedforward_layernorm_2, self.router))
         dense = self.mlp(h)  # before the experts: the fused tail reads it before waiting for their last kernel
         hidden = x.shape[-1]
         weights, experts = self.router.route(router_input.reshape(-1, hidden))
