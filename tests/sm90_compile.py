@@ -93,8 +93,6 @@ def main() -> None:
     rows = rand(2, 3, 256)
     norm.rms_norm(rows, rand(256), 1e-6)
     norm.residual_rms_norm(rows, rand(2, 3, 256), rand(256), 1e-6, rand(1), rand(256), 1e-6)
-    norm.moe_residual_norm(rows, rand(2, 3, 256), rand(2, 3, 256), rand(256), rand(256), rand(256), 1e-6, rand(1),
-                           rand(256), 1e-6)
     cos, sin = rand(2, 1, 64), rand(2, 1, 64)
     norm.qk_norm_rope(rand(2, 1, 4, 64), rand(64), 1e-6, cos, sin)
     cache = rand(2, 2, 16, 64)
@@ -113,6 +111,10 @@ def main() -> None:
     moe.moe_experts(x, rand(3, 2, dtype=torch.float32), experts, rand(4, 2 * 96, 256), rand(4, 256, 96))
     moe.combine_pairs(rand(6, 256), torch.arange(6), rand(3, 2, dtype=torch.float32))
     moe.sorted_experts(x, rand(3, 2, dtype=torch.float32), experts, rand(4, 2 * 96, 256), rand(4, 256, 96))
+    moe.moe_residual_norm(rows, rand(2, 3, 256), rand(2, 3, 256), rand(256), rand(256), rand(256), 1e-6, rand(1),
+                          rand(256), 1e-6)
+    pairs = moe.ExpertPairs(rand(12, 256), torch.arange(12), rand(6, 2, dtype=torch.float32))
+    moe.moe_residual_norm(rows, rand(2, 3, 256), pairs, rand(256), rand(256), rand(256), 1e-6, rand(1))
     values, ids = torch.randn(3, 64).sort(dim=-1, descending=True)
     logits.sample_candidates(values, ids, torch.rand(4, 3), torch.rand(3))
     router.router_input(x, rand(256), 0.0625, 1e-6)

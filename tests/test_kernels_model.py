@@ -122,11 +122,23 @@ def test_serving_engine_decodes_in_place_over_the_paged_pools(model, request):
 
     prompts = [torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (3, 19, 9)]
     params = SamplingParams(max_tokens=WINDOW + 2, temperature=0.0, ignore_eos=True)
-    with kernels.force():
+    from gemma4.kernels import attention
+    bounds = []  # per decode-kernel call: (window, whether each row's candidates were cut at its query + 1)
+    real = attention.decode_attention
+
+    def spy(query, key, value, key_positions, query_positions, window=None, **keys):
+        if keys.get("slots") is not None:  # in place over the pools
+            bound = keys.get("num_keys")
+            bounds.append((window, bound is not None and bool((bound.long() == query_positions.long() + 1).all())))
+        return real(query, key, value, key_positions, query_positions, window, **keys)
+
+    with kernels.force(), mock.patch.object(attention, "decode_attention", spy):
         fused = LLMEngine(model, max_num_seqs=3, max_model_len=64, max_num_batched_tokens=8).generate(prompts, params)
     with no_kernels():
         plain = LLMEngine(model, max_num_seqs=3, max_model_len=64, max_num_batched_tokens=8).generate(prompts, params)
     assert fused == plain
+    # Sliding layers too read only the candidates up to the query (the ring's slots past it are empty).
+    assert {window for window, _ in bounds} == {WINDOW, None} and all(cut for _, cut in bounds)
 
 
 def test_serving_decode_in_padded_buckets_equals_unpadded(model, request):

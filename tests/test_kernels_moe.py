@@ -266,6 +266,22 @@ def test_sorted_routing_matters():
         torch.testing.assert_close(wrong_out, module.forward_loop(x, weights, wrong), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("path", ["sorted", "grouped"])
+def test_uncombined_pairs_combine_to_the_summed_output(monkeypatch, path):
+    """Experts.forward(combine=False) on the kernel paths returns the unsummed ExpertPairs (for the fused MoE tail);
+    their combine() is the bits of the summed output."""
+    if path == "grouped" and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm missing")
+    from gemma4 import kernels
+    module, x, weights, experts = build(12, 4)
+    monkeypatch.setattr(module, "path", path)
+    with torch.no_grad(), override(kernels=True), kernels.force():
+        pairs = module(x, weights, experts, combine=False)
+        summed = module(x, weights, experts)
+    assert isinstance(pairs, moe.ExpertPairs) and pairs.y.shape == (12 * 4, x.shape[1])
+    assert torch.equal(pairs.combine(), summed)
+
+
 def test_experts_auto_path_by_batch(monkeypatch):
     """With the kernels on: up to KERNEL_MAX_PAIRS the decode kernels, then the sorted kernels, past
     SORTED_MAX_PAIRS the grouped GEMMs (or the loop on CPU)."""

@@ -185,7 +185,7 @@ def test_empty_inputs_give_empty_outputs():
     assert qk_norm_rope(torch.empty(0, 1, 2, 16, device=DEVICE), w, 1e-6).shape == (0, 2, 1, 16)
 
 
-from gemma4.kernels.norm import moe_residual_norm  # noqa: E402
+from gemma4.kernels.moe import moe_residual_norm  # noqa: E402
 from gemma4.model.fused import add_normed  # noqa: E402
 
 
@@ -239,6 +239,35 @@ def test_moe_residual_norm_checks_what_it_claims():
     for combined in (unrounded_branches, unrounded_sum):
         wrong = (residual.float() + norm(dim, fp32[4])(combined.float())).to(dtype) * scalar
         assert not torch.equal(out, wrong)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,k", [((2, 3, 48), 2), ((5, 2816), 8)])
+def test_moe_residual_norm_sums_expert_pairs(dtype, shape, k):
+    """`sparse` as the experts' unsummed pairs gives the bits of combining them first (ExpertPairs.combine), and the
+    pairs are really read through their slots and weights (a permuted slot or another weight changes the result)."""
+    from gemma4.kernels.moe import ExpertPairs
+    residual, dense, _, dense_weight, sparse_weight, weight = moe_inputs(shape, dtype, seed=k)
+    tokens, dim = residual.numel() // shape[-1], shape[-1]
+    g = torch.Generator().manual_seed(k)
+    y = (torch.randn(tokens * k, dim, generator=g) * 0.5).to(DEVICE, dtype)
+    slots = torch.randperm(tokens * k, generator=g).to(DEVICE)
+    pair_weights = (torch.rand(tokens, k, generator=g) + 0.1).to(DEVICE)
+    scalar = torch.tensor([0.37], device=DEVICE, dtype=dtype)
+    next_weight = randn(dim, dtype=dtype, scale=0.5, offset=1.0)
+
+    def tail(sparse):
+        return moe_residual_norm(residual, dense, sparse, dense_weight, sparse_weight, weight, EPS, scalar,
+                                 next_weight, 1e-5)
+
+    pairs = ExpertPairs(y, slots, pair_weights)
+    summed = pairs.combine().reshape(shape)
+    for got, expected in zip(tail(pairs), tail(summed)):
+        assert torch.equal(got, expected)
+    assert_matches(tail(pairs)[0], eager_moe_residual(residual, dense, summed, dense_weight, sparse_weight, weight,
+                                                      scalar))
+    for wrong in (ExpertPairs(y, slots.roll(1), pair_weights), ExpertPairs(y, slots, pair_weights.flip(-1))):
+        assert not torch.equal(tail(wrong)[0], tail(pairs)[0])
 
 
 def test_moe_residual_norm_empty():

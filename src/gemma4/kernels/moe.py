@@ -8,12 +8,15 @@ The expert ids are read on the device and the grids depend only on shapes: no ho
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from .activation import ACTIVATION_CODES, activation_fp32
 from .attention import _dot
+from .norm import _normalize, _rows, _store, _unit_rms, _warps
 from .pdl import after_previous_kernel, launch_options
 from .rounding import round_to
 from .tuning import config
@@ -260,14 +263,16 @@ def _sorted_down_kernel(h_ptr, counts_ptr, starts_ptr, down_ptr, y_ptr, H: tl.co
 
 
 def sorted_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, gate_up_proj: torch.Tensor,
-                   down_proj: torch.Tensor, activation: str = "gelu_pytorch_tanh") -> torch.Tensor:
+                   down_proj: torch.Tensor, activation: str = "gelu_pytorch_tanh",
+                   combine: bool = True) -> torch.Tensor | ExpertPairs:
     """As `moe_experts` (same arguments, same result up to fp32 summation order), for batches of tens to hundreds of
-    tokens: each chosen expert's weights are read once for all the pairs that chose it."""
+    tokens: each chosen expert's weights are read once for all the pairs that chose it. `combine` False: the
+    ExpertPairs, not summed."""
     x, gate_up_proj, down_proj = _checked(x, experts, gate_up_proj, down_proj, activation)
     tokens, k = experts.shape
     num_experts, h_size, w_size = down_proj.shape
     if tokens == 0:
-        return torch.empty_like(x)
+        return torch.empty_like(x) if combine else ExpertPairs(x[:0], experts.reshape(-1), weights.float())
     order, slots, counts, starts = sort_pairs(experts, num_experts)
     hidden = torch.empty(tokens * k, w_size, dtype=x.dtype, device=x.device)  # h of every pair, in sorted order
     y = torch.empty(tokens * k, h_size, dtype=x.dtype, device=x.device)
@@ -288,13 +293,26 @@ def sorted_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
     _sorted_down_kernel[(num_experts, triton.cdiv(h_size, dn_n))](
         hidden, counts, starts, down_proj, y, h_size, w_size, BLOCK_M=block_m, BLOCK_N=dn_n, BLOCK_K=dn_k,
         INTERPRET=not x.is_cuda, num_warps=tuned["SORTED_DOWN_WARPS"], **options)
-    return _combine(y, slots, weights)
+    pairs = ExpertPairs(y, slots, weights.float().contiguous())
+    return pairs.combine() if combine else pairs
 
 
 # Prefill and large batches (Experts.forward_grouped): the grouped GEMMs leave one output row per (token, choice)
 # pair, sorted by expert. One kernel weights, rounds and sums each token's k rows, where eager PyTorch needs a
 # broadcast multiply (bf16 x fp32 -> fp32), a cast, an index_copy back to token order and a sum: 26B-A4B at 4K
 # tokens moves ~1.3 GB through those per layer, the kernel ~0.4 GB.
+
+
+@triton.jit
+def weighted_pair_sum(y_ptr, slots_ptr, weights_ptr, t, cols, col_ok, H, K: tl.constexpr, dtype: tl.constexpr):
+    """Token t's output over columns `cols`, fp32: sum_c round(y[slot(t, c)] * weights[t, c]) (then rounded by the
+    caller). As the eager ops: each weighted row is a tensor of the model dtype, the sum over choices is fp32."""
+    total = tl.zeros(cols.shape, dtype=tl.float32)
+    for c in tl.static_range(K):
+        slot = tl.load(slots_ptr + t * K + c).to(tl.int64)  # where pair (t, c) sits among the sorted rows
+        y = tl.load(y_ptr + slot * H + cols, mask=col_ok, other=0.0).to(tl.float32)
+        total += round_to(y * tl.load(weights_ptr + t * K + c), dtype)
+    return total
 
 
 @triton.jit
@@ -305,32 +323,113 @@ def _combine_pairs_kernel(y_ptr, slots_ptr, weights_ptr, out_ptr, H, K: tl.const
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     col_ok = cols < H
     dtype = out_ptr.dtype.element_ty
-    total = tl.zeros([BLOCK_H], dtype=tl.float32)
-    for c in range(0, K):
-        slot = tl.load(slots_ptr + t * K + c).to(tl.int64)  # where pair (t, c) sits among the sorted rows
-        y = tl.load(y_ptr + slot * H + cols, mask=col_ok, other=0.0).to(tl.float32)
-        # As the eager ops: the weighted row is a tensor of the model dtype, the sum over choices accumulates in fp32.
-        total += round_to(y * tl.load(weights_ptr + t * K + c), dtype)
+    total = weighted_pair_sum(y_ptr, slots_ptr, weights_ptr, t, cols, col_ok, H, K, dtype)
     tl.store(out_ptr + t * H + cols, round_to(total, dtype).to(dtype), mask=col_ok)
 
 
-def combine_pairs(y: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+class ExpertPairs(NamedTuple):
+    """The experts' outputs before each token's weighted sum: y [T*k, H], one row per (token, choice) pair in expert
+    order; pair t*k + c is row slots[t*k + c]; weights [T, k] fp32. `combine()` sums them into [T, H]; the MoE tail
+    (norm.moe_residual_norm) takes them as they are and sums them itself, which saves a launch and a round trip
+    of [T, H] through memory."""
+
+    y: torch.Tensor
+    slots: torch.Tensor
+    weights: torch.Tensor
+
+    def combine(self) -> torch.Tensor:
+        """out[t] = sum_c round(y[slots[t*k + c]] * weights[t, c])."""
+        tokens, k = self.weights.shape
+        h_size = self.y.shape[1]
+        out = torch.empty(tokens, h_size, dtype=self.y.dtype, device=self.y.device)
+        if tokens == 0:
+            return out
+        block = min(config("moe", out.device)["COMBINE_BLOCK_H"] if out.is_cuda else 4096,
+                    triton.next_power_of_2(h_size))
+        _combine_pairs_kernel[(tokens, triton.cdiv(h_size, block))](self.y, self.slots, self.weights, out, h_size, k,
+                                                                   BLOCK_H=block, num_warps=4, **launch_options(out))
+        return out
+
+
+def combine_pairs(y: torch.Tensor, order: torch.Tensor, weights: torch.Tensor,
+                  combine: bool = True) -> torch.Tensor | ExpertPairs:
     """out[t] = sum_c round(y[slot(t, c)] * weights[t, c]), with y [T*k, H] the pairs' outputs in `order` (y[i] belongs
-    to pair order[i] = t*k + c, as from a sort of the token-major pairs); weights [T, k] fp32 -> [T, H] in y's dtype."""
+    to pair order[i] = t*k + c, as from a sort of the token-major pairs); weights [T, k] fp32 -> [T, H] in y's dtype
+    (`combine` False: the ExpertPairs, not summed)."""
     assert y.shape[0] == order.numel() == weights.numel(), (y.shape, order.shape, weights.shape)
     slots = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-    return _combine(y, slots, weights)
+    pairs = ExpertPairs(y.contiguous(), slots, weights.float().contiguous())
+    return pairs.combine() if combine else pairs
 
 
-def _combine(y: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """out[t] = sum_c round(y[slots[t*k + c]] * weights[t, c])."""
-    tokens, k = weights.shape
-    h_size = y.shape[1]
-    y = y.contiguous()
-    out = torch.empty(tokens, h_size, dtype=y.dtype, device=y.device)
-    if tokens == 0:
-        return out
-    block = min(config("moe", y.device)["COMBINE_BLOCK_H"] if y.is_cuda else 4096, triton.next_power_of_2(h_size))
-    _combine_pairs_kernel[(tokens, triton.cdiv(h_size, block))](y, slots, weights.float().contiguous(), out, h_size, k,
-                                                               BLOCK_H=block, num_warps=4, **launch_options(y))
-    return out
+@triton.jit
+def _moe_residual_norm_kernel(res_ptr, dense_ptr, sparse_ptr, slots_ptr, pair_w_ptr, dense_w_ptr, sparse_w_ptr, w_ptr,
+                              scalar_ptr, out_ptr, next_w_ptr, next_out_ptr, res_stride, dense_stride, sparse_stride,
+                              D, eps, next_eps, PAIRS: tl.constexpr, HAS_SCALAR: tl.constexpr,
+                              HAS_NEXT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < D
+    dtype = out_ptr.dtype.element_ty
+    # DecoderLayer's MoE tail, rounded where its eager ops materialize tensors of the model dtype: the two branch
+    # norms and their sum, then as add_normed: the norm of the sum, the residual add, the layer scalar.
+    # Before the wait (see moe_residual_norm): the residual, the dense branch and its norm, the norm weights.
+    residual = tl.load(res_ptr + row * res_stride + offs, mask=mask, other=0.0).to(tl.float32)
+    dense = tl.load(dense_ptr + row * dense_stride + offs, mask=mask, other=0.0).to(tl.float32)
+    dense_normed = round_to(_normalize(dense, dense_w_ptr, offs, mask, D, eps, True), dtype)
+    sparse_w = tl.load(sparse_w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    after_previous_kernel(PDL)
+    if PAIRS:  # sparse_ptr: the experts' row of each (token, choice) pair; their weighted sum, as combine() gives it
+        sparse = weighted_pair_sum(sparse_ptr, slots_ptr, pair_w_ptr, row, offs, mask, D, PAIRS, dtype)
+        sparse = round_to(sparse, dtype)
+    else:
+        sparse = tl.load(sparse_ptr + row * sparse_stride + offs, mask=mask, other=0.0).to(tl.float32)
+    combined = round_to(dense_normed + round_to(_unit_rms(sparse, D, eps) * sparse_w, dtype), dtype)
+    normed = round_to(_unit_rms(combined, D, eps) * w, dtype)
+    new = round_to(residual + normed, dtype)
+    if HAS_SCALAR:
+        new = round_to(new * tl.load(scalar_ptr).to(tl.float32), dtype)
+    _store(out_ptr + row * D + offs, new, mask)
+    if HAS_NEXT:  # the next layer's input norm
+        _store(next_out_ptr + row * D + offs, _normalize(new, next_w_ptr, offs, mask, D, next_eps, True), mask)
+
+
+def moe_residual_norm(residual: torch.Tensor, dense: torch.Tensor, sparse: torch.Tensor | ExpertPairs,
+                      dense_weight: torch.Tensor, sparse_weight: torch.Tensor, weight: torch.Tensor, eps: float,
+                      scalar: torch.Tensor | None, next_weight: torch.Tensor | None = None,
+                      next_eps: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(residual + rms_norm(rms_norm(dense, dense_weight) + rms_norm(sparse, sparse_weight), weight)) * scalar, in
+    one launch: DecoderLayer's post_feedforward_layernorm_1/_2, their sum, and add_normed with layer_scalar (a
+    1-element tensor in the model dtype, read on the device; None: no scaling). residual, dense, sparse [..., D] of
+    one shape; the result has residual's shape and dtype, rounded at the same points as the eager ops. `sparse` may
+    also be the experts' ExpertPairs, summed here as their `combine()` would (one launch and one [T, D] round trip
+    fewer).
+
+    Returns (new, rms_norm(new, next_weight, next_eps) if next_weight is given else None), as residual_rms_norm.
+
+    With PDL the kernel reads `residual` and `dense` (and computes the dense branch's norm) before it waits for the
+    previous kernel: only `sparse` may be that kernel's output (DecoderLayer.moe_feedforward runs the dense MLP
+    before the router and the experts, whose last kernel writes `sparse`)."""
+    res_rows, dense_rows, D = _rows(residual), _rows(dense), residual.shape[-1]
+    pairs = sparse if isinstance(sparse, ExpertPairs) else None
+    sparse_rows = pairs.y if pairs is not None else _rows(sparse)
+    assert dense.shape == residual.shape and (pairs is not None or sparse.shape == residual.shape), \
+        (residual.shape, dense.shape, sparse_rows.shape)
+    assert pairs is None or (pairs.weights.shape[0] == res_rows.shape[0] and sparse_rows.stride(-1) == 1
+                             and sparse_rows.shape[-1] == D)
+    out = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
+    next_out = torch.empty_like(out) if next_weight is not None else None
+    if out.numel() == 0:
+        return out, next_out
+    block = triton.next_power_of_2(D)
+    slots, pair_weights = (pairs.slots, pairs.weights) if pairs is not None else (res_rows, res_rows)
+    _moe_residual_norm_kernel[(res_rows.shape[0],)](
+        res_rows, dense_rows, sparse_rows, slots, pair_weights, dense_weight, sparse_weight, weight,
+        scalar if scalar is not None else res_rows, out,
+        next_weight if next_weight is not None else res_rows, next_out if next_out is not None else out,
+        res_rows.stride(0), dense_rows.stride(0), sparse_rows.stride(0), D, eps,
+        eps if next_eps is None else next_eps, PAIRS=pairs.weights.shape[1] if pairs is not None else 0,
+        HAS_SCALAR=scalar is not None, HAS_NEXT=next_weight is not None, BLOCK=block, num_warps=_warps(block),
+        **launch_options(res_rows))
+    return out, next_out

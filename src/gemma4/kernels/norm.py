@@ -319,65 +319,6 @@ def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: 
     return out
 
 
-@triton.jit
-def _moe_residual_norm_kernel(res_ptr, dense_ptr, sparse_ptr, dense_w_ptr, sparse_w_ptr, w_ptr, scalar_ptr, out_ptr,
-                              next_w_ptr, next_out_ptr, res_stride, dense_stride, sparse_stride, D, eps, next_eps,
-                              HAS_SCALAR: tl.constexpr, HAS_NEXT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    mask = offs < D
-    dtype = out_ptr.dtype.element_ty
-    # DecoderLayer's MoE tail, rounded where its eager ops materialize tensors of the model dtype: the two branch
-    # norms and their sum, then as add_normed: the norm of the sum, the residual add, the layer scalar.
-    # Before the wait (see moe_residual_norm): the residual, the dense branch and its norm, the norm weights.
-    residual = tl.load(res_ptr + row * res_stride + offs, mask=mask, other=0.0).to(tl.float32)
-    dense = tl.load(dense_ptr + row * dense_stride + offs, mask=mask, other=0.0).to(tl.float32)
-    dense_normed = round_to(_normalize(dense, dense_w_ptr, offs, mask, D, eps, True), dtype)
-    sparse_w = tl.load(sparse_w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    after_previous_kernel(PDL)
-    sparse = tl.load(sparse_ptr + row * sparse_stride + offs, mask=mask, other=0.0).to(tl.float32)
-    combined = round_to(dense_normed + round_to(_unit_rms(sparse, D, eps) * sparse_w, dtype), dtype)
-    normed = round_to(_unit_rms(combined, D, eps) * w, dtype)
-    new = round_to(residual + normed, dtype)
-    if HAS_SCALAR:
-        new = round_to(new * tl.load(scalar_ptr).to(tl.float32), dtype)
-    _store(out_ptr + row * D + offs, new, mask)
-    if HAS_NEXT:  # the next layer's input norm
-        _store(next_out_ptr + row * D + offs, _normalize(new, next_w_ptr, offs, mask, D, next_eps, True), mask)
-
-
-def moe_residual_norm(residual: torch.Tensor, dense: torch.Tensor, sparse: torch.Tensor, dense_weight: torch.Tensor,
-                      sparse_weight: torch.Tensor, weight: torch.Tensor, eps: float, scalar: torch.Tensor | None,
-                      next_weight: torch.Tensor | None = None,
-                      next_eps: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(residual + rms_norm(rms_norm(dense, dense_weight) + rms_norm(sparse, sparse_weight), weight)) * scalar, in
-    one launch: DecoderLayer's post_feedforward_layernorm_1/_2, their sum, and add_normed with layer_scalar (a
-    1-element tensor in the model dtype, read on the device; None: no scaling). residual, dense, sparse [..., D] of
-    one shape; the result has residual's shape and dtype, rounded at the same points as the eager ops.
-
-    Returns (new, rms_norm(new, next_weight, next_eps) if next_weight is given else None), as residual_rms_norm.
-
-    With PDL the kernel reads `residual` and `dense` (and computes the dense branch's norm) before it waits for the
-    previous kernel: only `sparse` may be that kernel's output (DecoderLayer.moe_feedforward runs the dense MLP
-    before the router and the experts, whose last kernel writes `sparse`)."""
-    res_rows, dense_rows, sparse_rows, D = _rows(residual), _rows(dense), _rows(sparse), residual.shape[-1]
-    assert dense.shape == sparse.shape == residual.shape, (residual.shape, dense.shape, sparse.shape)
-    out = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
-    next_out = torch.empty_like(out) if next_weight is not None else None
-    if out.numel() == 0:
-        return out, next_out
-    block = triton.next_power_of_2(D)
-    _moe_residual_norm_kernel[(res_rows.shape[0],)](
-        res_rows, dense_rows, sparse_rows, dense_weight, sparse_weight, weight,
-        scalar if scalar is not None else res_rows, out,
-        next_weight if next_weight is not None else res_rows, next_out if next_out is not None else out,
-        res_rows.stride(0), dense_rows.stride(0), sparse_rows.stride(0), D, eps,
-        eps if next_eps is None else next_eps, HAS_SCALAR=scalar is not None, HAS_NEXT=next_weight is not None,
-        BLOCK=block, num_warps=_warps(block), **launch_options(res_rows))
-    return out, next_out
-
-
 def qkv_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, q_weight: torch.Tensor,
                         k_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
                         key_cache: torch.Tensor, value_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:

@@ -165,9 +165,10 @@ def add_normed_branches(residual: torch.Tensor, dense: torch.Tensor, sparse: tor
                         sparse_norm: RMSNorm, norm: RMSNorm, scalar: torch.Tensor | None = None,
                         next_norm: RMSNorm | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """add_normed(residual, dense_norm(dense) + sparse_norm(sparse), norm, scalar, next_norm): the end of 26B-A4B's
-    feed-forward (dense MLP and experts side by side); the three norms and two adds in one launch on CUDA."""
+    feed-forward (dense MLP and experts side by side); the three norms and two adds in one launch on CUDA, which also
+    sums the experts' outputs when `sparse` comes as their unsummed ExpertPairs (only on the kernel path)."""
     if kernels.enabled(residual):
-        from ..kernels.norm import moe_residual_norm
+        from ..kernels.moe import moe_residual_norm
         return moe_residual_norm(residual, dense, sparse, dense_norm.weight, sparse_norm.weight, norm.weight, norm.eps,
                                  scalar, *weight_eps(next_norm))
     return add_normed(residual, dense_norm(dense) + sparse_norm(sparse), norm, scalar, next_norm)

@@ -6,7 +6,7 @@ already cached. A prefill chunk gathers the row's cached K/V into a contiguous [
 forward's K/V, and writes the new K/V into the pools; masks stay position-based (every gathered slot carries its
 position, -1 = empty). A decode step on CUDA gathers nothing: the new K/V are written first, and the decode kernel
 reads the pools through each row's own slots (`key_slots`): its ring, with the new position in the new token's slot,
-and its blocks in position order, scanned only up to the query's position (`num_keys`)."""
+and its blocks in position order, both scanned only up to the query's position (`num_keys`)."""
 
 from __future__ import annotations
 
@@ -153,9 +153,11 @@ class PagedCacheView:
     def new_key_slots(self, layer_type: str) -> torch.Tensor:
         return self._plan[("slots", layer_type)]
 
-    def num_keys(self, layer_type: str) -> torch.Tensor | None:
-        """In-place decode, global layers: slot j of a row's blocks holds position j, so j <= query suffices."""
-        return self._plan["num_keys"] if layer_type == FULL else None
+    def num_keys(self, layer_type: str) -> torch.Tensor:
+        """In-place decode: candidates [0, query] suffice. Slot j of a row's blocks holds position j, slot j of its
+        ring a position p with p % window == j: until the ring is full (query < window) the slots past the query are
+        empty (BlockManager.admit empties a ring)."""
+        return self._plan["num_keys"]
 
     def key_slots(self, layer_type: str) -> torch.Tensor:
         """In-place decode: each row's candidate keys as flat pool slots (its ring, or its blocks in order)."""

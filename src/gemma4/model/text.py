@@ -200,13 +200,13 @@ class Experts(nn.Module):
     # CPU. "loop" / "gathered" / "grouped" / "kernel" / "sorted" force one (tests).
     path = "auto"
     GATHER_MAX_PAIRS = 64  # token x choice pairs: batch 8 x top-8
-    # The decode kernels up to batch 7 x top-8, the sorted kernels up to batch 512. 26B-A4B on an H200
-    # (benchmarks/moe_decode.py), us: batch 6 130 vs 132 sorted; 8 165 vs 153 sorted; 512 sorted 471 vs grouped 618;
-    # 1024 sorted 706 vs grouped 677.
+    # The decode kernels up to batch 7 x top-8, the sorted kernels up to batch 512: the crossovers that
+    # benchmarks/moe_decode.py finds on 26B-A4B.
     KERNEL_MAX_PAIRS, SORTED_MAX_PAIRS = 56, 4096
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """x [T, H]; weights, experts [T, k] -> [T, H]."""
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, combine: bool = True):
+        """x [T, H]; weights, experts [T, k] -> [T, H]. `combine` False: the sorted and grouped kernel paths return
+        the experts' rows per (token, choice) pair unsummed (kernels.moe.ExpertPairs), for the fused MoE tail."""
         path = self.path
         if path == "auto":
             pairs = experts.numel()
@@ -218,6 +218,8 @@ class Experts(nn.Module):
                 path = "gathered"
             else:
                 path = "grouped" if hasattr(torch, "_grouped_mm") else "loop"
+        if path in ("sorted", "grouped"):
+            return getattr(self, f"forward_{path}")(x, weights, experts, combine)
         return getattr(self, f"forward_{path}")(x, weights, experts)
 
     def forward_kernel(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
@@ -225,13 +227,13 @@ class Experts(nn.Module):
         from ..kernels.moe import moe_experts
         return moe_experts(x, weights, experts, self.gate_up_proj, self.down_proj, self.activation)
 
-    def forward_sorted(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    def forward_sorted(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, combine: bool = True):
         """Serving-sized batches on CUDA: the pairs sorted by expert, each expert's weights read once for all its
         pairs (Triton; no host sync)."""
         from ..kernels.moe import sorted_experts
-        return sorted_experts(x, weights, experts, self.gate_up_proj, self.down_proj, self.activation)
+        return sorted_experts(x, weights, experts, self.gate_up_proj, self.down_proj, self.activation, combine)
 
-    def forward_grouped(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    def forward_grouped(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, combine: bool = True):
         """Large batches: sort the (token, choice) pairs by expert, then one grouped GEMM per projection runs every
         expert on its own rows (each expert's weights read once; no host sync)."""
         k = experts.shape[1]
@@ -249,7 +251,7 @@ class Experts(nn.Module):
         y = grouped(gated(gate, up, self.activation), self.down_proj)  # [T*k, H], pairs in expert order
         if kernels.enabled(x):  # the weighting, the reordering and the sum below in one kernel
             from ..kernels.moe import combine_pairs
-            return combine_pairs(y, order, weights)
+            return combine_pairs(y, order, weights, combine)
         y = (y * weights.reshape(-1)[order, None]).to(x.dtype)
         # Back to token-major order (pair t*k + j), then each token's k outputs summed: a scatter without atomics
         # (index_add_ into the model dtype was slow and summed in a nondeterministic order).
@@ -343,7 +345,9 @@ class DecoderLayer(nn.Module):
         dense = self.mlp(h)  # before the experts: the fused tail reads it before waiting for their last kernel
         hidden = x.shape[-1]
         weights, experts = self.router.route(router_input.reshape(-1, hidden))
-        sparse = self.experts(expert_input.reshape(-1, hidden), weights, experts).reshape(x.shape)
+        sparse = self.experts(expert_input.reshape(-1, hidden), weights, experts, combine=False)  # summed in the tail
+        if isinstance(sparse, torch.Tensor):
+            sparse = sparse.reshape(x.shape)
         return add_normed_branches(x, dense, sparse, self.post_feedforward_layernorm_1,
                                    self.post_feedforward_layernorm_2, self.post_feedforward_layernorm, scalar,
                                    next_norm)
