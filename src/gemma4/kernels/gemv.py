@@ -4,8 +4,8 @@ first two can also take their input as the residual norms of an earlier product,
 their programs normalizes the row itself, where `gemv_residual_norms` makes all but its last program wait.
 
 cuBLAS picks tiles for matrix products; for one activation row it often splits K and adds a reduce kernel, or runs
-tiles too few to fill the GPU, and its small products (under ~8 MB of weights) take 4-6 us where the bandwidth
-floor is 1-3 us. Here each program streams BLOCK_N whole weight rows in BLOCK_K steps (16-byte loads along the
+tiles too few to fill the GPU, and its small products (under ~8 MB of weights) take well above the bandwidth floor.
+Here each program streams BLOCK_N whole weight rows in BLOCK_K steps (16-byte loads along the
 contiguous K axis) and keeps their dot products in fp32 registers: no second kernel, one rounding at the end,
 as cuBLAS rounds its fp32 accumulator. Where cuBLAS is still faster (big 31B matrices) the model does not call these
 (`model.text.takes_gemv`).

@@ -1,5 +1,4 @@
-"""The end of a decode step: the final logit softcap and the greedy token, one launch each (eagerly four and two:
-~20 us of an E2B step on an H200, where these take ~3 us each)."""
+"""The end of a decode step: the final logit softcap and the greedy token, one launch each (eagerly four and two)."""
 
 from __future__ import annotations
 
@@ -23,8 +22,8 @@ def _softcap_kernel(x_ptr, out_ptr, N, cap, BLOCK: tl.constexpr, PDL: tl.constex
 
 
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
-    """tanh(x.float() / cap) * cap as a new fp32 tensor shaped like x. Not in the LM head GEMV's epilogue: there it
-    made that GEMV 1.5x slower (E2B on an H200: 283 us against 184)."""
+    """tanh(x.float() / cap) * cap as a new fp32 tensor shaped like x (not in the LM head GEMV's epilogue, where it
+    slowed that GEMV down)."""
     x = x.contiguous()
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     if out.numel() > 0:
@@ -79,8 +78,8 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
 
 
 # Sampling from each row's top candidates (the serving engine's rows without seeds): temperature, top-k, top-p,
-# min-p and the draw in one launch per step, where the eager ops were ~15 launches (0.43 ms of an E2B decode step
-# at batch 1 on an H200, 0.9 ms at 64). The draw is the inverse of the kept candidates' CDF at a uniform number.
+# min-p and the draw in one launch per step, where the eager ops are ~15 launches. The draw is the inverse of the kept
+# candidates' CDF at a uniform number.
 @triton.jit
 def _sample_candidates_kernel(values_ptr, ids_ptr, params_ptr, uniform_ptr, out_ptr, B, C,
                               TOP_P: tl.constexpr, BLOCK_C: tl.constexpr):

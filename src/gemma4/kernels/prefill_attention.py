@@ -5,8 +5,8 @@ Program (query tile, row * H + head, value slice) runs an online softmax over th
 over the span of key tiles that some query of its tile may see: `_key_tile_ranges` works the spans out from per-tile
 position bounds once per forward, on the device. So a sliding layer reads about window + BLOCK_M keys per query tile
 instead of all of them (the ring plus a 4K chunk is 5x a 1K window), and a causal global layer half its keys. Inside
-the span each tile's [BLOCK_M, BLOCK_N] visibility is computed from positions; no mask tensor is built. (Deciding per
-tile inside the loop whether to skip it was 2x slower: loads under a branch are not software-pipelined.)
+the span each tile's [BLOCK_M, BLOCK_N] visibility is computed from positions; no mask tensor is built (loads under
+a per-tile skip branch would not be software-pipelined).
 
 Visibility is `attention_mask`'s: key j is visible to query i iff kpos_j >= 0 and (kpos_j <= qpos_i, or both tokens
 lie in one image block, blocks > 0), and with a window qpos_i - kpos_j < window. Padding queries see nothing and

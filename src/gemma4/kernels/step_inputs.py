@@ -1,8 +1,7 @@
 """What a forward computes before its first decoder layer, in one launch each: the scaled token embedding, the
 per-layer inputs (PLE) of E2B/E4B, and the RoPE tables.
 
-Eagerly these are ~35 small PyTorch kernels per decode step (gathers, casts, cos/sin, wheres, a scatter, a scan),
-~1.3 us each in a CUDA graph: ~90-120 us of a 2 ms E2B step measured on an H200 (benchmarks/decode_timeline.py).
+Eagerly these are ~35 small PyTorch kernels per decode step (gathers, casts, cos/sin, wheres, a scatter, a scan).
 Each kernel rounds where its eager twin (`model.text`, `model.cache`) materializes a tensor.
 """
 

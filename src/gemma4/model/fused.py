@@ -25,9 +25,8 @@ if TYPE_CHECKING:
 
 def takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether x @ weight.T runs in the Triton GEMV kernels (kernels/gemv.py): one row on CUDA (a batch-1 decode step),
-    and a weight where they beat cuBLAS. Measured with benchmarks/gemv.py on an H100: faster for every projection of
-    E2B, E4B and 26B-A4B (E2B's step: 2.32 -> ~1.9 ms) and the LM heads with K <= 4096; cuBLAS reads 31B's matrices
-    of over 64M elements faster (2.8-2.9 TB/s against 2.6), its LM head (K = 5376) too."""
+    and a weight where they beat cuBLAS (benchmarks/gemv.py): every projection of E2B, E4B and 26B-A4B and the LM heads
+    with K <= 4096; cuBLAS reads 31B's matrices of over 64M elements, and its LM head (K = 5376), faster."""
     n_out, k_in = weight.shape
     return (x.numel() == x.shape[-1] and (k_in <= 4096 or n_out * k_in <= 64 * 2**20) and weight.stride(-1) == 1
             and kernels.enabled(x))
