@@ -330,7 +330,7 @@ def _combine_pairs_kernel(y_ptr, slots_ptr, weights_ptr, out_ptr, H, K: tl.const
 class ExpertPairs(NamedTuple):
     """The experts' outputs before each token's weighted sum: y [T*k, H], one row per (token, choice) pair in expert
     order; pair t*k + c is row slots[t*k + c]; weights [T, k] fp32. `combine()` sums them into [T, H]; the MoE tail
-    (norm.moe_residual_norm) takes them as they are and sums them itself, which saves a launch and a round trip
+    (moe_residual_norm, below) takes them as they are and sums them itself, which saves a launch and a round trip
     of [T, H] through memory."""
 
     y: torch.Tensor
