@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +22,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 # Gemma 4 control tokens, by attribute stem: `tok.turn_start_id` is the id of "<|turn>".
 # Multimodal names are read from tokenizer_config.json when present (see `_CONFIG_TOKEN_KEYS`).
 GEMMA4_TOKENS = {
-    "turn_start": "<|turn>", "turn_end": "<turn|>",
-    "channel_start": "<|channel>", "channel_end": "<channel|>",
-    "think": "<|think|>",
-    "tool_start": "<|tool>", "tool_end": "<tool|>",
+    "turn_start": "<|turn>", "turn_end": "<turn|>", "channel_start": "<|channel>", "channel_end": "<channel|>",
+    "think": "<|think|>", "tool_start": "<|tool>", "tool_end": "<tool|>",
     "tool_call_start": "<|tool_call>", "tool_call_end": "<tool_call|>",
-    "tool_response_start": "<|tool_response>", "tool_response_end": "<tool_response|>",
-    "string_delimiter": '<|"|>',
+    "tool_response_start": "<|tool_response>", "tool_response_end": "<tool_response|>", "string_delimiter": '<|"|>',
     "image_start": "<|image>", "image_end": "<image|>", "image_token": "<|image|>",
-    "audio_start": "<|audio>", "audio_end": "<audio|>", "audio_token": "<|audio|>",
-    "video_token": "<|video|>",
+    "audio_start": "<|audio>", "audio_end": "<audio|>", "audio_token": "<|audio|>", "video_token": "<|video|>",
 }
 
 # tokenizer_config.json key -> attribute stem above.
@@ -98,27 +94,29 @@ def _load_chat_template(directory: Path, config: dict) -> str | dict[str, str] |
 
 
 class Tokenizer:
-    """Gemma 4 tokenizer. Ids equal transformers' `AutoTokenizer` for the same files."""
+    """Gemma 4 tokenizer. Ids equal transformers' `AutoTokenizer` for the same files.
+
+    Besides bos/eos/pad/unk_token(_id), every GEMMA4_TOKENS stem has an id attribute: `tok.turn_start_id` is the
+    id of "<|turn>" (None when the vocabulary lacks it)."""
 
     def __init__(self, backend: tokenizers.Tokenizer, config: dict | None = None,
                  chat_template: str | dict[str, str] | None = None):
         self.backend = backend
         self.config = dict(config or {})
         self.chat_template = chat_template
-
-        self.bos_token = self._config_token("bos_token")
-        self.eos_token = self._config_token("eos_token")
-        self.pad_token = self._config_token("pad_token")
-        self.unk_token = self._config_token("unk_token")
+        self.bos_token, self.eos_token, self.pad_token, self.unk_token = (
+            self._config_token(f"{name}_token") for name in ("bos", "eos", "pad", "unk"))
+        self.bos_token_id, self.eos_token_id, self.pad_token_id, self.unk_token_id = (
+            self.token_to_id(token) if token else None
+            for token in (self.bos_token, self.eos_token, self.pad_token, self.unk_token))
         extra = self._extra_special_tokens()
-        self.token_names = {**GEMMA4_TOKENS,
-                            **{stem: extra[key] for key, stem in _CONFIG_TOKEN_KEYS.items() if key in extra}}
-
+        token_names = {**GEMMA4_TOKENS, **{stem: extra[key] for key, stem in _CONFIG_TOKEN_KEYS.items() if key in extra}}
+        for stem, token in token_names.items():
+            setattr(self, f"{stem}_id", self.token_to_id(token))
         # transformers skips the special added tokens of tokenizer.json *and* the named special tokens of the
         # config (e.g. "<mask>", which tokenizer.json does not flag as special).
-        named = [self._config_token(key) for key in _BASIC_SPECIAL_KEYS] + list(extra.values())
         self.special_ids = frozenset({tid for tid, tok in backend.get_added_tokens_decoder().items() if tok.special}
-                                     | {tid for tid in (self.token_to_id(t) for t in named if t) if tid is not None})
+                                     | {self.token_to_id(t) for t in self.special_tokens_map.values()} - {None})
 
     # ----------------------------------------------------------------------------------------------- loading
     @classmethod
@@ -162,26 +160,6 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self.backend.id_to_token(int(token_id))
 
-    def _named_id(self, stem: str) -> int | None:
-        token = self.token_names.get(stem)
-        return self.token_to_id(token) if token else None
-
-    @property
-    def bos_token_id(self) -> int | None:
-        return self.token_to_id(self.bos_token) if self.bos_token else None
-
-    @property
-    def eos_token_id(self) -> int | None:
-        return self.token_to_id(self.eos_token) if self.eos_token else None
-
-    @property
-    def pad_token_id(self) -> int | None:
-        return self.token_to_id(self.pad_token) if self.pad_token else None
-
-    @property
-    def unk_token_id(self) -> int | None:
-        return self.token_to_id(self.unk_token) if self.unk_token else None
-
     @property
     def stop_token_ids(self) -> list[int]:
         """Tokens that end a chat generation: eos, end of turn, and the start of a tool response
@@ -192,8 +170,7 @@ class Tokenizer:
     @property
     def special_tokens_map(self) -> dict[str, str]:
         """Named special tokens, as the chat template sees them (bos_token, eos_token, image_token, ...)."""
-        names = {key: self._config_token(key) for key in _BASIC_SPECIAL_KEYS}
-        names.update(self._extra_special_tokens())
+        names = {**{key: self._config_token(key) for key in _BASIC_SPECIAL_KEYS}, **self._extra_special_tokens()}
         return {k: v for k, v in names.items() if v}
 
     @property
@@ -201,32 +178,27 @@ class Tokenizer:
         return self.config.get("padding_side", "left")
 
     # --------------------------------------------------------------------------------------- encode / decode
-    def _adds_bos_eos(self) -> tuple[bool, bool] | None:
-        """(add bos, add eos) from the config, or None to let tokenizer.json's post-processor decide."""
-        if "add_bos_token" not in self.config and "add_eos_token" not in self.config:
+    def _with_bos_eos(self, add_special_tokens: bool) -> Callable[[list[int]], list[int]] | None:
+        """With `add_bos_token` / `add_eos_token` in the config, they decide (rather than tokenizer.json's
+        post-processor): the function that adds bos/eos to ids, else None."""
+        if not add_special_tokens or ("add_bos_token" not in self.config and "add_eos_token" not in self.config):
             return None
-        return bool(self.config.get("add_bos_token", False)), bool(self.config.get("add_eos_token", False))
-
-    def _wrap(self, ids: list[int]) -> list[int]:
-        add_bos, add_eos = self._adds_bos_eos()
-        if add_bos and self.bos_token_id is not None:
-            ids = [self.bos_token_id, *ids]
-        if add_eos and self.eos_token_id is not None:
-            ids = [*ids, self.eos_token_id]
-        return ids
+        bos = [self.bos_token_id] if self.config.get("add_bos_token") and self.bos_token_id is not None else []
+        eos = [self.eos_token_id] if self.config.get("add_eos_token") and self.eos_token_id is not None else []
+        return lambda ids: bos + ids + eos
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`. Special tokens written in the text (e.g. "<|turn>") map to their ids."""
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, got {type(text).__name__}")
-        if add_special_tokens and self._adds_bos_eos() is not None:
-            return self._wrap(self.backend.encode(text, add_special_tokens=False).ids)
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        wrap = self._with_bos_eos(add_special_tokens)
+        ids = self.backend.encode(text, add_special_tokens=add_special_tokens and not wrap).ids
+        return wrap(ids) if wrap else ids
 
     def batch_encode(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
-        if add_special_tokens and self._adds_bos_eos() is not None:
-            return [self._wrap(e.ids) for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
-        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+        wrap = self._with_bos_eos(add_special_tokens)
+        encodings = self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens and not wrap)
+        return [wrap(e.ids) if wrap else e.ids for e in encodings]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         if hasattr(ids, "tolist"):  # torch tensors and numpy arrays
@@ -291,15 +263,3 @@ class Tokenizer:
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r})"
 
-
-def _token_id_property(stem: str) -> property:
-    def getter(self: Tokenizer) -> int | None:
-        return self._named_id(stem)
-
-    getter.__doc__ = f"Id of the Gemma 4 {stem.replace('_', ' ')} token ({GEMMA4_TOKENS[stem]} by default), or None."
-    return property(getter)
-
-
-for _stem in GEMMA4_TOKENS:
-    setattr(Tokenizer, f"{_stem}_id", _token_id_property(_stem))
-del _stem
