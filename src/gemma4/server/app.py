@@ -21,8 +21,8 @@ from ..processing.parse import parse_response, to_openai_tool_calls
 from ..processing.stream_parse import ReasoningDelta, StreamParser
 from .. import __version__
 from .protocol import (
-    COMPLETION_FIELDS, CHAT_FIELDS, DETOKENIZE_FIELDS, TOKENIZE_FIELDS, APIError, bad, check_fields, get_bool, get_n,
-    get_stop, parse_json, sampling_params, stream_options, thinking, tool_choice,
+    COMPLETION_FIELDS, CHAT_FIELDS, DETOKENIZE_FIELDS, TOKENIZE_FIELDS, APIError, bad, check_fields, get_bool,
+    get_number, get_stop, include_usage, parse_json, sampling_params, thinking, tool_choice,
 )
 from .async_engine import EngineDead, RequestFailed
 from .generation import Choice, ClientDisconnected, merged
@@ -254,10 +254,8 @@ async def _chat(state: ServerState, body: dict, request: Request):
     check_media(media, state)
     image_budget = _image_budget(body) if media else None
     enable_thinking = thinking(body, state.default_enable_thinking)
-    stream = get_bool(body, "stream")
-    options = stream_options(body)
-    n = get_n(body)
-    stops = get_stop(body)
+    stream, usage = get_bool(body, "stream"), include_usage(body)
+    n, stops = get_number(body, "n", 1, 1, 16), get_stop(body)
     # tool_choice required / named: start the answer with the call, so the model can only complete it.
     forced = "" if choice in ("none", "auto") else "<|tool_call>call:" + ("" if choice == "required" else choice + "{")
     prompt = _render(state, gemma_messages, tools if choice != "none" else None, True, enable_thinking) + forced
@@ -272,8 +270,7 @@ async def _chat(state: ServerState, body: dict, request: Request):
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     name = body.get("model") or state.model_names[0]
     if stream:
-        return _sse(_chat_stream(state, choices, prompt, rid, created, name, options.get("include_usage"), started,
-                                 request))
+        return _sse(_chat_stream(state, choices, prompt, rid, created, name, usage, started, request))
     await _run_to_end(state, choices, request, started)
     results = []
     for c in choices:
@@ -431,9 +428,8 @@ async def _completion(state: ServerState, body: dict, request: Request):
     for unsupported, default in (("echo", False), ("suffix", ""), ("best_of", 1)):  # types checked: True != 1 here
         if body.get(unsupported) not in (None, default):
             raise bad(f"'{unsupported}' is not supported", unsupported)
-    stream = get_bool(body, "stream")
-    options = stream_options(body)
-    n = get_n(body)
+    stream, usage = get_bool(body, "stream"), include_usage(body)
+    n = get_number(body, "n", 1, 1, 16)
     if len(prompts) * n > MAX_CHOICES:
         raise bad(f"{len(prompts)} prompts x n={n} is more than {MAX_CHOICES} choices in one request", "prompt")
     stops = get_stop(body)
@@ -467,7 +463,7 @@ async def _completion(state: ServerState, body: dict, request: Request):
                                  "finish_reason": c.finish_reason}])
                     sent[c.index] = len(c.logprobs)
             _observe(state, choices, started)
-            if options.get("include_usage"):
+            if usage:
                 yield data([], _usage(choices, n))
         return _sse(events())
     await _run_to_end(state, choices, request, started)

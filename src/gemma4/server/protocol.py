@@ -96,12 +96,12 @@ TOKENIZE_FIELDS = {"model": _STR, "prompt": _STR, "messages": _ARRAY, "tools": _
 DETOKENIZE_FIELDS = {"model": _STR, "tokens": _ARRAY}
 
 
+_TYPES = {_NUMBER: (int, float), _INT: int, _BOOL: bool, _STR: str, _OBJECT: dict, _ARRAY: list}
+
+
 def _is(value: Any, kind: str) -> bool:
-    if kind == _NUMBER:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind == _INT:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, {_BOOL: bool, _STR: str, _OBJECT: dict, _ARRAY: list}[kind])
+    """JSON's types: a bool is not a number (to Python, True is an int)."""
+    return isinstance(value, _TYPES[kind]) and (kind == _BOOL or not isinstance(value, bool))
 
 
 def check_fields(body: dict, fields: dict[str, Any]) -> None:
@@ -124,13 +124,12 @@ def check_fields(body: dict, fields: dict[str, Any]) -> None:
                       "response_format")
 
 
-def get_number(body: dict, name: str, default=None, low=None, high=None, integer=False):
-    value = body.get(name, default)
+def get_number(body: dict, name: str, default=None, low=None, high=None):
+    """The field's number (check_fields checked its JSON type) in [low, high], or `default` when not given."""
+    value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-        raise bad(f"'{name}' must be {'an integer' if integer else 'a number'}, got {value!r}", name)
-    if isinstance(value, float) and not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):  # json.loads reads NaN and Infinity
         raise bad(f"'{name}' must be finite", name)
     if (low is not None and value < low) or (high is not None and value > high):
         raise bad(f"'{name}' must be in [{low}, {high}], got {value}", name)
@@ -152,68 +151,52 @@ def get_stop(body: dict) -> list[str]:
         return []
     if isinstance(stop, str):
         stop = [stop]
-    if not isinstance(stop, list) or len(stop) > 16 or not all(isinstance(s, str) and s for s in stop):
+    if len(stop) > 16 or not all(isinstance(s, str) and s for s in stop):
         raise bad("'stop' must be a non-empty string or a list of up to 16 non-empty strings", "stop")
     return stop
 
 
 def sampling_params(body: dict, defaults: dict, max_tokens_default: int, chat: bool) -> SamplingParams:
     """SamplingParams from an OpenAI request (stop strings are applied by the server, on text)."""
-    max_tokens = get_number(body, "max_completion_tokens", None, 1, None, integer=True) if chat else None
-    max_tokens = max_tokens or get_number(body, "max_tokens", None, 1, None, integer=True) or max_tokens_default
-    logprobs = None
-    if chat:
-        if get_bool(body, "logprobs"):
-            logprobs = get_number(body, "top_logprobs", 0, 0, 20, integer=True)
-        elif body.get("top_logprobs") is not None:
-            raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
-    else:
-        logprobs = get_number(body, "logprobs", None, 0, 20, integer=True)
-    seed = get_number(body, "seed", None, -(2**63), 2**63 - 1, integer=True)
-    values = dict(
-        max_tokens=max_tokens,
-        temperature=get_number(body, "temperature", defaults.get("temperature", 1.0), 0, 2),
-        top_p=get_number(body, "top_p", defaults.get("top_p", 1.0), 0, 1),
-        top_k=get_number(body, "top_k", defaults.get("top_k", 0), -1, None, integer=True),
-        min_p=get_number(body, "min_p", 0.0, 0, 1),
-        presence_penalty=get_number(body, "presence_penalty", 0.0, -2, 2),
-        frequency_penalty=get_number(body, "frequency_penalty", 0.0, -2, 2),
-        repetition_penalty=get_number(body, "repetition_penalty", 1.0, 0.01, 10),
-        seed=seed % 2**63 if seed is not None else None,
-        logprobs=logprobs,
-        min_tokens=get_number(body, "min_tokens", 0, 0, max_tokens, integer=True),
-        ignore_eos=get_bool(body, "ignore_eos"),
-    )
-    if values["top_k"] == -1:
-        values["top_k"] = 0
-    if values["top_p"] == 0:
+    max_tokens = get_number(body, "max_completion_tokens", None, 1) if chat else None
+    max_tokens = max_tokens or get_number(body, "max_tokens", None, 1) or max_tokens_default
+    logprobs = None if chat else get_number(body, "logprobs", None, 0, 20)  # chat: a boolean, and top_logprobs
+    if chat and get_bool(body, "logprobs"):
+        logprobs = get_number(body, "top_logprobs", 0, 0, 20)
+    elif chat and body.get("top_logprobs") is not None:
+        raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    top_p = get_number(body, "top_p", defaults.get("top_p", 1.0), 0, 1)
+    if top_p == 0:
         raise bad("'top_p' must be > 0", "top_p")
+    seed = get_number(body, "seed", None, -(2**63), 2**63 - 1)
     try:
-        return SamplingParams(**values)
+        return SamplingParams(
+            max_tokens=max_tokens, top_p=top_p, logprobs=logprobs,
+            temperature=get_number(body, "temperature", defaults.get("temperature", 1.0), 0, 2),
+            top_k=max(0, get_number(body, "top_k", defaults.get("top_k", 0), -1)),  # -1 means off, as in vLLM
+            min_p=get_number(body, "min_p", 0.0, 0, 1),
+            presence_penalty=get_number(body, "presence_penalty", 0.0, -2, 2),
+            frequency_penalty=get_number(body, "frequency_penalty", 0.0, -2, 2),
+            repetition_penalty=get_number(body, "repetition_penalty", 1.0, 0.01, 10),
+            seed=seed % 2**63 if seed is not None else None,
+            min_tokens=get_number(body, "min_tokens", 0, 0, max_tokens),
+            ignore_eos=get_bool(body, "ignore_eos"))
     except ValueError as e:
         raise bad(str(e)) from None
 
 
-def get_n(body: dict) -> int:
-    return get_number(body, "n", 1, 1, 16, integer=True)
-
-
-def stream_options(body: dict) -> dict:
+def include_usage(body: dict) -> bool:
+    """stream_options.include_usage; stream_options is only for a stream."""
     options = body.get("stream_options")
     if options is None:
-        return {}
-    if not isinstance(options, dict):
-        raise bad("'stream_options' must be an object", "stream_options")
-    if not get_bool(body, "stream"):
+        return False
+    if not body.get("stream"):
         raise bad("'stream_options' is only allowed with 'stream': true", "stream_options")
-    get_bool(options, "include_usage")
-    return options
+    return get_bool(options, "include_usage")
 
 
 def thinking(body: dict, default: bool) -> bool:
     kwargs = body.get("chat_template_kwargs")
-    if kwargs is not None and not isinstance(kwargs, dict):
-        raise bad("'chat_template_kwargs' must be an object", "chat_template_kwargs")
     if kwargs and "enable_thinking" in kwargs:
         return get_bool(kwargs, "enable_thinking")
     effort = body.get("reasoning_effort")
