@@ -18,8 +18,7 @@ import triton
 import triton.language as tl
 
 from .activation import ACTIVATION_CODES, activation_fp32
-from .norm import (_norm_weights, _residual_norms_row, _residual_norms_values, _warps, residual_norm_args,
-                   residual_outputs)
+from .norm import _norm_weights, _residual_norms_row, _residual_norms_values, _warps, residual_norms_args
 from .pdl import after_previous_kernel, launch_options
 from .rounding import round_to
 from .tuning import tile
@@ -271,14 +270,10 @@ def gemv_residual_norms(x: torch.Tensor, weight: torch.Tensor, residual: torch.T
     assert residual.numel() == n_out and residual.stride(-1) == 1
     tiles = tiles or _default_tiles(x.device, k_in)  # one group: its programs count as they finish
     block_n, block_k, warps, stages, _ = _tiles(x, k_in, tiles)
-    outputs = residual_outputs(residual, next_weight, moe)
     y = torch.empty(n_out, dtype=x.dtype, device=x.device)
-    block = triton.next_power_of_2(n_out)
+    outputs, pointers, named = residual_norms_args(residual, y, norm_weight, eps, scalar, next_weight, next_eps, moe)
     _gemv_residual_norms_kernel[(triton.cdiv(n_out, block_n),)](
-        x.contiguous(), weight, y, finished_counters("gemv_residual_norms", x.device), residual,
-        *residual_norm_args(y, outputs, norm_weight, scalar, next_weight, moe), n_out, weight.stride(0), eps,
-        eps if next_eps is None else next_eps, float(moe[2]) if moe is not None else 1.0, k_in, BLOCK_N=block_n,
-        BLOCK_K=block_k, HAS_WEIGHT=norm_weight is not None, HAS_SCALAR=scalar is not None,
-        HAS_NEXT=next_weight is not None, HAS_MOE=moe is not None, BLOCK=block,
-        num_warps=max(warps, _warps(block)), num_stages=stages, **launch_options(x))
+        x.contiguous(), weight, y, finished_counters("gemv_residual_norms", x.device), residual, *pointers, n_out,
+        weight.stride(0), K=k_in, BLOCK_N=block_n, BLOCK_K=block_k, **named,
+        num_warps=max(warps, _warps(named["BLOCK"])), num_stages=stages, **launch_options(x))
     return outputs

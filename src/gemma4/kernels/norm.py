@@ -44,17 +44,6 @@ def _normalize(h, w_ptr, offs, mask, D, eps, HAS_WEIGHT: tl.constexpr):
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, x_stride, D, eps, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr,
-                     PDL: tl.constexpr):
-    after_previous_kernel(PDL)
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    mask = offs < D
-    h = tl.load(x_ptr + row * x_stride + offs, mask=mask, other=0.0).to(tl.float32)
-    _store(out_ptr + row * D + offs, _normalize(h, w_ptr, offs, mask, D, eps, HAS_WEIGHT), mask)
-
-
-@triton.jit
 def _router_scaled(h, scale_ptr, offs, mask, D, eps, root_size, dtype: tl.constexpr):
     """Router.forward's projection input from an fp32 row: round(round(round(rms_norm(h)) * scale) * root_size)."""
     normed = round_to(_normalize(h, scale_ptr, offs, mask, D, eps, False), dtype)  # the weightless norm's tensor
@@ -62,6 +51,22 @@ def _router_scaled(h, scale_ptr, offs, mask, D, eps, root_size, dtype: tl.conste
     # A tensor times a python float: torch applies the scalar in fp32 (opmath), not rounded to the dtype first, and
     # rounds the product once. root_size arrives here as an fp32 argument, the same fp32 value.
     return round_to(scaled * root_size, dtype)
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, x_stride, D, eps, root_size, HAS_WEIGHT: tl.constexpr,
+                     ROUTER: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """A row's RMSNorm, or with ROUTER the router's input (w_ptr: its scale)."""
+    after_previous_kernel(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < D
+    h = tl.load(x_ptr + row * x_stride + offs, mask=mask, other=0.0).to(tl.float32)
+    if ROUTER:
+        _store(out_ptr + row * D + offs, _router_scaled(h, w_ptr, offs, mask, D, eps, root_size,
+                                                        out_ptr.dtype.element_ty), mask)
+    else:
+        _store(out_ptr + row * D + offs, _normalize(h, w_ptr, offs, mask, D, eps, HAS_WEIGHT), mask)
 
 
 @triton.jit
@@ -218,15 +223,18 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """RMSNorm.forward over the last dim of x (weight None: the weightless norm); same dtype and shape as x."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
+             root_size: float | None = None) -> torch.Tensor:
+    """RMSNorm.forward over the last dim of x (weight None: the weightless norm); same dtype and shape as x.
+    With root_size: the router's input instead (`router.router_input`; weight: the router's scale)."""
     rows, D = _rows(x), x.shape[-1]
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
     block = triton.next_power_of_2(D)
     _rms_norm_kernel[(rows.shape[0],)](rows, weight if weight is not None else rows, out, rows.stride(0), D, eps,
-                                       HAS_WEIGHT=weight is not None, BLOCK=block, num_warps=_warps(block),
+                                       1.0 if root_size is None else float(root_size), HAS_WEIGHT=weight is not None,
+                                       ROUTER=root_size is not None, BLOCK=block, num_warps=_warps(block),
                                        **launch_options(out))
     return out
 
@@ -239,8 +247,7 @@ def residual_rms_norm(residual: torch.Tensor, x: torch.Tensor, weight: torch.Ten
 
     Returns (new, rms_norm(new, next_weight, next_eps) if next_weight is given else None), rounded to the residual's
     dtype at the same points as the eager ops, in one launch; new is written into `out` if given."""
-    new, next_out, _, _ = _residual_norms(residual, x, weight, eps, scalar, next_weight, next_eps, out=out)
-    return new, next_out
+    return _residual_norms(residual, x, weight, eps, scalar, next_weight, next_eps, out=out)[:2]
 
 
 def residual_moe_norms(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -253,38 +260,33 @@ def residual_moe_norms(residual: torch.Tensor, x: torch.Tensor, weight: torch.Te
 
 
 def _residual_norms(residual, x, weight, eps, scalar, next_weight, next_eps, moe=None, out=None):
-    res_rows, x_rows, D = _rows(residual), _rows(x), residual.shape[-1]
-    outputs = residual_outputs(residual, next_weight, moe, out)
-    if residual.numel() == 0:
-        return outputs
-    block = triton.next_power_of_2(D)
-    _residual_rms_norm_kernel[(res_rows.shape[0],)](
-        res_rows, x_rows, *residual_norm_args(x_rows, outputs, weight, scalar, next_weight, moe),
-        res_rows.stride(0), x_rows.stride(0), D, eps, eps if next_eps is None else next_eps,
-        float(moe[2]) if moe is not None else 1.0, HAS_WEIGHT=weight is not None, HAS_SCALAR=scalar is not None,
-        HAS_NEXT=next_weight is not None, HAS_MOE=moe is not None, BLOCK=block, num_warps=_warps(block),
-        **launch_options(res_rows))
+    res_rows, x_rows = _rows(residual), _rows(x)
+    outputs, pointers, named = residual_norms_args(residual, x_rows, weight, eps, scalar, next_weight, next_eps, moe,
+                                                   out)
+    if residual.numel() > 0:
+        _residual_rms_norm_kernel[(res_rows.shape[0],)](
+            res_rows, x_rows, *pointers, res_rows.stride(0), x_rows.stride(0), residual.shape[-1], **named,
+            num_warps=_warps(named["BLOCK"]), **launch_options(res_rows))
     return outputs
 
 
-def residual_outputs(residual: torch.Tensor, next_weight, moe, out: torch.Tensor | None = None) -> tuple:
-    """(new, next norm or None, experts' norm or None, router input or None), allocated like residual (new: `out`
-    if given)."""
+def residual_norms_args(residual: torch.Tensor, placeholder: torch.Tensor, weight, eps, scalar, next_weight,
+                        next_eps, moe, out: torch.Tensor | None = None) -> tuple[tuple, tuple, dict]:
+    """For a kernel that runs _residual_norms_row: (its outputs: new, next norm or None, experts' norm or None,
+    router input or None, allocated like residual, new in `out` if given; its pointer arguments after (residual, x),
+    absent tensors as `placeholder`, whose branches are compiled out; its scalars and constexprs, by name)."""
     if out is None:
         out = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
     assert out.shape == residual.shape and out.is_contiguous()
     next_out = torch.empty_like(out) if next_weight is not None else None
+    next2_weight, router_scale, root_size = moe if moe is not None else (None, None, 1.0)
     next2_out, router_out = (torch.empty_like(out), torch.empty_like(out)) if moe is not None else (None, None)
-    return out, next_out, next2_out, router_out
-
-
-def residual_norm_args(placeholder, outputs, weight, scalar, next_weight, moe) -> tuple:
-    """The pointer arguments of _residual_norms_row after (residual, x), in its order; absent tensors become
-    `placeholder` (their kernel branches are compiled out)."""
-    out, next_out, next2_out, router_out = outputs
-    next2_weight, router_scale = moe[:2] if moe is not None else (None, None)
-    return tuple(t if t is not None else placeholder for t in (weight, scalar, next_weight, out, next_out,
-                                                                next2_weight, next2_out, router_scale, router_out))
+    pointers = tuple(t if t is not None else placeholder for t in (weight, scalar, next_weight, out, next_out,
+                                                                   next2_weight, next2_out, router_scale, router_out))
+    named = dict(eps=eps, next_eps=eps if next_eps is None else next_eps, root_size=float(root_size),
+                 HAS_WEIGHT=weight is not None, HAS_SCALAR=scalar is not None, HAS_NEXT=next_weight is not None,
+                 HAS_MOE=moe is not None, BLOCK=triton.next_power_of_2(residual.shape[-1]))
+    return (out, next_out, next2_out, router_out), pointers, named
 
 
 def _rope_tables(cos: torch.Tensor, sin: torch.Tensor, B: int, L: int, D: int):
