@@ -261,11 +261,10 @@ def residual_moe_norms(residual: torch.Tensor, x: torch.Tensor, weight: torch.Te
 
 def _residual_norms(residual, x, weight, eps, scalar, next_weight, next_eps, moe=None, out=None):
     res_rows, x_rows = _rows(residual), _rows(x)
-    outputs, pointers, named = residual_norms_args(residual, x_rows, weight, eps, scalar, next_weight, next_eps, moe,
-                                                   out)
+    outputs, ptrs, named = residual_norms_args(residual, x_rows, weight, eps, scalar, next_weight, next_eps, moe, out)
     if residual.numel() > 0:
         _residual_rms_norm_kernel[(res_rows.shape[0],)](
-            res_rows, x_rows, *pointers, res_rows.stride(0), x_rows.stride(0), residual.shape[-1], **named,
+            res_rows, x_rows, *ptrs, res_rows.stride(0), x_rows.stride(0), residual.shape[-1], **named,
             num_warps=_warps(named["BLOCK"]), **launch_options(res_rows))
     return outputs
 
@@ -304,20 +303,17 @@ def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: 
     x: [B, L, H, D], any strides but unit stride along D (e.g. a view of a projection's output). cos/sin: [B, L, 1, D]
     or [B, L, D] from rope_cos_sin (a batch of 1 broadcasts); None skips RoPE (the v_norm)."""
     B, L, H, D = x.shape
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    x = x if x.stride(-1) == 1 else x.contiguous()
     out = torch.empty(B, H, L, D, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    if cos is not None:
-        cos, sin = _rope_tables(cos, sin, B, L, D)
+    rope = cos is not None
+    cos, sin = _rope_tables(cos, sin, B, L, D) if rope else (x, x)
     half_block = triton.next_power_of_2(D // 2)
     _qk_norm_rope_kernel[(B * L * H,)](
-        x, weight if weight is not None else x, cos if cos is not None else x, sin if sin is not None else x, out,
-        H, L, x.stride(0), x.stride(1), x.stride(2), cos.stride(0) if cos is not None else 0,
-        cos.stride(1) if cos is not None else 0, D, eps,
-        HAS_WEIGHT=weight is not None, HAS_ROPE=cos is not None, HALF_BLOCK=half_block,
-        num_warps=_warps(half_block), **launch_options(out))
+        x, weight if weight is not None else x, cos, sin, out, H, L, *x.stride()[:3],
+        *(cos.stride()[:2] if rope else (0, 0)), D, eps, HAS_WEIGHT=weight is not None, HAS_ROPE=rope,
+        HALF_BLOCK=half_block, num_warps=_warps(half_block), **launch_options(out))
     return out
 
 
@@ -336,12 +332,8 @@ def qkv_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None
     D = key_cache.shape[-1]
     Hq, Hkv = q.shape[2] // D, k.shape[2] // D
     v = k if v is None else v
-    for t in (q, k, v):
-        assert t.stride(-1) == 1, "projections need unit stride along their last dim"
-    if key_cache.dim() == 4:
-        cache_strides = key_cache.stride()[:3]
-    else:  # pools: no batch stride
-        cache_strides = (0, *key_cache.stride()[:2])
+    assert all(t.stride(-1) == 1 for t in (q, k, v)), "projections need unit stride along their last dim"
+    cache_strides = key_cache.stride()[:3] if key_cache.dim() == 4 else (0, *key_cache.stride()[:2])  # pools: 0
     assert value_cache.stride() == key_cache.stride() and value_cache.dtype == key_cache.dtype == q.dtype
     cos, sin = _rope_tables(cos, sin, B, L, D)
     slots = slots.contiguous()
