@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..processing.chat import collect_media, openai_to_gemma_messages, validate_tools
 from ..processing.image import SUPPORTED_SOFT_TOKENS
 from ..processing.parse import parse_response, to_openai_tool_calls
-from ..processing.stream_parse import ReasoningDelta, StreamParser
+from ..processing.stream_parse import StreamParser
 from .. import __version__
 from .protocol import (
     COMPLETION_FIELDS, CHAT_FIELDS, DETOKENIZE_FIELDS, TOKENIZE_FIELDS, APIError, bad, check_fields, get_bool,
@@ -26,7 +26,7 @@ from .protocol import (
 )
 from .async_engine import EngineDead, RequestFailed
 from .generation import Choice, ClientDisconnected, merged
-from .media import check_media, load_media
+from .media import check_media, decode, load_media
 from .state import ServerState
 
 
@@ -164,21 +164,17 @@ class AuthAndMetrics:
                 status = message["status"]
             await send(message)
 
-        path = scope["path"]
+        path, key = scope["path"], self.state.api_key
+        # 'Authorization: Bearer KEY', compared in constant time (no timing oracle on the key's prefix)
+        given = Request(scope).headers.get("authorization", "").encode("utf-8", "surrogateescape")
         try:
-            if self.state.api_key and path.startswith("/v1") and not _authorized(Request(scope), self.state.api_key):
+            if key and path.startswith("/v1") and not hmac.compare_digest(given, f"Bearer {key}".encode()):
                 error = APIError(401, "invalid or missing API key", "authentication_error")
                 await JSONResponse(error.body(), 401)(scope, receive, send_counted)
             else:
                 await self.app(scope, receive, send_counted)
         finally:
             self.state.metrics.requests.labels(path if path in _ENDPOINTS else "other", str(status)).inc()
-
-
-def _authorized(request: Request, api_key: str) -> bool:
-    """'Authorization: Bearer KEY', compared in constant time (no timing oracle on the key's prefix)."""
-    given = request.headers.get("authorization", "").encode("utf-8", "surrogateescape")
-    return hmac.compare_digest(given, f"Bearer {api_key}".encode())
 
 
 async def _json_body(request: Request, state: ServerState, fields: dict) -> dict:
@@ -261,16 +257,16 @@ async def _chat(state: ServerState, body: dict, request: Request):
     prompt = _render(state, gemma_messages, tools if choice != "none" else None, True, enable_thinking) + forced
     started = time.monotonic()
     if media:
-        prompt_ids, inputs = await _process_media(state, prompt, media, image_budget)
+        prompt_ids, inputs = await _process(state, prompt, lambda: load_media(media, state.allowed_media_domains),
+                                            max_soft_tokens=image_budget)
     else:
         prompt_ids = state.tokenizer.encode(prompt, add_special_tokens=False)
     params = _check_prompt(state, prompt_ids, body, chat=True)
     soft = await _encode(state, prompt_ids, inputs) if media else None
     choices = _start(state, n, [(prompt_ids, params)], stops, soft)
-    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    name = body.get("model") or state.model_names[0]
+    head = _head(state, body, "chatcmpl", "chat.completion")
     if stream:
-        return _sse(_chat_stream(state, choices, prompt, rid, created, name, usage, started, request))
+        return _sse(_chat_stream(state, choices, prompt, head, usage, started, request))
     await _run_to_end(state, choices, request, started)
     results = []
     for c in choices:
@@ -289,13 +285,18 @@ async def _chat(state: ServerState, body: dict, request: Request):
         if params.logprobs is not None:
             entry["logprobs"] = {"content": [_chat_logprob(state.tokenizer, lp) for lp in c.logprobs]}
         results.append(entry)
-    return {"id": rid, "object": "chat.completion", "created": created, "model": name, "choices": results,
-            "usage": _usage(choices)}
+    return {**head, "choices": results, "usage": _usage(choices)}
 
 
-async def _chat_stream(state, choices, prefix, rid, created, name, include_usage, started, request):
+def _head(state: ServerState, body: dict, prefix: str, kind: str) -> dict:
+    """What every response (or chunk) of a request starts with."""
+    return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
+            "model": body.get("model") or state.model_names[0]}
+
+
+async def _chat_stream(state, choices, prefix, head, include_usage, started, request):
     def chunk(choices_, usage=None):
-        data = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name, "choices": choices_}
+        data = {**head, "object": "chat.completion.chunk", "choices": choices_}
         return {**data, "usage": usage} if include_usage else data
 
     parsers = {c.index: StreamParser(prefix=prefix) for c in choices}
@@ -304,21 +305,6 @@ async def _chat_stream(state, choices, prefix, rid, created, name, include_usage
     # the making) go with the next delta, as in completions' stream.
     sent = {c.index: 0 for c in choices}
     first = True
-
-    def deltas(c, text, final):
-        events = parsers[c.index].feed(text) if text else []
-        if final:
-            events += parsers[c.index].finish(complete=c.finish_reason == "stop")
-        out = []
-        for event in events:
-            delta = event.openai_delta()
-            if isinstance(event, ReasoningDelta):
-                delta["reasoning"] = event.text
-            if "tool_calls" in delta:
-                saw_call[c.index] = True
-            out.append(delta)
-        return out
-
     for c in choices:
         yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None}])
@@ -327,10 +313,17 @@ async def _chat_stream(state, choices, prefix, rid, created, name, include_usage
         if first and text:
             state.metrics.ttft.observe(time.monotonic() - started)
             first = False
-        pieces = deltas(c, text, c.done) if (text or c.done) else []
-        if c.done and len(c.logprobs) > sent[c.index] and not pieces:
-            pieces = [{}]
-        for delta in pieces:
+        events = parsers[c.index].feed(text) if text else []
+        if c.done:
+            events += parsers[c.index].finish(complete=c.finish_reason == "stop")
+        deltas = [event.openai_delta() for event in events]
+        for delta in deltas:
+            if "reasoning_content" in delta:
+                delta["reasoning"] = delta["reasoning_content"]
+            saw_call[c.index] |= "tool_calls" in delta
+        if c.done and len(c.logprobs) > sent[c.index] and not deltas:
+            deltas = [{}]
+        for delta in deltas:
             unsent, sent[c.index] = c.logprobs[sent[c.index]:], len(c.logprobs)
             lp = {"content": [_chat_logprob(state.tokenizer, x) for x in unsent]} if unsent else None
             yield chunk([{"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": None}])
@@ -436,8 +429,7 @@ async def _completion(state: ServerState, body: dict, request: Request):
     params = [_check_prompt(state, ids, body, chat=False) for ids in prompts]  # all checked before any starts
     started = time.monotonic()
     choices = _start(state, n, list(zip(prompts, params)), stops)
-    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    name = body.get("model") or state.model_names[0]
+    head = _head(state, body, "cmpl", "text_completion")
 
     def logprobs_of(c: Choice, start: int = 0):
         """The logprobs of c's tokens from the `start`-th on; text_offset: where each token's text starts in c.text."""
@@ -450,8 +442,7 @@ async def _completion(state: ServerState, body: dict, request: Request):
                 "text_offset": c.text_offsets[start:]}
 
     def data(choices_, usage=None):
-        return {"id": rid, "object": "text_completion", "created": created, "model": name, "choices": choices_,
-                **({"usage": usage} if usage is not None else {})}
+        return {**head, "choices": choices_, **({"usage": usage} if usage is not None else {})}
 
     if stream:
         async def events():
@@ -475,7 +466,7 @@ async def _completion(state: ServerState, body: dict, request: Request):
 def _image_budget(body: dict) -> int | None:
     """Extension: `mm_processor_kwargs: {"max_soft_tokens": 70|140|280|560|1120}` (image tokens per image)."""
     kwargs = body.get("mm_processor_kwargs") or {}
-    if not isinstance(kwargs, dict) or set(kwargs) - {"max_soft_tokens"}:
+    if set(kwargs) - {"max_soft_tokens"}:
         raise bad("'mm_processor_kwargs' must be an object with only 'max_soft_tokens'", "mm_processor_kwargs")
     budget = kwargs.get("max_soft_tokens")
     if budget is not None and (isinstance(budget, bool) or budget not in SUPPORTED_SOFT_TOKENS):
@@ -484,32 +475,23 @@ def _image_budget(body: dict) -> int | None:
     return budget
 
 
-async def _process_media(state: ServerState, prompt: str, media: list[dict], image_budget: int | None):
-    """Fetch/decode the media and expand the prompt's placeholders: (prompt ids, the processor's media tensors)."""
+async def _process(state: ServerState, prompt: str, load, param: str = "messages", **kwargs):
+    """In a worker thread, a few requests at a time (decoded media can be large): `load()` (fetch, decode) -> (images,
+    audio clips), then the processor on the prompt -> (the prompt's token ids, the media tensors the towers take)."""
     def work():
-        images, clips = load_media(media, state.allowed_media_domains)
-        try:
-            # audio as one list per prompt: a flat list of (samples, rate) tuples would read as nested lists
-            return state.processor(text=prompt, images=images or None, audio=[clips] if clips else None,
-                                   max_soft_tokens=image_budget, add_special_tokens=False)
-        except ValueError as e:
-            raise bad(f"cannot process the media: {e}", "messages") from None
-
-    return await _run_processor(state, work)
-
-
-async def _run_processor(state: ServerState, work) -> tuple[list[int], dict]:
-    """Run `work` (decode media, run the processor on one prompt) in a worker thread, a few requests at a time (decoded
-    media can be large) -> (the prompt's token ids, the media tensors the towers take)."""
-    def limited():
         with state.media_slots:
-            out = dict(work())
-        ids = out.pop("input_ids")[0].tolist()
+            images, clips = load()
+            try:
+                # audio as one list per prompt: a flat list of (samples, rate) tuples would read as nested lists
+                out = dict(state.processor(text=prompt, images=images or None, audio=[clips] if clips else None,
+                                           add_special_tokens=False, **kwargs))
+            except ValueError as e:
+                raise bad(f"cannot process the media: {e}", param) from None
         for key in ("attention_mask", "mm_token_type_ids"):
             out.pop(key, None)
-        return ids, out
+        return out.pop("input_ids")[0].tolist(), out
 
-    return await asyncio.to_thread(limited)
+    return await asyncio.to_thread(work)
 
 
 async def _encode(state: ServerState, prompt_ids: list[int], inputs: dict):
@@ -551,54 +533,36 @@ async def _transcription(state: ServerState, request: Request):
     raw = await _read_body(request, MAX_UPLOAD_BYTES, "the upload", param="file")
     fields = _parse_form(request.headers.get("content-type", ""), raw)
 
-    def text_field(name: str) -> str | None:
-        if name not in fields:
-            return None
+    def field(name: str, kind: type = str, what: str = "UTF-8 text"):
+        """The form's field `name` as a `kind`, None when absent."""
         try:
-            return fields[name][1].decode("utf-8")
-        except UnicodeDecodeError:
-            raise bad(f"'{name}' must be UTF-8 text", name) from None
-
-    def number_field(name: str, kind: type, what: str):
-        value = text_field(name)
-        try:
-            return None if value is None else kind(value)
-        except ValueError:
+            return kind(fields[name][1].decode("utf-8")) if name in fields else None
+        except ValueError:  # a UnicodeDecodeError too
             raise bad(f"'{name}' must be {what}", name) from None
 
     if "file" not in fields or not fields["file"][1]:
         raise bad("'file' (the audio) is required", "file")
-    model = text_field("model")
+    model = field("model")
     if model is not None and model not in state.model_names and model != "whisper-1":
         raise _unknown_model(state, model)
-    response_format = text_field("response_format") or "json"
+    response_format = field("response_format") or "json"
     if response_format not in ("json", "text"):
         raise bad("'response_format' must be json or text", "response_format")
-    body = {"temperature": number_field("temperature", float, "a number") or 0.0,  # greedy by default
-            "max_tokens": number_field("max_tokens", int, "an integer")}  # extension: the transcript's cap in tokens
+    body = {"temperature": field("temperature", float, "a number") or 0.0,  # greedy by default
+            "max_tokens": field("max_tokens", int, "an integer")}  # extension: the transcript's cap in tokens
     instruction = "Transcribe this audio."
-    language, prompt = text_field("language"), text_field("prompt")
+    language, prompt = field("language"), field("prompt")
     if language:
         instruction += f" The speech is in {language.strip()[:64]}."
     if prompt:
         instruction += f" Context (earlier speech or spelling hints): {prompt.strip()[:2000]}"
 
     filename, data = fields["file"]
-    audio_format = filename.rsplit(".", 1)[-1].lower() if filename and "." in filename else None
+    suffix = filename.rsplit(".", 1)[-1] if filename and "." in filename else ""
     messages = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": instruction}]}]
     prompt_text = state.tokenizer.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=False)
-
-    def work():
-        from ..processing.audio import decode_audio
-        try:
-            clip = decode_audio(data, audio_format)
-            return state.processor(text=prompt_text, audio=[[clip]], add_special_tokens=False)
-        except ValueError as e:
-            raise bad(f"cannot decode the audio file: {e}", "file") from None
-        except Exception as e:  # noqa: BLE001  (a decoder library's own error types on hostile input)
-            raise bad(f"cannot decode the audio file: {type(e).__name__}: {e}", "file") from None
-
-    prompt_ids, inputs = await _run_processor(state, work)
+    prompt_ids, inputs = await _process(state, prompt_text, lambda: ([], [decode("audio", data, suffix, "file")]),
+                                        "file")
     if body["max_tokens"] is None:
         body["max_tokens"] = max(1, min(TRANSCRIPT_MAX_TOKENS, state.max_model_len - len(prompt_ids)))
     params = _check_prompt(state, prompt_ids, body, chat=True)  # greedy unless a temperature is given

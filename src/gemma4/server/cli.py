@@ -22,7 +22,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None,
                         help="token budget of one engine step: the prefill chunk, at least one image's soft tokens "
-                             f"(None: {STEP_TOKENS['cuda']} on a GPU, as vLLM's server, {STEP_TOKENS['cpu']} on the CPU)")
+                             f"(None: {STEP_TOKENS['cuda']} on a GPU, as vLLM's, {STEP_TOKENS['cpu']} on the CPU)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                         help="share of the GPU's memory for weights, activations and KV cache: the KV cache gets "
                              "what the weights and the largest prefill step leave (on the CPU: 4 GiB at most)")

@@ -138,16 +138,18 @@ def load_media(media: list[dict], allowed_domains: list[str]) -> tuple[list, lis
     images, clips = [], []
     for part in media:
         hint, data = _payload(part, allowed_domains)
-        try:
-            if part.get("type") == "image":
-                images.append(load_image(data))
-            else:
-                clips.append(decode_audio(data, _audio_format(hint)))
-        except ValueError as e:
-            raise bad(f"cannot decode the {part.get('type')} input: {e}", "messages") from None
-        except Exception as e:  # noqa: BLE001  (a decoder library's own error types on hostile input)
-            raise bad(f"cannot decode the {part.get('type')} input: {type(e).__name__}: {e}", "messages") from None
+        kind = part.get("type")
+        (images if kind == "image" else clips).append(decode(kind, data, hint))
     return images, clips
+
+
+def decode(kind: str, data: bytes, hint: str, param: str = "messages"):
+    """A PIL image, or an audio clip (samples, sampling rate) in the format `hint` names; else a 400."""
+    try:
+        return load_image(data) if kind == "image" else decode_audio(data, _audio_format(hint))
+    except Exception as e:  # noqa: BLE001  (ValueError: ours; others: a decoder library's own on hostile input)
+        detail = e if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+        raise bad(f"cannot decode the {kind} input: {detail}", param) from None
 
 
 def _b64(data) -> bytes:
