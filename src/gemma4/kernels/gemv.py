@@ -5,10 +5,9 @@ their programs normalizes the row itself, where `gemv_residual_norms` makes all 
 
 cuBLAS picks tiles for matrix products; for one activation row it often splits K and adds a reduce kernel, or runs
 tiles too few to fill the GPU, and its small products (under ~8 MB of weights) take well above the bandwidth floor.
-Here each program streams BLOCK_N whole weight rows in BLOCK_K steps (16-byte loads along the
-contiguous K axis) and keeps their dot products in fp32 registers: no second kernel, one rounding at the end,
-as cuBLAS rounds its fp32 accumulator. Where cuBLAS is still faster (big 31B matrices) the model does not call these
-(`model.text.takes_gemv`).
+Here each program streams BLOCK_N whole weight rows in BLOCK_K steps (16-byte loads along the contiguous K axis) and
+keeps their dot products in fp32 registers: no second kernel, one rounding at the end, as cuBLAS rounds its fp32
+accumulator. Where cuBLAS is still faster (big 31B matrices) the model does not call these (`model.fused.takes_gemv`).
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from .activation import ACTIVATION_CODES, activation_fp32
 from .norm import _norm_weights, _residual_norms_row, _residual_norms_values, _warps, residual_norms_args
 from .pdl import after_previous_kernel, launch_options
 from .rounding import round_to
-from .tuning import tile
+from .tuning import config
 
 
 @triton.jit
@@ -167,26 +166,22 @@ NORMED_MAX_K = 4096
 def _default_tiles(device: torch.device, k_in: int, normed: bool = False, gated: bool = False, width: int = 0) -> tuple:
     """The tuned (BLOCK_N, BLOCK_K, warps, stages[, GROUPS]) of a GEMV of `width` outputs over rows of k_in inputs
     (tuning.py: gemv)."""
+    tuned = config("gemv", device)
     if normed:
-        tiles = tile("gemv", "NORMED_GATED_TILES" if gated else "NORMED_TILES", device)
+        tiles = tuned["NORMED_GATED_TILES" if gated else "NORMED_TILES"]
     else:
-        tiles, wide = tile("gemv", "TILES", device), tile("gemv", "WIDE_TILES", device)
-        tiles = wide if tiles[1] < k_in <= wide[1] else tiles
+        tiles = tuned["WIDE_TILES"] if tuned["TILES"][1] < k_in <= tuned["WIDE_TILES"][1] else tuned["TILES"]
     # Groups share the program's input only when it is one BLOCK_K step; a longer row is reloaded for each group.
-    if width < tile("gemv", "GROUPS_MIN_WIDTH", device) or k_in > tiles[1]:
-        return tiles[:4]
-    return tiles
+    return tiles[:4] if width < tuned["GROUPS_MIN_WIDTH"] or k_in > tiles[1] else tiles
 
 
 def _tiles(x: torch.Tensor, k_in: int, tiles: tuple, normed: bool = False) -> tuple:
     """(BLOCK_N, BLOCK_K, warps, stages, GROUPS) to launch `tiles` with (GROUPS 1 when it has four entries)."""
     block_n, block_k, warps, stages, groups = (*tiles, 1)[:5]
-    if not x.is_cuda:  # the interpreter runs programs one by one; a row's arithmetic depends on BLOCK_K alone
-        block_n = 64
-    if normed:
-        assert k_in <= NORMED_MAX_K, f"a GEMV normalizes rows of up to {NORMED_MAX_K} inputs, not {k_in}"
-        block_k = triton.next_power_of_2(k_in)
-    return block_n, min(block_k, triton.next_power_of_2(k_in)), warps, stages, groups
+    assert not normed or k_in <= NORMED_MAX_K, f"a GEMV normalizes rows of up to {NORMED_MAX_K} inputs, not {k_in}"
+    block_k = triton.next_power_of_2(k_in) if normed else min(block_k, triton.next_power_of_2(k_in))
+    # The interpreter runs programs one by one: 64 rows a program there (a row's arithmetic depends on BLOCK_K alone).
+    return block_n if x.is_cuda else 64, block_k, warps, stages, groups
 
 
 def _input_args(x: torch.Tensor, norms: tuple | None) -> tuple[tuple, dict]:

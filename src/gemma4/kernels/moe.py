@@ -26,10 +26,9 @@ _ACTIVATIONS = {name: ACTIVATION_CODES[name] for name in ("gelu_pytorch_tanh", "
 # Both kernels are memory-bound matrix-vector products (~95 MB of bf16 weights per layer at T=1, k=8): each program
 # streams a few rows along the contiguous axis (H for gate_up_proj, W for down_proj), so that warps issue wide,
 # coalesced loads, and the grids stay large (T=1: ~1400 programs per kernel) to keep every SM's loads in flight.
-# Their tiles (tuning.py, moe: GU_*, DOWN_*): a few rows of gate and of up a program, a few hundred columns a step
-# over H; a few output rows a program, each read whole in one step where W allows, for each of the token's k experts.
-# The sizes H, W, k are compile-time constants (one compilation per model shape): the loops get static trip counts,
-# which the interpreter also needs (its runtime-bounded range() breaks under NumPy >= 2.4).
+# Tiles: tuning.py, moe: GU_*, DOWN_*. The sizes H, W, k are compile-time constants (one compilation per model shape):
+# the loops get static trip counts, which the interpreter also needs (its runtime-bounded range() breaks under
+# NumPy >= 2.4).
 
 
 @triton.jit
@@ -69,10 +68,9 @@ def _down_kernel(h_ptr, weights_ptr, experts_ptr, down_ptr, out_ptr, H: tl.const
     dtype = out_ptr.dtype.element_ty
     if ONE_LOAD:
         # One token (W <= BLOCK_W; 26B-A4B: W = 704): its row of every chosen expert in one load, issued before the
-        # wait for the gate/up kernel. The expert ids and routing weights come from a kernel before that one
-        # (complete once this one is scheduled: every gate/up program has passed its own wait), and weights are
-        # never written. So the down weights stream in while gate/up finishes. (Slower at 4-8 tokens: there the
-        # loop below stays.)
+        # wait for the gate/up kernel. The expert ids and routing weights come from a kernel before that one (complete
+        # once this one is scheduled: every gate/up program has passed its own wait), and weights are never written.
+        # So the down weights stream in while gate/up finishes. (Slower at 4-8 tokens: there the loop below stays.)
         pairs = t * K + tl.arange(0, K_POW2)
         pair_ok = tl.arange(0, K_POW2) < K
         e = tl.load(experts_ptr + pairs, mask=pair_ok, other=0).to(tl.int64)
@@ -400,13 +398,10 @@ def moe_residual_norm(residual: torch.Tensor, dense: torch.Tensor, sparse: torch
                       scalar: torch.Tensor | None, next_weight: torch.Tensor | None = None,
                       next_eps: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(residual + rms_norm(rms_norm(dense, dense_weight) + rms_norm(sparse, sparse_weight), weight)) * scalar, in
-    one launch: DecoderLayer's post_feedforward_layernorm_1/_2, their sum, and add_normed with layer_scalar (a
-    1-element tensor in the model dtype, read on the device; None: no scaling). residual, dense, sparse [..., D] of
-    one shape; the result has residual's shape and dtype, rounded at the same points as the eager ops. `sparse` may
-    also be the experts' ExpertPairs, summed here as their `combine()` would (one launch and one [T, D] round trip
-    fewer).
-
-    Returns (new, rms_norm(new, next_weight, next_eps) if next_weight is given else None), as residual_rms_norm.
+    one launch: DecoderLayer's post_feedforward_layernorm_1/_2, their sum, and add_normed with layer_scalar (a 1-element
+    tensor in the model dtype, read on the device; None: no scaling). residual, dense, sparse [..., D] of one shape, or
+    sparse the experts' ExpertPairs, summed here as their `combine()` would. Returns (new, rms_norm(new, next_weight,
+    next_eps) or None) as residual_rms_norm, rounded at the same points as the eager ops.
 
     With PDL the kernel reads `residual` and `dense` (and computes the dense branch's norm) before it waits for the
     previous kernel: only `sparse` may be that kernel's output (DecoderLayer.moe_feedforward runs the dense MLP

@@ -229,13 +229,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
     With root_size: the router's input instead (`router.router_input`; weight: the router's scale)."""
     rows, D = _rows(x), x.shape[-1]
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if out.numel() == 0:
-        return out
     block = triton.next_power_of_2(D)
-    _rms_norm_kernel[(rows.shape[0],)](rows, weight if weight is not None else rows, out, rows.stride(0), D, eps,
-                                       1.0 if root_size is None else float(root_size), HAS_WEIGHT=weight is not None,
-                                       ROUTER=root_size is not None, BLOCK=block, num_warps=_warps(block),
-                                       **launch_options(out))
+    if out.numel() > 0:
+        _rms_norm_kernel[(rows.shape[0],)](
+            rows, weight if weight is not None else rows, out, rows.stride(0), D, eps,
+            1.0 if root_size is None else float(root_size), HAS_WEIGHT=weight is not None, ROUTER=root_size is not None,
+            BLOCK=block, num_warps=_warps(block), **launch_options(out))
     return out
 
 
