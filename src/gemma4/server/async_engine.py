@@ -1,11 +1,8 @@
 """The engine in a background thread; asyncio callers get each request's StepOutputs on an asyncio.Queue.
 
 A request that fails inside the engine (StepOutput.error) raises RequestFailed in its caller alone. An error that
-escapes `engine.step()` (a device error) stops the engine: every request gets EngineDead, `error` is set (the
-server's /health reports it) and `on_fatal` is called (`gemma4 serve` then exits non-zero for a supervisor).
-
-`abort` only queues the sequence id and the engine thread ends it before its next step: an abort never waits for a
-step to finish, and the aborted sequence's blocks are free within one step."""
+escapes `engine.step()` (a device error) stops the engine: every request gets EngineDead, `error` is set (for
+/health) and `on_fatal` is called. An abort is queued and applied before the next step, never waiting for one."""
 
 from __future__ import annotations
 

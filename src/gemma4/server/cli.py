@@ -66,10 +66,8 @@ def build_app_from_args(args):
 
 
 def run_serve(args) -> None:
-    """Serve until SIGTERM (or Ctrl-C): uvicorn then stops accepting connections, lets the requests in flight finish
-    for up to --shutdown-timeout seconds and cancels the rest (their sequences are aborted); the engine shuts down and
-    the process exits with status 0. If the engine dies (a device error), the server stops and the process exits with
-    status 1, so that a supervisor (systemd, Kubernetes, Docker's restart policy) starts a fresh one."""
+    """Serve until SIGTERM or Ctrl-C, which drain the requests in flight (docs/serving.md) and return; if the engine
+    dies (a device error), exit with status 1, for a supervisor to start a fresh process."""
     import signal
     import threading
 

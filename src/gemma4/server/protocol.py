@@ -1,9 +1,8 @@
-"""OpenAI request validation: JSON bodies -> checked values, and errors in OpenAI's error shape.
+"""OpenAI request validation: JSON bodies -> checked values, and errors in OpenAI's error shape (docs/serving.md).
 
-Every accepted field of an endpoint has a JSON type (`CHAT_FIELDS`, `COMPLETION_FIELDS`): a value of another type
-is a 400 naming the field, `null` means "not given". Unknown fields are ignored, as vLLM and OpenAI's own SDKs'
-`extra_body` expect. A body is refused before any of it is used when it nests deeper than `MAX_JSON_DEPTH` or holds
-a lone UTF-16 surrogate (`"\\ud800"`: not text, and not encodable as UTF-8) in any string or key."""
+Each accepted field of an endpoint has a JSON type (`CHAT_FIELDS`, ...; `null` means "not given"); unknown fields are
+ignored, as vLLM. A body nesting deeper than `MAX_JSON_DEPTH` or holding a lone UTF-16 surrogate (`"\\ud800"`: not
+text, not encodable as UTF-8) in any string or key is refused before any of it is used."""
 
 from __future__ import annotations
 
