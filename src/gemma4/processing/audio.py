@@ -114,37 +114,34 @@ def _sniff_format(data: bytes) -> str:
 
 
 def _decode_with_optional_packages(data: bytes, fmt: str) -> tuple[np.ndarray, int]:
+    soundfile_error = None
     try:
         import soundfile
+        return soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except ImportError:
-        soundfile = None
-    if soundfile is not None:
-        try:
-            return soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
-        except Exception as e:  # noqa: BLE001 - fall through to PyAV, then report
-            error = e
+        pass
+    except Exception as e:  # noqa: BLE001 - fall through to PyAV, then report
+        soundfile_error = e
     try:
         import av
     except ImportError:
-        if soundfile is None:
+        if soundfile_error is None:
             raise ValueError(f"decoding {fmt} audio needs the optional package 'soundfile' or 'av' "
                              "(pip install soundfile); WAV works without them") from None
-        raise ValueError(f"cannot read audio: soundfile failed to decode it ({error})") from None
+        raise ValueError(f"cannot read audio: soundfile failed to decode it ({soundfile_error})") from None
     try:
         with av.open(io.BytesIO(data)) as container:
             stream = container.streams.audio[0]
             chunks = [frame.to_ndarray() for frame in container.decode(stream)]
             rate = stream.rate
-        if not chunks:
-            raise ValueError("cannot read audio: no audio frames in the stream")
-        samples = np.concatenate([c.reshape(c.shape[0], -1) if c.ndim == 2 else c[None] for c in chunks], axis=1)
-        if np.issubdtype(samples.dtype, np.integer):
-            samples = samples.astype(np.float64) / float(np.iinfo(samples.dtype).max + 1)
-        return samples.T, rate
-    except ValueError:
-        raise
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - PyAV raises many types
         raise ValueError(f"cannot read audio: PyAV failed to decode it ({e})") from None
+    if not chunks:
+        raise ValueError("cannot read audio: no audio frames in the stream")
+    samples = np.concatenate([c.reshape(c.shape[0], -1) if c.ndim == 2 else c[None] for c in chunks], axis=1)
+    if np.issubdtype(samples.dtype, np.integer):
+        samples = samples.astype(np.float64) / float(np.iinfo(samples.dtype).max + 1)
+    return samples.T, rate
 
 
 def decode_audio(data: bytes, format: str | None = None) -> tuple[np.ndarray, int]:
@@ -229,18 +226,14 @@ def resample(samples: np.ndarray, orig_rate: int, target_rate: int = SAMPLING_RA
 
 # --- log-mel features ------------------------------------------------------------------------------------------
 
-def mel_filter_bank(num_bins: int = FFT_LENGTH // 2 + 1, num_mels: int = NUM_MEL_BINS,
-                    sampling_rate: int = SAMPLING_RATE, f_min: float = 0.0, f_max: float = 8000.0) -> np.ndarray:
-    """(num_bins, num_mels) triangular filters, centres evenly spaced on the HTK mel scale, peak 1, no area
-    normalisation. With 257 bins the top filter is narrower than a bin and may be all zero (as in the reference)."""
-    to_mel = lambda f: 2595.0 * np.log10(1.0 + f / 700.0)  # noqa: E731
-    edges_mel = np.linspace(to_mel(f_min), to_mel(f_max), num_mels + 2)
-    edges = 700.0 * (10.0 ** (edges_mel / 2595.0) - 1.0)  # (num_mels + 2,) Hz: left, centre, right of each
-    freqs = np.linspace(0, sampling_rate // 2, num_bins)[:, None]  # (num_bins, 1) Hz of each FFT bin
+def mel_filter_bank() -> np.ndarray:
+    """(257, 128) triangular filters for the FFT bins, centres evenly spaced on the HTK mel scale from 0 to 8 kHz,
+    peak 1, no area normalisation. The top filter is narrower than a bin and may be all zero (as in the reference)."""
+    edges_mel = np.linspace(0.0, 2595.0 * np.log10(1.0 + 8000.0 / 700.0), NUM_MEL_BINS + 2)
+    edges = 700.0 * (10.0 ** (edges_mel / 2595.0) - 1.0)  # (130,) Hz: left, centre, right of each filter
+    freqs = np.linspace(0, SAMPLING_RATE // 2, FFT_LENGTH // 2 + 1)[:, None]  # (257, 1) Hz of each FFT bin
     left, centre, right = edges[:-2], edges[1:-1], edges[2:]
-    rising = (freqs - left) / (centre - left)
-    falling = (right - freqs) / (right - centre)
-    return np.maximum(0.0, np.minimum(rising, falling))
+    return np.maximum(0.0, np.minimum((freqs - left) / (centre - left), (right - freqs) / (right - centre)))
 
 
 _MEL_FILTERS = mel_filter_bank()
