@@ -78,11 +78,8 @@ class LLMEngine:
         self._check_runs(vision_runs([t in vision for t in prompt_ids]))  # before running any tower
         with self._encode_lock:
             soft = compute_soft_tokens(self.runner.model, prompt_ids, **media)
-        self.check_media(soft)
-        return soft
-
-    def check_media(self, soft: SoftTokens) -> None:
         self._check_runs(soft.vision_runs)
+        return soft
 
     def _check_runs(self, runs: list[tuple[int, int]]) -> None:
         longest = max((b - a for a, b in runs), default=0)
@@ -104,7 +101,7 @@ class LLMEngine:
         if isinstance(media, dict):
             media = self.encode_media(prompt_ids, media) if media else None
         elif media is not None:
-            self.check_media(media)
+            self._check_runs(media.vision_runs)
             if len(media) and int(media.positions[-1]) >= len(prompt_ids):
                 raise ValueError("the media's soft tokens lie beyond the prompt")
         stops = [] if params.ignore_eos else (params.stop_token_ids if params.stop_token_ids is not None
