@@ -51,12 +51,6 @@ def create_app(state: ServerState) -> FastAPI:
     async def client_gone(request, exc):  # nobody reads it: the status (nginx's "client closed request") is for metrics
         return Response(status_code=499)
 
-    app.add_middleware(AuthAndMetrics, state=state)
-    # Added last, so outermost: it answers a browser's preflight (an OPTIONS without the API key) before the key is
-    # checked, and adds its headers to every response, errors included. vLLM's defaults, origins from --allowed-origins.
-    app.add_middleware(CORSMiddleware, allow_origins=state.allowed_origins, allow_credentials=False,
-                       allow_methods=["*"], allow_headers=["*"])
-
     @app.get("/health")
     async def health():
         if state.engine.error is not None:  # the process is exiting (server/cli.py): a supervisor restarts it
@@ -119,11 +113,13 @@ def create_app(state: ServerState) -> FastAPI:
     async def completions(request: Request):
         return await _completion(state, await _json_body(request, state, COMPLETION_FIELDS), request)
 
+    app.add_middleware(_auth_and_metrics, state=state, endpoints={route.path for route in app.routes})
+    # Added last, so outermost: it answers a browser's preflight (an OPTIONS without the API key) before the key is
+    # checked, and adds its headers to every response, errors included. vLLM's defaults, origins from --allowed-origins.
+    app.add_middleware(CORSMiddleware, allow_origins=state.allowed_origins, allow_credentials=False,
+                       allow_methods=["*"], allow_headers=["*"])
     return app
 
-
-_ENDPOINTS = {"/health", "/metrics", "/version", "/tokenize", "/detokenize", "/v1/models", "/v1/chat/completions",
-              "/v1/completions", "/v1/audio/transcriptions"}
 
 MAX_BODY_BYTES = 64 * 1024 * 1024  # room for a few inline images or clips; more is refused before it is read
 MAX_CHOICES = 256  # of one completions request: prompts x n
@@ -144,18 +140,14 @@ async def _read_body(request: Request, limit: int, what: str = "the request body
     return b"".join(chunks)
 
 
-class AuthAndMetrics:
+def _auth_and_metrics(app, state: ServerState, endpoints: set[str]):
     """The API key, one rule as vLLM: with --api-key, every /v1/* request needs it; the other endpoints are open. And
     the request counter of /metrics, by endpoint and status. Plain ASGI (not BaseHTTPMiddleware, which runs the
     handler in a task of its own): the handler runs in the server's task, so when uvicorn cancels it at the end of
     the shutdown grace period, `_run_to_end` can still answer a 503."""
-
-    def __init__(self, app, state: ServerState):
-        self.app, self.state = app, state
-
-    async def __call__(self, scope, receive, send):
+    async def middleware(scope, receive, send):
         if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+            return await app(scope, receive, send)
         status = 500  # unless a response starts
 
         async def send_counted(message):
@@ -164,7 +156,7 @@ class AuthAndMetrics:
                 status = message["status"]
             await send(message)
 
-        path, key = scope["path"], self.state.api_key
+        path, key = scope["path"], state.api_key
         # 'Authorization: Bearer KEY', compared in constant time (no timing oracle on the key's prefix)
         given = Request(scope).headers.get("authorization", "").encode("utf-8", "surrogateescape")
         try:
@@ -172,9 +164,11 @@ class AuthAndMetrics:
                 error = APIError(401, "invalid or missing API key", "authentication_error")
                 await JSONResponse(error.body(), 401)(scope, receive, send_counted)
             else:
-                await self.app(scope, receive, send_counted)
+                await app(scope, receive, send_counted)
         finally:
-            self.state.metrics.requests.labels(path if path in _ENDPOINTS else "other", str(status)).inc()
+            state.metrics.requests.labels(path if path in endpoints else "other", str(status)).inc()
+
+    return middleware
 
 
 async def _json_body(request: Request, state: ServerState, fields: dict) -> dict:
@@ -402,12 +396,9 @@ def _token_ids(state: ServerState, value, param: str) -> list[int]:
 def _prompts(state: ServerState, prompt) -> list[list[int]]:
     """`prompt` as vLLM takes it (a string, a list of token ids, or a list of strings or of token-id lists) -> the
     token ids of each prompt."""
-    def is_ids(value):
-        return isinstance(value, list) and bool(value) and all(isinstance(t, int) for t in value)
-
-    if isinstance(prompt, str) or is_ids(prompt):
+    if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):  # one prompt
         prompt = [prompt]
-    if not isinstance(prompt, list) or not prompt or not all(isinstance(p, (str, list)) for p in prompt):
+    if not prompt or not all(isinstance(p, (str, list)) for p in prompt):
         raise bad("'prompt' must be a string, a list of token ids, or a non-empty list of strings or of token-id "
                   "lists", "prompt")
     prompts = [state.tokenizer.encode(p) if isinstance(p, str) else _token_ids(state, p, "prompt") for p in prompt]
@@ -418,9 +409,6 @@ def _prompts(state: ServerState, prompt) -> list[list[int]]:
 
 async def _completion(state: ServerState, body: dict, request: Request):
     prompts = _prompts(state, body.get("prompt"))
-    for unsupported, default in (("echo", False), ("suffix", ""), ("best_of", 1)):  # types checked: True != 1 here
-        if body.get(unsupported) not in (None, default):
-            raise bad(f"'{unsupported}' is not supported", unsupported)
     stream, usage = get_bool(body, "stream"), include_usage(body)
     n = get_number(body, "n", 1, 1, 16)
     if len(prompts) * n > MAX_CHOICES:

@@ -51,14 +51,13 @@ def build_app_from_args(args):
     start = time.perf_counter()
     model = Model.from_pretrained(args.model, dtype=args.dtype, device=args.device)
     processor = Processor.from_pretrained(args.tokenizer or args.model)  # tokenizer + processor_config.json
-    tokenizer = processor.tokenizer
     step_tokens = args.max_num_batched_tokens or STEP_TOKENS.get(model.device.type, STEP_TOKENS["cpu"])
-    state = build_state(model, tokenizer, args.served_model_name or args.model, max_model_len=args.max_model_len,
-                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=step_tokens,
-                        num_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
+    state = build_state(model, processor.tokenizer, args.served_model_name or args.model, processor=processor,
+                        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                        max_num_batched_tokens=step_tokens, num_blocks=args.num_kv_blocks,
+                        gpu_memory_utilization=args.gpu_memory_utilization, api_key=args.api_key,
                         default_enable_thinking=args.default_enable_thinking,
-                        api_key=args.api_key, processor=processor,
-                        allowed_media_domains=[d.strip().lower() for d in args.allowed_media_domains.split(",")
+                        allowed_media_domains=[d.strip() for d in args.allowed_media_domains.lower().split(",")
                                                if d.strip()],
                         allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()])
     print(f"gemma4 serve: {summary(state.engine.engine, time.perf_counter() - start)}", file=sys.stderr, flush=True)

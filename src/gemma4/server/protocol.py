@@ -105,14 +105,15 @@ def _is(value: Any, kind: str) -> bool:
 
 def check_fields(body: dict, fields: dict[str, Any]) -> None:
     """A 400 naming the first accepted field whose value has the wrong JSON type; refuses what we accept but do not
-    apply (a non-empty logit_bias, structured output) rather than ignoring it."""
+    apply (a non-empty logit_bias, echo, a suffix, best_of, structured output) rather than ignoring it."""
     for name, kinds in fields.items():
         value = body.get(name)
         kinds = kinds if isinstance(kinds, tuple) else (kinds,)
         if value is not None and not any(_is(value, kind) for kind in kinds):
             raise bad(f"'{name}' must be {' or '.join(kinds)}, got {type(value).__name__}", name)
-    if "logit_bias" in fields and body.get("logit_bias"):
-        raise bad("'logit_bias' is not supported", "logit_bias")
+    for name, no_op in (("logit_bias", {}), ("echo", False), ("suffix", ""), ("best_of", 1)):  # typed: True is no 1
+        if name in fields and body.get(name) not in (None, no_op):
+            raise bad(f"'{name}' is not supported", name)
     response_format = body.get("response_format") if "response_format" in fields else None
     if response_format is not None:
         kind = response_format.get("type")
@@ -136,12 +137,10 @@ def get_number(body: dict, name: str, default=None, low=None, high=None):
 
 
 def get_bool(body: dict, name: str, default: bool = False) -> bool:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):  # a nested field, which check_fields does not reach
         raise bad(f"'{name}' must be a boolean", name)
-    return value
+    return default if value is None else value
 
 
 def get_stop(body: dict) -> list[str]:
