@@ -159,10 +159,9 @@ def _sm_count(device: torch.device) -> int:
 
 def _block_n(head_dim: int, itemsize: int, programs: int, candidates: int, device: torch.device,
              shrink: bool = True) -> int:
-    """Keys per block (tuning.py, attention): MAX_BLOCK_N, halved while a [BLOCK_N, D] tile of K (and one of V)
-    exceeds MAX_TILE_BYTES, so that the pipeline stages of both fit in shared memory; with `shrink`, at
-    D <= SHRINK_MAX_HEAD_DIM halved on, down to 16 keys (tl.dot's least), while the candidates have fewer blocks than
-    `_wanted_splits`."""
+    """Keys per block (tuning.py, attention): MAX_BLOCK_N, halved while a [BLOCK_N, D] tile of K (and one of V) exceeds
+    MAX_TILE_BYTES, so that the pipeline stages of both fit in shared memory; with `shrink`, at D <= SHRINK_MAX_HEAD_DIM
+    halved on, down to 16 keys (tl.dot's least), while the candidates have fewer blocks than `_wanted_splits`."""
     tuned = config("attention", device)
     block_n = tuned["MAX_BLOCK_N"]
     while block_n > 16 and block_n * head_dim * itemsize > tuned["MAX_TILE_BYTES"]:
@@ -183,16 +182,14 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                      query_positions: torch.Tensor, window: int | None = None, slots: torch.Tensor | None = None,
                      num_keys: torch.Tensor | None = None, num_splits: int | None = None,
                      block_n: int | None = None, any_length: bool = False) -> torch.Tensor:
-    """One query token per row -> [B, H, D] in query's dtype (scale 1.0, as `attend`).
-
-    query [B, H, D]; key/value [B, Hkv, S_buf, D] (candidate j = key[b, :, j]), or with `slots` [B, S] pools
-    [Hkv, N, D] (candidate j = pool[:, slots[b, j]]). key_positions [B, S] (-1 = empty), query_positions [B].
-    H = G * Hkv, query head h reads kv head h // G. num_keys [B] (on the device): only candidates
-    [0, num_keys[b]) of row b are read. num_splits and block_n override the shape-based split count and keys per
-    block (tuning, tests). `any_length`: blocks of keys as wide as the tile allows whatever their number, so that
-    calls with ever new numbers of keys (a prefill's last position) share one compiled kernel; a decode step's
-    number is fixed by its engine, and it takes the narrower blocks that spread short rows over more SMs.
-    A row that sees no key gets zeros."""
+    """One query token per row -> [B, H, D] in query's dtype (scale 1.0, as `attend`); a row that sees no key gets
+    zeros. query [B, H, D]; key/value [B, Hkv, S_buf, D] (candidate j = key[b, :, j]), or with `slots` [B, S] pools
+    [Hkv, N, D] (candidate j = pool[:, slots[b, j]]). key_positions [B, S] (-1 = empty), query_positions [B]. H = G *
+    Hkv, query head h reads kv head h // G. num_keys [B] (on the device): only candidates [0, num_keys[b]) of row b
+    are read. num_splits and block_n override the shape-based split count and keys per block (tuning, tests).
+    `any_length`: blocks of keys as wide as the tile allows whatever their number, so that calls with ever new numbers
+    of keys (a prefill's last position) share one compiled kernel; a decode step's number is fixed by its engine, and
+    it takes the narrower blocks that spread short rows over more SMs."""
     batch, num_heads, head_dim = query.shape
     num_kv_heads, candidates = key.shape[-3], key_positions.shape[1]
     groups = num_heads // num_kv_heads

@@ -115,7 +115,6 @@ def _checked(x, experts, gate_up_proj, down_proj, activation):
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, gate_up_proj: torch.Tensor,
                 down_proj: torch.Tensor, activation: str = "gelu_pytorch_tanh") -> torch.Tensor:
     """x [T, H]; weights (fp32), experts (integer ids) [T, k]; gate_up_proj [E, 2W, H]; down_proj [E, H, W] -> [T, H].
-
     Expert ids are not range-checked (that would need a host sync)."""
     x, gate_up_proj, down_proj = _checked(x, experts, gate_up_proj, down_proj, activation)
     tokens, k = experts.shape
@@ -340,12 +339,11 @@ class ExpertPairs(NamedTuple):
         tokens, k = self.weights.shape
         h_size = self.y.shape[1]
         out = torch.empty(tokens, h_size, dtype=self.y.dtype, device=self.y.device)
-        if tokens == 0:
-            return out
         block = min(config("moe", out.device)["COMBINE_BLOCK_H"] if out.is_cuda else 4096,
                     triton.next_power_of_2(h_size))
-        _combine_pairs_kernel[(tokens, triton.cdiv(h_size, block))](self.y, self.slots, self.weights, out, h_size, k,
-                                                                   BLOCK_H=block, num_warps=4, **launch_options(out))
+        if tokens > 0:
+            _combine_pairs_kernel[(tokens, triton.cdiv(h_size, block))](
+                self.y, self.slots, self.weights, out, h_size, k, BLOCK_H=block, num_warps=4, **launch_options(out))
         return out
 
 

@@ -86,10 +86,9 @@ def _norm_weights(w_ptr, scalar_ptr, next_w_ptr, offs, mask, HAS_WEIGHT: tl.cons
 @triton.jit
 def _residual_norms_values(h, residual, w, scalar, next_w, D, eps, next_eps, dtype: tl.constexpr,
                            HAS_WEIGHT: tl.constexpr, HAS_SCALAR: tl.constexpr, HAS_NEXT: tl.constexpr):
-    """(new, next) of residual_rms_norm from fp32 rows h (the product) and residual, and _norm_weights's values:
-    new = residual + rms_norm(h) [* scalar], rounded to `dtype` as the eager ops round (the norm's output is a tensor
-    of the model dtype, then the add and the scaling each round); next = rms_norm(new) * next_w, unrounded (new
-    without HAS_NEXT)."""
+    """(new, next) of residual_rms_norm from fp32 rows h (the product) and residual, and _norm_weights's values: new
+    rounded to `dtype` where the eager ops round (the norm's output, the add, the scaling); next = rms_norm(new) *
+    next_w, unrounded (new without HAS_NEXT)."""
     normed = _unit_rms(h, D, eps)
     if HAS_WEIGHT:
         normed = normed * w
@@ -242,10 +241,9 @@ def residual_rms_norm(residual: torch.Tensor, x: torch.Tensor, weight: torch.Ten
                       scalar: torch.Tensor | None = None, next_weight: torch.Tensor | None = None,
                       next_eps: float | None = None,
                       out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """new = residual + rms_norm(x, weight), then new * scalar (a 1-element tensor, read on the device) if given.
-
-    Returns (new, rms_norm(new, next_weight, next_eps) if next_weight is given else None), rounded to the residual's
-    dtype at the same points as the eager ops, in one launch; new is written into `out` if given."""
+    """new = residual + rms_norm(x, weight), then new * scalar (a 1-element tensor, read on the device) if given, into
+    `out` if given. Returns (new, rms_norm(new, next_weight, next_eps) if next_weight is given else None), rounded to
+    the residual's dtype at the same points as the eager ops, in one launch."""
     return _residual_norms(residual, x, weight, eps, scalar, next_weight, next_eps, out=out)[:2]
 
 
@@ -297,10 +295,9 @@ def _rope_tables(cos: torch.Tensor, sin: torch.Tensor, B: int, L: int, D: int):
 
 def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor | None = None,
                  sin: torch.Tensor | None = None) -> torch.Tensor:
-    """apply_rope(rms_norm(x, weight), cos, sin).transpose(1, 2) as a new contiguous [B, H, L, D] tensor.
-
-    x: [B, L, H, D], any strides but unit stride along D (e.g. a view of a projection's output). cos/sin: [B, L, 1, D]
-    or [B, L, D] from rope_cos_sin (a batch of 1 broadcasts); None skips RoPE (the v_norm)."""
+    """apply_rope(rms_norm(x, weight), cos, sin).transpose(1, 2) as a new contiguous [B, H, L, D] tensor. x [B, L, H, D]
+    is read in place where it has unit stride along D (a projection's view); cos/sin [B, L, 1, D] or [B, L, D] from
+    rope_cos_sin (a batch of 1 broadcasts), None: no RoPE (the v_norm)."""
     B, L, H, D = x.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
     out = torch.empty(B, H, L, D, dtype=x.dtype, device=x.device)
@@ -319,14 +316,12 @@ def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: 
 def qkv_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, q_weight: torch.Tensor,
                         k_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
                         key_cache: torch.Tensor, value_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """One launch for a layer's new query, key and value (decode steps, which write the cache in place):
-
-    query = qk_norm_rope(q, q_weight, eps, cos, sin), returned as [B, Hq, L, D];
-    the key qk_norm_rope(k, k_weight, ...) and the value rms_norm(v) (weightless, no RoPE; v None: K=V, the value
-    is the raw key projection) written into the caches at row b, token t's slot slots[b, t].
-
-    q [B, L, Hq*D], k and v [B, L, Hkv*D]: unit stride along the last dim (views of a fused projection do).
-    Caches: [B, Hkv, S, D] buffers, or [Hkv, S, D] pools shared by every row (slots are then pool rows)."""
+    """One launch for a layer's new query, key and value (decode steps, which write the cache in place): query =
+    qk_norm_rope(q, q_weight, eps, cos, sin), returned as [B, Hq, L, D]; the key qk_norm_rope(k, k_weight, ...) and
+    the value rms_norm(v) (weightless, no RoPE; v None: K=V, the value is the raw key projection) written into the
+    caches at row b, token t's slot slots[b, t]. q [B, L, Hq*D], k and v [B, L, Hkv*D]: unit stride along the last
+    dim (views of a fused projection do). Caches: [B, Hkv, S, D] buffers, or [Hkv, S, D] pools shared by every row
+    (slots are then pool rows)."""
     B, L = q.shape[:2]
     D = key_cache.shape[-1]
     Hq, Hkv = q.shape[2] // D, k.shape[2] // D

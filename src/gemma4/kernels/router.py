@@ -59,9 +59,8 @@ def router_input(x: torch.Tensor, scale: torch.Tensor, root_size: float, eps: fl
 
 
 def route(scores: torch.Tensor, per_expert_scale: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rest of Router.forward on the projection's output scores [T, E] (E <= 256):
-
-    probs = scores.softmax(-1, dtype=float32); weights, experts = probs.topk(top_k); weights /= weights.sum(-1);
+    """The rest of Router.forward on the projection's output scores [T, E] (E <= 256): probs = scores.softmax(-1,
+    dtype=float32); weights, experts = probs.topk(top_k); weights /= weights.sum(-1);
     returns (weights * per_expert_scale[experts] as fp32 [T, k], experts as int64 [T, k]), experts in descending
     order of probability, equal probabilities lowest index first."""
     E = scores.shape[-1]
@@ -69,10 +68,8 @@ def route(scores: torch.Tensor, per_expert_scale: torch.Tensor, top_k: int) -> t
     rows = _rows(scores)
     weights = torch.empty(*scores.shape[:-1], top_k, dtype=torch.float32, device=scores.device)
     experts = torch.empty(*scores.shape[:-1], top_k, dtype=torch.int64, device=scores.device)
-    if weights.numel() == 0:
-        return weights, experts
-    block = triton.next_power_of_2(E)
-    _route_kernel[(rows.shape[0],)](rows, per_expert_scale, weights, experts, rows.stride(0), E,
-                                    TOP_K=top_k, BLOCK=block, K_BLOCK=triton.next_power_of_2(top_k), num_warps=1,
-                                    **launch_options(weights))
+    if weights.numel() > 0:
+        _route_kernel[(rows.shape[0],)](rows, per_expert_scale, weights, experts, rows.stride(0), E, TOP_K=top_k,
+                                        BLOCK=triton.next_power_of_2(E), K_BLOCK=triton.next_power_of_2(top_k),
+                                        num_warps=1, **launch_options(weights))
     return weights, experts
