@@ -110,8 +110,8 @@ class Tokenizer:
             self.token_to_id(token) if token else None
             for token in (self.bos_token, self.eos_token, self.pad_token, self.unk_token))
         extra = self._extra_special_tokens()
-        token_names = {**GEMMA4_TOKENS, **{stem: extra[key] for key, stem in _CONFIG_TOKEN_KEYS.items() if key in extra}}
-        for stem, token in token_names.items():
+        config_names = {stem: extra[key] for key, stem in _CONFIG_TOKEN_KEYS.items() if key in extra}
+        for stem, token in {**GEMMA4_TOKENS, **config_names}.items():
             setattr(self, f"{stem}_id", self.token_to_id(token))
         # transformers skips the special added tokens of tokenizer.json *and* the named special tokens of the
         # config (e.g. "<mask>", which tokenizer.json does not flag as special).
@@ -130,7 +130,8 @@ class Tokenizer:
         try:
             backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
-            raise ValueError(f"Cannot load {tokenizer_file} ({e}); re-download the checkpoint's tokenizer files.") from e
+            raise ValueError(f"Cannot load {tokenizer_file} ({e}); "
+                             "re-download the checkpoint's tokenizer files.") from e
         config = _read_json(config_file)
         special_map = directory / "special_tokens_map.json"
         if special_map.is_file():  # older checkpoints keep bos/eos names here; tokenizer_config.json wins
