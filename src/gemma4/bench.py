@@ -74,7 +74,7 @@ class Engine:
     name = ""
     vocab = 0
 
-    def decode_seconds(self, ids: torch.Tensor, steps: int, chunk: int, device: str, repeat: int) -> float:
+    def decode_seconds(self, ids: torch.Tensor, steps: int, chunk: int, repeat: int) -> float:
         """Time of `steps` decode steps, clocked inside one generation from its first token to its last: no
         difference of two runs, so the prefill's own variation (large for a chunked 64 x 1K prompt) cannot leak into
         the figure. Each token is read back to the host as it comes, so the clock stops on finished work. Best of
@@ -153,20 +153,18 @@ class TransformersEngine(Engine):
     def token_times(self, ids, new_tokens, chunk):
         from transformers.generation.streamers import BaseStreamer
 
-        class Clock(BaseStreamer):  # generate() hands over the prompt, then each step's tokens, moved to the host
-            def __init__(self):
-                self.times = []
+        times = []
 
+        class Clock(BaseStreamer):  # generate() hands over the prompt, then each step's tokens, moved to the host
             def put(self, value):
                 value.cpu()
-                self.times.append(time.perf_counter())
+                times.append(time.perf_counter())
 
             def end(self):
                 pass
 
-        clock = Clock()
-        self.generate(ids, new_tokens, streamer=clock)
-        return clock.times[1:]  # the first put() is the prompt
+        self.generate(ids, new_tokens, streamer=Clock())
+        return times[1:]  # the first put() is the prompt
 
     def serve(self, prompts, new_tokens):
         out = self.model.generate(prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
@@ -191,7 +189,7 @@ def run_engine(engine: Engine, spec: BenchSpec, log=print) -> dict:
         chunk = max(1, spec.prefill_chunk // batch)
         try:
             engine.generate(ids, spec.steps + 1, chunk)  # warm-up: captures / compiles this batch size
-            seconds = engine.decode_seconds(ids, spec.steps, chunk, device, repeat)
+            seconds = engine.decode_seconds(ids, spec.steps, chunk, repeat)
             record("decode tok/s", f"b{batch} ctx{spec.context}", batch * spec.steps / seconds)
         except torch.OutOfMemoryError:
             record("decode tok/s", f"b{batch} ctx{spec.context}", float("nan"))
@@ -241,16 +239,14 @@ def _free(peaks: list | None = None) -> None:
 
 def bench(spec: BenchSpec, compare: str | None = None, log=print) -> tuple[dict, dict | None]:
     """Our figures, then (with compare="transformers") transformers' on the same shapes: one model at a time."""
-    engines = [Gemma4Engine] + ([TransformersEngine] if compare == "transformers" else [])
-    results = []
-    for make in engines:
+    def measure(make) -> dict:
         if spec.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        engine = make(spec)
-        results.append(run_engine(engine, spec, log))
-        del engine
-        _free()
-    return results[0], results[1] if len(results) > 1 else None
+        results = run_engine(make(spec), spec, log)
+        _free()  # the engine, no longer referenced
+        return results
+
+    return measure(Gemma4Engine), measure(TransformersEngine) if compare == "transformers" else None
 
 
 def table(spec: BenchSpec, mine: dict, theirs: dict | None) -> str:

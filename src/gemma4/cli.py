@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
+import itertools
 import sys
 
 
@@ -70,18 +72,14 @@ def cmd_chat(args) -> None:
         history.append({"role": "user", "content": line})
         prompt = llm.chat_prompt(history, enable_thinking=args.think)
         parser, answer = StreamParser(prefix=llm.tokenizer.decode(prompt, skip_special_tokens=False)), []
-        params = llm._params(_sampling_overrides(args))
-        for delta in llm.stream(prompt, params, skip_special_tokens=False):
-            for event in parser.feed(delta):
+        deltas = llm.stream(prompt, llm._params(_sampling_overrides(args)), skip_special_tokens=False)
+        for delta in itertools.chain(deltas, [None]):  # None: the stream is over, the parser hands what it held
+            for event in parser.feed(delta) if delta is not None else parser.finish():
                 if isinstance(event, ReasoningDelta):
                     print(f"{dim}{event.text}{reset}", end="", flush=True)
                 elif isinstance(event, ContentDelta):
                     answer.append(event.text)
                     print(event.text, end="", flush=True)
-        for event in parser.finish():
-            if isinstance(event, ContentDelta):
-                answer.append(event.text)
-                print(event.text, end="", flush=True)
         print()
         # Thoughts stay out of the history, as the chat template intends.
         history.append({"role": "assistant", "content": "".join(answer)})
@@ -138,10 +136,7 @@ def cmd_bench(args) -> None:
             import transformers  # noqa: F401
         except ImportError:
             raise ValueError("--compare transformers needs transformers==5.23.0 installed") from None
-    spec = BenchSpec(preset=args.preset, batches=args.batch, context=args.context, steps=args.steps,
-                     repeat=args.repeat, concurrency=args.concurrency, serve_in=args.serve_in,
-                     serve_out=args.serve_out, prefill=args.prefill, prefill_chunk=args.prefill_chunk,
-                     num_layers=args.num_layers, device=args.device)
+    spec = BenchSpec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchSpec)})
     mine, theirs = bench(spec, args.compare, log=lambda line: print(line, file=sys.stderr, flush=True))
     print(table(spec, mine, theirs))
     if args.out:
@@ -219,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     spec = BenchSpec()  # the defaults live there
     p = add("bench", help="speed of an official size with random weights, optionally vs transformers")
     p.add_argument("--preset", default=spec.preset, help="E2B, E4B, 26B-A4B or 31B")
-    p.add_argument("--batch", type=int, nargs="*", default=spec.batches, help="decode batch sizes")
+    p.add_argument("--batch", type=int, nargs="*", default=spec.batches, dest="batches", metavar="BATCH",
+                   help="decode batch sizes")
     p.add_argument("--context", type=int, default=spec.context, help="prompt tokens before the timed decode steps")
     p.add_argument("--steps", type=int, default=spec.steps, help="timed decode steps")
     p.add_argument("--repeat", type=int, default=spec.repeat, help="best of this many timings")

@@ -51,10 +51,8 @@ class LLM:
         self.model = model if isinstance(model, Gemma4) else Model.from_pretrained(model, dtype=dtype, device=device)
         checkpoint = getattr(self.model, "checkpoint_dir", None)
         if tokenizer is None and checkpoint is not None and Path(checkpoint, "tokenizer.json").is_file():
-            tokenizer = Tokenizer.from_pretrained(checkpoint)
-        elif isinstance(tokenizer, (str, Path)):
-            tokenizer = Tokenizer.from_pretrained(tokenizer)
-        self.tokenizer = tokenizer
+            tokenizer = Path(checkpoint)
+        self.tokenizer = Tokenizer.from_pretrained(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
         self.default_params = SamplingParams.defaults_for(checkpoint)
         seqs = max_batch_size or 16
         while True:  # each sequence holds sliding-window rings: 800 MiB for 31B, so 16 may not fit beside it
