@@ -1,8 +1,5 @@
-"""The engine's KV memory (model/paged_cache.py's KVPools) with its free lists: global layers' K/V in fixed-size
-blocks (paged), sliding layers in one ring of `window` slots per running sequence, KV-shared layers nothing.
-
-Every global layer shares one block table per sequence (block j holds positions [j*B, (j+1)*B)), so one free list
-serves all of them."""
+"""The engine's KV memory (model/paged_cache.py's KVPools) with its free lists. Every global layer shares one block
+table per sequence (block j holds positions [j*B, (j+1)*B)), so one free list serves all of them."""
 
 from __future__ import annotations
 

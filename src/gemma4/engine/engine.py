@@ -7,16 +7,14 @@
 
 Not thread-safe: one thread drives it (server/async_engine.py runs it in a background thread).
 
-The host runs one step ahead of the device: `step()` queues the next forward before it reads the tokens of the one in
-flight, so the GPU is not idle while Python schedules, builds inputs and hands out outputs. A sequence whose token is
-still on the device holds a PENDING placeholder as its last output id (`Sequence.pending`); the next step reads that
-token on the device. A step's tokens therefore come out of the next `step()` call, and a sequence that stops on a
-token costs the device one step it did not need (its result is dropped). Rows that need the full sampler (penalties,
-logprobs, min_tokens) are sampled at once, which waits for the device.
+The host runs one step ahead of the device (docs/architecture.md, "One step"): `step()` queues the next forward
+before it reads the tokens of the one in flight, so the GPU is not idle while Python works. A sequence whose token is
+still on the device holds a PENDING placeholder as its last output id (`Sequence.pending`), which the next forward
+reads on the device; one that stops on that token costs the device a step whose result is dropped.
 
-One request cannot take the others down: a row that cannot be sampled (NaN logits), or a forward that raises (out
-of memory), ends the sequences concerned with finish_reason "error" and a message (`StepOutput.error`); the engine
-goes on. Only a device error (CUDA's are sticky) propagates out of `step()`."""
+A row that cannot be sampled (NaN logits) or a forward that raises (out of memory) ends only the sequences concerned,
+with finish_reason "error" and a message (`StepOutput.error`); only a device error (CUDA's are sticky) propagates
+out of `step()`."""
 
 from __future__ import annotations
 

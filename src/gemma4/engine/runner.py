@@ -1,15 +1,7 @@
-"""ModelRunner: turns a scheduled step into one forward (left-padded chunks, explicit positions, the paged cache
-view) and samples the rows whose chunk reached the end of their known tokens. Image/audio soft tokens, computed
-once per request (`Sequence.media`), go in as `media_embeds` for the prompt positions each chunk covers.
-
-Sampling stays on the model's device: the rows that `batchable` accepts are sampled together (`sample_batch`; greedy
-rows take the argmax) and only their token ids come back to the host, when the engine asks (`Launched.collect`:
-after it has queued the next step, whose inputs read those ids on the device); the others (penalties, logprobs,
-min_tokens holding back a stop) go through `sample_token` one by one, on the device too, at once.
-
-On CUDA (with the Triton kernels), steps where every row decodes one token replay a CUDA graph captured for the
-batch size rounded up to a bucket (`GraphedDecode`): the paged view, the forward and the logits all run from static
-buffers, the padding rows writing only to the trash slots."""
+"""ModelRunner: turns a scheduled step into forwards (left-padded chunks, explicit positions, the paged cache view;
+decode rows on CUDA replay `GraphedDecode`'s graph) and samples the rows whose chunk reached the end of their known
+tokens, on the model's device (docs/architecture.md, "One step"). The batched rows' token ids come back to the host
+only when the engine asks (`Launched.collect`: after it has queued the next step, which reads them on the device)."""
 
 from __future__ import annotations
 

@@ -73,18 +73,15 @@ class Gemma4(nn.Module):
     def fuse_projections_(self) -> "Gemma4":
         """Run q/k/v and gate/up as one matmul each (fewer, larger GEMVs at decode). Parameters keep their names
         and values (they become views of the fused weights). Call after the model is on its device and dtype:
-        a later `.to()` keeps the results right but gives the views their own memory again.
-
-        Loaders do it on CUDA (faster batch-1 decode); the option
-        `fuse_projections` (gemma4.options) turns it off (False) or on for every device (True). Not on the CPU by
-        default: same products, but another summation order than the reference's separate matmuls."""
+        a later `.to()` keeps the results right but gives the views their own memory again. Not on the CPU by
+        default (`ready_`): same products, but another summation order than the reference's separate matmuls."""
         for module in self.modules():
             if module is not self and hasattr(module, "fuse_projections_"):
                 module.fuse_projections_()
         return self
 
     def ready_(self) -> "Gemma4":
-        """What every loader does last: inference mode, no gradients, fused projections (see fuse_projections_)."""
+        """What every loader does last: inference mode, no gradients, fused projections (option fuse_projections)."""
         self.eval().requires_grad_(False)
         fuse = options().fuse_projections
         if fuse is True or (fuse == "auto" and self.device.type == "cuda"):
