@@ -197,9 +197,15 @@ def _check_prompt(state: ServerState, prompt_ids: list[int], body: dict, chat: b
     return params
 
 
-def _start(state: ServerState, n: int, prompts: list[tuple], stops, media=None) -> list[Choice]:
+async def _start(state: ServerState, n: int, prompts: list[tuple], stops, inputs=None) -> list[Choice]:
     """n choices of each (prompt ids, sampling params): choice k*n + i is the i-th of prompt k, as vLLM. All start, or
-    none (an error aborts those started)."""
+    none (an error aborts those started). `inputs`: the media tensors of a single prompt, whose soft tokens the
+    towers make once (off the event loop) for all its choices."""
+    try:
+        encode = state.engine.engine.encode_media
+        media = None if inputs is None else await asyncio.to_thread(encode, prompts[0][0], inputs)
+    except ValueError as e:
+        raise bad(str(e), "messages") from None
     choices = []
     try:
         for k, (prompt_ids, params) in enumerate(prompts):
@@ -254,10 +260,9 @@ async def _chat(state: ServerState, body: dict, request: Request):
         prompt_ids, inputs = await _process(state, prompt, lambda: load_media(media, state.allowed_media_domains),
                                             max_soft_tokens=image_budget)
     else:
-        prompt_ids = state.tokenizer.encode(prompt, add_special_tokens=False)
+        prompt_ids, inputs = state.tokenizer.encode(prompt, add_special_tokens=False), None
     params = _check_prompt(state, prompt_ids, body, chat=True)
-    soft = await _encode(state, prompt_ids, inputs) if media else None
-    choices = _start(state, n, [(prompt_ids, params)], stops, soft)
+    choices = await _start(state, n, [(prompt_ids, params)], stops, inputs)
     head = _head(state, body, "chatcmpl", "chat.completion")
     if stream:
         return _sse(_chat_stream(state, choices, prompt, head, usage, started, request))
@@ -266,19 +271,16 @@ async def _chat(state: ServerState, body: dict, request: Request):
     for c in choices:
         # The prompt's end sets where the answer starts: an open thought channel, the forced call.
         parsed = parse_response(c.text, prefix=prompt, complete=c.finish_reason == "stop")
-        message = {"role": "assistant", "content": parsed.get("content")}
+        calls = parsed.get("tool_calls")
+        # an empty answer (a stop string at once) is "", as vLLM; null is for calls
+        message = {"role": "assistant", "content": parsed.get("content") if calls else parsed.get("content") or ""}
         if parsed.get("reasoning_content") is not None:
             message["reasoning_content"] = message["reasoning"] = parsed["reasoning_content"]
-        finish = c.finish_reason
-        if parsed.get("tool_calls"):
-            message["tool_calls"] = to_openai_tool_calls(parsed["tool_calls"])
-            finish = "tool_calls"
-        elif message["content"] is None:  # an empty answer (a stop string at once) is "", as vLLM; null is for calls
-            message["content"] = ""
-        entry = {"index": c.index, "message": message, "finish_reason": finish, "logprobs": None}
-        if params.logprobs is not None:
-            entry["logprobs"] = {"content": [_chat_logprob(state.tokenizer, lp) for lp in c.logprobs]}
-        results.append(entry)
+        if calls:
+            message["tool_calls"] = to_openai_tool_calls(calls)
+        lp = None if params.logprobs is None else {"content": [_chat_logprob(state.tokenizer, x) for x in c.logprobs]}
+        finish = "tool_calls" if calls else c.finish_reason
+        results.append({"index": c.index, "message": message, "finish_reason": finish, "logprobs": lp})
     return {**head, "choices": results, "usage": _usage(choices)}
 
 
@@ -416,7 +418,7 @@ async def _completion(state: ServerState, body: dict, request: Request):
     stops = get_stop(body)
     params = [_check_prompt(state, ids, body, chat=False) for ids in prompts]  # all checked before any starts
     started = time.monotonic()
-    choices = _start(state, n, list(zip(prompts, params)), stops)
+    choices = await _start(state, n, list(zip(prompts, params)), stops)
     head = _head(state, body, "cmpl", "text_completion")
 
     def logprobs_of(c: Choice, start: int = 0):
@@ -480,14 +482,6 @@ async def _process(state: ServerState, prompt: str, load, param: str = "messages
         return out.pop("input_ids")[0].tolist(), out
 
     return await asyncio.to_thread(work)
-
-
-async def _encode(state: ServerState, prompt_ids: list[int], inputs: dict):
-    """Run the towers once (off the event loop); shared by the request's n choices."""
-    try:
-        return await asyncio.to_thread(state.engine.engine.encode_media, prompt_ids, inputs)
-    except ValueError as e:
-        raise bad(str(e), "messages") from None
 
 
 # --------------------------------------------------------------------------------------------- transcriptions
@@ -554,9 +548,8 @@ async def _transcription(state: ServerState, request: Request):
     if body["max_tokens"] is None:
         body["max_tokens"] = max(1, min(TRANSCRIPT_MAX_TOKENS, state.max_model_len - len(prompt_ids)))
     params = _check_prompt(state, prompt_ids, body, chat=True)  # greedy unless a temperature is given
-    soft = await _encode(state, prompt_ids, inputs)
     started = time.monotonic()
-    [choice] = _start(state, 1, [(prompt_ids, params)], [], soft)
+    [choice] = await _start(state, 1, [(prompt_ids, params)], [], inputs)
     await _run_to_end(state, [choice], request, started)
     parsed = parse_response(choice.text, prefix=prompt_text, complete=choice.finish_reason == "stop")
     text = (parsed.get("content") or "").strip()

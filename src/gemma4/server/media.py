@@ -107,9 +107,7 @@ def _payload(part: dict, allowed_domains: list[str]) -> tuple[str, bytes]:
             except ValueError as e:
                 raise bad(str(e), "messages") from None
         else:
-            mime, data = fetch(url, allowed_domains)
-            if part.get("type") == "audio" and "." in urlsplit(url).path.rsplit("/", 1)[-1]:
-                mime = mime or urlsplit(url).path.rsplit(".", 1)[-1]
+            mime, data = fetch(url, allowed_domains)  # the format: what the bytes say, else the Content-Type
     else:
         mime, data = str(part.get("format", "wav")), _b64(part["data"])
     if len(data) > MAX_MEDIA_BYTES:
