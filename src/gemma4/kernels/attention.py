@@ -198,10 +198,10 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     assert query.stride(-1) == 1 and key.stride(-1) == 1 and value.stride(-1) == 1, "last dim must be contiguous"
     if slots is None:
         assert key.dim() == 4 and value.dim() == 4 and key.shape[0] == batch and key.shape[2] >= candidates
-        (kb, kh, kn), (vb, vh, vn), (sb, sn) = key.stride()[:3], value.stride()[:3], (0, 0)
+        k_strides, v_strides, slot_strides = key.stride()[:3], value.stride()[:3], (0, 0)
     else:  # pools [Hkv, N, D]: batch stride 0
         assert key.dim() == 3 and value.dim() == 3 and slots.shape == key_positions.shape
-        (kb, kh, kn), (vb, vh, vn), (sb, sn) = (0, *key.stride()[:2]), (0, *value.stride()[:2]), slots.stride()[:2]
+        k_strides, v_strides, slot_strides = (0, *key.stride()[:2]), (0, *value.stride()[:2]), slots.stride()[:2]
 
     query_positions = query_positions.contiguous()  # read as qpos[b]: a column of a [B, L] tensor is strided
     tuned = config("attention", query.device)
@@ -216,12 +216,11 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     out = torch.empty(batch, num_heads, head_dim, dtype=query.dtype, device=query.device)
     _split_kernel[(batch * num_kv_heads, splits)](
         query, key, value, key_positions, query_positions, slots if slots is not None else key_positions,
-        num_keys if num_keys is not None else query_positions, part, lse, out, query.stride(0), query.stride(1),
-        kb, kh, kn, vb, vh, vn, key_positions.stride(0), key_positions.stride(1), sb, sn, num_kv_heads, candidates,
-        head_dim, window if window is not None else 0, splits, GROUPS=groups,
-        G_PAD=max(16, triton.next_power_of_2(groups)), BLOCK_N=block_n, BLOCK_D=block_d, PAGED=slots is not None,
-        HAS_WINDOW=window is not None, HAS_NUM_KEYS=num_keys is not None, INTERPRET=not query.is_cuda,
-        num_warps=tuned["num_warps"], num_stages=tuned["num_stages"], **launch_options(query))
+        num_keys if num_keys is not None else query_positions, part, lse, out, *query.stride()[:2], *k_strides,
+        *v_strides, *key_positions.stride()[:2], *slot_strides, num_kv_heads, candidates, head_dim, window or 0, splits,
+        GROUPS=groups, G_PAD=max(16, triton.next_power_of_2(groups)), BLOCK_N=block_n, BLOCK_D=block_d,
+        PAGED=slots is not None, HAS_WINDOW=window is not None, HAS_NUM_KEYS=num_keys is not None,
+        INTERPRET=not out.is_cuda, num_warps=tuned["num_warps"], num_stages=tuned["num_stages"], **launch_options(out))
     if splits == 1:
         return out
     # Dims per merge program: a (row, head) spread over several, so that its [splits, D] fp32 partials (up to 128 KB)

@@ -196,9 +196,9 @@ def _input_args(x: torch.Tensor, norms: tuple | None) -> tuple[tuple, dict]:
 
 
 def _launch_gemv(x: torch.Tensor, weight: torch.Tensor, width: int, tiles: tuple | None, norms: tuple | None,
-                 gated: bool = False, act: int = 0, multiplier: torch.Tensor | None = None) -> torch.Tensor:
+                 act: int | None = None, multiplier: torch.Tensor | None = None) -> torch.Tensor:
     assert weight.stride(-1) == 1 and x.shape[-1] == weight.shape[1] and x.numel() == x.shape[-1]
-    k_in, normed = weight.shape[1], norms is not None
+    k_in, normed, gated = weight.shape[1], norms is not None, act is not None  # act: the gated activation's code
     tiles = tiles or _default_tiles(x.device, k_in, normed, gated, width)
     block_n, block_k, warps, stages, groups = _tiles(x, k_in, tiles, normed)
     x = x.contiguous()
@@ -206,7 +206,7 @@ def _launch_gemv(x: torch.Tensor, weight: torch.Tensor, width: int, tiles: tuple
     out = torch.empty(*x.shape[:-1], width, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(width, block_n * groups),)](
         x, weight, out, multiplier.contiguous() if multiplier is not None else x, width, weight.stride(0),
-        *input_args, k_in, ACT=act, GATED=gated, HAS_UP=gated and multiplier is None, **input_flags,
+        *input_args, k_in, ACT=act or 0, GATED=gated, HAS_UP=gated and multiplier is None, **input_flags,
         BLOCK_N=block_n, BLOCK_K=block_k, GROUPS=groups, num_warps=warps, num_stages=stages, **launch_options(x))
     return out
 
@@ -230,8 +230,7 @@ def gemv_gated(x: torch.Tensor, weight: torch.Tensor, activation: str, multiplie
         raise ValueError(f"unsupported activation {activation!r}; expected one of {sorted(ACTIVATION_CODES)}")
     width = weight.shape[0] // 2 if multiplier is None else weight.shape[0]
     assert multiplier is None or multiplier.numel() == width
-    return _launch_gemv(x, weight, width, tiles, norms, gated=True, act=ACTIVATION_CODES[activation],
-                        multiplier=multiplier)
+    return _launch_gemv(x, weight, width, tiles, norms, ACTIVATION_CODES[activation], multiplier)
 
 
 _counters: dict[tuple[str, torch.device], torch.Tensor] = {}

@@ -129,16 +129,14 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, g
     # change any row's arithmetic).
     tuned = config("moe", x.device)
     one_load = tokens == 1 and w_size <= tuned["DOWN_BLOCK_W"]  # see _down_kernel
-    gu_rows, dn_rows = 64, 64
-    if x.is_cuda:
-        gu_rows, dn_rows = tuned["GU_BLOCK_W"], tuned["DOWN_ONE_TOKEN_BLOCK_H" if one_load else "DOWN_BLOCK_H"]
+    gu_rows = tuned["GU_BLOCK_W"] if x.is_cuda else 64
+    dn_rows = tuned["DOWN_ONE_TOKEN_BLOCK_H" if one_load else "DOWN_BLOCK_H"] if x.is_cuda else 64
     w_side, h_side = triton.next_power_of_2(w_size), triton.next_power_of_2(h_size)
     gu_w, gu_h = min(gu_rows, w_side), min(tuned["GU_BLOCK_H"], h_side)
     dn_h, dn_w = min(dn_rows, h_side), min(tuned["DOWN_BLOCK_W"], w_side)
     _gate_up_kernel[(tokens * k, triton.cdiv(w_size, gu_w))](
-        x, experts, gate_up_proj, hidden, h_size, w_size, k,
-        ACT=_ACTIVATIONS[activation], BLOCK_W=gu_w, BLOCK_H=gu_h, num_warps=tuned["GU_WARPS"],
-        **launch_options(x))
+        x, experts, gate_up_proj, hidden, h_size, w_size, k, ACT=_ACTIVATIONS[activation], BLOCK_W=gu_w, BLOCK_H=gu_h,
+        num_warps=tuned["GU_WARPS"], **launch_options(x))
     _down_kernel[(tokens, triton.cdiv(h_size, dn_h))](
         hidden, weights, experts, down_proj, out, h_size, w_size, k, triton.next_power_of_2(k), BLOCK_H=dn_h,
         BLOCK_W=dn_w, ONE_LOAD=one_load, num_warps=tuned["DOWN_WARPS"], **launch_options(x))
@@ -282,14 +280,13 @@ def sorted_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
     w_side, h_side = max(16, triton.next_power_of_2(w_size)), max(16, triton.next_power_of_2(h_size))
     gu_n, gu_k = min(tuned["SORTED_GU_BLOCK_N"], w_side), min(tuned["SORTED_GU_BLOCK_K"], h_side)
     dn_n, dn_k = min(tuned["SORTED_DOWN_BLOCK_N"], h_side), min(tuned["SORTED_DOWN_BLOCK_K"], w_side)
-    options = launch_options(x)
+    options = dict(BLOCK_M=block_m, INTERPRET=not x.is_cuda, **launch_options(x))
     _sorted_gate_up_kernel[(num_experts, triton.cdiv(w_size, gu_n))](
-        x, order, counts, starts, gate_up_proj, hidden, h_size, w_size, k, ACT=_ACTIVATIONS[activation],
-        BLOCK_M=block_m, BLOCK_N=gu_n, BLOCK_K=gu_k, INTERPRET=not x.is_cuda, num_warps=tuned["SORTED_GU_WARPS"],
-        **options)
+        x, order, counts, starts, gate_up_proj, hidden, h_size, w_size, k, ACT=_ACTIVATIONS[activation], BLOCK_N=gu_n,
+        BLOCK_K=gu_k, num_warps=tuned["SORTED_GU_WARPS"], **options)
     _sorted_down_kernel[(num_experts, triton.cdiv(h_size, dn_n))](
-        hidden, counts, starts, down_proj, y, h_size, w_size, BLOCK_M=block_m, BLOCK_N=dn_n, BLOCK_K=dn_k,
-        INTERPRET=not x.is_cuda, num_warps=tuned["SORTED_DOWN_WARPS"], **options)
+        hidden, counts, starts, down_proj, y, h_size, w_size, BLOCK_N=dn_n, BLOCK_K=dn_k,
+        num_warps=tuned["SORTED_DOWN_WARPS"], **options)
     pairs = ExpertPairs(y, slots, weights.float().contiguous())
     return pairs.combine() if combine else pairs
 
@@ -413,16 +410,14 @@ def moe_residual_norm(residual: torch.Tensor, dense: torch.Tensor, sparse: torch
                              and sparse_rows.shape[-1] == D)
     out = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
     next_out = torch.empty_like(out) if next_weight is not None else None
-    if out.numel() == 0:
-        return out, next_out
     block = triton.next_power_of_2(D)
     slots, pair_weights = (pairs.slots, pairs.weights) if pairs is not None else (res_rows, res_rows)
-    _moe_residual_norm_kernel[(res_rows.shape[0],)](
-        res_rows, dense_rows, sparse_rows, slots, pair_weights, dense_weight, sparse_weight, weight,
-        scalar if scalar is not None else res_rows, out,
-        next_weight if next_weight is not None else res_rows, next_out if next_out is not None else out,
-        res_rows.stride(0), dense_rows.stride(0), sparse_rows.stride(0), D, eps,
-        eps if next_eps is None else next_eps, PAIRS=pairs.weights.shape[1] if pairs is not None else 0,
-        HAS_SCALAR=scalar is not None, HAS_NEXT=next_weight is not None, BLOCK=block, num_warps=_warps(block),
-        **launch_options(res_rows))
+    if out.numel() > 0:
+        _moe_residual_norm_kernel[(res_rows.shape[0],)](
+            res_rows, dense_rows, sparse_rows, slots, pair_weights, dense_weight, sparse_weight, weight,
+            scalar if scalar is not None else res_rows, out, next_weight if next_weight is not None else res_rows,
+            next_out if next_out is not None else out, res_rows.stride(0), dense_rows.stride(0), sparse_rows.stride(0),
+            D, eps, eps if next_eps is None else next_eps, PAIRS=pairs.weights.shape[1] if pairs is not None else 0,
+            HAS_SCALAR=scalar is not None, HAS_NEXT=next_weight is not None, BLOCK=block, num_warps=_warps(block),
+            **launch_options(res_rows))
     return out, next_out

@@ -231,9 +231,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
     block = triton.next_power_of_2(D)
     if out.numel() > 0:
         _rms_norm_kernel[(rows.shape[0],)](
-            rows, weight if weight is not None else rows, out, rows.stride(0), D, eps,
-            1.0 if root_size is None else float(root_size), HAS_WEIGHT=weight is not None, ROUTER=root_size is not None,
-            BLOCK=block, num_warps=_warps(block), **launch_options(out))
+            rows, weight if weight is not None else rows, out, rows.stride(0), D, eps, float(root_size or 0.0),
+            HAS_WEIGHT=weight is not None, ROUTER=root_size is not None, BLOCK=block, num_warps=_warps(block),
+            **launch_options(out))
     return out
 
 

@@ -181,8 +181,7 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
         query, key, value, out, qpos, kpos, qblocks if qblocks is not None else qpos,
         kblocks if kblocks is not None else kpos, ranges, *query.stride()[:3], *key.stride()[:3], *value.stride()[:3],
         out.stride(0), out.stride(1), qpos.stride(0), kpos.stride(0), num_heads, num_queries, num_keys, head_dim,
-        window if window is not None else 0, num_tiles, GROUPS=groups, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=block_d, BLOCK_DV=block_dv, HAS_WINDOW=window is not None, HAS_BLOCKS=qblocks is not None,
-        INTERPRET=not query.is_cuda, num_warps=warps,
+        window or 0, num_tiles, GROUPS=groups, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        HAS_WINDOW=window is not None, HAS_BLOCKS=qblocks is not None, INTERPRET=not query.is_cuda, num_warps=warps,
         num_stages=num_stages or tile("prefill_attention", "num_stages", query.device))
     return out

@@ -117,9 +117,8 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
     cos = torch.empty(batch, length, 1, 2 * half, dtype=dtype, device=positions.device)
     sin = torch.empty_like(cos)
     if cos.numel() > 0:
-        _rope_kernel[(batch * length,)](positions.contiguous(), inv_freq, cos, sin, half,
-                                        HALF_BLOCK=triton.next_power_of_2(half), INTERPRET=not cos.is_cuda,
-                                        **launch_options(cos))
+        _rope_kernel[(batch * length,)](positions.contiguous(), inv_freq, cos, sin, half, INTERPRET=not cos.is_cuda,
+                                        HALF_BLOCK=triton.next_power_of_2(half), **launch_options(cos))
     return cos, sin
 
 
