@@ -24,8 +24,7 @@ def triton_available() -> bool:
 
 def enabled(x) -> bool:
     """Whether the model should run its fused kernels on tensor `x`: a CUDA tensor (or forced), Triton importable,
-    the `kernels` option on (GEMMA4_KERNELS=0 turns it off)."""
-    # a module attribute, not options(): this runs once per op
+    the `kernels` option on (read as options.current, not options(): this runs once per op)."""
     return _options.current.kernels and (x.is_cuda or _forced) and triton_available()
 
 

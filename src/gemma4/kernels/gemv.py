@@ -164,8 +164,7 @@ NORMED_MAX_K = 4096
 
 
 def _default_tiles(device: torch.device, k_in: int, normed: bool = False, gated: bool = False, width: int = 0) -> tuple:
-    """The tuned (BLOCK_N, BLOCK_K, warps, stages[, GROUPS]) of a GEMV of `width` outputs over rows of k_in inputs
-    (tuning.py: gemv)."""
+    """The tuned tiles (tuning.py: gemv) of a GEMV of `width` outputs over rows of k_in inputs."""
     tuned = config("gemv", device)
     if normed:
         tiles = tuned["NORMED_GATED_TILES" if gated else "NORMED_TILES"]
@@ -222,10 +221,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, tiles: tuple | None = None, norm
 
 def gemv_gated(x: torch.Tensor, weight: torch.Tensor, activation: str, multiplier: torch.Tensor | None = None,
                norms: tuple | None = None, tiles: tuple | None = None) -> torch.Tensor:
-    """`gated(gate, up, activation)` of one row x [..., K], in one kernel with the product:
-    multiplier None: [gate; up] = F.linear(x, weight), weight [2W, K] (a fused gate/up projection);
-    else gate = F.linear(x, weight), weight [W, K], and up = multiplier [..., W]. Returns [..., W].
-    norms: the input is residual norms of the product x, as in `gemv`."""
+    """`gated(gate, up, activation)` of one row x [..., K], in one kernel with the product -> [..., W]. multiplier
+    None: [gate; up] = F.linear(x, weight), weight [2W, K] (a fused gate/up projection); else gate = F.linear(x,
+    weight), weight [W, K], and up = multiplier [..., W]. norms: the input is residual norms of x, as in `gemv`."""
     if activation not in ACTIVATION_CODES:
         raise ValueError(f"unsupported activation {activation!r}; expected one of {sorted(ACTIVATION_CODES)}")
     width = weight.shape[0] // 2 if multiplier is None else weight.shape[0]

@@ -117,8 +117,7 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, g
     """x [T, H]; weights (fp32), experts (integer ids) [T, k]; gate_up_proj [E, 2W, H]; down_proj [E, H, W] -> [T, H].
     Expert ids are not range-checked (that would need a host sync)."""
     x, gate_up_proj, down_proj = _checked(x, experts, gate_up_proj, down_proj, activation)
-    tokens, k = experts.shape
-    num_experts, h_size, w_size = down_proj.shape
+    (tokens, k), (h_size, w_size) = experts.shape, down_proj.shape[1:]
     weights, experts = weights.float().contiguous(), experts.contiguous()
     hidden = torch.empty(tokens * k, w_size, dtype=x.dtype, device=x.device)  # h for every (token, choice) pair
     out = torch.empty_like(x)
@@ -264,8 +263,7 @@ def sorted_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
     tokens: each chosen expert's weights are read once for all the pairs that chose it. `combine` False: the
     ExpertPairs, not summed."""
     x, gate_up_proj, down_proj = _checked(x, experts, gate_up_proj, down_proj, activation)
-    tokens, k = experts.shape
-    num_experts, h_size, w_size = down_proj.shape
+    (tokens, k), (num_experts, h_size, w_size) = experts.shape, down_proj.shape
     if tokens == 0:
         return torch.empty_like(x) if combine else ExpertPairs(x[:0], experts.reshape(-1), weights.float())
     order, slots, counts, starts = sort_pairs(experts, num_experts)
@@ -333,8 +331,7 @@ class ExpertPairs(NamedTuple):
 
     def combine(self) -> torch.Tensor:
         """out[t] = sum_c round(y[slots[t*k + c]] * weights[t, c])."""
-        tokens, k = self.weights.shape
-        h_size = self.y.shape[1]
+        (tokens, k), h_size = self.weights.shape, self.y.shape[1]
         out = torch.empty(tokens, h_size, dtype=self.y.dtype, device=self.y.device)
         block = min(config("moe", out.device)["COMBINE_BLOCK_H"] if out.is_cuda else 4096,
                     triton.next_power_of_2(h_size))

@@ -271,8 +271,7 @@ def residual_norms_args(residual: torch.Tensor, placeholder: torch.Tensor, weigh
     """For a kernel that runs _residual_norms_row: (its outputs: new, next norm or None, experts' norm or None,
     router input or None, allocated like residual, new in `out` if given; its pointer arguments after (residual, x),
     absent tensors as `placeholder`, whose branches are compiled out; its scalars and constexprs, by name)."""
-    if out is None:
-        out = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
+    out = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device) if out is None else out
     assert out.shape == residual.shape and out.is_contiguous()
     next_out = torch.empty_like(out) if next_weight is not None else None
     next2_weight, router_scale, root_size = moe if moe is not None else (None, None, 1.0)
@@ -301,15 +300,14 @@ def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: 
     B, L, H, D = x.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
     out = torch.empty(B, H, L, D, dtype=x.dtype, device=x.device)
-    if out.numel() == 0:
-        return out
     rope = cos is not None
     cos, sin = _rope_tables(cos, sin, B, L, D) if rope else (x, x)
     half_block = triton.next_power_of_2(D // 2)
-    _qk_norm_rope_kernel[(B * L * H,)](
-        x, weight if weight is not None else x, cos, sin, out, H, L, *x.stride()[:3],
-        *(cos.stride()[:2] if rope else (0, 0)), D, eps, HAS_WEIGHT=weight is not None, HAS_ROPE=rope,
-        HALF_BLOCK=half_block, num_warps=_warps(half_block), **launch_options(out))
+    if out.numel() > 0:
+        _qk_norm_rope_kernel[(B * L * H,)](
+            x, weight if weight is not None else x, cos, sin, out, H, L, *x.stride()[:3],
+            *(cos.stride()[:2] if rope else (0, 0)), D, eps, HAS_WEIGHT=weight is not None, HAS_ROPE=rope,
+            HALF_BLOCK=half_block, num_warps=_warps(half_block), **launch_options(out))
     return out
 
 
@@ -322,8 +320,7 @@ def qkv_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None
     caches at row b, token t's slot slots[b, t]. q [B, L, Hq*D], k and v [B, L, Hkv*D]: unit stride along the last
     dim (views of a fused projection do). Caches: [B, Hkv, S, D] buffers, or [Hkv, S, D] pools shared by every row
     (slots are then pool rows)."""
-    B, L = q.shape[:2]
-    D = key_cache.shape[-1]
+    (B, L), D = q.shape[:2], key_cache.shape[-1]
     Hq, Hkv = q.shape[2] // D, k.shape[2] // D
     v = k if v is None else v
     assert all(t.stride(-1) == 1 for t in (q, k, v)), "projections need unit stride along their last dim"
@@ -332,11 +329,10 @@ def qkv_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None
     cos, sin = _rope_tables(cos, sin, B, L, D)
     slots = slots.contiguous()
     query = torch.empty(B, Hq, L, D, dtype=q.dtype, device=q.device)
-    if query.numel() == 0:
-        return query
     half_block = triton.next_power_of_2(D // 2)
-    _qkv_norm_rope_store_kernel[(B * L * (Hq + 2 * Hkv),)](
-        q, k, v, q_weight, k_weight, cos, sin, query, key_cache, value_cache, slots, Hq, Hkv, L,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), cos.stride(1),
-        *cache_strides, D, eps, HALF_BLOCK=half_block, num_warps=_warps(half_block), **launch_options(query))
+    if query.numel() > 0:
+        _qkv_norm_rope_store_kernel[(B * L * (Hq + 2 * Hkv),)](
+            q, k, v, q_weight, k_weight, cos, sin, query, key_cache, value_cache, slots, Hq, Hkv, L, *q.stride()[:2],
+            *k.stride()[:2], *v.stride()[:2], *cos.stride()[:2], *cache_strides, D, eps, HALF_BLOCK=half_block,
+            num_warps=_warps(half_block), **launch_options(query))
     return query

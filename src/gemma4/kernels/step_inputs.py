@@ -1,5 +1,5 @@
 """What a forward computes before its first decoder layer, in one launch each: the scaled token embedding, the
-per-layer inputs (PLE) of E2B/E4B, and the RoPE tables.
+per-layer inputs (PLE) of E2B/E4B, the RoPE tables, and a decode step's paged-cache plan.
 
 Eagerly these are ~35 small PyTorch kernels per decode step (gathers, casts, cos/sin, wheres, a scatter, a scan).
 Each kernel rounds where its eager twin (`model.text`, `model.cache`) materializes a tensor.
