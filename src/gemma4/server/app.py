@@ -228,11 +228,9 @@ def _messages(body: dict) -> tuple[list, list | None]:
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty list", "messages")
     try:
-        gemma_messages = openai_to_gemma_messages(messages)
-        tools = validate_tools(body.get("tools")) if body.get("tools") is not None else None
+        return openai_to_gemma_messages(messages), validate_tools(body.get("tools"))
     except (ValueError, TypeError) as e:
         raise bad(str(e), "messages") from None
-    return gemma_messages, tools
 
 
 def _render(state: ServerState, gemma_messages, tools, add_generation_prompt: bool, enable_thinking: bool) -> str:
@@ -304,8 +302,7 @@ async def _chat_stream(state, choices, prefix, head, include_usage, started, req
     for c in choices:
         yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None}])
-    async for c, out in merged(choices, request):
-        text = c.consume(out)
+    async for c, text in merged(choices, request):
         if first and text:
             state.metrics.ttft.observe(time.monotonic() - started)
             first = False
@@ -363,10 +360,10 @@ def _usage(choices: list[Choice], n: int | None = None) -> dict:
 
 
 async def _run_to_end(state, choices, request, started) -> None:
-    """Consume every output of a non-streamed request."""
+    """Apply every output of a non-streamed request."""
     try:
-        async for choice, out in merged(choices, request):
-            choice.consume(out)
+        async for _ in merged(choices, request):
+            pass
     except (EngineDead, RequestFailed) as e:
         raise _engine_error(e) from None
     except asyncio.CancelledError:  # only uvicorn cancels a request: --shutdown-timeout passed with it in flight
@@ -437,8 +434,7 @@ async def _completion(state: ServerState, body: dict, request: Request):
     if stream:
         async def events():
             sent = {c.index: 0 for c in choices}  # logprobs sent: those of a token whose text is held back come later
-            async for c, out in merged(choices, request):
-                text = c.consume(out)
+            async for c, text in merged(choices, request):
                 if text or c.done:
                     yield data([{"index": c.index, "text": text, "logprobs": logprobs_of(c, sent[c.index]),
                                  "finish_reason": c.finish_reason}])
@@ -459,7 +455,7 @@ def _image_budget(body: dict) -> int | None:
     if set(kwargs) - {"max_soft_tokens"}:
         raise bad("'mm_processor_kwargs' must be an object with only 'max_soft_tokens'", "mm_processor_kwargs")
     budget = kwargs.get("max_soft_tokens")
-    if budget is not None and (isinstance(budget, bool) or budget not in SUPPORTED_SOFT_TOKENS):
+    if budget is not None and budget not in SUPPORTED_SOFT_TOKENS:  # True == 1 is none of them
         raise bad(f"'mm_processor_kwargs.max_soft_tokens' must be one of {list(SUPPORTED_SOFT_TOKENS)}",
                     "mm_processor_kwargs")
     return budget
@@ -473,13 +469,12 @@ async def _process(state: ServerState, prompt: str, load, param: str = "messages
             images, clips = load()
             try:
                 # audio as one list per prompt: a flat list of (samples, rate) tuples would read as nested lists
-                out = dict(state.processor(text=prompt, images=images or None, audio=[clips] if clips else None,
-                                           add_special_tokens=False, **kwargs))
+                out = state.processor(text=prompt, images=images or None, audio=[clips] if clips else None,
+                                      add_special_tokens=False, **kwargs)
             except ValueError as e:
                 raise bad(f"cannot process the media: {e}", param) from None
-        for key in ("attention_mask", "mm_token_type_ids"):
-            out.pop(key, None)
-        return out.pop("input_ids")[0].tolist(), out
+        drop = ("input_ids", "attention_mask", "mm_token_type_ids")
+        return out["input_ids"][0].tolist(), {key: value for key, value in out.items() if key not in drop}
 
     return await asyncio.to_thread(work)
 
@@ -506,8 +501,7 @@ def _parse_form(content_type: str, raw: bytes) -> dict[str, tuple[str | None, by
         name = part.get_param("name", header="content-disposition")
         if not isinstance(name, str) or name in fields:
             continue
-        payload = part.get_payload(decode=True)
-        fields[name] = (part.get_filename(), payload if isinstance(payload, bytes) else b"")
+        fields[name] = (part.get_filename(), part.get_payload(decode=True) or b"")  # None: a nested multipart
     return fields
 
 
@@ -522,7 +516,8 @@ async def _transcription(state: ServerState, request: Request):
         except ValueError:  # a UnicodeDecodeError too
             raise bad(f"'{name}' must be {what}", name) from None
 
-    if "file" not in fields or not fields["file"][1]:
+    filename, data = fields.get("file", (None, b""))
+    if not data:
         raise bad("'file' (the audio) is required", "file")
     model = field("model")
     if model is not None and model not in state.model_names and model != "whisper-1":
@@ -539,7 +534,6 @@ async def _transcription(state: ServerState, request: Request):
     if prompt:
         instruction += f" Context (earlier speech or spelling hints): {prompt.strip()[:2000]}"
 
-    filename, data = fields["file"]
     suffix = filename.rsplit(".", 1)[-1] if filename and "." in filename else ""
     messages = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": instruction}]}]
     prompt_text = state.tokenizer.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=False)
@@ -555,6 +549,5 @@ async def _transcription(state: ServerState, request: Request):
     text = (parsed.get("content") or "").strip()
     if response_format == "text":
         return PlainTextResponse(text)
-    return {"text": text, "usage": {"type": "tokens", "input_tokens": choice.num_prompt,
-                                    "output_tokens": choice.num_output,
-                                    "total_tokens": choice.num_prompt + choice.num_output}}
+    tokens = {"input_tokens": choice.num_prompt, "output_tokens": choice.num_output}
+    return {"text": text, "usage": {"type": "tokens", **tokens, "total_tokens": sum(tokens.values())}}

@@ -28,9 +28,9 @@ class RequestFailed(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, on_fatal: Callable[[], None] | None = None):
+    def __init__(self, engine: LLMEngine):
         self.engine = engine
-        self.on_fatal = on_fatal
+        self.on_fatal: Callable[[], None] = lambda: None  # `gemma4 serve` sets it: stop the server
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.queues: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -87,8 +87,7 @@ class AsyncEngine:
                         logger.exception("the engine stopped")
                         self.error = e
                         self._fail_all(EngineDead(f"the engine stopped: {e!r}"))
-                        if self.on_fatal is not None:
-                            self.on_fatal()
+                        self.on_fatal()
                         return
                     for out in outputs:
                         target = self.queues.pop(out.seq_id, None) if out.finished else self.queues.get(out.seq_id)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
+import threading
+import time
 
 
 # Tokens per engine step by default: long prompts prefill in few chunks, and an image of up to 1120 soft tokens fits.
@@ -39,9 +43,6 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_app_from_args(args):
     """The app of `gemma4 serve`, its engine warmed up; prints the start-up summary (stderr)."""
-    import sys
-    import time
-
     from ..engine.memory import summary
     from ..pretrained import Model
     from ..processing.processor import Processor
@@ -67,9 +68,6 @@ def build_app_from_args(args):
 def run_serve(args) -> None:
     """Serve until SIGTERM or Ctrl-C, which drain the requests in flight (docs/serving.md) and return; if the engine
     dies (a device error), exit with status 1, for a supervisor to start a fresh process."""
-    import signal
-    import threading
-
     import uvicorn
 
     app = build_app_from_args(args)

@@ -116,11 +116,8 @@ def _payload(part: dict, allowed_domains: list[str]) -> tuple[str, bytes]:
 
 
 def _audio_format(hint: str) -> str | None:
-    hint = hint.lower()
-    if "/" in hint:  # a mime type: audio/wav, audio/x-wav, audio/mpeg, ...
-        sub = hint.rsplit("/", 1)[-1].removeprefix("x-")
-        return {"mpeg": "mp3", "wave": "wav", "vnd.wave": "wav"}.get(sub, sub or None)
-    return hint or None
+    sub = hint.lower().rsplit("/", 1)[-1].removeprefix("x-")  # a format, or a mime type: audio/x-wav, audio/mpeg, ...
+    return {"mpeg": "mp3", "wave": "wav", "vnd.wave": "wav"}.get(sub, sub or None)
 
 
 def load_media(media: list[dict], allowed_domains: list[str]) -> tuple[list, list]:

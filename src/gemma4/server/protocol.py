@@ -145,10 +145,7 @@ def get_bool(body: dict, name: str, default: bool = False) -> bool:
 
 def get_stop(body: dict) -> list[str]:
     stop = body.get("stop")
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        stop = [stop]
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if len(stop) > 16 or not all(isinstance(s, str) and s for s in stop):
         raise bad("'stop' must be a non-empty string or a list of up to 16 non-empty strings", "stop")
     return stop
@@ -186,11 +183,9 @@ def sampling_params(body: dict, defaults: dict, max_tokens_default: int, chat: b
 def include_usage(body: dict) -> bool:
     """stream_options.include_usage; stream_options is only for a stream."""
     options = body.get("stream_options")
-    if options is None:
-        return False
-    if not body.get("stream"):
+    if options is not None and not body.get("stream"):
         raise bad("'stream_options' is only allowed with 'stream': true", "stream_options")
-    return get_bool(options, "include_usage")
+    return get_bool(options or {}, "include_usage")
 
 
 def thinking(body: dict, default: bool) -> bool:
@@ -198,11 +193,9 @@ def thinking(body: dict, default: bool) -> bool:
     if kwargs and "enable_thinking" in kwargs:
         return get_bool(kwargs, "enable_thinking")
     effort = body.get("reasoning_effort")
-    if effort is not None:
-        if effort not in ("none", "minimal", "low", "medium", "high"):
-            raise bad("'reasoning_effort' must be none, minimal, low, medium or high", "reasoning_effort")
-        return effort != "none"
-    return default
+    if effort not in (None, "none", "minimal", "low", "medium", "high"):
+        raise bad("'reasoning_effort' must be none, minimal, low, medium or high", "reasoning_effort")
+    return default if effort is None else effort != "none"
 
 
 def tool_choice(body: dict, tools: list | None) -> Any:
