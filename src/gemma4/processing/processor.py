@@ -13,7 +13,6 @@ tokenizer's `padding_side`).
 
 from __future__ import annotations
 
-import json
 import os
 from itertools import islice
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 
 from .audio import AUDIO_TOKEN, MAX_SOFT_TOKENS as AUDIO_MAX_SOFT_TOKENS, process_audio
 from .image import DEFAULT_MAX_SOFT_TOKENS, IMAGE_TOKEN, process_images
-from .tokenizer import Tokenizer, resolve_tokenizer_dir
+from .tokenizer import Tokenizer, read_json_object, resolve_tokenizer_dir
 from .video import DEFAULT_NUM_FRAMES, VIDEO_MAX_SOFT_TOKENS, VIDEO_TOKEN, expand_prompt, process_videos
 
 
@@ -30,32 +29,26 @@ class ProcessorOutput(dict):
     """A dict of model inputs; `.to(device, dtype)` moves every tensor and casts the floating ones."""
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "ProcessorOutput":
-        out = ProcessorOutput()
-        for key, value in self.items():
-            if isinstance(value, torch.Tensor):
-                value = value.to(device=device, dtype=dtype if dtype is not None and value.is_floating_point()
-                                 else None)
-            out[key] = value
-        return out
+        return ProcessorOutput({key: value.to(device=device, dtype=dtype if value.is_floating_point() else None)
+                                if isinstance(value, torch.Tensor) else value for key, value in self.items()})
 
 
-def _is_group(item, what: str) -> bool:
+def _is_group(item) -> bool:
     """A prompt's own list of items, as opposed to one item. An audio clip given as (samples, rate) is one item."""
-    if what == "audio clips" and isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], (int, float)):
-        return False
-    return isinstance(item, (list, tuple))
+    return isinstance(item, list) or (isinstance(item, tuple)
+                                      and not (len(item) == 2 and isinstance(item[1], (int, float))))
 
 
 def _per_prompt(items, texts: list[str], token: str, what: str) -> list[list]:
-    """Split the media of a batch among its prompts by their placeholders (a nested list is taken as is)."""
+    """Split the media of a batch among its prompts by their placeholders (a nested list is taken as is, except
+    for videos, whose frame lists look alike)."""
     counts = [t.count(token) for t in texts]
     if items is None:
         return [[] for _ in texts]
-    if isinstance(items, (list, tuple)) and items and all(_is_group(i, what) for i in items) \
-            and len(items) == len(texts) and what != "videos":
-        nested = [list(i) for i in items]
+    flat = list(items) if isinstance(items, (list, tuple)) else [items]
+    if what != "videos" and flat and len(flat) == len(texts) and all(map(_is_group, flat)):
+        nested = [list(group) for group in flat]
     else:
-        flat = list(items) if isinstance(items, (list, tuple)) else [items]
         if sum(counts) != len(flat):
             raise ValueError(f"the prompt{'s have' if len(texts) > 1 else ' has'} {sum(counts)} {token} "
                              f"placeholders but {len(flat)} {what} were given")
@@ -89,13 +82,8 @@ class Processor:
         """Tokenizer files and processor_config.json of a checkpoint (defaults where the file is absent)."""
         directory = resolve_tokenizer_dir(path_or_repo, revision)
         tokenizer = Tokenizer.from_pretrained(directory)
-        settings: dict = {}
         config_file = Path(directory) / "processor_config.json"
-        if config_file.is_file():
-            try:
-                settings = json.loads(config_file.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{config_file} is not valid JSON ({e}); re-download the checkpoint") from None
+        settings = read_json_object(config_file) if config_file.is_file() else {}
         image = settings.get("image_processor") or {}
         video = settings.get("video_processor") or {}
         image_max_soft_tokens = image.get("max_soft_tokens", settings.get("image_seq_length", DEFAULT_MAX_SOFT_TOKENS))

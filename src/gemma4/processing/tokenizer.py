@@ -47,14 +47,15 @@ def _token_content(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _read_json(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
+    """A checkpoint's JSON config file, with a clear error when it is broken."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); re-download the checkpoint's tokenizer files.") from e
+        raise ValueError(f"{path} is not valid JSON ({e}); re-download it from the checkpoint.") from e
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object; re-download the checkpoint's tokenizer files.")
+        raise ValueError(f"{path} must hold a JSON object; re-download it from the checkpoint.")
     return data
 
 
@@ -84,7 +85,7 @@ def _load_chat_template(directory: Path, config: dict) -> str | dict[str, str] |
         return jinja_file.read_text(encoding="utf-8")
     json_file = directory / "chat_template.json"
     if json_file.is_file():
-        template = _read_json(json_file).get("chat_template")
+        template = read_json_object(json_file).get("chat_template")
         if template is not None:
             return template
     template = config.get("chat_template")
@@ -132,10 +133,10 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
             raise ValueError(f"Cannot load {tokenizer_file} ({e}); "
                              "re-download the checkpoint's tokenizer files.") from e
-        config = _read_json(config_file)
+        config = read_json_object(config_file)
         special_map = directory / "special_tokens_map.json"
         if special_map.is_file():  # older checkpoints keep bos/eos names here; tokenizer_config.json wins
-            config = {**_read_json(special_map), **config}
+            config = {**read_json_object(special_map), **config}
         return cls(backend, config, _load_chat_template(directory, config))
 
     def _config_token(self, key: str) -> str | None:
