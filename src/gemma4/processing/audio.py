@@ -8,9 +8,6 @@ Accepted sources: numpy arrays or tensors with their sampling rate (`(array, rat
 paths, raw encoded bytes, base64 text with its `format` (OpenAI's `input_audio` {"data", "format"}), and data
 URLs (`data:audio/wav;base64,...`). WAV (PCM 8/16/24/32-bit, float 32/64) is decoded with the standard
 library; FLAC/OGG/MP3/... need the optional `soundfile` or `av` (PyAV) package.
-
-Resampling: a polyphase windowed-sinc filter (Kaiser window, beta 8.6, 16 zero crossings per side, cutoff at
-0.99 of the lower Nyquist frequency), written in numpy; comparable to torchaudio's `sinc_interp_kaiser`.
 """
 
 from __future__ import annotations
@@ -194,7 +191,8 @@ def load_audio(source, sampling_rate: int | None = None, format: str | None = No
 
 def resample(samples: np.ndarray, orig_rate: int, target_rate: int = SAMPLING_RATE, zero_crossings: int = 16,
              rolloff: float = 0.99, beta: float = 8.6) -> np.ndarray:
-    """Band-limited resampling with a polyphase windowed-sinc filter (see the module docstring).
+    """Band-limited resampling with a polyphase windowed-sinc filter (Kaiser window), written in numpy;
+    comparable to torchaudio's `sinc_interp_kaiser`.
 
     Output sample n sits at input position p = n * orig / target. It is the sum over nearby input samples k of
     x[k] * h(p - k), where h is a sinc low-pass at `rolloff` times the lower of the two Nyquist frequencies,
@@ -298,10 +296,10 @@ def process_audio(clips, sampling_rate: int | None = None, format: str | None = 
     if not clips:
         raise ValueError("no audio given")
     waves = [load_audio(c, sampling_rate, format) for c in clips]
-    for w in waves:
-        if num_soft_tokens(len(w)) == 0:
-            raise ValueError(f"audio is too short ({len(w)} samples at 16 kHz); it needs more than "
-                             f"{HOP_LENGTH} samples (10 ms)")
+    shortest = min(len(w) for w in waves)
+    if shortest <= HOP_LENGTH:  # no valid mel frame, so no soft token
+        raise ValueError(f"audio is too short ({shortest} samples at 16 kHz); it needs more than "
+                         f"{HOP_LENGTH} samples (10 ms)")
     total = num_frames(max(len(w) for w in waves))
     features, masks = zip(*(log_mel(w, total) for w in waves))
     return AudioBatch(torch.from_numpy(np.stack(features)), torch.from_numpy(np.stack(masks)),
