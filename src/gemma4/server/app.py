@@ -8,6 +8,8 @@ import hmac
 import json
 import time
 import uuid
+from email.parser import BytesParser
+from email.policy import HTTP
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -35,13 +37,12 @@ def create_app(state: ServerState) -> FastAPI:
     app.state.server = state
 
     @app.exception_handler(APIError)
-    async def api_error(request, exc: APIError):
+    @app.exception_handler(StarletteHTTPException)  # routing's 404 and 405, in the same shape
+    async def api_error(request, exc: APIError | StarletteHTTPException):
+        if not isinstance(exc, APIError):
+            kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+            exc = APIError(exc.status_code, str(exc.detail), kind)
         return JSONResponse(exc.body(), status_code=exc.status)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request, exc):
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(APIError(exc.status_code, str(exc.detail), kind).body(), status_code=exc.status_code)
 
     @app.exception_handler(Exception)
     async def internal_error(request, exc):
@@ -141,10 +142,9 @@ async def _read_body(request: Request, limit: int, what: str = "the request body
 
 
 def _auth_and_metrics(app, state: ServerState, endpoints: set[str]):
-    """The API key, one rule as vLLM: with --api-key, every /v1/* request needs it; the other endpoints are open. And
-    the request counter of /metrics, by endpoint and status. Plain ASGI (not BaseHTTPMiddleware, which runs the
-    handler in a task of its own): the handler runs in the server's task, so when uvicorn cancels it at the end of
-    the shutdown grace period, `_run_to_end` can still answer a 503."""
+    """The API key, one rule as vLLM: with --api-key, every /v1/* request needs it, the other endpoints are open; and
+    /metrics' request counter, by endpoint and status. Plain ASGI, not BaseHTTPMiddleware (which runs the handler in
+    a task of its own): when uvicorn cancels the handler after the shutdown grace period, `_run_to_end` answers 503."""
     async def middleware(scope, receive, send):
         if scope["type"] != "http":
             return await app(scope, receive, send)
@@ -246,7 +246,6 @@ async def _chat(state: ServerState, body: dict, request: Request):
     choice = tool_choice(body, tools)
     media = collect_media(gemma_messages)
     check_media(media, state)
-    image_budget = _image_budget(body) if media else None
     enable_thinking = thinking(body, state.default_enable_thinking)
     stream, usage = get_bool(body, "stream"), include_usage(body)
     n, stops = get_number(body, "n", 1, 1, 16), get_stop(body)
@@ -256,7 +255,7 @@ async def _chat(state: ServerState, body: dict, request: Request):
     started = time.monotonic()
     if media:
         prompt_ids, inputs = await _process(state, prompt, lambda: load_media(media, state.allowed_media_domains),
-                                            max_soft_tokens=image_budget)
+                                            max_soft_tokens=_image_budget(body))
     else:
         prompt_ids, inputs = state.tokenizer.encode(prompt, add_special_tokens=False), None
     params = _check_prompt(state, prompt_ids, body, chat=True)
@@ -283,7 +282,6 @@ async def _chat(state: ServerState, body: dict, request: Request):
 
 
 def _head(state: ServerState, body: dict, prefix: str, kind: str) -> dict:
-    """What every response (or chunk) of a request starts with."""
     return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
             "model": body.get("model") or state.model_names[0]}
 
@@ -329,8 +327,7 @@ async def _chat_stream(state, choices, prefix, head, include_usage, started, req
 
 
 def _sse(events) -> StreamingResponse:
-    """Server-sent events: each of `events` (dicts); if the engine fails, its error's body; then [DONE]. Nothing more
-    once the client has gone."""
+    """Server-sent events: each of `events`, the engine's error if it fails, then [DONE]; nothing if the client left."""
     async def lines():
         try:
             async for event in events:
@@ -486,9 +483,6 @@ TRANSCRIPT_MAX_TOKENS = 448  # default cap of a transcript (Whisper's), unless t
 
 def _parse_form(content_type: str, raw: bytes) -> dict[str, tuple[str | None, bytes]]:
     """multipart/form-data -> {field: (filename or None, bytes)} with the standard library's MIME parser."""
-    from email.parser import BytesParser
-    from email.policy import HTTP
-
     if not content_type.lower().startswith("multipart/form-data") or "boundary=" not in content_type:
         raise bad("send the audio as multipart/form-data (fields: file, model, prompt, language, "
                     "response_format, temperature)")
@@ -496,13 +490,10 @@ def _parse_form(content_type: str, raw: bytes) -> dict[str, tuple[str | None, by
                                                   + b"\r\n\r\n" + raw)
     if not message.is_multipart():
         raise bad("the multipart/form-data body cannot be parsed")
-    fields: dict[str, tuple[str | None, bytes]] = {}
-    for part in message.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        if not isinstance(name, str) or name in fields:
-            continue
-        fields[name] = (part.get_filename(), part.get_payload(decode=True) or b"")  # None: a nested multipart
-    return fields
+    parts = [(part.get_param("name", header="content-disposition"), part) for part in message.iter_parts()]
+    # The first part of a name wins (so in reverse: later ones overwrite); a nested multipart's payload is None.
+    return {name: (part.get_filename(), part.get_payload(decode=True) or b"")
+            for name, part in reversed(parts) if isinstance(name, str)}
 
 
 async def _transcription(state: ServerState, request: Request):

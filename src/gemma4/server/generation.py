@@ -11,9 +11,8 @@ from .async_engine import AsyncEngine, RequestFailed
 
 
 class Choice:
-    def __init__(self, index: int, engine: AsyncEngine, tokenizer, prompt_ids, params, stops: list[str],
-                 media=None):
-        self.index, self.engine, self.tokenizer = index, engine, tokenizer
+    def __init__(self, index: int, engine: AsyncEngine, tokenizer, prompt_ids, params, stops: list[str], media=None):
+        self.index, self.engine = index, engine
         self.seq_id, self.queue = engine.add(prompt_ids, params, media)
         self.num_prompt = len(prompt_ids)
         self.detok = IncrementalText(tokenizer, stops, skip_special_tokens=False)

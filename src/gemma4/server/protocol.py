@@ -77,6 +77,8 @@ def check_json_tree(body: Any) -> None:
 
 # JSON types of the accepted fields (None is always allowed: "not given").
 _NUMBER, _INT, _BOOL, _STR, _OBJECT, _ARRAY = "a number", "an integer", "a boolean", "a string", "an object", "an array"
+# The exact types json.loads makes: a bool is no number here (to isinstance, True is an int).
+_TYPES = {_NUMBER: (int, float), _INT: (int,), _BOOL: (bool,), _STR: (str,), _OBJECT: (dict,), _ARRAY: (list,)}
 _SAMPLING = {"model": _STR, "max_tokens": _INT, "temperature": _NUMBER, "top_p": _NUMBER, "top_k": _INT,
              "min_p": _NUMBER, "seed": _INT, "stop": (_STR, _ARRAY), "n": _INT, "stream": _BOOL,
              "stream_options": _OBJECT, "presence_penalty": _NUMBER, "frequency_penalty": _NUMBER,
@@ -94,22 +96,13 @@ TOKENIZE_FIELDS = {"model": _STR, "prompt": _STR, "messages": _ARRAY, "tools": _
                    "reasoning_effort": _STR}
 DETOKENIZE_FIELDS = {"model": _STR, "tokens": _ARRAY}
 
-
-_TYPES = {_NUMBER: (int, float), _INT: int, _BOOL: bool, _STR: str, _OBJECT: dict, _ARRAY: list}
-
-
-def _is(value: Any, kind: str) -> bool:
-    """JSON's types: a bool is not a number (to Python, True is an int)."""
-    return isinstance(value, _TYPES[kind]) and (kind == _BOOL or not isinstance(value, bool))
-
-
 def check_fields(body: dict, fields: dict[str, Any]) -> None:
     """A 400 naming the first accepted field whose value has the wrong JSON type; refuses what we accept but do not
     apply (a non-empty logit_bias, echo, a suffix, best_of, structured output) rather than ignoring it."""
     for name, kinds in fields.items():
         value = body.get(name)
         kinds = kinds if isinstance(kinds, tuple) else (kinds,)
-        if value is not None and not any(_is(value, kind) for kind in kinds):
+        if value is not None and not any(type(value) in _TYPES[kind] for kind in kinds):
             raise bad(f"'{name}' must be {' or '.join(kinds)}, got {type(value).__name__}", name)
     for name, no_op in (("logit_bias", {}), ("echo", False), ("suffix", ""), ("best_of", 1)):  # typed: True is no 1
         if name in fields and body.get(name) not in (None, no_op):
@@ -181,7 +174,6 @@ def sampling_params(body: dict, defaults: dict, max_tokens_default: int, chat: b
 
 
 def include_usage(body: dict) -> bool:
-    """stream_options.include_usage; stream_options is only for a stream."""
     options = body.get("stream_options")
     if options is not None and not body.get("stream"):
         raise bad("'stream_options' is only allowed with 'stream': true", "stream_options")
