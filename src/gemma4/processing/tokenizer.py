@@ -110,8 +110,15 @@ class Tokenizer:
         self.bos_token_id, self.eos_token_id, self.pad_token_id, self.unk_token_id = (
             self.token_to_id(token) if token else None
             for token in (self.bos_token, self.eos_token, self.pad_token, self.unk_token))
-        extra = self._extra_special_tokens()
-        config_names = {stem: extra[key] for key, stem in _CONFIG_TOKEN_KEYS.items() if key in extra}
+        extra = self.config.get("extra_special_tokens")
+        layers = ({key: self._config_token(key) for key in _BASIC_SPECIAL_KEYS},
+                  {k: _token_content(v) for k, v in extra.items()} if isinstance(extra, dict) else {},
+                  {key: self._config_token(key) for key in _CONFIG_TOKEN_KEYS})
+        # Named special tokens, as the chat template sees them (bos_token, eos_token, image_token, ...); a later
+        # layer wins, an empty entry never does.
+        self.special_tokens_map = {k: v for layer in layers for k, v in layer.items() if v}
+        names = self.special_tokens_map
+        config_names = {stem: names[key] for key, stem in _CONFIG_TOKEN_KEYS.items() if key in names}
         for stem, token in {**GEMMA4_TOKENS, **config_names}.items():
             setattr(self, f"{stem}_id", self.token_to_id(token))
         # transformers skips the special added tokens of tokenizer.json *and* the named special tokens of the
@@ -142,12 +149,6 @@ class Tokenizer:
     def _config_token(self, key: str) -> str | None:
         return _token_content(self.config.get(key))
 
-    def _extra_special_tokens(self) -> dict[str, str]:
-        extra = self.config.get("extra_special_tokens")
-        names = {k: _token_content(v) for k, v in extra.items()} if isinstance(extra, dict) else {}
-        names.update({key: self._config_token(key) for key in _CONFIG_TOKEN_KEYS if self._config_token(key)})
-        return {k: v for k, v in names.items() if v}
-
     # -------------------------------------------------------------------------------------------- vocabulary
     @property
     def vocab_size(self) -> int:
@@ -168,12 +169,6 @@ class Tokenizer:
         (the model stops there and waits for the tool's result)."""
         ids = [self.eos_token_id, self.turn_end_id, self.tool_response_start_id]
         return list(dict.fromkeys(i for i in ids if i is not None))
-
-    @property
-    def special_tokens_map(self) -> dict[str, str]:
-        """Named special tokens, as the chat template sees them (bos_token, eos_token, image_token, ...)."""
-        names = {**{key: self._config_token(key) for key in _BASIC_SPECIAL_KEYS}, **self._extra_special_tokens()}
-        return {k: v for k, v in names.items() if v}
 
     @property
     def padding_side(self) -> str:
@@ -222,10 +217,10 @@ class Tokenizer:
     def get_chat_template(self, chat_template: str | None = None, tools: list | None = None) -> str:
         """The template to render: an explicit one, else the checkpoint's (its "tool_use" variant when tools
         are given and the checkpoint ships named templates)."""
+        if isinstance(self.chat_template, dict) and chat_template in self.chat_template:
+            return self.chat_template[chat_template]  # a named template of the checkpoint
         template = chat_template if chat_template is not None else self.chat_template
         if isinstance(template, dict):
-            if chat_template is not None and chat_template in template:
-                return template[chat_template]
             key = "tool_use" if tools and "tool_use" in template else "default"
             if key not in template:
                 raise ValueError(f"The checkpoint has chat templates {sorted(template)} but no 'default' one: "
