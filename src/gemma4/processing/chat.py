@@ -92,18 +92,18 @@ def compile_chat_template(source: str) -> jinja2.Template:
 
 
 # --------------------------------------------------------------------------------------- template inputs
+_BASE_VALUES = {str: str.__str__, int: int.__int__, float: float.__float__}
+
+
 def _plain(value: Any) -> Any:
     """Rebuild template inputs from plain JSON-like types. Anything else (images, arrays, tensors) becomes an
     inert "<TypeName>" string: the sandbox would otherwise expose their methods, and templates only test
     whether media keys exist."""
     if value is None or type(value) in (str, int, float, bool):
         return value
-    if isinstance(value, str):  # subclasses (enums, ...) carry extra methods: keep only the base value
-        return str.__str__(value)
-    if isinstance(value, int):
-        return int.__int__(value)
-    if isinstance(value, float):
-        return float.__float__(value)
+    for base, base_value in _BASE_VALUES.items():  # subclasses (enums, ...) carry extra methods: keep the value
+        if isinstance(value, base):
+            return base_value(value)
     if isinstance(value, Mapping):
         return {_plain(k): _plain(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -413,9 +413,7 @@ def _append_assistant(out: list[dict], message: Mapping, where: str, call_names:
         calls = _convert_tool_calls(message["tool_calls"], where)
         converted["tool_calls"] = calls
         pending[:] = [c["function"]["name"] for c in calls]
-        for call in calls:
-            if call["id"]:
-                call_names[call["id"]] = call["function"]["name"]
+        call_names.update({c["id"]: c["function"]["name"] for c in calls if c["id"]})
     else:
         pending.clear()
     previous = out[-1] if out else None
