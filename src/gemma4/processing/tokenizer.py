@@ -206,8 +206,6 @@ class Tokenizer:
         return self.backend.decode(ids, skip_special_tokens=False)
 
     def batch_decode(self, sequences: Iterable[Iterable[int]], skip_special_tokens: bool = False) -> list[str]:
-        if hasattr(sequences, "tolist"):
-            sequences = sequences.tolist()
         return [self.decode(seq, skip_special_tokens=skip_special_tokens) for seq in sequences]
 
     def __call__(self, text: str, add_special_tokens: bool = True) -> list[int]:
