@@ -93,8 +93,7 @@ class Processor:
                    audio_seq_length=settings.get("audio_seq_length", AUDIO_MAX_SOFT_TOKENS))
 
     def apply_chat_template(self, messages, **kwargs):
-        """The tokenizer's chat template (see `Tokenizer.apply_chat_template`); media items become one
-        placeholder each, which `__call__` expands."""
+        """`Tokenizer.apply_chat_template`: one placeholder per media item, which `__call__` expands."""
         return self.tokenizer.apply_chat_template(messages, **kwargs)
 
     def parse_response(self, response, *, prefix=None, complete: bool = False) -> dict:
