@@ -99,15 +99,11 @@ def _decode_wav(data: bytes) -> tuple[np.ndarray, int]:
 def _sniff_format(data: bytes) -> str:
     if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
         return "wav"
-    if data[:4] == b"fLaC":
-        return "flac"
-    if data[:4] == b"OggS":
-        return "ogg"
     if data[:3] == b"ID3" or (len(data) > 1 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0):
         return "mp3"
     if data[4:8] == b"ftyp":
         return "m4a"
-    return "unknown"
+    return {b"fLaC": "flac", b"OggS": "ogg"}.get(data[:4], "unknown")
 
 
 def _decode_with_optional_packages(data: bytes, fmt: str) -> tuple[np.ndarray, int]:
