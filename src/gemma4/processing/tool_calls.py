@@ -23,7 +23,7 @@ _SPACES = re.compile(r"\s*")
 # A bare (unquoted) value runs until the next structural character, or a string's closing delimiter.
 _BARE_END = re.compile(r'[,}\])]|<\|"\|>')
 _STRUCTURAL_NEXT = re.compile(r"\s*[,}\])]")
-_BARE_LITERALS = {"true": True, "false": False, "null": None, "none": None}
+_BARE_LITERALS = {"true": True, "false": False, "null": None, "none": None, "True": True, "False": False, "None": None}
 _STRING_OPENINGS = (STRING_DELIM, '"', "'")
 
 
@@ -166,12 +166,7 @@ class _Reader:
 
 def _bare_value(raw: str) -> Any:
     """An unquoted scalar: JSON number, true/false/null (also Python's True/False/None), else the text."""
-    if _NUMBER.fullmatch(raw):
-        return json.loads(raw)
-    lowered = raw.lower()
-    if lowered in _BARE_LITERALS and (raw == lowered or raw in ("True", "False", "None")):
-        return _BARE_LITERALS[lowered]
-    return raw
+    return json.loads(raw) if _NUMBER.fullmatch(raw) else _BARE_LITERALS.get(raw, raw)
 
 
 def _check_no_delimiter(value: Any) -> Any:
