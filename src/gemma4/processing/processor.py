@@ -14,6 +14,7 @@ tokenizer's `padding_side`).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
@@ -65,17 +66,15 @@ def _split(items, sizes) -> list[list]:
     return [list(islice(it, n)) for n in sizes]
 
 
+@dataclass(eq=False)
 class Processor:
     """Tokenizer plus the image, audio and video processors, with the checkpoint's processor_config.json settings."""
 
-    def __init__(self, tokenizer: Tokenizer, image_max_soft_tokens: int = DEFAULT_MAX_SOFT_TOKENS,
-                 video_max_soft_tokens: int = VIDEO_MAX_SOFT_TOKENS, video_num_frames: int = DEFAULT_NUM_FRAMES,
-                 audio_seq_length: int = AUDIO_MAX_SOFT_TOKENS):
-        self.tokenizer = tokenizer
-        self.image_max_soft_tokens = image_max_soft_tokens
-        self.video_max_soft_tokens = video_max_soft_tokens
-        self.video_num_frames = video_num_frames
-        self.audio_seq_length = audio_seq_length
+    tokenizer: Tokenizer
+    image_max_soft_tokens: int = DEFAULT_MAX_SOFT_TOKENS
+    video_max_soft_tokens: int = VIDEO_MAX_SOFT_TOKENS
+    video_num_frames: int = DEFAULT_NUM_FRAMES
+    audio_seq_length: int = AUDIO_MAX_SOFT_TOKENS
 
     @classmethod
     def from_pretrained(cls, path_or_repo: str | os.PathLike, *, revision: str | None = None) -> "Processor":
@@ -99,10 +98,6 @@ class Processor:
     def parse_response(self, response, *, prefix=None, complete: bool = False) -> dict:
         """The generated answer as an assistant message (see `Tokenizer.parse_response`)."""
         return self.tokenizer.parse_response(response, prefix=prefix, complete=complete)
-
-    def __repr__(self) -> str:
-        return (f"Processor({self.tokenizer!r}, image_max_soft_tokens={self.image_max_soft_tokens}, "
-                f"video_max_soft_tokens={self.video_max_soft_tokens})")
 
     def __call__(self, text: str | list[str], images=None, audio=None, videos=None,
                  max_soft_tokens: int | None = None, return_tensors: str | None = "pt",
