@@ -42,8 +42,7 @@ _BASIC_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "mask
 
 def _token_content(value: Any) -> str | None:
     """Config entries are either a string or an AddedToken-like dict {"content": ...}."""
-    if isinstance(value, dict):
-        return value.get("content")
+    value = value.get("content") if isinstance(value, dict) else value
     return value if isinstance(value, str) else None
 
 
