@@ -251,9 +251,7 @@ def log_mel(samples: np.ndarray, total_frames: int | None = None) -> tuple[np.nd
     n = len(samples)
     frames_here = num_frames(n)
     total_frames = frames_here if total_frames is None else total_frames
-    padded_len = -(-n // PAD_TO_MULTIPLE) * PAD_TO_MULTIPLE
-    wave = np.zeros(FRAME_LENGTH // 2 + padded_len, np.float32)
-    wave[FRAME_LENGTH // 2: FRAME_LENGTH // 2 + n] = samples
+    wave = np.pad(samples, (FRAME_LENGTH // 2, -n % PAD_TO_MULTIPLE))
     starts = np.arange(frames_here) * HOP_LENGTH
     frames = wave[starts[:, None] + np.arange(FRAME_LENGTH)[None, :]]  # (frames, 320)
     magnitude = np.abs(np.fft.rfft(frames * _WINDOW, n=FFT_LENGTH, axis=-1))  # (frames, 257)
