@@ -130,9 +130,8 @@ _VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
 
 
 def _is_video(item) -> bool:
-    """Inside a list: is this item a whole video (rather than one frame of a single video)?
-
-    Whole videos are frame lists, (T, H, W, C) arrays and video file paths; anything else is a frame."""
+    """Inside a list: is this item a whole video (a frame list, a (T, H, W, C) array, a video file path) rather
+    than one frame of a single video?"""
     if isinstance(item, (str, os.PathLike)):
         return os.fspath(item).lower().endswith(_VIDEO_SUFFIXES)
     if isinstance(item, (np.ndarray, torch.Tensor)):
