@@ -292,27 +292,23 @@ def _partial_delimiter_start(buffer: str) -> int:
     Every delimiter has a single '<', at its start, so only the last '<' can begin one."""
     start = buffer.rfind("<")
     tail = buffer[start:]
-    if start >= 0 and any(d.startswith(tail) and d != tail for d in _ALL_DELIMS):
-        return start
-    return len(buffer)
+    return start if start >= 0 and any(d.startswith(tail) and d != tail for d in _ALL_DELIMS) else len(buffer)
 
 
 def accumulate(events: Iterable[Event]) -> dict:
     """Fold events into {"role", "content", "reasoning_content", "tool_calls"} (the `parse_response` shape)."""
     content, reasoning = [], []
     calls: dict[int, dict] = {}
-    arguments: dict[int, list[str]] = {}
     for event in events:
         if isinstance(event, ContentDelta):
             content.append(event.text)
         elif isinstance(event, ReasoningDelta):
             reasoning.append(event.text)
         elif isinstance(event, ToolCallStart):
-            calls[event.index] = {"id": event.id, "type": "function", "function": {"name": event.name}}
-            arguments[event.index] = []
+            calls[event.index] = {"id": event.id, "type": "function", "function": {"name": event.name, "arguments": ""}}
         elif isinstance(event, ToolCallArguments):
-            arguments[event.index].append(event.arguments)
-    for index, call in calls.items():
-        call["function"]["arguments"] = json.loads("".join(arguments[index]) or "{}")
+            calls[event.index]["function"]["arguments"] += event.arguments
+    for call in calls.values():  # the JSON fragments, whole
+        call["function"]["arguments"] = json.loads(call["function"]["arguments"] or "{}")
     return {"role": "assistant", "content": "".join(content) or None, "reasoning_content": "".join(reasoning) or None,
             "tool_calls": [calls[index] for index in sorted(calls)]}
