@@ -96,6 +96,7 @@ TOKENIZE_FIELDS = {"model": _STR, "prompt": _STR, "messages": _ARRAY, "tools": _
                    "reasoning_effort": _STR}
 DETOKENIZE_FIELDS = {"model": _STR, "tokens": _ARRAY}
 
+
 def check_fields(body: dict, fields: dict[str, Any]) -> None:
     """A 400 naming the first accepted field whose value has the wrong JSON type; refuses what we accept but do not
     apply (a non-empty logit_bias, echo, a suffix, best_of, structured output) rather than ignoring it."""
@@ -159,16 +160,14 @@ def sampling_params(body: dict, defaults: dict, max_tokens_default: int, chat: b
     seed = get_number(body, "seed", None, -(2**63), 2**63 - 1)
     try:
         return SamplingParams(
-            max_tokens=max_tokens, top_p=top_p, logprobs=logprobs,
+            max_tokens=max_tokens, top_p=top_p, logprobs=logprobs, ignore_eos=get_bool(body, "ignore_eos"),
             temperature=get_number(body, "temperature", defaults.get("temperature", 1.0), 0, 2),
             top_k=max(0, get_number(body, "top_k", defaults.get("top_k", 0), -1)),  # -1 means off, as in vLLM
-            min_p=get_number(body, "min_p", 0.0, 0, 1),
+            min_p=get_number(body, "min_p", 0.0, 0, 1), min_tokens=get_number(body, "min_tokens", 0, 0, max_tokens),
             presence_penalty=get_number(body, "presence_penalty", 0.0, -2, 2),
             frequency_penalty=get_number(body, "frequency_penalty", 0.0, -2, 2),
             repetition_penalty=get_number(body, "repetition_penalty", 1.0, 0.01, 10),
-            seed=seed % 2**63 if seed is not None else None,
-            min_tokens=get_number(body, "min_tokens", 0, 0, max_tokens),
-            ignore_eos=get_bool(body, "ignore_eos"))
+            seed=None if seed is None else seed % 2**63)
     except ValueError as e:
         raise bad(str(e)) from None
 
