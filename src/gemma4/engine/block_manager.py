@@ -41,8 +41,7 @@ class BlockManager(KVPools):
         need = self.blocks_for(num_tokens) - len(seq.block_table)
         if need > len(self.free_blocks):
             return False
-        for _ in range(max(need, 0)):
-            seq.block_table.append(self.free_blocks.pop())
+        seq.block_table.extend(self.free_blocks.pop() for _ in range(max(need, 0)))
         return True
 
     def release(self, seq: Sequence) -> None:

@@ -55,6 +55,7 @@ class LLMEngine:
                                                  num_blocks, kv_cache_memory)
         self.blocks = BlockManager(text, num_blocks, block_size, max_num_seqs, model.dtype, model.device)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max(max_num_batched_tokens, 1))
+        self.max_num_seqs = max_num_seqs
         self.runner = ModelRunner(model, self.blocks, self.max_model_len)
         default = getattr(model, "generation_config", {}).get("eos_token_id", list(GEMMA4_STOP_IDS))
         self.stop_token_ids = list(stop_token_ids if stop_token_ids is not None else
@@ -91,7 +92,7 @@ class LLMEngine:
         """`media`: the prompt's processor outputs (run through the towers now) or `encode_media`'s result (which
         several requests may share, e.g. the n choices of one prompt)."""
         if len(prompt_ids) == 0:
-            raise ValueError("the prompt is empty")
+            raise ValueError("empty prompt: a request needs at least one token")
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens + max_tokens {params.max_tokens} exceeds the "
                              f"maximum context length of {self.max_model_len} tokens")
@@ -106,7 +107,7 @@ class LLMEngine:
                                                else self.stop_token_ids)
         seq = Sequence(list(prompt_ids), params, frozenset(stops), media=media)
         self.seqs[seq.seq_id] = seq
-        self.scheduler.add(seq)
+        self.scheduler.waiting.append(seq)
         return seq.seq_id
 
     def abort(self, seq_id: int, output: bool = True) -> None:
@@ -117,7 +118,7 @@ class LLMEngine:
                 self.aborted.append(seq)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work() or bool(self.aborted) or self.in_flight is not None
+        return bool(self.scheduler.waiting or self.scheduler.running or self.aborted) or self.in_flight is not None
 
     def step(self) -> list[StepOutput]:
         outputs = [self._output(seq, None, None) for seq in self.aborted]
@@ -152,10 +153,9 @@ class LLMEngine:
                 outputs.append(self._fail(seq, sampled))
                 continue
             token, logprobs = sampled
-            if seq.pending:
-                seq.output_ids[-1] = token
-            else:
-                seq.output_ids.append(token)
+            if seq.pending:  # the placeholder gives way to the token
+                seq.output_ids.pop()
+            seq.output_ids.append(token)
             if reason := finish_reason(token, len(seq.output_ids), seq.params, seq.stop_ids):
                 self._finish(seq, reason)
             outputs.append(self._output(seq, token, logprobs))
@@ -189,10 +189,6 @@ class LLMEngine:
     def kv_usage(self) -> float:
         return self.blocks.usage
 
-    @property
-    def max_num_seqs(self) -> int:
-        return self.scheduler.max_num_seqs
-
     def run(self, seq_ids: list[int]) -> Iterator[StepOutput]:
         """Step until the requests `seq_ids` finish, yielding their outputs as they come. Outputs of the other
         requests that this stepping produces wait in their mailboxes for their own `run` (an unfinished
@@ -223,12 +219,10 @@ class LLMEngine:
         params = params if isinstance(params, list) else [params] * len(prompts)
         media = media or [None] * len(prompts)
         ids = [self.add_request(p, sp, m) for p, sp, m in zip(prompts, params, media)]
-        results: dict[int, list[int]] = {i: [] for i in ids}
+        seqs = [self.seqs[i] for i in ids]  # held here: the engine lets go of a sequence when it ends
         for out in self.run(ids):
             out.raise_error()
-            if out.token is not None:
-                results[out.seq_id].append(out.token)
-        return [results[i] for i in ids]
+        return [seq.output_ids for seq in seqs]
 
     def warm_up(self) -> None:
         """Compile the kernels and capture the decode step of every batch bucket now (CUDA), so that no request

@@ -44,17 +44,15 @@ class ModelRunner:
                 checked = tokens.masked_fill(rows.isnan().any(-1), NAN_ROW)
             except Exception:  # one row's logits: sample the rows one by one below, so that only that row fails
                 fast, tokens = [], None
-        batched = set(fast)
-        for row in sampling:
-            if row not in batched:  # penalties, logprobs or min_tokens: the full sampler, row by row
-                # Output ids end in PENDING only for a row that batchable takes (it ran ahead), which no rule here
-                # reads: such a row comes here only when the batched sampler failed.
-                seq = seqs[row]
-                try:
-                    results[row] = sample_token(logits[row], seq.params, seq.prompt_tensor(device), seq.output_ids,
-                                                seq.stop_ids, seq.generator_on(device), seq.kept_rows)
-                except Exception as e:  # noqa: BLE001  (the engine fails this sequence alone: engine._accept)
-                    results[row] = SampleError(f"{type(e).__name__}: {e}")
+        for row in sorted(set(sampling) - set(fast)):  # penalties, logprobs or min_tokens: the full sampler, row by row
+            # Output ids end in PENDING only for a row that batchable takes (it ran ahead), which no rule here reads:
+            # such a row comes here only when the batched sampler failed.
+            seq = seqs[row]
+            try:
+                results[row] = sample_token(logits[row], seq.params, seq.prompt_tensor(device), seq.output_ids,
+                                            seq.stop_ids, seq.generator_on(device), seq.kept_rows)
+            except Exception as e:  # noqa: BLE001  (the engine fails this sequence alone: engine._accept)
+                results[row] = SampleError(f"{type(e).__name__}: {e}")
         return Launched(batch, results, fast, tokens, checked)
 
     def forward(self, batch: list[Scheduled], ahead: Launched | None = None) -> torch.Tensor:

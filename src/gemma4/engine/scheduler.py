@@ -31,12 +31,6 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
 
-    def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
-
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
     def schedule(self) -> list[Scheduled]:
         budget, batch = self.budget, []
         held = False  # a prefill waits for room for a whole image: admit no one before it
