@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import itertools
 import sys
+import time
 
 
 def cmd_init(args) -> None:
@@ -19,24 +20,19 @@ def cmd_init(args) -> None:
     print(f"wrote a RANDOM-WEIGHT {args.preset} checkpoint to {out}")
 
 
-def _sampling_overrides(args) -> dict:
-    values = {"max_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-              "top_k": args.top_k, "seed": args.seed}
-    return {k: v for k, v in values.items() if v is not None}
-
-
 def _load_llm(args):
+    """The LLM of the model arguments, and the SamplingParams of the sampling ones (unset: the checkpoint's)."""
     from .llm import LLM
 
-    return LLM(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer,
-               max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer,
+              max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization)
+    values = {"max_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+              "top_k": args.top_k, "seed": args.seed}
+    return llm, llm._params({k: v for k, v in values.items() if v is not None})
 
 
 def cmd_generate(args) -> None:
-    import time
-
-    llm = _load_llm(args)
-    params = llm._params(_sampling_overrides(args))
+    llm, params = _load_llm(args)
     prompt = llm.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
     usage: dict = {}
     start = time.perf_counter()
@@ -55,7 +51,7 @@ def cmd_generate(args) -> None:
 def cmd_chat(args) -> None:
     from .processing.stream_parse import ContentDelta, ReasoningDelta, StreamParser
 
-    llm = _load_llm(args)
+    llm, params = _load_llm(args)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     dim, reset = ("\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "")
     print("gemma4 chat — /reset clears the history, /exit quits", file=sys.stderr)
@@ -72,7 +68,7 @@ def cmd_chat(args) -> None:
         history.append({"role": "user", "content": line})
         prompt = llm.chat_prompt(history, enable_thinking=args.think)
         parser, answer = StreamParser(prefix=llm.tokenizer.decode(prompt, skip_special_tokens=False)), []
-        deltas = llm.stream(prompt, llm._params(_sampling_overrides(args)), skip_special_tokens=False)
+        deltas = llm.stream(prompt, params, skip_special_tokens=False)
         for delta in itertools.chain(deltas, [None]):  # None: the stream is over, the parser hands what it held
             for event in parser.feed(delta) if delta is not None else parser.finish():
                 if isinstance(event, ReasoningDelta):
@@ -88,7 +84,6 @@ def cmd_chat(args) -> None:
 def cmd_demo(args) -> None:
     """Random weights of an official size through the whole stack: template, tokenizer, model, sampler, parser."""
     import os
-    import time
 
     import torch
 
@@ -111,8 +106,7 @@ def cmd_demo(args) -> None:
     llm = LLM(model, tokenizer=tokenizer, max_model_len=args.max_model_len)
     print(f"engine: {summary(llm.engine, time.perf_counter() - start)}", file=sys.stderr)
     start = time.perf_counter()
-    reply = llm.chat([{"role": "user", "content": args.prompt}], params={"max_tokens": args.max_new_tokens,
-                                                                          "seed": 0})
+    reply = llm.chat([{"role": "user", "content": args.prompt}], params={"max_tokens": args.max_new_tokens, "seed": 0})
     elapsed = time.perf_counter() - start
     print(f"user: {args.prompt}")
     print(f"model (random weights, so this is noise): {reply['content']!r}")
