@@ -83,8 +83,9 @@ def test_rejects_too_long(model):
 def mm(request):
     """Tiny multimodal models of test_multimodal.py: E2B-like (vision + audio towers, KV sharing) and 26B-like
     (MoE, bidirectional attention among an image's tokens)."""
+    from reference import text_config_dict
     from test_multimodal import config_dict
-    return request.param, randomize_(Model(Config.from_dict(config_dict(request.param))), 7).eval()
+    return request.param, randomize_(Model(Config.from_dict(config_dict(request.param, text_config_dict))), 7).eval()
 
 
 def mm_prompt(kind, seed):
