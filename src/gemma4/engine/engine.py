@@ -55,7 +55,6 @@ class LLMEngine:
                                                  num_blocks, kv_cache_memory)
         self.blocks = BlockManager(text, num_blocks, block_size, max_num_seqs, model.dtype, model.device)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max(max_num_batched_tokens, 1))
-        self.max_num_seqs = max_num_seqs
         self.runner = ModelRunner(model, self.blocks, self.max_model_len)
         default = getattr(model, "generation_config", {}).get("eos_token_id", list(GEMMA4_STOP_IDS))
         self.stop_token_ids = list(stop_token_ids if stop_token_ids is not None else
@@ -188,6 +187,10 @@ class LLMEngine:
     @property
     def kv_usage(self) -> float:
         return self.blocks.usage
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.scheduler.max_num_seqs
 
     def run(self, seq_ids: list[int]) -> Iterator[StepOutput]:
         """Step until the requests `seq_ids` finish, yielding their outputs as they come. Outputs of the other
