@@ -21,6 +21,22 @@ def gemma4_tokenizer_dir() -> Path:
 # ---- END gemma4_tokenizer_dir fixture ----
 
 
+@_pytest.fixture(scope="session")
+def short_text_config():
+    """family -> a tiny text config of tests/reference.py on the fewest layers that keep the family's switches: a
+    sliding then a global layer and, on families with KV sharing, one shared layer of each type after them (whose MLP
+    is double-wide on E2B). For tests that run the whole model through Triton's interpreter, whose time grows with
+    the layers."""
+    from reference import FAMILIES
+
+    def config(family: str) -> dict:
+        shared = 2 if FAMILIES[family]["num_kv_shared_layers"] else 0
+        return dict(FAMILIES[family], num_hidden_layers=2 + shared, num_kv_shared_layers=shared,
+                    layer_types=["sliding_attention", "full_attention"] * (1 + shared // 2))
+
+    return config
+
+
 # Without a GPU, Triton kernels run in Triton's CPU interpreter; the variable must be set before Triton is imported.
 try:
     import torch as _torch

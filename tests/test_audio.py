@@ -36,7 +36,7 @@ def build_pair(overrides: dict, seed: int = 0):
     randomize(ref_embed.eval(), seed + 1)
     ours_cfg = AudioConfig.from_dict(cfg)
     tower = AudioTower(ours_cfg).eval()
-    embed = MultimodalEmbedder.for_audio(ours_cfg, TextConfig(hidden_size=TEXT_HIDDEN)).eval()
+    embed = MultimodalEmbedder(ours_cfg, TextConfig(hidden_size=TEXT_HIDDEN)).eval()
     for mine, ref in ((tower, ref_tower), (embed, ref_embed)):
         assert list(mine.state_dict()) == list(ref.state_dict())
         mine.load_state_dict(ref.state_dict(), strict=True)

@@ -16,7 +16,7 @@ from gemma4.processing.audio import process_audio
 from gemma4.processing.image import process_images
 from gemma4.processing.video import expand_prompt
 
-from reference import VOCAB, reference_model, text_config_dict
+from reference import VOCAB, reference_model
 from test_audio import TINY as AUDIO_TINY
 from test_vision import TOWERS
 
@@ -30,11 +30,12 @@ TEXT_MAX = 360
 EOS = [1, 106]
 
 
-def config_dict(kind: str) -> dict:
+def config_dict(kind: str, text_config) -> dict:
+    """The E2B-like or 26B-like model: text_config(family) (a text config dict) with the towers."""
     if kind == "E2B":
-        text, vision, audio = text_config_dict("E2B"), dict(TOWERS["E2B"]), dict(AUDIO_TINY)
+        text, vision, audio = text_config("E2B"), dict(TOWERS["E2B"]), dict(AUDIO_TINY)
     else:
-        text, vision, audio = text_config_dict("26B-A4B"), dict(TOWERS["26B"]), None
+        text, vision, audio = text_config("26B-A4B"), dict(TOWERS["26B"]), None
     vision["model_type"] = "gemma4_vision"
     if audio is not None:
         audio["model_type"] = "gemma4_audio"
@@ -43,9 +44,11 @@ def config_dict(kind: str) -> dict:
 
 
 @pytest.fixture(scope="module", params=["E2B", "26B"])
-def pair(request, tmp_path_factory):
+def pair(request, tmp_path_factory, short_text_config):
+    """(kind, the reference, ours) on the text model's shortest layer stack (conftest.short_text_config): the text
+    layers only repeat, and the prefill kernel's test runs them in Triton's interpreter."""
     kind = request.param
-    ref = reference_model(config_dict(kind), seed=3)
+    ref = reference_model(config_dict(kind, short_text_config), seed=3)
     if ref.model.audio_tower is not None:  # the reference audio tower's SDPA path rejects boolean masks
         ref.model.audio_tower.config._attn_implementation = "eager"
     directory = tmp_path_factory.mktemp(f"mm-{kind}")

@@ -60,7 +60,7 @@ def build_pair(kind: str, seed: int = 0):
 
     ours_cfg = VisionConfig.from_dict(cfg)
     tower = VisionTower(ours_cfg).eval()
-    embed = MultimodalEmbedder.for_vision(ours_cfg, TextConfig(hidden_size=TEXT_HIDDEN)).eval()
+    embed = MultimodalEmbedder(ours_cfg, TextConfig(hidden_size=TEXT_HIDDEN)).eval()
     for mine, ref in ((tower, ref_tower), (embed, ref_embed)):
         ref_state = ref.state_dict()
         assert set(mine.state_dict()) == set(ref_state)
@@ -201,10 +201,10 @@ def test_official_configs_give_checkpoint_keys_and_shapes(preset):
         ref = transformers.Gemma4ForConditionalGeneration(transformers.Gemma4Config(**raw))
         ours_cfg = Config.from_dict(raw)
         parts = {"model.vision_tower.": VisionTower(ours_cfg.vision_config),
-                 "model.embed_vision.": MultimodalEmbedder.for_vision(ours_cfg.vision_config, ours_cfg.text_config)}
+                 "model.embed_vision.": MultimodalEmbedder(ours_cfg.vision_config, ours_cfg.text_config)}
         if ours_cfg.audio_config is not None:
             parts["model.audio_tower."] = AudioTower(ours_cfg.audio_config)
-            parts["model.embed_audio."] = MultimodalEmbedder.for_audio(ours_cfg.audio_config, ours_cfg.text_config)
+            parts["model.embed_audio."] = MultimodalEmbedder(ours_cfg.audio_config, ours_cfg.text_config)
     ref_state = ref.state_dict()
     assert ("model.audio_tower." in parts) == any(k.startswith("model.audio_tower.") for k in ref_state)
     for prefix, module in parts.items():

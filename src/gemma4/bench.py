@@ -14,9 +14,8 @@ Measures, in this order (each part can be skipped):
 
 Where the time of a step goes (kernel by kernel, bandwidth reached): benchmarks/decode_timeline.py.
 
-`--compare transformers` then frees our model and runs transformers' Gemma4ForCausalLM (random weights of its own:
-speed does not depend on the values) on the same shapes, in the same process; transformers has no serving engine, so
-its serving figure is one static batch of the 64 prompts through `generate`. transformers is imported only then.
+`--compare transformers` then frees our model and runs transformers' Gemma4ForCausalLM (random weights of its own) on
+the same shapes, in the same process; having no serving engine, it serves one static batch through `generate`.
 """
 
 from __future__ import annotations
@@ -71,19 +70,12 @@ class Engine:
     (greedy); `serve(prompts, new_tokens)`, a serving run returning the tokens it produced; `token_times(ids,
     new_tokens, chunk)`, perf_counter() as each of the `new_tokens` generated tokens reaches the host (greedy)."""
 
-    name = ""
-    vocab = 0
-
-    def decode_seconds(self, ids: torch.Tensor, steps: int, chunk: int, device: str, repeat: int) -> float:
+    def decode_seconds(self, ids: torch.Tensor, steps: int, chunk: int, repeat: int) -> float:
         """Time of `steps` decode steps, clocked inside one generation from its first token to its last: no
         difference of two runs, so the prefill's own variation (large for a chunked 64 x 1K prompt) cannot leak into
         the figure. Each token is read back to the host as it comes, so the clock stops on finished work. Best of
         `repeat`."""
-        best = float("inf")
-        for _ in range(repeat):
-            token_times = self.token_times(ids, steps + 1, chunk)
-            best = min(best, token_times[-1] - token_times[0])
-        return best
+        return min(times[-1] - times[0] for times in (self.token_times(ids, steps + 1, chunk) for _ in range(repeat)))
 
     def free_caches(self) -> None:
         """Drop KV caches and captured graphs kept for reuse, so that one measurement's memory does not add to the
@@ -112,8 +104,7 @@ class Gemma4Engine(Engine):
             self.engine = LLMEngine(self.model, max_num_seqs=batch, max_model_len=length + self.max_new,
                                     max_num_batched_tokens=8192)
         params = SamplingParams(max_tokens=new_tokens, ignore_eos=True, **GEMMA4_DEFAULTS)
-        outputs = self.engine.generate(prompts.tolist(), params)
-        return sum(len(o) for o in outputs)
+        return sum(len(tokens) for tokens in self.engine.generate(prompts.tolist(), params))
 
     def token_times(self, ids, new_tokens, chunk):
         engine = engine_for(self.model, ids.shape[0], ids.shape[1] + new_tokens, chunk * ids.shape[0])
@@ -136,14 +127,9 @@ class TransformersEngine(Engine):
 
         self.name = f"transformers {transformers.__version__}"
         config = transformers.Gemma4TextConfig(**random_config(spec.preset, spec.num_layers).text_config.to_dict())
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(torch.bfloat16)
-        try:
-            with torch.device(spec.device):
-                self.model = transformers.Gemma4ForCausalLM(config).eval()
-        finally:
-            torch.set_default_dtype(default)
-        self.model.config._attn_implementation = "sdpa"
+        with torch.device(spec.device):
+            self.model = transformers.Gemma4ForCausalLM._from_config(config, dtype=torch.bfloat16,
+                                                                     attn_implementation="sdpa").eval()
         self.vocab = config.vocab_size
 
     def generate(self, ids, new_tokens, chunk=None, streamer=None):
@@ -153,20 +139,18 @@ class TransformersEngine(Engine):
     def token_times(self, ids, new_tokens, chunk):
         from transformers.generation.streamers import BaseStreamer
 
-        class Clock(BaseStreamer):  # generate() hands over the prompt, then each step's tokens, moved to the host
-            def __init__(self):
-                self.times = []
+        times = []
 
+        class Clock(BaseStreamer):  # generate() hands over the prompt, then each step's tokens, moved to the host
             def put(self, value):
                 value.cpu()
-                self.times.append(time.perf_counter())
+                times.append(time.perf_counter())
 
             def end(self):
                 pass
 
-        clock = Clock()
-        self.generate(ids, new_tokens, streamer=clock)
-        return clock.times[1:]  # the first put() is the prompt
+        self.generate(ids, new_tokens, streamer=Clock())
+        return times[1:]  # the first put() is the prompt
 
     def serve(self, prompts, new_tokens):
         out = self.model.generate(prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
@@ -191,7 +175,7 @@ def run_engine(engine: Engine, spec: BenchSpec, log=print) -> dict:
         chunk = max(1, spec.prefill_chunk // batch)
         try:
             engine.generate(ids, spec.steps + 1, chunk)  # warm-up: captures / compiles this batch size
-            seconds = engine.decode_seconds(ids, spec.steps, chunk, device, repeat)
+            seconds = engine.decode_seconds(ids, spec.steps, chunk, repeat)
             record("decode tok/s", f"b{batch} ctx{spec.context}", batch * spec.steps / seconds)
         except torch.OutOfMemoryError:
             record("decode tok/s", f"b{batch} ctx{spec.context}", float("nan"))
@@ -241,16 +225,14 @@ def _free(peaks: list | None = None) -> None:
 
 def bench(spec: BenchSpec, compare: str | None = None, log=print) -> tuple[dict, dict | None]:
     """Our figures, then (with compare="transformers") transformers' on the same shapes: one model at a time."""
-    engines = [Gemma4Engine] + ([TransformersEngine] if compare == "transformers" else [])
-    results = []
-    for make in engines:
+    def measure(make) -> dict:
         if spec.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        engine = make(spec)
-        results.append(run_engine(engine, spec, log))
-        del engine
-        _free()
-    return results[0], results[1] if len(results) > 1 else None
+        results = run_engine(make(spec), spec, log)
+        _free()  # the engine, no longer referenced
+        return results
+
+    return measure(Gemma4Engine), measure(TransformersEngine) if compare == "transformers" else None
 
 
 def table(spec: BenchSpec, mine: dict, theirs: dict | None) -> str:

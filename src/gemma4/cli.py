@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
+import itertools
 import sys
+import time
 
 
 def cmd_init(args) -> None:
@@ -17,24 +20,19 @@ def cmd_init(args) -> None:
     print(f"wrote a RANDOM-WEIGHT {args.preset} checkpoint to {out}")
 
 
-def _sampling_overrides(args) -> dict:
-    values = {"max_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-              "top_k": args.top_k, "seed": args.seed}
-    return {k: v for k, v in values.items() if v is not None}
-
-
 def _load_llm(args):
+    """The LLM of the model arguments, and the SamplingParams of the sampling ones (unset: the checkpoint's)."""
     from .llm import LLM
 
-    return LLM(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer,
-               max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer,
+              max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization)
+    values = {"max_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+              "top_k": args.top_k, "seed": args.seed}
+    return llm, llm._params({k: v for k, v in values.items() if v is not None})
 
 
 def cmd_generate(args) -> None:
-    import time
-
-    llm = _load_llm(args)
-    params = llm._params(_sampling_overrides(args))
+    llm, params = _load_llm(args)
     prompt = llm.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
     usage: dict = {}
     start = time.perf_counter()
@@ -53,7 +51,7 @@ def cmd_generate(args) -> None:
 def cmd_chat(args) -> None:
     from .processing.stream_parse import ContentDelta, ReasoningDelta, StreamParser
 
-    llm = _load_llm(args)
+    llm, params = _load_llm(args)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     dim, reset = ("\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "")
     print("gemma4 chat — /reset clears the history, /exit quits", file=sys.stderr)
@@ -70,18 +68,14 @@ def cmd_chat(args) -> None:
         history.append({"role": "user", "content": line})
         prompt = llm.chat_prompt(history, enable_thinking=args.think)
         parser, answer = StreamParser(prefix=llm.tokenizer.decode(prompt, skip_special_tokens=False)), []
-        params = llm._params(_sampling_overrides(args))
-        for delta in llm.stream(prompt, params, skip_special_tokens=False):
-            for event in parser.feed(delta):
+        deltas = llm.stream(prompt, params, skip_special_tokens=False)
+        for delta in itertools.chain(deltas, [None]):  # None: the stream is over, the parser hands what it held
+            for event in parser.feed(delta) if delta is not None else parser.finish():
                 if isinstance(event, ReasoningDelta):
                     print(f"{dim}{event.text}{reset}", end="", flush=True)
                 elif isinstance(event, ContentDelta):
                     answer.append(event.text)
                     print(event.text, end="", flush=True)
-        for event in parser.finish():
-            if isinstance(event, ContentDelta):
-                answer.append(event.text)
-                print(event.text, end="", flush=True)
         print()
         # Thoughts stay out of the history, as the chat template intends.
         history.append({"role": "assistant", "content": "".join(answer)})
@@ -90,7 +84,6 @@ def cmd_chat(args) -> None:
 def cmd_demo(args) -> None:
     """Random weights of an official size through the whole stack: template, tokenizer, model, sampler, parser."""
     import os
-    import time
 
     import torch
 
@@ -113,8 +106,7 @@ def cmd_demo(args) -> None:
     llm = LLM(model, tokenizer=tokenizer, max_model_len=args.max_model_len)
     print(f"engine: {summary(llm.engine, time.perf_counter() - start)}", file=sys.stderr)
     start = time.perf_counter()
-    reply = llm.chat([{"role": "user", "content": args.prompt}], params={"max_tokens": args.max_new_tokens,
-                                                                          "seed": 0})
+    reply = llm.chat([{"role": "user", "content": args.prompt}], params={"max_tokens": args.max_new_tokens, "seed": 0})
     elapsed = time.perf_counter() - start
     print(f"user: {args.prompt}")
     print(f"model (random weights, so this is noise): {reply['content']!r}")
@@ -138,10 +130,7 @@ def cmd_bench(args) -> None:
             import transformers  # noqa: F401
         except ImportError:
             raise ValueError("--compare transformers needs transformers==5.23.0 installed") from None
-    spec = BenchSpec(preset=args.preset, batches=args.batch, context=args.context, steps=args.steps,
-                     repeat=args.repeat, concurrency=args.concurrency, serve_in=args.serve_in,
-                     serve_out=args.serve_out, prefill=args.prefill, prefill_chunk=args.prefill_chunk,
-                     num_layers=args.num_layers, device=args.device)
+    spec = BenchSpec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchSpec)})
     mine, theirs = bench(spec, args.compare, log=lambda line: print(line, file=sys.stderr, flush=True))
     print(table(spec, mine, theirs))
     if args.out:
@@ -219,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     spec = BenchSpec()  # the defaults live there
     p = add("bench", help="speed of an official size with random weights, optionally vs transformers")
     p.add_argument("--preset", default=spec.preset, help="E2B, E4B, 26B-A4B or 31B")
-    p.add_argument("--batch", type=int, nargs="*", default=spec.batches, help="decode batch sizes")
+    p.add_argument("--batch", type=int, nargs="*", default=spec.batches, dest="batches", metavar="BATCH",
+                   help="decode batch sizes")
     p.add_argument("--context", type=int, default=spec.context, help="prompt tokens before the timed decode steps")
     p.add_argument("--steps", type=int, default=spec.steps, help="timed decode steps")
     p.add_argument("--repeat", type=int, default=spec.repeat, help="best of this many timings")

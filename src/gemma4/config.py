@@ -202,9 +202,7 @@ class TextConfig(_JsonConfig):
 
     def to_dict(self) -> dict[str, Any]:
         """The transformers 5.23 form (`per_layer_config`), which transformers and we both read."""
-        out = super().to_dict()
-        for key in ("global_head_dim", "num_global_key_value_heads"):
-            out.pop(key)
+        out = {k: v for k, v in super().to_dict().items() if k not in ("global_head_dim", "num_global_key_value_heads")}
         out["per_layer_config"] = {
             f"{i:02d}": {"head_dim": hd, "num_key_value_heads": kv}
             for i, (hd, kv) in enumerate(zip(self.layer_head_dims, self.layer_num_kv_heads))

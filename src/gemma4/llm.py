@@ -51,10 +51,8 @@ class LLM:
         self.model = model if isinstance(model, Gemma4) else Model.from_pretrained(model, dtype=dtype, device=device)
         checkpoint = getattr(self.model, "checkpoint_dir", None)
         if tokenizer is None and checkpoint is not None and Path(checkpoint, "tokenizer.json").is_file():
-            tokenizer = Tokenizer.from_pretrained(checkpoint)
-        elif isinstance(tokenizer, (str, Path)):
-            tokenizer = Tokenizer.from_pretrained(tokenizer)
-        self.tokenizer = tokenizer
+            tokenizer = Path(checkpoint)
+        self.tokenizer = Tokenizer.from_pretrained(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
         self.default_params = SamplingParams.defaults_for(checkpoint)
         seqs = max_batch_size or 16
         while True:  # each sequence holds sliding-window rings: 800 MiB for 31B, so 16 may not fit beside it
@@ -73,16 +71,12 @@ class LLM:
             self.engine.warm_up()
         logger.info("gemma4.LLM: %s", summary(self.engine, time.perf_counter() - start))
 
-    # --- prompts ----------------------------------------------------------------------------------
     def _ids(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer files: pass token id lists, or tokenizer=DIR")
             return self.tokenizer.encode(prompt)
-        ids = [int(t) for t in prompt]
-        if not ids:
-            raise ValueError("empty prompt")
-        return ids
+        return [int(t) for t in prompt]  # the engine refuses an empty one
 
     def _params(self, params: SamplingParams | dict | None) -> SamplingParams:
         if params is None:
@@ -91,7 +85,6 @@ class LLM:
             return SamplingParams.from_dict({**dataclasses.asdict(self.default_params), **params})
         return params
 
-    # --- generation -------------------------------------------------------------------------------
     def _requests(self, prompts: list[list[int]], params: list[SamplingParams]) -> tuple[LLMEngine, list[int]]:
         """Add the requests to the engine, all or none (one it refuses, e.g. longer than max_model_len, raises)."""
         engine, seq_ids = self.engine, []
@@ -167,7 +160,6 @@ class LLM:
         if delta := text.finish():
             yield delta
 
-    # --- chat -------------------------------------------------------------------------------------
     def chat_prompt(self, messages: list[dict], tools: list | None = None, enable_thinking: bool = False,
                     **template_kwargs) -> list[int]:
         from .processing.chat import openai_to_gemma_messages

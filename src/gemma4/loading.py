@@ -37,8 +37,7 @@ def resolve_dtype(dtype, device: torch.device, default: torch.dtype = torch.bflo
         if dtype not in DTYPES:
             raise ValueError(f"unsupported dtype {dtype!r}; use one of float32, bfloat16, float16")
         dtype = DTYPES[dtype]
-    if dtype is None:
-        dtype = default
+    dtype = default if dtype is None else dtype
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"unsupported dtype {dtype}; use torch.float32, torch.bfloat16 or torch.float16")
     if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
@@ -133,8 +132,7 @@ def load_model(path_or_id, dtype=None, device="auto", with_towers: bool = True, 
     shapes = {name: t.shape for name, t in model.state_dict().items()}
     expected = {checkpoint_key(name, config.layout): name for name in shapes}
     state: dict[str, torch.Tensor] = {}
-    total = sum(f.stat().st_size for f in files)
-    bar = progress_bar(total, "loading weights", progress)
+    bar = progress_bar(sum(f.stat().st_size for f in files), "loading weights", progress)
     for file in files:
         try:
             with safe_open(file, framework="pt", device="cpu") as reader:
@@ -165,14 +163,11 @@ def load_model(path_or_id, dtype=None, device="auto", with_towers: bool = True, 
 
 
 def _deliberately_unused(key: str, config: Config, with_towers: bool) -> bool:
-    match = UNUSED_SHARED_KV.search(key)
-    if match and config.text_config.is_kv_shared(int(match.group(1))):
-        return True
-    if key == "lm_head.weight" and config.text_config.tie_word_embeddings:  # tied: the embedding serves
-        return True
-    # Towers of a multimodal checkpoint loaded text-only.
-    return not with_towers and key.startswith(("model.vision_tower.", "model.audio_tower.", "model.embed_vision.",
-                                               "model.embed_audio."))
+    shared = (match := UNUSED_SHARED_KV.search(key)) and config.text_config.is_kv_shared(int(match.group(1)))
+    tied = key == "lm_head.weight" and config.text_config.tie_word_embeddings  # the embedding serves
+    towers = not with_towers and key.startswith(  # of a multimodal checkpoint loaded text-only
+        ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio."))
+    return bool(shared or tied or towers)
 
 
 def progress_bar(total_bytes: int, desc: str, enabled: bool | None = None):

@@ -16,28 +16,18 @@ DEFERRABLE = frozenset({"o_proj", "down_proj", "per_layer_projection"})
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    """Every runtime switch. Environment variables exist only for user-facing debugging switches; the others
-    exist to compare two paths and are set by tests and benchmarks through `override`.
+    """Every runtime switch (the table with each one's meaning: docs/architecture.md, "Runtime switches").
+    Environment variables exist only for user-facing debugging switches; the others exist to compare two paths and
+    are set by tests and benchmarks through `override`."""
 
-    | field            | environment          | default    | meaning                                                  |
-    |------------------|----------------------|------------|----------------------------------------------------------|
-    | kernels          | GEMMA4_KERNELS=0     | True       | the Triton kernels on CUDA tensors; False: PyTorch ops   |
-    | pdl              | GEMMA4_PDL=0         | True       | programmatic dependent launch on Hopper and newer        |
-    | cuda_graphs      | GEMMA4_EAGER=1       | True       | decode steps replayed from CUDA graphs; False: eager     |
-    | defer_norms      | -                    | DEFERRABLE | the products whose residual norms the next GEMV applies  |
-    | fuse_projections | -                    | "auto"     | q/k/v and gate/up as one matmul each when loading: "auto"|
-    |                  |                      |            | on CUDA only, True on every device, False never          |
-    | prefill_kernel   | -                    | True       | the flash prefill attention kernel; False: SDPA + a mask |
-    | tokenizer_dir    | GEMMA4_TOKENIZER_DIR | None       | where `gemma4 demo` finds a tokenizer without --tokenizer|
-    """
-
-    kernels: bool = True
-    pdl: bool = True
-    cuda_graphs: bool = True
-    defer_norms: frozenset[str] = DEFERRABLE
+    kernels: bool = True  # GEMMA4_KERNELS=0: PyTorch ops instead of the Triton kernels on CUDA tensors
+    pdl: bool = True  # GEMMA4_PDL=0: no programmatic dependent launch (Hopper and newer)
+    cuda_graphs: bool = True  # GEMMA4_EAGER=1: eager decode steps instead of CUDA graph replays
+    defer_norms: frozenset[str] = DEFERRABLE  # the products whose residual norms the next GEMV applies
+    # q/k/v and gate/up as one matmul each when loading: "auto" on CUDA only, True on every device, False never
     fuse_projections: Literal["auto"] | bool = "auto"
-    prefill_kernel: bool = True
-    tokenizer_dir: str | None = None
+    prefill_kernel: bool = True  # the flash prefill attention kernel; False: SDPA with a boolean mask
+    tokenizer_dir: str | None = None  # GEMMA4_TOKENIZER_DIR: where `gemma4 demo` finds a tokenizer without --tokenizer
 
     def __post_init__(self):
         object.__setattr__(self, "defer_norms", frozenset(self.defer_norms))  # any iterable of site names

@@ -84,17 +84,15 @@ def random_config(preset: str, num_layers: int | None = None, text_only: bool = 
     config = Config.preset(preset)
     text = config.text_config
     if num_layers is not None and num_layers != text.num_hidden_layers:
-        data = text.to_dict()
         # Keep the layer pattern and the share of KV-shared layers; the last layer stays global.
         pattern = text.layer_types
-        data["layer_types"] = [pattern[i % len(pattern)] for i in range(num_layers)]
-        data["num_hidden_layers"] = num_layers
         shared = round(text.num_kv_shared_layers * num_layers / text.num_hidden_layers)
-        data["num_kv_shared_layers"] = min(shared, max(num_layers - 6, 0)) if shared else 0
-        data["per_layer_config"] = None
-        data["global_head_dim"] = text.global_head_dim
-        data["num_global_key_value_heads"] = text.num_global_key_value_heads
-        config.text_config = type(text).from_dict(data)
+        config.text_config = type(text).from_dict({
+            **text.to_dict(), "num_hidden_layers": num_layers,
+            "layer_types": [pattern[i % len(pattern)] for i in range(num_layers)],
+            "num_kv_shared_layers": min(shared, max(num_layers - 6, 0)) if shared else 0,
+            "per_layer_config": None, "global_head_dim": text.global_head_dim,
+            "num_global_key_value_heads": text.num_global_key_value_heads})
     if text_only:
         config.vision_config = config.audio_config = None
     return config

@@ -1,8 +1,5 @@
-"""The engine's KV memory (model/paged_cache.py's KVPools) with its free lists: global layers' K/V in fixed-size
-blocks (paged), sliding layers in one ring of `window` slots per running sequence, KV-shared layers nothing.
-
-Every global layer shares one block table per sequence (block j holds positions [j*B, (j+1)*B)), so one free list
-serves all of them."""
+"""The engine's KV memory (model/paged_cache.py's KVPools) with its free lists. Every global layer shares one block
+table per sequence (block j holds positions [j*B, (j+1)*B)), so one free list serves all of them."""
 
 from __future__ import annotations
 
@@ -44,8 +41,7 @@ class BlockManager(KVPools):
         need = self.blocks_for(num_tokens) - len(seq.block_table)
         if need > len(self.free_blocks):
             return False
-        for _ in range(max(need, 0)):
-            seq.block_table.append(self.free_blocks.pop())
+        seq.block_table.extend(self.free_blocks.pop() for _ in range(max(need, 0)))
         return True
 
     def release(self, seq: Sequence) -> None:

@@ -7,16 +7,14 @@
 
 Not thread-safe: one thread drives it (server/async_engine.py runs it in a background thread).
 
-The host runs one step ahead of the device: `step()` queues the next forward before it reads the tokens of the one in
-flight, so the GPU is not idle while Python schedules, builds inputs and hands out outputs. A sequence whose token is
-still on the device holds a PENDING placeholder as its last output id (`Sequence.pending`); the next step reads that
-token on the device. A step's tokens therefore come out of the next `step()` call, and a sequence that stops on a
-token costs the device one step it did not need (its result is dropped). Rows that need the full sampler (penalties,
-logprobs, min_tokens) are sampled at once, which waits for the device.
+The host runs one step ahead of the device (docs/architecture.md, "One step"): `step()` queues the next forward
+before it reads the tokens of the one in flight, so the GPU is not idle while Python works. A sequence whose token is
+still on the device holds a PENDING placeholder as its last output id (`Sequence.pending`), which the next forward
+reads on the device; one that stops on that token costs the device a step whose result is dropped.
 
-One request cannot take the others down: a row that cannot be sampled (NaN logits), or a forward that raises (out
-of memory), ends the sequences concerned with finish_reason "error" and a message (`StepOutput.error`); the engine
-goes on. Only a device error (CUDA's are sticky) propagates out of `step()`."""
+A row that cannot be sampled (NaN logits) or a forward that raises (out of memory) ends only the sequences concerned,
+with finish_reason "error" and a message (`StepOutput.error`); only a device error (CUDA's are sticky) propagates
+out of `step()`."""
 
 from __future__ import annotations
 
@@ -57,6 +55,7 @@ class LLMEngine:
                                                  num_blocks, kv_cache_memory)
         self.blocks = BlockManager(text, num_blocks, block_size, max_num_seqs, model.dtype, model.device)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max(max_num_batched_tokens, 1))
+        self.max_num_seqs = max_num_seqs
         self.runner = ModelRunner(model, self.blocks, self.max_model_len)
         default = getattr(model, "generation_config", {}).get("eos_token_id", list(GEMMA4_STOP_IDS))
         self.stop_token_ids = list(stop_token_ids if stop_token_ids is not None else
@@ -78,11 +77,8 @@ class LLMEngine:
         self._check_runs(vision_runs([t in vision for t in prompt_ids]))  # before running any tower
         with self._encode_lock:
             soft = compute_soft_tokens(self.runner.model, prompt_ids, **media)
-        self.check_media(soft)
-        return soft
-
-    def check_media(self, soft: SoftTokens) -> None:
         self._check_runs(soft.vision_runs)
+        return soft
 
     def _check_runs(self, runs: list[tuple[int, int]]) -> None:
         longest = max((b - a for a, b in runs), default=0)
@@ -96,7 +92,7 @@ class LLMEngine:
         """`media`: the prompt's processor outputs (run through the towers now) or `encode_media`'s result (which
         several requests may share, e.g. the n choices of one prompt)."""
         if len(prompt_ids) == 0:
-            raise ValueError("the prompt is empty")
+            raise ValueError("empty prompt: a request needs at least one token")
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens + max_tokens {params.max_tokens} exceeds the "
                              f"maximum context length of {self.max_model_len} tokens")
@@ -104,14 +100,14 @@ class LLMEngine:
         if isinstance(media, dict):
             media = self.encode_media(prompt_ids, media) if media else None
         elif media is not None:
-            self.check_media(media)
+            self._check_runs(media.vision_runs)
             if len(media) and int(media.positions[-1]) >= len(prompt_ids):
                 raise ValueError("the media's soft tokens lie beyond the prompt")
         stops = [] if params.ignore_eos else (params.stop_token_ids if params.stop_token_ids is not None
                                                else self.stop_token_ids)
         seq = Sequence(list(prompt_ids), params, frozenset(stops), media=media)
         self.seqs[seq.seq_id] = seq
-        self.scheduler.add(seq)
+        self.scheduler.waiting.append(seq)
         return seq.seq_id
 
     def abort(self, seq_id: int, output: bool = True) -> None:
@@ -122,7 +118,7 @@ class LLMEngine:
                 self.aborted.append(seq)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work() or bool(self.aborted) or self.in_flight is not None
+        return bool(self.scheduler.waiting or self.scheduler.running or self.aborted) or self.in_flight is not None
 
     def step(self) -> list[StepOutput]:
         outputs = [self._output(seq, None, None) for seq in self.aborted]
@@ -157,10 +153,9 @@ class LLMEngine:
                 outputs.append(self._fail(seq, sampled))
                 continue
             token, logprobs = sampled
-            if seq.pending:
-                seq.output_ids[-1] = token
-            else:
-                seq.output_ids.append(token)
+            if seq.pending:  # the placeholder gives way to the token
+                seq.output_ids.pop()
+            seq.output_ids.append(token)
             if reason := finish_reason(token, len(seq.output_ids), seq.params, seq.stop_ids):
                 self._finish(seq, reason)
             outputs.append(self._output(seq, token, logprobs))
@@ -194,10 +189,6 @@ class LLMEngine:
     def kv_usage(self) -> float:
         return self.blocks.usage
 
-    @property
-    def max_num_seqs(self) -> int:
-        return self.scheduler.max_num_seqs
-
     def run(self, seq_ids: list[int]) -> Iterator[StepOutput]:
         """Step until the requests `seq_ids` finish, yielding their outputs as they come. Outputs of the other
         requests that this stepping produces wait in their mailboxes for their own `run` (an unfinished
@@ -228,12 +219,10 @@ class LLMEngine:
         params = params if isinstance(params, list) else [params] * len(prompts)
         media = media or [None] * len(prompts)
         ids = [self.add_request(p, sp, m) for p, sp, m in zip(prompts, params, media)]
-        results: dict[int, list[int]] = {i: [] for i in ids}
+        seqs = [self.seqs[i] for i in ids]  # held here: the engine lets go of a sequence when it ends
         for out in self.run(ids):
             out.raise_error()
-            if out.token is not None:
-                results[out.seq_id].append(out.token)
-        return [results[i] for i in ids]
+        return [seq.output_ids for seq in seqs]
 
     def warm_up(self) -> None:
         """Compile the kernels and capture the decode step of every batch bucket now (CUDA), so that no request

@@ -4,9 +4,8 @@
 stopped padded with `pad_token_id`; unset sampling arguments come from the checkpoint's generation_config, as in
 transformers; `eos_token_id=None` never stops; `min_new_tokens` holds the stop back; row b draws from `seed + b`.
 Each row is one request of the model's `LLMEngine` (`engine_for`: kept on the model and reused, so its CUDA graphs
-are captured once). `use_cache=False` runs `reference_generate` instead: a full forward over everything at every
-step, no cache, the same sampler and stop rule. `return_dict_in_generate=True` returns a `GenerateOutput` instead of
-the tensor, with the scores and logits of every step when `output_scores` / `output_logits` ask for them.
+are captured once); `use_cache=False` runs `reference_generate` instead. `return_dict_in_generate=True`: a
+`GenerateOutput` instead of the tensor.
 """
 
 from __future__ import annotations
@@ -23,15 +22,6 @@ from .sampling import GEMMA4_DEFAULTS, GEMMA4_STOP_IDS, SamplingParams, finish_r
 
 _FROM_CONFIG = object()  # "use the checkpoint's generation_config" (None means "never stop early")
 CONTEXT_BUCKET = 1024  # an engine's context is rounded up to this, so nearby lengths share one engine
-
-
-def check_lengths(model, prompt_len: int, max_new_tokens: int) -> None:
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    limit = model.config.text_config.max_position_embeddings
-    if prompt_len + max_new_tokens > limit:
-        raise ValueError(f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens exceeds this model's "
-                         f"context of {limit} tokens; shorten the prompt or lower max_new_tokens")
 
 
 def left_pad(prompts, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,19 +53,16 @@ class GenerateOutput(Mapping):
 
     def __getitem__(self, key):
         if isinstance(key, str):
-            if key not in self.keys():
+            if key not in iter(self):
                 raise KeyError(key)
             return getattr(self, key)
         return tuple(self.values())[key]
 
-    def keys(self) -> list[str]:
-        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
-
-    def __iter__(self):
-        return iter(self.keys())
+    def __iter__(self):  # the names of the fields that are set
+        return (f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None)
 
     def __len__(self) -> int:
-        return len(self.keys())
+        return sum(1 for _ in self)
 
 
 class _Kept:
@@ -96,8 +83,7 @@ def engine_for(model, num_seqs: int, length: int, budget: int | None = None) -> 
     engine, limit = kept.engine, model.config.text_config.max_position_embeddings
     if engine is None or engine.max_num_seqs < num_seqs or engine.max_model_len < length:
         seqs = max(num_seqs, engine.max_num_seqs if engine else 1)
-        context = min(max(-(-length // CONTEXT_BUCKET) * CONTEXT_BUCKET, engine.max_model_len if engine else 0),
-                      limit)
+        context = min(max(-(-length // CONTEXT_BUCKET) * CONTEXT_BUCKET, engine.max_model_len if engine else 0), limit)
         kept.engine = engine = None  # its KV pools and graphs are freed before the new ones are allocated
         free_memory(model)
         engine = kept.engine = LLMEngine(model, max_num_seqs=seqs, max_model_len=context)
@@ -123,26 +109,6 @@ def free_memory(model) -> None:
         torch.cuda.empty_cache()
 
 
-def generation_params(model, batch: int, max_new_tokens: int, min_new_tokens: int = 0, do_sample: bool | None = None,
-                      temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
-                      min_p: float | None = None, repetition_penalty: float | None = None,
-                      eos_token_id=_FROM_CONFIG, seed: int | None = None) -> list[SamplingParams]:
-    """transformers' generate arguments -> one SamplingParams per row (unset ones from generation_config)."""
-    defaults = {**GEMMA4_DEFAULTS, "do_sample": True, **getattr(model, "generation_config", {})}
-    do_sample = defaults.get("do_sample", True) if do_sample is None else do_sample
-    given = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
-             "repetition_penalty": repetition_penalty}
-    values = {k: (v if v is not None else defaults.get(k)) for k, v in given.items()}
-    values = {k: v for k, v in values.items() if v is not None}
-    if not do_sample:
-        values["temperature"] = 0.0
-    if eos_token_id is _FROM_CONFIG:
-        eos_token_id = defaults.get("eos_token_id", list(GEMMA4_STOP_IDS))
-    stops = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    return [SamplingParams(max_tokens=max_new_tokens, min_tokens=min_new_tokens, stop_token_ids=stops,
-                           seed=None if seed is None else seed + row, **values) for row in range(batch)]
-
-
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
              max_new_tokens: int = 20, min_new_tokens: int = 0, do_sample: bool | None = None,
@@ -155,12 +121,28 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     the whole prompt in one step). `output_scores` / `output_logits` count only with `return_dict_in_generate`
     (as in transformers); otherwise nothing is kept."""
     batch, length = input_ids.shape
-    check_lengths(model, length, max_new_tokens)
-    params = generation_params(model, batch, max_new_tokens, min_new_tokens, do_sample, temperature, top_p, top_k,
-                               min_p, repetition_penalty, eos_token_id, seed)
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    limit = model.config.text_config.max_position_embeddings
+    if length + max_new_tokens > limit:
+        raise ValueError(f"prompt of {length} tokens + {max_new_tokens} new tokens exceeds this model's "
+                         f"context of {limit} tokens; shorten the prompt or lower max_new_tokens")
+    # One SamplingParams per row; unset arguments from generation_config.
+    defaults = {**GEMMA4_DEFAULTS, "do_sample": True, **getattr(model, "generation_config", {})}
+    given = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
+             "repetition_penalty": repetition_penalty}
+    values = {k: (v if v is not None else defaults.get(k)) for k, v in given.items()}
+    values = {k: v for k, v in values.items() if v is not None}
+    if not (defaults["do_sample"] if do_sample is None else do_sample):
+        values["temperature"] = 0.0
+    if eos_token_id is _FROM_CONFIG:
+        eos_token_id = defaults.get("eos_token_id", list(GEMMA4_STOP_IDS))
+    stops = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     if return_dict_in_generate:
-        params = [dataclasses.replace(p, output_scores=output_scores, output_logits=output_logits) for p in params]
-    pad = pad_token_id if pad_token_id is not None else getattr(model, "generation_config", {}).get("pad_token_id", 0)
+        values.update(output_scores=output_scores, output_logits=output_logits)
+    params = [SamplingParams(max_tokens=max_new_tokens, min_tokens=min_new_tokens, stop_token_ids=stops,
+                             seed=None if seed is None else seed + row, **values) for row in range(batch)]
+    pad = pad_token_id if pad_token_id is not None else defaults.get("pad_token_id", 0)
     valid = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
              else attention_mask.to(input_ids.device, torch.bool))
     media = {k: v for k, v in media.items() if v is not None}

@@ -39,10 +39,9 @@ def capture_graph(fn, pool=None):
 
 
 class GraphedDecode:
-    """Decode steps (one token per row) replayed from CUDA graphs, one per bucket of batch sizes.
-
-    Inputs live in static buffers sized for the largest bucket; rows past the real batch are padding (invalid, trash
-    block table, no position): they write only to the trash slots and see no key."""
+    """Decode steps (one token per row) replayed from CUDA graphs, one per bucket of batch sizes. Inputs live in static
+    buffers sized for the largest bucket; rows past the real batch are padding (invalid, trash block table, no
+    position): they write only to the trash slots and see no key."""
 
     def __init__(self, model, blocks: BlockManager, max_model_len: int):
         self.model, self.blocks = model, blocks

@@ -8,9 +8,7 @@ The budget, unless given in bytes (`kv_cache_memory`) or replaced by an explicit
   work buffers and the media towers.
 * CPU: 4 GiB (vLLM's CPU default too), at most half the free RAM. The pool is zeroed, so it is resident at once.
 
-The pools (block_manager.py): global layers hold `num_blocks` blocks of `block_size` tokens shared by all sequences;
-sliding layers one ring of `sliding_window` slots per sequence, whatever its length; KV-shared layers nothing; each
-pool has one trash block / slot more."""
+The pools' layout: model/paged_cache.py (KVPools)."""
 
 from __future__ import annotations
 

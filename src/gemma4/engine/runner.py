@@ -1,15 +1,7 @@
-"""ModelRunner: turns a scheduled step into one forward (left-padded chunks, explicit positions, the paged cache
-view) and samples the rows whose chunk reached the end of their known tokens. Image/audio soft tokens, computed
-once per request (`Sequence.media`), go in as `media_embeds` for the prompt positions each chunk covers.
-
-Sampling stays on the model's device: the rows that `batchable` accepts are sampled together (`sample_batch`; greedy
-rows take the argmax) and only their token ids come back to the host, when the engine asks (`Launched.collect`:
-after it has queued the next step, whose inputs read those ids on the device); the others (penalties, logprobs,
-min_tokens holding back a stop) go through `sample_token` one by one, on the device too, at once.
-
-On CUDA (with the Triton kernels), steps where every row decodes one token replay a CUDA graph captured for the
-batch size rounded up to a bucket (`GraphedDecode`): the paged view, the forward and the logits all run from static
-buffers, the padding rows writing only to the trash slots."""
+"""ModelRunner: turns a scheduled step into forwards (left-padded chunks, explicit positions, the paged cache view;
+decode rows on CUDA replay `GraphedDecode`'s graph) and samples the rows whose chunk reached the end of their known
+tokens, on the model's device (docs/architecture.md, "One step"). The batched rows' token ids come back to the host
+only when the engine asks (`Launched.collect`: after it has queued the next step, which reads them on the device)."""
 
 from __future__ import annotations
 
@@ -52,17 +44,15 @@ class ModelRunner:
                 checked = tokens.masked_fill(rows.isnan().any(-1), NAN_ROW)
             except Exception:  # one row's logits: sample the rows one by one below, so that only that row fails
                 fast, tokens = [], None
-        batched = set(fast)
-        for row in sampling:
-            if row not in batched:  # penalties, logprobs or min_tokens: the full sampler, row by row
-                # Output ids end in PENDING only for a row that batchable takes (it ran ahead), which no rule here
-                # reads: such a row comes here only when the batched sampler failed.
-                seq = seqs[row]
-                try:
-                    results[row] = sample_token(logits[row], seq.params, seq.prompt_tensor(device), seq.output_ids,
-                                                seq.stop_ids, seq.generator_on(device), seq.kept_rows)
-                except Exception as e:  # noqa: BLE001  (the engine fails this sequence alone: engine._accept)
-                    results[row] = SampleError(f"{type(e).__name__}: {e}")
+        for row in sorted(set(sampling) - set(fast)):  # penalties, logprobs or min_tokens: the full sampler, row by row
+            # Output ids end in PENDING only for a row that batchable takes (it ran ahead), which no rule here reads:
+            # such a row comes here only when the batched sampler failed.
+            seq = seqs[row]
+            try:
+                results[row] = sample_token(logits[row], seq.params, seq.prompt_tensor(device), seq.output_ids,
+                                            seq.stop_ids, seq.generator_on(device), seq.kept_rows)
+            except Exception as e:  # noqa: BLE001  (the engine fails this sequence alone: engine._accept)
+                results[row] = SampleError(f"{type(e).__name__}: {e}")
         return Launched(batch, results, fast, tokens, checked)
 
     def forward(self, batch: list[Scheduled], ahead: Launched | None = None) -> torch.Tensor:

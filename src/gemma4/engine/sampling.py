@@ -52,25 +52,17 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.validate()
-        if self.temperature < MIN_TEMPERATURE:
-            self.temperature = 0.0
-        self.top_p = max(self.top_p, MIN_TOP_P)
-
-    def validate(self) -> None:
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
-        for name in ("top_k", "min_tokens"):
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
-                raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
-        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
-            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        for name, kind, least in (("max_tokens", "a positive integer", 1), ("min_tokens", "a non-negative integer", 0),
+                                  ("top_k", "a non-negative integer (0 = off)", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be {kind}, got {value!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be a non-negative integer (0 = off), got {self.top_k!r}")
         # repetition_penalty divides seen logits: a tiny one overflows fp32.
         ranges = {"temperature": (0, 100), "min_p": (0, 1), "repetition_penalty": (0.01, 100),
                   "presence_penalty": (-2, 2), "frequency_penalty": (-2, 2), "logprobs": (0, 20)}
@@ -78,8 +70,9 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and not low <= value <= high:
                 raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
-        if self.min_tokens < 0:
-            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        if self.temperature < MIN_TEMPERATURE:
+            self.temperature = 0.0
+        self.top_p = max(self.top_p, MIN_TOP_P)
 
     @classmethod
     def from_dict(cls, data: dict) -> "SamplingParams":

@@ -1,11 +1,8 @@
-"""Continuous batching. Each step schedules every running sequence's next chunk under one token budget:
-decodes (1 token) first, then prefill chunks of running sequences, then newly admitted ones. Admission needs a free
-sliding ring and enough free KV blocks for the whole known sequence; when a decode cannot get a block, the most
-recently admitted sequence is preempted (its KV freed; it is recomputed later from its tokens).
-
-A chunk never ends inside an image's soft tokens (`Sequence.chunk_size`): an image is prefilled in one forward, as
-its bidirectional attention needs. A prefill that must wait for room for a whole image stops admissions that step,
-so it cannot be starved by newer requests."""
+"""Continuous batching (docs/architecture.md, "One step"): every running sequence's next chunk under one token
+budget, decodes first, then prefill chunks, then admissions; a decode that cannot get a block preempts the most
+recently admitted sequence (recomputed later from its tokens). A chunk never ends inside an image
+(`Sequence.chunk_size`); a prefill waiting for room for a whole image stops admissions, so newer requests cannot
+starve it."""
 
 from __future__ import annotations
 
@@ -33,12 +30,6 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
-
-    def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
-
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
 
     def schedule(self) -> list[Scheduled]:
         budget, batch = self.budget, []

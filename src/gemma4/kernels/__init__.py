@@ -1,10 +1,6 @@
-"""Triton kernels for the CUDA fast path: fused norms and RoPE, decode attention, MoE experts.
-
-Every kernel has a plain PyTorch twin in `gemma4.model` (the reference the tests compare against). The model takes
-the kernels only where `enabled(tensor)` says so: on CUDA tensors with Triton importable, unless the `kernels` option
-is off (GEMMA4_KERNELS=0, see gemma4.options).
-Tests on machines without a GPU run the kernels themselves through Triton's interpreter (TRITON_INTERPRET=1, set
-before Triton is imported) on CPU tensors, and `force()` makes a model take them there too.
+"""Triton kernels for the CUDA fast path, each the twin of plain PyTorch code in `gemma4.model` (docs/architecture.md,
+Kernels). Tests without a GPU run them through Triton's interpreter (TRITON_INTERPRET=1, set before Triton is
+imported) on CPU tensors, and `force()` makes a model take them there too.
 """
 
 from __future__ import annotations
@@ -27,10 +23,9 @@ def triton_available() -> bool:
 
 
 def enabled(x) -> bool:
-    """Whether the model should run its fused kernels on tensor `x`."""
-    if not _options.current.kernels:  # a module attribute, not options(): this runs once per op
-        return False
-    return (x.is_cuda or _forced) and triton_available()
+    """Whether the model should run its fused kernels on tensor `x`: a CUDA tensor (or forced), Triton importable,
+    the `kernels` option on (read as options.current, not options(): this runs once per op)."""
+    return _options.current.kernels and (x.is_cuda or _forced) and triton_available()
 
 
 @contextlib.contextmanager

@@ -121,11 +121,9 @@ def _gated_activation_kernel(gate_ptr, up_ptr, out_ptr, gate_stride, up_stride, 
 
 
 def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
-    """`activation(name)(gate) * up` (gemma4.model.common) in one kernel, rounded as the eager ops round.
-
-    gate, up: same shape [..., W] and dtype, unit stride along W; other strides are free where each operand's rows
-    can be addressed with one stride (no copy), else it is made contiguous. Returns a new contiguous tensor shaped
-    like gate."""
+    """`activation(name)(gate) * up` (gemma4.model.common) in one kernel, rounded as the eager ops round: a new
+    contiguous tensor shaped like gate. gate, up: same shape [..., W] and dtype; each is read in place where its rows
+    can be addressed with one stride and unit stride along W, else made contiguous."""
     if activation not in ACTIVATION_CODES:
         raise ValueError(f"unsupported activation {activation!r}; expected one of {sorted(ACTIVATION_CODES)}")
     if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:

@@ -159,10 +159,9 @@ def _sm_count(device: torch.device) -> int:
 
 def _block_n(head_dim: int, itemsize: int, programs: int, candidates: int, device: torch.device,
              shrink: bool = True) -> int:
-    """Keys per block (tuning.py, attention): MAX_BLOCK_N, halved while a [BLOCK_N, D] tile of K (and one of V)
-    exceeds MAX_TILE_BYTES, so that the pipeline stages of both fit in shared memory; with `shrink`, at
-    D <= SHRINK_MAX_HEAD_DIM halved on, down to 16 keys (tl.dot's least), while the candidates have fewer blocks than
-    `_wanted_splits`."""
+    """Keys per block (tuning.py, attention): MAX_BLOCK_N, halved while a [BLOCK_N, D] tile of K (and one of V) exceeds
+    MAX_TILE_BYTES, so that the pipeline stages of both fit in shared memory; with `shrink`, at D <= SHRINK_MAX_HEAD_DIM
+    halved on, down to 16 keys (tl.dot's least), while the candidates have fewer blocks than `_wanted_splits`."""
     tuned = config("attention", device)
     block_n = tuned["MAX_BLOCK_N"]
     while block_n > 16 and block_n * head_dim * itemsize > tuned["MAX_TILE_BYTES"]:
@@ -183,16 +182,14 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                      query_positions: torch.Tensor, window: int | None = None, slots: torch.Tensor | None = None,
                      num_keys: torch.Tensor | None = None, num_splits: int | None = None,
                      block_n: int | None = None, any_length: bool = False) -> torch.Tensor:
-    """One query token per row -> [B, H, D] in query's dtype (scale 1.0, as `attend`).
-
-    query [B, H, D]; key/value [B, Hkv, S_buf, D] (candidate j = key[b, :, j]), or with `slots` [B, S] pools
-    [Hkv, N, D] (candidate j = pool[:, slots[b, j]]). key_positions [B, S] (-1 = empty), query_positions [B].
-    H = G * Hkv, query head h reads kv head h // G. num_keys [B] (on the device): only candidates
-    [0, num_keys[b]) of row b are read. num_splits and block_n override the shape-based split count and keys per
-    block (tuning, tests). `any_length`: blocks of keys as wide as the tile allows whatever their number, so that
-    calls with ever new numbers of keys (a prefill's last position) share one compiled kernel; a decode step's
-    number is fixed by its engine, and it takes the narrower blocks that spread short rows over more SMs.
-    A row that sees no key gets zeros."""
+    """One query token per row -> [B, H, D] in query's dtype (scale 1.0, as `attend`); a row that sees no key gets
+    zeros. query [B, H, D]; key/value [B, Hkv, S_buf, D] (candidate j = key[b, :, j]), or with `slots` [B, S] pools
+    [Hkv, N, D] (candidate j = pool[:, slots[b, j]]). key_positions [B, S] (-1 = empty), query_positions [B]. H = G *
+    Hkv, query head h reads kv head h // G. num_keys [B] (on the device): only candidates [0, num_keys[b]) of row b
+    are read. num_splits and block_n override the shape-based split count and keys per block (tuning, tests).
+    `any_length`: blocks of keys as wide as the tile allows whatever their number, so that calls with ever new numbers
+    of keys (a prefill's last position) share one compiled kernel; a decode step's number is fixed by its engine, and
+    it takes the narrower blocks that spread short rows over more SMs."""
     batch, num_heads, head_dim = query.shape
     num_kv_heads, candidates = key.shape[-3], key_positions.shape[1]
     groups = num_heads // num_kv_heads
@@ -201,10 +198,10 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     assert query.stride(-1) == 1 and key.stride(-1) == 1 and value.stride(-1) == 1, "last dim must be contiguous"
     if slots is None:
         assert key.dim() == 4 and value.dim() == 4 and key.shape[0] == batch and key.shape[2] >= candidates
-        (kb, kh, kn), (vb, vh, vn), (sb, sn) = key.stride()[:3], value.stride()[:3], (0, 0)
+        k_strides, v_strides, slot_strides = key.stride()[:3], value.stride()[:3], (0, 0)
     else:  # pools [Hkv, N, D]: batch stride 0
         assert key.dim() == 3 and value.dim() == 3 and slots.shape == key_positions.shape
-        (kb, kh, kn), (vb, vh, vn), (sb, sn) = (0, *key.stride()[:2]), (0, *value.stride()[:2]), slots.stride()[:2]
+        k_strides, v_strides, slot_strides = (0, *key.stride()[:2]), (0, *value.stride()[:2]), slots.stride()[:2]
 
     query_positions = query_positions.contiguous()  # read as qpos[b]: a column of a [B, L] tensor is strided
     tuned = config("attention", query.device)
@@ -219,12 +216,11 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     out = torch.empty(batch, num_heads, head_dim, dtype=query.dtype, device=query.device)
     _split_kernel[(batch * num_kv_heads, splits)](
         query, key, value, key_positions, query_positions, slots if slots is not None else key_positions,
-        num_keys if num_keys is not None else query_positions, part, lse, out, query.stride(0), query.stride(1),
-        kb, kh, kn, vb, vh, vn, key_positions.stride(0), key_positions.stride(1), sb, sn, num_kv_heads, candidates,
-        head_dim, window if window is not None else 0, splits, GROUPS=groups,
-        G_PAD=max(16, triton.next_power_of_2(groups)), BLOCK_N=block_n, BLOCK_D=block_d, PAGED=slots is not None,
-        HAS_WINDOW=window is not None, HAS_NUM_KEYS=num_keys is not None, INTERPRET=not query.is_cuda,
-        num_warps=tuned["num_warps"], num_stages=tuned["num_stages"], **launch_options(query))
+        num_keys if num_keys is not None else query_positions, part, lse, out, *query.stride()[:2], *k_strides,
+        *v_strides, *key_positions.stride()[:2], *slot_strides, num_kv_heads, candidates, head_dim, window or 0, splits,
+        GROUPS=groups, G_PAD=max(16, triton.next_power_of_2(groups)), BLOCK_N=block_n, BLOCK_D=block_d,
+        PAGED=slots is not None, HAS_WINDOW=window is not None, HAS_NUM_KEYS=num_keys is not None,
+        INTERPRET=not out.is_cuda, num_warps=tuned["num_warps"], num_stages=tuned["num_stages"], **launch_options(out))
     if splits == 1:
         return out
     # Dims per merge program: a (row, head) spread over several, so that its [splits, D] fp32 partials (up to 128 KB)

@@ -5,10 +5,9 @@ their programs normalizes the row itself, where `gemv_residual_norms` makes all 
 
 cuBLAS picks tiles for matrix products; for one activation row it often splits K and adds a reduce kernel, or runs
 tiles too few to fill the GPU, and its small products (under ~8 MB of weights) take well above the bandwidth floor.
-Here each program streams BLOCK_N whole weight rows in BLOCK_K steps (16-byte loads along the
-contiguous K axis) and keeps their dot products in fp32 registers: no second kernel, one rounding at the end,
-as cuBLAS rounds its fp32 accumulator. Where cuBLAS is still faster (big 31B matrices) the model does not call these
-(`model.text.takes_gemv`).
+Here each program streams BLOCK_N whole weight rows in BLOCK_K steps (16-byte loads along the contiguous K axis) and
+keeps their dot products in fp32 registers: no second kernel, one rounding at the end, as cuBLAS rounds its fp32
+accumulator. Where cuBLAS is still faster (big 31B matrices) the model does not call these (`model.fused.takes_gemv`).
 """
 
 from __future__ import annotations
@@ -18,11 +17,10 @@ import triton
 import triton.language as tl
 
 from .activation import ACTIVATION_CODES, activation_fp32
-from .norm import (_norm_weights, _residual_norms_row, _residual_norms_values, _warps, residual_norm_args,
-                   residual_outputs)
+from .norm import _norm_weights, _residual_norms_row, _residual_norms_values, _warps, residual_norms_args
 from .pdl import after_previous_kernel, launch_options
 from .rounding import round_to
-from .tuning import tile
+from .tuning import config
 
 
 @triton.jit
@@ -166,28 +164,23 @@ NORMED_MAX_K = 4096
 
 
 def _default_tiles(device: torch.device, k_in: int, normed: bool = False, gated: bool = False, width: int = 0) -> tuple:
-    """The tuned (BLOCK_N, BLOCK_K, warps, stages[, GROUPS]) of a GEMV of `width` outputs over rows of k_in inputs
-    (tuning.py: gemv)."""
+    """The tuned tiles (tuning.py: gemv) of a GEMV of `width` outputs over rows of k_in inputs."""
+    tuned = config("gemv", device)
     if normed:
-        tiles = tile("gemv", "NORMED_GATED_TILES" if gated else "NORMED_TILES", device)
+        tiles = tuned["NORMED_GATED_TILES" if gated else "NORMED_TILES"]
     else:
-        tiles, wide = tile("gemv", "TILES", device), tile("gemv", "WIDE_TILES", device)
-        tiles = wide if tiles[1] < k_in <= wide[1] else tiles
+        tiles = tuned["WIDE_TILES"] if tuned["TILES"][1] < k_in <= tuned["WIDE_TILES"][1] else tuned["TILES"]
     # Groups share the program's input only when it is one BLOCK_K step; a longer row is reloaded for each group.
-    if width < tile("gemv", "GROUPS_MIN_WIDTH", device) or k_in > tiles[1]:
-        return tiles[:4]
-    return tiles
+    return tiles[:4] if width < tuned["GROUPS_MIN_WIDTH"] or k_in > tiles[1] else tiles
 
 
 def _tiles(x: torch.Tensor, k_in: int, tiles: tuple, normed: bool = False) -> tuple:
     """(BLOCK_N, BLOCK_K, warps, stages, GROUPS) to launch `tiles` with (GROUPS 1 when it has four entries)."""
     block_n, block_k, warps, stages, groups = (*tiles, 1)[:5]
-    if not x.is_cuda:  # the interpreter runs programs one by one; a row's arithmetic depends on BLOCK_K alone
-        block_n = 64
-    if normed:
-        assert k_in <= NORMED_MAX_K, f"a GEMV normalizes rows of up to {NORMED_MAX_K} inputs, not {k_in}"
-        block_k = triton.next_power_of_2(k_in)
-    return block_n, min(block_k, triton.next_power_of_2(k_in)), warps, stages, groups
+    assert not normed or k_in <= NORMED_MAX_K, f"a GEMV normalizes rows of up to {NORMED_MAX_K} inputs, not {k_in}"
+    block_k = triton.next_power_of_2(k_in) if normed else min(block_k, triton.next_power_of_2(k_in))
+    # The interpreter runs programs one by one: 64 rows a program there (a row's arithmetic depends on BLOCK_K alone).
+    return block_n if x.is_cuda else 64, block_k, warps, stages, groups
 
 
 def _input_args(x: torch.Tensor, norms: tuple | None) -> tuple[tuple, dict]:
@@ -202,9 +195,9 @@ def _input_args(x: torch.Tensor, norms: tuple | None) -> tuple[tuple, dict]:
 
 
 def _launch_gemv(x: torch.Tensor, weight: torch.Tensor, width: int, tiles: tuple | None, norms: tuple | None,
-                 gated: bool = False, act: int = 0, multiplier: torch.Tensor | None = None) -> torch.Tensor:
+                 act: int | None = None, multiplier: torch.Tensor | None = None) -> torch.Tensor:
     assert weight.stride(-1) == 1 and x.shape[-1] == weight.shape[1] and x.numel() == x.shape[-1]
-    k_in, normed = weight.shape[1], norms is not None
+    k_in, normed, gated = weight.shape[1], norms is not None, act is not None  # act: the gated activation's code
     tiles = tiles or _default_tiles(x.device, k_in, normed, gated, width)
     block_n, block_k, warps, stages, groups = _tiles(x, k_in, tiles, normed)
     x = x.contiguous()
@@ -212,7 +205,7 @@ def _launch_gemv(x: torch.Tensor, weight: torch.Tensor, width: int, tiles: tuple
     out = torch.empty(*x.shape[:-1], width, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(width, block_n * groups),)](
         x, weight, out, multiplier.contiguous() if multiplier is not None else x, width, weight.stride(0),
-        *input_args, k_in, ACT=act, GATED=gated, HAS_UP=gated and multiplier is None, **input_flags,
+        *input_args, k_in, ACT=act or 0, GATED=gated, HAS_UP=gated and multiplier is None, **input_flags,
         BLOCK_N=block_n, BLOCK_K=block_k, GROUPS=groups, num_warps=warps, num_stages=stages, **launch_options(x))
     return out
 
@@ -228,16 +221,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, tiles: tuple | None = None, norm
 
 def gemv_gated(x: torch.Tensor, weight: torch.Tensor, activation: str, multiplier: torch.Tensor | None = None,
                norms: tuple | None = None, tiles: tuple | None = None) -> torch.Tensor:
-    """`gated(gate, up, activation)` of one row x [..., K], in one kernel with the product:
-    multiplier None: [gate; up] = F.linear(x, weight), weight [2W, K] (a fused gate/up projection);
-    else gate = F.linear(x, weight), weight [W, K], and up = multiplier [..., W]. Returns [..., W].
-    norms: the input is residual norms of the product x, as in `gemv`."""
+    """`gated(gate, up, activation)` of one row x [..., K], in one kernel with the product -> [..., W]. multiplier
+    None: [gate; up] = F.linear(x, weight), weight [2W, K] (a fused gate/up projection); else gate = F.linear(x,
+    weight), weight [W, K], and up = multiplier [..., W]. norms: the input is residual norms of x, as in `gemv`."""
     if activation not in ACTIVATION_CODES:
         raise ValueError(f"unsupported activation {activation!r}; expected one of {sorted(ACTIVATION_CODES)}")
     width = weight.shape[0] // 2 if multiplier is None else weight.shape[0]
     assert multiplier is None or multiplier.numel() == width
-    return _launch_gemv(x, weight, width, tiles, norms, gated=True, act=ACTIVATION_CODES[activation],
-                        multiplier=multiplier)
+    return _launch_gemv(x, weight, width, tiles, norms, ACTIVATION_CODES[activation], multiplier)
 
 
 _counters: dict[tuple[str, torch.device], torch.Tensor] = {}
@@ -271,14 +262,10 @@ def gemv_residual_norms(x: torch.Tensor, weight: torch.Tensor, residual: torch.T
     assert residual.numel() == n_out and residual.stride(-1) == 1
     tiles = tiles or _default_tiles(x.device, k_in)  # one group: its programs count as they finish
     block_n, block_k, warps, stages, _ = _tiles(x, k_in, tiles)
-    outputs = residual_outputs(residual, next_weight, moe)
     y = torch.empty(n_out, dtype=x.dtype, device=x.device)
-    block = triton.next_power_of_2(n_out)
+    outputs, pointers, named = residual_norms_args(residual, y, norm_weight, eps, scalar, next_weight, next_eps, moe)
     _gemv_residual_norms_kernel[(triton.cdiv(n_out, block_n),)](
-        x.contiguous(), weight, y, finished_counters("gemv_residual_norms", x.device), residual,
-        *residual_norm_args(y, outputs, norm_weight, scalar, next_weight, moe), n_out, weight.stride(0), eps,
-        eps if next_eps is None else next_eps, float(moe[2]) if moe is not None else 1.0, k_in, BLOCK_N=block_n,
-        BLOCK_K=block_k, HAS_WEIGHT=norm_weight is not None, HAS_SCALAR=scalar is not None,
-        HAS_NEXT=next_weight is not None, HAS_MOE=moe is not None, BLOCK=block,
-        num_warps=max(warps, _warps(block)), num_stages=stages, **launch_options(x))
+        x.contiguous(), weight, y, finished_counters("gemv_residual_norms", x.device), residual, *pointers, n_out,
+        weight.stride(0), K=k_in, BLOCK_N=block_n, BLOCK_K=block_k, **named,
+        num_warps=max(warps, _warps(named["BLOCK"])), num_stages=stages, **launch_options(x))
     return outputs

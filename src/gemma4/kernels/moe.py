@@ -26,10 +26,9 @@ _ACTIVATIONS = {name: ACTIVATION_CODES[name] for name in ("gelu_pytorch_tanh", "
 # Both kernels are memory-bound matrix-vector products (~95 MB of bf16 weights per layer at T=1, k=8): each program
 # streams a few rows along the contiguous axis (H for gate_up_proj, W for down_proj), so that warps issue wide,
 # coalesced loads, and the grids stay large (T=1: ~1400 programs per kernel) to keep every SM's loads in flight.
-# Their tiles (tuning.py, moe: GU_*, DOWN_*): a few rows of gate and of up a program, a few hundred columns a step
-# over H; a few output rows a program, each read whole in one step where W allows, for each of the token's k experts.
-# The sizes H, W, k are compile-time constants (one compilation per model shape): the loops get static trip counts,
-# which the interpreter also needs (its runtime-bounded range() breaks under NumPy >= 2.4).
+# Tiles: tuning.py, moe: GU_*, DOWN_*. The sizes H, W, k are compile-time constants (one compilation per model shape):
+# the loops get static trip counts, which the interpreter also needs (its runtime-bounded range() breaks under
+# NumPy >= 2.4).
 
 
 @triton.jit
@@ -69,10 +68,9 @@ def _down_kernel(h_ptr, weights_ptr, experts_ptr, down_ptr, out_ptr, H: tl.const
     dtype = out_ptr.dtype.element_ty
     if ONE_LOAD:
         # One token (W <= BLOCK_W; 26B-A4B: W = 704): its row of every chosen expert in one load, issued before the
-        # wait for the gate/up kernel. The expert ids and routing weights come from a kernel before that one
-        # (complete once this one is scheduled: every gate/up program has passed its own wait), and weights are
-        # never written. So the down weights stream in while gate/up finishes. (Slower at 4-8 tokens: there the
-        # loop below stays.)
+        # wait for the gate/up kernel. The expert ids and routing weights come from a kernel before that one (complete
+        # once this one is scheduled: every gate/up program has passed its own wait), and weights are never written.
+        # So the down weights stream in while gate/up finishes. (Slower at 4-8 tokens: there the loop below stays.)
         pairs = t * K + tl.arange(0, K_POW2)
         pair_ok = tl.arange(0, K_POW2) < K
         e = tl.load(experts_ptr + pairs, mask=pair_ok, other=0).to(tl.int64)
@@ -117,11 +115,9 @@ def _checked(x, experts, gate_up_proj, down_proj, activation):
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, gate_up_proj: torch.Tensor,
                 down_proj: torch.Tensor, activation: str = "gelu_pytorch_tanh") -> torch.Tensor:
     """x [T, H]; weights (fp32), experts (integer ids) [T, k]; gate_up_proj [E, 2W, H]; down_proj [E, H, W] -> [T, H].
-
     Expert ids are not range-checked (that would need a host sync)."""
     x, gate_up_proj, down_proj = _checked(x, experts, gate_up_proj, down_proj, activation)
-    tokens, k = experts.shape
-    num_experts, h_size, w_size = down_proj.shape
+    (tokens, k), (h_size, w_size) = experts.shape, down_proj.shape[1:]
     weights, experts = weights.float().contiguous(), experts.contiguous()
     hidden = torch.empty(tokens * k, w_size, dtype=x.dtype, device=x.device)  # h for every (token, choice) pair
     out = torch.empty_like(x)
@@ -132,16 +128,14 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, g
     # change any row's arithmetic).
     tuned = config("moe", x.device)
     one_load = tokens == 1 and w_size <= tuned["DOWN_BLOCK_W"]  # see _down_kernel
-    gu_rows, dn_rows = 64, 64
-    if x.is_cuda:
-        gu_rows, dn_rows = tuned["GU_BLOCK_W"], tuned["DOWN_ONE_TOKEN_BLOCK_H" if one_load else "DOWN_BLOCK_H"]
+    gu_rows = tuned["GU_BLOCK_W"] if x.is_cuda else 64
+    dn_rows = tuned["DOWN_ONE_TOKEN_BLOCK_H" if one_load else "DOWN_BLOCK_H"] if x.is_cuda else 64
     w_side, h_side = triton.next_power_of_2(w_size), triton.next_power_of_2(h_size)
     gu_w, gu_h = min(gu_rows, w_side), min(tuned["GU_BLOCK_H"], h_side)
     dn_h, dn_w = min(dn_rows, h_side), min(tuned["DOWN_BLOCK_W"], w_side)
     _gate_up_kernel[(tokens * k, triton.cdiv(w_size, gu_w))](
-        x, experts, gate_up_proj, hidden, h_size, w_size, k,
-        ACT=_ACTIVATIONS[activation], BLOCK_W=gu_w, BLOCK_H=gu_h, num_warps=tuned["GU_WARPS"],
-        **launch_options(x))
+        x, experts, gate_up_proj, hidden, h_size, w_size, k, ACT=_ACTIVATIONS[activation], BLOCK_W=gu_w, BLOCK_H=gu_h,
+        num_warps=tuned["GU_WARPS"], **launch_options(x))
     _down_kernel[(tokens, triton.cdiv(h_size, dn_h))](
         hidden, weights, experts, down_proj, out, h_size, w_size, k, triton.next_power_of_2(k), BLOCK_H=dn_h,
         BLOCK_W=dn_w, ONE_LOAD=one_load, num_warps=tuned["DOWN_WARPS"], **launch_options(x))
@@ -269,8 +263,7 @@ def sorted_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
     tokens: each chosen expert's weights are read once for all the pairs that chose it. `combine` False: the
     ExpertPairs, not summed."""
     x, gate_up_proj, down_proj = _checked(x, experts, gate_up_proj, down_proj, activation)
-    tokens, k = experts.shape
-    num_experts, h_size, w_size = down_proj.shape
+    (tokens, k), (num_experts, h_size, w_size) = experts.shape, down_proj.shape
     if tokens == 0:
         return torch.empty_like(x) if combine else ExpertPairs(x[:0], experts.reshape(-1), weights.float())
     order, slots, counts, starts = sort_pairs(experts, num_experts)
@@ -285,14 +278,13 @@ def sorted_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
     w_side, h_side = max(16, triton.next_power_of_2(w_size)), max(16, triton.next_power_of_2(h_size))
     gu_n, gu_k = min(tuned["SORTED_GU_BLOCK_N"], w_side), min(tuned["SORTED_GU_BLOCK_K"], h_side)
     dn_n, dn_k = min(tuned["SORTED_DOWN_BLOCK_N"], h_side), min(tuned["SORTED_DOWN_BLOCK_K"], w_side)
-    options = launch_options(x)
+    options = dict(BLOCK_M=block_m, INTERPRET=not x.is_cuda, **launch_options(x))
     _sorted_gate_up_kernel[(num_experts, triton.cdiv(w_size, gu_n))](
-        x, order, counts, starts, gate_up_proj, hidden, h_size, w_size, k, ACT=_ACTIVATIONS[activation],
-        BLOCK_M=block_m, BLOCK_N=gu_n, BLOCK_K=gu_k, INTERPRET=not x.is_cuda, num_warps=tuned["SORTED_GU_WARPS"],
-        **options)
+        x, order, counts, starts, gate_up_proj, hidden, h_size, w_size, k, ACT=_ACTIVATIONS[activation], BLOCK_N=gu_n,
+        BLOCK_K=gu_k, num_warps=tuned["SORTED_GU_WARPS"], **options)
     _sorted_down_kernel[(num_experts, triton.cdiv(h_size, dn_n))](
-        hidden, counts, starts, down_proj, y, h_size, w_size, BLOCK_M=block_m, BLOCK_N=dn_n, BLOCK_K=dn_k,
-        INTERPRET=not x.is_cuda, num_warps=tuned["SORTED_DOWN_WARPS"], **options)
+        hidden, counts, starts, down_proj, y, h_size, w_size, BLOCK_N=dn_n, BLOCK_K=dn_k,
+        num_warps=tuned["SORTED_DOWN_WARPS"], **options)
     pairs = ExpertPairs(y, slots, weights.float().contiguous())
     return pairs.combine() if combine else pairs
 
@@ -339,15 +331,13 @@ class ExpertPairs(NamedTuple):
 
     def combine(self) -> torch.Tensor:
         """out[t] = sum_c round(y[slots[t*k + c]] * weights[t, c])."""
-        tokens, k = self.weights.shape
-        h_size = self.y.shape[1]
+        (tokens, k), h_size = self.weights.shape, self.y.shape[1]
         out = torch.empty(tokens, h_size, dtype=self.y.dtype, device=self.y.device)
-        if tokens == 0:
-            return out
         block = min(config("moe", out.device)["COMBINE_BLOCK_H"] if out.is_cuda else 4096,
                     triton.next_power_of_2(h_size))
-        _combine_pairs_kernel[(tokens, triton.cdiv(h_size, block))](self.y, self.slots, self.weights, out, h_size, k,
-                                                                   BLOCK_H=block, num_warps=4, **launch_options(out))
+        if tokens > 0:
+            _combine_pairs_kernel[(tokens, triton.cdiv(h_size, block))](
+                self.y, self.slots, self.weights, out, h_size, k, BLOCK_H=block, num_warps=4, **launch_options(out))
         return out
 
 
@@ -400,13 +390,10 @@ def moe_residual_norm(residual: torch.Tensor, dense: torch.Tensor, sparse: torch
                       scalar: torch.Tensor | None, next_weight: torch.Tensor | None = None,
                       next_eps: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(residual + rms_norm(rms_norm(dense, dense_weight) + rms_norm(sparse, sparse_weight), weight)) * scalar, in
-    one launch: DecoderLayer's post_feedforward_layernorm_1/_2, their sum, and add_normed with layer_scalar (a
-    1-element tensor in the model dtype, read on the device; None: no scaling). residual, dense, sparse [..., D] of
-    one shape; the result has residual's shape and dtype, rounded at the same points as the eager ops. `sparse` may
-    also be the experts' ExpertPairs, summed here as their `combine()` would (one launch and one [T, D] round trip
-    fewer).
-
-    Returns (new, rms_norm(new, next_weight, next_eps) if next_weight is given else None), as residual_rms_norm.
+    one launch: DecoderLayer's post_feedforward_layernorm_1/_2, their sum, and add_normed with layer_scalar (a 1-element
+    tensor in the model dtype, read on the device; None: no scaling). residual, dense, sparse [..., D] of one shape, or
+    sparse the experts' ExpertPairs, summed here as their `combine()` would. Returns (new, rms_norm(new, next_weight,
+    next_eps) or None) as residual_rms_norm, rounded at the same points as the eager ops.
 
     With PDL the kernel reads `residual` and `dense` (and computes the dense branch's norm) before it waits for the
     previous kernel: only `sparse` may be that kernel's output (DecoderLayer.moe_feedforward runs the dense MLP
@@ -420,16 +407,14 @@ def moe_residual_norm(residual: torch.Tensor, dense: torch.Tensor, sparse: torch
                              and sparse_rows.shape[-1] == D)
     out = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
     next_out = torch.empty_like(out) if next_weight is not None else None
-    if out.numel() == 0:
-        return out, next_out
     block = triton.next_power_of_2(D)
     slots, pair_weights = (pairs.slots, pairs.weights) if pairs is not None else (res_rows, res_rows)
-    _moe_residual_norm_kernel[(res_rows.shape[0],)](
-        res_rows, dense_rows, sparse_rows, slots, pair_weights, dense_weight, sparse_weight, weight,
-        scalar if scalar is not None else res_rows, out,
-        next_weight if next_weight is not None else res_rows, next_out if next_out is not None else out,
-        res_rows.stride(0), dense_rows.stride(0), sparse_rows.stride(0), D, eps,
-        eps if next_eps is None else next_eps, PAIRS=pairs.weights.shape[1] if pairs is not None else 0,
-        HAS_SCALAR=scalar is not None, HAS_NEXT=next_weight is not None, BLOCK=block, num_warps=_warps(block),
-        **launch_options(res_rows))
+    if out.numel() > 0:
+        _moe_residual_norm_kernel[(res_rows.shape[0],)](
+            res_rows, dense_rows, sparse_rows, slots, pair_weights, dense_weight, sparse_weight, weight,
+            scalar if scalar is not None else res_rows, out, next_weight if next_weight is not None else res_rows,
+            next_out if next_out is not None else out, res_rows.stride(0), dense_rows.stride(0), sparse_rows.stride(0),
+            D, eps, eps if next_eps is None else next_eps, PAIRS=pairs.weights.shape[1] if pairs is not None else 0,
+            HAS_SCALAR=scalar is not None, HAS_NEXT=next_weight is not None, BLOCK=block, num_warps=_warps(block),
+            **launch_options(res_rows))
     return out, next_out

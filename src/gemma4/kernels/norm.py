@@ -44,17 +44,6 @@ def _normalize(h, w_ptr, offs, mask, D, eps, HAS_WEIGHT: tl.constexpr):
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, x_stride, D, eps, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr,
-                     PDL: tl.constexpr):
-    after_previous_kernel(PDL)
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    mask = offs < D
-    h = tl.load(x_ptr + row * x_stride + offs, mask=mask, other=0.0).to(tl.float32)
-    _store(out_ptr + row * D + offs, _normalize(h, w_ptr, offs, mask, D, eps, HAS_WEIGHT), mask)
-
-
-@triton.jit
 def _router_scaled(h, scale_ptr, offs, mask, D, eps, root_size, dtype: tl.constexpr):
     """Router.forward's projection input from an fp32 row: round(round(round(rms_norm(h)) * scale) * root_size)."""
     normed = round_to(_normalize(h, scale_ptr, offs, mask, D, eps, False), dtype)  # the weightless norm's tensor
@@ -62,6 +51,22 @@ def _router_scaled(h, scale_ptr, offs, mask, D, eps, root_size, dtype: tl.conste
     # A tensor times a python float: torch applies the scalar in fp32 (opmath), not rounded to the dtype first, and
     # rounds the product once. root_size arrives here as an fp32 argument, the same fp32 value.
     return round_to(scaled * root_size, dtype)
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, x_stride, D, eps, root_size, HAS_WEIGHT: tl.constexpr,
+                     ROUTER: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """A row's RMSNorm, or with ROUTER the router's input (w_ptr: its scale)."""
+    after_previous_kernel(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < D
+    h = tl.load(x_ptr + row * x_stride + offs, mask=mask, other=0.0).to(tl.float32)
+    if ROUTER:
+        _store(out_ptr + row * D + offs, _router_scaled(h, w_ptr, offs, mask, D, eps, root_size,
+                                                        out_ptr.dtype.element_ty), mask)
+    else:
+        _store(out_ptr + row * D + offs, _normalize(h, w_ptr, offs, mask, D, eps, HAS_WEIGHT), mask)
 
 
 @triton.jit
@@ -81,10 +86,9 @@ def _norm_weights(w_ptr, scalar_ptr, next_w_ptr, offs, mask, HAS_WEIGHT: tl.cons
 @triton.jit
 def _residual_norms_values(h, residual, w, scalar, next_w, D, eps, next_eps, dtype: tl.constexpr,
                            HAS_WEIGHT: tl.constexpr, HAS_SCALAR: tl.constexpr, HAS_NEXT: tl.constexpr):
-    """(new, next) of residual_rms_norm from fp32 rows h (the product) and residual, and _norm_weights's values:
-    new = residual + rms_norm(h) [* scalar], rounded to `dtype` as the eager ops round (the norm's output is a tensor
-    of the model dtype, then the add and the scaling each round); next = rms_norm(new) * next_w, unrounded (new
-    without HAS_NEXT)."""
+    """(new, next) of residual_rms_norm from fp32 rows h (the product) and residual, and _norm_weights's values: new
+    rounded to `dtype` where the eager ops round (the norm's output, the add, the scaling); next = rms_norm(new) *
+    next_w, unrounded (new without HAS_NEXT)."""
     normed = _unit_rms(h, D, eps)
     if HAS_WEIGHT:
         normed = normed * w
@@ -218,16 +222,18 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """RMSNorm.forward over the last dim of x (weight None: the weightless norm); same dtype and shape as x."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
+             root_size: float | None = None) -> torch.Tensor:
+    """RMSNorm.forward over the last dim of x (weight None: the weightless norm); same dtype and shape as x.
+    With root_size: the router's input instead (`router.router_input`; weight: the router's scale)."""
     rows, D = _rows(x), x.shape[-1]
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if out.numel() == 0:
-        return out
     block = triton.next_power_of_2(D)
-    _rms_norm_kernel[(rows.shape[0],)](rows, weight if weight is not None else rows, out, rows.stride(0), D, eps,
-                                       HAS_WEIGHT=weight is not None, BLOCK=block, num_warps=_warps(block),
-                                       **launch_options(out))
+    if out.numel() > 0:
+        _rms_norm_kernel[(rows.shape[0],)](
+            rows, weight if weight is not None else rows, out, rows.stride(0), D, eps, float(root_size or 0.0),
+            HAS_WEIGHT=weight is not None, ROUTER=root_size is not None, BLOCK=block, num_warps=_warps(block),
+            **launch_options(out))
     return out
 
 
@@ -235,12 +241,10 @@ def residual_rms_norm(residual: torch.Tensor, x: torch.Tensor, weight: torch.Ten
                       scalar: torch.Tensor | None = None, next_weight: torch.Tensor | None = None,
                       next_eps: float | None = None,
                       out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """new = residual + rms_norm(x, weight), then new * scalar (a 1-element tensor, read on the device) if given.
-
-    Returns (new, rms_norm(new, next_weight, next_eps) if next_weight is given else None), rounded to the residual's
-    dtype at the same points as the eager ops, in one launch; new is written into `out` if given."""
-    new, next_out, _, _ = _residual_norms(residual, x, weight, eps, scalar, next_weight, next_eps, out=out)
-    return new, next_out
+    """new = residual + rms_norm(x, weight), then new * scalar (a 1-element tensor, read on the device) if given, into
+    `out` if given. Returns (new, rms_norm(new, next_weight, next_eps) if next_weight is given else None), rounded to
+    the residual's dtype at the same points as the eager ops, in one launch."""
+    return _residual_norms(residual, x, weight, eps, scalar, next_weight, next_eps, out=out)[:2]
 
 
 def residual_moe_norms(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -253,38 +257,31 @@ def residual_moe_norms(residual: torch.Tensor, x: torch.Tensor, weight: torch.Te
 
 
 def _residual_norms(residual, x, weight, eps, scalar, next_weight, next_eps, moe=None, out=None):
-    res_rows, x_rows, D = _rows(residual), _rows(x), residual.shape[-1]
-    outputs = residual_outputs(residual, next_weight, moe, out)
-    if residual.numel() == 0:
-        return outputs
-    block = triton.next_power_of_2(D)
-    _residual_rms_norm_kernel[(res_rows.shape[0],)](
-        res_rows, x_rows, *residual_norm_args(x_rows, outputs, weight, scalar, next_weight, moe),
-        res_rows.stride(0), x_rows.stride(0), D, eps, eps if next_eps is None else next_eps,
-        float(moe[2]) if moe is not None else 1.0, HAS_WEIGHT=weight is not None, HAS_SCALAR=scalar is not None,
-        HAS_NEXT=next_weight is not None, HAS_MOE=moe is not None, BLOCK=block, num_warps=_warps(block),
-        **launch_options(res_rows))
+    res_rows, x_rows = _rows(residual), _rows(x)
+    outputs, ptrs, named = residual_norms_args(residual, x_rows, weight, eps, scalar, next_weight, next_eps, moe, out)
+    if residual.numel() > 0:
+        _residual_rms_norm_kernel[(res_rows.shape[0],)](
+            res_rows, x_rows, *ptrs, res_rows.stride(0), x_rows.stride(0), residual.shape[-1], **named,
+            num_warps=_warps(named["BLOCK"]), **launch_options(res_rows))
     return outputs
 
 
-def residual_outputs(residual: torch.Tensor, next_weight, moe, out: torch.Tensor | None = None) -> tuple:
-    """(new, next norm or None, experts' norm or None, router input or None), allocated like residual (new: `out`
-    if given)."""
-    if out is None:
-        out = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
+def residual_norms_args(residual: torch.Tensor, placeholder: torch.Tensor, weight, eps, scalar, next_weight,
+                        next_eps, moe, out: torch.Tensor | None = None) -> tuple[tuple, tuple, dict]:
+    """For a kernel that runs _residual_norms_row: (its outputs: new, next norm or None, experts' norm or None,
+    router input or None, allocated like residual, new in `out` if given; its pointer arguments after (residual, x),
+    absent tensors as `placeholder`, whose branches are compiled out; its scalars and constexprs, by name)."""
+    out = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device) if out is None else out
     assert out.shape == residual.shape and out.is_contiguous()
     next_out = torch.empty_like(out) if next_weight is not None else None
+    next2_weight, router_scale, root_size = moe if moe is not None else (None, None, 1.0)
     next2_out, router_out = (torch.empty_like(out), torch.empty_like(out)) if moe is not None else (None, None)
-    return out, next_out, next2_out, router_out
-
-
-def residual_norm_args(placeholder, outputs, weight, scalar, next_weight, moe) -> tuple:
-    """The pointer arguments of _residual_norms_row after (residual, x), in its order; absent tensors become
-    `placeholder` (their kernel branches are compiled out)."""
-    out, next_out, next2_out, router_out = outputs
-    next2_weight, router_scale = moe[:2] if moe is not None else (None, None)
-    return tuple(t if t is not None else placeholder for t in (weight, scalar, next_weight, out, next_out,
-                                                                next2_weight, next2_out, router_scale, router_out))
+    pointers = tuple(t if t is not None else placeholder for t in (weight, scalar, next_weight, out, next_out,
+                                                                   next2_weight, next2_out, router_scale, router_out))
+    named = dict(eps=eps, next_eps=eps if next_eps is None else next_eps, root_size=float(root_size),
+                 HAS_WEIGHT=weight is not None, HAS_SCALAR=scalar is not None, HAS_NEXT=next_weight is not None,
+                 HAS_MOE=moe is not None, BLOCK=triton.next_power_of_2(residual.shape[-1]))
+    return (out, next_out, next2_out, router_out), pointers, named
 
 
 def _rope_tables(cos: torch.Tensor, sin: torch.Tensor, B: int, L: int, D: int):
@@ -297,58 +294,45 @@ def _rope_tables(cos: torch.Tensor, sin: torch.Tensor, B: int, L: int, D: int):
 
 def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor | None = None,
                  sin: torch.Tensor | None = None) -> torch.Tensor:
-    """apply_rope(rms_norm(x, weight), cos, sin).transpose(1, 2) as a new contiguous [B, H, L, D] tensor.
-
-    x: [B, L, H, D], any strides but unit stride along D (e.g. a view of a projection's output). cos/sin: [B, L, 1, D]
-    or [B, L, D] from rope_cos_sin (a batch of 1 broadcasts); None skips RoPE (the v_norm)."""
+    """apply_rope(rms_norm(x, weight), cos, sin).transpose(1, 2) as a new contiguous [B, H, L, D] tensor. x [B, L, H, D]
+    is read in place where it has unit stride along D (a projection's view); cos/sin [B, L, 1, D] or [B, L, D] from
+    rope_cos_sin (a batch of 1 broadcasts), None: no RoPE (the v_norm)."""
     B, L, H, D = x.shape
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    x = x if x.stride(-1) == 1 else x.contiguous()
     out = torch.empty(B, H, L, D, dtype=x.dtype, device=x.device)
-    if out.numel() == 0:
-        return out
-    if cos is not None:
-        cos, sin = _rope_tables(cos, sin, B, L, D)
+    rope = cos is not None
+    cos, sin = _rope_tables(cos, sin, B, L, D) if rope else (x, x)
     half_block = triton.next_power_of_2(D // 2)
-    _qk_norm_rope_kernel[(B * L * H,)](
-        x, weight if weight is not None else x, cos if cos is not None else x, sin if sin is not None else x, out,
-        H, L, x.stride(0), x.stride(1), x.stride(2), cos.stride(0) if cos is not None else 0,
-        cos.stride(1) if cos is not None else 0, D, eps,
-        HAS_WEIGHT=weight is not None, HAS_ROPE=cos is not None, HALF_BLOCK=half_block,
-        num_warps=_warps(half_block), **launch_options(out))
+    if out.numel() > 0:
+        _qk_norm_rope_kernel[(B * L * H,)](
+            x, weight if weight is not None else x, cos, sin, out, H, L, *x.stride()[:3],
+            *(cos.stride()[:2] if rope else (0, 0)), D, eps, HAS_WEIGHT=weight is not None, HAS_ROPE=rope,
+            HALF_BLOCK=half_block, num_warps=_warps(half_block), **launch_options(out))
     return out
 
 
 def qkv_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, q_weight: torch.Tensor,
                         k_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
                         key_cache: torch.Tensor, value_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """One launch for a layer's new query, key and value (decode steps, which write the cache in place):
-
-    query = qk_norm_rope(q, q_weight, eps, cos, sin), returned as [B, Hq, L, D];
-    the key qk_norm_rope(k, k_weight, ...) and the value rms_norm(v) (weightless, no RoPE; v None: K=V, the value
-    is the raw key projection) written into the caches at row b, token t's slot slots[b, t].
-
-    q [B, L, Hq*D], k and v [B, L, Hkv*D]: unit stride along the last dim (views of a fused projection do).
-    Caches: [B, Hkv, S, D] buffers, or [Hkv, S, D] pools shared by every row (slots are then pool rows)."""
-    B, L = q.shape[:2]
-    D = key_cache.shape[-1]
+    """One launch for a layer's new query, key and value (decode steps, which write the cache in place): query =
+    qk_norm_rope(q, q_weight, eps, cos, sin), returned as [B, Hq, L, D]; the key qk_norm_rope(k, k_weight, ...) and
+    the value rms_norm(v) (weightless, no RoPE; v None: K=V, the value is the raw key projection) written into the
+    caches at row b, token t's slot slots[b, t]. q [B, L, Hq*D], k and v [B, L, Hkv*D]: unit stride along the last
+    dim (views of a fused projection do). Caches: [B, Hkv, S, D] buffers, or [Hkv, S, D] pools shared by every row
+    (slots are then pool rows)."""
+    (B, L), D = q.shape[:2], key_cache.shape[-1]
     Hq, Hkv = q.shape[2] // D, k.shape[2] // D
     v = k if v is None else v
-    for t in (q, k, v):
-        assert t.stride(-1) == 1, "projections need unit stride along their last dim"
-    if key_cache.dim() == 4:
-        cache_strides = key_cache.stride()[:3]
-    else:  # pools: no batch stride
-        cache_strides = (0, *key_cache.stride()[:2])
+    assert all(t.stride(-1) == 1 for t in (q, k, v)), "projections need unit stride along their last dim"
+    cache_strides = key_cache.stride()[:3] if key_cache.dim() == 4 else (0, *key_cache.stride()[:2])  # pools: 0
     assert value_cache.stride() == key_cache.stride() and value_cache.dtype == key_cache.dtype == q.dtype
     cos, sin = _rope_tables(cos, sin, B, L, D)
     slots = slots.contiguous()
     query = torch.empty(B, Hq, L, D, dtype=q.dtype, device=q.device)
-    if query.numel() == 0:
-        return query
     half_block = triton.next_power_of_2(D // 2)
-    _qkv_norm_rope_store_kernel[(B * L * (Hq + 2 * Hkv),)](
-        q, k, v, q_weight, k_weight, cos, sin, query, key_cache, value_cache, slots, Hq, Hkv, L,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), cos.stride(1),
-        *cache_strides, D, eps, HALF_BLOCK=half_block, num_warps=_warps(half_block), **launch_options(query))
+    if query.numel() > 0:
+        _qkv_norm_rope_store_kernel[(B * L * (Hq + 2 * Hkv),)](
+            q, k, v, q_weight, k_weight, cos, sin, query, key_cache, value_cache, slots, Hq, Hkv, L, *q.stride()[:2],
+            *k.stride()[:2], *v.stride()[:2], *cos.stride()[:2], *cache_strides, D, eps, HALF_BLOCK=half_block,
+            num_warps=_warps(half_block), **launch_options(query))
     return query

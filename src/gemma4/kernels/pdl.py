@@ -27,13 +27,13 @@ def _supported(device_index: int) -> bool:
 
 
 def launch_options(x: torch.Tensor) -> dict:
-    """Keyword arguments for a kernel launch: PDL on CUDA devices that have it, unless the `pdl` option
-    is off (GEMMA4_PDL=0). The kernel takes the `PDL` constexpr; Triton takes `launch_pdl`."""
-    if torch.compiler.is_compiling():  # under torch.compile the kernels launch through the compiler's own launcher
-        return {"PDL": False}
-    if x.is_cuda and _options.current.pdl and _supported(x.device.index or 0):
+    """Keyword arguments for a kernel launch: PDL on CUDA devices that have it, unless the `pdl` option is off
+    (GEMMA4_PDL=0). The kernel takes the `PDL` constexpr; Triton takes `launch_pdl`. Never under torch.compile (the
+    kernels launch through the compiler's own launcher) nor on the CPU (the interpreter: griddepcontrol is PTX, and
+    programs run one by one anyway)."""
+    if not torch.compiler.is_compiling() and x.is_cuda and _options.current.pdl and _supported(x.device.index or 0):
         return {"PDL": True, "launch_pdl": True}
-    return {"PDL": False}  # CPU / interpreter: griddepcontrol is PTX, and programs run one by one anyway
+    return {"PDL": False}
 
 
 @triton.jit

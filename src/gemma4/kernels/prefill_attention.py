@@ -121,12 +121,9 @@ def _key_tile_ranges(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None,
     batch, num_keys = kpos.shape
     none = torch.iinfo(torch.int32).max
 
-    def tiles(x, size, fill):  # [B, L] -> [B, tiles, size], padded with `fill`
-        pad = -x.shape[1] % size
-        return torch.nn.functional.pad(x, (0, pad), value=fill).view(batch, -1, size)
-
-    def bounds(x, size, used):  # per tile: smallest and largest value among `used` entries (none: none, -1)
-        x, used = tiles(x, size, -1), tiles(used, size, False)
+    def bounds(x, size, used):  # [B, L] -> per tile of `size`: least and largest used value (else none, -1)
+        x, used = (torch.nn.functional.pad(t, (0, -t.shape[1] % size), value=fill).view(batch, -1, size)
+                   for t, fill in ((x, -1), (used, False)))
         return torch.where(used, x, none).amin(-1), torch.where(used, x, -1).amax(-1)
 
     q_lo, q_hi = bounds(qpos, block_m, qpos >= 0)  # [B, Tq]
@@ -173,8 +170,7 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     if (block_m, block_n) not in plans:
         qpos = torch.where(query_valid, query_positions, -1).to(torch.int32).contiguous()
         kpos = key_positions.to(torch.int32).contiguous()
-        qblocks = query_blocks.to(torch.int32).contiguous() if query_blocks is not None else None
-        kblocks = key_blocks.to(torch.int32).contiguous() if key_blocks is not None else None
+        qblocks, kblocks = (b if b is None else b.to(torch.int32).contiguous() for b in (query_blocks, key_blocks))
         ranges = _key_tile_ranges(qpos, kpos, window, qblocks, kblocks, block_m, block_n)
         plans[block_m, block_n] = qpos, kpos, qblocks, kblocks, ranges
     qpos, kpos, qblocks, kblocks, ranges = plans[block_m, block_n]
@@ -185,8 +181,7 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
         query, key, value, out, qpos, kpos, qblocks if qblocks is not None else qpos,
         kblocks if kblocks is not None else kpos, ranges, *query.stride()[:3], *key.stride()[:3], *value.stride()[:3],
         out.stride(0), out.stride(1), qpos.stride(0), kpos.stride(0), num_heads, num_queries, num_keys, head_dim,
-        window if window is not None else 0, num_tiles, GROUPS=groups, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=block_d, BLOCK_DV=block_dv, HAS_WINDOW=window is not None, HAS_BLOCKS=qblocks is not None,
-        INTERPRET=not query.is_cuda, num_warps=warps,
+        window or 0, num_tiles, GROUPS=groups, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        HAS_WINDOW=window is not None, HAS_BLOCKS=qblocks is not None, INTERPRET=not query.is_cuda, num_warps=warps,
         num_stages=num_stages or tile("prefill_attention", "num_stages", query.device))
     return out

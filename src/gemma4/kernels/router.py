@@ -14,20 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .norm import _router_scaled, _rows, _store, _warps
+from .norm import _rows, rms_norm
 from .pdl import after_previous_kernel, launch_options
-
-
-@triton.jit
-def _router_input_kernel(x_ptr, scale_ptr, out_ptr, x_stride, D, eps, root_size, BLOCK: tl.constexpr,
-                         PDL: tl.constexpr):
-    after_previous_kernel(PDL)
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    mask = offs < D
-    h = tl.load(x_ptr + row * x_stride + offs, mask=mask, other=0.0).to(tl.float32)
-    _store(out_ptr + row * D + offs, _router_scaled(h, scale_ptr, offs, mask, D, eps, root_size,
-                                                    out_ptr.dtype.element_ty), mask)
 
 
 @triton.jit
@@ -66,21 +54,13 @@ def _route_kernel(scores_ptr, pes_ptr, weights_ptr, experts_ptr, scores_stride, 
 
 def router_input(x: torch.Tensor, scale: torch.Tensor, root_size: float, eps: float) -> torch.Tensor:
     """RMSNorm(with_scale=False)(x) * scale * root_size, as Router.forward computes it in x's dtype: x [T, H] (any
-    leading dims), scale [H] -> same shape and dtype as x."""
-    rows, D = _rows(x), x.shape[-1]
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if out.numel() == 0:
-        return out
-    block = triton.next_power_of_2(D)
-    _router_input_kernel[(rows.shape[0],)](rows, scale, out, rows.stride(0), D, eps, float(root_size),
-                                           BLOCK=block, num_warps=_warps(block), **launch_options(out))
-    return out
+    leading dims), scale [H] -> same shape and dtype as x. The kernel is norm.py's."""
+    return rms_norm(x, scale, eps, root_size)
 
 
 def route(scores: torch.Tensor, per_expert_scale: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rest of Router.forward on the projection's output scores [T, E] (E <= 256):
-
-    probs = scores.softmax(-1, dtype=float32); weights, experts = probs.topk(top_k); weights /= weights.sum(-1);
+    """The rest of Router.forward on the projection's output scores [T, E] (E <= 256): probs = scores.softmax(-1,
+    dtype=float32); weights, experts = probs.topk(top_k); weights /= weights.sum(-1);
     returns (weights * per_expert_scale[experts] as fp32 [T, k], experts as int64 [T, k]), experts in descending
     order of probability, equal probabilities lowest index first."""
     E = scores.shape[-1]
@@ -88,10 +68,8 @@ def route(scores: torch.Tensor, per_expert_scale: torch.Tensor, top_k: int) -> t
     rows = _rows(scores)
     weights = torch.empty(*scores.shape[:-1], top_k, dtype=torch.float32, device=scores.device)
     experts = torch.empty(*scores.shape[:-1], top_k, dtype=torch.int64, device=scores.device)
-    if weights.numel() == 0:
-        return weights, experts
-    block = triton.next_power_of_2(E)
-    _route_kernel[(rows.shape[0],)](rows, per_expert_scale, weights, experts, rows.stride(0), E,
-                                    TOP_K=top_k, BLOCK=block, K_BLOCK=triton.next_power_of_2(top_k), num_warps=1,
-                                    **launch_options(weights))
+    if weights.numel() > 0:
+        _route_kernel[(rows.shape[0],)](rows, per_expert_scale, weights, experts, rows.stride(0), E, TOP_K=top_k,
+                                        BLOCK=triton.next_power_of_2(E), K_BLOCK=triton.next_power_of_2(top_k),
+                                        num_warps=1, **launch_options(weights))
     return weights, experts

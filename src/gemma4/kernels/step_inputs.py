@@ -1,5 +1,5 @@
 """What a forward computes before its first decoder layer, in one launch each: the scaled token embedding, the
-per-layer inputs (PLE) of E2B/E4B, and the RoPE tables.
+per-layer inputs (PLE) of E2B/E4B, the RoPE tables, and a decode step's paged-cache plan.
 
 Eagerly these are ~35 small PyTorch kernels per decode step (gathers, casts, cos/sin, wheres, a scatter, a scan).
 Each kernel rounds where its eager twin (`model.text`, `model.cache`) materializes a tensor.
@@ -79,12 +79,11 @@ def per_layer_inputs(context: torch.Tensor, ple_ids: torch.Tensor, table: torch.
     D = norm_weight.shape[0]
     layers = table.shape[1] // D
     out = torch.empty(batch, length, layers, D, dtype=table.dtype, device=table.device)
-    if out.numel() == 0:
-        return out
     block = triton.next_power_of_2(D)
-    _per_layer_inputs_kernel[(batch * length, layers)](
-        context.contiguous(), ple_ids.contiguous(), table, norm_weight, out, layers * D, D, context_scale,
-        table_scale, eps, BLOCK=block, num_warps=_warps(block), **launch_options(out))
+    if out.numel() > 0:
+        _per_layer_inputs_kernel[(batch * length, layers)](
+            context.contiguous(), ple_ids.contiguous(), table, norm_weight, out, layers * D, D, context_scale,
+            table_scale, eps, BLOCK=block, num_warps=_warps(block), **launch_options(out))
     return out
 
 
@@ -117,11 +116,9 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
     half = inv_freq.shape[0]
     cos = torch.empty(batch, length, 1, 2 * half, dtype=dtype, device=positions.device)
     sin = torch.empty_like(cos)
-    if cos.numel() == 0:
-        return cos, sin
-    _rope_kernel[(batch * length,)](positions.contiguous(), inv_freq, cos, sin, half,
-                                    HALF_BLOCK=triton.next_power_of_2(half), INTERPRET=not cos.is_cuda,
-                                    **launch_options(cos))
+    if cos.numel() > 0:
+        _rope_kernel[(batch * length,)](positions.contiguous(), inv_freq, cos, sin, half, INTERPRET=not cos.is_cuda,
+                                        HALF_BLOCK=triton.next_power_of_2(half), **launch_options(cos))
     return cos, sin
 
 
@@ -168,9 +165,8 @@ def decode_plan(positions: torch.Tensor, valid: torch.Tensor, ring_slots: torch.
     global_gather = torch.empty(batch, table_width * block_size, dtype=torch.long, device=device)
     global_keys = torch.empty_like(global_gather)
     scalars = torch.empty(4, batch, dtype=torch.long, device=device)
-    block = 1024
-    _decode_plan_kernel[(batch, triton.cdiv(max(window, table_width * block_size), block))](
+    _decode_plan_kernel[(batch, triton.cdiv(max(window, table_width * block_size), 1024))](
         positions.reshape(-1), valid.reshape(-1), ring_slots, block_tables.contiguous(), ring_positions, ring_gather,
         ring_keys, global_gather, global_keys, scalars, batch, table_width, window, block_size, ring_trash,
-        trash_block, BLOCK=block, num_warps=4, **launch_options(positions))
+        trash_block, BLOCK=1024, num_warps=4, **launch_options(positions))
     return ring_gather, ring_keys, global_gather, global_keys, scalars

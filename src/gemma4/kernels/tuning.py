@@ -3,9 +3,6 @@ torch.cuda.get_device_name with spaces as underscores (`NVIDIA_H200.json`). `def
 and the CPU interpreter, and any key a device's file leaves out. A file maps kernel -> key -> value; lists are tile
 tuples. The values so far were tuned on an H200 and an H100 (the benchmarks/ scripts sweep them).
 
-    tile("gemv", "TILES", x.device)   # one value
-    config("moe", x.device)           # a kernel's whole table (mutable: tests and benchmarks override entries)
-
 Keys. A tile tuple names its entries; warps and stages are Triton's num_warps and num_stages.
 
 gemv: (BLOCK_N weight rows a program, BLOCK_K inputs a step, warps, stages, GROUPS of BLOCK_N rows a program, which
@@ -53,7 +50,6 @@ CONFIGS = Path(__file__).with_name("configs")
 
 @functools.cache
 def device_name(device: torch.device | None) -> str:
-    """The config file's stem for `device`: its CUDA name with spaces as underscores, "default" off CUDA."""
     if device is None or device.type != "cuda" or not torch.cuda.is_available():
         return "default"
     return torch.cuda.get_device_name(device).replace(" ", "_")
@@ -61,7 +57,6 @@ def device_name(device: torch.device | None) -> str:
 
 @functools.cache
 def _load(name: str) -> dict:
-    """default.json with the device's file (if any) over it, lists as tuples; loaded once per device name."""
     table = json.loads((CONFIGS / "default.json").read_text())
     path = CONFIGS / f"{name}.json"
     if name != "default" and path.exists():
@@ -72,7 +67,8 @@ def _load(name: str) -> dict:
 
 
 def config(kernel: str, device: torch.device | None = None) -> dict:
-    """`kernel`'s table for `device` (None: default.json's)."""
+    """`kernel`'s table for `device` (None: default.json's); one dict per device name, which tests and benchmarks
+    override entries of."""
     return _load(device_name(device))[kernel]
 
 

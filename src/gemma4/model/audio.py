@@ -244,9 +244,8 @@ class AudioTower(nn.Module):
 
     def forward(self, input_features: torch.Tensor, input_features_mask: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T, 128), (B, T) bool -> hidden (B, ceil(ceil(T/2)/2), output_proj_dims) and its validity mask.
-
-        Positions where the mask is False are padding: their values are meaningless and must be dropped."""
+        """(B, T, 128), (B, T) bool -> hidden (B, ceil(ceil(T/2)/2), output_proj_dims) and its validity mask (False:
+        padding, whose values are meaningless and must be dropped)."""
         if input_features_mask is None:
             input_features_mask = torch.ones(input_features.shape[:2], dtype=torch.bool, device=input_features.device)
         x, valid = self.subsample_conv_projection(input_features, input_features_mask.bool())
@@ -259,9 +258,7 @@ class AudioTower(nn.Module):
 
 def audio_features(tower: AudioTower, embed_audio: MultimodalEmbedder, input_features: torch.Tensor,
                    input_features_mask: torch.Tensor) -> list[torch.Tensor]:
-    """What the text model inserts for each audio clip: a list of (num_soft_tokens_i, text_hidden_size) tensors.
-
-    Equals transformers' `embed_audio(get_audio_features(...).last_hidden_state)[mask]` per clip, which is what
-    `Gemma4Model.forward` scatters into the `<|audio|>` positions (clips in order)."""
+    """What the text model inserts for each audio clip: a list of (num_soft_tokens_i, text_hidden_size) tensors,
+    equal to transformers' `embed_audio(get_audio_features(...).last_hidden_state)[mask]` per clip."""
     hidden, valid = tower(input_features, input_features_mask)
     return [tokens[keep] for tokens, keep in zip(embed_audio(hidden), valid)]

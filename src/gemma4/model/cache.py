@@ -1,12 +1,8 @@
-"""KVCache: the cache `Model.forward(cache=...)` takes for incremental forwards by hand (and the parity tests).
-
-It is the engine's paged memory (`KVPools`, see paged_cache.py) with a fixed layout: row b of the batch owns ring b
-of every sliding layer (`sliding_window` slots: memory constant in the context length) and blocks
-[b * n, (b + 1) * n) of every global layer (n blocks of `max_len` tokens); KV-shared layers own nothing. Each forward
-goes through a `PagedCacheView` of it, as an engine step does, so both paths share one implementation: every row
-keeps its own positions (a left-padded batch needs no special case), and a decode step on CUDA writes the new K/V
-first and attends in place.
-"""
+"""KVCache: the cache `Model.forward(cache=...)` takes for incremental forwards by hand (and the parity tests): the
+engine's paged memory (`KVPools`, see paged_cache.py) with a fixed layout, row b owning ring b of every sliding layer
+and blocks [b * n, (b + 1) * n) of every global layer (n blocks of `max_len` tokens). Each forward goes through a
+`PagedCacheView` of it, as an engine step does, so both paths share one implementation (every row keeps its own
+positions: a left-padded batch needs no special case)."""
 
 from __future__ import annotations
 

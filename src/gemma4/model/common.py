@@ -80,19 +80,12 @@ class MultimodalEmbedder(nn.Module):
     State-dict keys equal those under `model.embed_vision.` / `model.embed_audio.` (only
     `embedding_projection.weight`, shape (text_hidden, in_dim))."""
 
-    def __init__(self, in_dim: int, text_hidden_size: int, eps: float = 1e-6):
+    def __init__(self, tower_config, text_config):
         super().__init__()
-        self.embedding_pre_projection_norm = RMSNorm(in_dim, eps=eps, with_scale=False)
-        self.embedding_projection = nn.Linear(in_dim, text_hidden_size, bias=False)
-
-    @classmethod
-    def for_vision(cls, vision_config, text_config) -> "MultimodalEmbedder":
-        return cls(vision_config.hidden_size, text_config.hidden_size, vision_config.rms_norm_eps)
-
-    @classmethod
-    def for_audio(cls, audio_config, text_config) -> "MultimodalEmbedder":
-        # The audio tower ends with its own projection to `output_proj_dims`.
-        return cls(audio_config.output_proj_dims, text_config.hidden_size, audio_config.rms_norm_eps)
+        # in_dim: the tower's width; the audio tower ends with its own projection to `output_proj_dims`.
+        in_dim = getattr(tower_config, "output_proj_dims", tower_config.hidden_size)
+        self.embedding_pre_projection_norm = RMSNorm(in_dim, eps=tower_config.rms_norm_eps, with_scale=False)
+        self.embedding_projection = nn.Linear(in_dim, text_config.hidden_size, bias=False)
 
     def forward(self, soft_tokens: torch.Tensor) -> torch.Tensor:
         return self.embedding_projection(self.embedding_pre_projection_norm(soft_tokens))

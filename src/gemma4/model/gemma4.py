@@ -38,11 +38,11 @@ class Backbone(nn.Module):
         if config.vision_config is not None:
             from .vision import VisionTower
             self.vision_tower = VisionTower(config.vision_config)
-            self.embed_vision = MultimodalEmbedder.for_vision(config.vision_config, config.text_config)
+            self.embed_vision = MultimodalEmbedder(config.vision_config, config.text_config)
         if config.audio_config is not None:
             from .audio import AudioTower
             self.audio_tower = AudioTower(config.audio_config)
-            self.embed_audio = MultimodalEmbedder.for_audio(config.audio_config, config.text_config)
+            self.embed_audio = MultimodalEmbedder(config.audio_config, config.text_config)
 
 
 class Gemma4(nn.Module):
@@ -73,18 +73,15 @@ class Gemma4(nn.Module):
     def fuse_projections_(self) -> "Gemma4":
         """Run q/k/v and gate/up as one matmul each (fewer, larger GEMVs at decode). Parameters keep their names
         and values (they become views of the fused weights). Call after the model is on its device and dtype:
-        a later `.to()` keeps the results right but gives the views their own memory again.
-
-        Loaders do it on CUDA (faster batch-1 decode); the option
-        `fuse_projections` (gemma4.options) turns it off (False) or on for every device (True). Not on the CPU by
-        default: same products, but another summation order than the reference's separate matmuls."""
+        a later `.to()` keeps the results right but gives the views their own memory again. Not on the CPU by
+        default (`ready_`): same products, but another summation order than the reference's separate matmuls."""
         for module in self.modules():
             if module is not self and hasattr(module, "fuse_projections_"):
                 module.fuse_projections_()
         return self
 
     def ready_(self) -> "Gemma4":
-        """What every loader does last: inference mode, no gradients, fused projections (see fuse_projections_)."""
+        """What every loader does last: inference mode, no gradients, fused projections (option fuse_projections)."""
         self.eval().requires_grad_(False)
         fuse = options().fuse_projections
         if fuse is True or (fuse == "auto" and self.device.type == "cuda"):
@@ -95,17 +92,15 @@ class Gemma4(nn.Module):
         """A cache for incremental forwards: sliding layers get a ring of `sliding_window` slots (see cache.py)."""
         return KVCache(self.config.text_config, batch_size, max_len, self.dtype, self.device)
 
-    # --- forward ----------------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor, media_embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
               **media) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Token embeddings with image/video/audio soft tokens merged in (see multimodal.py for `media`).
+        """(token embeddings with image/video/audio soft tokens merged in, ids for the per-layer-embedding lookup,
+        image block ids or None); see multimodal.py for `media`.
 
         `media_embeds` (also accepted by `forward`): (mask [B, L] bool, features [N, text hidden size]), soft tokens
         computed earlier (`multimodal.compute_soft_tokens`) that fill the True positions of `mask` in row-major
         order, instead of raw media run through the towers; the serving engine passes them per prefill chunk.
-        Image block ids (bidirectional vision attention) cover the filled image/video tokens of this forward only.
-
-        Returns (embeds, ids for the per-layer-embedding lookup, image block ids or None)."""
+        Image block ids (bidirectional vision attention) cover the filled image/video tokens of this forward only."""
         if media_embeds is not None:
             from .multimodal import merge_soft_tokens
             if any(v is not None for v in media.values()):

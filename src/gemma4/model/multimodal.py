@@ -69,15 +69,12 @@ def _scatter(embeds: torch.Tensor, mask: torch.Tensor, features: list[torch.Tens
     return embeds.masked_scatter(mask[..., None], tokens.to(embeds.dtype))
 
 
-def merge_media(model, input_ids: torch.Tensor, embeds: torch.Tensor | None = None, *,
-                pixel_values: torch.Tensor | None = None, image_position_ids: torch.Tensor | None = None,
-                pixel_values_videos: torch.Tensor | None = None, video_position_ids: torch.Tensor | None = None,
-                input_features: torch.Tensor | None = None, input_features_mask: torch.Tensor | None = None,
+def merge_media(model, input_ids: torch.Tensor, *, pixel_values: torch.Tensor | None = None,
+                image_position_ids: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
+                video_position_ids: torch.Tensor | None = None, input_features: torch.Tensor | None = None,
+                input_features_mask: torch.Tensor | None = None,
                 **ignored) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(embeds [B, L, H] scaled and merged, ids for the per-layer-embedding lookup [B, L], blocks [B, L] or None).
-
-    `embeds`, if given, are the token embeddings of `input_ids`; the placeholder positions are recomputed.
-    `mm_token_type_ids` and `num_frames_per_video` (processor outputs) are accepted and not needed."""
+    """(embeds [B, L, H] scaled and merged, ids for the per-layer-embedding lookup [B, L], blocks [B, L] or None)."""
     if unknown := set(ignored) - _UNUSED:
         raise TypeError(f"unexpected model inputs {sorted(unknown)}; multimodal inputs are pixel_values, "
                         "image_position_ids, pixel_values_videos, video_position_ids, input_features, "
@@ -87,11 +84,7 @@ def merge_media(model, input_ids: torch.Tensor, embeds: torch.Tensor | None = No
     placeholders = masks["image"] | masks["video"] | masks["audio"]
     pad_id = config.text_config.pad_token_id or 0
     ple_ids = input_ids.masked_fill(placeholders, pad_id)
-    if embeds is None:
-        embeds = model.text.embed_tokens(ple_ids)
-    else:
-        pad = model.text.embed_tokens(torch.full_like(input_ids[:1, :1], pad_id))
-        embeds = torch.where(placeholders[..., None], pad, embeds)
+    embeds = model.text.embed_tokens(ple_ids)
 
     for kind, pixels, positions, what in (("image", pixel_values, image_position_ids, "images"),
                                           ("video", pixel_values_videos, video_position_ids, "video frames")):

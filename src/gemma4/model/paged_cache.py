@@ -153,10 +153,10 @@ class PagedCacheView:
     def new_key_slots(self, layer_type: str) -> torch.Tensor:
         return self._plan[("slots", layer_type)]
 
-    def num_keys(self, layer_type: str) -> torch.Tensor:
-        """In-place decode: candidates [0, query] suffice. Slot j of a row's blocks holds position j, slot j of its
-        ring a position p with p % window == j: until the ring is full (query < window) the slots past the query are
-        empty (BlockManager.admit empties a ring)."""
+    def num_keys(self) -> torch.Tensor:
+        """In-place decode, every layer: candidates [0, query] suffice. Slot j of a row's blocks holds position j,
+        slot j of its ring a position p with p % window == j: until the ring is full (query < window) the slots past
+        the query are empty (BlockManager.admit empties a ring)."""
         return self._plan["num_keys"]
 
     def key_slots(self, layer_type: str) -> torch.Tensor:

@@ -218,9 +218,8 @@ class Experts(nn.Module):
                 path = "gathered"
             else:
                 path = "grouped" if hasattr(torch, "_grouped_mm") else "loop"
-        if path in ("sorted", "grouped"):
-            return getattr(self, f"forward_{path}")(x, weights, experts, combine)
-        return getattr(self, f"forward_{path}")(x, weights, experts)
+        forward = getattr(self, f"forward_{path}")
+        return forward(x, weights, experts, combine) if path in ("sorted", "grouped") else forward(x, weights, experts)
 
     def forward_kernel(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Small batches on CUDA: a Triton kernel reads each chosen expert's weights in place, once."""

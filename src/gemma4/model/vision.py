@@ -49,9 +49,8 @@ class VisionRotary(nn.Module):
 
 
 class VisionAttention(nn.Module):
-    """Bidirectional multi-head attention with RMS-normalised q/k (learned scale) and v (no scale).
-
-    Because q and k are normalised, the logits are not scaled by 1/sqrt(head_dim) (scale 1.0)."""
+    """Bidirectional multi-head attention with RMS-normalised q/k (learned scale) and v (no scale); because q and k
+    are normalised, the logits are not scaled by 1/sqrt(head_dim) (scale 1.0)."""
 
     def __init__(self, config: VisionConfig):
         super().__init__()
@@ -125,8 +124,7 @@ class PatchEmbedder(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
         self.input_proj = nn.Linear(3 * config.patch_size**2, config.hidden_size, bias=False)
-        self.position_embedding_table = nn.Parameter(
-            torch.ones(2, config.position_embedding_size, config.hidden_size))
+        self.position_embedding_table = nn.Parameter(torch.ones(2, config.position_embedding_size, config.hidden_size))
 
     def forward(self, pixel_values, position_ids, padding):
         # The processor leaves pixels in [0, 1]; the model was trained on [-1, 1].
@@ -189,9 +187,7 @@ class VisionTower(nn.Module):
 
 def image_features(tower: VisionTower, embed_vision: MultimodalEmbedder, pixel_values: torch.Tensor,
                    pixel_position_ids: torch.Tensor) -> list[torch.Tensor]:
-    """What the text model inserts for each image: a list of (num_soft_tokens_i, text_hidden_size) tensors,
-    equal to transformers' `Gemma4Model.get_image_features(...).pooler_output`.
-
-    Works for video frames too (pass `pixel_values_videos`, `video_position_ids`): one entry per frame."""
+    """What the text model inserts for each image: a list of (num_soft_tokens_i, text_hidden_size) tensors, equal to
+    transformers' `Gemma4Model.get_image_features(...).pooler_output`. For video frames too: one entry per frame."""
     tokens = embed_vision(tower(pixel_values, pixel_position_ids))
     return list(torch.split(tokens, tower.num_soft_tokens(pixel_position_ids)))

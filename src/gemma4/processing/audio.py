@@ -8,9 +8,6 @@ Accepted sources: numpy arrays or tensors with their sampling rate (`(array, rat
 paths, raw encoded bytes, base64 text with its `format` (OpenAI's `input_audio` {"data", "format"}), and data
 URLs (`data:audio/wav;base64,...`). WAV (PCM 8/16/24/32-bit, float 32/64) is decoded with the standard
 library; FLAC/OGG/MP3/... need the optional `soundfile` or `av` (PyAV) package.
-
-Resampling: a polyphase windowed-sinc filter (Kaiser window, beta 8.6, 16 zero crossings per side, cutoff at
-0.99 of the lower Nyquist frequency), written in numpy; comparable to torchaudio's `sinc_interp_kaiser`.
 """
 
 from __future__ import annotations
@@ -102,49 +99,42 @@ def _decode_wav(data: bytes) -> tuple[np.ndarray, int]:
 def _sniff_format(data: bytes) -> str:
     if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
         return "wav"
-    if data[:4] == b"fLaC":
-        return "flac"
-    if data[:4] == b"OggS":
-        return "ogg"
     if data[:3] == b"ID3" or (len(data) > 1 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0):
         return "mp3"
     if data[4:8] == b"ftyp":
         return "m4a"
-    return "unknown"
+    return {b"fLaC": "flac", b"OggS": "ogg"}.get(data[:4], "unknown")
 
 
 def _decode_with_optional_packages(data: bytes, fmt: str) -> tuple[np.ndarray, int]:
+    soundfile_error = None
     try:
         import soundfile
+        return soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except ImportError:
-        soundfile = None
-    if soundfile is not None:
-        try:
-            return soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
-        except Exception as e:  # noqa: BLE001 - fall through to PyAV, then report
-            error = e
+        pass
+    except Exception as e:  # noqa: BLE001 - fall through to PyAV, then report
+        soundfile_error = e
     try:
         import av
     except ImportError:
-        if soundfile is None:
+        if soundfile_error is None:
             raise ValueError(f"decoding {fmt} audio needs the optional package 'soundfile' or 'av' "
                              "(pip install soundfile); WAV works without them") from None
-        raise ValueError(f"cannot read audio: soundfile failed to decode it ({error})") from None
+        raise ValueError(f"cannot read audio: soundfile failed to decode it ({soundfile_error})") from None
     try:
         with av.open(io.BytesIO(data)) as container:
             stream = container.streams.audio[0]
             chunks = [frame.to_ndarray() for frame in container.decode(stream)]
             rate = stream.rate
-        if not chunks:
-            raise ValueError("cannot read audio: no audio frames in the stream")
-        samples = np.concatenate([c.reshape(c.shape[0], -1) if c.ndim == 2 else c[None] for c in chunks], axis=1)
-        if np.issubdtype(samples.dtype, np.integer):
-            samples = samples.astype(np.float64) / float(np.iinfo(samples.dtype).max + 1)
-        return samples.T, rate
-    except ValueError:
-        raise
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - PyAV raises many types
         raise ValueError(f"cannot read audio: PyAV failed to decode it ({e})") from None
+    if not chunks:
+        raise ValueError("cannot read audio: no audio frames in the stream")
+    samples = np.concatenate([c.reshape(c.shape[0], -1) if c.ndim == 2 else c[None] for c in chunks], axis=1)
+    if np.issubdtype(samples.dtype, np.integer):
+        samples = samples.astype(np.float64) / float(np.iinfo(samples.dtype).max + 1)
+    return samples.T, rate
 
 
 def decode_audio(data: bytes, format: str | None = None) -> tuple[np.ndarray, int]:
@@ -197,7 +187,8 @@ def load_audio(source, sampling_rate: int | None = None, format: str | None = No
 
 def resample(samples: np.ndarray, orig_rate: int, target_rate: int = SAMPLING_RATE, zero_crossings: int = 16,
              rolloff: float = 0.99, beta: float = 8.6) -> np.ndarray:
-    """Band-limited resampling with a polyphase windowed-sinc filter (see the module docstring).
+    """Band-limited resampling with a polyphase windowed-sinc filter (Kaiser window), written in numpy;
+    comparable to torchaudio's `sinc_interp_kaiser`.
 
     Output sample n sits at input position p = n * orig / target. It is the sum over nearby input samples k of
     x[k] * h(p - k), where h is a sinc low-pass at `rolloff` times the lower of the two Nyquist frequencies,
@@ -229,18 +220,14 @@ def resample(samples: np.ndarray, orig_rate: int, target_rate: int = SAMPLING_RA
 
 # --- log-mel features ------------------------------------------------------------------------------------------
 
-def mel_filter_bank(num_bins: int = FFT_LENGTH // 2 + 1, num_mels: int = NUM_MEL_BINS,
-                    sampling_rate: int = SAMPLING_RATE, f_min: float = 0.0, f_max: float = 8000.0) -> np.ndarray:
-    """(num_bins, num_mels) triangular filters, centres evenly spaced on the HTK mel scale, peak 1, no area
-    normalisation. With 257 bins the top filter is narrower than a bin and may be all zero (as in the reference)."""
-    to_mel = lambda f: 2595.0 * np.log10(1.0 + f / 700.0)  # noqa: E731
-    edges_mel = np.linspace(to_mel(f_min), to_mel(f_max), num_mels + 2)
-    edges = 700.0 * (10.0 ** (edges_mel / 2595.0) - 1.0)  # (num_mels + 2,) Hz: left, centre, right of each
-    freqs = np.linspace(0, sampling_rate // 2, num_bins)[:, None]  # (num_bins, 1) Hz of each FFT bin
+def mel_filter_bank() -> np.ndarray:
+    """(257, 128) triangular filters for the FFT bins, centres evenly spaced on the HTK mel scale from 0 to 8 kHz,
+    peak 1, no area normalisation. The top filter is narrower than a bin and may be all zero (as in the reference)."""
+    edges_mel = np.linspace(0.0, 2595.0 * np.log10(1.0 + 8000.0 / 700.0), NUM_MEL_BINS + 2)
+    edges = 700.0 * (10.0 ** (edges_mel / 2595.0) - 1.0)  # (130,) Hz: left, centre, right of each filter
+    freqs = np.linspace(0, SAMPLING_RATE // 2, FFT_LENGTH // 2 + 1)[:, None]  # (257, 1) Hz of each FFT bin
     left, centre, right = edges[:-2], edges[1:-1], edges[2:]
-    rising = (freqs - left) / (centre - left)
-    falling = (right - freqs) / (right - centre)
-    return np.maximum(0.0, np.minimum(rising, falling))
+    return np.maximum(0.0, np.minimum((freqs - left) / (centre - left), (right - freqs) / (right - centre)))
 
 
 _MEL_FILTERS = mel_filter_bank()
@@ -264,9 +251,7 @@ def log_mel(samples: np.ndarray, total_frames: int | None = None) -> tuple[np.nd
     n = len(samples)
     frames_here = num_frames(n)
     total_frames = frames_here if total_frames is None else total_frames
-    padded_len = -(-n // PAD_TO_MULTIPLE) * PAD_TO_MULTIPLE
-    wave = np.zeros(FRAME_LENGTH // 2 + padded_len, np.float32)
-    wave[FRAME_LENGTH // 2: FRAME_LENGTH // 2 + n] = samples
+    wave = np.pad(samples, (FRAME_LENGTH // 2, -n % PAD_TO_MULTIPLE))
     starts = np.arange(frames_here) * HOP_LENGTH
     frames = wave[starts[:, None] + np.arange(FRAME_LENGTH)[None, :]]  # (frames, 320)
     magnitude = np.abs(np.fft.rfft(frames * _WINDOW, n=FFT_LENGTH, axis=-1))  # (frames, 257)
@@ -305,10 +290,10 @@ def process_audio(clips, sampling_rate: int | None = None, format: str | None = 
     if not clips:
         raise ValueError("no audio given")
     waves = [load_audio(c, sampling_rate, format) for c in clips]
-    for w in waves:
-        if num_soft_tokens(len(w)) == 0:
-            raise ValueError(f"audio is too short ({len(w)} samples at 16 kHz); it needs more than "
-                             f"{HOP_LENGTH} samples (10 ms)")
+    shortest = min(len(w) for w in waves)
+    if shortest <= HOP_LENGTH:  # no valid mel frame, so no soft token
+        raise ValueError(f"audio is too short ({shortest} samples at 16 kHz); it needs more than "
+                         f"{HOP_LENGTH} samples (10 ms)")
     total = num_frames(max(len(w) for w in waves))
     features, masks = zip(*(log_mel(w, total) for w in waves))
     return AudioBatch(torch.from_numpy(np.stack(features)), torch.from_numpy(np.stack(masks)),

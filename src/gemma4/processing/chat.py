@@ -1,14 +1,9 @@
 """Chat template rendering and OpenAI -> Gemma 4 message conversion.
 
-`render_chat_template` renders a checkpoint's own Jinja template in a sandbox set up like transformers'
-(same whitespace options, globals and filters), so the prompt text is byte-identical to
-`transformers`' `apply_chat_template`.
-
-`openai_to_gemma_messages` turns OpenAI chat-completions messages into the shape the Gemma 4 template
-expects: media parts become `{"type": "image"|"audio"|"video", ...}` (payload kept in the part; see
-`collect_media`), tool-call arguments become dicts, and tool results are attached to the assistant message
-that made the calls as `tool_responses`, which the template renders inside the model turn as
-`<|tool_response>response:name{...}<tool_response|>`.
+`render_chat_template` renders a checkpoint's own Jinja template in a sandbox set up like transformers' (same
+whitespace options, globals and filters), so the prompt text is byte-identical to its `apply_chat_template`.
+`openai_to_gemma_messages` turns OpenAI chat-completions messages into the shape the Gemma 4 template expects
+(its docstring lists the conversions).
 """
 
 from __future__ import annotations
@@ -41,8 +36,7 @@ class ChatTemplateError(ValueError):
 
 # ------------------------------------------------------------------------------------------ jinja sandbox
 class _GenerationTag(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` marks assistant text for training masks; here it only renders
-    its body, which is all that inference needs."""
+    """`{% generation %}...{% endgeneration %}` marks assistant text for training masks; inference renders its body."""
 
     tags = {"generation"}
 
@@ -54,21 +48,15 @@ class _GenerationTag(jinja2.ext.Extension):
 class _TemplateNamespace(jinja2.utils.Namespace):
     """`namespace()` that refuses underscore attributes, which could reach Python internals."""
 
-    def __init__(*args, **kwargs):  # same signature trick as jinja's Namespace: `self` may be a kwarg name
-        self, args = args[0], args[1:]
-        attrs = dict(*args, **kwargs)
-        for name in attrs:
-            _TemplateNamespace._check(name)
-        jinja2.utils.Namespace.__init__(self, attrs)
+    def __init__(*args, **kwargs):  # as jinja's Namespace: `self` is positional so that it may be an attribute name
+        jinja2.utils.Namespace.__init__(args[0])
+        for name, value in dict(*args[1:], **kwargs).items():
+            args[0][name] = value
 
     def __setitem__(self, name, value):
-        _TemplateNamespace._check(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
-
-    @staticmethod
-    def _check(name):
         if isinstance(name, str) and name.startswith("_"):
             raise jinja2.exceptions.SecurityError(f"Chat templates cannot set underscore attributes ({name!r}).")
+        jinja2.utils.Namespace.__setitem__(self, name, value)
 
 
 class _TemplateDict:
@@ -104,18 +92,18 @@ def compile_chat_template(source: str) -> jinja2.Template:
 
 
 # --------------------------------------------------------------------------------------- template inputs
+_BASE_VALUES = {str: str.__str__, int: int.__int__, float: float.__float__}
+
+
 def _plain(value: Any) -> Any:
     """Rebuild template inputs from plain JSON-like types. Anything else (images, arrays, tensors) becomes an
     inert "<TypeName>" string: the sandbox would otherwise expose their methods, and templates only test
     whether media keys exist."""
     if value is None or type(value) in (str, int, float, bool):
         return value
-    if isinstance(value, str):  # subclasses (enums, ...) carry extra methods: keep only the base value
-        return str.__str__(value)
-    if isinstance(value, int):
-        return int.__int__(value)
-    if isinstance(value, float):
-        return float.__float__(value)
+    for base, base_value in _BASE_VALUES.items():  # subclasses (enums, ...) carry extra methods: keep the value
+        if isinstance(value, base):
+            return base_value(value)
     if isinstance(value, Mapping):
         return {_plain(k): _plain(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -139,7 +127,8 @@ def _prepare_messages(messages: Sequence[Any]) -> list[dict]:
     prepared = []
     for index, message in enumerate(_plain(list(messages))):
         if not isinstance(message, dict):
-            raise ValueError(f"messages[{index}] must be a dict with 'role' and 'content', got {type(message).__name__}.")
+            raise ValueError(f"messages[{index}] must be a dict with 'role' and 'content', "
+                             f"got {type(message).__name__}.")
         role = message.get("role")
         if role not in KNOWN_ROLES:
             raise ValueError(f"messages[{index}] has unknown role {role!r}; use one of {sorted(KNOWN_ROLES)}.")
@@ -185,13 +174,15 @@ def _check_tool_schema(index: int, tool: Any) -> None:
     if parameters is None:
         return
     if not isinstance(parameters, Mapping):
-        raise ValueError(f"{where} ({name}): 'parameters' must be a JSON-schema object, got {type(parameters).__name__}.")
+        raise ValueError(f"{where} ({name}): 'parameters' must be a JSON-schema object, "
+                         f"got {type(parameters).__name__}.")
     properties = parameters.get("properties")
     if properties is not None and not isinstance(properties, Mapping):
         raise ValueError(f"{where} ({name}): 'parameters.properties' must be an object mapping names to schemas.")
     for key, schema in (properties or {}).items():
         if not isinstance(schema, Mapping):
-            raise ValueError(f"{where} ({name}): property {key!r} must be a schema object, got {type(schema).__name__}.")
+            raise ValueError(f"{where} ({name}): property {key!r} must be a schema object, "
+                             f"got {type(schema).__name__}.")
     required = parameters.get("required")
     if required is not None and (isinstance(required, str) or not isinstance(required, Sequence)
                                  or not all(isinstance(r, str) for r in required)):
@@ -226,7 +217,7 @@ def _type_schema(hint: Any) -> dict:
         return {}
     origin = typing.get_origin(hint)
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if origin in (typing.Union, getattr(types, "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         schema = _type_schema(args[0]) if len(args) == 1 else {"type": [_type_schema(a).get("type") for a in args]}
         if len(args) < len(typing.get_args(hint)):
             schema["nullable"] = True
@@ -280,25 +271,18 @@ def function_to_tool_schema(func: Callable) -> dict:
     parameters = {"type": "object", "properties": properties}
     if required:
         parameters["required"] = required
-    return {"type": "function", "function": {"name": func.__name__, "description": description, "parameters": parameters}}
+    function = {"name": func.__name__, "description": description, "parameters": parameters}
+    return {"type": "function", "function": function}
 
 
 # ------------------------------------------------------------------------------------ OpenAI -> Gemma
 def _text_of(content: Any, where: str) -> str:
     """Content that must be plain text (system prompts, tool results): a string or text parts."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, Mapping) or part.get("type") != "text":
-                kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
-                raise ValueError(f"{where}: only text parts are allowed here, got {kind!r}.")
-            texts.append(str(part.get("text", "")))
-        return "".join(texts)
-    raise ValueError(f"{where}: content must be a string or a list of parts, got {type(content).__name__}.")
+    converted = _convert_content(content, where)
+    if isinstance(converted, list):
+        kind = next(part["type"] for part in converted if part["type"] != "text")
+        raise ValueError(f"{where}: only text parts are allowed here, not {kind} parts.")
+    return converted
 
 
 def _convert_part(part: Any, where: str) -> dict:
@@ -429,9 +413,7 @@ def _append_assistant(out: list[dict], message: Mapping, where: str, call_names:
         calls = _convert_tool_calls(message["tool_calls"], where)
         converted["tool_calls"] = calls
         pending[:] = [c["function"]["name"] for c in calls]
-        for call in calls:
-            if call["id"]:
-                call_names[call["id"]] = call["function"]["name"]
+        call_names.update({c["id"]: c["function"]["name"] for c in calls if c["id"]})
     else:
         pending.clear()
     previous = out[-1] if out else None
@@ -471,5 +453,6 @@ def collect_media(messages: Sequence[Mapping]) -> list[dict]:
     for message in messages:
         content = message.get("content")
         if isinstance(content, list):
-            media.extend(dict(p) for p in content if isinstance(p, Mapping) and p.get("type") in ("image", "audio", "video"))
+            media.extend(dict(p) for p in content
+                         if isinstance(p, Mapping) and p.get("type") in ("image", "audio", "video"))
     return media

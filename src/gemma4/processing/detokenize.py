@@ -37,6 +37,6 @@ class IncrementalText:
         return max((n for stop in self.stop for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0)
 
     def _flush(self, upto: int) -> str:
-        delta = self.text[self.emitted: upto] if upto > self.emitted else ""
+        delta = self.text[self.emitted: upto]  # "" when nothing new is ready
         self.emitted = max(self.emitted, upto)
         return delta

@@ -23,6 +23,7 @@ from .data_url import decode_data_url
 SUPPORTED_SOFT_TOKENS = (70, 140, 280, 560, 1120)
 PATCH_SIZE = 16
 POOLING_KERNEL_SIZE = 3
+BLOCK = POOLING_KERNEL_SIZE * PATCH_SIZE  # 48 px: the side of the 3x3 patches that pool into one soft token
 DEFAULT_MAX_SOFT_TOKENS = 280
 
 BOI_TOKEN = "<|image>"  # begins an image's soft tokens
@@ -105,65 +106,51 @@ def _check_budget(max_soft_tokens: int) -> None:
         raise ValueError(f"max_soft_tokens must be one of {SUPPORTED_SOFT_TOKENS}, got {max_soft_tokens!r}")
 
 
-def target_size(height: int, width: int, max_soft_tokens: int = DEFAULT_MAX_SOFT_TOKENS,
-                patch_size: int = PATCH_SIZE, pooling_kernel_size: int = POOLING_KERNEL_SIZE) -> tuple[int, int]:
+def target_size(height: int, width: int, max_soft_tokens: int = DEFAULT_MAX_SOFT_TOKENS) -> tuple[int, int]:
     """(height, width) the image is resized to: the aspect-preserving scale that exactly fills the patch budget,
-    each side then floored to a multiple of pooling_kernel_size * patch_size.
+    each side then floored to a multiple of the 48 px block (one soft token after pooling).
 
     A side that floors to 0 (extreme aspect ratio) becomes one block; the other side then takes floor(ratio)
     blocks, capped at the budget's worth of blocks in a single row."""
     if height <= 0 or width <= 0:
         raise ValueError(f"image has zero size ({width}x{height})")
-    max_patches = max_soft_tokens * pooling_kernel_size**2
-    block = pooling_kernel_size * patch_size
-    scale = math.sqrt(max_patches * patch_size**2 / (height * width))
-    h = math.floor(scale * height / block) * block
-    w = math.floor(scale * width / block) * block
-    max_side = max_soft_tokens * block  # one row of blocks, all of the budget
-    if h == 0 and w == 0:  # impossible for a positive budget; kept as a guard
-        raise ValueError(f"cannot resize a {width}x{height} image into {max_soft_tokens} soft tokens")
+    scale = math.sqrt(max_soft_tokens * BLOCK**2 / (height * width))
+    h = math.floor(scale * height / BLOCK) * BLOCK
+    w = math.floor(scale * width / BLOCK) * BLOCK
+    max_side = max_soft_tokens * BLOCK  # one row of blocks, all of the budget
     if h == 0:
-        h, w = block, min(math.floor(width / height) * block, max_side)
+        h, w = BLOCK, min(math.floor(width / height) * BLOCK, max_side)
     elif w == 0:
-        h, w = min(math.floor(height / width) * block, max_side), block
+        h, w = min(math.floor(height / width) * BLOCK, max_side), BLOCK
     return h, w
 
 
-def num_soft_tokens(height: int, width: int, max_soft_tokens: int = DEFAULT_MAX_SOFT_TOKENS,
-                    patch_size: int = PATCH_SIZE, pooling_kernel_size: int = POOLING_KERNEL_SIZE) -> int:
+def num_soft_tokens(height: int, width: int, max_soft_tokens: int = DEFAULT_MAX_SOFT_TOKENS) -> int:
     """Soft tokens an image of this size becomes (= the number of `<|image|>` tokens it takes in the prompt)."""
     _check_budget(max_soft_tokens)
-    h, w = target_size(height, width, max_soft_tokens, patch_size, pooling_kernel_size)
-    return (h // patch_size) * (w // patch_size) // pooling_kernel_size**2
+    h, w = target_size(height, width, max_soft_tokens)
+    return (h // BLOCK) * (w // BLOCK)
 
 
-def patchify(pixels: np.ndarray, patch_size: int = PATCH_SIZE) -> tuple[np.ndarray, np.ndarray]:
-    """(H, W, 3) -> patches (H/ps * W/ps, ps*ps*3), each flattened as (row, column, channel), in row-major patch
-    order; and their (x, y) = (patch column, patch row) positions."""
-    h, w, c = pixels.shape
-    rows, cols = h // patch_size, w // patch_size
-    patches = pixels.reshape(rows, patch_size, cols, patch_size, c)  # (rows, ps, cols, ps, C)
-    patches = patches.transpose(0, 2, 1, 3, 4).reshape(rows * cols, patch_size * patch_size * c)
-    xs, ys = np.meshgrid(np.arange(cols), np.arange(rows), indexing="xy")  # each (rows, cols)
-    positions = np.stack([xs, ys], axis=-1).reshape(rows * cols, 2)
-    return patches, positions
-
-
-def resize_to_budget(image: Image.Image, max_soft_tokens: int = DEFAULT_MAX_SOFT_TOKENS,
-                     patch_size: int = PATCH_SIZE, pooling_kernel_size: int = POOLING_KERNEL_SIZE) -> np.ndarray:
-    """RGB PIL image -> (H, W, 3) float32 in [0, 1] at the budget's target size."""
-    h, w = target_size(image.height, image.width, max_soft_tokens, patch_size, pooling_kernel_size)
+def _patches(image: Image.Image, max_soft_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """RGB image at the budget's target size -> its 16x16 patches of pixels / 255 in row-major order, each
+    flattened as (row, column, channel), and their (x, y) = (patch column, patch row) positions."""
+    h, w = target_size(image.height, image.width, max_soft_tokens)
     if (h, w) != (image.height, image.width):
         # PIL's bicubic widens its kernel when shrinking (antialiasing); it works on and rounds to uint8.
         image = image.resize((w, h), resample=Image.Resampling.BICUBIC)
-    return np.asarray(image, dtype=np.float32) / np.float32(255.0)
+    pixels = np.asarray(image, dtype=np.float32) / np.float32(255.0)
+    rows, cols = h // PATCH_SIZE, w // PATCH_SIZE
+    patches = pixels.reshape(rows, PATCH_SIZE, cols, PATCH_SIZE, 3).transpose(0, 2, 1, 3, 4).reshape(rows * cols, -1)
+    xs, ys = np.meshgrid(np.arange(cols), np.arange(rows), indexing="xy")  # each (rows, cols)
+    return patches, np.stack([xs, ys], axis=-1).reshape(rows * cols, 2)
 
 
 @dataclass
 class ImageBatch:
-    """Vision-tower inputs. P = max_soft_tokens * pooling_kernel_size**2 for the budget used."""
+    """Vision-tower inputs. P = max_soft_tokens * 9 (3x3 patches pool into one soft token)."""
 
-    pixel_values: torch.Tensor  # (B, P, 3 * patch_size**2) float32 in [0, 1]; zero rows for padding
+    pixel_values: torch.Tensor  # (B, P, 3 * 16 * 16) float32 in [0, 1]; zero rows for padding
     pixel_position_ids: torch.Tensor  # (B, P, 2) long (x, y); (-1, -1) for padding
     num_soft_tokens: list[int]  # per image: how many `<|image|>` tokens it takes
 
@@ -171,24 +158,22 @@ class ImageBatch:
         return len(self.num_soft_tokens)
 
 
-def process_images(images, max_soft_tokens: int = DEFAULT_MAX_SOFT_TOKENS, patch_size: int = PATCH_SIZE,
-                   pooling_kernel_size: int = POOLING_KERNEL_SIZE) -> ImageBatch:
+def process_images(images, max_soft_tokens: int = DEFAULT_MAX_SOFT_TOKENS) -> ImageBatch:
     """One image or a list of images (any accepted source) -> a padded `ImageBatch` at the given budget."""
     _check_budget(max_soft_tokens)
     if not isinstance(images, (list, tuple)):
         images = [images]
     if not images:
         raise ValueError("no images given")
-    max_patches = max_soft_tokens * pooling_kernel_size**2
-    pixel_values = np.zeros((len(images), max_patches, 3 * patch_size**2), np.float32)
+    max_patches = max_soft_tokens * POOLING_KERNEL_SIZE**2
+    pixel_values = np.zeros((len(images), max_patches, 3 * PATCH_SIZE**2), np.float32)
     position_ids = np.full((len(images), max_patches, 2), -1, np.int64)
     counts = []
     for i, source in enumerate(images):
-        pixels = resize_to_budget(load_image(source), max_soft_tokens, patch_size, pooling_kernel_size)
-        patches, positions = patchify(pixels, patch_size)
+        patches, positions = _patches(load_image(source), max_soft_tokens)
         pixel_values[i, : len(patches)] = patches
         position_ids[i, : len(patches)] = positions
-        counts.append(len(patches) // pooling_kernel_size**2)
+        counts.append(len(patches) // POOLING_KERNEL_SIZE**2)
     return ImageBatch(torch.from_numpy(pixel_values), torch.from_numpy(position_ids), counts)
 
 

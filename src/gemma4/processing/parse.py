@@ -13,15 +13,14 @@ without `<|tool_call>` right after `<channel|>` (`<channel|>call:f{...}`). A cal
 strings cannot be told apart unambiguously, is returned as content, with a logged warning, never dropped.
 
 This module holds the one-shot API: `parse_response` runs the streaming parser (`stream_parse.StreamParser`)
-over the whole text, so one-shot and streamed results agree by construction; `to_openai_tool_calls` and
-`to_openai_message` turn its result into OpenAI response shapes.
+over the whole text, so one-shot and streamed results agree by construction; `to_openai_tool_calls` gives its
+calls the JSON-string arguments of OpenAI responses.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
 
 from .stream_parse import StreamParser, accumulate
 
@@ -49,24 +48,9 @@ def parse_response(text: str, *, prefix: str | None = None, complete: bool = Fal
     return accumulate(parser.feed(text) + parser.finish(complete=complete))
 
 
-def arguments_to_json(arguments: Any) -> str:
-    """Arguments as the JSON string OpenAI responses carry (a string is assumed to be JSON already)."""
-    return arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-
-
 def to_openai_tool_calls(tool_calls: Iterable[Mapping]) -> list[dict]:
     """Parsed tool calls with `arguments` as JSON strings, as in OpenAI chat-completions responses."""
     return [{"id": call.get("id"), "type": "function",
              "function": {"name": call["function"]["name"],
-                          "arguments": arguments_to_json(call["function"]["arguments"])}}
+                          "arguments": json.dumps(call["function"]["arguments"], ensure_ascii=False)}}
             for call in tool_calls]
-
-
-def to_openai_message(parsed: Mapping) -> dict:
-    """A `parse_response` result as an OpenAI assistant message (tool_calls omitted when empty)."""
-    message = {"role": "assistant", "content": parsed.get("content")}
-    if parsed.get("reasoning_content") is not None:
-        message["reasoning_content"] = parsed["reasoning_content"]
-    if parsed.get("tool_calls"):
-        message["tool_calls"] = to_openai_tool_calls(parsed["tool_calls"])
-    return message

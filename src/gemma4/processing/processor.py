@@ -13,8 +13,8 @@ tokenizer's `padding_side`).
 
 from __future__ import annotations
 
-import json
 import os
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
@@ -22,7 +22,7 @@ import torch
 
 from .audio import AUDIO_TOKEN, MAX_SOFT_TOKENS as AUDIO_MAX_SOFT_TOKENS, process_audio
 from .image import DEFAULT_MAX_SOFT_TOKENS, IMAGE_TOKEN, process_images
-from .tokenizer import Tokenizer, resolve_tokenizer_dir
+from .tokenizer import Tokenizer, read_json_object, resolve_tokenizer_dir
 from .video import DEFAULT_NUM_FRAMES, VIDEO_MAX_SOFT_TOKENS, VIDEO_TOKEN, expand_prompt, process_videos
 
 
@@ -30,32 +30,26 @@ class ProcessorOutput(dict):
     """A dict of model inputs; `.to(device, dtype)` moves every tensor and casts the floating ones."""
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "ProcessorOutput":
-        out = ProcessorOutput()
-        for key, value in self.items():
-            if isinstance(value, torch.Tensor):
-                value = value.to(device=device, dtype=dtype if dtype is not None and value.is_floating_point()
-                                 else None)
-            out[key] = value
-        return out
+        return ProcessorOutput({key: value.to(device=device, dtype=dtype if value.is_floating_point() else None)
+                                if isinstance(value, torch.Tensor) else value for key, value in self.items()})
 
 
-def _is_group(item, what: str) -> bool:
+def _is_group(item) -> bool:
     """A prompt's own list of items, as opposed to one item. An audio clip given as (samples, rate) is one item."""
-    if what == "audio clips" and isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], (int, float)):
-        return False
-    return isinstance(item, (list, tuple))
+    return isinstance(item, list) or (isinstance(item, tuple)
+                                      and not (len(item) == 2 and isinstance(item[1], (int, float))))
 
 
 def _per_prompt(items, texts: list[str], token: str, what: str) -> list[list]:
-    """Split the media of a batch among its prompts by their placeholders (a nested list is taken as is)."""
+    """Split the media of a batch among its prompts by their placeholders (a nested list is taken as is, except
+    for videos, whose frame lists look alike)."""
     counts = [t.count(token) for t in texts]
     if items is None:
         return [[] for _ in texts]
-    if isinstance(items, (list, tuple)) and items and all(_is_group(i, what) for i in items) \
-            and len(items) == len(texts) and what != "videos":
-        nested = [list(i) for i in items]
+    flat = list(items) if isinstance(items, (list, tuple)) else [items]
+    if what != "videos" and flat and len(flat) == len(texts) and all(map(_is_group, flat)):
+        nested = [list(group) for group in flat]
     else:
-        flat = list(items) if isinstance(items, (list, tuple)) else [items]
         if sum(counts) != len(flat):
             raise ValueError(f"the prompt{'s have' if len(texts) > 1 else ' has'} {sum(counts)} {token} "
                              f"placeholders but {len(flat)} {what} were given")
@@ -72,30 +66,23 @@ def _split(items, sizes) -> list[list]:
     return [list(islice(it, n)) for n in sizes]
 
 
+@dataclass(eq=False)
 class Processor:
     """Tokenizer plus the image, audio and video processors, with the checkpoint's processor_config.json settings."""
 
-    def __init__(self, tokenizer: Tokenizer, image_max_soft_tokens: int = DEFAULT_MAX_SOFT_TOKENS,
-                 video_max_soft_tokens: int = VIDEO_MAX_SOFT_TOKENS, video_num_frames: int = DEFAULT_NUM_FRAMES,
-                 audio_seq_length: int = AUDIO_MAX_SOFT_TOKENS):
-        self.tokenizer = tokenizer
-        self.image_max_soft_tokens = image_max_soft_tokens
-        self.video_max_soft_tokens = video_max_soft_tokens
-        self.video_num_frames = video_num_frames
-        self.audio_seq_length = audio_seq_length
+    tokenizer: Tokenizer
+    image_max_soft_tokens: int = DEFAULT_MAX_SOFT_TOKENS
+    video_max_soft_tokens: int = VIDEO_MAX_SOFT_TOKENS
+    video_num_frames: int = DEFAULT_NUM_FRAMES
+    audio_seq_length: int = AUDIO_MAX_SOFT_TOKENS
 
     @classmethod
     def from_pretrained(cls, path_or_repo: str | os.PathLike, *, revision: str | None = None) -> "Processor":
         """Tokenizer files and processor_config.json of a checkpoint (defaults where the file is absent)."""
         directory = resolve_tokenizer_dir(path_or_repo, revision)
         tokenizer = Tokenizer.from_pretrained(directory)
-        settings: dict = {}
         config_file = Path(directory) / "processor_config.json"
-        if config_file.is_file():
-            try:
-                settings = json.loads(config_file.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{config_file} is not valid JSON ({e}); re-download the checkpoint") from None
+        settings = read_json_object(config_file) if config_file.is_file() else {}
         image = settings.get("image_processor") or {}
         video = settings.get("video_processor") or {}
         image_max_soft_tokens = image.get("max_soft_tokens", settings.get("image_seq_length", DEFAULT_MAX_SOFT_TOKENS))
@@ -105,17 +92,12 @@ class Processor:
                    audio_seq_length=settings.get("audio_seq_length", AUDIO_MAX_SOFT_TOKENS))
 
     def apply_chat_template(self, messages, **kwargs):
-        """The tokenizer's chat template (see `Tokenizer.apply_chat_template`); media items become one
-        placeholder each, which `__call__` expands."""
+        """`Tokenizer.apply_chat_template`: one placeholder per media item, which `__call__` expands."""
         return self.tokenizer.apply_chat_template(messages, **kwargs)
 
     def parse_response(self, response, *, prefix=None, complete: bool = False) -> dict:
         """The generated answer as an assistant message (see `Tokenizer.parse_response`)."""
         return self.tokenizer.parse_response(response, prefix=prefix, complete=complete)
-
-    def __repr__(self) -> str:
-        return (f"Processor({self.tokenizer!r}, image_max_soft_tokens={self.image_max_soft_tokens}, "
-                f"video_max_soft_tokens={self.video_max_soft_tokens})")
 
     def __call__(self, text: str | list[str], images=None, audio=None, videos=None,
                  max_soft_tokens: int | None = None, return_tensors: str | None = "pt",

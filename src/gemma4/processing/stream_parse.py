@@ -17,11 +17,9 @@ returns them: whitespace is held back until something follows it.
 `accumulate(events)` folds events into the `parse_response` dict; for any chunking of a text,
 `accumulate(all events) == parse_response(text)`.
 
-`StreamParser(prefix=prompt)` starts where the prompt leaves the answer: `generation_prefix(prompt)`, the
-prompt's text after its last turn boundary (e.g. `<|channel>thought\n` that a template wrote after the
-generation prompt, or a tool call the server forced: `<|tool_call>call:NAME{`), is read first for its state
-only. It was not generated, so none of it is reported, except as part of a call that the generated text
-completes; nothing of the prompt's earlier turns can reach the output.
+`StreamParser(prefix=prompt)` starts in the state that the answer's pre-written start leaves (`generation_prefix`:
+e.g. `<|channel>thought\n` opened by the template, or a call the server forced). None of the prompt is reported,
+except as part of a call that the generated text completes.
 """
 
 from __future__ import annotations
@@ -30,7 +28,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .tool_calls import FUNCTION_NAME, ArgumentSyntaxError, default_call_id, parse_tool_call_body
 
@@ -89,8 +87,8 @@ class ToolCallStart:
     name: str
 
     def openai_delta(self) -> dict:
-        call = {"index": self.index, "id": self.id, "type": "function", "function": {"name": self.name, "arguments": ""}}
-        return {"tool_calls": [call]}
+        function = {"name": self.name, "arguments": ""}
+        return {"tool_calls": [{"index": self.index, "id": self.id, "type": "function", "function": function}]}
 
 
 @dataclass(frozen=True)
@@ -126,28 +124,22 @@ class _Stripped:
         return out
 
 
-@dataclass
-class _State:
-    mode: str = "content"  # content | channel | call | done
-    buffer: str = ""
-    channel_head_pending: bool = False  # the channel name ("thought") is not decided yet
-    call_may_follow: bool = False  # just after `<channel|>`: a call may follow without `<|tool_call>`
-    channel_text: str = ""  # the open channel's text, for the unterminated-channel fallback
-    ended_in_channel: bool = False
-    call_body: str = ""
-    bare_call: bool = False  # the call being read had no `<|tool_call>` before it
-    calls: int = 0
-    content: _Stripped = field(default_factory=_Stripped)
-    reasoning: _Stripped = field(default_factory=_Stripped)
-
-
 class StreamParser:
     """Incremental Gemma 4 response parser; see the module docstring. `prefix`: the prompt the text continues
     (whole, or its `generation_prefix`)."""
 
     def __init__(self, make_id: Callable[[int], str] | None = None, prefix: str | None = None):
         self._make_id = make_id or default_call_id
-        self._s = _State()
+        self._mode = "content"  # content | channel | call | done
+        self._buffer = ""
+        self._channel_head_pending = False  # the channel name ("thought") is not decided yet
+        self._call_may_follow = False  # just after `<channel|>`: a call may follow without `<|tool_call>`
+        self._channel_text = ""  # the open channel's text, for the unterminated-channel fallback
+        self._ended_in_channel = False
+        self._call_body = ""
+        self._bare_call = False  # the call being read had no `<|tool_call>` before it
+        self._calls = 0
+        self._content_out, self._reasoning_out = _Stripped(), _Stripped()
         self._events: list[Event] = []
         self._finished = False
         self.warnings: list[str] = []
@@ -158,7 +150,7 @@ class StreamParser:
     def feed(self, text: str) -> list[Event]:
         if self._finished:
             raise RuntimeError("StreamParser.feed() called after finish()")
-        self._s.buffer += text
+        self._buffer += text
         self._process(final=False)
         return self._take()
 
@@ -169,116 +161,108 @@ class StreamParser:
             raise RuntimeError("StreamParser.finish() called twice")
         self._finished = True
         self._process(final=True)
-        s = self._s
-        if s.mode == "call":
+        if self._mode == "call":
             self._end_call(terminated=complete)
-        unterminated = s.ended_in_channel or (s.mode == "channel" and complete)
-        if unterminated and not s.content.started and s.channel_text.strip():
+        unterminated = self._ended_in_channel or (self._mode == "channel" and complete)
+        if unterminated and not self._content_out.started and self._channel_text.strip():
             self._warn("the thought channel was never closed; its text is returned as content too")
-            self._content(s.channel_text)
+            self._content(self._channel_text)
         return self._take()
 
     def _start_after(self, written: str) -> None:
         """Read the answer's pre-written start for the state it leaves (mode, open channel or call); what it
         says is not reported and does not count as generated text."""
-        s = self._s
-        s.buffer = written
+        self._buffer = written
         self._process(final=False)
-        s.channel_text, s.calls, s.content, s.reasoning = "", 0, _Stripped(), _Stripped()
+        self._channel_text, self._calls, self._content_out, self._reasoning_out = "", 0, _Stripped(), _Stripped()
         self._events, self.warnings = [], []
 
     # ----------------------------------------------------------------------------------------- scanning
     def _process(self, final: bool) -> None:
-        s = self._s
-        while s.buffer and s.mode != "done":
-            if s.mode == "channel" and s.channel_head_pending and not self._channel_head(final):
+        while self._buffer and self._mode != "done":
+            if self._mode == "channel" and self._channel_head_pending and not self._channel_head(final):
                 return
-            if s.mode == "content" and s.call_may_follow and not self._bare_call_head(final):
+            if self._mode == "content" and self._call_may_follow and not self._bare_call_head(final):
                 return
-            match = _WATCH_RE[s.mode].search(s.buffer)
+            match = _WATCH_RE[self._mode].search(self._buffer)
             if match:
-                self._route(s.buffer[: match.start()])
-                s.buffer = s.buffer[match.end() :]
+                self._route(self._buffer[: match.start()])
+                self._buffer = self._buffer[match.end() :]
                 self._on_delimiter(match.group())
                 continue
-            hold = len(s.buffer) if final else _partial_delimiter_start(s.buffer)
-            self._route(s.buffer[:hold])
-            s.buffer = s.buffer[hold:]
+            hold = len(self._buffer) if final else _partial_delimiter_start(self._buffer)
+            self._route(self._buffer[:hold])
+            self._buffer = self._buffer[hold:]
             return
-        if s.mode == "done":
-            s.buffer = ""
+        if self._mode == "done":
+            self._buffer = ""
 
     def _channel_head(self, final: bool) -> bool:
         """Drop the channel name `thought` and the newline after it (kept if it starts a word: "thoughtful").
         Returns False while too little text has arrived to tell."""
-        s = self._s
-        head = s.buffer.split("<", 1)[0]
-        decidable = final or "<" in s.buffer or len(head) > len(THOUGHT)
+        head = self._buffer.split("<", 1)[0]
+        decidable = final or "<" in self._buffer or len(head) > len(THOUGHT)
         if not decidable and THOUGHT.startswith(head[: len(THOUGHT)]):
             return False
         rest = head[len(THOUGHT) :]
         if head.startswith(THOUGHT) and not (rest[:1].isalnum() or rest[:1] == "_"):
-            s.buffer = s.buffer[len(THOUGHT) + rest.startswith("\n") :]
-        s.channel_head_pending = False
+            self._buffer = self._buffer[len(THOUGHT) + rest.startswith("\n") :]
+        self._channel_head_pending = False
         return True
 
     def _bare_call_head(self, final: bool) -> bool:
         """After `<channel|>`, `call:NAME{` starts a call whose `<|tool_call>` the model left out (vLLM issue
         #54256). Returns False while too little text has arrived to tell."""
-        s = self._s
-        head = s.buffer.lstrip()
+        head = self._buffer.lstrip()
         name = head[len(BARE_CALL) :]
         if _BARE_CALL_START.match(head):
-            s.mode, s.call_body, s.bare_call = "call", "", True
+            self._mode, self._call_body, self._bare_call = "call", "", True
         elif not final and BARE_CALL.startswith(head[: len(BARE_CALL)]) and (not name or FUNCTION_NAME.fullmatch(name)):
             return False  # still the beginning of `call:NAME`
-        s.call_may_follow = False
+        self._call_may_follow = False
         return True
 
     def _route(self, text: str) -> None:
         if not text:
             return
-        s = self._s
-        if s.mode == "content":
+        if self._mode == "content":
             self._content(text)
-        elif s.mode == "channel":
-            s.channel_text += text
-            out = s.reasoning.push(text)
+        elif self._mode == "channel":
+            self._channel_text += text
+            out = self._reasoning_out.push(text)
             if out:
                 self._events.append(ReasoningDelta(out))
-        elif s.mode == "call":
-            s.call_body += text
+        elif self._mode == "call":
+            self._call_body += text
 
     def _on_delimiter(self, delim: str) -> None:
-        s = self._s
-        if s.mode == "call":
+        if self._mode == "call":
             self._end_call(terminated=True)
             if delim != CALL_OPEN:  # a `<|tool_call>` before this call was closed starts the next one
-                s.mode = "done" if delim in TURN_ENDS else "content"
+                self._mode = "done" if delim in TURN_ENDS else "content"
             return
         if delim in TURN_ENDS:
-            s.ended_in_channel = s.mode == "channel"
-            s.mode = "done"
+            self._ended_in_channel = self._mode == "channel"
+            self._mode = "done"
         elif delim == CHANNEL_OPEN:  # also one nested in an open channel: its name is dropped again
-            if s.mode == "content":
-                s.channel_text = ""
-            s.mode, s.channel_head_pending = "channel", True
+            if self._mode == "content":
+                self._channel_text = ""
+            self._mode, self._channel_head_pending = "channel", True
             self._route("\n")  # separates the text of successive thoughts
         elif delim == CHANNEL_CLOSE:  # also a stray one, with no channel open
-            s.mode, s.call_may_follow = "content", True
+            self._mode, self._call_may_follow = "content", True
         elif delim == CALL_OPEN:
-            s.mode, s.call_body = "call", ""
+            self._mode, self._call_body = "call", ""
         # Anything else is a stray `<tool_call|>` with no call open: dropped.
 
     # ----------------------------------------------------------------------------------------- emitting
     def _content(self, text: str) -> None:
-        out = self._s.content.push(text)
+        out = self._content_out.push(text)
         if out:
             self._events.append(ContentDelta(out))
 
     def _end_call(self, terminated: bool) -> None:
-        s = self._s
-        body, bare, s.call_body, s.bare_call = s.call_body, s.bare_call, "", False
+        body, bare, self._call_body, self._bare_call = self._call_body, self._bare_call, "", False
         try:
             calls = parse_tool_call_body(body, terminated=terminated)
             if bare and len(calls) != 1:
@@ -289,8 +273,8 @@ class StreamParser:
             self._content(body if bare else CALL_OPEN + body)
             return
         for name, arguments in calls:
-            index = s.calls
-            s.calls += 1
+            index = self._calls
+            self._calls += 1
             self._events.append(ToolCallStart(index, self._make_id(index), name))
             self._events.append(ToolCallArguments(index, json.dumps(arguments, ensure_ascii=False)))
 
@@ -308,27 +292,23 @@ def _partial_delimiter_start(buffer: str) -> int:
     Every delimiter has a single '<', at its start, so only the last '<' can begin one."""
     start = buffer.rfind("<")
     tail = buffer[start:]
-    if start >= 0 and any(d.startswith(tail) and d != tail for d in _ALL_DELIMS):
-        return start
-    return len(buffer)
+    return start if start >= 0 and any(d.startswith(tail) and d != tail for d in _ALL_DELIMS) else len(buffer)
 
 
 def accumulate(events: Iterable[Event]) -> dict:
     """Fold events into {"role", "content", "reasoning_content", "tool_calls"} (the `parse_response` shape)."""
     content, reasoning = [], []
     calls: dict[int, dict] = {}
-    arguments: dict[int, list[str]] = {}
     for event in events:
         if isinstance(event, ContentDelta):
             content.append(event.text)
         elif isinstance(event, ReasoningDelta):
             reasoning.append(event.text)
         elif isinstance(event, ToolCallStart):
-            calls[event.index] = {"id": event.id, "type": "function", "function": {"name": event.name}}
-            arguments[event.index] = []
+            calls[event.index] = {"id": event.id, "type": "function", "function": {"name": event.name, "arguments": ""}}
         elif isinstance(event, ToolCallArguments):
-            arguments[event.index].append(event.arguments)
-    for index, call in calls.items():
-        call["function"]["arguments"] = json.loads("".join(arguments[index]) or "{}")
+            calls[event.index]["function"]["arguments"] += event.arguments
+    for call in calls.values():  # the JSON fragments, whole
+        call["function"]["arguments"] = json.loads(call["function"]["arguments"] or "{}")
     return {"role": "assistant", "content": "".join(content) or None, "reasoning_content": "".join(reasoning) or None,
             "tool_calls": [calls[index] for index in sorted(calls)]}

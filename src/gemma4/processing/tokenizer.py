@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +22,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 # Gemma 4 control tokens, by attribute stem: `tok.turn_start_id` is the id of "<|turn>".
 # Multimodal names are read from tokenizer_config.json when present (see `_CONFIG_TOKEN_KEYS`).
 GEMMA4_TOKENS = {
-    "turn_start": "<|turn>", "turn_end": "<turn|>",
-    "channel_start": "<|channel>", "channel_end": "<channel|>",
-    "think": "<|think|>",
-    "tool_start": "<|tool>", "tool_end": "<tool|>",
+    "turn_start": "<|turn>", "turn_end": "<turn|>", "channel_start": "<|channel>", "channel_end": "<channel|>",
+    "think": "<|think|>", "tool_start": "<|tool>", "tool_end": "<tool|>",
     "tool_call_start": "<|tool_call>", "tool_call_end": "<tool_call|>",
-    "tool_response_start": "<|tool_response>", "tool_response_end": "<tool_response|>",
-    "string_delimiter": '<|"|>',
+    "tool_response_start": "<|tool_response>", "tool_response_end": "<tool_response|>", "string_delimiter": '<|"|>',
     "image_start": "<|image>", "image_end": "<image|>", "image_token": "<|image|>",
-    "audio_start": "<|audio>", "audio_end": "<audio|>", "audio_token": "<|audio|>",
-    "video_token": "<|video|>",
+    "audio_start": "<|audio>", "audio_end": "<audio|>", "audio_token": "<|audio|>", "video_token": "<|video|>",
 }
 
 # tokenizer_config.json key -> attribute stem above.
@@ -46,19 +42,19 @@ _BASIC_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "mask
 
 def _token_content(value: Any) -> str | None:
     """Config entries are either a string or an AddedToken-like dict {"content": ...}."""
-    if isinstance(value, dict):
-        return value.get("content")
+    value = value.get("content") if isinstance(value, dict) else value
     return value if isinstance(value, str) else None
 
 
-def _read_json(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
+    """A checkpoint's JSON config file, with a clear error when it is broken."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); re-download the checkpoint's tokenizer files.") from e
+        raise ValueError(f"{path} is not valid JSON ({e}); re-download it from the checkpoint.") from e
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object; re-download the checkpoint's tokenizer files.")
+        raise ValueError(f"{path} must hold a JSON object; re-download it from the checkpoint.")
     return data
 
 
@@ -88,7 +84,7 @@ def _load_chat_template(directory: Path, config: dict) -> str | dict[str, str] |
         return jinja_file.read_text(encoding="utf-8")
     json_file = directory / "chat_template.json"
     if json_file.is_file():
-        template = _read_json(json_file).get("chat_template")
+        template = read_json_object(json_file).get("chat_template")
         if template is not None:
             return template
     template = config.get("chat_template")
@@ -98,27 +94,36 @@ def _load_chat_template(directory: Path, config: dict) -> str | dict[str, str] |
 
 
 class Tokenizer:
-    """Gemma 4 tokenizer. Ids equal transformers' `AutoTokenizer` for the same files."""
+    """Gemma 4 tokenizer. Ids equal transformers' `AutoTokenizer` for the same files.
+
+    Besides bos/eos/pad/unk_token(_id), every GEMMA4_TOKENS stem has an id attribute: `tok.turn_start_id` is the
+    id of "<|turn>" (None when the vocabulary lacks it)."""
 
     def __init__(self, backend: tokenizers.Tokenizer, config: dict | None = None,
                  chat_template: str | dict[str, str] | None = None):
         self.backend = backend
         self.config = dict(config or {})
         self.chat_template = chat_template
-
-        self.bos_token = self._config_token("bos_token")
-        self.eos_token = self._config_token("eos_token")
-        self.pad_token = self._config_token("pad_token")
-        self.unk_token = self._config_token("unk_token")
-        extra = self._extra_special_tokens()
-        self.token_names = {**GEMMA4_TOKENS,
-                            **{stem: extra[key] for key, stem in _CONFIG_TOKEN_KEYS.items() if key in extra}}
-
+        self.bos_token, self.eos_token, self.pad_token, self.unk_token = (
+            self._config_token(f"{name}_token") for name in ("bos", "eos", "pad", "unk"))
+        self.bos_token_id, self.eos_token_id, self.pad_token_id, self.unk_token_id = (
+            self.token_to_id(token) if token else None
+            for token in (self.bos_token, self.eos_token, self.pad_token, self.unk_token))
+        extra = self.config.get("extra_special_tokens")
+        layers = ({key: self._config_token(key) for key in _BASIC_SPECIAL_KEYS},
+                  {k: _token_content(v) for k, v in extra.items()} if isinstance(extra, dict) else {},
+                  {key: self._config_token(key) for key in _CONFIG_TOKEN_KEYS})
+        # Named special tokens, as the chat template sees them (bos_token, eos_token, image_token, ...); a later
+        # layer wins, an empty entry never does.
+        self.special_tokens_map = {k: v for layer in layers for k, v in layer.items() if v}
+        names = self.special_tokens_map
+        config_names = {stem: names[key] for key, stem in _CONFIG_TOKEN_KEYS.items() if key in names}
+        for stem, token in {**GEMMA4_TOKENS, **config_names}.items():
+            setattr(self, f"{stem}_id", self.token_to_id(token))
         # transformers skips the special added tokens of tokenizer.json *and* the named special tokens of the
         # config (e.g. "<mask>", which tokenizer.json does not flag as special).
-        named = [self._config_token(key) for key in _BASIC_SPECIAL_KEYS] + list(extra.values())
         self.special_ids = frozenset({tid for tid, tok in backend.get_added_tokens_decoder().items() if tok.special}
-                                     | {tid for tid in (self.token_to_id(t) for t in named if t) if tid is not None})
+                                     | {self.token_to_id(t) for t in self.special_tokens_map.values()} - {None})
 
     # ----------------------------------------------------------------------------------------------- loading
     @classmethod
@@ -132,21 +137,16 @@ class Tokenizer:
         try:
             backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
-            raise ValueError(f"Cannot load {tokenizer_file} ({e}); re-download the checkpoint's tokenizer files.") from e
-        config = _read_json(config_file)
+            raise ValueError(f"Cannot load {tokenizer_file} ({e}); "
+                             "re-download the checkpoint's tokenizer files.") from e
+        config = read_json_object(config_file)
         special_map = directory / "special_tokens_map.json"
         if special_map.is_file():  # older checkpoints keep bos/eos names here; tokenizer_config.json wins
-            config = {**_read_json(special_map), **config}
+            config = {**read_json_object(special_map), **config}
         return cls(backend, config, _load_chat_template(directory, config))
 
     def _config_token(self, key: str) -> str | None:
         return _token_content(self.config.get(key))
-
-    def _extra_special_tokens(self) -> dict[str, str]:
-        extra = self.config.get("extra_special_tokens")
-        names = {k: _token_content(v) for k, v in extra.items()} if isinstance(extra, dict) else {}
-        names.update({key: self._config_token(key) for key in _CONFIG_TOKEN_KEYS if self._config_token(key)})
-        return {k: v for k, v in names.items() if v}
 
     # -------------------------------------------------------------------------------------------- vocabulary
     @property
@@ -162,26 +162,6 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self.backend.id_to_token(int(token_id))
 
-    def _named_id(self, stem: str) -> int | None:
-        token = self.token_names.get(stem)
-        return self.token_to_id(token) if token else None
-
-    @property
-    def bos_token_id(self) -> int | None:
-        return self.token_to_id(self.bos_token) if self.bos_token else None
-
-    @property
-    def eos_token_id(self) -> int | None:
-        return self.token_to_id(self.eos_token) if self.eos_token else None
-
-    @property
-    def pad_token_id(self) -> int | None:
-        return self.token_to_id(self.pad_token) if self.pad_token else None
-
-    @property
-    def unk_token_id(self) -> int | None:
-        return self.token_to_id(self.unk_token) if self.unk_token else None
-
     @property
     def stop_token_ids(self) -> list[int]:
         """Tokens that end a chat generation: eos, end of turn, and the start of a tool response
@@ -190,43 +170,31 @@ class Tokenizer:
         return list(dict.fromkeys(i for i in ids if i is not None))
 
     @property
-    def special_tokens_map(self) -> dict[str, str]:
-        """Named special tokens, as the chat template sees them (bos_token, eos_token, image_token, ...)."""
-        names = {key: self._config_token(key) for key in _BASIC_SPECIAL_KEYS}
-        names.update(self._extra_special_tokens())
-        return {k: v for k, v in names.items() if v}
-
-    @property
     def padding_side(self) -> str:
         return self.config.get("padding_side", "left")
 
     # --------------------------------------------------------------------------------------- encode / decode
-    def _adds_bos_eos(self) -> tuple[bool, bool] | None:
-        """(add bos, add eos) from the config, or None to let tokenizer.json's post-processor decide."""
-        if "add_bos_token" not in self.config and "add_eos_token" not in self.config:
+    def _with_bos_eos(self, add_special_tokens: bool) -> Callable[[list[int]], list[int]] | None:
+        """With `add_bos_token` / `add_eos_token` in the config, they decide (rather than tokenizer.json's
+        post-processor): the function that adds bos/eos to ids, else None."""
+        if not add_special_tokens or ("add_bos_token" not in self.config and "add_eos_token" not in self.config):
             return None
-        return bool(self.config.get("add_bos_token", False)), bool(self.config.get("add_eos_token", False))
-
-    def _wrap(self, ids: list[int]) -> list[int]:
-        add_bos, add_eos = self._adds_bos_eos()
-        if add_bos and self.bos_token_id is not None:
-            ids = [self.bos_token_id, *ids]
-        if add_eos and self.eos_token_id is not None:
-            ids = [*ids, self.eos_token_id]
-        return ids
+        bos = [self.bos_token_id] if self.config.get("add_bos_token") and self.bos_token_id is not None else []
+        eos = [self.eos_token_id] if self.config.get("add_eos_token") and self.eos_token_id is not None else []
+        return lambda ids: bos + ids + eos
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`. Special tokens written in the text (e.g. "<|turn>") map to their ids."""
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, got {type(text).__name__}")
-        if add_special_tokens and self._adds_bos_eos() is not None:
-            return self._wrap(self.backend.encode(text, add_special_tokens=False).ids)
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        wrap = self._with_bos_eos(add_special_tokens)
+        ids = self.backend.encode(text, add_special_tokens=add_special_tokens and not wrap).ids
+        return wrap(ids) if wrap else ids
 
     def batch_encode(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
-        if add_special_tokens and self._adds_bos_eos() is not None:
-            return [self._wrap(e.ids) for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
-        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+        wrap = self._with_bos_eos(add_special_tokens)
+        encodings = self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens and not wrap)
+        return [wrap(e.ids) if wrap else e.ids for e in encodings]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         if hasattr(ids, "tolist"):  # torch tensors and numpy arrays
@@ -237,8 +205,6 @@ class Tokenizer:
         return self.backend.decode(ids, skip_special_tokens=False)
 
     def batch_decode(self, sequences: Iterable[Iterable[int]], skip_special_tokens: bool = False) -> list[str]:
-        if hasattr(sequences, "tolist"):
-            sequences = sequences.tolist()
         return [self.decode(seq, skip_special_tokens=skip_special_tokens) for seq in sequences]
 
     def __call__(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -248,10 +214,10 @@ class Tokenizer:
     def get_chat_template(self, chat_template: str | None = None, tools: list | None = None) -> str:
         """The template to render: an explicit one, else the checkpoint's (its "tool_use" variant when tools
         are given and the checkpoint ships named templates)."""
+        if isinstance(self.chat_template, dict) and chat_template in self.chat_template:
+            return self.chat_template[chat_template]  # a named template of the checkpoint
         template = chat_template if chat_template is not None else self.chat_template
         if isinstance(template, dict):
-            if chat_template is not None and chat_template in template:
-                return template[chat_template]
             key = "tool_use" if tools and "tool_use" in template else "default"
             if key not in template:
                 raise ValueError(f"The checkpoint has chat templates {sorted(template)} but no 'default' one: "
@@ -291,15 +257,3 @@ class Tokenizer:
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r})"
 
-
-def _token_id_property(stem: str) -> property:
-    def getter(self: Tokenizer) -> int | None:
-        return self._named_id(stem)
-
-    getter.__doc__ = f"Id of the Gemma 4 {stem.replace('_', ' ')} token ({GEMMA4_TOKENS[stem]} by default), or None."
-    return property(getter)
-
-
-for _stem in GEMMA4_TOKENS:
-    setattr(Tokenizer, f"{_stem}_id", _token_id_property(_stem))
-del _stem

@@ -23,7 +23,8 @@ _SPACES = re.compile(r"\s*")
 # A bare (unquoted) value runs until the next structural character, or a string's closing delimiter.
 _BARE_END = re.compile(r'[,}\])]|<\|"\|>')
 _STRUCTURAL_NEXT = re.compile(r"\s*[,}\])]")
-_BARE_LITERALS = {"true": True, "false": False, "null": None, "none": None}
+_BARE_LITERALS = {"true": True, "false": False, "null": None, "none": None, "True": True, "False": False, "None": None}
+_STRING_OPENINGS = (STRING_DELIM, '"', "'")
 
 
 class ArgumentSyntaxError(ValueError):
@@ -46,7 +47,7 @@ class _Reader:
     def skip_ws(self) -> None:
         self.pos = _SPACES.match(self.text, self.pos).end()
 
-    def peek(self, token: str) -> bool:
+    def peek(self, token: str | tuple[str, ...]) -> bool:
         return self.text.startswith(token, self.pos)
 
     def expect(self, token: str) -> None:
@@ -67,9 +68,7 @@ class _Reader:
             return self.object("{", "}")
         if self.peek("["):
             return self.array()
-        if self.peek(STRING_DELIM) or self.peek('"') or self.peek("'"):
-            return self.string()
-        return self.bare()
+        return self.string() if self.peek(_STRING_OPENINGS) else self.bare()
 
     def string(self) -> str:
         if self.peek(STRING_DELIM):
@@ -117,7 +116,7 @@ class _Reader:
 
     def key(self, separators: str) -> str:
         self.skip_ws()
-        if self.peek(STRING_DELIM) or self.peek('"') or self.peek("'"):
+        if self.peek(_STRING_OPENINGS):
             return self.string()
         start = self.pos
         while self.pos < len(self.text) and self.text[self.pos] not in separators + "{}[],()\"":
@@ -167,12 +166,7 @@ class _Reader:
 
 def _bare_value(raw: str) -> Any:
     """An unquoted scalar: JSON number, true/false/null (also Python's True/False/None), else the text."""
-    if _NUMBER.fullmatch(raw):
-        return json.loads(raw)
-    lowered = raw.lower()
-    if lowered in _BARE_LITERALS and (raw == lowered or raw in ("True", "False", "None")):
-        return _BARE_LITERALS[lowered]
-    return raw
+    return json.loads(raw) if _NUMBER.fullmatch(raw) else _BARE_LITERALS.get(raw, raw)
 
 
 def _check_no_delimiter(value: Any) -> Any:
@@ -221,14 +215,14 @@ def _one_call(reader: _Reader, terminated: bool) -> tuple[str, dict]:
     if reader.peek("{"):
         return name, reader.object("{", "}")
     if reader.peek("("):
-        after = _Reader(reader.text, reader.pos + 1, reader.terminated)
-        if after.at_end():
-            reader.fail("unterminated '('")
-        if after.peek("{"):  # name({...})
-            args = after.object("{", "}")
-            after.expect(")")
-            reader.pos = after.pos
+        start = reader.pos
+        reader.pos += 1
+        reader.skip_ws()
+        if reader.peek("{"):  # name({...})
+            args = reader.object("{", "}")
+            reader.expect(")")
             return name, args
+        reader.pos = start
         return name, reader.object("(", ")", separators=":=")
     # A bare name is a call without arguments only when the call was visibly finished.
     if terminated and reader.at_end():

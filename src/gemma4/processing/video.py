@@ -22,13 +22,13 @@ from __future__ import annotations
 import io
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from gemma4.processing.audio import AUDIO_TOKEN, audio_prompt
-from gemma4.processing.image import BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN, ImageBatch, image_prompt, process_images
+from gemma4.processing.image import BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN, image_prompt, process_images
 
 VIDEO_TOKEN = "<|video|>"
 VIDEO_MAX_SOFT_TOKENS = 70
@@ -63,23 +63,33 @@ def video_prompt(tokens_per_frame: int, timestamps: list[float]) -> str:
     return " ".join(f"{format_timestamp(t)} {frame}" for t in timestamps)
 
 
-def _decode_video_file(data_or_path) -> tuple[np.ndarray, float]:
+def _load_frames(video, fps: float | None) -> tuple[np.ndarray | list, float | None]:
+    """A video's frames and their rate (`fps`, else a file's own)."""
+    if isinstance(video, torch.Tensor):
+        video = video.detach().cpu().numpy()
+    if isinstance(video, np.ndarray) and video.ndim != 4:
+        raise ValueError(f"a video array must be (frames, height, width, channels), got shape {video.shape}")
+    if isinstance(video, (np.ndarray, list, tuple)):
+        return video, fps
+    if isinstance(video, (str, os.PathLike)) and not os.path.isfile(video):
+        raise ValueError(f"cannot read video: no such file {os.fspath(video)!r}")
+    if not isinstance(video, (str, os.PathLike, bytes, bytearray)):
+        raise ValueError(f"unsupported video input of type {type(video).__name__}")
     try:
         import av
     except ImportError:
         raise ValueError("decoding video files needs the optional package 'av' (pip install av); "
                          "or pass the frames as a list of images or a (T, H, W, 3) array") from None
-    source = io.BytesIO(data_or_path) if isinstance(data_or_path, bytes) else data_or_path
     try:
-        with av.open(source) as container:
+        with av.open(io.BytesIO(video) if isinstance(video, (bytes, bytearray)) else video) as container:
             stream = container.streams.video[0]
             frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
-            fps = float(stream.average_rate or stream.guessed_rate or 0) or None
+            file_fps = float(stream.average_rate or stream.guessed_rate or 0) or None
     except Exception as e:  # noqa: BLE001 - PyAV raises many types
         raise ValueError(f"cannot read video: {e}") from None
     if not frames:
         raise ValueError("cannot read video: it has no frames")
-    return np.stack(frames), fps
+    return np.stack(frames), fps or file_fps
 
 
 @dataclass
@@ -90,56 +100,38 @@ class VideoBatch:
     video_position_ids: torch.Tensor  # (total_frames, P, 2), (-1, -1) padding
     num_frames_per_video: list[int]
     num_soft_tokens_per_frame: list[int]  # per video (all its frames share one size)
-    timestamps: list[list[float]] = field(default_factory=list)  # per video, seconds of each kept frame
+    timestamps: list[list[float]]  # per video, seconds of each kept frame
 
     def prompts(self) -> list[str]:
         return [video_prompt(n, ts) for n, ts in zip(self.num_soft_tokens_per_frame, self.timestamps)]
 
 
-def process_video(video, fps: float | None = None, sampling: str = "uniform", num_frames: int = DEFAULT_NUM_FRAMES,
-                  max_soft_tokens: int = VIDEO_MAX_SOFT_TOKENS) -> tuple[ImageBatch, list[float]]:
-    """One video -> (an ImageBatch of its sampled frames, their timestamps in seconds).
-
-    `video`: a file path or bytes (needs PyAV), a (T, H, W, 3) uint8 array / tensor, or a list of frames (any
-    image source accepted by `gemma4.processing.image`). `fps` is the source frame rate when frames are given."""
-    if isinstance(video, (str, os.PathLike, bytes, bytearray)):
-        if isinstance(video, (str, os.PathLike)) and not os.path.isfile(video):
-            raise ValueError(f"cannot read video: no such file {os.fspath(video)!r}")
-        frames, file_fps = _decode_video_file(bytes(video) if isinstance(video, bytearray) else video)
-        fps = fps or file_fps
-    elif isinstance(video, torch.Tensor):
-        frames = video.detach().cpu().numpy()
-    elif isinstance(video, (np.ndarray, list, tuple)):
-        frames = video
-    else:
-        raise ValueError(f"unsupported video input of type {type(video).__name__}")
-    if isinstance(frames, np.ndarray) and frames.ndim != 4:
-        raise ValueError(f"a video array must be (frames, height, width, channels), got shape {frames.shape}")
-    indices = sample_frame_indices(len(frames), fps, sampling, num_frames)
-    timestamps = [float(i) / (fps or DEFAULT_FPS) for i in indices]
-    return process_images([frames[i] for i in indices], max_soft_tokens=max_soft_tokens), timestamps
-
-
 def process_videos(videos, fps=None, sampling: str = "uniform", num_frames: int = DEFAULT_NUM_FRAMES,
                    max_soft_tokens: int = VIDEO_MAX_SOFT_TOKENS) -> VideoBatch:
-    """One video or a list of videos -> a `VideoBatch`. `fps`: one value, or one per video."""
+    """One video or a list of videos -> a `VideoBatch`.
+
+    A video is a file path or bytes (needs PyAV), a (T, H, W, 3) uint8 array / tensor, or a list of frames (any
+    image source accepted by `gemma4.processing.image`). `fps`: the source frame rate of frames given as such,
+    one value or one per video."""
     if not isinstance(videos, list) or (videos and not _is_video(videos[0])):
         videos = [videos]  # a single video given as a list of frames
     fps_list = fps if isinstance(fps, (list, tuple)) else [fps] * len(videos)
-    results = [process_video(video, rate, sampling, num_frames, max_soft_tokens)
-               for video, rate in zip(videos, fps_list)]
-    batches = [batch for batch, _ in results]
+    batches, timestamps = [], []
+    for video, rate in zip(videos, fps_list):
+        frames, rate = _load_frames(video, rate)
+        indices = sample_frame_indices(len(frames), rate, sampling, num_frames)
+        timestamps.append([float(i) / (rate or DEFAULT_FPS) for i in indices])
+        batches.append(process_images([frames[i] for i in indices], max_soft_tokens=max_soft_tokens))
     return VideoBatch(torch.cat([b.pixel_values for b in batches]), torch.cat([b.pixel_position_ids for b in batches]),
-                      [len(b) for b in batches], [b.num_soft_tokens[0] for b in batches], [ts for _, ts in results])
+                      [len(b) for b in batches], [b.num_soft_tokens[0] for b in batches], timestamps)
 
 
 _VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
 
 
 def _is_video(item) -> bool:
-    """Inside a list: is this item a whole video (rather than one frame of a single video)?
-
-    Whole videos are frame lists, (T, H, W, C) arrays and video file paths; anything else is a frame."""
+    """Inside a list: is this item a whole video (a frame list, a (T, H, W, C) array, a video file path) rather
+    than one frame of a single video?"""
     if isinstance(item, (str, os.PathLike)):
         return os.fspath(item).lower().endswith(_VIDEO_SUFFIXES)
     if isinstance(item, (np.ndarray, torch.Tensor)):

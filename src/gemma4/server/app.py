@@ -8,6 +8,8 @@ import hmac
 import json
 import time
 import uuid
+from email.parser import BytesParser
+from email.policy import HTTP
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -18,15 +20,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..processing.chat import collect_media, openai_to_gemma_messages, validate_tools
 from ..processing.image import SUPPORTED_SOFT_TOKENS
 from ..processing.parse import parse_response, to_openai_tool_calls
-from ..processing.stream_parse import ReasoningDelta, StreamParser
+from ..processing.stream_parse import StreamParser
 from .. import __version__
 from .protocol import (
-    COMPLETION_FIELDS, CHAT_FIELDS, DETOKENIZE_FIELDS, TOKENIZE_FIELDS, APIError, bad, check_fields, get_bool, get_n,
-    get_stop, parse_json, sampling_params, stream_options, thinking, tool_choice,
+    COMPLETION_FIELDS, CHAT_FIELDS, DETOKENIZE_FIELDS, TOKENIZE_FIELDS, APIError, bad, check_fields, get_bool,
+    get_number, get_stop, include_usage, parse_json, sampling_params, thinking, tool_choice,
 )
 from .async_engine import EngineDead, RequestFailed
 from .generation import Choice, ClientDisconnected, merged
-from .media import check_media, load_media
+from .media import check_media, decode, load_media
 from .state import ServerState
 
 
@@ -35,13 +37,12 @@ def create_app(state: ServerState) -> FastAPI:
     app.state.server = state
 
     @app.exception_handler(APIError)
-    async def api_error(request, exc: APIError):
+    @app.exception_handler(StarletteHTTPException)  # routing's 404 and 405, in the same shape
+    async def api_error(request, exc: APIError | StarletteHTTPException):
+        if not isinstance(exc, APIError):
+            kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+            exc = APIError(exc.status_code, str(exc.detail), kind)
         return JSONResponse(exc.body(), status_code=exc.status)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request, exc):
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(APIError(exc.status_code, str(exc.detail), kind).body(), status_code=exc.status_code)
 
     @app.exception_handler(Exception)
     async def internal_error(request, exc):
@@ -50,12 +51,6 @@ def create_app(state: ServerState) -> FastAPI:
     @app.exception_handler(ClientDisconnected)
     async def client_gone(request, exc):  # nobody reads it: the status (nginx's "client closed request") is for metrics
         return Response(status_code=499)
-
-    app.add_middleware(AuthAndMetrics, state=state)
-    # Added last, so outermost: it answers a browser's preflight (an OPTIONS without the API key) before the key is
-    # checked, and adds its headers to every response, errors included. vLLM's defaults, origins from --allowed-origins.
-    app.add_middleware(CORSMiddleware, allow_origins=state.allowed_origins, allow_credentials=False,
-                       allow_methods=["*"], allow_headers=["*"])
 
     @app.get("/health")
     async def health():
@@ -119,11 +114,13 @@ def create_app(state: ServerState) -> FastAPI:
     async def completions(request: Request):
         return await _completion(state, await _json_body(request, state, COMPLETION_FIELDS), request)
 
+    app.add_middleware(_auth_and_metrics, state=state, endpoints={route.path for route in app.routes})
+    # Added last, so outermost: it answers a browser's preflight (an OPTIONS without the API key) before the key is
+    # checked, and adds its headers to every response, errors included. vLLM's defaults, origins from --allowed-origins.
+    app.add_middleware(CORSMiddleware, allow_origins=state.allowed_origins, allow_credentials=False,
+                       allow_methods=["*"], allow_headers=["*"])
     return app
 
-
-_ENDPOINTS = {"/health", "/metrics", "/version", "/tokenize", "/detokenize", "/v1/models", "/v1/chat/completions",
-              "/v1/completions", "/v1/audio/transcriptions"}
 
 MAX_BODY_BYTES = 64 * 1024 * 1024  # room for a few inline images or clips; more is refused before it is read
 MAX_CHOICES = 256  # of one completions request: prompts x n
@@ -144,18 +141,13 @@ async def _read_body(request: Request, limit: int, what: str = "the request body
     return b"".join(chunks)
 
 
-class AuthAndMetrics:
-    """The API key, one rule as vLLM: with --api-key, every /v1/* request needs it; the other endpoints are open. And
-    the request counter of /metrics, by endpoint and status. Plain ASGI (not BaseHTTPMiddleware, which runs the
-    handler in a task of its own): the handler runs in the server's task, so when uvicorn cancels it at the end of
-    the shutdown grace period, `_run_to_end` can still answer a 503."""
-
-    def __init__(self, app, state: ServerState):
-        self.app, self.state = app, state
-
-    async def __call__(self, scope, receive, send):
+def _auth_and_metrics(app, state: ServerState, endpoints: set[str]):
+    """The API key, one rule as vLLM: with --api-key, every /v1/* request needs it, the other endpoints are open; and
+    /metrics' request counter, by endpoint and status. Plain ASGI, not BaseHTTPMiddleware (which runs the handler in
+    a task of its own): when uvicorn cancels the handler after the shutdown grace period, `_run_to_end` answers 503."""
+    async def middleware(scope, receive, send):
         if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+            return await app(scope, receive, send)
         status = 500  # unless a response starts
 
         async def send_counted(message):
@@ -164,21 +156,19 @@ class AuthAndMetrics:
                 status = message["status"]
             await send(message)
 
-        path = scope["path"]
+        path, key = scope["path"], state.api_key
+        # 'Authorization: Bearer KEY', compared in constant time (no timing oracle on the key's prefix)
+        given = Request(scope).headers.get("authorization", "").encode("utf-8", "surrogateescape")
         try:
-            if self.state.api_key and path.startswith("/v1") and not _authorized(Request(scope), self.state.api_key):
+            if key and path.startswith("/v1") and not hmac.compare_digest(given, f"Bearer {key}".encode()):
                 error = APIError(401, "invalid or missing API key", "authentication_error")
                 await JSONResponse(error.body(), 401)(scope, receive, send_counted)
             else:
-                await self.app(scope, receive, send_counted)
+                await app(scope, receive, send_counted)
         finally:
-            self.state.metrics.requests.labels(path if path in _ENDPOINTS else "other", str(status)).inc()
+            state.metrics.requests.labels(path if path in endpoints else "other", str(status)).inc()
 
-
-def _authorized(request: Request, api_key: str) -> bool:
-    """'Authorization: Bearer KEY', compared in constant time (no timing oracle on the key's prefix)."""
-    given = request.headers.get("authorization", "").encode("utf-8", "surrogateescape")
-    return hmac.compare_digest(given, f"Bearer {api_key}".encode())
+    return middleware
 
 
 async def _json_body(request: Request, state: ServerState, fields: dict) -> dict:
@@ -207,9 +197,15 @@ def _check_prompt(state: ServerState, prompt_ids: list[int], body: dict, chat: b
     return params
 
 
-def _start(state: ServerState, n: int, prompts: list[tuple], stops, media=None) -> list[Choice]:
+async def _start(state: ServerState, n: int, prompts: list[tuple], stops, inputs=None) -> list[Choice]:
     """n choices of each (prompt ids, sampling params): choice k*n + i is the i-th of prompt k, as vLLM. All start, or
-    none (an error aborts those started)."""
+    none (an error aborts those started). `inputs`: the media tensors of a single prompt, whose soft tokens the
+    towers make once (off the event loop) for all its choices."""
+    try:
+        encode = state.engine.engine.encode_media
+        media = None if inputs is None else await asyncio.to_thread(encode, prompts[0][0], inputs)
+    except ValueError as e:
+        raise bad(str(e), "messages") from None
     choices = []
     try:
         for k, (prompt_ids, params) in enumerate(prompts):
@@ -232,11 +228,9 @@ def _messages(body: dict) -> tuple[list, list | None]:
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty list", "messages")
     try:
-        gemma_messages = openai_to_gemma_messages(messages)
-        tools = validate_tools(body.get("tools")) if body.get("tools") is not None else None
+        return openai_to_gemma_messages(messages), validate_tools(body.get("tools"))
     except (ValueError, TypeError) as e:
         raise bad(str(e), "messages") from None
-    return gemma_messages, tools
 
 
 def _render(state: ServerState, gemma_messages, tools, add_generation_prompt: bool, enable_thinking: bool) -> str:
@@ -252,53 +246,49 @@ async def _chat(state: ServerState, body: dict, request: Request):
     choice = tool_choice(body, tools)
     media = collect_media(gemma_messages)
     check_media(media, state)
-    image_budget = _image_budget(body) if media else None
     enable_thinking = thinking(body, state.default_enable_thinking)
-    stream = get_bool(body, "stream")
-    options = stream_options(body)
-    n = get_n(body)
-    stops = get_stop(body)
+    stream, usage = get_bool(body, "stream"), include_usage(body)
+    n, stops = get_number(body, "n", 1, 1, 16), get_stop(body)
     # tool_choice required / named: start the answer with the call, so the model can only complete it.
     forced = "" if choice in ("none", "auto") else "<|tool_call>call:" + ("" if choice == "required" else choice + "{")
     prompt = _render(state, gemma_messages, tools if choice != "none" else None, True, enable_thinking) + forced
     started = time.monotonic()
     if media:
-        prompt_ids, inputs = await _process_media(state, prompt, media, image_budget)
+        prompt_ids, inputs = await _process(state, prompt, lambda: load_media(media, state.allowed_media_domains),
+                                            max_soft_tokens=_image_budget(body))
     else:
-        prompt_ids = state.tokenizer.encode(prompt, add_special_tokens=False)
+        prompt_ids, inputs = state.tokenizer.encode(prompt, add_special_tokens=False), None
     params = _check_prompt(state, prompt_ids, body, chat=True)
-    soft = await _encode(state, prompt_ids, inputs) if media else None
-    choices = _start(state, n, [(prompt_ids, params)], stops, soft)
-    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    name = body.get("model") or state.model_names[0]
+    choices = await _start(state, n, [(prompt_ids, params)], stops, inputs)
+    head = _head(state, body, "chatcmpl", "chat.completion")
     if stream:
-        return _sse(_chat_stream(state, choices, prompt, rid, created, name, options.get("include_usage"), started,
-                                 request))
+        return _sse(_chat_stream(state, choices, prompt, head, usage, started, request))
     await _run_to_end(state, choices, request, started)
     results = []
     for c in choices:
         # The prompt's end sets where the answer starts: an open thought channel, the forced call.
         parsed = parse_response(c.text, prefix=prompt, complete=c.finish_reason == "stop")
-        message = {"role": "assistant", "content": parsed.get("content")}
+        calls = parsed.get("tool_calls")
+        # an empty answer (a stop string at once) is "", as vLLM; null is for calls
+        message = {"role": "assistant", "content": parsed.get("content") if calls else parsed.get("content") or ""}
         if parsed.get("reasoning_content") is not None:
             message["reasoning_content"] = message["reasoning"] = parsed["reasoning_content"]
-        finish = c.finish_reason
-        if parsed.get("tool_calls"):
-            message["tool_calls"] = to_openai_tool_calls(parsed["tool_calls"])
-            finish = "tool_calls"
-        elif message["content"] is None:  # an empty answer (a stop string at once) is "", as vLLM; null is for calls
-            message["content"] = ""
-        entry = {"index": c.index, "message": message, "finish_reason": finish, "logprobs": None}
-        if params.logprobs is not None:
-            entry["logprobs"] = {"content": [_chat_logprob(state.tokenizer, lp) for lp in c.logprobs]}
-        results.append(entry)
-    return {"id": rid, "object": "chat.completion", "created": created, "model": name, "choices": results,
-            "usage": _usage(choices)}
+        if calls:
+            message["tool_calls"] = to_openai_tool_calls(calls)
+        lp = None if params.logprobs is None else {"content": [_chat_logprob(state.tokenizer, x) for x in c.logprobs]}
+        finish = "tool_calls" if calls else c.finish_reason
+        results.append({"index": c.index, "message": message, "finish_reason": finish, "logprobs": lp})
+    return {**head, "choices": results, "usage": _usage(choices)}
 
 
-async def _chat_stream(state, choices, prefix, rid, created, name, include_usage, started, request):
+def _head(state: ServerState, body: dict, prefix: str, kind: str) -> dict:
+    return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
+            "model": body.get("model") or state.model_names[0]}
+
+
+async def _chat_stream(state, choices, prefix, head, include_usage, started, request):
     def chunk(choices_, usage=None):
-        data = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name, "choices": choices_}
+        data = {**head, "object": "chat.completion.chunk", "choices": choices_}
         return {**data, "usage": usage} if include_usage else data
 
     parsers = {c.index: StreamParser(prefix=prefix) for c in choices}
@@ -307,33 +297,24 @@ async def _chat_stream(state, choices, prefix, rid, created, name, include_usage
     # the making) go with the next delta, as in completions' stream.
     sent = {c.index: 0 for c in choices}
     first = True
-
-    def deltas(c, text, final):
-        events = parsers[c.index].feed(text) if text else []
-        if final:
-            events += parsers[c.index].finish(complete=c.finish_reason == "stop")
-        out = []
-        for event in events:
-            delta = event.openai_delta()
-            if isinstance(event, ReasoningDelta):
-                delta["reasoning"] = event.text
-            if "tool_calls" in delta:
-                saw_call[c.index] = True
-            out.append(delta)
-        return out
-
     for c in choices:
         yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None}])
-    async for c, out in merged(choices, request):
-        text = c.consume(out)
+    async for c, text in merged(choices, request):
         if first and text:
             state.metrics.ttft.observe(time.monotonic() - started)
             first = False
-        pieces = deltas(c, text, c.done) if (text or c.done) else []
-        if c.done and len(c.logprobs) > sent[c.index] and not pieces:
-            pieces = [{}]
-        for delta in pieces:
+        events = parsers[c.index].feed(text) if text else []
+        if c.done:
+            events += parsers[c.index].finish(complete=c.finish_reason == "stop")
+        deltas = [event.openai_delta() for event in events]
+        for delta in deltas:
+            if "reasoning_content" in delta:
+                delta["reasoning"] = delta["reasoning_content"]
+            saw_call[c.index] |= "tool_calls" in delta
+        if c.done and len(c.logprobs) > sent[c.index] and not deltas:
+            deltas = [{}]
+        for delta in deltas:
             unsent, sent[c.index] = c.logprobs[sent[c.index]:], len(c.logprobs)
             lp = {"content": [_chat_logprob(state.tokenizer, x) for x in unsent]} if unsent else None
             yield chunk([{"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": None}])
@@ -346,8 +327,7 @@ async def _chat_stream(state, choices, prefix, rid, created, name, include_usage
 
 
 def _sse(events) -> StreamingResponse:
-    """Server-sent events: each of `events` (dicts); if the engine fails, its error's body; then [DONE]. Nothing more
-    once the client has gone."""
+    """Server-sent events: each of `events`, the engine's error if it fails, then [DONE]; nothing if the client left."""
     async def lines():
         try:
             async for event in events:
@@ -377,10 +357,10 @@ def _usage(choices: list[Choice], n: int | None = None) -> dict:
 
 
 async def _run_to_end(state, choices, request, started) -> None:
-    """Consume every output of a non-streamed request."""
+    """Apply every output of a non-streamed request."""
     try:
-        async for choice, out in merged(choices, request):
-            choice.consume(out)
+        async for _ in merged(choices, request):
+            pass
     except (EngineDead, RequestFailed) as e:
         raise _engine_error(e) from None
     except asyncio.CancelledError:  # only uvicorn cancels a request: --shutdown-timeout passed with it in flight
@@ -412,12 +392,9 @@ def _token_ids(state: ServerState, value, param: str) -> list[int]:
 def _prompts(state: ServerState, prompt) -> list[list[int]]:
     """`prompt` as vLLM takes it (a string, a list of token ids, or a list of strings or of token-id lists) -> the
     token ids of each prompt."""
-    def is_ids(value):
-        return isinstance(value, list) and bool(value) and all(isinstance(t, int) for t in value)
-
-    if isinstance(prompt, str) or is_ids(prompt):
+    if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):  # one prompt
         prompt = [prompt]
-    if not isinstance(prompt, list) or not prompt or not all(isinstance(p, (str, list)) for p in prompt):
+    if not prompt or not all(isinstance(p, (str, list)) for p in prompt):
         raise bad("'prompt' must be a string, a list of token ids, or a non-empty list of strings or of token-id "
                   "lists", "prompt")
     prompts = [state.tokenizer.encode(p) if isinstance(p, str) else _token_ids(state, p, "prompt") for p in prompt]
@@ -428,20 +405,15 @@ def _prompts(state: ServerState, prompt) -> list[list[int]]:
 
 async def _completion(state: ServerState, body: dict, request: Request):
     prompts = _prompts(state, body.get("prompt"))
-    for unsupported, default in (("echo", False), ("suffix", ""), ("best_of", 1)):  # types checked: True != 1 here
-        if body.get(unsupported) not in (None, default):
-            raise bad(f"'{unsupported}' is not supported", unsupported)
-    stream = get_bool(body, "stream")
-    options = stream_options(body)
-    n = get_n(body)
+    stream, usage = get_bool(body, "stream"), include_usage(body)
+    n = get_number(body, "n", 1, 1, 16)
     if len(prompts) * n > MAX_CHOICES:
         raise bad(f"{len(prompts)} prompts x n={n} is more than {MAX_CHOICES} choices in one request", "prompt")
     stops = get_stop(body)
     params = [_check_prompt(state, ids, body, chat=False) for ids in prompts]  # all checked before any starts
     started = time.monotonic()
-    choices = _start(state, n, list(zip(prompts, params)), stops)
-    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    name = body.get("model") or state.model_names[0]
+    choices = await _start(state, n, list(zip(prompts, params)), stops)
+    head = _head(state, body, "cmpl", "text_completion")
 
     def logprobs_of(c: Choice, start: int = 0):
         """The logprobs of c's tokens from the `start`-th on; text_offset: where each token's text starts in c.text."""
@@ -454,20 +426,18 @@ async def _completion(state: ServerState, body: dict, request: Request):
                 "text_offset": c.text_offsets[start:]}
 
     def data(choices_, usage=None):
-        return {"id": rid, "object": "text_completion", "created": created, "model": name, "choices": choices_,
-                **({"usage": usage} if usage is not None else {})}
+        return {**head, "choices": choices_, **({"usage": usage} if usage is not None else {})}
 
     if stream:
         async def events():
             sent = {c.index: 0 for c in choices}  # logprobs sent: those of a token whose text is held back come later
-            async for c, out in merged(choices, request):
-                text = c.consume(out)
+            async for c, text in merged(choices, request):
                 if text or c.done:
                     yield data([{"index": c.index, "text": text, "logprobs": logprobs_of(c, sent[c.index]),
                                  "finish_reason": c.finish_reason}])
                     sent[c.index] = len(c.logprobs)
             _observe(state, choices, started)
-            if options.get("include_usage"):
+            if usage:
                 yield data([], _usage(choices, n))
         return _sse(events())
     await _run_to_end(state, choices, request, started)
@@ -479,49 +449,31 @@ async def _completion(state: ServerState, body: dict, request: Request):
 def _image_budget(body: dict) -> int | None:
     """Extension: `mm_processor_kwargs: {"max_soft_tokens": 70|140|280|560|1120}` (image tokens per image)."""
     kwargs = body.get("mm_processor_kwargs") or {}
-    if not isinstance(kwargs, dict) or set(kwargs) - {"max_soft_tokens"}:
+    if set(kwargs) - {"max_soft_tokens"}:
         raise bad("'mm_processor_kwargs' must be an object with only 'max_soft_tokens'", "mm_processor_kwargs")
     budget = kwargs.get("max_soft_tokens")
-    if budget is not None and (isinstance(budget, bool) or budget not in SUPPORTED_SOFT_TOKENS):
+    if budget is not None and budget not in SUPPORTED_SOFT_TOKENS:  # True == 1 is none of them
         raise bad(f"'mm_processor_kwargs.max_soft_tokens' must be one of {list(SUPPORTED_SOFT_TOKENS)}",
                     "mm_processor_kwargs")
     return budget
 
 
-async def _process_media(state: ServerState, prompt: str, media: list[dict], image_budget: int | None):
-    """Fetch/decode the media and expand the prompt's placeholders: (prompt ids, the processor's media tensors)."""
+async def _process(state: ServerState, prompt: str, load, param: str = "messages", **kwargs):
+    """In a worker thread, a few requests at a time (decoded media can be large): `load()` (fetch, decode) -> (images,
+    audio clips), then the processor on the prompt -> (the prompt's token ids, the media tensors the towers take)."""
     def work():
-        images, clips = load_media(media, state.allowed_media_domains)
-        try:
-            # audio as one list per prompt: a flat list of (samples, rate) tuples would read as nested lists
-            return state.processor(text=prompt, images=images or None, audio=[clips] if clips else None,
-                                   max_soft_tokens=image_budget, add_special_tokens=False)
-        except ValueError as e:
-            raise bad(f"cannot process the media: {e}", "messages") from None
-
-    return await _run_processor(state, work)
-
-
-async def _run_processor(state: ServerState, work) -> tuple[list[int], dict]:
-    """Run `work` (decode media, run the processor on one prompt) in a worker thread, a few requests at a time (decoded
-    media can be large) -> (the prompt's token ids, the media tensors the towers take)."""
-    def limited():
         with state.media_slots:
-            out = dict(work())
-        ids = out.pop("input_ids")[0].tolist()
-        for key in ("attention_mask", "mm_token_type_ids"):
-            out.pop(key, None)
-        return ids, out
+            images, clips = load()
+            try:
+                # audio as one list per prompt: a flat list of (samples, rate) tuples would read as nested lists
+                out = state.processor(text=prompt, images=images or None, audio=[clips] if clips else None,
+                                      add_special_tokens=False, **kwargs)
+            except ValueError as e:
+                raise bad(f"cannot process the media: {e}", param) from None
+        drop = ("input_ids", "attention_mask", "mm_token_type_ids")
+        return out["input_ids"][0].tolist(), {key: value for key, value in out.items() if key not in drop}
 
-    return await asyncio.to_thread(limited)
-
-
-async def _encode(state: ServerState, prompt_ids: list[int], inputs: dict):
-    """Run the towers once (off the event loop); shared by the request's n choices."""
-    try:
-        return await asyncio.to_thread(state.engine.engine.encode_media, prompt_ids, inputs)
-    except ValueError as e:
-        raise bad(str(e), "messages") from None
+    return await asyncio.to_thread(work)
 
 
 # --------------------------------------------------------------------------------------------- transcriptions
@@ -531,9 +483,6 @@ TRANSCRIPT_MAX_TOKENS = 448  # default cap of a transcript (Whisper's), unless t
 
 def _parse_form(content_type: str, raw: bytes) -> dict[str, tuple[str | None, bytes]]:
     """multipart/form-data -> {field: (filename or None, bytes)} with the standard library's MIME parser."""
-    from email.parser import BytesParser
-    from email.policy import HTTP
-
     if not content_type.lower().startswith("multipart/form-data") or "boundary=" not in content_type:
         raise bad("send the audio as multipart/form-data (fields: file, model, prompt, language, "
                     "response_format, temperature)")
@@ -541,79 +490,55 @@ def _parse_form(content_type: str, raw: bytes) -> dict[str, tuple[str | None, by
                                                   + b"\r\n\r\n" + raw)
     if not message.is_multipart():
         raise bad("the multipart/form-data body cannot be parsed")
-    fields: dict[str, tuple[str | None, bytes]] = {}
-    for part in message.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        if not isinstance(name, str) or name in fields:
-            continue
-        payload = part.get_payload(decode=True)
-        fields[name] = (part.get_filename(), payload if isinstance(payload, bytes) else b"")
-    return fields
+    parts = [(part.get_param("name", header="content-disposition"), part) for part in message.iter_parts()]
+    # The first part of a name wins (so in reverse: later ones overwrite); a nested multipart's payload is None.
+    return {name: (part.get_filename(), part.get_payload(decode=True) or b"")
+            for name, part in reversed(parts) if isinstance(name, str)}
 
 
 async def _transcription(state: ServerState, request: Request):
     raw = await _read_body(request, MAX_UPLOAD_BYTES, "the upload", param="file")
     fields = _parse_form(request.headers.get("content-type", ""), raw)
 
-    def text_field(name: str) -> str | None:
-        if name not in fields:
-            return None
+    def field(name: str, kind: type = str, what: str = "UTF-8 text"):
+        """The form's field `name` as a `kind`, None when absent."""
         try:
-            return fields[name][1].decode("utf-8")
-        except UnicodeDecodeError:
-            raise bad(f"'{name}' must be UTF-8 text", name) from None
-
-    def number_field(name: str, kind: type, what: str):
-        value = text_field(name)
-        try:
-            return None if value is None else kind(value)
-        except ValueError:
+            return kind(fields[name][1].decode("utf-8")) if name in fields else None
+        except ValueError:  # a UnicodeDecodeError too
             raise bad(f"'{name}' must be {what}", name) from None
 
-    if "file" not in fields or not fields["file"][1]:
+    filename, data = fields.get("file", (None, b""))
+    if not data:
         raise bad("'file' (the audio) is required", "file")
-    model = text_field("model")
+    model = field("model")
     if model is not None and model not in state.model_names and model != "whisper-1":
         raise _unknown_model(state, model)
-    response_format = text_field("response_format") or "json"
+    response_format = field("response_format") or "json"
     if response_format not in ("json", "text"):
         raise bad("'response_format' must be json or text", "response_format")
-    body = {"temperature": number_field("temperature", float, "a number") or 0.0,  # greedy by default
-            "max_tokens": number_field("max_tokens", int, "an integer")}  # extension: the transcript's cap in tokens
+    body = {"temperature": field("temperature", float, "a number") or 0.0,  # greedy by default
+            "max_tokens": field("max_tokens", int, "an integer")}  # extension: the transcript's cap in tokens
     instruction = "Transcribe this audio."
-    language, prompt = text_field("language"), text_field("prompt")
+    language, prompt = field("language"), field("prompt")
     if language:
         instruction += f" The speech is in {language.strip()[:64]}."
     if prompt:
         instruction += f" Context (earlier speech or spelling hints): {prompt.strip()[:2000]}"
 
-    filename, data = fields["file"]
-    audio_format = filename.rsplit(".", 1)[-1].lower() if filename and "." in filename else None
+    suffix = filename.rsplit(".", 1)[-1] if filename and "." in filename else ""
     messages = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": instruction}]}]
     prompt_text = state.tokenizer.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=False)
-
-    def work():
-        from ..processing.audio import decode_audio
-        try:
-            clip = decode_audio(data, audio_format)
-            return state.processor(text=prompt_text, audio=[[clip]], add_special_tokens=False)
-        except ValueError as e:
-            raise bad(f"cannot decode the audio file: {e}", "file") from None
-        except Exception as e:  # noqa: BLE001  (a decoder library's own error types on hostile input)
-            raise bad(f"cannot decode the audio file: {type(e).__name__}: {e}", "file") from None
-
-    prompt_ids, inputs = await _run_processor(state, work)
+    prompt_ids, inputs = await _process(state, prompt_text, lambda: ([], [decode("audio", data, suffix, "file")]),
+                                        "file")
     if body["max_tokens"] is None:
         body["max_tokens"] = max(1, min(TRANSCRIPT_MAX_TOKENS, state.max_model_len - len(prompt_ids)))
     params = _check_prompt(state, prompt_ids, body, chat=True)  # greedy unless a temperature is given
-    soft = await _encode(state, prompt_ids, inputs)
     started = time.monotonic()
-    [choice] = _start(state, 1, [(prompt_ids, params)], [], soft)
+    [choice] = await _start(state, 1, [(prompt_ids, params)], [], inputs)
     await _run_to_end(state, [choice], request, started)
     parsed = parse_response(choice.text, prefix=prompt_text, complete=choice.finish_reason == "stop")
     text = (parsed.get("content") or "").strip()
     if response_format == "text":
         return PlainTextResponse(text)
-    return {"text": text, "usage": {"type": "tokens", "input_tokens": choice.num_prompt,
-                                    "output_tokens": choice.num_output,
-                                    "total_tokens": choice.num_prompt + choice.num_output}}
+    tokens = {"input_tokens": choice.num_prompt, "output_tokens": choice.num_output}
+    return {"text": text, "usage": {"type": "tokens", **tokens, "total_tokens": sum(tokens.values())}}

@@ -1,11 +1,8 @@
 """The engine in a background thread; asyncio callers get each request's StepOutputs on an asyncio.Queue.
 
 A request that fails inside the engine (StepOutput.error) raises RequestFailed in its caller alone. An error that
-escapes `engine.step()` (a device error) stops the engine: every request gets EngineDead, `error` is set (the
-server's /health reports it) and `on_fatal` is called (`gemma4 serve` then exits non-zero for a supervisor).
-
-`abort` only queues the sequence id and the engine thread ends it before its next step: an abort never waits for a
-step to finish, and the aborted sequence's blocks are free within one step."""
+escapes `engine.step()` (a device error) stops the engine: every request gets EngineDead, `error` is set (for
+/health) and `on_fatal` is called. An abort is queued and applied before the next step, never waiting for one."""
 
 from __future__ import annotations
 
@@ -31,9 +28,9 @@ class RequestFailed(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, on_fatal: Callable[[], None] | None = None):
+    def __init__(self, engine: LLMEngine):
         self.engine = engine
-        self.on_fatal = on_fatal
+        self.on_fatal: Callable[[], None] = lambda: None  # `gemma4 serve` sets it: stop the server
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.queues: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -90,8 +87,7 @@ class AsyncEngine:
                         logger.exception("the engine stopped")
                         self.error = e
                         self._fail_all(EngineDead(f"the engine stopped: {e!r}"))
-                        if self.on_fatal is not None:
-                            self.on_fatal()
+                        self.on_fatal()
                         return
                     for out in outputs:
                         target = self.queues.pop(out.seq_id, None) if out.finished else self.queues.get(out.seq_id)

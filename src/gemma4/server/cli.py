@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
+import threading
+import time
 
 
 # Tokens per engine step by default: long prompts prefill in few chunks, and an image of up to 1120 soft tokens fits.
@@ -22,7 +26,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None,
                         help="token budget of one engine step: the prefill chunk, at least one image's soft tokens "
-                             f"(None: {STEP_TOKENS['cuda']} on a GPU, as vLLM's server, {STEP_TOKENS['cpu']} on the CPU)")
+                             f"(None: {STEP_TOKENS['cuda']} on a GPU, as vLLM's, {STEP_TOKENS['cpu']} on the CPU)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                         help="share of the GPU's memory for weights, activations and KV cache: the KV cache gets "
                              "what the weights and the largest prefill step leave (on the CPU: 4 GiB at most)")
@@ -39,9 +43,6 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_app_from_args(args):
     """The app of `gemma4 serve`, its engine warmed up; prints the start-up summary (stderr)."""
-    import sys
-    import time
-
     from ..engine.memory import summary
     from ..pretrained import Model
     from ..processing.processor import Processor
@@ -51,14 +52,13 @@ def build_app_from_args(args):
     start = time.perf_counter()
     model = Model.from_pretrained(args.model, dtype=args.dtype, device=args.device)
     processor = Processor.from_pretrained(args.tokenizer or args.model)  # tokenizer + processor_config.json
-    tokenizer = processor.tokenizer
     step_tokens = args.max_num_batched_tokens or STEP_TOKENS.get(model.device.type, STEP_TOKENS["cpu"])
-    state = build_state(model, tokenizer, args.served_model_name or args.model, max_model_len=args.max_model_len,
-                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=step_tokens,
-                        num_blocks=args.num_kv_blocks, gpu_memory_utilization=args.gpu_memory_utilization,
+    state = build_state(model, processor.tokenizer, args.served_model_name or args.model, processor=processor,
+                        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                        max_num_batched_tokens=step_tokens, num_blocks=args.num_kv_blocks,
+                        gpu_memory_utilization=args.gpu_memory_utilization, api_key=args.api_key,
                         default_enable_thinking=args.default_enable_thinking,
-                        api_key=args.api_key, processor=processor,
-                        allowed_media_domains=[d.strip().lower() for d in args.allowed_media_domains.split(",")
+                        allowed_media_domains=[d.strip() for d in args.allowed_media_domains.lower().split(",")
                                                if d.strip()],
                         allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()])
     print(f"gemma4 serve: {summary(state.engine.engine, time.perf_counter() - start)}", file=sys.stderr, flush=True)
@@ -66,13 +66,8 @@ def build_app_from_args(args):
 
 
 def run_serve(args) -> None:
-    """Serve until SIGTERM (or Ctrl-C): uvicorn then stops accepting connections, lets the requests in flight finish
-    for up to --shutdown-timeout seconds and cancels the rest (their sequences are aborted); the engine shuts down and
-    the process exits with status 0. If the engine dies (a device error), the server stops and the process exits with
-    status 1, so that a supervisor (systemd, Kubernetes, Docker's restart policy) starts a fresh one."""
-    import signal
-    import threading
-
+    """Serve until SIGTERM or Ctrl-C, which drain the requests in flight (docs/serving.md) and return; if the engine
+    dies (a device error), exit with status 1, for a supervisor to start a fresh process."""
     import uvicorn
 
     app = build_app_from_args(args)

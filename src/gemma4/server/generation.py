@@ -11,9 +11,8 @@ from .async_engine import AsyncEngine, RequestFailed
 
 
 class Choice:
-    def __init__(self, index: int, engine: AsyncEngine, tokenizer, prompt_ids, params, stops: list[str],
-                 media=None):
-        self.index, self.engine, self.tokenizer = index, engine, tokenizer
+    def __init__(self, index: int, engine: AsyncEngine, tokenizer, prompt_ids, params, stops: list[str], media=None):
+        self.index, self.engine = index, engine
         self.seq_id, self.queue = engine.add(prompt_ids, params, media)
         self.num_prompt = len(prompt_ids)
         self.detok = IncrementalText(tokenizer, stops, skip_special_tokens=False)
@@ -75,8 +74,8 @@ async def _disconnect(request) -> None:
 
 
 async def merged(choices: list[Choice], request):
-    """Yield (choice, StepOutput) from all choices as outputs arrive. If the client of `request` disconnects, raise
-    ClientDisconnected at once; the choices are aborted whichever way this ends."""
+    """Apply each choice's outputs as they arrive, yielding (choice, its new text safe to emit). If the client of
+    `request` disconnects, raise ClientDisconnected at once; the choices are aborted whichever way this ends."""
     pending = {asyncio.ensure_future(c.next()): c for c in choices if not c.done}
     gone = asyncio.ensure_future(_disconnect(request))
     try:
@@ -86,7 +85,7 @@ async def merged(choices: list[Choice], request):
                 raise ClientDisconnected()
             for task in done:
                 choice = pending.pop(task)
-                yield choice, task.result()
+                yield choice, choice.consume(task.result())
                 if not choice.done:
                     pending[asyncio.ensure_future(choice.next())] = choice
     finally:

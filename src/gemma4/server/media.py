@@ -1,15 +1,9 @@
-"""Media in requests: what image/audio inputs the server accepts, fetching them, and decoding them.
-
-Policy, checked before anything is fetched or decoded (`check_media`):
-  * never fetched: local files (file:, paths), other schemes, and http(s) URLs whose host is not in
-    --allowed-media-domains (a domain also allows its subdomains) or that name an IP address;
-  * an allowed host must not resolve to a private, loopback, link-local or otherwise non-public address
-    (checked again for every redirect, which must stay on allowed hosts);
-  * data: URLs and `input_audio.data` must carry valid base64.
-Fetches use the standard library with a timeout and a size cap (`MAX_MEDIA_BYTES`). Decode failures are a 400."""
+"""Media in requests: which image/audio inputs the server accepts (the policy: docs/serving.md, Media), fetching
+them, and decoding them. Everything is checked (`check_media`) before anything is fetched or decoded."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 import urllib.error
@@ -55,11 +49,9 @@ def check_url(url: str, allowed_domains: list[str]) -> None:
     if parts.scheme not in ("http", "https"):
         raise bad(f"media URL scheme {parts.scheme or '(none)'!r} is not allowed; use https or data:", "messages")
     host = (parts.hostname or "").lower()
-    try:
+    with contextlib.suppress(ValueError):  # ip_address raises it for a name
         ipaddress.ip_address(host)
         raise bad("media URLs may not name an IP address", "messages")
-    except ValueError:
-        pass
     if not host or not any(host == d or host.endswith("." + d) for d in allowed_domains):
         raise bad(f"media host {host!r} is not in --allowed-media-domains", "messages")
 
@@ -76,26 +68,26 @@ def check_resolves_public(host: str) -> None:
             raise bad(f"media host {host!r} resolves to a non-public address", "messages")
 
 
-class _Redirects(urllib.request.HTTPRedirectHandler):
-    def __init__(self, allowed_domains: list[str]):
-        self.allowed_domains = allowed_domains
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        check_url(newurl, self.allowed_domains)
-        if newurl.startswith("data:"):
-            raise bad("media URLs may not redirect to data:", "messages")
-        check_resolves_public(urlsplit(newurl).hostname or "")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+def _check_fetchable(url: str, allowed_domains: list[str]) -> None:
+    """A URL to fetch, or to follow a redirect to: http(s), an allowed host, a public address."""
+    if url.startswith("data:"):
+        raise bad("a fetched media URL, or a redirect, may not be a data: URL", "messages")
+    check_url(url, allowed_domains)
+    check_resolves_public(urlsplit(url).hostname or "")
 
 
 def fetch(url: str, allowed_domains: list[str]) -> tuple[str, bytes]:
     """(content type, body) of an allowed http(s) URL; blocking (call it in a worker thread)."""
-    check_url(url, allowed_domains)
-    check_resolves_public(urlsplit(url).hostname or "")
-    opener = urllib.request.build_opener(_Redirects(allowed_domains))
+    _check_fetchable(url, allowed_domains)
+
+    class Redirects(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req, fp, code, msg, headers, newurl):
+            _check_fetchable(newurl, allowed_domains)
+            return super().redirect_request(req, fp, code, msg, headers, newurl)
+
     request = urllib.request.Request(url, headers={"User-Agent": "gemma4-server"})
     try:
-        with opener.open(request, timeout=FETCH_TIMEOUT_S) as response:
+        with urllib.request.build_opener(Redirects()).open(request, timeout=FETCH_TIMEOUT_S) as response:
             data = response.read(MAX_MEDIA_BYTES + 1)
             kind = response.headers.get_content_type() or ""
     except (urllib.error.URLError, OSError, ValueError) as e:
@@ -115,9 +107,7 @@ def _payload(part: dict, allowed_domains: list[str]) -> tuple[str, bytes]:
             except ValueError as e:
                 raise bad(str(e), "messages") from None
         else:
-            mime, data = fetch(url, allowed_domains)
-            if part.get("type") == "audio" and "." in urlsplit(url).path.rsplit("/", 1)[-1]:
-                mime = mime or urlsplit(url).path.rsplit(".", 1)[-1]
+            mime, data = fetch(url, allowed_domains)  # the format: what the bytes say, else the Content-Type
     else:
         mime, data = str(part.get("format", "wav")), _b64(part["data"])
     if len(data) > MAX_MEDIA_BYTES:
@@ -126,11 +116,8 @@ def _payload(part: dict, allowed_domains: list[str]) -> tuple[str, bytes]:
 
 
 def _audio_format(hint: str) -> str | None:
-    hint = hint.lower()
-    if "/" in hint:  # a mime type: audio/wav, audio/x-wav, audio/mpeg, ...
-        sub = hint.rsplit("/", 1)[-1].removeprefix("x-")
-        return {"mpeg": "mp3", "wave": "wav", "vnd.wave": "wav"}.get(sub, sub or None)
-    return hint or None
+    sub = hint.lower().rsplit("/", 1)[-1].removeprefix("x-")  # a format, or a mime type: audio/x-wav, audio/mpeg, ...
+    return {"mpeg": "mp3", "wave": "wav", "vnd.wave": "wav"}.get(sub, sub or None)
 
 
 def load_media(media: list[dict], allowed_domains: list[str]) -> tuple[list, list]:
@@ -138,16 +125,18 @@ def load_media(media: list[dict], allowed_domains: list[str]) -> tuple[list, lis
     images, clips = [], []
     for part in media:
         hint, data = _payload(part, allowed_domains)
-        try:
-            if part.get("type") == "image":
-                images.append(load_image(data))
-            else:
-                clips.append(decode_audio(data, _audio_format(hint)))
-        except ValueError as e:
-            raise bad(f"cannot decode the {part.get('type')} input: {e}", "messages") from None
-        except Exception as e:  # noqa: BLE001  (a decoder library's own error types on hostile input)
-            raise bad(f"cannot decode the {part.get('type')} input: {type(e).__name__}: {e}", "messages") from None
+        kind = part.get("type")
+        (images if kind == "image" else clips).append(decode(kind, data, hint))
     return images, clips
+
+
+def decode(kind: str, data: bytes, hint: str, param: str = "messages"):
+    """A PIL image, or an audio clip (samples, sampling rate) in the format `hint` names; else a 400."""
+    try:
+        return load_image(data) if kind == "image" else decode_audio(data, _audio_format(hint))
+    except Exception as e:  # noqa: BLE001  (ValueError: ours; others: a decoder library's own on hostile input)
+        detail = e if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+        raise bad(f"cannot decode the {kind} input: {detail}", param) from None
 
 
 def _b64(data) -> bytes:

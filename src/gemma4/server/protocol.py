@@ -1,9 +1,8 @@
-"""OpenAI request validation: JSON bodies -> checked values, and errors in OpenAI's error shape.
+"""OpenAI request validation: JSON bodies -> checked values, and errors in OpenAI's error shape (docs/serving.md).
 
-Every accepted field of an endpoint has a JSON type (`CHAT_FIELDS`, `COMPLETION_FIELDS`): a value of another type
-is a 400 naming the field, `null` means "not given". Unknown fields are ignored, as vLLM and OpenAI's own SDKs'
-`extra_body` expect. A body is refused before any of it is used when it nests deeper than `MAX_JSON_DEPTH` or holds
-a lone UTF-16 surrogate (`"\\ud800"`: not text, and not encodable as UTF-8) in any string or key."""
+Each accepted field of an endpoint has a JSON type (`CHAT_FIELDS`, ...; `null` means "not given"); unknown fields are
+ignored, as vLLM. A body nesting deeper than `MAX_JSON_DEPTH` or holding a lone UTF-16 surrogate (`"\\ud800"`: not
+text, not encodable as UTF-8) in any string or key is refused before any of it is used."""
 
 from __future__ import annotations
 
@@ -78,6 +77,8 @@ def check_json_tree(body: Any) -> None:
 
 # JSON types of the accepted fields (None is always allowed: "not given").
 _NUMBER, _INT, _BOOL, _STR, _OBJECT, _ARRAY = "a number", "an integer", "a boolean", "a string", "an object", "an array"
+# The exact types json.loads makes: a bool is no number here (to isinstance, True is an int).
+_TYPES = {_NUMBER: (int, float), _INT: (int,), _BOOL: (bool,), _STR: (str,), _OBJECT: (dict,), _ARRAY: (list,)}
 _SAMPLING = {"model": _STR, "max_tokens": _INT, "temperature": _NUMBER, "top_p": _NUMBER, "top_k": _INT,
              "min_p": _NUMBER, "seed": _INT, "stop": (_STR, _ARRAY), "n": _INT, "stream": _BOOL,
              "stream_options": _OBJECT, "presence_penalty": _NUMBER, "frequency_penalty": _NUMBER,
@@ -96,24 +97,17 @@ TOKENIZE_FIELDS = {"model": _STR, "prompt": _STR, "messages": _ARRAY, "tools": _
 DETOKENIZE_FIELDS = {"model": _STR, "tokens": _ARRAY}
 
 
-def _is(value: Any, kind: str) -> bool:
-    if kind == _NUMBER:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind == _INT:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, {_BOOL: bool, _STR: str, _OBJECT: dict, _ARRAY: list}[kind])
-
-
 def check_fields(body: dict, fields: dict[str, Any]) -> None:
     """A 400 naming the first accepted field whose value has the wrong JSON type; refuses what we accept but do not
-    apply (a non-empty logit_bias, structured output) rather than ignoring it."""
+    apply (a non-empty logit_bias, echo, a suffix, best_of, structured output) rather than ignoring it."""
     for name, kinds in fields.items():
         value = body.get(name)
         kinds = kinds if isinstance(kinds, tuple) else (kinds,)
-        if value is not None and not any(_is(value, kind) for kind in kinds):
+        if value is not None and not any(type(value) in _TYPES[kind] for kind in kinds):
             raise bad(f"'{name}' must be {' or '.join(kinds)}, got {type(value).__name__}", name)
-    if "logit_bias" in fields and body.get("logit_bias"):
-        raise bad("'logit_bias' is not supported", "logit_bias")
+    for name, no_op in (("logit_bias", {}), ("echo", False), ("suffix", ""), ("best_of", 1)):  # typed: True is no 1
+        if name in fields and body.get(name) not in (None, no_op):
+            raise bad(f"'{name}' is not supported", name)
     response_format = body.get("response_format") if "response_format" in fields else None
     if response_format is not None:
         kind = response_format.get("type")
@@ -124,13 +118,12 @@ def check_fields(body: dict, fields: dict[str, Any]) -> None:
                       "response_format")
 
 
-def get_number(body: dict, name: str, default=None, low=None, high=None, integer=False):
-    value = body.get(name, default)
+def get_number(body: dict, name: str, default=None, low=None, high=None):
+    """The field's number (check_fields checked its JSON type) in [low, high], or `default` when not given."""
+    value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-        raise bad(f"'{name}' must be {'an integer' if integer else 'a number'}, got {value!r}", name)
-    if isinstance(value, float) and not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):  # json.loads reads NaN and Infinity
         raise bad(f"'{name}' must be finite", name)
     if (low is not None and value < low) or (high is not None and value > high):
         raise bad(f"'{name}' must be in [{low}, {high}], got {value}", name)
@@ -138,90 +131,62 @@ def get_number(body: dict, name: str, default=None, low=None, high=None, integer
 
 
 def get_bool(body: dict, name: str, default: bool = False) -> bool:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):  # a nested field, which check_fields does not reach
         raise bad(f"'{name}' must be a boolean", name)
-    return value
+    return default if value is None else value
 
 
 def get_stop(body: dict) -> list[str]:
     stop = body.get("stop")
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or len(stop) > 16 or not all(isinstance(s, str) and s for s in stop):
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if len(stop) > 16 or not all(isinstance(s, str) and s for s in stop):
         raise bad("'stop' must be a non-empty string or a list of up to 16 non-empty strings", "stop")
     return stop
 
 
 def sampling_params(body: dict, defaults: dict, max_tokens_default: int, chat: bool) -> SamplingParams:
     """SamplingParams from an OpenAI request (stop strings are applied by the server, on text)."""
-    max_tokens = get_number(body, "max_completion_tokens", None, 1, None, integer=True) if chat else None
-    max_tokens = max_tokens or get_number(body, "max_tokens", None, 1, None, integer=True) or max_tokens_default
-    logprobs = None
-    if chat:
-        if get_bool(body, "logprobs"):
-            logprobs = get_number(body, "top_logprobs", 0, 0, 20, integer=True)
-        elif body.get("top_logprobs") is not None:
-            raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
-    else:
-        logprobs = get_number(body, "logprobs", None, 0, 20, integer=True)
-    seed = get_number(body, "seed", None, -(2**63), 2**63 - 1, integer=True)
-    values = dict(
-        max_tokens=max_tokens,
-        temperature=get_number(body, "temperature", defaults.get("temperature", 1.0), 0, 2),
-        top_p=get_number(body, "top_p", defaults.get("top_p", 1.0), 0, 1),
-        top_k=get_number(body, "top_k", defaults.get("top_k", 0), -1, None, integer=True),
-        min_p=get_number(body, "min_p", 0.0, 0, 1),
-        presence_penalty=get_number(body, "presence_penalty", 0.0, -2, 2),
-        frequency_penalty=get_number(body, "frequency_penalty", 0.0, -2, 2),
-        repetition_penalty=get_number(body, "repetition_penalty", 1.0, 0.01, 10),
-        seed=seed % 2**63 if seed is not None else None,
-        logprobs=logprobs,
-        min_tokens=get_number(body, "min_tokens", 0, 0, max_tokens, integer=True),
-        ignore_eos=get_bool(body, "ignore_eos"),
-    )
-    if values["top_k"] == -1:
-        values["top_k"] = 0
-    if values["top_p"] == 0:
+    max_tokens = get_number(body, "max_completion_tokens", None, 1) if chat else None
+    max_tokens = max_tokens or get_number(body, "max_tokens", None, 1) or max_tokens_default
+    logprobs = None if chat else get_number(body, "logprobs", None, 0, 20)  # chat: a boolean, and top_logprobs
+    if chat and get_bool(body, "logprobs"):
+        logprobs = get_number(body, "top_logprobs", 0, 0, 20)
+    elif chat and body.get("top_logprobs") is not None:
+        raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    top_p = get_number(body, "top_p", defaults.get("top_p", 1.0), 0, 1)
+    if top_p == 0:
         raise bad("'top_p' must be > 0", "top_p")
+    seed = get_number(body, "seed", None, -(2**63), 2**63 - 1)
     try:
-        return SamplingParams(**values)
+        return SamplingParams(
+            max_tokens=max_tokens, top_p=top_p, logprobs=logprobs, ignore_eos=get_bool(body, "ignore_eos"),
+            temperature=get_number(body, "temperature", defaults.get("temperature", 1.0), 0, 2),
+            top_k=max(0, get_number(body, "top_k", defaults.get("top_k", 0), -1)),  # -1 means off, as in vLLM
+            min_p=get_number(body, "min_p", 0.0, 0, 1), min_tokens=get_number(body, "min_tokens", 0, 0, max_tokens),
+            presence_penalty=get_number(body, "presence_penalty", 0.0, -2, 2),
+            frequency_penalty=get_number(body, "frequency_penalty", 0.0, -2, 2),
+            repetition_penalty=get_number(body, "repetition_penalty", 1.0, 0.01, 10),
+            seed=None if seed is None else seed % 2**63)
     except ValueError as e:
         raise bad(str(e)) from None
 
 
-def get_n(body: dict) -> int:
-    return get_number(body, "n", 1, 1, 16, integer=True)
-
-
-def stream_options(body: dict) -> dict:
+def include_usage(body: dict) -> bool:
     options = body.get("stream_options")
-    if options is None:
-        return {}
-    if not isinstance(options, dict):
-        raise bad("'stream_options' must be an object", "stream_options")
-    if not get_bool(body, "stream"):
+    if options is not None and not body.get("stream"):
         raise bad("'stream_options' is only allowed with 'stream': true", "stream_options")
-    get_bool(options, "include_usage")
-    return options
+    return get_bool(options or {}, "include_usage")
 
 
 def thinking(body: dict, default: bool) -> bool:
     kwargs = body.get("chat_template_kwargs")
-    if kwargs is not None and not isinstance(kwargs, dict):
-        raise bad("'chat_template_kwargs' must be an object", "chat_template_kwargs")
     if kwargs and "enable_thinking" in kwargs:
         return get_bool(kwargs, "enable_thinking")
     effort = body.get("reasoning_effort")
-    if effort is not None:
-        if effort not in ("none", "minimal", "low", "medium", "high"):
-            raise bad("'reasoning_effort' must be none, minimal, low, medium or high", "reasoning_effort")
-        return effort != "none"
-    return default
+    if effort not in (None, "none", "minimal", "low", "medium", "high"):
+        raise bad("'reasoning_effort' must be none, minimal, low, medium or high", "reasoning_effort")
+    return default if effort is None else effort != "none"
 
 
 def tool_choice(body: dict, tools: list | None) -> Any:

@@ -56,9 +56,8 @@ def build_state(model, tokenizer, model_name: str, max_model_len: int | None = N
                 gpu_memory_utilization: float = 0.9, **kwargs) -> ServerState:
     """The engine sized from the memory there is (engine/memory.py; ValueError when one sequence of max_model_len
     does not fit) and warmed up, in its thread."""
-    stops = tokenizer.stop_token_ids
     engine = LLMEngine(model, max_num_seqs=max_num_seqs, max_model_len=max_model_len, num_blocks=num_blocks,
-                       max_num_batched_tokens=max_num_batched_tokens, stop_token_ids=stops,
+                       max_num_batched_tokens=max_num_batched_tokens, stop_token_ids=tokenizer.stop_token_ids,
                        gpu_memory_utilization=gpu_memory_utilization)
     if model.device.type == "cuda":  # compile the kernels and capture the graphs before the server reports ready
         engine.warm_up()
