@@ -18,6 +18,7 @@ from torch import nn
 from .. import kernels
 from ..options import options
 from .common import RMSNorm, activation
+from .quantized import QuantizedWeight, Scheme, quantize
 
 if TYPE_CHECKING:
     from .text import Router
@@ -27,6 +28,8 @@ def takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether x @ weight.T runs in the Triton GEMV kernels (kernels/gemv.py): one row on CUDA (a batch-1 decode step),
     and a weight where they beat cuBLAS (benchmarks/gemv.py): every projection of E2B, E4B and 26B-A4B and the LM heads
     with K <= 4096; cuBLAS reads 31B's matrices of over 64M elements, and its LM head (K = 5376), faster."""
+    if isinstance(weight, QuantizedWeight):
+        return False
     n_out, k_in = weight.shape
     return (x.numel() == x.shape[-1] and (k_in <= 4096 or n_out * k_in <= 64 * 2**20) and weight.stride(-1) == 1
             and kernels.enabled(x))
@@ -38,7 +41,12 @@ def linear(x, weight: torch.Tensor) -> torch.Tensor:
     if takes_gemv(row, weight):
         from ..kernels.gemv import gemv
         return gemv(row, weight, norms=norms)
-    return F.linear(materialized(x), weight)
+    return product(materialized(x), weight)
+
+
+def product(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), or a QuantizedWeight's product (quantized linears have no bias)."""
+    return weight.linear(x) if isinstance(weight, QuantizedWeight) else F.linear(x, weight, bias)
 
 
 class Linear(nn.Linear):
@@ -46,6 +54,68 @@ class Linear(nn.Linear):
 
     def forward(self, x) -> torch.Tensor:
         return linear(x, self.weight) if self.bias is None else super().forward(materialized(x))
+
+
+class QuantizedLinear(nn.Module):
+    """A bias-free Linear holding its weight quantized (model/quantized.py): buffers `values` (int32 words of int4,
+    int8, or fp8 bits as uint8, so that a dtype cast of the model leaves them alone) and `scale`; `weight` is the
+    QuantizedWeight that the dispatch points take."""
+    bias = None
+
+    def __init__(self, in_features: int, out_features: int, scheme: Scheme, scale_dtype=torch.bfloat16,
+                 device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        width = in_features // 8 if scheme.packed else in_features
+        dtype = torch.int32 if scheme.packed else torch.int8 if scheme.kind == "int" else torch.uint8
+        self.register_buffer("values", torch.empty(out_features, width, dtype=dtype, device=device))
+        self.register_buffer("scale", torch.empty(scheme.scale_shape(out_features, in_features), dtype=scale_dtype,
+                                                  device=device))
+
+    @classmethod
+    def of(cls, layer: nn.Linear, scheme: Scheme) -> QuantizedLinear:
+        """`layer`'s weight quantized with `scheme` (quantize-on-load)."""
+        weight = quantize(layer.weight.detach(), scheme)
+        return cls(layer.in_features, layer.out_features, scheme, device="meta").assign(stored(weight.values),
+                                                                                      weight.scale)
+
+    @property
+    def weight(self) -> QuantizedWeight:
+        return QuantizedWeight(as_values(self.values, self.scheme), self.scale, self.scheme)
+
+    def forward(self, x) -> torch.Tensor:
+        return linear(x, self.weight)
+
+    @staticmethod
+    def fuse(layers: list[QuantizedLinear]) -> QuantizedWeight | None:
+        """fuse_linears for quantized layers: values and scales concatenated by rows, each layer's buffers views of
+        its rows. None (not fused) where block scales would straddle two layers."""
+        rows = [layer.out_features for layer in layers]
+        scale_rows = [layer.scale.shape[0] for layer in layers]
+        if layers[0].scheme.strategy == "block" and any(n % layers[0].scheme.block[0] for n in rows):
+            return None
+        values = torch.cat([layer.values for layer in layers])
+        scale = torch.cat([layer.scale for layer in layers])
+        for layer, v, s in zip(layers, values.split(rows), scale.split(scale_rows)):
+            layer.values, layer.scale = v, s
+        return QuantizedWeight(as_values(values, layers[0].scheme), scale, layers[0].scheme)
+
+    def assign(self, values: torch.Tensor, scale: torch.Tensor) -> QuantizedLinear:
+        self.values, self.scale = values, scale
+        return self
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme.name}"
+
+
+def stored(values: torch.Tensor) -> torch.Tensor:
+    """Quantized values as QuantizedLinear's buffer holds them: fp8 as its bits (uint8)."""
+    return values.view(torch.uint8) if values.dtype == torch.float8_e4m3fn else values
+
+
+def as_values(buffer: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    """The inverse of `stored`."""
+    return buffer.view(torch.float8_e4m3fn) if scheme.kind == "float" else buffer
 
 
 @dataclass
@@ -109,9 +179,9 @@ def gated_linear(x, weight: torch.Tensor, act: str, up: torch.Tensor | None = No
         return gemv_gated(row, weight, act, up, norms=norms)
     x = materialized(x)
     if up is None:
-        gate, up = F.linear(x, weight).chunk(2, dim=-1)
+        gate, up = product(x, weight).chunk(2, dim=-1)
     else:
-        gate = F.linear(x, weight)
+        gate = product(x, weight)
     return gated(gate, up, act)
 
 
@@ -135,7 +205,7 @@ def add_normed_linear(residual: torch.Tensor, x: torch.Tensor, projection: nn.Li
         outputs = gemv_residual_norms(x, projection.weight, residual, norm.weight, norm.eps, scalar,
                                       *weight_eps(next_norm), moe_args)
         return outputs if moe is not None else outputs[:2]
-    y = F.linear(x, projection.weight, projection.bias)
+    y = product(x, projection.weight, projection.bias)
     if moe is None:
         return add_normed(residual, y, norm, scalar, next_norm)
     if kernels.enabled(y):  # the residual add and all three norms of it in one launch

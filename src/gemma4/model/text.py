@@ -15,7 +15,7 @@ from .. import kernels
 from ..config import TextConfig
 from .attention import ForwardContext, MaskRule
 from .common import RMSNorm, activation, apply_rope
-from .fused import Linear, add_normed_branches, add_normed_linear, defers, gated, gated_linear, linear
+from .fused import Linear, QuantizedLinear, add_normed_branches, add_normed_linear, defers, gated, gated_linear, linear
 
 
 def rope_inverse_frequencies(head_dim: int, rope: dict) -> torch.Tensor:
@@ -144,6 +144,8 @@ class MLP(nn.Module):
 def fuse_linears(linears: list[nn.Linear]) -> torch.Tensor:
     """One [sum of outputs, inputs] weight whose row blocks become the linears' weights (views, no second copy):
     one matmul then serves them all, and each parameter keeps its name (its checkpoint key) and its values."""
+    if isinstance(linears[0], QuantizedLinear):
+        return QuantizedLinear.fuse(linears)
     fused = torch.cat([layer.weight.detach() for layer in linears])
     for layer, block in zip(linears, fused.split([layer.out_features for layer in linears])):
         layer.weight = nn.Parameter(block, requires_grad=False)

@@ -1,0 +1,153 @@
+"""Quantized weights: the formats of compressed-tensors checkpoints (int4 in groups, int8 and fp8 per channel, fp8
+in blocks) and the same formats made from a bf16 weight on load.
+
+A `QuantizedWeight` holds a [N, K] linear weight as `values` and `scale`; `dequantize` is the plain PyTorch twin of
+every kernel that reads one: w = values * scale, the product exact in fp32 and rounded once to the compute dtype, as
+compressed-tensors' own decompression (it multiplies in the scale's dtype, bf16 in the releases: one rounding of the
+same exact product). Schemes with quantized activations quantize each token's input (or each group of it) on the
+fly, with compressed-tensors' arithmetic, before the product.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+FP8_MAX = 448.0  # float8_e4m3fn
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """How a weight (and, optionally, the activation it multiplies) is quantized; symmetric, no zero points.
+
+    kind "int" or "float", `bits` 4 or 8; strategy "channel" (one scale per output row), "group" (`group_size`
+    inputs of a row share a scale) or "block" (`block` = (rows, cols) tiles share one). `activations`: None
+    (weights only) or (kind, bits, strategy "token" | "group", group_size): a dynamic scale per token or group."""
+    kind: str
+    bits: int
+    strategy: str
+    group_size: int | None = None
+    block: tuple[int, int] | None = None
+    activations: tuple[str, int, str, int | None] | None = None
+
+    @property
+    def name(self) -> str:
+        size = f"/{self.group_size}" if self.group_size else f"/{self.block[0]}x{self.block[1]}" if self.block else ""
+        acts = f" + dynamic {self.activations[0]}{self.activations[1]} activations" if self.activations else ""
+        return f"{self.kind}{self.bits} per {self.strategy}{size}{acts}"
+
+    @property
+    def packed(self) -> bool:
+        """int4 values stay packed as the checkpoints store them: 8 per int32 word, element j of a row in bits
+        4*(j % 8) of word j // 8, stored as q + 8."""
+        return self.kind == "int" and self.bits == 4
+
+    def scale_shape(self, n: int, k: int) -> tuple[int, int]:
+        if self.strategy == "channel":
+            return n, 1
+        if self.strategy == "group":
+            return n, k // self.group_size
+        return -(-n // self.block[0]), -(-k // self.block[1])
+
+
+# `quantization=` of the loaders: what a bf16 checkpoint becomes (weights only, so the product equals dequantizing
+# and running the model in its dtype on the same values).
+ON_LOAD = {"fp8": Scheme("float", 8, "channel"), "int8": Scheme("int", 8, "channel"),
+           "int4": Scheme("int", 4, "group", group_size=32)}
+
+
+def _qmax(kind: str, bits: int) -> float:
+    """The scale divides the absolute maximum by this (compressed-tensors: half the integer range, so int8 maps
+    the maximum to 127.5 and rounds the negative end to -128; fp8: its largest finite value)."""
+    return FP8_MAX if kind == "float" else (2**bits - 1) / 2
+
+
+def _round(scaled: torch.Tensor, kind: str, bits: int) -> torch.Tensor:
+    """Values in the quantized type's grid, still as floats: clamp, then round half to even or cast to fp8."""
+    if kind == "float":
+        return scaled.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(scaled.dtype)
+    return scaled.clamp(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1).round()
+
+
+def _per_scale(x: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    """x [N, K] viewed as [..., elements sharing one scale] (blocks need K and N divisible: checked on load)."""
+    n, k = x.shape
+    if scheme.strategy == "channel":
+        return x.unsqueeze(-2)
+    if scheme.strategy == "group":
+        return x.unflatten(-1, (-1, scheme.group_size))
+    rows, cols = scheme.block
+    return x.reshape(n // rows, rows, k // cols, cols).transpose(1, 2).flatten(-2)
+
+
+@dataclass
+class QuantizedWeight:
+    """values: fp8 e4m3 [N, K], int8 [N, K], or int4 packed in int32 [N, K / 8]; scale: float [scheme.scale_shape]."""
+    values: torch.Tensor
+    scale: torch.Tensor
+    scheme: Scheme
+
+    @property
+    def shape(self) -> torch.Size:
+        n, k = self.values.shape
+        return torch.Size((n, k * 8 if self.scheme.packed else k))
+
+    def integers(self) -> torch.Tensor:
+        """The quantized values [N, K] as int8 (int formats) or fp8."""
+        if not self.scheme.packed:
+            return self.values
+        shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=self.values.device)
+        nibbles = (self.values.unsqueeze(-1) >> shifts) & 0xF  # arithmetic shift: the mask keeps the low 4 bits
+        return (nibbles - 8).to(torch.int8).flatten(-2)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        q = self.integers().float()
+        scale = self.scale.float()
+        if self.scheme.strategy == "block":
+            rows, cols = self.scheme.block
+            scale = scale.repeat_interleave(rows, 0)[: q.shape[0]].repeat_interleave(cols, 1)[:, : q.shape[1]]
+            return (q * scale).to(dtype)
+        return (_per_scale(q, self.scheme) * scale.unsqueeze(-1)).flatten(-2).reshape(q.shape).to(dtype)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ w.T, the plain way: dynamic activation quantization where the scheme has it, then the dequantized
+        weight in x's dtype."""
+        if self.scheme.activations is not None:
+            x = fake_quantize_activations(x, *self.scheme.activations)
+        return F.linear(x, self.dequantize(x.dtype))
+
+    @staticmethod
+    def cat(weights: list[QuantizedWeight]) -> QuantizedWeight:
+        """Row blocks stacked (fused projections): values and scales concatenated along the output rows."""
+        return QuantizedWeight(torch.cat([w.values for w in weights]), torch.cat([w.scale for w in weights]),
+                               weights[0].scheme)
+
+
+def quantize(weight: torch.Tensor, scheme: Scheme) -> QuantizedWeight:
+    """weight [N, K] -> its `scheme` form, as llm-compressor's min-max observer and compressed-tensors make it:
+    scale = absmax / qmax per channel / group / block, in the weight's dtype; values = the scaled weight rounded."""
+    assert scheme.strategy != "block", "blocks are read from checkpoints, not made on load"
+    grouped = _per_scale(weight, scheme)
+    scale = grouped.abs().amax(-1) / _qmax(scheme.kind, scheme.bits)
+    scale = torch.where(scale == 0, torch.finfo(scale.dtype).eps, scale)
+    q = _round(grouped / scale.unsqueeze(-1), scheme.kind, scheme.bits).flatten(-2).reshape(weight.shape)
+    if scheme.kind == "float":
+        values = q.to(torch.float8_e4m3fn)
+    elif scheme.packed:
+        nibbles = (q.to(torch.int32) + 8).unflatten(-1, (-1, 8))
+        shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=weight.device)
+        values = (nibbles << shifts).sum(-1, dtype=torch.int32)  # disjoint bits: the sum is the bitwise or
+    else:
+        values = q.to(torch.int8)
+    return QuantizedWeight(values, scale, scheme)
+
+
+def fake_quantize_activations(x: torch.Tensor, kind: str, bits: int, strategy: str, group_size: int | None):
+    """x quantized and dequantized with a dynamic symmetric scale per token (or per group of its last dimension),
+    in x's dtype, as compressed-tensors' quantized forward does (a zero maximum takes the dtype's eps as scale)."""
+    grouped = x.unflatten(-1, (-1, group_size)) if strategy == "group" else x.unsqueeze(-2)
+    scale = grouped.abs().amax(-1, keepdim=True) / _qmax(kind, bits)
+    scale = torch.where(scale == 0, torch.finfo(x.dtype).eps, scale)
+    return (_round(grouped / scale, kind, bits) * scale).flatten(-2).reshape(x.shape)
