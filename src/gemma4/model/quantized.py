@@ -45,6 +45,7 @@ class Scheme:
         return self.kind == "int" and self.bits == 4
 
     def scale_shape(self, n: int, k: int) -> tuple[int, int]:
+        """The scale's shape for a [N, K] weight."""
         if self.strategy == "channel":
             return n, 1
         if self.strategy == "group":
@@ -72,30 +73,31 @@ def _round(scaled: torch.Tensor, kind: str, bits: int) -> torch.Tensor:
 
 
 def _per_scale(x: torch.Tensor, scheme: Scheme) -> torch.Tensor:
-    """x [N, K] viewed as [..., elements sharing one scale] (blocks need K and N divisible: checked on load)."""
-    n, k = x.shape
+    """x [..., N, K] viewed as [..., N, scales per row, elements sharing one scale] (channel or group strategies)."""
     if scheme.strategy == "channel":
         return x.unsqueeze(-2)
-    if scheme.strategy == "group":
-        return x.unflatten(-1, (-1, scheme.group_size))
-    rows, cols = scheme.block
-    return x.reshape(n // rows, rows, k // cols, cols).transpose(1, 2).flatten(-2)
+    return x.unflatten(-1, (-1, scheme.group_size))
 
 
 @dataclass
 class QuantizedWeight:
-    """values: fp8 e4m3 [N, K], int8 [N, K], or int4 packed in int32 [N, K / 8]; scale: float [scheme.scale_shape]."""
+    """values: fp8 e4m3 [..., N, K], int8 [..., N, K], or int4 packed in int32 [..., N, K / 8]; scale: float
+    [..., *scheme.scale_shape(N, K)]. Leading dimensions: one matrix per expert."""
     values: torch.Tensor
     scale: torch.Tensor
     scheme: Scheme
 
     @property
     def shape(self) -> torch.Size:
-        n, k = self.values.shape
-        return torch.Size((n, k * 8 if self.scheme.packed else k))
+        *lead, k = self.values.shape
+        return torch.Size((*lead, k * 8 if self.scheme.packed else k))
+
+    def __getitem__(self, index) -> QuantizedWeight:
+        """One expert's matrix (index over the leading dimension)."""
+        return QuantizedWeight(self.values[index], self.scale[index], self.scheme)
 
     def integers(self) -> torch.Tensor:
-        """The quantized values [N, K] as int8 (int formats) or fp8."""
+        """The quantized values [..., N, K] as int8 (int formats) or fp8."""
         if not self.scheme.packed:
             return self.values
         shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=self.values.device)
@@ -105,10 +107,10 @@ class QuantizedWeight:
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         q = self.integers().float()
         scale = self.scale.float()
-        if self.scheme.strategy == "block":
+        if self.scheme.strategy == "block":  # ragged edge blocks: the scale tiles cut to the matrix
             rows, cols = self.scheme.block
-            scale = scale.repeat_interleave(rows, 0)[: q.shape[0]].repeat_interleave(cols, 1)[:, : q.shape[1]]
-            return (q * scale).to(dtype)
+            scale = scale.repeat_interleave(rows, -2)[..., : q.shape[-2], :].repeat_interleave(cols, -1)
+            return (q * scale[..., : q.shape[-1]]).to(dtype)
         return (_per_scale(q, self.scheme) * scale.unsqueeze(-1)).flatten(-2).reshape(q.shape).to(dtype)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,7 +128,7 @@ class QuantizedWeight:
 
 
 def quantize(weight: torch.Tensor, scheme: Scheme) -> QuantizedWeight:
-    """weight [N, K] -> its `scheme` form, as llm-compressor's min-max observer and compressed-tensors make it:
+    """weight [..., N, K] -> its `scheme` form, as llm-compressor's min-max observer and compressed-tensors make it:
     scale = absmax / qmax per channel / group / block, in the weight's dtype; values = the scaled weight rounded."""
     assert scheme.strategy != "block", "blocks are read from checkpoints, not made on load"
     grouped = _per_scale(weight, scheme)
