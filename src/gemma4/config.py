@@ -335,6 +335,11 @@ class Config(_JsonConfig):
             raise ConfigError(f"{path} is not valid JSON ({e}); re-download the checkpoint") from None
         return cls.from_dict(data)
 
+    @property
+    def quantization_config(self) -> dict | None:
+        """config.json's `quantization_config` (a quantized checkpoint's), wherever the layout keeps it."""
+        return (self.text_config.extra if self.layout == "text" else self.extra).get("quantization_config")
+
     def save(self, directory: str | os.PathLike) -> None:
         Path(directory, "config.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 

@@ -16,7 +16,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from . import quantization as quantization_module
 from .config import Config
+from .model.fused import QuantizedLinear
 from .model.gemma4 import Gemma4
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -119,47 +121,149 @@ def safetensors_files(directory: Path) -> list[Path]:
 
 
 def load_model(path_or_id, dtype=None, device="auto", with_towers: bool = True, progress: bool | None = None,
-               model_class: type[Gemma4] = Gemma4) -> Gemma4:
+               model_class: type[Gemma4] = Gemma4, quantization: str | None = None) -> Gemma4:
     """`dtype` None or "auto": the checkpoint's; `device` "auto": CUDA when present, else the CPU. `progress`: a bar
-    on stderr (None: for checkpoints over 1 GiB, on a terminal)."""
+    on stderr (None: for checkpoints over 1 GiB, on a terminal). A compressed-tensors checkpoint loads quantized as
+    it is stored (quantization.py); `quantization` ("fp8", "int8", "int4") quantizes a dense one on load."""
     device = resolve_device(device)
     directory = resolve_checkpoint(path_or_id)
     config = Config.from_file(directory)
     files = safetensors_files(directory)
+    headers = read_headers(files)
     dtype = resolve_dtype(dtype, device, checkpoint_dtype(config, files))
+    stored = stored_quantization(config, headers, with_towers)
+    scheme = quantization_module.on_load_scheme(quantization) if quantization else None
+    if stored and scheme:
+        raise quantization_module.QuantizationError(f"{directory} is already quantized; load it without "
+                                                    f"quantization={quantization!r}")
     with torch.device("meta"):
         model = model_class(config, with_towers=with_towers)
+    routes = quantized_routes(model, stored, config.layout)
     shapes = {name: t.shape for name, t in model.state_dict().items()}
     expected = {checkpoint_key(name, config.layout): name for name in shapes}
     state: dict[str, torch.Tensor] = {}
+    slices: dict[str, int] = {}  # stacked expert buffers: slices copied so far
     bar = progress_bar(sum(f.stat().st_size for f in files), "loading weights", progress)
     for file in files:
         try:
             with safe_open(file, framework="pt", device="cpu") as reader:
                 for key in reader.keys():
                     name = expected.get(key)
-                    if name is None:
-                        if _deliberately_unused(key, config, with_towers):
+                    route = routes.get(key)
+                    if name is None and route is None:
+                        if _deliberately_unused(key, config, with_towers) or key in routes:
                             continue
                         raise CheckpointError(f"unexpected tensor {key!r} in {file.name}: this checkpoint does "
                                               "not match its config.json")
                     tensor = reader.get_tensor(key)
+                    bar.update(tensor.numel() * tensor.element_size())
+                    if route is not None:
+                        _place_quantized(route, tensor, state, slices, shapes, device)
+                        continue
                     if tensor.shape != shapes[name]:
                         raise CheckpointError(f"{key} has shape {tuple(tensor.shape)}, config.json implies "
                                               f"{tuple(shapes[name])}")
                     state[name] = tensor.to(device=device, dtype=dtype)
-                    bar.update(tensor.numel() * tensor.element_size())
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{file} is truncated or corrupt ({e}); re-download it") from None
     bar.close()
-    if missing := [checkpoint_key(n, config.layout) for n in expected.values() if n not in state]:
+    stacked = {name: count for name, count in slices.items() if count != shapes[name][0] * _slices_per_expert(name)}
+    if missing := [checkpoint_key(n, config.layout) for n in expected.values() if n not in state] + list(stacked):
         raise CheckpointError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[0]!r}")
     model.load_state_dict(state, assign=True, strict=True)
+    if scheme is not None:
+        quantization_module.quantize_model_(model, scheme)
     generation_config = directory / "generation_config.json"
     if generation_config.is_file():
         model.generation_config = json.loads(generation_config.read_text())
     model.checkpoint_dir = directory
     return model.ready_()
+
+
+def read_headers(files: list[Path]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """key -> (shape, safetensors dtype name) of every tensor, from the headers alone."""
+    headers = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt", device="cpu") as reader:
+                for key in reader.keys():
+                    piece = reader.get_slice(key)
+                    headers[key] = (tuple(piece.get_shape()), piece.get_dtype())
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{file} is truncated or corrupt ({e}); re-download it") from None
+    return headers
+
+
+def stored_quantization(config: Config, headers: dict, with_towers: bool) -> dict:
+    """The quantized modules of a compressed-tensors checkpoint (quantization.plan), {} for a dense one; every check
+    on the headers, before any weight is read."""
+    quantization_config = config.quantization_config
+    if quantization_config is None:
+        if scale := next((key for key in headers if key.endswith(".weight_scale")), None):
+            raise quantization_module.QuantizationError(f"{scale} is a quantization scale, but config.json has no "
+                                                        "quantization_config")
+        return {}
+    groups = quantization_module.parse_config(quantization_config)
+    modules = quantization_module.plan(headers, groups)
+    return {name: module for name, module in modules.items()
+            if not _deliberately_unused(name + ".weight", config, with_towers)}
+
+
+def quantized_routes(model: Gemma4, modules: dict, layout: str) -> dict:
+    """Replaces the model's modules that the checkpoint stores quantized (on meta), and returns checkpoint key ->
+    (our buffer name, module, "values" | "scale", expert slot or None) for their tensors; their other tensors
+    (weight_shape, input_scale: checked or not used) map to None."""
+    routes = {}
+    for checkpoint_module, module in modules.items():
+        name = model_name(checkpoint_module, layout)
+        per_expert = quantization_module.PER_EXPERT.match(name)
+        if per_expert:
+            owner, index, projection = per_expert.groups()
+            experts = model.get_submodule(owner)
+            if not isinstance(experts.gate_up_proj, QuantizedLinear):
+                quantization_module.quantize_experts_module(experts, module.scheme)
+            target = f"{owner}.{'down_proj' if projection == 'down' else 'gate_up_proj'}"
+            slot = (int(index), 1 if projection == "up" else 0)
+        else:
+            quantization_module.replace_linear(model, name, module.scheme)
+            target, slot = name, None
+        for local, (key, _, _) in module.tensors.items():
+            kind = "values" if local == module.values_key() else "scale" if local == "weight_scale" else None
+            routes[key] = (f"{target}.{kind}", module, kind, slot) if kind else None
+    return routes
+
+
+def _slices_per_expert(name: str) -> int:
+    return 2 if ".gate_up_proj." in name else 1
+
+
+def _place_quantized(route, tensor: torch.Tensor, state: dict, slices: dict, shapes: dict,
+                     device: torch.device) -> None:
+    """A quantized module's values or scale into its buffer: whole, or one expert's gate, up or down block of the
+    stacked [E, 2W, .] / [E, H, .] buffer."""
+    if route is None:
+        return
+    name, module, kind, slot = route
+    value = (quantization_module.stored_values if kind == "values" else quantization_module.stored_scale)(module,
+                                                                                                          tensor)
+    if slot is None:
+        state[name] = value.to(device)
+        return
+    expert, half = slot
+    if name not in state:
+        state[name] = torch.empty(shapes[name], dtype=value.dtype, device=device)
+    rows = value.shape[0]
+    block = state[name][expert, half * rows:(half + 1) * rows]
+    if block.shape != value.shape or expert >= shapes[name][0]:
+        raise CheckpointError(f"{module.name}: {kind} of shape {tuple(value.shape)} does not fit the experts' "
+                              f"{tuple(shapes[name])}")
+    block.copy_(value)
+    slices[name] = slices.get(name, 0) + 1
+
+
+def model_name(checkpoint_name: str, layout: str) -> str:
+    """The inverse of `checkpoint_key`."""
+    return checkpoint_name.replace("model.", "model.language_model.", 1) if layout == "text" else checkpoint_name
 
 
 def _deliberately_unused(key: str, config: Config, with_towers: bool) -> bool:

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..model.quantized import QuantizedWeight
 from .activation import ACTIVATION_CODES, activation_fp32
 from .norm import _norm_weights, _residual_norms_row, _residual_norms_values, _warps, residual_norms_args
 from .pdl import after_previous_kernel, launch_options
@@ -50,46 +51,163 @@ def _input_row(x_ptr, res_ptr, nw_ptr, scalar_ptr, next_w_ptr, new_ptr, eps, nex
     return x[None, :]
 
 
+# How the kernels read w_ptr (WFMT) and scale_ptr. Quantized formats multiply the fp32 sums of q * x by their
+# scales: per row once at the end, per group (or block) of a row after summing the group. So the product is the fp32
+# product of the dequantized weight (QuantizedWeight.dequantize) up to summation order, never rounded to the model
+# dtype before the end.
+DENSE = tl.constexpr(0)        # the weight itself, in the model dtype; scale_ptr unused
+PER_ROW = tl.constexpr(1)      # 8-bit values (fp8 e4m3 or int8: the pointer's type tells which), a scale per row
+INT4_GROUPS = tl.constexpr(2)  # int4, 8 a 32-bit word (element j of a row: bits 4 * (j % 8) of word j // 8, as
+                               # q + 8), a scale per GROUP inputs of a row
+FP8_BLOCKS = tl.constexpr(3)   # fp8 e4m3, a scale per block of SCALE_ROWS rows and GROUP inputs
+
+
 @triton.jit
-def _first_tiles(w_ptr, rows, N, stride_wn, up_offset, K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_UP: tl.constexpr):
-    """The first BLOCK_K columns of weight rows `rows` [BLOCK_N] and, with HAS_UP, of the rows up_offset elements
-    further (the up half of a fused gate/up weight): (gate, up), up = gate without HAS_UP."""
-    cols = tl.arange(0, BLOCK_K)
-    mask = (rows < N)[:, None] & (cols < K)[None, :]
-    ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + cols[None, :]
-    w = tl.load(ptrs, mask=mask, other=0.0)
+def _grouped_tiles(w_ptr, rows, N, stride_wn, up_offset, k0, K: tl.constexpr, BLOCK_K: tl.constexpr,
+                   HAS_UP: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr):
+    """The stored values of inputs k0 .. k0 + BLOCK_K of rows `rows` (and of the up rows with HAS_UP) in a grouped
+    format, as [BLOCK_N, BLOCK_K // GROUP, stored values a group] (int4: GROUP // 8 words, 16-byte loads along K):
+    (gate, up), up = gate without HAS_UP. Masked values (rows past N, inputs past K) are 0: int4 nibbles of -8,
+    multiplied by masked (zero) inputs."""
+    PACK: tl.constexpr = 8 if WFMT == INT4_GROUPS else 1  # values a stored element
+    groups = tl.arange(0, BLOCK_K // GROUP)
+    cols = (k0 // PACK + groups * (GROUP // PACK))[:, None] + tl.arange(0, GROUP // PACK)[None, :]
+    mask = (rows < N)[:, None, None] & (cols < (K + PACK - 1) // PACK)[None, :, :]
+    ptrs = w_ptr + rows.to(tl.int64)[:, None, None] * stride_wn + cols[None, :, :]
+    w = tl.load(ptrs, mask=mask, other=0)
     u = w
     if HAS_UP:
-        u = tl.load(ptrs + up_offset, mask=mask, other=0.0)
+        u = tl.load(ptrs + up_offset, mask=mask, other=0)
     return w, u
 
 
 @triton.jit
-def _dots(w, u, x, x_ptr, w_ptr, rows, N, stride_wn, up_offset, K: tl.constexpr, BLOCK_K: tl.constexpr,
-          HAS_UP: tl.constexpr):
-    """fp32 dot products of the input row with weight rows `rows`, given their first tiles (w, u) and inputs x; the
-    columns past BLOCK_K are read here: (gate, up), up = gate without HAS_UP."""
-    acc = w.to(tl.float32) * x  # per-lane partial sums [BLOCK_N, BLOCK_K]: one reduction at the end
-    acc_up = acc
-    if HAS_UP:
-        acc_up = u.to(tl.float32) * x
+def _grouped_inputs(x_ptr, k0, K: tl.constexpr, BLOCK_K: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr):
+    """Inputs k0 .. k0 + BLOCK_K as fp32 in the shape of a grouped tile's values: [BLOCK_K // GROUP, GROUP // 8, 8]
+    (int4: word, nibble) or [BLOCK_K // GROUP, GROUP]."""
+    groups = tl.arange(0, BLOCK_K // GROUP)
+    if WFMT == INT4_GROUPS:
+        cols = (k0 + groups[:, None, None] * GROUP + tl.arange(0, GROUP // 8)[None, :, None] * 8
+                + tl.arange(0, 8)[None, None, :])
+    else:
+        cols = k0 + groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    return tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _grouped_row(x, BLOCK_K: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr):
+    """A [1, BLOCK_K] input row (_input_row's) in the shape of `_grouped_inputs`."""
+    if WFMT == INT4_GROUPS:
+        return tl.reshape(x, (BLOCK_K // GROUP, GROUP // 8, 8))
+    return tl.reshape(x, (BLOCK_K // GROUP, GROUP))
+
+
+@triton.jit
+def _grouped_dots(w, scale, x, WFMT: tl.constexpr):
+    """Each group's scale times its fp32 sum of q * x: [BLOCK_N, BLOCK_K // GROUP]."""
+    if WFMT == INT4_GROUPS:
+        shifts = tl.arange(0, 8) * 4
+        q = ((w[:, :, :, None] >> shifts[None, None, None, :]) & 0xF) - 8  # the mask undoes the sign's extension
+        sums = tl.sum(tl.sum(q.to(tl.float32) * x[None, :, :, :], axis=3), axis=2)
+    else:
+        sums = tl.sum(w.to(tl.float32) * x[None, :, :], axis=2)
+    return sums * scale
+
+
+@triton.jit
+def _scales(scale_ptr, rows, N, stride_sn, k0, K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_UP: tl.constexpr,
+            WFMT: tl.constexpr, GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr):
+    """fp32 scales of rows `rows` (and of the up rows N further with HAS_UP): [BLOCK_N] (PER_ROW), or those of the
+    groups of inputs k0 .. k0 + BLOCK_K, [BLOCK_N, BLOCK_K // GROUP] (grouped formats); unused for DENSE.
+    (gate, up), up = gate without HAS_UP. Masked rows' scales are 0."""
     row_ok = rows < N
-    w_rows = w_ptr + rows.to(tl.int64) * stride_wn
-    for k0 in range(BLOCK_K, K, BLOCK_K):  # never with NORMED (K <= BLOCK_K)
-        cols = k0 + tl.arange(0, BLOCK_K)
-        if K % BLOCK_K == 0:
-            step_mask = row_ok[:, None]
-        else:
-            step_mask = row_ok[:, None] & (cols < K)[None, :]
-        x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
-        acc += tl.load(w_rows[:, None] + cols[None, :], mask=step_mask, other=0.0).to(tl.float32) * x
-        if HAS_UP:
-            u = tl.load(w_rows[:, None] + up_offset + cols[None, :], mask=step_mask, other=0.0)
-            acc_up += u.to(tl.float32) * x
-    gate = tl.sum(acc, axis=1)
-    up = gate
+    s = 0.0
+    if WFMT == PER_ROW:
+        s = tl.load(scale_ptr + rows.to(tl.int64) * stride_sn, mask=row_ok, other=0.0).to(tl.float32)
+    elif WFMT != DENSE:
+        groups = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
+        mask = row_ok[:, None] & (groups < (K + GROUP - 1) // GROUP)[None, :]
+        ptrs = scale_ptr + (rows // SCALE_ROWS).to(tl.int64)[:, None] * stride_sn + groups[None, :]
+        s = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    t = s
     if HAS_UP:
-        up = tl.sum(acc_up, axis=1)
+        if WFMT == PER_ROW:
+            t = tl.load(scale_ptr + (rows + N).to(tl.int64) * stride_sn, mask=row_ok, other=0.0).to(tl.float32)
+        elif WFMT != DENSE:
+            up_ptrs = scale_ptr + ((rows + N) // SCALE_ROWS).to(tl.int64)[:, None] * stride_sn + groups[None, :]
+            t = tl.load(up_ptrs, mask=mask, other=0.0).to(tl.float32)
+    return s, t
+
+
+@triton.jit
+def _first_tiles(w_ptr, scale_ptr, rows, N, stride_wn, stride_sn, up_offset, K: tl.constexpr, BLOCK_K: tl.constexpr,
+                 HAS_UP: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr):
+    """The first BLOCK_K columns of weight rows `rows` [BLOCK_N] and, with HAS_UP, of the rows up_offset elements
+    further (the up half of a fused gate/up weight), as stored, and their scales (`_scales`):
+    (gate, up, gate scales, up scales), up = gate without HAS_UP."""
+    if WFMT == DENSE or WFMT == PER_ROW:
+        cols = tl.arange(0, BLOCK_K)
+        mask = (rows < N)[:, None] & (cols < K)[None, :]
+        ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + cols[None, :]
+        w = tl.load(ptrs, mask=mask, other=0.0)
+        u = w
+        if HAS_UP:
+            u = tl.load(ptrs + up_offset, mask=mask, other=0.0)
+    else:
+        w, u = _grouped_tiles(w_ptr, rows, N, stride_wn, up_offset, 0, K, BLOCK_K, HAS_UP, WFMT, GROUP)
+    w_scale, u_scale = _scales(scale_ptr, rows, N, stride_sn, 0, K, BLOCK_K, HAS_UP, WFMT, GROUP, SCALE_ROWS)
+    return w, u, w_scale, u_scale
+
+
+@triton.jit
+def _dots(w, u, w_scale, u_scale, x, x_ptr, w_ptr, scale_ptr, rows, N, stride_wn, stride_sn, up_offset,
+          K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_UP: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr,
+          SCALE_ROWS: tl.constexpr):
+    """fp32 dot products of the input row with weight rows `rows`, given their first tiles and scales
+    (`_first_tiles`) and inputs x; the columns past BLOCK_K are read here: (gate, up), up = gate without HAS_UP."""
+    if WFMT == DENSE or WFMT == PER_ROW:
+        acc = w.to(tl.float32) * x  # per-lane partial sums [BLOCK_N, BLOCK_K]: one reduction at the end
+        acc_up = acc
+        if HAS_UP:
+            acc_up = u.to(tl.float32) * x
+        row_ok = rows < N
+        w_rows = w_ptr + rows.to(tl.int64) * stride_wn
+        for k0 in range(BLOCK_K, K, BLOCK_K):  # never with NORMED (K <= BLOCK_K)
+            cols = k0 + tl.arange(0, BLOCK_K)
+            if K % BLOCK_K == 0:
+                step_mask = row_ok[:, None]
+            else:
+                step_mask = row_ok[:, None] & (cols < K)[None, :]
+            x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(w_rows[:, None] + cols[None, :], mask=step_mask, other=0.0).to(tl.float32) * x
+            if HAS_UP:
+                u = tl.load(w_rows[:, None] + up_offset + cols[None, :], mask=step_mask, other=0.0)
+                acc_up += u.to(tl.float32) * x
+        gate = tl.sum(acc, axis=1)
+        up = gate
+        if HAS_UP:
+            up = tl.sum(acc_up, axis=1)
+        if WFMT == PER_ROW:  # the row's scale times its sum of q * x (u_scale = w_scale without HAS_UP)
+            gate, up = gate * w_scale, up * u_scale
+    else:
+        x = _grouped_row(x, BLOCK_K, WFMT, GROUP)
+        acc = _grouped_dots(w, w_scale, x, WFMT)  # [BLOCK_N, BLOCK_K // GROUP]: one reduction at the end
+        acc_up = acc
+        if HAS_UP:
+            acc_up = _grouped_dots(u, u_scale, x, WFMT)
+        for k0 in range(BLOCK_K, K, BLOCK_K):  # never with NORMED (K <= BLOCK_K)
+            step_x = _grouped_inputs(x_ptr, k0, K, BLOCK_K, WFMT, GROUP)
+            step_w, step_u = _grouped_tiles(w_ptr, rows, N, stride_wn, up_offset, k0, K, BLOCK_K, HAS_UP, WFMT,
+                                            GROUP)
+            step_w_scale, step_u_scale = _scales(scale_ptr, rows, N, stride_sn, k0, K, BLOCK_K, HAS_UP, WFMT, GROUP,
+                                                 SCALE_ROWS)
+            acc += _grouped_dots(step_w, step_w_scale, step_x, WFMT)
+            if HAS_UP:
+                acc_up += _grouped_dots(step_u, step_u_scale, step_x, WFMT)
+        gate = tl.sum(acc, axis=1)
+        up = gate
+        if HAS_UP:
+            up = tl.sum(acc_up, axis=1)
     return gate, up
 
 
@@ -116,37 +234,45 @@ def _store_rows(out_ptr, rows, N, gate, up, mult_ptr, ACT: tl.constexpr, GATED: 
 # and computes its input once for all of them: a program normalizing its input reads ~4 rows of K from L2 for it,
 # as many bytes as 2-4 rows of weights. Each group's weights are loaded before the previous group's are multiplied.
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, out_ptr, mult_ptr, N, stride_wn, res_ptr, nw_ptr, scalar_ptr, next_w_ptr, new_ptr,
-                 eps, next_eps, K: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, HAS_UP: tl.constexpr,
-                 NORMED: tl.constexpr, HAS_SCALAR: tl.constexpr, HAS_NEXT: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, GROUPS: tl.constexpr, PDL: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, mult_ptr, N, stride_wn, stride_sn, res_ptr, nw_ptr, scalar_ptr,
+                 next_w_ptr, new_ptr, eps, next_eps, K: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
+                 HAS_UP: tl.constexpr, NORMED: tl.constexpr, HAS_SCALAR: tl.constexpr, HAS_NEXT: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUPS: tl.constexpr, WFMT: tl.constexpr,
+                 GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr, PDL: tl.constexpr):
     """out = x @ weight.T, or with GATED act(gate) * up (gate/up: rows i and N + i with HAS_UP, else up from
-    mult_ptr); N is the output width."""
+    mult_ptr); N is the output width. The weight in format WFMT, its scales at scale_ptr (row stride stride_sn)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     group_step = tl.num_programs(0) * BLOCK_N
     up_offset = N * stride_wn
-    w, u = _first_tiles(w_ptr, rows, N, stride_wn, up_offset, K, BLOCK_K, HAS_UP)
+    w, u, w_scale, u_scale = _first_tiles(w_ptr, scale_ptr, rows, N, stride_wn, stride_sn, up_offset, K, BLOCK_K,
+                                          HAS_UP, WFMT, GROUP, SCALE_ROWS)
     x = _input_row(x_ptr, res_ptr, nw_ptr, scalar_ptr, next_w_ptr, new_ptr, eps, next_eps, K, BLOCK_K, NORMED,
                    HAS_SCALAR, HAS_NEXT, PDL)
     for group in tl.static_range(GROUPS):
         if group + 1 < GROUPS:
-            next_w, next_u = _first_tiles(w_ptr, rows + group_step, N, stride_wn, up_offset, K, BLOCK_K, HAS_UP)
-        gate, up = _dots(w, u, x, x_ptr, w_ptr, rows, N, stride_wn, up_offset, K, BLOCK_K, HAS_UP)
+            next_w, next_u, next_w_scale, next_u_scale = _first_tiles(
+                w_ptr, scale_ptr, rows + group_step, N, stride_wn, stride_sn, up_offset, K, BLOCK_K, HAS_UP, WFMT,
+                GROUP, SCALE_ROWS)
+        gate, up = _dots(w, u, w_scale, u_scale, x, x_ptr, w_ptr, scale_ptr, rows, N, stride_wn, stride_sn, up_offset,
+                         K, BLOCK_K, HAS_UP, WFMT, GROUP, SCALE_ROWS)
         _store_rows(out_ptr, rows, N, gate, up, mult_ptr, ACT, GATED, HAS_UP)
         if group + 1 < GROUPS:
-            w, u, rows = next_w, next_u, rows + group_step
+            w, u, w_scale, u_scale, rows = next_w, next_u, next_w_scale, next_u_scale, rows + group_step
 
 
 @triton.jit
-def _gemv_residual_norms_kernel(x_ptr, w_ptr, y_ptr, counter_ptr, res_ptr, nw_ptr, scalar_ptr, next_w_ptr, out_ptr,
-                                next_out_ptr, next2_w_ptr, next2_out_ptr, router_scale_ptr, router_out_ptr, N,
-                                stride_wn, eps, next_eps, root_size, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                                BLOCK_K: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SCALAR: tl.constexpr,
+def _gemv_residual_norms_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, counter_ptr, res_ptr, nw_ptr, scalar_ptr, next_w_ptr,
+                                out_ptr, next_out_ptr, next2_w_ptr, next2_out_ptr, router_scale_ptr, router_out_ptr, N,
+                                stride_wn, stride_sn, eps, next_eps, root_size, K: tl.constexpr,
+                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr,
+                                SCALE_ROWS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SCALAR: tl.constexpr,
                                 HAS_NEXT: tl.constexpr, HAS_MOE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    w, _ = _first_tiles(w_ptr, rows, N, stride_wn, 0, K, BLOCK_K, False)
+    w, _, w_scale, _ = _first_tiles(w_ptr, scale_ptr, rows, N, stride_wn, stride_sn, 0, K, BLOCK_K, False, WFMT,
+                                    GROUP, SCALE_ROWS)
     x = _input_row(x_ptr, x_ptr, x_ptr, x_ptr, x_ptr, y_ptr, eps, eps, K, BLOCK_K, False, False, False, PDL)
-    y, _ = _dots(w, w, x, x_ptr, w_ptr, rows, N, stride_wn, 0, K, BLOCK_K, False)
+    y, _ = _dots(w, w, w_scale, w_scale, x, x_ptr, w_ptr, scale_ptr, rows, N, stride_wn, stride_sn, 0, K, BLOCK_K,
+                 False, WFMT, GROUP, SCALE_ROWS)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
     # The norms need the whole output row: the last program to finish computes them. Its acquire pairs with every
     # other program's release (acq_rel atomics), so their y stores are visible to it. It then re-arms the counter
@@ -174,13 +300,60 @@ def _default_tiles(device: torch.device, k_in: int, normed: bool = False, gated:
     return tiles[:4] if width < tuned["GROUPS_MIN_WIDTH"] or k_in > tiles[1] else tiles
 
 
-def _tiles(x: torch.Tensor, k_in: int, tiles: tuple, normed: bool = False) -> tuple:
-    """(BLOCK_N, BLOCK_K, warps, stages, GROUPS) to launch `tiles` with (GROUPS 1 when it has four entries)."""
+def _tiles(x: torch.Tensor, k_in: int, tiles: tuple, normed: bool = False, group: int = 1) -> tuple:
+    """(BLOCK_N, BLOCK_K, warps, stages, GROUPS) to launch `tiles` with (GROUPS 1 when it has four entries); BLOCK_K
+    at least the weight format's `group` of inputs sharing a scale."""
     block_n, block_k, warps, stages, groups = (*tiles, 1)[:5]
     assert not normed or k_in <= NORMED_MAX_K, f"a GEMV normalizes rows of up to {NORMED_MAX_K} inputs, not {k_in}"
     block_k = triton.next_power_of_2(k_in) if normed else min(block_k, triton.next_power_of_2(k_in))
+    block_k = max(block_k, group)
     # The interpreter runs programs one by one: 64 rows a program there (a row's arithmetic depends on BLOCK_K alone).
     return block_n if x.is_cuda else 64, block_k, warps, stages, groups
+
+
+def quantized_supported(weight: QuantizedWeight) -> str | None:
+    """Why the kernels cannot read this QuantizedWeight, or None where they can: one [N, K] matrix, values with unit
+    stride along K (any row stride), weights only (no activation quantization); fp8 e4m3 or int8 per channel, int4
+    packed in int32 words with groups of a power of 2 (at least 8) that divides K, or fp8 blocks whose column count
+    is a power of 2. Scales: any float dtype, [N, 1] of any strides or [rows, groups] with unit stride along groups."""
+    scheme, values, scale = weight.scheme, weight.values, weight.scale
+    if values.dim() != 2 or scale.dim() != 2:
+        return "not one matrix"
+    if values.stride(-1) != 1 or (scale.shape[-1] > 1 and scale.stride(-1) != 1):
+        return "values or scales without unit stride along K"
+    if scheme.activations is not None:
+        return "quantized activations"
+    if scheme.strategy == "channel":
+        return None if values.dtype in (torch.float8_e4m3fn, torch.int8) else f"{values.dtype} per channel"
+    if scheme.strategy == "group":
+        group, k_in = scheme.group_size, weight.shape[1]
+        if not (scheme.packed and values.dtype == torch.int32):
+            return f"{scheme.name} (only int4 groups)"
+        return None if group >= 8 and group & (group - 1) == 0 and k_in % group == 0 else f"groups of {group}"
+    if scheme.strategy == "block":
+        if values.dtype != torch.float8_e4m3fn:
+            return f"{scheme.name} (only fp8 blocks)"
+        return None if scheme.block[1] & (scheme.block[1] - 1) == 0 else f"blocks of {scheme.block[1]} columns"
+    return f"strategy {scheme.strategy}"
+
+
+def _weight_args(weight: torch.Tensor | QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, int, dict]:
+    """A weight's (values, scales, scale row stride, format constexprs) for the kernels: a model-dtype tensor (its
+    own placeholder scales) or a QuantizedWeight."""
+    if isinstance(weight, torch.Tensor):
+        assert weight.stride(-1) == 1
+        return weight, weight, 0, dict(WFMT=DENSE.value, GROUP=1, SCALE_ROWS=1)
+    reason = quantized_supported(weight)
+    if reason is not None:
+        raise ValueError(f"the GEMV kernels do not read this {weight.scheme.name} weight: {reason}")
+    scheme = weight.scheme
+    if scheme.strategy == "channel":
+        fmt = dict(WFMT=PER_ROW.value, GROUP=1, SCALE_ROWS=1)
+    elif scheme.strategy == "group":
+        fmt = dict(WFMT=INT4_GROUPS.value, GROUP=scheme.group_size, SCALE_ROWS=1)
+    else:
+        fmt = dict(WFMT=FP8_BLOCKS.value, GROUP=scheme.block[1], SCALE_ROWS=scheme.block[0])
+    return weight.values, weight.scale, weight.scale.stride(0), fmt
 
 
 def _input_args(x: torch.Tensor, norms: tuple | None) -> tuple[tuple, dict]:
@@ -194,24 +367,28 @@ def _input_args(x: torch.Tensor, norms: tuple | None) -> tuple[tuple, dict]:
     return args, dict(NORMED=True, HAS_SCALAR=scalar is not None, HAS_NEXT=next_weight is not None)
 
 
-def _launch_gemv(x: torch.Tensor, weight: torch.Tensor, width: int, tiles: tuple | None, norms: tuple | None,
-                 act: int | None = None, multiplier: torch.Tensor | None = None) -> torch.Tensor:
-    assert weight.stride(-1) == 1 and x.shape[-1] == weight.shape[1] and x.numel() == x.shape[-1]
+def _launch_gemv(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, width: int, tiles: tuple | None,
+                 norms: tuple | None, act: int | None = None, multiplier: torch.Tensor | None = None) -> torch.Tensor:
+    assert x.shape[-1] == weight.shape[1] and x.numel() == x.shape[-1]
+    values, scale, scale_stride, fmt = _weight_args(weight)
     k_in, normed, gated = weight.shape[1], norms is not None, act is not None  # act: the gated activation's code
     tiles = tiles or _default_tiles(x.device, k_in, normed, gated, width)
-    block_n, block_k, warps, stages, groups = _tiles(x, k_in, tiles, normed)
+    block_n, block_k, warps, stages, groups = _tiles(x, k_in, tiles, normed, fmt["GROUP"])
     x = x.contiguous()
     input_args, input_flags = _input_args(x, norms)
     out = torch.empty(*x.shape[:-1], width, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(width, block_n * groups),)](
-        x, weight, out, multiplier.contiguous() if multiplier is not None else x, width, weight.stride(0),
-        *input_args, k_in, ACT=act or 0, GATED=gated, HAS_UP=gated and multiplier is None, **input_flags,
-        BLOCK_N=block_n, BLOCK_K=block_k, GROUPS=groups, num_warps=warps, num_stages=stages, **launch_options(x))
+        x, values, scale, out, multiplier.contiguous() if multiplier is not None else x, width, values.stride(0),
+        scale_stride, *input_args, k_in, ACT=act or 0, GATED=gated, HAS_UP=gated and multiplier is None,
+        **input_flags, BLOCK_N=block_n, BLOCK_K=block_k, GROUPS=groups, **fmt, num_warps=warps, num_stages=stages,
+        **launch_options(x))
     return out
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, tiles: tuple | None = None, norms: tuple | None = None) -> torch.Tensor:
-    """F.linear(x, weight) for x [..., K] holding one row; weight [N, K] with unit stride along K.
+def gemv(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, tiles: tuple | None = None,
+         norms: tuple | None = None) -> torch.Tensor:
+    """F.linear(x, weight) for x [..., K] holding one row; weight [N, K] with unit stride along K, or a
+    QuantizedWeight that `quantized_supported` accepts (its fp32 dequantized product, rounded once).
     tiles: (BLOCK_N, BLOCK_K, warps, stages[, GROUPS]), by default the tuned ones (tuning.py).
     norms = (residual, norm_weight, eps, scalar, next_weight, next_eps, new): the input is not x but
     residual_rms_norm(residual, x, norm_weight, eps, scalar, next_weight, next_eps)'s normed row (new itself without
@@ -219,11 +396,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, tiles: tuple | None = None, norm
     return _launch_gemv(x, weight, weight.shape[0], tiles, norms)
 
 
-def gemv_gated(x: torch.Tensor, weight: torch.Tensor, activation: str, multiplier: torch.Tensor | None = None,
+def gemv_gated(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, activation: str, multiplier: torch.Tensor | None = None,
                norms: tuple | None = None, tiles: tuple | None = None) -> torch.Tensor:
     """`gated(gate, up, activation)` of one row x [..., K], in one kernel with the product -> [..., W]. multiplier
     None: [gate; up] = F.linear(x, weight), weight [2W, K] (a fused gate/up projection); else gate = F.linear(x,
-    weight), weight [W, K], and up = multiplier [..., W]. norms: the input is residual norms of x, as in `gemv`."""
+    weight), weight [W, K], and up = multiplier [..., W]. norms: the input is residual norms of x, as in `gemv`.
+    A QuantizedWeight as in `gemv` (fused: its scales' rows follow its values' rows)."""
     if activation not in ACTIVATION_CODES:
         raise ValueError(f"unsupported activation {activation!r}; expected one of {sorted(ACTIVATION_CODES)}")
     width = weight.shape[0] // 2 if multiplier is None else weight.shape[0]
@@ -250,22 +428,23 @@ def finished_counters(owner: str, device: torch.device, size: int = 1) -> torch.
     return _counters[key][:size]
 
 
-def gemv_residual_norms(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
+def gemv_residual_norms(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, residual: torch.Tensor, norm_weight: torch.Tensor,
                         eps: float, scalar: torch.Tensor | None = None, next_weight: torch.Tensor | None = None,
                         next_eps: float | None = None, moe: tuple | None = None, tiles: tuple | None = None) -> tuple:
     """residual_rms_norm(residual, gemv(x, weight), norm_weight, eps, scalar, next_weight, next_eps), or with
     moe = (experts_weight, router_scale, root_size) residual_moe_norms's four outputs, in one kernel: the GEMV's last
     program to finish applies the norms to the whole product. One row (x [..., K], residual [..., N]).
-    Returns (new, next norm or None, experts' norm or None, router input or None)."""
-    assert weight.stride(-1) == 1 and x.shape[-1] == weight.shape[1] and x.numel() == x.shape[-1]
+    Returns (new, next norm or None, experts' norm or None, router input or None). weight: as in `gemv`."""
+    assert x.shape[-1] == weight.shape[1] and x.numel() == x.shape[-1]
+    values, scale, scale_stride, fmt = _weight_args(weight)
     n_out, k_in = weight.shape
     assert residual.numel() == n_out and residual.stride(-1) == 1
     tiles = tiles or _default_tiles(x.device, k_in)  # one group: its programs count as they finish
-    block_n, block_k, warps, stages, _ = _tiles(x, k_in, tiles)
+    block_n, block_k, warps, stages, _ = _tiles(x, k_in, tiles, group=fmt["GROUP"])
     y = torch.empty(n_out, dtype=x.dtype, device=x.device)
     outputs, pointers, named = residual_norms_args(residual, y, norm_weight, eps, scalar, next_weight, next_eps, moe)
     _gemv_residual_norms_kernel[(triton.cdiv(n_out, block_n),)](
-        x.contiguous(), weight, y, finished_counters("gemv_residual_norms", x.device), residual, *pointers, n_out,
-        weight.stride(0), K=k_in, BLOCK_N=block_n, BLOCK_K=block_k, **named,
+        x.contiguous(), values, scale, y, finished_counters("gemv_residual_norms", x.device), residual, *pointers,
+        n_out, values.stride(0), scale_stride, K=k_in, BLOCK_N=block_n, BLOCK_K=block_k, **fmt, **named,
         num_warps=max(warps, _warps(named["BLOCK"])), num_stages=stages, **launch_options(x))
     return outputs

@@ -4,6 +4,13 @@ Same result as `Experts.forward_gathered` up to float summation order, rounding 
   h[p]   = round(round(act(round(W_gu[e, :W] @ x[t]))) * round(W_gu[e, W:] @ x[t]))   (p = t*k + c, e = experts[t, c])
   out[t] = round(sum_c fp32(round(W_down[e] @ h[p])) * weights[t, c])
 The expert ids are read on the device and the grids depend only on shapes: no host syncs, CUDA-graph capturable.
+
+Either weight may be a QuantizedWeight of 8-bit values (fp8 e4m3 or int8) with one scale per output row (the
+checkpoints' and `quantize`'s per-channel schemes): the kernels read the 1-byte values and multiply each row's fp32
+dot product by the row's scale after the reduction (w = q * s, s constant along the row, so it factors out of the
+sum), before the roundings above. In fp32 that equals the dequantized weight's product up to summation order (the
+twin rounds each q * s to fp32 first); in bf16 the twin also rounds each weight q * s to bf16, which the kernels never
+do: the outputs agree to the bf16 summation-order tolerance.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from .norm import _normalize, _rows, _store, _unit_rms, _warps
 from .pdl import after_previous_kernel, launch_options
 from .rounding import round_to
 from .tuning import config
+from ..model.quantized import QuantizedWeight
 
 _ACTIVATIONS = {name: ACTIVATION_CODES[name] for name in ("gelu_pytorch_tanh", "silu", "swish")}
 
@@ -32,8 +40,9 @@ _ACTIVATIONS = {name: ACTIVATION_CODES[name] for name in ("gelu_pytorch_tanh", "
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, experts_ptr, gu_ptr, h_ptr, H: tl.constexpr, W: tl.constexpr, K: tl.constexpr,
-                    ACT: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
+def _gate_up_kernel(x_ptr, experts_ptr, gu_ptr, gu_scale_ptr, h_ptr, H: tl.constexpr, W: tl.constexpr,
+                    K: tl.constexpr, ACT: tl.constexpr, QUANTIZED: tl.constexpr, BLOCK_W: tl.constexpr,
+                    BLOCK_H: tl.constexpr, PDL: tl.constexpr):
     after_previous_kernel(PDL)
     p = tl.program_id(0)  # (token, choice) pair, token-major
     rows = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)  # rows i of gate (and W + i of up)
@@ -42,6 +51,10 @@ def _gate_up_kernel(x_ptr, experts_ptr, gu_ptr, h_ptr, H: tl.constexpr, W: tl.co
     gate_rows = gu_ptr + e * (2 * W) * H + rows.to(tl.int64)[:, None] * H
     up_rows = gate_rows + W * H
     x_row = x_ptr + (p // K) * H
+    if QUANTIZED:  # gu_ptr: 8-bit values; one scale per row of gate_up_proj, [E, 2W]
+        gate_scale_row = gu_scale_ptr + e * (2 * W) + rows
+        gate_scale = tl.load(gate_scale_row, mask=row_ok, other=0.0).to(tl.float32)
+        up_scale = tl.load(gate_scale_row + W, mask=row_ok, other=0.0).to(tl.float32)
     gate = tl.zeros([BLOCK_W], dtype=tl.float32)
     up = tl.zeros([BLOCK_W], dtype=tl.float32)
     for h0 in range(0, H, BLOCK_H):  # fp32 accumulation over H, one chunk at a time
@@ -51,6 +64,9 @@ def _gate_up_kernel(x_ptr, experts_ptr, gu_ptr, h_ptr, H: tl.constexpr, W: tl.co
         mask = row_ok[:, None] & col_ok[None, :]
         gate += tl.sum(tl.load(gate_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32) * xv, axis=1)
         up += tl.sum(tl.load(up_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32) * xv, axis=1)
+    if QUANTIZED:  # the rows' scales on their fp32 dot products, before the roundings
+        gate = gate * gate_scale
+        up = up * up_scale
     dtype = h_ptr.dtype.element_ty
     # Round where torch rounds: the bmm outputs, the activation's output, the product (the store is then exact).
     # The activation is the gated-activation kernel's (torch's CUDA formulas, fp32 in and out).
@@ -59,9 +75,9 @@ def _gate_up_kernel(x_ptr, experts_ptr, gu_ptr, h_ptr, H: tl.constexpr, W: tl.co
 
 
 @triton.jit
-def _down_kernel(h_ptr, weights_ptr, experts_ptr, down_ptr, out_ptr, H: tl.constexpr, W: tl.constexpr,
-                 K: tl.constexpr, K_POW2: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-                 ONE_LOAD: tl.constexpr, PDL: tl.constexpr):
+def _down_kernel(h_ptr, weights_ptr, experts_ptr, down_ptr, down_scale_ptr, out_ptr, H: tl.constexpr,
+                 W: tl.constexpr, K: tl.constexpr, K_POW2: tl.constexpr, QUANTIZED: tl.constexpr,
+                 BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, ONE_LOAD: tl.constexpr, PDL: tl.constexpr):
     t = tl.program_id(0)  # one token, all its k choices: the sum over choices stays in registers (no atomics)
     rows = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # output channels
     row_ok = rows < H
@@ -79,9 +95,14 @@ def _down_kernel(h_ptr, weights_ptr, experts_ptr, down_ptr, out_ptr, H: tl.const
         tile = down_ptr + e[:, None, None] * H * W + rows.to(tl.int64)[None, :, None] * W + cols[None, None, :]
         wv = tl.load(tile, mask=pair_ok[:, None, None] & row_ok[None, :, None] & col_ok[None, None, :], other=0.0)
         route = tl.load(weights_ptr + pairs, mask=pair_ok, other=0.0)
+        if QUANTIZED:  # down_ptr: 8-bit values; the scales of the chosen experts' rows [K_POW2, BLOCK_H] (never written)
+            scale = tl.load(down_scale_ptr + e[:, None] * H + rows[None, :], mask=pair_ok[:, None] & row_ok[None, :],
+                            other=0.0).to(tl.float32)
         after_previous_kernel(PDL)
         hv = tl.load(h_ptr + pairs[:, None] * W + cols[None, :], mask=pair_ok[:, None] & col_ok[None, :], other=0.0)
         y = tl.sum(wv.to(tl.float32) * hv.to(tl.float32)[:, None, :], axis=2)  # [K_POW2, BLOCK_H]
+        if QUANTIZED:
+            y = y * scale
         # The bmm output is rounded to the dtype; the routing weight (fp32) and the sum over choices are fp32.
         total = tl.sum(round_to(y, dtype) * route[:, None], axis=0)
     else:
@@ -98,26 +119,66 @@ def _down_kernel(h_ptr, weights_ptr, experts_ptr, down_ptr, out_ptr, H: tl.const
                 hv = tl.load(h_ptr + p * W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
                 wv = tl.load(down_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
                 y += tl.sum(wv.to(tl.float32) * hv, axis=1)
+            if QUANTIZED:  # expert e's row scales on the fp32 dot products, before the rounding
+                y = y * tl.load(down_scale_ptr + e * H + rows, mask=row_ok, other=0.0).to(tl.float32)
             total += round_to(y, dtype) * tl.load(weights_ptr + p)
     tl.store(out_ptr + t * H + rows, round_to(total, dtype).to(dtype), mask=row_ok)
 
 
+_FLOATS = (torch.bfloat16, torch.float16, torch.float32)
+_VALUES = {"float": torch.float8_e4m3fn, "int": torch.int8}  # the 8-bit kinds the kernels read, by Scheme.kind
+
+
+class _Weight(NamedTuple):
+    """An expert weight as the kernels take it: values [E, N, K] (x's dtype, or 8-bit), scale [E, N] per row or None
+    (then `scale_ptr` is the values again: a pointer the kernels never read)."""
+    values: torch.Tensor
+    scale: torch.Tensor | None
+
+    @property
+    def quantized(self) -> bool:
+        return self.scale is not None
+
+    @property
+    def scale_ptr(self) -> torch.Tensor:
+        return self.values if self.scale is None else self.scale
+
+
+def _weight(name: str, weight: torch.Tensor | QuantizedWeight, dtype: torch.dtype) -> _Weight:
+    if not isinstance(weight, QuantizedWeight):
+        if weight.dtype != dtype:
+            raise ValueError(f"dtype mismatch: x {dtype}, {name} {weight.dtype}")
+        return _Weight(weight.contiguous(), None)
+    scheme, values, scale = weight.scheme, weight.values, weight.scale
+    if not (scheme.bits == 8 and scheme.strategy == "channel" and values.dtype == _VALUES.get(scheme.kind)):
+        raise ValueError(f"{name}: the MoE kernels read 8-bit weights with per-channel scales (fp8 e4m3 or int8), "
+                         f"not {scheme.name} with {values.dtype} values; dequantize it first")
+    if scale.dtype not in _FLOATS or scale.shape != (*values.shape[:-1], 1):
+        raise ValueError(f"{name}: scale {scale.dtype} {tuple(scale.shape)} for values {tuple(values.shape)}")
+    return _Weight(values.contiguous(), scale.reshape(values.shape[:-1]).contiguous())
+
+
 def _checked(x, experts, gate_up_proj, down_proj, activation):
+    """x contiguous, and both weights as _Weight: tensors of x's dtype, or QuantizedWeights of 8-bit values with
+    per-row scales (the scales of any float dtype: the kernels read them as fp32)."""
     if activation not in _ACTIVATIONS:
         raise ValueError(f"unsupported activation {activation!r}; expected one of {sorted(_ACTIVATIONS)}")
-    if not (x.dtype == gate_up_proj.dtype == down_proj.dtype):
-        raise ValueError(f"dtype mismatch: x {x.dtype}, gate_up_proj {gate_up_proj.dtype}, down {down_proj.dtype}")
-    num_experts, h_size, w_size = down_proj.shape
-    assert x.shape == (experts.shape[0], h_size) and gate_up_proj.shape == (num_experts, 2 * w_size, h_size)
-    return x.contiguous(), gate_up_proj.contiguous(), down_proj.contiguous()
+    if x.dtype not in _FLOATS:
+        raise ValueError(f"x must be one of {_FLOATS}, not {x.dtype}")
+    gate_up, down = _weight("gate_up_proj", gate_up_proj, x.dtype), _weight("down_proj", down_proj, x.dtype)
+    num_experts, h_size, w_size = down.values.shape
+    assert x.shape == (experts.shape[0], h_size) and gate_up.values.shape == (num_experts, 2 * w_size, h_size)
+    return x.contiguous(), gate_up, down
 
 
-def moe_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, gate_up_proj: torch.Tensor,
-                down_proj: torch.Tensor, activation: str = "gelu_pytorch_tanh") -> torch.Tensor:
+def moe_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
+                gate_up_proj: torch.Tensor | QuantizedWeight, down_proj: torch.Tensor | QuantizedWeight,
+                activation: str = "gelu_pytorch_tanh") -> torch.Tensor:
     """x [T, H]; weights (fp32), experts (integer ids) [T, k]; gate_up_proj [E, 2W, H]; down_proj [E, H, W] -> [T, H].
+    Each weight a tensor of x's dtype or a QuantizedWeight, 8-bit per channel (module docstring).
     Expert ids are not range-checked (that would need a host sync)."""
-    x, gate_up_proj, down_proj = _checked(x, experts, gate_up_proj, down_proj, activation)
-    (tokens, k), (h_size, w_size) = experts.shape, down_proj.shape[1:]
+    x, gate_up, down = _checked(x, experts, gate_up_proj, down_proj, activation)
+    (tokens, k), (h_size, w_size) = experts.shape, down.values.shape[1:]
     weights, experts = weights.float().contiguous(), experts.contiguous()
     hidden = torch.empty(tokens * k, w_size, dtype=x.dtype, device=x.device)  # h for every (token, choice) pair
     out = torch.empty_like(x)
@@ -134,11 +195,12 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, g
     gu_w, gu_h = min(gu_rows, w_side), min(tuned["GU_BLOCK_H"], h_side)
     dn_h, dn_w = min(dn_rows, h_side), min(tuned["DOWN_BLOCK_W"], w_side)
     _gate_up_kernel[(tokens * k, triton.cdiv(w_size, gu_w))](
-        x, experts, gate_up_proj, hidden, h_size, w_size, k, ACT=_ACTIVATIONS[activation], BLOCK_W=gu_w, BLOCK_H=gu_h,
-        num_warps=tuned["GU_WARPS"], **launch_options(x))
+        x, experts, gate_up.values, gate_up.scale_ptr, hidden, h_size, w_size, k, ACT=_ACTIVATIONS[activation],
+        QUANTIZED=gate_up.quantized, BLOCK_W=gu_w, BLOCK_H=gu_h, num_warps=tuned["GU_WARPS"], **launch_options(x))
     _down_kernel[(tokens, triton.cdiv(h_size, dn_h))](
-        hidden, weights, experts, down_proj, out, h_size, w_size, k, triton.next_power_of_2(k), BLOCK_H=dn_h,
-        BLOCK_W=dn_w, ONE_LOAD=one_load, num_warps=tuned["DOWN_WARPS"], **launch_options(x))
+        hidden, weights, experts, down.values, down.scale_ptr, out, h_size, w_size, k, triton.next_power_of_2(k),
+        QUANTIZED=down.quantized, BLOCK_H=dn_h, BLOCK_W=dn_w, ONE_LOAD=one_load, num_warps=tuned["DOWN_WARPS"],
+        **launch_options(x))
     return out
 
 
@@ -193,9 +255,20 @@ def _expert_tile(counts_ptr, starts_ptr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _sorted_gate_up_kernel(x_ptr, order_ptr, counts_ptr, starts_ptr, gu_ptr, h_ptr, H: tl.constexpr,
-                           W: tl.constexpr, K: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr):
+def _dot_operand(w, like, INTERPRET: tl.constexpr):
+    """An 8-bit weight tile in the activations' dtype for tl.dot: fp8 e4m3 and int8 values are exact in bf16 (and
+    fp16). In the interpreter fp32 (its integer -> bf16 cast reinterprets bits; its _dot multiplies in fp32 anyway)."""
+    if INTERPRET:
+        return w.to(tl.float32)
+    else:
+        return w.to(like.dtype)
+
+
+@triton.jit
+def _sorted_gate_up_kernel(x_ptr, order_ptr, counts_ptr, starts_ptr, gu_ptr, gu_scale_ptr, h_ptr, H: tl.constexpr,
+                           W: tl.constexpr, K: tl.constexpr, ACT: tl.constexpr, QUANTIZED: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           INTERPRET: tl.constexpr, PDL: tl.constexpr):
     after_previous_kernel(PDL)
     e, count, start, cols = _expert_tile(counts_ptr, starts_ptr, BLOCK_N)  # cols: rows i of gate (and W + i of up)
     if count == 0:
@@ -203,6 +276,10 @@ def _sorted_gate_up_kernel(x_ptr, order_ptr, counts_ptr, starts_ptr, gu_ptr, h_p
     col_ok = cols < W
     gate_rows = gu_ptr + e.to(tl.int64) * (2 * W) * H + cols.to(tl.int64)[:, None] * H
     up_rows = gate_rows + W * H
+    if QUANTIZED:  # gu_ptr: 8-bit values; the scales of the tile's rows, one per output column of the dots
+        gate_scale_row = gu_scale_ptr + e.to(tl.int64) * (2 * W) + cols
+        gate_scale = tl.load(gate_scale_row, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        up_scale = tl.load(gate_scale_row + W, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     dtype = h_ptr.dtype.element_ty
     m0 = 0
     while m0 < count:  # more pairs than BLOCK_M: the tile again, mostly from L2
@@ -219,8 +296,14 @@ def _sorted_gate_up_kernel(x_ptr, order_ptr, counts_ptr, starts_ptr, gu_ptr, h_p
             w_mask = col_ok[:, None] & k_ok[None, :]
             wg = tl.load(gate_rows + ks[None, :], mask=w_mask, other=0.0)  # [N, K]
             wu = tl.load(up_rows + ks[None, :], mask=w_mask, other=0.0)
+            if QUANTIZED:
+                wg = _dot_operand(wg, xs, INTERPRET)
+                wu = _dot_operand(wu, xs, INTERPRET)
             gate += _dot(xs, tl.trans(wg), INTERPRET)
             up += _dot(xs, tl.trans(wu), INTERPRET)
+        if QUANTIZED:  # the scales on the fp32 dot products, before the roundings
+            gate = gate * gate_scale
+            up = up * up_scale
         # Round where the grouped path rounds: the GEMM outputs, the activation's output, the product.
         h = round_to(round_to(activation_fp32(round_to(gate, dtype), ACT), dtype) * round_to(up, dtype), dtype)
         h_rows = h_ptr + (start + rows).to(tl.int64)[:, None] * W
@@ -229,15 +312,17 @@ def _sorted_gate_up_kernel(x_ptr, order_ptr, counts_ptr, starts_ptr, gu_ptr, h_p
 
 
 @triton.jit
-def _sorted_down_kernel(h_ptr, counts_ptr, starts_ptr, down_ptr, y_ptr, H: tl.constexpr, W: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr,
-                        PDL: tl.constexpr):
+def _sorted_down_kernel(h_ptr, counts_ptr, starts_ptr, down_ptr, down_scale_ptr, y_ptr, H: tl.constexpr,
+                        W: tl.constexpr, QUANTIZED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr):
     after_previous_kernel(PDL)
     e, count, start, cols = _expert_tile(counts_ptr, starts_ptr, BLOCK_N)  # cols: output channels
     if count == 0:
         return
     col_ok = cols < H
     down_rows = down_ptr + e.to(tl.int64) * H * W + cols.to(tl.int64)[:, None] * W
+    if QUANTIZED:  # down_ptr: 8-bit values; the scales of the tile's rows (output channels)
+        scale = tl.load(down_scale_ptr + e.to(tl.int64) * H + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     dtype = y_ptr.dtype.element_ty
     m0 = 0
     while m0 < count:
@@ -250,20 +335,24 @@ def _sorted_down_kernel(h_ptr, counts_ptr, starts_ptr, down_ptr, y_ptr, H: tl.co
             k_ok = ks < W
             hs = tl.load(h_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [M, K]
             wd = tl.load(down_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # [N, K]
+            if QUANTIZED:
+                wd = _dot_operand(wd, hs, INTERPRET)
             y += _dot(hs, tl.trans(wd), INTERPRET)
+        if QUANTIZED:
+            y = y * scale
         y_rows = y_ptr + (start + rows).to(tl.int64)[:, None] * H
         tl.store(y_rows + cols[None, :], round_to(y, dtype).to(dtype), mask=row_ok[:, None] & col_ok[None, :])
         m0 += BLOCK_M
 
 
-def sorted_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, gate_up_proj: torch.Tensor,
-                   down_proj: torch.Tensor, activation: str = "gelu_pytorch_tanh",
-                   combine: bool = True) -> torch.Tensor | ExpertPairs:
+def sorted_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
+                   gate_up_proj: torch.Tensor | QuantizedWeight, down_proj: torch.Tensor | QuantizedWeight,
+                   activation: str = "gelu_pytorch_tanh", combine: bool = True) -> torch.Tensor | ExpertPairs:
     """As `moe_experts` (same arguments, same result up to fp32 summation order), for batches of tens to hundreds of
     tokens: each chosen expert's weights are read once for all the pairs that chose it. `combine` False: the
     ExpertPairs, not summed."""
-    x, gate_up_proj, down_proj = _checked(x, experts, gate_up_proj, down_proj, activation)
-    (tokens, k), (num_experts, h_size, w_size) = experts.shape, down_proj.shape
+    x, gate_up, down = _checked(x, experts, gate_up_proj, down_proj, activation)
+    (tokens, k), (num_experts, h_size, w_size) = experts.shape, down.values.shape
     if tokens == 0:
         return torch.empty_like(x) if combine else ExpertPairs(x[:0], experts.reshape(-1), weights.float())
     order, slots, counts, starts = sort_pairs(experts, num_experts)
@@ -280,11 +369,12 @@ def sorted_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
     dn_n, dn_k = min(tuned["SORTED_DOWN_BLOCK_N"], h_side), min(tuned["SORTED_DOWN_BLOCK_K"], w_side)
     options = dict(BLOCK_M=block_m, INTERPRET=not x.is_cuda, **launch_options(x))
     _sorted_gate_up_kernel[(num_experts, triton.cdiv(w_size, gu_n))](
-        x, order, counts, starts, gate_up_proj, hidden, h_size, w_size, k, ACT=_ACTIVATIONS[activation], BLOCK_N=gu_n,
-        BLOCK_K=gu_k, num_warps=tuned["SORTED_GU_WARPS"], **options)
+        x, order, counts, starts, gate_up.values, gate_up.scale_ptr, hidden, h_size, w_size, k,
+        ACT=_ACTIVATIONS[activation], QUANTIZED=gate_up.quantized, BLOCK_N=gu_n, BLOCK_K=gu_k,
+        num_warps=tuned["SORTED_GU_WARPS"], **options)
     _sorted_down_kernel[(num_experts, triton.cdiv(h_size, dn_n))](
-        hidden, counts, starts, down_proj, y, h_size, w_size, BLOCK_N=dn_n, BLOCK_K=dn_k,
-        num_warps=tuned["SORTED_DOWN_WARPS"], **options)
+        hidden, counts, starts, down.values, down.scale_ptr, y, h_size, w_size, QUANTIZED=down.quantized,
+        BLOCK_N=dn_n, BLOCK_K=dn_k, num_warps=tuned["SORTED_DOWN_WARPS"], **options)
     pairs = ExpertPairs(y, slots, weights.float().contiguous())
     return pairs.combine() if combine else pairs
 

@@ -49,6 +49,11 @@ def product(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.
     return weight.linear(x) if isinstance(weight, QuantizedWeight) else F.linear(x, weight, bias)
 
 
+def dense(weight, dtype: torch.dtype) -> torch.Tensor:
+    """A weight as a tensor of `dtype`: a QuantizedWeight dequantized, a tensor as it is."""
+    return weight.dequantize(dtype) if isinstance(weight, QuantizedWeight) else weight
+
+
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same checkpoint keys) whose bias-free products go through `linear`."""
 
@@ -59,25 +64,27 @@ class Linear(nn.Linear):
 class QuantizedLinear(nn.Module):
     """A bias-free Linear holding its weight quantized (model/quantized.py): buffers `values` (int32 words of int4,
     int8, or fp8 bits as uint8, so that a dtype cast of the model leaves them alone) and `scale`; `weight` is the
-    QuantizedWeight that the dispatch points take."""
+    QuantizedWeight that the dispatch points take. With `leading` (experts: (E,)) it holds one matrix per expert and
+    is not called itself."""
     bias = None
 
     def __init__(self, in_features: int, out_features: int, scheme: Scheme, scale_dtype=torch.bfloat16,
-                 device=None):
+                 leading: tuple[int, ...] = (), device=None):
         super().__init__()
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
         width = in_features // 8 if scheme.packed else in_features
         dtype = torch.int32 if scheme.packed else torch.int8 if scheme.kind == "int" else torch.uint8
-        self.register_buffer("values", torch.empty(out_features, width, dtype=dtype, device=device))
-        self.register_buffer("scale", torch.empty(scheme.scale_shape(out_features, in_features), dtype=scale_dtype,
-                                                  device=device))
+        self.register_buffer("values", torch.empty(*leading, out_features, width, dtype=dtype, device=device))
+        self.register_buffer("scale", torch.empty(*leading, *scheme.scale_shape(out_features, in_features),
+                                                  dtype=scale_dtype, device=device))
 
     @classmethod
-    def of(cls, layer: nn.Linear, scheme: Scheme) -> QuantizedLinear:
-        """`layer`'s weight quantized with `scheme` (quantize-on-load)."""
-        weight = quantize(layer.weight.detach(), scheme)
-        return cls(layer.in_features, layer.out_features, scheme, device="meta").assign(stored(weight.values),
-                                                                                      weight.scale)
+    def of_weight(cls, weight: torch.Tensor, scheme: Scheme) -> QuantizedLinear:
+        """A dense weight [..., N, K] quantized with `scheme` (quantize-on-load)."""
+        quantized = quantize(weight, scheme)
+        *leading, n, k = weight.shape
+        return cls(k, n, scheme, leading=tuple(leading), device="meta").assign(stored(quantized.values),
+                                                                               quantized.scale)
 
     @property
     def weight(self) -> QuantizedWeight:

@@ -4,8 +4,8 @@ in blocks) and the same formats made from a bf16 weight on load.
 A `QuantizedWeight` holds a [N, K] linear weight as `values` and `scale`; `dequantize` is the plain PyTorch twin of
 every kernel that reads one: w = values * scale, the product exact in fp32 and rounded once to the compute dtype, as
 compressed-tensors' own decompression (it multiplies in the scale's dtype, bf16 in the releases: one rounding of the
-same exact product). Schemes with quantized activations quantize each token's input (or each group of it) on the
-fly, with compressed-tensors' arithmetic, before the product.
+same exact product). Products are weight-only: activations stay in the model dtype, also for checkpoints whose
+scheme quantizes them dynamically (W8A8, FP8-dynamic), which the product then approximates more closely.
 """
 
 from __future__ import annotations
@@ -20,23 +20,20 @@ FP8_MAX = 448.0  # float8_e4m3fn
 
 @dataclass(frozen=True)
 class Scheme:
-    """How a weight (and, optionally, the activation it multiplies) is quantized; symmetric, no zero points.
+    """How a weight is quantized; symmetric, no zero points.
 
     kind "int" or "float", `bits` 4 or 8; strategy "channel" (one scale per output row), "group" (`group_size`
-    inputs of a row share a scale) or "block" (`block` = (rows, cols) tiles share one). `activations`: None
-    (weights only) or (kind, bits, strategy "token" | "group", group_size): a dynamic scale per token or group."""
+    inputs of a row share a scale) or "block" (`block` = (rows, cols) tiles share one)."""
     kind: str
     bits: int
     strategy: str
     group_size: int | None = None
     block: tuple[int, int] | None = None
-    activations: tuple[str, int, str, int | None] | None = None
 
     @property
     def name(self) -> str:
         size = f"/{self.group_size}" if self.group_size else f"/{self.block[0]}x{self.block[1]}" if self.block else ""
-        acts = f" + dynamic {self.activations[0]}{self.activations[1]} activations" if self.activations else ""
-        return f"{self.kind}{self.bits} per {self.strategy}{size}{acts}"
+        return f"{self.kind}{self.bits} per {self.strategy}{size}"
 
     @property
     def packed(self) -> bool:
@@ -114,10 +111,7 @@ class QuantizedWeight:
         return (_per_scale(q, self.scheme) * scale.unsqueeze(-1)).flatten(-2).reshape(q.shape).to(dtype)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ w.T, the plain way: dynamic activation quantization where the scheme has it, then the dequantized
-        weight in x's dtype."""
-        if self.scheme.activations is not None:
-            x = fake_quantize_activations(x, *self.scheme.activations)
+        """x @ w.T, the plain way: the dequantized weight in x's dtype."""
         return F.linear(x, self.dequantize(x.dtype))
 
     @staticmethod
@@ -145,11 +139,3 @@ def quantize(weight: torch.Tensor, scheme: Scheme) -> QuantizedWeight:
         values = q.to(torch.int8)
     return QuantizedWeight(values, scale, scheme)
 
-
-def fake_quantize_activations(x: torch.Tensor, kind: str, bits: int, strategy: str, group_size: int | None):
-    """x quantized and dequantized with a dynamic symmetric scale per token (or per group of its last dimension),
-    in x's dtype, as compressed-tensors' quantized forward does (a zero maximum takes the dtype's eps as scale)."""
-    grouped = x.unflatten(-1, (-1, group_size)) if strategy == "group" else x.unsqueeze(-2)
-    scale = grouped.abs().amax(-1, keepdim=True) / _qmax(kind, bits)
-    scale = torch.where(scale == 0, torch.finfo(x.dtype).eps, scale)
-    return (_round(grouped / scale, kind, bits) * scale).flatten(-2).reshape(x.shape)

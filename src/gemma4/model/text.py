@@ -8,14 +8,15 @@ behind one dispatch.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
 from ..config import TextConfig
 from .attention import ForwardContext, MaskRule
 from .common import RMSNorm, activation, apply_rope
-from .fused import Linear, QuantizedLinear, add_normed_branches, add_normed_linear, defers, gated, gated_linear, linear
+from .fused import (Linear, QuantizedLinear, add_normed_branches, add_normed_linear, defers, dense, gated, gated_linear,
+                    linear, product)
+from .quantized import QuantizedWeight
 
 
 def rope_inverse_frequencies(head_dim: int, rope: dict) -> torch.Tensor:
@@ -144,8 +145,9 @@ class MLP(nn.Module):
 def fuse_linears(linears: list[nn.Linear]) -> torch.Tensor:
     """One [sum of outputs, inputs] weight whose row blocks become the linears' weights (views, no second copy):
     one matmul then serves them all, and each parameter keeps its name (its checkpoint key) and its values."""
-    if isinstance(linears[0], QuantizedLinear):
-        return QuantizedLinear.fuse(linears)
+    if any(isinstance(layer, QuantizedLinear) for layer in linears):  # all alike (one scheme), or not fused
+        same = all(isinstance(layer, QuantizedLinear) and layer.scheme == linears[0].scheme for layer in linears)
+        return QuantizedLinear.fuse(linears) if same else None
     fused = torch.cat([layer.weight.detach() for layer in linears])
     for layer, block in zip(linears, fused.split([layer.out_features for layer in linears])):
         layer.weight = nn.Parameter(block, requires_grad=False)
@@ -187,7 +189,8 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """Expert weights as 3-D tensors: gate and up projections fused in `gate_up_proj`."""
+    """Expert weights as 3-D tensors: gate and up projections fused in `gate_up_proj`. A quantized model holds them
+    as QuantizedLinear modules of one matrix per expert (quantization.py); `weights` gives either kind."""
 
     def __init__(self, config: TextConfig):
         super().__init__()
@@ -206,13 +209,17 @@ class Experts(nn.Module):
     # benchmarks/moe_decode.py finds on 26B-A4B.
     KERNEL_MAX_PAIRS, SORTED_MAX_PAIRS = 56, 4096
 
+    def weights(self) -> tuple[torch.Tensor | QuantizedWeight, torch.Tensor | QuantizedWeight]:
+        """(gate_up_proj [E, 2W, H], down_proj [E, H, W]): tensors, or QuantizedWeights of a quantized model."""
+        return tuple(w.weight if isinstance(w, QuantizedLinear) else w for w in (self.gate_up_proj, self.down_proj))
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, combine: bool = True):
         """x [T, H]; weights, experts [T, k] -> [T, H]. `combine` False: the sorted and grouped kernel paths return
         the experts' rows per (token, choice) pair unsummed (kernels.moe.ExpertPairs), for the fused MoE tail."""
         path = self.path
         if path == "auto":
             pairs = experts.numel()
-            if kernels.enabled(x) and pairs <= self.SORTED_MAX_PAIRS:
+            if kernels.enabled(x) and pairs <= self.SORTED_MAX_PAIRS and self.kernels_read_weights():
                 path = "kernel" if pairs <= self.KERNEL_MAX_PAIRS else "sorted"
             elif x.device.type == "cpu":
                 path = "loop"
@@ -223,16 +230,21 @@ class Experts(nn.Module):
         forward = getattr(self, f"forward_{path}")
         return forward(x, weights, experts, combine) if path in ("sorted", "grouped") else forward(x, weights, experts)
 
+    def kernels_read_weights(self) -> bool:
+        """Whether the Triton kernels take these weights: dense, or 8-bit with a scale per channel."""
+        scheme = getattr(self.gate_up_proj, "scheme", None)
+        return scheme is None or (scheme.bits == 8 and scheme.strategy == "channel")
+
     def forward_kernel(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Small batches on CUDA: a Triton kernel reads each chosen expert's weights in place, once."""
         from ..kernels.moe import moe_experts
-        return moe_experts(x, weights, experts, self.gate_up_proj, self.down_proj, self.activation)
+        return moe_experts(x, weights, experts, *self.weights(), self.activation)
 
     def forward_sorted(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, combine: bool = True):
         """Serving-sized batches on CUDA: the pairs sorted by expert, each expert's weights read once for all its
         pairs (Triton; no host sync)."""
         from ..kernels.moe import sorted_experts
-        return sorted_experts(x, weights, experts, self.gate_up_proj, self.down_proj, self.activation, combine)
+        return sorted_experts(x, weights, experts, *self.weights(), self.activation, combine)
 
     def forward_grouped(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, combine: bool = True):
         """Large batches: sort the (token, choice) pairs by expert, then one grouped GEMM per projection runs every
@@ -241,15 +253,16 @@ class Experts(nn.Module):
         chosen = experts.reshape(-1)
         order = chosen.argsort(stable=True)  # pairs grouped by expert
         token = order // k
+        gate_up, down = (dense(w, x.dtype) for w in self.weights())
         # Pairs per expert, counted without bincount (whose output size needs a host sync: no CUDA graphs).
-        counts = torch.zeros(self.gate_up_proj.shape[0], dtype=torch.int32, device=x.device)
+        counts = torch.zeros(gate_up.shape[0], dtype=torch.int32, device=x.device)
         ends = counts.index_add_(0, chosen, torch.ones_like(chosen, dtype=torch.int32)).cumsum(0, dtype=torch.int32)
 
         def grouped(rows, weight):  # rows [P, in] @ weight[e].T for each expert's slice of rows
             return torch._grouped_mm(rows, weight.transpose(1, 2), offs=ends)
 
-        gate, up = grouped(x[token], self.gate_up_proj).chunk(2, dim=-1)
-        y = grouped(gated(gate, up, self.activation), self.down_proj)  # [T*k, H], pairs in expert order
+        gate, up = grouped(x[token], gate_up).chunk(2, dim=-1)
+        y = grouped(gated(gate, up, self.activation), down)  # [T*k, H], pairs in expert order
         if kernels.enabled(x):  # the weighting, the reordering and the sum below in one kernel
             from ..kernels.moe import combine_pairs
             return combine_pairs(y, order, weights, combine)
@@ -265,18 +278,20 @@ class Experts(nn.Module):
         tokens, k = experts.shape
         chosen = experts.reshape(-1)  # token-major, as weights.reshape(-1)
         inputs = x.repeat_interleave(k, dim=0)[:, :, None]  # [T*k, H, 1]
-        gate, up = torch.bmm(self.gate_up_proj[chosen], inputs)[..., 0].chunk(2, dim=-1)
-        y = torch.bmm(self.down_proj[chosen], (self.act(gate) * up)[:, :, None])[..., 0]  # [T*k, H]
+        gate_up, down = self.weights()
+        gate, up = torch.bmm(dense(gate_up[chosen], x.dtype), inputs)[..., 0].chunk(2, dim=-1)
+        y = torch.bmm(dense(down[chosen], x.dtype), (self.act(gate) * up)[:, :, None])[..., 0]  # [T*k, H]
         y = y * weights.reshape(-1, 1)
         return y.view(tokens, k, -1).sum(dim=1).to(x.dtype)
 
     def forward_loop(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Reference path: loop over the experts that were chosen (one host sync for the list of experts)."""
         out = torch.zeros_like(x)
+        gate_up, down = self.weights()
         for expert in experts.unique().tolist():
             token, choice = torch.where(experts == expert)
-            gate, up = F.linear(x[token], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            y = F.linear(self.act(gate) * up, self.down_proj[expert]) * weights[token, choice, None]
+            gate, up = product(x[token], gate_up[expert]).chunk(2, dim=-1)
+            y = product(self.act(gate) * up, down[expert]) * weights[token, choice, None]
             out.index_add_(0, token, y.to(out.dtype))
         return out
 

@@ -1,0 +1,244 @@
+"""Quantized checkpoints in the compressed-tensors format, and quantization on load.
+
+A checkpoint's config.json names the format in `quantization_config` (quant_method "compressed-tensors"): config
+groups of a weight scheme (and an activation scheme, which is not applied here: products run weight-only, see
+README), targets, an `ignore` list. Each quantized Linear holds, per format:
+
+  pack-quantized   weight_packed int32 [N, K*bits/32], weight_scale [N, K/group or 1], weight_shape int64 [2]
+  int-quantized    weight int8 [N, K], weight_scale [N, 1]
+  float-quantized  weight float8_e4m3fn [N, K], weight_scale [N, 1], [1] or blocks [ceil(N/bh), ceil(K/bw)]
+
+Which modules are quantized is read from the tensors present (a `weight_scale`), the scheme from the group whose
+targets match. 26B-A4B's experts come per expert (`experts.E.{gate,up,down}_proj`, llm-compressor's layout) and are
+stacked into the model's [E, 2I, H] and [E, H, I]. Every check runs on the safetensors headers, before a weight moves.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .model.fused import Linear, QuantizedLinear
+from .model.quantized import ON_LOAD, Scheme
+
+PER_EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(gate|up|down)_proj$")
+SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx", "input_scale",
+            "input_zero_point", "weight_global_scale", "input_global_scale")
+
+
+class QuantizationError(ValueError):
+    """A quantized checkpoint (or a `quantization=` request) that gemma4 cannot run."""
+
+
+@dataclass(frozen=True)
+class Group:
+    targets: tuple[str, ...]
+    scheme: Scheme
+    format: str
+
+
+def parse_scheme(weights: dict, name: str) -> Scheme:
+    """A config group's `weights` arguments -> the Scheme we run, or one error naming what is not supported."""
+    kind, bits, strategy = weights.get("type"), weights.get("num_bits"), weights.get("strategy")
+    described = f"{name}: {kind}{bits} weights per {strategy}"
+    if not weights.get("symmetric", True):
+        raise QuantizationError(f"{described}, asymmetric (zero points): gemma4 runs symmetric schemes only")
+    if weights.get("actorder") not in (None, "static"):
+        raise QuantizationError(f"{described} with activation ordering {weights['actorder']!r} is not supported")
+    if (kind, bits) == ("int", 4) and strategy in ("group", "channel"):
+        pass
+    elif (kind, bits) == ("int", 8) and strategy in ("group", "channel"):
+        pass
+    elif (kind, bits) == ("float", 8) and strategy in ("channel", "tensor", "block"):
+        pass
+    else:
+        raise QuantizationError(f"{described} is not supported; gemma4 runs int4 (groups or channels), int8 "
+                                "(groups or channels) and fp8 (tensor, channel or block scales)")
+    group_size = weights.get("group_size") if strategy == "group" else None
+    if strategy == "group" and (not isinstance(group_size, int) or group_size <= 0 or group_size % 8):
+        raise QuantizationError(f"{described}: group_size {group_size!r} must be a positive multiple of 8")
+    block = tuple(weights.get("block_structure") or ()) if strategy == "block" else None
+    if strategy == "block" and len(block) != 2:
+        raise QuantizationError(f"{described}: block_structure {weights.get('block_structure')!r} is not [rows, cols]")
+    # A per-tensor scale is a per-channel one repeated (expanded on load).
+    return Scheme(kind, bits, "channel" if strategy == "tensor" else strategy, group_size, block)
+
+
+def parse_config(quantization_config: dict) -> list[Group]:
+    if quantization_config.get("quant_method") != "compressed-tensors":
+        raise QuantizationError(f"quantization_config.quant_method {quantization_config.get('quant_method')!r} "
+                                "is not supported; gemma4 loads compressed-tensors checkpoints (FP8, W4A16, W8A16, "
+                                "W8A8), or quantizes a bf16 checkpoint on load (quantization='fp8'|'int8'|'int4')")
+    groups = []
+    for name, group in (quantization_config.get("config_groups") or {}).items():
+        fmt = group.get("format") or quantization_config.get("format")
+        if fmt not in ("pack-quantized", "int-quantized", "float-quantized", "naive-quantized"):
+            raise QuantizationError(f"quantization_config group {name}: format {fmt!r} is not supported")
+        if not isinstance(group.get("weights"), dict):
+            raise QuantizationError(f"quantization_config group {name} quantizes no weights")
+        groups.append(Group(tuple(group.get("targets") or ()), parse_scheme(group["weights"], name), fmt))
+    if not groups:
+        raise QuantizationError("quantization_config has no config_groups")
+    return groups
+
+
+def group_for(module: str, groups: list[Group]) -> Group:
+    """The group that targets `module`: one whose "re:" target matches its name (re.match, as compressed-tensors),
+    else one targeting a class (every module holding quantized tensors is a Linear)."""
+    for group in groups:
+        if any(t.startswith("re:") and re.match(t[3:], module) for t in group.targets):
+            return group
+    return next((g for g in groups if any(not t.startswith("re:") for t in g.targets)), groups[0])
+
+
+@dataclass
+class QuantizedModule:
+    """One quantized Linear of a checkpoint, from its header: `tensors` local name -> (key, shape, dtype)."""
+    name: str
+    group: Group
+    tensors: dict[str, tuple[str, tuple[int, ...], str]]
+
+    @property
+    def scheme(self) -> Scheme:
+        return self.group.scheme
+
+    def values_key(self) -> str:
+        local = "weight_packed" if "weight_packed" in self.tensors else "weight"
+        if local not in self.tensors:
+            raise QuantizationError(f"{self.tensors['weight_scale'][0]} has no quantized weight beside it "
+                                    f"({self.name}.weight_packed or .weight)")
+        return local
+
+    def shape(self) -> tuple[int, int]:
+        """[N, K] of the dense weight, checked against the stored values and scale."""
+        local = self.values_key()
+        key, stored, dtype = self.tensors[local]
+        scheme = self.scheme
+        if len(stored) != 2:
+            raise QuantizationError(f"{key} has shape {list(stored)}; a quantized Linear weight is 2-D")
+        if local == "weight_packed":
+            if dtype != "I32":
+                raise QuantizationError(f"{key} is {dtype}; packed weights are int32")
+            n, k = stored[0], stored[1] * 32 // scheme.bits
+            if "weight_shape" in self.tensors and self.tensors["weight_shape"][1] != (2,):
+                raise QuantizationError(f"{self.tensors['weight_shape'][0]} should hold [rows, columns]")
+        else:
+            wanted = {"int": "I8", "float": "F8_E4M3"}[scheme.kind]
+            if dtype != wanted or scheme.bits != 8:
+                raise QuantizationError(f"{key} is {dtype}; {scheme.name} weights are stored as {wanted}")
+            n, k = stored
+        if scheme.strategy == "group" and k % scheme.group_size:
+            raise QuantizationError(f"{key}: {k} input columns are not a multiple of the group size "
+                                    f"{scheme.group_size}")
+        scale_key, scale_shape, _ = self.tensors["weight_scale"]
+        expected = scheme.scale_shape(n, k)
+        if tuple(scale_shape) not in (expected, (1,), (1, 1)) or (tuple(scale_shape) != expected and
+                                                                  scheme.strategy != "channel"):
+            raise QuantizationError(f"{scale_key} has shape {list(scale_shape)}; {scheme.name} of a [{n}, {k}] "
+                                    f"weight needs {list(expected)}")
+        return n, k
+
+
+def plan(reader_headers: dict[str, tuple[tuple[int, ...], str]], groups: list[Group]) -> dict[str, QuantizedModule]:
+    """Checkpoint module name -> QuantizedModule, for every module that has a `weight_scale`; checked throughout."""
+    modules: dict[str, QuantizedModule] = {}
+    by_module: dict[str, dict[str, tuple[str, tuple[int, ...], str]]] = {}
+    for key, (shape, dtype) in reader_headers.items():
+        module, _, local = key.rpartition(".")
+        by_module.setdefault(module, {})[local] = (key, tuple(shape), dtype)
+    for module, tensors in by_module.items():
+        if "weight_scale" not in tensors:
+            if "weight_packed" in tensors:
+                raise QuantizationError(f"{module}.weight_packed has no {module}.weight_scale beside it")
+            continue
+        if "weight_zero_point" in tensors or "weight_g_idx" in tensors:
+            raise QuantizationError(f"{module} has zero points or a group index: asymmetric and act-order schemes "
+                                    "are not supported")
+        if "weight_global_scale" in tensors:
+            raise QuantizationError(f"{module}.weight_global_scale: NVFP4 checkpoints are not supported")
+        entry = QuantizedModule(module, group_for(module, groups), tensors)
+        entry.shape()
+        modules[module] = entry
+    return modules
+
+
+def is_quantization_tensor(key: str) -> bool:
+    return key.rpartition(".")[2] in SUFFIXES
+
+
+def unpack_int8(words: torch.Tensor) -> torch.Tensor:
+    """pack-quantized 8-bit weights (4 per int32, low byte first, stored as q + 128) -> int8 [N, K]."""
+    shifts = torch.arange(0, 32, 8, dtype=torch.int32, device=words.device)
+    return (((words.unsqueeze(-1) >> shifts) & 0xFF) - 128).to(torch.int8).flatten(-2)
+
+
+def stored_values(module: QuantizedModule, tensor: torch.Tensor) -> torch.Tensor:
+    """A checkpoint's quantized values as QuantizedLinear's `values` buffer holds them."""
+    if tensor.dtype == torch.int32 and module.scheme.bits == 8:
+        return unpack_int8(tensor)
+    return tensor.view(torch.uint8) if tensor.dtype == torch.float8_e4m3fn else tensor
+
+
+def stored_scale(module: QuantizedModule, tensor: torch.Tensor) -> torch.Tensor:
+    """A checkpoint's scale as the buffer holds it: a per-tensor scale repeated per channel."""
+    n, k = module.shape()
+    per_tensor = module.scheme.strategy == "channel" and tensor.numel() == 1
+    return tensor.reshape(1, 1).expand(n, 1).contiguous() if per_tensor else \
+        tensor.reshape(module.scheme.scale_shape(n, k))
+
+
+def replace_linear(model: nn.Module, name: str, scheme: Scheme, device="meta") -> QuantizedLinear:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    linear = getattr(parent, child)
+    if not isinstance(linear, nn.Linear) or linear.bias is not None:
+        raise QuantizationError(f"{name} is quantized in the checkpoint, but gemma4's model has no bias-free "
+                                "Linear there")
+    quantized = QuantizedLinear(linear.in_features, linear.out_features, scheme, device=device)
+    setattr(parent, child, quantized)
+    return quantized
+
+
+def quantize_experts_module(experts: nn.Module, scheme: Scheme, device="meta") -> None:
+    """Experts' 3-D weights replaced by QuantizedLinear holders of [E, 2I, H] and [E, H, I] (one matrix per expert)."""
+    e, two_w, h = experts.gate_up_proj.shape
+    del experts.gate_up_proj, experts.down_proj  # parameters, replaced by modules
+    experts.gate_up_proj = QuantizedLinear(h, two_w, scheme, leading=(e,), device=device)
+    experts.down_proj = QuantizedLinear(two_w // 2, h, scheme, leading=(e,), device=device)
+
+
+# --- quantization on load ---------------------------------------------------------------------------------------
+
+def on_load_scheme(name: str) -> Scheme:
+    if name not in ON_LOAD:
+        raise QuantizationError(f"quantization={name!r} is not supported; use one of {sorted(ON_LOAD)} (or load a "
+                                "compressed-tensors checkpoint as it is)")
+    return ON_LOAD[name]
+
+
+def quantizes_on_load(name: str, module: nn.Module) -> bool:
+    """The decoder's Linears (attention, MLP, per-layer inputs) and experts; not the router (its scores pick the
+    experts), nor the towers, embeddings or the LM head, which stay in the model dtype."""
+    return ".language_model." in f".{name}" and ".router." not in f"{name}." and (
+        type(module) is Linear or name.endswith(".experts"))
+
+
+@torch.no_grad()
+def quantize_model_(model: nn.Module, scheme: Scheme) -> nn.Module:
+    """Every module `quantizes_on_load` chooses, quantized in place with `scheme` (min-max scales, as llm-compressor's
+    default observer); the dense weights are freed one at a time."""
+    for name, module in list(model.named_modules()):
+        if not quantizes_on_load(name, module):
+            continue
+        if name.endswith(".experts"):
+            gate_up, down = module.gate_up_proj.detach(), module.down_proj.detach()
+            del module.gate_up_proj, module.down_proj  # parameters, replaced by modules
+            module.gate_up_proj = QuantizedLinear.of_weight(gate_up, scheme)
+            module.down_proj = QuantizedLinear.of_weight(down, scheme)
+        else:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, QuantizedLinear.of_weight(module.weight.detach(), scheme))
+    return model
