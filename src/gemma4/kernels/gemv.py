@@ -8,6 +8,10 @@ tiles too few to fill the GPU, and its small products (under ~8 MB of weights) t
 Here each program streams BLOCK_N whole weight rows in BLOCK_K steps (16-byte loads along the contiguous K axis) and
 keeps their dot products in fp32 registers: no second kernel, one rounding at the end, as cuBLAS rounds its fp32
 accumulator. Where cuBLAS is still faster (big 31B matrices) the model does not call these (`model.fused.takes_gemv`).
+
+Each kernel also reads quantized weights (model/quantized.py's QuantizedWeight: fp8 or int8 per channel, int4 packed
+8 to a word in groups, 8-bit in groups or blocks) with their scales, 1 or 1/2 byte a weight instead of 2: the sums of
+q * x in fp32, times the scales per row or per group (`quantized_supported` says which weights).
 """
 
 from __future__ import annotations
@@ -59,7 +63,10 @@ DENSE = tl.constexpr(0)        # the weight itself, in the model dtype; scale_pt
 PER_ROW = tl.constexpr(1)      # 8-bit values (fp8 e4m3 or int8: the pointer's type tells which), a scale per row
 INT4_GROUPS = tl.constexpr(2)  # int4, 8 a 32-bit word (element j of a row: bits 4 * (j % 8) of word j // 8, as
                                # q + 8), a scale per GROUP inputs of a row
-FP8_BLOCKS = tl.constexpr(3)   # fp8 e4m3, a scale per block of SCALE_ROWS rows and GROUP inputs
+BLOCKS8 = tl.constexpr(3)      # 8-bit values, a scale per block of SCALE_ROWS rows and GROUP inputs (groups of a
+                               # row: SCALE_ROWS 1)
+# Scales of the grouped formats: scale_ptr[(row // SCALE_ROWS) * stride_sn + (input // GROUP) * stride_sk]
+# (stride_sk 0: one scale a row read as a scale per group, as int4 per channel).
 
 
 @triton.jit
@@ -74,10 +81,10 @@ def _grouped_tiles(w_ptr, rows, N, stride_wn, up_offset, k0, K: tl.constexpr, BL
     cols = (k0 // PACK + groups * (GROUP // PACK))[:, None] + tl.arange(0, GROUP // PACK)[None, :]
     mask = (rows < N)[:, None, None] & (cols < (K + PACK - 1) // PACK)[None, :, :]
     ptrs = w_ptr + rows.to(tl.int64)[:, None, None] * stride_wn + cols[None, :, :]
-    w = tl.load(ptrs, mask=mask, other=0)
+    w = tl.load(ptrs, mask=mask, other=0.0)
     u = w
     if HAS_UP:
-        u = tl.load(ptrs + up_offset, mask=mask, other=0)
+        u = tl.load(ptrs + up_offset, mask=mask, other=0.0)
     return w, u
 
 
@@ -98,8 +105,10 @@ def _grouped_inputs(x_ptr, k0, K: tl.constexpr, BLOCK_K: tl.constexpr, WFMT: tl.
 def _grouped_row(x, BLOCK_K: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr):
     """A [1, BLOCK_K] input row (_input_row's) in the shape of `_grouped_inputs`."""
     if WFMT == INT4_GROUPS:
-        return tl.reshape(x, (BLOCK_K // GROUP, GROUP // 8, 8))
-    return tl.reshape(x, (BLOCK_K // GROUP, GROUP))
+        x = tl.reshape(x, (BLOCK_K // GROUP, GROUP // 8, 8))
+    else:
+        x = tl.reshape(x, (BLOCK_K // GROUP, GROUP))
+    return x
 
 
 @triton.jit
@@ -115,7 +124,7 @@ def _grouped_dots(w, scale, x, WFMT: tl.constexpr):
 
 
 @triton.jit
-def _scales(scale_ptr, rows, N, stride_sn, k0, K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_UP: tl.constexpr,
+def _scales(scale_ptr, rows, N, stride_sn, stride_sk, k0, K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_UP: tl.constexpr,
             WFMT: tl.constexpr, GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr):
     """fp32 scales of rows `rows` (and of the up rows N further with HAS_UP): [BLOCK_N] (PER_ROW), or those of the
     groups of inputs k0 .. k0 + BLOCK_K, [BLOCK_N, BLOCK_K // GROUP] (grouped formats); unused for DENSE.
@@ -127,21 +136,23 @@ def _scales(scale_ptr, rows, N, stride_sn, k0, K: tl.constexpr, BLOCK_K: tl.cons
     elif WFMT != DENSE:
         groups = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
         mask = row_ok[:, None] & (groups < (K + GROUP - 1) // GROUP)[None, :]
-        ptrs = scale_ptr + (rows // SCALE_ROWS).to(tl.int64)[:, None] * stride_sn + groups[None, :]
+        ptrs = scale_ptr + (rows // SCALE_ROWS).to(tl.int64)[:, None] * stride_sn + (groups * stride_sk)[None, :]
         s = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     t = s
     if HAS_UP:
         if WFMT == PER_ROW:
             t = tl.load(scale_ptr + (rows + N).to(tl.int64) * stride_sn, mask=row_ok, other=0.0).to(tl.float32)
         elif WFMT != DENSE:
-            up_ptrs = scale_ptr + ((rows + N) // SCALE_ROWS).to(tl.int64)[:, None] * stride_sn + groups[None, :]
+            up_rows = ((rows + N) // SCALE_ROWS).to(tl.int64)
+            up_ptrs = scale_ptr + up_rows[:, None] * stride_sn + (groups * stride_sk)[None, :]
             t = tl.load(up_ptrs, mask=mask, other=0.0).to(tl.float32)
     return s, t
 
 
 @triton.jit
-def _first_tiles(w_ptr, scale_ptr, rows, N, stride_wn, stride_sn, up_offset, K: tl.constexpr, BLOCK_K: tl.constexpr,
-                 HAS_UP: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr):
+def _first_tiles(w_ptr, scale_ptr, rows, N, stride_wn, stride_sn, stride_sk, up_offset, K: tl.constexpr,
+                 BLOCK_K: tl.constexpr, HAS_UP: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr,
+                 SCALE_ROWS: tl.constexpr):
     """The first BLOCK_K columns of weight rows `rows` [BLOCK_N] and, with HAS_UP, of the rows up_offset elements
     further (the up half of a fused gate/up weight), as stored, and their scales (`_scales`):
     (gate, up, gate scales, up scales), up = gate without HAS_UP."""
@@ -155,12 +166,12 @@ def _first_tiles(w_ptr, scale_ptr, rows, N, stride_wn, stride_sn, up_offset, K: 
             u = tl.load(ptrs + up_offset, mask=mask, other=0.0)
     else:
         w, u = _grouped_tiles(w_ptr, rows, N, stride_wn, up_offset, 0, K, BLOCK_K, HAS_UP, WFMT, GROUP)
-    w_scale, u_scale = _scales(scale_ptr, rows, N, stride_sn, 0, K, BLOCK_K, HAS_UP, WFMT, GROUP, SCALE_ROWS)
+    w_scale, u_scale = _scales(scale_ptr, rows, N, stride_sn, stride_sk, 0, K, BLOCK_K, HAS_UP, WFMT, GROUP, SCALE_ROWS)
     return w, u, w_scale, u_scale
 
 
 @triton.jit
-def _dots(w, u, w_scale, u_scale, x, x_ptr, w_ptr, scale_ptr, rows, N, stride_wn, stride_sn, up_offset,
+def _dots(w, u, w_scale, u_scale, x, x_ptr, w_ptr, scale_ptr, rows, N, stride_wn, stride_sn, stride_sk, up_offset,
           K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_UP: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr,
           SCALE_ROWS: tl.constexpr):
     """fp32 dot products of the input row with weight rows `rows`, given their first tiles and scales
@@ -199,8 +210,8 @@ def _dots(w, u, w_scale, u_scale, x, x_ptr, w_ptr, scale_ptr, rows, N, stride_wn
             step_x = _grouped_inputs(x_ptr, k0, K, BLOCK_K, WFMT, GROUP)
             step_w, step_u = _grouped_tiles(w_ptr, rows, N, stride_wn, up_offset, k0, K, BLOCK_K, HAS_UP, WFMT,
                                             GROUP)
-            step_w_scale, step_u_scale = _scales(scale_ptr, rows, N, stride_sn, k0, K, BLOCK_K, HAS_UP, WFMT, GROUP,
-                                                 SCALE_ROWS)
+            step_w_scale, step_u_scale = _scales(scale_ptr, rows, N, stride_sn, stride_sk, k0, K, BLOCK_K, HAS_UP,
+                                                 WFMT, GROUP, SCALE_ROWS)
             acc += _grouped_dots(step_w, step_w_scale, step_x, WFMT)
             if HAS_UP:
                 acc_up += _grouped_dots(step_u, step_u_scale, step_x, WFMT)
@@ -234,27 +245,27 @@ def _store_rows(out_ptr, rows, N, gate, up, mult_ptr, ACT: tl.constexpr, GATED: 
 # and computes its input once for all of them: a program normalizing its input reads ~4 rows of K from L2 for it,
 # as many bytes as 2-4 rows of weights. Each group's weights are loaded before the previous group's are multiplied.
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, mult_ptr, N, stride_wn, stride_sn, res_ptr, nw_ptr, scalar_ptr,
-                 next_w_ptr, new_ptr, eps, next_eps, K: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
-                 HAS_UP: tl.constexpr, NORMED: tl.constexpr, HAS_SCALAR: tl.constexpr, HAS_NEXT: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUPS: tl.constexpr, WFMT: tl.constexpr,
-                 GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr, PDL: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, mult_ptr, N, stride_wn, stride_sn, stride_sk, res_ptr, nw_ptr,
+                 scalar_ptr, next_w_ptr, new_ptr, eps, next_eps, K: tl.constexpr, ACT: tl.constexpr,
+                 GATED: tl.constexpr, HAS_UP: tl.constexpr, NORMED: tl.constexpr, HAS_SCALAR: tl.constexpr,
+                 HAS_NEXT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUPS: tl.constexpr,
+                 WFMT: tl.constexpr, GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr, PDL: tl.constexpr):
     """out = x @ weight.T, or with GATED act(gate) * up (gate/up: rows i and N + i with HAS_UP, else up from
-    mult_ptr); N is the output width. The weight in format WFMT, its scales at scale_ptr (row stride stride_sn)."""
+    mult_ptr); N is the output width. The weight in format WFMT, its scales at scale_ptr."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     group_step = tl.num_programs(0) * BLOCK_N
     up_offset = N * stride_wn
-    w, u, w_scale, u_scale = _first_tiles(w_ptr, scale_ptr, rows, N, stride_wn, stride_sn, up_offset, K, BLOCK_K,
-                                          HAS_UP, WFMT, GROUP, SCALE_ROWS)
+    w, u, w_scale, u_scale = _first_tiles(w_ptr, scale_ptr, rows, N, stride_wn, stride_sn, stride_sk, up_offset, K,
+                                          BLOCK_K, HAS_UP, WFMT, GROUP, SCALE_ROWS)
     x = _input_row(x_ptr, res_ptr, nw_ptr, scalar_ptr, next_w_ptr, new_ptr, eps, next_eps, K, BLOCK_K, NORMED,
                    HAS_SCALAR, HAS_NEXT, PDL)
     for group in tl.static_range(GROUPS):
         if group + 1 < GROUPS:
             next_w, next_u, next_w_scale, next_u_scale = _first_tiles(
-                w_ptr, scale_ptr, rows + group_step, N, stride_wn, stride_sn, up_offset, K, BLOCK_K, HAS_UP, WFMT,
-                GROUP, SCALE_ROWS)
-        gate, up = _dots(w, u, w_scale, u_scale, x, x_ptr, w_ptr, scale_ptr, rows, N, stride_wn, stride_sn, up_offset,
-                         K, BLOCK_K, HAS_UP, WFMT, GROUP, SCALE_ROWS)
+                w_ptr, scale_ptr, rows + group_step, N, stride_wn, stride_sn, stride_sk, up_offset, K, BLOCK_K, HAS_UP,
+                WFMT, GROUP, SCALE_ROWS)
+        gate, up = _dots(w, u, w_scale, u_scale, x, x_ptr, w_ptr, scale_ptr, rows, N, stride_wn, stride_sn, stride_sk,
+                         up_offset, K, BLOCK_K, HAS_UP, WFMT, GROUP, SCALE_ROWS)
         _store_rows(out_ptr, rows, N, gate, up, mult_ptr, ACT, GATED, HAS_UP)
         if group + 1 < GROUPS:
             w, u, w_scale, u_scale, rows = next_w, next_u, next_w_scale, next_u_scale, rows + group_step
@@ -263,16 +274,16 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, mult_ptr, N, stride_wn, strid
 @triton.jit
 def _gemv_residual_norms_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, counter_ptr, res_ptr, nw_ptr, scalar_ptr, next_w_ptr,
                                 out_ptr, next_out_ptr, next2_w_ptr, next2_out_ptr, router_scale_ptr, router_out_ptr, N,
-                                stride_wn, stride_sn, eps, next_eps, root_size, K: tl.constexpr,
+                                stride_wn, stride_sn, stride_sk, eps, next_eps, root_size, K: tl.constexpr,
                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr,
                                 SCALE_ROWS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SCALAR: tl.constexpr,
                                 HAS_NEXT: tl.constexpr, HAS_MOE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    w, _, w_scale, _ = _first_tiles(w_ptr, scale_ptr, rows, N, stride_wn, stride_sn, 0, K, BLOCK_K, False, WFMT,
-                                    GROUP, SCALE_ROWS)
+    w, _, w_scale, _ = _first_tiles(w_ptr, scale_ptr, rows, N, stride_wn, stride_sn, stride_sk, 0, K, BLOCK_K, False,
+                                    WFMT, GROUP, SCALE_ROWS)
     x = _input_row(x_ptr, x_ptr, x_ptr, x_ptr, x_ptr, y_ptr, eps, eps, K, BLOCK_K, False, False, False, PDL)
-    y, _ = _dots(w, w, w_scale, w_scale, x, x_ptr, w_ptr, scale_ptr, rows, N, stride_wn, stride_sn, 0, K, BLOCK_K,
-                 False, WFMT, GROUP, SCALE_ROWS)
+    y, _ = _dots(w, w, w_scale, w_scale, x, x_ptr, w_ptr, scale_ptr, rows, N, stride_wn, stride_sn, stride_sk, 0, K,
+                 BLOCK_K, False, WFMT, GROUP, SCALE_ROWS)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
     # The norms need the whole output row: the last program to finish computes them. Its acquire pairs with every
     # other program's release (acq_rel atomics), so their y stores are visible to it. It then re-arms the counter
@@ -311,49 +322,52 @@ def _tiles(x: torch.Tensor, k_in: int, tiles: tuple, normed: bool = False, group
     return block_n if x.is_cuda else 64, block_k, warps, stages, groups
 
 
-def quantized_supported(weight: QuantizedWeight) -> str | None:
-    """Why the kernels cannot read this QuantizedWeight, or None where they can: one [N, K] matrix, values with unit
-    stride along K (any row stride), weights only (no activation quantization); fp8 e4m3 or int8 per channel, int4
-    packed in int32 words with groups of a power of 2 (at least 8) that divides K, or fp8 blocks whose column count
-    is a power of 2. Scales: any float dtype, [N, 1] of any strides or [rows, groups] with unit stride along groups."""
+def _quantized_format(weight: QuantizedWeight) -> str | tuple[dict, int, int]:
+    """A QuantizedWeight's (format constexprs, scale row stride, scale group stride) for the kernels, or why they
+    cannot read it."""
     scheme, values, scale = weight.scheme, weight.values, weight.scale
     if values.dim() != 2 or scale.dim() != 2:
         return "not one matrix"
-    if values.stride(-1) != 1 or (scale.shape[-1] > 1 and scale.stride(-1) != 1):
-        return "values or scales without unit stride along K"
-    if scheme.activations is not None:
-        return "quantized activations"
+    k_in = weight.shape[1]
+    if values.stride(-1) != 1:
+        return "values without unit stride along K"
+    if scheme.packed and values.dtype != torch.int32:
+        return f"int4 values packed in {values.dtype}"
+    if not scheme.packed and values.dtype not in (torch.float8_e4m3fn, torch.int8):
+        return f"values of {values.dtype}"
     if scheme.strategy == "channel":
-        return None if values.dtype in (torch.float8_e4m3fn, torch.int8) else f"{values.dtype} per channel"
-    if scheme.strategy == "group":
-        group, k_in = scheme.group_size, weight.shape[1]
-        if not (scheme.packed and values.dtype == torch.int32):
-            return f"{scheme.name} (only int4 groups)"
-        return None if group >= 8 and group & (group - 1) == 0 and k_in % group == 0 else f"groups of {group}"
-    if scheme.strategy == "block":
-        if values.dtype != torch.float8_e4m3fn:
-            return f"{scheme.name} (only fp8 blocks)"
-        return None if scheme.block[1] & (scheme.block[1] - 1) == 0 else f"blocks of {scheme.block[1]} columns"
-    return f"strategy {scheme.strategy}"
+        if not scheme.packed:
+            return dict(WFMT=PER_ROW.value, GROUP=1, SCALE_ROWS=1), scale.stride(0), 0
+        # int4: its row's scale for every group of the widest that divides K
+        group = next(g for g in (32, 16, 8) if k_in % g == 0)
+        return dict(WFMT=INT4_GROUPS.value, GROUP=group, SCALE_ROWS=1), scale.stride(0), 0
+    group, scale_rows = (scheme.group_size, 1) if scheme.strategy == "group" else scheme.block[::-1]
+    if group & (group - 1) or group < (8 if scheme.packed else 1) or (scheme.strategy == "group" and k_in % group):
+        return f"groups of {group} inputs (a power of 2 that divides K)"
+    wfmt = INT4_GROUPS if scheme.packed else BLOCKS8
+    return dict(WFMT=wfmt.value, GROUP=group, SCALE_ROWS=scale_rows), scale.stride(0), scale.stride(1)
 
 
-def _weight_args(weight: torch.Tensor | QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, int, dict]:
-    """A weight's (values, scales, scale row stride, format constexprs) for the kernels: a model-dtype tensor (its
-    own placeholder scales) or a QuantizedWeight."""
+def quantized_supported(weight: QuantizedWeight) -> str | None:
+    """Why the kernels cannot read this QuantizedWeight, or None where they can: one [N, K] matrix (an expert's
+    included), values with unit stride along K (any row stride: fused rows' views); fp8 e4m3 or int8 values, or int4
+    packed in int32 words (K % 8 == 0); per channel, or in groups (blocks) of a power of 2 of inputs (at least 8
+    for int4) that divides K (blocks: any K, any rows); scales of any float dtype and any strides."""
+    fmt = _quantized_format(weight)
+    return fmt if isinstance(fmt, str) else None
+
+
+def _weight_args(weight: torch.Tensor | QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, int, int, dict]:
+    """A weight's (values, scales, scale row stride, scale group stride, format constexprs) for the kernels: a
+    model-dtype tensor (its own placeholder scales) or a QuantizedWeight."""
     if isinstance(weight, torch.Tensor):
         assert weight.stride(-1) == 1
-        return weight, weight, 0, dict(WFMT=DENSE.value, GROUP=1, SCALE_ROWS=1)
-    reason = quantized_supported(weight)
-    if reason is not None:
-        raise ValueError(f"the GEMV kernels do not read this {weight.scheme.name} weight: {reason}")
-    scheme = weight.scheme
-    if scheme.strategy == "channel":
-        fmt = dict(WFMT=PER_ROW.value, GROUP=1, SCALE_ROWS=1)
-    elif scheme.strategy == "group":
-        fmt = dict(WFMT=INT4_GROUPS.value, GROUP=scheme.group_size, SCALE_ROWS=1)
-    else:
-        fmt = dict(WFMT=FP8_BLOCKS.value, GROUP=scheme.block[1], SCALE_ROWS=scheme.block[0])
-    return weight.values, weight.scale, weight.scale.stride(0), fmt
+        return weight, weight, 0, 0, dict(WFMT=DENSE.value, GROUP=1, SCALE_ROWS=1)
+    fmt = _quantized_format(weight)
+    if isinstance(fmt, str):
+        raise ValueError(f"the GEMV kernels do not read this {weight.scheme.name} weight: {fmt}")
+    constexprs, stride_sn, stride_sk = fmt
+    return weight.values, weight.scale, stride_sn, stride_sk, constexprs
 
 
 def _input_args(x: torch.Tensor, norms: tuple | None) -> tuple[tuple, dict]:
@@ -370,7 +384,7 @@ def _input_args(x: torch.Tensor, norms: tuple | None) -> tuple[tuple, dict]:
 def _launch_gemv(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, width: int, tiles: tuple | None,
                  norms: tuple | None, act: int | None = None, multiplier: torch.Tensor | None = None) -> torch.Tensor:
     assert x.shape[-1] == weight.shape[1] and x.numel() == x.shape[-1]
-    values, scale, scale_stride, fmt = _weight_args(weight)
+    values, scale, stride_sn, stride_sk, fmt = _weight_args(weight)
     k_in, normed, gated = weight.shape[1], norms is not None, act is not None  # act: the gated activation's code
     tiles = tiles or _default_tiles(x.device, k_in, normed, gated, width)
     block_n, block_k, warps, stages, groups = _tiles(x, k_in, tiles, normed, fmt["GROUP"])
@@ -379,7 +393,7 @@ def _launch_gemv(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, width:
     out = torch.empty(*x.shape[:-1], width, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(width, block_n * groups),)](
         x, values, scale, out, multiplier.contiguous() if multiplier is not None else x, width, values.stride(0),
-        scale_stride, *input_args, k_in, ACT=act or 0, GATED=gated, HAS_UP=gated and multiplier is None,
+        stride_sn, stride_sk, *input_args, k_in, ACT=act or 0, GATED=gated, HAS_UP=gated and multiplier is None,
         **input_flags, BLOCK_N=block_n, BLOCK_K=block_k, GROUPS=groups, **fmt, num_warps=warps, num_stages=stages,
         **launch_options(x))
     return out
@@ -396,8 +410,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, tiles: tuple |
     return _launch_gemv(x, weight, weight.shape[0], tiles, norms)
 
 
-def gemv_gated(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, activation: str, multiplier: torch.Tensor | None = None,
-               norms: tuple | None = None, tiles: tuple | None = None) -> torch.Tensor:
+def gemv_gated(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, activation: str,
+               multiplier: torch.Tensor | None = None, norms: tuple | None = None,
+               tiles: tuple | None = None) -> torch.Tensor:
     """`gated(gate, up, activation)` of one row x [..., K], in one kernel with the product -> [..., W]. multiplier
     None: [gate; up] = F.linear(x, weight), weight [2W, K] (a fused gate/up projection); else gate = F.linear(x,
     weight), weight [W, K], and up = multiplier [..., W]. norms: the input is residual norms of x, as in `gemv`.
@@ -428,15 +443,16 @@ def finished_counters(owner: str, device: torch.device, size: int = 1) -> torch.
     return _counters[key][:size]
 
 
-def gemv_residual_norms(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, residual: torch.Tensor, norm_weight: torch.Tensor,
-                        eps: float, scalar: torch.Tensor | None = None, next_weight: torch.Tensor | None = None,
-                        next_eps: float | None = None, moe: tuple | None = None, tiles: tuple | None = None) -> tuple:
+def gemv_residual_norms(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, residual: torch.Tensor,
+                        norm_weight: torch.Tensor, eps: float, scalar: torch.Tensor | None = None,
+                        next_weight: torch.Tensor | None = None, next_eps: float | None = None,
+                        moe: tuple | None = None, tiles: tuple | None = None) -> tuple:
     """residual_rms_norm(residual, gemv(x, weight), norm_weight, eps, scalar, next_weight, next_eps), or with
     moe = (experts_weight, router_scale, root_size) residual_moe_norms's four outputs, in one kernel: the GEMV's last
     program to finish applies the norms to the whole product. One row (x [..., K], residual [..., N]).
     Returns (new, next norm or None, experts' norm or None, router input or None). weight: as in `gemv`."""
     assert x.shape[-1] == weight.shape[1] and x.numel() == x.shape[-1]
-    values, scale, scale_stride, fmt = _weight_args(weight)
+    values, scale, stride_sn, stride_sk, fmt = _weight_args(weight)
     n_out, k_in = weight.shape
     assert residual.numel() == n_out and residual.stride(-1) == 1
     tiles = tiles or _default_tiles(x.device, k_in)  # one group: its programs count as they finish
@@ -445,6 +461,6 @@ def gemv_residual_norms(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight,
     outputs, pointers, named = residual_norms_args(residual, y, norm_weight, eps, scalar, next_weight, next_eps, moe)
     _gemv_residual_norms_kernel[(triton.cdiv(n_out, block_n),)](
         x.contiguous(), values, scale, y, finished_counters("gemv_residual_norms", x.device), residual, *pointers,
-        n_out, values.stride(0), scale_stride, K=k_in, BLOCK_N=block_n, BLOCK_K=block_k, **fmt, **named,
+        n_out, values.stride(0), stride_sn, stride_sk, K=k_in, BLOCK_N=block_n, BLOCK_K=block_k, **fmt, **named,
         num_warps=max(warps, _warps(named["BLOCK"])), num_stages=stages, **launch_options(x))
     return outputs
