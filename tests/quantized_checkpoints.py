@@ -224,7 +224,24 @@ def _plain_reference(directory: Path, config: dict):
 
 def reference_logits(checkpoint_dir, input_ids: torch.Tensor, quantize_activations: bool = False,
                      plain_model: bool = False) -> torch.Tensor:
-    """fp32 logits of transformers 5.23 for the compressed-tensors checkpoint in `checkpoint_dir`.
+    """fp32 logits of `loaded_reference(checkpoint_dir, quantize_activations, plain_model)` for input_ids."""
+    model = loaded_reference(checkpoint_dir, quantize_activations, plain_model)
+    with torch.no_grad():
+        return model(input_ids=input_ids, use_cache=False).logits.float()
+
+
+def reference_greedy(checkpoint_dir, input_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Greedy continuation by the weights-only reference: [1, prompt + new_tokens], full forwards (no cache)."""
+    model = loaded_reference(checkpoint_dir)
+    ids = input_ids
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            ids = torch.cat([ids, model(input_ids=ids, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    return ids
+
+
+def loaded_reference(checkpoint_dir, quantize_activations: bool = False, plain_model: bool = False):
+    """transformers 5.23 in fp32 on the CPU holding the compressed-tensors checkpoint in `checkpoint_dir`.
 
     transformers' compressed-tensors quantizer (default `dequantize=False`) builds the quantized modules in fp32,
     loads the packed tensors and decompresses them on the first forward, in fp32: exact `q * scale`. Its quantized
@@ -253,5 +270,4 @@ def reference_logits(checkpoint_dir, input_ids: torch.Tensor, quantize_activatio
         for module in model.modules():
             if hasattr(module, "quantization_scheme"):
                 module.quantization_enabled = quantize_activations  # weights are decompressed either way
-    with torch.no_grad():
-        return model(input_ids=input_ids, use_cache=False).logits.float()
+    return model

@@ -46,6 +46,7 @@ class BenchSpec:
     prefill_chunk: int = PREFILL_BUDGET  # tokens per prefill step, as `LLM` runs them
     num_layers: int | None = None
     device: str = "cuda"
+    quantization: str | None = None  # gemma4's weights quantized on load: fp8, int8 or int4 (transformers: bf16)
 
 
 def timed(fn, device: str, repeat: int = 1) -> float:
@@ -89,7 +90,7 @@ class Gemma4Engine(Engine):
         from .random_init import random_config, random_model
 
         config = random_config(spec.preset, spec.num_layers, text_only=True)
-        self.model = random_model(config, torch.bfloat16, device=spec.device)
+        self.model = random_model(config, torch.bfloat16, device=spec.device, quantization=spec.quantization)
         self.vocab = config.text_config.vocab_size
         self.engine = None
         self.max_new = spec.serve_out

@@ -16,8 +16,9 @@ def cmd_init(args) -> None:
 
     out = write_random_checkpoint(args.preset, args.out, num_layers=args.num_layers, text_only=args.text_only,
                                   dtype=DTYPES[args.dtype], tokenizer=args.tokenizer, seed=args.seed,
-                                  device=args.device)
-    print(f"wrote a RANDOM-WEIGHT {args.preset} checkpoint to {out}")
+                                  device=args.device, quantization=args.quantization)
+    kind = f"{args.quantization}-quantized " if args.quantization else ""
+    print(f"wrote a RANDOM-WEIGHT {kind}{args.preset} checkpoint to {out}")
 
 
 def _load_llm(args):
@@ -25,7 +26,7 @@ def _load_llm(args):
     from .llm import LLM
 
     llm = LLM(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer,
-              max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization)
+              quantization=args.quantization, max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization)
     values = {"max_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
               "top_k": args.top_k, "seed": args.seed}
     return llm, llm._params({k: v for k, v in values.items() if v is not None})
@@ -141,12 +142,16 @@ def cmd_bench(args) -> None:
 
 
 DEVICE_HELP = "cuda, cpu, or auto: CUDA when present, else the CPU"
+QUANTIZATIONS = ["fp8", "int8", "int4"]  # model.quantized.ON_LOAD (not imported here: the CLI starts without torch)
+QUANTIZATION_HELP = ("quantize a bf16 checkpoint's decoder weights on load: fp8 or int8 per channel, int4 in groups of "
+                     "32 (a compressed-tensors checkpoint loads quantized without it)")
 
 
 def _add_model_arguments(p) -> None:
     p.add_argument("model", help="checkpoint directory or hub id")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16, or auto: the checkpoint's")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--quantization", default=None, choices=QUANTIZATIONS, help=QUANTIZATION_HELP)
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (None: the checkpoint's)")
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + completion (None: what fits)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
@@ -175,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-only", action="store_true", help="text decoder only, in the Gemma4ForCausalLM layout")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "bfloat16", "fp32", "float32", "fp16", "float16"],
                    help="dtype of the weights written")
+    p.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
+                   help="write the weights quantized, as a compressed-tensors checkpoint")
     p.add_argument("--tokenizer", default=None, help="directory whose tokenizer files are copied in")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (values differ between devices)")
     p.add_argument("--device", default="auto", help="where the weights are drawn: " + DEVICE_HELP)
@@ -220,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int, default=spec.prefill_chunk,
                    help="prefill in chunks of this many tokens")
     p.add_argument("--num-layers", type=int, default=spec.num_layers, help="fewer layers than the official model")
+    p.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
+                   help="gemma4's weights quantized on load (the transformers comparison stays bf16)")
     p.add_argument("--compare", choices=["transformers"], default=None, help="also measure this implementation")
     p.add_argument("--device", default="auto", help="cuda, cpu, or auto: CUDA (without a GPU, an error: the CPU "
                    "only when asked)")

@@ -44,11 +44,12 @@ class LLM:
 
     def __init__(self, model: str | Path | Gemma4, dtype=None, device: str = "auto", tokenizer=None,
                  max_batch_size: int | None = None, max_model_len: int | None = None,
-                 gpu_memory_utilization: float = 0.9):
+                 gpu_memory_utilization: float = 0.9, quantization: str | None = None):
         from .processing.tokenizer import Tokenizer
 
         start = time.perf_counter()
-        self.model = model if isinstance(model, Gemma4) else Model.from_pretrained(model, dtype=dtype, device=device)
+        self.model = model if isinstance(model, Gemma4) else Model.from_pretrained(model, dtype=dtype, device=device,
+                                                                                    quantization=quantization)
         checkpoint = getattr(self.model, "checkpoint_dir", None)
         if tokenizer is None and checkpoint is not None and Path(checkpoint, "tokenizer.json").is_file():
             tokenizer = Path(checkpoint)

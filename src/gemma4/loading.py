@@ -7,6 +7,7 @@ Only safetensors are read (never pickle).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -293,13 +294,19 @@ def save_model(model: Gemma4, directory, max_shard_bytes: int = 5 * 2**30, gener
     """Write config.json and safetensors (sharded with an index when large) in the layout transformers writes."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    state, quantization_config = quantization_module.compressed_state(model)
     config = model.config
+    if quantization_config is not None:  # a quantized model is written as a compressed-tensors checkpoint
+        quantization_config["ignore"] = [checkpoint_key(name, config.layout) for name in quantization_config["ignore"]]
+        config = copy.deepcopy(config)
+        (config.text_config.extra if config.layout == "text" else config.extra)["quantization_config"] = \
+            quantization_config
     config.save(directory)
     # Shards are planned from the sizes alone and copied to host memory one at a time: a model on the GPU is written
     # with one shard's worth of host memory.
     shards: list[dict[str, torch.Tensor]] = [{}]  # checkpoint key -> the model's tensor, wherever it lives
     sizes = [0]  # bytes of each shard
-    for name, tensor in model.state_dict().items():
+    for name, tensor in state.items():
         nbytes = tensor.numel() * tensor.element_size()
         if shards[-1] and sizes[-1] + nbytes > max_shard_bytes:
             shards.append({})

@@ -219,11 +219,19 @@ def on_load_scheme(name: str) -> Scheme:
     return ON_LOAD[name]
 
 
-def quantizes_on_load(name: str, module: nn.Module) -> bool:
-    """The decoder's Linears (attention, MLP, per-layer inputs) and experts; not the router (its scores pick the
-    experts), nor the towers, embeddings or the LM head, which stay in the model dtype."""
-    return ".language_model." in f".{name}" and ".router." not in f"{name}." and (
-        type(module) is Linear or name.endswith(".experts"))
+def quantizes_on_load(name: str, module: nn.Module, scheme: Scheme) -> bool:
+    """The decoder's Linears (attention, MLP, per-layer inputs) and experts whose input width the group size divides;
+    not the router (its scores pick the experts), nor the towers, embeddings or the LM head, which stay in the model
+    dtype."""
+    if ".language_model." not in f".{name}" or ".router." in f"{name}.":
+        return False
+    if name.endswith(".experts"):
+        widths = (module.gate_up_proj.shape[-1], module.down_proj.shape[-1])
+    elif type(module) is Linear:
+        widths = (module.in_features,)
+    else:
+        return False
+    return all(width % (scheme.group_size or 1) == 0 for width in widths)
 
 
 @torch.no_grad()
@@ -231,7 +239,7 @@ def quantize_model_(model: nn.Module, scheme: Scheme) -> nn.Module:
     """Every module `quantizes_on_load` chooses, quantized in place with `scheme` (min-max scales, as llm-compressor's
     default observer); the dense weights are freed one at a time."""
     for name, module in list(model.named_modules()):
-        if not quantizes_on_load(name, module):
+        if not quantizes_on_load(name, module, scheme):
             continue
         if name.endswith(".experts"):
             gate_up, down = module.gate_up_proj.detach(), module.down_proj.detach()
@@ -242,3 +250,74 @@ def quantize_model_(model: nn.Module, scheme: Scheme) -> nn.Module:
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, QuantizedLinear.of_weight(module.weight.detach(), scheme))
     return model
+
+
+# --- writing the compressed-tensors format ----------------------------------------------------------------------
+
+def _format(scheme: Scheme) -> str:
+    """What llm-compressor writes for the scheme: int weights packed in int32 (W4A16, W8A16), fp8 as fp8."""
+    return "pack-quantized" if scheme.kind == "int" else "float-quantized"
+
+
+def _checkpoint_tensors(weight, scheme: Scheme) -> dict[str, torch.Tensor]:
+    """One quantized [N, K] matrix as the checkpoint's tensors (the inverse of stored_values / stored_scale)."""
+    values, (n, k) = weight.values, weight.shape
+    if scheme.kind == "float":
+        return {"weight": values.contiguous(), "weight_scale": weight.scale.contiguous()}
+    if scheme.bits == 8:  # 4 per int32, low byte first, as q + 128
+        shifts = torch.arange(0, 32, 8, dtype=torch.int32, device=values.device)
+        values = ((values.to(torch.int32) + 128).unflatten(-1, (-1, 4)) << shifts).sum(-1, dtype=torch.int32)
+    return {"weight_packed": values.contiguous(), "weight_scale": weight.scale.contiguous(),
+            "weight_shape": torch.tensor([n, k], dtype=torch.int64)}
+
+
+def compressed_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """The model's tensors named as in a checkpoint (our names), quantized modules in the compressed-tensors format
+    with experts split per expert, and the `quantization_config` that describes them (None: nothing quantized)."""
+    state = model.state_dict()
+    schemes: set[Scheme] = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, QuantizedLinear):
+            continue
+        del state[name + ".values"], state[name + ".scale"]
+        schemes.add(module.scheme)
+        weight = module.weight
+        if weight.values.dim() == 2:
+            state.update({f"{name}.{local}": t for local, t in _checkpoint_tensors(weight, module.scheme).items()})
+            continue
+        owner, projection = name.rsplit(".", 1)
+        for e in range(weight.values.shape[0]):
+            matrix = weight[e]
+            if projection == "gate_up_proj":
+                halves = matrix.shape[0] // 2
+                parts = {"gate": _rows(matrix, 0, halves), "up": _rows(matrix, halves, 2 * halves)}
+            else:
+                parts = {"down": matrix}
+            for part, piece in parts.items():
+                state.update({f"{owner}.{e}.{part}_proj.{local}": t
+                              for local, t in _checkpoint_tensors(piece, module.scheme).items()})
+    if not schemes:
+        return state, None
+    if len(schemes) > 1:
+        raise QuantizationError(f"saving several quantization schemes in one checkpoint is not supported: "
+                                f"{sorted(s.name for s in schemes)}")
+    (scheme,) = schemes
+    ignore = sorted(name for name, module in model.named_modules()
+                    if isinstance(module, nn.Linear) and not isinstance(module, QuantizedLinear))
+    weights = {"type": scheme.kind, "num_bits": scheme.bits, "strategy": scheme.strategy, "symmetric": True,
+               "dynamic": False, "group_size": scheme.group_size,
+               "block_structure": list(scheme.block) if scheme.block else None}
+    config = {"quant_method": "compressed-tensors", "format": _format(scheme), "quantization_status": "compressed",
+              "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                            "output_activations": None, "format": _format(scheme)}},
+              "ignore": [*ignore, "lm_head"], "kv_cache_scheme": None}
+    return state, config
+
+
+def _rows(weight, start: int, end: int):
+    """Rows [start, end) of a quantized matrix: the scale rows follow (block scales: blocks of whole rows)."""
+    from .model.quantized import QuantizedWeight
+    rows = weight.scheme.block[0] if weight.scheme.strategy == "block" else 1
+    if start % rows:
+        raise QuantizationError(f"cannot split {weight.scheme.name} scales at row {start}")
+    return QuantizedWeight(weight.values[start:end], weight.scale[start // rows:-(-end // rows)], weight.scheme)

@@ -98,26 +98,32 @@ def random_config(preset: str, num_layers: int | None = None, text_only: bool = 
     return config
 
 
-def random_model(config: Config, dtype: torch.dtype = torch.bfloat16, seed: int = 0, device: str = "cpu"):
-    """A Model of `config` with random weights, allocated directly in `dtype` (a full-size E2B fits in 10 GB)."""
+def random_model(config: Config, dtype: torch.dtype = torch.bfloat16, seed: int = 0, device: str = "cpu",
+                 quantization: str | None = None):
+    """A Model of `config` with random weights, allocated directly in `dtype` (a full-size E2B fits in 10 GB);
+    `quantization` ("fp8", "int8", "int4"): then quantized as `load_model` quantizes on load."""
     from .pretrained import Model
+    from .quantization import on_load_scheme, quantize_model_
 
+    scheme = on_load_scheme(quantization) if quantization else None
     with torch.device("meta"):
         model = Model(config).to(dtype)
-    return randomize_(model.to_empty(device=device), seed).ready_()
+    model = randomize_(model.to_empty(device=device), seed)
+    return (quantize_model_(model, scheme) if scheme else model).ready_()
 
 
 def write_random_checkpoint(preset: str, out: str | Path, num_layers: int | None = None, text_only: bool = False,
                             dtype: torch.dtype = torch.bfloat16, tokenizer: str | Path | None = None,
-                            seed: int = 0, device: str = "cpu") -> Path:
-    """The weights are drawn on `device` and written a shard at a time."""
+                            seed: int = 0, device: str = "cpu", quantization: str | None = None) -> Path:
+    """The weights are drawn on `device` and written a shard at a time; with `quantization`, quantized and written
+    as a compressed-tensors checkpoint."""
     from .loading import resolve_device
 
     official = preset_dir(preset)
     config = random_config(preset, num_layers, text_only)
     if text_only:
         config.layout = "text"
-    model = random_model(config, dtype, seed, resolve_device(device))
+    model = random_model(config, dtype, seed, resolve_device(device), quantization)
     out = Path(out)
     generation = json.loads((official / "generation_config.json").read_text())
     model.save_pretrained(out, generation_config=generation)

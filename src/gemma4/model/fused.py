@@ -27,9 +27,14 @@ if TYPE_CHECKING:
 def takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether x @ weight.T runs in the Triton GEMV kernels (kernels/gemv.py): one row on CUDA (a batch-1 decode step),
     and a weight where they beat cuBLAS (benchmarks/gemv.py): every projection of E2B, E4B and 26B-A4B and the LM heads
-    with K <= 4096; cuBLAS reads 31B's matrices of over 64M elements, and its LM head (K = 5376), faster."""
+    with K <= 4096; cuBLAS reads 31B's matrices of over 64M elements, and its LM head (K = 5376), faster. Quantized
+    weights of every size and format the kernels read (`kernels.gemv.quantized_supported`): the alternative is the
+    dequantizing twin."""
     if isinstance(weight, QuantizedWeight):
-        return False
+        if not (x.numel() == x.shape[-1] and kernels.enabled(x)):
+            return False
+        from ..kernels.gemv import quantized_supported
+        return quantized_supported(weight) is None
     n_out, k_in = weight.shape
     return (x.numel() == x.shape[-1] and (k_in <= 4096 or n_out * k_in <= 64 * 2**20) and weight.stride(-1) == 1
             and kernels.enabled(x))

@@ -71,7 +71,8 @@ class Attention(nn.Module):
     def fuse_projections_(self) -> None:
         """q, k and v in one matmul (k alone on K=V layers; nothing to fuse on KV-shared layers)."""
         if not self.is_kv_shared and self.q_proj.bias is None:
-            self.qkv_weight = fuse_linears([self.q_proj, self.k_proj] + ([self.v_proj] if self.v_proj else []))
+            projections = [self.q_proj, self.k_proj] + ([self.v_proj] if self.v_proj else [])
+            set_fused(self, "qkv_weight", fuse_linears(projections))
 
     def project(self, x: torch.Tensor):
         """(q, k, v) of x: k and v None on KV-shared layers, v None on K=V layers."""
@@ -130,7 +131,7 @@ class MLP(nn.Module):
 
     def fuse_projections_(self) -> None:
         """gate and up in one matmul."""
-        self.gate_up_weight = fuse_linears([self.gate_proj, self.up_proj])
+        set_fused(self, "gate_up_weight", fuse_linears([self.gate_proj, self.up_proj]))
 
     def forward(self, x):
         return self.down_proj(self.hidden(x))
@@ -140,6 +141,14 @@ class MLP(nn.Module):
         if self.gate_up_weight is not None:
             return gated_linear(x, self.gate_up_weight, self.activation)
         return gated(self.gate_proj(x), self.up_proj(x), self.activation)
+
+
+def set_fused(module: nn.Module, name: str, weight) -> None:
+    """A fused weight into its slot: a tensor as the non-persistent buffer, a QuantizedWeight (not a tensor) as a
+    plain attribute in its place."""
+    if isinstance(weight, QuantizedWeight):
+        module._buffers.pop(name, None)
+    setattr(module, name, weight)
 
 
 def fuse_linears(linears: list[nn.Linear]) -> torch.Tensor:

@@ -9,6 +9,8 @@ import threading
 import time
 
 
+from ..cli import QUANTIZATIONS, QUANTIZATION_HELP
+
 # Tokens per engine step by default: long prompts prefill in few chunks, and an image of up to 1120 soft tokens fits.
 STEP_TOKENS = {"cuda": 8192, "cpu": 2048}
 
@@ -20,6 +22,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument("--dtype", default="auto", help="bf16, fp16, fp32, or auto: the checkpoint's")
     parser.add_argument("--device", default="auto", help="cuda, cpu, or auto: CUDA when present, else the CPU")
+    parser.add_argument("--quantization", default=None, choices=QUANTIZATIONS, help=QUANTIZATION_HELP)
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="longest prompt + completion, in tokens (None: the longest that fits, at most the "
                              "model's max_position_embeddings)")
@@ -50,7 +53,7 @@ def build_app_from_args(args):
     from .state import build_state
 
     start = time.perf_counter()
-    model = Model.from_pretrained(args.model, dtype=args.dtype, device=args.device)
+    model = Model.from_pretrained(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization)
     processor = Processor.from_pretrained(args.tokenizer or args.model)  # tokenizer + processor_config.json
     step_tokens = args.max_num_batched_tokens or STEP_TOKENS.get(model.device.type, STEP_TOKENS["cpu"])
     state = build_state(model, processor.tokenizer, args.served_model_name or args.model, processor=processor,
