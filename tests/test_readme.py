@@ -146,8 +146,9 @@ def test_the_readme_has_the_snippets_this_test_runs():
         assert any(c.startswith(prefix) for c in names), f"EXEMPT rule {prefix!r} matches nothing: remove it"
 
 
-def test_python_snippets(checkpoint, gemma4_tokenizer_dir):
-    """Every Python block that needs no server, in order."""
+def test_python_snippets(checkpoint, gemma4_tokenizer_dir, tmp_path, monkeypatch):
+    """Every Python block that needs no server, in order, in an empty working directory (for what they write)."""
+    monkeypatch.chdir(tmp_path)
     ran = 0
     for line, code in blocks("python"):
         if SERVER_URL not in code:
