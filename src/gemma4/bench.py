@@ -227,9 +227,11 @@ def _free(peaks: list | None = None) -> None:
 def bench(spec: BenchSpec, compare: str | None = None, log=print) -> tuple[dict, dict | None]:
     """Our figures, then (with compare="transformers") transformers' on the same shapes: one model at a time."""
     def measure(make) -> dict:
-        if spec.device == "cuda":
+        engine = make(spec)
+        if spec.device == "cuda":  # the weights stay counted, not how they were made (bf16 first, then quantized)
             torch.cuda.reset_peak_memory_stats()
-        results = run_engine(make(spec), spec, log)
+        results = run_engine(engine, spec, log)
+        del engine
         _free()  # the engine, no longer referenced
         return results
 
