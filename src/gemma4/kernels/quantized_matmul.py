@@ -1,0 +1,147 @@
+"""Products of a few to a few hundred activation rows with a quantized weight (model/quantized.py's QuantizedWeight):
+decode steps of a batch of sequences, one token each, on a quantized model. The plain twin (`QuantizedWeight.linear`)
+writes the whole weight dequantized to the model dtype and reads it back for F.linear: 1 + 2 + 2 bytes a weight
+(8-bit) where 1 would do. Here each program dequantizes [BLOCK_N, BLOCK_K] tiles of the stored values in
+registers and multiplies them with the activations' [BLOCK_M, BLOCK_K] tile on the tensor cores.
+
+Numerics: the twin's dequantized weight exactly, w = q * scale in fp32 rounded once to the activations' dtype, then
+tl.dot with fp32 accumulation and one rounding of the output; so the result is F.linear(x, weight.dequantize(x.dtype))
+up to the fp32 summation order. fp32 activations multiply in fp32 ("ieee", not tf32).
+
+For many rows (prefill) dequantizing once and calling cuBLAS should win: the dequantized weight's extra traffic is
+small against the arithmetic, and cuBLAS's GEMMs are better tuned. `max_rows` says up to where the model should call
+this kernel (configs/, MAX_M; to be measured).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..model.quantized import QuantizedWeight
+from .attention import _dot
+from .gemv import INT4_GROUPS, PER_ROW, _quantized_format
+from .pdl import after_previous_kernel, launch_options
+from .rounding import round_to
+from .tuning import config
+
+
+@triton.jit
+def _dequantized_tile(w_ptr, scale_ptr, rows, k0, N, stride_wn, stride_sn, stride_sk, K: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr,
+                      SCALE_ROWS: tl.constexpr, TILE_GROUPS: tl.constexpr, dtype: tl.constexpr,
+                      INTERPRET: tl.constexpr):
+    """Weight rows `rows` [BLOCK_N], inputs k0 .. k0 + BLOCK_K, dequantized as the twin does: q * scale in fp32,
+    rounded to `dtype` (in the interpreter kept in fp32: its casts to bf16 truncate, and `_dot` multiplies in fp32
+    there anyway). Masked rows and inputs are 0 (int4: nibbles of -8 times a masked scale of 0, or, per channel, times
+    the zero inputs)."""
+    row_ok = rows < N
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
+    if WFMT == INT4_GROUPS:  # [BLOCK_N, BLOCK_K // 8] words -> [BLOCK_N, BLOCK_K // 8, 8] nibbles
+        words = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        packed = tl.load(w_rows + words[None, :], mask=row_ok[:, None] & (words < K // 8)[None, :], other=0)
+        shifts = tl.arange(0, 8) * 4
+        q = ((packed[:, :, None] >> shifts[None, None, :]) & 0xF) - 8  # the mask undoes the sign's extension
+        q = tl.reshape(q.to(tl.float32), (BLOCK_N, BLOCK_K))  # element j: word j // 8, nibble j % 8
+    else:  # fp8 e4m3 or int8 (the pointer's type): both exact in fp32
+        cols = k0 + tl.arange(0, BLOCK_K)
+        q = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0.0).to(tl.float32)
+    if WFMT == PER_ROW:
+        scale = tl.load(scale_ptr + rows.to(tl.int64) * stride_sn, mask=row_ok, other=0.0).to(tl.float32)
+        w = q * scale[:, None]
+    else:  # a scale per GROUP inputs (and SCALE_ROWS rows): TILE_GROUPS in the tile (1 where GROUP >= BLOCK_K)
+        TILE_GROUP: tl.constexpr = BLOCK_K // TILE_GROUPS
+        groups = (k0 + tl.arange(0, TILE_GROUPS) * TILE_GROUP) // GROUP
+        mask = row_ok[:, None] & (groups < (K + GROUP - 1) // GROUP)[None, :]
+        scale_rows = scale_ptr + (rows // SCALE_ROWS).to(tl.int64)[:, None] * stride_sn
+        scale = tl.load(scale_rows + (groups * stride_sk)[None, :], mask=mask, other=0.0).to(tl.float32)
+        w = tl.reshape(tl.reshape(q, (BLOCK_N, TILE_GROUPS, TILE_GROUP)) * scale[:, :, None], (BLOCK_N, BLOCK_K))
+    if INTERPRET:
+        return round_to(w, dtype)
+    else:
+        return w.to(dtype)  # cvt.rn: round to nearest even, as torch's .to(dtype)
+
+
+@triton.jit
+def _quantized_matmul_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, stride_xm, stride_om, stride_wn, stride_sn,
+                             stride_sk, K: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr,
+                             SCALE_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr, TILE_GROUPS: tl.constexpr, INTERPRET: tl.constexpr,
+                             PDL: tl.constexpr):
+    """out[m, n] = sum_k x[m, k] * w[n, k], w the weight in format WFMT (gemv.py's codes) dequantized to x's dtype.
+    Programs are ordered row block fastest: those sharing a weight tile run together and read it once from HBM."""
+    row_blocks = tl.cdiv(M, BLOCK_M)
+    pid_m = tl.program_id(0) % row_blocks
+    pid_n = tl.program_id(0) // row_blocks
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # weight rows: output columns
+    dtype = x_ptr.dtype.element_ty
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
+    after_previous_kernel(PDL)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_rows + ks[None, :], mask=(rows < M)[:, None] & (ks < K)[None, :], other=0.0)
+        w = _dequantized_tile(w_ptr, scale_ptr, cols, k0, N, stride_wn, stride_sn, stride_sk, K, BLOCK_N, BLOCK_K, WFMT,
+                              GROUP, SCALE_ROWS, TILE_GROUPS, dtype, INTERPRET)
+        acc += _dot(x, tl.trans(w), INTERPRET)
+    out = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
+    # One rounding of the fp32 sums (by hand: the interpreter's cast to bf16 truncates).
+    tl.store(out, round_to(acc, dtype).to(dtype), mask=(rows < M)[:, None] & (cols < N)[None, :])
+
+
+def quantized_matmul_supported(weight: QuantizedWeight) -> str | None:
+    """Why `quantized_matmul` cannot read this QuantizedWeight, or None where it can: the GEMV kernels' formats
+    (gemv.quantized_supported: one [N, K] matrix with unit stride along K, any row stride; fp8/int8 per channel, in
+    groups or in blocks of a power of 2 of inputs; int4 packed in int32 per channel or in groups of 8 inputs or
+    more)."""
+    fmt = _quantized_format(weight)
+    return fmt if isinstance(fmt, str) else None
+
+
+def max_rows(device: torch.device | None = None) -> int:
+    """Activation rows up to which `quantized_matmul` beats dequantizing the weight and cuBLAS (configs/, MAX_M)."""
+    return config("quantized_matmul", device)["MAX_M"]
+
+
+def _tiles(m: int, n: int, k: int, device: torch.device, tiles: tuple | None) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): `tiles`, else the first TILES_BY_M entry that covers m rows; each
+    block shrinks to the power of 2 over its side (16 at least, for tl.dot)."""
+    if tiles is None:
+        tiles = next(entry[1:] for entry in config("quantized_matmul", device)["TILES_BY_M"]
+                     if entry[0] is None or m <= entry[0])
+    block_m, block_n, block_k, warps, stages = tiles
+    block_m, block_n, block_k = (min(block, max(16, triton.next_power_of_2(side)))
+                                 for block, side in ((block_m, m), (block_n, n), (block_k, k)))
+    return block_m, block_n, block_k, warps, stages
+
+
+def quantized_matmul(x: torch.Tensor, weight: QuantizedWeight, tiles: tuple | None = None) -> torch.Tensor:
+    """x @ W.T for x [..., K] (bf16, fp16 or fp32; any number of rows) and a QuantizedWeight W [N, K] that
+    `quantized_matmul_supported` accepts, in x's dtype: F.linear(x, weight.dequantize(x.dtype)) up to the fp32
+    summation order. tiles: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), by default the tuned ones (tuning.py)."""
+    fmt = _quantized_format(weight)
+    if isinstance(fmt, str):
+        raise ValueError(f"quantized_matmul does not read this {weight.scheme.name} weight: {fmt}")
+    constexprs, stride_sn, stride_sk = fmt
+    n_out, k_in = weight.shape
+    assert x.shape[-1] == k_in, f"x has {x.shape[-1]} inputs, the weight {k_in}"
+    assert x.dtype in (torch.bfloat16, torch.float16, torch.float32), x.dtype
+    rows = x.reshape(-1, k_in)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    m = rows.shape[0]
+    out = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
+    if m == 0 or n_out == 0:
+        return out.reshape(*x.shape[:-1], n_out)
+    block_m, block_n, block_k, warps, stages = _tiles(m, n_out, k_in, x.device, tiles)
+    assert block_k % 16 == 0 and not block_k & (block_k - 1), block_k  # powers of 2, whole int4 words
+    per_row = constexprs["WFMT"] == PER_ROW.value
+    tile_groups = 1 if per_row else max(block_k // constexprs["GROUP"], 1)  # scales a weight row takes per tile
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n_out, block_n),)
+    _quantized_matmul_kernel[grid](
+        rows, weight.values, weight.scale, out, m, n_out, rows.stride(0), out.stride(0), weight.values.stride(0),
+        stride_sn, stride_sk, k_in, **constexprs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        TILE_GROUPS=tile_groups, INTERPRET=not x.is_cuda, num_warps=warps, num_stages=stages, **launch_options(x))
+    return out.reshape(*x.shape[:-1], n_out)
