@@ -43,7 +43,7 @@ def test_quantized_and_fused(model):
 @pytest.mark.parametrize("rows", [1, 2])
 def test_decode_logits_and_tokens_equal(model, rows):
     """Prefill, then decode past the sliding window: at one row every product is a quantized GEMV kernel (with the
-    deferred norms), at two the expert kernels read 8-bit experts while dense products use the twin. Tolerance as
+    deferred norms), at two the quantized matmul kernel and the expert kernels on 8-bit experts. Tolerance as
     the dense kernels' test: fp32 summation order (the kernels apply a channel's scale once per dot product, or a
     group's per group), amplified by the post-norms."""
     from gemma4.kernels import gemv as gemv_module

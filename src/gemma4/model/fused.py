@@ -50,8 +50,16 @@ def linear(x, weight: torch.Tensor) -> torch.Tensor:
 
 
 def product(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias), or a QuantizedWeight's product (quantized linears have no bias)."""
-    return weight.linear(x) if isinstance(weight, QuantizedWeight) else F.linear(x, weight, bias)
+    """F.linear(x, weight, bias), or a QuantizedWeight's product (quantized linears have no bias): on CUDA, for up to
+    a few hundred rows (serving steps), a kernel that dequantizes the weight's tiles in registers; else (prefill, the
+    CPU) the dequantized weight and F.linear."""
+    if not isinstance(weight, QuantizedWeight):
+        return F.linear(x, weight, bias)
+    if kernels.enabled(x):
+        from ..kernels.quantized_matmul import max_rows, quantized_matmul, quantized_matmul_supported
+        if x.numel() // x.shape[-1] <= max_rows(x.device) and quantized_matmul_supported(weight) is None:
+            return quantized_matmul(x, weight)
+    return weight.linear(x)
 
 
 def dense(weight, dtype: torch.dtype) -> torch.Tensor:
