@@ -16,10 +16,10 @@ import torch.nn.functional as F
 triton = pytest.importorskip("triton")
 
 from gemma4.kernels.quantized_matmul import max_rows, quantized_matmul, quantized_matmul_supported  # noqa: E402
-from gemma4.model.quantized import ON_LOAD, QuantizedWeight, Scheme, quantize  # noqa: E402
+from gemma4.model.quantized import ON_LOAD, QuantizedWeight, Scheme  # noqa: E402
+from test_kernels_gemv_quantized import quantized_weight  # noqa: E402  (every format, as the GEMV tests make them)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BLOCKS = Scheme("float", 8, "block", block=(128, 128))
 EXTRA_SCHEMES = {"int4 per channel": Scheme("int", 4, "channel"), "int8 groups": Scheme("int", 8, "group", 32)}
 # The quantize-on-load schemes (fp8/int8 per channel, int4 in groups of 32), int4 per channel, 8-bit groups, and fp8
 # 128x128 blocks as checkpoints hold them.
@@ -28,18 +28,6 @@ FORMATS = [*ON_LOAD, *EXTRA_SCHEMES, "fp8 blocks"]
 # one (a whole int4 group; 8-bit blocks of 128 wider than a step: one scale a tile); M = 5 a ragged 32-row block,
 # M = 64 two.
 STEPS = (32, 32, 64, 4, 1)
-
-
-def quantized_weight(fmt: str, n: int, k: int, dtype: torch.dtype, seed: int = 0) -> QuantizedWeight:
-    """A [n, k] weight of about unit-variance products in format `fmt` (quantize with its scheme; "fp8 blocks":
-    random fp8 values and block scales), scales in `dtype` as on load."""
-    generator = torch.Generator().manual_seed(seed)
-    if fmt == "fp8 blocks":
-        values = (torch.randn(n, k, generator=generator) * 64).clamp(-448, 448).to(torch.float8_e4m3fn)
-        scale = (torch.rand(*BLOCKS.scale_shape(n, k), generator=generator) + 0.5) * k**-0.5 / 64
-        return QuantizedWeight(values.to(DEVICE), scale.to(DEVICE, dtype), BLOCKS)
-    scheme = ON_LOAD[fmt] if fmt in ON_LOAD else EXTRA_SCHEMES[fmt]
-    return quantize((torch.randn(n, k, generator=generator) * k**-0.5).to(DEVICE, dtype), scheme)
 
 
 def rand(*shape, dtype, seed=1):
