@@ -2,12 +2,14 @@
 tile choices, at every distinct projection shape of a preset's decode step, each timed inside a CUDA graph of 50
 calls (no launch gaps, as in the captured decode step).
 
-    python benchmarks/gemv.py --preset E2B [--sweep] [--epilogue] [--deferred]
+    python benchmarks/gemv.py --preset E2B [--sweep] [--epilogue] [--deferred] [--quantization int4]
 
 Prints us per call and GB/s for each shape (N outputs x K inputs, and how many of them one decode step runs).
 --epilogue: for the products whose output is the residual stream (N = hidden), the plain GEMV against the GEMV with
 its residual-norm epilogue (`gemv_residual_norms`, which the model runs there), and that kernel's best tiles: what
 the last program's norms cost.
+--quantization fp8|int8|int4: the weights quantized as on load (the GB/s count their bytes, scales included; cuBLAS
+runs the bf16 weight).
 --deferred: for each product whose residual norms the model may defer (`model.text.DEFERRABLE`) and the GEMV that
 reads them, the pair with the norms in the producer's epilogue against the plain producer and a consumer that
 normalizes its own input (`norms=`), with the consumer's tiles swept.
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 
 from gemma4.config import Config
 from gemma4.kernels.gemv import gemv, gemv_gated, gemv_residual_norms
+from gemma4.model.quantized import ON_LOAD, quantize
 from gemma4 import Model
 
 
@@ -72,13 +75,23 @@ def graph_us(fn, calls=CALLS, repeat=5) -> float:
     return best
 
 
-def cycled_weights(n: int, k: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Enough copies of an [n, k] bf16 weight that a graph's calls cycle through ~256 MB, so each call reads its
-    weight from memory, as in a decode step (whose weights are far larger than the 50 MB L2), not from the L2 cache;
-    and one activation row [1, 1, k]."""
-    copies = max(1, min(CALLS, -(-256_000_000 // (n * k * 2))))
+def cycled_weights(n: int, k: int, quantization: str | None = None) -> tuple[list, torch.Tensor]:
+    """Enough copies of an [n, k] bf16 weight (or of its `quantization`) that a graph's calls cycle through ~256 MB,
+    so each call reads its weight from memory, as in a decode step (whose weights are far larger than the 50 MB L2),
+    not from the L2 cache; and one activation row [1, 1, k]."""
+    copies = max(1, min(CALLS, -(-256_000_000 // int(n * k * weight_bytes(quantization)))))
     weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5 for _ in range(copies)]
+    if quantization:
+        weights = [quantize(w, ON_LOAD[quantization]) for w in weights]
     return weights, torch.randn(1, 1, k, device="cuda", dtype=torch.bfloat16)
+
+
+def weight_bytes(quantization: str | None) -> float:
+    """Bytes a weight element costs, its share of the bf16 scales included."""
+    if not quantization:
+        return 2.0
+    scheme = ON_LOAD[quantization]
+    return scheme.bits / 8 + (2 / scheme.group_size if scheme.group_size else 0)
 
 
 def main():
@@ -89,6 +102,7 @@ def main():
                         help="also try these tiles (a BLOCK_K over the row's width means one step)")
     parser.add_argument("--epilogue", action="store_true", help="time the residual-norm epilogue instead")
     parser.add_argument("--deferred", action="store_true", help="time deferred residual norms instead")
+    parser.add_argument("--quantization", choices=sorted(ON_LOAD), default=None, help="quantized weights (default)")
     args = parser.parse_args()
     if args.epilogue:
         return epilogue(args.preset)
@@ -102,11 +116,12 @@ def main():
     print(f"{args.preset} on {torch.cuda.get_device_name()}: us per call (GB/s)")
     total = collections.Counter()
     for (n, k), count in sorted(decode_shapes(args.preset).items()):
-        weights, x = cycled_weights(n, k)
+        weights, x = cycled_weights(n, k, args.quantization)
         copies = len(weights)
-        gb = n * k * 2 / 1e3  # bytes per us = GB/s * 1e-3
-        ref = F.linear(x, weights[0])
-        cublas = graph_us(lambda i: F.linear(x, weights[i % copies]))
+        gb = n * k * weight_bytes(args.quantization) / 1e3  # bytes per us = GB/s * 1e-3
+        dense = [w.dequantize(x.dtype) for w in weights[:1]] if args.quantization else weights
+        ref = F.linear(x, dense[0])
+        cublas = graph_us(lambda i: F.linear(x, dense[i % len(dense)]))
         results = []
         for tiles in candidates:
             try:
