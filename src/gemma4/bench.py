@@ -47,6 +47,7 @@ class BenchSpec:
     num_layers: int | None = None
     device: str = "cuda"
     quantization: str | None = None  # gemma4's weights quantized on load: fp8, int8 or int4 (transformers: bf16)
+    kv_cache_dtype: str = "auto"  # gemma4's KV cache: auto (bf16) or fp8 (transformers: its own)
 
 
 def timed(fn, device: str, repeat: int = 1) -> float:
@@ -94,21 +95,23 @@ class Gemma4Engine(Engine):
         self.vocab = config.text_config.vocab_size
         self.engine = None
         self.max_new = spec.serve_out
+        self.kv_cache_dtype = spec.kv_cache_dtype
 
     def generate(self, ids, new_tokens, chunk=None):
         self.model.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
-                            prefill_chunk_size=chunk)
+                            prefill_chunk_size=chunk, kv_cache_dtype=self.kv_cache_dtype)
 
     def serve(self, prompts, new_tokens):
         batch, length = prompts.shape
         if self.engine is None:  # a server starts once (the warm-up run captures its CUDA graphs)
             self.engine = LLMEngine(self.model, max_num_seqs=batch, max_model_len=length + self.max_new,
-                                    max_num_batched_tokens=8192)
+                                    max_num_batched_tokens=8192, kv_cache_dtype=self.kv_cache_dtype)
         params = SamplingParams(max_tokens=new_tokens, ignore_eos=True, **GEMMA4_DEFAULTS)
         return sum(len(tokens) for tokens in self.engine.generate(prompts.tolist(), params))
 
     def token_times(self, ids, new_tokens, chunk):
-        engine = engine_for(self.model, ids.shape[0], ids.shape[1] + new_tokens, chunk * ids.shape[0])
+        engine = engine_for(self.model, ids.shape[0], ids.shape[1] + new_tokens, chunk * ids.shape[0],
+                            self.kv_cache_dtype)
         params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
         seq_ids = [engine.add_request(row, params) for row in ids.tolist()]
         # One time a step: when the first row's token reaches the host (every row's comes from the same step).
@@ -240,7 +243,8 @@ def bench(spec: BenchSpec, compare: str | None = None, log=print) -> tuple[dict,
 
 def table(spec: BenchSpec, mine: dict, theirs: dict | None) -> str:
     device = torch.cuda.get_device_name() if spec.device == "cuda" else "cpu"
-    lines = [f"{spec.preset} bf16, random weights, on {device}, torch {torch.__version__}",
+    kv = ", fp8 KV cache" if spec.kv_cache_dtype == "fp8" else ""
+    lines = [f"{spec.preset} bf16{kv}, random weights, on {device}, torch {torch.__version__}",
              "| metric | shape | gemma4 |" + (" transformers | ratio |" if theirs else ""),
              "| --- | --- | ---: |" + (" ---: | ---: |" if theirs else "")]
     for (metric, shape), value in mine.items():

@@ -26,7 +26,8 @@ def _load_llm(args):
     from .llm import LLM
 
     llm = LLM(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer,
-              quantization=args.quantization, max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization)
+              quantization=args.quantization, max_model_len=args.max_model_len,
+              gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_dtype=args.kv_cache_dtype)
     values = {"max_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
               "top_k": args.top_k, "seed": args.seed}
     return llm, llm._params({k: v for k, v in values.items() if v is not None})
@@ -145,6 +146,9 @@ DEVICE_HELP = "cuda, cpu, or auto: CUDA when present, else the CPU"
 QUANTIZATIONS = ["fp8", "int8", "int4"]  # model.quantized.ON_LOAD (not imported here: the CLI starts without torch)
 QUANTIZATION_HELP = ("quantize a bf16 checkpoint's decoder weights on load: fp8 or int8 per channel, int4 in groups of "
                      "32 (a compressed-tensors checkpoint loads quantized without it)")
+KV_CACHE_DTYPES = ["auto", "fp8"]  # model.paged_cache.KV_CACHE_DTYPES (not imported here, as above)
+KV_CACHE_DTYPE_HELP = ("KV cache element type: auto (the model's dtype) or fp8 (e4m3 with a scale per KV head: half "
+                       "the bytes, so about twice the context fits)")
 
 
 def _add_model_arguments(p) -> None:
@@ -156,6 +160,7 @@ def _add_model_arguments(p) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + completion (None: what fits)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="share of the GPU's memory for weights, activations and KV cache")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES, help=KV_CACHE_DTYPE_HELP)
     # Sampling: None takes the checkpoint's generation_config.json.
     p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (0: greedy)")
@@ -229,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-layers", type=int, default=spec.num_layers, help="fewer layers than the official model")
     p.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
                    help="gemma4's weights quantized on load (the transformers comparison stays bf16)")
+    p.add_argument("--kv-cache-dtype", default=spec.kv_cache_dtype, choices=KV_CACHE_DTYPES,
+                   help=KV_CACHE_DTYPE_HELP + " (the transformers comparison keeps its own)")
     p.add_argument("--compare", choices=["transformers"], default=None, help="also measure this implementation")
     p.add_argument("--device", default="auto", help="cuda, cpu, or auto: CUDA (without a GPU, an error: the CPU "
                    "only when asked)")

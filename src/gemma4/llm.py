@@ -39,13 +39,17 @@ class LLM:
     `gemma4 serve` makes its own: up to `max_batch_size` sequences (None: 16, fewer if the KV cache of 16 does not
     fit) of up to `max_model_len` tokens (None: the longest that fits), its KV cache sized from the memory that the
     weights and the largest prefill step leave of `gpu_memory_utilization` x the GPU's (on the CPU: 4 GiB at most; see
-    engine/memory.py). On CUDA it is warmed up (kernels compiled, decode graphs captured) before the first call. A
-    summary is logged at INFO level."""
+    engine/memory.py). `kv_cache_dtype`: "auto" (the model's dtype) or "fp8" (e4m3 with per-head scales: half the
+    bytes, twice the context). On CUDA it is warmed up (kernels compiled, decode graphs captured) before the first
+    call. A summary is logged at INFO level."""
 
     def __init__(self, model: str | Path | Gemma4, dtype=None, device: str = "auto", tokenizer=None,
                  max_batch_size: int | None = None, max_model_len: int | None = None,
-                 gpu_memory_utilization: float = 0.9, quantization: str | None = None):
+                 gpu_memory_utilization: float = 0.9, quantization: str | None = None, kv_cache_dtype: str = "auto"):
+        from .model.paged_cache import kv_cache_dtype_for
         from .processing.tokenizer import Tokenizer
+
+        kv_cache_dtype_for(kv_cache_dtype, None)  # a bad name fails before the model is loaded
 
         start = time.perf_counter()
         self.model = model if isinstance(model, Gemma4) else Model.from_pretrained(model, dtype=dtype, device=device,
@@ -60,7 +64,7 @@ class LLM:
             try:
                 self.engine = LLMEngine(self.model, max_num_seqs=seqs, max_model_len=max_model_len,
                                         max_num_batched_tokens=PREFILL_BUDGET,
-                                        gpu_memory_utilization=gpu_memory_utilization)
+                                        gpu_memory_utilization=gpu_memory_utilization, kv_cache_dtype=kv_cache_dtype)
                 break
             except ValueError:
                 if max_batch_size is not None or seqs == 1:

@@ -27,6 +27,7 @@ import torch
 
 from ..model.gemma4 import check_token_ids
 from ..model.multimodal import SoftTokens, compute_soft_tokens, vision_runs
+from ..model.paged_cache import kv_cache_dtype_for
 from .block_manager import BlockManager
 from .memory import kv_budget, plan_kv
 from .runner import Launched, ModelRunner, SampleError
@@ -45,15 +46,19 @@ class LLMEngine:
     def __init__(self, model, max_num_seqs: int = 64, max_model_len: int | None = None, block_size: int = 16,
                  num_blocks: int | None = None, max_num_batched_tokens: int = 512,
                  stop_token_ids: list[int] | None = None, run_ahead: bool = True,
-                 gpu_memory_utilization: float = 0.9, kv_cache_memory: int | None = None):
+                 gpu_memory_utilization: float = 0.9, kv_cache_memory: int | None = None,
+                 kv_cache_dtype: str = "auto"):
         # KV sized from the memory there is (memory.py), unless num_blocks or kv_cache_memory (bytes) say otherwise;
         # max_model_len None: the longest one sequence fits. ValueError when one sequence of max_model_len cannot.
+        # kv_cache_dtype: "auto" (the model's dtype) or "fp8" (e4m3 with per-head scales: model/paged_cache.py).
         text = model.config.text_config
+        kv_cache_dtype_for(kv_cache_dtype, model.dtype)  # a bad name fails before the memory is profiled
         if num_blocks is None and kv_cache_memory is None:
             kv_cache_memory = kv_budget(model, gpu_memory_utilization, max_num_batched_tokens)
         self.max_model_len, num_blocks = plan_kv(text, model.dtype, max_num_seqs, block_size, max_model_len,
-                                                 num_blocks, kv_cache_memory)
-        self.blocks = BlockManager(text, num_blocks, block_size, max_num_seqs, model.dtype, model.device)
+                                                 num_blocks, kv_cache_memory, kv_cache_dtype)
+        self.blocks = BlockManager(text, num_blocks, block_size, max_num_seqs, model.dtype, model.device,
+                                   kv_cache_dtype)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max(max_num_batched_tokens, 1))
         self.runner = ModelRunner(model, self.blocks, self.max_model_len)
         default = getattr(model, "generation_config", {}).get("eos_token_id", list(GEMMA4_STOP_IDS))
@@ -187,6 +192,10 @@ class LLMEngine:
     @property
     def kv_usage(self) -> float:
         return self.blocks.usage
+
+    @property
+    def kv_cache_dtype(self) -> str:
+        return self.blocks.kv_cache_dtype
 
     @property
     def max_num_seqs(self) -> int:

@@ -4,7 +4,8 @@
 stopped padded with `pad_token_id`; unset sampling arguments come from the checkpoint's generation_config, as in
 transformers; `eos_token_id=None` never stops; `min_new_tokens` holds the stop back; row b draws from `seed + b`.
 Each row is one request of the model's `LLMEngine` (`engine_for`: kept on the model and reused, so its CUDA graphs
-are captured once); `use_cache=False` runs `reference_generate` instead. `return_dict_in_generate=True`: a
+are captured once; `kv_cache_dtype` "auto" or "fp8" picks its KV cache, None keeps the kept engine's);
+`use_cache=False` runs `reference_generate` instead. `return_dict_in_generate=True`: a
 `GenerateOutput` instead of the tensor.
 """
 
@@ -17,6 +18,7 @@ from collections.abc import Mapping
 import torch
 
 from ..model.multimodal import batch_soft_tokens
+from ..model.paged_cache import kv_cache_dtype_for
 from .engine import LLMEngine
 from .sampling import GEMMA4_DEFAULTS, GEMMA4_STOP_IDS, SamplingParams, finish_reason, make_generator, sample_token
 
@@ -75,18 +77,25 @@ class _Kept:
         return _Kept()
 
 
-def engine_for(model, num_seqs: int, length: int, budget: int | None = None) -> LLMEngine:
+def engine_for(model, num_seqs: int, length: int, budget: int | None = None,
+               kv_cache_dtype: str | None = None) -> LLMEngine:
     """The engine kept on `model`, rebuilt (larger, never smaller) when a call needs more sequences or a longer
-    context than it holds. `budget`: tokens per step (the prefill chunk of all rows together); None: as many as
-    `num_seqs` rows of `length` tokens."""
+    context than it holds, or another `kv_cache_dtype` ("auto", "fp8"; None: the kept engine's, "auto" for a first
+    one). `budget`: tokens per step (the prefill chunk of all rows together); None: as many as `num_seqs` rows of
+    `length` tokens."""
     kept = model.__dict__.setdefault("_engine", _Kept())
     engine, limit = kept.engine, model.config.text_config.max_position_embeddings
-    if engine is None or engine.max_num_seqs < num_seqs or engine.max_model_len < length:
+    if kv_cache_dtype is None:
+        kv_cache_dtype = engine.kv_cache_dtype if engine is not None else "auto"
+    kv_cache_dtype_for(kv_cache_dtype, model.dtype)  # a bad name fails before the kept engine is dropped
+    other_dtype = engine is not None and engine.kv_cache_dtype != kv_cache_dtype
+    if engine is None or other_dtype or engine.max_num_seqs < num_seqs or engine.max_model_len < length:
         seqs = max(num_seqs, engine.max_num_seqs if engine else 1)
         context = min(max(-(-length // CONTEXT_BUCKET) * CONTEXT_BUCKET, engine.max_model_len if engine else 0), limit)
         kept.engine = engine = None  # its KV pools and graphs are freed before the new ones are allocated
         free_memory(model)
-        engine = kept.engine = LLMEngine(model, max_num_seqs=seqs, max_model_len=context)
+        engine = kept.engine = LLMEngine(model, max_num_seqs=seqs, max_model_len=context,
+                                         kv_cache_dtype=kv_cache_dtype)
     engine.scheduler.budget = budget or num_seqs * length
     return engine
 
@@ -116,7 +125,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
              min_p: float | None = None, repetition_penalty: float | None = None, eos_token_id=_FROM_CONFIG,
              pad_token_id: int | None = None, seed: int | None = None, use_cache: bool = True,
              prefill_chunk_size: int | None = None, return_dict_in_generate: bool = False,
-             output_scores: bool = False, output_logits: bool = False, **media) -> torch.Tensor | GenerateOutput:
+             output_scores: bool = False, output_logits: bool = False, kv_cache_dtype: str | None = None,
+             **media) -> torch.Tensor | GenerateOutput:
     """`Model.generate`; see the module docstring. `prefill_chunk_size`: prompt tokens per row and step (default:
     the whole prompt in one step). `output_scores` / `output_logits` count only with `return_dict_in_generate`
     (as in transformers); otherwise nothing is kept."""
@@ -153,7 +163,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         prompts = [row[keep].tolist() for row, keep in zip(input_ids.cpu(), valid.cpu())]
         soft = batch_soft_tokens(model, input_ids, valid, **media) if media else [None] * batch
         engine = engine_for(model, batch, length + max_new_tokens,
-                            prefill_chunk_size * batch if prefill_chunk_size else None)
+                            prefill_chunk_size * batch if prefill_chunk_size else None, kv_cache_dtype)
         seq_ids = [engine.add_request(p, sp, m) for p, sp, m in zip(prompts, params, soft)]
         seqs = [engine.seqs[i] for i in seq_ids]  # held here: the engine lets go of a sequence when it ends
         for out in engine.run(seq_ids):

@@ -8,7 +8,8 @@ The budget, unless given in bytes (`kv_cache_memory`) or replaced by an explicit
   work buffers and the media towers.
 * CPU: 4 GiB (vLLM's CPU default too), at most half the free RAM. The pool is zeroed, so it is resident at once.
 
-The pools' layout: model/paged_cache.py (KVPools)."""
+The pools' layout: model/paged_cache.py (KVPools); an fp8 cache (`kv_cache_dtype="fp8"`) takes 1 byte per element,
+so the same budget holds twice the blocks of a bf16 one."""
 
 from __future__ import annotations
 
@@ -26,11 +27,12 @@ HINT = ("lower --max-model-len or --max-num-seqs, or raise --gpu-memory-utilizat
         "max_batch_size, gpu_memory_utilization)")
 
 
-def kv_bytes(config: TextConfig, dtype: torch.dtype, block_size: int) -> tuple[int, int]:
+def kv_bytes(config: TextConfig, dtype: torch.dtype, block_size: int, kv_cache_dtype: str = "auto"
+             ) -> tuple[int, int]:
     """(bytes of one block across every global layer, bytes of one sequence's rings across every sliding layer),
     read off pools built on the meta device: the layout is KVPools' own."""
     def pools(num_blocks: int, max_num_seqs: int) -> int:
-        return KVPools(config, num_blocks, block_size, max_num_seqs, dtype, "meta").nbytes
+        return KVPools(config, num_blocks, block_size, max_num_seqs, dtype, "meta", kv_cache_dtype).nbytes
 
     empty = pools(0, 0)
     return pools(1, 0) - empty, pools(0, 1) - empty
@@ -83,8 +85,8 @@ def profile_prefill(model, tokens: int) -> int:
 
 
 def plan_kv(config: TextConfig, dtype: torch.dtype, max_num_seqs: int, block_size: int,
-            max_model_len: int | None = None, num_blocks: int | None = None, budget: int | None = None
-            ) -> tuple[int, int]:
+            max_model_len: int | None = None, num_blocks: int | None = None, budget: int | None = None,
+            kv_cache_dtype: str = "auto") -> tuple[int, int]:
     """(max_model_len, num_blocks). `num_blocks` given: that many (at least one sequence of max_model_len; None:
     the longest they hold). Otherwise from `budget` bytes: the rings of max_num_seqs sequences, then as many blocks as
     fit, never more than every sequence at max_model_len uses; max_model_len None: the longest one sequence fits.
@@ -94,7 +96,7 @@ def plan_kv(config: TextConfig, dtype: torch.dtype, max_num_seqs: int, block_siz
     if num_blocks is not None:
         length = min(max_model_len, limit) if max_model_len else min(limit, max(num_blocks, 1) * block_size - 1)
         return length, max(num_blocks, blocks_for(length))
-    per_block, per_ring = kv_bytes(config, dtype, block_size)
+    per_block, per_ring = kv_bytes(config, dtype, block_size, kv_cache_dtype)
     rings = (max_num_seqs + 1) * per_ring  # + the trash slot (a whole ring, to round up)
     fit = (budget - rings) // per_block - 1 if per_block else 1 << 40  # - the trash block
     if fit < 1:
@@ -112,9 +114,12 @@ def plan_kv(config: TextConfig, dtype: torch.dtype, max_num_seqs: int, block_siz
 
 
 def summary(engine, seconds: float) -> str:
-    """One line on what an engine holds: device, dtype, context, sequences, KV pool, decode graphs, time to ready."""
+    """One line on what an engine holds: device, dtype, context, sequences, KV pool (and its dtype), decode graphs,
+    time to ready."""
     model, blocks, graphs = engine.runner.model, engine.blocks, engine.runner.graphs
     decode = graphs.describe() if graphs is not None else "eager decode"
+    kv_dtype = "fp8 e4m3" if blocks.kv_cache_dtype == "fp8" else str(blocks.pool_dtype).removeprefix("torch.")
     return (f"device {model.device}, dtype {str(model.dtype).removeprefix('torch.')}, context {engine.max_model_len} "
             f"tokens, {engine.max_num_seqs} sequences at most, KV cache {blocks.num_blocks} blocks of "
-            f"{blocks.block_size} tokens ({blocks.nbytes / GiB:.2f} GiB), {decode}; ready in {seconds:.1f}s")
+            f"{blocks.block_size} tokens ({blocks.nbytes / GiB:.2f} GiB in {kv_dtype}), {decode}; ready in "
+            f"{seconds:.1f}s")

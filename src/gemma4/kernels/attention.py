@@ -9,6 +9,10 @@ log-sum-exp. A second small kernel merges the splits.
 Masking is `attention_mask`'s rule, from positions only: key j is visible iff 0 <= kpos <= qpos and, with a window,
 qpos - kpos < window. The grid depends on shapes only and the per-row bound `num_keys` is read on the device, so a
 launch can be captured in a CUDA graph: keys past the bound are never loaded, they just leave splits idle.
+
+An fp8 (e4m3) cache is read with its per-head scales: each K/V tile is loaded as fp8 and turned into fp8 * scale
+rounded to the query's dtype (model/paged_cache.py's `dequantize_kv`) before the products, which then run as with a
+cache of the query's dtype.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .pdl import after_previous_kernel, launch_options
+from .rounding import round_to
 from .tuning import config
 
 
@@ -32,9 +37,19 @@ def _dot(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _dequantize(x, scale, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    """An fp8 tile -> x * scale (fp32) rounded to `dtype` (the GPU's cast rounds to nearest even; the interpreter's
+    truncates, so there the rounding is done by hand first, and the cast is exact)."""
+    x = x.to(tl.float32) * scale
+    if INTERPRET:
+        x = round_to(x, dtype)
+    return x.to(dtype)
+
+
+@triton.jit
 def _attend_block(block, end, m_i, l_i, acc, q, qpos, window, kpos_row, stride_pn, slots_row, stride_sn, k_row,
-                  stride_kn, v_row, stride_vn, d_mask, BLOCK_N: tl.constexpr, PAGED: tl.constexpr,
-                  HAS_WINDOW: tl.constexpr, INTERPRET: tl.constexpr):
+                  stride_kn, v_row, stride_vn, d_mask, k_scale, v_scale, BLOCK_N: tl.constexpr, PAGED: tl.constexpr,
+                  HAS_WINDOW: tl.constexpr, FP8: tl.constexpr, INTERPRET: tl.constexpr):
     """One step of the online softmax over candidates [block, block + BLOCK_N) of one row and kv head."""
     offs_n = block + tl.arange(0, BLOCK_N)
     in_range = offs_n < end
@@ -51,6 +66,8 @@ def _attend_block(block, end, m_i, l_i, acc, q, qpos, window, kpos_row, stride_p
     kv_mask = visible[:, None] & d_mask[None, :]
     k = tl.load(k_row + rows[:, None] * stride_kn, mask=kv_mask, other=0.0)
     v = tl.load(v_row + rows[:, None] * stride_vn, mask=kv_mask, other=0.0)
+    if FP8:
+        k, v = _dequantize(k, k_scale, q.dtype, INTERPRET), _dequantize(v, v_scale, q.dtype, INTERPRET)
     s = _dot(q, tl.trans(k), INTERPRET)  # [G_PAD, BLOCK_N] fp32, scale 1.0
     return _online_softmax_step(tl.where(visible[None, :], s, float("-inf")), v, m_i, l_i, acc, INTERPRET)
 
@@ -76,11 +93,11 @@ def _online_softmax_step(s, v, m_i, l_i, acc, INTERPRET: tl.constexpr):
 @triton.jit(do_not_specialize=["qpos_ptr", "nkeys_ptr", "stride_pb", "stride_sb", "num_candidates", "window",
                                "num_splits"])
 def _split_kernel(q_ptr, k_ptr, v_ptr, kpos_ptr, qpos_ptr, slots_ptr, nkeys_ptr, part_ptr, lse_ptr, out_ptr,
-                  stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_pb,
-                  stride_pn, stride_sb, stride_sn, num_kv_heads, num_candidates, head_dim, window, num_splits,
-                  GROUPS: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                  PAGED: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_NUM_KEYS: tl.constexpr, INTERPRET: tl.constexpr,
-                  PDL: tl.constexpr):
+                  k_scale_ptr, v_scale_ptr, stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+                  stride_vn, stride_pb, stride_pn, stride_sb, stride_sn, num_kv_heads, num_candidates, head_dim, window,
+                  num_splits, GROUPS: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  PAGED: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_NUM_KEYS: tl.constexpr, FP8: tl.constexpr,
+                  INTERPRET: tl.constexpr, PDL: tl.constexpr):
     after_previous_kernel(PDL)
     pid, split = tl.program_id(0), tl.program_id(1)
     b, hk = (pid // num_kv_heads).to(tl.int64), (pid % num_kv_heads).to(tl.int64)  # int64: pools can be huge
@@ -105,18 +122,21 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, kpos_ptr, qpos_ptr, slots_ptr, nkeys_ptr,
     k_row = k_ptr + b * stride_kb + hk * stride_kh + offs_d[None, :]
     v_row = v_ptr + b * stride_vb + hk * stride_vh + offs_d[None, :]
     kpos_row, slots_row = kpos_ptr + b * stride_pb, slots_ptr + b * stride_sb
+    k_scale, v_scale = 1.0, 1.0
+    if FP8:  # this kv head's scales
+        k_scale, v_scale = tl.load(k_scale_ptr + hk), tl.load(v_scale_ptr + hk)
     if INTERPRET:  # the interpreter (with numpy 2) cannot take a tensor as a range() bound
         block = start
         while block < end:
             m_i, l_i, acc = _attend_block(block, end, m_i, l_i, acc, q, qpos, window, kpos_row, stride_pn,
                                           slots_row, stride_sn, k_row, stride_kn, v_row, stride_vn, d_mask,
-                                          BLOCK_N, PAGED, HAS_WINDOW, INTERPRET)
+                                          k_scale, v_scale, BLOCK_N, PAGED, HAS_WINDOW, FP8, INTERPRET)
             block += BLOCK_N
     else:  # a for loop is software-pipelined: the next block's K/V loads overlap this block's math
         for block in range(start, end, BLOCK_N):
             m_i, l_i, acc = _attend_block(block, end, m_i, l_i, acc, q, qpos, window, kpos_row, stride_pn,
                                           slots_row, stride_sn, k_row, stride_kn, v_row, stride_vn, d_mask,
-                                          BLOCK_N, PAGED, HAS_WINDOW, INTERPRET)
+                                          k_scale, v_scale, BLOCK_N, PAGED, HAS_WINDOW, FP8, INTERPRET)
 
     # Partial output normalised by its own sum, with lse = m + log(l); a split that saw nothing has lse = -inf.
     seen = l_i > 0
@@ -181,7 +201,8 @@ def _wanted_splits(programs: int, device: torch.device) -> int:
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_positions: torch.Tensor,
                      query_positions: torch.Tensor, window: int | None = None, slots: torch.Tensor | None = None,
                      num_keys: torch.Tensor | None = None, num_splits: int | None = None,
-                     block_n: int | None = None, any_length: bool = False) -> torch.Tensor:
+                     block_n: int | None = None, any_length: bool = False, key_scale: torch.Tensor | None = None,
+                     value_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per row -> [B, H, D] in query's dtype (scale 1.0, as `attend`); a row that sees no key gets
     zeros. query [B, H, D]; key/value [B, Hkv, S_buf, D] (candidate j = key[b, :, j]), or with `slots` [B, S] pools
     [Hkv, N, D] (candidate j = pool[:, slots[b, j]]). key_positions [B, S] (-1 = empty), query_positions [B]. H = G *
@@ -189,12 +210,23 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     are read. num_splits and block_n override the shape-based split count and keys per block (tuning, tests).
     `any_length`: blocks of keys as wide as the tile allows whatever their number, so that calls with ever new numbers
     of keys (a prefill's last position) share one compiled kernel; a decode step's number is fixed by its engine, and
-    it takes the narrower blocks that spread short rows over more SMs."""
+    it takes the narrower blocks that spread short rows over more SMs. key/value may be float8 e4m3 (an fp8 cache),
+    read as fp8 * scale rounded to query's dtype, with fp32 per-head scales [Hkv] `key_scale` / `value_scale` (None:
+    the pools' own `kv_scales`, see model/paged_cache.py)."""
     batch, num_heads, head_dim = query.shape
     num_kv_heads, candidates = key.shape[-3], key_positions.shape[1]
     groups = num_heads // num_kv_heads
     assert groups * num_kv_heads == num_heads, "query heads must be a multiple of kv heads"
-    assert query.dtype == key.dtype == value.dtype, "query, key and value must share a dtype"
+    assert key.dtype == value.dtype, "key and value must share a dtype"
+    fp8 = key.dtype == torch.float8_e4m3fn
+    assert fp8 or query.dtype == key.dtype, "key and value hold query's dtype or float8 e4m3"
+    if fp8:
+        key_scale = key_scale if key_scale is not None else key.kv_scales
+        value_scale = value_scale if value_scale is not None else value.kv_scales
+        assert key_scale.dtype == value_scale.dtype == torch.float32 and key_scale.numel() == value_scale.numel() == \
+            num_kv_heads
+    else:
+        key_scale = value_scale = query  # unread: the FP8 branch is compiled out
     assert query.stride(-1) == 1 and key.stride(-1) == 1 and value.stride(-1) == 1, "last dim must be contiguous"
     if slots is None:
         assert key.dim() == 4 and value.dim() == 4 and key.shape[0] == batch and key.shape[2] >= candidates
@@ -206,7 +238,8 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     query_positions = query_positions.contiguous()  # read as qpos[b]: a column of a [B, L] tensor is strided
     tuned = config("attention", query.device)
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block_n = block_n or _block_n(block_d, key.element_size(), batch * num_kv_heads, candidates, query.device,
+    # Tiles sized as for a cache of query's dtype (an fp8 tile is turned into one before the products).
+    block_n = block_n or _block_n(block_d, query.element_size(), batch * num_kv_heads, candidates, query.device,
                                   shrink=not any_length)
     # From shapes only: the wanted splits, never more than blocks of keys.
     splits = num_splits or max(1, min(_wanted_splits(batch * num_kv_heads, query.device),
@@ -216,10 +249,11 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     out = torch.empty(batch, num_heads, head_dim, dtype=query.dtype, device=query.device)
     _split_kernel[(batch * num_kv_heads, splits)](
         query, key, value, key_positions, query_positions, slots if slots is not None else key_positions,
-        num_keys if num_keys is not None else query_positions, part, lse, out, *query.stride()[:2], *k_strides,
+        num_keys if num_keys is not None else query_positions, part, lse, out, key_scale, value_scale,
+        *query.stride()[:2], *k_strides,
         *v_strides, *key_positions.stride()[:2], *slot_strides, num_kv_heads, candidates, head_dim, window or 0, splits,
         GROUPS=groups, G_PAD=max(16, triton.next_power_of_2(groups)), BLOCK_N=block_n, BLOCK_D=block_d,
-        PAGED=slots is not None, HAS_WINDOW=window is not None, HAS_NUM_KEYS=num_keys is not None,
+        PAGED=slots is not None, HAS_WINDOW=window is not None, HAS_NUM_KEYS=num_keys is not None, FP8=fp8,
         INTERPRET=not out.is_cuda, num_warps=tuned["num_warps"], num_stages=tuned["num_stages"], **launch_options(out))
     if splits == 1:
         return out

@@ -23,6 +23,24 @@ def _store(ptrs, x, mask):
 
 
 @triton.jit
+def _store_fp8(ptrs, x, scale, mask):
+    """fp8 e4m3 cache store: x / scale (correctly rounded division, as torch's) saturated to +-448, rounded to
+    nearest even (what torch's cast gives) by hand: Triton's CPU interpreter truncates on casts to fp8, and the stored
+    bytes must be the same there and on the GPU. The rounded value is exact in e4m3: the cast cannot round."""
+    v = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)
+    v_bits = v.to(tl.uint32, bitcast=True)
+    magnitude = (v_bits & 0x7FFFFFFF).to(tl.float32, bitcast=True)
+    # Normal range (>= 2^-6): keep 3 of fp32's 23 mantissa bits, ties to even. Below it the subnormals' step is 2^-9:
+    # adding 2^14 (whose fp32 ulp is 2^-9) rounds to a multiple of it, ties to even, and subtracting is exact.
+    bits = magnitude.to(tl.uint32, bitcast=True)
+    normal = (bits + (0x7FFFF + ((bits >> 20) & 1))) & 0xFFF00000
+    subnormal = ((magnitude + 16384.0) - 16384.0).to(tl.uint32, bitcast=True)
+    rounded = tl.where(magnitude >= 0.015625, normal, subnormal) | (v_bits & 0x80000000)  # the sign back, -0 too
+    v = tl.where(v != v, v, rounded.to(tl.float32, bitcast=True))  # NaN stays NaN
+    tl.store(ptrs, v.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _rstd(sum_sq, D, eps):
     # (mean(h^2) + eps)^-0.5 with a correctly rounded sqrt, as torch's pow(-0.5) on the CPU.
     return 1.0 / tl.sqrt_rn(sum_sq / D + eps)
@@ -183,7 +201,8 @@ def _qk_norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, H, L, x_sb, x_
 @triton.jit
 def _qkv_norm_rope_store_kernel(q_ptr, k_ptr, v_ptr, q_w_ptr, k_w_ptr, cos_ptr, sin_ptr, query_ptr, key_cache_ptr,
                                 value_cache_ptr, slots_ptr, Hq, Hkv, L, q_sb, q_sl, k_sb, k_sl, v_sb, v_sl, c_sb, c_sl,
-                                cache_sb, cache_sh, cache_ss, D, eps, HALF_BLOCK: tl.constexpr, PDL: tl.constexpr):
+                                cache_sb, cache_sh, cache_ss, key_scale_ptr, value_scale_ptr, D, eps,
+                                HALF_BLOCK: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr):
     after_previous_kernel(PDL)
     pid = tl.program_id(0).to(tl.int64)  # one program per (b, l, head) row over Hq query, Hkv key, Hkv value heads
     heads = Hq + 2 * Hkv
@@ -195,21 +214,30 @@ def _qkv_norm_rope_store_kernel(q_ptr, k_ptr, v_ptr, q_w_ptr, k_w_ptr, cos_ptr, 
     if head < Hq:  # q_norm + RoPE -> query [B, Hq, L, D]
         n1, n2 = _norm_rope_row(q_ptr + batch * q_sb + pos * q_sl + head * D, q_w_ptr, cos_ptr + c_row,
                                 sin_ptr + c_row, offs, mask, D, eps, dtype, True, True, HALF_BLOCK)
-        out_row = query_ptr + ((batch * Hq + head) * L + pos) * D
+        query_row = query_ptr + ((batch * Hq + head) * L + pos) * D
+        _store(query_row + offs, n1, mask)
+        _store(query_row + D // 2 + offs, n2, mask)
     else:  # into the cache, at this token's slot
         slot = tl.load(slots_ptr + batch * L + pos).to(tl.int64)
         if head < Hq + Hkv:  # k_norm + RoPE
             kv_head = head - Hq
             n1, n2 = _norm_rope_row(k_ptr + batch * k_sb + pos * k_sl + kv_head * D, k_w_ptr, cos_ptr + c_row,
                                     sin_ptr + c_row, offs, mask, D, eps, dtype, True, True, HALF_BLOCK)
-            out_row = key_cache_ptr + batch * cache_sb + kv_head * cache_sh + slot * cache_ss
+            cache_row = key_cache_ptr + batch * cache_sb + kv_head * cache_sh + slot * cache_ss
+            scale_ptr = key_scale_ptr + kv_head
         else:  # the weightless v_norm, no RoPE
             kv_head = head - Hq - Hkv
             n1, n2 = _norm_rope_row(v_ptr + batch * v_sb + pos * v_sl + kv_head * D, k_w_ptr, cos_ptr, sin_ptr,
                                     offs, mask, D, eps, dtype, False, False, HALF_BLOCK)
-            out_row = value_cache_ptr + batch * cache_sb + kv_head * cache_sh + slot * cache_ss
-    _store(out_row + offs, n1, mask)
-    _store(out_row + D // 2 + offs, n2, mask)
+            cache_row = value_cache_ptr + batch * cache_sb + kv_head * cache_sh + slot * cache_ss
+            scale_ptr = value_scale_ptr + kv_head
+        if FP8:  # n1, n2 hold model-dtype values (the eager path's K/V), quantized from there
+            scale = tl.load(scale_ptr)
+            _store_fp8(cache_row + offs, n1, scale, mask)
+            _store_fp8(cache_row + D // 2 + offs, n2, scale, mask)
+        else:
+            _store(cache_row + offs, n1, mask)
+            _store(cache_row + D // 2 + offs, n2, mask)
 
 
 def _warps(block: int) -> int:
@@ -313,19 +341,30 @@ def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: 
 
 def qkv_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, q_weight: torch.Tensor,
                         k_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
-                        key_cache: torch.Tensor, value_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+                        key_cache: torch.Tensor, value_cache: torch.Tensor, slots: torch.Tensor,
+                        key_scale: torch.Tensor | None = None, value_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One launch for a layer's new query, key and value (decode steps, which write the cache in place): query =
     qk_norm_rope(q, q_weight, eps, cos, sin), returned as [B, Hq, L, D]; the key qk_norm_rope(k, k_weight, ...) and
     the value rms_norm(v) (weightless, no RoPE; v None: K=V, the value is the raw key projection) written into the
     caches at row b, token t's slot slots[b, t]. q [B, L, Hq*D], k and v [B, L, Hkv*D]: unit stride along the last
     dim (views of a fused projection do). Caches: [B, Hkv, S, D] buffers, or [Hkv, S, D] pools shared by every row
-    (slots are then pool rows)."""
+    (slots are then pool rows), of q's dtype or float8 e4m3 with fp32 per-head scales [Hkv] (`key_scale` /
+    `value_scale`; None: the pools' own `kv_scales`, see model/paged_cache.py): stored = fp8(clamp(x / scale,
+    +-448))."""
     (B, L), D = q.shape[:2], key_cache.shape[-1]
     Hq, Hkv = q.shape[2] // D, k.shape[2] // D
     v = k if v is None else v
     assert all(t.stride(-1) == 1 for t in (q, k, v)), "projections need unit stride along their last dim"
     cache_strides = key_cache.stride()[:3] if key_cache.dim() == 4 else (0, *key_cache.stride()[:2])  # pools: 0
-    assert value_cache.stride() == key_cache.stride() and value_cache.dtype == key_cache.dtype == q.dtype
+    assert value_cache.stride() == key_cache.stride() and value_cache.dtype == key_cache.dtype
+    fp8 = key_cache.dtype == torch.float8_e4m3fn
+    assert fp8 or key_cache.dtype == q.dtype, "caches hold q's dtype or float8 e4m3"
+    if fp8:
+        key_scale = key_scale if key_scale is not None else key_cache.kv_scales
+        value_scale = value_scale if value_scale is not None else value_cache.kv_scales
+        assert key_scale.dtype == value_scale.dtype == torch.float32 and key_scale.numel() == value_scale.numel() == Hkv
+    else:
+        key_scale = value_scale = q  # unread: the FP8 branch is compiled out
     cos, sin = _rope_tables(cos, sin, B, L, D)
     slots = slots.contiguous()
     query = torch.empty(B, Hq, L, D, dtype=q.dtype, device=q.device)
@@ -333,6 +372,6 @@ def qkv_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None
     if query.numel() > 0:
         _qkv_norm_rope_store_kernel[(B * L * (Hq + 2 * Hkv),)](
             q, k, v, q_weight, k_weight, cos, sin, query, key_cache, value_cache, slots, Hq, Hkv, L, *q.stride()[:2],
-            *k.stride()[:2], *v.stride()[:2], *cos.stride()[:2], *cache_strides, D, eps, HALF_BLOCK=half_block,
-            num_warps=_warps(half_block), **launch_options(query))
+            *k.stride()[:2], *v.stride()[:2], *cos.stride()[:2], *cache_strides, key_scale, value_scale, D, eps,
+            HALF_BLOCK=half_block, FP8=fp8, num_warps=_warps(half_block), **launch_options(query))
     return query

@@ -2,7 +2,8 @@
 engine's paged memory (`KVPools`, see paged_cache.py) with a fixed layout, row b owning ring b of every sliding layer
 and blocks [b * n, (b + 1) * n) of every global layer (n blocks of `max_len` tokens). Each forward goes through a
 `PagedCacheView` of it, as an engine step does, so both paths share one implementation (every row keeps its own
-positions: a left-padded batch needs no special case)."""
+positions: a left-padded batch needs no special case). `kv_cache_dtype`: "auto" (the model dtype) or "fp8" (see
+paged_cache.py)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,13 @@ BLOCK_SIZE = 16
 
 class KVCache:
     def __init__(self, config: TextConfig, batch_size: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", kv_cache_dtype: str = "auto"):
         if max_len > config.max_position_embeddings:
             raise ValueError(f"max_len={max_len} exceeds max_position_embeddings={config.max_position_embeddings}")
         self.batch_size, self.max_len = batch_size, max_len
         blocks = -(-max_len // BLOCK_SIZE)
-        self.pools = KVPools(config, batch_size * blocks, BLOCK_SIZE, batch_size, dtype, device)
+        self.pools = KVPools(config, batch_size * blocks, BLOCK_SIZE, batch_size, dtype, device,
+                              kv_cache_dtype)
         self.block_tables = torch.arange(batch_size * blocks, device=device).view(batch_size, blocks)
         self.ring_slots = torch.arange(batch_size, device=device)
         self.row_lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # tokens cached per row

@@ -6,7 +6,11 @@ already cached. A prefill chunk gathers the row's cached K/V into a contiguous [
 forward's K/V, and writes the new K/V into the pools; masks stay position-based (every gathered slot carries its
 position, -1 = empty). A decode step on CUDA gathers nothing: the new K/V are written first, and the decode kernel
 reads the pools through each row's own slots (`key_slots`): its ring, with the new position in the new token's slot,
-and its blocks in position order, both scanned only up to the query's position (`num_keys`)."""
+and its blocks in position order, both scanned only up to the query's position (`num_keys`).
+
+`kv_cache_dtype="fp8"`: the pools hold float8 e4m3 values with a float32 scale per (layer, KV head) for keys and one
+for values: stored = fp8(clamp(x / scale, +-448)), read = fp8 * scale, rounded to the model dtype. Every writer and
+reader applies them (this module's plain path, `kernels.norm.qkv_norm_rope_store`, `kernels.attention`)."""
 
 from __future__ import annotations
 
@@ -18,27 +22,63 @@ from .. import kernels
 from ..config import FULL, SLIDING, TextConfig
 
 
+KV_CACHE_DTYPES = ("auto", "fp8")
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # e4m3fn's largest finite value; it has no infinity: a plain cast past 464 gives NaN
+
+
+def kv_cache_dtype_for(kv_cache_dtype: str, dtype: torch.dtype) -> torch.dtype:
+    """The pools' element dtype: "auto" the model's (`dtype`), "fp8" float8 e4m3. ValueError on any other name."""
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(map(repr, KV_CACHE_DTYPES))}, "
+                         f"got {kv_cache_dtype!r}")
+    return FP8 if kv_cache_dtype == "fp8" else dtype
+
+
+def quantize_kv(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., Hkv, T, D] (head dim third from last) -> fp8: x / scale saturated to +-448 (fp32 math, rounded to
+    nearest even)."""
+    return (x.float() / scale[:, None, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def dequantize_kv(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp8 x [..., Hkv, T, D] -> x * scale (fp32) rounded to `dtype`."""
+    return (x.float() * scale[:, None, None]).to(dtype)
+
+
 class KVPools:
     """Paged KV memory: per layer that owns K/V a flat pool [Hkv, slots, D]. Global layers: `num_blocks` blocks of
     `block_size` slots (a sequence's block table says which hold its positions); sliding layers: one ring of
     `window` slots per sequence (`max_num_seqs` rings), with the position each slot holds (-1 = empty) in
     `ring_positions`, shared by the sliding layers. Each pool ends with a trash block / trash slot that padding
-    writes to and that no query sees."""
+    writes to and that no query sees.
+
+    `dtype`: the model's; `kv_cache_dtype` "auto" stores K/V in it, "fp8" in float8 e4m3 with per-head scales
+    `key_scales[layer]` / `value_scales[layer]` (float32 [Hkv], 1.0: k_norm and v_norm leave K/V of RMS 1, well
+    inside +-448). Calibrated scales are copied into them in place (CUDA graphs read these very tensors). An fp8 pool
+    also carries its scales as `pool.kv_scales`, so that code handed only the pool (`write_target`'s callers, the
+    decode kernel, KV-shared layers reading their producer's pools) applies them."""
 
     def __init__(self, config: TextConfig, num_blocks: int, block_size: int, max_num_seqs: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype, device: torch.device | str = "cpu", kv_cache_dtype: str = "auto"):
         self.config, self.num_blocks, self.block_size, self.max_num_seqs = config, num_blocks, block_size, max_num_seqs
         self.window, self.layer_types = config.sliding_window, config.layer_types
         self.ring_trash, self.trash_block = max_num_seqs * self.window, num_blocks
+        self.kv_cache_dtype, self.pool_dtype = kv_cache_dtype, kv_cache_dtype_for(kv_cache_dtype, dtype)
         # Zeroed K and V of every layer that owns K/V (KV-shared layers own none). K=V layers store values separately
         # too: v_norm(k) lacks k_norm and RoPE.
         self.keys, self.values = {}, {}
+        self.key_scales, self.value_scales = {}, {}  # fp8 only
         for i, layer_type in enumerate(config.layer_types):
             if not config.is_kv_shared(i):
                 slots = self.ring_trash + 1 if layer_type == SLIDING else (num_blocks + 1) * block_size
                 shape = (config.layer_num_kv_heads[i], slots, config.layer_head_dims[i])
-                self.keys[i] = torch.zeros(shape, dtype=dtype, device=device)
-                self.values[i] = torch.zeros(shape, dtype=dtype, device=device)
+                self.keys[i] = torch.zeros(shape, dtype=self.pool_dtype, device=device)
+                self.values[i] = torch.zeros(shape, dtype=self.pool_dtype, device=device)
+                if self.pool_dtype == FP8:
+                    for pools, scales in ((self.keys, self.key_scales), (self.values, self.value_scales)):
+                        scales[i] = torch.ones(shape[0], dtype=torch.float32, device=device)
+                        pools[i].kv_scales = scales[i]
         self.ring_positions = torch.full((self.ring_trash + 1,), -1, dtype=torch.long, device=device)
 
     @property
@@ -138,8 +178,14 @@ class PagedCacheView:
         out = []
         for pool, new in ((key_pool, key), (value_pool, value)):
             cached = pool[:, gather].permute(1, 0, 2, 3)  # [Hkv, B, T, D] -> [B, Hkv, T, D]
-            out.append(torch.cat([cached.to(new.dtype), new], dim=2))
-            pool[:, write.reshape(-1)] = new.transpose(0, 1).flatten(1, 2).to(pool.dtype)  # new[b, :, t] to write[b, t]
+            scale = getattr(pool, "kv_scales", None)
+            if scale is None:
+                stored, cached = new.to(pool.dtype), cached.to(new.dtype)
+            else:  # fp8: this chunk too attends to its K/V as stored (as a decode step, which reads them back)
+                stored = quantize_kv(new, scale)
+                cached, new = dequantize_kv(cached, scale, new.dtype), dequantize_kv(stored, scale, new.dtype)
+            out.append(torch.cat([cached, new], dim=2))
+            pool[:, write.reshape(-1)] = stored.transpose(0, 1).flatten(1, 2)  # new[b, :, t] to write[b, t]
         return out[0], out[1]
 
     def write_target(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

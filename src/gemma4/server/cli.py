@@ -9,7 +9,7 @@ import threading
 import time
 
 
-from ..cli import QUANTIZATIONS, QUANTIZATION_HELP
+from ..cli import KV_CACHE_DTYPE_HELP, KV_CACHE_DTYPES, QUANTIZATIONS, QUANTIZATION_HELP
 
 # Tokens per engine step by default: long prompts prefill in few chunks, and an image of up to 1120 soft tokens fits.
 STEP_TOKENS = {"cuda": 8192, "cpu": 2048}
@@ -35,6 +35,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "what the weights and the largest prefill step leave (on the CPU: 4 GiB at most)")
     parser.add_argument("--num-kv-blocks", type=int, default=None,
                         help="KV blocks of 16 tokens for global layers (None: sized from the memory)")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES, help=KV_CACHE_DTYPE_HELP)
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     parser.add_argument("--served-model-name", default=None, help="model id clients use (None: the path)")
     parser.add_argument("--default-enable-thinking", action="store_true", help="think unless a request says not to")
@@ -59,6 +60,7 @@ def build_app_from_args(args):
     state = build_state(model, processor.tokenizer, args.served_model_name or args.model, processor=processor,
                         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=step_tokens, num_blocks=args.num_kv_blocks,
+                        kv_cache_dtype=args.kv_cache_dtype,
                         gpu_memory_utilization=args.gpu_memory_utilization, api_key=args.api_key,
                         default_enable_thinking=args.default_enable_thinking,
                         allowed_media_domains=[d.strip() for d in args.allowed_media_domains.lower().split(",")
