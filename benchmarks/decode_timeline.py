@@ -23,6 +23,7 @@ import torch
 from gemma4.engine.generate import engine_for
 from gemma4.config import SLIDING
 from gemma4.engine.sampling import SamplingParams
+from gemma4.model.fused import QuantizedLinear
 from gemma4.random_init import random_config, random_model
 
 
@@ -56,7 +57,8 @@ def bytes_per_step(model, engine, written: int, batch: int = 1) -> int:
     tied LM head reads the main table whole) and the experts no token chose, each row's sliding ring whole and the
     first `written` positions of its global layers (what the decode kernel reads)."""
     text = model.text
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total = sum(nbytes(p) for p in model.parameters()) + sum(
+        nbytes(m) for m in model.modules() if isinstance(m, QuantizedLinear))
     if text.ple_dim:
         table = text.embed_tokens_per_layer.weight
         total -= table.numel() * table.element_size()
@@ -67,12 +69,19 @@ def bytes_per_step(model, engine, written: int, batch: int = 1) -> int:
         chosen = 1 - (1 - cfg.top_k_experts / cfg.num_experts) ** batch
         for layer in text.layers:
             for p in (layer.experts.gate_up_proj, layer.experts.down_proj):
-                total -= p.numel() * p.element_size() * (1 - chosen)
+                total -= nbytes(p) * (1 - chosen)
     blocks = engine.blocks
     for i, keys in blocks.keys.items():
         slots = blocks.window if blocks.layer_types[i] == SLIDING else written
         total += 2 * keys[:, :1].numel() * keys.element_size() * slots * batch  # K and V
     return int(total)
+
+
+def nbytes(weight) -> int:
+    """A parameter's bytes, or a QuantizedLinear's (values and scales)."""
+    if isinstance(weight, QuantizedLinear):
+        return sum(t.numel() * t.element_size() for t in (weight.values, weight.scale))
+    return weight.numel() * weight.element_size()
 
 
 def short(name: str) -> str:
@@ -85,10 +94,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="rows of the step (replayed in the graph of its bucket)")
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--layers", default="0,-2", help="decoder layers to list kernel by kernel")
+    parser.add_argument("--quantization", choices=["fp8", "int8", "int4"], default=None,
+                        help="the weights quantized on load")
     parser.add_argument("--ops", action="store_true", help="also list the PyTorch ops of an eager step that launch kernels")
     args = parser.parse_args()
 
-    model = random_model(random_config(args.preset, text_only=True), torch.bfloat16, device="cuda")
+    model = random_model(random_config(args.preset, text_only=True), torch.bfloat16, device="cuda",
+                         quantization=args.quantization)
     vocab = model.config.text_config.vocab_size
     batch = args.batch
     ids = torch.randint(10, min(200_000, vocab), (batch, args.context), device="cuda")
