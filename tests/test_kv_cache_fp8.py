@@ -132,7 +132,8 @@ def test_scales_change_the_bytes_not_the_output(model):
             assert not torch.equal(a[0], b[0])  # head 0: rescaled
     for a, b in zip(one[0], two[0]):
         assert torch.equal(a[1:], b[1:])  # the other heads: as they were
-        a, b = (dequantize_kv(t.view(FP8), torch.tensor([s, 1.0]), torch.float32) for t, s in ((a, 1.0), (b, 2.0)))
+        a, b = (dequantize_kv(t.view(FP8), torch.tensor([s, 1.0], device=t.device), torch.float32)
+                for t, s in ((a, 1.0), (b, 2.0)))
         normal = a.abs() >= 2**-5
         assert normal.float().mean() > 0.9 and torch.equal(a[normal], b[normal])
 
