@@ -379,3 +379,21 @@ def test_quantization_argument_errors(w4a16, tmp_path):
     saved_reference("E2B", tmp_path / "dense")
     with pytest.raises(QuantizationError, match="quantization='nf4' is not supported"):
         load_model(tmp_path / "dense", device="cpu", quantization="nf4")
+
+
+@pytest.mark.parametrize("name", ["fp8", "int8", "int4", "fp8 blocks"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dequantize_in_the_scale_dtype_rounds_once(name, dtype):
+    """QuantizedWeight.dequantize computes q * scale in the scale's dtype when it is the target: one rounding of the
+    exact product, bit for bit the fp32 product rounded (as compressed-tensors decompresses)."""
+    from gemma4.model.quantized import ON_LOAD, QuantizedWeight, Scheme, quantize
+
+    generator = torch.Generator().manual_seed(0)
+    if name == "fp8 blocks":
+        values = (torch.randn(200, 300, generator=generator) * 64).clamp(-448, 448).to(torch.float8_e4m3fn)
+        weight = QuantizedWeight(values, torch.rand(2, 3, generator=generator).to(dtype) + 0.01,
+                                 Scheme("float", 8, "block", block=(128, 128)))
+    else:
+        weight = quantize(torch.randn(3, 64, 96, generator=generator).to(dtype), ON_LOAD[name])
+    assert weight.scale.dtype == dtype
+    assert torch.equal(weight.dequantize(dtype), weight.dequantize(torch.float32).to(dtype))
