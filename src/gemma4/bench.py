@@ -244,7 +244,8 @@ def bench(spec: BenchSpec, compare: str | None = None, log=print) -> tuple[dict,
 def table(spec: BenchSpec, mine: dict, theirs: dict | None) -> str:
     device = torch.cuda.get_device_name() if spec.device == "cuda" else "cpu"
     kv = ", fp8 KV cache" if spec.kv_cache_dtype == "fp8" else ""
-    lines = [f"{spec.preset} bf16{kv}, random weights, on {device}, torch {torch.__version__}",
+    weights = f"{spec.quantization} weights (quantized on load)" if spec.quantization else "bf16"
+    lines = [f"{spec.preset} {weights}{kv}, random weights, on {device}, torch {torch.__version__}",
              "| metric | shape | gemma4 |" + (" transformers | ratio |" if theirs else ""),
              "| --- | --- | ---: |" + (" ---: | ---: |" if theirs else "")]
     for (metric, shape), value in mine.items():
