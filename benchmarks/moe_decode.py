@@ -3,7 +3,7 @@ routing to other random experts (weights read from memory, not L2): the decode k
 pairs), the sorted-pairs kernels (`sorted_experts`), the grouped GEMMs (`Experts.forward_grouped`), and with
 --sweep the tile choices of the decode kernels (T*k <= 64) or of the sorted ones.
 
-    python benchmarks/moe_decode.py [--tokens 1 16 64 256] [--sweep] [--block-m 16 32 64]
+    python benchmarks/moe_decode.py [--tokens 1 16 64 256] [--sweep] [--block-m 16 32 64] [--quantization fp8]
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import torch
 
 from gemma4.config import Config
 from gemma4.kernels.tuning import config
+from gemma4.model.fused import QuantizedLinear
+from gemma4.model.quantized import ON_LOAD
 from gemma4.model.text import Experts
 from gemv import graph_us  # benchmarks/gemv.py: a 50-call CUDA graph, best replay
 
@@ -37,6 +39,7 @@ def main():
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 16, 32, 64, 128, 256])
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--block-m", type=int, nargs="*", default=[], help="also the sorted path at these BLOCK_M")
+    parser.add_argument("--quantization", choices=["fp8", "int8"], default=None, help="8-bit experts, as on load")
     args = parser.parse_args()
     text = Config.preset("26B-A4B").text_config
     e, h, w, k = text.num_experts, text.hidden_size, text.moe_intermediate_size, text.top_k_experts
@@ -44,6 +47,12 @@ def main():
         module = Experts(text)
     module.gate_up_proj = torch.nn.Parameter(torch.randn(e, 2 * w, h, device="cuda", dtype=torch.bfloat16) * h**-0.5)
     module.down_proj = torch.nn.Parameter(torch.randn(e, h, w, device="cuda", dtype=torch.bfloat16) * w**-0.5)
+    element_bytes = 2
+    if args.quantization:
+        scheme, element_bytes = ON_LOAD[args.quantization], 1
+        gate_up, down = module.gate_up_proj.detach(), module.down_proj.detach()
+        del module.gate_up_proj, module.down_proj
+        module.gate_up_proj, module.down_proj = (QuantizedLinear.of_weight(t, scheme) for t in (gate_up, down))
     calls = 50
     tiles = config("moe", torch.device("cuda"))  # the tuned tiles (tuning.py), overridden in place while sweeping
     print(f"26B-A4B experts on {torch.cuda.get_device_name()}: us per call (GB/s of the chosen experts' weights)")
@@ -51,7 +60,7 @@ def main():
         x = torch.randn(tokens, h, device="cuda", dtype=torch.bfloat16)
         routes = [torch.rand(tokens, e, device="cuda").argsort(dim=-1)[:, :k] for _ in range(calls)]
         weights = torch.rand(tokens, k, device="cuda")
-        bytes_per_call = sum(len(r.unique()) for r in routes) / calls * (3 * w * h * 2)
+        bytes_per_call = sum(len(r.unique()) for r in routes) / calls * (3 * w * h * element_bytes)
 
         def report(label, forward):
             try:
