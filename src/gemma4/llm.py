@@ -39,7 +39,8 @@ class LLM:
     `gemma4 serve` makes its own: up to `max_batch_size` sequences (None: 16, fewer if the KV cache of 16 does not
     fit) of up to `max_model_len` tokens (None: the longest that fits), its KV cache sized from the memory that the
     weights and the largest prefill step leave of `gpu_memory_utilization` x the GPU's (on the CPU: 4 GiB at most; see
-    engine/memory.py). `kv_cache_dtype`: "auto" (the model's dtype) or "fp8" (e4m3 with per-head scales: half the
+    engine/memory.py). `quantization`: "fp8", "int8" or "int4" quantizes a bf16 checkpoint's decoder weights on load
+    (a compressed-tensors checkpoint loads quantized without it). `kv_cache_dtype`: "auto" (the model's dtype) or "fp8" (e4m3 with per-head scales: half the
     bytes, twice the context). On CUDA it is warmed up (kernels compiled, decode graphs captured) before the first
     call. A summary is logged at INFO level."""
 
@@ -50,6 +51,10 @@ class LLM:
         from .processing.tokenizer import Tokenizer
 
         kv_cache_dtype_for(kv_cache_dtype, None)  # a bad name fails before the model is loaded
+        if quantization is not None and isinstance(model, Gemma4):
+            raise ValueError("quantization= applies when LLM loads a checkpoint; quantize a ready model with "
+                             "gemma4.quantization.quantize_model_ or load it with Model.from_pretrained(..., "
+                             "quantization=...)")
 
         start = time.perf_counter()
         self.model = model if isinstance(model, Gemma4) else Model.from_pretrained(model, dtype=dtype, device=device,
