@@ -52,9 +52,8 @@ class LLM:
 
         kv_cache_dtype_for(kv_cache_dtype, None)  # a bad name fails before the model is loaded
         if quantization is not None and isinstance(model, Gemma4):
-            raise ValueError("quantization= applies when LLM loads a checkpoint; quantize a ready model with "
-                             "gemma4.quantization.quantize_model_ or load it with Model.from_pretrained(..., "
-                             "quantization=...)")
+            raise ValueError("quantization= applies when LLM loads a checkpoint; load the model with "
+                             "Model.from_pretrained(path, quantization=...) instead")
 
         start = time.perf_counter()
         self.model = model if isinstance(model, Gemma4) else Model.from_pretrained(model, dtype=dtype, device=device,
