@@ -61,25 +61,23 @@ def _input_row(x_ptr, res_ptr, nw_ptr, scalar_ptr, next_w_ptr, new_ptr, eps, nex
 # dtype before the end.
 DENSE = tl.constexpr(0)        # the weight itself, in the model dtype; scale_ptr unused
 PER_ROW = tl.constexpr(1)      # 8-bit values (fp8 e4m3 or int8: the pointer's type tells which), a scale per row
-INT4_GROUPS = tl.constexpr(2)  # int4, 8 a 32-bit word (element j of a row: bits 4 * (j % 8) of word j // 8, as
-                               # q + 8), a scale per GROUP inputs of a row
 BLOCKS8 = tl.constexpr(3)      # 8-bit values, a scale per block of SCALE_ROWS rows and GROUP inputs (groups of a
                                # row: SCALE_ROWS 1)
+INT4_WORDS = tl.constexpr(2)   # int4, 8 a 32-bit word (element j of a row: bits 4 * (j % 8) of word j // 8, as
+                               # q + 8), a scale per GROUP inputs; read as [BLOCK_N, BLOCK_K // 8] words, nibble j of
+                               # every word times its own input vector (inputs j, j + 8, ...), a scale per word
 # Scales of the grouped formats: scale_ptr[(row // SCALE_ROWS) * stride_sn + (input // GROUP) * stride_sk]
 # (stride_sk 0: one scale a row read as a scale per group, as int4 per channel).
 
 
 @triton.jit
 def _grouped_tiles(w_ptr, rows, N, stride_wn, up_offset, k0, K: tl.constexpr, BLOCK_K: tl.constexpr,
-                   HAS_UP: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr):
-    """The stored values of inputs k0 .. k0 + BLOCK_K of rows `rows` (and of the up rows with HAS_UP) in a grouped
-    format, as [BLOCK_N, BLOCK_K // GROUP, stored values a group] (int4: GROUP // 8 words, 16-byte loads along K):
-    (gate, up), up = gate without HAS_UP. Masked values (rows past N, inputs past K) are 0: int4 nibbles of -8,
-    multiplied by masked (zero) inputs."""
-    PACK: tl.constexpr = 8 if WFMT == INT4_GROUPS else 1  # values a stored element
+                   HAS_UP: tl.constexpr, GROUP: tl.constexpr):
+    """The 8-bit values of inputs k0 .. k0 + BLOCK_K of rows `rows` (and of the up rows with HAS_UP) in groups, as
+    [BLOCK_N, BLOCK_K // GROUP, GROUP]: (gate, up), up = gate without HAS_UP. Masked values are 0."""
     groups = tl.arange(0, BLOCK_K // GROUP)
-    cols = (k0 // PACK + groups * (GROUP // PACK))[:, None] + tl.arange(0, GROUP // PACK)[None, :]
-    mask = (rows < N)[:, None, None] & (cols < (K + PACK - 1) // PACK)[None, :, :]
+    cols = (k0 + groups * GROUP)[:, None] + tl.arange(0, GROUP)[None, :]
+    mask = (rows < N)[:, None, None] & (cols < K)[None, :, :]
     ptrs = w_ptr + rows.to(tl.int64)[:, None, None] * stride_wn + cols[None, :, :]
     w = tl.load(ptrs, mask=mask, other=0.0)
     u = w
@@ -89,38 +87,79 @@ def _grouped_tiles(w_ptr, rows, N, stride_wn, up_offset, k0, K: tl.constexpr, BL
 
 
 @triton.jit
-def _grouped_inputs(x_ptr, k0, K: tl.constexpr, BLOCK_K: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr):
-    """Inputs k0 .. k0 + BLOCK_K as fp32 in the shape of a grouped tile's values: [BLOCK_K // GROUP, GROUP // 8, 8]
-    (int4: word, nibble) or [BLOCK_K // GROUP, GROUP]."""
-    groups = tl.arange(0, BLOCK_K // GROUP)
-    if WFMT == INT4_GROUPS:
-        cols = (k0 + groups[:, None, None] * GROUP + tl.arange(0, GROUP // 8)[None, :, None] * 8
-                + tl.arange(0, 8)[None, None, :])
-    else:
-        cols = k0 + groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+def _grouped_inputs(x_ptr, k0, K: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+    """Inputs k0 .. k0 + BLOCK_K as fp32 in the shape of a grouped tile's values: [BLOCK_K // GROUP, GROUP]."""
+    cols = k0 + tl.arange(0, BLOCK_K // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     return tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _grouped_row(x, BLOCK_K: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr):
+def _grouped_row(x, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
     """A [1, BLOCK_K] input row (_input_row's) in the shape of `_grouped_inputs`."""
-    if WFMT == INT4_GROUPS:
-        x = tl.reshape(x, (BLOCK_K // GROUP, GROUP // 8, 8))
-    else:
-        x = tl.reshape(x, (BLOCK_K // GROUP, GROUP))
-    return x
+    return tl.reshape(x, (BLOCK_K // GROUP, GROUP))
 
 
 @triton.jit
-def _grouped_dots(w, scale, x, WFMT: tl.constexpr):
+def _grouped_dots(w, scale, x):
     """Each group's scale times its fp32 sum of q * x: [BLOCK_N, BLOCK_K // GROUP]."""
-    if WFMT == INT4_GROUPS:
-        shifts = tl.arange(0, 8) * 4
-        q = ((w[:, :, :, None] >> shifts[None, None, None, :]) & 0xF) - 8  # the mask undoes the sign's extension
-        sums = tl.sum(tl.sum(q.to(tl.float32) * x[None, :, :, :], axis=3), axis=2)
-    else:
-        sums = tl.sum(w.to(tl.float32) * x[None, :, :], axis=2)
-    return sums * scale
+    return tl.sum(w.to(tl.float32) * x[None, :, :], axis=2) * scale
+
+
+@triton.jit
+def _word_tiles(w_ptr, rows, N, stride_wn, up_offset, k0, K: tl.constexpr, BLOCK_K: tl.constexpr,
+                HAS_UP: tl.constexpr):
+    """int4 words of inputs k0 .. k0 + BLOCK_K of rows `rows` (and of the up rows): [BLOCK_N, BLOCK_K // 8] each,
+    16-byte loads along K. Masked words are 0 (nibbles of -8, met by masked zero inputs or masked rows)."""
+    words = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    mask = (rows < N)[:, None] & (words < K // 8)[None, :]
+    ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + words[None, :]
+    w = tl.load(ptrs, mask=mask, other=0)
+    u = w
+    if HAS_UP:
+        u = tl.load(ptrs + up_offset, mask=mask, other=0)
+    return w, u
+
+
+@triton.jit
+def _split8(x, BLOCK_K: tl.constexpr):
+    """A [1, BLOCK_K] row as its 8 nibble-position vectors [BLOCK_K // 8]: x_j = inputs j, j + 8, j + 16, ..."""
+    c0, c1 = tl.split(tl.reshape(x, (BLOCK_K // 8, 2, 2, 2)))  # index 4a + 2b + c of each word's 8 inputs
+    c0b0, c0b1 = tl.split(c0)
+    c1b0, c1b1 = tl.split(c1)
+    x0, x4 = tl.split(c0b0)
+    x2, x6 = tl.split(c0b1)
+    x1, x5 = tl.split(c1b0)
+    x3, x7 = tl.split(c1b1)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _nibble(w, j: tl.constexpr, x):
+    """q * x for nibble j of words w ([BLOCK_N, W]) and its inputs x ([W]), fp32: q = nibble - 8."""
+    return (((w >> (4 * j)) & 0xF) - 8).to(tl.float32) * x[None, :]  # the mask undoes the shift's sign extension
+
+
+@triton.jit
+def _word_dots(w, scale, x0, x1, x2, x3, x4, x5, x6, x7):
+    """Each word's scale times its fp32 sum of q * x over its 8 nibbles: [BLOCK_N, W]."""
+    t = _nibble(w, 0, x0) + _nibble(w, 1, x1) + _nibble(w, 2, x2) + _nibble(w, 3, x3)
+    t += _nibble(w, 4, x4) + _nibble(w, 5, x5) + _nibble(w, 6, x6) + _nibble(w, 7, x7)
+    return t * scale
+
+
+@triton.jit
+def _word_inputs(x_ptr, k0, K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Inputs k0 .. k0 + BLOCK_K as `_split8` gives them, loaded (fp32)."""
+    cols = k0 + tl.arange(0, BLOCK_K // 8) * 8
+    x0 = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+    x1 = tl.load(x_ptr + cols + 1, mask=cols < K, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + cols + 2, mask=cols < K, other=0.0).to(tl.float32)
+    x3 = tl.load(x_ptr + cols + 3, mask=cols < K, other=0.0).to(tl.float32)
+    x4 = tl.load(x_ptr + cols + 4, mask=cols < K, other=0.0).to(tl.float32)
+    x5 = tl.load(x_ptr + cols + 5, mask=cols < K, other=0.0).to(tl.float32)
+    x6 = tl.load(x_ptr + cols + 6, mask=cols < K, other=0.0).to(tl.float32)
+    x7 = tl.load(x_ptr + cols + 7, mask=cols < K, other=0.0).to(tl.float32)
+    return x0, x1, x2, x3, x4, x5, x6, x7
 
 
 @triton.jit
@@ -133,6 +172,11 @@ def _scales(scale_ptr, rows, N, stride_sn, stride_sk, k0, K: tl.constexpr, BLOCK
     s = 0.0
     if WFMT == PER_ROW:
         s = tl.load(scale_ptr + rows.to(tl.int64) * stride_sn, mask=row_ok, other=0.0).to(tl.float32)
+    elif WFMT == INT4_WORDS:  # a word's group, 8 inputs a word (several words share it: L1 hits)
+        groups = (k0 + tl.arange(0, BLOCK_K // 8) * 8) // GROUP
+        mask = row_ok[:, None] & (groups < (K + GROUP - 1) // GROUP)[None, :]
+        ptrs = scale_ptr + rows.to(tl.int64)[:, None] * stride_sn + (groups * stride_sk)[None, :]
+        s = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     elif WFMT != DENSE:
         groups = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
         mask = row_ok[:, None] & (groups < (K + GROUP - 1) // GROUP)[None, :]
@@ -142,6 +186,9 @@ def _scales(scale_ptr, rows, N, stride_sn, stride_sk, k0, K: tl.constexpr, BLOCK
     if HAS_UP:
         if WFMT == PER_ROW:
             t = tl.load(scale_ptr + (rows + N).to(tl.int64) * stride_sn, mask=row_ok, other=0.0).to(tl.float32)
+        elif WFMT == INT4_WORDS:
+            up_ptrs = scale_ptr + (rows + N).to(tl.int64)[:, None] * stride_sn + (groups * stride_sk)[None, :]
+            t = tl.load(up_ptrs, mask=mask, other=0.0).to(tl.float32)
         elif WFMT != DENSE:
             up_rows = ((rows + N) // SCALE_ROWS).to(tl.int64)
             up_ptrs = scale_ptr + up_rows[:, None] * stride_sn + (groups * stride_sk)[None, :]
@@ -164,8 +211,10 @@ def _first_tiles(w_ptr, scale_ptr, rows, N, stride_wn, stride_sn, stride_sk, up_
         u = w
         if HAS_UP:
             u = tl.load(ptrs + up_offset, mask=mask, other=0.0)
+    elif WFMT == INT4_WORDS:
+        w, u = _word_tiles(w_ptr, rows, N, stride_wn, up_offset, 0, K, BLOCK_K, HAS_UP)
     else:
-        w, u = _grouped_tiles(w_ptr, rows, N, stride_wn, up_offset, 0, K, BLOCK_K, HAS_UP, WFMT, GROUP)
+        w, u = _grouped_tiles(w_ptr, rows, N, stride_wn, up_offset, 0, K, BLOCK_K, HAS_UP, GROUP)
     w_scale, u_scale = _scales(scale_ptr, rows, N, stride_sn, stride_sk, 0, K, BLOCK_K, HAS_UP, WFMT, GROUP, SCALE_ROWS)
     return w, u, w_scale, u_scale
 
@@ -200,21 +249,38 @@ def _dots(w, u, w_scale, u_scale, x, x_ptr, w_ptr, scale_ptr, rows, N, stride_wn
             up = tl.sum(acc_up, axis=1)
         if WFMT == PER_ROW:  # the row's scale times its sum of q * x (u_scale = w_scale without HAS_UP)
             gate, up = gate * w_scale, up * u_scale
-    else:
-        x = _grouped_row(x, BLOCK_K, WFMT, GROUP)
-        acc = _grouped_dots(w, w_scale, x, WFMT)  # [BLOCK_N, BLOCK_K // GROUP]: one reduction at the end
+    elif WFMT == INT4_WORDS:
+        x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x, BLOCK_K)
+        acc = _word_dots(w, w_scale, x0, x1, x2, x3, x4, x5, x6, x7)  # [BLOCK_N, BLOCK_K // 8]: reduced at the end
         acc_up = acc
         if HAS_UP:
-            acc_up = _grouped_dots(u, u_scale, x, WFMT)
+            acc_up = _word_dots(u, u_scale, x0, x1, x2, x3, x4, x5, x6, x7)
         for k0 in range(BLOCK_K, K, BLOCK_K):  # never with NORMED (K <= BLOCK_K)
-            step_x = _grouped_inputs(x_ptr, k0, K, BLOCK_K, WFMT, GROUP)
-            step_w, step_u = _grouped_tiles(w_ptr, rows, N, stride_wn, up_offset, k0, K, BLOCK_K, HAS_UP, WFMT,
-                                            GROUP)
+            x0, x1, x2, x3, x4, x5, x6, x7 = _word_inputs(x_ptr, k0, K, BLOCK_K)
+            step_w, step_u = _word_tiles(w_ptr, rows, N, stride_wn, up_offset, k0, K, BLOCK_K, HAS_UP)
             step_w_scale, step_u_scale = _scales(scale_ptr, rows, N, stride_sn, stride_sk, k0, K, BLOCK_K, HAS_UP,
                                                  WFMT, GROUP, SCALE_ROWS)
-            acc += _grouped_dots(step_w, step_w_scale, step_x, WFMT)
+            acc += _word_dots(step_w, step_w_scale, x0, x1, x2, x3, x4, x5, x6, x7)
             if HAS_UP:
-                acc_up += _grouped_dots(step_u, step_u_scale, step_x, WFMT)
+                acc_up += _word_dots(step_u, step_u_scale, x0, x1, x2, x3, x4, x5, x6, x7)
+        gate = tl.sum(acc, axis=1)
+        up = gate
+        if HAS_UP:
+            up = tl.sum(acc_up, axis=1)
+    else:
+        x = _grouped_row(x, BLOCK_K, GROUP)
+        acc = _grouped_dots(w, w_scale, x)  # [BLOCK_N, BLOCK_K // GROUP]: one reduction at the end
+        acc_up = acc
+        if HAS_UP:
+            acc_up = _grouped_dots(u, u_scale, x)
+        for k0 in range(BLOCK_K, K, BLOCK_K):  # never with NORMED (K <= BLOCK_K)
+            step_x = _grouped_inputs(x_ptr, k0, K, BLOCK_K, GROUP)
+            step_w, step_u = _grouped_tiles(w_ptr, rows, N, stride_wn, up_offset, k0, K, BLOCK_K, HAS_UP, GROUP)
+            step_w_scale, step_u_scale = _scales(scale_ptr, rows, N, stride_sn, stride_sk, k0, K, BLOCK_K, HAS_UP,
+                                                 WFMT, GROUP, SCALE_ROWS)
+            acc += _grouped_dots(step_w, step_w_scale, step_x)
+            if HAS_UP:
+                acc_up += _grouped_dots(step_u, step_u_scale, step_x)
         gate = tl.sum(acc, axis=1)
         up = gate
         if HAS_UP:
@@ -300,13 +366,20 @@ def _gemv_residual_norms_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, counter_ptr, res
 NORMED_MAX_K = 4096
 
 
-def _default_tiles(device: torch.device, k_in: int, normed: bool = False, gated: bool = False, width: int = 0) -> tuple:
-    """The tuned tiles (tuning.py: gemv) of a GEMV of `width` outputs over rows of k_in inputs."""
+def _default_tiles(device: torch.device, k_in: int, normed: bool = False, gated: bool = False, width: int = 0,
+                   wfmt: int = 0) -> tuple:
+    """The tuned tiles (tuning.py: gemv) of a GEMV of `width` outputs over rows of k_in inputs, in weight format
+    `wfmt`: a quantized format's own keys (prefixed INT4_ or BYTE_) where the table has them."""
     tuned = config("gemv", device)
+    prefix = {INT4_WORDS.value: "INT4_", PER_ROW.value: "BYTE_", BLOCKS8.value: "BYTE_"}.get(wfmt, "")
+
+    def key(name):
+        return tuned[prefix + name] if prefix + name in tuned else tuned[name]
+
     if normed:
-        tiles = tuned["NORMED_GATED_TILES" if gated else "NORMED_TILES"]
+        tiles = key("NORMED_GATED_TILES" if gated else "NORMED_TILES")
     else:
-        tiles = tuned["WIDE_TILES"] if tuned["TILES"][1] < k_in <= tuned["WIDE_TILES"][1] else tuned["TILES"]
+        tiles = key("WIDE_TILES") if key("TILES")[1] < k_in <= key("WIDE_TILES")[1] else key("TILES")
     # Groups share the program's input only when it is one BLOCK_K step; a longer row is reloaded for each group.
     return tiles[:4] if width < tuned["GROUPS_MIN_WIDTH"] or k_in > tiles[1] else tiles
 
@@ -340,11 +413,11 @@ def _quantized_format(weight: QuantizedWeight) -> str | tuple[dict, int, int]:
             return dict(WFMT=PER_ROW.value, GROUP=1, SCALE_ROWS=1), scale.stride(0), 0
         # int4: its row's scale for every group of the widest that divides K
         group = next(g for g in (32, 16, 8) if k_in % g == 0)
-        return dict(WFMT=INT4_GROUPS.value, GROUP=group, SCALE_ROWS=1), scale.stride(0), 0
+        return dict(WFMT=INT4_WORDS.value, GROUP=group, SCALE_ROWS=1), scale.stride(0), 0
     group, scale_rows = (scheme.group_size, 1) if scheme.strategy == "group" else scheme.block[::-1]
     if group & (group - 1) or group < (8 if scheme.packed else 1) or (scheme.strategy == "group" and k_in % group):
         return f"groups of {group} inputs (a power of 2 that divides K)"
-    wfmt = INT4_GROUPS if scheme.packed else BLOCKS8
+    wfmt = INT4_WORDS if scheme.packed else BLOCKS8
     return dict(WFMT=wfmt.value, GROUP=group, SCALE_ROWS=scale_rows), scale.stride(0), scale.stride(1)
 
 
@@ -386,7 +459,7 @@ def _launch_gemv(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, width:
     assert x.shape[-1] == weight.shape[1] and x.numel() == x.shape[-1]
     values, scale, stride_sn, stride_sk, fmt = _weight_args(weight)
     k_in, normed, gated = weight.shape[1], norms is not None, act is not None  # act: the gated activation's code
-    tiles = tiles or _default_tiles(x.device, k_in, normed, gated, width)
+    tiles = tiles or _default_tiles(x.device, k_in, normed, gated, width, fmt["WFMT"])
     block_n, block_k, warps, stages, groups = _tiles(x, k_in, tiles, normed, fmt["GROUP"])
     x = x.contiguous()
     input_args, input_flags = _input_args(x, norms)
@@ -455,7 +528,7 @@ def gemv_residual_norms(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight,
     values, scale, stride_sn, stride_sk, fmt = _weight_args(weight)
     n_out, k_in = weight.shape
     assert residual.numel() == n_out and residual.stride(-1) == 1
-    tiles = tiles or _default_tiles(x.device, k_in)  # one group: its programs count as they finish
+    tiles = tiles or _default_tiles(x.device, k_in, wfmt=fmt["WFMT"])  # one group: its programs count as they finish
     block_n, block_k, warps, stages, _ = _tiles(x, k_in, tiles, group=fmt["GROUP"])
     y = torch.empty(n_out, dtype=x.dtype, device=x.device)
     outputs, pointers, named = residual_norms_args(residual, y, norm_weight, eps, scalar, next_weight, next_eps, moe)

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from ..model.quantized import QuantizedWeight
 from .attention import _dot
-from .gemv import INT4_GROUPS, PER_ROW, _quantized_format
+from .gemv import INT4_WORDS, PER_ROW, _quantized_format
 from .pdl import after_previous_kernel, launch_options
 from .rounding import round_to
 from .tuning import config
@@ -38,7 +38,7 @@ def _dequantized_tile(w_ptr, scale_ptr, rows, k0, N, stride_wn, stride_sn, strid
     the zero inputs)."""
     row_ok = rows < N
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
-    if WFMT == INT4_GROUPS:  # [BLOCK_N, BLOCK_K // 8] words -> [BLOCK_N, BLOCK_K // 8, 8] nibbles
+    if WFMT == INT4_WORDS:  # [BLOCK_N, BLOCK_K // 8] words -> [BLOCK_N, BLOCK_K // 8, 8] nibbles
         words = k0 // 8 + tl.arange(0, BLOCK_K // 8)
         packed = tl.load(w_rows + words[None, :], mask=row_ok[:, None] & (words < K // 8)[None, :], other=0)
         shifts = tl.arange(0, 8) * 4

@@ -12,6 +12,8 @@ gemv: (BLOCK_N weight rows a program, BLOCK_K inputs a step, warps, stages, GROU
   NORMED_TILES        a GEMV that normalizes its input (`norms=`); BLOCK_K is then the row's width
   NORMED_GATED_TILES  the same, gated
   GROUPS_MIN_WIDTH    outputs narrower than this take one group of rows (small GEMVs need every program)
+  INT4_<key>, BYTE_<key>  a tile key for int4 or 8-bit (fp8, int8) weights, where they differ (BLOCK_K counts
+                      weights, not bytes); absent: the key itself
 moe:
   GU_BLOCK_W, GU_BLOCK_H, GU_WARPS       decode gate/up kernel: gate (and up) rows a program, columns a step, warps
   DOWN_BLOCK_H, DOWN_BLOCK_W, DOWN_WARPS decode down kernel: output rows a program, columns a step, warps
