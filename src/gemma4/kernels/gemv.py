@@ -135,11 +135,8 @@ def _split8(x, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def _nibble(w, j: tl.constexpr, x):
-    """q * x for nibble j of words w ([BLOCK_N, W]) and its inputs x ([W]), fp32: q = nibble - 8. The nibble n goes
-    into the mantissa of 2^23 (the bits 0x4B000000 | n are the float 2^23 + n), minus 2^23 + 8: q exactly, without
-    an int-to-float conversion (a quarter-rate instruction, which bounded this kernel)."""
-    bits = ((w >> (4 * j)) & 0xF) | 0x4B000000  # the mask also undoes the shift's sign extension
-    return (bits.to(tl.float32, bitcast=True) - 8388616.0) * x[None, :]
+    """q * x for nibble j of words w ([BLOCK_N, W]) and its inputs x ([W]), fp32: q = nibble - 8."""
+    return (((w >> (4 * j)) & 0xF) - 8).to(tl.float32) * x[None, :]  # the mask undoes the shift's sign extension
 
 
 @triton.jit
