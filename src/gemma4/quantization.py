@@ -25,8 +25,9 @@ from .model.fused import Linear, QuantizedLinear
 from .model.quantized import ON_LOAD, Scheme
 
 PER_EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(gate|up|down)_proj$")
-SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx", "input_scale",
-            "input_zero_point", "weight_global_scale", "input_global_scale")
+# (type, bits) -> the scale strategies gemma4 runs for such weights
+STRATEGIES = {("int", 4): ("group", "channel"), ("int", 8): ("group", "channel"),
+              ("float", 8): ("channel", "tensor", "block")}
 
 
 class QuantizationError(ValueError):
@@ -48,13 +49,7 @@ def parse_scheme(weights: dict, name: str) -> Scheme:
         raise QuantizationError(f"{described}, asymmetric (zero points): gemma4 runs symmetric schemes only")
     if weights.get("actorder") not in (None, "static"):
         raise QuantizationError(f"{described} with activation ordering {weights['actorder']!r} is not supported")
-    if (kind, bits) == ("int", 4) and strategy in ("group", "channel"):
-        pass
-    elif (kind, bits) == ("int", 8) and strategy in ("group", "channel"):
-        pass
-    elif (kind, bits) == ("float", 8) and strategy in ("channel", "tensor", "block"):
-        pass
-    else:
+    if not isinstance(bits, int) or strategy not in STRATEGIES.get((kind, bits), ()):
         raise QuantizationError(f"{described} is not supported; gemma4 runs int4 (groups or channels), int8 "
                                 "(groups or channels) and fp8 (tensor, channel or block scales)")
     group_size = weights.get("group_size") if strategy == "group" else None
@@ -142,11 +137,11 @@ class QuantizedModule:
         return n, k
 
 
-def plan(reader_headers: dict[str, tuple[tuple[int, ...], str]], groups: list[Group]) -> dict[str, QuantizedModule]:
+def plan(headers: dict[str, tuple[tuple[int, ...], str]], groups: list[Group]) -> dict[str, QuantizedModule]:
     """Checkpoint module name -> QuantizedModule, for every module that has a `weight_scale`; checked throughout."""
     modules: dict[str, QuantizedModule] = {}
     by_module: dict[str, dict[str, tuple[str, tuple[int, ...], str]]] = {}
-    for key, (shape, dtype) in reader_headers.items():
+    for key, (shape, dtype) in headers.items():
         module, _, local = key.rpartition(".")
         by_module.setdefault(module, {})[local] = (key, tuple(shape), dtype)
     for module, tensors in by_module.items():
@@ -163,10 +158,6 @@ def plan(reader_headers: dict[str, tuple[tuple[int, ...], str]], groups: list[Gr
         entry.shape()
         modules[module] = entry
     return modules
-
-
-def is_quantization_tensor(key: str) -> bool:
-    return key.rpartition(".")[2] in SUFFIXES
 
 
 def unpack_int8(words: torch.Tensor) -> torch.Tensor:
