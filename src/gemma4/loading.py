@@ -242,8 +242,6 @@ def _place_quantized(route, tensor: torch.Tensor, state: dict, slices: dict, sha
                      device: torch.device) -> None:
     """A quantized module's values or scale into its buffer: whole, or one expert's gate, up or down block of the
     stacked [E, 2W, .] / [E, H, .] buffer."""
-    if route is None:
-        return
     name, module, kind, slot = route
     value = (quantization_module.stored_values if kind == "values" else quantization_module.stored_scale)(module,
                                                                                                           tensor)

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .model.fused import Linear, QuantizedLinear
-from .model.quantized import ON_LOAD, Scheme
+from .model.fused import Linear, QuantizedLinear, stored
+from .model.quantized import ON_LOAD, Scheme, pack, unpack
 
 PER_EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(gate|up|down)_proj$")
 # (type, bits) -> the scale strategies gemma4 runs for such weights
@@ -160,17 +160,11 @@ def plan(headers: dict[str, tuple[tuple[int, ...], str]], groups: list[Group]) -
     return modules
 
 
-def unpack_int8(words: torch.Tensor) -> torch.Tensor:
-    """pack-quantized 8-bit weights (4 per int32, low byte first, stored as q + 128) -> int8 [N, K]."""
-    shifts = torch.arange(0, 32, 8, dtype=torch.int32, device=words.device)
-    return (((words.unsqueeze(-1) >> shifts) & 0xFF) - 128).to(torch.int8).flatten(-2)
-
-
 def stored_values(module: QuantizedModule, tensor: torch.Tensor) -> torch.Tensor:
     """A checkpoint's quantized values as QuantizedLinear's `values` buffer holds them."""
-    if tensor.dtype == torch.int32 and module.scheme.bits == 8:
-        return unpack_int8(tensor)
-    return tensor.view(torch.uint8) if tensor.dtype == torch.float8_e4m3fn else tensor
+    if tensor.dtype == torch.int32 and module.scheme.bits == 8:  # pack-quantized int8: 4 a word
+        return unpack(tensor, 8)
+    return stored(tensor)
 
 
 def stored_scale(module: QuantizedModule, tensor: torch.Tensor) -> torch.Tensor:
@@ -255,9 +249,8 @@ def _checkpoint_tensors(weight, scheme: Scheme) -> dict[str, torch.Tensor]:
     values, (n, k) = weight.values, weight.shape
     if scheme.kind == "float":
         return {"weight": values.contiguous(), "weight_scale": weight.scale.contiguous()}
-    if scheme.bits == 8:  # 4 per int32, low byte first, as q + 128
-        shifts = torch.arange(0, 32, 8, dtype=torch.int32, device=values.device)
-        values = ((values.to(torch.int32) + 128).unflatten(-1, (-1, 4)) << shifts).sum(-1, dtype=torch.int32)
+    if scheme.bits == 8:  # pack-quantized int8: 4 a word
+        values = pack(values, 8)
     return {"weight_packed": values.contiguous(), "weight_scale": weight.scale.contiguous(),
             "weight_shape": torch.tensor([n, k], dtype=torch.int64)}
 

@@ -114,11 +114,10 @@ class QuantizedLinear(nn.Module):
         scale_rows = [layer.scale.shape[0] for layer in layers]
         if layers[0].scheme.strategy == "block" and any(n % layers[0].scheme.block[0] for n in rows):
             return None
-        values = torch.cat([layer.values for layer in layers])
-        scale = torch.cat([layer.scale for layer in layers])
-        for layer, v, s in zip(layers, values.split(rows), scale.split(scale_rows)):
-            layer.values, layer.scale = v, s
-        return QuantizedWeight(as_values(values, layers[0].scheme), scale, layers[0].scheme)
+        fused = QuantizedWeight.cat([layer.weight for layer in layers])
+        for layer, values, scale in zip(layers, stored(fused.values).split(rows), fused.scale.split(scale_rows)):
+            layer.assign(values, scale)
+        return fused
 
     def assign(self, values: torch.Tensor, scale: torch.Tensor) -> QuantizedLinear:
         self.values, self.scale = values, scale

@@ -95,11 +95,7 @@ class QuantizedWeight:
 
     def integers(self) -> torch.Tensor:
         """The quantized values [..., N, K] as int8 (int formats) or fp8."""
-        if not self.scheme.packed:
-            return self.values
-        shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=self.values.device)
-        nibbles = (self.values.unsqueeze(-1) >> shifts) & 0xF  # arithmetic shift: the mask keeps the low 4 bits
-        return (nibbles - 8).to(torch.int8).flatten(-2)
+        return unpack(self.values, 4) if self.scheme.packed else self.values
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """values * scale rounded to `dtype`. The product is exact in fp32 (q: at most 8 significant bits, a scale of
@@ -136,10 +132,22 @@ def quantize(weight: torch.Tensor, scheme: Scheme) -> QuantizedWeight:
     if scheme.kind == "float":
         values = q.to(torch.float8_e4m3fn)
     elif scheme.packed:
-        nibbles = (q.to(torch.int32) + 8).unflatten(-1, (-1, 8))
-        shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=weight.device)
-        values = (nibbles << shifts).sum(-1, dtype=torch.int32)  # disjoint bits: the sum is the bitwise or
+        values = pack(q, 4)
     else:
         values = q.to(torch.int8)
     return QuantizedWeight(values, scale, scheme)
 
+
+def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed integers [..., K] (as floats or ints) -> int32 words [..., K * bits / 32], as compressed-tensors packs
+    them: element j of a row in bits bits * (j % (32 / bits)) of word j // (32 / bits), stored as q + 2^(bits - 1)."""
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=q.device)
+    unsigned = (q.to(torch.int32) + 2 ** (bits - 1)).unflatten(-1, (-1, 32 // bits))
+    return (unsigned << shifts).sum(-1, dtype=torch.int32)  # disjoint bits (wrapping past bit 31): the bitwise or
+
+
+def unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """The inverse of `pack`: int8 [..., K]."""
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device)
+    fields = (words.unsqueeze(-1) >> shifts) & (2**bits - 1)  # arithmetic shift: the mask keeps the low bits
+    return (fields - 2 ** (bits - 1)).to(torch.int8).flatten(-2)
