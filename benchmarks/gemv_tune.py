@@ -1,6 +1,7 @@
 """Tune the quantized GEMV tiles of one format at a preset's decode shapes: every plain GEMV of a step (the bf16 LM
 head excluded) timed in CUDA graphs (benchmarks/gemv.py) for each candidate tile set, and the set of the least total
-time per step written as INT4_ or BYTE_ TILES and WIDE_TILES into the device's kernels/configs JSON.
+time per step written as INT4_DOTS_ (int4 groups with bf16 inputs: the tensor-core GEMV) or BYTE_ TILES and WIDE_TILES
+into the device's kernels/configs JSON.
 
     python benchmarks/gemv_tune.py --preset E2B --quantization int4 [--write]
 """
@@ -18,6 +19,7 @@ from gemma4.kernels import tuning
 from gemv import cycled_weights, decode_shapes, graph_us, weight_bytes  # benchmarks/gemv.py
 
 CANDIDATES = [None] + list(itertools.product((2, 4, 8), (1024, 2048, 4096), (4, 8), (3,)))  # None: current tiles
+DOTS_CANDIDATES = [None] + list(itertools.product((32, 64, 128), (128, 256, 512), (4, 8), (1,)))
 
 
 def main() -> None:
@@ -26,14 +28,15 @@ def main() -> None:
     parser.add_argument("--quantization", choices=["fp8", "int8", "int4"], default="int4")
     parser.add_argument("--write", action="store_true", help="write the best tiles into the device's config")
     args = parser.parse_args()
-    total = dict.fromkeys(CANDIDATES, 0.0)
+    candidates = DOTS_CANDIDATES if args.quantization == "int4" else CANDIDATES
+    total = dict.fromkeys(candidates, 0.0)
     for (n, k), count in sorted(decode_shapes(args.preset).items()):
         if n == 262144:  # the LM head stays bf16
             continue
         weights, x = cycled_weights(n, k, args.quantization)
         gb = n * k * weight_bytes(args.quantization) / 1e3
         timings = []
-        for tiles in CANDIDATES:
+        for tiles in candidates:
             try:
                 us = graph_us(lambda i: gemv_module.gemv(x, weights[i % len(weights)], tiles))
             except Exception:  # out of resources
@@ -47,7 +50,7 @@ def main() -> None:
     print(f"{args.preset} {args.quantization}: us per step {total[None]:.0f} with the current tiles, "
           f"{total[best]:.0f} with {best or 'the current ones'}")
     if args.write and best is not None:
-        prefix = "INT4_" if args.quantization == "int4" else "BYTE_"
+        prefix = "INT4_DOTS_" if args.quantization == "int4" else "BYTE_"
         path = tuning.CONFIGS / f"{tuning.device_name(torch.device('cuda'))}.json"
         table = json.loads(path.read_text()) if path.exists() else {}
         table.setdefault("gemv", {}).update({prefix + "TILES": list(best), prefix + "WIDE_TILES": list(best)})

@@ -81,6 +81,13 @@ def main() -> None:
         x, w = rand(1, 1, k), rand(2 * tuning.tile("gemv", "GROUPS_MIN_WIDTH"), k)
         gemv.gemv(x, w)
         gemv.gemv_gated(x, w, "gelu_pytorch_tanh")
+    # int4 GEMVs on the tensor cores (their PTX unpacking is checked only by compiling): one step and several.
+    from gemma4.model.quantized import ON_LOAD, quantize
+    for k in (256, 800):
+        x, res, nw = rand(1, 1, k), rand(1, 1, 96), rand(96)
+        gemv.gemv(x, quantize(rand(96, k), ON_LOAD["int4"]))
+        gemv.gemv_gated(x, quantize(rand(192, k), ON_LOAD["int4"]), "gelu_pytorch_tanh")
+        gemv.gemv_residual_norms(x, quantize(rand(96, k), ON_LOAD["int4"]), res, nw, 1e-6, None, nw, 1e-6)
     logits.softcap(rand(2, 1000), 30.0)
     logits.argmax(rand(2, 10000, dtype=torch.float32))
     # A forward's inputs: embeddings, per-layer inputs, RoPE tables.

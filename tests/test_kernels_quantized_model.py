@@ -54,9 +54,9 @@ def test_decode_logits_and_tokens_equal(model, rows):
     quantized_calls = []
     real = gemv_module._weight_args
 
-    def spy(weight):
+    def spy(weight, *args, **kwargs):
         quantized_calls.append(not isinstance(weight, torch.Tensor))
-        return real(weight)
+        return real(weight, *args, **kwargs)
 
     for name in ("fused", "plain"):
         cache = model.make_cache(rows, ids.shape[1] + steps)

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from ..model.quantized import QuantizedWeight
 from .activation import ACTIVATION_CODES, activation_fp32
+from .attention import _dot
 from .norm import _norm_weights, _residual_norms_row, _residual_norms_values, _warps, residual_norms_args
 from .pdl import after_previous_kernel, launch_options
 from .rounding import round_to
@@ -59,6 +60,7 @@ def _input_row(x_ptr, res_ptr, nw_ptr, scalar_ptr, next_w_ptr, new_ptr, eps, nex
 # scales: per row once at the end, per group (or block) of a row after summing the group. So the product is the fp32
 # product of the dequantized weight (QuantizedWeight.dequantize) up to summation order, never rounded to the model
 # dtype before the end.
+INTERPRET = tl.constexpr(triton.knobs.runtime.interpret)  # Triton's interpreter (tests on the CPU) runs no PTX
 DENSE = tl.constexpr(0)        # the weight itself, in the model dtype; scale_ptr unused
 PER_ROW = tl.constexpr(1)      # 8-bit values (fp8 e4m3 or int8: the pointer's type tells which), a scale per row
 BLOCKS8 = tl.constexpr(3)      # 8-bit values, a scale per block of SCALE_ROWS rows and GROUP inputs (groups of a
@@ -66,6 +68,7 @@ BLOCKS8 = tl.constexpr(3)      # 8-bit values, a scale per block of SCALE_ROWS r
 INT4_WORDS = tl.constexpr(2)   # int4, 8 a 32-bit word (element j of a row: bits 4 * (j % 8) of word j // 8, as
                                # q + 8), a scale per GROUP inputs; read as [BLOCK_N, BLOCK_K // 8] words, nibble j of
                                # every word times its own input vector (inputs j, j + 8, ...), a scale per word
+INT4_DOTS = tl.constexpr(4)    # INT4_WORDS with bf16 inputs and scales, on the tensor cores (`_int4_dots`)
 # Scales of the grouped formats: scale_ptr[(row // SCALE_ROWS) * stride_sn + (input // GROUP) * stride_sk]
 # (stride_sk 0: one scale a row read as a scale per group, as int4 per channel).
 
@@ -135,8 +138,28 @@ def _split8(x, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def _nibble(w, j: tl.constexpr, x):
-    """q * x for nibble j of words w ([BLOCK_N, W]) and its inputs x ([W]), fp32: q = nibble - 8."""
-    return (((w >> (4 * j)) & 0xF) - 8).to(tl.float32) * x[None, :]  # the mask undoes the shift's sign extension
+    """q * x for nibble j of words w ([BLOCK_N, W]) and its inputs x ([W], fp32, pre-scaled by 16^-p, p the
+    nibble's place as `_scaled_inputs` gives them), q = nibble - 8. The nibble is masked in place into the mantissa of
+    2^23 (one lop3: bits 0x4B000000 | n * 16^p read as the float 2^23 + n * 16^p, exact while 15 * 16^p < 2^23, so
+    nibbles 5-7 are shifted down 20 bits first: places 0-4, then 0-2), minus 2^23 + 8 * 16^p: q * 16^p exactly, with
+    no shift or int-to-float conversion per nibble; times x * 16^-p, q * x exactly."""
+    place: tl.constexpr = j if j < 5 else j - 5
+    if j >= 5:
+        w = w >> 20  # the mask drops the sign extension
+    mask: tl.constexpr = 0xF << (4 * place)
+    if INTERPRET:
+        bits = (w & mask) | 0x4B000000
+    else:  # one lop3 ((a & b) | c) where the compiler emits an and and an or
+        bits = tl.inline_asm_elementwise(f"lop3.b32 $0, $1, {mask}, 0x4B000000, 0xEA;", "=r,r", [w],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    return (bits.to(tl.float32, bitcast=True) - (8388608.0 + 8.0 * 16 ** place)) * x[None, :]
+
+
+@triton.jit
+def _scaled_inputs(x0, x1, x2, x3, x4, x5, x6, x7):
+    """The 8 nibble-position inputs (fp32) scaled as `_nibble` takes them: x_j * 16^-p (exact), p = j, then j - 5."""
+    return (x0, x1 * 0.0625, x2 * 0.00390625, x3 * 0.000244140625, x4 * 0.0000152587890625, x5, x6 * 0.0625,
+            x7 * 0.00390625)
 
 
 @triton.jit
@@ -162,6 +185,125 @@ def _word_inputs(x_ptr, k0, K: tl.constexpr, BLOCK_K: tl.constexpr):
     return x0, x1, x2, x3, x4, x5, x6, x7
 
 
+# Nibble j of two int32 words a, b ($8, $9) as the bf16 pair ((a_j - 8) * sa, (b_j - 8) * sb), sa/sb the words' bf16
+# scales ($10), for j = 0..7 ($0..$7). prmt gathers the low (then high) 16 bits of both words into one register's
+# halves; shifted by 4j, a lop3 ors the nibbles at bits 0-3 and 16-19 into the mantissa of bf16 128.0 (0x4300: 128 +
+# n exactly); minus 136 gives q = n - 8 exactly, times the scale rounded once (mul.rn): the twin's dequantized weight.
+_UNPACK_INT4_BF16 = tl.constexpr("""{
+.reg .b32 lo, hi, lo4, hi4, m, c, o;
+mov.b32 m, 0x000F000F;
+mov.b32 c, 0x43004300;
+mov.b32 o, 0x43084308;
+prmt.b32 lo, $8, $9, 0x5410;
+prmt.b32 hi, $8, $9, 0x7632;
+shr.u32 lo4, lo, 4;
+shr.u32 hi4, hi, 4;
+lop3.b32 $0, lo, m, c, 0xEA;
+lop3.b32 $1, lo4, m, c, 0xEA;
+lop3.b32 $4, hi, m, c, 0xEA;
+lop3.b32 $5, hi4, m, c, 0xEA;
+shr.u32 lo, lo, 8;
+shr.u32 lo4, lo4, 8;
+shr.u32 hi, hi, 8;
+shr.u32 hi4, hi4, 8;
+lop3.b32 $2, lo, m, c, 0xEA;
+lop3.b32 $3, lo4, m, c, 0xEA;
+lop3.b32 $6, hi, m, c, 0xEA;
+lop3.b32 $7, hi4, m, c, 0xEA;
+sub.rn.bf16x2 $0, $0, o;
+sub.rn.bf16x2 $1, $1, o;
+sub.rn.bf16x2 $2, $2, o;
+sub.rn.bf16x2 $3, $3, o;
+sub.rn.bf16x2 $4, $4, o;
+sub.rn.bf16x2 $5, $5, o;
+sub.rn.bf16x2 $6, $6, o;
+sub.rn.bf16x2 $7, $7, o;
+mul.rn.bf16x2 $0, $0, $10;
+mul.rn.bf16x2 $1, $1, $10;
+mul.rn.bf16x2 $2, $2, $10;
+mul.rn.bf16x2 $3, $3, $10;
+mul.rn.bf16x2 $4, $4, $10;
+mul.rn.bf16x2 $5, $5, $10;
+mul.rn.bf16x2 $6, $6, $10;
+mul.rn.bf16x2 $7, $7, $10;
+}""")
+
+
+@triton.jit
+def _word_scales(scale_ptr, rows, N, stride_sn, stride_sk, k0, K: tl.constexpr, BLOCK_K: tl.constexpr,
+                 GROUP: tl.constexpr):
+    """Each word's scale as stored (bf16), [BLOCK_N, BLOCK_K // 8]; masked rows' and words' scales are 0."""
+    words = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    mask = (rows < N)[:, None] & (words < K // 8)[None, :]
+    ptrs = scale_ptr + rows.to(tl.int64)[:, None] * stride_sn + (words // (GROUP // 8) * stride_sk)[None, :]
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _dequantized_nibbles(w, scale):
+    """The 8 nibble positions of words w [BLOCK_N, W] dequantized as the twin does, (q * scale) rounded to bf16:
+    8 tiles [BLOCK_N, W], tile j the weights of inputs j, j + 8, j + 16, ... (kept in fp32 under the interpreter,
+    which runs no PTX)."""
+    if INTERPRET:
+        s = scale.to(tl.float32)
+        return (round_to((((w >> 0) & 0xF) - 8).to(tl.float32) * s, tl.bfloat16),
+                round_to((((w >> 4) & 0xF) - 8).to(tl.float32) * s, tl.bfloat16),
+                round_to((((w >> 8) & 0xF) - 8).to(tl.float32) * s, tl.bfloat16),
+                round_to((((w >> 12) & 0xF) - 8).to(tl.float32) * s, tl.bfloat16),
+                round_to((((w >> 16) & 0xF) - 8).to(tl.float32) * s, tl.bfloat16),
+                round_to((((w >> 20) & 0xF) - 8).to(tl.float32) * s, tl.bfloat16),
+                round_to((((w >> 24) & 0xF) - 8).to(tl.float32) * s, tl.bfloat16),
+                round_to((((w >> 28) & 0xF) - 8).to(tl.float32) * s, tl.bfloat16))
+    else:
+        return tl.inline_asm_elementwise(_UNPACK_INT4_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [w, scale],
+                                         dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
+
+
+@triton.jit
+def _int4_dots(w, scale, x, a0, a1, a2, a3, a4, a5, a6, a7):
+    """The tensor-core int4 step: x [16, W] holds the 8 nibble positions' inputs in rows 0-7 (x_j: inputs j, j + 8,
+    ... of the step), rows 8-15 zero; a_j [16, BLOCK_N] += x @ (tile j).T, of which row j is wanted (the others are
+    free: the 16-row MMA has them anyway). fp32 sums of the bf16 products (exact)."""
+    q0, q1, q2, q3, q4, q5, q6, q7 = _dequantized_nibbles(w, scale)
+    a0 = _dot(x, tl.trans(q0), INTERPRET) + a0
+    a1 = _dot(x, tl.trans(q1), INTERPRET) + a1
+    a2 = _dot(x, tl.trans(q2), INTERPRET) + a2
+    a3 = _dot(x, tl.trans(q3), INTERPRET) + a3
+    a4 = _dot(x, tl.trans(q4), INTERPRET) + a4
+    a5 = _dot(x, tl.trans(q5), INTERPRET) + a5
+    a6 = _dot(x, tl.trans(q6), INTERPRET) + a6
+    a7 = _dot(x, tl.trans(q7), INTERPRET) + a7
+    return a0, a1, a2, a3, a4, a5, a6, a7
+
+
+@triton.jit
+def _int4_rows(a0, a1, a2, a3, a4, a5, a6, a7):
+    """Row j of each a_j, summed: the dot products [BLOCK_N]."""
+    r = tl.arange(0, 16)[:, None]
+    t = tl.where(r == 0, a0, 0.0) + tl.where(r == 1, a1, 0.0) + tl.where(r == 2, a2, 0.0) + tl.where(r == 3, a3, 0.0)
+    t += tl.where(r == 4, a4, 0.0) + tl.where(r == 5, a5, 0.0) + tl.where(r == 6, a6, 0.0) + tl.where(r == 7, a7, 0.0)
+    return tl.sum(t, axis=0)
+
+
+@triton.jit
+def _int4_inputs(x_ptr, k0, K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Inputs k0 .. k0 + BLOCK_K as `_int4_dots` takes them: [16, BLOCK_K // 8], row j < 8 inputs j, j + 8, ..."""
+    r = tl.arange(0, 16)[:, None]
+    cols = k0 + tl.arange(0, BLOCK_K // 8)[None, :] * 8 + r
+    return tl.load(x_ptr + cols, mask=(r < 8) & (cols < K), other=0.0)
+
+
+@triton.jit
+def _int4_row_inputs(x, BLOCK_K: tl.constexpr, dtype: tl.constexpr):
+    """A [1, BLOCK_K] fp32 input row (`_input_row`'s) as `_int4_inputs` gives it (the first step's)."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x, BLOCK_K)
+    r = tl.arange(0, 16)[:, None]
+    t = tl.where(r == 0, x0[None, :], 0.0) + tl.where(r == 1, x1[None, :], 0.0) + tl.where(r == 2, x2[None, :], 0.0)
+    t += tl.where(r == 3, x3[None, :], 0.0) + tl.where(r == 4, x4[None, :], 0.0) + tl.where(r == 5, x5[None, :], 0.0)
+    t += tl.where(r == 6, x6[None, :], 0.0) + tl.where(r == 7, x7[None, :], 0.0)
+    return t.to(dtype)
+
+
 @triton.jit
 def _scales(scale_ptr, rows, N, stride_sn, stride_sk, k0, K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_UP: tl.constexpr,
             WFMT: tl.constexpr, GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr):
@@ -173,7 +315,7 @@ def _scales(scale_ptr, rows, N, stride_sn, stride_sk, k0, K: tl.constexpr, BLOCK
     if WFMT == PER_ROW:
         s = tl.load(scale_ptr + rows.to(tl.int64) * stride_sn, mask=row_ok, other=0.0).to(tl.float32)
     elif WFMT == INT4_WORDS:  # a word's group, 8 inputs a word (several words share it: L1 hits)
-        groups = (k0 + tl.arange(0, BLOCK_K // 8) * 8) // GROUP
+        groups = k0 // GROUP + tl.arange(0, BLOCK_K // 8) // (GROUP // 8)
         mask = row_ok[:, None] & (groups < (K + GROUP - 1) // GROUP)[None, :]
         ptrs = scale_ptr + rows.to(tl.int64)[:, None] * stride_sn + (groups * stride_sk)[None, :]
         s = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -211,11 +353,18 @@ def _first_tiles(w_ptr, scale_ptr, rows, N, stride_wn, stride_sn, stride_sk, up_
         u = w
         if HAS_UP:
             u = tl.load(ptrs + up_offset, mask=mask, other=0.0)
-    elif WFMT == INT4_WORDS:
+    elif WFMT == INT4_WORDS or WFMT == INT4_DOTS:
         w, u = _word_tiles(w_ptr, rows, N, stride_wn, up_offset, 0, K, BLOCK_K, HAS_UP)
     else:
         w, u = _grouped_tiles(w_ptr, rows, N, stride_wn, up_offset, 0, K, BLOCK_K, HAS_UP, GROUP)
-    w_scale, u_scale = _scales(scale_ptr, rows, N, stride_sn, stride_sk, 0, K, BLOCK_K, HAS_UP, WFMT, GROUP, SCALE_ROWS)
+    if WFMT == INT4_DOTS:
+        w_scale = _word_scales(scale_ptr, rows, N, stride_sn, stride_sk, 0, K, BLOCK_K, GROUP)
+        u_scale = w_scale
+        if HAS_UP:
+            u_scale = _word_scales(scale_ptr, rows + N, N * 2, stride_sn, stride_sk, 0, K, BLOCK_K, GROUP)
+    else:
+        w_scale, u_scale = _scales(scale_ptr, rows, N, stride_sn, stride_sk, 0, K, BLOCK_K, HAS_UP, WFMT, GROUP,
+                                   SCALE_ROWS)
     return w, u, w_scale, u_scale
 
 
@@ -249,14 +398,33 @@ def _dots(w, u, w_scale, u_scale, x, x_ptr, w_ptr, scale_ptr, rows, N, stride_wn
             up = tl.sum(acc_up, axis=1)
         if WFMT == PER_ROW:  # the row's scale times its sum of q * x (u_scale = w_scale without HAS_UP)
             gate, up = gate * w_scale, up * u_scale
+    elif WFMT == INT4_DOTS:
+        xs = _int4_row_inputs(x, BLOCK_K, x_ptr.dtype.element_ty)
+        zero = tl.zeros([16, w.shape[0]], dtype=tl.float32)
+        g0, g1, g2, g3, g4, g5, g6, g7 = _int4_dots(w, w_scale, xs, zero, zero, zero, zero, zero, zero, zero, zero)
+        if HAS_UP:
+            u0, u1, u2, u3, u4, u5, u6, u7 = _int4_dots(u, u_scale, xs, zero, zero, zero, zero, zero, zero, zero,
+                                                        zero)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            xs = _int4_inputs(x_ptr, k0, K, BLOCK_K)
+            step_w, step_u = _word_tiles(w_ptr, rows, N, stride_wn, up_offset, k0, K, BLOCK_K, HAS_UP)
+            step_scale = _word_scales(scale_ptr, rows, N, stride_sn, stride_sk, k0, K, BLOCK_K, GROUP)
+            g0, g1, g2, g3, g4, g5, g6, g7 = _int4_dots(step_w, step_scale, xs, g0, g1, g2, g3, g4, g5, g6, g7)
+            if HAS_UP:
+                step_scale = _word_scales(scale_ptr, rows + N, N * 2, stride_sn, stride_sk, k0, K, BLOCK_K, GROUP)
+                u0, u1, u2, u3, u4, u5, u6, u7 = _int4_dots(step_u, step_scale, xs, u0, u1, u2, u3, u4, u5, u6, u7)
+        gate = _int4_rows(g0, g1, g2, g3, g4, g5, g6, g7)
+        up = gate
+        if HAS_UP:
+            up = _int4_rows(u0, u1, u2, u3, u4, u5, u6, u7)
     elif WFMT == INT4_WORDS:
-        x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x, BLOCK_K)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _scaled_inputs(*_split8(x, BLOCK_K))
         acc = _word_dots(w, w_scale, x0, x1, x2, x3, x4, x5, x6, x7)  # [BLOCK_N, BLOCK_K // 8]: reduced at the end
         acc_up = acc
         if HAS_UP:
             acc_up = _word_dots(u, u_scale, x0, x1, x2, x3, x4, x5, x6, x7)
         for k0 in range(BLOCK_K, K, BLOCK_K):  # never with NORMED (K <= BLOCK_K)
-            x0, x1, x2, x3, x4, x5, x6, x7 = _word_inputs(x_ptr, k0, K, BLOCK_K)
+            x0, x1, x2, x3, x4, x5, x6, x7 = _scaled_inputs(*_word_inputs(x_ptr, k0, K, BLOCK_K))
             step_w, step_u = _word_tiles(w_ptr, rows, N, stride_wn, up_offset, k0, K, BLOCK_K, HAS_UP)
             step_w_scale, step_u_scale = _scales(scale_ptr, rows, N, stride_sn, stride_sk, k0, K, BLOCK_K, HAS_UP,
                                                  WFMT, GROUP, SCALE_ROWS)
@@ -371,7 +539,8 @@ def _default_tiles(device: torch.device, k_in: int, normed: bool = False, gated:
     """The tuned tiles (tuning.py: gemv) of a GEMV of `width` outputs over rows of k_in inputs, in weight format
     `wfmt`: a quantized format's own keys (prefixed INT4_ or BYTE_) where the table has them."""
     tuned = config("gemv", device)
-    prefix = {INT4_WORDS.value: "INT4_", PER_ROW.value: "BYTE_", BLOCKS8.value: "BYTE_"}.get(wfmt, "")
+    prefix = {INT4_WORDS.value: "INT4_", INT4_DOTS.value: "INT4_DOTS_", PER_ROW.value: "BYTE_",
+              BLOCKS8.value: "BYTE_"}.get(wfmt, "")
 
     def key(name):
         return tuned[prefix + name] if prefix + name in tuned else tuned[name]
@@ -384,10 +553,14 @@ def _default_tiles(device: torch.device, k_in: int, normed: bool = False, gated:
     return tiles[:4] if width < tuned["GROUPS_MIN_WIDTH"] or k_in > tiles[1] else tiles
 
 
-def _tiles(x: torch.Tensor, k_in: int, tiles: tuple, normed: bool = False, group: int = 1) -> tuple:
+def _tiles(x: torch.Tensor, k_in: int, tiles: tuple, normed: bool = False, group: int = 1,
+           wfmt: int = 0) -> tuple:
     """(BLOCK_N, BLOCK_K, warps, stages, GROUPS) to launch `tiles` with (GROUPS 1 when it has four entries); BLOCK_K
-    at least the weight format's `group` of inputs sharing a scale."""
+    at least the weight format's `group` of inputs sharing a scale; INT4_DOTS's tiles at least 16 x 128 (the
+    tensor cores' 16 x 16 tile)."""
     block_n, block_k, warps, stages, groups = (*tiles, 1)[:5]
+    if wfmt == INT4_DOTS.value:
+        block_n, block_k = max(block_n, 16), max(block_k, 128)
     assert not normed or k_in <= NORMED_MAX_K, f"a GEMV normalizes rows of up to {NORMED_MAX_K} inputs, not {k_in}"
     block_k = triton.next_power_of_2(k_in) if normed else min(block_k, triton.next_power_of_2(k_in))
     block_k = max(block_k, group)
@@ -430,9 +603,12 @@ def quantized_supported(weight: QuantizedWeight) -> str | None:
     return fmt if isinstance(fmt, str) else None
 
 
-def _weight_args(weight: torch.Tensor | QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, int, int, dict]:
-    """A weight's (values, scales, scale row stride, scale group stride, format constexprs) for the kernels: a
-    model-dtype tensor (its own placeholder scales) or a QuantizedWeight."""
+def _weight_args(weight: torch.Tensor | QuantizedWeight, x: torch.Tensor,
+                 normed: bool = False) -> tuple[torch.Tensor, torch.Tensor, int, int, dict]:
+    """A weight's (values, scales, scale row stride, scale group stride, format constexprs) for the kernels that
+    multiply it with input x (`normed`: the kernel normalizes x itself): a model-dtype tensor (its own placeholder
+    scales) or a QuantizedWeight. int4 groups with bf16 inputs and scales run on the tensor cores (INT4_DOTS) where
+    the input row is read in steps (not normalized in the kernel, which holds it whole) of at least 128 inputs."""
     if isinstance(weight, torch.Tensor):
         assert weight.stride(-1) == 1
         return weight, weight, 0, 0, dict(WFMT=DENSE.value, GROUP=1, SCALE_ROWS=1)
@@ -440,7 +616,19 @@ def _weight_args(weight: torch.Tensor | QuantizedWeight) -> tuple[torch.Tensor, 
     if isinstance(fmt, str):
         raise ValueError(f"the GEMV kernels do not read this {weight.scheme.name} weight: {fmt}")
     constexprs, stride_sn, stride_sk = fmt
+    if int4_dots(weight, x, normed):
+        constexprs = dict(constexprs, WFMT=INT4_DOTS.value)
     return weight.values, weight.scale, stride_sn, stride_sk, constexprs
+
+
+def int4_dots(weight: QuantizedWeight, x: torch.Tensor, normed: bool = False) -> bool:
+    """Whether the GEMVs multiply this weight with input x on the tensor cores (INT4_DOTS: int4 groups, bf16 inputs
+    and scales, a row read in steps, not normalized in the kernel, which holds it whole; at least 128 inputs). Their
+    products are those of the twin's bf16 dequantized weight (q * scale rounded to bf16), where the other formats'
+    are those of the exact q * scale."""
+    fmt = _quantized_format(weight)
+    return (weight.scheme.packed and x.dtype == weight.scale.dtype == torch.bfloat16 and not normed
+            and weight.shape[1] >= 128 and not isinstance(fmt, str) and fmt[0]["WFMT"] == INT4_WORDS.value)
 
 
 def _input_args(x: torch.Tensor, norms: tuple | None) -> tuple[tuple, dict]:
@@ -457,10 +645,10 @@ def _input_args(x: torch.Tensor, norms: tuple | None) -> tuple[tuple, dict]:
 def _launch_gemv(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, width: int, tiles: tuple | None,
                  norms: tuple | None, act: int | None = None, multiplier: torch.Tensor | None = None) -> torch.Tensor:
     assert x.shape[-1] == weight.shape[1] and x.numel() == x.shape[-1]
-    values, scale, stride_sn, stride_sk, fmt = _weight_args(weight)
-    k_in, normed, gated = weight.shape[1], norms is not None, act is not None  # act: the gated activation's code
+    k_in, normed, gated = weight.shape[1], norms is not None, act is not None
+    values, scale, stride_sn, stride_sk, fmt = _weight_args(weight, x, normed)  # act: the gated activation's code
     tiles = tiles or _default_tiles(x.device, k_in, normed, gated, width, fmt["WFMT"])
-    block_n, block_k, warps, stages, groups = _tiles(x, k_in, tiles, normed, fmt["GROUP"])
+    block_n, block_k, warps, stages, groups = _tiles(x, k_in, tiles, normed, fmt["GROUP"], fmt["WFMT"])
     x = x.contiguous()
     input_args, input_flags = _input_args(x, norms)
     out = torch.empty(*x.shape[:-1], width, dtype=x.dtype, device=x.device)
@@ -525,11 +713,11 @@ def gemv_residual_norms(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight,
     program to finish applies the norms to the whole product. One row (x [..., K], residual [..., N]).
     Returns (new, next norm or None, experts' norm or None, router input or None). weight: as in `gemv`."""
     assert x.shape[-1] == weight.shape[1] and x.numel() == x.shape[-1]
-    values, scale, stride_sn, stride_sk, fmt = _weight_args(weight)
+    values, scale, stride_sn, stride_sk, fmt = _weight_args(weight, x)
     n_out, k_in = weight.shape
     assert residual.numel() == n_out and residual.stride(-1) == 1
     tiles = tiles or _default_tiles(x.device, k_in, wfmt=fmt["WFMT"])  # one group: its programs count as they finish
-    block_n, block_k, warps, stages, _ = _tiles(x, k_in, tiles, group=fmt["GROUP"])
+    block_n, block_k, warps, stages, _ = _tiles(x, k_in, tiles, group=fmt["GROUP"], wfmt=fmt["WFMT"])
     y = torch.empty(n_out, dtype=x.dtype, device=x.device)
     outputs, pointers, named = residual_norms_args(residual, y, norm_weight, eps, scalar, next_weight, next_eps, moe)
     _gemv_residual_norms_kernel[(triton.cdiv(n_out, block_n),)](
