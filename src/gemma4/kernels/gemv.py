@@ -189,44 +189,18 @@ def _word_inputs(x_ptr, k0, K: tl.constexpr, BLOCK_K: tl.constexpr):
 # scales ($10), for j = 0..7 ($0..$7). prmt gathers the low (then high) 16 bits of both words into one register's
 # halves; shifted by 4j, a lop3 ors the nibbles at bits 0-3 and 16-19 into the mantissa of bf16 128.0 (0x4300: 128 +
 # n exactly); minus 136 gives q = n - 8 exactly, times the scale rounded once (mul.rn): the twin's dequantized weight.
-_UNPACK_INT4_BF16 = tl.constexpr("""{
-.reg .b32 lo, hi, lo4, hi4, m, c, o;
-mov.b32 m, 0x000F000F;
-mov.b32 c, 0x43004300;
-mov.b32 o, 0x43084308;
-prmt.b32 lo, $8, $9, 0x5410;
-prmt.b32 hi, $8, $9, 0x7632;
-shr.u32 lo4, lo, 4;
-shr.u32 hi4, hi, 4;
-lop3.b32 $0, lo, m, c, 0xEA;
-lop3.b32 $1, lo4, m, c, 0xEA;
-lop3.b32 $4, hi, m, c, 0xEA;
-lop3.b32 $5, hi4, m, c, 0xEA;
-shr.u32 lo, lo, 8;
-shr.u32 lo4, lo4, 8;
-shr.u32 hi, hi, 8;
-shr.u32 hi4, hi4, 8;
-lop3.b32 $2, lo, m, c, 0xEA;
-lop3.b32 $3, lo4, m, c, 0xEA;
-lop3.b32 $6, hi, m, c, 0xEA;
-lop3.b32 $7, hi4, m, c, 0xEA;
-sub.rn.bf16x2 $0, $0, o;
-sub.rn.bf16x2 $1, $1, o;
-sub.rn.bf16x2 $2, $2, o;
-sub.rn.bf16x2 $3, $3, o;
-sub.rn.bf16x2 $4, $4, o;
-sub.rn.bf16x2 $5, $5, o;
-sub.rn.bf16x2 $6, $6, o;
-sub.rn.bf16x2 $7, $7, o;
-mul.rn.bf16x2 $0, $0, $10;
-mul.rn.bf16x2 $1, $1, $10;
-mul.rn.bf16x2 $2, $2, $10;
-mul.rn.bf16x2 $3, $3, $10;
-mul.rn.bf16x2 $4, $4, $10;
-mul.rn.bf16x2 $5, $5, $10;
-mul.rn.bf16x2 $6, $6, $10;
-mul.rn.bf16x2 $7, $7, $10;
-}""")
+_UNPACK_INT4_BF16 = tl.constexpr("\n".join([
+    "{", ".reg .b32 lo, hi, lo4, hi4, m, c, o;", "mov.b32 m, 0x000F000F;", "mov.b32 c, 0x43004300;",
+    "mov.b32 o, 0x43084308;", "prmt.b32 lo, $8, $9, 0x5410;", "prmt.b32 hi, $8, $9, 0x7632;",
+    "shr.u32 lo4, lo, 4;", "shr.u32 hi4, hi, 4;",
+    "lop3.b32 $0, lo, m, c, 0xEA;", "lop3.b32 $1, lo4, m, c, 0xEA;",  # nibbles 0, 1 (then 4, 5 from hi)
+    "lop3.b32 $4, hi, m, c, 0xEA;", "lop3.b32 $5, hi4, m, c, 0xEA;",
+    "shr.u32 lo, lo, 8;", "shr.u32 lo4, lo4, 8;", "shr.u32 hi, hi, 8;", "shr.u32 hi4, hi4, 8;",
+    "lop3.b32 $2, lo, m, c, 0xEA;", "lop3.b32 $3, lo4, m, c, 0xEA;",  # nibbles 2, 3 (then 6, 7)
+    "lop3.b32 $6, hi, m, c, 0xEA;", "lop3.b32 $7, hi4, m, c, 0xEA;",
+    *(f"sub.rn.bf16x2 ${j}, ${j}, o;" for j in range(8)),  # 128 + n - 136 = q, exactly
+    *(f"mul.rn.bf16x2 ${j}, ${j}, $10;" for j in range(8)),  # q * scale, rounded once
+    "}"]))
 
 
 @triton.jit
