@@ -162,6 +162,26 @@ def test_gemv_residual_norms_equals_product_then_norms(fmt, dtype):
             assert_close(g, w, dtype, share=0.85)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gemv_residual_norms_split_over_k(fmt, dtype):
+    """Programs splitting K (each a slice of the row, fp32 partial sums added by the last program in split order):
+    the product and norms of one program per row block, within summation order."""
+    n, k = 300, 768  # three BLOCK_K steps of 256: three splits of one step; ragged row blocks
+    weight = quantized_weight(fmt, n, k, dtype, seed=20)
+    residual = rand(1, 1, n, dtype=dtype, scale=4.0, seed=21)
+    norm_weight, next_weight = (rand(n, dtype=dtype, scale=0.5, offset=1.0, seed=s) for s in (22, 23))
+    x = rand(1, 1, k, dtype=dtype, seed=24)
+    want = residual_rms_norm(residual, product(x, weight, stored=True), norm_weight, 1e-6, None, next_weight, 1e-5)
+    for _ in range(2):  # the counter re-arms itself
+        got = gemv_residual_norms(x, weight, residual, norm_weight, 1e-6, None, next_weight, 1e-5,
+                                  tiles=(16, 256, 4, 1), split=3)
+        for g, w in zip(got[:2], want):
+            assert_close(g, w, dtype, share=0.85)
+    with pytest.raises(AssertionError, match="2 splits"):
+        gemv_residual_norms(x, weight, residual, norm_weight, 1e-6, tiles=(16, 256, 4, 1), split=2)
+
+
 def test_fused_rows_and_unsupported_weights():
     """A fused weight's row views (a row stride of the whole) read as the whole's rows; weights the kernels cannot
     read say why, and gemv refuses them."""

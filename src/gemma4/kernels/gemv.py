@@ -372,7 +372,12 @@ def _dots(w, u, w_scale, u_scale, x, x_ptr, w_ptr, scale_ptr, rows, N, stride_wn
             up = tl.sum(acc_up, axis=1)
         if WFMT == PER_ROW:  # the row's scale times its sum of q * x (u_scale = w_scale without HAS_UP)
             gate, up = gate * w_scale, up * u_scale
-    elif WFMT == INT4_DOTS:
+    elif WFMT == INT4_DOTS:  # each step's words and scales are loaded a step ahead (none past K: masked)
+        next_w, next_u = _word_tiles(w_ptr, rows, N, stride_wn, up_offset, BLOCK_K, K, BLOCK_K, HAS_UP)
+        next_w_scale = _word_scales(scale_ptr, rows, N, stride_sn, stride_sk, BLOCK_K, K, BLOCK_K, GROUP)
+        next_u_scale = next_w_scale
+        if HAS_UP:
+            next_u_scale = _word_scales(scale_ptr, rows + N, N * 2, stride_sn, stride_sk, BLOCK_K, K, BLOCK_K, GROUP)
         xs = _int4_row_inputs(x, BLOCK_K, x_ptr.dtype.element_ty)
         zero = tl.zeros([16, w.shape[0]], dtype=tl.float32)
         g0, g1, g2, g3, g4, g5, g6, g7 = _int4_dots(w, w_scale, xs, zero, zero, zero, zero, zero, zero, zero, zero)
@@ -380,13 +385,16 @@ def _dots(w, u, w_scale, u_scale, x, x_ptr, w_ptr, scale_ptr, rows, N, stride_wn
             u0, u1, u2, u3, u4, u5, u6, u7 = _int4_dots(u, u_scale, xs, zero, zero, zero, zero, zero, zero, zero,
                                                         zero)
         for k0 in range(BLOCK_K, K, BLOCK_K):
-            xs = _int4_inputs(x_ptr, k0, K, BLOCK_K)
-            step_w, step_u = _word_tiles(w_ptr, rows, N, stride_wn, up_offset, k0, K, BLOCK_K, HAS_UP)
-            step_scale = _word_scales(scale_ptr, rows, N, stride_sn, stride_sk, k0, K, BLOCK_K, GROUP)
-            g0, g1, g2, g3, g4, g5, g6, g7 = _int4_dots(step_w, step_scale, xs, g0, g1, g2, g3, g4, g5, g6, g7)
+            w, u, w_scale, u_scale = next_w, next_u, next_w_scale, next_u_scale
+            next_w, next_u = _word_tiles(w_ptr, rows, N, stride_wn, up_offset, k0 + BLOCK_K, K, BLOCK_K, HAS_UP)
+            next_w_scale = _word_scales(scale_ptr, rows, N, stride_sn, stride_sk, k0 + BLOCK_K, K, BLOCK_K, GROUP)
             if HAS_UP:
-                step_scale = _word_scales(scale_ptr, rows + N, N * 2, stride_sn, stride_sk, k0, K, BLOCK_K, GROUP)
-                u0, u1, u2, u3, u4, u5, u6, u7 = _int4_dots(step_u, step_scale, xs, u0, u1, u2, u3, u4, u5, u6, u7)
+                next_u_scale = _word_scales(scale_ptr, rows + N, N * 2, stride_sn, stride_sk, k0 + BLOCK_K, K,
+                                            BLOCK_K, GROUP)
+            xs = _int4_inputs(x_ptr, k0, K, BLOCK_K)
+            g0, g1, g2, g3, g4, g5, g6, g7 = _int4_dots(w, w_scale, xs, g0, g1, g2, g3, g4, g5, g6, g7)
+            if HAS_UP:
+                u0, u1, u2, u3, u4, u5, u6, u7 = _int4_dots(u, u_scale, xs, u0, u1, u2, u3, u4, u5, u6, u7)
         gate = _int4_rows(g0, g1, g2, g3, g4, g5, g6, g7)
         up = gate
         if HAS_UP:
@@ -480,24 +488,45 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, mult_ptr, N, stride_wn, strid
 
 
 @triton.jit
-def _gemv_residual_norms_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, counter_ptr, res_ptr, nw_ptr, scalar_ptr, next_w_ptr,
-                                out_ptr, next_out_ptr, next2_w_ptr, next2_out_ptr, router_scale_ptr, router_out_ptr, N,
-                                stride_wn, stride_sn, stride_sk, eps, next_eps, root_size, K: tl.constexpr,
-                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr,
-                                SCALE_ROWS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SCALAR: tl.constexpr,
-                                HAS_NEXT: tl.constexpr, HAS_MOE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+def _gemv_residual_norms_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, partial_ptr, counter_ptr, res_ptr, nw_ptr, scalar_ptr,
+                                next_w_ptr, out_ptr, next_out_ptr, next2_w_ptr, next2_out_ptr, router_scale_ptr,
+                                router_out_ptr, N, stride_wn, stride_sn, stride_sk, eps, next_eps, root_size,
+                                K: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                WFMT: tl.constexpr, GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr,
+                                HAS_WEIGHT: tl.constexpr, HAS_SCALAR: tl.constexpr, HAS_NEXT: tl.constexpr,
+                                HAS_MOE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """K: the inputs of one split. With SPLIT > 1, programs split * blocks .. take inputs split * K .. (split + 1) * K
+    of their rows (the pointers moved there) and store fp32 partial sums; the last program sums them in split order."""
+    rows = tl.program_id(0) // SPLIT * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(0) % SPLIT
+    x_ptr += split * K
+    if WFMT == INT4_WORDS or WFMT == INT4_DOTS:
+        w_ptr += split * (K // 8)
+    else:
+        w_ptr += split * K
+    if WFMT != DENSE and WFMT != PER_ROW:
+        scale_ptr += split * (K // GROUP) * stride_sk
     w, _, w_scale, _ = _first_tiles(w_ptr, scale_ptr, rows, N, stride_wn, stride_sn, stride_sk, 0, K, BLOCK_K, False,
                                     WFMT, GROUP, SCALE_ROWS)
     x = _input_row(x_ptr, x_ptr, x_ptr, x_ptr, x_ptr, y_ptr, eps, eps, K, BLOCK_K, False, False, False, PDL)
     y, _ = _dots(w, w, w_scale, w_scale, x, x_ptr, w_ptr, scale_ptr, rows, N, stride_wn, stride_sn, stride_sk, 0, K,
                  BLOCK_K, False, WFMT, GROUP, SCALE_ROWS)
-    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
+    if SPLIT == 1:
+        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
+    else:
+        tl.store(partial_ptr + split * N + rows, y, mask=rows < N)
     # The norms need the whole output row: the last program to finish computes them. Its acquire pairs with every
-    # other program's release (acq_rel atomics), so their y stores are visible to it. It then re-arms the counter
-    # for the next launch (CUDA-graph replays included).
+    # other program's release (acq_rel atomics), so their y (partial) stores are visible to it. It then re-arms the
+    # counter for the next launch (CUDA-graph replays included).
     finished = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
     if finished == tl.num_programs(0) - 1:
+        if SPLIT > 1:
+            cols = tl.arange(0, BLOCK)
+            total = tl.zeros([BLOCK], dtype=tl.float32)
+            for part in tl.static_range(SPLIT):
+                total += tl.load(partial_ptr + part * N + cols, mask=cols < N, other=0.0)
+            tl.store(y_ptr + cols, total.to(y_ptr.dtype.element_ty), mask=cols < N)
+            tl.debug_barrier()  # the row's y, written by this program's threads, read by the others next
         _residual_norms_row(res_ptr, y_ptr, nw_ptr, scalar_ptr, next_w_ptr, out_ptr, next_out_ptr, next2_w_ptr,
                             next2_out_ptr, router_scale_ptr, router_out_ptr, N, eps, next_eps, root_size, HAS_WEIGHT,
                             HAS_SCALAR, HAS_NEXT, HAS_MOE, BLOCK)
@@ -663,6 +692,19 @@ _counters: dict[tuple[str, torch.device], torch.Tensor] = {}
 _retired: list[torch.Tensor] = []  # outgrown counters that captured CUDA graphs may still point to
 
 
+def _split_k(device: torch.device, blocks: int, k_in: int, block_k: int, wfmt: int) -> int:
+    """How many programs share each row block of a GEMV with residual norms (each over K / split inputs, their fp32
+    sums added by the last program): for the tensor-core int4 format on a GPU, the fewest that give the launch
+    SPLIT_PROGRAMS programs (tuned), among the divisors of its BLOCK_K steps; else 1. Few rows over a long K
+    (a projection back to the hidden size) otherwise leave most multiprocessors idle."""
+    steps, ragged = divmod(k_in, block_k)
+    if wfmt != INT4_DOTS.value or device.type != "cuda" or ragged:
+        return 1
+    target = config("gemv", device)["INT4_DOTS_SPLIT_PROGRAMS"]
+    divisors = [d for d in range(1, steps + 1) if steps % d == 0]
+    return next((d for d in divisors if blocks * d >= target), divisors[-1])
+
+
 def finished_counters(owner: str, device: torch.device, size: int = 1) -> torch.Tensor:
     """`size` finished-programs counters (int32) of one kernel (`owner`) whose last program to finish does the rest
     of the work: zero between launches (each launch's last program resets its own), so one set per device serves
@@ -681,21 +723,27 @@ def finished_counters(owner: str, device: torch.device, size: int = 1) -> torch.
 def gemv_residual_norms(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, residual: torch.Tensor,
                         norm_weight: torch.Tensor, eps: float, scalar: torch.Tensor | None = None,
                         next_weight: torch.Tensor | None = None, next_eps: float | None = None,
-                        moe: tuple | None = None, tiles: tuple | None = None) -> tuple:
+                        moe: tuple | None = None, tiles: tuple | None = None, split: int | None = None) -> tuple:
     """residual_rms_norm(residual, gemv(x, weight), norm_weight, eps, scalar, next_weight, next_eps), or with
     moe = (experts_weight, router_scale, root_size) residual_moe_norms's four outputs, in one kernel: the GEMV's last
     program to finish applies the norms to the whole product. One row (x [..., K], residual [..., N]).
-    Returns (new, next norm or None, experts' norm or None, router input or None). weight: as in `gemv`."""
+    Returns (new, next norm or None, experts' norm or None, router input or None). weight: as in `gemv`. split: the
+    programs of a row block, each over a slice of K (`_split_k` by default)."""
     assert x.shape[-1] == weight.shape[1] and x.numel() == x.shape[-1]
     values, scale, stride_sn, stride_sk, fmt = _weight_args(weight, x)
     n_out, k_in = weight.shape
     assert residual.numel() == n_out and residual.stride(-1) == 1
     tiles = tiles or _default_tiles(x.device, k_in, wfmt=fmt["WFMT"])  # one group: its programs count as they finish
     block_n, block_k, warps, stages, _ = _tiles(x, k_in, tiles, group=fmt["GROUP"], wfmt=fmt["WFMT"])
+    blocks = triton.cdiv(n_out, block_n)
+    split = split or _split_k(x.device, blocks, k_in, block_k, fmt["WFMT"])
+    assert k_in % (split * block_k) == 0 or split == 1, f"{split} splits of {k_in} inputs in steps of {block_k}"
     y = torch.empty(n_out, dtype=x.dtype, device=x.device)
+    partial = torch.empty(split, n_out, dtype=torch.float32, device=x.device) if split > 1 else y
     outputs, pointers, named = residual_norms_args(residual, y, norm_weight, eps, scalar, next_weight, next_eps, moe)
-    _gemv_residual_norms_kernel[(triton.cdiv(n_out, block_n),)](
-        x.contiguous(), values, scale, y, finished_counters("gemv_residual_norms", x.device), residual, *pointers,
-        n_out, values.stride(0), stride_sn, stride_sk, K=k_in, BLOCK_N=block_n, BLOCK_K=block_k, **fmt, **named,
-        num_warps=max(warps, _warps(named["BLOCK"])), num_stages=stages, **launch_options(x))
+    _gemv_residual_norms_kernel[(blocks * split,)](
+        x.contiguous(), values, scale, y, partial, finished_counters("gemv_residual_norms", x.device), residual,
+        *pointers, n_out, values.stride(0), stride_sn, stride_sk, K=k_in // split, SPLIT=split, BLOCK_N=block_n,
+        BLOCK_K=block_k, **fmt, **named, num_warps=max(warps, _warps(named["BLOCK"])), num_stages=stages,
+        **launch_options(x))
     return outputs
