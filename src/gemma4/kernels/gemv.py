@@ -372,12 +372,13 @@ def _dots(w, u, w_scale, u_scale, x, x_ptr, w_ptr, scale_ptr, rows, N, stride_wn
             up = tl.sum(acc_up, axis=1)
         if WFMT == PER_ROW:  # the row's scale times its sum of q * x (u_scale = w_scale without HAS_UP)
             gate, up = gate * w_scale, up * u_scale
-    elif WFMT == INT4_DOTS:  # each step's words and scales are loaded a step ahead (none past K: masked)
+    elif WFMT == INT4_DOTS:  # each step's words, scales and inputs are loaded a step ahead (none past K: masked)
         next_w, next_u = _word_tiles(w_ptr, rows, N, stride_wn, up_offset, BLOCK_K, K, BLOCK_K, HAS_UP)
         next_w_scale = _word_scales(scale_ptr, rows, N, stride_sn, stride_sk, BLOCK_K, K, BLOCK_K, GROUP)
         next_u_scale = next_w_scale
         if HAS_UP:
             next_u_scale = _word_scales(scale_ptr, rows + N, N * 2, stride_sn, stride_sk, BLOCK_K, K, BLOCK_K, GROUP)
+        next_xs = _int4_inputs(x_ptr, BLOCK_K, K, BLOCK_K)
         xs = _int4_row_inputs(x, BLOCK_K, x_ptr.dtype.element_ty)
         zero = tl.zeros([16, w.shape[0]], dtype=tl.float32)
         g0, g1, g2, g3, g4, g5, g6, g7 = _int4_dots(w, w_scale, xs, zero, zero, zero, zero, zero, zero, zero, zero)
@@ -385,13 +386,13 @@ def _dots(w, u, w_scale, u_scale, x, x_ptr, w_ptr, scale_ptr, rows, N, stride_wn
             u0, u1, u2, u3, u4, u5, u6, u7 = _int4_dots(u, u_scale, xs, zero, zero, zero, zero, zero, zero, zero,
                                                         zero)
         for k0 in range(BLOCK_K, K, BLOCK_K):
-            w, u, w_scale, u_scale = next_w, next_u, next_w_scale, next_u_scale
+            w, u, w_scale, u_scale, xs = next_w, next_u, next_w_scale, next_u_scale, next_xs
             next_w, next_u = _word_tiles(w_ptr, rows, N, stride_wn, up_offset, k0 + BLOCK_K, K, BLOCK_K, HAS_UP)
             next_w_scale = _word_scales(scale_ptr, rows, N, stride_sn, stride_sk, k0 + BLOCK_K, K, BLOCK_K, GROUP)
             if HAS_UP:
                 next_u_scale = _word_scales(scale_ptr, rows + N, N * 2, stride_sn, stride_sk, k0 + BLOCK_K, K,
                                             BLOCK_K, GROUP)
-            xs = _int4_inputs(x_ptr, k0, K, BLOCK_K)
+            next_xs = _int4_inputs(x_ptr, k0 + BLOCK_K, K, BLOCK_K)
             g0, g1, g2, g3, g4, g5, g6, g7 = _int4_dots(w, w_scale, xs, g0, g1, g2, g3, g4, g5, g6, g7)
             if HAS_UP:
                 u0, u1, u2, u3, u4, u5, u6, u7 = _int4_dots(u, u_scale, xs, u0, u1, u2, u3, u4, u5, u6, u7)
