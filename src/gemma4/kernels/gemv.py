@@ -206,11 +206,16 @@ _UNPACK_INT4_BF16 = tl.constexpr("\n".join([
 @triton.jit
 def _word_scales(scale_ptr, rows, N, stride_sn, stride_sk, k0, K: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP: tl.constexpr):
-    """Each word's scale as stored (bf16), [BLOCK_N, BLOCK_K // 8]; masked rows' and words' scales are 0."""
-    words = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-    mask = (rows < N)[:, None] & (words < K // 8)[None, :]
-    ptrs = scale_ptr + rows.to(tl.int64)[:, None] * stride_sn + (words // (GROUP // 8) * stride_sk)[None, :]
-    return tl.load(ptrs, mask=mask, other=0.0)
+    """Each word's scale as stored (bf16), [BLOCK_N, BLOCK_K // 8]: one load a group of words, broadcast to its words
+    in registers (a load a word would multiply the L1 traffic); masked rows' and groups' scales are 0."""
+    WORDS: tl.constexpr = min(GROUP // 8, BLOCK_K // 8)  # a group's words in the step
+    groups = k0 // GROUP + tl.arange(0, BLOCK_K // 8 // WORDS)
+    mask = (rows < N)[:, None] & (groups < (K + GROUP - 1) // GROUP)[None, :]
+    s = tl.load(scale_ptr + rows.to(tl.int64)[:, None] * stride_sn + (groups * stride_sk)[None, :], mask=mask,
+                other=0.0)
+    if WORDS == 1:
+        return s
+    return tl.reshape(tl.broadcast_to(s[:, :, None], (s.shape[0], s.shape[1], WORDS)), (s.shape[0], BLOCK_K // 8))
 
 
 @triton.jit
