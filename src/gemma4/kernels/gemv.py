@@ -293,11 +293,8 @@ def _scales(scale_ptr, rows, N, stride_sn, stride_sk, k0, K: tl.constexpr, BLOCK
     s = 0.0
     if WFMT == PER_ROW:
         s = tl.load(scale_ptr + rows.to(tl.int64) * stride_sn, mask=row_ok, other=0.0).to(tl.float32)
-    elif WFMT == INT4_WORDS:  # a word's group, 8 inputs a word (several words share it: L1 hits)
-        groups = k0 // GROUP + tl.arange(0, BLOCK_K // 8) // (GROUP // 8)
-        mask = row_ok[:, None] & (groups < (K + GROUP - 1) // GROUP)[None, :]
-        ptrs = scale_ptr + rows.to(tl.int64)[:, None] * stride_sn + (groups * stride_sk)[None, :]
-        s = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    elif WFMT == INT4_WORDS:  # a scale a word
+        s = _word_scales(scale_ptr, rows, N, stride_sn, stride_sk, k0, K, BLOCK_K, GROUP).to(tl.float32)
     elif WFMT != DENSE:
         groups = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
         mask = row_ok[:, None] & (groups < (K + GROUP - 1) // GROUP)[None, :]
@@ -308,8 +305,7 @@ def _scales(scale_ptr, rows, N, stride_sn, stride_sk, k0, K: tl.constexpr, BLOCK
         if WFMT == PER_ROW:
             t = tl.load(scale_ptr + (rows + N).to(tl.int64) * stride_sn, mask=row_ok, other=0.0).to(tl.float32)
         elif WFMT == INT4_WORDS:
-            up_ptrs = scale_ptr + (rows + N).to(tl.int64)[:, None] * stride_sn + (groups * stride_sk)[None, :]
-            t = tl.load(up_ptrs, mask=mask, other=0.0).to(tl.float32)
+            t = _word_scales(scale_ptr, rows + N, N * 2, stride_sn, stride_sk, k0, K, BLOCK_K, GROUP).to(tl.float32)
         elif WFMT != DENSE:
             up_rows = ((rows + N) // SCALE_ROWS).to(tl.int64)
             up_ptrs = scale_ptr + up_rows[:, None] * stride_sn + (groups * stride_sk)[None, :]
