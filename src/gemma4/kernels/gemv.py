@@ -490,45 +490,24 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, mult_ptr, N, stride_wn, strid
 
 
 @triton.jit
-def _gemv_residual_norms_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, partial_ptr, counter_ptr, res_ptr, nw_ptr, scalar_ptr,
-                                next_w_ptr, out_ptr, next_out_ptr, next2_w_ptr, next2_out_ptr, router_scale_ptr,
-                                router_out_ptr, N, stride_wn, stride_sn, stride_sk, eps, next_eps, root_size,
-                                K: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                                WFMT: tl.constexpr, GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr,
-                                HAS_WEIGHT: tl.constexpr, HAS_SCALAR: tl.constexpr, HAS_NEXT: tl.constexpr,
-                                HAS_MOE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """K: the inputs of one split. With SPLIT > 1, programs split * blocks .. take inputs split * K .. (split + 1) * K
-    of their rows (the pointers moved there) and store fp32 partial sums; the last program sums them in split order."""
-    rows = tl.program_id(0) // SPLIT * BLOCK_N + tl.arange(0, BLOCK_N)
-    split = tl.program_id(0) % SPLIT
-    x_ptr += split * K
-    if WFMT == INT4_WORDS or WFMT == INT4_DOTS:
-        w_ptr += split * (K // 8)
-    else:
-        w_ptr += split * K
-    if WFMT != DENSE and WFMT != PER_ROW:
-        scale_ptr += split * (K // GROUP) * stride_sk
+def _gemv_residual_norms_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, counter_ptr, res_ptr, nw_ptr, scalar_ptr, next_w_ptr,
+                                out_ptr, next_out_ptr, next2_w_ptr, next2_out_ptr, router_scale_ptr, router_out_ptr, N,
+                                stride_wn, stride_sn, stride_sk, eps, next_eps, root_size, K: tl.constexpr,
+                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr,
+                                SCALE_ROWS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SCALAR: tl.constexpr,
+                                HAS_NEXT: tl.constexpr, HAS_MOE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     w, _, w_scale, _ = _first_tiles(w_ptr, scale_ptr, rows, N, stride_wn, stride_sn, stride_sk, 0, K, BLOCK_K, False,
                                     WFMT, GROUP, SCALE_ROWS)
     x = _input_row(x_ptr, x_ptr, x_ptr, x_ptr, x_ptr, y_ptr, eps, eps, K, BLOCK_K, False, False, False, PDL)
     y, _ = _dots(w, w, w_scale, w_scale, x, x_ptr, w_ptr, scale_ptr, rows, N, stride_wn, stride_sn, stride_sk, 0, K,
                  BLOCK_K, False, WFMT, GROUP, SCALE_ROWS)
-    if SPLIT == 1:
-        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
-    else:
-        tl.store(partial_ptr + split * N + rows, y, mask=rows < N)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
     # The norms need the whole output row: the last program to finish computes them. Its acquire pairs with every
-    # other program's release (acq_rel atomics), so their y (partial) stores are visible to it. It then re-arms the
-    # counter for the next launch (CUDA-graph replays included).
+    # other program's release (acq_rel atomics), so their y stores are visible to it. It then re-arms the counter
+    # for the next launch (CUDA-graph replays included).
     finished = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
     if finished == tl.num_programs(0) - 1:
-        if SPLIT > 1:
-            cols = tl.arange(0, BLOCK)
-            total = tl.zeros([BLOCK], dtype=tl.float32)
-            for part in tl.static_range(SPLIT):
-                total += tl.load(partial_ptr + part * N + cols, mask=cols < N, other=0.0)
-            tl.store(y_ptr + cols, total.to(y_ptr.dtype.element_ty), mask=cols < N)
-            tl.debug_barrier()  # the row's y, written by this program's threads, read by the others next
         _residual_norms_row(res_ptr, y_ptr, nw_ptr, scalar_ptr, next_w_ptr, out_ptr, next_out_ptr, next2_w_ptr,
                             next2_out_ptr, router_scale_ptr, router_out_ptr, N, eps, next_eps, root_size, HAS_WEIGHT,
                             HAS_SCALAR, HAS_NEXT, HAS_MOE, BLOCK)
@@ -628,12 +607,22 @@ def _weight_args(weight: torch.Tensor | QuantizedWeight, x: torch.Tensor,
 
 def int4_dots(weight: QuantizedWeight, x: torch.Tensor, normed: bool = False) -> bool:
     """Whether the GEMVs multiply this weight with input x on the tensor cores (INT4_DOTS: int4 groups, bf16 inputs
-    and scales, a row read in steps, not normalized in the kernel, which holds it whole; at least 128 inputs). Their
-    products are those of the twin's bf16 dequantized weight (q * scale rounded to bf16), where the other formats'
-    are those of the exact q * scale."""
+    and scales, a row read in steps, not normalized in the kernel, which holds it whole; at least 128 inputs; at
+    least `_dots_min_width` outputs, where enough row tiles fill the GPU). Their products are those of the twin's
+    bf16 dequantized weight (q * scale rounded to bf16), where the other formats' are those of the exact
+    q * scale."""
     fmt = _quantized_format(weight)
     return (weight.scheme.packed and x.dtype == weight.scale.dtype == torch.bfloat16 and not normed
-            and weight.shape[1] >= 128 and not isinstance(fmt, str) and fmt[0]["WFMT"] == INT4_WORDS.value)
+            and weight.shape[1] >= 128 and not isinstance(fmt, str) and fmt[0]["WFMT"] == INT4_WORDS.value
+            and weight.shape[0] >= _dots_min_width(x.device))
+
+
+def _dots_min_width(device: torch.device) -> float:
+    """The fewest outputs of an INT4_DOTS GEMV (tuned: INT4_DOTS_MIN_WIDTH); none before Hopper (its PTX's bf16x2
+    sub and mul need sm_90)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):
+        return float("inf")
+    return config("gemv", device)["INT4_DOTS_MIN_WIDTH"]
 
 
 def _input_args(x: torch.Tensor, norms: tuple | None) -> tuple[tuple, dict]:
@@ -650,8 +639,8 @@ def _input_args(x: torch.Tensor, norms: tuple | None) -> tuple[tuple, dict]:
 def _launch_gemv(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, width: int, tiles: tuple | None,
                  norms: tuple | None, act: int | None = None, multiplier: torch.Tensor | None = None) -> torch.Tensor:
     assert x.shape[-1] == weight.shape[1] and x.numel() == x.shape[-1]
-    k_in, normed, gated = weight.shape[1], norms is not None, act is not None
-    values, scale, stride_sn, stride_sk, fmt = _weight_args(weight, x, normed)  # act: the gated activation's code
+    k_in, normed, gated = weight.shape[1], norms is not None, act is not None  # act: the gated activation's code
+    values, scale, stride_sn, stride_sk, fmt = _weight_args(weight, x, normed)
     tiles = tiles or _default_tiles(x.device, k_in, normed, gated, width, fmt["WFMT"])
     block_n, block_k, warps, stages, groups = _tiles(x, k_in, tiles, normed, fmt["GROUP"], fmt["WFMT"])
     x = x.contiguous()
@@ -694,19 +683,6 @@ _counters: dict[tuple[str, torch.device], torch.Tensor] = {}
 _retired: list[torch.Tensor] = []  # outgrown counters that captured CUDA graphs may still point to
 
 
-def _split_k(device: torch.device, blocks: int, k_in: int, block_k: int, wfmt: int) -> int:
-    """How many programs share each row block of a GEMV with residual norms (each over K / split inputs, their fp32
-    sums added by the last program): for the tensor-core int4 format on a GPU, the fewest that give the launch
-    SPLIT_PROGRAMS programs (tuned), among the divisors of its BLOCK_K steps; else 1. Few rows over a long K
-    (a projection back to the hidden size) otherwise leave most multiprocessors idle."""
-    steps, ragged = divmod(k_in, block_k)
-    if wfmt != INT4_DOTS.value or device.type != "cuda" or ragged:
-        return 1
-    target = config("gemv", device)["INT4_DOTS_SPLIT_PROGRAMS"]
-    divisors = [d for d in range(1, steps + 1) if steps % d == 0]
-    return next((d for d in divisors if blocks * d >= target), divisors[-1])
-
-
 def finished_counters(owner: str, device: torch.device, size: int = 1) -> torch.Tensor:
     """`size` finished-programs counters (int32) of one kernel (`owner`) whose last program to finish does the rest
     of the work: zero between launches (each launch's last program resets its own), so one set per device serves
@@ -725,27 +701,21 @@ def finished_counters(owner: str, device: torch.device, size: int = 1) -> torch.
 def gemv_residual_norms(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, residual: torch.Tensor,
                         norm_weight: torch.Tensor, eps: float, scalar: torch.Tensor | None = None,
                         next_weight: torch.Tensor | None = None, next_eps: float | None = None,
-                        moe: tuple | None = None, tiles: tuple | None = None, split: int | None = None) -> tuple:
+                        moe: tuple | None = None, tiles: tuple | None = None) -> tuple:
     """residual_rms_norm(residual, gemv(x, weight), norm_weight, eps, scalar, next_weight, next_eps), or with
     moe = (experts_weight, router_scale, root_size) residual_moe_norms's four outputs, in one kernel: the GEMV's last
     program to finish applies the norms to the whole product. One row (x [..., K], residual [..., N]).
-    Returns (new, next norm or None, experts' norm or None, router input or None). weight: as in `gemv`. split: the
-    programs of a row block, each over a slice of K (`_split_k` by default)."""
+    Returns (new, next norm or None, experts' norm or None, router input or None). weight: as in `gemv`."""
     assert x.shape[-1] == weight.shape[1] and x.numel() == x.shape[-1]
     values, scale, stride_sn, stride_sk, fmt = _weight_args(weight, x)
     n_out, k_in = weight.shape
     assert residual.numel() == n_out and residual.stride(-1) == 1
     tiles = tiles or _default_tiles(x.device, k_in, wfmt=fmt["WFMT"])  # one group: its programs count as they finish
     block_n, block_k, warps, stages, _ = _tiles(x, k_in, tiles, group=fmt["GROUP"], wfmt=fmt["WFMT"])
-    blocks = triton.cdiv(n_out, block_n)
-    split = split or _split_k(x.device, blocks, k_in, block_k, fmt["WFMT"])
-    assert k_in % (split * block_k) == 0 or split == 1, f"{split} splits of {k_in} inputs in steps of {block_k}"
     y = torch.empty(n_out, dtype=x.dtype, device=x.device)
-    partial = torch.empty(split, n_out, dtype=torch.float32, device=x.device) if split > 1 else y
     outputs, pointers, named = residual_norms_args(residual, y, norm_weight, eps, scalar, next_weight, next_eps, moe)
-    _gemv_residual_norms_kernel[(blocks * split,)](
-        x.contiguous(), values, scale, y, partial, finished_counters("gemv_residual_norms", x.device), residual,
-        *pointers, n_out, values.stride(0), stride_sn, stride_sk, K=k_in // split, SPLIT=split, BLOCK_N=block_n,
-        BLOCK_K=block_k, **fmt, **named, num_warps=max(warps, _warps(named["BLOCK"])), num_stages=stages,
-        **launch_options(x))
+    _gemv_residual_norms_kernel[(triton.cdiv(n_out, block_n),)](
+        x.contiguous(), values, scale, y, finished_counters("gemv_residual_norms", x.device), residual, *pointers,
+        n_out, values.stride(0), stride_sn, stride_sk, K=k_in, BLOCK_N=block_n, BLOCK_K=block_k, **fmt, **named,
+        num_warps=max(warps, _warps(named["BLOCK"])), num_stages=stages, **launch_options(x))
     return outputs
