@@ -11,7 +11,8 @@ accumulator. Where cuBLAS is still faster (big 31B matrices) the model does not 
 
 Each kernel also reads quantized weights (model/quantized.py's QuantizedWeight: fp8 or int8 per channel, int4 packed
 8 to a word in groups, 8-bit in groups or blocks) with their scales, 1 or 1/2 byte a weight instead of 2: the sums of
-q * x in fp32, times the scales per row or per group (`quantized_supported` says which weights).
+q * x in fp32, times the scales per row or per group (`quantized_supported` says which weights). Wide int4 GEMVs
+with bf16 inputs run on the tensor cores instead (INT4_DOTS, `int4_dots`).
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def _input_row(x_ptr, res_ptr, nw_ptr, scalar_ptr, next_w_ptr, new_ptr, eps, nex
 # How the kernels read w_ptr (WFMT) and scale_ptr. Quantized formats multiply the fp32 sums of q * x by their
 # scales: per row once at the end, per group (or block) of a row after summing the group. So the product is the fp32
 # product of the dequantized weight (QuantizedWeight.dequantize) up to summation order, never rounded to the model
-# dtype before the end.
+# dtype before the end; except INT4_DOTS, whose tensor-core products take the weight rounded to bf16 as the twin's
+# `linear` does (q * scale rounded once), summed in fp32.
 INTERPRET = tl.constexpr(triton.knobs.runtime.interpret)  # Triton's interpreter (tests on the CPU) runs no PTX
 DENSE = tl.constexpr(0)        # the weight itself, in the model dtype; scale_ptr unused
 PER_ROW = tl.constexpr(1)      # 8-bit values (fp8 e4m3 or int8: the pointer's type tells which), a scale per row
@@ -67,8 +69,10 @@ BLOCKS8 = tl.constexpr(3)      # 8-bit values, a scale per block of SCALE_ROWS r
                                # row: SCALE_ROWS 1)
 INT4_WORDS = tl.constexpr(2)   # int4, 8 a 32-bit word (element j of a row: bits 4 * (j % 8) of word j // 8, as
                                # q + 8), a scale per GROUP inputs; read as [BLOCK_N, BLOCK_K // 8] words, nibble j of
-                               # every word times its own input vector (inputs j, j + 8, ...), a scale per word
-INT4_DOTS = tl.constexpr(4)    # INT4_WORDS with bf16 inputs and scales, on the tensor cores (`_int4_dots`)
+                               # every word times its own input vector (inputs j, j + 8, ...), a group's scale
+                               # broadcast to its words
+INT4_DOTS = tl.constexpr(4)    # INT4_WORDS's layout with bf16 inputs and scales, on the tensor cores (`_int4_dots`;
+                               # which launches: `int4_dots`)
 # Scales of the grouped formats: scale_ptr[(row // SCALE_ROWS) * stride_sn + (input // GROUP) * stride_sk]
 # (stride_sk 0: one scale a row read as a scale per group, as int4 per channel).
 
