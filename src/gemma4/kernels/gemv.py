@@ -78,6 +78,17 @@ INT4_DOTS = tl.constexpr(4)    # INT4_WORDS's layout with bf16 inputs and scales
 
 
 @triton.jit
+def _rows_and_up(ptrs, mask, up_offset, HAS_UP: tl.constexpr):
+    """The values at ptrs and, with HAS_UP, up_offset elements further (the up half of a fused gate/up weight):
+    (gate, up), up = gate without HAS_UP. Masked values are 0."""
+    w = tl.load(ptrs, mask=mask, other=0.0)
+    u = w
+    if HAS_UP:
+        u = tl.load(ptrs + up_offset, mask=mask, other=0.0)
+    return w, u
+
+
+@triton.jit
 def _grouped_tiles(w_ptr, rows, N, stride_wn, up_offset, k0, K: tl.constexpr, BLOCK_K: tl.constexpr,
                    HAS_UP: tl.constexpr, GROUP: tl.constexpr):
     """The 8-bit values of inputs k0 .. k0 + BLOCK_K of rows `rows` (and of the up rows with HAS_UP) in groups, as
@@ -85,12 +96,8 @@ def _grouped_tiles(w_ptr, rows, N, stride_wn, up_offset, k0, K: tl.constexpr, BL
     groups = tl.arange(0, BLOCK_K // GROUP)
     cols = (k0 + groups * GROUP)[:, None] + tl.arange(0, GROUP)[None, :]
     mask = (rows < N)[:, None, None] & (cols < K)[None, :, :]
-    ptrs = w_ptr + rows.to(tl.int64)[:, None, None] * stride_wn + cols[None, :, :]
-    w = tl.load(ptrs, mask=mask, other=0.0)
-    u = w
-    if HAS_UP:
-        u = tl.load(ptrs + up_offset, mask=mask, other=0.0)
-    return w, u
+    return _rows_and_up(w_ptr + rows.to(tl.int64)[:, None, None] * stride_wn + cols[None, :, :], mask, up_offset,
+                        HAS_UP)
 
 
 @triton.jit
@@ -119,12 +126,7 @@ def _word_tiles(w_ptr, rows, N, stride_wn, up_offset, k0, K: tl.constexpr, BLOCK
     16-byte loads along K. Masked words are 0 (nibbles of -8, met by masked zero inputs or masked rows)."""
     words = k0 // 8 + tl.arange(0, BLOCK_K // 8)
     mask = (rows < N)[:, None] & (words < K // 8)[None, :]
-    ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + words[None, :]
-    w = tl.load(ptrs, mask=mask, other=0)
-    u = w
-    if HAS_UP:
-        u = tl.load(ptrs + up_offset, mask=mask, other=0)
-    return w, u
+    return _rows_and_up(w_ptr + rows.to(tl.int64)[:, None] * stride_wn + words[None, :], mask, up_offset, HAS_UP)
 
 
 @triton.jit
@@ -223,20 +225,21 @@ def _word_scales(scale_ptr, rows, N, stride_sn, stride_sk, k0, K: tl.constexpr, 
 
 
 @triton.jit
+def _dequantized_nibble(w, j: tl.constexpr, scale):
+    """Nibble j of words w dequantized, (q * scale) rounded to bf16, in fp32 (the interpreter's twin of the PTX)."""
+    return round_to((((w >> (4 * j)) & 0xF) - 8).to(tl.float32) * scale, tl.bfloat16)  # the mask drops the sign
+
+
+@triton.jit
 def _dequantized_nibbles(w, scale):
     """The 8 nibble positions of words w [BLOCK_N, W] dequantized as the twin does, (q * scale) rounded to bf16:
     8 tiles [BLOCK_N, W], tile j the weights of inputs j, j + 8, j + 16, ... (kept in fp32 under the interpreter,
     which runs no PTX)."""
     if INTERPRET:
         s = scale.to(tl.float32)
-        return (round_to((((w >> 0) & 0xF) - 8).to(tl.float32) * s, tl.bfloat16),
-                round_to((((w >> 4) & 0xF) - 8).to(tl.float32) * s, tl.bfloat16),
-                round_to((((w >> 8) & 0xF) - 8).to(tl.float32) * s, tl.bfloat16),
-                round_to((((w >> 12) & 0xF) - 8).to(tl.float32) * s, tl.bfloat16),
-                round_to((((w >> 16) & 0xF) - 8).to(tl.float32) * s, tl.bfloat16),
-                round_to((((w >> 20) & 0xF) - 8).to(tl.float32) * s, tl.bfloat16),
-                round_to((((w >> 24) & 0xF) - 8).to(tl.float32) * s, tl.bfloat16),
-                round_to((((w >> 28) & 0xF) - 8).to(tl.float32) * s, tl.bfloat16))
+        return (_dequantized_nibble(w, 0, s), _dequantized_nibble(w, 1, s), _dequantized_nibble(w, 2, s),
+                _dequantized_nibble(w, 3, s), _dequantized_nibble(w, 4, s), _dequantized_nibble(w, 5, s),
+                _dequantized_nibble(w, 6, s), _dequantized_nibble(w, 7, s))
     else:
         return tl.inline_asm_elementwise(_UNPACK_INT4_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [w, scale],
                                          dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
@@ -290,15 +293,16 @@ def _int4_row_inputs(x, BLOCK_K: tl.constexpr, dtype: tl.constexpr):
 @triton.jit
 def _scales(scale_ptr, rows, N, stride_sn, stride_sk, k0, K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_UP: tl.constexpr,
             WFMT: tl.constexpr, GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr):
-    """fp32 scales of rows `rows` (and of the up rows N further with HAS_UP): [BLOCK_N] (PER_ROW), or those of the
-    groups of inputs k0 .. k0 + BLOCK_K, [BLOCK_N, BLOCK_K // GROUP] (grouped formats); unused for DENSE.
+    """fp32 scales of rows `rows` (and of the up rows N further with HAS_UP): [BLOCK_N] (PER_ROW), those of the
+    groups of inputs k0 .. k0 + BLOCK_K, [BLOCK_N, BLOCK_K // GROUP] (grouped formats), or a scale a word,
+    [BLOCK_N, BLOCK_K // 8] (int4; INT4_DOTS: as stored); unused for DENSE.
     (gate, up), up = gate without HAS_UP. Masked rows' scales are 0."""
     row_ok = rows < N
     s = 0.0
     if WFMT == PER_ROW:
         s = tl.load(scale_ptr + rows.to(tl.int64) * stride_sn, mask=row_ok, other=0.0).to(tl.float32)
-    elif WFMT == INT4_WORDS:  # a scale a word
-        s = _word_scales(scale_ptr, rows, N, stride_sn, stride_sk, k0, K, BLOCK_K, GROUP).to(tl.float32)
+    elif WFMT == INT4_WORDS or WFMT == INT4_DOTS:  # a scale a word; INT4_DOTS multiplies by them as stored (bf16)
+        s = _word_scales(scale_ptr, rows, N, stride_sn, stride_sk, k0, K, BLOCK_K, GROUP)
     elif WFMT != DENSE:
         groups = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
         mask = row_ok[:, None] & (groups < (K + GROUP - 1) // GROUP)[None, :]
@@ -308,12 +312,14 @@ def _scales(scale_ptr, rows, N, stride_sn, stride_sk, k0, K: tl.constexpr, BLOCK
     if HAS_UP:
         if WFMT == PER_ROW:
             t = tl.load(scale_ptr + (rows + N).to(tl.int64) * stride_sn, mask=row_ok, other=0.0).to(tl.float32)
-        elif WFMT == INT4_WORDS:
-            t = _word_scales(scale_ptr, rows + N, N * 2, stride_sn, stride_sk, k0, K, BLOCK_K, GROUP).to(tl.float32)
+        elif WFMT == INT4_WORDS or WFMT == INT4_DOTS:
+            t = _word_scales(scale_ptr, rows + N, N * 2, stride_sn, stride_sk, k0, K, BLOCK_K, GROUP)
         elif WFMT != DENSE:
             up_rows = ((rows + N) // SCALE_ROWS).to(tl.int64)
             up_ptrs = scale_ptr + up_rows[:, None] * stride_sn + (groups * stride_sk)[None, :]
             t = tl.load(up_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if WFMT == INT4_WORDS:
+        s, t = s.to(tl.float32), t.to(tl.float32)
     return s, t
 
 
@@ -327,23 +333,12 @@ def _first_tiles(w_ptr, scale_ptr, rows, N, stride_wn, stride_sn, stride_sk, up_
     if WFMT == DENSE or WFMT == PER_ROW:
         cols = tl.arange(0, BLOCK_K)
         mask = (rows < N)[:, None] & (cols < K)[None, :]
-        ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + cols[None, :]
-        w = tl.load(ptrs, mask=mask, other=0.0)
-        u = w
-        if HAS_UP:
-            u = tl.load(ptrs + up_offset, mask=mask, other=0.0)
+        w, u = _rows_and_up(w_ptr + rows.to(tl.int64)[:, None] * stride_wn + cols[None, :], mask, up_offset, HAS_UP)
     elif WFMT == INT4_WORDS or WFMT == INT4_DOTS:
         w, u = _word_tiles(w_ptr, rows, N, stride_wn, up_offset, 0, K, BLOCK_K, HAS_UP)
     else:
         w, u = _grouped_tiles(w_ptr, rows, N, stride_wn, up_offset, 0, K, BLOCK_K, HAS_UP, GROUP)
-    if WFMT == INT4_DOTS:
-        w_scale = _word_scales(scale_ptr, rows, N, stride_sn, stride_sk, 0, K, BLOCK_K, GROUP)
-        u_scale = w_scale
-        if HAS_UP:
-            u_scale = _word_scales(scale_ptr, rows + N, N * 2, stride_sn, stride_sk, 0, K, BLOCK_K, GROUP)
-    else:
-        w_scale, u_scale = _scales(scale_ptr, rows, N, stride_sn, stride_sk, 0, K, BLOCK_K, HAS_UP, WFMT, GROUP,
-                                   SCALE_ROWS)
+    w_scale, u_scale = _scales(scale_ptr, rows, N, stride_sn, stride_sk, 0, K, BLOCK_K, HAS_UP, WFMT, GROUP, SCALE_ROWS)
     return w, u, w_scale, u_scale
 
 
@@ -379,10 +374,8 @@ def _dots(w, u, w_scale, u_scale, x, x_ptr, w_ptr, scale_ptr, rows, N, stride_wn
             gate, up = gate * w_scale, up * u_scale
     elif WFMT == INT4_DOTS:  # each step's words, scales and inputs are loaded a step ahead (none past K: masked)
         next_w, next_u = _word_tiles(w_ptr, rows, N, stride_wn, up_offset, BLOCK_K, K, BLOCK_K, HAS_UP)
-        next_w_scale = _word_scales(scale_ptr, rows, N, stride_sn, stride_sk, BLOCK_K, K, BLOCK_K, GROUP)
-        next_u_scale = next_w_scale
-        if HAS_UP:
-            next_u_scale = _word_scales(scale_ptr, rows + N, N * 2, stride_sn, stride_sk, BLOCK_K, K, BLOCK_K, GROUP)
+        next_w_scale, next_u_scale = _scales(scale_ptr, rows, N, stride_sn, stride_sk, BLOCK_K, K, BLOCK_K, HAS_UP,
+                                             WFMT, GROUP, SCALE_ROWS)
         next_xs = _int4_inputs(x_ptr, BLOCK_K, K, BLOCK_K)
         xs = _int4_row_inputs(x, BLOCK_K, x_ptr.dtype.element_ty)
         zero = tl.zeros([16, w.shape[0]], dtype=tl.float32)
@@ -393,10 +386,8 @@ def _dots(w, u, w_scale, u_scale, x, x_ptr, w_ptr, scale_ptr, rows, N, stride_wn
         for k0 in range(BLOCK_K, K, BLOCK_K):
             w, u, w_scale, u_scale, xs = next_w, next_u, next_w_scale, next_u_scale, next_xs
             next_w, next_u = _word_tiles(w_ptr, rows, N, stride_wn, up_offset, k0 + BLOCK_K, K, BLOCK_K, HAS_UP)
-            next_w_scale = _word_scales(scale_ptr, rows, N, stride_sn, stride_sk, k0 + BLOCK_K, K, BLOCK_K, GROUP)
-            if HAS_UP:
-                next_u_scale = _word_scales(scale_ptr, rows + N, N * 2, stride_sn, stride_sk, k0 + BLOCK_K, K,
-                                            BLOCK_K, GROUP)
+            next_w_scale, next_u_scale = _scales(scale_ptr, rows, N, stride_sn, stride_sk, k0 + BLOCK_K, K, BLOCK_K,
+                                                 HAS_UP, WFMT, GROUP, SCALE_ROWS)
             next_xs = _int4_inputs(x_ptr, k0 + BLOCK_K, K, BLOCK_K)
             g0, g1, g2, g3, g4, g5, g6, g7 = _int4_dots(w, w_scale, xs, g0, g1, g2, g3, g4, g5, g6, g7)
             if HAS_UP:
@@ -604,7 +595,7 @@ def _weight_args(weight: torch.Tensor | QuantizedWeight, x: torch.Tensor,
     if isinstance(fmt, str):
         raise ValueError(f"the GEMV kernels do not read this {weight.scheme.name} weight: {fmt}")
     constexprs, stride_sn, stride_sk = fmt
-    if int4_dots(weight, x, normed):
+    if _takes_dots(constexprs, weight, x, normed):
         constexprs = dict(constexprs, WFMT=INT4_DOTS.value)
     return weight.values, weight.scale, stride_sn, stride_sk, constexprs
 
@@ -616,9 +607,13 @@ def int4_dots(weight: QuantizedWeight, x: torch.Tensor, normed: bool = False) ->
     bf16 dequantized weight (q * scale rounded to bf16), where the other formats' are those of the exact
     q * scale."""
     fmt = _quantized_format(weight)
-    return (weight.scheme.packed and x.dtype == weight.scale.dtype == torch.bfloat16 and not normed
-            and weight.shape[1] >= 128 and not isinstance(fmt, str) and fmt[0]["WFMT"] == INT4_WORDS.value
-            and weight.shape[0] >= _dots_min_width(x.device))
+    return not isinstance(fmt, str) and _takes_dots(fmt[0], weight, x, normed)
+
+
+def _takes_dots(constexprs: dict, weight: QuantizedWeight, x: torch.Tensor, normed: bool) -> bool:
+    """`int4_dots` for a weight whose format constexprs (`_quantized_format`) are known."""
+    return (constexprs["WFMT"] == INT4_WORDS.value and x.dtype == weight.scale.dtype == torch.bfloat16 and not normed
+            and weight.shape[1] >= 128 and weight.shape[0] >= _dots_min_width(x.device))
 
 
 def _dots_min_width(device: torch.device) -> float:
