@@ -27,7 +27,7 @@ def main() -> None:
     model = random_model(random_config(args.preset, args.num_layers, text_only=True), torch.bfloat16, device="cuda")
     prompts = torch.randint(10, 200_000, (args.concurrency, args.prompt)).tolist()
     engine = LLMEngine(model, max_num_seqs=args.concurrency, max_model_len=args.prompt + args.output,
-                       max_num_batched_tokens=8192)
+                       max_num_batched_tokens=8192, enable_prefix_caching=False)  # the warm-up's prompts again
     params = SamplingParams(max_tokens=args.output, ignore_eos=True, temperature=1.0, top_p=0.95, top_k=64)
     engine.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True))
     graphs = engine.runner.graphs

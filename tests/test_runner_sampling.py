@@ -70,10 +70,10 @@ def counting(monkeypatch):
     """Count sample_batch calls (the runner's binding)."""
     real = runner_module.sample_batch
 
-    def sample_batch(logits, params, generators):
+    def sample_batch(logits, params, generators, token_masks=None):
         sample_batch.calls += 1
         assert len(logits) == len(params) == len(generators)
-        return real(logits, params, generators)
+        return real(logits, params, generators, token_masks)
 
     sample_batch.calls = 0
     monkeypatch.setattr(runner_module, "sample_batch", sample_batch)
@@ -118,7 +118,8 @@ def test_no_full_logits_reach_the_host(model, monkeypatch):
     outputs = []
     hook = model.register_forward_hook(lambda module, args, output: outputs.append(output))
     try:
-        engine = LLMEngine(model, max_num_seqs=4, max_model_len=64)
+        # No prefix cache: its split prefills would put a prefill chunk beside decodes (two model calls a step).
+        engine = LLMEngine(model, max_num_seqs=4, max_model_len=64, enable_prefix_caching=False)
         forward = engine.runner.forward
         results = []
         engine.runner.forward = lambda batch, ahead=None: results.append(forward(batch, ahead)) or results[-1]

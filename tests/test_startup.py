@@ -171,7 +171,8 @@ def test_llm_takes_fewer_sequences_when_16_do_not_fit(bf16_checkpoint, monkeypat
     """Each sequence holds sliding-window rings (800 MiB for 31B): LLM halves its default batch until one fits."""
     per_block, per_ring = kv_bytes(Config.from_file(bf16_checkpoint).text_config, torch.bfloat16, 16)
     monkeypatch.setattr(memory, "free_ram", lambda: None)
-    monkeypatch.setattr(memory, "CPU_KV_BYTES", 9 * per_ring + 6 * per_block)  # 8 sequences' rings, 64 tokens
+    # 8 sequences' rings, the prefix cache's 2 and the trash ring; 64 tokens
+    monkeypatch.setattr(memory, "CPU_KV_BYTES", 11 * per_ring + 6 * per_block)
     llm = LLM(bf16_checkpoint, max_model_len=64)
     assert llm.max_batch_size == llm.engine.max_num_seqs == 8
     assert len(llm.generate(["Hi"] * 10, GREEDY)) == 10

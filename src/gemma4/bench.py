@@ -105,7 +105,8 @@ class Gemma4Engine(Engine):
         batch, length = prompts.shape
         if self.engine is None:  # a server starts once (the warm-up run captures its CUDA graphs)
             self.engine = LLMEngine(self.model, max_num_seqs=batch, max_model_len=length + self.max_new,
-                                    max_num_batched_tokens=8192, kv_cache_dtype=self.kv_cache_dtype)
+                                    max_num_batched_tokens=8192, kv_cache_dtype=self.kv_cache_dtype,
+                                    enable_prefix_caching=False)  # the measured run repeats the warm-up's prompts
         params = SamplingParams(max_tokens=new_tokens, ignore_eos=True, **GEMMA4_DEFAULTS)
         return sum(len(tokens) for tokens in self.engine.generate(prompts.tolist(), params))
 

@@ -40,13 +40,15 @@ class LLM:
     fit) of up to `max_model_len` tokens (None: the longest that fits), its KV cache sized from the memory that the
     weights and the largest prefill step leave of `gpu_memory_utilization` x the GPU's (on the CPU: 4 GiB at most; see
     engine/memory.py). `quantization`: "fp8", "int8" or "int4" quantizes a bf16 checkpoint's decoder weights on load
-    (a compressed-tensors checkpoint loads quantized without it). `kv_cache_dtype`: "auto" (the model's dtype) or "fp8" (e4m3 with per-head scales: half the
-    bytes, twice the context). On CUDA it is warmed up (kernels compiled, decode graphs captured) before the first
-    call. A summary is logged at INFO level."""
+    (a compressed-tensors checkpoint loads quantized without it). `kv_cache_dtype`: "auto" (the model's dtype) or
+    "fp8" (e4m3 with per-head scales: half the bytes, twice the context). `enable_prefix_caching`: a prompt that
+    starts with an earlier prompt reuses its KV cache (engine/block_manager.py). On CUDA it is warmed up (kernels
+    compiled, decode graphs captured) before the first call. A summary is logged at INFO level."""
 
     def __init__(self, model: str | Path | Gemma4, dtype=None, device: str = "auto", tokenizer=None,
                  max_batch_size: int | None = None, max_model_len: int | None = None,
-                 gpu_memory_utilization: float = 0.9, quantization: str | None = None, kv_cache_dtype: str = "auto"):
+                 gpu_memory_utilization: float = 0.9, quantization: str | None = None, kv_cache_dtype: str = "auto",
+                 enable_prefix_caching: bool = True):
         from .model.paged_cache import kv_cache_dtype_for
         from .processing.tokenizer import Tokenizer
 
@@ -68,7 +70,8 @@ class LLM:
             try:
                 self.engine = LLMEngine(self.model, max_num_seqs=seqs, max_model_len=max_model_len,
                                         max_num_batched_tokens=PREFILL_BUDGET,
-                                        gpu_memory_utilization=gpu_memory_utilization, kv_cache_dtype=kv_cache_dtype)
+                                        gpu_memory_utilization=gpu_memory_utilization, kv_cache_dtype=kv_cache_dtype,
+                                        enable_prefix_caching=enable_prefix_caching)
                 break
             except ValueError:
                 if max_batch_size is not None or seqs == 1:

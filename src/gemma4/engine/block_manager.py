@@ -1,19 +1,47 @@
-"""The engine's KV memory (model/paged_cache.py's KVPools) with its free lists. Every global layer shares one block
-table per sequence (block j holds positions [j*B, (j+1)*B)), so one free list serves all of them."""
+"""The engine's KV memory (model/paged_cache.py's KVPools) with its free lists and the prefix cache. Every global
+layer shares one block table per sequence (block j holds positions [j*B, (j+1)*B)), so one free list serves all of
+them; each running sequence owns one sliding-window ring.
+
+Prefix caching (docs/architecture.md, "Prefix caching"): a full block of prompt tokens is named by a hash chained
+over every token (and media soft token) before it, so equal names mean equal K/V. Blocks are shared between sequences
+with reference counts; a block nobody holds stays cached until its slot is needed (least recently used first, a
+chain's tail before its head). Global layers need nothing else, KV-shared layers read their producer's cache, but a
+sliding layer at position p reads the keys of [p - window, p), which a sequence's ring overwrites as it moves on: a hit
+at position b also needs the ring as it was at b. So at one point b per prompt (its last block boundary, outside any
+image) the ring is copied into a snapshot ring, and a later prompt starting with the same b tokens starts from those
+blocks and a copy of that snapshot. Hits land only at snapshot points: a prefix shared up to some other boundary (a
+common system prompt, then different questions) does not hit."""
 
 from __future__ import annotations
 
+import hashlib
+from array import array
+from collections import OrderedDict
+
 import torch
 
+from ..config import SLIDING, TextConfig
 from ..model.paged_cache import KVPools
 from .sequence import Sequence
 
 
 class BlockManager(KVPools):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, config: TextConfig, num_blocks: int, block_size: int, max_num_seqs: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu", kv_cache_dtype: str = "auto", snapshot_rings: int = 0):
+        """`snapshot_rings`: rings kept for the prefix cache's window snapshots (0: no prefix caching)."""
+        super().__init__(config, num_blocks, block_size, max_num_seqs, dtype, device, kv_cache_dtype,
+                         num_rings=max_num_seqs + snapshot_rings)
         self.free_blocks = list(range(self.num_blocks))
         self.free_rings = list(range(self.max_num_seqs))
+        self.caching = snapshot_rings > 0
+        self.refs = [0] * self.num_blocks
+        self.cached: dict[bytes, int] = {}  # block name -> block holding it
+        self.names: dict[int, bytes] = {}  # the reverse
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks no sequence holds, oldest first
+        self.free_snapshots = list(range(self.max_num_seqs, self.num_rings))
+        self.snapshots: OrderedDict[bytes, int] = OrderedDict()  # name of the block ending at b -> ring, oldest first
+        self.prompt_tokens = 0  # prompt tokens admitted, and how many of them came from the cache
+        self.hit_tokens = 0
 
     def block_tables(self, seqs: list[Sequence], width: int, rows: int | None = None) -> torch.Tensor:
         """[rows, width] (host): each sequence's blocks padded with the trash block; rows past them all trash."""
@@ -22,32 +50,157 @@ class BlockManager(KVPools):
         return torch.tensor(padded + [[trash] * width] * ((rows or len(seqs)) - len(seqs)), dtype=torch.long)
 
     @property
+    def num_free(self) -> int:
+        return len(self.free_blocks) + len(self.evictable)
+
+    @property
     def usage(self) -> float:
-        return 1.0 - len(self.free_blocks) / max(self.num_blocks, 1)
+        return 1.0 - self.num_free / max(self.num_blocks, 1)
 
-    def can_admit(self, seq: Sequence) -> bool:
-        """Room for the whole known sequence plus one decode token."""
-        return bool(self.free_rings) and self.blocks_for(len(seq) + 1) <= len(self.free_blocks)
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / max(self.prompt_tokens, 1)
 
-    def admit(self, seq: Sequence) -> None:
+    def cached_prefix(self, seq: Sequence) -> int:
+        """How many of `seq`'s first tokens the cache holds, in whole blocks, at a snapshot point, fewer than its
+        prompt's length (the last prompt token is always computed: its logits give the first output token)."""
+        if not self.caching:
+            return 0
+        names = self._names(seq)
+        chain = 0
+        while chain < len(names) and names[chain] in self.cached:
+            chain += 1
+        usable = min(chain, (len(seq.prompt_ids) - 1) // self.block_size)
+        return next((j * self.block_size for j in range(usable, 0, -1) if names[j - 1] in self.snapshots), 0)
+
+    def can_admit(self, seq: Sequence, cached: int = 0) -> bool:
+        """Room for the whole known sequence plus one decode token, `cached` tokens of it from the prefix cache."""
+        hits = cached // self.block_size
+        idle_hits = sum(self.cached[name] in self.evictable for name in self._names(seq)[:hits])
+        need = self.blocks_for(len(seq) + 1) - hits
+        return bool(self.free_rings) and need <= self.num_free - idle_hits
+
+    def admit(self, seq: Sequence, cached: int = 0) -> None:
+        """Give `seq` a ring and its blocks; its first `cached` tokens (`cached_prefix`) come from the cache."""
         seq.ring_slot = self.free_rings.pop()
-        start = seq.ring_slot * self.window
-        self.ring_positions[start:start + self.window] = -1
+        hits = cached // self.block_size
+        names = self._names(seq)
+        for name in names[:hits]:
+            block = self.cached[name]
+            self.evictable.pop(block, None)
+            self.refs[block] += 1
+            seq.block_table.append(block)
+        if hits:
+            snapshot = self.snapshots[names[hits - 1]]
+            self.snapshots.move_to_end(names[hits - 1])
+            self._copy_ring(snapshot, seq.ring_slot)
+        else:
+            start = seq.ring_slot * self.window
+            self.ring_positions[start:start + self.window] = -1
         self.reserve(seq, len(seq))
-        seq.num_cached = 0
+        seq.num_cached = cached
+        self.prompt_tokens += len(seq.prompt_ids)
+        self.hit_tokens += cached
+        seq.snapshot_at = seq.split_at = 0
+        point = self._snapshot_point(seq)
+        if self.caching and point > cached:
+            seq.snapshot_at = point
+            # A ring keeps the last `window` positions: unless the whole prompt fits in it, the snapshot needs a
+            # chunk that ends exactly at the point.
+            seq.split_at = point if len(seq.prompt_ids) > self.window else 0
 
     def reserve(self, seq: Sequence, num_tokens: int) -> bool:
         """Make sure blocks exist for positions [0, num_tokens). False when out of blocks."""
         need = self.blocks_for(num_tokens) - len(seq.block_table)
-        if need > len(self.free_blocks):
+        if need > self.num_free:
             return False
-        seq.block_table.extend(self.free_blocks.pop() for _ in range(max(need, 0)))
+        for _ in range(max(need, 0)):
+            block = self.free_blocks.pop() if self.free_blocks else self._evict()
+            self.refs[block] = 1
+            seq.block_table.append(block)
         return True
 
     def release(self, seq: Sequence) -> None:
-        self.free_blocks.extend(reversed(seq.block_table))
+        for block in reversed(seq.block_table):  # a chain's tail first: it is evicted first
+            self.refs[block] -= 1
+            if self.refs[block] == 0:
+                if block in self.names:
+                    self.evictable[block] = None
+                else:
+                    self.free_blocks.append(block)
         seq.block_table = []
         if seq.ring_slot >= 0:
             self.free_rings.append(seq.ring_slot)
         seq.ring_slot = -1
         seq.num_cached = 0
+
+    def snapshot(self, seq: Sequence) -> None:
+        """After a step: once `seq` has computed its snapshot point b (and its ring still holds the window before
+        b), name its blocks up to b and keep a copy of its ring there."""
+        point, done = seq.snapshot_at, seq.num_cached
+        if not point or done < point:
+            return
+        seq.snapshot_at = seq.split_at = 0
+        if done != point and done > self.window:  # the ring has moved past b (cannot happen with the split)
+            return
+        names = self._names(seq)[:point // self.block_size]
+        for name, block in zip(names, seq.block_table):
+            if name not in self.cached:
+                self.cached[name], self.names[block] = block, name
+        if names[-1] in self.snapshots:
+            self.snapshots.move_to_end(names[-1])
+            return
+        ring = self.free_snapshots.pop() if self.free_snapshots else self.snapshots.popitem(last=False)[1]
+        self._copy_ring(seq.ring_slot, ring)
+        positions = self.ring_positions[ring * self.window:(ring + 1) * self.window]
+        positions.masked_fill_(positions >= point, -1)  # a prompt within one window: its tail past b
+        self.snapshots[names[-1]] = ring
+
+    def clear_prefix_cache(self) -> None:
+        """Forget every cached prefix and the hit counts (blocks that sequences hold stay theirs)."""
+        self.free_blocks.extend(self.evictable)
+        self.evictable.clear()
+        self.cached.clear()
+        self.names.clear()
+        self.free_snapshots.extend(self.snapshots.values())
+        self.snapshots.clear()
+        self.prompt_tokens = self.hit_tokens = 0
+
+    def _evict(self) -> int:
+        block, _ = self.evictable.popitem(last=False)
+        del self.cached[self.names.pop(block)]
+        return block
+
+    def _copy_ring(self, src: int, dst: int) -> None:
+        w = self.window
+        for i in self.keys:
+            if self.layer_types[i] == SLIDING:
+                for pools in (self.keys, self.values):
+                    pools[i][:, dst * w:(dst + 1) * w] = pools[i][:, src * w:(src + 1) * w]
+        self.ring_positions[dst * w:(dst + 1) * w] = self.ring_positions[src * w:(src + 1) * w]
+
+    def _snapshot_point(self, seq: Sequence) -> int:
+        """The prompt's last block boundary, or the one before the image it would fall inside."""
+        point = len(seq.prompt_ids) // self.block_size * self.block_size
+        for start, end in seq.media.vision_runs if seq.media is not None else []:
+            if start < point < end:
+                point = start // self.block_size * self.block_size
+        return point
+
+    def _names(self, seq: Sequence) -> list[bytes]:
+        """The chained names of the prompt's full blocks (computed once per sequence)."""
+        names, bs = seq.block_names, self.block_size
+        count = len(seq.prompt_ids) // bs
+        if len(names) < count:
+            media = seq.media if seq.media is not None and len(seq.media) else None
+            features = media.features.detach().cpu().contiguous() if media is not None else None
+            for i in range(len(names), count):
+                digest = hashlib.blake2b(names[-1] if names else b"", digest_size=16)
+                digest.update(array("q", seq.prompt_ids[i * bs:(i + 1) * bs]).tobytes())
+                if media is not None:  # the soft tokens filling this block's positions, as bytes
+                    lo, hi = torch.searchsorted(media.positions, torch.tensor([i * bs, (i + 1) * bs])).tolist()
+                    if hi > lo:
+                        digest.update(array("q", media.positions[lo:hi].tolist()).tobytes())
+                        digest.update(features[lo:hi].view(torch.uint8).numpy().tobytes())
+                names.append(digest.digest())
+        return names

@@ -47,18 +47,21 @@ class LLMEngine:
                  num_blocks: int | None = None, max_num_batched_tokens: int = 512,
                  stop_token_ids: list[int] | None = None, run_ahead: bool = True,
                  gpu_memory_utilization: float = 0.9, kv_cache_memory: int | None = None,
-                 kv_cache_dtype: str = "auto"):
+                 kv_cache_dtype: str = "auto", enable_prefix_caching: bool = True):
         # KV sized from the memory there is (memory.py), unless num_blocks or kv_cache_memory (bytes) say otherwise;
         # max_model_len None: the longest one sequence fits. ValueError when one sequence of max_model_len cannot.
         # kv_cache_dtype: "auto" (the model's dtype) or "fp8" (e4m3 with per-head scales: model/paged_cache.py).
+        # enable_prefix_caching: requests reuse the K/V of a prompt prefix computed before (block_manager.py), which
+        # keeps max(1, max_num_seqs // 4) extra sliding-window rings for it.
         text = model.config.text_config
         kv_cache_dtype_for(kv_cache_dtype, model.dtype)  # a bad name fails before the memory is profiled
         if num_blocks is None and kv_cache_memory is None:
             kv_cache_memory = kv_budget(model, gpu_memory_utilization, max_num_batched_tokens)
+        snapshot_rings = max(1, max_num_seqs // 4) if enable_prefix_caching else 0
         self.max_model_len, num_blocks = plan_kv(text, model.dtype, max_num_seqs, block_size, max_model_len,
-                                                 num_blocks, kv_cache_memory, kv_cache_dtype)
+                                                 num_blocks, kv_cache_memory, kv_cache_dtype, snapshot_rings)
         self.blocks = BlockManager(text, num_blocks, block_size, max_num_seqs, model.dtype, model.device,
-                                   kv_cache_dtype)
+                                   kv_cache_dtype, snapshot_rings)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max(max_num_batched_tokens, 1))
         self.runner = ModelRunner(model, self.blocks, self.max_model_len)
         default = getattr(model, "generation_config", {}).get("eos_token_id", list(GEMMA4_STOP_IDS))
@@ -137,6 +140,10 @@ class LLMEngine:
         except Exception as e:  # noqa: BLE001  (out of memory, a bug on one input: those sequences fail, not all)
             logger.exception("a step over %d sequences failed; they are ended with an error", len(batch))
             outputs += [self._fail(item.seq, f"{type(e).__name__}: {e}") for item in batch if not item.seq.finished]
+        if launched is not None:  # queued after the forward that computed them: the prefix cache's snapshots
+            for item in batch:
+                if item.seq.snapshot_at and not item.seq.finished:
+                    self.blocks.snapshot(item.seq)
         if ahead is not None:  # the device now has the next step queued: read this one's tokens
             outputs += self._accept(ahead, ahead.collect())
         if launched is not None:
@@ -240,7 +247,7 @@ class LLMEngine:
         """Compile the kernels and capture the decode step of every batch bucket now (CUDA), so that no request
         pays for them: prompts of a few lengths (a multiple of 16 and not, one past twice the sliding window,
         chunked by the step budget; alone and two together) run through prefill and decode, greedy and sampled;
-        then each bucket's graph is captured."""
+        then each bucket's graph is captured. The prefix cache forgets these prompts."""
         window = self.runner.model.config.text_config.sliding_window
         greedy = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
         sampled = SamplingParams(max_tokens=3, temperature=1.0, top_k=64, top_p=0.95, ignore_eos=True)
@@ -249,3 +256,4 @@ class LLMEngine:
         self.generate([[0] * 16, [0] * 23], [greedy, sampled])
         if self.runner.graphs is not None:
             self.runner.graphs.capture_all()
+        self.blocks.clear_prefix_cache()

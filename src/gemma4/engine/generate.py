@@ -4,7 +4,8 @@
 stopped padded with `pad_token_id`; unset sampling arguments come from the checkpoint's generation_config, as in
 transformers; `eos_token_id=None` never stops; `min_new_tokens` holds the stop back; row b draws from `seed + b`.
 Each row is one request of the model's `LLMEngine` (`engine_for`: kept on the model and reused, so its CUDA graphs
-are captured once; `kv_cache_dtype` "auto" or "fp8" picks its KV cache, None keeps the kept engine's);
+are captured once, and without prefix caching: each call computes its prompts, as transformers; `kv_cache_dtype`
+"auto" or "fp8" picks its KV cache, None keeps the kept engine's);
 `use_cache=False` runs `reference_generate` instead. `return_dict_in_generate=True`: a
 `GenerateOutput` instead of the tensor.
 """
@@ -95,7 +96,7 @@ def engine_for(model, num_seqs: int, length: int, budget: int | None = None,
         kept.engine = engine = None  # its KV pools and graphs are freed before the new ones are allocated
         free_memory(model)
         engine = kept.engine = LLMEngine(model, max_num_seqs=seqs, max_model_len=context,
-                                         kv_cache_dtype=kv_cache_dtype)
+                                         kv_cache_dtype=kv_cache_dtype, enable_prefix_caching=False)
     engine.scheduler.budget = budget or num_seqs * length
     return engine
 

@@ -86,9 +86,10 @@ def profile_prefill(model, tokens: int) -> int:
 
 def plan_kv(config: TextConfig, dtype: torch.dtype, max_num_seqs: int, block_size: int,
             max_model_len: int | None = None, num_blocks: int | None = None, budget: int | None = None,
-            kv_cache_dtype: str = "auto") -> tuple[int, int]:
+            kv_cache_dtype: str = "auto", extra_rings: int = 0) -> tuple[int, int]:
     """(max_model_len, num_blocks). `num_blocks` given: that many (at least one sequence of max_model_len; None:
-    the longest they hold). Otherwise from `budget` bytes: the rings of max_num_seqs sequences, then as many blocks as
+    the longest they hold). Otherwise from `budget` bytes: the rings of max_num_seqs sequences (and `extra_rings`, the
+    prefix cache's), then as many blocks as
     fit, never more than every sequence at max_model_len uses; max_model_len None: the longest one sequence fits.
     Never longer than max_position_embeddings. ValueError when one sequence of max_model_len does not fit."""
     limit = config.max_position_embeddings
@@ -97,11 +98,12 @@ def plan_kv(config: TextConfig, dtype: torch.dtype, max_num_seqs: int, block_siz
         length = min(max_model_len, limit) if max_model_len else min(limit, max(num_blocks, 1) * block_size - 1)
         return length, max(num_blocks, blocks_for(length))
     per_block, per_ring = kv_bytes(config, dtype, block_size, kv_cache_dtype)
-    rings = (max_num_seqs + 1) * per_ring  # + the trash slot (a whole ring, to round up)
+    rings = (max_num_seqs + extra_rings + 1) * per_ring  # + the trash slot (a whole ring, to round up)
     fit = (budget - rings) // per_block - 1 if per_block else 1 << 40  # - the trash block
     if fit < 1:
         raise ValueError(f"no room for the KV cache: {budget / GiB:.2f} GiB for it, of which the sliding-window rings "
-                         f"of {max_num_seqs} sequences take {rings / GiB:.2f} GiB; {HINT}")
+                         f"of {max_num_seqs} sequences (and {extra_rings} for the prefix cache) take "
+                         f"{rings / GiB:.2f} GiB; {HINT}")
     longest = fit * block_size - 1  # one sequence alone
     length = min(max_model_len or limit, limit)
     if max_model_len is None:  # the default: as long as one sequence fits

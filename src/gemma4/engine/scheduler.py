@@ -1,6 +1,7 @@
 """Continuous batching (docs/architecture.md, "One step"): every running sequence's next chunk under one token
 budget, decodes first, then prefill chunks, then admissions; a decode that cannot get a block preempts the most
-recently admitted sequence (recomputed later from its tokens). A chunk never ends inside an image
+recently admitted sequence (recomputed later from its tokens, or from its cached prefix). An admitted sequence
+starts after the prefix the cache holds for it (block_manager.py). A chunk never ends inside an image
 (`Sequence.chunk_size`); a prefill waiting for room for a whole image stops admissions, so newer requests cannot
 starve it."""
 
@@ -49,11 +50,13 @@ class Scheduler:
                 budget -= n
         while not held and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = seq.chunk_size(0, min(len(seq), budget))
-            if n == 0 or not self.blocks.can_admit(seq):
+            cached = self.blocks.cached_prefix(seq)  # the prefix cache's tokens: the chunk starts after them
+            n = seq.chunk_size(cached, min(len(seq) - cached, budget))
+            if n == 0 or not self.blocks.can_admit(seq, cached):
                 break
             self.waiting.popleft()
-            self.blocks.admit(seq)
+            self.blocks.admit(seq, cached)
+            n = seq.chunk_size(cached, n)  # admit may have set a split point
             seq.status = Status.RUNNING
             self.running.append(seq)
             batch.append(Scheduled(seq, n))

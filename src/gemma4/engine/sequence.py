@@ -32,6 +32,9 @@ class Sequence:
     num_cached: int = 0  # tokens whose K/V are in the cache (global blocks and sliding ring)
     block_table: list[int] = field(default_factory=list)  # global-layer KV blocks, in position order
     ring_slot: int = -1  # which sliding-window ring this sequence owns (-1: none)
+    block_names: list[bytes] = field(default_factory=list)  # prefix cache: the prompt's full blocks' chained hashes
+    snapshot_at: int = 0  # prefix cache: the position whose sliding windows are kept once computed (0: none)
+    split_at: int = 0  # a prefill chunk may end at this position but not cross it (0: anywhere)
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     generator: torch.Generator | None = None  # the seed's generator, made where the logits are (generator_on)
     media: object | None = None  # multimodal.SoftTokens: the prompt's image/audio soft tokens, shared by n choices
@@ -65,8 +68,11 @@ class Sequence:
 
     def chunk_size(self, start: int, limit: int) -> int:
         """The longest chunk [start, start + m), m <= limit, that ends at no point inside an image (a vision run
-        must be embedded in one forward); 0 when the next image does not fit in `limit` tokens."""
+        must be embedded in one forward) nor crosses `split_at`; 0 when the next image does not fit in `limit`
+        tokens."""
         end = start + limit
+        if start < self.split_at < end:
+            end = self.split_at
         runs = self.media.vision_runs if self.media is not None else []
         end = next((a for a, b in runs if a < end < b), end)
         return max(end - start, 0)

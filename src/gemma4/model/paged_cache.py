@@ -49,8 +49,8 @@ def dequantize_kv(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> t
 class KVPools:
     """Paged KV memory: per layer that owns K/V a flat pool [Hkv, slots, D]. Global layers: `num_blocks` blocks of
     `block_size` slots (a sequence's block table says which hold its positions); sliding layers: one ring of
-    `window` slots per sequence (`max_num_seqs` rings), with the position each slot holds (-1 = empty) in
-    `ring_positions`, shared by the sliding layers. Each pool ends with a trash block / trash slot that padding
+    `window` slots per sequence (`num_rings` rings: `max_num_seqs` unless the engine keeps more for its prefix cache),
+    with the position each slot holds (-1 = empty) in `ring_positions`, shared by the sliding layers. Each pool ends with a trash block / trash slot that padding
     writes to and that no query sees.
 
     `dtype`: the model's; `kv_cache_dtype` "auto" stores K/V in it, "fp8" in float8 e4m3 with per-head scales
@@ -60,10 +60,12 @@ class KVPools:
     decode kernel, KV-shared layers reading their producer's pools) applies them."""
 
     def __init__(self, config: TextConfig, num_blocks: int, block_size: int, max_num_seqs: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu", kv_cache_dtype: str = "auto"):
+                 dtype: torch.dtype, device: torch.device | str = "cpu", kv_cache_dtype: str = "auto",
+                 num_rings: int | None = None):
         self.config, self.num_blocks, self.block_size, self.max_num_seqs = config, num_blocks, block_size, max_num_seqs
         self.window, self.layer_types = config.sliding_window, config.layer_types
-        self.ring_trash, self.trash_block = max_num_seqs * self.window, num_blocks
+        self.num_rings = max_num_seqs if num_rings is None else num_rings
+        self.ring_trash, self.trash_block = self.num_rings * self.window, num_blocks
         self.kv_cache_dtype, self.pool_dtype = kv_cache_dtype, kv_cache_dtype_for(kv_cache_dtype, dtype)
         # Zeroed K and V of every layer that owns K/V (KV-shared layers own none). K=V layers store values separately
         # too: v_norm(k) lacks k_norm and RoPE.

@@ -56,8 +56,10 @@ class AsyncEngine:
         self.wake.set()
 
     def stats(self) -> dict:
-        scheduler = self.engine.scheduler
-        return {"running": len(scheduler.running), "waiting": len(scheduler.waiting), "kv_usage": self.engine.kv_usage}
+        scheduler, blocks = self.engine.scheduler, self.engine.blocks
+        return {"running": len(scheduler.running), "waiting": len(scheduler.waiting), "kv_usage": self.engine.kv_usage,
+                "prefix_cache_hit_rate": blocks.hit_rate, "prefix_cache_hit_tokens": blocks.hit_tokens,
+                "prefix_cache_query_tokens": blocks.prompt_tokens}
 
     def shutdown(self) -> None:
         """Stop stepping; requests still waiting for outputs get EngineDead rather than waiting forever."""

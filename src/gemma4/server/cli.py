@@ -36,6 +36,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-kv-blocks", type=int, default=None,
                         help="KV blocks of 16 tokens for global layers (None: sized from the memory)")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES, help=KV_CACHE_DTYPE_HELP)
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                        help="reuse the KV cache of prompt prefixes computed before (on by default)")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     parser.add_argument("--served-model-name", default=None, help="model id clients use (None: the path)")
     parser.add_argument("--default-enable-thinking", action="store_true", help="think unless a request says not to")
@@ -60,7 +62,7 @@ def build_app_from_args(args):
     state = build_state(model, processor.tokenizer, args.served_model_name or args.model, processor=processor,
                         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=step_tokens, num_blocks=args.num_kv_blocks,
-                        kv_cache_dtype=args.kv_cache_dtype,
+                        kv_cache_dtype=args.kv_cache_dtype, enable_prefix_caching=args.enable_prefix_caching,
                         gpu_memory_utilization=args.gpu_memory_utilization, api_key=args.api_key,
                         default_enable_thinking=args.default_enable_thinking,
                         allowed_media_domains=[d.strip() for d in args.allowed_media_domains.lower().split(",")

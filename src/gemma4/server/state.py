@@ -21,6 +21,13 @@ class Metrics:
         self.running = Gauge("gemma4_num_requests_running", "Sequences running in the engine", registry=r)
         self.waiting = Gauge("gemma4_num_requests_waiting", "Sequences queued in the engine", registry=r)
         self.kv_usage = Gauge("gemma4_kv_cache_usage_ratio", "Share of KV blocks in use", registry=r)
+        self.prefix_cache_hit_rate = Gauge("gemma4_prefix_cache_hit_rate",
+                                           "Share of admitted prompt tokens whose KV came from the prefix cache",
+                                           registry=r)
+        self.prefix_cache_hit_tokens = Gauge("gemma4_prefix_cache_hit_tokens",
+                                             "Admitted prompt tokens whose KV came from the prefix cache", registry=r)
+        self.prefix_cache_query_tokens = Gauge("gemma4_prefix_cache_query_tokens", "Admitted prompt tokens",
+                                               registry=r)
         buckets = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
         self.latency = Histogram("gemma4_request_latency_seconds", "End-to-end request latency", buckets=buckets,
                                  registry=r)
@@ -53,12 +60,14 @@ class ServerState:
 
 def build_state(model, tokenizer, model_name: str, max_model_len: int | None = None, max_num_seqs: int = 16,
                 max_num_batched_tokens: int = 512, num_blocks: int | None = None,
-                gpu_memory_utilization: float = 0.9, kv_cache_dtype: str = "auto", **kwargs) -> ServerState:
+                gpu_memory_utilization: float = 0.9, kv_cache_dtype: str = "auto", enable_prefix_caching: bool = True,
+                **kwargs) -> ServerState:
     """The engine sized from the memory there is (engine/memory.py; ValueError when one sequence of max_model_len
     does not fit, or kv_cache_dtype is neither "auto" nor "fp8") and warmed up, in its thread."""
     engine = LLMEngine(model, max_num_seqs=max_num_seqs, max_model_len=max_model_len, num_blocks=num_blocks,
                        max_num_batched_tokens=max_num_batched_tokens, stop_token_ids=tokenizer.stop_token_ids,
-                       gpu_memory_utilization=gpu_memory_utilization, kv_cache_dtype=kv_cache_dtype)
+                       gpu_memory_utilization=gpu_memory_utilization, kv_cache_dtype=kv_cache_dtype,
+                       enable_prefix_caching=enable_prefix_caching)
     if model.device.type == "cuda":  # compile the kernels and capture the graphs before the server reports ready
         engine.warm_up()
     generation = getattr(model, "generation_config", {}) or {}

@@ -1,0 +1,163 @@
+"""Prefix caching (engine/block_manager.py): a prompt that starts with an earlier prompt reuses its blocks and the
+snapshot of its sliding windows; outputs equal those of an engine without the cache. The tiny configs have a sliding
+window of 8 tokens and blocks of 16, so every cached prefix is longer than the window."""
+
+import pytest
+import torch
+
+from reference import text_config_dict
+
+from gemma4 import Model
+from gemma4.config import Config
+from gemma4.engine.engine import LLMEngine
+from gemma4.engine.sampling import SamplingParams
+from gemma4.random_init import randomize_
+
+
+def tiny(family, **text):
+    config = Config.from_dict({"model_type": "gemma4", "text_config": {**text_config_dict(family), **text},
+                               "vision_config": None, "audio_config": None})
+    return randomize_(Model(config), 0).eval()
+
+
+@pytest.fixture(scope="module", params=["E2B", "26B-A4B", "31B"])
+def model(request):
+    """E2B: KV-shared layers and per-layer inputs; 26B-A4B: MoE, K=V global layers; 31B: dense, K=V."""
+    return tiny(request.param)
+
+
+def tokens(n, seed):
+    return torch.randint(3, 384, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+# logprobs=1: each step's log-probability of its token, which the comparison reads beside the ids.
+PARAMS = SamplingParams(max_tokens=8, temperature=0, stop_token_ids=[], logprobs=1)
+
+
+def run(engine, prompts, params=PARAMS):
+    """Each prompt's (output ids, their log-probabilities), all submitted at once."""
+    ids = [engine.add_request(p, params) for p in prompts]
+    got = {i: ([], []) for i in ids}
+    for out in engine.run(ids):
+        out.raise_error()
+        if out.token is not None:
+            got[out.seq_id][0].append(out.token)
+            got[out.seq_id][1].append(out.logprobs.logprob)
+    return [got[i] for i in ids]
+
+
+def assert_same(cached, uncached):
+    for (ids, logprobs), (ref_ids, ref_logprobs) in zip(cached, uncached):
+        assert ids == ref_ids
+        # fp32: the cached prefix was computed in other chunks, so only the summation order differs.
+        torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(ref_logprobs), rtol=0, atol=1e-4)
+
+
+def test_a_second_turn_starts_from_the_first_ones_prompt(model):
+    first = tokens(45, 0)
+    engines = [LLMEngine(model, max_num_seqs=4, max_model_len=256, enable_prefix_caching=on) for on in (True, False)]
+    turn1 = [run(e, [first]) for e in engines]
+    assert_same(*turn1)
+    second = first + turn1[0][0][0] + tokens(13, 1)  # the conversation so far, and a new message
+    turn2 = [run(e, [second, first]) for e in engines]
+    assert_same(*turn2)
+    cache = engines[0].blocks
+    # The first prompt's last block boundary (32) is where its windows were kept: both requests start there.
+    assert cache.hit_tokens == 32 + 32 and cache.prompt_tokens == 45 + len(second) + 45
+    assert engines[1].blocks.hit_tokens == 0
+    assert cache.usage == 0 and engines[1].blocks.usage == 0
+
+
+def test_a_prompt_within_one_window():
+    """A window of 32: a prompt of 20 tokens is prefilled in one chunk, its snapshot at 16 keeps positions 0-15 of
+    the ring and forgets 16-19, which the next prompt fills with its own."""
+    model = tiny("E2B", sliding_window=32)
+    first, second = tokens(20, 9), tokens(20, 9)[:16] + tokens(30, 10)
+    engines = [LLMEngine(model, max_num_seqs=4, max_model_len=128, enable_prefix_caching=on) for on in (True, False)]
+    assert_same(*[run(e, [first]) + run(e, [second]) for e in engines])
+    assert engines[0].blocks.hit_tokens == 16
+
+
+def test_shared_prefixes_under_memory_pressure(model):
+    """Requests sharing prefixes, under a small token budget (chunks, decodes beside prefills) and few blocks
+    (preemptions, cached blocks evicted and reused): outputs equal an engine without the cache."""
+    stems = [tokens(40, seed) for seed in range(3)]
+    batch = [stems[i % 3] + tokens(5 + i, 100 + i) for i in range(12)]
+    batch += [stems[0][:-3], stems[1]]  # shorter than a cached prefix, and one equal to it
+    kwargs = dict(max_num_seqs=6, max_model_len=96, max_num_batched_tokens=40, num_blocks=14)
+    ref = run(LLMEngine(model, enable_prefix_caching=False, **kwargs), batch)
+    engine = LLMEngine(model, **kwargs)
+    for _ in range(2):  # the second round finds the first's prefixes (those not evicted since)
+        assert_same(run(engine, batch), ref)
+    assert engine.blocks.hit_tokens > 0 and engine.scheduler.num_preemptions > 0
+    assert engine.blocks.usage == 0 and len(engine.blocks.free_rings) == 6
+
+
+def test_hits_only_at_a_snapshot_and_never_the_whole_prompt():
+    engine = LLMEngine(tiny("E2B"), max_num_seqs=4, max_model_len=128)
+    prompt = tokens(48, 3)  # three full blocks: the snapshot is at 48, which only a longer prompt can use
+    run(engine, [prompt])
+    seq = engine.seqs.get(engine.add_request(prompt, PARAMS))
+    assert engine.blocks.cached_prefix(seq) == 0  # 48 would leave no token to compute, and 16 or 32 has no snapshot
+    engine.abort(seq.seq_id, output=False)
+    longer = engine.seqs.get(engine.add_request(prompt + [7], PARAMS))
+    assert engine.blocks.cached_prefix(longer) == 48
+    other = engine.seqs.get(engine.add_request(prompt[:20] + [5] + prompt[21:] + [7], PARAMS))
+    assert engine.blocks.cached_prefix(other) == 0  # a token differs in block 1: no block after it matches
+
+
+def test_a_long_prompt_splits_its_prefill_at_the_snapshot():
+    engine = LLMEngine(tiny("31B"), max_num_seqs=2, max_model_len=128, max_num_batched_tokens=64)
+    seq = engine.seqs[engine.add_request(tokens(45, 4), PARAMS)]
+    engine.step()
+    assert seq.num_cached == 32  # the chunk stops at the snapshot point, although the budget takes the prompt
+    engine.step()
+    assert seq.num_cached == 45 and len(engine.blocks.snapshots) == 1
+
+
+def test_a_full_snapshot_ring_pool_drops_the_least_recently_used():
+    engine = LLMEngine(tiny("E2B"), max_num_seqs=4, max_model_len=128)  # one snapshot ring
+    a, b = tokens(40, 5), tokens(40, 6)
+    run(engine, [a])
+    run(engine, [b])  # replaces a's snapshot
+    seq = engine.seqs[engine.add_request(a + [9], PARAMS)]
+    assert engine.blocks.cached_prefix(seq) == 0
+    seq = engine.seqs[engine.add_request(b + [9], PARAMS)]
+    assert engine.blocks.cached_prefix(seq) == 32
+
+
+def test_without_prefix_caching_nothing_is_kept():
+    engine = LLMEngine(tiny("E2B"), max_num_seqs=4, max_model_len=128, enable_prefix_caching=False)
+    prompt = tokens(40, 7)
+    run(engine, [prompt, prompt + [5]])
+    assert engine.blocks.hit_tokens == 0 and not engine.blocks.cached and not engine.blocks.snapshots
+    assert engine.blocks.num_rings == 4
+
+
+# --- images in the prefix -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mm():
+    from test_multimodal import config_dict
+    return randomize_(Model(Config.from_dict(config_dict("E2B", text_config_dict))), 7).eval()
+
+
+def test_images_in_the_prefix(mm):
+    """A second turn after a prompt with images hits past the images; the same tokens with other pixels do not
+    hit at all (every block from the first image on is named by its soft tokens too)."""
+    from test_engine import mm_prompt
+    ids, media = mm_prompt("E2B", 0)
+    other_media = mm_prompt("E2B", 1)[1]  # images of the same sizes, other pixels
+    params = SamplingParams(max_tokens=6, temperature=0, stop_token_ids=[])
+    engines = [LLMEngine(mm, max_num_seqs=8, max_model_len=384, enable_prefix_caching=on) for on in (True, False)]
+    first = [e.generate([ids], params, [media])[0] for e in engines]
+    assert first[0] == first[1]
+    second = ids + first[0] + tokens(9, 8)
+    outs = [e.generate([second], params, [media])[0] for e in engines]
+    assert outs[0] == outs[1]
+    engine = engines[0]
+    assert engine.blocks.hit_tokens == len(ids) // 16 * 16
+    same = engine.seqs[engine.add_request(ids + [5], params, media)]
+    assert engine.blocks.cached_prefix(same) == len(ids) // 16 * 16
+    other = engine.seqs[engine.add_request(ids + [5], params, other_media)]
+    assert engine.blocks.cached_prefix(other) == 0
