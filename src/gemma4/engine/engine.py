@@ -34,6 +34,7 @@ from .runner import Launched, ModelRunner, SampleError
 from .sampling import GEMMA4_STOP_IDS, SamplingParams, finish_reason
 from .scheduler import Scheduler
 from .sequence import PENDING, Sequence, StepOutput
+from .structured import GrammarCompiler
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +48,11 @@ class LLMEngine:
                  num_blocks: int | None = None, max_num_batched_tokens: int = 512,
                  stop_token_ids: list[int] | None = None, run_ahead: bool = True,
                  gpu_memory_utilization: float = 0.9, kv_cache_memory: int | None = None,
-                 kv_cache_dtype: str = "auto", enable_prefix_caching: bool = True):
+                 kv_cache_dtype: str = "auto", enable_prefix_caching: bool = True, tokenizer=None):
         # KV sized from the memory there is (memory.py), unless num_blocks or kv_cache_memory (bytes) say otherwise;
         # max_model_len None: the longest one sequence fits. ValueError when one sequence of max_model_len cannot.
         # kv_cache_dtype: "auto" (the model's dtype) or "fp8" (e4m3 with per-head scales: model/paged_cache.py).
+        # tokenizer: gemma4's Tokenizer (or a `tokenizers.Tokenizer`), for structured outputs' grammars over its ids.
         # enable_prefix_caching: requests reuse the K/V of a prompt prefix computed before (block_manager.py), which
         # keeps max(1, max_num_seqs // 4) extra sliding-window rings for it.
         text = model.config.text_config
@@ -72,6 +74,7 @@ class LLMEngine:
         self.run_ahead = run_ahead
         self.in_flight: Launched | None = None  # a step whose batch-sampled tokens the host has not read
         self.mailbox: dict[int, deque[StepOutput]] = {}  # outputs waiting for their `run` (see there)
+        self.grammars = GrammarCompiler(tokenizer) if tokenizer is not None else None
         self._encode_lock = threading.Lock()
 
     def encode_media(self, prompt_ids: list[int], media: dict) -> SoftTokens:
@@ -112,10 +115,22 @@ class LLMEngine:
                 raise ValueError("the media's soft tokens lie beyond the prompt")
         stops = [] if params.ignore_eos else (params.stop_token_ids if params.stop_token_ids is not None
                                                else self.stop_token_ids)
-        seq = Sequence(list(prompt_ids), params, frozenset(stops), media=media)
+        matcher = self._matcher(params, stops)
+        seq = Sequence(list(prompt_ids), params, frozenset(stops), media=media, matcher=matcher)
         self.seqs[seq.seq_id] = seq
         self.scheduler.waiting.append(seq)
         return seq.seq_id
+
+    def _matcher(self, params: SamplingParams, stops: list[int]):
+        """The structured output's matcher (structured.py), or None; ValueError when it cannot be compiled."""
+        if params.structured_outputs is None:
+            return None
+        if self.grammars is None:
+            raise ValueError("structured outputs need the tokenizer: make the engine with LLMEngine(..., tokenizer=)")
+        if not stops:
+            raise ValueError("structured outputs end on a stop token once the grammar is complete: they cannot be "
+                             "combined with ignore_eos or empty stop_token_ids")
+        return self.grammars.matcher(params.structured_outputs, stops)
 
     def abort(self, seq_id: int, output: bool = True) -> None:
         """End a request; the next step reports it (finish_reason "abort") unless `output` is False."""
@@ -167,6 +182,8 @@ class LLMEngine:
             if seq.pending:  # the placeholder gives way to the token
                 seq.output_ids.pop()
             seq.output_ids.append(token)
+            if seq.matcher is not None:  # never PENDING: the runner reads a constrained row's token at once
+                seq.matcher.accept(token)
             if reason := finish_reason(token, len(seq.output_ids), seq.params, seq.stop_ids):
                 self._finish(seq, reason)
             outputs.append(self._output(seq, token, logprobs))

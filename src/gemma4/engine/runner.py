@@ -13,6 +13,7 @@ from ..model.paged_cache import PagedCacheView
 from .block_manager import BlockManager
 from .graphs import GraphedDecode
 from .sampling import batchable, sample_batch, sample_token
+from .structured import fill_masks
 from .scheduler import Scheduled
 
 
@@ -33,24 +34,45 @@ class ModelRunner:
         logits = self.forward(batch, ahead)
         seqs, device = [item.seq for item in batch], logits.device
         results: list[tuple[int, object] | None] = [None] * len(batch)
-        fast = [row for row in sampling if batchable(seqs[row].params, len(seqs[row].output_ids), seqs[row].stop_ids)]
+        # Structured output: each constrained row's allowed tokens, computed on the host while the device runs the
+        # forward. A constrained row's next mask needs this step's token on the host, so its token is read now
+        # (`now`), never left on the device for the next step to read (`fast`: those rows run ahead).
+        samples = set(sampling)
+        masks = fill_masks([seqs[row].matcher if row in samples else None for row in range(len(batch))],
+                           logits.shape[1])
+        for row in sampling:
+            if (matcher := seqs[row].matcher) is not None and matcher.error is not None:
+                results[row] = SampleError(f"the structured output failed: {matcher.error}")
+        masks = masks.to(device, non_blocking=True) if masks is not None else None
+        sampling = [row for row in sampling if results[row] is None]
+        batched = [row for row in sampling if batchable(seqs[row].params, len(seqs[row].output_ids),
+                                                        seqs[row].stop_ids)]
+        fast = [row for row in batched if seqs[row].matcher is None]
+        now = [row for row in batched if seqs[row].matcher is not None]
         tokens = checked = None
-        if fast:  # together, on the device; only the chosen ids [n] come back to the host
-            rows, chosen = logits if len(fast) == len(batch) else logits[fast], [seqs[row] for row in fast]
+        if batched:  # together, on the device; only the chosen ids [n] come back to the host
+            order = fast + now
+            rows, chosen = logits if order == list(range(len(batch))) else logits[order], [seqs[row] for row in order]
             try:
-                tokens = sample_batch(rows, [s.params for s in chosen], [s.generator_on(device) for s in chosen])
+                drawn = sample_batch(rows, [s.params for s in chosen], [s.generator_on(device) for s in chosen],
+                                     None if masks is None else masks[order])
                 # What the host reads: NAN_ROW where a row's logits hold a NaN (its token means nothing; the next
                 # step may still read it on the device, a valid id, before the engine fails that sequence).
-                checked = tokens.masked_fill(rows.isnan().any(-1), NAN_ROW)
+                read = drawn.masked_fill(rows.isnan().any(-1), NAN_ROW)
+                tokens, checked = (drawn[:len(fast)], read[:len(fast)]) if fast else (None, None)
+                for row, token in zip(now, read[len(fast):].tolist()):  # waits for the device
+                    results[row] = (token, None) if token != NAN_ROW else \
+                        SampleError("the model's logits for this sequence hold a NaN")
             except Exception:  # one row's logits: sample the rows one by one below, so that only that row fails
-                fast, tokens = [], None
-        for row in sorted(set(sampling) - set(fast)):  # penalties, logprobs or min_tokens: the full sampler, row by row
+                batched, fast, tokens, checked = [], [], None, None
+        for row in sorted(set(sampling) - set(batched)):  # penalties, logprobs or min_tokens: the full sampler
             # Output ids end in PENDING only for a row that batchable takes (it ran ahead), which no rule here reads:
             # such a row comes here only when the batched sampler failed.
             seq = seqs[row]
             try:
                 results[row] = sample_token(logits[row], seq.params, seq.prompt_tensor(device), seq.output_ids,
-                                            seq.stop_ids, seq.generator_on(device), seq.kept_rows)
+                                            seq.stop_ids, seq.generator_on(device), seq.kept_rows,
+                                            None if masks is None else masks[row])
             except Exception as e:  # noqa: BLE001  (the engine fails this sequence alone: engine._accept)
                 results[row] = SampleError(f"{type(e).__name__}: {e}")
         return Launched(batch, results, fast, tokens, checked)

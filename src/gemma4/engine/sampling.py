@@ -1,7 +1,8 @@
 """Sampling: per-request parameters and a pure function from logits to the next token.
 
-Order of operations (as in transformers and vLLM): penalties -> temperature -> top-k -> top-p -> min-p -> draw.
-Logprobs reported are those of the model's own distribution (log-softmax of the raw logits), as vLLM reports them.
+Order of operations (as in transformers and vLLM): the structured output's token mask and logit_bias -> penalties ->
+temperature -> top-k -> top-p -> min-p -> draw. Logprobs reported are those of the model's distribution (log-softmax
+of the logits before penalties and temperature, as vLLM reports them), within the token mask and after logit_bias.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .. import kernels
+from .structured import StructuredOutputsParams
 
 # Gemma 4's generation_config.json: temperature 1.0, top_p 0.95, top_k 64; stop on <eos>, <turn|>, <|tool_response>.
 GEMMA4_DEFAULTS = {"temperature": 1.0, "top_p": 0.95, "top_k": 64}
@@ -48,10 +50,21 @@ class SamplingParams:
     # output_logits); such a row takes the per-row sampler.
     output_scores: bool = False
     output_logits: bool = False
+    # token id -> a number added to its logit, as OpenAI's logit_bias ([-100, 100]; -inf bans the token)
+    logit_bias: dict[int, float] | None = None
+    # a grammar the output must follow (structured.py); a dict is read as StructuredOutputsParams' fields
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if self.logit_bias is not None:
+            self.logit_bias = _checked_logit_bias(self.logit_bias)
+        if self.structured_outputs is not None:
+            self.structured_outputs = StructuredOutputsParams.from_value(self.structured_outputs)
+            if self.min_tokens:
+                raise ValueError("min_tokens cannot be combined with structured_outputs: the grammar decides where "
+                                 "the output ends")
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -96,6 +109,56 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _checked_logit_bias(bias) -> dict[int, float]:
+    if not isinstance(bias, dict):
+        raise ValueError(f"logit_bias must be a dict of token id -> bias, got {type(bias).__name__}")
+    checked = {}
+    for token, value in bias.items():
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            raise ValueError(f"logit_bias keys must be token ids (non-negative integers), got {token!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or \
+                not (-100 <= value <= 100 or value == float("-inf")):
+            raise ValueError(f"logit_bias values must be numbers in [-100, 100] (or -inf: banned), got {value!r} "
+                             f"for token {token}")
+        checked[token] = float(value)
+    return checked
+
+
+def apply_token_masks(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] with -inf where the rows' token masks (int32 [B, W >= V / 32] on logits' device, bit t % 32 of
+    word t // 32 for token t: structured.fill_masks) forbid a token; a new tensor."""
+    batch, vocab = logits.shape
+    # Little-endian words: byte j of word w holds tokens 32w + 8j .. 32w + 8j + 7, bit k of it token 8(4w + j) + k.
+    shifts = torch.arange(8, dtype=torch.uint8, device=logits.device)
+    masks = masks.contiguous().view(torch.uint8)
+    allowed = ((masks.unsqueeze(-1) >> shifts) & 1).view(batch, -1)
+    if allowed.shape[1] < vocab:  # tokens past the tokenizer's vocabulary are never allowed
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]))
+    return logits.masked_fill(allowed[:, :vocab] == 0, float("-inf"))
+
+
+def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """logits [B, V] plus each row's logit_bias (ids past the vocabulary are ignored); a new tensor when any row
+    has one."""
+    vocab = logits.shape[1]
+    entries = [(row, token, value) for row, p in enumerate(params) if p.logit_bias
+               for token, value in p.logit_bias.items() if token < vocab]
+    if not entries:
+        return logits
+    rows, tokens, values = zip(*entries)
+    index = torch.tensor([rows, tokens], dtype=torch.long).to(logits.device, non_blocking=True)
+    values = torch.tensor(values, dtype=logits.dtype).to(logits.device, non_blocking=True)
+    return logits.index_put((index[0], index[1]), values, accumulate=True)
+
+
+def adjusted_logits(logits: torch.Tensor, params: list[SamplingParams], masks: torch.Tensor | None) -> torch.Tensor:
+    """logits [B, V] (fp32) within the structured outputs' token masks, plus logit_bias: what every later rule
+    (penalties, temperature, ...) starts from. `logits` itself is never changed (it may be a CUDA graph's output)."""
+    if masks is not None:
+        logits = apply_token_masks(logits, masks)
+    return apply_logit_bias(logits, params)
 
 
 def processed_scores(logits: torch.Tensor, params: SamplingParams, prompt_ids: torch.Tensor | None = None,
@@ -146,14 +209,16 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, prompt_ids: torch.Tensor, output_ids: list[int],
-                 stop_ids, generator: torch.Generator | None, kept: list | None = None
-                 ) -> tuple[int, TokenLogprobs | None]:
+                 stop_ids, generator: torch.Generator | None, kept: list | None = None,
+                 token_mask: torch.Tensor | None = None) -> tuple[int, TokenLogprobs | None]:
     """The next token of one sequence (and its logprobs if asked): the one sampling step of every generator.
     `kept`: where this step's (scores, raw logits) rows go when the request asks for them (`output_scores`,
-    `output_logits`; None for the one not asked)."""
+    `output_logits`; None for the one not asked). `token_mask`: the structured output's allowed tokens (int32 words
+    on logits' device, see apply_token_masks), None when unconstrained."""
     if bool(torch.isnan(logits).any() | torch.isposinf(logits).any()):
         raise ValueError("the model's logits for this sequence are NaN or +inf: it cannot be sampled")
     raw = logits
+    logits = adjusted_logits(logits.float()[None], [params], None if token_mask is None else token_mask[None])[0]
     if len(output_ids) < params.min_tokens and stop_ids and not params.ignore_eos:
         logits = logits.clone()  # too early to stop: forbid the stop tokens
         logits[list(stop_ids)] = float("-inf")
@@ -205,15 +270,16 @@ TOP_K_CANDIDATES = 1024  # top-k up to this runs sample_batch on the candidates 
 
 
 def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
-                 generators: list[torch.Generator | None]) -> torch.Tensor:
+                 generators: list[torch.Generator | None], token_masks: torch.Tensor | None = None) -> torch.Tensor:
     """The next token of every row [B] (long, on logits' device) from logits [B, V], without leaving the device.
 
     The same rules as `next_token_distribution` (temperature -> top-k -> top-p -> min-p -> draw; greedy rows take the
     argmax of the raw logits, identical to `sample_token`), batched over rows with per-row parameters. Only for rows
     that `batchable` accepts. Seeded rows draw from their own generator, one call per seeded row; unseeded rows
     draw together. A seeded draw here may differ from `sample_token`'s (other float summation order); it
-    reproduces itself."""
-    logits = logits.float()
+    reproduces itself. `token_masks`: the rows' allowed tokens (int32 words on logits' device, every bit set for
+    an unconstrained row: structured.fill_masks), None when no row is constrained."""
+    logits = adjusted_logits(logits.float(), params, token_masks)
     if all(p.greedy for p in params):
         if kernels.enabled(logits):  # one launch
             from ..kernels.logits import argmax

@@ -39,6 +39,7 @@ class Sequence:
     generator: torch.Generator | None = None  # the seed's generator, made where the logits are (generator_on)
     media: object | None = None  # multimodal.SoftTokens: the prompt's image/audio soft tokens, shared by n choices
     kept_rows: list = field(default_factory=list)  # per sampled token, (scores, logits) if params.output_scores/_logits
+    matcher: object | None = None  # structured.GrammarMatcher: the structured output's grammar state (None: free)
     _prompt_tensor: torch.Tensor | None = None
 
     @property
