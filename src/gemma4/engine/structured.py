@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -89,8 +90,21 @@ class StructuredOutputsParams:
     def kind(self) -> str:
         return next(name for name in ("json", "json_object", "regex", "choice", "grammar") if getattr(self, name))
 
-    def llguidance_grammar(self) -> str:
-        """The grammar in llguidance's input format."""
+    def texts(self):
+        """Every string of the constraint (a schema's keys and values, the choices, the regex or grammar text)."""
+        stack = [self.json if self.json is not None else self.choice or self.regex or self.grammar or ""]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, str):
+                yield node
+            elif isinstance(node, dict):
+                stack += [*node.keys(), *node.values()]
+            elif isinstance(node, (list, tuple)):
+                stack += node
+
+    def llguidance_grammar(self, forcing: bool = True) -> str:
+        """The grammar in llguidance's input format. `forcing` False: as a Lark grammar with llguidance's
+        no_forcing option, for grammars whose text spells a special token (see GrammarCompiler.compile)."""
         if self.json is not None or self.json_object:
             schema = {"type": "object"} if self.json_object else self.json
             if isinstance(schema, str):
@@ -98,15 +112,22 @@ class StructuredOutputsParams:
                     schema = json.loads(schema)
                 except ValueError as e:
                     raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from None
-            if not isinstance(schema, (dict, bool)):
+            if not isinstance(schema, dict):
                 raise ValueError("structured_outputs.json must be a JSON schema: an object")
-            return llguidance.LLMatcher.grammar_from_json_schema(
-                schema, defaults={"whitespace_flexible": self.any_whitespace})
-        if self.regex is not None:
-            return llguidance.grammar_from("regex", self.regex)
-        if self.choice is not None:
-            return llguidance.grammar_from("choice", json.dumps(list(self.choice)))
-        return llguidance.grammar_from("grammar", self.grammar)
+            if forcing:
+                return llguidance.LLMatcher.grammar_from_json_schema(
+                    schema, defaults={"whitespace_flexible": self.any_whitespace})
+            options = {"whitespace_flexible": self.any_whitespace, **schema.get("x-guidance", {})}
+            lark = "start: %json " + json.dumps({**schema, "x-guidance": options})
+        elif self.regex is not None:
+            if forcing:
+                return llguidance.grammar_from("regex", self.regex)
+            lark = f"start: /{llguidance.regex_to_lark(self.regex)}/"
+        elif self.choice is not None:
+            lark = llguidance.grammar_from("choice", json.dumps(list(self.choice)))
+        else:
+            lark = llguidance.grammar_from("grammar", self.grammar)
+        return lark if forcing else '%llguidance {"no_forcing": true}\n' + lark
 
 
 _TOKENIZERS: dict[bytes, llguidance.LLTokenizer] = {}  # by tokenizer.json's digest: building one takes seconds
@@ -138,6 +159,7 @@ class GrammarCompiler:
         self._source = tokenizer
         self._tokenizer: llguidance.LLTokenizer | None = None
         self._compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
+        self._special_texts: re.Pattern | None = None
         self._lock = threading.Lock()
 
     @property
@@ -146,10 +168,21 @@ class GrammarCompiler:
             self._tokenizer = _llguidance_tokenizer(self._source)
         return self._tokenizer
 
+    def _spells_special_token(self, spec: StructuredOutputsParams) -> bool:
+        """Whether a string of `spec` holds the text of a special token. llguidance tokenizes text the grammar
+        forces with the tokenizer, which reads such text as the special token, a token the grammar (text) then
+        refuses; without forcing, the text is written with ordinary tokens."""
+        if self._special_texts is None:
+            backend = getattr(self._source, "backend", self._source)
+            texts = [t.content for i, t in backend.get_added_tokens_decoder().items()
+                     if self.tokenizer.is_special_token(i)]
+            self._special_texts = re.compile("|".join(map(re.escape, sorted(texts, key=len, reverse=True))))
+        return any(self._special_texts.search(text) for text in spec.texts())
+
     def compile(self, spec: StructuredOutputsParams) -> llguidance.LLMatcher:
         """The compiled grammar of `spec` (a matcher at its start; callers copy it). ValueError naming the problem
         when the grammar or schema cannot be compiled."""
-        grammar = spec.llguidance_grammar()
+        grammar = spec.llguidance_grammar(forcing=not self._spells_special_token(spec))
         with self._lock:
             if grammar in self._compiled:
                 self._compiled.move_to_end(grammar)
