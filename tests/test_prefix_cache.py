@@ -26,8 +26,13 @@ def model(request):
     return tiny(request.param)
 
 
+TURN_END = 106  # <turn|>, one of the engine's default stop ids (1, 106, 50)
+
+
 def tokens(n, seed):
-    return torch.randint(3, 384, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    """Random ids without a stop id (a stop id in a prompt ends its first turn: a snapshot point)."""
+    ids = torch.randint(3, 384, (n,), generator=torch.Generator().manual_seed(seed))
+    return torch.where((ids == 50) | (ids == TURN_END), ids + 1, ids).tolist()
 
 
 # logprobs=1: each step's log-probability of its token, which the comparison reads beside the ids.
@@ -116,19 +121,37 @@ def test_a_long_prompt_splits_its_prefill_at_the_snapshot():
 
 
 def test_a_full_snapshot_ring_pool_drops_the_least_recently_used():
-    engine = LLMEngine(tiny("E2B"), max_num_seqs=4, max_model_len=128)  # one snapshot ring
-    a, b = tokens(40, 5), tokens(40, 6)
+    engine = LLMEngine(tiny("E2B"), max_num_seqs=4, max_model_len=128)  # two snapshot rings
+    a, b, c = tokens(40, 5), tokens(40, 6), tokens(40, 7)
     run(engine, [a])
-    run(engine, [b])  # replaces a's snapshot
-    seq = engine.seqs[engine.add_request(a + [9], PARAMS)]
-    assert engine.blocks.cached_prefix(seq) == 0
-    seq = engine.seqs[engine.add_request(b + [9], PARAMS)]
-    assert engine.blocks.cached_prefix(seq) == 32
+    run(engine, [b])
+    run(engine, [a + [8]])  # a's snapshot, used again, is now more recent than b's
+    run(engine, [c])  # replaces b's
+    hits = [engine.blocks.cached_prefix(engine.seqs[engine.add_request(p + [9], PARAMS)]) for p in (a, b, c)]
+    assert hits == [32, 0, 32]
+
+
+def test_conversations_share_their_system_turn():
+    """The block boundary before the first turn's end is a snapshot point: another conversation with the same
+    system turn starts after it, and its next turn after its own prompt."""
+    system = tokens(37, 11) + [TURN_END]  # 38 tokens: the point is 32
+    first, second = system + tokens(50, 12), system + tokens(30, 13)
+    # Three snapshot rings: those at 32 and 80, and the second conversation's at 64.
+    engines = [LLMEngine(tiny("31B"), max_num_seqs=12, max_model_len=256, max_num_batched_tokens=64,
+                         enable_prefix_caching=on) for on in (True, False)]
+    turn1 = [run(e, [first]) for e in engines]
+    assert_same(*turn1)
+    assert engines[0].blocks.hit_tokens == 0 and len(engines[0].blocks.snapshots) == 2  # at 32 and 80
+    assert_same(*[run(e, [second]) for e in engines])
+    assert engines[0].blocks.hit_tokens == 32
+    follow_up = first + turn1[0][0][0] + tokens(20, 14)
+    assert_same(*[run(e, [follow_up]) for e in engines])
+    assert engines[0].blocks.hit_tokens == 32 + 80
 
 
 def test_without_prefix_caching_nothing_is_kept():
     engine = LLMEngine(tiny("E2B"), max_num_seqs=4, max_model_len=128, enable_prefix_caching=False)
-    prompt = tokens(40, 7)
+    prompt = tokens(20, 7) + [TURN_END] + tokens(20, 8)
     run(engine, [prompt, prompt + [5]])
     assert engine.blocks.hit_tokens == 0 and not engine.blocks.cached and not engine.blocks.snapshots
     assert engine.blocks.num_rings == 4

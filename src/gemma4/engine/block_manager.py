@@ -7,10 +7,12 @@ over every token (and media soft token) before it, so equal names mean equal K/V
 with reference counts; a block nobody holds stays cached until its slot is needed (least recently used first, a
 chain's tail before its head). Global layers need nothing else, KV-shared layers read their producer's cache, but a
 sliding layer at position p reads the keys of [p - window, p), which a sequence's ring overwrites as it moves on: a hit
-at position b also needs the ring as it was at b. So at one point b per prompt (its last block boundary, outside any
-image) the ring is copied into a snapshot ring, and a later prompt starting with the same b tokens starts from those
-blocks and a copy of that snapshot. Hits land only at snapshot points: a prefix shared up to some other boundary (a
-common system prompt, then different questions) does not hit."""
+at position b also needs the ring as it was at b. So at a few points b of a prompt the ring is copied into a snapshot
+ring, and a later prompt starting with the same b tokens starts from those blocks and a copy of that snapshot. The
+points: the block boundary at or before the end of the prompt's first turn (its first stop token, `<turn|>`: a system
+prompt that other conversations share) and the one at or before the prompt's end (the next turn of the same
+conversation, an agent's next step), each moved before an image it would fall inside. Hits land only there: a prefix
+shared up to another point (two conversations that diverge in their third turn) hits at the last point before."""
 
 from __future__ import annotations
 
@@ -27,13 +29,15 @@ from .sequence import Sequence
 
 class BlockManager(KVPools):
     def __init__(self, config: TextConfig, num_blocks: int, block_size: int, max_num_seqs: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", kv_cache_dtype: str = "auto", snapshot_rings: int = 0):
-        """`snapshot_rings`: rings kept for the prefix cache's window snapshots (0: no prefix caching)."""
+                 device: torch.device | str = "cpu", kv_cache_dtype: str = "auto", snapshot_rings: int = 0,
+                 turn_ends: frozenset[int] = frozenset()):
+        """`snapshot_rings`: rings kept for the prefix cache's window snapshots (0: no prefix caching); `turn_ends`:
+        the token ids that end a chat turn (the engine's stop ids)."""
         super().__init__(config, num_blocks, block_size, max_num_seqs, dtype, device, kv_cache_dtype,
                          num_rings=max_num_seqs + snapshot_rings)
         self.free_blocks = list(range(self.num_blocks))
         self.free_rings = list(range(self.max_num_seqs))
-        self.caching = snapshot_rings > 0
+        self.caching, self.turn_ends = snapshot_rings > 0, turn_ends
         self.refs = [0] * self.num_blocks
         self.cached: dict[bytes, int] = {}  # block name -> block holding it
         self.names: dict[int, bytes] = {}  # the reverse
@@ -101,13 +105,8 @@ class BlockManager(KVPools):
         seq.num_cached = cached
         self.prompt_tokens += len(seq.prompt_ids)
         self.hit_tokens += cached
-        seq.snapshot_at = seq.split_at = 0
-        point = self._snapshot_point(seq)
-        if self.caching and point > cached:
-            seq.snapshot_at = point
-            # A ring keeps the last `window` positions: unless the whole prompt fits in it, the snapshot needs a
-            # chunk that ends exactly at the point.
-            seq.split_at = point if len(seq.prompt_ids) > self.window else 0
+        seq.snapshot_points = [point for point in self._snapshot_points(seq) if point > cached]
+        self._split(seq)
 
     def reserve(self, seq: Sequence, num_tokens: int) -> bool:
         """Make sure blocks exist for positions [0, num_tokens). False when out of blocks."""
@@ -135,14 +134,22 @@ class BlockManager(KVPools):
         seq.num_cached = 0
 
     def snapshot(self, seq: Sequence) -> None:
-        """After a step: once `seq` has computed its snapshot point b (and its ring still holds the window before
-        b), name its blocks up to b and keep a copy of its ring there."""
-        point, done = seq.snapshot_at, seq.num_cached
-        if not point or done < point:
-            return
-        seq.snapshot_at = seq.split_at = 0
-        if done != point and done > self.window:  # the ring has moved past b (cannot happen with the split)
-            return
+        """After a step: at each snapshot point b that `seq` has now computed (its ring still holding the window
+        before b), name its blocks up to b and keep a copy of its ring."""
+        done = seq.num_cached
+        while seq.snapshot_points and seq.snapshot_points[0] <= done:
+            point = seq.snapshot_points.pop(0)
+            if done == point or done <= self.window:  # else the ring has moved past b (the split prevents it)
+                self._keep(seq, point)
+        self._split(seq)
+
+    def _split(self, seq: Sequence) -> None:
+        """A ring keeps the last `window` positions: unless the whole prompt fits in it, a snapshot needs a chunk
+        that ends exactly at its point."""
+        points = seq.snapshot_points
+        seq.split_at = points[0] if points and len(seq.prompt_ids) > self.window else 0
+
+    def _keep(self, seq: Sequence, point: int) -> None:
         names = self._names(seq)[:point // self.block_size]
         for name, block in zip(names, seq.block_table):
             if name not in self.cached:
@@ -179,13 +186,21 @@ class BlockManager(KVPools):
                     pools[i][:, dst * w:(dst + 1) * w] = pools[i][:, src * w:(src + 1) * w]
         self.ring_positions[dst * w:(dst + 1) * w] = self.ring_positions[src * w:(src + 1) * w]
 
-    def _snapshot_point(self, seq: Sequence) -> int:
-        """The prompt's last block boundary, or the one before the image it would fall inside."""
-        point = len(seq.prompt_ids) // self.block_size * self.block_size
-        for start, end in seq.media.vision_runs if seq.media is not None else []:
-            if start < point < end:
-                point = start // self.block_size * self.block_size
-        return point
+    def _snapshot_points(self, seq: Sequence) -> list[int]:
+        """The block boundaries at or before the end of the prompt's first turn and of the prompt, each moved
+        before an image it would fall inside; ascending, without 0."""
+        if not self.caching:
+            return []
+        prompt, bs = seq.prompt_ids, self.block_size
+        first_turn = next((i + 1 for i, token in enumerate(prompt) if token in self.turn_ends), len(prompt))
+        points = set()
+        for end in (first_turn, len(prompt)):
+            point = end // bs * bs
+            for start, stop in seq.media.vision_runs if seq.media is not None else []:
+                if start < point < stop:
+                    point = start // bs * bs
+            points.add(point)
+        return sorted(points - {0})
 
     def _names(self, seq: Sequence) -> list[bytes]:
         """The chained names of the prompt's full blocks (computed once per sequence)."""

@@ -54,21 +54,21 @@ class LLMEngine:
         # kv_cache_dtype: "auto" (the model's dtype) or "fp8" (e4m3 with per-head scales: model/paged_cache.py).
         # tokenizer: gemma4's Tokenizer (or a `tokenizers.Tokenizer`), for structured outputs' grammars over its ids.
         # enable_prefix_caching: requests reuse the K/V of a prompt prefix computed before (block_manager.py), which
-        # keeps max(1, max_num_seqs // 4) extra sliding-window rings for it.
+        # keeps max(2, max_num_seqs // 4) extra sliding-window rings for it.
         text = model.config.text_config
         kv_cache_dtype_for(kv_cache_dtype, model.dtype)  # a bad name fails before the memory is profiled
         if num_blocks is None and kv_cache_memory is None:
             kv_cache_memory = kv_budget(model, gpu_memory_utilization, max_num_batched_tokens)
-        snapshot_rings = max(1, max_num_seqs // 4) if enable_prefix_caching else 0
+        snapshot_rings = max(2, max_num_seqs // 4) if enable_prefix_caching else 0
         self.max_model_len, num_blocks = plan_kv(text, model.dtype, max_num_seqs, block_size, max_model_len,
                                                  num_blocks, kv_cache_memory, kv_cache_dtype, snapshot_rings)
-        self.blocks = BlockManager(text, num_blocks, block_size, max_num_seqs, model.dtype, model.device,
-                                   kv_cache_dtype, snapshot_rings)
-        self.scheduler = Scheduler(self.blocks, max_num_seqs, max(max_num_batched_tokens, 1))
-        self.runner = ModelRunner(model, self.blocks, self.max_model_len)
         default = getattr(model, "generation_config", {}).get("eos_token_id", list(GEMMA4_STOP_IDS))
         self.stop_token_ids = list(stop_token_ids if stop_token_ids is not None else
                                    [default] if isinstance(default, int) else default)
+        self.blocks = BlockManager(text, num_blocks, block_size, max_num_seqs, model.dtype, model.device,
+                                   kv_cache_dtype, snapshot_rings, frozenset(self.stop_token_ids))
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max(max_num_batched_tokens, 1))
+        self.runner = ModelRunner(model, self.blocks, self.max_model_len)
         self.seqs: dict[int, Sequence] = {}
         self.aborted: list[Sequence] = []
         self.run_ahead = run_ahead
@@ -157,7 +157,7 @@ class LLMEngine:
             outputs += [self._fail(item.seq, f"{type(e).__name__}: {e}") for item in batch if not item.seq.finished]
         if launched is not None:  # queued after the forward that computed them: the prefix cache's snapshots
             for item in batch:
-                if item.seq.snapshot_at and not item.seq.finished:
+                if item.seq.snapshot_points and not item.seq.finished:
                     self.blocks.snapshot(item.seq)
         if ahead is not None:  # the device now has the next step queued: read this one's tokens
             outputs += self._accept(ahead, ahead.collect())

@@ -33,7 +33,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)  # global-layer KV blocks, in position order
     ring_slot: int = -1  # which sliding-window ring this sequence owns (-1: none)
     block_names: list[bytes] = field(default_factory=list)  # prefix cache: the prompt's full blocks' chained hashes
-    snapshot_at: int = 0  # prefix cache: the position whose sliding windows are kept once computed (0: none)
+    snapshot_points: list[int] = field(default_factory=list)  # prefix cache: where to keep the sliding windows next
     split_at: int = 0  # a prefill chunk may end at this position but not cross it (0: anywhere)
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     generator: torch.Generator | None = None  # the seed's generator, made where the logits are (generator_on)

@@ -1,0 +1,78 @@
+"""Time to first token of a chat's second turn, from the prefix cache and without it (random weights of an official
+preset, bf16, CUDA). Turn 1: a prompt of --prompt tokens and a reply of --reply tokens; turn 2: that conversation
+and a new message of --message tokens. Turn 2 runs twice on the same engine: after turn 1 (its prompt's blocks and
+window snapshot cached) and again after `clear_prefix_cache()` (computed whole). TTFT is measured as a server sees
+it: from add_request to the first token the engine hands out. Medians of --repeat conversations, each with new tokens.
+
+    python benchmarks/prefix_cache.py --preset 26B-A4B 31B --prompt 8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from gemma4.engine.engine import LLMEngine
+from gemma4.engine.sampling import SamplingParams
+from gemma4.random_init import random_config, random_model
+
+
+def first_token(engine: LLMEngine, prompt: list[int], max_tokens: int) -> tuple[float, list[int]]:
+    """(seconds to the first token, all output ids) of one greedy request."""
+    start = time.perf_counter()
+    seq_id = engine.add_request(prompt, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
+    ttft, tokens = None, []
+    for out in engine.run([seq_id]):
+        out.raise_error()
+        if out.token is not None:
+            ttft = ttft or time.perf_counter() - start
+            tokens.append(out.token)
+    return ttft, tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", nargs="+", default=["26B-A4B", "31B"])
+    parser.add_argument("--prompt", type=int, default=8192)
+    parser.add_argument("--reply", type=int, default=128)
+    parser.add_argument("--message", type=int, default=256)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    print(f"TTFT on {torch.cuda.get_device_name()}, bf16 random weights: turn 1 = {args.prompt} prompt tokens "
+          f"(reply {args.reply}), turn 2 = + {args.reply} + {args.message} new tokens; medians of {args.repeat}, ms")
+    print("| preset | turn 1 | turn 2, cached | turn 2, computed whole | cached / turn 1 | tokens from the cache "
+          "| first tokens equal |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    for preset in args.preset:
+        config = random_config(preset, None, text_only=True)
+        model = random_model(config, torch.bfloat16, device="cuda")
+        vocab = config.text_config.vocab_size
+        length = args.prompt + args.reply + args.message + 16
+        engine = LLMEngine(model, max_num_seqs=4, max_model_len=length, max_num_batched_tokens=8192)
+        engine.warm_up()
+        rows, hits, equal = [], [], True
+        for r in range(args.repeat + 1):  # the first conversation warms up the shapes of turn 2
+            g = torch.Generator().manual_seed(r)
+            turn1 = torch.randint(10, vocab, (args.prompt,), generator=g).tolist()
+            t1, reply = first_token(engine, turn1, args.reply)
+            turn2 = turn1 + reply + torch.randint(10, vocab, (args.message,), generator=g).tolist()
+            before = engine.blocks.hit_tokens
+            cached, out_cached = first_token(engine, turn2, 4)
+            hit = engine.blocks.hit_tokens - before
+            engine.blocks.clear_prefix_cache()
+            whole, out_whole = first_token(engine, turn2, 4)
+            if r:
+                rows.append((t1, cached, whole))
+                hits.append(hit)
+                equal &= out_cached[0] == out_whole[0]
+        t1, cached, whole = (statistics.median(column) * 1e3 for column in zip(*rows))
+        print(f"| {preset} | {t1:.1f} | {cached:.1f} | {whole:.1f} | {cached / t1:.1%} | {min(hits)} | {equal} |")
+        del engine, model
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
