@@ -178,12 +178,12 @@ def test_reasoning_and_tool_calls_end_to_end(stub):
 
 
 def test_tool_choice_named_forces_the_call(stub):
+    """The named tool's grammar holds the answer to the call syntax: a scripted call of it comes through."""
     srv, model, tokenizer = stub
     client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0)
     messages = [{"role": "user", "content": "Forced call please"}]
-    prompt = _script(model, tokenizer, messages, "", 50, thinking=False)
-    forced = len(tokenizer.encode(prompt + "<|tool_call>call:get_weather{", add_special_tokens=False))
-    model.scripts[forced] = tokenizer.encode('city:<|"|>Rome<|"|>}<tool_call|>', add_special_tokens=False) + [50]
+    _script(model, tokenizer, messages, '<|tool_call>call:get_weather{city:<|"|>Rome<|"|>}<tool_call|>', 50,
+            thinking=False)
     r = client.chat.completions.create(model="stub", messages=messages, tools=TOOLS,
                                        tool_choice={"type": "function", "function": {"name": "get_weather"}})
     assert r.choices[0].finish_reason == "tool_calls"

@@ -259,20 +259,33 @@ def test_a_stop_string_at_once_gives_empty_text(stub):
 
 
 def test_refused_fields(stub):
-    """What is not applied is refused with a 400 naming the field: structured output (json_object / json_schema,
-    chat and completions), an unknown response_format type, echo, a non-empty logit_bias."""
+    """What cannot be applied is refused with a 400 naming the field: a json_schema without its schema, an unknown
+    response_format type, a schema llguidance cannot compile, both response_format and structured_outputs, echo,
+    logit_bias keys that are no token ids or values out of [-100, 100]."""
     srv, _, _ = stub
     chat = {"model": "stub", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     completion = {"model": "stub", "prompt": "hi", "max_tokens": 2}
     cases = [("chat/completions", chat, "response_format", {"type": "json_schema", "json_schema": {"name": "x"}}),
              ("chat/completions", chat, "response_format", {"type": "yaml"}),
-             ("completions", completion, "response_format", {"type": "json_object"}),
-             ("completions", completion, "echo", True), ("completions", completion, "logit_bias", {"7": 5})]
+             ("completions", completion, "response_format", {"type": "json_schema", "json_schema": {
+                 "name": "x", "schema": {"type": "integer", "minimum": 5, "maximum": 1}}}),
+             ("completions", completion, "structured_outputs", {"regex": "[a-"}),
+             ("completions", completion, "structured_outputs", {"json": {}, "whitespace_pattern": " "}),
+             ("chat/completions", dict(chat, response_format={"type": "json_object"}), "structured_outputs",
+              {"choice": ["a"]}),
+             ("completions", completion, "echo", True), ("completions", completion, "logit_bias", {"x7": 5}),
+             ("chat/completions", chat, "logit_bias", {"7": 101}), ("chat/completions", chat, "logit_bias",
+                                                                    {"262144": 1})]
     for path, body, field, value in cases:
         r = httpx.post(f"{srv.url}/v1/{path}", json=dict(body, **{field: value}), timeout=30)
         assert r.status_code == 400 and r.json()["error"]["param"] == field, (path, field, r.text)
-    r = httpx.post(f"{srv.url}/v1/completions", json=dict(completion, response_format={"type": "text"}), timeout=30)
-    assert r.status_code == 200
+    r = httpx.post(f"{srv.url}/v1/completions", json=dict(completion, response_format={"type": "json_schema",
+                   "json_schema": {"name": "x", "schema": {"type": "integer", "minimum": 5, "maximum": 1}}}))
+    assert "minimum (5) is greater than maximum (1)" in r.json()["error"]["message"]
+    for extra in ({"response_format": {"type": "text"}}, {"response_format": {"type": "json_object"}},
+                  {"logit_bias": {"7": -100, "8": 100}}, {"structured_outputs": {"choice": ["yes", "no"]}}):
+        r = httpx.post(f"{srv.url}/v1/completions", json=dict(completion, **extra), timeout=30)
+        assert r.status_code == 200, (extra, r.text)
 
 
 # --- CORS ------------------------------------------------------------------------------------------------------------

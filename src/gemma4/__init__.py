@@ -6,10 +6,11 @@ from .config import AudioConfig, Config, ConfigError, TextConfig, VisionConfig
 from .pretrained import Model
 
 __version__ = "0.1.0"
-__all__ = ["Model", "Processor", "LLM", "SamplingParams", "Config", "TextConfig", "VisionConfig", "AudioConfig",
-           "ConfigError"]
+__all__ = ["Model", "Processor", "LLM", "SamplingParams", "StructuredOutputsParams", "Config", "TextConfig",
+           "VisionConfig", "AudioConfig", "ConfigError"]
 # Imported on first use: the processor pulls in tokenizers, PIL and the audio/video code.
-_LAZY = {"Processor": ".processing.processor", "LLM": ".llm", "SamplingParams": ".engine.sampling"}
+_LAZY = {"Processor": ".processing.processor", "LLM": ".llm", "SamplingParams": ".engine.sampling",
+         "StructuredOutputsParams": ".engine.structured"}
 
 
 def __getattr__(name):

@@ -69,7 +69,7 @@ class LLM:
         while True:  # each sequence holds sliding-window rings: 800 MiB for 31B, so 16 may not fit beside it
             try:
                 self.engine = LLMEngine(self.model, max_num_seqs=seqs, max_model_len=max_model_len,
-                                        max_num_batched_tokens=PREFILL_BUDGET,
+                                        max_num_batched_tokens=PREFILL_BUDGET, tokenizer=self.tokenizer,
                                         gpu_memory_utilization=gpu_memory_utilization, kv_cache_dtype=kv_cache_dtype,
                                         enable_prefix_caching=enable_prefix_caching)
                 break
@@ -184,8 +184,14 @@ class LLM:
 
     def chat(self, messages: list[dict], tools: list | None = None, enable_thinking: bool = False,
              params: SamplingParams | dict | None = None, **template_kwargs) -> dict:
-        """One assistant turn: {"role", "content", "reasoning_content", "tool_calls", "finish_reason", "usage"}."""
+        """One assistant turn: {"role", "content", "reasoning_content", "tool_calls", "finish_reason", "usage"}.
+        A structured output in `params` (`structured_outputs`) holds the answer; with thinking on, it starts once the
+        thought channel closes."""
         prompt = self.chat_prompt(messages, tools, enable_thinking, **template_kwargs)
+        params = self._params(params)
+        if params.structured_outputs is not None and enable_thinking:  # the grammar starts after <channel|>
+            params = dataclasses.replace(params, structured_outputs=dataclasses.replace(
+                params.structured_outputs, start_after=self.tokenizer.channel_end_id))
         completion = self.generate([prompt], params, skip_special_tokens=False)[0]
         # The prompt's end says where the answer starts (e.g. inside a thought channel the template opened).
         message = self.tokenizer.parse_response(completion.text, prefix=prompt,

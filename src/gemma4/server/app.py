@@ -22,9 +22,11 @@ from ..processing.image import SUPPORTED_SOFT_TOKENS
 from ..processing.parse import parse_response, to_openai_tool_calls
 from ..processing.stream_parse import StreamParser
 from .. import __version__
+from ..engine.structured import StructuredOutputsParams
+from ..processing.tool_grammar import tool_call_grammar
 from .protocol import (
     COMPLETION_FIELDS, CHAT_FIELDS, DETOKENIZE_FIELDS, TOKENIZE_FIELDS, APIError, bad, check_fields, get_bool,
-    get_number, get_stop, include_usage, parse_json, sampling_params, thinking, tool_choice,
+    get_number, get_stop, include_usage, parse_json, sampling_params, structured_output, thinking, tool_choice,
 )
 from .async_engine import EngineDead, RequestFailed
 from .generation import Choice, ClientDisconnected, merged
@@ -190,22 +192,29 @@ def _check_prompt(state: ServerState, prompt_ids: list[int], body: dict, chat: b
     if room <= 0:
         raise bad(f"the prompt has {len(prompt_ids)} tokens, more than this server's maximum context length of "
                     f"{state.max_model_len} tokens (--max-model-len)", "messages" if chat else "prompt")
-    params = sampling_params(body, state.sampling_defaults, room, chat)
+    # logit_bias keys: ids the model can sample (the tokenizer may name a few more, e.g. an image placeholder)
+    vocab = min(state.tokenizer.vocab_size, state.engine.engine.runner.model.config.text_config.vocab_size)
+    params = sampling_params(body, state.sampling_defaults, room, chat, vocab)
     if len(prompt_ids) + params.max_tokens > state.max_model_len:
         raise bad(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the maximum "
                     f"context length of {state.max_model_len} tokens", "max_tokens")
     return params
 
 
-async def _start(state: ServerState, n: int, prompts: list[tuple], stops, inputs=None) -> list[Choice]:
+async def _start(state: ServerState, n: int, prompts: list[tuple], stops, inputs=None,
+                 param: str | None = None) -> list[Choice]:
     """n choices of each (prompt ids, sampling params): choice k*n + i is the i-th of prompt k, as vLLM. All start, or
     none (an error aborts those started). `inputs`: the media tensors of a single prompt, whose soft tokens the
-    towers make once (off the event loop) for all its choices."""
+    towers make once (off the event loop) for all its choices. `param`: the field a structured output's compile
+    error names."""
     try:
         encode = state.engine.engine.encode_media
         media = None if inputs is None else await asyncio.to_thread(encode, prompts[0][0], inputs)
     except ValueError as e:
         raise bad(str(e), "messages") from None
+    for spec, param in {id(p.structured_outputs): (p.structured_outputs, param) for _, p in prompts}.values():
+        if spec is not None:  # compiled off the event loop (the first one also builds llguidance's token table)
+            await _compile(state, spec, param)
     choices = []
     try:
         for k, (prompt_ids, params) in enumerate(prompts):
@@ -219,6 +228,17 @@ async def _start(state: ServerState, n: int, prompts: list[tuple], stops, inputs
             c.abort()
         raise (_engine_error(e) if isinstance(e, EngineDead) else bad(str(e))) from None
     return choices
+
+
+async def _compile(state: ServerState, spec: StructuredOutputsParams, param: str | None) -> None:
+    """A 400 naming `param` when the structured output cannot be compiled."""
+    grammars = state.engine.engine.grammars
+    if grammars is None:
+        raise bad("this server's engine has no tokenizer for structured outputs", param)
+    try:
+        await asyncio.to_thread(grammars.compile, spec)
+    except ValueError as e:
+        raise bad(str(e), param) from None
 
 
 # ----------------------------------------------------------------------------------------------------- chat
@@ -241,17 +261,40 @@ def _render(state: ServerState, gemma_messages, tools, add_generation_prompt: bo
         raise bad(f"cannot render these messages with the chat template: {e}", "messages") from None
 
 
+def _chat_constraint(state: ServerState, body: dict, tools, choice, parallel: bool, enable_thinking: bool
+                     ) -> tuple[StructuredOutputsParams | None, str | None]:
+    """The chat request's structured output and the field its errors name: response_format / structured_outputs,
+    or, for tool_choice required or named, Gemma's tool-call syntax over the declared tools (one call unless
+    parallel_tool_calls). With thinking on, it starts once the thought channel closes (`<channel|>`)."""
+    spec = structured_output(body)
+    param = "structured_outputs" if body.get("structured_outputs") is not None else "response_format"
+    if choice not in ("none", "auto"):
+        if spec is not None:
+            raise bad(f"{param} cannot be combined with tool_choice {choice!r}: both constrain the answer",
+                      "tool_choice")
+        tok = state.tokenizer
+        try:
+            grammar = tool_call_grammar(tools, tok.tool_call_start_id, tok.tool_call_end_id, tok.string_delimiter_id,
+                                        name=None if choice == "required" else choice, parallel=parallel)
+        except ValueError as e:
+            raise bad(str(e), "tools") from None
+        spec, param = StructuredOutputsParams(grammar=grammar), "tools"
+    if spec is not None and enable_thinking:
+        spec.start_after = state.tokenizer.channel_end_id
+    return spec, param
+
+
 async def _chat(state: ServerState, body: dict, request: Request):
     gemma_messages, tools = _messages(body)
     choice = tool_choice(body, tools)
+    parallel = get_bool(body, "parallel_tool_calls", True)
     media = collect_media(gemma_messages)
     check_media(media, state)
     enable_thinking = thinking(body, state.default_enable_thinking)
     stream, usage = get_bool(body, "stream"), include_usage(body)
     n, stops = get_number(body, "n", 1, 1, 16), get_stop(body)
-    # tool_choice required / named: start the answer with the call, so the model can only complete it.
-    forced = "" if choice in ("none", "auto") else "<|tool_call>call:" + ("" if choice == "required" else choice + "{")
-    prompt = _render(state, gemma_messages, tools if choice != "none" else None, True, enable_thinking) + forced
+    spec, param = _chat_constraint(state, body, tools, choice, parallel, enable_thinking)
+    prompt = _render(state, gemma_messages, tools if choice != "none" else None, True, enable_thinking)
     started = time.monotonic()
     if media:
         prompt_ids, inputs = await _process(state, prompt, lambda: load_media(media, state.allowed_media_domains),
@@ -259,16 +302,21 @@ async def _chat(state: ServerState, body: dict, request: Request):
     else:
         prompt_ids, inputs = state.tokenizer.encode(prompt, add_special_tokens=False), None
     params = _check_prompt(state, prompt_ids, body, chat=True)
-    choices = await _start(state, n, [(prompt_ids, params)], stops, inputs)
+    if choice == "none" and state.tokenizer.tool_call_start_id is not None:  # no call can start
+        params = dataclasses.replace(params, logit_bias={**(params.logit_bias or {}),
+                                                         state.tokenizer.tool_call_start_id: float("-inf")})
+    params = _constrained(params, spec)
+    choices = await _start(state, n, [(prompt_ids, params)], stops, inputs, param)
     head = _head(state, body, "chatcmpl", "chat.completion")
     if stream:
-        return _sse(_chat_stream(state, choices, prompt, head, usage, started, request))
+        return _sse(_chat_stream(state, choices, prompt, head, usage, started, request, parallel))
     await _run_to_end(state, choices, request, started)
     results = []
     for c in choices:
-        # The prompt's end sets where the answer starts: an open thought channel, the forced call.
+        # The prompt's end sets where the answer starts (an open thought channel).
         parsed = parse_response(c.text, prefix=prompt, complete=c.finish_reason == "stop")
         calls = parsed.get("tool_calls")
+        calls = calls if parallel else calls[:1]  # parallel_tool_calls false: at most one call
         # an empty answer (a stop string at once) is "", as vLLM; null is for calls
         message = {"role": "assistant", "content": parsed.get("content") if calls else parsed.get("content") or ""}
         if parsed.get("reasoning_content") is not None:
@@ -281,12 +329,21 @@ async def _chat(state: ServerState, body: dict, request: Request):
     return {**head, "choices": results, "usage": _usage(choices)}
 
 
+def _constrained(params, spec: StructuredOutputsParams | None):
+    if spec is None:
+        return params
+    try:
+        return dataclasses.replace(params, structured_outputs=spec)
+    except ValueError as e:  # e.g. min_tokens, which a grammar's end overrides
+        raise bad(str(e)) from None
+
+
 def _head(state: ServerState, body: dict, prefix: str, kind: str) -> dict:
     return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
             "model": body.get("model") or state.model_names[0]}
 
 
-async def _chat_stream(state, choices, prefix, head, include_usage, started, request):
+async def _chat_stream(state, choices, prefix, head, include_usage, started, request, parallel=True):
     def chunk(choices_, usage=None):
         data = {**head, "object": "chat.completion.chunk", "choices": choices_}
         return {**data, "usage": usage} if include_usage else data
@@ -308,6 +365,8 @@ async def _chat_stream(state, choices, prefix, head, include_usage, started, req
         if c.done:
             events += parsers[c.index].finish(complete=c.finish_reason == "stop")
         deltas = [event.openai_delta() for event in events]
+        if not parallel:  # parallel_tool_calls false: at most one call (index 0)
+            deltas = [d for d in deltas if all(call["index"] == 0 for call in d.get("tool_calls", []))]
         for delta in deltas:
             if "reasoning_content" in delta:
                 delta["reasoning"] = delta["reasoning_content"]
@@ -410,9 +469,12 @@ async def _completion(state: ServerState, body: dict, request: Request):
     if len(prompts) * n > MAX_CHOICES:
         raise bad(f"{len(prompts)} prompts x n={n} is more than {MAX_CHOICES} choices in one request", "prompt")
     stops = get_stop(body)
-    params = [_check_prompt(state, ids, body, chat=False) for ids in prompts]  # all checked before any starts
+    spec = structured_output(body)
+    param = "structured_outputs" if body.get("structured_outputs") is not None else "response_format"
+    # all checked before any starts
+    params = [_constrained(_check_prompt(state, ids, body, chat=False), spec) for ids in prompts]
     started = time.monotonic()
-    choices = await _start(state, n, list(zip(prompts, params)), stops)
+    choices = await _start(state, n, list(zip(prompts, params)), stops, param=param)
     head = _head(state, body, "cmpl", "text_completion")
 
     def logprobs_of(c: Choice, start: int = 0):

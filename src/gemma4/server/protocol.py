@@ -12,6 +12,7 @@ import re
 from typing import Any
 
 from ..engine.sampling import SamplingParams
+from ..engine.structured import StructuredOutputsParams
 
 MAX_JSON_DEPTH = 64  # tool schemas nest ~10 deep; the chat template renders schemas recursively
 
@@ -83,13 +84,13 @@ _SAMPLING = {"model": _STR, "max_tokens": _INT, "temperature": _NUMBER, "top_p":
              "min_p": _NUMBER, "seed": _INT, "stop": (_STR, _ARRAY), "n": _INT, "stream": _BOOL,
              "stream_options": _OBJECT, "presence_penalty": _NUMBER, "frequency_penalty": _NUMBER,
              "repetition_penalty": _NUMBER, "min_tokens": _INT, "ignore_eos": _BOOL, "user": _STR,
-             "logit_bias": _OBJECT}
+             "logit_bias": _OBJECT, "response_format": _OBJECT, "structured_outputs": _OBJECT}
 CHAT_FIELDS = {**_SAMPLING, "messages": _ARRAY, "max_completion_tokens": _INT, "logprobs": _BOOL,
                "top_logprobs": _INT, "tools": _ARRAY, "tool_choice": (_STR, _OBJECT), "chat_template_kwargs": _OBJECT,
                "reasoning_effort": _STR, "mm_processor_kwargs": _OBJECT, "parallel_tool_calls": _BOOL,
-               "response_format": _OBJECT, "metadata": _OBJECT, "store": _BOOL}
+               "metadata": _OBJECT, "store": _BOOL}
 COMPLETION_FIELDS = {**_SAMPLING, "prompt": (_STR, _ARRAY), "logprobs": _INT, "echo": _BOOL, "suffix": _STR,
-                     "best_of": _INT, "response_format": _OBJECT}
+                     "best_of": _INT}
 # vLLM's /tokenize and /detokenize
 TOKENIZE_FIELDS = {"model": _STR, "prompt": _STR, "messages": _ARRAY, "tools": _ARRAY, "add_generation_prompt": _BOOL,
                    "add_special_tokens": _BOOL, "return_token_strs": _BOOL, "chat_template_kwargs": _OBJECT,
@@ -99,23 +100,15 @@ DETOKENIZE_FIELDS = {"model": _STR, "tokens": _ARRAY}
 
 def check_fields(body: dict, fields: dict[str, Any]) -> None:
     """A 400 naming the first accepted field whose value has the wrong JSON type; refuses what we accept but do not
-    apply (a non-empty logit_bias, echo, a suffix, best_of, structured output) rather than ignoring it."""
+    apply (echo, a suffix, best_of) rather than ignoring it."""
     for name, kinds in fields.items():
         value = body.get(name)
         kinds = kinds if isinstance(kinds, tuple) else (kinds,)
         if value is not None and not any(type(value) in _TYPES[kind] for kind in kinds):
             raise bad(f"'{name}' must be {' or '.join(kinds)}, got {type(value).__name__}", name)
-    for name, no_op in (("logit_bias", {}), ("echo", False), ("suffix", ""), ("best_of", 1)):  # typed: True is no 1
+    for name, no_op in (("echo", False), ("suffix", ""), ("best_of", 1)):  # typed: True is no 1
         if name in fields and body.get(name) not in (None, no_op):
             raise bad(f"'{name}' is not supported", name)
-    response_format = body.get("response_format") if "response_format" in fields else None
-    if response_format is not None:
-        kind = response_format.get("type")
-        if kind not in ("text", "json_object", "json_schema"):
-            raise bad("'response_format.type' must be text, json_object or json_schema", "response_format")
-        if kind != "text":
-            raise bad(f"'response_format' {kind} (structured output) is not supported yet; use 'text'",
-                      "response_format")
 
 
 def get_number(body: dict, name: str, default=None, low=None, high=None):
@@ -145,8 +138,64 @@ def get_stop(body: dict) -> list[str]:
     return stop
 
 
-def sampling_params(body: dict, defaults: dict, max_tokens_default: int, chat: bool) -> SamplingParams:
-    """SamplingParams from an OpenAI request (stop strings are applied by the server, on text)."""
+def get_logit_bias(body: dict, vocab_size: int) -> dict[int, float] | None:
+    """OpenAI's logit_bias: token ids (as strings: JSON keys) -> a bias in [-100, 100] added to their logits."""
+    bias = body.get("logit_bias")
+    if not bias:
+        return None
+    checked = {}
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit()) or int(key) >= vocab_size:
+            raise bad(f"'logit_bias' keys must be token ids in [0, {vocab_size}), got {key[:40]!r}", "logit_bias")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+            raise bad(f"'logit_bias' values must be numbers in [-100, 100], got {value!r} for token {key}",
+                      "logit_bias")  # NaN fails the range check too
+        checked[int(key)] = float(value)
+    return checked
+
+
+_VLLM_STRUCTURED = ("json", "json_object", "regex", "choice", "grammar")
+
+
+def structured_output(body: dict) -> StructuredOutputsParams | None:
+    """The constraint a request asks for: OpenAI's `response_format` (json_object, json_schema; text is none) or
+    vLLM's `structured_outputs` extension (json, json_object, regex, choice, grammar), not both."""
+    response_format, vllm = body.get("response_format"), body.get("structured_outputs")
+    spec = None
+    if response_format is not None:
+        kind = response_format.get("type")
+        if kind not in ("text", "json_object", "json_schema"):
+            raise bad("'response_format.type' must be text, json_object or json_schema", "response_format")
+        if kind == "json_object":
+            spec = StructuredOutputsParams(json_object=True)
+        elif kind == "json_schema":
+            wrapper = response_format.get("json_schema")
+            schema = wrapper.get("schema") if isinstance(wrapper, dict) else None
+            if not isinstance(schema, dict):
+                raise bad("'response_format.json_schema.schema' must be a JSON schema (an object)", "response_format")
+            for name, kind, what in (("name", str, "a string"), ("strict", bool, "a boolean"),
+                                     ("description", str, "a string")):
+                if wrapper.get(name) is not None and not isinstance(wrapper[name], kind):
+                    raise bad(f"'response_format.json_schema.{name}' must be {what}", "response_format")
+            # strict or not, the grammar holds the output to the schema
+            spec = StructuredOutputsParams(json=schema)
+    if vllm is not None:
+        if spec is not None:
+            raise bad("send either 'response_format' or 'structured_outputs', not both", "structured_outputs")
+        if unknown := sorted(set(vllm) - set(_VLLM_STRUCTURED)):
+            raise bad(f"'structured_outputs' does not take {', '.join(map(repr, unknown))[:200]}; it takes "
+                      f"{', '.join(_VLLM_STRUCTURED)}", "structured_outputs")
+        try:
+            spec = StructuredOutputsParams(**{k: v for k, v in vllm.items() if v is not None and v is not False})
+        except (ValueError, TypeError) as e:
+            raise bad(str(e), "structured_outputs") from None
+    return spec
+
+
+def sampling_params(body: dict, defaults: dict, max_tokens_default: int, chat: bool,
+                    vocab_size: int = 2**31) -> SamplingParams:
+    """SamplingParams from an OpenAI request (stop strings are applied by the server, on text; the structured
+    output by the caller, which knows the tools and the tokenizer)."""
     max_tokens = get_number(body, "max_completion_tokens", None, 1) if chat else None
     max_tokens = max_tokens or get_number(body, "max_tokens", None, 1) or max_tokens_default
     logprobs = None if chat else get_number(body, "logprobs", None, 0, 20)  # chat: a boolean, and top_logprobs
@@ -167,7 +216,7 @@ def sampling_params(body: dict, defaults: dict, max_tokens_default: int, chat: b
             presence_penalty=get_number(body, "presence_penalty", 0.0, -2, 2),
             frequency_penalty=get_number(body, "frequency_penalty", 0.0, -2, 2),
             repetition_penalty=get_number(body, "repetition_penalty", 1.0, 0.01, 10),
-            seed=None if seed is None else seed % 2**63)
+            seed=None if seed is None else seed % 2**63, logit_bias=get_logit_bias(body, vocab_size))
     except ValueError as e:
         raise bad(str(e)) from None
 

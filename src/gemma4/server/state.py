@@ -67,7 +67,7 @@ def build_state(model, tokenizer, model_name: str, max_model_len: int | None = N
     engine = LLMEngine(model, max_num_seqs=max_num_seqs, max_model_len=max_model_len, num_blocks=num_blocks,
                        max_num_batched_tokens=max_num_batched_tokens, stop_token_ids=tokenizer.stop_token_ids,
                        gpu_memory_utilization=gpu_memory_utilization, kv_cache_dtype=kv_cache_dtype,
-                       enable_prefix_caching=enable_prefix_caching)
+                       enable_prefix_caching=enable_prefix_caching, tokenizer=tokenizer)
     if model.device.type == "cuda":  # compile the kernels and capture the graphs before the server reports ready
         engine.warm_up()
     generation = getattr(model, "generation_config", {}) or {}
