@@ -132,15 +132,16 @@ def apply_token_masks(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor
     batch, vocab = logits.shape
     # Little-endian words: byte j of word w holds tokens 32w + 8j .. 32w + 8j + 7, bit k of it token 8(4w + j) + k.
     masks = masks.contiguous().view(torch.uint8)
+    known = min(vocab, masks.shape[1] * 8)
     if masks.device.type == "cpu":  # numpy's unpacking is a few times faster than the shifts on a CPU
         import numpy as np
-        allowed = torch.from_numpy(np.unpackbits(masks.numpy(), axis=1, bitorder="little"))
+        allowed = torch.from_numpy(np.unpackbits(masks.numpy(), axis=1, count=known, bitorder="little"))
     else:
         shifts = torch.arange(8, dtype=torch.uint8, device=logits.device)
-        allowed = ((masks.unsqueeze(-1) >> shifts) & 1).view(batch, -1)
-    if allowed.shape[1] < vocab:  # tokens past the tokenizer's vocabulary are never allowed
-        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]))
-    return logits.masked_fill(allowed[:, :vocab].view(torch.bool).logical_not(), float("-inf"))
+        allowed = ((masks.unsqueeze(-1) >> shifts) & 1).view(batch, -1)[:, :known]
+    if known < vocab:  # tokens past the tokenizer's vocabulary are never allowed
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - known))
+    return torch.where(allowed.view(torch.bool), logits, float("-inf"))
 
 
 def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
