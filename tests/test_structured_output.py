@@ -322,3 +322,23 @@ def test_tool_grammar_writes_what_the_parser_reads(tokenizer, parallel):
         assert {c["function"]["name"] for c in calls} == {"pick"}
     with pytest.raises(ValueError, match="call syntax"):
         tool_call_grammar([{"type": "function", "function": {"name": "two words"}}], 48, 49, 52)
+
+
+def test_the_fused_sampler_and_argmax_kernels_keep_to_the_mask():
+    """The CUDA path of sample_batch (top-k candidates into the Triton sampler, the argmax kernel), here through
+    Triton's interpreter: rows allowing fewer tokens than their top-k (-inf candidates) draw only allowed ones."""
+    pytest.importorskip("triton")
+    from gemma4 import kernels
+
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 3000, generator=generator) * 3
+    allowed, masks = random_masks(4, 3000, generator)
+    allowed[:, 8:] &= torch.rand(4, 2992, generator=generator) < 0.3  # ~3 allowed tokens per row, top-k 64
+    bits = np.packbits(allowed.numpy(), axis=1, bitorder="little")
+    masks = torch.from_numpy(np.pad(bits, ((0, 0), (0, masks.shape[1] * 4 - bits.shape[1]))).view(np.int32))
+    with kernels.force():
+        for params in ([SamplingParams(temperature=1.0, top_k=64, top_p=0.95)] * 4,
+                       [SamplingParams(temperature=0)] * 4):
+            for _ in range(5):
+                drawn = sample_batch(logits, params, [None] * 4, masks)
+                assert allowed[torch.arange(4), drawn].all()
