@@ -14,6 +14,15 @@ def cmd_init(args) -> None:
     from .loading import DTYPES
     from .random_init import write_random_checkpoint
 
+    if args.assistant:
+        from .assistant_checkpoint import DRAFTER_LAYERS, write_random_assistant
+
+        if args.quantization or args.text_only or args.tokenizer:
+            raise SystemExit("gemma4 init --assistant takes no --quantization, --text-only or --tokenizer")
+        out = write_random_assistant(args.preset, args.out, num_layers=args.num_layers or DRAFTER_LAYERS,
+                                     dtype=DTYPES[args.dtype], seed=args.seed, device=args.device)
+        print(f"wrote a RANDOM-WEIGHT drafter (gemma4_assistant) for {args.preset} to {out}")
+        return
     out = write_random_checkpoint(args.preset, args.out, num_layers=args.num_layers, text_only=args.text_only,
                                   dtype=DTYPES[args.dtype], tokenizer=args.tokenizer, seed=args.seed,
                                   device=args.device, quantization=args.quantization)
@@ -183,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--num-layers", type=int, default=None, help="fewer layers than the official model")
     p.add_argument("--text-only", action="store_true", help="text decoder only, in the Gemma4ForCausalLM layout")
+    p.add_argument("--assistant", action="store_true",
+                   help="a drafter for speculative decoding (gemma4_assistant) that fits the preset, instead")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "bfloat16", "fp32", "float32", "fp16", "float16"],
                    help="dtype of the weights written")
     p.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
