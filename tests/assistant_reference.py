@@ -1,7 +1,7 @@
 """The reference drafter (transformers >= 5.24's Gemma4AssistantForCausalLM), run in its own process.
 
-`python tests/assistant_reference.py SPEC.json OUT_DIR` builds a drafter of the spec with varied random weights,
-writes it with `save_pretrained` to OUT_DIR/checkpoint, then drafts `steps` tokens greedily as transformers'
+`python tests/assistant_reference.py SPEC.json OUT_DIR` builds a drafter of the spec with varied random weights and
+writes it with `save_pretrained` to OUT_DIR/checkpoint (or, with "load" in the spec, loads that checkpoint), then drafts `steps` tokens greedily as transformers'
 candidate generator does (`Gemma4AssistantCandidateGenerator.get_candidates`: the target's embedding of the last
 token joined with the target's hidden state, the same position every step, the target's K/V as
 `shared_kv_states`), and writes its inputs and outputs to OUT_DIR/reference.pt. A separate process because the test
@@ -23,16 +23,23 @@ from gemma4.random_init import randomize_
 def main(spec_path: str, out: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     out = Path(out)
-    text = transformers.Gemma4TextConfig(**spec["text_config"])
-    config = transformers.Gemma4AssistantConfig(text_config=text, **spec["assistant"])
-    model = transformers.Gemma4AssistantForCausalLM(config)
-    model.config._attn_implementation = "sdpa"
-    randomize_(model, spec["seed"])
     generator = torch.Generator().manual_seed(spec["seed"])
-    if model.masked_embedding is not None:  # integer buffer: randomize_ leaves it; a random clustering
-        model.masked_embedding.token_ordering.copy_(torch.randperm(text.vocab_size, generator=generator))
+    if "load" in spec:  # a checkpoint written by us, read by transformers: every tensor must be found and used
+        model, info = transformers.Gemma4AssistantForCausalLM.from_pretrained(
+            spec["load"], dtype=torch.float32, attn_implementation="sdpa", output_loading_info=True)
+        if any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")):
+            raise SystemExit(f"transformers did not load {spec['load']} cleanly: {info}")
+        text = model.config.get_text_config()
+    else:
+        text = transformers.Gemma4TextConfig(**spec["text_config"])
+        config = transformers.Gemma4AssistantConfig(text_config=text, **spec["assistant"])
+        model = transformers.Gemma4AssistantForCausalLM(config)
+        model.config._attn_implementation = "sdpa"
+        randomize_(model, spec["seed"])
+        if model.masked_embedding is not None:  # integer buffer: randomize_ leaves it; a random clustering
+            model.masked_embedding.token_ordering.copy_(torch.randperm(text.vocab_size, generator=generator))
+        model.save_pretrained(out / "checkpoint")
     model = model.float().eval()
-    model.save_pretrained(out / "checkpoint")
 
     # The target's side, random: its input embedding table, its hidden state at the last token, its K/V.
     batch, backbone, length = spec["batch"], spec["assistant"]["backbone_hidden_size"], spec["length"]

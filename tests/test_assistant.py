@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gemma4.assistant_checkpoint import load_assistant, random_assistant_config, save_assistant
+from gemma4.assistant_checkpoint import load_assistant, random_assistant, random_assistant_config, save_assistant
 from gemma4.config import Config, ConfigError
 from gemma4.model.assistant import AssistantConfig, SharedKV
 
@@ -71,8 +71,9 @@ SPECS = {
 COMMON = dict(batch=3, length=20, sliding_length=12, left_padding=[0, 5, 15], global_head_dim=64, steps=4)
 
 
-def run_reference(kind: str, directory: Path, seed: int = 0) -> dict:
-    spec = {**copy.deepcopy(SPECS[kind]), **COMMON, "seed": seed}
+def run_reference(kind: str, directory: Path, seed: int = 0, load: Path | None = None) -> dict:
+    """The reference's drafts (and, without `load`, its random drafter written to directory / "checkpoint")."""
+    spec = {**copy.deepcopy(SPECS[kind]), **COMMON, "seed": seed, **({"load": str(load)} if load else {})}
     (directory / "spec.json").write_text(json.dumps(spec))
     result = subprocess.run([sys.executable, str(TESTS / "assistant_reference.py"), str(directory / "spec.json"),
                              str(directory)], env=reference_env(), capture_output=True, text=True)
@@ -120,6 +121,22 @@ def test_drafter_matches_reference(kind, tmp_path):
         assert scored.max() <= 4 * 384 // 16
     # The drafts are not all one token (a constant draft would hide a wrong state carried between steps).
     assert tokens.unique().numel() > 1
+
+
+@needs_reference
+@pytest.mark.parametrize("kind", list(SPECS))
+def test_reference_reads_our_random_drafter(kind, tmp_path):
+    """A drafter we draw and write (`gemma4 init --assistant`'s path) loads in transformers with every tensor used,
+    and drafts as ours does."""
+    spec = SPECS[kind]
+    config = AssistantConfig.from_dict({"model_type": "gemma4_assistant", "text_config": spec["text_config"],
+                                        **spec["assistant"]})
+    model = random_assistant(config, torch.float32, seed=5)
+    reference = run_reference(kind, tmp_path, load=save_assistant(model, tmp_path / "ours"))
+    logits, tokens, hiddens = draft(model, reference)
+    torch.testing.assert_close(logits, reference["logits"], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(hiddens, reference["hiddens"], atol=ATOL, rtol=RTOL)
+    assert torch.equal(tokens, reference["tokens"])
 
 
 @needs_reference
