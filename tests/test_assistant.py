@@ -46,7 +46,8 @@ def reference_env() -> dict | None:
 
 needs_reference = pytest.mark.skipif(
     reference_env() is None,
-    reason=f"the drafter's reference needs transformers >= 5.24 (installed: 5.23, no copy at {TF524}); "
+    reason=f"the drafter's reference needs transformers >= 5.24 (installed: {__import__('transformers').__version__}"
+           f", no copy at {TF524}); "
            f"pip install --no-deps --target {TF524} transformers==5.24.0")
 
 TEXT = dict(  # the drafter's decoder: 3 query-only layers, sliding, sliding, global
