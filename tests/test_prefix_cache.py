@@ -184,3 +184,16 @@ def test_images_in_the_prefix(mm):
     assert engine.blocks.cached_prefix(same) == len(ids) // 16 * 16
     other = engine.seqs[engine.add_request(ids + [5], params, other_media)]
     assert engine.blocks.cached_prefix(other) == 0
+
+
+def test_no_snapshot_point_inside_an_image():
+    """A point moved before one image may fall inside the image before it: it moves again (a split inside an image
+    would hold the prefill forever, as the fuzz test once found: two images close together)."""
+    from types import SimpleNamespace
+    from gemma4.engine.sequence import Sequence
+    engine = LLMEngine(tiny("E2B"), max_num_seqs=4, max_model_len=256)
+    seq = Sequence(tokens(140, 15), PARAMS, media=SimpleNamespace(vision_runs=[(7, 73), (75, 135)]))
+    assert engine.blocks._snapshot_points(seq) == []  # 128 -> 64 (before the second image) -> 0 (the first)
+    seq = Sequence(tokens(40, 15) + [TURN_END] + tokens(129, 16), PARAMS,
+                   media=SimpleNamespace(vision_runs=[(50, 90), (110, 165)]))
+    assert engine.blocks._snapshot_points(seq) == [32, 96]  # the first turn ends at 41; 160 -> 96

@@ -27,7 +27,7 @@ def server(tmp_path_factory, gemma4_tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    return server.client(timeout=60)
 
 
 MSG = [{"role": "user", "content": "Hello there"}]
@@ -109,10 +109,10 @@ def test_api_key(tmp_path_factory, gemma4_tokenizer_dir):
     app.state.server.api_key = "sekret"
     srv = Server(app)
     try:
-        bad = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="wrong", max_retries=0)
+        bad = srv.client("wrong")
         with pytest.raises(openai.AuthenticationError):
             bad.models.list()
-        good = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="sekret", max_retries=0)
+        good = srv.client("sekret")
         assert good.models.list().data[0].id == "stub"
     finally:
         srv.stop()
@@ -146,7 +146,7 @@ def _script(model, tokenizer, messages, text, stop_id, thinking=True, tools=TOOL
 
 def test_reasoning_and_tool_calls_end_to_end(stub):
     srv, model, tokenizer = stub
-    client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0)
+    client = srv.client("x")
     messages = [{"role": "user", "content": "Weather in Paris?"}]
     _script(model, tokenizer, messages, SCRIPT, 50)
     kw = dict(model="stub", messages=messages, tools=TOOLS, extra_body={"chat_template_kwargs": {"enable_thinking": True}})
@@ -180,7 +180,7 @@ def test_reasoning_and_tool_calls_end_to_end(stub):
 def test_tool_choice_named_forces_the_call(stub):
     """The named tool's grammar holds the answer to the call syntax: a scripted call of it comes through."""
     srv, model, tokenizer = stub
-    client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0)
+    client = srv.client("x")
     messages = [{"role": "user", "content": "Forced call please"}]
     _script(model, tokenizer, messages, '<|tool_call>call:get_weather{city:<|"|>Rome<|"|>}<tool_call|>', 50,
             thinking=False)
@@ -220,7 +220,7 @@ def test_a_prompt_ending_inside_a_thought_channel(stub, monkeypatch):
                     enable_thinking=True) + "<|channel>thought\n"
     start = len(tokenizer.encode(prompt, add_special_tokens=False))
     model.scripts[start] = tokenizer.encode("Let me see.<channel|>Yes.", add_special_tokens=False) + [106]
-    client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0)
+    client = srv.client("x")
     kw = dict(model="stub", messages=messages, extra_body={"chat_template_kwargs": {"enable_thinking": True}})
     message = client.chat.completions.create(**kw).choices[0].message
     assert (message.content, message.reasoning_content) == ("Yes.", "Let me see.")
@@ -239,7 +239,7 @@ def test_llm_and_server_give_the_same_greedy_tokens(tmp_path_factory, gemma4_tok
     llm = LLM(directory, dtype="float32")
     srv = Server(build_app_from_args(serve_args(directory)))
     try:
-        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        client = srv.client(timeout=60)
         for prompt in ("Once upon a time", "The capital of France is"):
             ours = llm.generate(prompt, {"temperature": 0.0, "max_tokens": 12}, skip_special_tokens=False)[0]
             served = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)

@@ -55,14 +55,14 @@ def server(narrow_model, tokenizer):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    return server.client(timeout=120)
 
 
 @pytest.fixture(scope="module")
 def stub(tokenizer):
     app, model = stub_app(tokenizer)
     srv = Server(app)
-    yield srv, model, openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0, timeout=60)
+    yield srv, model, srv.client("x", timeout=60)
     srv.stop()
 
 

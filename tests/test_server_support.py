@@ -110,6 +110,11 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def client(self, api_key: str = "unused", **kwargs):
+        """An OpenAI client of this server that never retries (a test sees each failure)."""
+        import openai
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, **kwargs)
+
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)

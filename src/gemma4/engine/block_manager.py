@@ -193,10 +193,11 @@ class BlockManager(KVPools):
             return []
         prompt, bs = seq.prompt_ids, self.block_size
         first_turn = next((i + 1 for i, token in enumerate(prompt) if token in self.turn_ends), len(prompt))
+        runs = seq.media.vision_runs if seq.media is not None else []
         points = set()
         for end in (first_turn, len(prompt)):
             point = end // bs * bs
-            for start, stop in seq.media.vision_runs if seq.media is not None else []:
+            for start, stop in reversed(runs):  # moved before one image, it may fall inside the one before
                 if start < point < stop:
                     point = start // bs * bs
             points.add(point)
