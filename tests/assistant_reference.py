@@ -4,8 +4,8 @@
 writes it with `save_pretrained` to OUT_DIR/checkpoint (or, with "load" in the spec, loads that checkpoint), then drafts `steps` tokens greedily as transformers'
 candidate generator does (`Gemma4AssistantCandidateGenerator.get_candidates`: the target's embedding of the last
 token joined with the target's hidden state, the same position every step, the target's K/V as
-`shared_kv_states`), and writes its inputs and outputs to OUT_DIR/reference.pt. A separate process because the test
-session imports transformers 5.23, which cannot build the drafter.
+`shared_kv_states`), and writes its inputs and outputs to OUT_DIR/reference.pt. A separate process, so that a test
+session whose transformers is older than 5.24 (which cannot build the drafter) can use a copy from GEMMA4_TF524.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tiny Gemma 4 checkpoints in the compressed-tensors format, and the transformers 5.23 reference for them.
+"""Tiny Gemma 4 checkpoints in the compressed-tensors format, and the transformers 5.24 reference for them.
 
 `write_quantized_checkpoint` writes what llm-compressor writes for a published release (Google's QAT W4A16 "-ct",
 RedHatAI's FP8-dynamic, ...): it quantizes with compressed-tensors' own API (apply_quantization_config, then
@@ -7,7 +7,7 @@ compressed-tensors 0.20.1 leaves calibration to llm-compressor; the weight scale
 default weight observer (min-max) gives: the min and max over each channel / group / block, turned into a scale by
 the library's `calculate_qparams`.
 
-`reference_logits` runs such a checkpoint in transformers 5.23 on the CPU, in fp32. transformers loads the dense
+`reference_logits` runs such a checkpoint in transformers 5.24 on the CPU, in fp32. transformers loads the dense
 layers itself (its compressed-tensors quantizer); it cannot load the 26B-A4B experts (see `reference_logits`), so
 a checkpoint that has them goes through `dequantized_state_dict` (the library's decompression) and a plain model.
 """
@@ -241,7 +241,7 @@ def reference_greedy(checkpoint_dir, input_ids: torch.Tensor, new_tokens: int) -
 
 
 def loaded_reference(checkpoint_dir, quantize_activations: bool = False, plain_model: bool = False):
-    """transformers 5.23 in fp32 on the CPU holding the compressed-tensors checkpoint in `checkpoint_dir`.
+    """transformers 5.24 in fp32 on the CPU holding the compressed-tensors checkpoint in `checkpoint_dir`.
 
     transformers' compressed-tensors quantizer (default `dequantize=False`) builds the quantized modules in fp32,
     loads the packed tensors and decompresses them on the first forward, in fp32: exact `q * scale`. Its quantized
@@ -250,7 +250,7 @@ def loaded_reference(checkpoint_dir, quantize_activations: bool = False, plain_m
     what a loader that dequantizes to a dense model computes). Its other mode, `dequantize=True`, dequantizes at
     load in the scale's dtype (bf16 products) and is not used here.
 
-    transformers 5.23 has no conversion for Gemma 4's per-expert `experts.E.*_proj` tensors: it reports them
+    transformers 5.24 has no conversion for Gemma 4's per-expert `experts.E.*_proj` tensors: it reports them
     unexpected and leaves `experts.gate_up_proj`/`down_proj` randomly initialized, with only a load report.
     Checkpoints that have them (and every checkpoint with `plain_model=True`) go through `dequantized_state_dict`
     and a plain model instead, which cannot quantize activations."""

@@ -1,4 +1,4 @@
-"""Helpers for parity tests: tiny configs of each Gemma 4 family and the transformers 5.23 reference built from them."""
+"""Helpers for parity tests: tiny configs of each Gemma 4 family and the transformers 5.24 reference built from them."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def multimodal_config_dict(family: str) -> dict:
 
 
 def reference_model(config: dict, seed: int = 0):
-    """A transformers 5.23 model with varied random weights, in fp32 eval mode."""
+    """A transformers 5.24 model with varied random weights, in fp32 eval mode."""
     import transformers
 
     if config["model_type"] == "gemma4_text":

@@ -2,10 +2,10 @@
 both head kinds: the reference is written in its own file format, loaded by us, and both draft from identical target
 K/V, hidden states and embeddings; logits, the projected hidden states and the greedy draft tokens must agree.
 
-transformers 5.23 (the test extra) cannot build the drafter, so the reference runs in a subprocess
-(tests/assistant_reference.py) with transformers >= 5.24: the installed one if it is that new, else the copy in
-GEMMA4_TF524 (default /tmp/tf524, from `pip install --no-deps --target /tmp/tf524 transformers==5.24.0`). Without
-either the parity tests skip.
+The reference runs in a subprocess (tests/assistant_reference.py) with transformers >= 5.24 (5.23 cannot build the
+drafter): the installed one (the test extra's 5.24) if it is that new, else the copy in GEMMA4_TF524 (default
+/tmp/tf524, from `pip install --no-deps --target /tmp/tf524 transformers==5.24.0`). Without either the parity tests
+skip.
 """
 
 from __future__ import annotations

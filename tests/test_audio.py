@@ -1,4 +1,4 @@
-"""Audio tower + embed_audio parity against transformers 5.23 on tiny random configs."""
+"""Audio tower + embed_audio parity against transformers 5.24 on tiny random configs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Audio feature parity against transformers 5.23's Gemma4AudioFeatureExtractor, resampling, decoding, errors."""
+"""Audio feature parity against transformers 5.24's Gemma4AudioFeatureExtractor, resampling, decoding, errors."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ def test_preset_parameter_count_equals_reference(preset):
 
 @pytest.mark.parametrize("preset", list(OFFICIAL_TEXT_PARAMS))
 def test_both_config_forms_give_the_same_model(preset):
-    """The released form (global_head_dim, ...) and the form transformers 5.23 writes (per_layer_config)."""
+    """The released form (global_head_dim, ...) and the form transformers 5.24 writes (per_layer_config)."""
     import transformers
 
     released = Config.preset(preset)

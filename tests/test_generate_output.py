@@ -1,5 +1,5 @@
 """`Model.generate(..., return_dict_in_generate=True, output_scores=True, output_logits=True)` gives transformers'
-kind of output (sequences, per-step processed scores and raw logits), checked against transformers 5.23's generate
+kind of output (sequences, per-step processed scores and raw logits), checked against transformers 5.24's generate
 on tiny random configs, fp32 on the CPU."""
 
 import pytest

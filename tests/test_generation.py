@@ -1,4 +1,4 @@
-"""Incremental decoding equals the full forward; greedy generation equals transformers 5.23 token for token."""
+"""Incremental decoding equals the full forward; greedy generation equals transformers 5.24 token for token."""
 
 import copy
 

@@ -1,4 +1,4 @@
-"""Image processing parity against transformers 5.23's Gemma4ImageProcessorPil, input sources, and errors."""
+"""Image processing parity against transformers 5.24's Gemma4ImageProcessorPil, input sources, and errors."""
 
 from __future__ import annotations
 

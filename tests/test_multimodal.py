@@ -1,4 +1,4 @@
-"""End-to-end multimodal parity against transformers 5.23's Gemma4ForConditionalGeneration on tiny random models
+"""End-to-end multimodal parity against transformers 5.24's Gemma4ForConditionalGeneration on tiny random models
 (E2B-like: clipped vision tower + audio tower; 26B-like: standardized vision tower, MoE, bidirectional vision mask),
 plus gemma4.Processor against transformers' processor pieces, and the error messages."""
 

@@ -131,7 +131,7 @@ def test_reference_logits(checkpoint):
 
 
 def test_transformers_leaves_per_expert_checkpoints_unloaded(checkpoint):
-    """The reason reference_logits decompresses MoE checkpoints itself (transformers 5.23)."""
+    """The reason reference_logits decompresses MoE checkpoints itself (transformers 5.24)."""
     import transformers
 
     scheme, config, directory = checkpoint

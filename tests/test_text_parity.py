@@ -1,4 +1,4 @@
-"""The text decoder equals transformers 5.23 (fp32, CPU) on tiny configs of every family."""
+"""The text decoder equals transformers 5.24 (fp32, CPU) on tiny configs of every family."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Video frames, frame sampling, timestamps and prompt expansion, against transformers 5.23's pieces.
+"""Video frames, frame sampling, timestamps and prompt expansion, against transformers 5.24's pieces.
 
 transformers' Gemma4VideoProcessor needs torchvision (absent here), so the reference is assembled from what
 it is made of: `default_sample_indices_fn`, `VideoMetadata.timestamps`, per-frame patches as the (PIL) image

@@ -1,4 +1,4 @@
-"""Vision tower + embed_vision parity against transformers 5.23 on tiny random configs of both tower widths."""
+"""Vision tower + embed_vision parity against transformers 5.24 on tiny random configs of both tower widths."""
 
 from __future__ import annotations
 

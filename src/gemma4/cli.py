@@ -140,7 +140,7 @@ def cmd_bench(args) -> None:
         try:
             import transformers  # noqa: F401
         except ImportError:
-            raise ValueError("--compare transformers needs transformers==5.23.0 installed") from None
+            raise ValueError("--compare transformers needs transformers==5.24.0 installed") from None
     spec = BenchSpec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchSpec)})
     mine, theirs = bench(spec, args.compare, log=lambda line: print(line, file=sys.stderr, flush=True))
     print(table(spec, mine, theirs))
