@@ -80,7 +80,7 @@ class BlockManager(KVPools):
     def can_admit(self, seq: Sequence, cached: int = 0) -> bool:
         """Room for the whole known sequence plus one decode token, `cached` tokens of it from the prefix cache."""
         hits = cached // self.block_size
-        idle_hits = sum(self.cached[name] in self.evictable for name in self._names(seq)[:hits])
+        idle_hits = sum(self.cached[name] in self.evictable for name in self._names(seq)[:hits]) if hits else 0
         need = self.blocks_for(len(seq) + 1) - hits
         return bool(self.free_rings) and need <= self.num_free - idle_hits
 
@@ -88,16 +88,15 @@ class BlockManager(KVPools):
         """Give `seq` a ring and its blocks; its first `cached` tokens (`cached_prefix`) come from the cache."""
         seq.ring_slot = self.free_rings.pop()
         hits = cached // self.block_size
-        names = self._names(seq)
-        for name in names[:hits]:
-            block = self.cached[name]
-            self.evictable.pop(block, None)
-            self.refs[block] += 1
-            seq.block_table.append(block)
         if hits:
-            snapshot = self.snapshots[names[hits - 1]]
-            self.snapshots.move_to_end(names[hits - 1])
-            self._copy_ring(snapshot, seq.ring_slot)
+            names = self._names(seq)[:hits]
+            for name in names:
+                block = self.cached[name]
+                self.evictable.pop(block, None)
+                self.refs[block] += 1
+                seq.block_table.append(block)
+            self.snapshots.move_to_end(names[-1])
+            self._copy_ring(self.snapshots[names[-1]], seq.ring_slot)
         else:
             start = seq.ring_slot * self.window
             self.ring_positions[start:start + self.window] = -1
