@@ -298,12 +298,13 @@ class Poisoned(torch.nn.Module):
         self.config, self.dtype, self.device = model.config, model.dtype, model.device
         self.generation_config = {}
 
-    def forward(self, input_ids, position_ids=None, **kwargs):
-        logits = self.inner(input_ids, position_ids=position_ids, **kwargs)
+    def forward(self, input_ids, position_ids=None, return_hidden=False, **kwargs):
+        logits, hidden = self.inner(input_ids, position_ids=position_ids, return_hidden=True, **kwargs)
         bad = position_ids[:, -1] >= self.position
         if bad.any() and self.error is not None:
             raise self.error
-        return logits.masked_fill(bad[:, None, None], float("nan"))
+        logits = logits.masked_fill(bad[:, None, None], float("nan"))
+        return (logits, hidden) if return_hidden else logits
 
 
 @pytest.mark.parametrize("params", [GREEDY, SamplingParams(max_tokens=10, temperature=1.0, stop_token_ids=[]),

@@ -63,8 +63,8 @@ def test_graph_logits_close_to_eager_bf16(checkpoint):
     logits = {}
     for name, engine in (("graph", graph), ("eager", eager)):  # each step's logits, as the runner returns them
         forward = engine.runner.forward
-        engine.runner.forward = lambda batch, ahead=None, f=forward, n=name: logits.setdefault(n, []).append(
-            f(batch, ahead).clone()) or logits[n][-1]
+        engine.runner.forward = lambda batch, ahead=None, f=forward, n=name: (  # (logits, hidden) passed on
+            lambda out: logits.setdefault(n, []).append(out[0].clone()) or out)(f(batch, ahead))
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (5, 11)]
     params = SamplingParams(max_tokens=33, temperature=0.0, ignore_eos=True)
@@ -191,7 +191,8 @@ def test_full_size_fast_path_close_to_plain_ops(preset, dtype, num_layers, bound
     # The engine's path (its prefill, then decode steps replayed from a CUDA graph), fed the plain path's tokens.
     engine = LLMEngine(model, max_num_seqs=1, max_model_len=max_len, max_num_batched_tokens=4096, run_ahead=False)
     fast, forward = [], engine.runner.forward
-    engine.runner.forward = lambda batch, ahead=None: fast.append(forward(batch, ahead).clone()) or fast[-1]
+    engine.runner.forward = lambda batch, ahead=None: (  # (logits, hidden) passed on
+        lambda out: fast.append(out[0].clone()) or out)(forward(batch, ahead))
     seq_id = engine.add_request(ids[0].tolist(), SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True))
     seq = engine.seqs[seq_id]
     for logits in plain[:-1]:

@@ -113,7 +113,8 @@ def test_cli_reports_a_failed_generation_in_one_line(checkpoint, capsys, monkeyp
     from gemma4.pretrained import Model
 
     forward = Model.forward
-    monkeypatch.setattr(Model, "forward", lambda self, *a, **k: forward(self, *a, **k) * float("nan"))
+    # (logits, hidden states): the engine asks for both
+    monkeypatch.setattr(Model, "forward", lambda self, *a, **k: tuple(x * float("nan") for x in forward(self, *a, **k)))
     assert cli_main(["generate", str(checkpoint), "--prompt", "Hello", "--max-new-tokens", "5",
                      "--temperature", "0", "--dtype", "float32"]) == 1
     err = capsys.readouterr().err

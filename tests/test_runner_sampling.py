@@ -36,8 +36,8 @@ class CheckingRunner(ModelRunner):
         self.checked = self.batch_calls = 0
 
     def forward(self, batch, ahead=None):
-        self.logits = super().forward(batch, ahead)
-        return self.logits
+        self.logits, hidden = super().forward(batch, ahead)
+        return self.logits, hidden
 
     def launch(self, batch, ahead=None):
         device = self.device
@@ -127,7 +127,7 @@ def test_no_full_logits_reach_the_host(model, monkeypatch):
     finally:
         hook.remove()
     assert results and len(results) == len(outputs)
-    for logits, output in zip(results, outputs):
+    for (logits, _), (output, _) in zip(results, outputs):  # (logits, hidden states) each
         assert logits.device == model.device
         assert logits.untyped_storage().data_ptr() == output.untyped_storage().data_ptr()
     assert moved and all(numel < vocab for _, numel in moved)

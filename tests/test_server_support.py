@@ -63,7 +63,8 @@ class ScriptedModel(nn.Module):
         self.scripts: dict[int, list[int]] = {}
         self.dtype, self.device = torch.float32, torch.device("cpu")
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, last_only=False, **media):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, last_only=False,
+                return_hidden=False, **media):
         logits = torch.full((input_ids.shape[0], 1, VOCAB), -30.0)
         for row, position in enumerate(position_ids[:, -1].tolist()):
             target = position + 1
@@ -77,7 +78,7 @@ class ScriptedModel(nn.Module):
                 logits[row] = float("nan")
             else:
                 logits[row, 0, token] = 30.0
-        return logits
+        return (logits, torch.zeros(input_ids.shape[0], 1, 1)) if return_hidden else logits
 
 
 def stub_app(tokenizer):

@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import FULL, SLIDING, Config, preset_dir
+from .config import FULL, SLIDING, Config, TextConfig, preset_dir
 from .loading import (CheckpointError, _own_memory, resolve_checkpoint, resolve_device, resolve_dtype,
                       safetensors_files)
 from .model.assistant import Assistant, AssistantConfig, drafter_text_config
@@ -91,22 +91,29 @@ CLUSTERED_HEAD_PRESETS = ("E2B", "E4B")
 
 
 def random_assistant_config(preset: str, num_layers: int = DRAFTER_LAYERS) -> AssistantConfig:
-    """A drafter that fits the target `preset`: the target's width as backbone_hidden_size, and attention shaped to
-    read the target's K/V (head dims, KV heads, K=V on global layers, window, RoPE); the last layer global, the
-    others sliding. E2B / E4B drafters get the clustered head, with the reference's default cluster counts."""
-    target = Config.preset(preset).text_config
+    """A drafter that fits the target `preset` (`assistant_config_for`); E2B / E4B drafters get the clustered head,
+    with the reference's default cluster counts."""
+    return assistant_config_for(Config.preset(preset).text_config, num_layers,
+                                clustered=preset_dir(preset).name in CLUSTERED_HEAD_PRESETS)
+
+
+def assistant_config_for(target: TextConfig, num_layers: int = DRAFTER_LAYERS, hidden_size: int = DRAFTER_HIDDEN,
+                         intermediate_size: int = DRAFTER_INTERMEDIATE, clustered: bool = False,
+                         **head) -> AssistantConfig:
+    """A drafter that fits the target text config: the target's width as backbone_hidden_size, and attention shaped
+    to read the target's K/V (head dims, KV heads, K=V on global layers, window, RoPE); the last layer global, the
+    others sliding. `head`: AssistantConfig's clustered-head fields (num_centroids, centroid_intermediate_top_k)."""
     text = target.to_dict()
     keep = ("vocab_size", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_activation",
             "rms_norm_eps", "pad_token_id", "eos_token_id", "bos_token_id", "rope_parameters", "attention_bias",
             "sliding_window", "attention_k_eq_v", "max_position_embeddings", "final_logit_softcapping")
     text = {key: text[key] for key in keep}
-    text.update(model_type="gemma4_text", hidden_size=DRAFTER_HIDDEN, intermediate_size=DRAFTER_INTERMEDIATE,
+    text.update(model_type="gemma4_text", hidden_size=hidden_size, intermediate_size=intermediate_size,
                 num_hidden_layers=num_layers, layer_types=[SLIDING] * (num_layers - 1) + [FULL],
                 global_head_dim=target.global_head_dim, num_global_key_value_heads=target.num_global_key_value_heads,
                 num_kv_shared_layers=num_layers, tie_word_embeddings=True)
-    clustered = preset_dir(preset).name in CLUSTERED_HEAD_PRESETS
     return AssistantConfig(text_config=drafter_text_config(text), backbone_hidden_size=target.hidden_size,
-                           use_ordered_embeddings=clustered)
+                           use_ordered_embeddings=clustered, **head)
 
 
 def random_assistant(config: AssistantConfig, dtype: torch.dtype = torch.bfloat16, seed: int = 0,

@@ -30,11 +30,12 @@ from .sequence import Sequence
 class BlockManager(KVPools):
     def __init__(self, config: TextConfig, num_blocks: int, block_size: int, max_num_seqs: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu", kv_cache_dtype: str = "auto", snapshot_rings: int = 0,
-                 turn_ends: frozenset[int] = frozenset()):
+                 turn_ends: frozenset[int] = frozenset(), ring_extra: int = 0):
         """`snapshot_rings`: rings kept for the prefix cache's window snapshots (0: no prefix caching); `turn_ends`:
-        the token ids that end a chat turn (the engine's stop ids)."""
+        the token ids that end a chat turn (the engine's stop ids); `ring_extra`: ring slots past the window
+        (KVPools; the speculative tokens of a verify step)."""
         super().__init__(config, num_blocks, block_size, max_num_seqs, dtype, device, kv_cache_dtype,
-                         num_rings=max_num_seqs + snapshot_rings)
+                         num_rings=max_num_seqs + snapshot_rings, ring_extra=ring_extra)
         self.free_blocks = list(range(self.num_blocks))
         self.free_rings = list(range(self.max_num_seqs))
         self.caching, self.turn_ends = snapshot_rings > 0, turn_ends
@@ -98,8 +99,8 @@ class BlockManager(KVPools):
             self.snapshots.move_to_end(names[-1])
             self._copy_ring(self.snapshots[names[-1]], seq.ring_slot)
         else:
-            start = seq.ring_slot * self.window
-            self.ring_positions[start:start + self.window] = -1
+            start = seq.ring_slot * self.ring_size
+            self.ring_positions[start:start + self.ring_size] = -1
         self.reserve(seq, len(seq))
         seq.num_cached = cached
         self.prompt_tokens += len(seq.prompt_ids)
@@ -158,7 +159,7 @@ class BlockManager(KVPools):
             return
         ring = self.free_snapshots.pop() if self.free_snapshots else self.snapshots.popitem(last=False)[1]
         self._copy_ring(seq.ring_slot, ring)
-        positions = self.ring_positions[ring * self.window:(ring + 1) * self.window]
+        positions = self.ring_positions[ring * self.ring_size:(ring + 1) * self.ring_size]
         positions.masked_fill_(positions >= point, -1)  # a prompt within one window: its tail past b
         self.snapshots[names[-1]] = ring
 
@@ -178,7 +179,7 @@ class BlockManager(KVPools):
         return block
 
     def _copy_ring(self, src: int, dst: int) -> None:
-        w = self.window
+        w = self.ring_size
         for i in self.keys:
             if self.layer_types[i] == SLIDING:
                 for pools in (self.keys, self.values):

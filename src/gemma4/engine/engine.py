@@ -34,6 +34,7 @@ from .runner import Launched, ModelRunner, SampleError
 from .sampling import GEMMA4_STOP_IDS, SamplingParams, finish_reason
 from .scheduler import Scheduler
 from .sequence import PENDING, Sequence, StepOutput
+from .speculative import Speculator
 from .structured import GrammarCompiler
 
 logger = logging.getLogger(__name__)
@@ -48,27 +49,37 @@ class LLMEngine:
                  num_blocks: int | None = None, max_num_batched_tokens: int = 512,
                  stop_token_ids: list[int] | None = None, run_ahead: bool = True,
                  gpu_memory_utilization: float = 0.9, kv_cache_memory: int | None = None,
-                 kv_cache_dtype: str = "auto", enable_prefix_caching: bool = True, tokenizer=None):
+                 kv_cache_dtype: str = "auto", enable_prefix_caching: bool = True, tokenizer=None,
+                 speculative_model=None, num_speculative_tokens: int | None = None, speculative_max_batch: int = 8):
         # KV sized from the memory there is (memory.py), unless num_blocks or kv_cache_memory (bytes) say otherwise;
         # max_model_len None: the longest one sequence fits. ValueError when one sequence of max_model_len cannot.
         # kv_cache_dtype: "auto" (the model's dtype) or "fp8" (e4m3 with per-head scales: model/paged_cache.py).
         # tokenizer: gemma4's Tokenizer (or a `tokenizers.Tokenizer`), for structured outputs' grammars over its ids.
         # enable_prefix_caching: requests reuse the K/V of a prompt prefix computed before (block_manager.py), which
         # keeps max(2, max_num_seqs // 4) extra sliding-window rings for it.
+        # speculative_model: a drafter (`gemma4_assistant`: a checkpoint path or id, or a loaded model.assistant.
+        # Assistant) that proposes num_speculative_tokens (default 4) tokens per decode step of batches of at most
+        # speculative_max_batch sequences (speculative.py).
         text = model.config.text_config
         kv_cache_dtype_for(kv_cache_dtype, model.dtype)  # a bad name fails before the memory is profiled
         if num_blocks is None and kv_cache_memory is None:
             kv_cache_memory = kv_budget(model, gpu_memory_utilization, max_num_batched_tokens)
         snapshot_rings = max(2, max_num_seqs // 4) if enable_prefix_caching else 0
+        drafter = _drafter(model, speculative_model)
+        num_speculative_tokens = (num_speculative_tokens or 4) if drafter is not None else 0
         self.max_model_len, num_blocks = plan_kv(text, model.dtype, max_num_seqs, block_size, max_model_len,
-                                                 num_blocks, kv_cache_memory, kv_cache_dtype, snapshot_rings)
+                                                 num_blocks, kv_cache_memory, kv_cache_dtype, snapshot_rings,
+                                                 ring_extra=num_speculative_tokens)
         default = getattr(model, "generation_config", {}).get("eos_token_id", list(GEMMA4_STOP_IDS))
         self.stop_token_ids = list(stop_token_ids if stop_token_ids is not None else
                                    [default] if isinstance(default, int) else default)
         self.blocks = BlockManager(text, num_blocks, block_size, max_num_seqs, model.dtype, model.device,
-                                   kv_cache_dtype, snapshot_rings, frozenset(self.stop_token_ids))
-        self.scheduler = Scheduler(self.blocks, max_num_seqs, max(max_num_batched_tokens, 1))
-        self.runner = ModelRunner(model, self.blocks, self.max_model_len)
+                                   kv_cache_dtype, snapshot_rings, frozenset(self.stop_token_ids),
+                                   ring_extra=num_speculative_tokens)
+        self.speculator = Speculator(model, drafter, self.blocks, num_speculative_tokens, speculative_max_batch) \
+            if drafter is not None else None
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max(max_num_batched_tokens, 1), self.speculator)
+        self.runner = ModelRunner(model, self.blocks, self.max_model_len, self.speculator)
         self.seqs: dict[int, Sequence] = {}
         self.aborted: list[Sequence] = []
         self.run_ahead = run_ahead
@@ -178,15 +189,17 @@ class LLMEngine:
             if isinstance(sampled, SampleError):
                 outputs.append(self._fail(seq, sampled))
                 continue
-            token, logprobs = sampled
-            if seq.pending:  # the placeholder gives way to the token
-                seq.output_ids.pop()
-            seq.output_ids.append(token)
-            if seq.matcher is not None:  # never PENDING: the runner reads a constrained row's token at once
-                seq.matcher.accept(token)
-            if reason := finish_reason(token, len(seq.output_ids), seq.params, seq.stop_ids):
-                self._finish(seq, reason)
-            outputs.append(self._output(seq, token, logprobs))
+            for token, logprobs in sampled if isinstance(sampled, list) else [sampled]:  # a list: verified drafts
+                if seq.pending:  # the placeholder gives way to the token
+                    seq.output_ids.pop()
+                seq.output_ids.append(token)
+                if seq.matcher is not None:  # never PENDING: the runner reads a constrained row's token at once
+                    seq.matcher.accept(token)
+                if reason := finish_reason(token, len(seq.output_ids), seq.params, seq.stop_ids):
+                    self._finish(seq, reason)
+                outputs.append(self._output(seq, token, logprobs))
+                if seq.finished:  # a stop token inside an accepted run: the tokens after it are dropped
+                    break
         return outputs
 
     def _hold(self, launched: Launched) -> None:
@@ -274,3 +287,14 @@ class LLMEngine:
         if self.runner.graphs is not None:
             self.runner.graphs.capture_all()
         self.blocks.clear_prefix_cache()
+
+
+def _drafter(model, speculative_model):
+    """The drafter as a model on the target's device and dtype (None without one)."""
+    if speculative_model is None:
+        return None
+    from ..model.assistant import Assistant
+    if isinstance(speculative_model, Assistant):
+        return speculative_model
+    from ..assistant_checkpoint import load_assistant
+    return load_assistant(speculative_model, dtype=model.dtype, device=model.device)

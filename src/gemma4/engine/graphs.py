@@ -61,18 +61,18 @@ class GraphedDecode:
         self.host_tables = torch.full((most, width), blocks.trash_block, dtype=torch.long, pin_memory=pinned)
         self.table_rows: list[list[int] | None] = [None] * most  # the block list each host row holds (None: trash)
         self.copied = torch.cuda.Event() if pinned else None  # the last copies out of the mirrors are done
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.pool = None
         self.usable = True
         self.failure: str | None = None  # why capture failed, if it did
 
-    def _step(self, size: int) -> torch.Tensor:
+    def _step(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         positions, rings, valid, source = self.inputs[2:, :size]
         ids = self.inputs.view(-1)[source]
         cache = PagedCacheView(self.blocks, self.tables[:size], rings, positions)
-        logits = self.model(ids[:, None], attention_mask=valid[:, None] != 0, position_ids=positions[:, None],
-                            cache=cache, last_only=True)
-        return logits[:, -1].float()
+        logits, hidden = self.model(ids[:, None], attention_mask=valid[:, None] != 0, position_ids=positions[:, None],
+                                    cache=cache, last_only=True, return_hidden=True)
+        return logits[:, -1].float(), hidden[:, -1]
 
     def _capture(self, size: int) -> None:
         self.pool = self.pool or torch.cuda.graph_pool_handle()  # one memory pool for every bucket's graph
@@ -94,8 +94,9 @@ class GraphedDecode:
             if self.usable and size not in self.graphs:
                 self._capture(size)
 
-    def run(self, seqs, ahead=None) -> torch.Tensor | None:
-        """The logits [n, V] of n sequences' next token each (None when capture failed: run them eagerly).
+    def run(self, seqs, ahead=None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The logits [n, V] of n sequences' next token each and their final hidden states [n, H] (None when capture
+        failed: run them eagerly).
         `ahead` (runner.Launched): the step still in flight, which sampled the PENDING tokens of some of `seqs`."""
         size = next(s for s in self.sizes if s >= len(seqs))
         captured = self.model.device.type == "cuda"  # elsewhere (tests): the same padded step, run eagerly
@@ -120,10 +121,11 @@ class GraphedDecode:
         if ahead is not None and ahead.tokens is not None:
             self.inputs[0, :len(ahead.tokens)].copy_(ahead.tokens)
         if not captured:
-            return self._step(size)[:n]
-        graph, logits = self.graphs[size]
+            logits, hidden = self._step(size)
+            return logits[:n], hidden[:n]
+        graph, (logits, hidden) = self.graphs[size]
         graph.replay()
-        return logits[:n]
+        return logits[:n], hidden[:n]
 
     def _update_table_rows(self, seqs, size: int) -> None:
         """Host rows [0, size) of the block tables: each sequence's blocks, padded with the trash block; trash past

@@ -27,12 +27,13 @@ HINT = ("lower --max-model-len or --max-num-seqs, or raise --gpu-memory-utilizat
         "max_batch_size, gpu_memory_utilization)")
 
 
-def kv_bytes(config: TextConfig, dtype: torch.dtype, block_size: int, kv_cache_dtype: str = "auto"
-             ) -> tuple[int, int]:
+def kv_bytes(config: TextConfig, dtype: torch.dtype, block_size: int, kv_cache_dtype: str = "auto",
+             ring_extra: int = 0) -> tuple[int, int]:
     """(bytes of one block across every global layer, bytes of one sequence's rings across every sliding layer),
     read off pools built on the meta device: the layout is KVPools' own."""
     def pools(num_blocks: int, max_num_seqs: int) -> int:
-        return KVPools(config, num_blocks, block_size, max_num_seqs, dtype, "meta", kv_cache_dtype).nbytes
+        return KVPools(config, num_blocks, block_size, max_num_seqs, dtype, "meta", kv_cache_dtype,
+                       ring_extra=ring_extra).nbytes
 
     empty = pools(0, 0)
     return pools(1, 0) - empty, pools(0, 1) - empty
@@ -86,7 +87,7 @@ def profile_prefill(model, tokens: int) -> int:
 
 def plan_kv(config: TextConfig, dtype: torch.dtype, max_num_seqs: int, block_size: int,
             max_model_len: int | None = None, num_blocks: int | None = None, budget: int | None = None,
-            kv_cache_dtype: str = "auto", extra_rings: int = 0) -> tuple[int, int]:
+            kv_cache_dtype: str = "auto", extra_rings: int = 0, ring_extra: int = 0) -> tuple[int, int]:
     """(max_model_len, num_blocks). `num_blocks` given: that many (at least one sequence of max_model_len; None:
     the longest they hold). Otherwise from `budget` bytes: the rings of max_num_seqs sequences (and `extra_rings`, the
     prefix cache's), then as many blocks as
@@ -97,7 +98,7 @@ def plan_kv(config: TextConfig, dtype: torch.dtype, max_num_seqs: int, block_siz
     if num_blocks is not None:
         length = min(max_model_len, limit) if max_model_len else min(limit, max(num_blocks, 1) * block_size - 1)
         return length, max(num_blocks, blocks_for(length))
-    per_block, per_ring = kv_bytes(config, dtype, block_size, kv_cache_dtype)
+    per_block, per_ring = kv_bytes(config, dtype, block_size, kv_cache_dtype, ring_extra)
     rings = (max_num_seqs + extra_rings + 1) * per_ring  # + the trash slot (a whole ring, to round up)
     fit = (budget - rings) // per_block - 1 if per_block else 1 << 40  # - the trash block
     if fit < 1:

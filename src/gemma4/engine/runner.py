@@ -18,8 +18,8 @@ from .scheduler import Scheduled
 
 
 class ModelRunner:
-    def __init__(self, model, blocks: BlockManager, max_model_len: int | None = None):
-        self.model, self.blocks = model, blocks
+    def __init__(self, model, blocks: BlockManager, max_model_len: int | None = None, speculator=None):
+        self.model, self.blocks, self.speculator = model, blocks, speculator
         self.device = model.device
         use_graphs = self.device.type == "cuda" and kernels.enabled(torch.empty(0, device=self.device)) \
             and max_model_len is not None and options().cuda_graphs
@@ -29,11 +29,33 @@ class ModelRunner:
     def launch(self, batch: list[Scheduled], ahead: Launched | None = None) -> Launched:
         """Queue one forward over the batch and its batched sampling on the device; rows that need the full sampler
         are sampled now (that waits for the device). `ahead`: the step still in flight, whose sampled tokens are
-        the inputs of this batch's rows holding a PENDING token (their ids are read on the device)."""
+        the inputs of this batch's rows holding a PENDING token (their ids are read on the device). Rows that
+        verify drafts (speculative.py) run first, as a forward of their own, and are read at once."""
+        results: list = [None] * len(batch)
+        verify = [row for row, item in enumerate(batch) if item.num_draft]
+        if verify:
+            for row, result in zip(verify, self._verify([batch[row] for row in verify])):
+                results[row] = result
+        rows = [row for row, item in enumerate(batch) if not item.num_draft]
+        # Sequences that may verify drafts next step have their tokens read now: drafting starts from the host's ids.
+        speculating = self.speculator is not None and self.speculator.on_for(sum(i.num_tokens == 1 for i in batch))
+        fast, tokens, checked = self._sample([batch[row] for row in rows], results, rows, ahead, speculating) \
+            if rows else ([], None, None)
+        return Launched(batch, results, fast, tokens, checked)
+
+    def _sample(self, batch: list[Scheduled], into: list, where: list[int], ahead: Launched | None,
+                speculating: bool):
+        """One forward over `batch` and its sampling: each row's result goes to into[where[row]]; returns the rows
+        of `into` sampled together on the device (`fast`) with their tokens (see Launched)."""
+        results = [None] * len(batch)
         sampling = [row for row, item in enumerate(batch) if item.samples]  # before the forward moves num_cached
-        logits = self.forward(batch, ahead)
+        logits, hidden = self.forward(batch, ahead)
         seqs, device = [item.seq for item in batch], logits.device
-        results: list[tuple[int, object] | None] = [None] * len(batch)
+        spec = self.speculator
+        if spec is not None:  # the hidden state a drafting round starts from; copied: it may be a graph's buffer
+            hidden = hidden.clone()
+            for row in sampling:
+                seqs[row].hidden = hidden[row] if spec.eligible(seqs[row]) else None
         # Structured output: each constrained row's allowed tokens, computed on the host while the device runs the
         # forward. A constrained row's next mask needs this step's token on the host, so its token is read now
         # (`now`), never left on the device for the next step to read (`fast`: those rows run ahead).
@@ -47,8 +69,8 @@ class ModelRunner:
         sampling = [row for row in sampling if results[row] is None]
         batched = [row for row in sampling if batchable(seqs[row].params, len(seqs[row].output_ids),
                                                         seqs[row].stop_ids)]
-        fast = [row for row in batched if seqs[row].matcher is None]
-        now = [row for row in batched if seqs[row].matcher is not None]
+        fast = [row for row in batched if seqs[row].matcher is None and not (speculating and spec.eligible(seqs[row]))]
+        now = [row for row in batched if row not in fast]
         tokens = checked = None
         if batched:  # together, on the device; only the chosen ids [n] come back to the host
             order = fast + now
@@ -75,10 +97,28 @@ class ModelRunner:
                                             None if masks is None else masks[row])
             except Exception as e:  # noqa: BLE001  (the engine fails this sequence alone: engine._accept)
                 results[row] = SampleError(f"{type(e).__name__}: {e}")
-        return Launched(batch, results, fast, tokens, checked)
+        for row, result in enumerate(results):
+            into[where[row]] = result
+        return [where[row] for row in fast], tokens, checked
 
-    def forward(self, batch: list[Scheduled], ahead: Launched | None = None) -> torch.Tensor:
-        """The last position's logits of every row [B, V], fp32, left on the model's device.
+    def _verify(self, batch: list[Scheduled]) -> list:
+        """Draft, verify and accept (speculative.py) for rows that each compute their last token and then their
+        drafts; per row the accepted tokens [(token, logprobs)], or a SampleError."""
+        spec, seqs = self.speculator, [item.seq for item in batch]
+        drafts, probs = spec.draft(seqs, [item.num_draft for item in batch])
+        logits, hidden = self._forward_group(batch, decode=False, drafts=drafts)
+        results = spec.accept(seqs, drafts, probs, [logits[b, -len(d) - 1:] for b, d in enumerate(drafts)])
+        for b, (seq, result) in enumerate(zip(seqs, results)):
+            if isinstance(result, str):
+                results[b] = SampleError(result)
+                continue
+            seq.num_cached += len(result)  # its last token and the accepted drafts
+            seq.hidden = hidden[b, len(result) - len(drafts[b]) - 2].clone()  # the position that gave the last token
+        return results
+
+    def forward(self, batch: list[Scheduled], ahead: Launched | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last position's logits of every row [B, V], fp32, and its final hidden state [B, H], left on the
+        model's device.
 
         Rows that feed one text token (decodes) and prefill chunks run as two forwards: one left-padded forward
         would widen every decode row to the chunk's width (and could not replay the decode graph)."""
@@ -87,33 +127,43 @@ class ModelRunner:
             return self._forward_group(batch, all(single), ahead)
         groups = [[row for row, flag in enumerate(single) if flag == decode] for decode in (True, False)]
         parts = [self._forward_group([batch[row] for row in rows], not i, ahead) for i, rows in enumerate(groups)]
-        logits = torch.empty(len(batch), parts[0].shape[1], dtype=parts[0].dtype, device=parts[0].device)
-        for rows, part in zip(groups, parts):
-            logits[rows] = part
-        return logits
+        outputs = []
+        for which in range(2):  # logits, hidden states
+            first = parts[0][which]
+            merged = torch.empty(len(batch), first.shape[1], dtype=first.dtype, device=first.device)
+            for rows, part in zip(groups, parts):
+                merged[rows] = part[which]
+            outputs.append(merged)
+        return outputs[0], outputs[1]
 
-    def _forward_group(self, batch: list[Scheduled], decode: bool, ahead: Launched | None = None) -> torch.Tensor:
+    def _forward_group(self, batch: list[Scheduled], decode: bool, ahead: Launched | None = None,
+                       drafts: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [B, V] fp32, final hidden states [B, H]) of each row's last position. With `drafts` (a verify
+        step: row b's chunk is followed by drafts[b]): those of every position, [B, W, V] and [B, W, H], rows
+        left-padded to the longest, and num_cached is left to the caller."""
         if decode and self.graphs is not None and self.graphs.usable and len(batch) <= self.graphs.sizes[-1]:
-            logits = self.graphs.run([item.seq for item in batch], ahead)
-            if logits is not None:
+            out = self.graphs.run([item.seq for item in batch], ahead)
+            if out is not None:
                 for item in batch:
                     item.seq.num_cached += 1
-                return logits
-        width = max(item.num_tokens for item in batch)
+                return out
+        tails = drafts or [[] for _ in batch]
+        width = max(item.num_tokens + len(tail) for item, tail in zip(batch, tails))
         num_blocks = max(max(len(item.seq.block_table) for item in batch), 1)
         ids, positions = torch.zeros(2, len(batch), width, dtype=torch.long)
         valid = torch.zeros(len(batch), width, dtype=torch.bool)
         tables = self.blocks.block_tables([item.seq for item in batch], num_blocks)
         on_device = []  # (row, source in ahead.tokens): a chunk ending at its sequence's PENDING token
-        for row, item in enumerate(batch):
+        for row, (item, tail) in enumerate(zip(batch, tails)):
             seq, n = item.seq, item.num_tokens
             start = seq.num_cached
-            ids[row, width - n:] = torch.tensor(seq.tokens[start:start + n])  # left padding
-            positions[row, width - n:] = torch.arange(start, start + n)
-            valid[row, width - n:] = True
+            tokens = seq.tokens[start:start + n] + tail
+            ids[row, width - len(tokens):] = torch.tensor(tokens)  # left padding
+            positions[row, width - len(tokens):] = torch.arange(start, start + len(tokens))
+            valid[row, width - len(tokens):] = True
             if seq.pending and start + n == len(seq):
                 on_device.append((row, ahead.source(seq)))
-        media_embeds = self._media_embeds(batch, width)
+        media_embeds = self._media_embeds(batch, width) if drafts is None else None
         ring_slots = torch.tensor([item.seq.ring_slot for item in batch], dtype=torch.long)
         num_cached = torch.tensor([item.seq.num_cached for item in batch], dtype=torch.long)
         dev = self.device
@@ -124,11 +174,13 @@ class ModelRunner:
         if on_device:
             rows, sources = zip(*on_device)
             ids[list(rows), -1] = ahead.tokens[list(sources)]
-        logits = self.model(ids, attention_mask=valid.to(dev), position_ids=positions.to(dev), cache=cache,
-                            last_only=True, **extra)
+        logits, hidden = self.model(ids, attention_mask=valid.to(dev), position_ids=positions.to(dev), cache=cache,
+                                    last_only=drafts is None, return_hidden=True, **extra)
+        if drafts is not None:
+            return logits.float(), hidden
         for item in batch:
             item.seq.num_cached += item.num_tokens
-        return logits[:, -1].float()
+        return logits[:, -1].float(), hidden[:, -1]
 
     @staticmethod
     def _media_embeds(batch: list[Scheduled], width: int):

@@ -220,20 +220,28 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, prompt_ids: torch
     `kept`: where this step's (scores, raw logits) rows go when the request asks for them (`output_scores`,
     `output_logits`; None for the one not asked). `token_mask`: the structured output's allowed tokens (int32 words
     on logits' device, see apply_token_masks), None when unconstrained."""
+    adjusted, scores = token_scores(logits, params, prompt_ids, output_ids, stop_ids, token_mask)
+    token = int(scores.argmax()) if params.greedy else draw(scores.softmax(-1), generator)
+    if kept is not None and (params.output_scores or params.output_logits):
+        # copies: the runner's logits may be a CUDA graph's buffer, rewritten by the next step
+        raw = logits.float().clone() if params.output_logits else None
+        kept.append((scores if params.output_scores else None, raw))
+    return token, token_logprobs(adjusted, token, params.logprobs) if params.logprobs is not None else None
+
+
+def token_scores(logits: torch.Tensor, params: SamplingParams, prompt_ids: torch.Tensor, output_ids: list[int],
+                 stop_ids, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the logits within the token mask and plus logit_bias: what logprobs report; the processed scores the token
+    is chosen by: `processed_scores` after min_tokens' ban on the stop tokens), both [V] fp32, for one sequence
+    whose output so far is `output_ids`. ValueError on NaN or +inf logits."""
     if bool(torch.isnan(logits).any() | torch.isposinf(logits).any()):
         raise ValueError("the model's logits for this sequence are NaN or +inf: it cannot be sampled")
-    raw = logits
     logits = adjusted_logits(logits.float()[None], [params], None if token_mask is None else token_mask[None])[0]
     if len(output_ids) < params.min_tokens and stop_ids and not params.ignore_eos:
         logits = logits.clone()  # too early to stop: forbid the stop tokens
         logits[list(stop_ids)] = float("-inf")
     output = torch.tensor(output_ids, dtype=torch.long, device=logits.device)
-    scores = processed_scores(logits, params, prompt_ids.to(logits.device), output)
-    token = int(scores.argmax()) if params.greedy else draw(scores.softmax(-1), generator)
-    if kept is not None and (params.output_scores or params.output_logits):
-        # copies: the runner's logits may be a CUDA graph's buffer, rewritten by the next step
-        kept.append((scores if params.output_scores else None, raw.float().clone() if params.output_logits else None))
-    return token, token_logprobs(logits, token, params.logprobs) if params.logprobs is not None else None
+    return logits, processed_scores(logits, params, prompt_ids.to(logits.device), output)
 
 
 def finish_reason(token: int, num_output: int, params: SamplingParams, stop_ids) -> str | None:

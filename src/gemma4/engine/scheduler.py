@@ -3,7 +3,8 @@ budget, decodes first, then prefill chunks, then admissions; a decode that canno
 recently admitted sequence (recomputed later from its tokens, or from its cached prefix). An admitted sequence
 starts after the prefix the cache holds for it (block_manager.py). A chunk never ends inside an image
 (`Sequence.chunk_size`); a prefill waiting for room for a whole image stops admissions, so newer requests cannot
-starve it."""
+starve it. With a drafter (speculative.py), a decode step of a small batch also verifies each sequence's drafts: its
+row computes 1 + num_draft tokens of the budget."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from .sequence import Sequence, Status
 class Scheduled:
     seq: Sequence
     num_tokens: int  # this step computes tokens [seq.num_cached, seq.num_cached + num_tokens)
+    num_draft: int = 0  # and then verifies this many draft tokens (a decode step: num_tokens is 1)
 
     @property
     def samples(self) -> bool:  # the chunk reaches the end of the known tokens: the step yields a new token
@@ -25,8 +27,8 @@ class Scheduled:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
-        self.blocks = blocks
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, speculator=None):
+        self.blocks, self.speculator = blocks, speculator
         self.max_num_seqs, self.budget = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -35,6 +37,8 @@ class Scheduler:
     def schedule(self) -> list[Scheduled]:
         budget, batch = self.budget, []
         held = False  # a prefill waits for room for a whole image: admit no one before it
+        spec = self.speculator
+        speculate = spec is not None and spec.on_for(sum(seq.num_uncached <= 1 for seq in self.running))
         for seq in sorted(self.running, key=lambda s: s.num_uncached):  # decodes first
             if seq not in self.running or budget <= 0 or seq.num_uncached == 0:  # 0: its last token is in flight
                 continue
@@ -42,12 +46,15 @@ class Scheduler:
             if n == 0:
                 held = True
                 continue
+            draft = min(spec.tokens_for(seq), budget - n) if speculate and seq.num_uncached == 1 else 0
+            if draft and not self.blocks.reserve(seq, seq.num_cached + n + draft):
+                draft = 0  # no room for the drafts: one token, which may preempt another sequence
             while not self.blocks.reserve(seq, seq.num_cached + n):
                 if not self._preempt_other(seq, batch):
                     break
-            if seq in self.running and len(seq.block_table) * self.blocks.block_size >= seq.num_cached + n:
-                batch.append(Scheduled(seq, n))
-                budget -= n
+            if seq in self.running and len(seq.block_table) * self.blocks.block_size >= seq.num_cached + n + draft:
+                batch.append(Scheduled(seq, n, draft))
+                budget -= n + draft
         while not held and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             cached = self.blocks.cached_prefix(seq)  # the prefix cache's tokens: the chunk starts after them

@@ -40,6 +40,7 @@ class Sequence:
     media: object | None = None  # multimodal.SoftTokens: the prompt's image/audio soft tokens, shared by n choices
     kept_rows: list = field(default_factory=list)  # per sampled token, (scores, logits) if params.output_scores/_logits
     matcher: object | None = None  # structured.GrammarMatcher: the structured output's grammar state (None: free)
+    hidden: torch.Tensor | None = None  # speculative decoding: the target's final hidden state that gave the last token
     _prompt_tensor: torch.Tensor | None = None
 
     @property

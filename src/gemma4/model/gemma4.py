@@ -135,14 +135,17 @@ class Gemma4(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None, last_only: bool = False,
-                **media) -> torch.Tensor:
+                return_hidden: bool = False, **media) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """input_ids [B, L]; attention_mask [B, L] (1 = token, 0 = padding, left or right); position_ids default to
         the count of real tokens before each one, continuing from the cache.
 
         `media`: what `gemma4.Processor` returns besides input_ids/attention_mask (pixel_values, image_position_ids,
         pixel_values_videos, video_position_ids, input_features, input_features_mask, ...); their soft tokens fill
         the placeholder tokens of `input_ids`. Pass them only with the forward that holds the placeholders (the
-        prefill), not with later decode steps."""
+        prefill), not with later decode steps.
+
+        `return_hidden`: (logits, the final hidden states the LM head reads) instead of the logits alone (speculative
+        decoding's drafter starts from them)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         valid = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
@@ -165,4 +168,4 @@ class Gemma4(nn.Module):
         hidden = self.text(embeds, ctx, ple_ids, last_only=last_only)
         if cache is not None:
             cache.end()
-        return self.logits(hidden)
+        return (self.logits(hidden), hidden) if return_hidden else self.logits(hidden)

@@ -49,9 +49,11 @@ def dequantize_kv(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> t
 class KVPools:
     """Paged KV memory: per layer that owns K/V a flat pool [Hkv, slots, D]. Global layers: `num_blocks` blocks of
     `block_size` slots (a sequence's block table says which hold its positions); sliding layers: one ring of
-    `window` slots per sequence (`num_rings` rings: `max_num_seqs` unless the engine keeps more for its prefix cache),
-    with the position each slot holds (-1 = empty) in `ring_positions`, shared by the sliding layers. Each pool ends with a trash block / trash slot that padding
-    writes to and that no query sees.
+    `ring_size` slots per sequence (`num_rings` rings: `max_num_seqs` unless the engine keeps more for its prefix
+    cache), position p in slot p % ring_size, with the position each slot holds (-1 = empty) in `ring_positions`,
+    shared by the sliding layers. `ring_size` is the window plus `ring_extra`: a speculative verify step writes up to
+    that many positions past the accepted ones, and the window before them must survive their rejection. Each pool
+    ends with a trash block / trash slot that padding writes to and that no query sees.
 
     `dtype`: the model's; `kv_cache_dtype` "auto" stores K/V in it, "fp8" in float8 e4m3 with per-head scales
     `key_scales[layer]` / `value_scales[layer]` (float32 [Hkv], 1.0: k_norm and v_norm leave K/V of RMS 1, well
@@ -61,11 +63,12 @@ class KVPools:
 
     def __init__(self, config: TextConfig, num_blocks: int, block_size: int, max_num_seqs: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu", kv_cache_dtype: str = "auto",
-                 num_rings: int | None = None):
+                 num_rings: int | None = None, ring_extra: int = 0):
         self.config, self.num_blocks, self.block_size, self.max_num_seqs = config, num_blocks, block_size, max_num_seqs
         self.window, self.layer_types = config.sliding_window, config.layer_types
+        self.ring_size = self.window + ring_extra
         self.num_rings = max_num_seqs if num_rings is None else num_rings
-        self.ring_trash, self.trash_block = self.num_rings * self.window, num_blocks
+        self.ring_trash, self.trash_block = self.num_rings * self.ring_size, num_blocks
         self.kv_cache_dtype, self.pool_dtype = kv_cache_dtype, kv_cache_dtype_for(kv_cache_dtype, dtype)
         # Zeroed K and V of every layer that owns K/V (KV-shared layers own none). K=V layers store values separately
         # too: v_norm(k) lacks k_norm and RoPE.
@@ -101,7 +104,7 @@ class PagedCacheView:
         tokens any row has cached (known to the host): a prefill chunk gathers no global slot past it (None: every
         slot of the tables; the graphed decode step, which gathers nothing)."""
         self.pools = pools
-        self.window, self.block_size = pools.window, pools.block_size
+        self.ring_size, self.block_size = pools.ring_size, pools.block_size
         self.layer_types = pools.layer_types
         self.block_tables, self.ring_slots, self.num_cached = block_tables, ring_slots, num_cached
         self.max_cached = max_cached
@@ -122,19 +125,19 @@ class PagedCacheView:
     @functools.cached_property
     def ring_gather(self) -> torch.Tensor:
         """Sliding layers: flat pool slot of each row's ring."""
-        return self.ring_slots[:, None] * self.window + torch.arange(self.window, device=self.ring_slots.device)
+        size = self.ring_size
+        return self.ring_slots[:, None] * size + torch.arange(size, device=self.ring_slots.device)
 
     def begin(self, positions: torch.Tensor, valid: torch.Tensor, in_place: bool = False) -> None:
         """As KVCache.begin; `in_place` (ForwardContext.decode_kernel): attend over the pools without gathering."""
         self.in_place = in_place
         if in_place and kernels.enabled(positions):  # the same plan in one launch (kernels.step_inputs)
             return self._decode_plan_kernel(positions, valid)
-        bs, pools = self.block_size, self.pools
+        bs, pools, size = self.block_size, self.pools, self.ring_size
         new_positions = torch.where(valid, positions, -1)
         row_top = new_positions.amax(dim=1, keepdim=True)
-        keep = valid & (positions > row_top - self.window)  # a long chunk leaves only its tail in the ring
-        ring_write = torch.where(keep, self.ring_slots[:, None] * self.window + positions % self.window,
-                                 pools.ring_trash)
+        keep = valid & (positions > row_top - size)  # a long chunk leaves only its tail in the ring
+        ring_write = torch.where(keep, self.ring_slots[:, None] * size + positions % size, pools.ring_trash)
         block_index = (positions // bs).clamp(max=self.block_tables.shape[1] - 1)
         block = torch.gather(self.block_tables, 1, block_index)
         global_write = torch.where(valid, block * bs + positions % bs, pools.trash_block * bs)
@@ -142,22 +145,28 @@ class PagedCacheView:
         self._plan = {"ring_write": ring_write, "global_write": global_write, "new_positions": new_positions}
         offsets = torch.arange(self.global_gather.shape[1], device=positions.device)[None]
         # The decode kernel attends in place over the pools (see the module's docstring). The candidates are the
-        # row's own slots, the new token's included (written before attending): the ring with the new position at
-        # its slot, and the global blocks in position order, visible up to the query's position.
+        # row's own slots, the new tokens' included (written before attending): the ring with the positions
+        # [num_cached, query] at their slots (one position, but for the rows of a flattened verify step, which share
+        # a sequence's ring and cache: paged_cache's `num_cached` is then the sequence's, not the row's), and the
+        # global blocks in position order, visible up to the query's position.
         if in_place:
             query = new_positions[:, :1]  # -1 for a padding row: it sees nothing
-            ring = pools.ring_positions[self.ring_gather].scatter(1, positions % self.window, query)
+            latest = query - (query - torch.arange(size, device=positions.device)) % size  # last p <= query in slot
+            ring = torch.where(latest >= self.num_cached[:, None], latest, pools.ring_positions[self.ring_gather])
             self._plan.update({SLIDING: ring, FULL: torch.where(offsets <= query, offsets, -1),
                                "num_keys": query[:, 0] + 1})
             return
-        # Otherwise the row's cached K/V are gathered, then this chunk's appended: positions in that order.
+        # Otherwise the row's cached K/V are gathered, then this chunk's appended: positions in that order. A ring
+        # slot or block past num_cached holds a rejected draft's K/V (speculative decoding) or nothing: unseen.
         offsets = offsets[:, :self.prefix_gather.shape[1]]
         cached = torch.where(offsets < self.num_cached[:, None], offsets, -1)
+        ring = pools.ring_positions[self.ring_gather]
+        ring = torch.where(ring < self.num_cached[:, None], ring, -1)
         arange = torch.arange(length, device=positions.device).expand_as(positions)
         self._plan.update({
-            SLIDING: torch.cat([pools.ring_positions[self.ring_gather], new_positions], dim=1),
+            SLIDING: torch.cat([ring, new_positions], dim=1),
             FULL: torch.cat([cached, new_positions], dim=1),
-            ("slots", SLIDING): self.window + arange,
+            ("slots", SLIDING): size + arange,
             ("slots", FULL): cached.shape[1] + arange,
         })
 
@@ -165,7 +174,8 @@ class PagedCacheView:
         from ..kernels.step_inputs import decode_plan
         pools = self.pools
         self.ring_gather, ring, self.global_gather, full, scalars = decode_plan(
-            positions, valid, self.ring_slots, self.block_tables, pools.ring_positions, self.window, self.block_size,
+            positions, valid, self.num_cached, self.ring_slots, self.block_tables, pools.ring_positions, self.ring_size,
+            self.block_size,
             pools.ring_trash, pools.trash_block)
         ring_write, global_write, new_positions, num_keys = scalars[:, :, None].unbind(0)
         self._plan = {"ring_write": ring_write, "global_write": global_write, "new_positions": new_positions,
@@ -203,8 +213,8 @@ class PagedCacheView:
 
     def num_keys(self) -> torch.Tensor:
         """In-place decode, every layer: candidates [0, query] suffice. Slot j of a row's blocks holds position j,
-        slot j of its ring a position p with p % window == j: until the ring is full (query < window) the slots past
-        the query are empty (BlockManager.admit empties a ring)."""
+        slot j of its ring a position p with p % ring_size == j: until the ring is full (query < ring_size) the slots
+        past the query are empty (BlockManager.admit empties a ring) or hold rejected drafts past the query."""
         return self._plan["num_keys"]
 
     def key_slots(self, layer_type: str) -> torch.Tensor:
