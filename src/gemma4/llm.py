@@ -42,13 +42,17 @@ class LLM:
     engine/memory.py). `quantization`: "fp8", "int8" or "int4" quantizes a bf16 checkpoint's decoder weights on load
     (a compressed-tensors checkpoint loads quantized without it). `kv_cache_dtype`: "auto" (the model's dtype) or
     "fp8" (e4m3 with per-head scales: half the bytes, twice the context). `enable_prefix_caching`: a prompt that
-    starts with an earlier prompt reuses its KV cache (engine/block_manager.py). On CUDA it is warmed up (kernels
+    starts with an earlier prompt reuses its KV cache (engine/block_manager.py). `tensor_parallel_size` N > 1: the
+    checkpoint is split over N processes of this host (one GPU each, or CPU processes), this one driving the engine
+    with the first part; `enable_expert_parallel` splits MoE experts whole rather than each expert's width
+    (docs/distributed.md; `gemma4.distributed.shutdown()` ends the processes). On CUDA it is warmed up (kernels
     compiled, decode graphs captured) before the first call. A summary is logged at INFO level."""
 
     def __init__(self, model: str | Path | Gemma4, dtype=None, device: str = "auto", tokenizer=None,
                  max_batch_size: int | None = None, max_model_len: int | None = None,
                  gpu_memory_utilization: float = 0.9, quantization: str | None = None, kv_cache_dtype: str = "auto",
-                 enable_prefix_caching: bool = True):
+                 enable_prefix_caching: bool = True, tensor_parallel_size: int = 1,
+                 enable_expert_parallel: bool = False):
         from .model.paged_cache import kv_cache_dtype_for
         from .processing.tokenizer import Tokenizer
 
@@ -58,6 +62,12 @@ class LLM:
                              "Model.from_pretrained(path, quantization=...) instead")
 
         start = time.perf_counter()
+        if tensor_parallel_size != 1:
+            if isinstance(model, Gemma4):
+                raise ValueError("tensor_parallel_size= applies when LLM loads a checkpoint: pass its directory")
+            from .distributed import load_parallel
+            model = load_parallel(model, tensor_parallel_size, enable_expert_parallel, dtype=dtype, device=device,
+                                  quantization=quantization)
         self.model = model if isinstance(model, Gemma4) else Model.from_pretrained(model, dtype=dtype, device=device,
                                                                                     quantization=quantization)
         checkpoint = getattr(self.model, "checkpoint_dir", None)

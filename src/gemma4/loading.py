@@ -122,10 +122,12 @@ def safetensors_files(directory: Path) -> list[Path]:
 
 
 def load_model(path_or_id, dtype=None, device="auto", with_towers: bool = True, progress: bool | None = None,
-               model_class: type[Gemma4] = Gemma4, quantization: str | None = None) -> Gemma4:
+               model_class: type[Gemma4] = Gemma4, quantization: str | None = None, shard=None) -> Gemma4:
     """`dtype` None or "auto": the checkpoint's; `device` "auto": CUDA when present, else the CPU. `progress`: a bar
     on stderr (None: for checkpoints over 1 GiB, on a terminal). A compressed-tensors checkpoint loads quantized as
-    it is stored (quantization.py); `quantization` ("fp8", "int8", "int4") quantizes a dense one on load."""
+    it is stored (quantization.py); `quantization` ("fp8", "int8", "int4") quantizes a dense one on load. `shard`: a
+    tensor-parallel rank's `distributed.ShardPlan`: the model is cut to that rank's part and only those slices are
+    read."""
     device = resolve_device(device)
     directory = resolve_checkpoint(path_or_id)
     config = Config.from_file(directory)
@@ -139,6 +141,13 @@ def load_model(path_or_id, dtype=None, device="auto", with_towers: bool = True, 
                                                     f"quantization={quantization!r}")
     with torch.device("meta"):
         model = model_class(config, with_towers=with_towers)
+    specs = {}
+    if shard is not None and shard.ranks.size > 1:
+        from .distributed.sharding import ShardingError, read_slice, shard_model_
+        if stored or scheme:
+            raise ShardingError("tensor parallelism does not take quantized weights yet")
+        specs = shard.specs(model)
+        shard_model_(model, shard)
     routes = quantized_routes(model, stored, config.layout)
     shapes = {name: t.shape for name, t in model.state_dict().items()}
     expected = {checkpoint_key(name, config.layout): name for name in shapes}
@@ -156,7 +165,8 @@ def load_model(path_or_id, dtype=None, device="auto", with_towers: bool = True, 
                             continue
                         raise CheckpointError(f"unexpected tensor {key!r} in {file.name}: this checkpoint does "
                                               "not match its config.json")
-                    tensor = reader.get_tensor(key)
+                    tensor = read_slice(reader.get_slice(key), specs[name]) if name in specs else \
+                        reader.get_tensor(key)
                     bar.update(tensor.numel() * tensor.element_size())
                     if route is not None:
                         _place_quantized(route, tensor, state, slices, shapes, device)

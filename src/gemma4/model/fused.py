@@ -214,8 +214,12 @@ def add_normed_linear(residual: torch.Tensor, x: torch.Tensor, projection: nn.Li
     """add_normed(residual, projection(x), norm, scalar, next_norm); with moe = (experts' norm, router) also that norm
     and the router's scaled input of the new residual stream (four results, else two). Where `takes_gemv`, the
     product and the norms in one kernel (the GEMV's last program to finish applies the norms), or with `defer` the
-    product alone and (new, DeferredNorms) for the GEMV that reads it (without next_norm too: then its value is new)."""
-    if projection.bias is None and takes_gemv(x, projection.weight):
+    product alone and (new, DeferredNorms) for the GEMV that reads it (without next_norm too: then its value is new).
+    A tensor-parallel shard (`sums_over_ranks`, distributed/sharding.py) sums the ranks' partial products in its
+    forward, before any norm."""
+    if getattr(projection, "sums_over_ranks", False):
+        y = projection(x)
+    elif projection.bias is None and takes_gemv(x, projection.weight):
         from ..kernels.gemv import NORMED_MAX_K, gemv, gemv_residual_norms
         if defer and moe is None and residual.shape[-1] <= NORMED_MAX_K:
             new = torch.empty_like(residual)
@@ -224,7 +228,8 @@ def add_normed_linear(residual: torch.Tensor, x: torch.Tensor, projection: nn.Li
         outputs = gemv_residual_norms(x, projection.weight, residual, norm.weight, norm.eps, scalar,
                                       *weight_eps(next_norm), moe_args)
         return outputs if moe is not None else outputs[:2]
-    y = product(x, projection.weight, projection.bias)
+    else:
+        y = product(x, projection.weight, projection.bias)
     if moe is None:
         return add_normed(residual, y, norm, scalar, next_norm)
     if kernels.enabled(y):  # the residual add and all three norms of it in one launch

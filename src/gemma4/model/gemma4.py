@@ -57,6 +57,7 @@ class Gemma4(nn.Module):
         self.model = Backbone(config)
         text = config.text_config
         self.lm_head = None if text.tie_word_embeddings else nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+        self.gather_vocabulary = None  # set by distributed/sharding.py when the vocabulary is split over ranks
 
     @property
     def text(self) -> TextModel:
@@ -111,7 +112,8 @@ class Gemma4(nn.Module):
         # Multimodal checkpoints read placeholder ids as the pad token in every forward, media or not (as the
         # reference does, e.g. for a placeholder id the model generates).
         table = self.text.embed_tokens
-        if not media and kernels.enabled(table.weight):  # merge_media without media (every decode step): one launch
+        # merge_media without media (every decode step): one launch
+        if not media and kernels.enabled(table.weight) and table.whole_vocabulary:
             from ..kernels.step_inputs import scaled_embedding
             config = self.config
             placeholders = (config.image_token_id, config.video_token_id, config.audio_token_id)
@@ -126,6 +128,8 @@ class Gemma4(nn.Module):
         # As a 2-D product: a 3-D non-contiguous `hidden` (the last position of a prefill) would make matmul expand
         # the [V, H] table into a batched product, which copies it on the CPU.
         logits = linear(hidden.reshape(-1, hidden.shape[-1]), weight).view(*hidden.shape[:-1], -1)
+        if self.gather_vocabulary is not None:  # tensor parallel: each rank's rows of the vocabulary, side by side
+            logits = self.gather_vocabulary(logits)
         cap = self.config.text_config.final_logit_softcapping
         if cap and kernels.enabled(logits):
             from ..kernels.logits import softcap

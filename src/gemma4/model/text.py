@@ -381,13 +381,14 @@ class DecoderLayer(nn.Module):
 class ScaledEmbedding(nn.Embedding):
     """Embedding multiplied by sqrt(width). The factor is rounded to the weight dtype first, as in the reference
     (in bf16, sqrt(1536) = 39.19 becomes 39.25)."""
+    whole_vocabulary = True  # False: a tensor-parallel shard of the rows (distributed/), which the kernels cannot read
 
     def __init__(self, num: int, dim: int, scale: float):
         super().__init__(num, dim)
         self.scale = scale
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if kernels.enabled(self.weight):
+        if kernels.enabled(self.weight) and self.whole_vocabulary:
             from ..kernels.step_inputs import scaled_embedding
             return scaled_embedding(ids, self.weight, self.rounded_scale())
         return super().forward(ids) * torch.tensor(self.scale, dtype=self.weight.dtype)
@@ -424,7 +425,7 @@ class TextModel(nn.Module):
         Both halves are RMS-scale quantities; their sum is scaled by 1/sqrt(2) to keep that scale."""
         batch, length = ple_ids.shape
         table, norm = self.embed_tokens_per_layer, self.per_layer_projection_norm
-        if kernels.enabled(embeds):  # the gather, the scales, the norm and the sum in one launch
+        if kernels.enabled(embeds) and table.whole_vocabulary:  # the gather, the scales, the norm, the sum: one launch
             from ..kernels.step_inputs import per_layer_inputs
             return per_layer_inputs(self.per_layer_model_projection(embeds), ple_ids, table.weight, norm.weight,
                                     norm.eps, self.config.hidden_size**-0.5, table.rounded_scale())

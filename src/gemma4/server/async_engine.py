@@ -69,6 +69,17 @@ class AsyncEngine:
         with self.lock:
             self._fail_all(EngineDead("the engine was shut down"))
 
+    def fail(self, error: BaseException) -> None:
+        """Stop the engine from another thread (a rank of a tensor-parallel model ended while it idled), as an error
+        escaping `step()` does: every request gets EngineDead, `error` is set and `on_fatal` called."""
+        with self.lock:
+            if self.error is not None:
+                return
+            self.error, self.stopped = error, True
+            self._fail_all(EngineDead(f"the engine stopped: {error!r}"))
+        self.wake.set()
+        self.on_fatal()
+
     def _fail_all(self, error: EngineDead) -> None:
         for loop, queue in self.queues.values():
             _deliver(loop, queue, error)

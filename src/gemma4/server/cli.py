@@ -45,10 +45,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory (None: the model's)")
     parser.add_argument("--allowed-origins", default="*", help="comma-separated CORS origins ('*': any, as vLLM)")
     parser.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds SIGTERM lets requests finish")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="split the model over this many processes of this host, one GPU each (or CPU "
+                             "processes); several hosts: torchrun (docs/distributed.md)")
+    parser.add_argument("--enable-expert-parallel", action="store_true",
+                        help="with --tensor-parallel-size: whole MoE experts per rank instead of every expert split")
 
 
-def build_app_from_args(args):
-    """The app of `gemma4 serve`, its engine warmed up; prints the start-up summary (stderr)."""
+def build_app_from_args(args, model=None):
+    """The app of `gemma4 serve`, its engine warmed up; prints the start-up summary (stderr). `model`: already loaded
+    (a torchrun rank 0's shard: gemma4.distributed.launch), else loaded from args.model."""
     from ..engine.memory import summary
     from ..pretrained import Model
     from ..processing.processor import Processor
@@ -56,7 +62,15 @@ def build_app_from_args(args):
     from .state import build_state
 
     start = time.perf_counter()
-    model = Model.from_pretrained(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization)
+    parallel = getattr(args, "tensor_parallel_size", 1)
+    if model is not None:
+        pass
+    elif parallel != 1:
+        from ..distributed import load_parallel
+        model = load_parallel(args.model, parallel, args.enable_expert_parallel, dtype=args.dtype, device=args.device,
+                              quantization=args.quantization)
+    else:
+        model = Model.from_pretrained(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization)
     processor = Processor.from_pretrained(args.tokenizer or args.model)  # tokenizer + processor_config.json
     step_tokens = args.max_num_batched_tokens or STEP_TOKENS.get(model.device.type, STEP_TOKENS["cpu"])
     state = build_state(model, processor.tokenizer, args.served_model_name or args.model, processor=processor,
@@ -69,15 +83,19 @@ def build_app_from_args(args):
                                                if d.strip()],
                         allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()])
     print(f"gemma4 serve: {summary(state.engine.engine, time.perf_counter() - start)}", file=sys.stderr, flush=True)
+    if (runtime := getattr(model, "parallel_runtime", None)) is not None:  # a rank that ends while the engine idles
+        from ..distributed import RankFailed
+        runtime.on_failure = lambda: state.engine.fail(RankFailed(f"tensor parallelism: {runtime.failed}"))
     return create_app(state)
 
 
-def run_serve(args) -> None:
+def run_serve(args, model=None) -> None:
     """Serve until SIGTERM or Ctrl-C, which drain the requests in flight (docs/serving.md) and return; if the engine
-    dies (a device error), exit with status 1, for a supervisor to start a fresh process."""
+    dies (a device error, a rank of a tensor-parallel model gone), exit with status 1, for a supervisor to start a
+    fresh process."""
     import uvicorn
 
-    app = build_app_from_args(args)
+    app = build_app_from_args(args, model)
     engine = app.state.server.engine
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                                            timeout_graceful_shutdown=args.shutdown_timeout))
@@ -90,6 +108,8 @@ def run_serve(args) -> None:
         server.run()
     finally:
         engine.shutdown()
+        from ..distributed import shutdown as stop_ranks
+        stop_ranks()  # a tensor-parallel model's other processes, if any
         if main:
             signal.signal(signal.SIGTERM, previous)
     if engine.error is not None:

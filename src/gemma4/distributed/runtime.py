@@ -1,0 +1,355 @@
+"""Running one model over N ranks: rank 0 holds the engine (scheduler, block manager, sampler) and its shard of the
+model; ranks 1..N-1 hold only their shards and run every forward rank 0 runs, with the same inputs, so that the
+collectives inside the model meet.
+
+Rank 0's model forward is wrapped (`ParallelRuntime.mirror`): before each forward it sends the call's arguments to
+the other ranks on a gloo control group: tensors as CPU copies, a paged cache as its block tables and ring slots
+(each rank keeps its own KV pools, of its own KV heads, mirroring rank 0's: created, freed and ring-copied with
+them; the sliding rings' positions travel with each step). The engine code is unchanged: only the forward knows.
+
+Faults: a rank whose process ends makes rank 0's next forward raise `RankFailed` (a torch.AcceleratorError: the
+engine stops, as on a sticky device error, and the server reports unhealthy and exits); a rank that hangs does so
+after the collectives' timeout. `on_failure` is also called from a watchdog thread when a spawned rank ends while rank
+0 is idle."""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import logging
+import threading
+import traceback
+import weakref
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..config import SLIDING, Config
+from ..model.paged_cache import KVPools, PagedCacheView
+from .groups import DEFAULT_TIMEOUT, destroy_groups, free_port, init_groups, rank_device
+from .sharding import Ranks, ShardPlan, check_shardable
+
+logger = logging.getLogger(__name__)
+
+_current: ParallelRuntime | None = None  # one per process: torch.distributed has one default group
+
+
+class RankFailed(torch.AcceleratorError):
+    """A rank of a tensor-parallel model ended or stopped answering: like a sticky device error, the model cannot
+    go on (the engine stops rather than failing request after request)."""
+
+
+def load_parallel(path, tensor_parallel_size: int, enable_expert_parallel: bool = False, dtype=None, device="auto",
+                  quantization: str | None = None, timeout: datetime.timedelta = DEFAULT_TIMEOUT):
+    """Rank 0's shard of the checkpoint at `path` (a `gemma4.Model`), with N-1 worker processes spawned on this host
+    holding the others. Size errors (heads, experts, vocabulary not divisible) are raised before anything starts."""
+    from ..loading import resolve_checkpoint, resolve_device
+
+    directory = resolve_checkpoint(path)
+    check_shardable(Config.from_file(directory), tensor_parallel_size, enable_expert_parallel)
+    if quantization is not None:
+        raise ValueError("tensor parallelism does not take quantization= yet")
+    device = resolve_device(device)
+    if device.type == "cuda" and torch.cuda.device_count() < tensor_parallel_size:
+        raise ValueError(f"tensor_parallel_size={tensor_parallel_size} needs as many GPUs on this host; "
+                         f"{torch.cuda.device_count()} are visible")
+    if _current is not None:
+        raise RuntimeError("a tensor-parallel model already runs in this process; shutdown() it first")
+    runtime = ParallelRuntime.spawn(directory, tensor_parallel_size, enable_expert_parallel, dtype, device, timeout)
+    return runtime.model
+
+
+def shutdown() -> None:
+    """Stop this process's tensor-parallel runtime (its worker processes, its process groups), if any."""
+    if _current is not None:
+        _current.shutdown()
+
+
+def current() -> ParallelRuntime | None:
+    return _current
+
+
+class ParallelRuntime:
+    """Rank 0's side: the worker processes, the groups, and the mirror of every forward."""
+
+    def __init__(self, ranks: Ranks, control, processes: list, model=None):
+        self.ranks, self.control, self.processes, self.model = ranks, control, processes, None
+        self.failed: str | None = None
+        self.on_failure = lambda: None
+        self._pools: dict[int, weakref.ref] = {}  # id -> rank 0's KVPools, whose twins the other ranks hold
+        self._copies: list[tuple[int, int, int]] = []  # (pools id, source ring, target ring) not sent yet
+        self._next_id = 0
+        self._stopped = threading.Event()
+        if processes:
+            threading.Thread(target=self._watch, name="gemma4-tp-watchdog", daemon=True).start()
+        if model is not None:
+            self.mirror(model)
+            if model.device.type == "cuda":
+                _eager_steps()
+
+    @classmethod
+    def spawn(cls, directory: Path, size: int, expert_parallel: bool, dtype, device: torch.device,
+              timeout: datetime.timedelta) -> ParallelRuntime:
+        global _current
+        import torch.multiprocessing as mp
+
+        from ..loading import load_model
+        from ..pretrained import Model
+
+        init_method = f"tcp://127.0.0.1:{free_port()}"
+        context = mp.get_context("spawn")
+        ready = context.Queue()
+        args = (str(directory), size, expert_parallel, dtype, device.type, init_method, timeout)
+        processes = [context.Process(target=_worker_main, args=(rank, *args, ready), name=f"gemma4-tp-rank{rank}",
+                                     daemon=True) for rank in range(1, size)]
+        for process in processes:
+            process.start()
+        try:
+            ranks, control = init_groups(0, size, rank_device(device, 0), init_method, timeout)
+            model = load_model(directory, dtype=dtype, device=rank_device(device, 0), model_class=Model,
+                               shard=ShardPlan(Config.from_file(directory), ranks, expert_parallel))
+            _wait_ready(ready, processes, timeout)
+        except BaseException:
+            for process in processes:
+                process.kill()
+            destroy_groups()
+            raise
+        runtime = _current = cls(ranks, control, processes, model)
+        atexit.register(runtime.shutdown)
+        return runtime
+
+    def mirror(self, model) -> None:
+        """Make `model`'s forward send its inputs to the other ranks first."""
+        self.model = model
+        model.parallel_runtime = self
+        forward = model.forward
+
+        def mirrored_forward(*args, **kwargs):
+            self.check()
+            try:
+                dist.broadcast_object_list([self._message(args, kwargs)], src=0, group=self.control)
+            except Exception as e:  # noqa: BLE001  (whatever gloo raises when a peer is gone)
+                raise self._failure(e) from e
+            try:
+                return forward(*args, **kwargs)
+            except Exception as e:
+                if isinstance(e, dist.DistError) or self._dead_rank() is not None:
+                    raise self._failure(e) from e
+                raise  # an error of the inputs: every rank raised it alike, the others went on
+
+        model.forward = mirrored_forward
+
+    def check(self) -> None:
+        if self.failed is None and (dead := self._dead_rank()) is not None:
+            self.failed = dead
+        if self.failed is not None:
+            raise RankFailed(f"tensor parallelism: {self.failed}")
+
+    def shutdown(self) -> None:
+        global _current
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        if self.failed is None:
+            try:
+                dist.broadcast_object_list([None], src=0, group=self.control)
+            except Exception:  # noqa: BLE001  (a rank already gone)
+                pass
+        for process in self.processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+        destroy_groups()
+        if _current is self:
+            _current = None
+
+    # ---- internals
+
+    def _dead_rank(self) -> str | None:
+        for rank, process in enumerate(self.processes, start=1):
+            if process.exitcode is not None:
+                return f"rank {rank} ended (exit code {process.exitcode})"
+        return None
+
+    def _failure(self, error: BaseException) -> RankFailed:
+        self.failed = self._dead_rank() or f"a collective failed: {type(error).__name__}: {error}"
+        return RankFailed(f"tensor parallelism: {self.failed}")
+
+    def _watch(self) -> None:
+        while not self._stopped.wait(1.0):
+            if (dead := self._dead_rank()) is not None:
+                if self.failed is None:
+                    self.failed = dead
+                    logger.error("tensor parallelism: %s", dead)
+                    self.on_failure()
+                return
+
+    def _message(self, args, kwargs) -> dict:
+        freed = [pid for pid, ref in self._pools.items() if ref() is None]
+        for pid in freed:
+            del self._pools[pid]
+        message = {"freed": freed, "new_pools": [], "args": _to_host(args), "kwargs": {}}
+        for name, value in kwargs.items():
+            if isinstance(value, PagedCacheView):
+                value = self._cache(value, message)
+            elif value is not None and hasattr(value, "pools"):
+                raise NotImplementedError("tensor parallelism runs the engine's paged cache, not KVCache "
+                                          "(use Model.generate or LLM)")
+            message["kwargs"][name] = _to_host(value)
+        message["copies"], self._copies = self._copies, []
+        return message
+
+    def _cache(self, view: PagedCacheView, message: dict) -> _CacheInputs:
+        pools = view.pools
+        pid = getattr(pools, "parallel_id", None)
+        if pid is None:
+            pid = pools.parallel_id = self._next_id
+            self._next_id += 1
+            self._pools[pid] = weakref.ref(pools)
+            message["new_pools"].append((pid, _pools_spec(pools)))
+            if hasattr(pools, "_copy_ring"):  # BlockManager: the prefix cache copies K/V between rings
+                copy_ring = pools._copy_ring
+
+                def mirrored_copy_ring(src: int, dst: int, pid=pid):
+                    copy_ring(src, dst)
+                    self._copies.append((pid, src, dst))
+
+                pools._copy_ring = mirrored_copy_ring
+        return _CacheInputs(pid, view.block_tables.cpu(), view.ring_slots.cpu(), view.num_cached.cpu(),
+                            view.max_cached, pools.ring_positions.cpu())
+
+
+class _CacheInputs:
+    """A PagedCacheView as it travels: its tables; each rank views its own pools with them."""
+
+    def __init__(self, pools_id, block_tables, ring_slots, num_cached, max_cached, ring_positions):
+        self.pools_id, self.block_tables, self.ring_slots = pools_id, block_tables, ring_slots
+        self.num_cached, self.max_cached, self.ring_positions = num_cached, max_cached, ring_positions
+
+    def view(self, pools: KVPools, device) -> PagedCacheView:
+        pools.ring_positions.copy_(self.ring_positions)  # rank 0's host-side edits (admissions) included
+        return PagedCacheView(pools, self.block_tables.to(device), self.ring_slots.to(device),
+                              self.num_cached.to(device), max_cached=self.max_cached)
+
+
+def _pools_spec(pools: KVPools) -> dict:
+    spec = dict(num_blocks=pools.num_blocks, block_size=pools.block_size, max_num_seqs=pools.max_num_seqs,
+                kv_cache_dtype=pools.kv_cache_dtype, num_rings=pools.num_rings)
+    extra = getattr(pools, "ring_size", pools.window) - pools.window
+    if extra:
+        spec["ring_extra"] = extra
+    return spec
+
+
+def _to_host(value):
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_host(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_host(v) for k, v in value.items()}
+    return value
+
+
+def _to_device(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def _copy_ring(pools: KVPools, src: int, dst: int) -> None:
+    """BlockManager._copy_ring's K/V part on this rank's pools (positions come with each step)."""
+    w = getattr(pools, "ring_size", pools.window)
+    for i in pools.keys:
+        if pools.layer_types[i] == SLIDING:
+            for tensors in (pools.keys, pools.values):
+                tensors[i][:, dst * w:(dst + 1) * w] = tensors[i][:, src * w:(src + 1) * w]
+
+
+def _wait_ready(ready, processes: list, timeout: datetime.timedelta) -> None:
+    """Until every worker has loaded its shard; RuntimeError with its traceback when one fails or ends."""
+    import queue
+
+    waiting = set(range(1, len(processes) + 1))
+    deadline = timeout.total_seconds() * 10  # loading a shard takes longer than a collective
+    waited = 0.0
+    while waiting:
+        try:
+            rank, error = ready.get(timeout=0.5)
+        except queue.Empty:
+            waited += 0.5
+            for rank, process in enumerate(processes, start=1):
+                if rank in waiting and process.exitcode is not None:
+                    raise RuntimeError(f"tensor parallelism: rank {rank} ended while loading (exit code "
+                                       f"{process.exitcode})") from None
+            if waited > deadline:
+                raise RuntimeError(f"tensor parallelism: ranks {sorted(waiting)} did not load within "
+                                   f"{deadline:.0f} s") from None
+            continue
+        if error is not None:
+            raise RuntimeError(f"tensor parallelism: rank {rank} failed to load its shard:\n{error}")
+        waiting.discard(rank)
+
+
+def _eager_steps() -> None:
+    """Decode steps without CUDA graphs in this process: rank 0's forward sends its inputs from the host, which a
+    graph replay would skip."""
+    import dataclasses
+
+    from .. import options as options_module
+    options_module.current = dataclasses.replace(options_module.current, cuda_graphs=False)
+
+
+def _worker_main(rank: int, directory: str, size: int, expert_parallel: bool, dtype, device_type: str,
+                 init_method: str, timeout: datetime.timedelta, ready) -> None:
+    """A spawned rank: load this rank's shard, report, then run rank 0's forwards until told to stop."""
+    from ..loading import load_model
+
+    device = rank_device(torch.device(device_type), rank)
+    try:
+        ranks, control = init_groups(rank, size, device, init_method, timeout)
+        model = load_model(directory, dtype=dtype, device=device,
+                           shard=ShardPlan(Config.from_file(directory), ranks, expert_parallel))
+    except BaseException:
+        ready.put((rank, traceback.format_exc()))
+        raise
+    ready.put((rank, None))
+    try:
+        serve_forwards(model, control)
+    finally:
+        destroy_groups()
+
+
+@torch.no_grad()
+def serve_forwards(model, control) -> None:
+    """Ranks 1..N-1: run each forward rank 0 sends, on this rank's shard and KV pools, until it sends None. An error
+    of the inputs (every rank raises it alike) is logged and the loop goes on; a failed collective ends it."""
+    pools: dict[int, KVPools] = {}
+    device = model.device
+    while True:
+        box = [None]
+        dist.broadcast_object_list(box, src=0, group=control)
+        message = box[0]
+        if message is None:
+            return
+        for pid in message["freed"]:
+            pools.pop(pid, None)
+        for pid, spec in message["new_pools"]:
+            pools[pid] = KVPools(model.config.text_config, dtype=model.dtype, device=device, **spec)
+        for pid, src, dst in message["copies"]:
+            _copy_ring(pools[pid], src, dst)
+        kwargs = {}
+        for name, value in message["kwargs"].items():
+            kwargs[name] = value.view(pools[value.pools_id], device) if isinstance(value, _CacheInputs) \
+                else _to_device(value, device)
+        try:
+            model(*_to_device(message["args"], device), **kwargs)
+        except dist.DistError:
+            raise
+        except Exception:  # noqa: BLE001
+            logger.exception("rank %d: a forward failed (as on rank 0)", dist.get_rank())

@@ -1,0 +1,207 @@
+"""Tensor and expert parallelism (src/gemma4/distributed/) with CPU processes over gloo: tiny fp32 checkpoints of
+every family split over 2 and 4 ranks give the single-process model's logits and greedy tokens.
+
+Tolerance: fp32 logits within 1e-4 absolute (rtol 0; softcapped logits are of magnitude ~2 here). A row-parallel
+product (o_proj, down_proj, the experts) sums N partial sums instead of one sum over K, and the reduction order of
+all-reduce differs again: measured differences are 2e-6 to 1.1e-5 over the families and sizes below, so 1e-4 leaves
+a margin of ~10 while any wrong shard (a missed all-reduce, a head paired with the wrong KV head, an expert on the
+wrong rank) moves logits by O(1). Greedy tokens must be equal; logprobs of the generated tokens within 1e-4."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from reference import text_config_dict
+
+from gemma4 import Model, distributed
+from gemma4.config import Config
+from gemma4.distributed import RankFailed, ShardingError
+from gemma4.llm import LLM
+from gemma4.random_init import randomize_
+
+ATOL = 1e-4
+GREEDY = dict(temperature=0.0, max_tokens=8, stop_token_ids=[], logprobs=1)
+# (family, ranks, expert parallel): E2B has PLE and KV sharing with one KV head (replicated on every rank), 26B-A4B
+# MoE with K=V global layers (one KV head) and two sliding KV heads (split by 2, replicated by 4), 31B dense.
+CASES = [("E2B", 2, False), ("E2B", 4, False), ("26B-A4B", 2, False), ("26B-A4B", 4, True), ("31B", 2, False),
+         ("31B", 4, False)]
+
+
+IMAGE = 372  # the image placeholder id inside the tiny vocabulary (as in test_multimodal.py)
+
+
+def config_of(family: str) -> Config:
+    return Config.from_dict({"model_type": "gemma4", "text_config": text_config_dict(family),
+                             "vision_config": None, "audio_config": None, "image_token_id": IMAGE})
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    paths = {}
+    for family in ("E2B", "26B-A4B", "31B"):
+        paths[family] = tmp_path_factory.mktemp(family)
+        randomize_(Model(config_of(family)), seed=1).save_pretrained(paths[family])
+    return paths
+
+
+def prompts() -> list[list[int]]:
+    """Three prompts; the third starts with the second's 40 tokens (a prefix-cache hit: rings copied on every rank)."""
+    g = torch.Generator().manual_seed(0)
+    first, second = (torch.randint(3, 384, (n,), generator=g).tolist() for n in (5, 40))
+    return [first, second, second + torch.randint(3, 384, (9,), generator=g).tolist()]
+
+
+def outputs(llm: LLM, prompt_lists: list[list[int]]):
+    """Token ids and their logprobs per prompt: the first two together, the third after (to hit the cache)."""
+    results = llm.generate(prompt_lists[:2], GREEDY) + llm.generate(prompt_lists[2:], GREEDY)
+    return [(r.token_ids, [lp.logprob for lp in r.logprobs]) for r in results]
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoints):
+    """family -> (single-process model, its outputs on `prompts()`)."""
+    found = {}
+    for family, path in checkpoints.items():
+        llm = LLM(path, dtype="float32", device="cpu", max_model_len=256, max_batch_size=4)
+        found[family] = llm.model, outputs(llm, prompts())
+    return found
+
+
+@pytest.mark.parametrize("family,size,expert_parallel", CASES, ids=[f"{f}-tp{n}{'-ep' if e else ''}"
+                                                                     for f, n, e in CASES])
+def test_logits_and_greedy_tokens_equal_one_process(checkpoints, reference, family, size, expert_parallel):
+    single, expected = reference[family]
+    llm = LLM(checkpoints[family], dtype="float32", device="cpu", max_model_len=256, max_batch_size=4,
+              tensor_parallel_size=size, enable_expert_parallel=expert_parallel)
+    try:
+        assert llm.model.config.text_config.num_attention_heads == 4 // size  # this rank's heads only
+        ids = torch.randint(3, 384, (2, 21), generator=torch.Generator().manual_seed(1))
+        mask = torch.ones_like(ids)
+        mask[1, :6] = 0  # a left-padded row
+        with torch.no_grad():
+            torch.testing.assert_close(llm.model(ids, attention_mask=mask), single(ids, attention_mask=mask),
+                                       rtol=0, atol=ATOL)
+            # Soft tokens of an image (as the engine passes them: computed once on rank 0) replace placeholders.
+            ids[0, 4:9] = IMAGE
+            filled = torch.zeros_like(ids, dtype=torch.bool)
+            filled[0, 4:9] = True
+            media = (filled, torch.randn(5, 64, generator=torch.Generator().manual_seed(3)))
+            torch.testing.assert_close(llm.model(ids, media_embeds=media), single(ids, media_embeds=media),
+                                       rtol=0, atol=ATOL)
+        for (got_ids, got_logprobs), (want_ids, want_logprobs) in zip(outputs(llm, prompts()), expected):
+            assert got_ids == want_ids
+            torch.testing.assert_close(torch.tensor(got_logprobs), torch.tensor(want_logprobs), rtol=0, atol=ATOL)
+        assert llm.engine.blocks.hit_tokens > 0  # the third prompt came partly from the prefix cache
+    finally:
+        distributed.shutdown()
+
+
+def test_expert_parallel_and_tensor_parallel_experts_agree(checkpoints, reference):
+    """26B-A4B over 2 ranks with whole experts per rank (the other flag value than CASES' tp2 run)."""
+    single, _ = reference["26B-A4B"]
+    model = distributed.load_parallel(checkpoints["26B-A4B"], 2, enable_expert_parallel=True, dtype=torch.float32,
+                                      device="cpu")
+    try:
+        experts = model.model.language_model.layers[0].experts
+        assert experts.gate_up_proj.shape[0] == 4 and experts.expert_start == 0  # 8 experts, 4 on rank 0
+        ids = torch.randint(3, 384, (3, 11), generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids), single(ids), rtol=0, atol=ATOL)
+    finally:
+        distributed.shutdown()
+
+
+@pytest.mark.parametrize("expert_parallel", [False, True])
+def test_each_rank_reads_only_its_slices(checkpoints, expert_parallel):
+    """Loading rank 1 of 2 (no process group needed to load): every cut weight equals its part of the whole one and
+    owns only that part's bytes (read as a slice, not read whole and narrowed)."""
+    from gemma4.distributed import Ranks, ShardPlan
+    from gemma4.loading import load_model
+
+    path, config = checkpoints["26B-A4B"], config_of("26B-A4B")
+    whole = dict(load_model(path, dtype=torch.float32, device="cpu").named_parameters())
+    plan = ShardPlan(config, Ranks(1, 2), expert_parallel)
+    part = load_model(path, dtype=torch.float32, device="cpu", shard=plan)
+    specs = plan.specs(part)
+    layer = "model.language_model.layers.2."  # a global layer: 4 query heads, 1 KV head (K=V)
+    q, k = layer + "self_attn.q_proj.weight", layer + "self_attn.k_proj.weight"
+    assert part.get_parameter(q).shape[0] == whole[q].shape[0] // 2
+    assert part.get_parameter(k).shape == whole[k].shape  # the one KV head, replicated
+    experts = part.get_parameter(layer + "experts.gate_up_proj").shape
+    assert experts == ((4, 64, 64) if expert_parallel else (8, 32, 64))  # 8 experts of width 32: [E, 2W, H]
+    for name, tensor in part.named_parameters():
+        if name in specs:
+            dim, ranges = specs[name]
+            want = torch.cat([whole[name].narrow(dim, a, b - a) for a, b in ranges], dim)
+            assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+        else:
+            want = whole[name]
+        assert torch.equal(tensor, want), name
+    # The same cut applied in place to a loaded model (shard_model_ after construction).
+    cut = distributed.shard_model_(load_model(path, dtype=torch.float32, device="cpu"), plan)
+    assert {n: type(m) for n, m in cut.named_modules()} == {n: type(m) for n, m in part.named_modules()}
+    for name, tensor in part.named_parameters():
+        assert torch.equal(cut.get_parameter(name), tensor), name
+
+
+def test_sizes_that_do_not_divide_fail_before_loading(checkpoints):
+    with pytest.raises(ShardingError, match="num_attention_heads"):
+        LLM(checkpoints["31B"], dtype="float32", device="cpu", tensor_parallel_size=3)
+    with pytest.raises(ShardingError, match="num_experts"):  # 8 experts over 16 ranks (heads fail too)
+        distributed.check_shardable(config_of("26B-A4B"), 16, expert_parallel=True)
+    assert distributed.current() is None  # nothing was started
+
+
+def test_a_rank_that_dies_stops_the_engine_without_a_hang(checkpoints):
+    llm = LLM(checkpoints["31B"], dtype="float32", device="cpu", max_model_len=256, max_batch_size=4,
+              tensor_parallel_size=2)
+    runtime = distributed.current()
+    try:
+        assert llm.generate([[5, 6, 7]], GREEDY)[0].token_ids
+        os.kill(runtime.processes[0].pid, signal.SIGKILL)
+        runtime.processes[0].join(timeout=10)
+        start = time.monotonic()
+        with pytest.raises(RankFailed, match="rank 1 ended"):
+            llm.generate([[5, 6, 7]], GREEDY)
+        assert time.monotonic() - start < 10
+    finally:
+        distributed.shutdown()
+    assert distributed.current() is None
+
+
+def test_server_answers_as_one_process_and_reports_a_dead_rank(tmp_path, gemma4_tokenizer_dir):
+    """`gemma4 serve --tensor-parallel-size 2`: greedy completions equal the single-process LLM's; a rank killed
+    while the server idles makes /health 503 and new requests fail, without a hang."""
+    import httpx2 as httpx
+    from test_server_support import Server, serve_args, write_checkpoint
+
+    from gemma4.server.cli import build_app_from_args
+
+    write_checkpoint(tmp_path, gemma4_tokenizer_dir)
+    prompts = [[2, 100, 200, 300], [2] + list(range(500, 540))]
+    single = LLM(tmp_path, dtype="float32", device="cpu", max_model_len=1024, max_batch_size=4)
+    expected = [r.text for r in single.generate(prompts, dict(temperature=0.0, max_tokens=8, ignore_eos=True))]
+    server = Server(build_app_from_args(serve_args(tmp_path, "--tensor-parallel-size", "2")))
+    runtime = distributed.current()
+    try:
+        client = server.client(timeout=60)
+        for prompt, want in zip(prompts, expected):
+            got = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0,
+                                            extra_body={"ignore_eos": True})
+            assert got.choices[0].text == want
+        os.kill(runtime.processes[0].pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{server.url}/health").status_code == 200:
+            assert time.monotonic() < deadline, "/health still ok 10 s after a rank died"
+            time.sleep(0.2)
+        assert "rank 1 ended" in httpx.get(f"{server.url}/health").json()["message"]
+        with pytest.raises(Exception):
+            client.completions.create(model="tiny", prompt=prompts[0], max_tokens=4)
+    finally:
+        server.stop()
+        distributed.shutdown()
