@@ -205,3 +205,50 @@ def test_server_answers_as_one_process_and_reports_a_dead_rank(tmp_path, gemma4_
     finally:
         server.stop()
         distributed.shutdown()
+
+
+def test_fused_projections_are_refused_in_place(checkpoints):
+    """shard_model_ on a model whose q/k/v are already fused (their weights are views of the fused one) says so; the
+    loader cuts before it fuses."""
+    from gemma4.distributed import Ranks, ShardPlan
+
+    model = Model.from_pretrained(checkpoints["31B"], dtype=torch.float32, device="cpu").fuse_projections_()
+    with pytest.raises(ShardingError, match="before fuse_projections_"):
+        distributed.shard_model_(model, ShardPlan(config_of("31B"), Ranks(0, 2)))
+
+
+def test_torchrun_serves_over_two_ranks(tmp_path, gemma4_tokenizer_dir):
+    """`torchrun -m gemma4.distributed serve`: the multi-host entry, here as 2 CPU ranks of one host."""
+    import subprocess
+    import sys
+
+    import httpx2 as httpx
+    from test_server_support import write_checkpoint
+
+    from gemma4.distributed.groups import free_port
+
+    write_checkpoint(tmp_path, gemma4_tokenizer_dir)
+    prompt = [2, 100, 200, 300]
+    single = LLM(tmp_path, dtype="float32", device="cpu", max_model_len=512, max_batch_size=4)
+    want = single.generate([prompt], dict(temperature=0.0, max_tokens=8, ignore_eos=True))[0].text
+    port = free_port()
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(free_port()), "-m", "gemma4.distributed", "serve", str(tmp_path), "--tensor-parallel-size", "2",
+               "--device", "cpu", "--dtype", "fp32", "--max-model-len", "512", "--port", str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "torchrun's server did not start"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        body = {"model": str(tmp_path), "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        got = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60).json()
+        assert got["choices"][0]["text"] == want
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -216,21 +216,30 @@ class ParallelRuntime:
                     self._copies.append((pid, src, dst))
 
                 pools._copy_ring = mirrored_copy_ring
-        return _CacheInputs(pid, view.block_tables.cpu(), view.ring_slots.cpu(), view.num_cached.cpu(),
-                            view.max_cached, pools.ring_positions.cpu())
+        rings = view.ring_slots.cpu()
+        return _CacheInputs(pid, view.block_tables.cpu(), rings, view.num_cached.cpu(), view.max_cached,
+                            _ring_table(pools)[rings].cpu())
 
 
 class _CacheInputs:
-    """A PagedCacheView as it travels: its tables; each rank views its own pools with them."""
+    """A PagedCacheView as it travels: its tables, and the positions its rows' rings hold on rank 0 (which the host
+    edits between forwards: an admission empties a ring, a prefix-cache hit copies one); each rank views its own
+    pools with them. A forward reads and writes only its rows' rings."""
 
     def __init__(self, pools_id, block_tables, ring_slots, num_cached, max_cached, ring_positions):
         self.pools_id, self.block_tables, self.ring_slots = pools_id, block_tables, ring_slots
         self.num_cached, self.max_cached, self.ring_positions = num_cached, max_cached, ring_positions
 
     def view(self, pools: KVPools, device) -> PagedCacheView:
-        pools.ring_positions.copy_(self.ring_positions)  # rank 0's host-side edits (admissions) included
+        _ring_table(pools)[self.ring_slots.to(device)] = self.ring_positions.to(device)
         return PagedCacheView(pools, self.block_tables.to(device), self.ring_slots.to(device),
                               self.num_cached.to(device), max_cached=self.max_cached)
+
+
+def _ring_table(pools: KVPools) -> torch.Tensor:
+    """pools.ring_positions as [rings, ring size] (without the trash slot): a view, written through."""
+    size = getattr(pools, "ring_size", pools.window)
+    return pools.ring_positions[:pools.num_rings * size].view(pools.num_rings, size)
 
 
 def _pools_spec(pools: KVPools) -> dict:
