@@ -9,6 +9,7 @@ wrong rank) moves logits by O(1). Greedy tokens must be equal; logprobs of the g
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import time
@@ -112,6 +113,13 @@ def test_expert_parallel_and_tensor_parallel_experts_agree(checkpoints, referenc
         ids = torch.randint(3, 384, (3, 11), generator=torch.Generator().manual_seed(2))
         with torch.no_grad():
             torch.testing.assert_close(model(ids), single(ids), rtol=0, atol=ATOL)
+        # A runtime whose model is gone (an LLM that failed after loading) gives way to the next one.
+        first = distributed.current()
+        del model
+        gc.collect()
+        assert first.model is None
+        model = distributed.load_parallel(checkpoints["31B"], 2, dtype=torch.float32, device="cpu")
+        assert distributed.current() is not first and not first.processes[0].is_alive()
     finally:
         distributed.shutdown()
 

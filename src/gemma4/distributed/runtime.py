@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import logging
+import signal
 import threading
 import traceback
 import weakref
@@ -54,10 +55,12 @@ def load_parallel(path, tensor_parallel_size: int, enable_expert_parallel: bool 
     if device.type == "cuda" and torch.cuda.device_count() < tensor_parallel_size:
         raise ValueError(f"tensor_parallel_size={tensor_parallel_size} needs as many GPUs on this host; "
                          f"{torch.cuda.device_count()} are visible")
+    if _current is not None and _current.model is None:  # its model is gone (e.g. the LLM around it failed)
+        _current.shutdown()
     if _current is not None:
-        raise RuntimeError("a tensor-parallel model already runs in this process; shutdown() it first")
-    runtime = ParallelRuntime.spawn(directory, tensor_parallel_size, enable_expert_parallel, dtype, device, timeout)
-    return runtime.model
+        raise RuntimeError("a tensor-parallel model already runs in this process; gemma4.distributed.shutdown() it "
+                           "first")
+    return ParallelRuntime.spawn(directory, tensor_parallel_size, enable_expert_parallel, dtype, device, timeout)
 
 
 def shutdown() -> None:
@@ -74,7 +77,8 @@ class ParallelRuntime:
     """Rank 0's side: the worker processes, the groups, and the mirror of every forward."""
 
     def __init__(self, ranks: Ranks, control, processes: list, model=None):
-        self.ranks, self.control, self.processes, self.model = ranks, control, processes, None
+        self.ranks, self.control, self.processes = ranks, control, processes
+        self._model = lambda: None  # a weak reference: the model holds this runtime, not the other way round
         self.failed: str | None = None
         self.on_failure = lambda: None
         self._pools: dict[int, weakref.ref] = {}  # id -> rank 0's KVPools, whose twins the other ranks hold
@@ -90,7 +94,8 @@ class ParallelRuntime:
 
     @classmethod
     def spawn(cls, directory: Path, size: int, expert_parallel: bool, dtype, device: torch.device,
-              timeout: datetime.timedelta) -> ParallelRuntime:
+              timeout: datetime.timedelta):
+        """Rank 0's model, the other ranks started and loaded; the runtime is `current()`."""
         global _current
         import torch.multiprocessing as mp
 
@@ -117,11 +122,11 @@ class ParallelRuntime:
             raise
         runtime = _current = cls(ranks, control, processes, model)
         atexit.register(runtime.shutdown)
-        return runtime
+        return model
 
     def mirror(self, model) -> None:
         """Make `model`'s forward send its inputs to the other ranks first."""
-        self.model = model
+        self._model = weakref.ref(model)
         model.parallel_runtime = self
         forward = model.forward
 
@@ -139,6 +144,11 @@ class ParallelRuntime:
                 raise  # an error of the inputs: every rank raised it alike, the others went on
 
         model.forward = mirrored_forward
+
+    @property
+    def model(self):
+        """Rank 0's model, None once it is gone."""
+        return self._model()
 
     def check(self) -> None:
         if self.failed is None and (dead := self._dead_rank()) is not None:
@@ -319,6 +329,7 @@ def _worker_main(rank: int, directory: str, size: int, expert_parallel: bool, dt
     """A spawned rank: load this rank's shard, report, then run rank 0's forwards until told to stop."""
     from ..loading import load_model
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: rank 0 decides (drains)
     device = rank_device(torch.device(device_type), rank)
     try:
         ranks, control = init_groups(rank, size, device, init_method, timeout)
