@@ -166,6 +166,7 @@ def test_sizes_that_do_not_divide_fail_before_loading(checkpoints):
 
 
 def test_a_rank_that_dies_stops_the_engine_without_a_hang(checkpoints):
+    threads = torch.get_num_threads()
     llm = LLM(checkpoints["31B"], dtype="float32", device="cpu", max_model_len=256, max_batch_size=4,
               tensor_parallel_size=2)
     runtime = distributed.current()
@@ -180,6 +181,7 @@ def test_a_rank_that_dies_stops_the_engine_without_a_hang(checkpoints):
     finally:
         distributed.shutdown()
     assert distributed.current() is None
+    assert torch.get_num_threads() == threads  # CPU ranks share the cores only while they run
 
 
 def test_server_answers_as_one_process_and_reports_a_dead_rank(tmp_path, gemma4_tokenizer_dir):

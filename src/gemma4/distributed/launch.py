@@ -49,6 +49,9 @@ def load_rank(args, rank: int, size: int, local_rank: int):
     config = Config.from_file(directory)
     check_shardable(config, size, args.enable_expert_parallel)
     device = rank_device(resolve_device(args.device), local_rank)
+    if device.type == "cpu":
+        from .runtime import share_cores
+        share_cores(int(os.environ.get("LOCAL_WORLD_SIZE", size)))
     ranks, control = init_groups(rank, size, device)
     model = load_model(directory, dtype=args.dtype, device=device, model_class=Model,
                        shard=ShardPlan(config, ranks, args.enable_expert_parallel))

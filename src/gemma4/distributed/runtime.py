@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import logging
+import os
 import signal
 import threading
 import traceback
@@ -80,6 +81,7 @@ class ParallelRuntime:
         self.ranks, self.control, self.processes = ranks, control, processes
         self._model = lambda: None  # a weak reference: the model holds this runtime, not the other way round
         self.failed: str | None = None
+        self.threads_before: int | None = None  # PyTorch's CPU threads here before share_cores
         self.on_failure = lambda: None
         self._pools: dict[int, weakref.ref] = {}  # id -> rank 0's KVPools, whose twins the other ranks hold
         self._copies: list[tuple[int, int, int]] = []  # (pools id, source ring, target ring) not sent yet
@@ -102,6 +104,7 @@ class ParallelRuntime:
         from ..loading import load_model
         from ..pretrained import Model
 
+        threads = share_cores(size) if device.type == "cpu" else None
         init_method = f"tcp://127.0.0.1:{free_port()}"
         context = mp.get_context("spawn")
         ready = context.Queue()
@@ -119,8 +122,11 @@ class ParallelRuntime:
             for process in processes:
                 process.kill()
             destroy_groups()
+            if threads is not None:
+                torch.set_num_threads(threads)
             raise
         runtime = _current = cls(ranks, control, processes, model)
+        runtime.threads_before = threads
         atexit.register(runtime.shutdown)
         return model
 
@@ -171,6 +177,8 @@ class ParallelRuntime:
             if process.is_alive():
                 process.kill()
         destroy_groups()
+        if self.threads_before is not None:
+            torch.set_num_threads(self.threads_before)
         if _current is self:
             _current = None
 
@@ -315,6 +323,16 @@ def _wait_ready(ready, processes: list, timeout: datetime.timedelta) -> None:
         waiting.discard(rank)
 
 
+def share_cores(size: int) -> int:
+    """CPU ranks: each its share of the cores for PyTorch's threads (this process's too, until shutdown; returns its
+    count before). N ranks of the default thread count would oversubscribe them, and the threads that spin-wait after
+    each op would stall the collectives of the ranks waiting for a core."""
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // size))
+    return before
+
+
 def _eager_steps() -> None:
     """Decode steps without CUDA graphs in this process: rank 0's forward sends its inputs from the host, which a
     graph replay would skip."""
@@ -331,6 +349,8 @@ def _worker_main(rank: int, directory: str, size: int, expert_parallel: bool, dt
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: rank 0 decides (drains)
     device = rank_device(torch.device(device_type), rank)
+    if device.type == "cpu":
+        share_cores(size)
     try:
         ranks, control = init_groups(rank, size, device, init_method, timeout)
         model = load_model(directory, dtype=dtype, device=device,
