@@ -108,13 +108,17 @@ def test_argmax_equals_torch():
         assert got.tolist() == [123, 5, 7_777, 0] == x.argmax(-1).tolist()
 
 
-def test_decode_plan_equals_the_paged_views_eager_plan():
+@pytest.mark.parametrize("ring_extra,behind", [(0, [0, 0, 0]), (3, [0, 2, 0])])
+def test_decode_plan_equals_the_paged_views_eager_plan(ring_extra, behind):
     """A decode step's paged-cache plan (write slots, each row's ring and global candidates with their positions,
-    key counts) from the one kernel equals the eager ops', padding rows and a ring's wrap included."""
+    key counts) from the one kernel equals the eager ops', padding rows and a ring's wrap included. `behind`: how
+    far a row's position is past its sequence's num_cached (a verify step's later rows, with rings of 3 extra
+    slots): the positions in between show at their ring slots too."""
     from gemma4.engine.block_manager import BlockManager
     from gemma4.model.paged_cache import PagedCacheView
     config = TextConfig(**text_config_dict("E2B"))
-    pools = BlockManager(config, num_blocks=12, block_size=4, max_num_seqs=3, dtype=torch.float32, device=DEVICE)
+    pools = BlockManager(config, num_blocks=12, block_size=4, max_num_seqs=3, dtype=torch.float32, device=DEVICE,
+                         ring_extra=ring_extra)
     window = pools.window
     pools.ring_positions[:-1] = torch.randint(-1, 50, (pools.ring_trash,), device=DEVICE)
     tables = torch.tensor([[3, 0, 7, 12], [5, 1, 12, 12], [12, 12, 12, 12]], device=DEVICE)
@@ -123,7 +127,7 @@ def test_decode_plan_equals_the_paged_views_eager_plan():
     valid = torch.tensor([[True], [True], [False]], device=DEVICE)
     plans = []
     for fused in (False, True):
-        view = PagedCacheView(pools, tables, rings, positions[:, 0])
+        view = PagedCacheView(pools, tables, rings, positions[:, 0] - torch.tensor(behind, device=DEVICE))
         with override(kernels=fused), (kernels.force() if fused else contextlib.nullcontext()):
             view.begin(positions, valid, in_place=True)
         plans.append((view._plan, view.ring_gather, view.global_gather))
@@ -132,4 +136,9 @@ def test_decode_plan_equals_the_paged_views_eager_plan():
     assert eager.keys() == fused.keys()
     for key in eager:
         assert torch.equal(eager[key], fused[key]), key
-    assert fused[SLIDING][1, 3].item() == window + 3 and fused["num_keys"].tolist() == [15, window + 4, 0]
+    size = pools.ring_size
+    assert fused[SLIDING][1, (window + 3) % size].item() == window + 3
+    assert fused["num_keys"].tolist() == [15, window + 4, 0]
+    if behind[1]:  # the row at window + 3 of a sequence with window + 1 cached sees window + 1 and window + 2 too
+        assert fused[SLIDING][1, (window + 1) % size].item() == window + 1
+        assert fused[SLIDING][1, (window + 2) % size].item() == window + 2

@@ -93,3 +93,115 @@ def test_greedy_outputs_equal_without_speculation(target, drafts):
     elif drafts == "noisy":
         assert 0 < stats.num_accepted < stats.num_drafted
     assert engine.blocks.usage == 0
+
+
+def test_a_stop_token_inside_an_accepted_run_ends_the_output_there(target):
+    """The oracle's drafts are all accepted; the 6th greedy token is made a stop id: the output ends on it, as
+    without speculation, and the accepted tokens after it are dropped."""
+    model, drafter = target
+    batch = prompts([20, 11], seed=3)
+    free = SamplingParams(max_tokens=16, temperature=0, stop_token_ids=[])
+    plain = LLMEngine(model, max_num_seqs=2, max_model_len=128).generate(batch, free)
+    stop = plain[0][5]
+    params = SamplingParams(max_tokens=16, temperature=0, stop_token_ids=[stop])
+    expected = LLMEngine(model, max_num_seqs=2, max_model_len=128).generate(batch, params)
+    assert expected[0] == plain[0][:plain[0].index(stop) + 1]
+    engine = LLMEngine(model, max_num_seqs=2, max_model_len=128, speculative_model=drafter, num_speculative_tokens=4)
+    engine.speculator.oracle = oracle_from({tuple(p): out for p, out in zip(batch, plain)})
+    assert engine.generate(batch, params) == expected
+    assert engine.speculator.num_accepted > 0 and engine.blocks.usage == 0
+
+
+def test_requests_join_and_leave_a_speculating_batch(target):
+    """Continuous batching: requests of other lengths and max_tokens arrive while others verify drafts; a batch
+    larger than speculative_max_batch decodes one token at a time, and speculation resumes when it shrinks."""
+    model, drafter = target
+    batch = prompts([5, 30, 12, 19, 9], seed=4)
+    lengths = [10, 3, 17, 6, 12]
+    params = [SamplingParams(max_tokens=n, temperature=0, stop_token_ids=[]) for n in lengths]
+    plain = LLMEngine(model, max_num_seqs=4, max_model_len=128).generate(batch, params)
+    engine = LLMEngine(model, max_num_seqs=4, max_model_len=128, speculative_model=drafter, num_speculative_tokens=2,
+                       speculative_max_batch=2)
+    engine.speculator.oracle = oracle_from({tuple(p): out for p, out in zip(batch, plain)}, noise=0.2, seed=5)
+    ids = [engine.add_request(batch[0], params[0]), engine.add_request(batch[1], params[1])]
+    outputs = {i: [] for i in range(len(batch))}
+    order = dict(zip(ids, range(2)))
+    steps = 0
+    while engine.has_unfinished():
+        if steps in (2, 3, 6):  # three more requests while the first two are running
+            i = len(order)
+            order[engine.add_request(batch[i], params[i])] = i
+        for out in engine.step():
+            out.raise_error()
+            if out.token is not None:
+                outputs[order[out.seq_id]].append(out.token)
+        steps += 1
+    assert [outputs[i] for i in range(len(batch))] == plain
+    assert engine.speculator.num_accepted > 0 and engine.blocks.usage == 0
+
+
+@pytest.mark.parametrize("greedy_drafts", [False, True])
+def test_rejection_sampling_keeps_the_target_distribution(greedy_drafts):
+    """Speculator.accept on fixed distributions over 6 tokens: the target's p_0, p_1 at the two positions, drafts
+    drawn from a quite different q (or its argmax). Over 6,000 rounds the first token's frequencies match p_0 and the
+    second's (when one is emitted after an accepted draft, it comes from p_1) match p_1; accepting every draft would
+    give q's frequencies instead, far outside the bound."""
+    from gemma4.engine.sequence import Sequence
+
+    vocab, rounds = 6, 6000
+    p_logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 0.3], [0.0, 1.5, -0.5, 1.0, 0.2, -2.0]])
+    q_logits = torch.tensor([[0.0, 2.5, 0.0, 1.0, 0.5, -1.0], [1.0, 0.0, 2.0, -1.0, 0.0, 0.5]])
+    p, q = p_logits.softmax(-1), q_logits.softmax(-1)
+    params = SamplingParams(max_tokens=100, temperature=1.0, stop_token_ids=[])
+    speculator = Speculator.__new__(Speculator)
+    speculator.num_drafted = speculator.num_accepted = 0
+    speculator.accepted_at = [0]
+    gen = torch.Generator().manual_seed(0)
+    first, second = torch.zeros(vocab), torch.zeros(vocab)
+    for _ in range(rounds):
+        seq = Sequence([1, 2, 3], params, generator=gen)
+        draft = int(q[0].argmax()) if greedy_drafts else int(torch.multinomial(q[0], 1, generator=gen))
+        probs = None if greedy_drafts else q[None, :1]
+        (result,) = speculator.accept([seq], [[draft]], probs, [p_logits])
+        first[result[0][0]] += 1
+        if len(result) == 2:
+            second[result[1][0]] += 1
+    # Total variation distance; its standard error at these counts is about 0.01.
+    assert (first / rounds - p[0]).abs().sum() / 2 < 0.03
+    assert (second / second.sum() - p[1]).abs().sum() / 2 < 0.05
+    assert (q[0] - p[0]).abs().sum() / 2 > 0.3  # the bound tells the two apart
+
+
+@pytest.mark.parametrize("family", ["E2B", "26B-A4B"])
+def test_flattened_verify_rows_in_the_decode_step(family, short_text_config):
+    """The verify step as the decode graphs run it (GraphedDecode: k + 1 rows per sequence sharing its cache, every
+    kernel of the in-place decode step; here eagerly, in Triton's interpreter without a GPU): greedy outputs equal the
+    same engine's without a drafter, with an oracle and a noisy oracle, two sequences past the window."""
+    from gemma4 import kernels
+    from gemma4.engine.graphs import GraphedDecode
+
+    text = short_text_config(family)
+    model = randomize_(Model(Config.from_dict({"model_type": "gemma4", "text_config": text, "vision_config": None,
+                                               "audio_config": None})), 0).eval()
+    config = assistant_config_for(model.config.text_config, num_layers=2, hidden_size=32, intermediate_size=64)
+    drafter = random_assistant(config, dtype=torch.float32, seed=1)
+    batch = prompts([11, 4], seed=6)
+    params = SamplingParams(max_tokens=10, temperature=0, stop_token_ids=[])
+
+    def engine(**spec):
+        made = LLMEngine(model, max_num_seqs=2, max_model_len=64, run_ahead=False, **spec)
+        made.runner.graphs = GraphedDecode(model, made.blocks, made.max_model_len,
+                                           None if not spec else 2 * (spec["num_speculative_tokens"] + 1))
+        return made
+
+    with kernels.force():
+        plain = engine().generate(batch, params)
+        for noise in (0.0, 0.4):
+            spec = engine(speculative_model=drafter, num_speculative_tokens=3)
+            calls = []
+            run = spec.runner.graphs.run
+            spec.runner.graphs.run = lambda seqs, ahead=None, drafts=None: calls.append(drafts) or run(seqs, ahead,
+                                                                                                         drafts)
+            spec.speculator.oracle = oracle_from({tuple(p): out for p, out in zip(batch, plain)}, noise=noise)
+            assert spec.generate(batch, params) == plain
+            assert any(drafts for drafts in calls) and spec.speculator.num_accepted > 0

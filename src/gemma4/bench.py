@@ -12,6 +12,12 @@ Measures, in this order (each part can be skipped):
 * prefill tok/s and time to first token of one prompt of 2K, 16K, 32K tokens;
 * peak GPU memory of each engine.
 
+`--speculative [K]` measures speculative decoding instead (`run_speculative`), with a random drafter of the preset's
+shape: the verify step of K + 1 tokens against one decode step, one drafting round, the loop's tok/s with drafts
+equal to the target's own greedy tokens (an oracle: its ceiling) and with the random drafter (its floor: it accepts
+about nothing), the tok/s that published acceptance rates imply (a projection, with its arithmetic), and decode at
+batch 64 with and without the drafter (speculation turns itself off above `speculative_max_batch`).
+
 Where the time of a step goes (kernel by kernel, bandwidth reached): benchmarks/decode_timeline.py.
 
 `--compare transformers` then frees our model and runs transformers' Gemma4ForCausalLM (random weights of its own) on
@@ -29,6 +35,7 @@ import torch
 from .engine.engine import LLMEngine
 from .engine.generate import engine_for, free_engine
 from .engine.sampling import GEMMA4_DEFAULTS, SamplingParams
+from .engine.scheduler import Scheduled
 from .llm import PREFILL_BUDGET
 
 
@@ -48,6 +55,7 @@ class BenchSpec:
     device: str = "cuda"
     quantization: str | None = None  # gemma4's weights quantized on load: fp8, int8 or int4 (transformers: bf16)
     kv_cache_dtype: str = "auto"  # gemma4's KV cache: auto (bf16) or fp8 (transformers: its own)
+    speculative: int = 0  # > 0: speculative decoding's figures with this many draft tokens, instead of the others
 
 
 def timed(fn, device: str, repeat: int = 1) -> float:
@@ -239,7 +247,101 @@ def bench(spec: BenchSpec, compare: str | None = None, log=print) -> tuple[dict,
         _free()  # the engine, no longer referenced
         return results
 
+    if spec.speculative:
+        return run_speculative(Gemma4Engine(spec).model, spec, log), None
     return measure(Gemma4Engine), measure(TransformersEngine) if compare == "transformers" else None
+
+
+# Acceptance of each draft position at 4 draft tokens reported for Gemma 4's released drafters (issue 24's sources:
+# vLLM, SGLang, llama.cpp and Ollama reports): the share of rounds whose first j drafts are all accepted.
+PUBLISHED_ACCEPTANCE = (0.84, 0.60, 0.39, 0.27)
+
+
+def run_speculative(model, spec: BenchSpec, log=print) -> dict:
+    """Speculative decoding's figures at batch 1 over a spec.context-token prompt (see the module's docstring)."""
+    from .assistant_checkpoint import random_assistant, random_assistant_config
+
+    k, steps, device, results = spec.speculative, spec.steps, spec.device, {}
+    drafter = random_assistant(random_assistant_config(spec.preset), torch.bfloat16, device=device)
+
+    def record(metric, shape, value):
+        results[(metric, shape)] = value
+        log(f"  {'gemma4':<22} {metric:<34} {shape:<12} {value:,.2f}")
+
+    def engine(batch, with_drafter):
+        made = LLMEngine(model, max_num_seqs=batch, max_model_len=max(spec.context + steps + k + 2, 512),
+                         max_num_batched_tokens=max(spec.prefill_chunk, spec.context), enable_prefix_caching=False,
+                         speculative_model=drafter if with_drafter else None, num_speculative_tokens=k)
+        made.warm_up()
+        return made
+
+    def tok_s(made, prompts, oracle=None):
+        """Output tok/s of greedy generation, clocked from each run's first token to its last; best of repeat."""
+        if made.speculator is not None:
+            made.speculator.oracle = oracle
+        params = SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True)
+        best = 0.0
+        for _ in range(max(spec.repeat, 1)):
+            ids = [made.add_request(p, params) for p in prompts]
+            times = [time.perf_counter() for out in made.run(ids) if out.token is not None]
+            best = max(best, len(prompts) * steps / (times[-1] - times[0]))
+        return best
+
+    prompt = _random_ids((1, spec.context), device, model.config.text_config.vocab_size).tolist()
+    plain = engine(1, False)
+    reference = plain.generate(prompt, SamplingParams(max_tokens=steps + k + 1, temperature=0.0, ignore_eos=True))[0]
+    baseline = tok_s(plain, prompt)
+    record("decode tok/s", "b1", baseline)
+    del plain
+    _free()
+    fast = engine(1, True)
+    # One sequence after its prefill: one decode step, one verify step of k + 1 rows, one drafting round.
+    seq_id = fast.add_request(prompt[0], SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True))
+    fast.step()
+    seq, runner = fast.seqs[seq_id], fast.runner
+    row = [Scheduled(seq, 1)]  # forwards that leave num_cached as it is: each timing repeats the same step
+    decode_ms = _median_ms(lambda: runner.verify_forward(row, [[]]), device)
+    verify_ms = _median_ms(lambda: runner.verify_forward(row, [reference[1:k + 1]]), device)
+    draft_ms = _median_ms(lambda: fast.speculator.draft([seq], [k]), device)
+    fast.abort(seq_id)
+    while fast.has_unfinished():
+        fast.step()
+    record("decode step ms", "b1", decode_ms)
+    record(f"verify step ms ({k + 1} tokens)", "b1", verify_ms)
+    record("verify / decode step", "b1", verify_ms / decode_ms)
+    record(f"drafting round ms ({k} steps)", "b1", draft_ms)
+    oracle = tok_s(fast, prompt, lambda s: reference[len(s.output_ids):])
+    record("oracle drafter tok/s", "b1", oracle)
+    record("oracle / plain decode", "b1", oracle / baseline)
+    record("random drafter tok/s", "b1", tok_s(fast, prompt))
+    rates = PUBLISHED_ACCEPTANCE[:k]
+    expected = 1 + sum(rates)  # tokens per round: the target's own, plus each draft accepted with its rate
+    log(f"  projection: {expected:.2f} tokens a round (1 + {' + '.join(map(str, rates))}) in the oracle's round time "
+        f"of {(k + 1) / oracle * 1e3:.2f} ms ({k + 1} tokens a round): {expected:.2f} / {k + 1} x {oracle:,.1f} tok/s")
+    record("projected tok/s (published rates)", "b1", oracle * expected / (k + 1))
+    record("projected / plain decode", "b1", oracle * expected / (k + 1) / baseline)
+    del fast
+    _free()
+    prompts = _random_ids((64, spec.context), device, model.config.text_config.vocab_size).tolist()
+    for with_drafter in (False, True):
+        made = engine(64, with_drafter)
+        record(f"decode tok/s {'with' if with_drafter else 'without'} drafter", "b64", tok_s(made, prompts))
+        del made
+        _free()
+    return results
+
+
+def _median_ms(fn, device: str, repeat: int = 21) -> float:
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+    fn()
+    times = []
+    for _ in range(repeat):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2] * 1e3
 
 
 def table(spec: BenchSpec, mine: dict, theirs: dict | None) -> str:

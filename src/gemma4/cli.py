@@ -250,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", choices=["transformers"], default=None, help="also measure this implementation")
     p.add_argument("--device", default="auto", help="cuda, cpu, or auto: CUDA (without a GPU, an error: the CPU "
                    "only when asked)")
+    p.add_argument("--speculative", type=int, nargs="?", const=4, default=0, metavar="K",
+                   help="measure speculative decoding instead, with K draft tokens (4 when K is left out) from a "
+                   "random drafter of the preset's shape")
     p.add_argument("--out", default=None, help="also write the figures as JSON here")
     p.set_defaults(run=cmd_bench)
 

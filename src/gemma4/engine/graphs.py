@@ -41,23 +41,30 @@ def capture_graph(fn, pool=None):
 class GraphedDecode:
     """Decode steps (one token per row) replayed from CUDA graphs, one per bucket of batch sizes. Inputs live in static
     buffers sized for the largest bucket; rows past the real batch are padding (invalid, trash block table, no
-    position): they write only to the trash slots and see no key."""
+    position): they write only to the trash slots and see no key.
 
-    def __init__(self, model, blocks: BlockManager, max_model_len: int):
+    A speculative verify step runs here too, flattened: a sequence's last token and its k drafts are k + 1 rows
+    that share its ring and blocks, at positions num_cached .. num_cached + k. Every row writes its K/V before any
+    attends (the decode step's order), and each row's plan shows the positions [num_cached, its own] at their slots
+    (paged_cache.py), so row j sees the drafts before it. `max_rows`: the most rows a step may have (the engine's
+    max_num_seqs, or more for verify steps)."""
+
+    def __init__(self, model, blocks: BlockManager, max_model_len: int, max_rows: int | None = None):
         self.model, self.blocks = model, blocks
-        most = blocks.max_num_seqs
+        most = max(max_rows or 0, blocks.max_num_seqs)
         self.sizes = sorted({s for s in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256) if s < most} | {most})
         width = blocks.blocks_for(max_model_len + 1)
         device = model.device
         # The step's inputs, rows of `inputs`: 0 the last step's sampled tokens (written on the device), 1 the ids
-        # the host knows, 2 positions (= tokens already cached), 3 ring slots, 4 valid (0/1), 5 where each row's id
-        # is (a flat index into rows 0-1: a token still pending on the device is read from row 0); and the block
-        # tables. Rows 1-5 and the tables have host mirrors (pinned on CUDA) that one asynchronous copy per step
-        # sends over; the mirror's table rows are rewritten only when their blocks changed.
-        self.inputs = torch.zeros(6, most, dtype=torch.long, device=device)
+        # the host knows, 2 positions, 3 ring slots, 4 valid (0/1), 5 where each row's id is (a flat index into rows
+        # 0-1: a token still pending on the device is read from row 0), 6 the tokens its sequence had cached before
+        # this step (= the position, but in a verify step); and the block tables. Rows 1-6 and the tables have host
+        # mirrors (pinned on CUDA) that one asynchronous copy per step sends over; the mirror's table rows are
+        # rewritten only when their blocks changed.
+        self.inputs = torch.zeros(7, most, dtype=torch.long, device=device)
         self.tables = torch.full((most, width), blocks.trash_block, dtype=torch.long, device=device)
         pinned = device.type == "cuda"
-        self.host_inputs = torch.zeros(6, most, dtype=torch.long, pin_memory=pinned)
+        self.host_inputs = torch.zeros(7, most, dtype=torch.long, pin_memory=pinned)
         self.host_tables = torch.full((most, width), blocks.trash_block, dtype=torch.long, pin_memory=pinned)
         self.table_rows: list[list[int] | None] = [None] * most  # the block list each host row holds (None: trash)
         self.copied = torch.cuda.Event() if pinned else None  # the last copies out of the mirrors are done
@@ -67,9 +74,9 @@ class GraphedDecode:
         self.failure: str | None = None  # why capture failed, if it did
 
     def _step(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        positions, rings, valid, source = self.inputs[2:, :size]
+        positions, rings, valid, source, cached = self.inputs[2:, :size]
         ids = self.inputs.view(-1)[source]
-        cache = PagedCacheView(self.blocks, self.tables[:size], rings, positions)
+        cache = PagedCacheView(self.blocks, self.tables[:size], rings, cached)
         logits, hidden = self.model(ids[:, None], attention_mask=valid[:, None] != 0, position_ids=positions[:, None],
                                     cache=cache, last_only=True, return_hidden=True)
         return logits[:, -1].float(), hidden[:, -1]
@@ -94,27 +101,33 @@ class GraphedDecode:
             if self.usable and size not in self.graphs:
                 self._capture(size)
 
-    def run(self, seqs, ahead=None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def run(self, seqs, ahead=None, drafts: list[list[int]] | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The logits [n, V] of n sequences' next token each and their final hidden states [n, H] (None when capture
-        failed: run them eagerly).
-        `ahead` (runner.Launched): the step still in flight, which sampled the PENDING tokens of some of `seqs`."""
-        size = next(s for s in self.sizes if s >= len(seqs))
+        failed: run them eagerly). `ahead` (runner.Launched): the step still in flight, which sampled the PENDING
+        tokens of some of `seqs`. `drafts`: a verify step, sequence b's rows (its last token, then drafts[b]) one
+        after the other; n is then their count."""
+        rows = [(seq, token, seq.num_cached + j) for b, seq in enumerate(seqs)
+                for j, token in enumerate([seq.token_at(seq.num_cached)] + (drafts[b] if drafts else []))]
+        n = len(rows)
+        size = next(s for s in self.sizes if s >= n)
         captured = self.model.device.type == "cuda"  # elsewhere (tests): the same padded step, run eagerly
         if captured and size not in self.graphs:
             self._capture(size)
             if not self.usable:
                 return None
-        n, pad, most = len(seqs), [0] * (size - len(seqs)), self.inputs.shape[1]
+        pad, most = [0] * (size - n), self.inputs.shape[1]
         if self.copied is not None:
             self.copied.synchronize()  # the mirrors are free again (at once, in the engine: it read the last tokens)
-        sources = [ahead.source(seq) if seq.pending else most + row for row, seq in enumerate(seqs)]
+        sources = [ahead.source(seq) if seq.pending and drafts is None else most + row
+                   for row, (seq, _, _) in enumerate(rows)]
         sources += range(most + n, most + size)  # padding rows: their own (0) ids
-        self.host_inputs[1:, :size] = torch.tensor([[seq.token_at(seq.num_cached) for seq in seqs] + pad,
-                                                    [seq.num_cached for seq in seqs] + pad,
-                                                    [seq.ring_slot for seq in seqs] + pad, [1] * n + pad,
-                                                    sources])
-        self._update_table_rows(seqs, size)
-        self.inputs[1:].copy_(self.host_inputs[1:], non_blocking=True)  # one copy: 5 x max_num_seqs ints
+        self.host_inputs[1:, :size] = torch.tensor([[token for _, token, _ in rows] + pad,
+                                                    [position for _, _, position in rows] + pad,
+                                                    [seq.ring_slot for seq, _, _ in rows] + pad, [1] * n + pad,
+                                                    sources, [seq.num_cached for seq, _, _ in rows] + pad])
+        self._update_table_rows([seq for seq, _, _ in rows], size)
+        self.inputs[1:].copy_(self.host_inputs[1:], non_blocking=True)  # one copy: 6 x max rows ints
         self.tables[:size].copy_(self.host_tables[:size], non_blocking=True)
         if self.copied is not None:
             self.copied.record()

@@ -23,7 +23,9 @@ class ModelRunner:
         self.device = model.device
         use_graphs = self.device.type == "cuda" and kernels.enabled(torch.empty(0, device=self.device)) \
             and max_model_len is not None and options().cuda_graphs
-        self.graphs = GraphedDecode(model, blocks, max_model_len) if use_graphs else None
+        # A verify step's rows (speculative.py) replay the decode graphs too: k + 1 rows per sequence.
+        rows = speculator.max_batch * (speculator.num_tokens + 1) if speculator is not None else None
+        self.graphs = GraphedDecode(model, blocks, max_model_len, rows) if use_graphs else None
 
     @torch.no_grad()
     def launch(self, batch: list[Scheduled], ahead: Launched | None = None) -> Launched:
@@ -106,15 +108,31 @@ class ModelRunner:
         drafts; per row the accepted tokens [(token, logprobs)], or a SampleError."""
         spec, seqs = self.speculator, [item.seq for item in batch]
         drafts, probs = spec.draft(seqs, [item.num_draft for item in batch])
-        logits, hidden = self._forward_group(batch, decode=False, drafts=drafts)
-        results = spec.accept(seqs, drafts, probs, [logits[b, -len(d) - 1:] for b, d in enumerate(drafts)])
+        logits, hidden = self.verify_forward(batch, drafts)
+        results = spec.accept(seqs, drafts, probs, logits)
         for b, (seq, result) in enumerate(zip(seqs, results)):
             if isinstance(result, str):
                 results[b] = SampleError(result)
                 continue
             seq.num_cached += len(result)  # its last token and the accepted drafts
-            seq.hidden = hidden[b, len(result) - len(drafts[b]) - 2].clone()  # the position that gave the last token
+            seq.hidden = hidden[b][len(result) - 1].clone()  # the position that gave the last token
         return results
+
+    def verify_forward(self, batch: list[Scheduled], drafts: list[list[int]]
+                       ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The target's forward of a verify step: per row, the logits [k + 1, V] (fp32) and final hidden states
+        [k + 1, H] at its last token and each of its drafts. The decode graphs' flattened rows (GraphedDecode)
+        where they serve, else one chunk of k + 1 tokens per sequence. num_cached is left to the caller."""
+        counts = [len(d) + 1 for d in drafts]
+        graphs, out = self.graphs, None
+        if graphs is not None and graphs.usable and sum(counts) <= graphs.sizes[-1]:
+            out = graphs.run([item.seq for item in batch], None, drafts)
+        if out is not None:
+            logits, hidden = (part.split(counts) for part in out)
+            return list(logits), list(hidden)
+        logits, hidden = self._forward_group(batch, decode=False, drafts=drafts)
+        return ([logits[b, -count:] for b, count in enumerate(counts)],
+                [hidden[b, -count:] for b, count in enumerate(counts)])
 
     def forward(self, batch: list[Scheduled], ahead: Launched | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The last position's logits of every row [B, V], fp32, and its final hidden state [B, H], left on the
