@@ -113,6 +113,10 @@ def test_expert_parallel_and_tensor_parallel_experts_agree(checkpoints, referenc
         ids = torch.randint(3, 384, (3, 11), generator=torch.Generator().manual_seed(2))
         with torch.no_grad():
             torch.testing.assert_close(model(ids), single(ids), rtol=0, atol=ATOL)
+        with pytest.raises(ValueError, match="outside this model's vocabulary"):  # refused before any rank runs
+            model(torch.tensor([[5, 384]]))
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids[:1]), single(ids[:1]), rtol=0, atol=ATOL)
         # A runtime whose model is gone (an LLM that failed after loading) gives way to the next one.
         first = distributed.current()
         del model

@@ -7,10 +7,10 @@ the other ranks on a gloo control group: tensors as CPU copies, a paged cache as
 (each rank keeps its own KV pools, of its own KV heads, mirroring rank 0's: created, freed and ring-copied with
 them; the sliding rings' positions travel with each step). The engine code is unchanged: only the forward knows.
 
-Faults: a rank whose process ends makes rank 0's next forward raise `RankFailed` (a torch.AcceleratorError: the
-engine stops, as on a sticky device error, and the server reports unhealthy and exits); a rank that hangs does so
-after the collectives' timeout. `on_failure` is also called from a watchdog thread when a spawned rank ends while rank
-0 is idle."""
+Faults: a rank whose process ends, or a forward that raises on any rank (the ranks' collectives may then be out of
+step), makes rank 0's forward raise `RankFailed` (a torch.AcceleratorError: the engine stops, as on a sticky device
+error, and the server reports unhealthy and exits); a rank that hangs does so after the collectives' timeout.
+`on_failure` is also called from a watchdog thread when a spawned rank ends while rank 0 is idle."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import SLIDING, Config
+from ..model.gemma4 import check_token_ids
 from ..model.paged_cache import KVPools, PagedCacheView
 from .groups import DEFAULT_TIMEOUT, destroy_groups, free_port, init_groups, rank_device
 from .sharding import Ranks, ShardPlan, check_shardable
@@ -114,10 +115,11 @@ class ParallelRuntime:
         for process in processes:
             process.start()
         try:
+            _wait_for(ready, processes, "started", timeout)  # a rank that cannot start fails now, not at init's timeout
             ranks, control = init_groups(0, size, rank_device(device, 0), init_method, timeout)
             model = load_model(directory, dtype=dtype, device=rank_device(device, 0), model_class=Model,
                                shard=ShardPlan(Config.from_file(directory), ranks, expert_parallel))
-            _wait_ready(ready, processes, timeout)
+            _wait_for(ready, processes, "loaded", timeout)
         except BaseException:
             for process in processes:
                 process.kill()
@@ -136,18 +138,20 @@ class ParallelRuntime:
         model.parallel_runtime = self
         forward = model.forward
 
-        def mirrored_forward(*args, **kwargs):
+        def mirrored_forward(input_ids, *args, **kwargs):
             self.check()
+            if not getattr(kwargs.get("cache"), "prechecked", False):  # a call by hand: its ids, before any rank runs
+                check_token_ids(model.config, input_ids)
             try:
-                dist.broadcast_object_list([self._message(args, kwargs)], src=0, group=self.control)
+                dist.broadcast_object_list([self._message((input_ids, *args), kwargs)], src=0, group=self.control)
             except Exception as e:  # noqa: BLE001  (whatever gloo raises when a peer is gone)
                 raise self._failure(e) from e
             try:
-                return forward(*args, **kwargs)
-            except Exception as e:
-                if isinstance(e, dist.DistError) or self._dead_rank() is not None:
-                    raise self._failure(e) from e
-                raise  # an error of the inputs: every rank raised it alike, the others went on
+                return forward(input_ids, *args, **kwargs)
+            except Exception as e:  # noqa: BLE001
+                # Fatal, whatever it is (out of memory, say): the other ranks may have gone on to a collective this
+                # rank never reaches, and the next forward's collectives would pair with theirs.
+                raise self._failure(e) from e
 
         model.forward = mirrored_forward
 
@@ -172,8 +176,8 @@ class ParallelRuntime:
                 dist.broadcast_object_list([None], src=0, group=self.control)
             except Exception:  # noqa: BLE001  (a rank already gone)
                 pass
-        for process in self.processes:
-            process.join(timeout=10)
+        for process in self.processes:  # after a failure a rank may wait in a collective: no need to wait long
+            process.join(timeout=10 if self.failed is None else 1)
             if process.is_alive():
                 process.kill()
         destroy_groups()
@@ -191,7 +195,7 @@ class ParallelRuntime:
         return None
 
     def _failure(self, error: BaseException) -> RankFailed:
-        self.failed = self._dead_rank() or f"a collective failed: {type(error).__name__}: {error}"
+        self.failed = self._dead_rank() or f"a forward failed: {type(error).__name__}: {error}"
         return RankFailed(f"tensor parallelism: {self.failed}")
 
     def _watch(self) -> None:
@@ -298,8 +302,9 @@ def _copy_ring(pools: KVPools, src: int, dst: int) -> None:
                 tensors[i][:, dst * w:(dst + 1) * w] = tensors[i][:, src * w:(src + 1) * w]
 
 
-def _wait_ready(ready, processes: list, timeout: datetime.timedelta) -> None:
-    """Until every worker has loaded its shard; RuntimeError with its traceback when one fails or ends."""
+def _wait_for(ready, processes: list, stage: str, timeout: datetime.timedelta) -> None:
+    """Until every worker reports `stage` ("started", "loaded"); RuntimeError with its traceback when one fails, or
+    when one ends first."""
     import queue
 
     waiting = set(range(1, len(processes) + 1))
@@ -307,20 +312,23 @@ def _wait_ready(ready, processes: list, timeout: datetime.timedelta) -> None:
     waited = 0.0
     while waiting:
         try:
-            rank, error = ready.get(timeout=0.5)
+            rank, reached, error = ready.get(timeout=0.5)
         except queue.Empty:
             waited += 0.5
             for rank, process in enumerate(processes, start=1):
                 if rank in waiting and process.exitcode is not None:
-                    raise RuntimeError(f"tensor parallelism: rank {rank} ended while loading (exit code "
-                                       f"{process.exitcode})") from None
+                    hint = (" (a script that makes a tensor-parallel LLM needs `if __name__ == \"__main__\":`: each "
+                            "rank is a fresh interpreter that imports it)" if stage == "started" else "")
+                    raise RuntimeError(f"tensor parallelism: rank {rank} ended before it {stage} (exit code "
+                                       f"{process.exitcode}){hint}") from None
             if waited > deadline:
-                raise RuntimeError(f"tensor parallelism: ranks {sorted(waiting)} did not load within "
+                raise RuntimeError(f"tensor parallelism: ranks {sorted(waiting)} not {stage} within "
                                    f"{deadline:.0f} s") from None
             continue
         if error is not None:
             raise RuntimeError(f"tensor parallelism: rank {rank} failed to load its shard:\n{error}")
-        waiting.discard(rank)
+        if reached == stage:
+            waiting.discard(rank)
 
 
 def share_cores(size: int) -> int:
@@ -351,14 +359,15 @@ def _worker_main(rank: int, directory: str, size: int, expert_parallel: bool, dt
     device = rank_device(torch.device(device_type), rank)
     if device.type == "cpu":
         share_cores(size)
+    ready.put((rank, "started", None))
     try:
         ranks, control = init_groups(rank, size, device, init_method, timeout)
         model = load_model(directory, dtype=dtype, device=device,
                            shard=ShardPlan(Config.from_file(directory), ranks, expert_parallel))
     except BaseException:
-        ready.put((rank, traceback.format_exc()))
+        ready.put((rank, "failed", traceback.format_exc()))
         raise
-    ready.put((rank, None))
+    ready.put((rank, "loaded", None))
     try:
         serve_forwards(model, control)
     finally:
@@ -367,8 +376,8 @@ def _worker_main(rank: int, directory: str, size: int, expert_parallel: bool, dt
 
 @torch.no_grad()
 def serve_forwards(model, control) -> None:
-    """Ranks 1..N-1: run each forward rank 0 sends, on this rank's shard and KV pools, until it sends None. An error
-    of the inputs (every rank raises it alike) is logged and the loop goes on; a failed collective ends it."""
+    """Ranks 1..N-1: run each forward rank 0 sends, on this rank's shard and KV pools, until it sends None. A forward
+    that raises ends the loop (and the rank)."""
     pools: dict[int, KVPools] = {}
     device = model.device
     while True:
@@ -389,7 +398,7 @@ def serve_forwards(model, control) -> None:
                 else _to_device(value, device)
         try:
             model(*_to_device(message["args"], device), **kwargs)
-        except dist.DistError:
+        except Exception:
+            # This rank may now be out of step with the others' collectives: it ends, which rank 0 reports.
+            logger.exception("rank %d: a forward failed; this rank ends", dist.get_rank())
             raise
-        except Exception:  # noqa: BLE001
-            logger.exception("rank %d: a forward failed (as on rank 0)", dist.get_rank())
