@@ -17,9 +17,10 @@ What each rank holds, for N ranks (rank r):
 Weights are cut on `meta` before loading (`loading.load_model(shard=...)` then reads only this rank's slices from
 safetensors) or in place on a loaded model: one plan (`ShardPlan.specs`) serves both.
 
-Numerics: a row-parallel product sums N partial products of K/N terms each, in fp32 on the CPU; against one process
-this reorders the sum, which moves fp32 logits by ~1e-6 relative (tests/test_tensor_parallel.py measures it). Vocabulary
-gathers and zero-row all-reduces are exact.
+Numerics: a row-parallel product sums N partial sums of K/N terms each, then the all-reduce adds them in its own
+order; against one process this reorders the sums, which moves fp32 logits (of magnitude ~2 on the tiny test models)
+by 2e-6 to 1.1e-5 (tests/test_tensor_parallel.py asserts 1e-4). Vocabulary gathers and zero-row all-reduces are
+exact.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config
-from ..model.fused import Linear, QuantizedLinear, linear
-from ..model.text import Experts, ScaledEmbedding, product
+from ..model.fused import Linear, QuantizedLinear, linear, product
+from ..model.text import Experts, ScaledEmbedding
 
 
 class ShardingError(ValueError):
