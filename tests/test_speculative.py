@@ -21,6 +21,9 @@ from gemma4.engine.sampling import SamplingParams
 from gemma4.engine.speculative import Speculator
 from gemma4.random_init import randomize_
 
+# The kernel tests' device: CUDA when there is one, else the CPU through Triton's interpreter (conftest).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def tiny(family, **text):
     config = Config.from_dict({"model_type": "gemma4", "text_config": {**text_config_dict(family), **text},
@@ -182,9 +185,9 @@ def test_flattened_verify_rows_in_the_decode_step(family, short_text_config):
 
     text = short_text_config(family)
     model = randomize_(Model(Config.from_dict({"model_type": "gemma4", "text_config": text, "vision_config": None,
-                                               "audio_config": None})), 0).eval()
+                                               "audio_config": None})), 0).eval().to(DEVICE)
     config = assistant_config_for(model.config.text_config, num_layers=2, hidden_size=32, intermediate_size=64)
-    drafter = random_assistant(config, dtype=torch.float32, seed=1)
+    drafter = random_assistant(config, dtype=torch.float32, seed=1, device=DEVICE)
     batch = prompts([11, 4], seed=6)
     params = SamplingParams(max_tokens=10, temperature=0, stop_token_ids=[])
 
@@ -205,3 +208,72 @@ def test_flattened_verify_rows_in_the_decode_step(family, short_text_config):
             spec.speculator.oracle = oracle_from({tuple(p): out for p, out in zip(batch, plain)}, noise=noise)
             assert spec.generate(batch, params) == plain
             assert any(drafts for drafts in calls) and spec.speculator.num_accepted > 0
+
+
+@pytest.mark.parametrize("family", ["E2B", "31B"])
+def test_the_drafter_reads_the_target_pools_in_place_as_their_gathered_copies(family, short_text_config):
+    """PagedKV (the decode kernel over the target's pools, as on CUDA; Triton's interpreter here) against SharedKV
+    (the pools' keys below num_cached, gathered): the drafter's logits and hidden states agree within fp32 rounding,
+    for two sequences past the window, one with rejected drafts' K/V left in its ring and blocks."""
+    from gemma4 import kernels
+    from gemma4.model.assistant import PagedKV
+    from gemma4.options import override
+
+    text = short_text_config(family)
+    model = randomize_(Model(Config.from_dict({"model_type": "gemma4", "text_config": text, "vision_config": None,
+                                               "audio_config": None})), 0).eval().to(DEVICE)
+    config = assistant_config_for(model.config.text_config, num_layers=2, hidden_size=32, intermediate_size=64)
+    drafter = random_assistant(config, dtype=torch.float32, seed=1, device=DEVICE)
+    engine = LLMEngine(model, max_num_seqs=2, max_model_len=64, speculative_model=drafter, num_speculative_tokens=3)
+    ids = [engine.add_request(p, SamplingParams(max_tokens=20, temperature=0, stop_token_ids=[]))
+           for p in prompts([13, 6], seed=8)]
+    for _ in range(4):  # random drafts: most are rejected, their K/V stay past num_cached
+        engine.step()
+    seqs = [engine.seqs[i] for i in ids]
+    spec = engine.speculator
+    num_cached = torch.tensor([seq.num_cached for seq in seqs], device=DEVICE)
+    assert all(seq.num_cached > 8 for seq in seqs) and spec.num_drafted > spec.num_accepted
+    embeds = model.text.embed_tokens(torch.tensor([[seq.output_ids[-1]] for seq in seqs], device=DEVICE))
+    hidden = torch.stack([seq.hidden for seq in seqs])[:, None]
+    with torch.no_grad():
+        with override(kernels=False):
+            dense = drafter(embeds, hidden, num_cached[:, None], spec.target_kv(seqs, num_cached))
+        with kernels.force():
+            view = spec._view(seqs, num_cached)
+            view.begin_read()
+            paged = drafter(embeds, hidden, num_cached[:, None], PagedKV(view, spec.pools))
+    torch.testing.assert_close(paged.logits, dense.logits, rtol=0, atol=1e-4)
+    torch.testing.assert_close(paged.hidden, dense.hidden, rtol=0, atol=1e-4)
+
+
+def test_llm_and_serve_take_a_drafter_checkpoint(tmp_path):
+    """LLM(speculative_model=DIR) loads a drafter saved in the released layout (save_assistant) and gives the greedy
+    text of an LLM without it; a drafter of another model's size, a missing directory and `gemma4 serve`'s flags."""
+    from gemma4 import LLM
+    from gemma4.assistant_checkpoint import save_assistant
+    from gemma4.config import ConfigError
+    from gemma4.server.cli import add_serve_arguments
+
+    model = tiny("31B")
+    model.save_pretrained(tmp_path / "target")
+    config = assistant_config_for(model.config.text_config, num_layers=2, hidden_size=32, intermediate_size=64)
+    save_assistant(random_assistant(config, dtype=torch.float32, seed=3), tmp_path / "drafter")
+    prompt = prompts([30], seed=9)[0]
+    params = SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[])
+    plain = LLM(tmp_path / "target", dtype=torch.float32, device="cpu").generate([prompt], params)
+    fast = LLM(tmp_path / "target", dtype=torch.float32, device="cpu", speculative_model=tmp_path / "drafter",
+               num_speculative_tokens=2)
+    assert fast.engine.speculator is not None and fast.engine.speculator.num_tokens == 2
+    assert [o.token_ids for o in fast.generate([prompt], params)] == [o.token_ids for o in plain]
+    other = assistant_config_for(tiny("E2B", hidden_size=48).config.text_config, num_layers=1, hidden_size=16,
+                                 intermediate_size=32)
+    save_assistant(random_assistant(other, dtype=torch.float32), tmp_path / "other")
+    with pytest.raises(ConfigError, match="does not fit this model"):
+        LLM(tmp_path / "target", dtype=torch.float32, device="cpu", speculative_model=tmp_path / "other")
+    with pytest.raises(FileNotFoundError):
+        LLM(tmp_path / "target", dtype=torch.float32, device="cpu", speculative_model=tmp_path / "missing")
+    import argparse
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args(["m", "--speculative-model", "d", "--num-speculative-tokens", "3"])
+    assert (args.speculative_model, args.num_speculative_tokens) == ("d", 3)

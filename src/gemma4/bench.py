@@ -276,15 +276,17 @@ def run_speculative(model, spec: BenchSpec, log=print) -> dict:
         return made
 
     def tok_s(made, prompts, oracle=None):
-        """Output tok/s of greedy generation, clocked from each run's first token to its last; best of repeat."""
+        """Output tok/s of greedy generation, clocked from the step where the last sequence got its first token
+        (every prefill done) to the last token; best of repeat."""
         if made.speculator is not None:
             made.speculator.oracle = oracle
         params = SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True)
         best = 0.0
         for _ in range(max(spec.repeat, 1)):
             ids = [made.add_request(p, params) for p in prompts]
-            times = [time.perf_counter() for out in made.run(ids) if out.token is not None]
-            best = max(best, len(prompts) * steps / (times[-1] - times[0]))
+            times = [(time.perf_counter(), out.num_output_tokens) for out in made.run(ids) if out.token is not None]
+            start = max(i for i, (_, n) in enumerate(times) if n == 1)
+            best = max(best, (len(times) - 1 - start) / (times[-1][0] - times[start][0]))
         return best
 
     prompt = _random_ids((1, spec.context), device, model.config.text_config.vocab_size).tolist()

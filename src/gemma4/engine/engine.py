@@ -76,8 +76,8 @@ class LLMEngine:
         self.blocks = BlockManager(text, num_blocks, block_size, max_num_seqs, model.dtype, model.device,
                                    kv_cache_dtype, snapshot_rings, frozenset(self.stop_token_ids),
                                    ring_extra=num_speculative_tokens)
-        self.speculator = Speculator(model, drafter, self.blocks, num_speculative_tokens, speculative_max_batch) \
-            if drafter is not None else None
+        self.speculator = Speculator(model, drafter, self.blocks, num_speculative_tokens, speculative_max_batch,
+                                     self.max_model_len) if drafter is not None else None
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max(max_num_batched_tokens, 1), self.speculator)
         self.runner = ModelRunner(model, self.blocks, self.max_model_len, self.speculator)
         self.seqs: dict[int, Sequence] = {}
@@ -286,6 +286,8 @@ class LLMEngine:
         self.generate([[0] * 16, [0] * 23], [greedy, sampled])
         if self.runner.graphs is not None:
             self.runner.graphs.capture_all()
+        if self.speculator is not None:
+            self.speculator.warm_up()
         self.blocks.clear_prefix_cache()
 
 
@@ -293,6 +295,9 @@ def _drafter(model, speculative_model):
     """The drafter as a model on the target's device and dtype (None without one)."""
     if speculative_model is None:
         return None
+    if getattr(model, "parallel_runtime", None) is not None:  # its pools hold this rank's KV heads only
+        raise ValueError("speculative decoding is not supported with tensor parallelism yet: drop "
+                         "--speculative-model or use --tensor-parallel-size 1")
     from ..model.assistant import Assistant
     if isinstance(speculative_model, Assistant):
         return speculative_model

@@ -24,9 +24,12 @@ from __future__ import annotations
 
 import torch
 
+from .. import kernels
 from ..config import SLIDING, ConfigError
-from ..model.assistant import Assistant, SharedKV
-from ..model.paged_cache import dequantize_kv
+from ..model.assistant import Assistant, PagedKV, SharedKV
+from ..model.paged_cache import PagedCacheView, dequantize_kv
+from ..options import options
+from .graphs import CaptureFailed, capture_graph
 from .sampling import TokenLogprobs, batchable, draw, next_token_distribution, token_logprobs, token_scores
 from .sequence import Sequence
 
@@ -38,7 +41,8 @@ class Speculator:
     with at most that many decoding sequences; a larger batch decodes one token at a time (its forward is already
     bound by compute, where verifying k + 1 tokens per sequence would cost more than it saves)."""
 
-    def __init__(self, model, drafter: Assistant, blocks, num_tokens: int, max_batch: int):
+    def __init__(self, model, drafter: Assistant, blocks, num_tokens: int, max_batch: int,
+                 max_model_len: int | None = None):
         text, config = model.config.text_config, drafter.config
         if num_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be at least 1, got {num_tokens}")
@@ -51,10 +55,20 @@ class Speculator:
         self.sources = {t: max(i for i in range(first_shared) if text.layer_types[i] == t)
                         for t in set(config.text_config.layer_types)}
         self.model, self.drafter, self.blocks = model, drafter, blocks
+        device = model.device
+        graphed = device.type == "cuda" and kernels.enabled(torch.empty(0, device=device)) and \
+            options().cuda_graphs and max_model_len is not None
         self.num_tokens, self.max_batch = num_tokens, max_batch
         self.oracle = None  # benchmarks only: seq -> the tokens to draft instead of the drafter's (its compute stays)
         self.num_drafted, self.num_accepted = 0, 0
         self.accepted_at = [0] * num_tokens  # how often the j-th draft was accepted
+        self.pools = {t: (blocks.keys[i], blocks.values[i]) for t, i in self.sources.items()}
+        self.rounds = GraphedRounds(self, max_model_len) if graphed else None
+
+    def warm_up(self) -> None:
+        """Capture the greedy drafting round of every batch size now (CUDA), before any request."""
+        if self.rounds is not None:
+            self.rounds.capture_all()
 
     @staticmethod
     def eligible(seq: Sequence) -> bool:
@@ -75,42 +89,64 @@ class Speculator:
     @torch.no_grad()
     def draft(self, seqs: list[Sequence], ks: list[int]) -> tuple[list[list[int]], torch.Tensor | None]:
         """Each sequence's ks[b] drafts, and the distributions they were drawn from ([B, max(ks), V]; None when every
-        row is greedy: each draft is the drafter's argmax)."""
-        device, embed = self.model.device, self.model.text.embed_tokens
-        positions = torch.tensor([[seq.num_cached] for seq in seqs], device=device)
-        ids = torch.tensor([[seq.output_ids[-1]] for seq in seqs], device=device)
-        hidden = torch.stack([seq.hidden for seq in seqs])[:, None]
-        kv = self.target_kv(seqs, positions[:, 0])
+        row is greedy: each draft is the drafter's argmax). On CUDA the drafter reads the target's pools in place
+        (PagedKV), and a greedy round replays a CUDA graph; elsewhere it reads gathered copies (`target_kv`)."""
+        device, k = self.model.device, max(ks)
         greedy = all(seq.params.greedy for seq in seqs)
-        oracle = [self.oracle(seq) for seq in seqs] if self.oracle is not None else None
+        paged = kernels.enabled(torch.empty(0, device=device))
+        probs = None
+        if greedy and paged and self.rounds is not None and len(seqs) <= self.max_batch:
+            drafted = self.rounds.run(seqs)  # num_tokens drafts each: one graph per batch size
+        else:
+            ids = torch.tensor([[seq.output_ids[-1]] for seq in seqs], device=device)
+            hidden = torch.stack([seq.hidden for seq in seqs])[:, None]
+            num_cached = torch.tensor([seq.num_cached for seq in seqs], device=device)
+            if paged:
+                view = self._view(seqs, num_cached)
+                view.begin_read()
+                kv = PagedKV(view, self.pools)
+            else:
+                kv = self.target_kv(seqs, num_cached)
+            generators = [seq.generator_on(device) for seq in seqs]
+            drafted, probs = self._round(ids, hidden, num_cached[:, None], kv, k, [s.params for s in seqs], generators)
+        rows = drafted.tolist()
+        if self.oracle is not None:  # after the drafter's round, whose compute stays in the figures
+            rows = [[(known[j] if j < len(known) else row[j]) for j in range(k)]
+                    for row, known in zip(rows, (self.oracle(seq) for seq in seqs))]
+        return [row[:n] for row, n in zip(rows, ks)], probs
+
+    def _round(self, ids, hidden, positions, kv, k: int, params=None, generators=None):
+        """k drafting steps from ids [B, 1] and hidden [B, 1, H] with queries at positions [B, 1]: drafts [B, k]
+        (device) and their distributions [B, k, V] (None when greedy: `params` None or all greedy)."""
+        embed = self.model.text.embed_tokens
+        greedy = params is None or all(p.greedy for p in params)
         drafted, probs = [], []
-        for j in range(max(ks)):
+        for _ in range(k):
             out = self.drafter(embed(ids), hidden, positions, kv)
             logits = out.logits[:, -1].float()
             if greedy:
                 ids = logits.argmax(-1, keepdim=True)
             else:
-                q = torch.stack([next_token_distribution(logits[b], seq.params) for b, seq in enumerate(seqs)])
+                q = torch.stack([next_token_distribution(logits[b], p) for b, p in enumerate(params)])
                 probs.append(q)
-                ids = torch.cat([torch.multinomial(q[b], 1, generator=seq.generator_on(device))
-                                 for b, seq in enumerate(seqs)])[:, None]
-            if oracle is not None:
-                ids = torch.tensor([[tokens[j] if j < len(tokens) else int(ids[b])]
-                                    for b, tokens in enumerate(oracle)], device=device)
+                ids = torch.cat([torch.multinomial(q[b], 1, generator=g) for b, g in enumerate(generators)])[:, None]
             drafted.append(ids)
             hidden = out.hidden
-        rows = torch.cat(drafted, dim=1).tolist()
-        return [row[:k] for row, k in zip(rows, ks)], torch.stack(probs, dim=1) if probs else None
+        return torch.cat(drafted, dim=1), torch.stack(probs, dim=1) if probs else None
+
+    def _view(self, seqs: list[Sequence], num_cached: torch.Tensor, width: int | None = None) -> PagedCacheView:
+        blocks, device = self.blocks, num_cached.device
+        rings = torch.tensor([seq.ring_slot for seq in seqs], device=device)
+        tables = blocks.block_tables(seqs, width or max(len(seq.block_table) for seq in seqs)).to(device)
+        return PagedCacheView(blocks, tables, rings, num_cached)
 
     def target_kv(self, seqs: list[Sequence], num_cached: torch.Tensor) -> dict[str, SharedKV]:
-        """The K/V the drafter reads: each row's positions below num_cached of the source layers' pools."""
+        """The K/V the drafter reads, gathered: each row's positions below num_cached of the source layers' pools
+        (PagedKV's plain twin)."""
         blocks, device = self.blocks, num_cached.device
-        size, bs = blocks.ring_size, blocks.block_size
-        rings = torch.tensor([seq.ring_slot for seq in seqs], device=device)
-        ring_gather = rings[:, None] * size + torch.arange(size, device=device)
+        view = self._view(seqs, num_cached)
+        ring_gather, global_gather = view.ring_gather, view.global_gather
         ring_positions = blocks.ring_positions[ring_gather]
-        tables = blocks.block_tables(seqs, max(len(seq.block_table) for seq in seqs)).to(device)
-        global_gather = (tables[:, :, None] * bs + torch.arange(bs, device=device)).flatten(1)
         global_positions = torch.arange(global_gather.shape[1], device=device).expand_as(global_gather)
         visible = {SLIDING: (ring_gather, ring_positions)}
         kv = {}
@@ -192,3 +228,58 @@ class Speculator:
             if not kept:
                 break
         return accepted
+
+
+class GraphedRounds:
+    """Greedy drafting rounds (k drafter steps reading the target's pools in place) replayed from CUDA graphs, one
+    per batch size up to the speculator's max_batch, from static input buffers: the last token, the target hidden
+    state, num_cached (the queries' position), ring slot and block table of each row."""
+
+    def __init__(self, speculator: Speculator, max_model_len: int):
+        self.spec = speculator
+        blocks, most, device = speculator.blocks, speculator.max_batch, speculator.model.device
+        hidden = speculator.model.config.text_config.hidden_size
+        self.ids = torch.zeros(most, 1, dtype=torch.long, device=device)
+        self.hidden = torch.zeros(most, 1, hidden, dtype=speculator.model.dtype, device=device)
+        self.num_cached = torch.zeros(most, dtype=torch.long, device=device)
+        self.rings = torch.zeros(most, dtype=torch.long, device=device)
+        self.tables = torch.full((most, blocks.blocks_for(max_model_len + 1)), blocks.trash_block, dtype=torch.long,
+                                 device=device)
+        self.graphs: dict[int, tuple] = {}  # batch -> (graph, drafts [batch, num_tokens])
+        self.pool = None
+        self.usable = True
+
+    def _round(self, batch: int, k: int) -> torch.Tensor:
+        view = PagedCacheView(self.spec.blocks, self.tables[:batch], self.rings[:batch], self.num_cached[:batch])
+        view.begin_read()
+        kv = PagedKV(view, self.spec.pools)
+        return self.spec._round(self.ids[:batch], self.hidden[:batch], self.num_cached[:batch, None], kv, k)[0]
+
+    def capture_all(self) -> None:
+        for batch in range(1, self.spec.max_batch + 1):
+            self._capture(batch)
+
+    def _capture(self, batch: int) -> None:
+        if not self.usable or batch in self.graphs:
+            return
+        self.pool = self.pool or torch.cuda.graph_pool_handle()
+        try:
+            self.graphs[batch] = capture_graph(lambda: self._round(batch, self.spec.num_tokens), self.pool)
+        except CaptureFailed:  # drafting rounds run eagerly from now on
+            self.usable = False
+
+    def run(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Drafts [B, num_tokens] on the device for `seqs` (greedy; a sequence that needs fewer uses the first)."""
+        batch, k = len(seqs), self.spec.num_tokens
+        self._capture(batch)
+        self.ids[:batch, 0].copy_(torch.tensor([seq.output_ids[-1] for seq in seqs]), non_blocking=True)
+        self.hidden[:batch, 0].copy_(torch.stack([seq.hidden for seq in seqs]))
+        self.num_cached[:batch].copy_(torch.tensor([seq.num_cached for seq in seqs]), non_blocking=True)
+        self.rings[:batch].copy_(torch.tensor([seq.ring_slot for seq in seqs]), non_blocking=True)
+        tables = self.spec.blocks.block_tables(seqs, self.tables.shape[1])
+        self.tables[:batch].copy_(tables, non_blocking=True)
+        if not self.usable:
+            return self._round(batch, k)
+        graph, drafts = self.graphs[batch]
+        graph.replay()
+        return drafts

@@ -116,6 +116,16 @@ class SharedKV(NamedTuple):
     positions: torch.Tensor
 
 
+class PagedKV(NamedTuple):
+    """The target's K/V read in place from its paged pools (model/paged_cache.py), instead of `SharedKV` tensors:
+    `view` planned with `begin_read` (each row's keys below its num_cached), `pools` {layer type: (key pool, value
+    pool)} of the target layers the drafter reads. Only with the decode kernel (CUDA); shapes stay fixed whatever the
+    context, so a drafting round can be captured in a CUDA graph."""
+
+    view: object
+    pools: dict
+
+
 class DraftOutput(NamedTuple):
     logits: torch.Tensor  # [B, L, vocab], the model dtype
     hidden: torch.Tensor  # [B, L, backbone_hidden_size]: the target-hidden input of the next drafting step
@@ -189,20 +199,28 @@ class Assistant(nn.Module):
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
     def forward(self, token_embeds: torch.Tensor, target_hidden: torch.Tensor, positions: torch.Tensor,
-                target_kv: dict[str, SharedKV]) -> DraftOutput:
+                target_kv: dict[str, SharedKV] | PagedKV) -> DraftOutput:
         """token_embeds [B, L, backbone]: the target's (scaled) input embedding of the last token; target_hidden
         [B, L, backbone]: the target's last hidden state there (or the previous step's `DraftOutput.hidden`);
         positions [B, L]: the queries' positions (the reference keeps the last seen token's position for every step
         of a drafting round); target_kv: {"sliding_attention": SharedKV, "full_attention": SharedKV} of the target's
-        last sliding and last global layer."""
+        last sliding and last global layer (or PagedKV: the same read in place)."""
         text = self.config.text_config
         x = self.pre_projection(torch.cat([token_embeds, target_hidden], dim=-1))
-        ctx = ForwardContext(positions=positions, valid=torch.ones_like(positions, dtype=torch.bool),
-                             sliding_window=text.sliding_window)
-        masks = {layer_type: drafter_mask(positions, kv.positions, text.sliding_window if layer_type == SLIDING
-                                          else None) for layer_type, kv in target_kv.items()}
+        valid = torch.ones_like(positions, dtype=torch.bool)
         # Attention.forward reads a KV-shared layer's K/V from ctx.shared_kv[kv_source_layer] (= its own index here).
-        ctx.shared_kv = {i: (target_kv[t].key, target_kv[t].value, masks[t]) for i, t in enumerate(text.layer_types)}
+        if isinstance(target_kv, PagedKV):
+            # The decode kernel's window rule is q - k < window: window + 1 keeps drafter_mask's |q - k| <= window.
+            ctx = ForwardContext(positions, valid, target_kv.view, sliding_window=text.sliding_window + 1)
+            if not ctx.decode_kernel:
+                raise ValueError("PagedKV needs the decode kernel (CUDA, kernels on): pass SharedKV tensors instead")
+            ctx.shared_kv = {i: (*target_kv.pools[t], None) for i, t in enumerate(text.layer_types)}
+        else:
+            ctx = ForwardContext(positions=positions, valid=valid, sliding_window=text.sliding_window)
+            masks = {layer_type: drafter_mask(positions, kv.positions, text.sliding_window if layer_type == SLIDING
+                                              else None) for layer_type, kv in target_kv.items()}
+            ctx.shared_kv = {i: (target_kv[t].key, target_kv[t].value, masks[t])
+                             for i, t in enumerate(text.layer_types)}
         h = self.model(x, ctx)
         if self.masked_embedding is not None:
             logits = self.masked_embedding(h, self.lm_head_weight)

@@ -170,6 +170,17 @@ class PagedCacheView:
             ("slots", FULL): cached.shape[1] + arange,
         })
 
+    def begin_read(self) -> None:
+        """A plan for one query per row that attends in place to each row's keys below num_cached and writes
+        nothing (speculative decoding's drafter, whose layers read the target's K/V: model/assistant.py); `end` is
+        not called after it. Ring slots and blocks at or past num_cached (rejected drafts) are unseen."""
+        self.in_place = True
+        limit = self.num_cached[:, None]
+        ring = self.pools.ring_positions[self.ring_gather]
+        offsets = torch.arange(self.global_gather.shape[1], device=limit.device)[None]
+        self._plan = {SLIDING: torch.where(ring < limit, ring, -1), FULL: torch.where(offsets < limit, offsets, -1),
+                      "num_keys": self.num_cached}
+
     def _decode_plan_kernel(self, positions: torch.Tensor, valid: torch.Tensor) -> None:
         from ..kernels.step_inputs import decode_plan
         pools = self.pools

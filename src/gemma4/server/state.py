@@ -61,13 +61,14 @@ class ServerState:
 def build_state(model, tokenizer, model_name: str, max_model_len: int | None = None, max_num_seqs: int = 16,
                 max_num_batched_tokens: int = 512, num_blocks: int | None = None,
                 gpu_memory_utilization: float = 0.9, kv_cache_dtype: str = "auto", enable_prefix_caching: bool = True,
-                **kwargs) -> ServerState:
+                speculative_model=None, num_speculative_tokens: int | None = None, **kwargs) -> ServerState:
     """The engine sized from the memory there is (engine/memory.py; ValueError when one sequence of max_model_len
     does not fit, or kv_cache_dtype is neither "auto" nor "fp8") and warmed up, in its thread."""
     engine = LLMEngine(model, max_num_seqs=max_num_seqs, max_model_len=max_model_len, num_blocks=num_blocks,
                        max_num_batched_tokens=max_num_batched_tokens, stop_token_ids=tokenizer.stop_token_ids,
                        gpu_memory_utilization=gpu_memory_utilization, kv_cache_dtype=kv_cache_dtype,
-                       enable_prefix_caching=enable_prefix_caching, tokenizer=tokenizer)
+                       enable_prefix_caching=enable_prefix_caching, tokenizer=tokenizer,
+                       speculative_model=speculative_model, num_speculative_tokens=num_speculative_tokens)
     if model.device.type == "cuda":  # compile the kernels and capture the graphs before the server reports ready
         engine.warm_up()
     generation = getattr(model, "generation_config", {}) or {}
