@@ -54,10 +54,10 @@ class ModelRunner:
         logits, hidden = self.forward(batch, ahead)
         seqs, device = [item.seq for item in batch], logits.device
         spec = self.speculator
-        if spec is not None:  # the hidden state a drafting round starts from; copied: it may be a graph's buffer
-            hidden = hidden.clone()
+        if spec is not None:  # the hidden state a drafting round starts from (kept only while batches speculate)
+            kept = hidden.clone() if speculating else None  # copied: it may be a graph's buffer
             for row in sampling:
-                seqs[row].hidden = hidden[row] if spec.eligible(seqs[row]) else None
+                seqs[row].hidden = kept[row] if kept is not None and spec.eligible(seqs[row]) else None
         # Structured output: each constrained row's allowed tokens, computed on the host while the device runs the
         # forward. A constrained row's next mask needs this step's token on the host, so its token is read now
         # (`now`), never left on the device for the next step to read (`fast`: those rows run ahead).

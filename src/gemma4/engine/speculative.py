@@ -60,6 +60,7 @@ class Speculator:
             options().cuda_graphs and max_model_len is not None
         self.num_tokens, self.max_batch = num_tokens, max_batch
         self.oracle = None  # benchmarks only: seq -> the tokens to draft instead of the drafter's (its compute stays)
+        self.accept_all = False  # benchmarks only: every draft accepted whatever the target says (the loop's ceiling)
         self.num_drafted, self.num_accepted = 0, 0
         self.accepted_at = [0] * num_tokens  # how often the j-th draft was accepted
         self.pools = {t: (blocks.keys[i], blocks.values[i]) for t, i in self.sources.items()}
@@ -176,7 +177,7 @@ class Speculator:
                 if any(row[width:]):
                     results[b] = "the model's logits for this sequence are NaN or +inf: it cannot be sampled"
                     continue
-                results[b] = self._greedy(drafts[b], row[:len(drafts[b]) + 1])
+                results[b] = self._greedy(drafts[b], row[:len(drafts[b]) + 1], self.accept_all)
         for b, seq in enumerate(seqs):
             if b not in plain:
                 try:
@@ -192,11 +193,11 @@ class Speculator:
         return results
 
     @staticmethod
-    def _greedy(drafts: list[int], best: list[int]) -> Accepted:
-        n = 0
+    def _greedy(drafts: list[int], best: list[int], accept_all: bool = False) -> Accepted:
+        n = len(drafts) if accept_all else 0
         while n < len(drafts) and drafts[n] == best[n]:
             n += 1
-        return [(token, None) for token in best[:n + 1]]
+        return [(token, None) for token in drafts[:n] + best[n:n + 1]]
 
     @staticmethod
     def _sampled(seq: Sequence, drafts: list[int], q: torch.Tensor | None, logits: torch.Tensor) -> Accepted:
