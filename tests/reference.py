@@ -42,6 +42,29 @@ def text_config_dict(family: str) -> dict:
     return copy.deepcopy(FAMILIES[family])
 
 
+def tiny_model(text: dict):
+    """Our text-only `Model` of a tiny text config (e.g. text_config_dict(family)), random weights, fp32, eval mode."""
+    from gemma4 import Model
+    from gemma4.config import Config
+
+    config = Config.from_dict({"model_type": "gemma4", "text_config": text, "vision_config": None,
+                               "audio_config": None})
+    return randomize_(Model(config), 0).eval()
+
+
+def engine_outputs(engine, prompts, params) -> list[tuple[list[int], list[float | None]]]:
+    """Each prompt's (output ids, their log-probabilities: None where not asked), all submitted to an LLMEngine at
+    once."""
+    ids = [engine.add_request(p, params) for p in prompts]
+    got = {i: ([], []) for i in ids}
+    for out in engine.run(ids):
+        out.raise_error()
+        if out.token is not None:
+            got[out.seq_id][0].append(out.token)
+            got[out.seq_id][1].append(out.logprobs.logprob if out.logprobs else None)
+    return [got[i] for i in ids]
+
+
 def multimodal_config_dict(family: str) -> dict:
     """The same text model inside a `gemma4` config (no towers)."""
     return {"model_type": "gemma4", "text_config": text_config_dict(family), "vision_config": None,

@@ -5,7 +5,7 @@ window of 8 tokens and blocks of 16, so every cached prefix is longer than the w
 import pytest
 import torch
 
-from reference import text_config_dict
+from reference import engine_outputs, text_config_dict, tiny_model
 
 from gemma4 import Model
 from gemma4.config import Config
@@ -15,9 +15,7 @@ from gemma4.random_init import randomize_
 
 
 def tiny(family, **text):
-    config = Config.from_dict({"model_type": "gemma4", "text_config": {**text_config_dict(family), **text},
-                               "vision_config": None, "audio_config": None})
-    return randomize_(Model(config), 0).eval()
+    return tiny_model({**text_config_dict(family), **text})
 
 
 @pytest.fixture(scope="module", params=["E2B", "26B-A4B", "31B"])
@@ -40,15 +38,7 @@ PARAMS = SamplingParams(max_tokens=8, temperature=0, stop_token_ids=[], logprobs
 
 
 def run(engine, prompts, params=PARAMS):
-    """Each prompt's (output ids, their log-probabilities), all submitted at once."""
-    ids = [engine.add_request(p, params) for p in prompts]
-    got = {i: ([], []) for i in ids}
-    for out in engine.run(ids):
-        out.raise_error()
-        if out.token is not None:
-            got[out.seq_id][0].append(out.token)
-            got[out.seq_id][1].append(out.logprobs.logprob)
-    return [got[i] for i in ids]
+    return engine_outputs(engine, prompts, params)
 
 
 def assert_same(cached, uncached):

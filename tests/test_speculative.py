@@ -11,24 +11,19 @@ import random
 import pytest
 import torch
 
-from reference import text_config_dict
+from reference import engine_outputs, text_config_dict, tiny_model
 
-from gemma4 import Model
 from gemma4.assistant_checkpoint import assistant_config_for, random_assistant
-from gemma4.config import Config
 from gemma4.engine.engine import LLMEngine
 from gemma4.engine.sampling import SamplingParams
 from gemma4.engine.speculative import Speculator
-from gemma4.random_init import randomize_
 
 # The kernel tests' device: CUDA when there is one, else the CPU through Triton's interpreter (conftest).
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def tiny(family, **text):
-    config = Config.from_dict({"model_type": "gemma4", "text_config": {**text_config_dict(family), **text},
-                               "vision_config": None, "audio_config": None})
-    return randomize_(Model(config), 0).eval()
+    return tiny_model({**text_config_dict(family), **text})
 
 
 @pytest.fixture(scope="module", params=["E2B", "26B-A4B", "31B"])
@@ -47,16 +42,7 @@ def prompts(lengths, seed=0):
     return [torch.randint(3, 384, (n,), generator=gen).tolist() for n in lengths]
 
 
-def run(engine, prompt_list, params):
-    """Each prompt's (output ids, their log-probabilities), all submitted at once."""
-    ids = [engine.add_request(p, params) for p in prompt_list]
-    got = {i: ([], []) for i in ids}
-    for out in engine.run(ids):
-        out.raise_error()
-        if out.token is not None:
-            got[out.seq_id][0].append(out.token)
-            got[out.seq_id][1].append(out.logprobs.logprob if out.logprobs else None)
-    return [got[i] for i in ids]
+run = engine_outputs
 
 
 def oracle_from(reference: dict[tuple, list[int]], noise: float = 0.0, seed: int = 0):
@@ -183,9 +169,7 @@ def test_flattened_verify_rows_in_the_decode_step(family, short_text_config):
     from gemma4 import kernels
     from gemma4.engine.graphs import GraphedDecode
 
-    text = short_text_config(family)
-    model = randomize_(Model(Config.from_dict({"model_type": "gemma4", "text_config": text, "vision_config": None,
-                                               "audio_config": None})), 0).eval().to(DEVICE)
+    model = tiny_model(short_text_config(family)).to(DEVICE)
     config = assistant_config_for(model.config.text_config, num_layers=2, hidden_size=32, intermediate_size=64)
     drafter = random_assistant(config, dtype=torch.float32, seed=1, device=DEVICE)
     batch = prompts([11, 4], seed=6)
@@ -219,9 +203,7 @@ def test_the_drafter_reads_the_target_pools_in_place_as_their_gathered_copies(fa
     from gemma4.model.assistant import PagedKV
     from gemma4.options import override
 
-    text = short_text_config(family)
-    model = randomize_(Model(Config.from_dict({"model_type": "gemma4", "text_config": text, "vision_config": None,
-                                               "audio_config": None})), 0).eval().to(DEVICE)
+    model = tiny_model(short_text_config(family)).to(DEVICE)
     config = assistant_config_for(model.config.text_config, num_layers=2, hidden_size=32, intermediate_size=64)
     drafter = random_assistant(config, dtype=torch.float32, seed=1, device=DEVICE)
     engine = LLMEngine(model, max_num_seqs=2, max_model_len=64, speculative_model=drafter, num_speculative_tokens=3)
