@@ -339,7 +339,7 @@ def test_a_dead_engine_reports_unhealthy_and_stops_the_server(gemma4_tokenizer_d
     from gemma4.server.cli import run_serve
 
     app, model = stub_app(Tokenizer.from_pretrained(gemma4_tokenizer_dir))
-    monkeypatch.setattr(serve_cli, "build_app_from_args", lambda args: app)
+    monkeypatch.setattr(serve_cli, "build_app_from_args", lambda args, model=None: app)
 
     def broken(*args, **kwargs):
         raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")

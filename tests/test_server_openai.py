@@ -129,7 +129,7 @@ def test_sigterm_drains_then_main_returns_0(gemma4_tokenizer_dir, monkeypatch):
     app.state.server.model_names = ["tiny"]
     forward = model.forward
     model.forward = lambda *a, **k: (time.sleep(0.01), forward(*a, **k))[1]
-    monkeypatch.setattr(serve_cli, "build_app_from_args", lambda args: app)
+    monkeypatch.setattr(serve_cli, "build_app_from_args", lambda args, model=None: app)
     port, grace, reraised, result = _free_port(), 1.5, [], {}
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: reraised.append(signum))
     url = f"http://127.0.0.1:{port}"
