@@ -144,7 +144,6 @@ def test_rejection_sampling_keeps_the_target_distribution(greedy_drafts):
     params = SamplingParams(max_tokens=100, temperature=1.0, stop_token_ids=[])
     speculator = Speculator.__new__(Speculator)
     speculator.num_drafted = speculator.num_accepted = 0
-    speculator.accepted_at = [0]
     gen = torch.Generator().manual_seed(0)
     first, second = torch.zeros(vocab), torch.zeros(vocab)
     for _ in range(rounds):

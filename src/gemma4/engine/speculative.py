@@ -62,7 +62,6 @@ class Speculator:
         self.oracle = None  # benchmarks only: seq -> the tokens to draft instead of the drafter's (its compute stays)
         self.accept_all = False  # benchmarks only: every draft accepted whatever the target says (the loop's ceiling)
         self.num_drafted, self.num_accepted = 0, 0
-        self.accepted_at = [0] * num_tokens  # how often the j-th draft was accepted
         self.pools = {t: (blocks.keys[i], blocks.values[i]) for t, i in self.sources.items()}
         self.rounds = GraphedRounds(self, max_model_len) if graphed else None
 
@@ -188,8 +187,6 @@ class Speculator:
             if not isinstance(result, str):
                 self.num_drafted += len(drafts[b])
                 self.num_accepted += len(result) - 1
-                for j in range(len(result) - 1):
-                    self.accepted_at[j] += 1
         return results
 
     @staticmethod
