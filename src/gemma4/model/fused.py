@@ -18,7 +18,8 @@ from torch import nn
 from .. import kernels
 from ..options import options
 from .common import RMSNorm, activation
-from .quantized import QuantizedWeight, Scheme, quantize
+from .quantized import (CPU_KERNEL_MAX_ROWS, QuantizedWeight, Scheme, cpu_int4_supported, cpu_linear, quantize,
+                        to_cpu_int4)
 
 if TYPE_CHECKING:
     from .text import Router
@@ -51,14 +52,19 @@ def linear(x, weight: torch.Tensor) -> torch.Tensor:
 
 def product(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias), or a QuantizedWeight's product (quantized linears have no bias): on CUDA, for up to
-    a few hundred rows (serving steps), a kernel that dequantizes the weight's tiles in registers; else (prefill, the
-    CPU) the dequantized weight and F.linear."""
+    a few hundred rows (serving steps), a kernel that dequantizes the weight's tiles in registers; on the CPU, for a
+    few rows (decode steps), PyTorch's weight-only int8 / int4 kernels (model/quantized.py `cpu_linear`); else
+    (prefill, other formats) the dequantized weight and F.linear."""
     if not isinstance(weight, QuantizedWeight):
         return F.linear(x, weight, bias)
     if kernels.enabled(x):
         from ..kernels.quantized_matmul import max_rows, quantized_matmul, quantized_matmul_supported
         if x.numel() // x.shape[-1] <= max_rows(x.device) and quantized_matmul_supported(weight) is None:
             return quantized_matmul(x, weight)
+    elif x.device.type == "cpu" and options().kernels and x.numel() // x.shape[-1] <= CPU_KERNEL_MAX_ROWS:
+        out = cpu_linear(x, weight)
+        if out is not None:
+            return out
     return weight.linear(x)
 
 
@@ -90,6 +96,8 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("values", torch.empty(*leading, out_features, width, dtype=dtype, device=device))
         self.register_buffer("scale", torch.empty(*leading, *scheme.scale_shape(out_features, in_features),
                                                   dtype=scale_dtype, device=device))
+        # to_cpu_int4's (scale, 0) pairs once `for_cpu_` repacked the values: derived, not a checkpoint tensor
+        self.register_buffer("cpu_scales_and_zeros", None, persistent=False)
 
     @classmethod
     def of_weight(cls, weight: torch.Tensor, scheme: Scheme) -> QuantizedLinear:
@@ -101,7 +109,16 @@ class QuantizedLinear(nn.Module):
 
     @property
     def weight(self) -> QuantizedWeight:
-        return QuantizedWeight(as_values(self.values, self.scheme), self.scale, self.scheme)
+        return QuantizedWeight(as_values(self.values, self.scheme), self.scale, self.scheme, self.cpu_scales_and_zeros)
+
+    def for_cpu_(self) -> QuantizedLinear:
+        """int4 values repacked for the CPU's int4 kernel, in place of the checkpoint's layout (no second copy)."""
+        weight = self.weight
+        if self.cpu_scales_and_zeros is None and weight.values.device.type == "cpu" and cpu_int4_supported(weight):
+            repacked = to_cpu_int4(weight)
+            self.values, self.scale, self.cpu_scales_and_zeros = (repacked.values, repacked.scale,
+                                                                  repacked.cpu_scales_and_zeros)
+        return self
 
     def forward(self, x) -> torch.Tensor:
         return linear(x, self.weight)

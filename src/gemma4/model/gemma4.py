@@ -14,7 +14,7 @@ from ..options import options
 from .attention import ForwardContext
 from .cache import KVCache
 from .common import MultimodalEmbedder
-from .fused import linear
+from .fused import QuantizedLinear, linear
 from .text import TextModel
 
 
@@ -82,11 +82,15 @@ class Gemma4(nn.Module):
         return self
 
     def ready_(self) -> "Gemma4":
-        """What every loader does last: inference mode, no gradients, fused projections (option fuse_projections)."""
+        """What every loader does last: inference mode, no gradients, fused projections (option fuse_projections),
+        quantized weights in the CPU kernels' layout."""
         self.eval().requires_grad_(False)
         fuse = options().fuse_projections
         if fuse is True or (fuse == "auto" and self.device.type == "cuda"):
             self.fuse_projections_()
+        for module in self.modules():  # on the CPU: int4 weights in the layout of its int4 kernel
+            if isinstance(module, QuantizedLinear):
+                module.for_cpu_()
         return self
 
     def make_cache(self, batch_size: int, max_len: int) -> KVCache:

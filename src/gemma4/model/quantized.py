@@ -10,6 +10,7 @@ scheme quantizes them dynamically (W8A8, FP8-dynamic), which the product then ap
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +53,8 @@ class Scheme:
 
 # `quantization=` of the loaders: what a bf16 checkpoint becomes (weights only, so the product equals dequantizing
 # and running the model in its dtype on the same values).
-ON_LOAD = {"fp8": Scheme("float", 8, "channel"), "int8": Scheme("int", 8, "channel"),
+INT8_PER_CHANNEL = Scheme("int", 8, "channel")
+ON_LOAD = {"fp8": Scheme("float", 8, "channel"), "int8": INT8_PER_CHANNEL,
            "int4": Scheme("int", 4, "group", group_size=32)}
 
 
@@ -79,15 +81,20 @@ def _per_scale(x: torch.Tensor, scheme: Scheme) -> torch.Tensor:
 @dataclass
 class QuantizedWeight:
     """values: fp8 e4m3 [..., N, K], int8 [..., N, K], or int4 packed in int32 [..., N, K / 8]; scale: float
-    [..., *scheme.scale_shape(N, K)]. Leading dimensions: one matrix per expert."""
+    [..., *scheme.scale_shape(N, K)]. Leading dimensions: one matrix per expert.
+
+    `cpu_scales_and_zeros` set: an int4 matrix in the layout of the CPU's int4 kernel (`to_cpu_int4`): values uint8
+    [N, K / 2], and this [K / group, N, 2] tensor of (scale, 0) pairs, which `scale` views."""
     values: torch.Tensor
     scale: torch.Tensor
     scheme: Scheme
+    cpu_scales_and_zeros: torch.Tensor | None = None
 
     @property
     def shape(self) -> torch.Size:
         *lead, k = self.values.shape
-        return torch.Size((*lead, k * 8 if self.scheme.packed else k))
+        return torch.Size((*lead, k * (2 if self.cpu_scales_and_zeros is not None else 8) if self.scheme.packed
+                           else k))
 
     def __getitem__(self, index) -> QuantizedWeight:
         """One expert's matrix (index over the leading dimension)."""
@@ -95,6 +102,8 @@ class QuantizedWeight:
 
     def integers(self) -> torch.Tensor:
         """The quantized values [..., N, K] as int8 (int formats) or fp8."""
+        if self.cpu_scales_and_zeros is not None:
+            return unpack_cpu_int4(self.values)
         return unpack(self.values, 4) if self.scheme.packed else self.values
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
@@ -151,3 +160,68 @@ def unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
     shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device)
     fields = (words.unsqueeze(-1) >> shifts) & (2**bits - 1)  # arithmetic shift: the mask keeps the low bits
     return (fields - 2 ** (bits - 1)).to(torch.int8).flatten(-2)
+
+
+# --- the CPU's weight-only kernels (torch.ops.aten) ---------------------------------------------------------------
+# _weight_int8pack_mm reads int8 [N, K] as stored, with a scale per row; _weight_int4pack_mm_for_cpu reads int4 in
+# groups from its own layout, which _convert_weight_to_int4pack_for_cpu makes: for N a multiple of 64, blocks of 64
+# rows; in a block, input column k is 32 bytes, row j's value + 8 in the low nibble of byte j and row j + 32's in the
+# high one. Both multiply in fp32 and round the output once to the activations' dtype; with bf16 activations they
+# are several times faster than with fp32 ones on CPUs with bf16 instructions.
+CPU_INT4_BLOCK = 64
+CPU_INT4_GROUPS = (32, 64, 128, 256)  # the group sizes the kernel takes
+# Up to this many rows the kernels beat dequantizing and F.linear (benchmarks/cpu_matmul.py); prefills take the twin.
+CPU_KERNEL_MAX_ROWS = 16
+
+
+def cpu_int4_supported(weight: QuantizedWeight) -> bool:
+    """Whether `to_cpu_int4` takes the matrix: int4 in groups the kernel knows, one matrix of whole row blocks."""
+    scheme = weight.scheme
+    return (scheme.packed and scheme.strategy == "group" and scheme.group_size in CPU_INT4_GROUPS
+            and weight.values.dim() == 2 and weight.shape[0] % CPU_INT4_BLOCK == 0 and cpu_int4_layout_known())
+
+
+def to_cpu_int4(weight: QuantizedWeight) -> QuantizedWeight:
+    """The same matrix in the CPU int4 kernel's layout (the scale in its dtype, exactly: zeros of 0)."""
+    unsigned = (weight.integers().to(torch.int32) + 8).contiguous()
+    values = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, 1)
+    scale = weight.scale.t()
+    scales_and_zeros = torch.stack([scale, torch.zeros_like(scale)], -1).contiguous()
+    return QuantizedWeight(values, scales_and_zeros[..., 0].t(), weight.scheme, scales_and_zeros)
+
+
+def unpack_cpu_int4(values: torch.Tensor) -> torch.Tensor:
+    """The inverse of to_cpu_int4's packing: int8 [N, K] (the plain twin reads the kernel's layout with this)."""
+    n, k = values.shape[0], values.shape[1] * 2
+    blocks = values.view(n // CPU_INT4_BLOCK, k, CPU_INT4_BLOCK // 2)
+    nibbles = torch.cat([blocks & 0xF, blocks >> 4], -1)  # [blocks, K, 64]: rows j, then rows j + 32
+    return (nibbles.transpose(1, 2).reshape(n, k).to(torch.int8) - 8)
+
+
+@functools.cache
+def cpu_int4_layout_known() -> bool:
+    """Whether this torch packs int4 as unpack_cpu_int4 reads it (checked once on a random matrix; else the CPU keeps
+    the checkpoint's layout and the plain twin)."""
+    if not hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
+        return False
+    q = torch.randint(-8, 8, (2 * CPU_INT4_BLOCK, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    try:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q + 8, 1)
+    except RuntimeError:
+        return False
+    return packed.shape == (q.shape[0], q.shape[1] // 2) and torch.equal(unpack_cpu_int4(packed), q.to(torch.int8))
+
+
+def cpu_linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor | None:
+    """x @ w.T through the CPU's weight-only kernels, or None where they do not take the weight (fp8, int8 groups,
+    int4 in the checkpoint's layout): the caller then runs the twin."""
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    if weight.cpu_scales_and_zeros is not None:
+        scales_and_zeros = weight.cpu_scales_and_zeros.to(x.dtype)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, weight.values, weight.scheme.group_size,
+                                                         scales_and_zeros)
+    elif weight.scheme == INT8_PER_CHANNEL and weight.values.dim() == 2:
+        out = torch.ops.aten._weight_int8pack_mm(rows, weight.values, weight.scale.view(-1).to(x.dtype))
+    else:
+        return None
+    return out.view(*x.shape[:-1], -1)

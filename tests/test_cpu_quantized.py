@@ -1,0 +1,128 @@
+"""The CPU's weight-only int8 / int4 kernels (model/quantized.py `cpu_linear`, PyTorch's aten ops) against the plain
+twin, "dequantize, then multiply": products on random matrices, and tiny models quantized on load whose decode steps
+take them, against the same models through the twin (`kernels=False`)."""
+
+from unittest import mock
+
+import pytest
+import torch
+
+from gemma4 import Model
+from gemma4.engine.engine import LLMEngine
+from gemma4.engine.sampling import SamplingParams
+from gemma4.model import fused
+from gemma4.model.fused import QuantizedLinear
+from gemma4.model.quantized import (CPU_KERNEL_MAX_ROWS, ON_LOAD, cpu_int4_layout_known, cpu_int4_supported,
+                                    cpu_linear, quantize, to_cpu_int4)
+from gemma4.options import override
+from reference import VOCAB, engine_outputs, reference_model, text_config_dict
+
+U32 = 2.0**-24  # fp32's unit roundoff
+UBF16 = 2.0**-9
+
+
+def _weight(n: int, k: int, scheme: str, seed: int = 0):
+    weight = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+    quantized = quantize(weight, ON_LOAD[scheme])
+    return to_cpu_int4(quantized) if scheme == "int4" else quantized
+
+
+def test_int4_layout_round_trip():
+    """The repacked matrix reads back (the twin's unpack_cpu_int4) as the checkpoint's integers and scales."""
+    assert cpu_int4_layout_known()
+    for n, k in [(64, 32), (192, 256), (128, 96)]:
+        quantized = quantize(torch.randn(n, k), ON_LOAD["int4"])
+        repacked = to_cpu_int4(quantized)
+        assert repacked.values.dtype == torch.uint8 and repacked.shape == quantized.shape == (n, k)
+        assert torch.equal(repacked.integers(), quantized.integers())
+        assert torch.equal(repacked.scale, quantized.scale)
+        assert torch.equal(repacked.dequantize(torch.float32), quantized.dequantize(torch.float32))
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, CPU_KERNEL_MAX_ROWS])
+def test_products_equal_dequantize_then_multiply(scheme, dtype, rows):
+    """Against x @ w.T in fp64 with w = q * scale exact. Tolerance, per output, from the kernels' numerics (products
+    in fp32, one rounding of the output to x's dtype; bf16 activations may also see the dequantized weight rounded to
+    bf16): fp32 summation over K terms, K u32 sum|x w|, plus, in bf16, 2^-9 (|y| + sum|x w|). A misread layout or
+    scale is off by the order of sum|x w|."""
+    n, k = 192, 256
+    weight = _weight(n, k, scheme)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).to(dtype)
+    got = cpu_linear(x, weight)
+    assert got is not None and got.dtype == dtype and got.shape == (rows, n)
+    dense = weight.dequantize(torch.float64)
+    exact = x.double() @ dense.T
+    magnitude = x.double().abs() @ dense.abs().T
+    tolerance = k * U32 * magnitude + (UBF16 * (exact.abs() + magnitude) if dtype == torch.bfloat16 else U32 * exact.abs())
+    assert ((got.double() - exact).abs() <= tolerance).all()
+    assert (got.double() - exact).abs().max() > 0 or dtype == torch.float32  # the bound is not vacuous in bf16
+
+
+def test_unsupported_weights_take_the_twin():
+    """fp8, and int4 whose rows are not whole blocks of 64, stay in the checkpoint's layout; `cpu_linear` declines
+    them and `product` dequantizes."""
+    fp8 = quantize(torch.randn(64, 64), ON_LOAD["fp8"])
+    ragged = quantize(torch.randn(96, 64), ON_LOAD["int4"])
+    assert not cpu_int4_supported(fp8) and not cpu_int4_supported(ragged)
+    x = torch.randn(2, 64)
+    for weight in (fp8, ragged):
+        assert cpu_linear(x, weight) is None
+        torch.testing.assert_close(fused.product(x, weight), x @ weight.dequantize(torch.float32).T, rtol=0, atol=0)
+
+
+# --- whole models ------------------------------------------------------------------------------------------------
+
+def _config() -> dict:
+    """Tiny E2B (PLE, KV sharing, double-wide MLPs) widened so that most projections are whole blocks of 64 rows (the
+    int4 kernel's layout) and some are not (K/V of one head of 32: they keep the checkpoint's layout)."""
+    return dict(text_config_dict("E2B"), hidden_size=128, intermediate_size=128, hidden_size_per_layer_input=32)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("e2b")
+    reference_model(_config(), seed=3).save_pretrained(path)
+    return path
+
+
+def _engine_outputs(model, kernels: bool):
+    prompts = [list(range(5, 5 + n)) for n in (3, 13, 21)]  # past the sliding window of 8
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=0)
+    with override(kernels=kernels):
+        return engine_outputs(LLMEngine(model, max_num_seqs=4, max_model_len=64), prompts, params)
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_quantized_model_tokens_equal_the_twin(checkpoint, scheme):
+    """fp32: greedy tokens of a batch through the engine with the CPU kernels equal those through the twin, and
+    their log-probabilities agree to fp32 summation order (1e-4: the differences of the products, amplified by the
+    norms through the layers)."""
+    model = Model.from_pretrained(checkpoint, dtype=torch.float32, device="cpu", quantization=scheme)
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    repacked = [m for m in quantized if m.cpu_scales_and_zeros is not None]
+    assert (len(repacked) > 10 and len(repacked) < len(quantized)) if scheme == "int4" else not repacked
+    calls = []
+    with mock.patch.object(fused, "cpu_linear", side_effect=lambda x, w: calls.append(1) or cpu_linear(x, w)):
+        fast = _engine_outputs(model, kernels=True)
+    assert len(calls) > 100
+    plain = _engine_outputs(model, kernels=False)
+    for (ids, logprobs), (plain_ids, plain_logprobs) in zip(fast, plain):
+        assert ids == plain_ids
+        torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(plain_logprobs), rtol=0, atol=1e-4)
+
+
+def test_bf16_quantized_model_logits_near_the_twin(checkpoint):
+    """bf16 activations (the CPU's fast case): the last position's logits with the kernels against the twin, within
+    the spread that bf16 rounding of the same products gives (2^-9 relative per product, through the layers): a
+    fraction of the logits' own scale, where a misread weight would be off by about the scale itself."""
+    model = Model.from_pretrained(checkpoint, dtype=torch.bfloat16, device="cpu", quantization="int4")
+    ids = torch.tensor([list(range(5, 5 + CPU_KERNEL_MAX_ROWS))])
+    with torch.no_grad():
+        with override(kernels=True):
+            fast = model(ids, last_only=True)
+        with override(kernels=False):
+            plain = model(ids, last_only=True)
+    assert (fast - plain).abs().max() < 0.05 * plain.abs().max()
+    assert VOCAB == plain.shape[-1]
