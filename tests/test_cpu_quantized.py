@@ -103,6 +103,8 @@ def test_quantized_model_tokens_equal_the_twin(checkpoint, scheme):
     quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     repacked = [m for m in quantized if m.cpu_scales_and_zeros is not None]
     assert (len(repacked) > 10 and len(repacked) < len(quantized)) if scheme == "int4" else not repacked
+    head = model.quantized_head  # the tied LM head, quantized for the logits
+    assert (head.cpu_scales_and_zeros is not None) == (scheme == "int4")
     calls = []
     with mock.patch.object(fused, "cpu_linear", side_effect=lambda x, w: calls.append(1) or cpu_linear(x, w)):
         fast = _engine_outputs(model, kernels=True)
@@ -126,3 +128,24 @@ def test_bf16_quantized_model_logits_near_the_twin(checkpoint):
             plain = model(ids, last_only=True)
     assert (fast - plain).abs().max() < 0.05 * plain.abs().max()
     assert VOCAB == plain.shape[-1]
+
+
+def test_quantized_head_is_derived_and_not_saved(checkpoint, tmp_path):
+    """The CPU's quantized LM head is the tied table quantized with the decoder's scheme; the embedding keeps the
+    table. A saved model holds no head: loaded back (a compressed-tensors checkpoint runs as stored) it gives the
+    logits of the same model with its tied bf16 head."""
+    from gemma4.loading import save_model
+
+    model = Model.from_pretrained(checkpoint, dtype=torch.bfloat16, device="cpu", quantization="int4")
+    expected = quantize(model.text.embed_tokens.weight, ON_LOAD["int4"])
+    assert torch.equal(model.quantized_head.integers(), expected.integers())
+    assert torch.equal(model.quantized_head.scale, expected.scale)
+    save_model(model, tmp_path)
+    again = Model.from_pretrained(tmp_path, dtype=torch.bfloat16, device="cpu")
+    assert again.quantized_head is None
+    ids = torch.tensor([list(range(5, 15))])
+    with torch.no_grad():
+        quantized_head = model(ids)
+        model.quantized_head = None
+        assert torch.equal(again(ids), model(ids))
+        assert not torch.equal(quantized_head, model(ids))

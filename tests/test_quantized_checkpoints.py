@@ -298,6 +298,8 @@ def test_quantize_on_load_equals_dequantized_bf16(family, quantization, tmp_path
             replaced += 1
         assert ".router." not in name + "." or not isinstance(module, QuantizedLinear)
     assert replaced > 10
+    # On the CPU the tied head is quantized too, for the logits (test_cpu_quantized.py): the same for both here.
+    dense.quantized_head = quantized.quantized_head
     with torch.no_grad(), override(kernels=False):  # the twin; the CPU's int4/int8 kernels: test_cpu_quantized.py
         assert torch.equal(quantized(IDS), dense(IDS))
     save_model(quantized, tmp_path / "saved")

@@ -15,6 +15,7 @@ from .attention import ForwardContext
 from .cache import KVCache
 from .common import MultimodalEmbedder
 from .fused import QuantizedLinear, linear
+from .quantized import QuantizedWeight, cpu_int4_supported, to_cpu_int4
 from .text import TextModel
 
 
@@ -58,6 +59,8 @@ class Gemma4(nn.Module):
         text = config.text_config
         self.lm_head = None if text.tie_word_embeddings else nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         self.gather_vocabulary = None  # set by distributed/sharding.py when the vocabulary is split over ranks
+        # The tied LM head quantized for the CPU's kernels (quantization.quantize_model_); derived, never saved
+        self.quantized_head: QuantizedWeight | None = None
 
     @property
     def text(self) -> TextModel:
@@ -91,6 +94,9 @@ class Gemma4(nn.Module):
         for module in self.modules():  # on the CPU: int4 weights in the layout of its int4 kernel
             if isinstance(module, QuantizedLinear):
                 module.for_cpu_()
+        head = self.quantized_head
+        if head is not None and head.cpu_scales_and_zeros is None and head.values.is_cpu and cpu_int4_supported(head):
+            self.quantized_head = to_cpu_int4(head)
         return self
 
     def make_cache(self, batch_size: int, max_len: int) -> KVCache:
@@ -129,6 +135,8 @@ class Gemma4(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.lm_head.weight if self.lm_head is not None else self.text.embed_tokens.weight
+        if self.quantized_head is not None and self.quantized_head.values.device == hidden.device:
+            weight = self.quantized_head
         # As a 2-D product: a 3-D non-contiguous `hidden` (the last position of a prefill) would make matmul expand
         # the [V, H] table into a batched product, which copies it on the CPU.
         logits = linear(hidden.reshape(-1, hidden.shape[-1]), weight).view(*hidden.shape[:-1], -1)
