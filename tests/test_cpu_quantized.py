@@ -132,8 +132,11 @@ def test_bf16_quantized_model_logits_near_the_twin(checkpoint):
 
 def test_quantized_head_is_derived_and_not_saved(checkpoint, tmp_path):
     """The CPU's quantized LM head is the tied table quantized with the decoder's scheme; the embedding keeps the
-    table. A saved model holds no head: loaded back (a compressed-tensors checkpoint runs as stored) it gives the
-    logits of the same model with its tied bf16 head."""
+    table. A saved model holds no head. Loaded back (a compressed-tensors checkpoint) it runs as stored, with the bf16
+    head (as the parity tests against transformers require); with quantization= its scheme, the same head is derived
+    and gives the same logits, which differ from those of the bf16 head."""
+    from safetensors import safe_open
+
     from gemma4.loading import save_model
 
     model = Model.from_pretrained(checkpoint, dtype=torch.bfloat16, device="cpu", quantization="int4")
@@ -141,11 +144,33 @@ def test_quantized_head_is_derived_and_not_saved(checkpoint, tmp_path):
     assert torch.equal(model.quantized_head.integers(), expected.integers())
     assert torch.equal(model.quantized_head.scale, expected.scale)
     save_model(model, tmp_path)
-    again = Model.from_pretrained(tmp_path, dtype=torch.bfloat16, device="cpu")
-    assert again.quantized_head is None
+    with safe_open(tmp_path / "model.safetensors", "pt") as saved:
+        assert not [key for key in saved.keys() if "head" in key]
+    assert Model.from_pretrained(tmp_path, dtype=torch.bfloat16, device="cpu").quantized_head is None
+    again = Model.from_pretrained(tmp_path, dtype=torch.bfloat16, device="cpu", quantization="int4")
+    assert torch.equal(again.quantized_head.integers(), expected.integers())
+    with pytest.raises(ValueError, match="already quantized otherwise"):
+        Model.from_pretrained(tmp_path, device="cpu", quantization="int8")
     ids = torch.tensor([list(range(5, 15))])
     with torch.no_grad():
-        quantized_head = model(ids)
+        logits = model(ids)
+        assert torch.equal(again(ids), logits)
         model.quantized_head = None
-        assert torch.equal(again(ids), model(ids))
-        assert not torch.equal(quantized_head, model(ids))
+        assert not torch.equal(model(ids), logits)
+
+
+def test_random_quantized_checkpoint(tmp_path):
+    """`gemma4 init --quantization int4` (write_random_checkpoint): the decoder's Linears drawn as int4, written as a
+    compressed-tensors checkpoint that loads back to the same integers; the dequantized spread is about the dense
+    draws' (GAIN / sqrt(fan_in))."""
+    from gemma4.random_init import GAIN, random_config, random_model, write_random_checkpoint
+
+    write_random_checkpoint("E2B", tmp_path, num_layers=2, text_only=True, quantization="int4")
+    loaded = Model.from_pretrained(tmp_path, device="cpu")
+    drawn = random_model(random_config("E2B", 2, text_only=True), quantization="int4")
+    pairs = [(m, drawn.get_submodule(name)) for name, m in loaded.named_modules() if isinstance(m, QuantizedLinear)]
+    assert len(pairs) > 10
+    for ours, theirs in pairs:
+        assert torch.equal(ours.weight.integers(), theirs.weight.integers())
+        spread = ours.weight.dequantize(torch.float32).std().item() * ours.in_features**0.5 / GAIN
+        assert 0.8 < spread < 1.25

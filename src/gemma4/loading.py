@@ -125,7 +125,8 @@ def load_model(path_or_id, dtype=None, device="auto", with_towers: bool = True, 
                model_class: type[Gemma4] = Gemma4, quantization: str | None = None, shard=None) -> Gemma4:
     """`dtype` None or "auto": the checkpoint's; `device` "auto": CUDA when present, else the CPU. `progress`: a bar
     on stderr (None: for checkpoints over 1 GiB, on a terminal). A compressed-tensors checkpoint loads quantized as
-    it is stored (quantization.py); `quantization` ("fp8", "int8", "int4") quantizes a dense one on load. `shard`: a
+    it is stored (quantization.py); `quantization` ("fp8", "int8", "int4") quantizes a dense one on load (or, given
+    the scheme a checkpoint is stored in, what it keeps dense and gemma4 would quantize: the CPU's tied head). `shard`: a
     tensor-parallel rank's `distributed.ShardPlan`: the model is cut to that rank's part and only those slices are
     read."""
     device = resolve_device(device)
@@ -136,8 +137,8 @@ def load_model(path_or_id, dtype=None, device="auto", with_towers: bool = True, 
     dtype = resolve_dtype(dtype, device, checkpoint_dtype(config, files))
     stored = stored_quantization(config, headers, with_towers)
     scheme = quantization_module.on_load_scheme(quantization) if quantization else None
-    if stored and scheme:
-        raise quantization_module.QuantizationError(f"{directory} is already quantized; load it without "
+    if stored and scheme and {module.scheme for module in stored.values()} != {scheme}:
+        raise quantization_module.QuantizationError(f"{directory} is already quantized otherwise; load it without "
                                                     f"quantization={quantization!r}")
     with torch.device("meta"):
         model = model_class(config, with_towers=with_towers)
@@ -182,7 +183,7 @@ def load_model(path_or_id, dtype=None, device="auto", with_towers: bool = True, 
     if missing := [checkpoint_key(n, config.layout) for n in expected.values() if n not in state] + list(stacked):
         raise CheckpointError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[0]!r}")
     model.load_state_dict(state, assign=True, strict=True)
-    if scheme is not None:
+    if scheme is not None:  # a checkpoint stored in that scheme: what is dense (the head on the CPU) is quantized
         quantization_module.quantize_model_(model, scheme)
     generation_config = directory / "generation_config.json"
     if generation_config.is_file():

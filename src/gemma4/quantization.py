@@ -22,12 +22,9 @@ import torch
 from torch import nn
 
 from .model.fused import Linear, QuantizedLinear, stored
-from .model.gemma4 import Gemma4
-from .model.quantized import ON_LOAD, Scheme, pack, quantize, unpack
+from .model.quantized import ON_LOAD, Scheme, pack, unpack
 
 PER_EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(gate|up|down)_proj$")
-# On-load schemes whose tied LM head is quantized on the CPU too: those its kernels read (model/quantized.py)
-CPU_HEAD_SCHEMES = (ON_LOAD["int4"], ON_LOAD["int8"])
 # (type, bits) -> the scale strategies gemma4 runs for such weights
 STRATEGIES = {("int", 4): ("group", "channel"), ("int", 8): ("group", "channel"),
               ("float", 8): ("channel", "tensor", "block")}
@@ -210,7 +207,7 @@ def on_load_scheme(name: str) -> Scheme:
 def quantizes_on_load(name: str, module: nn.Module, scheme: Scheme) -> bool:
     """The decoder's Linears (attention, MLP, per-layer inputs) and experts whose input width the group size divides;
     not the router (its scores pick the experts), nor the towers, embeddings or the LM head, which stay in the model
-    dtype (on the CPU a tied head is also quantized, for the logits only: `quantize_model_`)."""
+    dtype (on the CPU a tied head is also quantized, for the logits only: `Gemma4.ready_`)."""
     if ".language_model." not in f".{name}" or ".router." in f"{name}.":
         return False
     if name.endswith(".experts"):
@@ -237,10 +234,8 @@ def quantize_model_(model: nn.Module, scheme: Scheme) -> nn.Module:
         else:
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, QuantizedLinear.of_weight(module.weight.detach(), scheme))
-    if isinstance(model, Gemma4) and model.lm_head is None and model.device.type == "cpu" and scheme in CPU_HEAD_SCHEMES:
-        # On the CPU the tied LM head is a third of an int4 decode step's bytes in bf16: it is quantized too (as
-        # llama.cpp and MLX do), for the logits only; the embedding lookups keep reading the table.
-        model.quantized_head = quantize(model.text.embed_tokens.weight.detach(), scheme)
+    if hasattr(model, "head_scheme"):  # a tied head is quantized for the CPU's logits (Gemma4.ready_)
+        model.head_scheme = scheme
     return model
 
 

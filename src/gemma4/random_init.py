@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .config import Config, preset_dir
+from .model.fused import QuantizedLinear
 
 
 # Matrices get std GAIN / sqrt(fan_in). Below 1 the random network is less chaotic, so float rounding (e.g. another
@@ -53,12 +54,16 @@ def randomize_(model: torch.nn.Module, seed: int = 0, progress: bool | None = No
         return lambda out, g: torch.randn(out.shape, generator=g, out=out).mul_(std)
 
     states = model.state_dict()
-    bar = progress_bar(sum(t.numel() * t.element_size() for t in states.values() if t.is_floating_point()),
-                       "random weights", progress)
+    quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    bar = progress_bar(sum(t.numel() * t.element_size() for t in states.values()), "random weights", progress)
+    for module in quantized.values():
+        _randomize_quantized_(module, generators.setdefault(module.values.device,
+                                                            torch.Generator(module.values.device).manual_seed(seed)))
+        bar.update(module.values.numel() * module.values.element_size() + module.scale.numel() * 2)
     # state_dict() holds what a checkpoint holds (not derived buffers such as RoPE tables), sharing storage.
     for name, tensor in states.items():
         module, _, leaf = name.rpartition(".")
-        if not tensor.is_floating_point():
+        if not tensor.is_floating_point() or module in quantized:
             continue
         if leaf.endswith("_min"):  # clip bounds of clippable linears: finite, so clipping really happens
             fill(tensor, uniform(-3.0, -1.5))
@@ -78,6 +83,26 @@ def randomize_(model: torch.nn.Module, seed: int = 0, progress: bool | None = No
             fill(tensor, normal(GAIN * tensor.shape[-1] ** -0.5))
     bar.close()
     return model
+
+
+@torch.no_grad()
+def _randomize_quantized_(module: QuantizedLinear, generator: torch.Generator) -> None:
+    """A quantized Linear drawn in its quantized form, not quantized from a drawn matrix (a full-size E2B's 1.9B int4
+    values in a second, where quantizing costs minutes on a CPU): integers uniform over the type's range (int4: 8
+    random nibbles a word; fp8: normal values cast), scales around GAIN / sqrt(fan_in) / std(q), so that the
+    dequantized matrix has about the spread of `randomize_`'s dense ones."""
+    scheme, values = module.scheme, module.values
+    if scheme.kind == "int":
+        low, high = (-2**31, 2**31 - 1) if scheme.packed else (-128, 128)
+        values.random_(low, high, generator=generator)
+        spread = ((2**scheme.bits) ** 2 / 12) ** 0.5  # std of integers uniform over 2^bits values
+    else:
+        values.copy_(torch.randn(values.shape, generator=generator, device=values.device).to(torch.float8_e4m3fn)
+                     .view(torch.uint8))
+        spread = 1.0
+    fan_in = module.in_features
+    scale = torch.rand(module.scale.shape, generator=generator, device=values.device).add_(0.5)
+    module.scale.copy_(scale.mul_(GAIN * fan_in**-0.5 / spread))
 
 
 def random_config(preset: str, num_layers: int | None = None, text_only: bool = False) -> Config:
@@ -101,15 +126,16 @@ def random_config(preset: str, num_layers: int | None = None, text_only: bool = 
 def random_model(config: Config, dtype: torch.dtype = torch.bfloat16, seed: int = 0, device: str = "cpu",
                  quantization: str | None = None):
     """A Model of `config` with random weights, allocated directly in `dtype` (a full-size E2B fits in 10 GB);
-    `quantization` ("fp8", "int8", "int4"): then quantized as `load_model` quantizes on load."""
+    `quantization` ("fp8", "int8", "int4"): the Linears that `load_model` quantizes on load are drawn quantized."""
     from .pretrained import Model
     from .quantization import on_load_scheme, quantize_model_
 
     scheme = on_load_scheme(quantization) if quantization else None
     with torch.device("meta"):
         model = Model(config).to(dtype)
-    model = randomize_(model.to_empty(device=device), seed)
-    return (quantize_model_(model, scheme) if scheme else model).ready_()
+        if scheme is not None:
+            quantize_model_(model, scheme)  # on meta: the holders, without values
+    return randomize_(model.to_empty(device=device), seed).ready_()
 
 
 def write_random_checkpoint(preset: str, out: str | Path, num_layers: int | None = None, text_only: bool = False,

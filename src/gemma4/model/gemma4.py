@@ -15,7 +15,7 @@ from .attention import ForwardContext
 from .cache import KVCache
 from .common import MultimodalEmbedder
 from .fused import QuantizedLinear, linear
-from .quantized import QuantizedWeight, cpu_int4_supported, to_cpu_int4
+from .quantized import ON_LOAD, QuantizedWeight, Scheme, cpu_int4_supported, quantize, to_cpu_int4
 from .text import TextModel
 
 
@@ -59,7 +59,9 @@ class Gemma4(nn.Module):
         text = config.text_config
         self.lm_head = None if text.tie_word_embeddings else nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         self.gather_vocabulary = None  # set by distributed/sharding.py when the vocabulary is split over ranks
-        # The tied LM head quantized for the CPU's kernels (quantization.quantize_model_); derived, never saved
+        # With quantization asked for (quantization.quantize_model_), the tied LM head quantized in that scheme for the
+        # CPU's logits (`ready_`): derived, never saved
+        self.head_scheme: Scheme | None = None
         self.quantized_head: QuantizedWeight | None = None
 
     @property
@@ -91,13 +93,21 @@ class Gemma4(nn.Module):
         fuse = options().fuse_projections
         if fuse is True or (fuse == "auto" and self.device.type == "cuda"):
             self.fuse_projections_()
-        for module in self.modules():  # on the CPU: int4 weights in the layout of its int4 kernel
+        if self.device.type == "cpu":
+            self._ready_for_cpu_()
+        return self
+
+    def _ready_for_cpu_(self) -> None:
+        """int4 weights in the layout of the CPU's int4 kernel. A tied LM head is a third of an int4 decode step's
+        bytes in bf16: with quantization asked for in a scheme the CPU's kernels read, it is quantized too (as
+        llama.cpp and MLX do), for the logits only; the embedding lookups keep reading the table."""
+        for module in self.modules():
             if isinstance(module, QuantizedLinear):
                 module.for_cpu_()
-        head = self.quantized_head
-        if head is not None and head.cpu_scales_and_zeros is None and head.values.is_cpu and cpu_int4_supported(head):
-            self.quantized_head = to_cpu_int4(head)
-        return self
+        scheme = self.head_scheme
+        if self.lm_head is None and self.quantized_head is None and scheme in (ON_LOAD["int4"], ON_LOAD["int8"]):
+            head = quantize(self.text.embed_tokens.weight, scheme)
+            self.quantized_head = to_cpu_int4(head) if cpu_int4_supported(head) else head
 
     def make_cache(self, batch_size: int, max_len: int) -> KVCache:
         """A cache for incremental forwards: sliding layers get a ring of `sliding_window` slots (see cache.py)."""
