@@ -33,7 +33,8 @@ def test_int4_layout_round_trip():
     for n, k in [(64, 32), (192, 256), (128, 96)]:
         quantized = quantize(torch.randn(n, k), ON_LOAD["int4"])
         repacked = to_cpu_int4(quantized)
-        assert repacked.values.dtype == torch.uint8 and repacked.shape == quantized.shape == (n, k)
+        assert repacked.values.dtype == torch.uint8 and repacked.values.is_contiguous()
+        assert repacked.shape == quantized.shape == (n, k)
         assert torch.equal(repacked.integers(), quantized.integers())
         assert torch.equal(repacked.scale, quantized.scale)
         assert torch.equal(repacked.dequantize(torch.float32), quantized.dequantize(torch.float32))

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("triton")
 
 from gemma4 import Model, kernels  # noqa: E402
-from gemma4.model.fused import QuantizedLinear  # noqa: E402
+from gemma4.model.fused import QuantizedLinear, stored  # noqa: E402
 from gemma4.model.text import Experts  # noqa: E402
 from gemma4.options import override  # noqa: E402
 from reference import VOCAB, reference_model  # noqa: E402
@@ -26,6 +26,11 @@ def model(request, tmp_path_factory, short_text_config):
     path = tmp_path_factory.mktemp(request.param)
     reference_model(short_text_config(request.param), seed=7).save_pretrained(path)
     model = Model.from_pretrained(path, dtype=torch.float32, device=DEVICE, quantization=CASES[request.param])
+    for module in model.modules():  # the Triton kernels read the checkpoint's layout, not the CPU int4 kernel's
+        if isinstance(module, QuantizedLinear):
+            weight = module.weight.in_checkpoint_layout()
+            module.assign(stored(weight.values), weight.scale)
+    model.quantized_head = None
     return model.fuse_projections_()
 
 

@@ -23,6 +23,7 @@ import re
 import shlex
 import shutil
 import socket
+import os
 import subprocess
 import sys
 import time
@@ -174,12 +175,13 @@ def test_bash_commands(checkpoint, gemma4_tokenizer_dir):
 
 
 @pytest.mark.slow
-def test_shrunk_commands(checkpoint, gemma4_tokenizer_dir):
+def test_shrunk_commands(checkpoint, gemma4_tokenizer_dir, tmp_path):
     for command in commands():
         extra = next((args for prefix, args in SHRINK.items() if command.startswith(prefix)), None)
         if extra is not None:
             done = subprocess.run(argv(command, checkpoint, gemma4_tokenizer_dir, 0) + extra, cwd=ROOT,
-                                  capture_output=True, text=True, timeout=300)
+                                  capture_output=True, text=True, timeout=300,
+                                  env={**os.environ, "GEMMA4_CACHE": str(tmp_path)})
             assert done.returncode == 0, f"`{command}` failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
             assert "random weights" in done.stdout
 

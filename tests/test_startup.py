@@ -198,13 +198,24 @@ def test_serve_prints_a_startup_summary(bf16_checkpoint, capsys):
         engine.shutdown()
 
 
-def test_demo_runs_on_the_cpu_with_no_flags_but_the_tokenizer(gemma4_tokenizer_dir, monkeypatch, capsys):
+def test_demo_runs_on_the_cpu_with_no_flags_but_the_tokenizer(gemma4_tokenizer_dir, monkeypatch, capsys, tmp_path):
+    """On the CPU the demo runs int4 from a random checkpoint it writes to the cache once and reuses."""
+    from gemma4.options import override
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert cli_main(["demo", "--tokenizer", str(gemma4_tokenizer_dir), "--num-layers", "2",
-                     "--max-new-tokens", "2"]) == 0
-    captured = capsys.readouterr()
-    assert "engine: device cpu, dtype bfloat16, context 4096 tokens" in captured.err
-    assert "model (random weights, so this is noise)" in captured.out
+    argv = ["demo", "--tokenizer", str(gemma4_tokenizer_dir), "--num-layers", "2", "--max-new-tokens", "2"]
+    with override(cache_dir=str(tmp_path)):
+        assert cli_main(argv) == 0
+        first = capsys.readouterr()
+        assert cli_main(argv) == 0
+        second = capsys.readouterr()
+    cached = tmp_path / "random" / "E2B-2layers-int4-seed0-v1"
+    assert f"wrote {cached}" in first.err and f"reusing {cached}" in second.err
+    assert [p.name for p in (tmp_path / "random").iterdir()] == [cached.name]  # no partial copy left
+    assert "E2B (2 layers), int4, RANDOM WEIGHTS" in first.err
+    assert "engine: device cpu, dtype bfloat16, context 4096 tokens" in first.err
+    assert "model (random weights, so this is noise)" in first.out
+    assert first.out == second.out
 
 
 def test_llm_logs_a_startup_summary(bf16_checkpoint, caplog):

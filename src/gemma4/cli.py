@@ -93,7 +93,9 @@ def cmd_chat(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    """Random weights of an official size through the whole stack: template, tokenizer, model, sampler, parser."""
+    """Random weights of an official size through the whole stack: template, tokenizer, model, sampler, parser. On
+    the CPU in int4 (the on-device path: the CPU's int4 kernels, the per-layer table memory-mapped), from a random
+    checkpoint written once to the cache; on a GPU in bf16, drawn there in seconds."""
     import os
 
     import torch
@@ -102,19 +104,31 @@ def cmd_demo(args) -> None:
     from .llm import LLM
     from .loading import resolve_device
     from .options import options
-    from .random_init import random_config, random_model
+    from .random_init import cached_random_checkpoint, random_config, random_model
 
     tokenizer = args.tokenizer or options().tokenizer_dir or "../shared/tokenizer"
     if not os.path.isfile(os.path.join(tokenizer, "tokenizer.json")):
         raise FileNotFoundError(f"no tokenizer.json in {tokenizer}; pass --tokenizer DIR")
+    device = resolve_device(args.device)
+    quantization = {"auto": "int4" if device.type == "cpu" else None, "none": None}.get(args.quantization,
+                                                                                      args.quantization)
+    described = f"{args.preset}{f' ({args.num_layers} layers)' if args.num_layers else ''}, " \
+                f"{quantization or 'bf16'}, RANDOM WEIGHTS"
     start = time.perf_counter()
-    config = random_config(args.preset, args.num_layers, text_only=True)
-    model = random_model(config, torch.bfloat16, device=resolve_device(args.device))
-    params = sum(p.numel() for p in model.parameters())
-    print(f"built {args.preset} ({params / 1e9:.2f}B parameters, {config.text_config.num_hidden_layers} layers) "
-          f"with RANDOM WEIGHTS in {time.perf_counter() - start:.0f}s", file=sys.stderr)
-    start = time.perf_counter()
-    llm = LLM(model, tokenizer=tokenizer, max_model_len=args.max_model_len)
+    if device.type == "cpu":
+        print(f"{described}: a checkpoint in {options().cache_dir} (written on the first run: a minute or so "
+              "for E2B)...", file=sys.stderr, flush=True)
+        path, written = cached_random_checkpoint(args.preset, args.num_layers, quantization)
+        print(f"{'wrote' if written else 'reusing'} {path} ({time.perf_counter() - start:.0f}s)", file=sys.stderr)
+        start = time.perf_counter()
+        llm = LLM(path, device=device, quantization=quantization, tokenizer=tokenizer,
+                  max_model_len=args.max_model_len)
+    else:
+        model = random_model(random_config(args.preset, args.num_layers, text_only=True), torch.bfloat16,
+                             device=device, quantization=quantization)
+        print(f"built {described} in {time.perf_counter() - start:.0f}s", file=sys.stderr)
+        start = time.perf_counter()
+        llm = LLM(model, tokenizer=tokenizer, max_model_len=args.max_model_len)
     print(f"engine: {summary(llm.engine, time.perf_counter() - start)}", file=sys.stderr)
     start = time.perf_counter()
     reply = llm.chat([{"role": "user", "content": args.prompt}], params={"max_tokens": args.max_new_tokens, "seed": 0})
@@ -224,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=4096, help="context of the engine")
     p.add_argument("--prompt", default="Why is the sky blue?", help="the user's message")
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate")
+    p.add_argument("--quantization", default="auto", choices=["auto", "none", "int4", "int8", "fp8"],
+                   help="weights of the decoder; auto: int4 on the CPU, bf16 (none) on a GPU")
     p.set_defaults(run=cmd_demo)
 
     from .bench import BenchSpec

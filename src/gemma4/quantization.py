@@ -248,9 +248,8 @@ def _format(scheme: Scheme) -> str:
 
 def _checkpoint_tensors(weight, scheme: Scheme) -> dict[str, torch.Tensor]:
     """One quantized [N, K] matrix as the checkpoint's tensors (the inverse of stored_values / stored_scale)."""
+    weight = weight.in_checkpoint_layout()
     values, (n, k) = weight.values, weight.shape
-    if weight.cpu_scales_and_zeros is not None:  # repacked for the CPU's kernel: back to the checkpoint's words
-        values = pack(weight.integers(), 4)
     if scheme.kind == "float":
         return {"weight": values.contiguous(), "weight_scale": weight.scale.contiguous()}
     if scheme.bits == 8:  # pack-quantized int8: 4 a word

@@ -6,6 +6,7 @@ neutral 1 / +-inf), so that a term dropped by an implementation changes the logi
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,9 @@ from .model.fused import QuantizedLinear
 # Matrices get std GAIN / sqrt(fan_in). Below 1 the random network is less chaotic, so float rounding (e.g. another
 # attention kernel's summation order) is not amplified layer after layer into visible logit differences.
 GAIN = 0.5
+# Part of the cached checkpoints' names (`cached_random_checkpoint`): raised when the draws change, so that older
+# caches are not reused.
+RANDOM_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
@@ -159,3 +163,30 @@ def write_random_checkpoint(preset: str, out: str | Path, num_layers: int | None
             if (Path(tokenizer) / name).is_file():
                 shutil.copy(Path(tokenizer) / name, out / name)
     return out
+
+
+def cached_random_checkpoint(preset: str, num_layers: int | None = None, quantization: str | None = None,
+                             seed: int = 0) -> tuple[Path, bool]:
+    """A random text-only checkpoint of `preset` drawn on the CPU, written once under the cache directory (option
+    cache_dir, $GEMMA4_CACHE) and reused: loading it memory-maps the file, so a later run starts in seconds and
+    reads only the pages it touches (E2B's 4.7 GB per-layer embedding table: the rows of the tokens it sees).
+    Returns (its directory, whether this call wrote it). A run interrupted while writing leaves no cache behind."""
+    from .options import options
+
+    name = f"{preset}-{num_layers or 'all'}layers-{quantization or 'bf16'}-seed{seed}-v{RANDOM_VERSION}"
+    root = Path(options().cache_dir) / "random"
+    path = root / name
+    if (path / "config.json").is_file():
+        return path, False
+    root.mkdir(parents=True, exist_ok=True)
+    partial = root / f".{name}.{os.getpid()}.partial"
+    try:
+        write_random_checkpoint(preset, partial, num_layers, text_only=True, quantization=quantization, seed=seed,
+                                device="cpu")
+        partial.rename(path)
+    except OSError:
+        if not (path / "config.json").is_file():  # not another run's finished copy: a real failure
+            raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return path, True

@@ -41,16 +41,28 @@ def attention_mask(query_positions: torch.Tensor, query_valid: torch.Tensor, key
     return allowed[:, None]
 
 
+# Up to this many queries per row, `attend` multiplies out the scores itself (decode steps, drafts' verification): the
+# CPU's fused SDPA kernel costs about ten times as much per call there.
+FEW_QUERIES = 8
+
+
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """query [B, H, Lq, D], key/value [B, Hkv, Lk, D] -> [B, Lq, H * D].
+    """query [B, H, Lq, D], key/value [B, Hkv, Lk, D] -> [B, Lq, H * D]. Grouped-query attention: KV head j serves
+    query heads j * H / Hkv ... (j + 1) * H / Hkv - 1.
 
     The scale is 1.0: q_norm and k_norm already fix the logits' magnitude."""
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:  # grouped-query attention: each KV head serves `groups` query heads
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=1.0)
-    batch, heads, length, dim = out.shape
+    batch, heads, length, dim = query.shape
+    if length <= FEW_QUERIES:
+        # Each KV head's query heads as rows of one product; scores, softmax and the weighted sum in fp32 (as the
+        # fused kernels accumulate), rounded once to the model dtype.
+        kv_heads, wide = key.shape[1], torch.promote_types(query.dtype, torch.float32)
+        rows = query.reshape(batch, kv_heads, heads // kv_heads * length, dim).to(wide)
+        scores = (rows @ key.to(wide).transpose(-1, -2)).unflatten(2, (heads // kv_heads, length))
+        scores = scores.masked_fill(~mask[:, :, None], float("-inf"))  # mask [B, 1, Lq, Lk] -> [B, 1, 1, Lq, Lk]
+        out = (scores.softmax(-1).flatten(2, 3) @ value.to(wide)).to(query.dtype).view(batch, heads, length, dim)
+    else:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=1.0,
+                                             enable_gqa=heads != key.shape[1])
     return out.transpose(1, 2).reshape(batch, length, heads * dim)
 
 

@@ -131,13 +131,14 @@ class QuantizedLinear(nn.Module):
         scale_rows = [layer.scale.shape[0] for layer in layers]
         if layers[0].scheme.strategy == "block" and any(n % layers[0].scheme.block[0] for n in rows):
             return None
-        fused = QuantizedWeight.cat([layer.weight for layer in layers])
+        fused = QuantizedWeight.cat([layer.weight.in_checkpoint_layout() for layer in layers])
         for layer, values, scale in zip(layers, stored(fused.values).split(rows), fused.scale.split(scale_rows)):
             layer.assign(values, scale)
         return fused
 
     def assign(self, values: torch.Tensor, scale: torch.Tensor) -> QuantizedLinear:
-        self.values, self.scale = values, scale
+        """Values and scale in the checkpoint's layout."""
+        self.values, self.scale, self.cpu_scales_and_zeros = values, scale, None
         return self
 
     def extra_repr(self) -> str:
