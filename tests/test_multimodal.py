@@ -386,3 +386,16 @@ def test_processor_takes_audio_as_sample_rate_pairs(processors):
     two = ours(text=["A <|audio|>", "B <|audio|>"], audio=[clip, clip])
     assert one["input_features"].shape[0] == 1 and two["input_features"].shape[0] == 2
     assert torch.equal(one["input_features"][0], two["input_features"][1])
+
+
+def test_text_only_load_skips_towers_deeper_than_the_text(tmp_path, short_text_config):
+    """with_towers=False skips the towers' tensors whatever their layer numbers (a vision tower deeper than the text
+    stack once raised IndexError: its K/V projections were read as a KV-shared text layer's)."""
+    config = config_dict("E2B", short_text_config)
+    config["vision_config"]["num_hidden_layers"] = config["text_config"]["num_hidden_layers"] + 2
+    reference_model(config, seed=3).save_pretrained(tmp_path)
+    full = gemma4.Model.from_pretrained(tmp_path, dtype=torch.float32)
+    text_only = gemma4.Model.from_pretrained(tmp_path, dtype=torch.float32, with_towers=False)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(full(ids), text_only(ids))

@@ -27,6 +27,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
 # Released checkpoints store K/V weights for KV-shared layers, which never use them (they read the producer's K/V).
 UNUSED_SHARED_KV = re.compile(r"layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm|v_norm)\.")
+TOWERS = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")
 
 
 class CheckpointError(ValueError):
@@ -277,11 +278,13 @@ def model_name(checkpoint_name: str, layout: str) -> str:
 
 
 def _deliberately_unused(key: str, config: Config, with_towers: bool) -> bool:
-    shared = (match := UNUSED_SHARED_KV.search(key)) and config.text_config.is_kv_shared(int(match.group(1)))
-    tied = key == "lm_head.weight" and config.text_config.tie_word_embeddings  # the embedding serves
-    towers = not with_towers and key.startswith(  # of a multimodal checkpoint loaded text-only
-        ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio."))
-    return bool(shared or tied or towers)
+    if key.startswith(TOWERS):  # of a multimodal checkpoint loaded text-only (a tower's layers are not the text's)
+        return not with_towers
+    text = config.text_config
+    layer = int(match.group(1)) if (match := UNUSED_SHARED_KV.search(key)) else None
+    shared = layer is not None and layer < text.num_hidden_layers and text.is_kv_shared(layer)
+    tied = key == "lm_head.weight" and text.tie_word_embeddings  # the embedding serves
+    return shared or tied
 
 
 def progress_bar(total_bytes: int, desc: str, enabled: bool | None = None):
