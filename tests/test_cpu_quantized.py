@@ -131,7 +131,7 @@ def test_bf16_quantized_model_logits_near_the_twin(checkpoint):
     assert VOCAB == plain.shape[-1]
 
 
-def test_quantized_head_is_derived_and_not_saved(checkpoint, tmp_path):
+def test_quantized_head_is_derived_and_not_saved(checkpoint, tmp_path, monkeypatch):
     """The CPU's quantized LM head is the tied table quantized with the decoder's scheme; the embedding keeps the
     table. A saved model holds no head. Loaded back (a compressed-tensors checkpoint) it runs as stored, with the bf16
     head (as the parity tests against transformers require); with quantization= its scheme, the same head is derived
@@ -140,6 +140,9 @@ def test_quantized_head_is_derived_and_not_saved(checkpoint, tmp_path):
 
     from gemma4.loading import save_model
 
+    from gemma4.model import gemma4
+
+    monkeypatch.setattr(gemma4, "HEAD_ROWS_AT_ONCE", 100)  # quantized in blocks of rows, as a full table is
     model = Model.from_pretrained(checkpoint, dtype=torch.bfloat16, device="cpu", quantization="int4")
     expected = quantize(model.text.embed_tokens.weight, ON_LOAD["int4"])
     assert torch.equal(model.quantized_head.integers(), expected.integers())
@@ -175,3 +178,30 @@ def test_random_quantized_checkpoint(tmp_path):
         assert torch.equal(ours.weight.integers(), theirs.weight.integers())
         spread = ours.weight.dequantize(torch.float32).std().item() * ours.in_features**0.5 / GAIN
         assert 0.8 < spread < 1.25
+
+
+def test_page_out_gives_back_mapped_pages_and_keeps_the_data(tmp_path):
+    """page_out on a memory-mapped checkpoint tensor drops its pages from the resident set (read from the file again
+    when touched); on ordinary memory it changes nothing."""
+    import sys
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from gemma4.model.pages import page_out
+
+    def resident_file_mib() -> float:
+        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("RssFile")) / 1024
+
+    save_file({"t": torch.arange(2**24, dtype=torch.float32)}, tmp_path / "t.safetensors")  # 64 MiB
+    with safe_open(tmp_path / "t.safetensors", "pt", device="cpu") as reader:
+        mapped = reader.get_tensor("t")
+    total = mapped.sum()
+    resident = resident_file_mib() if sys.platform.startswith("linux") else None
+    page_out(mapped)
+    if resident is not None:
+        assert resident_file_mib() < resident - 32
+    assert mapped.sum() == total
+    plain = torch.arange(2**22, dtype=torch.float32)
+    page_out(plain)
+    assert torch.equal(plain, torch.arange(2**22, dtype=torch.float32))

@@ -18,6 +18,7 @@ from torch import nn
 from .. import kernels
 from ..options import options
 from .common import RMSNorm, activation
+from .pages import page_out
 from .quantized import (CPU_KERNEL_MAX_ROWS, QuantizedWeight, Scheme, cpu_int4_supported, cpu_linear, quantize,
                         to_cpu_int4)
 
@@ -118,6 +119,7 @@ class QuantizedLinear(nn.Module):
             repacked = to_cpu_int4(weight)
             self.values, self.scale, self.cpu_scales_and_zeros = (repacked.values, repacked.scale,
                                                                   repacked.cpu_scales_and_zeros)
+            page_out(weight.values)  # the checkpoint's words, where they are a memory-mapped file's pages
         return self
 
     def forward(self, x) -> torch.Tensor:

@@ -15,6 +15,7 @@ from .attention import ForwardContext
 from .cache import KVCache
 from .common import MultimodalEmbedder
 from .fused import QuantizedLinear, linear
+from .pages import page_out
 from .quantized import ON_LOAD, QuantizedWeight, Scheme, cpu_int4_supported, quantize, to_cpu_int4
 from .text import TextModel
 
@@ -28,6 +29,8 @@ def check_token_ids(config: Config, ids) -> None:
     if bool(outside.any()):
         raise ValueError(f"token id {int(ids[outside][0])} is outside this model's vocabulary of {vocab} ids")
 
+
+HEAD_ROWS_AT_ONCE = 16384  # rows of the tied table quantized at once for the CPU's head (`ready_`)
 
 class Backbone(nn.Module):
     """Holds the submodules under the names the multimodal checkpoints use (`model.language_model`, ...)."""
@@ -106,7 +109,13 @@ class Gemma4(nn.Module):
                 module.for_cpu_()
         scheme = self.head_scheme
         if self.lm_head is None and self.quantized_head is None and scheme in (ON_LOAD["int4"], ON_LOAD["int8"]):
-            head = quantize(self.text.embed_tokens.weight, scheme)
+            # In row blocks: the temporaries stay small, and a memory-mapped table's pages are given back as they
+            # are read (the lookups read a few rows again later).
+            blocks = []
+            for rows in self.text.embed_tokens.weight.split(HEAD_ROWS_AT_ONCE):
+                blocks.append(quantize(rows, scheme))
+                page_out(rows)
+            head = QuantizedWeight.cat(blocks)
             self.quantized_head = to_cpu_int4(head) if cpu_int4_supported(head) else head
 
     def make_cache(self, batch_size: int, max_len: int) -> KVCache:
