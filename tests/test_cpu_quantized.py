@@ -142,9 +142,10 @@ def test_quantized_head_is_derived_and_not_saved(checkpoint, tmp_path, monkeypat
 
     from gemma4.model import gemma4
 
-    monkeypatch.setattr(gemma4, "HEAD_ROWS_AT_ONCE", 100)  # quantized in blocks of rows, as a full table is
+    monkeypatch.setattr(gemma4, "HEAD_ROWS_AT_ONCE", 128)  # quantized in blocks of rows, as a full table is
     model = Model.from_pretrained(checkpoint, dtype=torch.bfloat16, device="cpu", quantization="int4")
     expected = quantize(model.text.embed_tokens.weight, ON_LOAD["int4"])
+    assert model.quantized_head.cpu_scales_and_zeros is not None
     assert torch.equal(model.quantized_head.integers(), expected.integers())
     assert torch.equal(model.quantized_head.scale, expected.scale)
     save_model(model, tmp_path)

@@ -30,7 +30,8 @@ def check_token_ids(config: Config, ids) -> None:
         raise ValueError(f"token id {int(ids[outside][0])} is outside this model's vocabulary of {vocab} ids")
 
 
-HEAD_ROWS_AT_ONCE = 16384  # rows of the tied table quantized at once for the CPU's head (`ready_`)
+# Rows of the tied table quantized at once for the CPU's head (`ready_`): whole blocks of the int4 kernel's layout
+HEAD_ROWS_AT_ONCE = 16384
 
 class Backbone(nn.Module):
     """Holds the submodules under the names the multimodal checkpoints use (`model.language_model`, ...)."""
@@ -113,10 +114,10 @@ class Gemma4(nn.Module):
             # are read (the lookups read a few rows again later).
             blocks = []
             for rows in self.text.embed_tokens.weight.split(HEAD_ROWS_AT_ONCE):
-                blocks.append(quantize(rows, scheme))
+                block = quantize(rows, scheme)
+                blocks.append(to_cpu_int4(block) if cpu_int4_supported(block) else block)
                 page_out(rows)
-            head = QuantizedWeight.cat(blocks)
-            self.quantized_head = to_cpu_int4(head) if cpu_int4_supported(head) else head
+            self.quantized_head = QuantizedWeight.cat(blocks)
 
     def make_cache(self, batch_size: int, max_len: int) -> KVCache:
         """A cache for incremental forwards: sliding layers get a ring of `sliding_window` slots (see cache.py)."""

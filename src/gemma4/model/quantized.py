@@ -132,7 +132,15 @@ class QuantizedWeight:
 
     @staticmethod
     def cat(weights: list[QuantizedWeight]) -> QuantizedWeight:
-        """Row blocks stacked (fused projections): values and scales concatenated along the output rows."""
+        """Row blocks stacked (fused projections): values and scales concatenated along the output rows. In the CPU
+        int4 layout (`to_cpu_int4`: blocks of whole 64-row blocks) too, or as checkpoints hold them where the
+        layouts are mixed."""
+        layouts = {w.cpu_scales_and_zeros is not None for w in weights}
+        if layouts == {True}:
+            scales_and_zeros = torch.cat([w.cpu_scales_and_zeros for w in weights], 1)
+            return QuantizedWeight(torch.cat([w.values for w in weights]), scales_and_zeros[..., 0].t(),
+                                   weights[0].scheme, scales_and_zeros)
+        weights = [w.in_checkpoint_layout() for w in weights]
         return QuantizedWeight(torch.cat([w.values for w in weights]), torch.cat([w.scale for w in weights]),
                                weights[0].scheme)
 
