@@ -16,7 +16,7 @@ from .cache import KVCache
 from .common import MultimodalEmbedder
 from .fused import QuantizedLinear, linear
 from .pages import page_out
-from .quantized import ON_LOAD, QuantizedWeight, Scheme, cpu_int4_supported, quantize, to_cpu_int4
+from .quantized import CPU_INT4_BLOCK, ON_LOAD, QuantizedWeight, Scheme, cpu_int4_layout_known, quantize
 from .text import TextModel
 
 
@@ -114,8 +114,8 @@ class Gemma4(nn.Module):
             # are read (the lookups read a few rows again later).
             blocks = []
             for rows in self.text.embed_tokens.weight.split(HEAD_ROWS_AT_ONCE):
-                block = quantize(rows, scheme)
-                blocks.append(to_cpu_int4(block) if cpu_int4_supported(block) else block)
+                cpu_layout = scheme.packed and rows.shape[0] % CPU_INT4_BLOCK == 0 and cpu_int4_layout_known()
+                blocks.append(quantize(rows, scheme, for_cpu=cpu_layout))
                 page_out(rows)
             self.quantized_head = QuantizedWeight.cat(blocks)
 

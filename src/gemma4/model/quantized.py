@@ -145,9 +145,10 @@ class QuantizedWeight:
                                weights[0].scheme)
 
 
-def quantize(weight: torch.Tensor, scheme: Scheme) -> QuantizedWeight:
+def quantize(weight: torch.Tensor, scheme: Scheme, for_cpu: bool = False) -> QuantizedWeight:
     """weight [..., N, K] -> its `scheme` form, as llm-compressor's min-max observer and compressed-tensors make it:
-    scale = absmax / qmax per channel / group / block, in the weight's dtype; values = the scaled weight rounded."""
+    scale = absmax / qmax per channel / group / block, in the weight's dtype; values = the scaled weight rounded.
+    `for_cpu`: int4 packed straight into the CPU kernel's layout (`to_cpu_int4` of the result, without the words)."""
     assert scheme.strategy != "block", "blocks are read from checkpoints, not made on load"
     grouped = _per_scale(weight, scheme)
     low, high = grouped.aminmax(dim=-1)  # the absolute maximum, without a copy of |weight|
@@ -155,12 +156,12 @@ def quantize(weight: torch.Tensor, scheme: Scheme) -> QuantizedWeight:
     scale = torch.where(scale == 0, torch.finfo(scale.dtype).eps, scale)
     q = _round(grouped / scale.unsqueeze(-1), scheme.kind, scheme.bits).flatten(-2).reshape(weight.shape)
     if scheme.kind == "float":
-        values = q.to(torch.float8_e4m3fn)
-    elif scheme.packed:
-        values = pack(q, 4)
-    else:
-        values = q.to(torch.int8)
-    return QuantizedWeight(values, scale, scheme)
+        return QuantizedWeight(q.to(torch.float8_e4m3fn), scale, scheme)
+    if not scheme.packed:
+        return QuantizedWeight(q.to(torch.int8), scale, scheme)
+    if for_cpu:
+        return _cpu_int4(pack_cpu_int4(_unsigned(q, 4)), scale, scheme)
+    return QuantizedWeight(pack(q, 4), scale, scheme)
 
 
 def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
@@ -208,7 +209,7 @@ assert sys.byteorder == "little", "packed int4/int8 words are read as little-end
 CPU_INT4_BLOCK = 64
 CPU_INT4_GROUPS = (32, 64, 128, 256)  # the group sizes the kernel takes
 # Up to this many rows the kernels beat dequantizing and F.linear (benchmarks/cpu_matmul.py); prefills take the twin.
-CPU_KERNEL_MAX_ROWS = 16
+CPU_KERNEL_MAX_ROWS = 64
 
 
 def cpu_int4_supported(weight: QuantizedWeight) -> bool:
@@ -220,10 +221,12 @@ def cpu_int4_supported(weight: QuantizedWeight) -> bool:
 
 def to_cpu_int4(weight: QuantizedWeight) -> QuantizedWeight:
     """The same matrix in the CPU int4 kernel's layout (the scale in its dtype, exactly: zeros of 0)."""
-    values = pack_cpu_int4(unpack_unsigned(weight.values, 4))
-    scale = weight.scale.t()
-    scales_and_zeros = torch.stack([scale, torch.zeros_like(scale)], -1).contiguous()
-    return QuantizedWeight(values, scales_and_zeros[..., 0].t(), weight.scheme, scales_and_zeros)
+    return _cpu_int4(pack_cpu_int4(unpack_unsigned(weight.values, 4)), weight.scale, weight.scheme)
+
+
+def _cpu_int4(values: torch.Tensor, scale: torch.Tensor, scheme: Scheme) -> QuantizedWeight:
+    scales_and_zeros = torch.stack([scale.t(), torch.zeros_like(scale.t())], -1).contiguous()
+    return QuantizedWeight(values, scales_and_zeros[..., 0].t(), scheme, scales_and_zeros)
 
 
 def pack_cpu_int4(unsigned: torch.Tensor) -> torch.Tensor:
