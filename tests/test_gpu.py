@@ -189,7 +189,10 @@ def test_full_size_fast_path_close_to_plain_ops(preset, dtype, num_layers, bound
             plain.append(model(plain[-1].argmax(-1, keepdim=True), cache=cache, last_only=True)[:, -1].float())
 
     # The engine's path (its prefill, then decode steps replayed from a CUDA graph), fed the plain path's tokens.
-    engine = LLMEngine(model, max_num_seqs=1, max_model_len=max_len, max_num_batched_tokens=4096, run_ahead=False)
+    # No prefix cache: its snapshot points would split the prefill into chunks, and the first step would sample
+    # nothing.
+    engine = LLMEngine(model, max_num_seqs=1, max_model_len=max_len, max_num_batched_tokens=4096, run_ahead=False,
+                       enable_prefix_caching=False)
     fast, forward = [], engine.runner.forward
     engine.runner.forward = lambda batch, ahead=None: (  # (logits, hidden) passed on
         lambda out: fast.append(out[0].clone()) or out)(forward(batch, ahead))
