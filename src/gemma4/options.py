@@ -29,7 +29,7 @@ class Options:
     prefill_kernel: bool = True  # the flash prefill attention kernel; False: SDPA with a boolean mask
     tokenizer_dir: str | None = None  # GEMMA4_TOKENIZER_DIR: where `gemma4 demo` finds a tokenizer without --tokenizer
     # GEMMA4_CACHE: where `gemma4 demo` keeps the random checkpoints it runs on the CPU ($XDG_CACHE_HOME/gemma4)
-    cache_dir: str = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gemma4")
+    cache_dir: str = dataclasses.field(default_factory=lambda: default_cache_dir(os.environ))
 
     def __post_init__(self):
         object.__setattr__(self, "defer_norms", frozenset(self.defer_norms))  # any iterable of site names
@@ -45,7 +45,11 @@ class Options:
 
         return cls(kernels=flag("GEMMA4_KERNELS", "1"), pdl=flag("GEMMA4_PDL", "1"),
                    cuda_graphs=not flag("GEMMA4_EAGER", "0"), tokenizer_dir=environ.get("GEMMA4_TOKENIZER_DIR") or None,
-                   **({"cache_dir": environ["GEMMA4_CACHE"]} if environ.get("GEMMA4_CACHE") else {}))
+                   cache_dir=environ.get("GEMMA4_CACHE") or default_cache_dir(environ))
+
+
+def default_cache_dir(environ: Mapping[str, str]) -> str:
+    return os.path.join(environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gemma4")
 
 
 # The one place the options live. Hot paths (kernels.enabled, once per op) read this attribute directly.

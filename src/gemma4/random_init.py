@@ -63,7 +63,7 @@ def randomize_(model: torch.nn.Module, seed: int = 0, progress: bool | None = No
     for module in quantized.values():
         _randomize_quantized_(module, generators.setdefault(module.values.device,
                                                             torch.Generator(module.values.device).manual_seed(seed)))
-        bar.update(module.values.numel() * module.values.element_size() + module.scale.numel() * 2)
+        bar.update(sum(t.numel() * t.element_size() for t in (module.values, module.scale)))
     # state_dict() holds what a checkpoint holds (not derived buffers such as RoPE tables), sharing storage.
     for name, tensor in states.items():
         module, _, leaf = name.rpartition(".")

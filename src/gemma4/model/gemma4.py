@@ -16,7 +16,7 @@ from .cache import KVCache
 from .common import MultimodalEmbedder
 from .fused import QuantizedLinear, linear
 from .pages import page_out
-from .quantized import CPU_INT4_BLOCK, ON_LOAD, QuantizedWeight, Scheme, cpu_int4_layout_known, quantize
+from .quantized import ON_LOAD, QuantizedWeight, Scheme, cpu_int4_takes, quantize
 from .text import TextModel
 
 
@@ -114,8 +114,7 @@ class Gemma4(nn.Module):
             # are read (the lookups read a few rows again later).
             blocks = []
             for rows in self.text.embed_tokens.weight.split(HEAD_ROWS_AT_ONCE):
-                cpu_layout = scheme.packed and rows.shape[0] % CPU_INT4_BLOCK == 0 and cpu_int4_layout_known()
-                blocks.append(quantize(rows, scheme, for_cpu=cpu_layout))
+                blocks.append(quantize(rows, scheme, for_cpu=cpu_int4_takes(scheme, rows.shape[0])))
                 page_out(rows)
             self.quantized_head = QuantizedWeight.cat(blocks)
 

@@ -213,10 +213,14 @@ CPU_KERNEL_MAX_ROWS = 64
 
 
 def cpu_int4_supported(weight: QuantizedWeight) -> bool:
-    """Whether `to_cpu_int4` takes the matrix: int4 in groups the kernel knows, one matrix of whole row blocks."""
-    scheme = weight.scheme
+    """Whether `to_cpu_int4` takes the matrix: one matrix (no expert dimension) that `cpu_int4_takes`."""
+    return weight.values.dim() == 2 and cpu_int4_takes(weight.scheme, weight.shape[0])
+
+
+def cpu_int4_takes(scheme: Scheme, rows: int) -> bool:
+    """Whether the CPU int4 kernel reads `rows` rows of `scheme`: int4 in groups it knows, whole row blocks."""
     return (scheme.packed and scheme.strategy == "group" and scheme.group_size in CPU_INT4_GROUPS
-            and weight.values.dim() == 2 and weight.shape[0] % CPU_INT4_BLOCK == 0 and cpu_int4_layout_known())
+            and rows % CPU_INT4_BLOCK == 0 and cpu_int4_layout_known())
 
 
 def to_cpu_int4(weight: QuantizedWeight) -> QuantizedWeight:
