@@ -1,6 +1,7 @@
-"""The CPU's weight-only int8 / int4 kernels (model/quantized.py `cpu_linear`, PyTorch's aten ops) against the plain
-twin, "dequantize, then multiply": products on random matrices, and tiny models quantized on load whose decode steps
-take them, against the same models through the twin (`kernels=False`)."""
+"""The CPU's int8 / int4 kernels (model/quantized.py `cpu_linear`: PyTorch's weight-only aten ops, and the native int4
+kernel of kernels/cpu.py, whose products test_cpu_kernels.py checks) against the plain twin, "dequantize, then
+multiply": products on random matrices, and tiny models quantized on load whose decode steps take them, against the
+same models through the twin (`kernels=False`)."""
 
 from unittest import mock
 
@@ -10,6 +11,7 @@ import torch
 from gemma4 import Model
 from gemma4.engine.engine import LLMEngine
 from gemma4.engine.sampling import SamplingParams
+from gemma4.kernels import cpu
 from gemma4.model import fused
 from gemma4.model.fused import QuantizedLinear
 from gemma4.model.quantized import (CPU_KERNEL_MAX_ROWS, ON_LOAD, cpu_int4_layout_known, cpu_int4_supported,
@@ -19,6 +21,17 @@ from reference import VOCAB, engine_outputs, reference_model, text_config_dict
 
 U32 = 2.0**-24  # fp32's unit roundoff
 UBF16 = 2.0**-9
+
+
+@pytest.fixture(params=["native", "pytorch"])
+def int4_kernel(request, monkeypatch):
+    """Which CPU int4 kernel a test runs: the native one (kernels/cpu.py), or PyTorch's, which the CPU takes where the
+    native one is not built (here: made to look so, which also turns the other C kernels off)."""
+    if request.param == "pytorch":
+        monkeypatch.setattr(cpu, "library", lambda: None)
+    elif cpu.library() is None:
+        pytest.skip("the C kernels are not built here")
+    return request.param
 
 
 def _weight(n: int, k: int, scheme: str, seed: int = 0):
@@ -65,9 +78,10 @@ def test_products_equal_dequantize_then_multiply(scheme, dtype, rows):
     assert (got.double() - exact).abs().max() > 0 or dtype == torch.float32  # the bound is not vacuous in bf16
 
 
-def test_unsupported_weights_take_the_twin():
-    """fp8, and int4 whose rows are not whole blocks of 64, stay in the checkpoint's layout; `cpu_linear` declines
-    them and `product` dequantizes."""
+def test_unsupported_weights_take_the_twin(monkeypatch):
+    """fp8, and (without the native kernel) int4 whose rows are not whole blocks of 64, stay in the checkpoint's
+    layout; `cpu_linear` declines them and `product` dequantizes."""
+    monkeypatch.setattr(cpu, "library", lambda: None)
     fp8 = quantize(torch.randn(64, 64), ON_LOAD["fp8"])
     ragged = quantize(torch.randn(96, 64), ON_LOAD["int4"])
     assert not cpu_int4_supported(fp8) and not cpu_int4_supported(ragged)
@@ -100,27 +114,29 @@ def _engine_outputs(model, kernels: bool):
 
 
 @pytest.mark.parametrize("scheme", ["int4", "int8"])
-def test_quantized_model_tokens_equal_the_twin(checkpoint, scheme):
+def test_quantized_model_tokens_equal_the_twin(checkpoint, scheme, int4_kernel):
     """fp32: greedy tokens of a batch through the engine with the CPU kernels equal those through the twin, and
     their log-probabilities agree to fp32 summation order (1e-4: the differences of the products, amplified by the
-    norms through the layers)."""
+    norms through the layers). The native int4 kernel takes 16-bit inputs only: fp32 int4 products run the twin."""
     model = Model.from_pretrained(checkpoint, dtype=torch.float32, device="cpu", quantization=scheme)
     quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     repacked = [m for m in quantized if m.cpu_scales_and_zeros is not None]
-    assert (len(repacked) > 10 and len(repacked) < len(quantized)) if scheme == "int4" else not repacked
+    pytorch_int4 = scheme == "int4" and int4_kernel == "pytorch"
+    assert (len(repacked) > 10 and len(repacked) < len(quantized)) if pytorch_int4 else not repacked
     head = model.quantized_head  # the tied LM head, quantized for the logits
-    assert (head.cpu_scales_and_zeros is not None) == (scheme == "int4")
+    assert (head.cpu_scales_and_zeros is not None) == pytorch_int4
     calls = []
-    with mock.patch.object(fused, "cpu_linear", side_effect=lambda x, w: calls.append(1) or cpu_linear(x, w)):
+    with mock.patch.object(fused, "cpu_linear", side_effect=lambda x, w: calls.append(cpu_linear(x, w)) or calls[-1]):
         fast = _engine_outputs(model, kernels=True)
-    assert len(calls) > 100
+    taken = [out for out in calls if out is not None]
+    assert len(taken) > 100 if scheme == "int8" or pytorch_int4 else not taken
     plain = _engine_outputs(model, kernels=False)
     for (ids, logprobs), (plain_ids, plain_logprobs) in zip(fast, plain):
         assert ids == plain_ids
         torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(plain_logprobs), rtol=0, atol=1e-4)
 
 
-def test_bf16_quantized_model_logits_near_the_twin(checkpoint):
+def test_bf16_quantized_model_logits_near_the_twin(checkpoint, int4_kernel):
     """bf16 activations (the CPU's fast case): the last position's logits with the kernels against the twin, within
     the spread that bf16 rounding of the same products gives (2^-9 relative per product, through the layers): a
     fraction of the logits' own scale, where a misread weight would be off by about the scale itself."""
@@ -135,7 +151,7 @@ def test_bf16_quantized_model_logits_near_the_twin(checkpoint):
     assert VOCAB == plain.shape[-1]
 
 
-def test_quantized_head_is_derived_and_not_saved(checkpoint, tmp_path, monkeypatch):
+def test_quantized_head_is_derived_and_not_saved(checkpoint, tmp_path, monkeypatch, int4_kernel):
     """The CPU's quantized LM head is the tied table quantized with the decoder's scheme; the embedding keeps the
     table. A saved model holds no head. Loaded back (a compressed-tensors checkpoint) it runs as stored, with the bf16
     head (as the parity tests against transformers require); with quantization= its scheme, the same head is derived
@@ -149,7 +165,7 @@ def test_quantized_head_is_derived_and_not_saved(checkpoint, tmp_path, monkeypat
     monkeypatch.setattr(gemma4, "HEAD_ROWS_AT_ONCE", 128)  # quantized in blocks of rows, as a full table is
     model = Model.from_pretrained(checkpoint, dtype=torch.bfloat16, device="cpu", quantization="int4")
     expected = quantize(model.text.embed_tokens.weight, ON_LOAD["int4"])
-    assert model.quantized_head.cpu_scales_and_zeros is not None
+    assert (model.quantized_head.cpu_scales_and_zeros is not None) == (int4_kernel == "pytorch")
     assert torch.equal(model.quantized_head.integers(), expected.integers())
     assert torch.equal(model.quantized_head.scale, expected.scale)
     save_model(model, tmp_path)

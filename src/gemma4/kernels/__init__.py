@@ -1,12 +1,15 @@
-"""Triton kernels for the CUDA fast path, each the twin of plain PyTorch code in `gemma4.model` (docs/architecture.md,
-Kernels). Tests without a GPU run them through Triton's interpreter (TRITON_INTERPRET=1, set before Triton is
-imported) on CPU tensors, and `force()` makes a model take them there too.
+"""Triton kernels for the CUDA fast path, and C kernels for the CPU's (cpu.py), each the twin of plain PyTorch code in
+`gemma4.model` (docs/architecture.md, Kernels). Tests without a GPU run the Triton kernels through Triton's
+interpreter (TRITON_INTERPRET=1, set before Triton is imported) on CPU tensors, and `force()` makes a model take them
+there too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+
+import torch
 
 from .. import options as _options
 
@@ -26,6 +29,18 @@ def enabled(x) -> bool:
     """Whether the model should run its fused kernels on tensor `x`: a CUDA tensor (or forced), Triton importable,
     the `kernels` option on (read as options.current, not options(): this runs once per op)."""
     return _options.current.kernels and (x.is_cuda or _forced) and triton_available()
+
+
+_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def cpu_enabled(x) -> bool:
+    """Whether the model should run its C kernels (cpu.py) on tensor `x`: a CPU tensor of a dtype they read (fp32, bf16,
+    fp16), the `kernels` option on, not forced onto the Triton kernels, the kernels built on this machine."""
+    if not (_options.current.kernels and x.device.type == "cpu" and not _forced and x.dtype in _CPU_DTYPES):
+        return False
+    from .cpu import library
+    return library() is not None
 
 
 @contextlib.contextmanager

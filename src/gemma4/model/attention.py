@@ -52,6 +52,10 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
 
     The scale is 1.0: q_norm and k_norm already fix the logits' magnitude."""
     batch, heads, length, dim = query.shape
+    if (length <= FEW_QUERIES and kernels.cpu_enabled(query) and mask.dtype == torch.bool
+            and query.dtype == key.dtype == value.dtype):
+        from ..kernels.cpu import attend as attend_kernel
+        return attend_kernel(query, key, value, mask)
     if length <= FEW_QUERIES:
         # Each KV head's query heads as rows of one product; scores, softmax and the weighted sum in fp32 (as the
         # fused kernels accumulate), rounded once to the model dtype.

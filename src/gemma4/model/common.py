@@ -44,6 +44,9 @@ class RMSNorm(nn.Module):
         if kernels.enabled(x):
             from ..kernels.norm import rms_norm
             return rms_norm(x, self.weight, self.eps)
+        if kernels.cpu_enabled(x) and x.is_contiguous():
+            from ..kernels.cpu import rms_norm
+            return rms_norm(x, self.weight, self.eps)
         h = x.float()
         # pow(-0.5) rather than rsqrt: that is what the reference (and its JAX origin) computes.
         h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)

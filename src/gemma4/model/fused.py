@@ -135,6 +135,8 @@ class QuantizedLinear(nn.Module):
             return None
         fused = QuantizedWeight.cat([layer.weight.in_checkpoint_layout() for layer in layers])
         for layer, values, scale in zip(layers, stored(fused.values).split(rows), fused.scale.split(scale_rows)):
+            page_out(layer.values)  # where the old buffers are a memory-mapped checkpoint's pages
+            page_out(layer.scale)
             layer.assign(values, scale)
         return fused
 
@@ -268,6 +270,9 @@ def add_normed(residual: torch.Tensor, x: torch.Tensor, norm: RMSNorm, scalar: t
     if kernels.enabled(x):
         from ..kernels.norm import residual_rms_norm
         return residual_rms_norm(residual, x, norm.weight, norm.eps, scalar, *weight_eps(next_norm))
+    if kernels.cpu_enabled(x) and x.dtype == residual.dtype and x.is_contiguous() and residual.is_contiguous():
+        from ..kernels.cpu import add_rms_norm
+        return add_rms_norm(residual, x, norm.weight, norm.eps, scalar, *weight_eps(next_norm))
     out = residual + norm(x)
     if scalar is not None:
         out = out * scalar

@@ -16,7 +16,7 @@ from .cache import KVCache
 from .common import MultimodalEmbedder
 from .fused import QuantizedLinear, linear
 from .pages import page_out
-from .quantized import ON_LOAD, QuantizedWeight, Scheme, cpu_int4_takes, quantize
+from .quantized import ON_LOAD, QuantizedWeight, Scheme, cpu_int4_takes, native_int4, quantize
 from .text import TextModel
 
 
@@ -108,6 +108,13 @@ class Gemma4(nn.Module):
         for module in self.modules():
             if isinstance(module, QuantizedLinear):
                 module.for_cpu_()
+        if options().fuse_projections == "auto":
+            # The native int4 kernel computes each output row alike in a fused matrix: fewer, larger products.
+            for module in self.modules():
+                linears = [child for child in module.children() if isinstance(child, (nn.Linear, QuantizedLinear))]
+                if (hasattr(module, "fuse_projections_") and module is not self and linears
+                        and all(isinstance(child, QuantizedLinear) and native_int4(child.scheme) for child in linears)):
+                    module.fuse_projections_()
         scheme = self.head_scheme
         if self.lm_head is None and self.quantized_head is None and scheme in (ON_LOAD["int4"], ON_LOAD["int8"]):
             # In row blocks: the temporaries stay small, and a memory-mapped table's pages are given back as they

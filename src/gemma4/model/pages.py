@@ -8,8 +8,10 @@ import functools
 import mmap
 import sys
 
+import numpy as np
 import torch
 
+MADV_DONTNEED = 4  # unmap these pages; a file's stay in the page cache
 MADV_PAGEOUT = 21  # Linux 5.4 and newer: reclaim these pages now
 
 
@@ -26,9 +28,11 @@ def _madvise():
 
 
 def page_out(tensor: torch.Tensor) -> None:
-    """Ask the kernel to reclaim the whole pages under `tensor` (madvise MADV_PAGEOUT). Pages of a memory-mapped file
-    leave the resident set and are read from the file again if touched; anonymous memory without swap stays: the
-    data never changes. A hint: a no-op on other systems, on kernels without it and for GPU tensors."""
+    """Give the whole pages under `tensor` back to the system. Pages of a memory-mapped file (the checkpoint's) leave the
+    resident set but stay in the page cache (madvise MADV_DONTNEED: a later touch maps them again without reading
+    the disk), where none was written (`_file_pages`); other memory is only asked to be
+    reclaimed (MADV_PAGEOUT: without swap anonymous memory stays, so its data too). A hint: a no-op on other systems,
+    on kernels without it and for GPU tensors."""
     madvise = _madvise()
     if madvise is None or tensor.device.type != "cpu" or tensor.numel() == 0:
         return
@@ -36,4 +40,18 @@ def page_out(tensor: torch.Tensor) -> None:
     first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
     last = (start + size) // mmap.PAGESIZE * mmap.PAGESIZE
     if last > first:
-        madvise(first, last - first, MADV_PAGEOUT)
+        madvise(first, last - first, MADV_DONTNEED if _file_pages(first, last) else MADV_PAGEOUT)
+
+
+def _file_pages(first: int, last: int) -> bool:
+    """Whether every page of [first, last) that is in memory is a file's page, none swapped (/proc/self/pagemap: bit 61
+    file page, 62 swapped, 63 present): dropping such pages cannot lose data, as a page written since it was mapped
+    privately (copy on write) would be anonymous. Pages not in memory read the same again."""
+    try:
+        with open("/proc/self/pagemap", "rb") as pagemap:
+            pagemap.seek(first // mmap.PAGESIZE * 8)
+            entries = np.frombuffer(pagemap.read((last - first) // mmap.PAGESIZE * 8), dtype=np.uint64)
+    except OSError:
+        return False
+    present, swapped, file = ((entries >> np.uint64(bit)) & np.uint64(1) for bit in (63, 62, 61))
+    return entries.size == (last - first) // mmap.PAGESIZE and not swapped.any() and bool(file[present == 1].all())

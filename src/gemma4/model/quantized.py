@@ -218,9 +218,24 @@ def cpu_int4_supported(weight: QuantizedWeight) -> bool:
 
 
 def cpu_int4_takes(scheme: Scheme, rows: int) -> bool:
-    """Whether the CPU int4 kernel reads `rows` rows of `scheme`: int4 in groups it knows, whole row blocks."""
+    """Whether `rows` rows of `scheme` are repacked for PyTorch's CPU int4 kernel: int4 in groups it knows, whole row
+    blocks, where the native kernel (`native_int4`) is not built."""
     return (scheme.packed and scheme.strategy == "group" and scheme.group_size in CPU_INT4_GROUPS
-            and rows % CPU_INT4_BLOCK == 0 and cpu_int4_layout_known())
+            and rows % CPU_INT4_BLOCK == 0 and not native_int4(scheme) and cpu_int4_layout_known())
+
+
+# The native kernel's inputs: it holds each input in 15 bits of its block's largest, which covers 16-bit floats' 8 or
+# 11 significant bits; fp32 inputs (the parity tests' models) take the exact twin instead.
+NATIVE_INT4_INPUTS = (torch.bfloat16, torch.float16)
+
+
+def native_int4(scheme: Scheme) -> bool:
+    """Whether int4 matrices of `scheme` run through kernels/cpu.py (integer dot products, compiled on this machine),
+    which reads them in the checkpoint's layout: int4 in groups of a multiple of 32."""
+    if not (scheme.packed and scheme.strategy == "group" and scheme.group_size % 32 == 0):
+        return False
+    from ..kernels.cpu import library
+    return library() is not None
 
 
 def to_cpu_int4(weight: QuantizedWeight) -> QuantizedWeight:
@@ -264,8 +279,14 @@ def cpu_int4_layout_known() -> bool:
 
 
 def cpu_linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor | None:
-    """x @ w.T through the CPU's weight-only kernels, or None where they do not take the weight (fp8, int8 groups,
-    int4 in the checkpoint's layout): the caller then runs the twin."""
+    """x @ w.T through the CPU's kernels, or None where they do not take the weight (fp8, int8 groups, int4 that
+    neither int4 kernel reads): the caller then runs the twin. int4: the native kernel (kernels/cpu.py) for 16-bit
+    inputs where it is built, else PyTorch's on the matrices `to_cpu_int4` repacked."""
+    if (weight.cpu_scales_and_zeros is None and weight.values.dim() == 2 and x.dtype in NATIVE_INT4_INPUTS
+            and native_int4(weight.scheme)):
+        from ..kernels.cpu import int4_matmul, takes
+        if takes(weight.values, weight.scale, weight.scheme.group_size):
+            return int4_matmul(x, weight.values, weight.scale, weight.scheme.group_size)
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     if weight.cpu_scales_and_zeros is not None:
         scales_and_zeros = weight.cpu_scales_and_zeros.to(x.dtype)

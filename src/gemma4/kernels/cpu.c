@@ -1,0 +1,394 @@
+/* The CPU's kernels (kernels/cpu.py): the int4 product, RMSNorm with its residual add, few-query attention; on x86
+ * CPUs, with AVX512 (-VNNI) or AVX2 where the compiler targets them (-march=native), else plain C.
+ *
+ * int4 product, y = x @ w.T: w in groups of 32 (or a multiple), read in the compressed-tensors layout as checkpoints
+ * store it: row n is K / 2 bytes; byte t holds element 2t + 8 in its low nibble and element 2t + 1 + 8 in its high
+ * one (int32 words read as little-endian bytes). Scales: one per `group` inputs of a row, bf16, fp16 or fp32.
+ * As llama.cpp's Q4_0 x Q8_0 product, each row of x is quantized per block of 32 inputs, to be multiplied by the
+ * stored nibbles (q + 8) in exact int32 dot products (VNNI), less 8 x the inputs' sum; but in two int8 parts, so that
+ * the inputs keep 15 bits where Q8_0 keeps 8: x = e x (254 hi + lo), e = absmax / (127 x 254), hi = round(x / 254e),
+ * lo = round((x - 254e hi) / e), |lo| <= 127; an input moves by at most e / 2 (bf16 itself rounds by 2^-9 of it).
+ * A block's two dot products are scaled by (weight scale x 254e) and (weight scale x e) and summed in fp32. The
+ * inputs of a block are stored even elements first, odd second, the order in which a byte's nibbles unpack.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#include <immintrin.h>
+
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round half to even, as torch's cast */
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if ((bits & 0x7fffffff) > 0x7f800000) return (uint16_t)((bits >> 16) | 0x40); /* NaN stays NaN */
+    bits += 0x7fff + ((bits >> 16) & 1);
+    return (uint16_t)(bits >> 16);
+}
+
+static inline float f16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
+
+static inline float load_value(const void *p, int64_t i, int dtype) {
+    if (dtype == DT_BF16) return bf16_to_f32(((const uint16_t *)p)[i]);
+    if (dtype == DT_F16) return f16_to_f32(((const uint16_t *)p)[i]);
+    return ((const float *)p)[i];
+}
+
+#define HI 254.0f /* hi's weight in units of lo's */
+
+/* One row of x quantized: per block b, the 32 int8 parts hi in hi[32b..) and lo in lo[32b..) (even elements, then
+ * odd), e in e[b], and in c[b] the block's share of the product's offset correction, -8 e (254 sum hi + sum lo). */
+static void quantize_row(const void *x, int dtype, int64_t k, int8_t *hi, int8_t *lo, float *e, float *c) {
+    int64_t b = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    for (; b < k / 32; b++) {
+        __m512 v[2];
+        for (int half = 0; half < 2; half++) {
+            const uint16_t *p = (const uint16_t *)x + 32 * b + 16 * half;
+            if (dtype == DT_BF16)
+                v[half] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+            else if (dtype == DT_F16) v[half] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+            else v[half] = _mm512_loadu_ps((const float *)x + 32 * b + 16 * half);
+        }
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+        float step = amax / (127.0f * HI), coarse = HI * step;
+        __m512 to_hi = _mm512_set1_ps(amax > 0.0f ? 1.0f / coarse : 0.0f), to_lo = _mm512_set1_ps(amax > 0.0f ? 1.0f / step : 0.0f);
+        __m512i parts[2][2]; /* [hi, lo][half] */
+        for (int half = 0; half < 2; half++) {
+            __m512 rounded = _mm512_roundscale_ps(_mm512_mul_ps(v[half], to_hi), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            __m512 rest = _mm512_fnmadd_ps(rounded, _mm512_set1_ps(coarse), v[half]);
+            parts[0][half] = _mm512_cvtps_epi32(rounded);
+            parts[1][half] = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(rest, to_lo)),
+                                                               _mm512_set1_epi32(-127)), _mm512_set1_epi32(127));
+        }
+        int8_t *out[2] = {hi + 32 * b, lo + 32 * b};
+        int32_t sums[2];
+        for (int part = 0; part < 2; part++) {
+            _mm_storeu_si128((__m128i *)out[part], _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(parts[part][0], even, parts[part][1])));
+            _mm_storeu_si128((__m128i *)(out[part] + 16), _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(parts[part][0], odd, parts[part][1])));
+            sums[part] = _mm512_reduce_add_epi32(_mm512_add_epi32(parts[part][0], parts[part][1]));
+        }
+        e[b] = step;
+        c[b] = -8.0f * step * (HI * (float)sums[0] + (float)sums[1]);
+    }
+#endif
+    for (; b < k / 32; b++) {
+        float v[32], amax = 0.0f;
+        for (int i = 0; i < 32; i++) {
+            v[i] = load_value(x, 32 * b + i, dtype);
+            amax = fmaxf(amax, fabsf(v[i]));
+        }
+        float step = amax / (127.0f * HI), coarse = HI * step;
+        float to_hi = amax > 0.0f ? 1.0f / coarse : 0.0f, to_lo = amax > 0.0f ? 1.0f / step : 0.0f;
+        int32_t sum_hi = 0, sum_lo = 0;
+        for (int i = 0; i < 32; i++) {
+            float h = nearbyintf(v[i] * to_hi);
+            float l = fminf(fmaxf(nearbyintf(fmaf(-h, coarse, v[i]) * to_lo), -127.0f), 127.0f);
+            hi[32 * b + (i % 2) * 16 + i / 2] = (int8_t)h;
+            lo[32 * b + (i % 2) * 16 + i / 2] = (int8_t)l;
+            sum_hi += (int32_t)h, sum_lo += (int32_t)l;
+        }
+        e[b] = step;
+        c[b] = -8.0f * step * (HI * (float)sum_hi + (float)sum_lo);
+    }
+}
+
+/* wd[b] = the weight scale of block b x e[b]; returns the row's offset correction, sum of weight scale x c[b]. */
+static float row_scales(const void *scales, int dtype, int64_t offset, int64_t per_scale, const float *e,
+                        const float *c, float *wd, int64_t blocks) {
+    int64_t b = 0;
+    float correction = 0.0f;
+#if defined(__AVX512F__)
+    if (dtype == DT_BF16 && per_scale == 1) {
+        const uint16_t *s = (const uint16_t *)scales + offset;
+        __m512 sum = _mm512_setzero_ps();
+        for (; b + 16 <= blocks; b += 16) {
+            __m512 ws = _mm512_castsi512_ps(
+                _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(s + b))), 16));
+            _mm512_storeu_ps(wd + b, _mm512_mul_ps(ws, _mm512_loadu_ps(e + b)));
+            sum = _mm512_fmadd_ps(ws, _mm512_loadu_ps(c + b), sum);
+        }
+        correction = _mm512_reduce_add_ps(sum);
+    }
+#endif
+    for (; b < blocks; b++) {
+        float ws = load_value(scales, offset + b / per_scale, dtype);
+        wd[b] = ws * e[b];
+        correction += ws * c[b];
+    }
+    return correction;
+}
+
+/* sum over blocks of wd[b] x (254 dot(nibbles, hi) + dot(nibbles, lo)) of block b, the nibbles being q + 8. */
+static float row_dot(const uint8_t *w, const int8_t *hi, const int8_t *lo, const float *wd, int64_t blocks) {
+    float total = 0.0f;
+    int64_t b = 0;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+    /* Two blocks per 512-bit step: their 32 bytes of nibbles become 64 int8 weights (block 0 low nibbles, its high
+     * ones, block 1's low, high), in step with 64 inputs. */
+    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    const __m512 coarse = _mm512_set1_ps(HI);
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+#define PAIR(scales, acc)                                                                                          \
+    {                                                                                                              \
+        __m512i raw = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(w + 16 * b)));                  \
+        __m512i twice = _mm512_shuffle_i64x2(raw, raw, _MM_SHUFFLE(1, 1, 0, 0));                                 \
+        __m512i nibbles = _mm512_and_si512(_mm512_mask_blend_epi64(0xcc, twice, _mm512_srli_epi16(twice, 4)), low4); \
+        __m512i dot_hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), nibbles, _mm512_loadu_si512((const void *)(hi + 32 * b))); \
+        __m512i dot_lo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), nibbles, _mm512_loadu_si512((const void *)(lo + 32 * b))); \
+        __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_hi), coarse, _mm512_cvtepi32_ps(dot_lo));           \
+        acc = _mm512_fmadd_ps(sum, scales, acc);                                                                   \
+    }
+    for (; b + 16 <= blocks;) {
+        __m512 scales16 = _mm512_loadu_ps(wd + b);
+        _mm_prefetch((const char *)(w + 16 * b + 1024), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + 16 * b + 1088), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + 16 * b + 1152), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + 16 * b + 1216), _MM_HINT_T0);
+        for (int p = 0; p < 8; p++, b += 2) {
+            /* lanes 0-7 take block 2p's scale, 8-15 block 2p + 1's */
+            __m512 scales = _mm512_permutexvar_ps(_mm512_add_epi32(_mm512_set1_epi32(2 * p),
+                _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)), scales16);
+            if (p & 1) PAIR(scales, acc1) else PAIR(scales, acc0)
+        }
+    }
+    for (; b + 2 <= blocks; b += 2) { /* the pairs left, with their two scales broadcast */
+        __m512 scales = _mm512_insertf32x8(_mm512_set1_ps(wd[b]), _mm256_set1_ps(wd[b + 1]), 1);
+        PAIR(scales, acc0)
+    }
+#undef PAIR
+    total = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+#endif
+#if defined(__AVX2__)
+    const __m256i low4x = _mm256_set1_epi8(0x0f);
+    __m256 acc = _mm256_setzero_ps();
+    for (; b < blocks; b++) {
+        __m128i raw = _mm_loadu_si128((const __m128i *)(w + 16 * b));
+        __m256i nibbles = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low4x);
+        __m256i inputs_hi = _mm256_loadu_si256((const __m256i *)(hi + 32 * b));
+        __m256i inputs_lo = _mm256_loadu_si256((const __m256i *)(lo + 32 * b));
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+        __m256i dot_hi = _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles, inputs_hi);
+        __m256i dot_lo = _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles, inputs_lo);
+#else
+        __m256i dot_hi = _mm256_madd_epi16(_mm256_maddubs_epi16(nibbles, inputs_hi), _mm256_set1_epi16(1));
+        __m256i dot_lo = _mm256_madd_epi16(_mm256_maddubs_epi16(nibbles, inputs_lo), _mm256_set1_epi16(1));
+#endif
+        __m256 sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_hi), _mm256_set1_ps(HI), _mm256_cvtepi32_ps(dot_lo));
+        acc = _mm256_fmadd_ps(sum, _mm256_broadcast_ss(wd + b), acc);
+    }
+    __m128 sum4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    sum4 = _mm_add_ps(sum4, _mm_movehl_ps(sum4, sum4));
+    total += _mm_cvtss_f32(_mm_add_ss(sum4, _mm_movehdup_ps(sum4)));
+#endif
+    for (; b < blocks; b++) {
+        int32_t dot_hi = 0, dot_lo = 0;
+        for (int t = 0; t < 16; t++) {
+            int32_t low = w[16 * b + t] & 15, high = w[16 * b + t] >> 4;
+            dot_hi += low * hi[32 * b + t] + high * hi[32 * b + 16 + t];
+            dot_lo += low * lo[32 * b + t] + high * lo[32 * b + 16 + t];
+        }
+        total += wd[b] * (HI * (float)dot_hi + (float)dot_lo);
+    }
+    return total;
+}
+
+/* Below this many weights a product runs on one thread: waking the others costs more than it saves. */
+#define PARALLEL_MIN_WEIGHTS (1 << 18)
+
+/* x [m, k] (row stride k), w [n, k / 2] bytes (row stride w_stride), scales [n, k / group] (row stride s_stride),
+ * y [m, n] (row stride y_stride). Returns 0, or -1 where it does not take the shapes (the caller runs its twin). */
+int gemma4_int4_matmul(const void *x, int x_dtype, int64_t m, int64_t k, const uint8_t *w, int64_t w_stride,
+                       const void *scales, int s_dtype, int64_t s_stride, int64_t group, int64_t n, void *y,
+                       int y_dtype, int64_t y_stride, int threads) {
+    if (k % 32 || group % 32 || k % group || m < 1) return -1;
+    const int64_t blocks = k / 32, per_scale = group / 32;
+    int8_t *q = aligned_alloc(64, (size_t)((2 * m * k + 63) / 64 * 64)); /* hi of every row, then lo */
+    float *d = malloc(sizeof(float) * (size_t)(m * blocks)), *c = malloc(sizeof(float) * (size_t)(m * blocks));
+    if (!q || !d || !c) {
+        free(q), free(d), free(c);
+        return -1;
+    }
+    int8_t *lo = q + m * k;
+    for (int64_t r = 0; r < m; r++)
+        quantize_row((const char *)x + r * k * (x_dtype == DT_F32 ? 4 : 2), x_dtype, k, q + r * k, lo + r * k,
+                     d + r * blocks, c + r * blocks);
+#pragma omp parallel num_threads(threads) if (n * k >= PARALLEL_MIN_WEIGHTS)
+    {
+        float *wd = malloc(sizeof(float) * (size_t)blocks);
+#pragma omp for schedule(static)
+        for (int64_t row = 0; row < n; row++) {
+            for (int64_t r = 0; r < m; r++) {
+                float out = row_scales(scales, s_dtype, row * s_stride, per_scale, d + r * blocks, c + r * blocks, wd,
+                                       blocks);
+                out += row_dot(w + row * w_stride, q + r * k, lo + r * k, wd, blocks);
+                if (y_dtype == DT_BF16) ((uint16_t *)y)[r * y_stride + row] = f32_to_bf16(out);
+                else ((float *)y)[r * y_stride + row] = out;
+            }
+        }
+        free(wd);
+    }
+    free(q), free(d), free(c);
+    return 0;
+}
+
+/* ---- RMSNorm and the residual add around it, rounded as the eager ops round ---------------------------------- */
+
+static inline void store_value(void *p, int64_t i, int dtype, float v) {
+    if (dtype == DT_BF16) ((uint16_t *)p)[i] = f32_to_bf16(v);
+    else if (dtype == DT_F16) ((uint16_t *)p)[i] = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT);
+    else ((float *)p)[i] = v;
+}
+
+static inline float rounded(float v, int dtype) { /* v rounded to dtype, as a float */
+    if (dtype == DT_BF16) return bf16_to_f32(f32_to_bf16(v));
+    if (dtype == DT_F16) return _cvtsh_ss(_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT));
+    return v;
+}
+
+/* 1 / rms(v) of one row, as common.RMSNorm: (mean of squares + eps) ^ -0.5 in fp32. */
+static float inverse_rms(const float *v, int64_t dim, float eps) {
+    float sum = 0.0f;
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    __m512 acc = _mm512_setzero_ps();
+    for (; i + 16 <= dim; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(v + i), _mm512_loadu_ps(v + i), acc);
+    sum = _mm512_reduce_add_ps(acc);
+#endif
+    for (; i < dim; i++) sum += v[i] * v[i];
+    return powf(sum / (float)dim + eps, -0.5f);
+}
+
+/* out = norm(x) per row of dim values: x * inverse_rms(x) [* weight], rounded to dtype. weight may be NULL. */
+void gemma4_rms_norm(const void *x, int dtype, int64_t rows, int64_t dim, const void *weight, int w_dtype, float eps,
+                     void *out) {
+    float *v = malloc(sizeof(float) * (size_t)dim);
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t i = 0; i < dim; i++) v[i] = load_value(x, r * dim + i, dtype);
+        float inverse = inverse_rms(v, dim, eps);
+        for (int64_t i = 0; i < dim; i++) {
+            float h = v[i] * inverse;
+            store_value(out, r * dim + i, dtype, weight ? h * load_value(weight, i, w_dtype) : h);
+        }
+    }
+    free(v);
+}
+
+/* fused.add_normed: new = (residual + norm(y)) [* scalar], each step rounded to dtype; h = next_norm(new) where
+ * next_weight is given (else h is not written; it may be NULL); `factor` the scalar (1: none). */
+void gemma4_add_rms_norm(const void *residual, const void *y, int dtype, int64_t rows, int64_t dim,
+                         const void *weight, int w_dtype, float eps, float factor, const void *next_weight,
+                         float next_eps, void *new_out, void *h_out) {
+    float *v = malloc(sizeof(float) * (size_t)dim);
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t i = 0; i < dim; i++) v[i] = load_value(y, r * dim + i, dtype);
+        float inverse = inverse_rms(v, dim, eps);
+        for (int64_t i = 0; i < dim; i++) {
+            float normed = rounded(v[i] * inverse * load_value(weight, i, w_dtype), dtype);
+            float sum = rounded(load_value(residual, r * dim + i, dtype) + normed, dtype);
+            v[i] = rounded(sum * factor, dtype);
+            store_value(new_out, r * dim + i, dtype, v[i]);
+        }
+        if (next_weight) {
+            float next_inverse = inverse_rms(v, dim, next_eps);
+            for (int64_t i = 0; i < dim; i++)
+                store_value(h_out, r * dim + i, dtype, v[i] * next_inverse * load_value(next_weight, i, w_dtype));
+        }
+    }
+    free(v);
+}
+
+/* ---- attention of a few queries per row over gathered keys ---------------------------------------------------- */
+
+/* Dot product of n values of a (fp32) and b (of dtype). */
+static float dot_row(const float *a, const void *b, int dtype, int64_t n) {
+    float sum = 0.0f;
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    __m512 acc = _mm512_setzero_ps();
+    if (dtype == DT_BF16) {
+        const uint16_t *p = (const uint16_t *)b;
+        for (; i + 16 <= n; i += 16) {
+            __m512 wide = _mm512_castsi512_ps(
+                _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p + i))), 16));
+            acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), wide, acc);
+        }
+    } else if (dtype == DT_F32) {
+        for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps((const float *)b + i), acc);
+    }
+    sum = _mm512_reduce_add_ps(acc);
+#endif
+    for (; i < n; i++) sum += a[i] * load_value(b, i, dtype);
+    return sum;
+}
+
+/* acc[0..n) += p x b (of dtype). */
+static void add_scaled_row(float *acc, float p, const void *b, int dtype, int64_t n) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    __m512 scale = _mm512_set1_ps(p);
+    if (dtype == DT_BF16) {
+        const uint16_t *s = (const uint16_t *)b;
+        for (; i + 16 <= n; i += 16) {
+            __m512 wide = _mm512_castsi512_ps(
+                _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(s + i))), 16));
+            _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(scale, wide, _mm512_loadu_ps(acc + i)));
+        }
+    } else if (dtype == DT_F32) {
+        for (; i + 16 <= n; i += 16)
+            _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(scale, _mm512_loadu_ps((const float *)b + i), _mm512_loadu_ps(acc + i)));
+    }
+#endif
+    for (; i < n; i++) acc[i] += p * load_value(b, i, dtype);
+}
+
+/* attention.attend for few queries: q [B, H, Lq, D], k and v [B, Hkv, Lk, D], mask [B, Lq, Lk] (1: may attend),
+ * all contiguous, of dtype; out [B, Lq, H * D]. Scores, softmax and the weighted sum in fp32 (scale 1), rounded once;
+ * query head h reads KV head h / (H / Hkv). A row that may attend to nothing gives NaN, as softmax over -inf does. */
+void gemma4_attend(const void *q, int dtype, int64_t batch, int64_t heads, int64_t lq, int64_t dim, const void *k,
+                   const void *v, int64_t kv_heads, int64_t lk, const uint8_t *mask, void *out, int threads) {
+    const int64_t group = heads / kv_heads, size = dtype == DT_F32 ? 4 : 2;
+#pragma omp parallel num_threads(threads) if (batch * heads * lq * lk * dim >= (1 << 22))
+    {
+        float *query = malloc(sizeof(float) * (size_t)dim), *acc = malloc(sizeof(float) * (size_t)dim);
+        float *scores = malloc(sizeof(float) * (size_t)lk);
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t b = 0; b < batch; b++) {
+            for (int64_t h = 0; h < heads; h++) {
+                const int64_t kv = b * kv_heads + h / group;
+                const char *keys = (const char *)k + kv * lk * dim * size;
+                const char *values = (const char *)v + kv * lk * dim * size;
+                for (int64_t i = 0; i < lq; i++) {
+                    const uint8_t *allowed = mask + (b * lq + i) * lk;
+                    for (int64_t d = 0; d < dim; d++) query[d] = load_value(q, ((b * heads + h) * lq + i) * dim + d, dtype);
+                    float top = -INFINITY;
+                    for (int64_t j = 0; j < lk; j++) {
+                        scores[j] = allowed[j] ? dot_row(query, keys + j * dim * size, dtype, dim) : -INFINITY;
+                        top = fmaxf(top, scores[j]);
+                    }
+                    float total = 0.0f;
+                    for (int64_t j = 0; j < lk; j++) {
+                        scores[j] = allowed[j] ? expf(scores[j] - top) : 0.0f;
+                        total += scores[j];
+                    }
+                    memset(acc, 0, sizeof(float) * (size_t)dim);
+                    for (int64_t j = 0; j < lk; j++)
+                        if (scores[j] != 0.0f) add_scaled_row(acc, scores[j] / total, values + j * dim * size, dtype, dim);
+                    const int64_t row = (b * lq + i) * heads * dim + h * dim;
+                    for (int64_t d = 0; d < dim; d++) store_value(out, row + d, dtype, total > 0.0f ? acc[d] : NAN);
+                }
+            }
+        }
+        free(query), free(acc), free(scores);
+    }
+}

@@ -1,0 +1,153 @@
+"""The CPU's kernels (cpu.c), each the twin of plain PyTorch code in `gemma4.model`:
+
+* `int4_matmul`: int4 weights in groups, read in the checkpoint's own layout, times int8 inputs quantized per block
+  of 32, with integer dot products (AVX512-VNNI, or AVX2), as llama.cpp's Q4_0 x Q8_0;
+* `rms_norm` and `add_rms_norm`: common.RMSNorm and fused.add_normed in one call each, rounded as their eager ops
+  round (a decode step's norms are ~40 tiny ops per layer otherwise);
+* `attend`: attention.attend for a few queries per row, without fp32 copies of the keys and values.
+
+PyTorch's own int4 CPU kernel (aten._weight_int4pack_mm_for_cpu) dequantizes each weight to fp32 before its
+multiply-add, which bounds it by arithmetic at about 17 GB/s of weights on a 2-core Zen 4; integer dot products read
+them at the memory's pace (benchmarks/cpu_matmul.py). The C file is compiled once per machine with the system's C
+compiler (`$CC`, else `cc`, with -march=native) into the cache directory and loaded with ctypes; without a compiler
+the caller keeps PyTorch's kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..options import options
+
+SOURCE = Path(__file__).with_name("cpu.c")
+DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel, built on first use (about a second), or None where it cannot be built here."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        return None
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([compiler, *FLAGS, platform.processor(), cpu_flags()]).encode())
+    target = Path(options().cache_dir) / "kernels" / f"cpu-{key.hexdigest()[:16]}.so"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            built = Path(scratch) / target.name
+            result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True)
+            if result.returncode != 0:
+                return None
+            os.replace(built, target)  # atomic: another process sees the whole file or none
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError:  # e.g. the OpenMP runtime it links is missing
+        return None
+    i64, i32, pointer = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    lib.gemma4_int4_matmul.restype = i32
+    lib.gemma4_int4_matmul.argtypes = [pointer, i32, i64, i64, pointer, i64, pointer, i32, i64, i64, i64, pointer,
+                                       i32, i64, i32]
+    float_, pointers = ctypes.c_float, [pointer] * 2
+    lib.gemma4_rms_norm.restype = None
+    lib.gemma4_rms_norm.argtypes = [pointer, i32, i64, i64, pointer, i32, float_, pointer]
+    lib.gemma4_add_rms_norm.restype = None
+    lib.gemma4_add_rms_norm.argtypes = [*pointers, i32, i64, i64, pointer, i32, float_, float_, pointer, float_,
+                                        *pointers]
+    lib.gemma4_attend.restype = None
+    lib.gemma4_attend.argtypes = [pointer, i32, i64, i64, i64, i64, pointer, pointer, i64, i64, pointer, pointer, i32]
+    return lib
+
+
+def cpu_flags() -> str:
+    """The CPU's feature flags (Linux), so that a cache directory shared between machines keeps one build each."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def takes(values: torch.Tensor, scale: torch.Tensor, group_size: int) -> bool:
+    """Whether the kernel reads this int4 matrix (int32 words [N, K / 8] as checkpoints hold them; scales [N, groups]):
+    groups of a multiple of 32, rows and scales contiguous, a scale dtype it knows, and the kernel built."""
+    return (values.dim() == 2 and group_size % 32 == 0 and values.stride(-1) == 1 and scale.stride(-1) == 1
+            and scale.dtype in DTYPES and values.device.type == "cpu" and library() is not None)
+
+
+def int4_matmul(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor | None:
+    """x [..., K] @ w.T -> [..., N] in x's dtype (fp32, bf16 or fp16 are read; fp16 gives fp32 out, then cast), or
+    None where the kernel does not take these operands."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(-1) != 1 or rows.stride(0) != rows.shape[-1]:
+        rows = rows.contiguous()
+    n, k = values.shape[0], rows.shape[-1]
+    out_dtype = x.dtype if x.dtype != torch.float16 else torch.float32
+    out = torch.empty(rows.shape[0], n, dtype=out_dtype)
+    status = library().gemma4_int4_matmul(
+        rows.data_ptr(), DTYPES[rows.dtype], rows.shape[0], k, values.data_ptr(), values.stride(0) * 4,
+        scale.data_ptr(), DTYPES[scale.dtype], scale.stride(0), group_size, n, out.data_ptr(), DTYPES[out_dtype],
+        n, torch.get_num_threads())
+    if status != 0:
+        return None
+    return out.view(*x.shape[:-1], n).to(x.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """common.RMSNorm's forward: x [..., D] (contiguous), weight [D] or None."""
+    out = torch.empty_like(x)
+    rows, dim = x.numel() // x.shape[-1], x.shape[-1]
+    library().gemma4_rms_norm(x.data_ptr(), DTYPES[x.dtype], rows, dim, _pointer(weight), _dtype(weight), eps,
+                              out.data_ptr())
+    return out
+
+
+def add_rms_norm(residual: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float,
+                 scalar: torch.Tensor | None, next_weight: torch.Tensor | None, next_eps: float | None):
+    """fused.add_normed: (new, next_norm(new) or None) of contiguous residual and y [..., D] of one dtype; weight,
+    next_weight [D] and scalar [1] of one dtype."""
+    new = torch.empty_like(residual)
+    h = torch.empty_like(residual) if next_weight is not None else None
+    rows, dim = residual.numel() // residual.shape[-1], residual.shape[-1]
+    library().gemma4_add_rms_norm(
+        residual.data_ptr(), y.data_ptr(), DTYPES[y.dtype], rows, dim, weight.data_ptr(), DTYPES[weight.dtype], eps,
+        float(scalar) if scalar is not None else 1.0, _pointer(next_weight), next_eps or 0.0, new.data_ptr(),
+        _pointer(h))
+    return new, h
+
+
+def _pointer(t: torch.Tensor | None) -> int | None:
+    return t.data_ptr() if t is not None else None
+
+
+def _dtype(t: torch.Tensor | None) -> int:
+    return DTYPES[t.dtype] if t is not None else 0
+
+
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """attention.attend's few-query branch: query [B, H, Lq, D], key/value [B, Hkv, Lk, D] of one dtype, mask bool
+    [B, 1, Lq, Lk] -> [B, Lq, H * D]."""
+    batch, heads, length, dim = query.shape
+    kv_heads, keys = key.shape[1], key.shape[2]
+    query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
+    allowed = mask.expand(batch, 1, length, keys).contiguous()
+    out = torch.empty(batch, length, heads * dim, dtype=query.dtype)
+    library().gemma4_attend(query.data_ptr(), DTYPES[query.dtype], batch, heads, length, dim, key.data_ptr(),
+                            value.data_ptr(), kv_heads, keys, allowed.data_ptr(), out.data_ptr(),
+                            torch.get_num_threads())
+    return out
