@@ -1,6 +1,7 @@
-"""The CPU's weight-only int4 / int8 kernels (model/quantized.py `cpu_linear`) against the plain twin (dequantize,
-then F.linear) at a preset's projection shapes, over the rows of a step: where the crossover `CPU_KERNEL_MAX_ROWS`
-comes from. Random weights, bf16 activations, all cores.
+"""The CPU's int4 / int8 kernels (model/quantized.py `cpu_linear`) against the plain twin (dequantize, then F.linear)
+at a preset's projection shapes, over the rows of a step: where the crossover `CPU_KERNEL_MAX_ROWS` comes from.
+int4 runs the native kernel (kernels/cpu.py, "int4") where it is built and PyTorch's ("int4-aten", on the matrix
+repacked for it); int8 PyTorch's. Random weights, bf16 activations, all cores.
 
     python benchmarks/cpu_matmul.py [--preset E2B] [--rows 1 2 4 8 16 32 64 128]
 """
@@ -13,7 +14,7 @@ import time
 import torch
 
 from gemma4.config import Config
-from gemma4.model.quantized import CPU_KERNEL_MAX_ROWS, ON_LOAD, cpu_linear, quantize, to_cpu_int4
+from gemma4.model.quantized import CPU_KERNEL_MAX_ROWS, ON_LOAD, cpu_linear, native_int4, quantize, to_cpu_int4
 
 
 def best_ms(fn, repeats: int) -> float:
@@ -47,9 +48,12 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     for name, (n, k) in shapes(args.preset).items():
         dense = (torch.randn(n, k, generator=generator) * k**-0.5).to(torch.bfloat16)
-        for scheme in ("int4", "int8"):
-            weight = quantize(dense, ON_LOAD[scheme])
-            weight = to_cpu_int4(weight) if scheme == "int4" else weight
+        for scheme in ("int4", "int4-aten", "int8"):
+            weight = quantize(dense, ON_LOAD[scheme.removesuffix("-aten")])
+            if scheme == "int4-aten":
+                weight = to_cpu_int4(weight)
+            elif scheme == "int4" and not native_int4(weight.scheme):
+                continue
             for rows in args.rows:
                 x = torch.randn(rows, k, generator=generator).to(torch.bfloat16)
                 kernel = best_ms(lambda: cpu_linear(x, weight), args.repeats)

@@ -8,8 +8,9 @@
  * stored nibbles (q + 8) in exact int32 dot products (VNNI), less 8 x the inputs' sum; but in two int8 parts, so that
  * the inputs keep 15 bits where Q8_0 keeps 8: x = e x (254 hi + lo), e = absmax / (127 x 254), hi = round(x / 254e),
  * lo = round((x - 254e hi) / e), |lo| <= 127; an input moves by at most e / 2 (bf16 itself rounds by 2^-9 of it).
- * A block's two dot products are scaled by (weight scale x 254e) and (weight scale x e) and summed in fp32. The
- * inputs of a block are stored even elements first, odd second, the order in which a byte's nibbles unpack.
+ * A block's two dot products are scaled by (weight scale x 254e) and (weight scale x e) and summed in fp32.
+ * Blocks go by fours ("quads", 64 bytes of nibbles): a quad's low nibbles are its even elements in order, its high
+ * nibbles its odd ones, so the inputs of a quad are stored evens first, odds second (`input_slot`).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -44,8 +45,21 @@ static inline float load_value(const void *p, int64_t i, int dtype) {
 
 #define HI 254.0f /* hi's weight in units of lo's */
 
-/* One row of x quantized: per block b, the 32 int8 parts hi in hi[32b..) and lo in lo[32b..) (even elements, then
- * odd), e in e[b], and in c[b] the block's share of the product's offset correction, -8 e (254 sum hi + sum lo). */
+static inline void store_value(void *p, int64_t i, int dtype, float v) {
+    if (dtype == DT_BF16) ((uint16_t *)p)[i] = f32_to_bf16(v);
+    else if (dtype == DT_F16) ((uint16_t *)p)[i] = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT);
+    else ((float *)p)[i] = v;
+}
+
+/* Where input i of a row of k sits among its int8 parts: in its quad of r blocks (the last may hold fewer), the 16r
+ * even elements, then the 16r odd ones. */
+static inline int64_t input_slot(int64_t i, int64_t k) {
+    int64_t quad = i / 128, r = (k - 128 * quad) / 32 < 4 ? (k - 128 * quad) / 32 : 4, e = i % 128;
+    return 128 * quad + (e % 2) * 16 * r + e / 2;
+}
+
+/* One row of x quantized: the int8 parts hi and lo of its k inputs (at `input_slot`), e[b] of each block b, and in
+ * c[b] the block's share of the product's offset correction, -8 e (254 sum hi + sum lo). */
 static void quantize_row(const void *x, int dtype, int64_t k, int8_t *hi, int8_t *lo, float *e, float *c) {
     int64_t b = 0;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -71,11 +85,12 @@ static void quantize_row(const void *x, int dtype, int64_t k, int8_t *hi, int8_t
             parts[1][half] = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(rest, to_lo)),
                                                                _mm512_set1_epi32(-127)), _mm512_set1_epi32(127));
         }
-        int8_t *out[2] = {hi + 32 * b, lo + 32 * b};
+        int64_t evens = input_slot(32 * b, k), odds = input_slot(32 * b + 1, k);
+        int8_t *out[2] = {hi, lo};
         int32_t sums[2];
         for (int part = 0; part < 2; part++) {
-            _mm_storeu_si128((__m128i *)out[part], _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(parts[part][0], even, parts[part][1])));
-            _mm_storeu_si128((__m128i *)(out[part] + 16), _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(parts[part][0], odd, parts[part][1])));
+            _mm_storeu_si128((__m128i *)(out[part] + evens), _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(parts[part][0], even, parts[part][1])));
+            _mm_storeu_si128((__m128i *)(out[part] + odds), _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(parts[part][0], odd, parts[part][1])));
             sums[part] = _mm512_reduce_add_epi32(_mm512_add_epi32(parts[part][0], parts[part][1]));
         }
         e[b] = step;
@@ -94,8 +109,8 @@ static void quantize_row(const void *x, int dtype, int64_t k, int8_t *hi, int8_t
         for (int i = 0; i < 32; i++) {
             float h = nearbyintf(v[i] * to_hi);
             float l = fminf(fmaxf(nearbyintf(fmaf(-h, coarse, v[i]) * to_lo), -127.0f), 127.0f);
-            hi[32 * b + (i % 2) * 16 + i / 2] = (int8_t)h;
-            lo[32 * b + (i % 2) * 16 + i / 2] = (int8_t)l;
+            hi[input_slot(32 * b + i, k)] = (int8_t)h;
+            lo[input_slot(32 * b + i, k)] = (int8_t)l;
             sum_hi += (int32_t)h, sum_lo += (int32_t)l;
         }
         e[b] = step;
@@ -133,70 +148,55 @@ static float row_scales(const void *scales, int dtype, int64_t offset, int64_t p
 static float row_dot(const uint8_t *w, const int8_t *hi, const int8_t *lo, const float *wd, int64_t blocks) {
     float total = 0.0f;
     int64_t b = 0;
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
-    /* Two blocks per 512-bit step: their 32 bytes of nibbles become 64 int8 weights (block 0 low nibbles, its high
-     * ones, block 1's low, high), in step with 64 inputs. */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    /* A quad per step: its 64 bytes of low nibbles meet the 64 even inputs, its high nibbles the odd ones; each int32
+     * lane of the dot products sums 4 bytes of one block (lanes 4j..4j+3: block j of the quad). */
     const __m512i low4 = _mm512_set1_epi8(0x0f);
+    const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
     const __m512 coarse = _mm512_set1_ps(HI);
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-#define PAIR(scales, acc)                                                                                          \
-    {                                                                                                              \
-        __m512i raw = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(w + 16 * b)));                  \
-        __m512i twice = _mm512_shuffle_i64x2(raw, raw, _MM_SHUFFLE(1, 1, 0, 0));                                 \
-        __m512i nibbles = _mm512_and_si512(_mm512_mask_blend_epi64(0xcc, twice, _mm512_srli_epi16(twice, 4)), low4); \
-        __m512i dot_hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), nibbles, _mm512_loadu_si512((const void *)(hi + 32 * b))); \
-        __m512i dot_lo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), nibbles, _mm512_loadu_si512((const void *)(lo + 32 * b))); \
-        __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_hi), coarse, _mm512_cvtepi32_ps(dot_lo));           \
-        acc = _mm512_fmadd_ps(sum, scales, acc);                                                                   \
-    }
-    for (; b + 16 <= blocks;) {
-        __m512 scales16 = _mm512_loadu_ps(wd + b);
+    for (int64_t quad = 0; b + 4 <= blocks; b += 4, quad++) {
+        __m512i raw = _mm512_loadu_si512((const void *)(w + 16 * b));
         _mm_prefetch((const char *)(w + 16 * b + 1024), _MM_HINT_T0);
-        _mm_prefetch((const char *)(w + 16 * b + 1088), _MM_HINT_T0);
-        _mm_prefetch((const char *)(w + 16 * b + 1152), _MM_HINT_T0);
-        _mm_prefetch((const char *)(w + 16 * b + 1216), _MM_HINT_T0);
-        for (int p = 0; p < 8; p++, b += 2) {
-            /* lanes 0-7 take block 2p's scale, 8-15 block 2p + 1's */
-            __m512 scales = _mm512_permutexvar_ps(_mm512_add_epi32(_mm512_set1_epi32(2 * p),
-                _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)), scales16);
-            if (p & 1) PAIR(scales, acc1) else PAIR(scales, acc0)
-        }
+        __m512i even_nibbles = _mm512_and_si512(raw, low4), odd_nibbles = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+        const int8_t *h = hi + 32 * b, *l = lo + 32 * b;
+        __m512i dot_hi = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), even_nibbles, _mm512_loadu_si512((const void *)h)),
+                                             odd_nibbles, _mm512_loadu_si512((const void *)(h + 64)));
+        __m512i dot_lo = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), even_nibbles, _mm512_loadu_si512((const void *)l)),
+                                             odd_nibbles, _mm512_loadu_si512((const void *)(l + 64)));
+        __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_hi), coarse, _mm512_cvtepi32_ps(dot_lo));
+        __m512 scales = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_loadu_ps(wd + b)));
+        if (quad & 1) acc1 = _mm512_fmadd_ps(sum, scales, acc1);
+        else acc0 = _mm512_fmadd_ps(sum, scales, acc0);
     }
-    for (; b + 2 <= blocks; b += 2) { /* the pairs left, with their two scales broadcast */
-        __m512 scales = _mm512_insertf32x8(_mm512_set1_ps(wd[b]), _mm256_set1_ps(wd[b + 1]), 1);
-        PAIR(scales, acc0)
-    }
-#undef PAIR
     total = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-#endif
-#if defined(__AVX2__)
-    const __m256i low4x = _mm256_set1_epi8(0x0f);
+#elif defined(__AVX2__)
+    /* A block per step: its 16 bytes of nibbles, low then high, meet its 16 even and 16 odd inputs. */
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
     __m256 acc = _mm256_setzero_ps();
-    for (; b < blocks; b++) {
+    for (; b + 4 <= (blocks & ~(int64_t)3); b++) {
+        const int64_t evens = 128 * (b / 4) + 16 * (b % 4), odds = evens + 64;
         __m128i raw = _mm_loadu_si128((const __m128i *)(w + 16 * b));
-        __m256i nibbles = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low4x);
-        __m256i inputs_hi = _mm256_loadu_si256((const __m256i *)(hi + 32 * b));
-        __m256i inputs_lo = _mm256_loadu_si256((const __m256i *)(lo + 32 * b));
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-        __m256i dot_hi = _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles, inputs_hi);
-        __m256i dot_lo = _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles, inputs_lo);
-#else
+        __m256i nibbles = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low4);
+        __m256i inputs_hi = _mm256_loadu2_m128i((const __m128i *)(hi + odds), (const __m128i *)(hi + evens));
+        __m256i inputs_lo = _mm256_loadu2_m128i((const __m128i *)(lo + odds), (const __m128i *)(lo + evens));
         __m256i dot_hi = _mm256_madd_epi16(_mm256_maddubs_epi16(nibbles, inputs_hi), _mm256_set1_epi16(1));
         __m256i dot_lo = _mm256_madd_epi16(_mm256_maddubs_epi16(nibbles, inputs_lo), _mm256_set1_epi16(1));
-#endif
         __m256 sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_hi), _mm256_set1_ps(HI), _mm256_cvtepi32_ps(dot_lo));
         acc = _mm256_fmadd_ps(sum, _mm256_broadcast_ss(wd + b), acc);
     }
     __m128 sum4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
     sum4 = _mm_add_ps(sum4, _mm_movehl_ps(sum4, sum4));
-    total += _mm_cvtss_f32(_mm_add_ss(sum4, _mm_movehdup_ps(sum4)));
+    total = _mm_cvtss_f32(_mm_add_ss(sum4, _mm_movehdup_ps(sum4)));
 #endif
-    for (; b < blocks; b++) {
+    for (; b < blocks; b++) { /* the last, partial quad (and everything without AVX2) */
+        const int64_t quad = b / 4, r = blocks - 4 * quad < 4 ? blocks - 4 * quad : 4, j = b % 4;
+        const int64_t evens = 128 * quad + 16 * j, odds = 128 * quad + 16 * r + 16 * j;
         int32_t dot_hi = 0, dot_lo = 0;
         for (int t = 0; t < 16; t++) {
             int32_t low = w[16 * b + t] & 15, high = w[16 * b + t] >> 4;
-            dot_hi += low * hi[32 * b + t] + high * hi[32 * b + 16 + t];
-            dot_lo += low * lo[32 * b + t] + high * lo[32 * b + 16 + t];
+            dot_hi += low * hi[evens + t] + high * hi[odds + t];
+            dot_lo += low * lo[evens + t] + high * lo[odds + t];
         }
         total += wd[b] * (HI * (float)dot_hi + (float)dot_lo);
     }
@@ -232,8 +232,7 @@ int gemma4_int4_matmul(const void *x, int x_dtype, int64_t m, int64_t k, const u
                 float out = row_scales(scales, s_dtype, row * s_stride, per_scale, d + r * blocks, c + r * blocks, wd,
                                        blocks);
                 out += row_dot(w + row * w_stride, q + r * k, lo + r * k, wd, blocks);
-                if (y_dtype == DT_BF16) ((uint16_t *)y)[r * y_stride + row] = f32_to_bf16(out);
-                else ((float *)y)[r * y_stride + row] = out;
+                store_value(y, r * y_stride + row, y_dtype, out);
             }
         }
         free(wd);
@@ -243,12 +242,6 @@ int gemma4_int4_matmul(const void *x, int x_dtype, int64_t m, int64_t k, const u
 }
 
 /* ---- RMSNorm and the residual add around it, rounded as the eager ops round ---------------------------------- */
-
-static inline void store_value(void *p, int64_t i, int dtype, float v) {
-    if (dtype == DT_BF16) ((uint16_t *)p)[i] = f32_to_bf16(v);
-    else if (dtype == DT_F16) ((uint16_t *)p)[i] = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT);
-    else ((float *)p)[i] = v;
-}
 
 static inline float rounded(float v, int dtype) { /* v rounded to dtype, as a float */
     if (dtype == DT_BF16) return bf16_to_f32(f32_to_bf16(v));

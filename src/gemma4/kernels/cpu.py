@@ -91,21 +91,16 @@ def takes(values: torch.Tensor, scale: torch.Tensor, group_size: int) -> bool:
 
 
 def int4_matmul(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor | None:
-    """x [..., K] @ w.T -> [..., N] in x's dtype (fp32, bf16 or fp16 are read; fp16 gives fp32 out, then cast), or
-    None where the kernel does not take these operands."""
-    rows = x.reshape(-1, x.shape[-1])
-    if rows.stride(-1) != 1 or rows.stride(0) != rows.shape[-1]:
-        rows = rows.contiguous()
+    """x [..., K] (fp32, bf16 or fp16) @ w.T -> [..., N] in x's dtype, or None where the kernel does not take these
+    operands."""
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
     n, k = values.shape[0], rows.shape[-1]
-    out_dtype = x.dtype if x.dtype != torch.float16 else torch.float32
-    out = torch.empty(rows.shape[0], n, dtype=out_dtype)
+    out = torch.empty(rows.shape[0], n, dtype=x.dtype)
     status = library().gemma4_int4_matmul(
         rows.data_ptr(), DTYPES[rows.dtype], rows.shape[0], k, values.data_ptr(), values.stride(0) * 4,
-        scale.data_ptr(), DTYPES[scale.dtype], scale.stride(0), group_size, n, out.data_ptr(), DTYPES[out_dtype],
-        n, torch.get_num_threads())
-    if status != 0:
-        return None
-    return out.view(*x.shape[:-1], n).to(x.dtype)
+        scale.data_ptr(), DTYPES[scale.dtype], scale.stride(0), group_size, n, out.data_ptr(), DTYPES[x.dtype], n,
+        torch.get_num_threads())
+    return out.view(*x.shape[:-1], n) if status == 0 else None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
