@@ -119,3 +119,28 @@ def test_few_query_attention_equals_the_eager_ops(dtype):
     seen = ~plain.isnan()
     tolerance = 64 * U32 if dtype == torch.float32 else 2**-8
     torch.testing.assert_close(fast[seen], plain[seen], rtol=tolerance, atol=tolerance * plain[seen].abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_rope_equals_the_eager_ops(dtype):
+    """Each head's RMSNorm then rotate-half RoPE, [B, L, H, D] -> [B, H, L, D]: bf16 equal to the eager ops (same
+    roundings), fp32 within a few units; the value norm (no weight, no RoPE) alike."""
+    from gemma4.model.text import norm_rope, rope_cos_sin, rope_inverse_frequencies
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 8, 256, generator=generator).to(dtype) * 3
+    norm = RMSNorm(256).to(dtype)
+    norm.weight.data = torch.randn(256, generator=generator).to(dtype)
+    rope = {"rope_theta": 10000.0, "rope_type": "proportional", "partial_rotary_factor": 0.25}
+    cos, sin = rope_cos_sin(torch.tensor([[5, 6, 7], [100, 101, 600]]), rope_inverse_frequencies(256, rope), dtype)
+    for args in ((norm, cos, sin), (RMSNorm(256, with_scale=False), None, None)):
+        with override(kernels=True):
+            fast = norm_rope(x, *args)
+        with override(kernels=False):
+            plain = norm_rope(x, *args)
+        assert fast.shape == plain.shape == (2, 8, 3, 256) and fast.dtype == dtype
+        if dtype == torch.bfloat16:
+            assert (fast != plain).float().mean() < 0.01
+            torch.testing.assert_close(fast, plain, rtol=2**-7, atol=0)
+        else:
+            torch.testing.assert_close(fast, plain, rtol=0, atol=16 * U32 * plain.abs().max().item())

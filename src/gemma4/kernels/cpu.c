@@ -385,3 +385,36 @@ void gemma4_attend(const void *q, int dtype, int64_t batch, int64_t heads, int64
         free(query), free(acc), free(scores);
     }
 }
+
+/* ---- per-head RMSNorm then RoPE --------------------------------------------------------------------------------- */
+
+/* text.norm_rope: x [B, L, H, D] -> out [B, H, L, D]: each head's RMSNorm [* weight], rounded, then, with cos/sin
+ * [B, L, D], rotate-half RoPE rounded as the eager ops round: x cos and rotate_half(x) sin each, then their sum.
+ * weight, cos, sin may be NULL (the value norm). */
+void gemma4_norm_rope(const void *x, int dtype, int64_t batch, int64_t length, int64_t heads, int64_t dim,
+                      const void *weight, int w_dtype, float eps, const void *cos, const void *sin, void *out) {
+    float *v = malloc(sizeof(float) * (size_t)dim);
+    const int64_t half = dim / 2;
+    for (int64_t b = 0; b < batch; b++) {
+        for (int64_t l = 0; l < length; l++) {
+            const int64_t position = b * length + l;
+            for (int64_t h = 0; h < heads; h++) {
+                const int64_t in = (position * heads + h) * dim, to = ((b * heads + h) * length + l) * dim;
+                for (int64_t i = 0; i < dim; i++) v[i] = load_value(x, in + i, dtype);
+                float inverse = inverse_rms(v, dim, eps);
+                for (int64_t i = 0; i < dim; i++)
+                    v[i] = rounded(weight ? v[i] * inverse * load_value(weight, i, w_dtype) : v[i] * inverse, dtype);
+                for (int64_t i = 0; i < dim; i++) {
+                    if (!cos) {
+                        store_value(out, to + i, dtype, v[i]);
+                        continue;
+                    }
+                    float rotated = i < half ? -v[i + half] : v[i - half];
+                    float c = load_value(cos, position * dim + i, dtype), s = load_value(sin, position * dim + i, dtype);
+                    store_value(out, to + i, dtype, rounded(v[i] * c, dtype) + rounded(rotated * s, dtype));
+                }
+            }
+        }
+    }
+    free(v);
+}

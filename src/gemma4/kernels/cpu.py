@@ -4,6 +4,7 @@
   of 32, with integer dot products (AVX512-VNNI, or AVX2), as llama.cpp's Q4_0 x Q8_0;
 * `rms_norm` and `add_rms_norm`: common.RMSNorm and fused.add_normed in one call each, rounded as their eager ops
   round (a decode step's norms are ~40 tiny ops per layer otherwise);
+* `norm_rope`: text.norm_rope (each head's RMSNorm, then RoPE) in one call;
 * `attend`: attention.attend for a few queries per row, without fp32 copies of the keys and values.
 
 PyTorch's own int4 CPU kernel (aten._weight_int4pack_mm_for_cpu) dequantizes each weight to fp32 before its
@@ -67,6 +68,8 @@ def library() -> ctypes.CDLL | None:
     lib.gemma4_add_rms_norm.restype = None
     lib.gemma4_add_rms_norm.argtypes = [*pointers, i32, i64, i64, pointer, i32, float_, float_, pointer, float_,
                                         *pointers]
+    lib.gemma4_norm_rope.restype = None
+    lib.gemma4_norm_rope.argtypes = [pointer, i32, i64, i64, i64, i64, pointer, i32, float_, pointer, pointer, pointer]
     lib.gemma4_attend.restype = None
     lib.gemma4_attend.argtypes = [pointer, i32, i64, i64, i64, i64, pointer, pointer, i64, i64, pointer, pointer, i32]
     return lib
@@ -132,6 +135,18 @@ def _pointer(t: torch.Tensor | None) -> int | None:
 
 def _dtype(t: torch.Tensor | None) -> int:
     return DTYPES[t.dtype] if t is not None else 0
+
+
+def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor | None,
+              sin: torch.Tensor | None) -> torch.Tensor:
+    """text.norm_rope: x [B, L, H, D] (contiguous), weight [D] or None, cos/sin [B, L, 1, D] or None -> [B, H, L, D]."""
+    batch, length, heads, dim = x.shape
+    out = torch.empty(batch, heads, length, dim, dtype=x.dtype)
+    if cos is not None:
+        cos, sin = (t.expand(batch, length, 1, dim).to(x.dtype).contiguous() for t in (cos, sin))
+    library().gemma4_norm_rope(x.data_ptr(), DTYPES[x.dtype], batch, length, heads, dim, _pointer(weight),
+                               _dtype(weight), eps, _pointer(cos), _pointer(sin), out.data_ptr())
+    return out
 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

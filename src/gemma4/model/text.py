@@ -115,6 +115,9 @@ def norm_rope(x: torch.Tensor, norm: RMSNorm, cos: torch.Tensor | None = None, s
     if kernels.enabled(x):
         from ..kernels.norm import qk_norm_rope
         return qk_norm_rope(x, norm.weight, norm.eps, cos, sin)
+    if kernels.cpu_enabled(x) and x.is_contiguous():
+        from ..kernels.cpu import norm_rope as norm_rope_kernel
+        return norm_rope_kernel(x, norm.weight, norm.eps, cos, sin)
     x = norm(x)
     return (apply_rope(x, cos, sin) if cos is not None else x).transpose(1, 2)
 
