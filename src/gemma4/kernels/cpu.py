@@ -1,7 +1,8 @@
 """The CPU's kernels (cpu.c), each the twin of plain PyTorch code in `gemma4.model`:
 
-* `int4_matmul`: int4 weights in groups, read in the checkpoint's own layout, times int8 inputs quantized per block
-  of 32, with integer dot products (AVX512-VNNI, or AVX2), as llama.cpp's Q4_0 x Q8_0;
+* `int4_matmul`: int4 weights in groups, read in the checkpoint's own layout, times inputs quantized per block of 32
+  to two int8 parts (15 bits), with integer dot products (AVX512-VNNI, or AVX2), as llama.cpp's Q4_0 x Q8_0 with
+  one int8 part (see cpu.c);
 * `rms_norm` and `add_rms_norm`: common.RMSNorm and fused.add_normed in one call each, rounded as their eager ops
   round (a decode step's norms are ~40 tiny ops per layer otherwise);
 * `norm_rope`: text.norm_rope (each head's RMSNorm, then RoPE) in one call;
@@ -11,7 +12,7 @@ PyTorch's own int4 CPU kernel (aten._weight_int4pack_mm_for_cpu) dequantizes eac
 multiply-add, which bounds it by arithmetic at about 17 GB/s of weights on a 2-core Zen 4; integer dot products read
 them at the memory's pace (benchmarks/cpu_matmul.py). The C file is compiled once per machine with the system's C
 compiler (`$CC`, else `cc`, with -march=native) into the cache directory and loaded with ctypes; without a compiler
-the caller keeps PyTorch's kernel.
+(or off x86) the model keeps PyTorch's int4 kernel and its plain ops.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The compiled kernel, built on first use (about a second), or None where it cannot be built here."""
+    """The compiled kernels, built on first use (about a second), or None where they cannot be built here."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return None
     compiler = shutil.which(os.environ.get("CC", "cc"))
@@ -47,13 +48,16 @@ def library() -> ctypes.CDLL | None:
     key = hashlib.sha256(source + " ".join([compiler, *FLAGS, platform.processor(), cpu_flags()]).encode())
     target = Path(options().cache_dir) / "kernels" / f"cpu-{key.hexdigest()[:16]}.so"
     if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-            built = Path(scratch) / target.name
-            result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True)
-            if result.returncode != 0:
-                return None
-            os.replace(built, target)  # atomic: another process sees the whole file or none
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+                built = Path(scratch) / target.name
+                result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True)
+                if result.returncode != 0:
+                    return None
+                os.replace(built, target)  # atomic: another process sees the whole file or none
+        except OSError:  # a cache directory we cannot write
+            return None
     try:
         lib = ctypes.CDLL(str(target))
     except OSError:  # e.g. the OpenMP runtime it links is missing
