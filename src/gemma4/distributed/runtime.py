@@ -17,7 +17,6 @@ from __future__ import annotations
 import atexit
 import datetime
 import logging
-import os
 import signal
 import threading
 import traceback
@@ -30,6 +29,7 @@ import torch.distributed as dist
 from ..config import SLIDING, Config
 from ..model.gemma4 import check_token_ids
 from ..model.paged_cache import KVPools, PagedCacheView
+from ..threads import available_cores
 from .groups import DEFAULT_TIMEOUT, destroy_groups, free_port, init_groups, rank_device
 from .sharding import Ranks, ShardPlan, check_shardable
 
@@ -336,8 +336,7 @@ def share_cores(size: int) -> int:
     count before). N ranks of the default thread count would oversubscribe them, and the threads that spin-wait after
     each op would stall the collectives of the ranks waiting for a core."""
     before = torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(max(1, cores // size))
+    torch.set_num_threads(max(1, available_cores() // size))
     return before
 
 

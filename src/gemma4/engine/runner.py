@@ -9,6 +9,7 @@ import torch
 
 from .. import kernels
 from ..options import options
+from ..threads import fit_threads_to_cores
 from ..model.paged_cache import PagedCacheView
 from .block_manager import BlockManager
 from .graphs import GraphedDecode
@@ -26,6 +27,8 @@ class ModelRunner:
         # A verify step's rows (speculative.py) replay the decode graphs too: k + 1 rows per sequence.
         rows = speculator.max_batch * (speculator.num_tokens + 1) if speculator is not None else None
         self.graphs = GraphedDecode(model, blocks, max_model_len, rows) if use_graphs else None
+        if self.device.type == "cpu":
+            fit_threads_to_cores()
 
     @torch.no_grad()
     def launch(self, batch: list[Scheduled], ahead: Launched | None = None) -> Launched:
