@@ -90,16 +90,12 @@ def cpu_flags() -> str:
     return ""
 
 
-def takes(values: torch.Tensor, scale: torch.Tensor, group_size: int) -> bool:
-    """Whether the kernel reads this int4 matrix (int32 words [N, K / 8] as checkpoints hold them; scales [N, groups]):
-    groups of a multiple of 32, rows and scales contiguous, a scale dtype it knows, and the kernel built."""
-    return (values.dim() == 2 and group_size % 32 == 0 and values.stride(-1) == 1 and scale.stride(-1) == 1
-            and scale.dtype in DTYPES and values.device.type == "cpu" and library() is not None)
-
-
 def int4_matmul(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor | None:
-    """x [..., K] (fp32, bf16 or fp16) @ w.T -> [..., N] in x's dtype, or None where the kernel does not take these
-    operands."""
+    """x [..., K] (fp32, bf16 or fp16) @ w.T -> [..., N] in x's dtype, for int4 in int32 words [N, K / 8] as
+    checkpoints hold them, scales [N, K / group_size] (rows of each contiguous); None where the kernel does not read
+    these operands (groups not whole blocks of 32, a scale dtype it does not know)."""
+    if values.stride(-1) != 1 or scale.stride(-1) != 1 or scale.dtype not in DTYPES:
+        return None
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     n, k = values.shape[0], rows.shape[-1]
     out = torch.empty(rows.shape[0], n, dtype=x.dtype)

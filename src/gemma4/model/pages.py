@@ -28,11 +28,11 @@ def _madvise():
 
 
 def page_out(tensor: torch.Tensor) -> None:
-    """Give the whole pages under `tensor` back to the system. Pages of a memory-mapped file (the checkpoint's) leave the
-    resident set but stay in the page cache (madvise MADV_DONTNEED: a later touch maps them again without reading
-    the disk), where none was written (`_file_pages`); other memory is only asked to be
-    reclaimed (MADV_PAGEOUT: without swap anonymous memory stays, so its data too). A hint: a no-op on other systems,
-    on kernels without it and for GPU tensors."""
+    """Give the whole pages under `tensor` back to the system. Pages of a memory-mapped file (the checkpoint's) that
+    were not written (`_file_pages`) leave the resident set but stay in the page cache (madvise MADV_DONTNEED: a later
+    touch maps them again without reading the disk); other memory is only asked to be reclaimed (MADV_PAGEOUT:
+    without swap anonymous memory stays, so its data too). A hint: a no-op on other systems, on kernels without it
+    and for GPU tensors."""
     madvise = _madvise()
     if madvise is None or tensor.device.type != "cpu" or tensor.numel() == 0:
         return

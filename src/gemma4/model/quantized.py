@@ -284,9 +284,10 @@ def cpu_linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor | None:
     inputs where it is built, else PyTorch's on the matrices `to_cpu_int4` repacked."""
     if (weight.cpu_scales_and_zeros is None and weight.values.dim() == 2 and x.dtype in NATIVE_INT4_INPUTS
             and native_int4(weight.scheme)):
-        from ..kernels.cpu import int4_matmul, takes
-        if takes(weight.values, weight.scale, weight.scheme.group_size):
-            return int4_matmul(x, weight.values, weight.scale, weight.scheme.group_size)
+        from ..kernels.cpu import int4_matmul
+        out = int4_matmul(x, weight.values, weight.scale, weight.scheme.group_size)
+        if out is not None:
+            return out
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     if weight.cpu_scales_and_zeros is not None:
         scales_and_zeros = weight.cpu_scales_and_zeros.to(x.dtype)
