@@ -1,5 +1,6 @@
-/* The CPU's kernels (kernels/cpu.py): the int4 product, RMSNorm with its residual add, few-query attention; on x86
- * CPUs, with AVX512 (-VNNI) or AVX2 where the compiler targets them (-march=native), else plain C.
+/* The CPU's kernels (kernels/cpu.py): the int4 product, RMSNorm with its residual add, each head's norm and RoPE,
+ * few-query attention; on x86 CPUs, with AVX512 (-VNNI) or AVX2 where the compiler targets them (-march=native), else
+ * plain C.
  *
  * int4 product, y = x @ w.T: w in groups of 32 (or a multiple), read in the compressed-tensors layout as checkpoints
  * store it: row n is K / 2 bytes; byte t holds element 2t + 8 in its low nibble and element 2t + 1 + 8 in its high
@@ -7,7 +8,7 @@
  * As llama.cpp's Q4_0 x Q8_0 product, each row of x is quantized per block of 32 inputs, to be multiplied by the
  * stored nibbles (q + 8) in exact int32 dot products (VNNI), less 8 x the inputs' sum; but in two int8 parts, so that
  * the inputs keep 15 bits where Q8_0 keeps 8: x = e x (254 hi + lo), e = absmax / (127 x 254), hi = round(x / 254e),
- * lo = round((x - 254e hi) / e), |lo| <= 127; an input moves by at most e / 2 (bf16 itself rounds by 2^-9 of it).
+ * lo = round((x - 254e hi) / e), |lo| <= 127; an input moves by at most e / 2, 2^-16 of its block's largest.
  * A block's two dot products are scaled by (weight scale x 254e) and (weight scale x e) and summed in fp32.
  * Blocks go by fours ("quads", 64 bytes of nibbles): a quad's low nibbles are its even elements in order, its high
  * nibbles its odd ones, so the inputs of a quad are stored evens first, odds second (`input_slot`).
