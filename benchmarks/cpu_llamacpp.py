@@ -16,7 +16,8 @@ fetched once with `pip download` into `--cache-dir` and its `vendor/llama.cpp` u
 
 Each engine runs in its own process, so each peak RSS (VmHWM: the most resident memory the process ever held, file
 pages of mmap'd weights included) is that engine's alone. Threads: the cores this process may run on
-(os.sched_getaffinity), for llama.cpp's prefill and decode and for torch.
+(gemma4.threads.available_cores: the affinity mask, capped by a container's CPU quota), for llama.cpp's prefill and
+decode and for torch.
 
 Timing, best of `--repeats` runs after one short warm-up run:
 * llama.cpp: one run = eval the prompt in one call (n_batch 512), argmax the last logits (prefill, = time to first
@@ -58,6 +59,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from gemma4.threads import available_cores
+
 GiB = 2**30
 BOS = 2  # Gemma's <bos>
 LLAMACPP_TYPES = ("q4_0", "q4_0-pure", "bf16", "f16")
@@ -66,10 +69,6 @@ GEMMA4_QUANTIZATIONS = ("int4", "int8", "fp8", "none")
 
 # --------------------------------------------------------------------------------------------------------------------
 # Machine and versions
-
-
-def threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def cpu_model() -> str:
@@ -114,7 +113,8 @@ def cpu_flags() -> str:
 
 def machine() -> dict:
     import torch
-    return {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "threads": threads(), "logical_cpus": os.cpu_count(),
+    return {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "threads": available_cores(),
+            "logical_cpus": os.cpu_count(),
             "ram_gb": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GiB, 1),
             "torch": torch.__version__, "llama_cpp_python": version("llama-cpp-python"),
             "gemma4": version("gemma4"), "python": platform.python_version(),
@@ -202,7 +202,7 @@ def quantize_q4_0(source: Path, out: Path, pure: bool) -> None:
     code = ("import ctypes, sys, llama_cpp\n"
             "p = llama_cpp.llama_model_quantize_default_params()\n"
             "p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0\n"
-            f"p.nthread = {threads()}\n"
+            f"p.nthread = {available_cores()}\n"
             f"p.pure = {pure}\n"
             "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))\n")
     done = subprocess.run([sys.executable, "-c", code, str(source), str(partial)])
@@ -472,7 +472,7 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     prompt = [BOS] + rng.integers(1000, 200_000, args.prompt_tokens - 1).tolist()
     common = {"prompt": prompt, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-              "repeats": args.repeats, "threads": threads(), "verbose": args.verbose}
+              "repeats": args.repeats, "threads": available_cores(), "verbose": args.verbose}
     rows = []
     for kind in kinds:
         spec = {**common, "engine": "llama.cpp", "quantization": kind.upper().replace("-PURE", " pure"),

@@ -20,7 +20,8 @@ class Options:
     Environment variables exist only for user-facing debugging switches; the others exist to compare two paths and
     are set by tests and benchmarks through `override`."""
 
-    kernels: bool = True  # GEMMA4_KERNELS=0: plain PyTorch ops instead of the Triton (CUDA) and the CPU's C and int8/int4 kernels
+    # GEMMA4_KERNELS=0: plain PyTorch ops instead of the Triton (CUDA) kernels and the CPU's C and int8/int4 kernels
+    kernels: bool = True
     pdl: bool = True  # GEMMA4_PDL=0: no programmatic dependent launch (Hopper and newer)
     cuda_graphs: bool = True  # GEMMA4_EAGER=1: eager decode steps instead of CUDA graph replays
     defer_norms: frozenset[str] = DEFERRABLE  # the products whose residual norms the next GEMV applies

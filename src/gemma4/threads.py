@@ -25,8 +25,9 @@ def _cgroup_quota() -> float | None:
     except (OSError, ValueError):
         pass
     try:
-        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as quota, open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as period:
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as quota:
             value = int(quota.read())
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as period:
             return value / int(period.read()) if value > 0 else None
     except (OSError, ValueError):
         return None

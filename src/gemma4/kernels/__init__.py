@@ -9,9 +9,8 @@ from __future__ import annotations
 import contextlib
 import functools
 
-import torch
-
 from .. import options as _options
+from . import cpu
 
 _forced = False
 
@@ -31,16 +30,12 @@ def enabled(x) -> bool:
     return _options.current.kernels and (x.is_cuda or _forced) and triton_available()
 
 
-_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
 def cpu_enabled(x) -> bool:
     """Whether the model should run its C kernels (cpu.py) on tensor `x`: a CPU tensor of a dtype they read (fp32, bf16,
     fp16), the `kernels` option on, not forced onto the Triton kernels, the kernels built on this machine."""
-    if not (_options.current.kernels and x.device.type == "cpu" and not _forced and x.dtype in _CPU_DTYPES):
+    if not (_options.current.kernels and x.device.type == "cpu" and not _forced and x.dtype in cpu.DTYPES):
         return False
-    from .cpu import library
-    return library() is not None
+    return cpu.library() is not None
 
 
 @contextlib.contextmanager

@@ -44,6 +44,21 @@ static inline float load_value(const void *p, int64_t i, int dtype) {
     return ((const float *)p)[i];
 }
 
+#if defined(__AVX512F__)
+/* 16 values of dtype from p, as fp32. */
+static inline __m512 load16(const void *p, int dtype) {
+    if (dtype == DT_F32) return _mm512_loadu_ps(p);
+    __m256i bits = _mm256_loadu_si256((const __m256i *)p);
+    if (dtype == DT_F16) return _mm512_cvtph_ps(bits);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+#endif
+
+/* Where element i of a row of dtype starts. */
+static inline const void *element(const void *p, int64_t i, int dtype) {
+    return (const char *)p + i * (dtype == DT_F32 ? 4 : 2);
+}
+
 #define HI 254.0f /* hi's weight in units of lo's */
 
 static inline void store_value(void *p, int64_t i, int dtype, float v) {
@@ -67,20 +82,15 @@ static void quantize_row(const void *x, int dtype, int64_t k, int8_t *hi, int8_t
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
     for (; b < k / 32; b++) {
-        __m512 v[2];
-        for (int half = 0; half < 2; half++) {
-            const uint16_t *p = (const uint16_t *)x + 32 * b + 16 * half;
-            if (dtype == DT_BF16)
-                v[half] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-            else if (dtype == DT_F16) v[half] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
-            else v[half] = _mm512_loadu_ps((const float *)x + 32 * b + 16 * half);
-        }
+        __m512 v[2] = {load16(element(x, 32 * b, dtype), dtype), load16(element(x, 32 * b + 16, dtype), dtype)};
         float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
         float step = amax / (127.0f * HI), coarse = HI * step;
-        __m512 to_hi = _mm512_set1_ps(amax > 0.0f ? 1.0f / coarse : 0.0f), to_lo = _mm512_set1_ps(amax > 0.0f ? 1.0f / step : 0.0f);
+        __m512 to_hi = _mm512_set1_ps(amax > 0.0f ? 1.0f / coarse : 0.0f);
+        __m512 to_lo = _mm512_set1_ps(amax > 0.0f ? 1.0f / step : 0.0f);
         __m512i parts[2][2]; /* [hi, lo][half] */
         for (int half = 0; half < 2; half++) {
-            __m512 rounded = _mm512_roundscale_ps(_mm512_mul_ps(v[half], to_hi), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            __m512 rounded =
+                _mm512_roundscale_ps(_mm512_mul_ps(v[half], to_hi), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
             __m512 rest = _mm512_fnmadd_ps(rounded, _mm512_set1_ps(coarse), v[half]);
             parts[0][half] = _mm512_cvtps_epi32(rounded);
             parts[1][half] = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(rest, to_lo)),
@@ -90,8 +100,11 @@ static void quantize_row(const void *x, int dtype, int64_t k, int8_t *hi, int8_t
         int8_t *out[2] = {hi, lo};
         int32_t sums[2];
         for (int part = 0; part < 2; part++) {
-            _mm_storeu_si128((__m128i *)(out[part] + evens), _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(parts[part][0], even, parts[part][1])));
-            _mm_storeu_si128((__m128i *)(out[part] + odds), _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(parts[part][0], odd, parts[part][1])));
+            __m512i first = parts[part][0], second = parts[part][1];
+            _mm_storeu_si128((__m128i *)(out[part] + evens),
+                             _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(first, even, second)));
+            _mm_storeu_si128((__m128i *)(out[part] + odds),
+                             _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(first, odd, second)));
             sums[part] = _mm512_reduce_add_epi32(_mm512_add_epi32(parts[part][0], parts[part][1]));
         }
         e[b] = step;
@@ -125,12 +138,10 @@ static float row_scales(const void *scales, int dtype, int64_t offset, int64_t p
     int64_t b = 0;
     float correction = 0.0f;
 #if defined(__AVX512F__)
-    if (dtype == DT_BF16 && per_scale == 1) {
-        const uint16_t *s = (const uint16_t *)scales + offset;
+    if (per_scale == 1) {
         __m512 sum = _mm512_setzero_ps();
         for (; b + 16 <= blocks; b += 16) {
-            __m512 ws = _mm512_castsi512_ps(
-                _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(s + b))), 16));
+            __m512 ws = load16(element(scales, offset + b, dtype), dtype);
             _mm512_storeu_ps(wd + b, _mm512_mul_ps(ws, _mm512_loadu_ps(e + b)));
             sum = _mm512_fmadd_ps(ws, _mm512_loadu_ps(c + b), sum);
         }
@@ -159,12 +170,13 @@ static float row_dot(const uint8_t *w, const int8_t *hi, const int8_t *lo, const
     for (int64_t quad = 0; b + 4 <= blocks; b += 4, quad++) {
         __m512i raw = _mm512_loadu_si512((const void *)(w + 16 * b));
         _mm_prefetch((const char *)(w + 16 * b + 1024), _MM_HINT_T0);
-        __m512i even_nibbles = _mm512_and_si512(raw, low4), odd_nibbles = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+        __m512i even_nibbles = _mm512_and_si512(raw, low4);
+        __m512i odd_nibbles = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
         const int8_t *h = hi + 32 * b, *l = lo + 32 * b;
-        __m512i dot_hi = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), even_nibbles, _mm512_loadu_si512((const void *)h)),
-                                             odd_nibbles, _mm512_loadu_si512((const void *)(h + 64)));
-        __m512i dot_lo = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), even_nibbles, _mm512_loadu_si512((const void *)l)),
-                                             odd_nibbles, _mm512_loadu_si512((const void *)(l + 64)));
+        __m512i dot_hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), even_nibbles, _mm512_loadu_si512(h));
+        dot_hi = _mm512_dpbusd_epi32(dot_hi, odd_nibbles, _mm512_loadu_si512(h + 64));
+        __m512i dot_lo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), even_nibbles, _mm512_loadu_si512(l));
+        dot_lo = _mm512_dpbusd_epi32(dot_lo, odd_nibbles, _mm512_loadu_si512(l + 64));
         __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_hi), coarse, _mm512_cvtepi32_ps(dot_lo));
         __m512 scales = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_loadu_ps(wd + b)));
         if (quad & 1) acc1 = _mm512_fmadd_ps(sum, scales, acc1);
@@ -175,7 +187,7 @@ static float row_dot(const uint8_t *w, const int8_t *hi, const int8_t *lo, const
     /* A block per step: its 16 bytes of nibbles, low then high, meet its 16 even and 16 odd inputs. */
     const __m256i low4 = _mm256_set1_epi8(0x0f);
     __m256 acc = _mm256_setzero_ps();
-    for (; b + 4 <= (blocks & ~(int64_t)3); b++) {
+    for (; b < (blocks & ~(int64_t)3); b++) {
         const int64_t evens = 128 * (b / 4) + 16 * (b % 4), odds = evens + 64;
         __m128i raw = _mm_loadu_si128((const __m128i *)(w + 16 * b));
         __m256i nibbles = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low4);
@@ -214,31 +226,30 @@ int gemma4_int4_matmul(const void *x, int x_dtype, int64_t m, int64_t k, const u
                        int y_dtype, int64_t y_stride, int threads) {
     if (k % 32 || group % 32 || k % group || m < 1) return -1;
     const int64_t blocks = k / 32, per_scale = group / 32;
-    int8_t *q = aligned_alloc(64, (size_t)((2 * m * k + 63) / 64 * 64)); /* hi of every row, then lo */
-    float *d = malloc(sizeof(float) * (size_t)(m * blocks)), *c = malloc(sizeof(float) * (size_t)(m * blocks));
-    if (!q || !d || !c) {
-        free(q), free(d), free(c);
+    int8_t *hi = aligned_alloc(64, (size_t)((2 * m * k + 63) / 64 * 64)); /* hi of every row, then lo */
+    float *e = malloc(sizeof(float) * (size_t)(m * blocks)), *c = malloc(sizeof(float) * (size_t)(m * blocks));
+    if (!hi || !e || !c) {
+        free(hi), free(e), free(c);
         return -1;
     }
-    int8_t *lo = q + m * k;
+    int8_t *lo = hi + m * k;
     for (int64_t r = 0; r < m; r++)
-        quantize_row((const char *)x + r * k * (x_dtype == DT_F32 ? 4 : 2), x_dtype, k, q + r * k, lo + r * k,
-                     d + r * blocks, c + r * blocks);
+        quantize_row(element(x, r * k, x_dtype), x_dtype, k, hi + r * k, lo + r * k, e + r * blocks, c + r * blocks);
 #pragma omp parallel num_threads(threads) if (n * k >= PARALLEL_MIN_WEIGHTS)
     {
         float *wd = malloc(sizeof(float) * (size_t)blocks);
 #pragma omp for schedule(static)
         for (int64_t row = 0; row < n; row++) {
             for (int64_t r = 0; r < m; r++) {
-                float out = row_scales(scales, s_dtype, row * s_stride, per_scale, d + r * blocks, c + r * blocks, wd,
+                float out = row_scales(scales, s_dtype, row * s_stride, per_scale, e + r * blocks, c + r * blocks, wd,
                                        blocks);
-                out += row_dot(w + row * w_stride, q + r * k, lo + r * k, wd, blocks);
+                out += row_dot(w + row * w_stride, hi + r * k, lo + r * k, wd, blocks);
                 store_value(y, r * y_stride + row, y_dtype, out);
             }
         }
         free(wd);
     }
-    free(q), free(d), free(c);
+    free(hi), free(e), free(c);
     return 0;
 }
 
@@ -261,21 +272,6 @@ static float inverse_rms(const float *v, int64_t dim, float eps) {
 #endif
     for (; i < dim; i++) sum += v[i] * v[i];
     return powf(sum / (float)dim + eps, -0.5f);
-}
-
-/* out = norm(x) per row of dim values: x * inverse_rms(x) [* weight], rounded to dtype. weight may be NULL. */
-void gemma4_rms_norm(const void *x, int dtype, int64_t rows, int64_t dim, const void *weight, int w_dtype, float eps,
-                     void *out) {
-    float *v = malloc(sizeof(float) * (size_t)dim);
-    for (int64_t r = 0; r < rows; r++) {
-        for (int64_t i = 0; i < dim; i++) v[i] = load_value(x, r * dim + i, dtype);
-        float inverse = inverse_rms(v, dim, eps);
-        for (int64_t i = 0; i < dim; i++) {
-            float h = v[i] * inverse;
-            store_value(out, r * dim + i, dtype, weight ? h * load_value(weight, i, w_dtype) : h);
-        }
-    }
-    free(v);
 }
 
 /* fused.add_normed: new = (residual + norm(y)) [* scalar], each step rounded to dtype; h = next_norm(new) where
@@ -310,16 +306,8 @@ static float dot_row(const float *a, const void *b, int dtype, int64_t n) {
     int64_t i = 0;
 #if defined(__AVX512F__)
     __m512 acc = _mm512_setzero_ps();
-    if (dtype == DT_BF16) {
-        const uint16_t *p = (const uint16_t *)b;
-        for (; i + 16 <= n; i += 16) {
-            __m512 wide = _mm512_castsi512_ps(
-                _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p + i))), 16));
-            acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), wide, acc);
-        }
-    } else if (dtype == DT_F32) {
-        for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps((const float *)b + i), acc);
-    }
+    for (; i + 16 <= n; i += 16)
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load16(element(b, i, dtype), dtype), acc);
     sum = _mm512_reduce_add_ps(acc);
 #endif
     for (; i < n; i++) sum += a[i] * load_value(b, i, dtype);
@@ -331,17 +319,9 @@ static void add_scaled_row(float *acc, float p, const void *b, int dtype, int64_
     int64_t i = 0;
 #if defined(__AVX512F__)
     __m512 scale = _mm512_set1_ps(p);
-    if (dtype == DT_BF16) {
-        const uint16_t *s = (const uint16_t *)b;
-        for (; i + 16 <= n; i += 16) {
-            __m512 wide = _mm512_castsi512_ps(
-                _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(s + i))), 16));
-            _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(scale, wide, _mm512_loadu_ps(acc + i)));
-        }
-    } else if (dtype == DT_F32) {
-        for (; i + 16 <= n; i += 16)
-            _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(scale, _mm512_loadu_ps((const float *)b + i), _mm512_loadu_ps(acc + i)));
-    }
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(acc + i,
+                         _mm512_fmadd_ps(scale, load16(element(b, i, dtype), dtype), _mm512_loadu_ps(acc + i)));
 #endif
     for (; i < n; i++) acc[i] += p * load_value(b, i, dtype);
 }
@@ -364,7 +344,8 @@ void gemma4_attend(const void *q, int dtype, int64_t batch, int64_t heads, int64
                 const char *values = (const char *)v + kv * lk * dim * size;
                 for (int64_t i = 0; i < lq; i++) {
                     const uint8_t *allowed = mask + (b * lq + i) * lk;
-                    for (int64_t d = 0; d < dim; d++) query[d] = load_value(q, ((b * heads + h) * lq + i) * dim + d, dtype);
+                    const int64_t from = ((b * heads + h) * lq + i) * dim;
+                    for (int64_t d = 0; d < dim; d++) query[d] = load_value(q, from + d, dtype);
                     float top = -INFINITY;
                     for (int64_t j = 0; j < lk; j++) {
                         scores[j] = allowed[j] ? dot_row(query, keys + j * dim * size, dtype, dim) : -INFINITY;
@@ -376,8 +357,10 @@ void gemma4_attend(const void *q, int dtype, int64_t batch, int64_t heads, int64
                         total += scores[j];
                     }
                     memset(acc, 0, sizeof(float) * (size_t)dim);
-                    for (int64_t j = 0; j < lk; j++)
-                        if (scores[j] != 0.0f) add_scaled_row(acc, scores[j] / total, values + j * dim * size, dtype, dim);
+                    for (int64_t j = 0; j < lk; j++) {
+                        if (scores[j] != 0.0f)
+                            add_scaled_row(acc, scores[j] / total, values + j * dim * size, dtype, dim);
+                    }
                     const int64_t row = (b * lq + i) * heads * dim + h * dim;
                     for (int64_t d = 0; d < dim; d++) store_value(out, row + d, dtype, total > 0.0f ? acc[d] : NAN);
                 }
@@ -391,7 +374,7 @@ void gemma4_attend(const void *q, int dtype, int64_t batch, int64_t heads, int64
 
 /* text.norm_rope: x [B, L, H, D] -> out [B, H, L, D]: each head's RMSNorm [* weight], rounded, then, with cos/sin
  * [B, L, D], rotate-half RoPE rounded as the eager ops round: x cos and rotate_half(x) sin each, then their sum.
- * weight, cos, sin may be NULL (the value norm). */
+ * weight, cos, sin may be NULL (the value norm). common.RMSNorm of rows is this with B = H = 1, without RoPE. */
 void gemma4_norm_rope(const void *x, int dtype, int64_t batch, int64_t length, int64_t heads, int64_t dim,
                       const void *weight, int w_dtype, float eps, const void *cos, const void *sin, void *out) {
     float *v = malloc(sizeof(float) * (size_t)dim);
@@ -411,7 +394,8 @@ void gemma4_norm_rope(const void *x, int dtype, int64_t batch, int64_t length, i
                         continue;
                     }
                     float rotated = i < half ? -v[i + half] : v[i - half];
-                    float c = load_value(cos, position * dim + i, dtype), s = load_value(sin, position * dim + i, dtype);
+                    float c = load_value(cos, position * dim + i, dtype);
+                    float s = load_value(sin, position * dim + i, dtype);
                     store_value(out, to + i, dtype, rounded(v[i] * c, dtype) + rounded(rotated * s, dtype));
                 }
             }

@@ -9,10 +9,10 @@
 * `attend`: attention.attend for a few queries per row, without fp32 copies of the keys and values.
 
 PyTorch's own int4 CPU kernel (aten._weight_int4pack_mm_for_cpu) dequantizes each weight to fp32 before its
-multiply-add, which bounds it by arithmetic at about 17 GB/s of weights on a 2-core Zen 4; integer dot products read
-them at the memory's pace (benchmarks/cpu_matmul.py). The C file is compiled once per machine with the system's C
-compiler (`$CC`, else `cc`, with -march=native) into the cache directory and loaded with ctypes; without a compiler
-(or off x86) the model keeps PyTorch's int4 kernel and its plain ops.
+multiply-add; integer dot products do less arithmetic per weight (benchmarks/cpu_matmul.py compares them). The C
+file is compiled once per machine with the system's C compiler (`$CC`, else `cc`, with -march=native) into the cache
+directory and loaded with ctypes; without a compiler (or off x86) the model keeps PyTorch's int4 kernel and its plain
+ops.
 """
 
 from __future__ import annotations
@@ -67,8 +67,6 @@ def library() -> ctypes.CDLL | None:
     lib.gemma4_int4_matmul.argtypes = [pointer, i32, i64, i64, pointer, i64, pointer, i32, i64, i64, i64, pointer,
                                        i32, i64, i32]
     float_, pointers = ctypes.c_float, [pointer] * 2
-    lib.gemma4_rms_norm.restype = None
-    lib.gemma4_rms_norm.argtypes = [pointer, i32, i64, i64, pointer, i32, float_, pointer]
     lib.gemma4_add_rms_norm.restype = None
     lib.gemma4_add_rms_norm.argtypes = [*pointers, i32, i64, i64, pointer, i32, float_, float_, pointer, float_,
                                         *pointers]
@@ -107,11 +105,12 @@ def int4_matmul(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, grou
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """common.RMSNorm's forward: x [..., D] (contiguous), weight [D] or None."""
+    """common.RMSNorm's forward: x [..., D] (contiguous), weight [D] or None; the C side's norm_rope of one head per
+    row, without RoPE."""
     out = torch.empty_like(x)
     rows, dim = x.numel() // x.shape[-1], x.shape[-1]
-    library().gemma4_rms_norm(x.data_ptr(), DTYPES[x.dtype], rows, dim, _pointer(weight), _dtype(weight), eps,
-                              out.data_ptr())
+    library().gemma4_norm_rope(x.data_ptr(), DTYPES[x.dtype], 1, rows, 1, dim, _pointer(weight), _dtype(weight), eps,
+                               None, None, out.data_ptr())
     return out
 
 

@@ -83,8 +83,9 @@ class Gemma4(nn.Module):
     def fuse_projections_(self) -> "Gemma4":
         """Run q/k/v and gate/up as one matmul each (fewer, larger GEMVs at decode). Parameters keep their names
         and values (they become views of the fused weights). Call after the model is on its device and dtype:
-        a later `.to()` keeps the results right but gives the views their own memory again. Not on the CPU by
-        default (`ready_`): same products, but another summation order than the reference's separate matmuls."""
+        a later `.to()` keeps the results right but gives the views their own memory again. On the CPU by default
+        only where the native int4 kernel reads them (`_ready_for_cpu_`), which computes each row alike fused or not;
+        dense products would be summed in another order than the reference's separate matmuls."""
         for module in self.modules():
             if module is not self and hasattr(module, "fuse_projections_"):
                 module.fuse_projections_()

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..kernels import cpu as cpu_kernels
+
 FP8_MAX = 448.0  # float8_e4m3fn
 
 
@@ -234,8 +236,7 @@ def native_int4(scheme: Scheme) -> bool:
     which reads them in the checkpoint's layout: int4 in groups of a multiple of 32."""
     if not (scheme.packed and scheme.strategy == "group" and scheme.group_size % 32 == 0):
         return False
-    from ..kernels.cpu import library
-    return library() is not None
+    return cpu_kernels.library() is not None
 
 
 def to_cpu_int4(weight: QuantizedWeight) -> QuantizedWeight:
@@ -284,8 +285,7 @@ def cpu_linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor | None:
     inputs where it is built, else PyTorch's on the matrices `to_cpu_int4` repacked."""
     if (weight.cpu_scales_and_zeros is None and weight.values.dim() == 2 and x.dtype in NATIVE_INT4_INPUTS
             and native_int4(weight.scheme)):
-        from ..kernels.cpu import int4_matmul
-        out = int4_matmul(x, weight.values, weight.scale, weight.scheme.group_size)
+        out = cpu_kernels.int4_matmul(x, weight.values, weight.scale, weight.scheme.group_size)
         if out is not None:
             return out
     rows = x.reshape(-1, x.shape[-1]).contiguous()
