@@ -372,34 +372,291 @@ void gemma4_attend(const void *q, int dtype, int64_t batch, int64_t heads, int64
 
 /* ---- per-head RMSNorm then RoPE --------------------------------------------------------------------------------- */
 
-/* text.norm_rope: x [B, L, H, D] -> out [B, H, L, D]: each head's RMSNorm [* weight], rounded, then, with cos/sin
- * [B, L, D], rotate-half RoPE rounded as the eager ops round: x cos and rotate_half(x) sin each, then their sum.
- * weight, cos, sin may be NULL (the value norm). common.RMSNorm of rows is this with B = H = 1, without RoPE. */
+/* One head's RMSNorm [* weight], rounded, then with cos/sin [dim] rotate-half RoPE rounded as the eager ops round:
+ * x cos and rotate_half(x) sin each, then their sum. weight, cos, sin may be NULL. v [dim]: the result (values of
+ * dtype, as floats). */
+static void norm_rope_head(const void *x, int dtype, int64_t dim, const void *weight, int w_dtype, float eps,
+                           const void *cos, const void *sin, float *v) {
+    const int64_t half = dim / 2;
+    for (int64_t i = 0; i < dim; i++) v[i] = load_value(x, i, dtype);
+    float inverse = inverse_rms(v, dim, eps);
+    for (int64_t i = 0; i < dim; i++)
+        v[i] = rounded(weight ? v[i] * inverse * load_value(weight, i, w_dtype) : v[i] * inverse, dtype);
+    if (!cos) return;
+    float *normed = malloc(sizeof(float) * (size_t)dim);
+    memcpy(normed, v, sizeof(float) * (size_t)dim);
+    for (int64_t i = 0; i < dim; i++) {
+        float rotated = i < half ? -normed[i + half] : normed[i - half];
+        v[i] = rounded(rounded(normed[i] * load_value(cos, i, dtype), dtype) +
+                       rounded(rotated * load_value(sin, i, dtype), dtype), dtype);
+    }
+    free(normed);
+}
+
+/* text.norm_rope: x [B, L, H, D] -> out [B, H, L, D], each head through norm_rope_head with cos/sin [B, L, D] (or
+ * NULL: the value norm). common.RMSNorm of rows is this with B = H = 1, without RoPE. */
 void gemma4_norm_rope(const void *x, int dtype, int64_t batch, int64_t length, int64_t heads, int64_t dim,
                       const void *weight, int w_dtype, float eps, const void *cos, const void *sin, void *out) {
     float *v = malloc(sizeof(float) * (size_t)dim);
-    const int64_t half = dim / 2;
     for (int64_t b = 0; b < batch; b++) {
         for (int64_t l = 0; l < length; l++) {
             const int64_t position = b * length + l;
             for (int64_t h = 0; h < heads; h++) {
                 const int64_t in = (position * heads + h) * dim, to = ((b * heads + h) * length + l) * dim;
-                for (int64_t i = 0; i < dim; i++) v[i] = load_value(x, in + i, dtype);
-                float inverse = inverse_rms(v, dim, eps);
-                for (int64_t i = 0; i < dim; i++)
-                    v[i] = rounded(weight ? v[i] * inverse * load_value(weight, i, w_dtype) : v[i] * inverse, dtype);
-                for (int64_t i = 0; i < dim; i++) {
-                    if (!cos) {
-                        store_value(out, to + i, dtype, v[i]);
-                        continue;
-                    }
-                    float rotated = i < half ? -v[i + half] : v[i - half];
-                    float c = load_value(cos, position * dim + i, dtype);
-                    float s = load_value(sin, position * dim + i, dtype);
-                    store_value(out, to + i, dtype, rounded(v[i] * c, dtype) + rounded(rotated * s, dtype));
-                }
+                norm_rope_head(element(x, in, dtype), dtype, dim, weight, w_dtype, eps,
+                               cos ? element(cos, position * dim, dtype) : NULL,
+                               sin ? element(sin, position * dim, dtype) : NULL, v);
+                for (int64_t i = 0; i < dim; i++) store_value(out, to + i, dtype, v[i]);
             }
         }
     }
     free(v);
+}
+
+/* ---- a decode step's decoder layers in one call ------------------------------------------------------------------
+ * text.DecoderLayer.forward for one token per row, every layer in turn, as its eager ops with the kernels above
+ * compute it (same products, same roundings): a decode step's ~50 PyTorch ops and ~30 kernel calls per layer cost
+ * about as much as its int4 products on a small CPU. K/V are written into the paged pools and read there in place,
+ * through each row's candidate slots (model/paged_cache.py's in-place plan). Layers of 26B-A4B (experts) are not
+ * taken here. Structures mirror kernels/cpu.py's ctypes ones field for field. */
+
+struct int4_weight { /* gemma4_int4_matmul's operands: values [n, k / 2] bytes, scales [n, k / group] */
+    const uint8_t *values;
+    const void *scales;
+    int64_t n, k, stride, scale_stride, group, scale_dtype;
+};
+
+struct decode_layer {
+    struct int4_weight qkv; /* q, k, v rows fused (q alone on KV-shared layers, q and k on K=V layers) */
+    struct int4_weight o, gate_up, down, ple_gate, ple_projection; /* the last two unread without PLE */
+    const void *q_norm, *k_norm, *post_attention_norm, *pre_feedforward_norm, *post_feedforward_norm,
+        *post_ple_norm, *next_norm; /* next_norm: the next layer's input norm, or the final norm */
+    const void *scalar; /* the layer scalar [1], of norm_dtype */
+    int64_t norm_dtype;
+    float eps;
+    int64_t index, kv_source, full; /* kv_source: the layer whose pools it reads; full: 1 on global layers */
+    int64_t heads, kv_heads, head_dim, width, ple_dim;
+    int64_t writes_kv, has_value, has_ple; /* writes_kv 0 on KV-shared layers; has_value 0 on K=V layers */
+};
+
+struct decode_step {
+    int64_t rows, hidden, dtype, threads, window, num_layers;
+    void *x, *h; /* [rows, hidden]: the residual stream and input_layernorm(x), updated in place */
+    const void *per_layer_inputs;                 /* [rows, num_layers, ple_dim] or NULL */
+    const void *cos[2], *sin[2];                  /* [rows, head_dim] per layer type (0 sliding, 1 global) */
+    const int64_t *query_positions, *num_keys;    /* [rows]; -1 / 0 on padding rows */
+    const int64_t *write_slots[2];                /* [rows] flat pool slot of the new token */
+    const int64_t *key_slots[2], *key_positions[2]; /* [rows, candidates]: pool slot and position of each */
+    int64_t candidates[2];
+    void **key_pools, **value_pools; /* per layer index: [kv_heads, pool_slots, head_dim] of dtype */
+    const int64_t *pool_slots;
+};
+
+static void product(const struct int4_weight *w, const void *x, int dtype, int64_t m, void *y, int threads) {
+    gemma4_int4_matmul(x, dtype, m, w->k, w->values, w->stride, w->scales, (int)w->scale_dtype, w->scale_stride,
+                       w->group, w->n, y, dtype, w->n, threads);
+}
+
+#if defined(__AVX512F__)
+/* e^x of 16 lanes, |x| <= 88: x = n ln 2 + r, |r| <= ln 2 / 2, e^r by Cephes expf's polynomial (within ~1 ulp). */
+static inline __m512 exp16(__m512 x) {
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* tanh of 16 lanes, within a few fp32 ulps: its Taylor series to y^19 below |y| = 0.55 (the rest < 2^-30 there),
+ * 1 - 2 / (e^2|y| + 1) with the sign above (no cancellation there: tanh > 0.5). */
+static inline __m512 tanh16(__m512 y) {
+    static const float taylor[] = {-2.3912911e-4f, 5.9002744e-4f, -1.4558344e-3f, 3.5921280e-3f, -8.8632355e-3f,
+                                   2.1869489e-2f,  -5.3968254e-2f, 1.3333333e-1f,  -3.3333333e-1f}; /* y^19 .. y^3 */
+    __m512 a = _mm512_abs_ps(y), y2 = _mm512_mul_ps(y, y);
+    __m512 p = _mm512_set1_ps(taylor[0]);
+    for (int i = 1; i < 9; i++) p = _mm512_fmadd_ps(p, y2, _mm512_set1_ps(taylor[i]));
+    __m512 small = _mm512_fmadd_ps(_mm512_mul_ps(p, y2), y, y);
+    __m512 e = exp16(_mm512_min_ps(_mm512_add_ps(a, a), _mm512_set1_ps(40.0f)));
+    __m512 large = _mm512_sub_ps(_mm512_set1_ps(1.0f),
+                                 _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, _mm512_set1_ps(1.0f))));
+    large = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(large),
+                                                _mm512_and_si512(_mm512_castps_si512(y), _mm512_set1_epi32(INT32_MIN))));
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, _mm512_set1_ps(0.55f), _CMP_LT_OQ), large, small);
+}
+
+/* 16 lanes rounded to dtype (as floats): bf16 to nearest even (NaN kept), fp16 by the hardware's conversion. */
+static inline __m512 round16(__m512 v, int dtype) {
+    if (dtype == DT_F16) return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    if (dtype != DT_BF16) return v;
+    __m512i bits = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    bits = _mm512_and_si512(_mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd)),
+                            _mm512_set1_epi32((int32_t)0xffff0000u));
+    return _mm512_mask_mov_ps(_mm512_castsi512_ps(bits), _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), v);
+}
+
+/* 16 lanes stored as dtype (rounded as round16). */
+static inline void store16(void *p, int dtype, __m512 v) {
+    if (dtype == DT_F32) return _mm512_storeu_ps(p, v);
+    if (dtype == DT_F16) return _mm256_storeu_si256(p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    __m512i bits = _mm512_srli_epi32(_mm512_castps_si512(round16(v, dtype)), 16);
+    _mm256_storeu_si256(p, _mm512_cvtepi32_epi16(bits)); /* NaN: its quiet payload bits may go; it stays NaN */
+}
+#endif
+
+/* fused.gated with the tanh gelu: act(gate) rounded, times up, rounded, each [rows, n] of dtype (row strides in
+ * elements), into out [rows, n] (which may overlap gate and up where each row's output starts at or before its
+ * gate and its up and ends before any later row's). act as F.gelu(approximate="tanh") on fp32 values, its tanh
+ * within a few fp32 ulps of PyTorch's. */
+void gemma4_gelu_gated(const void *gate, int64_t gate_stride, const void *up, int64_t up_stride, int dtype,
+                       int64_t rows, int64_t n, void *out) {
+    const float beta = 0.7978845608028654f, kappa = 0.044715f; /* sqrt(2 / pi) */
+    const int64_t size = dtype == DT_F32 ? 4 : 2;
+    for (int64_t r = 0; r < rows; r++) {
+        const void *g_row = element(gate, r * gate_stride, dtype), *u_row = element(up, r * up_stride, dtype);
+        char *o_row = (char *)out + r * n * size;
+        int64_t i = 0;
+#if defined(__AVX512F__)
+        for (; i + 16 <= n; i += 16) {
+            __m512 g = load16(element(g_row, i, dtype), dtype);
+            __m512 cube_term = _mm512_mul_ps(_mm512_set1_ps(kappa), _mm512_mul_ps(g, g));
+            __m512 inner = _mm512_mul_ps(_mm512_set1_ps(beta), _mm512_fmadd_ps(cube_term, g, g));
+            __m512 act = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), g),
+                                       _mm512_add_ps(_mm512_set1_ps(1.0f), tanh16(inner)));
+            store16(o_row + i * size, dtype, _mm512_mul_ps(round16(act, dtype), load16(element(u_row, i, dtype), dtype)));
+        }
+#endif
+        for (; i < n; i++) {
+            float g = load_value(g_row, i, dtype);
+            float act = rounded(0.5f * g * (1.0f + tanhf(beta * (g + kappa * g * g * g))), dtype);
+            store_value(o_row, i, dtype, act * load_value(u_row, i, dtype));
+        }
+    }
+}
+
+/* Attention of each row's query [heads, head_dim] (values of dtype, as floats) over its candidate keys in the pools,
+ * out [rows, heads * head_dim] of dtype. Key j is visible iff 0 <= position <= the query's (and within the window on
+ * sliding layers); scores, softmax and the weighted sum in fp32 (scale 1), rounded once. A row that sees nothing
+ * (padding) gives zeros. */
+static void attend_pools(const struct decode_layer *layer, const struct decode_step *step, const float *query,
+                         void *out) {
+    const int type = (int)layer->full, dtype = (int)step->dtype, size = dtype == DT_F32 ? 4 : 2;
+    const int64_t dim = layer->head_dim, heads = layer->heads, group = heads / layer->kv_heads;
+    const int64_t candidates = step->candidates[type], slots = step->pool_slots[layer->kv_source];
+    const int64_t window = type ? 0 : step->window;
+    const char *keys = step->key_pools[layer->kv_source], *values = step->value_pools[layer->kv_source];
+#pragma omp parallel num_threads((int)step->threads) if (heads * candidates * dim >= (1 << 16))
+    {
+        float *acc = malloc(sizeof(float) * (size_t)dim), *scores = malloc(sizeof(float) * (size_t)(candidates + 1));
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t row = 0; row < step->rows; row++) {
+            for (int64_t head = 0; head < heads; head++) {
+                const int64_t query_position = step->query_positions[row];
+                const int64_t n = step->num_keys[row] < candidates ? step->num_keys[row] : candidates;
+                const int64_t *positions = step->key_positions[type] + row * candidates;
+                const int64_t *at = step->key_slots[type] + row * candidates;
+                const int64_t kv = head / group;
+                const float *q = query + (row * heads + head) * dim;
+                float top = -INFINITY;
+                for (int64_t j = 0; j < n; j++) {
+                    const int64_t p = positions[j];
+                    const int visible = p >= 0 && p <= query_position && (!window || query_position - p < window);
+                    scores[j] = visible ? dot_row(q, keys + (kv * slots + at[j]) * dim * size, dtype, dim) : -INFINITY;
+                    top = fmaxf(top, scores[j]);
+                }
+                float total = 0.0f;
+                for (int64_t j = 0; j < n; j++) {
+                    scores[j] = scores[j] > -INFINITY ? expf(scores[j] - top) : 0.0f;
+                    total += scores[j];
+                }
+                memset(acc, 0, sizeof(float) * (size_t)dim);
+                for (int64_t j = 0; j < n; j++) {
+                    if (scores[j] != 0.0f)
+                        add_scaled_row(acc, scores[j] / total, values + (kv * slots + at[j]) * dim * size, dtype, dim);
+                }
+                for (int64_t d = 0; d < dim; d++) store_value(out, (row * heads + head) * dim + d, dtype, acc[d]);
+            }
+        }
+        free(acc), free(scores);
+    }
+}
+
+/* The new token's K and V of each row, from its projections (raw [kv_heads, head_dim] rows of dtype), into the
+ * pools: k_norm and RoPE on keys, the weightless v_norm on values (of the raw keys on K=V layers). */
+static void store_kv(const struct decode_layer *layer, const struct decode_step *step, const void *qkv) {
+    const int dtype = (int)step->dtype, type = (int)layer->full;
+    const int64_t dim = layer->head_dim, q_size = layer->heads * dim, kv_size = layer->kv_heads * dim;
+    const int64_t slots = step->pool_slots[layer->index];
+    float *v = malloc(sizeof(float) * (size_t)dim);
+    for (int64_t row = 0; row < step->rows; row++) {
+        const int64_t slot = step->write_slots[type][row];
+        const void *cos = element(step->cos[type], row * dim, dtype), *sin = element(step->sin[type], row * dim, dtype);
+        const int64_t from = row * layer->qkv.n + q_size;
+        for (int64_t head = 0; head < layer->kv_heads; head++) {
+            const int64_t to = (head * slots + slot) * dim;
+            norm_rope_head(element(qkv, from + head * dim, dtype), dtype, dim, layer->k_norm, (int)layer->norm_dtype,
+                           layer->eps, cos, sin, v);
+            for (int64_t i = 0; i < dim; i++) store_value(step->key_pools[layer->index], to + i, dtype, v[i]);
+            const int64_t value_from = from + (layer->has_value ? kv_size : 0) + head * dim;
+            norm_rope_head(element(qkv, value_from, dtype), dtype, dim, NULL, 0, layer->eps, NULL, NULL, v);
+            for (int64_t i = 0; i < dim; i++) store_value(step->value_pools[layer->index], to + i, dtype, v[i]);
+        }
+    }
+    free(v);
+}
+
+static void decode_layer(const struct decode_layer *layer, const struct decode_step *step) {
+    const int dtype = (int)step->dtype, threads = (int)step->threads, norms = (int)layer->norm_dtype;
+    const int64_t m = step->rows, hidden = step->hidden, dim = layer->head_dim, size = dtype == DT_F32 ? 4 : 2;
+    const int64_t q_size = layer->heads * dim, width = layer->width, type = layer->full;
+    const float scalar = load_value(layer->scalar, 0, norms);
+    char *qkv = malloc((size_t)(m * layer->qkv.n * size)), *attention = malloc((size_t)(m * q_size * size));
+    char *projected = malloc((size_t)(m * hidden * size)), *gate_up = malloc((size_t)(m * 2 * width * size));
+    float *query = malloc(sizeof(float) * (size_t)(m * q_size));
+
+    /* attention: q/k/v of h; the new K/V into the pools; the query's heads normed and rotated */
+    product(&layer->qkv, step->h, dtype, m, qkv, threads);
+    if (layer->writes_kv) store_kv(layer, step, qkv);
+    for (int64_t row = 0; row < m; row++) {
+        for (int64_t head = 0; head < layer->heads; head++)
+            norm_rope_head(element(qkv, row * layer->qkv.n + head * dim, dtype), dtype, dim, layer->q_norm, norms,
+                           layer->eps, element(step->cos[type], row * dim, dtype),
+                           element(step->sin[type], row * dim, dtype), query + (row * layer->heads + head) * dim);
+    }
+    attend_pools(layer, step, query, attention);
+    /* x += post_attention_norm(o(attention)); h = pre_feedforward_norm(x) */
+    product(&layer->o, attention, dtype, m, projected, threads);
+    gemma4_add_rms_norm(step->x, projected, dtype, m, hidden, layer->post_attention_norm, norms, layer->eps, 1.0f,
+                        layer->pre_feedforward_norm, layer->eps, step->x, step->h);
+    /* x += post_feedforward_norm(down(act(gate(h)) * up(h))) [* scalar, then h = next_norm(x), without PLE] */
+    product(&layer->gate_up, step->h, dtype, m, gate_up, threads);
+    gemma4_gelu_gated(gate_up, 2 * width, gate_up + width * size, 2 * width, dtype, m, width, gate_up); /* in place */
+    product(&layer->down, gate_up, dtype, m, projected, threads);
+    gemma4_add_rms_norm(step->x, projected, dtype, m, hidden, layer->post_feedforward_norm, norms, layer->eps,
+                        layer->has_ple ? 1.0f : scalar, layer->has_ple ? NULL : layer->next_norm, layer->eps,
+                        step->x, step->h);
+    if (layer->has_ple) {
+        /* x = (x + post_ple_norm(projection(act(gate(x)) * per_layer_input))) * scalar; h = next_norm(x) */
+        const int64_t ple = layer->ple_dim;
+        char *gated = malloc((size_t)(m * ple * size));
+        product(&layer->ple_gate, step->x, dtype, m, gated, threads);
+        gemma4_gelu_gated(gated, ple, element(step->per_layer_inputs, layer->index * ple, dtype), step->num_layers * ple,
+                          dtype, m, ple, gated);
+        product(&layer->ple_projection, gated, dtype, m, projected, threads);
+        gemma4_add_rms_norm(step->x, projected, dtype, m, hidden, layer->post_ple_norm, norms, layer->eps,
+                            scalar, layer->next_norm, layer->eps, step->x, step->h);
+        free(gated);
+    }
+    free(qkv), free(attention), free(projected), free(gate_up), free(query);
+}
+
+void gemma4_decode_layers(const struct decode_layer *layers, int64_t count, const struct decode_step *step) {
+    for (int64_t i = 0; i < count; i++) decode_layer(layers + i, step);
 }

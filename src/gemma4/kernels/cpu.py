@@ -6,7 +6,11 @@
 * `rms_norm` and `add_rms_norm`: common.RMSNorm and fused.add_normed in one call each, rounded as their eager ops
   round (a decode step's norms are ~40 tiny ops per layer otherwise);
 * `norm_rope`: text.norm_rope (each head's RMSNorm, then RoPE) in one call;
-* `attend`: attention.attend for a few queries per row, without fp32 copies of the keys and values.
+* `gelu_gated`: fused.gated with the tanh gelu, vectorized (PyTorch's eager gelu is a loop of scalar tanh here);
+* `attend`: attention.attend for a few queries per row, without fp32 copies of the keys and values;
+* `decode_layers`: a decode step's decoder layers (text.DecoderLayer.forward, one token per row, int4 weights), all
+  of them in one call: the products, norms and attention above without a Python call per op, K/V written into the
+  paged pools and read there in place.
 
 PyTorch's own int4 CPU kernel (aten._weight_int4pack_mm_for_cpu) dequantizes each weight to fp32 before its
 multiply-add; integer dot products do less arithmetic per weight (benchmarks/cpu_matmul.py compares them). The C
@@ -74,6 +78,10 @@ def library() -> ctypes.CDLL | None:
     lib.gemma4_norm_rope.argtypes = [pointer, i32, i64, i64, i64, i64, pointer, i32, float_, pointer, pointer, pointer]
     lib.gemma4_attend.restype = None
     lib.gemma4_attend.argtypes = [pointer, i32, i64, i64, i64, i64, pointer, pointer, i64, i64, pointer, pointer, i32]
+    lib.gemma4_gelu_gated.restype = None
+    lib.gemma4_gelu_gated.argtypes = [pointer, i64, pointer, i64, i32, i64, i64, pointer]
+    lib.gemma4_decode_layers.restype = None
+    lib.gemma4_decode_layers.argtypes = [ctypes.POINTER(DecodeLayer), i64, ctypes.POINTER(DecodeStep)]
     return lib
 
 
@@ -148,6 +156,22 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: tor
     return out
 
 
+def gelu_gated(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
+    """fused.gated(gate, up, "gelu_pytorch_tanh") of one shape and dtype, or None where they are not rows of one stride
+    each (chunks of a wider product are)."""
+    n = gate.shape[-1]
+    try:
+        gate_rows, up_rows = gate.view(-1, n), up.view(-1, n)
+    except RuntimeError:
+        return None
+    if gate_rows.stride(-1) != 1 or up_rows.stride(-1) != 1:
+        return None
+    out = torch.empty(gate.shape, dtype=gate.dtype)
+    library().gemma4_gelu_gated(gate_rows.data_ptr(), gate_rows.stride(0), up_rows.data_ptr(), up_rows.stride(0),
+                                DTYPES[gate.dtype], gate_rows.shape[0], n, out.data_ptr())
+    return out
+
+
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """attention.attend's few-query branch: query [B, H, Lq, D], key/value [B, Hkv, Lk, D] of one dtype, mask bool
     [B, 1, Lq, Lk] -> [B, Lq, H * D]."""
@@ -160,3 +184,66 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
                             value.data_ptr(), kv_heads, keys, allowed.data_ptr(), out.data_ptr(),
                             torch.get_num_threads())
     return out
+
+
+# ---- a decode step's layers in one call (cpu.c's structures, field for field) ---------------------------------------
+
+_i64, _pointer_t = ctypes.c_int64, ctypes.c_void_p
+
+
+class Int4Weight(ctypes.Structure):
+    _fields_ = [("values", _pointer_t), ("scales", _pointer_t), *((name, _i64) for name in (
+        "n", "k", "stride", "scale_stride", "group", "scale_dtype"))]
+
+
+class DecodeLayer(ctypes.Structure):
+    _fields_ = [*((name, Int4Weight) for name in ("qkv", "o", "gate_up", "down", "ple_gate", "ple_projection")),
+                *((name, _pointer_t) for name in ("q_norm", "k_norm", "post_attention_norm", "pre_feedforward_norm",
+                                                  "post_feedforward_norm", "post_ple_norm", "next_norm", "scalar")),
+                ("norm_dtype", _i64), ("eps", ctypes.c_float),
+                *((name, _i64) for name in ("index", "kv_source", "full", "heads", "kv_heads", "head_dim", "width",
+                                            "ple_dim", "writes_kv", "has_value", "has_ple"))]
+
+
+class DecodeStep(ctypes.Structure):
+    _fields_ = [*((name, _i64) for name in ("rows", "hidden", "dtype", "threads", "window", "num_layers")),
+                ("x", _pointer_t), ("h", _pointer_t), ("per_layer_inputs", _pointer_t),
+                ("cos", _pointer_t * 2), ("sin", _pointer_t * 2), ("query_positions", _pointer_t),
+                ("num_keys", _pointer_t), ("write_slots", _pointer_t * 2), ("key_slots", _pointer_t * 2),
+                ("key_positions", _pointer_t * 2), ("candidates", _i64 * 2), ("key_pools", _pointer_t),
+                ("value_pools", _pointer_t), ("pool_slots", _pointer_t)]
+
+
+def int4_operands(values: torch.Tensor, scale: torch.Tensor, group_size: int) -> Int4Weight | None:
+    """int4_matmul's weight operands as the decode layers read them, or None where int4_matmul would decline them."""
+    n, k = values.shape[0], values.shape[1] * 8
+    if (values.dim() != 2 or values.stride(-1) != 1 or scale.stride(-1) != 1 or scale.dtype not in DTYPES
+            or k % 32 or group_size % 32 or k % group_size):
+        return None
+    return Int4Weight(values.data_ptr(), scale.data_ptr(), n, k, values.stride(0) * 4, scale.stride(0), group_size,
+                      DTYPES[scale.dtype])
+
+
+def decode_layers(layers: ctypes.Array, x: torch.Tensor, h: torch.Tensor, per_layer_inputs: torch.Tensor | None,
+                  ropes: dict[int, tuple[torch.Tensor, torch.Tensor]], steps: dict[int, tuple], pools: tuple[list, list],
+                  query_positions: torch.Tensor, num_keys: torch.Tensor, window: int) -> None:
+    """Run `layers` (DecodeLayer array) on x and h [rows, hidden] (contiguous; updated in place: the residual stream
+    and its input norm, then the last layer's next norm of it). per_layer_inputs [rows, layers, ple_dim] or None;
+    per layer type (0 sliding, 1 global): ropes (cos, sin) [rows, head_dim] and steps (write slots [rows], key slots
+    and key positions [rows, candidates]) as int64; pools: (keys, values), a pool [kv_heads, slots, head_dim] or None
+    per layer; query_positions, num_keys [rows] int64 (-1 / 0 on padding rows)."""
+    rows, hidden = x.shape
+    keys, values = pools
+    key_pools = (_pointer_t * len(keys))(*(_pointer(pool) for pool in keys))
+    value_pools = (_pointer_t * len(keys))(*(_pointer(pool) for pool in values))
+    pool_slots = (_i64 * len(keys))(*(pool.shape[1] if pool is not None else 0 for pool in keys))
+    step = DecodeStep(rows, hidden, DTYPES[x.dtype], torch.get_num_threads(), window, len(keys), x.data_ptr(),
+                      h.data_ptr(), _pointer(per_layer_inputs), query_positions=query_positions.data_ptr(),
+                      num_keys=num_keys.data_ptr(), key_pools=ctypes.cast(key_pools, _pointer_t),
+                      value_pools=ctypes.cast(value_pools, _pointer_t), pool_slots=ctypes.cast(pool_slots, _pointer_t))
+    for kind, (cos, sin) in ropes.items():
+        step.cos[kind], step.sin[kind] = cos.data_ptr(), sin.data_ptr()
+    for kind, (write, slots, positions) in steps.items():
+        step.write_slots[kind], step.key_slots[kind] = write.data_ptr(), slots.data_ptr()
+        step.key_positions[kind], step.candidates[kind] = positions.data_ptr(), positions.shape[1]
+    library().gemma4_decode_layers(layers, len(layers), ctypes.byref(step))

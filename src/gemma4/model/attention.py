@@ -118,6 +118,7 @@ class ForwardContext:
     sliding_window: int = 0
     masks: dict = field(default_factory=dict)  # layer type -> mask, built once per forward
     shared_kv: dict = field(default_factory=dict)  # producer layer index -> (key, value)
+    cpu_decode: bool = False  # a CPU decode step whose layers run as one C call (TextModel.decodes_on_cpu)
 
     def __post_init__(self):
         # One token per row over a cache, on CUDA: the split-K decode kernel reads only the keys a row may see (up
@@ -125,7 +126,9 @@ class ForwardContext:
         # no mask tensors. The cache follows this decision (`begin(..., in_place=...)`): each layer writes its new K/V
         # into the cache's buffers first (in the kernel of its q/k/v norms, Attention.forward), and the attention
         # reads the buffers as they are.
-        self.decode_kernel = self.cache is not None and self.positions.shape[1] == 1 and kernels.enabled(self.positions)
+        # The CPU's one-call decode steps (`cpu_decode`) attend in place too.
+        self.decode_kernel = self.cache is not None and self.positions.shape[1] == 1 and (
+            kernels.enabled(self.positions) or self.cpu_decode)
         # Any other forward on CUDA: the flash prefill kernel, which applies the mask rule from positions itself
         # (the "mask" handed around is then a MaskRule, never a [B, 1, Lq, Lk] tensor).
         # The prefill_kernel option off: SDPA with a boolean mask instead (comparisons).

@@ -206,7 +206,8 @@ class Gemma4(nn.Module):
                                  f"max_position_embeddings={limit}")
             check_token_ids(self.config, input_ids)
         embeds, ple_ids, blocks = self.embed(input_ids, **media)
-        ctx = ForwardContext(position_ids, valid, cache, blocks, self.config.text_config.sliding_window)
+        ctx = ForwardContext(position_ids, valid, cache, blocks, self.config.text_config.sliding_window,
+                             cpu_decode=blocks is None and self.text.decodes_on_cpu(embeds, cache))
         if cache is not None:
             cache.begin(position_ids, valid, in_place=ctx.decode_kernel)
         hidden = self.text(embeds, ctx, ple_ids, last_only=last_only)

@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..config import TextConfig
+from ..config import SLIDING, TextConfig
 from .attention import ForwardContext, MaskRule
 from .common import RMSNorm, activation, apply_rope
 from .fused import (Linear, QuantizedLinear, add_normed_branches, add_normed_linear, defers, dense, gated, gated_linear,
                     linear, product)
-from .quantized import QuantizedWeight
+from .quantized import CPU_KERNEL_MAX_ROWS, NATIVE_INT4_INPUTS, QuantizedWeight, native_int4
 
 
 def rope_inverse_frequencies(head_dim: int, rope: dict) -> torch.Tensor:
@@ -363,6 +363,41 @@ class DecoderLayer(nn.Module):
                                  scalar=self.layer_scalar, next_norm=next_norm,
                                  defer=defers("per_layer_projection") and defer_next)
 
+    def cpu_decode_operands(self, next_norm: RMSNorm) -> tuple | None:
+        """(kernels.cpu.DecodeLayer, the tensors it points to) for a CPU decode step, or None where the C layer does
+        not compute this one as `forward` does: experts, weights not int4 in the native kernel's layout (q/k/v and
+        gate/up fused), a tensor-parallel shard, another activation, norms of other dtypes or epsilons."""
+        from ..kernels import cpu
+        attn, mlp = self.self_attn, self.mlp
+        qkv = attn.q_proj.weight if attn.is_kv_shared else attn.qkv_weight
+        products = [qkv, attn.o_proj.weight, mlp.gate_up_weight, mlp.down_proj.weight]
+        norms = [attn.q_norm, self.post_attention_layernorm, self.pre_feedforward_layernorm,
+                 self.post_feedforward_layernorm, next_norm] + ([] if attn.is_kv_shared else [attn.k_norm])
+        activations = {mlp.activation}
+        if self.has_per_layer_input:
+            products += [self.per_layer_input_gate.weight, self.per_layer_projection.weight]
+            norms.append(self.post_per_layer_input_norm)
+            activations.add(self.activation)
+        operands = [cpu.int4_operands(w.values, w.scale, w.scheme.group_size)
+                    if isinstance(w, QuantizedWeight) and w.cpu_scales_and_zeros is None and native_int4(w.scheme)
+                    else None for w in products]
+        weights = [norm.weight for norm in norms] + [self.layer_scalar]
+        if (self.enable_moe_block or None in operands or activations != {"gelu_pytorch_tanh"}
+                or len({norm.eps for norm in norms}) != 1 or len({w.dtype for w in weights}) != 1
+                or weights[0].dtype not in cpu.DTYPES or not all(w.is_contiguous() for w in weights)
+                or any(getattr(m, "sums_over_ranks", False) for m in (attn.o_proj, mlp.down_proj))):
+            return None
+        operands += [cpu.Int4Weight()] * (6 - len(operands))
+        layer = cpu.DecodeLayer(
+            *operands, attn.q_norm.weight.data_ptr(), 0 if attn.is_kv_shared else attn.k_norm.weight.data_ptr(),
+            *(norm.weight.data_ptr() for norm in norms[1:4]),
+            self.post_per_layer_input_norm.weight.data_ptr() if self.has_per_layer_input else 0,
+            next_norm.weight.data_ptr(), self.layer_scalar.data_ptr(), cpu.DTYPES[weights[0].dtype], norms[0].eps, attn.layer_idx, attn.kv_source,
+            int(attn.layer_type != SLIDING), attn.num_heads, attn.num_kv_heads, attn.head_dim, mlp.down_proj.in_features,
+            self.per_layer_projection.in_features if self.has_per_layer_input else 0, int(not attn.is_kv_shared),
+            int(attn.v_proj is not None) if not attn.is_kv_shared else 0, int(self.has_per_layer_input))
+        return layer, (*products, *weights)
+
     def moe_feedforward(self, x, attn, scalar: torch.Tensor | None = None, next_norm: RMSNorm | None = None):
         """26B-A4B: the attention's residual add, then the dense MLP and the experts side by side, their branch norms
         summed into the second residual add. The router and the experts read the residual stream, not the dense
@@ -403,6 +438,9 @@ class ScaledEmbedding(nn.Embedding):
 
 class TextModel(nn.Module):
     """Embeddings, decoder layers and final norm; `Model` adds the tied LM head and the logit softcap."""
+    # A CPU decode step runs every layer in one C call where it can (`decodes_on_cpu`); False: layer by layer in
+    # Python with the C kernels per op (tests compare the two).
+    cpu_decode = True
 
     def __init__(self, config: TextConfig):
         super().__init__()
@@ -421,6 +459,45 @@ class TextModel(nn.Module):
         self.inv_freq = {layer_type: rope_inverse_frequencies(
             config.layer_head_dims[config.layer_types.index(layer_type)], config.rope_parameters[layer_type])
             for layer_type in set(config.layer_types)}
+        self._cpu_decode_layers = None  # (DecodeLayer array, the tensors it points to), built on first use
+
+    def _apply(self, fn, recurse=True):  # .to(), .half(), ...: the C layers' addresses are stale
+        self._cpu_decode_layers = None
+        return super()._apply(fn, recurse)
+
+    def cpu_decode_layers(self):
+        """Every layer's kernels.cpu.DecodeLayer as an array, or None where a layer is not taken. Built once, and again
+        when a weight it points to was replaced (quantized, fused, moved) since."""
+        built = self._cpu_decode_layers
+        if built is None or not all(a is b for a, b in zip(built[1], self._cpu_decode_sources())):
+            next_norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
+            layers = [layer.cpu_decode_operands(next_norm) for layer, next_norm in zip(self.layers, next_norms)]
+            array = None
+            if all(layer is not None for layer in layers):
+                from ..kernels import cpu
+                array = (cpu.DecodeLayer * len(layers))(*(layer for layer, _ in layers))
+            built = self._cpu_decode_layers = (array, list(self._cpu_decode_sources()))
+        return built[0]
+
+    def _cpu_decode_sources(self):
+        """What the C layers' addresses were read from, in order: the products' weights and the norms' weights."""
+        def values(linear):  # a QuantizedLinear's; nn.Linear has none
+            return getattr(linear, "values", None)
+
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            yield from (values(attn.q_proj) if attn.is_kv_shared else attn.qkv_weight, values(attn.o_proj),
+                        mlp.gate_up_weight, values(mlp.down_proj), layer.post_attention_layernorm.weight,
+                        layer.input_layernorm.weight)
+            if layer.has_per_layer_input:
+                yield from (values(layer.per_layer_input_gate), values(layer.per_layer_projection))
+
+    def decodes_on_cpu(self, embeds: torch.Tensor, cache) -> bool:
+        """Whether this forward, one token per row of `embeds` over `cache`, runs as one C call (`decode_on_cpu`)."""
+        rows, length, _ = embeds.shape
+        return (self.cpu_decode and cache is not None and length == 1 and rows <= CPU_KERNEL_MAX_ROWS
+                and embeds.dtype in NATIVE_INT4_INPUTS and kernels.cpu_enabled(embeds)
+                and cache.pools.pool_dtype == embeds.dtype and self.cpu_decode_layers() is not None)
 
     def per_layer_inputs(self, ple_ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
         """[B, L, layers, ple_dim]: the token's own PLE slice plus a projection of its main embedding.
@@ -448,6 +525,8 @@ class TextModel(nn.Module):
         if next(iter(self.inv_freq.values())).device != embeds.device:  # once per device, not per forward
             self.inv_freq = {t: f.to(embeds.device) for t, f in self.inv_freq.items()}
         ropes = {t: rope_cos_sin(ctx.positions, f, embeds.dtype) for t, f in self.inv_freq.items()}
+        if ctx.cpu_decode:
+            return self.decode_on_cpu(embeds, ctx, per_layer, ropes)
         first_shared = self.config.num_hidden_layers - self.config.num_kv_shared_layers
         # Each layer also returns the next one's input norm of its output (the last one: the final norm).
         x, h = embeds, self.layers[0].input_layernorm(embeds)
@@ -460,6 +539,33 @@ class TextModel(nn.Module):
             x, h = layer(x, h, ropes[layer.self_attn.layer_type], ctx, layer_input, next_norm,
                          defer_next=next_norm is not self.norm)
         return h[:, -1:] if last_only else h
+
+
+    def decode_on_cpu(self, embeds: torch.Tensor, ctx: ForwardContext, per_layer: torch.Tensor | None,
+                      ropes: dict) -> torch.Tensor:
+        """`forward` of a decode step as one C call (kernels.cpu.decode_layers): the layers write their new K/V into
+        the cache's pools and attend there in place (the cache's in-place plan, begun so by Gemma4.forward)."""
+        from ..kernels import cpu
+        cache, rows = ctx.cache, embeds.shape[0]
+        x = embeds.reshape(rows, -1).clone()
+        h = self.layers[0].input_layernorm(x)
+        if per_layer is not None:
+            per_layer = per_layer.reshape(rows, *per_layer.shape[2:]).contiguous()
+        types = {SLIDING: 0, **{t: 1 for t in self.inv_freq if t != SLIDING}}
+
+        def int64(t: torch.Tensor) -> torch.Tensor:
+            return t.to(torch.int64).contiguous()
+
+        steps = {types[t]: (int64(cache.write_target(self.config.layer_types.index(t))[2]), int64(cache.key_slots(t)),
+                            int64(cache.key_positions(t))) for t in self.inv_freq}
+        rope_rows = {types[t]: tuple(c.reshape(rows, -1).contiguous() for c in cos_sin) for t, cos_sin in ropes.items()}
+        pools = cache.pools
+        layers = range(self.config.num_hidden_layers)
+        cpu.decode_layers(self.cpu_decode_layers(), x, h, per_layer, rope_rows, steps,
+                          ([pools.keys.get(i) for i in layers], [pools.values.get(i) for i in layers]),
+                          int64(torch.where(ctx.valid, ctx.positions, -1)[:, 0]), int64(cache.num_keys()),
+                          self.config.sliding_window)
+        return h.view_as(embeds)
 
 
 def _last_position_only(x, h, ropes, per_layer, ctx: ForwardContext):
