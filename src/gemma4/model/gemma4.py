@@ -89,6 +89,7 @@ class Gemma4(nn.Module):
         for module in self.modules():
             if module is not self and hasattr(module, "fuse_projections_"):
                 module.fuse_projections_()
+        self.text._cpu_decode_layers = None
         return self
 
     def ready_(self) -> "Gemma4":
@@ -100,6 +101,7 @@ class Gemma4(nn.Module):
             self.fuse_projections_()
         if self.device.type == "cpu":
             self._ready_for_cpu_()
+        self.text._cpu_decode_layers = None  # weights were fused or repacked: the C layers are built anew
         return self
 
     def _ready_for_cpu_(self) -> None:

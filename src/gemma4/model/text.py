@@ -466,31 +466,17 @@ class TextModel(nn.Module):
         return super()._apply(fn, recurse)
 
     def cpu_decode_layers(self):
-        """Every layer's kernels.cpu.DecodeLayer as an array, or None where a layer is not taken. Built once, and again
-        when a weight it points to was replaced (quantized, fused, moved) since."""
-        built = self._cpu_decode_layers
-        if built is None or not all(a is b for a, b in zip(built[1], self._cpu_decode_sources())):
+        """Every layer's kernels.cpu.DecodeLayer as an array, or None where a layer is not taken. Built on first use
+        (it holds the weights' addresses, and the tensors): Gemma4.ready_ and moves or casts (`_apply`) drop it."""
+        if self._cpu_decode_layers is None:
             next_norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
             layers = [layer.cpu_decode_operands(next_norm) for layer, next_norm in zip(self.layers, next_norms)]
             array = None
             if all(layer is not None for layer in layers):
                 from ..kernels import cpu
                 array = (cpu.DecodeLayer * len(layers))(*(layer for layer, _ in layers))
-            built = self._cpu_decode_layers = (array, list(self._cpu_decode_sources()))
-        return built[0]
-
-    def _cpu_decode_sources(self):
-        """What the C layers' addresses were read from, in order: the products' weights and the norms' weights."""
-        def values(linear):  # a QuantizedLinear's; nn.Linear has none
-            return getattr(linear, "values", None)
-
-        for layer in self.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            yield from (values(attn.q_proj) if attn.is_kv_shared else attn.qkv_weight, values(attn.o_proj),
-                        mlp.gate_up_weight, values(mlp.down_proj), layer.post_attention_layernorm.weight,
-                        layer.input_layernorm.weight)
-            if layer.has_per_layer_input:
-                yield from (values(layer.per_layer_input_gate), values(layer.per_layer_projection))
+            self._cpu_decode_layers = (array, [tensors for _, tensors in filter(None, layers)])
+        return self._cpu_decode_layers[0]
 
     def decodes_on_cpu(self, embeds: torch.Tensor, cache) -> bool:
         """Whether this forward, one token per row of `embeds` over `cache`, runs as one C call (`decode_on_cpu`)."""
