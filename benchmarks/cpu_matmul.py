@@ -1,7 +1,9 @@
 """The CPU's int4 / int8 kernels (model/quantized.py `cpu_linear`) against the plain twin (dequantize, then F.linear)
 at a preset's projection shapes, over the rows of a step: where the crossover `CPU_KERNEL_MAX_ROWS` comes from.
 int4 runs the native kernel (kernels/cpu.py, "int4") where it is built and PyTorch's ("int4-aten", on the matrix
-repacked for it); int8 PyTorch's. Random weights, bf16 activations, all cores.
+repacked for it); int8 PyTorch's; "int4-chunks" the native kernel on a K wider than CPU_INT4_CHUNK_INPUTS stored
+chunk by chunk, as the CPU holds such matrices (`to_chunks`). Random weights, bf16 activations, all cores; each call
+reads another copy of the matrix, from 256 MB of copies, as a decode step reads its weights once (from DRAM).
 
     python benchmarks/cpu_matmul.py [--preset E2B] [--rows 1 2 4 8 16 32 64 128]
 """
@@ -14,7 +16,10 @@ import time
 import torch
 
 from gemma4.config import Config
-from gemma4.model.quantized import CPU_KERNEL_MAX_ROWS, ON_LOAD, cpu_linear, native_int4, quantize, to_cpu_int4
+from gemma4.model.quantized import (CPU_INT4_CHUNK_INPUTS, CPU_KERNEL_MAX_ROWS, ON_LOAD, QuantizedWeight, cpu_int4_chunk,
+                                    cpu_linear, native_int4, quantize, to_chunks, to_cpu_int4)
+
+COPIES_BYTES = 256 * 2**20
 
 
 def best_ms(fn, repeats: int) -> float:
@@ -42,23 +47,51 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
     print(f"{args.preset}, bf16 activations, {torch.get_num_threads()} threads; CPU_KERNEL_MAX_ROWS = "
-          f"{CPU_KERNEL_MAX_ROWS}\n")
+          f"{CPU_KERNEL_MAX_ROWS}, CPU_INT4_CHUNK_INPUTS = {CPU_INT4_CHUNK_INPUTS}\n")
     print("| projection [N, K] | scheme | rows | kernel ms | twin ms | kernel / twin |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     generator = torch.Generator().manual_seed(0)
     for name, (n, k) in shapes(args.preset).items():
         dense = (torch.randn(n, k, generator=generator) * k**-0.5).to(torch.bfloat16)
-        for scheme in ("int4", "int4-aten", "int8"):
-            weight = quantize(dense, ON_LOAD[scheme.removesuffix("-aten")])
+        for scheme in ("int4", "int4-chunks", "int4-aten", "int8"):
+            weight = quantize(dense, ON_LOAD[scheme.split("-")[0]])
             if scheme == "int4-aten":
                 weight = to_cpu_int4(weight)
-            elif scheme == "int4" and not native_int4(weight.scheme):
+            elif scheme.startswith("int4") and not native_int4(weight.scheme):
                 continue
+            if scheme == "int4-chunks":
+                if not cpu_int4_chunk(weight):
+                    continue
+                chunk = cpu_int4_chunk(weight)
+                weight = QuantizedWeight(to_chunks(weight.values, chunk), weight.scale, weight.scheme, chunk=chunk)
+            copies = [weight] + [copy(weight) for _ in range(COPIES_BYTES // nbytes(weight))]
             for rows in args.rows:
                 x = torch.randn(rows, k, generator=generator).to(torch.bfloat16)
-                kernel = best_ms(lambda: cpu_linear(x, weight), args.repeats)
-                twin = best_ms(lambda: weight.linear(x), args.repeats)
+                kernel = best_ms(cycling(copies, lambda w: cpu_linear(x, w)), args.repeats)
+                twin = best_ms(cycling(copies, lambda w: w.linear(x)), args.repeats)
                 print(f"| {name} [{n}, {k}] | {scheme} | {rows} | {kernel:.3f} | {twin:.3f} | {kernel / twin:.2f} |")
+
+
+def nbytes(weight: QuantizedWeight) -> int:
+    return weight.values.numel() * weight.values.element_size() + weight.scale.numel() * weight.scale.element_size()
+
+
+def copy(weight: QuantizedWeight) -> QuantizedWeight:
+    scales_and_zeros = weight.cpu_scales_and_zeros
+    if scales_and_zeros is not None:
+        scales_and_zeros = scales_and_zeros.clone()
+        return QuantizedWeight(weight.values.clone(), scales_and_zeros[..., 0].t(), weight.scheme, scales_and_zeros)
+    return QuantizedWeight(weight.values.clone(), weight.scale.clone(), weight.scheme, chunk=weight.chunk)
+
+
+def cycling(copies: list, fn):
+    """fn of the next copy at each call."""
+    state = {"next": 0}
+
+    def call():
+        state["next"] = (state["next"] + 1) % len(copies)
+        return fn(copies[state["next"]])
+    return call
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ from gemma4.kernels import cpu
 from gemma4.model.attention import attend
 from gemma4.model.common import RMSNorm
 from gemma4.model.fused import add_normed
-from gemma4.model.quantized import ON_LOAD, Scheme, cpu_linear, native_int4, quantize
+from gemma4.model.quantized import (ON_LOAD, QuantizedWeight, Scheme, cpu_linear, from_chunks, native_int4, quantize,
+                                    to_chunks)
 from gemma4.options import override
 
 pytestmark = pytest.mark.skipif(cpu.library() is None, reason="the C kernels are not built here (no C compiler?)")
@@ -53,6 +54,44 @@ def test_int4_product_within_input_quantization_error(k, dtype, rows):
         error = (got.double() - exact).abs()
         assert (error <= bound).all(), (error - bound).max()
         assert error.max() > 0 and inner.max() < 2**-10 * magnitude.max()  # neither vacuous nor exact by accident
+
+
+def _product_bound(x, weight: QuantizedWeight, dtype, sums: int):
+    """test_int4_product_within_input_quantization_error's bound, with `sums` fp32 additions per output."""
+    dense = weight.dequantize(torch.float64)
+    exact = x.double() @ dense.T
+    magnitude = x.double().abs() @ dense.abs().T
+    step = x.double().abs().unflatten(-1, (-1, 32)).amax(-1) / (127 * 254)
+    inner = (step / 2 * (1 + 2**-10)) @ dense.abs().unflatten(-1, (-1, 32)).sum(-1).T + sums * U32 * magnitude
+    return exact, inner + UNIT[dtype] * (exact.abs() + inner)
+
+
+@pytest.mark.parametrize("k, chunk, group", [(1536, 512, 32), (1664, 512, 32), (1664, 512, 64), (1536, 768, 64)])
+def test_int4_chunked_layout(k, chunk, group):
+    """A wide K stored chunk by chunk (to_chunks; the last chunk may be narrower) reads back as the checkpoint's
+    words, dequantizes alike, and its product (each chunk summed, then the chunks) stays within the input
+    quantization bound of the row-major product, with the same result on one thread as on two."""
+    scheme = Scheme("int", 4, "group", group_size=group)
+    generator = torch.Generator().manual_seed(k + chunk)
+    weight = quantize(torch.randn(192, k, generator=generator), scheme)  # 192 x k: enough weights for two threads
+    chunked = QuantizedWeight(to_chunks(weight.values, chunk), weight.scale, scheme, chunk=chunk)
+    assert not torch.equal(chunked.values, weight.values) and chunked.shape == weight.shape
+    assert torch.equal(from_chunks(chunked.values, chunk), weight.values)
+    assert torch.equal(chunked.in_checkpoint_layout().values, weight.values)
+    assert torch.equal(chunked.dequantize(torch.float32), weight.dequantize(torch.float32))
+    x = torch.randn(3, k, generator=generator).to(torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = cpu.int4_matmul(x, chunked.values, chunked.scale, group, chunk)
+        torch.set_num_threads(2)
+        got = cpu_linear(x, chunked)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(alone, got)
+    exact, bound = _product_bound(x, weight, torch.bfloat16, k // 32 + 4 + k // chunk)
+    assert ((got.double() - exact).abs() <= bound).all()
+    assert cpu.int4_matmul(x, chunked.values, chunked.scale, group, chunk + 32) is None  # not whole quads: declined
 
 
 def test_int4_groups_of_64_and_strided_rows():

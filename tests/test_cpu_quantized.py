@@ -184,6 +184,35 @@ def test_quantized_head_is_derived_and_not_saved(checkpoint, tmp_path, monkeypat
         assert not torch.equal(model(ids), logits)
 
 
+def test_wide_projections_stored_in_chunks(checkpoint, tmp_path, monkeypatch):
+    """With the native kernel, int4 projections whose K is wider than CPU_INT4_CHUNK_INPUTS (here made 128: the tiny
+    E2B's double-wide down projections and global o_proj, K = 256) are stored chunk by chunk on load, and only those. The model's
+    greedy tokens equal those of the same model without chunks, its log-probabilities within the fp32 summation order
+    the chunks change (a few units of bf16 rounding); saved, it writes the checkpoint's words."""
+    if cpu.library() is None:
+        pytest.skip("the C kernels are not built here")
+    from safetensors.torch import load_file
+
+    from gemma4.loading import save_model
+    from gemma4.model import quantized
+
+    plain = Model.from_pretrained(checkpoint, dtype=torch.bfloat16, device="cpu", quantization="int4")
+    monkeypatch.setattr(quantized, "CPU_INT4_CHUNK_INPUTS", 128)
+    model = Model.from_pretrained(checkpoint, dtype=torch.bfloat16, device="cpu", quantization="int4")
+    chunked = {name: m.chunk for name, m in model.named_modules() if isinstance(m, QuantizedLinear) and m.chunk}
+    wide = {name for name, m in model.named_modules() if isinstance(m, QuantizedLinear) and m.in_features > 128}
+    assert chunked and set(chunked) == wide and set(chunked.values()) == {128}
+    assert any(name.endswith("down_proj") for name in chunked)  # and the global layers' o_proj
+    (ids, logprobs), *_ = _engine_outputs(model, kernels=True)
+    (plain_ids, plain_logprobs), *_ = _engine_outputs(plain, kernels=True)
+    assert ids == plain_ids
+    torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(plain_logprobs), rtol=0, atol=8 * 2.0**-8)
+    save_model(model, tmp_path / "chunked")
+    save_model(plain, tmp_path / "plain")
+    saved, expected = (load_file(tmp_path / name / "model.safetensors") for name in ("chunked", "plain"))
+    assert saved.keys() == expected.keys() and all(torch.equal(saved[key], expected[key]) for key in saved)
+
+
 def test_random_quantized_checkpoint(tmp_path):
     """`gemma4 init --quantization int4` (write_random_checkpoint): the decoder's Linears drawn as int4, written as a
     compressed-tensors checkpoint that loads back to the same integers; the dequantized spread is about the dense

@@ -18,6 +18,7 @@
 #include <string.h>
 #include <math.h>
 #include <immintrin.h>
+#include <omp.h>
 
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 
@@ -219,17 +220,24 @@ static float row_dot(const uint8_t *w, const int8_t *hi, const int8_t *lo, const
 /* Below this many weights a product runs on one thread: waking the others costs more than it saves. */
 #define PARALLEL_MIN_WEIGHTS (1 << 18)
 
-/* x [m, k] (row stride k), w [n, k / 2] bytes (row stride w_stride), scales [n, k / group] (row stride s_stride),
- * y [m, n] (row stride y_stride). Returns 0, or -1 where it does not take the shapes (the caller runs its twin). */
+/* x [m, k] (row stride k) @ w.T -> y [m, n] (row stride y_stride); scales [n, k / group] (row stride s_stride).
+ * w: int4 bytes [n, k / 2] (row stride w_stride), or with `chunk` > 0 stored chunk by chunk: K cut into chunks of
+ * `chunk` inputs (the last may be shorter), chunk j's [n, its inputs / 2] bytes after chunk j - 1's. A row's inputs
+ * of a wide K do not stay in L1 beside the streamed weights (24 KB of int8 parts at K = 12288: read from L2 for every
+ * row); a chunk's do, and each chunk's weights still stream in order. Each chunk's sum is taken in fp32, then the
+ * chunks' in order, whatever the number of threads (they split the chunks, and the rows where there are fewer
+ * chunks than threads). Returns 0, or -1 where it does not take the shapes (the caller runs its twin). */
 int gemma4_int4_matmul(const void *x, int x_dtype, int64_t m, int64_t k, const uint8_t *w, int64_t w_stride,
                        const void *scales, int s_dtype, int64_t s_stride, int64_t group, int64_t n, void *y,
-                       int y_dtype, int64_t y_stride, int threads) {
-    if (k % 32 || group % 32 || k % group || m < 1) return -1;
-    const int64_t blocks = k / 32, per_scale = group / 32;
+                       int y_dtype, int64_t y_stride, int64_t chunk, int threads) {
+    if (k % 32 || group % 32 || k % group || m < 1 || chunk % (4 * group) || chunk < 0) return -1;
+    const int64_t blocks = k / 32, per_scale = group / 32, width = chunk && chunk < k ? chunk / 32 : blocks;
+    const int64_t chunks = (blocks + width - 1) / width;
     int8_t *hi = aligned_alloc(64, (size_t)((2 * m * k + 63) / 64 * 64)); /* hi of every row, then lo */
     float *e = malloc(sizeof(float) * (size_t)(m * blocks)), *c = malloc(sizeof(float) * (size_t)(m * blocks));
-    if (!hi || !e || !c) {
-        free(hi), free(e), free(c);
+    float *partial = chunks > 1 ? malloc(sizeof(float) * (size_t)(chunks * n * m)) : NULL; /* [chunk][row][r] */
+    if (!hi || !e || !c || (chunks > 1 && !partial)) {
+        free(hi), free(e), free(c), free(partial);
         return -1;
     }
     int8_t *lo = hi + m * k;
@@ -237,19 +245,45 @@ int gemma4_int4_matmul(const void *x, int x_dtype, int64_t m, int64_t k, const u
         quantize_row(element(x, r * k, x_dtype), x_dtype, k, hi + r * k, lo + r * k, e + r * blocks, c + r * blocks);
 #pragma omp parallel num_threads(threads) if (n * k >= PARALLEL_MIN_WEIGHTS)
     {
-        float *wd = malloc(sizeof(float) * (size_t)blocks);
-#pragma omp for schedule(static)
-        for (int64_t row = 0; row < n; row++) {
-            for (int64_t r = 0; r < m; r++) {
-                float out = row_scales(scales, s_dtype, row * s_stride, per_scale, e + r * blocks, c + r * blocks, wd,
-                                       blocks);
-                out += row_dot(w + row * w_stride, hi + r * k, lo + r * k, wd, blocks);
-                store_value(y, r * y_stride + row, y_dtype, out);
+        /* units (row part, chunk), part-major: a thread's units are neighbouring chunks of the same rows */
+        const int64_t count = omp_get_num_threads(), me = omp_get_thread_num();
+        const int64_t parts = chunks >= count ? 1 : (count + chunks - 1) / chunks, units = parts * chunks;
+        const int64_t end = units * (me + 1) / count;
+        float *wd = malloc(sizeof(float) * (size_t)width);
+        for (int64_t u = units * me / count; u < end; u = (u / chunks + 1) * chunks) {
+            const int64_t part = u / chunks, first = u % chunks;
+            const int64_t last = end - part * chunks < chunks ? end - part * chunks : chunks;
+            for (int64_t j = first; j < last; j++) {
+                const int64_t from = j * width, size = blocks - from < width ? blocks - from : width;
+                const uint8_t *weights = chunks > 1 ? w + n * 16 * from : w + 16 * from;
+                const int64_t stride = chunks > 1 ? 16 * size : w_stride;
+                for (int64_t row = n * part / parts; row < n * (part + 1) / parts; row++) {
+                    for (int64_t r = 0; r < m; r++) {
+                        const int64_t b = r * blocks + from;
+                        float out = row_scales(scales, s_dtype, row * s_stride + from / per_scale, per_scale, e + b,
+                                               c + b, wd, size);
+                        out += row_dot(weights + row * stride, hi + r * k + 32 * from, lo + r * k + 32 * from, wd,
+                                       size);
+                        if (chunks == 1) store_value(y, r * y_stride + row, y_dtype, out);
+                        else partial[(j * n + row) * m + r] = out;
+                    }
+                }
             }
         }
         free(wd);
+        if (chunks > 1) {
+#pragma omp barrier
+#pragma omp for schedule(static)
+            for (int64_t row = 0; row < n; row++) {
+                for (int64_t r = 0; r < m; r++) {
+                    float sum = 0.0f;
+                    for (int64_t j = 0; j < chunks; j++) sum += partial[(j * n + row) * m + r];
+                    store_value(y, r * y_stride + row, y_dtype, sum);
+                }
+            }
+        }
     }
-    free(hi), free(e), free(c);
+    free(hi), free(e), free(c), free(partial);
     return 0;
 }
 
@@ -423,7 +457,7 @@ void gemma4_norm_rope(const void *x, int dtype, int64_t batch, int64_t length, i
 struct int4_weight { /* gemma4_int4_matmul's operands: values [n, k / 2] bytes, scales [n, k / group] */
     const uint8_t *values;
     const void *scales;
-    int64_t n, k, stride, scale_stride, group, scale_dtype;
+    int64_t n, k, stride, scale_stride, group, scale_dtype, chunk; /* chunk: gemma4_int4_matmul's */
 };
 
 struct decode_layer {
@@ -454,7 +488,7 @@ struct decode_step {
 
 static void product(const struct int4_weight *w, const void *x, int dtype, int64_t m, void *y, int threads) {
     gemma4_int4_matmul(x, dtype, m, w->k, w->values, w->stride, w->scales, (int)w->scale_dtype, w->scale_stride,
-                       w->group, w->n, y, dtype, w->n, threads);
+                       w->group, w->n, y, dtype, w->n, w->chunk, threads);
 }
 
 #if defined(__AVX512F__)

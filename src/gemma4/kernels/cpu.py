@@ -69,7 +69,7 @@ def library() -> ctypes.CDLL | None:
     i64, i32, pointer = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     lib.gemma4_int4_matmul.restype = i32
     lib.gemma4_int4_matmul.argtypes = [pointer, i32, i64, i64, pointer, i64, pointer, i32, i64, i64, i64, pointer,
-                                       i32, i64, i32]
+                                       i32, i64, i64, i32]
     float_, pointers = ctypes.c_float, [pointer] * 2
     lib.gemma4_add_rms_norm.restype = None
     lib.gemma4_add_rms_norm.argtypes = [*pointers, i32, i64, i64, pointer, i32, float_, float_, pointer, float_,
@@ -96,10 +96,12 @@ def cpu_flags() -> str:
     return ""
 
 
-def int4_matmul(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor | None:
+def int4_matmul(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, group_size: int,
+                chunk: int = 0) -> torch.Tensor | None:
     """x [..., K] (fp32, bf16 or fp16) @ w.T -> [..., N] in x's dtype, for int4 in int32 words [N, K / 8] as
-    checkpoints hold them, scales [N, K / group_size] (rows of each contiguous); None where the kernel does not read
-    these operands (groups not whole blocks of 32, a scale dtype it does not know)."""
+    checkpoints hold them (or with `chunk`, stored chunk by chunk: model/quantized.py `to_chunks`), scales
+    [N, K / group_size] (rows of each contiguous); None where the kernel does not read these operands (groups not whole
+    blocks of 32, a scale dtype it does not know)."""
     if values.stride(-1) != 1 or scale.stride(-1) != 1 or scale.dtype not in DTYPES:
         return None
     rows = x.reshape(-1, x.shape[-1]).contiguous()
@@ -108,7 +110,7 @@ def int4_matmul(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, grou
     status = library().gemma4_int4_matmul(
         rows.data_ptr(), DTYPES[rows.dtype], rows.shape[0], k, values.data_ptr(), values.stride(0) * 4,
         scale.data_ptr(), DTYPES[scale.dtype], scale.stride(0), group_size, n, out.data_ptr(), DTYPES[x.dtype], n,
-        torch.get_num_threads())
+        chunk, torch.get_num_threads())
     return out.view(*x.shape[:-1], n) if status == 0 else None
 
 
@@ -193,7 +195,7 @@ _i64, _pointer_t = ctypes.c_int64, ctypes.c_void_p
 
 class Int4Weight(ctypes.Structure):
     _fields_ = [("values", _pointer_t), ("scales", _pointer_t), *((name, _i64) for name in (
-        "n", "k", "stride", "scale_stride", "group", "scale_dtype"))]
+        "n", "k", "stride", "scale_stride", "group", "scale_dtype", "chunk"))]
 
 
 class DecodeLayer(ctypes.Structure):
@@ -214,14 +216,14 @@ class DecodeStep(ctypes.Structure):
                 ("value_pools", _pointer_t), ("pool_slots", _pointer_t)]
 
 
-def int4_operands(values: torch.Tensor, scale: torch.Tensor, group_size: int) -> Int4Weight | None:
+def int4_operands(values: torch.Tensor, scale: torch.Tensor, group_size: int, chunk: int = 0) -> Int4Weight | None:
     """int4_matmul's weight operands as the decode layers read them, or None where int4_matmul would decline them."""
     n, k = values.shape[0], values.shape[1] * 8
     if (values.dim() != 2 or values.stride(-1) != 1 or scale.stride(-1) != 1 or scale.dtype not in DTYPES
             or k % 32 or group_size % 32 or k % group_size):
         return None
     return Int4Weight(values.data_ptr(), scale.data_ptr(), n, k, values.stride(0) * 4, scale.stride(0), group_size,
-                      DTYPES[scale.dtype])
+                      DTYPES[scale.dtype], chunk)
 
 
 def decode_layers(layers: ctypes.Array, x: torch.Tensor, h: torch.Tensor, per_layer_inputs: torch.Tensor | None,

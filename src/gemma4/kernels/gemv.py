@@ -553,6 +553,8 @@ def _quantized_format(weight: QuantizedWeight) -> str | tuple[dict, int, int]:
     scheme, values, scale = weight.scheme, weight.values, weight.scale
     if values.dim() != 2 or scale.dim() != 2:
         return "not one matrix"
+    if weight.chunk:
+        return "int4 stored chunk by chunk (the CPU's layout)"
     k_in = weight.shape[1]
     if values.stride(-1) != 1:
         return "values without unit stride along K"

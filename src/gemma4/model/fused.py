@@ -19,8 +19,8 @@ from .. import kernels
 from ..options import options
 from .common import RMSNorm, activation
 from .pages import page_out
-from .quantized import (CPU_KERNEL_MAX_ROWS, QuantizedWeight, Scheme, cpu_int4_supported, cpu_linear, quantize,
-                        to_cpu_int4)
+from .quantized import (CPU_KERNEL_MAX_ROWS, QuantizedWeight, Scheme, cpu_int4_chunk, cpu_int4_supported, cpu_linear,
+                        native_int4, quantize, to_chunks, to_cpu_int4)
 
 if TYPE_CHECKING:
     from .text import Router
@@ -99,6 +99,7 @@ class QuantizedLinear(nn.Module):
                                                   dtype=scale_dtype, device=device))
         # to_cpu_int4's (scale, 0) pairs once `for_cpu_` repacked the values: derived, not a checkpoint tensor
         self.register_buffer("cpu_scales_and_zeros", None, persistent=False)
+        self.chunk = 0  # > 0 once `for_cpu_` stored the values chunk by chunk (QuantizedWeight.chunk)
 
     @classmethod
     def of_weight(cls, weight: torch.Tensor, scheme: Scheme) -> QuantizedLinear:
@@ -110,16 +111,25 @@ class QuantizedLinear(nn.Module):
 
     @property
     def weight(self) -> QuantizedWeight:
-        return QuantizedWeight(as_values(self.values, self.scheme), self.scale, self.scheme, self.cpu_scales_and_zeros)
+        return QuantizedWeight(as_values(self.values, self.scheme), self.scale, self.scheme, self.cpu_scales_and_zeros,
+                               self.chunk)
 
     def for_cpu_(self) -> QuantizedLinear:
-        """int4 values repacked for the CPU's int4 kernel, in place of the checkpoint's layout (no second copy)."""
+        """int4 values repacked for the CPU's int4 kernels, in place of the checkpoint's layout (no second copy):
+        PyTorch's layout where the native kernel is not built, else, for a wide K, stored chunk by chunk."""
         weight = self.weight
-        if self.cpu_scales_and_zeros is None and weight.values.device.type == "cpu" and cpu_int4_supported(weight):
+        if self.cpu_scales_and_zeros is not None or self.chunk or weight.values.device.type != "cpu":
+            return self
+        if cpu_int4_supported(weight):
             repacked = to_cpu_int4(weight)
             self.values, self.scale, self.cpu_scales_and_zeros = (repacked.values, repacked.scale,
                                                                   repacked.cpu_scales_and_zeros)
-            page_out(weight.values)  # the checkpoint's words, where they are a memory-mapped file's pages
+        elif native_int4(self.scheme) and cpu_int4_chunk(weight):
+            self.chunk = cpu_int4_chunk(weight)
+            self.values = to_chunks(weight.values, self.chunk)
+        else:
+            return self
+        page_out(weight.values)  # the checkpoint's words, where they are a memory-mapped file's pages
         return self
 
     def forward(self, x) -> torch.Tensor:
@@ -142,7 +152,7 @@ class QuantizedLinear(nn.Module):
 
     def assign(self, values: torch.Tensor, scale: torch.Tensor) -> QuantizedLinear:
         """Values and scale in the checkpoint's layout."""
-        self.values, self.scale, self.cpu_scales_and_zeros = values, scale, None
+        self.values, self.scale, self.cpu_scales_and_zeros, self.chunk = values, scale, None, 0
         return self
 
     def extra_repr(self) -> str:

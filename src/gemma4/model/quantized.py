@@ -87,11 +87,14 @@ class QuantizedWeight:
     [..., *scheme.scale_shape(N, K)]. Leading dimensions: one matrix per expert.
 
     `cpu_scales_and_zeros` set: an int4 matrix in the layout of the CPU's int4 kernel (`to_cpu_int4`): values uint8
-    [N, K / 2], and this [K / group, N, 2] tensor of (scale, 0) pairs, which `scale` views."""
+    [N, K / 2], and this [K / group, N, 2] tensor of (scale, 0) pairs, which `scale` views.
+    `chunk` > 0: int4 words stored chunk by chunk for the native CPU kernel (`to_chunks`; the tensor keeps its shape
+    [N, K / 8] but not its rows' order in memory)."""
     values: torch.Tensor
     scale: torch.Tensor
     scheme: Scheme
     cpu_scales_and_zeros: torch.Tensor | None = None
+    chunk: int = 0
 
     @property
     def shape(self) -> torch.Size:
@@ -107,10 +110,14 @@ class QuantizedWeight:
         """The quantized values [..., N, K] as int8 (int formats) or fp8."""
         if self.cpu_scales_and_zeros is not None:
             return unpack_cpu_int4(self.values)
+        if self.chunk:
+            return unpack(from_chunks(self.values, self.chunk), 4)
         return unpack(self.values, 4) if self.scheme.packed else self.values
 
     def in_checkpoint_layout(self) -> QuantizedWeight:
-        """The matrix as checkpoints (and the CUDA kernels) hold it: int4 back in int32 words from the CPU's layout."""
+        """The matrix as checkpoints (and the CUDA kernels) hold it: int4 back in int32 words from the CPU's layouts."""
+        if self.chunk:
+            return QuantizedWeight(from_chunks(self.values, self.chunk), self.scale, self.scheme)
         if self.cpu_scales_and_zeros is None:
             return self
         return QuantizedWeight(pack(self.integers(), 4), self.scale.contiguous(), self.scheme)
@@ -239,6 +246,34 @@ def native_int4(scheme: Scheme) -> bool:
     return cpu_kernels.library() is not None
 
 
+# The native kernel sums a K wider than this in chunks of at most this many inputs, stored chunk by chunk
+# (`to_chunks`): a chunk's quantized inputs then stay in L1 while its weights stream past (benchmarks/cpu_matmul.py).
+CPU_INT4_CHUNK_INPUTS = 6144
+
+
+def cpu_int4_chunk(weight: QuantizedWeight) -> int:
+    """The chunk (in inputs) that `to_chunks` stores `weight` in for the native kernel, or 0: not chunked (K fits one,
+    or groups too wide for a chunk)."""
+    k, group = weight.shape[-1], weight.scheme.group_size
+    chunk = CPU_INT4_CHUNK_INPUTS // (4 * group) * (4 * group)  # whole quads of blocks, whole groups
+    return chunk if weight.values.dim() == 2 and chunk and k > chunk else 0
+
+
+def to_chunks(words: torch.Tensor, chunk: int) -> torch.Tensor:
+    """int4 words [N, K / 8] -> the same shape, stored chunk by chunk: columns [0, chunk / 8) of every row, then the
+    next chunk's, the last one possibly narrower (what gemma4_int4_matmul reads with `chunk`)."""
+    pieces = [piece.contiguous().view(-1) for piece in words.split(chunk // 8, dim=1)]
+    return torch.cat(pieces).view(words.shape)
+
+
+def from_chunks(words: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The inverse of `to_chunks`: row-major words [N, K / 8]."""
+    n, width = words.shape
+    widths = [min(chunk // 8, width - start) for start in range(0, width, chunk // 8)]
+    return torch.cat([piece.view(n, w) for piece, w in zip(words.view(-1).split([n * w for w in widths]), widths)],
+                     dim=1)
+
+
 def to_cpu_int4(weight: QuantizedWeight) -> QuantizedWeight:
     """The same matrix in the CPU int4 kernel's layout (the scale in its dtype, exactly: zeros of 0)."""
     return _cpu_int4(pack_cpu_int4(unpack_unsigned(weight.values, 4)), weight.scale, weight.scheme)
@@ -285,7 +320,7 @@ def cpu_linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor | None:
     inputs where it is built, else PyTorch's on the matrices `to_cpu_int4` repacked."""
     if (weight.cpu_scales_and_zeros is None and weight.values.dim() == 2 and x.dtype in NATIVE_INT4_INPUTS
             and native_int4(weight.scheme)):
-        out = cpu_kernels.int4_matmul(x, weight.values, weight.scale, weight.scheme.group_size)
+        out = cpu_kernels.int4_matmul(x, weight.values, weight.scale, weight.scheme.group_size, weight.chunk)
         if out is not None:
             return out
     rows = x.reshape(-1, x.shape[-1]).contiguous()

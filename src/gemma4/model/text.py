@@ -378,7 +378,7 @@ class DecoderLayer(nn.Module):
             products += [self.per_layer_input_gate.weight, self.per_layer_projection.weight]
             norms.append(self.post_per_layer_input_norm)
             activations.add(self.activation)
-        operands = [cpu.int4_operands(w.values, w.scale, w.scheme.group_size)
+        operands = [cpu.int4_operands(w.values, w.scale, w.scheme.group_size, w.chunk)
                     if isinstance(w, QuantizedWeight) and w.cpu_scales_and_zeros is None and native_int4(w.scheme)
                     else None for w in products]
         weights = [norm.weight for norm in norms] + [self.layer_scalar]
