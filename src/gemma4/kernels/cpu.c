@@ -53,6 +53,16 @@ static inline __m512 load16(const void *p, int dtype) {
     if (dtype == DT_F16) return _mm512_cvtph_ps(bits);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
+
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+/* load16 of the lanes in `lanes` (the others 0), reading nothing past them. */
+static inline __m512 load16_masked(const void *p, int dtype, __mmask16 lanes) {
+    if (dtype == DT_F32) return _mm512_maskz_loadu_ps(lanes, p);
+    __m256i bits = _mm256_maskz_loadu_epi16(lanes, p);
+    if (dtype == DT_F16) return _mm512_cvtph_ps(bits);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+#endif
 #endif
 
 /* Where element i of a row of dtype starts. */
@@ -75,14 +85,14 @@ static inline int64_t input_slot(int64_t i, int64_t k) {
     return 128 * quad + (e % 2) * 16 * r + e / 2;
 }
 
-/* One row of x quantized: the int8 parts hi and lo of its k inputs (at `input_slot`), e[b] of each block b, and in
- * c[b] the block's share of the product's offset correction, -8 e (254 sum hi + sum lo). */
-static void quantize_row(const void *x, int dtype, int64_t k, int8_t *hi, int8_t *lo, float *e, float *c) {
-    int64_t b = 0;
+/* Blocks [b, end) of one row of x quantized: the int8 parts hi and lo of its k inputs (at `input_slot`), e[b] of each
+ * block b, and in c[b] the block's share of the product's offset correction, -8 e (254 sum hi + sum lo). */
+static void quantize_row(const void *x, int dtype, int64_t k, int64_t b, int64_t end, int8_t *hi, int8_t *lo, float *e,
+                         float *c) {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-    for (; b < k / 32; b++) {
+    for (; b < end; b++) {
         __m512 v[2] = {load16(element(x, 32 * b, dtype), dtype), load16(element(x, 32 * b + 16, dtype), dtype)};
         float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
         float step = amax / (127.0f * HI), coarse = HI * step;
@@ -112,7 +122,7 @@ static void quantize_row(const void *x, int dtype, int64_t k, int8_t *hi, int8_t
         c[b] = -8.0f * step * (HI * (float)sums[0] + (float)sums[1]);
     }
 #endif
-    for (; b < k / 32; b++) {
+    for (; b < end; b++) {
         float v[32], amax = 0.0f;
         for (int i = 0; i < 32; i++) {
             v[i] = load_value(x, 32 * b + i, dtype);
@@ -138,13 +148,14 @@ static float row_scales(const void *scales, int dtype, int64_t offset, int64_t p
                         const float *c, float *wd, int64_t blocks) {
     int64_t b = 0;
     float correction = 0.0f;
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
     if (per_scale == 1) {
         __m512 sum = _mm512_setzero_ps();
-        for (; b + 16 <= blocks; b += 16) {
-            __m512 ws = load16(element(scales, offset + b, dtype), dtype);
-            _mm512_storeu_ps(wd + b, _mm512_mul_ps(ws, _mm512_loadu_ps(e + b)));
-            sum = _mm512_fmadd_ps(ws, _mm512_loadu_ps(c + b), sum);
+        for (; b < blocks; b += 16) { /* the last 16 masked: a row of few blocks is mostly this */
+            const __mmask16 lanes = blocks - b >= 16 ? 0xffff : (__mmask16)((1u << (blocks - b)) - 1);
+            __m512 ws = load16_masked(element(scales, offset + b, dtype), dtype, lanes);
+            _mm512_mask_storeu_ps(wd + b, lanes, _mm512_mul_ps(ws, _mm512_maskz_loadu_ps(lanes, e + b)));
+            sum = _mm512_fmadd_ps(ws, _mm512_maskz_loadu_ps(lanes, c + b), sum);
         }
         correction = _mm512_reduce_add_ps(sum);
     }
@@ -241,10 +252,15 @@ int gemma4_int4_matmul(const void *x, int x_dtype, int64_t m, int64_t k, const u
         return -1;
     }
     int8_t *lo = hi + m * k;
-    for (int64_t r = 0; r < m; r++)
-        quantize_row(element(x, r * k, x_dtype), x_dtype, k, hi + r * k, lo + r * k, e + r * blocks, c + r * blocks);
 #pragma omp parallel num_threads(threads) if (n * k >= PARALLEL_MIN_WEIGHTS)
     {
+        const int64_t quads = (blocks + 3) / 4;
+#pragma omp for schedule(static)
+        for (int64_t q = 0; q < m * quads; q++) {
+            const int64_t r = q / quads, from = 4 * (q % quads), to = from + 4 < blocks ? from + 4 : blocks;
+            quantize_row(element(x, r * k, x_dtype), x_dtype, k, from, to, hi + r * k, lo + r * k, e + r * blocks,
+                         c + r * blocks);
+        }
         /* units (row part, chunk), part-major: a thread's units are neighbouring chunks of the same rows */
         const int64_t count = omp_get_num_threads(), me = omp_get_thread_num();
         const int64_t parts = chunks >= count ? 1 : (count + chunks - 1) / chunks, units = parts * chunks;
@@ -578,7 +594,9 @@ void gemma4_gelu_gated(const void *gate, int64_t gate_stride, const void *up, in
 /* Attention of each row's query [heads, head_dim] (values of dtype, as floats) over its candidate keys in the pools,
  * out [rows, heads * head_dim] of dtype. Key j is visible iff 0 <= position <= the query's (and within the window on
  * sliding layers); scores, softmax and the weighted sum in fp32 (scale 1), rounded once. A row that sees nothing
- * (padding) gives zeros. */
+ * (padding) gives zeros. The sums run over the candidates in order but the new token's key last (a ring holds it
+ * among the others): the order in which the per-op path (paged_cache.py `update`, then `gemma4_attend`) gathers
+ * them, so that both give the same bits. */
 static void attend_pools(const struct decode_layer *layer, const struct decode_step *step, const float *query,
                          void *out) {
     const int type = (int)layer->full, dtype = (int)step->dtype, size = dtype == DT_F32 ? 4 : 2;
@@ -605,13 +623,17 @@ static void attend_pools(const struct decode_layer *layer, const struct decode_s
                     scores[j] = visible ? dot_row(q, keys + (kv * slots + at[j]) * dim * size, dtype, dim) : -INFINITY;
                     top = fmaxf(top, scores[j]);
                 }
+                int64_t newest = -1; /* the candidate holding the new token's key, summed last */
+                for (int64_t j = 0; j < n; j++) newest = at[j] == step->write_slots[type][row] ? j : newest;
                 float total = 0.0f;
-                for (int64_t j = 0; j < n; j++) {
+                for (int64_t i = 0; i < n; i++) {
+                    const int64_t j = newest < 0 || i < newest ? i : (i < n - 1 ? i + 1 : newest);
                     scores[j] = scores[j] > -INFINITY ? expf(scores[j] - top) : 0.0f;
                     total += scores[j];
                 }
                 memset(acc, 0, sizeof(float) * (size_t)dim);
-                for (int64_t j = 0; j < n; j++) {
+                for (int64_t i = 0; i < n; i++) {
+                    const int64_t j = newest < 0 || i < newest ? i : (i < n - 1 ? i + 1 : newest);
                     if (scores[j] != 0.0f)
                         add_scaled_row(acc, scores[j] / total, values + (kv * slots + at[j]) * dim * size, dtype, dim);
                 }
