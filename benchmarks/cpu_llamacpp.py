@@ -19,7 +19,9 @@ pages of mmap'd weights included) is that engine's alone. Threads: the cores thi
 (gemma4.threads.available_cores: the affinity mask, capped by a container's CPU quota), for llama.cpp's prefill and
 decode and for torch.
 
-Timing, best of `--repeats` runs after one short warm-up run:
+Timing, best of `--repeats` runs after one short warm-up run (`--rounds R`: the engines run in turn R times, each time
+in a new process, and each reports its best round: this machine's memory bandwidth drifts by 10-20% over minutes, which
+otherwise favours whichever engine ran in the faster minutes):
 * llama.cpp: one run = eval the prompt in one call (n_batch 512), argmax the last logits (prefill, = time to first
   token), then `new_tokens - 1` single-token evals each followed by an argmax (decode).
 * gemma4: the checkpoint quantized as `quantization=` quantizes on load, saved once beside it
@@ -405,12 +407,28 @@ def measure(spec: dict) -> dict:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def best_round(rounds: list[dict]) -> dict:
+    """One engine's figures over its rounds: the fastest decode round, with the best prefill of all rounds and the
+    largest memory and other load of any; an error if every round failed."""
+    done = [r for r in rounds if "error" not in r]
+    if not done:
+        return rounds[-1]
+    best = dict(max(done, key=lambda r: r["decode_tok_s"]))
+    best["prefill_tok_s"] = max(r["prefill_tok_s"] for r in done)
+    for key in ("peak_rss_gb", "rss_loaded_gb", "other_load_cores"):
+        best[key] = max(r[key] for r in done)
+    best["decode_tok_s_rounds"] = [r["decode_tok_s"] for r in done]
+    return best
+
+
 def table(info: dict, rows: list[dict], args) -> str:
     lines = [f"{info['cpu']} ({info['cpu_flags']}), {info['threads']} threads (of {info['logical_cpus']} logical "
              f"CPUs), {info['ram_gb']} GiB RAM; torch {info['torch']}, llama-cpp-python {info['llama_cpp_python']}; "
              f"{info['date']}; gemma4 at {info['git_commit']}",
              f"checkpoint {args.checkpoint}; {args.prompt_tokens} prompt tokens, {args.new_tokens} new tokens "
-             f"(greedy, EOS ignored), best of {args.repeats}", "",
+             f"(greedy, EOS ignored), best of {args.repeats} runs in each of {args.rounds} rounds "
+             "(the engines in turn)",
+             "",
              "| engine | quantization | prompt tokens | prefill tok/s | decode tok/s | peak RSS GB | RSS loaded GB "
              "| other load, cores |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in rows:
@@ -434,6 +452,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per engine; the best is reported")
+    parser.add_argument("--rounds", type=int, default=1, help="the engines run in turn this many times (each in a "
+                        "new process); each engine's best round is reported")
     parser.add_argument("--llamacpp-types", default="q4_0",
                         help=f"comma-separated, of {', '.join(LLAMACPP_TYPES)} ('' for none)")
     parser.add_argument("--gemma4-quantization", default="int4",
@@ -456,8 +476,8 @@ def main() -> None:
         return child(args.child)
     if args.checkpoint is None or not (args.checkpoint / "config.json").is_file():
         parser.error("--checkpoint must be a checkpoint directory with config.json")
-    if args.new_tokens < 2 or args.prompt_tokens < 16 or args.repeats < 1:
-        parser.error("needs --new-tokens >= 2, --prompt-tokens >= 16, --repeats >= 1")
+    if args.new_tokens < 2 or args.prompt_tokens < 16 or args.repeats < 1 or args.rounds < 1:
+        parser.error("needs --new-tokens >= 2, --prompt-tokens >= 16, --repeats >= 1, --rounds >= 1")
     kinds = [k for k in args.llamacpp_types.split(",") if k]
     quantizations = [q for q in args.gemma4_quantization.split(",") if q]
     if bad := [k for k in kinds if k not in LLAMACPP_TYPES] + [q for q in quantizations
@@ -478,14 +498,22 @@ def main() -> None:
         spec = {**common, "engine": "llama.cpp", "quantization": kind.upper().replace("-PURE", " pure"),
                 "gguf": str(paths[kind]), "flash_attn": args.flash_attn == "on"}
         rows.append({"engine": spec["engine"], "quantization": spec["quantization"], "gguf": spec["gguf"],
-                     "gguf_summary": gguf_summary(paths[kind]), "flash_attn": spec["flash_attn"],
-                     "result": measure(spec)})
+                     "gguf_summary": gguf_summary(paths[kind]), "flash_attn": spec["flash_attn"], "spec": spec})
     for quantization in quantizations:
         spec = {**common, "engine": "gemma4", "quantization": quantization,
                 "checkpoint": str(quantized_checkpoint(args.checkpoint, quantization))}
-        result = measure(spec)
-        label = quantization if quantization != "none" else f"none ({result.get('dtype', 'checkpoint dtype')})"
-        rows.append({"engine": "gemma4", "quantization": label, "result": result})
+        rows.append({"engine": "gemma4", "quantization": quantization, "spec": spec})
+    # The engines in turn, `rounds` times: a machine whose memory bandwidth drifts over minutes favours none of them.
+    for row in rows:
+        row["rounds"] = []
+    for _ in range(args.rounds):
+        for row in rows:
+            row["rounds"].append(measure(row["spec"]))
+    for row in rows:
+        del row["spec"]
+        row["result"] = best_round(row["rounds"])
+        if row["quantization"] == "none":
+            row["quantization"] = f"none ({row['result'].get('dtype', 'checkpoint dtype')})"
 
     print(table(info, rows, args))
     for row in rows:
@@ -498,7 +526,8 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"machine": info, "checkpoint": str(args.checkpoint),
                                          "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-                                         "repeats": args.repeats, "seed": args.seed, "rows": rows}, indent=2))
+                                         "repeats": args.repeats, "rounds": args.rounds, "seed": args.seed,
+                                         "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
