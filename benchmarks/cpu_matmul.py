@@ -16,8 +16,8 @@ import time
 import torch
 
 from gemma4.config import Config
-from gemma4.model.quantized import (CPU_INT4_CHUNK_INPUTS, CPU_KERNEL_MAX_ROWS, ON_LOAD, QuantizedWeight, cpu_int4_chunk,
-                                    cpu_linear, native_int4, quantize, to_chunks, to_cpu_int4)
+from gemma4.model.quantized import (CPU_INT4_CHUNK_INPUTS, CPU_KERNEL_MAX_ROWS, ON_LOAD, QuantizedWeight,
+                                    cpu_int4_chunk, cpu_linear, native_int4, quantize, to_chunks, to_cpu_int4)
 
 COPIES_BYTES = 256 * 2**20
 

@@ -186,9 +186,10 @@ def test_quantized_head_is_derived_and_not_saved(checkpoint, tmp_path, monkeypat
 
 def test_wide_projections_stored_in_chunks(checkpoint, tmp_path, monkeypatch):
     """With the native kernel, int4 projections whose K is wider than CPU_INT4_CHUNK_INPUTS (here made 128: the tiny
-    E2B's double-wide down projections and global o_proj, K = 256) are stored chunk by chunk on load, and only those. The model's
-    greedy tokens equal those of the same model without chunks, its log-probabilities within the fp32 summation order
-    the chunks change (a few units of bf16 rounding); saved, it writes the checkpoint's words."""
+    E2B's double-wide down projections and global o_proj, K = 256) are stored chunk by chunk on load, and only
+    those. The model's greedy tokens equal those of the same model without chunks, its log-probabilities within the
+    fp32 summation order the chunks change (a few units of bf16 rounding); saved, it writes the checkpoint's
+    words."""
     if cpu.library() is None:
         pytest.skip("the C kernels are not built here")
     from safetensors.torch import load_file

@@ -1,6 +1,6 @@
 /* The CPU's kernels (kernels/cpu.py): the int4 product, RMSNorm with its residual add, each head's norm and RoPE,
- * few-query attention; on x86 CPUs, with AVX512 (-VNNI) or AVX2 where the compiler targets them (-march=native), else
- * plain C.
+ * few-query attention, the tanh gelu, and a decode step's decoder layers built of them; on x86 CPUs, with AVX512
+ * (-VNNI) or AVX2 where the compiler targets them (-march=native), else plain C.
  *
  * int4 product, y = x @ w.T: w in groups of 32 (or a multiple), read in the compressed-tensors layout as checkpoints
  * store it: row n is K / 2 bytes; byte t holds element 2t + 8 in its low nibble and element 2t + 1 + 8 in its high
@@ -536,8 +536,8 @@ static inline __m512 tanh16(__m512 y) {
     __m512 e = exp16(_mm512_min_ps(_mm512_add_ps(a, a), _mm512_set1_ps(40.0f)));
     __m512 large = _mm512_sub_ps(_mm512_set1_ps(1.0f),
                                  _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, _mm512_set1_ps(1.0f))));
-    large = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(large),
-                                                _mm512_and_si512(_mm512_castps_si512(y), _mm512_set1_epi32(INT32_MIN))));
+    __m512i sign = _mm512_and_si512(_mm512_castps_si512(y), _mm512_set1_epi32(INT32_MIN));
+    large = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(large), sign));
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, _mm512_set1_ps(0.55f), _CMP_LT_OQ), large, small);
 }
 
@@ -555,7 +555,8 @@ static inline __m512 round16(__m512 v, int dtype) {
 /* 16 lanes stored as dtype (rounded as round16). */
 static inline void store16(void *p, int dtype, __m512 v) {
     if (dtype == DT_F32) return _mm512_storeu_ps(p, v);
-    if (dtype == DT_F16) return _mm256_storeu_si256(p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    if (dtype == DT_F16)
+        return _mm256_storeu_si256(p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     __m512i bits = _mm512_srli_epi32(_mm512_castps_si512(round16(v, dtype)), 16);
     _mm256_storeu_si256(p, _mm512_cvtepi32_epi16(bits)); /* NaN: its quiet payload bits may go; it stays NaN */
 }
@@ -580,7 +581,8 @@ void gemma4_gelu_gated(const void *gate, int64_t gate_stride, const void *up, in
             __m512 inner = _mm512_mul_ps(_mm512_set1_ps(beta), _mm512_fmadd_ps(cube_term, g, g));
             __m512 act = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), g),
                                        _mm512_add_ps(_mm512_set1_ps(1.0f), tanh16(inner)));
-            store16(o_row + i * size, dtype, _mm512_mul_ps(round16(act, dtype), load16(element(u_row, i, dtype), dtype)));
+            __m512 up_values = load16(element(u_row, i, dtype), dtype);
+            store16(o_row + i * size, dtype, _mm512_mul_ps(round16(act, dtype), up_values));
         }
 #endif
         for (; i < n; i++) {
@@ -703,8 +705,8 @@ static void decode_layer(const struct decode_layer *layer, const struct decode_s
         const int64_t ple = layer->ple_dim;
         char *gated = malloc((size_t)(m * ple * size));
         product(&layer->ple_gate, step->x, dtype, m, gated, threads);
-        gemma4_gelu_gated(gated, ple, element(step->per_layer_inputs, layer->index * ple, dtype), step->num_layers * ple,
-                          dtype, m, ple, gated);
+        const void *inputs = element(step->per_layer_inputs, layer->index * ple, dtype); /* row stride: all layers' */
+        gemma4_gelu_gated(gated, ple, inputs, step->num_layers * ple, dtype, m, ple, gated);
         product(&layer->ple_projection, gated, dtype, m, projected, threads);
         gemma4_add_rms_norm(step->x, projected, dtype, m, hidden, layer->post_ple_norm, norms, layer->eps,
                             scalar, layer->next_norm, layer->eps, step->x, step->h);

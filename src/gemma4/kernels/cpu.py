@@ -217,18 +217,19 @@ class DecodeStep(ctypes.Structure):
 
 
 def int4_operands(values: torch.Tensor, scale: torch.Tensor, group_size: int, chunk: int = 0) -> Int4Weight | None:
-    """int4_matmul's weight operands as the decode layers read them, or None where int4_matmul would decline them."""
+    """int4_matmul's weight operands as the decode layers read them, or None where gemma4_int4_matmul would decline
+    them (the decode layers could not fall back)."""
     n, k = values.shape[0], values.shape[1] * 8
     if (values.dim() != 2 or values.stride(-1) != 1 or scale.stride(-1) != 1 or scale.dtype not in DTYPES
-            or k % 32 or group_size % 32 or k % group_size):
+            or k % 32 or group_size % 32 or k % group_size or chunk < 0 or chunk % (4 * group_size)):
         return None
     return Int4Weight(values.data_ptr(), scale.data_ptr(), n, k, values.stride(0) * 4, scale.stride(0), group_size,
                       DTYPES[scale.dtype], chunk)
 
 
 def decode_layers(layers: ctypes.Array, x: torch.Tensor, h: torch.Tensor, per_layer_inputs: torch.Tensor | None,
-                  ropes: dict[int, tuple[torch.Tensor, torch.Tensor]], steps: dict[int, tuple], pools: tuple[list, list],
-                  query_positions: torch.Tensor, num_keys: torch.Tensor, window: int) -> None:
+                  ropes: dict[int, tuple[torch.Tensor, torch.Tensor]], steps: dict[int, tuple],
+                  pools: tuple[list, list], query_positions: torch.Tensor, num_keys: torch.Tensor, window: int) -> None:
     """Run `layers` (DecodeLayer array) on x and h [rows, hidden] (contiguous; updated in place: the residual stream
     and its input norm, then the last layer's next norm of it). per_layer_inputs [rows, layers, ple_dim] or None;
     per layer type (0 sliding, 1 global): ropes (cos, sin) [rows, head_dim] and steps (write slots [rows], key slots

@@ -106,9 +106,10 @@ class Gemma4(nn.Module):
 
     def _ready_for_cpu_(self) -> None:
         """int4 weights in the layout of PyTorch's CPU int4 kernel where the native one is not built, else stored chunk
-        by chunk where K is wide (`for_cpu_`), and with the native one q/k/v and gate/up fused. A tied LM head is a third of an int4 decode step's bytes in
-        bf16: with quantization asked for in a scheme the CPU's kernels read, it is quantized too (as llama.cpp and
-        MLX do), for the logits only; the embedding lookups keep reading the table."""
+        by chunk where K is wide (`for_cpu_`), and with the native one q/k/v and gate/up fused. A tied LM head is a
+        third of an int4 decode step's bytes in bf16: with quantization asked for in a scheme the CPU's kernels read,
+        it is quantized too (as llama.cpp and MLX do), for the logits only; the embedding lookups keep reading the
+        table."""
         for module in self.modules():
             if isinstance(module, QuantizedLinear):
                 module.for_cpu_()

@@ -368,35 +368,35 @@ class DecoderLayer(nn.Module):
         not compute this one as `forward` does: experts, weights not int4 in the native kernel's layout (q/k/v and
         gate/up fused), a tensor-parallel shard, another activation, norms of other dtypes or epsilons."""
         from ..kernels import cpu
-        attn, mlp = self.self_attn, self.mlp
-        qkv = attn.q_proj.weight if attn.is_kv_shared else attn.qkv_weight
-        products = [qkv, attn.o_proj.weight, mlp.gate_up_weight, mlp.down_proj.weight]
-        norms = [attn.q_norm, self.post_attention_layernorm, self.pre_feedforward_layernorm,
-                 self.post_feedforward_layernorm, next_norm] + ([] if attn.is_kv_shared else [attn.k_norm])
-        activations = {mlp.activation}
-        if self.has_per_layer_input:
-            products += [self.per_layer_input_gate.weight, self.per_layer_projection.weight]
-            norms.append(self.post_per_layer_input_norm)
-            activations.add(self.activation)
-        operands = [cpu.int4_operands(w.values, w.scale, w.scheme.group_size, w.chunk)
+        attn, mlp, ple = self.self_attn, self.mlp, self.has_per_layer_input
+        products = {"qkv": attn.q_proj.weight if attn.is_kv_shared else attn.qkv_weight, "o": attn.o_proj.weight,
+                    "gate_up": mlp.gate_up_weight, "down": mlp.down_proj.weight}
+        norms = {"q_norm": attn.q_norm, "post_attention_norm": self.post_attention_layernorm,
+                 "pre_feedforward_norm": self.pre_feedforward_layernorm,
+                 "post_feedforward_norm": self.post_feedforward_layernorm, "next_norm": next_norm}
+        if not attn.is_kv_shared:
+            norms["k_norm"] = attn.k_norm
+        if ple:
+            products.update(ple_gate=self.per_layer_input_gate.weight, ple_projection=self.per_layer_projection.weight)
+            norms["post_ple_norm"] = self.post_per_layer_input_norm
+        operands = {name: cpu.int4_operands(w.values, w.scale, w.scheme.group_size, w.chunk)
                     if isinstance(w, QuantizedWeight) and w.cpu_scales_and_zeros is None and native_int4(w.scheme)
-                    else None for w in products]
-        weights = [norm.weight for norm in norms] + [self.layer_scalar]
-        if (self.enable_moe_block or None in operands or activations != {"gelu_pytorch_tanh"}
-                or len({norm.eps for norm in norms}) != 1 or len({w.dtype for w in weights}) != 1
+                    else None for name, w in products.items()}
+        weights = [norm.weight for norm in norms.values()] + [self.layer_scalar]
+        if (self.enable_moe_block or None in operands.values()
+                or {mlp.activation, self.activation if ple else mlp.activation} != {"gelu_pytorch_tanh"}
+                or len({norm.eps for norm in norms.values()}) != 1 or len({w.dtype for w in weights}) != 1
                 or weights[0].dtype not in cpu.DTYPES or not all(w.is_contiguous() for w in weights)
                 or any(getattr(m, "sums_over_ranks", False) for m in (attn.o_proj, mlp.down_proj))):
             return None
-        operands += [cpu.Int4Weight()] * (6 - len(operands))
         layer = cpu.DecodeLayer(
-            *operands, attn.q_norm.weight.data_ptr(), 0 if attn.is_kv_shared else attn.k_norm.weight.data_ptr(),
-            *(norm.weight.data_ptr() for norm in norms[1:4]),
-            self.post_per_layer_input_norm.weight.data_ptr() if self.has_per_layer_input else 0,
-            next_norm.weight.data_ptr(), self.layer_scalar.data_ptr(), cpu.DTYPES[weights[0].dtype], norms[0].eps, attn.layer_idx, attn.kv_source,
-            int(attn.layer_type != SLIDING), attn.num_heads, attn.num_kv_heads, attn.head_dim, mlp.down_proj.in_features,
-            self.per_layer_projection.in_features if self.has_per_layer_input else 0, int(not attn.is_kv_shared),
-            int(attn.v_proj is not None) if not attn.is_kv_shared else 0, int(self.has_per_layer_input))
-        return layer, (*products, *weights)
+            **operands, **{name: norm.weight.data_ptr() for name, norm in norms.items()},
+            scalar=self.layer_scalar.data_ptr(), norm_dtype=cpu.DTYPES[weights[0].dtype], eps=attn.q_norm.eps,
+            index=attn.layer_idx, kv_source=attn.kv_source, full=int(attn.layer_type != SLIDING),
+            heads=attn.num_heads, kv_heads=attn.num_kv_heads, head_dim=attn.head_dim, width=mlp.down_proj.in_features,
+            ple_dim=self.per_layer_projection.in_features if ple else 0, writes_kv=int(not attn.is_kv_shared),
+            has_value=int(not attn.is_kv_shared and attn.v_proj is not None), has_ple=int(ple))
+        return layer, (*products.values(), *weights)
 
     def moe_feedforward(self, x, attn, scalar: torch.Tensor | None = None, next_norm: RMSNorm | None = None):
         """26B-A4B: the attention's residual add, then the dense MLP and the experts side by side, their branch norms
@@ -526,7 +526,6 @@ class TextModel(nn.Module):
                          defer_next=next_norm is not self.norm)
         return h[:, -1:] if last_only else h
 
-
     def decode_on_cpu(self, embeds: torch.Tensor, ctx: ForwardContext, per_layer: torch.Tensor | None,
                       ropes: dict) -> torch.Tensor:
         """`forward` of a decode step as one C call (kernels.cpu.decode_layers): the layers write their new K/V into
@@ -537,14 +536,16 @@ class TextModel(nn.Module):
         h = self.layers[0].input_layernorm(x)
         if per_layer is not None:
             per_layer = per_layer.reshape(rows, *per_layer.shape[2:]).contiguous()
-        types = {SLIDING: 0, **{t: 1 for t in self.inv_freq if t != SLIDING}}
+
+        def kind(layer_type: str) -> int:  # the C side's layer type: 0 sliding, 1 global
+            return int(layer_type != SLIDING)
 
         def int64(t: torch.Tensor) -> torch.Tensor:
             return t.to(torch.int64).contiguous()
 
-        steps = {types[t]: (int64(cache.write_target(self.config.layer_types.index(t))[2]), int64(cache.key_slots(t)),
-                            int64(cache.key_positions(t))) for t in self.inv_freq}
-        rope_rows = {types[t]: tuple(c.reshape(rows, -1).contiguous() for c in cos_sin) for t, cos_sin in ropes.items()}
+        steps = {kind(t): (int64(cache.write_target(self.config.layer_types.index(t))[2]), int64(cache.key_slots(t)),
+                           int64(cache.key_positions(t))) for t in self.inv_freq}
+        rope_rows = {kind(t): tuple(c.reshape(rows, -1).contiguous() for c in cos_sin) for t, cos_sin in ropes.items()}
         pools = cache.pools
         layers = range(self.config.num_hidden_layers)
         cpu.decode_layers(self.cpu_decode_layers(), x, h, per_layer, rope_rows, steps,
