@@ -63,6 +63,28 @@ static inline __m512 load16_masked(const void *p, int dtype, __mmask16 lanes) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
 #endif
+
+/* 16 lanes rounded to dtype (as floats): bf16 to nearest even (NaN kept), fp16 by the hardware's conversion. */
+static inline __m512 round16(__m512 v, int dtype) {
+    if (dtype == DT_F16) return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    if (dtype != DT_BF16) return v;
+    __m512i bits = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    bits = _mm512_and_si512(_mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd)),
+                            _mm512_set1_epi32((int32_t)0xffff0000u));
+    return _mm512_mask_mov_ps(_mm512_castsi512_ps(bits), _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), v);
+}
+
+/* 16 lanes stored as dtype (rounded as round16). */
+static inline void store16(void *p, int dtype, __m512 v) {
+    if (dtype == DT_F32) return _mm512_storeu_ps(p, v);
+    if (dtype == DT_F16)
+        return _mm256_storeu_si256(p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    __m512i bits = _mm512_srli_epi32(_mm512_castps_si512(round16(v, dtype)), 16);
+    /* a NaN stays NaN (as f32_to_bf16 makes it: quiet), whatever its payload bits */
+    bits = _mm512_mask_or_epi32(bits, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), bits, _mm512_set1_epi32(0x40));
+    _mm256_storeu_si256(p, _mm512_cvtepi32_epi16(bits));
+}
 #endif
 
 /* Where element i of a row of dtype starts. */
@@ -330,20 +352,43 @@ void gemma4_add_rms_norm(const void *residual, const void *y, int dtype, int64_t
                          const void *weight, int w_dtype, float eps, float factor, const void *next_weight,
                          float next_eps, void *new_out, void *h_out) {
     float *v = malloc(sizeof(float) * (size_t)dim);
+    const int64_t size = dtype == DT_F32 ? 4 : 2;
     for (int64_t r = 0; r < rows; r++) {
-        for (int64_t i = 0; i < dim; i++) v[i] = load_value(y, r * dim + i, dtype);
-        float inverse = inverse_rms(v, dim, eps);
-        for (int64_t i = 0; i < dim; i++) {
+        const void *y_row = element(y, r * dim, dtype), *residual_row = element(residual, r * dim, dtype);
+        char *new_row = (char *)new_out + r * dim * size, *h_row = h_out ? (char *)h_out + r * dim * size : NULL;
+        int64_t i = 0;
+#if defined(__AVX512F__)
+        for (; i + 16 <= dim; i += 16) _mm512_storeu_ps(v + i, load16(element(y_row, i, dtype), dtype));
+#endif
+        for (; i < dim; i++) v[i] = load_value(y_row, i, dtype);
+        const float inverse = inverse_rms(v, dim, eps);
+        i = 0;
+#if defined(__AVX512F__)
+        for (; i + 16 <= dim; i += 16) { /* the scalar loop's operations, lane by lane */
+            __m512 scaled = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(v + i), _mm512_set1_ps(inverse)),
+                                          load16(element(weight, i, w_dtype), w_dtype));
+            __m512 sum = _mm512_add_ps(load16(element(residual_row, i, dtype), dtype), round16(scaled, dtype));
+            __m512 value = round16(_mm512_mul_ps(round16(sum, dtype), _mm512_set1_ps(factor)), dtype);
+            _mm512_storeu_ps(v + i, value);
+            store16(new_row + i * size, dtype, value);
+        }
+#endif
+        for (; i < dim; i++) {
             float normed = rounded(v[i] * inverse * load_value(weight, i, w_dtype), dtype);
-            float sum = rounded(load_value(residual, r * dim + i, dtype) + normed, dtype);
+            float sum = rounded(load_value(residual_row, i, dtype) + normed, dtype);
             v[i] = rounded(sum * factor, dtype);
-            store_value(new_out, r * dim + i, dtype, v[i]);
+            store_value(new_row, i, dtype, v[i]);
         }
-        if (next_weight) {
-            float next_inverse = inverse_rms(v, dim, next_eps);
-            for (int64_t i = 0; i < dim; i++)
-                store_value(h_out, r * dim + i, dtype, v[i] * next_inverse * load_value(next_weight, i, w_dtype));
+        if (!next_weight) continue;
+        const float next_inverse = inverse_rms(v, dim, next_eps);
+        i = 0;
+#if defined(__AVX512F__)
+        for (; i + 16 <= dim; i += 16) {
+            __m512 normed = _mm512_mul_ps(_mm512_loadu_ps(v + i), _mm512_set1_ps(next_inverse));
+            store16(h_row + i * size, dtype, _mm512_mul_ps(normed, load16(element(next_weight, i, w_dtype), w_dtype)));
         }
+#endif
+        for (; i < dim; i++) store_value(h_row, i, dtype, v[i] * next_inverse * load_value(next_weight, i, w_dtype));
     }
     free(v);
 }
@@ -541,25 +586,6 @@ static inline __m512 tanh16(__m512 y) {
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, _mm512_set1_ps(0.55f), _CMP_LT_OQ), large, small);
 }
 
-/* 16 lanes rounded to dtype (as floats): bf16 to nearest even (NaN kept), fp16 by the hardware's conversion. */
-static inline __m512 round16(__m512 v, int dtype) {
-    if (dtype == DT_F16) return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    if (dtype != DT_BF16) return v;
-    __m512i bits = _mm512_castps_si512(v);
-    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    bits = _mm512_and_si512(_mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd)),
-                            _mm512_set1_epi32((int32_t)0xffff0000u));
-    return _mm512_mask_mov_ps(_mm512_castsi512_ps(bits), _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), v);
-}
-
-/* 16 lanes stored as dtype (rounded as round16). */
-static inline void store16(void *p, int dtype, __m512 v) {
-    if (dtype == DT_F32) return _mm512_storeu_ps(p, v);
-    if (dtype == DT_F16)
-        return _mm256_storeu_si256(p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    __m512i bits = _mm512_srli_epi32(_mm512_castps_si512(round16(v, dtype)), 16);
-    _mm256_storeu_si256(p, _mm512_cvtepi32_epi16(bits)); /* NaN: its quiet payload bits may go; it stays NaN */
-}
 #endif
 
 /* fused.gated with the tanh gelu: act(gate) rounded, times up, rounded, each [rows, n] of dtype (row strides in
