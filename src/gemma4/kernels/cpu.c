@@ -473,19 +473,45 @@ void gemma4_attend(const void *q, int dtype, int64_t batch, int64_t heads, int64
 static void norm_rope_head(const void *x, int dtype, int64_t dim, const void *weight, int w_dtype, float eps,
                            const void *cos, const void *sin, float *v) {
     const int64_t half = dim / 2;
-    for (int64_t i = 0; i < dim; i++) v[i] = load_value(x, i, dtype);
-    float inverse = inverse_rms(v, dim, eps);
-    for (int64_t i = 0; i < dim; i++)
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= dim; i += 16) _mm512_storeu_ps(v + i, load16(element(x, i, dtype), dtype));
+#endif
+    for (; i < dim; i++) v[i] = load_value(x, i, dtype);
+    const float inverse = inverse_rms(v, dim, eps);
+    i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= dim; i += 16) {
+        __m512 normed = _mm512_mul_ps(_mm512_loadu_ps(v + i), _mm512_set1_ps(inverse));
+        if (weight) normed = _mm512_mul_ps(normed, load16(element(weight, i, w_dtype), w_dtype));
+        _mm512_storeu_ps(v + i, round16(normed, dtype));
+    }
+#endif
+    for (; i < dim; i++)
         v[i] = rounded(weight ? v[i] * inverse * load_value(weight, i, w_dtype) : v[i] * inverse, dtype);
     if (!cos) return;
-    float *normed = malloc(sizeof(float) * (size_t)dim);
-    memcpy(normed, v, sizeof(float) * (size_t)dim);
-    for (int64_t i = 0; i < dim; i++) {
-        float rotated = i < half ? -normed[i + half] : normed[i - half];
-        v[i] = rounded(rounded(normed[i] * load_value(cos, i, dtype), dtype) +
-                       rounded(rotated * load_value(sin, i, dtype), dtype), dtype);
+    i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= half && half % 16 == 0; i += 16) { /* pairs (i, i + half) in place */
+        __m512 first = _mm512_loadu_ps(v + i), second = _mm512_loadu_ps(v + i + half);
+        __m512 cos_first = load16(element(cos, i, dtype), dtype), sin_first = load16(element(sin, i, dtype), dtype);
+        __m512 cos_second = load16(element(cos, i + half, dtype), dtype);
+        __m512 sin_second = load16(element(sin, i + half, dtype), dtype);
+        __m512 minus_second = _mm512_castsi512_ps( /* -second, zeros' signs included */
+            _mm512_xor_si512(_mm512_castps_si512(second), _mm512_set1_epi32(INT32_MIN)));
+        _mm512_storeu_ps(v + i, round16(_mm512_add_ps(round16(_mm512_mul_ps(first, cos_first), dtype),
+                                                      round16(_mm512_mul_ps(minus_second, sin_first), dtype)), dtype));
+        _mm512_storeu_ps(v + i + half, round16(_mm512_add_ps(round16(_mm512_mul_ps(second, cos_second), dtype),
+                                                             round16(_mm512_mul_ps(first, sin_second), dtype)), dtype));
     }
-    free(normed);
+#endif
+    for (; i < half; i++) { /* x cos and rotate_half(x) sin each rounded, then their sum */
+        const float first = v[i], second = v[i + half];
+        v[i] = rounded(rounded(first * load_value(cos, i, dtype), dtype) +
+                       rounded(-second * load_value(sin, i, dtype), dtype), dtype);
+        v[i + half] = rounded(rounded(second * load_value(cos, i + half, dtype), dtype) +
+                              rounded(first * load_value(sin, i + half, dtype), dtype), dtype);
+    }
 }
 
 /* text.norm_rope: x [B, L, H, D] -> out [B, H, L, D], each head through norm_rope_head with cos/sin [B, L, D] (or
