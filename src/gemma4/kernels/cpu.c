@@ -346,6 +346,16 @@ static float inverse_rms(const float *v, int64_t dim, float eps) {
     return powf(sum / (float)dim + eps, -0.5f);
 }
 
+/* One row of dim values of dtype into v as floats; returns inverse_rms of it. */
+static float load_inverse_rms(const void *x, int dtype, int64_t dim, float eps, float *v) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= dim; i += 16) _mm512_storeu_ps(v + i, load16(element(x, i, dtype), dtype));
+#endif
+    for (; i < dim; i++) v[i] = load_value(x, i, dtype);
+    return inverse_rms(v, dim, eps);
+}
+
 /* fused.add_normed: new = (residual + norm(y)) [* scalar], each step rounded to dtype; h = next_norm(new) where
  * next_weight is given (else h is not written; it may be NULL); `factor` the scalar (1: none). */
 void gemma4_add_rms_norm(const void *residual, const void *y, int dtype, int64_t rows, int64_t dim,
@@ -356,13 +366,8 @@ void gemma4_add_rms_norm(const void *residual, const void *y, int dtype, int64_t
     for (int64_t r = 0; r < rows; r++) {
         const void *y_row = element(y, r * dim, dtype), *residual_row = element(residual, r * dim, dtype);
         char *new_row = (char *)new_out + r * dim * size, *h_row = h_out ? (char *)h_out + r * dim * size : NULL;
+        const float inverse = load_inverse_rms(y_row, dtype, dim, eps, v);
         int64_t i = 0;
-#if defined(__AVX512F__)
-        for (; i + 16 <= dim; i += 16) _mm512_storeu_ps(v + i, load16(element(y_row, i, dtype), dtype));
-#endif
-        for (; i < dim; i++) v[i] = load_value(y_row, i, dtype);
-        const float inverse = inverse_rms(v, dim, eps);
-        i = 0;
 #if defined(__AVX512F__)
         for (; i + 16 <= dim; i += 16) { /* the scalar loop's operations, lane by lane */
             __m512 scaled = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(v + i), _mm512_set1_ps(inverse)),
@@ -473,13 +478,8 @@ void gemma4_attend(const void *q, int dtype, int64_t batch, int64_t heads, int64
 static void norm_rope_head(const void *x, int dtype, int64_t dim, const void *weight, int w_dtype, float eps,
                            const void *cos, const void *sin, float *v) {
     const int64_t half = dim / 2;
+    const float inverse = load_inverse_rms(x, dtype, dim, eps, v);
     int64_t i = 0;
-#if defined(__AVX512F__)
-    for (; i + 16 <= dim; i += 16) _mm512_storeu_ps(v + i, load16(element(x, i, dtype), dtype));
-#endif
-    for (; i < dim; i++) v[i] = load_value(x, i, dtype);
-    const float inverse = inverse_rms(v, dim, eps);
-    i = 0;
 #if defined(__AVX512F__)
     for (; i + 16 <= dim; i += 16) {
         __m512 normed = _mm512_mul_ps(_mm512_loadu_ps(v + i), _mm512_set1_ps(inverse));
