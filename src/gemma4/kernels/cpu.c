@@ -426,6 +426,28 @@ static void add_scaled_row(float *acc, float p, const void *b, int dtype, int64_
     for (; i < n; i++) acc[i] += p * load_value(b, i, dtype);
 }
 
+/* The softmax of scores[0..n) (-inf: a key not seen, top: their largest) and the sum of the value rows it weighs into
+ * acc [dim], in fp32 (scores are overwritten with the weights); value row j at values + rows[j] (rows NULL: j) rows of
+ * dim values of dtype. Candidate `newest` (-1: none) is summed last, the others in order. Returns the softmax's total
+ * (0: no key seen, acc left 0). */
+static float weighted_values(float *scores, int64_t n, float top, int64_t newest, const char *values,
+                             const int64_t *rows, int dtype, int64_t dim, float *acc) {
+    const int64_t size = dtype == DT_F32 ? 4 : 2;
+    float total = 0.0f;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t j = newest < 0 || i < newest ? i : (i < n - 1 ? i + 1 : newest);
+        scores[j] = scores[j] != -INFINITY ? expf(scores[j] - top) : 0.0f;
+        total += scores[j];
+    }
+    memset(acc, 0, sizeof(float) * (size_t)dim);
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t j = newest < 0 || i < newest ? i : (i < n - 1 ? i + 1 : newest);
+        if (scores[j] != 0.0f)
+            add_scaled_row(acc, scores[j] / total, values + (rows ? rows[j] : j) * dim * size, dtype, dim);
+    }
+    return total;
+}
+
 /* attention.attend for few queries: q [B, H, Lq, D], k and v [B, Hkv, Lk, D], mask [B, Lq, Lk] (1: may attend),
  * all contiguous, of dtype; out [B, Lq, H * D]. Scores, softmax and the weighted sum in fp32 (scale 1), rounded once;
  * query head h reads KV head h / (H / Hkv). A row that may attend to nothing gives NaN, as softmax over -inf does. */
@@ -451,16 +473,7 @@ void gemma4_attend(const void *q, int dtype, int64_t batch, int64_t heads, int64
                         scores[j] = allowed[j] ? dot_row(query, keys + j * dim * size, dtype, dim) : -INFINITY;
                         top = fmaxf(top, scores[j]);
                     }
-                    float total = 0.0f;
-                    for (int64_t j = 0; j < lk; j++) {
-                        scores[j] = allowed[j] ? expf(scores[j] - top) : 0.0f;
-                        total += scores[j];
-                    }
-                    memset(acc, 0, sizeof(float) * (size_t)dim);
-                    for (int64_t j = 0; j < lk; j++) {
-                        if (scores[j] != 0.0f)
-                            add_scaled_row(acc, scores[j] / total, values + j * dim * size, dtype, dim);
-                    }
+                    const float total = weighted_values(scores, lk, top, -1, values, NULL, dtype, dim, acc);
                     const int64_t row = (b * lq + i) * heads * dim + h * dim;
                     for (int64_t d = 0; d < dim; d++) store_value(out, row + d, dtype, total > 0.0f ? acc[d] : NAN);
                 }
@@ -679,18 +692,7 @@ static void attend_pools(const struct decode_layer *layer, const struct decode_s
                 }
                 int64_t newest = -1; /* the candidate holding the new token's key, summed last */
                 for (int64_t j = 0; j < n; j++) newest = at[j] == step->write_slots[type][row] ? j : newest;
-                float total = 0.0f;
-                for (int64_t i = 0; i < n; i++) {
-                    const int64_t j = newest < 0 || i < newest ? i : (i < n - 1 ? i + 1 : newest);
-                    scores[j] = scores[j] > -INFINITY ? expf(scores[j] - top) : 0.0f;
-                    total += scores[j];
-                }
-                memset(acc, 0, sizeof(float) * (size_t)dim);
-                for (int64_t i = 0; i < n; i++) {
-                    const int64_t j = newest < 0 || i < newest ? i : (i < n - 1 ? i + 1 : newest);
-                    if (scores[j] != 0.0f)
-                        add_scaled_row(acc, scores[j] / total, values + (kv * slots + at[j]) * dim * size, dtype, dim);
-                }
+                weighted_values(scores, n, top, newest, values + kv * slots * dim * size, at, dtype, dim, acc);
                 for (int64_t d = 0; d < dim; d++) store_value(out, (row * heads + head) * dim + d, dtype, acc[d]);
             }
         }

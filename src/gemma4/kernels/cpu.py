@@ -101,17 +101,16 @@ def int4_matmul(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, grou
     """x [..., K] (fp32, bf16 or fp16) @ w.T -> [..., N] in x's dtype, for int4 in int32 words [N, K / 8] as
     checkpoints hold them (or with `chunk`, stored chunk by chunk: model/quantized.py `to_chunks`), scales
     [N, K / group_size] (rows of each contiguous); None where the kernel does not read these operands (groups not whole
-    blocks of 32, a scale dtype it does not know)."""
-    if values.stride(-1) != 1 or scale.stride(-1) != 1 or scale.dtype not in DTYPES:
+    blocks of 32, a scale dtype it does not know, x of another K)."""
+    w = int4_operands(values, scale, group_size, chunk)
+    if w is None or x.shape[-1] != w.k:
         return None
-    rows = x.reshape(-1, x.shape[-1]).contiguous()
-    n, k = values.shape[0], rows.shape[-1]
-    out = torch.empty(rows.shape[0], n, dtype=x.dtype)
+    rows = x.reshape(-1, w.k).contiguous()
+    out = torch.empty(rows.shape[0], w.n, dtype=x.dtype)
     status = library().gemma4_int4_matmul(
-        rows.data_ptr(), DTYPES[rows.dtype], rows.shape[0], k, values.data_ptr(), values.stride(0) * 4,
-        scale.data_ptr(), DTYPES[scale.dtype], scale.stride(0), group_size, n, out.data_ptr(), DTYPES[x.dtype], n,
-        chunk, torch.get_num_threads())
-    return out.view(*x.shape[:-1], n) if status == 0 else None
+        rows.data_ptr(), DTYPES[rows.dtype], rows.shape[0], w.k, w.values, w.stride, w.scales, w.scale_dtype,
+        w.scale_stride, w.group, w.n, out.data_ptr(), DTYPES[x.dtype], w.n, w.chunk, torch.get_num_threads())
+    return out.view(*x.shape[:-1], w.n) if status == 0 else None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -217,10 +216,12 @@ class DecodeStep(ctypes.Structure):
 
 
 def int4_operands(values: torch.Tensor, scale: torch.Tensor, group_size: int, chunk: int = 0) -> Int4Weight | None:
-    """int4_matmul's weight operands as the decode layers read them, or None where gemma4_int4_matmul would decline
-    them (the decode layers could not fall back)."""
+    """gemma4_int4_matmul's weight operands (int4_matmul's, and the decode layers'), or None where it would decline
+    them: it is checked here, since the decode layers cannot fall back."""
+    if values.dim() != 2:
+        return None
     n, k = values.shape[0], values.shape[1] * 8
-    if (values.dim() != 2 or values.stride(-1) != 1 or scale.stride(-1) != 1 or scale.dtype not in DTYPES
+    if (values.stride(-1) != 1 or scale.stride(-1) != 1 or scale.dtype not in DTYPES
             or k % 32 or group_size % 32 or k % group_size or chunk < 0 or chunk % (4 * group_size)):
         return None
     return Int4Weight(values.data_ptr(), scale.data_ptr(), n, k, values.stride(0) * 4, scale.stride(0), group_size,

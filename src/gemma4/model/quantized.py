@@ -246,6 +246,12 @@ def native_int4(scheme: Scheme) -> bool:
     return cpu_kernels.library() is not None
 
 
+def native_int4_reads(weight: QuantizedWeight) -> bool:
+    """Whether the native kernel reads this matrix as it is held: one int4 matrix of a `native_int4` scheme, in the
+    checkpoint's layout or `to_chunks`'s, not repacked for PyTorch's kernel."""
+    return weight.cpu_scales_and_zeros is None and weight.values.dim() == 2 and native_int4(weight.scheme)
+
+
 # The native kernel sums a K wider than this in chunks of at most this many inputs, stored chunk by chunk
 # (`to_chunks`): a chunk's quantized inputs then stay in L1 while its weights stream past (benchmarks/cpu_matmul.py).
 CPU_INT4_CHUNK_INPUTS = 6144
@@ -318,8 +324,7 @@ def cpu_linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor | None:
     """x @ w.T through the CPU's kernels, or None where they do not take the weight (fp8, int8 groups, int4 that
     neither int4 kernel reads): the caller then runs the twin. int4: the native kernel (kernels/cpu.py) for 16-bit
     inputs where it is built, else PyTorch's on the matrices `to_cpu_int4` repacked."""
-    if (weight.cpu_scales_and_zeros is None and weight.values.dim() == 2 and x.dtype in NATIVE_INT4_INPUTS
-            and native_int4(weight.scheme)):
+    if x.dtype in NATIVE_INT4_INPUTS and native_int4_reads(weight):
         out = cpu_kernels.int4_matmul(x, weight.values, weight.scale, weight.scheme.group_size, weight.chunk)
         if out is not None:
             return out

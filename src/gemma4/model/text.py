@@ -16,7 +16,7 @@ from .attention import ForwardContext, MaskRule
 from .common import RMSNorm, activation, apply_rope
 from .fused import (Linear, QuantizedLinear, add_normed_branches, add_normed_linear, defers, dense, gated, gated_linear,
                     linear, product)
-from .quantized import CPU_KERNEL_MAX_ROWS, NATIVE_INT4_INPUTS, QuantizedWeight, native_int4
+from .quantized import CPU_KERNEL_MAX_ROWS, NATIVE_INT4_INPUTS, QuantizedWeight, native_int4_reads
 
 
 def rope_inverse_frequencies(head_dim: int, rope: dict) -> torch.Tensor:
@@ -380,8 +380,8 @@ class DecoderLayer(nn.Module):
             products.update(ple_gate=self.per_layer_input_gate.weight, ple_projection=self.per_layer_projection.weight)
             norms["post_ple_norm"] = self.post_per_layer_input_norm
         operands = {name: cpu.int4_operands(w.values, w.scale, w.scheme.group_size, w.chunk)
-                    if isinstance(w, QuantizedWeight) and w.cpu_scales_and_zeros is None and native_int4(w.scheme)
-                    else None for name, w in products.items()}
+                    if isinstance(w, QuantizedWeight) and native_int4_reads(w) else None
+                    for name, w in products.items()}
         weights = [norm.weight for norm in norms.values()] + [self.layer_scalar]
         if (self.enable_moe_block or None in operands.values()
                 or {mlp.activation, self.activation if ple else mlp.activation} != {"gelu_pytorch_tanh"}
