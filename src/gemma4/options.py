@@ -28,6 +28,8 @@ class Options:
     # q/k/v and gate/up as one matmul each when loading: "auto" on CUDA only, True on every device, False never
     fuse_projections: Literal["auto"] | bool = "auto"
     prefill_kernel: bool = True  # the flash prefill attention kernel; False: SDPA with a boolean mask
+    # a CPU decode step's layers in one C call where they take it (TextModel.decodes_on_cpu); False: layer by layer
+    cpu_decode_layers: bool = True
     tokenizer_dir: str | None = None  # GEMMA4_TOKENIZER_DIR: where `gemma4 demo` finds a tokenizer without --tokenizer
     # GEMMA4_CACHE: where `gemma4 demo` keeps the random checkpoints it runs on the CPU ($XDG_CACHE_HOME/gemma4)
     cache_dir: str = dataclasses.field(default_factory=lambda: default_cache_dir(os.environ))

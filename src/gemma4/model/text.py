@@ -12,6 +12,7 @@ from torch import nn
 
 from .. import kernels
 from ..config import SLIDING, TextConfig
+from ..options import options
 from .attention import ForwardContext, MaskRule
 from .common import RMSNorm, activation, apply_rope
 from .fused import (Linear, QuantizedLinear, add_normed_branches, add_normed_linear, defers, dense, gated, gated_linear,
@@ -438,9 +439,6 @@ class ScaledEmbedding(nn.Embedding):
 
 class TextModel(nn.Module):
     """Embeddings, decoder layers and final norm; `Model` adds the tied LM head and the logit softcap."""
-    # A CPU decode step runs every layer in one C call where it can (`decodes_on_cpu`); False: layer by layer in
-    # Python with the C kernels per op (tests compare the two).
-    cpu_decode = True
 
     def __init__(self, config: TextConfig):
         super().__init__()
@@ -481,7 +479,7 @@ class TextModel(nn.Module):
     def decodes_on_cpu(self, embeds: torch.Tensor, cache) -> bool:
         """Whether this forward, one token per row of `embeds` over `cache`, runs as one C call (`decode_on_cpu`)."""
         rows, length, _ = embeds.shape
-        return (self.cpu_decode and cache is not None and length == 1 and rows <= CPU_KERNEL_MAX_ROWS
+        return (options().cpu_decode_layers and cache is not None and length == 1 and rows <= CPU_KERNEL_MAX_ROWS
                 and embeds.dtype in NATIVE_INT4_INPUTS and kernels.cpu_enabled(embeds)
                 and cache.pools.pool_dtype == embeds.dtype and self.cpu_decode_layers() is not None)
 
