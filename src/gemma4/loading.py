@@ -26,7 +26,8 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16, "auto": None}
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
 # Released checkpoints store K/V weights for KV-shared layers, which never use them (they read the producer's K/V).
-UNUSED_SHARED_KV = re.compile(r"layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm|v_norm)\.")
+UNUSED_SHARED_KV = re.compile(r"layers\.(\d+)\.self_attn\.(k_proj\.|v_proj\.|k_norm\.|v_norm\.|k_scale$|v_scale$)")
+KV_SCALES = (".self_attn.k_scale", ".self_attn.v_scale")  # a kv_cache_scheme's (quantization.py)
 TOWERS = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")
 
 
@@ -143,6 +144,8 @@ def load_model(path_or_id, dtype=None, device="auto", with_towers: bool = True, 
                                                     f"quantization={quantization!r}")
     with torch.device("meta"):
         model = model_class(config, with_towers=with_towers)
+    if kv_strategy := quantization_module.kv_cache_strategy(config.quantization_config):
+        quantization_module.add_kv_cache_scales_(model, kv_strategy)
     specs = {}
     if shard is not None and shard.ranks.size > 1:
         from .distributed.sharding import ShardingError, read_slice, shard_model_
@@ -173,6 +176,8 @@ def load_model(path_or_id, dtype=None, device="auto", with_towers: bool = True, 
                     if route is not None:
                         _place_quantized(route, tensor, state, slices, shapes, device)
                         continue
+                    if name.endswith(KV_SCALES) and tensor.numel() == shapes[name].numel():
+                        tensor = tensor.reshape(shapes[name])  # a scalar, or [Hkv] (AutoFP8, older llm-compressor)
                     if tensor.shape != shapes[name]:
                         raise CheckpointError(f"{key} has shape {tuple(tensor.shape)}, config.json implies "
                                               f"{tuple(shapes[name])}")

@@ -11,6 +11,12 @@ README), targets, an `ignore` list. Each quantized Linear holds, per format:
 Which modules are quantized is read from the tensors present (a `weight_scale`), the scheme from the group whose
 targets match. 26B-A4B's experts come per expert (`experts.E.{gate,up,down}_proj`, llm-compressor's layout) and are
 stacked into the model's [E, 2I, H] and [E, H, I]. Every check runs on the safetensors headers, before a weight moves.
+
+A `kv_cache_scheme` (fp8, static scales per tensor or per KV head, calibrated by llm-compressor) comes with a
+`self_attn.k_scale` and `v_scale` per attention layer: stored K = fp8(K / k_scale), read back times k_scale, of the
+K/V the cache holds (after k_norm / v_norm and RoPE). They become buffers of the attention modules
+(`add_kv_cache_scales_`) and the fp8 KV pools' scales (`kv_cache_dtype="fp8"`, KVPools.load_scales_); with the
+default cache of the model's dtype they are not used.
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ def parse_scheme(weights: dict, name: str) -> Scheme:
 
 
 def parse_config(quantization_config: dict) -> list[Group]:
+    """The weight groups (none when only the KV cache is quantized); QuantizationError for what gemma4 cannot run."""
     if quantization_config.get("quant_method") != "compressed-tensors":
         raise QuantizationError(f"quantization_config.quant_method {quantization_config.get('quant_method')!r} "
                                 "is not supported; gemma4 loads compressed-tensors checkpoints (FP8, W4A16, W8A16, "
@@ -75,9 +82,45 @@ def parse_config(quantization_config: dict) -> list[Group]:
         if not isinstance(group.get("weights"), dict):
             raise QuantizationError(f"quantization_config group {name} quantizes no weights")
         groups.append(Group(tuple(group.get("targets") or ()), parse_scheme(group["weights"], name), fmt))
-    if not groups:
+    if not groups and kv_cache_strategy(quantization_config) is None:
         raise QuantizationError("quantization_config has no config_groups")
     return groups
+
+
+def kv_cache_strategy(quantization_config: dict | None) -> str | None:
+    """The scale strategy of the checkpoint's `kv_cache_scheme`: "tensor" or "attn_head" (None: no scheme); one
+    error naming any other scheme. fp8 e4m3 with static symmetric scales is what vLLM and llm-compressor use."""
+    scheme = (quantization_config or {}).get("kv_cache_scheme")
+    if scheme is None:
+        return None
+    kind, bits, strategy = scheme.get("type"), scheme.get("num_bits"), scheme.get("strategy")
+    if (kind, bits) != ("float", 8) or strategy not in ("tensor", "attn_head") or scheme.get("dynamic") \
+            or not scheme.get("symmetric", True):
+        raise QuantizationError(f"kv_cache_scheme {kind}{bits} per {strategy} (dynamic={scheme.get('dynamic')}, "
+                                f"symmetric={scheme.get('symmetric', True)}) is not supported; gemma4 runs fp8 KV "
+                                "caches with static symmetric scales per tensor or per attention head")
+    return strategy
+
+
+def add_kv_cache_scales_(model: nn.Module, strategy: str, device="meta") -> None:
+    """`k_scale` and `v_scale` buffers, shaped as compressed-tensors stores them ([1] per tensor, [Hkv, 1, 1] per KV
+    head), on every attention layer that owns K/V (KV-shared layers read their producer's pools)."""
+    for module in model.modules():
+        if hasattr(module, "k_norm"):
+            shape = (1,) if strategy == "tensor" else (module.num_kv_heads, 1, 1)
+            for name in ("k_scale", "v_scale"):
+                module.register_buffer(name, torch.ones(shape, device=device))
+
+
+def kv_cache_scales(model: nn.Module) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Layer -> (key scales, value scales), float32 [Hkv] each, of a model holding a checkpoint's calibrated KV cache
+    scales ({} for one without)."""
+    scales = {}
+    for module in model.modules():
+        if getattr(module, "k_scale", None) is not None:
+            scales[module.layer_idx] = tuple(getattr(module, name).float().reshape(-1).expand(module.num_kv_heads)
+                                             for name in ("k_scale", "v_scale"))
+    return scales
 
 
 def group_for(module: str, groups: list[Group]) -> Group:
@@ -154,6 +197,8 @@ def plan(headers: dict[str, tuple[tuple[int, ...], str]], groups: list[Group]) -
                                     "are not supported")
         if "weight_global_scale" in tensors:
             raise QuantizationError(f"{module}.weight_global_scale: NVFP4 checkpoints are not supported")
+        if not groups:
+            raise QuantizationError(f"{module}.weight_scale: quantization_config has no config_groups for it")
         entry = QuantizedModule(module, group_for(module, groups), tensors)
         entry.shape()
         modules[module] = entry
@@ -283,8 +328,14 @@ def compressed_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict | 
             for part, piece in parts.items():
                 state.update({f"{owner}.{e}.{part}_proj.{local}": t
                               for local, t in _checkpoint_tensors(piece, module.scheme).items()})
+    kv_scales = next((m.k_scale for m in model.modules() if getattr(m, "k_scale", None) is not None), None)
+    kv_cache_scheme = None if kv_scales is None else {
+        "type": "float", "num_bits": 8, "strategy": "tensor" if kv_scales.numel() == 1 else "attn_head",
+        "symmetric": True, "dynamic": False}
     if not schemes:
-        return state, None
+        return state, None if kv_cache_scheme is None else {
+            "quant_method": "compressed-tensors", "format": "dense", "quantization_status": "compressed",
+            "config_groups": {}, "ignore": [], "kv_cache_scheme": kv_cache_scheme}
     if len(schemes) > 1:
         raise QuantizationError(f"saving several quantization schemes in one checkpoint is not supported: "
                                 f"{sorted(s.name for s in schemes)}")
@@ -297,7 +348,7 @@ def compressed_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict | 
     config = {"quant_method": "compressed-tensors", "format": _format(scheme), "quantization_status": "compressed",
               "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
                                             "output_activations": None, "format": _format(scheme)}},
-              "ignore": [*ignore, "lm_head"], "kv_cache_scheme": None}
+              "ignore": [*ignore, "lm_head"], "kv_cache_scheme": kv_cache_scheme}
     return state, config
 
 

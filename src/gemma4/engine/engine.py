@@ -28,6 +28,7 @@ import torch
 from ..model.gemma4 import check_token_ids
 from ..model.multimodal import SoftTokens, compute_soft_tokens, vision_runs
 from ..model.paged_cache import kv_cache_dtype_for
+from ..quantization import kv_cache_scales
 from .block_manager import BlockManager
 from .memory import kv_budget, plan_kv
 from .runner import Launched, ModelRunner, SampleError
@@ -53,7 +54,8 @@ class LLMEngine:
                  speculative_model=None, num_speculative_tokens: int | None = None, speculative_max_batch: int = 8):
         # KV sized from the memory there is (memory.py), unless num_blocks or kv_cache_memory (bytes) say otherwise;
         # max_model_len None: the longest one sequence fits. ValueError when one sequence of max_model_len cannot.
-        # kv_cache_dtype: "auto" (the model's dtype) or "fp8" (e4m3 with per-head scales: model/paged_cache.py).
+        # kv_cache_dtype: "auto" (the model's dtype) or "fp8" (e4m3 with per-head scales, 1.0 or the checkpoint's
+        # calibrated ones: model/paged_cache.py).
         # tokenizer: gemma4's Tokenizer (or a `tokenizers.Tokenizer`), for structured outputs' grammars over its ids.
         # enable_prefix_caching: requests reuse the K/V of a prompt prefix computed before (block_manager.py), which
         # keeps max(2, max_num_seqs // 4) extra sliding-window rings for it.
@@ -76,6 +78,7 @@ class LLMEngine:
         self.blocks = BlockManager(text, num_blocks, block_size, max_num_seqs, model.dtype, model.device,
                                    kv_cache_dtype, snapshot_rings, frozenset(self.stop_token_ids),
                                    ring_extra=num_speculative_tokens)
+        self.blocks.load_scales_(kv_cache_scales(model))
         self.speculator = Speculator(model, drafter, self.blocks, num_speculative_tokens, speculative_max_batch,
                                      self.max_model_len) if drafter is not None else None
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max(max_num_batched_tokens, 1), self.speculator)

@@ -57,7 +57,8 @@ class KVPools:
 
     `dtype`: the model's; `kv_cache_dtype` "auto" stores K/V in it, "fp8" in float8 e4m3 with per-head scales
     `key_scales[layer]` / `value_scales[layer]` (float32 [Hkv], 1.0: k_norm and v_norm leave K/V of RMS 1, well
-    inside +-448). Calibrated scales are copied into them in place (CUDA graphs read these very tensors). An fp8 pool
+    inside +-448). A checkpoint's calibrated scales are copied into them in place (`load_scales_`; CUDA graphs read these
+    very tensors). An fp8 pool
     also carries its scales as `pool.kv_scales`, so that code handed only the pool (`write_target`'s callers, the
     decode kernel, KV-shared layers reading their producer's pools) applies them."""
 
@@ -85,6 +86,16 @@ class KVPools:
                         scales[i] = torch.ones(shape[0], dtype=torch.float32, device=device)
                         pools[i].kv_scales = scales[i]
         self.ring_positions = torch.full((self.ring_trash + 1,), -1, dtype=torch.long, device=device)
+
+    def load_scales_(self, scales: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """A checkpoint's calibrated scales (quantization.kv_cache_scales: layer -> key and value scales [Hkv]) into
+        an fp8 pool's, in place; a cache of the model's dtype stores K/V as they are and needs none."""
+        if self.pool_dtype != FP8:
+            return
+        for i, (key_scale, value_scale) in scales.items():
+            if i in self.key_scales:
+                self.key_scales[i].copy_(key_scale)
+                self.value_scales[i].copy_(value_scale)
 
     @property
     def nbytes(self) -> int:
