@@ -101,6 +101,24 @@ def test_a_stop_token_inside_an_accepted_run_ends_the_output_there(target):
     assert engine.speculator.num_accepted > 0 and engine.blocks.usage == 0
 
 
+def test_min_tokens_holds_a_stop_token_back_inside_a_run(target):
+    """A greedy token (the first new one from the 3rd on) made a stop id, and min_tokens 3 past it: each verified
+    position bans the stop token while the output before it is shorter than min_tokens (that token is then another
+    one), as without speculation."""
+    model, drafter = target
+    batch = prompts([20, 11], seed=3)
+    free = LLMEngine(model, max_num_seqs=2, max_model_len=128).generate(
+        batch, SamplingParams(max_tokens=16, temperature=0, stop_token_ids=[]))
+    at = next(j for j in range(2, 12) if free[0][j] not in free[0][:j])
+    params = SamplingParams(max_tokens=16, temperature=0, stop_token_ids=[free[0][at]], min_tokens=at + 3)
+    expected = LLMEngine(model, max_num_seqs=2, max_model_len=128).generate(batch, params)
+    assert expected[0][:at] == free[0][:at] and expected[0][at] != free[0][at]
+    engine = LLMEngine(model, max_num_seqs=2, max_model_len=128, speculative_model=drafter, num_speculative_tokens=4)
+    engine.speculator.oracle = oracle_from({tuple(p): out for p, out in zip(batch, expected)})
+    assert engine.generate(batch, params) == expected
+    assert engine.speculator.num_accepted > 0
+
+
 def test_requests_join_and_leave_a_speculating_batch(target):
     """Continuous batching: requests of other lengths and max_tokens arrive while others verify drafts; a batch
     larger than speculative_max_batch decodes one token at a time, and speculation resumes when it shrinks."""

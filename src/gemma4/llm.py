@@ -147,7 +147,9 @@ class LLM:
         for out in engine.run(seq_ids):
             row = rows[out.seq_id]
             out.raise_error()
-            if out.token is not None and not (out.finished and out.finish_reason == "stop"):
+            # After a stop string, the tokens that came in the same step (a drafter's accepted run) are dropped.
+            cut = texts[row] is not None and texts[row].stopped
+            if out.token is not None and not cut and not (out.finished and out.finish_reason == "stop"):
                 outputs[row].append(out.token)
                 if out.logprobs is not None:
                     logprobs[row].append(out.logprobs)

@@ -165,8 +165,9 @@ class Speculator:
                logits: list[torch.Tensor]) -> list[Accepted | str]:
         """Per sequence, its tokens of this step (see the module's docstring), or why it failed (a str).
         logits[b]: [len(drafts[b]) + 1, V] fp32, the target's at positions P..P+k."""
+        # The output's length at the first position: min_tokens' ban on the stop tokens is over once it is reached.
         plain = [b for b, seq in enumerate(seqs) if seq.params.greedy and not seq.params.logit_bias
-                 and batchable(seq.params, len(seq.output_ids) + len(drafts[b]), seq.stop_ids)]
+                 and batchable(seq.params, len(seq.output_ids), seq.stop_ids)]
         results: list[Accepted | str] = [[] for _ in seqs]
         if plain:  # argmax for each position of every such row, and whether a row holds NaN: one read
             stacked = torch.nn.utils.rnn.pad_sequence([logits[b] for b in plain], batch_first=True)
