@@ -280,13 +280,17 @@ TOOLS = [
 ]
 
 
-def walk_grammar(compiler, grammar, rng, limit=400):
-    """Random allowed tokens until a stop token: the grammar alone decides the text."""
+def walk_grammar(compiler, grammar, rng, limit=400, prefer=None):
+    """Random allowed tokens until a stop token: the grammar alone decides the text. `prefer` (a rank per token): half
+    the time, one of the allowed tokens of the highest rank above 0, if any."""
     matcher, ids = compiler.matcher(StructuredOutputsParams(grammar=grammar), STOPS), []
     for _ in range(limit):
         words = fill_masks([matcher], VOCAB)[0].numpy()
         allowed = np.nonzero(np.unpackbits(words.view(np.uint8), bitorder="little")[:VOCAB])[0]
         short = [t for t in allowed if t in STOPS or t < 50_000] or list(allowed)  # strings end sooner
+        ranks = prefer[allowed] if prefer is not None else None
+        if ranks is not None and ranks.max() > 0 and rng.random() < 0.5:
+            short = allowed[ranks == ranks.max()]
         token = int(rng.choice(short))
         if token in STOPS:
             return ids
