@@ -53,6 +53,10 @@ SCHEMES = {
     "FP8_DYNAMIC": ("FP8_DYNAMIC", IGNORE),
     # DeepSeek-style fp8 in 128x128 blocks, activations fp8 dynamic in groups of 128 -> float-quantized.
     "FP8_BLOCK": ("FP8_BLOCK", IGNORE),
+    # fp8 in 32x32 blocks, weights only: blocks small enough for the tiny models' rows to be cut between them
+    # (test_tensor_parallel_quantized.py).
+    "FP8_BLOCK32": (dict(weights=QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="block",
+                                                  block_structure=[32, 32])), IGNORE),
 }
 
 # The tensors of one quantized Linear, by format (the dense `weight` of the others is replaced).

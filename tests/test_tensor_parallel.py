@@ -1,11 +1,6 @@
 """Tensor and expert parallelism (src/gemma4/distributed/) with CPU processes over gloo: tiny fp32 checkpoints of
-every family split over 2 and 4 ranks give the single-process model's logits and greedy tokens.
-
-Tolerance: fp32 logits within 1e-4 absolute (rtol 0; softcapped logits are of magnitude ~2 here). A row-parallel
-product (o_proj, down_proj, the experts) sums N partial sums instead of one sum over K, and the reduction order of
-all-reduce differs again: measured differences are 2e-6 to 1.1e-5 over the families and sizes below, so 1e-4 leaves
-a margin of ~10 while any wrong shard (a missed all-reduce, a head paired with the wrong KV head, an expert on the
-wrong rank) moves logits by O(1). Greedy tokens must be equal; logprobs of the generated tokens within 1e-4."""
+every family split over 2 and 4 ranks give the single-process model's logits and greedy tokens (tolerances:
+parallel_support.py; quantized weights: test_tensor_parallel_quantized.py)."""
 
 from __future__ import annotations
 
@@ -17,28 +12,17 @@ import time
 import pytest
 import torch
 
-from reference import text_config_dict
+from parallel_support import ATOL, GREEDY, assert_matches_one_process, config_of, outputs, prompts
 
 from gemma4 import Model, distributed
-from gemma4.config import Config
 from gemma4.distributed import RankFailed, ShardingError
 from gemma4.llm import LLM
 from gemma4.random_init import randomize_
 
-ATOL = 1e-4
-GREEDY = dict(temperature=0.0, max_tokens=8, stop_token_ids=[], logprobs=1)
 # (family, ranks, expert parallel): E2B has PLE and KV sharing with one KV head (replicated on every rank), 26B-A4B
 # MoE with K=V global layers (one KV head) and two sliding KV heads (split by 2, replicated by 4), 31B dense.
 CASES = [("E2B", 2, False), ("E2B", 4, False), ("26B-A4B", 2, False), ("26B-A4B", 4, True), ("31B", 2, False),
          ("31B", 4, False)]
-
-
-IMAGE = 372  # the image placeholder id inside the tiny vocabulary (as in test_multimodal.py)
-
-
-def config_of(family: str) -> Config:
-    return Config.from_dict({"model_type": "gemma4", "text_config": text_config_dict(family),
-                             "vision_config": None, "audio_config": None, "image_token_id": IMAGE})
 
 
 @pytest.fixture(scope="module")
@@ -48,19 +32,6 @@ def checkpoints(tmp_path_factory):
         paths[family] = tmp_path_factory.mktemp(family)
         randomize_(Model(config_of(family)), seed=1).save_pretrained(paths[family])
     return paths
-
-
-def prompts() -> list[list[int]]:
-    """Three prompts; the third starts with the second's 40 tokens (a prefix-cache hit: rings copied on every rank)."""
-    g = torch.Generator().manual_seed(0)
-    first, second = (torch.randint(3, 384, (n,), generator=g).tolist() for n in (5, 40))
-    return [first, second, second + torch.randint(3, 384, (9,), generator=g).tolist()]
-
-
-def outputs(llm: LLM, prompt_lists: list[list[int]]):
-    """Token ids and their logprobs per prompt: the first two together, the third after (to hit the cache)."""
-    results = llm.generate(prompt_lists[:2], GREEDY) + llm.generate(prompt_lists[2:], GREEDY)
-    return [(r.token_ids, [lp.logprob for lp in r.logprobs]) for r in results]
 
 
 @pytest.fixture(scope="module")
@@ -81,23 +52,7 @@ def test_logits_and_greedy_tokens_equal_one_process(checkpoints, reference, fami
               tensor_parallel_size=size, enable_expert_parallel=expert_parallel)
     try:
         assert llm.model.config.text_config.num_attention_heads == 4 // size  # this rank's heads only
-        ids = torch.randint(3, 384, (2, 21), generator=torch.Generator().manual_seed(1))
-        mask = torch.ones_like(ids)
-        mask[1, :6] = 0  # a left-padded row
-        with torch.no_grad():
-            torch.testing.assert_close(llm.model(ids, attention_mask=mask), single(ids, attention_mask=mask),
-                                       rtol=0, atol=ATOL)
-            # Soft tokens of an image (as the engine passes them: computed once on rank 0) replace placeholders.
-            ids[0, 4:9] = IMAGE
-            filled = torch.zeros_like(ids, dtype=torch.bool)
-            filled[0, 4:9] = True
-            media = (filled, torch.randn(5, 64, generator=torch.Generator().manual_seed(3)))
-            torch.testing.assert_close(llm.model(ids, media_embeds=media), single(ids, media_embeds=media),
-                                       rtol=0, atol=ATOL)
-        for (got_ids, got_logprobs), (want_ids, want_logprobs) in zip(outputs(llm, prompts()), expected):
-            assert got_ids == want_ids
-            torch.testing.assert_close(torch.tensor(got_logprobs), torch.tensor(want_logprobs), rtol=0, atol=ATOL)
-        assert llm.engine.blocks.hit_tokens > 0  # the third prompt came partly from the prefix cache
+        assert_matches_one_process(llm, single, expected)
     finally:
         distributed.shutdown()
 
@@ -139,7 +94,7 @@ def test_each_rank_reads_only_its_slices(checkpoints, expert_parallel):
     whole = dict(load_model(path, dtype=torch.float32, device="cpu").named_parameters())
     plan = ShardPlan(config, Ranks(1, 2), expert_parallel)
     part = load_model(path, dtype=torch.float32, device="cpu", shard=plan)
-    specs = plan.specs(part)
+    specs = plan.specs()
     layer = "model.language_model.layers.2."  # a global layer: 4 query heads, 1 KV head (K=V)
     q, k = layer + "self_attn.q_proj.weight", layer + "self_attn.k_proj.weight"
     assert part.get_parameter(q).shape[0] == whole[q].shape[0] // 2

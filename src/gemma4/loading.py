@@ -12,6 +12,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -130,7 +131,8 @@ def load_model(path_or_id, dtype=None, device="auto", with_towers: bool = True, 
     it is stored (quantization.py); `quantization` ("fp8", "int8", "int4") quantizes a dense one on load (or, given
     the scheme a checkpoint is stored in, what it keeps dense and gemma4 would quantize: the CPU's tied head). `shard`: a
     tensor-parallel rank's `distributed.ShardPlan`: the model is cut to that rank's part and only those slices are
-    read."""
+    read, of quantized tensors too; `quantization` then quantizes this rank's part (a collective for per-channel
+    scales of row-parallel parts: every rank loads at once)."""
     device = resolve_device(device)
     directory = resolve_checkpoint(path_or_id)
     config = Config.from_file(directory)
@@ -148,12 +150,12 @@ def load_model(path_or_id, dtype=None, device="auto", with_towers: bool = True, 
         quantization_module.add_kv_cache_scales_(model, kv_strategy)
     specs = {}
     if shard is not None and shard.ranks.size > 1:
-        from .distributed.sharding import ShardingError, read_slice, shard_model_
-        if stored or scheme:
-            raise ShardingError("tensor parallelism does not take quantized weights yet")
-        specs = shard.specs(model)
+        from .distributed.sharding import check_shardable, read_slice, shard_model_
+        if quantization:  # the plan checked the checkpoint's own quantization; the cut must fit this one too
+            check_shardable(config, shard.ranks.size, shard.expert_parallel, quantization)
+        specs = shard.specs()
         shard_model_(model, shard)
-    routes = quantized_routes(model, stored, config.layout)
+    routes = quantized_routes(model, stored, config.layout, specs)
     shapes = {name: t.shape for name, t in model.state_dict().items()}
     expected = {checkpoint_key(name, config.layout): name for name in shapes}
     state: dict[str, torch.Tensor] = {}
@@ -170,8 +172,8 @@ def load_model(path_or_id, dtype=None, device="auto", with_towers: bool = True, 
                             continue
                         raise CheckpointError(f"unexpected tensor {key!r} in {file.name}: this checkpoint does "
                                               "not match its config.json")
-                    tensor = read_slice(reader.get_slice(key), specs[name]) if name in specs else \
-                        reader.get_tensor(key)
+                    spec = route.spec if route is not None else specs.get(name)
+                    tensor = read_slice(reader.get_slice(key), spec) if spec is not None else reader.get_tensor(key)
                     bar.update(tensor.numel() * tensor.element_size())
                     if route is not None:
                         _place_quantized(route, tensor, state, slices, shapes, device)
@@ -227,10 +229,26 @@ def stored_quantization(config: Config, headers: dict, with_towers: bool) -> dic
             if not _deliberately_unused(name + ".weight", config, with_towers)}
 
 
-def quantized_routes(model: Gemma4, modules: dict, layout: str) -> dict:
+class Route(NamedTuple):
+    """Where one tensor of a quantized checkpoint module goes: `kind` ("values" or "scale") of the buffer `name`,
+    whole or (`slot`) one expert's (index held here, 0 gate / 1 up half) block; `spec`: the part of the stored tensor
+    this rank reads (None: all of it); `shape`: [N, K] of the dense weight that part holds."""
+    name: str
+    module: quantization_module.QuantizedModule
+    kind: str
+    slot: tuple[int, int] | None
+    spec: tuple | None
+    shape: tuple[int, int]
+
+
+def quantized_routes(model: Gemma4, modules: dict, layout: str, specs: dict | None = None) -> dict:
     """Replaces the model's modules that the checkpoint stores quantized (on meta), and returns checkpoint key ->
-    (our buffer name, module, "values" | "scale", expert slot or None) for their tensors; their other tensors
-    (weight_shape, input_scale: checked or not used) map to None."""
+    Route for their tensors; their other tensors (weight_shape, input_scale: checked or not used) map to None. With a
+    tensor-parallel rank's `specs` (ShardPlan.specs of the dense weights, already cut on meta): the holders take this
+    rank's part, each tensor is read in its part (`quantized_spec`), and experts held by other ranks map to None."""
+    from .distributed.sharding import quantized_spec
+
+    specs = specs or {}
     routes = {}
     for checkpoint_module, module in modules.items():
         name = model_name(checkpoint_module, layout)
@@ -241,27 +259,66 @@ def quantized_routes(model: Gemma4, modules: dict, layout: str) -> dict:
             if not isinstance(experts.gate_up_proj, QuantizedLinear):
                 quantization_module.quantize_experts_module(experts, module.scheme)
             target = f"{owner}.{'down_proj' if projection == 'down' else 'gate_up_proj'}"
-            slot = (int(index), 1 if projection == "up" else 0)
+            half = 1 if projection == "up" else 0
+            held, spec = _expert_part(specs.get(target), int(index), half, module.shape()[0])
+            if held is None:  # another rank's expert: not read
+                routes.update({key: None for key, _, _ in module.tensors.values()})
+                continue
+            slot = (held, half)
         else:
             quantization_module.replace_linear(model, name, module.scheme)
-            target, slot = name, None
-        for local, (key, _, _) in module.tensors.items():
+            target, slot, spec = name, None, specs.get(name + ".weight")
+        shape = _part_shape(module.shape(), spec)
+        for local, (key, stored_shape, _) in module.tensors.items():
             kind = "values" if local == module.values_key() else "scale" if local == "weight_scale" else None
-            routes[key] = (f"{target}.{kind}", module, kind, slot) if kind else None
+            if kind is None:
+                routes[key] = None
+                continue
+            per_column = 32 // module.scheme.bits if local == "weight_packed" else 1
+            per_tensor = kind == "scale" and tuple(stored_shape) != module.scheme.scale_shape(*module.shape())
+            part = None if spec is None or per_tensor else quantized_spec(spec, 2, module.scheme, kind, per_column,
+                                                                          key)
+            routes[key] = Route(f"{target}.{kind}", module, kind, slot, part, shape)
     return routes
+
+
+def _expert_part(spec, index: int, half: int, rows: int) -> tuple[int | None, tuple | None]:
+    """(the slot of expert `index` among those held here, None: another rank's; the part of its gate, up (`half` 1) or
+    down matrix held here, None: all of it), from the cut `spec` of the stacked [E, 2W, H] / [E, H, W] weight. Each
+    matrix [N, K] of `rows` rows is stored on its own (llm-compressor's layout)."""
+    if spec is None:
+        return index, None
+    dim, ranges = spec
+    if dim == 0:  # whole experts
+        start, stop = ranges[0]
+        return (index - start, None) if start <= index < stop else (None, None)
+    if dim == 1:  # rows of the stacked gate and up halves: this half's, from its first row
+        low, high = half * rows, (half + 1) * rows
+        ranges = [(max(a, low) - low, min(b, high) - low) for a, b in ranges if a < high and b > low]
+    return index, (dim - 1, ranges)
+
+
+def _part_shape(shape: tuple[int, int], spec) -> tuple[int, int]:
+    """The shape of the part `spec` of a tensor of `shape` (all of it for None)."""
+    if spec is None:
+        return shape
+    dim, ranges = spec
+    cut = list(shape)
+    cut[dim] = sum(b - a for a, b in ranges)
+    return tuple(cut)
 
 
 def _slices_per_expert(name: str) -> int:
     return 2 if ".gate_up_proj." in name else 1
 
 
-def _place_quantized(route, tensor: torch.Tensor, state: dict, slices: dict, shapes: dict,
+def _place_quantized(route: Route, tensor: torch.Tensor, state: dict, slices: dict, shapes: dict,
                      device: torch.device) -> None:
     """A quantized module's values or scale into its buffer: whole, or one expert's gate, up or down block of the
     stacked [E, 2W, .] / [E, H, .] buffer."""
-    name, module, kind, slot = route
-    value = (quantization_module.stored_values if kind == "values" else quantization_module.stored_scale)(module,
-                                                                                                          tensor)
+    name, module, kind, slot = route.name, route.module, route.kind, route.slot
+    value = quantization_module.stored_values(module, tensor) if kind == "values" else \
+        quantization_module.stored_scale(module, tensor, route.shape)
     if slot is None:
         state[name] = value.to(device)
         return

@@ -124,12 +124,23 @@ def kv_cache_scales(model: nn.Module) -> dict[int, tuple[torch.Tensor, torch.Ten
 
 
 def group_for(module: str, groups: list[Group]) -> Group:
-    """The group that targets `module`: one whose "re:" target matches its name (re.match, as compressed-tensors),
-    else one targeting a class (every module holding quantized tensors is a Linear)."""
+    """The group that targets `module` (`targeting`), else the first (every module holding quantized tensors is
+    quantized by one)."""
+    return targeting(module, groups) or groups[0]
+
+
+def targeting(module: str, groups: list[Group]) -> Group | None:
+    """The group whose targets take the Linear `module`: one whose "re:" target matches its name (re.match, as
+    compressed-tensors), else one targeting a class (every Linear)."""
     for group in groups:
         if any(t.startswith("re:") and re.match(t[3:], module) for t in group.targets):
             return group
-    return next((g for g in groups if any(not t.startswith("re:") for t in g.targets)), groups[0])
+    return next((g for g in groups if any(not t.startswith("re:") for t in g.targets)), None)
+
+
+def ignored(module: str, ignore: list[str]) -> bool:
+    """Whether a quantization_config's `ignore` list keeps `module` dense: its name, or a "re:" pattern matching it."""
+    return any(module == entry or (entry.startswith("re:") and re.match(entry[3:], module)) for entry in ignore)
 
 
 @dataclass
@@ -212,22 +223,32 @@ def stored_values(module: QuantizedModule, tensor: torch.Tensor) -> torch.Tensor
     return stored(tensor)
 
 
-def stored_scale(module: QuantizedModule, tensor: torch.Tensor) -> torch.Tensor:
-    """A checkpoint's scale as the buffer holds it: a per-tensor scale repeated per channel."""
-    n, k = module.shape()
+def stored_scale(module: QuantizedModule, tensor: torch.Tensor, shape: tuple[int, int] | None = None) -> torch.Tensor:
+    """A checkpoint's scale as the buffer holds it: a per-tensor scale repeated per channel. `shape`: [N, K] of the
+    part of the weight held (a tensor-parallel rank's), else the whole."""
+    n, k = shape or module.shape()
     per_tensor = module.scheme.strategy == "channel" and tensor.numel() == 1
     return tensor.reshape(1, 1).expand(n, 1).contiguous() if per_tensor else \
         tensor.reshape(module.scheme.scale_shape(n, k))
 
 
 def replace_linear(model: nn.Module, name: str, scheme: Scheme, device="meta") -> QuantizedLinear:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name)
-    linear = getattr(parent, child)
+    linear = model.get_submodule(name)
     if not isinstance(linear, nn.Linear) or linear.bias is not None:
         raise QuantizationError(f"{name} is quantized in the checkpoint, but gemma4's model has no bias-free "
                                 "Linear there")
-    quantized = QuantizedLinear(linear.in_features, linear.out_features, scheme, device=device)
+    return _replace(model, name, QuantizedLinear(linear.in_features, linear.out_features, scheme, device=device))
+
+
+def _replace(model: nn.Module, name: str, quantized: QuantizedLinear) -> QuantizedLinear:
+    """`quantized` in place of the Linear `name`; a tensor-parallel row-parallel part (distributed/sharding.py)
+    stays one."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    dense = getattr(parent, child)
+    if getattr(dense, "sums_over_ranks", False):
+        from .distributed.sharding import row_parallel_
+        row_parallel_(quantized, dense.ranks)
     setattr(parent, child, quantized)
     return quantized
 
@@ -257,7 +278,7 @@ def quantizes_on_load(name: str, module: nn.Module, scheme: Scheme) -> bool:
         return False
     if name.endswith(".experts"):
         widths = (module.gate_up_proj.shape[-1], module.down_proj.shape[-1])
-    elif type(module) is Linear:
+    elif isinstance(module, Linear):
         widths = (module.in_features,)
     else:
         return False
@@ -267,18 +288,26 @@ def quantizes_on_load(name: str, module: nn.Module, scheme: Scheme) -> bool:
 @torch.no_grad()
 def quantize_model_(model: nn.Module, scheme: Scheme) -> nn.Module:
     """Every module `quantizes_on_load` chooses, quantized in place with `scheme` (min-max scales, as llm-compressor's
-    default observer); the dense weights are freed one at a time."""
+    default observer); the dense weights are freed one at a time.
+
+    A tensor-parallel rank's model (distributed/sharding.py) is quantized part by part. Where a part holds only some
+    of each row's inputs (row-parallel Linears; the experts' down_proj cut by width), per-channel scales take the
+    row's maximum over the ranks (a collective: every rank quantizes at once), and groups lie within a part
+    (check_shardable): each rank then holds its part of the whole matrix quantized, as one process would."""
     for name, module in list(model.named_modules()):
         if not quantizes_on_load(name, module, scheme):
             continue
         if name.endswith(".experts"):
             gate_up, down = module.gate_up_proj.detach(), module.down_proj.detach()
             del module.gate_up_proj, module.down_proj  # parameters, replaced by modules
+            width_cut = hasattr(module, "ranks") and not module.expert_parallel
             module.gate_up_proj = QuantizedLinear.of_weight(gate_up, scheme)
-            module.down_proj = QuantizedLinear.of_weight(down, scheme)
+            module.down_proj = QuantizedLinear.of_weight(down, scheme,
+                                                         module.ranks.all_reduce_max if width_cut else None)
         else:
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, QuantizedLinear.of_weight(module.weight.detach(), scheme))
+            row_parallel = getattr(module, "sums_over_ranks", False)
+            _replace(model, name, QuantizedLinear.of_weight(module.weight.detach(), scheme,
+                                                            module.ranks.all_reduce_max if row_parallel else None))
     if hasattr(model, "head_scheme"):  # a tied head is quantized for the CPU's logits (Gemma4.ready_)
         model.head_scheme = scheme
     return model

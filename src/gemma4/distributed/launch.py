@@ -47,12 +47,12 @@ def load_rank(args, rank: int, size: int, local_rank: int):
 
     directory = resolve_checkpoint(args.model)
     config = Config.from_file(directory)
-    check_shardable(config, size, args.enable_expert_parallel)
+    check_shardable(config, size, args.enable_expert_parallel, args.quantization)
     device = rank_device(resolve_device(args.device), local_rank)
     if device.type == "cpu":
         from .runtime import share_cores
         share_cores(int(os.environ.get("LOCAL_WORLD_SIZE", size)))
     ranks, control = init_groups(rank, size, device)
-    model = load_model(directory, dtype=args.dtype, device=device, model_class=Model,
+    model = load_model(directory, dtype=args.dtype, device=device, model_class=Model, quantization=args.quantization,
                        shard=ShardPlan(config, ranks, args.enable_expert_parallel))
     return model, control

@@ -46,13 +46,12 @@ class RankFailed(torch.AcceleratorError):
 def load_parallel(path, tensor_parallel_size: int, enable_expert_parallel: bool = False, dtype=None, device="auto",
                   quantization: str | None = None, timeout: datetime.timedelta = DEFAULT_TIMEOUT):
     """Rank 0's shard of the checkpoint at `path` (a `gemma4.Model`), with N-1 worker processes spawned on this host
-    holding the others. Size errors (heads, experts, vocabulary not divisible) are raised before anything starts."""
+    holding the others; `quantization` ("fp8", "int8", "int4") quantizes each rank's part on load. Size errors
+    (heads, experts, vocabulary, quantization groups not divisible) are raised before anything starts."""
     from ..loading import resolve_checkpoint, resolve_device
 
     directory = resolve_checkpoint(path)
-    check_shardable(Config.from_file(directory), tensor_parallel_size, enable_expert_parallel)
-    if quantization is not None:
-        raise ValueError("tensor parallelism does not take quantization= yet")
+    check_shardable(Config.from_file(directory), tensor_parallel_size, enable_expert_parallel, quantization)
     device = resolve_device(device)
     if device.type == "cuda" and torch.cuda.device_count() < tensor_parallel_size:
         raise ValueError(f"tensor_parallel_size={tensor_parallel_size} needs as many GPUs on this host; "
@@ -62,7 +61,8 @@ def load_parallel(path, tensor_parallel_size: int, enable_expert_parallel: bool 
     if _current is not None:
         raise RuntimeError("a tensor-parallel model already runs in this process; gemma4.distributed.shutdown() it "
                            "first")
-    return ParallelRuntime.spawn(directory, tensor_parallel_size, enable_expert_parallel, dtype, device, timeout)
+    return ParallelRuntime.spawn(directory, tensor_parallel_size, enable_expert_parallel, dtype, device, quantization,
+                                 timeout)
 
 
 def shutdown() -> None:
@@ -97,7 +97,7 @@ class ParallelRuntime:
 
     @classmethod
     def spawn(cls, directory: Path, size: int, expert_parallel: bool, dtype, device: torch.device,
-              timeout: datetime.timedelta):
+              quantization: str | None, timeout: datetime.timedelta):
         """Rank 0's model, the other ranks started and loaded; the runtime is `current()`."""
         global _current
         import torch.multiprocessing as mp
@@ -109,7 +109,7 @@ class ParallelRuntime:
         init_method = f"tcp://127.0.0.1:{free_port()}"
         context = mp.get_context("spawn")
         ready = context.Queue()
-        args = (str(directory), size, expert_parallel, dtype, device.type, init_method, timeout)
+        args = (str(directory), size, expert_parallel, dtype, device.type, quantization, init_method, timeout)
         processes = [context.Process(target=_worker_main, args=(rank, *args, ready), name=f"gemma4-tp-rank{rank}",
                                      daemon=True) for rank in range(1, size)]
         for process in processes:
@@ -118,6 +118,7 @@ class ParallelRuntime:
             _wait_for(ready, processes, "started", timeout)  # a rank that cannot start fails now, not at init's timeout
             ranks, control = init_groups(0, size, rank_device(device, 0), init_method, timeout)
             model = load_model(directory, dtype=dtype, device=rank_device(device, 0), model_class=Model,
+                               quantization=quantization,
                                shard=ShardPlan(Config.from_file(directory), ranks, expert_parallel))
             _wait_for(ready, processes, "loaded", timeout)
         except BaseException:
@@ -350,7 +351,7 @@ def _eager_steps() -> None:
 
 
 def _worker_main(rank: int, directory: str, size: int, expert_parallel: bool, dtype, device_type: str,
-                 init_method: str, timeout: datetime.timedelta, ready) -> None:
+                 quantization: str | None, init_method: str, timeout: datetime.timedelta, ready) -> None:
     """A spawned rank: load this rank's shard, report, then run rank 0's forwards until told to stop."""
     from ..loading import load_model
 
@@ -361,7 +362,7 @@ def _worker_main(rank: int, directory: str, size: int, expert_parallel: bool, dt
     ready.put((rank, "started", None))
     try:
         ranks, control = init_groups(rank, size, device, init_method, timeout)
-        model = load_model(directory, dtype=dtype, device=device,
+        model = load_model(directory, dtype=dtype, device=device, quantization=quantization,
                            shard=ShardPlan(Config.from_file(directory), ranks, expert_parallel))
     except BaseException:
         ready.put((rank, "failed", traceback.format_exc()))

@@ -17,6 +17,14 @@ What each rank holds, for N ranks (rank r):
 Weights are cut on `meta` before loading (`loading.load_model(shard=...)` then reads only this rank's slices from
 safetensors) or in place on a loaded model: one plan (`ShardPlan.specs`) serves both.
 
+Quantized weights (model/quantized.py) are cut as their dense weight [..., N, K] would be (`quantized_spec`): a cut of
+the output rows N cuts the values' and the scales' rows; a cut of the inputs K (row parallel) cuts the values at
+K/N (int4 words hold 8 inputs: K/N a multiple of 8) and group scales at K/N / group (K/N a multiple of the group
+size), while a per-channel scale, of the whole row, is replicated. `check_shardable` refuses a size that would split a
+word, a group or a block, from config.json alone. Quantized on load (`quantization=`), each rank quantizes its part of
+the dense weights: per-channel scales of a row-parallel part take the row's maximum over the ranks
+(quantization.quantize_model_), so every rank holds its part of the whole matrix quantized, as one process would.
+
 Numerics: a row-parallel product sums N partial sums of K/N terms each, then the all-reduce adds them in its own
 order; against one process this reorders the sums, which moves fp32 logits (of magnitude ~2 on the tiny test models)
 by 2e-6 to 1.1e-5 (tests/test_tensor_parallel.py asserts 1e-4). Vocabulary gathers and zero-row all-reduces are
@@ -34,8 +42,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config
-from ..model.fused import Linear, QuantizedLinear, linear, product
+from ..model.fused import Linear, QuantizedLinear, linear, product, stored
+from ..model.quantized import Scheme
 from ..model.text import Experts, ScaledEmbedding
+
+Spec = tuple[int, list[tuple[int, int]]]  # (dim, [(start, stop), ...]): ranges along dim, concatenated in order
 
 
 class ShardingError(ValueError):
@@ -53,6 +64,12 @@ class Ranks:
         dist.all_reduce(x, group=self.group)
         return x
 
+    def all_reduce_max(self, x: torch.Tensor) -> torch.Tensor:
+        """The elementwise maximum over the ranks (in fp32, which holds any 16-bit float exactly; gloo has no bf16)."""
+        wide = x.float()
+        dist.all_reduce(wide, op=dist.ReduceOp.MAX, group=self.group)
+        return wide.to(x.dtype)
+
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
         """Each rank's x [..., n] side by side: [..., N n], rank order."""
         parts = [torch.empty_like(x) for _ in range(self.size)]
@@ -60,8 +77,10 @@ class Ranks:
         return torch.cat(parts, dim=-1)
 
 
-def check_shardable(config: Config, size: int, expert_parallel: bool = False) -> None:
-    """ShardingError naming the first size that `size` ranks cannot split evenly."""
+def check_shardable(config: Config, size: int, expert_parallel: bool = False, quantization: str | None = None) -> None:
+    """ShardingError naming the first size that `size` ranks cannot split evenly, or the first quantized weight whose
+    cut would split a packed word, a scale group or a block: that of a compressed-tensors checkpoint (its
+    quantization_config), or made on load with `quantization` ("fp8", "int8", "int4")."""
     if size < 1:
         raise ShardingError(f"tensor_parallel_size must be at least 1, got {size}")
     if size == 1:
@@ -91,65 +110,156 @@ def check_shardable(config: Config, size: int, expert_parallel: bool = False) ->
     if problems:
         raise ShardingError(f"tensor_parallel_size={size} does not divide " + ", ".join(problems)
                             + f" of this model; use a size that does (1, 2, 4, ...)")
-    if config.quantization_config is not None:
-        raise ShardingError("tensor parallelism does not take quantized checkpoints yet")
+    if config.quantization_config is None and quantization is None:
+        return
+    from ..quantization import kv_cache_strategy
+    if kv_cache_strategy(config.quantization_config) is not None:  # per KV head: the heads are cut, the scales not
+        raise ShardingError("tensor parallelism does not take a checkpoint's calibrated KV cache scales "
+                            "(quantization_config.kv_cache_scheme) yet")
+    quantized = _quantized_weights(config, quantization)
+    for rank in range(size):
+        for name, spec in cut_specs(config, Ranks(rank, size), expert_parallel).items():
+            if (found := quantized(name, spec, size)) is None:
+                continue
+            scheme, per_column = found
+            ndim = 3 if ".experts." in f"{name}." else 2
+            try:
+                for kind in ("values", "scale"):
+                    quantized_spec(spec, ndim, scheme, kind, per_column, name.removesuffix(".weight"))
+            except ShardingError as e:
+                hint = " (--enable-expert-parallel keeps whole experts)" if ".experts." in name + "." else ""
+                raise ShardingError(f"tensor_parallel_size={size}: {e}{hint}") from None
+
+
+def _quantized_weights(config: Config, quantization: str | None):
+    """A function (dense weight name, its cut, size) -> (Scheme, values per stored input column) of the weights that
+    are stored quantized (compressed-tensors: the config group whose targets match, unless ignored) or quantized on
+    load (quantization.quantizes_on_load's choice: every decoder projection whose K the group size divides), or None.
+    Embeddings are never quantized (not Linear)."""
+    from .. import quantization as quantization_module
+    from ..loading import checkpoint_key
+
+    checkpoint_scheme = config.quantization_config
+    groups = quantization_module.parse_config(checkpoint_scheme) if checkpoint_scheme is not None else []
+    ignore = (checkpoint_scheme or {}).get("ignore") or []
+    on_load = quantization_module.on_load_scheme(quantization) if quantization else None
+
+    def find(name: str, spec: Spec, size: int):
+        if "embed_tokens" in name:
+            return None
+        module = name.removesuffix(".weight")
+        if on_load is not None and ".language_model." in f".{module}":
+            dim, ranges = spec
+            experts = ".experts." in f"{module}."
+            # The widths that quantizes_on_load needs the group size to divide (one process keeps the weight dense
+            # otherwise, and so does each rank): the whole K of a cut along K (every rank's part is as long), and
+            # the hidden size, the experts' other K.
+            widths = ([sum(b - a for a, b in ranges) * size] if dim == (2 if experts else 1) else []) + \
+                ([config.text_config.hidden_size] if experts else [])
+            if all(width % (on_load.group_size or 1) == 0 for width in widths):
+                return on_load, 8 if on_load.packed else 1
+        if groups:
+            owner, _, projection = module.rpartition(".")
+            if owner.endswith(".experts"):  # stored per expert (llm-compressor's layout): expert 0 stands for all
+                module = f"{owner}.0.{'down' if projection == 'down_proj' else 'gate'}_proj"
+            key = checkpoint_key(module, config.layout)
+            group = quantization_module.targeting(key, groups)
+            if group is not None and not quantization_module.ignored(key, ignore):
+                return group.scheme, 32 // group.scheme.bits if group.format == "pack-quantized" else 1
+        return None
+
+    return find
+
+
+def quantized_spec(spec: Spec, ndim: int, scheme: Scheme, kind: str, per_column: int = 1,
+                   name: str = "") -> Spec | None:
+    """The part of a quantized matrix's `kind` tensor ("values" [..., N, K / per_column], or "scale"
+    [..., *scheme.scale_shape(N, K)]) that holds the part `spec` of its dense weight [..., N, K] (`ndim` dims; leading
+    ones: experts). None: the whole tensor (a per-channel scale of a cut along K: the row's, replicated). A
+    ShardingError naming `name` where the cut would split a packed word, a scale group or a block."""
+    dim, ranges = spec
+    axis = dim - ndim  # -1: the inputs K, -2: the output rows N
+    if axis == -1:
+        if kind == "values":
+            step, unit = per_column, f"word of {per_column} packed inputs"
+        elif scheme.strategy == "channel":
+            return None
+        elif scheme.strategy == "group":
+            step, unit = scheme.group_size, f"group of {scheme.group_size} inputs"
+        else:
+            step, unit = scheme.block[1], f"block of {scheme.block[1]} inputs"
+    elif axis == -2 and kind == "scale" and scheme.strategy == "block":
+        step, unit = scheme.block[0], f"block of {scheme.block[0]} rows"
+    else:
+        step = 1
+    if cut := next((x for a, b in ranges for x in (a, b) if x % step), None):
+        where = "input column" if axis == -1 else "row"
+        raise ShardingError(f"the cut of {name} ({scheme.name}) at {where} {cut} splits a {unit}")
+    return dim, [(a // step, b // step) for a, b in ranges]
+
+
+def cut_specs(config: Config, ranks: Ranks, expert_parallel: bool) -> dict[str, Spec]:
+    """Which part of each weight rank `ranks.rank` holds: dense parameter name -> (dim, [(start, stop), ...]), the
+    ranges along `dim` concatenated in order (gate then up of a fused expert). A quantized weight is cut as its dense
+    weight would be (`quantized_spec`)."""
+    size, rank = ranks.size, ranks.rank
+
+    def part(total: int) -> tuple[int, int]:
+        """This rank's even share of `total`."""
+        n = total // size
+        return rank * n, (rank + 1) * n
+
+    def kv_heads(num_kv_heads: int) -> tuple[int, int]:
+        """The KV heads this rank's query heads read: an even share, or the one head they share (replicated)."""
+        if num_kv_heads % size == 0:
+            return part(num_kv_heads)
+        head = rank // (size // num_kv_heads)
+        return head, head + 1
+
+    text = config.text_config
+    specs = {}
+    prefix = "model.language_model."
+    vocab = (0, [part(text.vocab_size)])
+    specs[prefix + "embed_tokens.weight"] = vocab
+    if not text.tie_word_embeddings:
+        specs["lm_head.weight"] = vocab
+    if text.hidden_size_per_layer_input:
+        specs[prefix + "embed_tokens_per_layer.weight"] = (0, [part(text.vocab_size_per_layer_input)])
+    for i in range(text.num_hidden_layers):
+        layer = f"{prefix}layers.{i}."
+        dim = text.layer_head_dims[i]
+        q0, q1 = part(text.num_attention_heads)
+        specs[layer + "self_attn.q_proj.weight"] = (0, [(q0 * dim, q1 * dim)])
+        specs[layer + "self_attn.o_proj.weight"] = (1, [(q0 * dim, q1 * dim)])
+        if not text.is_kv_shared(i):
+            k0, k1 = kv_heads(text.layer_num_kv_heads[i])
+            specs[layer + "self_attn.k_proj.weight"] = (0, [(k0 * dim, k1 * dim)])
+            if text.has_v_proj(i):
+                specs[layer + "self_attn.v_proj.weight"] = (0, [(k0 * dim, k1 * dim)])
+        columns = (0, [part(text.mlp_width(i))])
+        specs[layer + "mlp.gate_proj.weight"] = specs[layer + "mlp.up_proj.weight"] = columns
+        specs[layer + "mlp.down_proj.weight"] = (1, columns[1])
+        if text.enable_moe_block:
+            if expert_parallel:
+                experts = (0, [part(text.num_experts)])
+                specs[layer + "experts.gate_up_proj"] = specs[layer + "experts.down_proj"] = experts
+            else:
+                w = text.moe_intermediate_size
+                a, b = part(w)
+                specs[layer + "experts.gate_up_proj"] = (1, [(a, b), (w + a, w + b)])  # gate rows, up rows
+                specs[layer + "experts.down_proj"] = (2, [(a, b)])
+    return specs
 
 
 class ShardPlan:
-    """Which part of each weight rank `ranks.rank` holds: `specs(model)` maps a parameter name to
-    (dim, [(start, stop), ...]), the ranges along `dim` concatenated in order (gate then up of a fused expert)."""
+    """Which part of each weight rank `ranks.rank` holds (`specs`), checked (`check_shardable`) when made."""
 
     def __init__(self, config: Config, ranks: Ranks, expert_parallel: bool = False):
         check_shardable(config, ranks.size, expert_parallel)
         self.config, self.ranks, self.expert_parallel = config, ranks, expert_parallel
 
-    def part(self, total: int) -> tuple[int, int]:
-        """This rank's even share of `total`."""
-        n = total // self.ranks.size
-        return self.ranks.rank * n, (self.ranks.rank + 1) * n
-
-    def kv_heads(self, num_kv_heads: int) -> tuple[int, int]:
-        """The KV heads this rank's query heads read: an even share, or the one head they share (replicated)."""
-        size, rank = self.ranks.size, self.ranks.rank
-        if num_kv_heads % size == 0:
-            return self.part(num_kv_heads)
-        head = rank // (size // num_kv_heads)
-        return head, head + 1
-
-    def specs(self, model: nn.Module) -> dict[str, tuple[int, list[tuple[int, int]]]]:
-        text = self.config.text_config
-        specs = {}
-        prefix = "model.language_model."
-        vocab = (0, [self.part(text.vocab_size)])
-        specs[prefix + "embed_tokens.weight"] = vocab
-        if getattr(model, "lm_head", None) is not None:
-            specs["lm_head.weight"] = vocab
-        if text.hidden_size_per_layer_input:
-            specs[prefix + "embed_tokens_per_layer.weight"] = (0, [self.part(text.vocab_size_per_layer_input)])
-        for i in range(text.num_hidden_layers):
-            layer = f"{prefix}layers.{i}."
-            dim = text.layer_head_dims[i]
-            q0, q1 = self.part(text.num_attention_heads)
-            specs[layer + "self_attn.q_proj.weight"] = (0, [(q0 * dim, q1 * dim)])
-            specs[layer + "self_attn.o_proj.weight"] = (1, [(q0 * dim, q1 * dim)])
-            if not text.is_kv_shared(i):
-                k0, k1 = self.kv_heads(text.layer_num_kv_heads[i])
-                specs[layer + "self_attn.k_proj.weight"] = (0, [(k0 * dim, k1 * dim)])
-                if text.has_v_proj(i):
-                    specs[layer + "self_attn.v_proj.weight"] = (0, [(k0 * dim, k1 * dim)])
-            columns = (0, [self.part(text.mlp_width(i))])
-            specs[layer + "mlp.gate_proj.weight"] = specs[layer + "mlp.up_proj.weight"] = columns
-            specs[layer + "mlp.down_proj.weight"] = (1, columns[1])
-            if text.enable_moe_block:
-                if self.expert_parallel:
-                    experts = (0, [self.part(text.num_experts)])
-                    specs[layer + "experts.gate_up_proj"] = specs[layer + "experts.down_proj"] = experts
-                else:
-                    w = text.moe_intermediate_size
-                    a, b = self.part(w)
-                    specs[layer + "experts.gate_up_proj"] = (1, [(a, b), (w + a, w + b)])  # gate rows, up rows
-                    specs[layer + "experts.down_proj"] = (2, [(a, b)])
-        return specs
+    def specs(self) -> dict[str, Spec]:
+        return cut_specs(self.config, self.ranks, self.expert_parallel)
 
     def local_config(self) -> Config:
         """The config as this rank's modules see it: its query and KV heads (KV pools are sized from it)."""
@@ -164,7 +274,7 @@ class ShardPlan:
         return config
 
 
-def take(tensor: torch.Tensor, spec: tuple[int, list[tuple[int, int]]]) -> torch.Tensor:
+def take(tensor: torch.Tensor, spec: Spec) -> torch.Tensor:
     """The ranges of `spec` cut out of a whole tensor (meta tensors too: only the shape then)."""
     dim, ranges = spec
     parts = [tensor.narrow(dim, a, b - a) for a, b in ranges]
@@ -182,9 +292,10 @@ def read_slice(piece, spec: tuple[int, list[tuple[int, int]]]) -> torch.Tensor:
     return parts[0].clone(memory_format=torch.contiguous_format)
 
 
-class RowParallelLinear(Linear):
-    """A Linear holding a slice of its input columns: each rank's product is a partial sum, all-reduced here.
-    `sums_over_ranks` tells fused.add_normed_linear to take this forward (not a fused product + norms)."""
+class RowParallel:
+    """A Linear (dense or quantized) holding a slice of its input columns: each rank's product is a partial sum,
+    all-reduced here. `sums_over_ranks` tells fused.add_normed_linear to take this forward (not a fused product +
+    norms), and quantization.quantize_model_ that each row's scale is the whole row's."""
     sums_over_ranks = True
     ranks: Ranks
 
@@ -192,6 +303,21 @@ class RowParallelLinear(Linear):
         y = linear(x, self.weight)
         self.ranks.all_reduce(y)
         return y if self.bias is None else y + self.bias  # the bias once, after the sum
+
+
+class RowParallelLinear(RowParallel, Linear):
+    pass
+
+
+class RowParallelQuantizedLinear(RowParallel, QuantizedLinear):
+    pass
+
+
+def row_parallel_(module: Linear | QuantizedLinear, ranks: Ranks) -> RowParallel:
+    """`module`, holding a slice of its input columns, made the row-parallel twin of its class."""
+    module.__class__ = RowParallelQuantizedLinear if isinstance(module, QuantizedLinear) else RowParallelLinear
+    module.ranks = ranks
+    return module
 
 
 class VocabParallelEmbedding(ScaledEmbedding):
@@ -217,10 +343,15 @@ class ParallelExperts(Experts):
     expert_start: int = 0
     expert_parallel: bool = False
 
+    @property
+    def num_held(self) -> int:
+        """The experts held here: E/N with expert parallelism, else all of them (dense or quantized)."""
+        return self.weights()[0].shape[0]
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, combine: bool = True):
         if self.expert_parallel:
             local = experts - self.expert_start
-            here = (local >= 0) & (local < self.gate_up_proj.shape[0])
+            here = (local >= 0) & (local < self.num_held)
             if x.device.type == "cpu" and self.path in ("auto", "loop"):
                 y = self._local_loop(x, weights, local, here)
             else:  # choices held elsewhere run this rank's first expert with weight 0 (fixed shapes for the kernels)
@@ -242,27 +373,29 @@ class ParallelExperts(Experts):
 
 
 def shard_model_(model: nn.Module, plan: ShardPlan) -> nn.Module:
-    """Cut `model` (a Gemma4, on `meta` or loaded) to this rank's part in place and swap in the parallel modules;
-    its config becomes the local one. With one rank, nothing changes."""
+    """Cut `model` (a Gemma4, on `meta` or loaded, dense or quantized) to this rank's part in place and swap in the
+    parallel modules; its config becomes the local one. Quantized weights are left in the checkpoint's layout (a
+    loaded model's `ready_()` repacks them for the CPU again). With one rank, nothing changes."""
     ranks = plan.ranks
     if ranks.size == 1:
         return model
-    if any(isinstance(m, QuantizedLinear) for m in model.modules()):
-        raise ShardingError("tensor parallelism does not take quantized weights yet")
     text = model.model.language_model
     refuse = [name for name, module in model.named_modules() if getattr(module, "qkv_weight", None) is not None
               or getattr(module, "gate_up_weight", None) is not None]
     if refuse:  # the fused weight's row blocks are views of the per-projection weights being replaced
         raise ShardingError(f"shard the model before fuse_projections_ ({refuse[0]} is fused)")
     params = dict(model.named_parameters())
-    for name, spec in plan.specs(model).items():
+    for name, spec in plan.specs().items():
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
-        whole = params[name]
-        setattr(module, attr, nn.Parameter(take(whole.detach(), spec), requires_grad=False))
+        if isinstance(module, QuantizedLinear):  # a Linear's weight, held quantized
+            _cut_quantized_(module, spec, name)
+        elif isinstance(getattr(module, attr), QuantizedLinear):  # the experts' gate_up_proj or down_proj
+            _cut_quantized_(getattr(module, attr), spec, name)
+        else:
+            setattr(module, attr, nn.Parameter(take(params[name].detach(), spec), requires_grad=False))
     for module in _row_parallel(text):
-        module.__class__ = RowParallelLinear
-        module.ranks = ranks
+        row_parallel_(module, ranks)
     for table in [text.embed_tokens] + ([text.embed_tokens_per_layer] if text.ple_dim else []):
         table.__class__ = VocabParallelEmbedding
         table.ranks, table.vocab_start = ranks, ranks.rank * table.weight.shape[0]
@@ -270,10 +403,10 @@ def shard_model_(model: nn.Module, plan: ShardPlan) -> nn.Module:
         if layer.enable_moe_block:
             layer.experts.__class__ = ParallelExperts
             layer.experts.ranks, layer.experts.expert_parallel = ranks, plan.expert_parallel
-            layer.experts.expert_start = ranks.rank * layer.experts.gate_up_proj.shape[0] if plan.expert_parallel else 0
-    for module in model.modules():  # nn.Linear's sizes follow the cut weights (Attention.project reads them)
-        if isinstance(module, nn.Linear):
-            module.out_features, module.in_features = module.weight.shape
+            layer.experts.expert_start = ranks.rank * layer.experts.num_held if plan.expert_parallel else 0
+    for module in model.modules():  # Linears' sizes follow the cut weights (Attention.project reads them)
+        if isinstance(module, (nn.Linear, QuantizedLinear)):
+            module.out_features, module.in_features = module.weight.shape[-2:]
         elif isinstance(module, nn.Embedding):
             module.num_embeddings = module.weight.shape[0]
     local = plan.local_config()
@@ -283,10 +416,22 @@ def shard_model_(model: nn.Module, plan: ShardPlan) -> nn.Module:
     model.config = local
     text.config = local.text_config
     model.gather_vocabulary = ranks.all_gather_last  # Gemma4.logits: each rank's vocabulary rows, before the softcap
+    model.quantized_head = None  # the whole vocabulary's: `ready_` quantizes this rank's rows again
     model.ranks = ranks
     return model
 
 
-def _row_parallel(text: nn.Module) -> list[Linear]:
+def _cut_quantized_(layer: QuantizedLinear, spec: Spec, name: str) -> None:
+    """A quantized Linear (or the experts' holder) cut to the part `spec` of its dense weight, in the checkpoint's
+    layout."""
+    weight = layer.weight.in_checkpoint_layout()
+    ndim = weight.values.dim()
+    values_spec = quantized_spec(spec, ndim, weight.scheme, "values", 8 if weight.scheme.packed else 1, name)
+    scale_spec = quantized_spec(spec, ndim, weight.scheme, "scale", name=name)
+    layer.assign(take(stored(weight.values), values_spec),
+                 weight.scale if scale_spec is None else take(weight.scale, scale_spec))
+
+
+def _row_parallel(text: nn.Module) -> list[Linear | QuantizedLinear]:
     """The projections whose input columns are split: o_proj and the MLPs' down_proj."""
     return [m for layer in text.layers for m in (layer.self_attn.o_proj, layer.mlp.down_proj)]

@@ -102,9 +102,9 @@ class QuantizedLinear(nn.Module):
         self.chunk = 0  # > 0 once `for_cpu_` stored the values chunk by chunk (QuantizedWeight.chunk)
 
     @classmethod
-    def of_weight(cls, weight: torch.Tensor, scheme: Scheme) -> QuantizedLinear:
-        """A dense weight [..., N, K] quantized with `scheme` (quantize-on-load)."""
-        quantized = quantize(weight, scheme)
+    def of_weight(cls, weight: torch.Tensor, scheme: Scheme, whole_rows=None) -> QuantizedLinear:
+        """A dense weight [..., N, K] quantized with `scheme` (quantize-on-load); `whole_rows`: see `quantize`."""
+        quantized = quantize(weight, scheme, whole_rows=whole_rows)
         *leading, n, k = weight.shape
         return cls(k, n, scheme, leading=tuple(leading), device="meta").assign(stored(quantized.values),
                                                                                quantized.scale)

@@ -154,14 +154,20 @@ class QuantizedWeight:
                                weights[0].scheme)
 
 
-def quantize(weight: torch.Tensor, scheme: Scheme, for_cpu: bool = False) -> QuantizedWeight:
+def quantize(weight: torch.Tensor, scheme: Scheme, for_cpu: bool = False, whole_rows=None) -> QuantizedWeight:
     """weight [..., N, K] -> its `scheme` form, as llm-compressor's min-max observer and compressed-tensors make it:
     scale = absmax / qmax per channel / group / block, in the weight's dtype; values = the scaled weight rounded.
-    `for_cpu`: int4 packed straight into the CPU kernel's layout (`to_cpu_int4` of the result, without the words)."""
+    `for_cpu`: int4 packed straight into the CPU kernel's layout (`to_cpu_int4` of the result, without the words).
+    `whole_rows`: for a weight that holds some of each row's inputs (a tensor-parallel part), the absolute maxima of
+    the whole rows from this part's [..., N, 1] (a maximum over the ranks): per-channel scales are then the whole
+    matrix's (exactly: a maximum rounds nothing)."""
     assert scheme.strategy != "block", "blocks are read from checkpoints, not made on load"
     grouped = _per_scale(weight, scheme)
     low, high = grouped.aminmax(dim=-1)  # the absolute maximum, without a copy of |weight|
-    scale = torch.maximum(high, -low) / _qmax(scheme.kind, scheme.bits)
+    absmax = torch.maximum(high, -low)
+    if whole_rows is not None and scheme.strategy == "channel":
+        absmax = whole_rows(absmax)
+    scale = absmax / _qmax(scheme.kind, scheme.bits)
     scale = torch.where(scale == 0, torch.finfo(scale.dtype).eps, scale)
     q = _round(grouped / scale.unsqueeze(-1), scheme.kind, scheme.bits).flatten(-2).reshape(weight.shape)
     if scheme.kind == "float":
