@@ -200,3 +200,27 @@ def test_a_scale_of_the_wrong_shape_is_named(checkpoint, tmp_path):
     target = _edit(checkpoint[0], tmp_path, tensor_edit=widen)
     with pytest.raises(CheckpointError, match=r"layers\.0\.self_attn\.k_scale"):
         load_model(target, dtype=torch.float32, device="cpu", model_class=Model)
+
+
+def test_tensor_parallel_ranks_take_their_heads_scales(checkpoint):
+    """2 gloo ranks: each holds the scales of its KV heads (31B-like: the sliding layers' 2 heads split, the global
+    layers' 1 head replicated) and its fp8 pools use them; ids and logprobs equal one process's (fp32, 1e-4)."""
+    from gemma4 import distributed
+    from gemma4.llm import LLM
+
+    directory = checkpoint[0]
+    prompt = torch.randint(3, VOCAB, (PROMPT,), generator=torch.Generator().manual_seed(1)).tolist()
+    params = dict(temperature=0.0, max_tokens=STEPS, stop_token_ids=[], logprobs=1)
+    kwargs = dict(dtype="float32", device="cpu", kv_cache_dtype="fp8")
+    [want] = LLM(str(directory), **kwargs).generate([prompt], params)
+    try:
+        llm = LLM(str(directory), tensor_parallel_size=2, **kwargs)
+        [got] = llm.generate([prompt], params)
+        model = llm.model
+        assert all(scales[0].shape == (model.config.text_config.layer_num_kv_heads[layer],)
+                   for layer, scales in kv_cache_scales(model).items())
+    finally:
+        distributed.shutdown()
+    assert got.token_ids == want.token_ids
+    torch.testing.assert_close(torch.tensor([lp.logprob for lp in got.logprobs]),
+                               torch.tensor([lp.logprob for lp in want.logprobs]), rtol=0, atol=TOL)

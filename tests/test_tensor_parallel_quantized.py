@@ -171,15 +171,6 @@ def test_cuts_that_split_quantized_tensors_fail_before_loading(checkpoints, sche
         distributed.check_shardable(Config.from_dict(config), size)
 
 
-def test_calibrated_kv_cache_scales_are_refused():
-    """A kv_cache_scheme's scales per KV head would need cutting with the heads (not done yet)."""
-    config = config_dict("31B")
-    config["quantization_config"] = {"quant_method": "compressed-tensors", "config_groups": {}, "kv_cache_scheme": {
-        "type": "float", "num_bits": 8, "strategy": "attn_head", "symmetric": True, "dynamic": False}}
-    with pytest.raises(ShardingError, match="kv_cache_scheme"):
-        distributed.check_shardable(Config.from_dict(config), 2)
-
-
 def test_quantization_on_load_that_splits_groups_fails_before_loading(checkpoints, tmp_path):
     dense = tmp_path / "dense"
     randomize_(Model(Config.from_dict(config_dict("31B", {}))), seed=1).save_pretrained(dense)

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from ..config import SLIDING, Config
 from ..model.gemma4 import check_token_ids
 from ..model.paged_cache import KVPools, PagedCacheView
+from ..quantization import kv_cache_scales
 from ..threads import available_cores
 from .groups import DEFAULT_TIMEOUT, destroy_groups, free_port, init_groups, rank_device
 from .sharding import Ranks, ShardPlan, check_shardable
@@ -390,6 +391,7 @@ def serve_forwards(model, control) -> None:
             pools.pop(pid, None)
         for pid, spec in message["new_pools"]:
             pools[pid] = KVPools(model.config.text_config, dtype=model.dtype, device=device, **spec)
+            pools[pid].load_scales_(kv_cache_scales(model))
         for pid, src, dst in message["copies"]:
             _copy_ring(pools[pid], src, dst)
         kwargs = {}

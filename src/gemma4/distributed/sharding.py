@@ -45,6 +45,7 @@ from ..config import Config
 from ..model.fused import Linear, QuantizedLinear, linear, product, stored
 from ..model.quantized import Scheme
 from ..model.text import Experts, ScaledEmbedding
+from .. import quantization as quantization_module
 
 Spec = tuple[int, list[tuple[int, int]]]  # (dim, [(start, stop), ...]): ranges along dim, concatenated in order
 
@@ -112,10 +113,6 @@ def check_shardable(config: Config, size: int, expert_parallel: bool = False, qu
                             + f" of this model; use a size that does (1, 2, 4, ...)")
     if config.quantization_config is None and quantization is None:
         return
-    from ..quantization import kv_cache_strategy
-    if kv_cache_strategy(config.quantization_config) is not None:  # per KV head: the heads are cut, the scales not
-        raise ShardingError("tensor parallelism does not take a checkpoint's calibrated KV cache scales "
-                            "(quantization_config.kv_cache_scheme) yet")
     quantized = _quantized_weights(config, quantization)
     for rank in range(size):
         for name, spec in cut_specs(config, Ranks(rank, size), expert_parallel).items():
@@ -135,8 +132,7 @@ def _quantized_weights(config: Config, quantization: str | None):
     """A function (dense weight name, its cut, size) -> (Scheme, values per stored input column) of the weights that
     are stored quantized (compressed-tensors: the config group whose targets match, unless ignored) or quantized on
     load (quantization.quantizes_on_load's choice: every decoder projection whose K the group size divides), or None.
-    Embeddings are never quantized (not Linear)."""
-    from .. import quantization as quantization_module
+    Embeddings are never quantized (not Linear), nor are a calibrated KV cache's scales."""
     from ..loading import checkpoint_key
 
     checkpoint_scheme = config.quantization_config
@@ -145,7 +141,7 @@ def _quantized_weights(config: Config, quantization: str | None):
     on_load = quantization_module.on_load_scheme(quantization) if quantization else None
 
     def find(name: str, spec: Spec, size: int):
-        if "embed_tokens" in name:
+        if "embed_tokens" in name or name.endswith(("k_scale", "v_scale")):
             return None
         module = name.removesuffix(".weight")
         if on_load is not None and ".language_model." in f".{module}":
@@ -219,6 +215,7 @@ def cut_specs(config: Config, ranks: Ranks, expert_parallel: bool) -> dict[str, 
     text = config.text_config
     specs = {}
     prefix = "model.language_model."
+    per_head_kv_scales = quantization_module.kv_cache_strategy(config.quantization_config) == "attn_head"
     vocab = (0, [part(text.vocab_size)])
     specs[prefix + "embed_tokens.weight"] = vocab
     if not text.tie_word_embeddings:
@@ -236,6 +233,8 @@ def cut_specs(config: Config, ranks: Ranks, expert_parallel: bool) -> dict[str, 
             specs[layer + "self_attn.k_proj.weight"] = (0, [(k0 * dim, k1 * dim)])
             if text.has_v_proj(i):
                 specs[layer + "self_attn.v_proj.weight"] = (0, [(k0 * dim, k1 * dim)])
+            if per_head_kv_scales:  # a calibrated fp8 KV cache's scales of those heads ([Hkv, 1, 1])
+                specs[layer + "self_attn.k_scale"] = specs[layer + "self_attn.v_scale"] = (0, [(k0, k1)])
         columns = (0, [part(text.mlp_width(i))])
         specs[layer + "mlp.gate_proj.weight"] = specs[layer + "mlp.up_proj.weight"] = columns
         specs[layer + "mlp.down_proj.weight"] = (1, columns[1])
@@ -385,6 +384,7 @@ def shard_model_(model: nn.Module, plan: ShardPlan) -> nn.Module:
     if refuse:  # the fused weight's row blocks are views of the per-projection weights being replaced
         raise ShardingError(f"shard the model before fuse_projections_ ({refuse[0]} is fused)")
     params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
     for name, spec in plan.specs().items():
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
@@ -392,6 +392,8 @@ def shard_model_(model: nn.Module, plan: ShardPlan) -> nn.Module:
             _cut_quantized_(module, spec, name)
         elif isinstance(getattr(module, attr), QuantizedLinear):  # the experts' gate_up_proj or down_proj
             _cut_quantized_(getattr(module, attr), spec, name)
+        elif name in buffers:  # calibrated KV cache scales
+            setattr(module, attr, take(buffers[name], spec))
         else:
             setattr(module, attr, nn.Parameter(take(params[name].detach(), spec), requires_grad=False))
     for module in _row_parallel(text):
