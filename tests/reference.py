@@ -54,8 +54,9 @@ def tiny_model(text: dict):
 
 def engine_outputs(engine, prompts, params) -> list[tuple[list[int], list[float | None]]]:
     """Each prompt's (output ids, their log-probabilities: None where not asked), all submitted to an LLMEngine at
-    once."""
-    ids = [engine.add_request(p, params) for p in prompts]
+    once. `params`: one SamplingParams for all, or a list of one per prompt."""
+    params = params if isinstance(params, list) else [params] * len(prompts)
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
     got = {i: ([], []) for i in ids}
     for out in engine.run(ids):
         out.raise_error()

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from gemma4.engine.sampling import SamplingParams, draw, next_token_distribution, token_logprobs
+from gemma4.engine.sampling import (SamplingParams, distributions, draw, next_token_distribution, processed_scores,
+                                    token_logprobs)
 
 LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
 
@@ -79,6 +80,52 @@ def test_input_logits_are_not_modified():
     next_token_distribution(logits, SamplingParams(repetition_penalty=3.0, presence_penalty=1.0),
                             prompt_ids=torch.tensor([0]), output_ids=torch.tensor([1]))
     assert torch.equal(logits, LOGITS)
+
+
+def test_top_p_sorts_the_likeliest_alone_where_they_suffice():
+    """top-p over 5,000 tokens keeps exactly the tokens that a sort of the whole row keeps: on a peaked row, whose
+    1,024 likeliest tokens hold top_p (only they are sorted), and on a flat one (sorted whole)."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.stack([torch.randn(5000, generator=gen) * 5, torch.randn(5000, generator=gen) * 0.1])
+    probs = logits.softmax(-1)
+    ordered, order = probs.sort(descending=True)
+    assert ordered[0, :1024].sum() > 0.9 > 0.5 > ordered[1, :1024].sum()
+    for top_p in (0.5, 0.9):
+        kept = torch.zeros_like(probs, dtype=torch.bool).scatter(1, order, ordered.cumsum(-1) - ordered < top_p)
+        assert torch.equal(processed_scores(logits, SamplingParams(top_p=top_p)).isfinite(), kept)
+
+
+def test_rows_under_their_own_rules():
+    """`distributions` over rows of different rules gives each row's next_token_distribution: greedy, top-k with
+    top-p and min-p, top-k with a tie at the k-th value (both kept), penalties over padded prompt and output ids; on
+    each row's top-k candidates while every sampled row has a top-k, over the vocabulary once one has none."""
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(5, 40, generator=gen) * 2
+    fifth, sixth = logits[2].topk(6).indices[4:].tolist()
+    logits[2, sixth] = logits[2, fifth]  # tied with the 5th likeliest: top-k 5 keeps 6 tokens
+    prompt = torch.tensor([[3, 4, -1], [5, -1, -1], [6, 7, 8], [9, -1, -1], [3, 3, 1]])
+    output = torch.tensor([[1, 1], [-1, -1], [2, -1], [4, 4], [0, -1]])
+    params = [SamplingParams(temperature=0, repetition_penalty=1.5),
+              SamplingParams(temperature=0.7, top_k=5, top_p=0.8, min_p=0.1),
+              SamplingParams(temperature=0.7, top_k=5),
+              SamplingParams(temperature=1.2, top_k=8, presence_penalty=0.5, frequency_penalty=0.3),
+              SamplingParams(temperature=0.9, min_p=0.05, repetition_penalty=1.3)]
+
+    def expected(row):
+        return next_token_distribution(logits[row], params[row], prompt[row][prompt[row] >= 0],
+                                       output[row][output[row] >= 0])
+
+    for rows in ([0, 1, 3], [0, 1, 2, 3, 4]):
+        got = distributions(logits[rows], [params[row] for row in rows], prompt[rows], output[rows])
+        assert (got.ids is None) == (rows == [0, 1, 2, 3, 4])  # row 2's tie, row 4's missing top-k: no candidates
+        assert got.most_likely()[0] == expected(0).argmax()
+        for i, row in enumerate(rows):
+            dense = got.rows([i]).prob_at(None)[0]
+            assert torch.equal(dense > 0, expected(row) > 0), row
+            torch.testing.assert_close(dense, expected(row), rtol=0, atol=1e-6)
+            tokens = torch.arange(40)[None]
+            torch.testing.assert_close(got.rows([i]).prob_at(tokens)[0], dense, rtol=0, atol=0)
+    assert (expected(2) > 0).sum() == 6
 
 
 def test_draws_follow_the_distribution():

@@ -255,8 +255,8 @@ class ScriptedVerifier(ScriptedModel):
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, last_only=False,
                 return_hidden=False, **media):
         ends = [input_ids.shape[1]] if last_only else range(1, input_ids.shape[1] + 1)
-        logits = torch.cat([super(ScriptedVerifier, self).forward(input_ids[:, :end], position_ids=position_ids[:, :end])
-                            for end in ends], dim=1)
+        scripted = super().forward
+        logits = torch.cat([scripted(input_ids[:, :end], position_ids=position_ids[:, :end]) for end in ends], dim=1)
         return (logits, torch.zeros(*logits.shape[:2], self.width)) if return_hidden else logits
 
     def token_at(self, position: int) -> int:

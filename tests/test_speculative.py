@@ -15,7 +15,7 @@ from reference import engine_outputs, text_config_dict, tiny_model
 
 from gemma4.assistant_checkpoint import assistant_config_for, random_assistant
 from gemma4.engine.engine import LLMEngine
-from gemma4.engine.sampling import SamplingParams
+from gemma4.engine.sampling import Candidates, SamplingParams, next_token_distribution
 from gemma4.engine.speculative import Speculator
 
 # The kernel tests' device: CUDA when there is one, else the CPU through Triton's interpreter (conftest).
@@ -84,6 +84,35 @@ def test_greedy_outputs_equal_without_speculation(target, drafts):
     assert engine.blocks.usage == 0
 
 
+def test_penalties_logit_bias_and_sampling_in_one_verify_batch(target):
+    """Rows that the general acceptance path serves, verified together: greedy under penalties, greedy under a
+    logit_bias (each position's penalties count the drafts before it as output) give the tokens and logprobs
+    without speculation; seeded sampled rows with penalties and top-k / top-p give the same tokens run after run."""
+    model, drafter = target
+    batch = prompts([21, 9, 14, 30], seed=11)
+    greedy = [SamplingParams(max_tokens=18, temperature=0, stop_token_ids=[], repetition_penalty=1.6,
+                             presence_penalty=0.5, frequency_penalty=0.4, logprobs=2),
+              SamplingParams(max_tokens=18, temperature=0, stop_token_ids=[], logit_bias={7: 2.0, 11: -100})]
+    # The sampled rows' drafts: their prompts' greedy continuations (often their likeliest tokens)
+    plain = run(LLMEngine(model, max_num_seqs=4, max_model_len=128), batch, greedy * 2)
+    sampled = [SamplingParams(max_tokens=18, temperature=0.8, top_k=20, top_p=0.9, seed=3, stop_token_ids=[],
+                              frequency_penalty=0.3),
+               SamplingParams(max_tokens=18, temperature=1.2, min_p=0.05, seed=4, stop_token_ids=[], logprobs=1)]
+    outputs = []
+    for _ in range(2):
+        engine = LLMEngine(model, max_num_seqs=4, max_model_len=128, speculative_model=drafter,
+                           num_speculative_tokens=3)
+        engine.speculator.oracle = oracle_from({tuple(p): out[0] for p, out in zip(batch, plain)}, noise=0.3)
+        outputs.append(run(engine, batch, greedy + sampled))
+        assert 0 < engine.speculator.num_accepted < engine.speculator.num_drafted and engine.blocks.usage == 0
+    for (ids, logprobs), (ref_ids, ref_logprobs) in zip(outputs[0][:2], plain[:2]):
+        assert ids == ref_ids
+        if ref_logprobs[0] is not None:
+            torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(ref_logprobs), rtol=0, atol=1e-4)
+    assert [ids for ids, _ in outputs[0]] == [ids for ids, _ in outputs[1]]
+    assert all(len(ids) == 18 for ids, _ in outputs[0])
+
+
 def test_a_stop_token_inside_an_accepted_run_ends_the_output_there(target):
     """The oracle's drafts are all accepted; the 6th greedy token is made a stop id: the output ends on it, as
     without speculation, and the accepted tokens after it are dropped."""
@@ -149,33 +178,54 @@ def test_requests_join_and_leave_a_speculating_batch(target):
 
 @pytest.mark.parametrize("greedy_drafts", [False, True])
 def test_rejection_sampling_keeps_the_target_distribution(greedy_drafts):
-    """Speculator.accept on fixed distributions over 6 tokens: the target's p_0, p_1 at the two positions, drafts
-    drawn from a quite different q (or its argmax). Over 6,000 rounds the first token's frequencies match p_0 and the
-    second's (when one is emitted after an accepted draft, it comes from p_1) match p_1; accepting every draft would
-    give q's frequencies instead, far outside the bound."""
+    """Speculator.accept on fixed distributions over 6 tokens, two sequences verified together: the first (seeded)
+    with two drafts, the target's p_0, p_1, p_2 at its three positions; the second (unseeded, temperature 0.5, top-k
+    5: some of its drafts have no probability at all) with one draft, p'_0, p'_1. Drafts are drawn from quite
+    different q's (or are their argmax), given on candidates in another order, or over the vocabulary. Over 6,000
+    rounds each position's tokens (the first's always, a later one's when every draft before it was accepted) follow
+    the target's distribution there; accepting every draft would give q's frequencies instead, far outside the
+    bounds."""
     from gemma4.engine.sequence import Sequence
 
     vocab, rounds = 6, 6000
-    p_logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 0.3], [0.0, 1.5, -0.5, 1.0, 0.2, -2.0]])
-    q_logits = torch.tensor([[0.0, 2.5, 0.0, 1.0, 0.5, -1.0], [1.0, 0.0, 2.0, -1.0, 0.0, 0.5]])
-    p, q = p_logits.softmax(-1), q_logits.softmax(-1)
-    params = SamplingParams(max_tokens=100, temperature=1.0, stop_token_ids=[])
+    p_logits = [torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 0.3], [0.0, 1.5, -0.5, 1.0, 0.2, -2.0],
+                              [1.0, -1.0, 0.5, 0.5, 1.5, 0.0]]),
+                torch.tensor([[0.5, 0.0, -0.5, 0.8, 0.2, 0.1], [-0.2, 0.6, 0.0, 0.1, 0.3, -0.4]])]
+    # Each q has the target's most likely token as its own (so that greedy drafts are often accepted), its mass
+    # elsewhere; the q's of one sequence's two drafts, and of the two sequences' first, hold their mass on different
+    # tokens (a q read at the wrong position or row fails the bounds).
+    q_logits = torch.tensor([[[2.0, -1.0, 1.8, -1.0, 1.4, -1.0], [-1.0, 2.0, -1.0, 1.8, -0.5, 0.8]],
+                             [[-1.0, 1.5, 0.5, 1.6, -1.0, 1.2], [0.0] * 6]])
+    params = [SamplingParams(max_tokens=100, temperature=1.0, stop_token_ids=[]),
+              SamplingParams(max_tokens=100, temperature=0.5, top_k=5, stop_token_ids=[])]
+    p = [next_token_distribution(p_logits[b], params[b]) for b in range(2)]
+    verified = torch.cat(p_logits)  # the verify step's rows, sequence after sequence
+    q = q_logits.softmax(-1)
+    order = torch.tensor([3, 0, 5, 1, 4, 2])  # the drafting steps' distributions: on candidates, on the vocabulary
+    steps = [Candidates(q[:, 0, order], order.expand(2, -1), vocab), Candidates(q[:, 1], None, vocab)]
     speculator = Speculator.__new__(Speculator)
     speculator.num_drafted = speculator.num_accepted = 0
     gen = torch.Generator().manual_seed(0)
-    first, second = torch.zeros(vocab), torch.zeros(vocab)
-    for _ in range(rounds):
-        seq = Sequence([1, 2, 3], params, generator=gen)
-        draft = int(q[0].argmax()) if greedy_drafts else int(torch.multinomial(q[0], 1, generator=gen))
-        probs = None if greedy_drafts else q[None, :1]
-        (result,) = speculator.accept([seq], [[draft]], probs, [p_logits])
-        first[result[0][0]] += 1
-        if len(result) == 2:
-            second[result[1][0]] += 1
-    # Total variation distance; its standard error at these counts is about 0.01.
-    assert (first / rounds - p[0]).abs().sum() / 2 < 0.03
-    assert (second / second.sum() - p[1]).abs().sum() / 2 < 0.05
-    assert (q[0] - p[0]).abs().sum() / 2 > 0.3  # the bound tells the two apart
+    torch.manual_seed(0)  # the unseeded sequence's draws
+    counts = [torch.zeros(3, vocab), torch.zeros(2, vocab)]  # per sequence and position, the tokens emitted there
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # ops on a few numbers: a parallel region costs more than they do
+    try:
+        for _ in range(rounds):
+            seqs = [Sequence([1, 2, 3], params[0], generator=gen), Sequence([1, 2, 3], params[1])]
+            drafts = [[int(q[b, j].argmax()) if greedy_drafts else int(torch.multinomial(q[b, j], 1, generator=gen))
+                       for j in range(n)] for b, n in enumerate((2, 1))]
+            for b, result in enumerate(speculator.accept(seqs, drafts, None if greedy_drafts else steps, verified)):
+                for j, (token, _) in enumerate(result):
+                    counts[b][j, token] += 1
+    finally:
+        torch.set_num_threads(threads)
+    # Total variation distance; its standard error at 6,000 draws is about 0.01, at 1,000 about 0.025.
+    for b in range(2):
+        for j, seen in enumerate(counts[b]):
+            assert (seen / seen.sum() - p[b][j]).abs().sum() / 2 < (0.03 if j == 0 else 0.08), (b, j)
+    assert counts[0][2].sum() > 1000 and counts[1][1].sum() > 1000  # runs of every length were accepted
+    assert min((q[b, 0] - p[b][0]).abs().sum() / 2 for b in range(2)) > 0.3  # the bound tells the two apart
 
 
 @pytest.mark.parametrize("family", ["E2B", "26B-A4B"])

@@ -113,29 +113,33 @@ class ModelRunner:
         drafts, probs = spec.draft(seqs, [item.num_draft for item in batch])
         logits, hidden = self.verify_forward(batch, drafts)
         results = spec.accept(seqs, drafts, probs, logits)
+        start = 0  # sequence b's rows in logits and hidden
         for b, (seq, result) in enumerate(zip(seqs, results)):
             if isinstance(result, str):
                 results[b] = SampleError(result)
-                continue
-            seq.num_cached += len(result)  # its last token and the accepted drafts
-            seq.hidden = hidden[b][len(result) - 1].clone()  # the position that gave the last token
+            else:
+                seq.num_cached += len(result)  # its last token and the accepted drafts
+                seq.hidden = hidden[start + len(result) - 1].clone()  # the position that gave the last token
+            start += len(drafts[b]) + 1
         return results
 
-    def verify_forward(self, batch: list[Scheduled], drafts: list[list[int]]
-                       ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The target's forward of a verify step: per row, the logits [k + 1, V] (fp32) and final hidden states
-        [k + 1, H] at its last token and each of its drafts. The decode graphs' flattened rows (GraphedDecode)
-        where they serve, else one chunk of k + 1 tokens per sequence. num_cached is left to the caller."""
+    def verify_forward(self, batch: list[Scheduled], drafts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The target's forward of a verify step: the logits [N, V] (fp32) and final hidden states [N, H] at each
+        row's last token and each of its drafts, row after row (len(drafts[b]) + 1 each). The decode graphs'
+        flattened rows (GraphedDecode) where they serve, else one chunk of k + 1 tokens per sequence. num_cached is
+        left to the caller."""
         counts = [len(d) + 1 for d in drafts]
         graphs, out = self.graphs, None
         if graphs is not None and graphs.usable and sum(counts) <= graphs.sizes[-1]:
             out = graphs.run([item.seq for item in batch], None, drafts)
         if out is not None:
-            logits, hidden = (part.split(counts) for part in out)
-            return list(logits), list(hidden)
+            return out
         logits, hidden = self._forward_group(batch, decode=False, drafts=drafts)
-        return ([logits[b, -count:] for b, count in enumerate(counts)],
-                [hidden[b, -count:] for b, count in enumerate(counts)])
+        width = logits.shape[1]
+        if all(count == width for count in counts):  # no padding: the rows as they are
+            return logits.flatten(0, 1), hidden.flatten(0, 1)
+        valid = (torch.arange(width) >= width - torch.tensor(counts)[:, None]).to(logits.device)  # left-padded chunks
+        return logits[valid], hidden[valid]
 
     def forward(self, batch: list[Scheduled], ahead: Launched | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The last position's logits of every row [B, V], fp32, and its final hidden state [B, H], left on the

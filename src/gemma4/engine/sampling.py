@@ -170,47 +170,198 @@ def processed_scores(logits: torch.Tensor, params: SamplingParams, prompt_ids: t
                      output_ids: torch.Tensor | None = None) -> torch.Tensor:
     """The scores [V] (fp32) the next token is chosen by, as transformers' generate reports them (`output_scores`):
     the penalized logits; when sampling, divided by the temperature, with -inf where top-k, top-p or min-p drop a
-    token. Greedy takes their argmax, sampling draws from their softmax. Pure: `logits` is not changed."""
-    logits = logits.float().clone()
-    empty = torch.empty(0, dtype=torch.long, device=logits.device)
-    output_ids = output_ids if output_ids is not None else empty
-    if params.repetition_penalty != 1.0:
-        seen = torch.cat([prompt_ids if prompt_ids is not None else empty, output_ids]).unique()
-        picked = logits[seen]
-        # Make seen tokens less likely whatever their sign: divide positive logits, multiply negative ones.
-        logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
-    if (params.presence_penalty or params.frequency_penalty) and output_ids.numel():
-        counts = torch.bincount(output_ids, minlength=logits.shape[-1])[: logits.shape[-1]].to(logits.dtype)
-        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
+    token. Greedy takes their argmax, sampling draws from their softmax. Pure: `logits` is not changed.
+
+    Rows at once: logits [N, V] of rows under the same `params`, with prompt_ids and output_ids [N, L] (-1: no token),
+    give [N, V], each row as it would alone."""
+    single = logits.dim() == 1
+    rows = logits.float().reshape(-1, logits.shape[-1])
+    scores, ids = _scores(rows, params, prompt_ids, output_ids)
+    if ids is not None:
+        scores = torch.full_like(rows, float("-inf")).scatter_(1, ids, scores)
+    elif scores is rows:  # no rule applied: a copy all the same (`logits` may be a CUDA graph's buffer)
+        scores = scores.clone()
+    return scores[0] if single else scores
+
+
+def _scores(logits: torch.Tensor, params: SamplingParams, prompt_ids: torch.Tensor | None,
+            output_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """processed_scores' rules over rows [N, V], kept to the candidates where top-k finds them: (scores [N, k], their
+    ids [N, k], most likely first), every other token -inf; else (scores [N, V], None), `logits` itself when no
+    rule applies."""
+    logits = _penalized(logits, params, prompt_ids, output_ids)
     if params.greedy:
-        return logits
-    logits = logits / params.temperature
-    if params.top_k and params.top_k < logits.shape[-1]:
-        kth = logits.topk(params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        return logits, None
+    ids = order = None
+    top_k = params.top_k if params.top_k < logits.shape[-1] else 0
+    if top_k:
+        top = logits.topk(top_k + 1, dim=-1)  # one more: a token tied with the k-th is kept too
+        if bool((top.values[:, -1] < top.values[:, -2]).all()):  # no tie: the k first are the survivors
+            logits, ids = top.values[:, :-1], top.indices[:, :-1]
+            order = torch.arange(top_k, device=ids.device).expand_as(ids)
+    # The same values whether divided before or after top-k picks them (a positive temperature keeps the order).
+    scores = logits / params.temperature
+    if top_k and ids is None:
+        scores = scores.masked_fill(scores < top.values[:, -2:-1] / params.temperature, float("-inf"))
     if params.top_p < 1.0:
-        # Keep the smallest set of most likely tokens whose mass reaches top_p (the token that crosses it included).
-        sorted_probs, order = logits.softmax(-1).sort(descending=True)
-        mass_before = sorted_probs.cumsum(-1) - sorted_probs
-        drop = torch.zeros_like(logits, dtype=torch.bool).scatter(0, order, mass_before >= params.top_p)
-        logits = logits.masked_fill(drop, float("-inf"))
+        scores = scores.masked_fill(~top_p_kept(scores.softmax(-1), params.top_p, order), float("-inf"))
     if params.min_p > 0:
-        probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
+        probs = scores.softmax(-1)
+        scores = scores.masked_fill(probs < params.min_p * probs.amax(-1, keepdim=True), float("-inf"))
+    return scores, ids
+
+
+def _penalized(logits: torch.Tensor, params: SamplingParams, prompt_ids: torch.Tensor | None,
+               output_ids: torch.Tensor | None) -> torch.Tensor:
+    """logits [N, V] after the repetition penalty (over prompt_ids and output_ids [N, L], -1: no token) and the
+    presence and frequency penalties (over output_ids): a new tensor where one applies, else `logits` itself. Only
+    the entries of the tokens seen are read and written."""
+    rows, vocab = logits.shape
+    repeated = params.repetition_penalty != 1.0
+    counted = bool(params.presence_penalty or params.frequency_penalty) and output_ids is not None and \
+        output_ids.numel() > 0
+    if not (repeated or counted):
+        return logits
+    logits = logits.clone()
+    flat = logits.view(-1)
+
+    def places(ids: torch.Tensor) -> torch.Tensor:  # where each id of each row is in `flat`
+        ids = ids.reshape(rows, -1)
+        row = torch.arange(rows, device=ids.device)[:, None].expand_as(ids)
+        valid = (ids >= 0) & (ids < vocab)
+        return (row * vocab + ids)[valid]
+
+    if repeated and (given := [ids.reshape(rows, -1) for ids in (prompt_ids, output_ids) if ids is not None]):
+        seen = places(torch.cat(given, dim=1)).unique()
+        picked = flat[seen]
+        # Make seen tokens less likely whatever their sign: divide positive logits, multiply negative ones.
+        flat[seen] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
+    if counted:
+        seen, counts = places(output_ids).unique(return_counts=True)
+        flat[seen] -= params.frequency_penalty * counts.to(logits.dtype) + params.presence_penalty
     return logits
+
+
+TOP_P_CANDIDATES = 1024  # top-p sorts this many most likely tokens of a row; the whole row only if they fall short
+
+
+def top_p_kept(probs: torch.Tensor, top_p: float, order: torch.Tensor | None = None) -> torch.Tensor:
+    """Where top-p keeps a token of probs [N, V] (bool): the smallest set of most likely tokens whose mass reaches
+    top_p, the token that crosses it included. `order`: the columns of each row from the most likely (probs
+    already sorted); else only the TOP_P_CANDIDATES most likely are sorted: when they hold top_p, every later token
+    is dropped, as a sort of the whole row would decide, and a row where they do not is sorted whole."""
+    vocab = probs.shape[-1]
+    if order is None:
+        top, order = probs.topk(min(TOP_P_CANDIDATES, vocab), dim=-1)
+    else:
+        top = probs.gather(-1, order)
+    mass = top.cumsum(-1)
+    kept = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, mass - top < top_p)
+    if order.shape[-1] < vocab:
+        short = (mass[:, -1] < top_p).nonzero()[:, 0].tolist()
+        if short:
+            top, order = probs[short].sort(dim=-1, descending=True)
+            kept[short] = torch.zeros_like(top, dtype=torch.bool).scatter_(-1, order, top.cumsum(-1) - top < top_p)
+    return kept
+
+
+@dataclass
+class Candidates:
+    """Next-token distributions of N rows: row i gives probability probs[i, c] to token ids[i, c] and none to any
+    other (ids None: to token c, over the whole vocabulary). An id may repeat with probability 0 (padding)."""
+
+    probs: torch.Tensor  # [N, C] fp32
+    ids: torch.Tensor | None  # [N, C] long
+    vocab: int
+
+    def rows(self, rows) -> Candidates:
+        return Candidates(self.probs[rows], None if self.ids is None else self.ids[rows], self.vocab)
+
+    def prob_at(self, tokens: torch.Tensor | None) -> torch.Tensor:
+        """Each row's probabilities of tokens [N, T]: [N, T]; tokens None: of every token, [N, V]."""
+        if tokens is None:
+            if self.ids is None:
+                return self.probs
+            return torch.zeros(len(self.probs), self.vocab, device=self.probs.device).scatter_add_(1, self.ids,
+                                                                                                   self.probs)
+        if self.ids is None:
+            return self.probs.gather(1, tokens)
+        return (self.probs[:, None, :] * (self.ids[:, None, :] == tokens[:, :, None])).sum(-1)
+
+    def token_at(self, columns: torch.Tensor) -> torch.Tensor:
+        """The token of each row's column columns[i]: [N]."""
+        return columns if self.ids is None else self.ids.gather(1, columns[:, None])[:, 0]
+
+    def most_likely(self) -> torch.Tensor:
+        return self.token_at(self.probs.argmax(-1))
+
+    def draw(self, generators: list[torch.Generator | None]) -> torch.Tensor:
+        """A token of each row [N]: a seeded row's from its generator, over its own candidates."""
+        return self.token_at(draw_rows(self.probs, generators))
+
+
+def distributions(logits: torch.Tensor, params: list[SamplingParams], prompt_ids: torch.Tensor | None = None,
+                  output_ids: torch.Tensor | None = None) -> Candidates:
+    """next_token_distribution of each row of logits [N, V] under its own params[i] (prompt_ids and output_ids
+    [N, L], -1: no token; a greedy row's: its argmax alone). The rows that follow the same rule are computed together;
+    a group whose top-k finds its candidates keeps to them: over the whole vocabulary only when a group does not."""
+    groups: dict[tuple, list[int]] = {}
+    for row, p in enumerate(params):
+        key = (p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty,
+               p.frequency_penalty)
+        groups.setdefault(key, []).append(row)
+    count, vocab = logits.shape
+    parts = []
+    for rows in groups.values():
+        p, every = params[rows[0]], len(rows) == count
+        ids_of = [None if ids is None else ids if every else ids[rows] for ids in (prompt_ids, output_ids)]
+        scores, ids = _scores(logits if every else logits[rows], p, *ids_of)
+        if p.greedy:
+            probs, ids = torch.ones(len(rows), 1, device=logits.device), scores.argmax(-1, keepdim=True)
+        else:
+            probs = scores.softmax(-1)
+        parts.append((rows, Candidates(probs, ids, vocab)))
+    if len(parts) == 1:
+        return parts[0][1]
+    if any(part.ids is None for _, part in parts):
+        probs = torch.empty(count, vocab, device=logits.device)
+        for rows, part in parts:
+            probs[rows] = part.prob_at(None)
+        return Candidates(probs, None, vocab)
+    width = max(part.ids.shape[1] for _, part in parts)
+    probs = torch.zeros(count, width, device=logits.device)
+    ids = torch.zeros(count, width, dtype=torch.long, device=logits.device)
+    for rows, part in parts:
+        probs[rows, :part.ids.shape[1]], ids[rows, :part.ids.shape[1]] = part.probs, part.ids
+    return Candidates(probs, ids, vocab)
 
 
 def next_token_distribution(logits: torch.Tensor, params: SamplingParams, prompt_ids: torch.Tensor | None = None,
                             output_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """The probabilities [V] that the next token is drawn from (a one-hot for greedy). Pure: `logits` is not changed."""
+    """The probabilities [V] that the next token is drawn from (a one-hot for greedy); rows [N, V] as
+    processed_scores takes them. Pure: `logits` is not changed."""
     scores = processed_scores(logits, params, prompt_ids, output_ids)
     if params.greedy:
-        return torch.nn.functional.one_hot(scores.argmax(), scores.shape[-1]).float()
+        return torch.nn.functional.one_hot(scores.argmax(-1), scores.shape[-1]).float()
     return scores.softmax(-1)
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def draw_rows(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """A token of each row of probs [N, V] (weights that need not sum to 1): [N] long, on probs' device. A seeded row
+    draws from its generator, as `draw` would; the others draw together."""
+    seeded = [row for row, generator in enumerate(generators) if generator is not None]
+    if not seeded:
+        return torch.multinomial(probs, 1)[:, 0]
+    drawn = torch.empty(len(generators), dtype=torch.long, device=probs.device)
+    if free := [row for row, generator in enumerate(generators) if generator is None]:
+        drawn[free] = torch.multinomial(probs[free], 1)[:, 0]
+    for row in seeded:
+        drawn[row] = torch.multinomial(probs[row], 1, generator=generators[row])[0]
+    return drawn
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, prompt_ids: torch.Tensor, output_ids: list[int],
@@ -229,13 +380,16 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, prompt_ids: torch
     return token, token_logprobs(adjusted, token, params.logprobs) if params.logprobs is not None else None
 
 
+UNSAMPLEABLE = "the model's logits for this sequence are NaN or +inf: it cannot be sampled"
+
+
 def token_scores(logits: torch.Tensor, params: SamplingParams, prompt_ids: torch.Tensor, output_ids: list[int],
                  stop_ids, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(the logits within the token mask and plus logit_bias: what logprobs report; the processed scores the token
     is chosen by: `processed_scores` after min_tokens' ban on the stop tokens), both [V] fp32, for one sequence
     whose output so far is `output_ids`. ValueError on NaN or +inf logits."""
     if bool(torch.isnan(logits).any() | torch.isposinf(logits).any()):
-        raise ValueError("the model's logits for this sequence are NaN or +inf: it cannot be sampled")
+        raise ValueError(UNSAMPLEABLE)
     logits = adjusted_logits(logits.float()[None], [params], None if token_mask is None else token_mask[None])[0]
     if len(output_ids) < params.min_tokens and stop_ids and not params.ignore_eos:
         logits = logits.clone()  # too early to stop: forbid the stop tokens
@@ -264,9 +418,16 @@ class TokenLogprobs:
 
 
 def token_logprobs(logits: torch.Tensor, token: int, n: int) -> TokenLogprobs:
+    return rows_logprobs(logits[None], [token], [n])[0]
+
+
+def rows_logprobs(logits: torch.Tensor, tokens: list[int], ns: list[int]) -> list[TokenLogprobs]:
+    """token_logprobs of each row of logits [M, V] (its token, its top n), read in one go."""
     logprobs = logits.float().log_softmax(-1)
-    top = logprobs.topk(n)
-    return TokenLogprobs(token, float(logprobs[token]), list(zip(top.indices.tolist(), top.values.tolist())))
+    top = logprobs.topk(max(ns), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=logprobs.device)[:, None])[:, 0].tolist()
+    return [TokenLogprobs(token, logprob, list(zip(ids[:n], values[:n])))
+            for token, logprob, ids, values, n in zip(tokens, chosen, top.indices.tolist(), top.values.tolist(), ns)]
 
 
 # --- batched sampling on the device (the static-batch fast path) ---------------------------------------------------
@@ -304,7 +465,7 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
     if max(ks) <= TOP_K_CANDIDATES and all(g is None for g in generators) and kernels.enabled(logits):
         return _sample_batch_fused(logits, params, ks)
     greedy_tokens = logits.argmax(-1)
-    device, batch = logits.device, logits.shape[0]
+    device = logits.device
     greedy = torch.tensor([p.greedy for p in params], device=device)
     temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
     scaled = logits / temperature[:, None]
@@ -332,8 +493,7 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
         probs = probs.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), 0.0)
     probs = probs / probs.sum(-1, keepdim=True)
     if candidates is None:
-        drawn = torch.multinomial(probs, 1)[:, 0] if all(g is None for g in generators) else \
-            torch.cat([torch.multinomial(probs[b], 1, generator=generators[b]) for b in range(batch)])
+        drawn = draw_rows(probs, generators)
     else:
         drawn = candidates.gather(1, torch.multinomial(probs, 1))[:, 0]
         for b, generator in enumerate(generators):

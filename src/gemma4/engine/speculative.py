@@ -22,6 +22,8 @@ next queries read."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import kernels
@@ -30,7 +32,8 @@ from ..model.assistant import Assistant, PagedKV, SharedKV
 from ..model.paged_cache import PagedCacheView, dequantize_kv
 from ..options import options
 from .graphs import CaptureFailed, capture_graph
-from .sampling import TokenLogprobs, batchable, draw, next_token_distribution, token_logprobs, token_scores
+from .sampling import (UNSAMPLEABLE, Candidates, TokenLogprobs, adjusted_logits, batchable, distributions,
+                       rows_logprobs)
 from .sequence import Sequence
 
 Accepted = list[tuple[int, TokenLogprobs | None]]  # one verify step's tokens of one sequence, in order
@@ -87,10 +90,11 @@ class Speculator:
         return max(0, min(self.num_tokens, seq.params.max_tokens - len(seq.output_ids) - 1))
 
     @torch.no_grad()
-    def draft(self, seqs: list[Sequence], ks: list[int]) -> tuple[list[list[int]], torch.Tensor | None]:
-        """Each sequence's ks[b] drafts, and the distributions they were drawn from ([B, max(ks), V]; None when every
-        row is greedy: each draft is the drafter's argmax). On CUDA the drafter reads the target's pools in place
-        (PagedKV), and a greedy round replays a CUDA graph; elsewhere it reads gathered copies (`target_kv`)."""
+    def draft(self, seqs: list[Sequence], ks: list[int]) -> tuple[list[list[int]], list[Candidates] | None]:
+        """Each sequence's ks[b] drafts, and the distributions they were drawn from (one Candidates over the rows per
+        drafting step; None when every row is greedy: each draft is the drafter's argmax). On CUDA the drafter reads
+        the target's pools in place (PagedKV), and a greedy round replays a CUDA graph; elsewhere it reads gathered
+        copies (`target_kv`)."""
         device, k = self.model.device, max(ks)
         greedy = all(seq.params.greedy for seq in seqs)
         paged = kernels.enabled(torch.empty(0, device=device))
@@ -117,7 +121,7 @@ class Speculator:
 
     def _round(self, ids, hidden, positions, kv, k: int, params=None, generators=None):
         """k drafting steps from ids [B, 1] and hidden [B, 1, H] with queries at positions [B, 1]: drafts [B, k]
-        (device) and their distributions [B, k, V] (None when greedy: `params` None or all greedy)."""
+        (device) and their distributions, one Candidates per step (None when greedy: `params` None or all greedy)."""
         embed = self.model.text.embed_tokens
         greedy = params is None or all(p.greedy for p in params)
         drafted, probs = [], []
@@ -127,12 +131,12 @@ class Speculator:
             if greedy:
                 ids = logits.argmax(-1, keepdim=True)
             else:
-                q = torch.stack([next_token_distribution(logits[b], p) for b, p in enumerate(params)])
+                q = distributions(logits, params)
                 probs.append(q)
-                ids = torch.cat([torch.multinomial(q[b], 1, generator=g) for b, g in enumerate(generators)])[:, None]
+                ids = q.draw(generators)[:, None]
             drafted.append(ids)
             hidden = out.hidden
-        return torch.cat(drafted, dim=1), torch.stack(probs, dim=1) if probs else None
+        return torch.cat(drafted, dim=1), probs or None
 
     def _view(self, seqs: list[Sequence], num_cached: torch.Tensor, width: int | None = None) -> PagedCacheView:
         blocks, device = self.blocks, num_cached.device
@@ -161,29 +165,31 @@ class Speculator:
         return kv
 
     @torch.no_grad()
-    def accept(self, seqs: list[Sequence], drafts: list[list[int]], probs: torch.Tensor | None,
-               logits: list[torch.Tensor]) -> list[Accepted | str]:
+    def accept(self, seqs: list[Sequence], drafts: list[list[int]], probs: list[Candidates] | None,
+               logits: torch.Tensor) -> list[Accepted | str]:
         """Per sequence, its tokens of this step (see the module's docstring), or why it failed (a str).
-        logits[b]: [len(drafts[b]) + 1, V] fp32, the target's at positions P..P+k."""
+        logits: [N, V] fp32, the target's at positions P..P+k of each sequence in turn (len(drafts[b]) + 1 rows)."""
+        starts = [sum(len(tail) + 1 for tail in drafts[:b]) for b in range(len(seqs))]
         # The output's length at the first position: min_tokens' ban on the stop tokens is over once it is reached.
         plain = [b for b, seq in enumerate(seqs) if seq.params.greedy and not seq.params.logit_bias
                  and batchable(seq.params, len(seq.output_ids), seq.stop_ids)]
+        rest = [b for b in range(len(seqs)) if b not in plain]
         results: list[Accepted | str] = [[] for _ in seqs]
-        if plain:  # argmax for each position of every such row, and whether a row holds NaN: one read
-            stacked = torch.nn.utils.rnn.pad_sequence([logits[b] for b in plain], batch_first=True)
-            best = torch.cat([stacked.argmax(-1), (stacked.isnan() | stacked.isposinf()).any(-1)], dim=1).tolist()
-            for b, row in zip(plain, best):
-                width = len(row) // 2
-                if any(row[width:]):
-                    results[b] = "the model's logits for this sequence are NaN or +inf: it cannot be sampled"
-                    continue
-                results[b] = self._greedy(drafts[b], row[:len(drafts[b]) + 1], self.accept_all)
-        for b, seq in enumerate(seqs):
-            if b not in plain:
-                try:
-                    results[b] = self._sampled(seq, drafts[b], None if probs is None else probs[b], logits[b])
-                except ValueError as e:  # NaN logits
-                    results[b] = str(e)
+        if plain:  # each row's argmax (exact in fp32: ids < 2**24) and its max, NaN or +inf where the row holds either
+            best, peaks = torch.stack([logits.argmax(-1).to(logits.dtype), logits.amax(-1)]).tolist()  # one read
+            for b in plain:
+                rows = range(starts[b], starts[b] + len(drafts[b]) + 1)
+                if any(math.isnan(peaks[row]) or peaks[row] == math.inf for row in rows):
+                    results[b] = UNSAMPLEABLE
+                else:
+                    results[b] = self._greedy(drafts[b], [int(best[row]) for row in rows], self.accept_all)
+        if rest:
+            if len(rest) < len(seqs):
+                probs = None if probs is None else [step.rows(rest) for step in probs]
+                logits = logits[[starts[b] + j for b in rest for j in range(len(drafts[b]) + 1)]]
+            sampled = self._sampled([seqs[b] for b in rest], [drafts[b] for b in rest], probs, logits)
+            for b, result in zip(rest, sampled):
+                results[b] = result
         for b, result in enumerate(results):
             if not isinstance(result, str):
                 self.num_drafted += len(drafts[b])
@@ -198,35 +204,97 @@ class Speculator:
         return [(token, None) for token in drafts[:n] + best[n:n + 1]]
 
     @staticmethod
-    def _sampled(seq: Sequence, drafts: list[int], q: torch.Tensor | None, logits: torch.Tensor) -> Accepted:
-        params, device = seq.params, logits.device
-        generator, prompt, output = seq.generator_on(device), seq.prompt_tensor(device), list(seq.output_ids)
-        accepted: Accepted = []
-        for j in range(len(drafts) + 1):
-            adjusted, scores = token_scores(logits[j], params, prompt, output, seq.stop_ids)
-            draft = drafts[j] if j < len(drafts) else None
-            if params.greedy:
-                token = int(scores.argmax())
-                kept = token == draft
-            elif draft is None:
-                token, kept = draw(scores.softmax(-1), generator), False
-            else:
-                p = scores.softmax(-1)
-                q_j = q[j] if q is not None else torch.nn.functional.one_hot(
-                    torch.tensor(draft, device=device), p.shape[0]).float()
-                u = float(torch.rand(1, generator=generator, device=device))
-                kept = u * float(q_j[draft]) <= float(p[draft])
-                if kept:
-                    token = draft
-                else:
-                    residual = (p - q_j).clamp(min=0)
-                    token = draw(residual if float(residual.sum()) > 0 else p, generator)
-            logprobs = token_logprobs(adjusted, token, params.logprobs) if params.logprobs is not None else None
-            accepted.append((token, logprobs))
-            output.append(token)
-            if not kept:
-                break
-        return accepted
+    def _sampled(seqs: list[Sequence], drafts: list[list[int]], q: list[Candidates] | None,
+                 logits: torch.Tensor) -> list[Accepted | str]:
+        """The rows that are not plain greedy: sampled ones, and greedy ones with logit_bias, penalties, logprobs or
+        min_tokens. Every position of every row is scored in one batch, position j as if drafts[:j] were accepted
+        (its penalties and min_tokens count them as output; it is read only if they were). Then each row accepts
+        its drafts from one read of p(d_j), q(d_j) and u_j (sampled) or of the argmax (greedy), and the rows draw
+        their last tokens together. q: the drafts' distributions, one Candidates per drafting step (None: each
+        draft's is its one-hot). logits: [N, V], as accept takes them."""
+        device, vocab = logits.device, logits.shape[-1]
+        owners = [(b, j) for b, tail in enumerate(drafts) for j in range(len(tail) + 1)]  # row -> (sequence, position)
+        starts = [row for row, (_, j) in enumerate(owners) if j == 0]
+        params = [seqs[b].params for b, _ in owners]
+        peaks = logits.amax(-1)  # NaN or +inf where a row holds either (a max propagates NaN)
+        adjusted = adjusted_logits(logits, params, None)
+        banned = [(row, token) for row, (b, j) in enumerate(owners)
+                  if len(seqs[b].output_ids) + j < params[row].min_tokens and not params[row].ignore_eos
+                  for token in seqs[b].stop_ids]
+        if banned:  # too early to stop: the stop tokens are forbidden (what logprobs report too)
+            rows, tokens = torch.tensor(banned, device=device).T
+            adjusted = adjusted.index_put((rows, tokens), torch.tensor(float("-inf"), device=device))
+        penalized = any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params)
+        p = distributions(adjusted, params, *(_penalty_ids(seqs, drafts, device) if penalized else ()))
+
+        drafted = torch.tensor([drafts[b][j] if j < len(drafts[b]) else 0 for b, j in owners], device=device)
+        p_draft = p.prob_at(drafted[:, None])[:, 0]
+        q_draft = torch.ones_like(p_draft)  # q(d) of a draft whose q is its one-hot
+        for j, step in enumerate(q or []):  # the drafts of step j: those of the sequences with more than j
+            if verifying := [b for b, tail in enumerate(drafts) if j < len(tail)]:
+                rows = [starts[b] + j for b in verifying]
+                q_draft[rows] = step.rows(verifying).prob_at(drafted[rows][:, None])[:, 0]
+        uniform = torch.rand(len(owners), device=device)  # an unseeded row's; a seeded row draws its own
+        for b, seq in enumerate(seqs):
+            if (generator := seq.generator_on(device)) is not None and drafts[b]:
+                uniform[starts[b]:starts[b] + len(drafts[b])] = torch.rand(len(drafts[b]), generator=generator,
+                                                                           device=device)
+        best, peaks = p.most_likely().tolist(), peaks.tolist()  # a greedy row's argmax
+        p_draft, q_draft, uniform = torch.stack([p_draft, q_draft, uniform]).tolist()
+
+        ends: dict[int, int] = {}  # sequence -> the row of its last token, for those that did not fail
+        for b, (seq, tail) in enumerate(zip(seqs, drafts)):
+            start = starts[b]
+            if seq.params.greedy:
+                n = next((j for j, d in enumerate(tail) if best[start + j] != d), len(tail))
+            else:  # d_j is kept with probability min(1, p(d_j) / q(d_j))
+                n = next((j for j, d in enumerate(tail)
+                          if not uniform[start + j] * q_draft[start + j] <= p_draft[start + j]), len(tail))
+            if not any(math.isnan(peak) or peak == math.inf for peak in peaks[start:start + n + 1]):
+                ends[b] = start + n
+        # The last token: a greedy row's argmax. A sampled row draws it, all rows together: at a rejection from
+        # max(p - q, 0) (from p where that is 0), after every draft from p.
+        tokens = {row: best[row] for row in ends.values()}
+        if drawing := [row for row in ends.values() if not params[row].greedy]:
+            last = p.rows(drawing)
+            for i, row in enumerate(drawing):
+                b, n = owners[row]
+                if n < len(drafts[b]):  # rejected: q of that draft at p's candidates
+                    one = last.rows([i])
+                    q_n = q[n].rows([b]) if q is not None else \
+                        Candidates(torch.ones(1, 1, device=device), drafted[row].reshape(1, 1), vocab)
+                    residual = (one.probs - q_n.prob_at(one.ids)).clamp(min=0)
+                    last.probs[i] = torch.where(residual.sum() > 0, residual, one.probs)[0]
+            generators = [seqs[owners[row][0]].generator_on(device) for row in drawing]
+            tokens.update(zip(drawing, last.draw(generators).tolist()))
+        accepted = {b: drafts[b][:end - starts[b]] + [tokens[end]] for b, end in ends.items()}
+        asked = [(row, token, seqs[b].params.logprobs) for b, end in ends.items() if seqs[b].params.logprobs is not None
+                 for row, token in zip(range(starts[b], end + 1), accepted[b])]
+        rows = [row for row, _, _ in asked]
+        logprobs = iter(rows_logprobs(adjusted if rows == list(range(len(owners))) else adjusted[rows],
+                                      [token for _, token, _ in asked], [n for _, _, n in asked]) if asked else [])
+        return [UNSAMPLEABLE if b not in ends else
+                [(token, next(logprobs) if seq.params.logprobs is not None else None) for token in accepted[b]]
+                for b, seq in enumerate(seqs)]
+
+
+def _penalty_ids(seqs: list[Sequence], drafts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt and output ids [N, L] (-1: none) that the penalties of each verified position read, rows in
+    `Speculator._sampled`'s order: position j's output is the sequence's output then drafts[:j]."""
+    prompts, outputs = [], []
+    for seq, tail in zip(seqs, drafts):
+        width, done = len(tail) + 1, len(seq.output_ids)
+        ids = torch.tensor(seq.output_ids + tail, device=device).expand(width, -1)
+        after = torch.arange(ids.shape[1], device=device) >= done + torch.arange(width, device=device)[:, None]
+        outputs.append(ids.masked_fill(after, -1))
+        prompts.append(seq.prompt_tensor(device).expand(width, -1))
+    return _padded(prompts), _padded(outputs)
+
+
+def _padded(parts: list[torch.Tensor]) -> torch.Tensor:
+    """[n_i, L_i] id matrices stacked into [sum n_i, max L_i], padded with -1."""
+    width = max(part.shape[1] for part in parts)
+    return torch.cat([torch.nn.functional.pad(part, (0, width - part.shape[1]), value=-1) for part in parts])
 
 
 class GraphedRounds:
