@@ -114,19 +114,28 @@ def test_penalties_logit_bias_and_sampling_in_one_verify_batch(target):
 
 
 def test_a_stop_token_inside_an_accepted_run_ends_the_output_there(target):
-    """The oracle's drafts are all accepted; the 6th greedy token is made a stop id: the output ends on it, as
-    without speculation, and the accepted tokens after it are dropped."""
+    """The oracle's drafts are all accepted; a greedy token inside the first run (the 3rd to 5th new one: the 1st
+    comes from the prefill, then a run of 5) is made a stop id: the output ends on it, as without speculation, and
+    the accepted tokens after it in the same run are dropped."""
     model, drafter = target
-    batch = prompts([20, 11], seed=3)
+    batch = prompts([20, 11], seed=5)
     free = SamplingParams(max_tokens=16, temperature=0, stop_token_ids=[])
     plain = LLMEngine(model, max_num_seqs=2, max_model_len=128).generate(batch, free)
-    stop = plain[0][5]
+    stop = plain[0][next(j for j in (3, 2, 4) if plain[0][j] not in plain[0][:j])]
     params = SamplingParams(max_tokens=16, temperature=0, stop_token_ids=[stop])
     expected = LLMEngine(model, max_num_seqs=2, max_model_len=128).generate(batch, params)
     assert expected[0] == plain[0][:plain[0].index(stop) + 1]
     engine = LLMEngine(model, max_num_seqs=2, max_model_len=128, speculative_model=drafter, num_speculative_tokens=4)
     engine.speculator.oracle = oracle_from({tuple(p): out for p, out in zip(batch, plain)})
+    runs, accept = [], engine.speculator.accept  # the first sequence's verified runs
+
+    def recording(seqs, *args):
+        results = accept(seqs, *args)
+        runs.extend([token for token, _ in result] for seq, result in zip(seqs, results) if seq.prompt_ids == batch[0])
+        return results
+    engine.speculator.accept = recording
     assert engine.generate(batch, params) == expected
+    assert any(stop in run[:-1] for run in runs)  # tokens came after it in its run
     assert engine.speculator.num_accepted > 0 and engine.blocks.usage == 0
 
 
