@@ -100,3 +100,24 @@ def test_sample_batch_path_choice(monkeypatch):
         assert len(calls) == 1
     assert sampling.TOP_K_CANDIDATES >= 64
 
+
+
+def test_allowed_token_ids_in_every_sample_batch_path(monkeypatch):
+    """allowed_token_ids hold a row's token to them (-inf elsewhere, where logit_bias is added) on the fused kernel
+    path, the eager one (a seeded row) and the greedy argmax; another row of the batch is not held."""
+    calls = []
+    real = logit_kernels.sample_candidates
+    monkeypatch.setattr(logit_kernels, "sample_candidates", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(3)
+    logits = torch.randn(2, 2000, device=DEVICE)
+    allowed = [int(i) for i in logits[0].argsort()[:3]]  # the three least likely: never drawn without the rule
+    for base in (ROWS[0], SamplingParams(temperature=0)):
+        params = [SamplingParams(**{**vars(base), "allowed_token_ids": allowed}), base]
+        with kernels.force():
+            for generators in ([None, None], [torch.Generator(DEVICE).manual_seed(0), None]):
+                for _ in range(5):
+                    out = sample_batch(logits, params, generators).tolist()
+                    assert out[0] in allowed and out[1] not in allowed
+        if base.greedy:
+            assert out == [max(allowed, key=lambda t: float(logits[0, t])), int(logits[1].argmax())]
+    assert calls  # the fused kernel drew some of them

@@ -381,3 +381,158 @@ def test_chat_stream_keeps_every_token_logprob(stub):
     streamed = [e for ev in events for c in ev["choices"] if c.get("logprobs") for e in c["logprobs"]["content"]]
     assert len(whole["choices"][0]["logprobs"]["content"]) == len(streamed) == tokens - 1  # the stop id has none
     assert [e["token"] for e in streamed] == [e["token"] for e in whole["choices"][0]["logprobs"]["content"]]
+
+
+# --- vLLM's extra request parameters ---------------------------------------------------------------------------------
+def _complete(srv, **body):
+    r = httpx.post(f"{srv.url}/v1/completions", json={"model": "stub", "max_tokens": 8, **body}, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _chat_body(tokenizer, model, text, length, messages=None, **render):
+    """A chat whose rendered prompt (add_generation_prompt unless `render` says) is scripted to answer `text`; the
+    user's words pad it to about `length` tokens, apart from the other tests' scripts."""
+    from gemma4.processing.chat import openai_to_gemma_messages
+    messages = messages or [{"role": "user", "content": "word " * length}]
+    render = {"add_generation_prompt": True, "enable_thinking": False, **render}
+    rendered = tokenizer.apply_chat_template(openai_to_gemma_messages(messages), **render)
+    if render.pop("continue_final_message", False):
+        rendered = rendered.removesuffix("<turn|>\n")
+    ids = _words(tokenizer, rendered)
+    model.scripts[len(ids)] = _words(tokenizer, text) + [106]
+    return {"model": "stub", "messages": messages, "max_tokens": 8}, len(ids)
+
+
+def _chat(srv, body, status=200):
+    r = httpx.post(f"{srv.url}/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == status, r.text
+    return r.json()
+
+
+def _refused(srv, path, body, field, value):
+    r = httpx.post(f"{srv.url}/v1/{path}", json=dict(body, **{field: value}), timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == field, (path, field, value, r.text)
+
+
+def test_stop_token_ids_and_include_stop_str(stub):
+    """stop_token_ids end the output on those ids too (finish_reason stop, their text left out), besides the model's
+    own; include_stop_str_in_output keeps the matched stop string, streamed or not."""
+    srv, model, tokenizer = stub
+    prompt = [2] + [100] * 299
+    model.scripts[300] = _words(tokenizer, " one two three") + [106]
+    two = _words(tokenizer, " two")[0]
+    assert _complete(srv, prompt=prompt)["choices"][0]["text"] == " one two three"
+    choice = _complete(srv, prompt=prompt, stop_token_ids=[two])["choices"][0]
+    assert (choice["text"], choice["finish_reason"]) == (" one", "stop")
+    body, _ = _chat_body(tokenizer, model, "one two three", 300)
+    message = _chat(srv, dict(body, stop_token_ids=[two]))["choices"][0]
+    assert (message["message"]["content"], message["finish_reason"]) == ("one", "stop")
+    assert _chat(srv, dict(body, stop_token_ids=[]))["choices"][0]["message"]["content"] == "one two three"
+
+    assert _complete(srv, prompt=prompt, stop=[" two"])["choices"][0]["text"] == " one"
+    kept = dict(prompt=prompt, stop=[" tw", "zzz"], include_stop_str_in_output=True)
+    assert _complete(srv, **kept)["choices"][0]["text"] == " one tw"
+    events = _events(httpx.post(f"{srv.url}/v1/completions", json={"model": "stub", "stream": True, **kept}))
+    assert "".join(c["text"] for e in events for c in e["choices"]) == " one tw"
+    assert _chat(srv, dict(body, stop="two", include_stop_str_in_output=True))["choices"][0]["message"][
+        "content"] == "one two"
+    completion = {"model": "stub", "prompt": "hi", "max_tokens": 2}
+    for value in ([-1], [262144], ["7"], [True], 7, [1.5]):
+        _refused(srv, "completions", completion, "stop_token_ids", value)
+    _refused(srv, "completions", completion, "include_stop_str_in_output", "yes")
+
+
+def test_skip_special_tokens(stub):
+    """Completions: skip_special_tokens true leaves special tokens out of the text (default false: kept, as before).
+    Chat reads them to parse thinking and tool calls: true is accepted, false refused."""
+    srv, model, tokenizer = stub
+    prompt = [2] + [100] * 339
+    model.scripts[340] = _words(tokenizer, " one") + [100] + _words(tokenizer, " two") + [106]
+    assert _complete(srv, prompt=prompt)["choices"][0]["text"] == " one<|channel> two"
+    assert _complete(srv, prompt=prompt, skip_special_tokens=True)["choices"][0]["text"] == " one two"
+    body, _ = _chat_body(tokenizer, model, "Hi", 340)
+    assert _chat(srv, dict(body, skip_special_tokens=True))["choices"][0]["message"]["content"] == "Hi"
+    _refused(srv, "chat/completions", body, "skip_special_tokens", False)
+    _refused(srv, "completions", {"model": "stub", "prompt": "hi"}, "skip_special_tokens", 1)
+
+
+def test_add_generation_prompt_and_continue_final_message(stub):
+    """add_generation_prompt false renders no model turn; continue_final_message leaves the assistant's last message
+    open: the model goes on from it (its text is not repeated; the answer's leading space is stripped, as every chat
+    answer's here); both true, or a last message that is not the
+    assistant's, is a 400; so is chat's echo."""
+    srv, model, tokenizer = stub
+    base, length = _chat_body(tokenizer, model, "ignored", 380, add_generation_prompt=False)
+    assert _chat(srv, dict(base, add_generation_prompt=False))["usage"]["prompt_tokens"] == length
+    messages = [{"role": "user", "content": "word " * 420}, {"role": "assistant", "content": "Hello, I am"}]
+    body, length = _chat_body(tokenizer, model, " Gemma.", 0, messages, add_generation_prompt=False,
+                              continue_final_message=True)
+    r = _chat(srv, dict(body, continue_final_message=True, add_generation_prompt=False))
+    assert r["choices"][0]["message"]["content"] == "Gemma." and r["usage"]["prompt_tokens"] == length
+    r = _chat(srv, dict(body, continue_final_message=True))  # add_generation_prompt not given: as vLLM
+    assert r["choices"][0]["message"]["content"] == "Gemma."
+    deltas = [c["delta"] for e in _events(httpx.post(f"{srv.url}/v1/chat/completions", json=dict(
+        body, continue_final_message=True, stream=True), timeout=30)) for c in e["choices"]]
+    assert "".join(d.get("content") or "" for d in deltas) == "Gemma."
+    _refused(srv, "chat/completions", dict(body, add_generation_prompt=True), "continue_final_message", True)
+    _refused(srv, "chat/completions", base, "continue_final_message", True)  # the user's message last
+    _refused(srv, "chat/completions", base, "echo", True)
+    _refused(srv, "chat/completions", base, "add_generation_prompt", "no")
+
+
+@pytest.mark.parametrize("rule", [{"temperature": 0}, {"temperature": 0, "logprobs": 1}, {"temperature": 1}],
+                         ids=["greedy-batched", "per-row", "sampled"])
+def test_allowed_token_ids(stub, rule):
+    """Only allowed_token_ids can be sampled, by the batched sampler, the per-row one (logprobs) and when sampling:
+    the scripted token is not among them, so the only one allowed comes every step (even the stop id is out)."""
+    srv, model, tokenizer = stub
+    prompt = [2] + [100] * 459
+    model.scripts[460] = _words(tokenizer, " one two three") + [106]
+    two = _words(tokenizer, " two")[0]
+    choice = _complete(srv, prompt=prompt, max_tokens=3, **rule)["choices"][0]
+    assert choice["text"] == " one two three"
+    choice = _complete(srv, prompt=prompt, max_tokens=3, allowed_token_ids=[two], **rule)["choices"][0]
+    assert (choice["text"], choice["finish_reason"]) == (" two two two", "length")
+    if "logprobs" in rule:  # the log-softmax within the allowed ids
+        assert choice["logprobs"]["token_logprobs"] == [0.0, 0.0, 0.0]
+    body, _ = _chat_body(tokenizer, model, "one", 460)
+    body.update(rule, **({"logprobs": True} if "logprobs" in rule else {}))  # chat's logprobs: a boolean
+    assert _chat(srv, body)["choices"][0]["message"]["content"] == "one"
+    r = _chat(srv, dict(body, allowed_token_ids=[two], max_tokens=3))["choices"][0]
+    assert (r["message"]["content"], r["finish_reason"]) == ("two two two", "length")
+    completion = {"model": "stub", "prompt": "hi", "max_tokens": 2}
+    for value in ([], [-1], [262144], "7", [None]):
+        _refused(srv, "completions", completion, "allowed_token_ids", value)
+    _refused(srv, "completions", dict(completion, response_format={"type": "json_object"}), "allowed_token_ids", [two])
+
+
+def test_truncate_prompt_tokens(stub):
+    """truncate_prompt_tokens keeps the prompt's last n tokens (usage counts those; the model answers that
+    prompt), on completions and chat; n longer than the prompt keeps it whole; n < 1 is a 400."""
+    srv, model, tokenizer = stub
+    model.scripts[500] = _words(tokenizer, " long") + [106]
+    model.scripts[520] = _words(tokenizer, " short") + [106]
+    prompt = [2] + [100] * 499
+    r = _complete(srv, prompt=prompt, truncate_prompt_tokens=520)
+    assert r["choices"][0]["text"] == " long" and r["usage"]["prompt_tokens"] == 500
+    r = _complete(srv, prompt=[2] + [100] * 579, truncate_prompt_tokens=520)
+    assert r["choices"][0]["text"] == " short" and r["usage"]["prompt_tokens"] == 520
+    body, length = _chat_body(tokenizer, model, "ignored", 600)
+    assert length > 520
+    r = _chat(srv, dict(body, truncate_prompt_tokens=520))
+    assert r["choices"][0]["message"]["content"] == "short" and r["usage"]["prompt_tokens"] == 520
+    for value in (0, -1, 1.5, "5"):
+        _refused(srv, "completions", {"model": "stub", "prompt": "hi"}, "truncate_prompt_tokens", value)
+
+
+def test_refused_vllm_fields(stub):
+    """vLLM's parameters this server does not apply are a 400 naming them, not silently ignored; their no-op values
+    pass."""
+    srv, _, _ = stub
+    completion = {"model": "stub", "prompt": "hi", "max_tokens": 2}
+    for field, value in (("bad_words", ["x"]), ("use_beam_search", True), ("prompt_logprobs", 1)):
+        _refused(srv, "completions", completion, field, value)
+        _refused(srv, "chat/completions", {"model": "stub", "messages": [{"role": "user", "content": "hi"}]},
+                 field, value)
+    _complete(srv, prompt="hi", bad_words=[], use_beam_search=False, spaces_between_special_tokens=True)

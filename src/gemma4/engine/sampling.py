@@ -1,6 +1,7 @@
 """Sampling: per-request parameters and a pure function from logits to the next token.
 
-Order of operations (as in transformers and vLLM): the structured output's token mask and logit_bias -> penalties ->
+Order of operations (as in transformers and vLLM): the structured output's token mask, allowed_token_ids and
+logit_bias -> penalties ->
 temperature -> top-k -> top-p -> min-p -> draw. Logprobs reported are those of the model's distribution (log-softmax
 of the logits before penalties and temperature, as vLLM reports them), within the token mask and after logit_bias.
 """
@@ -52,6 +53,8 @@ class SamplingParams:
     output_logits: bool = False
     # token id -> a number added to its logit, as OpenAI's logit_bias ([-100, 100]; -inf bans the token)
     logit_bias: dict[int, float] | None = None
+    # vLLM's allowed_token_ids: only these ids may be sampled (every other logit is -inf)
+    allowed_token_ids: list[int] | None = None
     # a grammar the output must follow (structured.py); a dict is read as StructuredOutputsParams' fields
     structured_outputs: StructuredOutputsParams | None = None
 
@@ -60,8 +63,17 @@ class SamplingParams:
             self.stop = [self.stop]
         if self.logit_bias is not None:
             self.logit_bias = _checked_logit_bias(self.logit_bias)
+        if self.allowed_token_ids is not None:
+            ids = self.allowed_token_ids
+            if not isinstance(ids, (list, tuple)) or not ids or \
+                    not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+                raise ValueError(f"allowed_token_ids must be a non-empty list of token ids, got {ids!r}")
+            self.allowed_token_ids = list(ids)
         if self.structured_outputs is not None:
             self.structured_outputs = StructuredOutputsParams.from_value(self.structured_outputs)
+            if self.allowed_token_ids is not None:
+                raise ValueError("allowed_token_ids cannot be combined with structured_outputs: both constrain the "
+                                 "tokens")
             if self.min_tokens:
                 raise ValueError("min_tokens cannot be combined with structured_outputs: the grammar decides where "
                                  "the output ends")
@@ -158,12 +170,30 @@ def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torc
     return logits.index_put((index[0], index[1]), values, accumulate=True)
 
 
+def apply_allowed_tokens(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """logits [B, V] with -inf at every token outside a row's allowed_token_ids (ids past the vocabulary are
+    ignored); a new tensor when any row has them."""
+    if all(p.allowed_token_ids is None for p in params):
+        return logits
+    vocab = logits.shape[1]
+    entries = [(row, token) for row, p in enumerate(params) if p.allowed_token_ids is not None
+               for token in p.allowed_token_ids if token < vocab]
+    free = [row for row, p in enumerate(params) if p.allowed_token_ids is None]
+    allowed = torch.zeros_like(logits, dtype=torch.bool)
+    allowed[free] = True
+    if entries:
+        index = torch.tensor(entries, dtype=torch.long).to(logits.device, non_blocking=True).T
+        allowed = allowed.index_put((index[0], index[1]), torch.tensor(True, device=logits.device))
+    return logits.masked_fill(~allowed, float("-inf"))
+
+
 def adjusted_logits(logits: torch.Tensor, params: list[SamplingParams], masks: torch.Tensor | None) -> torch.Tensor:
-    """logits [B, V] (fp32) within the structured outputs' token masks, plus logit_bias: what every later rule
-    (penalties, temperature, ...) starts from. `logits` itself is never changed (it may be a CUDA graph's output)."""
+    """logits [B, V] (fp32) within the structured outputs' token masks and allowed_token_ids, plus logit_bias: what
+    every later rule (penalties, temperature, ...) starts from. `logits` itself is never changed (it may be a CUDA
+    graph's output)."""
     if masks is not None:
         logits = apply_token_masks(logits, masks)
-    return apply_logit_bias(logits, params)
+    return apply_logit_bias(apply_allowed_tokens(logits, params), params)
 
 
 def processed_scores(logits: torch.Tensor, params: SamplingParams, prompt_ids: torch.Tensor | None = None,

@@ -172,7 +172,7 @@ class Speculator:
         starts = [sum(len(tail) + 1 for tail in drafts[:b]) for b in range(len(seqs))]
         # The output's length at the first position: min_tokens' ban on the stop tokens is over once it is reached.
         plain = [b for b, seq in enumerate(seqs) if seq.params.greedy and not seq.params.logit_bias
-                 and batchable(seq.params, len(seq.output_ids), seq.stop_ids)]
+                 and seq.params.allowed_token_ids is None and batchable(seq.params, len(seq.output_ids), seq.stop_ids)]
         rest = [b for b in range(len(seqs)) if b not in plain]
         results: list[Accepted | str] = [[] for _ in seqs]
         if plain:  # each row's argmax (exact in fp32: ids < 2**24) and its max, NaN or +inf where the row holds either
@@ -206,8 +206,8 @@ class Speculator:
     @staticmethod
     def _sampled(seqs: list[Sequence], drafts: list[list[int]], q: list[Candidates] | None,
                  logits: torch.Tensor) -> list[Accepted | str]:
-        """The rows that are not plain greedy: sampled ones, and greedy ones with logit_bias, penalties, logprobs or
-        min_tokens. Every position of every row is scored in one batch, position j as if drafts[:j] were accepted
+        """The rows that are not plain greedy: sampled ones, and greedy ones with logit_bias, allowed_token_ids,
+        penalties, logprobs or min_tokens. Every position of every row is scored in one batch, position j as if drafts[:j] were accepted
         (its penalties and min_tokens count them as output; it is read only if they were). Then each row accepts
         its drafts from one read of p(d_j), q(d_j) and u_j (sampled) or of the argmax (greedy), and the rows draw
         their last tokens together. q: the drafts' distributions, one Candidates per drafting step (None: each

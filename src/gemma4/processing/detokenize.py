@@ -7,10 +7,13 @@ from typing import Sequence
 
 class IncrementalText:
     """Turns a growing list of token ids into text deltas that never split a UTF-8 character, and holds back
-    text that might be the start of a stop string."""
+    text that might be the start of a stop string. `include_stop`: the matched stop string ends the text (vLLM's
+    include_stop_str_in_output) instead of being cut off."""
 
-    def __init__(self, tokenizer, stop: Sequence[str] = (), skip_special_tokens: bool = True):
+    def __init__(self, tokenizer, stop: Sequence[str] = (), skip_special_tokens: bool = True,
+                 include_stop: bool = False):
         self.tokenizer, self.stop, self.skip = tokenizer, list(stop), skip_special_tokens
+        self.include_stop = include_stop
         self.ids: list[int] = []
         self.emitted = 0
         self.text = ""
@@ -19,9 +22,10 @@ class IncrementalText:
     def add(self, token: int) -> str:
         self.ids.append(token)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip)
-        hits = [at for at in (text.find(stop) for stop in self.stop) if at >= 0]
-        if hits:  # cut at the earliest stop string: it is not part of the output
-            self.text, self.stopped = text[:min(hits)], True
+        hits = [(at, at + len(stop)) for stop in self.stop if (at := text.find(stop)) >= 0]
+        if hits:  # cut at the earliest stop string: it is not part of the output unless included
+            start, end = min(hits)
+            self.text, self.stopped = text[:end if self.include_stop else start], True
             return self._flush(len(self.text))
         if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for its other bytes
             return ""

@@ -26,7 +26,8 @@ from ..engine.structured import StructuredOutputsParams
 from ..processing.tool_grammar import tool_call_grammar
 from .protocol import (
     COMPLETION_FIELDS, CHAT_FIELDS, DETOKENIZE_FIELDS, TOKENIZE_FIELDS, APIError, bad, check_fields, get_bool,
-    get_number, get_stop, include_usage, parse_json, sampling_params, structured_output, thinking, tool_choice,
+    get_number, get_token_ids, include_usage, parse_json, sampling_params, structured_output, text_options, thinking,
+    tool_choice,
 )
 from .async_engine import EngineDead, RequestFailed
 from .generation import Choice, ClientDisconnected, merged
@@ -93,7 +94,8 @@ def create_app(state: ServerState) -> FastAPI:
         body = await _json_body(request, state, DETOKENIZE_FIELDS)
         if body.get("tokens") is None:
             raise bad("'tokens' (a list of token ids) is required", "tokens")
-        return {"prompt": state.tokenizer.decode(_token_ids(state, body["tokens"], "tokens"))}
+        ids = get_token_ids(body["tokens"], "tokens", state.tokenizer.vocab_size)
+        return {"prompt": state.tokenizer.decode(ids)}
 
     @app.get("/v1/models")
     async def models():
@@ -187,6 +189,16 @@ def _unknown_model(state: ServerState, model: str) -> APIError:
                     "not_found_error", "model", "model_not_found")
 
 
+def _truncated(body: dict, prompt_ids: list[int], media: bool = False) -> list[int]:
+    """vLLM's truncate_prompt_tokens: the prompt's last n tokens (a BOS before them is dropped too)."""
+    keep = get_number(body, "truncate_prompt_tokens", None, 1)
+    if keep is None or keep >= len(prompt_ids):
+        return prompt_ids
+    if media:  # a cut could split an image's or a clip's soft tokens
+        raise bad("'truncate_prompt_tokens' cannot cut a prompt with images or audio", "truncate_prompt_tokens")
+    return prompt_ids[-keep:]
+
+
 def _check_prompt(state: ServerState, prompt_ids: list[int], body: dict, chat: bool):
     room = state.max_model_len - len(prompt_ids)
     if room <= 0:
@@ -194,19 +206,19 @@ def _check_prompt(state: ServerState, prompt_ids: list[int], body: dict, chat: b
                     f"{state.max_model_len} tokens (--max-model-len)", "messages" if chat else "prompt")
     # logit_bias keys: ids the model can sample (the tokenizer may name a few more, e.g. an image placeholder)
     vocab = min(state.tokenizer.vocab_size, state.engine.engine.runner.model.config.text_config.vocab_size)
-    params = sampling_params(body, state.sampling_defaults, room, chat, vocab)
+    params = sampling_params(body, state.sampling_defaults, room, chat, vocab, state.engine.engine.stop_token_ids)
     if len(prompt_ids) + params.max_tokens > state.max_model_len:
         raise bad(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the maximum "
                     f"context length of {state.max_model_len} tokens", "max_tokens")
     return params
 
 
-async def _start(state: ServerState, n: int, prompts: list[tuple], stops, inputs=None,
+async def _start(state: ServerState, n: int, prompts: list[tuple], text: dict, inputs=None,
                  param: str | None = None) -> list[Choice]:
     """n choices of each (prompt ids, sampling params): choice k*n + i is the i-th of prompt k, as vLLM. All start, or
-    none (an error aborts those started). `inputs`: the media tensors of a single prompt, whose soft tokens the
-    towers make once (off the event loop) for all its choices. `param`: the field a structured output's compile
-    error names."""
+    none (an error aborts those started). `text`: how their text is made (protocol.text_options). `inputs`: the
+    media tensors of a single prompt, whose soft tokens the towers make once (off the event loop) for all its
+    choices. `param`: the field a structured output's compile error names."""
     try:
         encode = state.engine.engine.encode_media
         media = None if inputs is None else await asyncio.to_thread(encode, prompts[0][0], inputs)
@@ -221,7 +233,7 @@ async def _start(state: ServerState, n: int, prompts: list[tuple], stops, inputs
             for i in range(n):
                 seed = None if params.seed is None else (params.seed + i) % 2**63  # choice i samples with seed + i
                 choices.append(Choice(k * n + i, state.engine, state.tokenizer, prompt_ids,
-                                      dataclasses.replace(params, seed=seed), stops, media))
+                                      dataclasses.replace(params, seed=seed), media, **text))
             state.metrics.prompt_tokens.inc(len(prompt_ids) * n)
     except (EngineDead, ValueError) as e:
         for c in choices:
@@ -261,6 +273,23 @@ def _render(state: ServerState, gemma_messages, tools, add_generation_prompt: bo
         raise bad(f"cannot render these messages with the chat template: {e}", "messages") from None
 
 
+def _chat_prompt(state: ServerState, body: dict, gemma_messages, tools, enable_thinking: bool) -> str:
+    """The rendered chat: a new model turn opened (add_generation_prompt, default true), or, with
+    continue_final_message, the last message (the assistant's) left open for the model to go on with, as vLLM."""
+    if not get_bool(body, "continue_final_message"):
+        return _render(state, gemma_messages, tools, get_bool(body, "add_generation_prompt", True), enable_thinking)
+    if body.get("add_generation_prompt"):  # vLLM's rule: not both given true
+        raise bad("'continue_final_message' and 'add_generation_prompt' cannot both be true", "continue_final_message")
+    if body["messages"][-1].get("role") != "assistant":
+        raise bad("'continue_final_message' needs the last message to be the assistant's", "continue_final_message")
+    prompt = _render(state, gemma_messages, tools, False, enable_thinking)
+    end = f"{state.tokenizer.id_to_token(state.tokenizer.turn_end_id)}\n"
+    if not prompt.endswith(end):
+        raise bad("the chat template does not end the last message with its end of turn: it cannot be continued",
+                  "continue_final_message")
+    return prompt[:-len(end)]
+
+
 def _chat_constraint(state: ServerState, body: dict, tools, choice, parallel: bool, enable_thinking: bool
                      ) -> tuple[StructuredOutputsParams | None, str | None]:
     """The chat request's structured output and the field its errors name: response_format / structured_outputs,
@@ -292,21 +321,22 @@ async def _chat(state: ServerState, body: dict, request: Request):
     check_media(media, state)
     enable_thinking = thinking(body, state.default_enable_thinking)
     stream, usage = get_bool(body, "stream"), include_usage(body)
-    n, stops = get_number(body, "n", 1, 1, 16), get_stop(body)
+    n, text = get_number(body, "n", 1, 1, 16), text_options(body, chat=True)
     spec, param = _chat_constraint(state, body, tools, choice, parallel, enable_thinking)
-    prompt = _render(state, gemma_messages, tools if choice != "none" else None, True, enable_thinking)
+    prompt = _chat_prompt(state, body, gemma_messages, tools if choice != "none" else None, enable_thinking)
     started = time.monotonic()
     if media:
         prompt_ids, inputs = await _process(state, prompt, lambda: load_media(media, state.allowed_media_domains),
                                             max_soft_tokens=_image_budget(body))
     else:
         prompt_ids, inputs = state.tokenizer.encode(prompt, add_special_tokens=False), None
+    prompt_ids = _truncated(body, prompt_ids, media=bool(media))
     params = _check_prompt(state, prompt_ids, body, chat=True)
     if choice == "none" and state.tokenizer.tool_call_start_id is not None:  # no call can start
         params = dataclasses.replace(params, logit_bias={**(params.logit_bias or {}),
                                                          state.tokenizer.tool_call_start_id: float("-inf")})
     params = _constrained(params, spec)
-    choices = await _start(state, n, [(prompt_ids, params)], stops, inputs, param)
+    choices = await _start(state, n, [(prompt_ids, params)], text, inputs, param)
     head = _head(state, body, "chatcmpl", "chat.completion")
     if stream:
         return _sse(_chat_stream(state, choices, prompt, head, usage, started, request, parallel))
@@ -334,8 +364,8 @@ def _constrained(params, spec: StructuredOutputsParams | None):
         return params
     try:
         return dataclasses.replace(params, structured_outputs=spec)
-    except ValueError as e:  # e.g. min_tokens, which a grammar's end overrides
-        raise bad(str(e)) from None
+    except ValueError as e:  # min_tokens, which a grammar's end overrides; allowed_token_ids, another constraint
+        raise bad(str(e), "allowed_token_ids" if params.allowed_token_ids else "min_tokens") from None
 
 
 def _head(state: ServerState, body: dict, prefix: str, kind: str) -> dict:
@@ -438,16 +468,6 @@ def _observe(state: ServerState, choices: list[Choice], started: float) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- completions
-def _token_ids(state: ServerState, value, param: str) -> list[int]:
-    """A list of token ids of this tokenizer's vocabulary, or a 400 naming `param`."""
-    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
-        raise bad(f"'{param}' must be a list of token ids", param)
-    vocab = state.tokenizer.vocab_size
-    if not all(0 <= t < vocab for t in value):
-        raise bad(f"token ids must be in [0, {vocab})", param)
-    return value
-
-
 def _prompts(state: ServerState, prompt) -> list[list[int]]:
     """`prompt` as vLLM takes it (a string, a list of token ids, or a list of strings or of token-id lists) -> the
     token ids of each prompt."""
@@ -456,7 +476,8 @@ def _prompts(state: ServerState, prompt) -> list[list[int]]:
     if not prompt or not all(isinstance(p, (str, list)) for p in prompt):
         raise bad("'prompt' must be a string, a list of token ids, or a non-empty list of strings or of token-id "
                   "lists", "prompt")
-    prompts = [state.tokenizer.encode(p) if isinstance(p, str) else _token_ids(state, p, "prompt") for p in prompt]
+    vocab = state.tokenizer.vocab_size
+    prompts = [state.tokenizer.encode(p) if isinstance(p, str) else get_token_ids(p, "prompt", vocab) for p in prompt]
     if not all(prompts):
         raise bad("a prompt is empty", "prompt")
     return prompts
@@ -468,13 +489,13 @@ async def _completion(state: ServerState, body: dict, request: Request):
     n = get_number(body, "n", 1, 1, 16)
     if len(prompts) * n > MAX_CHOICES:
         raise bad(f"{len(prompts)} prompts x n={n} is more than {MAX_CHOICES} choices in one request", "prompt")
-    stops = get_stop(body)
+    prompts, text = [_truncated(body, ids) for ids in prompts], text_options(body, chat=False)
     spec = structured_output(body)
     param = "structured_outputs" if body.get("structured_outputs") is not None else "response_format"
     # all checked before any starts
     params = [_constrained(_check_prompt(state, ids, body, chat=False), spec) for ids in prompts]
     started = time.monotonic()
-    choices = await _start(state, n, list(zip(prompts, params)), stops, param=param)
+    choices = await _start(state, n, list(zip(prompts, params)), text, param=param)
     head = _head(state, body, "cmpl", "text_completion")
 
     def logprobs_of(c: Choice, start: int = 0):
@@ -596,7 +617,7 @@ async def _transcription(state: ServerState, request: Request):
         body["max_tokens"] = max(1, min(TRANSCRIPT_MAX_TOKENS, state.max_model_len - len(prompt_ids)))
     params = _check_prompt(state, prompt_ids, body, chat=True)  # greedy unless a temperature is given
     started = time.monotonic()
-    [choice] = await _start(state, 1, [(prompt_ids, params)], [], inputs)
+    [choice] = await _start(state, 1, [(prompt_ids, params)], {"stops": []}, inputs)
     await _run_to_end(state, [choice], request, started)
     parsed = parse_response(choice.text, prefix=prompt_text, complete=choice.finish_reason == "stop")
     text = (parsed.get("content") or "").strip()

@@ -11,11 +11,12 @@ from .async_engine import AsyncEngine, RequestFailed
 
 
 class Choice:
-    def __init__(self, index: int, engine: AsyncEngine, tokenizer, prompt_ids, params, stops: list[str], media=None):
+    def __init__(self, index: int, engine: AsyncEngine, tokenizer, prompt_ids, params, media=None,
+                 stops: list[str] = (), skip_special_tokens: bool = False, include_stop: bool = False):
         self.index, self.engine = index, engine
         self.seq_id, self.queue = engine.add(prompt_ids, params, media)
         self.num_prompt = len(prompt_ids)
-        self.detok = IncrementalText(tokenizer, stops, skip_special_tokens=False)
+        self.detok = IncrementalText(tokenizer, stops, skip_special_tokens, include_stop)
         self.num_output = 0
         self.finish_reason: str | None = None
         self.logprobs: list = []  # TokenLogprobs of each token whose text was emitted

@@ -84,11 +84,16 @@ _SAMPLING = {"model": _STR, "max_tokens": _INT, "temperature": _NUMBER, "top_p":
              "min_p": _NUMBER, "seed": _INT, "stop": (_STR, _ARRAY), "n": _INT, "stream": _BOOL,
              "stream_options": _OBJECT, "presence_penalty": _NUMBER, "frequency_penalty": _NUMBER,
              "repetition_penalty": _NUMBER, "min_tokens": _INT, "ignore_eos": _BOOL, "user": _STR,
-             "logit_bias": _OBJECT, "response_format": _OBJECT, "structured_outputs": _OBJECT}
+             "logit_bias": _OBJECT, "response_format": _OBJECT, "structured_outputs": _OBJECT,
+             # vLLM's extra parameters
+             "stop_token_ids": _ARRAY, "include_stop_str_in_output": _BOOL, "skip_special_tokens": _BOOL,
+             "spaces_between_special_tokens": _BOOL, "allowed_token_ids": _ARRAY, "truncate_prompt_tokens": _INT,
+             "bad_words": _ARRAY, "use_beam_search": _BOOL, "prompt_logprobs": _INT}
 CHAT_FIELDS = {**_SAMPLING, "messages": _ARRAY, "max_completion_tokens": _INT, "logprobs": _BOOL,
                "top_logprobs": _INT, "tools": _ARRAY, "tool_choice": (_STR, _OBJECT), "chat_template_kwargs": _OBJECT,
                "reasoning_effort": _STR, "mm_processor_kwargs": _OBJECT, "parallel_tool_calls": _BOOL,
-               "metadata": _OBJECT, "store": _BOOL}
+               "metadata": _OBJECT, "store": _BOOL, "add_generation_prompt": _BOOL, "continue_final_message": _BOOL,
+               "echo": _BOOL}
 COMPLETION_FIELDS = {**_SAMPLING, "prompt": (_STR, _ARRAY), "logprobs": _INT, "echo": _BOOL, "suffix": _STR,
                      "best_of": _INT}
 # vLLM's /tokenize and /detokenize
@@ -98,15 +103,20 @@ TOKENIZE_FIELDS = {"model": _STR, "prompt": _STR, "messages": _ARRAY, "tools": _
 DETOKENIZE_FIELDS = {"model": _STR, "tokens": _ARRAY}
 
 
+# Fields known but not applied, with the value that asks for nothing: any other value is refused (typed: True is no 1).
+_REFUSED = {"echo": False, "suffix": "", "best_of": 1, "bad_words": [], "use_beam_search": False,
+            "prompt_logprobs": None}
+
+
 def check_fields(body: dict, fields: dict[str, Any]) -> None:
     """A 400 naming the first accepted field whose value has the wrong JSON type; refuses what we accept but do not
-    apply (echo, a suffix, best_of) rather than ignoring it."""
+    apply (`_REFUSED`) rather than ignoring it."""
     for name, kinds in fields.items():
         value = body.get(name)
         kinds = kinds if isinstance(kinds, tuple) else (kinds,)
         if value is not None and not any(type(value) in _TYPES[kind] for kind in kinds):
             raise bad(f"'{name}' must be {' or '.join(kinds)}, got {type(value).__name__}", name)
-    for name, no_op in (("echo", False), ("suffix", ""), ("best_of", 1)):  # typed: True is no 1
+    for name, no_op in _REFUSED.items():
         if name in fields and body.get(name) not in (None, no_op):
             raise bad(f"'{name}' is not supported", name)
 
@@ -136,6 +146,27 @@ def get_stop(body: dict) -> list[str]:
     if len(stop) > 16 or not all(isinstance(s, str) and s for s in stop):
         raise bad("'stop' must be a non-empty string or a list of up to 16 non-empty strings", "stop")
     return stop
+
+
+def get_token_ids(value, name: str, vocab_size: int) -> list[int]:
+    """A list of token ids in [0, vocab_size), or a 400 naming `name`."""
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        raise bad(f"'{name}' must be a list of token ids", name)
+    if not all(0 <= t < vocab_size for t in value):
+        raise bad(f"'{name}': token ids must be in [0, {vocab_size})", name)
+    return value
+
+
+def text_options(body: dict, chat: bool) -> dict:
+    """How a choice's text is made (generation.Choice's keywords): the stop strings, whether the matched one is kept
+    (include_stop_str_in_output), whether special tokens are left out. Chat keeps them for its parser (thinking,
+    tool calls), which takes Gemma's markers out of the message: there skip_special_tokens false is refused."""
+    skip = get_bool(body, "skip_special_tokens", False)
+    if chat and body.get("skip_special_tokens") is False:
+        raise bad("'skip_special_tokens' false is not supported on chat: the message is parsed from the special "
+                  "tokens; use /v1/completions for the raw text", "skip_special_tokens")
+    return {"stops": get_stop(body), "include_stop": get_bool(body, "include_stop_str_in_output"),
+            "skip_special_tokens": skip and not chat}
 
 
 def get_logit_bias(body: dict, vocab_size: int) -> dict[int, float] | None:
@@ -193,9 +224,10 @@ def structured_output(body: dict) -> StructuredOutputsParams | None:
 
 
 def sampling_params(body: dict, defaults: dict, max_tokens_default: int, chat: bool,
-                    vocab_size: int = 2**31) -> SamplingParams:
+                    vocab_size: int = 2**31, stop_token_ids: list[int] | None = None) -> SamplingParams:
     """SamplingParams from an OpenAI request (stop strings are applied by the server, on text; the structured
-    output by the caller, which knows the tools and the tokenizer)."""
+    output by the caller, which knows the tools and the tokenizer). `stop_token_ids`: the model's own, which the
+    request's add to."""
     max_tokens = get_number(body, "max_completion_tokens", None, 1) if chat else None
     max_tokens = max_tokens or get_number(body, "max_tokens", None, 1) or max_tokens_default
     logprobs = None if chat else get_number(body, "logprobs", None, 0, 20)  # chat: a boolean, and top_logprobs
@@ -207,6 +239,12 @@ def sampling_params(body: dict, defaults: dict, max_tokens_default: int, chat: b
     if top_p == 0:
         raise bad("'top_p' must be > 0", "top_p")
     seed = get_number(body, "seed", None, -(2**63), 2**63 - 1)
+    extra = {name: get_token_ids(body[name], name, vocab_size) for name in ("stop_token_ids", "allowed_token_ids")
+             if body.get(name) is not None}
+    if "stop_token_ids" in extra and stop_token_ids is not None:
+        extra["stop_token_ids"] = list(dict.fromkeys([*stop_token_ids, *extra["stop_token_ids"]]))
+    if extra.get("allowed_token_ids") == []:
+        raise bad("'allowed_token_ids' must not be empty", "allowed_token_ids")
     try:
         return SamplingParams(
             max_tokens=max_tokens, top_p=top_p, logprobs=logprobs, ignore_eos=get_bool(body, "ignore_eos"),
@@ -216,7 +254,7 @@ def sampling_params(body: dict, defaults: dict, max_tokens_default: int, chat: b
             presence_penalty=get_number(body, "presence_penalty", 0.0, -2, 2),
             frequency_penalty=get_number(body, "frequency_penalty", 0.0, -2, 2),
             repetition_penalty=get_number(body, "repetition_penalty", 1.0, 0.01, 10),
-            seed=None if seed is None else seed % 2**63, logit_bias=get_logit_bias(body, vocab_size))
+            seed=None if seed is None else seed % 2**63, logit_bias=get_logit_bias(body, vocab_size), **extra)
     except ValueError as e:
         raise bad(str(e)) from None
 
