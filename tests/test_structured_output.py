@@ -346,3 +346,32 @@ def test_the_fused_sampler_and_argmax_kernels_keep_to_the_mask():
             for _ in range(5):
                 drawn = sample_batch(logits, params, [None] * 4, masks)
                 assert allowed[torch.arange(4), drawn].all()
+
+
+def test_rows_computed_together_equal_each_alone(tokenizer):
+    """fill_masks computes several rows on llguidance's threads: each row's mask (grammar tokens, stop tokens where the
+    grammar is complete; every token for a row without an active matcher) equals its own."""
+    compiler = GrammarCompiler(tokenizer)
+    schema = StructuredOutputsParams(json=json.dumps({"type": "object", "properties": {"n": {"type": "integer"}},
+                                                      "required": ["n"], "additionalProperties": False}))
+    texts = ['{"n":', '{"n":4', '{"n":42}', '{']  # inside, a number that may go on, complete, start
+    matchers = []
+    for text in texts:
+        matcher = compiler.matcher(schema, STOPS)
+        for token in tokenizer.encode(text, add_special_tokens=False):
+            matcher.accept(token)
+        matchers.append(matcher)
+    failed = compiler.matcher(schema, STOPS)
+    failed.accept(tokenizer.encode("x", add_special_tokens=False)[0])  # not JSON: failed, no longer constrained
+    assert failed.error is not None
+    rows = [matchers[0], None, matchers[1], failed, matchers[2], matchers[3]]
+    together = fill_masks(rows, VOCAB).numpy()
+    for row, matcher in enumerate(rows):
+        if matcher is None or not matcher.active:
+            expected = np.full(together.shape[1], -1, dtype=np.int32)
+        else:
+            expected = fill_masks([matcher], VOCAB)[0].numpy()
+        np.testing.assert_array_equal(together[row], expected)
+    complete = together[4].view(np.uint32)
+    assert all(complete[t >> 5] >> (t & 31) & 1 for t in STOPS)  # the complete row may stop
+    assert not any(together[0].view(np.uint32)[t >> 5] >> (t & 31) & 1 for t in STOPS)

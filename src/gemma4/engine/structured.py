@@ -19,6 +19,7 @@ on the host, so the runner reads its token in the step that sampled it."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -242,6 +243,10 @@ class GrammarMatcher:
         sequence's stop tokens where the grammar is complete, never llguidance's own EOS otherwise."""
         words[:] = 0
         self.matcher.unsafe_compute_mask_ptr(words.ctypes.data, self.mask_words * 4)
+        self.finish(words)
+
+    def finish(self, words: np.ndarray) -> None:
+        """`fill` after llguidance wrote the grammar's tokens into `words`: the error, if any, and the stop tokens."""
         if self.matcher.is_error():
             self.error = self.matcher.get_error()
             return
@@ -265,13 +270,27 @@ class GrammarMatcher:
 def fill_masks(matchers: list[GrammarMatcher | None], vocab_size: int) -> torch.Tensor | None:
     """The token masks of a step's rows, int32 [len(matchers), >= mask_words(vocab_size)] on the host (bit t of a
     row: token t may come next; bits past a tokenizer's vocabulary are 0), -1 (every token) for rows without an
-    active matcher; None when no row has one. A matcher in error leaves its row empty (the runner fails it)."""
-    active = [m for m in matchers if m is not None and m.active]
-    if not active:
+    active matcher; None when no row has one. A matcher in error leaves its row empty (the runner fails it). Rows of
+    one tokenizer are computed together, on llguidance's threads (outside the GIL)."""
+    rows = [row for row, m in enumerate(matchers) if m is not None and m.active]
+    if not rows:
         return None
-    width = max(mask_words(vocab_size), *(m.mask_words for m in active))
+    words_per_mask = {matchers[row].mask_words for row in rows}
+    width = max(mask_words(vocab_size), *words_per_mask)
     words = np.full((len(matchers), width), -1, dtype=np.int32)
-    for row, matcher in enumerate(matchers):
-        if matcher is not None and matcher.active:
-            matcher.fill(words[row])
+    if len(rows) > 1 and words_per_mask == {width}:
+        words[rows] = 0
+        _executor().unsafe_compute_mask_ptr([(matchers[row].matcher, row) for row in rows], words.ctypes.data,
+                                            width * 4, len(matchers))
+        for row in rows:
+            matchers[row].finish(words[row])
+    else:
+        for row in rows:
+            matchers[row].fill(words[row])
     return torch.from_numpy(words)
+
+
+@functools.cache
+def _executor() -> llguidance.LLExecutor:
+    """llguidance's thread pool for masks of several rows (a process-wide one, as its own helpers use)."""
+    return llguidance.LLExecutor()
