@@ -143,7 +143,9 @@ PROMPTS = {
     "open_channel_no_name": (USER + "<|turn>model\n<|channel>", "thought\nCheck.<channel|>Sunny.", msg("Sunny.", "Check.")),
     "after_tool_response": (EARLIER, "It is 21C.<turn|>", msg("It is 21C.")),
     "closed_empty_thought": (USER + "<|turn>model\n<|channel>thought\n<channel|>", "Sunny.<turn|>", msg("Sunny.")),
-    "thought_prefilled": (USER + "<|turn>model\n<|channel>thought\nLet me", " see.<channel|>Sunny.", msg("Sunny.", "see.")),
+    # Text the prompt began goes on with its whitespace (the two join as written).
+    "thought_prefilled": (USER + "<|turn>model\n<|channel>thought\nLet me", " see.<channel|>Sunny.", msg("Sunny.", " see.")),
+    "answer_prefilled": (USER + "<|turn>model\nHello, I am", " Gemma.<turn|>", msg(" Gemma.")),
     "forced_call": (USER + "<|turn>model\n<|tool_call>call:", f"get_weather{{city:{S}Oslo{S}}}<tool_call|><|tool_response>",
                     msg(calls=WEATHER)),
     "forced_named_call": (EARLIER + "<|tool_call>call:get_weather{", f"city:{S}Oslo{S}}}<tool_call|>", msg(calls=WEATHER)),

@@ -459,9 +459,8 @@ def test_skip_special_tokens(stub):
 
 def test_add_generation_prompt_and_continue_final_message(stub):
     """add_generation_prompt false renders no model turn; continue_final_message leaves the assistant's last message
-    open: the model goes on from it (its text is not repeated; the answer's leading space is stripped, as every chat
-    answer's here); both true, or a last message that is not the
-    assistant's, is a 400; so is chat's echo."""
+    open: the model goes on from it (its text is not repeated; the new text keeps its leading space, so that the two
+    join); both true, or a last message that is not the assistant's, is a 400; so is chat's echo."""
     srv, model, tokenizer = stub
     base, length = _chat_body(tokenizer, model, "ignored", 380, add_generation_prompt=False)
     assert _chat(srv, dict(base, add_generation_prompt=False))["usage"]["prompt_tokens"] == length
@@ -469,12 +468,12 @@ def test_add_generation_prompt_and_continue_final_message(stub):
     body, length = _chat_body(tokenizer, model, " Gemma.", 0, messages, add_generation_prompt=False,
                               continue_final_message=True)
     r = _chat(srv, dict(body, continue_final_message=True, add_generation_prompt=False))
-    assert r["choices"][0]["message"]["content"] == "Gemma." and r["usage"]["prompt_tokens"] == length
+    assert r["choices"][0]["message"]["content"] == " Gemma." and r["usage"]["prompt_tokens"] == length
     r = _chat(srv, dict(body, continue_final_message=True))  # add_generation_prompt not given: as vLLM
-    assert r["choices"][0]["message"]["content"] == "Gemma."
+    assert r["choices"][0]["message"]["content"] == " Gemma."
     deltas = [c["delta"] for e in _events(httpx.post(f"{srv.url}/v1/chat/completions", json=dict(
         body, continue_final_message=True, stream=True), timeout=30)) for c in e["choices"]]
-    assert "".join(d.get("content") or "" for d in deltas) == "Gemma."
+    assert "".join(d.get("content") or "" for d in deltas) == " Gemma."
     _refused(srv, "chat/completions", dict(body, add_generation_prompt=True), "continue_final_message", True)
     _refused(srv, "chat/completions", base, "continue_final_message", True)  # the user's message last
     _refused(srv, "chat/completions", base, "echo", True)

@@ -18,8 +18,9 @@ returns them: whitespace is held back until something follows it.
 `accumulate(all events) == parse_response(text)`.
 
 `StreamParser(prefix=prompt)` starts in the state that the answer's pre-written start leaves (`generation_prefix`:
-e.g. `<|channel>thought\n` opened by the template, or a call the server forced). None of the prompt is reported,
-except as part of a call that the generated text completes.
+e.g. `<|channel>thought\n` opened by the template, a call the server forced, or an assistant message the request
+continues). None of the prompt is reported, except as part of a call that the generated text completes; text the
+prefix began is continued with its whitespace.
 """
 
 from __future__ import annotations
@@ -174,7 +175,11 @@ class StreamParser:
         says is not reported and does not count as generated text."""
         self._buffer = written
         self._process(final=False)
-        self._channel_text, self._calls, self._content_out, self._reasoning_out = "", 0, _Stripped(), _Stripped()
+        # Text the prefix already began (an assistant message continued) goes on as written: its leading whitespace
+        # belongs to the answer.
+        self._content_out = _Stripped(started=self._content_out.started)
+        self._reasoning_out = _Stripped(started=self._reasoning_out.started)
+        self._channel_text, self._calls = "", 0
         self._events, self.warnings = [], []
 
     # ----------------------------------------------------------------------------------------- scanning
