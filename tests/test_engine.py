@@ -353,3 +353,24 @@ def test_a_device_error_stops_the_engine(model):
     engine.add_request(prompts(1)[0], GREEDY)
     with pytest.raises(torch.AcceleratorError):
         engine.step()
+
+
+def test_bad_words_never_complete(model):
+    """vLLM's bad_words (token sequences): a one-token word is never sampled; a longer one's last token never follows
+    the rest. Chosen from the unconstrained greedy output, so that the model would write them: the output is the
+    same until the banned token would come, and other from there."""
+    prompt = prompts(1, seed=5)[0]
+    engine = LLMEngine(model, max_num_seqs=2, max_model_len=64)
+
+    def greedy(bad_words=None):
+        return engine.generate([prompt], SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[],
+                                                        bad_words=bad_words))[0]
+
+    free = greedy()
+    for word in ([free[3]], free[6:8]):
+        at = next(i for i in range(len(free)) if free[i:i + len(word)] == word) + len(word) - 1  # its last token
+        banned = greedy([word])
+        assert banned[:at] == free[:at] and banned[at] != free[at]
+        assert all(banned[i:i + len(word)] != word for i in range(len(banned)))
+    with pytest.raises(ValueError, match="bad_words"):
+        SamplingParams(bad_words=[[]])

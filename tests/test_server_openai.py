@@ -506,6 +506,23 @@ def test_allowed_token_ids(stub, rule):
     _refused(srv, "completions", dict(completion, response_format={"type": "json_object"}), "allowed_token_ids", [two])
 
 
+def test_bad_words(stub):
+    """bad_words, tokenized as written and after a space (as vLLM): the scripted " two" never comes, on completions
+    and chat; the other tokens are the script's until then. Combined with a grammar: a 400 naming it."""
+    srv, model, tokenizer = stub
+    prompt = [2] + [100] * 459
+    model.scripts[460] = _words(tokenizer, " one two three") + [106]
+    two = _words(tokenizer, " two")[0]
+    choice = _complete(srv, prompt=prompt, max_tokens=3, logprobs=1, bad_words=["two"])["choices"][0]
+    assert choice["text"].startswith(" one") and " two" not in choice["text"]
+    assert two not in [tokenizer.encode(t, add_special_tokens=False)[0] for t in choice["logprobs"]["tokens"]]
+    body, _ = _chat_body(tokenizer, model, "one two", 460)
+    r = _chat(srv, dict(body, bad_words=["two"], max_tokens=2))["choices"][0]
+    assert r["message"]["content"].startswith("one") and "two" not in r["message"]["content"]
+    completion = {"model": "stub", "prompt": "hi", "max_tokens": 2}
+    _refused(srv, "completions", dict(completion, response_format={"type": "json_object"}), "bad_words", ["two"])
+
+
 def test_truncate_prompt_tokens(stub):
     """truncate_prompt_tokens keeps the prompt's last n tokens (usage counts those; the model answers that
     prompt), on completions and chat; n longer than the prompt keeps it whole; n < 1 is a 400."""
@@ -530,7 +547,7 @@ def test_refused_vllm_fields(stub):
     pass."""
     srv, _, _ = stub
     completion = {"model": "stub", "prompt": "hi", "max_tokens": 2}
-    for field, value in (("bad_words", ["x"]), ("use_beam_search", True), ("prompt_logprobs", 1)):
+    for field, value in (("bad_words", [""]), ("bad_words", [3]), ("use_beam_search", True), ("prompt_logprobs", 1)):
         _refused(srv, "completions", completion, field, value)
         _refused(srv, "chat/completions", {"model": "stub", "messages": [{"role": "user", "content": "hi"}]},
                  field, value)

@@ -36,7 +36,7 @@ from .sampling import GEMMA4_STOP_IDS, SamplingParams, finish_reason
 from .scheduler import Scheduler
 from .sequence import PENDING, Sequence, StepOutput
 from .speculative import Speculator
-from .structured import GrammarCompiler
+from .structured import BadWords, GrammarCompiler
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,10 @@ class LLMEngine:
         return seq.seq_id
 
     def _matcher(self, params: SamplingParams, stops: list[int]):
-        """The structured output's matcher (structured.py), or None; ValueError when it cannot be compiled."""
+        """The structured output's matcher, or the bad words' mask (structured.py), or None; ValueError when a
+        grammar cannot be compiled."""
+        if params.bad_words is not None:
+            return BadWords(params.bad_words, self.runner.model.config.text_config.vocab_size)
         if params.structured_outputs is None:
             return None
         if self.grammars is None:

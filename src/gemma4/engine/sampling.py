@@ -55,6 +55,9 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     # vLLM's allowed_token_ids: only these ids may be sampled (every other logit is -inf)
     allowed_token_ids: list[int] | None = None
+    # vLLM's bad_words, as token sequences (the server tokenizes the words): none is ever completed in the output (its
+    # last token is banned where the output ends with the rest; structured.BadWords)
+    bad_words: list[list[int]] | None = None
     # a grammar the output must follow (structured.py); a dict is read as StructuredOutputsParams' fields
     structured_outputs: StructuredOutputsParams | None = None
 
@@ -69,8 +72,18 @@ class SamplingParams:
                     not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
                 raise ValueError(f"allowed_token_ids must be a non-empty list of token ids, got {ids!r}")
             self.allowed_token_ids = list(ids)
+        if self.bad_words is not None:
+            words = self.bad_words
+            if not isinstance(words, (list, tuple)) or not all(
+                    isinstance(w, (list, tuple)) and w and all(isinstance(t, int) and not isinstance(t, bool)
+                                                               and t >= 0 for t in w) for w in words):
+                raise ValueError(f"bad_words must be a list of non-empty token id sequences, got {words!r}")
+            self.bad_words = [list(w) for w in words] or None
         if self.structured_outputs is not None:
             self.structured_outputs = StructuredOutputsParams.from_value(self.structured_outputs)
+            if self.bad_words is not None:
+                raise ValueError("bad_words cannot be combined with structured_outputs (the grammar decides which "
+                                 "tokens may come)")
             if self.allowed_token_ids is not None:
                 raise ValueError("allowed_token_ids cannot be combined with structured_outputs: both constrain the "
                                  "tokens")

@@ -267,26 +267,53 @@ class GrammarMatcher:
                 self.error = self.matcher.get_error() or f"token {token} does not follow the grammar"
 
 
-def fill_masks(matchers: list[GrammarMatcher | None], vocab_size: int) -> torch.Tensor | None:
+class BadWords:
+    """vLLM's bad_words as a token mask, in a sequence's matcher slot (so its row is masked, read each step and never
+    run ahead, as a grammar's): a banned sequence of one token is never sampled; of several, its last token is not
+    where the output so far ends with the rest."""
+
+    def __init__(self, words: list[list[int]], vocab_size: int):
+        self.words, self.vocab_size = words, vocab_size
+        self.output: list[int] = []
+        self.active, self.error = True, None
+
+    @property
+    def mask_words(self) -> int:
+        return mask_words(self.vocab_size)
+
+    def fill(self, words: np.ndarray) -> None:
+        words[:] = -1
+        bits = words.view(np.uint32)
+        for word in self.words:
+            *head, last = word
+            if (not head or self.output[-len(head):] == head) and last >> 5 < len(bits):
+                bits[last >> 5] &= ~np.uint32(1 << (last & 31))
+
+    def accept(self, token: int) -> None:
+        self.output.append(token)
+
+
+def fill_masks(matchers: list[GrammarMatcher | BadWords | None], vocab_size: int) -> torch.Tensor | None:
     """The token masks of a step's rows, int32 [len(matchers), >= mask_words(vocab_size)] on the host (bit t of a
     row: token t may come next; bits past a tokenizer's vocabulary are 0), -1 (every token) for rows without an
-    active matcher; None when no row has one. A matcher in error leaves its row empty (the runner fails it). Rows of
-    one tokenizer are computed together, on llguidance's threads (outside the GIL)."""
+    active matcher; None when no row has one. A matcher in error leaves its row empty (the runner fails it). Grammar
+    rows are computed together, on llguidance's threads (outside the GIL)."""
     rows = [row for row, m in enumerate(matchers) if m is not None and m.active]
     if not rows:
         return None
-    words_per_mask = {matchers[row].mask_words for row in rows}
-    width = max(mask_words(vocab_size), *words_per_mask)
+    width = max(mask_words(vocab_size), *(matchers[row].mask_words for row in rows))
     words = np.full((len(matchers), width), -1, dtype=np.int32)
-    if len(rows) > 1 and words_per_mask == {width}:
-        words[rows] = 0
-        _executor().unsafe_compute_mask_ptr([(matchers[row].matcher, row) for row in rows], words.ctypes.data,
+    together = [row for row in rows if isinstance(matchers[row], GrammarMatcher) and matchers[row].mask_words == width]
+    if len(together) > 1:
+        words[together] = 0
+        _executor().unsafe_compute_mask_ptr([(matchers[row].matcher, row) for row in together], words.ctypes.data,
                                             width * 4, len(matchers))
-        for row in rows:
+        for row in together:
             matchers[row].finish(words[row])
     else:
-        for row in rows:
-            matchers[row].fill(words[row])
+        together = []
+    for row in sorted(set(rows) - set(together)):
+        matchers[row].fill(words[row])
     return torch.from_numpy(words)
 
 

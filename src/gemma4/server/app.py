@@ -206,7 +206,8 @@ def _check_prompt(state: ServerState, prompt_ids: list[int], body: dict, chat: b
                     f"{state.max_model_len} tokens (--max-model-len)", "messages" if chat else "prompt")
     # logit_bias keys: ids the model can sample (the tokenizer may name a few more, e.g. an image placeholder)
     vocab = min(state.tokenizer.vocab_size, state.engine.engine.runner.model.config.text_config.vocab_size)
-    params = sampling_params(body, state.sampling_defaults, room, chat, vocab, state.engine.engine.stop_token_ids)
+    params = sampling_params(body, state.sampling_defaults, room, chat, vocab, state.engine.engine.stop_token_ids,
+                             encode=state.tokenizer.encode)
     if len(prompt_ids) + params.max_tokens > state.max_model_len:
         raise bad(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the maximum "
                     f"context length of {state.max_model_len} tokens", "max_tokens")
@@ -364,8 +365,9 @@ def _constrained(params, spec: StructuredOutputsParams | None):
         return params
     try:
         return dataclasses.replace(params, structured_outputs=spec)
-    except ValueError as e:  # min_tokens, which a grammar's end overrides; allowed_token_ids, another constraint
-        raise bad(str(e), "allowed_token_ids" if params.allowed_token_ids else "min_tokens") from None
+    except ValueError as e:  # min_tokens, which a grammar's end overrides; allowed_token_ids, bad_words: constraints
+        field = next((f for f in ("allowed_token_ids", "bad_words") if getattr(params, f)), "min_tokens")
+        raise bad(str(e), field) from None
 
 
 def _head(state: ServerState, body: dict, prefix: str, kind: str) -> dict:

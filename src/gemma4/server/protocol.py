@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 from ..engine.sampling import SamplingParams
@@ -104,7 +105,7 @@ DETOKENIZE_FIELDS = {"model": _STR, "tokens": _ARRAY}
 
 
 # Fields known but not applied, with the value that asks for nothing: any other value is refused (typed: True is no 1).
-_REFUSED = {"echo": False, "suffix": "", "best_of": 1, "bad_words": [], "use_beam_search": False,
+_REFUSED = {"echo": False, "suffix": "", "best_of": 1, "use_beam_search": False,
             "prompt_logprobs": None}
 
 
@@ -155,6 +156,21 @@ def get_token_ids(value, name: str, vocab_size: int) -> list[int]:
     if not all(0 <= t < vocab_size for t in value):
         raise bad(f"'{name}': token ids must be in [0, {vocab_size})", name)
     return value
+
+
+def get_bad_words(body: dict, encode: Callable[..., list[int]]) -> list[list[int]] | None:
+    """vLLM's bad_words: each word's tokens as written and after a space (as vLLM tokenizes them), or a 400."""
+    words = body.get("bad_words")
+    if not words:
+        return None
+    if not all(isinstance(word, str) and word.strip() for word in words):
+        raise bad("'bad_words' must be a list of non-empty strings", "bad_words")
+    sequences = []
+    for word in words:
+        for text in (word.lstrip(), " " + word.lstrip()):
+            if (ids := encode(text, add_special_tokens=False)) and ids not in sequences:
+                sequences.append(ids)
+    return sequences
 
 
 def text_options(body: dict, chat: bool) -> dict:
@@ -224,10 +240,11 @@ def structured_output(body: dict) -> StructuredOutputsParams | None:
 
 
 def sampling_params(body: dict, defaults: dict, max_tokens_default: int, chat: bool,
-                    vocab_size: int = 2**31, stop_token_ids: list[int] | None = None) -> SamplingParams:
+                    vocab_size: int = 2**31, stop_token_ids: list[int] | None = None,
+                    encode: Callable[..., list[int]] | None = None) -> SamplingParams:
     """SamplingParams from an OpenAI request (stop strings are applied by the server, on text; the structured
     output by the caller, which knows the tools and the tokenizer). `stop_token_ids`: the model's own, which the
-    request's add to."""
+    request's add to; `encode`: the tokenizer's, for bad_words (without it they are refused)."""
     max_tokens = get_number(body, "max_completion_tokens", None, 1) if chat else None
     max_tokens = max_tokens or get_number(body, "max_tokens", None, 1) or max_tokens_default
     logprobs = None if chat else get_number(body, "logprobs", None, 0, 20)  # chat: a boolean, and top_logprobs
@@ -245,6 +262,10 @@ def sampling_params(body: dict, defaults: dict, max_tokens_default: int, chat: b
         extra["stop_token_ids"] = list(dict.fromkeys([*stop_token_ids, *extra["stop_token_ids"]]))
     if extra.get("allowed_token_ids") == []:
         raise bad("'allowed_token_ids' must not be empty", "allowed_token_ids")
+    if body.get("bad_words"):
+        if encode is None:
+            raise bad("'bad_words' is not supported here", "bad_words")
+        extra["bad_words"] = get_bad_words(body, encode)
     try:
         return SamplingParams(
             max_tokens=max_tokens, top_p=top_p, logprobs=logprobs, ignore_eos=get_bool(body, "ignore_eos"),
