@@ -207,11 +207,11 @@ class Speculator:
     def _sampled(seqs: list[Sequence], drafts: list[list[int]], q: list[Candidates] | None,
                  logits: torch.Tensor) -> list[Accepted | str]:
         """The rows that are not plain greedy: sampled ones, and greedy ones with logit_bias, allowed_token_ids,
-        penalties, logprobs or min_tokens. Every position of every row is scored in one batch, position j as if drafts[:j] were accepted
-        (its penalties and min_tokens count them as output; it is read only if they were). Then each row accepts
-        its drafts from one read of p(d_j), q(d_j) and u_j (sampled) or of the argmax (greedy), and the rows draw
-        their last tokens together. q: the drafts' distributions, one Candidates per drafting step (None: each
-        draft's is its one-hot). logits: [N, V], as accept takes them."""
+        penalties, logprobs or min_tokens. Every position of every row is scored in one batch, position j as if
+        drafts[:j] were accepted (its penalties and min_tokens count them as output; it is read only if they were).
+        Then each row accepts its drafts from one read of p(d_j), q(d_j) and u_j (sampled) or of the argmax
+        (greedy), and the rows draw their last tokens together. q: the drafts' distributions, one Candidates per
+        drafting step (None: each draft's is its one-hot). logits: [N, V], as accept takes them."""
         device, vocab = logits.device, logits.shape[-1]
         owners = [(b, j) for b, tail in enumerate(drafts) for j in range(len(tail) + 1)]  # row -> (sequence, position)
         starts = [row for row, (_, j) in enumerate(owners) if j == 0]

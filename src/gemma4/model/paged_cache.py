@@ -57,10 +57,9 @@ class KVPools:
 
     `dtype`: the model's; `kv_cache_dtype` "auto" stores K/V in it, "fp8" in float8 e4m3 with per-head scales
     `key_scales[layer]` / `value_scales[layer]` (float32 [Hkv], 1.0: k_norm and v_norm leave K/V of RMS 1, well
-    inside +-448). A checkpoint's calibrated scales are copied into them in place (`load_scales_`; CUDA graphs read these
-    very tensors). An fp8 pool
-    also carries its scales as `pool.kv_scales`, so that code handed only the pool (`write_target`'s callers, the
-    decode kernel, KV-shared layers reading their producer's pools) applies them."""
+    inside +-448). A checkpoint's calibrated scales are copied into them in place (`load_scales_`; CUDA graphs read
+    these very tensors). An fp8 pool also carries its scales as `pool.kv_scales`, so that code handed only the pool
+    (`write_target`'s callers, the decode kernel, KV-shared layers reading their producer's pools) applies them."""
 
     def __init__(self, config: TextConfig, num_blocks: int, block_size: int, max_num_seqs: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu", kv_cache_dtype: str = "auto",
