@@ -358,8 +358,8 @@ def compressed_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict | 
                 state.update({f"{owner}.{e}.{part}_proj.{local}": t
                               for local, t in _checkpoint_tensors(piece, module.scheme).items()})
     kv_scales = next((m.k_scale for m in model.modules() if getattr(m, "k_scale", None) is not None), None)
-    kv_cache_scheme = None if kv_scales is None else {
-        "type": "float", "num_bits": 8, "strategy": "tensor" if kv_scales.numel() == 1 else "attn_head",
+    kv_cache_scheme = None if kv_scales is None else {  # the buffers' shapes say which: [1], or [Hkv, 1, 1]
+        "type": "float", "num_bits": 8, "strategy": "tensor" if kv_scales.dim() == 1 else "attn_head",
         "symmetric": True, "dynamic": False}
     if not schemes:
         return state, None if kv_cache_scheme is None else {
