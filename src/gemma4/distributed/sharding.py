@@ -132,7 +132,7 @@ def _quantized_weights(config: Config, quantization: str | None):
     """A function (dense weight name, its cut, size) -> (Scheme, values per stored input column) of the weights that
     are stored quantized (compressed-tensors: the config group whose targets match, unless ignored) or quantized on
     load (quantization.quantizes_on_load's choice: every decoder projection whose K the group size divides), or None.
-    Embeddings are never quantized (not Linear), nor are a calibrated KV cache's scales."""
+    Only the Linears' weights and the experts' matrices are: not embeddings, nor a calibrated KV cache's scales."""
     from ..loading import checkpoint_key
 
     checkpoint_scheme = config.quantization_config
@@ -141,7 +141,7 @@ def _quantized_weights(config: Config, quantization: str | None):
     on_load = quantization_module.on_load_scheme(quantization) if quantization else None
 
     def find(name: str, spec: Spec, size: int):
-        if "embed_tokens" in name or name.endswith(("k_scale", "v_scale")):
+        if "embed_tokens" in name or not (name.endswith(".weight") or ".experts." in f"{name}."):
             return None
         module = name.removesuffix(".weight")
         if on_load is not None and ".language_model." in f".{module}":
