@@ -1,9 +1,9 @@
 """Sampling: per-request parameters and a pure function from logits to the next token.
 
-Order of operations (as in transformers and vLLM): the structured output's token mask, allowed_token_ids and
-logit_bias -> penalties ->
-temperature -> top-k -> top-p -> min-p -> draw. Logprobs reported are those of the model's distribution (log-softmax
-of the logits before penalties and temperature, as vLLM reports them), within the token mask and after logit_bias.
+Order of operations (as in transformers and vLLM): the token mask (a structured output's, or bad_words'),
+allowed_token_ids and logit_bias -> penalties -> temperature -> top-k -> top-p -> min-p -> draw. Logprobs reported
+are those of the model's distribution (log-softmax of the logits before penalties and temperature, as vLLM reports
+them), within the token mask and after logit_bias.
 """
 
 from __future__ import annotations
@@ -67,18 +67,15 @@ class SamplingParams:
         if self.logit_bias is not None:
             self.logit_bias = _checked_logit_bias(self.logit_bias)
         if self.allowed_token_ids is not None:
-            ids = self.allowed_token_ids
-            if not isinstance(ids, (list, tuple)) or not ids or \
-                    not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
-                raise ValueError(f"allowed_token_ids must be a non-empty list of token ids, got {ids!r}")
-            self.allowed_token_ids = list(ids)
+            if not _token_ids(self.allowed_token_ids):
+                raise ValueError(f"allowed_token_ids must be a non-empty list of token ids, got "
+                                 f"{self.allowed_token_ids!r}")
+            self.allowed_token_ids = list(self.allowed_token_ids)
         if self.bad_words is not None:
             words = self.bad_words
-            if not isinstance(words, (list, tuple)) or not all(
-                    isinstance(w, (list, tuple)) and w and all(isinstance(t, int) and not isinstance(t, bool)
-                                                               and t >= 0 for t in w) for w in words):
+            if not isinstance(words, (list, tuple)) or not all(_token_ids(word) for word in words):
                 raise ValueError(f"bad_words must be a list of non-empty token id sequences, got {words!r}")
-            self.bad_words = [list(w) for w in words] or None
+            self.bad_words = [list(word) for word in words] or None
         if self.structured_outputs is not None:
             self.structured_outputs = StructuredOutputsParams.from_value(self.structured_outputs)
             if self.bad_words is not None:
@@ -134,6 +131,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _token_ids(ids) -> bool:
+    """Whether `ids` is a non-empty list (or tuple) of token ids: non-negative integers, not booleans."""
+    return isinstance(ids, (list, tuple)) and bool(ids) and \
+        all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)
 
 
 def _checked_logit_bias(bias) -> dict[int, float]:
