@@ -76,6 +76,17 @@ class StepLog:
         return longest
 
 
+def both(servers, run: int = K + 1, **kw):
+    """The completion of `kw` by the server without a drafter, then by the one with it, whose longest accepted run
+    must be `run` tokens (so that the comparison is not vacuous)."""
+    plain, spec, log = servers
+    ref = plain.completions.create(**kw)
+    log.longest_run()
+    got = spec.completions.create(**kw)
+    assert log.longest_run() == run
+    return ref, got
+
+
 # --- a random tiny checkpoint: the same requests with and without a drafter ------------------------------------------
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, gemma4_tokenizer_dir):
@@ -115,12 +126,9 @@ def streamed(chunks) -> tuple[dict, list]:
 def test_completions_stream_plain_and_no_drafter_agree_with_logprobs(servers):
     """Greedy: the streamed chunks joined, the plain answer and the answer without a drafter are the same text;
     each token's logprob and top logprobs equal those without a drafter (fp32 rounding)."""
-    plain, spec, log = servers
+    _, spec, log = servers
     kw = dict(GREEDY, prompt=PROMPT, max_tokens=14, logprobs=2)
-    ref = plain.completions.create(**kw)
-    log.longest_run()
-    got = spec.completions.create(**kw)
-    assert log.longest_run() == K + 1
+    ref, got = both(servers, **kw)
     texts, chunks = streamed(spec.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
     assert log.longest_run() == K + 1
     assert got.choices[0].text == texts[0] == ref.choices[0].text
@@ -160,17 +168,14 @@ def test_a_stop_string_inside_an_accepted_run(servers):
     """The stop string starts at the 3rd token, which an accepted run of 4 tokens holds (the 1st comes from the
     prefill): the text ends right before it, finish_reason "stop", and usage counts the tokens up to the one that
     completed it, as without a drafter, streamed or not."""
-    plain, spec, log = servers
+    plain, spec, _ = servers
     kw = dict(GREEDY, prompt=PROMPT, max_tokens=12, logprobs=0)
     full = plain.completions.create(**kw).choices[0]
     text, offsets = full.text, full.logprobs.text_offset
     at = next(j for j in (2, 3) if offsets[j + 1] > offsets[j] and text.find(text[offsets[j]]) == offsets[j])
     stop = text[offsets[at]:offsets[at + 1] + 1]  # this token's text and the next one's first character
     assert text.find(stop) == offsets[at]
-    ref = plain.completions.create(**kw, stop=[stop])
-    log.longest_run()
-    got = spec.completions.create(**kw, stop=[stop])
-    assert log.longest_run() == K + 1
+    ref, got = both(servers, **kw, stop=[stop])
     texts, chunks = streamed(spec.completions.create(**kw, stop=[stop], stream=True,
                                                      stream_options={"include_usage": True}))
     assert got.choices[0].text == texts[0] == ref.choices[0].text == text[:offsets[at]]
@@ -183,12 +188,8 @@ def test_a_stop_string_inside_an_accepted_run(servers):
 @pytest.mark.parametrize("max_tokens", [2, 5, 7])
 def test_max_tokens_ends_an_accepted_run(servers, max_tokens):
     """No token past max_tokens: the last run is cut to it (1 from the prefill, then runs of up to 4)."""
-    plain, spec, log = servers
     kw = dict(GREEDY, prompt=PROMPT, max_tokens=max_tokens, logprobs=0)
-    ref = plain.completions.create(**kw)
-    log.longest_run()
-    got = spec.completions.create(**kw)
-    assert log.longest_run() == min(max_tokens - 1, K + 1)
+    ref, got = both(servers, min(max_tokens - 1, K + 1), **kw)
     assert got.choices[0].text == ref.choices[0].text and got.choices[0].finish_reason == "length"
     assert got.usage.completion_tokens == len(got.choices[0].logprobs.tokens) == max_tokens
 
@@ -196,12 +197,9 @@ def test_max_tokens_ends_an_accepted_run(servers, max_tokens):
 def test_n_choices(servers):
     """n = 2, greedy: both choices are the text without a drafter; seeded sampling: each choice reproduces itself,
     streamed or not."""
-    plain, spec, log = servers
+    _, spec, _ = servers
     kw = dict(GREEDY, prompt=PROMPT, max_tokens=9, n=2)
-    ref = plain.completions.create(**kw)
-    log.longest_run()
-    got = spec.completions.create(**kw)
-    assert log.longest_run() == K + 1
+    ref, got = both(servers, **kw)
     assert [c.text for c in got.choices] == [ref.choices[0].text] * 2
     assert got.usage.completion_tokens == 18
     texts, chunks = streamed(spec.completions.create(**kw, stream=True))
