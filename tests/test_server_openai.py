@@ -538,8 +538,24 @@ def test_truncate_prompt_tokens(stub):
     assert length > 520
     r = _chat(srv, dict(body, truncate_prompt_tokens=520))
     assert r["choices"][0]["message"]["content"] == "short" and r["usage"]["prompt_tokens"] == 520
-    for value in (0, -1, 1.5, "5"):
+    for value in (0, -2, 1.5, "5"):
         _refused(srv, "completions", {"model": "stub", "prompt": "hi"}, "truncate_prompt_tokens", value)
+
+
+def test_truncate_prompt_tokens_minus_one_keeps_what_the_context_holds(stub):
+    """truncate_prompt_tokens=-1 (vLLM): the prompt's last max_model_len - max_tokens tokens (one new token's room
+    when max_tokens is not given), where the whole prompt would be refused as too long."""
+    srv, model, tokenizer = stub
+    limit = srv.app.state.server.max_model_len
+    model.scripts[limit - 8] = _words(tokenizer, " cut") + [106]
+    prompt = [2] + [100] * (limit + 50)
+    _refused(srv, "completions", {"model": "stub", "max_tokens": 8}, "prompt", prompt)
+    r = _complete(srv, prompt=prompt, max_tokens=8, truncate_prompt_tokens=-1)
+    assert r["choices"][0]["text"] == " cut" and r["usage"]["prompt_tokens"] == limit - 8
+    r = _complete(srv, prompt=prompt, max_tokens=None, truncate_prompt_tokens=-1)
+    assert r["usage"]["prompt_tokens"] == limit - 1 and r["usage"]["completion_tokens"] == 1
+    r = _complete(srv, prompt=[2, 100, 100], max_tokens=2, truncate_prompt_tokens=-1)
+    assert r["usage"]["prompt_tokens"] == 3
 
 
 def test_refused_vllm_fields(stub):

@@ -189,9 +189,15 @@ def _unknown_model(state: ServerState, model: str) -> APIError:
                     "not_found_error", "model", "model_not_found")
 
 
-def _truncated(body: dict, prompt_ids: list[int], media: bool = False) -> list[int]:
-    """vLLM's truncate_prompt_tokens: the prompt's last n tokens (a BOS before them is dropped too)."""
-    keep = get_number(body, "truncate_prompt_tokens", None, 1)
+def _truncated(state: ServerState, body: dict, prompt_ids: list[int], media: bool = False) -> list[int]:
+    """vLLM's truncate_prompt_tokens: the prompt's last n tokens (a BOS before them is dropped too); -1: as many as
+    the context holds beside max_tokens (or beside one new token when max_tokens is not given)."""
+    keep = get_number(body, "truncate_prompt_tokens", None, -1)
+    if keep == -1:
+        requested = get_number(body, "max_completion_tokens", None, 1) or get_number(body, "max_tokens", None, 1)
+        keep = state.max_model_len - (requested or 1)
+    elif keep is not None and keep < 1:
+        raise bad(f"'truncate_prompt_tokens' must be -1 or at least 1, got {keep}", "truncate_prompt_tokens")
     if keep is None or keep >= len(prompt_ids):
         return prompt_ids
     if media:  # a cut could split an image's or a clip's soft tokens
@@ -331,7 +337,7 @@ async def _chat(state: ServerState, body: dict, request: Request):
                                             max_soft_tokens=_image_budget(body))
     else:
         prompt_ids, inputs = state.tokenizer.encode(prompt, add_special_tokens=False), None
-    prompt_ids = _truncated(body, prompt_ids, media=bool(media))
+    prompt_ids = _truncated(state, body, prompt_ids, media=bool(media))
     params = _check_prompt(state, prompt_ids, body, chat=True)
     if choice == "none" and state.tokenizer.tool_call_start_id is not None:  # no call can start
         params = dataclasses.replace(params, logit_bias={**(params.logit_bias or {}),
@@ -491,7 +497,7 @@ async def _completion(state: ServerState, body: dict, request: Request):
     n = get_number(body, "n", 1, 1, 16)
     if len(prompts) * n > MAX_CHOICES:
         raise bad(f"{len(prompts)} prompts x n={n} is more than {MAX_CHOICES} choices in one request", "prompt")
-    prompts, text = [_truncated(body, ids) for ids in prompts], text_options(body, chat=False)
+    prompts, text = [_truncated(state, body, ids) for ids in prompts], text_options(body, chat=False)
     spec = structured_output(body)
     param = "structured_outputs" if body.get("structured_outputs") is not None else "response_format"
     # all checked before any starts
