@@ -276,6 +276,7 @@ def test_the_drafter_reads_the_target_pools_in_place_as_their_gathered_copies(fa
     (the pools' keys below num_cached, gathered): the drafter's logits and hidden states agree within fp32 rounding,
     for two sequences past the window, one with rejected drafts' K/V left in its ring and blocks."""
     from gemma4 import kernels
+    from gemma4.engine.speculative import TargetKV
     from gemma4.model.assistant import PagedKV
     from gemma4.options import override
 
@@ -295,11 +296,12 @@ def test_the_drafter_reads_the_target_pools_in_place_as_their_gathered_copies(fa
     hidden = torch.stack([seq.hidden for seq in seqs])[:, None]
     with torch.no_grad():
         with override(kernels=False):
-            dense = drafter(embeds, hidden, num_cached[:, None], spec.target_kv(seqs, num_cached))
+            kv = TargetKV(spec._view(seqs, num_cached), paged=False).read(spec.step.sources, model.dtype)
+            dense = drafter(embeds, hidden, num_cached[:, None], kv)
         with kernels.force():
-            view = spec._view(seqs, num_cached)
-            view.begin_read()
-            paged = drafter(embeds, hidden, num_cached[:, None], PagedKV(view, spec.pools))
+            kv = TargetKV(spec._view(seqs, num_cached), paged=True).read(spec.step.sources, model.dtype)
+            assert isinstance(kv, PagedKV)
+            paged = drafter(embeds, hidden, num_cached[:, None], kv)
     torch.testing.assert_close(paged.logits, dense.logits, rtol=0, atol=1e-4)
     torch.testing.assert_close(paged.hidden, dense.hidden, rtol=0, atol=1e-4)
 

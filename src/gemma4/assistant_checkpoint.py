@@ -3,7 +3,8 @@
 The released layout is transformers 5.24's `Gemma4AssistantForCausalLM` state dict: `model.` (the decoder, whose
 `embed_tokens` is the tied LM head), `pre_projection.`, `post_projection.`, and on E2B / E4B drafters
 `masked_embedding.centroids.weight` and `masked_embedding.token_ordering`. Our parameter names are those keys;
-`checkpoint_tensor` is the one place that handles what a file may hold beyond them. Only safetensors are read.
+`unread` and `checkpoint_tensor` are the one place that handles what a file may hold beyond them. Only safetensors
+are read; a tensor-parallel rank reads only its slices (`load_assistant(ranks=...)`).
 """
 
 from __future__ import annotations
@@ -25,19 +26,24 @@ _SHARED_LAYER_KV = re.compile(r"^model\.layers\.\d+\.self_attn\.(k_proj|v_proj|k
 _DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def checkpoint_tensor(key: str, tensor: torch.Tensor, config: AssistantConfig, dtype: torch.dtype):
-    """A checkpoint tensor as the model takes it, or None for one the model deliberately does not read: the LM
-    head when it is tied to the embedding, K/V weights of KV-shared layers. `token_ordering` holds token ids and
+def unread(key: str, config: AssistantConfig) -> bool:
+    """Whether the model deliberately does not read this checkpoint tensor: the LM head when it is tied to the
+    embedding, K/V weights of KV-shared layers."""
+    return (key == "lm_head.weight" and config.tie_word_embeddings) or bool(_SHARED_LAYER_KV.match(key))
+
+
+def checkpoint_tensor(key: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A checkpoint tensor (one `unread` does not skip) as the model takes it: `token_ordering` holds token ids and
     stays an integer tensor (int64, whatever width the file uses); every other tensor takes `dtype`."""
-    if (key == "lm_head.weight" and config.tie_word_embeddings) or _SHARED_LAYER_KV.match(key):
-        return None
     if key.endswith("token_ordering"):
         return tensor.long()
     return tensor.to(dtype)
 
 
-def load_assistant(path_or_id, dtype=None, device="auto") -> Assistant:
-    """`dtype` None: the checkpoint's (config.json's `dtype`, else bfloat16); `device` "auto": CUDA when present."""
+def load_assistant(path_or_id, dtype=None, device="auto", ranks=None) -> Assistant:
+    """`dtype` None: the checkpoint's (config.json's `dtype`, else bfloat16); `device` "auto": CUDA when present.
+    `ranks`: a tensor-parallel rank's `distributed.Ranks`: the drafter is cut to that rank's part
+    (`distributed.sharding.assistant_cut_specs`) and only those slices are read."""
     device = resolve_device(device)
     directory = resolve_checkpoint(path_or_id)
     config = AssistantConfig.from_file(directory)
@@ -45,15 +51,22 @@ def load_assistant(path_or_id, dtype=None, device="auto") -> Assistant:
     dtype = resolve_dtype(dtype, device, _DTYPE_NAMES.get(stored, torch.bfloat16))
     with torch.device("meta"):
         model = Assistant(config)
+    specs = {}
+    if ranks is not None and ranks.size > 1:
+        from .distributed.sharding import assistant_cut_specs, read_slice, shard_assistant_
+        specs = assistant_cut_specs(config, ranks)
+        shard_assistant_(model, ranks)
     shapes = {name: t.shape for name, t in model.state_dict().items()}
     state: dict[str, torch.Tensor] = {}
     for file in safetensors_files(directory):
         try:
             with safe_open(file, framework="pt", device="cpu") as reader:
                 for key in reader.keys():
-                    tensor = checkpoint_tensor(key, reader.get_tensor(key), config, dtype)
-                    if tensor is None:
+                    if unread(key, config):
                         continue
+                    spec = specs.get(key)
+                    tensor = checkpoint_tensor(key, read_slice(reader.get_slice(key), spec) if spec is not None
+                                               else reader.get_tensor(key), dtype)
                     if key not in shapes:
                         raise CheckpointError(f"unexpected tensor {key!r} in {file.name}: this drafter checkpoint "
                                               "does not match its config.json")

@@ -71,7 +71,7 @@ class LLM:
                 raise ValueError("tensor_parallel_size= applies when LLM loads a checkpoint: pass its directory")
             from .distributed import load_parallel
             model = load_parallel(model, tensor_parallel_size, enable_expert_parallel, dtype=dtype, device=device,
-                                  quantization=quantization)
+                                  quantization=quantization, speculative_model=speculative_model)
         self.model = model if isinstance(model, Gemma4) else Model.from_pretrained(model, dtype=dtype, device=device,
                                                                                     quantization=quantization)
         checkpoint = getattr(self.model, "checkpoint_dir", None)

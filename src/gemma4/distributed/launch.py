@@ -39,15 +39,19 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def load_rank(args, rank: int, size: int, local_rank: int):
-    """(this rank's shard of args.model, the control group): size errors before anything is read."""
+    """(this rank's shard of args.model, the control group): size errors (the drafter's too) before anything is
+    read."""
     from ..loading import load_model, resolve_checkpoint, resolve_device
     from ..pretrained import Model
     from .groups import init_groups, rank_device
-    from .sharding import ShardPlan, check_shardable
+    from ..model.assistant import AssistantConfig
+    from .sharding import ShardPlan, check_assistant_shardable, check_shardable
 
     directory = resolve_checkpoint(args.model)
     config = Config.from_file(directory)
     check_shardable(config, size, args.enable_expert_parallel, args.quantization)
+    if args.speculative_model is not None:  # loaded by every rank with the engine (runtime.load_drafter)
+        check_assistant_shardable(AssistantConfig.from_file(resolve_checkpoint(args.speculative_model)), size)
     device = rank_device(resolve_device(args.device), local_rank)
     if device.type == "cpu":
         from .runtime import share_cores

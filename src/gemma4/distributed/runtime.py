@@ -6,6 +6,8 @@ Rank 0's model forward is wrapped (`ParallelRuntime.mirror`): before each forwar
 the other ranks on a gloo control group: tensors as CPU copies, a paged cache as its block tables and ring slots
 (each rank keeps its own KV pools, of its own KV heads, mirroring rank 0's: created, freed and ring-copied with
 them; the sliding rings' positions travel with each step). The engine code is unchanged: only the forward knows.
+Speculative decoding's drafter is loaded by every rank, cut as the target (`load_drafter`), and its drafting steps
+are mirrored as the forward is (`mirror_drafts`): each rank reads the target's K/V from its own pools.
 
 Faults: a rank whose process ends, or a forward that raises on any rank (the ranks' collectives may then be out of
 step), makes rank 0's forward raise `RankFailed` (a torch.AcceleratorError: the engine stops, as on a sticky device
@@ -17,6 +19,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import logging
+import os
 import signal
 import threading
 import traceback
@@ -27,12 +30,14 @@ import torch
 import torch.distributed as dist
 
 from ..config import SLIDING, Config
+from ..engine.speculative import DraftStep, TargetKV
+from ..model.assistant import AssistantConfig
 from ..model.gemma4 import check_token_ids
 from ..model.paged_cache import KVPools, PagedCacheView
 from ..quantization import kv_cache_scales
 from ..threads import available_cores
 from .groups import DEFAULT_TIMEOUT, destroy_groups, free_port, init_groups, rank_device
-from .sharding import Ranks, ShardPlan, check_shardable
+from .sharding import Ranks, ShardPlan, check_assistant_shardable, check_shardable
 
 logger = logging.getLogger(__name__)
 
@@ -45,14 +50,19 @@ class RankFailed(torch.AcceleratorError):
 
 
 def load_parallel(path, tensor_parallel_size: int, enable_expert_parallel: bool = False, dtype=None, device="auto",
-                  quantization: str | None = None, timeout: datetime.timedelta = DEFAULT_TIMEOUT):
+                  quantization: str | None = None, timeout: datetime.timedelta = DEFAULT_TIMEOUT,
+                  speculative_model=None):
     """Rank 0's shard of the checkpoint at `path` (a `gemma4.Model`), with N-1 worker processes spawned on this host
     holding the others; `quantization` ("fp8", "int8", "int4") quantizes each rank's part on load. Size errors
-    (heads, experts, vocabulary, quantization groups not divisible) are raised before anything starts."""
+    (heads, experts, vocabulary, quantization groups not divisible; those of `speculative_model`, a drafter
+    checkpoint the engine will load with `load_drafter`) are raised before anything starts."""
     from ..loading import resolve_checkpoint, resolve_device
 
     directory = resolve_checkpoint(path)
     check_shardable(Config.from_file(directory), tensor_parallel_size, enable_expert_parallel, quantization)
+    if isinstance(speculative_model, (str, os.PathLike)):
+        check_assistant_shardable(AssistantConfig.from_file(resolve_checkpoint(speculative_model)),
+                                  tensor_parallel_size)
     device = resolve_device(device)
     if device.type == "cuda" and torch.cuda.device_count() < tensor_parallel_size:
         raise ValueError(f"tensor_parallel_size={tensor_parallel_size} needs as many GPUs on this host; "
@@ -85,7 +95,8 @@ class ParallelRuntime:
         self.failed: str | None = None
         self.threads_before: int | None = None  # PyTorch's CPU threads here before share_cores
         self.on_failure = lambda: None
-        self._pools: dict[int, weakref.ref] = {}  # id -> rank 0's KVPools, whose twins the other ranks hold
+        # id -> rank 0's KVPools or drafter, whose twins the other ranks hold (and drop once it is gone)
+        self._twins: dict[int, weakref.ref] = {}
         self._copies: list[tuple[int, int, int]] = []  # (pools id, source ring, target ring) not sent yet
         self._next_id = 0
         self._stopped = threading.Event()
@@ -138,24 +149,41 @@ class ParallelRuntime:
         """Make `model`'s forward send its inputs to the other ranks first."""
         self._model = weakref.ref(model)
         model.parallel_runtime = self
-        forward = model.forward
 
-        def mirrored_forward(input_ids, *args, **kwargs):
-            self.check()
+        def check(input_ids, *args, **kwargs):
             if not getattr(kwargs.get("cache"), "prechecked", False):  # a call by hand: its ids, before any rank runs
                 check_token_ids(model.config, input_ids)
-            try:
-                dist.broadcast_object_list([self._message((input_ids, *args), kwargs)], src=0, group=self.control)
-            except Exception as e:  # noqa: BLE001  (whatever gloo raises when a peer is gone)
-                raise self._failure(e) from e
-            try:
-                return forward(input_ids, *args, **kwargs)
-            except Exception as e:  # noqa: BLE001
-                # Fatal, whatever it is (out of memory, say): the other ranks may have gone on to a collective this
-                # rank never reaches, and the next forward's collectives would pair with theirs.
-                raise self._failure(e) from e
 
-        model.forward = mirrored_forward
+        model.forward = self._mirrored(None, model.forward, check)
+
+    def mirror_drafts(self, step: DraftStep) -> None:
+        """Make the drafting steps of `step` (engine/speculative.py; its drafter from `load_drafter`) run on every
+        rank, each on its twin of the drafter and its own pools, as `mirror` does the model's forward."""
+        step.forward = self._mirrored(step.drafter.parallel_id, step.forward)
+
+    def load_drafter(self, path):
+        """Every rank's part of the drafter checkpoint at `path` (`sharding.assistant_cut_specs`: its query heads with
+        the KV heads that rank's pools hold, its MLPs and a dense head cut as the target's), each rank reading only
+        its slices; rank 0's is returned. A size that cannot cut it is a ShardingError before any rank reads it; a
+        rank that fails to load its part, a RuntimeError with that rank's traceback."""
+        from ..loading import resolve_checkpoint
+
+        directory = resolve_checkpoint(path)
+        check_assistant_shardable(AssistantConfig.from_file(directory), self.ranks.size)
+        self.check()
+        drafter_id = self._next_id
+        self._next_id += 1
+        try:
+            dist.broadcast_object_list([{"drafter": (drafter_id, str(directory))}], src=0, group=self.control)
+            drafter, errors = _load_drafter(self.model, directory, self.control)
+        except Exception as e:  # noqa: BLE001  (whatever gloo raises when a peer is gone)
+            raise self._failure(e) from e
+        if failed := next(((rank, error) for rank, error in enumerate(errors) if error is not None), None):
+            raise RuntimeError(f"tensor parallelism: rank {failed[0]} failed to load its part of the drafter:\n"
+                               f"{failed[1]}")
+        drafter.parallel_id = drafter_id
+        self._twins[drafter_id] = weakref.ref(drafter)
+        return drafter
 
     @property
     def model(self):
@@ -190,6 +218,27 @@ class ParallelRuntime:
 
     # ---- internals
 
+    def _mirrored(self, call: int | None, forward, check=None):
+        """`forward`, sending its arguments to the other ranks first, where they call their twin of it (`call`: None
+        for the model's forward, else a drafter's id)."""
+
+        def mirrored(*args, **kwargs):
+            self.check()
+            if check is not None:
+                check(*args, **kwargs)
+            try:
+                dist.broadcast_object_list([self._message(call, args, kwargs)], src=0, group=self.control)
+            except Exception as e:  # noqa: BLE001  (whatever gloo raises when a peer is gone)
+                raise self._failure(e) from e
+            try:
+                return forward(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001
+                # Fatal, whatever it is (out of memory, say): the other ranks may have gone on to a collective this
+                # rank never reaches, and the next forward's collectives would pair with theirs.
+                raise self._failure(e) from e
+
+        return mirrored
+
     def _dead_rank(self) -> str | None:
         for rank, process in enumerate(self.processes, start=1):
             if process.exitcode is not None:
@@ -209,20 +258,30 @@ class ParallelRuntime:
                     self.on_failure()
                 return
 
-    def _message(self, args, kwargs) -> dict:
-        freed = [pid for pid, ref in self._pools.items() if ref() is None]
+    def _message(self, call: int | None, args, kwargs) -> dict:
+        freed = [pid for pid, ref in self._twins.items() if ref() is None]
         for pid in freed:
-            del self._pools[pid]
-        message = {"freed": freed, "new_pools": [], "args": _to_host(args), "kwargs": {}}
-        for name, value in kwargs.items():
-            if isinstance(value, PagedCacheView):
-                value = self._cache(value, message)
-            elif value is not None and hasattr(value, "pools"):
-                raise NotImplementedError("tensor parallelism runs the engine's paged cache, not KVCache "
-                                          "(use Model.generate or LLM)")
-            message["kwargs"][name] = _to_host(value)
+            del self._twins[pid]
+        message = {"call": call, "freed": freed, "new_pools": []}
+        message["args"] = [self._outgoing(value, message) for value in args]
+        message["kwargs"] = {name: self._outgoing(value, message) for name, value in kwargs.items()}
         message["copies"], self._copies = self._copies, []
         return message
+
+    def _outgoing(self, value, message: dict):
+        """An argument as it travels: tensors as CPU copies, a paged cache as its tables (`_CacheInputs`), a
+        drafting round's target K/V as the view its ranks read their own pools through (`_TargetKVInputs`)."""
+        if isinstance(value, PagedCacheView):
+            return self._cache(value, message)
+        if isinstance(value, TargetKV):
+            if getattr(value, "parallel_id", None) is None:  # the round's first step: the ranks read it anew
+                value.parallel_id = self._next_id
+                self._next_id += 1
+            return _TargetKVInputs(value.parallel_id, self._cache(value.view, message), value.paged)
+        if value is not None and hasattr(value, "pools"):
+            raise NotImplementedError("tensor parallelism runs the engine's paged cache, not KVCache "
+                                      "(use Model.generate or LLM)")
+        return _to_host(value)
 
     def _cache(self, view: PagedCacheView, message: dict) -> _CacheInputs:
         pools = view.pools
@@ -230,7 +289,7 @@ class ParallelRuntime:
         if pid is None:
             pid = pools.parallel_id = self._next_id
             self._next_id += 1
-            self._pools[pid] = weakref.ref(pools)
+            self._twins[pid] = weakref.ref(pools)
             message["new_pools"].append((pid, _pools_spec(pools)))
             if hasattr(pools, "_copy_ring"):  # BlockManager: the prefix cache copies K/V between rings
                 copy_ring = pools._copy_ring
@@ -258,6 +317,14 @@ class _CacheInputs:
         _ring_table(pools)[self.ring_slots.to(device)] = self.ring_positions.to(device)
         return PagedCacheView(pools, self.block_tables.to(device), self.ring_slots.to(device),
                               self.num_cached.to(device), max_cached=self.max_cached)
+
+
+class _TargetKVInputs:
+    """A drafting round's TargetKV as it travels: its id (the steps of one round send the same one: each rank reads
+    its pools once per round), its view, and whether the drafter reads it in place."""
+
+    def __init__(self, kv_id: int, cache: _CacheInputs, paged: bool):
+        self.kv_id, self.cache, self.paged = kv_id, cache, paged
 
 
 def _ring_table(pools: KVPools) -> torch.Tensor:
@@ -375,31 +442,68 @@ def _worker_main(rank: int, directory: str, size: int, expert_parallel: bool, dt
         destroy_groups()
 
 
+def _load_drafter(model, directory, control) -> tuple[object | None, list[str | None]]:
+    """Every rank at once: (this rank's part of the drafter at `directory`, or None where it failed to load; each
+    rank's traceback or None, gathered on the control group)."""
+    from ..assistant_checkpoint import load_assistant
+
+    drafter, error = None, None
+    try:
+        drafter = load_assistant(directory, dtype=model.dtype, device=model.device, ranks=model.ranks)
+    except Exception:  # noqa: BLE001  (reported by rank 0, for every rank)
+        error = traceback.format_exc()
+    errors = [None] * dist.get_world_size(control)
+    dist.all_gather_object(errors, error, group=control)
+    return drafter, errors
+
+
 @torch.no_grad()
 def serve_forwards(model, control) -> None:
-    """Ranks 1..N-1: run each forward rank 0 sends, on this rank's shard and KV pools, until it sends None. A forward
-    that raises ends the loop (and the rank)."""
+    """Ranks 1..N-1: run each forward and drafting step rank 0 sends, on this rank's shard and KV pools, until it
+    sends None. A forward that raises ends the loop (and the rank)."""
     pools: dict[int, KVPools] = {}
+    drafts: dict[int, DraftStep] = {}  # rank 0's drafter id -> this rank's drafting step
+    rounds: dict[int, TargetKV] = {}  # the target K/V of the drafting round in progress, by id
     device = model.device
+
+    def incoming(value):
+        if isinstance(value, _CacheInputs):
+            return value.view(pools[value.pools_id], device)
+        if isinstance(value, _TargetKVInputs):
+            if value.kv_id not in rounds:
+                rounds[value.kv_id] = TargetKV(incoming(value.cache), value.paged)
+            return rounds[value.kv_id]
+        return _to_device(value, device)
+
     while True:
         box = [None]
         dist.broadcast_object_list(box, src=0, group=control)
         message = box[0]
         if message is None:
             return
+        if "drafter" in message:
+            drafter_id, directory = message["drafter"]
+            drafter, errors = _load_drafter(model, directory, control)
+            if not any(errors):
+                drafts[drafter_id] = DraftStep(model, drafter)
+            continue
         for pid in message["freed"]:
             pools.pop(pid, None)
+            drafts.pop(pid, None)
         for pid, spec in message["new_pools"]:
             pools[pid] = KVPools(model.config.text_config, dtype=model.dtype, device=device, **spec)
             pools[pid].load_scales_(kv_cache_scales(model))
         for pid, src, dst in message["copies"]:
             _copy_ring(pools[pid], src, dst)
-        kwargs = {}
-        for name, value in message["kwargs"].items():
-            kwargs[name] = value.view(pools[value.pools_id], device) if isinstance(value, _CacheInputs) \
-                else _to_device(value, device)
+        # A drafting round's target K/V is kept while its steps come: any other call ends the round.
+        kept = {value.kv_id for value in [*message["args"], *message["kwargs"].values()]
+                if isinstance(value, _TargetKVInputs)}
+        rounds = {kv_id: kv for kv_id, kv in rounds.items() if kv_id in kept}
+        args = [incoming(value) for value in message["args"]]
+        kwargs = {name: incoming(value) for name, value in message["kwargs"].items()}
+        call = model if message["call"] is None else drafts[message["call"]]
         try:
-            model(*_to_device(message["args"], device), **kwargs)
+            call(*args, **kwargs)
         except Exception:
             # This rank may now be out of step with the others' collectives: it ends, which rank 0 reports.
             logger.exception("rank %d: a forward failed; this rank ends", dist.get_rank())

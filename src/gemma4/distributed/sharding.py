@@ -13,6 +13,9 @@ What each rank holds, for N ranks (rank r):
   and the per-layer-embedding table alike; the tied LM head's logits are gathered over the vocabulary before the
   softcap (Gemma4.logits).
 - everything else (norms, router, PLE projections, vision and audio towers) is replicated.
+- a speculative-decoding drafter (model/assistant.py, `assistant_cut_specs`): its layers as the target's (their query
+  heads with the KV heads this rank holds: they read the target's K/V from this rank's pools), a dense head
+  vocabulary parallel, the clustered head whole.
 
 Weights are cut on `meta` before loading (`loading.load_model(shard=...)` then reads only this rank's slices from
 safetensors) or in place on a loaded model: one plan (`ShardPlan.specs`) serves both.
@@ -41,7 +44,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config
+from ..config import Config, TextConfig
+from ..model.assistant import AssistantConfig
 from ..model.fused import Linear, QuantizedLinear, linear, product, stored
 from ..model.quantized import Scheme
 from ..model.text import Experts, ScaledEmbedding
@@ -87,30 +91,16 @@ def check_shardable(config: Config, size: int, expert_parallel: bool = False, qu
     if size == 1:
         return
     text = config.text_config
-    problems = []
-
-    def need(value: int, what: str) -> None:
-        if value % size:
-            problems.append(f"{what} ({value})")
-
-    need(text.num_attention_heads, "num_attention_heads")
-    for kv in sorted(set(text.layer_num_kv_heads)):
-        if kv % size and size % kv:
-            problems.append(f"the {kv} KV heads of some layers (neither divisible by {size} nor dividing it)")
-    for width in sorted({text.mlp_width(i) for i in range(text.num_hidden_layers)}):
-        need(width, "the MLP width")
-    need(text.vocab_size, "vocab_size")
+    problems = _decoder_problems(text, size) + _undivided(size, text.vocab_size, "vocab_size")
     if text.hidden_size_per_layer_input:
-        need(text.vocab_size_per_layer_input, "vocab_size_per_layer_input")
+        problems += _undivided(size, text.vocab_size_per_layer_input, "vocab_size_per_layer_input")
     if text.enable_moe_block:
         if expert_parallel:
-            need(text.num_experts, "num_experts")
+            problems += _undivided(size, text.num_experts, "num_experts")
         else:
-            need(text.moe_intermediate_size, "moe_intermediate_size (tensor-parallel experts; "
-                                             "--enable-expert-parallel splits whole experts instead)")
-    if problems:
-        raise ShardingError(f"tensor_parallel_size={size} does not divide " + ", ".join(problems)
-                            + f" of this model; use a size that does (1, 2, 4, ...)")
+            problems += _undivided(size, text.moe_intermediate_size, "moe_intermediate_size (tensor-parallel "
+                                   "experts; --enable-expert-parallel splits whole experts instead)")
+    _refuse(problems, size, "this model")
     if config.quantization_config is None and quantization is None:
         return
     quantized = _quantized_weights(config, quantization)
@@ -126,6 +116,40 @@ def check_shardable(config: Config, size: int, expert_parallel: bool = False, qu
             except ShardingError as e:
                 hint = " (--enable-expert-parallel keeps whole experts)" if ".experts." in name + "." else ""
                 raise ShardingError(f"tensor_parallel_size={size}: {e}{hint}") from None
+
+
+def check_assistant_shardable(config: AssistantConfig, size: int) -> None:
+    """ShardingError naming the sizes of a drafter (model/assistant.py) that `size` ranks cannot split as
+    `assistant_cut_specs` cuts it: its query heads, the target KV heads they read, its MLP width and, for a dense
+    head, the vocabulary."""
+    if size == 1:
+        return
+    problems = _decoder_problems(config.text_config, size)
+    if not config.use_ordered_embeddings:
+        problems += _undivided(size, config.text_config.vocab_size, "vocab_size")
+    _refuse(problems, size, "the drafter (--speculative-model)")
+
+
+def _decoder_problems(text: TextConfig, size: int) -> list[str]:
+    """What `size` ranks cannot split of a decoder's attention and dense MLPs (`_layer_specs`)."""
+    problems = _undivided(size, text.num_attention_heads, "num_attention_heads")
+    for kv in sorted(set(text.layer_num_kv_heads)):
+        if kv % size and size % kv:
+            problems.append(f"the {kv} KV heads of some layers (neither divisible by {size} nor dividing it)")
+    for width in sorted({text.mlp_width(i) for i in range(text.num_hidden_layers)}):
+        problems += _undivided(size, width, "the MLP width")
+    return problems
+
+
+def _undivided(size: int, value: int, what: str) -> list[str]:
+    """["what (value)"] when `size` does not divide `value`, else []."""
+    return [f"{what} ({value})"] if value % size else []
+
+
+def _refuse(problems: list[str], size: int, whose: str) -> None:
+    if problems:
+        raise ShardingError(f"tensor_parallel_size={size} does not divide " + ", ".join(problems)
+                            + f" of {whose}; use a size that does (1, 2, 4, ...)")
 
 
 def _quantized_weights(config: Config, quantization: str | None):
@@ -198,55 +222,80 @@ def cut_specs(config: Config, ranks: Ranks, expert_parallel: bool) -> dict[str, 
     """Which part of each weight rank `ranks.rank` holds: dense parameter name -> (dim, [(start, stop), ...]), the
     ranges along `dim` concatenated in order (gate then up of a fused expert). A quantized weight is cut as its dense
     weight would be (`quantized_spec`)."""
-    size, rank = ranks.size, ranks.rank
-
-    def part(total: int) -> tuple[int, int]:
-        """This rank's even share of `total`."""
-        n = total // size
-        return rank * n, (rank + 1) * n
-
-    def kv_heads(num_kv_heads: int) -> tuple[int, int]:
-        """The KV heads this rank's query heads read: an even share, or the one head they share (replicated)."""
-        if num_kv_heads % size == 0:
-            return part(num_kv_heads)
-        head = rank // (size // num_kv_heads)
-        return head, head + 1
-
     text = config.text_config
     specs = {}
     prefix = "model.language_model."
     per_head_kv_scales = quantization_module.kv_cache_strategy(config.quantization_config) == "attn_head"
-    vocab = (0, [part(text.vocab_size)])
+    vocab = (0, [_share(text.vocab_size, ranks)])
     specs[prefix + "embed_tokens.weight"] = vocab
     if not text.tie_word_embeddings:
         specs["lm_head.weight"] = vocab
     if text.hidden_size_per_layer_input:
-        specs[prefix + "embed_tokens_per_layer.weight"] = (0, [part(text.vocab_size_per_layer_input)])
+        specs[prefix + "embed_tokens_per_layer.weight"] = (0, [_share(text.vocab_size_per_layer_input, ranks)])
     for i in range(text.num_hidden_layers):
         layer = f"{prefix}layers.{i}."
-        dim = text.layer_head_dims[i]
-        q0, q1 = part(text.num_attention_heads)
-        specs[layer + "self_attn.q_proj.weight"] = (0, [(q0 * dim, q1 * dim)])
-        specs[layer + "self_attn.o_proj.weight"] = (1, [(q0 * dim, q1 * dim)])
-        if not text.is_kv_shared(i):
-            k0, k1 = kv_heads(text.layer_num_kv_heads[i])
-            specs[layer + "self_attn.k_proj.weight"] = (0, [(k0 * dim, k1 * dim)])
-            if text.has_v_proj(i):
-                specs[layer + "self_attn.v_proj.weight"] = (0, [(k0 * dim, k1 * dim)])
-            if per_head_kv_scales:  # a calibrated fp8 KV cache's scales of those heads ([Hkv, 1, 1])
-                specs[layer + "self_attn.k_scale"] = specs[layer + "self_attn.v_scale"] = (0, [(k0, k1)])
-        columns = (0, [part(text.mlp_width(i))])
-        specs[layer + "mlp.gate_proj.weight"] = specs[layer + "mlp.up_proj.weight"] = columns
-        specs[layer + "mlp.down_proj.weight"] = (1, columns[1])
+        specs.update(_layer_specs(text, i, layer, ranks))
+        if per_head_kv_scales and not text.is_kv_shared(i):  # a calibrated fp8 KV cache's scales of its heads
+            specs[layer + "self_attn.k_scale"] = specs[layer + "self_attn.v_scale"] = \
+                (0, [_kv_heads(text.layer_num_kv_heads[i], ranks)])  # [Hkv, 1, 1]
         if text.enable_moe_block:
             if expert_parallel:
-                experts = (0, [part(text.num_experts)])
+                experts = (0, [_share(text.num_experts, ranks)])
                 specs[layer + "experts.gate_up_proj"] = specs[layer + "experts.down_proj"] = experts
             else:
                 w = text.moe_intermediate_size
-                a, b = part(w)
+                a, b = _share(w, ranks)
                 specs[layer + "experts.gate_up_proj"] = (1, [(a, b), (w + a, w + b)])  # gate rows, up rows
                 specs[layer + "experts.down_proj"] = (2, [(a, b)])
+    return specs
+
+
+def assistant_cut_specs(config: AssistantConfig, ranks: Ranks) -> dict[str, Spec]:
+    """Which part of each weight of a drafter (model/assistant.py) rank `ranks.rank` holds, as `cut_specs` says for
+    the target. Its layers read the target's K/V from this rank's pools, so each takes the target's rule: its query
+    heads with the KV heads this rank holds; its MLPs column then row parallel. A dense head (31B, 26B-A4B
+    drafters) is vocabulary parallel, as the target's tied head: it is the drafter's largest product. The clustered
+    head (E2B, E4B) stays whole on every rank: it scores only the rows of the clusters it picks, which may lie
+    anywhere in the vocabulary. Pre/post projections and norms are replicated."""
+    text = config.text_config
+    specs = {}
+    for i in range(text.num_hidden_layers):
+        specs.update(_layer_specs(text, i, f"model.layers.{i}.", ranks))
+    if not config.use_ordered_embeddings:
+        head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+        specs[head] = (0, [_share(text.vocab_size, ranks)])
+    return specs
+
+
+def _share(total: int, ranks: Ranks) -> tuple[int, int]:
+    """This rank's even share of `total`."""
+    n = total // ranks.size
+    return ranks.rank * n, (ranks.rank + 1) * n
+
+
+def _kv_heads(num_kv_heads: int, ranks: Ranks) -> tuple[int, int]:
+    """The KV heads this rank's query heads read: an even share, or the one head they share (replicated)."""
+    if num_kv_heads % ranks.size == 0:
+        return _share(num_kv_heads, ranks)
+    head = ranks.rank // (ranks.size // num_kv_heads)
+    return head, head + 1
+
+
+def _layer_specs(text: TextConfig, i: int, layer: str, ranks: Ranks) -> dict[str, Spec]:
+    """Decoder layer i's attention and dense MLP (parameters named `layer` + ...): the query heads of this rank
+    (q_proj rows, o_proj columns), the KV heads they read where the layer computes its own, the MLP's columns."""
+    dim = text.layer_head_dims[i]
+    q0, q1 = _share(text.num_attention_heads, ranks)
+    specs = {layer + "self_attn.q_proj.weight": (0, [(q0 * dim, q1 * dim)]),
+             layer + "self_attn.o_proj.weight": (1, [(q0 * dim, q1 * dim)])}
+    if not text.is_kv_shared(i):
+        k0, k1 = _kv_heads(text.layer_num_kv_heads[i], ranks)
+        specs[layer + "self_attn.k_proj.weight"] = (0, [(k0 * dim, k1 * dim)])
+        if text.has_v_proj(i):
+            specs[layer + "self_attn.v_proj.weight"] = (0, [(k0 * dim, k1 * dim)])
+    columns = (0, [_share(text.mlp_width(i), ranks)])
+    specs[layer + "mlp.gate_proj.weight"] = specs[layer + "mlp.up_proj.weight"] = columns
+    specs[layer + "mlp.down_proj.weight"] = (1, columns[1])
     return specs
 
 
@@ -263,14 +312,17 @@ class ShardPlan:
     def local_config(self) -> Config:
         """The config as this rank's modules see it: its query and KV heads (KV pools are sized from it)."""
         config = copy.deepcopy(self.config)
-        text = config.text_config
-        size = self.ranks.size
-        text.layer_num_kv_heads = [max(kv // size, 1) for kv in text.layer_num_kv_heads]
-        text.num_attention_heads //= size
-        text.num_key_value_heads = max(text.num_key_value_heads // size, 1)
-        if text.num_global_key_value_heads:
-            text.num_global_key_value_heads = max(text.num_global_key_value_heads // size, 1)
+        _local_heads_(config.text_config, self.ranks.size)
         return config
+
+
+def _local_heads_(text: TextConfig, size: int) -> None:
+    """`text` made as one rank's attention sees it: its query heads and KV heads (KV pools are sized from it)."""
+    text.layer_num_kv_heads = [max(kv // size, 1) for kv in text.layer_num_kv_heads]
+    text.num_attention_heads //= size
+    text.num_key_value_heads = max(text.num_key_value_heads // size, 1)
+    if text.num_global_key_value_heads:
+        text.num_global_key_value_heads = max(text.num_global_key_value_heads // size, 1)
 
 
 def take(tensor: torch.Tensor, spec: Spec) -> torch.Tensor:
@@ -383,9 +435,48 @@ def shard_model_(model: nn.Module, plan: ShardPlan) -> nn.Module:
               or getattr(module, "gate_up_weight", None) is not None]
     if refuse:  # the fused weight's row blocks are views of the per-projection weights being replaced
         raise ShardingError(f"shard the model before fuse_projections_ ({refuse[0]} is fused)")
+    _cut_weights_(model, plan.specs())
+    for table in [text.embed_tokens] + ([text.embed_tokens_per_layer] if text.ple_dim else []):
+        table.__class__ = VocabParallelEmbedding
+        table.ranks, table.vocab_start = ranks, ranks.rank * table.weight.shape[0]
+    for layer in text.layers:
+        if layer.enable_moe_block:
+            layer.experts.__class__ = ParallelExperts
+            layer.experts.ranks, layer.experts.expert_parallel = ranks, plan.expert_parallel
+            layer.experts.expert_start = ranks.rank * layer.experts.num_held if plan.expert_parallel else 0
+    local = plan.local_config()
+    _parallel_layers_(text, local.text_config, ranks)
+    model.config = local
+    model.gather_vocabulary = ranks.all_gather_last  # Gemma4.logits: each rank's vocabulary rows, before the softcap
+    model.quantized_head = None  # the whole vocabulary's: `ready_` quantizes this rank's rows again
+    model.ranks = ranks
+    return model
+
+
+def shard_assistant_(drafter: nn.Module, ranks: Ranks) -> nn.Module:
+    """Cut a drafter (model/assistant.py's Assistant, on `meta` or loaded) to this rank's part in place
+    (`assistant_cut_specs`), as `shard_model_` cuts the target; its config becomes the local one. With one rank,
+    nothing changes."""
+    if ranks.size == 1:
+        return drafter
+    config = drafter.config
+    check_assistant_shardable(config, ranks.size)
+    _cut_weights_(drafter, assistant_cut_specs(config, ranks))
+    local = copy.deepcopy(config)
+    _local_heads_(local.text_config, ranks.size)
+    _parallel_layers_(drafter.model, local.text_config, ranks)
+    drafter.config = local
+    if not config.use_ordered_embeddings:  # Assistant.forward: each rank's vocabulary rows of the dense head
+        drafter.gather_vocabulary = ranks.all_gather_last
+    return drafter
+
+
+def _cut_weights_(model: nn.Module, specs: dict[str, Spec]) -> None:
+    """Each weight named in `specs` cut to its part (dense, quantized, or a buffer), and the Linears' and
+    Embeddings' sizes made to follow (Attention.project reads them)."""
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
-    for name, spec in plan.specs().items():
+    for name, spec in specs.items():
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         if isinstance(module, QuantizedLinear):  # a Linear's weight, held quantized
@@ -396,31 +487,22 @@ def shard_model_(model: nn.Module, plan: ShardPlan) -> nn.Module:
             setattr(module, attr, take(buffers[name], spec))
         else:
             setattr(module, attr, nn.Parameter(take(params[name].detach(), spec), requires_grad=False))
-    for module in _row_parallel(text):
-        row_parallel_(module, ranks)
-    for table in [text.embed_tokens] + ([text.embed_tokens_per_layer] if text.ple_dim else []):
-        table.__class__ = VocabParallelEmbedding
-        table.ranks, table.vocab_start = ranks, ranks.rank * table.weight.shape[0]
-    for layer in text.layers:
-        if layer.enable_moe_block:
-            layer.experts.__class__ = ParallelExperts
-            layer.experts.ranks, layer.experts.expert_parallel = ranks, plan.expert_parallel
-            layer.experts.expert_start = ranks.rank * layer.experts.num_held if plan.expert_parallel else 0
-    for module in model.modules():  # Linears' sizes follow the cut weights (Attention.project reads them)
+    for module in model.modules():
         if isinstance(module, (nn.Linear, QuantizedLinear)):
             module.out_features, module.in_features = module.weight.shape[-2:]
         elif isinstance(module, nn.Embedding):
             module.num_embeddings = module.weight.shape[0]
-    local = plan.local_config()
+
+
+def _parallel_layers_(text: nn.Module, local: TextConfig, ranks: Ranks) -> None:
+    """A cut TextModel's layers made parallel: o_proj and down_proj sum over the ranks, each attention takes this
+    rank's heads (`local`: the local text config, which the TextModel then holds)."""
+    for module in _row_parallel(text):
+        row_parallel_(module, ranks)
     for i, layer in enumerate(text.layers):
-        layer.self_attn.num_heads = local.text_config.num_attention_heads
-        layer.self_attn.num_kv_heads = local.text_config.layer_num_kv_heads[i]
-    model.config = local
-    text.config = local.text_config
-    model.gather_vocabulary = ranks.all_gather_last  # Gemma4.logits: each rank's vocabulary rows, before the softcap
-    model.quantized_head = None  # the whole vocabulary's: `ready_` quantizes this rank's rows again
-    model.ranks = ranks
-    return model
+        layer.self_attn.num_heads = local.num_attention_heads
+        layer.self_attn.num_kv_heads = local.layer_num_kv_heads[i]
+    text.config = local
 
 
 def _cut_quantized_(layer: QuantizedLinear, spec: Spec, name: str) -> None:

@@ -298,14 +298,18 @@ class LLMEngine:
 
 
 def _drafter(model, speculative_model):
-    """The drafter as a model on the target's device and dtype (None without one)."""
+    """The drafter as a model on the target's device and dtype (None without one). Tensor parallel: every rank loads
+    its part of the checkpoint (distributed/runtime.py)."""
     if speculative_model is None:
         return None
-    if getattr(model, "parallel_runtime", None) is not None:  # its pools hold this rank's KV heads only
-        raise ValueError("speculative decoding is not supported with tensor parallelism yet: drop "
-                         "--speculative-model or use --tensor-parallel-size 1")
     from ..model.assistant import Assistant
+    runtime = getattr(model, "parallel_runtime", None)
     if isinstance(speculative_model, Assistant):
+        if runtime is not None:
+            raise ValueError("with tensor parallelism every rank loads its part of the drafter: pass its checkpoint "
+                             "directory, not a loaded model")
         return speculative_model
+    if runtime is not None:
+        return runtime.load_drafter(speculative_model)
     from ..assistant_checkpoint import load_assistant
     return load_assistant(speculative_model, dtype=model.dtype, device=model.device)

@@ -28,7 +28,7 @@ import torch
 
 from .. import kernels
 from ..config import SLIDING, ConfigError
-from ..model.assistant import Assistant, PagedKV, SharedKV
+from ..model.assistant import Assistant, DraftOutput, PagedKV, SharedKV
 from ..model.paged_cache import PagedCacheView, dequantize_kv
 from ..options import options
 from .graphs import CaptureFailed, capture_graph
@@ -37,6 +37,67 @@ from .sampling import (UNSAMPLEABLE, Candidates, TokenLogprobs, adjusted_logits,
 from .sequence import Sequence
 
 Accepted = list[tuple[int, TokenLogprobs | None]]  # one verify step's tokens of one sequence, in order
+
+
+class TargetKV:
+    """The target's K/V that one drafting round reads through `view` of its pools: each row's positions below its
+    num_cached in the pools of the layers `DraftStep.sources` names. Read at the round's first step and kept for the
+    others: in place (`paged`: PagedKV, the decode kernel) or gathered into SharedKV copies. Under tensor parallelism
+    each rank reads its own pools (its KV heads) through the view rank 0 sends (distributed/runtime.py)."""
+
+    def __init__(self, view: PagedCacheView, paged: bool):
+        self.view, self.paged = view, paged
+        self._read: dict[str, SharedKV] | PagedKV | None = None
+
+    def read(self, sources: dict[str, int], dtype: torch.dtype) -> dict[str, SharedKV] | PagedKV:
+        if self._read is None:
+            self._read = self._in_place(sources) if self.paged else self._gathered(sources, dtype)
+        return self._read
+
+    def _in_place(self, sources: dict[str, int]) -> PagedKV:
+        pools = self.view.pools
+        self.view.begin_read()
+        return PagedKV(self.view, {t: (pools.keys[i], pools.values[i]) for t, i in sources.items()})
+
+    def _gathered(self, sources: dict[str, int], dtype: torch.dtype) -> dict[str, SharedKV]:
+        """PagedKV's plain twin: the same keys, copied out of the pools (fp8 ones dequantized to `dtype`)."""
+        view, pools = self.view, self.view.pools
+        num_cached = view.num_cached
+        ring_gather, global_gather = view.ring_gather, view.global_gather
+        ring_positions = pools.ring_positions[ring_gather]
+        global_positions = torch.arange(global_gather.shape[1], device=num_cached.device).expand_as(global_gather)
+        visible = {SLIDING: (ring_gather, ring_positions)}
+        kv = {}
+        for layer_type, layer in sources.items():
+            gather, positions = visible.get(layer_type, (global_gather, global_positions))
+            pair = []
+            for pool in (pools.keys[layer], pools.values[layer]):
+                x = pool[:, gather].permute(1, 0, 2, 3)  # [Hkv, B, S, D] -> [B, Hkv, S, D]
+                scale = getattr(pool, "kv_scales", None)
+                pair.append(x if scale is None else dequantize_kv(x, scale, dtype))
+            kv[layer_type] = SharedKV(*pair, torch.where(positions < num_cached[:, None], positions, -1))
+        return kv
+
+
+class DraftStep:
+    """One drafting step from token ids: the target's (scaled) embedding of the last tokens, then the drafter over
+    the target's K/V (`TargetKV`). Under tensor parallelism both parts hold collectives, so rank 0's steps are
+    mirrored to the other ranks (distributed/runtime.py), each of which runs its own twin of this on its shards."""
+
+    def __init__(self, model, drafter: Assistant):
+        self.model, self.drafter = model, drafter
+        text = model.config.text_config
+        first_shared = text.num_hidden_layers - text.num_kv_shared_layers
+        # The K/V each drafter layer type reads: the last layer of that type that computes its own.
+        self.sources = {t: max(i for i in range(first_shared) if text.layer_types[i] == t)
+                        for t in set(drafter.config.text_config.layer_types)}
+
+    def __call__(self, ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, kv: TargetKV):
+        return self.forward(ids, hidden, positions, kv)  # an attribute the runtime may wrap (as a model's forward)
+
+    def forward(self, ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, kv: TargetKV) -> DraftOutput:
+        embeds = self.model.text.embed_tokens(ids)
+        return self.drafter(embeds, hidden, positions, kv.read(self.sources, self.model.dtype))
 
 
 class Speculator:
@@ -53,11 +114,10 @@ class Speculator:
             raise ConfigError(f"the drafter (backbone_hidden_size {config.backbone_hidden_size}, vocabulary "
                               f"{config.text_config.vocab_size}) does not fit this model (hidden size "
                               f"{text.hidden_size}, vocabulary {text.vocab_size}): use the drafter released with it")
-        first_shared = text.num_hidden_layers - text.num_kv_shared_layers
-        # The K/V each drafter layer type reads: the last layer of that type that computes its own.
-        self.sources = {t: max(i for i in range(first_shared) if text.layer_types[i] == t)
-                        for t in set(config.text_config.layer_types)}
         self.model, self.drafter, self.blocks = model, drafter, blocks
+        self.step = DraftStep(model, drafter)
+        if (runtime := getattr(model, "parallel_runtime", None)) is not None:  # tensor parallel (distributed/)
+            runtime.mirror_drafts(self.step)  # every rank runs each drafting step on its shards and pools
         device = model.device
         graphed = device.type == "cuda" and kernels.enabled(torch.empty(0, device=device)) and \
             options().cuda_graphs and max_model_len is not None
@@ -65,7 +125,6 @@ class Speculator:
         self.oracle = None  # benchmarks only: seq -> the tokens to draft instead of the drafter's (its compute stays)
         self.accept_all = False  # benchmarks only: every draft accepted whatever the target says (the loop's ceiling)
         self.num_drafted, self.num_accepted = 0, 0
-        self.pools = {t: (blocks.keys[i], blocks.values[i]) for t, i in self.sources.items()}
         self.rounds = GraphedRounds(self, max_model_len) if graphed else None
 
     def warm_up(self) -> None:
@@ -94,7 +153,7 @@ class Speculator:
         """Each sequence's ks[b] drafts, and the distributions they were drawn from (one Candidates over the rows per
         drafting step; None when every row is greedy: each draft is the drafter's argmax). On CUDA the drafter reads
         the target's pools in place (PagedKV), and a greedy round replays a CUDA graph; elsewhere it reads gathered
-        copies (`target_kv`)."""
+        copies (`TargetKV`)."""
         device, k = self.model.device, max(ks)
         greedy = all(seq.params.greedy for seq in seqs)
         paged = kernels.enabled(torch.empty(0, device=device))
@@ -105,12 +164,7 @@ class Speculator:
             ids = torch.tensor([[seq.output_ids[-1]] for seq in seqs], device=device)
             hidden = torch.stack([seq.hidden for seq in seqs])[:, None]
             num_cached = torch.tensor([seq.num_cached for seq in seqs], device=device)
-            if paged:
-                view = self._view(seqs, num_cached)
-                view.begin_read()
-                kv = PagedKV(view, self.pools)
-            else:
-                kv = self.target_kv(seqs, num_cached)
+            kv = TargetKV(self._view(seqs, num_cached), paged)
             generators = [seq.generator_on(device) for seq in seqs]
             drafted, probs = self._round(ids, hidden, num_cached[:, None], kv, k, [s.params for s in seqs], generators)
         rows = drafted.tolist()
@@ -120,13 +174,13 @@ class Speculator:
         return [row[:n] for row, n in zip(rows, ks)], probs
 
     def _round(self, ids, hidden, positions, kv, k: int, params=None, generators=None):
-        """k drafting steps from ids [B, 1] and hidden [B, 1, H] with queries at positions [B, 1]: drafts [B, k]
-        (device) and their distributions, one Candidates per step (None when greedy: `params` None or all greedy)."""
-        embed = self.model.text.embed_tokens
+        """k drafting steps from ids [B, 1] and hidden [B, 1, H] with queries at positions [B, 1] over the target's
+        K/V `kv` (a TargetKV): drafts [B, k] (device) and their distributions, one Candidates per step (None when
+        greedy: `params` None or all greedy)."""
         greedy = params is None or all(p.greedy for p in params)
         drafted, probs = [], []
         for _ in range(k):
-            out = self.drafter(embed(ids), hidden, positions, kv)
+            out = self.step(ids, hidden, positions, kv)
             logits = out.logits[:, -1].float()
             if greedy:
                 ids = logits.argmax(-1, keepdim=True)
@@ -143,26 +197,6 @@ class Speculator:
         rings = torch.tensor([seq.ring_slot for seq in seqs], device=device)
         tables = blocks.block_tables(seqs, width or max(len(seq.block_table) for seq in seqs)).to(device)
         return PagedCacheView(blocks, tables, rings, num_cached)
-
-    def target_kv(self, seqs: list[Sequence], num_cached: torch.Tensor) -> dict[str, SharedKV]:
-        """The K/V the drafter reads, gathered: each row's positions below num_cached of the source layers' pools
-        (PagedKV's plain twin)."""
-        blocks, device = self.blocks, num_cached.device
-        view = self._view(seqs, num_cached)
-        ring_gather, global_gather = view.ring_gather, view.global_gather
-        ring_positions = blocks.ring_positions[ring_gather]
-        global_positions = torch.arange(global_gather.shape[1], device=device).expand_as(global_gather)
-        visible = {SLIDING: (ring_gather, ring_positions)}
-        kv = {}
-        for layer_type, layer in self.sources.items():
-            gather, positions = visible.get(layer_type, (global_gather, global_positions))
-            pair = []
-            for pool in (blocks.keys[layer], blocks.values[layer]):
-                x = pool[:, gather].permute(1, 0, 2, 3)  # [Hkv, B, S, D] -> [B, Hkv, S, D]
-                scale = getattr(pool, "kv_scales", None)
-                pair.append(x if scale is None else dequantize_kv(x, scale, self.model.dtype))
-            kv[layer_type] = SharedKV(*pair, torch.where(positions < num_cached[:, None], positions, -1))
-        return kv
 
     @torch.no_grad()
     def accept(self, seqs: list[Sequence], drafts: list[list[int]], probs: list[Candidates] | None,
@@ -318,8 +352,7 @@ class GraphedRounds:
 
     def _round(self, batch: int, k: int) -> torch.Tensor:
         view = PagedCacheView(self.spec.blocks, self.tables[:batch], self.rings[:batch], self.num_cached[:batch])
-        view.begin_read()
-        kv = PagedKV(view, self.spec.pools)
+        kv = TargetKV(view, paged=True)
         return self.spec._round(self.ids[:batch], self.hidden[:batch], self.num_cached[:batch, None], kv, k)[0]
 
     def capture_all(self) -> None:

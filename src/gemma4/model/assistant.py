@@ -193,6 +193,7 @@ class Assistant(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         self.masked_embedding = ClusteredHead(config) if config.use_ordered_embeddings else None
+        self.gather_vocabulary = None  # set by distributed/sharding.py when a dense head's rows are split over ranks
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -226,6 +227,8 @@ class Assistant(nn.Module):
             logits = self.masked_embedding(h, self.lm_head_weight)
         else:
             logits = h @ self.lm_head_weight.T
+            if self.gather_vocabulary is not None:  # tensor parallel: each rank's rows of the vocabulary, side by side
+                logits = self.gather_vocabulary(logits)
         return DraftOutput(logits, self.post_projection(h))
 
     def ready_(self) -> Assistant:
