@@ -82,7 +82,7 @@ def main() -> None:
         gemv.gemv(x, w)
         gemv.gemv_gated(x, w, "gelu_pytorch_tanh")
     # int4 GEMVs on the tensor cores (their PTX unpacking is checked only by compiling): one step and several.
-    from gemma4.model.quantized import ON_LOAD, quantize
+    from gemma4.model.quantized import ON_LOAD, Scheme, quantize
     gemv._dots_min_width = lambda device: 0  # every width (a GPU takes them from INT4_DOTS_MIN_WIDTH outputs)
     for k in (256, 800):
         x, res, nw = rand(1, 1, k), rand(1, 1, 96), rand(96)
@@ -119,6 +119,12 @@ def main() -> None:
     moe.moe_experts(x, rand(3, 2, dtype=torch.float32), experts, rand(4, 2 * 96, 256), rand(4, 256, 96))
     moe.combine_pairs(rand(6, 256), torch.arange(6), rand(3, 2, dtype=torch.float32))
     moe.sorted_experts(x, rand(3, 2, dtype=torch.float32), experts, rand(4, 2 * 96, 256), rand(4, 256, 96))
+    # int4 experts in groups of 32 (several a step) and 128 (a step within one group on the sorted kernels' tiles).
+    for group, width in ((32, 96), (128, 128)):
+        int4 = Scheme("int", 4, "group", group_size=group)
+        gate_up, down = quantize(rand(4, 2 * width, 256), int4), quantize(rand(4, 256, width), int4)
+        moe.moe_experts(x, rand(3, 2, dtype=torch.float32), experts, gate_up, down)
+        moe.sorted_experts(x, rand(3, 2, dtype=torch.float32), experts, gate_up, down)
     moe.moe_residual_norm(rows, rand(2, 3, 256), rand(2, 3, 256), rand(256), rand(256), rand(256), 1e-6, rand(1),
                           rand(256), 1e-6)
     pairs = moe.ExpertPairs(rand(12, 256), torch.arange(12), rand(6, 2, dtype=torch.float32))

@@ -11,6 +11,10 @@ dot product by the row's scale after the reduction (w = q * s, s constant along 
 sum), before the roundings above. In fp32 that equals the dequantized weight's product up to summation order (the
 twin rounds each q * s to fp32 first); in bf16 the twin also rounds each weight q * s to bf16, which the kernels never
 do: the outputs agree to the bf16 summation-order tolerance.
+
+Or int4 in groups (W4A16: 8 values a 32-bit word, a scale per GROUP inputs of a row; model/quantized.py), read as the
+int4 GEMVs read them (gemv.py's INT4_WORDS): each word's nibbles unpacked in registers, each group's fp32 sum of q * x
+times its scale, the groups summed in fp32. So the same numerics as the 8-bit path: the exact q * s, never rounded.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ import triton.language as tl
 
 from .activation import ACTIVATION_CODES, activation_fp32
 from .attention import _dot
+from .gemv import DENSE, INT4_WORDS, PER_ROW, _dots, _first_tiles
 from .norm import _normalize, _rows, _store, _unit_rms, _warps
 from .pdl import after_previous_kernel, launch_options
+from .quantized_matmul import _dequantized_tile
 from .rounding import round_to
 from .tuning import config
 from ..model.quantized import QuantizedWeight
@@ -34,39 +40,60 @@ _ACTIVATIONS = {name: ACTIVATION_CODES[name] for name in ("gelu_pytorch_tanh", "
 # Both kernels are memory-bound matrix-vector products (~95 MB of bf16 weights per layer at T=1, k=8): each program
 # streams a few rows along the contiguous axis (H for gate_up_proj, W for down_proj), so that warps issue wide,
 # coalesced loads, and the grids stay large (T=1: ~1400 programs per kernel) to keep every SM's loads in flight.
-# Tiles: tuning.py, moe: GU_*, DOWN_*. The sizes H, W, k are compile-time constants (one compilation per model shape):
-# the loops get static trip counts, which the interpreter also needs (its runtime-bounded range() breaks under
-# NumPy >= 2.4).
+# Tiles: tuning.py, moe: GU_*, DOWN_* (int4: INT4_*). The sizes H, W, k are compile-time constants (one compilation
+# per model shape): the loops get static trip counts, which the interpreter also needs (its runtime-bounded range()
+# breaks under NumPy >= 2.4). WFMT, a constexpr per weight, is its format as gemv.py codes it: DENSE, PER_ROW (8-bit,
+# a scale per row) or INT4_WORDS (int4, a scale per GROUP inputs).
+
+
+@triton.jit
+def _expert_int4_dots(w_ptr, scale_ptr, e, rows, N: tl.constexpr, x_ptr, K: tl.constexpr, BLOCK_K: tl.constexpr,
+                      HAS_UP: tl.constexpr, GROUP: tl.constexpr):
+    """fp32 dot products of the input row at x_ptr [K] with rows `rows` of expert e's int4 matrix, by gemv.py's int4
+    GEMV (INT4_WORDS): words [E, ROWS, K / 8] and scales [E, ROWS, K / GROUP], contiguous, ROWS = 2N with HAS_UP (a
+    gate/up matrix: then also the up rows N further) else N. (gate, up), up = gate without HAS_UP."""
+    ROWS: tl.constexpr = 2 * N if HAS_UP else N
+    words = w_ptr + e * (ROWS * (K // 8))
+    scales = scale_ptr + e * (ROWS * (K // GROUP))
+    w, u, w_scale, u_scale = _first_tiles(words, scales, rows, N, K // 8, K // GROUP, 1, N * (K // 8), K, BLOCK_K,
+                                          HAS_UP, INT4_WORDS, GROUP, 1)
+    cols = tl.arange(0, BLOCK_K)
+    x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
+    return _dots(w, u, w_scale, u_scale, x, x_ptr, words, scales, rows, N, K // 8, K // GROUP, 1, N * (K // 8), K,
+                 BLOCK_K, HAS_UP, INT4_WORDS, GROUP, 1)
 
 
 @triton.jit
 def _gate_up_kernel(x_ptr, experts_ptr, gu_ptr, gu_scale_ptr, h_ptr, H: tl.constexpr, W: tl.constexpr,
-                    K: tl.constexpr, ACT: tl.constexpr, QUANTIZED: tl.constexpr, BLOCK_W: tl.constexpr,
-                    BLOCK_H: tl.constexpr, PDL: tl.constexpr):
+                    K: tl.constexpr, ACT: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr,
+                    BLOCK_W: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
     after_previous_kernel(PDL)
     p = tl.program_id(0)  # (token, choice) pair, token-major
     rows = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)  # rows i of gate (and W + i of up)
     row_ok = rows < W
     e = tl.load(experts_ptr + p).to(tl.int64)
-    gate_rows = gu_ptr + e * (2 * W) * H + rows.to(tl.int64)[:, None] * H
-    up_rows = gate_rows + W * H
     x_row = x_ptr + (p // K) * H
-    if QUANTIZED:  # gu_ptr: 8-bit values; one scale per row of gate_up_proj, [E, 2W]
-        gate_scale_row = gu_scale_ptr + e * (2 * W) + rows
-        gate_scale = tl.load(gate_scale_row, mask=row_ok, other=0.0).to(tl.float32)
-        up_scale = tl.load(gate_scale_row + W, mask=row_ok, other=0.0).to(tl.float32)
-    gate = tl.zeros([BLOCK_W], dtype=tl.float32)
-    up = tl.zeros([BLOCK_W], dtype=tl.float32)
-    for h0 in range(0, H, BLOCK_H):  # fp32 accumulation over H, one chunk at a time
-        cols = h0 + tl.arange(0, BLOCK_H)
-        col_ok = cols < H
-        xv = tl.load(x_row + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        mask = row_ok[:, None] & col_ok[None, :]
-        gate += tl.sum(tl.load(gate_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32) * xv, axis=1)
-        up += tl.sum(tl.load(up_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32) * xv, axis=1)
-    if QUANTIZED:  # the rows' scales on their fp32 dot products, before the roundings
-        gate = gate * gate_scale
-        up = up * up_scale
+    if WFMT == INT4_WORDS:
+        gate, up = _expert_int4_dots(gu_ptr, gu_scale_ptr, e, rows, W, x_row, H, BLOCK_H, True, GROUP)
+    else:
+        gate_rows = gu_ptr + e * (2 * W) * H + rows.to(tl.int64)[:, None] * H
+        up_rows = gate_rows + W * H
+        if WFMT == PER_ROW:  # gu_ptr: 8-bit values; one scale per row of gate_up_proj, [E, 2W]
+            gate_scale_row = gu_scale_ptr + e * (2 * W) + rows
+            gate_scale = tl.load(gate_scale_row, mask=row_ok, other=0.0).to(tl.float32)
+            up_scale = tl.load(gate_scale_row + W, mask=row_ok, other=0.0).to(tl.float32)
+        gate = tl.zeros([BLOCK_W], dtype=tl.float32)
+        up = tl.zeros([BLOCK_W], dtype=tl.float32)
+        for h0 in range(0, H, BLOCK_H):  # fp32 accumulation over H, one chunk at a time
+            cols = h0 + tl.arange(0, BLOCK_H)
+            col_ok = cols < H
+            xv = tl.load(x_row + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            mask = row_ok[:, None] & col_ok[None, :]
+            gate += tl.sum(tl.load(gate_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32) * xv, axis=1)
+            up += tl.sum(tl.load(up_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32) * xv, axis=1)
+        if WFMT == PER_ROW:  # the rows' scales on their fp32 dot products, before the roundings
+            gate = gate * gate_scale
+            up = up * up_scale
     dtype = h_ptr.dtype.element_ty
     # Round where torch rounds: the bmm outputs, the activation's output, the product (the store is then exact).
     # The activation is the gated-activation kernel's (torch's CUDA formulas, fp32 in and out).
@@ -76,7 +103,7 @@ def _gate_up_kernel(x_ptr, experts_ptr, gu_ptr, gu_scale_ptr, h_ptr, H: tl.const
 
 @triton.jit
 def _down_kernel(h_ptr, weights_ptr, experts_ptr, down_ptr, down_scale_ptr, out_ptr, H: tl.constexpr,
-                 W: tl.constexpr, K: tl.constexpr, K_POW2: tl.constexpr, QUANTIZED: tl.constexpr,
+                 W: tl.constexpr, K: tl.constexpr, K_POW2: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr,
                  BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, ONE_LOAD: tl.constexpr, PDL: tl.constexpr):
     t = tl.program_id(0)  # one token, all its k choices: the sum over choices stays in registers (no atomics)
     rows = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # output channels
@@ -87,6 +114,7 @@ def _down_kernel(h_ptr, weights_ptr, experts_ptr, down_ptr, down_scale_ptr, out_
         # wait for the gate/up kernel. The expert ids and routing weights come from a kernel before that one (complete
         # once this one is scheduled: every gate/up program has passed its own wait), and weights are never written.
         # So the down weights stream in while gate/up finishes. (Slower at 4-8 tokens: there the loop below stays.)
+        tl.static_assert(WFMT != INT4_WORDS, "int4 down weights take the loop over choices")
         pairs = t * K + tl.arange(0, K_POW2)
         pair_ok = tl.arange(0, K_POW2) < K
         e = tl.load(experts_ptr + pairs, mask=pair_ok, other=0).to(tl.int64)
@@ -95,13 +123,13 @@ def _down_kernel(h_ptr, weights_ptr, experts_ptr, down_ptr, down_scale_ptr, out_
         tile = down_ptr + e[:, None, None] * H * W + rows.to(tl.int64)[None, :, None] * W + cols[None, None, :]
         wv = tl.load(tile, mask=pair_ok[:, None, None] & row_ok[None, :, None] & col_ok[None, None, :], other=0.0)
         route = tl.load(weights_ptr + pairs, mask=pair_ok, other=0.0)
-        if QUANTIZED:  # down_ptr: 8-bit values; the scales of the chosen experts' rows [K_POW2, BLOCK_H] (never written)
+        if WFMT == PER_ROW:  # down_ptr: 8-bit values; the scales of the chosen experts' rows [K_POW2, BLOCK_H]
             scale = tl.load(down_scale_ptr + e[:, None] * H + rows[None, :], mask=pair_ok[:, None] & row_ok[None, :],
                             other=0.0).to(tl.float32)
         after_previous_kernel(PDL)
         hv = tl.load(h_ptr + pairs[:, None] * W + cols[None, :], mask=pair_ok[:, None] & col_ok[None, :], other=0.0)
         y = tl.sum(wv.to(tl.float32) * hv.to(tl.float32)[:, None, :], axis=2)  # [K_POW2, BLOCK_H]
-        if QUANTIZED:
+        if WFMT == PER_ROW:
             y = y * scale
         # The bmm output is rounded to the dtype; the routing weight (fp32) and the sum over choices are fp32.
         total = tl.sum(round_to(y, dtype) * route[:, None], axis=0)
@@ -111,16 +139,19 @@ def _down_kernel(h_ptr, weights_ptr, experts_ptr, down_ptr, down_scale_ptr, out_
         for c in range(0, K):
             p = t * K + c
             e = tl.load(experts_ptr + p).to(tl.int64)
-            down_rows = down_ptr + e * H * W + rows.to(tl.int64)[:, None] * W
-            y = tl.zeros([BLOCK_H], dtype=tl.float32)
-            for w0 in range(0, W, BLOCK_W):
-                cols = w0 + tl.arange(0, BLOCK_W)
-                col_ok = cols < W
-                hv = tl.load(h_ptr + p * W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-                wv = tl.load(down_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-                y += tl.sum(wv.to(tl.float32) * hv, axis=1)
-            if QUANTIZED:  # expert e's row scales on the fp32 dot products, before the rounding
-                y = y * tl.load(down_scale_ptr + e * H + rows, mask=row_ok, other=0.0).to(tl.float32)
+            if WFMT == INT4_WORDS:
+                y, _ = _expert_int4_dots(down_ptr, down_scale_ptr, e, rows, H, h_ptr + p * W, W, BLOCK_W, False, GROUP)
+            else:
+                down_rows = down_ptr + e * H * W + rows.to(tl.int64)[:, None] * W
+                y = tl.zeros([BLOCK_H], dtype=tl.float32)
+                for w0 in range(0, W, BLOCK_W):
+                    cols = w0 + tl.arange(0, BLOCK_W)
+                    col_ok = cols < W
+                    hv = tl.load(h_ptr + p * W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+                    wv = tl.load(down_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+                    y += tl.sum(wv.to(tl.float32) * hv, axis=1)
+                if WFMT == PER_ROW:  # expert e's row scales on the fp32 dot products, before the rounding
+                    y = y * tl.load(down_scale_ptr + e * H + rows, mask=row_ok, other=0.0).to(tl.float32)
             total += round_to(y, dtype) * tl.load(weights_ptr + p)
     tl.store(out_ptr + t * H + rows, round_to(total, dtype).to(dtype), mask=row_ok)
 
@@ -130,44 +161,81 @@ _VALUES = {"float": torch.float8_e4m3fn, "int": torch.int8}  # the 8-bit kinds t
 
 
 class _Weight(NamedTuple):
-    """An expert weight as the kernels take it: values [E, N, K] (x's dtype, or 8-bit), scale [E, N] per row or None
-    (then `scale_ptr` is the values again: a pointer the kernels never read)."""
+    """An expert weight as the kernels take it: `values` as stored, contiguous (x's dtype or 8-bit [E, N, K], int4
+    words [E, N, K / 8]); `scale` contiguous ([E, N, 1] per row, [E, N, K / GROUP] in groups) or None (then
+    `scale_ptr` is the values again: a pointer the kernels never read); `shape` [E, N, K]; the format constexprs."""
     values: torch.Tensor
     scale: torch.Tensor | None
-
-    @property
-    def quantized(self) -> bool:
-        return self.scale is not None
+    shape: torch.Size
+    wfmt: int
+    group: int
 
     @property
     def scale_ptr(self) -> torch.Tensor:
         return self.values if self.scale is None else self.scale
 
+    @property
+    def constexprs(self) -> dict:
+        return dict(WFMT=self.wfmt, GROUP=self.group)
+
+
+def _format(weight: torch.Tensor | QuantizedWeight) -> tuple[int, int] | str:
+    """An expert weight's (WFMT, GROUP) for the kernels, or why they cannot read it."""
+    if not isinstance(weight, QuantizedWeight):
+        return DENSE.value, 1
+    scheme, values, scale = weight.scheme, weight.values, weight.scale
+    (n, k), group = weight.shape[-2:], scheme.group_size
+    if scheme.bits == 8 and scheme.strategy == "channel" and values.dtype == _VALUES.get(scheme.kind):
+        fmt = PER_ROW.value, 1
+    elif (scheme.packed and scheme.strategy == "group" and values.dtype == torch.int32
+          and weight.cpu_scales_and_zeros is None and not weight.chunk):
+        if group < 8 or group & (group - 1) or k % group:
+            return f"int4 groups of {group} inputs (a power of 2 of at least 8 that divides K = {k})"
+        fmt = INT4_WORDS.value, group
+    else:
+        return (f"{scheme.name} with {values.dtype} values (the kernels read 8-bit weights with per-channel scales, "
+                "fp8 e4m3 or int8, and int4 in groups in the checkpoints' int32 words)")
+    scale_shape = (*values.shape[:-1], scheme.scale_shape(n, k)[1])
+    if values.dim() != 3 or scale.dtype not in _FLOATS or scale.shape != scale_shape:
+        return f"scale {scale.dtype} {tuple(scale.shape)} for values {tuple(values.shape)}"
+    return fmt
+
+
+def experts_supported(weight: torch.Tensor | QuantizedWeight) -> str | None:
+    """Why the MoE kernels cannot read this expert weight [E, N, K], or None where they can: a tensor (of x's
+    dtype), 8-bit values (fp8 e4m3 or int8) with a scale per row, or int4 packed 8 to an int32 word (the checkpoints'
+    layout) with a scale per group of a power of 2 of inputs (8 or more) that divides K; scales of any float
+    dtype."""
+    fmt = _format(weight)
+    return fmt if isinstance(fmt, str) else None
+
 
 def _weight(name: str, weight: torch.Tensor | QuantizedWeight, dtype: torch.dtype) -> _Weight:
+    fmt = _format(weight)
+    if isinstance(fmt, str):
+        raise ValueError(f"{name}: the MoE kernels do not read this weight: {fmt}; dequantize it first")
     if not isinstance(weight, QuantizedWeight):
         if weight.dtype != dtype:
             raise ValueError(f"dtype mismatch: x {dtype}, {name} {weight.dtype}")
-        return _Weight(weight.contiguous(), None)
-    scheme, values, scale = weight.scheme, weight.values, weight.scale
-    if not (scheme.bits == 8 and scheme.strategy == "channel" and values.dtype == _VALUES.get(scheme.kind)):
-        raise ValueError(f"{name}: the MoE kernels read 8-bit weights with per-channel scales (fp8 e4m3 or int8), "
-                         f"not {scheme.name} with {values.dtype} values; dequantize it first")
-    if scale.dtype not in _FLOATS or scale.shape != (*values.shape[:-1], 1):
-        raise ValueError(f"{name}: scale {scale.dtype} {tuple(scale.shape)} for values {tuple(values.shape)}")
-    return _Weight(values.contiguous(), scale.reshape(values.shape[:-1]).contiguous())
+        return _Weight(weight.contiguous(), None, weight.shape, *fmt)
+    return _Weight(weight.values.contiguous(), weight.scale.contiguous(), weight.shape, *fmt)
+
+
+def _tile(tuned: dict, name: str, weight: _Weight) -> int:
+    """A moe tile (tuning.py) for `weight`'s format: int4's own, INT4_<name>, where the table has one."""
+    return tuned.get(f"INT4_{name}", tuned[name]) if weight.wfmt == INT4_WORDS.value else tuned[name]
 
 
 def _checked(x, experts, gate_up_proj, down_proj, activation):
-    """x contiguous, and both weights as _Weight: tensors of x's dtype, or QuantizedWeights of 8-bit values with
-    per-row scales (the scales of any float dtype: the kernels read them as fp32)."""
+    """x contiguous, and both weights as _Weight (`experts_supported`'s formats; the scales of any float dtype: the
+    kernels read them as fp32)."""
     if activation not in _ACTIVATIONS:
         raise ValueError(f"unsupported activation {activation!r}; expected one of {sorted(_ACTIVATIONS)}")
     if x.dtype not in _FLOATS:
         raise ValueError(f"x must be one of {_FLOATS}, not {x.dtype}")
     gate_up, down = _weight("gate_up_proj", gate_up_proj, x.dtype), _weight("down_proj", down_proj, x.dtype)
-    num_experts, h_size, w_size = down.values.shape
-    assert x.shape == (experts.shape[0], h_size) and gate_up.values.shape == (num_experts, 2 * w_size, h_size)
+    num_experts, h_size, w_size = down.shape
+    assert x.shape == (experts.shape[0], h_size) and gate_up.shape == (num_experts, 2 * w_size, h_size)
     return x.contiguous(), gate_up, down
 
 
@@ -175,10 +243,10 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
                 gate_up_proj: torch.Tensor | QuantizedWeight, down_proj: torch.Tensor | QuantizedWeight,
                 activation: str = "gelu_pytorch_tanh") -> torch.Tensor:
     """x [T, H]; weights (fp32), experts (integer ids) [T, k]; gate_up_proj [E, 2W, H]; down_proj [E, H, W] -> [T, H].
-    Each weight a tensor of x's dtype or a QuantizedWeight, 8-bit per channel (module docstring).
-    Expert ids are not range-checked (that would need a host sync)."""
+    Each weight a tensor of x's dtype or a QuantizedWeight, 8-bit per channel or int4 in groups (module docstring,
+    `experts_supported`). Expert ids are not range-checked (that would need a host sync)."""
     x, gate_up, down = _checked(x, experts, gate_up_proj, down_proj, activation)
-    (tokens, k), (h_size, w_size) = experts.shape, down.values.shape[1:]
+    (tokens, k), (h_size, w_size) = experts.shape, down.shape[1:]
     weights, experts = weights.float().contiguous(), experts.contiguous()
     hidden = torch.empty(tokens * k, w_size, dtype=x.dtype, device=x.device)  # h for every (token, choice) pair
     out = torch.empty_like(x)
@@ -188,18 +256,19 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
     # Triton's CPU interpreter runs programs one by one in Python: there, 64-row tiles (the rows of a tile do not
     # change any row's arithmetic).
     tuned = config("moe", x.device)
-    one_load = tokens == 1 and w_size <= tuned["DOWN_BLOCK_W"]  # see _down_kernel
+    # See _down_kernel; int4 down weights take its loop over choices (gemv.py's int4 GEMV per choice).
+    one_load = tokens == 1 and w_size <= tuned["DOWN_BLOCK_W"] and down.wfmt != INT4_WORDS.value
     gu_rows = tuned["GU_BLOCK_W"] if x.is_cuda else 64
     dn_rows = tuned["DOWN_ONE_TOKEN_BLOCK_H" if one_load else "DOWN_BLOCK_H"] if x.is_cuda else 64
     w_side, h_side = triton.next_power_of_2(w_size), triton.next_power_of_2(h_size)
-    gu_w, gu_h = min(gu_rows, w_side), min(tuned["GU_BLOCK_H"], h_side)
-    dn_h, dn_w = min(dn_rows, h_side), min(tuned["DOWN_BLOCK_W"], w_side)
+    gu_w, gu_h = min(gu_rows, w_side), min(_tile(tuned, "GU_BLOCK_H", gate_up), h_side)
+    dn_h, dn_w = min(dn_rows, h_side), min(_tile(tuned, "DOWN_BLOCK_W", down), w_side)
     _gate_up_kernel[(tokens * k, triton.cdiv(w_size, gu_w))](
         x, experts, gate_up.values, gate_up.scale_ptr, hidden, h_size, w_size, k, ACT=_ACTIVATIONS[activation],
-        QUANTIZED=gate_up.quantized, BLOCK_W=gu_w, BLOCK_H=gu_h, num_warps=tuned["GU_WARPS"], **launch_options(x))
+        **gate_up.constexprs, BLOCK_W=gu_w, BLOCK_H=gu_h, num_warps=tuned["GU_WARPS"], **launch_options(x))
     _down_kernel[(tokens, triton.cdiv(h_size, dn_h))](
         hidden, weights, experts, down.values, down.scale_ptr, out, h_size, w_size, k, triton.next_power_of_2(k),
-        QUANTIZED=down.quantized, BLOCK_H=dn_h, BLOCK_W=dn_w, ONE_LOAD=one_load, num_warps=tuned["DOWN_WARPS"],
+        **down.constexprs, BLOCK_H=dn_h, BLOCK_W=dn_w, ONE_LOAD=one_load, num_warps=tuned["DOWN_WARPS"],
         **launch_options(x))
     return out
 
@@ -210,7 +279,9 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
 # once and multiplies it by all the expert's pairs at a time (tensor-core dots of BLOCK_M rows, padded: the rows cost
 # nothing beside the weight reads). The pairs come sorted by expert from `sort_pairs`, one small kernel, where
 # argsort + index_add + cumsum were ~6 launches. Every size is known without a host sync: CUDA-graph capturable.
-# Tiles: tuning.py, moe: SORTED_*.
+# Weights as in the decode kernels, but int4 tiles are dequantized in registers before the dots, q * s rounded to the
+# activations' dtype as the twin rounds them (`_int4_tile`): the grouped path's product up to fp32 summation order.
+# Tiles: tuning.py, moe: SORTED_* (int4: INT4_SORTED_*).
 
 
 @triton.jit
@@ -265,18 +336,34 @@ def _dot_operand(w, like, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _int4_tile(words, scales, rows, k0, N, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               GROUP: tl.constexpr, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    """Rows `rows` [BLOCK_N] of an int4 matrix [N, K] (words [N, K / 8], scales [N, K / GROUP], contiguous), inputs
+    k0 .. k0 + BLOCK_K, as quantized_matmul's tiles: q * scale in fp32 rounded once to `dtype`, the twin's
+    dequantized weight, for tl.dot (the scale varies along K: it cannot wait for the dot's fp32 sums, as a row's
+    8-bit scale does). Masked rows and inputs are 0."""
+    TILE_GROUPS: tl.constexpr = max(BLOCK_K // GROUP, 1)  # the groups in a tile's row
+    return _dequantized_tile(words, scales, rows, k0, N, K // 8, K // GROUP, 1, K, BLOCK_N, BLOCK_K, INT4_WORDS, GROUP,
+                             1, TILE_GROUPS, dtype, INTERPRET)
+
+
+@triton.jit
 def _sorted_gate_up_kernel(x_ptr, order_ptr, counts_ptr, starts_ptr, gu_ptr, gu_scale_ptr, h_ptr, H: tl.constexpr,
-                           W: tl.constexpr, K: tl.constexpr, ACT: tl.constexpr, QUANTIZED: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           W: tl.constexpr, K: tl.constexpr, ACT: tl.constexpr, WFMT: tl.constexpr,
+                           GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            INTERPRET: tl.constexpr, PDL: tl.constexpr):
     after_previous_kernel(PDL)
     e, count, start, cols = _expert_tile(counts_ptr, starts_ptr, BLOCK_N)  # cols: rows i of gate (and W + i of up)
     if count == 0:
         return
     col_ok = cols < W
-    gate_rows = gu_ptr + e.to(tl.int64) * (2 * W) * H + cols.to(tl.int64)[:, None] * H
-    up_rows = gate_rows + W * H
-    if QUANTIZED:  # gu_ptr: 8-bit values; the scales of the tile's rows, one per output column of the dots
+    if WFMT == INT4_WORDS:  # words [E, 2W, H / 8], scales [E, 2W, H / GROUP]: expert e's gate rows, then its up rows
+        gate_words = gu_ptr + e.to(tl.int64) * (2 * W * (H // 8))
+        gate_scales = gu_scale_ptr + e.to(tl.int64) * (2 * W * (H // GROUP))
+    else:
+        gate_rows = gu_ptr + e.to(tl.int64) * (2 * W) * H + cols.to(tl.int64)[:, None] * H
+        up_rows = gate_rows + W * H
+    if WFMT == PER_ROW:  # gu_ptr: 8-bit values; the scales of the tile's rows, one per output column of the dots
         gate_scale_row = gu_scale_ptr + e.to(tl.int64) * (2 * W) + cols
         gate_scale = tl.load(gate_scale_row, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         up_scale = tl.load(gate_scale_row + W, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -293,15 +380,20 @@ def _sorted_gate_up_kernel(x_ptr, order_ptr, counts_ptr, starts_ptr, gu_ptr, gu_
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < H
             xs = tl.load(x_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [M, K]
-            w_mask = col_ok[:, None] & k_ok[None, :]
-            wg = tl.load(gate_rows + ks[None, :], mask=w_mask, other=0.0)  # [N, K]
-            wu = tl.load(up_rows + ks[None, :], mask=w_mask, other=0.0)
-            if QUANTIZED:
+            if WFMT == INT4_WORDS:
+                wg = _int4_tile(gate_words, gate_scales, cols, k0, W, H, BLOCK_N, BLOCK_K, GROUP, dtype, INTERPRET)
+                wu = _int4_tile(gate_words + W * (H // 8), gate_scales + W * (H // GROUP), cols, k0, W, H, BLOCK_N,
+                                BLOCK_K, GROUP, dtype, INTERPRET)
+            else:
+                w_mask = col_ok[:, None] & k_ok[None, :]
+                wg = tl.load(gate_rows + ks[None, :], mask=w_mask, other=0.0)  # [N, K]
+                wu = tl.load(up_rows + ks[None, :], mask=w_mask, other=0.0)
+            if WFMT == PER_ROW:
                 wg = _dot_operand(wg, xs, INTERPRET)
                 wu = _dot_operand(wu, xs, INTERPRET)
             gate += _dot(xs, tl.trans(wg), INTERPRET)
             up += _dot(xs, tl.trans(wu), INTERPRET)
-        if QUANTIZED:  # the scales on the fp32 dot products, before the roundings
+        if WFMT == PER_ROW:  # the scales on the fp32 dot products, before the roundings
             gate = gate * gate_scale
             up = up * up_scale
         # Round where the grouped path rounds: the GEMM outputs, the activation's output, the product.
@@ -313,15 +405,19 @@ def _sorted_gate_up_kernel(x_ptr, order_ptr, counts_ptr, starts_ptr, gu_ptr, gu_
 
 @triton.jit
 def _sorted_down_kernel(h_ptr, counts_ptr, starts_ptr, down_ptr, down_scale_ptr, y_ptr, H: tl.constexpr,
-                        W: tl.constexpr, QUANTIZED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr):
+                        W: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr):
     after_previous_kernel(PDL)
     e, count, start, cols = _expert_tile(counts_ptr, starts_ptr, BLOCK_N)  # cols: output channels
     if count == 0:
         return
     col_ok = cols < H
-    down_rows = down_ptr + e.to(tl.int64) * H * W + cols.to(tl.int64)[:, None] * W
-    if QUANTIZED:  # down_ptr: 8-bit values; the scales of the tile's rows (output channels)
+    if WFMT == INT4_WORDS:  # words [E, H, W / 8], scales [E, H, W / GROUP]
+        down_words = down_ptr + e.to(tl.int64) * (H * (W // 8))
+        down_scales = down_scale_ptr + e.to(tl.int64) * (H * (W // GROUP))
+    else:
+        down_rows = down_ptr + e.to(tl.int64) * H * W + cols.to(tl.int64)[:, None] * W
+    if WFMT == PER_ROW:  # down_ptr: 8-bit values; the scales of the tile's rows (output channels)
         scale = tl.load(down_scale_ptr + e.to(tl.int64) * H + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     dtype = y_ptr.dtype.element_ty
     m0 = 0
@@ -334,11 +430,14 @@ def _sorted_down_kernel(h_ptr, counts_ptr, starts_ptr, down_ptr, down_scale_ptr,
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < W
             hs = tl.load(h_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [M, K]
-            wd = tl.load(down_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # [N, K]
-            if QUANTIZED:
+            if WFMT == INT4_WORDS:
+                wd = _int4_tile(down_words, down_scales, cols, k0, H, W, BLOCK_N, BLOCK_K, GROUP, dtype, INTERPRET)
+            else:
+                wd = tl.load(down_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # [N, K]
+            if WFMT == PER_ROW:
                 wd = _dot_operand(wd, hs, INTERPRET)
             y += _dot(hs, tl.trans(wd), INTERPRET)
-        if QUANTIZED:
+        if WFMT == PER_ROW:
             y = y * scale
         y_rows = y_ptr + (start + rows).to(tl.int64)[:, None] * H
         tl.store(y_rows + cols[None, :], round_to(y, dtype).to(dtype), mask=row_ok[:, None] & col_ok[None, :])
@@ -352,7 +451,7 @@ def sorted_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
     tokens: each chosen expert's weights are read once for all the pairs that chose it. `combine` False: the
     ExpertPairs, not summed."""
     x, gate_up, down = _checked(x, experts, gate_up_proj, down_proj, activation)
-    (tokens, k), (num_experts, h_size, w_size) = experts.shape, down.values.shape
+    (tokens, k), (num_experts, h_size, w_size) = experts.shape, down.shape
     if tokens == 0:
         return torch.empty_like(x) if combine else ExpertPairs(x[:0], experts.reshape(-1), weights.float())
     order, slots, counts, starts = sort_pairs(experts, num_experts)
@@ -365,16 +464,16 @@ def sorted_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
     block_m = tuned["SORTED_BLOCK_M"] or max(16, min(64, triton.next_power_of_2(twice_mean)))
     # Tiles shrink to the (power-of-2 rounded, >= 16 for tl.dot) matrix sides of small models.
     w_side, h_side = max(16, triton.next_power_of_2(w_size)), max(16, triton.next_power_of_2(h_size))
-    gu_n, gu_k = min(tuned["SORTED_GU_BLOCK_N"], w_side), min(tuned["SORTED_GU_BLOCK_K"], h_side)
-    dn_n, dn_k = min(tuned["SORTED_DOWN_BLOCK_N"], h_side), min(tuned["SORTED_DOWN_BLOCK_K"], w_side)
+    gu_n, gu_k = min(tuned["SORTED_GU_BLOCK_N"], w_side), min(_tile(tuned, "SORTED_GU_BLOCK_K", gate_up), h_side)
+    dn_n, dn_k = min(tuned["SORTED_DOWN_BLOCK_N"], h_side), min(_tile(tuned, "SORTED_DOWN_BLOCK_K", down), w_side)
     options = dict(BLOCK_M=block_m, INTERPRET=not x.is_cuda, **launch_options(x))
     _sorted_gate_up_kernel[(num_experts, triton.cdiv(w_size, gu_n))](
         x, order, counts, starts, gate_up.values, gate_up.scale_ptr, hidden, h_size, w_size, k,
-        ACT=_ACTIVATIONS[activation], QUANTIZED=gate_up.quantized, BLOCK_N=gu_n, BLOCK_K=gu_k,
+        ACT=_ACTIVATIONS[activation], **gate_up.constexprs, BLOCK_N=gu_n, BLOCK_K=gu_k,
         num_warps=tuned["SORTED_GU_WARPS"], **options)
     _sorted_down_kernel[(num_experts, triton.cdiv(h_size, dn_n))](
-        hidden, counts, starts, down.values, down.scale_ptr, y, h_size, w_size, QUANTIZED=down.quantized,
-        BLOCK_N=dn_n, BLOCK_K=dn_k, num_warps=tuned["SORTED_DOWN_WARPS"], **options)
+        hidden, counts, starts, down.values, down.scale_ptr, y, h_size, w_size, **down.constexprs, BLOCK_N=dn_n,
+        BLOCK_K=dn_k, num_warps=tuned["SORTED_DOWN_WARPS"], **options)
     pairs = ExpertPairs(y, slots, weights.float().contiguous())
     return pairs.combine() if combine else pairs
 

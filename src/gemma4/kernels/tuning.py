@@ -22,6 +22,11 @@ moe:
   SORTED_DOWN_BLOCK_N, SORTED_DOWN_BLOCK_K, SORTED_DOWN_WARPS  program, reduction step, warps; and its down kernel
   SORTED_BLOCK_M      pairs per tl.dot; null: from the mean pairs per expert
   COMBINE_BLOCK_H     columns per program of the pairs' weighted sum
+  INT4_GU_BLOCK_H, INT4_DOWN_BLOCK_W, INT4_SORTED_GU_BLOCK_K, INT4_SORTED_DOWN_BLOCK_K  the same reduction steps
+                      (inputs a step) on int4 experts: whole 8-input words, and multiples of the checkpoints' group
+                      sizes (32, 128), so that a step holds whole groups (one scale load a group); INT4_GU_BLOCK_H
+                      reads as many bytes a step as bf16's GU_BLOCK_H (a quarter of the bytes a weight). Not yet
+                      measured on a GPU
 attention (decode):
   MAX_BLOCK_N         keys per block at most
   MAX_TILE_BYTES      bytes of a [BLOCK_N, D] K (or V) tile at most, so that num_stages of both fit shared memory

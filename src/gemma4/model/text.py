@@ -244,9 +244,10 @@ class Experts(nn.Module):
         return forward(x, weights, experts, combine) if path in ("sorted", "grouped") else forward(x, weights, experts)
 
     def kernels_read_weights(self) -> bool:
-        """Whether the Triton kernels take these weights: dense, or 8-bit with a scale per channel."""
-        scheme = getattr(self.gate_up_proj, "scheme", None)
-        return scheme is None or (scheme.bits == 8 and scheme.strategy == "channel")
+        """Whether the Triton kernels take these weights (kernels.moe.experts_supported): dense, 8-bit with a scale
+        per channel, or int4 in groups."""
+        from ..kernels.moe import experts_supported
+        return all(experts_supported(weight) is None for weight in self.weights())
 
     def forward_kernel(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Small batches on CUDA: a Triton kernel reads each chosen expert's weights in place, once."""
