@@ -26,8 +26,8 @@ from ..engine.structured import StructuredOutputsParams
 from ..processing.tool_grammar import tool_call_grammar
 from .protocol import (
     COMPLETION_FIELDS, CHAT_FIELDS, DETOKENIZE_FIELDS, TOKENIZE_FIELDS, APIError, bad, check_fields, get_bool,
-    get_number, get_token_ids, include_usage, parse_json, sampling_params, structured_output, text_options, thinking,
-    tool_choice,
+    get_number, get_token_ids, include_usage, parse_json, requested_max_tokens, sampling_params, structured_output,
+    text_options, thinking, tool_choice,
 )
 from .async_engine import EngineDead, RequestFailed
 from .generation import Choice, ClientDisconnected, merged
@@ -189,13 +189,12 @@ def _unknown_model(state: ServerState, model: str) -> APIError:
                     "not_found_error", "model", "model_not_found")
 
 
-def _truncated(state: ServerState, body: dict, prompt_ids: list[int], media: bool = False) -> list[int]:
+def _truncated(state: ServerState, body: dict, prompt_ids: list[int], chat: bool, media: bool = False) -> list[int]:
     """vLLM's truncate_prompt_tokens: the prompt's last n tokens (a BOS before them is dropped too); -1: as many as
     the context holds beside max_tokens (or beside one new token when max_tokens is not given)."""
     keep = get_number(body, "truncate_prompt_tokens", None, -1)
     if keep == -1:
-        requested = get_number(body, "max_completion_tokens", None, 1) or get_number(body, "max_tokens", None, 1)
-        keep = state.max_model_len - (requested or 1)
+        keep = state.max_model_len - (requested_max_tokens(body, chat) or 1)
     elif keep is not None and keep < 1:
         raise bad(f"'truncate_prompt_tokens' must be -1 or at least 1, got {keep}", "truncate_prompt_tokens")
     if keep is None or keep >= len(prompt_ids):
@@ -337,7 +336,7 @@ async def _chat(state: ServerState, body: dict, request: Request):
                                             max_soft_tokens=_image_budget(body))
     else:
         prompt_ids, inputs = state.tokenizer.encode(prompt, add_special_tokens=False), None
-    prompt_ids = _truncated(state, body, prompt_ids, media=bool(media))
+    prompt_ids = _truncated(state, body, prompt_ids, chat=True, media=bool(media))
     params = _check_prompt(state, prompt_ids, body, chat=True)
     if choice == "none" and state.tokenizer.tool_call_start_id is not None:  # no call can start
         params = dataclasses.replace(params, logit_bias={**(params.logit_bias or {}),
@@ -497,7 +496,7 @@ async def _completion(state: ServerState, body: dict, request: Request):
     n = get_number(body, "n", 1, 1, 16)
     if len(prompts) * n > MAX_CHOICES:
         raise bad(f"{len(prompts)} prompts x n={n} is more than {MAX_CHOICES} choices in one request", "prompt")
-    prompts, text = [_truncated(state, body, ids) for ids in prompts], text_options(body, chat=False)
+    prompts, text = [_truncated(state, body, ids, chat=False) for ids in prompts], text_options(body, chat=False)
     spec = structured_output(body)
     param = "structured_outputs" if body.get("structured_outputs") is not None else "response_format"
     # all checked before any starts

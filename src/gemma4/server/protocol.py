@@ -239,14 +239,19 @@ def structured_output(body: dict) -> StructuredOutputsParams | None:
     return spec
 
 
+def requested_max_tokens(body: dict, chat: bool) -> int | None:
+    """The request's cap on new tokens (chat: max_completion_tokens first), None when it gives none."""
+    max_tokens = get_number(body, "max_completion_tokens", None, 1) if chat else None
+    return max_tokens or get_number(body, "max_tokens", None, 1)
+
+
 def sampling_params(body: dict, defaults: dict, max_tokens_default: int, chat: bool,
                     vocab_size: int = 2**31, stop_token_ids: list[int] | None = None,
                     encode: Callable[..., list[int]] | None = None) -> SamplingParams:
     """SamplingParams from an OpenAI request (stop strings are applied by the server, on text; the structured
     output by the caller, which knows the tools and the tokenizer). `stop_token_ids`: the model's own, which the
     request's add to; `encode`: the tokenizer's, for bad_words (without it they are refused)."""
-    max_tokens = get_number(body, "max_completion_tokens", None, 1) if chat else None
-    max_tokens = max_tokens or get_number(body, "max_tokens", None, 1) or max_tokens_default
+    max_tokens = requested_max_tokens(body, chat) or max_tokens_default
     logprobs = None if chat else get_number(body, "logprobs", None, 0, 20)  # chat: a boolean, and top_logprobs
     if chat and get_bool(body, "logprobs"):
         logprobs = get_number(body, "top_logprobs", 0, 0, 20)
