@@ -5,10 +5,16 @@ sliding KV heads split over the ranks, its one global KV head replicated; a dens
 and E4B (KV-shared layers, per-layer inputs, two KV heads split; the clustered drafter head, whole on each rank).
 
 Greedy outputs with speculation equal the single-process ones with and without it, and so do the drafter's own
-drafts (speculation is lossless: only the drafts tell a wrong cut of the drafter from a right one). Prompts of 5 and
-40 tokens together, then one of 49 that starts with the second (a prefix-cache hit), against a sliding window of 8."""
+drafts (speculation is lossless: only the drafts tell a wrong cut of the drafter from a right one); seeded sampled
+outputs equal them token for token (over a vocabulary of 64: see that test). Prompts of 5 and 40 tokens together,
+then one of 49 that starts with the second (a prefix-cache hit), against a sliding window of 8. A rank that hangs
+while loading the drafter ends in RankFailed on rank 0 after the runtime's timeout."""
 
 from __future__ import annotations
+
+import datetime
+import threading
+import time
 
 import pytest
 import torch
@@ -18,7 +24,8 @@ from test_speculative import oracle_from, prompts as random_prompts
 
 from gemma4 import Model, distributed
 from gemma4.assistant_checkpoint import assistant_config_for, load_assistant, random_assistant, save_assistant
-from gemma4.distributed import Ranks, ShardingError
+from gemma4.distributed import RankFailed, Ranks, ShardingError
+from gemma4.distributed import runtime as runtime_module
 from gemma4.engine.sampling import SamplingParams
 from gemma4.llm import LLM
 from gemma4.random_init import randomize_
@@ -40,16 +47,20 @@ def drafter_config(family: str, **text):
                                 **head)
 
 
+def save_checkpoints(root, family: str, **text):
+    """(target directory, drafter directory) of the family under `root` (`text`: changes to its text config)."""
+    config = config_of(family)
+    for name, value in text.items():
+        setattr(config.text_config, name, value)
+    randomize_(Model(config), seed=1).save_pretrained(root / "target")
+    save_assistant(random_assistant(drafter_config(family, **text), dtype=torch.float32, seed=1), root / "drafter")
+    return root / "target", root / "drafter"
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """family -> (target directory, drafter directory)."""
-    paths = {}
-    for family in FAMILIES:
-        root = tmp_path_factory.mktemp(family)
-        randomize_(Model(config_of(family)), seed=1).save_pretrained(root / "target")
-        save_assistant(random_assistant(drafter_config(family), dtype=torch.float32, seed=1), root / "drafter")
-        paths[family] = root / "target", root / "drafter"
-    return paths
+    return {family: save_checkpoints(tmp_path_factory.mktemp(family), family) for family in FAMILIES}
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +150,63 @@ def test_sampled_and_penalized_rows_verify_together(parallel, checkpoints):
     assert llm.engine.blocks.usage == 0
 
 
+# Seeded sampling with the cut-offs of Gemma 4's generation_config, a seed per prompt; over a vocabulary of 64, where
+# top-k 64 keeps every token (see the test).
+SAMPLED = [SamplingParams(temperature=1.0, top_p=0.95, top_k=64, seed=seed, max_tokens=16, stop_token_ids=[],
+                          logprobs=1) for seed in (5, 6, 7)]
+SMALL_VOCAB = 64
+
+
+@pytest.fixture(scope="module")
+def small_vocabulary(tmp_path_factory):
+    """family -> (target directory, drafter directory) over a vocabulary of SMALL_VOCAB tokens."""
+    return {family: save_checkpoints(tmp_path_factory.mktemp(f"{family}-small"), family, vocab_size=SMALL_VOCAB,
+                                     vocab_size_per_layer_input=SMALL_VOCAB) for family in FAMILIES}
+
+
+def sampled_outputs(llm: LLM):
+    """(`outputs` under SAMPLED of `prompts()` within SMALL_VOCAB, the drafts of every round and the distributions
+    [B, V] they were drawn from, one per drafting step; the drafts accepted)."""
+    spec, rounds = llm.engine.speculator, []
+    draft = spec.draft
+
+    def recording(seqs, ks):
+        rows, probs = draft(seqs, ks)
+        rounds.append((rows, torch.stack([step.prob_at(None) for step in probs])))
+        return rows, probs
+
+    spec.draft = recording
+    batch = [[3 + token % (SMALL_VOCAB - 3) for token in prompt] for prompt in prompts()]
+    results = llm.generate(batch[:2], SAMPLED[:2]) + llm.generate(batch[2:], SAMPLED[2:])
+    return [(r.token_ids, [lp.logprob for lp in r.logprobs]) for r in results], rounds, spec.num_accepted
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_seeded_sampled_outputs_equal_one_process(small_vocabulary, family):
+    """Seeded sampled rows with the drafter: one process's tokens, token for token, its drafts and their
+    distributions. Sampled outputs depend on the drafts (unlike greedy ones), so this checks the drafter's cut too.
+
+    Rank 0 alone draws (drafts, acceptance tests, last tokens) with the same seeded generators; the ranks change only
+    the fp32 logits, by the summation order (<= 1.1e-5). A draw is the argmax of p / E over the candidates, one
+    E ~ Exp(1) per candidate column. Where top-k picks the candidates (the 384-token configs), the columns go from
+    the most likely, so two tokens whose logits lie within 1e-5 swap columns, and E's: there, Gaussian noise of 1e-5
+    (E4B) or 1e-4 (31B) on the logits changed these outputs. Over 64 tokens top-k 64 keeps all, the columns are the
+    token ids, and they stayed the same under noise of 1e-3 (and 1e-2 for 31B)."""
+    target, drafter = small_vocabulary[family]
+    want, want_drafts, want_accepted = sampled_outputs(LLM(target, speculative_model=drafter, **SPECULATIVE,
+                                                           **ENGINE))
+    llm = LLM(target, tensor_parallel_size=2, speculative_model=drafter, **SPECULATIVE, **ENGINE)
+    try:
+        got, drafts, accepted = sampled_outputs(llm)
+        assert llm.engine.blocks.usage == 0 and llm.engine.blocks.hit_tokens > 0
+    finally:
+        distributed.shutdown()
+    assert_same_outputs(got, want)
+    assert [rows for rows, _ in drafts] == [rows for rows, _ in want_drafts] and accepted == want_accepted > 0
+    for (_, q), (_, want_q) in zip(drafts, want_drafts):  # 3.6e-7 apart at most, measured
+        torch.testing.assert_close(q, want_q, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_each_rank_reads_only_its_drafter_slices(checkpoints, family):
     """Rank 1 of 2 (no process group needed to load): each cut tensor is its part of the whole drafter and owns
@@ -201,4 +269,41 @@ def test_serve_with_a_drafter_over_two_ranks(tmp_path, gemma4_tokenizer_dir):
         assert engine.speculator.num_accepted > 0
     finally:
         server.stop()
+        distributed.shutdown()
+
+
+def _worker_hanging_in_drafter_load(rank, *args):
+    """Test only, the target of the spawned ranks (runtime._worker_main, pickled by name): rank 1 never returns from
+    loading its part of the drafter."""
+    import gemma4.assistant_checkpoint
+
+    if rank == 1:
+        gemma4.assistant_checkpoint.load_assistant = lambda *args, **kwargs: time.sleep(3600)
+    runtime_module._worker_main(rank, *args)  # the real one: this is a fresh process
+
+
+def test_a_rank_that_hangs_loading_the_drafter_fails_without_a_hang(checkpoints, monkeypatch):
+    """Rank 1 hangs in the drafter's load: rank 0 raises RankFailed naming it once the runtime's timeout (here 3 s)
+    has passed, rather than waiting on the control group for ever; the runtime is failed and shuts down at once."""
+    target, drafter = checkpoints["31B"]
+    monkeypatch.setattr(runtime_module, "_worker_main", _worker_hanging_in_drafter_load)
+    model = distributed.load_parallel(target, 2, dtype=torch.float32, device="cpu",
+                                      timeout=datetime.timedelta(seconds=3))
+    runtime = distributed.current()
+    # Where rank 0 would wait for ever, end rank 1 after a while: the test then fails rather than hangs.
+    guard = threading.Timer(60, lambda: [process.kill() for process in runtime.processes])
+    guard.start()
+    try:
+        start = time.monotonic()
+        with pytest.raises(RankFailed, match=r"loading the drafter failed: .*Rank 1 failed"):
+            runtime.load_drafter(drafter)
+        assert time.monotonic() - start < 10
+        assert runtime.failed is not None
+        with pytest.raises(RankFailed):  # refused at once from now on
+            model(torch.tensor([[5, 6, 7]]))
+        start = time.monotonic()
+        distributed.shutdown()
+        assert time.monotonic() - start < 5 and distributed.current() is None
+    finally:
+        guard.cancel()
         distributed.shutdown()

@@ -11,8 +11,10 @@ are mirrored as the forward is (`mirror_drafts`): each rank reads the target's K
 
 Faults: a rank whose process ends, or a forward that raises on any rank (the ranks' collectives may then be out of
 step), makes rank 0's forward raise `RankFailed` (a torch.AcceleratorError: the engine stops, as on a sticky device
-error, and the server reports unhealthy and exits); a rank that hangs does so after the collectives' timeout.
-`on_failure` is also called from a watchdog thread when a spawned rank ends while rank 0 is idle."""
+error, and the server reports unhealthy and exits); a rank that hangs does so after the collectives' timeout, or,
+while it loads the drafter, after the runtime's `timeout` (the control group itself never times out: it waits for
+the next step as long as the server idles). `on_failure` is also called from a watchdog thread when a spawned rank
+ends while rank 0 is idle."""
 
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from ..model.gemma4 import check_token_ids
 from ..model.paged_cache import KVPools, PagedCacheView
 from ..quantization import kv_cache_scales
 from ..threads import available_cores
-from .groups import DEFAULT_TIMEOUT, destroy_groups, free_port, init_groups, rank_device
+from .groups import DEFAULT_TIMEOUT, IDLE_TIMEOUT, destroy_groups, free_port, init_groups, rank_device
 from .sharding import Ranks, ShardPlan, check_assistant_shardable, check_shardable
 
 logger = logging.getLogger(__name__)
@@ -89,8 +91,10 @@ def current() -> ParallelRuntime | None:
 class ParallelRuntime:
     """Rank 0's side: the worker processes, the groups, and the mirror of every forward."""
 
-    def __init__(self, ranks: Ranks, control, processes: list, model=None):
+    def __init__(self, ranks: Ranks, control, processes: list, model=None,
+                 timeout: datetime.timedelta = DEFAULT_TIMEOUT):
         self.ranks, self.control, self.processes = ranks, control, processes
+        self.timeout = timeout  # how long rank 0 waits for the others to load a drafter
         self._model = lambda: None  # a weak reference: the model holds this runtime, not the other way round
         self.failed: str | None = None
         self.threads_before: int | None = None  # PyTorch's CPU threads here before share_cores
@@ -140,7 +144,7 @@ class ParallelRuntime:
             if threads is not None:
                 torch.set_num_threads(threads)
             raise
-        runtime = _current = cls(ranks, control, processes, model)
+        runtime = _current = cls(ranks, control, processes, model, timeout)
         runtime.threads_before = threads
         atexit.register(runtime.shutdown)
         return model
@@ -165,7 +169,8 @@ class ParallelRuntime:
         """Every rank's part of the drafter checkpoint at `path` (`sharding.assistant_cut_specs`: its query heads with
         the KV heads that rank's pools hold, its MLPs and a dense head cut as the target's), each rank reading only
         its slices; rank 0's is returned. A size that cannot cut it is a ShardingError before any rank reads it; a
-        rank that fails to load its part, a RuntimeError with that rank's traceback."""
+        rank that fails to load its part, a RuntimeError with that rank's traceback; one that has not loaded it
+        `timeout` after rank 0 has, RankFailed naming it (the runtime has failed)."""
         from ..loading import resolve_checkpoint
 
         directory = resolve_checkpoint(path)
@@ -175,9 +180,9 @@ class ParallelRuntime:
         self._next_id += 1
         try:
             dist.broadcast_object_list([{"drafter": (drafter_id, str(directory))}], src=0, group=self.control)
-            drafter, errors = _load_drafter(self.model, directory, self.control)
-        except Exception as e:  # noqa: BLE001  (whatever gloo raises when a peer is gone)
-            raise self._failure(e) from e
+            drafter, errors = _load_drafter(self.model, directory, self.control, self.timeout)
+        except Exception as e:  # noqa: BLE001  (whatever gloo raises when a peer is gone or late)
+            raise self._failure(e, "loading the drafter") from e
         if failed := next(((rank, error) for rank, error in enumerate(errors) if error is not None), None):
             raise RuntimeError(f"tensor parallelism: rank {failed[0]} failed to load its part of the drafter:\n"
                                f"{failed[1]}")
@@ -245,8 +250,8 @@ class ParallelRuntime:
                 return f"rank {rank} ended (exit code {process.exitcode})"
         return None
 
-    def _failure(self, error: BaseException) -> RankFailed:
-        self.failed = self._dead_rank() or f"a forward failed: {type(error).__name__}: {error}"
+    def _failure(self, error: BaseException, during: str = "a forward") -> RankFailed:
+        self.failed = self._dead_rank() or f"{during} failed: {type(error).__name__}: {error}"
         return RankFailed(f"tensor parallelism: {self.failed}")
 
     def _watch(self) -> None:
@@ -442,9 +447,10 @@ def _worker_main(rank: int, directory: str, size: int, expert_parallel: bool, dt
         destroy_groups()
 
 
-def _load_drafter(model, directory, control) -> tuple[object | None, list[str | None]]:
+def _load_drafter(model, directory, control, timeout: datetime.timedelta) -> tuple[object | None, list[str | None]]:
     """Every rank at once: (this rank's part of the drafter at `directory`, or None where it failed to load; each
-    rank's traceback or None, gathered on the control group)."""
+    rank's traceback or None, gathered on the control group). Rank 0 waits `timeout` at most for the others to
+    finish (a RuntimeError naming the first late rank); the others wait for rank 0 as long as it takes."""
     from ..assistant_checkpoint import load_assistant
 
     drafter, error = None, None
@@ -452,6 +458,9 @@ def _load_drafter(model, directory, control) -> tuple[object | None, list[str | 
         drafter = load_assistant(directory, dtype=model.dtype, device=model.device, ranks=model.ranks)
     except Exception:  # noqa: BLE001  (reported by rank 0, for every rank)
         error = traceback.format_exc()
+    # The control group has no timeout (it waits for the next step while the server idles): a rank that hangs here
+    # would keep rank 0 waiting in the gather for ever. monitored_barrier times out on rank 0 alone.
+    dist.monitored_barrier(control, timeout)
     errors = [None] * dist.get_world_size(control)
     dist.all_gather_object(errors, error, group=control)
     return drafter, errors
@@ -483,7 +492,7 @@ def serve_forwards(model, control) -> None:
             return
         if "drafter" in message:
             drafter_id, directory = message["drafter"]
-            drafter, errors = _load_drafter(model, directory, control)
+            drafter, errors = _load_drafter(model, directory, control, IDLE_TIMEOUT)
             if not any(errors):
                 drafts[drafter_id] = DraftStep(model, drafter)
             continue
