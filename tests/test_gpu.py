@@ -145,6 +145,37 @@ def test_serving_engine_graph_decode_equals_eager(checkpoint):
     assert graphed == eager
 
 
+def test_prefill_graphs_equal_eager_chunks(checkpoint):
+    """Lone prefill chunks replayed from CUDA graphs (`GraphedPrefill`: width and context buckets, captured during
+    the run) give the eager chunks' greedy tokens and logprobs (fp32): a chat's turn 2 from the prefix cache, and a
+    chunk beside decode rows."""
+    from gemma4.engine.engine import LLMEngine
+    from gemma4.engine.sampling import SamplingParams
+    from reference import engine_outputs
+
+    model = Model.from_pretrained(checkpoint, dtype=torch.float32, device="cuda")
+    gen = torch.Generator().manual_seed(5)
+    first = torch.randint(3, VOCAB, (40,), generator=gen).tolist()
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=1)
+
+    def chat():
+        engine = LLMEngine(model, max_num_seqs=4, max_model_len=160, max_num_batched_tokens=32)
+        turn1 = engine_outputs(engine, [first], params)
+        message = torch.randint(3, VOCAB, (20,), generator=torch.Generator().manual_seed(6)).tolist()
+        second = first + turn1[0][0] + message
+        together = engine_outputs(engine, [second, first[:9], first[9:30]], params)
+        return turn1 + together, engine.runner.prefill_graphs
+
+    graphed, graphs = chat()
+    assert graphs is not None and graphs.usable and len(graphs.graphs) >= 3, graphs and graphs.describe()
+    with override(prefill_graphs=False):
+        eager, none = chat()
+    assert none is None
+    for (ids, logprobs), (ref_ids, ref_logprobs) in zip(graphed, eager):
+        assert ids == ref_ids
+        torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(ref_logprobs), rtol=0, atol=1e-4)
+
+
 def test_fused_projections_graph_decode_equals_unfused(checkpoint):
     """Fused q/k/v and gate/up matmuls (the CUDA default) on the CUDA-graph path: the unfused greedy tokens (fp32)."""
     with override(fuse_projections=False):

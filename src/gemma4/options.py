@@ -23,7 +23,8 @@ class Options:
     # GEMMA4_KERNELS=0: plain PyTorch ops instead of the Triton (CUDA) kernels and the CPU's C and int8/int4 kernels
     kernels: bool = True
     pdl: bool = True  # GEMMA4_PDL=0: no programmatic dependent launch (Hopper and newer)
-    cuda_graphs: bool = True  # GEMMA4_EAGER=1: eager decode steps instead of CUDA graph replays
+    cuda_graphs: bool = True  # GEMMA4_EAGER=1: eager steps instead of CUDA graph replays (decode and prefill)
+    prefill_graphs: bool = True  # a lone prefill chunk of up to 512 tokens replayed from a CUDA graph (runner.py)
     defer_norms: frozenset[str] = DEFERRABLE  # the products whose residual norms the next GEMV applies
     # q/k/v and gate/up as one matmul each when loading: "auto" on CUDA only, True on every device, False never
     fuse_projections: Literal["auto"] | bool = "auto"

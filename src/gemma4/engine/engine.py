@@ -283,15 +283,17 @@ class LLMEngine:
         """Compile the kernels and capture the decode step of every batch bucket now (CUDA), so that no request
         pays for them: prompts of a few lengths (a multiple of 16 and not, one past twice the sliding window,
         chunked by the step budget; alone and two together) run through prefill and decode, greedy and sampled;
-        then each bucket's graph is captured. The prefix cache forgets these prompts."""
+        then each bucket's decode graph is captured, and the prefill graphs of a new prompt's first chunk. The
+        prefix cache forgets these prompts."""
         window = self.runner.model.config.text_config.sliding_window
         greedy = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
         sampled = SamplingParams(max_tokens=3, temperature=1.0, top_k=64, top_p=0.95, ignore_eos=True)
         for n in (256, min(2 * window + 37, self.max_model_len - 4)):  # one row at a time (kernels specialize on 1)
             self.generate([[0] * n], greedy)
         self.generate([[0] * 16, [0] * 23], [greedy, sampled])
-        if self.runner.graphs is not None:
-            self.runner.graphs.capture_all()
+        for graphs in (self.runner.graphs, self.runner.prefill_graphs):
+            if graphs is not None:
+                graphs.capture_all()
         if self.speculator is not None:
             self.speculator.warm_up()
         self.blocks.clear_prefix_cache()

@@ -1,5 +1,6 @@
-"""The engine's decode steps replayed from CUDA graphs, one per bucket of batch sizes (see runner.py for when they
-are used), and `capture_graph`."""
+"""The engine's steps replayed from CUDA graphs (see runner.py for when they are used): decode steps, one graph per
+bucket of batch sizes (`GraphedDecode`), and one sequence's short prefill chunks, one graph per bucket of chunk
+widths and cached contexts (`GraphedPrefill`); and `capture_graph`."""
 
 from __future__ import annotations
 
@@ -158,3 +159,125 @@ class GraphedDecode:
         if not self.usable:
             return f"eager (CUDA graph capture failed: {self.failure})"
         return f"CUDA graphs for batch sizes {sorted(self.graphs)}" if self.graphs else "no decode step yet"
+
+
+class GraphedPrefill:
+    """One sequence's text chunk of up to `widths[-1]` tokens replayed from a CUDA graph: eagerly, such a chunk is
+    bound by the host launching the forward's hundreds of kernels (26B-A4B: 35-50 ms for any chunk of 16 to 1,024
+    tokens), while its device work may be a few milliseconds.
+
+    A chunk is left-padded to the next width of `widths`, and its cached context is gathered up to the next context
+    bucket: none, or a power of two from `contexts[0]` to `contexts[1]` tokens (the gathered slots past the
+    sequence's cached tokens hold no position: unseen, and the prefill kernel skips their tiles). One graph per
+    (width, context), captured the first time it is needed (the widths with no context by `capture_all`), in a memory
+    pool of its own: a step may still read a decode graph's outputs after this graph ran. Padding columns write only
+    to the trash slots. Longer chunks and contexts run eagerly, as do chunks with images or audio."""
+
+    WIDTHS = (16, 32, 64, 128, 256, 512)  # at most 512 x top-8 = 4,096 expert pairs: the sorted MoE kernels
+    CONTEXTS = (1024, 32768)  # a graph's pool keeps its gathered K/V: 26B-A4B's global layers, 128 MB at 32,768
+
+    def __init__(self, model, blocks: BlockManager, max_model_len: int, widths: tuple[int, ...] = WIDTHS,
+                 contexts: tuple[int, int] = CONTEXTS):
+        self.model, self.blocks, self.widths, self.contexts = model, blocks, tuple(widths), contexts
+        table_width = blocks.blocks_for(max_model_len + 1)
+        self.capacity = table_width * blocks.block_size  # the global slots a block table covers
+        most, device = self.widths[-1], model.device
+        # The step's inputs in one buffer: ids, positions and valid (0/1) of `most` columns each, the chunk in the
+        # last ones; the sequence's ring slot and cached token count; its block table. The host's mirror (pinned on
+        # CUDA) goes over in one asynchronous copy.
+        self.inputs = torch.zeros(3 * most + 2 + table_width, dtype=torch.long, device=device)
+        self.host = torch.zeros(self.inputs.shape, dtype=torch.long, pin_memory=device.type == "cuda")
+        self.host[3 * most + 2:] = blocks.trash_block
+        self.table_row: list[int] | None = None  # the block list the host's table holds
+        self.copied = torch.cuda.Event() if device.type == "cuda" else None
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.pool = None
+        self.usable = True
+        self.failure: str | None = None
+
+    @staticmethod
+    def _parts(buffer: torch.Tensor, most: int):
+        """(ids, positions, valid [most] each; ring slot, num_cached [1] each; block table [1, width]) of a buffer."""
+        ids, positions, valid = buffer[:3 * most].view(3, most)
+        return ids, positions, valid, buffer[3 * most:3 * most + 1], buffer[3 * most + 1:3 * most + 2], \
+            buffer[3 * most + 2:][None]
+
+    def bucket(self, num_tokens: int, num_cached: int) -> tuple[int, int] | None:
+        """(width, context) of a chunk of `num_tokens` after `num_cached` cached tokens; None: it runs eagerly."""
+        low, high = self.contexts
+        if num_tokens > self.widths[-1] or num_cached > high:
+            return None
+        width = next(w for w in self.widths if w >= num_tokens)
+        context = 0 if num_cached == 0 else min(max(low, 1 << (num_cached - 1).bit_length()), self.capacity)
+        return width, context
+
+    def _step(self, width: int, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+        most = self.widths[-1]
+        ids, positions, valid, ring_slot, num_cached, table = self._parts(self.inputs, most)
+        ids, positions, valid = (row[most - width:][None] for row in (ids, positions, valid))
+        cache = PagedCacheView(self.blocks, table, ring_slot, num_cached, max_cached=context)
+        logits, hidden = self.model(ids, attention_mask=valid != 0, position_ids=positions, cache=cache,
+                                    last_only=True, return_hidden=True)
+        return logits[:, -1].float(), hidden[:, -1]
+
+    def _capture(self, key: tuple[int, int]) -> None:
+        self.pool = self.pool or torch.cuda.graph_pool_handle()
+        self._parts(self.inputs, self.widths[-1])[2].zero_()  # warm-up and capture: padding only, trash written
+        try:
+            self.graphs[key] = capture_graph(lambda: self._step(*key), self.pool)
+        except (CaptureFailed, torch.OutOfMemoryError) as failure:  # prefill chunks run eagerly from now on
+            self.usable, self.failure = False, f"{type(failure).__name__}: {failure}"
+            warnings.warn(f"CUDA graph capture of a prefill chunk failed ({failure}); prefilling eagerly")
+
+    def capture_all(self) -> None:
+        """Capture every width's graph for chunks with nothing cached (a new prompt's first chunk) now (CUDA)."""
+        from tqdm import tqdm
+
+        if self.model.device.type != "cuda":
+            return
+        for width in tqdm(self.widths, desc="capturing prefill graphs", unit="graph", disable=None):
+            if self.usable and (width, 0) not in self.graphs:
+                self._capture((width, 0))
+
+    def run(self, seq, num_tokens: int, ahead=None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(logits [1, V] fp32, final hidden state [1, H]) at the last of the `num_tokens` tokens of `seq` from its
+        num_cached on (left to the caller to advance); None when the chunk fits no bucket or capture failed.
+        `ahead` (runner.Launched): the step in flight, which sampled `seq`'s PENDING last token, if it has one."""
+        key = self.bucket(num_tokens, seq.num_cached)
+        if key is None or not self.usable:
+            return None
+        captured = self.model.device.type == "cuda"  # elsewhere (tests): the same padded step, run eagerly
+        if captured and key not in self.graphs:
+            self._capture(key)
+            if not self.usable:
+                return None
+        most, start = self.widths[-1], seq.num_cached
+        if self.copied is not None:
+            self.copied.synchronize()  # the last copy out of the mirror is done
+        ids, positions, valid, ring_slot, num_cached, table = self._parts(self.host, most)
+        for row in (ids, positions, valid):
+            row[:most - num_tokens] = 0
+        ids[most - num_tokens:] = torch.tensor(seq.tokens[start:start + num_tokens])
+        positions[most - num_tokens:] = torch.arange(start, start + num_tokens)
+        valid[most - num_tokens:] = 1
+        ring_slot[0], num_cached[0] = seq.ring_slot, start
+        if seq.block_table != self.table_row:
+            table.fill_(self.blocks.trash_block)
+            table[0, :len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.long)
+            self.table_row = list(seq.block_table)
+        self.inputs.copy_(self.host, non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
+        if seq.pending and start + num_tokens == len(seq):  # the last token is still on the device
+            source = ahead.source(seq)
+            self._parts(self.inputs, most)[0][-1:].copy_(ahead.tokens[source:source + 1])
+        if not captured:
+            return self._step(*key)
+        graph, outputs = self.graphs[key]
+        graph.replay()
+        return outputs
+
+    def describe(self) -> str:
+        if not self.usable:
+            return f"eager prefill (CUDA graph capture failed: {self.failure})"
+        return f"prefill graphs for (width, context) {sorted(self.graphs)}" if self.graphs else "no prefill graph yet"

@@ -4,8 +4,8 @@ memory the device leaves for them, and the sizes that follow (blocks, longest co
 The budget, unless given in bytes (`kv_cache_memory`) or replaced by an explicit block count (`--num-kv-blocks`):
 * CUDA: utilization x the GPU's total memory, less what is in use once the weights are loaded (weights, CUDA context,
   other processes: total - free), less the activation peak of the engine's largest prefill step, measured by running
-  one (`profile_prefill`). What the utilization leaves over (10% by default) absorbs the decode graphs, the sampler's
-  work buffers and the media towers.
+  one (`profile_prefill`). What the utilization leaves over (10% by default) absorbs the decode and prefill graphs'
+  pools, the sampler's work buffers and the media towers.
 * CPU: 4 GiB (vLLM's CPU default too), at most half the free RAM. The pool is zeroed, so it is resident at once.
 
 The pools' layout: model/paged_cache.py (KVPools); an fp8 cache (`kv_cache_dtype="fp8"`) takes 1 byte per element,
@@ -117,10 +117,12 @@ def plan_kv(config: TextConfig, dtype: torch.dtype, max_num_seqs: int, block_siz
 
 
 def summary(engine, seconds: float) -> str:
-    """One line on what an engine holds: device, dtype, context, sequences, KV pool (and its dtype), decode graphs,
-    time to ready."""
+    """One line on what an engine holds: device, dtype, context, sequences, KV pool (and its dtype), decode and prefill
+    graphs, time to ready."""
     model, blocks, graphs = engine.runner.model, engine.blocks, engine.runner.graphs
     decode = graphs.describe() if graphs is not None else "eager decode"
+    if engine.runner.prefill_graphs is not None:
+        decode += f", {engine.runner.prefill_graphs.describe()}"
     kv_dtype = "fp8 e4m3" if blocks.kv_cache_dtype == "fp8" else str(blocks.pool_dtype).removeprefix("torch.")
     return (f"device {model.device}, dtype {str(model.dtype).removeprefix('torch.')}, context {engine.max_model_len} "
             f"tokens, {engine.max_num_seqs} sequences at most, KV cache {blocks.num_blocks} blocks of "

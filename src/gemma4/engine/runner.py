@@ -1,7 +1,8 @@
 """ModelRunner: turns a scheduled step into forwards (left-padded chunks, explicit positions, the paged cache view;
-decode rows on CUDA replay `GraphedDecode`'s graph) and samples the rows whose chunk reached the end of their known
-tokens, on the model's device (docs/architecture.md, "One step"). The batched rows' token ids come back to the host
-only when the engine asks (`Launched.collect`: after it has queued the next step, which reads them on the device)."""
+on CUDA, decode rows replay `GraphedDecode`'s graphs and a lone short chunk `GraphedPrefill`'s) and samples the rows
+whose chunk reached the end of their known tokens, on the model's device (docs/architecture.md, "One step"). The
+batched rows' token ids come back to the host only when the engine asks (`Launched.collect`: after it has queued the
+next step, which reads them on the device)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from ..options import options
 from ..threads import fit_threads_to_cores
 from ..model.paged_cache import PagedCacheView
 from .block_manager import BlockManager
-from .graphs import GraphedDecode
+from .graphs import GraphedDecode, GraphedPrefill
 from .sampling import batchable, sample_batch, sample_token
 from .structured import fill_masks
 from .scheduler import Scheduled
@@ -27,6 +28,8 @@ class ModelRunner:
         # A verify step's rows (speculative.py) replay the decode graphs too: k + 1 rows per sequence.
         rows = speculator.max_batch * (speculator.num_tokens + 1) if speculator is not None else None
         self.graphs = GraphedDecode(model, blocks, max_model_len, rows) if use_graphs else None
+        self.prefill_graphs = GraphedPrefill(model, blocks, max_model_len) \
+            if use_graphs and options().prefill_graphs else None
         if self.device.type == "cpu":
             fit_threads_to_cores()
 
@@ -147,7 +150,7 @@ class ModelRunner:
 
         Rows that feed one text token (decodes) and prefill chunks run as two forwards: one left-padded forward
         would widen every decode row to the chunk's width (and could not replay the decode graph)."""
-        single = [item.num_tokens == 1 and not _media_at(item) for item in batch]
+        single = [item.num_tokens == 1 and not _media_in(item) for item in batch]
         if all(single) or not any(single):
             return self._forward_group(batch, all(single), ahead)
         groups = [[row for row, flag in enumerate(single) if flag == decode] for decode in (True, False)]
@@ -171,6 +174,13 @@ class ModelRunner:
             if out is not None:
                 for item in batch:
                     item.seq.num_cached += 1
+                return out
+        if not decode and drafts is None and len(batch) == 1 and self.prefill_graphs is not None \
+                and not _media_in(batch[0]):
+            item = batch[0]
+            out = self.prefill_graphs.run(item.seq, item.num_tokens, ahead)
+            if out is not None:
+                item.seq.num_cached += item.num_tokens
                 return out
         tails = drafts or [[] for _ in batch]
         width = max(item.num_tokens + len(tail) for item, tail in zip(batch, tails))
@@ -225,10 +235,12 @@ class ModelRunner:
         return None if mask is None else (mask, torch.cat(features))
 
 
-def _media_at(item: Scheduled) -> bool:
-    """Whether a one-token chunk is an image/audio position (it then needs the media path, not the decode step)."""
-    media = item.seq.media
-    return media is not None and len(media) > 0 and bool((media.positions == item.seq.num_cached).any())
+def _media_in(item: Scheduled) -> bool:
+    """Whether a chunk holds an image/audio position (it then needs the media path, not a graph's step)."""
+    media, start = item.seq.media, item.seq.num_cached
+    if media is None or not len(media):
+        return False
+    return bool(((media.positions >= start) & (media.positions < start + item.num_tokens)).any())
 
 
 class SampleError(str):
