@@ -16,7 +16,7 @@ MIXED = [
     SamplingParams(max_tokens=8, temperature=0, seed=3, stop_token_ids=[]),  # greedy (a seed changes nothing)
     SamplingParams(max_tokens=8, temperature=1.0, top_k=50, seed=11, stop_token_ids=[]),  # seeded, batchable
     SamplingParams(max_tokens=8, temperature=0.7, top_p=0.9, min_p=0.05, seed=12, stop_token_ids=[]),
-    SamplingParams(max_tokens=8, temperature=1.0),  # unseeded: draws from the global generator
+    SamplingParams(max_tokens=8, temperature=1.0, stop_token_ids=[]),  # unseeded: a random draw, no stop to hit
     SamplingParams(max_tokens=8, temperature=0.8, repetition_penalty=1.3, presence_penalty=0.5, seed=13,
                    stop_token_ids=[]),  # penalties: sample_token
     SamplingParams(max_tokens=8, temperature=0, repetition_penalty=1.5, stop_token_ids=[]),  # greedy + penalty
