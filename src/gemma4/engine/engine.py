@@ -19,7 +19,6 @@ out of `step()`."""
 from __future__ import annotations
 
 import logging
-import threading
 from collections import deque
 from collections.abc import Iterator
 
@@ -89,17 +88,17 @@ class LLMEngine:
         self.in_flight: Launched | None = None  # a step whose batch-sampled tokens the host has not read
         self.mailbox: dict[int, deque[StepOutput]] = {}  # outputs waiting for their `run` (see there)
         self.grammars = GrammarCompiler(tokenizer) if tokenizer is not None else None
-        self._encode_lock = threading.Lock()
 
     def encode_media(self, prompt_ids: list[int], media: dict) -> SoftTokens:
         """Run the towers once for one prompt: `media` are its processor outputs (pixel_values, image_position_ids,
         input_features, input_features_mask, ...); `prompt_ids` hold the expanded placeholders. ValueError when they
         do not match or an image has more tokens than one step's budget (it must be prefilled in one forward).
-        Thread-safe against `step()` (one tower forward at a time), so servers may call it off the engine thread."""
+        Thread-safe against `step()` (one tower forward at a time, none during a graph capture: the runner's
+        capture_lock), so servers may call it off the engine thread."""
         config = self.runner.model.config
         vision = {config.image_token_id, config.video_token_id}
         self._check_runs(vision_runs([t in vision for t in prompt_ids]))  # before running any tower
-        with self._encode_lock:
+        with self.runner.capture_lock:
             soft = compute_soft_tokens(self.runner.model, prompt_ids, **media)
         self._check_runs(soft.vision_runs)
         return soft

@@ -4,6 +4,8 @@ widths and cached contexts (`GraphedPrefill`); and `capture_graph`."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import traceback
 import warnings
 
@@ -17,25 +19,27 @@ class CaptureFailed(RuntimeError):
     """A step could not be captured (the message names the error and the line of ours it came from)."""
 
 
-def capture_graph(fn, pool=None):
+def capture_graph(fn, pool=None, lock: threading.Lock | None = None):
     """Warm `fn` up three times on a side stream (Triton compiles for these shapes, lazy initializations), then
     capture one call in a CUDA graph. Returns (graph, fn's outputs: static buffers that each replay overwrites);
-    raises CaptureFailed when capture trips on anything (the caller then runs fn eagerly)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph, pool=pool):
-            outputs = fn()
-    except Exception as error:  # noqa: BLE001 - anything the capture trips on
-        torch.cuda.synchronize()
-        where = [f for f in traceback.extract_tb(error.__traceback__) if "gemma4" in f.filename][-1:]
-        at = f" at {where[0].filename.rsplit('/', 1)[-1]}:{where[0].lineno} ({where[0].line})" if where else ""
-        raise CaptureFailed(f"{type(error).__name__}: {error}{at}") from error
+    raises CaptureFailed when capture trips on anything (the caller then runs fn eagerly). `lock`: held throughout,
+    by whatever else may call CUDA from another thread (a call of another thread inside the capture fails both)."""
+    with lock or contextlib.nullcontext():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=pool):
+                outputs = fn()
+        except Exception as error:  # noqa: BLE001 - anything the capture trips on
+            torch.cuda.synchronize()
+            where = [f for f in traceback.extract_tb(error.__traceback__) if "gemma4" in f.filename][-1:]
+            at = f" at {where[0].filename.rsplit('/', 1)[-1]}:{where[0].lineno} ({where[0].line})" if where else ""
+            raise CaptureFailed(f"{type(error).__name__}: {error}{at}") from error
     return graph, outputs
 
 
@@ -50,8 +54,9 @@ class GraphedDecode:
     (paged_cache.py), so row j sees the drafts before it. `max_rows`: the most rows a step may have (the engine's
     max_num_seqs, or more for verify steps)."""
 
-    def __init__(self, model, blocks: BlockManager, max_model_len: int, max_rows: int | None = None):
-        self.model, self.blocks = model, blocks
+    def __init__(self, model, blocks: BlockManager, max_model_len: int, max_rows: int | None = None,
+                 lock: threading.Lock | None = None):
+        self.model, self.blocks, self.lock = model, blocks, lock  # lock: see capture_graph
         most = max(max_rows or 0, blocks.max_num_seqs)
         self.sizes = sorted({s for s in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256) if s < most} | {most})
         width = blocks.blocks_for(max_model_len + 1)
@@ -86,7 +91,7 @@ class GraphedDecode:
         self.pool = self.pool or torch.cuda.graph_pool_handle()  # one memory pool for every bucket's graph
         self.inputs[4].zero_()  # warm-up and capture run on padding rows only: nothing but the trash is written
         try:
-            self.graphs[size] = capture_graph(lambda: self._step(size), self.pool)
+            self.graphs[size] = capture_graph(lambda: self._step(size), self.pool, self.lock)
         except CaptureFailed as failure:  # decode eagerly from now on
             self.usable, self.failure = False, str(failure)
             warnings.warn(f"CUDA graph capture of the serving decode step failed ({failure}); decoding eagerly")
@@ -177,8 +182,9 @@ class GraphedPrefill:
     CONTEXTS = (1024, 32768)  # a graph's pool keeps its gathered K/V: 26B-A4B's global layers, 128 MB at 32,768
 
     def __init__(self, model, blocks: BlockManager, max_model_len: int, widths: tuple[int, ...] = WIDTHS,
-                 contexts: tuple[int, int] = CONTEXTS):
+                 contexts: tuple[int, int] = CONTEXTS, lock: threading.Lock | None = None):
         self.model, self.blocks, self.widths, self.contexts = model, blocks, tuple(widths), contexts
+        self.lock = lock  # see capture_graph: these graphs are captured while a server runs
         table_width = blocks.blocks_for(max_model_len + 1)
         self.capacity = table_width * blocks.block_size  # the global slots a block table covers
         most, device = self.widths[-1], model.device
@@ -224,7 +230,7 @@ class GraphedPrefill:
         self.pool = self.pool or torch.cuda.graph_pool_handle()
         self._parts(self.inputs, self.widths[-1])[2].zero_()  # warm-up and capture: padding only, trash written
         try:
-            self.graphs[key] = capture_graph(lambda: self._step(*key), self.pool)
+            self.graphs[key] = capture_graph(lambda: self._step(*key), self.pool, self.lock)
         except (CaptureFailed, torch.OutOfMemoryError) as failure:  # prefill chunks run eagerly from now on
             self.usable, self.failure = False, f"{type(failure).__name__}: {failure}"
             warnings.warn(f"CUDA graph capture of a prefill chunk failed ({failure}); prefilling eagerly")

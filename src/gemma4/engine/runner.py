@@ -6,6 +6,8 @@ next step, which reads them on the device)."""
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from .. import kernels
@@ -27,8 +29,11 @@ class ModelRunner:
             and max_model_len is not None and options().cuda_graphs
         # A verify step's rows (speculative.py) replay the decode graphs too: k + 1 rows per sequence.
         rows = speculator.max_batch * (speculator.num_tokens + 1) if speculator is not None else None
-        self.graphs = GraphedDecode(model, blocks, max_model_len, rows) if use_graphs else None
-        self.prefill_graphs = GraphedPrefill(model, blocks, max_model_len) \
+        # Held by graph captures and by the engine's tower forwards, which servers run off the engine's thread: no
+        # CUDA call of another thread may fall inside a capture.
+        self.capture_lock = threading.Lock()
+        self.graphs = GraphedDecode(model, blocks, max_model_len, rows, self.capture_lock) if use_graphs else None
+        self.prefill_graphs = GraphedPrefill(model, blocks, max_model_len, lock=self.capture_lock) \
             if use_graphs and options().prefill_graphs else None
         if self.device.type == "cpu":
             fit_threads_to_cores()
