@@ -179,7 +179,8 @@ class GraphedPrefill:
     to the trash slots. Longer chunks and contexts run eagerly, as do chunks with images or audio."""
 
     WIDTHS = (16, 32, 64, 128, 256, 512)  # at most 512 x top-8 = 4,096 expert pairs: the sorted MoE kernels
-    CONTEXTS = (1024, 32768)  # a graph's pool keeps its gathered K/V: 26B-A4B's global layers, 128 MB at 32,768
+    # A graph's pool keeps its largest transient: a global layer's gathered and joined K/V, 31B's 0.5 GB at 32,768
+    CONTEXTS = (1024, 32768)
 
     def __init__(self, model, blocks: BlockManager, max_model_len: int, widths: tuple[int, ...] = WIDTHS,
                  contexts: tuple[int, int] = CONTEXTS, lock: threading.Lock | None = None):
