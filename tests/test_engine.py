@@ -149,8 +149,8 @@ def test_decodes_are_not_padded_to_a_prefill_chunk(model, monkeypatch):
 
     widths = []
     forward = ModelRunner._forward_group
-    monkeypatch.setattr(ModelRunner, "_forward_group", lambda self, items, decode, ahead=None: widths.append(
-        (decode, max(item.num_tokens for item in items))) or forward(self, items, decode, ahead))
+    monkeypatch.setattr(ModelRunner, "_forward_group", lambda self, items, decode, ahead=None, **kw: widths.append(
+        (decode, max(item.num_tokens for item in items))) or forward(self, items, decode, ahead, **kw))
     engine = LLMEngine(model, max_num_seqs=4, max_model_len=64, max_num_batched_tokens=16)
     first = engine.add_request(prompts(1, seed=3)[0], GREEDY)
     engine.step()  # its prefill

@@ -260,8 +260,8 @@ def test_a_stop_string_at_once_gives_empty_text(stub):
 
 def test_refused_fields(stub):
     """What cannot be applied is refused with a 400 naming the field: a json_schema without its schema, an unknown
-    response_format type, a schema llguidance cannot compile, both response_format and structured_outputs, echo,
-    logit_bias keys that are no token ids or values out of [-100, 100]."""
+    response_format type, a schema llguidance cannot compile, both response_format and structured_outputs, logit_bias
+    keys that are no token ids or values out of [-100, 100]."""
     srv, _, _ = stub
     chat = {"model": "stub", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     completion = {"model": "stub", "prompt": "hi", "max_tokens": 2}
@@ -273,7 +273,7 @@ def test_refused_fields(stub):
              ("completions", completion, "structured_outputs", {"json": {}, "whitespace_pattern": " "}),
              ("chat/completions", dict(chat, response_format={"type": "json_object"}), "structured_outputs",
               {"choice": ["a"]}),
-             ("completions", completion, "echo", True), ("completions", completion, "logit_bias", {"x7": 5}),
+             ("completions", completion, "logit_bias", {"x7": 5}),
              ("chat/completions", chat, "logit_bias", {"7": 101}), ("chat/completions", chat, "logit_bias",
                                                                     {"262144": 1})]
     for path, body, field, value in cases:
@@ -563,7 +563,7 @@ def test_refused_vllm_fields(stub):
     pass."""
     srv, _, _ = stub
     completion = {"model": "stub", "prompt": "hi", "max_tokens": 2}
-    for field, value in (("bad_words", [""]), ("bad_words", [3]), ("use_beam_search", True), ("prompt_logprobs", 1)):
+    for field, value in (("bad_words", [""]), ("bad_words", [3]), ("use_beam_search", True)):
         _refused(srv, "completions", completion, field, value)
         _refused(srv, "chat/completions", {"model": "stub", "messages": [{"role": "user", "content": "hi"}]},
                  field, value)

@@ -64,7 +64,7 @@ class ScriptedModel(nn.Module):
         self.dtype, self.device = torch.float32, torch.device("cpu")
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, last_only=False,
-                return_hidden=False, **media):
+                return_hidden=False, score=None, **media):
         logits = torch.full((input_ids.shape[0], 1, VOCAB), -30.0)
         for row, position in enumerate(position_ids[:, -1].tolist()):
             target = position + 1
@@ -78,7 +78,13 @@ class ScriptedModel(nn.Module):
                 logits[row] = float("nan")
             else:
                 logits[row, 0, token] = 30.0
-        return (logits, torch.zeros(input_ids.shape[0], 1, 1)) if return_hidden else logits
+        out = (logits, torch.zeros(input_ids.shape[0], 1, 1)) if return_hidden else (logits,)
+        if score is not None:  # prompt logprobs (Gemma4.score_tokens' shapes): each prompt token sure, rank 1
+            _, targets, top = score
+            count = len(targets)
+            out += ((torch.zeros(count), torch.ones(count, dtype=torch.long), targets[:, None].repeat(1, top),
+                     torch.zeros(count, top)),)
+        return out if len(out) > 1 else out[0]
 
 
 def stub_app(tokenizer):

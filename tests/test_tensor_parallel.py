@@ -57,6 +57,25 @@ def test_logits_and_greedy_tokens_equal_one_process(checkpoints, reference, fami
         distributed.shutdown()
 
 
+def test_prompt_logprobs_equal_one_process(checkpoints, reference):
+    """Prompt logprobs over 2 ranks (scored inside the forward, which every rank runs: each slice of positions
+    gathers the ranks' vocabulary rows; a prompt longer than score_tokens' 256 positions crosses a slice) equal the
+    single process's log-softmax."""
+    single, _ = reference["31B"]
+    prompt = torch.randint(3, 384, (300,), generator=torch.Generator().manual_seed(5)).tolist()
+    llm = LLM(checkpoints["31B"], dtype="float32", device="cpu", max_model_len=512, max_batch_size=2,
+              tensor_parallel_size=2)
+    try:
+        [done] = llm.generate([prompt], dict(GREEDY, max_tokens=0, prompt_logprobs=2))
+    finally:
+        distributed.shutdown()
+    with torch.no_grad():
+        want = single(torch.tensor([prompt]))[0, :-1].log_softmax(-1)
+    got = torch.tensor([x.logprob for x in done.prompt_logprobs[1:]])
+    torch.testing.assert_close(got, want[torch.arange(len(prompt) - 1), prompt[1:]], rtol=0, atol=ATOL)
+    assert [[t for t, _ in x.top] for x in done.prompt_logprobs[1:]] == want.topk(2).indices.tolist()
+
+
 def test_expert_parallel_and_tensor_parallel_experts_agree(checkpoints, reference):
     """26B-A4B over 2 ranks with whole experts per rank (the other flag value than CASES' tp2 run)."""
     single, _ = reference["26B-A4B"]

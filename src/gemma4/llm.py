@@ -29,6 +29,7 @@ class Completion:
     finish_reason: str  # "stop" (a stop token or string) or "length"
     prompt_tokens: int
     logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # SamplingParams.prompt_logprobs: None for the first
 
 
 class LLM:
@@ -143,10 +144,13 @@ class LLM:
                  for p in per_prompt]
         outputs: list[list[int]] = [[] for _ in ids]
         logprobs: list[list] = [[] for _ in ids]
+        prompt_logprobs: list[list | None] = [None] * len(ids)
         reasons = ["length"] * len(ids)
         for out in engine.run(seq_ids):
             row = rows[out.seq_id]
             out.raise_error()
+            if out.prompt_logprobs is not None:
+                prompt_logprobs[row] = out.prompt_logprobs
             # After a stop string, the tokens that came in the same step (a drafter's accepted run) are dropped.
             cut = texts[row] is not None and texts[row].stopped
             if out.token is not None and not cut and not (out.finished and out.finish_reason == "stop"):
@@ -161,7 +165,8 @@ class LLM:
             if out.finished and out.finish_reason != "abort":
                 reasons[row] = out.finish_reason
         return [Completion(texts[r].text if texts[r] else "", outputs[r], reasons[r], len(ids[r]),
-                           logprobs[r] if per_prompt[r].logprobs is not None else None) for r in range(len(ids))]
+                           logprobs[r] if per_prompt[r].logprobs is not None else None, prompt_logprobs[r])
+                for r in range(len(ids))]
 
     def stream(self, prompt: str | Sequence[int], params: SamplingParams | dict | None = None,
                skip_special_tokens: bool = True, usage: dict | None = None) -> Iterator[str]:

@@ -68,8 +68,9 @@ class BlockManager(KVPools):
 
     def cached_prefix(self, seq: Sequence) -> int:
         """How many of `seq`'s first tokens the cache holds, in whole blocks, at a snapshot point, fewer than its
-        prompt's length (the last prompt token is always computed: its logits give the first output token)."""
-        if not self.caching:
+        prompt's length (the last prompt token is always computed: its logits give the first output token). 0
+        for a sequence that still needs its prompt's logprobs: cached positions have no logits."""
+        if not self.caching or seq.prompt_scores is not None:
             return 0
         names = self._names(seq)
         chain = 0

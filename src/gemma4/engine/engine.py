@@ -31,7 +31,7 @@ from ..quantization import kv_cache_scales
 from .block_manager import BlockManager
 from .memory import kv_budget, plan_kv
 from .runner import Launched, ModelRunner, SampleError
-from .sampling import GEMMA4_STOP_IDS, SamplingParams, finish_reason
+from .sampling import GEMMA4_STOP_IDS, SamplingParams, finish_reason, prompt_logprobs
 from .scheduler import Scheduler
 from .sequence import PENDING, Sequence, StepOutput
 from .speculative import Speculator
@@ -129,7 +129,8 @@ class LLMEngine:
         stops = [] if params.ignore_eos else (params.stop_token_ids if params.stop_token_ids is not None
                                                else self.stop_token_ids)
         matcher = self._matcher(params, stops)
-        seq = Sequence(list(prompt_ids), params, frozenset(stops), media=media, matcher=matcher)
+        seq = Sequence(list(prompt_ids), params, frozenset(stops), media=media, matcher=matcher,
+                       prompt_scores=[] if params.prompt_logprobs is not None else None)
         self.seqs[seq.seq_id] = seq
         self.scheduler.waiting.append(seq)
         return seq.seq_id
@@ -194,6 +195,13 @@ class LLMEngine:
             if isinstance(sampled, SampleError):
                 outputs.append(self._fail(seq, sampled))
                 continue
+            prompt = None  # the prompt's logprobs, on the sequence's first output (its prefill's: one token)
+            if seq.prompt_scores is not None:
+                prompt, seq.prompt_scores = prompt_logprobs(seq.prompt_ids, seq.prompt_scores), None
+            if sampled == []:  # scoring only (max_tokens 0): no token, the request ends
+                self._finish(seq, "length")
+                outputs.append(self._output(seq, None, None, prompt_logprobs=prompt))
+                continue
             for token, logprobs in sampled if isinstance(sampled, list) else [sampled]:  # a list: verified drafts
                 if seq.pending:  # the placeholder gives way to the token
                     seq.output_ids.pop()
@@ -202,7 +210,7 @@ class LLMEngine:
                     seq.matcher.accept(token)
                 if reason := finish_reason(token, len(seq.output_ids), seq.params, seq.stop_ids):
                     self._finish(seq, reason)
-                outputs.append(self._output(seq, token, logprobs))
+                outputs.append(self._output(seq, token, logprobs, prompt_logprobs=prompt))
                 if seq.finished:  # a stop token inside an accepted run: the tokens after it are dropped
                     break
         return outputs
@@ -228,8 +236,9 @@ class LLMEngine:
         self._finish(seq, "error")
         return self._output(seq, None, None, error)
 
-    def _output(self, seq, token, logprobs, error: str | None = None) -> StepOutput:
-        return StepOutput(seq.seq_id, token, logprobs, seq.finished, seq.finish_reason, len(seq.output_ids), error)
+    def _output(self, seq, token, logprobs, error: str | None = None, prompt_logprobs=None) -> StepOutput:
+        return StepOutput(seq.seq_id, token, logprobs, seq.finished, seq.finish_reason, len(seq.output_ids), error,
+                          prompt_logprobs)
 
     @property
     def kv_usage(self) -> float:

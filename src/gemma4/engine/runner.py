@@ -62,6 +62,9 @@ class ModelRunner:
         of `into` sampled together on the device (`fast`) with their tokens (see Launched)."""
         results = [None] * len(batch)
         sampling = [row for row, item in enumerate(batch) if item.samples]  # before the forward moves num_cached
+        for row in [row for row in sampling if batch[row].seq.params.max_tokens == 0]:
+            results[row] = []  # scoring only: the prompt's logprobs and no token (engine._accept ends the request)
+            sampling.remove(row)
         logits, hidden = self.forward(batch, ahead)
         seqs, device = [item.seq for item in batch], logits.device
         spec = self.speculator
@@ -153,34 +156,41 @@ class ModelRunner:
         """The last position's logits of every row [B, V], fp32, and its final hidden state [B, H], left on the
         model's device.
 
-        Rows that feed one text token (decodes) and prefill chunks run as two forwards: one left-padded forward
-        would widen every decode row to the chunk's width (and could not replay the decode graph)."""
-        single = [item.num_tokens == 1 and not _media_in(item) for item in batch]
-        if all(single) or not any(single):
-            return self._forward_group(batch, all(single), ahead)
-        groups = [[row for row, flag in enumerate(single) if flag == decode] for decode in (True, False)]
-        parts = [self._forward_group([batch[row] for row in rows], not i, ahead) for i, rows in enumerate(groups)]
+        Rows that feed one text token (decodes), prefill chunks, and chunks whose prompt tokens are scored
+        (prompt_logprobs) run as separate forwards: one left-padded forward would widen every decode row to the
+        chunk's width (and could not replay the decode graph), and a scored chunk runs every position through every
+        layer and the LM head."""
+        kinds = [_SCORED if _scores_prompt(item) else _DECODE if item.num_tokens == 1 and not _media_in(item)
+                 else _CHUNK for item in batch]
+        groups = [(kind, [row for row, k in enumerate(kinds) if k == kind]) for kind in (_DECODE, _CHUNK, _SCORED)
+                  if kind in kinds]
+        parts = [self._forward_group([batch[row] for row in rows], kind == _DECODE, ahead, scored=kind == _SCORED)
+                 for kind, rows in groups]
+        if len(parts) == 1:
+            return parts[0]
         outputs = []
         for which in range(2):  # logits, hidden states
             first = parts[0][which]
             merged = torch.empty(len(batch), first.shape[1], dtype=first.dtype, device=first.device)
-            for rows, part in zip(groups, parts):
+            for (_, rows), part in zip(groups, parts):
                 merged[rows] = part[which]
             outputs.append(merged)
         return outputs[0], outputs[1]
 
     def _forward_group(self, batch: list[Scheduled], decode: bool, ahead: Launched | None = None,
-                       drafts: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       drafts: list[list[int]] | None = None, scored: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits [B, V] fp32, final hidden states [B, H]) of each row's last position. With `drafts` (a verify
         step: row b's chunk is followed by drafts[b]): those of every position, [B, W, V] and [B, W, H], rows
-        left-padded to the longest, and num_cached is left to the caller."""
+        left-padded to the longest, and num_cached is left to the caller. `scored`: the rows' chunks hold prompt
+        tokens to score (`_scores_prompt`), whose scores go to their sequences' prompt_scores; eagerly (a graph's
+        step keeps the last position alone)."""
         if decode and self.graphs is not None and self.graphs.usable and len(batch) <= self.graphs.sizes[-1]:
             out = self.graphs.run([item.seq for item in batch], ahead)
             if out is not None:
                 for item in batch:
                     item.seq.num_cached += 1
                 return out
-        if not decode and drafts is None and len(batch) == 1 and self.prefill_graphs is not None \
+        if not decode and not scored and drafts is None and len(batch) == 1 and self.prefill_graphs is not None \
                 and not _media_in(batch[0]):
             item = batch[0]
             out = self.prefill_graphs.run(item.seq, item.num_tokens, ahead)
@@ -214,10 +224,22 @@ class ModelRunner:
         if on_device:
             rows, sources = zip(*on_device)
             ids[list(rows), -1] = ahead.tokens[list(sources)]
-        logits, hidden = self.model(ids, attention_mask=valid.to(dev), position_ids=positions.to(dev), cache=cache,
-                                    last_only=drafts is None, return_hidden=True, **extra)
+        if scored:
+            at, targets, counts = _prompt_targets(batch, width)
+            top = max(item.seq.params.prompt_logprobs for item in batch)
+            extra["score"] = (torch.tensor(at).to(dev), torch.tensor(targets).to(dev), top)
+        out = self.model(ids, attention_mask=valid.to(dev), position_ids=positions.to(dev), cache=cache,
+                         last_only=drafts is None, return_hidden=True, **extra)
+        logits, hidden = out[:2]
         if drafts is not None:
             return logits.float(), hidden
+        if scored:  # each row's share of the scores, its top cut to its own count
+            start = 0
+            for item, count in zip(batch, counts):
+                seq, k = item.seq, item.seq.params.prompt_logprobs
+                logprob, rank, top_ids, top_values = (t[start:start + count] for t in out[2])
+                seq.prompt_scores.append((seq.num_cached + 1, logprob, rank, top_ids[:, :k], top_values[:, :k]))
+                start += count
         for item in batch:
             item.seq.num_cached += item.num_tokens
         return logits[:, -1].float(), hidden[:, -1]
@@ -238,6 +260,29 @@ class ModelRunner:
             mask[row, media.positions[lo:hi] - start + (width - n)] = True
             features.append(media.features[lo:hi])
         return None if mask is None else (mask, torch.cat(features))
+
+
+_DECODE, _CHUNK, _SCORED = "decode", "chunk", "scored"  # the forwards of a step (ModelRunner.forward)
+
+
+def _scores_prompt(item: Scheduled) -> bool:
+    """Whether a chunk holds prompt positions whose next prompt token its sequence scores (prompt_logprobs)."""
+    seq = item.seq
+    return seq.prompt_scores is not None and seq.num_cached < len(seq.prompt_ids) - 1
+
+
+def _prompt_targets(batch: list[Scheduled], width: int) -> tuple[list[int], list[int], list[int]]:
+    """The positions of a scored step's chunks (left-padded to `width`) that a prompt token follows: their indices
+    in the flattened [B * width] positions, those tokens, and how many per row."""
+    at, targets, counts = [], [], []
+    for row, item in enumerate(batch):
+        seq, start = item.seq, item.seq.num_cached
+        end = min(start + item.num_tokens, len(seq.prompt_ids) - 1)  # positions start..end-1 score prompt[p + 1]
+        first = row * width + width - item.num_tokens
+        at.extend(range(first, first + end - start))
+        targets.extend(seq.prompt_ids[start + 1:end + 1])
+        counts.append(end - start)
+    return at, targets, counts
 
 
 def _media_in(item: Scheduled) -> bool:

@@ -3,7 +3,8 @@
 Order of operations (as in transformers and vLLM): the token mask (a structured output's, or bad_words'),
 allowed_token_ids and logit_bias -> penalties -> temperature -> top-k -> top-p -> min-p -> draw. Logprobs reported
 are those of the model's distribution (log-softmax of the logits before penalties and temperature, as vLLM reports
-them), within the token mask and after logit_bias.
+them), within the token mask and after logit_bias. Prompt logprobs are the model's raw distribution (no mask, no
+logit_bias: they score tokens nobody sampled), as vLLM's.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ GEMMA4_STOP_IDS = (1, 106, 50)
 # drop every token; it is raised to MIN_TOP_P.
 MIN_TEMPERATURE = 1e-5
 MIN_TOP_P = 1e-6
+MAX_LOGPROBS = 20  # the most tokens logprobs and prompt_logprobs report at a position besides their own (vLLM's)
 
 
 @dataclass
@@ -46,6 +48,9 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None  # None: the checkpoint's own stop ids
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; 0: the chosen token's; n: plus the top n
+    # vLLM's prompt_logprobs: None: none; 0: each prompt token's own (the first has none); n: plus the top n there.
+    # With them max_tokens may be 0: the request scores its prompt and ends (finish_reason "length").
+    prompt_logprobs: int | None = None
     min_tokens: int = 0
     # Keep each step's processed scores / raw logits row [V] on the Sequence (Model.generate's output_scores /
     # output_logits); such a row takes the per-row sampler.
@@ -91,7 +96,9 @@ class SamplingParams:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
-        for name, kind, least in (("max_tokens", "a positive integer", 1), ("min_tokens", "a non-negative integer", 0),
+        scoring = 0 if self.prompt_logprobs is not None else 1  # max_tokens 0: the prompt is scored, nothing more
+        for name, kind, least in (("max_tokens", "a positive integer (0 only with prompt_logprobs)", scoring),
+                                  ("min_tokens", "a non-negative integer", 0),
                                   ("top_k", "a non-negative integer (0 = off)", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -100,7 +107,12 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         # repetition_penalty divides seen logits: a tiny one overflows fp32.
         ranges = {"temperature": (0, 100), "min_p": (0, 1), "repetition_penalty": (0.01, 100),
-                  "presence_penalty": (-2, 2), "frequency_penalty": (-2, 2), "logprobs": (0, 20)}
+                  "presence_penalty": (-2, 2), "frequency_penalty": (-2, 2), "logprobs": (0, MAX_LOGPROBS),
+                  "prompt_logprobs": (0, MAX_LOGPROBS)}
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{name} must be None or an integer, got {value!r}")
         for name, (low, high) in ranges.items():
             value = getattr(self, name)
             if value is not None and not low <= value <= high:
@@ -461,6 +473,19 @@ class TokenLogprobs:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]  # the n most likely (token id, logprob), most likely first
+    rank: int | None = None  # prompt logprobs: the count of tokens at least as likely as token_id (1: the most likely)
+
+
+def prompt_logprobs(prompt_ids: list[int], scores: list[tuple]) -> list[TokenLogprobs | None]:
+    """Each prompt token's TokenLogprobs (None for the first) from the runner's scored chunks: (index of the first
+    prompt token scored, then Gemma4.score_tokens' tensors of its tokens, the top cut to the request's count). A
+    chunk computed twice (a preempted sequence) writes the same entries again."""
+    out: list[TokenLogprobs | None] = [None] * len(prompt_ids)
+    for first, logprob, rank, ids, values in scores:
+        for i, (lp, r, top_ids, top_values) in enumerate(zip(logprob.tolist(), rank.tolist(), ids.tolist(),
+                                                             values.tolist()), start=first):
+            out[i] = TokenLogprobs(prompt_ids[i], lp, list(zip(top_ids, top_values)), r)
+    return out
 
 
 def token_logprobs(logits: torch.Tensor, token: int, n: int) -> TokenLogprobs:

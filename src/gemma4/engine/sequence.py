@@ -41,6 +41,9 @@ class Sequence:
     kept_rows: list = field(default_factory=list)  # per sampled token, (scores, logits) if params.output_scores/_logits
     matcher: object | None = None  # structured.GrammarMatcher: the structured output's grammar state (None: free)
     hidden: torch.Tensor | None = None  # speculative decoding: the target's final hidden state that gave the last token
+    # prompt_logprobs asked and not handed out yet: the scored chunks so far (sampling.prompt_logprobs reads them;
+    # runner.py fills them); None otherwise. Such a sequence computes its whole prompt, never from the prefix cache.
+    prompt_scores: list | None = None
     _prompt_tensor: torch.Tensor | None = None
 
     @property
@@ -98,12 +101,14 @@ class StepOutput:
     """What one engine step produced for one sequence."""
 
     seq_id: int
-    token: int | None  # None when the sequence was aborted or only prefilled
+    token: int | None  # None when the sequence was aborted, failed, or only scored its prompt (max_tokens 0)
     logprobs: TokenLogprobs | None
     finished: bool
     finish_reason: str | None
     num_output_tokens: int = 0
     error: str | None = None  # why the sequence failed (finish_reason "error"); the engine goes on with the others
+    # SamplingParams.prompt_logprobs: each prompt token's (None for the first), on the sequence's first output only
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     def raise_error(self) -> None:
         """GenerationError if the sequence failed in the engine (for callers that report failures by raising)."""

@@ -32,6 +32,9 @@ def check_token_ids(config: Config, ids) -> None:
 
 # Rows of the tied table quantized at once for the CPU's head (`ready_`): whole blocks of the int4 kernel's layout
 HEAD_ROWS_AT_ONCE = 16384
+# Positions whose logits `score_tokens` makes at once: a whole prefill chunk's fp32 logits would take rows x vocabulary
+# x 4 bytes (8.6 GB for 8K tokens of Gemma's 262,144); 256 rows take 268 MB.
+SCORE_ROWS = 256
 
 class Backbone(nn.Module):
     """Holds the submodules under the names the multimodal checkpoints use (`model.language_model`, ...)."""
@@ -180,9 +183,23 @@ class Gemma4(nn.Module):
         logits = logits.float()
         return torch.tanh(logits / cap) * cap if cap else logits
 
+    def score_tokens(self, hidden: torch.Tensor, targets: torch.Tensor, top: int = 0
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """How the model scores targets [N], the token that follows each position whose final hidden state is a row
+        of hidden [N, H], by the log-softmax of its logits (fp32, softcapped): (each target's log-probability [N], its
+        rank [N]: the count of tokens at least as likely, 1 for the most likely; the `top` most likely tokens' ids
+        and log-probabilities [N, top], most likely first). The logits are made SCORE_ROWS positions at a time."""
+        parts = []
+        for start in range(0, len(hidden), SCORE_ROWS):
+            logprobs = self.logits(hidden[start:start + SCORE_ROWS]).log_softmax(-1)
+            own = logprobs.gather(1, targets[start:start + SCORE_ROWS, None])
+            values, ids = logprobs.topk(top, dim=-1)
+            parts.append((own[:, 0], (logprobs >= own).sum(-1), ids, values))
+        return tuple(torch.cat(part) for part in zip(*parts))
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None, last_only: bool = False,
-                return_hidden: bool = False, **media) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                return_hidden: bool = False, score: tuple | None = None, **media):
         """input_ids [B, L]; attention_mask [B, L] (1 = token, 0 = padding, left or right); position_ids default to
         the count of real tokens before each one, continuing from the cache.
 
@@ -192,7 +209,12 @@ class Gemma4(nn.Module):
         prefill), not with later decode steps.
 
         `return_hidden`: (logits, the final hidden states the LM head reads) instead of the logits alone (speculative
-        decoding's drafter starts from them)."""
+        decoding's drafter starts from them).
+
+        `score`: (at [N], targets [N], top): also score targets[n], the token that follows position at[n] of the
+        flattened [B * L] positions (`score_tokens`); every position then runs through every layer, and the result
+        gets that of `score_tokens` as its last element (the engine's prompt logprobs: inside the forward, so that
+        tensor-parallel ranks, which mirror the forward, gather the vocabulary with it)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         valid = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
@@ -213,7 +235,12 @@ class Gemma4(nn.Module):
                              cpu_decode=blocks is None and self.text.decodes_on_cpu(embeds, cache))
         if cache is not None:
             cache.begin(position_ids, valid, in_place=ctx.decode_kernel)
-        hidden = self.text(embeds, ctx, ple_ids, last_only=last_only)
+        hidden = self.text(embeds, ctx, ple_ids, last_only=last_only and score is None)
         if cache is not None:
             cache.end()
-        return (self.logits(hidden), hidden) if return_hidden else self.logits(hidden)
+        if score is None:
+            return (self.logits(hidden), hidden) if return_hidden else self.logits(hidden)
+        at, targets, top = score
+        scores = self.score_tokens(hidden.flatten(0, 1)[at], targets, top)
+        hidden = hidden[:, -1:] if last_only else hidden
+        return (self.logits(hidden), hidden, scores) if return_hidden else (self.logits(hidden), scores)

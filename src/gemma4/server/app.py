@@ -10,6 +10,7 @@ import time
 import uuid
 from email.parser import BytesParser
 from email.policy import HTTP
+from itertools import accumulate
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -320,6 +321,9 @@ def _chat_constraint(state: ServerState, body: dict, tools, choice, parallel: bo
 
 
 async def _chat(state: ServerState, body: dict, request: Request):
+    if get_bool(body, "echo"):
+        raise bad("'echo' is not supported on chat (vLLM's: the last message again); use /v1/completions' echo or "
+                  "'prompt_logprobs'", "echo")
     gemma_messages, tools = _messages(body)
     choice = tool_choice(body, tools)
     parallel = get_bool(body, "parallel_tool_calls", True)
@@ -362,7 +366,9 @@ async def _chat(state: ServerState, body: dict, request: Request):
         lp = None if params.logprobs is None else {"content": [_chat_logprob(state.tokenizer, x) for x in c.logprobs]}
         finish = "tool_calls" if calls else c.finish_reason
         results.append({"index": c.index, "message": message, "finish_reason": finish, "logprobs": lp})
-    return {**head, "choices": results, "usage": _usage(choices)}
+    scored = {} if params.prompt_logprobs is None else \
+        {"prompt_logprobs": _prompt_logprobs(state.tokenizer, choices[0].prompt_logprobs, params.prompt_logprobs)}
+    return {**head, "choices": results, "usage": _usage(choices), **scored}
 
 
 def _constrained(params, spec: StructuredOutputsParams | None):
@@ -445,6 +451,24 @@ def _chat_logprob(tokenizer, lp) -> dict:
     return {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
 
 
+def _prompt_logprobs(tokenizer, entries: list, k: int) -> list[dict | None]:
+    """vLLM's prompt_logprobs: per prompt token None (the first) or {token id: {logprob, rank, decoded_token}} of the
+    token and of the k most likely there (ranks 1..k), -inf written as -9999.0."""
+    def entry(token_id, logprob, rank):
+        return {"logprob": max(logprob, -9999.0), "rank": rank, "decoded_token": tokenizer.decode([token_id])}
+
+    out = []
+    for x in entries:
+        if x is None:
+            out.append(None)
+            continue
+        ranked = {str(x.token_id): entry(x.token_id, x.logprob, x.rank)}
+        for rank, (token_id, logprob) in enumerate(x.top[:k], start=1):
+            ranked.setdefault(str(token_id), entry(token_id, logprob, rank))
+        out.append(ranked)
+    return out
+
+
 def _usage(choices: list[Choice], n: int | None = None) -> dict:
     """`n` choices per prompt (default: all of them share one prompt), each prompt counted once."""
     prompt = sum(c.num_prompt for c in choices[::n or len(choices) or 1])
@@ -475,9 +499,9 @@ def _observe(state: ServerState, choices: list[Choice], started: float) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- completions
-def _prompts(state: ServerState, prompt) -> list[list[int]]:
+def _prompts(state: ServerState, prompt) -> tuple[list[list[int]], list[str | None]]:
     """`prompt` as vLLM takes it (a string, a list of token ids, or a list of strings or of token-id lists) -> the
-    token ids of each prompt."""
+    token ids of each prompt, and its text where it was given as one."""
     if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):  # one prompt
         prompt = [prompt]
     if not prompt or not all(isinstance(p, (str, list)) for p in prompt):
@@ -487,16 +511,22 @@ def _prompts(state: ServerState, prompt) -> list[list[int]]:
     prompts = [state.tokenizer.encode(p) if isinstance(p, str) else get_token_ids(p, "prompt", vocab) for p in prompt]
     if not all(prompts):
         raise bad("a prompt is empty", "prompt")
-    return prompts
+    return prompts, [p if isinstance(p, str) else None for p in prompt]
 
 
 async def _completion(state: ServerState, body: dict, request: Request):
-    prompts = _prompts(state, body.get("prompt"))
+    prompts, given = _prompts(state, body.get("prompt"))
     stream, usage = get_bool(body, "stream"), include_usage(body)
     n = get_number(body, "n", 1, 1, 16)
     if len(prompts) * n > MAX_CHOICES:
         raise bad(f"{len(prompts)} prompts x n={n} is more than {MAX_CHOICES} choices in one request", "prompt")
-    prompts, text = [_truncated(state, body, ids, chat=False) for ids in prompts], text_options(body, chat=False)
+    cut, text = [_truncated(state, body, ids, chat=False) for ids in prompts], text_options(body, chat=False)
+    echoes = None  # echo: each choice's text starts with its prompt, as sent if text (and not truncated), else decoded
+    if get_bool(body, "echo"):
+        echoes = [sent if sent is not None and len(ids) == len(whole) else
+                  state.tokenizer.decode(ids, skip_special_tokens=text["skip_special_tokens"])
+                  for sent, ids, whole in zip(given, cut, prompts)]
+    prompts = cut
     spec = structured_output(body)
     param = "structured_outputs" if body.get("structured_outputs") is not None else "response_format"
     # all checked before any starts
@@ -505,15 +535,34 @@ async def _completion(state: ServerState, body: dict, request: Request):
     choices = await _start(state, n, list(zip(prompts, params)), text, param=param)
     head = _head(state, body, "cmpl", "text_completion")
 
-    def logprobs_of(c: Choice, start: int = 0):
-        """The logprobs of c's tokens from the `start`-th on; text_offset: where each token's text starts in c.text."""
-        if params[0].logprobs is None:
+    def echo_of(c: Choice) -> str:
+        return echoes[c.index // n] if echoes is not None else ""
+
+    def logprobs_of(c: Choice, start: int = 0, echo: bool = False):
+        """The logprobs of c's tokens from the `start`-th on, with `echo` its prompt's first (the first one's null,
+        as OpenAI and vLLM); text_offset: where each token's text starts in the choice's text, the prompt's tokens
+        by the lengths of the token strings before them (vLLM's rule)."""
+        k = params[0].logprobs
+        if k is None:
             return None
         items = c.logprobs[start:]
-        return {"tokens": [state.tokenizer.decode([x.token_id]) for x in items],
-                "token_logprobs": [x.logprob for x in items],
-                "top_logprobs": [{state.tokenizer.decode([t]): v for t, v in x.top} for x in items],
-                "text_offset": c.text_offsets[start:]}
+        decode = state.tokenizer.decode
+        tokens = [decode([x.token_id]) for x in items]
+        token_logprobs = [x.logprob for x in items]
+        top = [{decode([t]): v for t, v in x.top} for x in items]
+        offsets = [len(echo_of(c)) + at for at in c.text_offsets[start:]]
+        if echo:
+            prompt, entries = [decode([t]) for t in prompts[c.index // n]], c.prompt_logprobs
+            tokens = prompt + tokens
+            token_logprobs = [None if x is None else x.logprob for x in entries] + token_logprobs
+            top = [None if x is None else {decode([t]): v for t, v in x.top[:k]} for x in entries] + top
+            offsets = list(accumulate((len(t) for t in prompt[:-1]), initial=0)) + offsets
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+    def prompt_field(c: Choice) -> dict:
+        """vLLM's prompt_logprobs field, when asked."""
+        k = body.get("prompt_logprobs")
+        return {} if k is None else {"prompt_logprobs": _prompt_logprobs(state.tokenizer, c.prompt_logprobs, k)}
 
     def data(choices_, usage=None):
         return {**head, "choices": choices_, **({"usage": usage} if usage is not None else {})}
@@ -521,18 +570,21 @@ async def _completion(state: ServerState, body: dict, request: Request):
     if stream:
         async def events():
             sent = {c.index: 0 for c in choices}  # logprobs sent: those of a token whose text is held back come later
+            echoed = set()  # choices whose prompt went out (echo: with their first chunk, as vLLM)
             async for c, text in merged(choices, request):
                 if text or c.done:
-                    yield data([{"index": c.index, "text": text, "logprobs": logprobs_of(c, sent[c.index]),
-                                 "finish_reason": c.finish_reason}])
+                    echo = echoes is not None and c.index not in echoed
+                    echoed.add(c.index)
+                    yield data([{"index": c.index, "text": echo_of(c) + text if echo else text,
+                                 "logprobs": logprobs_of(c, sent[c.index], echo), "finish_reason": c.finish_reason}])
                     sent[c.index] = len(c.logprobs)
             _observe(state, choices, started)
             if usage:
                 yield data([], _usage(choices, n))
         return _sse(events())
     await _run_to_end(state, choices, request, started)
-    return data([{"index": c.index, "text": c.text, "logprobs": logprobs_of(c), "finish_reason": c.finish_reason}
-                 for c in choices], _usage(choices, n))
+    return data([{"index": c.index, "text": echo_of(c) + c.text, "logprobs": logprobs_of(c, echo=echoes is not None),
+                  "finish_reason": c.finish_reason, **prompt_field(c)} for c in choices], _usage(choices, n))
 
 
 # ----------------------------------------------------------------------------------------------------- media

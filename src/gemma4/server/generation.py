@@ -21,6 +21,7 @@ class Choice:
         self.finish_reason: str | None = None
         self.logprobs: list = []  # TokenLogprobs of each token whose text was emitted
         self.text_offsets: list[int] = []  # where each of those tokens' text starts in `text`
+        self.prompt_logprobs: list | None = None  # params.prompt_logprobs: each prompt token's (None for the first)
 
     @property
     def text(self) -> str:
@@ -42,6 +43,8 @@ class Choice:
     def consume(self, out: StepOutput) -> str:
         """Apply one engine output; returns the new text safe to emit."""
         self.num_output = out.num_output_tokens
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         delta = ""
         stop_token = out.finished and out.finish_reason == "stop"  # a stop token has no text
         if out.token is not None and not stop_token and not self.detok.stopped:

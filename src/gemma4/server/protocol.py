@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from ..engine.sampling import SamplingParams
+from ..engine.sampling import MAX_LOGPROBS, SamplingParams
 from ..engine.structured import StructuredOutputsParams
 
 MAX_JSON_DEPTH = 64  # tool schemas nest ~10 deep; the chat template renders schemas recursively
@@ -105,8 +105,7 @@ DETOKENIZE_FIELDS = {"model": _STR, "tokens": _ARRAY}
 
 
 # Fields known but not applied, with the value that asks for nothing: any other value is refused (typed: True is no 1).
-_REFUSED = {"echo": False, "suffix": "", "best_of": 1, "use_beam_search": False,
-            "prompt_logprobs": None}
+_REFUSED = {"suffix": "", "best_of": 1, "use_beam_search": False}
 
 
 def check_fields(body: dict, fields: dict[str, Any]) -> None:
@@ -239,10 +238,17 @@ def structured_output(body: dict) -> StructuredOutputsParams | None:
     return spec
 
 
+def scores_prompt(body: dict, chat: bool) -> bool:
+    """Whether the request asks for its prompt's logprobs (prompt_logprobs, or completions' echo): its max_tokens may
+    then be 0, as lm-evaluation-harness's scoring requests send it."""
+    return body.get("prompt_logprobs") is not None or (not chat and body.get("echo") is True)
+
+
 def requested_max_tokens(body: dict, chat: bool) -> int | None:
     """The request's cap on new tokens (chat: max_completion_tokens first), None when it gives none."""
-    max_tokens = get_number(body, "max_completion_tokens", None, 1) if chat else None
-    return max_tokens or get_number(body, "max_tokens", None, 1)
+    least = 0 if scores_prompt(body, chat) else 1
+    max_tokens = get_number(body, "max_completion_tokens", None, least) if chat else None
+    return max_tokens if max_tokens is not None else get_number(body, "max_tokens", None, least)
 
 
 def sampling_params(body: dict, defaults: dict, max_tokens_default: int, chat: bool,
@@ -251,12 +257,19 @@ def sampling_params(body: dict, defaults: dict, max_tokens_default: int, chat: b
     """SamplingParams from an OpenAI request (stop strings are applied by the server, on text; the structured
     output by the caller, which knows the tools and the tokenizer). `stop_token_ids`: the model's own, which the
     request's add to; `encode`: the tokenizer's, for bad_words (without it they are refused)."""
-    max_tokens = requested_max_tokens(body, chat) or max_tokens_default
-    logprobs = None if chat else get_number(body, "logprobs", None, 0, 20)  # chat: a boolean, and top_logprobs
+    max_tokens = requested_max_tokens(body, chat)
+    max_tokens = max_tokens_default if max_tokens is None else max_tokens
+    logprobs = None if chat else get_number(body, "logprobs", None, 0, MAX_LOGPROBS)  # chat: a boolean, top_logprobs
     if chat and get_bool(body, "logprobs"):
-        logprobs = get_number(body, "top_logprobs", 0, 0, 20)
+        logprobs = get_number(body, "top_logprobs", 0, 0, MAX_LOGPROBS)
     elif chat and body.get("top_logprobs") is not None:
         raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    prompt_logprobs = get_number(body, "prompt_logprobs", None, 0, MAX_LOGPROBS)
+    if prompt_logprobs is not None and get_bool(body, "stream"):
+        raise bad("'prompt_logprobs' is not available with 'stream': true (as in vLLM)", "prompt_logprobs")
+    if not chat and get_bool(body, "echo") and (logprobs is not None or max_tokens == 0):
+        # echo's logprobs start with the prompt's (vLLM); echo with max_tokens 0 is a request that scores its prompt
+        prompt_logprobs = max(prompt_logprobs or 0, logprobs or 0)
     top_p = get_number(body, "top_p", defaults.get("top_p", 1.0), 0, 1)
     if top_p == 0:
         raise bad("'top_p' must be > 0", "top_p")
@@ -273,7 +286,8 @@ def sampling_params(body: dict, defaults: dict, max_tokens_default: int, chat: b
         extra["bad_words"] = get_bad_words(body, encode)
     try:
         return SamplingParams(
-            max_tokens=max_tokens, top_p=top_p, logprobs=logprobs, ignore_eos=get_bool(body, "ignore_eos"),
+            max_tokens=max_tokens, top_p=top_p, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            ignore_eos=get_bool(body, "ignore_eos"),
             temperature=get_number(body, "temperature", defaults.get("temperature", 1.0), 0, 2),
             top_k=max(0, get_number(body, "top_k", defaults.get("top_k", 0), -1)),  # -1 means off, as in vLLM
             min_p=get_number(body, "min_p", 0.0, 0, 1), min_tokens=get_number(body, "min_tokens", 0, 0, max_tokens),
