@@ -126,3 +126,34 @@ def test_with_the_kernels_equals_the_plain_eager_chunks(request):
         assert_same(engine_outputs(engine, [first], PARAMS), turn1)
         assert_same(engine_outputs(engine, [second], PARAMS), turn2)
     assert {bucket for _, _, bucket in runs} == {(16, 0), (8, 16), (16, 16), (8, 32)}
+
+
+def test_a_drafter_starts_from_the_graphs_hidden_state():
+    """Speculative decoding's first drafting round starts from the final hidden state of the prompt's last token,
+    which a prefill graph returns: the drafts equal those after eager chunks (greedy outputs alone could not tell:
+    speculation never changes them)."""
+    from gemma4.assistant_checkpoint import assistant_config_for, random_assistant
+
+    model = tiny_model(text_config_dict("31B"))
+    config = assistant_config_for(model.config.text_config, num_layers=2, hidden_size=32, intermediate_size=64)
+    drafter = random_assistant(config, dtype=torch.float32, seed=1)
+    batch = [tokens(n, 40 + n) for n in (5, 14, 27)]
+    drafted = []
+    for graphed in (False, True):
+        # run_ahead=False: the prompt's first token is on the host at once, so the next step drafts from the
+        # prefill's hidden state (running ahead, it decodes that pending token first)
+        engine = LLMEngine(model, max_num_seqs=4, max_model_len=96, max_num_batched_tokens=16,
+                           speculative_model=drafter, num_speculative_tokens=3, run_ahead=False)
+        runs = with_prefill_graphs(engine) if graphed else []
+        drafts, draft = [], engine.speculator.draft
+
+        def recorded(seqs, counts, draft=draft, drafts=drafts):
+            out = draft(seqs, counts)
+            drafts.append([list(d) for d in out[0]])
+            return out
+
+        engine.speculator.draft = recorded
+        engine.generate(batch, SamplingParams(max_tokens=8, temperature=0, stop_token_ids=[]))
+        drafted.append(drafts)
+    assert any(bucket is not None for _, _, bucket in runs)
+    assert drafted[0] == drafted[1] and len(drafted[0]) > 3
