@@ -29,6 +29,7 @@ from ..model.multimodal import SoftTokens, compute_soft_tokens, vision_runs
 from ..model.paged_cache import kv_cache_dtype_for
 from ..quantization import kv_cache_scales
 from .block_manager import BlockManager
+from .graphs import CAPTURE_LOCK
 from .memory import kv_budget, plan_kv
 from .runner import Launched, ModelRunner, SampleError
 from .sampling import GEMMA4_STOP_IDS, SamplingParams, finish_reason, prompt_logprobs
@@ -93,12 +94,12 @@ class LLMEngine:
         """Run the towers once for one prompt: `media` are its processor outputs (pixel_values, image_position_ids,
         input_features, input_features_mask, ...); `prompt_ids` hold the expanded placeholders. ValueError when they
         do not match or an image has more tokens than one step's budget (it must be prefilled in one forward).
-        Thread-safe against `step()` (one tower forward at a time, none during a graph capture: the runner's
-        capture_lock), so servers may call it off the engine thread."""
+        Thread-safe against `step()` (one tower forward at a time, none during a graph capture: graphs.CAPTURE_LOCK),
+        so servers may call it off the engine thread."""
         config = self.runner.model.config
         vision = {config.image_token_id, config.video_token_id}
         self._check_runs(vision_runs([t in vision for t in prompt_ids]))  # before running any tower
-        with self.runner.capture_lock:
+        with CAPTURE_LOCK:
             soft = compute_soft_tokens(self.runner.model, prompt_ids, **media)
         self._check_runs(soft.vision_runs)
         return soft

@@ -4,7 +4,6 @@ widths and cached contexts (`GraphedPrefill`); and `capture_graph`."""
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import traceback
 import warnings
@@ -19,12 +18,17 @@ class CaptureFailed(RuntimeError):
     """A step could not be captured (the message names the error and the line of ours it came from)."""
 
 
-def capture_graph(fn, pool=None, lock: threading.Lock | None = None):
+# Held by every capture, and by CUDA work that runs off the engine's thread (the towers: LLMEngine.encode_media). A
+# capture in the default (global) mode is process-wide: a CUDA call of any other thread inside it fails both.
+CAPTURE_LOCK = threading.Lock()
+
+
+def capture_graph(fn, pool=None):
     """Warm `fn` up three times on a side stream (Triton compiles for these shapes, lazy initializations), then
-    capture one call in a CUDA graph. Returns (graph, fn's outputs: static buffers that each replay overwrites);
-    raises CaptureFailed when capture trips on anything (the caller then runs fn eagerly). `lock`: held throughout,
-    by whatever else may call CUDA from another thread (a call of another thread inside the capture fails both)."""
-    with lock or contextlib.nullcontext():
+    capture one call in a CUDA graph, holding CAPTURE_LOCK throughout. Returns (graph, fn's outputs: static buffers
+    that each replay overwrites); raises CaptureFailed when capture trips on anything (the caller then runs fn
+    eagerly)."""
+    with CAPTURE_LOCK:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -54,9 +58,8 @@ class GraphedDecode:
     (paged_cache.py), so row j sees the drafts before it. `max_rows`: the most rows a step may have (the engine's
     max_num_seqs, or more for verify steps)."""
 
-    def __init__(self, model, blocks: BlockManager, max_model_len: int, max_rows: int | None = None,
-                 lock: threading.Lock | None = None):
-        self.model, self.blocks, self.lock = model, blocks, lock  # lock: see capture_graph
+    def __init__(self, model, blocks: BlockManager, max_model_len: int, max_rows: int | None = None):
+        self.model, self.blocks = model, blocks
         most = max(max_rows or 0, blocks.max_num_seqs)
         self.sizes = sorted({s for s in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256) if s < most} | {most})
         width = blocks.blocks_for(max_model_len + 1)
@@ -91,7 +94,7 @@ class GraphedDecode:
         self.pool = self.pool or torch.cuda.graph_pool_handle()  # one memory pool for every bucket's graph
         self.inputs[4].zero_()  # warm-up and capture run on padding rows only: nothing but the trash is written
         try:
-            self.graphs[size] = capture_graph(lambda: self._step(size), self.pool, self.lock)
+            self.graphs[size] = capture_graph(lambda: self._step(size), self.pool)
         except CaptureFailed as failure:  # decode eagerly from now on
             self.usable, self.failure = False, str(failure)
             warnings.warn(f"CUDA graph capture of the serving decode step failed ({failure}); decoding eagerly")
@@ -183,9 +186,8 @@ class GraphedPrefill:
     CONTEXTS = (1024, 32768)
 
     def __init__(self, model, blocks: BlockManager, max_model_len: int, widths: tuple[int, ...] = WIDTHS,
-                 contexts: tuple[int, int] = CONTEXTS, lock: threading.Lock | None = None):
+                 contexts: tuple[int, int] = CONTEXTS):
         self.model, self.blocks, self.widths, self.contexts = model, blocks, tuple(widths), contexts
-        self.lock = lock  # see capture_graph: these graphs are captured while a server runs
         table_width = blocks.blocks_for(max_model_len + 1)
         self.capacity = table_width * blocks.block_size  # the global slots a block table covers
         most, device = self.widths[-1], model.device
@@ -231,7 +233,7 @@ class GraphedPrefill:
         self.pool = self.pool or torch.cuda.graph_pool_handle()
         self._parts(self.inputs, self.widths[-1])[2].zero_()  # warm-up and capture: padding only, trash written
         try:
-            self.graphs[key] = capture_graph(lambda: self._step(*key), self.pool, self.lock)
+            self.graphs[key] = capture_graph(lambda: self._step(*key), self.pool)
         except (CaptureFailed, torch.OutOfMemoryError) as failure:  # prefill chunks run eagerly from now on
             self.usable, self.failure = False, f"{type(failure).__name__}: {failure}"
             warnings.warn(f"CUDA graph capture of a prefill chunk failed ({failure}); prefilling eagerly")

@@ -6,8 +6,6 @@ next step, which reads them on the device)."""
 
 from __future__ import annotations
 
-import threading
-
 import torch
 
 from .. import kernels
@@ -29,11 +27,8 @@ class ModelRunner:
             and max_model_len is not None and options().cuda_graphs
         # A verify step's rows (speculative.py) replay the decode graphs too: k + 1 rows per sequence.
         rows = speculator.max_batch * (speculator.num_tokens + 1) if speculator is not None else None
-        # Held by graph captures and by the engine's tower forwards, which servers run off the engine's thread: no
-        # CUDA call of another thread may fall inside a capture.
-        self.capture_lock = threading.Lock()
-        self.graphs = GraphedDecode(model, blocks, max_model_len, rows, self.capture_lock) if use_graphs else None
-        self.prefill_graphs = GraphedPrefill(model, blocks, max_model_len, lock=self.capture_lock) \
+        self.graphs = GraphedDecode(model, blocks, max_model_len, rows) if use_graphs else None
+        self.prefill_graphs = GraphedPrefill(model, blocks, max_model_len) \
             if use_graphs and options().prefill_graphs else None
         if self.device.type == "cpu":
             fit_threads_to_cores()
@@ -178,7 +173,8 @@ class ModelRunner:
         return outputs[0], outputs[1]
 
     def _forward_group(self, batch: list[Scheduled], decode: bool, ahead: Launched | None = None,
-                       drafts: list[list[int]] | None = None, scored: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                       drafts: list[list[int]] | None = None, scored: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits [B, V] fp32, final hidden states [B, H]) of each row's last position. With `drafts` (a verify
         step: row b's chunk is followed by drafts[b]): those of every position, [B, W, V] and [B, W, H], rows
         left-padded to the longest, and num_cached is left to the caller. `scored`: the rows' chunks hold prompt
@@ -249,12 +245,10 @@ class ModelRunner:
         """(mask [B, width], soft tokens [N, H]) for the media positions of this step's chunks, or None."""
         mask, features = None, []
         for row, item in enumerate(batch):
-            media, start, n = item.seq.media, item.seq.num_cached, item.num_tokens
-            if media is None or not len(media):
-                continue
-            lo, hi = torch.searchsorted(media.positions, torch.tensor([start, start + n])).tolist()
+            lo, hi = _media_span(item)
             if hi <= lo:
                 continue
+            media, start, n = item.seq.media, item.seq.num_cached, item.num_tokens
             if mask is None:
                 mask = torch.zeros(len(batch), width, dtype=torch.bool)
             mask[row, media.positions[lo:hi] - start + (width - n)] = True
@@ -285,12 +279,19 @@ def _prompt_targets(batch: list[Scheduled], width: int) -> tuple[list[int], list
     return at, targets, counts
 
 
-def _media_in(item: Scheduled) -> bool:
-    """Whether a chunk holds an image/audio position (it then needs the media path, not a graph's step)."""
+def _media_span(item: Scheduled) -> tuple[int, int]:
+    """[lo, hi): the indices of the sequence's (sorted) image/audio positions that lie in this chunk."""
     media, start = item.seq.media, item.seq.num_cached
     if media is None or not len(media):
-        return False
-    return bool(((media.positions >= start) & (media.positions < start + item.num_tokens)).any())
+        return 0, 0
+    lo, hi = torch.searchsorted(media.positions, torch.tensor([start, start + item.num_tokens])).tolist()
+    return lo, hi
+
+
+def _media_in(item: Scheduled) -> bool:
+    """Whether a chunk holds an image/audio position (it then needs the media path, not a graph's step)."""
+    lo, hi = _media_span(item)
+    return hi > lo
 
 
 class SampleError(str):
