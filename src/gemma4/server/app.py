@@ -545,17 +545,21 @@ async def _completion(state: ServerState, body: dict, request: Request):
         k = params[0].logprobs
         if k is None:
             return None
-        items = c.logprobs[start:]
         decode = state.tokenizer.decode
+
+        def top_of(x):  # the k most likely there (a prompt token's may hold more: prompt_logprobs asked for more)
+            return None if x is None else {decode([t]): v for t, v in x.top[:k]}
+
+        items = c.logprobs[start:]
         tokens = [decode([x.token_id]) for x in items]
         token_logprobs = [x.logprob for x in items]
-        top = [{decode([t]): v for t, v in x.top} for x in items]
+        top = [top_of(x) for x in items]
         offsets = [len(echo_of(c)) + at for at in c.text_offsets[start:]]
         if echo:
             prompt, entries = [decode([t]) for t in prompts[c.index // n]], c.prompt_logprobs
             tokens = prompt + tokens
             token_logprobs = [None if x is None else x.logprob for x in entries] + token_logprobs
-            top = [None if x is None else {decode([t]): v for t, v in x.top[:k]} for x in entries] + top
+            top = [top_of(x) for x in entries] + top
             offsets = list(accumulate((len(t) for t in prompt[:-1]), initial=0)) + offsets
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
