@@ -123,7 +123,8 @@ def test_serving_engine_decodes_in_place_over_the_paged_pools(model, request):
     prompts = [torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (3, 12, 5)]
     params = SamplingParams(max_tokens=WINDOW + 2, temperature=0.0, ignore_eos=True)
     from gemma4.kernels import attention
-    bounds = []  # per decode-kernel call: (window, whether each row's candidates were cut at its query + 1)
+    bounds = []  # per decode-kernel call: (window, whether each row's candidates were cut at its query + 1, or at
+    # the window on sliding layers)
     real = attention.decode_attention
 
     def spy(query, key, value, key_positions, query_positions, window=None, **keys):
@@ -131,7 +132,8 @@ def test_serving_engine_decodes_in_place_over_the_paged_pools(model, request):
             bound = keys.get("num_keys")
             # The values on the CPU only: on a GPU this may run under a graph capture (no host reads) or on padding
             # rows (bound 0), and the decode kernels' own tests check the bound there.
-            cut = bound is not None and (query.is_cuda or bool((bound.long() == query_positions.long() + 1).all()))
+            wanted = query_positions.long() + 1 if window is None else (query_positions.long() + 1).clamp(max=window)
+            cut = bound is not None and (query.is_cuda or bool((bound.long() == wanted).all()))
             bounds.append((window, cut))
         return real(query, key, value, key_positions, query_positions, window, **keys)
 
@@ -140,7 +142,8 @@ def test_serving_engine_decodes_in_place_over_the_paged_pools(model, request):
     with no_kernels():
         plain = LLMEngine(model, max_num_seqs=3, max_model_len=64, max_num_batched_tokens=8).generate(prompts, params)
     assert fused == plain
-    # Sliding layers too read only the candidates up to the query (the ring's slots past it are empty).
+    # Sliding layers too read only the candidates up to the query (the ring's slots past it are empty), at most the
+    # window's.
     assert {window for window, _ in bounds} == {WINDOW, None} and all(cut for _, cut in bounds)
 
 

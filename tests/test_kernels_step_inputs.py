@@ -121,6 +121,9 @@ def test_decode_plan_equals_the_paged_views_eager_plan(ring_extra, behind):
                          ring_extra=ring_extra)
     window = pools.window
     pools.ring_positions[:-1] = torch.randint(-1, 50, (pools.ring_trash,), device=DEVICE)
+    cached = window + 3 - behind[1]  # ring 0 (row 1's) as a sequence leaves it: the latest position below that
+    pools.ring_positions[:pools.ring_size] = torch.tensor(
+        [cached - 1 - (cached - 1 - slot) % pools.ring_size for slot in range(pools.ring_size)], device=DEVICE)
     tables = torch.tensor([[3, 0, 7, 12], [5, 1, 12, 12], [12, 12, 12, 12]], device=DEVICE)
     rings = torch.tensor([2, 0, 1], device=DEVICE)
     positions = torch.tensor([[14], [window + 3], [0]], device=DEVICE)
@@ -137,8 +140,15 @@ def test_decode_plan_equals_the_paged_views_eager_plan(ring_extra, behind):
     for key in eager:
         assert torch.equal(eager[key], fused[key]), key
     size = pools.ring_size
-    assert fused[SLIDING][1, (window + 3) % size].item() == window + 3
-    assert fused["num_keys"].tolist() == [15, window + 4, 0]
-    if behind[1]:  # the row at window + 3 of a sequence with window + 1 cached sees window + 1 and window + 2 too
-        assert fused[SLIDING][1, (window + 1) % size].item() == window + 1
-        assert fused[SLIDING][1, (window + 2) % size].item() == window + 2
+    assert fused[("num_keys", FULL)].tolist() == [15, window + 4, 0]
+    assert fused[("num_keys", SLIDING)].tolist() == [min(15, window), window, 0]  # the window's keys only
+    # Row 1 (query window + 3, ring 0 filled as a sequence's): a ring longer than the window lists its slots in
+    # position order from the window's first position, 4: the window first, then older positions a sliding layer
+    # never reads. A ring of the window's size lists them from slot 0 (the order the CPU kernel's sums follow).
+    first = 4 if ring_extra else 0
+    assert fused_ring[1].tolist() == [(first + j) % size for j in range(size)]
+    assert sorted(fused[SLIDING][1, :window].tolist()) == list(range(4, window + 4))
+    assert (fused[SLIDING][1, window:] < 4).all()
+    first = max(14 - window + 1, 0) if ring_extra else 0
+    assert fused_ring[0].tolist() == [2 * size + (first + j) % size for j in range(size)]
+    assert fused_ring[2].tolist() == [size + j for j in range(size)]  # a padding row (query -1): from slot 0

@@ -125,20 +125,22 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
 @triton.jit
 def _decode_plan_kernel(positions_ptr, valid_ptr, num_cached_ptr, rings_ptr, tables_ptr, ring_positions_ptr,
                         ring_gather_ptr, ring_keys_ptr, global_gather_ptr, global_keys_ptr, scalars_ptr, B, table_width,
-                        ring_size, block_size, ring_trash, trash_block, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """Program (row, chunk): `BLOCK` candidates of the row's ring and of its global blocks; chunk 0 also the row's
-    write slots, position and key count (`scalars`)."""
+                        window, ring_size, block_size, ring_trash, trash_block, BLOCK: tl.constexpr,
+                        PDL: tl.constexpr):
+    """Program (row, chunk): `BLOCK` candidates of the row's ring (a ring longer than the window: its slots from the
+    window's first position on, as paged_cache.py's eager plan) and of its global blocks; chunk 0 also the row's write slots, position and key counts (`scalars`)."""
     b, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)
     offs = chunk * BLOCK + tl.arange(0, BLOCK)
     after_previous_kernel(PDL)
     position, ring = tl.load(positions_ptr + b), tl.load(rings_ptr + b)
     query = tl.where(tl.load(valid_ptr + b) != 0, position, -1)  # -1 for a padding row: it sees nothing
     in_ring = offs < ring_size
-    slot = ring * ring_size + offs
+    order = (tl.where(ring_size > window, tl.maximum(query - window + 1, 0), 0) + offs) % ring_size
+    slot = ring * ring_size + order
     cached = tl.load(ring_positions_ptr + slot, mask=in_ring, other=-1)
     tl.store(ring_gather_ptr + b * ring_size + offs, slot, mask=in_ring)
     # The last position <= query in each slot; those from num_cached on are this step's (written before attending).
-    latest = query - ((query - offs) % ring_size + ring_size) % ring_size
+    latest = query - ((query - order) % ring_size + ring_size) % ring_size
     new = (latest >= tl.load(num_cached_ptr + b)) & (query >= 0)
     tl.store(ring_keys_ptr + b * ring_size + offs, tl.where(new, latest, cached), mask=in_ring)
     width = table_width * block_size
@@ -154,23 +156,24 @@ def _decode_plan_kernel(positions_ptr, valid_ptr, num_cached_ptr, rings_ptr, tab
                                                trash_block * block_size))
         tl.store(scalars_ptr + 2 * B + b, query)
         tl.store(scalars_ptr + 3 * B + b, query + 1)
+        tl.store(scalars_ptr + 4 * B + b, tl.minimum(query + 1, window))
 
 
 def decode_plan(positions: torch.Tensor, valid: torch.Tensor, num_cached: torch.Tensor, ring_slots: torch.Tensor,
-                block_tables: torch.Tensor, ring_positions: torch.Tensor, ring_size: int, block_size: int,
+                block_tables: torch.Tensor, ring_positions: torch.Tensor, window: int, ring_size: int, block_size: int,
                 ring_trash: int, trash_block: int):
     """PagedCacheView.begin(in_place=True) in one launch (its eager ops are ~25 launches of a graphed decode step):
     (ring_gather [B, R], ring key positions [B, R], global_gather [B, nb * bs], global key positions [B, nb * bs],
-    scalars [4, B]: ring write slot, global write slot, new position, key count)."""
+    scalars [5, B]: ring write slot, global write slot, new position, global and sliding key counts)."""
     batch, table_width = block_tables.shape
     device = positions.device
     ring_gather = torch.empty(batch, ring_size, dtype=torch.long, device=device)
     ring_keys = torch.empty_like(ring_gather)
     global_gather = torch.empty(batch, table_width * block_size, dtype=torch.long, device=device)
     global_keys = torch.empty_like(global_gather)
-    scalars = torch.empty(4, batch, dtype=torch.long, device=device)
+    scalars = torch.empty(5, batch, dtype=torch.long, device=device)
     _decode_plan_kernel[(batch, triton.cdiv(max(ring_size, table_width * block_size), 1024))](
         positions.reshape(-1), valid.reshape(-1), num_cached.reshape(-1), ring_slots, block_tables.contiguous(),
-        ring_positions, ring_gather, ring_keys, global_gather, global_keys, scalars, batch, table_width, ring_size,
-        block_size, ring_trash, trash_block, BLOCK=1024, num_warps=4, **launch_options(positions))
+        ring_positions, ring_gather, ring_keys, global_gather, global_keys, scalars, batch, table_width, window,
+        ring_size, block_size, ring_trash, trash_block, BLOCK=1024, num_warps=4, **launch_options(positions))
     return ring_gather, ring_keys, global_gather, global_keys, scalars

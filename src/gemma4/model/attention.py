@@ -143,7 +143,7 @@ class ForwardContext:
             return attend(query, key, value, mask)
         window = self.sliding_window if layer_type == SLIDING else None
         return attend_one_query(query, key, value, self.cache.key_positions(layer_type), self.positions[:, 0], window,
-                                slots=self.cache.key_slots(layer_type), num_keys=self.cache.num_keys())
+                                slots=self.cache.key_slots(layer_type), num_keys=self.cache.num_keys(layer_type))
 
     def keys_and_values(self, layer_idx: int, layer_type: str, key: torch.Tensor, value: torch.Tensor):
         """Store this layer's new K/V and return everything the layer attends to, with the mask."""

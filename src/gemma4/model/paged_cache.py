@@ -161,10 +161,18 @@ class PagedCacheView:
         # global blocks in position order, visible up to the query's position.
         if in_place:
             query = new_positions[:, :1]  # -1 for a padding row: it sees nothing
-            latest = query - (query - torch.arange(size, device=positions.device)) % size  # last p <= query in slot
+            # A ring longer than the window (ring_extra) lists its slots from the window's first position on: the
+            # query's window is then the first min(query + 1, window) candidates, all a sliding layer reads, and the
+            # older positions after them are never scanned. A ring of the window's size lists slot 0 first (the
+            # order of the per-op path's gather, whose sums the CPU decode kernel reproduces bit for bit).
+            first = (query - pools.window + 1).clamp(min=0) if size > pools.window else torch.zeros_like(query)
+            order = (first + torch.arange(size, device=positions.device)) % size
+            self.ring_gather = self.ring_slots[:, None] * size + order
+            latest = query - (query - order) % size  # the last position <= query in each slot
             ring = torch.where(latest >= self.num_cached[:, None], latest, pools.ring_positions[self.ring_gather])
+            num_keys = query[:, 0] + 1
             self._plan.update({SLIDING: ring, FULL: torch.where(offsets <= query, offsets, -1),
-                               "num_keys": query[:, 0] + 1})
+                               ("num_keys", FULL): num_keys, ("num_keys", SLIDING): num_keys.clamp(max=pools.window)})
             return
         # Otherwise the row's cached K/V are gathered, then this chunk's appended: positions in that order. A ring
         # slot or block past num_cached holds a rejected draft's K/V (speculative decoding) or nothing: unseen.
@@ -189,18 +197,18 @@ class PagedCacheView:
         ring = self.pools.ring_positions[self.ring_gather]
         offsets = torch.arange(self.global_gather.shape[1], device=limit.device)[None]
         self._plan = {SLIDING: torch.where(ring < limit, ring, -1), FULL: torch.where(offsets < limit, offsets, -1),
-                      "num_keys": self.num_cached}
+                      ("num_keys", SLIDING): self.num_cached, ("num_keys", FULL): self.num_cached}
 
     def _decode_plan_kernel(self, positions: torch.Tensor, valid: torch.Tensor) -> None:
         from ..kernels.step_inputs import decode_plan
         pools = self.pools
         self.ring_gather, ring, self.global_gather, full, scalars = decode_plan(
-            positions, valid, self.num_cached, self.ring_slots, self.block_tables, pools.ring_positions, self.ring_size,
-            self.block_size,
-            pools.ring_trash, pools.trash_block)
-        ring_write, global_write, new_positions, num_keys = scalars[:, :, None].unbind(0)
+            positions, valid, self.num_cached, self.ring_slots, self.block_tables, pools.ring_positions, pools.window,
+            self.ring_size, self.block_size, pools.ring_trash, pools.trash_block)
+        ring_write, global_write, new_positions, num_keys, window_keys = scalars[:, :, None].unbind(0)
         self._plan = {"ring_write": ring_write, "global_write": global_write, "new_positions": new_positions,
-                      SLIDING: ring, FULL: full, "num_keys": num_keys[:, 0]}
+                      SLIDING: ring, FULL: full, ("num_keys", FULL): num_keys[:, 0],
+                      ("num_keys", SLIDING): window_keys[:, 0]}
 
     def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor):
         """key/value [B, Hkv, L, D] -> all K/V the layer attends to: the row's cached K/V, then this chunk's. Not for
@@ -232,14 +240,17 @@ class PagedCacheView:
     def new_key_slots(self, layer_type: str) -> torch.Tensor:
         return self._plan[("slots", layer_type)]
 
-    def num_keys(self) -> torch.Tensor:
-        """In-place decode, every layer: candidates [0, query] suffice. Slot j of a row's blocks holds position j,
-        slot j of its ring a position p with p % ring_size == j: until the ring is full (query < ring_size) the slots
-        past the query are empty (BlockManager.admit empties a ring) or hold rejected drafts past the query."""
-        return self._plan["num_keys"]
+    def num_keys(self, layer_type: str) -> torch.Tensor:
+        """In-place decode: how many of a row's candidates (`key_slots`) its query reads. Global layers: [0, query];
+        slot j of a row's blocks holds position j. Sliding layers: the window's min(query + 1, window) positions,
+        which `begin` puts first in the ring's candidates; slots past the query are empty (BlockManager.admit empties
+        a ring) or hold rejected drafts past the query. Reading more candidates is correct too: the mask rule hides
+        whatever lies outside the window (the CPU kernel reads the global count for both)."""
+        return self._plan[("num_keys", layer_type)]
 
     def key_slots(self, layer_type: str) -> torch.Tensor:
-        """In-place decode: each row's candidate keys as flat pool slots (its ring, or its blocks in order)."""
+        """In-place decode: each row's candidate keys as flat pool slots (its ring from the window's first position,
+        or its blocks in order)."""
         return self.ring_gather if layer_type == SLIDING else self.global_gather
 
     def end(self) -> None:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..config import SLIDING, TextConfig
+from ..config import FULL, SLIDING, TextConfig
 from ..options import options
 from .attention import ForwardContext, MaskRule
 from .common import RMSNorm, activation, apply_rope
@@ -549,7 +549,7 @@ class TextModel(nn.Module):
         layers = range(self.config.num_hidden_layers)
         cpu.decode_layers(self.cpu_decode_layers(), x, h, per_layer, rope_rows, steps,
                           ([pools.keys.get(i) for i in layers], [pools.values.get(i) for i in layers]),
-                          int64(torch.where(ctx.valid, ctx.positions, -1)[:, 0]), int64(cache.num_keys()),
+                          int64(torch.where(ctx.valid, ctx.positions, -1)[:, 0]), int64(cache.num_keys(FULL)),
                           self.config.sliding_window)
         return h.view_as(embeds)
 
