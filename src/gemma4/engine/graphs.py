@@ -181,7 +181,8 @@ class GraphedPrefill:
     pool of its own: a step may still read a decode graph's outputs after this graph ran. Padding columns write only
     to the trash slots. Longer chunks and contexts run eagerly, as do chunks with images or audio."""
 
-    WIDTHS = (16, 32, 64, 128, 256, 512)  # at most 512 x top-8 = 4,096 expert pairs: the sorted MoE kernels
+    # At most 512 x top-8 = 4,096 expert pairs (the sorted MoE kernels); 384 halves the padding of chunks past 256.
+    WIDTHS = (16, 32, 64, 128, 256, 384, 512)
     # A graph's pool keeps its largest transient: a global layer's gathered and joined K/V, 31B's 0.5 GB at 32,768
     CONTEXTS = (1024, 32768)
 
