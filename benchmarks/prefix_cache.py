@@ -4,9 +4,9 @@ and a new message of --message tokens. Turn 2 runs twice on the same engine: aft
 window snapshot cached) and again after `clear_prefix_cache()` (computed whole). TTFT is measured as a server sees
 it: from add_request to the first token the engine hands out. Medians of --repeat conversations, each with new tokens.
 The cached turn 2 runs a third time with its chunk prefilled eagerly instead of from a CUDA graph (`GraphedPrefill`),
-turn 1's prompt cached again before it.
+turn 1's prompt cached again before it. --profile: then the device kernels of one more cached turn 2 (torch.profiler).
 
-    python benchmarks/prefix_cache.py --preset 26B-A4B 31B --prompt 8192
+    python benchmarks/prefix_cache.py --preset 26B-A4B 31B --prompt 8192 [--profile]
 """
 
 from __future__ import annotations
@@ -36,6 +36,23 @@ def first_token(engine: LLMEngine, prompt: list[int], max_tokens: int) -> tuple[
     return ttft, tokens
 
 
+def profile_turn2(engine: LLMEngine, args, vocab: int) -> None:
+    """Device time of one cached turn 2, its kernels by total time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    g = torch.Generator().manual_seed(10_000)
+    turn1 = torch.randint(10, vocab, (args.prompt,), generator=g).tolist()
+    _, reply = first_token(engine, turn1, args.reply)
+    turn2 = turn1 + reply + torch.randint(10, vocab, (args.message,), generator=g).tolist()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        ttft, _ = first_token(engine, turn2, 1)
+    kernels = prof.key_averages()
+    device_ms = sum(k.self_device_time_total for k in kernels) / 1e3
+    print(f"profiled cached turn 2: TTFT {ttft * 1e3:.1f} ms, device time {device_ms:.1f} ms")
+    print(kernels.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=60))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", nargs="+", default=["26B-A4B", "31B"])
@@ -43,6 +60,7 @@ def main() -> None:
     parser.add_argument("--reply", type=int, default=128)
     parser.add_argument("--message", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     print(f"TTFT on {torch.cuda.get_device_name()}, bf16 random weights: turn 1 = {args.prompt} prompt tokens "
           f"(reply {args.reply}), turn 2 = + {args.reply} + {args.message} new tokens; medians of {args.repeat}, ms")
@@ -79,6 +97,8 @@ def main() -> None:
         t1, cached, eager, whole = (statistics.median(column) * 1e3 for column in zip(*rows))
         print(f"| {preset} | {t1:.1f} | {cached:.1f} | {eager:.1f} | {whole:.1f} | {cached / t1:.1%} | {min(hits)} "
               f"| {equal} |")
+        if args.profile:
+            profile_turn2(engine, args, vocab)
         del engine, model, graphs  # the graphs hold the model too
         gc.collect()
         torch.cuda.empty_cache()
