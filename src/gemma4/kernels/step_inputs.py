@@ -128,7 +128,8 @@ def _decode_plan_kernel(positions_ptr, valid_ptr, num_cached_ptr, rings_ptr, tab
                         window, ring_size, block_size, ring_trash, trash_block, BLOCK: tl.constexpr,
                         PDL: tl.constexpr):
     """Program (row, chunk): `BLOCK` candidates of the row's ring (a ring longer than the window: its slots from the
-    window's first position on, as paged_cache.py's eager plan) and of its global blocks; chunk 0 also the row's write slots, position and key counts (`scalars`)."""
+    window's first position on, as paged_cache.py's eager plan) and of its global blocks; chunk 0 also the row's
+    write slots, position and key counts (`scalars`)."""
     b, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)
     offs = chunk * BLOCK + tl.arange(0, BLOCK)
     after_previous_kernel(PDL)

@@ -165,7 +165,7 @@ class PagedCacheView:
             # query's window is then the first min(query + 1, window) candidates, all a sliding layer reads, and the
             # older positions after them are never scanned. A ring of the window's size lists slot 0 first (the
             # order of the per-op path's gather, whose sums the CPU decode kernel reproduces bit for bit).
-            first = (query - pools.window + 1).clamp(min=0) if size > pools.window else torch.zeros_like(query)
+            first = (query - pools.window + 1).clamp(min=0) if size > pools.window else 0
             order = (first + torch.arange(size, device=positions.device)) % size
             self.ring_gather = self.ring_slots[:, None] * size + order
             latest = query - (query - order) % size  # the last position <= query in each slot
