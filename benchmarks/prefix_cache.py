@@ -1,10 +1,11 @@
 """Time to first token of a chat's second turn, from the prefix cache and without it (random weights of an official
 preset, bf16, CUDA). Turn 1: a prompt of --prompt tokens and a reply of --reply tokens; turn 2: that conversation
-and a new message of --message tokens. Turn 2 runs twice on the same engine: after turn 1 (its prompt's blocks and
-window snapshot cached) and again after `clear_prefix_cache()` (computed whole). TTFT is measured as a server sees
-it: from add_request to the first token the engine hands out. Medians of --repeat conversations, each with new tokens.
-The cached turn 2 runs a third time with its chunk prefilled eagerly instead of from a CUDA graph (`GraphedPrefill`),
-turn 1's prompt cached again before it. --profile: then the device kernels of one more cached turn 2 (torch.profiler).
+and a new message of --message tokens. Turn 2 runs twice on the same engine: after turn 1 (its blocks and window
+snapshots cached, up to the last block boundary of the reply) and again after `clear_prefix_cache()` (computed
+whole). TTFT is measured as a server sees it: from add_request to the first token the engine hands out. Medians of
+--repeat conversations, each with new tokens. The cached turn 2 runs a third time with its chunk prefilled eagerly
+instead of from a CUDA graph (`GraphedPrefill`), turn 1 cached again before it. --profile: then the device kernels
+of one more cached turn 2 (torch.profiler).
 
     python benchmarks/prefix_cache.py --preset 26B-A4B 31B --prompt 8192 [--profile]
 """
@@ -84,7 +85,7 @@ def main() -> None:
             cached, out_cached = first_token(engine, turn2, 4)
             hit = engine.blocks.hit_tokens - before
             engine.blocks.clear_prefix_cache()
-            first_token(engine, turn1, 1)  # turn 1's prompt cached again
+            first_token(engine, turn1, args.reply)  # turn 1 cached again
             graphs, engine.runner.prefill_graphs = engine.runner.prefill_graphs, None
             eager, out_eager = first_token(engine, turn2, 4)
             engine.runner.prefill_graphs = graphs

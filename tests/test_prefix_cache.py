@@ -57,8 +57,9 @@ def test_a_second_turn_starts_from_the_first_ones_prompt(model):
     turn2 = [run(e, [second, first]) for e in engines]
     assert_same(*turn2)
     cache = engines[0].blocks
-    # The first prompt's last block boundary (32) is where its windows were kept: both requests start there.
-    assert cache.hit_tokens == 32 + 32 and cache.prompt_tokens == 45 + len(second) + 45
+    # Turn 1 ended with its windows kept at the last block boundary it computed (48, inside its reply): turn 2
+    # starts there; the first prompt again at its own last boundary (32).
+    assert cache.hit_tokens == 48 + 32 and cache.prompt_tokens == 45 + len(second) + 45
     assert engines[1].blocks.hit_tokens == 0
     assert cache.usage == 0 and engines[1].blocks.usage == 0
 
@@ -113,10 +114,11 @@ def test_a_long_prompt_splits_its_prefill_at_the_snapshot():
 def test_a_full_snapshot_ring_pool_drops_the_least_recently_used():
     engine = LLMEngine(tiny("E2B"), max_num_seqs=4, max_model_len=128)  # two snapshot rings
     a, b, c = tokens(40, 5), tokens(40, 6), tokens(40, 7)
-    run(engine, [a])
-    run(engine, [b])
-    run(engine, [a + [8]])  # a's snapshot, used again, is now more recent than b's
-    run(engine, [c])  # replaces b's
+    one = SamplingParams(max_tokens=1, temperature=0, stop_token_ids=[])  # computes no block past the prompt's
+    run(engine, [a], one)
+    run(engine, [b], one)
+    run(engine, [a + [8]], one)  # a's snapshot, used again, is now more recent than b's
+    run(engine, [c], one)  # replaces b's
     hits = [engine.blocks.cached_prefix(engine.seqs[engine.add_request(p + [9], PARAMS)]) for p in (a, b, c)]
     assert hits == [32, 0, 32]
 
@@ -137,6 +139,47 @@ def test_conversations_share_their_system_turn():
     follow_up = first + turn1[0][0][0] + tokens(20, 14)
     assert_same(*[run(e, [follow_up]) for e in engines])
     assert engines[0].blocks.hit_tokens == 32 + 80
+
+
+def test_each_turn_starts_where_the_last_one_ended():
+    """A conversation resends each reply: a turn starts from the snapshot its previous turn took at the last block
+    boundary it computed (inside the reply), which replaced that turn's prompt snapshot: the conversation holds one
+    ring beside its system turn's."""
+    params = SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[], logprobs=1)  # 23 of them computed
+    engines = [LLMEngine(tiny("26B-A4B"), max_num_seqs=12, max_model_len=256, enable_prefix_caching=on)
+               for on in (True, False)]  # three snapshot rings
+    cache = engines[0].blocks
+    conversation = tokens(37, 20) + [TURN_END] + tokens(30, 21)  # snapshot points 32 (the system turn) and 64
+    hits = []
+    for turn in range(3):
+        before = cache.hit_tokens
+        outputs = [run(e, [conversation], params) for e in engines]
+        assert_same(*outputs)
+        hits.append(cache.hit_tokens - before)
+        if turn == 0:  # ended at 68 + 23 = 91: its snapshot at 80 replaced the prompt's at 64
+            assert len(cache.snapshots) == 2
+        conversation = conversation + outputs[0][0][0] + tokens(10, 22 + turn)
+    # 102 prompt tokens, 80 from the cache (12 of turn 0's reply); 136 tokens, 112 (from the end at 102 + 23 = 125).
+    assert hits == [0, 80, 112] and len(cache.snapshots) == 3  # 32, 80 (turn 1 started from it) and 112
+
+
+def test_a_turn_ended_by_a_drafter_starts_the_next():
+    """With speculative decoding, rejected drafts were written past the tokens computed: the window the end snapshot
+    keeps must not have been overwritten by them (rings hold the drafts' slots and a block's more)."""
+    from gemma4.assistant_checkpoint import assistant_config_for, random_assistant
+    model = tiny("31B")
+    config = assistant_config_for(model.config.text_config, num_layers=2, hidden_size=32, intermediate_size=64)
+    drafter = random_assistant(config, dtype=torch.float32, seed=1)
+    params = SamplingParams(max_tokens=21, temperature=0, stop_token_ids=[], logprobs=1)
+    engines = [LLMEngine(model, max_num_seqs=4, max_model_len=256, speculative_model=drafter, num_speculative_tokens=3),
+               LLMEngine(model, max_num_seqs=4, max_model_len=256, enable_prefix_caching=False)]
+    first = tokens(40, 30)
+    turn1 = [run(e, [first], params) for e in engines]
+    assert_same(*turn1)
+    assert engines[0].speculator.num_drafted > engines[0].speculator.num_accepted  # drafts were rejected
+    second = first + turn1[0][0][0] + tokens(9, 31)
+    assert_same(*[run(e, [second], params) for e in engines])
+    assert engines[0].blocks.hit_tokens == 48  # the end of turn 1 at 40 + 20 computed tokens: 48
 
 
 def test_without_prefix_caching_nothing_is_kept():

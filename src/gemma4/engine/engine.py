@@ -71,7 +71,8 @@ class LLMEngine:
         num_speculative_tokens = (num_speculative_tokens or 4) if drafter is not None else 0
         self.max_model_len, num_blocks = plan_kv(text, model.dtype, max_num_seqs, block_size, max_model_len,
                                                  num_blocks, kv_cache_memory, kv_cache_dtype, snapshot_rings,
-                                                 ring_extra=num_speculative_tokens)
+                                                 ring_extra=BlockManager.ring_slots_past_window(
+                                                     num_speculative_tokens, block_size, snapshot_rings > 0))
         default = getattr(model, "generation_config", {}).get("eos_token_id", list(GEMMA4_STOP_IDS))
         self.stop_token_ids = list(stop_token_ids if stop_token_ids is not None else
                                    [default] if isinstance(default, int) else default)

@@ -175,7 +175,12 @@ class PagedCacheView:
                                ("num_keys", FULL): num_keys, ("num_keys", SLIDING): num_keys.clamp(max=pools.window)})
             return
         # Otherwise the row's cached K/V are gathered, then this chunk's appended: positions in that order. A ring
-        # slot or block past num_cached holds a rejected draft's K/V (speculative decoding) or nothing: unseen.
+        # slot or block past num_cached holds a rejected draft's K/V (speculative decoding) or nothing: unseen. A
+        # ring longer than the window is gathered in the in-place plan's order (from the window of the row's first
+        # query on), so that a decode step sums in the order the CPU decode kernel reproduces.
+        if size > pools.window:
+            first = (new_positions[:, :1] - pools.window + 1).clamp(min=0)
+            self.ring_gather = self.ring_slots[:, None] * size + (first + torch.arange(size, device=first.device)) % size
         offsets = offsets[:, :self.prefix_gather.shape[1]]
         cached = torch.where(offsets < self.num_cached[:, None], offsets, -1)
         ring = pools.ring_positions[self.ring_gather]
