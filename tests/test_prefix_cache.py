@@ -141,26 +141,42 @@ def test_conversations_share_their_system_turn():
     assert engines[0].blocks.hit_tokens == 32 + 80
 
 
+LONG = SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[], logprobs=1)  # 23 outputs computed
+
+
 def test_each_turn_starts_where_the_last_one_ended():
     """A conversation resends each reply: a turn starts from the snapshot its previous turn took at the last block
-    boundary it computed (inside the reply), which replaced that turn's prompt snapshot: the conversation holds one
-    ring beside its system turn's."""
-    params = SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[], logprobs=1)  # 23 of them computed
+    boundary it computed (inside the reply). The turn's own prompt snapshot is then the first to go: after two turns
+    in three snapshot rings, the system turn's is still there."""
     engines = [LLMEngine(tiny("26B-A4B"), max_num_seqs=12, max_model_len=256, enable_prefix_caching=on)
                for on in (True, False)]  # three snapshot rings
     cache = engines[0].blocks
-    conversation = tokens(37, 20) + [TURN_END] + tokens(30, 21)  # snapshot points 32 (the system turn) and 64
+    system = tokens(37, 20) + [TURN_END]
+    conversation = system + tokens(30, 21)  # snapshot points 32 (the system turn) and 64
     hits = []
     for turn in range(3):
         before = cache.hit_tokens
-        outputs = [run(e, [conversation], params) for e in engines]
+        outputs = [run(e, [conversation], LONG) for e in engines]
         assert_same(*outputs)
         hits.append(cache.hit_tokens - before)
-        if turn == 0:  # ended at 68 + 23 = 91: its snapshot at 80 replaced the prompt's at 64
-            assert len(cache.snapshots) == 2
         conversation = conversation + outputs[0][0][0] + tokens(10, 22 + turn)
-    # 102 prompt tokens, 80 from the cache (12 of turn 0's reply); 136 tokens, 112 (from the end at 102 + 23 = 125).
-    assert hits == [0, 80, 112] and len(cache.snapshots) == 3  # 32, 80 (turn 1 started from it) and 112
+        if turn == 1:  # the prompt snapshots at 64 and 96 were dropped for turn 1's, not the system turn's
+            before = cache.hit_tokens
+            assert_same(*[run(e, [system + tokens(20, 29)]) for e in engines])
+            assert cache.hit_tokens - before == 32
+    # Turn 0 ended at 68 + 23 = 91 (snapshot at 80); turn 1: 102 prompt tokens, 80 from the cache (12 of them turn
+    # 0's reply), its prompt snapshot at 96, its end at 125 (112); turn 2 starts at 112.
+    assert hits == [0, 80, 112]
+
+
+def test_another_sample_of_a_prompt_that_ended():
+    """Its end's snapshot does not drop the prompt's while there is room: a new sample starts after the prompt."""
+    engine = LLMEngine(tiny("E2B"), max_num_seqs=12, max_model_len=128)  # three snapshot rings
+    prompt = tokens(20, 40) + [TURN_END] + tokens(30, 41)  # snapshot points 16 and 48
+    run(engine, [prompt], LONG)  # ends at 51 + 23 = 74: a snapshot at 64
+    assert len(engine.blocks.snapshots) == 3
+    run(engine, [prompt])
+    assert engine.blocks.hit_tokens == 48
 
 
 def test_a_turn_ended_by_a_drafter_starts_the_next():

@@ -13,6 +13,7 @@ import gemma4
 from gemma4 import Config, Model
 from gemma4.cli import build_parser, main as cli_main
 from gemma4.engine import memory
+from gemma4.engine.block_manager import BlockManager
 from gemma4.engine.engine import LLMEngine
 from gemma4.engine.memory import GiB, kv_budget, kv_bytes, plan_kv
 from gemma4.llm import LLM
@@ -169,7 +170,9 @@ def test_llm_adds_all_requests_or_none(bf16_checkpoint):
 
 def test_llm_takes_fewer_sequences_when_16_do_not_fit(bf16_checkpoint, monkeypatch):
     """Each sequence holds sliding-window rings (800 MiB for 31B): LLM halves its default batch until one fits."""
-    per_block, per_ring = kv_bytes(Config.from_file(bf16_checkpoint).text_config, torch.bfloat16, 16)
+    ring_extra = BlockManager.ring_slots_past_window(0, 16, caching=True)  # the prefix cache's block past the window
+    per_block, per_ring = kv_bytes(Config.from_file(bf16_checkpoint).text_config, torch.bfloat16, 16,
+                                   ring_extra=ring_extra)
     monkeypatch.setattr(memory, "free_ram", lambda: None)
     # 8 sequences' rings, the prefix cache's 2 and the trash ring; 64 tokens
     monkeypatch.setattr(memory, "CPU_KV_BYTES", 11 * per_ring + 6 * per_block)

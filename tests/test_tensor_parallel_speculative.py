@@ -193,9 +193,12 @@ def test_seeded_sampled_outputs_equal_one_process(small_vocabulary, family):
     (E4B) or 1e-4 (31B) on the logits changed these outputs. Over 64 tokens top-k 64 keeps all, the columns are the
     token ids, and they stayed the same under noise of 1e-3 (and 1e-2 for 31B)."""
     target, drafter = small_vocabulary[family]
+    # Three snapshot rings: the first two sequences' ends take two (at 16 and 48), the third prompt starts from the
+    # second's prompt at 32.
+    engine = {**ENGINE, "max_batch_size": 12}
     want, want_drafts, want_accepted = sampled_outputs(LLM(target, speculative_model=drafter, **SPECULATIVE,
-                                                           **ENGINE))
-    llm = LLM(target, tensor_parallel_size=2, speculative_model=drafter, **SPECULATIVE, **ENGINE)
+                                                           **engine))
+    llm = LLM(target, tensor_parallel_size=2, speculative_model=drafter, **SPECULATIVE, **engine)
     try:
         got, drafts, accepted = sampled_outputs(llm)
         assert llm.engine.blocks.usage == 0 and llm.engine.blocks.hit_tokens > 0

@@ -14,9 +14,9 @@ prompt that other conversations share), the one at or before the prompt's end (a
 the same prompt), each moved before an image it would fall inside, and the last one a sequence computed when it ends
 (the next turn of the same conversation, which resends the reply). Hits land only there: a prefix shared up to another
 point (two conversations that diverge in their third turn) hits at the last point before. For that last snapshot,
-taken after the sequence has moved up to a block past it, rings keep `block_size` slots more than the window; it
-replaces the sequence's snapshot at the end of its prompt (past the first turn) unless another sequence started from
-that one, so that a conversation holds one ring at a time, beside the first turn's."""
+taken after the sequence has moved up to a block past it, rings keep `block_size` slots more than the window. The
+sequence's snapshot at the end of its prompt (past the first turn) then becomes the least recently used unless another
+sequence started from it: under pressure a conversation keeps one ring, beside the first turn's."""
 
 from __future__ import annotations
 
@@ -175,8 +175,8 @@ class BlockManager(KVPools):
         if point == 0 or point < seq.num_cached + self.draft_slots - (self.ring_size - self.window):
             return
         own = seq.own_snapshot
-        if own in self.snapshots and own not in self.reused and own != self._names(seq, point // self.block_size)[-1]:
-            self.free_snapshots.append(self.snapshots.pop(own))
+        if own in self.snapshots and own not in self.reused:  # the conversation goes on from the end's: first to go
+            self.snapshots.move_to_end(own, last=False)
         self._keep(seq, point)
 
     def _split(self, seq: Sequence) -> None:

@@ -34,8 +34,8 @@ class Sequence:
     ring_slot: int = -1  # which sliding-window ring this sequence owns (-1: none)
     block_names: list[bytes] = field(default_factory=list)  # prefix cache: the prompt's full blocks' chained hashes
     snapshot_points: list[int] = field(default_factory=list)  # prefix cache: where to keep the sliding windows next
-    own_snapshot: bytes | None = None  # prefix cache: the snapshot it took past its first turn, which its last one
-    # replaces unless another sequence started from it
+    own_snapshot: bytes | None = None  # prefix cache: the snapshot it took past its first turn, the first to go once
+    # its last one is taken unless another sequence started from it
     split_at: int = 0  # a prefill chunk may end at this position but not cross it (0: anywhere)
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     generator: torch.Generator | None = None  # the seed's generator, made where the logits are (generator_on)
