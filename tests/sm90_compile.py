@@ -134,13 +134,15 @@ def main() -> None:
     router.router_input(x, rand(256), 0.0625, 1e-6)
     router.route(rand(3, 128), rand(128), 8)
     activation.gated_activation(rand(3, 96), rand(3, 96), "gelu_pytorch_tanh")
-    # Prefill attention at both head dims (the GPU's tiles), sliding with image blocks and global.
+    # Prefill attention at both head dims (the GPU's tiles), sliding with image blocks and global; whole key spans
+    # and split ones (with their merge).
     qpos = torch.arange(40).expand(1, 40)
-    for head_dim, window in ((256, 16), (512, None)):
+    for (head_dim, window), splits in itertools.product(((256, 16), (512, None)), (1, 2)):
         q, kv = rand(1, 4, 40, head_dim), rand(1, 2, 40, head_dim)
         blocks = torch.zeros(1, 40, dtype=torch.int64) if window else None
         prefill_attention.prefill_attention(q, kv, kv, qpos, qpos >= 0, qpos, window, blocks, blocks,
-                                            tiles=prefill_attention._tiles(head_dim, 2, torch.device("cuda")))
+                                            tiles=prefill_attention._tiles(head_dim, 2, torch.device("cuda")),
+                                            num_splits=splits)
     print("\n".join(compiled))
     print(f"{len(compiled)} launches compiled for sm_90")
 

@@ -34,9 +34,12 @@ def ring_layout(batch, window, chunk, start):
     return qpos, qvalid, kpos
 
 
+@pytest.mark.parametrize("num_splits", [None, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", ["sliding_ring", "global_causal", "images", "gqa4_dim64"])
-def test_prefill_attention_matches_reference(case, dtype):
+def test_prefill_attention_matches_reference(case, dtype, num_splits):
+    """num_splits 3: each query tile's key span cut into three ranges (a short chunk over a long context), merged;
+    some ranges are empty (the span has fewer than three key tiles)."""
     g = torch.Generator().manual_seed(0)
     batch, heads, kv_heads, dim, window = 2, 4, 2, 32, None
     qblocks = kblocks = None
@@ -67,7 +70,7 @@ def test_prefill_attention_matches_reference(case, dtype):
     blocks = [t.to(DEVICE) if t is not None else None for t in (qblocks, kblocks)]
     tensors = [t.to(DEVICE, dtype) for t in (query, key, value)]
 
-    out = prefill_attention(*tensors, *args, window, *blocks)
+    out = prefill_attention(*tensors, *args, window, *blocks, num_splits=num_splits)
     expected = reference(*(t.nan_to_num() for t in tensors), *args, window, *blocks)
     assert out.dtype == dtype and out.shape == (batch, qpos.shape[1], heads * dim)
     valid = args[1]
@@ -88,6 +91,35 @@ def test_prefill_attention_rule_is_sharp():
     assert (out - reference(query, key, value, *args, 11)).abs().max() > 1e-2
     shifted = [args[0] - 1, args[1], args[2]]
     assert (out - reference(query, key, value, *shifted, 12)).abs().max() > 1e-2
+
+
+def test_a_short_chunk_over_a_long_context_splits_its_keys():
+    """By default the key spans are split where query tiles are too few for the device (the interpreter counts 4
+    SMs): one query tile of 8 rows over 200 keys, one head: 8 splits, equal to one split up to fp32 rounding."""
+    from gemma4.kernels import prefill_attention as module
+
+    g = torch.Generator().manual_seed(2)
+    qpos = torch.arange(192, 200)[None]
+    kpos = torch.arange(200)[None]
+    query, key, value = (torch.randn(1, 1, n, 32, generator=g).to(DEVICE) for n in (8, 200, 200))
+    args = [t.to(DEVICE) for t in (qpos, qpos >= 0, kpos)]
+    launched = []
+    kernel = module._prefill_kernel
+
+    class Recording:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return kernel[grid]
+
+    try:
+        module._prefill_kernel = Recording()
+        split = prefill_attention(query, key, value, *args, tiles=(16, 16, 32, 1))
+    finally:
+        module._prefill_kernel = kernel
+    assert launched == [(1, 1, 8)]
+    whole = prefill_attention(query, key, value, *args, tiles=(16, 16, 32, 1), num_splits=1)
+    torch.testing.assert_close(split, whole, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(split, reference(query, key, value, *args, None), atol=1e-5, rtol=1e-5)
 
 
 def test_key_tile_ranges_cover_every_visible_key_and_skip_the_rest():

@@ -14,6 +14,11 @@ get zeros (`attention_mask` lets them see everything to avoid NaNs; their output
 
 A program may accumulate a BLOCK_DV slice of the value dims only (QK^T, over all dims, is then computed once per
 slice): the tile choice below trades that recomputation against the fp32 accumulator's registers.
+
+A short chunk over a long context (a chat's next turn after its cached prefix: a few hundred queries, thousands of
+keys) has few query tiles, and so too few programs for the GPU's SMs: then each tile's key span is also cut into
+`num_splits` ranges, whose programs write fp32 partial outputs with their log-sum-exp, merged by the decode kernel's
+combine (attention.py), as flash-decoding does for one query.
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import _dot, _online_softmax_step
-from .tuning import tile
+from .attention import _combine_kernel, _dot, _online_softmax_step, _wanted_splits
+from .tuning import config, tile
 
 
 @triton.jit
@@ -51,15 +56,15 @@ def _attend_tile(start, m_i, l_i, acc, q, qpos, qblock, window, num_keys, kpos_r
 
 
 @triton.jit
-def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, qpos_ptr, kpos_ptr, qblock_ptr, kblock_ptr, ranges_ptr,
-                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
-                    stride_vn, stride_ob, stride_om, stride_qpb, stride_kpb, num_heads, num_queries, num_keys,
-                    head_dim, window, num_tiles, GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_WINDOW: tl.constexpr,
+def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_ptr, lse_ptr, qpos_ptr, kpos_ptr, qblock_ptr, kblock_ptr,
+                    ranges_ptr, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb,
+                    stride_vh, stride_vn, stride_ob, stride_om, stride_qpb, stride_kpb, num_heads, num_queries,
+                    num_keys, head_dim, window, num_tiles, num_splits, GROUPS: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_WINDOW: tl.constexpr,
                     HAS_BLOCKS: tl.constexpr, INTERPRET: tl.constexpr):
     # The last query tiles see the most keys (causal): launch them first, so the short ones fill the tail.
     tile = num_tiles - 1 - tl.program_id(0)
-    row_head, value_slice = tl.program_id(1), tl.program_id(2)
+    row_head, value_slice, split = tl.program_id(1), tl.program_id(2) // num_splits, tl.program_id(2) % num_splits
     b, h = (row_head // num_heads).to(tl.int64), (row_head % num_heads).to(tl.int64)
     kv_head = h // GROUPS
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -80,9 +85,13 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, qpos_ptr, kpos_ptr, qblock_ptr
     k_head = k_ptr + b * stride_kb + kv_head * stride_kh
     v_head = v_ptr + b * stride_vb + kv_head * stride_vh
     kpos_row, kblock_row = kpos_ptr + b * stride_kpb, kblock_ptr + b * stride_kpb
-    # Only the key tiles some query of this tile may see (worked out before the launch: `_key_tile_ranges`).
-    key_start = tl.load(ranges_ptr + (b * num_tiles + tile) * 2)
-    key_end = tl.load(ranges_ptr + (b * num_tiles + tile) * 2 + 1)
+    # Only the key tiles some query of this tile may see (worked out before the launch: `_key_tile_ranges`), and of
+    # those this split's share, in whole tiles.
+    span_start = tl.load(ranges_ptr + (b * num_tiles + tile) * 2)
+    span_end = tl.load(ranges_ptr + (b * num_tiles + tile) * 2 + 1)
+    per_split = tl.cdiv(tl.cdiv(span_end - span_start, BLOCK_N), num_splits) * BLOCK_N
+    key_start = span_start + split * per_split
+    key_end = tl.minimum(key_start + per_split, span_end)
     if INTERPRET:  # the interpreter (with numpy 2) cannot take a tensor as a range() bound
         start = key_start
         while start < key_end:
@@ -96,9 +105,17 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, qpos_ptr, kpos_ptr, qblock_ptr
                                          kblock_row, k_head, stride_kn, v_head, stride_vn, offs_d, offs_dv, d_mask,
                                          dv_mask, BLOCK_N, HAS_WINDOW, HAS_BLOCKS, INTERPRET)
 
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    out_rows = out_ptr + b * stride_ob + offs_m[:, None] * stride_om + h * head_dim
-    tl.store(out_rows + offs_dv[None, :], out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & dv_mask[None, :])
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    o_mask = m_mask[:, None] & dv_mask[None, :]
+    if num_splits == 1:
+        out_rows = out_ptr + b * stride_ob + offs_m[:, None] * stride_om + h * head_dim
+        tl.store(out_rows + offs_dv[None, :], out.to(out_ptr.dtype.element_ty), mask=o_mask)
+    else:  # part [B, Lq, H, splits, D] and lse [B, Lq, H, splits], as the combine kernel reads them
+        row = ((b * num_queries + offs_m) * num_heads + h) * num_splits + split
+        tl.store(part_ptr + row[:, None] * head_dim + offs_dv[None, :], out, mask=o_mask)
+        lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
+        tl.store(lse_ptr + row, lse, mask=m_mask & (value_slice == 0))
 
 
 def _tiles(head_dim: int, itemsize: int, device: torch.device) -> tuple[int, int, int, int]:
@@ -147,14 +164,15 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
                       query_valid: torch.Tensor, key_positions: torch.Tensor, window: int | None = None,
                       query_blocks: torch.Tensor | None = None, key_blocks: torch.Tensor | None = None,
                       plans: dict | None = None, tiles: tuple[int, int, int, int] | None = None,
-                      num_stages: int | None = None) -> torch.Tensor:
+                      num_stages: int | None = None, num_splits: int | None = None) -> torch.Tensor:
     """query [B, H, Lq, D] over key/value [B, Hkv, Lk, D] -> [B, Lq, H * D] in query's dtype (scale 1.0).
 
     query_positions/query_valid [B, Lq]; key_positions [B, Lk] (-1 = empty slot or padding); query_blocks [B, Lq]
     and key_blocks [B, Lk] (image block ids, 0 = text) for bidirectional image attention; `window` for sliding
     layers. H = G * Hkv: query head h reads kv head h // G. `plans`: a dict kept by the caller for as long as these
     positions hold (one forward), where the per-tile key ranges are kept between layers. `tiles` overrides
-    (BLOCK_M, BLOCK_N, BLOCK_DV, warps), num_stages the tuned stages."""
+    (BLOCK_M, BLOCK_N, BLOCK_DV, warps), num_stages the tuned stages, num_splits the key ranges per query tile
+    (by default from shapes: enough programs for the GPU, never more than the key tiles)."""
     batch, num_heads, num_queries, head_dim = query.shape
     num_kv_heads, num_keys = key.shape[1], key.shape[2]
     groups = num_heads // num_kv_heads
@@ -176,12 +194,22 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     qpos, kpos, qblocks, kblocks, ranges = plans[block_m, block_n]
 
     out = torch.empty(batch, num_queries, num_heads * head_dim, dtype=query.dtype, device=query.device)
-    num_tiles = triton.cdiv(num_queries, block_m)
-    _prefill_kernel[(num_tiles, batch * num_heads, triton.cdiv(head_dim, block_dv))](
-        query, key, value, out, qpos, kpos, qblocks if qblocks is not None else qpos,
+    num_tiles, value_slices = triton.cdiv(num_queries, block_m), triton.cdiv(head_dim, block_dv)
+    splits = num_splits or max(1, min(_wanted_splits(num_tiles * batch * num_heads * value_slices, query.device),
+                                      triton.cdiv(num_keys, block_n)))
+    part = lse = out  # unwritten with one split
+    if splits > 1:
+        part = torch.empty(batch * num_queries * num_heads, splits, head_dim, dtype=torch.float32, device=query.device)
+        lse = torch.empty(batch * num_queries * num_heads, splits, dtype=torch.float32, device=query.device)
+    _prefill_kernel[(num_tiles, batch * num_heads, value_slices * splits)](
+        query, key, value, out, part, lse, qpos, kpos, qblocks if qblocks is not None else qpos,
         kblocks if kblocks is not None else kpos, ranges, *query.stride()[:3], *key.stride()[:3], *value.stride()[:3],
         out.stride(0), out.stride(1), qpos.stride(0), kpos.stride(0), num_heads, num_queries, num_keys, head_dim,
-        window or 0, num_tiles, GROUPS=groups, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        HAS_WINDOW=window is not None, HAS_BLOCKS=qblocks is not None, INTERPRET=not query.is_cuda, num_warps=warps,
-        num_stages=num_stages or tile("prefill_attention", "num_stages", query.device))
+        window or 0, num_tiles, splits, GROUPS=groups, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        BLOCK_DV=block_dv, HAS_WINDOW=window is not None, HAS_BLOCKS=qblocks is not None, INTERPRET=not query.is_cuda,
+        num_warps=warps, num_stages=num_stages or tile("prefill_attention", "num_stages", query.device))
+    if splits > 1:  # out [B, Lq, H * D] is [(b, query, head), D]: one merge per row of the partials
+        combine_d = min(block_d, config("attention", query.device)["COMBINE_BLOCK_D"])
+        _combine_kernel[(batch * num_queries * num_heads, triton.cdiv(head_dim, combine_d))](
+            part, lse, out, head_dim, splits, SPLITS_PAD=triton.next_power_of_2(splits), BLOCK_D=combine_d, PDL=False)
     return out
