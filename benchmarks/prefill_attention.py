@@ -1,7 +1,7 @@
 """Prefill attention alone, at official shapes: the flash prefill kernel (a few tile choices) against what the model
 ran before it (SDPA with a materialized boolean mask), on one chunk of a chunked prefill, bf16, CUDA.
 
-    python benchmarks/prefill_attention.py --preset 26B-A4B --context 16384 --chunk 4096
+    python benchmarks/prefill_attention.py --preset 26B-A4B --context 16384 --chunk 4096 [--splits 0 1 4]
 
 Shapes: the last chunk of a `context`-token prompt, as the static cache hands it over: a sliding layer attends over
 its ring (window slots, in ring order) plus the chunk; a global layer over every position so far. Prints ms per call
@@ -11,6 +11,7 @@ its ring (window slots, in ring order) plus the chunk; a global layer over every
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import torch
 
@@ -63,6 +64,8 @@ def main():
     parser.add_argument("--tiles", nargs="*", default=["64,64,128,4", "128,64,128,8", "64,32,128,4", "128,32,128,8"],
                         help="BLOCK_M,BLOCK_N,BLOCK_DV,warps choices to time beside the default")
     parser.add_argument("--stages", type=int, nargs="*", default=[2, 3])
+    parser.add_argument("--splits", type=int, nargs="*", default=[0, 1],
+                        help="key ranges per query tile (0: the kernel's choice from shapes)")
     parser.add_argument("--layers", nargs="*", default=["sliding", "global"])
     args = parser.parse_args()
     print(f"{args.preset}, last {args.chunk}-token chunk of {args.context}, {torch.cuda.get_device_name()}")
@@ -78,16 +81,16 @@ def main():
         expected = sdpa()
         print(f"| {kind} D{dim} | SDPA + bool mask | {median_ms(sdpa):.2f} | |")
         tile_choices = [None] + [tuple(int(n) for n in t.split(",")) for t in args.tiles]
-        for tiles in tile_choices:
-            for stages in args.stages:
-                def kernel():
-                    return prefill_attention(q, k, v, qpos, qvalid, kpos, window, tiles=tiles, num_stages=stages)
-                try:
-                    diff = (kernel().float() - expected.float()).abs().max().item()
-                    print(f"| {kind} D{dim} | kernel {tiles or 'default'} stages {stages} | {median_ms(kernel):.2f} "
-                          f"| {diff:.2e} |")
-                except Exception as error:  # a tile choice that does not fit shared memory or registers
-                    print(f"| {kind} D{dim} | kernel {tiles} stages {stages} | failed: {type(error).__name__} | |")
+        for tiles, stages, splits in itertools.product(tile_choices, args.stages, args.splits):
+            def kernel():
+                return prefill_attention(q, k, v, qpos, qvalid, kpos, window, tiles=tiles, num_stages=stages,
+                                         num_splits=splits or None)
+            variant = f"kernel {tiles or 'default'} stages {stages} splits {splits or 'default'}"
+            try:
+                diff = (kernel().float() - expected.float()).abs().max().item()
+                print(f"| {kind} D{dim} | {variant} | {median_ms(kernel):.3f} | {diff:.2e} |")
+            except Exception as error:  # a tile choice that does not fit shared memory or registers
+                print(f"| {kind} D{dim} | {variant} | failed: {type(error).__name__} | |")
 
 
 if __name__ == "__main__":
