@@ -95,7 +95,8 @@ def test_prefill_attention_rule_is_sharp():
 
 def test_a_short_chunk_over_a_long_context_splits_its_keys():
     """By default the key spans are split where query tiles are too few for the device (the interpreter counts 4
-    SMs): one query tile of 8 rows over 200 keys, one head: 8 splits, equal to one split up to fp32 rounding."""
+    SMs) and the keys are several times the queries: one query tile of 8 rows over 200 keys, one head: 4 splits (of
+    4 key tiles at least), equal to one split up to fp32 rounding; a prompt of its own 8 keys is not split."""
     from gemma4.kernels import prefill_attention as module
 
     g = torch.Generator().manual_seed(2)
@@ -114,12 +115,16 @@ def test_a_short_chunk_over_a_long_context_splits_its_keys():
     try:
         module._prefill_kernel = Recording()
         split = prefill_attention(query, key, value, *args, tiles=(16, 16, 32, 1))
+        whole = prefill_attention(query, key, value, *args, tiles=(16, 16, 32, 1), num_splits=1)
+        own = prefill_attention(query, key[:, :, -8:], value[:, :, -8:], *args[:2], args[2][:, -8:],
+                                tiles=(16, 16, 32, 1))
     finally:
         module._prefill_kernel = kernel
-    assert launched == [(1, 1, 8)]
-    whole = prefill_attention(query, key, value, *args, tiles=(16, 16, 32, 1), num_splits=1)
+    assert launched == [(1, 1, 4), (1, 1, 1), (1, 1, 1)]
     torch.testing.assert_close(split, whole, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(split, reference(query, key, value, *args, None), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(own, reference(query, key[:, :, -8:], value[:, :, -8:], *args[:2], args[2][:, -8:],
+                                              None), atol=1e-5, rtol=1e-5)
 
 
 def test_key_tile_ranges_cover_every_visible_key_and_skip_the_rest():

@@ -16,9 +16,9 @@ A program may accumulate a BLOCK_DV slice of the value dims only (QK^T, over all
 slice): the tile choice below trades that recomputation against the fp32 accumulator's registers.
 
 A short chunk over a long context (a chat's next turn after its cached prefix: a few hundred queries, thousands of
-keys) has few query tiles, and so too few programs for the GPU's SMs: then each tile's key span is also cut into
-`num_splits` ranges, whose programs write fp32 partial outputs with their log-sum-exp, merged by the decode kernel's
-combine (attention.py), as flash-decoding does for one query.
+keys) has few query tiles, and so too few programs for the GPU's SMs: where its keys are several times its queries,
+each tile's key span is also cut into `num_splits` ranges, whose programs write fp32 partial outputs with their
+log-sum-exp, merged by the decode kernel's combine (attention.py), as flash-decoding does for one query.
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     layers. H = G * Hkv: query head h reads kv head h // G. `plans`: a dict kept by the caller for as long as these
     positions hold (one forward), where the per-tile key ranges are kept between layers. `tiles` overrides
     (BLOCK_M, BLOCK_N, BLOCK_DV, warps), num_stages the tuned stages, num_splits the key ranges per query tile
-    (by default from shapes: enough programs for the GPU, never more than the key tiles)."""
+    (by default from shapes, see below)."""
     batch, num_heads, num_queries, head_dim = query.shape
     num_kv_heads, num_keys = key.shape[1], key.shape[2]
     groups = num_heads // num_kv_heads
@@ -195,8 +195,12 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
     out = torch.empty(batch, num_queries, num_heads * head_dim, dtype=query.dtype, device=query.device)
     num_tiles, value_slices = triton.cdiv(num_queries, block_m), triton.cdiv(head_dim, block_dv)
-    splits = num_splits or max(1, min(_wanted_splits(num_tiles * batch * num_heads * value_slices, query.device),
-                                      triton.cdiv(num_keys, block_n)))
+    # Splits only for keys several times the queries (a chunk after a long cached prefix), each of 4 key tiles at
+    # least: a new prompt's spans are short, and partials and a merge would cost it more than they gain.
+    splits = num_splits or 1
+    if num_splits is None and num_keys >= 4 * num_queries:
+        splits = max(1, min(_wanted_splits(num_tiles * batch * num_heads * value_slices, query.device),
+                            triton.cdiv(num_keys, 4 * block_n)))
     part = lse = out  # unwritten with one split
     if splits > 1:
         part = torch.empty(batch * num_queries * num_heads, splits, head_dim, dtype=torch.float32, device=query.device)
