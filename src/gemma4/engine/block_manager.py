@@ -82,16 +82,15 @@ class BlockManager(KVPools):
 
     def cached_prefix(self, seq: Sequence) -> int:
         """How many of `seq`'s first tokens the cache holds, in whole blocks, at a snapshot point, fewer than its
-        length (the last token is always computed: its logits give the next output token). 0
-        for a sequence that still needs its prompt's logprobs: cached positions have no logits."""
+        length (the last token is always computed: its logits give the next output token). 0 for a sequence that
+        still needs its prompt's logprobs: cached positions have no logits."""
         if not self.caching or seq.prompt_scores is not None:
             return 0
         names = self._names(seq, (len(seq) - 1) // self.block_size)  # a preempted sequence's outputs included
         chain = 0
         while chain < len(names) and names[chain] in self.cached:
             chain += 1
-        usable = chain
-        return next((j * self.block_size for j in range(usable, 0, -1) if names[j - 1] in self.snapshots), 0)
+        return next((j * self.block_size for j in range(chain, 0, -1) if names[j - 1] in self.snapshots), 0)
 
     def can_admit(self, seq: Sequence, cached: int = 0) -> bool:
         """Room for the whole known sequence plus one decode token, `cached` tokens of it from the prefix cache."""
@@ -170,7 +169,7 @@ class BlockManager(KVPools):
         on the device is not among them). Its ring holds the window before b if no position past
         num_cached + draft_slots - ring_extra was written: the furthest a step reaches is a rejected draft's,
         num_cached - 1 + draft_slots, and ring_extra - draft_slots = block_size."""
-        known = min(seq.num_cached, len(seq) - seq.pending)
+        known = min(seq.num_cached, len(seq) - int(seq.pending))
         point = known // self.block_size * self.block_size
         if point == 0 or point < seq.num_cached + self.draft_slots - (self.ring_size - self.window):
             return
