@@ -257,10 +257,19 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         INTERPRET=not out.is_cuda, num_warps=tuned["num_warps"], num_stages=tuned["num_stages"], **launch_options(out))
     if splits == 1:
         return out
-    # Dims per merge program: a (row, head) spread over several, so that its [splits, D] fp32 partials (up to 128 KB)
-    # are read by several SMs at once.
-    combine_d = min(block_d, tuned["COMBINE_BLOCK_D"])
-    _combine_kernel[(batch * num_heads, triton.cdiv(head_dim, combine_d))](
-        part, lse, out, head_dim, splits, SPLITS_PAD=triton.next_power_of_2(max(splits, tuned["MAX_SPLITS"])),
-        BLOCK_D=combine_d, **launch_options(query))
+    combine_splits(part, lse, out, **launch_options(query))
     return out
+
+
+def combine_splits(part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, **launch) -> None:
+    """Merge fp32 partial outputs part [..., splits, D] with their log-sum-exps lse [..., splits] into out (the
+    leading dims' rows of D, contiguous) in place. Dims per merge program: a row spread over several, so that its
+    [splits, D] partials (up to 128 KB) are read by several SMs at once; splits padded to MAX_SPLITS at least (one
+    compiled kernel)."""
+    splits, head_dim = part.shape[-2:]
+    rows = lse.numel() // splits
+    tuned = config("attention", part.device)
+    combine_d = min(max(16, triton.next_power_of_2(head_dim)), tuned["COMBINE_BLOCK_D"])
+    _combine_kernel[(rows, triton.cdiv(head_dim, combine_d))](
+        part, lse, out, head_dim, splits, SPLITS_PAD=triton.next_power_of_2(max(splits, tuned["MAX_SPLITS"])),
+        BLOCK_D=combine_d, **launch)

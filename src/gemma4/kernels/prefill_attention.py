@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import _combine_kernel, _dot, _online_softmax_step, _wanted_splits
-from .tuning import config, tile
+from .attention import _dot, _online_softmax_step, _wanted_splits, combine_splits
+from .tuning import tile
 
 
 @triton.jit
@@ -213,7 +213,5 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
         BLOCK_DV=block_dv, HAS_WINDOW=window is not None, HAS_BLOCKS=qblocks is not None, INTERPRET=not query.is_cuda,
         num_warps=warps, num_stages=num_stages or tile("prefill_attention", "num_stages", query.device))
     if splits > 1:  # out [B, Lq, H * D] is [(b, query, head), D]: one merge per row of the partials
-        combine_d = min(block_d, config("attention", query.device)["COMBINE_BLOCK_D"])
-        _combine_kernel[(batch * num_queries * num_heads, triton.cdiv(head_dim, combine_d))](
-            part, lse, out, head_dim, splits, SPLITS_PAD=triton.next_power_of_2(splits), BLOCK_D=combine_d, PDL=False)
+        combine_splits(part, lse, out, PDL=False)
     return out

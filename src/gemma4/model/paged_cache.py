@@ -154,20 +154,21 @@ class PagedCacheView:
         length = positions.shape[1]
         self._plan = {"ring_write": ring_write, "global_write": global_write, "new_positions": new_positions}
         offsets = torch.arange(self.global_gather.shape[1], device=positions.device)[None]
+        # A ring longer than the window (ring_extra) lists its slots from the window of the row's first query on: an
+        # in-place decode's window is then the first min(query + 1, window) candidates, all a sliding layer reads,
+        # and the older positions after them are never scanned; a gathered chunk takes the same order, so that a
+        # decode step sums in the order the CPU decode kernel reproduces bit for bit. A ring of the window's size
+        # lists slot 0 first.
+        query = new_positions[:, :1]  # -1 for a padding row: it sees nothing
+        first = (query - pools.window + 1).clamp(min=0) if size > pools.window else 0
+        order = (first + torch.arange(size, device=positions.device)) % size
+        self.ring_gather = self.ring_slots[:, None] * size + order
         # The decode kernel attends in place over the pools (see the module's docstring). The candidates are the
         # row's own slots, the new tokens' included (written before attending): the ring with the positions
         # [num_cached, query] at their slots (one position, but for the rows of a flattened verify step, which share
         # a sequence's ring and cache: paged_cache's `num_cached` is then the sequence's, not the row's), and the
         # global blocks in position order, visible up to the query's position.
         if in_place:
-            query = new_positions[:, :1]  # -1 for a padding row: it sees nothing
-            # A ring longer than the window (ring_extra) lists its slots from the window's first position on: the
-            # query's window is then the first min(query + 1, window) candidates, all a sliding layer reads, and the
-            # older positions after them are never scanned. A ring of the window's size lists slot 0 first (the
-            # order of the per-op path's gather, whose sums the CPU decode kernel reproduces bit for bit).
-            first = (query - pools.window + 1).clamp(min=0) if size > pools.window else 0
-            order = (first + torch.arange(size, device=positions.device)) % size
-            self.ring_gather = self.ring_slots[:, None] * size + order
             latest = query - (query - order) % size  # the last position <= query in each slot
             ring = torch.where(latest >= self.num_cached[:, None], latest, pools.ring_positions[self.ring_gather])
             num_keys = query[:, 0] + 1
@@ -175,12 +176,7 @@ class PagedCacheView:
                                ("num_keys", FULL): num_keys, ("num_keys", SLIDING): num_keys.clamp(max=pools.window)})
             return
         # Otherwise the row's cached K/V are gathered, then this chunk's appended: positions in that order. A ring
-        # slot or block past num_cached holds a rejected draft's K/V (speculative decoding) or nothing: unseen. A
-        # ring longer than the window is gathered in the in-place plan's order (from the window of the row's first
-        # query on), so that a decode step sums in the order the CPU decode kernel reproduces.
-        if size > pools.window:
-            first = (new_positions[:, :1] - pools.window + 1).clamp(min=0)
-            self.ring_gather = self.ring_slots[:, None] * size + (first + torch.arange(size, device=first.device)) % size
+        # slot or block past num_cached holds a rejected draft's K/V (speculative decoding) or nothing: unseen.
         offsets = offsets[:, :self.prefix_gather.shape[1]]
         cached = torch.where(offsets < self.num_cached[:, None], offsets, -1)
         ring = pools.ring_positions[self.ring_gather]
