@@ -167,7 +167,9 @@ def test_prefill_graphs_equal_eager_chunks(checkpoint):
         return turn1 + together, engine.runner.prefill_graphs
 
     graphed, graphs = chat()
-    assert graphs is not None and graphs.usable and len(graphs.graphs) >= 3, graphs and graphs.describe()
+    # chunks at context 0 and after a context (since turn 2 starts after turn 1's reply, its chunks are fewer)
+    assert graphs is not None and graphs.usable, graphs and graphs.describe()
+    assert {0} < {context for _, context in graphs.graphs}, graphs.describe()
     with override(prefill_graphs=False):
         eager, none = chat()
     assert none is None
