@@ -14,10 +14,11 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.experimental.gluon._runtime import GluonASTSource
 from triton.runtime.jit import JITFunction
 
-from gemma4.kernels import (activation, attention, gemv, logits, moe, norm, prefill_attention, router, step_inputs,
-                            tuning)
+from gemma4.kernels import (activation, attention, gemv, int4_mma, logits, moe, norm, prefill_attention, router,
+                            step_inputs, tuning)
 
 TARGET = GPUTarget("cuda", 90, 32)
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
@@ -45,13 +46,14 @@ def _compile_launch(self: JITFunction, *args, grid, warmup, **kwargs):
             signature[p.name] = "i32" if -2**31 <= value < 2**31 else "i64"
         else:
             signature[p.name] = "fp32"
-    triton.compile(ASTSource(self, signature, constexprs), target=TARGET, options=options)
+    source = GluonASTSource if self.is_gluon() else ASTSource
+    triton.compile(source(self, signature, constexprs), target=TARGET, options=options)
     compiled.append(f"{self.fn.__name__} {sorted((k, v) for k, v in constexprs.items() if v is not None)}")
 
 
 def main() -> None:
     JITFunction.run = _compile_launch
-    for module in (activation, attention, gemv, logits, moe, norm, router, step_inputs):
+    for module in (activation, attention, gemv, int4_mma, logits, moe, norm, router, step_inputs):
         module.launch_options = lambda x: {"PDL": True, "launch_pdl": True}
     real_tiles = gemv._tiles
     gemv._tiles = lambda x, *args, **kwargs: real_tiles(SimpleNamespace(is_cuda=True), *args, **kwargs)  # GPU tiles
@@ -89,6 +91,13 @@ def main() -> None:
         gemv.gemv(x, quantize(rand(96, k), ON_LOAD["int4"]))
         gemv.gemv_gated(x, quantize(rand(192, k), ON_LOAD["int4"]), "gelu_pytorch_tanh")
         gemv.gemv_residual_norms(x, quantize(rand(96, k), ON_LOAD["int4"]), res, nw, 1e-6, None, nw, 1e-6)
+    # int4 GEMVs on the tensor cores with register operands (Gluon): one split and several, groups of 32 and 128
+    for n, k, group in ((32000, 256, 32), (4096, 2048, 32), (100, 1024, 128)):
+        int4_mma.product(rand(1, 1, k), quantize(rand(n, k), Scheme("int", 4, "group", group_size=group)))
+    # with the gated activation: fused gate/up rows (one split and several), and up given
+    for n, k in ((64000, 256), (8192, 2048)):
+        int4_mma.product(rand(1, 1, k), quantize(rand(n, k), ON_LOAD["int4"]), 0)
+    int4_mma.product(rand(1, 1, 1024), quantize(rand(96, 1024), ON_LOAD["int4"]), 0, rand(1, 1, 96))
     logits.softcap(rand(2, 1000), 30.0)
     logits.argmax(rand(2, 10000, dtype=torch.float32))
     # A forward's inputs: embeddings, per-layer inputs, RoPE tables.

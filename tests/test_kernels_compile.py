@@ -21,4 +21,4 @@ def test_kernels_compile_for_sm90():
     done = subprocess.run([sys.executable, str(root / "tests" / "sm90_compile.py")], env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "82 launches compiled for sm_90" in done.stdout
+    assert "88 launches compiled for sm_90" in done.stdout

@@ -107,6 +107,23 @@ def activation_fp32(x, ACT: tl.constexpr):
 
 
 @triton.jit
+def store_gated_rows(out_ptr, rows, N, gate, up, mult_ptr, ACT: tl.constexpr, GATED: tl.constexpr, HAS_UP: tl.constexpr):
+    """A GEMV's epilogue (gemv.py, int4_mma.py): stores the fp32 products of rows `rows` (gate) or, with GATED,
+    act(gate) * up, rounded as the eager ops round: the product(s), act(gate), and act(gate) * up each a tensor of
+    the model dtype. Without HAS_UP, up is the multiplier's row."""
+    dtype = out_ptr.dtype.element_ty
+    row_ok = rows < N
+    if GATED:
+        gate = round_to(gate, dtype)
+        if HAS_UP:
+            up = round_to(up, dtype)
+        else:
+            up = tl.load(mult_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        gate = round_to(round_to(activation_fp32(gate, ACT), dtype) * up, dtype)
+    tl.store(out_ptr + rows, gate.to(dtype), mask=row_ok)
+
+
+@triton.jit
 def _gated_activation_kernel(gate_ptr, up_ptr, out_ptr, gate_stride, up_stride, W, ACT: tl.constexpr,
                              BLOCK: tl.constexpr, PDL: tl.constexpr):
     after_previous_kernel(PDL)

@@ -12,7 +12,8 @@ accumulator. Where cuBLAS is still faster (big 31B matrices) the model does not 
 Each kernel also reads quantized weights (model/quantized.py's QuantizedWeight: fp8 or int8 per channel, int4 packed
 8 to a word in groups, 8-bit in groups or blocks) with their scales, 1 or 1/2 byte a weight instead of 2: the sums of
 q * x in fp32, times the scales per row or per group (`quantized_supported` says which weights). Wide int4 GEMVs
-with bf16 inputs run on the tensor cores instead (INT4_DOTS, `int4_dots`).
+with bf16 inputs run on the tensor cores instead (INT4_DOTS, `int4_dots`), and the biggest (31B's) in int4_mma.py's
+kernel (residual norms then in their own kernel).
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ import triton
 import triton.language as tl
 
 from ..model.quantized import QuantizedWeight
-from .activation import ACTIVATION_CODES, activation_fp32
+from . import int4_mma
+from .activation import ACTIVATION_CODES, store_gated_rows
 from .attention import _dot
-from .norm import _norm_weights, _residual_norms_row, _residual_norms_values, _warps, residual_norms_args
+from .norm import (_norm_weights, _residual_norms, _residual_norms_row, _residual_norms_values, _warps,
+                   residual_norms_args)
 from .pdl import after_previous_kernel, launch_options
 from .rounding import round_to
 from .tuning import config
@@ -435,23 +438,6 @@ def _dots(w, u, w_scale, u_scale, x, x_ptr, w_ptr, scale_ptr, rows, N, stride_wn
     return gate, up
 
 
-@triton.jit
-def _store_rows(out_ptr, rows, N, gate, up, mult_ptr, ACT: tl.constexpr, GATED: tl.constexpr, HAS_UP: tl.constexpr):
-    """Stores the products of rows `rows` (gate) or, with GATED, act(gate) * up, rounded as the eager ops round: the
-    product(s), act(gate), and act(gate) * up each a tensor of the model dtype. Without HAS_UP, up is the
-    multiplier's row."""
-    dtype = out_ptr.dtype.element_ty
-    row_ok = rows < N
-    if GATED:
-        gate = round_to(gate, dtype)
-        if HAS_UP:
-            up = round_to(up, dtype)
-        else:
-            up = tl.load(mult_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        gate = round_to(round_to(activation_fp32(gate, ACT), dtype) * up, dtype)
-    tl.store(out_ptr + rows, gate.to(dtype), mask=row_ok)
-
-
 # K is a compile-time constant in both kernels (one compilation per weight shape): a static trip count, which the
 # interpreter also needs. The arguments from res_ptr to HAS_NEXT are _input_row's (NORMED: the input is the residual
 # norms of an earlier product). A program takes GROUPS blocks of BLOCK_N rows, num_programs * BLOCK_N rows apart,
@@ -479,7 +465,7 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, mult_ptr, N, stride_wn, strid
                 WFMT, GROUP, SCALE_ROWS)
         gate, up = _dots(w, u, w_scale, u_scale, x, x_ptr, w_ptr, scale_ptr, rows, N, stride_wn, stride_sn, stride_sk,
                          up_offset, K, BLOCK_K, HAS_UP, WFMT, GROUP, SCALE_ROWS)
-        _store_rows(out_ptr, rows, N, gate, up, mult_ptr, ACT, GATED, HAS_UP)
+        store_gated_rows(out_ptr, rows, N, gate, up, mult_ptr, ACT, GATED, HAS_UP)
         if group + 1 < GROUPS:
             w, u, w_scale, u_scale, rows = next_w, next_u, next_w_scale, next_u_scale, rows + group_step
 
@@ -663,7 +649,15 @@ def gemv(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, tiles: tuple |
     norms = (residual, norm_weight, eps, scalar, next_weight, next_eps, new): the input is not x but
     residual_rms_norm(residual, x, norm_weight, eps, scalar, next_weight, next_eps)'s normed row (new itself without
     next_weight), computed by every program from x; the new residual stream is written into `new`. K <= NORMED_MAX_K."""
+    if tiles is None and norms is None and _takes_mma(weight, x):
+        return int4_mma.product(x, weight)
     return _launch_gemv(x, weight, weight.shape[0], tiles, norms)
+
+
+def _takes_mma(weight: torch.Tensor | QuantizedWeight, x: torch.Tensor) -> bool:
+    """Whether the product runs in int4_mma's kernel (an int4 weight that `int4_mma.takes`): its epilogue is the
+    rounded product or the gated activation; residual norms follow in their own kernel."""
+    return isinstance(weight, QuantizedWeight) and int4_mma.takes(weight, x)
 
 
 def gemv_gated(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, activation: str,
@@ -677,6 +671,8 @@ def gemv_gated(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, activati
         raise ValueError(f"unsupported activation {activation!r}; expected one of {sorted(ACTIVATION_CODES)}")
     width = weight.shape[0] // 2 if multiplier is None else weight.shape[0]
     assert multiplier is None or multiplier.numel() == width
+    if tiles is None and norms is None and _takes_mma(weight, x):
+        return int4_mma.product(x, weight, ACTIVATION_CODES[activation], multiplier)
     return _launch_gemv(x, weight, width, tiles, norms, ACTIVATION_CODES[activation], multiplier)
 
 
@@ -708,6 +704,9 @@ def gemv_residual_norms(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight,
     program to finish applies the norms to the whole product. One row (x [..., K], residual [..., N]).
     Returns (new, next norm or None, experts' norm or None, router input or None). weight: as in `gemv`."""
     assert x.shape[-1] == weight.shape[1] and x.numel() == x.shape[-1]
+    if tiles is None and _takes_mma(weight, x):
+        return _residual_norms(residual, int4_mma.product(x, weight).view_as(residual), norm_weight, eps, scalar,
+                               next_weight, next_eps, moe)
     values, scale, stride_sn, stride_sk, fmt = _weight_args(weight, x)
     n_out, k_in = weight.shape
     assert residual.numel() == n_out and residual.stride(-1) == 1

@@ -14,6 +14,9 @@ gemv: (BLOCK_N weight rows a program, BLOCK_K inputs a step, warps, stages, GROU
   GROUPS_MIN_WIDTH    outputs narrower than this take one group of rows (small GEMVs need every program)
   INT4_<key>, BYTE_<key>  a tile key for int4 or 8-bit (fp8, int8) weights, where they differ (BLOCK_K counts
                       weights, not bytes); absent: the key itself
+  INT4_MMA_TILES      (BLOCK_N, warps) of int4_mma's kernel (BLOCK_N a multiple of 16 x warps)
+  INT4_MMA_PROGRAMS   the programs its K splits aim for (the fewest splits that reach them)
+  INT4_MMA_MIN_ELEMENTS  weights of an int4 GEMV from which it runs there (smaller ones: gemv.py's kernels)
 moe:
   GU_BLOCK_W, GU_BLOCK_H, GU_WARPS       decode gate/up kernel: gate (and up) rows a program, columns a step, warps
   DOWN_BLOCK_H, DOWN_BLOCK_W, DOWN_WARPS decode down kernel: output rows a program, columns a step, warps

@@ -1,0 +1,260 @@
+"""int4 GEMVs (one activation row times a W4A16 weight: int4 in groups, bf16 scales) on the tensor cores, the
+weights an MMA's A operand straight from registers, for the big matrices of a batch-1 decode step (31B's).
+
+Unpacking int4 costs instructions: the CUDA-core GEMV (gemv.py's INT4_WORDS) issues ~41 a word of 8 weights and
+stalls on issue before memory; gemv.py's INT4_DOTS multiplies on the tensor cores, but the tile Triton hands to the
+MMA goes through shared memory. Here the layouts are explicit (Gluon, Triton's layout-level dialect), so each
+thread unpacks its words straight into its own A fragments: ~16 instructions a word, no shared memory.
+
+One program: BLOCK_N rows, K / SPLIT inputs in steps of 256. A step's [BLOCK_N, 256] weights are loaded 16 bytes
+(4 words of a row) a thread, every word unpacked in place: with k_width 8 a thread's A fragment holds 8 consecutive K
+of a row, one word. The K order the fragments hold is a permutation of the inputs (words and nibbles), which the B
+operand, the inputs, follows: B is [256, 8], column c the step's group c (inputs of other groups zero), so one MMA
+chain sums each group of 32 apart. q = nibble - 8 is exact in bf16, the products q * x exact in fp32; each group's
+sum times its scale is added in fp32 and the 8 columns summed at the end: the fp32 product of the exact dequantized
+weight up to summation order (as INT4_WORDS), rounded once. With SPLIT > 1 the programs of a row block write fp32
+partial sums and the last to finish adds them in split order (deterministic) and rounds.
+
+Gluon compiles for the GPU only (no interpreter): tests/test_kernels_int4_mma.py runs it on CUDA,
+tests/sm90_compile.py compiles it for sm_90.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+from ..model.quantized import QuantizedWeight
+from .activation import store_gated_rows
+from .pdl import launch_options
+from .tuning import config
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+except ImportError:  # a Triton without Gluon: gemv.py's kernels take every int4 weight
+    gluon = None
+
+BLOCK_K = 256  # inputs a step: 8 groups of 32, the B operand's 8 columns
+MAX_SPLIT = 16
+
+
+def takes(weight: QuantizedWeight, x: torch.Tensor) -> bool:
+    """Whether `product` multiplies this weight with x: one bf16 row on a GPU of compute capability 9.0 or newer
+    (bf16x2 subtraction; not under Triton's interpreter), int4 in groups of 32 to 256 inputs packed along K in int32
+    words, K a multiple of 256, and at least INT4_MMA_MIN_ELEMENTS weights (tuned: smaller GEMVs are bound by their
+    launch and tail, where gemv.py's kernels do as well)."""
+    scheme, values, scale = weight.scheme, weight.values, weight.scale
+    n_out, k_in = weight.shape
+    return (gluon is not None and x.is_cuda and not triton.knobs.runtime.interpret and x.dtype == torch.bfloat16
+            and x.numel() == k_in and scheme.packed and scheme.strategy == "group"
+            and scheme.group_size in (32, 64, 128, 256) and not weight.chunk and values.dim() == 2
+            and values.dtype == torch.int32 and values.stride(1) == 1 and scale.dim() == 2 and k_in % BLOCK_K == 0
+            and n_out * k_in >= _tuned(x.device)["INT4_MMA_MIN_ELEMENTS"] and _capable(x.device.index or 0))
+
+
+@functools.cache
+def _capable(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (9, 0)
+
+
+def _tuned(device: torch.device) -> dict:
+    return config("gemv", device)
+
+
+def product(x: torch.Tensor, weight: QuantizedWeight, act: int | None = None,
+            multiplier: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight.dequantize(fp32)) for one row x [..., K], rounded once to the dtype: [..., N]; with `act`
+    (an ACTIVATION_CODES code) act(gate) * up, rounded as `activation.store_gated_rows` rounds, of [gate; up] = the product
+    (weight [2W, K], a fused gate/up projection) or of gate = the product and up = `multiplier` [..., W]. Only where
+    `takes` (the caller checks)."""
+    from .gemv import finished_counters
+
+    gated, has_up = act is not None, act is not None and multiplier is None
+    width, k_in = weight.shape[0] // (2 if has_up else 1), weight.shape[1]
+    block_n, warps = _tuned(x.device)["INT4_MMA_TILES"]
+    blocks = triton.cdiv(width, block_n)
+    split = _split(blocks, k_in // BLOCK_K, _tuned(x.device)["INT4_MMA_PROGRAMS"])
+    out = torch.empty(*x.shape[:-1], width, dtype=x.dtype, device=x.device)
+    partials, counters = out, out  # unused with one split
+    if split > 1:
+        partials = torch.empty(split, 2 if has_up else 1, width, dtype=torch.float32, device=x.device)
+        counters = finished_counters("int4_mma", x.device, blocks)
+    word_load, operand, x_load, mma = _layouts(block_n, warps)
+    _int4_mma_kernel[(blocks, split)](
+        x.contiguous(), weight.values, weight.scale, out, multiplier.contiguous() if multiplier is not None else out,
+        partials, counters, width, weight.values.stride(0), weight.scale.stride(0), weight.scale.stride(1), K=k_in,
+        ACT=act or 0, GATED=gated, HAS_UP=has_up, BLOCK_N=block_n, GROUP=weight.scheme.group_size, SPLIT=split,
+        WORD_LOAD=word_load, OPERAND=operand, X_LOAD=x_load, MMA=mma, num_warps=warps, **launch_options(x))
+    return out
+
+
+def _split(blocks: int, steps: int, programs: int) -> int:
+    """K splits: the fewest that dividing the steps evenly give at least `programs` programs, MAX_SPLIT at most."""
+    divisors = [d for d in range(1, min(steps, MAX_SPLIT) + 1) if steps % d == 0]
+    return next((d for d in divisors if blocks * d >= programs), divisors[-1])
+
+
+@functools.cache
+def _layouts(block_n: int, warps: int) -> tuple:
+    """The kernel's register layouts for BLOCK_N rows on `warps` warps (each warp 16-row MMA tiles, rows g and g + 8
+    a thread, g = lane // 4). Linear layouts: which element each register, lane and warp bit steps to."""
+    words = BLOCK_K // 8
+
+    def bits(count: int) -> range:
+        return range(count.bit_length() - 1)
+
+    tiles = block_n // (16 * warps)  # MMA tiles a warp, stacked above the warps' rows
+    warp_rows = [[16 << w, 0] for w in bits(warps)]
+    tile_rows = [[(16 * warps) << t, 0] for t in bits(tiles)]
+    # words as stored, [rows, words]: 4 of a row a thread (one 16-byte load), 4 threads along the row
+    word_load = gl.DistributedLinearLayout(
+        reg_bases=[[0, 1], [0, 2], [8, 0], [0, 16]] + tile_rows, lane_bases=[[0, 4], [0, 8], [1, 0], [2, 0], [4, 0]],
+        warp_bases=warp_rows, block_bases=[], shape=[block_n, words])
+    # [rows, words in the operand's order, 8 nibbles]: the A operand (k_width 8) before its reshape to [rows, K]
+    operand = gl.DistributedLinearLayout(
+        reg_bases=[[0, 0, 1], [0, 0, 2], [0, 0, 4], [8, 0, 0], [0, 4, 0], [0, 8, 0], [0, 16, 0]]
+        + [[r, 0, 0] for r, _ in tile_rows],
+        lane_bases=[[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
+        warp_bases=[[r, 0, 0] for r, _ in warp_rows], block_bases=[], shape=[block_n, words, 8])
+    # the inputs as stored, [words, 8 inputs, 8 columns]: a word's inputs a thread (16 bytes), as the B operand
+    # (k_width 8) holds them after the same permutation: columns on lanes 2-4, copies on every warp
+    x_load = gl.DistributedLinearLayout(
+        reg_bases=[[0, 1, 0], [0, 2, 0], [0, 4, 0], [1, 0, 0], [2, 0, 0], [16, 0, 0]],
+        lane_bases=[[4, 0, 0], [8, 0, 0], [0, 0, 1], [0, 0, 2], [0, 0, 4]],
+        warp_bases=[[0, 0, 0] for _ in bits(warps)], block_bases=[], shape=[words, 8, 8])
+    mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[warps, 1], instr_shape=[16, 8])
+    return word_load, operand, x_load, mma
+
+
+if gluon is not None:
+    STEP_K = gl.constexpr(BLOCK_K)
+
+    # A word (8 nibbles n = q + 8, broadcast to the 8 operands of its pack) -> its q as 8 bf16, in the order
+    # n0, n4, n1, n5, n2, n6, n3, n7: each lop3 ors nibbles p and p + 4 (bits 4p and 16 + 4p) into the mantissas of
+    # a bf16x2 128.0 (0x4300: 128 + n exactly), minus 136: q exactly.
+    _UNPACK = gl.constexpr("\n".join([
+        "{", ".reg .b32 w4, w8, w12, o;", "mov.b32 o, 0x43084308;",
+        "shr.u32 w4, $4, 4;", "shr.u32 w8, $4, 8;", "shr.u32 w12, $4, 12;",
+        "lop3.b32 $0, $4, 0x000F000F, 0x43004300, 0xEA;", "lop3.b32 $1, w4, 0x000F000F, 0x43004300, 0xEA;",
+        "lop3.b32 $2, w8, 0x000F000F, 0x43004300, 0xEA;", "lop3.b32 $3, w12, 0x000F000F, 0x43004300, 0xEA;",
+        *(f"sub.rn.bf16x2 ${j}, ${j}, o;" for j in range(4)),
+        "}"]))
+
+    @gluon.jit
+    def _operand_words(t, BLOCK_N: gl.constexpr):
+        """[rows, 32 words] as stored (word m: bits m0..m4) -> the operand's order (m2, m3, m0, m1, m4): lanes step
+        along bits 2-3 of the stored index, registers along 0-1 (a thread's 16-byte load) and 4."""
+        t = gl.reshape(t, [BLOCK_N, 2, 2, 2, 2, 2])  # m4, m3, m2, m1, m0
+        t = gl.permute(t, [0, 1, 4, 5, 2, 3])  # m4, m1, m0, m3, m2
+        return gl.reshape(t, [BLOCK_N, STEP_K // 8])
+
+    @gluon.jit
+    def _pdl_wait():
+        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
+                                  pack=1)
+
+    @gluon.jit
+    def _group_sums(w, broadcast, xb, BLOCK_N: gl.constexpr, A: gl.constexpr, MMA: gl.constexpr):
+        """A step's sums of q * x per row and group, [BLOCK_N, 8] (fp32), from the rows' words as loaded."""
+        ws = gl.convert_layout(_operand_words(w, BLOCK_N), gl.SliceLayout(2, broadcast.type.layout))
+        ws, _ = gl.broadcast(ws[:, :, None], broadcast)
+        q = gl.inline_asm_elementwise(_UNPACK, "=r,=r,=r,=r,r,r,r,r,r,r,r,r", [ws], dtype=gl.bfloat16, is_pure=True,
+                                      pack=8)
+        a = gl.convert_layout(gl.reshape(q, [BLOCK_N, STEP_K]), A, assert_trivial=True)
+        return mma_v2(a, xb, gl.zeros([BLOCK_N, 8], gl.float32, layout=MMA))
+
+    @gluon.jit
+    def _int4_mma_kernel(x_ptr, w_ptr, s_ptr, out_ptr, mult_ptr, partial_ptr, counter_ptr, N, stride_wn, stride_sn,
+                         stride_sk, K: gl.constexpr, ACT: gl.constexpr, GATED: gl.constexpr, HAS_UP: gl.constexpr,
+                         BLOCK_N: gl.constexpr, GROUP: gl.constexpr, SPLIT: gl.constexpr, WORD_LOAD: gl.constexpr,
+                         OPERAND: gl.constexpr, X_LOAD: gl.constexpr, MMA: gl.constexpr, PDL: gl.constexpr):
+        """out = x @ weight.T, or with GATED act(gate) * up (gate/up: rows i and N + i with HAS_UP, else up from
+        mult_ptr); N is the output width. Program (block, split): rows block * BLOCK_N.., inputs of split `split`."""
+        WORDS: gl.constexpr = STEP_K // 8
+        GROUPS: gl.constexpr = STEP_K // GROUP  # a step's groups: B's columns 0 .. GROUPS - 1
+        STEPS: gl.constexpr = K // STEP_K // SPLIT
+        A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=8)
+        B: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=8)
+        block = gl.program_id(0)
+        k_first = gl.program_id(1) * (STEPS * STEP_K)
+        # the weights' words and scales (the up rows' N rows further), one step ahead (no kernel writes them: loaded
+        # before the PDL wait)
+        rows = block * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, WORD_LOAD))
+        words = gl.arange(0, WORDS, layout=gl.SliceLayout(0, WORD_LOAD))
+        w_ptrs = w_ptr + rows.to(gl.int64)[:, None] * stride_wn + (k_first // 8 + words)[None, :]
+        w_ok = (rows < N)[:, None]
+        out_rows = block * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
+        columns = gl.arange(0, 8, layout=gl.SliceLayout(0, MMA))
+        s_ptrs = (s_ptr + out_rows.to(gl.int64)[:, None] * stride_sn
+                  + ((k_first // GROUP + columns) * stride_sk)[None, :])
+        s_ok = (out_rows < N)[:, None] & (columns < GROUPS)[None, :]
+        up_words = N.to(gl.int64) * stride_wn
+        up_scales = N.to(gl.int64) * stride_sn
+        # the inputs as stored, column c of a step those of its group c
+        x_words = gl.arange(0, WORDS, layout=gl.SliceLayout(1, gl.SliceLayout(2, X_LOAD)))
+        x_inputs = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, X_LOAD)))
+        x_columns = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, X_LOAD)))
+        x_ptrs = x_ptr + k_first + (x_words * 8)[:, None, None] + x_inputs[None, :, None] + 0 * x_columns[None, None, :]
+        x_ok = (x_columns[None, None, :] == (x_words * 8 // GROUP)[:, None, None]) & (x_inputs >= 0)[None, :, None]
+        broadcast = gl.zeros([BLOCK_N, WORDS, 8], gl.int32, layout=OPERAND)
+        w = gl.load(w_ptrs, mask=w_ok, other=0)
+        s = gl.load(s_ptrs, mask=s_ok, other=0.0)
+        u, su = w, s
+        if HAS_UP:
+            u = gl.load(w_ptrs + up_words, mask=w_ok, other=0)
+            su = gl.load(s_ptrs + up_scales, mask=s_ok, other=0.0)
+        if PDL:
+            _pdl_wait()
+        acc = gl.zeros([BLOCK_N, 8], gl.float32, layout=MMA)
+        acc_up = acc
+        for step in range(STEPS):
+            more = step + 1 < STEPS
+            next_w = gl.load(w_ptrs + (step + 1) * WORDS, mask=w_ok & more, other=0)
+            next_s = gl.load(s_ptrs + (step + 1) * GROUPS * stride_sk, mask=s_ok & more, other=0.0)
+            next_u, next_su = next_w, next_s
+            if HAS_UP:
+                next_u = gl.load(w_ptrs + up_words + (step + 1) * WORDS, mask=w_ok & more, other=0)
+                next_su = gl.load(s_ptrs + up_scales + (step + 1) * GROUPS * stride_sk, mask=s_ok & more, other=0.0)
+            xs = gl.load(x_ptrs + step * STEP_K, mask=x_ok, other=0.0)
+            # stored [m4, m3, m2, m1, m0, nibble (i, p1, p0), column] -> the operand's K order: words as
+            # _operand_words, then a word's inputs p + 4i in the order (p1, p0, i) that _UNPACK leaves them in
+            xs = gl.reshape(xs, [2, 2, 2, 2, 2, 2, 2, 2, 8])
+            xs = gl.permute(xs, [0, 3, 4, 1, 2, 6, 7, 5, 8])
+            xb = gl.convert_layout(gl.reshape(xs, [STEP_K, 8]), B)
+            acc += _group_sums(w, broadcast, xb, BLOCK_N, A, MMA) * s.to(gl.float32)
+            if HAS_UP:
+                acc_up += _group_sums(u, broadcast, xb, BLOCK_N, A, MMA) * su.to(gl.float32)
+            w, s, u, su = next_w, next_s, next_u, next_su
+        gate = gl.sum(acc, axis=1)
+        up = gate
+        if HAS_UP:
+            up = gl.sum(acc_up, axis=1)
+        rows_ok = out_rows < N
+        if SPLIT == 1:
+            store_gated_rows(out_ptr, out_rows, N, gate, up, mult_ptr, ACT, GATED, HAS_UP)
+        else:
+            # the block's last program to finish adds the partial sums in split order; its acquire pairs with the
+            # other programs' releases (the barrier first puts all of a program's stores before its release), and it
+            # re-arms the counter for the next launch (CUDA-graph replays included)
+            HALVES: gl.constexpr = 2 if HAS_UP else 1
+            partials = partial_ptr + gl.program_id(1) * HALVES * N + out_rows
+            gl.store(partials, gate, mask=rows_ok)
+            if HAS_UP:
+                gl.store(partials + N, up, mask=rows_ok)
+            gl.thread_barrier()
+            finished = gl.atomic_add(counter_ptr + block, 1, sem="acq_rel")
+            if finished == SPLIT - 1:
+                gate = gl.zeros([BLOCK_N], gl.float32, layout=gl.SliceLayout(1, MMA))
+                up = gate
+                for split in gl.static_range(SPLIT):
+                    partials = partial_ptr + split * HALVES * N + out_rows
+                    gate += gl.load(partials, mask=rows_ok, other=0.0, cache_modifier=".cg")
+                    if HAS_UP:
+                        up += gl.load(partials + N, mask=rows_ok, other=0.0, cache_modifier=".cg")
+                store_gated_rows(out_ptr, out_rows, N, gate, up, mult_ptr, ACT, GATED, HAS_UP)
+                gl.atomic_xchg(counter_ptr + block, 0, sem="relaxed")

@@ -1,0 +1,92 @@
+"""The tensor-core int4 GEMV with register operands (kernels/int4_mma.py, Gluon: GPU only, sm_90 or newer) against
+the exact dequantized product; the GEMV entry points that dispatch to it against gemv.py's own int4 kernel. Its
+sm_90 compile is checked without a GPU by test_kernels_compile.py."""
+
+import pytest
+import torch
+
+if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
+    pytest.skip("Gluon's int4 MMA GEMV runs on CUDA devices of compute capability 9.0 or newer",
+                allow_module_level=True)
+
+from gemma4.kernels import gemv, int4_mma, tuning  # noqa: E402
+from gemma4.model.quantized import Scheme, quantize  # noqa: E402
+
+
+def int4(n: int, k: int, group: int = 32, seed: int = 0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    weight = torch.randn(n, k, device="cuda", generator=gen) * k ** -0.5
+    x = torch.randn(1, 1, k, device="cuda", generator=gen).to(torch.bfloat16)
+    return quantize(weight.to(torch.bfloat16), Scheme("int", 4, "group", group_size=group)), x
+
+
+def exact(x, weight):
+    """The fp32 product of the exact dequantized weight, and the sum of |terms| per output (for the bound)."""
+    w = weight.dequantize(torch.float32)
+    xf = x.float().view(1, -1)
+    return (xf @ w.t()).view(-1), (xf.abs() @ w.abs().t()).view(-1)
+
+
+def assert_rounded_product(out, x, weight):
+    """out is the exact product up to fp32 summation order (2^-20 of the summed |terms|, K <= 2^14 terms), rounded
+    once to bf16 (half an ulp: at most 2^-8 relative)."""
+    ref, magnitude = exact(x, weight)
+    bound = 2.0 ** -8 * ref.abs() + 2.0 ** -20 * magnitude
+    err = (out.float().view(-1) - ref).abs()
+    assert (err <= bound).all(), f"max error {err.max().item():.3e}, at most {bound[err.argmax()].item():.3e} there"
+
+
+@pytest.mark.parametrize("n, k, group", [(4096, 256, 32), (1000, 5376, 32), (5376, 8192, 32), (300, 2048, 128),
+                                         (33, 1024, 64)])
+def test_product_is_the_rounded_exact_product(n, k, group):
+    """One split and several (K / 256 steps), rows that no block of 32 divides, groups of 32 to 128."""
+    weight, x = int4(n, k, group)
+    out = int4_mma.product(x, weight)
+    assert out.shape == (1, 1, n) and out.dtype == torch.bfloat16
+    assert_rounded_product(out, x, weight)
+
+
+def test_splits_add_in_a_fixed_order():
+    """Several splits: the last program adds the partial sums in split order, so calls agree bit for bit; and
+    the counters are re-armed (a CUDA-graph replay gives the same output)."""
+    weight, x = int4(512, 8192)
+    blocks = 512 // tuning.tile("gemv", "INT4_MMA_TILES", x.device)[0]
+    assert int4_mma._split(blocks, 8192 // int4_mma.BLOCK_K, tuning.tile("gemv", "INT4_MMA_PROGRAMS", x.device)) > 1
+    first = int4_mma.product(x, weight)
+    assert all(torch.equal(int4_mma.product(x, weight), first) for _ in range(5))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = int4_mma.product(x, weight)
+    for _ in range(3):
+        graph.replay()
+        assert torch.equal(out, first)
+
+
+def test_entry_points_dispatch_to_it(monkeypatch):
+    """gemv, gemv_gated (fused gate/up) and gemv_residual_norms take the MMA kernel for int4 weights of at least
+    INT4_MMA_MIN_ELEMENTS weights, then the activation or the norms in their own kernels: the same results as gemv.py's
+    kernel (its int4 format with explicit tiles) up to one bf16 rounding of the product."""
+    weight, x = int4(2048, 1024)
+    gate_up, _ = int4(4096, 1024, seed=1)
+    residual = torch.randn(1, 1, 2048, device="cuda").to(torch.bfloat16)
+    norm = torch.rand(2048, device="cuda").to(torch.bfloat16) + 0.5
+    calls = []
+    product = int4_mma.product
+    monkeypatch.setattr(int4_mma, "product", lambda *a: calls.append(1) or product(*a))
+    monkeypatch.setattr(int4_mma, "_tuned", lambda device: dict(tuning.config("gemv", device),
+                                                                INT4_MMA_MIN_ELEMENTS=1))
+    tiles = (32, 256, 4, 1)
+    assert_rounded_product(gemv.gemv(x, weight), x, weight)
+    torch.testing.assert_close(gemv.gemv(x, weight), gemv.gemv(x, weight, tiles=tiles), rtol=2 ** -7, atol=1e-3)
+    torch.testing.assert_close(gemv.gemv_gated(x, gate_up, "gelu_pytorch_tanh"),
+                               gemv.gemv_gated(x, gate_up, "gelu_pytorch_tanh", tiles=tiles), rtol=2 ** -7, atol=1e-3)
+    gate, up = gate_up.values[:2048], torch.randn(1, 1, 2048, device="cuda").to(torch.bfloat16)
+    gate = type(gate_up)(gate, gate_up.scale[:2048], gate_up.scheme)
+    torch.testing.assert_close(gemv.gemv_gated(x, gate, "gelu_pytorch_tanh", up),
+                               gemv.gemv_gated(x, gate, "gelu_pytorch_tanh", up, tiles=tiles), rtol=2 ** -7, atol=1e-3)
+    fused = gemv.gemv_residual_norms(x, weight, residual, norm, 1e-6, None, norm, 1e-6)
+    plain = gemv.gemv_residual_norms(x, weight, residual, norm, 1e-6, None, norm, 1e-6, tiles=tiles)
+    assert fused[2] is None and plain[2] is None
+    for a, b in zip(fused[:2], plain[:2]):
+        torch.testing.assert_close(a, b, rtol=2 ** -6, atol=2e-2)
+    assert len(calls) == 5
