@@ -1,7 +1,7 @@
-"""Tune the quantized GEMV tiles of one format at a preset's decode shapes: every plain GEMV of a step (the bf16 LM
-head excluded) timed in CUDA graphs (benchmarks/gemv.py) for each candidate tile set, and the set of the least total
-time per step written as INT4_DOTS_ (the shapes that take the tensor-core int4 GEMV, `gemv.int4_dots`), INT4_ (the
-other int4 shapes) or BYTE_ TILES and WIDE_TILES into the device's kernels/configs JSON.
+"""Tune the quantized GEMV tiles of one format at a preset's decode shapes: every plain GEMV of a step that gemv.py's
+kernel runs (the bf16 LM head and the int4 shapes of int4_mma.py's kernel excluded: benchmarks/int4_mma_tiles.py)
+timed in CUDA graphs (benchmarks/gemv.py) for each candidate tile set, and the set of the least total time per step
+written as INT4_ (int4) or BYTE_ TILES and WIDE_TILES into the device's kernels/configs JSON.
 
     python benchmarks/gemv_tune.py --preset E2B --quantization int4 [--write]
 """
@@ -15,11 +15,10 @@ import json
 import torch
 
 from gemma4.kernels import gemv as gemv_module
-from gemma4.kernels import tuning
+from gemma4.kernels import int4_mma, tuning
 from gemv import cycled_weights, decode_shapes, graph_us, weight_bytes  # benchmarks/gemv.py
 
 CANDIDATES = [None] + list(itertools.product((2, 4, 8), (1024, 2048, 4096), (4, 8), (3,)))  # None: current tiles
-DOTS_CANDIDATES = [None] + list(itertools.product((32, 64, 128), (128, 256, 512), (4, 8), (1,)))
 
 
 def main() -> None:
@@ -28,38 +27,38 @@ def main() -> None:
     parser.add_argument("--quantization", choices=["fp8", "int8", "int4"], default="int4")
     parser.add_argument("--write", action="store_true", help="write the best tiles into the device's config")
     args = parser.parse_args()
-    prefixes = {True: "INT4_DOTS_", False: "INT4_" if args.quantization == "int4" else "BYTE_"}
-    totals = {True: dict.fromkeys(DOTS_CANDIDATES, 0.0), False: dict.fromkeys(CANDIDATES, 0.0)}
+    prefix = "INT4_" if args.quantization == "int4" else "BYTE_"
+    total = dict.fromkeys(CANDIDATES, 0.0)
     for (n, k), count in sorted(decode_shapes(args.preset).items()):
         if n == 262144:  # the LM head stays bf16
             continue
         weights, x = cycled_weights(n, k, args.quantization)
-        dots = gemv_module.int4_dots(weights[0], x)  # the tensor-core format and its own tiles
+        if int4_mma.takes(weights[0], x):
+            continue
         gb = n * k * weight_bytes(args.quantization) / 1e3
         timings = []
-        for tiles in totals[dots]:
+        for tiles in total:
             try:
                 us = graph_us(lambda i: gemv_module.gemv(x, weights[i % len(weights)], tiles))
             except Exception:  # out of resources
                 us = float("inf")
-            totals[dots][tiles] += us * count
+            total[tiles] += us * count
             timings.append((us, tiles))
         best = min(timings, key=lambda t: t[0])
-        print(f"N={n:6d} K={k:5d} x{count:3d} {prefixes[dots]} current {timings[0][0]:7.2f} us "
+        print(f"N={n:6d} K={k:5d} x{count:3d} {prefix} current {timings[0][0]:7.2f} us "
               f"({gb / timings[0][0]:5.0f} GB/s) best {best[0]:7.2f} ({gb / best[0]:5.0f}) {best[1]}")
     path = tuning.CONFIGS / f"{tuning.device_name(torch.device('cuda'))}.json"
-    for dots, total in totals.items():
-        if not any(total.values()):
-            continue
-        best = min(total, key=total.get)
-        print(f"{args.preset} {args.quantization} {prefixes[dots]}: us per step {total[None]:.0f} with the current "
-              f"tiles, {total[best]:.0f} with {best or 'the current ones'}")
-        if args.write and best is not None:
-            table = json.loads(path.read_text()) if path.exists() else {}
-            keys = {prefixes[dots] + "TILES": list(best), prefixes[dots] + "WIDE_TILES": list(best)}
-            table.setdefault("gemv", {}).update(keys)
-            path.write_text(json.dumps(table, indent=2) + "\n")
-            print(f"wrote {sorted(keys)} = {list(best)} into {path}")
+    if not any(total.values()):
+        return
+    best = min(total, key=total.get)
+    print(f"{args.preset} {args.quantization} {prefix}: us per step {total[None]:.0f} with the current tiles, "
+          f"{total[best]:.0f} with {best or 'the current ones'}")
+    if args.write and best is not None:
+        table = json.loads(path.read_text()) if path.exists() else {}
+        keys = {prefix + "TILES": list(best), prefix + "WIDE_TILES": list(best)}
+        table.setdefault("gemv", {}).update(keys)
+        path.write_text(json.dumps(table, indent=2) + "\n")
+        print(f"wrote {sorted(keys)} = {list(best)} into {path}")
 
 
 if __name__ == "__main__":

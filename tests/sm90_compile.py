@@ -83,9 +83,8 @@ def main() -> None:
         x, w = rand(1, 1, k), rand(2 * tuning.tile("gemv", "GROUPS_MIN_WIDTH"), k)
         gemv.gemv(x, w)
         gemv.gemv_gated(x, w, "gelu_pytorch_tanh")
-    # int4 GEMVs on the tensor cores (their PTX unpacking is checked only by compiling): one step and several.
+    # int4 GEMVs in groups: one step and several.
     from gemma4.model.quantized import ON_LOAD, Scheme, quantize
-    gemv._dots_min_width = lambda device: 0  # every width (a GPU takes them from INT4_DOTS_MIN_WIDTH outputs)
     for k in (256, 800):
         x, res, nw = rand(1, 1, k), rand(1, 1, 96), rand(96)
         gemv.gemv(x, quantize(rand(96, k), ON_LOAD["int4"]))

@@ -2,8 +2,8 @@
 dequantized (QuantizedWeight.dequantize) and the same torch ops. The kernels sum q * x in fp32 and apply the scales
 to the sums (per row, or per group of inputs), so they equal the product with the weight dequantized in fp32, up to
 summation order; in bf16 the twin `linear` also rounds the dequantized weight to bf16 first, which moves its
-products by about an ulp more (checked loosely). int4 groups with bf16 inputs run on the tensor cores
-(`int4_dots`): their products are the twin's, the weight rounded to bf16, up to summation order."""
+products by about an ulp more (checked loosely). The big int4 GEMVs that int4_mma.py's kernel takes on a GPU are
+tested in test_kernels_int4_mma.py."""
 
 import pytest
 import torch
@@ -11,8 +11,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from gemma4.kernels import gemv as gemv_module  # noqa: E402
-from gemma4.kernels.gemv import gemv, gemv_gated, gemv_residual_norms, int4_dots, quantized_supported  # noqa: E402
+from gemma4.kernels.gemv import gemv, gemv_gated, gemv_residual_norms, quantized_supported  # noqa: E402
 from gemma4.kernels.norm import residual_rms_norm  # noqa: E402
 from gemma4.model.common import activation  # noqa: E402
 from gemma4.model.quantized import ON_LOAD, QuantizedWeight, Scheme, quantize  # noqa: E402
@@ -25,14 +24,6 @@ FORMATS = [*ON_LOAD, "fp8 blocks"]  # the quantize-on-load schemes (fp8/int8 per
 # int4 group; a ragged 128-column block). With three groups of rows a program, N = 70 leaves a ragged second group and
 # a masked third on the CPU.
 STEPS = (8, 256, 4, 3)
-
-
-@pytest.fixture(autouse=True)
-def int4_dots_at_every_width(monkeypatch):
-    """int4 bf16 GEMVs of any width on the tensor cores (INT4_DOTS; on a GPU only from INT4_DOTS_MIN_WIDTH outputs,
-    wider than these tests' weights), so that both int4 paths run here: INT4_DOTS in bf16, INT4_WORDS in fp32 and
-    with normalized inputs."""
-    monkeypatch.setattr(gemv_module, "_dots_min_width", lambda device: 0)
 
 
 def quantized_weight(fmt: str, n: int, k: int, dtype: torch.dtype, seed: int = 0) -> QuantizedWeight:
@@ -57,12 +48,11 @@ def rand(*shape, dtype, scale=1.0, offset=0.0, seed=0):
     return (torch.randn(*shape, generator=generator) * scale + offset).to(DEVICE, dtype)
 
 
-def product(x: torch.Tensor, weight: QuantizedWeight, stored: bool = False, normed: bool = False) -> torch.Tensor:
-    """The twin's product with the weight dequantized in fp32 (on the tensor cores: in x's dtype, bf16), rounded once
-    to x's dtype (what the kernels compute, up to summation order). stored: as a kernel stores a product without
-    rounding it itself first (gemv, gemv_residual_norms' y): the CPU interpreter's cast to bf16 truncates
-    (kernels/rounding.py). normed: the kernel normalizes its input itself."""
-    dequantized = weight.dequantize(x.dtype if int4_dots(weight, x, normed) else torch.float32)
+def product(x: torch.Tensor, weight: QuantizedWeight, stored: bool = False) -> torch.Tensor:
+    """The twin's product with the weight dequantized in fp32, rounded once to x's dtype (what the kernels compute, up
+    to summation order). stored: as a kernel stores a product without rounding it itself first (gemv,
+    gemv_residual_norms' y): the CPU interpreter's cast to bf16 truncates (kernels/rounding.py)."""
+    dequantized = weight.dequantize(torch.float32)
     out = F.linear(x.float(), dequantized.float())
     if stored and x.dtype == torch.bfloat16 and DEVICE == "cpu":
         return (out.view(torch.int32) & -(1 << 16)).view(torch.float32).to(x.dtype)
@@ -135,15 +125,15 @@ def test_gemv_with_normed_input_equals_norms_then_product(fmt, dtype, variant):
     want_new, normed = residual_rms_norm(residual, y, norm_weight, 1e-6, scalar, next_weight, 1e-5)
     if variant == "gemv":
         weight = quantized_weight(fmt, n, k, dtype, seed=9)
-        got, want = gemv(y, weight, norms=norms), product(normed, weight, stored=True, normed=True)
+        got, want = gemv(y, weight, norms=norms), product(normed, weight, stored=True)
     else:
         multiplier = rand(1, 1, n, dtype=dtype, seed=10) if "multiplier" in variant else None
         weight = quantized_weight(fmt, n if multiplier is not None else 2 * n, k, dtype, seed=11)
         got = gemv_gated(y, weight, "gelu_pytorch_tanh", multiplier, norms=norms)
         if multiplier is None:
-            gate, up = product(normed, weight, normed=True).chunk(2, dim=-1)
+            gate, up = product(normed, weight).chunk(2, dim=-1)
         else:
-            gate, up = product(normed, weight, normed=True), multiplier
+            gate, up = product(normed, weight), multiplier
         want = activation("gelu_pytorch_tanh")(gate) * up
     torch.testing.assert_close(new, want_new, rtol=1e-6, atol=1e-6)  # the norm kernel's row code on the same input
     if dtype == torch.float32:

@@ -11,9 +11,8 @@ accumulator. Where cuBLAS is still faster (big 31B matrices) the model does not 
 
 Each kernel also reads quantized weights (model/quantized.py's QuantizedWeight: fp8 or int8 per channel, int4 packed
 8 to a word in groups, 8-bit in groups or blocks) with their scales, 1 or 1/2 byte a weight instead of 2: the sums of
-q * x in fp32, times the scales per row or per group (`quantized_supported` says which weights). Wide int4 GEMVs
-with bf16 inputs run on the tensor cores instead (INT4_DOTS, `int4_dots`), and the biggest (31B's) in int4_mma.py's
-kernel (residual norms then in their own kernel).
+q * x in fp32, times the scales per row or per group (`quantized_supported` says which weights). The biggest int4
+GEMVs (31B's) run on the tensor cores instead, in int4_mma.py's kernel (residual norms then in their own kernel).
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ import triton.language as tl
 from ..model.quantized import QuantizedWeight
 from . import int4_mma
 from .activation import ACTIVATION_CODES, store_gated_rows
-from .attention import _dot
 from .norm import (_norm_weights, _residual_norms, _residual_norms_row, _residual_norms_values, _warps,
                    residual_norms_args)
 from .pdl import after_previous_kernel, launch_options
@@ -63,8 +61,7 @@ def _input_row(x_ptr, res_ptr, nw_ptr, scalar_ptr, next_w_ptr, new_ptr, eps, nex
 # How the kernels read w_ptr (WFMT) and scale_ptr. Quantized formats multiply the fp32 sums of q * x by their
 # scales: per row once at the end, per group (or block) of a row after summing the group. So the product is the fp32
 # product of the dequantized weight (QuantizedWeight.dequantize) up to summation order, never rounded to the model
-# dtype before the end; except INT4_DOTS, whose tensor-core products take the weight rounded to bf16 as the twin's
-# `linear` does (q * scale rounded once), summed in fp32.
+# dtype before the end.
 INTERPRET = tl.constexpr(triton.knobs.runtime.interpret)  # Triton's interpreter (tests on the CPU) runs no PTX
 DENSE = tl.constexpr(0)        # the weight itself, in the model dtype; scale_ptr unused
 PER_ROW = tl.constexpr(1)      # 8-bit values (fp8 e4m3 or int8: the pointer's type tells which), a scale per row
@@ -74,8 +71,6 @@ INT4_WORDS = tl.constexpr(2)   # int4, 8 a 32-bit word (element j of a row: bits
                                # q + 8), a scale per GROUP inputs; read as [BLOCK_N, BLOCK_K // 8] words, nibble j of
                                # every word times its own input vector (inputs j, j + 8, ...), a group's scale
                                # broadcast to its words
-INT4_DOTS = tl.constexpr(4)    # INT4_WORDS's layout with bf16 inputs and scales, on the tensor cores (`_int4_dots`;
-                               # which launches: `int4_dots`)
 # Scales of the grouped formats: scale_ptr[(row // SCALE_ROWS) * stride_sn + (input // GROUP) * stride_sk]
 # (stride_sk 0: one scale a row read as a scale per group, as int4 per channel).
 
@@ -194,24 +189,6 @@ def _word_inputs(x_ptr, k0, K: tl.constexpr, BLOCK_K: tl.constexpr):
     return x0, x1, x2, x3, x4, x5, x6, x7
 
 
-# Nibble j of two int32 words a, b ($8, $9) as the bf16 pair ((a_j - 8) * sa, (b_j - 8) * sb), sa/sb the words' bf16
-# scales ($10), for j = 0..7 ($0..$7). prmt gathers the low (then high) 16 bits of both words into one register's
-# halves; shifted by 4j, a lop3 ors the nibbles at bits 0-3 and 16-19 into the mantissa of bf16 128.0 (0x4300: 128 +
-# n exactly); minus 136 gives q = n - 8 exactly, times the scale rounded once (mul.rn): the twin's dequantized weight.
-_UNPACK_INT4_BF16 = tl.constexpr("\n".join([
-    "{", ".reg .b32 lo, hi, lo4, hi4, m, c, o;", "mov.b32 m, 0x000F000F;", "mov.b32 c, 0x43004300;",
-    "mov.b32 o, 0x43084308;", "prmt.b32 lo, $8, $9, 0x5410;", "prmt.b32 hi, $8, $9, 0x7632;",
-    "shr.u32 lo4, lo, 4;", "shr.u32 hi4, hi, 4;",
-    "lop3.b32 $0, lo, m, c, 0xEA;", "lop3.b32 $1, lo4, m, c, 0xEA;",  # nibbles 0, 1 (then 4, 5 from hi)
-    "lop3.b32 $4, hi, m, c, 0xEA;", "lop3.b32 $5, hi4, m, c, 0xEA;",
-    "shr.u32 lo, lo, 8;", "shr.u32 lo4, lo4, 8;", "shr.u32 hi, hi, 8;", "shr.u32 hi4, hi4, 8;",
-    "lop3.b32 $2, lo, m, c, 0xEA;", "lop3.b32 $3, lo4, m, c, 0xEA;",  # nibbles 2, 3 (then 6, 7)
-    "lop3.b32 $6, hi, m, c, 0xEA;", "lop3.b32 $7, hi4, m, c, 0xEA;",
-    *(f"sub.rn.bf16x2 ${j}, ${j}, o;" for j in range(8)),  # 128 + n - 136 = q, exactly
-    *(f"mul.rn.bf16x2 ${j}, ${j}, $10;" for j in range(8)),  # q * scale, rounded once
-    "}"]))
-
-
 @triton.jit
 def _word_scales(scale_ptr, rows, N, stride_sn, stride_sk, k0, K: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP: tl.constexpr):
@@ -228,83 +205,17 @@ def _word_scales(scale_ptr, rows, N, stride_sn, stride_sk, k0, K: tl.constexpr, 
 
 
 @triton.jit
-def _dequantized_nibble(w, j: tl.constexpr, scale):
-    """Nibble j of words w dequantized, (q * scale) rounded to bf16, in fp32 (the interpreter's twin of the PTX)."""
-    return round_to((((w >> (4 * j)) & 0xF) - 8).to(tl.float32) * scale, tl.bfloat16)  # the mask drops the sign
-
-
-@triton.jit
-def _dequantized_nibbles(w, scale):
-    """The 8 nibble positions of words w [BLOCK_N, W] dequantized as the twin does, (q * scale) rounded to bf16:
-    8 tiles [BLOCK_N, W], tile j the weights of inputs j, j + 8, j + 16, ... (kept in fp32 under the interpreter,
-    which runs no PTX)."""
-    if INTERPRET:
-        s = scale.to(tl.float32)
-        return (_dequantized_nibble(w, 0, s), _dequantized_nibble(w, 1, s), _dequantized_nibble(w, 2, s),
-                _dequantized_nibble(w, 3, s), _dequantized_nibble(w, 4, s), _dequantized_nibble(w, 5, s),
-                _dequantized_nibble(w, 6, s), _dequantized_nibble(w, 7, s))
-    else:
-        return tl.inline_asm_elementwise(_UNPACK_INT4_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [w, scale],
-                                         dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
-
-
-@triton.jit
-def _int4_dots(w, scale, x, a0, a1, a2, a3, a4, a5, a6, a7):
-    """The tensor-core int4 step: x [16, W] holds the 8 nibble positions' inputs in rows 0-7 (x_j: inputs j, j + 8,
-    ... of the step), rows 8-15 zero; a_j [16, BLOCK_N] += x @ (tile j).T, of which row j is wanted (the others are
-    free: the 16-row MMA has them anyway). fp32 sums of the bf16 products (exact)."""
-    q0, q1, q2, q3, q4, q5, q6, q7 = _dequantized_nibbles(w, scale)
-    a0 = _dot(x, tl.trans(q0), INTERPRET) + a0
-    a1 = _dot(x, tl.trans(q1), INTERPRET) + a1
-    a2 = _dot(x, tl.trans(q2), INTERPRET) + a2
-    a3 = _dot(x, tl.trans(q3), INTERPRET) + a3
-    a4 = _dot(x, tl.trans(q4), INTERPRET) + a4
-    a5 = _dot(x, tl.trans(q5), INTERPRET) + a5
-    a6 = _dot(x, tl.trans(q6), INTERPRET) + a6
-    a7 = _dot(x, tl.trans(q7), INTERPRET) + a7
-    return a0, a1, a2, a3, a4, a5, a6, a7
-
-
-@triton.jit
-def _int4_rows(a0, a1, a2, a3, a4, a5, a6, a7):
-    """Row j of each a_j, summed: the dot products [BLOCK_N]."""
-    r = tl.arange(0, 16)[:, None]
-    t = tl.where(r == 0, a0, 0.0) + tl.where(r == 1, a1, 0.0) + tl.where(r == 2, a2, 0.0) + tl.where(r == 3, a3, 0.0)
-    t += tl.where(r == 4, a4, 0.0) + tl.where(r == 5, a5, 0.0) + tl.where(r == 6, a6, 0.0) + tl.where(r == 7, a7, 0.0)
-    return tl.sum(t, axis=0)
-
-
-@triton.jit
-def _int4_inputs(x_ptr, k0, K: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Inputs k0 .. k0 + BLOCK_K as `_int4_dots` takes them: [16, BLOCK_K // 8], row j < 8 inputs j, j + 8, ..."""
-    r = tl.arange(0, 16)[:, None]
-    cols = k0 + tl.arange(0, BLOCK_K // 8)[None, :] * 8 + r
-    return tl.load(x_ptr + cols, mask=(r < 8) & (cols < K), other=0.0)
-
-
-@triton.jit
-def _int4_row_inputs(x, BLOCK_K: tl.constexpr, dtype: tl.constexpr):
-    """A [1, BLOCK_K] fp32 input row (`_input_row`'s) as `_int4_inputs` gives it (the first step's)."""
-    x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x, BLOCK_K)
-    r = tl.arange(0, 16)[:, None]
-    t = tl.where(r == 0, x0[None, :], 0.0) + tl.where(r == 1, x1[None, :], 0.0) + tl.where(r == 2, x2[None, :], 0.0)
-    t += tl.where(r == 3, x3[None, :], 0.0) + tl.where(r == 4, x4[None, :], 0.0) + tl.where(r == 5, x5[None, :], 0.0)
-    t += tl.where(r == 6, x6[None, :], 0.0) + tl.where(r == 7, x7[None, :], 0.0)
-    return t.to(dtype)
-
-
-@triton.jit
 def _scales(scale_ptr, rows, N, stride_sn, stride_sk, k0, K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_UP: tl.constexpr,
             WFMT: tl.constexpr, GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr):
     """fp32 scales of rows `rows` (and of the up rows N further with HAS_UP): [BLOCK_N] (PER_ROW), those of the
     groups of inputs k0 .. k0 + BLOCK_K, [BLOCK_N, BLOCK_K // GROUP] (grouped formats), or a scale a word,
-    [BLOCK_N, BLOCK_K // 8] (int4; INT4_DOTS: as stored); unused for DENSE.
+    [BLOCK_N, BLOCK_K // 8] (int4); unused for DENSE.
     (gate, up), up = gate without HAS_UP. Masked rows' scales are 0."""
     row_ok = rows < N
     s = 0.0
     if WFMT == PER_ROW:
         s = tl.load(scale_ptr + rows.to(tl.int64) * stride_sn, mask=row_ok, other=0.0).to(tl.float32)
-    elif WFMT == INT4_WORDS or WFMT == INT4_DOTS:  # a scale a word; INT4_DOTS multiplies by them as stored (bf16)
+    elif WFMT == INT4_WORDS:  # a scale a word
         s = _word_scales(scale_ptr, rows, N, stride_sn, stride_sk, k0, K, BLOCK_K, GROUP)
     elif WFMT != DENSE:
         groups = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
@@ -315,7 +226,7 @@ def _scales(scale_ptr, rows, N, stride_sn, stride_sk, k0, K: tl.constexpr, BLOCK
     if HAS_UP:
         if WFMT == PER_ROW:
             t = tl.load(scale_ptr + (rows + N).to(tl.int64) * stride_sn, mask=row_ok, other=0.0).to(tl.float32)
-        elif WFMT == INT4_WORDS or WFMT == INT4_DOTS:
+        elif WFMT == INT4_WORDS:
             t = _word_scales(scale_ptr, rows + N, N * 2, stride_sn, stride_sk, k0, K, BLOCK_K, GROUP)
         elif WFMT != DENSE:
             up_rows = ((rows + N) // SCALE_ROWS).to(tl.int64)
@@ -337,7 +248,7 @@ def _first_tiles(w_ptr, scale_ptr, rows, N, stride_wn, stride_sn, stride_sk, up_
         cols = tl.arange(0, BLOCK_K)
         mask = (rows < N)[:, None] & (cols < K)[None, :]
         w, u = _rows_and_up(w_ptr + rows.to(tl.int64)[:, None] * stride_wn + cols[None, :], mask, up_offset, HAS_UP)
-    elif WFMT == INT4_WORDS or WFMT == INT4_DOTS:
+    elif WFMT == INT4_WORDS:
         w, u = _word_tiles(w_ptr, rows, N, stride_wn, up_offset, 0, K, BLOCK_K, HAS_UP)
     else:
         w, u = _grouped_tiles(w_ptr, rows, N, stride_wn, up_offset, 0, K, BLOCK_K, HAS_UP, GROUP)
@@ -375,30 +286,6 @@ def _dots(w, u, w_scale, u_scale, x, x_ptr, w_ptr, scale_ptr, rows, N, stride_wn
             up = tl.sum(acc_up, axis=1)
         if WFMT == PER_ROW:  # the row's scale times its sum of q * x (u_scale = w_scale without HAS_UP)
             gate, up = gate * w_scale, up * u_scale
-    elif WFMT == INT4_DOTS:  # each step's words, scales and inputs are loaded a step ahead (none past K: masked)
-        next_w, next_u = _word_tiles(w_ptr, rows, N, stride_wn, up_offset, BLOCK_K, K, BLOCK_K, HAS_UP)
-        next_w_scale, next_u_scale = _scales(scale_ptr, rows, N, stride_sn, stride_sk, BLOCK_K, K, BLOCK_K, HAS_UP,
-                                             WFMT, GROUP, SCALE_ROWS)
-        next_xs = _int4_inputs(x_ptr, BLOCK_K, K, BLOCK_K)
-        xs = _int4_row_inputs(x, BLOCK_K, x_ptr.dtype.element_ty)
-        zero = tl.zeros([16, w.shape[0]], dtype=tl.float32)
-        g0, g1, g2, g3, g4, g5, g6, g7 = _int4_dots(w, w_scale, xs, zero, zero, zero, zero, zero, zero, zero, zero)
-        if HAS_UP:
-            u0, u1, u2, u3, u4, u5, u6, u7 = _int4_dots(u, u_scale, xs, zero, zero, zero, zero, zero, zero, zero,
-                                                        zero)
-        for k0 in range(BLOCK_K, K, BLOCK_K):
-            w, u, w_scale, u_scale, xs = next_w, next_u, next_w_scale, next_u_scale, next_xs
-            next_w, next_u = _word_tiles(w_ptr, rows, N, stride_wn, up_offset, k0 + BLOCK_K, K, BLOCK_K, HAS_UP)
-            next_w_scale, next_u_scale = _scales(scale_ptr, rows, N, stride_sn, stride_sk, k0 + BLOCK_K, K, BLOCK_K,
-                                                 HAS_UP, WFMT, GROUP, SCALE_ROWS)
-            next_xs = _int4_inputs(x_ptr, k0 + BLOCK_K, K, BLOCK_K)
-            g0, g1, g2, g3, g4, g5, g6, g7 = _int4_dots(w, w_scale, xs, g0, g1, g2, g3, g4, g5, g6, g7)
-            if HAS_UP:
-                u0, u1, u2, u3, u4, u5, u6, u7 = _int4_dots(u, u_scale, xs, u0, u1, u2, u3, u4, u5, u6, u7)
-        gate = _int4_rows(g0, g1, g2, g3, g4, g5, g6, g7)
-        up = gate
-        if HAS_UP:
-            up = _int4_rows(u0, u1, u2, u3, u4, u5, u6, u7)
     elif WFMT == INT4_WORDS:
         x0, x1, x2, x3, x4, x5, x6, x7 = _scaled_inputs(*_split8(x, BLOCK_K))
         acc = _word_dots(w, w_scale, x0, x1, x2, x3, x4, x5, x6, x7)  # [BLOCK_N, BLOCK_K // 8]: reduced at the end
@@ -504,8 +391,7 @@ def _default_tiles(device: torch.device, k_in: int, normed: bool = False, gated:
     """The tuned tiles (tuning.py: gemv) of a GEMV of `width` outputs over rows of k_in inputs, in weight format
     `wfmt`: a quantized format's own keys (prefixed INT4_ or BYTE_) where the table has them."""
     tuned = config("gemv", device)
-    prefix = {INT4_WORDS.value: "INT4_", INT4_DOTS.value: "INT4_DOTS_", PER_ROW.value: "BYTE_",
-              BLOCKS8.value: "BYTE_"}.get(wfmt, "")
+    prefix = {INT4_WORDS.value: "INT4_", PER_ROW.value: "BYTE_", BLOCKS8.value: "BYTE_"}.get(wfmt, "")
 
     def key(name):
         return tuned[prefix + name] if prefix + name in tuned else tuned[name]
@@ -518,14 +404,10 @@ def _default_tiles(device: torch.device, k_in: int, normed: bool = False, gated:
     return tiles[:4] if width < tuned["GROUPS_MIN_WIDTH"] or k_in > tiles[1] else tiles
 
 
-def _tiles(x: torch.Tensor, k_in: int, tiles: tuple, normed: bool = False, group: int = 1,
-           wfmt: int = 0) -> tuple:
+def _tiles(x: torch.Tensor, k_in: int, tiles: tuple, normed: bool = False, group: int = 1) -> tuple:
     """(BLOCK_N, BLOCK_K, warps, stages, GROUPS) to launch `tiles` with (GROUPS 1 when it has four entries); BLOCK_K
-    at least the weight format's `group` of inputs sharing a scale; INT4_DOTS's tiles at least 16 x 128 (the
-    tensor cores' 16 x 16 tile)."""
+    at least the weight format's `group` of inputs sharing a scale."""
     block_n, block_k, warps, stages, groups = (*tiles, 1)[:5]
-    if wfmt == INT4_DOTS.value:
-        block_n, block_k = max(block_n, 16), max(block_k, 128)
     assert not normed or k_in <= NORMED_MAX_K, f"a GEMV normalizes rows of up to {NORMED_MAX_K} inputs, not {k_in}"
     block_k = triton.next_power_of_2(k_in) if normed else min(block_k, triton.next_power_of_2(k_in))
     block_k = max(block_k, group)
@@ -570,12 +452,9 @@ def quantized_supported(weight: QuantizedWeight) -> str | None:
     return fmt if isinstance(fmt, str) else None
 
 
-def _weight_args(weight: torch.Tensor | QuantizedWeight, x: torch.Tensor,
-                 normed: bool = False) -> tuple[torch.Tensor, torch.Tensor, int, int, dict]:
-    """A weight's (values, scales, scale row stride, scale group stride, format constexprs) for the kernels that
-    multiply it with input x (`normed`: the kernel normalizes x itself): a model-dtype tensor (its own placeholder
-    scales) or a QuantizedWeight. int4 groups with bf16 inputs and scales run on the tensor cores (INT4_DOTS) where
-    the input row is read in steps (not normalized in the kernel, which holds it whole) of at least 128 inputs."""
+def _weight_args(weight: torch.Tensor | QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, int, int, dict]:
+    """A weight's (values, scales, scale row stride, scale group stride, format constexprs) for the kernels: a
+    model-dtype tensor (its own placeholder scales) or a QuantizedWeight."""
     if isinstance(weight, torch.Tensor):
         assert weight.stride(-1) == 1
         return weight, weight, 0, 0, dict(WFMT=DENSE.value, GROUP=1, SCALE_ROWS=1)
@@ -583,33 +462,7 @@ def _weight_args(weight: torch.Tensor | QuantizedWeight, x: torch.Tensor,
     if isinstance(fmt, str):
         raise ValueError(f"the GEMV kernels do not read this {weight.scheme.name} weight: {fmt}")
     constexprs, stride_sn, stride_sk = fmt
-    if _takes_dots(constexprs, weight, x, normed):
-        constexprs = dict(constexprs, WFMT=INT4_DOTS.value)
     return weight.values, weight.scale, stride_sn, stride_sk, constexprs
-
-
-def int4_dots(weight: QuantizedWeight, x: torch.Tensor, normed: bool = False) -> bool:
-    """Whether the GEMVs multiply this weight with input x on the tensor cores (INT4_DOTS: int4 groups, bf16 inputs
-    and scales, a row read in steps, not normalized in the kernel, which holds it whole; at least 128 inputs; at
-    least `_dots_min_width` outputs, where enough row tiles fill the GPU). Their products are those of the twin's
-    bf16 dequantized weight (q * scale rounded to bf16), where the other formats' are those of the exact
-    q * scale."""
-    fmt = _quantized_format(weight)
-    return not isinstance(fmt, str) and _takes_dots(fmt[0], weight, x, normed)
-
-
-def _takes_dots(constexprs: dict, weight: QuantizedWeight, x: torch.Tensor, normed: bool) -> bool:
-    """`int4_dots` for a weight whose format constexprs (`_quantized_format`) are known."""
-    return (constexprs["WFMT"] == INT4_WORDS.value and x.dtype == weight.scale.dtype == torch.bfloat16 and not normed
-            and weight.shape[1] >= 128 and weight.shape[0] >= _dots_min_width(x.device))
-
-
-def _dots_min_width(device: torch.device) -> float:
-    """The fewest outputs of an INT4_DOTS GEMV (tuned: INT4_DOTS_MIN_WIDTH); none before Hopper (its PTX's bf16x2
-    sub and mul need sm_90)."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):
-        return float("inf")
-    return config("gemv", device)["INT4_DOTS_MIN_WIDTH"]
 
 
 def _input_args(x: torch.Tensor, norms: tuple | None) -> tuple[tuple, dict]:
@@ -627,9 +480,9 @@ def _launch_gemv(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, width:
                  norms: tuple | None, act: int | None = None, multiplier: torch.Tensor | None = None) -> torch.Tensor:
     assert x.shape[-1] == weight.shape[1] and x.numel() == x.shape[-1]
     k_in, normed, gated = weight.shape[1], norms is not None, act is not None  # act: the gated activation's code
-    values, scale, stride_sn, stride_sk, fmt = _weight_args(weight, x, normed)
+    values, scale, stride_sn, stride_sk, fmt = _weight_args(weight)
     tiles = tiles or _default_tiles(x.device, k_in, normed, gated, width, fmt["WFMT"])
-    block_n, block_k, warps, stages, groups = _tiles(x, k_in, tiles, normed, fmt["GROUP"], fmt["WFMT"])
+    block_n, block_k, warps, stages, groups = _tiles(x, k_in, tiles, normed, fmt["GROUP"])
     x = x.contiguous()
     input_args, input_flags = _input_args(x, norms)
     out = torch.empty(*x.shape[:-1], width, dtype=x.dtype, device=x.device)
@@ -707,11 +560,11 @@ def gemv_residual_norms(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight,
     if tiles is None and _takes_mma(weight, x):
         return _residual_norms(residual, int4_mma.product(x, weight).view_as(residual), norm_weight, eps, scalar,
                                next_weight, next_eps, moe)
-    values, scale, stride_sn, stride_sk, fmt = _weight_args(weight, x)
+    values, scale, stride_sn, stride_sk, fmt = _weight_args(weight)
     n_out, k_in = weight.shape
     assert residual.numel() == n_out and residual.stride(-1) == 1
     tiles = tiles or _default_tiles(x.device, k_in, wfmt=fmt["WFMT"])  # one group: its programs count as they finish
-    block_n, block_k, warps, stages, _ = _tiles(x, k_in, tiles, group=fmt["GROUP"], wfmt=fmt["WFMT"])
+    block_n, block_k, warps, stages, _ = _tiles(x, k_in, tiles, group=fmt["GROUP"])
     y = torch.empty(n_out, dtype=x.dtype, device=x.device)
     outputs, pointers, named = residual_norms_args(residual, y, norm_weight, eps, scalar, next_weight, next_eps, moe)
     _gemv_residual_norms_kernel[(triton.cdiv(n_out, block_n),)](

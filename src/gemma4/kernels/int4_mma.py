@@ -1,10 +1,10 @@
 """int4 GEMVs (one activation row times a W4A16 weight: int4 in groups, bf16 scales) on the tensor cores, the
 weights an MMA's A operand straight from registers, for the big matrices of a batch-1 decode step (31B's).
 
-Unpacking int4 costs instructions: the CUDA-core GEMV (gemv.py's INT4_WORDS) issues ~41 a word of 8 weights and
-stalls on issue before memory; gemv.py's INT4_DOTS multiplies on the tensor cores, but the tile Triton hands to the
-MMA goes through shared memory. Here the layouts are explicit (Gluon, Triton's layout-level dialect), so each
-thread unpacks its words straight into its own A fragments: ~16 instructions a word, no shared memory.
+Unpacking int4 costs instructions: gemv.py's CUDA-core GEMV (INT4_WORDS) issues ~41 a word of 8 weights and stalls
+on issue before memory; multiplying on the tensor cores through tl.dot, the dequantized tile Triton hands to the MMA
+goes through shared memory. Here the layouts are explicit (Gluon, Triton's layout-level dialect), so each thread
+unpacks its words straight into its own A fragments: ~16 instructions a word, no shared memory.
 
 One program: BLOCK_N rows, K / SPLIT inputs in steps of 256. A step's [BLOCK_N, 256] weights are loaded 16 bytes
 (4 words of a row) a thread, every word unpacked in place: with k_width 8 a thread's A fragment holds 8 consecutive K
