@@ -83,7 +83,8 @@ def test_gemv_gated_equals_eager(dtype, act, with_multiplier):
         assert (out == expected).float().mean() > 0.9
 
 
-from gemma4.kernels.gemv import finished_counters, gemv_residual_norms  # noqa: E402
+from gemma4.kernels import counters  # noqa: E402
+from gemma4.kernels.gemv import gemv_residual_norms  # noqa: E402
 from gemma4.kernels.norm import residual_moe_norms, residual_rms_norm  # noqa: E402
 
 
@@ -126,7 +127,7 @@ def test_gemv_residual_norms_equals_two_kernels(dtype, variant):
                 else:  # one rounding of y: equal but where the fp32 sum lands on the other side of a boundary
                     torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-5)
                     assert (got == want).float().mean() > 0.9
-        assert finished_counters("gemv_residual_norms", weight.device).item() == 0
+        assert counters.finished_counters("gemv_residual_norms", weight.device).item() == 0
 
 
 def test_takes_gemv_only_where_measured_faster():
@@ -187,8 +188,6 @@ def test_gemv_with_normed_input_equals_norm_kernel_then_gemv(dtype, variant, gro
 def test_outgrown_finished_counters_stay_allocated():
     """CUDA graphs captured with a smaller set of counters keep its address: growing the set must not free it (the
     argmax kernel's set grows with the batch buckets an engine captures)."""
-    from gemma4.kernels import gemv as gemv_module
-
-    small = gemv_module.finished_counters("test-owner", torch.device("cpu"), 2)
-    large = gemv_module.finished_counters("test-owner", torch.device("cpu"), 8)
-    assert large.numel() == 8 and any(t.data_ptr() == small.data_ptr() for t in gemv_module._retired)
+    small = counters.finished_counters("test-owner", torch.device("cpu"), 2)
+    large = counters.finished_counters("test-owner", torch.device("cpu"), 8)
+    assert large.numel() == 8 and any(t.data_ptr() == small.data_ptr() for t in counters._retired)

@@ -24,6 +24,7 @@ import triton.language as tl
 from ..model.quantized import QuantizedWeight
 from . import int4_mma
 from .activation import ACTIVATION_CODES, store_gated_rows
+from .counters import finished_counters
 from .norm import (_norm_weights, _residual_norms, _residual_norms_row, _residual_norms_values, _warps,
                    residual_norms_args)
 from .pdl import after_previous_kernel, launch_options
@@ -527,25 +528,6 @@ def gemv_gated(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, activati
     if tiles is None and norms is None and _takes_mma(weight, x):
         return int4_mma.product(x, weight, ACTIVATION_CODES[activation], multiplier)
     return _launch_gemv(x, weight, width, tiles, norms, ACTIVATION_CODES[activation], multiplier)
-
-
-_counters: dict[tuple[str, torch.device], torch.Tensor] = {}
-_retired: list[torch.Tensor] = []  # outgrown counters that captured CUDA graphs may still point to
-
-
-def finished_counters(owner: str, device: torch.device, size: int = 1) -> torch.Tensor:
-    """`size` finished-programs counters (int32) of one kernel (`owner`) whose last program to finish does the rest
-    of the work: zero between launches (each launch's last program resets its own), so one set per device serves
-    every launch of a stream. Made (and grown) by eager calls: inside a CUDA-graph capture their zeroing would only
-    be recorded (capture_graph warms every step up eagerly first)."""
-    key = (owner, device)
-    if key not in _counters or _counters[key].numel() < size:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"{owner} must run once outside CUDA-graph capture first (its counters)")
-        if key in _counters:  # graphs captured with the smaller set keep its address: it must stay allocated
-            _retired.append(_counters[key])
-        _counters[key] = torch.zeros(size, dtype=torch.int32, device=device)
-    return _counters[key][:size]
 
 
 def gemv_residual_norms(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, residual: torch.Tensor,

@@ -28,6 +28,7 @@ import triton
 
 from ..model.quantized import QuantizedWeight
 from .activation import store_gated_rows
+from .counters import finished_counters
 from .pdl import launch_options
 from .tuning import config
 
@@ -71,8 +72,6 @@ def product(x: torch.Tensor, weight: QuantizedWeight, act: int | None = None,
     (an ACTIVATION_CODES code) act(gate) * up, rounded as `activation.store_gated_rows` rounds, of [gate; up] = the product
     (weight [2W, K], a fused gate/up projection) or of gate = the product and up = `multiplier` [..., W]. Only where
     `takes` (the caller checks)."""
-    from .gemv import finished_counters
-
     gated, has_up = act is not None, act is not None and multiplier is None
     width, k_in = weight.shape[0] // (2 if has_up else 1), weight.shape[1]
     block_n, warps = _tuned(x.device)["INT4_MMA_TILES"]

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from .activation import _tanh
-from .gemv import finished_counters
+from .counters import finished_counters
 from .pdl import after_previous_kernel, launch_options
 from .tuning import tile
 
