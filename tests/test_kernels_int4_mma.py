@@ -1,16 +1,33 @@
-"""The tensor-core int4 GEMV with register operands (kernels/int4_mma.py, Gluon: GPU only, sm_90 or newer) against
-the exact dequantized product; the GEMV entry points that dispatch to it against gemv.py's own int4 kernel. Its
-sm_90 compile is checked without a GPU by test_kernels_compile.py."""
+"""The tensor-core int4 GEMV with register operands (kernels/int4_mma.py, Gluon: it runs on GPUs of compute
+capability 9.0 or newer only) against the exact dequantized product; the GEMV entry points that dispatch to it
+against gemv.py's own int4 kernel; on any machine, its choice of K splits and that the CPU never takes it. Its sm_90
+compile is checked without a GPU by test_kernels_compile.py."""
 
 import pytest
 import torch
 
-if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
-    pytest.skip("Gluon's int4 MMA GEMV runs on CUDA devices of compute capability 9.0 or newer",
-                allow_module_level=True)
+pytest.importorskip("triton")
 
 from gemma4.kernels import gemv, int4_mma, tuning  # noqa: E402
 from gemma4.model.quantized import Scheme, quantize  # noqa: E402
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                         reason="Gluon's int4 MMA GEMV runs on CUDA devices of compute capability 9.0 or newer")
+
+
+def test_splits_are_the_fewest_that_reach_the_programs():
+    """K splits divide the row's 256-input steps evenly: the fewest giving INT4_MMA_PROGRAMS programs, else the most
+    up to MAX_SPLIT (31B's shapes at 32-row blocks: gate/up 1, q/k/v 3, down 6)."""
+    assert int4_mma._split(1344, 21, 1000) == 1
+    assert int4_mma._split(512, 21, 1000) == 3
+    assert int4_mma._split(168, 84, 1000) == 6
+    assert int4_mma._split(3, 32, 1000) == 16
+    assert int4_mma._split(10, 7, 1000) == 7
+
+
+def test_not_taken_on_the_cpu():
+    weight = quantize(torch.randn(8192, 4096).to(torch.bfloat16), Scheme("int", 4, "group", group_size=32))
+    assert not int4_mma.takes(weight, torch.randn(1, 1, 4096).to(torch.bfloat16))
 
 
 def int4(n: int, k: int, group: int = 32, seed: int = 0):
@@ -36,6 +53,7 @@ def assert_rounded_product(out, x, weight):
     assert (err <= bound).all(), f"max error {err.max().item():.3e}, at most {bound[err.argmax()].item():.3e} there"
 
 
+@gpu
 @pytest.mark.parametrize("n, k, group", [(4096, 256, 32), (1000, 5376, 32), (5376, 8192, 32), (300, 2048, 128),
                                          (33, 1024, 64)])
 def test_product_is_the_rounded_exact_product(n, k, group):
@@ -46,6 +64,7 @@ def test_product_is_the_rounded_exact_product(n, k, group):
     assert_rounded_product(out, x, weight)
 
 
+@gpu
 def test_splits_add_in_a_fixed_order():
     """Several splits: the last program adds the partial sums in split order, so calls agree bit for bit; and
     the counters are re-armed (a CUDA-graph replay gives the same output)."""
@@ -62,6 +81,7 @@ def test_splits_add_in_a_fixed_order():
         assert torch.equal(out, first)
 
 
+@gpu
 def test_entry_points_dispatch_to_it(monkeypatch):
     """gemv, gemv_gated (fused gate/up) and gemv_residual_norms take the MMA kernel for int4 weights of at least
     INT4_MMA_MIN_ELEMENTS weights, then the activation or the norms in their own kernels: the same results as gemv.py's
