@@ -107,7 +107,8 @@ def activation_fp32(x, ACT: tl.constexpr):
 
 
 @triton.jit
-def store_gated_rows(out_ptr, rows, N, gate, up, mult_ptr, ACT: tl.constexpr, GATED: tl.constexpr, HAS_UP: tl.constexpr):
+def store_gated_rows(out_ptr, rows, N, gate, up, mult_ptr, ACT: tl.constexpr, GATED: tl.constexpr,
+                     HAS_UP: tl.constexpr):
     """A GEMV's epilogue (gemv.py, int4_mma.py): stores the fp32 products of rows `rows` (gate) or, with GATED,
     act(gate) * up, rounded as the eager ops round: the product(s), act(gate), and act(gate) * up each a tensor of
     the model dtype. Without HAS_UP, up is the multiplier's row."""

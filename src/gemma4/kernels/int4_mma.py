@@ -69,9 +69,9 @@ def _tuned(device: torch.device) -> dict:
 def product(x: torch.Tensor, weight: QuantizedWeight, act: int | None = None,
             multiplier: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight.dequantize(fp32)) for one row x [..., K], rounded once to the dtype: [..., N]; with `act`
-    (an ACTIVATION_CODES code) act(gate) * up, rounded as `activation.store_gated_rows` rounds, of [gate; up] = the product
-    (weight [2W, K], a fused gate/up projection) or of gate = the product and up = `multiplier` [..., W]. Only where
-    `takes` (the caller checks)."""
+    (an ACTIVATION_CODES code) act(gate) * up, rounded as `activation.store_gated_rows` rounds, of [gate; up] = the
+    product (weight [2W, K], a fused gate/up projection) or of gate = the product and up = `multiplier` [..., W].
+    Only where `takes` (the caller checks)."""
     gated, has_up = act is not None, act is not None and multiplier is None
     width, k_in = weight.shape[0] // (2 if has_up else 1), weight.shape[1]
     block_n, warps = _tuned(x.device)["INT4_MMA_TILES"]
