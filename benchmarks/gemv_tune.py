@@ -15,7 +15,7 @@ import json
 import torch
 
 from gemma4.kernels import gemv as gemv_module
-from gemma4.kernels import int4_mma, tuning
+from gemma4.kernels import tuning
 from gemv import cycled_weights, decode_shapes, graph_us, weight_bytes  # benchmarks/gemv.py
 
 CANDIDATES = [None] + list(itertools.product((2, 4, 8), (1024, 2048, 4096), (4, 8), (3,)))  # None: current tiles
@@ -33,7 +33,7 @@ def main() -> None:
         if n == 262144:  # the LM head stays bf16
             continue
         weights, x = cycled_weights(n, k, args.quantization)
-        if int4_mma.takes(weights[0], x):
+        if gemv_module._takes_mma(weights[0], x):
             continue
         gb = n * k * weight_bytes(args.quantization) / 1e3
         timings = []

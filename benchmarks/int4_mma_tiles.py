@@ -1,6 +1,7 @@
-"""int4_mma's tiles at a preset's int4 GEMV shapes: for each shape the kernel takes (`int4_mma.takes`), GB/s of int4
-values and scales per (BLOCK_N, warps, target programs), best first; cycled weights in CUDA graphs (benchmarks/gemv.py's
-helpers). The default comes from `INT4_MMA_TILES` / `INT4_MMA_PROGRAMS` in kernels/configs.
+"""int4_mma's tiles at a preset's int4 GEMV shapes: for each shape the model gives it (kernels/gemv.py
+`_takes_mma`), GB/s of int4 values and scales per (BLOCK_N, warps, target programs), best first; cycled weights in
+CUDA graphs (benchmarks/gemv.py's helpers). The default comes from `INT4_MMA_TILES` / `INT4_MMA_PROGRAMS` in
+kernels/configs.
 
     python benchmarks/int4_mma_tiles.py --preset 31B
 """
@@ -16,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from gemv import cycled_weights, decode_shapes, graph_us, weight_bytes  # noqa: E402
 
+from gemma4.kernels import gemv as gemv_kernels  # noqa: E402
 from gemma4.kernels import int4_mma, tuning  # noqa: E402
 
 VARIANTS = [((32, 1), 1000), ((32, 2), 1000), ((32, 2), 500), ((32, 2), 2000), ((64, 4), 1000), ((64, 2), 1000),
@@ -31,7 +33,7 @@ def main() -> None:
     print(f"{args.preset} on {torch.cuda.get_device_name()}: GB/s per BLOCK_N x warps / target programs")
     for (n, k), count in sorted(decode_shapes(args.preset).items()):
         weights, x = cycled_weights(n, k, "int4")
-        if not int4_mma.takes(weights[0], x):
+        if not gemv_kernels._takes_mma(weights[0], x):
             continue
         gb = n * k * weight_bytes("int4") / 1e3  # bytes per us = GB/s * 1e-3
         row = []

@@ -480,6 +480,8 @@ def _input_args(x: torch.Tensor, norms: tuple | None) -> tuple[tuple, dict]:
 def _launch_gemv(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, width: int, tiles: tuple | None,
                  norms: tuple | None, act: int | None = None, multiplier: torch.Tensor | None = None) -> torch.Tensor:
     assert x.shape[-1] == weight.shape[1] and x.numel() == x.shape[-1]
+    if tiles is None and norms is None and _takes_mma(weight, x):
+        return int4_mma.product(x, weight, act, multiplier)
     k_in, normed, gated = weight.shape[1], norms is not None, act is not None  # act: the gated activation's code
     values, scale, stride_sn, stride_sk, fmt = _weight_args(weight)
     tiles = tiles or _default_tiles(x.device, k_in, normed, gated, width, fmt["WFMT"])
@@ -503,15 +505,17 @@ def gemv(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, tiles: tuple |
     norms = (residual, norm_weight, eps, scalar, next_weight, next_eps, new): the input is not x but
     residual_rms_norm(residual, x, norm_weight, eps, scalar, next_weight, next_eps)'s normed row (new itself without
     next_weight), computed by every program from x; the new residual stream is written into `new`. K <= NORMED_MAX_K."""
-    if tiles is None and norms is None and _takes_mma(weight, x):
-        return int4_mma.product(x, weight)
     return _launch_gemv(x, weight, weight.shape[0], tiles, norms)
 
 
 def _takes_mma(weight: torch.Tensor | QuantizedWeight, x: torch.Tensor) -> bool:
-    """Whether the product runs in int4_mma's kernel (an int4 weight that `int4_mma.takes`): its epilogue is the
-    rounded product or the gated activation; residual norms follow in their own kernel."""
-    return isinstance(weight, QuantizedWeight) and int4_mma.takes(weight, x)
+    """Whether the product runs in int4_mma's kernel: int4 in groups as these kernels read it (`_quantized_format`)
+    and a weight and input that `int4_mma.takes`. Its epilogue is the rounded product or the gated activation;
+    residual norms follow in their own kernel."""
+    if not (isinstance(weight, QuantizedWeight) and weight.scheme.strategy == "group" and int4_mma.takes(weight, x)):
+        return False
+    fmt = _quantized_format(weight)
+    return not isinstance(fmt, str) and fmt[0]["WFMT"] == INT4_WORDS.value
 
 
 def gemv_gated(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, activation: str,
@@ -525,8 +529,6 @@ def gemv_gated(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, activati
         raise ValueError(f"unsupported activation {activation!r}; expected one of {sorted(ACTIVATION_CODES)}")
     width = weight.shape[0] // 2 if multiplier is None else weight.shape[0]
     assert multiplier is None or multiplier.numel() == width
-    if tiles is None and norms is None and _takes_mma(weight, x):
-        return int4_mma.product(x, weight, ACTIVATION_CODES[activation], multiplier)
     return _launch_gemv(x, weight, width, tiles, norms, ACTIVATION_CODES[activation], multiplier)
 
 

@@ -44,16 +44,14 @@ MAX_SPLIT = 16
 
 
 def takes(weight: QuantizedWeight, x: torch.Tensor) -> bool:
-    """Whether `product` multiplies this weight with x: one bf16 row on a GPU of compute capability 9.0 or newer
-    (bf16x2 subtraction; not under Triton's interpreter), int4 in groups of 32 to 256 inputs packed along K in int32
-    words, K a multiple of 256, and at least INT4_MMA_MIN_ELEMENTS weights (tuned: smaller GEMVs are bound by their
-    launch and tail, where gemv.py's kernels do as well)."""
-    scheme, values, scale = weight.scheme, weight.values, weight.scale
+    """Whether `product` multiplies this int4 weight in groups, in the layout gemv.py's kernels read (one matrix of
+    int32 words with unit stride along K: `gemv._quantized_format`, which the caller checks), with x: one bf16 row
+    on a GPU of compute capability 9.0 or newer (bf16x2 subtraction; not under Triton's interpreter), groups of 32
+    to 256 inputs, K a multiple of 256, and at least INT4_MMA_MIN_ELEMENTS weights (tuned: smaller GEMVs are bound
+    by their launch and tail, where gemv.py's kernels do as well)."""
     n_out, k_in = weight.shape
     return (gluon is not None and x.is_cuda and not triton.knobs.runtime.interpret and x.dtype == torch.bfloat16
-            and x.numel() == k_in and scheme.packed and scheme.strategy == "group"
-            and scheme.group_size in (32, 64, 128, 256) and not weight.chunk and values.dim() == 2
-            and values.dtype == torch.int32 and values.stride(1) == 1 and scale.dim() == 2 and k_in % BLOCK_K == 0
+            and x.numel() == k_in and weight.scheme.group_size in (32, 64, 128, 256) and k_in % BLOCK_K == 0
             and n_out * k_in >= _tuned(x.device)["INT4_MMA_MIN_ELEMENTS"] and _capable(x.device.index or 0))
 
 
