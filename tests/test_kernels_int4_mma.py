@@ -83,8 +83,8 @@ def test_splits_add_in_a_fixed_order():
 
 @gpu
 def test_entry_points_dispatch_to_it(monkeypatch):
-    """gemv, gemv_gated (fused gate/up) and gemv_residual_norms take the MMA kernel for int4 weights of at least
-    INT4_MMA_MIN_ELEMENTS weights, then the activation or the norms in their own kernels: the same results as gemv.py's
+    """gemv, gemv_gated (fused gate/up; with a normed input too) and gemv_residual_norms take the MMA kernel for int4
+    weights of at least INT4_MMA_MIN_ELEMENTS weights, the norms in their own kernels: the same results as gemv.py's
     kernel (its int4 format with explicit tiles) up to one bf16 rounding of the product."""
     weight, x = int4(2048, 1024)
     gate_up, _ = int4(4096, 1024, seed=1)
@@ -104,9 +104,18 @@ def test_entry_points_dispatch_to_it(monkeypatch):
     gate = type(gate_up)(gate, gate_up.scale[:2048], gate_up.scheme)
     torch.testing.assert_close(gemv.gemv_gated(x, gate, "gelu_pytorch_tanh", up),
                                gemv.gemv_gated(x, gate, "gelu_pytorch_tanh", up, tiles=tiles), rtol=2 ** -7, atol=1e-3)
+    # a normed input (the model's gate/up after the attention block): the norms' kernel, then the MMA kernel
+    stream, norm_in = torch.randn_like(x), torch.rand(1024, device="cuda").to(torch.bfloat16) + 0.5
+    for next_weight in (norm_in, None):
+        news = [torch.empty_like(x), torch.empty_like(x)]
+        outs = [gemv.gemv_gated(x, gate_up, "gelu_pytorch_tanh", tiles=t,
+                                norms=(stream, norm_in, 1e-6, None, next_weight, 1e-6, new))
+                for t, new in zip((None, tiles), news)]
+        assert torch.equal(news[0], news[1])
+        torch.testing.assert_close(outs[0], outs[1], rtol=2 ** -7, atol=1e-3)
     fused = gemv.gemv_residual_norms(x, weight, residual, norm, 1e-6, None, norm, 1e-6)
     plain = gemv.gemv_residual_norms(x, weight, residual, norm, 1e-6, None, norm, 1e-6, tiles=tiles)
     assert fused[2] is None and plain[2] is None
     for a, b in zip(fused[:2], plain[:2]):
         torch.testing.assert_close(a, b, rtol=2 ** -6, atol=2e-2)
-    assert len(calls) == 5
+    assert len(calls) == 7

@@ -480,8 +480,8 @@ def _input_args(x: torch.Tensor, norms: tuple | None) -> tuple[tuple, dict]:
 def _launch_gemv(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, width: int, tiles: tuple | None,
                  norms: tuple | None, act: int | None = None, multiplier: torch.Tensor | None = None) -> torch.Tensor:
     assert x.shape[-1] == weight.shape[1] and x.numel() == x.shape[-1]
-    if tiles is None and norms is None and _takes_mma(weight, x):
-        return int4_mma.product(x, weight, act, multiplier)
+    if tiles is None and _takes_mma(weight, x):
+        return int4_mma.product(x if norms is None else _normed_input(x, norms), weight, act, multiplier)
     k_in, normed, gated = weight.shape[1], norms is not None, act is not None  # act: the gated activation's code
     values, scale, stride_sn, stride_sk, fmt = _weight_args(weight)
     tiles = tiles or _default_tiles(x.device, k_in, normed, gated, width, fmt["WFMT"])
@@ -495,6 +495,15 @@ def _launch_gemv(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, width:
         **input_flags, BLOCK_N=block_n, BLOCK_K=block_k, GROUPS=groups, **fmt, num_warps=warps, num_stages=stages,
         **launch_options(x))
     return out
+
+
+def _normed_input(x: torch.Tensor, norms: tuple) -> torch.Tensor:
+    """The row a GEMV with `norms` multiplies, computed by its own kernel (the new residual stream into `new`), for
+    the kernels that do not normalize their input."""
+    residual, norm_weight, eps, scalar, next_weight, next_eps, new = norms
+    new, normed = _residual_norms(residual, x, norm_weight, eps, scalar, next_weight, next_eps,
+                                  out=new.view(residual.shape))[:2]
+    return (new if normed is None else normed).view(x.shape)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, tiles: tuple | None = None,
@@ -511,7 +520,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, tiles: tuple |
 def _takes_mma(weight: torch.Tensor | QuantizedWeight, x: torch.Tensor) -> bool:
     """Whether the product runs in int4_mma's kernel: int4 in groups as these kernels read it (`_quantized_format`)
     and a weight and input that `int4_mma.takes`. Its epilogue is the rounded product or the gated activation;
-    residual norms follow in their own kernel."""
+    residual norms, of its input (`norms`) or of its product, run in their own kernel."""
     if not (isinstance(weight, QuantizedWeight) and weight.scheme.strategy == "group" and int4_mma.takes(weight, x)):
         return False
     fmt = _quantized_format(weight)
