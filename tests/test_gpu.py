@@ -242,3 +242,28 @@ def test_full_size_fast_path_close_to_plain_ops(preset, dtype, num_layers, bound
     for step, (a, cosine) in enumerate(zip(fast, cosines)):
         assert torch.isfinite(a).all(), step
         assert cosine >= bound, (step, cosine)
+
+
+@pytest.mark.parametrize("quantization", ["int4", "fp8"])
+def test_quantized_tied_head_on_cuda(checkpoint, quantization):
+    """Quantized on load on CUDA, the tied LM head is quantized too (for the logits only; the embedding lookups read
+    the table): the logits are the softcapped product with the dequantized head (fp32 up to summation order), and
+    the CUDA-graph decode gives the eager one's greedy tokens."""
+    from gemma4.model.quantized import ON_LOAD
+
+    model = Model.from_pretrained(checkpoint, dtype=torch.float32, device="cuda", quantization=quantization)
+    head = model.quantized_head
+    assert head is not None and head.scheme == ON_LOAD[quantization] and head.values.is_cuda
+    table = model.text.embed_tokens.weight
+    assert table.dtype == torch.float32 and head.shape == table.shape
+    hidden = torch.randn(3, 1, table.shape[1], device="cuda")
+    cap = model.config.text_config.final_logit_softcapping
+    expected = torch.tanh(hidden @ head.dequantize(torch.float32).T / cap) * cap
+    for rows in (hidden[:1], hidden):  # one row: the GEMV kernel; three: the quantized matmul kernel
+        torch.testing.assert_close(model.logits(rows).float(), expected[:len(rows)], rtol=1e-4, atol=1e-4)
+    ids, mask = padded_prompts((9,))
+    kwargs = dict(attention_mask=mask, max_new_tokens=STEPS, do_sample=False, eos_token_id=None)
+    graph = model.generate(ids, **kwargs)
+    free_engine(model)
+    with override(cuda_graphs=False):
+        assert torch.equal(model.generate(ids, **kwargs), graph)

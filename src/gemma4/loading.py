@@ -129,7 +129,7 @@ def load_model(path_or_id, dtype=None, device="auto", with_towers: bool = True, 
     """`dtype` None or "auto": the checkpoint's; `device` "auto": CUDA when present, else the CPU. `progress`: a bar
     on stderr (None: for checkpoints over 1 GiB, on a terminal). A compressed-tensors checkpoint loads quantized as
     it is stored (quantization.py); `quantization` ("fp8", "int8", "int4") quantizes a dense one on load (or, given
-    the scheme a checkpoint is stored in, what it keeps dense and gemma4 would quantize: the CPU's tied head). `shard`: a
+    the scheme a checkpoint is stored in, what it keeps dense and gemma4 would quantize: the tied head). `shard`: a
     tensor-parallel rank's `distributed.ShardPlan`: the model is cut to that rank's part and only those slices are
     read, of quantized tensors too; `quantization` then quantizes this rank's part (a collective for per-channel
     scales of row-parallel parts: every rank loads at once)."""
@@ -191,7 +191,7 @@ def load_model(path_or_id, dtype=None, device="auto", with_towers: bool = True, 
     if missing := [checkpoint_key(n, config.layout) for n in expected.values() if n not in state] + list(stacked):
         raise CheckpointError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[0]!r}")
     model.load_state_dict(state, assign=True, strict=True)
-    if scheme is not None:  # a checkpoint stored in that scheme: what is dense (the head on the CPU) is quantized
+    if scheme is not None:  # a checkpoint stored in that scheme: what is dense (the tied head) is quantized
         quantization_module.quantize_model_(model, scheme)
     generation_config = directory / "generation_config.json"
     if generation_config.is_file():

@@ -273,7 +273,7 @@ def on_load_scheme(name: str) -> Scheme:
 def quantizes_on_load(name: str, module: nn.Module, scheme: Scheme) -> bool:
     """The decoder's Linears (attention, MLP, per-layer inputs) and experts whose input width the group size divides;
     not the router (its scores pick the experts), nor the towers, embeddings or the LM head, which stay in the model
-    dtype (on the CPU a tied head is also quantized, for the logits only: `Gemma4.ready_`)."""
+    dtype (a tied head is also quantized, for the logits only: `Gemma4.ready_`)."""
     if ".language_model." not in f".{name}" or ".router." in f"{name}.":
         return False
     if name.endswith(".experts"):
@@ -308,7 +308,7 @@ def quantize_model_(model: nn.Module, scheme: Scheme) -> nn.Module:
             row_parallel = getattr(module, "sums_over_ranks", False)
             _replace(model, name, QuantizedLinear.of_weight(module.weight.detach(), scheme,
                                                             module.ranks.all_reduce_max if row_parallel else None))
-    if hasattr(model, "head_scheme"):  # a tied head is quantized for the CPU's logits (Gemma4.ready_)
+    if hasattr(model, "head_scheme"):  # a tied head is quantized for the logits (Gemma4.ready_)
         model.head_scheme = scheme
     return model
 

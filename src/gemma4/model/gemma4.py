@@ -30,8 +30,11 @@ def check_token_ids(config: Config, ids) -> None:
         raise ValueError(f"token id {int(ids[outside][0])} is outside this model's vocabulary of {vocab} ids")
 
 
-# Rows of the tied table quantized at once for the CPU's head (`ready_`): whole blocks of the int4 kernel's layout
+# Rows of the tied table quantized at once for the head (`ready_`): whole blocks of the CPU int4 kernel's layout
 HEAD_ROWS_AT_ONCE = 16384
+# The quantization on load (quantization.ON_LOAD's names) in which a tied head is quantized for the logits, per device
+# type: the schemes its GEMV kernels read (the CPU's: int4 and int8)
+HEAD_SCHEMES = {"cpu": ("int4", "int8"), "cuda": ("int4", "int8", "fp8")}
 # Positions whose logits `score_tokens` makes at once: a whole prefill chunk's fp32 logits would take rows x vocabulary
 # x 4 bytes (8.6 GB for 8K tokens of Gemma's 262,144); 256 rows take 268 MB.
 SCORE_ROWS = 256
@@ -67,7 +70,7 @@ class Gemma4(nn.Module):
         self.lm_head = None if text.tie_word_embeddings else nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         self.gather_vocabulary = None  # set by distributed/sharding.py when the vocabulary is split over ranks
         # With quantization asked for (quantization.quantize_model_), the tied LM head quantized in that scheme for the
-        # CPU's logits (`ready_`): derived, never saved
+        # logits (`ready_`): derived, never saved
         self.head_scheme: Scheme | None = None
         self.quantized_head: QuantizedWeight | None = None
 
@@ -104,15 +107,13 @@ class Gemma4(nn.Module):
             self.fuse_projections_()
         if self.device.type == "cpu":
             self._ready_for_cpu_()
+        self._quantize_head_()
         self.text._cpu_decode_layers = None  # weights were fused or repacked: the C layers are built anew
         return self
 
     def _ready_for_cpu_(self) -> None:
         """int4 weights in the layout of PyTorch's CPU int4 kernel where the native one is not built, else stored chunk
-        by chunk where K is wide (`for_cpu_`), and with the native one q/k/v and gate/up fused. A tied LM head is a
-        third of an int4 decode step's bytes in bf16: with quantization asked for in a scheme the CPU's kernels read,
-        it is quantized too (as llama.cpp and MLX do), for the logits only; the embedding lookups keep reading the
-        table."""
+        by chunk where K is wide (`for_cpu_`), and with the native one q/k/v and gate/up fused."""
         for module in self.modules():
             if isinstance(module, QuantizedLinear):
                 module.for_cpu_()
@@ -123,15 +124,23 @@ class Gemma4(nn.Module):
                 if (hasattr(module, "fuse_projections_") and module is not self and linears
                         and all(isinstance(child, QuantizedLinear) and native_int4(child.scheme) for child in linears)):
                     module.fuse_projections_()
-        scheme = self.head_scheme
-        if self.lm_head is None and self.quantized_head is None and scheme in (ON_LOAD["int4"], ON_LOAD["int8"]):
-            # In row blocks: the temporaries stay small, and a memory-mapped table's pages are given back as they
-            # are read (the lookups read a few rows again later).
-            blocks = []
-            for rows in self.text.embed_tokens.weight.split(HEAD_ROWS_AT_ONCE):
-                blocks.append(quantize(rows, scheme, for_cpu=cpu_int4_takes(scheme, rows.shape[0])))
+
+    def _quantize_head_(self) -> None:
+        """A tied LM head is 14% (31B) to 43% (E2B) of an int4 decode step's bytes in bf16: with quantization asked
+        for in a scheme the device's kernels read (HEAD_SCHEMES), it is quantized too (as llama.cpp and MLX do), for
+        the logits only; the embedding lookups keep reading the table."""
+        scheme, cpu = self.head_scheme, self.device.type == "cpu"
+        if (self.lm_head is not None or self.quantized_head is not None
+                or scheme not in [ON_LOAD[name] for name in HEAD_SCHEMES.get(self.device.type, ())]):
+            return
+        # In row blocks: the temporaries stay small, and a memory-mapped table's pages are given back as they are read
+        # (the lookups read a few rows again later).
+        blocks = []
+        for rows in self.text.embed_tokens.weight.split(HEAD_ROWS_AT_ONCE):
+            blocks.append(quantize(rows, scheme, for_cpu=cpu and cpu_int4_takes(scheme, rows.shape[0])))
+            if cpu:
                 page_out(rows)
-            self.quantized_head = QuantizedWeight.cat(blocks)
+        self.quantized_head = QuantizedWeight.cat(blocks)
 
     def make_cache(self, batch_size: int, max_len: int) -> KVCache:
         """A cache for incremental forwards: sliding layers get a ring of `sliding_window` slots (see cache.py)."""
