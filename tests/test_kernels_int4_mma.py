@@ -30,22 +30,6 @@ def test_not_taken_on_the_cpu():
     assert not int4_mma.takes(weight, torch.randn(1, 1, 4096).to(torch.bfloat16))
 
 
-def test_norms_are_not_deferred_to_it(monkeypatch):
-    """A product's residual norms are left to the next GEMV (fused.defers) only where that GEMV's kernel normalizes its
-    own input: not int4_mma's (a kernel of their own would compute them, where the product's GEMV applies them in its
-    last program)."""
-    from gemma4 import kernels
-    from gemma4.model.fused import defers
-
-    weight = quantize(torch.randn(8192, 1024).to(torch.bfloat16), Scheme("int", 4, "group", group_size=32))
-    x = torch.randn(1, 1, 1024).to(torch.bfloat16)
-    with kernels.force():
-        assert defers("o_proj", weight, x) and defers("o_proj", weight.dequantize(torch.bfloat16), x)
-        monkeypatch.setattr(int4_mma, "takes", lambda weight, x: True)
-        assert not defers("o_proj", weight, x)
-        assert defers("o_proj", weight.dequantize(torch.bfloat16), x)
-
-
 def int4(n: int, k: int, group: int = 32, seed: int = 0):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     weight = torch.randn(n, k, device="cuda", generator=gen) * k ** -0.5

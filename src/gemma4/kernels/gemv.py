@@ -527,12 +527,6 @@ def _takes_mma(weight: torch.Tensor | QuantizedWeight, x: torch.Tensor) -> bool:
     return not isinstance(fmt, str) and fmt[0]["WFMT"] == INT4_WORDS.value
 
 
-def normalizes_input(weight: torch.Tensor | QuantizedWeight, x: torch.Tensor) -> bool:
-    """Whether the GEMV of this weight and input row applies `norms` in its own programs (else, int4_mma, a kernel
-    of their own computes its input first)."""
-    return not _takes_mma(weight, x)
-
-
 def gemv_gated(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, activation: str,
                multiplier: torch.Tensor | None = None, norms: tuple | None = None,
                tiles: tuple | None = None) -> torch.Tensor:

@@ -207,17 +207,10 @@ def gemv_operands(x) -> tuple[torch.Tensor, tuple | None]:
     return (x.y, x.kernel_args()) if isinstance(x, DeferredNorms) else (x, None)
 
 
-def defers(site: str, reader: torch.Tensor | QuantizedWeight, x: torch.Tensor) -> bool:
-    """Whether the residual norms after product `site` (one of options.DEFERRABLE) are left to the GEMV of weight
-    `reader`, whose input row is like x: where the `defer_norms` option names the site (all of them by default) and
-    that GEMV's kernel normalizes its own input (int4_mma's does not: the norms would take a kernel of their own, where
-    the product's GEMV applies them in its last program)."""
-    if site not in options().defer_norms:
-        return False
-    if isinstance(reader, QuantizedWeight) and takes_gemv(x, reader):
-        from ..kernels.gemv import normalizes_input
-        return normalizes_input(reader, x)
-    return True
+def defers(site: str) -> bool:
+    """Whether the residual norms after product `site` (one of options.DEFERRABLE) are left to the next GEMV: the
+    `defer_norms` option, all of them by default."""
+    return site in options().defer_norms
 
 
 def gated(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:

@@ -75,11 +75,6 @@ class Attention(nn.Module):
             projections = [self.q_proj, self.k_proj] + ([self.v_proj] if self.v_proj else [])
             set_fused(self, "qkv_weight", fuse_linears(projections))
 
-    @property
-    def input_weight(self) -> torch.Tensor | QuantizedWeight:
-        """The weight of the first GEMV that reads the layer's input."""
-        return self.qkv_weight if self.qkv_weight is not None else self.q_proj.weight
-
     def project(self, x: torch.Tensor):
         """(q, k, v) of x: k and v None on KV-shared layers, v None on K=V layers."""
         if self.qkv_weight is not None:
@@ -144,11 +139,6 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.down_proj(self.hidden(x))
-
-    @property
-    def input_weight(self) -> torch.Tensor | QuantizedWeight:
-        """The weight of the first GEMV that reads the MLP's input."""
-        return self.gate_up_weight if self.gate_up_weight is not None else self.gate_proj.weight
 
     def hidden(self, x):
         """act(gate_proj(x)) * up_proj(x): the down projection's input."""
@@ -361,12 +351,10 @@ class DecoderLayer(nn.Module):
         else:
             # x += post_attention_layernorm(o_proj(attn)); h = pre_feedforward_layernorm(x)
             x, h = add_normed_linear(x, attn, self.self_attn.o_proj, self.post_attention_layernorm,
-                                     next_norm=self.pre_feedforward_layernorm,
-                                     defer=defers("o_proj", self.mlp.input_weight, x))
+                                     next_norm=self.pre_feedforward_layernorm, defer=defers("o_proj"))
             # x += post_feedforward_layernorm(mlp(h))  [then * layer_scalar and next_norm, without PLE]
             x, h = add_normed_linear(x, self.mlp.hidden(h), self.mlp.down_proj, self.post_feedforward_layernorm,
-                                     **tail, defer=defers("down_proj", self.per_layer_input_gate.weight, x)
-                                     if self.has_per_layer_input else defer_next)
+                                     **tail, defer=defers("down_proj") and (self.has_per_layer_input or defer_next))
         if not self.has_per_layer_input:
             return x, h
         # E2B/E4B: x = (x + post_per_layer_input_norm(per_layer_projection(act(per_layer_input_gate(x)) *
@@ -374,7 +362,8 @@ class DecoderLayer(nn.Module):
         ple = gated_linear(h if h is not None else x, self.per_layer_input_gate.weight, self.activation,
                            per_layer_input)
         return add_normed_linear(x, ple, self.per_layer_projection, self.post_per_layer_input_norm,
-                                 scalar=self.layer_scalar, next_norm=next_norm, defer=defer_next)
+                                 scalar=self.layer_scalar, next_norm=next_norm,
+                                 defer=defers("per_layer_projection") and defer_next)
 
     def cpu_decode_operands(self, next_norm: RMSNorm) -> tuple | None:
         """(kernels.cpu.DecodeLayer, the tensors it points to) for a CPU decode step, or None where the C layer does
@@ -532,10 +521,8 @@ class TextModel(nn.Module):
                 x, h, ropes, per_layer, ctx = _last_position_only(x, h, ropes, per_layer, ctx)
             layer_input = per_layer[:, :, i] if per_layer is not None else None
             # the final norm's reader is the LM head: too many programs to each normalize the row
-            defer_next = next_norm is not self.norm and defers(
-                "per_layer_projection" if layer.has_per_layer_input else "down_proj",
-                self.layers[i + 1].self_attn.input_weight, x)
-            x, h = layer(x, h, ropes[layer.self_attn.layer_type], ctx, layer_input, next_norm, defer_next)
+            x, h = layer(x, h, ropes[layer.self_attn.layer_type], ctx, layer_input, next_norm,
+                         defer_next=next_norm is not self.norm)
         return h[:, -1:] if last_only else h
 
     def decode_on_cpu(self, embeds: torch.Tensor, ctx: ForwardContext, per_layer: torch.Tensor | None,
