@@ -1,5 +1,6 @@
 """int4 GEMVs (one activation row times a W4A16 weight: int4 in groups, bf16 scales) on the tensor cores, the
-weights an MMA's A operand straight from registers, for the big matrices of a batch-1 decode step (31B's).
+weights an MMA's A operand straight from registers, for the bigger matrices of a batch-1 decode step (all of 31B's;
+E2B's and E4B's MLPs, E4B's q/k/v, the int4 LM heads; `takes`).
 
 Unpacking int4 costs instructions: gemv.py's CUDA-core GEMV (INT4_WORDS) issues ~41 a word of 8 weights and stalls
 on issue before memory; multiplying on the tensor cores through tl.dot, the dequantized tile Triton hands to the MMA
