@@ -1,7 +1,8 @@
 """Tune the quantized GEMV tiles of one format at a preset's decode shapes: every plain GEMV of a step that gemv.py's
-kernel runs (the bf16 LM head and the int4 shapes of int4_mma.py's kernel excluded: benchmarks/int4_mma_tiles.py)
-timed in CUDA graphs (benchmarks/gemv.py) for each candidate tile set, and the set of the least total time per step
-written as INT4_ (int4) or BYTE_ TILES and WIDE_TILES into the device's kernels/configs JSON.
+kernel runs, the LM head quantized as on load (the int4 shapes of int4_mma.py's kernel excluded:
+benchmarks/int4_mma_tiles.py), timed in CUDA graphs (benchmarks/gemv.py) for each candidate tile set, and the set of
+the least total time per step written as INT4_ (int4) or BYTE_ TILES and WIDE_TILES into the device's kernels/configs
+JSON.
 
     python benchmarks/gemv_tune.py --preset E2B --quantization int4 [--write]
 """
@@ -30,8 +31,6 @@ def main() -> None:
     prefix = "INT4_" if args.quantization == "int4" else "BYTE_"
     total = dict.fromkeys(CANDIDATES, 0.0)
     for (n, k), count in sorted(decode_shapes(args.preset).items()):
-        if n == 262144:  # the LM head stays bf16
-            continue
         weights, x = cycled_weights(n, k, args.quantization)
         if gemv_module._takes_mma(weights[0], x):
             continue

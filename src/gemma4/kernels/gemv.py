@@ -11,8 +11,9 @@ accumulator. Where cuBLAS is still faster (big 31B matrices) the model does not 
 
 Each kernel also reads quantized weights (model/quantized.py's QuantizedWeight: fp8 or int8 per channel, int4 packed
 8 to a word in groups, 8-bit in groups or blocks) with their scales, 1 or 1/2 byte a weight instead of 2: the sums of
-q * x in fp32, times the scales per row or per group (`quantized_supported` says which weights). The biggest int4
-GEMVs (31B's) run on the tensor cores instead, in int4_mma.py's kernel (residual norms then in their own kernel).
+q * x in fp32, times the scales per row or per group (`quantized_supported` says which weights). The bigger int4
+GEMVs run on the tensor cores instead, in int4_mma.py's kernel (`_takes_mma`), with the residual norms of their input
+or of their product in a kernel of their own.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from . import int4_mma
 from .activation import ACTIVATION_CODES, store_gated_rows
 from .counters import finished_counters
 from .norm import (_norm_weights, _residual_norms, _residual_norms_row, _residual_norms_values, _warps,
-                   residual_norms_args)
+                   residual_norms_args, residual_rms_norm)
 from .pdl import after_previous_kernel, launch_options
 from .rounding import round_to
 from .tuning import config
@@ -501,8 +502,8 @@ def _normed_input(x: torch.Tensor, norms: tuple) -> torch.Tensor:
     """The row a GEMV with `norms` multiplies, computed by its own kernel (the new residual stream into `new`), for
     the kernels that do not normalize their input."""
     residual, norm_weight, eps, scalar, next_weight, next_eps, new = norms
-    new, normed = _residual_norms(residual, x, norm_weight, eps, scalar, next_weight, next_eps,
-                                  out=new.view(residual.shape))[:2]
+    new, normed = residual_rms_norm(residual, x, norm_weight, eps, scalar, next_weight, next_eps,
+                                    out=new.view(residual.shape))
     return (new if normed is None else normed).view(x.shape)
 
 
