@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 
 import torch
 
@@ -32,7 +31,7 @@ def main() -> None:
     total = dict.fromkeys(CANDIDATES, 0.0)
     for (n, k), count in sorted(decode_shapes(args.preset).items()):
         weights, x = cycled_weights(n, k, args.quantization)
-        if gemv_module._takes_mma(weights[0], x):
+        if gemv_module._mma_tiles(weights[0], x) is not None:
             continue
         gb = n * k * weight_bytes(args.quantization) / 1e3
         timings = []
@@ -46,19 +45,15 @@ def main() -> None:
         best = min(timings, key=lambda t: t[0])
         print(f"N={n:6d} K={k:5d} x{count:3d} {prefix} current {timings[0][0]:7.2f} us "
               f"({gb / timings[0][0]:5.0f} GB/s) best {best[0]:7.2f} ({gb / best[0]:5.0f}) {best[1]}")
-    path = tuning.CONFIGS / f"{tuning.device_name(torch.device('cuda'))}.json"
     if not any(total.values()):
         return
     best = min(total, key=total.get)
     print(f"{args.preset} {args.quantization} {prefix}: us per step {total[None]:.0f} with the current tiles, "
           f"{total[best]:.0f} with {best or 'the current ones'}")
     if args.write and best is not None:
-        table = json.loads(path.read_text()) if path.exists() else {}
         keys = {prefix + "TILES": list(best), prefix + "WIDE_TILES": list(best)}
-        table.setdefault("gemv", {}).update(keys)
-        path.write_text(json.dumps(table, indent=2) + "\n")
+        path = tuning.update_config(torch.device("cuda"), "gemv", keys)
         print(f"wrote {sorted(keys)} = {list(best)} into {path}")
-
 
 if __name__ == "__main__":
     main()

@@ -1,63 +1,127 @@
-"""int4_mma's tiles and size threshold at a preset's int4 GEMV shapes, cycled weights in CUDA graphs (benchmarks/
-gemv.py's helpers), GB/s of int4 values and scales.
+"""Where each int4 GEMV of a preset's batch-1 decode step runs best: gemv.py's kernel, or int4_mma at which tiles.
 
-For each shape whose K int4_mma reads (a multiple of 256): gemv.py's own int4 kernel ("gemv.py"), then int4_mma per
-(BLOCK_N, warps, target programs), best first, whatever the size threshold; "*" marks the shapes the model gives
-int4_mma (kernels/gemv.py `_takes_mma`). The defaults come from `INT4_MMA_TILES`, `INT4_MMA_PROGRAMS` and
-`INT4_MMA_MIN_ELEMENTS` in kernels/configs.
+The GEMVs are the model's own calls, recorded from one eager decode step of a random int4 model (weight shape,
+gated activation in the epilogue, input normed by a kernel before it), each then timed alone on cycled weights in CUDA
+graphs (benchmarks/gemv.py's helpers): gemv.py's kernel as the model calls it (normalizing its own input where
+normed), and int4_mma per (BLOCK_N, warps, target programs) after the norms' kernel where normed. GB/s count the int4
+values and scales. `--write` puts each call's best into the device's kernels/configs JSON as INT4_MMA_BY_SHAPE
+(`int4_mma.launch_tiles`; null: gemv.py's kernel), merged with the entries already there.
 
-    python benchmarks/int4_mma_tiles.py --preset 31B
-    python benchmarks/int4_mma_tiles.py --preset E2B E4B
+    python benchmarks/int4_mma_tiles.py --preset E2B E4B [--write]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gemv import cycled_weights, decode_shapes, graph_us, weight_bytes  # noqa: E402
+from gemv import cycled_weights, graph_us, weight_bytes  # noqa: E402
 
+from gemma4.engine.generate import engine_for  # noqa: E402
+from gemma4.engine.sampling import SamplingParams  # noqa: E402
 from gemma4.kernels import gemv as gemv_kernels  # noqa: E402
 from gemma4.kernels import int4_mma, tuning  # noqa: E402
+from gemma4.kernels.activation import ACTIVATION_CODES  # noqa: E402
+from gemma4.model.quantized import QuantizedWeight  # noqa: E402
+from gemma4.random_init import random_config, random_model  # noqa: E402
 
-VARIANTS = [((32, 1), 1000), ((32, 2), 1000), ((32, 2), 500), ((32, 2), 2000), ((64, 4), 1000), ((64, 2), 1000),
-            ((16, 1), 1000), ((16, 1), 2000), ((64, 4), 500)]
+# (BLOCK_N, warps, target programs)
+VARIANTS = [(32, 1, 1000), (32, 1, 500), (32, 1, 2000), (32, 2, 1000), (32, 2, 2000), (64, 2, 1000), (64, 2, 500),
+            (64, 4, 1000), (64, 4, 500), (16, 1, 1000), (16, 1, 2000)]
+
+
+def model_calls(preset: str) -> collections.Counter:
+    """(N, K, gated, normed, with a multiplier) -> count, of the int4 GEMVs that int4_mma can take in one decode step
+    of a random int4 `preset`."""
+    model = random_model(random_config(preset, text_only=True), torch.bfloat16, device="cuda", quantization="int4")
+    engine = engine_for(model, 1, 64)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    list(engine.run([engine.add_request(list(range(10, 42)), params)]))
+    calls = collections.Counter()
+    launch = gemv_kernels._launch_gemv
+
+    def recorded(x, weight, width, tiles, norms, act=None, multiplier=None):
+        if isinstance(weight, QuantizedWeight) and weight.scheme.bits == 4 and int4_mma.takes(weight, x):
+            calls[(*weight.shape, act is not None, norms is not None, multiplier is not None)] += 1
+        return launch(x, weight, width, tiles, norms, act, multiplier)
+
+    gemv_kernels._launch_gemv = recorded
+    try:
+        graphs = engine.runner.graphs
+        graphs._step(next(s for s in graphs.sizes if s >= 1))
+        torch.cuda.synchronize()
+    finally:
+        gemv_kernels._launch_gemv = launch
+    del model, engine
+    torch.cuda.empty_cache()
+    return calls
+
+
+def time_call(n: int, k: int, gated: bool, normed: bool, multiplied: bool) -> tuple:
+    """(us in gemv.py's kernel, {tiles: us in int4_mma}, the tiles the model takes today or None, GB per us) of one
+    call."""
+    weights, x = cycled_weights(n, k, "int4")
+    width = n if multiplied or not gated else n // 2
+    act = ACTIVATION_CODES["gelu_pytorch_tanh"] if gated else None
+    multiplier = torch.randn(1, 1, width, device="cuda", dtype=x.dtype) if multiplied else None
+    norms = None
+    if normed:  # the model's: residual + norm(x), then the next norm of it
+        norm_weight = (torch.rand(k, device="cuda") + 0.5).to(x.dtype)
+        norms = (torch.randn_like(x) * 4, norm_weight, 1e-6, None, norm_weight, 1e-6, torch.empty_like(x))
+    takes = int4_mma.takes
+    int4_mma.takes = lambda *a: False
+    try:
+        own = graph_us(lambda i: gemv_kernels._launch_gemv(x, weights[i % len(weights)], width, None, norms, act,
+                                                           multiplier))
+    finally:
+        int4_mma.takes = takes
+
+    def mma(i, tiles):
+        row = x if norms is None else gemv_kernels._normed_input(x, norms)
+        return int4_mma.product(row, weights[i % len(weights)], act, multiplier, tiles)
+
+    timings = {tiles: graph_us(lambda i, t=tiles: mma(i, t)) for tiles in VARIANTS}
+    current = gemv_kernels._mma_tiles(weights[0], x, gated, normed)
+    if current is not None and current not in timings:
+        timings[current] = graph_us(lambda i: mma(i, current))
+    return own, timings, current, n * k * weight_bytes("int4") / 1e3
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", nargs="+", default=["31B"])
+    parser.add_argument("--preset", nargs="+", default=["E4B"])
+    parser.add_argument("--write", action="store_true", help="write each call's best into the device's config")
     args = parser.parse_args()
-    base = tuning.config("gemv", torch.device("cuda"))
-    tuned, takes = int4_mma._tuned, int4_mma.takes
-    print(f"on {torch.cuda.get_device_name()}: GB/s of gemv.py's kernel, then of int4_mma per BLOCK_N x warps / target "
-          f"programs; * the model's int4_mma shapes (INT4_MMA_MIN_ELEMENTS {base['INT4_MMA_MIN_ELEMENTS']:,})")
+    device = torch.device("cuda")
+    print(f"on {torch.cuda.get_device_name()}: us per call (GB/s), the model's choice today, gemv.py's kernel, and "
+          f"the best int4_mma tiles (BLOCK_N x warps / target programs)")
+    best_by_key = {}
     for preset in args.preset:
-        print(preset)
-        for (n, k), count in sorted(decode_shapes(preset).items()):
-            if k % int4_mma.BLOCK_K:
-                continue
-            weights, x = cycled_weights(n, k, "int4")
-            taken = gemv_kernels._takes_mma(weights[0], x)
-            gb = n * k * weight_bytes("int4") / 1e3  # bytes per us = GB/s * 1e-3
-            int4_mma.takes = lambda *a: False
-            own = gb / graph_us(lambda i: gemv_kernels.gemv(x, weights[i % len(weights)]))
-            int4_mma.takes = takes
-            row = []
-            for tiles, programs in VARIANTS:
-                int4_mma._tuned = lambda device, t=tiles, p=programs: dict(base, INT4_MMA_TILES=list(t),
-                                                                           INT4_MMA_PROGRAMS=p)
-                us = graph_us(lambda i: int4_mma.product(x, weights[i % len(weights)]))
-                row.append((gb / us, f"{tiles[0]}x{tiles[1]}/{programs}"))
-            int4_mma._tuned = tuned
-            row.sort(reverse=True)
-            print(f"{'*' if taken else ' '} N={n:6d} K={k:6d} x{count:3d} | gemv.py: {own:.0f} | "
-                  + " ".join(f"{name}: {g:.0f}" for g, name in row), flush=True)
-
+        totals = [0.0, 0.0]
+        for (n, k, gated, normed, multiplied), count in sorted(model_calls(preset).items()):
+            own, timings, current, gb = time_call(n, k, gated, normed, multiplied)
+            key = int4_mma.shape_key((n, k), gated, normed)
+            tiles, mma_us = min(timings.items(), key=lambda item: item[1])
+            now = own if current is None else timings[current]
+            best, best_us = (None, own) if own <= mma_us else (tiles, mma_us)
+            totals[0] += now * count
+            totals[1] += best_us * count
+            best_by_key[key] = list(best) if best else None
+            name = "gemv.py" if current is None else "x".join(map(str, current[:2])) + f"/{current[2]}"
+            print(f"{preset} {key:28s} x{count:3d} | now {name:12s} {now:7.2f} ({gb / now:5.0f}) | gemv.py "
+                  f"{own:7.2f} ({gb / own:5.0f}) | int4_mma {tiles[0]}x{tiles[1]}/{tiles[2]} {mma_us:7.2f} "
+                  f"({gb / mma_us:5.0f})", flush=True)
+        print(f"{preset}: these GEMVs take {totals[0]:.0f} us a step as chosen today, {totals[1]:.0f} each at its best")
+    print(json.dumps(best_by_key))
+    if args.write:
+        path = tuning.update_config(device, "gemv", {"INT4_MMA_BY_SHAPE": best_by_key})
+        print(f"wrote {len(best_by_key)} INT4_MMA_BY_SHAPE entries into {path}")
 
 if __name__ == "__main__":
     main()

@@ -119,3 +119,22 @@ def test_entry_points_dispatch_to_it(monkeypatch):
     for a, b in zip(fused[:2], plain[:2]):
         torch.testing.assert_close(a, b, rtol=2 ** -6, atol=2e-2)
     assert len(calls) == 7
+
+
+def test_by_shape_entries_decide_before_the_defaults(monkeypatch):
+    """INT4_MMA_BY_SHAPE's entry for a call (its shape, gated, normed) gives its tiles, or gemv.py's kernels (null);
+    a call without one runs at the default tiles from INT4_MMA_MIN_ELEMENTS weights."""
+    by_shape = {"4096x1024 gated normed": [64, 2, 500], "4096x1024": None}
+    monkeypatch.setattr(int4_mma, "takes", lambda weight, x: True)
+    monkeypatch.setattr(int4_mma, "_tuned", lambda device: dict(
+        INT4_MMA_TILES=(32, 1), INT4_MMA_PROGRAMS=1000, INT4_MMA_MIN_ELEMENTS=2048 * 1024,
+        INT4_MMA_BY_SHAPE=by_shape))
+    x = torch.zeros(1, 1, 1024, dtype=torch.bfloat16)
+    big, small = (quantize(torch.zeros(n, 1024).to(torch.bfloat16), Scheme("int", 4, "group", group_size=32))
+                  for n in (4096, 1024))
+    assert int4_mma.shape_key(big.shape, True, True) == "4096x1024 gated normed"
+    assert int4_mma.launch_tiles(big, x, gated=True, normed=True) == (64, 2, 500)
+    assert int4_mma.launch_tiles(big, x) is None
+    assert int4_mma.launch_tiles(big, x, gated=True) == (32, 1, 1000)
+    assert int4_mma.launch_tiles(small, x, gated=True) is None
+    assert gemv._mma_tiles(big, x, True, True) == (64, 2, 500)

@@ -12,7 +12,7 @@ accumulator. Where cuBLAS is still faster (big 31B matrices) the model does not 
 Each kernel also reads quantized weights (model/quantized.py's QuantizedWeight: fp8 or int8 per channel, int4 packed
 8 to a word in groups, 8-bit in groups or blocks) with their scales, 1 or 1/2 byte a weight instead of 2: the sums of
 q * x in fp32, times the scales per row or per group (`quantized_supported` says which weights). The bigger int4
-GEMVs run on the tensor cores instead, in int4_mma.py's kernel (`_takes_mma`), with the residual norms of their input
+GEMVs run on the tensor cores instead, in int4_mma.py's kernel (`_mma_tiles`), with the residual norms of their input
 or of their product in a kernel of their own.
 """
 
@@ -481,8 +481,9 @@ def _input_args(x: torch.Tensor, norms: tuple | None) -> tuple[tuple, dict]:
 def _launch_gemv(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, width: int, tiles: tuple | None,
                  norms: tuple | None, act: int | None = None, multiplier: torch.Tensor | None = None) -> torch.Tensor:
     assert x.shape[-1] == weight.shape[1] and x.numel() == x.shape[-1]
-    if tiles is None and _takes_mma(weight, x):
-        return int4_mma.product(x if norms is None else _normed_input(x, norms), weight, act, multiplier)
+    mma_tiles = _mma_tiles(weight, x, act is not None, norms is not None) if tiles is None else None
+    if mma_tiles is not None:
+        return int4_mma.product(x if norms is None else _normed_input(x, norms), weight, act, multiplier, mma_tiles)
     k_in, normed, gated = weight.shape[1], norms is not None, act is not None  # act: the gated activation's code
     values, scale, stride_sn, stride_sk, fmt = _weight_args(weight)
     tiles = tiles or _default_tiles(x.device, k_in, normed, gated, width, fmt["WFMT"])
@@ -518,14 +519,17 @@ def gemv(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, tiles: tuple |
     return _launch_gemv(x, weight, weight.shape[0], tiles, norms)
 
 
-def _takes_mma(weight: torch.Tensor | QuantizedWeight, x: torch.Tensor) -> bool:
-    """Whether the product runs in int4_mma's kernel: int4 in groups as these kernels read it (`_quantized_format`)
-    and a weight and input that `int4_mma.takes`. Its epilogue is the rounded product or the gated activation;
-    residual norms, of its input (`norms`) or of its product, run in their own kernel."""
-    if not (isinstance(weight, QuantizedWeight) and weight.scheme.strategy == "group" and int4_mma.takes(weight, x)):
-        return False
+def _mma_tiles(weight: torch.Tensor | QuantizedWeight, x: torch.Tensor, gated: bool = False,
+               normed: bool = False) -> tuple[int, int, int] | None:
+    """int4_mma's tiles where the product runs in its kernel, else None: int4 in groups as these kernels read it
+    (`_quantized_format`), and `int4_mma.launch_tiles` for the call. Its epilogue is the rounded product or the
+    gated activation; residual norms, of its input (`normed`) or of its product, run in their own kernel."""
+    if not (isinstance(weight, QuantizedWeight) and weight.scheme.strategy == "group"):
+        return None
     fmt = _quantized_format(weight)
-    return not isinstance(fmt, str) and fmt[0]["WFMT"] == INT4_WORDS.value
+    if isinstance(fmt, str) or fmt[0]["WFMT"] != INT4_WORDS.value:
+        return None
+    return int4_mma.launch_tiles(weight, x, gated, normed)
 
 
 def gemv_gated(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, activation: str,
@@ -551,9 +555,10 @@ def gemv_residual_norms(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight,
     program to finish applies the norms to the whole product. One row (x [..., K], residual [..., N]).
     Returns (new, next norm or None, experts' norm or None, router input or None). weight: as in `gemv`."""
     assert x.shape[-1] == weight.shape[1] and x.numel() == x.shape[-1]
-    if tiles is None and _takes_mma(weight, x):
-        return _residual_norms(residual, int4_mma.product(x, weight).view_as(residual), norm_weight, eps, scalar,
-                               next_weight, next_eps, moe)
+    mma_tiles = _mma_tiles(weight, x) if tiles is None else None
+    if mma_tiles is not None:
+        y = int4_mma.product(x, weight, tiles=mma_tiles).view_as(residual)
+        return _residual_norms(residual, y, norm_weight, eps, scalar, next_weight, next_eps, moe)
     values, scale, stride_sn, stride_sk, fmt = _weight_args(weight)
     n_out, k_in = weight.shape
     assert residual.numel() == n_out and residual.stride(-1) == 1

@@ -1,6 +1,6 @@
 """int4 GEMVs (one activation row times a W4A16 weight: int4 in groups, bf16 scales) on the tensor cores, the
 weights an MMA's A operand straight from registers, for the bigger matrices of a batch-1 decode step (all of 31B's;
-E2B's and E4B's MLPs, E4B's q/k/v, the int4 LM heads; `takes`).
+E2B's and E4B's MLPs, E4B's q/k/v, the int4 LM heads; `launch_tiles`).
 
 Unpacking int4 costs instructions: gemv.py's CUDA-core GEMV (INT4_WORDS) issues ~41 a word of 8 weights and stalls
 on issue before memory; multiplying on the tensor cores through tl.dot, the dequantized tile Triton hands to the MMA
@@ -45,15 +45,38 @@ MAX_SPLIT = 16
 
 
 def takes(weight: QuantizedWeight, x: torch.Tensor) -> bool:
-    """Whether `product` multiplies this int4 weight in groups, in the layout gemv.py's kernels read (one matrix of
+    """Whether `product` can multiply this int4 weight in groups, in the layout gemv.py's kernels read (one matrix of
     int32 words with unit stride along K: `gemv._quantized_format`, which the caller checks), with x: one bf16 row
     on a GPU of compute capability 9.0 or newer (bf16x2 subtraction; not under Triton's interpreter), groups of 32
-    to 256 inputs, K a multiple of 256, and at least INT4_MMA_MIN_ELEMENTS weights (tuned: smaller GEMVs are bound
-    by their launch and tail, where gemv.py's kernels do as well)."""
+    to 256 inputs and K a multiple of 256. Whether it should is `launch_tiles`."""
     n_out, k_in = weight.shape
     return (gluon is not None and x.is_cuda and not triton.knobs.runtime.interpret and x.dtype == torch.bfloat16
             and x.numel() == k_in and weight.scheme.group_size in (32, 64, 128, 256) and k_in % BLOCK_K == 0
-            and n_out * k_in >= _tuned(x.device)["INT4_MMA_MIN_ELEMENTS"] and _capable(x.device.index or 0))
+            and _capable(x.device.index or 0))
+
+
+def shape_key(shape: tuple[int, int], gated: bool, normed: bool) -> str:
+    """A GEMV's key in INT4_MMA_BY_SHAPE: the weight's N x K, and how the model calls it (gated: the activation in
+    the epilogue; normed: its input's residual norms in a kernel before it), e.g. "20480x2560 gated normed"."""
+    return f"{shape[0]}x{shape[1]}" + " gated" * gated + " normed" * normed
+
+
+def launch_tiles(weight: QuantizedWeight, x: torch.Tensor, gated: bool = False,
+                 normed: bool = False) -> tuple[int, int, int] | None:
+    """(BLOCK_N, warps, target programs) where this product runs in the kernel, None where gemv.py's kernels run it
+    (those that do not `takes`; small GEMVs, bound by their launch and tail, which gemv.py's kernels serve as well).
+    The device's INT4_MMA_BY_SHAPE entry for the call decides (measured: benchmarks/int4_mma_tiles.py); without one,
+    the weights from INT4_MMA_MIN_ELEMENTS run at INT4_MMA_TILES and INT4_MMA_PROGRAMS."""
+    if not takes(weight, x):
+        return None
+    tuned = _tuned(x.device)
+    by_shape = tuned.get("INT4_MMA_BY_SHAPE") or {}
+    key = shape_key(weight.shape, gated, normed)
+    if key in by_shape:
+        return tuple(by_shape[key]) if by_shape[key] else None
+    if weight.shape[0] * weight.shape[1] < tuned["INT4_MMA_MIN_ELEMENTS"]:
+        return None
+    return (*tuned["INT4_MMA_TILES"], tuned["INT4_MMA_PROGRAMS"])
 
 
 @functools.cache
@@ -66,16 +89,17 @@ def _tuned(device: torch.device) -> dict:
 
 
 def product(x: torch.Tensor, weight: QuantizedWeight, act: int | None = None,
-            multiplier: torch.Tensor | None = None) -> torch.Tensor:
+            multiplier: torch.Tensor | None = None, tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
     """F.linear(x, weight.dequantize(fp32)) for one row x [..., K], rounded once to the dtype: [..., N]; with `act`
     (an ACTIVATION_CODES code) act(gate) * up, rounded as `activation.store_gated_rows` rounds, of [gate; up] = the
     product (weight [2W, K], a fused gate/up projection) or of gate = the product and up = `multiplier` [..., W].
-    Only where `takes` (the caller checks)."""
+    tiles: (BLOCK_N, warps, target programs), by default INT4_MMA_TILES and INT4_MMA_PROGRAMS. Only where `takes`
+    (the caller checks)."""
     gated, has_up = act is not None, act is not None and multiplier is None
     width, k_in = weight.shape[0] // (2 if has_up else 1), weight.shape[1]
-    block_n, warps = _tuned(x.device)["INT4_MMA_TILES"]
+    block_n, warps, programs = tiles or (*_tuned(x.device)["INT4_MMA_TILES"], _tuned(x.device)["INT4_MMA_PROGRAMS"])
     blocks = triton.cdiv(width, block_n)
-    split = _split(blocks, k_in // BLOCK_K, _tuned(x.device)["INT4_MMA_PROGRAMS"])
+    split = _split(blocks, k_in // BLOCK_K, programs)
     out = torch.empty(*x.shape[:-1], width, dtype=x.dtype, device=x.device)
     partials, counters = out, out  # unused with one split
     if split > 1:

@@ -17,6 +17,8 @@ gemv: (BLOCK_N weight rows a program, BLOCK_K inputs a step, warps, stages, GROU
   INT4_MMA_TILES      (BLOCK_N, warps) of int4_mma's kernel (BLOCK_N a multiple of 16 x warps)
   INT4_MMA_PROGRAMS   the programs its K splits aim for (the fewest splits that reach them)
   INT4_MMA_MIN_ELEMENTS  weights of an int4 GEMV from which it runs there (smaller ones: gemv.py's kernels)
+  INT4_MMA_BY_SHAPE   {call: (BLOCK_N, warps, target programs) or null (gemv.py's kernels)} for the calls measured
+                      (`int4_mma.shape_key`: "N x K", "gated", "normed"), before the three defaults above
 moe:
   GU_BLOCK_W, GU_BLOCK_H, GU_WARPS       decode gate/up kernel: gate (and up) rows a program, columns a step, warps
   DOWN_BLOCK_H, DOWN_BLOCK_W, DOWN_WARPS decode down kernel: output rows a program, columns a step, warps
@@ -56,6 +58,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -90,3 +93,22 @@ def config(kernel: str, device: torch.device | None = None) -> dict:
 def tile(kernel: str, key: str, device: torch.device | None = None):
     """One tuned value of `kernel` for `device` (see the module docstring for the keys)."""
     return config(kernel, device)[key]
+
+
+def update_config(device: torch.device, kernel: str, values: dict) -> Path:
+    """Merge `values` into `kernel`'s table in the device's JSON file (a dict value into the dict there), a tile tuple
+    a line (benchmarks/ tuners, --write). Returns the file's path."""
+    path = CONFIGS / f"{device_name(device)}.json"
+    table = json.loads(path.read_text()) if path.exists() else {}
+    current = table.setdefault(kernel, {})
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(current.get(key), dict):
+            current[key].update(value)
+        else:
+            current[key] = value
+    text = json.dumps(table, indent=2)
+    # lists of numbers on one line, as the files are written by hand
+    text = re.sub(r"\[\s*([^\[\]{}]*?)\s*\]", lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]", text)
+    path.write_text(text + "\n")
+    _load.cache_clear()
+    return path
