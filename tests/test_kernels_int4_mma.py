@@ -92,7 +92,7 @@ def test_entry_points_dispatch_to_it(monkeypatch):
     norm = torch.rand(2048, device="cuda").to(torch.bfloat16) + 0.5
     calls = []
     product = int4_mma.product
-    monkeypatch.setattr(int4_mma, "product", lambda *a: calls.append(1) or product(*a))
+    monkeypatch.setattr(int4_mma, "product", lambda *a, **k: calls.append(1) or product(*a, **k))
     monkeypatch.setattr(int4_mma, "_tuned", lambda device: dict(tuning.config("gemv", device),
                                                                 INT4_MMA_MIN_ELEMENTS=1))
     tiles = (32, 256, 4, 1)
