@@ -3,6 +3,8 @@ capability 9.0 or newer only) against the exact dequantized product; the GEMV en
 against gemv.py's own int4 kernel; on any machine, its choice of K splits and that the CPU never takes it. Its sm_90
 compile is checked without a GPU by test_kernels_compile.py."""
 
+import json
+
 import pytest
 import torch
 
@@ -138,3 +140,28 @@ def test_by_shape_entries_decide_before_the_defaults(monkeypatch):
     assert int4_mma.launch_tiles(big, x, gated=True) == (32, 1, 1000)
     assert int4_mma.launch_tiles(small, x, gated=True) is None
     assert gemv._mma_tiles(big, x, True, True) == (64, 2, 500)
+
+
+def tuned_tiles() -> list[tuple[int, int, int]]:
+    """Every (BLOCK_N, warps, target programs) that a device's INT4_MMA_BY_SHAPE names, and the defaults."""
+    found = set()
+    for path in tuning.CONFIGS.glob("*.json"):
+        gemv_table = json.loads(path.read_text()).get("gemv", {})
+        if "INT4_MMA_TILES" in gemv_table:
+            found.add((*gemv_table["INT4_MMA_TILES"], gemv_table["INT4_MMA_PROGRAMS"]))
+        found.update(tuple(t) for t in gemv_table.get("INT4_MMA_BY_SHAPE", {}).values() if t)
+    return sorted(found)
+
+
+@gpu
+@pytest.mark.parametrize("tiles", tuned_tiles())
+def test_every_tuned_tile_gives_the_same_products(tiles):
+    """Each tile the configs name (rows a program, warps, K splits): the rounded exact product, with several splits
+    and with rows that no block divides; the gated epilogue (fused gate/up) as at the default tiles, up to the fp32
+    summation order."""
+    for n, k in ((1000, 5376), (4096, 1536), (300, 2048)):
+        weight, x = int4(n, k)
+        assert_rounded_product(int4_mma.product(x, weight, tiles=tiles), x, weight)
+    gate_up, x = int4(2 * 1536, 2560, seed=1)
+    torch.testing.assert_close(int4_mma.product(x, gate_up, 0, tiles=tiles), int4_mma.product(x, gate_up, 0),
+                               rtol=2 ** -7, atol=1e-3)
