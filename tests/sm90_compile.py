@@ -7,7 +7,6 @@ called on small CPU tensors and its launch is compiled instead of run (the outpu
 from __future__ import annotations
 
 import itertools
-import json
 import sys
 from types import SimpleNamespace
 
@@ -99,9 +98,8 @@ def main() -> None:
         int4_mma.product(rand(1, 1, k), quantize(rand(n, k), ON_LOAD["int4"]), 0)
     int4_mma.product(rand(1, 1, 1024), quantize(rand(96, 1024), ON_LOAD["int4"]), 0, rand(1, 1, 96))
     # every other (BLOCK_N, warps) that a device's INT4_MMA_BY_SHAPE names, plain and gated
-    named_tiles = sorted({tuple(t[:2]) for path in tuning.CONFIGS.glob("*.json")
-                          for t in json.loads(path.read_text()).get("gemv", {}).get("INT4_MMA_BY_SHAPE", {}).values()
-                          if t})
+    named_tiles = sorted({tuple(t[:2]) for table in tuning.every_device("gemv").values()
+                          for t in table.get("INT4_MMA_BY_SHAPE", {}).values() if t})
     print(f"{len(named_tiles)} int4_mma tiles named by the configs")
     for block_n, warps in named_tiles:
         for act in (None, 0):

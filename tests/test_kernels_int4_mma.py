@@ -3,8 +3,6 @@ capability 9.0 or newer only) against the exact dequantized product; the GEMV en
 against gemv.py's own int4 kernel; on any machine, its choice of K splits and that the CPU never takes it. Its sm_90
 compile is checked without a GPU by test_kernels_compile.py."""
 
-import json
-
 import pytest
 import torch
 
@@ -145,11 +143,9 @@ def test_by_shape_entries_decide_before_the_defaults(monkeypatch):
 def tuned_tiles() -> list[tuple[int, int, int]]:
     """Every (BLOCK_N, warps, target programs) that a device's INT4_MMA_BY_SHAPE names, and the defaults."""
     found = set()
-    for path in tuning.CONFIGS.glob("*.json"):
-        gemv_table = json.loads(path.read_text()).get("gemv", {})
-        if "INT4_MMA_TILES" in gemv_table:
-            found.add((*gemv_table["INT4_MMA_TILES"], gemv_table["INT4_MMA_PROGRAMS"]))
-        found.update(tuple(t) for t in gemv_table.get("INT4_MMA_BY_SHAPE", {}).values() if t)
+    for table in tuning.every_device("gemv").values():
+        found.add((*table["INT4_MMA_TILES"], table["INT4_MMA_PROGRAMS"]))
+        found.update(tuple(t) for t in table.get("INT4_MMA_BY_SHAPE", {}).values() if t)
     return sorted(found)
 
 

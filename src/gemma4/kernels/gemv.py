@@ -526,10 +526,11 @@ def _mma_tiles(weight: torch.Tensor | QuantizedWeight, x: torch.Tensor, gated: b
     gated activation; residual norms, of its input (`normed`) or of its product, run in their own kernel."""
     if not (isinstance(weight, QuantizedWeight) and weight.scheme.strategy == "group"):
         return None
-    fmt = _quantized_format(weight)
-    if isinstance(fmt, str) or fmt[0]["WFMT"] != INT4_WORDS.value:
+    tiles = int4_mma.launch_tiles(weight, x, gated, normed)
+    if tiles is None:
         return None
-    return int4_mma.launch_tiles(weight, x, gated, normed)
+    fmt = _quantized_format(weight)
+    return tiles if not isinstance(fmt, str) and fmt[0]["WFMT"] == INT4_WORDS.value else None
 
 
 def gemv_gated(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, activation: str,

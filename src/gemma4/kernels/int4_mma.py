@@ -76,6 +76,11 @@ def launch_tiles(weight: QuantizedWeight, x: torch.Tensor, gated: bool = False,
         return tuple(by_shape[key]) if by_shape[key] else None
     if weight.shape[0] * weight.shape[1] < tuned["INT4_MMA_MIN_ELEMENTS"]:
         return None
+    return _default_tiles(x.device)
+
+
+def _default_tiles(device: torch.device) -> tuple[int, int, int]:
+    tuned = _tuned(device)
     return (*tuned["INT4_MMA_TILES"], tuned["INT4_MMA_PROGRAMS"])
 
 
@@ -97,7 +102,7 @@ def product(x: torch.Tensor, weight: QuantizedWeight, act: int | None = None,
     (the caller checks)."""
     gated, has_up = act is not None, act is not None and multiplier is None
     width, k_in = weight.shape[0] // (2 if has_up else 1), weight.shape[1]
-    block_n, warps, programs = tiles or (*_tuned(x.device)["INT4_MMA_TILES"], _tuned(x.device)["INT4_MMA_PROGRAMS"])
+    block_n, warps, programs = tiles or _default_tiles(x.device)
     blocks = triton.cdiv(width, block_n)
     split = _split(blocks, k_in // BLOCK_K, programs)
     out = torch.empty(*x.shape[:-1], width, dtype=x.dtype, device=x.device)

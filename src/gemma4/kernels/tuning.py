@@ -95,6 +95,11 @@ def tile(kernel: str, key: str, device: torch.device | None = None):
     return config(kernel, device)[key]
 
 
+def every_device(kernel: str) -> dict[str, dict]:
+    """`kernel`'s table for each device that has a file in `configs/` (and default.json's), by file name."""
+    return {path.stem: _load(path.stem)[kernel] for path in sorted(CONFIGS.glob("*.json"))}
+
+
 def update_config(device: torch.device, kernel: str, values: dict) -> Path:
     """Merge `values` into `kernel`'s table in the device's JSON file (a dict value into the dict there), a tile tuple
     a line (benchmarks/ tuners, --write). Returns the file's path."""
