@@ -104,12 +104,53 @@ def assert_rounded_weights_close(out, ref):
 
 
 def small_tiles(monkeypatch, **tiles):
-    """Tuned moe tiles replaced, and int4's own of the same names (INT4_<name>) with them."""
+    """Tuned moe tiles replaced, and the formats' own of the same names (INT4_<name>, BYTE_<name>) with them."""
     table = config("moe", torch.device(DEVICE))
     for name, value in tiles.items():
-        for key in (name, f"INT4_{name}"):
+        for key in (name, f"INT4_{name}", f"BYTE_{name}"):
             if key in table:
                 monkeypatch.setitem(table, key, value)
+
+
+class LaunchSpy:
+    """A Triton kernel whose launches record their keyword arguments (the tiles), then run."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("path,tokens", [("decode", 3), ("sorted", 24)])
+def test_each_format_reads_its_own_tiles(path, tokens, monkeypatch):
+    """A format's own keys (BYTE_<name> for 8-bit weights) decide the tiles of the kernel that reads that weight; a
+    dense weight beside it keeps the plain keys: fp8 gate_up_proj and a dense down_proj, then the other way round."""
+    table = config("moe", torch.device(DEVICE))
+    names = {"decode": ("GU_BLOCK_H", "DOWN_BLOCK_W", "BLOCK_H", "BLOCK_W"),
+             "sorted": ("SORTED_GU_BLOCK_K", "SORTED_DOWN_BLOCK_K", "BLOCK_K", "BLOCK_K")}[path]
+    gu_name, down_name, gu_arg, down_arg = names
+    for name in (gu_name, down_name):
+        monkeypatch.setitem(table, name, 32)
+        monkeypatch.setitem(table, f"BYTE_{name}", 16)
+    kernels = ("_gate_up_kernel", "_down_kernel") if path == "decode" else ("_sorted_gate_up_kernel",
+                                                                             "_sorted_down_kernel")
+    module, x, weights, experts = build("fp8", tokens, 4, width=64)
+    run = moe.moe_experts if path == "decode" else moe.sorted_experts
+    for quantized_gate_up in (True, False):
+        spies = [LaunchSpy(getattr(moe, name)) for name in kernels]
+        for name, spy in zip(kernels, spies):
+            monkeypatch.setattr(moe, name, spy)
+        gate_up = module.gate_up_proj if quantized_gate_up else module.twin.gate_up_proj
+        down = module.twin.down_proj if quantized_gate_up else module.down_proj
+        with torch.no_grad():
+            out = run(x, weights, experts, gate_up, down)
+        assert spies[0].launches[0][gu_arg] == (16 if quantized_gate_up else 32)
+        assert spies[1].launches[0][down_arg] == (32 if quantized_gate_up else 16)
+        assert_fp32_close(out, module.twin.forward_loop(x, weights, experts))
 
 
 @pytest.mark.parametrize("scheme", EIGHT_BIT + INT4)

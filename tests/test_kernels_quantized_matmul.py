@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 triton = pytest.importorskip("triton")
 
+from gemma4.kernels import tuning  # noqa: E402
 from gemma4.kernels.quantized_matmul import max_rows, quantized_matmul, quantized_matmul_supported  # noqa: E402
 from gemma4.model.quantized import ON_LOAD, QuantizedWeight, Scheme  # noqa: E402
 from test_kernels_gemv_quantized import quantized_weight  # noqa: E402  (every format, as the GEMV tests make them)
@@ -113,6 +114,24 @@ def test_empty_and_strided_inputs():
     assert max_rows() >= 64
 
 
+def test_each_format_reads_its_own_tiles(monkeypatch):
+    """BYTE_TILES_BY_M / BYTE_MAX_M decide for 8-bit weights (as INT4_ would for int4), the plain keys for the
+    others: the tiles chosen, the rows up to which the model takes the kernel, and the product still the twin's."""
+    from gemma4.kernels import quantized_matmul as qm
+    from gemma4.kernels.tuning import config
+
+    table = config("quantized_matmul", torch.device(DEVICE))
+    monkeypatch.setitem(table, "BYTE_TILES_BY_M", ((4, 16, 16, 32, 4, 1), (None, 32, 32, 64, 4, 1)))
+    monkeypatch.setitem(table, "BYTE_MAX_M", 8)
+    fp8, int4 = quantized_weight("fp8", 70, 160, torch.bfloat16), quantized_weight("int4", 70, 160, torch.bfloat16)
+    assert qm._tiles(3, 70, 160, torch.device(DEVICE), None, fp8) == (16, 16, 32, 4, 1)
+    assert qm._tiles(5, 70, 160, torch.device(DEVICE), None, fp8) == (16, 32, 64, 4, 1)  # BLOCK_M shrinks to 16
+    want = next(entry[1:] for entry in table["TILES_BY_M"] if entry[0] is None or 5 <= entry[0])
+    assert qm._tiles(5, 70, 160, torch.device(DEVICE), None, int4) == qm._tiles(5, 70, 160, DEVICE, want)
+    assert max_rows(torch.device(DEVICE), fp8) == 8 and max_rows(torch.device(DEVICE), int4) == table["MAX_M"]
+    assert_equals_twin(rand(5, 160, dtype=torch.bfloat16), fp8)
+
+
 def test_unsupported_weights():
     """What the dispatch must leave to the twin: stacked experts, values without unit stride along K, groups that
     are not a power of 2."""
@@ -127,15 +146,24 @@ def test_unsupported_weights():
             quantized_matmul(rand(2, bad.shape[-1], dtype=torch.bfloat16), bad)
 
 
+def tuned_tiles() -> list[tuple[str, tuple]]:
+    """(format, tile) for every tile of every device's TILES_BY_M, in the formats that read it: the BYTE_ table's in
+    fp8, the INT4_ table's in int4, the plain table's in both."""
+    formats = {"": ("int4", "fp8"), "BYTE_": ("fp8",), "INT4_": ("int4",)}
+    return sorted({(fmt, tuple(entry[1:])) for table in tuning.every_device("quantized_matmul").values()
+                   for prefix, fmts in formats.items() for entry in table.get(prefix + "TILES_BY_M", ())
+                   for fmt in fmts})
+
+
 # Runs in a process without TRITON_INTERPRET: tests/sm90_compile.py's launch compiler (JITFunction.run compiles the
 # launch for sm_90 instead of running it) on the kernel's launches: every format, the three activation dtypes, the
-# largest tiles of TILES_BY_M, PDL on.
+# tiles of every device's TILES_BY_M (and the formats' own), PDL on.
 COMPILE_LAUNCHES = r"""
 import torch
 import sm90_compile
 from triton.runtime.jit import JITFunction
-from gemma4.kernels import quantized_matmul as qm, tuning
-from test_kernels_quantized_matmul import FORMATS, quantized_weight
+from gemma4.kernels import quantized_matmul as qm
+from test_kernels_quantized_matmul import FORMATS, quantized_weight, tuned_tiles
 
 sm90_compile.TYPES[torch.float8_e4m3fn] = "fp8e4nv"
 JITFunction.run = sm90_compile._compile_launch
@@ -144,9 +172,9 @@ for fmt in FORMATS:
     qm.quantized_matmul(torch.randn(4, 4096, dtype=torch.bfloat16), quantized_weight(fmt, 2048, 4096, torch.bfloat16))
 for dtype, fmt in ((torch.float16, "int4"), (torch.float32, "fp8")):
     qm.quantized_matmul(torch.randn(4, 4096, dtype=dtype), quantized_weight(fmt, 2048, 4096, dtype))
-largest = max(tuning.config("quantized_matmul")["TILES_BY_M"], key=lambda entry: entry[1] * entry[2] * entry[3])
-rows = largest[0] or 1024  # the entry's max rows: the rows that take it
-qm.quantized_matmul(torch.randn(rows, 4096, dtype=torch.bfloat16), quantized_weight("int4", 2048, 4096, torch.bfloat16))
+for fmt, tile in tuned_tiles():
+    qm.quantized_matmul(torch.randn(tile[0], 4096, dtype=torch.bfloat16),
+                        quantized_weight(fmt, 2048, 4096, torch.bfloat16), tile)
 print("\n".join(sm90_compile.compiled))
 print(len(sm90_compile.compiled), "launches compiled for sm_90")
 """
@@ -163,5 +191,5 @@ def test_compiles_for_sm90():
     done = subprocess.run([sys.executable, "-c", COMPILE_LAUNCHES], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    launches = len(FORMATS) + 3
+    launches = len(FORMATS) + 2 + len(tuned_tiles())
     assert f"{launches} launches compiled for sm_90" in done.stdout, done.stdout[-3000:]

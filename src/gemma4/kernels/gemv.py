@@ -30,7 +30,7 @@ from .norm import (_norm_weights, _residual_norms, _residual_norms_row, _residua
                    residual_norms_args, residual_rms_norm)
 from .pdl import after_previous_kernel, launch_options
 from .rounding import round_to
-from .tuning import config
+from .tuning import config, for_format
 
 
 @triton.jit
@@ -388,20 +388,20 @@ def _gemv_residual_norms_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, counter_ptr, res
 NORMED_MAX_K = 4096
 
 
+def format_prefix(wfmt: int) -> str:
+    """The prefix of a weight format's own keys in the tuned tables (tuning.py): INT4_ for int4, BYTE_ for 8-bit."""
+    return {INT4_WORDS.value: "INT4_", PER_ROW.value: "BYTE_", BLOCKS8.value: "BYTE_"}.get(wfmt, "")
+
+
 def _default_tiles(device: torch.device, k_in: int, normed: bool = False, gated: bool = False, width: int = 0,
                    wfmt: int = 0) -> tuple:
     """The tuned tiles (tuning.py: gemv) of a GEMV of `width` outputs over rows of k_in inputs, in weight format
     `wfmt`: a quantized format's own keys (prefixed INT4_ or BYTE_) where the table has them."""
-    tuned = config("gemv", device)
-    prefix = {INT4_WORDS.value: "INT4_", PER_ROW.value: "BYTE_", BLOCKS8.value: "BYTE_"}.get(wfmt, "")
-
-    def key(name):
-        return tuned[prefix + name] if prefix + name in tuned else tuned[name]
-
+    tuned = for_format(config("gemv", device), format_prefix(wfmt))
     if normed:
-        tiles = key("NORMED_GATED_TILES" if gated else "NORMED_TILES")
+        tiles = tuned["NORMED_GATED_TILES" if gated else "NORMED_TILES"]
     else:
-        tiles = key("WIDE_TILES") if key("TILES")[1] < k_in <= key("WIDE_TILES")[1] else key("TILES")
+        tiles = tuned["WIDE_TILES"] if tuned["TILES"][1] < k_in <= tuned["WIDE_TILES"][1] else tuned["TILES"]
     # Groups share the program's input only when it is one BLOCK_K step; a longer row is reloaded for each group.
     return tiles[:4] if width < tuned["GROUPS_MIN_WIDTH"] or k_in > tiles[1] else tiles
 
@@ -520,7 +520,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, tiles: tuple |
 
 
 def _mma_tiles(weight: torch.Tensor | QuantizedWeight, x: torch.Tensor, gated: bool = False,
-               normed: bool = False) -> tuple[int, int, int] | None:
+               normed: bool = False) -> tuple[int, ...] | None:
     """int4_mma's tiles where the product runs in its kernel, else None: int4 in groups as these kernels read it
     (`_quantized_format`), and `int4_mma.launch_tiles` for the call. Its epilogue is the rounded product or the
     gated activation; residual norms, of its input (`normed`) or of its product, run in their own kernel."""

@@ -27,12 +27,12 @@ import triton.language as tl
 
 from .activation import ACTIVATION_CODES, activation_fp32
 from .attention import _dot
-from .gemv import DENSE, INT4_WORDS, PER_ROW, _dots, _first_tiles
+from .gemv import DENSE, INT4_WORDS, PER_ROW, _dots, _first_tiles, format_prefix
 from .norm import _normalize, _rows, _store, _unit_rms, _warps
 from .pdl import after_previous_kernel, launch_options
 from .quantized_matmul import _dequantized_tile
 from .rounding import round_to
-from .tuning import config
+from .tuning import config, for_format
 from ..model.quantized import QuantizedWeight
 
 _ACTIVATIONS = {name: ACTIVATION_CODES[name] for name in ("gelu_pytorch_tanh", "silu", "swish")}
@@ -40,10 +40,10 @@ _ACTIVATIONS = {name: ACTIVATION_CODES[name] for name in ("gelu_pytorch_tanh", "
 # Both kernels are memory-bound matrix-vector products (~95 MB of bf16 weights per layer at T=1, k=8): each program
 # streams a few rows along the contiguous axis (H for gate_up_proj, W for down_proj), so that warps issue wide,
 # coalesced loads, and the grids stay large (T=1: ~1400 programs per kernel) to keep every SM's loads in flight.
-# Tiles: tuning.py, moe: GU_*, DOWN_* (int4: INT4_*). The sizes H, W, k are compile-time constants (one compilation
-# per model shape): the loops get static trip counts, which the interpreter also needs (its runtime-bounded range()
-# breaks under NumPy >= 2.4). WFMT, a constexpr per weight, is its format as gemv.py codes it: DENSE, PER_ROW (8-bit,
-# a scale per row) or INT4_WORDS (int4, a scale per GROUP inputs).
+# Tiles: tuning.py, moe: GU_*, DOWN_* (a format's own: INT4_*, BYTE_*). The sizes H, W, k are compile-time
+# constants (one compilation per model shape): the loops get static trip counts, which the interpreter also needs
+# (its runtime-bounded range() breaks under NumPy >= 2.4). WFMT, a constexpr per weight, is its format as gemv.py
+# codes it: DENSE, PER_ROW (8-bit, a scale per row) or INT4_WORDS (int4, a scale per GROUP inputs).
 
 
 @triton.jit
@@ -221,9 +221,10 @@ def _weight(name: str, weight: torch.Tensor | QuantizedWeight, dtype: torch.dtyp
     return _Weight(weight.values.contiguous(), weight.scale.contiguous(), weight.shape, *fmt)
 
 
-def _tile(tuned: dict, name: str, weight: _Weight) -> int:
-    """A moe tile (tuning.py) for `weight`'s format: int4's own, INT4_<name>, where the table has one."""
-    return tuned.get(f"INT4_{name}", tuned[name]) if weight.wfmt == INT4_WORDS.value else tuned[name]
+def _tiles(weight: _Weight, device: torch.device) -> dict:
+    """The moe tiles (tuning.py) of the kernel that reads `weight`: its format's own (INT4_, BYTE_) where the table
+    has them."""
+    return for_format(config("moe", device), format_prefix(weight.wfmt))
 
 
 def _checked(x, experts, gate_up_proj, down_proj, activation):
@@ -255,20 +256,20 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
     # Blocks shrink to the (power-of-2 rounded) matrix sides for small models: fewer masked lanes.
     # Triton's CPU interpreter runs programs one by one in Python: there, 64-row tiles (the rows of a tile do not
     # change any row's arithmetic).
-    tuned = config("moe", x.device)
+    gu_tiles, down_tiles = _tiles(gate_up, x.device), _tiles(down, x.device)
     # See _down_kernel; int4 down weights take its loop over choices (gemv.py's int4 GEMV per choice).
-    one_load = tokens == 1 and w_size <= tuned["DOWN_BLOCK_W"] and down.wfmt != INT4_WORDS.value
-    gu_rows = tuned["GU_BLOCK_W"] if x.is_cuda else 64
-    dn_rows = tuned["DOWN_ONE_TOKEN_BLOCK_H" if one_load else "DOWN_BLOCK_H"] if x.is_cuda else 64
+    one_load = tokens == 1 and w_size <= down_tiles["DOWN_BLOCK_W"] and down.wfmt != INT4_WORDS.value
+    gu_rows = gu_tiles["GU_BLOCK_W"] if x.is_cuda else 64
+    dn_rows = down_tiles["DOWN_ONE_TOKEN_BLOCK_H" if one_load else "DOWN_BLOCK_H"] if x.is_cuda else 64
     w_side, h_side = triton.next_power_of_2(w_size), triton.next_power_of_2(h_size)
-    gu_w, gu_h = min(gu_rows, w_side), min(_tile(tuned, "GU_BLOCK_H", gate_up), h_side)
-    dn_h, dn_w = min(dn_rows, h_side), min(_tile(tuned, "DOWN_BLOCK_W", down), w_side)
+    gu_w, gu_h = min(gu_rows, w_side), min(gu_tiles["GU_BLOCK_H"], h_side)
+    dn_h, dn_w = min(dn_rows, h_side), min(down_tiles["DOWN_BLOCK_W"], w_side)
     _gate_up_kernel[(tokens * k, triton.cdiv(w_size, gu_w))](
         x, experts, gate_up.values, gate_up.scale_ptr, hidden, h_size, w_size, k, ACT=_ACTIVATIONS[activation],
-        **gate_up.constexprs, BLOCK_W=gu_w, BLOCK_H=gu_h, num_warps=tuned["GU_WARPS"], **launch_options(x))
+        **gate_up.constexprs, BLOCK_W=gu_w, BLOCK_H=gu_h, num_warps=gu_tiles["GU_WARPS"], **launch_options(x))
     _down_kernel[(tokens, triton.cdiv(h_size, dn_h))](
         hidden, weights, experts, down.values, down.scale_ptr, out, h_size, w_size, k, triton.next_power_of_2(k),
-        **down.constexprs, BLOCK_H=dn_h, BLOCK_W=dn_w, ONE_LOAD=one_load, num_warps=tuned["DOWN_WARPS"],
+        **down.constexprs, BLOCK_H=dn_h, BLOCK_W=dn_w, ONE_LOAD=one_load, num_warps=down_tiles["DOWN_WARPS"],
         **launch_options(x))
     return out
 
@@ -281,7 +282,7 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
 # argsort + index_add + cumsum were ~6 launches. Every size is known without a host sync: CUDA-graph capturable.
 # Weights as in the decode kernels, but int4 tiles are dequantized in registers before the dots, q * s rounded to the
 # activations' dtype as the twin rounds them (`_int4_tile`): the grouped path's product up to fp32 summation order.
-# Tiles: tuning.py, moe: SORTED_* (int4: INT4_SORTED_*).
+# Tiles: tuning.py, moe: SORTED_* (a format's own: INT4_SORTED_*, BYTE_SORTED_*).
 
 
 @triton.jit
@@ -457,23 +458,23 @@ def sorted_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
     order, slots, counts, starts = sort_pairs(experts, num_experts)
     hidden = torch.empty(tokens * k, w_size, dtype=x.dtype, device=x.device)  # h of every pair, in sorted order
     y = torch.empty(tokens * k, h_size, dtype=x.dtype, device=x.device)
-    tuned = config("moe", x.device)
+    gu_tiles, down_tiles = _tiles(gate_up, x.device), _tiles(down, x.device)
     # Pairs per tl.dot: 16 at least (the tensor cores' tile), twice the mean pairs per expert up to 64, so that most
     # experts take one pass over their tiles.
     twice_mean = -(-2 * tokens * k // num_experts)  # rounded up
-    block_m = tuned["SORTED_BLOCK_M"] or max(16, min(64, triton.next_power_of_2(twice_mean)))
+    block_m = gu_tiles["SORTED_BLOCK_M"] or max(16, min(64, triton.next_power_of_2(twice_mean)))
     # Tiles shrink to the (power-of-2 rounded, >= 16 for tl.dot) matrix sides of small models.
     w_side, h_side = max(16, triton.next_power_of_2(w_size)), max(16, triton.next_power_of_2(h_size))
-    gu_n, gu_k = min(tuned["SORTED_GU_BLOCK_N"], w_side), min(_tile(tuned, "SORTED_GU_BLOCK_K", gate_up), h_side)
-    dn_n, dn_k = min(tuned["SORTED_DOWN_BLOCK_N"], h_side), min(_tile(tuned, "SORTED_DOWN_BLOCK_K", down), w_side)
+    gu_n, gu_k = min(gu_tiles["SORTED_GU_BLOCK_N"], w_side), min(gu_tiles["SORTED_GU_BLOCK_K"], h_side)
+    dn_n, dn_k = min(down_tiles["SORTED_DOWN_BLOCK_N"], h_side), min(down_tiles["SORTED_DOWN_BLOCK_K"], w_side)
     options = dict(BLOCK_M=block_m, INTERPRET=not x.is_cuda, **launch_options(x))
     _sorted_gate_up_kernel[(num_experts, triton.cdiv(w_size, gu_n))](
         x, order, counts, starts, gate_up.values, gate_up.scale_ptr, hidden, h_size, w_size, k,
         ACT=_ACTIVATIONS[activation], **gate_up.constexprs, BLOCK_N=gu_n, BLOCK_K=gu_k,
-        num_warps=tuned["SORTED_GU_WARPS"], **options)
+        num_warps=gu_tiles["SORTED_GU_WARPS"], **options)
     _sorted_down_kernel[(num_experts, triton.cdiv(h_size, dn_n))](
         hidden, counts, starts, down.values, down.scale_ptr, y, h_size, w_size, **down.constexprs, BLOCK_N=dn_n,
-        BLOCK_K=dn_k, num_warps=tuned["SORTED_DOWN_WARPS"], **options)
+        BLOCK_K=dn_k, num_warps=down_tiles["SORTED_DOWN_WARPS"], **options)
     pairs = ExpertPairs(y, slots, weights.float().contiguous())
     return pairs.combine() if combine else pairs
 

@@ -21,10 +21,10 @@ import triton.language as tl
 
 from ..model.quantized import QuantizedWeight
 from .attention import _dot
-from .gemv import INT4_WORDS, PER_ROW, _quantized_format
+from .gemv import INT4_WORDS, PER_ROW, _quantized_format, format_prefix
 from .pdl import after_previous_kernel, launch_options
 from .rounding import round_to
-from .tuning import config
+from .tuning import config, for_format
 
 
 @triton.jit
@@ -100,17 +100,25 @@ def quantized_matmul_supported(weight: QuantizedWeight) -> str | None:
     return fmt if isinstance(fmt, str) else None
 
 
-def max_rows(device: torch.device | None = None) -> int:
-    """Activation rows up to which `quantized_matmul` beats dequantizing the weight and cuBLAS (configs/, MAX_M)."""
-    return config("quantized_matmul", device)["MAX_M"]
+def _tuned(device: torch.device | None, weight: QuantizedWeight | None) -> dict:
+    """The quantized_matmul table (tuning.py) for the weight's format: its own keys (INT4_, BYTE_) where it has them."""
+    fmt = _quantized_format(weight) if weight is not None else None
+    prefix = format_prefix(fmt[0]["WFMT"]) if isinstance(fmt, tuple) else ""
+    return for_format(config("quantized_matmul", device), prefix)
 
 
-def _tiles(m: int, n: int, k: int, device: torch.device, tiles: tuple | None) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): `tiles`, else the first TILES_BY_M entry that covers m rows; each
-    block shrinks to the power of 2 over its side (16 at least, for tl.dot)."""
+def max_rows(device: torch.device | None = None, weight: QuantizedWeight | None = None) -> int:
+    """Activation rows up to which `quantized_matmul` beats dequantizing the weight and cuBLAS (configs/, MAX_M; the
+    weight's format's own where the table has one)."""
+    return _tuned(device, weight)["MAX_M"]
+
+
+def _tiles(m: int, n: int, k: int, device: torch.device, tiles: tuple | None,
+           weight: QuantizedWeight | None = None) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): `tiles`, else the first TILES_BY_M entry (of the weight's format)
+    that covers m rows; each block shrinks to the power of 2 over its side (16 at least, for tl.dot)."""
     if tiles is None:
-        tiles = next(entry[1:] for entry in config("quantized_matmul", device)["TILES_BY_M"]
-                     if entry[0] is None or m <= entry[0])
+        tiles = next(entry[1:] for entry in _tuned(device, weight)["TILES_BY_M"] if entry[0] is None or m <= entry[0])
     block_m, block_n, block_k, warps, stages = tiles
     block_m, block_n, block_k = (min(block, max(16, triton.next_power_of_2(side)))
                                  for block, side in ((block_m, m), (block_n, n), (block_k, k)))
@@ -135,7 +143,7 @@ def quantized_matmul(x: torch.Tensor, weight: QuantizedWeight, tiles: tuple | No
     out = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
     if m == 0 or n_out == 0:
         return out.reshape(*x.shape[:-1], n_out)
-    block_m, block_n, block_k, warps, stages = _tiles(m, n_out, k_in, x.device, tiles)
+    block_m, block_n, block_k, warps, stages = _tiles(m, n_out, k_in, x.device, tiles, weight)
     assert block_k % 16 == 0 and not block_k & (block_k - 1), block_k  # powers of 2, whole int4 words
     per_row = constexprs["WFMT"] == PER_ROW.value
     tile_groups = 1 if per_row else max(block_k // constexprs["GROUP"], 1)  # scales a weight row takes per tile

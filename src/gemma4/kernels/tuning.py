@@ -17,7 +17,8 @@ gemv: (BLOCK_N weight rows a program, BLOCK_K inputs a step, warps, stages, GROU
   INT4_MMA_TILES      (BLOCK_N, warps) of int4_mma's kernel (BLOCK_N a multiple of 16 x warps)
   INT4_MMA_PROGRAMS   the programs its K splits aim for (the fewest splits that reach them)
   INT4_MMA_MIN_ELEMENTS  weights of an int4 GEMV from which it runs there (smaller ones: gemv.py's kernels)
-  INT4_MMA_BY_SHAPE   {call: (BLOCK_N, warps, target programs) or null (gemv.py's kernels)} for the calls measured
+  INT4_MMA_BY_SHAPE   {call: (BLOCK_N, warps, target programs[, steps prefetched: 1 or 2, 1 if absent]) or null
+                      (gemv.py's kernels)} for the calls measured
                       (`int4_mma.shape_key`: "N x K", "gated", "normed"), before the three defaults above
 moe:
   GU_BLOCK_W, GU_BLOCK_H, GU_WARPS       decode gate/up kernel: gate (and up) rows a program, columns a step, warps
@@ -32,6 +33,8 @@ moe:
                       sizes (32, 128), so that a step holds whole groups (one scale load a group); INT4_GU_BLOCK_H
                       reads as many bytes a step as bf16's GU_BLOCK_H (a quarter of the bytes a weight). Not yet
                       measured on a GPU
+  INT4_<key>, BYTE_<key>  any key above for int4 or 8-bit (fp8, int8) experts (`for_format`; the kernel that reads
+                      gate_up_proj takes the gate/up keys of its format, the one that reads down_proj the down keys)
 attention (decode):
   MAX_BLOCK_N         keys per block at most
   MAX_TILE_BYTES      bytes of a [BLOCK_N, D] K (or V) tile at most, so that num_stages of both fit shared memory
@@ -52,6 +55,8 @@ quantized_matmul: (BLOCK_M activation rows, BLOCK_N weight rows, BLOCK_K inputs 
               matrix's sides, 16 at least)
   MAX_M       rows up to which the model takes the kernel (`quantized_matmul.max_rows`); more: the weight dequantized
               once and cuBLAS
+  INT4_<key>, BYTE_<key>  either key for int4 or 8-bit weights, where they differ (benchmarks/quantized_matmul_tiles.py
+              writes them)
 """
 
 from __future__ import annotations
@@ -88,6 +93,13 @@ def config(kernel: str, device: torch.device | None = None) -> dict:
     """`kernel`'s table for `device` (None: default.json's); one dict per device name, which tests and benchmarks
     override entries of."""
     return _load(device_name(device))[kernel]
+
+
+def for_format(table: dict, prefix: str) -> dict:
+    """A kernel's table as a weight format reads it: each key with the format's own entry (`prefix` + key: INT4_,
+    BYTE_) where the table has one."""
+    own = {key[len(prefix):]: value for key, value in table.items() if prefix and key.startswith(prefix)}
+    return {**table, **own}
 
 
 def tile(kernel: str, key: str, device: torch.device | None = None):

@@ -60,7 +60,7 @@ def product(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.
         return F.linear(x, weight, bias)
     if kernels.enabled(x):
         from ..kernels.quantized_matmul import max_rows, quantized_matmul, quantized_matmul_supported
-        if x.numel() // x.shape[-1] <= max_rows(x.device) and quantized_matmul_supported(weight) is None:
+        if x.numel() // x.shape[-1] <= max_rows(x.device, weight) and quantized_matmul_supported(weight) is None:
             return quantized_matmul(x, weight)
     elif x.device.type == "cpu" and options().kernels and x.numel() // x.shape[-1] <= CPU_KERNEL_MAX_ROWS:
         out = cpu_linear(x, weight)
