@@ -3,11 +3,11 @@
 The GEMVs are the model's own calls, recorded from one eager decode step of a random int4 model (weight shape,
 gated activation in the epilogue, input normed by a kernel before it), each then timed alone on cycled weights in CUDA
 graphs (benchmarks/gemv.py's helpers): gemv.py's kernel as the model calls it (normalizing its own input where
-normed), and int4_mma per (BLOCK_N, warps, target programs) after the norms' kernel where normed; a product that
-`gemv_residual_norms` follows with the norms is timed without them (in int4_mma they run in a kernel of their own,
-in gemv.py's kernel in its last program). GB/s count the int4 values and scales. `--write` puts each call's best
-into the device's kernels/configs JSON as INT4_MMA_BY_SHAPE (`int4_mma.launch_tiles`; null: gemv.py's kernel),
-merged with the entries already there.
+normed), and int4_mma per (BLOCK_N, warps, target programs, steps prefetched) after the norms' kernel where normed;
+a product that `gemv_residual_norms` follows with the norms is timed without them (in int4_mma they run in a kernel
+of their own, in gemv.py's kernel in its last program). GB/s count the int4 values and scales. `--write` puts each
+call's best into the device's kernels/configs JSON as INT4_MMA_BY_SHAPE (`int4_mma.launch_tiles`; null: gemv.py's
+kernel), merged with the entries already there.
 
     python benchmarks/int4_mma_tiles.py --preset E2B E4B [--write]
 """
@@ -33,9 +33,15 @@ from gemma4.kernels.activation import ACTIVATION_CODES  # noqa: E402
 from gemma4.model.quantized import QuantizedWeight  # noqa: E402
 from gemma4.random_init import random_config, random_model  # noqa: E402
 
-# (BLOCK_N, warps, target programs)
+# (BLOCK_N, warps, target programs[, steps prefetched])
 VARIANTS = [(32, 1, 1000), (32, 1, 500), (32, 1, 2000), (32, 2, 1000), (32, 2, 2000), (64, 2, 1000), (64, 2, 500),
-            (64, 4, 1000), (64, 4, 500), (16, 1, 1000), (16, 1, 2000)]
+            (64, 4, 1000), (64, 4, 500), (16, 1, 1000), (16, 1, 2000), (32, 1, 1000, 2), (32, 1, 500, 2),
+            (16, 1, 1000, 2), (16, 1, 500, 2), (64, 2, 500, 2), (64, 4, 500, 2)]
+
+
+def tiles_name(tiles: tuple) -> str:
+    """BLOCK_N x warps / programs, and "+2" where two steps are prefetched."""
+    return f"{tiles[0]}x{tiles[1]}/{tiles[2]}" + ("+2" if tiles[3:] == (2,) else "")
 
 
 def model_calls(preset: str) -> collections.Counter:
@@ -122,9 +128,9 @@ def main() -> None:
             totals[0] += now * count
             totals[1] += best_us * count
             best_by_key[key] = list(best) if best else None
-            name = "gemv.py" if current is None else "x".join(map(str, current[:2])) + f"/{current[2]}"
+            name = "gemv.py" if current is None else tiles_name(current)
             print(f"{preset} {key:28s} x{count:3d} | now {name:12s} {now:7.2f} ({gb / now:5.0f}) | gemv.py "
-                  f"{own:7.2f} ({gb / own:5.0f}) | int4_mma {tiles[0]}x{tiles[1]}/{tiles[2]} {mma_us:7.2f} "
+                  f"{own:7.2f} ({gb / own:5.0f}) | int4_mma {tiles_name(tiles):12s} {mma_us:7.2f} "
                   f"({gb / mma_us:5.0f})", flush=True)
         print(f"{preset}: these GEMVs take {totals[0]:.0f} us a step as chosen today, {totals[1]:.0f} each at its best")
     print(json.dumps(best_by_key))

@@ -97,14 +97,17 @@ def main() -> None:
     for n, k in ((64000, 256), (8192, 2048)):
         int4_mma.product(rand(1, 1, k), quantize(rand(n, k), ON_LOAD["int4"]), 0)
     int4_mma.product(rand(1, 1, 1024), quantize(rand(96, 1024), ON_LOAD["int4"]), 0, rand(1, 1, 96))
-    # every other (BLOCK_N, warps) that a device's INT4_MMA_BY_SHAPE names, plain and gated
-    named_tiles = sorted({tuple(t[:2]) for table in tuning.every_device("gemv").values()
+    # two steps in flight, plain and gated
+    for act in (None, 0):
+        int4_mma.product(rand(1, 1, 2048), quantize(rand(4096, 2048), ON_LOAD["int4"]), act, None, (32, 1, 1000, 2))
+    # every other (BLOCK_N, warps, steps prefetched) that a device's INT4_MMA_BY_SHAPE names, plain and gated
+    named_tiles = sorted({(*t[:2], (*t[3:], 1)[0]) for table in tuning.every_device("gemv").values()
                           for t in table.get("INT4_MMA_BY_SHAPE", {}).values() if t})
     print(f"{len(named_tiles)} int4_mma tiles named by the configs")
-    for block_n, warps in named_tiles:
+    for block_n, warps, prefetch in named_tiles:
         for act in (None, 0):
             int4_mma.product(rand(1, 1, 2048), quantize(rand(4096, 2048), ON_LOAD["int4"]), act, None,
-                             (block_n, warps, 1000))
+                             (block_n, warps, 1000, prefetch))
     logits.softcap(rand(2, 1000), 30.0)
     logits.argmax(rand(2, 10000, dtype=torch.float32))
     # A forward's inputs: embeddings, per-layer inputs, RoPE tables.

@@ -140,8 +140,21 @@ def test_by_shape_entries_decide_before_the_defaults(monkeypatch):
     assert gemv._mma_tiles(big, x, True, True) == (64, 2, 500)
 
 
-def tuned_tiles() -> list[tuple[int, int, int]]:
-    """Every (BLOCK_N, warps, target programs) that a device's INT4_MMA_BY_SHAPE names, and the defaults."""
+@gpu
+@pytest.mark.parametrize("n, k", [(4096, 256), (1000, 5376), (2 * 1536, 2560)])
+def test_prefetching_two_steps_changes_no_bit(n, k):
+    """Two steps in flight (one step: the prefetches past the end masked) load the same words into the same sums:
+    the products of one step ahead, bit for bit, plain and gated, one split and several."""
+    weight, x = int4(n, k, seed=2)
+    for tiles in ((32, 1, 1000), (64, 2, 100), (16, 1, 2000)):
+        for act in (None, 0):
+            assert torch.equal(int4_mma.product(x, weight, act, tiles=(*tiles, 2)),
+                               int4_mma.product(x, weight, act, tiles=tiles))
+
+
+def tuned_tiles() -> list[tuple[int, ...]]:
+    """Every (BLOCK_N, warps, target programs[, steps prefetched]) that a device's INT4_MMA_BY_SHAPE names, and the
+    defaults."""
     found = set()
     for table in tuning.every_device("gemv").values():
         found.add((*table["INT4_MMA_TILES"], table["INT4_MMA_PROGRAMS"]))

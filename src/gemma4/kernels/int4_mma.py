@@ -7,13 +7,14 @@ on issue before memory; multiplying on the tensor cores through tl.dot, the dequ
 goes through shared memory. Here the layouts are explicit (Gluon, Triton's layout-level dialect), so each thread
 unpacks its words straight into its own A fragments: ~16 instructions a word, no shared memory.
 
-One program: BLOCK_N rows, K / SPLIT inputs in steps of 256. A step's [BLOCK_N, 256] weights are loaded 16 bytes
-(4 words of a row) a thread, every word unpacked in place: with k_width 8 a thread's A fragment holds 8 consecutive K
-of a row, one word. The K order the fragments hold is a permutation of the inputs (words and nibbles), which the B
-operand, the inputs, follows: B is [256, 8], column c the step's group c (inputs of other groups zero), so one MMA
-chain sums each group of 32 apart. q = nibble - 8 is exact in bf16, the products q * x exact in fp32; each group's
-sum times its scale is added in fp32 and the 8 columns summed at the end: the fp32 product of the exact dequantized
-weight up to summation order (as INT4_WORDS), rounded once. With SPLIT > 1 the programs of a row block write fp32
+One program: BLOCK_N rows, K / SPLIT inputs in steps of 256, the weights of the next PREFETCH steps in flight (in
+registers) while a step multiplies. A step's [BLOCK_N, 256] weights are loaded 16 bytes (4 words of a row) a thread,
+every word unpacked in place: with k_width 8 a thread's A fragment holds 8 consecutive K of a row, one word. The K
+order the fragments hold is a permutation of the inputs (words and nibbles), which the B operand, the inputs,
+follows: B is [256, 8], column c the step's group c (inputs of other groups zero), so one MMA chain sums each group
+of 32 apart. q = nibble - 8 is exact in bf16, the products q * x exact in fp32; each group's sum times its scale is
+added in fp32 and the 8 columns summed at the end: the fp32 product of the exact dequantized weight up to summation
+order (as INT4_WORDS), rounded once. With SPLIT > 1 the programs of a row block write fp32
 partial sums and the last to finish adds them in split order (deterministic) and rounds.
 
 Gluon compiles for the GPU only (no interpreter): tests/test_kernels_int4_mma.py runs it on CUDA,
@@ -62,9 +63,10 @@ def shape_key(shape: tuple[int, int], gated: bool, normed: bool) -> str:
 
 
 def launch_tiles(weight: QuantizedWeight, x: torch.Tensor, gated: bool = False,
-                 normed: bool = False) -> tuple[int, int, int] | None:
-    """(BLOCK_N, warps, target programs) where this product runs in the kernel, None where gemv.py's kernels run it
-    (those that do not `takes`; small GEMVs, bound by their launch and tail, which gemv.py's kernels serve as well).
+                 normed: bool = False) -> tuple[int, ...] | None:
+    """(BLOCK_N, warps, target programs[, steps prefetched]) where this product runs in the kernel, None where
+    gemv.py's kernels run it (those that do not `takes`; small GEMVs, bound by their launch and tail, which gemv.py's
+    kernels serve as well).
     The device's INT4_MMA_BY_SHAPE entry for the call decides (measured: benchmarks/int4_mma_tiles.py); without one,
     the weights from INT4_MMA_MIN_ELEMENTS run at INT4_MMA_TILES and INT4_MMA_PROGRAMS."""
     if not takes(weight, x):
@@ -79,7 +81,7 @@ def launch_tiles(weight: QuantizedWeight, x: torch.Tensor, gated: bool = False,
     return _default_tiles(x.device)
 
 
-def _default_tiles(device: torch.device) -> tuple[int, int, int]:
+def _default_tiles(device: torch.device) -> tuple[int, ...]:
     tuned = _tuned(device)
     return (*tuned["INT4_MMA_TILES"], tuned["INT4_MMA_PROGRAMS"])
 
@@ -94,15 +96,16 @@ def _tuned(device: torch.device) -> dict:
 
 
 def product(x: torch.Tensor, weight: QuantizedWeight, act: int | None = None,
-            multiplier: torch.Tensor | None = None, tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
+            multiplier: torch.Tensor | None = None, tiles: tuple[int, ...] | None = None) -> torch.Tensor:
     """F.linear(x, weight.dequantize(fp32)) for one row x [..., K], rounded once to the dtype: [..., N]; with `act`
     (an ACTIVATION_CODES code) act(gate) * up, rounded as `activation.store_gated_rows` rounds, of [gate; up] = the
     product (weight [2W, K], a fused gate/up projection) or of gate = the product and up = `multiplier` [..., W].
-    tiles: (BLOCK_N, warps, target programs), by default INT4_MMA_TILES and INT4_MMA_PROGRAMS. Only where `takes`
-    (the caller checks)."""
+    tiles: (BLOCK_N, warps, target programs[, steps prefetched, 1 if absent]), by default INT4_MMA_TILES and
+    INT4_MMA_PROGRAMS. Only where `takes` (the caller checks)."""
     gated, has_up = act is not None, act is not None and multiplier is None
     width, k_in = weight.shape[0] // (2 if has_up else 1), weight.shape[1]
-    block_n, warps, programs = tiles or _default_tiles(x.device)
+    block_n, warps, programs, prefetch = (*(tiles or _default_tiles(x.device)), 1)[:4]
+    assert prefetch in (1, 2), f"int4_mma prefetches 1 or 2 steps, not {prefetch}"
     blocks = triton.cdiv(width, block_n)
     split = _split(blocks, k_in // BLOCK_K, programs)
     out = torch.empty(*x.shape[:-1], width, dtype=x.dtype, device=x.device)
@@ -115,7 +118,8 @@ def product(x: torch.Tensor, weight: QuantizedWeight, act: int | None = None,
         x.contiguous(), weight.values, weight.scale, out, multiplier.contiguous() if multiplier is not None else out,
         partials, counters, width, weight.values.stride(0), weight.scale.stride(0), weight.scale.stride(1), K=k_in,
         ACT=act or 0, GATED=gated, HAS_UP=has_up, BLOCK_N=block_n, GROUP=weight.scheme.group_size, SPLIT=split,
-        WORD_LOAD=word_load, OPERAND=operand, X_LOAD=x_load, MMA=mma, num_warps=warps, **launch_options(x))
+        PREFETCH=prefetch, WORD_LOAD=word_load, OPERAND=operand, X_LOAD=x_load, MMA=mma, num_warps=warps,
+        **launch_options(x))
     return out
 
 
@@ -186,6 +190,19 @@ if gluon is not None:
                                   pack=1)
 
     @gluon.jit
+    def _step_weights(w_ptrs, s_ptrs, w_ok, s_ok, up_words, up_scales, stride_sk, step, STEPS: gl.constexpr,
+                      WORDS: gl.constexpr, GROUPS: gl.constexpr, HAS_UP: gl.constexpr):
+        """Step `step`'s words and scales, and the up rows' with HAS_UP (else the same again); zeros past the last."""
+        more = step < STEPS
+        w = gl.load(w_ptrs + step * WORDS, mask=w_ok & more, other=0)
+        s = gl.load(s_ptrs + step * GROUPS * stride_sk, mask=s_ok & more, other=0.0)
+        u, su = w, s
+        if HAS_UP:
+            u = gl.load(w_ptrs + up_words + step * WORDS, mask=w_ok & more, other=0)
+            su = gl.load(s_ptrs + up_scales + step * GROUPS * stride_sk, mask=s_ok & more, other=0.0)
+        return w, s, u, su
+
+    @gluon.jit
     def _group_sums(w, broadcast, xb, BLOCK_N: gl.constexpr, A: gl.constexpr, MMA: gl.constexpr):
         """A step's sums of q * x per row and group, [BLOCK_N, 8] (fp32), from the rows' words as loaded."""
         ws = gl.convert_layout(_operand_words(w, BLOCK_N), gl.SliceLayout(2, broadcast.type.layout))
@@ -198,8 +215,9 @@ if gluon is not None:
     @gluon.jit
     def _int4_mma_kernel(x_ptr, w_ptr, s_ptr, out_ptr, mult_ptr, partial_ptr, counter_ptr, N, stride_wn, stride_sn,
                          stride_sk, K: gl.constexpr, ACT: gl.constexpr, GATED: gl.constexpr, HAS_UP: gl.constexpr,
-                         BLOCK_N: gl.constexpr, GROUP: gl.constexpr, SPLIT: gl.constexpr, WORD_LOAD: gl.constexpr,
-                         OPERAND: gl.constexpr, X_LOAD: gl.constexpr, MMA: gl.constexpr, PDL: gl.constexpr):
+                         BLOCK_N: gl.constexpr, GROUP: gl.constexpr, SPLIT: gl.constexpr, PREFETCH: gl.constexpr,
+                         WORD_LOAD: gl.constexpr, OPERAND: gl.constexpr, X_LOAD: gl.constexpr, MMA: gl.constexpr,
+                         PDL: gl.constexpr):
         """out = x @ weight.T, or with GATED act(gate) * up (gate/up: rows i and N + i with HAS_UP, else up from
         mult_ptr); N is the output width. Program (block, split): rows block * BLOCK_N.., inputs of split `split`."""
         WORDS: gl.constexpr = STEP_K // 8
@@ -209,8 +227,8 @@ if gluon is not None:
         B: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=8)
         block = gl.program_id(0)
         k_first = gl.program_id(1) * (STEPS * STEP_K)
-        # the weights' words and scales (the up rows' N rows further), one step ahead (no kernel writes them: loaded
-        # before the PDL wait)
+        # the weights' words and scales (the up rows' N rows further), PREFETCH steps ahead (no kernel writes them:
+        # loaded before the PDL wait)
         rows = block * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, WORD_LOAD))
         words = gl.arange(0, WORDS, layout=gl.SliceLayout(0, WORD_LOAD))
         w_ptrs = w_ptr + rows.to(gl.int64)[:, None] * stride_wn + (k_first // 8 + words)[None, :]
@@ -229,24 +247,19 @@ if gluon is not None:
         x_ptrs = x_ptr + k_first + (x_words * 8)[:, None, None] + x_inputs[None, :, None] + 0 * x_columns[None, None, :]
         x_ok = (x_columns[None, None, :] == (x_words * 8 // GROUP)[:, None, None]) & (x_inputs >= 0)[None, :, None]
         broadcast = gl.zeros([BLOCK_N, WORDS, 8], gl.int32, layout=OPERAND)
-        w = gl.load(w_ptrs, mask=w_ok, other=0)
-        s = gl.load(s_ptrs, mask=s_ok, other=0.0)
-        u, su = w, s
-        if HAS_UP:
-            u = gl.load(w_ptrs + up_words, mask=w_ok, other=0)
-            su = gl.load(s_ptrs + up_scales, mask=s_ok, other=0.0)
+        w, s, u, su = _step_weights(w_ptrs, s_ptrs, w_ok, s_ok, up_words, up_scales, stride_sk, 0, STEPS, WORDS, GROUPS,
+                                    HAS_UP)
+        w1, s1, u1, su1 = w, s, u, su
+        if PREFETCH == 2:
+            w1, s1, u1, su1 = _step_weights(w_ptrs, s_ptrs, w_ok, s_ok, up_words, up_scales, stride_sk, 1, STEPS,
+                                            WORDS, GROUPS, HAS_UP)
         if PDL:
             _pdl_wait()
         acc = gl.zeros([BLOCK_N, 8], gl.float32, layout=MMA)
         acc_up = acc
         for step in range(STEPS):
-            more = step + 1 < STEPS
-            next_w = gl.load(w_ptrs + (step + 1) * WORDS, mask=w_ok & more, other=0)
-            next_s = gl.load(s_ptrs + (step + 1) * GROUPS * stride_sk, mask=s_ok & more, other=0.0)
-            next_u, next_su = next_w, next_s
-            if HAS_UP:
-                next_u = gl.load(w_ptrs + up_words + (step + 1) * WORDS, mask=w_ok & more, other=0)
-                next_su = gl.load(s_ptrs + up_scales + (step + 1) * GROUPS * stride_sk, mask=s_ok & more, other=0.0)
+            next_w, next_s, next_u, next_su = _step_weights(w_ptrs, s_ptrs, w_ok, s_ok, up_words, up_scales, stride_sk,
+                                                            step + PREFETCH, STEPS, WORDS, GROUPS, HAS_UP)
             xs = gl.load(x_ptrs + step * STEP_K, mask=x_ok, other=0.0)
             # stored [m4, m3, m2, m1, m0, nibble (i, p1, p0), column] -> the operand's K order: words as
             # _operand_words, then a word's inputs p + 4i in the order (p1, p0, i) that _UNPACK leaves them in
@@ -256,7 +269,11 @@ if gluon is not None:
             acc += _group_sums(w, broadcast, xb, BLOCK_N, A, MMA) * s.to(gl.float32)
             if HAS_UP:
                 acc_up += _group_sums(u, broadcast, xb, BLOCK_N, A, MMA) * su.to(gl.float32)
-            w, s, u, su = next_w, next_s, next_u, next_su
+            if PREFETCH == 2:
+                w, s, u, su = w1, s1, u1, su1
+                w1, s1, u1, su1 = next_w, next_s, next_u, next_su
+            else:
+                w, s, u, su = next_w, next_s, next_u, next_su
         gate = gl.sum(acc, axis=1)
         up = gate
         if HAS_UP:
