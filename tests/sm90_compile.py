@@ -22,7 +22,7 @@ from gemma4.kernels import (activation, attention, gemv, int4_mma, logits, moe, 
 
 TARGET = GPUTarget("cuda", 90, 32)
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
-         torch.int64: "i64", torch.bool: "i1", torch.int8: "i8"}
+         torch.int64: "i64", torch.bool: "i1", torch.int8: "i8", torch.float8_e4m3fn: "fp8e4nv"}
 compiled: list[str] = []
 
 
@@ -144,6 +144,10 @@ def main() -> None:
         gate_up, down = quantize(rand(4, 2 * width, 256), int4), quantize(rand(4, 256, width), int4)
         moe.moe_experts(x, rand(3, 2, dtype=torch.float32), experts, gate_up, down)
         moe.sorted_experts(x, rand(3, 2, dtype=torch.float32), experts, gate_up, down)
+    # fp8 experts per channel (the sorted kernels' fp8 -> bf16 in inline PTX)
+    gate_up, down = quantize(rand(4, 2 * 96, 256), ON_LOAD["fp8"]), quantize(rand(4, 256, 96), ON_LOAD["fp8"])
+    moe.moe_experts(x, rand(3, 2, dtype=torch.float32), experts, gate_up, down)
+    moe.sorted_experts(x, rand(3, 2, dtype=torch.float32), experts, gate_up, down)
     moe.moe_residual_norm(rows, rand(2, 3, 256), rand(2, 3, 256), rand(256), rand(256), rand(256), 1e-6, rand(1),
                           rand(256), 1e-6)
     pairs = moe.ExpertPairs(rand(12, 256), torch.arange(12), rand(6, 2, dtype=torch.float32))
