@@ -24,7 +24,7 @@ from gemma4.model.text import Experts
 from gemv import graph_us  # benchmarks/gemv.py: a 50-call CUDA graph, best replay
 
 # A sweep's choices per kernel (names, values of each), one kernel's tiles varied while the other keeps its own
-DECODE_GU = ("GU_BLOCK_W", "GU_BLOCK_H", "GU_WARPS"), [(2, 4, 8), (256, 512, 1024, 2048), (4, 8)]
+DECODE_GU = ("GU_BLOCK_W", "GU_BLOCK_H", "GU_WARPS"), [(2, 4, 8), (256, 512, 1024, 2048, 4096), (4, 8)]
 DECODE_DOWN = ("DOWN_BLOCK_H", "DOWN_BLOCK_W", "DOWN_WARPS"), [(1, 2, 4, 8), (1024,), (4, 8)]
 SORTED_GU = ("SORTED_GU_BLOCK_N", "SORTED_GU_BLOCK_K", "SORTED_GU_WARPS"), [(32, 64, 128), (64, 128, 256, 512), (4, 8)]
 SORTED_DOWN = ("SORTED_DOWN_BLOCK_N", "SORTED_DOWN_BLOCK_K", "SORTED_DOWN_WARPS"), [(32, 64, 128), (64, 128, 256, 512),

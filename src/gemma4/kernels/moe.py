@@ -82,15 +82,20 @@ def _gate_up_kernel(x_ptr, experts_ptr, gu_ptr, gu_scale_ptr, h_ptr, H: tl.const
             gate_scale_row = gu_scale_ptr + e * (2 * W) + rows
             gate_scale = tl.load(gate_scale_row, mask=row_ok, other=0.0).to(tl.float32)
             up_scale = tl.load(gate_scale_row + W, mask=row_ok, other=0.0).to(tl.float32)
-        gate = tl.zeros([BLOCK_W], dtype=tl.float32)
-        up = tl.zeros([BLOCK_W], dtype=tl.float32)
-        for h0 in range(0, H, BLOCK_H):  # fp32 accumulation over H, one chunk at a time
+        # fp32 partial sums per lane over H, one chunk at a time, and one reduction across the lanes at the end (a
+        # reduction a chunk would cross the warps every step)
+        gate = tl.zeros([BLOCK_W, BLOCK_H], dtype=tl.float32)
+        up = tl.zeros([BLOCK_W, BLOCK_H], dtype=tl.float32)
+        for h0 in range(0, H, BLOCK_H):
             cols = h0 + tl.arange(0, BLOCK_H)
             col_ok = cols < H
-            xv = tl.load(x_row + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             mask = row_ok[:, None] & col_ok[None, :]
-            gate += tl.sum(tl.load(gate_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32) * xv, axis=1)
-            up += tl.sum(tl.load(up_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32) * xv, axis=1)
+            # the input in the tile's own layout (each lane its columns' inputs, from L1): no layout change a step
+            xv = tl.load(x_row + cols[None, :] + 0 * rows[:, None], mask=mask, other=0.0).to(tl.float32)
+            gate += tl.load(gate_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32) * xv
+            up += tl.load(up_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32) * xv
+        gate = tl.sum(gate, axis=1)
+        up = tl.sum(up, axis=1)
         if WFMT == PER_ROW:  # the rows' scales on their fp32 dot products, before the roundings
             gate = gate * gate_scale
             up = up * up_scale
