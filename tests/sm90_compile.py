@@ -27,27 +27,33 @@ compiled: list[str] = []
 
 
 def _compile_launch(self: JITFunction, *args, grid, warmup, **kwargs):
-    """Stands in for JITFunction.run: the launch's signature and constexprs from its arguments, then compile."""
+    """Stands in for JITFunction.run: the launch's signature and constexprs from its arguments, then compile. As the
+    JIT specializes a launch, a pointer 16-byte aligned and an integer argument divisible by 16 (outside
+    do_not_specialize) say so, which is what lets the compiler vectorize loads: the code the GPU runs."""
     names = [p.name for p in self.params]
     bound = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
     options = {k: v for k, v in kwargs.items() if k not in names}
-    signature, constexprs = {}, {}
-    for p in self.params:
-        value = bound[p.name]
+    signature, constexprs, attrs = {}, {}, {}
+    for i, p in enumerate(self.params):
+        value, aligns = bound[p.name], not (p.do_not_specialize or p.do_not_specialize_on_alignment)
         if p.name == "INTERPRET":
             value = False  # the compiled path, whatever the CPU tensors say
         if p.is_constexpr or value is None:
             signature[p.name], constexprs[p.name] = "constexpr", value
         elif isinstance(value, torch.Tensor):
             signature[p.name] = "*" + TYPES[value.dtype]
+            if value.data_ptr() % 16 == 0 and aligns:
+                attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(value, bool):
             signature[p.name] = "i1"
         elif isinstance(value, int):
             signature[p.name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            if value % 16 == 0 and aligns:
+                attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[p.name] = "fp32"
     source = GluonASTSource if self.is_gluon() else ASTSource
-    triton.compile(source(self, signature, constexprs), target=TARGET, options=options)
+    triton.compile(source(self, signature, constexprs, attrs=attrs), target=TARGET, options=options)
     compiled.append(f"{self.fn.__name__} {sorted((k, v) for k, v in constexprs.items() if v is not None)}")
 
 
