@@ -14,8 +14,8 @@ order the fragments hold is a permutation of the inputs (words and nibbles), whi
 follows: B is [256, 8], column c the step's group c (inputs of other groups zero), so one MMA chain sums each group
 of 32 apart. q = nibble - 8 is exact in bf16, the products q * x exact in fp32; each group's sum times its scale is
 added in fp32 and the 8 columns summed at the end: the fp32 product of the exact dequantized weight up to summation
-order (as INT4_WORDS), rounded once. With SPLIT > 1 the programs of a row block write fp32
-partial sums and the last to finish adds them in split order (deterministic) and rounds.
+order (as INT4_WORDS), rounded once. With SPLIT > 1 the programs of a row block write fp32 partial sums and the last
+to finish adds them in split order (deterministic) and rounds.
 
 Gluon compiles for the GPU only (no interpreter): tests/test_kernels_int4_mma.py runs it on CUDA,
 tests/sm90_compile.py compiles it for sm_90.
@@ -66,9 +66,9 @@ def launch_tiles(weight: QuantizedWeight, x: torch.Tensor, gated: bool = False,
                  normed: bool = False) -> tuple[int, ...] | None:
     """(BLOCK_N, warps, target programs[, steps prefetched]) where this product runs in the kernel, None where
     gemv.py's kernels run it (those that do not `takes`; small GEMVs, bound by their launch and tail, which gemv.py's
-    kernels serve as well).
-    The device's INT4_MMA_BY_SHAPE entry for the call decides (measured: benchmarks/int4_mma_tiles.py); without one,
-    the weights from INT4_MMA_MIN_ELEMENTS run at INT4_MMA_TILES and INT4_MMA_PROGRAMS."""
+    kernels serve as well). The device's INT4_MMA_BY_SHAPE entry for the call decides (measured:
+    benchmarks/int4_mma_tiles.py); without one, the weights from INT4_MMA_MIN_ELEMENTS run at INT4_MMA_TILES and
+    INT4_MMA_PROGRAMS."""
     if not takes(weight, x):
         return None
     tuned = _tuned(x.device)
