@@ -78,6 +78,18 @@ INT4_WORDS = tl.constexpr(2)   # int4, 8 a 32-bit word (element j of a row: bits
 
 
 @triton.jit
+def exact_fp32(w):
+    """Weight values as fp32, exactly. int8 without a conversion instruction: its cast issues an I2F a value, a
+    quarter-rate conversion as frequent as the values an int8 GEMV streams in; here 0x4B000080 + q read as fp32 is
+    2^23 + 128 + q, minus 2^23 + 128. Other dtypes by their cast (fp8 e4m3: an F2FP to an fp16 pair and an fp16 ->
+    fp32 add, no conversion a value; 16-bit floats: a shift)."""
+    if w.dtype == tl.int8:
+        return (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+    else:
+        return w.to(tl.float32)
+
+
+@triton.jit
 def _rows_and_up(ptrs, mask, up_offset, HAS_UP: tl.constexpr):
     """The values at ptrs and, with HAS_UP, up_offset elements further (the up half of a fused gate/up weight):
     (gate, up), up = gate without HAS_UP. Masked values are 0."""
@@ -116,7 +128,7 @@ def _grouped_row(x, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
 @triton.jit
 def _grouped_dots(w, scale, x):
     """Each group's scale times its fp32 sum of q * x: [BLOCK_N, BLOCK_K // GROUP]."""
-    return tl.sum(w.to(tl.float32) * x[None, :, :], axis=2) * scale
+    return tl.sum(exact_fp32(w) * x[None, :, :], axis=2) * scale
 
 
 @triton.jit
@@ -265,10 +277,10 @@ def _dots(w, u, w_scale, u_scale, x, x_ptr, w_ptr, scale_ptr, rows, N, stride_wn
     """fp32 dot products of the input row with weight rows `rows`, given their first tiles and scales
     (`_first_tiles`) and inputs x; the columns past BLOCK_K are read here: (gate, up), up = gate without HAS_UP."""
     if WFMT == DENSE or WFMT == PER_ROW:
-        acc = w.to(tl.float32) * x  # per-lane partial sums [BLOCK_N, BLOCK_K]: one reduction at the end
+        acc = exact_fp32(w) * x  # per-lane partial sums [BLOCK_N, BLOCK_K]: one reduction at the end
         acc_up = acc
         if HAS_UP:
-            acc_up = u.to(tl.float32) * x
+            acc_up = exact_fp32(u) * x
         row_ok = rows < N
         w_rows = w_ptr + rows.to(tl.int64) * stride_wn
         for k0 in range(BLOCK_K, K, BLOCK_K):  # never with NORMED (K <= BLOCK_K)
@@ -278,10 +290,10 @@ def _dots(w, u, w_scale, u_scale, x, x_ptr, w_ptr, scale_ptr, rows, N, stride_wn
             else:
                 step_mask = row_ok[:, None] & (cols < K)[None, :]
             x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
-            acc += tl.load(w_rows[:, None] + cols[None, :], mask=step_mask, other=0.0).to(tl.float32) * x
+            acc += exact_fp32(tl.load(w_rows[:, None] + cols[None, :], mask=step_mask, other=0.0)) * x
             if HAS_UP:
                 u = tl.load(w_rows[:, None] + up_offset + cols[None, :], mask=step_mask, other=0.0)
-                acc_up += u.to(tl.float32) * x
+                acc_up += exact_fp32(u) * x
         gate = tl.sum(acc, axis=1)
         up = gate
         if HAS_UP:

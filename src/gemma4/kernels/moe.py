@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .activation import ACTIVATION_CODES, activation_fp32
 from .attention import _dot
-from .gemv import DENSE, INT4_WORDS, PER_ROW, _dots, _first_tiles, format_prefix
+from .gemv import DENSE, INT4_WORDS, PER_ROW, _dots, _first_tiles, exact_fp32, format_prefix
 from .norm import _normalize, _rows, _store, _unit_rms, _warps
 from .pdl import after_previous_kernel, launch_options
 from .quantized_matmul import _dequantized_tile
@@ -92,8 +92,8 @@ def _gate_up_kernel(x_ptr, experts_ptr, gu_ptr, gu_scale_ptr, h_ptr, H: tl.const
             mask = row_ok[:, None] & col_ok[None, :]
             # the input in the tile's own layout (each lane its columns' inputs, from L1): no layout change a step
             xv = tl.load(x_row + cols[None, :] + 0 * rows[:, None], mask=mask, other=0.0).to(tl.float32)
-            gate += tl.load(gate_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32) * xv
-            up += tl.load(up_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32) * xv
+            gate += exact_fp32(tl.load(gate_rows + cols[None, :], mask=mask, other=0.0)) * xv
+            up += exact_fp32(tl.load(up_rows + cols[None, :], mask=mask, other=0.0)) * xv
         gate = tl.sum(gate, axis=1)
         up = tl.sum(up, axis=1)
         if WFMT == PER_ROW:  # the rows' scales on their fp32 dot products, before the roundings
@@ -133,7 +133,7 @@ def _down_kernel(h_ptr, weights_ptr, experts_ptr, down_ptr, down_scale_ptr, out_
                             other=0.0).to(tl.float32)
         after_previous_kernel(PDL)
         hv = tl.load(h_ptr + pairs[:, None] * W + cols[None, :], mask=pair_ok[:, None] & col_ok[None, :], other=0.0)
-        y = tl.sum(wv.to(tl.float32) * hv.to(tl.float32)[:, None, :], axis=2)  # [K_POW2, BLOCK_H]
+        y = tl.sum(exact_fp32(wv) * hv.to(tl.float32)[:, None, :], axis=2)  # [K_POW2, BLOCK_H]
         if WFMT == PER_ROW:
             y = y * scale
         # The bmm output is rounded to the dtype; the routing weight (fp32) and the sum over choices are fp32.
@@ -154,7 +154,7 @@ def _down_kernel(h_ptr, weights_ptr, experts_ptr, down_ptr, down_scale_ptr, out_
                     col_ok = cols < W
                     hv = tl.load(h_ptr + p * W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
                     wv = tl.load(down_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-                    y += tl.sum(wv.to(tl.float32) * hv, axis=1)
+                    y += tl.sum(exact_fp32(wv) * hv, axis=1)
                 if WFMT == PER_ROW:  # expert e's row scales on the fp32 dot products, before the rounding
                     y = y * tl.load(down_scale_ptr + e * H + rows, mask=row_ok, other=0.0).to(tl.float32)
             total += round_to(y, dtype) * tl.load(weights_ptr + p)

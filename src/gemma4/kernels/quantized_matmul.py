@@ -21,7 +21,7 @@ import triton.language as tl
 
 from ..model.quantized import QuantizedWeight
 from .attention import _dot
-from .gemv import INT4_WORDS, PER_ROW, _quantized_format, format_prefix
+from .gemv import INT4_WORDS, PER_ROW, _quantized_format, exact_fp32, format_prefix
 from .pdl import after_previous_kernel, launch_options
 from .rounding import round_to
 from .tuning import config, for_format
@@ -46,7 +46,7 @@ def _dequantized_tile(w_ptr, scale_ptr, rows, k0, N, stride_wn, stride_sn, strid
         q = tl.reshape(q.to(tl.float32), (BLOCK_N, BLOCK_K))  # element j: word j // 8, nibble j % 8
     else:  # fp8 e4m3 or int8 (the pointer's type): both exact in fp32
         cols = k0 + tl.arange(0, BLOCK_K)
-        q = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0.0).to(tl.float32)
+        q = exact_fp32(tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0.0))
     if WFMT == PER_ROW:
         scale = tl.load(scale_ptr + rows.to(tl.int64) * stride_sn, mask=row_ok, other=0.0).to(tl.float32)
         w = q * scale[:, None]
