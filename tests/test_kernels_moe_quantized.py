@@ -5,6 +5,7 @@ Without a GPU they run in Triton's CPU interpreter (conftest sets TRITON_INTERPR
 
 import copy
 import itertools
+import struct
 
 import pytest
 import torch
@@ -346,9 +347,8 @@ def run_ptx(asm: str, inputs: list[int], outputs: int) -> list[int]:
     def value(token: str) -> int:
         return regs[token] if token in regs else int(token, 0)
 
-    def bf16(bits: int) -> float:
-        return torch.tensor([bits], dtype=torch.int16).view(torch.bfloat16).item() if bits < 0x8000 else \
-            torch.tensor([bits - 0x10000], dtype=torch.int16).view(torch.bfloat16).item()
+    def bf16(bits: int) -> float:  # a bf16 is the top half of an fp32
+        return struct.unpack("<f", struct.pack("<I", bits << 16))[0]
 
     def bf16_bits(x: float) -> int:
         return torch.tensor([x], dtype=torch.float64).to(torch.bfloat16).view(torch.int16).item() & 0xFFFF
