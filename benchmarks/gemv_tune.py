@@ -55,5 +55,6 @@ def main() -> None:
         path = tuning.update_config(torch.device("cuda"), "gemv", keys)
         print(f"wrote {sorted(keys)} = {list(best)} into {path}")
 
+
 if __name__ == "__main__":
     main()

@@ -118,9 +118,8 @@ def test_each_format_reads_its_own_tiles(monkeypatch):
     """BYTE_TILES_BY_M / BYTE_MAX_M decide for 8-bit weights (as INT4_ would for int4), the plain keys for the
     others: the tiles chosen, the rows up to which the model takes the kernel, and the product still the twin's."""
     from gemma4.kernels import quantized_matmul as qm
-    from gemma4.kernels.tuning import config
 
-    table = config("quantized_matmul", torch.device(DEVICE))
+    table = tuning.config("quantized_matmul", torch.device(DEVICE))
     monkeypatch.setitem(table, "BYTE_TILES_BY_M", ((4, 16, 16, 32, 4, 1), (None, 32, 32, 64, 4, 1)))
     monkeypatch.setitem(table, "BYTE_MAX_M", 8)
     fp8, int4 = quantized_weight("fp8", 70, 160, torch.bfloat16), quantized_weight("int4", 70, 160, torch.bfloat16)
@@ -165,7 +164,6 @@ from triton.runtime.jit import JITFunction
 from gemma4.kernels import quantized_matmul as qm
 from test_kernels_quantized_matmul import FORMATS, quantized_weight, tuned_tiles
 
-sm90_compile.TYPES[torch.float8_e4m3fn] = "fp8e4nv"
 JITFunction.run = sm90_compile._compile_launch
 qm.launch_options = lambda x: {"PDL": True, "launch_pdl": True}
 for fmt in FORMATS:
