@@ -99,6 +99,8 @@ def main() -> None:
         if not won:
             break
         max_m = rows
+    if all(beats_dequantized):  # nothing is known past the last row count swept: a larger MAX_M stays
+        max_m = max(max_m, tuning.for_format(tuning.config("quantized_matmul", device), prefix)["MAX_M"])
     by_m = [[rows, *best_by_rows[rows]] for rows in swept[:-1]] + [[None, *best_by_rows[swept[-1]]]]
     values = {f"{prefix}TILES_BY_M": by_m, f"{prefix}MAX_M": max_m}
     print(values)
