@@ -5,7 +5,6 @@ Without a GPU they run in Triton's CPU interpreter (conftest sets TRITON_INTERPR
 
 import copy
 import itertools
-import struct
 
 import pytest
 import torch
@@ -337,79 +336,3 @@ def test_int4_experts_take_the_kernels(tokens, kernel, monkeypatch):
             out = quantized(x, weights, experts)
         assert calls == [kernel]
         assert_fp32_close(out, module.twin.forward_loop(x, weights, experts))
-
-
-def run_ptx(asm: str, inputs: list[int], outputs: int) -> list[int]:
-    """A few PTX instructions as FP8_TO_BF16 uses them (mov, prmt, shr, and, lop3 on .b32; fma.rn.bf16x2), run on
-    Python ints: registers $0.. the outputs, then the inputs."""
-    regs = {f"${i}": 0 for i in range(outputs)} | {f"${outputs + i}": v for i, v in enumerate(inputs)}
-
-    def value(token: str) -> int:
-        return regs[token] if token in regs else int(token, 0)
-
-    def bf16(bits: int) -> float:  # a bf16 is the top half of an fp32
-        return struct.unpack("<f", struct.pack("<I", bits << 16))[0]
-
-    def bf16_bits(x: float) -> int:
-        return torch.tensor([x], dtype=torch.float64).to(torch.bfloat16).view(torch.int16).item() & 0xFFFF
-
-    for line in asm.replace("{", "").replace("}", "").split(";"):
-        if not line.strip() or line.split()[0] == ".reg":
-            continue
-        op, *args = line.replace(",", " ").split()
-        dst, *src = args
-        v = [value(a) for a in src]
-        if op == "mov.b32":
-            out = v[0]
-        elif op == "prmt.b32":  # default mode: selector nibble i picks byte i of the result from {b, a}
-            pool = (v[0] | v[1] << 32).to_bytes(8, "little")
-            out = int.from_bytes(bytes(pool[(v[2] >> 4 * i) & 7] for i in range(4)), "little")
-        elif op == "shr.b32":
-            out = v[0] >> v[1]
-        elif op == "and.b32":
-            out = v[0] & v[1]
-        elif op == "lop3.b32":
-            a, b, c, lut = v
-            out = sum(((lut >> ((a >> i & 1) << 2 | (b >> i & 1) << 1 | (c >> i & 1))) & 1) << i for i in range(32))
-        elif op == "fma.rn.bf16x2":
-            lanes = [bf16_bits(bf16(v[0] >> s & 0xFFFF) * bf16(v[1] >> s & 0xFFFF) + bf16(v[2] >> s & 0xFFFF))
-                     for s in (0, 16)]
-            out = lanes[0] | lanes[1] << 16
-        else:
-            raise NotImplementedError(op)
-        regs[dst] = out & 0xFFFFFFFF
-    return [regs[f"${i}"] for i in range(outputs)]
-
-
-def test_fp8_to_bf16_asm_reads_every_code():
-    """moe.FP8_TO_BF16 (the sorted kernels' fp8 tiles for bf16 dots; PTX, run here by a small emulator of its
-    instructions) gives torch's bf16 of every fp8 e4m3 code, subnormals and both zeros included, in byte order; the
-    NaN codes read 480."""
-    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
-    want = codes.view(torch.float8_e4m3fn).to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
-    nan = torch.tensor([0x7F, 0xFF])
-    want[nan] = torch.tensor([480.0, -480.0]).to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
-    got = []
-    for word in codes.view(-1, 4).to(torch.int64):
-        low, high = run_ptx(moe.FP8_TO_BF16.value, [int(sum(int(b) << 8 * i for i, b in enumerate(word)))], 2)
-        got += [low & 0xFFFF, low >> 16, high & 0xFFFF, high >> 16]
-    assert got == want.tolist()
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the inline PTX runs on CUDA")
-def test_fp8_dot_operand_on_the_gpu():
-    """The same on the GPU: _dot_operand's bf16 of every fp8 code (NaN codes aside) is torch's."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def operand(w_ptr, like_ptr, out_ptr):
-        i = tl.arange(0, 256)
-        tl.store(out_ptr + i, moe._dot_operand(tl.load(w_ptr + i), tl.load(like_ptr + i), False))
-
-    codes = torch.arange(256, dtype=torch.int32, device="cuda").to(torch.uint8)
-    codes = codes[(codes != 0x7F) & (codes != 0xFF)]
-    codes = torch.cat([codes, codes[:2]])  # 256 values
-    out = torch.empty(256, dtype=torch.bfloat16, device="cuda")
-    operand[(1,)](codes.view(torch.float8_e4m3fn), torch.zeros(256, dtype=torch.bfloat16, device="cuda"), out)
-    assert torch.equal(out.view(torch.int16), codes.view(torch.float8_e4m3fn).to(torch.bfloat16).view(torch.int16))

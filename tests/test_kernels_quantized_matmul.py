@@ -1,10 +1,12 @@
 """The quantized matmul kernel (gemma4.kernels.quantized_matmul: a few to a few hundred activation rows times a
 QuantizedWeight, the weight dequantized tile by tile in registers) against the plain twin,
 F.linear(x, weight.dequantize(x.dtype)): the same dequantized weights, bit for bit, so only the fp32 summation order
-differs. Without a GPU the kernel runs in Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1); the last test
+differs; or, for 8-bit weights with a scale per row, the exact values and the scales on the fp32 sums (within an ulp
+of the twin, and bit for bit its sums where the scales are powers of two). Without a GPU the kernel runs in Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1); the last test
 compiles its launches for sm_90 in a process without it."""
 
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +17,8 @@ import torch.nn.functional as F
 
 triton = pytest.importorskip("triton")
 
-from gemma4.kernels import tuning  # noqa: E402
+from gemma4.kernels import quantized_matmul as qm, tuning  # noqa: E402
+from gemma4.kernels.gemv import PER_ROW  # noqa: E402
 from gemma4.kernels.quantized_matmul import max_rows, quantized_matmul, quantized_matmul_supported  # noqa: E402
 from gemma4.model.quantized import ON_LOAD, QuantizedWeight, Scheme  # noqa: E402
 from test_kernels_gemv_quantized import quantized_weight  # noqa: E402  (every format, as the GEMV tests make them)
@@ -35,14 +38,26 @@ def rand(*shape, dtype, seed=1):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
 
 
+def scales_after_sums(weight: QuantizedWeight) -> bool:
+    """8-bit values with a scale per row: the kernel multiplies its fp32 sums of the exact values by the scales."""
+    return qm._quantized_format(weight)[0]["WFMT"] == PER_ROW.value
+
+
 def assert_equals_twin(x: torch.Tensor, weight: QuantizedWeight, tiles=None, share: float = 0.9):
     """The kernel against F.linear on the weight dequantized to x's dtype. fp32: summation order only (1e-5
-    relative). 16-bit: the same bf16/fp16 weights and one rounding of fp32 sums on both sides; a different order can
-    flip the rounding by an ulp, so within an ulp and most elements equal."""
+    relative; the twin's q * scale rounded to fp32 moves a sum by less). 16-bit: one rounding of fp32 sums on both
+    sides; with the same weights (scales that vary along K) a different order can flip the rounding by an ulp, so
+    within an ulp and most elements equal; where the twin's weights are q * scale rounded to x's dtype (2^-9
+    relative each) and the kernel's exact (scales per row), every sum moves by up to about an ulp of the outputs'
+    magnitude (cancelling sums included), and by well under one on average."""
     out, want = quantized_matmul(x, weight, tiles), F.linear(x, weight.dequantize(x.dtype))
     assert out.shape == want.shape and out.dtype == want.dtype == x.dtype
     if x.dtype == torch.float32:
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    elif scales_after_sums(weight):
+        magnitude = want.float().abs().mean()  # the sums' moves scale with their terms, not with what cancels out
+        torch.testing.assert_close(out.float(), want.float(), rtol=2**-7, atol=2**-7 * magnitude)
+        assert (out.float() - want.float()).abs().mean() < 2**-8 * magnitude
     else:
         torch.testing.assert_close(out.float(), want.float(), rtol=2**-7, atol=1e-5)
         assert (out == want).float().mean() > share
@@ -67,6 +82,20 @@ def test_default_tiles(fmt, dtype):
     x = rand(2, 3, 288, dtype=dtype)
     assert_equals_twin(x, weight)
     assert quantized_matmul(x, weight).shape == (2, 3, 200)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+def test_power_of_two_scales_give_the_twins_sums(fmt):
+    """Scales per row rounded to powers of two: the twin's q * scale is exact in bf16, so the kernel's scaled sums are
+    the twin's up to the summation order: most outputs equal, as for the formats that use the twin's weights."""
+    weight = quantized_weight(fmt, 70, 160, torch.bfloat16)
+    assert scales_after_sums(weight)
+    scale = torch.exp2(weight.scale.float().log2().round()).to(weight.scale.dtype)
+    exact = QuantizedWeight(weight.values, scale, weight.scheme)
+    x = rand(64, 160, dtype=torch.bfloat16)
+    out, want = quantized_matmul(x, exact, STEPS), F.linear(x, exact.dequantize(x.dtype))
+    torch.testing.assert_close(out.float(), want.float(), rtol=2**-7, atol=1e-5)
+    assert (out == want).float().mean() > 0.9
 
 
 def test_fp16_and_fp32_scales():
@@ -117,8 +146,6 @@ def test_empty_and_strided_inputs():
 def test_each_format_reads_its_own_tiles(monkeypatch):
     """BYTE_TILES_BY_M / BYTE_MAX_M decide for 8-bit weights (as INT4_ would for int4), the plain keys for the
     others: the tiles chosen, the rows up to which the model takes the kernel, and the product still the twin's."""
-    from gemma4.kernels import quantized_matmul as qm
-
     table = tuning.config("quantized_matmul", torch.device(DEVICE))
     monkeypatch.setitem(table, "BYTE_TILES_BY_M", ((4, 16, 16, 32, 4, 1), (None, 32, 32, 64, 4, 1)))
     monkeypatch.setitem(table, "BYTE_MAX_M", 8)
@@ -143,6 +170,82 @@ def test_unsupported_weights():
         assert isinstance(reason, str)
         with pytest.raises(ValueError, match="quantized_matmul does not read"):
             quantized_matmul(rand(2, bad.shape[-1], dtype=torch.bfloat16), bad)
+
+
+def run_ptx(asm: str, inputs: list[int], outputs: int) -> list[int]:
+    """A few PTX instructions as FP8_TO_BF16 uses them (mov, prmt, shr, and, lop3 on .b32; fma.rn.bf16x2), run on
+    Python ints: registers $0.. the outputs, then the inputs."""
+    regs = {f"${i}": 0 for i in range(outputs)} | {f"${outputs + i}": v for i, v in enumerate(inputs)}
+
+    def value(token: str) -> int:
+        return regs[token] if token in regs else int(token, 0)
+
+    def bf16(bits: int) -> float:  # a bf16 is the top half of an fp32
+        return struct.unpack("<f", struct.pack("<I", bits << 16))[0]
+
+    def bf16_bits(x: float) -> int:
+        return torch.tensor([x], dtype=torch.float64).to(torch.bfloat16).view(torch.int16).item() & 0xFFFF
+
+    for line in asm.replace("{", "").replace("}", "").split(";"):
+        if not line.strip() or line.split()[0] == ".reg":
+            continue
+        op, *args = line.replace(",", " ").split()
+        dst, *src = args
+        v = [value(a) for a in src]
+        if op == "mov.b32":
+            out = v[0]
+        elif op == "prmt.b32":  # default mode: selector nibble i picks byte i of the result from {b, a}
+            pool = (v[0] | v[1] << 32).to_bytes(8, "little")
+            out = int.from_bytes(bytes(pool[(v[2] >> 4 * i) & 7] for i in range(4)), "little")
+        elif op == "shr.b32":
+            out = v[0] >> v[1]
+        elif op == "and.b32":
+            out = v[0] & v[1]
+        elif op == "lop3.b32":
+            a, b, c, lut = v
+            out = sum(((lut >> ((a >> i & 1) << 2 | (b >> i & 1) << 1 | (c >> i & 1))) & 1) << i for i in range(32))
+        elif op == "fma.rn.bf16x2":
+            lanes = [bf16_bits(bf16(v[0] >> s & 0xFFFF) * bf16(v[1] >> s & 0xFFFF) + bf16(v[2] >> s & 0xFFFF))
+                     for s in (0, 16)]
+            out = lanes[0] | lanes[1] << 16
+        else:
+            raise NotImplementedError(op)
+        regs[dst] = out & 0xFFFFFFFF
+    return [regs[f"${i}"] for i in range(outputs)]
+
+
+def test_fp8_to_bf16_asm_reads_every_code():
+    """qm.FP8_TO_BF16 (fp8 tiles for bf16 dots, here and in the sorted MoE kernels; PTX, run here by a small emulator of its
+    instructions) gives torch's bf16 of every fp8 e4m3 code, subnormals and both zeros included, in byte order; the
+    NaN codes read 480."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    want = codes.view(torch.float8_e4m3fn).to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
+    nan = torch.tensor([0x7F, 0xFF])
+    want[nan] = torch.tensor([480.0, -480.0]).to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
+    got = []
+    for word in codes.view(-1, 4).to(torch.int64):
+        low, high = run_ptx(qm.FP8_TO_BF16.value, [int(sum(int(b) << 8 * i for i, b in enumerate(word)))], 2)
+        got += [low & 0xFFFF, low >> 16, high & 0xFFFF, high >> 16]
+    assert got == want.tolist()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the inline PTX runs on CUDA")
+def test_fp8_dot_operand_on_the_gpu():
+    """The same on the GPU: _dot_operand's bf16 of every fp8 code (NaN codes aside) is torch's."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def operand(w_ptr, like_ptr, out_ptr):
+        i = tl.arange(0, 256)
+        tl.store(out_ptr + i, qm._dot_operand(tl.load(w_ptr + i), tl.load(like_ptr + i), False))
+
+    codes = torch.arange(256, dtype=torch.int32, device="cuda").to(torch.uint8)
+    codes = codes[(codes != 0x7F) & (codes != 0xFF)]
+    codes = torch.cat([codes, codes[:2]])  # 256 values
+    out = torch.empty(256, dtype=torch.bfloat16, device="cuda")
+    operand[(1,)](codes.view(torch.float8_e4m3fn), torch.zeros(256, dtype=torch.bfloat16, device="cuda"), out)
+    assert torch.equal(out.view(torch.int16), codes.view(torch.float8_e4m3fn).to(torch.bfloat16).view(torch.int16))
 
 
 def tuned_tiles() -> list[tuple[str, tuple]]:

@@ -1,12 +1,16 @@
 """Products of a few to a few hundred activation rows with a quantized weight (model/quantized.py's QuantizedWeight):
 decode steps of a batch of sequences, one token each, on a quantized model. The plain twin (`QuantizedWeight.linear`)
 writes the whole weight dequantized to the model dtype and reads it back for F.linear: 1 + 2 + 2 bytes a weight
-(8-bit) where 1 would do. Here each program dequantizes [BLOCK_N, BLOCK_K] tiles of the stored values in
-registers and multiplies them with the activations' [BLOCK_M, BLOCK_K] tile on the tensor cores.
+(8-bit) where 1 would do. Here each program turns [BLOCK_N, BLOCK_K] tiles of the stored values into the activations'
+dtype in registers and multiplies them with the activations' [BLOCK_M, BLOCK_K] tile on the tensor cores.
 
-Numerics: the twin's dequantized weight exactly, w = q * scale in fp32 rounded once to the activations' dtype, then
-tl.dot with fp32 accumulation and one rounding of the output; so the result is F.linear(x, weight.dequantize(x.dtype))
-up to the fp32 summation order. fp32 activations multiply in fp32 ("ieee", not tf32).
+Numerics: 8-bit values with a scale per row (fp8 e4m3, int8) enter tl.dot as they are (exact in the activations'
+dtype; fp8 to bf16 on the integer ALUs, FP8_TO_BF16) and each output's fp32 sum is multiplied by its row's scale, as
+the GEMVs and the MoE kernels do; the twin rounds each q * scale to the activations' dtype first, so 16-bit outputs
+differ from it by about an ulp. The other formats (int4, 8-bit in groups or blocks: scales that vary along K) use the
+twin's dequantized weight exactly, w = q * scale in fp32 rounded once to the activations' dtype. Then tl.dot with fp32
+accumulation and one rounding of the output: those equal F.linear(x, weight.dequantize(x.dtype)) up to the fp32
+summation order. fp32 activations multiply in fp32 ("ieee", not tf32).
 
 For many rows (prefill) dequantizing once and calling cuBLAS should win: the dequantized weight's extra traffic is
 small against the arithmetic, and cuBLAS's GEMMs are better tuned. `max_rows` says up to where the model should call
@@ -25,6 +29,34 @@ from .gemv import INT4_WORDS, PER_ROW, _quantized_format, exact_fp32, format_pre
 from .pdl import after_previous_kernel, launch_options
 from .rounding import round_to
 from .tuning import config, for_format
+
+
+# fp8 e4m3 -> bf16, four values (a 32-bit register of bytes) at a time on the integer and bf16x2 ALUs: Triton's cast
+# converts each value twice on sm_90 (F2FP to an fp16 pair, then F2F to bf16, a quarter-rate conversion a value).
+# Each byte s eeee mmm lands in a 16-bit lane as s (bit 15) and eeee mmm (bits 10..4): the bf16 of 2^-120 times the
+# value, normal or subnormal (exponent bias 127 against 7), then one exact fma by 2^120 (plus -0, which keeps a zero's
+# sign). The one NaN code (0x7F, 0xFF) reads 480: weights are never NaN. Output lanes in byte order.
+FP8_TO_BF16 = tl.constexpr("\n".join([
+    "{", ".reg .b32 lo, hi, t, s, c, z;", "mov.b32 c, 0x7B807B80;", "mov.b32 z, 0x80008000;",
+    "prmt.b32 lo, $2, 0, 0x1404;", "prmt.b32 hi, $2, 0, 0x3424;",  # bytes 0, 1 and 2, 3 into the lanes' high bytes
+    *(line for out, lanes in (("$0", "lo"), ("$1", "hi")) for line in (
+        f"shr.b32 t, {lanes}, 4;", f"and.b32 s, {lanes}, 0x80008000;", "lop3.b32 t, t, 0x07F007F0, s, 0xEA;",
+        f"fma.rn.bf16x2 {out}, t, c, z;")),
+    "}"]))
+
+
+@triton.jit
+def _dot_operand(w, like, INTERPRET: tl.constexpr):
+    """An 8-bit weight tile in the activations' dtype for tl.dot: fp8 e4m3 and int8 values are exact in bf16 (and
+    fp16); fp8 to bf16 through FP8_TO_BF16. In the interpreter fp32 (its integer -> bf16 cast reinterprets bits; its
+    _dot multiplies in fp32 anyway)."""
+    if INTERPRET:
+        return w.to(tl.float32)
+    elif w.dtype == tl.float8e4nv and like.dtype == tl.bfloat16:
+        return tl.inline_asm_elementwise(FP8_TO_BF16, "=r,=r,r", [w.to(tl.uint8, bitcast=True)], dtype=tl.bfloat16,
+                                         is_pure=True, pack=4)
+    else:
+        return w.to(like.dtype)
 
 
 @triton.jit
@@ -83,9 +115,16 @@ def _quantized_matmul_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, stride_xm, 
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_rows + ks[None, :], mask=(rows < M)[:, None] & (ks < K)[None, :], other=0.0)
-        w = _dequantized_tile(w_ptr, scale_ptr, cols, k0, N, stride_wn, stride_sn, stride_sk, K, BLOCK_N, BLOCK_K, WFMT,
-                              GROUP, SCALE_ROWS, TILE_GROUPS, dtype, INTERPRET)
+        if WFMT == PER_ROW:  # the exact 8-bit values; their rows' scales wait for the fp32 sums
+            w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
+            w = _dot_operand(tl.load(w_rows + ks[None, :], mask=(cols < N)[:, None] & (ks < K)[None, :], other=0.0),
+                             x, INTERPRET)
+        else:
+            w = _dequantized_tile(w_ptr, scale_ptr, cols, k0, N, stride_wn, stride_sn, stride_sk, K, BLOCK_N, BLOCK_K,
+                                  WFMT, GROUP, SCALE_ROWS, TILE_GROUPS, dtype, INTERPRET)
         acc += _dot(x, tl.trans(w), INTERPRET)
+    if WFMT == PER_ROW:
+        acc *= tl.load(scale_ptr + cols.to(tl.int64) * stride_sn, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
     # One rounding of the fp32 sums (by hand: the interpreter's cast to bf16 truncates).
     tl.store(out, round_to(acc, dtype).to(dtype), mask=(rows < M)[:, None] & (cols < N)[None, :])
