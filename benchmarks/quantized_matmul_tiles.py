@@ -29,7 +29,7 @@ from gemma4.config import Config  # noqa: E402
 from gemma4.kernels import quantized_matmul as qm, tuning  # noqa: E402
 from gemma4.kernels.gemv import format_prefix  # noqa: E402
 
-# (BLOCK_N, BLOCK_K, warps, stages), each at BLOCK_M = the rows' power of 2 (16 to 128) and at half of it
+# (BLOCK_N, BLOCK_K, warps, stages), each at BLOCK_M = the rows' power of 2 (16 to 128), at half of it and at 16
 SHAPES = [(32, 256, 4, 4), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4),
           (256, 64, 8, 3)]
 
@@ -45,7 +45,7 @@ def quantized_shapes(preset: str) -> dict[tuple[int, int], int]:
 
 def candidates(rows: int) -> list[tuple[int, int, int, int, int]]:
     block_m = min(128, max(16, triton.next_power_of_2(rows)))
-    return [(m, *shape) for m in sorted({block_m, max(16, block_m // 2)}) for shape in SHAPES]
+    return [(m, *shape) for m in sorted({block_m, max(16, block_m // 2), 16}) for shape in SHAPES]
 
 
 def main() -> None:
