@@ -135,6 +135,49 @@ def test_row_sliced_views(fmt, dtype):
     assert_equals_twin(x, view, STEPS)
 
 
+@pytest.mark.parametrize("tiles", [None, (16, 64, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_dequantize_same_bits(fmt, dtype, tiles, monkeypatch):
+    """dequantize is the twin's weight.dequantize bit for bit: ragged sides (N = 70 over 16-row tiles; K = 160 in one
+    ragged tile or in 64-input steps), a fused weight's row block read through views, stacked experts as one
+    matrix."""
+    if tiles is not None:
+        monkeypatch.setitem(tuning.config("quantized_matmul", torch.device(DEVICE)), "DEQUANTIZE_TILES", tiles)
+    weight = quantized_weight(fmt, 70, 160, dtype)
+    assert qm.dequantize_supported(weight) is None
+    assert torch.equal(qm.dequantize(weight, dtype), weight.dequantize(dtype))
+    if fmt == "fp8 blocks":  # block scales: one matrix at a time (row blocks would straddle stacked matrices)
+        return
+    parts = [quantized_weight(fmt, 24, 160, dtype, seed=i) for i in range(3)]
+    fused = QuantizedWeight.cat(parts)
+    view = QuantizedWeight(fused.values[24:48], fused.scale[24:48], fused.scheme)
+    assert torch.equal(qm.dequantize(view, dtype), parts[1].dequantize(dtype))
+    experts = QuantizedWeight(torch.stack([p.values for p in parts]), torch.stack([p.scale for p in parts]),
+                              parts[0].scheme)
+    assert qm.dequantize_supported(experts) is None
+    assert torch.equal(qm.dequantize(experts, dtype), experts.dequantize(dtype))
+
+
+def test_dense_takes_the_kernel_where_it_reads_the_weight(monkeypatch):
+    """model/fused.py `dense` (prefill products, the grouped experts): the kernel on CUDA (here forced), the twin for
+    what it cannot read (values not viewable as one matrix)."""
+    from gemma4 import kernels
+    from gemma4.model.fused import dense
+
+    calls = []
+    real = qm.dequantize
+    monkeypatch.setattr(qm, "dequantize", lambda *args: calls.append(1) or real(*args))
+    parts = [quantized_weight("fp8", 24, 160, torch.bfloat16, seed=i) for i in range(2)]
+    experts = QuantizedWeight(torch.stack([p.values for p in parts]), torch.stack([p.scale for p in parts]),
+                              parts[0].scheme)
+    strided = QuantizedWeight(experts.values.transpose(0, 1), experts.scale.transpose(0, 1), experts.scheme)
+    assert qm.dequantize_supported(strided) is not None
+    with kernels.force():
+        assert torch.equal(dense(experts, torch.bfloat16), experts.dequantize(torch.bfloat16)) and calls == [1]
+        assert torch.equal(dense(strided, torch.bfloat16), strided.dequantize(torch.bfloat16)) and calls == [1]
+
+
 def test_empty_and_strided_inputs():
     weight = quantized_weight("int8", 70, 160, torch.bfloat16)
     assert quantized_matmul(rand(0, 160, dtype=torch.bfloat16), weight).shape == (0, 70)
@@ -259,7 +302,7 @@ def tuned_tiles() -> list[tuple[str, tuple]]:
 
 # Runs in a process without TRITON_INTERPRET: tests/sm90_compile.py's launch compiler (JITFunction.run compiles the
 # launch for sm_90 instead of running it) on the kernel's launches: every format, the three activation dtypes, the
-# tiles of every device's TILES_BY_M (and the formats' own), PDL on.
+# tiles of every device's TILES_BY_M (and the formats' own), PDL on; and dequantize's, every format.
 COMPILE_LAUNCHES = r"""
 import torch
 import sm90_compile
@@ -276,6 +319,8 @@ for dtype, fmt in ((torch.float16, "int4"), (torch.float32, "fp8")):
 for fmt, tile in tuned_tiles():
     qm.quantized_matmul(torch.randn(tile[0], 4096, dtype=torch.bfloat16),
                         quantized_weight(fmt, 2048, 4096, torch.bfloat16), tile)
+for fmt in FORMATS:
+    qm.dequantize(quantized_weight(fmt, 2048, 4096, torch.bfloat16), torch.bfloat16)
 print("\n".join(sm90_compile.compiled))
 print(len(sm90_compile.compiled), "launches compiled for sm_90")
 """
@@ -292,5 +337,5 @@ def test_compiles_for_sm90():
     done = subprocess.run([sys.executable, "-c", COMPILE_LAUNCHES], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    launches = len(FORMATS) + 2 + len(tuned_tiles())
+    launches = len(FORMATS) + 2 + len(tuned_tiles()) + len(FORMATS)  # + dequantize's
     assert f"{launches} launches compiled for sm_90" in done.stdout, done.stdout[-3000:]

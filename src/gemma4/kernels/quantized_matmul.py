@@ -130,6 +130,61 @@ def _quantized_matmul_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, stride_xm, 
     tl.store(out, round_to(acc, dtype).to(dtype), mask=(rows < M)[:, None] & (cols < N)[None, :])
 
 
+@triton.jit
+def _dequantize_kernel(w_ptr, scale_ptr, out_ptr, N, stride_wn, stride_sn, stride_sk, K: tl.constexpr,
+                       WFMT: tl.constexpr, GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, TILE_GROUPS: tl.constexpr, INTERPRET: tl.constexpr):
+    """out [N, K] (contiguous) = the twin's dequantized weight, one [BLOCK_N, BLOCK_K] tile a program."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    w = _dequantized_tile(w_ptr, scale_ptr, rows, k0, N, stride_wn, stride_sn, stride_sk, K, BLOCK_N, BLOCK_K, WFMT,
+                          GROUP, SCALE_ROWS, TILE_GROUPS, out_ptr.dtype.element_ty, INTERPRET)
+    cols = k0 + tl.arange(0, BLOCK_K)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], w, mask=(rows < N)[:, None] & (cols < K)[None, :])
+
+
+def _as_one_matrix(weight: QuantizedWeight) -> QuantizedWeight:
+    """Stacked matrices [..., N, K] (the experts) as one [.. * N, K] where that is a view of their values and scales
+    that keeps each row's scales (not for block scales, whose row blocks would straddle the matrices)."""
+    if weight.values.dim() <= 2 or weight.scheme.strategy == "block":
+        return weight
+    values, scale = weight.values, weight.scale
+    try:
+        values, scale = values.view(-1, values.shape[-1]), scale.view(-1, scale.shape[-1])
+    except RuntimeError:  # not viewable: left to the twin
+        return weight
+    return QuantizedWeight(values, scale, weight.scheme)
+
+
+def dequantize_supported(weight: QuantizedWeight) -> str | None:
+    """Why `dequantize` cannot read this QuantizedWeight, or None where it can: what quantized_matmul reads, and
+    stacks of such matrices whose values and scales are contiguous."""
+    return quantized_matmul_supported(_as_one_matrix(weight))
+
+
+def dequantize(weight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """weight.dequantize(dtype), bit for bit, in one pass: the stored values and scales read once, the matrix written
+    once (3 bytes a value for 8-bit weights into bf16), where the twin's cast and product pass over 2- or 4-byte
+    intermediates (7 bytes a value, and a second matrix's worth of memory at its peak). For prefill products and the
+    grouped experts (model/fused.py `dense`)."""
+    matrix = _as_one_matrix(weight)
+    fmt = _quantized_format(matrix)
+    if isinstance(fmt, str):
+        raise ValueError(f"dequantize does not read this {weight.scheme.name} weight: {fmt}")
+    constexprs, stride_sn, stride_sk = fmt
+    n_out, k_in = matrix.shape
+    out = torch.empty(n_out, k_in, dtype=dtype, device=matrix.values.device)
+    if out.numel():
+        block_n, block_k, warps = config("quantized_matmul", out.device)["DEQUANTIZE_TILES"]
+        block_k = min(block_k, max(16, triton.next_power_of_2(k_in)))
+        tile_groups = 1 if constexprs["WFMT"] == PER_ROW.value else max(block_k // constexprs["GROUP"], 1)
+        _dequantize_kernel[(triton.cdiv(n_out, block_n), triton.cdiv(k_in, block_k))](
+            matrix.values, matrix.scale, out, n_out, matrix.values.stride(0), stride_sn, stride_sk, k_in,
+            **constexprs, BLOCK_N=block_n, BLOCK_K=block_k, TILE_GROUPS=tile_groups, INTERPRET=not out.is_cuda,
+            num_warps=warps)
+    return out.view(weight.shape)
+
+
 def quantized_matmul_supported(weight: QuantizedWeight) -> str | None:
     """Why `quantized_matmul` cannot read this QuantizedWeight, or None where it can: the GEMV kernels' formats
     (gemv.quantized_supported: one [N, K] matrix with unit stride along K, any row stride; fp8/int8 per channel, in

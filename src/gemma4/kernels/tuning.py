@@ -57,6 +57,8 @@ quantized_matmul: (BLOCK_M activation rows, BLOCK_N weight rows, BLOCK_K inputs 
               once and cuBLAS
   INT4_<key>, BYTE_<key>  either key for int4 or 8-bit weights, where they differ (benchmarks/quantized_matmul_tiles.py
               writes them)
+  DEQUANTIZE_TILES  (BLOCK_N weight rows, BLOCK_K inputs, warps) a program of `quantized_matmul.dequantize` (the
+              weight dequantized once for a prefill's cuBLAS GEMM or the grouped experts). Not yet measured on a GPU
 """
 
 from __future__ import annotations

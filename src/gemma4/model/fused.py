@@ -66,12 +66,19 @@ def product(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.
         out = cpu_linear(x, weight)
         if out is not None:
             return out
-    return weight.linear(x)
+    return F.linear(x, dense(weight, x.dtype))
 
 
 def dense(weight, dtype: torch.dtype) -> torch.Tensor:
-    """A weight as a tensor of `dtype`: a QuantizedWeight dequantized, a tensor as it is."""
-    return weight.dequantize(dtype) if isinstance(weight, QuantizedWeight) else weight
+    """A weight as a tensor of `dtype`: a QuantizedWeight dequantized (on CUDA in one kernel pass where it reads the
+    format: kernels/quantized_matmul.py `dequantize`, the same bits), a tensor as it is."""
+    if not isinstance(weight, QuantizedWeight):
+        return weight
+    if kernels.enabled(weight.values):
+        from ..kernels.quantized_matmul import dequantize, dequantize_supported
+        if dequantize_supported(weight) is None:
+            return dequantize(weight, dtype)
+    return weight.dequantize(dtype)
 
 
 class Linear(nn.Linear):
