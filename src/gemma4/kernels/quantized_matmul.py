@@ -146,7 +146,8 @@ def _dequantize_kernel(w_ptr, scale_ptr, out_ptr, N, stride_wn, stride_sn, strid
 def _as_one_matrix(weight: QuantizedWeight) -> QuantizedWeight:
     """Stacked matrices [..., N, K] (the experts) as one [.. * N, K] where that is a view of their values and scales
     that keeps each row's scales (not for block scales, whose row blocks would straddle the matrices)."""
-    if weight.values.dim() <= 2 or weight.scheme.strategy == "block":
+    if weight.values.dim() <= 2 or weight.scheme.strategy == "block" or weight.chunk or \
+            weight.cpu_scales_and_zeros is not None:  # the CPU's int4 layouts: refused as they are
         return weight
     values, scale = weight.values, weight.scale
     try:
