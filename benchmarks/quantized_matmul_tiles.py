@@ -28,6 +28,7 @@ from gemv import cycled_weights, decode_shapes, graph_us, weight_bytes  # noqa: 
 from gemma4.config import Config  # noqa: E402
 from gemma4.kernels import quantized_matmul as qm, tuning  # noqa: E402
 from gemma4.kernels.gemv import format_prefix  # noqa: E402
+from gemma4.model import fused  # noqa: E402
 
 # (BLOCK_N, BLOCK_K, warps, stages), each at BLOCK_M = the rows' power of 2 (16 to 128), at half of it and at 16.
 # BLOCK_N 16: twice the programs of 32 (26B-A4B's o_proj at 32 rows a program fills 88 of an H100's 132 SMs).
@@ -75,7 +76,9 @@ def main() -> None:
             dense = [weights[0].dequantize(x.dtype)]
             sums["bf16"] += count * graph_us(lambda i: F.linear(x, dense[0]))
             del dense
-            sums["dequantized"] += count * graph_us(lambda i: weights[i % len(weights)].linear(x))
+            # what the model runs past MAX_M (model/fused.py `product`): the weight dequantized, then cuBLAS
+            sums["dequantized"] += count * graph_us(
+                lambda i: F.linear(x, fused.dense(weights[i % len(weights)], x.dtype)))
             today = qm._tiles(rows, n, k, device, None, weights[0])
             sums["today"] += count * graph_us(lambda i: qm.quantized_matmul(x, weights[i % len(weights)], today))
             for tiles in candidates(rows):

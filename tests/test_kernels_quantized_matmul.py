@@ -1,9 +1,11 @@
 """The quantized matmul kernel (gemma4.kernels.quantized_matmul: a few to a few hundred activation rows times a
-QuantizedWeight, the weight dequantized tile by tile in registers) against the plain twin,
-F.linear(x, weight.dequantize(x.dtype)): the same dequantized weights, bit for bit, so only the fp32 summation order
-differs; or, for 8-bit weights with a scale per row, the exact values and the scales on the fp32 sums (within an ulp
-of the twin, and bit for bit its sums where the scales are powers of two). Without a GPU the kernel runs in Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1); the last test
-compiles its launches for sm_90 in a process without it."""
+QuantizedWeight, the weight dequantized tile by tile in registers) against the plain twin, F.linear(x,
+weight.dequantize(x.dtype)): the same dequantized weights, bit for bit, so only the fp32 summation order differs;
+or, for 8-bit weights with a scale per row, the exact values and the scales on the fp32 sums (within an ulp of the
+twin, and bit for bit its sums where the scales are powers of two). `dequantize` (one pass) gives the twin's
+weight bit for bit. Without a GPU the kernel runs in Triton's CPU
+interpreter (conftest sets TRITON_INTERPRET=1); the last test compiles its launches for sm_90 in a process without
+it."""
 
 import os
 import struct
@@ -258,9 +260,9 @@ def run_ptx(asm: str, inputs: list[int], outputs: int) -> list[int]:
 
 
 def test_fp8_to_bf16_asm_reads_every_code():
-    """qm.FP8_TO_BF16 (fp8 tiles for bf16 dots, here and in the sorted MoE kernels; PTX, run here by a small emulator of its
-    instructions) gives torch's bf16 of every fp8 e4m3 code, subnormals and both zeros included, in byte order; the
-    NaN codes read 480."""
+    """qm.FP8_TO_BF16 (fp8 tiles for bf16 dots, here and in the sorted MoE kernels; PTX, run here by a small emulator of
+    its instructions) gives torch's bf16 of every fp8 e4m3 code, subnormals and both zeros included, in byte order;
+    the NaN codes read 480."""
     codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
     want = codes.view(torch.float8_e4m3fn).to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
     nan = torch.tensor([0x7F, 0xFF])

@@ -140,7 +140,8 @@ def _dequantize_kernel(w_ptr, scale_ptr, out_ptr, N, stride_wn, stride_sn, strid
     w = _dequantized_tile(w_ptr, scale_ptr, rows, k0, N, stride_wn, stride_sn, stride_sk, K, BLOCK_N, BLOCK_K, WFMT,
                           GROUP, SCALE_ROWS, TILE_GROUPS, out_ptr.dtype.element_ty, INTERPRET)
     cols = k0 + tl.arange(0, BLOCK_K)
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], w, mask=(rows < N)[:, None] & (cols < K)[None, :])
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], w,
+             mask=(rows < N)[:, None] & (cols < K)[None, :])
 
 
 def _as_one_matrix(weight: QuantizedWeight) -> QuantizedWeight:
