@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 triton = pytest.importorskip("triton")
 
-from gemma4.kernels import quantized_matmul as qm, tuning  # noqa: E402
+from gemma4.kernels import quantized_matmul as qm, rounding, tuning  # noqa: E402
 from gemma4.kernels.gemv import PER_ROW  # noqa: E402
 from gemma4.kernels.quantized_matmul import max_rows, quantized_matmul, quantized_matmul_supported  # noqa: E402
 from gemma4.model.quantized import ON_LOAD, QuantizedWeight, Scheme  # noqa: E402
@@ -260,36 +260,39 @@ def run_ptx(asm: str, inputs: list[int], outputs: int) -> list[int]:
 
 
 def test_fp8_to_bf16_asm_reads_every_code():
-    """qm.FP8_TO_BF16 (fp8 tiles for bf16 dots, here and in the sorted MoE kernels; PTX, run here by a small emulator of
-    its instructions) gives torch's bf16 of every fp8 e4m3 code, subnormals and both zeros included, in byte order;
-    the NaN codes read 480."""
+    """rounding.FP8_TO_BF16 (fp8 tiles for bf16 dots, here, in the sorted MoE kernels and in decode attention over an
+    fp8 cache; PTX, run here by a small emulator of its instructions) gives torch's bf16 of every fp8 e4m3 code,
+    subnormals and both zeros included, in byte order; the NaN codes read 480."""
     codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
     want = codes.view(torch.float8_e4m3fn).to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
     nan = torch.tensor([0x7F, 0xFF])
     want[nan] = torch.tensor([480.0, -480.0]).to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
     got = []
     for word in codes.view(-1, 4).to(torch.int64):
-        low, high = run_ptx(qm.FP8_TO_BF16.value, [int(sum(int(b) << 8 * i for i, b in enumerate(word)))], 2)
+        low, high = run_ptx(rounding.FP8_TO_BF16.value, [int(sum(int(b) << 8 * i for i, b in enumerate(word)))], 2)
         got += [low & 0xFFFF, low >> 16, high & 0xFFFF, high >> 16]
     assert got == want.tolist()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the inline PTX runs on CUDA")
-def test_fp8_dot_operand_on_the_gpu():
-    """The same on the GPU: _dot_operand's bf16 of every fp8 code (NaN codes aside) is torch's."""
+@pytest.mark.parametrize("keep_layout", [False, True])
+def test_fp8_dot_operand_on_the_gpu(keep_layout):
+    """The same on the GPU: dot_operand's bf16 of every fp8 code (NaN codes aside) is torch's, the conversion free to
+    move into the dot operand's layout or kept in the loaded one."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def operand(w_ptr, like_ptr, out_ptr):
+    def operand(w_ptr, like_ptr, out_ptr, KEEP_LAYOUT: tl.constexpr):
         i = tl.arange(0, 256)
-        tl.store(out_ptr + i, qm._dot_operand(tl.load(w_ptr + i), tl.load(like_ptr + i), False))
+        tl.store(out_ptr + i, rounding.dot_operand(tl.load(w_ptr + i), tl.load(like_ptr + i), False, KEEP_LAYOUT))
 
     codes = torch.arange(256, dtype=torch.int32, device="cuda").to(torch.uint8)
     codes = codes[(codes != 0x7F) & (codes != 0xFF)]
     codes = torch.cat([codes, codes[:2]])  # 256 values
     out = torch.empty(256, dtype=torch.bfloat16, device="cuda")
-    operand[(1,)](codes.view(torch.float8_e4m3fn), torch.zeros(256, dtype=torch.bfloat16, device="cuda"), out)
+    operand[(1,)](codes.view(torch.float8_e4m3fn), torch.zeros(256, dtype=torch.bfloat16, device="cuda"), out,
+                  keep_layout)
     assert torch.equal(out.view(torch.int16), codes.view(torch.float8_e4m3fn).to(torch.bfloat16).view(torch.int16))
 
 

@@ -175,10 +175,28 @@ def test_plain_store_saturates():
     assert got.flatten().tolist() == [448.0, -448.0, 448.0, 3.0, -2**-9]  # e4m3 subnormals: steps of 2^-9
 
 
+def _exact_attention(query, keys, values, slots, positions, query_positions, window):
+    """Softmax(q k^T) v in float64 over each row's visible keys, from keys/values [Hkv, N, D] as given."""
+    batch, heads, dim = query.shape
+    groups = heads // keys.shape[0]
+    out = torch.zeros(batch, heads, dim, dtype=torch.float64)
+    for b in range(batch):
+        visible = (positions[b] <= query_positions[b]) & (query_positions[b] - positions[b] < window)
+        rows = slots[b][visible]
+        for h in range(heads):
+            k, v = keys[h // groups, rows].double(), values[h // groups, rows].double()
+            out[b, h] = torch.softmax(k @ query[b, h].double(), 0) @ v
+    return out
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_decode_kernel_on_fp8_equals_it_on_the_dequantized_cache(dtype):
-    """decode_attention over fp8 pools with per-head scales = decode_attention over those pools dequantized to the
-    query's dtype beforehand (dequantize_kv): the same tiles, so the same output bit for bit."""
+def test_decode_kernel_on_fp8_applies_the_scales_outside_the_products(dtype):
+    """decode_attention over fp8 pools with per-head scales (exact fp8 values in the products, the key scale on the
+    scores, the value scale on the output) against exact attention over fp8 * scale in float64, and against the kernel
+    on those pools dequantized to the query's dtype beforehand (dequantize_kv, which rounds each fp8 * scale). fp32:
+    the two orders of the same fp32 arithmetic, within a few fp32 ulps. bf16: no farther from the exact result than the
+    dequantized pools' kernel is, whose bf16 rounding of K, V and the weights p bounds it. Scales of both kinds (not
+    powers of two) per head, so that a scale missed or swapped moves outputs by far more."""
     from gemma4.kernels.attention import decode_attention
 
     g = torch.Generator().manual_seed(1)
@@ -193,10 +211,19 @@ def test_decode_kernel_on_fp8_equals_it_on_the_dequantized_cache(dtype):
     with kernels.force():
         got = decode_attention(query, key_fp8, value_fp8, positions, query_positions, 8, slots=slots,
                                num_splits=2, key_scale=key_scale, value_scale=value_scale)
-        want = decode_attention(query, dequantize_kv(key_fp8, key_scale, dtype),
-                                dequantize_kv(value_fp8, value_scale, dtype), positions, query_positions, 8,
-                                slots=slots, num_splits=2)
-    assert torch.equal(got, want)
+        dequantized = decode_attention(query, dequantize_kv(key_fp8, key_scale, dtype),
+                                       dequantize_kv(value_fp8, value_scale, dtype), positions, query_positions, 8,
+                                       slots=slots, num_splits=2)
+        wrong_scale = decode_attention(query, key_fp8, value_fp8, positions, query_positions, 8, slots=slots,
+                                       num_splits=2, key_scale=key_scale, value_scale=value_scale.flip(0))
+    exact = _exact_attention(query, dequantize_kv(key_fp8, key_scale, torch.float64),
+                             dequantize_kv(value_fp8, value_scale, torch.float64), slots, positions, query_positions, 8)
+    error, dequantized_error = (got.double() - exact).abs(), (dequantized.double() - exact).abs()
+    if dtype == torch.float32:
+        assert error.max() <= 2**-20 * exact.abs().max() and dequantized_error.max() <= 2**-20 * exact.abs().max()
+    else:
+        assert 0 < error.max() <= dequantized_error.max() and error.mean() <= dequantized_error.mean()
+    assert (wrong_scale.double() - exact).abs().max() > 100 * dequantized_error.max()
 
 
 def test_engine_runs_on_fp8_and_plans_twice_the_blocks(model):

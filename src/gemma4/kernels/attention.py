@@ -10,9 +10,11 @@ Masking is `attention_mask`'s rule, from positions only: key j is visible iff 0 
 qpos - kpos < window. The grid depends on shapes only and the per-row bound `num_keys` is read on the device, so a
 launch can be captured in a CUDA graph: keys past the bound are never loaded, they just leave splits idle.
 
-An fp8 (e4m3) cache is read with its per-head scales: each K/V tile is loaded as fp8 and turned into fp8 * scale
-rounded to the query's dtype (model/paged_cache.py's `dequantize_kv`) before the products, which then run as with a
-cache of the query's dtype.
+An fp8 (e4m3) cache is read with its per-head scales. A head's scale is one number, so it moves out of the products:
+the fp8 K/V tiles enter tl.dot as their exact values (rounding.dot_operand: a few integer instructions per four
+values), the scores are multiplied by the key scale and the output by the value scale, in fp32. model/paged_cache.py's
+`dequantize_kv` instead rounds each fp8 * scale to the model dtype, so the two differ by that rounding (relative
+2^-9 of a value in bf16).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .pdl import after_previous_kernel, launch_options
-from .rounding import round_to
+from .rounding import dot_operand
 from .tuning import config
 
 
@@ -34,16 +36,6 @@ def _dot(a, b, UPCAST: tl.constexpr):
     if UPCAST:  # Triton's interpreter multiplies bf16 tiles as raw bits; fp32 holds their values exactly
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b, input_precision="ieee")
-
-
-@triton.jit
-def _dequantize(x, scale, dtype: tl.constexpr, INTERPRET: tl.constexpr):
-    """An fp8 tile -> x * scale (fp32) rounded to `dtype` (the GPU's cast rounds to nearest even; the interpreter's
-    truncates, so there the rounding is done by hand first, and the cast is exact)."""
-    x = x.to(tl.float32) * scale
-    if INTERPRET:
-        x = round_to(x, dtype)
-    return x.to(dtype)
 
 
 @triton.jit
@@ -66,24 +58,27 @@ def _attend_block(block, end, m_i, l_i, acc, q, qpos, window, kpos_row, stride_p
     kv_mask = visible[:, None] & d_mask[None, :]
     k = tl.load(k_row + rows[:, None] * stride_kn, mask=kv_mask, other=0.0)
     v = tl.load(v_row + rows[:, None] * stride_vn, mask=kv_mask, other=0.0)
-    if FP8:
-        k, v = _dequantize(k, k_scale, q.dtype, INTERPRET), _dequantize(v, v_scale, q.dtype, INTERPRET)
+    if FP8:  # exact values; the key scale multiplies the scores, the value scale the output (at the end)
+        k, v = dot_operand(k, q, INTERPRET, KEEP_LAYOUT=True), dot_operand(v, q, INTERPRET, KEEP_LAYOUT=True)
     s = _dot(q, tl.trans(k), INTERPRET)  # [G_PAD, BLOCK_N] fp32, scale 1.0
-    return _online_softmax_step(tl.where(visible[None, :], s, float("-inf")), v, m_i, l_i, acc, INTERPRET)
+    if FP8:
+        s = s * k_scale
+    return _online_softmax_step(tl.where(visible[None, :], s, float("-inf")), v, m_i, l_i, acc, q.dtype, INTERPRET)
 
 
 @triton.jit
-def _online_softmax_step(s, v, m_i, l_i, acc, INTERPRET: tl.constexpr):
+def _online_softmax_step(s, v, m_i, l_i, acc, dtype: tl.constexpr, INTERPRET: tl.constexpr):
     """Fold one block of scores s [M, N] (-inf where a key is invisible) and its values v [N, Dv] into each query
-    row's running max m_i [M], running sum l_i of exp(s - m) and output acc [M, Dv] = sum exp(s - m) v."""
+    row's running max m_i [M], running sum l_i of exp(s - m) and output acc [M, Dv] = sum exp(s - m) v; the weights
+    exp(s - m) enter the product in `dtype`."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # While a row has seen no visible key m stays -inf; subtract 0 instead so exp gives 0, not NaN.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp(m_i - m_safe)  # rescales the old state to the new max
     p = tl.exp(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    # p is rounded to V's dtype for the tensor-core product (as flash attention does); the sum stays fp32.
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, INTERPRET)
+    # p is rounded to the model dtype for the tensor-core product (as flash attention does); the sum stays fp32.
+    acc = acc * alpha[:, None] + _dot(p.to(dtype), v, INTERPRET)
     return m_new, l_i, acc
 
 
@@ -141,6 +136,8 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, kpos_ptr, qpos_ptr, slots_ptr, nkeys_ptr,
     # Partial output normalised by its own sum, with lse = m + log(l); a split that saw nothing has lse = -inf.
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    if FP8:
+        out = out * v_scale
     lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
     row = (b * num_kv_heads * GROUPS + heads) * num_splits + split  # part [B, H, splits, D], lse [B, H, splits]
     o_mask = g_mask[:, None] & d_mask[None, :]
@@ -211,8 +208,8 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     `any_length`: blocks of keys as wide as the tile allows whatever their number, so that calls with ever new numbers
     of keys (a prefill's last position) share one compiled kernel; a decode step's number is fixed by its engine, and
     it takes the narrower blocks that spread short rows over more SMs. key/value may be float8 e4m3 (an fp8 cache),
-    read as fp8 * scale rounded to query's dtype, with fp32 per-head scales [Hkv] `key_scale` / `value_scale` (None:
-    the pools' own `kv_scales`, see model/paged_cache.py)."""
+    read with fp32 per-head scales [Hkv] `key_scale` / `value_scale` (None: the pools' own `kv_scales`, see
+    model/paged_cache.py) applied to the scores and the output."""
     batch, num_heads, head_dim = query.shape
     num_kv_heads, candidates = key.shape[-3], key_positions.shape[1]
     groups = num_heads // num_kv_heads

@@ -30,8 +30,8 @@ from .attention import _dot
 from .gemv import DENSE, INT4_WORDS, PER_ROW, _dots, _first_tiles, exact_fp32, format_prefix
 from .norm import _normalize, _rows, _store, _unit_rms, _warps
 from .pdl import after_previous_kernel, launch_options
-from .quantized_matmul import _dequantized_tile, _dot_operand
-from .rounding import round_to
+from .quantized_matmul import _dequantized_tile
+from .rounding import dot_operand, round_to
 from .tuning import config, for_format
 from ..model.quantized import QuantizedWeight
 
@@ -385,8 +385,8 @@ def _sorted_gate_up_kernel(x_ptr, order_ptr, counts_ptr, starts_ptr, gu_ptr, gu_
                 wg = tl.load(gate_rows + ks[None, :], mask=w_mask, other=0.0)  # [N, K]
                 wu = tl.load(up_rows + ks[None, :], mask=w_mask, other=0.0)
             if WFMT == PER_ROW:
-                wg = _dot_operand(wg, xs, INTERPRET)
-                wu = _dot_operand(wu, xs, INTERPRET)
+                wg = dot_operand(wg, xs, INTERPRET)
+                wu = dot_operand(wu, xs, INTERPRET)
             gate += _dot(xs, tl.trans(wg), INTERPRET)
             up += _dot(xs, tl.trans(wu), INTERPRET)
         if WFMT == PER_ROW:  # the scales on the fp32 dot products, before the roundings
@@ -431,7 +431,7 @@ def _sorted_down_kernel(h_ptr, counts_ptr, starts_ptr, down_ptr, down_scale_ptr,
             else:
                 wd = tl.load(down_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # [N, K]
             if WFMT == PER_ROW:
-                wd = _dot_operand(wd, hs, INTERPRET)
+                wd = dot_operand(wd, hs, INTERPRET)
             y += _dot(hs, tl.trans(wd), INTERPRET)
         if WFMT == PER_ROW:
             y = y * scale

@@ -52,7 +52,7 @@ def _attend_tile(start, m_i, l_i, acc, q, qpos, qblock, window, num_keys, kpos_r
     k = tl.load(k_head + rows * stride_kn + offs_d[None, :], mask=key_used[:, None] & d_mask[None, :], other=0.0)
     v = tl.load(v_head + rows * stride_vn + offs_dv[None, :], mask=key_used[:, None] & dv_mask[None, :], other=0.0)
     s = _dot(q, tl.trans(k), INTERPRET)  # [BLOCK_M, BLOCK_N] fp32; scale 1.0 (q/k norms set the scale)
-    return _online_softmax_step(tl.where(visible, s, float("-inf")), v, m_i, l_i, acc, INTERPRET)
+    return _online_softmax_step(tl.where(visible, s, float("-inf")), v, m_i, l_i, acc, q.dtype, INTERPRET)
 
 
 @triton.jit

@@ -27,36 +27,8 @@ from ..model.quantized import QuantizedWeight
 from .attention import _dot
 from .gemv import INT4_WORDS, PER_ROW, _quantized_format, exact_fp32, format_prefix
 from .pdl import after_previous_kernel, launch_options
-from .rounding import round_to
+from .rounding import dot_operand, round_to
 from .tuning import config, for_format
-
-
-# fp8 e4m3 -> bf16, four values (a 32-bit register of bytes) at a time on the integer and bf16x2 ALUs: Triton's cast
-# converts each value twice on sm_90 (F2FP to an fp16 pair, then F2F to bf16, a quarter-rate conversion a value).
-# Each byte s eeee mmm lands in a 16-bit lane as s (bit 15) and eeee mmm (bits 10..4): the bf16 of 2^-120 times the
-# value, normal or subnormal (exponent bias 127 against 7), then one exact fma by 2^120 (plus -0, which keeps a zero's
-# sign). The one NaN code (0x7F, 0xFF) reads 480: weights are never NaN. Output lanes in byte order.
-FP8_TO_BF16 = tl.constexpr("\n".join([
-    "{", ".reg .b32 lo, hi, t, s, c, z;", "mov.b32 c, 0x7B807B80;", "mov.b32 z, 0x80008000;",
-    "prmt.b32 lo, $2, 0, 0x1404;", "prmt.b32 hi, $2, 0, 0x3424;",  # bytes 0, 1 and 2, 3 into the lanes' high bytes
-    *(line for out, lanes in (("$0", "lo"), ("$1", "hi")) for line in (
-        f"shr.b32 t, {lanes}, 4;", f"and.b32 s, {lanes}, 0x80008000;", "lop3.b32 t, t, 0x07F007F0, s, 0xEA;",
-        f"fma.rn.bf16x2 {out}, t, c, z;")),
-    "}"]))
-
-
-@triton.jit
-def _dot_operand(w, like, INTERPRET: tl.constexpr):
-    """An 8-bit weight tile in the activations' dtype for tl.dot: fp8 e4m3 and int8 values are exact in bf16 (and
-    fp16); fp8 to bf16 through FP8_TO_BF16. In the interpreter fp32 (its integer -> bf16 cast reinterprets bits; its
-    _dot multiplies in fp32 anyway)."""
-    if INTERPRET:
-        return w.to(tl.float32)
-    elif w.dtype == tl.float8e4nv and like.dtype == tl.bfloat16:
-        return tl.inline_asm_elementwise(FP8_TO_BF16, "=r,=r,r", [w.to(tl.uint8, bitcast=True)], dtype=tl.bfloat16,
-                                         is_pure=True, pack=4)
-    else:
-        return w.to(like.dtype)
 
 
 @triton.jit
@@ -117,7 +89,7 @@ def _quantized_matmul_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, stride_xm, 
         x = tl.load(x_rows + ks[None, :], mask=(rows < M)[:, None] & (ks < K)[None, :], other=0.0)
         if WFMT == PER_ROW:  # the exact 8-bit values; their rows' scales wait for the fp32 sums
             w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
-            w = _dot_operand(tl.load(w_rows + ks[None, :], mask=(cols < N)[:, None] & (ks < K)[None, :], other=0.0),
+            w = dot_operand(tl.load(w_rows + ks[None, :], mask=(cols < N)[:, None] & (ks < K)[None, :], other=0.0),
                              x, INTERPRET)
         else:
             w = _dequantized_tile(w_ptr, scale_ptr, cols, k0, N, stride_wn, stride_sn, stride_sk, K, BLOCK_N, BLOCK_K,

@@ -1,4 +1,5 @@
-"""Rounding to the model dtype inside kernels, where the eager PyTorch code materializes a tensor."""
+"""Conversions inside kernels: rounding to the model dtype, where the eager PyTorch code materializes a tensor, and
+8-bit values as exact tl.dot operands."""
 
 import triton
 import triton.language as tl
@@ -15,3 +16,34 @@ def round_to(v, dtype: tl.constexpr):
         return tl.where(v != v, v, bits.to(tl.float32, bitcast=True))  # NaN stays NaN
     else:
         return v.to(dtype).to(tl.float32)
+
+
+# fp8 e4m3 -> bf16, four values (a 32-bit register of bytes) at a time on the integer and bf16x2 ALUs: Triton's cast
+# converts each value twice on sm_90 (F2FP to an fp16 pair, then F2F to bf16, a quarter-rate conversion a value).
+# Each byte s eeee mmm lands in a 16-bit lane as s (bit 15) and eeee mmm (bits 10..4): the bf16 of 2^-120 times the
+# value, normal or subnormal (exponent bias 127 against 7), then one exact fma by 2^120 (plus -0, which keeps a zero's
+# sign). The one NaN code (0x7F, 0xFF) reads 480: neither weights nor the KV cache's stores (saturated) are NaN.
+# Output lanes in byte order.
+FP8_TO_BF16 = tl.constexpr("\n".join([
+    "{", ".reg .b32 lo, hi, t, s, c, z;", "mov.b32 c, 0x7B807B80;", "mov.b32 z, 0x80008000;",
+    "prmt.b32 lo, $2, 0, 0x1404;", "prmt.b32 hi, $2, 0, 0x3424;",  # bytes 0, 1 and 2, 3 into the lanes' high bytes
+    *(line for out, lanes in (("$0", "lo"), ("$1", "hi")) for line in (
+        f"shr.b32 t, {lanes}, 4;", f"and.b32 s, {lanes}, 0x80008000;", "lop3.b32 t, t, 0x07F007F0, s, 0xEA;",
+        f"fma.rn.bf16x2 {out}, t, c, z;")),
+    "}"]))
+
+
+@triton.jit
+def dot_operand(w, like, INTERPRET: tl.constexpr, KEEP_LAYOUT: tl.constexpr = False):
+    """An 8-bit tile (weights, an fp8 KV cache) in the other operand's dtype for tl.dot: fp8 e4m3 and int8 values are
+    exact in bf16 (and fp16); fp8 to bf16 through FP8_TO_BF16. In the interpreter fp32 (its integer -> bf16 cast
+    reinterprets bits; its _dot multiplies in fp32 anyway). KEEP_LAYOUT: convert in the layout the tile was loaded in
+    (the conversion marked impure, so that Triton cannot move it into the dot operand's layout, where an operand whose
+    reduction runs across its rows, attention's V, is read from shared memory byte by byte)."""
+    if INTERPRET:
+        return w.to(tl.float32)
+    elif w.dtype == tl.float8e4nv and like.dtype == tl.bfloat16:
+        return tl.inline_asm_elementwise(FP8_TO_BF16, "=r,=r,r", [w.to(tl.uint8, bitcast=True)], dtype=tl.bfloat16,
+                                         is_pure=not KEEP_LAYOUT, pack=4)
+    else:
+        return w.to(like.dtype)

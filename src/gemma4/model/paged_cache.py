@@ -10,7 +10,8 @@ and its blocks in position order, both scanned only up to the query's position (
 
 `kv_cache_dtype="fp8"`: the pools hold float8 e4m3 values with a float32 scale per (layer, KV head) for keys and one
 for values: stored = fp8(clamp(x / scale, +-448)), read = fp8 * scale, rounded to the model dtype. Every writer and
-reader applies them (this module's plain path, `kernels.norm.qkv_norm_rope_store`, `kernels.attention`)."""
+reader applies them (this module's plain path, `kernels.norm.qkv_norm_rope_store`, `kernels.attention`; the decode
+kernel multiplies its scores and output by the scales instead of each value, the same up to that rounding)."""
 
 from __future__ import annotations
 
