@@ -45,9 +45,15 @@ def quantized_shapes(preset: str) -> dict[tuple[int, int], int]:
     return dict(shapes)
 
 
-def candidates(rows: int) -> list[tuple[int, int, int, int, int]]:
+# (BLOCK_N, BLOCK_K, warps, stages, SPLIT_K): K in slices, for products whose output tiles alone leave SMs idle
+# (26B-A4B's o_proj and down_proj: 88 programs of 32 x 64 at 64 rows on 132 SMs).
+SPLIT_SHAPES = [(32, 128, 4, 4, 2), (64, 128, 4, 4, 2), (64, 128, 4, 4, 4), (32, 256, 4, 4, 4), (128, 128, 4, 3, 4)]
+
+
+def candidates(rows: int) -> list[tuple[int, ...]]:
     block_m = min(128, max(16, triton.next_power_of_2(rows)))
-    return [(m, *shape) for m in sorted({block_m, max(16, block_m // 2), 16}) for shape in SHAPES]
+    return [(m, *shape) for m in sorted({block_m, max(16, block_m // 2), 16}) for shape in SHAPES] + \
+        [(m, *shape) for m in sorted({block_m, max(16, block_m // 2)}) for shape in SPLIT_SHAPES]
 
 
 def main() -> None:

@@ -75,6 +75,35 @@ def test_equals_dequantized_product(fmt, dtype, m):
     assert_equals_twin(rand(m, 160, dtype=dtype), weight, STEPS)
 
 
+@pytest.mark.parametrize("split_k", [2, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_split_k(fmt, dtype, split_k, monkeypatch):
+    """K cut into SPLIT_K slices of whole steps, summed by a second kernel: K = 160 is three 64-input steps, so 2
+    slices take two steps and one (its second ragged), 3 slices one each, and 8 are cut back to 3. The twin's
+    product up to the fp32 summation order, as without slices; fp32 sums within 1e-5 of the unsliced kernel's. (The
+    3 programs of the output's tiles leave SMs idle on a device of 64.)"""
+    monkeypatch.setattr(qm, "_sm_count", lambda device: 64)
+    weight = quantized_weight(fmt, 70, 160, dtype)
+    x = rand(5, 160, dtype=dtype)
+    assert qm._tiles(5, 70, 160, torch.device(DEVICE), (*STEPS, split_k))[-1] == min(split_k, 3)
+    assert_equals_twin(x, weight, (*STEPS, split_k))
+    if dtype == torch.float32:
+        torch.testing.assert_close(quantized_matmul(x, weight, (*STEPS, split_k)), quantized_matmul(x, weight, STEPS),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_split_k_only_where_programs_leave_sms_idle(monkeypatch):
+    """A tile's SPLIT_K is a ceiling: a product takes the slices that bring its programs up to the SMs, no more."""
+    monkeypatch.setattr(qm, "_sm_count", lambda device: 132)
+    tile = (32, 64, 128, 4, 4, 4)
+    assert qm._tiles(64, 2816, 4096, DEVICE, tile)[-1] == 2  # 2 x 44 = 88 programs -> 176
+    assert qm._tiles(64, 1024, 4096, DEVICE, tile)[-1] == 4  # 32 programs: the tile's most
+    assert qm._tiles(64, 8192, 2816, DEVICE, tile)[-1] == 1  # 256 programs: none
+    assert qm._tiles(64, 262144, 2816, DEVICE, tile)[-1] == 1  # the LM head
+    assert qm._tiles(64, 1024, 4096, DEVICE, tile[:5])[-1] == 1  # no SPLIT_K: none
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_default_tiles(fmt, dtype):
@@ -195,8 +224,8 @@ def test_each_format_reads_its_own_tiles(monkeypatch):
     monkeypatch.setitem(table, "BYTE_TILES_BY_M", ((4, 16, 16, 32, 4, 1), (None, 32, 32, 64, 4, 1)))
     monkeypatch.setitem(table, "BYTE_MAX_M", 8)
     fp8, int4 = quantized_weight("fp8", 70, 160, torch.bfloat16), quantized_weight("int4", 70, 160, torch.bfloat16)
-    assert qm._tiles(3, 70, 160, torch.device(DEVICE), None, fp8) == (16, 16, 32, 4, 1)
-    assert qm._tiles(5, 70, 160, torch.device(DEVICE), None, fp8) == (16, 32, 64, 4, 1)  # BLOCK_M shrinks to 16
+    assert qm._tiles(3, 70, 160, torch.device(DEVICE), None, fp8) == (16, 16, 32, 4, 1, 1)
+    assert qm._tiles(5, 70, 160, torch.device(DEVICE), None, fp8) == (16, 32, 64, 4, 1, 1)  # BLOCK_M shrinks to 16
     want = next(entry[1:] for entry in table["TILES_BY_M"] if entry[0] is None or 5 <= entry[0])
     assert qm._tiles(5, 70, 160, torch.device(DEVICE), None, int4) == qm._tiles(5, 70, 160, DEVICE, want)
     assert max_rows(torch.device(DEVICE), fp8) == 8 and max_rows(torch.device(DEVICE), int4) == table["MAX_M"]
@@ -307,7 +336,7 @@ def tuned_tiles() -> list[tuple[str, tuple]]:
 
 # Runs in a process without TRITON_INTERPRET: tests/sm90_compile.py's launch compiler (JITFunction.run compiles the
 # launch for sm_90 instead of running it) on the kernel's launches: every format, the three activation dtypes, the
-# tiles of every device's TILES_BY_M (and the formats' own), PDL on; and dequantize's, every format.
+# tiles of every device's TILES_BY_M (and the formats' own), K in slices, PDL on; and dequantize's, every format.
 COMPILE_LAUNCHES = r"""
 import torch
 import sm90_compile
@@ -317,6 +346,7 @@ from test_kernels_quantized_matmul import FORMATS, quantized_weight, tuned_tiles
 
 JITFunction.run = sm90_compile._compile_launch
 qm.launch_options = lambda x: {"PDL": True, "launch_pdl": True}
+qm._sm_count = lambda device: 132  # an H100's: the slices of K below are taken
 for fmt in FORMATS:
     qm.quantized_matmul(torch.randn(4, 4096, dtype=torch.bfloat16), quantized_weight(fmt, 2048, 4096, torch.bfloat16))
 for dtype, fmt in ((torch.float16, "int4"), (torch.float32, "fp8")):
@@ -324,6 +354,9 @@ for dtype, fmt in ((torch.float16, "int4"), (torch.float32, "fp8")):
 for fmt, tile in tuned_tiles():
     qm.quantized_matmul(torch.randn(tile[0], 4096, dtype=torch.bfloat16),
                         quantized_weight(fmt, 2048, 4096, torch.bfloat16), tile)
+for fmt in ("fp8", "int4"):  # K in slices: the sliced kernel and the slices' sum
+    qm.quantized_matmul(torch.randn(64, 4096, dtype=torch.bfloat16), quantized_weight(fmt, 2048, 4096, torch.bfloat16),
+                        (32, 64, 128, 4, 4, 4))
 for fmt in FORMATS:
     qm.dequantize(quantized_weight(fmt, 2048, 4096, torch.bfloat16), torch.bfloat16)
 print("\n".join(sm90_compile.compiled))
@@ -342,5 +375,5 @@ def test_compiles_for_sm90():
     done = subprocess.run([sys.executable, "-c", COMPILE_LAUNCHES], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    launches = len(FORMATS) + 2 + len(tuned_tiles()) + len(FORMATS)  # + dequantize's
+    launches = len(FORMATS) + 2 + len(tuned_tiles()) + 2 * 2 + len(FORMATS)  # + split K's two, dequantize's
     assert f"{launches} launches compiled for sm_90" in done.stdout, done.stdout[-3000:]

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ..model.quantized import QuantizedWeight
-from .attention import _dot
+from .attention import _dot, _sm_count
 from .gemv import INT4_WORDS, PER_ROW, _quantized_format, exact_fp32, format_prefix
 from .pdl import after_previous_kernel, launch_options
 from .rounding import dot_operand, round_to
@@ -68,23 +68,31 @@ def _dequantized_tile(w_ptr, scale_ptr, rows, k0, N, stride_wn, stride_sn, strid
 
 
 @triton.jit
-def _quantized_matmul_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, stride_xm, stride_om, stride_wn, stride_sn,
-                             stride_sk, K: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr,
+def _quantized_matmul_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, part_ptr, M, N, stride_xm, stride_om, stride_wn,
+                             stride_sn, stride_sk, K: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr,
                              SCALE_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_K: tl.constexpr, TILE_GROUPS: tl.constexpr, INTERPRET: tl.constexpr,
-                             PDL: tl.constexpr):
+                             BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, TILE_GROUPS: tl.constexpr,
+                             INTERPRET: tl.constexpr, PDL: tl.constexpr):
     """out[m, n] = sum_k x[m, k] * w[n, k], w the weight in format WFMT (gemv.py's codes) dequantized to x's dtype.
-    Programs are ordered row block fastest: those sharing a weight tile run together and read it once from HBM."""
+    Programs are ordered row block fastest: those sharing a weight tile run together and read it once from HBM.
+    SPLIT_K > 1: program_id(1) sums a K_SPLIT slice of the inputs into part [SPLIT_K, M, N] (fp32, scaled), and
+    `_sum_splits_kernel` adds the slices (more programs where the output's tiles alone leave SMs idle)."""
     row_blocks = tl.cdiv(M, BLOCK_M)
     pid_m = tl.program_id(0) % row_blocks
     pid_n = tl.program_id(0) // row_blocks
+    K_SPLIT: tl.constexpr = (K + BLOCK_K * SPLIT_K - 1) // (BLOCK_K * SPLIT_K) * BLOCK_K  # whole steps a slice
+    if SPLIT_K == 1:
+        first = 0
+    else:
+        first = tl.program_id(1) * K_SPLIT
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # weight rows: output columns
     dtype = x_ptr.dtype.element_ty
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
     after_previous_kernel(PDL)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for step in range(0, K_SPLIT, BLOCK_K):  # inputs past K (the last slice's tail) load as zeros
+        k0 = first + step
         ks = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_rows + ks[None, :], mask=(rows < M)[:, None] & (ks < K)[None, :], other=0.0)
         if WFMT == PER_ROW:  # the exact 8-bit values; their rows' scales wait for the fp32 sums
@@ -97,9 +105,30 @@ def _quantized_matmul_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, stride_xm, 
         acc += _dot(x, tl.trans(w), INTERPRET)
     if WFMT == PER_ROW:
         acc *= tl.load(scale_ptr + cols.to(tl.int64) * stride_sn, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
-    # One rounding of the fp32 sums (by hand: the interpreter's cast to bf16 truncates).
-    tl.store(out, round_to(acc, dtype).to(dtype), mask=(rows < M)[:, None] & (cols < N)[None, :])
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    if SPLIT_K == 1:
+        out = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
+        # One rounding of the fp32 sums (by hand: the interpreter's cast to bf16 truncates).
+        tl.store(out, round_to(acc, dtype).to(dtype), mask=mask)
+    else:
+        part = part_ptr + (tl.program_id(1).to(tl.int64) * M + rows.to(tl.int64)[:, None]) * N + cols[None, :]
+        tl.store(part, acc, mask=mask)
+
+
+SUM_BLOCK = 1024  # outputs a program of `_sum_splits_kernel`
+
+
+@triton.jit
+def _sum_splits_kernel(part_ptr, out_ptr, numel, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """out (contiguous, numel values) = the sum of part's SPLIT_K slices [SPLIT_K, numel] in order, rounded once."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    after_previous_kernel(PDL)
+    acc = tl.load(part_ptr + offs, mask=mask, other=0.0)
+    for split in tl.static_range(1, SPLIT_K):
+        acc += tl.load(part_ptr + split * numel + offs, mask=mask, other=0.0)
+    dtype = out_ptr.dtype.element_ty
+    tl.store(out_ptr + offs, round_to(acc, dtype).to(dtype), mask=mask)
 
 
 @triton.jit
@@ -182,21 +211,28 @@ def max_rows(device: torch.device | None = None, weight: QuantizedWeight | None 
 
 
 def _tiles(m: int, n: int, k: int, device: torch.device, tiles: tuple | None,
-           weight: QuantizedWeight | None = None) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): `tiles`, else the first TILES_BY_M entry (of the weight's format)
-    that covers m rows; each block shrinks to the power of 2 over its side (16 at least, for tl.dot)."""
+           weight: QuantizedWeight | None = None) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SPLIT_K): `tiles`, else the first TILES_BY_M entry (of the weight's
+    format) that covers m rows; each block shrinks to the power of 2 over its side (16 at least, for tl.dot). The
+    tile's SPLIT_K (1 where left out) is the most slices of K: a product takes only as many as bring its programs up
+    to the SMs (a large one, the LM head say, none: its slices' fp32 sums would cost more traffic than they save), and
+    no more than the BLOCK_K steps there are."""
     if tiles is None:
         tiles = next(entry[1:] for entry in _tuned(device, weight)["TILES_BY_M"] if entry[0] is None or m <= entry[0])
-    block_m, block_n, block_k, warps, stages = tiles
+    block_m, block_n, block_k, warps, stages, *split = tiles
     block_m, block_n, block_k = (min(block, max(16, triton.next_power_of_2(side)))
                                  for block, side in ((block_m, m), (block_n, n), (block_k, k)))
-    return block_m, block_n, block_k, warps, stages
+    programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    split_k = min(split[0] if split else 1, triton.cdiv(k, block_k), triton.cdiv(_sm_count(torch.device(device)),
+                                                                                  programs))
+    return block_m, block_n, block_k, warps, stages, split_k
 
 
 def quantized_matmul(x: torch.Tensor, weight: QuantizedWeight, tiles: tuple | None = None) -> torch.Tensor:
     """x @ W.T for x [..., K] (bf16, fp16 or fp32; any number of rows) and a QuantizedWeight W [N, K] that
     `quantized_matmul_supported` accepts, in x's dtype: F.linear(x, weight.dequantize(x.dtype)) up to the fp32
-    summation order. tiles: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), by default the tuned ones (tuning.py)."""
+    summation order. tiles: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages[, SPLIT_K]), by default the tuned ones
+    (tuning.py)."""
     fmt = _quantized_format(weight)
     if isinstance(fmt, str):
         raise ValueError(f"quantized_matmul does not read this {weight.scheme.name} weight: {fmt}")
@@ -211,13 +247,18 @@ def quantized_matmul(x: torch.Tensor, weight: QuantizedWeight, tiles: tuple | No
     out = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
     if m == 0 or n_out == 0:
         return out.reshape(*x.shape[:-1], n_out)
-    block_m, block_n, block_k, warps, stages = _tiles(m, n_out, k_in, x.device, tiles, weight)
+    block_m, block_n, block_k, warps, stages, split_k = _tiles(m, n_out, k_in, x.device, tiles, weight)
     assert block_k % 16 == 0 and not block_k & (block_k - 1), block_k  # powers of 2, whole int4 words
     per_row = constexprs["WFMT"] == PER_ROW.value
     tile_groups = 1 if per_row else max(block_k // constexprs["GROUP"], 1)  # scales a weight row takes per tile
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n_out, block_n),)
+    part = torch.empty(split_k, m, n_out, dtype=torch.float32, device=x.device) if split_k > 1 else out
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n_out, block_n), split_k)
     _quantized_matmul_kernel[grid](
-        rows, weight.values, weight.scale, out, m, n_out, rows.stride(0), out.stride(0), weight.values.stride(0),
-        stride_sn, stride_sk, k_in, **constexprs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        TILE_GROUPS=tile_groups, INTERPRET=not x.is_cuda, num_warps=warps, num_stages=stages, **launch_options(x))
+        rows, weight.values, weight.scale, out, part, m, n_out, rows.stride(0), out.stride(0),
+        weight.values.stride(0), stride_sn, stride_sk, k_in, **constexprs, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k, SPLIT_K=split_k, TILE_GROUPS=tile_groups, INTERPRET=not x.is_cuda, num_warps=warps,
+        num_stages=stages, **launch_options(x))
+    if split_k > 1:
+        _sum_splits_kernel[(triton.cdiv(out.numel(), SUM_BLOCK),)](part, out, out.numel(), SPLIT_K=split_k,
+                                                                   BLOCK=SUM_BLOCK, **launch_options(x))
     return out.reshape(*x.shape[:-1], n_out)

@@ -50,7 +50,8 @@ prefill_attention: (BLOCK_M queries, BLOCK_N keys, BLOCK_DV value dims (null: th
   num_stages
 logits:
   SOFTCAP_BLOCK, ARGMAX_BLOCK  values per program
-quantized_matmul: (BLOCK_M activation rows, BLOCK_N weight rows, BLOCK_K inputs a step, warps, stages)
+quantized_matmul: (BLOCK_M activation rows, BLOCK_N weight rows, BLOCK_K inputs a step, warps, stages[, SPLIT_K:
+  slices of K in separate programs, summed by a second kernel; 1 where left out])
   TILES_BY_M  [[max rows M (null: any), *tile], ...]: the first entry whose max covers M (blocks shrink to the
               matrix's sides, 16 at least)
   MAX_M       rows up to which the model takes the kernel (`quantized_matmul.max_rows`); more: the weight dequantized
