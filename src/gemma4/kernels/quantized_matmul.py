@@ -98,7 +98,7 @@ def _quantized_matmul_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, part_ptr, M, N, s
         if WFMT == PER_ROW:  # the exact 8-bit values; their rows' scales wait for the fp32 sums
             w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
             w = dot_operand(tl.load(w_rows + ks[None, :], mask=(cols < N)[:, None] & (ks < K)[None, :], other=0.0),
-                             x, INTERPRET)
+                            x, INTERPRET)
         else:
             w = _dequantized_tile(w_ptr, scale_ptr, cols, k0, N, stride_wn, stride_sn, stride_sk, K, BLOCK_N, BLOCK_K,
                                   WFMT, GROUP, SCALE_ROWS, TILE_GROUPS, dtype, INTERPRET)
