@@ -1,11 +1,12 @@
 """Static instruction counts of kernels compiled for sm_90 on any machine, no GPU needed (Triton's front end, and the
 ptxas and cuobjdump it ships; tests/sm90_compile.py's launch compiler): per launch, the SASS instructions in all, the
 most frequent opcodes, shared memory and register spills. The "sm_90 compiles: N -> M instructions" figures of the
-commit messages come from here; a count is not a timing. Launches take configs/default.json's tuning (their tensors
-are the CPU's) where no tile is given.
+commit messages come from here; a count is not a timing. Launches take the tuning of `--config` (a configs/ file's
+name; default.json's by default) where no tile is given.
 
     python benchmarks/sass_counts.py attention [--preset 26B-A4B] [--batch 64] [--context 1024]
     python benchmarks/sass_counts.py quantized_matmul [--rows 64] [--shape 2816 4096] [--tile 32 64 128 4 4]
+    python benchmarks/sass_counts.py moe [--preset 26B-A4B] [--batch 64] [--config NVIDIA_H100_80GB_HBM3]
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import sm90_compile  # noqa: E402
 
 from gemma4.config import Config  # noqa: E402
-from gemma4.kernels import attention, quantized_matmul as qm  # noqa: E402
+from gemma4.kernels import attention, moe, quantized_matmul as qm, tuning  # noqa: E402
 from gemma4.model.quantized import ON_LOAD, quantize  # noqa: E402
 
 # A SASS line of cuobjdump's listing: control bits, then an optional predicate and the opcode.
@@ -84,24 +85,42 @@ def quantized_matmul_launches(args) -> None:
             torch.randn(args.rows, k, dtype=torch.bfloat16), weight, tuple(args.tile)))
 
 
+def moe_launches(args) -> None:
+    """The sorted experts' kernels (serving batches) at the preset's expert shapes, bf16 and fp8 experts, `--batch`
+    tokens spread over 8 experts (the kernels compile the same for any number)."""
+    text = Config.preset(args.preset).text_config
+    hidden, width, k = text.hidden_size, text.moe_intermediate_size, text.top_k_experts
+    experts = torch.arange(args.batch * k).remainder(8).view(args.batch, k)
+    weights = torch.rand(args.batch, k)
+    for fmt in ("bf16", "fp8"):
+        gate_up, down = torch.randn(8, 2 * width, hidden).bfloat16(), torch.randn(8, hidden, width).bfloat16()
+        if fmt == "fp8":
+            gate_up, down = quantize(gate_up.float(), ON_LOAD[fmt]), quantize(down.float(), ON_LOAD[fmt])
+        counted(f"{fmt} experts, {args.batch} tokens", lambda: moe.sorted_experts(
+            torch.randn(args.batch, hidden, dtype=torch.bfloat16), weights, experts, gate_up, down))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("kernel", choices=["attention", "quantized_matmul"])
+    parser.add_argument("kernel", choices=["attention", "quantized_matmul", "moe"])
     parser.add_argument("--preset", default="26B-A4B")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--shape", type=int, nargs=2, default=[2816, 4096], metavar=("N", "K"))
     parser.add_argument("--tile", type=int, nargs="+", default=[32, 64, 128, 4, 4])
+    parser.add_argument("--config", default="default", help="the configs/ file whose tuning launches take")
     args = parser.parse_args()
+    tuning.device_name = lambda device: args.config
     # Launches compile for sm_90 instead of running, with PDL on and an H100's SMs (tests/sm90_compile.py).
     JITFunction.run = sm90_compile._compile_launch
-    for module in (attention, qm):
+    for module in (attention, moe, qm):
         module.launch_options = lambda x: {"PDL": True, "launch_pdl": True}
         module._sm_count = lambda device: H100_SMS
     print("| launch | kernel | SASS instructions | shared memory bytes | spill stores | most frequent |")
     print("| --- | --- | ---: | ---: | ---: | --- |")
-    {"attention": attention_launches, "quantized_matmul": quantized_matmul_launches}[args.kernel](args)
+    launches = {"attention": attention_launches, "quantized_matmul": quantized_matmul_launches, "moe": moe_launches}
+    launches[args.kernel](args)
 
 
 if __name__ == "__main__":
