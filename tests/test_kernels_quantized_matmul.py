@@ -79,15 +79,17 @@ def test_equals_dequantized_product(fmt, dtype, m):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_split_k(fmt, dtype, split_k, monkeypatch):
-    """K cut into SPLIT_K slices of whole steps, summed by a second kernel: K = 160 is three 64-input steps, so 2
-    slices take two steps and one (its second ragged), 3 slices one each, and 8 are cut back to 3. The twin's
-    product up to the fp32 summation order, as without slices; fp32 sums within 1e-5 of the unsliced kernel's. (The
-    3 programs of the output's tiles leave SMs idle on a device of 64.)"""
+    """K cut into SPLIT_K slices of whole steps, summed by each output tile's last slice to finish: K = 160 is three
+    64-input steps, so 2 slices take two steps and one (its second ragged), 3 slices one each, and 8 are cut back to
+    3. The twin's product up to the fp32 summation order, as without slices; fp32 sums within 1e-5 of the unsliced
+    kernel's; a second launch gives the same bits (the counters re-armed). (The 3 programs of the output's tiles
+    leave SMs idle on a device of 64.)"""
     monkeypatch.setattr(qm, "_sm_count", lambda device: 64)
     weight = quantized_weight(fmt, 70, 160, dtype)
     x = rand(5, 160, dtype=dtype)
     assert qm._tiles(5, 70, 160, torch.device(DEVICE), (*STEPS, split_k))[-1] == min(split_k, 3)
     assert_equals_twin(x, weight, (*STEPS, split_k))
+    assert torch.equal(quantized_matmul(x, weight, (*STEPS, split_k)), quantized_matmul(x, weight, (*STEPS, split_k)))
     if dtype == torch.float32:
         torch.testing.assert_close(quantized_matmul(x, weight, (*STEPS, split_k)), quantized_matmul(x, weight, STEPS),
                                    rtol=1e-5, atol=1e-5)
@@ -354,7 +356,7 @@ for dtype, fmt in ((torch.float16, "int4"), (torch.float32, "fp8")):
 for fmt, tile in tuned_tiles():
     qm.quantized_matmul(torch.randn(tile[0], 4096, dtype=torch.bfloat16),
                         quantized_weight(fmt, 2048, 4096, torch.bfloat16), tile)
-for fmt in ("fp8", "int4"):  # K in slices: the sliced kernel and the slices' sum
+for fmt in ("fp8", "int4"):  # K in slices, summed by each tile's last slice
     qm.quantized_matmul(torch.randn(64, 4096, dtype=torch.bfloat16), quantized_weight(fmt, 2048, 4096, torch.bfloat16),
                         (32, 64, 128, 4, 4, 4))
 for fmt in FORMATS:
@@ -375,5 +377,5 @@ def test_compiles_for_sm90():
     done = subprocess.run([sys.executable, "-c", COMPILE_LAUNCHES], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    launches = len(FORMATS) + 2 + len(tuned_tiles()) + 2 * 2 + len(FORMATS)  # + split K's two, dequantize's
+    launches = len(FORMATS) + 2 + len(tuned_tiles()) + 2 + len(FORMATS)  # + K in slices, dequantize's
     assert f"{launches} launches compiled for sm_90" in done.stdout, done.stdout[-3000:]

@@ -25,6 +25,7 @@ import triton.language as tl
 
 from ..model.quantized import QuantizedWeight
 from .attention import _dot, _sm_count
+from .counters import finished_counters
 from .gemv import INT4_WORDS, PER_ROW, _quantized_format, exact_fp32, format_prefix
 from .pdl import after_previous_kernel, launch_options
 from .rounding import dot_operand, round_to
@@ -68,15 +69,16 @@ def _dequantized_tile(w_ptr, scale_ptr, rows, k0, N, stride_wn, stride_sn, strid
 
 
 @triton.jit
-def _quantized_matmul_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, part_ptr, M, N, stride_xm, stride_om, stride_wn,
-                             stride_sn, stride_sk, K: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr,
+def _quantized_matmul_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, part_ptr, counter_ptr, M, N, stride_xm, stride_om,
+                             stride_part, stride_wn, stride_sn, stride_sk, K: tl.constexpr, WFMT: tl.constexpr,
+                             GROUP: tl.constexpr,
                              SCALE_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, TILE_GROUPS: tl.constexpr,
                              INTERPRET: tl.constexpr, PDL: tl.constexpr):
     """out[m, n] = sum_k x[m, k] * w[n, k], w the weight in format WFMT (gemv.py's codes) dequantized to x's dtype.
     Programs are ordered row block fastest: those sharing a weight tile run together and read it once from HBM.
-    SPLIT_K > 1: program_id(1) sums a K_SPLIT slice of the inputs into part [SPLIT_K, M, N] (fp32, scaled), and
-    `_sum_splits_kernel` adds the slices (more programs where the output's tiles alone leave SMs idle)."""
+    SPLIT_K > 1 (more programs where the output's tiles alone leave SMs idle): program_id(1) sums a K_SPLIT slice of
+    the inputs into part [SPLIT_K, M, N] (fp32, scaled), and the tile's last slice to finish adds the slices."""
     row_blocks = tl.cdiv(M, BLOCK_M)
     pid_m = tl.program_id(0) % row_blocks
     pid_n = tl.program_id(0) // row_blocks
@@ -106,29 +108,23 @@ def _quantized_matmul_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, part_ptr, M, N, s
     if WFMT == PER_ROW:
         acc *= tl.load(scale_ptr + cols.to(tl.int64) * stride_sn, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     mask = (rows < M)[:, None] & (cols < N)[None, :]
-    if SPLIT_K == 1:
-        out = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
+    out = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
+    if SPLIT_K > 1:
+        # The tile's last slice to finish adds the slices' sums in split order (deterministic): its acquire pairs with
+        # the other slices' releases (acq_rel atomics), so their stores are visible to it; it then re-arms the tile's
+        # counter for the next launch (CUDA-graph replays included).
+        slices = part_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]  # slice s at + s * stride_part
+        tl.store(slices + tl.program_id(1) * stride_part, acc, mask=mask)
+        finished = tl.atomic_add(counter_ptr + tl.program_id(0), 1, sem="acq_rel")
+        if finished == SPLIT_K - 1:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for split in tl.static_range(SPLIT_K):  # read past L1: other programs have just written them
+                acc += tl.load(slices + split * stride_part, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(out, round_to(acc, dtype).to(dtype), mask=mask)
+            tl.atomic_xchg(counter_ptr + tl.program_id(0), 0, sem="relaxed")
+    else:
         # One rounding of the fp32 sums (by hand: the interpreter's cast to bf16 truncates).
         tl.store(out, round_to(acc, dtype).to(dtype), mask=mask)
-    else:
-        part = part_ptr + (tl.program_id(1).to(tl.int64) * M + rows.to(tl.int64)[:, None]) * N + cols[None, :]
-        tl.store(part, acc, mask=mask)
-
-
-SUM_BLOCK = 1024  # outputs a program of `_sum_splits_kernel`
-
-
-@triton.jit
-def _sum_splits_kernel(part_ptr, out_ptr, numel, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """out (contiguous, numel values) = the sum of part's SPLIT_K slices [SPLIT_K, numel] in order, rounded once."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    after_previous_kernel(PDL)
-    acc = tl.load(part_ptr + offs, mask=mask, other=0.0)
-    for split in tl.static_range(1, SPLIT_K):
-        acc += tl.load(part_ptr + split * numel + offs, mask=mask, other=0.0)
-    dtype = out_ptr.dtype.element_ty
-    tl.store(out_ptr + offs, round_to(acc, dtype).to(dtype), mask=mask)
 
 
 @triton.jit
@@ -251,14 +247,14 @@ def quantized_matmul(x: torch.Tensor, weight: QuantizedWeight, tiles: tuple | No
     assert block_k % 16 == 0 and not block_k & (block_k - 1), block_k  # powers of 2, whole int4 words
     per_row = constexprs["WFMT"] == PER_ROW.value
     tile_groups = 1 if per_row else max(block_k // constexprs["GROUP"], 1)  # scales a weight row takes per tile
-    part = torch.empty(split_k, m, n_out, dtype=torch.float32, device=x.device) if split_k > 1 else out
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n_out, block_n), split_k)
-    _quantized_matmul_kernel[grid](
-        rows, weight.values, weight.scale, out, part, m, n_out, rows.stride(0), out.stride(0),
-        weight.values.stride(0), stride_sn, stride_sk, k_in, **constexprs, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, SPLIT_K=split_k, TILE_GROUPS=tile_groups, INTERPRET=not x.is_cuda, num_warps=warps,
-        num_stages=stages, **launch_options(x))
+    part, counters = out, out  # unused with one slice
     if split_k > 1:
-        _sum_splits_kernel[(triton.cdiv(out.numel(), SUM_BLOCK),)](part, out, out.numel(), SPLIT_K=split_k,
-                                                                   BLOCK=SUM_BLOCK, **launch_options(x))
+        part = torch.empty(split_k, m, n_out, dtype=torch.float32, device=x.device)
+        counters = finished_counters("quantized_matmul", x.device, grid[0])
+    _quantized_matmul_kernel[grid](
+        rows, weight.values, weight.scale, out, part, counters, m, n_out, rows.stride(0), out.stride(0),
+        part.stride(0), weight.values.stride(0), stride_sn, stride_sk, k_in, **constexprs, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, TILE_GROUPS=tile_groups, INTERPRET=not x.is_cuda,
+        num_warps=warps, num_stages=stages, **launch_options(x))
     return out.reshape(*x.shape[:-1], n_out)

@@ -51,7 +51,7 @@ prefill_attention: (BLOCK_M queries, BLOCK_N keys, BLOCK_DV value dims (null: th
 logits:
   SOFTCAP_BLOCK, ARGMAX_BLOCK  values per program
 quantized_matmul: (BLOCK_M activation rows, BLOCK_N weight rows, BLOCK_K inputs a step, warps, stages[, SPLIT_K:
-  slices of K in separate programs, summed by a second kernel; 1 where left out])
+  slices of K in separate programs, summed by each tile's last one to finish; 1 where left out])
   TILES_BY_M  [[max rows M (null: any), *tile], ...]: the first entry whose max covers M (blocks shrink to the
               matrix's sides, 16 at least)
   MAX_M       rows up to which the model takes the kernel (`quantized_matmul.max_rows`); more: the weight dequantized
@@ -59,7 +59,8 @@ quantized_matmul: (BLOCK_M activation rows, BLOCK_N weight rows, BLOCK_K inputs 
   INT4_<key>, BYTE_<key>  either key for int4 or 8-bit weights, where they differ (benchmarks/quantized_matmul_tiles.py
               writes them)
   DEQUANTIZE_TILES  (BLOCK_N weight rows, BLOCK_K inputs, warps) a program of `quantized_matmul.dequantize` (the
-              weight dequantized once for a prefill's cuBLAS GEMM or the grouped experts). Not yet measured on a GPU
+              weight dequantized once for a prefill's cuBLAS GEMM or the grouped experts). Not swept yet (timed only
+              within quantized_matmul_tiles.py's "dequantized + cuBLAS" column)
 """
 
 from __future__ import annotations
