@@ -79,6 +79,14 @@ def test_rejects_too_long(model):
 
 # --- images and audio ---------------------------------------------------------------------------------------------
 
+def test_warm_up_fits_a_short_max_model_len(model):
+    """warm_up's prompts (256 tokens, twice the window and more) are cut to what max_model_len takes: a server started
+    with --max-model-len 64 on a GPU warmed up with a 256-token prompt and refused it."""
+    engine = LLMEngine(model, max_num_seqs=2, max_model_len=24)
+    engine.warm_up()
+    assert len(engine.generate([[5] * 14], GREEDY)[0]) == 10  # and serves (14 + 10 tokens: max_model_len 24)
+
+
 @pytest.fixture(scope="module", params=["E2B", "26B"])
 def mm(request):
     """Tiny multimodal models of test_multimodal.py: E2B-like (vision + audio towers, KV sharing) and 26B-like

@@ -142,7 +142,8 @@ def _store_inputs(heads: int, length: int = 3, dim: int = 32, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(1, length, heads * dim, generator=g) for _ in range(3))
     cos, sin = torch.randn(2, 1, length, dim, generator=g).unbind(0)
-    return q, k, v, torch.rand(dim, generator=g) + 0.5, torch.rand(dim, generator=g) + 0.5, cos, sin
+    inputs = (q, k, v, torch.rand(dim, generator=g) + 0.5, torch.rand(dim, generator=g) + 0.5, cos, sin)
+    return tuple(t.to(DEVICE) for t in inputs)
 
 
 def test_store_kernel_rounds_and_saturates_as_torch():
@@ -153,10 +154,10 @@ def test_store_kernel_rounds_and_saturates_as_torch():
 
     heads, dim, length = 4, 32, 3
     q, k, v, qw, kw, cos, sin = _store_inputs(heads, length, dim)
-    slots = torch.tensor([[5, 0, 9]])
-    scales = torch.tensor([2.0**-9, 0.7, 13.0, 150.0])
-    full = [torch.zeros(heads, 12, dim) for _ in range(2)]
-    fp8 = [torch.zeros(heads, 12, dim, dtype=FP8) for _ in range(2)]
+    slots = torch.tensor([[5, 0, 9]], device=DEVICE)
+    scales = torch.tensor([2.0**-9, 0.7, 13.0, 150.0], device=DEVICE)
+    full = [torch.zeros(heads, 12, dim, device=DEVICE) for _ in range(2)]
+    fp8 = [torch.zeros(heads, 12, dim, dtype=FP8, device=DEVICE) for _ in range(2)]
     with kernels.force():
         qkv_norm_rope_store(q, k, v, qw, kw, 1e-6, cos, sin, *full, slots)
         qkv_norm_rope_store(q, k, v, qw, kw, 1e-6, cos, sin, *fp8, slots, scales, scales.flip(0))
@@ -179,7 +180,7 @@ def _exact_attention(query, keys, values, slots, positions, query_positions, win
     """Softmax(q k^T) v in float64 over each row's visible keys, from keys/values [Hkv, N, D] as given."""
     batch, heads, dim = query.shape
     groups = heads // keys.shape[0]
-    out = torch.zeros(batch, heads, dim, dtype=torch.float64)
+    out = torch.zeros(batch, heads, dim, dtype=torch.float64, device=query.device)
     for b in range(batch):
         visible = (positions[b] <= query_positions[b]) & (query_positions[b] - positions[b] < window)
         rows = slots[b][visible]
@@ -201,13 +202,13 @@ def test_decode_kernel_on_fp8_applies_the_scales_outside_the_products(dtype):
 
     g = torch.Generator().manual_seed(1)
     heads, kv_heads, dim, slots_total, batch = 4, 2, 32, 40, 2
-    keys, values = (torch.randn(kv_heads, slots_total, dim, generator=g) * 3 for _ in range(2))
-    key_scale, value_scale = torch.tensor([0.5, 3.0]), torch.tensor([1.7, 0.25])
+    keys, values = (torch.randn(kv_heads, slots_total, dim, generator=g).to(DEVICE) * 3 for _ in range(2))
+    key_scale, value_scale = torch.tensor([0.5, 3.0], device=DEVICE), torch.tensor([1.7, 0.25], device=DEVICE)
     key_fp8, value_fp8 = quantize_kv(keys, key_scale), quantize_kv(values, value_scale)
-    query = torch.randn(batch, heads, dim, generator=g).to(dtype)
-    slots = torch.stack([torch.randperm(slots_total, generator=g)[:24] for _ in range(batch)])
-    positions = torch.arange(24).expand(batch, 24).contiguous()
-    query_positions = torch.tensor([23, 15])
+    query = torch.randn(batch, heads, dim, generator=g).to(DEVICE, dtype)
+    slots = torch.stack([torch.randperm(slots_total, generator=g)[:24] for _ in range(batch)]).to(DEVICE)
+    positions = torch.arange(24, device=DEVICE).expand(batch, 24).contiguous()
+    query_positions = torch.tensor([23, 15], device=DEVICE)
     with kernels.force():
         got = decode_attention(query, key_fp8, value_fp8, positions, query_positions, 8, slots=slots,
                                num_splits=2, key_scale=key_scale, value_scale=value_scale)

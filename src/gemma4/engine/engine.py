@@ -298,9 +298,10 @@ class LLMEngine:
         window = self.runner.model.config.text_config.sliding_window
         greedy = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
         sampled = SamplingParams(max_tokens=3, temperature=1.0, top_k=64, top_p=0.95, ignore_eos=True)
-        for n in (256, min(2 * window + 37, self.max_model_len - 4)):  # one row at a time (kernels specialize on 1)
+        longest = self.max_model_len - greedy.max_tokens  # no prompt longer than max_model_len takes
+        for n in sorted({min(n, longest) for n in (256, 2 * window + 37)}):  # one row at a time (kernels specialize)
             self.generate([[0] * n], greedy)
-        self.generate([[0] * 16, [0] * 23], [greedy, sampled])
+        self.generate([[0] * min(16, longest), [0] * min(23, longest)], [greedy, sampled])
         for graphs in (self.runner.graphs, self.runner.prefill_graphs):
             if graphs is not None:
                 graphs.capture_all()
