@@ -77,6 +77,34 @@ def bytes_per_step(model, engine, written: int, batch: int = 1) -> int:
     return int(total)
 
 
+def show_between(engine, ids, params, graph_names: list[str]) -> None:
+    """Profile the generation loop and print, for a few steps in its middle, the GPU work outside the graph's replay
+    (kernels and copies, in order) and the idle time before each: what the host adds to a step, on the GPU's side."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        seq_ids = [engine.add_request(row.tolist(), params) for row in ids]
+        for _ in engine.run(seq_ids):
+            pass
+        torch.cuda.synchronize()
+    events = sorted(((e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+                     if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda e: e[1])
+    count, i, steps = len(graph_names), 0, []  # steps: each replay's (start, end)
+    while i < len(events):
+        if [name for name, _, _ in events[i:i + count]] == graph_names:
+            steps.append((events[i][1], max(end for _, _, end in events[i:i + count])))
+            i += count
+        else:
+            i += 1
+    middle = steps[len(steps) // 2:len(steps) // 2 + 3]
+    print(f"between replays: {len(steps)} replays found; three from the middle of the loop")
+    for (start, end), (next_start, _) in zip(middle, steps[len(steps) // 2 + 1:]):
+        print(f"  replay {end - start:8.1f} us, then {next_start - end:6.1f} us to the next replay:")
+        previous = end
+        for name, begin, finish in [e for e in events if end <= e[1] < next_start]:
+            print(f"    idle {begin - previous:6.1f}  runs {finish - begin:6.1f}  {short(name)}")
+            previous = max(previous, finish)
+        print(f"    idle {next_start - previous:6.1f}  (the next replay)")
+
+
 def nbytes(weight) -> int:
     """A parameter's bytes, or a QuantizedLinear's (values and scales)."""
     if isinstance(weight, QuantizedLinear):
@@ -96,7 +124,10 @@ def main() -> None:
     parser.add_argument("--layers", default="0,-2", help="decoder layers to list kernel by kernel")
     parser.add_argument("--quantization", choices=["fp8", "int8", "int4"], default=None,
                         help="the weights quantized on load")
-    parser.add_argument("--ops", action="store_true", help="also list the PyTorch ops of an eager step that launch kernels")
+    parser.add_argument("--ops", action="store_true",
+                        help="also list the PyTorch ops of an eager step that launch kernels")
+    parser.add_argument("--between", action="store_true",
+                        help="also list what the GPU runs between replays of the generation loop, and its idle gaps")
     args = parser.parse_args()
 
     model = random_model(random_config(args.preset, text_only=True), torch.bfloat16, device="cuda",
@@ -132,6 +163,8 @@ def main() -> None:
             if event.device_type == torch.autograd.DeviceType.CPU and event.kernels and event.name.startswith("aten"):
                 print(f"  op {event.name:32} -> {', '.join(short(k.name) for k in event.kernels)}")
     kernels = replay_kernels(graph)
+    if args.between:
+        show_between(engine, ids, params, [name for name, _, _ in kernels])
     origin = kernels[0][1]
     rows, previous_end = [], origin
     for name, begin, end in kernels:
