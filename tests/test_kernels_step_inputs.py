@@ -98,14 +98,17 @@ def test_softcap_equals_eager():
 def test_argmax_equals_torch():
     """First index of the largest value, across and within blocks (ties planted), NaN the largest, a row of -inf;
     twice, since the last block re-arms the row's counter."""
-    x = torch.randn(4, 10_000, device=DEVICE)
+    x = torch.randn(5, 10_000, device=DEVICE)
     x[0, 9_000] = x[0, 123] = 10.0  # a tie across blocks: the first wins
     x[1, 5] = x[1, 6] = 10.0  # within one block
     x[2, 7_777] = float("nan")
     x[3] = float("-inf")
+    x[4, 300] = float("inf")  # the largest, not a NaN
     for _ in range(2):
         got = argmax(x)
-        assert got.tolist() == [123, 5, 7_777, 0] == x.argmax(-1).tolist()
+        assert got.tolist() == [123, 5, 7_777, 0, 300] == x.argmax(-1).tolist()
+        ids, checked = argmax(x, nan_id=-1)  # the rows holding a NaN flagged by the same launch
+        assert ids.tolist() == got.tolist() and checked.tolist() == [123, 5, -1, 0, 300]
 
 
 @pytest.mark.parametrize("ring_extra,behind", [(0, [0, 0, 0]), (3, [0, 2, 0])])

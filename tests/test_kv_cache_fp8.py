@@ -221,7 +221,10 @@ def test_decode_kernel_on_fp8_applies_the_scales_outside_the_products(dtype):
                              dequantize_kv(value_fp8, value_scale, torch.float64), slots, positions, query_positions, 8)
     error, dequantized_error = (got.double() - exact).abs(), (dequantized.double() - exact).abs()
     if dtype == torch.float32:
-        assert error.max() <= 2**-20 * exact.abs().max() and dequantized_error.max() <= 2**-20 * exact.abs().max()
+        # On CUDA the kernel's exp2 is ex2.approx (2 ulp) and its scores are summed in the MMA's order: 2^-18 there
+        # (both orders measured within 9.1e-6 of outputs up to 9.35 on the H100), 2^-20 under the interpreter.
+        bound = (2**-20 if DEVICE == "cpu" else 2**-18) * exact.abs().max()
+        assert error.max() <= bound and dequantized_error.max() <= bound
     else:
         assert 0 < error.max() <= dequantized_error.max() and error.mean() <= dequantized_error.mean()
     assert (wrong_scale.double() - exact).abs().max() > 100 * dequantized_error.max()

@@ -12,6 +12,7 @@ from gemma4 import kernels  # noqa: E402
 from gemma4.engine import sampling  # noqa: E402
 from gemma4.engine.sampling import SamplingParams, next_token_distribution, sample_batch  # noqa: E402
 from gemma4.kernels import logits as logit_kernels  # noqa: E402
+from gemma4.options import override  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ROWS = [SamplingParams(temperature=1.0, top_p=0.95, top_k=64),  # Gemma's defaults
@@ -100,6 +101,28 @@ def test_sample_batch_path_choice(monkeypatch):
         assert len(calls) == 1
     assert sampling.TOP_K_CANDIDATES >= 64
 
+
+
+@pytest.mark.parametrize("kind", ["fused", "fused with a greedy row", "all greedy", "all greedy, eager"])
+def test_rows_holding_a_nan_are_flagged(kind):
+    """sample_batch's nan_id: each path returns valid ids (the next step may read them) and, beside them, nan_id for
+    the rows whose logits hold a NaN (one NaN, at the least likely token, is enough) and the ids elsewhere. (The
+    eager sampler raises on such a row: the runner then samples row by row, failing that one.)"""
+    torch.manual_seed(4)
+    logits = torch.randn(3, 2000, device=DEVICE)
+    logits[1, logits[1].argmin()] = float("nan")
+    greedy = SamplingParams(temperature=0)
+    params = [ROWS[0], greedy, greedy] if kind == "fused with a greedy row" else \
+        [ROWS[0]] * 3 if kind == "fused" else [greedy] * 3
+    generators = [None] * 3
+    with kernels.force() if kind != "all greedy, eager" else override(kernels=False):
+        plain = sample_batch(logits, params, generators)
+        tokens, checked = sample_batch(logits, params, generators, nan_id=-7)
+    assert tokens.shape == checked.shape == plain.shape == (3,)
+    assert ((tokens >= 0) & (tokens < 2000)).all()
+    assert checked[1] == -7 and checked[[0, 2]].tolist() == tokens[[0, 2]].tolist()
+    if params[2].greedy:  # (sampled rows draw anew each call)
+        assert int(tokens[2]) == int(plain[2]) == int(logits[2].argmax())
 
 
 def test_allowed_token_ids_in_every_sample_batch_path(monkeypatch):

@@ -67,20 +67,31 @@ class GraphedDecode:
         # The step's inputs, rows of `inputs`: 0 the last step's sampled tokens (written on the device), 1 the ids
         # the host knows, 2 positions, 3 ring slots, 4 valid (0/1), 5 where each row's id is (a flat index into rows
         # 0-1: a token still pending on the device is read from row 0), 6 the tokens its sequence had cached before
-        # this step (= the position, but in a verify step); and the block tables. Rows 1-6 and the tables have host
-        # mirrors (pinned on CUDA) that one asynchronous copy per step sends over; the mirror's table rows are
-        # rewritten only when their blocks changed.
-        self.inputs = torch.zeros(7, most, dtype=torch.long, device=device)
-        self.tables = torch.full((most, width), blocks.trash_block, dtype=torch.long, device=device)
+        # this step (= the position, but in a verify step); then the block tables, in the same flat buffer. Its host
+        # mirror (pinned on CUDA) sends rows 1-6 and the step's table rows over in one asynchronous copy; the mirror's
+        # table rows are rewritten only when their blocks changed.
         pinned = device.type == "cuda"
-        self.host_inputs = torch.zeros(7, most, dtype=torch.long, pin_memory=pinned)
-        self.host_tables = torch.full((most, width), blocks.trash_block, dtype=torch.long, pin_memory=pinned)
+        self.flat = torch.full((7 * most + most * width,), blocks.trash_block, dtype=torch.long, device=device)
+        self.host_flat = torch.full(self.flat.shape, blocks.trash_block, dtype=torch.long, pin_memory=pinned)
+        self.inputs, self.tables = self._parts(self.flat, most, width)
+        self.host_inputs, self.host_tables = self._parts(self.host_flat, most, width)
+        self.inputs.zero_()
+        self.host_inputs.zero_()
         self.table_rows: list[list[int] | None] = [None] * most  # the block list each host row holds (None: trash)
-        self.copied = torch.cuda.Event() if pinned else None  # the last copies out of the mirrors are done
+        # On CUDA the copy runs on a stream of its own as soon as the last replay no longer reads the inputs (while
+        # that step's tokens are sampled), and the next replay waits for it.
+        self.copy_stream = torch.cuda.Stream(device) if pinned else None
+        self.replayed = torch.cuda.Event() if pinned else None  # the last replay is done with the inputs
+        self.copied = torch.cuda.Event() if pinned else None  # the last copy out of the mirror is done
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.pool = None
         self.usable = True
         self.failure: str | None = None  # why capture failed, if it did
+
+    @staticmethod
+    def _parts(flat: torch.Tensor, most: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inputs [7, most] and block tables [most, width] in a flat buffer (or its mirror)."""
+        return flat[:7 * most].view(7, most), flat[7 * most:].view(most, width)
 
     def _step(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         positions, rings, valid, source, cached = self.inputs[2:, :size]
@@ -136,10 +147,15 @@ class GraphedDecode:
                                                     [seq.ring_slot for seq, _, _ in rows] + pad, [1] * n + pad,
                                                     sources, [seq.num_cached for seq, _, _ in rows] + pad])
         self._update_table_rows([seq for seq, _, _ in rows], size)
-        self.inputs[1:].copy_(self.host_inputs[1:], non_blocking=True)  # one copy: 6 x max rows ints
-        self.tables[:size].copy_(self.host_tables[:size], non_blocking=True)
-        if self.copied is not None:
-            self.copied.record()
+        sent = slice(most, 7 * most + size * self.tables.shape[1])  # rows 1-6, then the step's table rows
+        if self.copy_stream is None:
+            self.flat[sent].copy_(self.host_flat[sent])
+        else:
+            self.copy_stream.wait_event(self.replayed)
+            with torch.cuda.stream(self.copy_stream):
+                self.flat[sent].copy_(self.host_flat[sent], non_blocking=True)
+                self.copied.record()
+            torch.cuda.current_stream().wait_event(self.copied)
         if ahead is not None and ahead.tokens is not None:
             self.inputs[0, :len(ahead.tokens)].copy_(ahead.tokens)
         if not captured:
@@ -147,6 +163,7 @@ class GraphedDecode:
             return logits[:n], hidden[:n]
         graph, (logits, hidden) = self.graphs[size]
         graph.replay()
+        self.replayed.record()
         return logits[:n], hidden[:n]
 
     def _update_table_rows(self, seqs, size: int) -> None:

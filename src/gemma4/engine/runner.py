@@ -87,11 +87,10 @@ class ModelRunner:
             order = fast + now
             rows, chosen = logits if order == list(range(len(batch))) else logits[order], [seqs[row] for row in order]
             try:
-                drawn = sample_batch(rows, [s.params for s in chosen], [s.generator_on(device) for s in chosen],
-                                     None if masks is None else masks[order])
-                # What the host reads: NAN_ROW where a row's logits hold a NaN (its token means nothing; the next
-                # step may still read it on the device, a valid id, before the engine fails that sequence).
-                read = drawn.masked_fill(rows.isnan().any(-1), NAN_ROW)
+                # What the host reads: `read`, NAN_ROW where a row's logits hold a NaN (its token means nothing; the
+                # next step may still read `drawn`'s, a valid id, before the engine fails that sequence).
+                drawn, read = sample_batch(rows, [s.params for s in chosen], [s.generator_on(device) for s in chosen],
+                                           None if masks is None else masks[order], nan_id=NAN_ROW)
                 tokens, checked = (drawn[:len(fast)], read[:len(fast)]) if fast else (None, None)
                 for row, token in zip(now, read[len(fast):].tolist()):  # waits for the device
                     results[row] = (token, None) if token != NAN_ROW else \

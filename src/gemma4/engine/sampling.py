@@ -514,8 +514,8 @@ def batchable(params: SamplingParams, num_output: int, stop_ids) -> bool:
 TOP_K_CANDIDATES = 1024  # top-k up to this runs sample_batch on the candidates only
 
 
-def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
-                 generators: list[torch.Generator | None], token_masks: torch.Tensor | None = None) -> torch.Tensor:
+def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+                 token_masks: torch.Tensor | None = None, nan_id: int | None = None):
     """The next token of every row [B] (long, on logits' device) from logits [B, V], without leaving the device.
 
     The same rules as `next_token_distribution` (temperature -> top-k -> top-p -> min-p -> draw; greedy rows take the
@@ -523,18 +523,20 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
     that `batchable` accepts. Seeded rows draw from their own generator, one call per seeded row; unseeded rows
     draw together. A seeded draw here may differ from `sample_token`'s (other float summation order); it
     reproduces itself. `token_masks`: the rows' allowed tokens (int32 words on logits' device, every bit set for
-    an unconstrained row: structured.fill_masks), None when no row is constrained."""
+    an unconstrained row: structured.fill_masks), None when no row is constrained. With `nan_id`: (the tokens, the
+    same with nan_id for the rows whose logits, as the rules read them, hold a NaN: such a row's token is a valid id
+    that means nothing); the kernels tell from what they read anyway."""
     logits = adjusted_logits(logits.float(), params, token_masks)
     if all(p.greedy for p in params):
         if kernels.enabled(logits):  # one launch
             from ..kernels.logits import argmax
-            return argmax(logits.contiguous())
-        return logits.argmax(-1)
+            return argmax(logits.contiguous(), nan_id)
+        return _checked(logits.argmax(-1), logits, nan_id)
     vocab = logits.shape[1]
     # Greedy rows take the argmax below: their top-k is moot.
     ks = [1 if p.greedy else p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     if max(ks) <= TOP_K_CANDIDATES and all(g is None for g in generators) and kernels.enabled(logits):
-        return _sample_batch_fused(logits, params, ks)
+        return _sample_batch_fused(logits, params, ks, nan_id)
     greedy_tokens = logits.argmax(-1)
     device = logits.device
     greedy = torch.tensor([p.greedy for p in params], device=device)
@@ -571,10 +573,15 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
             if generator is not None:  # over the whole vocabulary, as any batch would: a seed's draw is its own
                 full = torch.zeros(logits.shape[1], device=device).scatter_(0, candidates[b], probs[b])
                 drawn[b] = torch.multinomial(full, 1, generator=generator)[0]
-    return torch.where(greedy, greedy_tokens, drawn)
+    return _checked(torch.where(greedy, greedy_tokens, drawn), logits, nan_id)
 
 
-def _sample_batch_fused(logits: torch.Tensor, params: list[SamplingParams], ks: list[int]) -> torch.Tensor:
+def _checked(tokens: torch.Tensor, logits: torch.Tensor, nan_id: int | None):
+    """sample_batch's result from its tokens: with nan_id, also the tokens with nan_id where a row holds a NaN."""
+    return tokens if nan_id is None else (tokens, tokens.masked_fill(logits.isnan().any(-1), nan_id))
+
+
+def _sample_batch_fused(logits: torch.Tensor, params: list[SamplingParams], ks: list[int], nan_id: int | None):
     """sample_batch for rows without seeds, each with a top-k: the candidates by torch.topk, then one kernel for the
     rest (the same rules; the draw inverts the CDF at a uniform number instead of calling torch.multinomial). The
     rows' parameters travel in one host-to-device copy."""
@@ -585,7 +592,12 @@ def _sample_batch_fused(logits: torch.Tensor, params: list[SamplingParams], ks: 
                           [p.min_p for p in params], [float(p.greedy) for p in params]], dtype=torch.float32)
     table = table.to(logits.device, non_blocking=True)
     uniform = torch.rand(len(params), device=logits.device)
-    drawn = sample_candidates(values, ids, table[:4], uniform, top_p=any(p.top_p < 1.0 for p in params))
+    drawn = sample_candidates(values, ids, table[:4], uniform, top_p=any(p.top_p < 1.0 for p in params),
+                              nan_id=nan_id)
     if any(p.greedy for p in params):
-        drawn = torch.where(table[4] > 0, logits.argmax(-1), drawn)
+        greedy, best = table[4] > 0, logits.argmax(-1)
+        if nan_id is None:
+            return torch.where(greedy, best, drawn)
+        tokens, checked = drawn  # a greedy row's NaN shows among its candidates too
+        return torch.where(greedy, best, tokens), torch.where(greedy & (checked != nan_id), best, checked)
     return drawn
