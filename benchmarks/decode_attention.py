@@ -82,5 +82,6 @@ def main():
         for us, block_n, splits in results[:6]:
             print(f"  {us:6.2f} us  block {block_n:2d}  splits {splits}")
 
+
 if __name__ == "__main__":
     main()

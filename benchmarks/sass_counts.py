@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 import triton
-from triton.runtime.jit import JITFunction
 from triton.tools.disasm import get_sass
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -113,9 +112,8 @@ def main() -> None:
     args = parser.parse_args()
     tuning.device_name = lambda device: args.config
     # Launches compile for sm_90 instead of running, with PDL on and an H100's SMs (tests/sm90_compile.py).
-    JITFunction.run = sm90_compile._compile_launch
+    sm90_compile.compile_launches(attention, moe, qm)
     for module in (attention, moe, qm):
-        module.launch_options = lambda x: {"PDL": True, "launch_pdl": True}
         module._sm_count = lambda device: H100_SMS
     print("| launch | kernel | SASS instructions | shared memory bytes | spill stores | most frequent |")
     print("| --- | --- | ---: | ---: | ---: | --- |")

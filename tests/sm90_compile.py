@@ -57,10 +57,16 @@ def _compile_launch(self: JITFunction, *args, grid, warmup, **kwargs):
     compiled.append(f"{self.fn.__name__} {sorted((k, v) for k, v in constexprs.items() if v is not None)}")
 
 
-def main() -> None:
+def compile_launches(*modules) -> None:
+    """From here on, kernel launches compile for sm_90 instead of running (`_compile_launch`); those of `modules`
+    with PDL on."""
     JITFunction.run = _compile_launch
-    for module in (activation, attention, gemv, int4_mma, logits, moe, norm, router, step_inputs):
+    for module in modules:
         module.launch_options = lambda x: {"PDL": True, "launch_pdl": True}
+
+
+def main() -> None:
+    compile_launches(activation, attention, gemv, int4_mma, logits, moe, norm, router, step_inputs)
     real_tiles = gemv._tiles
     gemv._tiles = lambda x, *args, **kwargs: real_tiles(SimpleNamespace(is_cuda=True), *args, **kwargs)  # GPU tiles
     bf16 = torch.bfloat16

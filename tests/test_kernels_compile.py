@@ -15,19 +15,22 @@ triton = pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def compiling(script: Path, *args: str) -> subprocess.CompletedProcess:
-    """Run a script that compiles kernels for sm_90 (outside Triton's interpreter); skip where Triton has no ptxas."""
+def compiling(*command: str) -> subprocess.CompletedProcess:
+    """Run Python on `command` (a script and its arguments, or -c and code) that compiles kernels for sm_90: outside
+    Triton's interpreter, src/ and tests/ importable, no GPU visible (the launches take CPU tensors); skip where
+    Triton has no ptxas."""
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
         pytest.skip("this Triton ships no ptxas")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=600)
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, *command], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
 
 def test_kernels_compile_for_sm90():
-    done = compiling(ROOT / "tests" / "sm90_compile.py")
+    done = compiling(str(ROOT / "tests" / "sm90_compile.py"))
     # 96 launches, and two (plain, gated) for each int4_mma tile a device's config names
     tiles = re.search(r"(\d+) int4_mma tiles named by the configs", done.stdout)
     assert tiles and f"{96 + 2 * int(tiles.group(1))} launches compiled for sm_90" in done.stdout, done.stdout[-3000:]
@@ -35,7 +38,7 @@ def test_kernels_compile_for_sm90():
 
 def test_sass_counts_script():
     """benchmarks/sass_counts.py (static instruction counts, no GPU): a row per compiled kernel, counts read."""
-    done = compiling(ROOT / "benchmarks" / "sass_counts.py", "attention", "--preset", "E2B", "--batch", "2",
+    done = compiling(str(ROOT / "benchmarks" / "sass_counts.py"), "attention", "--preset", "E2B", "--batch", "2",
                      "--context", "64")
     rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if "_split_kernel" in line]
     assert [row[0].strip() for row in rows] == ["sliding D=256, bf16 cache", "sliding D=256, fp8 cache",

@@ -7,11 +7,7 @@ weight bit for bit. Without a GPU the kernel runs in Triton's CPU
 interpreter (conftest sets TRITON_INTERPRET=1); the last test compiles its launches for sm_90 in a process without
 it."""
 
-import os
 import struct
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +19,7 @@ from gemma4.kernels import quantized_matmul as qm, rounding, tuning  # noqa: E40
 from gemma4.kernels.gemv import PER_ROW  # noqa: E402
 from gemma4.kernels.quantized_matmul import max_rows, quantized_matmul, quantized_matmul_supported  # noqa: E402
 from gemma4.model.quantized import ON_LOAD, QuantizedWeight, Scheme  # noqa: E402
+from test_kernels_compile import compiling  # noqa: E402
 from test_kernels_gemv_quantized import quantized_weight  # noqa: E402  (every format, as the GEMV tests make them)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -342,12 +339,10 @@ def tuned_tiles() -> list[tuple[str, tuple]]:
 COMPILE_LAUNCHES = r"""
 import torch
 import sm90_compile
-from triton.runtime.jit import JITFunction
 from gemma4.kernels import quantized_matmul as qm
 from test_kernels_quantized_matmul import FORMATS, quantized_weight, tuned_tiles
 
-JITFunction.run = sm90_compile._compile_launch
-qm.launch_options = lambda x: {"PDL": True, "launch_pdl": True}
+sm90_compile.compile_launches(qm)
 qm._sm_count = lambda device: 132  # an H100's: the slices of K below are taken
 for fmt in FORMATS:
     qm.quantized_matmul(torch.randn(4, 4096, dtype=torch.bfloat16), quantized_weight(fmt, 2048, 4096, torch.bfloat16))
@@ -367,15 +362,6 @@ print(len(sm90_compile.compiled), "launches compiled for sm_90")
 
 
 def test_compiles_for_sm90():
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    if not ptxas.exists():
-        pytest.skip("this Triton ships no ptxas")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU tensors of the quantized_weight helper
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), str(root / "tests"), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-c", COMPILE_LAUNCHES], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = compiling("-c", COMPILE_LAUNCHES)
     launches = len(FORMATS) + 2 + len(tuned_tiles()) + 2 + len(FORMATS)  # + K in slices, dequantize's
     assert f"{launches} launches compiled for sm_90" in done.stdout, done.stdout[-3000:]

@@ -11,6 +11,7 @@ pytest.importorskip("triton")
 from gemma4 import Model, kernels  # noqa: E402
 from gemma4.config import Config  # noqa: E402
 from gemma4.engine.generate import left_pad  # noqa: E402
+from gemma4.model.attention import attend, attention_mask  # noqa: E402
 from gemma4.model.cache import KVCache  # noqa: E402
 from gemma4.model.paged_cache import FP8, dequantize_kv, quantize_kv  # noqa: E402
 from gemma4.options import override  # noqa: E402
@@ -177,17 +178,11 @@ def test_plain_store_saturates():
 
 
 def _exact_attention(query, keys, values, slots, positions, query_positions, window):
-    """Softmax(q k^T) v in float64 over each row's visible keys, from keys/values [Hkv, N, D] as given."""
-    batch, heads, dim = query.shape
-    groups = heads // keys.shape[0]
-    out = torch.zeros(batch, heads, dim, dtype=torch.float64, device=query.device)
-    for b in range(batch):
-        visible = (positions[b] <= query_positions[b]) & (query_positions[b] - positions[b] < window)
-        rows = slots[b][visible]
-        for h in range(heads):
-            k, v = keys[h // groups, rows].double(), values[h // groups, rows].double()
-            out[b, h] = torch.softmax(k @ query[b, h].double(), 0) @ v
-    return out
+    """The model's attend() in float64 over each row's candidates, keys/values pools [Hkv, N, D] read at `slots`."""
+    valid = torch.ones(len(query), 1, dtype=torch.bool, device=query.device)
+    mask = attention_mask(query_positions[:, None], valid, positions, window)
+    keys, values = (pool[:, slots].transpose(0, 1).double() for pool in (keys, values))  # [B, Hkv, S, D]
+    return attend(query.double()[:, :, None], keys, values, mask).reshape(query.shape)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
