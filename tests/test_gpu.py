@@ -112,6 +112,32 @@ def test_sampled_graph_decode_reproduces_with_seed(checkpoint):
     assert (a[:, ids.shape[1]:] < VOCAB).all()
 
 
+def test_dense_mlp_beside_the_experts(monkeypatch, tmp_path):
+    """26B-A4B on CUDA: the dense MLP's kernels run on a second stream (model/fused.py Beside), in the CUDA graphs
+    too, and the greedy tokens (fp32) equal those of the dense MLP run in line; batch 1 and a padded batch of 3
+    (the sorted experts' path at 24 pairs is the serving one)."""
+    from gemma4.model import fused, text
+
+    checkpoint = saved_reference("26B-A4B", tmp_path, seed=7)
+    model = Model.from_pretrained(checkpoint, dtype=torch.float32, device="cuda")
+    streams = set()
+    mlp_forward = text.MLP.forward
+    monkeypatch.setattr(text.MLP, "forward", lambda self, x: streams.add(torch.cuda.current_stream()) or
+                        mlp_forward(self, x))
+    results = []
+    for enabled in (True, False):
+        monkeypatch.setattr(text, "Beside", lambda x, enabled=True, on=enabled: fused.Beside(x, enabled and on))
+        streams.clear()
+        for lengths in ((9,), (4, 12, 7)):
+            ids, mask = padded_prompts(lengths)
+            results.append(model.generate(ids, attention_mask=mask, max_new_tokens=STEPS, do_sample=False,
+                                          eos_token_id=None))
+            free_engine(model)  # the next run captures its graphs again, with this setting
+        side = set(fused.Beside._streams.values())
+        assert len(side) == 1 and (streams == side if enabled else not streams & side), (streams, side)
+    assert all(torch.equal(a, b) for a, b in zip(results[:2], results[2:]))
+
+
 def test_serving_engine_graph_decode_equals_eager(checkpoint):
     """The serving engine's decode steps replayed from CUDA graphs (padded batch buckets, in-place paged
     attention) give the eager engine's tokens, while rows finish at different lengths (buckets shrink), one stops on

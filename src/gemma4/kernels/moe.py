@@ -548,13 +548,13 @@ def _moe_residual_norm_kernel(res_ptr, dense_ptr, sparse_ptr, slots_ptr, pair_w_
     dtype = out_ptr.dtype.element_ty
     # DecoderLayer's MoE tail, rounded where its eager ops materialize tensors of the model dtype: the two branch
     # norms and their sum, then as add_normed: the norm of the sum, the residual add, the layer scalar.
-    # Before the wait (see moe_residual_norm): the residual, the dense branch and its norm, the norm weights.
+    # Before the wait (see moe_residual_norm): the residual and the norm weights.
     residual = tl.load(res_ptr + row * res_stride + offs, mask=mask, other=0.0).to(tl.float32)
-    dense = tl.load(dense_ptr + row * dense_stride + offs, mask=mask, other=0.0).to(tl.float32)
-    dense_normed = round_to(_normalize(dense, dense_w_ptr, offs, mask, D, eps, True), dtype)
     sparse_w = tl.load(sparse_w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     after_previous_kernel(PDL)
+    dense = tl.load(dense_ptr + row * dense_stride + offs, mask=mask, other=0.0).to(tl.float32)
+    dense_normed = round_to(_normalize(dense, dense_w_ptr, offs, mask, D, eps, True), dtype)
     if PAIRS:  # sparse_ptr: the experts' row of each (token, choice) pair; their weighted sum, as combine() gives it
         sparse = weighted_pair_sum(sparse_ptr, slots_ptr, pair_w_ptr, row, offs, mask, D, PAIRS, dtype)
         sparse = round_to(sparse, dtype)
@@ -580,9 +580,8 @@ def moe_residual_norm(residual: torch.Tensor, dense: torch.Tensor, sparse: torch
     sparse the experts' ExpertPairs, summed here as their `combine()` would. Returns (new, rms_norm(new, next_weight,
     next_eps) or None) as residual_rms_norm, rounded at the same points as the eager ops.
 
-    With PDL the kernel reads `residual` and `dense` (and computes the dense branch's norm) before it waits for the
-    previous kernel: only `sparse` may be that kernel's output (DecoderLayer.moe_feedforward runs the dense MLP
-    before the router and the experts, whose last kernel writes `sparse`)."""
+    With PDL the kernel reads `residual` before it waits for the previous kernel: `dense` may come from a kernel on
+    another stream (DecoderLayer.moe_feedforward runs the dense MLP beside the router and the experts)."""
     res_rows, dense_rows, D = _rows(residual), _rows(dense), residual.shape[-1]
     pairs = sparse if isinstance(sparse, ExpertPairs) else None
     sparse_rows = pairs.y if pairs is not None else _rows(sparse)

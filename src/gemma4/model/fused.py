@@ -303,6 +303,38 @@ def add_normed(residual: torch.Tensor, x: torch.Tensor, norm: RMSNorm, scalar: t
     return out, next_norm(out) if next_norm is not None else None
 
 
+class Beside:
+    """`with Beside(x):` queues its block's kernels on a second CUDA stream of x's device, after everything queued so
+    far, so that they run at the same time as the kernels the caller queues next on its own stream (a CUDA graph
+    captures the two as parallel branches); `join()` makes the caller's stream wait for them. At batch 1 a kernel of a
+    few microseconds leaves most of the GPU idle while it ramps up and drains: two independent chains fill it better
+    than one. Where the kernels are off or not on CUDA, or `enabled` is False, the block runs in line and join does
+    nothing. A tensor of the block that the caller uses must be used only after `join()`."""
+    _streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def __init__(self, x: torch.Tensor, enabled: bool = True):
+        self.stream = None
+        if enabled and x.is_cuda and kernels.enabled(x):
+            if x.device not in self._streams:
+                self._streams[x.device] = torch.cuda.Stream(x.device)
+            self.stream, self.caller = self._streams[x.device], torch.cuda.current_stream(x.device)
+
+    def __enter__(self) -> Beside:
+        if self.stream is not None:
+            self.stream.wait_stream(self.caller)
+            self._context = torch.cuda.stream(self.stream)
+            self._context.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.stream is not None:
+            self._context.__exit__(*exc)
+
+    def join(self) -> None:
+        if self.stream is not None:
+            self.caller.wait_stream(self.stream)
+
+
 def add_normed_branches(residual: torch.Tensor, dense: torch.Tensor, sparse: torch.Tensor, dense_norm: RMSNorm,
                         sparse_norm: RMSNorm, norm: RMSNorm, scalar: torch.Tensor | None = None,
                         next_norm: RMSNorm | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:

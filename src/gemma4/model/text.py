@@ -15,8 +15,8 @@ from ..config import FULL, SLIDING, TextConfig
 from ..options import options
 from .attention import ForwardContext, MaskRule
 from .common import RMSNorm, activation, apply_rope
-from .fused import (Linear, QuantizedLinear, add_normed_branches, add_normed_linear, defers, dense, gated, gated_linear,
-                    linear, product)
+from .fused import (Beside, Linear, QuantizedLinear, add_normed_branches, add_normed_linear, defers, dense, gated,
+                    gated_linear, linear, product)
 from .quantized import CPU_KERNEL_MAX_ROWS, NATIVE_INT4_INPUTS, QuantizedWeight, native_int4_reads
 
 
@@ -407,12 +407,16 @@ class DecoderLayer(nn.Module):
         x, h, expert_input, router_input = add_normed_linear(
             x, attn, self.self_attn.o_proj, self.post_attention_layernorm, next_norm=self.pre_feedforward_layernorm,
             moe=(self.pre_feedforward_layernorm_2, self.router))
-        dense = self.mlp(h)  # before the experts: the fused tail reads it before waiting for their last kernel
+        # The dense MLP on a stream of its own, beside the router and the experts (not for a tensor-parallel shard:
+        # every rank must run its all-reduces in one order), joined before the fused tail.
+        with Beside(h, enabled=not getattr(self.mlp.down_proj, "sums_over_ranks", False)) as dense_branch:
+            dense = self.mlp(h)
         hidden = x.shape[-1]
         weights, experts = self.router.route(router_input.reshape(-1, hidden))
         sparse = self.experts(expert_input.reshape(-1, hidden), weights, experts, combine=False)  # summed in the tail
         if isinstance(sparse, torch.Tensor):
             sparse = sparse.reshape(x.shape)
+        dense_branch.join()
         return add_normed_branches(x, dense, sparse, self.post_feedforward_layernorm_1,
                                    self.post_feedforward_layernorm_2, self.post_feedforward_layernorm, scalar,
                                    next_norm)
