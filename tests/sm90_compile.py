@@ -68,7 +68,8 @@ def compile_launches(*modules) -> None:
 def main() -> None:
     compile_launches(activation, attention, gemv, int4_mma, logits, moe, norm, router, step_inputs)
     real_tiles = gemv._tiles
-    gemv._tiles = lambda x, *args, **kwargs: real_tiles(SimpleNamespace(is_cuda=True), *args, **kwargs)  # GPU tiles
+    gemv._tiles = router._tiles = lambda x, *args, **kwargs: real_tiles(SimpleNamespace(is_cuda=True), *args,
+                                                                        **kwargs)  # GPU tiles
     bf16 = torch.bfloat16
 
     def rand(*shape, dtype=bf16):
@@ -168,6 +169,7 @@ def main() -> None:
     logits.sample_candidates(values, ids, torch.rand(4, 3), torch.rand(3))
     router.router_input(x, rand(256), 0.0625, 1e-6)
     router.route(rand(3, 128), rand(128), 8)
+    router.project_and_route(rand(1, 2816), rand(128, 2816), rand(128), 8)
     activation.gated_activation(rand(3, 96), rand(3, 96), "gelu_pytorch_tanh")
     # Prefill attention at both head dims (the GPU's tiles), sliding with image blocks and global; whole key spans
     # and split ones (with their merge).

@@ -191,3 +191,15 @@ def test_outgrown_finished_counters_stay_allocated():
     small = counters.finished_counters("test-owner", torch.device("cpu"), 2)
     large = counters.finished_counters("test-owner", torch.device("cpu"), 8)
     assert large.numel() == 8 and any(t.data_ptr() == small.data_ptr() for t in counters._retired)
+
+
+def test_kernels_beside_take_their_own_counters():
+    """Kernels launched `beside` (a second stream, at the same time as kernels of their kind on the first) count their
+    programs in counters of their own; after the block the first set again."""
+    cpu = torch.device("cpu")
+    first = counters.finished_counters("test-beside", cpu, 4)
+    with counters.beside():
+        second = counters.finished_counters("test-beside", cpu, 4)
+        assert counters.finished_counters("test-beside", cpu, 4).data_ptr() == second.data_ptr()
+    assert second.data_ptr() != first.data_ptr()
+    assert counters.finished_counters("test-beside", cpu, 4).data_ptr() == first.data_ptr()

@@ -10,7 +10,8 @@ import torch
 pytest.importorskip("triton")
 
 from gemma4.config import TextConfig  # noqa: E402
-from gemma4.kernels.router import route, router_input  # noqa: E402
+from gemma4.kernels.gemv import gemv  # noqa: E402
+from gemma4.kernels.router import project_and_route, route, router_input  # noqa: E402
 from gemma4.model.text import Router  # noqa: E402
 from gemma4.options import override  # noqa: E402
 from reference import FAMILIES  # noqa: E402
@@ -180,6 +181,27 @@ def test_router_end_to_end(dtype):
     weights, experts = route(scores, router.per_expert_scale, router.top_k)
     assert torch.equal(experts, ref_experts)
     torch.testing.assert_close(weights, ref_weights, **WEIGHT_TOL)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_experts, top_k", [(128, 8), (10, 3)])
+def test_project_and_route(dtype, num_experts, top_k):
+    """Batch 1, one launch: the scores of gemv.py's `gemv` (the same product code, the same bits) routed as `route`
+    routes them, to the bit; twice in a row (the finished-programs counter re-armed); and the eager Router's experts
+    (its weights too in fp32: in bf16 the kernels' scores may round to the neighbouring value, ~1% of a weight)."""
+    router = make_router(num_experts=num_experts, top_k=top_k, dtype=dtype, seed=4)
+    x = (torch.randn(1, HIDDEN, generator=torch.Generator().manual_seed(5)) * 4.0).to(DEVICE, dtype)
+    scaled = router_input(x, router.scale, router.root_size, router.norm.eps)
+    scores = gemv(scaled, router.proj.weight)
+    assert_no_ties(scores, top_k)
+    want = route(scores, router.per_expert_scale, top_k)
+    for _ in range(2):
+        weights, experts = project_and_route(scaled, router.proj.weight, router.per_expert_scale, top_k)
+        assert torch.equal(experts, want[1]) and torch.equal(weights, want[0])
+    ref_weights, ref_experts = router(x)
+    assert torch.equal(experts, ref_experts)
+    if dtype == torch.float32:
+        torch.testing.assert_close(weights, ref_weights, atol=1e-5, rtol=1e-5)
 
 
 def test_empty_inputs_give_empty_outputs():

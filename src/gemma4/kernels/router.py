@@ -3,6 +3,8 @@
   router_input: round(round(round(rms_norm(x)) * scale) * root_size)          the projection's input, model dtype
   route:        softmax in fp32, top-k, renormalize, times per_expert_scale   fp32 weights, int64 experts
 
+At batch 1 the routing runs in the projection's GEMV kernel instead (`project_and_route`).
+
 Each replaces a chain of small eager ops (a decode step at batch 1 is launch-bound) and reproduces their rounding:
 fp32 math, and a rounding to the model dtype wherever the eager code materializes a tensor of that dtype. Grids and
 sizes come from tensor shapes only, and nothing is read back to the host: both are CUDA-graph capturable.
@@ -14,18 +16,17 @@ import torch
 import triton
 import triton.language as tl
 
+from .counters import finished_counters
+from .gemv import _default_tiles, _dots, _first_tiles, _input_row, _tiles, _weight_args
 from .norm import _rows, rms_norm
 from .pdl import after_previous_kernel, launch_options
+from ..model.quantized import QuantizedWeight
 
 
 @triton.jit
-def _route_kernel(scores_ptr, pes_ptr, weights_ptr, experts_ptr, scores_stride, E,
-                  TOP_K: tl.constexpr, BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, PDL: tl.constexpr):
-    after_previous_kernel(PDL)
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    mask = offs < E
-    s = tl.load(scores_ptr + row * scores_stride + offs, mask=mask, other=float("-inf")).to(tl.float32)
+def _route_row(s, offs, mask, pes_ptr, weights_ptr, experts_ptr, row, TOP_K: tl.constexpr, BLOCK: tl.constexpr,
+               K_BLOCK: tl.constexpr):
+    """Routes one row of fp32 scores s [BLOCK] (padding lanes -inf): its TOP_K weights and experts stored at `row`."""
     # softmax(dtype=float32): exp(s - max) / sum, as CUDA's softmax epilogue divides (the CPU multiplies by the
     # reciprocal: an ulp apart at most). Padding lanes hold -inf: exp gives 0, they add nothing to the sum.
     e = tl.exp(s - tl.max(s, axis=0))
@@ -52,10 +53,53 @@ def _route_kernel(scores_ptr, pes_ptr, weights_ptr, experts_ptr, scores_stride, 
     tl.store(experts_ptr + row * TOP_K + k_offs, idx.to(tl.int64), mask=k_mask)
 
 
+@triton.jit
+def _route_kernel(scores_ptr, pes_ptr, weights_ptr, experts_ptr, scores_stride, E,
+                  TOP_K: tl.constexpr, BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, PDL: tl.constexpr):
+    after_previous_kernel(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < E
+    s = tl.load(scores_ptr + row * scores_stride + offs, mask=mask, other=float("-inf")).to(tl.float32)
+    _route_row(s, offs, mask, pes_ptr, weights_ptr, experts_ptr, row, TOP_K, BLOCK, K_BLOCK)
+
+
+@triton.jit
+def _project_and_route_kernel(x_ptr, w_ptr, scale_ptr, scores_ptr, counter_ptr, pes_ptr, weights_ptr, experts_ptr,
+                              E, stride_wn, stride_sn, stride_sk, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_K: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr,
+                              SCALE_ROWS: tl.constexpr, TOP_K: tl.constexpr, BLOCK: tl.constexpr,
+                              K_BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """gemv.py's GEMV of one row into scores (model dtype); the last program to finish routes the whole row (as
+    _gemv_residual_norms_kernel applies its norms: acq_rel counter, scores read past L1, the counter re-armed)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    w, _, w_scale, _ = _first_tiles(w_ptr, scale_ptr, rows, E, stride_wn, stride_sn, stride_sk, 0, K, BLOCK_K, False,
+                                    WFMT, GROUP, SCALE_ROWS)
+    x = _input_row(x_ptr, x_ptr, x_ptr, x_ptr, x_ptr, scores_ptr, 1.0, 1.0, K, BLOCK_K, False, False, False, PDL)
+    y, _ = _dots(w, w, w_scale, w_scale, x, x_ptr, w_ptr, scale_ptr, rows, E, stride_wn, stride_sn, stride_sk, 0, K,
+                 BLOCK_K, False, WFMT, GROUP, SCALE_ROWS)
+    tl.store(scores_ptr + rows, y.to(scores_ptr.dtype.element_ty), mask=rows < E)
+    finished = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    if finished == tl.num_programs(0) - 1:
+        offs = tl.arange(0, BLOCK)
+        mask = offs < E
+        s = tl.load(scores_ptr + offs, mask=mask, other=float("-inf"), cache_modifier=".cg").to(tl.float32)
+        _route_row(s, offs, mask, pes_ptr, weights_ptr, experts_ptr, 0, TOP_K, BLOCK, K_BLOCK)
+        tl.atomic_xchg(counter_ptr, 0, sem="relaxed")
+
+
 def router_input(x: torch.Tensor, scale: torch.Tensor, root_size: float, eps: float) -> torch.Tensor:
     """RMSNorm(with_scale=False)(x) * scale * root_size, as Router.forward computes it in x's dtype: x [T, H] (any
     leading dims), scale [H] -> same shape and dtype as x. The kernel is norm.py's."""
     return rms_norm(x, scale, eps, root_size)
+
+
+def _routed(scores: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (weights, experts) outputs of routing `scores` [..., E]."""
+    E = scores.shape[-1]
+    assert 1 <= top_k <= E <= 256, f"top_k={top_k} of {E} experts: need 1 <= top_k <= experts <= 256"
+    return (torch.empty(*scores.shape[:-1], top_k, dtype=torch.float32, device=scores.device),
+            torch.empty(*scores.shape[:-1], top_k, dtype=torch.int64, device=scores.device))
 
 
 def route(scores: torch.Tensor, per_expert_scale: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,12 +108,29 @@ def route(scores: torch.Tensor, per_expert_scale: torch.Tensor, top_k: int) -> t
     returns (weights * per_expert_scale[experts] as fp32 [T, k], experts as int64 [T, k]), experts in descending
     order of probability, equal probabilities lowest index first."""
     E = scores.shape[-1]
-    assert 1 <= top_k <= E <= 256, f"top_k={top_k} of {E} experts: need 1 <= top_k <= experts <= 256"
+    weights, experts = _routed(scores, top_k)
     rows = _rows(scores)
-    weights = torch.empty(*scores.shape[:-1], top_k, dtype=torch.float32, device=scores.device)
-    experts = torch.empty(*scores.shape[:-1], top_k, dtype=torch.int64, device=scores.device)
     if weights.numel() > 0:
         _route_kernel[(rows.shape[0],)](rows, per_expert_scale, weights, experts, rows.stride(0), E, TOP_K=top_k,
                                         BLOCK=triton.next_power_of_2(E), K_BLOCK=triton.next_power_of_2(top_k),
                                         num_warps=1, **launch_options(weights))
+    return weights, experts
+
+
+def project_and_route(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, per_expert_scale: torch.Tensor,
+                      top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """route(gemv(x, weight), per_expert_scale, top_k) for one row x [1, H] in one launch: the GEMV's last program to
+    finish routes (decode at batch 1: the route kernel's launch saved). weight [E, H] as gemv.py's `gemv` takes it."""
+    assert x.numel() == x.shape[-1] == weight.shape[1], (x.shape, weight.shape)
+    values, scale, stride_sn, stride_sk, fmt = _weight_args(weight)
+    n_out, k_in = weight.shape
+    scores = torch.empty(*x.shape[:-1], n_out, dtype=x.dtype, device=x.device)
+    weights, experts = _routed(scores, top_k)
+    block_n, block_k, warps, stages, _ = _tiles(x, k_in, _default_tiles(x.device, k_in, wfmt=fmt["WFMT"]),
+                                                group=fmt["GROUP"])
+    _project_and_route_kernel[(triton.cdiv(n_out, block_n),)](
+        x.contiguous(), values, scale, scores, finished_counters("project_and_route", x.device), per_expert_scale,
+        weights, experts, n_out, values.stride(0), stride_sn, stride_sk, K=k_in, BLOCK_N=block_n, BLOCK_K=block_k,
+        **fmt, TOP_K=top_k, BLOCK=triton.next_power_of_2(n_out), K_BLOCK=triton.next_power_of_2(top_k),
+        num_warps=warps, num_stages=stages, **launch_options(x))
     return weights, experts

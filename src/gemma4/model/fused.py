@@ -8,6 +8,8 @@ next layer's input norm is computed by this layer's last kernel (`next_norm`).
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
+from ..kernels import counters
 from ..options import options
 from .common import RMSNorm, activation
 from .pages import page_out
@@ -309,7 +312,8 @@ class Beside:
     captures the two as parallel branches); `join()` makes the caller's stream wait for them. At batch 1 a kernel of a
     few microseconds leaves most of the GPU idle while it ramps up and drains: two independent chains fill it better
     than one. Where the kernels are off or not on CUDA, or `enabled` is False, the block runs in line and join does
-    nothing. A tensor of the block that the caller uses must be used only after `join()`."""
+    nothing. A tensor of the block that the caller uses must be used only after `join()`. The block's kernels take
+    finished-programs counters of their own (kernels/counters.py)."""
     _streams: dict[torch.device, torch.cuda.Stream] = {}
 
     def __init__(self, x: torch.Tensor, enabled: bool = True):
@@ -322,13 +326,14 @@ class Beside:
     def __enter__(self) -> Beside:
         if self.stream is not None:
             self.stream.wait_stream(self.caller)
-            self._context = torch.cuda.stream(self.stream)
-            self._context.__enter__()
+            self._contexts = contextlib.ExitStack()
+            self._contexts.enter_context(torch.cuda.stream(self.stream))
+            self._contexts.enter_context(counters.beside())
         return self
 
     def __exit__(self, *exc) -> None:
         if self.stream is not None:
-            self._context.__exit__(*exc)
+            self._contexts.close()
 
     def join(self) -> None:
         if self.stream is not None:

@@ -16,7 +16,7 @@ from ..options import options
 from .attention import ForwardContext, MaskRule
 from .common import RMSNorm, activation, apply_rope
 from .fused import (Beside, Linear, QuantizedLinear, add_normed_branches, add_normed_linear, defers, dense, gated,
-                    gated_linear, linear, product)
+                    gated_linear, linear, product, takes_gemv)
 from .quantized import CPU_KERNEL_MAX_ROWS, NATIVE_INT4_INPUTS, QuantizedWeight, native_int4_reads
 
 
@@ -191,6 +191,9 @@ class Router(nn.Module):
 
     def route(self, scaled_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights fp32, experts) [T, k] from scaled_input(x) [T, H]."""
+        if takes_gemv(scaled_input, self.proj.weight):  # batch 1: the projection's GEMV kernel routes too
+            from ..kernels.router import project_and_route
+            return project_and_route(scaled_input, self.proj.weight, self.per_expert_scale, self.top_k)
         scores = self.proj(scaled_input)
         if kernels.enabled(scores):  # softmax, top-k, renormalization and per-expert scale in one launch
             from ..kernels.router import route
