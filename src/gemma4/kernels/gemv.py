@@ -372,18 +372,29 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, mult_ptr, N, stride_wn, strid
 
 
 @triton.jit
+def block_product(x_ptr, w_ptr, scale_ptr, N, stride_wn, stride_sn, stride_sk, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr,
+                  PDL: tl.constexpr):
+    """(rows, their fp32 products) of program i's BLOCK_N weight rows and the input row x (one group, read after the
+    PDL wait): the body of the kernels whose last program to finish goes on with the whole output row."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    w, _, w_scale, _ = _first_tiles(w_ptr, scale_ptr, rows, N, stride_wn, stride_sn, stride_sk, 0, K, BLOCK_K, False,
+                                    WFMT, GROUP, SCALE_ROWS)
+    x = _input_row(x_ptr, x_ptr, x_ptr, x_ptr, x_ptr, x_ptr, 1.0, 1.0, K, BLOCK_K, False, False, False, PDL)
+    y, _ = _dots(w, w, w_scale, w_scale, x, x_ptr, w_ptr, scale_ptr, rows, N, stride_wn, stride_sn, stride_sk, 0, K,
+                 BLOCK_K, False, WFMT, GROUP, SCALE_ROWS)
+    return rows, y
+
+
+@triton.jit
 def _gemv_residual_norms_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, counter_ptr, res_ptr, nw_ptr, scalar_ptr, next_w_ptr,
                                 out_ptr, next_out_ptr, next2_w_ptr, next2_out_ptr, router_scale_ptr, router_out_ptr, N,
                                 stride_wn, stride_sn, stride_sk, eps, next_eps, root_size, K: tl.constexpr,
                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr,
                                 SCALE_ROWS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SCALAR: tl.constexpr,
                                 HAS_NEXT: tl.constexpr, HAS_MOE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    w, _, w_scale, _ = _first_tiles(w_ptr, scale_ptr, rows, N, stride_wn, stride_sn, stride_sk, 0, K, BLOCK_K, False,
-                                    WFMT, GROUP, SCALE_ROWS)
-    x = _input_row(x_ptr, x_ptr, x_ptr, x_ptr, x_ptr, y_ptr, eps, eps, K, BLOCK_K, False, False, False, PDL)
-    y, _ = _dots(w, w, w_scale, w_scale, x, x_ptr, w_ptr, scale_ptr, rows, N, stride_wn, stride_sn, stride_sk, 0, K,
-                 BLOCK_K, False, WFMT, GROUP, SCALE_ROWS)
+    rows, y = block_product(x_ptr, w_ptr, scale_ptr, N, stride_wn, stride_sn, stride_sk, K, BLOCK_N, BLOCK_K, WFMT,
+                            GROUP, SCALE_ROWS, PDL)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
     # The norms need the whole output row: the last program to finish computes them. Its acquire pairs with every
     # other program's release (acq_rel atomics), so their y stores are visible to it. It then re-arms the counter

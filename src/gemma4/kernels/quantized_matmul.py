@@ -71,10 +71,9 @@ def _dequantized_tile(w_ptr, scale_ptr, rows, k0, N, stride_wn, stride_sn, strid
 @triton.jit
 def _quantized_matmul_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, part_ptr, counter_ptr, M, N, stride_xm, stride_om,
                              stride_part, stride_wn, stride_sn, stride_sk, K: tl.constexpr, WFMT: tl.constexpr,
-                             GROUP: tl.constexpr,
-                             SCALE_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, TILE_GROUPS: tl.constexpr,
-                             INTERPRET: tl.constexpr, PDL: tl.constexpr):
+                             GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                             TILE_GROUPS: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr):
     """out[m, n] = sum_k x[m, k] * w[n, k], w the weight in format WFMT (gemv.py's codes) dequantized to x's dtype.
     Programs are ordered row block fastest: those sharing a weight tile run together and read it once from HBM.
     SPLIT_K > 1 (more programs where the output's tiles alone leave SMs idle): program_id(1) sums a K_SPLIT slice of

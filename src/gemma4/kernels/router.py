@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .counters import finished_counters
-from .gemv import _default_tiles, _dots, _first_tiles, _input_row, _tiles, _weight_args
+from .gemv import _default_tiles, _tiles, _weight_args, block_product
 from .norm import _rows, rms_norm
 from .pdl import after_previous_kernel, launch_options
 from ..model.quantized import QuantizedWeight
@@ -70,14 +70,11 @@ def _project_and_route_kernel(x_ptr, w_ptr, scale_ptr, scores_ptr, counter_ptr, 
                               BLOCK_K: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr,
                               SCALE_ROWS: tl.constexpr, TOP_K: tl.constexpr, BLOCK: tl.constexpr,
                               K_BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """gemv.py's GEMV of one row into scores (model dtype); the last program to finish routes the whole row (as
-    _gemv_residual_norms_kernel applies its norms: acq_rel counter, scores read past L1, the counter re-armed)."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    w, _, w_scale, _ = _first_tiles(w_ptr, scale_ptr, rows, E, stride_wn, stride_sn, stride_sk, 0, K, BLOCK_K, False,
-                                    WFMT, GROUP, SCALE_ROWS)
-    x = _input_row(x_ptr, x_ptr, x_ptr, x_ptr, x_ptr, scores_ptr, 1.0, 1.0, K, BLOCK_K, False, False, False, PDL)
-    y, _ = _dots(w, w, w_scale, w_scale, x, x_ptr, w_ptr, scale_ptr, rows, E, stride_wn, stride_sn, stride_sk, 0, K,
-                 BLOCK_K, False, WFMT, GROUP, SCALE_ROWS)
+    """gemv.py's GEMV of one row into scores (model dtype, `block_product`); the last program to finish routes the
+    whole row (as _gemv_residual_norms_kernel applies its norms: acq_rel counter, scores read past L1, the counter
+    re-armed)."""
+    rows, y = block_product(x_ptr, w_ptr, scale_ptr, E, stride_wn, stride_sn, stride_sk, K, BLOCK_N, BLOCK_K, WFMT,
+                            GROUP, SCALE_ROWS, PDL)
     tl.store(scores_ptr + rows, y.to(scores_ptr.dtype.element_ty), mask=rows < E)
     finished = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
     if finished == tl.num_programs(0) - 1:
