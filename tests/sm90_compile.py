@@ -83,7 +83,6 @@ def main() -> None:
         gemv.gemv_gated(x, w, "gelu_pytorch_tanh", rand(96))
         res, nw = rand(1, 1, 96), rand(96)
         gemv.gemv_residual_norms(x, w, res, nw, 1e-6, rand(1), nw, 1e-6)
-        gemv.gemv_residual_norms(x, w, res, nw, 1e-6, None, nw, 1e-6, moe=(nw, nw, 0.1))
     # GEMVs that normalize their input (one tile as wide as the row): E2B's and E4B's widths; narrow outputs (one
     # group of rows a program) and wide ones (several).
     for k, n in itertools.product((1536, 2560), (96, 2 * tuning.tile("gemv", "GROUPS_MIN_WIDTH"))):

@@ -156,8 +156,8 @@ def test_gemv_residual_norms_equals_product_then_norms(fmt, dtype):
         x = rand(1, 1, k, dtype=dtype, seed=16 + call)
         got = gemv_residual_norms(x, weight, residual, norm_weight, 1e-6, None, next_weight, 1e-5, tiles=STEPS)
         want = residual_rms_norm(residual, product(x, weight, stored=True), norm_weight, 1e-6, None, next_weight, 1e-5)
-        assert got[2] is None and got[3] is None
-        for g, w in zip(got[:2], want):
+        assert len(got) == 2
+        for g, w in zip(got, want):
             assert_close(g, w, dtype, share=0.85)
 
 

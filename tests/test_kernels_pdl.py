@@ -29,7 +29,7 @@ def _chain(x, layers):
     h = rms_norm(x, None, 1e-6)
     for up, down, norm_weight in layers:
         h = gemv_gated(h, up, "gelu_pytorch_tanh")
-        residual, h, _, _ = gemv_residual_norms(h, down, residual, norm_weight, 1e-6, None, norm_weight, 1e-6)
+        residual, h = gemv_residual_norms(h, down, residual, norm_weight, 1e-6, None, norm_weight, 1e-6)
     return residual, h
 
 

@@ -573,25 +573,25 @@ def gemv_gated(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, activati
 def gemv_residual_norms(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, residual: torch.Tensor,
                         norm_weight: torch.Tensor, eps: float, scalar: torch.Tensor | None = None,
                         next_weight: torch.Tensor | None = None, next_eps: float | None = None,
-                        moe: tuple | None = None, tiles: tuple | None = None) -> tuple:
-    """residual_rms_norm(residual, gemv(x, weight), norm_weight, eps, scalar, next_weight, next_eps), or with
-    moe = (experts_weight, router_scale, root_size) residual_moe_norms's four outputs, in one kernel: the GEMV's last
-    program to finish applies the norms to the whole product. One row (x [..., K], residual [..., N]).
-    Returns (new, next norm or None, experts' norm or None, router input or None). weight: as in `gemv`."""
+                        tiles: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """residual_rms_norm(residual, gemv(x, weight), norm_weight, eps, scalar, next_weight, next_eps) in one kernel:
+    the GEMV's last program to finish applies the norms to the whole product. One row (x [..., K], residual [..., N]).
+    Returns (new, next norm or None). weight: as in `gemv`. A MoE layer's four norms are not offered here: in the
+    last program they cost more than a kernel of their own after the GEMV (benchmarks/gemv.py --epilogue)."""
     assert x.shape[-1] == weight.shape[1] and x.numel() == x.shape[-1]
     mma_tiles = _mma_tiles(weight, x) if tiles is None else None
     if mma_tiles is not None:
         y = int4_mma.product(x, weight, tiles=mma_tiles).view_as(residual)
-        return _residual_norms(residual, y, norm_weight, eps, scalar, next_weight, next_eps, moe)
+        return _residual_norms(residual, y, norm_weight, eps, scalar, next_weight, next_eps)[:2]
     values, scale, stride_sn, stride_sk, fmt = _weight_args(weight)
     n_out, k_in = weight.shape
     assert residual.numel() == n_out and residual.stride(-1) == 1
     tiles = tiles or _default_tiles(x.device, k_in, wfmt=fmt["WFMT"])  # one group: its programs count as they finish
     block_n, block_k, warps, stages, _ = _tiles(x, k_in, tiles, group=fmt["GROUP"])
     y = torch.empty(n_out, dtype=x.dtype, device=x.device)
-    outputs, pointers, named = residual_norms_args(residual, y, norm_weight, eps, scalar, next_weight, next_eps, moe)
+    outputs, pointers, named = residual_norms_args(residual, y, norm_weight, eps, scalar, next_weight, next_eps, None)
     _gemv_residual_norms_kernel[(triton.cdiv(n_out, block_n),)](
         x.contiguous(), values, scale, y, finished_counters("gemv_residual_norms", x.device), residual, *pointers,
         n_out, values.stride(0), stride_sn, stride_sk, K=k_in, BLOCK_N=block_n, BLOCK_K=block_k, **fmt, **named,
         num_warps=max(warps, _warps(named["BLOCK"])), num_stages=stages, **launch_options(x))
-    return outputs
+    return outputs[:2]

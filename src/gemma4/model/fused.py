@@ -262,8 +262,9 @@ def add_normed_linear(residual: torch.Tensor, x: torch.Tensor, projection: nn.Li
                       moe: tuple[RMSNorm, Router] | None = None, defer: bool = False) -> tuple:
     """add_normed(residual, projection(x), norm, scalar, next_norm); with moe = (experts' norm, router) also that norm
     and the router's scaled input of the new residual stream (four results, else two). Where `takes_gemv`, the
-    product and the norms in one kernel (the GEMV's last program to finish applies the norms), or with `defer` the
-    product alone and (new, DeferredNorms) for the GEMV that reads it (without next_norm too: then its value is new).
+    product and the norms in one kernel (the GEMV's last program to finish applies the norms; a MoE layer's norms in
+    a kernel of their own), or with `defer` the product alone and (new, DeferredNorms) for the GEMV that reads it
+    (without next_norm too: then its value is new).
     A tensor-parallel shard (`sums_over_ranks`, distributed/sharding.py) sums the ranks' partial products in its
     forward, before any norm."""
     if getattr(projection, "sums_over_ranks", False):
@@ -273,10 +274,10 @@ def add_normed_linear(residual: torch.Tensor, x: torch.Tensor, projection: nn.Li
         if defer and moe is None and residual.shape[-1] <= NORMED_MAX_K:
             new = torch.empty_like(residual)
             return new, DeferredNorms(residual, gemv(x, projection.weight), norm, scalar, next_norm, new)
-        moe_args = (moe[0].weight, moe[1].scale, moe[1].root_size) if moe is not None else None
-        outputs = gemv_residual_norms(x, projection.weight, residual, norm.weight, norm.eps, scalar,
-                                      *weight_eps(next_norm), moe_args)
-        return outputs if moe is not None else outputs[:2]
+        if moe is None:
+            return gemv_residual_norms(x, projection.weight, residual, norm.weight, norm.eps, scalar,
+                                       *weight_eps(next_norm))
+        y = gemv(x, projection.weight)  # a MoE layer's norms: after the GEMV, in the kernel below
     else:
         y = product(x, projection.weight, projection.bias)
     if moe is None:
