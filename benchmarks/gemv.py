@@ -2,18 +2,14 @@
 tile choices, at every distinct projection shape of a preset's decode step, each timed inside a CUDA graph of 50
 calls (no launch gaps, as in the captured decode step).
 
-    python benchmarks/gemv.py --preset E2B [--sweep] [--epilogue] [--deferred] [--quantization int4]
+    python benchmarks/gemv.py --preset E2B [--sweep] [--deferred] [--quantization int4]
 
 Prints us per call and GB/s for each shape (N outputs x K inputs, and how many of them one decode step runs).
---epilogue: for the products whose output is the residual stream (N = hidden), the plain GEMV against the GEMV then
-the norms' own kernel and the GEMV with its residual-norm epilogue (`gemv_residual_norms`, which the model runs
-where it does not defer them), and that kernel's best tiles: what the last program's norms cost; on 26B-A4B also
-the GEMV then the MoE layer's four norms in their kernel (the model's path there).
 --quantization fp8|int8|int4: the weights quantized as on load (the GB/s count their bytes, scales included; cuBLAS
 runs the bf16 weight).
 --deferred: for each product whose residual norms the model may defer (`model.text.DEFERRABLE`) and the GEMV that
-reads them, the pair with the norms in the producer's epilogue against the plain producer and a consumer that
-normalizes its own input (`norms=`), with the consumer's tiles swept.
+reads them, the pair with the norms in a kernel of their own between the two against the plain producer and a
+consumer that normalizes its own input (`norms=`), with the consumer's tiles swept.
 """
 
 from __future__ import annotations
@@ -26,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from gemma4.config import Config
-from gemma4.kernels.gemv import gemv, gemv_gated, gemv_residual_norms
-from gemma4.kernels.norm import residual_moe_norms, residual_rms_norm
+from gemma4.kernels.gemv import gemv, gemv_gated
+from gemma4.kernels.norm import residual_rms_norm
 from gemma4.model.quantized import ON_LOAD, quantize
 from gemma4 import Model
 
@@ -102,12 +98,9 @@ def main():
     parser.add_argument("--sweep", action="store_true", help="also try other tiles (BLOCK_N, BLOCK_K, warps, stages)")
     parser.add_argument("--tiles", nargs="*", default=[], metavar="N,K,WARPS,STAGES",
                         help="also try these tiles (a BLOCK_K over the row's width means one step)")
-    parser.add_argument("--epilogue", action="store_true", help="time the residual-norm epilogue instead")
     parser.add_argument("--deferred", action="store_true", help="time deferred residual norms instead")
     parser.add_argument("--quantization", choices=sorted(ON_LOAD), default=None, help="quantized weights (default)")
     args = parser.parse_args()
-    if args.epilogue:
-        return epilogue(args.preset, args.quantization)
     if args.deferred:
         return deferred(args.preset)
     candidates = [None]  # the kernel's default tiles for each shape (as the model runs it)
@@ -139,47 +132,6 @@ def main():
         print(f"N={n:6d} K={k:5d} x{count:3d} | cuBLAS {cublas:7.2f} ({gb / cublas:5.0f}) | default {default[0]:7.2f} "
               f"({gb / default[0]:5.0f}) err {default[2]:.1e} | best {best[0]:7.2f} ({gb / best[0]:5.0f}) "
               f"{best[1] or 'default'}")
-    print("per decode step, us: " + ", ".join(f"{name} {us:.0f}" for name, us in total.items()))
-
-
-def epilogue(preset: str, quantization: str | None = None) -> None:
-    text = Config.preset(preset).text_config
-    hidden = text.hidden_size
-    tiles = [None] + list(itertools.product((2, 4, 8, 16), (2048, 4096), (4, 8), (3,)))  # None: the default tiles
-    print(f"{preset} on {torch.cuda.get_device_name()}: us per call (GB/s), products into the residual stream")
-    total = collections.Counter()
-    bf16 = dict(device="cuda", dtype=torch.bfloat16)
-    for (n, k), count in sorted(decode_shapes(preset).items()):
-        if n != hidden:
-            continue
-        weights, x = cycled_weights(n, k, quantization)
-        copies = len(weights)
-        residual = torch.randn(1, 1, n, **bf16)
-        norm_weight, next_weight = torch.ones(n, **bf16), torch.ones(n, **bf16)
-        gb = n * k * weight_bytes(quantization) / 1e3
-        plain = graph_us(lambda i: gemv(x, weights[i % copies]))
-        two = graph_us(lambda i: residual_rms_norm(residual, gemv(x, weights[i % copies]).view_as(residual),
-                                                   norm_weight, 1e-6, None, next_weight, 1e-6))
-        fused = []
-        for t in tiles:
-            try:
-                fused.append((graph_us(lambda i: gemv_residual_norms(x, weights[i % copies], residual, norm_weight,
-                                                                     1e-6, None, next_weight, 1e-6, tiles=t)), t))
-            except Exception as exc:  # out of resources
-                print(f"  {t}: {type(exc).__name__}")
-        total["gemv"] += plain * count
-        total["gemv, then the norms' kernel"] += two * count
-        total["with norms"] += fused[0][0] * count
-        best = min(fused, key=lambda result: result[0])
-        total["with norms, best tiles"] += best[0] * count
-        extra = ""
-        if text.enable_moe_block:  # the MoE layer's four norms after o_proj, which run in a kernel of their own
-            moe_norms = (torch.ones(n, **bf16), torch.ones(n, **bf16), n ** -0.5)
-            extra = " | then MoE norms {:6.2f}".format(graph_us(lambda i: residual_moe_norms(
-                residual, gemv(x, weights[i % copies]).view_as(residual), norm_weight, 1e-6, next_weight, *moe_norms)))
-        print(f"N={n:6d} K={k:5d} x{count:3d} | gemv {plain:6.2f} ({gb / plain:5.0f}) | then norms {two:6.2f}{extra} | "
-              f"with norms {fused[0][0]:6.2f} ({gb / fused[0][0]:5.0f}) | best {best[0]:6.2f} {best[1] or 'default'}"
-              " | next: " + ", ".join(f"{us:.2f} {t}" for us, t in sorted(fused, key=lambda r: r[0])[1:4]))
     print("per decode step, us: " + ", ".join(f"{name} {us:.0f}" for name, us in total.items()))
 
 
@@ -216,8 +168,8 @@ def deferred(preset: str) -> None:
     # rows a program)
     consumer_tiles = [None] + [(n, 4096, warps, 3, groups) for n, warps, groups in
                                itertools.product((1, 2, 4, 8), (4, 8), (1, 2, 4, 8))]
-    print(f"{preset} on {torch.cuda.get_device_name()}: us per (producer, consumer) pair: the norms in the producer's "
-          "epilogue, or deferred to the consumer (its tiles: default, best)")
+    print(f"{preset} on {torch.cuda.get_device_name()}: us per (producer, consumer) pair: the norms in a kernel of "
+          "their own, or deferred to the consumer (its tiles: default, best)")
     total = collections.Counter()
     for (site, (pn, pk), (cn, ck), kind, has_scalar, has_next), count in sorted(deferred_sites(preset).items()):
         producers, x = cycled_weights(pn, pk)
@@ -234,22 +186,22 @@ def deferred(preset: str) -> None:
                 return gemv(row, weight, tiles, norms=norms)
             return gemv_gated(row, weight, "gelu_pytorch_tanh", multiplier, norms=norms, tiles=tiles)
 
-        def fused(i):
-            new_row, next_row = gemv_residual_norms(x, producers[i % len(producers)], residual, norm_weight,
-                                                          1e-6, scalar, next_weight, 1e-6)
+        def norms_kernel(i):
+            y = gemv(x, producers[i % len(producers)]).view_as(residual)
+            new_row, next_row = residual_rms_norm(residual, y, norm_weight, 1e-6, scalar, next_weight, 1e-6)
             consume(next_row if has_next else new_row, i)
 
         def deferred_pair(tiles):
             norms = (residual, norm_weight, 1e-6, scalar, next_weight, 1e-6, new)
             return lambda i: consume(gemv(x, producers[i % len(producers)]), i, norms, tiles)
 
-        before = graph_us(fused)
+        before = graph_us(norms_kernel)
         after = [(graph_us(deferred_pair(t)), t or "default") for t in consumer_tiles]
         best = min(after, key=lambda result: result[0])
-        total["epilogue"] += before * count
+        total["norms' kernel"] += before * count
         total["deferred"] += after[0][0] * count
         total["deferred, best tiles"] += best[0] * count
-        print(f"{site:20s} {pn}x{pk} -> {kind:7s} {cn}x{ck} x{count:3d} | epilogue {before:6.2f} | deferred "
+        print(f"{site:20s} {pn}x{pk} -> {kind:7s} {cn}x{ck} x{count:3d} | norms' kernel {before:6.2f} | deferred "
               f"{after[0][0]:6.2f} | best {best[0]:6.2f} {best[1]} | next: "
               + ", ".join(f"{us:.2f} {t}" for us, t in sorted(after, key=lambda r: r[0])[1:4]))
     print("per decode step, us: " + ", ".join(f"{name} {us:.0f}" for name, us in total.items()))

@@ -4,8 +4,8 @@ The GEMVs are the model's own calls, recorded from one eager decode step of a ra
 gated activation in the epilogue, input normed by a kernel before it), each then timed alone on cycled weights in CUDA
 graphs (benchmarks/gemv.py's helpers): gemv.py's kernel as the model calls it (normalizing its own input where
 normed), and int4_mma per (BLOCK_N, warps, target programs, steps prefetched) after the norms' kernel where normed;
-a product that `gemv_residual_norms` follows with the norms is timed without them (in int4_mma they run in a kernel
-of their own, in gemv.py's kernel in its last program). GB/s count the int4 values and scales. `--write` puts each
+the residual norms after a product run in a kernel of their own either way, untimed. GB/s count the int4 values and
+scales. `--write` puts each
 call's best into the device's kernels/configs JSON as INT4_MMA_BY_SHAPE (`int4_mma.launch_tiles`; null: gemv.py's
 kernel), merged with the entries already there.
 
@@ -52,7 +52,7 @@ def model_calls(preset: str) -> collections.Counter:
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     list(engine.run([engine.add_request(list(range(10, 42)), params)]))
     calls = collections.Counter()
-    launch, residual_norms = gemv_kernels._launch_gemv, gemv_kernels.gemv_residual_norms
+    launch = gemv_kernels._launch_gemv
 
     def record(x, weight, gated=False, normed=False, multiplied=False):
         if isinstance(weight, QuantizedWeight) and weight.scheme.bits == 4 and int4_mma.takes(weight, x):
@@ -62,17 +62,13 @@ def model_calls(preset: str) -> collections.Counter:
         record(x, weight, act is not None, norms is not None, multiplier is not None)
         return launch(x, weight, width, tiles, norms, act, multiplier)
 
-    def recorded_residual_norms(x, weight, *args, **kwargs):  # the product then, in int4_mma, its norms' kernel
-        record(x, weight)
-        return residual_norms(x, weight, *args, **kwargs)
-
-    gemv_kernels._launch_gemv, gemv_kernels.gemv_residual_norms = recorded_launch, recorded_residual_norms
+    gemv_kernels._launch_gemv = recorded_launch
     try:
         graphs = engine.runner.graphs
         graphs._step(next(s for s in graphs.sizes if s >= 1))
         torch.cuda.synchronize()
     finally:
-        gemv_kernels._launch_gemv, gemv_kernels.gemv_residual_norms = launch, residual_norms
+        gemv_kernels._launch_gemv = launch
     del model, engine
     torch.cuda.empty_cache()
     return calls

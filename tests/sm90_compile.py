@@ -81,8 +81,6 @@ def main() -> None:
         gemv.gemv(x, w)
         gemv.gemv_gated(x, w, "gelu_pytorch_tanh")
         gemv.gemv_gated(x, w, "gelu_pytorch_tanh", rand(96))
-        res, nw = rand(1, 1, 96), rand(96)
-        gemv.gemv_residual_norms(x, w, res, nw, 1e-6, rand(1), nw, 1e-6)
     # GEMVs that normalize their input (one tile as wide as the row): E2B's and E4B's widths; narrow outputs (one
     # group of rows a program) and wide ones (several).
     for k, n in itertools.product((1536, 2560), (96, 2 * tuning.tile("gemv", "GROUPS_MIN_WIDTH"))):
@@ -98,10 +96,9 @@ def main() -> None:
     # int4 GEMVs in groups: one step and several.
     from gemma4.model.quantized import ON_LOAD, Scheme, quantize
     for k in (256, 800):
-        x, res, nw = rand(1, 1, k), rand(1, 1, 96), rand(96)
+        x = rand(1, 1, k)
         gemv.gemv(x, quantize(rand(96, k), ON_LOAD["int4"]))
         gemv.gemv_gated(x, quantize(rand(192, k), ON_LOAD["int4"]), "gelu_pytorch_tanh")
-        gemv.gemv_residual_norms(x, quantize(rand(96, k), ON_LOAD["int4"]), res, nw, 1e-6, None, nw, 1e-6)
     # int4 GEMVs on the tensor cores with register operands (Gluon): one split and several, groups of 32 and 128
     for n, k, group in ((32000, 256, 32), (4096, 2048, 32), (100, 1024, 128)):
         int4_mma.product(rand(1, 1, k), quantize(rand(n, k), Scheme("int", 4, "group", group_size=group)))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from gemma4.kernels.gemv import gemv, gemv_gated, gemv_residual_norms, quantized_supported  # noqa: E402
+from gemma4.kernels.gemv import gemv, gemv_gated, quantized_supported  # noqa: E402
 from gemma4.kernels.norm import residual_rms_norm  # noqa: E402
 from gemma4.model.common import activation  # noqa: E402
 from gemma4.model.quantized import ON_LOAD, QuantizedWeight, Scheme, quantize  # noqa: E402
@@ -50,8 +50,7 @@ def rand(*shape, dtype, scale=1.0, offset=0.0, seed=0):
 
 def product(x: torch.Tensor, weight: QuantizedWeight, stored: bool = False) -> torch.Tensor:
     """The twin's product with the weight dequantized in fp32, rounded once to x's dtype (what the kernels compute, up
-    to summation order). stored: as a kernel stores a product without rounding it itself first (gemv,
-    gemv_residual_norms' y): the CPU interpreter's cast to bf16 truncates (kernels/rounding.py)."""
+    to summation order). stored: as a kernel stores a product without rounding it itself first (gemv): the CPU interpreter's cast to bf16 truncates (kernels/rounding.py)."""
     dequantized = weight.dequantize(torch.float32)
     out = F.linear(x.float(), dequantized.float())
     if stored and x.dtype == torch.bfloat16 and DEVICE == "cpu":
@@ -141,24 +140,6 @@ def test_gemv_with_normed_input_equals_norms_then_product(fmt, dtype, variant):
     else:
         torch.testing.assert_close(got.float(), want.float(), rtol=2**-6, atol=1e-3)
         assert (got == want).float().mean() > 0.9
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_gemv_residual_norms_equals_product_then_norms(fmt, dtype):
-    """The product (N = 300: ragged row tiles, three 128-row scale blocks, the last ragged), then the norms by the
-    last program to finish, twice in a row (the counter re-arms itself)."""
-    n, k = 300, 800
-    weight = quantized_weight(fmt, n, k, dtype, seed=12)
-    residual = rand(1, 1, n, dtype=dtype, scale=4.0, seed=13)
-    norm_weight, next_weight = (rand(n, dtype=dtype, scale=0.5, offset=1.0, seed=s) for s in (14, 15))
-    for call in range(2):
-        x = rand(1, 1, k, dtype=dtype, seed=16 + call)
-        got = gemv_residual_norms(x, weight, residual, norm_weight, 1e-6, None, next_weight, 1e-5, tiles=STEPS)
-        want = residual_rms_norm(residual, product(x, weight, stored=True), norm_weight, 1e-6, None, next_weight, 1e-5)
-        assert len(got) == 2
-        for g, w in zip(got, want):
-            assert_close(g, w, dtype, share=0.85)
 
 
 def test_fused_rows_and_unsupported_weights():

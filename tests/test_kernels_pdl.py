@@ -6,8 +6,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from gemma4.kernels.gemv import gemv_gated, gemv_residual_norms  # noqa: E402
-from gemma4.kernels.norm import rms_norm  # noqa: E402
+from gemma4.kernels.gemv import gemv, gemv_gated  # noqa: E402
+from gemma4.kernels.norm import residual_rms_norm, rms_norm  # noqa: E402
 from gemma4.kernels.pdl import launch_options  # noqa: E402
 from gemma4.options import override  # noqa: E402
 
@@ -29,7 +29,7 @@ def _chain(x, layers):
     h = rms_norm(x, None, 1e-6)
     for up, down, norm_weight in layers:
         h = gemv_gated(h, up, "gelu_pytorch_tanh")
-        residual, h = gemv_residual_norms(h, down, residual, norm_weight, 1e-6, None, norm_weight, 1e-6)
+        residual, h = residual_rms_norm(residual, gemv(h, down), norm_weight, 1e-6, None, norm_weight, 1e-6)
     return residual, h
 
 

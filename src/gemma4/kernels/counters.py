@@ -1,5 +1,6 @@
-"""Finished-programs counters: a kernel whose last program to finish does the rest of the work (a GEMV's residual
-norms, a split reduction) counts its programs in int32 counters that each launch's last program re-arms."""
+"""Finished-programs counters: a kernel whose last program to finish does the rest of the work (the batch-1 routing
+after the router's GEMV, a split reduction) counts its programs in int32 counters that each launch's last program
+re-arms."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
-"""Matrix-vector products of decode steps at batch 1: out[n] = sum_k x[k] * weight[n, k], alone (`gemv`), with the
-gated activation (`gemv_gated`) or with the residual norms that follow a projection (`gemv_residual_norms`). The
-first two can also take their input as the residual norms of an earlier product, not yet applied (`norms`): each of
-their programs normalizes the row itself, where `gemv_residual_norms` makes all but its last program wait.
+"""Matrix-vector products of decode steps at batch 1: out[n] = sum_k x[k] * weight[n, k], alone (`gemv`) or with the
+gated activation (`gemv_gated`). Both can also take their input as the residual norms of an earlier product, not yet
+applied (`norms`): each of their programs normalizes the row itself. The residual norms that follow a product are not
+in its kernel: its last program to finish would apply them to the whole row, slower than a kernel of their own after
+it (benchmarks/gemv.py --deferred).
 
 cuBLAS picks tiles for matrix products; for one activation row it often splits K and adds a reduce kernel, or runs
 tiles too few to fill the GPU, and its small products (under ~8 MB of weights) take well above the bandwidth floor.
@@ -25,9 +26,7 @@ import triton.language as tl
 from ..model.quantized import QuantizedWeight
 from . import int4_mma
 from .activation import ACTIVATION_CODES, store_gated_rows
-from .counters import finished_counters
-from .norm import (_norm_weights, _residual_norms, _residual_norms_row, _residual_norms_values, _warps,
-                   residual_norms_args, residual_rms_norm)
+from .norm import _norm_weights, _residual_norms_values, residual_rms_norm
 from .pdl import after_previous_kernel, launch_options
 from .rounding import round_to
 from .tuning import config, for_format
@@ -339,7 +338,7 @@ def _dots(w, u, w_scale, u_scale, x, x_ptr, w_ptr, scale_ptr, rows, N, stride_wn
     return gate, up
 
 
-# K is a compile-time constant in both kernels (one compilation per weight shape): a static trip count, which the
+# K is a compile-time constant in the GEMV kernels (one compilation per weight shape): a static trip count, which the
 # interpreter also needs. The arguments from res_ptr to HAS_NEXT are _input_row's (NORMED: the input is the residual
 # norms of an earlier product). A program takes GROUPS blocks of BLOCK_N rows, num_programs * BLOCK_N rows apart,
 # and computes its input once for all of them: a program normalizing its input reads ~4 rows of K from L2 for it,
@@ -376,7 +375,7 @@ def block_product(x_ptr, w_ptr, scale_ptr, N, stride_wn, stride_sn, stride_sk, K
                   BLOCK_K: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr,
                   PDL: tl.constexpr):
     """(rows, their fp32 products) of program i's BLOCK_N weight rows and the input row x (one group, read after the
-    PDL wait): the body of the kernels whose last program to finish goes on with the whole output row."""
+    PDL wait): the body of router.py's routing GEMV, whose last program to finish goes on with the whole row."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     w, _, w_scale, _ = _first_tiles(w_ptr, scale_ptr, rows, N, stride_wn, stride_sn, stride_sk, 0, K, BLOCK_K, False,
                                     WFMT, GROUP, SCALE_ROWS)
@@ -384,27 +383,6 @@ def block_product(x_ptr, w_ptr, scale_ptr, N, stride_wn, stride_sn, stride_sk, K
     y, _ = _dots(w, w, w_scale, w_scale, x, x_ptr, w_ptr, scale_ptr, rows, N, stride_wn, stride_sn, stride_sk, 0, K,
                  BLOCK_K, False, WFMT, GROUP, SCALE_ROWS)
     return rows, y
-
-
-@triton.jit
-def _gemv_residual_norms_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, counter_ptr, res_ptr, nw_ptr, scalar_ptr, next_w_ptr,
-                                out_ptr, next_out_ptr, next2_w_ptr, next2_out_ptr, router_scale_ptr, router_out_ptr, N,
-                                stride_wn, stride_sn, stride_sk, eps, next_eps, root_size, K: tl.constexpr,
-                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr,
-                                SCALE_ROWS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SCALAR: tl.constexpr,
-                                HAS_NEXT: tl.constexpr, HAS_MOE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    rows, y = block_product(x_ptr, w_ptr, scale_ptr, N, stride_wn, stride_sn, stride_sk, K, BLOCK_N, BLOCK_K, WFMT,
-                            GROUP, SCALE_ROWS, PDL)
-    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
-    # The norms need the whole output row: the last program to finish computes them. Its acquire pairs with every
-    # other program's release (acq_rel atomics), so their y stores are visible to it. It then re-arms the counter
-    # for the next launch (CUDA-graph replays included).
-    finished = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
-    if finished == tl.num_programs(0) - 1:
-        _residual_norms_row(res_ptr, y_ptr, nw_ptr, scalar_ptr, next_w_ptr, out_ptr, next_out_ptr, next2_w_ptr,
-                            next2_out_ptr, router_scale_ptr, router_out_ptr, N, eps, next_eps, root_size, HAS_WEIGHT,
-                            HAS_SCALAR, HAS_NEXT, HAS_MOE, BLOCK)
-        tl.atomic_xchg(counter_ptr, 0, sem="relaxed")
 
 
 # Widest input row a GEMV normalizes itself (`norms`): it holds the row in one tile of registers.
@@ -568,30 +546,3 @@ def gemv_gated(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, activati
     width = weight.shape[0] // 2 if multiplier is None else weight.shape[0]
     assert multiplier is None or multiplier.numel() == width
     return _launch_gemv(x, weight, width, tiles, norms, ACTIVATION_CODES[activation], multiplier)
-
-
-def gemv_residual_norms(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, residual: torch.Tensor,
-                        norm_weight: torch.Tensor, eps: float, scalar: torch.Tensor | None = None,
-                        next_weight: torch.Tensor | None = None, next_eps: float | None = None,
-                        tiles: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """residual_rms_norm(residual, gemv(x, weight), norm_weight, eps, scalar, next_weight, next_eps) in one kernel:
-    the GEMV's last program to finish applies the norms to the whole product. One row (x [..., K], residual [..., N]).
-    Returns (new, next norm or None). weight: as in `gemv`. A MoE layer's four norms are not offered here: in the
-    last program they cost more than a kernel of their own after the GEMV (benchmarks/gemv.py --epilogue)."""
-    assert x.shape[-1] == weight.shape[1] and x.numel() == x.shape[-1]
-    mma_tiles = _mma_tiles(weight, x) if tiles is None else None
-    if mma_tiles is not None:
-        y = int4_mma.product(x, weight, tiles=mma_tiles).view_as(residual)
-        return _residual_norms(residual, y, norm_weight, eps, scalar, next_weight, next_eps)[:2]
-    values, scale, stride_sn, stride_sk, fmt = _weight_args(weight)
-    n_out, k_in = weight.shape
-    assert residual.numel() == n_out and residual.stride(-1) == 1
-    tiles = tiles or _default_tiles(x.device, k_in, wfmt=fmt["WFMT"])  # one group: its programs count as they finish
-    block_n, block_k, warps, stages, _ = _tiles(x, k_in, tiles, group=fmt["GROUP"])
-    y = torch.empty(n_out, dtype=x.dtype, device=x.device)
-    outputs, pointers, named = residual_norms_args(residual, y, norm_weight, eps, scalar, next_weight, next_eps, None)
-    _gemv_residual_norms_kernel[(triton.cdiv(n_out, block_n),)](
-        x.contiguous(), values, scale, y, finished_counters("gemv_residual_norms", x.device), residual, *pointers,
-        n_out, values.stride(0), stride_sn, stride_sk, K=k_in, BLOCK_N=block_n, BLOCK_K=block_k, **fmt, **named,
-        num_warps=max(warps, _warps(named["BLOCK"])), num_stages=stages, **launch_options(x))
-    return outputs[:2]

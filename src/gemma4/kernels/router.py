@@ -71,8 +71,8 @@ def _project_and_route_kernel(x_ptr, w_ptr, scale_ptr, scores_ptr, counter_ptr, 
                               SCALE_ROWS: tl.constexpr, TOP_K: tl.constexpr, BLOCK: tl.constexpr,
                               K_BLOCK: tl.constexpr, PDL: tl.constexpr):
     """gemv.py's GEMV of one row into scores (model dtype, `block_product`); the last program to finish routes the
-    whole row (as _gemv_residual_norms_kernel applies its norms: acq_rel counter, scores read past L1, the counter
-    re-armed)."""
+    whole row: its acquire (acq_rel counter) pairs with every other program's release, so their score stores are
+    visible to it, read past L1; it then re-arms the counter for the next launch."""
     rows, y = block_product(x_ptr, w_ptr, scale_ptr, E, stride_wn, stride_sn, stride_sk, K, BLOCK_N, BLOCK_K, WFMT,
                             GROUP, SCALE_ROWS, PDL)
     tl.store(scores_ptr + rows, y.to(scores_ptr.dtype.element_ty), mask=rows < E)

@@ -182,10 +182,9 @@ def as_values(buffer: torch.Tensor, scheme: Scheme) -> torch.Tensor:
 @dataclass
 class DeferredNorms:
     """add_normed(residual, y, norm, scalar, next_norm) not computed yet (batch-1 decode): the GEMV that reads it
-    applies it to its own input, each of its programs to a copy of the row (`kernels.gemv`), where a product with the
-    norms in its epilogue (`gemv_residual_norms`) must wait for its whole output row in one program. The value is
-    next_norm(new), or new without next_norm; `new`, the residual stream, is written by that GEMV (or by
-    `materialize`): read it only after."""
+    applies it to its own input, each of its programs to a copy of the row (`kernels.gemv`), saving the norms' own
+    kernel. The value is next_norm(new), or new without next_norm; `new`, the residual stream, is written by that
+    GEMV (or by `materialize`): read it only after."""
     residual: torch.Tensor
     y: torch.Tensor
     norm: RMSNorm
@@ -261,23 +260,19 @@ def add_normed_linear(residual: torch.Tensor, x: torch.Tensor, projection: nn.Li
                       scalar: torch.Tensor | None = None, next_norm: RMSNorm | None = None,
                       moe: tuple[RMSNorm, Router] | None = None, defer: bool = False) -> tuple:
     """add_normed(residual, projection(x), norm, scalar, next_norm); with moe = (experts' norm, router) also that norm
-    and the router's scaled input of the new residual stream (four results, else two). Where `takes_gemv`, the
-    product and the norms in one kernel (the GEMV's last program to finish applies the norms; a MoE layer's norms in
-    a kernel of their own), or with `defer` the product alone and (new, DeferredNorms) for the GEMV that reads it
-    (without next_norm too: then its value is new).
+    and the router's scaled input of the new residual stream (four results, else two): the product, then the norms
+    in one kernel; or where `takes_gemv` with `defer` the product alone and (new, DeferredNorms) for the GEMV that
+    reads it (without next_norm too: then its value is new).
     A tensor-parallel shard (`sums_over_ranks`, distributed/sharding.py) sums the ranks' partial products in its
     forward, before any norm."""
     if getattr(projection, "sums_over_ranks", False):
         y = projection(x)
     elif projection.bias is None and takes_gemv(x, projection.weight):
-        from ..kernels.gemv import NORMED_MAX_K, gemv, gemv_residual_norms
+        from ..kernels.gemv import NORMED_MAX_K, gemv
+        y = gemv(x, projection.weight)
         if defer and moe is None and residual.shape[-1] <= NORMED_MAX_K:
             new = torch.empty_like(residual)
-            return new, DeferredNorms(residual, gemv(x, projection.weight), norm, scalar, next_norm, new)
-        if moe is None:
-            return gemv_residual_norms(x, projection.weight, residual, norm.weight, norm.eps, scalar,
-                                       *weight_eps(next_norm))
-        y = gemv(x, projection.weight)  # a MoE layer's norms: after the GEMV, in the kernel below
+            return new, DeferredNorms(residual, y, norm, scalar, next_norm, new)
     else:
         y = product(x, projection.weight, projection.bias)
     if moe is None:
