@@ -120,41 +120,29 @@ def _residual_norms_values(h, residual, w, scalar, next_w, D, eps, next_eps, dty
 
 
 @triton.jit
-def _residual_norms_row(res_row, x_row, w_ptr, scalar_ptr, next_w_ptr, out_row, next_out_row, next2_w_ptr,
-                        next2_out_row, router_scale_ptr, router_out_row, D, eps, next_eps, root_size,
-                        HAS_WEIGHT: tl.constexpr, HAS_SCALAR: tl.constexpr, HAS_NEXT: tl.constexpr,
-                        HAS_MOE: tl.constexpr, BLOCK: tl.constexpr):
-    """One row of residual_rms_norm / residual_moe_norms (pointers to the row's first element)."""
-    offs = tl.arange(0, BLOCK)
-    mask = offs < D
-    dtype = out_row.dtype.element_ty
-    # x is read past L1 (.cg): in the GEMV kernel's epilogue other programs have just written it.
-    w, scalar, next_w = _norm_weights(w_ptr, scalar_ptr, next_w_ptr, offs, mask, HAS_WEIGHT, HAS_SCALAR, HAS_NEXT)
-    h = tl.load(x_row + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-    residual = tl.load(res_row + offs, mask=mask, other=0.0).to(tl.float32)
-    new, next_row = _residual_norms_values(h, residual, w, scalar, next_w, D, eps, next_eps, dtype, HAS_WEIGHT,
-                                           HAS_SCALAR, HAS_NEXT)
-    _store(out_row + offs, new, mask)
-    if HAS_NEXT:
-        _store(next_out_row + offs, next_row, mask)
-    if HAS_MOE:  # the experts' input norm and the router's input, both from the same new row
-        _store(next2_out_row + offs, _normalize(new, next2_w_ptr, offs, mask, D, next_eps, True), mask)
-        _store(router_out_row + offs, _router_scaled(new, router_scale_ptr, offs, mask, D, next_eps, root_size, dtype),
-               mask)
-
-
-@triton.jit
 def _residual_rms_norm_kernel(res_ptr, x_ptr, w_ptr, scalar_ptr, next_w_ptr, out_ptr, next_out_ptr,
                               next2_w_ptr, next2_out_ptr, router_scale_ptr, router_out_ptr,
                               res_stride, x_stride, D, eps, next_eps, root_size, HAS_WEIGHT: tl.constexpr,
                               HAS_SCALAR: tl.constexpr, HAS_NEXT: tl.constexpr, HAS_MOE: tl.constexpr,
                               BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """One row of residual_rms_norm / residual_moe_norms a program."""
     after_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
-    _residual_norms_row(res_ptr + row * res_stride, x_ptr + row * x_stride, w_ptr, scalar_ptr, next_w_ptr,
-                        out_ptr + row * D, next_out_ptr + row * D, next2_w_ptr, next2_out_ptr + row * D,
-                        router_scale_ptr, router_out_ptr + row * D, D, eps, next_eps, root_size, HAS_WEIGHT,
-                        HAS_SCALAR, HAS_NEXT, HAS_MOE, BLOCK)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < D
+    dtype = out_ptr.dtype.element_ty
+    w, scalar, next_w = _norm_weights(w_ptr, scalar_ptr, next_w_ptr, offs, mask, HAS_WEIGHT, HAS_SCALAR, HAS_NEXT)
+    h = tl.load(x_ptr + row * x_stride + offs, mask=mask, other=0.0).to(tl.float32)
+    residual = tl.load(res_ptr + row * res_stride + offs, mask=mask, other=0.0).to(tl.float32)
+    new, next_row = _residual_norms_values(h, residual, w, scalar, next_w, D, eps, next_eps, dtype, HAS_WEIGHT,
+                                           HAS_SCALAR, HAS_NEXT)
+    _store(out_ptr + row * D + offs, new, mask)
+    if HAS_NEXT:
+        _store(next_out_ptr + row * D + offs, next_row, mask)
+    if HAS_MOE:  # the experts' input norm and the router's input, both from the same new row
+        _store(next2_out_ptr + row * D + offs, _normalize(new, next2_w_ptr, offs, mask, D, next_eps, True), mask)
+        _store(router_out_ptr + row * D + offs,
+               _router_scaled(new, router_scale_ptr, offs, mask, D, next_eps, root_size, dtype), mask)
 
 
 @triton.jit
@@ -285,31 +273,24 @@ def residual_moe_norms(residual: torch.Tensor, x: torch.Tensor, weight: torch.Te
 
 
 def _residual_norms(residual, x, weight, eps, scalar, next_weight, next_eps, moe=None, out=None):
+    """The kernel's outputs: new (in `out` if given), the next norm, the experts' norm and the router input (None
+    where not asked for), allocated like residual. Absent tensors are passed as x: their branches are compiled out."""
     res_rows, x_rows = _rows(residual), _rows(x)
-    outputs, ptrs, named = residual_norms_args(residual, x_rows, weight, eps, scalar, next_weight, next_eps, moe, out)
-    if residual.numel() > 0:
-        _residual_rms_norm_kernel[(res_rows.shape[0],)](
-            res_rows, x_rows, *ptrs, res_rows.stride(0), x_rows.stride(0), residual.shape[-1], **named,
-            num_warps=_warps(named["BLOCK"]), **launch_options(res_rows))
-    return outputs
-
-
-def residual_norms_args(residual: torch.Tensor, placeholder: torch.Tensor, weight, eps, scalar, next_weight,
-                        next_eps, moe, out: torch.Tensor | None = None) -> tuple[tuple, tuple, dict]:
-    """For a kernel that runs _residual_norms_row: (its outputs: new, next norm or None, experts' norm or None,
-    router input or None, allocated like residual, new in `out` if given; its pointer arguments after (residual, x),
-    absent tensors as `placeholder`, whose branches are compiled out; its scalars and constexprs, by name)."""
     out = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device) if out is None else out
     assert out.shape == residual.shape and out.is_contiguous()
     next_out = torch.empty_like(out) if next_weight is not None else None
     next2_weight, router_scale, root_size = moe if moe is not None else (None, None, 1.0)
     next2_out, router_out = (torch.empty_like(out), torch.empty_like(out)) if moe is not None else (None, None)
-    pointers = tuple(t if t is not None else placeholder for t in (weight, scalar, next_weight, out, next_out,
-                                                                   next2_weight, next2_out, router_scale, router_out))
-    named = dict(eps=eps, next_eps=eps if next_eps is None else next_eps, root_size=float(root_size),
-                 HAS_WEIGHT=weight is not None, HAS_SCALAR=scalar is not None, HAS_NEXT=next_weight is not None,
-                 HAS_MOE=moe is not None, BLOCK=triton.next_power_of_2(residual.shape[-1]))
-    return (out, next_out, next2_out, router_out), pointers, named
+    pointers = tuple(t if t is not None else x_rows for t in (weight, scalar, next_weight, out, next_out,
+                                                              next2_weight, next2_out, router_scale, router_out))
+    block = triton.next_power_of_2(residual.shape[-1])
+    if residual.numel() > 0:
+        _residual_rms_norm_kernel[(res_rows.shape[0],)](
+            res_rows, x_rows, *pointers, res_rows.stride(0), x_rows.stride(0), residual.shape[-1], eps,
+            eps if next_eps is None else next_eps, float(root_size), HAS_WEIGHT=weight is not None,
+            HAS_SCALAR=scalar is not None, HAS_NEXT=next_weight is not None, HAS_MOE=moe is not None, BLOCK=block,
+            num_warps=_warps(block), **launch_options(res_rows))
+    return out, next_out, next2_out, router_out
 
 
 def _rope_tables(cos: torch.Tensor, sin: torch.Tensor, B: int, L: int, D: int):
