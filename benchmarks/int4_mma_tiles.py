@@ -5,9 +5,8 @@ gated activation in the epilogue, input normed by a kernel before it), each then
 graphs (benchmarks/gemv.py's helpers): gemv.py's kernel as the model calls it (normalizing its own input where
 normed), and int4_mma per (BLOCK_N, warps, target programs, steps prefetched) after the norms' kernel where normed;
 the residual norms after a product run in a kernel of their own either way, untimed. GB/s count the int4 values and
-scales. `--write` puts each
-call's best into the device's kernels/configs JSON as INT4_MMA_BY_SHAPE (`int4_mma.launch_tiles`; null: gemv.py's
-kernel), merged with the entries already there.
+scales. `--write` puts each call's best into the device's kernels/configs JSON as INT4_MMA_BY_SHAPE
+(`int4_mma.launch_tiles`; null: gemv.py's kernel), merged with the entries already there.
 
     python benchmarks/int4_mma_tiles.py --preset E2B E4B [--write]
 """
