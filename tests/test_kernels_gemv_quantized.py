@@ -50,7 +50,8 @@ def rand(*shape, dtype, scale=1.0, offset=0.0, seed=0):
 
 def product(x: torch.Tensor, weight: QuantizedWeight, stored: bool = False) -> torch.Tensor:
     """The twin's product with the weight dequantized in fp32, rounded once to x's dtype (what the kernels compute, up
-    to summation order). stored: as a kernel stores a product without rounding it itself first (gemv): the CPU interpreter's cast to bf16 truncates (kernels/rounding.py)."""
+    to summation order). stored: as a kernel stores a product without rounding it itself first (gemv): the CPU
+    interpreter's cast to bf16 truncates (kernels/rounding.py)."""
     dequantized = weight.dequantize(torch.float32)
     out = F.linear(x.float(), dequantized.float())
     if stored and x.dtype == torch.bfloat16 and DEVICE == "cpu":
