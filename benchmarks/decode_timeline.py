@@ -4,6 +4,7 @@ dependent launch the next kernel starts before the previous one ends, so duratio
 sum to the step).
 
     python benchmarks/decode_timeline.py --preset E2B [--batch 1] [--context 1024] [--layers 0,20]
+        [--kv-cache-dtype fp8]
 
 Prints the step time and the bandwidth it reaches (the bytes the step must read over the replay time), the
 increments summed per kernel name (count, us, share), then the kernels before the first decoder layer, of the listed
@@ -124,6 +125,7 @@ def main() -> None:
     parser.add_argument("--layers", default="0,-2", help="decoder layers to list kernel by kernel")
     parser.add_argument("--quantization", choices=["fp8", "int8", "int4"], default=None,
                         help="the weights quantized on load")
+    parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
     parser.add_argument("--ops", action="store_true",
                         help="also list the PyTorch ops of an eager step that launch kernels")
     parser.add_argument("--between", action="store_true",
@@ -137,7 +139,7 @@ def main() -> None:
     ids = torch.randint(10, min(200_000, vocab), (batch, args.context), device="cuda")
     steps = 64
     params = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True)
-    engine = engine_for(model, batch, args.context + steps)
+    engine = engine_for(model, batch, args.context + steps, kv_cache_dtype=args.kv_cache_dtype)
     for _ in range(2):  # the first run captures the graph
         seq_ids = [engine.add_request(row.tolist(), params) for row in ids]
         times = [time.perf_counter() for out in engine.run(seq_ids)
