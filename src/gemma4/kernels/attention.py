@@ -59,7 +59,9 @@ def _attend_block(block, end, m_i, l_i, acc, q, qpos, window, kpos_row, stride_p
     k = tl.load(k_row + rows[:, None] * stride_kn, mask=kv_mask, other=0.0)
     v = tl.load(v_row + rows[:, None] * stride_vn, mask=kv_mask, other=0.0)
     if FP8:  # exact values; the key scale multiplies the scores, the value scale the output (at the end)
-        k, v = dot_operand(k, q, INTERPRET, KEEP_LAYOUT=True), dot_operand(v, q, INTERPRET, KEEP_LAYOUT=True)
+        # K's products reduce along its contiguous dims, so its conversion may move into tl.dot's operand layout
+        # (8-bit bytes through shared memory, half of bf16's); V's reduce across its rows: converted as loaded.
+        k, v = dot_operand(k, q, INTERPRET), dot_operand(v, q, INTERPRET, KEEP_LAYOUT=True)
     s = _dot(q, tl.trans(k), INTERPRET)  # [G_PAD, BLOCK_N] fp32, scale 1.0
     if FP8:
         s = s * k_scale
