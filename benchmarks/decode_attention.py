@@ -21,6 +21,7 @@ from gemv import graph_us  # noqa: E402
 from gemma4.config import Config  # noqa: E402
 from gemma4.kernels.attention import _block_n, decode_attention  # noqa: E402
 from gemma4.kernels.tuning import tile  # noqa: E402
+from gemma4.model.paged_cache import KV_CACHE_DTYPES  # noqa: E402
 
 
 def layer_shapes(preset: str, context: int) -> list[tuple]:
@@ -37,7 +38,7 @@ def main():
     parser.add_argument("--preset", default="E2B")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--context", type=int, default=1024)
-    parser.add_argument("--kv-cache-dtype", nargs="+", choices=["auto", "fp8"], default=["auto"])
+    parser.add_argument("--kv-cache-dtype", nargs="+", choices=KV_CACHE_DTYPES, default=["auto"])
     args = parser.parse_args()
     print(f"{args.preset} on {torch.cuda.get_device_name()}, batch {args.batch}, {args.context}-token context: "
           "us per call (fastest first)")

@@ -25,6 +25,7 @@ from gemma4.engine.generate import engine_for
 from gemma4.config import SLIDING
 from gemma4.engine.sampling import SamplingParams
 from gemma4.model.fused import QuantizedLinear
+from gemma4.model.paged_cache import KV_CACHE_DTYPES
 from gemma4.random_init import random_config, random_model
 
 
@@ -125,7 +126,7 @@ def main() -> None:
     parser.add_argument("--layers", default="0,-2", help="decoder layers to list kernel by kernel")
     parser.add_argument("--quantization", choices=["fp8", "int8", "int4"], default=None,
                         help="the weights quantized on load")
-    parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
+    parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto")
     parser.add_argument("--ops", action="store_true",
                         help="also list the PyTorch ops of an eager step that launch kernels")
     parser.add_argument("--between", action="store_true",
