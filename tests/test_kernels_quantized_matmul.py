@@ -72,6 +72,18 @@ def test_equals_dequantized_product(fmt, dtype, m):
     assert_equals_twin(rand(m, 160, dtype=dtype), weight, STEPS)
 
 
+@pytest.mark.parametrize("tiles", [(64, 64, 64, 4, 1), (64, 64, 64, 4, 1, 3), (64, 32, 64, 4, 1)])
+@pytest.mark.parametrize("m", [5, 64, 130])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_tiles_of_64_rows_run_transposed(dtype, m, tiles, monkeypatch):
+    """fp8 weights over tiles of 64 weight rows and 64 activation rows run the transposed product (out.T = w @ x.T,
+    the weight tile the MMA's A operand; with its K in slices too); 32 weight rows, the plain one. Ragged N (70),
+    K (160) and M (5, 130) either way."""
+    monkeypatch.setattr(qm, "_sm_count", lambda device: 64)
+    weight = quantized_weight("fp8", 70, 160, dtype)
+    assert_equals_twin(rand(m, 160, dtype=dtype), weight, tiles)
+
+
 @pytest.mark.parametrize("split_k", [2, 3, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -246,8 +258,8 @@ def test_unsupported_weights():
 
 
 def run_ptx(asm: str, inputs: list[int], outputs: int) -> list[int]:
-    """A few PTX instructions as FP8_TO_BF16 uses them (mov, prmt, shr, and, lop3 on .b32; fma.rn.bf16x2), run on
-    Python ints: registers $0.. the outputs, then the inputs."""
+    """A few PTX instructions as FP8_TO_BF16 and FP8_PAIR_TO_BF16 use them (mov, prmt, shr, and, lop3 on .b32;
+    cvt.u32.u16; fma.rn.bf16x2), run on Python ints: registers $0.. the outputs, then the inputs."""
     regs = {f"${i}": 0 for i in range(outputs)} | {f"${outputs + i}": v for i, v in enumerate(inputs)}
 
     def value(token: str) -> int:
@@ -270,6 +282,8 @@ def run_ptx(asm: str, inputs: list[int], outputs: int) -> list[int]:
         elif op == "prmt.b32":  # default mode: selector nibble i picks byte i of the result from {b, a}
             pool = (v[0] | v[1] << 32).to_bytes(8, "little")
             out = int.from_bytes(bytes(pool[(v[2] >> 4 * i) & 7] for i in range(4)), "little")
+        elif op == "cvt.u32.u16":
+            out = v[0] & 0xFFFF
         elif op == "shr.b32":
             out = v[0] >> v[1]
         elif op == "and.b32":
@@ -290,7 +304,8 @@ def run_ptx(asm: str, inputs: list[int], outputs: int) -> list[int]:
 def test_fp8_to_bf16_asm_reads_every_code():
     """rounding.FP8_TO_BF16 (fp8 tiles for bf16 dots, here, in the sorted MoE kernels and in decode attention over an
     fp8 cache; PTX, run here by a small emulator of its instructions) gives torch's bf16 of every fp8 e4m3 code,
-    subnormals and both zeros included, in byte order; the NaN codes read 480."""
+    subnormals and both zeros included, in byte order; the NaN codes read 480. So does FP8_PAIR_TO_BF16, two codes at
+    a time."""
     codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
     want = codes.view(torch.float8_e4m3fn).to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
     nan = torch.tensor([0x7F, 0xFF])
@@ -300,27 +315,33 @@ def test_fp8_to_bf16_asm_reads_every_code():
         low, high = run_ptx(rounding.FP8_TO_BF16.value, [int(sum(int(b) << 8 * i for i, b in enumerate(word)))], 2)
         got += [low & 0xFFFF, low >> 16, high & 0xFFFF, high >> 16]
     assert got == want.tolist()
+    pairs = []  # FP8_PAIR_TO_BF16: two codes in a 16-bit register
+    for low, high in codes.view(-1, 2).to(torch.int64).tolist():
+        (out,) = run_ptx(rounding.FP8_PAIR_TO_BF16.value, [low | high << 8], 1)
+        pairs += [out & 0xFFFF, out >> 16]
+    assert pairs == want.tolist()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the inline PTX runs on CUDA")
-@pytest.mark.parametrize("keep_layout", [False, True])
-def test_fp8_dot_operand_on_the_gpu(keep_layout):
+@pytest.mark.parametrize("keep_layout, pairs", [(False, False), (True, False), (False, True)])
+def test_fp8_dot_operand_on_the_gpu(keep_layout, pairs):
     """The same on the GPU: dot_operand's bf16 of every fp8 code (NaN codes aside) is torch's, the conversion free to
-    move into the dot operand's layout or kept in the loaded one."""
+    move into the dot operand's layout or kept in the loaded one, four codes at a time or two."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def operand(w_ptr, like_ptr, out_ptr, KEEP_LAYOUT: tl.constexpr):
+    def operand(w_ptr, like_ptr, out_ptr, KEEP_LAYOUT: tl.constexpr, PAIRS: tl.constexpr):
         i = tl.arange(0, 256)
-        tl.store(out_ptr + i, rounding.dot_operand(tl.load(w_ptr + i), tl.load(like_ptr + i), False, KEEP_LAYOUT))
+        tl.store(out_ptr + i, rounding.dot_operand(tl.load(w_ptr + i), tl.load(like_ptr + i), False, KEEP_LAYOUT,
+                                                   PAIRS))
 
     codes = torch.arange(256, dtype=torch.int32, device="cuda").to(torch.uint8)
     codes = codes[(codes != 0x7F) & (codes != 0xFF)]
     codes = torch.cat([codes, codes[:2]])  # 256 values
     out = torch.empty(256, dtype=torch.bfloat16, device="cuda")
     operand[(1,)](codes.view(torch.float8_e4m3fn), torch.zeros(256, dtype=torch.bfloat16, device="cuda"), out,
-                  keep_layout)
+                  keep_layout, pairs)
     assert torch.equal(out.view(torch.int16), codes.view(torch.float8_e4m3fn).to(torch.bfloat16).view(torch.int16))
 
 

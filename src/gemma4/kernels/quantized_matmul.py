@@ -91,7 +91,16 @@ def _quantized_matmul_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, part_ptr, counter
     dtype = x_ptr.dtype.element_ty
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
     after_previous_kernel(PDL)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # wgmma reads its A operand from registers, its B operand only from shared memory. With fp8 weights (turned into
+    # the activations' dtype in registers) and both tiles 64 rows or more (wgmma either way) the product runs
+    # transposed, out.T = w @ x.T: the weight tile is A, where it was converted, and the activations' tile B, as it
+    # was loaded into shared memory; x @ w.T would first store the converted weights to shared memory. Smaller tiles
+    # run mma.sync, which reads both operands from registers.
+    TRANSPOSED: tl.constexpr = w_ptr.dtype.element_ty == tl.float8e4nv and BLOCK_M >= 64 and BLOCK_N >= 64
+    if TRANSPOSED:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for step in range(0, K_SPLIT, BLOCK_K):  # inputs past K (the last slice's tail) load as zeros
         k0 = first + step
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -99,13 +108,20 @@ def _quantized_matmul_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, part_ptr, counter
         if WFMT == PER_ROW:  # the exact 8-bit values; their rows' scales wait for the fp32 sums
             w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
             w = dot_operand(tl.load(w_rows + ks[None, :], mask=(cols < N)[:, None] & (ks < K)[None, :], other=0.0),
-                            x, INTERPRET)
+                            x, INTERPRET, PAIRS=TRANSPOSED)
         else:
             w = _dequantized_tile(w_ptr, scale_ptr, cols, k0, N, stride_wn, stride_sn, stride_sk, K, BLOCK_N, BLOCK_K,
                                   WFMT, GROUP, SCALE_ROWS, TILE_GROUPS, dtype, INTERPRET)
-        acc += _dot(x, tl.trans(w), INTERPRET)
+        if TRANSPOSED:
+            acc += _dot(w, tl.trans(x), INTERPRET)
+        else:
+            acc += _dot(x, tl.trans(w), INTERPRET)
     if WFMT == PER_ROW:
-        acc *= tl.load(scale_ptr + cols.to(tl.int64) * stride_sn, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        scale = tl.load(scale_ptr + cols.to(tl.int64) * stride_sn, mask=cols < N, other=0.0).to(tl.float32)
+        if TRANSPOSED:
+            acc = tl.trans(acc * scale[:, None])
+        else:
+            acc *= scale[None, :]
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     out = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
     if SPLIT_K > 1:

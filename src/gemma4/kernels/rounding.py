@@ -31,17 +31,28 @@ FP8_TO_BF16 = tl.constexpr("\n".join([
         f"shr.b32 t, {lanes}, 4;", f"and.b32 s, {lanes}, 0x80008000;", "lop3.b32 t, t, 0x07F007F0, s, 0xEA;",
         f"fma.rn.bf16x2 {out}, t, c, z;")),
     "}"]))
+# The same, two values (the low 16 bits of a register) at a time: for a tile in a layout that holds pairs of
+# consecutive values, wgmma's A operand in registers (bf16: k_width 2), which four-value packs would make Triton
+# shuffle between layouts.
+FP8_PAIR_TO_BF16 = tl.constexpr("\n".join([
+    "{", ".reg .b32 w, lanes, t, s, c, z;", "mov.b32 c, 0x7B807B80;", "mov.b32 z, 0x80008000;",
+    "cvt.u32.u16 w, $1;", "prmt.b32 lanes, w, 0, 0x1404;", "shr.b32 t, lanes, 4;", "and.b32 s, lanes, 0x80008000;",
+    "lop3.b32 t, t, 0x07F007F0, s, 0xEA;", "fma.rn.bf16x2 $0, t, c, z;", "}"]))
 
 
 @triton.jit
-def dot_operand(w, like, INTERPRET: tl.constexpr, KEEP_LAYOUT: tl.constexpr = False):
+def dot_operand(w, like, INTERPRET: tl.constexpr, KEEP_LAYOUT: tl.constexpr = False, PAIRS: tl.constexpr = False):
     """An 8-bit tile (weights, an fp8 KV cache) in the other operand's dtype for tl.dot: fp8 e4m3 and int8 values are
     exact in bf16 (and fp16); fp8 to bf16 through FP8_TO_BF16. In the interpreter fp32 (its integer -> bf16 cast
     reinterprets bits; its _dot multiplies in fp32 anyway). KEEP_LAYOUT: convert in the layout the tile was loaded in
     (the conversion marked impure, so that Triton cannot move it into the dot operand's layout, where an operand whose
-    reduction runs across its rows, attention's V, is read from shared memory byte by byte)."""
+    reduction runs across its rows, attention's V, is read from shared memory byte by byte). PAIRS: fp8 two values
+    at a time (FP8_PAIR_TO_BF16), for wgmma's A operand in registers."""
     if INTERPRET:
         return w.to(tl.float32)
+    elif w.dtype == tl.float8e4nv and like.dtype == tl.bfloat16 and PAIRS:
+        return tl.inline_asm_elementwise(FP8_PAIR_TO_BF16, "=r,h", [w.to(tl.uint8, bitcast=True)], dtype=tl.bfloat16,
+                                         is_pure=True, pack=2)
     elif w.dtype == tl.float8e4nv and like.dtype == tl.bfloat16:
         return tl.inline_asm_elementwise(FP8_TO_BF16, "=r,=r,r", [w.to(tl.uint8, bitcast=True)], dtype=tl.bfloat16,
                                          is_pure=not KEEP_LAYOUT, pack=4)
