@@ -4,12 +4,14 @@ and cuBLAS on the bf16 weight (the unquantized model's product), at every quanti
 step (fused q/k/v and gate/up, the per-layer inputs' projection, the tied LM head).
 
     python benchmarks/quantized_matmul_tiles.py --preset 26B-A4B --quantization fp8 [--rows 4 16 64] [--write]
+        [--no-sweep]
 
 Each product is timed alone on cycled weights in CUDA graphs (benchmarks/gemv.py's helpers), us per step: the sum
 over the step's products, each shape times its count. Per row count the tile with the least sum wins. --write puts
 the winners into the device's kernels/configs JSON as the format's TILES_BY_M (BYTE_ for fp8 and int8, INT4_ for
 int4): an entry per row count swept, the last for any larger count; and its MAX_M: the most rows swept up to which
-the kernel beats the dequantized weight at every count swept.
+the kernel beats the dequantized weight at every count swept. --no-sweep times the tuned tiles only (A/B runs of a
+kernel change).
 """
 
 from __future__ import annotations
@@ -62,7 +64,10 @@ def main() -> None:
     parser.add_argument("--quantization", choices=["fp8", "int8", "int4"], default="fp8")
     parser.add_argument("--rows", type=int, nargs="+", default=[4, 16, 32, 64, 128, 256])
     parser.add_argument("--write", action="store_true", help="write the bests into the device's config")
+    parser.add_argument("--no-sweep", action="store_true", help="only the tuned tiles (and the cuBLAS columns)")
     args = parser.parse_args()
+    if args.no_sweep and args.write:
+        parser.error("--write takes the sweep's winners: not with --no-sweep")
     device = torch.device("cuda")
     shapes = quantized_shapes(args.preset)
     print(f"{args.preset} {args.quantization} on {torch.cuda.get_device_name()}: us per decode step of M rows, "
@@ -87,7 +92,7 @@ def main() -> None:
                 lambda i: F.linear(x, fused.dense(weights[i % len(weights)], x.dtype)))
             today = qm._tiles(rows, n, k, device, None, weights[0])
             sums["today"] += count * graph_us(lambda i: qm.quantized_matmul(x, weights[i % len(weights)], today))
-            for tiles in candidates(rows):
+            for tiles in [] if args.no_sweep else candidates(rows):
                 if tile_sums.get(tiles) == float("inf"):
                     continue
                 try:
@@ -98,7 +103,7 @@ def main() -> None:
             gigabytes += count * n * k * weight_bytes(args.quantization) / 1e3
             del weights
             torch.cuda.empty_cache()
-        tiles, best = min(tile_sums.items(), key=lambda item: item[1])
+        tiles, best = min(tile_sums.items(), key=lambda item: item[1]) if tile_sums else (today, sums["today"])
         best_by_rows[rows] = tiles
         beats_dequantized.append(best < sums["dequantized"])
         print(f"| {rows} | {sums['bf16']:.1f} | {sums['dequantized']:.1f} | {sums['today']:.1f} "
