@@ -75,12 +75,13 @@ def test_equals_dequantized_product(fmt, dtype, m):
 @pytest.mark.parametrize("tiles", [(64, 64, 64, 4, 1), (64, 64, 64, 4, 1, 3), (64, 32, 64, 4, 1)])
 @pytest.mark.parametrize("m", [5, 64, 130])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fp8_tiles_of_64_rows_run_transposed(dtype, m, tiles, monkeypatch):
-    """fp8 weights over tiles of 64 weight rows and 64 activation rows run the transposed product (out.T = w @ x.T,
-    the weight tile the MMA's A operand; with its K in slices too); 32 weight rows, the plain one. Ragged N (70),
-    K (160) and M (5, 130) either way."""
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_tiles_of_64_rows(fmt, dtype, m, tiles, monkeypatch):
+    """Tiles of 64 weight rows and 64 activation rows, where fp8 weights per row run the transposed product (out.T =
+    w @ x.T, the weight tile the MMA's A operand; with its K in slices too) and the other formats the plain one; 32
+    weight rows: the plain one. Ragged N (70), K (160) and M (5, 130)."""
     monkeypatch.setattr(qm, "_sm_count", lambda device: 64)
-    weight = quantized_weight("fp8", 70, 160, dtype)
+    weight = quantized_weight(fmt, 70, 160, dtype)
     assert_equals_twin(rand(m, 160, dtype=dtype), weight, tiles)
 
 

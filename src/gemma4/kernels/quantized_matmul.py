@@ -91,12 +91,13 @@ def _quantized_matmul_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, part_ptr, counter
     dtype = x_ptr.dtype.element_ty
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
     after_previous_kernel(PDL)
-    # wgmma reads its A operand from registers, its B operand only from shared memory. With fp8 weights (turned into
-    # the activations' dtype in registers) and both tiles 64 rows or more (wgmma either way) the product runs
-    # transposed, out.T = w @ x.T: the weight tile is A, where it was converted, and the activations' tile B, as it
-    # was loaded into shared memory; x @ w.T would first store the converted weights to shared memory. Smaller tiles
-    # run mma.sync, which reads both operands from registers.
-    TRANSPOSED: tl.constexpr = w_ptr.dtype.element_ty == tl.float8e4nv and BLOCK_M >= 64 and BLOCK_N >= 64
+    # wgmma reads its A operand from registers, its B operand only from shared memory. With fp8 weights per row
+    # (their exact values turned into the activations' dtype in registers) and both tiles 64 rows or more (wgmma
+    # either way) the product runs transposed, out.T = w @ x.T: the weight tile is A, where it was converted, and the
+    # activations' tile B, as it was loaded into shared memory; x @ w.T would first store the converted weights to
+    # shared memory. Smaller tiles run mma.sync, which reads both operands from registers.
+    TRANSPOSED: tl.constexpr = (WFMT == PER_ROW and w_ptr.dtype.element_ty == tl.float8e4nv and BLOCK_M >= 64
+                                and BLOCK_N >= 64)
     if TRANSPOSED:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
