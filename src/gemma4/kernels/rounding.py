@@ -24,20 +24,24 @@ def round_to(v, dtype: tl.constexpr):
 # value, normal or subnormal (exponent bias 127 against 7), then one exact fma by 2^120 (plus -0, which keeps a zero's
 # sign). The one NaN code (0x7F, 0xFF) reads 480: neither weights nor the KV cache's stores (saturated) are NaN.
 # Output lanes in byte order.
-FP8_TO_BF16 = tl.constexpr("\n".join([
-    "{", ".reg .b32 lo, hi, t, s, c, z;", "mov.b32 c, 0x7B807B80;", "mov.b32 z, 0x80008000;",
-    "prmt.b32 lo, $2, 0, 0x1404;", "prmt.b32 hi, $2, 0, 0x3424;",  # bytes 0, 1 and 2, 3 into the lanes' high bytes
-    *(line for out, lanes in (("$0", "lo"), ("$1", "hi")) for line in (
-        f"shr.b32 t, {lanes}, 4;", f"and.b32 s, {lanes}, 0x80008000;", "lop3.b32 t, t, 0x07F007F0, s, 0xEA;",
-        f"fma.rn.bf16x2 {out}, t, c, z;")),
-    "}"]))
-# The same, two values (the low 16 bits of a register) at a time: for a tile in a layout that holds pairs of
-# consecutive values, wgmma's A operand in registers (bf16: k_width 2), which four-value packs would make Triton
-# shuffle between layouts.
-FP8_PAIR_TO_BF16 = tl.constexpr("\n".join([
-    "{", ".reg .b32 w, lanes, t, s, c, z;", "mov.b32 c, 0x7B807B80;", "mov.b32 z, 0x80008000;",
-    "cvt.u32.u16 w, $1;", "prmt.b32 lanes, w, 0, 0x1404;", "shr.b32 t, lanes, 4;", "and.b32 s, lanes, 0x80008000;",
-    "lop3.b32 t, t, 0x07F007F0, s, 0xEA;", "fma.rn.bf16x2 $0, t, c, z;", "}"]))
+def _fp8_to_bf16_asm(spread: list[str], lanes: list[tuple[str, str]]) -> str:
+    """The PTX: `spread` moves the input's bytes into the high bytes of 16-bit lanes (registers lo, hi); each (output,
+    register) of `lanes` then turns that register's two lanes into a bf16 pair."""
+    return "\n".join([
+        "{", ".reg .b32 w, lo, hi, t, s, c, z;", "mov.b32 c, 0x7B807B80;", "mov.b32 z, 0x80008000;", *spread,
+        *(line for out, register in lanes for line in (
+            f"shr.b32 t, {register}, 4;", f"and.b32 s, {register}, 0x80008000;", "lop3.b32 t, t, 0x07F007F0, s, 0xEA;",
+            f"fma.rn.bf16x2 {out}, t, c, z;")),
+        "}"])
+
+
+# bytes 0, 1 and 2, 3 of a 32-bit register
+FP8_TO_BF16 = tl.constexpr(_fp8_to_bf16_asm(["prmt.b32 lo, $2, 0, 0x1404;", "prmt.b32 hi, $2, 0, 0x3424;"],
+                                            [("$0", "lo"), ("$1", "hi")]))
+# The same, two values (a 16-bit register) at a time: for a tile in a layout that holds pairs of consecutive values,
+# wgmma's A operand in registers (bf16: k_width 2), which four-value packs would make Triton shuffle between layouts.
+FP8_PAIR_TO_BF16 = tl.constexpr(_fp8_to_bf16_asm(["cvt.u32.u16 w, $1;", "prmt.b32 lo, w, 0, 0x1404;"],
+                                                 [("$0", "lo")]))
 
 
 @triton.jit
