@@ -28,7 +28,7 @@ import triton.language as tl
 from .activation import ACTIVATION_CODES, activation_fp32
 from .attention import _dot
 from .gemv import DENSE, INT4_WORDS, PER_ROW, _dots, _first_tiles, exact_fp32, format_prefix
-from .norm import _normalize, _rows, _store, _unit_rms, _warps
+from .norm import _norm_weight, _rows, _store, _unit_rms, _warps
 from .pdl import after_previous_kernel, launch_options
 from .quantized_matmul import _dequantized_tile
 from .rounding import dot_operand, round_to
@@ -548,13 +548,16 @@ def _moe_residual_norm_kernel(res_ptr, dense_ptr, sparse_ptr, slots_ptr, pair_w_
     dtype = out_ptr.dtype.element_ty
     # DecoderLayer's MoE tail, rounded where its eager ops materialize tensors of the model dtype: the two branch
     # norms and their sum, then as add_normed: the norm of the sum, the residual add, the layer scalar.
-    # Before the wait (see moe_residual_norm): the residual and the norm weights.
+    # Before the wait (see moe_residual_norm): the residual, the norm weights and the layer scalar.
     residual = tl.load(res_ptr + row * res_stride + offs, mask=mask, other=0.0).to(tl.float32)
-    sparse_w = tl.load(sparse_w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dense_w, sparse_w = _norm_weight(dense_w_ptr, offs, mask, True), _norm_weight(sparse_w_ptr, offs, mask, True)
+    w, next_w = _norm_weight(w_ptr, offs, mask, True), _norm_weight(next_w_ptr, offs, mask, HAS_NEXT)
+    scalar = 1.0
+    if HAS_SCALAR:
+        scalar = tl.load(scalar_ptr).to(tl.float32)
     after_previous_kernel(PDL)
     dense = tl.load(dense_ptr + row * dense_stride + offs, mask=mask, other=0.0).to(tl.float32)
-    dense_normed = round_to(_normalize(dense, dense_w_ptr, offs, mask, D, eps, True), dtype)
+    dense_normed = round_to(_unit_rms(dense, D, eps) * dense_w, dtype)
     if PAIRS:  # sparse_ptr: the experts' row of each (token, choice) pair; their weighted sum, as combine() gives it
         sparse = weighted_pair_sum(sparse_ptr, slots_ptr, pair_w_ptr, row, offs, mask, D, PAIRS, dtype)
         sparse = round_to(sparse, dtype)
@@ -564,10 +567,10 @@ def _moe_residual_norm_kernel(res_ptr, dense_ptr, sparse_ptr, slots_ptr, pair_w_
     normed = round_to(_unit_rms(combined, D, eps) * w, dtype)
     new = round_to(residual + normed, dtype)
     if HAS_SCALAR:
-        new = round_to(new * tl.load(scalar_ptr).to(tl.float32), dtype)
+        new = round_to(new * scalar, dtype)
     _store(out_ptr + row * D + offs, new, mask)
     if HAS_NEXT:  # the next layer's input norm
-        _store(next_out_ptr + row * D + offs, _normalize(new, next_w_ptr, offs, mask, D, next_eps, True), mask)
+        _store(next_out_ptr + row * D + offs, _unit_rms(new, D, next_eps) * next_w, mask)
 
 
 def moe_residual_norm(residual: torch.Tensor, dense: torch.Tensor, sparse: torch.Tensor | ExpertPairs,

@@ -62,10 +62,11 @@ def _normalize(h, w_ptr, offs, mask, D, eps, HAS_WEIGHT: tl.constexpr):
 
 
 @triton.jit
-def _router_scaled(h, scale_ptr, offs, mask, D, eps, root_size, dtype: tl.constexpr):
-    """Router.forward's projection input from an fp32 row: round(round(round(rms_norm(h)) * scale) * root_size)."""
-    normed = round_to(_normalize(h, scale_ptr, offs, mask, D, eps, False), dtype)  # the weightless norm's tensor
-    scaled = round_to(normed * tl.load(scale_ptr + offs, mask=mask, other=0.0).to(tl.float32), dtype)
+def _router_scaled(h, scale, D, eps, root_size, dtype: tl.constexpr):
+    """Router.forward's projection input from an fp32 row and the router's scale (fp32 values):
+    round(round(round(rms_norm(h)) * scale) * root_size)."""
+    normed = round_to(_unit_rms(h, D, eps), dtype)  # the weightless norm's tensor
+    scaled = round_to(normed * scale, dtype)
     # A tensor times a python float: torch applies the scalar in fp32 (opmath), not rounded to the dtype first, and
     # rounds the product once. root_size arrives here as an fp32 argument, the same fp32 value.
     return round_to(scaled * root_size, dtype)
@@ -75,30 +76,37 @@ def _router_scaled(h, scale_ptr, offs, mask, D, eps, root_size, dtype: tl.conste
 def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, x_stride, D, eps, root_size, HAS_WEIGHT: tl.constexpr,
                      ROUTER: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """A row's RMSNorm, or with ROUTER the router's input (w_ptr: its scale)."""
-    after_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < D
+    w = _norm_weight(w_ptr, offs, mask, HAS_WEIGHT or ROUTER)  # before the wait: see _norm_weight
+    after_previous_kernel(PDL)
     h = tl.load(x_ptr + row * x_stride + offs, mask=mask, other=0.0).to(tl.float32)
     if ROUTER:
-        _store(out_ptr + row * D + offs, _router_scaled(h, w_ptr, offs, mask, D, eps, root_size,
-                                                        out_ptr.dtype.element_ty), mask)
+        _store(out_ptr + row * D + offs, _router_scaled(h, w, D, eps, root_size, out_ptr.dtype.element_ty), mask)
     else:
-        _store(out_ptr + row * D + offs, _normalize(h, w_ptr, offs, mask, D, eps, HAS_WEIGHT), mask)
+        _store(out_ptr + row * D + offs, _unit_rms(h, D, eps) * w, mask)
+
+
+@triton.jit
+def _norm_weight(w_ptr, offs, mask, HAS_WEIGHT: tl.constexpr):
+    """A norm's weight as fp32 values (1.0 without one). The norm kernels load their weights before their PDL wait:
+    no kernel writes them, and a weight is rarely in L2 (a decode step reads GBs of them), so its load takes the
+    memory's latency, which the previous kernel's tail then hides."""
+    w = 1.0
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return w
 
 
 @triton.jit
 def _norm_weights(w_ptr, scalar_ptr, next_w_ptr, offs, mask, HAS_WEIGHT: tl.constexpr, HAS_SCALAR: tl.constexpr,
                   HAS_NEXT: tl.constexpr):
     """The weights _residual_norms_values takes, as fp32 values (those a flag leaves out: 1.0)."""
-    w, scalar, next_w = 1.0, 1.0, 1.0
-    if HAS_WEIGHT:
-        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    scalar = 1.0
     if HAS_SCALAR:
         scalar = tl.load(scalar_ptr).to(tl.float32)
-    if HAS_NEXT:
-        next_w = tl.load(next_w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    return w, scalar, next_w
+    return _norm_weight(w_ptr, offs, mask, HAS_WEIGHT), scalar, _norm_weight(next_w_ptr, offs, mask, HAS_NEXT)
 
 
 @triton.jit
@@ -126,12 +134,14 @@ def _residual_rms_norm_kernel(res_ptr, x_ptr, w_ptr, scalar_ptr, next_w_ptr, out
                               HAS_SCALAR: tl.constexpr, HAS_NEXT: tl.constexpr, HAS_MOE: tl.constexpr,
                               BLOCK: tl.constexpr, PDL: tl.constexpr):
     """One row of residual_rms_norm / residual_moe_norms a program."""
-    after_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < D
     dtype = out_ptr.dtype.element_ty
     w, scalar, next_w = _norm_weights(w_ptr, scalar_ptr, next_w_ptr, offs, mask, HAS_WEIGHT, HAS_SCALAR, HAS_NEXT)
+    experts_w = _norm_weight(next2_w_ptr, offs, mask, HAS_MOE)
+    router_scale = _norm_weight(router_scale_ptr, offs, mask, HAS_MOE)
+    after_previous_kernel(PDL)
     h = tl.load(x_ptr + row * x_stride + offs, mask=mask, other=0.0).to(tl.float32)
     residual = tl.load(res_ptr + row * res_stride + offs, mask=mask, other=0.0).to(tl.float32)
     new, next_row = _residual_norms_values(h, residual, w, scalar, next_w, D, eps, next_eps, dtype, HAS_WEIGHT,
@@ -140,25 +150,20 @@ def _residual_rms_norm_kernel(res_ptr, x_ptr, w_ptr, scalar_ptr, next_w_ptr, out
     if HAS_NEXT:
         _store(next_out_ptr + row * D + offs, next_row, mask)
     if HAS_MOE:  # the experts' input norm and the router's input, both from the same new row
-        _store(next2_out_ptr + row * D + offs, _normalize(new, next2_w_ptr, offs, mask, D, next_eps, True), mask)
-        _store(router_out_ptr + row * D + offs,
-               _router_scaled(new, router_scale_ptr, offs, mask, D, next_eps, root_size, dtype), mask)
+        _store(next2_out_ptr + row * D + offs, _unit_rms(new, D, next_eps) * experts_w, mask)
+        _store(router_out_ptr + row * D + offs, _router_scaled(new, router_scale, D, next_eps, root_size, dtype), mask)
 
 
 @triton.jit
-def _norm_rope_row(x_row, w_ptr, cos_row, sin_row, offs, mask, D, eps, dtype: tl.constexpr,
-                   HAS_WEIGHT: tl.constexpr, HAS_ROPE: tl.constexpr, HALF_BLOCK: tl.constexpr):
-    """One head row as its two halves (the pairs (i, i + D/2) of rotate-half RoPE): RMSNorm, then RoPE; values of
-    `dtype`, kept in fp32."""
+def _norm_rope_row(x_row, w1, w2, cos_row, sin_row, offs, mask, D, eps, dtype: tl.constexpr, HAS_ROPE: tl.constexpr,
+                   HALF_BLOCK: tl.constexpr):
+    """One head row as its two halves (the pairs (i, i + D/2) of rotate-half RoPE): RMSNorm (the weight's halves w1,
+    w2: fp32 values, 1.0 for the weightless norm), then RoPE; values of `dtype`, kept in fp32."""
     half = D // 2
     x1 = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_row + half + offs, mask=mask, other=0.0).to(tl.float32)
     rstd = _rstd(tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0), D, eps)
-    n1, n2 = x1 * rstd, x2 * rstd
-    if HAS_WEIGHT:
-        n1 *= tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        n2 *= tl.load(w_ptr + half + offs, mask=mask, other=0.0).to(tl.float32)
-    n1, n2 = round_to(n1, dtype), round_to(n2, dtype)
+    n1, n2 = round_to(x1 * rstd * w1, dtype), round_to(x2 * rstd * w2, dtype)
     if HAS_ROPE:
         # apply_rope in the model dtype: x*cos + rotate_half(x)*sin, each product rounded, then the sum.
         c1 = tl.load(cos_row + offs, mask=mask, other=0.0).to(tl.float32)
@@ -173,14 +178,15 @@ def _norm_rope_row(x_row, w_ptr, cos_row, sin_row, offs, mask, D, eps, dtype: tl
 @triton.jit
 def _qk_norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, H, L, x_sb, x_sl, x_sh, c_sb, c_sl, D, eps,
                          HAS_WEIGHT: tl.constexpr, HAS_ROPE: tl.constexpr, HALF_BLOCK: tl.constexpr, PDL: tl.constexpr):
-    after_previous_kernel(PDL)
     pid = tl.program_id(0).to(tl.int64)  # one program per (b, l, h) row, h fastest
     head, pos, batch = pid % H, (pid // H) % L, pid // (H * L)
     offs = tl.arange(0, HALF_BLOCK)
     mask = offs < D // 2
+    w1, w2 = _norm_weight(w_ptr, offs, mask, HAS_WEIGHT), _norm_weight(w_ptr + D // 2, offs, mask, HAS_WEIGHT)
+    after_previous_kernel(PDL)
     c_row = batch * c_sb + pos * c_sl
-    n1, n2 = _norm_rope_row(x_ptr + batch * x_sb + pos * x_sl + head * x_sh, w_ptr, cos_ptr + c_row, sin_ptr + c_row,
-                            offs, mask, D, eps, out_ptr.dtype.element_ty, HAS_WEIGHT, HAS_ROPE, HALF_BLOCK)
+    n1, n2 = _norm_rope_row(x_ptr + batch * x_sb + pos * x_sl + head * x_sh, w1, w2, cos_ptr + c_row, sin_ptr + c_row,
+                            offs, mask, D, eps, out_ptr.dtype.element_ty, HAS_ROPE, HALF_BLOCK)
     out_row = out_ptr + ((batch * H + head) * L + pos) * D  # [B, H, L, D], contiguous
     _store(out_row + offs, n1, mask)
     _store(out_row + D // 2 + offs, n2, mask)
@@ -191,17 +197,22 @@ def _qkv_norm_rope_store_kernel(q_ptr, k_ptr, v_ptr, q_w_ptr, k_w_ptr, cos_ptr, 
                                 value_cache_ptr, slots_ptr, Hq, Hkv, L, q_sb, q_sl, k_sb, k_sl, v_sb, v_sl, c_sb, c_sl,
                                 cache_sb, cache_sh, cache_ss, key_scale_ptr, value_scale_ptr, D, eps,
                                 HALF_BLOCK: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr):
-    after_previous_kernel(PDL)
     pid = tl.program_id(0).to(tl.int64)  # one program per (b, l, head) row over Hq query, Hkv key, Hkv value heads
     heads = Hq + 2 * Hkv
     head, pos, batch = pid % heads, (pid // heads) % L, pid // (heads * L)
     offs = tl.arange(0, HALF_BLOCK)
     mask = offs < D // 2
+    # this head's norm weight (q_norm's, k_norm's; none for v_norm) before the PDL wait, as _norm_weight says
+    w_ptr = q_w_ptr if head < Hq else k_w_ptr
+    weighted = head < Hq + Hkv
+    w1 = tl.where(weighted, tl.load(w_ptr + offs, mask=mask & weighted, other=0.0).to(tl.float32), 1.0)
+    w2 = tl.where(weighted, tl.load(w_ptr + D // 2 + offs, mask=mask & weighted, other=0.0).to(tl.float32), 1.0)
+    after_previous_kernel(PDL)
     dtype = query_ptr.dtype.element_ty
     c_row = batch * c_sb + pos * c_sl
     if head < Hq:  # q_norm + RoPE -> query [B, Hq, L, D]
-        n1, n2 = _norm_rope_row(q_ptr + batch * q_sb + pos * q_sl + head * D, q_w_ptr, cos_ptr + c_row,
-                                sin_ptr + c_row, offs, mask, D, eps, dtype, True, True, HALF_BLOCK)
+        n1, n2 = _norm_rope_row(q_ptr + batch * q_sb + pos * q_sl + head * D, w1, w2, cos_ptr + c_row,
+                                sin_ptr + c_row, offs, mask, D, eps, dtype, True, HALF_BLOCK)
         query_row = query_ptr + ((batch * Hq + head) * L + pos) * D
         _store(query_row + offs, n1, mask)
         _store(query_row + D // 2 + offs, n2, mask)
@@ -209,14 +220,14 @@ def _qkv_norm_rope_store_kernel(q_ptr, k_ptr, v_ptr, q_w_ptr, k_w_ptr, cos_ptr, 
         slot = tl.load(slots_ptr + batch * L + pos).to(tl.int64)
         if head < Hq + Hkv:  # k_norm + RoPE
             kv_head = head - Hq
-            n1, n2 = _norm_rope_row(k_ptr + batch * k_sb + pos * k_sl + kv_head * D, k_w_ptr, cos_ptr + c_row,
-                                    sin_ptr + c_row, offs, mask, D, eps, dtype, True, True, HALF_BLOCK)
+            n1, n2 = _norm_rope_row(k_ptr + batch * k_sb + pos * k_sl + kv_head * D, w1, w2, cos_ptr + c_row,
+                                    sin_ptr + c_row, offs, mask, D, eps, dtype, True, HALF_BLOCK)
             cache_row = key_cache_ptr + batch * cache_sb + kv_head * cache_sh + slot * cache_ss
             scale_ptr = key_scale_ptr + kv_head
         else:  # the weightless v_norm, no RoPE
             kv_head = head - Hq - Hkv
-            n1, n2 = _norm_rope_row(v_ptr + batch * v_sb + pos * v_sl + kv_head * D, k_w_ptr, cos_ptr, sin_ptr,
-                                    offs, mask, D, eps, dtype, False, False, HALF_BLOCK)
+            n1, n2 = _norm_rope_row(v_ptr + batch * v_sb + pos * v_sl + kv_head * D, w1, w2, cos_ptr, sin_ptr,
+                                    offs, mask, D, eps, dtype, False, HALF_BLOCK)
             cache_row = value_cache_ptr + batch * cache_sb + kv_head * cache_sh + slot * cache_ss
             scale_ptr = value_scale_ptr + kv_head
         if FP8:  # n1, n2 hold model-dtype values (the eager path's K/V), quantized from there
