@@ -1,6 +1,5 @@
 """Decode attention alone (one query token per row, bf16 queries, CUDA): the split-K kernel at a preset's sliding and
-global layer shapes, over its split counts, keys per block and merges (by the last split to finish or the merge
-kernel), each timed inside a CUDA graph of calls that cycle
+global layer shapes, over its split counts and keys per block, each timed inside a CUDA graph of calls that cycle
 through K/V copies of ~200 MB (read from memory, as in a decode step, whose ~4 GB of weights evict the 50 MB L2
 between a layer's steps), on a bf16 cache and/or an fp8 one (`--kv-cache-dtype auto fp8`, per-head scales).
 
@@ -68,27 +67,21 @@ def main():
             bound = {"num_keys": query_positions + 1}
         default_block = _block_n(dim, 2, args.batch * kv_heads, candidates, torch.device("cuda"))
         results = []
-        for block_n, splits, merge in itertools.product(sorted({16, 32, 64, default_block}), (None, 8, 16, 32, 64),
-                                                        (None, True, False)):
+        for block_n, splits in itertools.product(sorted({16, 32, 64, default_block}), (None, 8, 16, 32, 64)):
             if block_n * dim * 2 > tile("attention", "MAX_TILE_BYTES", torch.device("cuda")):  # shared memory
                 continue
 
-            def call(i, block_n=block_n, splits=splits, merge=merge):
+            def call(i, block_n=block_n, splits=splits):
                 return decode_attention(query, keys[i % copies], values[i % copies], positions, query_positions,
-                                        window, num_splits=splits, block_n=block_n, merge_in_kernel=merge, **bound,
-                                        **scales)
-            merged_by = {None: "default", True: "last split", False: "merge kernel"}[merge]
-            results.append((graph_us(call, calls=100), block_n, splits or "default", merged_by))
+                                        window, num_splits=splits, block_n=block_n, **bound, **scales)
+            results.append((graph_us(call, calls=100), block_n, splits or "default"))
         results.sort()
-        default = next(r for r in results if r[1:] == (default_block, "default", "default"))
+        default = next(r for r in results if r[1] == default_block and r[2] == "default")
         print(f"{name}, {'fp8' if fp8 else 'bf16'} cache: {heads} heads / {kv_heads} kv heads, D {dim}, {candidates} "
               f"candidates, {kv_bytes / 1e6:.2f} MB of K/V | default (block {default_block}) {default[0]:.2f} us "
               f"({kv_bytes / default[0] / 1e3:,.0f} GB/s)")
-        for merged_by in ("last split", "merge kernel"):
-            us = next(r[0] for r in results if r[1:] == (default_block, "default", merged_by))
-            print(f"  default tiles, merged by the {merged_by}: {us:.2f} us")
-        for us, block_n, splits, merged_by in results[:8]:
-            print(f"  {us:6.2f} us  block {block_n:2d}  splits {splits}  merged by the {merged_by}")
+        for us, block_n, splits in results[:6]:
+            print(f"  {us:6.2f} us  block {block_n:2d}  splits {splits}")
 
 
 if __name__ == "__main__":

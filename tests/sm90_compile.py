@@ -141,11 +141,6 @@ def main() -> None:
     pool = rand(2, 400, 64)
     attention.decode_attention(q, pool, pool, positions, torch.full((2,), 199), slots=positions.clone(),
                                num_keys=torch.full((2,), 150))
-    # the splits merged by the last one to finish, and by the merge kernel (a 26B-A4B sliding layer's heads)
-    q, kv = rand(1, 16, 256), rand(1, 8, 1025, 256)
-    for merge in (True, False):
-        attention.decode_attention(q, kv, kv, torch.arange(1025)[None], torch.full((1,), 1024), window=1024,
-                                   num_splits=33, merge_in_kernel=merge)
     # MoE, router, gated activation.
     x = rand(3, 256)
     experts = torch.zeros(3, 2, dtype=torch.int64)

@@ -93,12 +93,10 @@ def test_paged_pool_with_window_and_bound(dtype):
         check(out, reference(q, key, value, positions, query_positions, window), dtype)
 
 
-@pytest.mark.parametrize("merge_in_kernel", [False, True])
 @pytest.mark.parametrize("num_splits", [1, 3, 8])
-def test_split_counts_agree(num_splits, merge_in_kernel):
-    """Any split count gives the same result, the splits merged by the merge kernel or by the last split to finish:
-    several blocks per split (the running max moves, old state is rescaled), and splits left empty by a small
-    num_keys."""
+def test_split_counts_agree(num_splits):
+    """Any split count gives the same result: several blocks per split (the running max moves, old state is
+    rescaled), and splits left empty by a small num_keys."""
     g = torch.Generator().manual_seed(3)
     batch, kv_heads, groups, dim, length = 2, 1, 2, 16, 300
     q, k, v = make(batch, kv_heads * groups, kv_heads, length, dim, torch.float32, g)
@@ -106,13 +104,12 @@ def test_split_counts_agree(num_splits, merge_in_kernel):
     positions = torch.arange(length, device=DEVICE).expand(batch, length)
     query_positions = torch.tensor([299, 10], device=DEVICE)
     num_keys = query_positions + 1
-    out = decode_attention(q, k, v, positions, query_positions, num_keys=num_keys, num_splits=num_splits,
-                           merge_in_kernel=merge_in_kernel)
+    out = decode_attention(q, k, v, positions, query_positions, num_keys=num_keys, num_splits=num_splits)
     check(out, reference(q, k, v, positions, query_positions), torch.float32)
 
 
-@pytest.mark.parametrize("num_splits,merge_in_kernel", [(1, False), (2, False), (2, True)])  # 1: no merge
-def test_row_without_visible_key_is_zero(num_splits, merge_in_kernel):
+@pytest.mark.parametrize("num_splits", [1, 2])  # 1: the split kernel writes the output itself
+def test_row_without_visible_key_is_zero(num_splits):
     g = torch.Generator().manual_seed(4)
     batch, kv_heads, groups, dim, length = 3, 1, 4, 16, 40
     q, k, v = make(batch, kv_heads * groups, kv_heads, length, dim, torch.float32, g)
@@ -120,7 +117,7 @@ def test_row_without_visible_key_is_zero(num_splits, merge_in_kernel):
     positions[0] = -1  # row 0: every slot empty
     positions[2] += 10  # row 2: every key lies after the query
     query_positions = torch.tensor([39, 39, 5], device=DEVICE)
-    out = decode_attention(q, k, v, positions, query_positions, num_splits=num_splits, merge_in_kernel=merge_in_kernel)
+    out = decode_attention(q, k, v, positions, query_positions, num_splits=num_splits)
     assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(out[2], torch.zeros_like(out[2]))
     check(out[1:2], reference(q[1:2], k[1:2], v[1:2], positions[1:2], query_positions[1:2]), torch.float32)
 
@@ -158,28 +155,3 @@ def test_keys_per_block_follow_the_wanted_splits(monkeypatch):
     assert attention._block_n(512, 2, 1, 1088, cuda) == 32  # global layers keep 32
     assert attention._block_n(256, 2, 64, 513, cuda) == 64  # batch 64: programs enough without splitting finer
     assert attention._block_n(256, 4, 1, 513, cuda) == 16  # fp32: 32 at most, then down to 16
-
-
-def test_merge_in_kernel_rearms_its_counters_and_follows_the_table(monkeypatch):
-    """The last split to finish merges and re-arms its (row, kv head)'s counter: launch after launch (as CUDA-graph
-    replays) give the reference's output and leave the counters at zero. Which merge runs follows MERGE_MAX_BYTES."""
-    from gemma4.kernels import attention
-    from gemma4.kernels.counters import finished_counters
-    g = torch.Generator().manual_seed(6)
-    batch, kv_heads, groups, dim, length = 2, 2, 3, 32, 70
-    q, k, v = make(batch, kv_heads * groups, kv_heads, length, dim, torch.float32, g)
-    positions = torch.arange(length, device=DEVICE).expand(batch, length)
-    query_positions = torch.tensor([69, 30], device=DEVICE)
-    expected = reference(q, k, v, positions, query_positions, 50)
-    merges, combine = [], attention.combine_splits
-    monkeypatch.setattr(attention, "combine_splits", lambda *args, **kw: merges.append(1) or combine(*args, **kw))
-    table = dict(attention.config("attention", q.device))
-    partial_bytes = groups * dim * 4 * 4  # fp32 partials of one (row, kv head) at 4 splits
-    for limit, merge_kernels in ((partial_bytes, 0), (partial_bytes - 1, 1)):
-        monkeypatch.setattr(attention, "config", lambda kernel, device, cap=limit: {**table, "MERGE_MAX_BYTES": cap})
-        merges.clear()
-        for _ in range(3):
-            out = decode_attention(q, k, v, positions, query_positions, 50, num_splits=4)
-            check(out, expected, torch.float32)
-        assert len(merges) == 3 * merge_kernels
-    assert not finished_counters("decode_attention", q.device, batch * kv_heads).any()

@@ -4,8 +4,7 @@ A decode step has one query per row, so a kernel that gives each (row, head) one
 batch 1. Here the candidate keys of each row are cut into `num_splits` ranges; program (row * Hkv + kv head, split)
 runs an online softmax over its range for all G query heads sharing that kv head (a [G_pad, D] tile, so the K/V
 block is read once per kv head and both products run on tl.dot), and writes an fp32 partial output with its
-log-sum-exp. The splits are merged by the row and kv head's last split to finish where their partials are few
-(MERGE_MAX_BYTES: at batch 1 a second launch costs more than the merge), else by a second small kernel.
+log-sum-exp. A second small kernel merges the splits.
 
 Masking is `attention_mask`'s rule, from positions only: key j is visible iff 0 <= kpos <= qpos and, with a window,
 qpos - kpos < window. The grid depends on shapes only and the per-row bound `num_keys` is read on the device, so a
@@ -26,7 +25,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .counters import finished_counters
 from .pdl import after_previous_kernel, launch_options
 from .rounding import dot_operand
 from .tuning import config
@@ -90,13 +88,12 @@ def _online_softmax_step(s, v, m_i, l_i, acc, dtype: tl.constexpr, INTERPRET: tl
 # a kernel of its own, on a user's request, for the last-position-only prefill of a new prompt length); none of them
 # addresses a vector load.
 @triton.jit(do_not_specialize=["qpos_ptr", "nkeys_ptr", "stride_pb", "stride_sb", "num_candidates", "window",
-                               "num_splits", "counter_ptr"])
+                               "num_splits"])
 def _split_kernel(q_ptr, k_ptr, v_ptr, kpos_ptr, qpos_ptr, slots_ptr, nkeys_ptr, part_ptr, lse_ptr, out_ptr,
                   k_scale_ptr, v_scale_ptr, stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
                   stride_vn, stride_pb, stride_pn, stride_sb, stride_sn, num_kv_heads, num_candidates, head_dim, window,
-                  num_splits, counter_ptr, GROUPS: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_D: tl.constexpr, PAGED: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_NUM_KEYS: tl.constexpr,
-                  FP8: tl.constexpr, MERGE: tl.constexpr, SPLITS_PAD: tl.constexpr, MERGE_D: tl.constexpr,
+                  num_splits, GROUPS: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  PAGED: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_NUM_KEYS: tl.constexpr, FP8: tl.constexpr,
                   INTERPRET: tl.constexpr, PDL: tl.constexpr):
     after_previous_kernel(PDL)
     pid, split = tl.program_id(0), tl.program_id(1)
@@ -151,44 +148,25 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, kpos_ptr, qpos_ptr, slots_ptr, nkeys_ptr,
     else:
         tl.store(part_ptr + row[:, None] * head_dim + offs_d[None, :], out, mask=o_mask)
         tl.store(lse_ptr + row, lse, mask=g_mask)
-        if MERGE:
-            # The last split to finish merges: its acquire pairs with the other splits' releases (acq_rel atomics),
-            # so their partials are visible to it; it then re-arms the counter for the next launch.
-            finished = tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel")
-            if finished == num_splits - 1:
-                for g in tl.static_range(GROUPS):
-                    for d_start in tl.static_range(0, BLOCK_D, MERGE_D):
-                        _merge_splits(part_ptr, lse_ptr, out_ptr, (b * num_kv_heads + hk) * GROUPS + g, d_start,
-                                      head_dim, num_splits, SPLITS_PAD, MERGE_D)
-                tl.atomic_xchg(counter_ptr + pid, 0, sem="relaxed")
-
-
-@triton.jit
-def _merge_splits(part_ptr, lse_ptr, out_ptr, head_row, d_start, head_dim, num_splits, SPLITS_PAD: tl.constexpr,
-                  BLOCK_D: tl.constexpr):
-    """Dims [d_start, d_start + BLOCK_D) of one (row, query head)'s output from its splits' partials."""
-    offs_s, offs_d = tl.arange(0, SPLITS_PAD), d_start + tl.arange(0, BLOCK_D)
-    s_mask, d_mask = offs_s < num_splits, offs_d < head_dim
-    # .cg: read past L1, other programs of the same launch may have just written them
-    lse = tl.load(lse_ptr + head_row * num_splits + offs_s, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
-    # out = sum_i exp(lse_i) o_i / sum_i exp(lse_i), shifted by the max lse; a row that saw no key at all has every
-    # weight 0 and gets 0 (where the reference, an all-False mask row, would give NaN).
-    m = tl.max(lse, 0)
-    weight = tl.exp(lse - tl.where(m == float("-inf"), 0.0, m))
-    part = tl.load(part_ptr + (head_row * num_splits + offs_s[:, None]) * head_dim + offs_d[None, :],
-                   mask=s_mask[:, None] & d_mask[None, :], other=0.0, cache_modifier=".cg")
-    total = tl.sum(weight, 0)
-    out = tl.sum(weight[:, None] * part, 0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + head_row * head_dim + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
 @triton.jit(do_not_specialize=["num_splits"])
 def _combine_kernel(part_ptr, lse_ptr, out_ptr, head_dim, num_splits, SPLITS_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
                     PDL: tl.constexpr):
     after_previous_kernel(PDL)
-    # one (row, query head); program_id(1): a BLOCK_D slice of its dims
-    _merge_splits(part_ptr, lse_ptr, out_ptr, tl.program_id(0).to(tl.int64), tl.program_id(1) * BLOCK_D, head_dim,
-                  num_splits, SPLITS_PAD, BLOCK_D)
+    pid = tl.program_id(0).to(tl.int64)  # one (row, query head); program_id(1): a BLOCK_D slice of its dims
+    offs_s, offs_d = tl.arange(0, SPLITS_PAD), tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    s_mask, d_mask = offs_s < num_splits, offs_d < head_dim
+    lse = tl.load(lse_ptr + pid * num_splits + offs_s, mask=s_mask, other=float("-inf"))
+    # out = sum_i exp(lse_i) o_i / sum_i exp(lse_i), shifted by the max lse; a row that saw no key at all has every
+    # weight 0 and gets 0 (where the reference, an all-False mask row, would give NaN).
+    m = tl.max(lse, 0)
+    weight = tl.exp(lse - tl.where(m == float("-inf"), 0.0, m))
+    part = tl.load(part_ptr + (pid * num_splits + offs_s[:, None]) * head_dim + offs_d[None, :],
+                   mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+    total = tl.sum(weight, 0)
+    out = tl.sum(weight[:, None] * part, 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + pid * head_dim + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
 @functools.cache
@@ -223,13 +201,12 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                      query_positions: torch.Tensor, window: int | None = None, slots: torch.Tensor | None = None,
                      num_keys: torch.Tensor | None = None, num_splits: int | None = None,
                      block_n: int | None = None, any_length: bool = False, key_scale: torch.Tensor | None = None,
-                     value_scale: torch.Tensor | None = None, merge_in_kernel: bool | None = None) -> torch.Tensor:
+                     value_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per row -> [B, H, D] in query's dtype (scale 1.0, as `attend`); a row that sees no key gets
     zeros. query [B, H, D]; key/value [B, Hkv, S_buf, D] (candidate j = key[b, :, j]), or with `slots` [B, S] pools
     [Hkv, N, D] (candidate j = pool[:, slots[b, j]]). key_positions [B, S] (-1 = empty), query_positions [B]. H = G *
     Hkv, query head h reads kv head h // G. num_keys [B] (on the device): only candidates [0, num_keys[b]) of row b
-    are read. num_splits, block_n and merge_in_kernel override the shape-based split count, keys per block and
-    choice of the split kernel's merge over the merge kernel (tuning, tests).
+    are read. num_splits and block_n override the shape-based split count and keys per block (tuning, tests).
     `any_length`: blocks of keys as wide as the tile allows whatever their number, so that calls with ever new numbers
     of keys (a prefill's last position) share one compiled kernel; a decode step's number is fixed by its engine, and
     it takes the narrower blocks that spread short rows over more SMs. key/value may be float8 e4m3 (an fp8 cache),
@@ -269,21 +246,15 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     part = torch.empty(batch, num_heads, splits, head_dim, dtype=torch.float32, device=query.device)
     lse = torch.empty(batch, num_heads, splits, dtype=torch.float32, device=query.device)
     out = torch.empty(batch, num_heads, head_dim, dtype=query.dtype, device=query.device)
-    if merge_in_kernel is None:  # the last split merges where the partials of a (row, kv head) are few
-        merge_in_kernel = groups * head_dim * splits * part.element_size() <= tuned["MERGE_MAX_BYTES"]
-    merge_in_kernel = merge_in_kernel and splits > 1
-    counters = finished_counters("decode_attention", query.device, batch * num_kv_heads) if merge_in_kernel else out
     _split_kernel[(batch * num_kv_heads, splits)](
         query, key, value, key_positions, query_positions, slots if slots is not None else key_positions,
         num_keys if num_keys is not None else query_positions, part, lse, out, key_scale, value_scale,
         *query.stride()[:2], *k_strides,
         *v_strides, *key_positions.stride()[:2], *slot_strides, num_kv_heads, candidates, head_dim, window or 0, splits,
-        counters, GROUPS=groups, G_PAD=max(16, triton.next_power_of_2(groups)), BLOCK_N=block_n, BLOCK_D=block_d,
+        GROUPS=groups, G_PAD=max(16, triton.next_power_of_2(groups)), BLOCK_N=block_n, BLOCK_D=block_d,
         PAGED=slots is not None, HAS_WINDOW=window is not None, HAS_NUM_KEYS=num_keys is not None, FP8=fp8,
-        MERGE=merge_in_kernel, SPLITS_PAD=_splits_pad(splits, query.device),
-        MERGE_D=min(block_d, tuned["COMBINE_BLOCK_D"]), INTERPRET=not out.is_cuda, num_warps=tuned["num_warps"],
-        num_stages=tuned["num_stages"], **launch_options(out))
-    if splits == 1 or merge_in_kernel:
+        INTERPRET=not out.is_cuda, num_warps=tuned["num_warps"], num_stages=tuned["num_stages"], **launch_options(out))
+    if splits == 1:
         return out
     combine_splits(part, lse, out, **launch_options(query))
     return out
@@ -299,9 +270,5 @@ def combine_splits(part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, **l
     tuned = config("attention", part.device)
     combine_d = min(max(16, triton.next_power_of_2(head_dim)), tuned["COMBINE_BLOCK_D"])
     _combine_kernel[(rows, triton.cdiv(head_dim, combine_d))](
-        part, lse, out, head_dim, splits, SPLITS_PAD=_splits_pad(splits, part.device), BLOCK_D=combine_d, **launch)
-
-
-def _splits_pad(splits: int, device: torch.device) -> int:
-    """Splits as a merge pads them: to MAX_SPLITS at least, so that one compiled kernel serves every count."""
-    return triton.next_power_of_2(max(splits, config("attention", device)["MAX_SPLITS"]))
+        part, lse, out, head_dim, splits, SPLITS_PAD=triton.next_power_of_2(max(splits, tuned["MAX_SPLITS"])),
+        BLOCK_D=combine_d, **launch)

@@ -43,7 +43,6 @@ attention (decode):
   MAX_SPLITS          splits of a row's keys at most
   num_warps, num_stages  of the split kernel
   COMBINE_BLOCK_D     head dims per program of the merge
-  MERGE_MAX_BYTES     fp32 partials of a (row, kv head) up to which its last split merges them (no merge kernel)
 prefill_attention: (BLOCK_M queries, BLOCK_N keys, BLOCK_DV value dims (null: the whole head), warps)
   TILES               16-bit dtypes, head dims up to 256
   WIDE_HEAD_TILES     16-bit dtypes, larger head dims
