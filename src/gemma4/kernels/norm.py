@@ -53,12 +53,14 @@ def _unit_rms(h, D, eps):
 
 
 @triton.jit
-def _normalize(h, w_ptr, offs, mask, D, eps, HAS_WEIGHT: tl.constexpr):
-    # RMSNorm.forward on an fp32 row: normalize, then scale by the weight, both before any rounding.
-    h = _unit_rms(h, D, eps)
+def _norm_weight(w_ptr, offs, mask, HAS_WEIGHT: tl.constexpr):
+    """A norm's weight as fp32 values (1.0 without one). The norm kernels load their weights before their PDL wait:
+    no kernel writes them, and a weight is rarely in L2 (a decode step reads GBs of them), so its load takes the
+    memory's latency, which the previous kernel's tail then hides."""
+    w = 1.0
     if HAS_WEIGHT:
-        h = h * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    return h
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return w
 
 
 @triton.jit
@@ -86,17 +88,6 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, x_stride, D, eps, root_size, HAS_WEI
         _store(out_ptr + row * D + offs, _router_scaled(h, w, D, eps, root_size, out_ptr.dtype.element_ty), mask)
     else:
         _store(out_ptr + row * D + offs, _unit_rms(h, D, eps) * w, mask)
-
-
-@triton.jit
-def _norm_weight(w_ptr, offs, mask, HAS_WEIGHT: tl.constexpr):
-    """A norm's weight as fp32 values (1.0 without one). The norm kernels load their weights before their PDL wait:
-    no kernel writes them, and a weight is rarely in L2 (a decode step reads GBs of them), so its load takes the
-    memory's latency, which the previous kernel's tail then hides."""
-    w = 1.0
-    if HAS_WEIGHT:
-        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    return w
 
 
 @triton.jit

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .norm import _normalize, _warps
+from .norm import _norm_weight, _unit_rms, _warps
 from .pdl import after_previous_kernel, launch_options
 from .rounding import round_to
 
@@ -60,10 +60,11 @@ def _per_layer_inputs_kernel(context_ptr, ids_ptr, table_ptr, norm_w_ptr, out_pt
     offs = tl.arange(0, BLOCK)
     mask = offs < D
     dtype = out_ptr.dtype.element_ty
+    norm_w = _norm_weight(norm_w_ptr, offs, mask, True)  # before the wait: see _norm_weight
     after_previous_kernel(PDL)
     at = token * layers_x_dim + layer * D + offs
     context = round_to(tl.load(context_ptr + at, mask=mask, other=0.0).to(tl.float32) * context_scale, dtype)
-    normed = round_to(_normalize(context, norm_w_ptr, offs, mask, D, eps, True), dtype)
+    normed = round_to(_unit_rms(context, D, eps) * norm_w, dtype)
     row = tl.load(ids_ptr + token)
     own = tl.load(table_ptr + row * layers_x_dim + layer * D + offs, mask=mask, other=0.0).to(tl.float32)
     summed = round_to(normed + round_to(own * table_scale, dtype), dtype)
