@@ -49,14 +49,14 @@ def test_sass_counts_script():
 NORMS_PTX = """
 import torch, triton
 import sm90_compile
-from gemma4.kernels import moe, norm, step_inputs
+from gemma4.kernels import moe, norm, router, step_inputs
 compile_for_sm90 = triton.compile
 def compile_and_count(source, target=None, options=None):
     ptx = compile_for_sm90(source, target=target, options=options).asm["ptx"]
     before, _, after = ptx.partition("griddepcontrol.wait")
     print(source.fn.__name__, before.count("ld.global"), after.count("ld.global"))
 triton.compile = compile_and_count
-sm90_compile.compile_launches(moe, norm, step_inputs)
+sm90_compile.compile_launches(moe, norm, router, step_inputs)
 rows, w = torch.randn(2, 256).bfloat16(), torch.randn(256).bfloat16()
 norm.rms_norm(rows, w, 1e-6)
 norm.residual_rms_norm(rows, rows.clone(), w, 1e-6, w[:1], w, 1e-6)
@@ -69,15 +69,16 @@ norm.qkv_norm_rope_store(torch.randn(2, 1, 256).bfloat16(), torch.randn(2, 1, 12
 moe.moe_residual_norm(rows, rows.clone(), rows.clone(), w, w, w, 1e-6, w[:1], w, 1e-6)
 step_inputs.per_layer_inputs(torch.randn(2, 1, 4 * 256).bfloat16(), torch.zeros(2, 1, dtype=torch.int64),
                              torch.randn(8, 4 * 256).bfloat16(), w, 1e-6, 0.025, 16.0)
+router.route(torch.randn(2, 128).bfloat16(), torch.rand(128).bfloat16(), 8)
 """
 
 
 def test_norm_kernels_load_their_weights_before_the_pdl_wait():
-    """The norm kernels' weights (no kernel writes them) are loaded before griddepcontrol.wait, the rows after it:
-    global loads on both sides of the wait in each kernel's sm_90 PTX."""
+    """The norm kernels' weights and the router's per-expert scales (no kernel writes them) are loaded before
+    griddepcontrol.wait, the rows after it: global loads on both sides of the wait in each kernel's sm_90 PTX."""
     done = compiling("-c", NORMS_PTX)
     counts = {name: (int(before), int(after)) for name, before, after in map(str.split, done.stdout.splitlines())}
     assert set(counts) == {"_rms_norm_kernel", "_residual_rms_norm_kernel", "_qk_norm_rope_kernel",
-                           "_qkv_norm_rope_store_kernel", "_moe_residual_norm_kernel", "_per_layer_inputs_kernel"}, \
-        done.stdout
+                           "_qkv_norm_rope_store_kernel", "_moe_residual_norm_kernel", "_per_layer_inputs_kernel",
+                           "_route_kernel"}, done.stdout
     assert all(before > 0 and after > 0 for before, after in counts.values()), counts

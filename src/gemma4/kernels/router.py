@@ -24,9 +24,17 @@ from ..model.quantized import QuantizedWeight
 
 
 @triton.jit
-def _route_row(s, offs, mask, pes_ptr, weights_ptr, experts_ptr, row, TOP_K: tl.constexpr, BLOCK: tl.constexpr,
+def _expert_scales(pes_ptr, offs, mask):
+    """per_expert_scale as fp32 [BLOCK], loaded before the PDL wait (no kernel writes it): gathered after the top-k
+    instead, its load was a memory latency on every MoE layer's critical path."""
+    return tl.load(pes_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _route_row(s, offs, mask, scales, weights_ptr, experts_ptr, row, TOP_K: tl.constexpr, BLOCK: tl.constexpr,
                K_BLOCK: tl.constexpr):
-    """Routes one row of fp32 scores s [BLOCK] (padding lanes -inf): its TOP_K weights and experts stored at `row`."""
+    """Routes one row of fp32 scores s [BLOCK] (padding lanes -inf): its TOP_K weights and experts stored at `row`,
+    the weights times the chosen experts' `scales` (`_expert_scales`)."""
     # softmax(dtype=float32): exp(s - max) / sum, as CUDA's softmax epilogue divides (the CPU multiplies by the
     # reciprocal: an ulp apart at most). Padding lanes hold -inf: exp gives 0, they add nothing to the sum.
     e = tl.exp(s - tl.max(s, axis=0))
@@ -47,8 +55,9 @@ def _route_row(s, offs, mask, pes_ptr, weights_ptr, experts_ptr, row, TOP_K: tl.
         cand = tl.where(offs == i, -1.0, cand)
     k_mask = k_offs < TOP_K
     top = top / tl.sum(top, axis=0)  # lanes past TOP_K are 0: the sum is over the k chosen
-    # fp32 weights times the gathered model-dtype scale: the product promotes to fp32, no rounding to the dtype.
-    scale = tl.load(pes_ptr + idx, mask=k_mask, other=0.0).to(tl.float32)
+    # fp32 weights times the chosen experts' model-dtype scales (picked from registers: one lane of each row of the
+    # [K_BLOCK, BLOCK] selection is the scale, the others 0): fp32 products, no rounding to the dtype.
+    scale = tl.sum(tl.where(offs[None, :] == idx[:, None], scales[None, :], 0.0), axis=1)
     tl.store(weights_ptr + row * TOP_K + k_offs, top * scale, mask=k_mask)
     tl.store(experts_ptr + row * TOP_K + k_offs, idx.to(tl.int64), mask=k_mask)
 
@@ -56,12 +65,13 @@ def _route_row(s, offs, mask, pes_ptr, weights_ptr, experts_ptr, row, TOP_K: tl.
 @triton.jit
 def _route_kernel(scores_ptr, pes_ptr, weights_ptr, experts_ptr, scores_stride, E,
                   TOP_K: tl.constexpr, BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, PDL: tl.constexpr):
-    after_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < E
+    scales = _expert_scales(pes_ptr, offs, mask)
+    after_previous_kernel(PDL)
     s = tl.load(scores_ptr + row * scores_stride + offs, mask=mask, other=float("-inf")).to(tl.float32)
-    _route_row(s, offs, mask, pes_ptr, weights_ptr, experts_ptr, row, TOP_K, BLOCK, K_BLOCK)
+    _route_row(s, offs, mask, scales, weights_ptr, experts_ptr, row, TOP_K, BLOCK, K_BLOCK)
 
 
 @triton.jit
@@ -73,15 +83,16 @@ def _project_and_route_kernel(x_ptr, w_ptr, scale_ptr, scores_ptr, counter_ptr, 
     """gemv.py's GEMV of one row into scores (model dtype, `block_product`); the last program to finish routes the
     whole row: its acquire (acq_rel counter) pairs with every other program's release, so their score stores are
     visible to it, read past L1; it then re-arms the counter for the next launch."""
+    offs = tl.arange(0, BLOCK)
+    mask = offs < E
+    scales = _expert_scales(pes_ptr, offs, mask)  # before block_product's PDL wait
     rows, y = block_product(x_ptr, w_ptr, scale_ptr, E, stride_wn, stride_sn, stride_sk, K, BLOCK_N, BLOCK_K, WFMT,
                             GROUP, SCALE_ROWS, PDL)
     tl.store(scores_ptr + rows, y.to(scores_ptr.dtype.element_ty), mask=rows < E)
     finished = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
     if finished == tl.num_programs(0) - 1:
-        offs = tl.arange(0, BLOCK)
-        mask = offs < E
         s = tl.load(scores_ptr + offs, mask=mask, other=float("-inf"), cache_modifier=".cg").to(tl.float32)
-        _route_row(s, offs, mask, pes_ptr, weights_ptr, experts_ptr, 0, TOP_K, BLOCK, K_BLOCK)
+        _route_row(s, offs, mask, scales, weights_ptr, experts_ptr, 0, TOP_K, BLOCK, K_BLOCK)
         tl.atomic_xchg(counter_ptr, 0, sem="relaxed")
 
 
