@@ -28,7 +28,7 @@ import triton.language as tl
 from .activation import ACTIVATION_CODES, activation_fp32
 from .attention import _dot
 from .gemv import DENSE, INT4_WORDS, PER_ROW, _dots, _first_tiles, exact_fp32, format_prefix
-from .norm import _norm_weight, _rows, _store, _unit_rms, _warps
+from .norm import _norm_weight, _norm_weights, _rows, _store, _unit_rms, _warps
 from .pdl import after_previous_kernel, launch_options
 from .quantized_matmul import _dequantized_tile
 from .rounding import dot_operand, round_to
@@ -551,10 +551,7 @@ def _moe_residual_norm_kernel(res_ptr, dense_ptr, sparse_ptr, slots_ptr, pair_w_
     # Before the wait (see moe_residual_norm): the residual, the norm weights and the layer scalar.
     residual = tl.load(res_ptr + row * res_stride + offs, mask=mask, other=0.0).to(tl.float32)
     dense_w, sparse_w = _norm_weight(dense_w_ptr, offs, mask, True), _norm_weight(sparse_w_ptr, offs, mask, True)
-    w, next_w = _norm_weight(w_ptr, offs, mask, True), _norm_weight(next_w_ptr, offs, mask, HAS_NEXT)
-    scalar = 1.0
-    if HAS_SCALAR:
-        scalar = tl.load(scalar_ptr).to(tl.float32)
+    w, scalar, next_w = _norm_weights(w_ptr, scalar_ptr, next_w_ptr, offs, mask, True, HAS_SCALAR, HAS_NEXT)
     after_previous_kernel(PDL)
     dense = tl.load(dense_ptr + row * dense_stride + offs, mask=mask, other=0.0).to(tl.float32)
     dense_normed = round_to(_unit_rms(dense, D, eps) * dense_w, dtype)

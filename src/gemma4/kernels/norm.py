@@ -193,11 +193,12 @@ def _qkv_norm_rope_store_kernel(q_ptr, k_ptr, v_ptr, q_w_ptr, k_w_ptr, cos_ptr, 
     head, pos, batch = pid % heads, (pid // heads) % L, pid // (heads * L)
     offs = tl.arange(0, HALF_BLOCK)
     mask = offs < D // 2
-    # this head's norm weight (q_norm's, k_norm's; none for v_norm) before the PDL wait, as _norm_weight says
+    # this head's norm weight before the PDL wait, as _norm_weight says: q_norm's, k_norm's, 1.0 for the weightless
+    # v_norm (padding lanes read 1.0 too: their values are 0 and never stored)
     w_ptr = q_w_ptr if head < Hq else k_w_ptr
-    weighted = head < Hq + Hkv
-    w1 = tl.where(weighted, tl.load(w_ptr + offs, mask=mask & weighted, other=0.0).to(tl.float32), 1.0)
-    w2 = tl.where(weighted, tl.load(w_ptr + D // 2 + offs, mask=mask & weighted, other=0.0).to(tl.float32), 1.0)
+    weighted = mask & (head < Hq + Hkv)
+    w1 = tl.load(w_ptr + offs, mask=weighted, other=1.0).to(tl.float32)
+    w2 = tl.load(w_ptr + D // 2 + offs, mask=weighted, other=1.0).to(tl.float32)
     after_previous_kernel(PDL)
     dtype = query_ptr.dtype.element_ty
     c_row = batch * c_sb + pos * c_sl
