@@ -145,13 +145,17 @@ def test_decode_attention_reads_strided_query_positions():
 
 
 def test_keys_per_block_follow_the_wanted_splits(monkeypatch):
-    """Blocks shrink (to 16 keys, at D <= 256 only) until the candidates give the splits an H200 wants (two programs
-    per SM): the choices measured fastest in benchmarks/decode_attention.py."""
+    """At D <= 256, where rows are split, tiles of 16 KiB at most, then blocks shrink (to 16 keys) until the
+    candidates give the splits wanted (two programs per SM); a batch that needs no splits and the global layers keep
+    the widest tile: the choices measured fastest in benchmarks/decode_attention.py."""
     from gemma4.kernels import attention
     monkeypatch.setattr(attention, "_sm_count", lambda device: 132)
     cuda = torch.device("cuda")
     assert attention._block_n(256, 2, 1, 513, cuda) == 16  # E2B sliding, batch 1: 33 splits
     assert attention._block_n(256, 2, 8, 1025, cuda) == 32  # 26B-A4B sliding (8 kv heads): 33 splits
+    assert attention._block_n(256, 2, 16, 1025, cuda) == 32  # 31B sliding (16 kv heads): 17 splits of 16 KiB tiles
+    assert attention._block_n(256, 1, 16, 1025, cuda) == 64  # the same on an fp8 cache: 64 keys are 16 KiB
     assert attention._block_n(512, 2, 1, 1088, cuda) == 32  # global layers keep 32
-    assert attention._block_n(256, 2, 64, 513, cuda) == 64  # batch 64: programs enough without splitting finer
+    assert attention._block_n(256, 2, 64 * 16, 1025, cuda) == 64  # 31B at batch 64: no splits, the widest tile
+    assert attention._block_n(256, 2, 64, 513, cuda) == 32  # E2B at batch 64: 5 splits, 16 KiB tiles
     assert attention._block_n(256, 4, 1, 513, cuda) == 16  # fp32: 32 at most, then down to 16

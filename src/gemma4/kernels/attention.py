@@ -179,14 +179,17 @@ def _sm_count(device: torch.device) -> int:
 def _block_n(head_dim: int, itemsize: int, programs: int, candidates: int, device: torch.device,
              shrink: bool = True) -> int:
     """Keys per block (tuning.py, attention): MAX_BLOCK_N, halved while a [BLOCK_N, D] tile of K (and one of V) exceeds
-    MAX_TILE_BYTES, so that the pipeline stages of both fit in shared memory; with `shrink`, at D <= SHRINK_MAX_HEAD_DIM
-    halved on, down to 16 keys (tl.dot's least), while the candidates have fewer blocks than `_wanted_splits`."""
+    MAX_TILE_BYTES, so that the pipeline stages of both fit in shared memory. With `shrink`, at D <= SHRINK_MAX_HEAD_DIM
+    where rows are split: halved while a tile exceeds SPLIT_MAX_TILE_BYTES (split programs read a few blocks each, and
+    hide memory latency by sharing an SM with others, which smaller tiles' stages allow), then on, down to 16 keys
+    (tl.dot's least), while the candidates have fewer blocks than `_wanted_splits`."""
     tuned = config("attention", device)
+    split = shrink and head_dim <= tuned["SHRINK_MAX_HEAD_DIM"] and _wanted_splits(programs, device) > 1
+    max_tile_bytes = tuned["SPLIT_MAX_TILE_BYTES"] if split else tuned["MAX_TILE_BYTES"]
     block_n = tuned["MAX_BLOCK_N"]
-    while block_n > 16 and block_n * head_dim * itemsize > tuned["MAX_TILE_BYTES"]:
+    while block_n > 16 and block_n * head_dim * itemsize > max_tile_bytes:
         block_n //= 2
-    while shrink and block_n > 16 and head_dim <= tuned["SHRINK_MAX_HEAD_DIM"] and \
-            triton.cdiv(candidates, block_n) < _wanted_splits(programs, device):
+    while split and block_n > 16 and triton.cdiv(candidates, block_n) < _wanted_splits(programs, device):
         block_n //= 2
     return block_n
 

@@ -38,7 +38,9 @@ moe:
 attention (decode):
   MAX_BLOCK_N         keys per block at most
   MAX_TILE_BYTES      bytes of a [BLOCK_N, D] K (or V) tile at most, so that num_stages of both fit shared memory
-  SHRINK_MAX_HEAD_DIM head dims up to which blocks shrink (to 16 keys) while there are too few for the wanted splits
+  SHRINK_MAX_HEAD_DIM head dims up to which blocks shrink where rows are split: to SPLIT_MAX_TILE_BYTES, then (to 16
+                      keys) while there are too few for the wanted splits
+  SPLIT_MAX_TILE_BYTES  bytes of a tile at most there
   PROGRAMS_PER_SM     programs in all the splits aim for, per SM
   MAX_SPLITS          splits of a row's keys at most
   num_warps, num_stages  of the split kernel
