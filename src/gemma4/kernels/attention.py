@@ -184,12 +184,13 @@ def _block_n(head_dim: int, itemsize: int, programs: int, candidates: int, devic
     hide memory latency by sharing an SM with others, which smaller tiles' stages allow), then on, down to 16 keys
     (tl.dot's least), while the candidates have fewer blocks than `_wanted_splits`."""
     tuned = config("attention", device)
-    split = shrink and head_dim <= tuned["SHRINK_MAX_HEAD_DIM"] and _wanted_splits(programs, device) > 1
+    wanted = _wanted_splits(programs, device)
+    split = shrink and head_dim <= tuned["SHRINK_MAX_HEAD_DIM"] and wanted > 1
     max_tile_bytes = tuned["SPLIT_MAX_TILE_BYTES"] if split else tuned["MAX_TILE_BYTES"]
     block_n = tuned["MAX_BLOCK_N"]
     while block_n > 16 and block_n * head_dim * itemsize > max_tile_bytes:
         block_n //= 2
-    while split and block_n > 16 and triton.cdiv(candidates, block_n) < _wanted_splits(programs, device):
+    while split and block_n > 16 and triton.cdiv(candidates, block_n) < wanted:
         block_n //= 2
     return block_n
 
