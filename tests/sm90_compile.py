@@ -134,13 +134,13 @@ def main() -> None:
     cache = rand(2, 2, 16, 64)
     norm.qkv_norm_rope_store(rand(2, 1, 4 * 64), rand(2, 1, 2 * 64), rand(2, 1, 2 * 64), rand(64), rand(64), 1e-6,
                              cos, sin, cache, cache.clone(), torch.zeros(2, 1, dtype=torch.int64))
-    # Decode attention, static and paged, with a window.
+    # Decode attention, static with a window, and paged as a decode step reads its pools (the new key after the wait).
     q, kv = rand(2, 4, 64), rand(2, 2, 200, 64)
     positions = torch.arange(200).expand(2, 200).contiguous()
     attention.decode_attention(q, kv, kv, positions, torch.full((2,), 199), window=128)
     pool = rand(2, 400, 64)
     attention.decode_attention(q, pool, pool, positions, torch.full((2,), 199), slots=positions.clone(),
-                               num_keys=torch.full((2,), 150))
+                               num_keys=torch.full((2,), 150), new_key_only=True)
     # MoE, router, gated activation.
     x = rand(3, 256)
     experts = torch.zeros(3, 2, dtype=torch.int64)

@@ -57,8 +57,9 @@ def test_static_prefix_only_reads_num_keys(batch, kv_heads, groups, dim, dtype):
     check(out, expected, dtype)
 
 
+@pytest.mark.parametrize("new_key_only", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_ring_window_out_of_order_and_empty_slots(dtype):
+def test_ring_window_out_of_order_and_empty_slots(dtype, new_key_only):
     """Sliding layer: ring slots out of order, some empty (-1), window cuts the oldest keys."""
     g = torch.Generator().manual_seed(1)
     batch, kv_heads, groups, dim, window = 3, 2, 2, 64, 32
@@ -68,12 +69,13 @@ def test_ring_window_out_of_order_and_empty_slots(dtype):
     positions = torch.stack([torch.randperm(length, generator=g) + int(p) - length + 1 for p in query_positions])
     positions = positions.to(DEVICE).clamp(min=-1)  # row 1 has fewer tokens than slots: several empty slots
     positions[2, torch.randperm(length, generator=g)[:5]] = -1
-    out = decode_attention(q, k, v, positions, query_positions, window=window)
+    out = decode_attention(q, k, v, positions, query_positions, window=window, new_key_only=new_key_only)
     check(out, reference(q, k, v, positions, query_positions, window), dtype)
 
 
+@pytest.mark.parametrize("new_key_only", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paged_pool_with_window_and_bound(dtype):
+def test_paged_pool_with_window_and_bound(dtype, new_key_only):
     """Paged layout: candidates are rows of a shuffled pool [Hkv, N, D] addressed by flat slot ids."""
     g = torch.Generator().manual_seed(2)
     batch, kv_heads, groups, dim, length, pool_size = 3, 2, 4, 16, 90, 400
@@ -89,12 +91,13 @@ def test_paged_pool_with_window_and_bound(dtype):
     value = v_pool[:, slots.long()].permute(1, 0, 2, 3)
     for window in (None, 40):
         out = decode_attention(q, k_pool, v_pool, positions, query_positions, window=window, slots=slots,
-                               num_keys=num_keys)
+                               num_keys=num_keys, new_key_only=new_key_only)
         check(out, reference(q, key, value, positions, query_positions, window), dtype)
 
 
+@pytest.mark.parametrize("new_key_only", [False, True])
 @pytest.mark.parametrize("num_splits", [1, 3, 8])
-def test_split_counts_agree(num_splits):
+def test_split_counts_agree(num_splits, new_key_only):
     """Any split count gives the same result: several blocks per split (the running max moves, old state is
     rescaled), and splits left empty by a small num_keys."""
     g = torch.Generator().manual_seed(3)
@@ -104,7 +107,8 @@ def test_split_counts_agree(num_splits):
     positions = torch.arange(length, device=DEVICE).expand(batch, length)
     query_positions = torch.tensor([299, 10], device=DEVICE)
     num_keys = query_positions + 1
-    out = decode_attention(q, k, v, positions, query_positions, num_keys=num_keys, num_splits=num_splits)
+    out = decode_attention(q, k, v, positions, query_positions, num_keys=num_keys, num_splits=num_splits,
+                           new_key_only=new_key_only)
     check(out, reference(q, k, v, positions, query_positions), torch.float32)
 
 
@@ -120,6 +124,28 @@ def test_row_without_visible_key_is_zero(num_splits):
     out = decode_attention(q, k, v, positions, query_positions, num_splits=num_splits)
     assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(out[2], torch.zeros_like(out[2]))
     check(out[1:2], reference(q[1:2], k[1:2], v[1:2], positions[1:2], query_positions[1:2]), torch.float32)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_new_key_only_reads_the_new_key_after_the_wait(num_splits):
+    """new_key_only: a split's first block is loaded early without the key at the query's position, which is loaded
+    on its own afterwards. The new key sits in a first block (slot 3, row 0; slot 16, the second split's first block,
+    row 1), in a later block (row 2) and past the bound (row 3: none). A large new key decides the output, so leaving
+    it out cannot pass; the result is the plain kernel's to the bit."""
+    g = torch.Generator().manual_seed(6)
+    batch, kv_heads, groups, dim, length = 4, 2, 2, 16, 40
+    q, k, v = make(batch, kv_heads * groups, kv_heads, length, dim, torch.float32, g)
+    query_positions = torch.tensor([50, 60, 70, 30], device=DEVICE)
+    new_slots = [3, 16, 37]
+    positions = torch.stack([torch.arange(length) + p - length for p in query_positions.tolist()]).to(DEVICE)
+    for row, slot in enumerate(new_slots):  # the slot the store just wrote holds the query's own position
+        positions[row, slot] = query_positions[row]
+        k[row, :, slot] = q[row, ::groups] * 20  # each kv head's first query head scores it far above the rest
+    out = decode_attention(q, k, v, positions, query_positions, num_splits=num_splits, block_n=16,
+                           new_key_only=True)
+    check(out, reference(q, k, v, positions, query_positions), torch.float32)
+    plain = decode_attention(q, k, v, positions, query_positions, num_splits=num_splits, block_n=16)
+    assert torch.equal(out, plain)
 
 
 def test_head_dim_256_strided_views():

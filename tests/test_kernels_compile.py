@@ -49,14 +49,14 @@ def test_sass_counts_script():
 NORMS_PTX = """
 import torch, triton
 import sm90_compile
-from gemma4.kernels import moe, norm, router, step_inputs
+from gemma4.kernels import attention, moe, norm, router, step_inputs
 compile_for_sm90 = triton.compile
 def compile_and_count(source, target=None, options=None):
     ptx = compile_for_sm90(source, target=target, options=options).asm["ptx"]
     before, _, after = ptx.partition("griddepcontrol.wait")
     print(source.fn.__name__, before.count("ld.global"), after.count("ld.global"))
 triton.compile = compile_and_count
-sm90_compile.compile_launches(moe, norm, router, step_inputs)
+sm90_compile.compile_launches(attention, moe, norm, router, step_inputs)
 rows, w = torch.randn(2, 256).bfloat16(), torch.randn(256).bfloat16()
 norm.rms_norm(rows, w, 1e-6)
 norm.residual_rms_norm(rows, rows.clone(), w, 1e-6, w[:1], w, 1e-6)
@@ -70,15 +70,19 @@ moe.moe_residual_norm(rows, rows.clone(), rows.clone(), w, w, w, 1e-6, w[:1], w,
 step_inputs.per_layer_inputs(torch.randn(2, 1, 4 * 256).bfloat16(), torch.zeros(2, 1, dtype=torch.int64),
                              torch.randn(8, 4 * 256).bfloat16(), w, 1e-6, 0.025, 16.0)
 router.route(torch.randn(2, 128).bfloat16(), torch.rand(128).bfloat16(), 8)
+pool, positions = torch.randn(2, 400, 64).bfloat16(), torch.arange(200).expand(2, 200).contiguous()
+attention.decode_attention(torch.randn(2, 4, 64).bfloat16(), pool, pool, positions, torch.full((2,), 199),
+                           slots=positions.clone(), num_keys=torch.full((2,), 150), num_splits=1, new_key_only=True)
 """
 
 
 def test_norm_kernels_load_their_weights_before_the_pdl_wait():
     """The norm kernels' weights and the router's per-expert scales (no kernel writes them) are loaded before
-    griddepcontrol.wait, the rows after it: global loads on both sides of the wait in each kernel's sm_90 PTX."""
+    griddepcontrol.wait, the rows after it; decode attention's first block of older keys before it (new_key_only), the
+    query and the new key after it: global loads on both sides of the wait in each kernel's sm_90 PTX."""
     done = compiling("-c", NORMS_PTX)
     counts = {name: (int(before), int(after)) for name, before, after in map(str.split, done.stdout.splitlines())}
     assert set(counts) == {"_rms_norm_kernel", "_residual_rms_norm_kernel", "_qk_norm_rope_kernel",
                            "_qkv_norm_rope_store_kernel", "_moe_residual_norm_kernel", "_per_layer_inputs_kernel",
-                           "_route_kernel"}, done.stdout
+                           "_route_kernel", "_split_kernel"}, done.stdout
     assert all(before > 0 and after > 0 for before, after in counts.values()), counts

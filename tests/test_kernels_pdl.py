@@ -67,3 +67,50 @@ def test_dependent_chain_with_pdl_equals_serial():
             expected = _serial_chain(static_x, layers)
             for got, want in zip(outputs, expected):
                 assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not HOPPER, reason="PDL needs a Hopper (sm_90) GPU or newer")
+def test_decode_attention_after_the_store_with_pdl_equals_serial():
+    """Decode layers as a step runs them: the q/k/v GEMV, the store of the new key and value into a sliding ring
+    (qkv_norm_rope_store, which lets the attention start at once), decode attention with new_key_only (older keys
+    loaded before its wait, while the GEMV and the store still run; the new one after), the output GEMV. Bit-equal to
+    the chain launched without PDL, caches included, for a new key inside a split's early first block and outside
+    it. Reading the new slot early would see the key of 1,024 positions before."""
+    from gemma4.kernels.attention import decode_attention
+    from gemma4.kernels.norm import qkv_norm_rope_store
+
+    torch.manual_seed(0)
+    hidden, heads, kv_heads, dim, window = 2048, 8, 4, 256, 1024
+    widths = [heads * dim, kv_heads * dim, kv_heads * dim]
+    layers = [((torch.randn(sum(widths), hidden, device="cuda") * hidden**-0.5).bfloat16(),
+               (torch.randn(hidden, heads * dim, device="cuda") * (heads * dim)**-0.5).bfloat16(),
+               (torch.rand(dim, device="cuda") + 0.5).bfloat16(), (torch.rand(dim, device="cuda") + 0.5).bfloat16())
+              for _ in range(8)]
+    caches = [tuple(torch.randn(1, kv_heads, window + 1, dim, device="cuda").bfloat16() for _ in range(2))
+              for _ in layers]
+    angles = torch.rand(1, 1, dim, device="cuda")
+    cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+
+    def step(h, caches, position):
+        ring = torch.arange(position - window + 1, position + 1, device="cuda")
+        positions = torch.full((1, window + 1), -1, device="cuda")  # the last slot stays empty
+        positions[0, ring % window] = ring
+        query_positions, slots = torch.tensor([position], device="cuda"), torch.tensor([[position % window]],
+                                                                                       device="cuda")
+        for (qkv_weight, o_weight, q_norm, k_norm), (key_cache, value_cache) in zip(layers, caches):
+            q, k, v = gemv(h, qkv_weight).split(widths, -1)
+            query = qkv_norm_rope_store(q, k, v, q_norm, k_norm, 1e-6, cos, sin, key_cache, value_cache, slots)
+            out = decode_attention(query[:, :, 0], key_cache, value_cache, positions, query_positions, window,
+                                   new_key_only=True)
+            h = gemv(out.reshape(1, 1, -1), o_weight)
+        return h
+
+    x = torch.randn(1, 1, hidden, device="cuda").bfloat16()
+    for position in (5000, 5016):  # slots 904 and 920: the first and the second block of a split (64 splits of 32)
+        serial_caches = [tuple(t.clone() for t in cache) for cache in caches]
+        with override(pdl=False):
+            expected = step(x, serial_caches, position)
+        with override(pdl=True):
+            got = step(x, caches, position)
+        assert torch.equal(got, expected)
+        assert all(torch.equal(a, b) for cache, serial in zip(caches, serial_caches) for a, b in zip(cache, serial))

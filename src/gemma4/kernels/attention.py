@@ -39,10 +39,11 @@ def _dot(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _attend_block(block, end, m_i, l_i, acc, q, qpos, window, kpos_row, stride_pn, slots_row, stride_sn, k_row,
-                  stride_kn, v_row, stride_vn, d_mask, k_scale, v_scale, BLOCK_N: tl.constexpr, PAGED: tl.constexpr,
-                  HAS_WINDOW: tl.constexpr, FP8: tl.constexpr, INTERPRET: tl.constexpr):
-    """One step of the online softmax over candidates [block, block + BLOCK_N) of one row and kv head."""
+def _block_keys(block, end, qpos, window, kpos_row, stride_pn, slots_row, stride_sn, k_row, stride_kn, v_row,
+                stride_vn, d_mask, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                OLDER: tl.constexpr):
+    """Candidates [block, block + BLOCK_N) of one row and kv head: their positions, visibility, cache rows and K/V
+    tiles. With OLDER the key at the query's own position is left out of the tiles (`_add_new_key` adds it)."""
     offs_n = block + tl.arange(0, BLOCK_N)
     in_range = offs_n < end
     kpos = tl.load(kpos_row + offs_n * stride_pn, mask=in_range, other=-1)
@@ -55,9 +56,25 @@ def _attend_block(block, end, m_i, l_i, acc, q, qpos, window, kpos_row, stride_p
         rows = offs_n.to(tl.int64)
     # Invisible keys are not loaded (zeros instead), so empty slots cost no bandwidth and their garbage
     # (even NaN) cannot leak in through 0 * NaN.
-    kv_mask = visible[:, None] & d_mask[None, :]
+    loaded = visible & (kpos < qpos) if OLDER else visible
+    kv_mask = loaded[:, None] & d_mask[None, :]
     k = tl.load(k_row + rows[:, None] * stride_kn, mask=kv_mask, other=0.0)
     v = tl.load(v_row + rows[:, None] * stride_vn, mask=kv_mask, other=0.0)
+    return kpos, visible, rows, k, v
+
+
+@triton.jit
+def _add_new_key(kpos, visible, rows, k, v, qpos, k_row, stride_kn, v_row, stride_vn, d_mask):
+    """The tiles of `_block_keys(..., OLDER=True)` with the key at the query's position loaded in (after the wait)."""
+    new = (visible & (kpos == qpos))[:, None] & d_mask[None, :]
+    k = tl.where(new, tl.load(k_row + rows[:, None] * stride_kn, mask=new, other=0.0), k)
+    v = tl.where(new, tl.load(v_row + rows[:, None] * stride_vn, mask=new, other=0.0), v)
+    return k, v
+
+
+@triton.jit
+def _attend_keys(visible, k, v, m_i, l_i, acc, q, k_scale, FP8: tl.constexpr, INTERPRET: tl.constexpr):
+    """One step of the online softmax over a block of keys (`_block_keys`)."""
     if FP8:  # exact values; the key scale multiplies the scores, the value scale the output (at the end)
         # K's products reduce along its contiguous dims, so its conversion may move into tl.dot's operand layout
         # (8-bit bytes through shared memory, half of bf16's); V's reduce across its rows: converted as loaded.
@@ -66,6 +83,16 @@ def _attend_block(block, end, m_i, l_i, acc, q, qpos, window, kpos_row, stride_p
     if FP8:
         s = s * k_scale
     return _online_softmax_step(tl.where(visible[None, :], s, float("-inf")), v, m_i, l_i, acc, q.dtype, INTERPRET)
+
+
+@triton.jit
+def _attend_block(block, end, m_i, l_i, acc, q, qpos, window, kpos_row, stride_pn, slots_row, stride_sn, k_row,
+                  stride_kn, v_row, stride_vn, d_mask, k_scale, BLOCK_N: tl.constexpr, PAGED: tl.constexpr,
+                  HAS_WINDOW: tl.constexpr, FP8: tl.constexpr, INTERPRET: tl.constexpr):
+    """Candidates [block, block + BLOCK_N) loaded and folded into the online softmax."""
+    _, visible, _, k, v = _block_keys(block, end, qpos, window, kpos_row, stride_pn, slots_row, stride_sn, k_row,
+                                      stride_kn, v_row, stride_vn, d_mask, BLOCK_N, PAGED, HAS_WINDOW, False)
+    return _attend_keys(visible, k, v, m_i, l_i, acc, q, k_scale, FP8, INTERPRET)
 
 
 @triton.jit
@@ -94,15 +121,18 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, kpos_ptr, qpos_ptr, slots_ptr, nkeys_ptr,
                   stride_vn, stride_pb, stride_pn, stride_sb, stride_sn, num_kv_heads, num_candidates, head_dim, window,
                   num_splits, GROUPS: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   PAGED: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_NUM_KEYS: tl.constexpr, FP8: tl.constexpr,
-                  INTERPRET: tl.constexpr, PDL: tl.constexpr):
-    after_previous_kernel(PDL)
+                  EARLY: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr):
+    # EARLY: the kernel before this one wrote at most the key at each row's query position (a decode step's store).
+    # Everything else this kernel reads was written two or more launches back, by kernels complete before this one
+    # starts (pdl.py): the positions, slots and the first block's other keys are loaded before the PDL wait, while
+    # the kernels before still run, and the new key after it.
+    if not EARLY:
+        after_previous_kernel(PDL)
     pid, split = tl.program_id(0), tl.program_id(1)
     b, hk = (pid // num_kv_heads).to(tl.int64), (pid % num_kv_heads).to(tl.int64)  # int64: pools can be huge
     offs_g, offs_d = tl.arange(0, G_PAD), tl.arange(0, BLOCK_D)
     heads = hk * GROUPS + offs_g  # query heads of this kv head (rows >= GROUPS are padding for tl.dot)
     g_mask, d_mask = offs_g < GROUPS, offs_d < head_dim
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
     qpos = tl.load(qpos_ptr + b)
 
     # This split's share of the row's candidates [0, n), in whole blocks; n is read here, never on the host.
@@ -113,27 +143,39 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, kpos_ptr, qpos_ptr, slots_ptr, nkeys_ptr,
     start = split * per_split
     end = tl.minimum(start + per_split, n)
 
-    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
     k_row = k_ptr + b * stride_kb + hk * stride_kh + offs_d[None, :]
     v_row = v_ptr + b * stride_vb + hk * stride_vh + offs_d[None, :]
     kpos_row, slots_row = kpos_ptr + b * stride_pb, slots_ptr + b * stride_sb
     k_scale, v_scale = 1.0, 1.0
     if FP8:  # this kv head's scales
         k_scale, v_scale = tl.load(k_scale_ptr + hk), tl.load(v_scale_ptr + hk)
+    if EARLY:
+        kpos, visible, rows, k, v = _block_keys(start, end, qpos, window, kpos_row, stride_pn, slots_row, stride_sn,
+                                                k_row, stride_kn, v_row, stride_vn, d_mask, BLOCK_N, PAGED,
+                                                HAS_WINDOW, True)
+        after_previous_kernel(PDL)
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+    first = start
+    if EARLY:
+        k, v = _add_new_key(kpos, visible, rows, k, v, qpos, k_row, stride_kn, v_row, stride_vn, d_mask)
+        m_i, l_i, acc = _attend_keys(visible, k, v, m_i, l_i, acc, q, k_scale, FP8, INTERPRET)
+        first = start + BLOCK_N
     if INTERPRET:  # the interpreter (with numpy 2) cannot take a tensor as a range() bound
-        block = start
+        block = first
         while block < end:
             m_i, l_i, acc = _attend_block(block, end, m_i, l_i, acc, q, qpos, window, kpos_row, stride_pn,
                                           slots_row, stride_sn, k_row, stride_kn, v_row, stride_vn, d_mask,
-                                          k_scale, v_scale, BLOCK_N, PAGED, HAS_WINDOW, FP8, INTERPRET)
+                                          k_scale, BLOCK_N, PAGED, HAS_WINDOW, FP8, INTERPRET)
             block += BLOCK_N
     else:  # a for loop is software-pipelined: the next block's K/V loads overlap this block's math
-        for block in range(start, end, BLOCK_N):
+        for block in range(first, end, BLOCK_N):
             m_i, l_i, acc = _attend_block(block, end, m_i, l_i, acc, q, qpos, window, kpos_row, stride_pn,
                                           slots_row, stride_sn, k_row, stride_kn, v_row, stride_vn, d_mask,
-                                          k_scale, v_scale, BLOCK_N, PAGED, HAS_WINDOW, FP8, INTERPRET)
+                                          k_scale, BLOCK_N, PAGED, HAS_WINDOW, FP8, INTERPRET)
 
     # Partial output normalised by its own sum, with lse = m + log(l); a split that saw nothing has lse = -inf.
     seen = l_i > 0
@@ -205,7 +247,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                      query_positions: torch.Tensor, window: int | None = None, slots: torch.Tensor | None = None,
                      num_keys: torch.Tensor | None = None, num_splits: int | None = None,
                      block_n: int | None = None, any_length: bool = False, key_scale: torch.Tensor | None = None,
-                     value_scale: torch.Tensor | None = None) -> torch.Tensor:
+                     value_scale: torch.Tensor | None = None, new_key_only: bool = False) -> torch.Tensor:
     """One query token per row -> [B, H, D] in query's dtype (scale 1.0, as `attend`); a row that sees no key gets
     zeros. query [B, H, D]; key/value [B, Hkv, S_buf, D] (candidate j = key[b, :, j]), or with `slots` [B, S] pools
     [Hkv, N, D] (candidate j = pool[:, slots[b, j]]). key_positions [B, S] (-1 = empty), query_positions [B]. H = G *
@@ -215,7 +257,10 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     of keys (a prefill's last position) share one compiled kernel; a decode step's number is fixed by its engine, and
     it takes the narrower blocks that spread short rows over more SMs. key/value may be float8 e4m3 (an fp8 cache),
     read with fp32 per-head scales [Hkv] `key_scale` / `value_scale` (None: the pools' own `kv_scales`, see
-    model/paged_cache.py) applied to the scores and the output."""
+    model/paged_cache.py) applied to the scores and the output. `new_key_only`: of what this call reads, the two kernels
+    launched before it wrote only the key (and value) at each row's query position, as a decode step's q/k/v product
+    and store do (other keys, positions, slots and num_keys come from earlier kernels): the rest may then be read
+    before the PDL wait."""
     batch, num_heads, head_dim = query.shape
     num_kv_heads, candidates = key.shape[-3], key_positions.shape[1]
     groups = num_heads // num_kv_heads
@@ -247,6 +292,10 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     # From shapes only: the wanted splits, never more than blocks of keys.
     splits = num_splits or max(1, min(_wanted_splits(batch * num_kv_heads, query.device),
                                       triton.cdiv(candidates, block_n)))
+    # The first block's K/V held in registers across the wait: only where they fit beside the pipelined loop's
+    # (at 64 keys of D = 256 in bf16, or at D = 512, the sm_90 split kernel spills)
+    early = new_key_only and block_d <= tuned["SHRINK_MAX_HEAD_DIM"] and \
+        block_n * block_d * key.element_size() <= tuned["SPLIT_MAX_TILE_BYTES"]
     part = torch.empty(batch, num_heads, splits, head_dim, dtype=torch.float32, device=query.device)
     lse = torch.empty(batch, num_heads, splits, dtype=torch.float32, device=query.device)
     out = torch.empty(batch, num_heads, head_dim, dtype=query.dtype, device=query.device)
@@ -257,7 +306,8 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         *v_strides, *key_positions.stride()[:2], *slot_strides, num_kv_heads, candidates, head_dim, window or 0, splits,
         GROUPS=groups, G_PAD=max(16, triton.next_power_of_2(groups)), BLOCK_N=block_n, BLOCK_D=block_d,
         PAGED=slots is not None, HAS_WINDOW=window is not None, HAS_NUM_KEYS=num_keys is not None, FP8=fp8,
-        INTERPRET=not out.is_cuda, num_warps=tuned["num_warps"], num_stages=tuned["num_stages"], **launch_options(out))
+        EARLY=early, INTERPRET=not out.is_cuda, num_warps=tuned["num_warps"], num_stages=tuned["num_stages"],
+        **launch_options(out))
     if splits == 1:
         return out
     combine_splits(part, lse, out, **launch_options(query))

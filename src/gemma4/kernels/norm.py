@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import after_previous_kernel, launch_options
+from .pdl import after_previous_kernel, launch_options, next_kernel_then_wait
 from .rounding import round_to
 
 
@@ -199,7 +199,8 @@ def _qkv_norm_rope_store_kernel(q_ptr, k_ptr, v_ptr, q_w_ptr, k_w_ptr, cos_ptr, 
     weighted = mask & (head < Hq + Hkv)
     w1 = tl.load(w_ptr + offs, mask=weighted, other=1.0).to(tl.float32)
     w2 = tl.load(w_ptr + D // 2 + offs, mask=weighted, other=1.0).to(tl.float32)
-    after_previous_kernel(PDL)
+    # the decode attention after this kernel loads its older keys while the q/k/v product before it still runs
+    next_kernel_then_wait(PDL)
     dtype = query_ptr.dtype.element_ty
     c_row = batch * c_sb + pos * c_sl
     if head < Hq:  # q_norm + RoPE -> query [B, Hq, L, D]

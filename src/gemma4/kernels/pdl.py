@@ -7,6 +7,10 @@ before it reads activations or writes anything.
 Every kernel launched with `launch_options` must call `after_previous_kernel` before its first read of another
 kernel's output and before its first store or atomic. Its completion then implies its predecessor's, so the chain
 stays ordered however far back a dependency lies. Kernels launched without PDL (PyTorch's) wait as they always do.
+
+A decode step's cache store (norm.py) lets the decode attention after it start at once (`next_kernel_then_wait`),
+while the q/k/v product before the store still runs: that attention reads before its own wait only what kernels
+two or more launches back wrote (the older keys, positions and slots: kernels/attention.py, `new_key_only`).
 """
 
 from __future__ import annotations
@@ -34,6 +38,16 @@ def launch_options(x: torch.Tensor) -> dict:
     if not torch.compiler.is_compiling() and x.is_cuda and _options.current.pdl and _supported(x.device.index or 0):
         return {"PDL": True, "launch_pdl": True}
     return {"PDL": False}
+
+
+@triton.jit
+def next_kernel_then_wait(PDL: tl.constexpr):
+    """Let the next kernel be scheduled, then wait for the previous one: the next kernel may start before the
+    previous one ends, so before its own wait it must read only what the kernel before the previous one, or an
+    earlier one, wrote."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
 
 
 @triton.jit

@@ -72,7 +72,8 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
 
 def attend_one_query(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_positions: torch.Tensor,
                      query_positions: torch.Tensor, window: int | None, **keys) -> torch.Tensor:
-    """query [B, H, 1, D] -> [B, 1, H * D] through the split-K decode kernel (`keys`: its slots / num_keys)."""
+    """query [B, H, 1, D] -> [B, 1, H * D] through the split-K decode kernel (`keys`: its slots, num_keys,
+    new_key_only)."""
     from ..kernels.attention import decode_attention
     out = decode_attention(query[:, :, 0], key, value, key_positions, query_positions, window, **keys)
     return out.reshape(query.shape[0], 1, -1)
@@ -142,8 +143,10 @@ class ForwardContext:
         if not self.decode_kernel:
             return attend(query, key, value, mask)
         window = self.sliding_window if layer_type == SLIDING else None
+        # The kernel before this one (Attention.forward's store) wrote only each row's key at its query position.
         return attend_one_query(query, key, value, self.cache.key_positions(layer_type), self.positions[:, 0], window,
-                                slots=self.cache.key_slots(layer_type), num_keys=self.cache.num_keys(layer_type))
+                                slots=self.cache.key_slots(layer_type), num_keys=self.cache.num_keys(layer_type),
+                                new_key_only=True)
 
     def keys_and_values(self, layer_idx: int, layer_type: str, key: torch.Tensor, value: torch.Tensor):
         """Store this layer's new K/V and return everything the layer attends to, with the mask."""
