@@ -174,7 +174,8 @@ def _qk_norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, H, L, x_sb, x_
     offs = tl.arange(0, HALF_BLOCK)
     mask = offs < D // 2
     w1, w2 = _norm_weight(w_ptr, offs, mask, HAS_WEIGHT), _norm_weight(w_ptr + D // 2, offs, mask, HAS_WEIGHT)
-    after_previous_kernel(PDL)
+    # a KV-shared layer's decode attention after this kernel (the query's norm) loads its older keys meanwhile
+    next_kernel_then_wait(PDL)
     c_row = batch * c_sb + pos * c_sl
     n1, n2 = _norm_rope_row(x_ptr + batch * x_sb + pos * x_sl + head * x_sh, w1, w2, cos_ptr + c_row, sin_ptr + c_row,
                             offs, mask, D, eps, out_ptr.dtype.element_ty, HAS_ROPE, HALF_BLOCK)

@@ -8,9 +8,11 @@ Every kernel launched with `launch_options` must call `after_previous_kernel` be
 kernel's output and before its first store or atomic. Its completion then implies its predecessor's, so the chain
 stays ordered however far back a dependency lies. Kernels launched without PDL (PyTorch's) wait as they always do.
 
-A decode step's cache store (norm.py) lets the decode attention after it start at once (`next_kernel_then_wait`),
-while the q/k/v product before the store still runs: that attention reads before its own wait only what kernels
-two or more launches back wrote (the older keys, positions and slots: kernels/attention.py, `new_key_only`).
+The q/k norm kernels of norm.py (a decode step's cache store; the query's norm of a KV-shared layer) let the decode
+attention after them start at once (`next_kernel_then_wait`), while the projection before them still runs: that
+attention reads before its own wait only what kernels two or more launches back wrote (the older keys, positions and
+slots: kernels/attention.py, `new_key_only`). Every other kernel reads only weights before its wait, which no kernel
+writes, so it may follow them too.
 """
 
 from __future__ import annotations
