@@ -1,10 +1,11 @@
 """Where each int4 GEMV of a preset's batch-1 decode step runs best: gemv.py's kernel, or int4_mma at which tiles.
 
 The GEMVs are the model's own calls, recorded from one eager decode step of a random int4 model (weight shape,
-gated activation in the epilogue, input normed by a kernel before it), each then timed alone on cycled weights in CUDA
-graphs (benchmarks/gemv.py's helpers): gemv.py's kernel as the model calls it (normalizing its own input where
-normed), and int4_mma per (BLOCK_N, warps, target programs, steps prefetched) after the norms' kernel where normed;
-the residual norms after a product run in a kernel of their own either way, untimed. GB/s count the int4 values and
+gated activation in the epilogue, input the residual norms of an earlier product), each then timed alone on cycled
+weights in CUDA graphs (benchmarks/gemv.py's helpers): gemv.py's kernel as the model calls it (normalizing its own
+input where normed), and int4_mma per (BLOCK_N, warps, target programs, steps prefetched), where normed both after
+the norms' kernel and normalizing its input in its programs ("+n", a fifth entry 1); the residual norms after a
+product run in a kernel of their own either way, untimed. GB/s count the int4 values and
 scales. `--write` puts each call's best into the device's kernels/configs JSON as INT4_MMA_BY_SHAPE
 (`int4_mma.launch_tiles`; null: gemv.py's kernel), merged with the entries already there.
 
@@ -39,8 +40,10 @@ VARIANTS = [(32, 1, 1000), (32, 1, 500), (32, 1, 2000), (32, 2, 1000), (32, 2, 2
 
 
 def tiles_name(tiles: tuple) -> str:
-    """BLOCK_N x warps / programs, and "+2" where two steps are prefetched."""
-    return f"{tiles[0]}x{tiles[1]}/{tiles[2]}" + ("+2" if tiles[3:] == (2,) else "")
+    """BLOCK_N x warps / programs, "+2" where two steps are prefetched, "+n" where the programs normalize their
+    input."""
+    return (f"{tiles[0]}x{tiles[1]}/{tiles[2]}" + ("+2" if (*tiles, 1)[3] == 2 else "")
+            + ("+n" if int4_mma.fuses_norms(tiles) else ""))
 
 
 def model_calls(preset: str) -> collections.Counter:
@@ -93,10 +96,13 @@ def time_call(n: int, k: int, gated: bool, normed: bool, multiplied: bool) -> tu
         int4_mma.takes = takes
 
     def mma(i, tiles):
+        if norms is not None and int4_mma.fuses_norms(tiles):
+            return int4_mma.product(x, weights[i % len(weights)], act, multiplier, tiles, norms)
         row = x if norms is None else gemv_kernels._normed_input(x, norms)
         return int4_mma.product(row, weights[i % len(weights)], act, multiplier, tiles)
 
-    timings = {tiles: graph_us(lambda i, t=tiles: mma(i, t)) for tiles in VARIANTS}
+    variants = VARIANTS + ([(*tiles[:3], (*tiles, 1)[3], 1) for tiles in VARIANTS] if normed else [])
+    timings = {tiles: graph_us(lambda i, t=tiles: mma(i, t)) for tiles in variants}
     current = gemv_kernels._mma_tiles(weights[0], x, gated, normed)
     if current is not None and current not in timings:
         timings[current] = graph_us(lambda i: mma(i, current))

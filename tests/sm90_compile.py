@@ -109,6 +109,13 @@ def main() -> None:
     # two steps in flight, plain and gated
     for act in (None, 0):
         int4_mma.product(rand(1, 1, 2048), quantize(rand(4096, 2048), ON_LOAD["int4"]), act, None, (32, 1, 1000, 2))
+    # the input's residual norms in its programs: E2B's, E4B's and 31B's rows (one chunk of the norms' loops, and
+    # several with a ragged last), with and without the layer scalar and the next norm, one split and several
+    for k, tiles in ((1536, (16, 1, 1000)), (2560, (64, 4, 500, 2)), (5376, (32, 2, 1000))):
+        y, res, nw = rand(1, 1, k), rand(1, 1, k), rand(k)
+        for act, scalar, next_weight in ((0, None, nw), (None, rand(1), nw), (None, rand(1), None)):
+            int4_mma.product(y, quantize(rand(4096, k), ON_LOAD["int4"]), act, None, tiles,
+                             (res, nw, 1e-6, scalar, next_weight, 1e-6, torch.empty_like(res)))
     # every other (BLOCK_N, warps, steps prefetched) that a device's INT4_MMA_BY_SHAPE names, plain and gated
     named_tiles = sorted({(*t[:2], (*t[3:], 1)[0]) for table in tuning.every_device("gemv").values()
                           for t in table.get("INT4_MMA_BY_SHAPE", {}).values() if t})

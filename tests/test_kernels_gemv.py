@@ -142,6 +142,20 @@ def test_gemv_with_normed_input_equals_norm_kernel_then_gemv(dtype, variant, gro
         assert (got == want).float().mean() > 0.9
 
 
+def test_rows_wider_than_a_tile_take_the_norm_kernel_first():
+    """Residual norms of a row over NORMED_MAX_K inputs (31B's 5,376, left to the next GEMV since int4_mma takes
+    them) that reach gemv.py's kernels: the norms' own kernel, then the plain GEMV, the same bits."""
+    torch.manual_seed(4)
+    k = gemv_module.NORMED_MAX_K + 256
+    y, residual, weight = (torch.randn(*shape).to(DEVICE, torch.bfloat16) for shape in ((1, 1, k), (1, 1, k), (24, k)))
+    norm_weight = torch.rand(k).to(DEVICE, torch.bfloat16) + 0.5
+    new = torch.empty_like(residual)
+    got = gemv(y, weight, norms=(residual, norm_weight, 1e-6, None, norm_weight, 1e-6, new))
+    want_new, want_next = residual_rms_norm(residual, y, norm_weight, 1e-6, None, norm_weight, 1e-6)
+    assert torch.equal(new, want_new)
+    assert torch.equal(got, gemv(want_next, weight))
+
+
 def test_outgrown_finished_counters_stay_allocated():
     """CUDA graphs captured with a smaller set of counters keep its address: growing the set must not free it (the
     argmax kernel's set grows with the batch buckets an engine captures)."""

@@ -9,6 +9,7 @@ import torch
 pytest.importorskip("triton")
 
 from gemma4.kernels import gemv, int4_mma, tuning  # noqa: E402
+from gemma4.kernels.norm import residual_rms_norm  # noqa: E402
 from gemma4.model.quantized import Scheme, quantize  # noqa: E402
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
@@ -114,6 +115,66 @@ def test_entry_points_dispatch_to_it(monkeypatch):
     assert len(calls) == 6
 
 
+def residual_norms(k: int, scalar: bool, has_next: bool, seed: int = 3):
+    """An earlier product y and the norms of it a GEMV takes (gemv.py's `norms`): y holds multiples of 1/8 up to 1
+    in size, whose squares sum exactly in fp32 in any order, so the first norm and the new residual stream are the
+    same bits however a kernel sums them."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, device="cuda", generator=gen)
+
+    y = (torch.randint(-8, 9, (1, 1, k), device="cuda", generator=gen) / 8).to(torch.bfloat16)
+    residual = (rand(1, 1, k) * 4).to(torch.bfloat16)
+    norm_weight, next_weight = ((rand(k) * 0.5 + 1).to(torch.bfloat16) for _ in range(2))
+    norms = (residual, norm_weight, 1e-6, torch.tensor([0.37], device="cuda").to(torch.bfloat16) if scalar else None,
+             next_weight if has_next else None, 1e-5, torch.full_like(residual, float("nan")))
+    return y, norms
+
+
+@gpu
+@pytest.mark.parametrize("k, tiles", [(1536, (16, 1, 1000)), (2560, (64, 4, 500, 2)), (5376, (32, 2, 1000)),
+                                      (5376, (64, 4, 100))])
+@pytest.mark.parametrize("variant", ["next", "scalar", "scalar next", "gated next"])
+def test_programs_normalize_their_input(k, tiles, variant):
+    """With `norms` each program computes the residual norms of its input itself (E2B's, E4B's and 31B's rows; one
+    split and several): the new residual stream bit-equal to the norms' own kernel (residual_rms_norm), and the
+    product as that kernel's row times the weight, up to the fp32 order of the next norm's sum of squares (an ulp of
+    a few inputs, so a few ulps of the outputs at most)."""
+    y, norms = residual_norms(k, "scalar" in variant, "next" in variant)
+    residual, norm_weight, eps, scalar, next_weight, next_eps, new = norms
+    act = 0 if "gated" in variant else None
+    weight, _ = int4(4096 if act is None else 8192, k, seed=4)
+    want_new, want_next = residual_rms_norm(residual, y, norm_weight, eps, scalar, next_weight, next_eps)
+    row = want_next if next_weight is not None else want_new
+    got, want = int4_mma.product(y, weight, act, None, tiles, norms), int4_mma.product(row, weight, act, None, tiles)
+    assert torch.equal(new, want_new)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -6, atol=1e-3)
+    assert (got == want).float().mean() > 0.9
+    if next_weight is None:  # the row is new itself: no second sum, the same bits
+        assert torch.equal(got, want)
+
+
+@gpu
+def test_normed_calls_follow_their_tiles(monkeypatch):
+    """A normed call computes its norms in its programs where its tiles' fifth entry says so, else in the norms'
+    kernel before it (a normed call without an entry takes the plain call's tiles): the same results either way."""
+    weight, _ = int4(8192, 2560, seed=5)
+    y, norms = residual_norms(2560, False, True)
+    kernels = []
+    norm_kernel = gemv._normed_input
+    monkeypatch.setattr(gemv, "_normed_input", lambda *a: kernels.append(1) or norm_kernel(*a))
+    outs = []
+    for entry in ([32, 2, 1000, 1, 1], [32, 2, 1000, 1, 0], None):
+        by_shape = {"8192x2560 gated": [32, 2, 1000]} | ({"8192x2560 gated normed": entry} if entry else {})
+        monkeypatch.setattr(int4_mma, "_tuned", lambda device, b=by_shape: dict(
+            tuning.config("gemv", device), INT4_MMA_BY_SHAPE=b))
+        outs.append(gemv.gemv_gated(y, weight, "gelu_pytorch_tanh", norms=norms))
+    assert kernels == [1, 1]
+    torch.testing.assert_close(outs[0].float(), outs[1].float(), rtol=2 ** -6, atol=1e-3)
+    assert torch.equal(outs[1], outs[2])
+
+
 def test_by_shape_entries_decide_before_the_defaults(monkeypatch):
     """INT4_MMA_BY_SHAPE's entry for a call (its shape, gated, normed) gives its tiles, or gemv.py's kernels (null);
     a call without one runs at the default tiles from INT4_MMA_MIN_ELEMENTS weights."""
@@ -130,7 +191,10 @@ def test_by_shape_entries_decide_before_the_defaults(monkeypatch):
     assert int4_mma.launch_tiles(big, x) is None
     assert int4_mma.launch_tiles(big, x, gated=True) == (32, 1, 1000)
     assert int4_mma.launch_tiles(small, x, gated=True) is None
+    assert int4_mma.launch_tiles(big, x, normed=True) is None  # no entry of its own: the plain call's
     assert gemv._mma_tiles(big, x, True, True) == (64, 2, 500)
+    assert not int4_mma.fuses_norms((64, 2, 500)) and not int4_mma.fuses_norms((64, 2, 500, 2, 0))
+    assert int4_mma.fuses_norms((64, 2, 500, 1, 1))
 
 
 @gpu

@@ -13,8 +13,7 @@ accumulator. Where cuBLAS is still faster (big 31B matrices) the model does not 
 Each kernel also reads quantized weights (model/quantized.py's QuantizedWeight: fp8 or int8 per channel, int4 packed
 8 to a word in groups, 8-bit in groups or blocks) with their scales, 1 or 1/2 byte a weight instead of 2: the sums of
 q * x in fp32, times the scales per row or per group (`quantized_supported` says which weights). The bigger int4
-GEMVs run on the tensor cores instead, in int4_mma.py's kernel (`_mma_tiles`), with the residual norms of their input
-or of their product in a kernel of their own.
+GEMVs run on the tensor cores instead, in int4_mma.py's kernel (`_mma_tiles`), which can also normalize its input.
 """
 
 from __future__ import annotations
@@ -484,7 +483,11 @@ def _launch_gemv(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, width:
     assert x.shape[-1] == weight.shape[1] and x.numel() == x.shape[-1]
     mma_tiles = _mma_tiles(weight, x, act is not None, norms is not None) if tiles is None else None
     if mma_tiles is not None:
-        return int4_mma.product(x if norms is None else _normed_input(x, norms), weight, act, multiplier, mma_tiles)
+        if norms is not None and not int4_mma.fuses_norms(mma_tiles):
+            x, norms = _normed_input(x, norms), None
+        return int4_mma.product(x, weight, act, multiplier, mma_tiles, norms)
+    if norms is not None and weight.shape[1] > NORMED_MAX_K:  # a row too wide for one tile: the norms' own kernel
+        x, norms = _normed_input(x, norms), None
     k_in, normed, gated = weight.shape[1], norms is not None, act is not None  # act: the gated activation's code
     values, scale, stride_sn, stride_sk, fmt = _weight_args(weight)
     tiles = tiles or _default_tiles(x.device, k_in, normed, gated, width, fmt["WFMT"])
@@ -501,8 +504,8 @@ def _launch_gemv(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, width:
 
 
 def _normed_input(x: torch.Tensor, norms: tuple) -> torch.Tensor:
-    """The row a GEMV with `norms` multiplies, computed by its own kernel (the new residual stream into `new`), for
-    the kernels that do not normalize their input."""
+    """The row a GEMV with `norms` multiplies, computed by its own kernel (the new residual stream into `new`), where
+    the GEMV does not normalize its input: int4_mma at tiles that leave the norms out, rows over NORMED_MAX_K."""
     residual, norm_weight, eps, scalar, next_weight, next_eps, new = norms
     new, normed = residual_rms_norm(residual, x, norm_weight, eps, scalar, next_weight, next_eps,
                                     out=new.view(residual.shape))
@@ -516,7 +519,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, tiles: tuple |
     tiles: (BLOCK_N, BLOCK_K, warps, stages[, GROUPS]), by default the tuned ones (tuning.py).
     norms = (residual, norm_weight, eps, scalar, next_weight, next_eps, new): the input is not x but
     residual_rms_norm(residual, x, norm_weight, eps, scalar, next_weight, next_eps)'s normed row (new itself without
-    next_weight), computed by every program from x; the new residual stream is written into `new`. K <= NORMED_MAX_K."""
+    next_weight), computed by every program from x (over NORMED_MAX_K inputs: by a kernel before it); the new
+    residual stream is written into `new`."""
     return _launch_gemv(x, weight, weight.shape[0], tiles, norms)
 
 
@@ -524,7 +528,8 @@ def _mma_tiles(weight: torch.Tensor | QuantizedWeight, x: torch.Tensor, gated: b
                normed: bool = False) -> tuple[int, ...] | None:
     """int4_mma's tiles where the product runs in its kernel, else None: int4 in groups as these kernels read it
     (`_quantized_format`), and `int4_mma.launch_tiles` for the call. Its epilogue is the rounded product or the
-    gated activation; residual norms, of its input (`normed`) or of its product, run in their own kernel."""
+    gated activation; the residual norms of its input (`normed`) run in its programs or in a kernel before it, as the
+    tiles say (`int4_mma.fuses_norms`), those of its product in a kernel after it."""
     if not (isinstance(weight, QuantizedWeight) and weight.scheme.strategy == "group"):
         return None
     tiles = int4_mma.launch_tiles(weight, x, gated, normed)

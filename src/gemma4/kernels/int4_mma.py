@@ -17,6 +17,11 @@ added in fp32 and the 8 columns summed at the end: the fp32 product of the exact
 order (as INT4_WORDS), rounded once. With SPLIT > 1 the programs of a row block write fp32 partial sums and the last
 to finish adds them in split order (deterministic) and rounds.
 
+Where the input is the residual norms of an earlier product (gemv.py's `norms`) the tiles say who computes them: a
+kernel of their own before this one, or each program for itself from the whole row (`_normed_rows`: a few KB from
+L2, into shared memory), which saves a launch and a round trip through memory but repeats the row's arithmetic in
+every program, so it pays where the programs are few and wide (benchmarks/int4_mma_tiles.py measures both).
+
 Gluon compiles for the GPU only (no interpreter): tests/test_kernels_int4_mma.py runs it on CUDA,
 tests/sm90_compile.py compiles it for sm_90.
 """
@@ -31,6 +36,7 @@ import triton
 from ..model.quantized import QuantizedWeight
 from .activation import store_gated_rows
 from .counters import finished_counters
+from .norm import _rstd
 from .pdl import launch_options
 from .tuning import config
 
@@ -64,21 +70,28 @@ def shape_key(shape: tuple[int, int], gated: bool, normed: bool) -> str:
 
 def launch_tiles(weight: QuantizedWeight, x: torch.Tensor, gated: bool = False,
                  normed: bool = False) -> tuple[int, ...] | None:
-    """(BLOCK_N, warps, target programs[, steps prefetched]) where this product runs in the kernel, None where
-    gemv.py's kernels run it (those that do not `takes`; small GEMVs, bound by their launch and tail, which gemv.py's
-    kernels serve as well). The device's INT4_MMA_BY_SHAPE entry for the call decides (measured:
-    benchmarks/int4_mma_tiles.py); without one, the weights from INT4_MMA_MIN_ELEMENTS run at INT4_MMA_TILES and
+    """(BLOCK_N, warps, target programs[, steps prefetched[, norms in the kernel]]) where this product runs in the
+    kernel, None where gemv.py's kernels run it (those that do not `takes`; small GEMVs, bound by their launch and
+    tail, which gemv.py's kernels serve as well). The device's INT4_MMA_BY_SHAPE entry for the call decides
+    (measured: benchmarks/int4_mma_tiles.py); a normed call without one as the same call not normed (its norms in a
+    kernel before it); without any, the weights from INT4_MMA_MIN_ELEMENTS run at INT4_MMA_TILES and
     INT4_MMA_PROGRAMS."""
     if not takes(weight, x):
         return None
     tuned = _tuned(x.device)
     by_shape = tuned.get("INT4_MMA_BY_SHAPE") or {}
-    key = shape_key(weight.shape, gated, normed)
-    if key in by_shape:
-        return tuple(by_shape[key]) if by_shape[key] else None
+    for key in dict.fromkeys((shape_key(weight.shape, gated, normed), shape_key(weight.shape, gated, False))):
+        if key in by_shape:
+            return tuple(by_shape[key]) if by_shape[key] else None
     if weight.shape[0] * weight.shape[1] < tuned["INT4_MMA_MIN_ELEMENTS"]:
         return None
     return _default_tiles(x.device)
+
+
+def fuses_norms(tiles: tuple[int, ...]) -> bool:
+    """Whether a normed call at these tiles computes its input's norms in its own programs (`product`'s `norms`),
+    rather than after a kernel of their own: the tiles' fifth entry, 0 where absent."""
+    return bool((*tiles, 1, 0)[4])
 
 
 def _default_tiles(device: torch.device) -> tuple[int, ...]:
@@ -96,12 +109,15 @@ def _tuned(device: torch.device) -> dict:
 
 
 def product(x: torch.Tensor, weight: QuantizedWeight, act: int | None = None,
-            multiplier: torch.Tensor | None = None, tiles: tuple[int, ...] | None = None) -> torch.Tensor:
+            multiplier: torch.Tensor | None = None, tiles: tuple[int, ...] | None = None,
+            norms: tuple | None = None) -> torch.Tensor:
     """F.linear(x, weight.dequantize(fp32)) for one row x [..., K], rounded once to the dtype: [..., N]; with `act`
     (an ACTIVATION_CODES code) act(gate) * up, rounded as `activation.store_gated_rows` rounds, of [gate; up] = the
     product (weight [2W, K], a fused gate/up projection) or of gate = the product and up = `multiplier` [..., W].
+    norms = (residual, norm_weight, eps, scalar, next_weight, next_eps, new), as gemv.py's: the input is not x but
+    its residual norms, which each program computes from the whole row (the new residual stream into `new`).
     tiles: (BLOCK_N, warps, target programs[, steps prefetched, 1 if absent]), by default INT4_MMA_TILES and
-    INT4_MMA_PROGRAMS. Only where `takes` (the caller checks)."""
+    INT4_MMA_PROGRAMS; a fifth entry is the caller's (`fuses_norms`). Only where `takes` (the caller checks)."""
     gated, has_up = act is not None, act is not None and multiplier is None
     width, k_in = weight.shape[0] // (2 if has_up else 1), weight.shape[1]
     block_n, warps, programs, prefetch = (*(tiles or _default_tiles(x.device)), 1)[:4]
@@ -113,13 +129,21 @@ def product(x: torch.Tensor, weight: QuantizedWeight, act: int | None = None,
     if split > 1:
         partials = torch.empty(split, 2 if has_up else 1, width, dtype=torch.float32, device=x.device)
         counters = finished_counters("int4_mma", x.device, blocks)
-    word_load, operand, x_load, mma = _layouts(block_n, warps)
+    x = x.contiguous()
+    residual, norm_weight, eps, scalar, next_weight, next_eps, new = norms or (x, x, 1e-6, None, None, None, x)
+    assert norms is None or residual.numel() == new.numel() == k_in and new.is_contiguous()
+    word_load, operand, x_load, x_row, mma = _layouts(block_n, warps)
+    chunk_rows = 2 * warps  # rows of 256 inputs a step of the norms' loops: 16 values a thread
     _int4_mma_kernel[(blocks, split)](
-        x.contiguous(), weight.values, weight.scale, out, multiplier.contiguous() if multiplier is not None else out,
-        partials, counters, width, weight.values.stride(0), weight.scale.stride(0), weight.scale.stride(1), K=k_in,
+        x, weight.values, weight.scale, out, multiplier.contiguous() if multiplier is not None else out,
+        partials, counters, width, weight.values.stride(0), weight.scale.stride(0), weight.scale.stride(1),
+        residual.contiguous(), norm_weight, scalar if scalar is not None else x,
+        next_weight if next_weight is not None else x, new, eps, eps if next_eps is None else next_eps, K=k_in,
         ACT=act or 0, GATED=gated, HAS_UP=has_up, BLOCK_N=block_n, GROUP=weight.scheme.group_size, SPLIT=split,
-        PREFETCH=prefetch, WORD_LOAD=word_load, OPERAND=operand, X_LOAD=x_load, MMA=mma, num_warps=warps,
-        **launch_options(x))
+        PREFETCH=prefetch, NORMED=norms is not None, HAS_SCALAR=scalar is not None, HAS_NEXT=next_weight is not None,
+        CHUNK_ROWS=chunk_rows, SHARED_ROWS=triton.next_power_of_2(triton.cdiv(k_in, BLOCK_K * chunk_rows) * chunk_rows),
+        WORD_LOAD=word_load, OPERAND=operand, X_LOAD=x_load, X_ROW=x_row, MMA=mma,
+        ROWS=_rows_layout(chunk_rows, warps), num_warps=warps, **launch_options(x))
     return out
 
 
@@ -127,6 +151,12 @@ def _split(blocks: int, steps: int, programs: int) -> int:
     """K splits: the fewest that dividing the steps evenly give at least `programs` programs, MAX_SPLIT at most."""
     divisors = [d for d in range(1, min(steps, MAX_SPLIT) + 1) if steps % d == 0]
     return next((d for d in divisors if blocks * d >= programs), divisors[-1])
+
+
+@functools.cache
+def _rows_layout(chunk_rows: int, warps: int):
+    """[chunk_rows, 256] of an input row cut in steps (the norms' loops): 16 bytes a thread, a step a warp."""
+    return gl.BlockedLayout([chunk_rows // warps, 8], [1, 32], [warps, 1], [1, 0])
 
 
 @functools.cache
@@ -157,8 +187,12 @@ def _layouts(block_n: int, warps: int) -> tuple:
         reg_bases=[[0, 1, 0], [0, 2, 0], [0, 4, 0], [1, 0, 0], [2, 0, 0], [16, 0, 0]],
         lane_bases=[[4, 0, 0], [8, 0, 0], [0, 0, 1], [0, 0, 2], [0, 0, 4]],
         warp_bases=[[0, 0, 0] for _ in bits(warps)], block_bases=[], shape=[words, 8, 8])
+    # a step's 256 inputs (8 * word + input) as x_load holds them without its columns: read from shared memory
+    x_row = gl.DistributedLinearLayout(
+        reg_bases=[[1], [2], [4], [8], [16], [128]], lane_bases=[[32], [64], [0], [0], [0]],
+        warp_bases=[[0] for _ in bits(warps)], block_bases=[], shape=[BLOCK_K])
     mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[warps, 1], instr_shape=[16, 8])
-    return word_load, operand, x_load, mma
+    return word_load, operand, x_load, x_row, mma
 
 
 if gluon is not None:
@@ -213,13 +247,67 @@ if gluon is not None:
         return mma_v2(a, xb, gl.zeros([BLOCK_N, 8], gl.float32, layout=MMA))
 
     @gluon.jit
+    def _rounded(v, dtype: gl.constexpr):
+        # fp32 -> the nearest dtype value, kept in fp32 (cvt.rn: ties to even, as rounding.round_to)
+        return v.to(dtype).to(gl.float32)
+
+    @gluon.jit
+    def _normed_rows(x_ptr, res_ptr, nw_ptr, scalar_ptr, next_w_ptr, new_ptr, eps, next_eps, rows, writes_new,
+                     K: gl.constexpr, CHUNK_ROWS: gl.constexpr, HAS_SCALAR: gl.constexpr, HAS_NEXT: gl.constexpr,
+                     ROWS: gl.constexpr):
+        """Into `rows` (shared, [at least K / 256, 256] of the dtype: row r holds inputs 256r..), the residual norms of
+        the product x (norm.residual_rms_norm's values: statistics in fp32, rounded where the eager ops round): new =
+        residual + norm(x) [* scalar], then next_norm(new) with HAS_NEXT, else new. With `writes_new` the program also
+        stores new at new_ptr. Three passes over the row in chunks of CHUNK_ROWS rows: x's sum of squares; new (into
+        `rows`) and its sum of squares; the next norm in place."""
+        dtype: gl.constexpr = new_ptr.dtype.element_ty
+        CHUNK: gl.constexpr = CHUNK_ROWS * STEP_K
+        CHUNKS: gl.constexpr = (K + CHUNK - 1) // CHUNK
+        offs = (gl.arange(0, CHUNK_ROWS, layout=gl.SliceLayout(1, ROWS))[:, None] * STEP_K
+                + gl.arange(0, STEP_K, layout=gl.SliceLayout(0, ROWS))[None, :])
+        squares = gl.zeros([CHUNK_ROWS, STEP_K], gl.float32, layout=ROWS)
+        for c in gl.static_range(CHUNKS):
+            y = gl.load(x_ptr + c * CHUNK + offs, mask=c * CHUNK + offs < K, other=0.0).to(gl.float32)
+            squares += y * y
+        rstd = _rstd(gl.sum(gl.sum(squares, axis=1), axis=0), K, eps)
+        scalar = 1.0
+        if HAS_SCALAR:
+            scalar = gl.load(scalar_ptr).to(gl.float32)
+        squares = gl.zeros([CHUNK_ROWS, STEP_K], gl.float32, layout=ROWS)
+        for c in gl.static_range(CHUNKS):
+            at = c * CHUNK + offs
+            ok = at < K
+            y = gl.load(x_ptr + at, mask=ok, other=0.0).to(gl.float32)
+            residual = gl.load(res_ptr + at, mask=ok, other=0.0).to(gl.float32)
+            w = gl.load(nw_ptr + at, mask=ok, other=0.0).to(gl.float32)
+            new = _rounded(residual + _rounded(y * rstd * w, dtype), dtype)
+            if HAS_SCALAR:
+                new = _rounded(new * scalar, dtype)
+            gl.store(new_ptr + at, new.to(dtype), mask=ok & writes_new)
+            squares += new * new
+            rows.slice(c * CHUNK_ROWS, CHUNK_ROWS).store(new.to(dtype))
+        if HAS_NEXT:
+            next_rstd = _rstd(gl.sum(gl.sum(squares, axis=1), axis=0), K, next_eps)
+            for c in gl.static_range(CHUNKS):
+                at = c * CHUNK + offs
+                w = gl.load(next_w_ptr + at, mask=at < K, other=0.0).to(gl.float32)
+                chunk = rows.slice(c * CHUNK_ROWS, CHUNK_ROWS)
+                new = chunk.load(ROWS).to(gl.float32)  # this thread's own stores: no barrier needed
+                chunk.store((new * next_rstd * w).to(dtype))
+        gl.thread_barrier()  # the main loop reads the rows in another layout
+
+    @gluon.jit
     def _int4_mma_kernel(x_ptr, w_ptr, s_ptr, out_ptr, mult_ptr, partial_ptr, counter_ptr, N, stride_wn, stride_sn,
-                         stride_sk, K: gl.constexpr, ACT: gl.constexpr, GATED: gl.constexpr, HAS_UP: gl.constexpr,
+                         stride_sk, res_ptr, nw_ptr, scalar_ptr, next_w_ptr, new_ptr, eps, next_eps,
+                         K: gl.constexpr, ACT: gl.constexpr, GATED: gl.constexpr, HAS_UP: gl.constexpr,
                          BLOCK_N: gl.constexpr, GROUP: gl.constexpr, SPLIT: gl.constexpr, PREFETCH: gl.constexpr,
-                         WORD_LOAD: gl.constexpr, OPERAND: gl.constexpr, X_LOAD: gl.constexpr, MMA: gl.constexpr,
-                         PDL: gl.constexpr):
+                         NORMED: gl.constexpr, HAS_SCALAR: gl.constexpr, HAS_NEXT: gl.constexpr,
+                         CHUNK_ROWS: gl.constexpr, SHARED_ROWS: gl.constexpr, WORD_LOAD: gl.constexpr,
+                         OPERAND: gl.constexpr, X_LOAD: gl.constexpr, X_ROW: gl.constexpr, MMA: gl.constexpr,
+                         ROWS: gl.constexpr, PDL: gl.constexpr):
         """out = x @ weight.T, or with GATED act(gate) * up (gate/up: rows i and N + i with HAS_UP, else up from
-        mult_ptr); N is the output width. Program (block, split): rows block * BLOCK_N.., inputs of split `split`."""
+        mult_ptr); N is the output width. With NORMED the input is x's residual norms (`_normed_rows`). Program
+        (block, split): rows block * BLOCK_N.., inputs of split `split`."""
         WORDS: gl.constexpr = STEP_K // 8
         GROUPS: gl.constexpr = STEP_K // GROUP  # a step's groups: B's columns 0 .. GROUPS - 1
         STEPS: gl.constexpr = K // STEP_K // SPLIT
@@ -255,12 +343,24 @@ if gluon is not None:
                                             WORDS, GROUPS, HAS_UP)
         if PDL:
             _pdl_wait()
+        if NORMED:
+            rows_smem = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [SHARED_ROWS, STEP_K],
+                                                  gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+            _normed_rows(x_ptr, res_ptr, nw_ptr, scalar_ptr, next_w_ptr, new_ptr, eps, next_eps, rows_smem,
+                         (block == 0) & (gl.program_id(1) == 0), K, CHUNK_ROWS, HAS_SCALAR, HAS_NEXT, ROWS)
         acc = gl.zeros([BLOCK_N, 8], gl.float32, layout=MMA)
         acc_up = acc
         for step in range(STEPS):
             next_w, next_s, next_u, next_su = _step_weights(w_ptrs, s_ptrs, w_ok, s_ok, up_words, up_scales, stride_sk,
                                                             step + PREFETCH, STEPS, WORDS, GROUPS, HAS_UP)
-            xs = gl.load(x_ptrs + step * STEP_K, mask=x_ok, other=0.0)
+            if NORMED:  # this step's row of the normed input, from shared memory (row-major: a view by rows)
+                step_rows = rows_smem._reinterpret(x_ptr.dtype.element_ty, [SHARED_ROWS, STEP_K],
+                                                   gl.SwizzledSharedLayout(1, 1, 1, [0]))
+                xs = gl.reshape(step_rows.index(k_first // STEP_K + step).load(X_ROW), [WORDS, 8])
+                xs = gl.convert_layout(xs, gl.SliceLayout(2, X_LOAD), assert_trivial=True)
+                xs = gl.where(x_ok, gl.expand_dims(xs, 2), 0.0)
+            else:
+                xs = gl.load(x_ptrs + step * STEP_K, mask=x_ok, other=0.0)
             # stored [m4, m3, m2, m1, m0, nibble (i, p1, p0), column] -> the operand's K order: words as
             # _operand_words, then a word's inputs p + 4i in the order (p1, p0, i) that _UNPACK leaves them in
             xs = gl.reshape(xs, [2, 2, 2, 2, 2, 2, 2, 2, 8])

@@ -268,9 +268,9 @@ def add_normed_linear(residual: torch.Tensor, x: torch.Tensor, projection: nn.Li
     if getattr(projection, "sums_over_ranks", False):
         y = projection(x)
     elif projection.bias is None and takes_gemv(x, projection.weight):
-        from ..kernels.gemv import NORMED_MAX_K, gemv
+        from ..kernels.gemv import gemv
         y = gemv(x, projection.weight)
-        if defer and moe is None and residual.shape[-1] <= NORMED_MAX_K:
+        if defer and moe is None:
             new = torch.empty_like(residual)
             return new, DeferredNorms(residual, y, norm, scalar, next_norm, new)
     else:
