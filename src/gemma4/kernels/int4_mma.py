@@ -91,7 +91,7 @@ def launch_tiles(weight: QuantizedWeight, x: torch.Tensor, gated: bool = False,
 def fuses_norms(tiles: tuple[int, ...]) -> bool:
     """Whether a normed call at these tiles computes its input's norms in its own programs (`product`'s `norms`),
     rather than after a kernel of their own: the tiles' fifth entry, 0 where absent."""
-    return bool((*tiles, 1, 0)[4])
+    return len(tiles) > 4 and bool(tiles[4])
 
 
 def _default_tiles(device: torch.device) -> tuple[int, ...]:
