@@ -305,8 +305,7 @@ class Launched:
     SampleError, or None. The rows in `fast` were sampled together on the device ([len(fast)] `tokens` there, which
     the next step may read; `checked`, the same with NAN_ROW where the logits held a NaN, is what the host reads);
     `collect()` waits for them. Their copy to the host is queued at once (pinned memory on CUDA), so the wait is for
-    the step alone, on a stream of its own: the next step, queued behind this one, does not wait for it."""
-    _copy_streams: dict[torch.device, torch.cuda.Stream] = {}
+    the step alone."""
 
     def __init__(self, batch: list[Scheduled], results: list, fast: list[int], tokens: torch.Tensor | None,
                  checked: torch.Tensor | None):
@@ -314,17 +313,10 @@ class Launched:
         self._sources = {batch[row].seq.seq_id: i for i, row in enumerate(fast)}
         self._host, self._copied, self._collected = checked, None, None
         if checked is not None and checked.is_cuda:
-            device = checked.device
-            if device not in self._copy_streams:
-                self._copy_streams[device] = torch.cuda.Stream(device)
-            stream = self._copy_streams[device]
             self._host = torch.empty(checked.shape, dtype=checked.dtype, pin_memory=True)
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
-                self._host.copy_(checked, non_blocking=True)
-                self._copied = torch.cuda.Event()
-                self._copied.record(stream)
-            checked.record_stream(stream)  # its memory is not reused before the copy has read it
+            self._host.copy_(checked, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
 
     def source(self, seq) -> int:
         """Where `seq`'s token is in `tokens`."""
