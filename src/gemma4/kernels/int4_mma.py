@@ -20,7 +20,7 @@ to finish adds them in split order (deterministic) and rounds.
 Where the input is the residual norms of an earlier product (gemv.py's `norms`) the tiles say who computes them: a
 kernel of their own before this one, or each program for itself from the whole row (`_normed_rows`: a few KB from
 L2, into shared memory), which saves a launch and a round trip through memory but repeats the row's arithmetic in
-every program, so it pays where the programs are few and wide (benchmarks/int4_mma_tiles.py measures both).
+every program: it can pay only where the programs are few and wide (benchmarks/int4_mma_tiles.py times both).
 
 Gluon compiles for the GPU only (no interpreter): tests/test_kernels_int4_mma.py runs it on CUDA,
 tests/sm90_compile.py compiles it for sm_90.
