@@ -25,7 +25,7 @@ import triton.language as tl
 from ..model.quantized import QuantizedWeight
 from . import int4_mma
 from .activation import ACTIVATION_CODES, store_gated_rows
-from .norm import _norm_weights, _residual_norms_values, residual_rms_norm
+from .norm import _norm_weights, _residual_norms_values, deferred_norms_args, residual_rms_norm
 from .pdl import after_previous_kernel, launch_options
 from .rounding import round_to
 from .tuning import config, for_format
@@ -467,17 +467,6 @@ def _weight_args(weight: torch.Tensor | QuantizedWeight) -> tuple[torch.Tensor, 
     return weight.values, weight.scale, stride_sn, stride_sk, constexprs
 
 
-def _input_args(x: torch.Tensor, norms: tuple | None) -> tuple[tuple, dict]:
-    """_input_row's (pointer/scalar arguments, constexprs) for the input x itself, or for `norms` (as in `gemv`)."""
-    if norms is None:
-        return (x, x, x, x, x, 1e-6, 1e-6), dict(NORMED=False, HAS_SCALAR=False, HAS_NEXT=False)
-    residual, norm_weight, eps, scalar, next_weight, next_eps, new = norms
-    assert residual.numel() == new.numel() == x.numel() and new.is_contiguous()
-    args = (residual.contiguous(), norm_weight, scalar if scalar is not None else x,
-            next_weight if next_weight is not None else x, new, eps, eps if next_eps is None else next_eps)
-    return args, dict(NORMED=True, HAS_SCALAR=scalar is not None, HAS_NEXT=next_weight is not None)
-
-
 def _launch_gemv(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, width: int, tiles: tuple | None,
                  norms: tuple | None, act: int | None = None, multiplier: torch.Tensor | None = None) -> torch.Tensor:
     assert x.shape[-1] == weight.shape[1] and x.numel() == x.shape[-1]
@@ -493,7 +482,7 @@ def _launch_gemv(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, width:
     tiles = tiles or _default_tiles(x.device, k_in, normed, gated, width, fmt["WFMT"])
     block_n, block_k, warps, stages, groups = _tiles(x, k_in, tiles, normed, fmt["GROUP"])
     x = x.contiguous()
-    input_args, input_flags = _input_args(x, norms)
+    input_args, input_flags = deferred_norms_args(x, norms)
     out = torch.empty(*x.shape[:-1], width, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(width, block_n * groups),)](
         x, values, scale, out, multiplier.contiguous() if multiplier is not None else x, width, values.stride(0),

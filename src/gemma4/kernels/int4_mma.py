@@ -36,7 +36,7 @@ import triton
 from ..model.quantized import QuantizedWeight
 from .activation import store_gated_rows
 from .counters import finished_counters
-from .norm import _rstd
+from .norm import _added_norm, _rstd, deferred_norms_args
 from .pdl import launch_options
 from .tuning import config
 
@@ -130,19 +130,16 @@ def product(x: torch.Tensor, weight: QuantizedWeight, act: int | None = None,
         partials = torch.empty(split, 2 if has_up else 1, width, dtype=torch.float32, device=x.device)
         counters = finished_counters("int4_mma", x.device, blocks)
     x = x.contiguous()
-    residual, norm_weight, eps, scalar, next_weight, next_eps, new = norms or (x, x, 1e-6, None, None, None, x)
-    assert norms is None or residual.numel() == new.numel() == k_in and new.is_contiguous()
+    norms_args, norms_flags = deferred_norms_args(x, norms)
     word_load, operand, x_load, x_row, mma = _layouts(block_n, warps)
     chunk_rows = 2 * warps  # rows of 256 inputs a step of the norms' loops: 16 values a thread
+    shared_rows = triton.next_power_of_2(triton.cdiv(k_in, BLOCK_K * chunk_rows) * chunk_rows)
     _int4_mma_kernel[(blocks, split)](
         x, weight.values, weight.scale, out, multiplier.contiguous() if multiplier is not None else out,
         partials, counters, width, weight.values.stride(0), weight.scale.stride(0), weight.scale.stride(1),
-        residual.contiguous(), norm_weight, scalar if scalar is not None else x,
-        next_weight if next_weight is not None else x, new, eps, eps if next_eps is None else next_eps, K=k_in,
-        ACT=act or 0, GATED=gated, HAS_UP=has_up, BLOCK_N=block_n, GROUP=weight.scheme.group_size, SPLIT=split,
-        PREFETCH=prefetch, NORMED=norms is not None, HAS_SCALAR=scalar is not None, HAS_NEXT=next_weight is not None,
-        CHUNK_ROWS=chunk_rows, SHARED_ROWS=triton.next_power_of_2(triton.cdiv(k_in, BLOCK_K * chunk_rows) * chunk_rows),
-        WORD_LOAD=word_load, OPERAND=operand, X_LOAD=x_load, X_ROW=x_row, MMA=mma,
+        *norms_args, K=k_in, ACT=act or 0, GATED=gated, HAS_UP=has_up, BLOCK_N=block_n,
+        GROUP=weight.scheme.group_size, SPLIT=split, PREFETCH=prefetch, **norms_flags, CHUNK_ROWS=chunk_rows,
+        SHARED_ROWS=shared_rows, WORD_LOAD=word_load, OPERAND=operand, X_LOAD=x_load, X_ROW=x_row, MMA=mma,
         ROWS=_rows_layout(chunk_rows, warps), num_warps=warps, **launch_options(x))
     return out
 
@@ -247,11 +244,6 @@ if gluon is not None:
         return mma_v2(a, xb, gl.zeros([BLOCK_N, 8], gl.float32, layout=MMA))
 
     @gluon.jit
-    def _rounded(v, dtype: gl.constexpr):
-        # fp32 -> the nearest dtype value, kept in fp32 (cvt.rn: ties to even, as rounding.round_to)
-        return v.to(dtype).to(gl.float32)
-
-    @gluon.jit
     def _normed_rows(x_ptr, res_ptr, nw_ptr, scalar_ptr, next_w_ptr, new_ptr, eps, next_eps, rows, writes_new,
                      K: gl.constexpr, CHUNK_ROWS: gl.constexpr, HAS_SCALAR: gl.constexpr, HAS_NEXT: gl.constexpr,
                      ROWS: gl.constexpr):
@@ -280,9 +272,7 @@ if gluon is not None:
             y = gl.load(x_ptr + at, mask=ok, other=0.0).to(gl.float32)
             residual = gl.load(res_ptr + at, mask=ok, other=0.0).to(gl.float32)
             w = gl.load(nw_ptr + at, mask=ok, other=0.0).to(gl.float32)
-            new = _rounded(residual + _rounded(y * rstd * w, dtype), dtype)
-            if HAS_SCALAR:
-                new = _rounded(new * scalar, dtype)
+            new = _added_norm(y * rstd * w, residual, scalar, dtype, HAS_SCALAR)
             gl.store(new_ptr + at, new.to(dtype), mask=ok & writes_new)
             squares += new * new
             rows.slice(c * CHUNK_ROWS, CHUNK_ROWS).store(new.to(dtype))
@@ -348,14 +338,15 @@ if gluon is not None:
                                                   gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
             _normed_rows(x_ptr, res_ptr, nw_ptr, scalar_ptr, next_w_ptr, new_ptr, eps, next_eps, rows_smem,
                          (block == 0) & (gl.program_id(1) == 0), K, CHUNK_ROWS, HAS_SCALAR, HAS_NEXT, ROWS)
+            # the same rows viewed one by one (row-major: the main loop indexes a step's row)
+            step_rows = rows_smem._reinterpret(x_ptr.dtype.element_ty, [SHARED_ROWS, STEP_K],
+                                               gl.SwizzledSharedLayout(1, 1, 1, [0]))
         acc = gl.zeros([BLOCK_N, 8], gl.float32, layout=MMA)
         acc_up = acc
         for step in range(STEPS):
             next_w, next_s, next_u, next_su = _step_weights(w_ptrs, s_ptrs, w_ok, s_ok, up_words, up_scales, stride_sk,
                                                             step + PREFETCH, STEPS, WORDS, GROUPS, HAS_UP)
-            if NORMED:  # this step's row of the normed input, from shared memory (row-major: a view by rows)
-                step_rows = rows_smem._reinterpret(x_ptr.dtype.element_ty, [SHARED_ROWS, STEP_K],
-                                                   gl.SwizzledSharedLayout(1, 1, 1, [0]))
+            if NORMED:  # this step's row of the normed input, from shared memory
                 xs = gl.reshape(step_rows.index(k_first // STEP_K + step).load(X_ROW), [WORDS, 8])
                 xs = gl.convert_layout(xs, gl.SliceLayout(2, X_LOAD), assert_trivial=True)
                 xs = gl.where(x_ok, gl.expand_dims(xs, 2), 0.0)

@@ -101,6 +101,16 @@ def _norm_weights(w_ptr, scalar_ptr, next_w_ptr, offs, mask, HAS_WEIGHT: tl.cons
 
 
 @triton.jit
+def _added_norm(normed, residual, scalar, dtype: tl.constexpr, HAS_SCALAR: tl.constexpr):
+    """The new residual stream from fp32 norm(h) (weighted) and residual: residual + norm, then * scalar, each
+    rounded to `dtype` where the eager ops round."""
+    new = round_to(residual + round_to(normed, dtype), dtype)
+    if HAS_SCALAR:
+        new = round_to(new * scalar, dtype)
+    return new
+
+
+@triton.jit
 def _residual_norms_values(h, residual, w, scalar, next_w, D, eps, next_eps, dtype: tl.constexpr,
                            HAS_WEIGHT: tl.constexpr, HAS_SCALAR: tl.constexpr, HAS_NEXT: tl.constexpr):
     """(new, next) of residual_rms_norm from fp32 rows h (the product) and residual, and _norm_weights's values: new
@@ -109,9 +119,7 @@ def _residual_norms_values(h, residual, w, scalar, next_w, D, eps, next_eps, dty
     normed = _unit_rms(h, D, eps)
     if HAS_WEIGHT:
         normed = normed * w
-    new = round_to(residual + round_to(normed, dtype), dtype)
-    if HAS_SCALAR:
-        new = round_to(new * scalar, dtype)
+    new = _added_norm(normed, residual, scalar, dtype, HAS_SCALAR)
     next_row = new
     if HAS_NEXT:
         next_row = _unit_rms(new, D, next_eps) * next_w
@@ -256,6 +264,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
             HAS_WEIGHT=weight is not None, ROUTER=root_size is not None, BLOCK=block, num_warps=_warps(block),
             **launch_options(out))
     return out
+
+
+def deferred_norms_args(x: torch.Tensor, norms: tuple | None) -> tuple[tuple, dict]:
+    """A GEMV kernel's arguments for an input that is `norms` = (residual, norm_weight, eps, scalar, next_weight,
+    next_eps, new) of the product x (gemv.py's `norms`, normalized by the GEMV's own programs), or x itself (norms
+    None): (residual, norm weight, scalar, next weight, new, eps, next eps) with x where one is absent, and the
+    constexprs NORMED, HAS_SCALAR, HAS_NEXT."""
+    if norms is None:
+        return (x, x, x, x, x, 1e-6, 1e-6), dict(NORMED=False, HAS_SCALAR=False, HAS_NEXT=False)
+    residual, norm_weight, eps, scalar, next_weight, next_eps, new = norms
+    assert residual.numel() == new.numel() == x.numel() and new.is_contiguous()
+    args = (residual.contiguous(), norm_weight, scalar if scalar is not None else x,
+            next_weight if next_weight is not None else x, new, eps, eps if next_eps is None else next_eps)
+    return args, dict(NORMED=True, HAS_SCALAR=scalar is not None, HAS_NEXT=next_weight is not None)
 
 
 def residual_rms_norm(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, eps: float,
