@@ -265,9 +265,19 @@ def test_running_ahead_changes_no_output(model):
     for name, ahead, graphed in (("step by step", False, False), ("ahead", True, False), ("graphed", True, True)):
         engine = LLMEngine(model, max_num_seqs=12, max_model_len=64, max_num_batched_tokens=40, num_blocks=14,
                            run_ahead=ahead)
+        in_place = []  # per launch with batched tokens: whether they were sampled into the graphs' row of tokens
         if graphed:
-            engine.runner.graphs = GraphedDecode(model, engine.blocks, engine.max_model_len)
+            graphs = engine.runner.graphs = GraphedDecode(model, engine.blocks, engine.max_model_len)
+            launch = engine.runner.launch
+
+            def launch_noted(batch, ahead=None):
+                launched = launch(batch, ahead)
+                if launched.tokens is not None:
+                    in_place.append(launched.tokens.data_ptr() == graphs.inputs.data_ptr())
+                return launched
+            engine.runner.launch = launch_noted
         results[name], events = run_events(engine, batch, params)
+        assert all(in_place) and len(in_place) > 5 if graphed else not in_place
         assert engine.scheduler.num_preemptions > 0
         assert engine.blocks.usage == 0 and not engine.seqs and engine.in_flight is None
         if ahead:  # a step's tokens are read after the next step is launched

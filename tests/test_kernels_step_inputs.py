@@ -109,6 +109,9 @@ def test_argmax_equals_torch():
         assert got.tolist() == [123, 5, 7_777, 0, 300] == x.argmax(-1).tolist()
         ids, checked = argmax(x, nan_id=-1)  # the rows holding a NaN flagged by the same launch
         assert ids.tolist() == got.tolist() and checked.tolist() == [123, 5, -1, 0, 300]
+        out = torch.full((5,), 7, dtype=torch.long, device=DEVICE)  # written in place: a decode graph's input row
+        ids, checked = argmax(x, nan_id=-1, out=out)
+        assert ids is out and out.tolist() == got.tolist() and checked.tolist() == [123, 5, -1, 0, 300]
 
 
 @pytest.mark.parametrize("ring_extra,behind", [(0, [0, 0, 0]), (3, [0, 2, 0])])

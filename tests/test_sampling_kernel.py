@@ -125,6 +125,24 @@ def test_rows_holding_a_nan_are_flagged(kind):
         assert int(tokens[2]) == int(plain[2]) == int(logits[2].argmax())
 
 
+@pytest.mark.parametrize("kind", ["fused", "fused with a greedy row", "all greedy", "seeded, eager"])
+def test_sample_batch_writes_its_tokens_into_out(kind):
+    """`out` (a decode graph's row of input tokens): every path leaves there the tokens it would return without it
+    (the same uniform numbers), the kernels writing it themselves where no greedy row is merged in afterwards."""
+    logits = torch.randn(3, 2000, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(5))
+    greedy = SamplingParams(temperature=0)
+    params = {"fused": [ROWS[0]] * 3, "fused with a greedy row": [ROWS[0], greedy, ROWS[1]], "all greedy": [greedy] * 3,
+              "seeded, eager": [ROWS[0]] * 3}[kind]
+    generators = lambda: [torch.Generator(DEVICE).manual_seed(1) if kind == "seeded, eager" else None] * 3  # noqa: E731
+    with kernels.force():
+        torch.manual_seed(6)
+        expected, expected_checked = sample_batch(logits, params, generators(), nan_id=-7)
+        out = torch.full((3,), -1, dtype=torch.long, device=DEVICE)
+        torch.manual_seed(6)
+        tokens, checked = sample_batch(logits, params, generators(), nan_id=-7, out=out)
+    assert tokens is out and out.tolist() == expected.tolist() and checked.tolist() == expected_checked.tolist()
+
+
 def test_allowed_token_ids_in_every_sample_batch_path(monkeypatch):
     """allowed_token_ids hold a row's token to them (-inf elsewhere, where logit_bias is added) on the fused kernel
     path, the eager one (a seeded row) and the greedy argmax; another row of the batch is not held."""

@@ -156,8 +156,8 @@ class GraphedDecode:
                 self.flat[sent].copy_(self.host_flat[sent], non_blocking=True)
                 self.copied.record()
             torch.cuda.current_stream().wait_event(self.copied)
-        if ahead is not None and ahead.tokens is not None:
-            self.inputs[0, :len(ahead.tokens)].copy_(ahead.tokens)
+        if ahead is not None and ahead.tokens is not None and ahead.tokens.data_ptr() != self.inputs.data_ptr():
+            self.inputs[0, :len(ahead.tokens)].copy_(ahead.tokens)  # else the sampler wrote them here (runner.py)
         if not captured:
             logits, hidden = self._step(size)
             return logits[:n], hidden[:n]

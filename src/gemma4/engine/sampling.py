@@ -515,7 +515,7 @@ TOP_K_CANDIDATES = 1024  # top-k up to this runs sample_batch on the candidates 
 
 
 def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-                 token_masks: torch.Tensor | None = None, nan_id: int | None = None):
+                 token_masks: torch.Tensor | None = None, nan_id: int | None = None, out: torch.Tensor | None = None):
     """The next token of every row [B] (long, on logits' device) from logits [B, V], without leaving the device.
 
     The same rules as `next_token_distribution` (temperature -> top-k -> top-p -> min-p -> draw; greedy rows take the
@@ -525,18 +525,28 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators:
     reproduces itself. `token_masks`: the rows' allowed tokens (int32 words on logits' device, every bit set for
     an unconstrained row: structured.fill_masks), None when no row is constrained. With `nan_id`: (the tokens, the
     same with nan_id for the rows whose logits, as the rules read them, hold a NaN: such a row's token is a valid id
-    that means nothing); the kernels tell from what they read anyway."""
+    that means nothing); the kernels tell from what they read anyway. `out` [B] long: the tokens are written there
+    (by the sampling kernel itself where one runs: the decode graph's input row, which then needs no copy)."""
+    sampled = _sample_batch(logits, params, generators, token_masks, nan_id, out)
+    tokens = sampled if nan_id is None else sampled[0]
+    if out is None or tokens.data_ptr() == out.data_ptr():
+        return sampled
+    out.copy_(tokens)
+    return out if nan_id is None else (out, sampled[1])
+
+
+def _sample_batch(logits, params, generators, token_masks, nan_id, out):
     logits = adjusted_logits(logits.float(), params, token_masks)
     if all(p.greedy for p in params):
         if kernels.enabled(logits):  # one launch
             from ..kernels.logits import argmax
-            return argmax(logits.contiguous(), nan_id)
+            return argmax(logits.contiguous(), nan_id, out)
         return _checked(logits.argmax(-1), logits, nan_id)
     vocab = logits.shape[1]
     # Greedy rows take the argmax below: their top-k is moot.
     ks = [1 if p.greedy else p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     if max(ks) <= TOP_K_CANDIDATES and all(g is None for g in generators) and kernels.enabled(logits):
-        return _sample_batch_fused(logits, params, ks, nan_id)
+        return _sample_batch_fused(logits, params, ks, nan_id, out)
     greedy_tokens = logits.argmax(-1)
     device = logits.device
     greedy = torch.tensor([p.greedy for p in params], device=device)
@@ -581,7 +591,8 @@ def _checked(tokens: torch.Tensor, logits: torch.Tensor, nan_id: int | None):
     return tokens if nan_id is None else (tokens, tokens.masked_fill(logits.isnan().any(-1), nan_id))
 
 
-def _sample_batch_fused(logits: torch.Tensor, params: list[SamplingParams], ks: list[int], nan_id: int | None):
+def _sample_batch_fused(logits: torch.Tensor, params: list[SamplingParams], ks: list[int], nan_id: int | None,
+                        out: torch.Tensor | None):
     """sample_batch for rows without seeds, each with a top-k: the candidates by torch.topk, then one kernel for the
     rest (the same rules; the draw inverts the CDF at a uniform number instead of calling torch.multinomial). The
     rows' parameters travel in one host-to-device copy."""
@@ -592,9 +603,10 @@ def _sample_batch_fused(logits: torch.Tensor, params: list[SamplingParams], ks: 
                           [p.min_p for p in params], [float(p.greedy) for p in params]], dtype=torch.float32)
     table = table.to(logits.device, non_blocking=True)
     uniform = torch.rand(len(params), device=logits.device)
+    greedy_rows = any(p.greedy for p in params)  # then the argmax's rows are merged in below: a new tensor
     drawn = sample_candidates(values, ids, table[:4], uniform, top_p=any(p.top_p < 1.0 for p in params),
-                              nan_id=nan_id)
-    if any(p.greedy for p in params):
+                              nan_id=nan_id, out=None if greedy_rows else out)
+    if greedy_rows:
         greedy, best = table[4] > 0, logits.argmax(-1)
         if nan_id is None:
             return torch.where(greedy, best, drawn)

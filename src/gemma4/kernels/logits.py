@@ -34,13 +34,13 @@ def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
 
 
 @triton.jit
-def _argmax_kernel(x_ptr, best_ptr, best_at_ptr, counter_ptr, out_ptr, V, stride_x, rows, nan_id,
+def _argmax_kernel(x_ptr, best_ptr, best_at_ptr, counter_ptr, out_ptr, checked_ptr, V, stride_x, nan_id,
                    NUM_BLOCKS: tl.constexpr, BLOCKS_PAD: tl.constexpr, BLOCK: tl.constexpr, CHECKED: tl.constexpr,
                    PDL: tl.constexpr):
     """Program (row, block): the block's largest value and its first index; the row's last block to finish picks
     the first index of the row's largest value from the blocks' (blocks are in index order). NaN counts as the
     largest value, as in torch.argmax; a block holding one records NaN as its value, so that with CHECKED the last
-    block also writes the row's id again at out_ptr + rows, nan_id in its place where the row holds a NaN."""
+    block also writes the row's id again at checked_ptr, nan_id in its place where the row holds a NaN."""
     row, block = tl.program_id(0).to(tl.int64), tl.program_id(1)
     offs = block * BLOCK + tl.arange(0, BLOCK)
     mask = offs < V
@@ -66,31 +66,41 @@ def _argmax_kernel(x_ptr, best_ptr, best_at_ptr, counter_ptr, out_ptr, V, stride
         chosen = tl.min(tl.where(blocks_mask & (tops == top), firsts, V), 0).to(tl.int64)
         tl.store(out_ptr + row, chosen)
         if CHECKED:
-            tl.store(out_ptr + rows + row, tl.where(nan_row > 0, nan_id, chosen).to(tl.int64))
+            tl.store(checked_ptr + row, tl.where(nan_row > 0, nan_id, chosen).to(tl.int64))
         tl.atomic_xchg(counter_ptr + row, 0, sem="relaxed")  # re-armed for the next launch
 
 
-def argmax(x: torch.Tensor, nan_id: int | None = None):
-    """x.argmax(-1) of x [B, V] (unit stride along V): [B] long. With nan_id, (those ids, the same with nan_id where
-    a row holds a NaN) from the one launch."""
+def argmax(x: torch.Tensor, nan_id: int | None = None, out: torch.Tensor | None = None):
+    """x.argmax(-1) of x [B, V] (unit stride along V): [B] long, written into `out` when given (contiguous [B]
+    long). With nan_id, (those ids, the same with nan_id where a row holds a NaN) from the one launch."""
     rows, V = x.shape
     assert x.stride(-1) == 1 and V < 2**31
     block = tile("logits", "ARGMAX_BLOCK", x.device)
     blocks = triton.cdiv(V, block)
     best = torch.empty(rows, blocks, dtype=torch.float32, device=x.device)
     best_at = torch.empty(rows, blocks, dtype=torch.int32, device=x.device)
-    out = torch.empty(2, rows, dtype=torch.long, device=x.device)
-    _argmax_kernel[(rows, blocks)](x, best, best_at, finished_counters("argmax", x.device, rows), out, V, x.stride(0),
-                                   rows, nan_id or 0, NUM_BLOCKS=blocks, BLOCKS_PAD=triton.next_power_of_2(blocks),
-                                   BLOCK=block, CHECKED=nan_id is not None, num_warps=8, **launch_options(x))
-    return out[0] if nan_id is None else (out[0], out[1])
+    tokens, checked = _outputs(rows, nan_id, out, x.device)
+    _argmax_kernel[(rows, blocks)](x, best, best_at, finished_counters("argmax", x.device, rows), tokens, checked, V,
+                                   x.stride(0), nan_id or 0, NUM_BLOCKS=blocks,
+                                   BLOCKS_PAD=triton.next_power_of_2(blocks), BLOCK=block, CHECKED=nan_id is not None,
+                                   num_warps=8, **launch_options(x))
+    return tokens if nan_id is None else (tokens, checked)
+
+
+def _outputs(rows: int, nan_id: int | None, out: torch.Tensor | None, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token ids [rows] (`out` when given) and their checked copy [rows] (the ids again without nan_id) that a
+    sampling kernel writes."""
+    if out is not None:
+        assert out.shape == (rows,) and out.dtype == torch.long and out.is_contiguous()
+    tokens = out if out is not None else torch.empty(rows, dtype=torch.long, device=device)
+    return tokens, tokens if nan_id is None else torch.empty(rows, dtype=torch.long, device=device)
 
 
 # Sampling from each row's top candidates (the serving engine's rows without seeds): temperature, top-k, top-p,
 # min-p and the draw in one launch per step, where the eager ops are ~15 launches. The draw is the inverse of the kept
 # candidates' CDF at a uniform number.
 @triton.jit
-def _sample_candidates_kernel(values_ptr, ids_ptr, params_ptr, uniform_ptr, out_ptr, B, C, nan_id,
+def _sample_candidates_kernel(values_ptr, ids_ptr, params_ptr, uniform_ptr, out_ptr, checked_ptr, B, C, nan_id,
                               TOP_P: tl.constexpr, CHECKED: tl.constexpr, BLOCK_C: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, BLOCK_C)
@@ -114,20 +124,21 @@ def _sample_candidates_kernel(values_ptr, ids_ptr, params_ptr, uniform_ptr, out_
     token = tl.load(ids_ptr + b * C + chosen)  # a valid id even for a row of NaN (chosen is then 0)
     tl.store(out_ptr + b, token)
     if CHECKED:  # torch.topk ranks NaN above every number: a row holding one has it among its candidates
-        tl.store(out_ptr + B + b, tl.where(tl.max((values != values).to(tl.int32), 0) > 0, nan_id, token).to(tl.int64))
+        tl.store(checked_ptr + b, tl.where(tl.max((values != values).to(tl.int32), 0) > 0, nan_id, token).to(tl.int64))
 
 
 def sample_candidates(values: torch.Tensor, ids: torch.Tensor, params: torch.Tensor, uniform: torch.Tensor,
-                      top_p: bool = True, nan_id: int | None = None):
+                      top_p: bool = True, nan_id: int | None = None, out: torch.Tensor | None = None):
     """values [B, C] fp32: each row's C largest logits, descending (NaN first, as torch.topk ranks it), and their
     token ids [B, C]; params [4, B] fp32: temperature (> 0), top_k (1..C), top_p, min_p per row; uniform [B] in
     [0, 1) -> the drawn token ids [B] (int64). top_p False skips the top-p rule for every row (the eager path applies
-    it only when some row asks). With nan_id, (those ids, the same with nan_id where a row's values hold a NaN)."""
+    it only when some row asks). `out`: where the ids go, as argmax's. With nan_id, (those ids, the same with nan_id
+    where a row's values hold a NaN)."""
     batch, count = values.shape
-    out = torch.empty(2, batch, dtype=torch.long, device=values.device)
+    tokens, checked = _outputs(batch, nan_id, out, values.device)
     if batch:
         _sample_candidates_kernel[(batch,)](values.float().contiguous(), ids.contiguous(), params.contiguous(),
-                                           uniform.contiguous(), out, batch, count, nan_id or 0, TOP_P=top_p,
-                                           CHECKED=nan_id is not None, BLOCK_C=triton.next_power_of_2(count),
-                                           num_warps=4)
-    return out[0] if nan_id is None else (out[0], out[1])
+                                           uniform.contiguous(), tokens, checked, batch, count, nan_id or 0,
+                                           TOP_P=top_p, CHECKED=nan_id is not None,
+                                           BLOCK_C=triton.next_power_of_2(count), num_warps=4)
+    return tokens if nan_id is None else (tokens, checked)
