@@ -6,6 +6,8 @@ next step, which reads them on the device)."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import kernels
@@ -308,12 +310,18 @@ class SampleError(str):
 NAN_ROW = -1  # in Launched's host copy of the batched tokens: that row's logits held a NaN
 
 
+@functools.cache
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream of a device's host copies of sampled tokens."""
+    return torch.cuda.Stream(device)
+
+
 class Launched:
     """A step queued on the device. `results` per row: (token, logprobs) for the rows sampled at once, a
     SampleError, or None. The rows in `fast` were sampled together on the device ([len(fast)] `tokens` there, which
     the next step may read; `checked`, the same with NAN_ROW where the logits held a NaN, is what the host reads);
     `collect()` waits for them. Their copy to the host is queued at once (pinned memory on CUDA), so the wait is for
-    the step alone."""
+    the step alone, on a stream of its own: the next step, queued behind this one, does not wait for it."""
 
     def __init__(self, batch: list[Scheduled], results: list, fast: list[int], tokens: torch.Tensor | None,
                  checked: torch.Tensor | None):
@@ -321,10 +329,14 @@ class Launched:
         self._sources = {batch[row].seq.seq_id: i for i, row in enumerate(fast)}
         self._host, self._copied, self._collected = checked, None, None
         if checked is not None and checked.is_cuda:
+            stream = _copy_stream(checked.device)
             self._host = torch.empty(checked.shape, dtype=checked.dtype, pin_memory=True)
-            self._host.copy_(checked, non_blocking=True)
-            self._copied = torch.cuda.Event()
-            self._copied.record()
+            stream.wait_stream(torch.cuda.current_stream(checked.device))
+            with torch.cuda.stream(stream):
+                self._host.copy_(checked, non_blocking=True)
+                self._copied = torch.cuda.Event()
+                self._copied.record(stream)
+            checked.record_stream(stream)  # its memory is not reused before the copy has read it
 
     def source(self, seq) -> int:
         """Where `seq`'s token is in `tokens`."""
