@@ -70,10 +70,10 @@ def counting(monkeypatch):
     """Count sample_batch calls (the runner's binding)."""
     real = runner_module.sample_batch
 
-    def sample_batch(logits, params, generators, token_masks=None, nan_id=None):
+    def sample_batch(logits, params, generators, token_masks=None, nan_id=None, out=None):
         sample_batch.calls += 1
         assert len(logits) == len(params) == len(generators)
-        return real(logits, params, generators, token_masks, nan_id)
+        return real(logits, params, generators, token_masks, nan_id, out)
 
     sample_batch.calls = 0
     monkeypatch.setattr(runner_module, "sample_batch", sample_batch)
