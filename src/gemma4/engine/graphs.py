@@ -121,6 +121,11 @@ class GraphedDecode:
             if self.usable and size not in self.graphs:
                 self._capture(size)
 
+    def token_row(self, rows: int) -> torch.Tensor | None:
+        """Where a step's batched sampler writes its tokens [rows]: the inputs' row of last tokens, which the next
+        replay then reads as it lies (`run`); None where the graphs are not in use or the rows do not fit."""
+        return self.inputs[0, :rows] if self.usable and rows <= self.inputs.shape[1] else None
+
     def run(self, seqs, ahead=None, drafts: list[list[int]] | None = None
             ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The logits [n, V] of n sequences' next token each and their final hidden states [n, H] (None when capture
@@ -157,7 +162,7 @@ class GraphedDecode:
                 self.copied.record()
             torch.cuda.current_stream().wait_event(self.copied)
         if ahead is not None and ahead.tokens is not None and ahead.tokens.data_ptr() != self.inputs.data_ptr():
-            self.inputs[0, :len(ahead.tokens)].copy_(ahead.tokens)  # else the sampler wrote them here (runner.py)
+            self.inputs[0, :len(ahead.tokens)].copy_(ahead.tokens)  # else the sampler wrote them here (token_row)
         if not captured:
             logits, hidden = self._step(size)
             return logits[:n], hidden[:n]

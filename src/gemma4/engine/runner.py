@@ -93,7 +93,7 @@ class ModelRunner:
                 # next step may still read `drawn`'s, a valid id, before the engine fails that sequence).
                 drawn, read = sample_batch(rows, [s.params for s in chosen], [s.generator_on(device) for s in chosen],
                                            None if masks is None else masks[order], nan_id=NAN_ROW,
-                                           out=self._tokens_out(len(order)))
+                                           out=None if self.graphs is None else self.graphs.token_row(len(order)))
                 tokens, checked = (drawn[:len(fast)], read[:len(fast)]) if fast else (None, None)
                 for row, token in zip(now, read[len(fast):].tolist()):  # waits for the device
                     results[row] = (token, None) if token != NAN_ROW else \
@@ -113,13 +113,6 @@ class ModelRunner:
         for row, result in enumerate(results):
             into[where[row]] = result
         return [where[row] for row in fast], tokens, checked
-
-    def _tokens_out(self, rows: int) -> torch.Tensor | None:
-        """Where the batched sampler writes a step's tokens: the decode graphs' row of last tokens, which the next
-        replay reads as it is (GraphedDecode.run), when the graphs are in use."""
-        graphs = self.graphs
-        return graphs.inputs[0, :rows] if graphs is not None and graphs.usable and rows <= graphs.inputs.shape[1] \
-            else None
 
     def _verify(self, batch: list[Scheduled]) -> list:
         """Draft, verify and accept (speculative.py) for rows that each compute their last token and then their
