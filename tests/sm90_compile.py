@@ -173,6 +173,8 @@ def main() -> None:
     router.router_input(x, rand(256), 0.0625, 1e-6)
     router.route(rand(3, 128), rand(128), 8)
     router.project_and_route(rand(1, 2816), rand(128, 2816), rand(128), 8)
+    router.project_and_route(rand(1, 2816), rand(128, 2816), rand(128), 8,
+                             attention_tail=(rand(1, 2816), rand(2816), 1e-6, rand(2816), rand(2816), 0.02, rand(2816)))
     activation.gated_activation(rand(3, 96), rand(3, 96), "gelu_pytorch_tanh")
     # Prefill attention at both head dims (the GPU's tiles), sliding with image blocks and global; whole key spans
     # and split ones (with their merge).

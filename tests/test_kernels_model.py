@@ -74,11 +74,13 @@ def test_deferred_norms_change_no_value(model, request):
     """At batch 1 the residual norms after o_proj, down_proj and the PLE projection are left to the GEMV that reads
     them (DeferredNorms) instead of the producing GEMV's last program. The same ops on the same values: decode logits
     equal those with no norm deferred (bit-equal under the interpreter; compiled, the two kernels' reductions may
-    differ by an fp32 ulp), and the deferred path was taken where it applies (not on the MoE family)."""
+    differ by an fp32 ulp), and the deferred path was taken where it applies (on the MoE family: o_proj's norms, by
+    the dense MLP's GEMV and the routing GEMV, which also writes the experts' input)."""
     from gemma4.kernels import gemv as gemv_module
+    from gemma4.kernels import router as router_module
     ids, mask = _ids()
     ids = ids[1:, mask[1].bool()]  # the unpadded 6-token prompt
-    counted = {"normed": 0}
+    counted = {"normed": 0, "routed": 0}
 
     def counting(kernel):
         def wrapper(*args, norms=None, **kwargs):
@@ -86,12 +88,18 @@ def test_deferred_norms_change_no_value(model, request):
             return kernel(*args, norms=norms, **kwargs)
         return wrapper
 
+    def counting_router(*args, attention_tail=None):
+        counted["routed"] += attention_tail is not None
+        return real_router(*args, attention_tail=attention_tail)
+    real_router = router_module.project_and_route
+
     logits = {}
     for sites in (frozenset(), DEFERRABLE):
         cache = model.make_cache(1, ids.shape[1] + 4)
         with kernels.force(), override(defer_norms=sites), \
                 mock.patch.object(gemv_module, "gemv", counting(gemv_module.gemv)), \
-                mock.patch.object(gemv_module, "gemv_gated", counting(gemv_module.gemv_gated)):
+                mock.patch.object(gemv_module, "gemv_gated", counting(gemv_module.gemv_gated)), \
+                mock.patch.object(router_module, "project_and_route", counting_router):
             out = model(ids, cache=cache, last_only=True)
             steps = []
             for _ in range(3):
@@ -99,12 +107,11 @@ def test_deferred_norms_change_no_value(model, request):
                 steps.append(out[:, -1])
         logits[sites] = torch.stack(steps)
         if not sites:
-            assert counted["normed"] == 0
+            assert counted["normed"] == counted["routed"] == 0
     layers = model.config.text_config.num_hidden_layers
-    if request.node.callspec.params["model"] == "26B-A4B":
-        assert counted["normed"] == 0
-    else:  # at least the attention's residual norms in every layer of every step
-        assert counted["normed"] >= 3 * layers
+    # at least the attention's residual norms in every layer of every step
+    assert counted["normed"] >= 3 * layers
+    assert counted["routed"] == (3 * layers if request.node.callspec.params["model"] == "26B-A4B" else 0)
     if DEVICE == "cpu":
         assert torch.equal(logits[frozenset()], logits[DEFERRABLE])
     else:

@@ -204,6 +204,31 @@ def test_project_and_route(dtype, num_experts, top_k):
         torch.testing.assert_close(weights, ref_weights, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_project_and_route_of_the_attention_tail(dtype):
+    """With attention_tail the routing GEMV's programs compute the router's input from the attention's product and
+    the residual themselves, as residual_moe_norms computes it: the same weights and experts and the same experts'
+    input, to the bit; the residual and the product are left as they were."""
+    from gemma4.kernels.norm import residual_moe_norms
+    router = make_router(dtype=dtype, seed=4)
+    gen = torch.Generator().manual_seed(7)  # inputs without ties among the bf16 scores' top 9
+    residual, y = ((torch.randn(1, HIDDEN, generator=gen) * 4.0).to(DEVICE, dtype) for _ in range(2))
+    before = residual.clone(), y.clone()
+    norm_weight, experts_weight = (torch.randn(HIDDEN, generator=gen).to(DEVICE, dtype) for _ in range(2))
+    eps = 1e-6
+    _, _, want_experts_in, scaled = residual_moe_norms(residual, y, norm_weight, eps, experts_weight, experts_weight,
+                                                       router.scale, router.root_size)
+    assert_no_ties(gemv(scaled, router.proj.weight), router.top_k)
+    want = project_and_route(scaled, router.proj.weight, router.per_expert_scale, router.top_k)
+    experts_in = torch.full_like(residual, float("nan"))
+    tail = (residual, norm_weight, eps, experts_weight, router.scale, router.root_size, experts_in)
+    weights, experts = project_and_route(y, router.proj.weight, router.per_expert_scale, router.top_k,
+                                         attention_tail=tail)
+    assert torch.equal(experts, want[1]) and torch.equal(weights, want[0])
+    assert torch.equal(experts_in, want_experts_in)
+    assert torch.equal(residual, before[0]) and torch.equal(y, before[1])
+
+
 def test_empty_inputs_give_empty_outputs():
     """No tokens: empty results of the right shapes and dtypes, no launch."""
     x = torch.empty(0, 64, device=DEVICE, dtype=torch.bfloat16)

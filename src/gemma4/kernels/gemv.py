@@ -369,21 +369,6 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, mult_ptr, N, stride_wn, strid
             w, u, w_scale, u_scale, rows = next_w, next_u, next_w_scale, next_u_scale, rows + group_step
 
 
-@triton.jit
-def block_product(x_ptr, w_ptr, scale_ptr, N, stride_wn, stride_sn, stride_sk, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr,
-                  PDL: tl.constexpr):
-    """(rows, their fp32 products) of program i's BLOCK_N weight rows and the input row x (one group, read after the
-    PDL wait): the body of router.py's routing GEMV, whose last program to finish goes on with the whole row."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    w, _, w_scale, _ = _first_tiles(w_ptr, scale_ptr, rows, N, stride_wn, stride_sn, stride_sk, 0, K, BLOCK_K, False,
-                                    WFMT, GROUP, SCALE_ROWS)
-    x = _input_row(x_ptr, x_ptr, x_ptr, x_ptr, x_ptr, x_ptr, 1.0, 1.0, K, BLOCK_K, False, False, False, PDL)
-    y, _ = _dots(w, w, w_scale, w_scale, x, x_ptr, w_ptr, scale_ptr, rows, N, stride_wn, stride_sn, stride_sk, 0, K,
-                 BLOCK_K, False, WFMT, GROUP, SCALE_ROWS)
-    return rows, y
-
-
 # Widest input row a GEMV normalizes itself (`norms`): it holds the row in one tile of registers.
 NORMED_MAX_K = 4096
 

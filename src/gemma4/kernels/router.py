@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 
 from .counters import finished_counters
-from .gemv import _default_tiles, _tiles, _weight_args, block_product
-from .norm import _rows, rms_norm
+from .gemv import NORMED_MAX_K, _default_tiles, _dots, _first_tiles, _input_row, _tiles, _weight_args
+from .norm import _norm_weight, _residual_norms_values, _router_scaled, _rows, _store, _unit_rms, rms_norm
 from .pdl import after_previous_kernel, launch_options
 from ..model.quantized import QuantizedWeight
 
@@ -75,19 +75,50 @@ def _route_kernel(scores_ptr, pes_ptr, weights_ptr, experts_ptr, scores_stride, 
 
 
 @triton.jit
+def _attention_tail_input(y_ptr, res_ptr, nw_ptr, experts_w_ptr, router_scale_ptr, experts_out_ptr, eps, root_size,
+                          K: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    """norm.py's residual_moe_norms of the attention's product y, computed by every program from the whole row (the
+    routing GEMV's deferred input): the router's input as fp32 [1, BLOCK_K]; program 0 also stores the experts'
+    input. The norm weights are loaded before the PDL wait."""
+    cols = tl.arange(0, BLOCK_K)
+    mask = cols < K
+    w = _norm_weight(nw_ptr, cols, mask, True)
+    experts_w = _norm_weight(experts_w_ptr, cols, mask, True)
+    router_scale = _norm_weight(router_scale_ptr, cols, mask, True)
+    after_previous_kernel(PDL)
+    dtype = experts_out_ptr.dtype.element_ty
+    y = tl.load(y_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    residual = tl.load(res_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    new, _ = _residual_norms_values(y, residual, w, 1.0, 1.0, K, eps, eps, dtype, True, False, False)
+    if tl.program_id(0) == 0:
+        _store(experts_out_ptr + cols, _unit_rms(new, K, eps) * experts_w, mask)
+    return _router_scaled(new, router_scale, K, eps, root_size, dtype)[None, :]
+
+
+@triton.jit
 def _project_and_route_kernel(x_ptr, w_ptr, scale_ptr, scores_ptr, counter_ptr, pes_ptr, weights_ptr, experts_ptr,
+                              res_ptr, nw_ptr, experts_w_ptr, router_scale_ptr, experts_out_ptr, eps, root_size,
                               E, stride_wn, stride_sn, stride_sk, K: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_K: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr,
                               SCALE_ROWS: tl.constexpr, TOP_K: tl.constexpr, BLOCK: tl.constexpr,
-                              K_BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """gemv.py's GEMV of one row into scores (model dtype, `block_product`); the last program to finish routes the
+                              K_BLOCK: tl.constexpr, TAIL: tl.constexpr, PDL: tl.constexpr):
+    """gemv.py's GEMV of one row into scores (model dtype), of x or, with TAIL, of the input that
+    `_attention_tail_input` computes from the attention's product at x_ptr; the last program to finish routes the
     whole row: its acquire (acq_rel counter) pairs with every other program's release, so their score stores are
     visible to it, read past L1; it then re-arms the counter for the next launch."""
     offs = tl.arange(0, BLOCK)
     mask = offs < E
-    scales = _expert_scales(pes_ptr, offs, mask)  # before block_product's PDL wait
-    rows, y = block_product(x_ptr, w_ptr, scale_ptr, E, stride_wn, stride_sn, stride_sk, K, BLOCK_N, BLOCK_K, WFMT,
-                            GROUP, SCALE_ROWS, PDL)
+    scales = _expert_scales(pes_ptr, offs, mask)  # before the PDL wait
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    w, _, w_scale, _ = _first_tiles(w_ptr, scale_ptr, rows, E, stride_wn, stride_sn, stride_sk, 0, K, BLOCK_K, False,
+                                    WFMT, GROUP, SCALE_ROWS)
+    if TAIL:
+        x = _attention_tail_input(x_ptr, res_ptr, nw_ptr, experts_w_ptr, router_scale_ptr, experts_out_ptr, eps,
+                                  root_size, K, BLOCK_K, PDL)
+    else:
+        x = _input_row(x_ptr, x_ptr, x_ptr, x_ptr, x_ptr, x_ptr, 1.0, 1.0, K, BLOCK_K, False, False, False, PDL)
+    y, _ = _dots(w, w, w_scale, w_scale, x, x_ptr, w_ptr, scale_ptr, rows, E, stride_wn, stride_sn, stride_sk, 0, K,
+                 BLOCK_K, False, WFMT, GROUP, SCALE_ROWS)
     tl.store(scores_ptr + rows, y.to(scores_ptr.dtype.element_ty), mask=rows < E)
     finished = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
     if finished == tl.num_programs(0) - 1:
@@ -126,19 +157,32 @@ def route(scores: torch.Tensor, per_expert_scale: torch.Tensor, top_k: int) -> t
 
 
 def project_and_route(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, per_expert_scale: torch.Tensor,
-                      top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+                      top_k: int, attention_tail: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """route(gemv(x, weight), per_expert_scale, top_k) for one row x [1, H] in one launch: the GEMV's last program to
-    finish routes (decode at batch 1: the route kernel's launch saved). weight [E, H] as gemv.py's `gemv` takes it."""
+    finish routes (decode at batch 1: the route kernel's launch saved). weight [E, H] as gemv.py's `gemv` takes it.
+
+    attention_tail = (residual, norm_weight, eps, experts_weight, router_scale, root_size, experts_out): x is the
+    attention's product, not yet added, and the input routed is the router's of residual_moe_norms(residual, x,
+    norm_weight, eps, _, experts_weight, router_scale, root_size), which every program computes itself (H <=
+    NORMED_MAX_K); the experts' input of it is written into experts_out. This saves the norms' own launch on the path
+    from the attention to the experts."""
     assert x.numel() == x.shape[-1] == weight.shape[1], (x.shape, weight.shape)
     values, scale, stride_sn, stride_sk, fmt = _weight_args(weight)
     n_out, k_in = weight.shape
     scores = torch.empty(*x.shape[:-1], n_out, dtype=x.dtype, device=x.device)
     weights, experts = _routed(scores, top_k)
-    block_n, block_k, warps, stages, _ = _tiles(x, k_in, _default_tiles(x.device, k_in, wfmt=fmt["WFMT"]),
-                                                group=fmt["GROUP"])
+    tail = attention_tail is not None
+    if tail:
+        residual, norm_weight, eps, experts_weight, router_scale, root_size, experts_out = attention_tail
+        assert k_in <= NORMED_MAX_K and residual.numel() == experts_out.numel() == k_in and experts_out.is_contiguous()
+        tail_args = (residual.contiguous(), norm_weight, experts_weight, router_scale, experts_out, eps, root_size)
+    else:
+        tail_args = (x, x, x, x, x, 1e-6, 1.0)  # unread
+    tiles = _default_tiles(x.device, k_in, normed=tail, wfmt=fmt["WFMT"])
+    block_n, block_k, warps, stages, _ = _tiles(x, k_in, tiles, normed=tail, group=fmt["GROUP"])
     _project_and_route_kernel[(triton.cdiv(n_out, block_n),)](
         x.contiguous(), values, scale, scores, finished_counters("project_and_route", x.device), per_expert_scale,
-        weights, experts, n_out, values.stride(0), stride_sn, stride_sk, K=k_in, BLOCK_N=block_n, BLOCK_K=block_k,
-        **fmt, TOP_K=top_k, BLOCK=triton.next_power_of_2(n_out), K_BLOCK=triton.next_power_of_2(top_k),
-        num_warps=warps, num_stages=stages, **launch_options(x))
+        weights, experts, *tail_args, n_out, values.stride(0), stride_sn, stride_sk, K=k_in, BLOCK_N=block_n,
+        BLOCK_K=block_k, **fmt, TOP_K=top_k, BLOCK=triton.next_power_of_2(n_out),
+        K_BLOCK=triton.next_power_of_2(top_k), TAIL=tail, num_warps=warps, num_stages=stages, **launch_options(x))
     return weights, experts

@@ -207,6 +207,23 @@ class DeferredNorms:
         return h if h is not None else new
 
 
+@dataclass
+class DeferredRouterInput:
+    """The router's input of a MoE layer's attention tail (add_normed_linear's `moe`) not computed yet (batch-1
+    decode): the routing GEMV computes it in each of its programs from the attention's product y and the residual
+    stream (`kernels.router.project_and_route`'s attention_tail) and writes the experts' input, `experts_in`, with
+    it: read that only after the routing."""
+    residual: torch.Tensor
+    y: torch.Tensor
+    norm: RMSNorm
+    experts_norm: RMSNorm
+    experts_in: torch.Tensor
+
+    def kernel_args(self, router: Router) -> tuple:
+        return (self.residual, self.norm.weight, self.norm.eps, self.experts_norm.weight, router.scale,
+                router.root_size, self.experts_in)
+
+
 def materialized(x) -> torch.Tensor:
     return x.materialize() if isinstance(x, DeferredNorms) else x
 
@@ -262,7 +279,8 @@ def add_normed_linear(residual: torch.Tensor, x: torch.Tensor, projection: nn.Li
     """add_normed(residual, projection(x), norm, scalar, next_norm); with moe = (experts' norm, router) also that norm
     and the router's scaled input of the new residual stream (four results, else two): the product, then the norms
     in one kernel; or where `takes_gemv` with `defer` the product alone and (new, DeferredNorms) for the GEMV that
-    reads it (without next_norm too: then its value is new).
+    reads it (without next_norm too: then its value is new); with moe also (experts' input, DeferredRouterInput),
+    where the router's GEMV takes it (`Router.routes_deferred`), the experts' input filled by the routing.
     A tensor-parallel shard (`sums_over_ranks`, distributed/sharding.py) sums the ranks' partial products in its
     forward, before any norm."""
     if getattr(projection, "sums_over_ranks", False):
@@ -270,9 +288,15 @@ def add_normed_linear(residual: torch.Tensor, x: torch.Tensor, projection: nn.Li
     elif projection.bias is None and takes_gemv(x, projection.weight):
         from ..kernels.gemv import gemv
         y = gemv(x, projection.weight)
-        if defer and moe is None:
+        if defer and (moe is None or moe[1].routes_deferred(y)):
             new = torch.empty_like(residual)
-            return new, DeferredNorms(residual, y, norm, scalar, next_norm, new)
+            deferred = DeferredNorms(residual, y, norm, scalar, next_norm, new)
+            if moe is None:
+                return new, deferred
+            # the dense MLP's GEMV applies the norms (and writes new), the routing GEMV the router's (and writes the
+            # experts' input): two kernels that run side by side, with no norms kernel before them
+            experts_in = torch.empty_like(residual)
+            return new, deferred, experts_in, DeferredRouterInput(residual, y, norm, moe[0], experts_in)
     else:
         y = product(x, projection.weight, projection.bias)
     if moe is None:

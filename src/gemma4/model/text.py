@@ -15,8 +15,8 @@ from ..config import FULL, SLIDING, TextConfig
 from ..options import options
 from .attention import ForwardContext, MaskRule
 from .common import RMSNorm, activation, apply_rope
-from .fused import (Beside, Linear, QuantizedLinear, add_normed_branches, add_normed_linear, defers, dense, gated,
-                    gated_linear, linear, product, takes_gemv)
+from .fused import (Beside, DeferredRouterInput, Linear, QuantizedLinear, add_normed_branches, add_normed_linear,
+                    defers, dense, gated, gated_linear, linear, product, takes_gemv)
 from .quantized import CPU_KERNEL_MAX_ROWS, NATIVE_INT4_INPUTS, QuantizedWeight, native_int4_reads
 
 
@@ -189,8 +189,19 @@ class Router(nn.Module):
             return router_input(x, self.scale, self.root_size, self.norm.eps)
         return self.norm(x) * self.scale * self.root_size
 
-    def route(self, scaled_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weights fp32, experts) [T, k] from scaled_input(x) [T, H]."""
+    def routes_deferred(self, y: torch.Tensor) -> bool:
+        """Whether `route` takes a DeferredRouterInput of the product y: the batch-1 routing GEMV, over rows it
+        normalizes itself."""
+        from ..kernels.gemv import NORMED_MAX_K
+        return takes_gemv(y, self.proj.weight) and y.shape[-1] <= NORMED_MAX_K
+
+    def route(self, scaled_input) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights fp32, experts) [T, k] from scaled_input(x) [T, H], or a DeferredRouterInput (`routes_deferred`)."""
+        if isinstance(scaled_input, DeferredRouterInput):
+            from ..kernels.router import project_and_route
+            y = scaled_input.y
+            return project_and_route(y.reshape(-1, y.shape[-1]), self.proj.weight, self.per_expert_scale, self.top_k,
+                                     attention_tail=scaled_input.kernel_args(self))
         if takes_gemv(scaled_input, self.proj.weight):  # batch 1: the projection's GEMV kernel routes too
             from ..kernels.router import project_and_route
             return project_and_route(scaled_input, self.proj.weight, self.per_expert_scale, self.top_k)
@@ -406,16 +417,18 @@ class DecoderLayer(nn.Module):
     def moe_feedforward(self, x, attn, scalar: torch.Tensor | None = None, next_norm: RMSNorm | None = None):
         """26B-A4B: the attention's residual add, then the dense MLP and the experts side by side, their branch norms
         summed into the second residual add. The router and the experts read the residual stream, not the dense
-        MLP's input norm."""
+        MLP's input norm. With o_proj's norms deferred (batch 1), no kernel of their own: the dense MLP's first GEMV
+        writes the new residual stream, the routing GEMV the experts' input."""
         x, h, expert_input, router_input = add_normed_linear(
             x, attn, self.self_attn.o_proj, self.post_attention_layernorm, next_norm=self.pre_feedforward_layernorm,
-            moe=(self.pre_feedforward_layernorm_2, self.router))
+            moe=(self.pre_feedforward_layernorm_2, self.router), defer=defers("o_proj"))
         # The dense MLP on a stream of its own, beside the router and the experts (not for a tensor-parallel shard:
         # every rank must run its all-reduces in one order), joined before the fused tail.
-        with Beside(h, enabled=not getattr(self.mlp.down_proj, "sums_over_ranks", False)) as dense_branch:
+        with Beside(x, enabled=not getattr(self.mlp.down_proj, "sums_over_ranks", False)) as dense_branch:
             dense = self.mlp(h)
         hidden = x.shape[-1]
-        weights, experts = self.router.route(router_input.reshape(-1, hidden))
+        weights, experts = self.router.route(router_input if isinstance(router_input, DeferredRouterInput)
+                                             else router_input.reshape(-1, hidden))
         sparse = self.experts(expert_input.reshape(-1, hidden), weights, experts, combine=False)  # summed in the tail
         if isinstance(sparse, torch.Tensor):
             sparse = sparse.reshape(x.shape)
