@@ -165,6 +165,16 @@ def test_route_ties_lowest_index_first():
     torch.testing.assert_close(weights[0], torch.full((4,), 0.25, device=DEVICE))
 
 
+def test_route_of_a_nan_or_inf_score():
+    """A NaN or +inf score makes the whole softmax NaN, as in torch: NaN weights, and still k distinct experts (which
+    ones torch leaves unspecified; here the lowest ids)."""
+    scores = torch.randn(2, 10, device=DEVICE)
+    scores[0, 3], scores[1, 5] = float("nan"), float("inf")
+    weights, experts = route(scores, torch.ones(10, device=DEVICE), 4)
+    assert weights.isnan().all()
+    assert experts.tolist() == [[0, 1, 2, 3]] * 2
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_router_end_to_end(dtype):
     """route(proj(router_input(x))) is Router.forward, the way the model is to call them."""
