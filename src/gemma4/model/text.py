@@ -196,12 +196,14 @@ class Router(nn.Module):
         return takes_gemv(y, self.proj.weight) and y.shape[-1] <= NORMED_MAX_K
 
     def route(self, scaled_input) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weights fp32, experts) [T, k] from scaled_input(x) [T, H], or a DeferredRouterInput (`routes_deferred`)."""
+        """(weights fp32, experts) [T, k] from scaled_input(x) [..., H] (T rows), or a DeferredRouterInput
+        (`routes_deferred`)."""
         if isinstance(scaled_input, DeferredRouterInput):
             from ..kernels.router import project_and_route
             y = scaled_input.y
             return project_and_route(y.reshape(-1, y.shape[-1]), self.proj.weight, self.per_expert_scale, self.top_k,
                                      attention_tail=scaled_input.kernel_args(self))
+        scaled_input = scaled_input.reshape(-1, scaled_input.shape[-1])
         if takes_gemv(scaled_input, self.proj.weight):  # batch 1: the projection's GEMV kernel routes too
             from ..kernels.router import project_and_route
             return project_and_route(scaled_input, self.proj.weight, self.per_expert_scale, self.top_k)
@@ -427,8 +429,7 @@ class DecoderLayer(nn.Module):
         with Beside(x, enabled=not getattr(self.mlp.down_proj, "sums_over_ranks", False)) as dense_branch:
             dense = self.mlp(h)
         hidden = x.shape[-1]
-        weights, experts = self.router.route(router_input if isinstance(router_input, DeferredRouterInput)
-                                             else router_input.reshape(-1, hidden))
+        weights, experts = self.router.route(router_input)
         sparse = self.experts(expert_input.reshape(-1, hidden), weights, experts, combine=False)  # summed in the tail
         if isinstance(sparse, torch.Tensor):
             sparse = sparse.reshape(x.shape)
