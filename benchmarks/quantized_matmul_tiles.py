@@ -11,7 +11,9 @@ over the step's products, each shape times its count. Per row count the tile wit
 the winners into the device's kernels/configs JSON as the format's TILES_BY_M (BYTE_ for fp8 and int8, INT4_ for
 int4): an entry per row count swept, the last for any larger count; and its MAX_M: the most rows swept up to which
 the kernel beats the dequantized weight at every count swept. --no-sweep times the tuned tiles only (A/B runs of a
-kernel change).
+kernel change). With fp8 weights a further column times torch._scaled_mm on the activations quantized per row to fp8
+(W8A8 with dynamic per-token scales, as FP8-dynamic checkpoints specify and vLLM runs them; the quantization
+included): what fp8 tensor cores would give. --per-shape prints each product's times at the largest row count.
 """
 
 from __future__ import annotations
@@ -58,6 +60,19 @@ def candidates(rows: int) -> list[tuple[int, ...]]:
         [(m, *shape) for m in sorted({block_m, max(16, block_m // 2)}) for shape in SPLIT_SHAPES]
 
 
+def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x quantized per row to fp8 e4m3 (amax / 448): the values and the [M, 1] fp32 scales (PyTorch ops)."""
+    scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / 448.0
+    return (x.float() / scale).to(torch.float8_e4m3fn), scale
+
+
+def scaled_mm(quantized: torch.Tensor, scale: torch.Tensor, weight, dtype: torch.dtype) -> torch.Tensor:
+    """fp8 rows times the weight's per-row fp8 values on the fp8 tensor cores: fp32 sums, each output scaled by its
+    row's and column's scales."""
+    return torch._scaled_mm(quantized, weight.values.t(), scale_a=scale,
+                            scale_b=weight.scale.float().reshape(1, -1), out_dtype=dtype)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="26B-A4B")
@@ -65,6 +80,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[4, 16, 32, 64, 128, 256])
     parser.add_argument("--write", action="store_true", help="write the bests into the device's config")
     parser.add_argument("--no-sweep", action="store_true", help="only the tuned tiles (and the cuBLAS columns)")
+    parser.add_argument("--per-shape", action="store_true", help="each product's times at the largest row count")
     args = parser.parse_args()
     if args.no_sweep and args.write:
         parser.error("--write takes the sweep's winners: not with --no-sweep")
@@ -72,11 +88,15 @@ def main() -> None:
     shapes = quantized_shapes(args.preset)
     print(f"{args.preset} {args.quantization} on {torch.cuda.get_device_name()}: us per decode step of M rows, "
           f"summed over {sum(shapes.values())} products ({len(shapes)} shapes)")
-    print("| M | bf16 cuBLAS | dequantized + cuBLAS | kernel today (tiles) | best tiles | best | GB/s at best |")
-    print("| ---: | ---: | ---: | ---: | --- | ---: | ---: |")
+    w8a8 = args.quantization == "fp8"
+    print("| M | bf16 cuBLAS | dequantized + cuBLAS | kernel today (tiles) | best tiles | best | GB/s at best |"
+          + (" fp8 x fp8 _scaled_mm (with the rows' quantization) |" if w8a8 else ""))
+    print("| ---: | ---: | ---: | ---: | --- | ---: | ---: |" + (" ---: |" if w8a8 else ""))
+    per_shape = []
     prefix, best_by_rows, beats_dequantized = "", {}, []
     for rows in sorted(args.rows):
-        sums = {"bf16": 0.0, "dequantized": 0.0, "today": 0.0}
+        sums = {"bf16": 0.0, "dequantized": 0.0, "today": 0.0, "w8a8": 0.0, "w8a8+quant": 0.0}
+        per_shape.clear()
         tile_sums: dict[tuple, float] = {}
         today = None
         gigabytes = 0.0
@@ -85,13 +105,19 @@ def main() -> None:
             prefix = format_prefix(qm._quantized_format(weights[0])[0]["WFMT"])
             x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
             dense = [weights[0].dequantize(x.dtype)]
-            sums["bf16"] += count * graph_us(lambda i: F.linear(x, dense[0]))
+            times = {"bf16": graph_us(lambda i: F.linear(x, dense[0]))}
             del dense
             # what the model runs past MAX_M (model/fused.py `product`): the weight dequantized, then cuBLAS
-            sums["dequantized"] += count * graph_us(
-                lambda i: F.linear(x, fused.dense(weights[i % len(weights)], x.dtype)))
+            times["dequantized"] = graph_us(lambda i: F.linear(x, fused.dense(weights[i % len(weights)], x.dtype)))
             today = qm._tiles(rows, n, k, device, None, weights[0])
-            sums["today"] += count * graph_us(lambda i: qm.quantized_matmul(x, weights[i % len(weights)], today))
+            times["today"] = graph_us(lambda i: qm.quantized_matmul(x, weights[i % len(weights)], today))
+            if w8a8:
+                quantized, scale = fp8_rows(x)
+                times["w8a8"] = graph_us(lambda i: scaled_mm(quantized, scale, weights[i % len(weights)], x.dtype))
+                times["w8a8+quant"] = graph_us(lambda i: scaled_mm(*fp8_rows(x), weights[i % len(weights)], x.dtype))
+            for name, us in times.items():
+                sums[name] += count * us
+            per_shape.append((n, k, count, times))
             for tiles in [] if args.no_sweep else candidates(rows):
                 if tile_sums.get(tiles) == float("inf"):
                     continue
@@ -107,8 +133,14 @@ def main() -> None:
         best_by_rows[rows] = tiles
         beats_dequantized.append(best < sums["dequantized"])
         print(f"| {rows} | {sums['bf16']:.1f} | {sums['dequantized']:.1f} | {sums['today']:.1f} "
-              f"({','.join(map(str, today))}) | {','.join(map(str, tiles))} | {best:.1f} | {gigabytes / best:,.0f} |",
-              flush=True)
+              f"({','.join(map(str, today))}) | {','.join(map(str, tiles))} | {best:.1f} | {gigabytes / best:,.0f} |"
+              + (f" {sums['w8a8']:.1f} ({sums['w8a8+quant']:.1f}) |" if w8a8 else ""), flush=True)
+    if args.per_shape:
+        print(f"per product at M = {max(args.rows)}, us a call (GB/s of the quantized weight):")
+        for n, k, count, times in per_shape:
+            gb = n * k * weight_bytes(args.quantization) / 1e3
+            print(f"  {n:>6} x {k:<6} x {count:>3} | " + " | ".join(f"{name} {us:8.2f} ({gb / us:6,.0f})"
+                                                                    for name, us in times.items()))
     swept, max_m = sorted(best_by_rows), 1
     for rows, won in zip(swept, beats_dequantized):
         if not won:
