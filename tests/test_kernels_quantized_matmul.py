@@ -355,6 +355,72 @@ def tuned_tiles() -> list[tuple[str, tuple]]:
                    for fmt in fmts})
 
 
+def fp8_midpoints() -> torch.Tensor:
+    """Every positive fp8 e4m3 value and the midpoint above it (ties, which go to the even neighbour), 448 last:
+    exact in bf16 (e4m3's 3 mantissa bits and one more)."""
+    values = torch.arange(1, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # 2^-9 .. 448, no NaN
+    return torch.cat([values[:-1], (values[:-1] + values[1:]) / 2, values[-1:]])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp8_rows_equal_the_twin(dtype):
+    """The per-token fp8 quantization of activation rows (W8A8): the kernel's scales bit for bit the twin's
+    (model/quantized.py `fp8_rows`: amax / 448), its values the twin's round-to-nearest-even ones (compared as
+    values: the interpreter's cast drops a zero's sign, the GPU's keeps it). Rows: random over one BLOCK_K step and
+    over three (ragged), an all-zero row (the smallest normal scale, zeros out), each e4m3 value and midpoint with
+    both signs at a scale of 1, values below e4m3's normals."""
+    from gemma4.model.quantized import fp8_rows
+    ties = fp8_midpoints()
+    for k in (640, 5000):
+        x = rand(6, k, dtype=dtype) * 3
+        x[1] = 0
+        x[2, :2 * len(ties)] = torch.cat([ties, -ties]).to(x.dtype)
+        x[3, :4] = torch.tensor([1e3, 1e-4, -3e-3, 2e-3])  # under 2^-6 of amax / 448: e4m3 subnormals
+        quantized, scale = qm.fp8_rows(x)
+        want, want_scale = fp8_rows(x)
+        assert quantized.dtype == torch.float8_e4m3fn and scale.shape == (6, 1) and scale.dtype == torch.float32
+        assert torch.equal(scale, want_scale) and scale[2].item() == 1.0
+        assert torch.equal(quantized.float(), want.float())
+        assert torch.equal(quantized[2, :2 * len(ties)].float().abs()[:len(ties)],
+                           ties.to(torch.float8_e4m3fn).float())  # ties to even, as torch's cast
+        assert not quantized[1].float().any()
+
+
+def test_scaled_linear_is_the_product_of_the_quantized_operands():
+    """W8A8's product (torch._scaled_mm): fp32 sums of the fp8 rows times the fp8 weight, scaled by both scales, as
+    the dequantized operands' product in fp32 (exact terms: 4 + 4 significant bits times a scale); in bf16 that
+    rounded once."""
+    from gemma4.model.quantized import fp8_rows, scaled_linear
+    weight = quantized_weight("fp8", 96, 160, torch.float32)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = rand(2, 5, 160, dtype=dtype)
+        quantized, scale = fp8_rows(x.reshape(-1, 160))
+        want = (quantized.float() * scale) @ weight.dequantize(torch.float32).t()
+        out = scaled_linear(x, weight)
+        assert out.shape == (2, 5, 96) and out.dtype == dtype
+        torch.testing.assert_close(out.reshape(-1, 96).float(), want.to(dtype).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_activations_take_several_rows_of_fp8_weights_only():
+    """The option's reach (model/fused.py `product`): products of several rows with fp8 per-channel weights run
+    W8A8; one row (a batch-1 decode step, the GEMVs' case) and the other formats stay weight-only. Off unless
+    GEMMA4_FP8_ACTIVATIONS=1."""
+    from gemma4.model import fused
+    from gemma4.model.quantized import scaled_linear
+    from gemma4.options import Options, override
+    assert Options.from_environ({"GEMMA4_FP8_ACTIVATIONS": "1"}).fp8_activations
+    assert not Options.from_environ({}).fp8_activations and not Options().fp8_activations
+    weights = {fmt: quantized_weight(fmt, 96, 160, torch.float32) for fmt in ("fp8", "int8", "int4")}
+    one, several = rand(1, 160, dtype=torch.float32), rand(3, 160, dtype=torch.float32)
+    weight_only = {(fmt, len(x)): fused.product(x, w) for fmt, w in weights.items() for x in (one, several)}
+    with override(fp8_activations=True):
+        assert torch.equal(fused.product(several, weights["fp8"]), scaled_linear(several, weights["fp8"]))
+        assert not torch.equal(fused.product(several, weights["fp8"]), weight_only["fp8", 3])
+        for (fmt, rows), want in weight_only.items():
+            if (fmt, rows) != ("fp8", 3):
+                assert torch.equal(fused.product(one if rows == 1 else several, weights[fmt]), want)
+
+
 # Runs in a process without TRITON_INTERPRET: tests/sm90_compile.py's launch compiler (JITFunction.run compiles the
 # launch for sm_90 instead of running it) on the kernel's launches: every format, the three activation dtypes, the
 # tiles of every device's TILES_BY_M (and the formats' own), K in slices, PDL on; and dequantize's, every format.
@@ -378,6 +444,8 @@ for fmt in ("fp8", "int4"):  # K in slices, summed by each tile's last slice
                         (32, 64, 128, 4, 4, 4))
 for fmt in FORMATS:
     qm.dequantize(quantized_weight(fmt, 2048, 4096, torch.bfloat16), torch.bfloat16)
+for k in (2816, 5000):  # fp8 activation rows: one step, several with a ragged last
+    qm.fp8_rows(torch.randn(64, k, dtype=torch.bfloat16))
 print("\n".join(sm90_compile.compiled))
 print(len(sm90_compile.compiled), "launches compiled for sm_90")
 """
@@ -385,5 +453,5 @@ print(len(sm90_compile.compiled), "launches compiled for sm_90")
 
 def test_compiles_for_sm90():
     done = compiling("-c", COMPILE_LAUNCHES)
-    launches = len(FORMATS) + 2 + len(tuned_tiles()) + 2 + len(FORMATS)  # + K in slices, dequantize's
+    launches = len(FORMATS) + 2 + len(tuned_tiles()) + 2 + len(FORMATS) + 2  # + K in slices, dequantize's, fp8 rows
     assert f"{launches} launches compiled for sm_90" in done.stdout, done.stdout[-3000:]

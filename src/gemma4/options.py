@@ -28,6 +28,10 @@ class Options:
     defer_norms: frozenset[str] = DEFERRABLE  # the products whose residual norms the next GEMV applies
     # q/k/v and gate/up as one matmul each when loading: "auto" on CUDA only, True on every device, False never
     fuse_projections: Literal["auto"] | bool = "auto"
+    # GEMMA4_FP8_ACTIVATIONS=1: products of several rows (prefill, serving batches) with fp8 per-channel weights
+    # multiply activations quantized per token to fp8 (W8A8, as the FP8-dynamic scheme says) on the fp8 tensor cores;
+    # off: weight-only, activations in the model dtype
+    fp8_activations: bool = False
     prefill_kernel: bool = True  # the flash prefill attention kernel; False: SDPA with a boolean mask
     # a CPU decode step's layers in one C call where they take it (TextModel.decodes_on_cpu); False: layer by layer
     cpu_decode_layers: bool = True
@@ -48,7 +52,8 @@ class Options:
             return environ.get(name, default) not in ("", "0")
 
         return cls(kernels=flag("GEMMA4_KERNELS", "1"), pdl=flag("GEMMA4_PDL", "1"),
-                   cuda_graphs=not flag("GEMMA4_EAGER", "0"), tokenizer_dir=environ.get("GEMMA4_TOKENIZER_DIR") or None,
+                   cuda_graphs=not flag("GEMMA4_EAGER", "0"), fp8_activations=flag("GEMMA4_FP8_ACTIVATIONS", "0"),
+                   tokenizer_dir=environ.get("GEMMA4_TOKENIZER_DIR") or None,
                    cache_dir=environ.get("GEMMA4_CACHE") or default_cache_dir(environ))
 
 

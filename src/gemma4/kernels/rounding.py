@@ -18,6 +18,18 @@ def round_to(v, dtype: tl.constexpr):
         return v.to(dtype).to(tl.float32)
 
 
+@triton.jit
+def round_to_fp8(v):
+    """fp32 (|v| <= 448) -> nearest fp8 e4m3 value (ties to even, as the GPU's cvt.rn.satfinite.e4m3x2.f32), kept in
+    fp32, so that the interpreter's cast (which rounds wrongly) gets exact values. Normal values keep 3 mantissa bits;
+    below 2^-6 the step is 2^-9, |v| rounded by adding and subtracting 1.5 * 2^23, then v's sign (-0 stays -0)."""
+    bits = v.to(tl.uint32, bitcast=True)
+    normal = ((bits + (0x7FFFF + ((bits >> 20) & 1))) & 0xFFF00000).to(tl.float32, bitcast=True)
+    subnormal = ((tl.abs(v) * 512.0 + 12582912.0) - 12582912.0) / 512.0
+    subnormal = tl.where((bits >> 31) != 0, -subnormal, subnormal)
+    return tl.where(tl.abs(v) < 0.015625, subnormal, normal)
+
+
 # fp8 e4m3 -> bf16, four values (a 32-bit register of bytes) at a time on the integer and bf16x2 ALUs: Triton's cast
 # converts each value twice on sm_90 (F2FP to an fp16 pair, then F2F to bf16, a quarter-rate conversion a value).
 # Each byte s eeee mmm lands in a 16-bit lane as s (bit 15) and eeee mmm (bits 10..4): the bf16 of 2^-120 times the

@@ -23,7 +23,7 @@ from ..options import options
 from .common import RMSNorm, activation
 from .pages import page_out
 from .quantized import (CPU_KERNEL_MAX_ROWS, QuantizedWeight, Scheme, cpu_int4_chunk, cpu_int4_supported, cpu_linear,
-                        native_int4, quantize, to_chunks, to_cpu_int4)
+                        fp8_activations_reads, native_int4, quantize, scaled_linear, to_chunks, to_cpu_int4)
 
 if TYPE_CHECKING:
     from .text import Router
@@ -61,6 +61,11 @@ def product(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.
     (prefill, other formats) the dequantized weight and F.linear."""
     if not isinstance(weight, QuantizedWeight):
         return F.linear(x, weight, bias)
+    if options().fp8_activations and x.numel() > x.shape[-1] and fp8_activations_reads(weight):
+        if kernels.enabled(x):
+            from ..kernels.quantized_matmul import fp8_rows
+            return scaled_linear(x, weight, fp8_rows)
+        return scaled_linear(x, weight)
     if kernels.enabled(x):
         from ..kernels.quantized_matmul import max_rows, quantized_matmul, quantized_matmul_supported
         if x.numel() // x.shape[-1] <= max_rows(x.device, weight) and quantized_matmul_supported(weight) is None:

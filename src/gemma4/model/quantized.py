@@ -154,6 +154,37 @@ class QuantizedWeight:
                                weights[0].scheme)
 
 
+def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activation rows [M, K] quantized dynamically per row (per token) to fp8 e4m3, as FP8-dynamic checkpoints'
+    input_activations say: scale = amax / 448 in fp32, q = x / scale rounded to nearest (|q| <= 448 by
+    construction). Returns (q [M, K], scale [M, 1] fp32); an all-zero row gets the smallest normal scale."""
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=torch.finfo(torch.float32).tiny) / FP8_MAX
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def fp8_activations_reads(weight: QuantizedWeight) -> bool:
+    """Whether `scaled_linear` takes this weight: one [N, K] fp8 matrix with a scale per row, N and K multiples of
+    16 (the fp8 GEMMs' operand alignment)."""
+    n_out, k_in = weight.shape
+    return (weight.values.dtype == torch.float8_e4m3fn and weight.scheme.strategy == "channel"
+            and weight.values.dim() == 2 and n_out % 16 == 0 and k_in % 16 == 0 and weight.values.stride(-1) == 1)
+
+
+def scaled_linear(x: torch.Tensor, weight: QuantizedWeight, rows=fp8_rows) -> torch.Tensor:
+    """x @ w.T with the activations quantized per row to fp8 (`rows`: fp8_rows or a kernel giving its bits) and the
+    fp8 weight as stored, on the fp8 tensor cores (W8A8): fp32 sums of the exact products q_x * q_w, times the row's
+    and the weight row's scales, rounded once to x's dtype. Against the weight-only product each activation moves
+    by up to 2^-4 of itself (e4m3's 3 mantissa bits), as the checkpoint's scheme specifies."""
+    flat = x.reshape(-1, x.shape[-1])
+    quantized, scale = rows(flat)
+    if x.is_cuda and x.dtype != torch.bfloat16:  # CUDA's row-scaled fp8 GEMM writes bf16: the same sums in fp32
+        out = ((quantized.float() * scale) @ (weight.values.float() * weight.scale.float()).t()).to(x.dtype)
+    else:
+        out = torch._scaled_mm(quantized, weight.values.t(), scale_a=scale,
+                               scale_b=weight.scale.float().reshape(1, -1), out_dtype=x.dtype)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
 def quantize(weight: torch.Tensor, scheme: Scheme, for_cpu: bool = False, whole_rows=None) -> QuantizedWeight:
     """weight [..., N, K] -> its `scheme` form, as llm-compressor's min-max observer and compressed-tensors make it:
     scale = absmax / qmax per channel / group / block, in the weight's dtype; values = the scaled weight rounded.
