@@ -11,9 +11,9 @@ over the step's products, each shape times its count. Per row count the tile wit
 the winners into the device's kernels/configs JSON as the format's TILES_BY_M (BYTE_ for fp8 and int8, INT4_ for
 int4): an entry per row count swept, the last for any larger count; and its MAX_M: the most rows swept up to which
 the kernel beats the dequantized weight at every count swept. --no-sweep times the tuned tiles only (A/B runs of a
-kernel change). With fp8 weights a further column times torch._scaled_mm on the activations quantized per row to fp8
-(W8A8 with dynamic per-token scales, as FP8-dynamic checkpoints specify and vLLM runs them; the quantization
-included): what fp8 tensor cores would give. --per-shape prints each product's times at the largest row count.
+kernel change). With fp8 weights a further column times the W8A8 product (GEMMA4_FP8_ACTIVATIONS=1,
+model/quantized.py `scaled_linear`: torch._scaled_mm on the fp8 tensor cores), alone and with its activation rows'
+quantization (kernels/quantized_matmul.py `fp8_rows`). --per-shape prints each product's times at the largest row count.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from gemma4.config import Config  # noqa: E402
 from gemma4.kernels import quantized_matmul as qm, tuning  # noqa: E402
 from gemma4.kernels.gemv import format_prefix  # noqa: E402
 from gemma4.model import fused  # noqa: E402
+from gemma4.model.quantized import scaled_linear  # noqa: E402
 
 # (BLOCK_N, BLOCK_K, warps, stages), each at BLOCK_M = the rows' power of 2 (16 to 128), at half of it and at 16.
 # BLOCK_N 16: twice the programs of 32 (26B-A4B's o_proj at 32 rows a program fills 88 of an H100's 132 SMs).
@@ -60,19 +61,6 @@ def candidates(rows: int) -> list[tuple[int, ...]]:
         [(m, *shape) for m in sorted({block_m, max(16, block_m // 2)}) for shape in SPLIT_SHAPES]
 
 
-def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x quantized per row to fp8 e4m3 (amax / 448): the values and the [M, 1] fp32 scales (PyTorch ops)."""
-    scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / 448.0
-    return (x.float() / scale).to(torch.float8_e4m3fn), scale
-
-
-def scaled_mm(quantized: torch.Tensor, scale: torch.Tensor, weight, dtype: torch.dtype) -> torch.Tensor:
-    """fp8 rows times the weight's per-row fp8 values on the fp8 tensor cores: fp32 sums, each output scaled by its
-    row's and column's scales."""
-    return torch._scaled_mm(quantized, weight.values.t(), scale_a=scale,
-                            scale_b=weight.scale.float().reshape(1, -1), out_dtype=dtype)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="26B-A4B")
@@ -90,7 +78,7 @@ def main() -> None:
           f"summed over {sum(shapes.values())} products ({len(shapes)} shapes)")
     w8a8 = args.quantization == "fp8"
     print("| M | bf16 cuBLAS | dequantized + cuBLAS | kernel today (tiles) | best tiles | best | GB/s at best |"
-          + (" fp8 x fp8 _scaled_mm (with the rows' quantization) |" if w8a8 else ""))
+          + (" W8A8 (with the rows' quantization) |" if w8a8 else ""))
     print("| ---: | ---: | ---: | ---: | --- | ---: | ---: |" + (" ---: |" if w8a8 else ""))
     per_shape = []
     prefix, best_by_rows, beats_dequantized = "", {}, []
@@ -112,9 +100,9 @@ def main() -> None:
             today = qm._tiles(rows, n, k, device, None, weights[0])
             times["today"] = graph_us(lambda i: qm.quantized_matmul(x, weights[i % len(weights)], today))
             if w8a8:
-                quantized, scale = fp8_rows(x)
-                times["w8a8"] = graph_us(lambda i: scaled_mm(quantized, scale, weights[i % len(weights)], x.dtype))
-                times["w8a8+quant"] = graph_us(lambda i: scaled_mm(*fp8_rows(x), weights[i % len(weights)], x.dtype))
+                rows_fp8 = qm.fp8_rows(x)
+                times["w8a8"] = graph_us(lambda i: scaled_linear(x, weights[i % len(weights)], lambda _: rows_fp8))
+                times["w8a8+quant"] = graph_us(lambda i: scaled_linear(x, weights[i % len(weights)], qm.fp8_rows))
             for name, us in times.items():
                 sums[name] += count * us
             per_shape.append((n, k, count, times))
