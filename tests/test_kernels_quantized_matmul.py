@@ -365,22 +365,22 @@ def fp8_midpoints() -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fp8_rows_equal_the_twin(dtype):
     """The per-token fp8 quantization of activation rows (W8A8): the kernel's scales bit for bit the twin's
-    (model/quantized.py `fp8_rows`: amax / 448), its values the twin's round-to-nearest-even ones (compared as
-    values: the interpreter's cast drops a zero's sign, the GPU's keeps it). Rows: random over one BLOCK_K step and
-    over three (ragged), an all-zero row (the smallest normal scale, zeros out), each e4m3 value and midpoint with
-    both signs at a scale of 1, values below e4m3's normals."""
+    (model/quantized.py `fp8_rows`: amax / 448), its bytes the twin's round-to-nearest-even ones (rounding.store_fp8,
+    the KV cache's store). Rows: random over one BLOCK_K step and over three (ragged), an all-zero row (the smallest
+    normal scale, zeros out), each e4m3 value and midpoint with both signs at a scale of 1, values below e4m3's
+    normals and -0."""
     from gemma4.model.quantized import fp8_rows
     ties = fp8_midpoints()
     for k in (640, 5000):
         x = rand(6, k, dtype=dtype) * 3
         x[1] = 0
         x[2, :2 * len(ties)] = torch.cat([ties, -ties]).to(x.dtype)
-        x[3, :4] = torch.tensor([1e3, 1e-4, -3e-3, 2e-3])  # under 2^-6 of amax / 448: e4m3 subnormals
+        x[3, :5] = torch.tensor([1e3, 1e-4, -3e-3, 2e-3, -0.0])  # under 2^-6 of amax / 448: e4m3 subnormals
         quantized, scale = qm.fp8_rows(x)
         want, want_scale = fp8_rows(x)
         assert quantized.dtype == torch.float8_e4m3fn and scale.shape == (6, 1) and scale.dtype == torch.float32
         assert torch.equal(scale, want_scale) and scale[2].item() == 1.0
-        assert torch.equal(quantized.float(), want.float())
+        assert torch.equal(quantized.view(torch.uint8), want.view(torch.uint8))
         assert torch.equal(quantized[2, :2 * len(ties)].float().abs()[:len(ties)],
                            ties.to(torch.float8_e4m3fn).float())  # ties to even, as torch's cast
         assert not quantized[1].float().any()

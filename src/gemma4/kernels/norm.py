@@ -13,31 +13,13 @@ import triton
 import triton.language as tl
 
 from .pdl import after_previous_kernel, launch_options, next_kernel_then_wait
-from .rounding import round_to
+from .rounding import round_to, store_fp8
 
 
 @triton.jit
 def _store(ptrs, x, mask):
     dtype = ptrs.dtype.element_ty
     tl.store(ptrs, round_to(x, dtype).to(dtype), mask=mask)  # the value is exact in dtype: the cast cannot round
-
-
-@triton.jit
-def _store_fp8(ptrs, x, scale, mask):
-    """fp8 e4m3 cache store: x / scale (correctly rounded division, as torch's) saturated to +-448, rounded to
-    nearest even (what torch's cast gives) by hand: Triton's CPU interpreter truncates on casts to fp8, and the stored
-    bytes must be the same there and on the GPU. The rounded value is exact in e4m3: the cast cannot round."""
-    v = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)
-    v_bits = v.to(tl.uint32, bitcast=True)
-    magnitude = (v_bits & 0x7FFFFFFF).to(tl.float32, bitcast=True)
-    # Normal range (>= 2^-6): keep 3 of fp32's 23 mantissa bits, ties to even. Below it the subnormals' step is 2^-9:
-    # adding 2^14 (whose fp32 ulp is 2^-9) rounds to a multiple of it, ties to even, and subtracting is exact.
-    bits = magnitude.to(tl.uint32, bitcast=True)
-    normal = (bits + (0x7FFFF + ((bits >> 20) & 1))) & 0xFFF00000
-    subnormal = ((magnitude + 16384.0) - 16384.0).to(tl.uint32, bitcast=True)
-    rounded = tl.where(magnitude >= 0.015625, normal, subnormal) | (v_bits & 0x80000000)  # the sign back, -0 too
-    v = tl.where(v != v, v, rounded.to(tl.float32, bitcast=True))  # NaN stays NaN
-    tl.store(ptrs, v.to(ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -234,8 +216,8 @@ def _qkv_norm_rope_store_kernel(q_ptr, k_ptr, v_ptr, q_w_ptr, k_w_ptr, cos_ptr, 
             scale_ptr = value_scale_ptr + kv_head
         if FP8:  # n1, n2 hold model-dtype values (the eager path's K/V), quantized from there
             scale = tl.load(scale_ptr)
-            _store_fp8(cache_row + offs, n1, scale, mask)
-            _store_fp8(cache_row + D // 2 + offs, n2, scale, mask)
+            store_fp8(cache_row + offs, n1, scale, mask)
+            store_fp8(cache_row + D // 2 + offs, n2, scale, mask)
         else:
             _store(cache_row + offs, n1, mask)
             _store(cache_row + D // 2 + offs, n2, mask)

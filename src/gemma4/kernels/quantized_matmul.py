@@ -28,7 +28,7 @@ from .attention import _dot, _sm_count
 from .counters import finished_counters
 from .gemv import INT4_WORDS, PER_ROW, _quantized_format, exact_fp32, format_prefix
 from .pdl import after_previous_kernel, launch_options
-from .rounding import dot_operand, round_to, round_to_fp8
+from .rounding import dot_operand, round_to, store_fp8
 from .tuning import config, for_format
 
 
@@ -158,10 +158,8 @@ def _dequantize_kernel(w_ptr, scale_ptr, out_ptr, N, stride_wn, stride_sn, strid
 
 
 @triton.jit
-def _fp8_rows_kernel(x_ptr, q_ptr, scale_ptr, stride_x, K: tl.constexpr, BLOCK_K: tl.constexpr,
-                     INTERPRET: tl.constexpr, PDL: tl.constexpr):
-    """One row a program: its amax, then q = x / (amax / 448) rounded to fp8 e4m3 (model/quantized.py `fp8_rows`;
-    in the interpreter rounded by hand first, its cast rounding wrongly)."""
+def _fp8_rows_kernel(x_ptr, q_ptr, scale_ptr, stride_x, K: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    """One row a program: its amax, then q = x / (amax / 448) rounded to fp8 e4m3 (model/quantized.py `fp8_rows`)."""
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     after_previous_kernel(PDL)
@@ -173,10 +171,7 @@ def _fp8_rows_kernel(x_ptr, q_ptr, scale_ptr, stride_x, K: tl.constexpr, BLOCK_K
     for k0 in tl.static_range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
-        q = tl.minimum(tl.maximum(tl.div_rn(x, scale), -448.0), 448.0)
-        if INTERPRET:
-            q = round_to_fp8(q)
-        tl.store(q_ptr + row * K + cols, q.to(tl.float8e4nv), mask=cols < K)
+        store_fp8(q_ptr + row * K + cols, x, scale, cols < K)
     tl.store(scale_ptr + row, scale)
 
 
@@ -189,7 +184,7 @@ def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
     if m:
         _fp8_rows_kernel[(m,)](x, quantized, scale, x.stride(0), k_in, BLOCK_K=min(2048, triton.next_power_of_2(k_in)),
-                               INTERPRET=not x.is_cuda, num_warps=4, **launch_options(x))
+                               num_warps=4, **launch_options(x))
     return quantized, scale
 
 

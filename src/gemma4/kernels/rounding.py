@@ -1,5 +1,5 @@
-"""Conversions inside kernels: rounding to the model dtype, where the eager PyTorch code materializes a tensor, and
-8-bit values as exact tl.dot operands."""
+"""Conversions inside kernels: rounding to the model dtype, where the eager PyTorch code materializes a tensor; fp8
+stores rounded by hand; and 8-bit values as exact tl.dot operands."""
 
 import triton
 import triton.language as tl
@@ -19,15 +19,22 @@ def round_to(v, dtype: tl.constexpr):
 
 
 @triton.jit
-def round_to_fp8(v):
-    """fp32 (|v| <= 448) -> nearest fp8 e4m3 value (ties to even, as the GPU's cvt.rn.satfinite.e4m3x2.f32), kept in
-    fp32, so that the interpreter's cast (which rounds wrongly) gets exact values. Normal values keep 3 mantissa bits;
-    below 2^-6 the step is 2^-9, |v| rounded by adding and subtracting 1.5 * 2^23, then v's sign (-0 stays -0)."""
-    bits = v.to(tl.uint32, bitcast=True)
-    normal = ((bits + (0x7FFFF + ((bits >> 20) & 1))) & 0xFFF00000).to(tl.float32, bitcast=True)
-    subnormal = ((tl.abs(v) * 512.0 + 12582912.0) - 12582912.0) / 512.0
-    subnormal = tl.where((bits >> 31) != 0, -subnormal, subnormal)
-    return tl.where(tl.abs(v) < 0.015625, subnormal, normal)
+def store_fp8(ptrs, x, scale, mask):
+    """fp8 e4m3 store (the KV cache, W8A8's activation rows): x / scale (correctly rounded division, as torch's)
+    saturated to +-448, rounded to nearest even (what torch's cast gives) by hand: Triton's CPU interpreter rounds
+    casts to fp8 wrongly, and the stored bytes must be the same there and on the GPU. The rounded value is exact in
+    e4m3: the cast cannot round."""
+    v = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)
+    v_bits = v.to(tl.uint32, bitcast=True)
+    magnitude = (v_bits & 0x7FFFFFFF).to(tl.float32, bitcast=True)
+    # Normal range (>= 2^-6): keep 3 of fp32's 23 mantissa bits, ties to even. Below it the subnormals' step is 2^-9:
+    # adding 2^14 (whose fp32 ulp is 2^-9) rounds to a multiple of it, ties to even, and subtracting is exact.
+    bits = magnitude.to(tl.uint32, bitcast=True)
+    normal = (bits + (0x7FFFF + ((bits >> 20) & 1))) & 0xFFF00000
+    subnormal = ((magnitude + 16384.0) - 16384.0).to(tl.uint32, bitcast=True)
+    rounded = tl.where(magnitude >= 0.015625, normal, subnormal) | (v_bits & 0x80000000)  # the sign back, -0 too
+    v = tl.where(v != v, v, rounded.to(tl.float32, bitcast=True))  # NaN stays NaN
+    tl.store(ptrs, v.to(ptrs.dtype.element_ty), mask=mask)
 
 
 # fp8 e4m3 -> bf16, four values (a 32-bit register of bytes) at a time on the integer and bf16x2 ALUs: Triton's cast
