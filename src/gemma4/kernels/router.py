@@ -40,19 +40,24 @@ def _route_row(s, offs, mask, scales, weights_ptr, experts_ptr, row, TOP_K: tl.c
     e = tl.exp(s - tl.max(s, axis=0))
     probs = e / tl.sum(e, axis=0)
     # torch.topk on the probabilities, largest first, by repeated argmax. Equal probabilities go lowest index first
-    # (torch leaves that order unspecified). Taken and padding lanes get -1, below any probability, so TOP_K distinct
-    # experts of [0, E) come out. A NaN or +inf score makes every probability NaN: NaN counts as the largest value
-    # (as in torch.topk), here as +inf, and the weights come out NaN (inf / inf) as torch's do.
+    # (torch leaves that order unspecified). Padding lanes (-1.0) and taken lanes get negative keys, below any
+    # probability's, so TOP_K distinct experts of [0, E) come out. A NaN or +inf score makes every probability NaN:
+    # NaN counts as the largest value (as in torch.topk), here as +inf, and the weights come out NaN (inf / inf) as
+    # torch's do.
     cand = tl.where(mask, tl.where(probs != probs, float("inf"), probs), -1.0)
+    # One reduction a round: each lane's key is its value's bits (non-negative floats order as their bits do, and
+    # -1.0's are negative) above BLOCK - 1 - its index, so that the largest key is the largest value at the lowest
+    # index; the value and the index come back out of the key.
+    key = (cand.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (BLOCK - 1 - offs).to(tl.int64)
     k_offs = tl.arange(0, K_BLOCK)
     top = tl.zeros([K_BLOCK], dtype=tl.float32)
     idx = tl.zeros([K_BLOCK], dtype=tl.int32)
     for j in range(TOP_K):  # a loop of static trip count: static_range would unroll up to 256 iterations
-        best = tl.max(cand, axis=0)
-        i = tl.min(tl.where(cand == best, offs, BLOCK), axis=0)
-        top = tl.where(k_offs == j, best, top)
+        best = tl.max(key, axis=0)
+        i = BLOCK - 1 - (best & 0xFFFFFFFF).to(tl.int32)
+        top = tl.where(k_offs == j, (best >> 32).to(tl.int32).to(tl.float32, bitcast=True), top)
         idx = tl.where(k_offs == j, i, idx)
-        cand = tl.where(offs == i, -1.0, cand)
+        key = tl.where(offs == i, -(2**62), key)
     k_mask = k_offs < TOP_K
     top = top / tl.sum(top, axis=0)  # lanes past TOP_K are 0: the sum is over the k chosen
     # fp32 weights times the chosen experts' model-dtype scales (picked from registers: one lane of each row of the
