@@ -380,6 +380,8 @@ def test_fp8_rows_equal_the_twin(dtype):
         want, want_scale = fp8_rows(x)
         assert quantized.dtype == torch.float8_e4m3fn and scale.shape == (6, 1) and scale.dtype == torch.float32
         assert torch.equal(scale, want_scale) and scale[2].item() == 1.0
+        amax = x.abs().amax(-1, keepdim=True).double().clamp(min=torch.finfo(torch.float32).tiny)
+        assert torch.equal(want_scale, (amax / 448).float())  # amax / 448 correctly rounded, also on CUDA
         assert torch.equal(quantized.view(torch.uint8), want.view(torch.uint8))
         assert torch.equal(quantized[2, :2 * len(ties)].float().abs()[:len(ties)],
                            ties.to(torch.float8_e4m3fn).float())  # ties to even, as torch's cast

@@ -157,8 +157,11 @@ class QuantizedWeight:
 def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Activation rows [M, K] quantized dynamically per row (per token) to fp8 e4m3, as FP8-dynamic checkpoints'
     input_activations say: scale = amax / 448 in fp32, q = x / scale rounded to nearest (|q| <= 448 by
-    construction). Returns (q [M, K], scale [M, 1] fp32); an all-zero row gets the smallest normal scale."""
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=torch.finfo(torch.float32).tiny) / FP8_MAX
+    construction). Returns (q [M, K], scale [M, 1] fp32); an all-zero row gets the smallest normal scale. The scale is
+    the correctly rounded quotient on every device: torch on CUDA multiplies by a Python number's reciprocal instead
+    of dividing by it (1 ulp off for most maxima), so the divisor is a tensor."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=torch.finfo(torch.float32).tiny)
+    scale = amax / torch.tensor(FP8_MAX, device=x.device)
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 
