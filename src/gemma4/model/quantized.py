@@ -159,9 +159,10 @@ def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     input_activations say: scale = amax / 448 in fp32, q = x / scale rounded to nearest (|q| <= 448 by
     construction). Returns (q [M, K], scale [M, 1] fp32); an all-zero row gets the smallest normal scale. The scale is
     the correctly rounded quotient on every device: torch on CUDA multiplies by a Python number's reciprocal instead
-    of dividing by it (1 ulp off for most maxima), so the divisor is a tensor."""
+    of dividing by it (1 ulp off for most maxima), so the divisor is a tensor (filled on the device: no copy from the
+    host, which a CUDA graph's capture would refuse)."""
     amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=torch.finfo(torch.float32).tiny)
-    scale = amax / torch.tensor(FP8_MAX, device=x.device)
+    scale = amax / torch.full_like(amax, FP8_MAX)
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 
