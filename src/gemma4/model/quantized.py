@@ -182,7 +182,7 @@ def scaled_linear(x: torch.Tensor, weight: QuantizedWeight, rows=fp8_rows) -> to
     flat = x.reshape(-1, x.shape[-1])
     quantized, scale = rows(flat)
     if x.is_cuda and x.dtype != torch.bfloat16:  # CUDA's row-scaled fp8 GEMM writes bf16: the same sums in fp32
-        out = ((quantized.float() * scale) @ (weight.values.float() * weight.scale.float()).t()).to(x.dtype)
+        out = ((quantized.float() * scale) @ weight.dequantize(torch.float32).t()).to(x.dtype)
     else:
         out = torch._scaled_mm(quantized, weight.values.t(), scale_a=scale,
                                scale_b=weight.scale.float().reshape(1, -1), out_dtype=x.dtype)
