@@ -185,3 +185,27 @@ def test_keys_per_block_follow_the_wanted_splits(monkeypatch):
     assert attention._block_n(256, 2, 64 * 16, 1025, cuda) == 64  # 31B at batch 64: no splits, the widest tile
     assert attention._block_n(256, 2, 64, 513, cuda) == 32  # E2B at batch 64: 5 splits, 16 KiB tiles
     assert attention._block_n(256, 4, 1, 513, cuda) == 16  # fp32: 32 at most, then down to 16
+
+
+def test_small_grids_take_more_warps(monkeypatch):
+    """The split kernel runs SMALL_GRID_WARPS warps where its grid has at most SMALL_GRID_PROGRAMS programs (E2B at
+    batch 1: one kv head, 33 or fewer splits), num_warps otherwise."""
+    from gemma4.kernels import attention, tuning
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((grid[0] * grid[1], kwargs["num_warps"]))
+
+    table = {**tuning.config("attention"), "SMALL_GRID_PROGRAMS": 8, "SMALL_GRID_WARPS": 8, "num_warps": 4}
+    monkeypatch.setattr(attention, "_split_kernel", Recorder())
+    monkeypatch.setattr(attention, "combine_splits", lambda *args, **kwargs: None)
+    monkeypatch.setattr(attention, "config", lambda kernel, device=None: table)
+    q, k, v = make(1, 2, 1, 64, 16, torch.float32, torch.Generator().manual_seed(0))
+    positions = torch.arange(64, device=DEVICE).expand(1, 64)
+    for splits in (8, 4, 9):
+        decode_attention(q, k, v, positions, positions[:, -1].contiguous(), num_splits=splits, block_n=16)
+    q, k, v = make(2, 4, 2, 64, 16, torch.float32, torch.Generator().manual_seed(0))
+    decode_attention(q, k, v, positions.expand(2, 64), positions[0, -1:].expand(2).contiguous(), num_splits=4,
+                     block_n=16)
+    assert launches == [(8, 8), (4, 8), (9, 4), (16, 4)]

@@ -243,6 +243,12 @@ def _wanted_splits(programs: int, device: torch.device) -> int:
     return min(triton.cdiv(tuned["PROGRAMS_PER_SM"] * _sm_count(device), programs), tuned["MAX_SPLITS"])
 
 
+def _warps(programs: int, tuned: dict) -> int:
+    """The split kernel's warps: SMALL_GRID_WARPS where its grid is at most SMALL_GRID_PROGRAMS programs (a row of
+    one kv head at batch 1: an SM holds one program, whose warps alone keep its loads in flight), else num_warps."""
+    return tuned["SMALL_GRID_WARPS"] if programs <= tuned["SMALL_GRID_PROGRAMS"] else tuned["num_warps"]
+
+
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_positions: torch.Tensor,
                      query_positions: torch.Tensor, window: int | None = None, slots: torch.Tensor | None = None,
                      num_keys: torch.Tensor | None = None, num_splits: int | None = None,
@@ -306,7 +312,8 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         *v_strides, *key_positions.stride()[:2], *slot_strides, num_kv_heads, candidates, head_dim, window or 0, splits,
         GROUPS=groups, G_PAD=max(16, triton.next_power_of_2(groups)), BLOCK_N=block_n, BLOCK_D=block_d,
         PAGED=slots is not None, HAS_WINDOW=window is not None, HAS_NUM_KEYS=num_keys is not None, FP8=fp8,
-        EARLY=early, INTERPRET=not out.is_cuda, num_warps=tuned["num_warps"], num_stages=tuned["num_stages"],
+        EARLY=early, INTERPRET=not out.is_cuda, num_warps=_warps(batch * num_kv_heads * splits, tuned),
+        num_stages=tuned["num_stages"],
         **launch_options(out))
     if splits == 1:
         return out

@@ -44,6 +44,7 @@ attention (decode):
   PROGRAMS_PER_SM     programs in all the splits aim for, per SM
   MAX_SPLITS          splits of a row's keys at most
   num_warps, num_stages  of the split kernel
+  SMALL_GRID_PROGRAMS, SMALL_GRID_WARPS  its warps where its grid has at most SMALL_GRID_PROGRAMS programs
   COMBINE_BLOCK_D     head dims per program of the merge
 prefill_attention: (BLOCK_M queries, BLOCK_N keys, BLOCK_DV value dims (null: the whole head), warps)
   TILES               16-bit dtypes, head dims up to 256
