@@ -148,9 +148,9 @@ def main() -> None:
     pool = rand(2, 400, 64)
     attention.decode_attention(q, pool, pool, positions, torch.full((2,), 199), slots=positions.clone(),
                                num_keys=torch.full((2,), 150), new_key_only=True)
-    # A small grid's warps (the H100 table's SMALL_GRID_*: E2B's one kv head at batch 1), at a global layer's D.
-    small_grid = {**tuning.config("attention"), "SMALL_GRID_PROGRAMS": 64, "SMALL_GRID_WARPS": 8}
-    attention.config = lambda kernel, device=None: small_grid
+    # A small grid's warps under the H100's table (SMALL_GRID_*: E2B's one kv head at batch 1), at a global layer's D.
+    h100 = tuning.every_device("attention")["NVIDIA_H100_80GB_HBM3"]
+    attention.config = lambda kernel, device=None: h100
     pool = rand(1, 400, 512)
     attention.decode_attention(rand(1, 8, 512), pool, pool, positions[:1], torch.full((1,), 199),
                                slots=positions[:1].clone(), num_keys=torch.full((1,), 150), new_key_only=True)
