@@ -313,8 +313,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         GROUPS=groups, G_PAD=max(16, triton.next_power_of_2(groups)), BLOCK_N=block_n, BLOCK_D=block_d,
         PAGED=slots is not None, HAS_WINDOW=window is not None, HAS_NUM_KEYS=num_keys is not None, FP8=fp8,
         EARLY=early, INTERPRET=not out.is_cuda, num_warps=_warps(batch * num_kv_heads * splits, tuned),
-        num_stages=tuned["num_stages"],
-        **launch_options(out))
+        num_stages=tuned["num_stages"], **launch_options(out))
     if splits == 1:
         return out
     combine_splits(part, lse, out, **launch_options(query))
